@@ -1,0 +1,120 @@
+"""Which backends exist here, and which one an op call uses.
+
+Backends: "cuda" (llmkern._cuda, the pybind11 kernels), "triton" (llmkern/triton), "torch"
+(the plain-PyTorch reference in llmkern/ops/reference.py) and "auto", which picks the fastest
+one that can run on the tensors given (the order per op is in PREFERENCE).
+
+On CPU tensors "auto" means "torch": Triton runs on a CPU only in its interpreter
+(TRITON_INTERPRET=1), which is for tests, not for work. Ask for backend="triton" to use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+# The GPU backends tried by "auto", fastest first (from benchmarks/results).
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "rms_norm": ("cuda", "triton"),
+}
+DEFAULT_PREFERENCE = ("cuda", "triton")
+
+_default_backend: str | None = None
+
+
+def _validate(name: object, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the default backend of every op (overrides the LLMKERN_BACKEND variable)."""
+    global _default_backend
+    _default_backend = _validate(name)
+
+
+def get_backend() -> str:
+    """The default backend: set_backend(), else $LLMKERN_BACKEND, else "auto"."""
+    if _default_backend is not None:
+        return _default_backend
+    return _validate(os.environ.get("LLMKERN_BACKEND", "auto"), "LLMKERN_BACKEND")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_module():
+    """llmkern._cuda, or None when it was not built (no nvcc, or LLMKERN_SKIP_CUDA=1)."""
+    try:
+        return importlib.import_module("llmkern._cuda")
+    except ImportError:
+        return None
+
+
+def cuda_has(op: str) -> bool:
+    """True when llmkern._cuda was built with kernels for `op`."""
+    mod = cuda_module()
+    return mod is not None and any(name.startswith(op) for name in dir(mod))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_has(op: str) -> bool:
+    return triton_available() and importlib.util.find_spec(f"llmkern.triton.{op}") is not None
+
+
+def can_run(backend: str, op: str, device: torch.device) -> bool:
+    """Whether `backend` has `op` and can run it on tensors on `device`."""
+    if backend == "torch":
+        return True
+    if backend == "cuda":
+        return device.type == "cuda" and cuda_has(op)
+    if backend == "triton":
+        on_gpu = device.type == "cuda"
+        return triton_has(op) and (on_gpu or (device.type == "cpu" and triton_interpreted()))
+    return False
+
+
+def _why_not(backend: str, op: str, device: torch.device) -> str:
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the tensors are on {device}, and the cuda backend needs them on a GPU"
+        if cuda_module() is None:
+            return "llmkern._cuda was not built (no nvcc at install time, or LLMKERN_SKIP_CUDA=1)"
+        return f"llmkern._cuda has no kernels for {op}"
+    if not triton_available():
+        return "Triton is not installed"
+    if not triton_has(op):
+        return f"llmkern.triton has no kernels for {op}"
+    return f"the tensors are on {device}; Triton runs on a GPU, or on a CPU with TRITON_INTERPRET=1"
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """The concrete backend ("cuda" | "triton" | "torch") that runs `op` on `device`."""
+    backend = get_backend() if backend is None else _validate(backend)
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in PREFERENCE.get(op, DEFAULT_PREFERENCE):
+                if can_run(candidate, op, device):
+                    return candidate
+        return "torch"
+    if not can_run(backend, op, device):
+        raise ValueError(f"backend={backend!r} cannot run {op}: {_why_not(backend, op, device)}")
+    return backend
+
+
+def available_backends(op: str, device: torch.device) -> list[str]:
+    return [b for b in ("cuda", "triton", "torch") if can_run(b, op, device)]

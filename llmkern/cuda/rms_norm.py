@@ -1,0 +1,39 @@
+"""Launch csrc/cuda/rms_norm.cu on 2-D (rows, N) views; the op in llmkern/ops checked them."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._cuda_bridge import dtype_code, ptr, stream
+
+
+def forward(x, weight, residual, eps, y, h) -> None:
+    """y = rmsnorm(h) * weight with h = x (+ residual); h written only when residual is given."""
+    rows, cols = x.shape
+    with torch.cuda.device(x.device):
+        _backend.cuda_module().rms_norm_forward(
+            ptr(x), ptr(residual), ptr(weight), ptr(y), ptr(h),
+            rows, cols,
+            x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
+            0 if h is None else h.stride(0),
+            float(eps), dtype_code(x.dtype), dtype_code(weight.dtype), stream(x.device),
+        )
+
+
+def backward(dy, h, weight, dh_extra, eps, dh, dweight) -> None:
+    """dh = d(rmsnorm(h) * weight)/dh . dy (+ dh_extra); dweight summed over rows in fp32."""
+    rows, cols = h.shape
+    mod = _backend.cuda_module()
+    with torch.cuda.device(h.device):
+        # fp32 partial sums of dweight, one row per block; the allocator owns the memory.
+        workspace = torch.empty(
+            mod.rms_norm_backward_workspace(rows, cols, dtype_code(h.dtype)),
+            dtype=torch.float32, device=h.device,
+        )
+        mod.rms_norm_backward(
+            ptr(dy), ptr(h), ptr(weight), ptr(dh_extra), ptr(dh), ptr(dweight), ptr(workspace),
+            workspace.numel(), rows, cols,
+            dy.stride(0), h.stride(0), 0 if dh_extra is None else dh_extra.stride(0), dh.stride(0),
+            float(eps), dtype_code(h.dtype), dtype_code(weight.dtype), stream(h.device),
+        )

@@ -1,0 +1,5 @@
+"""Modules over llmkern.ops."""
+
+from .rms_norm import RMSNorm
+
+__all__ = ["RMSNorm"]

@@ -1,0 +1,38 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in its CPU interpreter: TRITON_INTERPRET must be set before
+any @triton.jit function is defined, so it is set here, before the tests import llmkern.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_data():
+    """Path of ../shared/data (real text and tokenizer files); skips when it is absent."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip("../shared/data is not here")
+    return os.path.abspath(SHARED_DATA)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

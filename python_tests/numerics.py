@@ -1,0 +1,30 @@
+"""The numerics rule of DESIGN.md, shared by every op test.
+
+A low-precision result passes when its max error against a float64 reference is at most twice
+(plus a small atol) the error of PyTorch's own low-precision computation of the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a64 = a.detach().to(torch.float64)
+    if torch.isnan(a64).any():
+        return float("inf")  # NaN never passes (outputs are pre-filled with NaN)
+    return (a64 - ref.detach().to(torch.float64)).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, name: str,
+                        atol: float = 1e-5, factor: float = 2.0) -> None:
+    """out (ours) vs ref64 (float64 truth), allowing factor x torch_lowp's own error + atol (relative to
+    the reference's largest magnitude when that exceeds 1)."""
+    if out.shape != ref64.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
+    ours = max_err(out, ref64)
+    theirs = max_err(torch_lowp, ref64)
+    scale = max(1.0, ref64.detach().abs().max().item()) if ref64.numel() else 1.0
+    bound = factor * theirs + atol * scale
+    if not ours <= bound:
+        raise AssertionError(f"{name}: max error {ours:.3e} > {factor} x torch's {theirs:.3e} + {atol:.0e}")
