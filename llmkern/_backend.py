@@ -10,7 +10,6 @@ On CPU tensors "auto" means "torch": Triton runs on a CPU only in its interprete
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -22,6 +21,8 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 # The GPU backends tried by "auto", fastest first (from benchmarks/results).
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "rms_norm": ("cuda", "triton"),
+    # Triton first until the CUDA attention kernels are verified on a GPU (they only compile here).
+    "attention": ("triton", "cuda"),
 }
 DEFAULT_PREFERENCE = ("cuda", "triton")
 
@@ -47,24 +48,41 @@ def get_backend() -> str:
     return _validate(os.environ.get("LLMKERN_BACKEND", "auto"), "LLMKERN_BACKEND")
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_module():
-    """llmkern._cuda, or None when it was not built (no nvcc, or LLMKERN_SKIP_CUDA=1)."""
+# Answers that cannot change within a process, memoized in plain dicts (torch.compile traces
+# through dict lookups; it would warn about, and re-trace, functools caches).
+_probed: dict[str, object] = {}
+
+
+def _memo(key: str, probe):
+    if key not in _probed:
+        _probed[key] = probe()
+    return _probed[key]
+
+
+def _import_cuda_module():
     try:
         return importlib.import_module("llmkern._cuda")
     except ImportError:
         return None
 
 
+def cuda_module():
+    """llmkern._cuda, or None when it was not built (no nvcc, or LLMKERN_SKIP_CUDA=1)."""
+    return _memo("cuda_module", _import_cuda_module)
+
+
 def cuda_has(op: str) -> bool:
     """True when llmkern._cuda was built with kernels for `op`."""
-    mod = cuda_module()
-    return mod is not None and any(name.startswith(op) for name in dir(mod))
+
+    def probe():
+        mod = cuda_module()
+        return mod is not None and any(name.startswith(op) for name in dir(mod))
+
+    return _memo(f"cuda:{op}", probe)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _memo("triton", lambda: importlib.util.find_spec("triton") is not None)
 
 
 def triton_interpreted() -> bool:
@@ -73,7 +91,10 @@ def triton_interpreted() -> bool:
 
 
 def triton_has(op: str) -> bool:
-    return triton_available() and importlib.util.find_spec(f"llmkern.triton.{op}") is not None
+    return _memo(
+        f"triton:{op}",
+        lambda: triton_available() and importlib.util.find_spec(f"llmkern.triton.{op}") is not None,
+    )
 
 
 def can_run(backend: str, op: str, device: torch.device) -> bool:

@@ -25,6 +25,10 @@ inline void throw_on_error(cudaError_t err, const char* kernel, const char* file
   if (err == cudaSuccess) return;
   // A sticky launch error would otherwise surface in an unrelated later call.
   cudaGetLastError();
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
+    throw std::runtime_error(std::string("llmkern CUDA kernel '") + kernel +
+                             "' cannot run: no CUDA device (" + cudaGetErrorString(err) + ")");
+  }
   throw std::runtime_error(std::string("llmkern CUDA kernel '") + kernel + "' failed: " +
                            cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ") at " + file +
                            ":" + std::to_string(line));

@@ -32,3 +32,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 }  // namespace llmkern
+
+namespace llmkern {
+
+// Two sums over the whole block at once (one round of synchronization for both).
+// `scratch` holds 32 float2 in shared memory.
+__device__ __forceinline__ float2 block_sum2(float a, float b, float2* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = (blockDim.x + 31) >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float2(a, b);
+  __syncthreads();
+  float2 v = (lane < num_warps) ? scratch[lane] : make_float2(0.0f, 0.0f);
+  return make_float2(warp_sum(v.x), warp_sum(v.y));
+}
+
+}  // namespace llmkern

@@ -1,27 +1,58 @@
-// Vectorized 16-byte loads and stores of N elements of T.
+// Loads and stores of G consecutive elements converted to/from fp32.
+//
+// G = 1 is a plain scalar access (any alignment); G > 1 uses 16-byte accesses, so the caller
+// guarantees 16-byte alignment and G * sizeof(T) a multiple of 16.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace llmkern {
 
-// N elements of T packed in 16 bytes (N = 4 for fp32, 8 for fp16/bf16).
 template <typename T>
-struct alignas(16) Vec16 {
+struct alignas(16) Pack16 {
   static constexpr int N = 16 / sizeof(T);
   T v[N];
 };
 
+// Elements of T in one 16-byte access: 4 for fp32, 8 for fp16/bf16.
 template <typename T>
-__device__ __forceinline__ Vec16<T> load_vec16(const T* p) {
-  return *reinterpret_cast<const Vec16<T>*>(p);
+constexpr int kPack = 16 / sizeof(T);
+
+template <int G, typename T>
+__device__ __forceinline__ void load_float(const T* p, float (&out)[G]) {
+  if constexpr (G == 1) {
+    out[0] = to_float(*p);
+  } else {
+    static_assert((G * sizeof(T)) % 16 == 0, "vector loads move whole 16-byte packs");
+    constexpr int N = kPack<T>;
+#pragma unroll
+    for (int j = 0; j < G / N; ++j) {
+      const Pack16<T> pack = reinterpret_cast<const Pack16<T>*>(p)[j];
+#pragma unroll
+      for (int e = 0; e < N; ++e) out[j * N + e] = to_float(pack.v[e]);
+    }
+  }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_vec16(T* p, const Vec16<T>& x) {
-  *reinterpret_cast<Vec16<T>*>(p) = x;
+template <int G, typename T>
+__device__ __forceinline__ void store_float(T* p, const float (&in)[G]) {
+  if constexpr (G == 1) {
+    *p = from_float<T>(in[0]);
+  } else {
+    static_assert((G * sizeof(T)) % 16 == 0, "vector stores move whole 16-byte packs");
+    constexpr int N = kPack<T>;
+#pragma unroll
+    for (int j = 0; j < G / N; ++j) {
+      Pack16<T> pack;
+#pragma unroll
+      for (int e = 0; e < N; ++e) pack.v[e] = from_float<T>(in[j * N + e]);
+      reinterpret_cast<Pack16<T>*>(p)[j] = pack;
+    }
+  }
 }
 
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }

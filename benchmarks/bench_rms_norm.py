@@ -1,0 +1,96 @@
+"""RMSNorm: forward, backward and forward+backward, GB/s and ratios, every provider side by side.
+
+    python benchmarks/bench_rms_norm.py                 # bf16, rows 16384/32768 x hidden 768/4096/8192
+    python benchmarks/bench_rms_norm.py --rows 4096 --hidden 4096 --dtype float16
+
+GB/s counts the bytes the op must move at least (the same for every provider): forward reads x
+and writes y (2 x rows x hidden elements), backward reads dy and x and writes dx (3 x), plus the
+weight and its gradient. Providers: eager PyTorch (the reference, upcasting to fp32),
+torch.nn.functional.rms_norm, torch.compile of the eager version, llmkern triton, llmkern cuda,
+and Liger-Kernel's RMSNorm when it is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Result, median_ms, save  # noqa: E402
+
+import llmkern  # noqa: E402
+from llmkern import _backend  # noqa: E402
+from llmkern.ops import reference  # noqa: E402
+
+EPS = 1e-6
+BASELINES = ("torch eager", "F.rms_norm", "torch.compile", "liger")
+
+
+def providers(device: torch.device) -> dict:
+    """name -> fn(x, w) for every provider that can run here."""
+    out = {
+        "torch eager": lambda x, w: reference.rms_norm(x, w, EPS),
+        "F.rms_norm": lambda x, w: F.rms_norm(x, (x.size(-1),), w, EPS),
+        "torch.compile": torch.compile(lambda x, w: reference.rms_norm(x, w, EPS)),
+    }
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "rms_norm", device):
+            out[f"llmkern {backend}"] = (lambda b: lambda x, w: llmkern.ops.rms_norm(x, w, EPS, backend=b))(backend)
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        out["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)
+    except ImportError:
+        pass
+    return out
+
+
+def bench_one(name, fn, rows, hidden, dtype, device) -> list[Result]:
+    x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(True)
+    dy = torch.randn_like(x)
+    el = x.element_size()
+    nbytes = {
+        "forward": 2 * rows * hidden * el + hidden * el,
+        "backward": 3 * rows * hidden * el + 2 * hidden * el,
+        "forward+backward": 5 * rows * hidden * el + 3 * hidden * el,
+    }
+    y = fn(x, w)
+    times = {
+        "forward": median_ms(lambda: fn(x, w)),
+        "backward": median_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=[x, w]),
+        "forward+backward": median_ms(lambda: fn(x, w).backward(dy), grad_to_none=[x, w]),
+    }
+    shape = f"{rows}x{hidden}"
+    return [Result("rms_norm", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[768, 4096, 8192])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_rms_norm needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    results: list[Result] = []
+    for name, fn in providers(device).items():
+        if args.providers and name not in args.providers:
+            continue
+        for rows in args.rows:
+            for hidden in args.hidden:
+                results.extend(bench_one(name, fn, rows, hidden, dtype, device))
+    save(results, f"RMSNorm {args.dtype}", BASELINES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

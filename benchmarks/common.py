@@ -1,0 +1,129 @@
+"""What every benchmark shares: timing (median of many runs after warm-up), the machine's
+identity, and appending results to benchmarks/results/<gpu>.csv with a chart beside it."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Result:
+    bench: str  # e.g. "rms_norm"
+    mode: str  # "forward" | "backward" | "forward+backward" | ...
+    shape: str  # e.g. "16384x4096"
+    provider: str  # e.g. "torch eager", "llmkern cuda"
+    ms: float  # median milliseconds
+    value: float  # the physical unit below (GB/s, TFLOP/s, tokens/s)
+    unit: str
+    extra: dict = field(default_factory=dict)
+
+
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:
+    """Median time of fn() in milliseconds (triton.testing.do_bench: it flushes L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                         return_mode="median"))
+
+
+def gpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"gpu": gpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda or "", "commit": git_commit()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = ""
+    return env
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "unknown"
+
+
+def save(results: list[Result], chart_title: str, baselines: tuple[str, ...] = ()) -> Path:
+    """Append results (with ratios to each baseline of the same mode and shape) to
+    results/<gpu>.csv, write results/<gpu>_<bench>.png, print a table; returns the CSV path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    by_key = {(r.mode, r.shape, r.provider): r for r in results}
+    path = RESULTS_DIR / f"{_slug(env['gpu'])}.csv"
+    new = not path.exists()
+    fields = ["time", *env.keys(), "bench", "mode", "shape", "provider", "ms", "value", "unit", "ratios", "extra"]
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for r in results:
+            ratios = {}
+            for b in baselines:
+                base = by_key.get((r.mode, r.shape, b))
+                if base is not None and base.value > 0 and b != r.provider:
+                    ratios[b] = round(r.value / base.value, 3)
+            row = {"time": stamp, **env, **{k: v for k, v in asdict(r).items() if k != "extra"}}
+            row["ratios"] = ";".join(f"{k}={v}" for k, v in ratios.items())
+            row["extra"] = ";".join(f"{k}={v}" for k, v in r.extra.items())
+            writer.writerow(row)
+            print(f"{r.mode:>18} {r.shape:>14} {r.provider:>22} {r.ms:9.4f} ms {r.value:10.1f} {r.unit}  "
+                  + " ".join(f"x{v:.2f} vs {k}" for k, v in ratios.items()))
+    if results:
+        chart(results, RESULTS_DIR / f"{_slug(env['gpu'])}_{_slug(results[0].bench)}.png",
+              f"{chart_title} ({env['gpu']})")
+    return path
+
+
+def chart(results: list[Result], path: Path, title: str) -> None:
+    """One panel per mode: grouped bars of value per shape and provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r.mode for r in results))
+    shapes = list(dict.fromkeys(r.shape for r in results))
+    providers = list(dict.fromkeys(r.provider for r in results))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 1.6 * len(shapes) * len(providers) / 3), 3.5 * len(modes)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, prov in enumerate(providers):
+            vals = [next((r.value for r in results if r.mode == mode and r.shape == s and r.provider == prov), 0.0)
+                    for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=prov)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20)
+        ax.set_title(mode)
+        ax.set_ylabel(results[0].unit)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,425 @@
+// RMSNorm forward and backward, with an optional fused residual add.
+//
+//   h = x (+ residual)          rounded to the input dtype, as the residual stream is stored
+//   y = h * rstd * w            rstd = rsqrt(mean(h^2) + eps), all math in fp32
+//
+// The op is memory-bound: forward moves 2 (4 with a residual) elements per input element,
+// backward 3 (4). So every kernel reads each input once, with 16-byte accesses when the rows
+// allow it, and keeps the row in registers between the reduction and the output when it fits
+// ("regs" kernels). Rows too long for registers take the "loop" kernels, which read the row a
+// second time (mostly from L2).
+//
+// Backward sums dweight over rows: each block accumulates its rows' contributions in fp32
+// registers, writes one fp32 partial row to the workspace, and a second kernel sums the
+// partials in fp32. No low-precision partial sums, no float atomics (deterministic).
+#include "cuda/rms_norm.h"
+
+#include <algorithm>
+
+#include "common/check.h"
+#include "common/reduce.cuh"
+#include "common/vec.cuh"
+
+namespace llmkern {
+namespace {
+
+constexpr int kForwardMaxThreads = 1024;
+constexpr int kBackwardMaxThreads = 512;
+constexpr int kMaxRegsChunks = 4;  // K: 16-byte chunks a thread keeps in registers
+
+int round_up(int64_t n, int64_t m) { return static_cast<int>((n + m - 1) / m * m); }
+
+// ------------------------------------------------------------------------------------------
+// Forward, row in registers: thread t holds chunks t, t + blockDim, ... (K of them) of G
+// elements each. One block per row (grid-stride over rows).
+template <typename T, typename W, int G, int K>
+__global__ void __launch_bounds__(kForwardMaxThreads)
+rms_norm_forward_regs(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                      T* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
+                      int64_t residual_stride, int64_t y_stride, int64_t h_stride, float eps) {
+  __shared__ float scratch[32];
+  const int64_t chunks = cols / G;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float v[K][G];
+    float sumsq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x);
+      if (c < chunks) {
+        load_float<G>(x + row * x_stride + c * G, v[k]);
+        if (residual != nullptr) {
+          float r[G];
+          load_float<G>(residual + row * residual_stride + c * G, r);
+#pragma unroll
+          for (int e = 0; e < G; ++e) v[k][e] = to_float(from_float<T>(v[k][e] + r[e]));
+          store_float<G>(h + row * h_stride + c * G, v[k]);
+        }
+#pragma unroll
+        for (int e = 0; e < G; ++e) sumsq += v[k][e] * v[k][e];
+      }
+    }
+    const float rstd = rsqrtf(block_sum(sumsq, scratch) / static_cast<float>(cols) + eps);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x);
+      if (c < chunks) {
+        float w[G];
+        load_float<G>(weight + c * G, w);
+#pragma unroll
+        for (int e = 0; e < G; ++e) v[k][e] = v[k][e] * rstd * w[e];
+        store_float<G>(y + row * y_stride + c * G, v[k]);
+      }
+    }
+  }
+}
+
+// Forward, any row length: a first pass computes h and the sum of squares, a second re-reads h
+// (the same thread wrote it, so no synchronization is needed) and writes y.
+template <typename T, typename W, int G>
+__global__ void __launch_bounds__(kForwardMaxThreads)
+rms_norm_forward_loop(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                      T* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
+                      int64_t residual_stride, int64_t y_stride, int64_t h_stride, float eps) {
+  __shared__ float scratch[32];
+  const int64_t chunks = cols / G;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* src = residual != nullptr ? h + row * h_stride : x + row * x_stride;
+    float sumsq = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float v[G];
+      load_float<G>(x + row * x_stride + c * G, v);
+      if (residual != nullptr) {
+        float r[G];
+        load_float<G>(residual + row * residual_stride + c * G, r);
+#pragma unroll
+        for (int e = 0; e < G; ++e) v[e] = to_float(from_float<T>(v[e] + r[e]));
+        store_float<G>(h + row * h_stride + c * G, v);
+      }
+#pragma unroll
+      for (int e = 0; e < G; ++e) sumsq += v[e] * v[e];
+    }
+    const float rstd = rsqrtf(block_sum(sumsq, scratch) / static_cast<float>(cols) + eps);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float v[G], w[G];
+      load_float<G>(src + c * G, v);
+      load_float<G>(weight + c * G, w);
+#pragma unroll
+      for (int e = 0; e < G; ++e) v[e] = v[e] * rstd * w[e];
+      store_float<G>(y + row * y_stride + c * G, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward, row in registers. Per row, with g = w * dy and hhat = h * rstd:
+//   dh = rstd * (g - hhat * mean(g * hhat)) (+ dh_extra)
+// and this block's rows add dy * hhat to its fp32 partial of dweight (kept in registers, then
+// written once to workspace[blockIdx.x]).
+template <typename T, typename W, int G, int K>
+__global__ void __launch_bounds__(kBackwardMaxThreads)
+rms_norm_backward_regs(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
+                       const T* __restrict__ dh_extra, T* __restrict__ dh, float* __restrict__ workspace,
+                       int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
+                       int64_t dh_extra_stride, int64_t dh_stride, float eps) {
+  __shared__ float2 scratch[32];
+  const int64_t chunks = cols / G;
+  float dw[K][G];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int e = 0; e < G; ++e) dw[k][e] = 0.0f;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float hv[K][G], g[K][G];
+    float sumsq = 0.0f, dot = 0.0f;  // sum(h^2), sum(g * h)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x);
+      if (c < chunks) {
+        float w[G];
+        load_float<G>(h + row * h_stride + c * G, hv[k]);
+        load_float<G>(dy + row * dy_stride + c * G, g[k]);
+        load_float<G>(weight + c * G, w);
+#pragma unroll
+        for (int e = 0; e < G; ++e) {
+          sumsq += hv[k][e] * hv[k][e];
+          dot += g[k][e] * w[e] * hv[k][e];
+        }
+      }
+    }
+    const float2 sums = block_sum2(sumsq, dot, scratch);
+    const float rstd = rsqrtf(sums.x / static_cast<float>(cols) + eps);
+    const float mean_ghhat = sums.y * rstd / static_cast<float>(cols);  // mean(g * hhat)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x);
+      if (c < chunks) {
+        float w[G], out[G], extra[G];
+        load_float<G>(weight + c * G, w);
+        if (dh_extra != nullptr) {
+          load_float<G>(dh_extra + row * dh_extra_stride + c * G, extra);
+        } else {
+#pragma unroll
+          for (int e = 0; e < G; ++e) extra[e] = 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < G; ++e) {
+          const float hhat = hv[k][e] * rstd;
+          dw[k][e] += g[k][e] * hhat;
+          out[e] = rstd * (g[k][e] * w[e] - hhat * mean_ghhat) + extra[e];
+        }
+        store_float<G>(dh + row * dh_stride + c * G, out);
+      }
+    }
+  }
+  float* partial = workspace + static_cast<int64_t>(blockIdx.x) * cols;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t c = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x);
+    if (c < chunks) {
+#pragma unroll
+      for (int e = 0; e < G; ++e) partial[c * G + e] = dw[k][e];
+    }
+  }
+}
+
+// Backward, any row length: two passes over the row; the dweight partial lives in this block's
+// workspace row (zeroed by the launcher; only this block and, per column, one thread touch it).
+template <typename T, typename W, int G>
+__global__ void __launch_bounds__(kBackwardMaxThreads)
+rms_norm_backward_loop(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
+                       const T* __restrict__ dh_extra, T* __restrict__ dh, float* __restrict__ workspace,
+                       int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
+                       int64_t dh_extra_stride, int64_t dh_stride, float eps) {
+  __shared__ float2 scratch[32];
+  const int64_t chunks = cols / G;
+  float* partial = workspace + static_cast<int64_t>(blockIdx.x) * cols;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float sumsq = 0.0f, dot = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float hv[G], g[G], w[G];
+      load_float<G>(h + row * h_stride + c * G, hv);
+      load_float<G>(dy + row * dy_stride + c * G, g);
+      load_float<G>(weight + c * G, w);
+#pragma unroll
+      for (int e = 0; e < G; ++e) {
+        sumsq += hv[e] * hv[e];
+        dot += g[e] * w[e] * hv[e];
+      }
+    }
+    const float2 sums = block_sum2(sumsq, dot, scratch);
+    const float rstd = rsqrtf(sums.x / static_cast<float>(cols) + eps);
+    const float mean_ghhat = sums.y * rstd / static_cast<float>(cols);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float hv[G], g[G], w[G], out[G], extra[G];
+      load_float<G>(h + row * h_stride + c * G, hv);
+      load_float<G>(dy + row * dy_stride + c * G, g);
+      load_float<G>(weight + c * G, w);
+      if (dh_extra != nullptr) {
+        load_float<G>(dh_extra + row * dh_extra_stride + c * G, extra);
+      } else {
+#pragma unroll
+        for (int e = 0; e < G; ++e) extra[e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < G; ++e) {
+        const float hhat = hv[e] * rstd;
+        partial[c * G + e] += g[e] * hhat;
+        out[e] = rstd * (g[e] * w[e] - hhat * mean_ghhat) + extra[e];
+      }
+      store_float<G>(dh + row * dh_stride + c * G, out);
+    }
+  }
+}
+
+// dweight[c] = sum over the blocks' partial rows, in fp32, then rounded once to W.
+template <typename W>
+__global__ void rms_norm_reduce_dweight(const float* __restrict__ workspace, W* __restrict__ dweight,
+                                        int64_t partial_rows, int64_t cols) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= cols) return;
+  float sum = 0.0f;
+  for (int64_t b = 0; b < partial_rows; ++b) sum += workspace[b * cols + c];
+  dweight[c] = from_float<W>(sum);
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch planning.
+
+struct Plan {
+  bool vectorized;  // 16-byte accesses (G = pack size) or scalar (G = 1)
+  int chunks_per_thread;  // K of the regs kernels; 0 selects the loop kernels
+  int threads;
+};
+
+// The largest grid worth launching: rows beyond it are covered by the grid-stride loops.
+constexpr int64_t kMaxGrid = 1 << 30;
+
+Plan plan_rows(int64_t cols, int pack, bool can_vectorize, int max_threads) {
+  Plan p{};
+  p.vectorized = can_vectorize;
+  const int64_t chunks = can_vectorize ? cols / pack : cols;
+  p.chunks_per_thread = 0;
+  for (int k = 1; k <= kMaxRegsChunks; k *= 2) {
+    if (chunks <= static_cast<int64_t>(max_threads) * k) {
+      p.chunks_per_thread = k;
+      break;
+    }
+  }
+  if (p.chunks_per_thread > 0) {
+    p.threads = std::min(max_threads, round_up((chunks + p.chunks_per_thread - 1) / p.chunks_per_thread, 32));
+  } else {
+    p.threads = max_threads;
+  }
+  return p;
+}
+
+template <typename T>
+bool all_aligned(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides, int64_t cols) {
+  constexpr int N = kPack<T>;
+  if (cols % N != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && !is_aligned16(p)) return false;
+  for (int64_t s : strides)
+    if (s % N != 0) return false;
+  return true;
+}
+
+cudaError_t sm_count(int* out) {
+  int device = 0;
+  LLMKERN_RETURN_IF_ERROR(cudaGetDevice(&device));
+  return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device);
+}
+
+// Blocks of the backward grid: enough to fill the GPU, few enough that the fp32 partial rows
+// of dweight stay small next to the op's own traffic.
+cudaError_t backward_blocks(int64_t rows, int threads, int64_t* out) {
+  int sms = 0;
+  LLMKERN_RETURN_IF_ERROR(sm_count(&sms));
+  const int64_t per_sm = std::max(1, std::min(8, 1024 / threads));
+  *out = std::max<int64_t>(1, std::min(rows, static_cast<int64_t>(sms) * per_sm));
+  return cudaSuccess;
+}
+
+template <typename T, typename W>
+cudaError_t launch_forward(const T* x, const T* residual, const W* weight, T* y, T* h, int64_t rows,
+                           int64_t cols, int64_t xs, int64_t rs, int64_t ys, int64_t hs, float eps,
+                           cudaStream_t stream) {
+  constexpr int N = kPack<T>;
+  const bool vec = all_aligned<T>({x, residual, weight, y, h}, {xs, rs, ys, hs}, cols);
+  const Plan p = plan_rows(cols, N, vec, kForwardMaxThreads);
+  const dim3 grid(static_cast<unsigned>(std::min(rows, kMaxGrid)));
+#define LLMKERN_FWD_ARGS x, residual, weight, y, h, rows, cols, xs, rs, ys, hs, eps
+  if (vec) {
+    switch (p.chunks_per_thread) {
+      case 1: rms_norm_forward_regs<T, W, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      case 2: rms_norm_forward_regs<T, W, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      case 4: rms_norm_forward_regs<T, W, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      default: rms_norm_forward_loop<T, W, N><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+    }
+  } else {
+    // Unaligned or odd rows are rare (odd hidden sizes): one scalar path serves them all.
+    rms_norm_forward_loop<T, W, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS);
+  }
+#undef LLMKERN_FWD_ARGS
+  return cudaGetLastError();
+}
+
+template <typename T, typename W>
+cudaError_t launch_backward(const T* dy, const T* h, const W* weight, const T* dh_extra, T* dh, W* dweight,
+                            float* workspace, int64_t workspace_size, int64_t rows, int64_t cols, int64_t dys,
+                            int64_t hs, int64_t es, int64_t dhs, float eps, cudaStream_t stream) {
+  constexpr int N = kPack<T>;
+  const bool vec = all_aligned<T>({dy, h, weight, dh_extra, dh}, {dys, hs, es, dhs}, cols);
+  const Plan p = plan_rows(cols, N, vec, kBackwardMaxThreads);
+  int64_t blocks = 0;
+  LLMKERN_RETURN_IF_ERROR(backward_blocks(rows, p.threads, &blocks));
+  LLMKERN_RETURN_INVALID_IF(workspace == nullptr || workspace_size < blocks * cols);
+  const bool regs = vec && p.chunks_per_thread > 0;
+  if (!regs) {  // the loop kernels accumulate into their workspace row
+    LLMKERN_RETURN_IF_ERROR(cudaMemsetAsync(workspace, 0, sizeof(float) * blocks * cols, stream));
+  }
+  const dim3 grid(static_cast<unsigned>(blocks));
+#define LLMKERN_BWD_ARGS dy, h, weight, dh_extra, dh, workspace, rows, cols, dys, hs, es, dhs, eps
+  if (regs) {
+    switch (p.chunks_per_thread) {
+      case 1: rms_norm_backward_regs<T, W, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+      case 2: rms_norm_backward_regs<T, W, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+      default: rms_norm_backward_regs<T, W, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+    }
+  } else if (vec) {
+    rms_norm_backward_loop<T, W, N><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
+  } else {
+    rms_norm_backward_loop<T, W, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
+  }
+#undef LLMKERN_BWD_ARGS
+  LLMKERN_RETURN_IF_ERROR(cudaGetLastError());
+  const int reduce_threads = 256;
+  const dim3 reduce_grid(static_cast<unsigned>((cols + reduce_threads - 1) / reduce_threads));
+  rms_norm_reduce_dweight<W><<<reduce_grid, reduce_threads, 0, stream>>>(workspace, dweight, blocks, cols);
+  return cudaGetLastError();
+}
+
+// Calls fn(T{}, W{}) for the input dtype and the weight dtype (the input's own, or fp32).
+template <typename Fn>
+cudaError_t dispatch_input_and_weight(DType dtype, DType weight_dtype, Fn&& fn) {
+  return dispatch_float(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    if (weight_dtype == dtype) return fn(T{}, T{});
+    if (weight_dtype == DType::kFloat32) return fn(T{}, float{});
+    return cudaErrorInvalidValue;
+  });
+}
+
+}  // namespace
+
+cudaError_t rms_norm_forward(const void* x, const void* residual, const void* weight, void* y, void* h,
+                             int64_t rows, int64_t cols, int64_t x_stride, int64_t residual_stride,
+                             int64_t y_stride, int64_t h_stride, float eps, DType dtype,
+                             DType weight_dtype, cudaStream_t stream) {
+  LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1 || x == nullptr || weight == nullptr || y == nullptr);
+  LLMKERN_RETURN_INVALID_IF(residual != nullptr && h == nullptr);
+  if (rows == 0) return cudaSuccess;
+  return dispatch_input_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
+    using T = decltype(t);
+    using W = decltype(w);
+    return launch_forward<T, W>(static_cast<const T*>(x), static_cast<const T*>(residual),
+                                static_cast<const W*>(weight), static_cast<T*>(y),
+                                residual != nullptr ? static_cast<T*>(h) : nullptr, rows, cols, x_stride,
+                                residual_stride, y_stride, h_stride, eps, stream);
+  });
+}
+
+int64_t rms_norm_backward_workspace(int64_t rows, int64_t cols, DType dtype) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const int pack = dtype == DType::kFloat32 ? kPack<float> : kPack<__half>;
+  // Sized for the scalar plan, which has at least as many blocks as the vectorized one.
+  const Plan p = plan_rows(cols, pack, false, kBackwardMaxThreads);
+  const Plan pv = plan_rows(cols, pack, cols % pack == 0, kBackwardMaxThreads);
+  int64_t blocks = 0, blocks_v = 0;
+  if (backward_blocks(rows, p.threads, &blocks) != cudaSuccess ||
+      backward_blocks(rows, pv.threads, &blocks_v) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // no device: the launch itself will report it
+  }
+  return std::max(blocks, blocks_v) * cols;
+}
+
+cudaError_t rms_norm_backward(const void* dy, const void* h, const void* weight, const void* dh_extra,
+                              void* dh, void* dweight, float* workspace, int64_t workspace_size,
+                              int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
+                              int64_t dh_extra_stride, int64_t dh_stride, float eps, DType dtype,
+                              DType weight_dtype, cudaStream_t stream) {
+  LLMKERN_RETURN_INVALID_IF(rows < 1 || cols < 1 || dy == nullptr || h == nullptr || weight == nullptr ||
+                            dh == nullptr || dweight == nullptr);
+  return dispatch_input_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
+    using T = decltype(t);
+    using W = decltype(w);
+    return launch_backward<T, W>(static_cast<const T*>(dy), static_cast<const T*>(h),
+                                 static_cast<const W*>(weight), static_cast<const T*>(dh_extra),
+                                 static_cast<T*>(dh), static_cast<W*>(dweight), workspace, workspace_size,
+                                 rows, cols, dy_stride, h_stride, dh_extra_stride, dh_stride, eps, stream);
+  });
+}
+
+}  // namespace llmkern

@@ -1,0 +1,41 @@
+"""The build: llmkern._cpu always, llmkern._cuda wherever nvcc was found, and `llmkern info`."""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmkern import _backend
+
+
+def test_cpu_module_imports():
+    importlib.import_module("llmkern._cpu")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("LLMKERN_SKIP_CUDA", "0") not in ("", "0"),
+                    reason="no nvcc here, or LLMKERN_SKIP_CUDA is set: _cuda is not built")
+def test_cuda_module_is_built_where_nvcc_is():
+    mod = _backend.cuda_module()
+    assert mod is not None, "nvcc is here but llmkern._cuda did not build or import"
+    assert mod.compiled_archs
+    assert mod.device_count() == torch.cuda.device_count()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_kernel_call_without_gpu_raises_clear_error():
+    mod = _backend.cuda_module()
+    if mod is None:
+        pytest.skip("llmkern._cuda is not built here")
+    fake = 1 << 20  # any non-null address: the launch must fail before touching it
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        mod.rms_norm_forward(fake, 0, fake, fake, 0, 4, 8, 8, 0, 8, 0, 1e-6, 0, 0, 0)
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "llmkern", "info"], capture_output=True, text=True, check=True)
+    assert "torch" in out.stdout and "rms_norm" in out.stdout
+    assert "cuda_module_built" in out.stdout

@@ -1,0 +1,265 @@
+"""RMSNorm: every backend against the float64 reference, gradients included, and bad input.
+
+Without a GPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1) and
+the CUDA tests skip; on a GPU machine everything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import llmkern
+from llmkern.ops import reference
+from llmkern.ops.rms_norm import MAX_HIDDEN
+from numerics import assert_close_to_ref
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HIDDEN = [1, 17, 123, 768, 4097, 8192, 65536]
+EPS = 1e-6
+
+
+def _backends():
+    """(backend, device) pairs this machine can run; the cuda ones skip without a GPU."""
+    pairs = [pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton")]
+    pairs.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    return pairs
+
+
+BACKENDS = _backends()
+
+
+def _rows_for(hidden: int, device: str) -> list[int]:
+    if device == "cpu":  # the interpreter: a few rows keep it fast
+        return [1, 3]
+    return [1, 7, 1000] if hidden <= 8192 else [1, 33]
+
+
+def _make(rows, hidden, dtype, device, with_residual, weight_dtype=None):
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(weight_dtype or dtype)
+    r = torch.randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
+    return x, w, r
+
+
+def _run_with_grads(fn, x, w, r, dy, dh):
+    """Outputs and the gradients of x, w (and r) for output gradients dy (and dh)."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, r)]
+    out = fn(*leaves)
+    if r is None:
+        out = (out,)
+        grads = (dy,)
+    else:
+        grads = (dy, dh)
+    torch.autograd.backward(out, grads)
+    return [o.detach() for o in out], [t.grad for t in leaves if t is not None]
+
+
+def _check_against_reference(backend, device, rows, hidden, dtype, with_residual, weight_dtype=None):
+    x, w, r = _make(rows, hidden, dtype, device, with_residual, weight_dtype)
+    dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+    dh = torch.randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
+
+    def ours(x, w, r):
+        return llmkern.ops.rms_norm(x, w, EPS, residual=r, backend=backend)
+
+    def ref(x, w, r):
+        return reference.rms_norm(x, w, EPS, residual=r)
+
+    out, grads = _run_with_grads(ours, x, w, r, dy, dh)
+    # The truth: float64 from the same (rounded) inputs. For the fused residual, h is rounded
+    # to the input dtype by definition, so the truth norms that rounded h.
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    if with_residual:
+        h_low = (x + r).double()
+        y64 = reference.rms_norm(h_low, w.double(), EPS)
+        out64 = [y64, h_low]
+        _, grads64 = _run_with_grads(
+            lambda x, w, r: reference.rms_norm(x, w, EPS, residual=r), d64(x), d64(w), d64(r), d64(dy), d64(dh)
+        )
+    else:
+        out64, grads64 = _run_with_grads(ref, d64(x), d64(w), None, d64(dy), None)
+    out_lp, grads_lp = _run_with_grads(ref, x, w, r, dy, dh)
+
+    names = ["y", "h"][: len(out)]
+    for name, a, b, c in zip(names, out, out64, out_lp):
+        assert_close_to_ref(a, b, c, f"{backend} {dtype} {rows}x{hidden} {name}")
+    gnames = ["dx", "dweight", "dresidual"]
+    for name, a, b, c in zip(gnames, grads, grads64, grads_lp):
+        assert a.dtype == c.dtype, f"{name} dtype {a.dtype} != {c.dtype}"
+        assert_close_to_ref(a, b, c, f"{backend} {dtype} {rows}x{hidden} {name}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_matches_reference(backend, device, dtype, hidden):
+    for rows in _rows_for(hidden, device):
+        _check_against_reference(backend, device, rows, hidden, dtype, with_residual=False)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("hidden", [1, 123, 4097, 65536])
+def test_fused_residual_matches_reference(backend, device, dtype, hidden):
+    for rows in _rows_for(hidden, device):
+        _check_against_reference(backend, device, rows, hidden, dtype, with_residual=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_fp32_weight_with_low_precision_input(backend, device, dtype):
+    """Under autocast the parameters stay fp32 while activations are 16-bit."""
+    _check_against_reference(backend, device, 5, 256, dtype, with_residual=True, weight_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("hidden", [123, 768, 20000])
+def test_kernels_write_every_element(backend, device, hidden):
+    """Outputs pre-filled with NaN: an element a kernel never writes fails the comparison."""
+    kernels = importlib.import_module(f"llmkern.{backend}.rms_norm")
+    x, w, r = _make(6, hidden, torch.bfloat16, device, True)
+    y = torch.full_like(x, float("nan"))
+    h = torch.full_like(x, float("nan"))
+    kernels.forward(x, w, r, EPS, y, h)
+    y_ref, h_ref = reference.rms_norm(x, w, EPS, residual=r)
+    assert not y.isnan().any() and not h.isnan().any()
+    assert_close_to_ref(y, reference.rms_norm((x + r).double(), w.double(), EPS), y_ref, "y")
+    # Exact on a GPU; the interpreter rounds fp32 -> bf16 its own way, so allow the rule's slack.
+    assert_close_to_ref(h, x.double() + r.double(), h_ref, "h")
+
+    dy = torch.randn_like(x)
+    dh = torch.full_like(x, float("nan"))
+    dw = torch.full_like(w, float("nan"))
+    kernels.backward(dy, h, w, None, EPS, dh, dw)
+    assert not dh.isnan().any() and not dw.isnan().any()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_rows_and_3d_input(backend, device):
+    """Rows need not be adjacent: only the last dimension must be contiguous."""
+    base = torch.randn(4, 5, 2 * 96, device=device)
+    x = base[..., :96]  # row stride 192, last dim contiguous
+    w = torch.randn(96, device=device)
+    got = llmkern.ops.rms_norm(x, w, backend=backend)
+    torch.testing.assert_close(got, reference.rms_norm(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch(backend, device):
+    x = torch.randn(0, 64, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    y = llmkern.ops.rms_norm(x, w, backend=backend)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_opcheck(backend, device, with_residual):
+    x, w, r = _make(3, 40, torch.float32, device, with_residual)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w, r, EPS, backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_compile_fullgraph_has_no_graph_break(backend, device):
+    """The fake kernels let torch.compile trace the op; on a CPU the cheap aot_eager backend
+    checks the tracing (and autograd) without compiling C++; on a GPU, inductor runs."""
+    compiler = "inductor" if device == "cuda" else "aot_eager"
+
+    def block(x, w, r):
+        y, h = llmkern.ops.rms_norm(x, w, EPS, residual=r, backend=backend)
+        return (y * 2).sum() + h.sum()
+
+    x, w, r = _make(4, 64, torch.float32, device, True)
+    for t in (x, w, r):
+        t.requires_grad_(True)
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
+    loss = compiled(x, w, r)
+    loss.backward()
+    expected = block(x.detach(), w.detach(), r.detach())
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-4)
+    assert x.grad is not None and w.grad is not None and r.grad is not None
+
+
+def test_module_matches_functional():
+    norm = llmkern.nn.RMSNorm(32, eps=1e-5, backend="torch")
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(norm(x), reference.rms_norm(x, norm.weight, 1e-5))
+    y, h = norm(x, residual=x)
+    torch.testing.assert_close(h, 2 * x)
+
+
+def test_set_backend_and_environment(monkeypatch):
+    monkeypatch.setattr(llmkern._backend, "_default_backend", None)
+    monkeypatch.setenv("LLMKERN_BACKEND", "torch")
+    assert llmkern.get_backend() == "torch"
+    llmkern.set_backend("auto")
+    assert llmkern.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        llmkern.set_backend("fast")
+    monkeypatch.setattr(llmkern._backend, "_default_backend", None)
+    monkeypatch.setenv("LLMKERN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="LLMKERN_BACKEND"):
+        llmkern.get_backend()
+
+
+def test_auto_is_torch_on_cpu_tensors():
+    assert llmkern._backend.resolve("rms_norm", "auto", torch.device("cpu")) == "torch"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad(exc, match, x, w, **kw):
+    with pytest.raises(exc, match=match):
+        llmkern.ops.rms_norm(x, w, **kw)
+
+
+def test_rejects_integer_and_complex_dtypes():
+    _bad(TypeError, "x must have dtype", torch.ones(2, 4, dtype=torch.int64), torch.ones(4))
+    _bad(TypeError, "x must have dtype", torch.ones(2, 4, dtype=torch.complex64), torch.ones(4))
+    _bad(TypeError, "weight must have dtype", torch.ones(2, 4), torch.ones(4, dtype=torch.int32))
+
+
+def test_rejects_weight_of_wrong_shape_or_dtype():
+    _bad(ValueError, r"weight must have shape \(4,\)", torch.ones(2, 4), torch.ones(5))
+    _bad(ValueError, r"weight must have shape \(4,\)", torch.ones(2, 4), torch.ones(1, 4))
+    _bad(TypeError, "weight must have x's dtype", torch.ones(2, 4, dtype=torch.float16),
+         torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_rejects_bad_residual_and_eps():
+    _bad(ValueError, "residual must have x's shape", torch.ones(2, 4), torch.ones(4), residual=torch.ones(3, 4))
+    _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4), torch.ones(4),
+         residual=torch.ones(2, 4, dtype=torch.float16))
+    _bad(ValueError, "eps must be > 0", torch.ones(2, 4), torch.ones(4), eps=-1.0)
+    _bad(TypeError, "x must be a torch.Tensor", [[1.0]], torch.ones(1))
+
+
+def test_rejects_mixed_devices():
+    _bad(ValueError, "weight is on meta but x is on cpu", torch.ones(2, 4), torch.ones(4, device="meta"))
+
+
+def test_rejects_cpu_tensor_with_cuda_backend():
+    _bad(ValueError, "backend='cuda' cannot run rms_norm", torch.ones(2, 4), torch.ones(4), backend="cuda")
+
+
+def test_rejects_unknown_backend():
+    _bad(ValueError, "backend must be one of", torch.ones(2, 4), torch.ones(4), backend="fastest")
+
+
+def test_rejects_non_contiguous_last_dim():
+    x = torch.ones(4, 6).t()  # last-dim stride 6
+    _bad(ValueError, "x must be contiguous in its last dimension", x, torch.ones(4))
+
+
+def test_rejects_hidden_size_over_limit():
+    x = torch.empty(1, MAX_HIDDEN + 1, device="meta")
+    _bad(ValueError, "hidden size", x, torch.empty(MAX_HIDDEN + 1, device="meta"))
+    _bad(ValueError, "at least one dimension", torch.tensor(1.0), torch.ones(1))
