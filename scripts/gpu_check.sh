@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build, run the whole test suite, run the CUDA tests under
+# compute-sanitizer (memcheck, racecheck), and the benchmarks. Logs go to $OUT (or ./out).
+#
+#   bash scripts/gpu_check.sh [bench ...]     e.g. bash scripts/gpu_check.sh rms_norm attention
+#
+# Each step's exit status is recorded in $OUT/status.txt; a failing step does not stop the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+: > "$OUT/status.txt"
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
+  local name=$1
+  shift
+  local start=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/status.txt"
+}
+
+step build python3 -m pip install --no-build-isolation --no-deps -e .
+step info python3 -m llmkern info
+step tests python3 -m pytest -q -x --durations=15
+for tool in memcheck racecheck; do
+  step "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    python3 -m pytest -q -x -m cuda python_tests/test_rms_norm.py -k "cuda and not compile"
+done
+for bench in "${@:-rms_norm}"; do
+  step "bench_$bench" python3 "benchmarks/bench_$bench.py"
+done
+cp -r benchmarks/results "$OUT/results" 2>/dev/null
+cat "$OUT/status.txt"
