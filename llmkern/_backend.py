@@ -23,6 +23,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "rms_norm": ("cuda", "triton"),
     # Triton first until the CUDA attention kernels are verified on a GPU (they only compile here).
     "attention": ("triton", "cuda"),
+    # Triton (checked in the interpreter) first until the CUDA AdamW is verified on a GPU.
+    "adamw": ("triton", "cuda"),
 }
 DEFAULT_PREFERENCE = ("cuda", "triton")
 

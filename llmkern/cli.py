@@ -14,11 +14,161 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import pathlib
+    import time
+
+    from .data.bpe import train_bpe
+
+    start = time.perf_counter()
+    special = tuple(args.special_token) if args.special_token else ("<|endoftext|>",)
+    try:
+        tok = train_bpe(
+            [pathlib.Path(c) for c in args.corpus],
+            args.vocab_size,
+            args.out,
+            special_tokens=special,
+            pattern=args.pattern,
+            min_frequency=args.min_frequency,
+            num_workers=args.workers,
+            progress=True,
+        )
+    except (ValueError, OSError) as err:
+        print(f"llmkern tokenizer train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({tok.n_vocab} tokens, <|endoftext|> = {tok.eot_token}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_tokenizer_parser(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (a .tiktoken file)")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="learn BPE merges from text files or directories")
+    t.add_argument("corpus", nargs="+", help="text files or directories of them")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
+    t.add_argument("--out", required=True, help="the .tiktoken file to write (a .json sidecar goes beside it)")
+    t.add_argument("--pattern", default="gpt2", help="pre-tokenization: gpt2, cl100k, or a regular expression")
+    t.add_argument("--special-token", action="append", help="a special token (repeatable; default <|endoftext|>)")
+    t.add_argument("--min-frequency", type=int, default=1, help="stop when no pair occurs this often")
+    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: the cores)")
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.config import load_config
+    from .data.pipeline import prepare
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.strict:
+            config.reader.strict = True
+        if args.quiet:
+            config.progress = False
+        prepare(args.inputs, args.out, config, resume=not args.restart)
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        print(f"llmkern data prepare: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data: clean, filter, dedup, decontaminate, tokenize")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("prepare", help="raw .txt/.jsonl/.parquet(.gz/.zst) files to documents and token shards",
+                        epilog="settings: --config FILE (TOML/JSON, see llmkern/data/config.py) and "
+                               "--section.key=value overrides, the value read as JSON when it parses: "
+                               "--quality.min_words=20 --langid.enabled=true --reader.separator='\"\\n\\n\"'")
+    d.add_argument("inputs", nargs="+", help="files, directories or globs")
+    d.add_argument("--out", required=True, help="output directory (documents/, tokens/, report.json)")
+    d.add_argument("--config", default=None, help="a .toml or .json config file")
+    d.add_argument("--strict", action="store_true", help="stop at the first bad input instead of counting it")
+    d.add_argument("--restart", action="store_true", help="start over instead of continuing an earlier run")
+    d.add_argument("--quiet", action="store_true", help="no progress bar and no printed table")
+    d.set_defaults(func=_cmd_data_prepare, accepts_overrides=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingDiverged
+    from .train.main_job import run_train
+
+    try:
+        run_train(args.config, args.overrides, resume=args.resume, samples=args.samples)
+    except TrainingDiverged as err:
+        print(f"llmkern train: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .train.inference import load_trained_model, sample_text
+
+    try:
+        model, tokenizer, _ = load_trained_model(args.run, args.device)
+        texts = sample_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
+                            args.temperature, args.top_k, args.top_p, args.seed)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern generate: error: {err}", file=sys.stderr)
+        return 2
+    print("\n\n".join(texts))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train.inference import evaluate_run
+
+    try:
+        result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.max_batches, args.device)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['split']} loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
+          f"({result['tokens']:,} tokens of {result['data']})")
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a GPT (no arguments: the main job on the Python standard library)",
+                       epilog="settings: --config FILE (TOML/JSON, see llmkern/train/config.py) and --key=value "
+                              "overrides, e.g. --max_steps=100 --model.n_layer=4")
+    p.add_argument("--config", default=None, help="a .toml or .json TrainConfig file")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--samples", type=int, default=3, help="text samples printed at the end (0: none)")
+    p.set_defaults(func=_cmd_train, accepts_overrides=True)
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    g.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("eval", help="loss and perplexity of a trained run's model on token shards")
+    e.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    e.add_argument("--data", required=True, help="a folder of token shards (manifest.json)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=100)
+    e.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    e.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, the CUDA build, the GPUs seen, and the backends of each op")
     p.set_defaults(func=_cmd_info)
+    _add_tokenizer_parser(sub)
+    _add_data_parser(sub)
+    _add_train_parsers(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ import torch
 from . import __version__, _backend
 
 # Every public op, in the order `llmkern info` lists them.
-OPS = ("rms_norm",)
+OPS = ("rms_norm", "rope", "swiglu", "attention", "adamw")
 
 
 def collect() -> dict:

@@ -2,5 +2,7 @@
 
 from .attention import attention
 from .rms_norm import rms_norm
+from .rope import rope
+from .swiglu import swiglu
 
-__all__ = ["attention", "rms_norm"]
+__all__ = ["attention", "rms_norm", "rope", "swiglu"]

@@ -1,14 +1,259 @@
-"""Attention (placeholder until the fused kernels land: the torch backend only)."""
+"""Exact softmax attention without an S x S score matrix (FlashAttention-2 style).
+
+    o = softmax(q @ k^T * scale + mask) @ v          layout (B, H, S, D), like SDPA
+
+A drop-in for F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale) with:
+- grouped-query attention: k and v may have Hkv heads, Hq divisible by Hkv (query head h
+  reads kv head h // (Hq // Hkv)); the gradients of k and v are summed over each group;
+- strided inputs: only the last dimension must be contiguous, so the q/k/v views of a fused
+  QKV projection, (B, S, H, D).transpose(1, 2), go to the kernels without a copy;
+- document masking for packed sequences: `doc_ids` (B, S) or `cu_seqlens` (N + 1,), so a
+  token attends only within its own document, with no S x S mask tensor.
+
+Causal masking is aligned to the bottom right when Sq != Sk (as SDPA's math reference and
+KV-cache decoding expect): query i sees key j when j <= i + (Sk - Sq). A query that sees no
+key at all gets a zero output.
+
+The cuda and triton backends run through the custom ops llmkern::attention_fwd (o and the
+fp32 log-sum-exp of each query row, kept for the backward) and llmkern::attention_bwd, with
+fake kernels and autograd, so torch.compile(fullgraph=True) traces them. The torch backend
+is the fp32 reference in llmkern/ops/reference.py, differentiated by PyTorch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
 from .. import _backend
+from . import _checks, reference
+
+# Head dims each backend has kernels for.
+HEAD_DIMS = {
+    "triton": (32, 64, 96, 128, 256),
+    "cuda": (64, 128),
+}
+# dtypes per backend: the kernels use tensor cores in fp16/bf16; fp32 is for the reference and
+# for Triton in its CPU interpreter (whose bf16 dot is wrong), where tests need it.
+DTYPES = {
+    "torch": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16),
+}
+DOC_ID_DTYPES = (torch.int32, torch.int64)
 
 
-def attention(q, k, v, causal: bool = True, scale: float | None = None, backend: str | None = None):
-    """Drop-in for F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale); (B, H, S, D)."""
-    _backend.resolve("attention", backend, q.device)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.size(1) != q.size(1))
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = None,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention of q over k, v.
+
+    Args:
+        q: (B, Hq, Sq, D) float16 or bfloat16 (float32 for the torch and triton backends),
+            contiguous in its last dimension; other strides are free.
+        k, v: (B, Hkv, Sk, D), q's dtype and device; Hq must be a multiple of Hkv.
+        causal: query i sees only keys j <= i + (Sk - Sq).
+        scale: multiplies q @ k^T; None means 1 / sqrt(D).
+        backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
+        doc_ids: optional (B, S) int32/int64 document id per position (needs Sq == Sk): query i
+            sees key j only when doc_ids[b, i] == doc_ids[b, j].
+        cu_seqlens: optional (N + 1,) int cumulative document lengths, 0 first and S last,
+            the same for every batch row; the other way of saying doc_ids.
+
+    Returns:
+        o: (B, Hq, Sq, D), q's dtype, contiguous.
+    """
+    _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens)
+    device = _checks.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
+    chosen = _backend.resolve("attention", backend, device)
+    _check_backend_limits(chosen, q)
+    if cu_seqlens is not None:
+        doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.size(0), q.size(2))
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    if chosen == "torch":
+        return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
+    if doc_ids is not None:
+        doc_ids = doc_ids.to(torch.int32).contiguous()
+    o, _ = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, bool(causal), scale, chosen)
+    return o
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """(batch, seq_len) int32 document ids from cumulative document lengths [0, l0, l0+l1, ..., S]."""
+    positions = torch.arange(seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    ids = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True).to(torch.int32)
+    return ids.expand(batch, seq_len)
+
+
+# --- argument checks -----------------------------------------------------------------------
+
+
+def _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D); got shape {tuple(t.shape)}")
+        _checks.check_last_dim_contiguous(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype ({q.dtype}); got {t.dtype}")
+    (b, hq, sq, d), (bk, hkv, sk, dk) = q.shape, k.shape
+    if bk != b or v.size(0) != b:
+        raise ValueError(f"q, k and v must have one batch size; got {b}, {bk} and {v.size(0)}")
+    if dk != d or v.size(3) != d:
+        raise ValueError(f"q, k and v must have one head dim; got {d}, {dk} and {v.size(3)}")
+    if v.size(1) != hkv:
+        raise ValueError(f"k and v must have the same number of heads; got {hkv} and {v.size(1)}")
+    if v.size(2) != sk:
+        raise ValueError(f"k and v must have the same sequence length; got {sk} and {v.size(2)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"q's heads ({hq}) must be a multiple of k's and v's heads ({hkv}) (grouped-query attention)"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        _checks.check_positive_float("scale", scale)
+    if doc_ids is not None and cu_seqlens is not None:
+        raise ValueError("give doc_ids or cu_seqlens, not both")
+    if doc_ids is not None:
+        _check_doc_ids(doc_ids, b, sq, sk)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, sq, sk)
+
+
+def _check_doc_ids(doc_ids, b: int, sq: int, sk: int) -> None:
+    _checks.check_tensor("doc_ids", doc_ids)
+    if doc_ids.dtype not in DOC_ID_DTYPES:
+        raise TypeError(f"doc_ids must have dtype int32 or int64; got {doc_ids.dtype}")
+    if sq != sk:
+        raise ValueError(f"doc_ids needs q and k of one sequence length; got {sq} and {sk}")
+    if doc_ids.shape != (b, sq):
+        raise ValueError(f"doc_ids must have shape (B, S) = ({b}, {sq}); got {tuple(doc_ids.shape)}")
+
+
+def _check_cu_seqlens(cu_seqlens, sq: int, sk: int) -> None:
+    _checks.check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in DOC_ID_DTYPES:
+        raise TypeError(f"cu_seqlens must have dtype int32 or int64; got {cu_seqlens.dtype}")
+    if sq != sk:
+        raise ValueError(f"cu_seqlens needs q and k of one sequence length; got {sq} and {sk}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
+    if torch.compiler.is_compiling():
+        return  # the value checks below read the tensor on the host: eager mode only
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != sq:
+        raise ValueError(f"cu_seqlens must start at 0 and end at S={sq}; got {first} and {last}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def _check_backend_limits(backend: str, q: torch.Tensor) -> None:
+    if q.dtype not in DTYPES[backend]:
+        allowed = ", ".join(str(t).replace("torch.", "") for t in DTYPES[backend])
+        raise TypeError(f"q, k and v must have dtype {allowed} for backend {backend!r}; got {q.dtype}")
+    dims = HEAD_DIMS.get(backend)
+    if dims is not None and q.size(-1) not in dims:
+        raise ValueError(f"backend {backend!r} supports head dims {dims}; got {q.size(-1)}")
+
+
+# --- the custom ops --------------------------------------------------------------------------
+
+
+def _kernels(backend: str):
+    """llmkern.cuda.attention or llmkern.triton.attention (same forward/backward signatures)."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::attention_fwd runs the cuda or triton backend, got {backend!r}")
+    return importlib.import_module(f"llmkern.{backend}.attention")
+
+
+def _empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, hq, sq, d = q.shape
+    o = q.new_empty((b, hq, sq, d))
+    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+    return o, lse
+
+
+@torch.library.custom_op("llmkern::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32, the natural-log log-sum-exp of each score row."""
+    o, lse = _empty_outputs(q)
+    if o.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    if k.size(2) == 0:  # nothing to attend to: softmax over no keys, taken as zero
+        return o.zero_(), lse.fill_(float("-inf"))
+    _kernels(backend).forward(q, k, v, doc_ids, causal, scale, o, lse)
+    return o, lse
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, doc_ids, causal, scale, backend):
+    return _empty_outputs(q)
+
+
+@torch.library.custom_op("llmkern::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    doc_ids: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv in the shapes of q, k, v (dk and dv summed over each group's query heads)."""
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _kernels(backend).backward(do, q, k, v, o, lse, doc_ids, causal, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, doc_ids, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_ids, causal, scale, backend = inputs
+    o, lse = output
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+
+
+def _backward(ctx, do, dlse):
+    # lse is an internal output (the public op returns o only), so dlse is ignored.
+    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq, dk, dv = torch.ops.llmkern.attention_bwd(
+        do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

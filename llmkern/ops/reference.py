@@ -33,8 +33,19 @@ def rms_norm(
     return y if residual is None else (y, h)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None):
-    """Softmax attention in fp32, layout (B, H, S, D); k and v may have fewer heads (GQA)."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+):
+    """Softmax attention in fp32, layout (B, H, S, D); k and v may have fewer heads (GQA).
+
+    doc_ids (B, S), when given, masks packed documents: query i sees key j only when
+    doc_ids[b, i] == doc_ids[b, j] (and j <= i when causal).
+    """
     hq, hkv = q.size(1), k.size(1)
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
@@ -46,4 +57,108 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         sq, sk = q.size(2), k.size(2)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         scores = scores.masked_fill(~mask, float("-inf"))
+    if doc_ids is not None:
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)
+        scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
     return (scores.softmax(dim=-1) @ v.to(ct)).to(q.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
+
+    x (B, H, S, D); cos, sin (S, D/2) or (B, S, D/2), one angle per pair (x[i], x[i + D/2]).
+    """
+    ct = _compute_dtype(x.dtype)
+    if cos.dim() == 3:  # per batch row: broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(ct), sin.to(ct)
+    x1, x2 = x.to(ct).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in fp32 (float64 for float64 inputs), returned in gate's dtype."""
+    ct = _compute_dtype(gate.dtype)
+    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def adamw_grad_norm(
+    grads: list[torch.Tensor],
+    max_norm: float,
+    grad_norm: torch.Tensor,
+    clip_state: torch.Tensor,
+    skipped: torch.Tensor,
+) -> None:
+    """The global gradient norm and the clip factor of llmkern.optim.AdamW, on the device.
+
+    Writes grad_norm (0-d fp32) = ||grads||_2 accumulated in fp32; clip_state[0] = the factor
+    min(1, max_norm / (norm + 1e-6)) that torch.nn.utils.clip_grad_norm_ applies;
+    clip_state[1] = 1.0 when the norm is finite, else 0.0 (the step is skipped) and
+    skipped (int64) is incremented. No value comes back to the host.
+    """
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    grad_norm.copy_(norm)
+    clip_state[0].copy_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    finite = torch.isfinite(norm)
+    clip_state[1].copy_(finite.to(torch.float32))
+    skipped.add_((~finite).to(skipped.dtype))
+
+
+def adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    masters: list[torch.Tensor] | None,
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_state: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step over lists of tensors, in place, with the math of torch.optim.AdamW:
+
+        p *= 1 - lr * weight_decay                      (decoupled decay)
+        m  = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+        p -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
+
+    steps hold each tensor's step count, already incremented for this step. masters, when
+    given, hold for each param an fp32 copy of it (or None): the update runs on the copy (with
+    fp32 moments) and the param receives the rounded result. clip_state, when given, is
+    [grad scale, finite flag] from adamw_grad_norm: the grads are scaled, and when the flag
+    is 0 nothing changes (selected on the device, so the host never waits).
+    """
+    if masters is None:
+        masters = [None] * len(params)
+    weights = [p if m is None else m for p, m in zip(params, masters)]
+    grads = [g.to(w.dtype) for g, w in zip(grads, weights)]
+    if clip_state is not None:
+        grads = torch._foreach_mul(grads, clip_state[0])
+        originals = (weights, exp_avgs, exp_avg_sqs)
+        # Update copies; commit them below only where the gradient norm was finite.
+        weights, exp_avgs, exp_avg_sqs = ([t.clone() for t in ts] for ts in originals)
+
+    torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    for w, m, v, step in zip(weights, exp_avgs, exp_avg_sqs, steps):
+        # Bias corrections in float64 from the device step (as torch does on the host).
+        step64 = step.to(device=w.device, dtype=torch.float64)
+        step_size = (lr / (1 - beta1**step64)).to(torch.float32)
+        bias_correction2_sqrt = torch.sqrt(1 - beta2**step64).to(torch.float32)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        w.add_((m / denom) * -step_size)
+
+    if clip_state is not None:
+        finite = clip_state[1] > 0
+        for original, updated in zip(sum(originals, []), [*weights, *exp_avgs, *exp_avg_sqs]):
+            original.copy_(torch.where(finite, updated, original))
+        weights = originals[0]
+    for p, m, w in zip(params, masters, weights):
+        if m is not None:
+            p.copy_(w)

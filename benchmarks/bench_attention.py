@@ -1,0 +1,143 @@
+"""Attention: forward, backward and forward+backward in TFLOP/s, every provider side by side.
+
+    python benchmarks/bench_attention.py                        # bf16, hidden 2048, 16k tokens, S 512..16k
+    python benchmarks/bench_attention.py --seqlens 4096 --head-dims 128 --causal true
+
+Shapes follow the FlashAttention papers: hidden 2048 split as D=64 x 32 heads or D=128 x 16
+heads, batch B = tokens / S (16k tokens), q, k and v of one head count. FLOPs: the forward does
+4 * B * H * S^2 * D (two matmuls), halved when causal; the backward 2.5x that (five matmuls,
+one of them recomputing q k^T); forward+backward 3.5x. The same count for every provider, so
+TFLOP/s compare like times.
+
+Providers: eager math attention (the fp32 reference: materializes S x S; skipped where it runs
+out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda,
+and flash-attn's flash_attn_func when it is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Result, median_ms, save  # noqa: E402
+
+import llmkern  # noqa: E402
+from llmkern import _backend  # noqa: E402
+from llmkern.ops import reference  # noqa: E402
+
+BASELINES = ("SDPA flash", "SDPA cuDNN", "flash-attn")
+MODES = ("forward", "backward", "forward+backward")
+FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def providers(device: torch.device) -> dict:
+    """name -> fn(q, k, v, causal) on (B, H, S, D) tensors, for every provider that can run here."""
+    out = {
+        "eager math": lambda q, k, v, causal: reference.attention(q, k, v, causal=causal),
+        "SDPA flash": _sdpa("FLASH_ATTENTION"),
+        "SDPA cuDNN": _sdpa("CUDNN_ATTENTION"),
+    }
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "attention", device):
+            out[f"llmkern {backend}"] = (
+                lambda b: lambda q, k, v, causal: llmkern.ops.attention(q, k, v, causal=causal, backend=b)
+            )(backend)
+    try:
+        from flash_attn import flash_attn_func
+
+        def flash_attn(q, k, v, causal):  # flash-attn's layout is (B, S, H, D)
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            return o.transpose(1, 2)
+
+        out["flash-attn"] = flash_attn
+    except ImportError:
+        pass
+    return out
+
+
+def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
+    flops = 4.0 * batch * heads * seq * seq * head_dim
+    return flops / 2 if causal else flops
+
+
+def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device) -> list[Result]:
+    shape = f"B{batch} H{heads} S{seq} D{head_dim}" + (" causal" if causal else "")
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    grads = [q, k, v]
+    try:
+        o = fn(q, k, v, causal)
+        times = {
+            "forward": median_ms(lambda: fn(q, k, v, causal)),
+            "backward": median_ms(lambda: o.backward(do, retain_graph=True), grad_to_none=grads),
+            "forward+backward": median_ms(lambda: fn(q, k, v, causal).backward(do), grad_to_none=grads),
+        }
+    except (torch.OutOfMemoryError, RuntimeError) as err:  # eager at long S; a backend that refuses a shape
+        print(f"skipped {name} at {shape}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
+        torch.cuda.empty_cache()
+        return []
+    fwd = forward_flops(batch, heads, seq, head_dim, causal)
+    return [
+        Result("attention", mode, shape, name, ms, FLOP_FACTOR[mode] * fwd / ms / 1e9, "TFLOP/s",
+               {"dtype": str(dtype).replace("torch.", "")})
+        for mode, ms in times.items()
+    ]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--causal", type=_bool, nargs="+", default=[True, False])
+    parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head dim")
+    parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / S (at least 1)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    results: list[Result] = []
+    for name, fn in providers(device).items():
+        if args.providers and name not in args.providers:
+            continue
+        for head_dim in args.head_dims:
+            heads = args.hidden // head_dim
+            for causal in args.causal:
+                for seq in args.seqlens:
+                    batch = max(1, args.tokens // seq)
+                    results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
+    save(results, f"Attention {args.dtype}", BASELINES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

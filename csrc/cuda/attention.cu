@@ -1,0 +1,311 @@
+// FlashAttention-2 forward on tensor cores (mma.sync m16n8k16, sm80 and newer).
+//
+// One block of kWarps = 4 warps per (64 query rows, head, batch); each warp owns 16 rows.
+// The block keeps its q tile in registers (as mma A fragments) and streams 64-key tiles of k
+// and v through shared memory with cp.async, double-buffered: the copy of tile j+1 runs while
+// tile j is multiplied. Per tile, each warp computes S = q k^T (16 x 64, fp32 accumulators),
+// masks it, updates its running row max m and row sum l (online softmax, exp2 in log2 units),
+// rescales its output accumulator and adds P v with P taken straight from S's registers.
+// At the end o = acc / l and lse = (m + log2 l) * ln 2 are written.
+//
+// Masks: keys past seq_k, causal (bottom-right aligned), documents (equal doc ids). Tiles
+// past the causal diagonal are never loaded; a warp whose 16 x 64 tile is fully masked by
+// documents skips its math (the ids are compared per element, so any ids work).
+#include "cuda/attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "common/check.h"
+#include "cuda/attention_mma.cuh"
+
+namespace llmkern {
+namespace {
+
+using namespace attention_detail;
+
+constexpr int kBlockM = 64;  // query rows per block
+constexpr int kBlockN = 64;  // keys per k/v tile
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+constexpr int shared_bytes() {
+  // q tile + two k tiles + two v tiles, 2-byte elements
+  return (kBlockM * D + 2 * kBlockN * D + 2 * kBlockN * D) * 2;
+}
+
+template <typename T, int D, bool kCausal, bool kHasDoc>
+__global__ void __launch_bounds__(kThreads)
+    attention_forward_kernel(const AttentionForwardArgs args, int num_m_blocks, float scale_log2) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* s_q = reinterpret_cast<T*>(shared_raw);
+  T* s_k = s_q + kBlockM * D;        // [2][kBlockN * D]
+  T* s_v = s_k + 2 * kBlockN * D;    // [2][kBlockN * D]
+
+  // Causal blocks far down the diagonal have the most work: launch them first.
+  const int m_block = kCausal ? num_m_blocks - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / static_cast<int>(args.q_heads / args.kv_heads);
+  const int seq_q = static_cast<int>(args.seq_q);
+  const int seq_k = static_cast<int>(args.seq_k);
+  const int m0 = m_block * kBlockM;
+  const int causal_shift = seq_k - seq_q;
+
+  const T* q = static_cast<const T*>(args.q) + batch * args.q_stride[0] + head * args.q_stride[1];
+  const T* k = static_cast<const T*>(args.k) + batch * args.k_stride[0] + kv_head * args.k_stride[1];
+  const T* v = static_cast<const T*>(args.v) + batch * args.v_stride[0] + kv_head * args.v_stride[1];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane >> 2;      // the fragment row (and row + 8) this lane holds
+  const int quad_lane = lane & 3;   // which pair of columns
+  const int row_lo = m0 + warp * 16 + group;  // the two query rows of this lane
+  const int row_hi = row_lo + 8;
+
+  // Keys [0, n_end) can be seen by some row of this block.
+  int n_end = seq_k;
+  if (kCausal) n_end = min(seq_k, m0 + kBlockM + causal_shift);
+  const int num_n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
+
+  int doc_lo = 0, doc_hi = 0;
+  if (kHasDoc) {
+    const int32_t* doc = args.doc_ids + batch * args.seq_q;
+    doc_lo = row_lo < seq_q ? doc[row_lo] : -1;
+    doc_hi = row_hi < seq_q ? doc[row_hi] : -1;
+  }
+
+  constexpr int kSteps = D / 16;       // 16-wide k-steps of q k^T
+  constexpr int kNTiles = kBlockN / 8; // 8-key column tiles of S
+  constexpr int kDTiles = D / 8;       // 8-wide column tiles of o
+  uint32_t q_frag[kSteps][4];
+  float acc[kDTiles][4];
+#pragma unroll
+  for (int t = 0; t < kDTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running row max, log2 units
+  float l_lo = 0.f, l_hi = 0.f;              // this lane's share of the row sums
+
+  if (num_n_tiles > 0) {
+    load_tile_async<T, D, kBlockM, kThreads>(s_q, q, args.q_stride[2], m0, seq_q);
+    load_tile_async<T, D, kBlockN, kThreads>(s_k, k, args.k_stride[2], 0, seq_k);
+    load_tile_async<T, D, kBlockN, kThreads>(s_v, v, args.v_stride[2], 0, seq_k);
+    cp_async_commit();
+  }
+
+  for (int tile = 0; tile < num_n_tiles; ++tile) {
+    const int n0 = tile * kBlockN;
+    const int buf = tile & 1;
+    cp_async_wait<0>();
+    __syncthreads();  // tile `tile` is in shared memory, and every warp is done with tile - 1
+    if (tile + 1 < num_n_tiles) {  // prefetch the next tile into the buffer tile - 1 used
+      load_tile_async<T, D, kBlockN, kThreads>(s_k + (buf ^ 1) * kBlockN * D, k, args.k_stride[2], n0 + kBlockN, seq_k);
+      load_tile_async<T, D, kBlockN, kThreads>(s_v + (buf ^ 1) * kBlockN * D, v, args.v_stride[2], n0 + kBlockN, seq_k);
+      cp_async_commit();
+    }
+    if (tile == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kSteps; ++kk) load_a<D>(q_frag[kk], s_q, warp * 16, kk * 16);
+    }
+    const T* tile_k = s_k + buf * kBlockN * D;
+    const T* tile_v = s_v + buf * kBlockN * D;
+
+    // Does this tile need per-element masks, and does this warp see any of it?
+    const bool partial = n0 + kBlockN > seq_k;
+    const bool on_diagonal = kCausal && n0 + kBlockN - 1 > m0 + warp * 16 + causal_shift;
+    const bool need_mask = partial || on_diagonal || kHasDoc;
+    if (kCausal && n0 > m0 + warp * 16 + 15 + causal_shift) continue;  // all above this warp's diagonal
+    int doc_k[kNTiles][2];
+    if (kHasDoc) {
+      const int32_t* doc = args.doc_ids + batch * args.seq_k;
+      bool any_same = false;
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + t * 8 + quad_lane * 2 + e;
+          doc_k[t][e] = key < seq_k ? doc[key] : -2;
+          any_same |= doc_k[t][e] == doc_lo || doc_k[t][e] == doc_hi;
+        }
+      }
+      if (!__any_sync(0xffffffffu, any_same)) continue;  // no pair of this warp's tile may attend
+    }
+
+    // S = q k^T for this warp's 16 rows and the tile's 64 keys.
+    float s[kNTiles][4];
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+#pragma unroll
+      for (int pair = 0; pair < kNTiles / 2; ++pair) {
+        uint32_t b[4];
+        load_b_from_nk<D>(b, tile_k, pair * 16, kk * 16);
+        mma_16816<T>(s[2 * pair], q_frag[kk], b[0], b[1]);
+        mma_16816<T>(s[2 * pair + 1], q_frag[kk], b[2], b[3]);
+      }
+    }
+
+    // Scale into log2 units, mask, and take this lane's row maxima.
+    float tile_max_lo = -INFINITY, tile_max_hi = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[t][e] * scale_log2;
+        if (need_mask) {
+          const int key = n0 + t * 8 + quad_lane * 2 + (e & 1);
+          const int row = e < 2 ? row_lo : row_hi;
+          bool ok = key < seq_k;
+          if (kCausal) ok = ok && key <= row + causal_shift;
+          if (kHasDoc) ok = ok && doc_k[t][e & 1] == (e < 2 ? doc_lo : doc_hi);
+          x = ok ? x : -INFINITY;
+        }
+        s[t][e] = x;
+      }
+      tile_max_lo = fmaxf(tile_max_lo, fmaxf(s[t][0], s[t][1]));
+      tile_max_hi = fmaxf(tile_max_hi, fmaxf(s[t][2], s[t][3]));
+    }
+    // The 4 lanes of a quad hold one row between them.
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+      tile_max_lo = fmaxf(tile_max_lo, __shfl_xor_sync(0xffffffffu, tile_max_lo, offset));
+      tile_max_hi = fmaxf(tile_max_hi, __shfl_xor_sync(0xffffffffu, tile_max_hi, offset));
+    }
+    const float new_m_lo = fmaxf(m_lo, tile_max_lo);
+    const float new_m_hi = fmaxf(m_hi, tile_max_hi);
+    // A row with no visible key so far keeps m = -inf; shifting by 0 makes its p exactly 0.
+    const float shift_lo = new_m_lo == -INFINITY ? 0.f : new_m_lo;
+    const float shift_hi = new_m_hi == -INFINITY ? 0.f : new_m_hi;
+    const float alpha_lo = exp2f(m_lo - shift_lo);
+    const float alpha_hi = exp2f(m_hi - shift_hi);
+    m_lo = new_m_lo;
+    m_hi = new_m_hi;
+    l_lo *= alpha_lo;
+    l_hi *= alpha_hi;
+#pragma unroll
+    for (int t = 0; t < kDTiles; ++t) {
+      acc[t][0] *= alpha_lo;
+      acc[t][1] *= alpha_lo;
+      acc[t][2] *= alpha_hi;
+      acc[t][3] *= alpha_hi;
+    }
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) {
+      s[t][0] = exp2f(s[t][0] - shift_lo);
+      s[t][1] = exp2f(s[t][1] - shift_lo);
+      s[t][2] = exp2f(s[t][2] - shift_hi);
+      s[t][3] = exp2f(s[t][3] - shift_hi);
+      l_lo += s[t][0] + s[t][1];
+      l_hi += s[t][2] + s[t][3];
+    }
+
+    // acc += P v: P's A fragments are S's C fragments of key tiles 2j and 2j + 1, rounded to T.
+#pragma unroll
+    for (int j = 0; j < kBlockN / 16; ++j) {
+      uint32_t p[4];
+      c_to_a<T>(p, s[2 * j], s[2 * j + 1]);
+#pragma unroll
+      for (int pair = 0; pair < kDTiles / 2; ++pair) {
+        uint32_t b[4];
+        load_b_from_kn<D>(b, tile_v, j * 16, pair * 16);
+        mma_16816<T>(acc[2 * pair], p, b[0], b[1]);
+        mma_16816<T>(acc[2 * pair + 1], p, b[2], b[3]);
+      }
+    }
+  }
+
+  // Whole row sums, then o = acc / l (0 for a row that saw nothing) and lse.
+#pragma unroll
+  for (int offset = 1; offset < 4; offset <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
+  }
+  const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
+  const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+  T* o = static_cast<T*>(args.o) + batch * args.o_stride[0] + head * args.o_stride[1];
+#pragma unroll
+  for (int t = 0; t < kDTiles; ++t) {
+    const int col = t * 8 + quad_lane * 2;
+    if (row_lo < seq_q) {
+      *reinterpret_cast<uint32_t*>(o + row_lo * args.o_stride[2] + col) =
+          pack2<T>(acc[t][0] * inv_lo, acc[t][1] * inv_lo);
+    }
+    if (row_hi < seq_q) {
+      *reinterpret_cast<uint32_t*>(o + row_hi * args.o_stride[2] + col) =
+          pack2<T>(acc[t][2] * inv_hi, acc[t][3] * inv_hi);
+    }
+  }
+  if (quad_lane == 0) {
+    float* lse = args.lse + (batch * args.q_heads + head) * args.seq_q;
+    if (row_lo < seq_q) lse[row_lo] = l_lo > 0.f ? (m_lo + log2f(l_lo)) * kLn2 : INFINITY;
+    if (row_hi < seq_q) lse[row_hi] = l_hi > 0.f ? (m_hi + log2f(l_hi)) * kLn2 : INFINITY;
+  }
+}
+
+template <typename T, int D, bool kCausal, bool kHasDoc>
+cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
+  auto kernel = attention_forward_kernel<T, D, kCausal, kHasDoc>;
+  constexpr int kShared = shared_bytes<D>();
+  LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
+  const int num_m_blocks = static_cast<int>((args.seq_q + kBlockM - 1) / kBlockM);
+  const dim3 grid(num_m_blocks, static_cast<unsigned>(args.q_heads), static_cast<unsigned>(args.batch));
+  kernel<<<grid, kThreads, kShared, stream>>>(args, num_m_blocks, args.scale * kLog2e);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t dispatch_masks(const AttentionForwardArgs& args, cudaStream_t stream) {
+  const bool has_doc = args.doc_ids != nullptr;
+  if (args.causal) {
+    return has_doc ? launch_forward<T, D, true, true>(args, stream) : launch_forward<T, D, true, false>(args, stream);
+  }
+  return has_doc ? launch_forward<T, D, false, true>(args, stream) : launch_forward<T, D, false, false>(args, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_head_dim(const AttentionForwardArgs& args, cudaStream_t stream) {
+  switch (args.head_dim) {
+    case 64: return dispatch_masks<T, 64>(args, stream);
+    case 128: return dispatch_masks<T, 128>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool misaligned(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) != 0; }
+
+bool strides_ok(const int64_t (&stride)[3]) {
+  for (int64_t s : stride) {
+    if (s < 0 || s % 8 != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool attention_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
+  LLMKERN_RETURN_INVALID_IF(!args.q || !args.k || !args.v || !args.o || !args.lse);
+  LLMKERN_RETURN_INVALID_IF(args.batch < 1 || args.q_heads < 1 || args.kv_heads < 1);
+  LLMKERN_RETURN_INVALID_IF(args.q_heads % args.kv_heads != 0);
+  LLMKERN_RETURN_INVALID_IF(args.batch > 65535 || args.q_heads > 65535);
+  LLMKERN_RETURN_INVALID_IF(args.seq_q < 1 || args.seq_k < 1 || args.seq_q > (1 << 30) || args.seq_k > (1 << 30));
+  LLMKERN_RETURN_INVALID_IF(!attention_supports_head_dim(args.head_dim));
+  LLMKERN_RETURN_INVALID_IF(args.doc_ids != nullptr && args.seq_q != args.seq_k);
+  LLMKERN_RETURN_INVALID_IF(misaligned(args.q) || misaligned(args.k) || misaligned(args.v) || misaligned(args.o));
+  LLMKERN_RETURN_INVALID_IF(!strides_ok(args.q_stride) || !strides_ok(args.k_stride) ||
+                            !strides_ok(args.v_stride) || !strides_ok(args.o_stride));
+  LLMKERN_RETURN_INVALID_IF(!(args.scale > 0.f));
+  switch (args.dtype) {
+    case DType::kFloat16: return dispatch_head_dim<__half>(args, stream);
+    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace llmkern

@@ -1,0 +1,160 @@
+// The sm80+ tensor-core building blocks of the attention kernels, as inline PTX:
+// cp.async (global -> shared copies that skip the registers), ldmatrix (shared -> the
+// register fragments of mma), and mma.sync m16n8k16 with fp32 accumulators.
+//
+// Fragment layouts of mma.m16n8k16 (lane = 4 * group + quad_lane; "group" is the row):
+//   A 16x16, 4 regs of 2 halves: a0 (row g, cols 2q..2q+1), a1 (row g+8, same cols),
+//                                a2 (row g, cols 8+2q..), a3 (row g+8, cols 8+2q..)
+//   B 16x8,  2 regs:             b0 (k = 2q..2q+1, col g), b1 (k = 8+2q.., col g)
+//   C 16x8,  4 floats:           c0,c1 (row g, cols 2q, 2q+1), c2,c3 (row g+8, same cols)
+// A's low half holds the lower column. The C fragments of two adjacent 8-column tiles are
+// exactly the A fragment of their 16 columns (how P goes from q k^T into P v without shared memory).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace llmkern {
+namespace attention_detail {
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; when !valid the 16 shared bytes are zero-filled and `src` is not read.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+
+// The same, each matrix transposed on the way (for a B operand stored k-major, like v).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+
+// c += a * b on one 16x8x16 tile.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T and packed in one register, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Element (row, col) of a row-major shared tile with `kCols` columns, its 16-byte chunks
+// XOR-swizzled by the row: the 8 rows one ldmatrix reads sit in 8 different bank groups.
+template <int kCols>
+__device__ __forceinline__ int swizzle(int row, int col) {
+  static_assert(kCols % 64 == 0, "a row must hold at least 8 chunks of 8 elements");
+  return row * kCols + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// --- warp-level operand loads from swizzled shared tiles with kCols columns -----------------
+
+// The A fragment of the 16x16 block at (row0, col0) of a row-major tile.
+template <int kCols, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0) {
+  const int lane = threadIdx.x & 31;
+  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = col0 + (lane >> 4) * 8;
+  ldmatrix_x4(a, tile + swizzle<kCols>(r, c));
+}
+
+// B fragments of B = M^T, M stored [n][k] (like k in q k^T): two 8-column tiles, b[0..1] for
+// columns n0..n0+7 and b[2..3] for n0+8..n0+15, over k0..k0+15.
+template <int kCols, typename T>
+__device__ __forceinline__ void load_b_from_nk(uint32_t (&b)[4], const T* tile, int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  const int r = n0 + (lane & 7) + (lane >> 4) * 8;
+  const int c = k0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(b, tile + swizzle<kCols>(r, c));
+}
+
+// B fragments of B = M, M stored [k][n] (like v in p v): same output order as load_b_from_nk.
+template <int kCols, typename T>
+__device__ __forceinline__ void load_b_from_kn(uint32_t (&b)[4], const T* tile, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = n0 + (lane >> 4) * 8;
+  ldmatrix_x4_trans(b, tile + swizzle<kCols>(r, c));
+}
+
+// The A fragment (16 rows x 16 columns, rounded to T) made of the fp32 C fragments of two
+// adjacent 8-column tiles.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&left)[4], const float (&right)[4]) {
+  a[0] = pack2<T>(left[0], left[1]);
+  a[1] = pack2<T>(left[2], left[3]);
+  a[2] = pack2<T>(right[0], right[1]);
+  a[3] = pack2<T>(right[2], right[3]);
+}
+
+// Copy rows [row0, row0 + kRows) of a (seq, kCols) matrix with row stride `stride` (elements)
+// into a swizzled shared tile with cp.async; rows at or past `seq` become zeros. The kThreads
+// threads of the block each issue their share of 16-byte chunks (the caller commits).
+template <typename T, int kCols, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t stride, int row0, int seq) {
+  constexpr int kChunks = kCols / 8;  // 16-byte chunks per row
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks;
+    const int c = idx % kChunks;
+    const bool valid = row0 + r < seq;
+    const T* src = valid ? base + static_cast<int64_t>(row0 + r) * stride + c * 8 : base;
+    cp_async_16(tile + swizzle<kCols>(r, c * 8), src, valid);
+  }
+}
+
+}  // namespace attention_detail
+}  // namespace llmkern

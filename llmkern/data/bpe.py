@@ -1,0 +1,300 @@
+"""Train a byte-level BPE tokenizer; the result is a .tiktoken file that tiktoken encodes with.
+
+Steps: split the corpus on the special tokens (they are never learned from), pre-tokenize each
+piece with a GPT-style pattern and count the distinct words (GPT-2's pattern: hand-written in
+C++, llmkern._cpu.Gpt2WordCounter, threads; any other: the `regex` package, processes), then
+learn the merges in C++ (llmkern._cpu.bpe_train, incremental pair counts).
+
+Output: `out_path` holds "base64(token) rank" lines. Ranks 0..255 are the single bytes in the
+order GPT-2's and OpenAI's byte-level files use (printable bytes first), the merged tokens
+follow in the order they were learned, so tiktoken's lowest-rank-first merging replays the
+training. A sidecar `out_path + ".json"` records the split pattern and the special tokens
+(ids right after the last merge), which get_tokenizer(out_path) reads back.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import functools
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+from typing import Iterable, Iterator
+
+from .tokenizer import ENDOFTEXT, GPT2_PATTERN, get_tokenizer, sidecar_path
+
+# cl100k_base's pre-tokenization (case-insensitive contractions, digits in groups of 3).
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}
+
+_CHUNK_CHARS = 8 << 20  # text per pre-tokenization job
+
+
+def gpt2_byte_order() -> list[int]:
+    """The 256 bytes in the rank order of GPT-2's byte-level BPE: printable bytes, then the rest."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in set(printable)]
+    return printable + rest
+
+
+# --- reading the corpus in chunks -----------------------------------------------------------
+
+
+# A newline between printable ASCII characters is a piece of its own under GPT-style patterns
+# (a longer whitespace run is not: at the end of a part it would stay whole), so cutting the
+# text just after it splits it exactly as splitting it whole would.
+_SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+
+
+def _last_safe_cut(text: str) -> int:
+    """The index just after the last newline between printable ASCII characters, or 0."""
+    start = max(0, len(text) - 65536)
+    while True:
+        cuts = [m.end() for m in _SAFE_CUT.finditer(text, start)]
+        if cuts or start == 0:
+            return cuts[-1] if cuts else 0
+        start = max(0, start - 4 * (len(text) - start))
+
+
+def _file_chunks(path: pathlib.Path) -> Iterator[str]:
+    """Text of one file in pieces of about _CHUNK_CHARS, cut only where a piece ends anyway."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        carry = ""
+        while block := f.read(_CHUNK_CHARS):
+            block = carry + block
+            cut = _last_safe_cut(block)
+            if cut == 0:  # no safe place yet (one very long line): keep reading
+                carry = block
+                continue
+            carry = block[cut:]
+            yield block[:cut]
+        if carry:
+            yield carry
+
+
+def _corpus_files(corpus: str | os.PathLike | list) -> list[pathlib.Path]:
+    paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    files: list[pathlib.Path] = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"corpus: no file or directory at {str(p)!r}")
+    return files
+
+
+def _corpus_jobs(corpus) -> Iterator[list[str]]:
+    """Lists of texts of about _CHUNK_CHARS characters in all."""
+    if isinstance(corpus, (str, os.PathLike)) or (
+        isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, os.PathLike) for p in corpus)
+    ):
+        texts: Iterable[str] = (chunk for f in _corpus_files(corpus) for chunk in _file_chunks(f))
+    else:
+        texts = corpus
+    job: list[str] = []
+    size = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"corpus: expected texts (str), got an item of type {type(text).__name__}")
+        job.append(text)
+        size += len(text)
+        if size >= _CHUNK_CHARS:
+            yield job
+            job, size = [], 0
+    if job:
+        yield job
+
+
+# --- pre-tokenization -----------------------------------------------------------------------
+
+
+def _count_words(args: tuple[list[str], str, tuple[str, ...]]) -> collections.Counter:
+    import regex
+
+    texts, pattern, special_tokens = args
+    word = regex.compile(pattern)
+    special = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        for piece in special.split(text) if special else (text,):
+            counts.update(word.findall(piece))
+    return counts
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_char_classes() -> bytes:
+    """Per code point 0..0x10FFFF a bit set: 1 = \\p{L}, 2 = \\p{N}, 4 = \\s, as `regex` decides."""
+    import numpy as np
+    import regex
+
+    code_points = np.arange(0x110000, dtype="<u4")
+    code_points = code_points[(code_points < 0xD800) | (code_points >= 0xE000)]  # no surrogates
+    every_char = code_points.tobytes().decode("utf-32-le")
+    table = np.zeros(0x110000, dtype=np.uint8)
+    for bit, cls in ((1, r"\p{L}"), (2, r"\p{N}"), (4, r"\s")):
+        members = regex.sub(rf"[^{cls}]+", "", every_char)
+        table[np.frombuffer(members.encode("utf-32-le"), dtype="<u4")] |= bit
+    return table.tobytes()
+
+
+def _split_on_specials(texts: list[str], special_tokens: tuple[str, ...]) -> list[str]:
+    if not special_tokens:
+        return texts
+    import regex
+
+    special = regex.compile("|".join(regex.escape(s) for s in special_tokens))
+    pieces = []
+    for text in texts:
+        pieces.extend(special.split(text) if any(s in text for s in special_tokens) else (text,))
+    return pieces
+
+
+def _count_words_cpp(corpus, special_tokens: tuple[str, ...], num_threads: int, bar) -> collections.Counter:
+    """GPT-2's pattern only: the split and the counting in C++ threads, without the GIL."""
+    from .. import _cpu
+
+    counter = _cpu.Gpt2WordCounter(gpt2_char_classes())
+    for texts in _corpus_jobs(corpus):
+        pieces = _split_on_specials(texts, special_tokens)
+        # surrogatepass: a lone surrogate stays one (unclassified) character, as in `regex`.
+        counter.add([p.encode("utf-8", errors="surrogatepass") for p in pieces], num_threads)
+        if bar is not None:
+            bar.update(sum(map(len, texts)))
+    words, counts = counter.words()
+    return collections.Counter(dict(zip((w.decode("utf-8", errors="surrogatepass") for w in words), counts)))
+
+
+def count_words(
+    corpus,
+    pattern: str = GPT2_PATTERN,
+    special_tokens: tuple[str, ...] = (),
+    num_workers: int = 1,
+    progress: bool = False,
+) -> collections.Counter:
+    """Pre-tokenized words of the corpus (special tokens cut out) and how often each occurs.
+
+    GPT-2's pattern is split in C++ (num_workers threads); any other pattern with the
+    `regex` package (num_workers processes).
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="pre-tokenizing", unit=" chars", unit_scale=True)
+    if pattern == GPT2_PATTERN:
+        try:
+            return _count_words_cpp(corpus, tuple(special_tokens), num_workers, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    jobs = ((texts, pattern, tuple(special_tokens)) for texts in _corpus_jobs(corpus))
+    total: collections.Counter = collections.Counter()
+    pool = None
+    if num_workers > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(num_workers)
+        results = pool.imap_unordered(_count_words, jobs)
+    else:
+        results = map(_count_words, jobs)
+    try:
+        for counts in results:
+            total.update(counts)
+            if bar is not None:
+                bar.update(sum(len(word) * n for word, n in counts.items()))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    return total
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def _resolve_pattern(pattern: str) -> str:
+    pattern = PATTERNS.get(pattern, pattern)
+    import regex
+
+    try:
+        regex.compile(pattern)
+    except regex.error as err:
+        raise ValueError(f"pattern: not a valid regular expression ({err}): {pattern!r}") from err
+    return pattern
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train_bpe(
+    corpus,
+    vocab_size: int,
+    out_path: str | os.PathLike,
+    special_tokens: tuple[str, ...] = (ENDOFTEXT,),
+    pattern: str = "gpt2",
+    min_frequency: int = 1,
+    num_workers: int | None = None,
+    progress: bool = False,
+):
+    """Train a byte-level BPE of `vocab_size` tokens (bytes + merges + special tokens).
+
+    corpus: a file or directory path (str or PathLike), a list of pathlib.Path, or an
+    iterable of texts. pattern: "gpt2", "cl100k", or a regular expression (`regex` syntax,
+    which tiktoken must also accept). Training stops early when no pair occurs
+    `min_frequency` times, so a small corpus may give fewer tokens. progress: a progress bar
+    while pre-tokenizing. Returns the tokenizer (get_tokenizer(out_path)).
+    """
+    from .. import _cpu
+
+    special_tokens = tuple(special_tokens)
+    if ENDOFTEXT not in special_tokens:
+        raise ValueError(
+            f"special_tokens: must include {ENDOFTEXT!r} (llmkern separates documents with it), got {special_tokens!r}"
+        )
+    if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
+        raise ValueError(f"special_tokens: expected distinct non-empty strings, got {special_tokens!r}")
+    if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+        raise ValueError(
+            f"vocab_size: expected an int >= {256 + len(special_tokens)} (bytes + special tokens), got {vocab_size!r}"
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
+    pattern = _resolve_pattern(pattern)
+    num_workers = num_workers or min(os.cpu_count() or 1, 8)
+
+    counts = count_words(corpus, pattern, special_tokens, num_workers, progress)
+    if progress:
+        print(f"learning {vocab_size - 256 - len(special_tokens)} merges from {len(counts)} distinct words")
+    words = [w.encode("utf-8", errors="replace") for w in counts]
+    merges = _cpu.bpe_train(words, list(counts.values()), vocab_size - 256 - len(special_tokens), min_frequency)
+
+    # ids from bpe_train: 0..255 are bytes, new tokens count up from 256 in the order learned.
+    token_bytes = [bytes([b]) for b in range(256)]
+    for left, right, merged, _ in merges:
+        if merged == len(token_bytes):
+            token_bytes.append(token_bytes[left] + token_bytes[right])
+    ranks = {bytes([b]): rank for rank, b in enumerate(gpt2_byte_order())}
+    ranks.update({tok: i for i, tok in enumerate(token_bytes) if i >= 256})
+
+    out_path = os.fspath(out_path)
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in by_rank]
+    special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
+    meta = {"pattern": pattern, "special_tokens": special, "trained_by": "llmkern.data.bpe.train_bpe"}
+    # Each file is replaced atomically (written aside, then renamed).
+    _write_atomic(sidecar_path(out_path), json.dumps(meta, indent=2) + "\n")
+    _write_atomic(out_path, "".join(lines))
+    return get_tokenizer(out_path)

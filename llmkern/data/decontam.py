@@ -1,0 +1,120 @@
+"""Decontamination: drop (or flag) training documents sharing a long word n-gram with eval sets.
+
+Words are lowercased `\\w+` runs (so punctuation and case do not hide a copy); an n-gram is
+hashed as a 64-bit polynomial of its words' hashes, and every n-gram of every eval item goes
+into one sorted array that documents are looked up in with numpy (13-grams by default, as in
+GPT-3). Eval items shorter than n words contribute nothing and are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .config import DecontamConfig, ReaderConfig
+from .readers import Document, ReadReport, expand_inputs, read_file
+from .stage import DocumentStage, StageStats
+
+_WORD = re.compile(r"\w+")
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+    """The uint64 hash of every word n-gram of `text` (empty when it has fewer than n words)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return np.empty(0, dtype=np.uint64)
+    # hash() of a str is stable within a process, which is all this needs.
+    h = np.fromiter((hash(w) for w in words), dtype=np.int64, count=len(words)).view(np.uint64)
+    ids = h
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            h = h[:-1] * _MULT + ids[k:]
+    return h
+
+
+class Decontaminator:
+    """The n-grams of the eval sets; `matches(text)` names the eval sets a text overlaps."""
+
+    def __init__(self, ngram: int = 13):
+        if ngram < 1:
+            raise ValueError(f"decontam.ngram must be >= 1, got {ngram}")
+        self.ngram = ngram
+        self.set_names: list[str] = []
+        self.too_short = 0  # eval items with fewer than ngram words
+        self._hashes = np.empty(0, dtype=np.uint64)
+        self._owner = np.empty(0, dtype=np.int32)
+
+    def add(self, name: str, texts: Iterable[str]) -> None:
+        """Add an eval set (its items' texts) under `name`."""
+        index = len(self.set_names)
+        self.set_names.append(name)
+        new = []
+        for text in texts:
+            h = ngram_hashes(text, self.ngram)
+            if len(h) == 0:
+                self.too_short += 1
+            new.append(h)
+        hashes = np.concatenate([self._hashes, *new])
+        owner = np.concatenate([self._owner, np.full(len(hashes) - len(self._hashes), index, np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._owner = hashes[order], owner[order]
+
+    @property
+    def num_ngrams(self) -> int:
+        return len(self._hashes)
+
+    def matches(self, text: str) -> list[str]:
+        """Names of the eval sets sharing at least one n-gram with `text` (empty: clean)."""
+        if not len(self._hashes):
+            return []
+        h = ngram_hashes(text, self.ngram)
+        pos = np.searchsorted(self._hashes, h)
+        pos = np.minimum(pos, len(self._hashes) - 1)
+        hit = self._hashes[pos] == h
+        if not hit.any():
+            return []
+        return sorted({self.set_names[i] for i in self._owner[pos[hit]]})
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str], ngram: int = 13,
+                   reader: Optional[ReaderConfig] = None) -> "Decontaminator":
+        """Every file of `paths` (files, directories, globs) is one eval set, named by its path."""
+        decontam = cls(ngram)
+        reader = reader or ReaderConfig()
+        for path in expand_inputs(paths):
+            report = ReadReport(strict=True)  # a broken eval set must not pass silently
+            decontam.add(os.path.basename(path), (doc.text for doc in read_file(path, reader, report)))
+        return decontam
+
+
+class DecontamStage(DocumentStage):
+    name = "decontam"
+
+    def __init__(self, config: DecontamConfig, reader: Optional[ReaderConfig] = None):
+        if config.action not in ("drop", "flag"):
+            raise ValueError(f"decontam.action must be 'drop' or 'flag', got {config.action!r}")
+        if not config.eval_sets:
+            raise ValueError("decontam.eval_sets must name at least one eval file when decontam is enabled")
+        self.config = config
+        reader = reader or ReaderConfig()
+        if config.text_field is not None:
+            reader = dataclasses.replace(reader, text_field=config.text_field)
+        self.index = Decontaminator.from_files(config.eval_sets, config.ngram, reader)
+
+    def keep(self, doc: Document, stats: StageStats) -> bool:
+        matched = self.index.matches(doc.text)
+        if not matched:
+            return True
+        for name in matched:
+            stats.count(f"matched_{name}")
+        if self.config.action == "drop":
+            stats.reject("contaminated")
+            return False
+        doc.meta["contaminated"] = matched
+        stats.count("flagged")
+        return True

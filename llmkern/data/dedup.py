@@ -1,0 +1,214 @@
+"""Exact dedup (a hash of the normalized text) and near-dedup (MinHash + LSH banding).
+
+Near-dedup keeps the first of a group of near-duplicates. Each document's MinHash signature is
+computed in C++ (llmkern._cpu.minhash_signatures, definition in csrc/cpu/minhash.h); the
+signature is cut into `bands` bands of `rows` values, and documents sharing a band are
+candidates. A candidate counts as a duplicate when the share of equal signature values (an
+unbiased estimate of the Jaccard similarity of the two shingle sets) reaches `threshold`; that
+check is what keeps false positives at low similarity rare, so the bands can be many and short
+(high recall). Memory: num_perm * 4 bytes plus `bands` index entries per kept document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Optional
+
+import numpy as np
+
+from .config import ExactDedupConfig, NearDedupConfig
+from .readers import Document
+from .stage import Stage, StageStats
+
+_MASK64 = (1 << 64) - 1
+_FNV_OFFSET = 14695981039346656037
+_FNV_PRIME = 1099511628211
+_SHINGLE_SEED = 0x9E3779B97F4A7C15
+_WORD = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
+
+
+def normalized_for_exact_dedup(text: str) -> str:
+    """Lowercase, whitespace runs as one space: copies that differ only there are the same."""
+    return " ".join(text.lower().split())
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.blake2b(normalized_for_exact_dedup(text).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class ExactDedupStage(Stage):
+    name = "exact_dedup"
+    stateful = True
+
+    def __init__(self, config: Optional[ExactDedupConfig] = None):
+        self.seen: set[bytes] = set()
+
+    def process(self, docs: list[Document], stats: StageStats) -> list[Document]:
+        kept = []
+        for doc in docs:
+            digest = text_digest(doc.text)
+            if digest in self.seen:
+                stats.reject("exact_duplicate")
+                continue
+            self.seen.add(digest)
+            kept.append(doc)
+        return kept
+
+    def remember(self, docs: list[Document]) -> None:
+        self.seen.update(text_digest(doc.text) for doc in docs)
+
+
+# --- MinHash ------------------------------------------------------------------------------------
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) uint64 pairs of the multiply-add-shift hash of each permutation; a is odd."""
+    rng = np.random.default_rng(seed)
+    a = np.frombuffer(rng.bytes(8 * num_perm), dtype=np.uint64) | np.uint64(1)
+    b = np.frombuffer(rng.bytes(8 * num_perm), dtype=np.uint64).copy()
+    return a, b
+
+
+def _cpu_module():
+    try:
+        from .. import _cpu
+    except ImportError:
+        raise ImportError("near-dedup needs llmkern._cpu, which was not built: run "
+                          "`python setup.py build_ext --inplace` (or pip install -e .)") from None
+    return _cpu
+
+
+def minhash_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int = 5,
+                       num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures uint32 (len(texts), len(a)), shingle counts int64) computed in C++."""
+    return _cpu_module().minhash_signatures(texts, a, b, ngram, num_threads)
+
+
+def _mix64(z: int) -> int:
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _MASK64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def shingle_hashes_reference(text: str, ngram: int) -> list[int]:
+    """The shingle hashes of csrc/cpu/minhash.h's definition, in plain Python (for tests)."""
+    word_hashes = []
+    for word in _WORD.findall(text.encode("utf-8")):
+        h = _FNV_OFFSET
+        for byte in word.lower():  # bytes.lower() lowercases ASCII letters only, as the C++ does
+            h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+        word_hashes.append(h)
+    windows = [word_hashes] if 0 < len(word_hashes) < ngram else [
+        word_hashes[i:i + ngram] for i in range(len(word_hashes) - ngram + 1)]
+    shingles = []
+    for window in windows:
+        h = _SHINGLE_SEED
+        for w in window:
+            h = _mix64(h ^ w)
+        shingles.append(h)
+    return shingles
+
+
+def minhash_reference(text: str, a: np.ndarray, b: np.ndarray, ngram: int) -> list[int]:
+    """A signature by the same definition as the C++ one, slowly, in plain Python (for tests)."""
+    shingles = shingle_hashes_reference(text, ngram)
+    return [min(((int(ai) * h + int(bi)) & _MASK64) >> 32 for h in shingles) if shingles else 0xFFFFFFFF
+            for ai, bi in zip(a, b)]
+
+
+# --- LSH ----------------------------------------------------------------------------------------
+
+class NearDedupStage(Stage):
+    name = "near_dedup"
+    stateful = True
+
+    def __init__(self, config: NearDedupConfig):
+        if config.num_perm < 1:
+            raise ValueError(f"near_dedup.num_perm must be >= 1, got {config.num_perm}")
+        if not 1 <= config.bands <= config.num_perm:
+            raise ValueError(f"near_dedup.bands must be in [1, num_perm={config.num_perm}], got {config.bands}")
+        if not 0.0 < config.threshold <= 1.0:
+            raise ValueError(f"near_dedup.threshold must be in (0, 1], got {config.threshold}")
+        if config.ngram < 1:
+            raise ValueError(f"near_dedup.ngram must be >= 1, got {config.ngram}")
+        self.config = config
+        self.rows = config.num_perm // config.bands
+        self.a, self.b = permutations(config.num_perm, config.seed)
+        # Band keys: a random linear hash of the band's rows (mod 2^64), one dict per band.
+        self.band_mult = permutations(self.rows, config.seed + 1)[0]
+        self.buckets: list[dict[int, object]] = [{} for _ in range(config.bands)]
+        self.kept = np.empty((1024, config.num_perm), dtype=np.uint32)  # signatures of kept docs
+        self.num_kept = 0
+
+    def _signatures(self, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+        step = self.config.batch_size
+        parts = [minhash_signatures([d.text for d in docs[i:i + step]], self.a, self.b, self.config.ngram,
+                                    self.config.num_threads) for i in range(0, len(docs), step)]
+        if not parts:
+            return np.empty((0, self.config.num_perm), np.uint32), np.empty(0, np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        """(docs, bands) uint64 keys; equal keys <=> (up to 2^-64-ish collisions) equal bands."""
+        used = sigs[:, : self.config.bands * self.rows].astype(np.uint64)
+        banded = used.reshape(len(sigs), self.config.bands, self.rows)
+        with np.errstate(over="ignore"):
+            return (banded * self.band_mult).sum(axis=2, dtype=np.uint64)
+
+    def _candidates(self, keys: list[int]) -> set[int]:
+        found: set[int] = set()
+        for bucket, key in zip(self.buckets, keys):
+            hit = bucket.get(key)
+            if hit is None:
+                continue
+            if isinstance(hit, list):
+                found.update(hit)
+            else:
+                found.add(hit)
+        return found
+
+    def _insert(self, sig: np.ndarray, keys: list[int]) -> None:
+        if self.num_kept == len(self.kept):
+            grown = np.empty((2 * len(self.kept), self.config.num_perm), dtype=np.uint32)
+            grown[: self.num_kept] = self.kept
+            self.kept = grown
+        index = self.num_kept
+        self.kept[index] = sig
+        self.num_kept += 1
+        for bucket, key in zip(self.buckets, keys):
+            hit = bucket.get(key)
+            if hit is None:
+                bucket[key] = index
+            elif isinstance(hit, list):
+                hit.append(index)
+            else:
+                bucket[key] = [hit, index]
+
+    def process(self, docs: list[Document], stats: StageStats) -> list[Document]:
+        sigs, counts = self._signatures(docs)
+        all_keys = self.band_keys(sigs).tolist()
+        kept = []
+        for doc, sig, count, keys in zip(docs, sigs, counts, all_keys):
+            if count == 0:  # no words, no shingles: nothing to compare (exact dedup handles these)
+                stats.count("no_shingles")
+                kept.append(doc)
+                continue
+            candidates = self._candidates(keys)
+            if candidates:
+                rows = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
+                similarity = (self.kept[rows] == sig).mean(axis=1)
+                if similarity.max() >= self.config.threshold:
+                    stats.reject("near_duplicate")
+                    continue
+                stats.count("candidates_below_threshold")
+            self._insert(sig, keys)
+            kept.append(doc)
+        return kept
+
+    def remember(self, docs: list[Document]) -> None:
+        sigs, counts = self._signatures(docs)
+        for sig, count, keys in zip(sigs, counts, self.band_keys(sigs).tolist()):
+            if count:
+                self._insert(sig, keys)

@@ -1,0 +1,383 @@
+"""`prepare(inputs, out_dir, config)`: raw text files to cleaned, filtered, deduplicated documents
+(and token shards), with a report of what each stage let through and why it dropped the rest.
+
+Output directory:
+  documents/part-00000.jsonl  the kept documents of input file 0: {"text", "source", "line", "meta"}
+  progress.json               inputs done so far, with their statistics (written after each input)
+  tokens/                     train/val token shards + manifest.json (when tokenize is enabled)
+  report.json                 the final report (also printed as a table)
+
+Re-running on the same output directory with the same inputs and config continues after the
+last finished input: each part file is written under a temporary name and renamed when its input
+is done, and the dedup stages re-learn the documents already kept by reading those parts back.
+A run with other inputs or another config starts over (and says so); resume=False forces that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from typing import Iterable, Iterator, Optional
+
+from .config import PrepareConfig, to_dict
+from .readers import Document, ReadReport, check_readers_available, expand_inputs, read_file
+from .stage import Stage, StageStats
+
+DOCUMENTS_DIR = "documents"
+TOKENS_DIR = "tokens"
+PROGRESS_FILE = "progress.json"
+REPORT_FILE = "report.json"
+_TMP = ".tmp"
+
+
+def build_stages(config: PrepareConfig) -> list[Stage]:
+    """The enabled stages, in pipeline order (each checks its settings here, before any work)."""
+    stages: list[Stage] = []
+    if config.clean.enabled:
+        from .clean import CleanStage
+
+        stages.append(CleanStage(config.clean))
+    if config.langid.enabled:
+        from .langid import LangIdStage
+
+        stages.append(LangIdStage(config.langid))
+    if config.quality.enabled:
+        from .quality import QualityStage
+
+        stages.append(QualityStage(config.quality))
+    if config.decontam.enabled:  # before dedup, so that contaminated documents never enter its index
+        from .decontam import DecontamStage
+
+        stages.append(DecontamStage(config.decontam, config.reader))
+    if config.exact_dedup.enabled:
+        from .dedup import ExactDedupStage
+
+        stages.append(ExactDedupStage(config.exact_dedup))
+    if config.near_dedup.enabled:
+        from .dedup import NearDedupStage
+
+        stages.append(NearDedupStage(config.near_dedup))
+    return stages
+
+
+def _fingerprint(files: list[str], config: PrepareConfig) -> str:
+    """Changes when an input file, the list of inputs or a setting that shapes the output changes."""
+    settings = to_dict(config)
+    settings.pop("progress")
+    settings["tokenize"] = None  # tokenization runs after the documents; changing it re-tokenizes only
+    stamps = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamps.append([os.path.abspath(path), None, None])
+    blob = json.dumps({"files": stamps, "config": settings}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = path + _TMP
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.jsonl"
+
+
+def read_parts(out_dir: str, indices: Optional[Iterable[int]] = None) -> Iterator[Document]:
+    """The documents kept so far in `out_dir` (all parts, or those of the given input indices)."""
+    doc_dir = os.path.join(out_dir, DOCUMENTS_DIR)
+    if indices is None:
+        names = sorted(n for n in os.listdir(doc_dir) if n.startswith("part-") and n.endswith(".jsonl"))
+    else:
+        names = [part_name(i) for i in indices]
+    for name in names:
+        with open(os.path.join(doc_dir, name), encoding="utf-8") as f:
+            for row in f:
+                record = json.loads(row)
+                yield Document(record["text"], record["source"], record["line"], record["meta"])
+
+
+def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _split_stages(stages: list[Stage]) -> tuple[list[Stage], list[Stage]]:
+    """(the leading stateless stages, which may run in worker processes; the rest)."""
+    n = 0
+    while n < len(stages) and not stages[n].stateful:
+        n += 1
+    return stages[:n], stages[n:]
+
+
+def _run_stages(stages: list[Stage], batch: list[Document]) -> tuple[list[Document], list[StageStats]]:
+    stats = [StageStats(stage.name) for stage in stages]
+    for stage, stage_stats in zip(stages, stats):
+        batch = stage.run(batch, stage_stats)
+    return batch, stats
+
+
+_worker_stages: list[Stage] = []
+
+
+def _init_worker(config: PrepareConfig) -> None:
+    global _worker_stages
+    _worker_stages = _split_stages(build_stages(config))[0]
+
+
+def _run_in_worker(batch: list[Document]) -> tuple[list[Document], list[StageStats]]:
+    return _run_stages(_worker_stages, batch)
+
+
+class _StatelessRunner:
+    """Runs the stateless stages over batches, in order, in `workers` processes (here when 1).
+
+    At most 2 x workers batches are in flight, so memory stays bounded however long the input;
+    reading stays in this process, so bad-input counting and strict errors happen here.
+    """
+
+    def __init__(self, stages: list[Stage], config: PrepareConfig, workers: int):
+        self.stages = stages
+        self.window = 2 * workers
+        self.pool = None
+        if workers > 1 and stages:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (config,))
+
+    def run(self, batches: Iterable[list[Document]]) -> Iterator[tuple[int, list[Document], list[StageStats]]]:
+        """(documents in, documents kept, stats per stage) for each batch."""
+        if self.pool is None:
+            for batch in batches:
+                yield (len(batch), *_run_stages(self.stages, batch))
+            return
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((len(batch), self.pool.apply_async(_run_in_worker, (batch,))))
+            if len(pending) >= self.window:
+                n, result = pending.popleft()
+                yield (n, *result.get())
+        while pending:
+            n, result = pending.popleft()
+            yield (n, *result.get())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+class _Progress:
+    """progress.json: which inputs are done, with their statistics, for one fingerprint."""
+
+    def __init__(self, out_dir: str, fingerprint: str, files: list[str]):
+        self.path = os.path.join(out_dir, PROGRESS_FILE)
+        self.data = {"fingerprint": fingerprint, "inputs": files, "done": {}, "tokenized": None}
+
+    def load_matching(self) -> bool:
+        """Load the file when it belongs to this run (same fingerprint); False otherwise."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return False
+        if data.get("fingerprint") != self.data["fingerprint"]:
+            return False
+        self.data = data
+        return True
+
+    def save(self) -> None:
+        _write_json_atomic(self.path, self.data)
+
+
+def _start_over(out_dir: str) -> None:
+    for name in (DOCUMENTS_DIR, TOKENS_DIR):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for name in (PROGRESS_FILE, REPORT_FILE):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _counted(batches: Iterable[list[Document]], report: ReadReport) -> Iterator[list[Document]]:
+    for batch in batches:
+        report.documents += len(batch)
+        report.chars += sum(len(doc.text) for doc in batch)
+        yield batch
+
+
+def _process_file(index: int, path: str, runner: _StatelessRunner, stateful: list[Stage],
+                  config: PrepareConfig, out_dir: str, bar) -> tuple[ReadReport, list[StageStats]]:
+    """Run one input through every stage into its part file; its statistics."""
+    read_report = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
+    stats = [StageStats(stage.name) for stage in runner.stages + stateful]
+    final = os.path.join(out_dir, DOCUMENTS_DIR, part_name(index))
+    try:
+        with open(final + _TMP, "w", encoding="utf-8") as out:
+            batches = _counted(_batches(read_file(path, config.reader, read_report), config.batch_size), read_report)
+            for read_count, batch, stateless_stats in runner.run(batches):
+                for total, part in zip(stats, stateless_stats):
+                    total.merge(part)
+                for stage, stage_stats in zip(stateful, stats[len(runner.stages):]):
+                    batch = stage.run(batch, stage_stats)
+                for doc in batch:
+                    record = {"text": doc.text, "source": doc.source, "line": doc.line, "meta": doc.meta}
+                    out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                bar.update(read_count)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.remove(final + _TMP)  # the input is not done: a re-run does it again from its start
+        raise
+    os.replace(final + _TMP, final)
+    return read_report, stats
+
+
+def _tokenize(out_dir: str, config: PrepareConfig) -> dict:
+    from .shards import tokenize_documents
+
+    cfg = config.tokenize
+    tokens_dir = os.path.join(out_dir, TOKENS_DIR)
+    shutil.rmtree(tokens_dir, ignore_errors=True)
+    workers = cfg.num_workers or (os.cpu_count() or 1)
+    manifest = tokenize_documents((doc.text for doc in read_parts(out_dir)), cfg.tokenizer, tokens_dir,
+                                  val_fraction=cfg.val_fraction, num_workers=workers,
+                                  tokens_per_shard=cfg.shard_tokens, progress=config.progress)
+    return {"dir": tokens_dir, "tokenizer": manifest["tokenizer"], "dtype": manifest["dtype"],
+            "tokens": {split: sum(e["tokens"] for e in entries) for split, entries in manifest["splits"].items()}}
+
+
+def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareConfig] = None,
+            resume: bool = True) -> dict:
+    """Run the pipeline on `inputs` (files, directories, globs) into `out_dir`; the report.
+
+    Bad input is counted in report["read"] (or raises BadInputError when config.reader.strict);
+    the inputs finished before an error stay done, and a re-run continues from there.
+    """
+    from tqdm import tqdm
+
+    config = config or PrepareConfig()
+    if not isinstance(config, PrepareConfig):
+        raise TypeError(f"config must be a PrepareConfig (see llmkern.data.config), got {type(config).__name__}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0: one per core), got {config.num_workers}")
+    started = time.perf_counter()
+    out_dir = os.fspath(out_dir)
+    # An output directory inside an input directory must not feed its own parts back in.
+    inside_out = os.path.abspath(out_dir) + os.sep
+    files = [f for f in expand_inputs(inputs) if not os.path.abspath(f).startswith(inside_out)]
+    check_readers_available(files)
+    stages = build_stages(config)
+    os.makedirs(out_dir, exist_ok=True)
+
+    progress = _Progress(out_dir, _fingerprint(files, config), files)
+    resumed = resume and progress.load_matching()
+    if not resumed:
+        if resume and os.path.exists(os.path.join(out_dir, PROGRESS_FILE)):
+            print(f"llmkern data prepare: {out_dir} holds a run with other inputs or settings; starting over",
+                  file=sys.stderr)
+        _start_over(out_dir)
+        progress.save()
+    os.makedirs(os.path.join(out_dir, DOCUMENTS_DIR), exist_ok=True)
+
+    read_total = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
+    totals = [StageStats(stage.name) for stage in stages]
+    done = {int(k): v for k, v in progress.data["done"].items()}
+    if done:  # statistics of the inputs already done, and the dedup state their documents imply
+        for entry in done.values():
+            read_total.merge(ReadReport.from_dict(entry["read"]))
+            for total in totals:
+                total.merge(StageStats.from_dict(total.name, entry["stages"][total.name]))
+        for batch in _batches(read_parts(out_dir, sorted(done)), 4096):
+            for stage in stages:
+                stage.remember(batch)
+
+    stateless, stateful = _split_stages(stages)
+    runner = _StatelessRunner(stateless, config, config.num_workers or (os.cpu_count() or 1))
+    bar = tqdm(unit="doc", desc="prepare", disable=not config.progress, file=sys.stderr)
+    with contextlib.closing(runner), bar:
+        for index, path in enumerate(files):
+            if index in done:
+                continue
+            bar.set_postfix_str(os.path.basename(path))
+            read_report, stats = _process_file(index, path, runner, stateful, config, out_dir, bar)
+            read_total.merge(read_report)
+            for total, s in zip(totals, stats):
+                total.merge(s)
+            progress.data["done"][str(index)] = {
+                "file": path, "part": part_name(index), "read": read_report.to_dict(),
+                "stages": {s.name: s.to_dict() for s in stats}}
+            progress.save()
+
+    report = {
+        "inputs": len(files),
+        "resumed_inputs": len(done),
+        "read": read_total.to_dict(),
+        "stages": [{"name": s.name, **s.to_dict()} for s in totals],
+        "output": {"dir": os.path.join(out_dir, DOCUMENTS_DIR),
+                   "documents": totals[-1].docs_out if totals else read_total.documents,
+                   "chars": totals[-1].chars_out if totals else read_total.chars},
+        "tokens": None,
+    }
+    if config.tokenize.enabled:
+        wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
+        previous = progress.data.get("tokenized")
+        if previous and previous.get("settings") == wanted and os.path.exists(
+                os.path.join(out_dir, TOKENS_DIR, "manifest.json")):
+            report["tokens"] = previous["summary"]
+        else:
+            report["tokens"] = _tokenize(out_dir, config)
+            progress.data["tokenized"] = {"settings": wanted, "summary": report["tokens"]}
+            progress.save()
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["config"] = to_dict(config)
+    _write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
+    if config.progress:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a table: documents and characters in and out of each stage, and why."""
+    lines = [f"{'stage':<12} {'docs in':>10} {'docs out':>10} {'chars in':>14} {'chars out':>14} "
+             f"{'seconds':>8}  rejected"]
+    read = report["read"]
+    lines.append(f"{'read':<12} {'':>10} {read['documents']:>10,} {'':>14} {read['chars']:>14,} {'':>8}  "
+                 f"{read['files']} files, {read['bytes']:,} bytes")
+    for s in report["stages"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{s['name']:<12} {s['docs_in']:>10,} {s['docs_out']:>10,} {s['chars_in']:>14,} "
+                     f"{s['chars_out']:>14,} {s['seconds']:>8.1f}  {reasons or '-'}")
+    if read["bad_input"]:
+        lines.append("bad input:")
+        for kind, count in sorted(read["bad_input"].items()):
+            example = read["examples"].get(kind, [{}])[0]
+            where = f"{example.get('file')}:{example.get('line')}" if example else ""
+            lines.append(f"  {kind:<20} {count:>8,}  first at {where}: {example.get('reason', '')}")
+    if report.get("tokens"):
+        tokens = ", ".join(f"{k} {v:,}" for k, v in report["tokens"]["tokens"].items())
+        lines.append(f"tokens ({report['tokens']['tokenizer']}): {tokens}")
+    lines.append(f"documents kept: {report['output']['documents']} in {report['output']['dir']}"
+                 f" ({report['seconds']} s)")
+    return "\n".join(lines)

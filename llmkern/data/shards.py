@@ -1,0 +1,407 @@
+"""Token shards: the files the trainer's loader memory-maps.
+
+Format (version 1), in one output directory:
+- `{split}_{index:06d}.bin`: raw little-endian token ids, no header; uint16 when the
+  tokenizer's n_vocab <= 65536, else uint32.
+- `manifest.json`: {"format": "llmkern-shards", "version": 1, "tokenizer": <spec>,
+  "n_vocab": int, "eot_token": int, "dtype": "uint16" | "uint32",
+  "splits": {"train": [{"file": ..., "tokens": int, "sha256": hex}, ...], "val": [...]}}.
+
+tokenize_documents puts the end-of-text token before every document, so a document starts
+right after each EOT (the loader finds document boundaries there).
+
+Every file is written under a temporary name and renamed, so a crash never leaves a
+half-written shard or manifest behind a valid name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "llmkern-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("uint16", "uint32")
+_TMP_SUFFIX = ".tmp"
+
+
+def dtype_for_vocab(n_vocab: int) -> str:
+    """The smallest shard dtype that holds every id of an n_vocab-token vocabulary."""
+    return "uint16" if n_vocab <= 2**16 else "uint32"
+
+
+def _check_dtype(dtype: object) -> np.dtype:
+    name = np.dtype(dtype).name if isinstance(dtype, (np.dtype, type)) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    # Little-endian on every machine: the files are portable.
+    return np.dtype(name).newbyteorder("<")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def _fsync_replace(tmp_path: str, final_path: str) -> None:
+    with open(tmp_path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_path, final_path)
+
+
+class ShardWriter:
+    """Streams tokens of one split into shards of `tokens_per_shard` tokens (the last smaller).
+
+    Memory stays constant: tokens go straight to the open shard file, and its checksum is
+    updated as they go.
+    """
+
+    def __init__(self, out_dir: str, split: str, dtype: str, tokens_per_shard: int = 100_000_000) -> None:
+        if not isinstance(split, str) or not split or "/" in split or os.sep in split:
+            raise ValueError(f"split: expected a non-empty name without path separators, got {split!r}")
+        if not isinstance(tokens_per_shard, int) or tokens_per_shard <= 0:
+            raise ValueError(f"tokens_per_shard: expected a positive int, got {tokens_per_shard!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.split = split
+        self.dtype = _check_dtype(dtype)
+        self.tokens_per_shard = tokens_per_shard
+        self._max_id = np.iinfo(self.dtype).max
+        self._entries: list[dict] = []
+        self._file = None
+        self._hash = None
+        self._count = 0
+        self._closed = False
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def _open_next(self) -> None:
+        name = shard_name(self.split, len(self._entries))
+        self._file = open(os.path.join(self.out_dir, name + _TMP_SUFFIX), "wb")
+        self._hash = hashlib.sha256()
+        self._count = 0
+
+    def _finish_current(self) -> None:
+        if self._file is None:
+            return
+        name = shard_name(self.split, len(self._entries))
+        self._file.close()
+        path = os.path.join(self.out_dir, name)
+        _fsync_replace(path + _TMP_SUFFIX, path)
+        self._entries.append({"file": name, "tokens": self._count, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def _as_array(self, tokens: np.ndarray | Sequence[int]) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens: expected a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            return arr.astype(self.dtype)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"tokens: expected integer token ids, got dtype {arr.dtype}")
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > self._max_id:
+            raise ValueError(
+                f"tokens: ids must lie in [0, {self._max_id}] for dtype {self.dtype.name}, "
+                f"got values in [{low}, {high}]"
+            )
+        return arr.astype(self.dtype, copy=False)
+
+    def write(self, tokens: np.ndarray | Sequence[int]) -> None:
+        """Append token ids to the split."""
+        if self._closed:
+            raise ValueError("ShardWriter.write: the writer is closed")
+        arr = self._as_array(tokens)
+        while arr.size:
+            if self._file is None:
+                self._open_next()
+            take = min(arr.size, self.tokens_per_shard - self._count)
+            data = arr[:take].tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._count += take
+            arr = arr[take:]
+            if self._count == self.tokens_per_shard:
+                self._finish_current()
+
+    def close(self) -> list[dict]:
+        """Finish the last shard; the manifest entries {"file", "tokens", "sha256"} of the split."""
+        if not self._closed:
+            self._finish_current()
+            self._closed = True
+        return list(self._entries)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def abort(self) -> None:
+        """Stop after a failure: delete the unfinished shard (finished ones stay)."""
+        if self._file is not None:
+            self._file.close()
+            os.remove(self._file.name)
+            self._file = None
+        self._closed = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _atomic_write_json(path: str, obj: dict) -> None:
+    tmp = path + _TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    _fsync_replace(tmp, path)
+
+
+def write_manifest(
+    out_dir: str, tokenizer_spec: str, n_vocab: int, eot_token: int, dtype: str, splits: dict
+) -> str:
+    """Write `out_dir/manifest.json` atomically; returns its path."""
+    dt = _check_dtype(dtype)
+    if not isinstance(splits, dict):
+        raise TypeError(f"splits: expected a dict split -> list of shard entries, got {type(splits).__name__}")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer": tokenizer_spec,
+        "n_vocab": int(n_vocab),
+        "eot_token": int(eot_token),
+        "dtype": dt.name,
+        "splits": {name: list(entries) for name, entries in splits.items()},
+    }
+    _validate_manifest(manifest, where="write_manifest")
+    path = os.path.join(os.fspath(out_dir), MANIFEST)
+    _atomic_write_json(path, manifest)
+    return path
+
+
+def _validate_manifest(m: object, where: str) -> None:
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}: invalid shard manifest: {why}")
+
+    if not isinstance(m, dict):
+        raise bad(f"expected a JSON object, got {type(m).__name__}")
+    if m.get("format") != FORMAT:
+        raise bad(f"format: expected {FORMAT!r}, got {m.get('format')!r}")
+    if m.get("version") != VERSION:
+        raise bad(f"version: expected {VERSION}, got {m.get('version')!r}")
+    for key, typ in (("tokenizer", str), ("n_vocab", int), ("eot_token", int), ("dtype", str), ("splits", dict)):
+        if not isinstance(m.get(key), typ):
+            raise bad(f"{key}: expected {typ.__name__}, got {m.get(key)!r}")
+    if m["dtype"] not in DTYPES:
+        raise bad(f"dtype: expected one of {DTYPES}, got {m['dtype']!r}")
+    if m["n_vocab"] > 2**16 and m["dtype"] == "uint16":
+        raise bad(f"dtype uint16 cannot hold a vocabulary of {m['n_vocab']} tokens")
+    for split, entries in m["splits"].items():
+        if not isinstance(entries, list):
+            raise bad(f"splits[{split!r}]: expected a list of shard entries")
+        for e in entries:
+            if not (
+                isinstance(e, dict)
+                and isinstance(e.get("file"), str)
+                and isinstance(e.get("tokens"), int)
+                and isinstance(e.get("sha256"), str)
+            ):
+                expected = "{'file': str, 'tokens': int, 'sha256': str}"
+                raise bad(f"splits[{split!r}]: expected entries {expected}, got {e!r}")
+
+
+def load_manifest(directory: str) -> dict:
+    """Read and check `directory/manifest.json`."""
+    path = os.path.join(os.fspath(directory), MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no shard manifest at {path} (is {directory!r} a tokenized-shard directory?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt shard manifest {path}: {err}") from err
+    _validate_manifest(manifest, where=path)
+    return manifest
+
+
+def open_split(directory: str, split: str) -> list[np.memmap]:
+    """Read-only memory maps of every shard of `split`, in order."""
+    manifest = load_manifest(directory)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split: {split!r} is not in {directory}; it has {sorted(manifest['splits'])}")
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    maps = []
+    for entry in manifest["splits"][split]:
+        path = os.path.join(os.fspath(directory), entry["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+        expected = entry["tokens"] * dtype.itemsize
+        size = os.path.getsize(path)
+        if size != expected:
+            raise ValueError(f"shard {path}: expected {expected} bytes ({entry['tokens']} tokens), found {size}")
+        maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(entry["tokens"],)))
+    return maps
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(directory: str) -> dict[str, int]:
+    """Check every shard's size and checksum against the manifest; tokens per split.
+
+    Raises ValueError listing every shard that is missing or differs.
+    """
+    manifest = load_manifest(directory)
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    problems = []
+    totals = {}
+    for split, entries in manifest["splits"].items():
+        totals[split] = 0
+        for entry in entries:
+            path = os.path.join(os.fspath(directory), entry["file"])
+            if not os.path.isfile(path):
+                problems.append(f"{entry['file']}: missing")
+            elif os.path.getsize(path) != entry["tokens"] * itemsize:
+                size, expected = os.path.getsize(path), entry["tokens"] * itemsize
+                problems.append(f"{entry['file']}: {size} bytes, expected {expected}")
+            elif _sha256_file(path) != entry["sha256"]:
+                problems.append(f"{entry['file']}: sha256 differs from the manifest")
+            totals[split] += entry["tokens"]
+    if problems:
+        raise ValueError(f"shards in {directory} fail verification: " + "; ".join(problems))
+    return totals
+
+
+# --- tokenizing documents into shards -------------------------------------------------------
+
+
+def _seed_salt(seed: int) -> bytes:
+    # blake2b's salt holds at most 16 bytes; another seed gives another split.
+    return int(seed).to_bytes(16, "little", signed=False)
+
+
+def is_val_document(text: str, val_fraction: float, seed: int) -> bool:
+    """Deterministic split by content: identical documents always land in the same split."""
+    if val_fraction <= 0:
+        return False
+    data = text.encode("utf-8", errors="surrogatepass")
+    digest = hashlib.blake2b(data, digest_size=8, salt=_seed_salt(seed)).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Tokens of a batch of documents, EOT before each: (train ids, val ids, train docs, val docs)."""
+    from .tokenizer import get_tokenizer
+
+    spec, docs, val_fraction, seed = args
+    tok = get_tokenizer(spec)
+    encoded = tok.encode_batch(docs, num_threads=1)
+    flat: dict[bool, list[int]] = {False: [], True: []}  # is_val -> ids
+    docs_in: dict[bool, int] = {False: 0, True: 0}
+    for text, ids in zip(docs, encoded):
+        split = is_val_document(text, val_fraction, seed)
+        flat[split].append(tok.eot_token)
+        flat[split].extend(ids)  # list.extend, then one np.array: the fastest way out of Python ints
+        docs_in[split] += 1
+    dtype = dtype_for_vocab(tok.n_vocab)
+    return np.array(flat[False], dtype=dtype), np.array(flat[True], dtype=dtype), docs_in[False], docs_in[True]
+
+
+def _batches(docs: Iterable[str], batch_size: int) -> Iterator[list[str]]:
+    it = iter(docs)
+    while batch := list(itertools.islice(it, batch_size)):
+        for d in batch:
+            if not isinstance(d, str):
+                raise TypeError(f"docs: expected an iterable of str, got an item of type {type(d).__name__}")
+        yield batch
+
+
+def tokenize_documents(
+    docs: Iterable[str],
+    tokenizer,
+    out_dir: str,
+    val_fraction: float = 0.001,
+    num_workers: int = 1,
+    seed: int = 0,
+    tokens_per_shard: int = 100_000_000,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict:
+    """Tokenize `docs` into train/val shards plus a manifest in `out_dir`; returns the manifest.
+
+    `tokenizer` is an object from get_tokenizer() (or a spec string). Each document goes wholly
+    to val with probability `val_fraction`, decided by a hash of its text and `seed`. With
+    num_workers > 1 the batches are tokenized in that many processes; the output is the same
+    as with one.
+    """
+    from .tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    spec = getattr(tok, "spec", None)
+    if not isinstance(spec, str):
+        raise TypeError(f"tokenizer: expected a spec str or a tokenizer from get_tokenizer(), got {tokenizer!r}")
+    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+
+    dtype = dtype_for_vocab(tok.n_vocab)
+    writers = {name: ShardWriter(out_dir, name, dtype, tokens_per_shard) for name in ("train", "val")}
+    jobs = ((spec, batch, float(val_fraction), seed) for batch in _batches(docs, batch_size))
+
+    pool = None
+    if num_workers > 1:
+        # fork: the workers start at once, without importing torch again.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(num_workers)
+        results = pool.imap(_tokenize_batch, jobs, chunksize=1)  # ordered: deterministic output
+    else:
+        results = map(_tokenize_batch, jobs)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="doc", desc="tokenizing")
+    try:
+        for train_ids, val_ids, n_train, n_val in results:
+            writers["train"].write(train_ids)
+            writers["val"].write(val_ids)
+            if bar is not None:
+                bar.update(n_train + n_val)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    splits = {name: w.close() for name, w in writers.items()}
+    write_manifest(out_dir, spec, tok.n_vocab, tok.eot_token, dtype, splits)
+    _remove_stale_shards(out_dir, splits)
+    return load_manifest(out_dir)
+
+
+def _remove_stale_shards(out_dir: str, splits: dict) -> None:
+    """Delete shards a previous, longer run left in out_dir (the manifest no longer lists them)."""
+    listed = {e["file"] for entries in splits.values() for e in entries}
+    for name in os.listdir(out_dir):
+        split, _, index = name.removesuffix(".bin").rpartition("_")
+        if name.endswith(".bin") and split in splits and len(index) == 6 and index.isdigit() and name not in listed:
+            os.remove(os.path.join(out_dir, name))

@@ -1,0 +1,187 @@
+"""Tokenizers named by one string (a "spec") that manifests and checkpoints record.
+
+Specs:
+- "bytes": byte-level, ids 0..255 are the UTF-8 bytes, 256 is <|endoftext|> (n_vocab 257).
+- a tiktoken encoding name ("gpt2", "cl100k_base", ...), when tiktoken has its file (cached
+  or downloadable); otherwise a clear error.
+- a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern
+  and <|endoftext|> = len(ranks), unless a sidecar "<file>.json" written by
+  llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with.
+
+Every tokenizer encodes text as ordinary text: "<|endoftext|>" inside a document is spelled
+out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Protocol, Sequence
+
+ENDOFTEXT = "<|endoftext|>"
+
+# GPT-2's pre-tokenization pattern (tiktoken's r50k_base / gpt2).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def sidecar_path(tiktoken_file: str) -> str:
+    """Where train_bpe records the split pattern and special tokens of a .tiktoken file."""
+    return tiktoken_file + ".json"
+
+
+class Tokenizer(Protocol):
+    spec: str
+    eot_token: int
+    n_vocab: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """Byte-level: a token per UTF-8 byte, plus <|endoftext|> = 256."""
+
+    spec = "bytes"
+    eot_token = 256
+    n_vocab = 257
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            # Lone surrogates become U+FFFD, as tiktoken does.
+            return list(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        # Encoding bytes is a C-level copy: threads would not help.
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            if i == self.eot_token:
+                out += ENDOFTEXT.encode("utf-8")
+            elif 0 <= i < 256:
+                out.append(i)
+            else:
+                raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {i}")
+        return out.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class TiktokenTokenizer:
+    """A tiktoken.Encoding behind the Tokenizer interface."""
+
+    def __init__(self, encoding, spec: str) -> None:
+        self.encoding = encoding
+        self.spec = spec
+        self.n_vocab: int = encoding.n_vocab
+        try:
+            self.eot_token: int = encoding.eot_token
+        except (KeyError, AttributeError) as err:
+            raise ValueError(f"tokenizer {spec!r} has no {ENDOFTEXT} special token") from err
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        if num_threads <= 1:  # tiktoken would still start a thread pool
+            return [self.encoding.encode_ordinary(t) for t in texts]
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def __repr__(self) -> str:
+        return f"TiktokenTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"
+
+
+def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except Exception as err:  # tiktoken raises bare ValueError/binascii errors on bad lines
+        raise ValueError(f"spec: {path!r} is not a readable .tiktoken file ({err})") from err
+    if not ranks:
+        raise ValueError(f"spec: {path!r} is an empty .tiktoken file")
+    pattern = GPT2_PATTERN
+    special = {ENDOFTEXT: len(ranks)}
+    side = sidecar_path(path)
+    if os.path.exists(side):
+        try:
+            with open(side, encoding="utf-8") as f:
+                meta = json.load(f)
+            pattern = str(meta["pattern"])
+            special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            why = f"{type(err).__name__}: {err}"
+            raise ValueError(f"spec: the sidecar {side!r} of {path!r} is corrupt ({why})") from err
+    encoding = tiktoken.Encoding(
+        name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special
+    )
+    return TiktokenTokenizer(encoding, spec=path)
+
+
+def _load_named_encoding(name: str) -> TiktokenTokenizer:
+    import tiktoken
+
+    try:
+        encoding = tiktoken.get_encoding(name)
+    except Exception as err:  # no network, no cache: requests/OS errors of every kind
+        raise RuntimeError(
+            f"tiktoken encoding {name!r} is not available offline: its file is neither cached "
+            f"(TIKTOKEN_CACHE_DIR) nor downloadable ({type(err).__name__}: {err}). "
+            f"Pass the path of a .tiktoken file instead."
+        ) from err
+    return TiktokenTokenizer(encoding, spec=name)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec != "bytes" and (spec.endswith(".tiktoken") or os.sep in spec or os.path.exists(spec))
+
+
+@functools.lru_cache(maxsize=16)
+def _get_cached(spec: str, file_stamp: tuple[int, int, int] | None) -> Tokenizer:
+    # file_stamp (mtime, size, sidecar mtime) is part of the key so that a retrained file is reloaded.
+    if spec == "bytes":
+        return ByteTokenizer()
+    if _looks_like_path(spec):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"spec: no .tiktoken file at {spec!r}")
+        return _load_tiktoken_file(spec)
+    import tiktoken
+
+    names = tiktoken.list_encoding_names()
+    if spec not in names:
+        raise ValueError(
+            f"spec: expected 'bytes', a tiktoken encoding name ({', '.join(names)}) "
+            f"or the path of a .tiktoken file, got {spec!r}"
+        )
+    return _load_named_encoding(spec)
+
+
+def get_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer named by `spec`: "bytes", a tiktoken encoding name, or a .tiktoken path.
+
+    The returned object's `.spec` reloads the same tokenizer (paths are made absolute).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec: expected a str, got {type(spec).__name__}")
+    if not spec:
+        raise ValueError("spec: expected 'bytes', a tiktoken encoding name or a .tiktoken path, got ''")
+    if _looks_like_path(spec):
+        spec = os.path.abspath(spec)
+        if os.path.isfile(spec):
+            st = os.stat(spec)
+            side = sidecar_path(spec)
+            side_mtime = os.stat(side).st_mtime_ns if os.path.exists(side) else 0
+            return _get_cached(spec, (st.st_mtime_ns, st.st_size, side_mtime))
+    return _get_cached(spec, None)

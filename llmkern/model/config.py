@@ -1,0 +1,155 @@
+"""GPTConfig: every choice that shapes a GPT, as a typed dataclass with named presets.
+
+Checked on construction: a field of the wrong type or an impossible combination (heads that
+do not divide the width, an odd RoPE head dim, ...) is a TypeError/ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+VOCAB_MULTIPLE = 64  # the embedding and output rows are padded to this (tensor-core friendly)
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # the longest context
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # < n_head: grouped-query attention; None: n_head
+    n_embd: int = 768
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    pos: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (swiglu)
+    tie_embeddings: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    dropout: float = 0.0  # on the embeddings and on each residual branch
+    backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("pos", self.pos, POSITIONS)
+        _check_choice("mlp", self.mlp, MLPS)
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"pos='rope' needs an even head dim (n_embd / n_head); got {self.head_dim}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"norm_eps and rope_theta must be > 0; got {self.norm_eps} and {self.rope_theta}")
+        if self.backend is not None:
+            from .._backend import BACKENDS
+
+            _check_choice("backend", self.backend, BACKENDS)
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's inner width: mlp_hidden, else 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 64 (swiglu)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices instead of two: 8/3 * n_embd keeps the parameter count of a 4x GELU MLP.
+        return math.ceil(8 * self.n_embd / 3 / 64) * 64
+
+    # --- presets and (de)serialisation -------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; the presets are {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
+        if not isinstance(values, dict):
+            raise TypeError(f"a GPTConfig is made from a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; the keys are {sorted(known)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 small: 124M parameters (124,475,904 with the vocabulary padded to 50304).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    # A Llama-style model of GPT-2 small's shape: RMSNorm, RoPE, SwiGLU, 4 kv heads, untied, no bias.
+    "llama-small": dict(
+        n_layer=12, n_head=12, n_kv_head=4, n_embd=768, norm="rmsnorm", norm_eps=1e-6,
+        pos="rope", mlp="swiglu", tie_embeddings=False, bias=False,
+    ),
+    # Small enough to train on a CPU in minutes. Heads of 64, a size every attention backend runs.
+    "tiny": dict(block_size=256, n_layer=2, n_head=2, n_embd=128),
+    "tiny-llama": dict(
+        block_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=128, norm="rmsnorm", norm_eps=1e-6,
+        pos="rope", mlp="swiglu", tie_embeddings=False, bias=False,
+    ),
+}
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_types(config: GPTConfig) -> None:
+    """Each field's value has its annotated type (ints are accepted for floats and turned into floats)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        expected = hints[field.name]
+        allowed = typing.get_args(expected) or (expected,)  # `int | None` -> (int, NoneType)
+        if float in allowed and _is_number(value):
+            setattr(config, field.name, float(value))
+            continue
+        if not any(_is_instance(value, t) for t in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise TypeError(f"GPTConfig.{field.name} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_instance(value: object, t: type) -> bool:
+    if t is int:  # a bool is an int to Python, never to a config
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)

@@ -1,0 +1,214 @@
+"""Text generation: greedy, temperature, top-k and top-p sampling, with a KV cache.
+
+A batch of prompts of different lengths is left-padded: every row ends at the same column, so
+each step appends one column. Padding is masked out of attention, and positions count only
+a row's real tokens, so a padded row gives the same tokens as that prompt alone.
+
+With the cache the prompt is run once (prefill) and each later step feeds one token. A
+sequence never exceeds block_size: the prompt is cropped to its last block_size tokens, and
+once the cache is full each step reruns the model on the last block_size tokens (a sliding
+window, as generation without the cache always does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gpt import GPT
+from .kv_cache import KVCache
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    Args:
+        model: a GPT (put in eval mode for the call, then restored).
+        prompts: token-id lists (lengths may differ), or a (B, T) integer tensor.
+        max_new_tokens: how many tokens to add at most.
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens whose probabilities add up to top_p (nucleus).
+        eos_token: a row stops after emitting it (it is kept in the output).
+        seed: makes sampling reproducible (a private generator); None uses torch's global RNG.
+        use_cache: keep keys and values across steps (fast); False reruns the whole sequence.
+
+    Returns:
+        One list per prompt: the prompt followed by its new tokens.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a llmkern.model.GPT, got {type(model).__name__}")
+    rows = _prompt_rows(prompts, model.config.vocab_size)
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
+    device = model.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    # Left-pad the prompts into one (B, P + max_new_tokens) buffer; `valid` marks real tokens.
+    batch, longest = len(rows), max(len(r) for r in rows)
+    tokens = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, longest - len(row) : longest] = torch.tensor(row, dtype=torch.long)
+        valid[i, longest - len(row) : longest] = True
+
+    outputs = [list(r) for r in rows]
+    finished = [False] * batch
+    length = longest
+    decoder = _CachedDecoder(model, max_new_tokens) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if decoder is not None:
+                logits = decoder.next_logits(tokens[:, :length], valid[:, :length])
+            else:
+                logits = _window_logits(model, tokens[:, :length], valid[:, :length])
+            next_tokens = _sample(logits.float(), temperature, top_k, top_p, generator)
+            tokens[:, length] = next_tokens
+            valid[:, length] = True
+            length += 1
+            for i, tok in enumerate(next_tokens.tolist()):
+                if not finished[i]:
+                    outputs[i].append(tok)
+                    finished[i] = tok == eos_token
+            if all(finished):
+                break
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+class _CachedDecoder:
+    """Prefill once, then one token a step against the KV cache; a sliding window once it is full."""
+
+    def __init__(self, model: GPT, max_new_tokens: int):
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.cache: KVCache | None = None
+        self.start = 0  # the column of the first cached token
+        self.next_pos: torch.Tensor | None = None  # (B,) the position of each row's next token
+
+    def next_logits(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self._prefill(tokens, valid)
+        if self.cache.full:
+            return _window_logits(self.model, tokens, valid)
+        window_valid = valid[:, self.start :]
+        attn_mask = window_valid[:, None, None, :]  # (B, 1, 1, Tk): the new token sees every real token
+        positions = self.next_pos[:, None]
+        hidden = self.model.hidden_states(tokens[:, -1:], positions, attn_mask, self.cache)
+        self.next_pos = self.next_pos + 1
+        return self.model.head(hidden[:, -1])
+
+    def _prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        block = self.model.config.block_size
+        self.start = max(0, tokens.size(1) - block)
+        window, window_valid = tokens[:, self.start :], valid[:, self.start :]
+        # The last new token is never fed back, so the cache needs room for max_new_tokens - 1 more.
+        capacity = min(block, window.size(1) + self.max_new_tokens - 1)
+        self.cache = KVCache(self.model.config.n_layer, capacity)
+        positions, attn_mask = _positions_and_mask(window_valid)
+        hidden = self.model.hidden_states(window, positions, attn_mask, self.cache)
+        self.next_pos = window_valid.sum(dim=1)
+        return self.model.head(hidden[:, -1])
+
+
+def _window_logits(model: GPT, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits of the next token from the last block_size columns, without a cache."""
+    block = model.config.block_size
+    window, window_valid = tokens[:, -block:], valid[:, -block:]
+    if bool(window_valid.all()):  # no padding: the model's ordinary causal forward
+        hidden = model.hidden_states(window)
+    else:
+        positions, attn_mask = _positions_and_mask(window_valid)
+        hidden = model.hidden_states(window, positions, attn_mask)
+    return model.head(hidden[:, -1])
+
+
+def _positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For left-padded rows (B, T): each token's position among its row's real tokens, and the
+    (B, 1, T, T) mask of keys each query sees: real tokens at or before it. A padding query sees
+    itself only, so its softmax has a key (its output is never used)."""
+    t = valid.size(1)
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=valid.device)
+    attn_mask = (causal & valid[:, None, :]) | eye
+    return positions, attn_mask[:, None]
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the ones before it suffice.
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _prompt_rows(prompts: object, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype.is_floating_point or prompts.dtype == torch.bool:
+            raise ValueError(f"a prompts tensor must be 2-D (B, T) of integer ids; got {prompts.dtype} {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError("prompts must be a non-empty list of token-id lists, or a (B, T) tensor")
+    rows = []
+    for i, row in enumerate(prompts):
+        if not isinstance(row, (list, tuple)) or not row:
+            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids; got {row!r:.60}")
+        for tok in row:
+            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+                raise ValueError(f"prompts[{i}] holds {tok!r}; token ids are ints in [0, {vocab_size})")
+        rows.append(list(row))
+    return rows
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if eos_token is not None and not is_int(eos_token):
+        raise TypeError(f"eos_token must be None or an int, got {eos_token!r}")
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")

@@ -1,0 +1,224 @@
+"""The GPT: token (+ position) embeddings, pre-norm transformer blocks, a final norm and the LM head.
+
+One class covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings, biases) and
+Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases); the
+GPTConfig says which. Every kernel-backed piece (RMSNorm, attention, RoPE, SwiGLU) goes through
+llmkern.ops with config.backend, so one model runs on each backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
+from .config import GPTConfig
+
+INIT_STD = 0.02  # GPT-2's initialisation
+
+
+def _make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps, backend=config.backend)
+    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """x + attn(norm1(x)), then + mlp(norm2(.)): a pre-norm transformer block."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.norm1 = _make_norm(config)
+        self.attn = CausalSelfAttention(
+            config.n_embd, config.n_head, config.n_kv_head, bias=config.bias,
+            dropout=config.dropout, backend=config.backend, layer_idx=layer_idx,
+        )
+        self.norm2 = _make_norm(config)
+        if config.mlp == "swiglu":
+            self.mlp = SwiGLUMLP(config.n_embd, config.hidden_size, config.bias, config.dropout, config.backend)
+        else:
+            self.mlp = GeluMLP(config.n_embd, config.hidden_size, config.bias, config.dropout)
+
+    def forward(self, x, rotary=None, attn_mask=None, cache=None, doc_ids=None):
+        a = self.attn(self.norm1(x), rotary, attn_mask, cache, doc_ids)
+        # One fused pass adds the attention branch to the residual stream and norms the sum.
+        # The stream keeps its dtype (fp32 under autocast), so the bf16 branch is cast to it.
+        normed, x = self.norm2(a.to(x.dtype), residual=x)
+        return x + self.mlp(normed)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.rotary = (
+            RotaryCache(config.head_dim, config.block_size, config.rope_theta) if config.pos == "rope" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = _make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    # --- initialisation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) weights, zero biases, unit norms; the projections that write
+        into the residual stream get std 0.02 / sqrt(2 * n_layer), so that the stream's variance
+        does not grow with depth. Also rebuilds the RoPE tables (after to_empty(), say)."""
+        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_proj = name.endswith("attn.proj") or name.endswith("mlp.proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_proj else INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RotaryCache):
+                module.reset_tables()
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        loss is the mean next-token cross-entropy over the targets (B, T) that are not -1.
+        doc_ids (B, T), for rows packed with several documents: a token attends only to earlier
+        tokens of its own document, and positions restart at 0 at each document's first token,
+        so each document is processed as if it were alone.
+        """
+        _check_forward_args(idx, targets, doc_ids, self.config.block_size)
+        positions = None if doc_ids is None else positions_in_documents(doc_ids)
+        logits = self.lm_head(self.hidden_states(idx, positions, doc_ids=doc_ids))  # (B, T, padded_vocab_size)
+        vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
+        if targets is None:
+            return logits[..., :vocab], None
+        if padded > vocab:
+            # -inf on the padding columns gives them no probability: the exact loss over the real
+            # vocabulary, without copying the logits to cut the columns off (a GB at GPT-2 scale).
+            logits[..., vocab:] = float("-inf")
+        loss = F.cross_entropy(logits.view(-1, padded).float(), targets.reshape(-1).long(), ignore_index=-1)
+        return logits[..., :vocab], loss
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache=None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states (B, T, n_embd) of idx (B, T).
+
+        positions (B, T), attn_mask (B, 1, T, Tk) and cache are for generation (left-padded
+        prompts and the KV cache, see generate.py); doc_ids (B, T) masks packed documents (see
+        forward). By default token t is at position t and attends causally to tokens 0..t.
+        """
+        t = idx.size(1)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.wpe is not None:
+            pos = torch.arange(t, device=idx.device) if positions is None else positions
+            x = x + self.wpe(pos)
+        else:
+            rotary = self.rotary(positions, t)
+        x = self.drop(x)
+        use_checkpoints = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoints:
+                x = checkpoint(block, x, rotary, attn_mask, cache, doc_ids, use_reentrant=False)
+            else:
+                x = block(x, rotary, attn_mask, cache, doc_ids)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm_f(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the real vocabulary (the padding rows of the output layer are cut off)."""
+        logits = self.lm_head(hidden)
+        return logits[..., : self.config.vocab_size]
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """All parameters (a tied embedding counted once, padding rows included).
+
+        non_embedding=True leaves out the lookup tables that do no matmul work: the position
+        embeddings and, when untied, the input token embeddings (a tied table stays in, as the
+        output layer). This N is the one of the 6N FLOPs-per-token rule.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token: 6N for the matmul weights, plus
+        12 * n_layer * n_embd * seq_len for attention's scores and weighted sum (PaLM's count,
+        which does not halve for the causal mask). seq_len defaults to block_size."""
+        seq_len = self.config.block_size if seq_len is None else seq_len
+        cfg = self.config
+        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for an AdamW: decay on matrices (matmul weights, embeddings), none on
+        the vectors (norm scales, biases)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": float(weight_decay)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+
+def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document: 0 where doc_ids changes, then counting up."""
+    t = doc_ids.size(1)
+    steps = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    last_start = torch.where(starts, steps, 0).cummax(dim=1).values  # index of each token's document start
+    return steps - last_start
+
+
+def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must hold int64 (or int32) token ids; got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be 2-D (batch, time); got shape {tuple(idx.shape)}")
+    if not 1 <= idx.size(1) <= block_size:
+        raise ValueError(f"idx has {idx.size(1)} tokens per row; the model takes 1 to block_size={block_size}")
+    for name, t in (("targets", targets), ("doc_ids", doc_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64 (or int32) tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.shape != idx.shape:
+            raise ValueError(f"{name} must have idx's shape {tuple(idx.shape)}; got {tuple(t.shape)}")

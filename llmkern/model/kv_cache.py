@@ -1,0 +1,41 @@
+"""The keys and values of earlier tokens, kept across generation steps."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer, each (B, Hkv, capacity, D), allocated at the first step
+    in the dtype the attention layer makes (bf16 under autocast, say).
+
+    Each attention layer calls update() with the keys/values of the new tokens (already
+    rotated, for RoPE) and gets back those of all tokens so far; the model calls advance()
+    once every layer has seen the step.
+    """
+
+    def __init__(self, n_layer: int, capacity: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.capacity = capacity
+        self.length = 0  # tokens stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        end = self.length + t
+        if end > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.length} + {t} do not fit")
+        if self.k[layer] is None:
+            b, hkv, _, d = k.shape
+            self.k[layer] = k.new_zeros(b, hkv, self.capacity, d)
+            self.v[layer] = v.new_zeros(b, hkv, self.capacity, d)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.capacity

@@ -1,0 +1,83 @@
+"""Causal self-attention with one fused QKV projection and grouped-query attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.attention import attention
+from ..ops.rope import rope
+from ._dispatch import op_backend
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (n_kv_head == n_head) or grouped-query (n_kv_head < n_head) causal attention.
+
+    One linear layer makes q, k and v for all heads: its output (B, T, (H + 2 Hkv) * D) is
+    viewed as (B, T, H + 2 Hkv, D) and q, k, v are slices of it transposed to (B, heads, T, D),
+    views without a copy; llmkern.ops.attention takes such strided inputs.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        if n_embd % n_head != 0 or n_head % n_kv_head != 0:
+            raise ValueError(
+                f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), "
+                f"and n_head a multiple of n_kv_head ({n_kv_head})"
+            )
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+        self.backend = backend
+        self.layer_idx = layer_idx  # which layer of a KV cache is ours
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache=None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        rotary: (cos, sin) for RoPE, or None (learned positions are added before the blocks).
+        attn_mask, cache: generation only (see llmkern.model.kv_cache): a boolean mask
+            (B, 1, T, Tk) of the keys each query sees, and the KV cache that holds the keys and
+            values of earlier steps.
+        doc_ids: (B, T) document ids of packed rows: a token sees only its own document.
+        """
+        b, t, c = x.shape
+        h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)
+        q = qkv[:, :, :h].transpose(1, 2)  # (B, H, T, D)
+        k = qkv[:, :, h : h + hkv].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[:, :, h + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
+        if rotary is not None:
+            cos, sin = rotary
+            q = rope(q, cos, sin, backend=op_backend("rope", self.backend, x.device))
+            k = rope(k, cos, sin, backend=op_backend("rope", self.backend, x.device))
+        if cache is None and attn_mask is None:
+            y = attention(q, k, v, causal=True, backend=op_backend("attention", self.backend, x.device), doc_ids=doc_ids)
+        else:
+            if doc_ids is not None:
+                raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, D): all the keys so far
+            # Generation: a few queries against a cache, with a per-row mask for left-padded
+            # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
+            # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
+        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, H * D)
+        return self.resid_dropout(self.proj(y))

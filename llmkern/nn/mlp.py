@@ -1,0 +1,42 @@
+"""The feed-forward half of a transformer block: GELU (GPT-2) or SwiGLU (Llama)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.swiglu import swiglu
+from ._dispatch import op_backend
+
+
+class GeluMLP(nn.Module):
+    """proj(gelu(fc(x))), GPT-2's MLP (tanh-approximated GELU, as GPT-2 was trained)."""
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class SwiGLUMLP(nn.Module):
+    """proj(silu(gate(x)) * up(x)), with gate and up fused in one linear layer."""
+
+    def __init__(
+        self, n_embd: int, hidden: int, bias: bool = False, dropout: float = 0.0, backend: str | None = None
+    ):
+        super().__init__()
+        self.hidden = hidden
+        self.backend = backend
+        self.gate_up = nn.Linear(n_embd, 2 * hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)  # two views, (B, T, hidden) each
+        y = swiglu(gate, up, backend=op_backend("swiglu", self.backend, x.device))
+        return self.dropout(self.proj(y))

@@ -1,0 +1,51 @@
+"""The cos/sin tables of rotary position embeddings, computed once per model and device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryCache(nn.Module):
+    """cos and sin of the RoPE angles for positions 0 .. max_positions - 1, each (max_positions, head_dim / 2).
+
+    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D). The
+    tables are fp32 non-persistent buffers: rebuilt, not saved in checkpoints, and kept in
+    fp32 when the model is cast to bf16 (see _apply).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in float64 so that large positions keep their precision, then stored in fp32.
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
+        positions = torch.arange(self.max_positions, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, inv_freq)  # (max_positions, head_dim / 2)
+        return angles.cos().float(), angles.sin().float()
+
+    def reset_tables(self) -> None:
+        """Recompute the tables on their device (after to_empty() from the meta device, say)."""
+        self.cos, self.sin = self._tables(self.cos.device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) or .half() would round the tables: rebuild them in fp32 on the new device.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.reset_tables()
+        return self
+
+    def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0 .. seq_len - 1, (S, D/2); or for explicit positions (B, S) -> (B, S, D/2)."""
+        if positions is None:
+            return self.cos[:seq_len], self.sin[:seq_len]
+        return self.cos[positions], self.sin[positions]
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}"

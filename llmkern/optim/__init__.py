@@ -1,0 +1,5 @@
+"""Optimizers over llmkern's fused multi-tensor kernels."""
+
+from .adamw import AdamW
+
+__all__ = ["AdamW"]

@@ -1,0 +1,6 @@
+"""Pretraining: the config, the Trainer, schedules, checkpoints, metrics, distributed setup."""
+
+from .config import TrainConfig, load_config
+from .trainer import Trainer, TrainingDiverged
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "load_config"]

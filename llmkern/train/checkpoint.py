@@ -1,0 +1,222 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; never pickle.
+
+A checkpoint is a folder `<run>/checkpoints/step_<NNNNNNN>/` holding
+    model.safetensors   the model's weights (tied weights stored once; meta.json names the aliases)
+    state.safetensors   the optimizer's tensors ("optimizer.<i>.<name>") and RNG states ("rng.*")
+    meta.json           format, step, configs, the optimizer's other values and param groups,
+                        numpy/python RNG states, loader position, trainer counters
+It is written under a temporary name and renamed into place, so a checkpoint folder either is
+complete or does not exist. Loading reads only safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "llmkern-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # a torch.optim state_dict
+    meta: dict[str, Any]  # everything saved as JSON (configs, loader, counters, ...)
+    rng: dict[str, Any]  # pass to restore_rng_states
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    dirs = step_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+# --- saving ---------------------------------------------------------------------------------
+
+def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    meta: dict[str, Any], keep: int = 2) -> str:
+    """Write checkpoint `step` of a run atomically and delete all but the newest `keep`; its path."""
+    root = checkpoints_dir(run_dir)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = os.path.join(root, f".tmp_step_{step:07d}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    weights, aliases = _dedupe_shared(model_state)
+    save_file(weights, os.path.join(tmp, "model.safetensors"))
+    state_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
+    rng_tensors, rng_meta = capture_rng_states()
+    save_file({**state_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
+    full_meta = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases,
+                 "optimizer": optimizer_meta, "rng": rng_meta, **meta}
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(full_meta, f, indent=1)
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+
+    if os.path.exists(final):  # the same step saved again (e.g. the final save): swap it out
+        old = final + f".old_{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    for _, path in step_dirs(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU copies, each shared tensor (tied embeddings) once; {alias: stored name}."""
+    stored: dict[tuple, str] = {}
+    weights, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.device.type != "meta" else None
+        if key is not None and key in stored and t.numel() > 0:
+            aliases[name] = stored[key]
+            continue
+        stored[key] = name
+        weights[name] = t.detach().to("cpu").contiguous()
+    return weights, aliases
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch.optim state_dict -> tensors "optimizer.<i>.<name>" + JSON (keys, non-tensor values, groups)."""
+    tensors, scalars = {}, {}
+    keys = list(state.get("state", {}).keys())
+    for i, key in enumerate(keys):
+        for name, value in state["state"][key].items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{i}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{i}.{name}"] = value
+    return tensors, {"keys": keys, "scalars": scalars, "param_groups": state.get("param_groups", [])}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[Any, dict[str, Any]] = {key: {} for key in meta["keys"]}
+    keys = meta["keys"]
+    for flat, value in tensors.items():
+        if flat.startswith("optimizer."):
+            i, name = flat[len("optimizer."):].split(".", 1)
+            state[keys[int(i)]][name] = value
+    for flat, value in meta["scalars"].items():
+        i, name = flat.split(".", 1)
+        state[keys[int(i)]][name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- RNG states -----------------------------------------------------------------------------
+
+def capture_rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, gauss_next = random.getstate()
+    return tensors, {"numpy": [name, int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(py_state), gauss_next]}
+
+
+def restore_rng_states(rng: dict[str, Any]) -> None:
+    tensors, meta = rng["tensors"], rng["meta"]
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss_next = meta["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Read a checkpoint folder (or a run folder: its latest checkpoint). Clear errors when it is
+    missing or damaged; only safetensors and JSON are read, nothing is unpickled."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")) and not _STEP_DIR.match(
+            os.path.basename(os.path.normpath(path))):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {path!r} (no {checkpoints_dir(path)}/step_* folder)")
+        path = latest
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    meta = _read_meta(path)
+    model = _read_tensors(path, "model.safetensors")
+    for alias, name in meta["aliases"].items():
+        if name not in model:
+            raise ValueError(f"checkpoint {path!r} is damaged: alias {alias!r} points to missing {name!r}")
+        model[alias] = model[name]
+    state = _read_tensors(path, "state.safetensors")
+    optimizer = _unflatten_optimizer(state, meta["optimizer"])
+    rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": meta["rng"]}
+    return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer=optimizer, meta=meta, rng=rng)
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    file = os.path.join(path, "meta.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete: meta.json is missing")
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path!r} is damaged: meta.json is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file} is not an llmkern checkpoint (format is not {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{file} has checkpoint version {meta.get('version')!r}; this llmkern reads {VERSION}")
+    for key in ("step", "aliases", "optimizer", "rng"):
+        if key not in meta:
+            raise ValueError(f"checkpoint {path!r} is damaged: meta.json lacks {key!r}")
+    return meta
+
+
+def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e

@@ -1,0 +1,250 @@
+"""TrainConfig: every setting of a pretraining run, from a TOML/JSON file plus `--key=value` overrides.
+
+    cfg = load_config("run.toml", ["--lr=3e-4", "--model.n_layer=4"])
+
+Values are checked against the dataclass field types; an unknown key or a value of the wrong type
+is a ValueError naming the key. Files are parsed as data (tomllib / json), never executed.
+`model.<field>` keys go to `TrainConfig.model`, the overrides of the model preset's GPTConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SCHEDULES = ("cosine", "wsd")
+DTYPES = ("auto", "float32", "bfloat16")
+OPTIMIZERS = ("llmkern", "torch")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. The defaults are the main job on a CPU (llmkern/train/main_job.py)."""
+
+    # where and what
+    out_dir: str = "runs/main"  # the run folder: checkpoints, metrics.jsonl, charts
+    preset: str = "tiny"  # a GPTConfig preset name
+    model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4}
+    data_dir: str = ""  # a folder with manifest.json; "" = the built-in stdlib corpus (llmkern.train.corpus)
+    tokenizer: str = "bytes"  # used only when the built-in corpus is built
+    corpus_max_bytes: int = 4_000_000  # cap on the built-in corpus
+
+    # batch: batch_tokens = micro_batch * seq_len * grad_accum * world_size
+    batch_tokens: int = 2048
+    micro_batch: int = 16
+    seq_len: int = 128
+
+    # optimization
+    max_steps: int = 200
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # "cosine" (warmup, cosine decay to min_lr) | "wsd" (warmup, stable, decay)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays linearly to min_lr
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    optimizer: str = "llmkern"  # "llmkern" (llmkern.optim.AdamW) | "torch" (torch.optim.AdamW, fused on GPU)
+
+    # evaluation, stopping, checkpoints
+    eval_interval: int = 40  # evaluate at step 0, every N steps and at the end; 0 = only at the end
+    eval_steps: int = 8  # held-out data per evaluation, in batches of batch_tokens tokens
+    patience: int = 0  # stop after this many evaluations without a better val loss; 0 = never
+    ckpt_interval: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # the newest N step folders are kept
+    max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
+
+    # execution
+    device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    backend: str = "auto"  # llmkern op backend: "auto" | "cuda" | "triton" | "torch"
+    parallel: str = "ddp"  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
+    seed: int = 1337
+    log_interval: int = 10
+    progress: bool = True  # tqdm progress bar
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each rank, so that a step sees batch_tokens tokens."""
+        per_micro = self.micro_batch * self.seq_len * world_size
+        if self.batch_tokens % per_micro != 0:
+            raise ValueError(
+                f"batch_tokens must be a multiple of micro_batch * seq_len * world_size = "
+                f"{self.micro_batch} * {self.seq_len} * {world_size} = {per_micro}; got {self.batch_tokens}"
+            )
+        return self.batch_tokens // per_micro
+
+    def validate(self) -> "TrainConfig":
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("parallel", self.parallel, PARALLEL)
+        _one_of("backend", self.backend, ("auto", "cuda", "triton", "torch"))
+        for name in ("batch_tokens", "micro_batch", "seq_len", "max_steps", "eval_steps", "keep_checkpoints",
+                     "max_bad_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "patience", "ckpt_interval", "corpus_max_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip and weight_decay must be >= 0; got {self.grad_clip}, {self.weight_decay}")
+        self.grad_accum_steps(1)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return _apply(cls(), values, source="config").validate()
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig's defaults updated by `defaults`, then by the file at `path` (.toml or .json), then by
+    `--key=value` overrides."""
+    config = _apply(TrainConfig(), defaults or {}, source="defaults")
+    if path:
+        config = _apply(config, read_config_file(path), source=path)
+    config = _apply(config, parse_overrides(overrides), source="command line", from_text=True)
+    return config.validate()
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        if path.endswith(".toml"):
+            values = tomllib.loads(data.decode("utf-8"))
+        elif path.endswith(".json"):
+            values = json.loads(data)
+        else:
+            raise ValueError(f"config file must end in .toml or .json, got {path!r}")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot parse config file {path!r}: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a table/object of settings, got {type(values).__name__}")
+    return values
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """["--lr=3e-4", "--model.n_layer=4"] -> {"lr": "3e-4", "model": {"n_layer": "4"}} (strings; typed later)."""
+    values: dict[str, Any] = {}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"overrides must look like --key=value, got {item!r}")
+        key, value = item[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key.startswith("model."):
+            values.setdefault("model", {})[key[len("model."):]] = value
+        elif "." in key:
+            raise ValueError(f"only model.<field> keys may be dotted, got {key!r}")
+        else:
+            values[key] = value
+    return values
+
+
+def _apply(config: TrainConfig, values: dict[str, Any], source: str, from_text: bool = False) -> TrainConfig:
+    """`config` updated by `values`; from_text: the values are command-line strings, to be parsed."""
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    updates: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown setting {key!r} in {source}; known settings: {', '.join(sorted(known))}")
+        if key == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"setting 'model' in {source} must be a table of GPTConfig fields, got {value!r}")
+            updates["model"] = {**config.model, **_typed_model_overrides(value, source, from_text)}
+        else:
+            updates[key] = _coerce(key, value, hints[key], source, from_text)
+    return dataclasses.replace(config, **updates)
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str, from_text: bool) -> Any:
+    """`value` as type `hint`: command-line strings are parsed; file values must have the type already."""
+    def wrong(expected: str) -> ValueError:
+        return ValueError(f"setting {key!r} in {source} must be {expected}, got {value!r}")
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise wrong("a boolean (true/false)")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise wrong("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise wrong("a string")
+    if typing.get_origin(hint) is tuple:  # betas: tuple[float, float]
+        items = value.split(",") if from_text and isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(hint)):
+            raise wrong(f"{len(typing.get_args(hint))} numbers (a list, or comma-separated)")
+        return tuple(_coerce(key, v, t, source, from_text) for v, t in zip(items, typing.get_args(hint)))
+    raise TypeError(f"TrainConfig field {key!r} has an unsupported type {hint!r}")
+
+
+def _typed_model_overrides(values: dict[str, Any], source: str, from_text: bool) -> dict[str, Any]:
+    """Check model.<field> keys against GPTConfig's fields and give them its types."""
+    from ..model import GPTConfig
+
+    hints = typing.get_type_hints(GPTConfig)
+    typed = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(
+                f"unknown model setting 'model.{key}' in {source}; GPTConfig fields: {', '.join(sorted(hints))}"
+            )
+        hint = hints[key]
+        if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
+            options = [t for t in typing.get_args(hint) if t is not type(None)]
+            if value is None or (from_text and isinstance(value, str) and value.lower() == "none"):
+                typed[key] = None
+                continue
+            hint = options[0] if len(options) == 1 else hint
+        typed[key] = _coerce(f"model.{key}", value, hint, source, from_text) if hint in (bool, int, float, str) else value
+    return typed
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

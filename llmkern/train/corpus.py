@@ -1,0 +1,87 @@
+"""The main job's corpus: real text that is on every machine that runs llmkern, no network needed.
+
+It is the running Python's standard-library sources (.py files; pydoc_data/topics.py holds the
+language reference too) plus any plain-text documentation under sys.prefix (share/doc, doc,
+Doc: .txt, .rst, .md). Files are taken in an order fixed by a hash of their relative path, so
+the size cap samples the whole library (not just the first letters of the alphabet) and the
+same Python gives the same corpus on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+from typing import Iterator
+
+DOC_DIRS = ("share/doc", "doc", "Doc")
+DOC_SUFFIXES = (".txt", ".rst", ".md")
+MAX_FILE_BYTES = 256_000  # a few generated files are huge; cut them so no single file dominates
+
+
+def corpus_files() -> list[tuple[str, str]]:
+    """(path, name) of every corpus file; name is relative to its root and decides the order."""
+    found = []
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in _walk(stdlib, (".py",)):
+        found.append((path, "stdlib/" + os.path.relpath(path, stdlib)))
+    for doc_dir in DOC_DIRS:
+        root = os.path.join(sys.prefix, doc_dir)
+        for path in _walk(root, DOC_SUFFIXES):
+            found.append((path, "doc/" + os.path.relpath(path, sys.prefix)))
+    return sorted(found, key=lambda item: hashlib.sha1(item[1].encode()).hexdigest())
+
+
+def _walk(root: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    if not os.path.isdir(root):
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        # third-party packages are not the standard library (and differ between machines)
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(filenames):
+            if name.endswith(suffixes):
+                yield os.path.join(dirpath, name)
+
+
+def gather_corpus(max_bytes: int) -> list[str]:
+    """The corpus documents (one per file), at most max_bytes of UTF-8 text in all."""
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    docs, total = [], 0
+    for path, _ in corpus_files():
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_FILE_BYTES)
+        except (UnicodeDecodeError, OSError):
+            continue  # a few test files are deliberately not UTF-8
+        size = len(text.encode("utf-8"))
+        if not text.strip():
+            continue
+        if total + size > max_bytes:
+            break
+        docs.append(text)
+        total += size
+    if not docs:
+        raise RuntimeError(f"found no standard-library sources under {sysconfig.get_paths()['stdlib']!r}")
+    return docs
+
+
+def prepare_corpus_shards(out_dir: str, tokenizer: str, max_bytes: int, seed: int = 0,
+                          val_fraction: float = 0.05) -> str:
+    """Token shards of the corpus in out_dir (kept and reused when a manifest with the same tokenizer
+    is already there); returns out_dir."""
+    from ..data.shards import load_manifest, tokenize_documents
+    from ..data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer)
+    if os.path.isfile(os.path.join(out_dir, "manifest.json")):
+        try:
+            if load_manifest(out_dir)["tokenizer"] == tok.spec:
+                return out_dir
+        except ValueError:
+            pass  # damaged: build it again
+    docs = gather_corpus(max_bytes)
+    tokenize_documents(docs, tok, out_dir, val_fraction=val_fraction, seed=seed,
+                       num_workers=min(4, os.cpu_count() or 1))
+    return out_dir

@@ -1,0 +1,107 @@
+"""torch.distributed setup for the trainer: torchrun detection, process groups, DDP / FSDP2 wrapping.
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process joins a process group: nccl on
+GPUs, gloo on CPUs. Without those variables everything runs in one process, unwrapped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, plots and writes files."""
+        return self.rank == 0
+
+
+def detect() -> DistInfo:
+    """The torchrun environment, or a single process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError as e:
+        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from e
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK must be in [0, WORLD_SIZE={world}), got {rank}")
+    return DistInfo(rank=rank, local_rank=local, world_size=world)
+
+
+def pick_device(requested: str, info: DistInfo) -> torch.device:
+    """"auto": this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} asked for, but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (once) when running under torchrun."""
+    if not info.is_distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, info: DistInfo, device: torch.device, parallel: str) -> nn.Module:
+    """DDP, or FSDP2 (fully_shard on every block of each ModuleList, then the whole model)."""
+    if not info.is_distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a tensor over the ranks (itself in one process)."""
+    if info.is_distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        dist.barrier()

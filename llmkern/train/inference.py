@@ -1,0 +1,69 @@
+"""Using a trained run: load its model and tokenizer from the newest checkpoint, sample text, score data."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import checkpoint as ckpt
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto": the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
+    """(model in eval mode, tokenizer, Checkpoint) from a run folder or a checkpoint folder."""
+    from ..data.tokenizer import get_tokenizer
+    from ..model import GPT, GPTConfig
+
+    state = ckpt.load_checkpoint(run_dir)
+    for key in ("model_config", "tokenizer"):
+        if key not in state.meta:
+            raise ValueError(f"checkpoint {state.path!r} lacks {key!r}: it was not written by llmkern's Trainer")
+    model = GPT(GPTConfig.from_dict(state.meta["model_config"]))
+    model.load_state_dict(state.model)
+    model.to(resolve_device(device)).eval()
+    return model, get_tokenizer(state.meta["tokenizer"]), state
+
+
+def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: int | None = 50, top_p: float | None = None, seed: int | None = 0) -> list[str]:
+    """Each prompt followed by its generated continuation, decoded (generation stops at end-of-text)."""
+    from ..model import generate
+
+    ids = [tokenizer.encode(p) or [tokenizer.eot_token] for p in prompts]
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token=tokenizer.eot_token, seed=seed)
+    texts = []
+    for row in out:
+        if row and row[-1] == tokenizer.eot_token:
+            row = row[:-1]
+        texts.append(tokenizer.decode([t for t in row if t != tokenizer.eot_token]))
+    return texts
+
+
+def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, max_batches: int = 100,
+                 device: str | torch.device = "auto", seq_len: int | None = None) -> dict[str, float]:
+    """Loss and perplexity of a run's model on a split of token shards (sequential windows from the start)."""
+    from ..data.loader import TokenLoader
+    from ..data.shards import load_manifest
+    from .trainer import evaluate_loss
+
+    device = resolve_device(device)
+    model, tokenizer, _ = load_trained_model(run_dir, device)
+    data_tokenizer = load_manifest(data_dir)["tokenizer"]
+    if data_tokenizer != tokenizer.spec:
+        raise ValueError(f"the data in {data_dir!r} was tokenized with {data_tokenizer!r}, the model with "
+                         f"{tokenizer.spec!r}")
+    seq_len = seq_len or model.config.block_size
+    loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device)
+    batches = max(1, min(max_batches, loader.windows_per_epoch // batch_size))
+    loss = evaluate_loss(model, loader, batches)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "tokens": batches * batch_size * seq_len, "split": split, "data": os.path.abspath(data_dir)}

@@ -1,0 +1,136 @@
+"""Training metrics: a JSONL log, model FLOPs utilization (MFU), and PNG charts.
+
+Each line of metrics.jsonl is one JSON object with a "kind":
+    {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "time_s"}
+    {"kind": "eval", "step", "val_loss", "val_ppl"}
+    {"kind": "skip", "step", "loss", "reason"}            (a NaN/inf loss: the step was not applied)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks in FLOP/s (no sparsity), matched against the GPU's name, first match wins.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("H20", 148e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16: V100 has no bf16
+    ("T4", 65e12),  # fp16
+)
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """The GPU's peak bf16 FLOP/s from the table, or None (a CPU, or a GPU not in the table)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    for pattern, flops in GPU_PEAK_BF16_FLOPS:
+        if pattern in gpu_name:
+            return flops
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_size: int = 1) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the peak of all the GPUs (None without a peak)."""
+    if peak is None or peak <= 0:
+        return None
+    return tokens_per_s * flops_per_token / (peak * world_size)
+
+
+def peak_memory_gib(device: torch.device | str) -> float | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class MetricsLog:
+    """Appends metric records to a JSONL file (only where `enabled`: rank 0)."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, kind: str, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, **{k: _json_number(v) for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run repeats them)."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def _json_number(v: Any) -> Any:
+    """NaN and inf are not JSON: they are written as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
+    """loss.png (train and val), lr.png and throughput.png from a metrics.jsonl; the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    charts = [
+        ("loss.png", "loss", [("train", train, "loss"), ("val", evals, "val_loss")]),
+        ("lr.png", "learning rate", [("lr", train, "lr")]),
+        ("throughput.png", "tokens / s", [("tokens/s", train, "tokens_per_s")]),
+    ]
+    written = []
+    for filename, ylabel, series in charts:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, rows, key in series:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if rows is evals else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, filename)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,352 @@
+"""The pretraining loop: Trainer(config).fit().
+
+One optimizer step = grad_accum micro-batches on each rank (batch_tokens tokens in all), the
+loss averaged over them (and over the ranks by DDP/FSDP), the gradients clipped to grad_clip,
+then AdamW at the schedule's learning rate. Every eval_interval steps the validation loss and
+perplexity are measured on the same eval_steps held-out batches; every ckpt_interval steps and
+at the end a checkpoint is written. fit(resume=True) continues from the newest checkpoint with
+the model, optimizer, RNG states, data position and counters restored, so on a CPU the losses
+after resuming equal, bit for bit, those of a run that never stopped.
+
+A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged, and after
+max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
+checkpoint left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loader import TokenLoader
+from ..data.shards import load_manifest
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig
+from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
+from .schedules import learning_rate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss was NaN/inf for max_bad_steps steps in a row."""
+
+
+def build_model(config: TrainConfig, n_vocab: int):
+    """The GPT of a TrainConfig: its preset with the data's vocabulary, the run's context length
+    and backend, then the config's model overrides."""
+    from ..model import GPT, GPTConfig
+
+    settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.backend}
+    settings.update(config.model)
+    model_config = GPTConfig.from_preset(config.preset, **settings)
+    if model_config.vocab_size < n_vocab:
+        raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the data's n_vocab={n_vocab}")
+    if model_config.block_size < config.seq_len:
+        raise ValueError(f"seq_len={config.seq_len} is longer than model.block_size={model_config.block_size}")
+    return GPT(model_config)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also every GPU's generator
+
+
+class Trainer:
+    """Pretrains the GPT of `config` on the token shards in config.data_dir."""
+
+    def __init__(self, config: TrainConfig):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config.validate()
+        self.dist = distributed.detect()
+        self.device = distributed.pick_device(config.device, self.dist)
+        distributed.init(self.dist, self.device)
+        self.grad_accum = config.grad_accum_steps(self.dist.world_size)
+        self.run_dir = config.out_dir
+        self.data_dir = config.data_dir or self._prepare_builtin_corpus()
+        self.autocast_dtype = self._autocast_dtype()
+
+        self.manifest = load_manifest(self.data_dir)
+        self.train_loader = TokenLoader(self.data_dir, "train", config.micro_batch, config.seq_len, mode="random",
+                                        seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                                        device=self.device)
+        seed_everything(config.seed)
+        self.raw_model = build_model(config, int(self.manifest["n_vocab"])).to(self.device)
+        self.model = distributed.wrap(self.raw_model, self.dist, self.device, config.parallel)  # DDP, or FSDP2 in place
+        self.wrapped_model = self.model
+        self.optimizer = self._make_optimizer(self.raw_model)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        self.log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.dist.is_main)
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.evals_since_best = 0
+        self.bad_steps = 0
+        self.last_val_loss: float | None = None
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def _prepare_builtin_corpus(self) -> str:
+        from .corpus import prepare_corpus_shards
+
+        tokenizer_name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(self.config.tokenizer))  # a spec may be a path
+        data_dir = os.path.join(os.path.dirname(os.path.normpath(self.run_dir)) or ".", "data",
+                                f"stdlib-{tokenizer_name}-{self.config.corpus_max_bytes}")
+        if self.dist.is_main:
+            prepare_corpus_shards(data_dir, self.config.tokenizer, self.config.corpus_max_bytes, seed=self.config.seed)
+        distributed.barrier(self.dist)
+        return data_dir
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.config.dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return {"float32": None, "bfloat16": torch.bfloat16}[self.config.dtype]
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        cfg = self.config
+        groups = model.optimizer_groups(cfg.weight_decay)
+        # llmkern's AdamW kernels take plain tensors; FSDP2's parameters are DTensor shards
+        sharded = cfg.parallel == "fsdp" and self.dist.is_distributed
+        if cfg.optimizer == "llmkern" and not sharded:
+            from ..optim import AdamW
+
+            return AdamW(groups, lr=cfg.lr, betas=cfg.betas, backend=cfg.backend)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to max_steps (or early stop); returns a summary. resume=True continues from the newest
+        checkpoint of the run folder (an error when there is none)."""
+        cfg = self.config
+        if resume:
+            self._resume()
+        elif self.dist.is_main and os.path.exists(self.log.path):
+            os.remove(self.log.path)  # a fresh run starts a fresh log
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main))
+        stop_reason = "max_steps"
+        if cfg.eval_interval and self.step == 0:
+            self._evaluate_and_check_patience()  # the untrained model's loss: where the curve starts
+        window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
+        try:
+            while self.step < cfg.max_steps:
+                start = time.perf_counter()
+                loss, grad_norm, lr = self._train_step()
+                window_seconds += time.perf_counter() - start
+                self.step += 1
+                bar.update(self.step - bar.n)
+                if loss is None:  # skipped: NaN/inf
+                    continue
+                window_steps += 1
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
+                    self._log_train(loss, grad_norm, lr, tokens_per_s)
+                    window_seconds, window_steps = 0.0, 0
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                    if self._evaluate_and_check_patience():
+                        stop_reason = "early_stopping"
+                        break
+                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+                    self.save()
+            if stop_reason == "max_steps":
+                self._evaluate_and_check_patience()
+            self.save()
+        finally:
+            bar.close()
+        if self.dist.is_main:
+            plot_metrics(self.log.path, self.run_dir)
+        return {"steps": self.step, "stop_reason": stop_reason, "val_loss": self.last_val_loss,
+                "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
+
+    def _train_step(self) -> tuple[float | None, float, float]:
+        """One optimizer step; (mean loss, grad norm, lr), loss None when the step was skipped."""
+        cfg = self.config
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            with self._gradient_sync(micro == self.grad_accum - 1):
+                with self._autocast():
+                    _, loss = self.model(x, y)
+                (loss / self.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist).item()
+        grad_norm = self._clip_gradients()
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            self._skip_step(mean_loss, grad_norm)
+            return None, grad_norm, lr
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm, lr
+
+    def _gradient_sync(self, enabled: bool):
+        """Reduce the gradients over the ranks only after the last micro-batch of a step."""
+        if not self.dist.is_distributed:
+            return contextlib.nullcontext()
+        if self.config.parallel == "fsdp":
+            self.raw_model.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.log.write("skip", step=self.step + 1, loss=loss, grad_norm=grad_norm,
+                       reason="non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm")
+        if self.bad_steps >= self.config.max_bad_steps:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
+            raise TrainingDiverged(
+                f"training stopped at step {self.step + 1}: the loss or gradient norm was NaN/inf for "
+                f"{self.bad_steps} steps in a row (max_bad_steps={self.config.max_bad_steps}); {kept}. "
+                f"Try a lower lr, a longer warmup or dtype=float32."
+            )
+
+    def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
+        flops = self.raw_model.flops_per_token(self.config.seq_len)
+        self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                       mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
+                       peak_mem_gib=peak_memory_gib(self.device))
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first eval_steps * batch_tokens tokens of the val split (the same windows
+        every time, whatever the number of ranks: each takes its share in micro-batches)."""
+        val = TokenLoader(self.data_dir, "val", self.config.micro_batch, self.config.seq_len, mode="sequential",
+                          rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+        return evaluate_loss(self.model, val, self.config.eval_steps * self.grad_accum, self._autocast, self.dist)
+
+    def _evaluate_and_check_patience(self) -> bool:
+        """Evaluate, log; True when patience ran out."""
+        val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        self.log.write("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            if self.config.progress:
+                tqdm.write(f"step {self.step}: val loss {val_loss:.4f}, perplexity {_perplexity(val_loss):.2f}")
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.evals_since_best = val_loss, 0
+            return False
+        self.evals_since_best += 1
+        return bool(self.config.patience) and self.evals_since_best >= self.config.patience
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.config.parallel == "fsdp" and self.dist.is_distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_state_dict(self.raw_model, self.optimizer, options=options)
+        return self.raw_model.state_dict(), self.optimizer.state_dict()
+
+    def save(self) -> str | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank takes part)."""
+        model_state, optim_state = self._state_dicts()
+        path = None
+        if self.dist.is_main:
+            meta = {
+                "config": self.config.to_dict(),
+                "model_config": self.raw_model.config.to_dict(),
+                "tokenizer": self.manifest["tokenizer"],
+                "data_dir": os.path.abspath(self.data_dir),
+                "loader": self.train_loader.state_dict(),
+                "schedule": {"name": self.config.schedule, "next_lr": learning_rate(self.step, self.config)},
+                "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss),
+                            "evals_since_best": self.evals_since_best, "bad_steps": self.bad_steps,
+                            "last_val_loss": self.last_val_loss},
+            }
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
+                                        keep=self.config.keep_checkpoints)
+        distributed.barrier(self.dist)
+        return path
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt.checkpoints_dir(self.run_dir)}")
+        state = ckpt.load_checkpoint(latest)
+        saved_model = state.meta["model_config"]
+        if saved_model != self.raw_model.config.to_dict():
+            raise ValueError(f"cannot resume from {latest}: its model config {saved_model} differs from this run's "
+                             f"{self.raw_model.config.to_dict()}")
+        if self.config.parallel == "fsdp" and self.dist.is_distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.raw_model, self.optimizer, model_state_dict=state.model,
+                           optim_state_dict=state.optimizer, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.raw_model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+        self.train_loader.load_state_dict(state.meta["loader"])
+        ckpt.restore_rng_states(state.rng)
+        counters = state.meta["trainer"]
+        self.step = state.step
+        self.best_val_loss = counters["best_val_loss"] if counters["best_val_loss"] is not None else math.inf
+        self.evals_since_best = counters["evals_since_best"]
+        self.bad_steps = counters["bad_steps"]
+        self.last_val_loss = counters["last_val_loss"]
+        self.log.truncate_after(self.step)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.nullcontext,
+                  dist_info: distributed.DistInfo | None = None) -> float:
+    """Mean next-token loss of `model` over `steps` batches of `loader` (averaged over the ranks)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(steps):
+        x, y = loader.next_batch()[:2]
+        with autocast():
+            _, loss = model(x, y)
+        total += loss.detach().double().cpu()
+    model.train(was_training)
+    mean = total / steps
+    if dist_info is not None:
+        mean = distributed.all_reduce_mean(mean.to(loader.device), dist_info).cpu()
+    return float(mean)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

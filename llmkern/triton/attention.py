@@ -1,0 +1,417 @@
+"""FlashAttention-2 in Triton: forward and backward, causal, GQA, document masking, any S.
+
+Forward: one program per (BLOCK_M query rows, batch, query head). It walks the K/V blocks,
+keeps a running row max m and row sum l of exp(scores - m) in fp32 (online softmax), and
+writes o = acc / l and the log-sum-exp of each row for the backward. Scores never touch memory.
+
+Backward (three kernels, no atomics):
+- delta = rowsum(o * do), the softmax-Jacobian term shared by dq and dk;
+- one program per (BLOCK_N key rows, batch, kv head) walks every query block of every query
+  head of its group and accumulates dk and dv, so the GQA sum happens in registers;
+- one program per (BLOCK_M query rows, batch, query head) walks the key blocks for dq.
+Both recompute p = exp(scores - lse) from the saved lse instead of storing it.
+
+Masks: keys past Sk and rows past Sq (padding of the last block), causal (aligned to the
+bottom right: key j is seen by query i when j <= i + Sk - Sq) and documents (equal doc ids).
+Causal blocks above the diagonal are never visited; with doc_ids, a block pair whose doc-id
+ranges don't meet is skipped after reading only the ids.
+
+Scores are kept in log2 units (scaled by scale * log2(e)) so the exponentials are exp2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+
+LOG2E = math.log2(math.e)
+
+
+def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs; the CPU interpreter gets one tiny config."""
+    if _backend.triton_interpreted():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks
+    ]
+
+
+_FWD_CONFIGS = _configs([
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
+])
+# Backward tiles: BLOCK_N rows of k/v stay in registers in the dk/dv kernel, BLOCK_M rows of q in dq's.
+_BWD_CONFIGS = _configs([
+    (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
+    (16, 32, 4, 1),  # small enough for head dim 256
+])
+# Tuned once per power-of-two length bucket (seq_bucket), not at every new length.
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC"]
+
+
+@triton.jit
+def _tiles_meet(doc_a, mask_a, doc_b, mask_b):
+    """Whether two tiles' ranges of doc ids overlap (a cheap, conservative test for any ids)."""
+    big = 2147483647
+    a_min = tl.min(tl.where(mask_a, doc_a, big), axis=0)
+    a_max = tl.max(tl.where(mask_a, doc_a, -big), axis=0)
+    b_min = tl.min(tl.where(mask_b, doc_b, big), axis=0)
+    b_max = tl.max(tl.where(mask_b, doc_b, -big), axis=0)
+    return (a_min <= b_max) & (b_min <= a_max)
+
+
+@triton.jit
+def _tile_needs_mask(start_n, start_m, seq_k, causal_shift, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_DOC: tl.constexpr):
+    """Whether the tile of keys [start_n, start_n + BLOCK_N) x queries from start_m has any pair
+    to mask: keys past seq_k, keys past the causal diagonal of its first query, or documents.
+    Tiles well inside the visible region (most of them at long S) skip the mask arithmetic."""
+    needs = start_n + BLOCK_N > seq_k
+    if CAUSAL:
+        needs = needs | (start_n + BLOCK_N - 1 > start_m + causal_shift)
+    return needs | HAS_DOC
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+             KEYS_FIRST: tl.constexpr):
+    """Which (query, key) pairs of the tile may attend: (BLOCK_M, BLOCK_N) bool, or
+    (BLOCK_N, BLOCK_M) with KEYS_FIRST (the transposed tiles of the dk/dv kernel)."""
+    if KEYS_FIRST:
+        q_pos, k_pos, q_doc, k_doc = offs_m[None, :], offs_n[:, None], doc_q[None, :], doc_k[:, None]
+    else:
+        q_pos, k_pos, q_doc, k_doc = offs_m[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :]
+    ok = (k_pos < seq_k) & (q_pos >= 0)  # the second term only makes it 2-D
+    if CAUSAL:
+        ok = ok & (k_pos <= q_pos + causal_shift)
+    if HAS_DOC:
+        ok = ok & (q_doc == k_doc)
+    return ok
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, DOC,  # pointers; LSE (B*Hq, Sq) fp32; DOC (B, S) int32 or unused
+    stride_qb, stride_qh, stride_qs,  # element strides (the last dim is contiguous)
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    n_q_heads, group_size,  # Hq, and Hq // Hkv query heads per kv head
+    seq_q, seq_k, seq_bucket,  # seq_bucket: only the autotuning key
+    scale_log2,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D, and D rounded up to a power of two
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_q_heads).to(tl.int64)
+    h = (pid_bh % n_q_heads).to(tl.int64)
+    h_kv = h // group_size
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    k_ptr = K + b * stride_kb + h_kv * stride_kh
+    v_ptr = V + b * stride_vb + h_kv * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    causal_shift = seq_k - seq_q
+    doc_q = offs_m  # placeholder when there are no documents
+    if HAS_DOC:
+        doc_q = tl.load(DOC + b * seq_q + offs_m, mask=row_ok, other=-1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    end_n = seq_k
+    if CAUSAL:  # the last key any row of this block sees
+        end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < seq_k
+        doc_k = offs_n
+        meet = True
+        if HAS_DOC:
+            doc_k = tl.load(DOC + b * seq_k + offs_n, mask=key_ok, other=-2)
+            meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+        if meet:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
+                s = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False),
+                             s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key gets 0
+    o_ptr = O + b * stride_ob + h * stride_oh
+    tl.store(o_ptr + offs_m[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    # Natural-log lse; +inf for an empty row makes the backward's exp(s - lse) = 0 there.
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O, DO, DELTA,  # DELTA (B*Hq, Sq) fp32
+    stride_ob, stride_oh, stride_os,
+    stride_dob, stride_doh, stride_dos,
+    n_q_heads, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_q_heads).to(tl.int64)
+    h = (pid_bh % n_q_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    n_kv_heads, group_size, seq_q, seq_k, seq_bucket,
+    scale, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * Hkv
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    h_kv = (pid_bh % n_kv_heads).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    doc_k = offs_n
+    if HAS_DOC:
+        doc_k = tl.load(DOC + b * seq_k + offs_n, mask=key_ok, other=-2)
+
+    causal_shift = seq_k - seq_q
+    start_m0 = 0
+    if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
+        start_m0 = (tl.maximum(pid_n * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group_size):
+        h = h_kv * group_size + g
+        q_ptr = Q + b * stride_qb + h * stride_qh
+        do_ptr = DO + b * stride_dob + h * stride_doh
+        row_base = (b * n_kv_heads * group_size + h) * seq_q  # into LSE and DELTA
+        for start_m in range(start_m0, seq_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < seq_q
+            doc_q = offs_m
+            meet = True
+            if HAS_DOC:
+                doc_q = tl.load(DOC + b * seq_q + offs_m, mask=row_ok, other=-1)
+                meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+            if meet:
+                q_mask = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_ptr + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+                # Padding rows get lse = +inf, so their p is exactly 0.
+                lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+                # Transposed tiles (keys x queries), so dk and dv accumulate without transposing p.
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+                p_t = tl.exp2(s_t - lse_log2[None, :])
+                if _tile_needs_mask(pid_n * BLOCK_N, start_m, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
+                    ok_t = _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, True)
+                    p_t = tl.where(ok_t, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    n_q_heads, group_size, seq_q, seq_k, seq_bucket,
+    scale, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)  # over B * Hq
+    b = (pid_bh // n_q_heads).to(tl.int64)
+    h = (pid_bh % n_q_heads).to(tl.int64)
+    h_kv = h // group_size
+    k_ptr = K + b * stride_kb + h_kv * stride_kh
+    v_ptr = V + b * stride_vb + h_kv * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    row_base = pid_bh.to(tl.int64) * seq_q
+    lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    doc_q = offs_m
+    if HAS_DOC:
+        doc_q = tl.load(DOC + b * seq_q + offs_m, mask=row_ok, other=-1)
+
+    causal_shift = seq_k - seq_q
+    end_n = seq_k
+    if CAUSAL:
+        end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < seq_k
+        doc_k = offs_n
+        meet = True
+        if HAS_DOC:
+            doc_k = tl.load(DOC + b * seq_k + offs_n, mask=key_ok, other=-2)
+            meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+        if meet:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            p = tl.exp2(s - lse_log2[:, None])
+            if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
+                p = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False),
+                             p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --- host launchers (the op in llmkern/ops/attention.py checked every argument) ---------------
+
+
+def _bucket(seq_q: int, seq_k: int) -> int:
+    return triton.next_power_of_2(max(seq_q, seq_k))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q: torch.Tensor, doc_ids: torch.Tensor | None) -> dict:
+    return dict(
+        HEAD_DIM=q.size(3),
+        BLOCK_D=max(16, triton.next_power_of_2(q.size(3))),
+        HAS_DOC=doc_ids is not None,
+        # fp32 inputs (interpreter tests, the rare fp32 user) get exact fp32 products, not tf32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
+    """o = attention(q, k, v); lse (B, Hq, Sq) fp32 = logsumexp of each row of scaled scores."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.size(1), k.size(2)
+    doc = doc_ids if doc_ids is not None else lse  # an unused pointer when HAS_DOC is False
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
+
+    with _on_device(q):
+        _attention_fwd_kernel[grid](
+            q, k, v, o, lse, doc,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), scale * LOG2E,
+            CAUSAL=causal, **_common(q, doc_ids),
+        )
+
+
+def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, dv) -> None:
+    """dq, dk, dv of attention(q, k, v) given the output gradient do and the forward's o and lse."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.size(1), k.size(2)
+    common = _common(q, doc_ids)
+    doc = doc_ids if doc_ids is not None else lse
+    delta = torch.empty_like(lse)
+    with _on_device(q):
+        delta_block = 16 if _backend.triton_interpreted() else 64
+        _attention_bwd_delta_kernel[(triton.cdiv(sq, delta_block), b * hq)](
+            o, do, delta, *_strides(o), *_strides(do), hq, sq,
+            HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=delta_block,
+        )
+        _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)](
+            q, k, v, do, lse, delta, dk, dv, doc,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            hkv, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
+            CAUSAL=causal, **common,
+        )
+        _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
+            q, k, v, do, lse, delta, dq, doc,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
+            CAUSAL=causal, **common,
+        )
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device), or nowhere in particular on a CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,0 +1,508 @@
+"""llmkern.ops.attention against the float64 math reference, on every backend that runs here.
+
+On a CPU machine the Triton kernels run in the interpreter on tiny shapes (fp16/fp32: the
+interpreter's bf16 dot is wrong); the `cuda`-marked tests cover the full matrix on a GPU.
+A low-precision result passes when its error is at most 2x (plus a small atol) the error of
+PyTorch's own SDPA in the same dtype against the same float64 reference (python_tests/numerics.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern import _backend
+from llmkern.ops import attention, reference
+from numerics import assert_close_to_ref
+
+HAS_CUDA = torch.cuda.is_available()
+CPU = torch.device("cpu")
+
+
+def _kernel_backends(device: torch.device) -> list[str]:
+    return [b for b in ("triton", "cuda") if _backend.can_run(b, "attention", device)]
+
+
+def _gpu_backends() -> list[str]:
+    return _kernel_backends(torch.device("cuda")) if HAS_CUDA else []
+
+
+def _make_qkv(b, hq, hkv, sq, sk, d, dtype, device, strided=False):
+    """Fresh random q, k, v; strided=True gives the views of a fused QKV projection (non-contiguous)."""
+    if strided:
+        if sq != sk:
+            raise ValueError("the fused-projection layout needs Sq == Sk")
+        qkv = torch.randn(b, sq, hq + 2 * hkv, d, dtype=dtype, device=device)
+        q, k, v = qkv.split([hq, hkv, hkv], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D), last dim contiguous
+    else:
+        q = torch.randn(b, hq, sq, d, dtype=dtype, device=device)
+        k = torch.randn(b, hkv, sk, d, dtype=dtype, device=device)
+        v = torch.randn(b, hkv, sk, d, dtype=dtype, device=device)
+    return [t.detach().requires_grad_() for t in (q, k, v)]
+
+
+def _random_doc_ids(b: int, s: int, device) -> torch.Tensor:
+    """Packed documents of random lengths (some of length 1), ids increasing along each row."""
+    starts = torch.rand(b, s, device=device) < 0.15
+    starts[:, 0] = True
+    return starts.cumsum(dim=1).to(torch.int64) - 1
+
+
+def _visibility_mask(sq, sk, causal, doc_ids, device):
+    """(B or 1, 1, Sq, Sk) bool mask equal to the reference's (causal aligned bottom-right)."""
+    mask = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    return mask
+
+
+def _sdpa(q, k, v, causal, scale, doc_ids):
+    """PyTorch's own attention in the inputs' dtype, with the reference's mask."""
+    mask = _visibility_mask(q.size(2), k.size(2), causal, doc_ids, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def check_against_reference(backend, b, hq, hkv, sq, sk, d, dtype, causal, device, strided=False,
+                            doc_ids=None, cu_seqlens=None, scale=None, atol=1e-5):
+    """o, dq, dk, dv of `backend` vs the float64 reference, bounded by 2x SDPA's own error."""
+    q, k, v = _make_qkv(b, hq, hkv, sq, sk, d, dtype, device, strided)
+    kwargs = {"doc_ids": doc_ids} if doc_ids is not None else {}
+    if cu_seqlens is not None:
+        kwargs = {"cu_seqlens": cu_seqlens}
+        doc_ids = attention_module().doc_ids_from_cu_seqlens(cu_seqlens, b, sq)
+    o = attention(q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
+    assert o.shape == (b, hq, sq, d) and o.dtype == dtype
+    if strided:  # the gradient a model hands back through o.transpose(1, 2): strided too
+        do = torch.randn(b, sq, hq, d, dtype=dtype, device=device).transpose(1, 2)
+    else:
+        do = torch.randn_like(o)
+    grads = _grads(o, (q, k, v), do)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention(q64, k64, v64, causal=causal, scale=scale, doc_ids=doc_ids)
+    ref_grads = _grads(ref, (q64, k64, v64), do.double())
+
+    lowp = _sdpa(q, k, v, causal, scale, doc_ids)
+    lowp_grads = _grads(lowp, (q, k, v), do)
+
+    assert_close_to_ref(o, ref, lowp, f"{backend} o", atol=atol)
+    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads):
+        assert g.shape == rg.shape and g.dtype == dtype
+        assert_close_to_ref(g, rg, lg, f"{backend} {name}", atol=atol)
+
+
+def attention_module():
+    return importlib.import_module("llmkern.ops.attention")
+
+
+# --- Triton in the CPU interpreter (tiny shapes), or every kernel backend on a GPU ------------
+
+interp = pytest.mark.skipif(
+    not _backend.can_run("triton", "attention", CPU), reason="Triton interpreter not enabled (TRITON_INTERPRET=1)"
+)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("s", [1, 17, 64])
+def test_triton_interpreter_matches_reference(s, d, causal, dtype):
+    check_against_reference("triton", 1, 4, 2, s, s, d, dtype, causal, CPU)
+
+
+@interp
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (3, 3)])
+def test_triton_interpreter_gqa_and_mha(hq, hkv):
+    check_against_reference("triton", 2, hq, hkv, 23, 23, 32, torch.float32, True, CPU)
+
+
+@interp
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_interpreter_strided_inputs(causal):
+    check_against_reference("triton", 2, 4, 2, 19, 19, 32, torch.float16, causal, CPU, strided=True)
+
+
+@interp
+@pytest.mark.parametrize("sq,sk", [(5, 37), (1, 40)])
+def test_triton_interpreter_shorter_queries_causal_bottom_right(sq, sk):
+    check_against_reference("triton", 1, 2, 1, sq, sk, 32, torch.float32, True, CPU)
+
+
+@interp
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_interpreter_doc_ids(causal):
+    doc_ids = _random_doc_ids(2, 45, CPU)
+    check_against_reference("triton", 2, 4, 2, 45, 45, 32, torch.float32, causal, CPU, doc_ids=doc_ids)
+
+
+@interp
+def test_triton_interpreter_cu_seqlens_and_scale():
+    cu = torch.tensor([0, 3, 4, 20, 33], dtype=torch.int32)
+    check_against_reference("triton", 2, 2, 1, 33, 33, 32, torch.float16, True, CPU, cu_seqlens=cu, scale=0.3)
+
+
+@interp
+def test_triton_interpreter_writes_every_output():
+    """Kernels called directly on NaN-filled outputs: an element they skip stays NaN and fails."""
+    triton_attention = importlib.import_module("llmkern.triton.attention")
+    b, hq, hkv, s, d = 1, 2, 1, 21, 32
+    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, torch.float32, CPU))
+    o = torch.full((b, hq, s, d), float("nan"))
+    lse = torch.full((b, hq, s), float("nan"))
+    triton_attention.forward(q, k, v, None, True, d**-0.5, o, lse)
+    do = torch.randn_like(o)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    triton_attention.backward(do, q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
+    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+    ref_lse = torch.logsumexp(
+        (q @ k.transpose(-2, -1).repeat_interleave(2, dim=1) * d**-0.5).masked_fill(
+            ~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")), dim=-1)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@interp
+def test_triton_interpreter_opcheck():
+    q, k, v = _make_qkv(1, 2, 1, 9, 9, 32, torch.float32, CPU)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, (q, k, v, None, True, 0.2, "triton"))
+    o, lse = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, False, 0.2, "triton")
+    bwd_args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), doc_ids, False, 0.2,
+                "triton")
+    torch.library.opcheck(torch.ops.llmkern.attention_bwd.default, bwd_args)
+
+
+@interp
+def test_triton_interpreter_compile_fullgraph():
+    q, k, v = _make_qkv(1, 2, 2, 12, 12, 32, torch.float32, CPU)
+
+    def loss(q, k, v):
+        return attention(q, k, v, causal=True, backend="triton").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+# --- the Triton kernels compiled for real GPUs, without one ---------------------------------------
+
+# Run in a fresh process: with TRITON_INTERPRET=1 (set by conftest) Triton builds no GPU code.
+_COMPILE_FOR_GPUS = r"""
+import os
+import sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llmkern.triton import attention as A
+
+POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32"}
+for arch in (80, 90):
+    for kernel, blocks, warps in ((A._attention_fwd_kernel, (128, 64), 8),
+                                  (A._attention_bwd_dkdv_kernel, (32, 128), 8),
+                                  (A._attention_bwd_dq_kernel, (64, 64), 4)):
+        for has_doc in (False, True):
+            fn = kernel.fn
+            consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, DOT_PRECISION="tf32",
+                          BLOCK_M=blocks[0], BLOCK_N=blocks[1])
+            sig = {}
+            for name in fn.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name.isupper():
+                    sig[name] = POINTER.get(name, "*bf16")
+                else:
+                    sig[name] = "fp32" if name.startswith("scale") else "i32"
+            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": 3})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the kernels themselves")
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter runs the kernels' Python; this builds their GPU code (ptxas included), which
+    catches what only the compiler rejects (types, layouts, shared memory)."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# --- the torch backend (the reference itself; checks the op's plumbing) -------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_backend_matches_sdpa(causal):
+    q, k, v = _make_qkv(2, 4, 2, 33, 33, 64, torch.float32, CPU)
+    out = attention(q, k, v, causal=causal, backend="torch")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_doc_ids_equal_separate_documents():
+    """Two packed documents attend exactly as if each ran alone."""
+    q, k, v = (t.detach() for t in _make_qkv(1, 2, 2, 30, 30, 32, torch.float32, CPU))
+    doc_ids = torch.tensor([[0] * 12 + [1] * 18])
+    out = attention(q, k, v, backend="torch", doc_ids=doc_ids)
+    first = attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], backend="torch")
+    second = attention(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], backend="torch")
+    torch.testing.assert_close(out, torch.cat([first, second], dim=2))
+
+
+def test_doc_ids_from_cu_seqlens():
+    ids = attention_module().doc_ids_from_cu_seqlens(torch.tensor([0, 2, 2, 5]), 2, 5)
+    assert ids.tolist() == [[0, 0, 2, 2, 2]] * 2
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _qkv(hq=4, hkv=2, s=8, d=32, dtype=torch.float32, b=1):
+    return (torch.randn(b, hq, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype),
+            torch.randn(b, hkv, s, d, dtype=dtype))
+
+
+def test_rejects_heads_not_divisible():
+    with pytest.raises(ValueError, match="multiple"):
+        attention(*_qkv(hq=3, hkv=2), backend="torch")
+
+
+def test_rejects_bad_dtypes():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q.double(), k.double(), v.double(), backend="torch")
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        attention(q, k.half(), v, backend="torch")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        attention(q.numpy(), k, v, backend="torch")
+
+
+def test_rejects_mismatched_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="batch"):
+        attention(q, k[:0], v[:0], backend="torch")
+    with pytest.raises(ValueError, match="head dim"):
+        attention(q, k[..., :16], v[..., :16], backend="torch")
+    with pytest.raises(ValueError, match="sequence length"):
+        attention(q, k, v[:, :, :5], backend="torch")
+    with pytest.raises(ValueError, match="4-D"):
+        attention(q[0], k[0], v[0], backend="torch")
+    with pytest.raises(ValueError, match="same number of heads"):
+        attention(q, k, v[:, :1], backend="torch")
+
+
+def test_rejects_non_contiguous_last_dim():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="last dimension"):
+        attention(q.transpose(2, 3), k, v, backend="torch")
+
+
+def test_rejects_bad_doc_masks():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="shape"):
+        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 7, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="start at 0 and end"):
+        attention(q, k, v, backend="torch", cu_seqlens=torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention(q, k, v, backend="torch", cu_seqlens=torch.tensor([0, 5, 3, 8]))
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 8, dtype=torch.int64),
+                  cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_rejects_bad_scale_and_causal():
+    with pytest.raises(ValueError, match="scale"):
+        attention(*_qkv(), scale=-1.0, backend="torch")
+    with pytest.raises(TypeError, match="causal"):
+        attention(*_qkv(), causal="yes", backend="torch")
+
+
+@interp
+def test_triton_rejects_unsupported_head_dim():
+    with pytest.raises(ValueError, match="head dims"):
+        attention(*_qkv(d=48), backend="triton")
+
+
+def test_cuda_backend_needs_gpu_tensors():
+    with pytest.raises(ValueError, match="cuda"):
+        attention(*_qkv(), backend="cuda")
+
+
+@pytest.mark.skipif(not _backend.cuda_has("attention"), reason="llmkern._cuda has no attention kernels")
+@pytest.mark.parametrize("bad", ["head_dim", "heads", "stride", "alignment", "dtype", "null"])
+def test_cuda_launchers_check_sizes_before_touching_memory(bad):
+    """Bad sizes come back from the C++ launchers as errors naming the kernel (no GPU needed: the
+    checks run before any CUDA call; the fake addresses are never read)."""
+    base = 1 << 20
+    args = dict(q=base, k=base, v=base, doc=0, o=base, lse=base, batch=1, q_heads=4, kv_heads=2, seq_q=8, seq_k=8,
+                head_dim=64, stride=(4 * 8 * 64, 8 * 64, 64), dtype=2)
+    if bad == "head_dim":
+        args["head_dim"] = 48
+    elif bad == "heads":
+        args["q_heads"] = 3
+    elif bad == "stride":
+        args["stride"] = (4 * 8 * 64, 8 * 64, 60)
+    elif bad == "alignment":
+        args["q"] = base + 2
+    elif bad == "dtype":
+        args["dtype"] = 0  # fp32: no tensor-core kernel
+    else:
+        args["o"] = 0
+    mod = _backend.cuda_module()
+    a, st = args, args["stride"]
+    with pytest.raises(RuntimeError, match="attention_forward.*cudaErrorInvalidValue"):
+        mod.attention_forward(a["q"], a["k"], a["v"], a["doc"], a["o"], a["lse"], a["batch"], a["q_heads"],
+                              a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"], st, st, st, st, 0.125, True,
+                              a["dtype"], 0)
+    with pytest.raises(RuntimeError, match="attention_backward.*cudaErrorInvalidValue"):
+        mod.attention_backward(a["q"], a["k"], a["v"], a["o"], base, a["lse"], a["doc"], a["o"], base, base, base,
+                               a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"],
+                               st, st, st, st, st, st, st, st, 0.125, True, a["dtype"], 0)
+
+
+@pytest.mark.cuda
+def test_rejects_mixed_devices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="device"):
+        attention(q.cuda(), k, v.cuda())
+
+
+@pytest.mark.cuda
+def test_cuda_backend_rejects_fp32_and_head_dim():
+    if not _backend.cuda_has("attention"):
+        pytest.skip("llmkern._cuda has no attention kernels")
+    q, k, v = (t.cuda() for t in _qkv(d=64))
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q, k, v, backend="cuda")
+    q, k, v = (t.cuda().half() for t in _qkv(d=32))
+    with pytest.raises(ValueError, match="head dims"):
+        attention(q, k, v, backend="cuda")
+
+
+# --- the full matrix on a GPU ---------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("s", [1, 17, 128, 1000, 4097])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)])
+def test_gpu_matches_reference(backend, dtype, causal, d, s, hq, hkv):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    b = 2 if s <= 1000 else 1
+    check_against_reference(backend, b, hq, hkv, s, s, d, dtype, causal, torch.device("cuda"), atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_strided_doc_ids_and_short_queries(backend, d):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    cuda = torch.device("cuda")
+    check_against_reference(backend, 2, 8, 2, 777, 777, d, torch.bfloat16, True, cuda, strided=True, atol=1e-3)
+    doc_ids = _random_doc_ids(2, 1000, cuda)
+    for causal in (True, False):
+        check_against_reference(backend, 2, 8, 2, 1000, 1000, d, torch.bfloat16, causal, cuda,
+                                doc_ids=doc_ids, atol=1e-3)
+    check_against_reference(backend, 2, 8, 8, 100, 1000, d, torch.float16, True, cuda, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [32, 96, 256])
+def test_gpu_triton_other_head_dims(d):
+    check_against_reference("triton", 1, 4, 2, 300, 300, d, torch.bfloat16, True, torch.device("cuda"), atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernels_write_every_output(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    kernels = importlib.import_module(f"llmkern.{backend}.attention")
+    b, hq, hkv, s, d = 2, 8, 2, 1001, 128
+    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, torch.bfloat16, torch.device("cuda")))
+    o = torch.full_like(q, float("nan")).contiguous()
+    lse = torch.full((b, hq, s), float("nan"), device="cuda")
+    kernels.forward(q, k, v, None, True, d**-0.5, o, lse)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    kernels.backward(torch.randn_like(o), q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
+    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), f"{backend}: {name} has unwritten (NaN) elements"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_memory_grows_linearly(backend):
+    """Extra peak memory of forward + backward at 2S is about 2x (not 4x) that at S."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+
+    def extra_peak(s: int) -> int:
+        q, k, v = _make_qkv(1, 16, 16, s, s, 128, torch.bfloat16, torch.device("cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        attention(q, k, v, backend=backend).backward(torch.ones(q.shape, dtype=q.dtype, device="cuda"))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    for s in (4096, 8192):
+        extra_peak(s)  # warm-up: Triton autotunes per length bucket, with benchmark buffers
+    small, large = extra_peak(4096), extra_peak(8192)
+    assert large < 2.6 * small, f"peak memory grew {large / small:.2f}x from S=4096 to S=8192"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_opcheck_and_compile_fullgraph(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    q, k, v = _make_qkv(2, 8, 2, 130, 130, 64, torch.bfloat16, torch.device("cuda"))
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, (q, k, v, None, True, 0.125, backend))
+    o, lse = torch.ops.llmkern.attention_fwd(q, k, v, None, True, 0.125, backend)
+    bwd_args = (torch.randn_like(o), *(t.detach() for t in (q, k, v, o, lse)), None, True, 0.125, backend)
+    torch.library.opcheck(torch.ops.llmkern.attention_bwd.default, bwd_args)
+
+    def loss(q, k, v):
+        return attention(q, k, v, causal=True, backend=backend).float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.cuda
+def test_gpu_auto_prefers_triton_until_cuda_is_verified():
+    assert _backend.resolve("attention", "auto", torch.device("cuda")) in ("triton", "cuda")
+    assert _backend.PREFERENCE["attention"][0] == "triton"

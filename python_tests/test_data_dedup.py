@@ -1,0 +1,146 @@
+"""Exact dedup, the C++ MinHash against a plain-Python one, and near-dedup recall/false positives."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from llmkern.data.config import NearDedupConfig
+from llmkern.data.dedup import (ExactDedupStage, NearDedupStage, minhash_reference, minhash_signatures,
+                                permutations, shingle_hashes_reference)
+from llmkern.data.readers import Document
+from llmkern.data.stage import StageStats
+
+
+def _random_text(rng: random.Random, n_words: int) -> str:
+    pieces = []
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789éßж中🙂"
+    for _ in range(n_words):
+        word = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        pieces.append(word + rng.choice([" ", " ", "  ", ", ", ".\n", "\t", "-", "'", "\x00", "…"]))
+    return "".join(pieces)
+
+
+def test_exact_dedup_ignores_case_and_whitespace_only():
+    stage = ExactDedupStage()
+    stats = StageStats("exact_dedup")
+    texts = ["Hello  world\n", "hello world", "HELLO\tWORLD ", "hello, world", "other"]
+    kept = stage.run([Document(t, "f", i) for i, t in enumerate(texts)], stats)
+    assert [d.text for d in kept] == ["Hello  world\n", "hello, world", "other"]
+    assert stats.rejected == {"exact_duplicate": 2}
+    stage.remember([Document("a remembered one", "f", 9)])
+    assert stage.run([Document("A remembered   one", "f", 10)], StageStats("x")) == []
+
+
+@pytest.mark.parametrize("num_perm,ngram", [(1, 1), (37, 3), (128, 5), (64, 13)])
+def test_cpp_signatures_equal_python_reference(num_perm, ngram):
+    rng = random.Random(num_perm * 100 + ngram)
+    texts = [_random_text(rng, rng.choice([0, 1, 2, ngram - 1, ngram, ngram + 1, 40, 200])) for _ in range(25)]
+    texts += ["", "   ,,, ...", "Word", "Mixed CASE words here Are Lowercased ÀÉ stay"]
+    a, b = permutations(num_perm, seed=num_perm)
+    sigs, counts = minhash_signatures(texts, a, b, ngram, num_threads=2)
+    assert sigs.shape == (len(texts), num_perm) and sigs.dtype == np.uint32
+    for text, sig, count in zip(texts, sigs, counts):
+        assert count == len(shingle_hashes_reference(text, ngram))
+        assert sig.tolist() == minhash_reference(text, a, b, ngram)
+
+
+def test_signatures_do_not_depend_on_threads_case_or_bytes():
+    rng = random.Random(5)
+    texts = [_random_text(rng, 300) for _ in range(50)]
+    a, b = permutations(128, seed=3)
+    one, _ = minhash_signatures(texts, a, b, 5, num_threads=1)
+    many, _ = minhash_signatures(texts, a, b, 5, num_threads=4)
+    as_bytes, _ = minhash_signatures([t.encode() for t in texts], a, b, 5, num_threads=2)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(one, as_bytes)
+    upper, _ = minhash_signatures([t.upper() for t in texts], a, b, 5)
+    ascii_only = [i for i, t in enumerate(texts) if t.isascii()]
+    np.testing.assert_array_equal(one[ascii_only], upper[ascii_only])
+
+
+def test_signature_argument_errors():
+    a, b = permutations(8, seed=0)
+    with pytest.raises(TypeError, match=r"texts\[1\] must be str or bytes"):
+        minhash_signatures(["ok", 3], a, b, 5)
+    with pytest.raises(TypeError, match="not a single string"):
+        minhash_signatures("one text", a, b, 5)
+    with pytest.raises(ValueError, match="same length"):
+        minhash_signatures(["ok"], a, b[:4], 5)
+    with pytest.raises(ValueError, match="ngram must be >= 1"):
+        minhash_signatures(["ok"], a, b, 0)
+    with pytest.raises(ValueError, match="bands"):
+        NearDedupStage(NearDedupConfig(num_perm=16, bands=32))
+    with pytest.raises(ValueError, match="threshold"):
+        NearDedupStage(NearDedupConfig(threshold=0.0))
+
+
+def _jaccard(x: str, y: str, ngram: int) -> float:
+    sx, sy = set(shingle_hashes_reference(x, ngram)), set(shingle_hashes_reference(y, ngram))
+    return len(sx & sy) / len(sx | sy)
+
+
+def _edit(rng: random.Random, words: list[str], vocab: list[str], edits: int) -> list[str]:
+    out = list(words)
+    for _ in range(edits):
+        i = rng.randrange(len(out))
+        kind = rng.random()
+        if kind < 0.6:
+            out[i] = rng.choice(vocab)
+        elif kind < 0.8:
+            out.insert(i, rng.choice(vocab))
+        elif len(out) > 10:
+            del out[i]
+    return out
+
+
+def test_near_dedup_recall_and_false_positives():
+    """Recall >= 0.95 on pairs at Jaccard >= 0.85; <= 2% false positives on pairs at Jaccard <= 0.5."""
+    rng = random.Random(1234)
+    cfg = NearDedupConfig()
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+    high, low = [], []
+    while len(high) < 300 or len(low) < 300:
+        base = [rng.choice(vocab) for _ in range(rng.randint(80, 400))]
+        want_high = len(high) < 300 and (len(low) >= 300 or rng.random() < 0.5)
+        # Edits per word: few for near-copies, many (tuned to land near 0.5, the hard side) for the rest.
+        rate = rng.uniform(0.002, 0.03) if want_high else rng.uniform(0.08, 0.16)
+        variant = _edit(rng, base, vocab, max(1, round(rate * len(base))))
+        x, y = " ".join(base), " ".join(variant)
+        j = _jaccard(x, y, cfg.ngram)
+        if j >= 0.85 and len(high) < 300:
+            high.append((x, y, j))
+        elif j <= 0.5 and len(low) < 300:
+            low.append((x, y, j))
+    assert max(j for *_, j in low) > 0.4  # the false-positive pairs include hard ones near 0.5
+
+    def flagged(pairs) -> float:
+        stage = NearDedupStage(cfg)
+        stage.run([Document(x, "base", i) for i, (x, _, _) in enumerate(pairs)], StageStats("near_dedup"))
+        stats = StageStats("near_dedup")
+        kept = stage.run([Document(y, "variant", i) for i, (_, y, _) in enumerate(pairs)], stats)
+        return 1.0 - len(kept) / len(pairs)
+
+    recall = flagged(high)
+    false_positive = flagged(low)
+    assert recall >= 0.95, f"recall {recall:.3f} at Jaccard >= 0.85"
+    assert false_positive <= 0.02, f"false positives {false_positive:.3f} at Jaccard <= 0.5"
+
+
+def test_near_dedup_keeps_the_first_and_remembers():
+    rng = random.Random(7)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(200)]
+    original = " ".join(words)
+    copy = " ".join(words[:-1] + ["changed"])
+    other = " ".join(f"v{rng.randrange(10**6)}" for _ in range(200))
+    stage = NearDedupStage(NearDedupConfig(batch_size=2))  # several C++ calls per batch
+    stats = StageStats("near_dedup")
+    docs = [Document(t, "f", i) for i, t in enumerate([original, "", copy, other, copy])]
+    kept = stage.run(docs, stats)
+    assert [d.line for d in kept] == [0, 1, 3]
+    assert stats.rejected == {"near_duplicate": 2} and stats.counts["no_shingles"] == 1
+    fresh = NearDedupStage(NearDedupConfig())
+    fresh.remember([Document(original, "f", 0)])
+    assert fresh.run([Document(copy, "f", 1)], StageStats("near_dedup")) == []

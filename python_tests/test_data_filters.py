@@ -1,0 +1,197 @@
+"""Cleaning, language identification, quality heuristics and the config loader, on crafted documents."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from llmkern.data.clean import CleanStage, clean_text
+from llmkern.data.config import CleanConfig, LangIdConfig, PrepareConfig, QualityConfig, load_config
+from llmkern.data.quality import QualityStage, first_failed_rule
+from llmkern.data.readers import Document
+from llmkern.data.stage import StageStats
+
+GOOD = (
+    "The old lighthouse keeper walked along the rocky shore every morning before sunrise. "
+    "He carried a small lantern and a notebook, writing down the shapes of the clouds and the "
+    "color of the water. Over many years his notes became a quiet record of the changing seasons, "
+    "and the children of the village liked to read them aloud. When storms arrived, he climbed "
+    "the narrow stairs to check that the great lamp was burning brightly for the passing ships.\n"
+    "Nobody in town remembers exactly when he first came to the island, but everyone agrees that "
+    "the harbor felt safer with him watching over it through the long winter nights."
+)
+
+
+# --- cleaning -----------------------------------------------------------------------------------
+
+def test_clean_nfc_controls_and_whitespace():
+    raw = "\ufeffCafe\u0301\x00 au\u00a0\u00a0lait\u200b  \r\nline two\t\tend   \r\n\n\n\n\nlast\x07 line  "
+    assert clean_text(raw) == "Café au lait\nline two end\n\nlast line"
+    assert clean_text("\n  \nMiXeD  Case  \n\n", CleanConfig(lowercase=True)) == "mixed case"
+    code = "def f(x):\n    if x:  # note\n\treturn  x   \n"
+    assert clean_text(code) == "def f(x):\n    if x: # note\n\treturn x"  # indentation kept
+    kept = clean_text("a\x01b\u00a0c", CleanConfig(remove_control=False, normalize_whitespace=False))
+    assert kept == "a\x01b\u00a0c"
+    assert clean_text("e\u0301", CleanConfig(normalize_nfc=False)) == "e\u0301"
+
+
+def test_clean_stage_counts_replacement_chars_and_drops_broken_and_empty():
+    stage = CleanStage(CleanConfig(max_replacement_fraction=0.1))
+    stats = StageStats("clean")
+    docs = [Document("fine text \ufffd with one bad char", "f", 1), Document("\ufffd\ufffd?", "f", 2),
+            Document(" \x00\t\n ", "f", 3), Document("clean", "f", 4)]
+    kept = stage.run(docs, stats)
+    assert [d.line for d in kept] == [1, 4]
+    assert stats.rejected == {"broken_encoding": 1, "empty_after_cleaning": 1}
+    assert stats.counts["replacement_chars"] == 3 and stats.counts["documents_with_replacement_chars"] == 2
+    assert (stats.docs_in, stats.docs_out) == (4, 2)
+    with pytest.raises(ValueError, match="max_replacement_fraction"):
+        CleanStage(CleanConfig(max_replacement_fraction=2.0))
+
+
+# --- quality ------------------------------------------------------------------------------------
+
+def test_good_document_passes():
+    assert first_failed_rule(GOOD) is None
+
+
+def _words(n, start=0):
+    # Distinct alphabetic words of 5 letters: no repetition, normal mean length.
+    out = []
+    for i in range(start, start + n):
+        w, k = "", i
+        for _ in range(5):
+            w += "bcdfghjklmnpqrstvwxz"[k % 20]
+            k //= 20
+        out.append(w)
+    return out
+
+
+def _prose(n_words, start=0):
+    """n_words distinct words with stop words sprinkled in (passes every rule but the word count)."""
+    words = _words(n_words, start)
+    for i in range(0, n_words, 10):
+        words[i] = ["the", "and", "of", "to"][i // 10 % 4]
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("the cat and the dog", "too_few_words"),
+    (" ".join(["the and"] + ["a"] * 100), "mean_word_length_low"),
+    (" ".join(["the and"] + ["x" * 14] * 100), "mean_word_length_high"),
+    (_prose(60) + " #tag" * 10, "symbol_word_ratio"),
+    ("\n".join("- " + " ".join(_prose(60).split()[i:i + 6]) for i in range(0, 60, 6)), "bullet_lines"),
+    ("\n".join(" ".join(_prose(60).split()[i:i + 12]) + " …" for i in range(0, 60, 12)) + "\nend.", "ellipsis_lines"),
+    (_prose(60) + " " + " ".join(["12345"] * 20), "alpha_words"),
+    (" ".join(_words(80)), "stop_words"),
+    ("\n".join([_prose(12, 0), _prose(12, 0), _prose(12, 100), _prose(12, 0), _prose(12, 200)]), "duplicate_lines"),
+    ("\n".join([_prose(60), "alpha one.", "beta two.", "gamma three.", "delta four.", "epsilon five."]
+               + [_prose(40, 300)] * 2), "duplicate_line_chars"),
+    (_prose(60) + " " + "the lighthouse " * 30, "top_2gram_chars"),
+    (_prose(80) + " " + _prose(10, 500) + " " + _prose(10, 500) + " " + _prose(10, 500), "duplicate_5gram_chars"),
+    (_prose(60) + " lorem ipsum dolor", "lorem_ipsum"),
+])
+def test_each_rule_rejects_its_crafted_document(text, rule):
+    assert first_failed_rule(text) == rule
+    # Switching that rule off lets the document through it (it may fail a later rule).
+    off = {"too_few_words": "min_words", "mean_word_length_low": "min_mean_word_length",
+           "mean_word_length_high": "max_mean_word_length", "symbol_word_ratio": "max_symbol_word_ratio",
+           "bullet_lines": "max_bullet_line_fraction", "ellipsis_lines": "max_ellipsis_line_fraction",
+           "alpha_words": "min_alpha_word_fraction", "stop_words": "min_stop_words",
+           "duplicate_lines": "max_duplicate_line_fraction",
+           "duplicate_line_chars": "max_duplicate_line_char_fraction"}
+    if rule in off:
+        assert first_failed_rule(text, dataclasses.replace(QualityConfig(), **{off[rule]: None})) != rule
+    elif rule == "top_2gram_chars":
+        assert first_failed_rule(text, QualityConfig(max_top_ngram_char_fraction={})) != rule
+    elif rule == "duplicate_5gram_chars":
+        assert first_failed_rule(text, QualityConfig(max_duplicate_ngram_char_fraction={})) != rule
+    else:
+        assert first_failed_rule(text, QualityConfig(reject_lorem_ipsum=False)) != rule
+
+
+def test_optional_c4_rules_and_thresholds():
+    code = GOOD + "\nfunction f() { return 1; }"
+    assert first_failed_rule(code) is None
+    assert first_failed_rule(code, QualityConfig(reject_curly_brace=True)) == "curly_brace"
+    ragged = GOOD + "\n" + "\n".join(["a line without an end"] * 3 + ["another without one", "and a third here"])
+    cfg = QualityConfig(min_terminal_punctuation_line_fraction=0.9, max_duplicate_line_fraction=None,
+                        max_duplicate_line_char_fraction=None)
+    assert first_failed_rule(ragged, cfg) == "terminal_punctuation"
+    assert first_failed_rule(GOOD, QualityConfig(min_words=1000)) == "too_few_words"
+    assert first_failed_rule(GOOD, QualityConfig(max_words=10)) == "too_many_words"
+
+
+def test_quality_stage_counts_by_rule():
+    stage = QualityStage(QualityConfig())
+    stats = StageStats("quality")
+    docs = [Document(GOOD, "f", 1), Document("too short", "f", 2), Document(" ".join(_words(80)), "f", 3)]
+    assert [d.line for d in stage.run(docs, stats)] == [1]
+    assert stats.rejected == {"too_few_words": 1, "stop_words": 1}
+    with pytest.raises(ValueError, match="n-gram sizes"):
+        QualityStage(QualityConfig(max_top_ngram_char_fraction={"two": 0.2}))
+
+
+# --- language ID --------------------------------------------------------------------------------
+
+def test_langid_keeps_listed_languages_above_threshold():
+    pytest.importorskip("py3langid")
+    from llmkern.data.langid import LangIdStage, identify
+
+    french = "Le vieux gardien du phare marchait chaque matin le long de la côte rocheuse avant le lever du soleil."
+    german = "Der alte Leuchtturmwärter ging jeden Morgen vor Sonnenaufgang an der felsigen Küste entlang."
+    assert identify(GOOD)[0] == "en" and identify(french)[0] == "fr" and identify(german)[0] == "de"
+    stage = LangIdStage(LangIdConfig(keep=["en", "fr"], threshold=0.5))
+    stats = StageStats("langid")
+    docs = [Document(t, "f", i) for i, t in enumerate([GOOD, french, german, "12 34 56 ... !!"])]
+    kept = stage.run(docs, stats)
+    assert [d.meta["language"] for d in kept] == ["en", "fr"]
+    assert stats.rejected["language_not_kept"] + stats.rejected["language_low_confidence"] == 2
+    assert stats.counts["language_de"] == 1
+    strict = LangIdStage(LangIdConfig(keep=["en"], threshold=1.0))
+    assert strict.run([Document(GOOD, "f", 0)], StageStats("langid")) == []
+    with pytest.raises(ValueError, match="unknown language codes"):
+        LangIdStage(LangIdConfig(keep=["english"]))
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_config_from_toml_json_and_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[quality]\nmin_words = 20\nmax_mean_word_length = 12\n[langid]\nkeep = ["en", "de"]\n'
+                    '[near_dedup]\nthreshold = 0.9\n')
+    cfg = load_config(str(toml), ["--quality.min_words=5", "tokenize.tokenizer=bytes", "clean.lowercase=true"])
+    assert cfg.quality.min_words == 5 and cfg.quality.max_mean_word_length == 12.0
+    assert cfg.langid.keep == ["en", "de"] and cfg.near_dedup.threshold == 0.9
+    assert cfg.tokenize.tokenizer == "bytes" and cfg.clean.lowercase is True
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"reader": {"separator": "\n\n"}, "quality": {"min_words": None}}))
+    cfg = load_config(str(js))
+    assert cfg.reader.separator == "\n\n" and cfg.quality.min_words is None
+    assert load_config() == PrepareConfig()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"qualty": {}}, "unknown key 'qualty'"),
+    ({"quality": {"min_wrods": 3}}, "unknown key 'quality.min_wrods'"),
+    ({"quality": {"min_words": "many"}}, "quality.min_words: expected an integer, got str"),
+    ({"quality": {"min_words": True}}, "expected an integer, got bool"),
+    ({"clean": {"lowercase": 1}}, "clean.lowercase: expected true or false"),
+    ({"langid": {"keep": "en"}}, "langid.keep: expected a list"),
+    ({"langid": {"keep": ["en", 3]}}, r"langid.keep\[1\]: expected a string"),
+    ({"quality": 5}, "expected a table"),
+])
+def test_config_errors_name_the_key(tmp_path, data, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_config(str(path))
+
+
+def test_config_bad_file_and_override():
+    with pytest.raises(ValueError, match=".toml or .json"):
+        load_config("settings.yaml")
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["quality.min_words"])

@@ -1,0 +1,252 @@
+"""`prepare` end to end on a small corpus holding every kind of bad input; re-runs; the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+
+import pytest
+
+from llmkern.cli import main
+from llmkern.data import pipeline
+from llmkern.data.config import load_config
+from llmkern.data.pipeline import prepare, read_parts
+from llmkern.data.readers import BadInputError
+
+STOP = ["the", "and", "of", "to", "with", "that"]
+
+
+def _doc(rng: random.Random, n_words: int = 120) -> str:
+    """A distinct document that passes the quality rules (letters-only words, stop words)."""
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+             for _ in range(n_words)]
+    for i in range(0, n_words, 7):
+        words[i] = rng.choice(STOP)
+    return " ".join(words) + "."
+
+
+def _near_copy(text: str) -> str:
+    words = text.split()
+    words[len(words) // 2] = "changed"
+    return " ".join(words)
+
+
+def _jsonl(path, texts, extra_lines=()):
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A corpus directory, and what a run over it must report."""
+    zstandard = pytest.importorskip("zstandard")
+    rng = random.Random(42)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    first = [_doc(rng) for _ in range(12)]
+    _jsonl(root / "a.jsonl", first, extra_lines=[
+        '{"text": "broken',  # line 13: malformed JSON
+        '{"id": 99}',  # line 14: no text field
+        json.dumps({"text": first[0].upper()}),  # line 15: exact duplicate (case differs)
+        json.dumps({"text": "far too short"}),  # line 16: quality
+    ])
+    (root / "b.txt").write_text("\n\n".join([_doc(rng), _near_copy(first[1]), _doc(rng)]), encoding="utf-8")
+    (root / "c.txt").write_bytes((_doc(rng) + " caf\xe9").encode("latin-1"))  # invalid UTF-8, line 1
+    (root / "d_empty.txt").write_text("  \n")
+    with open(root / "e_huge.jsonl", "w") as f:  # line 2 is over max_document_bytes
+        f.write(json.dumps({"text": _doc(rng)}) + "\n" + json.dumps({"text": "x " * 300_000}) + "\n")
+        f.write(json.dumps({"text": _doc(rng)}) + "\n")
+    (root / "f_corrupt.jsonl.gz").write_bytes(b"not a gzip stream")
+    with gzip.open(root / "g.jsonl.gz", "wt") as f:  # a near-copy of a.jsonl's 3rd document, inputs later
+        f.write(json.dumps({"text": _doc(rng)}) + "\n" + json.dumps({"text": _near_copy(first[2])}) + "\n")
+    (root / "h.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(_doc(rng).encode()))
+    expected_bad = {"malformed_json": 1, "missing_text_field": 1, "invalid_utf8": 1, "empty_file": 1,
+                    "too_long": 1, "unreadable": 1}
+    return root, expected_bad
+
+
+def _config(*overrides):
+    return load_config(None, ["reader.separator=\n\n", "reader.max_document_bytes=100000", "progress=false",
+                              "num_workers=1", *overrides])
+
+
+def _documents(out_dir):
+    return [(d.source, d.line, d.text) for d in read_parts(str(out_dir))]
+
+
+def _counts(report):
+    """The stage statistics without their timings."""
+    return [{k: v for k, v in stage.items() if k != "seconds"} for stage in report["stages"]]
+
+
+def test_prepare_end_to_end(corpus, tmp_path):
+    root, expected_bad = corpus
+    out = tmp_path / "out"
+    report = prepare([str(root)], str(out), _config())
+    assert report["read"]["bad_input"] == expected_bad
+    examples = report["read"]["examples"]
+
+    def first(kind):
+        return os.path.basename(examples[kind][0]["file"]), examples[kind][0]["line"]
+
+    assert first("malformed_json") == ("a.jsonl", 13)
+    assert first("missing_text_field") == ("a.jsonl", 14)
+    assert first("too_long") == ("e_huge.jsonl", 2)
+    assert first("invalid_utf8") == ("c.txt", 1)
+    assert os.path.basename(examples["unreadable"][0]["file"]) == "f_corrupt.jsonl.gz"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["clean", "quality", "exact_dedup", "near_dedup"]
+    assert stages["quality"]["rejected"] == {"too_few_words": 1}
+    assert stages["exact_dedup"]["rejected"] == {"exact_duplicate": 1}
+    assert stages["near_dedup"]["rejected"] == {"near_duplicate": 2}
+    assert stages["clean"]["counts"]["replacement_chars"] == 1
+    for earlier, later in zip(report["stages"], report["stages"][1:]):
+        assert earlier["docs_out"] == later["docs_in"] and earlier["chars_out"] == later["chars_in"]
+    # 12 + 2 good in a.jsonl (the dup, short, bad lines dropped), b: 2 of 3, c: 1, e: 2, g: 1, h: 1
+    docs = _documents(out)
+    assert len(docs) == report["output"]["documents"] == 12 + 2 + 1 + 2 + 1 + 1
+    assert report["read"]["documents"] == stages["clean"]["docs_in"] == 12 + 2 + 3 + 1 + 2 + 2 + 1
+    assert json.loads((out / "report.json").read_text())["stages"] == report["stages"]
+    assert not [n for n in os.listdir(out / "documents") if n.endswith(".tmp")]
+    table = pipeline.format_report(report)
+    assert "near_duplicate 2" in table and "a.jsonl:13" in table
+
+
+def test_rerun_continues_after_a_crash_and_matches_a_clean_run(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    clean_run = prepare([str(root)], str(tmp_path / "clean"), _config())
+
+    real = pipeline._process_file
+    calls = []
+
+    def crash_on_third(index, *args, **kwargs):
+        calls.append(index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process_file", crash_on_third)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(root)], str(out), _config())
+    monkeypatch.setattr(pipeline, "_process_file", real)
+    assert sorted(os.listdir(out / "documents")) == ["part-00000.jsonl", "part-00001.jsonl"]
+
+    resumed = prepare([str(root)], str(out), _config())
+    assert resumed["resumed_inputs"] == 2
+    # g.jsonl.gz, read after the crash, holds a near-copy of a document kept before it: the
+    # resumed run must know that document (re-read from the finished parts) to drop the copy.
+    assert _counts(resumed) == _counts(clean_run) and resumed["read"] == clean_run["read"]
+    assert _documents(out) == _documents(tmp_path / "clean")
+
+    again = prepare([str(root)], str(out), _config())  # everything done: nothing is redone
+    assert again["resumed_inputs"] == again["inputs"] and _counts(again) == _counts(clean_run)
+
+
+def test_worker_processes_give_the_same_output(corpus, tmp_path):
+    root, _ = corpus
+    one = prepare([str(root)], str(tmp_path / "one"), _config())
+    # Tiny batches: many batches in flight at once, results must come back in order.
+    two = prepare([str(root)], str(tmp_path / "two"), _config("num_workers=2", "batch_size=2"))
+    assert _counts(two) == _counts(one) and two["read"] == one["read"]
+    assert _documents(tmp_path / "two") == _documents(tmp_path / "one")
+
+
+def test_output_inside_the_input_directory_is_not_read_back(corpus):
+    root, _ = corpus
+    first = prepare([str(root)], str(root / "out"), _config())
+    second = prepare([str(root)], str(root / "out"), _config())
+    assert second["inputs"] == first["inputs"] and second["resumed_inputs"] == first["inputs"]
+    assert _counts(second) == _counts(first)
+
+
+def test_changed_settings_start_over(corpus, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "out"
+    prepare([str(root)], str(out), _config())
+    report = prepare([str(root)], str(out), _config("quality.enabled=false"))
+    assert report["resumed_inputs"] == 0 and "starting over" in capsys.readouterr().err
+    assert [s["name"] for s in report["stages"]] == ["clean", "exact_dedup", "near_dedup"]
+    assert len(_documents(out)) == report["output"]["documents"]
+    forced = prepare([str(root)], str(out), _config("quality.enabled=false"), resume=False)
+    assert forced["resumed_inputs"] == 0
+
+
+def test_strict_stops_at_the_first_bad_input_and_keeps_earlier_inputs(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match=r"a\.jsonl:13: malformed_json"):
+        prepare([str(root)], str(out), _config("reader.strict=true"))
+    assert os.listdir(out / "documents") == []  # a.jsonl is the first input; its partial part is gone
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = random.Random(9)
+    (good / "1.txt").write_text(_doc(rng))
+    (good / "2.jsonl").write_text('{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(BadInputError, match=r"2\.jsonl:2: missing_text_field"):
+        prepare([str(good)], str(tmp_path / "out2"), _config("reader.strict=true"))
+    assert os.listdir(tmp_path / "out2" / "documents") == ["part-00000.jsonl"]
+
+
+def test_langid_decontam_and_tokenize_stages(tmp_path):
+    pytest.importorskip("py3langid")
+    rng = random.Random(11)
+    english = ("The committee met on Tuesday to discuss the new budget for the public library. Members agreed "
+               "that the reading room needs better lighting and that more books for children should be bought "
+               "with the money left over from last year. The chair thanked the volunteers who kept the doors "
+               "open during the long renovation, and the meeting ended with a vote to publish the minutes.")
+    french = ("Le comité s'est réuni mardi pour discuter du nouveau budget de la bibliothèque publique. Les membres "
+              "ont convenu que la salle de lecture a besoin d'un meilleur éclairage et que des livres pour les "
+              "enfants devraient être achetés avec l'argent restant de l'année dernière, "
+              "et la séance a été levée.")
+    secret = " ".join(_doc(rng, 30).split()[:20])
+    (tmp_path / "eval.txt").write_text(secret)
+    corpus = tmp_path / "c.jsonl"
+    _jsonl(corpus, [english, french, english.replace("Tuesday", "Monday") + " " + secret, _doc(rng)])
+    config = _config("langid.enabled=true", "decontam.enabled=true", f'decontam.eval_sets=["{tmp_path / "eval.txt"}"]',
+                     "quality.enabled=false", "tokenize.enabled=true", "tokenize.tokenizer=bytes",
+                     "tokenize.val_fraction=0", "tokenize.num_workers=1")
+    report = prepare([str(corpus)], str(tmp_path / "out"), config)
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["langid"]["rejected"]["language_not_kept"] >= 1  # French (and perhaps the random words)
+    assert stages["decontam"]["rejected"] == {"contaminated": 1}
+    kept = [d.text for d in read_parts(str(tmp_path / "out"))]
+    assert english in kept and french not in kept
+    # Byte tokenizer: one token per UTF-8 byte plus an end-of-text before each document.
+    assert report["tokens"]["tokens"]["train"] == sum(len(t.encode()) + 1 for t in kept)
+    assert os.path.exists(tmp_path / "out" / "tokens" / "manifest.json")
+
+
+def test_cli_data_prepare(corpus, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(root), "--out", str(out), "--quiet", "--reader.separator=\n\n",
+                 "--quality.min_words=5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["quality"]["min_words"] == 5 and report["output"]["documents"] > 0
+    assert main(["data", "prepare", str(root), "--out", str(out), "--quality.min_wrods=5"]) == 2
+    assert "unknown key 'quality.min_wrods'" in capsys.readouterr().err
+    assert main(["data", "prepare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    config = tmp_path / "c.toml"
+    config.write_text('progress = false\n[reader]\nseparator = "\\n\\n"\n[near_dedup]\nenabled = false\n')
+    assert main(["data", "prepare", str(root), "--out", str(out), "--config", str(config)]) == 0
+    assert [s["name"] for s in json.loads((out / "report.json").read_text())["stages"]] == [
+        "clean", "quality", "exact_dedup"]
+
+
+def test_real_text_to_gpt2_shards(shared_data, tmp_path):
+    """The Verdict, split into paragraphs, through every default stage into GPT-2 token shards."""
+    source = os.path.join(shared_data, "the-verdict.txt")
+    ranks = os.path.join(shared_data, "gpt2.tiktoken")
+    config = _config("quality.min_words=20", "tokenize.enabled=true", f"tokenize.tokenizer={ranks}",
+                     "tokenize.val_fraction=0", "tokenize.num_workers=1")
+    report = prepare([source], str(tmp_path / "out"), config)
+    kept = [d.text for d in read_parts(str(tmp_path / "out"))]
+    assert report["output"]["documents"] == len(kept) > 5
+    from llmkern.data.tokenizer import get_tokenizer
+
+    gpt2 = get_tokenizer(ranks)
+    assert report["tokens"]["tokens"]["train"] == sum(len(gpt2.encode(t)) + 1 for t in kept)
+    assert report["tokens"]["dtype"] == "uint16"

@@ -1,0 +1,83 @@
+"""Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from llmkern.data.shards import tokenize_documents
+from llmkern.train import TrainConfig, Trainer
+from llmkern.train import checkpoint as ckpt
+from llmkern.train.metrics import read_metrics
+
+from test_train import TINY_MODEL, synthetic_documents
+
+WORLD = 2
+
+
+def config(out_dir, data_dir, parallel):
+    # batch_tokens = 2 micro-batches of 4 x 32: accumulated in one process, one per rank in two
+    return TrainConfig(out_dir=str(out_dir), data_dir=data_dir, preset="tiny", model=dict(TINY_MODEL), batch_tokens=256,
+                       micro_batch=4, seq_len=32, max_steps=5, lr=3e-3, warmup_steps=1, eval_interval=0, eval_steps=2,
+                       ckpt_interval=3, log_interval=1, progress=False, seed=3, parallel=parallel).validate()
+
+
+def _worker(rank, port, out_dir, data_dir, parallel, resume):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from llmkern.train import distributed
+
+    try:
+        Trainer(config(out_dir, data_dir, parallel)).fit(resume=resume)
+    finally:
+        distributed.shutdown()
+
+
+def run_two_processes(out_dir, data_dir, parallel, resume):
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir), data_dir, parallel, resume), nprocs=WORLD,
+                       join=True, start_method="spawn")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(run_dir):
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def learning_numbers(records):
+    """What a run computes, without its timings."""
+    return [{k: v for k, v in r.items() if k in ("kind", "step", "loss", "lr", "grad_norm", "val_loss")} for r in records]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, parallel):
+    data_dir = str(tmp_path / "shards")
+    tokenize_documents(synthetic_documents(), "bytes", data_dir, val_fraction=0.15, seed=0)
+    Trainer(config(tmp_path / "single", data_dir, parallel)).fit()
+    run_two_processes(tmp_path / "multi", data_dir, parallel, resume=False)
+
+    single, multi = records(tmp_path / "single"), records(tmp_path / "multi")
+    assert [r["step"] for r in multi] == [r["step"] for r in single]
+    for a, b in zip(single, multi):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    # rank 0 wrote one checkpoint with the whole model, equal to the single process's
+    one, two = ckpt.load_checkpoint(str(tmp_path / "single")), ckpt.load_checkpoint(str(tmp_path / "multi"))
+    assert set(one.model) == set(two.model)
+    for name in one.model:
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)
+
+    # resuming the 2-process run from step 3 repeats its steps 4 and 5 exactly
+    for step, path in ckpt.step_dirs(str(tmp_path / "multi")):
+        if step == 5:
+            os.rename(path, str(tmp_path / "multi_step5"))
+    run_two_processes(tmp_path / "multi", data_dir, parallel, resume=True)
+    assert learning_numbers(records(tmp_path / "multi")) == learning_numbers(multi)

@@ -1,0 +1,205 @@
+"""Generation: the KV cache changes nothing but speed, batches equal single prompts, sampling
+emits only allowed tokens, eos stops a row, and bad arguments are refused clearly."""
+
+import pytest
+import torch
+
+from llmkern.model import GPT, GPTConfig, generate
+from llmkern.model.generate import _sample
+
+VOCAB = 200
+SHARPEN = 10.0
+
+LAYOUTS = {
+    "learned": dict(),
+    "rope": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "rope-gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1),
+    "learned-gqa": dict(n_kv_head=2),
+}
+
+
+def make_model(layout: str = "learned", block_size: int = 48, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=4, n_embd=64, **LAYOUTS[layout])
+    cfg.update(overrides)
+    model = GPT(GPTConfig.from_dict(cfg))
+    # Larger weights than GPT-2's init: sharp attention and sharp predictions, so that the tokens
+    # depend strongly on positions and on which keys are seen (a wrong position or mask shows).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(SHARPEN)
+    return model.eval()
+
+
+def greedy_by_hand(model: GPT, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding from the definition: rerun model.forward on the whole sequence each step."""
+    seq = list(prompt)
+    for _ in range(steps):
+        window = torch.tensor([seq[-model.config.block_size :]])
+        logits, _ = model(window)
+        seq.append(int(logits[0, -1].argmax()))
+    return seq
+
+
+PROMPTS = [[5, 17, 3], [101, 2, 2, 9, 44, 180, 7], [60]]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cached_greedy_equals_uncached_and_the_definition(layout):
+    model = make_model(layout)
+    cached = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    uncached = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    assert cached == uncached
+    # Each row of the left-padded batch equals its prompt decoded alone, from the definition.
+    for prompt, row in zip(PROMPTS, cached):
+        assert row == greedy_by_hand(model, prompt, 12)
+
+
+@pytest.mark.parametrize("layout", ["learned", "rope-gqa"])
+def test_generation_past_block_size_slides_the_window(layout):
+    model = make_model(layout, block_size=16)
+    prompts = [list(range(10, 30)), [3, 4, 5]]  # the first is longer than block_size: cropped
+    cached = generate(model, prompts, max_new_tokens=20, temperature=0)
+    assert cached == generate(model, prompts, max_new_tokens=20, temperature=0, use_cache=False)
+    for prompt, row in zip(prompts, cached):
+        assert len(row) == len(prompt) + 20
+        assert row == greedy_by_hand(model, prompt, 20)
+
+
+def test_tensor_prompts_and_zero_new_tokens():
+    model = make_model()
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(model, prompts, max_new_tokens=4, temperature=0)
+    assert out == generate(model, prompts.tolist(), max_new_tokens=4, temperature=0)
+    assert [r[:3] for r in out] == prompts.tolist() and all(len(r) == 7 for r in out)
+    assert generate(model, [[1, 2]], max_new_tokens=0) == [[1, 2]]
+
+
+def allowed_tokens(model: GPT, row: list[int], prompt_len: int, keep) -> None:
+    """Check that each new token of `row` is among keep(logits) for the logits before it."""
+    logits, _ = model(torch.tensor([row]))
+    for t in range(prompt_len, len(row)):
+        allowed = keep(logits[0, t - 1])
+        assert allowed[row[t]], f"token {row[t]} at step {t - prompt_len} was not allowed"
+
+
+def test_top_k_samples_only_the_k_most_likely():
+    model = make_model("rope")
+    k = 3
+    prompts = [[7, 8, 9]] * 6
+    out = generate(model, prompts, max_new_tokens=10, temperature=1.5, top_k=k, seed=1)
+
+    def keep(logits):  # the k largest, with a little slack for ties between cached and full logits
+        return logits >= logits.topk(k).values[-1] - 1e-4
+
+    for row in out:
+        allowed_tokens(model, row, 3, keep)
+    assert len({tuple(r) for r in out}) > 1  # it does sample (6 rows, 10 steps, 3 choices each)
+
+
+def test_top_p_samples_only_the_nucleus():
+    model = make_model("learned")
+    top_p, temperature = 0.6, 0.8
+    out = generate(model, [[11, 12]] * 6, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=2)
+
+    def keep(logits):
+        probs = (logits / temperature).softmax(-1)
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep_sorted = mass_before < top_p + 1e-4  # the smallest prefix reaching top_p (plus slack)
+        kept = torch.zeros_like(keep_sorted)
+        kept[order] = keep_sorted
+        assert kept.sum() < VOCAB // 2  # the nucleus is a real restriction here
+        return kept
+
+    for row in out:
+        allowed_tokens(model, row, 2, keep)
+
+
+def draw(logits: list[float], n: int = 4000, **kwargs) -> set[int]:
+    """The tokens that n draws from one row of logits produce."""
+    rows = torch.tensor([logits]).log().expand(n, -1)  # logits given as probabilities
+    generator = torch.Generator().manual_seed(0)
+    return set(_sample(rows, generator=generator, **kwargs).tolist())
+
+
+def test_sample_filters_on_known_distributions():
+    probs = [0.1, 0.4, 0.2, 0.3]  # sorted: 1 (0.4), 3 (0.3), 2 (0.2), 0 (0.1)
+    plain = dict(temperature=1.0, top_k=None, top_p=None)
+    assert draw(probs, **plain) == {0, 1, 2, 3}
+    assert draw(probs, **plain | dict(top_k=2)) == {1, 3}
+    assert draw(probs, **plain | dict(top_k=1)) == {1}
+    assert draw(probs, **plain | dict(top_p=0.41)) == {1, 3}  # 0.4 < 0.41, so the 0.3 joins
+    assert draw(probs, **plain | dict(top_p=0.39)) == {1}  # 0.4 already reaches 0.39
+    assert draw(probs, **plain | dict(top_p=0.75)) == {1, 3, 2}
+    assert draw(probs, **plain | dict(top_p=1.0)) == {0, 1, 2, 3}
+    # top-k first, then top-p on the renormalised rest: 0.4/0.9 + 0.3/0.9 = 0.78 reaches 0.75.
+    assert draw(probs, **plain | dict(top_k=3, top_p=0.75)) == {1, 3}
+    assert draw(probs, **plain | dict(temperature=0)) == {1}
+
+
+def test_top_k_one_is_greedy():
+    model = make_model("rope-gqa")
+    assert generate(model, PROMPTS, 8, temperature=1.0, top_k=1, seed=0) == generate(model, PROMPTS, 8, temperature=0)
+
+
+def test_seed_makes_sampling_reproducible():
+    model = make_model()
+    first = generate(model, PROMPTS, 10, temperature=1.0, seed=123)
+    assert generate(model, PROMPTS, 10, temperature=1.0, seed=123) == first
+    assert generate(model, PROMPTS, 10, temperature=1.0, seed=123, use_cache=False) == first
+
+
+def test_eos_stops_each_row():
+    model = make_model("rope")
+    free = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    eos = free[0][len(PROMPTS[0]) + 3]  # the 4th token greedy emits for the first prompt
+    stopped = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token=eos)
+    for prompt, full, row in zip(PROMPTS, free, stopped):
+        new = full[len(prompt) :]
+        expected = new[: new.index(eos) + 1] if eos in new else new
+        assert row == prompt + expected
+    assert stopped[0][-1] == eos and len(stopped[0]) == len(PROMPTS[0]) + 4
+
+
+def test_training_mode_is_restored():
+    model = make_model()
+    model.train()
+    generate(model, [[1]], 2, temperature=0)
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(prompts=[[]]), ValueError, "non-empty list"),
+        (dict(prompts=[]), TypeError, "non-empty list"),
+        (dict(prompts=[[1, VOCAB]]), ValueError, f"[0, {VOCAB})"),
+        (dict(prompts=[[1, -1]]), ValueError, "token ids are ints"),
+        (dict(prompts=torch.zeros(2, 3)), ValueError, "integer ids"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+        (dict(temperature=-0.5), ValueError, "temperature"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(eos_token="</s>"), TypeError, "eos_token"),
+        (dict(use_cache=1), TypeError, "use_cache"),
+    ],
+)
+def test_argument_errors(kwargs, error, words):
+    model = make_model()
+    args = dict(prompts=[[1, 2]], max_new_tokens=2) | kwargs
+    with pytest.raises(error) as info:
+        generate(model, **args)
+    assert words in str(info.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["learned", "rope-gqa"])
+def test_cached_greedy_on_gpu_bf16(layout):
+    model = make_model(layout, n_embd=256).cuda().to(torch.bfloat16)  # heads of 64: the cuda attention runs them
+    cached = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    uncached = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    # bf16 rounding differs between the cached and full paths; the first tokens must agree.
+    assert [r[: len(p) + 3] for r, p in zip(cached, PROMPTS)] == [r[: len(p) + 3] for r, p in zip(uncached, PROMPTS)]

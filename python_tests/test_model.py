@@ -1,0 +1,390 @@
+"""The GPT model: preset shapes and parameter counts, each block variant against an independent
+plain-PyTorch forward (values and gradients), backends against each other, init, config errors."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern import _backend
+from llmkern.model import GPT, PRESETS, GPTConfig
+from llmkern.model.gpt import positions_in_documents
+
+VOCAB = 300  # not a multiple of 64, so the padding of the output layer is exercised
+
+
+def tiny(**overrides) -> GPTConfig:
+    base = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    return GPTConfig.from_dict({**base, **overrides})
+
+
+def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's forward rewritten with plain tensor ops from its parameters (no llmkern.ops),
+    to catch a wrong RoPE convention, GQA head mapping, SwiGLU or fused residual add."""
+    cfg = model.config
+    b, t = idx.shape
+    c, h, hkv, d = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+
+    def norm(module, x):
+        if cfg.norm == "layernorm":
+            return F.layer_norm(x, (c,), module.weight, module.bias, cfg.norm_eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * module.weight
+
+    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * freqs  # (T, D/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).float()  # (T, D)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).float()
+
+    def rotate(x):  # (B, heads, T, D), rotate-half convention
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    x = model.wte.weight[idx]
+    if cfg.pos == "learned":
+        x = x + model.wpe.weight[:t]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for block in model.blocks:
+        a = block.attn
+        qkv = F.linear(norm(block.norm1, x), a.qkv.weight, a.qkv.bias)
+        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.reshape(b, t, h, d).transpose(1, 2)
+        k = k.reshape(b, t, hkv, d).transpose(1, 2)
+        v = v.reshape(b, t, hkv, d).transpose(1, 2)
+        if cfg.pos == "rope":
+            q, k = rotate(q), rotate(k)
+        k = k.repeat_interleave(h // hkv, dim=1)  # query head i reads kv head i // (h / hkv)
+        v = v.repeat_interleave(h // hkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, c), a.proj.weight, a.proj.bias)
+        n = norm(block.norm2, x)
+        mlp = block.mlp
+        if cfg.mlp == "gelu":
+            inner = F.gelu(F.linear(n, mlp.fc.weight, mlp.fc.bias), approximate="tanh")
+        else:
+            gate, up = F.linear(n, mlp.gate_up.weight, mlp.gate_up.bias).chunk(2, dim=-1)
+            inner = F.silu(gate) * up
+        x = x + F.linear(inner, mlp.proj.weight, mlp.proj.bias)
+    return F.linear(norm(model.norm_f, x), model.lm_head.weight)[..., : cfg.vocab_size]
+
+
+# --- presets and parameter counts -------------------------------------------------------------
+
+
+def build_on_meta(config: GPTConfig) -> GPT:
+    with torch.device("meta"):  # shapes only: instant, no memory
+        return GPT(config)
+
+
+def test_gpt2_has_124m_parameters():
+    model = build_on_meta(GPTConfig.from_preset("gpt2"))
+    # Hugging Face's GPT-2 has 124,439,808 parameters (tied embeddings, vocab 50257). Ours pads the
+    # vocabulary to 50304 = 786 * 64, adding 47 rows of 768 to the tied table.
+    assert model.config.padded_vocab_size == 50304
+    assert model.num_parameters() == 124_439_808 + 47 * 768 == 124_475_904
+    # Without the position table (1024 x 768); the tied table stays, as the output layer.
+    assert model.num_parameters(non_embedding=True) == 124_475_904 - 1024 * 768
+
+
+def test_gpt2_medium_has_355m_parameters():
+    model = build_on_meta(GPTConfig.from_preset("gpt2-medium"))
+    assert model.num_parameters() == 354_823_168 + 47 * 1024  # HF gpt2-medium + the vocab padding
+
+
+def expected_parameter_count(cfg: GPTConfig) -> int:
+    """Counted from the architecture by hand, independent of the module tree."""
+    c, hidden, kv = cfg.n_embd, cfg.hidden_size, cfg.n_kv_head * cfg.head_dim
+    bias = int(cfg.bias)
+    norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    attn = c * (c + 2 * kv) + bias * (c + 2 * kv) + c * c + bias * c
+    mlp_in = 2 * hidden if cfg.mlp == "swiglu" else hidden
+    mlp = c * mlp_in + bias * mlp_in + hidden * c + bias * c
+    table = cfg.padded_vocab_size * c
+    return (
+        table * (1 if cfg.tie_embeddings else 2)
+        + (cfg.block_size * c if cfg.pos == "learned" else 0)
+        + cfg.n_layer * (2 * norm + attn + mlp)
+        + norm
+    )
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_shapes_and_counts(preset):
+    cfg = GPTConfig.from_preset(preset)
+    model = build_on_meta(cfg)
+    assert len(model.blocks) == cfg.n_layer
+    assert model.wte.weight.shape == (cfg.padded_vocab_size, cfg.n_embd)
+    assert cfg.padded_vocab_size % 64 == 0 and 0 <= cfg.padded_vocab_size - cfg.vocab_size < 64
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.weight.shape == ((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, cfg.n_embd)
+    assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
+    assert model.num_parameters() == expected_parameter_count(cfg)
+
+
+def test_llama_small_shape():
+    cfg = GPTConfig.from_preset("llama-small")
+    assert (cfg.norm, cfg.pos, cfg.mlp, cfg.tie_embeddings, cfg.bias) == ("rmsnorm", "rope", "swiglu", False, False)
+    assert cfg.n_kv_head < cfg.n_head
+    assert cfg.hidden_size == 2048  # 8/3 * 768 = 2048, already a multiple of 64
+
+
+def test_swiglu_hidden_rounds_up_to_64():
+    assert tiny(mlp="swiglu", n_embd=96, n_head=4).hidden_size == 256  # 8/3 * 96 = 256
+    assert tiny(mlp="swiglu", n_embd=100, n_head=4).hidden_size == 320  # 266.7 -> 320
+    assert tiny(mlp="gelu").hidden_size == 4 * 64
+    assert tiny(mlp="swiglu", mlp_hidden=72).hidden_size == 72
+
+
+# --- forward and backward of each variant -------------------------------------------------------
+
+VARIANTS = {
+    "gpt2": dict(),
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False),
+    "rmsnorm-learned-gelu-gqa1": dict(norm="rmsnorm", n_kv_head=1),
+    "layernorm-rope-swiglu-bias": dict(pos="rope", mlp="swiglu", bias=True),
+    "layernorm-nobias-untied": dict(bias=False, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_matches_plain_reference(variant):
+    model = GPT(tiny(**VARIANTS[variant]))
+    idx = torch.randint(0, VOCAB, (3, 19))  # odd batch and length
+    targets = torch.randint(0, VOCAB, (3, 19))
+    targets[0, :4] = -1  # ignored positions
+
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 19, VOCAB)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    ref = reference_logits(model, idx)
+    ref_loss = F.cross_entropy(ref.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-1)
+    ref_loss.backward()
+
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(ours[name]).all(), name
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_logits_for_all_positions_without_targets():
+    model = GPT(tiny())
+    idx = torch.randint(0, VOCAB, (2, 7))
+    logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, 7, VOCAB)
+    # Causal: the logits of the first 4 positions do not depend on later tokens.
+    logits_prefix, _ = model(idx[:, :4])
+    torch.testing.assert_close(logits[:, :4], logits_prefix, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_packed_documents_are_processed_as_if_alone(variant):
+    model = GPT(tiny(**VARIANTS[variant]))
+    with torch.no_grad():  # sharper attention than the init's, so that leaking across documents shows
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10)
+    lengths = [5, 1, 11]
+    docs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    logits, _ = model(packed, doc_ids=doc_ids)
+    alone = torch.cat([model(d)[0] for d in docs], dim=1)
+    torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model(packed)[0], alone, rtol=1e-4, atol=1e-5)  # the mask matters
+
+
+def test_positions_in_documents():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [7, 7, 7, 7, 7, 7]])
+    assert positions_in_documents(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_initial_loss_is_log_vocab(variant):
+    vocab = 1000
+    model = GPT(tiny(vocab_size=vocab, **VARIANTS[variant]))
+    idx = torch.randint(0, vocab, (4, 32))
+    _, loss = model(idx, torch.randint(0, vocab, (4, 32)))
+    # Small random weights give nearly uniform predictions: loss ~ ln(vocab) = 6.91.
+    assert abs(loss.item() - math.log(vocab)) < 0.1
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = tiny(**VARIANTS["llama"])
+    plain = GPT(cfg)
+    checkpointed = GPT(tiny(**VARIANTS["llama"], activation_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    for model in (plain, checkpointed):
+        model(idx, targets)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dropout_is_active_in_training_only():
+    model = GPT(tiny(dropout=0.5))
+    idx = torch.randint(0, VOCAB, (2, 8))
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+
+def test_triton_backend_matches_torch_backend_in_the_interpreter():
+    kernels = [op for op in ("rms_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
+    if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
+        pytest.skip("no Triton kernels that run here")
+    # fp32 (the interpreter's bf16 dot is wrong); head dim 32, one of the Triton attention sizes.
+    overrides = dict(VARIANTS["llama"], n_embd=64, n_head=2, n_kv_head=1, n_layer=1, block_size=16)
+    reference = GPT(tiny(**overrides, backend="torch"))
+    model = GPT(tiny(**overrides, backend="triton"))
+    model.load_state_dict(reference.state_dict())
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    logits, loss = model(idx, targets)  # ops without Triton kernels fall back to torch, with a warning
+    loss.backward()
+    ref_logits, ref_loss = reference(idx, targets)
+    ref_loss.backward()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant):
+    overrides = dict(VARIANTS[variant], n_embd=256, n_head=4, block_size=128)
+    if "n_kv_head" in overrides:
+        overrides["n_kv_head"] = 2
+    reference = GPT(tiny(**overrides, backend="torch")).cuda()
+    model = GPT(tiny(**overrides, backend=backend)).cuda()
+    model.load_state_dict(reference.state_dict())
+    idx = torch.randint(0, VOCAB, (4, 128), device="cuda")
+    targets = torch.randint(0, VOCAB, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+        ref_logits, ref_loss = reference(idx, targets)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
+
+
+def test_torch_compile_traces_the_whole_model_without_graph_breaks():
+    # aot_eager: dynamo and AOTAutograd trace forward and backward (no C++ compiler needed).
+    model = GPT(tiny(**VARIANTS["llama"], activation_checkpointing=True))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    logits, loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(logits, model(idx)[0])
+
+
+@pytest.mark.cuda
+def test_torch_compile_fullgraph_matches_eager():
+    model = GPT(tiny(**VARIANTS["llama"], n_embd=128, n_head=2, n_kv_head=1)).cuda()
+    idx = torch.randint(0, VOCAB, (2, 32), device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=1e-3, atol=1e-3)
+
+
+# --- init, accounting, optimizer groups -------------------------------------------------------------
+
+
+def test_gpt2_init():
+    cfg = tiny(n_layer=8, n_embd=256, n_head=4)
+    model = GPT(cfg)
+    block = model.blocks[0]
+    assert abs(block.attn.qkv.weight.std().item() - 0.02) < 0.001
+    assert abs(block.mlp.fc.weight.std().item() - 0.02) < 0.001
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert abs(block.attn.proj.weight.std().item() - residual_std) < 0.0005
+    assert abs(block.mlp.proj.weight.std().item() - residual_std) < 0.0005
+    assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.norm1.weight == 1)
+
+
+def test_optimizer_groups_split_matrices_from_vectors():
+    model = GPT(tiny(**{**VARIANTS["llama"], "tie_embeddings": True}))
+    decay, no_decay = model.optimizer_groups(weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+    assert any(p is model.wte.weight for p in decay["params"])
+    assert sum(p is model.wte.weight for p in decay["params"]) == 1  # the tied table once
+    torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)  # a valid param-group list
+
+
+def test_flops_per_token():
+    model = build_on_meta(GPTConfig.from_preset("gpt2"))
+    n = 124_475_904 - 1024 * 768
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+    assert model.flops_per_token(seq_len=256) == 6 * n + 12 * 12 * 768 * 256
+
+
+# --- config and input errors ----------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json():
+    cfg = GPTConfig.from_preset("tiny-llama", dropout=0.1)
+    again = GPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.n_kv_head == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (dict(n_layers=2), ValueError, "unknown GPTConfig keys ['n_layers']"),
+        (dict(n_layer="2"), TypeError, "n_layer must be int"),
+        (dict(n_layer=2.0), TypeError, "n_layer must be int"),
+        (dict(tie_embeddings=1), TypeError, "tie_embeddings must be bool"),
+        (dict(bias="no"), TypeError, "bias must be bool"),
+        (dict(dropout="0.1"), TypeError, "dropout must be float"),
+        (dict(mlp_hidden=True), TypeError, "mlp_hidden must be int or None"),
+        (dict(n_embd=100, n_head=3), ValueError, "multiple of n_head"),
+        (dict(n_head=4, n_kv_head=3), ValueError, "multiple of n_kv_head"),
+        (dict(n_embd=36, n_head=4, pos="rope"), ValueError, "even head dim"),
+        (dict(norm="batchnorm"), ValueError, "norm must be one of"),
+        (dict(pos="alibi"), ValueError, "pos must be one of"),
+        (dict(backend="tpu"), ValueError, "backend must be one of"),
+        (dict(dropout=1.0), ValueError, "dropout must be in [0, 1)"),
+        (dict(n_layer=0), ValueError, "n_layer must be >= 1"),
+    ],
+)
+def test_config_errors(overrides, error, words):
+    with pytest.raises(error) as info:
+        GPTConfig.from_preset("tiny", **overrides)
+    assert words in str(info.value)
+
+
+def test_config_accepts_int_for_float():
+    cfg = GPTConfig.from_preset("tiny", rope_theta=500000)
+    assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
+        GPTConfig.from_preset("gpt5")
+
+
+def test_input_errors():
+    model = GPT(tiny())
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must have idx's shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="config must be a GPTConfig"):
+        GPT({"n_layer": 2})

@@ -1,0 +1,143 @@
+"""llmkern.data.tokenizer: specs, round trips on random Unicode, GPT-2's ids, errors."""
+
+import base64
+import os
+import random
+
+import pytest
+
+from llmkern.data.tokenizer import ENDOFTEXT, get_tokenizer
+
+# Code points drawn from every width of UTF-8 and several scripts; no surrogates.
+_ALPHABETS = [
+    (0x20, 0x7E),  # ASCII
+    (0xA0, 0x17F),  # Latin-1, Latin Extended-A
+    (0x300, 0x36F),  # combining marks
+    (0x391, 0x3C9),  # Greek
+    (0x400, 0x44F),  # Cyrillic
+    (0x5D0, 0x5EA),  # Hebrew
+    (0x4E00, 0x4FFF),  # CJK
+    (0xAC00, 0xACFF),  # Hangul
+    (0x1F300, 0x1F64F),  # emoji
+    (0x1F900, 0x1F9FF),  # more emoji
+]
+_WHITESPACE = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u3000", "\u00a0"]
+
+
+def random_unicode(rng: random.Random, length: int) -> str:
+    out = []
+    for _ in range(length):
+        r = rng.random()
+        if r < 0.15:
+            out.append(rng.choice(_WHITESPACE))
+        elif r < 0.2:
+            out.append(rng.choice(["'s", "'ll", "123", "3.14", ENDOFTEXT, "\u200d", "\ufeff"]))
+        else:
+            lo, hi = rng.choice(_ALPHABETS)
+            out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+def random_texts(seed: int, count: int = 20) -> list[str]:
+    rng = random.Random(seed)
+    return [random_unicode(rng, rng.choice([0, 1, 2, 17, 123, 1000])) for _ in range(count)]
+
+
+@pytest.fixture
+def gpt2_file(shared_data):
+    path = os.path.join(shared_data, "gpt2.tiktoken")
+    if not os.path.exists(path):
+        pytest.skip("gpt2.tiktoken is not in ../shared/data")
+    return path
+
+
+def test_bytes_tokenizer_round_trip_and_ids():
+    tok = get_tokenizer("bytes")
+    assert (tok.n_vocab, tok.eot_token, tok.spec) == (257, 256, "bytes")
+    assert tok.encode("hé🙂") == list("hé🙂".encode("utf-8"))
+    for text in random_texts(seed=1):
+        ids = tok.encode(text)
+        assert all(0 <= i < 256 for i in ids)
+        assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("a") + [tok.eot_token] + tok.encode("b")) == f"a{ENDOFTEXT}b"
+    texts = random_texts(seed=2, count=5)
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_bytes_tokenizer_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match="ids"):
+        get_tokenizer("bytes").decode([65, 257])
+
+
+def test_gpt2_file_gives_gpt2_ids(gpt2_file):
+    tok = get_tokenizer(gpt2_file)
+    assert tok.n_vocab == 50257 and tok.eot_token == 50256
+    # Known GPT-2 ids (the same as HuggingFace's GPT2Tokenizer gives).
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode("Hello, world!") == [15496, 11, 995, 0]
+    assert tok.encode(" The quick brown fox") == [383, 2068, 7586, 21831]
+    assert tok.decode([15496, 995]) == "Hello world"
+
+
+def test_gpt2_file_round_trips_random_unicode(gpt2_file):
+    tok = get_tokenizer(gpt2_file)
+    texts = random_texts(seed=3)
+    encoded = tok.encode_batch(texts, num_threads=2)
+    assert encoded == [tok.encode(t) for t in texts]
+    for text, ids in zip(texts, encoded):
+        assert tok.decode(ids) == text
+
+
+def test_endoftext_inside_text_is_ordinary_text(gpt2_file):
+    tok = get_tokenizer(gpt2_file)
+    ids = tok.encode(f"a{ENDOFTEXT}b")
+    assert tok.eot_token not in ids
+    assert tok.decode(ids) == f"a{ENDOFTEXT}b"
+
+
+def test_spec_reloads_the_same_tokenizer(gpt2_file, tmp_path, monkeypatch):
+    tok = get_tokenizer(gpt2_file)
+    assert os.path.isabs(tok.spec)
+    # A relative path resolves to the same absolute spec.
+    monkeypatch.chdir(os.path.dirname(gpt2_file))
+    again = get_tokenizer(os.path.join(".", "gpt2.tiktoken"))
+    assert again.spec == tok.spec and again.encode("spec round trip") == tok.encode("spec round trip")
+
+
+def test_unknown_spec_and_bad_types():
+    with pytest.raises(ValueError, match="spec"):
+        get_tokenizer("no_such_encoding")
+    with pytest.raises(TypeError, match="spec"):
+        get_tokenizer(50257)
+    with pytest.raises(ValueError, match="spec"):
+        get_tokenizer("")
+
+
+def test_missing_and_corrupt_tiktoken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
+        get_tokenizer(str(tmp_path / "missing.tiktoken"))
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("this is not base64 and a rank\n")
+    with pytest.raises(ValueError, match="bad.tiktoken"):
+        get_tokenizer(str(bad))
+    empty = tmp_path / "empty.tiktoken"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        get_tokenizer(str(empty))
+    good = tmp_path / "good.tiktoken"
+    good.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    assert get_tokenizer(str(good)).eot_token == 256
+    (tmp_path / "good.tiktoken.json").write_text('{"pattern": ')
+    with pytest.raises(ValueError, match="sidecar"):
+        get_tokenizer(str(good))
+
+
+def test_named_encoding_unavailable_offline_is_a_clear_error(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="not available offline"):
+        get_tokenizer("cl100k_base")

@@ -1,0 +1,395 @@
+"""The trainer: schedules, config errors, learning, bitwise resume, NaN skips, checkpoints, early stopping."""
+
+import json
+import math
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+from llmkern.data.shards import tokenize_documents
+from llmkern.train import TrainConfig, Trainer, TrainingDiverged, load_config
+from llmkern.train import checkpoint as ckpt
+from llmkern.train.metrics import mfu, peak_flops_of, read_metrics
+from llmkern.train.schedules import cosine_lr, learning_rate, wsd_lr
+
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32}
+
+
+def synthetic_documents(n_docs=150, seed=0):
+    """Short documents of a small grammar: easy to learn, so a few steps lower the loss."""
+    rng = random.Random(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird", "the fox"], ["sees", "eats", "likes"], ["fish", "bread", "the moon"]
+    return [" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(rng.randint(5, 12)))
+            for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("shards"))
+    tokenize_documents(synthetic_documents(), "bytes", path, val_fraction=0.15, seed=0)
+    return path
+
+
+def tiny_config(out_dir, data_dir, **overrides):
+    settings = dict(out_dir=str(out_dir), data_dir=data_dir, preset="tiny", model=dict(TINY_MODEL), batch_tokens=256,
+                    micro_batch=4, seq_len=32, max_steps=12, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=0,
+                    eval_steps=2, ckpt_interval=0, log_interval=1, progress=False, seed=7)
+    settings.update(overrides)
+    return TrainConfig(**settings).validate()
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_the_floor():
+    lrs = [cosine_lr(s, 1.0, 0.1, warmup=10, total=110) for s in range(120)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # half way down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[110:] == [0.1] * 10
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    lrs = [wsd_lr(s, 2.0, 0.0, warmup=5, total=100, decay_fraction=0.2) for s in range(101)]
+    assert lrs[4] == pytest.approx(2.0) and lrs[0] == pytest.approx(0.4)
+    assert set(lrs[5:80]) == {2.0}
+    assert lrs[90] == pytest.approx(1.0)
+    assert lrs[100] == 0.0
+    cfg = TrainConfig(schedule="wsd", lr=2.0, min_lr=0.0, warmup_steps=5, max_steps=100, decay_fraction=0.2)
+    assert learning_rate(90, cfg) == lrs[90]
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+def test_config_from_toml_json_and_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 0.002\nbetas = [0.8, 0.9]\nschedule = "wsd"\n[model]\nn_layer = 3\n')
+    cfg = load_config(str(toml), ["--max_steps=7", "--model.n_embd=48", "--compile=true", "--min-lr=1e-5"])
+    assert (cfg.lr, cfg.betas, cfg.schedule, cfg.max_steps, cfg.compile, cfg.min_lr) == (0.002, (0.8, 0.9), "wsd", 7, True, 1e-5)
+    assert cfg.model == {"n_layer": 3, "n_embd": 48}
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(str(js)) == cfg
+    assert load_config(None, ["--betas=0.9,0.99"]).betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--learning_rate=1"], "unknown setting 'learning_rate'"),
+    (["--max_steps=ten"], "'max_steps' in command line must be an integer"),
+    (["--lr=fast"], "'lr' in command line must be a number"),
+    (["--compile=maybe"], "'compile' in command line must be a boolean"),
+    (["--model.n_layers=2"], "unknown model setting 'model.n_layers'"),
+    (["--model.n_layer=two"], "'model.n_layer' in command line must be an integer"),
+    (["--optim.lr=1"], "only model.<field> keys may be dotted"),
+    (["max_steps=3"], "--key=value"),
+    (["--schedule=linear"], "schedule must be one of"),
+    (["--batch_tokens=1000"], "batch_tokens must be a multiple of"),
+    (["--betas=0.9"], "'betas' in command line must be 2 numbers"),
+])
+def test_config_errors_name_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path):
+    bad_type = tmp_path / "bad.toml"
+    bad_type.write_text('max_steps = "100"\n')
+    with pytest.raises(ValueError, match="'max_steps' in .*bad.toml must be an integer"):
+        load_config(str(bad_type))
+    script = tmp_path / "run.py"
+    script.write_text("import os\nos.remove('x')\n")
+    with pytest.raises(ValueError, match=".toml or .json"):  # never executed
+        load_config(str(script))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{lr: 1")
+    with pytest.raises(ValueError, match="cannot parse"):
+        load_config(str(broken))
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "none.toml"))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def test_tiny_model_loss_falls(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=25, eval_interval=25))
+    before = trainer.evaluate()
+    summary = trainer.fit()
+    assert before == pytest.approx(math.log(257), rel=0.1)  # an untrained byte model is near uniform
+    assert summary["val_loss"] < before - 1.0
+    losses = train_losses(tmp_path / "run")
+    assert losses[25] < losses[1] - 1.0
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records if r["kind"] == "train")
+    for chart in ("loss.png", "lr.png", "throughput.png"):
+        assert os.path.getsize(tmp_path / "run" / chart) > 1000
+
+
+@pytest.mark.parametrize("optimizer", ["llmkern", "torch"])
+def test_resume_continues_bitwise_identically(tmp_path, data_dir, optimizer):
+    # dropout uses the RNG, so the RNG states must be restored too
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=8, ckpt_interval=4, eval_interval=4,
+                         model={**TINY_MODEL, "dropout": 0.1}, optimizer=optimizer)
+    Trainer(config).fit()
+    uninterrupted = train_losses(tmp_path / "run")
+    final = ckpt.load_checkpoint(str(tmp_path / "run"))
+    assert final.step == 8
+    # "crash" after step 4: only its checkpoint is left
+    for step, path in ckpt.step_dirs(str(tmp_path / "run")):
+        if step == 8:
+            os.rename(path, str(tmp_path / "final_step8"))
+    summary = Trainer(config).fit(resume=True)
+    resumed = train_losses(tmp_path / "run")
+    assert summary["steps"] == 8
+    assert resumed == uninterrupted  # exact floats, steps 1-4 kept from the first run
+    again = ckpt.load_checkpoint(str(tmp_path / "run"))
+    for name, tensor in final.model.items():
+        assert torch.equal(again.model[name], tensor), name
+    assert again.meta["loader"] == final.meta["loader"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        Trainer(tiny_config(tmp_path / "run", data_dir)).fit(resume=True)
+
+
+class NaNLossAt(torch.nn.Module):
+    """Wraps a model; its loss is NaN on the chosen forward calls (counted from 1)."""
+
+    def __init__(self, model, bad_calls):
+        super().__init__()
+        self.inner, self.bad_calls, self.calls = model, bad_calls, 0
+
+    def forward(self, x, y):
+        logits, loss = self.inner(x, y)
+        self.calls += 1
+        if self.training and self.bad_calls(self.calls):
+            loss = loss * float("nan")
+        return logits, loss
+
+
+def test_nan_loss_skips_the_step_and_is_logged(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=6, batch_tokens=128))  # 1 micro-batch a step
+    trainer.model = NaNLossAt(trainer.model, lambda call: call == 3)
+    weights = {}
+
+    original_step = trainer._train_step
+
+    def spy():
+        before = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+        result = original_step()
+        weights[trainer.step + 1] = (before, {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()})
+        return result
+
+    trainer._train_step = spy
+    summary = trainer.fit()
+    assert summary["steps"] == 6
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    skips = [r for r in records if r["kind"] == "skip"]
+    assert [(r["step"], r["loss"], r["reason"]) for r in skips] == [(3, "nan", "non-finite loss")]
+    before, after = weights[3]
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the NaN step changed nothing
+    before, after = weights[4]
+    assert not all(torch.equal(before[n], after[n]) for n in before)  # the next one trains again
+
+
+def test_repeated_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, batch_tokens=128, ckpt_interval=3,
+                                  max_bad_steps=3))
+    trainer.model = NaNLossAt(trainer.model, lambda call: call >= 5)
+    with pytest.raises(TrainingDiverged, match=r"step 7: .* 3 steps in a row.*step_0000003"):
+        trainer.fit()
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "run"))] == [3]
+    good = ckpt.load_checkpoint(str(tmp_path / "run"))
+    assert all(torch.isfinite(t).all() for t in good.model.values())
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_run(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=2))
+    trainer.fit()
+    return trainer
+
+
+def test_checkpoint_round_trip_keeps_tied_weights_and_optimizer_state(saved_run):
+    state = ckpt.load_checkpoint(saved_run.run_dir)
+    assert state.step == 2
+    model_state = saved_run.raw_model.state_dict()
+    assert set(state.model) == set(model_state)
+    assert all(torch.equal(state.model[k], model_state[k]) for k in model_state)
+    assert state.meta["aliases"] == {"lm_head.weight": "wte.weight"}  # tied: stored once
+    optim = saved_run.optimizer.state_dict()
+    assert state.optimizer["param_groups"] == json.loads(json.dumps(optim["param_groups"]))
+    for key, entry in optim["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(state.optimizer["state"][key][name], value)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(saved_run, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    saved_run.step = 3
+    with pytest.raises(OSError, match="disk full"):
+        saved_run.save()
+    assert [s for s, _ in ckpt.step_dirs(saved_run.run_dir)] == [2]
+    assert ckpt.load_checkpoint(saved_run.run_dir).step == 2
+
+
+def test_corrupt_or_missing_checkpoints_are_clear_errors(saved_run, tmp_path):
+    path = ckpt.latest_checkpoint(saved_run.run_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt.load_checkpoint(str(tmp_path / "empty"))
+
+    model_file = os.path.join(path, "model.safetensors")
+    with open(model_file, "rb") as f:
+        data = f.read()
+    with open(model_file, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged: cannot read model.safetensors"):
+        ckpt.load_checkpoint(path)
+
+    # a pickle in place of the tensors is refused, never unpickled
+    marker = tmp_path / "unpickled"
+    with open(model_file, "wb") as f:
+        pickle.dump(_WritesAFileWhenUnpickled(str(marker)), f)
+    with pytest.raises(ValueError, match="damaged"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        ckpt.load_checkpoint(path)
+    os.remove(os.path.join(path, "meta.json"))
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        ckpt.load_checkpoint(path)
+
+
+class _WritesAFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# --- early stopping, metrics -----------------------------------------------------------------------
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=40, eval_interval=2, patience=2))
+    # evaluations at steps 0, 2, 4, 6: the best at step 2, then two that are not better
+    val_losses = iter([3.0, 2.5, 2.6, 2.5, 2.4])
+    trainer.evaluate = lambda: next(val_losses)
+    summary = trainer.fit()
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["steps"] == 6 and summary["best_val_loss"] == 2.5
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 6  # the final checkpoint is written
+
+
+def test_mfu():
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("Some Future GPU") is None
+    assert mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)
+    assert mfu(1000.0, 6e9, 100e12, world_size=4) == pytest.approx(6e12 / 400e12)
+    assert mfu(1000.0, 6e9, None) is None
+
+
+# --- the command, the corpus, the benchmark's dry run ------------------------------------------------
+
+def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
+    from llmkern.cli import main
+
+    run = str(tmp_path / "run")
+    args = ["train", f"--out_dir={run}", f"--data_dir={data_dir}", "--model.n_layer=1", "--model.n_head=2",
+            "--model.n_embd=32", "--batch_tokens=128", "--micro_batch=4", "--seq_len=32", "--max_steps=4",
+            "--eval_interval=2", "--eval_steps=1", "--progress=false", "--samples=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "validation loss:" in out and "(step 0) -> " in out and "(step 2) -> " in out and "--- sample 1 (prompt 'def ') ---" in out
+    assert main(args + ["--resume", "--max_steps=6"]) == 0  # continue the same run for two more steps
+    assert ckpt.load_checkpoint(run).step == 6
+    capsys.readouterr()
+
+    assert main(["generate", "--run", run, "--prompt", "the cat", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["eval", "--run", run, "--data", data_dir, "--batch-size", "2", "--max-batches", "2"]) == 0
+    assert "val loss " in capsys.readouterr().out
+
+    assert main(["train", "--max_steps=zero"]) == 2
+    assert "'max_steps' in command line must be an integer" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_stdlib_corpus_is_deterministic_and_capped(tmp_path):
+    from llmkern.data.loader import TokenLoader
+    from llmkern.train.corpus import gather_corpus, prepare_corpus_shards
+
+    docs = gather_corpus(200_000)
+    assert docs == gather_corpus(200_000)
+    assert 0 < sum(len(d.encode()) for d in docs) <= 200_000
+    assert any("def " in d for d in docs)
+    path = prepare_corpus_shards(str(tmp_path / "corpus"), "bytes", 200_000, val_fraction=0.2)
+    manifest_time = os.path.getmtime(os.path.join(path, "manifest.json"))
+    assert prepare_corpus_shards(path, "bytes", 200_000) == path  # reused, not rebuilt
+    assert os.path.getmtime(os.path.join(path, "manifest.json")) == manifest_time
+    x, y = TokenLoader(path, "val", 2, 64).next_batch()
+    assert x.shape == (2, 64) and int(x.max()) <= 256
+
+
+def test_bench_train_dry_run_on_cpu(capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    assert bench_train.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+                             "--warmup", "1", "--no-save", "--providers", "plain pytorch,llmkern cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "plain pytorch:" in out and "llmkern torch:" in out
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_gpu_bf16_training_loss_falls_and_reports_mfu_and_memory(tmp_path, data_dir, backend):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=25, eval_interval=25, device="cuda",
+                                  backend=backend))
+    assert trainer.autocast_dtype == torch.bfloat16  # dtype "auto" on a GPU
+    before = trainer.evaluate()
+    summary = trainer.fit()
+    assert summary["val_loss"] < before - 1.0
+    records = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert all(r["peak_mem_gib"] > 0 for r in records)
+    if peak_flops_of(torch.cuda.get_device_name()) is not None:
+        assert all(0 < r["mfu"] < 1 for r in records)
+
+
+@pytest.mark.cuda
+def test_gpu_compiled_training_matches_eager(tmp_path, data_dir):
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"run_{compiled}"
+        Trainer(tiny_config(run, data_dir, max_steps=6, device="cuda", dtype="float32", compile=compiled)).fit()
+        losses[compiled] = train_losses(run)
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
