@@ -125,13 +125,18 @@ def _why_not(backend: str, op: str, device: torch.device) -> str:
     return f"the tensors are on {device}; Triton runs on a GPU, or on a CPU with TRITON_INTERPRET=1"
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The concrete backend ("cuda" | "triton" | "torch") that runs `op` on `device`."""
+def resolve(op: str, backend: str | None, device: torch.device, fits=None) -> str:
+    """The concrete backend ("cuda" | "triton" | "torch") that runs `op` on `device`.
+
+    `fits(backend) -> bool`, when given, says whether a backend's kernels cover these
+    particular arguments (a head dim, a dtype): "auto" skips the ones that don't; an explicit
+    backend is returned as is, and the op's own checks explain what does not fit.
+    """
     backend = get_backend() if backend is None else _validate(backend)
     if backend == "auto":
         if device.type == "cuda":
             for candidate in PREFERENCE.get(op, DEFAULT_PREFERENCE):
-                if can_run(candidate, op, device):
+                if can_run(candidate, op, device) and (fits is None or fits(candidate)):
                     return candidate
         return "torch"
     if not can_run(backend, op, device):

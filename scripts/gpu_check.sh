@@ -23,9 +23,16 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
 step build python3 -m pip install --no-build-isolation --no-deps -e .
 step info python3 -m llmkern info
 step tests python3 -m pytest -q -x --durations=15
+# The CUDA kernels under compute-sanitizer: memcheck everywhere, racecheck where kernels use
+# shared memory. Small selections: the sanitizers slow kernels down 10-100x.
+sanitize() {  # sanitize TOOL TESTFILE FILTER
+  step "sanitizer_$1_$(basename "$2" .py)" compute-sanitizer --tool "$1" --error-exitcode 9 \
+    python3 -m pytest -q -x -m cuda "$2" -k "$3"
+}
 for tool in memcheck racecheck; do
-  step "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-    python3 -m pytest -q -x -m cuda python_tests/test_rms_norm.py -k "cuda and not compile"
+  sanitize "$tool" python_tests/test_rms_norm.py "cuda and not compile"
+  sanitize "$tool" python_tests/test_attention.py "cuda and 128 and not compile"
+  sanitize "$tool" python_tests/test_adamw.py "cuda and not graph"
 done
 for bench in "${@:-rms_norm}"; do
   step "bench_$bench" python3 "benchmarks/bench_$bench.py"

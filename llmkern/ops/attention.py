@@ -75,7 +75,7 @@ def attention(
     """
     _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens)
     device = _checks.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
-    chosen = _backend.resolve("attention", backend, device)
+    chosen = _backend.resolve("attention", backend, device, fits=lambda b: _fits_backend(b, q))
     _check_backend_limits(chosen, q)
     if cu_seqlens is not None:
         doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.size(0), q.size(2))
@@ -157,6 +157,11 @@ def _check_cu_seqlens(cu_seqlens, sq: int, sk: int) -> None:
         raise ValueError(f"cu_seqlens must start at 0 and end at S={sq}; got {first} and {last}")
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def _fits_backend(backend: str, q: torch.Tensor) -> bool:
+    dims = HEAD_DIMS.get(backend)
+    return q.dtype in DTYPES[backend] and (dims is None or q.size(-1) in dims)
 
 
 def _check_backend_limits(backend: str, q: torch.Tensor) -> None:
