@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # GPT-2 124M, batch 16, context 1024, bf16, on the GPU
     python benchmarks/bench_train.py --device cpu --preset tiny --batch 4 --seq-len 64 --steps 2 --no-save
+    python benchmarks/bench_train.py --loss-steps 1000 --data DIR    # loss curves of each backend vs torch
 
 A step is forward, backward, gradient clipping to norm 1 and AdamW, on random tokens (the data
 does not change the speed). Providers:
@@ -10,6 +11,8 @@ does not change the speed). Providers:
   llmkern cuda         llmkern's GPT with backend="cuda" + llmkern.optim.AdamW (clip fused in)
   llmkern triton       the same with backend="triton"
   llmkern compile      llmkern's GPT (backend "auto") under torch.compile
+With --loss-steps N --data DIR it instead trains N steps on real token shards with the torch
+backend and with each llmkern GPU backend, and reports how far apart the loss curves get (target: 1%).
 On a CPU the llmkern GPU backends cannot run; "llmkern torch" (the reference backend) stands in,
 so the logic can be dry-run anywhere. MFU uses llmkern.train.metrics' table of bf16 peaks.
 Results append to benchmarks/results/<gpu>.csv (GPU name, versions, git commit) with a chart.
@@ -110,6 +113,44 @@ def run(provider: str, config: GPTConfig, batch: int, seq_len: int, steps: int, 
                          "flops_per_token": flops, "dtype": "bf16" if device.type == "cuda" else "fp32"})
 
 
+def loss_curves(args, device: torch.device) -> list[Result]:
+    """Train the same model from the same seed on real shards with the torch backend and with each
+    llmkern GPU backend (the optimizer follows the backend); the smoothed curves should agree within 1%."""
+    import tempfile
+
+    from llmkern.train import TrainConfig, Trainer
+    from llmkern.train.metrics import read_metrics
+
+    backends = ["torch"] + [b for b in ("cuda", "triton") if device.type == "cuda"
+                            and (b != "cuda" or _backend.cuda_module() is not None)]
+    curves: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            config = TrainConfig(out_dir=f"{tmp}/{backend}", data_dir=args.data, preset=args.preset,
+                                 micro_batch=args.batch, seq_len=args.seq_len, batch_tokens=args.batch * args.seq_len,
+                                 max_steps=args.loss_steps, warmup_steps=max(1, args.loss_steps // 10), lr=6e-4,
+                                 min_lr=6e-5, eval_interval=0, log_interval=1, backend=backend, device=str(device))
+            Trainer(config).fit()
+            records = read_metrics(f"{tmp}/{backend}/metrics.jsonl")
+            curves[backend] = [r["loss"] for r in records if r["kind"] == "train"]
+    if len(backends) == 1:
+        print(f"no llmkern GPU backend runs on {device}: the torch backend's curve has nothing to be compared with")
+    window = max(1, args.loss_steps // 20)
+    smooth = {b: [statistics.fmean(c[max(0, i - window + 1):i + 1]) for i in range(len(c))] for b, c in curves.items()}
+    results = []
+    for backend in backends[1:]:
+        skip = args.loss_steps // 10  # the first steps move too fast for a relative comparison
+        diffs = [abs(a - r) / r for a, r in zip(smooth[backend][skip:], smooth["torch"][skip:])]
+        worst = 100 * max(diffs) if diffs else float("nan")
+        print(f"loss curve, llmkern {backend} vs torch backend: max {worst:.2f}% apart over steps {skip + 1}-"
+              f"{args.loss_steps} ({window}-step means); final {smooth[backend][-1]:.4f} vs {smooth['torch'][-1]:.4f}")
+        results.append(Result(bench="train", mode="loss curve", shape=f"{args.preset} {args.loss_steps} steps",
+                              provider=f"llmkern {backend}", ms=0.0, value=worst, unit="% max apart from torch backend",
+                              extra={"final_loss": round(smooth[backend][-1], 4),
+                                     "torch_final_loss": round(smooth["torch"][-1], 4)}))
+    return results
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, from: " + ", ".join(PROVIDERS))
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one) | cuda | cpu")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to benchmarks/results")
+    parser.add_argument("--loss-steps", type=int, default=0,
+                        help="instead of timing: train this many steps per backend on --data and compare the loss curves")
+    parser.add_argument("--data", default=None, help="token shards (manifest.json) for --loss-steps")
     args = parser.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -135,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":  # the reference backend stands in for the GPU ones
         providers = list(dict.fromkeys("llmkern torch" if p in ("llmkern cuda", "llmkern triton") else p
                                        for p in providers))
+    if args.loss_steps:
+        if not args.data:
+            parser.error("--loss-steps needs --data (a folder of token shards)")
+        results = loss_curves(args, device)
+        if results and not args.no_save:
+            print(f"appended to {save(results, 'loss curve agreement')}")
+        return 0
     config = GPTConfig.from_preset(args.preset, block_size=max(args.seq_len, 1), vocab_size=50257)
     print(f"train step: {args.preset}, batch {args.batch}, context {args.seq_len}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} on {device}")

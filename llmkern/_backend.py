@@ -25,6 +25,11 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "cuda"),
     # Triton (checked in the interpreter) first until the CUDA AdamW is verified on a GPU.
     "adamw": ("triton", "cuda"),
+    # Triton only: the matmuls are cuBLAS's, the per-row cross-entropy kernel is Triton.
+    "fused_linear_cross_entropy": ("triton",),
+    # RoPE and SwiGLU have Triton kernels only (no CUDA ones): "cuda" is listed for when they come.
+    "rope": ("triton", "cuda"),
+    "swiglu": ("triton", "cuda"),
 }
 DEFAULT_PREFERENCE = ("cuda", "triton")
 

@@ -9,7 +9,7 @@ import torch
 from . import __version__, _backend
 
 # Every public op, in the order `llmkern info` lists them.
-OPS = ("rms_norm", "rope", "swiglu", "attention", "adamw")
+OPS = ("rms_norm", "rope", "swiglu", "attention", "adamw", "fused_linear_cross_entropy")
 
 
 def collect() -> dict:
@@ -52,7 +52,7 @@ def collect() -> dict:
 
 def print_info() -> None:
     info = collect()
-    width = 22
+    width = max(22, max(len(op) for op in info["ops"]) + 3)
     for key, value in info.items():
         if key == "ops":
             continue

@@ -1,5 +1,6 @@
 """Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly."""
 
+import faulthandler
 import os
 import socket
 
@@ -25,15 +26,14 @@ def config(out_dir, data_dir, parallel):
 
 
 def _worker(rank, port, out_dir, data_dir, parallel, resume):
+    faulthandler.enable()  # a crash in C++ (gloo) prints the Python stack of where it happened
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from llmkern.train import distributed
 
-    try:
-        Trainer(config(out_dir, data_dir, parallel)).fit(resume=resume)
-    finally:
-        distributed.shutdown()
+    Trainer(config(out_dir, data_dir, parallel)).fit(resume=resume)
+    distributed.shutdown()
 
 
 def run_two_processes(out_dir, data_dir, parallel, resume):

@@ -244,7 +244,7 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter():
     # fp32 (the interpreter's bf16 dot is wrong); head dim 32, one of the Triton attention sizes.
     overrides = dict(VARIANTS["llama"], n_embd=64, n_head=2, n_kv_head=1, n_layer=1, block_size=16)
     reference = GPT(tiny(**overrides, backend="torch"))
-    model = GPT(tiny(**overrides, backend="triton"))
+    model = GPT(tiny(**overrides, backend="triton", fused_loss=False))  # logits too (fused: test_fused_linear_cross_entropy)
     model.load_state_dict(reference.state_dict())
     idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
     logits, loss = model(idx, targets)  # ops without Triton kernels fall back to torch, with a warning
@@ -264,7 +264,7 @@ def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant)
     if "n_kv_head" in overrides:
         overrides["n_kv_head"] = 2
     reference = GPT(tiny(**overrides, backend="torch")).cuda()
-    model = GPT(tiny(**overrides, backend=backend)).cuda()
+    model = GPT(tiny(**overrides, backend=backend, fused_loss=False)).cuda()  # logits too
     model.load_state_dict(reference.state_dict())
     idx = torch.randint(0, VOCAB, (4, 128), device="cuda")
     targets = torch.randint(0, VOCAB, (4, 128), device="cuda")

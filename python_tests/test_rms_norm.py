@@ -149,6 +149,28 @@ def test_strided_rows_and_3d_input(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_permuted_leading_dims_with_grads(backend, device):
+    """A dense but permuted input (a transposed batch): outputs and gradients are allocated
+    contiguous, so the kernels' 2-D (rows, N) views of them exist."""
+    x = torch.randn(5, 3, 40, device=device).transpose(0, 1)  # (3, 5, 40), strides (40, 120, 1)
+    r = torch.randn(5, 3, 40, device=device).transpose(0, 1)
+    w = torch.randn(40, device=device)
+    dy, dh = torch.randn(3, 5, 40, device=device), torch.randn(3, 5, 40, device=device)
+    for residual, grads in ((None, (dy,)), (r, (dy, dh))):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        ref_leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        got = llmkern.ops.rms_norm(*leaves, residual=residual, backend=backend)
+        want = reference.rms_norm(*ref_leaves, residual=residual)
+        got, want = (got,) if residual is None else got, (want,) if residual is None else want
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.autograd.backward(got, grads)
+        torch.autograd.backward(want, grads)
+        for a, b in zip(leaves, ref_leaves):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_empty_batch(backend, device):
     x = torch.randn(0, 64, device=device, requires_grad=True)
     w = torch.ones(64, device=device, requires_grad=True)

@@ -1,10 +1,14 @@
 """RoPE: the op against a float64 rotation written with complex numbers, its gradient (the
-inverse rotation), per-row angles, strided inputs, the cos/sin tables, and bad input."""
+inverse rotation), per-row angles, strided inputs, the cos/sin tables, and bad input; then the
+Triton kernels (interpreted without a GPU) against the same truth, opcheck and torch.compile."""
+
+import importlib
 
 import pytest
 import torch
 
 import llmkern
+from llmkern.ops import reference
 from llmkern.nn import RotaryCache
 from numerics import assert_close_to_ref
 
@@ -99,3 +103,172 @@ def test_rope_refuses_a_backend_without_kernels():
     x, cos = torch.randn(1, 1, 4, 8), torch.ones(4, 4)
     with pytest.raises(ValueError, match="cannot run rope"):
         llmkern.ops.rope(x, cos, cos, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Without a GPU they run in the interpreter (conftest sets TRITON_INTERPRET=1); shapes stay small.
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON_SHAPES = [(1, 2, 1, 32), (2, 3, 17, 64), (1, 2, 123, 128), (2, 5, 17, 32), (1, 1, 3, 6)]
+
+
+def rotate_lowp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """torch's own computation of the rotation in x's dtype: the yardstick of the numerics rule."""
+    cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+    if theta.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def tables(theta: torch.Tensor, device=DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
+    return theta.cos().float().to(device), theta.sin().float().to(device)
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_triton_matches_complex_rotation_with_gradient(shape, dtype, per_row):
+    b, _, s, d = shape
+    theta = angles((b, s) if per_row else (s,), d // 2)
+    cos, sin = tables(theta)
+    x = torch.randn(shape, dtype=dtype, device=DEVICE, requires_grad=True)
+    dy = torch.randn(shape, dtype=dtype, device=DEVICE)
+    out = llmkern.ops.rope(x, cos, sin, backend="triton")
+    out.backward(dy)
+    assert out.dtype == dtype and out.shape == x.shape
+    x_cpu, dy_cpu = x.detach().cpu(), dy.cpu()
+    assert_close_to_ref(out.cpu(), rotate_complex(x_cpu, theta), rotate_lowp(x_cpu, theta), f"rope {dtype} {shape}")
+    # The gradient is the inverse rotation of dy.
+    assert_close_to_ref(x.grad.cpu(), rotate_complex(dy_cpu, -theta), rotate_lowp(dy_cpu, -theta),
+                        f"rope dx {dtype} {shape}")
+
+
+def test_triton_takes_q_and_k_views_of_a_fused_projection():
+    b, t, h, hkv, d = 2, 17, 4, 2, 32
+    qkv = torch.randn(b, t, h + 2 * hkv, d, device=DEVICE)  # as CausalSelfAttention makes it
+    q = qkv[:, :, :h].transpose(1, 2)  # (B, H, T, D): strided, not contiguous
+    k = qkv[:, :, h : h + hkv].transpose(1, 2)
+    theta = angles((t,), d // 2)
+    cos, sin = tables(theta)
+    for x in (q, k):
+        out = llmkern.ops.rope(x, cos, sin, backend="triton")
+        torch.testing.assert_close(out.cpu().double(), rotate_complex(x.cpu(), theta), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_takes_a_strided_last_dimension_and_strided_tables():
+    x = torch.randn(2, 3, 32, 9, device=DEVICE).transpose(-1, -2)  # (2, 3, 9, 32), last-dim stride 9
+    theta = angles((9,), 16)
+    cos, sin = tables(theta)
+    cos = torch.cat([cos, torch.zeros_like(cos)], dim=-1)[:, :16]  # rows of a wider table: strides (32, 1)
+    sin = torch.stack([sin, sin], dim=-1)[..., 0]  # strides (32, 2): copied before the kernel
+    assert cos.stride() == (32, 1) and sin.stride() == (32, 2)
+    out = llmkern.ops.rope(x, cos, sin, backend="triton")
+    torch.testing.assert_close(out.cpu().double(), rotate_complex(x.cpu(), theta), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_float64_passes_gradcheck_and_gradgradcheck():
+    theta = angles((3,), 2)
+    cos, sin = theta.cos().to(DEVICE), theta.sin().to(DEVICE)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    fn = lambda x: llmkern.ops.rope(x, cos, sin, backend="triton")  # noqa: E731
+    torch.testing.assert_close(fn(x).detach().cpu(), rotate_complex(x.detach().cpu(), theta))
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_triton_kernel_writes_every_element_through_its_strides(inverse, monkeypatch):
+    """The output is a strided view of a NaN-filled buffer: every element of the view must be
+    written, and nothing outside it. A small MAX_TILE makes the kernel loop over head and pair
+    blocks, as it does for big heads on a GPU."""
+    kernels = importlib.import_module("llmkern.triton.rope")
+    monkeypatch.setattr(kernels, "MAX_TILE", 8)
+    b, h, s, d = 2, 5, 7, 40
+    x = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2)
+    theta = angles((b, s), d // 2)
+    cos, sin = tables(theta)
+    buffer = torch.full((b, s, h + 1, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    y = buffer[:, :, :h].transpose(1, 2)  # (B, H, S, D) with the strides of a fused layout
+    kernels.forward(x, cos, sin, y, inverse)
+    assert not y.isnan().any()
+    assert buffer[:, :, h].isnan().all()  # the head outside the view is untouched
+    turn = -theta if inverse else theta
+    assert_close_to_ref(y.cpu(), rotate_complex(x.cpu(), turn), rotate_lowp(x.cpu(), turn), "rope kernel")
+
+
+def test_triton_empty_and_zero_sized_inputs():
+    x = torch.randn(0, 2, 5, 8, device=DEVICE, requires_grad=True)
+    cos = torch.ones(5, 4, device=DEVICE)
+    y = llmkern.ops.rope(x, cos, cos, backend="triton")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_triton_refuses_tables_that_require_grad():
+    x = torch.randn(1, 1, 4, 8, device=DEVICE)
+    cos = torch.ones(4, 4, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="do not differentiate cos and sin"):
+        llmkern.ops.rope(x, cos, cos.detach(), backend="triton")
+    with torch.no_grad():  # nothing to differentiate: fine
+        llmkern.ops.rope(x, cos, cos, backend="triton")
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_opcheck(inverse):
+    theta = angles((2, 5), 4)
+    cos, sin = tables(theta)
+    x = torch.randn(2, 3, 5, 8, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.llmkern.rope.default, (x, cos, sin, inverse, "triton"))
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    """On a CPU aot_eager checks the tracing (fake kernel, autograd); on a GPU inductor runs."""
+    compiler = "inductor" if HAS_CUDA else "aot_eager"
+    theta = angles((6,), 8)
+    cos, sin = tables(theta)
+
+    def block(q, k):
+        q = llmkern.ops.rope(q, cos, sin, backend="triton")
+        k = llmkern.ops.rope(k, cos, sin, backend="triton")
+        return (q * k).sum()
+
+    qk = torch.randn(2, 6, 6, 16, device=DEVICE)  # (B, T, q and k heads, D)
+    q, k = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qk[:, :, :3], qk[:, :, 3:]))
+    loss = torch.compile(block, fullgraph=True, backend=compiler)(q, k)
+    loss.backward()
+    q2, k2 = (t.detach().requires_grad_(True) for t in (q, k))
+    expected = (reference.rope(q2, cos, sin) * reference.rope(k2, cos, sin)).sum()
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_torch_on_cpu_tensors():
+    assert llmkern._backend.resolve("rope", "auto", torch.device("cpu")) == "torch"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+def test_auto_picks_triton_on_a_gpu():
+    assert llmkern._backend.resolve("rope", "auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gpu_llama_sized_shapes(dtype):
+    """Training shapes on the GPU: bf16 rounding there is round-to-nearest, so the rule holds tightly."""
+    b, h, s, d = 4, 32, 1023, 128
+    theta = angles((s,), d // 2)
+    cos, sin = tables(theta, "cuda")
+    qkv = torch.randn(b, s, 3 * h, d, dtype=dtype, device="cuda")
+    q = qkv[:, :, :h].transpose(1, 2).detach().requires_grad_(True)
+    dy = torch.randn(b, h, s, d, dtype=dtype, device="cuda")
+    out = llmkern.ops.rope(q, cos, sin)  # auto: the triton kernels
+    out.backward(dy)
+    x_cpu = q.detach().cpu()
+    assert_close_to_ref(out.cpu(), rotate_complex(x_cpu, theta), rotate_lowp(x_cpu, theta), f"rope {dtype}")
+    assert_close_to_ref(q.grad.cpu(), rotate_complex(dy.cpu(), -theta), rotate_lowp(dy.cpu(), -theta), "dx")

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from llmkern.data.shards import tokenize_documents
+from llmkern.data.shards import load_manifest, tokenize_documents
 from llmkern.train import TrainConfig, Trainer, TrainingDiverged, load_config
 from llmkern.train import checkpoint as ckpt
 from llmkern.train.metrics import mfu, peak_flops_of, read_metrics
@@ -160,6 +160,12 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):
         Trainer(tiny_config(tmp_path / "run", data_dir)).fit(resume=True)
 
 
+def test_data_without_a_val_split_is_a_clear_error(tmp_path):
+    tokenize_documents(synthetic_documents(20), "bytes", str(tmp_path / "shards"), val_fraction=0.0)
+    with pytest.raises(ValueError, match="no 'val' split"):
+        Trainer(tiny_config(tmp_path / "run", str(tmp_path / "shards")))
+
+
 class NaNLossAt(torch.nn.Module):
     """Wraps a model; its loss is NaN on the chosen forward calls (counted from 1)."""
 
@@ -279,6 +285,15 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(saved_run, tmp_path):
         ckpt.load_checkpoint(path)
 
 
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    weights = {"w": torch.randn(3, 5)}
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(str(tmp_path), step, weights, {"state": {}, "param_groups": []}, {}, keep=2)
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path))] == [2, 3]
+    assert not [n for n in os.listdir(ckpt.checkpoints_dir(str(tmp_path))) if n.startswith(".tmp")]
+    assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], weights["w"])
+
+
 class _WritesAFileWhenUnpickled:
     def __init__(self, path):
         self.path = path
@@ -351,6 +366,13 @@ def test_stdlib_corpus_is_deterministic_and_capped(tmp_path):
     assert os.path.getmtime(os.path.join(path, "manifest.json")) == manifest_time
     x, y = TokenLoader(path, "val", 2, 64).next_batch()
     assert x.shape == (2, 64) and int(x.max()) <= 256
+
+    bpe_dir = prepare_corpus_shards(str(tmp_path / "bpe"), "bpe:300", 200_000, val_fraction=0.2)
+    manifest = load_manifest(bpe_dir)
+    assert manifest["n_vocab"] == 300 and manifest["tokenizer"].endswith("bpe300.tiktoken")
+    assert manifest["splits"]["train"][0]["tokens"] < 0.9 * sum(len(d.encode()) for d in docs)  # merges compress
+    with pytest.raises(ValueError, match="bpe:<N>"):
+        prepare_corpus_shards(str(tmp_path / "bad"), "bpe:lots", 200_000)
 
 
 def test_bench_train_dry_run_on_cpu(capsys):

@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D, bool kCausal, bool kHasDoc>
 cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
+  LLMKERN_RETURN_IF_ERROR(check_device_is_sm80());  // after every argument check
   auto kernel = attention_forward_kernel<T, D, kCausal, kHasDoc>;
   constexpr int kShared = shared_bytes<D>();
   LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));

@@ -449,6 +449,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D, bool kCausal, bool kHasDoc>
 cudaError_t launch_backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  LLMKERN_RETURN_IF_ERROR(check_device_is_sm80());  // after every argument check
   const float scale_log2 = args.scale * kLog2e;
   const unsigned q_heads = static_cast<unsigned>(args.q_heads);
   const unsigned kv_heads = static_cast<unsigned>(args.kv_heads);

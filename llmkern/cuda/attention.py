@@ -18,7 +18,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself when the kernel's 16-byte row copies can read it in place, else a contiguous copy."""
     if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]):
         return t
-    return t.contiguous()
+    # Not t.contiguous(): a contiguous view at a misaligned offset would come back as is.
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:

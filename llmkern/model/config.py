@@ -37,6 +37,10 @@ class GPTConfig:
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    # With targets, compute the loss with llmkern.ops.fused_linear_cross_entropy: the LM head and
+    # the cross-entropy in chunks, so the logits never exist in full (forward returns None for them).
+    # Off, or with the torch backend, the plain full-logits path runs.
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import _backend
 from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
+from ..ops import fused_linear_cross_entropy
 from .config import GPTConfig
 
 INIT_STD = 0.02  # GPT-2's initialisation
@@ -99,14 +101,23 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         loss is the mean next-token cross-entropy over the targets (B, T) that are not -1.
+        With targets and config.fused_loss (on a backend other than torch), the LM head and the
+        loss run fused in chunks and the logits are never made: forward returns (None, loss).
         doc_ids (B, T), for rows packed with several documents: a token attends only to earlier
         tokens of its own document, and positions restart at 0 at each document's first token,
         so each document is processed as if it were alone.
         """
         _check_forward_args(idx, targets, doc_ids, self.config.block_size)
         positions = None if doc_ids is None else positions_in_documents(doc_ids)
-        logits = self.lm_head(self.hidden_states(idx, positions, doc_ids=doc_ids))  # (B, T, padded_vocab_size)
+        hidden = self.hidden_states(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
+        if targets is not None and self._fuses_loss(hidden.device):
+            # The padding rows of the output layer are left out, so they get no probability.
+            loss = fused_linear_cross_entropy(
+                hidden, self.lm_head.weight[:vocab], targets, ignore_index=-1, backend="triton"
+            )
+            return None, loss
+        logits = self.lm_head(hidden)  # (B, T, padded_vocab_size)
         if targets is None:
             return logits[..., :vocab], None
         if padded > vocab:
@@ -115,6 +126,15 @@ class GPT(nn.Module):
             logits[..., vocab:] = float("-inf")
         loss = F.cross_entropy(logits.view(-1, padded).float(), targets.reshape(-1).long(), ignore_index=-1)
         return logits[..., :vocab], loss
+
+    def _fuses_loss(self, device: torch.device) -> bool:
+        """Whether the loss runs through the fused LM head + cross-entropy (Triton) on `device`."""
+        if not self.config.fused_loss:
+            return False
+        backend = self.config.backend or _backend.get_backend()
+        if backend in ("auto", "cuda"):  # it has no CUDA kernels: the fastest backend that runs here
+            backend = _backend.resolve("fused_linear_cross_entropy", "auto", device)
+        return backend == "triton" and _backend.can_run("triton", "fused_linear_cross_entropy", device)
 
     def hidden_states(
         self,

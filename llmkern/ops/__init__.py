@@ -1,8 +1,9 @@
 """The public functional ops. Each accepts backend="auto" | "cuda" | "triton" | "torch"."""
 
 from .attention import attention
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["attention", "rms_norm", "rope", "swiglu"]
+__all__ = ["attention", "fused_linear_cross_entropy", "rms_norm", "rope", "swiglu"]

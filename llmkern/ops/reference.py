@@ -162,3 +162,22 @@ def adamw_step(
     for p, m, w in zip(params, masters, weights):
         if m is not None:
             p.copy_(w)
+
+
+def fused_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """F.cross_entropy(x @ weight^T + bias, target) with the full logits: the matmul in x's dtype
+    (an fp32 weight is cast to a 16-bit x's dtype, as autocast does), the cross-entropy in fp32
+    (float64 for float64 inputs). x (N, H), target (N,); returns the 0-d loss in that precision."""
+    logits = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return torch.nn.functional.cross_entropy(
+        logits.to(_compute_dtype(x.dtype)), target.long(), ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing,
+    )

@@ -82,6 +82,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.size(-1))
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized contiguous tensor of t's shape and dtype. Not empty_like(t): for a
+    dense but permuted t (a transposed batch) it would copy t's strides, and the kernels'
+    2-D (rows, N) view of it would not exist."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _kernels(backend: str):
     """llmkern.cuda.rms_norm or llmkern.triton.rms_norm: their forward/backward take 2-D views."""
     if backend not in ("cuda", "triton"):
@@ -95,8 +102,8 @@ def _rms_norm_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = _rows(x)
     res2 = None if residual is None else _rows(residual)
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    y = _contiguous_like(x)
+    h = _contiguous_like(x) if residual is not None else x.new_empty(0)
     if x.numel() > 0:
         _kernels(backend).forward(
             x2, weight, res2, eps, y.view(x2.shape), None if residual is None else h.view(x2.shape)
@@ -106,8 +113,8 @@ def _rms_norm_op(
 
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, backend):
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), h
+    h = _contiguous_like(x) if residual is not None else x.new_empty(0)
+    return _contiguous_like(x), h
 
 
 @torch.library.custom_op("llmkern::rms_norm_backward", mutates_args=())
@@ -120,7 +127,7 @@ def _rms_norm_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dh (the gradient of the normed input h, plus dh_extra) and dweight."""
-    dh = torch.empty_like(h)
+    dh = _contiguous_like(h)
     dweight = torch.empty_like(weight)
     if h.numel() == 0:
         dweight.zero_()
@@ -134,7 +141,7 @@ def _rms_norm_backward_op(
 
 @_rms_norm_backward_op.register_fake
 def _(dy, h, weight, dh_extra, eps, backend):
-    return torch.empty_like(h), torch.empty_like(weight)
+    return _contiguous_like(h), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):

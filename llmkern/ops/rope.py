@@ -4,13 +4,18 @@
 
 This is the convention of GPT-NeoX and the Hugging Face Llama code: the pair rotated by the
 angle of frequency i is (x[i], x[i + D/2]), not two neighbours. cos and sin are D/2 wide
-(one angle per pair); llmkern.nn.rotary.RotaryCache builds them.
+(one angle per pair); llmkern.nn.rotary.RotaryCache builds them. Positions (a KV-cache offset,
+left-padded rows) are chosen by the caller when it slices or gathers the tables.
 
-Only the torch backend exists for now; the op layer is here so that kernels can join it
-with the signature unchanged.
+The triton backend runs through the custom op llmkern::rope (fake kernel and autograd, so
+torch.compile(fullgraph=True) traces it). Its gradient is the rotation by -theta, which is the
+same op with `inverse=True`; no gradient flows to cos and sin there (they are tables). The
+torch backend is the plain reference, differentiated by PyTorch itself.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -32,16 +37,22 @@ def rope(
         cos, sin: (S, D/2) shared by the batch, or (B, S, D/2) per batch row (left-padded
             generation, where positions differ per row); float32 or float64.
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
+            Only "torch" differentiates cos and sin.
 
     Returns:
-        A new tensor of x's shape and dtype.
+        A new tensor of x's shape and dtype (contiguous).
     """
     _check_args(x, cos, sin)
     device = _checks.check_same_device(x=x, cos=cos, sin=sin)
     chosen = _backend.resolve("rope", backend, device)
-    if chosen != "torch":  # resolve() raises for backends without kernels, so this is unreachable today
-        raise NotImplementedError(f"rope has no {chosen} kernels yet")
-    return reference.rope(x, cos, sin)
+    if chosen == "torch":
+        return reference.rope(x, cos, sin)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError(
+            f"rope's {chosen} kernels do not differentiate cos and sin, which require grad here; "
+            "pass detached tables, or backend='torch'"
+        )
+    return torch.ops.llmkern.rope(x, cos, sin, False, chosen)
 
 
 _X_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
@@ -64,3 +75,46 @@ def _check_args(x, cos, sin) -> None:
             )
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape; got {tuple(cos.shape)} and {tuple(sin.shape)}")
+
+
+def _kernels(backend: str):
+    """llmkern.triton.rope (there are no CUDA RoPE kernels: Triton serves GPUs)."""
+    if backend != "triton":
+        raise ValueError(f"llmkern::rope runs the triton backend, got {backend!r}")
+    return importlib.import_module(f"llmkern.{backend}.rope")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("llmkern::rope", mutates_args=())
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, backend: str) -> torch.Tensor:
+    """x (B, H, S, D) rotated by theta, or by -theta when inverse (the gradient)."""
+    y = x.new_empty(x.shape)
+    if y.numel() > 0:
+        x, cos, sin = (_last_dim_contiguous(t) for t in (x, cos, sin))  # no-ops for the model's views
+        _kernels(backend).forward(x, cos, sin, y, inverse)
+    return y
+
+
+@_rope_op.register_fake
+def _(x, cos, sin, inverse, backend):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, inverse, backend = inputs
+    ctx.inverse = inverse
+    ctx.backend = backend
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    # A rotation's gradient is the opposite rotation: the same op, which is itself differentiable.
+    dx = torch.ops.llmkern.rope(dy, cos, sin, not ctx.inverse, ctx.backend)
+    return dx, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)

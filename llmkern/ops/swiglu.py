@@ -1,10 +1,14 @@
 """SwiGLU gating, the MLP non-linearity of Llama-style blocks:  y = silu(gate) * up.
 
-Only the torch backend exists for now; the op layer is here so that kernels can join it
-with the signature unchanged.
+The triton backend runs through the custom ops llmkern::swiglu and llmkern::swiglu_backward
+(fake kernels and autograd, so torch.compile(fullgraph=True) traces them); the backward kernel
+recomputes silu from gate, so only the inputs are saved. The torch backend is the plain
+reference, differentiated by PyTorch itself.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -32,6 +36,68 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
     _checks.check_last_dim_contiguous("up", up)
     device = _checks.check_same_device(gate=gate, up=up)
     chosen = _backend.resolve("swiglu", backend, device)
-    if chosen != "torch":  # resolve() raises for backends without kernels, so this is unreachable today
-        raise NotImplementedError(f"swiglu has no {chosen} kernels yet")
-    return reference.swiglu(gate, up)
+    if chosen == "torch":
+        return reference.swiglu(gate, up)
+    return torch.ops.llmkern.swiglu(gate, up, chosen)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, N): a view when the leading dims allow it (the halves of a fused projection
+    do), else a copy; a copy too when the last dim is strided (an incoming gradient may be)."""
+    if t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.size(-1)) if t.dim() > 0 else t.reshape(1, 1)
+
+
+def _kernels(backend: str):
+    """llmkern.triton.swiglu (there are no CUDA SwiGLU kernels: Triton serves GPUs)."""
+    if backend != "triton":
+        raise ValueError(f"llmkern::swiglu runs the triton backend, got {backend!r}")
+    return importlib.import_module(f"llmkern.{backend}.swiglu")
+
+
+@torch.library.custom_op("llmkern::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    y = gate.new_empty(gate.shape)
+    if y.numel() > 0:
+        g2 = _rows(gate)
+        _kernels(backend).forward(g2, _rows(up), y.view(g2.shape))
+    return y
+
+
+@_swiglu_op.register_fake
+def _(gate, up, backend):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("llmkern::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dgate and dup, each of gate's shape and dtype."""
+    dgate = gate.new_empty(gate.shape)
+    dup = gate.new_empty(gate.shape)
+    if gate.numel() > 0:
+        g2 = _rows(gate)
+        _kernels(backend).backward(_rows(dy), g2, _rows(up), dgate.view(g2.shape), dup.view(g2.shape))
+    return dgate, dup
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up, backend):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(gate, up)
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = torch.ops.llmkern.swiglu_backward(dy, gate, up, ctx.backend)
+    return dgate, dup, None
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup_context)

@@ -29,14 +29,15 @@ PARALLEL = ("ddp", "fsdp")
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. The defaults are the main job on a CPU (llmkern/train/main_job.py)."""
+    """Every setting of a run. The defaults train a small model on the built-in corpus in about a minute
+    on a CPU; `llmkern train` adds its main-job settings (llmkern/train/main_job.py) when no file is given."""
 
     # where and what
     out_dir: str = "runs/main"  # the run folder: checkpoints, metrics.jsonl, charts
     preset: str = "tiny"  # a GPTConfig preset name
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4}
     data_dir: str = ""  # a folder with manifest.json; "" = the built-in stdlib corpus (llmkern.train.corpus)
-    tokenizer: str = "bytes"  # used only when the built-in corpus is built
+    tokenizer: str = "bytes"  # for the built-in corpus: "bytes", "bpe:<N>" (trained on it), a tiktoken name or file
     corpus_max_bytes: int = 4_000_000  # cap on the built-in corpus
 
     # batch: batch_tokens = micro_batch * seq_len * grad_accum * world_size

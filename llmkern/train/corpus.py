@@ -70,18 +70,39 @@ def gather_corpus(max_bytes: int) -> list[str]:
 def prepare_corpus_shards(out_dir: str, tokenizer: str, max_bytes: int, seed: int = 0,
                           val_fraction: float = 0.05) -> str:
     """Token shards of the corpus in out_dir (kept and reused when a manifest with the same tokenizer
-    is already there); returns out_dir."""
-    from ..data.shards import load_manifest, tokenize_documents
+    is already there); returns out_dir.
+
+    tokenizer: a get_tokenizer spec ("bytes", a tiktoken name or file), or "bpe:<N>": a byte-level
+    BPE of N tokens trained here on the corpus's training documents (llmkern.data.bpe, in C++:
+    well under a minute on a few MB) and kept in out_dir.
+    """
+    from ..data.shards import is_val_document, load_manifest, tokenize_documents
     from ..data.tokenizer import get_tokenizer
 
-    tok = get_tokenizer(tokenizer)
+    bpe_size = _bpe_size(tokenizer)
+    spec = os.path.abspath(os.path.join(out_dir, f"bpe{bpe_size}.tiktoken")) if bpe_size else tokenizer
     if os.path.isfile(os.path.join(out_dir, "manifest.json")):
         try:
-            if load_manifest(out_dir)["tokenizer"] == tok.spec:
+            if load_manifest(out_dir)["tokenizer"] == (spec if bpe_size else get_tokenizer(spec).spec):
                 return out_dir
         except ValueError:
             pass  # damaged: build it again
     docs = gather_corpus(max_bytes)
-    tokenize_documents(docs, tok, out_dir, val_fraction=val_fraction, seed=seed,
+    if bpe_size:
+        from ..data.bpe import train_bpe
+
+        os.makedirs(out_dir, exist_ok=True)
+        train_bpe([d for d in docs if not is_val_document(d, val_fraction, seed)], bpe_size, spec)
+    tokenize_documents(docs, get_tokenizer(spec), out_dir, val_fraction=val_fraction, seed=seed,
                        num_workers=min(4, os.cpu_count() or 1))
     return out_dir
+
+
+def _bpe_size(tokenizer: str) -> int | None:
+    """N of a "bpe:<N>" spec, else None."""
+    if not tokenizer.startswith("bpe:"):
+        return None
+    size = tokenizer[len("bpe:"):]
+    if not size.isdigit() or int(size) <= 257:
+        raise ValueError(f"tokenizer 'bpe:<N>' needs N > 257 (256 bytes + end-of-text + merges), got {tokenizer!r}")
+    return int(size)

@@ -68,8 +68,12 @@ def init(info: DistInfo, device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group; by default once every rank is done with it (no collective left in
+    flight). After an error, wait_for_others=False: the other ranks may never get there."""
     if dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -77,6 +77,9 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
 
         self.manifest = load_manifest(self.data_dir)
+        if not self.manifest["splits"].get("val"):
+            raise ValueError(f"the data in {self.data_dir!r} has no 'val' split, which evaluation needs "
+                             f"(tokenize it with a val_fraction > 0)")
         self.train_loader = TokenLoader(self.data_dir, "train", config.micro_batch, config.seq_len, mode="random",
                                         seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                         device=self.device)

@@ -1,0 +1,114 @@
+"""Fused linear + cross-entropy (the LM head and its loss): time and peak memory of forward+backward.
+
+    python benchmarks/bench_fused_linear_cross_entropy.py            # bf16, N 8192/16384 x H 768/1024/2048, V 50304
+    python benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 --hidden 768 --vocab 50257
+
+The work is three matmuls of N x H x V (logits, grad of x, grad of the weight): TFLOP/s counts
+6 N H V FLOPs. Peak memory ("peak_mib" in the CSV's extra column) is what the step allocates on
+top of its inputs, the gradients included; the unfused providers hold the N x V logits and
+their gradient. Providers: eager PyTorch (matmul, then F.cross_entropy in fp32, as the model's
+plain path does), torch.compile of it, llmkern triton, and Liger-Kernel's fused linear
+cross-entropy when it is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Result, median_ms, save  # noqa: E402
+
+import llmkern  # noqa: E402
+from llmkern import _backend  # noqa: E402
+
+BASELINES = ("torch eager", "torch.compile", "liger")
+MODE = "forward+backward"
+
+
+def eager_loss(x, w, t):
+    return F.cross_entropy((x @ w.T).float(), t)
+
+
+def providers(device: torch.device) -> dict:
+    """name -> fn(x, w, target) -> loss, for every provider that can run here."""
+    out = {"torch eager": eager_loss, "torch.compile": torch.compile(eager_loss)}
+    if _backend.can_run("triton", "fused_linear_cross_entropy", device):
+        out["llmkern triton"] = lambda x, w, t: llmkern.ops.fused_linear_cross_entropy(x, w, t, backend="triton")
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        out["liger"] = lambda x, w, t: LigerFusedLinearCrossEntropyFunction.apply(x, w, t)
+    except ImportError:
+        pass
+    return out
+
+
+def peak_mib(step, tensors) -> float:
+    """MiB allocated by one step above what was allocated before it (its inputs)."""
+    for t in tensors:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
+    x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).to(dtype).requires_grad_(True)
+    target = torch.randint(0, vocab, (rows,), device=device)
+
+    def step():
+        fn(x, w, target).backward()
+
+    shape = f"{rows}x{hidden}x{vocab}"
+    try:
+        step()  # compiles / autotunes before anything is measured
+        peak = peak_mib(step, (x, w))
+        ms = median_ms(step, grad_to_none=[x, w])
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name} {shape}: out of memory", file=sys.stderr)
+        torch.cuda.empty_cache()
+        return None
+    tflops = 6 * rows * hidden * vocab / ms / 1e9
+    return Result("fused_linear_cross_entropy", MODE, shape, name, ms, tflops, "TFLOP/s",
+                  {"peak_mib": round(peak, 1), "dtype": str(dtype).replace("torch.", "")})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[768, 1024, 2048])
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fused_linear_cross_entropy needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    results: list[Result] = []
+    for name, fn in providers(device).items():
+        if args.providers and name not in args.providers:
+            continue
+        for rows in args.rows:
+            for hidden in args.hidden:
+                result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)
+                if result is not None:
+                    results.append(result)
+                    print(f"{name:>16} {result.shape:>18} {result.ms:8.2f} ms {result.value:6.1f} TFLOP/s "
+                          f"peak {result.extra['peak_mib']:8.1f} MiB")
+    save(results, f"Fused linear + cross-entropy {args.dtype}", BASELINES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""RoPE on q and k of a fused QKV projection: forward, backward and forward+backward, in GB/s.
+
+    python benchmarks/bench_rope.py                       # bf16, GPT-2 and Llama-like shapes
+    python benchmarks/bench_rope.py --shapes 8x1024x12x12x64 --dtype float16
+
+A shape is BxSxHxHkvxD. Every provider rotates q (B, H, S, D) and k (B, Hkv, S, D), the strided
+views that CausalSelfAttention takes of its fused projection. GB/s counts the bytes the op must
+move at least, the same for every provider: q and k read and written once (the backward reads
+and writes their gradients), plus the fp32 cos and sin rows of the S positions.
+
+Providers: eager PyTorch (the reference, fp32 math), torch.compile of it, llmkern triton called
+on q and on k (as the model does today), llmkern triton called once on the adjacent q and k
+heads of the fused projection (one launch), and Liger-Kernel's RoPE when it is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Result, median_ms, save  # noqa: E402
+
+import llmkern  # noqa: E402
+from llmkern import _backend  # noqa: E402
+from llmkern.ops import reference  # noqa: E402
+
+BASELINES = ("torch eager", "torch.compile", "liger")
+DEFAULT_SHAPES = ["8x1024x12x12x64", "4x2048x32x8x128", "1x8192x32x8x128"]
+
+
+def _separately(rope):
+    """A provider that rotates q and k with two calls of rope(x, cos, sin)."""
+    return lambda qkv, h, hkv, cos, sin: (rope(_heads(qkv, 0, h), cos, sin), rope(_heads(qkv, h, h + hkv), cos, sin))
+
+
+def _heads(qkv: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Heads start..stop of a fused (B, S, heads, D) projection, as a (B, heads, S, D) view."""
+    return qkv[:, :, start:stop].transpose(1, 2)
+
+
+def _llmkern_one_launch(qkv, h, hkv, cos, sin):
+    qk = llmkern.ops.rope(_heads(qkv, 0, h + hkv), cos, sin, backend="triton")
+    return qk[:, :h], qk[:, h:]
+
+
+def providers(device: torch.device) -> dict:
+    """name -> fn(qkv, h, hkv, cos, sin) -> (q rotated, k rotated), for every provider that runs here."""
+    out = {
+        "torch eager": _separately(reference.rope),
+        "torch.compile": _separately(torch.compile(reference.rope)),
+    }
+    if _backend.can_run("triton", "rope", device):
+        out["llmkern triton"] = _separately(lambda x, c, s: llmkern.ops.rope(x, c, s, backend="triton"))
+        out["llmkern triton q+k"] = _llmkern_one_launch
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        def liger(qkv, h, hkv, cos, sin):
+            # Liger takes full-width (1, S, D) tables, each half repeated.
+            full_cos, full_sin = (torch.cat([t, t], dim=-1)[None] for t in (cos, sin))
+            return LigerRopeFunction.apply(_heads(qkv, 0, h), _heads(qkv, h, h + hkv), full_cos, full_sin)
+
+        out["liger"] = liger
+    except ImportError:
+        pass
+    return out
+
+
+def bench_one(name, fn, shape: str, dtype, device) -> list[Result]:
+    b, s, h, hkv, d = (int(v) for v in shape.split("x"))
+    qkv = torch.randn(b, s, h + 2 * hkv, d, dtype=dtype, device=device, requires_grad=True)
+    theta = torch.rand(s, d // 2, device=device) * 100
+    cos, sin = theta.cos(), theta.sin()
+    dq = torch.randn(b, h, s, d, dtype=dtype, device=device)
+    dk = torch.randn(b, hkv, s, d, dtype=dtype, device=device)
+
+    def backward(outputs):
+        torch.autograd.backward(outputs, (dq, dk), retain_graph=True)
+
+    qk_bytes = 2 * b * (h + hkv) * s * d * qkv.element_size()  # read once, written once
+    table_bytes = 2 * s * (d // 2) * 4
+    nbytes = {"forward": qk_bytes + table_bytes, "backward": qk_bytes + table_bytes,
+              "forward+backward": 2 * (qk_bytes + table_bytes)}
+    outputs = fn(qkv, h, hkv, cos, sin)
+    times = {
+        "forward": median_ms(lambda: fn(qkv, h, hkv, cos, sin)),
+        "backward": median_ms(lambda: backward(outputs), grad_to_none=[qkv]),
+        "forward+backward": median_ms(lambda: backward(fn(qkv, h, hkv, cos, sin)), grad_to_none=[qkv]),
+    }
+    return [Result("rope", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxSxHxHkvxD")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_rope needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    results: list[Result] = []
+    for name, fn in providers(device).items():
+        if args.providers and name not in args.providers:
+            continue
+        for shape in args.shapes:
+            results.extend(bench_one(name, fn, shape, dtype, device))
+    save(results, f"RoPE on q and k, {args.dtype}", BASELINES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""SwiGLU on the two halves of a fused gate/up projection: forward, backward and
+forward+backward, in GB/s.
+
+    python benchmarks/bench_swiglu.py                      # bf16, GPT-2-medium and Llama-like MLPs
+    python benchmarks/bench_swiglu.py --shapes 16384x11008 --dtype float16
+
+A shape is ROWSxHIDDEN (rows = batch x sequence). Every provider takes gate and up as views of
+one (rows, 2 x hidden) tensor, as SwiGLUMLP makes them. GB/s counts the bytes the op must move
+at least, the same for every provider: forward reads gate and up and writes y (3 x rows x
+hidden elements); backward reads dy, gate and up and writes dgate and dup (5 x).
+
+Providers: eager PyTorch (the reference, fp32 math), F.silu(gate) * up in the input dtype,
+torch.compile of the reference, llmkern triton, and Liger-Kernel's SwiGLU when importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Result, median_ms, save  # noqa: E402
+
+import llmkern  # noqa: E402
+from llmkern import _backend  # noqa: E402
+from llmkern.ops import reference  # noqa: E402
+
+BASELINES = ("torch eager", "torch.compile", "liger")
+DEFAULT_SHAPES = ["16384x4096", "16384x11008", "32768x8192"]
+
+
+def providers(device: torch.device) -> dict:
+    """name -> fn(gate, up) for every provider that can run here."""
+    out = {
+        "torch eager": reference.swiglu,
+        "F.silu * up": lambda gate, up: F.silu(gate) * up,
+        "torch.compile": torch.compile(reference.swiglu),
+    }
+    if _backend.can_run("triton", "swiglu", device):
+        out["llmkern triton"] = lambda gate, up: llmkern.ops.swiglu(gate, up, backend="triton")
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        out["liger"] = LigerSiLUMulFunction.apply
+    except ImportError:
+        pass
+    return out
+
+
+def bench_one(name, fn, shape: str, dtype, device) -> list[Result]:
+    rows, hidden = (int(v) for v in shape.split("x"))
+    fused = torch.randn(rows, 2 * hidden, dtype=dtype, device=device, requires_grad=True)
+    gate, up = fused.split(hidden, dim=-1)
+    dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+    el = fused.element_size()
+    nbytes = {
+        "forward": 3 * rows * hidden * el,
+        "backward": 5 * rows * hidden * el,
+        "forward+backward": 8 * rows * hidden * el,
+    }
+    y = fn(gate, up)
+    times = {
+        "forward": median_ms(lambda: fn(gate, up)),
+        "backward": median_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=[fused]),
+        "forward+backward": median_ms(lambda: fn(gate, up).backward(dy), grad_to_none=[fused]),
+    }
+    return [Result("swiglu", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxHIDDEN")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_swiglu needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    results: list[Result] = []
+    for name, fn in providers(device).items():
+        if args.providers and name not in args.providers:
+            continue
+        for shape in args.shapes:
+            results.extend(bench_one(name, fn, shape, dtype, device))
+    save(results, f"SwiGLU {args.dtype}", BASELINES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

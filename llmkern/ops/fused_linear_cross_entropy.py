@@ -1,0 +1,187 @@
+"""Cross-entropy of a linear layer's output (the LM head and its loss) without materialising the logits.
+
+    loss = cross_entropy(x @ weight^T + bias, target)    reduced by "mean" over non-ignored rows, or "sum"
+
+For GPT-2 at batch 16 x 1024 the logits alone are 16384 x 50304 (1.6 GB in bf16, plus their
+gradient); the triton backend walks the rows in chunks so that only one chunk of logits exists,
+and computes the gradients of x, weight and bias during the forward (see
+llmkern/triton/fused_linear_cross_entropy.py). The backward then only scales them by the incoming
+gradient. It runs through the custom op llmkern::fused_linear_cross_entropy (fake kernel and
+autograd registered, so torch.compile(fullgraph=True) traces it); the torch backend is the plain
+reference (the full logits, then F.cross_entropy in fp32), differentiated by PyTorch itself.
+There is no CUDA backend: the matmuls are cuBLAS's either way, and the row kernel is Triton's.
+
+Targets out of range (neither in [0, V) nor ignore_index) are not checked on the host, which
+would wait for the GPU: the triton backend gives such a row a NaN loss and NaN gradients, so the
+loss is NaN; the torch backend raises (on a CPU) or asserts on the device, as F.cross_entropy does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import _checks, reference
+
+REDUCTIONS = ("mean", "sum")
+_TRITON_DTYPES = _checks.FLOAT_DTYPES
+_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+_TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+def fused_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """The cross-entropy loss of the logits x @ weight^T + bias against target, as a 0-d fp32 tensor.
+
+    Args:
+        x: (N, H) or (..., H) float32, float16 or bfloat16 (float64 on the torch backend). Under
+            autocast a float32 x is cast to the autocast dtype first, as a Linear layer's input is.
+        weight: (V, H), x's dtype; or float32 with a 16-bit x (fp32 parameters under autocast:
+            the matmuls run in x's dtype and the weight's gradient comes back in float32).
+        target: x.shape[:-1] or (N,) int64 (or int32) class ids in [0, V), or ignore_index.
+        bias: optional (V,), weight's dtype.
+        ignore_index: rows with this target add nothing to the loss nor to the gradients.
+        reduction: "mean" (over the non-ignored rows; NaN when there are none, as in
+            F.cross_entropy) or "sum".
+        label_smoothing: in [0, 1]; the target class gets 1 - eps, every class eps / V.
+        backend: "auto" | "triton" | "torch"; None means llmkern.get_backend().
+        chunk_rows: rows of logits that exist at once (triton backend); None picks a chunk of
+            about 256 MB of logits.
+    """
+    _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows)
+    device = _checks.check_same_device(x=x, weight=weight, target=target, bias=bias)
+    if torch.is_autocast_enabled(device.type) and x.dtype == torch.float32:
+        x = x.to(torch.get_autocast_dtype(device.type))
+    chosen = _backend.resolve(
+        "fused_linear_cross_entropy", backend, device, fits=lambda b: b != "triton" or x.dtype in _TRITON_DTYPES
+    )
+    x2 = x.reshape(-1, x.size(-1))
+    target1 = target.reshape(-1)
+    if chosen == "torch":
+        return reference.fused_linear_cross_entropy(
+            x2, weight, target1, bias, ignore_index, reduction, label_smoothing
+        )
+    if chosen != "triton":
+        raise ValueError(f"fused_linear_cross_entropy has no {chosen} kernels; use backend='triton' or 'torch'")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 for the triton backend; got {x.dtype}")
+    grad_on = torch.is_grad_enabled()
+    loss, _, _, _ = torch.ops.llmkern.fused_linear_cross_entropy(
+        x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing),
+        grad_on and x2.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows),
+    )
+    return loss
+
+
+def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows) -> None:
+    _checks.check_float("x", x, _DTYPES)
+    _checks.check_float("weight", weight, _DTYPES)
+    _checks.check_tensor("target", target)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (N, H) or (..., H); got shape {tuple(x.shape)}")
+    hidden = x.size(-1)
+    if weight.dim() != 2 or weight.size(1) != hidden or weight.size(0) < 1:
+        raise ValueError(
+            f"weight must be (V, {hidden}) with V >= 1 to match x's last dimension; got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"weight must have x's dtype ({x.dtype}), or float32 with a 16-bit x; got {weight.dtype}")
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target must hold int64 (or int32) class ids; got {target.dtype}")
+    n_rows = x.numel() // hidden if hidden else 0
+    if target.shape != x.shape[:-1] and target.shape != (n_rows,):
+        raise ValueError(
+            f"target must have shape {tuple(x.shape[:-1])} or ({n_rows},) to match x {tuple(x.shape)}; "
+            f"got {tuple(target.shape)}"
+        )
+    if bias is not None:
+        _checks.check_float("bias", bias, _DTYPES)
+        if bias.shape != (weight.size(0),):
+            raise ValueError(f"bias must have shape ({weight.size(0)},) to match weight; got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype ({weight.dtype}); got {bias.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
+            raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+@torch.library.custom_op("llmkern::fused_linear_cross_entropy", mutates_args=())
+def _fused_linear_cross_entropy_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    need_grad_x: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_weight, grad_bias) for d loss = 1; an unneeded gradient is an empty tensor."""
+    from ..triton import fused_linear_cross_entropy as kernels
+
+    loss, grad_x, grad_w, grad_b = kernels.forward(
+        x, weight, target, bias, ignore_index, reduction, label_smoothing,
+        need_grad_x, need_grad_weight, need_grad_bias, chunk_rows,
+    )
+    return loss, _or_empty(grad_x, x), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
+
+
+def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if grad is None else grad
+
+
+@_fused_linear_cross_entropy_op.register_fake
+def _(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x, need_grad_weight,
+      need_grad_bias, chunk_rows):
+    loss = x.new_empty((), dtype=torch.float32)
+    grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
+    grad_w = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
+    grad_b = torch.empty_like(bias) if need_grad_bias and bias is not None else weight.new_empty(0)
+    return loss, grad_x, grad_w, grad_b
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_x, grad_w, grad_b = output
+    ctx.save_for_backward(grad_x, grad_w, grad_b)
+    ctx.needs = inputs[7:10]  # need_grad_x, need_grad_weight, need_grad_bias
+
+
+def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
+    """The gradients were computed in the forward for d loss = 1: scale them by d_loss."""
+    grad_x, grad_w, grad_b = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs
+    return (
+        grad_x * d_loss if need_x else None,
+        grad_w * d_loss if need_w else None,
+        None,  # target
+        grad_b * d_loss if need_b else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+_fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,188 @@
+"""The host side of llmkern._cuda, checked where no GPU can run a kernel.
+
+Two things a GPU run should not be the first to find:
+- a Python launcher (llmkern/cuda/*.py) whose argument list no longer matches its pybind11
+  binding, or whose sizes, strides or pointers the C++ launcher rejects: here each launcher
+  runs on CPU tensors of valid shapes and must get as far as the first CUDA call, which fails
+  with "no CUDA device" (pybind11 would raise TypeError for a wrong argument list, the launcher
+  cudaErrorInvalidValue for rejected sizes);
+- a C++ launcher that lets bad sizes reach a kernel: each must come back as
+  cudaErrorInvalidValue before any CUDA call (so these run without a GPU too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import llmkern.cuda.adamw as cuda_adamw
+import llmkern.cuda.attention as cuda_attention
+import llmkern.cuda.rms_norm as cuda_rms_norm
+from llmkern import _backend
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host side where no GPU is present"),
+    pytest.mark.skipif(_backend.cuda_module() is None, reason="llmkern._cuda is not built here"),
+]
+
+NO_DEVICE = "no CUDA device"
+INVALID = "cudaErrorInvalidValue"
+BF16 = 2  # DType code of bfloat16 (csrc/common/dtype.h)
+
+
+@pytest.fixture
+def cpu_launch(monkeypatch):
+    """Let the launchers run on CPU tensors: no device switch, stream 0."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for module in (cuda_rms_norm, cuda_attention, cuda_adamw):
+        monkeypatch.setattr(module, "stream", lambda device: 0)
+
+
+# --- Python launchers against their bindings ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset-pointer"])
+def test_rms_norm_launchers_reach_the_device(cpu_launch, dtype, offset):
+    rows, cols = 5, 72
+    x = torch.randn(rows * cols + offset, dtype=dtype)[offset:].view(rows, cols)
+    w, r = torch.ones(cols, dtype=torch.float32), torch.randn(rows, cols, dtype=dtype)
+    y, h = torch.empty_like(r), torch.empty_like(r)
+    for residual, out_h in ((None, None), (r, h)):
+        with pytest.raises(RuntimeError, match=NO_DEVICE):
+            cuda_rms_norm.forward(x, w, residual, 1e-6, y, out_h)
+    for extra in (None, r):
+        with pytest.raises(RuntimeError, match=NO_DEVICE):
+            cuda_rms_norm.backward(r, x, w, extra, 1e-6, y, torch.empty_like(w))
+
+
+def _qkv(batch=2, q_heads=4, kv_heads=2, seq=24, head_dim=64):
+    q = torch.randn(batch, q_heads, seq, head_dim, dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, seq, head_dim, dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, seq, head_dim, dtype=torch.bfloat16)
+    return q, k, v
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "fused-qkv-views", "offset-pointer", "odd-stride-of-size-1-dim"])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_attention_launchers_reach_the_device(cpu_launch, layout, with_docs):
+    q, k, v = _qkv()
+    if layout == "fused-qkv-views":  # (B, S, H, D) projections seen as (B, H, S, D): no copy needed
+        qkv = torch.randn(2, 24, 4 + 2 + 2, 64, dtype=torch.bfloat16)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([4, 2, 2], dim=2))
+    elif layout == "offset-pointer":  # 2 bytes off 16-byte alignment: the launcher must copy it
+        storage = torch.empty(q.numel() + 1, dtype=q.dtype)
+        q = storage[1:].view(q.shape).copy_(q)
+    elif layout == "odd-stride-of-size-1-dim":  # "contiguous" to torch, yet batch stride 1
+        k = k[:1].clone().as_strided((1, *k.shape[1:]), (1, *k.stride()[1:]))
+        q, v = q[:1], v[:1]
+    doc_ids = torch.zeros(q.size(0), 24, dtype=torch.int32) if with_docs else None
+    o, lse = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape[:3], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_attention.forward(q, k, v, doc_ids, True, 0.125, o, lse)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_attention.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, True, 0.125, dq, dk, dv)
+
+
+def test_adamw_launchers_reach_the_device(cpu_launch):
+    params = [torch.randn(n) for n in (1, 4097)] + [torch.randn(9, dtype=torch.bfloat16)]
+    grads = [torch.randn_like(p) for p in params]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    steps = [torch.ones(()) for _ in params]
+    masters = [None, None, params[2].float()]
+    hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, cache={})
+    for lr, clip_state in ((1e-3, None), (torch.tensor(1e-3), torch.ones(2))):
+        with pytest.raises(RuntimeError, match=NO_DEVICE):
+            cuda_adamw.step(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=lr, clip_state=clip_state,
+                            **hyper)
+    # With the partials' capacity cached, the norm goes straight to the sum-of-squares launch.
+    cache = {"counts": (2, 1), "capacity": 64}
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), cache)
+    # Without it, the device query that sizes them fails first, with a clear message.
+    with pytest.raises(RuntimeError, match="could not query the current CUDA device"):
+        cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), {})
+
+
+# --- C++ launchers refuse what no kernel can take ------------------------------------------------
+
+FAKE = 1 << 20  # a 16-byte aligned address that the launchers must never touch
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(cols=0), dict(rows=-1), dict(x=0), dict(h=0), dict(dtype=7), dict(dtype=1, weight_dtype=BF16)],
+    ids=["no-columns", "negative-rows", "null-x", "residual-without-h", "unknown-dtype", "mixed-half-dtypes"],
+)
+def test_rms_norm_forward_refuses_bad_sizes(change):
+    a = dict(x=FAKE, residual=FAKE, weight=FAKE, y=FAKE, h=FAKE, rows=4, cols=8, dtype=BF16, weight_dtype=BF16)
+    a.update(change)
+    with pytest.raises(RuntimeError, match=f"rms_norm_forward.*{INVALID}"):
+        _backend.cuda_module().rms_norm_forward(
+            a["x"], a["residual"], a["weight"], a["y"], a["h"], a["rows"], a["cols"], 8, 8, 8, 8, 1e-6,
+            a["dtype"], a["weight_dtype"], 0,
+        )
+
+
+@pytest.mark.parametrize("change", [dict(rows=0), dict(dweight=0), dict(dh=0)], ids=["no-rows", "null-dweight", "null-dh"])
+def test_rms_norm_backward_refuses_bad_sizes(change):
+    a = dict(rows=4, dweight=FAKE, dh=FAKE)
+    a.update(change)
+    with pytest.raises(RuntimeError, match=f"rms_norm_backward.*{INVALID}"):
+        _backend.cuda_module().rms_norm_backward(
+            FAKE, FAKE, FAKE, 0, a["dh"], a["dweight"], FAKE, 1 << 20, a["rows"], 8, 8, 8, 0, 8, 1e-6, BF16, BF16, 0,
+        )
+
+
+def test_rms_norm_workspace_query_is_zero_without_a_device():
+    assert _backend.cuda_module().rms_norm_backward_workspace(4, 8, BF16) == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(batch=65536), dict(q_heads=65536, kv_heads=1), dict(seq_k=16, doc=FAKE), dict(scale=0.0),
+     dict(seq_q=0), dict(kv_heads=0)],
+    ids=["batch-over-grid-z", "heads-over-grid-y", "docs-need-equal-lengths", "zero-scale", "no-queries",
+         "no-kv-heads"],
+)
+def test_attention_launchers_refuse_bad_sizes(change):
+    a = dict(batch=1, q_heads=4, kv_heads=2, seq_q=8, seq_k=8, doc=0, scale=0.125)
+    a.update(change)
+    st = (4 * 8 * 64, 8 * 64, 64)
+    mod = _backend.cuda_module()
+    sizes = (a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], 64)
+    with pytest.raises(RuntimeError, match=f"attention_forward.*{INVALID}"):
+        mod.attention_forward(FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, *sizes, st, st, st, st, a["scale"], True, BF16, 0)
+    with pytest.raises(RuntimeError, match=f"attention_backward.*{INVALID}"):
+        mod.attention_backward(FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, FAKE, FAKE, *sizes,
+                               st, st, st, st, st, st, st, st, a["scale"], True, BF16, 0)
+
+
+@pytest.mark.parametrize("bad", ["dk-misaligned", "dv-stride", "delta-null"])
+def test_attention_backward_checks_its_outputs(bad):
+    st, odd = (4 * 8 * 64, 8 * 64, 64), (4 * 8 * 64, 8 * 64, 68)
+    dk = FAKE + 4 if bad == "dk-misaligned" else FAKE
+    dv_stride = odd if bad == "dv-stride" else st
+    delta = 0 if bad == "delta-null" else FAKE
+    with pytest.raises(RuntimeError, match=f"attention_backward.*{INVALID}"):
+        _backend.cuda_module().attention_backward(
+            FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 0, FAKE, dk, FAKE, delta, 1, 4, 2, 8, 8, 64,
+            st, st, st, st, st, st, st, dv_stride, 0.125, False, BF16, 0,
+        )
+
+
+def test_adamw_launcher_refuses_master_weights_for_fp32_params():
+    args = dict(param_dtype=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, lr_device=0,
+                clip_state=0, stream=0)
+    with pytest.raises(RuntimeError, match=f"adamw_step.*{INVALID}"):
+        _backend.cuda_module().adamw_step([FAKE], [FAKE], [FAKE], [FAKE], masters=[FAKE], steps=[FAKE], numels=[4],
+                                          **args)
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        _backend.cuda_module().adamw_step([FAKE], [FAKE], [FAKE], [FAKE], masters=[FAKE, FAKE], steps=[FAKE],
+                                          numels=[4], **args)
+    with pytest.raises(RuntimeError, match=f"adamw_grad_norm_finalize.*{INVALID}"):
+        _backend.cuda_module().adamw_grad_norm_finalize(FAKE, 4, 1.0, 0, FAKE, FAKE, 0)

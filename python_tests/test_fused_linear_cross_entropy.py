@@ -1,0 +1,396 @@
+"""Fused linear + cross-entropy: the loss and the gradients of x, weight and bias against the
+float64 reference, odd shapes, ignored rows, both reductions, label smoothing, the model's fused
+loss path, torch.library checks, torch.compile, and bad input.
+
+Without a GPU the Triton kernel runs in the interpreter (conftest sets TRITON_INTERPRET=1) in
+fp32 and fp16; bf16 and the GPT-2-sized shapes run on a GPU (marker cuda).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.model import GPT, GPTConfig
+from llmkern.ops import reference
+from llmkern.triton import fused_linear_cross_entropy as kernels
+from numerics import assert_close_to_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+flce = llmkern.ops.fused_linear_cross_entropy
+
+
+def _make(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, ignore_index=-100, device=DEVICE):
+    x = torch.randn(n, hidden, dtype=dtype, device=device)
+    weight = (torch.randn(vocab, hidden, device=device) / math.sqrt(hidden) * 2).to(dtype)
+    # Off zero so that the logits' mean (which label smoothing uses) is not ~0.
+    bias = (torch.randn(vocab, device=device) + 2).to(dtype) if with_bias else None
+    target = torch.randint(0, vocab, (n,), device=device)
+    target[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
+    return x, weight, target, bias
+
+
+def _loss_and_grads(fn, x, weight, target, bias):
+    """fn's loss and the gradients of x, weight (and bias) for d loss = 1."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    loss = fn(leaves[0], leaves[1], target, leaves[2] if bias is not None else None)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=None, device=DEVICE, **kwargs):
+    """Triton vs the float64 truth, allowing twice the error of torch's own computation in `dtype`."""
+    x, weight, target, bias = _make(n, vocab, hidden, dtype, with_bias, n_ignored, kwargs.get("ignore_index", -100),
+                                    device)
+
+    def ours(x, w, t, b):
+        return flce(x, w, t, bias=b, backend="triton", chunk_rows=chunk_rows, **kwargs)
+
+    def ref(x, w, t, b):
+        return reference.fused_linear_cross_entropy(x, w, t, b, **kwargs)
+
+    loss, grads = _loss_and_grads(ours, x, weight, target, bias)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    loss64, grads64 = _loss_and_grads(ref, d64(x), d64(weight), target, d64(bias))
+    loss_lp, grads_lp = _loss_and_grads(ref, x, weight, target, bias)
+
+    name = f"{dtype} N={n} V={vocab} H={hidden} chunk={chunk_rows}"
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close_to_ref(loss, loss64, loss_lp, f"{name} loss", atol=1e-5)
+    for gname, a, b, c in zip(["dx", "dweight", "dbias"], grads, grads64, grads_lp):
+        assert a.dtype == c.dtype, f"{gname} dtype {a.dtype} != {c.dtype}"
+        assert_close_to_ref(a, b, c, f"{name} {gname}")
+
+
+# (N, V, H): rows 1 / 17 / 123, vocabularies 1 / 5 / 1000 / 1001, hidden 16 / 64.
+SHAPES = [
+    (1, 1, 16), (1, 1001, 64), (17, 5, 16), (17, 1000, 64), (17, 1001, 16),
+    (123, 5, 64), (123, 1000, 16), (123, 1001, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("n,vocab,hidden", SHAPES)
+def test_matches_reference(n, vocab, hidden, dtype):
+    # Several chunks (one of them short) with a bias and some ignored rows, where the rows allow.
+    _check(n, vocab, hidden, dtype, with_bias=n > 1, n_ignored=n // 5, chunk_rows=max(1, n // 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_sum_reduction_and_label_smoothing(dtype):
+    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum")
+    _check(33, 301, 32, dtype, with_bias=True, n_ignored=4, chunk_rows=10, label_smoothing=0.1)
+    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0)
+
+
+def test_another_ignore_index_and_the_default_chunk():
+    _check(40, 97, 16, torch.float32, n_ignored=7, ignore_index=-1)
+
+
+def test_fp32_weight_with_fp16_input():
+    """fp32 parameters with 16-bit activations (autocast): matmuls in fp16, weight gradient in fp32."""
+    x, _, target, _ = _make(25, 200, 32, torch.float16)
+    weight = torch.randn(200, 32, device=DEVICE) / 4
+    ours, grads = _loss_and_grads(
+        lambda x, w, t, b: flce(x, w, t, backend="triton", chunk_rows=7), x, weight, target, None
+    )
+    truth, grads64 = _loss_and_grads(
+        reference.fused_linear_cross_entropy, x.double(), weight.half().double(), target, None
+    )
+    theirs, grads_lp = _loss_and_grads(reference.fused_linear_cross_entropy, x, weight, target, None)
+    assert grads[1].dtype == torch.float32
+    assert_close_to_ref(ours, truth, theirs, "loss", atol=1e-5)
+    for name, a, b, c in zip(["dx", "dweight"], grads, grads64, grads_lp):
+        assert_close_to_ref(a, b, c, name)
+
+
+def test_autocast_runs_the_matmuls_in_its_dtype():
+    """Under autocast an fp32 x is cast like a Linear layer's input; the fp32 weight gets an fp32 gradient."""
+    x, weight, target, _ = _make(20, 64, 32, torch.float32)
+    weight.requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = flce(x, weight, target, backend="triton", chunk_rows=8)
+        expected = F.cross_entropy(F.linear(x, w_ref).float(), target)
+    loss.backward()
+    expected.backward()
+    assert weight.grad.dtype == torch.float32
+    # bf16 logits move the loss by ~1e-3 from fp32 ones; ours and torch's bf16 agree far closer.
+    torch.testing.assert_close(loss, expected, rtol=0, atol=5e-5)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_3d_input_with_2d_target():
+    x, weight, target, _ = _make(2 * 9, 50, 16, torch.float32)
+    x3, target2 = x.view(2, 9, 16), target.view(2, 9)
+    got = flce(x3, weight, target2, backend="triton")
+    torch.testing.assert_close(got, F.cross_entropy(x @ weight.T, target), rtol=1e-5, atol=1e-5)
+    assert flce(x3, weight, target, backend="triton").item() == pytest.approx(got.item())  # flat target too
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_all_rows_ignored_match_f_cross_entropy(backend):
+    """Mean over no rows is NaN (0 / 0) as in F.cross_entropy, with zero gradients; sum is 0."""
+    x, weight, target, _ = _make(6, 20, 8, torch.float32, n_ignored=6)
+    for reduction in ("mean", "sum"):
+        loss, (dx, dw) = _loss_and_grads(
+            lambda x, w, t, b: flce(x, w, t, reduction=reduction, backend=backend), x, weight, target, None
+        )
+        expected = F.cross_entropy(x @ weight.T, target, reduction=reduction)
+        torch.testing.assert_close(loss, expected, equal_nan=True)
+        assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+    assert math.isnan(flce(x, weight, target, backend=backend).item())
+
+
+def test_no_rows():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert flce(x, weight, target, reduction="sum", backend="triton").item() == 0.0
+    loss = flce(x, weight, target, backend="triton")
+    assert math.isnan(loss.item())
+    loss.backward()
+    assert x.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_target_out_of_range_gives_nan_not_a_number():
+    """The triton backend does not wait for the GPU to check targets: a bad row poisons the loss."""
+    x, weight, target, _ = _make(5, 10, 8, torch.float32)
+    for bad in (10, -3):
+        target[2] = bad
+        assert math.isnan(flce(x, weight, target, backend="triton").item())
+        assert math.isnan(flce(x, weight, target, reduction="sum", backend="triton").item())
+
+
+def test_only_the_gradients_asked_for():
+    x, weight, target, bias = _make(9, 30, 8, torch.float32, with_bias=True)
+    expected = F.cross_entropy(F.linear(x, weight, bias), target)
+    with torch.no_grad():
+        torch.testing.assert_close(flce(x, weight, target, bias=bias, backend="triton"), expected)
+    weight.requires_grad_(True)  # a frozen input x, a trained head (and frozen bias)
+    loss = flce(x, weight, target, bias=bias, backend="triton")
+    loss.backward()
+    w_ref = weight.detach().clone().requires_grad_(True)
+    F.cross_entropy(F.linear(x, w_ref, bias), target).backward()
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-5, atol=1e-7)
+    assert x.grad is None and bias.grad is None
+
+
+def test_gradient_is_scaled_by_the_upstream_gradient():
+    x, weight, target, _ = _make(11, 40, 16, torch.float32)
+    x.requires_grad_(True)
+    (3.5 * flce(x, weight, target, backend="triton", chunk_rows=4)).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (3.5 * F.cross_entropy(x_ref @ weight.T, target)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("vocab", [3, 4097])
+def test_kernel_writes_every_element(dtype, vocab):
+    """The per-row kernel alone: a NaN-filled loss and every logit must be overwritten."""
+    logits = torch.randn(7, vocab, device=DEVICE).to(dtype)
+    target = torch.randint(0, vocab, (7,), device=DEVICE)
+    target[3] = -100
+    loss = torch.full((7,), float("nan"), device=DEVICE)
+    grad = logits.clone()
+    kernels.cross_entropy_rows(grad, target, loss, torch.tensor([0.5], device=DEVICE), -100, 0.0, True)
+    z = logits.double()
+    expected_loss = F.cross_entropy(z, target, reduction="none")
+    expected_grad = (z.softmax(-1) - F.one_hot(target.clamp(min=0), vocab)) * 0.5
+    expected_grad[3] = 0
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])
+def test_weight_gradient_accumulator(dtype):
+    """fp32 acc += a @ b over chunks, a transposed as in use: in cuBLAS where torch allows it (GPU),
+    else one 16-bit rounding per product; either way within twice the error of torch's own product."""
+    a = torch.randn(40, 33, device=DEVICE).to(dtype).t()
+    b = torch.randn(40, 17, device=DEVICE).to(dtype)
+    acc = torch.ones(33, 17, device=DEVICE)
+    for _ in range(3):
+        kernels._accumulate_product(acc, a, b)
+    truth = 1 + 3 * (a.double() @ b.double())
+    assert_close_to_ref(acc, truth, 1 + 3 * (a @ b).double(), f"{dtype} accumulator", atol=1e-5)
+
+
+def test_auto_on_cpu_is_the_torch_reference():
+    x, weight, target, _ = _make(10, 33, 8, torch.float32, device="cpu")
+    got = flce(x, weight, target, backend="auto")
+    assert torch.equal(got, F.cross_entropy(x @ weight.T, target))
+    x64 = x.double()
+    torch.testing.assert_close(flce(x64, weight.double(), target, backend="torch"),
+                               F.cross_entropy(x64 @ weight.double().T, target))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(with_bias):
+    x, weight, target, bias = _make(6, 24, 8, torch.float32, with_bias=with_bias, n_ignored=1)
+    for t in (x, weight, bias):
+        if t is not None:
+            t.requires_grad_(True)
+    args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4)
+    torch.library.opcheck(torch.ops.llmkern.fused_linear_cross_entropy.default, args)
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    """The fake kernel lets torch.compile trace the op (aot_eager on a CPU, inductor on a GPU)."""
+    compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
+
+    def head_loss(x, w, t):
+        return flce(torch.tanh(x), w, t, backend="triton", chunk_rows=5) * 2
+
+    x, weight, target, _ = _make(12, 40, 16, torch.float32)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    compiled = torch.compile(head_loss, fullgraph=True, backend=compiler)
+    loss = compiled(x, weight, target)
+    loss.backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(torch.tanh(x_ref) @ w_ref.T, target) * 2
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+# --- the model's fused loss path ------------------------------------------------------------
+
+
+def _tiny_gpt(backend, fused_loss):
+    # vocab 300 is padded to 320: the fused path must leave the padding rows out.
+    # Heads of 32, a size the Triton attention runs.
+    config = GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=64, backend=backend,
+                       fused_loss=fused_loss)
+    return GPT(config).to(DEVICE)
+
+
+def test_model_fused_loss_matches_the_plain_loss():
+    fused = _tiny_gpt("triton", True)
+    plain = _tiny_gpt("triton", False)  # the same kernels everywhere else: only the loss path differs
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    targets = torch.randint(0, 300, (2, 16), device=DEVICE)
+    targets[0, :3] = -1
+    logits, loss = fused(idx, targets)
+    ref_logits, ref_loss = plain(idx, targets)
+    assert logits is None  # the point: the logits were never made
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Without targets the logits are there, cut to the real vocabulary.
+    assert fused(idx)[0].shape == (2, 16, 300)
+
+
+def test_model_unfused_when_asked_or_on_the_torch_backend():
+    idx = torch.randint(0, 300, (1, 8), device=DEVICE)
+    for backend, fused_loss in (("triton", False), ("torch", True)):
+        logits, loss = _tiny_gpt(backend, fused_loss)(idx, idx)
+        assert logits is not None and logits.shape == (1, 8, 300) and loss.ndim == 0
+
+
+def test_config_flag_is_typed():
+    with pytest.raises(TypeError, match="fused_loss"):
+        GPTConfig(fused_loss="yes")
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def _good():
+    return dict(x=torch.randn(4, 8), weight=torch.randn(10, 8), target=torch.randint(0, 10, (4,)))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.randn(4, 8).int()), TypeError, "x must have dtype"),
+        (dict(x=torch.randn(8)), ValueError, "x must be"),
+        (dict(weight=torch.randn(10, 9)), ValueError, "weight must be"),
+        (dict(weight=torch.randn(10, 8).half()), TypeError, "weight must have x's dtype"),
+        (dict(target=torch.zeros(4)), TypeError, "target must hold int64"),
+        (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target must have shape"),
+        (dict(bias=torch.randn(9)), ValueError, "bias must have shape"),
+        (dict(bias=torch.randn(10).double()), TypeError, "bias must"),
+        (dict(reduction="none"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows must be >= 1"),
+        (dict(backend="cuda"), ValueError, "backend='cuda' cannot run"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = {**_good(), **change}
+    with pytest.raises(error, match=match):
+        flce(**args)
+
+
+def test_float64_on_triton_is_refused():
+    good = _good()
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 for the triton backend"):
+        flce(good["x"].double(), good["weight"].double(), good["target"], backend="triton")
+
+
+@pytest.mark.cuda
+def test_tensors_on_different_devices():
+    good = _good()
+    with pytest.raises(ValueError, match="one device"):
+        flce(good["x"].cuda(), good["weight"], good["target"].cuda())
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("n,vocab,hidden", [(17, 1001, 64), (123, 50257, 128), (4097, 50304, 768)])
+def test_gpu_matches_reference(n, vocab, hidden, dtype):
+    _check(n, vocab, hidden, dtype, with_bias=True, n_ignored=n // 7)
+    _check(n, vocab, hidden, dtype, n_ignored=n // 7, chunk_rows=max(1, n // 3), label_smoothing=0.1)
+
+
+@pytest.mark.cuda
+def test_gpu_peak_memory_stays_below_the_logits():
+    """GPT-2's head at 8192 rows: the bf16 logits alone would be 824 MB; the fused op never holds them."""
+    n, vocab, hidden = 8192, 50304, 768
+    x, weight, target, _ = _make(n, vocab, hidden, torch.bfloat16)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    flce(x, weight, target).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    logits_bytes = n * vocab * 2
+    assert extra < logits_bytes, f"peak {extra / 2**20:.0f} MiB above the inputs; logits: {logits_bytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.cuda
+def test_gpu_model_fused_loss_under_bf16_autocast():
+    fused = _tiny_gpt("triton", True)
+    plain = _tiny_gpt("torch", False)
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 300, (4, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = fused(idx, idx)
+        _, ref_loss = plain(idx, idx)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
