@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, save, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -84,12 +84,7 @@ def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device) -> l
     do = torch.randn_like(q)
     grads = [q, k, v]
     try:
-        o = fn(q, k, v, causal)
-        times = {
-            "forward": median_ms(lambda: fn(q, k, v, causal)),
-            "backward": median_ms(lambda: o.backward(do, retain_graph=True), grad_to_none=grads),
-            "forward+backward": median_ms(lambda: fn(q, k, v, causal).backward(do), grad_to_none=grads),
-        }
+        times = time_modes(lambda: fn(q, k, v, causal), do, grad_to_none=grads)
     except (torch.OutOfMemoryError, RuntimeError) as err:  # eager at long S; a backend that refuses a shape
         print(f"skipped {name} at {shape}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
         torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, save, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -59,12 +59,7 @@ def bench_one(name, fn, rows, hidden, dtype, device) -> list[Result]:
         "backward": 3 * rows * hidden * el + 2 * hidden * el,
         "forward+backward": 5 * rows * hidden * el + 3 * hidden * el,
     }
-    y = fn(x, w)
-    times = {
-        "forward": median_ms(lambda: fn(x, w)),
-        "backward": median_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=[x, w]),
-        "forward+backward": median_ms(lambda: fn(x, w).backward(dy), grad_to_none=[x, w]),
-    }
+    times = time_modes(lambda: fn(x, w), dy, grad_to_none=[x, w])
     shape = f"{rows}x{hidden}"
     return [Result("rms_norm", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
 

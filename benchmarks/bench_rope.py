@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, save, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -78,19 +78,11 @@ def bench_one(name, fn, shape: str, dtype, device) -> list[Result]:
     dq = torch.randn(b, h, s, d, dtype=dtype, device=device)
     dk = torch.randn(b, hkv, s, d, dtype=dtype, device=device)
 
-    def backward(outputs):
-        torch.autograd.backward(outputs, (dq, dk), retain_graph=True)
-
     qk_bytes = 2 * b * (h + hkv) * s * d * qkv.element_size()  # read once, written once
     table_bytes = 2 * s * (d // 2) * 4
     nbytes = {"forward": qk_bytes + table_bytes, "backward": qk_bytes + table_bytes,
               "forward+backward": 2 * (qk_bytes + table_bytes)}
-    outputs = fn(qkv, h, hkv, cos, sin)
-    times = {
-        "forward": median_ms(lambda: fn(qkv, h, hkv, cos, sin)),
-        "backward": median_ms(lambda: backward(outputs), grad_to_none=[qkv]),
-        "forward+backward": median_ms(lambda: backward(fn(qkv, h, hkv, cos, sin)), grad_to_none=[qkv]),
-    }
+    times = time_modes(lambda: fn(qkv, h, hkv, cos, sin), (dq, dk), grad_to_none=[qkv])
     return [Result("rope", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
 
 

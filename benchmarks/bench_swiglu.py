@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, save, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -62,12 +62,7 @@ def bench_one(name, fn, shape: str, dtype, device) -> list[Result]:
         "backward": 5 * rows * hidden * el,
         "forward+backward": 8 * rows * hidden * el,
     }
-    y = fn(gate, up)
-    times = {
-        "forward": median_ms(lambda: fn(gate, up)),
-        "backward": median_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=[fused]),
-        "forward+backward": median_ms(lambda: fn(gate, up).backward(dy), grad_to_none=[fused]),
-    }
+    times = time_modes(lambda: fn(gate, up), dy, grad_to_none=[fused])
     return [Result("swiglu", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
 
 

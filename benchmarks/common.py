@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -127,3 +126,15 @@ def chart(results: list[Result], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def time_modes(run, grad_out, grad_to_none) -> dict[str, float]:
+    """Median ms of "forward" (run()), "backward" (of one forward whose graph is kept) and
+    "forward+backward", for an op whose output(s) receive the gradient(s) grad_out."""
+    outputs = run()
+    return {
+        "forward": median_ms(run),
+        "backward": median_ms(lambda: torch.autograd.backward(outputs, grad_out, retain_graph=True),
+                              grad_to_none=grad_to_none),
+        "forward+backward": median_ms(lambda: torch.autograd.backward(run(), grad_out), grad_to_none=grad_to_none),
+    }
