@@ -61,13 +61,13 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)
-        q = qkv[:, :, :h].transpose(1, 2)  # (B, H, T, D)
-        k = qkv[:, :, h : h + hkv].transpose(1, 2)  # (B, Hkv, T, D)
+        qk = qkv[:, :, : h + hkv].transpose(1, 2)  # (B, H + Hkv, T, D): q's and k's heads side by side
         v = qkv[:, :, h + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
         if rotary is not None:
             cos, sin = rotary
-            q = rope(q, cos, sin, backend=op_backend("rope", self.backend, x.device))
-            k = rope(k, cos, sin, backend=op_backend("rope", self.backend, x.device))
+            # One rotation of q's and k's heads together: one launch instead of two.
+            qk = rope(qk, cos, sin, backend=op_backend("rope", self.backend, x.device))
+        q, k = qk[:, :h], qk[:, h:]  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
             y = attention(q, k, v, causal=True, backend=op_backend("attention", self.backend, x.device), doc_ids=doc_ids)
         else:
