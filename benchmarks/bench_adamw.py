@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, median_ms, require_gpu, save  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
 from llmkern.optim import AdamW  # noqa: E402
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["copy", "step", "clip+step"], choices=list(BYTES_PER_PARAM))
     parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_adamw needs a CUDA GPU", file=sys.stderr)
+    if not require_gpu("bench_adamw"):
         return 2
     device = torch.device("cuda")
     results = []

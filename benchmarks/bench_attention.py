@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, save, time_modes  # noqa: E402
+from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -112,18 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", type=_bool, nargs="+", default=[True, False])
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head dim")
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / S (at least 1)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_common_args(parser, dtypes=("bfloat16", "float16"))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU", file=sys.stderr)
+    if not require_gpu("bench_attention"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in providers(device).items():
-        if args.providers and name not in args.providers:
-            continue
+    for name, fn in selected(providers(device), args.providers).items():
         for head_dim in args.head_dims:
             heads = args.hidden // head_dim
             for causal in args.causal:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, save  # noqa: E402
+from common import Result, add_common_args, median_ms, require_gpu, save, selected  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -87,18 +87,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--hidden", type=int, nargs="+", default=[768, 1024, 2048])
     parser.add_argument("--vocab", type=int, default=50304)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_fused_linear_cross_entropy needs a CUDA GPU", file=sys.stderr)
+    if not require_gpu("bench_fused_linear_cross_entropy"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in providers(device).items():
-        if args.providers and name not in args.providers:
-            continue
+    for name, fn in selected(providers(device), args.providers).items():
         for rows in args.rows:
             for hidden in args.hidden:
                 result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, save, time_modes  # noqa: E402
+from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -68,18 +68,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--hidden", type=int, nargs="+", default=[768, 4096, 8192])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_rms_norm needs a CUDA GPU", file=sys.stderr)
+    if not require_gpu("bench_rms_norm"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in providers(device).items():
-        if args.providers and name not in args.providers:
-            continue
+    for name, fn in selected(providers(device), args.providers).items():
         for rows in args.rows:
             for hidden in args.hidden:
                 results.extend(bench_one(name, fn, rows, hidden, dtype, device))

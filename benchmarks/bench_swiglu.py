@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, save, time_modes  # noqa: E402
+from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -69,18 +69,14 @@ def bench_one(name, fn, shape: str, dtype, device) -> list[Result]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxHIDDEN")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_swiglu needs a CUDA GPU", file=sys.stderr)
+    if not require_gpu("bench_swiglu"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in providers(device).items():
-        if args.providers and name not in args.providers:
-            continue
+    for name, fn in selected(providers(device), args.providers).items():
         for shape in args.shapes:
             results.extend(bench_one(name, fn, shape, dtype, device))
     save(results, f"SwiGLU {args.dtype}", BASELINES)

@@ -7,6 +7,7 @@ import csv
 import datetime
 import re
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,25 @@ class Result:
     value: float  # the physical unit below (GB/s, TFLOP/s, tokens/s)
     unit: str
     extra: dict = field(default_factory=dict)
+
+
+def add_common_args(parser, dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")) -> None:
+    """--dtype and --providers, which every op benchmark takes after its own shape arguments."""
+    parser.add_argument("--dtype", default="bfloat16", choices=list(dtypes))
+    parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+
+
+def require_gpu(bench: str) -> bool:
+    """True when a CUDA GPU is here; otherwise says so on stderr (the caller exits non-zero)."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{bench} needs a CUDA GPU", file=sys.stderr)
+    return False
+
+
+def selected(providers: dict, names: list[str] | None) -> dict:
+    """The providers named by --providers, in their own order; all of them when none were named."""
+    return {name: fn for name, fn in providers.items() if not names or name in names}
 
 
 def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:

@@ -19,6 +19,7 @@
 #include <cmath>
 
 #include "common/check.h"
+#include "cuda/attention_dispatch.h"
 #include "cuda/attention_mma.cuh"
 
 namespace llmkern {
@@ -259,33 +260,6 @@ cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T, int D>
-cudaError_t dispatch_masks(const AttentionForwardArgs& args, cudaStream_t stream) {
-  const bool has_doc = args.doc_ids != nullptr;
-  if (args.causal) {
-    return has_doc ? launch_forward<T, D, true, true>(args, stream) : launch_forward<T, D, true, false>(args, stream);
-  }
-  return has_doc ? launch_forward<T, D, false, true>(args, stream) : launch_forward<T, D, false, false>(args, stream);
-}
-
-template <typename T>
-cudaError_t dispatch_head_dim(const AttentionForwardArgs& args, cudaStream_t stream) {
-  switch (args.head_dim) {
-    case 64: return dispatch_masks<T, 64>(args, stream);
-    case 128: return dispatch_masks<T, 128>(args, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-bool misaligned(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) != 0; }
-
-bool strides_ok(const int64_t (&stride)[3]) {
-  for (int64_t s : stride) {
-    if (s < 0 || s % 8 != 0) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 bool attention_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
@@ -302,11 +276,11 @@ cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t str
   LLMKERN_RETURN_INVALID_IF(!strides_ok(args.q_stride) || !strides_ok(args.k_stride) ||
                             !strides_ok(args.v_stride) || !strides_ok(args.o_stride));
   LLMKERN_RETURN_INVALID_IF(!(args.scale > 0.f));
-  switch (args.dtype) {
-    case DType::kFloat16: return dispatch_head_dim<__half>(args, stream);
-    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_attention(args.dtype, args.head_dim, args.causal, args.doc_ids != nullptr,
+                            [&](auto t, auto d, auto causal, auto has_doc) {
+                              return launch_forward<decltype(t), decltype(d)::value, decltype(causal)::value,
+                                                     decltype(has_doc)::value>(args, stream);
+                            });
 }
 
 }  // namespace llmkern

@@ -11,14 +11,7 @@ import torch
 
 from .. import _backend
 from .._cuda_bridge import dtype_code, stream
-
-
-def _buckets(keys: list) -> dict:
-    """Indices of the tensors per kernel instantiation key, in order."""
-    out: dict = {}
-    for i, key in enumerate(keys):
-        out.setdefault(key, []).append(i)
-    return out
+from .._multi_tensor import group_by_dtype_and_master, group_indices
 
 
 def _addresses(tensors: list, idx: list[int]) -> list[int]:
@@ -38,7 +31,7 @@ def grad_norm(
     mod = _backend.cuda_module()
     device = grad_norm.device
     with torch.cuda.device(device):
-        per_dtype = _buckets([g.dtype for g in grads])
+        per_dtype = group_indices([g.dtype for g in grads])
         counts = tuple(len(idx) for idx in per_dtype.values())
         if cache.get("counts") != counts:  # the occupancy queries behind it cost host time
             cache["counts"] = counts
@@ -88,7 +81,7 @@ def step(
     lr_on_device = isinstance(lr, torch.Tensor)
     with torch.cuda.device(device):
         handle = stream(device)
-        per_kind = _buckets([(p.dtype, masters[i] is not None) for i, p in enumerate(params)])
+        per_kind = group_by_dtype_and_master(params, masters)
         for (dtype, has_master), idx in per_kind.items():
             mod.adamw_step(
                 _addresses(params, idx), _addresses(grads, idx), _addresses(exp_avgs, idx),

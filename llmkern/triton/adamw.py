@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._multi_tensor import group_by_dtype_and_master, group_indices
+
 BLOCK = 4096  # elements per program (fp32: 16 KiB of each of p, g, m, v)
 FINALIZE_BLOCK = 1024
 NUM_WARPS = 8
@@ -218,14 +220,6 @@ def _chunk_table(numels: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([rows, chunk_index], dim=1).to(torch.int32).contiguous()
 
 
-def _buckets(dtypes: list) -> dict:
-    """Indices of the tensors per kernel specialization key, in order."""
-    out: dict = {}
-    for i, key in enumerate(dtypes):
-        out.setdefault(key, []).append(i)
-    return out
-
-
 def grad_norm(
     grads: list[torch.Tensor],
     max_norm: float,
@@ -237,7 +231,7 @@ def grad_norm(
     """The global gradient norm, the clip factor and the finite flag, on the device (see
     llmkern.ops.reference.adamw_grad_norm for the contract)."""
     device = grad_norm.device
-    per_dtype = _buckets([g.dtype for g in grads])
+    per_dtype = group_indices([g.dtype for g in grads])
     tables = []
     count = 0
     for dtype, idx in per_dtype.items():
@@ -291,7 +285,7 @@ def step(
     lr_hi, lr_lo = (0.0, 0.0) if lr_on_device else _split_double(lr)
     beta1_hi, beta1_lo = _split_double(beta1)
     beta2_hi, beta2_lo = _split_double(beta2)
-    per_kind = _buckets([(p.dtype, masters[i] is not None) for i, p in enumerate(params)])
+    per_kind = group_by_dtype_and_master(params, masters)
     with _on(device):
         for (dtype, has_master), idx in per_kind.items():
             addresses = [

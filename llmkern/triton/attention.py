@@ -66,6 +66,28 @@ def _tiles_meet(doc_a, mask_a, doc_b, mask_b):
 
 
 @triton.jit
+def _key_tile_docs(DOC_ROW, offs_n, key_ok, doc_q, row_ok, HAS_DOC: tl.constexpr):
+    """For the key tile offs_n of the forward and dq kernels: its doc ids (DOC_ROW points at the
+    batch's ids) and whether any query row of the block may share a document with it, so a tile
+    that cannot is skipped. Without documents: the positions (never compared) and True."""
+    doc_k = offs_n
+    meet = True
+    if HAS_DOC:
+        doc_k = tl.load(DOC_ROW + offs_n, mask=key_ok, other=-2)
+        meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+    return doc_k, meet
+
+
+@triton.jit
+def _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok):
+    """Rows offs_n of one head's k and v, zero past seq_k and past the head dim."""
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _tile_needs_mask(start_n, start_m, seq_k, causal_shift, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_DOC: tl.constexpr):
     """Whether the tile of keys [start_n, start_n + BLOCK_N) x queries from start_m has any pair
@@ -141,15 +163,9 @@ def _attention_fwd_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < seq_k
-        doc_k = offs_n
-        meet = True
-        if HAS_DOC:
-            doc_k = tl.load(DOC + b * seq_k + offs_n, mask=key_ok, other=-2)
-            meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+        doc_k, meet = _key_tile_docs(DOC + b * seq_k, offs_n, key_ok, doc_q, row_ok, HAS_DOC)
         if meet:
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
                 s = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False),
@@ -323,15 +339,9 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < seq_k
-        doc_k = offs_n
-        meet = True
-        if HAS_DOC:
-            doc_k = tl.load(DOC + b * seq_k + offs_n, mask=key_ok, other=-2)
-            meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
+        doc_k, meet = _key_tile_docs(DOC + b * seq_k, offs_n, key_ok, doc_q, row_ok, HAS_DOC)
         if meet:
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             p = tl.exp2(s - lse_log2[:, None])
             if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
