@@ -132,6 +132,28 @@ def test_tiny_model_loss_falls(tmp_path, data_dir):
         assert os.path.getsize(tmp_path / "run" / chart) > 1000
 
 
+def test_document_masking_gives_the_model_the_document_of_every_token(tmp_path, data_dir, monkeypatch):
+    from llmkern.model import GPT
+
+    seen = []
+    forward = GPT.forward
+
+    def spy(self, idx, targets=None, doc_ids=None):
+        seen.append((idx, doc_ids))
+        return forward(self, idx, targets, doc_ids)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=2, eval_interval=2, seq_len=128,
+                                  batch_tokens=512, document_masking=True))
+    trainer.fit()
+    assert seen and all(d is not None and d.shape == x.shape for x, d in seen)
+    eot = int(load_manifest(data_dir)["eot_token"])
+    for x, d in seen:  # a new document (a higher id) starts exactly at each eot token
+        starts = torch.diff(d, dim=1) > 0
+        assert torch.equal(starts, x[:, 1:] == eot)
+    assert any(bool((torch.diff(d, dim=1) > 0).any()) for _, d in seen), "no row crossed a document"
+
+
 @pytest.mark.parametrize("optimizer", ["llmkern", "torch"])
 def test_resume_continues_bitwise_identically(tmp_path, data_dir, optimizer):
     # dropout uses the RNG, so the RNG states must be restored too

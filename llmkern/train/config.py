@@ -64,6 +64,9 @@ class TrainConfig:
     ckpt_interval: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # the newest N step folders are kept
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
+    # Packed rows hold several documents: with this on, a token attends only within its own
+    # document (doc ids from the eot tokens, document-masked attention) and positions restart.
+    document_masking: bool = False
 
     # execution
     device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda" | "cuda:N"

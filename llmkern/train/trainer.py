@@ -82,7 +82,7 @@ class Trainer:
                              f"(tokenize it with a val_fraction > 0)")
         self.train_loader = TokenLoader(self.data_dir, "train", config.micro_batch, config.seq_len, mode="random",
                                         seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
-                                        device=self.device)
+                                        device=self.device, document_ids=config.document_masking)
         seed_everything(config.seed)
         self.raw_model = build_model(config, int(self.manifest["n_vocab"])).to(self.device)
         self.model = distributed.wrap(self.raw_model, self.dist, self.device, config.parallel)  # DDP, or FSDP2 in place
@@ -190,10 +190,10 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
+            x, y, *doc_ids = self.train_loader.next_batch()
             with self._gradient_sync(micro == self.grad_accum - 1):
                 with self._autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, *doc_ids)
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist).item()
@@ -250,7 +250,8 @@ class Trainer:
         """Mean loss over the first eval_steps * batch_tokens tokens of the val split (the same windows
         every time, whatever the number of ranks: each takes its share in micro-batches)."""
         val = TokenLoader(self.data_dir, "val", self.config.micro_batch, self.config.seq_len, mode="sequential",
-                          rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+                          rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+                          document_ids=self.config.document_masking)
         return evaluate_loss(self.model, val, self.config.eval_steps * self.grad_accum, self._autocast, self.dist)
 
     def _evaluate_and_check_patience(self) -> bool:
@@ -336,9 +337,9 @@ def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.null
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(steps):
-        x, y = loader.next_batch()[:2]
+        x, y, *doc_ids = loader.next_batch()  # doc_ids: [] or [(B, T) ids] (document masking)
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, *doc_ids)
         total += loss.detach().double().cpu()
     model.train(was_training)
     mean = total / steps
