@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .finetune.cli import add_finetune_parser
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import print_info
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_parser(sub)
     _add_data_parser(sub)
     _add_train_parsers(sub)
+    add_finetune_parser(sub)
     return parser
 
 

@@ -119,17 +119,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        return _apply(cls(), values, source="config").validate()
+        return apply_settings(cls(), values, source="config").validate()
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                 defaults: dict[str, Any] | None = None) -> TrainConfig:
     """TrainConfig's defaults updated by `defaults`, then by the file at `path` (.toml or .json), then by
     `--key=value` overrides."""
-    config = _apply(TrainConfig(), defaults or {}, source="defaults")
+    config = apply_settings(TrainConfig(), defaults or {}, source="defaults")
     if path:
-        config = _apply(config, read_config_file(path), source=path)
-    config = _apply(config, parse_overrides(overrides), source="command line", from_text=True)
+        config = apply_settings(config, read_config_file(path), source=path)
+    config = apply_settings(config, parse_overrides(overrides), source="command line", from_text=True)
     return config.validate()
 
 
@@ -169,10 +169,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def _apply(config: TrainConfig, values: dict[str, Any], source: str, from_text: bool = False) -> TrainConfig:
-    """`config` updated by `values`; from_text: the values are command-line strings, to be parsed."""
-    hints = typing.get_type_hints(TrainConfig)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+def apply_settings(config: Any, values: dict[str, Any], source: str, from_text: bool = False) -> Any:
+    """A copy of the dataclass `config` updated by `values`, each checked against the field's type;
+    from_text: the values are command-line strings, to be parsed. Works for any settings dataclass
+    (TrainConfig, the fine-tuning configs); a `model` field takes GPTConfig overrides."""
+    hints = typing.get_type_hints(type(config))
+    known = {f.name for f in dataclasses.fields(config)}
     updates: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
@@ -224,7 +226,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str, from_text: bool) -> An
         if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(hint)):
             raise wrong(f"{len(typing.get_args(hint))} numbers (a list, or comma-separated)")
         return tuple(_coerce(key, v, t, source, from_text) for v, t in zip(items, typing.get_args(hint)))
-    raise TypeError(f"TrainConfig field {key!r} has an unsupported type {hint!r}")
+    raise TypeError(f"config field {key!r} has an unsupported type {hint!r}")
 
 
 def _typed_model_overrides(values: dict[str, Any], source: str, from_text: bool) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""Log-probabilities of given tokens under a GPT: the scoring primitive of multiple-choice
+evaluation, DPO, PPO and win rates.
+
+Rows are right-padded: with causal attention a real token never sees the padding after it, so
+padding needs no attention mask; its targets are -1 and score 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -1
+
+
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(targets[b, t] | ids[b, :t+1]) under `model` (a llmkern GPT), 0 where targets is -1.
+
+    Differentiable (runs under the caller's grad mode). The logits are made in the model's dtype and
+    the log-softmax taken in fp32 by cross_entropy, which never keeps a (B, T, V) fp32 copy.
+    """
+    if not isinstance(ids, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("ids and targets must be tensors")
+    if ids.dim() != 2 or targets.shape != ids.shape:
+        raise ValueError(f"ids must be (B, T) and targets the same shape; got {tuple(ids.shape)} and "
+                         f"{tuple(targets.shape)}")
+    logits = model.head(model.hidden_states(ids))  # (B, T, V)
+    vocab = logits.size(-1)
+    flat_targets = targets.reshape(-1).long()
+    bad = (flat_targets != IGNORE) & ((flat_targets < 0) | (flat_targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"targets must be token ids in [0, {vocab}) or -1")
+    nll = F.cross_entropy(logits.reshape(-1, vocab).float(), flat_targets, ignore_index=IGNORE, reduction="none")
+    return -nll.view_as(targets)
+
+
+def sequence_logprobs(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) the summed log-probability of each row's scored targets (those that are not -1)."""
+    return token_logprobs(model, ids, targets).sum(dim=1)

@@ -1,0 +1,40 @@
+"""`llmkern finetune METHOD [--config FILE] [--key=value ...]`: run a fine-tuning recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import METHODS
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from . import get_method, load_finetune_config
+    from .loop import FinetuneDiverged
+
+    try:
+        config_cls, run = get_method(args.method)
+        config = load_finetune_config(config_cls, args.config, args.overrides)
+        summary = run(config)
+    except FinetuneDiverged as err:
+        print(f"llmkern finetune {args.method}: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern finetune {args.method}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a trained model: " + ", ".join(METHODS),
+        epilog="settings: --config FILE (TOML/JSON) and --key=value overrides; the common ones are in "
+               "llmkern/finetune/config.py (base, data, out_dir, epochs, lr, lora_rank, ...), each method's own "
+               "in llmkern/finetune/<method>.py. Example: llmkern finetune sft --base=runs/main "
+               "--data=instruction-data.json --lora_rank=8",
+    )
+    p.add_argument("method", choices=list(METHODS), help="the recipe")
+    p.add_argument("--config", default=None, help="a .toml or .json settings file")
+    p.set_defaults(func=_cmd_finetune, accepts_overrides=True)

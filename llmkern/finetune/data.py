@@ -1,0 +1,134 @@
+"""Fine-tuning examples: Alpaca-format instructions and preference pairs, the prompt template, and
+turning (prompt, response) pairs into padded token batches whose loss covers only the response.
+
+An instruction example is {"instruction", "input" (may be empty or absent), "output"}; a preference
+example has "chosen" and "rejected" responses instead of (or beside) "output".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -1  # the label of a token that is not scored (GPT.forward skips targets equal to -1)
+
+PROMPT_HEADER = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+
+
+def format_prompt(example: dict[str, Any]) -> str:
+    """The Alpaca prompt of an example: header, instruction, the input when there is one, and the
+    response header; the response text follows it directly."""
+    text = f"{PROMPT_HEADER}\n\n### Instruction:\n{example['instruction']}"
+    if example.get("input"):
+        text += f"\n\n### Input:\n{example['input']}"
+    return text + "\n\n### Response:\n"
+
+
+def read_examples(path: str) -> list[dict[str, Any]]:
+    """The objects of a .json file holding a list, or of a .jsonl file (one object per line)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(rows[-1]).__name__}")
+            return rows
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of objects (or a .jsonl file)")
+    return rows
+
+
+def _check_keys(rows: list[dict[str, Any]], path: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    for i, row in enumerate(rows):
+        for key in required:
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path}: example {i} needs a string {key!r}; it has keys {sorted(row)}")
+        if not isinstance(row.get("input", ""), str):
+            raise ValueError(f"{path}: example {i}: 'input' must be a string, got {type(row['input']).__name__}")
+    return rows
+
+
+def load_instruction_data(path: str) -> list[dict[str, Any]]:
+    """Alpaca examples: each has a string instruction and output (input optional)."""
+    return _check_keys(read_examples(path), os.fspath(path), ("instruction", "output"))
+
+
+def load_preference_data(path: str) -> list[dict[str, Any]]:
+    """Preference examples: each has a string instruction, chosen and rejected (input optional)."""
+    return _check_keys(read_examples(path), os.fspath(path), ("instruction", "chosen", "rejected"))
+
+
+def split_examples(examples: Sequence[Any], val_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """(train, val) after a seeded shuffle; val gets round(len * val_fraction) examples, at least one
+    when val_fraction > 0 and there are two or more examples."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(examples) * val_fraction)
+    if val_fraction > 0 and len(examples) >= 2:
+        n_val = min(max(n_val, 1), len(examples) - 1)
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    return train, val
+
+
+def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
+                           mask_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """(tokens, labels) of prompt + response + end-of-text, cut to max_len tokens.
+
+    labels[i] is the label of tokens[i] itself: IGNORE on the prompt (when mask_prompt) so that only
+    the response and its end-of-text are learned. make_lm_batch shifts them into next-token targets.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    prompt_ids = tokenizer.encode(prompt)
+    response_ids = tokenizer.encode(response) + [tokenizer.eot_token]
+    tokens = (prompt_ids + response_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + response_ids
+    return tokens, labels[:max_len]
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, length: int | None = None) -> torch.Tensor:
+    """(B, T) int64 tensor of the rows, right-padded with pad_value to `length` (default: the longest)."""
+    if not rows:
+        raise ValueError("rows must not be empty")
+    longest = max(len(r) for r in rows)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"length={length} is shorter than the longest row ({longest})")
+    out = torch.full((len(rows), length), pad_value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+def make_lm_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A next-token batch of (tokens, labels) pairs: {"idx": (B, T-1) inputs, "targets": (B, T-1)}, where
+    targets[t] is the label of token t+1 (IGNORE on the prompt and on the padding)."""
+    tokens = pad_batch([t for t, _ in examples], pad_id)
+    labels = pad_batch([lab for _, lab in examples], IGNORE, tokens.size(1))
+    if tokens.size(1) < 2:
+        raise ValueError("every batch needs a row of at least 2 tokens")
+    return {"idx": tokens[:, :-1], "targets": labels[:, 1:]}

@@ -1,0 +1,177 @@
+"""The supervised fine-tuning loop shared by the recipes (SFT, classification, DPO, reward model).
+
+A recipe supplies what differs: the examples, a collate function that turns a list of them into a
+batch of tensors, a loss function, and an optional evaluation. The loop supplies what is the same:
+seeded shuffled epochs, gradient accumulation, llmkern's AdamW over the trainable parameters (so
+LoRA's frozen base is left alone) with the global-norm clip fused into the update, warmup + cosine
+learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a progress bar.
+
+    summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
+
+loss_fn(model, batch) -> (loss, {name: float or 0-d tensor}) is called on each micro-batch (the
+batch's tensors already on the model's device); evaluate(model) -> {name: float} runs before
+training, every config.eval_interval steps and at the end, in eval mode under no_grad and autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..train.metrics import MetricsLog, plot_metrics
+from ..train.schedules import cosine_lr
+
+MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
+
+
+class FinetuneDiverged(RuntimeError):
+    """The loss or gradient norm was NaN/inf for MAX_BAD_STEPS steps in a row."""
+
+
+def total_steps(num_examples: int, config) -> int:
+    """Optimizer steps of a run: config.max_steps, or enough for config.epochs passes."""
+    if config.max_steps > 0:
+        return config.max_steps
+    micro_batches = math.ceil(num_examples / config.batch_size)
+    return max(1, config.epochs * math.ceil(micro_batches / config.grad_accum))
+
+
+def micro_batches(examples: Sequence[Any], batch_size: int, seed: int):
+    """Endless lists of batch_size examples: each epoch a new seeded shuffle, the last batch may be short."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+        epoch += 1
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor in it (in dicts, lists and tuples) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def autocast_context(config, device: torch.device):
+    """bf16 autocast on a GPU (dtype "auto" or "bfloat16"); none on a CPU with "auto"."""
+    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(params: Sequence[nn.Parameter], config):
+    """llmkern's AdamW: weight decay on matrices only; clipping (or, with grad_clip=0, just the skip of a
+    non-finite step) fused into the update."""
+    from ..optim import AdamW
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    return AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                 max_grad_norm=max_norm, backend=config.backend or None)
+
+
+def _mean_metrics(totals: dict[str, float], count: int) -> dict[str, float]:
+    return {k: v / count for k, v in totals.items()}
+
+
+@torch.no_grad()
+def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], config,
+                   device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_context(config, device):
+            return {k: float(v) for k, v in evaluate(model).items()}
+    finally:
+        model.train(was_training)
+
+
+def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
+        train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Train `model` in place; returns {"steps", "skipped_steps", "train": last logged means,
+    "first_eval", "last_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and charts."""
+    if not train_examples:
+        raise ValueError("there are no training examples")
+    device = next(model.parameters()).device
+    steps = total_steps(len(train_examples), config)
+    optimizer = make_optimizer(list(model.parameters()), config)
+    os.makedirs(config.out_dir, exist_ok=True)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
+    if os.path.exists(log.path):
+        os.remove(log.path)  # a new run, a new log
+
+    from tqdm import tqdm
+
+    first_eval = last_eval = None
+    if evaluate is not None:
+        first_eval = last_eval = run_evaluation(model, evaluate, config, device)
+        log.write("eval", step=0, **first_eval)
+    batches = micro_batches(train_examples, config.batch_size, config.seed)
+    bad_steps = skipped = 0
+    last_train: dict[str, float] = {}
+    start = time.perf_counter()
+    model.train()
+    with tqdm(total=steps, unit="step", dynamic_ncols=True, disable=not config.progress) as bar:
+        for step in range(steps):
+            lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            totals: dict[str, float] = {}
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(config.grad_accum):
+                batch = to_device(collate(next(batches)), device)
+                with autocast_context(config, device):
+                    loss, metrics = loss_fn(model, batch)
+                (loss / config.grad_accum).backward()
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+            mean_loss = float(loss_sum) / config.grad_accum
+            grad_norm = math.nan
+            if math.isfinite(mean_loss):
+                optimizer.step()  # skips itself (parameters and moments untouched) on a non-finite norm
+                grad_norm = float(optimizer.grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+                bad_steps += 1
+                skipped += 1
+                log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise FinetuneDiverged(f"fine-tuning stopped at step {step + 1}: the loss or gradient norm "
+                                           f"was NaN/inf {bad_steps} steps in a row; try a lower lr")
+            else:
+                bad_steps = 0
+                last_train = {"loss": mean_loss, **_mean_metrics(totals, config.grad_accum)}
+                log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **last_train)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            bar.update(1)
+            done = step + 1 == steps
+            if evaluate is not None and (done or (config.eval_interval and (step + 1) % config.eval_interval == 0)):
+                last_eval = run_evaluation(model, evaluate, config, device)
+                log.write("eval", step=step + 1, **last_eval)
+                if config.progress:
+                    tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+    plot_metrics(log.path, config.out_dir)
+    return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,
+            "last_eval": last_eval, "seconds": time.perf_counter() - start, "metrics": log.path}

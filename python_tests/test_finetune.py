@@ -1,0 +1,197 @@
+"""The fine-tuning foundation: settings, Alpaca data, log-probabilities, the shared loop, saving."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern.data.tokenizer import ByteTokenizer
+from llmkern.eval import sequence_logprobs, token_logprobs
+from llmkern.finetune import FinetuneConfig, get_method, load_finetune_config
+from llmkern.finetune.base import load_base, save_finetuned
+from llmkern.finetune.data import (
+    IGNORE, encode_prompt_response, format_prompt, load_instruction_data, load_preference_data, make_lm_batch,
+    pad_batch, split_examples,
+)
+from llmkern.finetune.loop import FinetuneDiverged, fit
+from llmkern.model import GPT, GPTConfig
+
+
+def tiny_gpt(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32, backend="torch")
+    settings.update(overrides)
+    return GPT(GPTConfig.from_preset("tiny", **settings))
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+def test_config_overrides_are_typed_and_checked(tmp_path):
+    cfg = load_finetune_config(FinetuneConfig, None, ["--lr=3e-4", "--lora_rank=8", "--progress=false"])
+    assert (cfg.lr, cfg.lora_rank, cfg.progress) == (3e-4, 8, False)
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps({"epochs": 3, "base": "runs/x"}))
+    cfg = load_finetune_config(FinetuneConfig, str(path), ["--epochs=4"])
+    assert (cfg.epochs, cfg.base) == (4, "runs/x")
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        load_finetune_config(FinetuneConfig, None, ["--nope=1"])
+    with pytest.raises(ValueError, match="'epochs'.*integer"):
+        load_finetune_config(FinetuneConfig, None, ["--epochs=two"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_finetune_config(FinetuneConfig, None, ["--val_fraction=1.5"])
+    with pytest.raises(ValueError, match="unknown fine-tuning method"):
+        get_method("rlhf9000")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_alpaca_prompt_with_and_without_input():
+    with_input = format_prompt({"instruction": "Add.", "input": "2 and 3", "output": "5"})
+    assert with_input.endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert "### Input" not in format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"})
+
+
+def test_real_instruction_and_preference_files_load(shared_data):
+    sft = load_instruction_data(f"{shared_data}/instruction-data.json")
+    pref = load_preference_data(f"{shared_data}/instruction-data-with-preference.json")
+    assert len(sft) == len(pref) == 1100
+    assert all(isinstance(r["chosen"], str) and isinstance(r["rejected"], str) for r in pref)
+
+
+def test_bad_data_files_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(ValueError, match=r"example 1 needs a string 'output'"):
+        load_instruction_data(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2"):
+        load_instruction_data(str(broken))
+    with pytest.raises(FileNotFoundError):
+        load_instruction_data(str(tmp_path / "missing.json"))
+
+
+def test_split_is_seeded_and_disjoint():
+    train, val = split_examples(list(range(103)), 0.1, seed=3)
+    assert len(val) == 10 and sorted(train + val) == list(range(103))
+    assert split_examples(list(range(103)), 0.1, seed=3) == (train, val)
+    assert split_examples(list(range(103)), 0.1, seed=4) != (train, val)
+    assert len(split_examples([1, 2], 0.1)[1]) == 1  # at least one held out
+
+
+def test_prompt_tokens_are_masked_and_batches_shift():
+    tok = ByteTokenizer()
+    tokens, labels = encode_prompt_response(tok, "Q: ", "ab", max_len=100)
+    assert tokens == [*b"Q: ab", 256] and labels == [IGNORE] * 3 + [*b"ab", 256]
+    cut_tokens, cut_labels = encode_prompt_response(tok, "Q: ", "ab", max_len=4)
+    assert cut_tokens == tokens[:4] and cut_labels == labels[:4]
+    batch = make_lm_batch([(tokens, labels), ([1, 2, 3], [IGNORE, 2, 3])], pad_id=0)
+    assert batch["idx"].tolist() == [tokens[:-1], [1, 2, 3, 0, 0]]
+    assert batch["targets"].tolist() == [labels[1:], [2, 3, IGNORE, IGNORE, IGNORE]]
+    assert pad_batch([[1], [2, 3]], 9).tolist() == [[1, 9], [2, 3]]
+
+
+# --- log-probabilities ----------------------------------------------------------------------
+
+def test_logprobs_match_log_softmax_and_skip_ignored():
+    model = tiny_gpt()
+    ids = torch.randint(0, 257, (3, 11))
+    targets = torch.randint(0, 257, (3, 11))
+    targets[1, 4:] = IGNORE
+    logits, _ = model(ids)
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected[targets == IGNORE] = 0
+    got = token_logprobs(model, ids, targets)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_logprobs(model, ids, targets).double(), expected.sum(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(model, ids, torch.full_like(ids, 300))
+
+
+def test_right_padding_does_not_change_a_rows_score():
+    model = tiny_gpt(seed=1)
+    row = torch.randint(0, 256, (1, 7))
+    alone = sequence_logprobs(model, row[:, :-1], row[:, 1:])
+    padded = torch.cat([row, torch.zeros(1, 5, dtype=torch.long)], 1)
+    targets = padded[:, 1:].clone()
+    targets[:, 6:] = IGNORE
+    torch.testing.assert_close(sequence_logprobs(model, padded[:, :-1], targets), alone, rtol=1e-5, atol=1e-5)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def lm_loss(model, batch):
+    _, loss = model(batch["idx"], batch["targets"])
+    return loss, {}
+
+
+def test_fit_lowers_the_loss_and_logs(tmp_path):
+    model = tiny_gpt()
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} + {i} = ", str(2 * i), 32) for i in range(16)]
+
+    def evaluate(m):
+        batch = make_lm_batch(examples, 0)
+        return {"val_loss": float(m(batch["idx"], batch["targets"])[1])}
+
+    cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+                         eval_interval=10, progress=False)
+    summary = fit(model, lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg, evaluate)
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+    assert summary["last_eval"]["val_loss"] < 0.6 * summary["first_eval"]["val_loss"]
+    records = [json.loads(line) for line in open(summary["metrics"])]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 10, 20, 30]
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_fit_trains_only_trainable_parameters_with_accumulation(tmp_path):
+    model = tiny_gpt()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.norm_f.weight.requires_grad_(True)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, "x", "yz", 8)] * 5
+    cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, progress=False)
+    fit(model, lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert changed == {"norm_f.weight"}
+
+
+def test_fit_skips_non_finite_steps_then_stops(tmp_path):
+    model = tiny_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_loss(m, batch):
+        _, loss = m(batch["idx"], batch["targets"])
+        return loss * math.nan, {}
+
+    cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=20, batch_size=1, progress=False)
+    tok = ByteTokenizer()
+    with pytest.raises(FinetuneDiverged, match="NaN/inf 5 steps"):
+        fit(model, nan_loss, [encode_prompt_response(tok, "a", "b", 8)], lambda r: make_lm_batch(r, 0), cfg)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- base models in and out -------------------------------------------------------------------
+
+def test_saved_model_loads_as_a_base_and_for_generation(tmp_path):
+    from llmkern.train.inference import load_trained_model
+
+    model = tiny_gpt(seed=5)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": "bytes", "finetune": {"method": "test"}}
+    save_finetuned(str(tmp_path / "run"), 7, model.state_dict(), meta)
+    loaded, tok, base_meta = load_base(FinetuneConfig(base=str(tmp_path / "run"), device="cpu"))
+    assert base_meta["finetune"] == {"method": "test"} and tok.eot_token == 256
+    ids = torch.randint(0, 257, (2, 9))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0])
+    again, _, state = load_trained_model(str(tmp_path / "run"), "cpu")
+    assert state.step == 7
+    with pytest.raises(ValueError, match="base must name"):
+        load_base(FinetuneConfig())
+    with pytest.raises(FileNotFoundError):
+        load_base(FinetuneConfig(base=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="model_config"):
+        save_finetuned(str(tmp_path / "x"), 1, model.state_dict(), {"tokenizer": "bytes"})
