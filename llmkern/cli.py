@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .eval.cli import add_eval_parser
 from .finetune.cli import add_finetune_parser
 
 
@@ -119,19 +120,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train.inference import evaluate_run
-
-    try:
-        result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.max_batches, args.device)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"llmkern eval: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result['split']} loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
-          f"({result['tokens']:,} tokens of {result['data']})")
-    return 0
-
-
 def _add_train_parsers(sub) -> None:
     p = sub.add_parser("train", help="pretrain a GPT (no arguments: the main job on the Python standard library)",
                        epilog="settings: --config FILE (TOML/JSON, see llmkern/train/config.py) and --key=value "
@@ -153,14 +141,49 @@ def _add_train_parsers(sub) -> None:
     g.add_argument("--device", default="auto", help="auto: the GPU when there is one")
     g.set_defaults(func=_cmd_generate)
 
-    e = sub.add_parser("eval", help="loss and perplexity of a trained run's model on token shards")
-    e.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
-    e.add_argument("--data", required=True, help="a folder of token shards (manifest.json)")
-    e.add_argument("--split", default="val")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=100)
-    e.add_argument("--device", default="auto", help="auto: the GPU when there is one")
-    e.set_defaults(func=_cmd_eval)
+
+def _benchmarks_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import runpy
+
+    folder = _benchmarks_dir()
+    if not os.path.isdir(folder):
+        print(f"llmkern bench: error: the benchmarks come with the source tree ({folder} is not here); "
+              f"install llmkern from a checkout with `pip install -e .`", file=sys.stderr)
+        return 2
+    names = sorted(f[len("bench_"):-3] for f in os.listdir(folder) if f.startswith("bench_") and f.endswith(".py"))
+    if args.name is None:
+        print("benchmarks: " + ", ".join(names) + "\nrun one: llmkern bench NAME [its options]; "
+              "llmkern bench NAME --help lists them")
+        return 0
+    if args.name not in names:
+        print(f"llmkern bench: error: no benchmark {args.name!r}; choose one of {', '.join(names)}", file=sys.stderr)
+        return 2
+    script = os.path.join(folder, f"bench_{args.name}.py")
+    saved_argv = sys.argv
+    sys.argv = [script, *args.overrides]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:  # the script's own exit status
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    # add_help=False: `llmkern bench NAME --help` reaches the script's own help
+    p = sub.add_parser("bench", help="run a benchmark of benchmarks/ (no name: list them)", add_help=False,
+                       epilog="the options after NAME go to the benchmark script, e.g. "
+                              "llmkern bench rms_norm --rows 4096 --hidden 4096")
+    p.add_argument("name", nargs="?", help="rms_norm, attention, adamw, train, ...")
+    p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_parser(sub)
     _add_data_parser(sub)
     _add_train_parsers(sub)
+    add_eval_parser(sub)
     add_finetune_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -506,3 +506,13 @@ def test_gpu_opcheck_and_compile_fullgraph(backend):
 def test_gpu_auto_prefers_triton_until_cuda_is_verified():
     assert _backend.resolve("attention", "auto", torch.device("cuda")) in ("triton", "cuda")
     assert _backend.PREFERENCE["attention"][0] == "triton"
+
+
+@interp
+def test_triton_interpreter_large_batches_launch_in_slices(monkeypatch):
+    """A batch * heads beyond one launch's grid runs as several launches over slices of the batch."""
+    monkeypatch.setattr(attention_module(), "MAX_BATCH_HEADS_PER_LAUNCH", 4)  # 2 rows of 2 heads per launch
+    doc_ids = _random_doc_ids(5, 21, CPU)
+    check_against_reference("triton", 5, 2, 1, 21, 21, 32, torch.float32, True, CPU, doc_ids=doc_ids)
+    with pytest.raises(ValueError, match="q has 6 heads; the kernels take at most 4"):
+        attention(*_make_qkv(1, 6, 6, 8, 8, 32, torch.float32, CPU, False), backend="triton")

@@ -39,3 +39,16 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "llmkern", "info"], capture_output=True, text=True, check=True)
     assert "torch" in out.stdout and "rms_norm" in out.stdout
     assert "cuda_module_built" in out.stdout
+
+
+def test_bench_command_lists_and_runs_the_benchmarks(capsys):
+    from llmkern.cli import main
+
+    assert main(["bench"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("rms_norm", "attention", "adamw", "train"))
+    assert main(["bench", "no_such_op"]) == 2
+    assert "no benchmark 'no_such_op'" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the GPU benchmarks say so and fail, never pretend
+        assert main(["bench", "rms_norm", "--rows", "8", "--hidden", "8"]) != 0
+        assert "needs a CUDA GPU" in capsys.readouterr().err

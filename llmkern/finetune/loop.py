@@ -10,7 +10,8 @@ learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a 
 
 loss_fn(model, batch) -> (loss, {name: float or 0-d tensor}) is called on each micro-batch (the
 batch's tensors already on the model's device); evaluate(model) -> {name: float} runs before
-training, every config.eval_interval steps and at the end, in eval mode under no_grad and autocast.
+training, every config.eval_interval steps and at the end, in eval mode under no_grad and autocast;
+name its validation loss "val_loss", which loss.png draws beside the training loss.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ DTYPES = {
     "cuda": (torch.float16, torch.bfloat16),
 }
 DOC_ID_DTYPES = (torch.int32, torch.int64)
+# Both kernel backends index (batch, head) pairs on grid axes that hold at most 65535 blocks
+# (CUDA's y and z, Triton's second axis), so a larger batch is launched in slices of the batch.
+MAX_BATCH_HEADS_PER_LAUNCH = 65535
 
 
 def attention(
@@ -183,6 +186,19 @@ def _kernels(backend: str):
     return importlib.import_module(f"llmkern.{backend}.attention")
 
 
+def _launch_slices(q: torch.Tensor) -> list[slice]:
+    """Slices of the batch, each small enough for one kernel launch (batch * heads within the grid)."""
+    batch, heads = q.size(0), q.size(1)
+    if heads > MAX_BATCH_HEADS_PER_LAUNCH:
+        raise ValueError(f"q has {heads} heads; the kernels take at most {MAX_BATCH_HEADS_PER_LAUNCH}")
+    step = max(1, MAX_BATCH_HEADS_PER_LAUNCH // heads)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _rows_of(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    return None if t is None else t[rows]
+
+
 def _empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, sq, d = q.shape
     o = q.new_empty((b, hq, sq, d))
@@ -206,7 +222,9 @@ def _attention_fwd_op(
         return o, lse.fill_(float("-inf"))
     if k.size(2) == 0:  # nothing to attend to: softmax over no keys, taken as zero
         return o.zero_(), lse.fill_(float("-inf"))
-    _kernels(backend).forward(q, k, v, doc_ids, causal, scale, o, lse)
+    kernels = _kernels(backend)
+    for rows in _launch_slices(q):
+        kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, scale, o[rows], lse[rows])
     return o, lse
 
 
@@ -234,7 +252,10 @@ def _attention_bwd_op(
     dv = v.new_empty(v.shape)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _kernels(backend).backward(do, q, k, v, o, lse, doc_ids, causal, scale, dq, dk, dv)
+    kernels = _kernels(backend)
+    for rows in _launch_slices(q):
+        kernels.backward(do[rows], q[rows], k[rows], v[rows], o[rows], lse[rows], _rows_of(doc_ids, rows),
+                         causal, scale, dq[rows], dk[rows], dv[rows])
     return dq, dk, dv
 
 
