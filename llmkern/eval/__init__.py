@@ -1,5 +1,15 @@
 """Evaluation: log-probabilities, perplexity, multiple-choice scoring and win rates."""
 
 from .logprobs import sequence_logprobs, token_logprobs
+from .multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
+from .perplexity import perplexity, perplexity_of_text, sliding_windows
+from .win_rate import (
+    Judge, RewardModelJudge, bootstrap_interval, compare_runs, generate_responses, reward_model_judge,
+    wilson_interval, win_rate,
+)
 
-__all__ = ["sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "ChoiceExample", "Judge", "RewardModelJudge", "bootstrap_interval", "compare_runs", "evaluate_choices",
+    "generate_responses", "load_choice_tasks", "perplexity", "perplexity_of_text", "reward_model_judge",
+    "score_choices", "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
+]

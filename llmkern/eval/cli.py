@@ -1,0 +1,127 @@
+"""`llmkern eval`: score a trained run.
+
+    llmkern eval --run R --data SHARDS                     loss and perplexity on token shards
+    llmkern eval --run R --text FILE [--stride N]          perplexity of a text file (sliding window)
+    llmkern eval --run R --task choice --data TASK.jsonl   multiple-choice accuracy and acc_norm
+    llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
+
+Each prints one line per metric; --json OUT also writes the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+TASKS = ("perplexity", "choice", "win-rate")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Which options each task needs (argparse alone cannot say it)."""
+    if args.task == "perplexity":
+        if (args.data is None) == (args.text is None):
+            raise ValueError("--task perplexity needs exactly one of --data SHARDS (token shards) or --text FILE")
+    elif args.text is not None:
+        raise ValueError(f"--text is for --task perplexity, not {args.task}")
+    elif args.data is None:
+        raise ValueError(f"--task {args.task} needs --data FILE")
+    if args.task == "win-rate" and (args.baseline is None or args.judge is None):
+        raise ValueError("--task win-rate needs --baseline RUN and --judge REWARD_MODEL_RUN")
+    if args.task != "win-rate" and (args.baseline is not None or args.judge is not None):
+        raise ValueError("--baseline and --judge are for --task win-rate")
+
+
+def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """(the result, the names of the metrics to print, in order)."""
+    progress = not args.quiet
+    if args.task == "perplexity" and args.data is not None:
+        from ..train.inference import evaluate_run
+
+        result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.max_batches, args.device)
+        split = result["split"]
+        result = {f"{split} loss": result["loss"], f"{split} perplexity": result["perplexity"],
+                  "tokens": result["tokens"], "data": result["data"]}
+        return result, list(result)
+
+    if args.task == "win-rate":
+        from .win_rate import compare_runs
+
+        result = compare_runs(args.run, args.baseline, args.judge, args.data, args.limit, args.max_new_tokens,
+                              args.device, args.tie_margin, args.interval, args.batch_size, progress)
+        result["ci"] = (f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}] "
+                        f"({result['confidence']:.0%} {result['interval']})")
+        return result, ["win_rate", "ci", "wins", "ties", "losses", "n", "mean_score_diff"]
+
+    from ..train.inference import load_trained_model
+
+    model, tokenizer, _ = load_trained_model(args.run, args.device)
+    if args.task == "perplexity":
+        from .perplexity import perplexity_of_text
+
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+        result = perplexity_of_text(model, tokenizer, text, stride=args.stride, context=args.context,
+                                    batch_size=args.batch_size, progress=progress)
+        result["text"] = os.path.abspath(args.text)
+        return result, ["loss", "perplexity", "bits_per_byte", "tokens", "context", "stride"]
+
+    from .multiple_choice import evaluate_choices
+
+    result = evaluate_choices(model, tokenizer, args.data, batch_size=args.batch_size, limit=args.limit,
+                              return_predictions=args.predictions, progress=progress)
+    result["data"] = os.path.abspath(args.data)
+    return result, ["accuracy", "acc_norm", "examples"]
+
+
+def _format(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}"
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        _check_args(args)
+        result, shown = _run(args)
+        if args.json:
+            tmp = f"{args.json}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"task": args.task, "run": os.path.abspath(args.run), **result}, f, indent=1)
+            os.replace(tmp, args.json)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        print(f"llmkern eval: error: {err}", file=sys.stderr)
+        return 2
+    width = max(len(name) for name in shown)
+    for name in shown:
+        print(f"{name:<{width}}  {_format(result[name])}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="score a trained run: perplexity (shards or text), multiple choice, win rate",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    e.add_argument("--task", choices=TASKS, default="perplexity")
+    e.add_argument("--data", default=None, help="perplexity: a folder of token shards (manifest.json); choice: "
+                                                "a .jsonl task; win-rate: a .json/.jsonl of instructions")
+    e.add_argument("--text", default=None, help="perplexity of this UTF-8 text file (sliding window)")
+    e.add_argument("--split", default="val", help="the shard split (perplexity on --data)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=100, help="perplexity on --data: batches scored at most")
+    e.add_argument("--context", type=int, default=None, help="--text: window length (default: block_size)")
+    e.add_argument("--stride", type=int, default=None, help="--text: window step (default: context // 2)")
+    e.add_argument("--limit", type=int, default=None, help="choice, win-rate: the first N examples only")
+    e.add_argument("--predictions", action="store_true", help="choice: per-example predictions in --json")
+    e.add_argument("--baseline", default=None, help="win-rate: the run compared against")
+    e.add_argument("--judge", default=None, help="win-rate: a reward-model run (llmkern finetune reward)")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="win-rate: response length at most")
+    e.add_argument("--tie-margin", type=float, default=0.0, help="win-rate: score gaps this small are ties")
+    e.add_argument("--interval", choices=("wilson", "bootstrap"), default="wilson", help="win-rate: 95%% interval")
+    e.add_argument("--json", default=None, metavar="OUT", help="also write the result to this JSON file")
+    e.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_eval)

@@ -1,0 +1,179 @@
+"""Multiple-choice scoring: which continuation of a context does the model find most likely?
+
+A task is a JSON Lines file (or a JSON list) of examples
+    {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
+("question" may stand for "context"). Each choice is scored by the summed log-probability of
+its tokens after the context and a separator (" " by default, as lm-evaluation-harness does).
+Two accuracies are reported, as the harness does:
+- accuracy: the choice with the highest summed log-prob. Long choices lose probability with
+  every token, so this favours short ones;
+- acc_norm: the highest log-prob per UTF-8 byte of the choice, which removes that length bias
+  (bytes, not tokens, so that it does not depend on the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .logprobs import sequence_logprobs
+
+
+@dataclass
+class ChoiceExample:
+    context: str
+    choices: list[str]
+    answer: int
+
+
+def parse_choice_example(row: object, where: str) -> ChoiceExample:
+    """A ChoiceExample from one decoded JSON row; `where` ("file.jsonl line 3") names it in errors."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    key = "context" if "context" in row else "question"
+    if key not in row:
+        raise ValueError(f"{where}: missing key 'context' (or 'question')")
+    if not isinstance(row[key], str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+    if "choices" not in row:
+        raise ValueError(f"{where}: missing key 'choices'")
+    choices = row["choices"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: 'choices' must be a list of strings")
+    if len(choices) < 2:
+        raise ValueError(f"{where}: 'choices' needs at least 2 entries, got {len(choices)}")
+    if any(c == "" for c in choices):
+        raise ValueError(f"{where}: a choice is empty (it would have no tokens to score)")
+    if "answer" not in row:
+        raise ValueError(f"{where}: missing key 'answer'")
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise ValueError(f"{where}: 'answer' must be an int (the index of the right choice), got {answer!r}")
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: 'answer' {answer} is out of range for {len(choices)} choices")
+    return ChoiceExample(row[key], list(choices), answer)
+
+
+def load_choice_tasks(path: str) -> list[ChoiceExample]:
+    """The examples of a .jsonl file (one object per line, blank lines skipped) or a .json list."""
+    if not os.path.isfile(path):
+        raise ValueError(f"task file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    examples = []
+    if text.lstrip().startswith("["):  # a JSON list
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        for i, row in enumerate(rows):
+            examples.append(parse_choice_example(row, f"{path} item {i}"))
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+            examples.append(parse_choice_example(row, f"{path} line {number}"))
+    if not examples:
+        raise ValueError(f"task file {path!r} holds no examples")
+    return examples
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
+    """(context + continuation token ids, length of the continuation), the context left-cut so
+    that the inputs (all but the last token) fit in block_size."""
+    ctx = tokenizer.encode(context) or [tokenizer.eot_token]  # an empty context: condition on <|endoftext|>
+    cont = tokenizer.encode(continuation)
+    if len(cont) > block_size:
+        raise ValueError(f"{where}: a choice has {len(cont)} tokens, more than block_size={block_size}")
+    full = (ctx + cont)[-(block_size + 1):]
+    return full, len(cont)
+
+
+@torch.no_grad()
+def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator: str = " ",
+                  batch_size: int = 16, progress: bool = False) -> list[list[float]]:
+    """Summed log-probability of each choice's tokens given its context: one list per example.
+
+    Every (example, choice) pair is a row; rows are batched right-padded, the context and padding
+    positions carry target -1 so only the choice's tokens count.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    block = model.config.block_size
+    rows = []  # (example index, token ids, continuation length)
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, ChoiceExample):
+            raise TypeError(f"examples[{i}] must be a ChoiceExample, got {type(ex).__name__}")
+        for choice in ex.choices:
+            ids, n_cont = _encode_pair(tokenizer, ex.context, separator + choice, block, f"examples[{i}]")
+            rows.append((i, ids, n_cont))
+
+    scores: list[list[float]] = [[] for _ in examples]
+    device = model.device
+    starts = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, unit="batch", desc="choices", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in starts:
+            chunk = rows[b : b + batch_size]
+            width = max(len(ids) - 1 for _, ids, _ in chunk)
+            inputs = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T), right-padded
+            targets = torch.full((len(chunk), width), -1, dtype=torch.long)  # (B, T)
+            for r, (_, ids, n_cont) in enumerate(chunk):
+                n = len(ids) - 1
+                inputs[r, :n] = torch.tensor(ids[:-1])
+                targets[r, n - n_cont : n] = torch.tensor(ids[-n_cont:])  # the choice's tokens only
+            sums = sequence_logprobs(model, inputs.to(device), targets.to(device))  # (B,)
+            for (i, _, _), s in zip(chunk, sums.double().tolist()):
+                scores[i].append(s)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda k: values[k])  # the first of equal maxima
+
+
+def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, separator: str = " ",
+                     batch_size: int = 16, limit: int | None = None, return_predictions: bool = False,
+                     progress: bool = False) -> dict[str, Any]:
+    """accuracy and acc_norm of `model` on a multiple-choice task (a path or a list of ChoiceExample).
+
+    Returns {"accuracy", "acc_norm", "examples"} and, with return_predictions, "predictions": one
+    {"answer", "pred", "pred_norm", "logprobs"} per example.
+    """
+    if isinstance(examples, (str, os.PathLike)):
+        examples = load_choice_tasks(os.fspath(examples))
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        examples = list(examples)[:limit]
+    if len(examples) == 0:
+        raise ValueError("examples is empty")
+    scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
+    correct = correct_norm = 0
+    predictions = []
+    for ex, logps in zip(examples, scores):
+        per_byte = [lp / len(c.encode("utf-8")) for lp, c in zip(logps, ex.choices)]
+        pred, pred_norm = _argmax(logps), _argmax(per_byte)
+        correct += pred == ex.answer
+        correct_norm += pred_norm == ex.answer
+        predictions.append({"answer": ex.answer, "pred": pred, "pred_norm": pred_norm, "logprobs": logps})
+    result: dict[str, Any] = {"accuracy": correct / len(examples), "acc_norm": correct_norm / len(examples),
+                              "examples": len(examples)}
+    if return_predictions:
+        result["predictions"] = predictions
+    return result

@@ -1,0 +1,419 @@
+"""Evaluation: sliding-window perplexity, multiple-choice scoring, win rates, and `llmkern eval`."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern.data.tokenizer import get_tokenizer
+from llmkern.eval.multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
+from llmkern.eval.perplexity import perplexity, perplexity_of_text, sliding_windows
+from llmkern.eval.win_rate import (bootstrap_interval, compare_runs, generate_responses, instruction_prompts,
+                                   wilson_interval, win_rate)
+from llmkern.model import GPT, GPTConfig, generate
+from llmkern.train import checkpoint as ckpt
+
+BYTES = get_tokenizer("bytes")
+
+
+def tiny_gpt(block_size=16, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
+                                   backend="torch", **overrides)
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger logits than the init's, so that windows with less history score differently
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def random_tokens(n, seed=0):
+    rng = random.Random(seed)
+    return [rng.randrange(257) for _ in range(n)]
+
+
+def save_run(run_dir, model):
+    """A run folder that llmkern.train.inference.load_trained_model reads."""
+    meta = {"model_config": model.config.to_dict(), "tokenizer": "bytes"}
+    ckpt.save_checkpoint(str(run_dir), 1, model.state_dict(), {}, meta)
+    return str(run_dir)
+
+
+# --- perplexity -------------------------------------------------------------------------------------
+
+def test_text_that_fits_the_context_matches_one_full_forward():
+    model = tiny_gpt(block_size=32)
+    ids = random_tokens(20, seed=1)
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        _, direct = model(x, y)
+    for stride in (1, 5, 32):  # one window whatever the stride
+        result = perplexity(model, ids, stride=stride)
+        assert result["tokens"] == 19 and result["windows"] == 1
+        assert result["loss"] == pytest.approx(float(direct), rel=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(float(direct)), rel=1e-5)
+        assert "bits_per_byte" not in result
+
+
+@pytest.mark.parametrize("length, context, stride", [(50, 16, 5), (37, 16, 16), (64, 12, 1), (17, 16, 4)])
+def test_sliding_window_matches_a_token_by_token_loop(length, context, stride):
+    model = tiny_gpt(block_size=16)
+    ids = random_tokens(length, seed=length)
+    result = perplexity(model, ids, context=context, stride=stride, batch_size=3)
+
+    # By hand: target t is predicted from ids[start:t], where start is that of the window scoring t:
+    # the first window reads ids[0:context]; window k >= 1 ends at min(context + k * stride, last).
+    last, nll = length - 1, 0.0
+    for t in range(1, length):
+        k = 0 if t <= context else math.ceil((t - context) / stride)
+        start = max(0, min(context + k * stride, last) - context)
+        assert t - start >= min(t, context - stride + 1)  # the promised history
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[start:t]]))
+        nll -= float(F.log_softmax(logits[0, -1].double(), -1)[ids[t]])
+    assert result["tokens"] == length - 1
+    assert result["loss"] == pytest.approx(nll / (length - 1), rel=1e-5)
+    # A smaller stride gives more history: a different (here, any) answer than disjoint chunks.
+    if stride < context and length > context + 1:
+        assert result["loss"] != pytest.approx(perplexity(model, ids, context=context, stride=context)["loss"],
+                                               rel=1e-6)
+
+
+def test_windows_score_every_token_exactly_once_with_enough_history():
+    rng = random.Random(0)
+    for _ in range(300):
+        length, context = rng.randint(1, 120), rng.randint(1, 20)
+        stride = rng.randint(1, context)
+        counts = [0] * length
+        for start, end, first in sliding_windows(length, context, stride):
+            assert 0 <= start <= first < end <= length - 1 and end - start <= context
+            for t in range(first + 1, end + 1):
+                counts[t] += 1
+                if first > 0:
+                    assert t - start >= context - stride
+        assert counts == [0] + [1] * (length - 1)
+
+
+def test_batches_of_streams_and_batch_size_do_not_change_the_answer():
+    model = tiny_gpt(block_size=16)
+    rows = torch.tensor([random_tokens(40, seed=s) for s in range(3)])  # (B, T): three streams
+    together = perplexity(model, rows, stride=6, batch_size=4)
+    alone = [perplexity(model, rows[i].tolist(), stride=6, batch_size=1) for i in range(3)]
+    assert together["tokens"] == sum(r["tokens"] for r in alone) == 3 * 39
+    mean = sum(r["loss"] * r["tokens"] for r in alone) / together["tokens"]
+    assert together["loss"] == pytest.approx(mean, rel=1e-6)
+    uneven = perplexity(model, [rows[0].tolist(), rows[1, :9].tolist()], stride=6)  # different lengths, padded
+    assert uneven["tokens"] == 39 + 8
+
+
+def test_perplexity_of_text_scores_every_byte_and_reports_bits_per_byte():
+    model = tiny_gpt(block_size=16)
+    text = "héllo wörld, a text longer than the context."
+    result = perplexity_of_text(model, BYTES, text, stride=8)
+    n_bytes = len(text.encode("utf-8"))
+    assert result["tokens"] == n_bytes  # the first byte too, after <|endoftext|>
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)
+    direct = perplexity(model, [BYTES.eot_token] + BYTES.encode(text), stride=8)
+    assert direct["loss"] == pytest.approx(result["loss"], rel=1e-9)
+
+
+def test_perplexity_rejects_bad_arguments():
+    model = tiny_gpt(block_size=16)
+    ids = random_tokens(30)
+    for kwargs, match in [({"stride": 0}, "stride"), ({"stride": 17}, "stride"), ({"context": 17}, "context"),
+                          ({"batch_size": 0}, "batch_size"), ({"num_bytes": 0}, "num_bytes")]:
+        with pytest.raises(ValueError, match=match):
+            perplexity(model, ids, **kwargs)
+    with pytest.raises(ValueError, match="nothing to score"):
+        perplexity(model, [5])
+    with pytest.raises(TypeError, match="integer"):
+        perplexity(model, torch.rand(2, 8))
+    with pytest.raises(TypeError, match="tokens"):
+        perplexity(model, "some text")
+    with pytest.raises(ValueError, match="empty"):
+        perplexity_of_text(model, BYTES, "")
+
+
+# --- multiple choice ------------------------------------------------------------------------------------
+
+class BigramModel(torch.nn.Module):
+    """A stand-in for a GPT whose next-token log-probs depend only on the current token: table[cur, next]."""
+
+    def __init__(self, table: torch.Tensor, block_size: int = 64):
+        super().__init__()
+        self.register_buffer("table", table.log_softmax(-1))
+        self.config = GPTConfig(vocab_size=257, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+
+    @property
+    def device(self):
+        return self.table.device
+
+    def hidden_states(self, ids):
+        return F.one_hot(ids, 257).float()  # (B, T, V)
+
+    def head(self, hidden):
+        return hidden @ self.table  # (B, T, V): row `cur` of the table
+
+
+def bigram_model():
+    """Uniform, except that 'b' almost surely follows 'b' (log p = -0.01)."""
+    table = torch.zeros(257, 257)
+    b = ord("b")
+    table[b, b] = math.log(0.99 * 256 / 0.01)  # p(b | b) = 0.99
+    return BigramModel(table)
+
+
+def test_choice_scores_are_the_summed_log_probs_and_accuracies_differ_when_length_matters():
+    model = bigram_model()
+    uniform, sure = -math.log(257), math.log(0.99)
+    examples = [
+        ChoiceExample("xa", ["a", "bbbb"], answer=1),  # sum prefers "a", per byte prefers "bbbb"
+        ChoiceExample("q", ["bbbb", "c"], answer=1),  # sum prefers "c", per byte "bbbb"
+        ChoiceExample("", ["y", "bb"], answer=0),  # an empty context: scored after <|endoftext|>
+    ]
+    scores = score_choices(model, BYTES, examples, separator="", batch_size=4)
+    assert scores[0] == pytest.approx([uniform, uniform + 3 * sure], rel=1e-4)
+    assert scores[1] == pytest.approx([uniform + 3 * sure, uniform], rel=1e-4)
+    assert scores[2] == pytest.approx([uniform, uniform + sure], rel=1e-4)
+    result = evaluate_choices(model, BYTES, examples, separator="", return_predictions=True)
+    preds = [(p["pred"], p["pred_norm"]) for p in result["predictions"]]
+    assert preds == [(0, 1), (1, 0), (0, 1)]
+    assert result["accuracy"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(1 / 3)
+    assert result["examples"] == 3
+    # The separator is scored as part of each choice (one more uniform token).
+    spaced = score_choices(model, BYTES, examples[:1], separator=" ")
+    assert spaced[0] == pytest.approx([2 * uniform, 2 * uniform + 3 * sure], rel=1e-4)
+
+
+def test_batched_choice_scores_match_one_row_at_a_time_on_a_gpt():
+    model = tiny_gpt(block_size=24)
+    rng = random.Random(3)
+    words = ["cat", "a long answer", "no", "fish and chips", "x"]
+    examples = [ChoiceExample(" ".join(rng.choices(words, k=rng.randint(0, 6))), rng.sample(words, 3), 0)
+                for _ in range(6)]
+    batched = score_choices(model, BYTES, examples, batch_size=16)
+    for ex, logps in zip(examples, batched):
+        for choice, lp in zip(ex.choices, logps):
+            ctx = BYTES.encode(ex.context) or [BYTES.eot_token]
+            full = (ctx + BYTES.encode(" " + choice))[-25:]  # left-cut to block_size + 1
+            n = len(BYTES.encode(" " + choice))
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([full[:-1]]))
+            logp = F.log_softmax(logits[0].double(), -1)
+            expected = sum(float(logp[t - 1, full[t]]) for t in range(len(full) - n, len(full)))
+            assert lp == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_a_model_made_to_prefer_a_choice_picks_it(tmp_path):
+    table = torch.zeros(257, 257)
+    table[:, ord("Y")] = 8.0  # "Y" is likely after anything
+    model = bigram_model()
+    model.table.copy_(table.log_softmax(-1))
+    path = tmp_path / "task.jsonl"
+    rows = [{"question": "Is it?", "choices": ["N", "Y"], "answer": 1},
+            {"context": "And now", "choices": ["Y", "N", "M"], "answer": 0}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    result = evaluate_choices(model, BYTES, str(path))
+    assert result == {"accuracy": 1.0, "acc_norm": 1.0, "examples": 2}
+    assert evaluate_choices(model, BYTES, str(path), limit=1)["examples"] == 1
+    as_list = tmp_path / "task.json"
+    as_list.write_text(json.dumps(rows))
+    assert [e.answer for e in load_choice_tasks(str(as_list))] == [1, 0]
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"choices": ["a", "b"], "answer": 0}, "missing key 'context'"),
+    ({"context": "c", "answer": 0}, "missing key 'choices'"),
+    ({"context": "c", "choices": ["a", "b"]}, "missing key 'answer'"),
+    ({"context": "c", "choices": ["a", "b"], "answer": 2}, "out of range"),
+    ({"context": "c", "choices": ["a", "b"], "answer": -1}, "out of range"),
+    ({"context": "c", "choices": ["a", "b"], "answer": "0"}, "must be an int"),
+    ({"context": "c", "choices": ["a"], "answer": 0}, "at least 2"),
+    ({"context": "c", "choices": "ab", "answer": 0}, "list of strings"),
+    ({"context": "c", "choices": ["a", ""], "answer": 0}, "empty"),
+    (["not", "an", "object"], "JSON object"),
+])
+def test_bad_task_rows_name_the_file_and_line(tmp_path, row, match):
+    path = tmp_path / "bad.jsonl"
+    good = {"context": "c", "choices": ["a", "b"], "answer": 0}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=match) as err:
+        load_choice_tasks(str(path))
+    assert "bad.jsonl line 3" in str(err.value)
+
+
+def test_unreadable_task_files_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_choice_tasks(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"context": "c"\n')
+    with pytest.raises(ValueError, match="broken.jsonl line 1: not valid JSON"):
+        load_choice_tasks(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no examples"):
+        load_choice_tasks(str(tmp_path / "empty.jsonl"))
+
+
+# --- win rate ---------------------------------------------------------------------------------------------
+
+class LengthJudge:
+    """Scores a response by its length; records what it was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, prompts, responses):
+        self.calls.append((list(prompts), list(responses)))
+        return [float(len(r)) for r in responses]
+
+
+def test_win_rate_counts_wins_ties_and_losses_with_a_wilson_interval():
+    judge = LengthJudge()
+    prompts = [f"p{i}" for i in range(10)]
+    ours = ["xxxx"] * 7 + ["xx", "xx", "x"]
+    theirs = ["x"] * 7 + ["xx", "xx", "xxx"]
+    result = win_rate(judge, prompts, ours, theirs)
+    assert (result["wins"], result["ties"], result["losses"], result["n"]) == (7, 2, 1, 10)
+    assert result["win_rate"] == pytest.approx(0.8)  # (7 + 2 / 2) / 10
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # Wilson, 8 of 10
+    assert result["mean_score_diff"] == pytest.approx((7 * 3 - 2) / 10)
+    assert judge.calls[0] == (prompts, ours) and judge.calls[1] == (prompts, theirs)
+    # A margin of 2 turns the 1-character loss into a tie.
+    margin = win_rate(judge, prompts, ours, theirs, tie_margin=2.0, return_scores=True)
+    assert (margin["wins"], margin["ties"], margin["losses"]) == (7, 3, 0)
+    assert margin["scores"] == [4.0] * 7 + [2.0, 2.0, 1.0]
+
+
+def test_intervals_behave_at_the_edges_and_bootstrap_covers_the_estimate():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and wilson_interval(10, 10)[1] == pytest.approx(1.0, abs=1e-12)
+    assert hi == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(5, 10, confidence=0.99)[0] < wilson_interval(5, 10)[0]
+    outcomes = [1.0] * 30 + [0.5] * 10 + [0.0] * 20
+    lo, hi = bootstrap_interval(outcomes, seed=1)
+    assert lo < sum(outcomes) / len(outcomes) < hi and 0 <= lo and hi <= 1
+    assert bootstrap_interval(outcomes, seed=1) == (lo, hi)  # seeded
+    judge = LengthJudge()
+    result = win_rate(judge, ["p"] * 60, ["xx"] * 30 + ["x"] * 10 + [""] * 20, ["x"] * 60, interval="bootstrap")
+    assert result["interval"] == "bootstrap" and result["ci_low"] < result["win_rate"] < result["ci_high"]
+
+
+def test_win_rate_rejects_bad_inputs():
+    judge = LengthJudge()
+    with pytest.raises(ValueError, match="same length"):
+        win_rate(judge, ["a", "b"], ["x"], ["y", "z"])
+    with pytest.raises(ValueError, match="empty"):
+        win_rate(judge, [], [], [])
+    with pytest.raises(ValueError, match="tie_margin"):
+        win_rate(judge, ["a"], ["x"], ["y"], tie_margin=-1)
+    with pytest.raises(ValueError, match="interval"):
+        win_rate(judge, ["a"], ["x"], ["y"], interval="normal")
+    with pytest.raises(TypeError, match="score"):
+        win_rate(object(), ["a"], ["x"], ["y"])
+
+    class ShortJudge:
+        def score(self, prompts, responses):
+            return [0.0]
+
+    with pytest.raises(ValueError, match="judge returned"):
+        win_rate(ShortJudge(), ["a", "b"], ["x", "y"], ["y", "z"])
+    with pytest.raises(ValueError, match="wilson|successes"):
+        wilson_interval(11, 10)
+
+
+def test_generated_responses_are_greedy_continuations_of_the_alpaca_prompt():
+    model = tiny_gpt(block_size=128)
+    instructions = ["Name a colour.", {"instruction": "Add the numbers.", "input": "2 and 3"}]
+    responses = generate_responses(model, BYTES, instructions, max_new_tokens=6, batch_size=1)
+    prompts = instruction_prompts(instructions)
+    assert "### Instruction:\nName a colour." in prompts[0] and "### Input:\n2 and 3" in prompts[1]
+    for prompt, response in zip(prompts, responses):
+        ids = BYTES.encode(prompt)
+        row = generate(model, [ids], 6, temperature=0.0, eos_token=BYTES.eot_token)[0][len(ids):]
+        row = row[: row.index(BYTES.eot_token)] if BYTES.eot_token in row else row
+        assert response == BYTES.decode(row).strip()
+    assert generate_responses(model, BYTES, instructions, max_new_tokens=6, batch_size=2) == responses
+    with pytest.raises(ValueError, match="instructions\\[0\\]"):
+        generate_responses(model, BYTES, [{"input": "no instruction"}], max_new_tokens=2)
+
+
+def test_compare_runs_generates_with_each_run_and_asks_the_judge(tmp_path):
+    run_a = save_run(tmp_path / "a", tiny_gpt(block_size=128, seed=1))
+    run_b = save_run(tmp_path / "b", tiny_gpt(block_size=128, seed=2))
+    judge = LengthJudge()
+    data = [{"instruction": "Say hi."}, {"instruction": "Count.", "input": "1 2"}]
+    result = compare_runs(run_a, run_b, judge, data, max_new_tokens=4, device="cpu")
+    assert result["n"] == 2 and result["wins"] + result["ties"] + result["losses"] == 2
+    assert judge.calls[0][0] == instruction_prompts(data)
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return save_run(tmp_path_factory.mktemp("run") / "run", tiny_gpt(block_size=64))
+
+
+def test_eval_command_scores_a_choice_task(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"question {i}?", "choices": ["yes", "no", "maybe"],
+                                          "answer": i % 3}) for i in range(5)))
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                 "--predictions", "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["accuracy", "acc_norm", "examples"]
+    saved = json.loads(out.read_text())
+    assert saved["task"] == "choice" and saved["examples"] == 5 and len(saved["predictions"]) == 5
+    assert float(lines[0].split()[1]) == pytest.approx(saved["accuracy"], abs=1e-4)
+
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--device", "cpu"]) == 2
+    assert "--task choice needs --data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "choices": ["a"], "answer": 0}\n')
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(bad), "--device", "cpu"]) == 2
+    assert "bad.jsonl line 1" in capsys.readouterr().err
+
+
+def test_eval_command_perplexity_of_a_text_file(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 6)
+    assert main(["eval", "--run", tiny_run, "--text", str(text), "--stride", "16", "--device", "cpu", "--quiet"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == {"loss", "perplexity", "bits_per_byte", "tokens", "context", "stride"}
+    assert lines["tokens"] == "144" and lines["stride"] == "16" and lines["context"] == "64"
+
+    assert main(["eval", "--run", tiny_run, "--device", "cpu"]) == 2
+    assert "exactly one of --data SHARDS" in capsys.readouterr().err
+    assert main(["eval", "--run", tiny_run, "--text", str(tmp_path / "none.txt"), "--device", "cpu"]) == 2
+    assert "none.txt" in capsys.readouterr().err
+
+
+def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):
+    from llmkern.cli import main
+    from llmkern.finetune.reward import RewardModel, save_reward_model
+
+    run_a = save_run(tmp_path / "a", tiny_gpt(block_size=96, seed=1))
+    run_b = save_run(tmp_path / "b", tiny_gpt(block_size=96, seed=2))
+    save_reward_model(str(tmp_path / "rm"), 1, RewardModel(tiny_gpt(block_size=96, seed=3)), BYTES)
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": "ok"} for i in range(4)]))
+    out = tmp_path / "wr.json"
+    assert main(["eval", "--task", "win-rate", "--run", run_a, "--baseline", run_b, "--judge", str(tmp_path / "rm"),
+                 "--data", str(data), "--limit", "3", "--max-new-tokens", "3", "--device", "cpu", "--quiet",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("win_rate") and "ci " in printed
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 3 and saved["wins"] + saved["ties"] + saved["losses"] == 3
+
+    assert main(["eval", "--task", "win-rate", "--run", run_a, "--data", str(data), "--device", "cpu"]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    assert main(["eval", "--task", "win-rate", "--run", run_a, "--baseline", run_b, "--judge", run_a,
+                 "--data", str(data), "--limit", "1", "--max-new-tokens", "1", "--device", "cpu", "--quiet"]) == 2
+    assert "not a reward model" in capsys.readouterr().err
