@@ -17,13 +17,13 @@ from __future__ import annotations
 import base64
 import collections
 import functools
-import json
 import multiprocessing
 import os
 import pathlib
 import re
 from typing import Iterable, Iterator
 
+from .._atomic import write_json_atomic, write_text_atomic
 from .tokenizer import ENDOFTEXT, GPT2_PATTERN, get_tokenizer, sidecar_path
 
 # cl100k_base's pre-tokenization (case-insensitive contractions, digits in groups of 3).
@@ -232,13 +232,6 @@ def _resolve_pattern(pattern: str) -> str:
     return pattern
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def train_bpe(
     corpus,
     vocab_size: int,
@@ -295,6 +288,6 @@ def train_bpe(
     special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
     meta = {"pattern": pattern, "special_tokens": special, "trained_by": "llmkern.data.bpe.train_bpe"}
     # Each file is replaced atomically (written aside, then renamed).
-    _write_atomic(sidecar_path(out_path), json.dumps(meta, indent=2) + "\n")
-    _write_atomic(out_path, "".join(lines))
+    write_json_atomic(sidecar_path(out_path), meta)
+    write_text_atomic(out_path, "".join(lines))
     return get_tokenizer(out_path)

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import Iterable, Iterator, Optional
 
+from .._atomic import write_json_atomic
 from .config import PrepareConfig, to_dict
 from .readers import Document, ReadReport, check_readers_available, expand_inputs, read_file
 from .stage import Stage, StageStats
@@ -81,16 +82,6 @@ def _fingerprint(files: list[str], config: PrepareConfig) -> str:
             stamps.append([os.path.abspath(path), None, None])
     blob = json.dumps({"files": stamps, "config": settings}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + _TMP
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def part_name(index: int) -> str:
@@ -206,7 +197,7 @@ class _Progress:
         return True
 
     def save(self) -> None:
-        _write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, self.data)
 
 
 def _start_over(out_dir: str) -> None:
@@ -352,7 +343,7 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
             progress.save()
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["config"] = to_dict(config)
-    _write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
+    write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
     if config.progress:
         print(format_report(report))
     return report

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._atomic import write_json_atomic
 FORMAT = "llmkern-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -153,14 +154,6 @@ class ShardWriter:
             self.abort()
 
 
-def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = path + _TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    _fsync_replace(tmp, path)
-
-
 def write_manifest(
     out_dir: str, tokenizer_spec: str, n_vocab: int, eot_token: int, dtype: str, splits: dict
 ) -> str:
@@ -179,7 +172,7 @@ def write_manifest(
     }
     _validate_manifest(manifest, where="write_manifest")
     path = os.path.join(os.fspath(out_dir), MANIFEST)
-    _atomic_write_json(path, manifest)
+    write_json_atomic(path, manifest)
     return path
 
 

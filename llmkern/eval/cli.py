@@ -11,9 +11,10 @@ Each prints one line per metric; --json OUT also writes the result as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from .._atomic import write_json_atomic
 
 TASKS = ("perplexity", "choice", "win-rate")
 
@@ -88,10 +89,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _check_args(args)
         result, shown = _run(args)
         if args.json:
-            tmp = f"{args.json}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"task": args.task, "run": os.path.abspath(args.run), **result}, f, indent=1)
-            os.replace(tmp, args.json)
+            write_json_atomic(args.json, {"task": args.task, "run": os.path.abspath(args.run), **result})
     except (ValueError, TypeError, OSError, ImportError) as err:
         print(f"llmkern eval: error: {err}", file=sys.stderr)
         return 2

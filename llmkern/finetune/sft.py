@@ -1,0 +1,165 @@
+"""Instruction fine-tuning (SFT) on Alpaca-format examples, fully or with LoRA adapters.
+
+    llmkern finetune sft --base=runs/main --data=instruction-data.json --out_dir=runs/sft [--lora_rank=8]
+
+Each example becomes the Alpaca prompt followed by its response and end-of-text; the loss is the
+model's own next-token cross-entropy, on the response tokens only (mask_prompt) or on all of them.
+The result is a plain GPT checkpoint in out_dir (LoRA merged into the weights, the adapters also
+kept in out_dir/lora.safetensors), so `llmkern generate --run OUT` and the other recipes start from
+it; out_dir/responses.json holds greedy answers to a few held-out instructions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._atomic import write_json_atomic
+from ..eval.logprobs import token_logprobs
+from ..model import generate
+from .base import effective_max_len, load_base, save_finetuned
+from .config import FinetuneConfig
+from .data import IGNORE, encode_prompt_response, format_prompt, load_instruction_data, make_lm_batch, split_examples
+from .lora import apply_lora_from_config, lora_info, merge_lora, save_lora_adapters, trainable_parameters
+from .loop import fit, to_device
+
+EVAL_TRAIN_EXAMPLES = 128  # the training loss before/after is measured on this many training examples
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    """FinetuneConfig plus what SFT adds."""
+
+    out_dir: str = "runs/sft"
+    mask_prompt: bool = True  # loss only on the response (and its end-of-text), not on the prompt
+    num_samples: int = 3  # held-out instructions answered (greedily) at the end, into responses.json
+    max_new_tokens: int = 128  # the longest of those answers
+
+    def validate(self) -> "SFTConfig":
+        super().validate()
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int,
+                    mask_prompt: bool = True) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(tokens, labels) pairs of Alpaca examples, and how many were dropped because cutting them to
+    max_len left no response token to learn."""
+    encoded, dropped = [], 0
+    for ex in examples:
+        tokens, labels = encode_prompt_response(tokenizer, format_prompt(ex), ex["output"], max_len, mask_prompt)
+        # labels[0] is never a target (there is no token before it): a row needs a label after it.
+        if any(lab != IGNORE for lab in labels[1:]):
+            encoded.append((tokens, labels))
+        else:
+            dropped += 1
+    return encoded, dropped
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The model's own masked next-token loss (mean over the targets that are not -1)."""
+    _, loss = model(batch["idx"], batch["targets"])
+    return loss, {}
+
+
+@torch.no_grad()
+def mean_token_loss(model, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+    """Cross-entropy per scored token over all of `encoded` (a token-weighted mean, not a mean of batch means)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = to_device(make_lm_batch(encoded[start : start + batch_size], pad_id), device)
+        logp = token_logprobs(model, batch["idx"], batch["targets"])  # (B, T), 0 on unscored targets
+        nll -= float(logp.sum())
+        count += int((batch["targets"] != IGNORE).sum())
+    return nll / max(count, 1)
+
+
+@torch.no_grad()
+def answer_instructions(model, tokenizer, examples: list[dict[str, Any]], max_new_tokens: int) -> list[str]:
+    """Greedy responses to the examples' prompts, each stopped at end-of-text (which is left out)."""
+    if not examples:
+        return []
+    eot = tokenizer.eot_token
+    prompts = [tokenizer.encode(format_prompt(ex)) for ex in examples]
+    outputs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_token=eot)
+    responses = []
+    for prompt, out in zip(prompts, outputs):
+        new = out[len(prompt):]
+        if new and new[-1] == eot:
+            new = new[:-1]
+        responses.append(tokenizer.decode(new))
+    return responses
+
+
+def run_sft(config: SFTConfig) -> dict[str, Any]:
+    """Fine-tune config.base on config.data; write the model, metrics and responses to config.out_dir.
+
+    Returns {"out_dir", "checkpoint", "steps", "train_loss_before/after", "val_loss_before/after",
+    "trainable_params", "total_params", "examples", "lora", "responses", ...}. The train losses are
+    measured on the first EVAL_TRAIN_EXAMPLES training examples.
+    """
+    if not isinstance(config, SFTConfig):
+        raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
+    config.validate()
+    torch.manual_seed(config.seed)
+    model, tokenizer, base_meta = load_base(config)
+    max_len = effective_max_len(config, model)
+    pad_id = tokenizer.eot_token  # any id: padding is on the right and never a target
+
+    examples = load_instruction_data(config.data)
+    train_examples, val_examples = split_examples(examples, config.val_fraction, config.seed)
+    train, dropped_train = encode_examples(train_examples, tokenizer, max_len, config.mask_prompt)
+    val, dropped_val = encode_examples(val_examples, tokenizer, max_len, config.mask_prompt)
+    if not train:
+        raise ValueError(f"{config.data}: no training example keeps a response token within max_len={max_len} "
+                         f"tokens; raise max_len (up to the model's block_size)")
+    train_probe = train[:EVAL_TRAIN_EXAMPLES]
+
+    def evaluate(m) -> dict[str, float]:
+        metrics = {"train_loss": mean_token_loss(m, train_probe, pad_id, config.batch_size)}
+        if val:
+            metrics["val_loss"] = mean_token_loss(m, val, pad_id, config.batch_size)
+        return metrics
+
+    wrapped = apply_lora_from_config(model, config)
+    trainable = trainable_parameters(model)
+    result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate)
+
+    # Save: the adapters on their own, then the merged plain GPT that every other command reads.
+    lora_path = None
+    if wrapped:
+        os.makedirs(config.out_dir, exist_ok=True)
+        lora_path = save_lora_adapters(os.path.join(config.out_dir, "lora.safetensors"), model,
+                                       lora_info(config, wrapped))
+        merge_lora(model)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.spec,
+            "finetune": {"method": "sft", "settings": config.to_dict(), "base": config.base,
+                         "base_step": base_meta.get("step"), "lora": lora_info(config, wrapped) if wrapped else None}}
+    checkpoint = save_finetuned(config.out_dir, result["steps"], model.state_dict(), meta)
+
+    model.eval()
+    shown = (val_examples or train_examples)[: config.num_samples]
+    answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens)
+    responses_path = os.path.join(config.out_dir, "responses.json")
+    write_json_atomic(responses_path, [
+        {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"], "response": r}
+        for ex, r in zip(shown, answers)])
+
+    first, last = result["first_eval"], result["last_eval"]
+    return {
+        "method": "sft", "out_dir": config.out_dir, "checkpoint": checkpoint, "steps": result["steps"],
+        "skipped_steps": result["skipped_steps"], "seconds": round(result["seconds"], 2),
+        "train_loss_before": first["train_loss"], "train_loss_after": last["train_loss"],
+        "val_loss_before": first.get("val_loss"), "val_loss_after": last.get("val_loss"),
+        "last_batch_loss": result["train"].get("loss"),
+        "examples": {"train": len(train), "val": len(val), "dropped_too_long": dropped_train + dropped_val},
+        "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
+        "lora": lora_path, "responses": responses_path, "metrics": result["metrics"],
+    }

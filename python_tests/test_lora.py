@@ -1,0 +1,184 @@
+"""LoRA adapters: exact start, training touches only A/B, merge/unmerge, merge_lora, adapter state, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmkern.finetune.lora import (
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+)
+from llmkern.model import GPT, GPTConfig
+
+
+def tiny_gpt(preset: str = "tiny", **overrides) -> GPT:
+    cfg = dict(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32, backend="torch")
+    if preset == "tiny-llama":
+        cfg["n_kv_head"] = 1
+    cfg.update(overrides)
+    return GPT(GPTConfig.from_preset(preset, **cfg))
+
+
+def random_ids(b: int = 3, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, 257, (b, t))
+
+
+def randomize_adapters(model: nn.Module) -> None:
+    """Non-zero B everywhere, so the adapters change the output (B starts at zero)."""
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_wraps_every_block_projection_and_starts_equal_to_base(preset):
+    model = tiny_gpt(preset).eval()
+    ids = random_ids()
+    before = model(ids)[0]
+    wrapped = apply_lora(model, rank=4)
+    mlp_in = "fc" if preset == "tiny" else "gate_up"
+    expected = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", f"mlp.{mlp_in}", "mlp.proj")]
+    assert sorted(wrapped) == sorted(expected)
+    assert not isinstance(model.lm_head, LoRALinear)
+    torch.testing.assert_close(model(ids)[0], before, rtol=0, atol=0)  # B = 0: exactly the base model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{w}.{k}" for w in wrapped for k in ("lora_A", "lora_B")}
+
+
+def test_targets_select_layers_by_name_ending():
+    model = tiny_gpt()
+    wrapped = apply_lora(model, rank=2, targets="attn.qkv, mlp.fc")
+    assert wrapped == ["blocks.0.attn.qkv", "blocks.0.mlp.fc", "blocks.1.attn.qkv", "blocks.1.mlp.fc"]
+    model = tiny_gpt()
+    assert apply_lora(model, rank=2, targets=["proj"]) == [
+        "blocks.0.attn.proj", "blocks.0.mlp.proj", "blocks.1.attn.proj", "blocks.1.mlp.proj"]
+
+
+def test_training_changes_only_the_adapters():
+    model = tiny_gpt()
+    apply_lora(model, rank=4, alpha=8.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = random_ids(4, 17)
+    losses = []
+    for _ in range(5):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapters = {k for k in before if k.endswith((".lora_A", ".lora_B"))}
+    assert changed == adapters  # every A and B moved (B's gradient is non-zero from the first step), nothing else
+
+
+def test_merge_unmerge_round_trip_and_same_output():
+    layer = LoRALinear(nn.Linear(37, 23), rank=5, alpha=10.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    base_weight = layer.weight.detach().clone()
+    x = torch.randn(4, 7, 37)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.weight, base_weight + layer.lora_B @ layer.lora_A * 2.0)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-6)
+    layer.merge()  # a second merge is a no-op
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, base_weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_lora_gives_a_plain_gpt_with_the_same_output():
+    model = tiny_gpt("tiny-llama").eval()
+    apply_lora(model, rank=3, alpha=6.0)
+    randomize_adapters(model)
+    ids = random_ids()
+    lora_logits = model(ids)[0]
+    merge_lora(model)
+    assert not lora_layers(model)
+    torch.testing.assert_close(model(ids)[0], lora_logits, rtol=1e-4, atol=1e-5)
+    plain = GPT(model.config).eval()
+    plain.load_state_dict(model.state_dict())  # strict: the keys of a plain GPT
+    torch.testing.assert_close(plain(ids)[0], lora_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_state_dict_round_trip():
+    base = tiny_gpt().eval()
+    trained = copy.deepcopy(base)
+    apply_lora(trained, rank=4, targets="qkv,fc")
+    randomize_adapters(trained)
+    state = lora_state_dict(trained)
+    assert set(state) == {f"blocks.{i}.{m}.{k}" for i in range(2) for m in ("attn.qkv", "mlp.fc")
+                          for k in ("lora_A", "lora_B")}
+    fresh = copy.deepcopy(base)
+    apply_lora(fresh, rank=4, targets="qkv,fc")
+    ids = random_ids()
+    assert not torch.allclose(fresh(ids)[0], trained(ids)[0])
+    load_lora_state_dict(fresh, state)
+    torch.testing.assert_close(fresh(ids)[0], trained(ids)[0], rtol=0, atol=0)
+
+
+def test_load_lora_state_dict_errors():
+    model = tiny_gpt()
+    apply_lora(model, rank=4, targets="qkv")
+    state = lora_state_dict(model)
+    missing = dict(state)
+    del missing["blocks.0.attn.qkv.lora_A"]
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.0.attn.qkv.lora_A'\]"):
+        load_lora_state_dict(model, missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks.0.mlp.fc.lora_A'\]"):
+        load_lora_state_dict(model, {**state, "blocks.0.mlp.fc.lora_A": torch.zeros(4, 32)})
+    other_rank = tiny_gpt()
+    apply_lora(other_rank, rank=2, targets="qkv")
+    with pytest.raises(ValueError, match="shape"):
+        load_lora_state_dict(model, lora_state_dict(other_rank))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        load_lora_state_dict(tiny_gpt(), state)
+
+
+def test_dropout_only_in_training():
+    layer = LoRALinear(nn.Linear(16, 8), rank=2, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(64, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"rank": 0}, "rank"), ({"rank": -2}, "rank"), ({"alpha": 0.0}, "alpha"), ({"alpha": -1.0}, "alpha"),
+    ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"),
+])
+def test_bad_arguments(kwargs, name):
+    args = {"rank": 4, "alpha": 16.0, "dropout": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        apply_lora(tiny_gpt(), **args)
+    with pytest.raises(ValueError, match=name):
+        LoRALinear(nn.Linear(4, 4), **args)
+
+
+def test_bad_targets_and_double_wrap():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"match no linear layer.*blocks\.0\.attn\.qkv"):
+        apply_lora(model, rank=2, targets=["qkv", "q_proj"])
+    with pytest.raises(ValueError, match="lm_head"):
+        apply_lora(model, rank=2, targets="lm_head")
+    assert not lora_layers(model)  # a refused call changes nothing
+    assert all(p.requires_grad for p in model.parameters())
+    apply_lora(model, rank=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model, rank=2)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(nn.Conv1d(2, 2, 1), rank=1)
