@@ -138,12 +138,20 @@ def test_fit_lowers_the_loss_and_logs(tmp_path):
 
     cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=3,
                          eval_interval=10, progress=False)
-    summary = fit(model, lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg, evaluate)
+    def loss_and_accuracy(m, batch):
+        logits, loss = m(batch["idx"], batch["targets"])
+        scored = batch["targets"] != IGNORE
+        accuracy = (logits.argmax(-1) == batch["targets"])[scored].float().mean()
+        return loss, {"accuracy": accuracy}
+
+    summary = fit(model, loss_and_accuracy, examples, lambda rows: make_lm_batch(rows, 0), cfg, evaluate,
+                  charts=("accuracy",))
     assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+    assert 0 <= summary["train"]["accuracy"] <= 1
     assert summary["last_eval"]["val_loss"] < 0.6 * summary["first_eval"]["val_loss"]
     records = [json.loads(line) for line in open(summary["metrics"])]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 10, 20, 30]
-    assert (tmp_path / "loss.png").is_file()
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "accuracy.png").is_file()
 
 
 def test_fit_trains_only_trainable_parameters_with_accumulation(tmp_path):

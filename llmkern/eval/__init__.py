@@ -1,6 +1,6 @@
 """Evaluation: log-probabilities, perplexity, multiple-choice scoring and win rates."""
 
-from .logprobs import sequence_logprobs, token_logprobs
+from .logprobs import logprobs_from_hidden, sequence_logprobs, token_logprobs
 from .multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
 from .perplexity import perplexity, perplexity_of_text, sliding_windows
 from .win_rate import (
@@ -10,6 +10,6 @@ from .win_rate import (
 
 __all__ = [
     "ChoiceExample", "Judge", "RewardModelJudge", "bootstrap_interval", "compare_runs", "evaluate_choices",
-    "generate_responses", "load_choice_tasks", "perplexity", "perplexity_of_text", "reward_model_judge",
+    "generate_responses", "load_choice_tasks", "logprobs_from_hidden", "perplexity", "perplexity_of_text", "reward_model_judge",
     "score_choices", "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
 ]

@@ -24,7 +24,16 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     if ids.dim() != 2 or targets.shape != ids.shape:
         raise ValueError(f"ids must be (B, T) and targets the same shape; got {tuple(ids.shape)} and "
                          f"{tuple(targets.shape)}")
-    logits = model.head(model.hidden_states(ids))  # (B, T, V)
+    return logprobs_from_hidden(model, model.hidden_states(ids), targets)
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """token_logprobs given the model's final hidden states (B, T, C) of the ids, for a caller that
+    also needs them (PPO's value head reads the same hidden states)."""
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden (B, T, C) and targets (B, T) must agree; got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
+    logits = model.head(hidden)  # (B, T, V)
     vocab = logits.size(-1)
     flat_targets = targets.reshape(-1).long()
     bad = (flat_targets != IGNORE) & ((flat_targets < 0) | (flat_targets >= vocab))

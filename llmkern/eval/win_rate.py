@@ -186,19 +186,11 @@ def generate_responses(model, tokenizer, instructions: Sequence[str | dict[str, 
 
 def load_instructions(path: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Instruction examples (a .json list or .jsonl of {"instruction", "input"?, ...}), the first `limit`."""
-    from ..finetune.data import read_examples
+    from ..finetune.data import load_prompt_data
 
-    rows = read_examples(path)
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        rows = rows[:limit]
-    if not rows:
-        raise ValueError(f"{path}: no instructions")
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{path}: example {i} needs a string 'instruction'; it has keys {sorted(row)}")
-    return rows
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    return load_prompt_data(path)[:limit]
 
 
 def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | str, data: str | Sequence[Any],

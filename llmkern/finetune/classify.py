@@ -262,7 +262,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             metrics.update({f"val_{k}": v for k, v in evaluate_rows(model, val, pad_id, config.batch_size).items()})
         return metrics
 
-    result = fit(clf, classification_loss, train, lambda rows: collate_rows(rows, pad_id), config, evaluate=evaluate)
+    result = fit(clf, classification_loss, train, lambda rows: collate_rows(rows, pad_id), config, evaluate=evaluate,
+                 charts=("accuracy",))
 
     lora_path = None
     if wrapped:

@@ -74,6 +74,11 @@ def load_instruction_data(path: str) -> list[dict[str, Any]]:
     return _check_keys(read_examples(path), os.fspath(path), ("instruction", "output"))
 
 
+def load_prompt_data(path: str) -> list[dict[str, Any]]:
+    """Instructions alone (input optional; any response is ignored): the prompts of PPO and win rates."""
+    return _check_keys(read_examples(path), os.fspath(path), ("instruction",))
+
+
 def load_preference_data(path: str) -> list[dict[str, Any]]:
     """Preference examples: each has a string instruction, chosen and rejected (input optional)."""
     return _check_keys(read_examples(path), os.fspath(path), ("instruction", "chosen", "rejected"))

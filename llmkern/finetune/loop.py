@@ -109,9 +109,10 @@ def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, f
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
-        evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, Any]:
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = ()) -> dict[str, Any]:
     """Train `model` in place; returns {"steps", "skipped_steps", "train": last logged means,
-    "first_eval", "last_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and charts."""
+    "first_eval", "last_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and charts:
+    loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>")."""
     if not train_examples:
         raise ValueError("there are no training examples")
     device = next(model.parameters()).device
@@ -173,6 +174,6 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 log.write("eval", step=step + 1, **last_eval)
                 if config.progress:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-    plot_metrics(log.path, config.out_dir)
+    plot_metrics(log.path, config.out_dir, extra=charts)
     return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,
             "last_eval": last_eval, "seconds": time.perf_counter() - start, "metrics": log.path}

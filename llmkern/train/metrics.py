@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -101,8 +102,9 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
-    """loss.png (train and val), lr.png and throughput.png from a metrics.jsonl; the paths written."""
+def plot_metrics(metrics_path: str, out_dir: str, extra: Sequence[str] = ()) -> list[str]:
+    """loss.png (train and val), lr.png and throughput.png from a metrics.jsonl, and <name>.png for each
+    name in `extra` (its train values beside the eval records' "val_<name>"); the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +118,8 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         ("lr.png", "learning rate", [("lr", train, "lr")]),
         ("throughput.png", "tokens / s", [("tokens/s", train, "tokens_per_s")]),
     ]
+    charts += [(f"{name}.png", name.replace("_", " "), [("train", train, name), ("val", evals, f"val_{name}")])
+               for name in extra]
     written = []
     for filename, ylabel, series in charts:
         fig, ax = plt.subplots(figsize=(7, 4))

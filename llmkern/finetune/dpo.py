@@ -1,0 +1,223 @@
+"""Direct preference optimization (Rafailov et al., 2023): fine-tune a policy on (prompt, chosen,
+rejected) triples so that it prefers the chosen response more than a frozen reference model does,
+with no reward model and no sampling.
+
+The policy starts from config.base (usually an SFT run); the reference is config.reference, or a frozen
+copy of the base. Each response's log-probability is summed over its own tokens (and its end-of-text)
+only, never the prompt's. The reference's log-probs are computed once, before training, since the
+reference never changes. Logged per step and on the held-out pairs: the loss, the reward accuracy (how
+often the chosen response's implicit reward beta * log(pi / pi_ref) beats the rejected one's) and the
+mean reward margin.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import FinetuneConfig
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """FinetuneConfig plus DPO's temperature, label smoothing and the reference model."""
+
+    beta: float = 0.1  # how far the policy may move from the reference: larger = closer
+    label_smoothing: float = 0.0  # the assumed fraction of flipped labels (conservative DPO); in [0, 0.5)
+    reference: str = ""  # the reference model: a run or checkpoint folder; "" = the base itself, frozen
+
+    def validate(self) -> "DPOConfig":
+        super().validate()
+        check_beta(self.beta)
+        check_label_smoothing(self.label_smoothing)
+        if not self.data:
+            raise ValueError("data must name a preference file (.json or .jsonl with instruction, input, "
+                             "chosen, rejected)")
+        return self
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss of Rafailov et al. (2023) and the implicit rewards; each input is (B,).
+
+    With the log-ratios r_c = policy_chosen - ref_chosen and r_r = policy_rejected - ref_rejected and
+    z = beta * (r_c - r_r), the loss is the mean over the batch of
+        -(1 - label_smoothing) * log sigmoid(z) - label_smoothing * log sigmoid(-z)
+    (label_smoothing > 0 is conservative DPO: it assumes that fraction of the labels is flipped).
+    Returns (loss, chosen_rewards, rejected_rewards) with rewards beta * r_c and beta * r_r, detached.
+    """
+    inputs = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != policy_chosen_logps.shape or t.dim() != 1:
+            raise ValueError(f"the log-probs must all be 1-D of one shape; {name} has {tuple(t.shape)}, "
+                             f"policy_chosen_logps has {tuple(policy_chosen_logps.shape)}")
+    check_beta(beta)
+    check_label_smoothing(label_smoothing)
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    z = beta * (chosen_ratio - rejected_ratio)  # (B,)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses.mean(), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def check_beta(beta: object) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+
+
+def check_label_smoothing(label_smoothing: object) -> None:
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Means over the batch: reward accuracy (chosen > rejected), margin, and the two rewards."""
+    return {"reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean()}
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def encode_preference(tokenizer, example: dict[str, Any], max_len: int) -> dict[str, Any] | None:
+    """{"chosen": (tokens, labels), "rejected": (tokens, labels)} of a preference example (Alpaca
+    prompt; labels -1 on the prompt), or None when the prompt leaves no response token within max_len."""
+    from .data import IGNORE, encode_prompt_response, format_prompt
+
+    prompt = format_prompt(example)
+    out = {}
+    for side in ("chosen", "rejected"):
+        tokens, labels = encode_prompt_response(tokenizer, prompt, example[side], max_len)
+        if all(label == IGNORE for label in labels[1:]):  # the next-token targets score nothing
+            return None
+        out[side] = (tokens, labels)
+    return out
+
+
+def collate_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows (the chosen responses, then the rejected ones) plus the reference log-probs
+    when the examples carry them."""
+    from .data import make_lm_batch
+
+    batch = make_lm_batch([ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples], pad_id)
+    if "ref_chosen" in examples[0]:
+        batch["ref_chosen"] = torch.tensor([ex["ref_chosen"] for ex in examples], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([ex["ref_rejected"] for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed response log-probs of the chosen and of the rejected rows of a collate_pairs batch."""
+    from ..eval.logprobs import sequence_logprobs
+
+    logps = sequence_logprobs(model, batch["idx"], batch["targets"]).float()  # (2B,)
+    half = logps.size(0) // 2
+    return logps[:half], logps[half:]
+
+
+@torch.no_grad()
+def add_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, config, device) -> None:
+    """Store each example's reference log-probs ("ref_chosen", "ref_rejected"): computed once, since the
+    reference is frozen."""
+    from tqdm import tqdm
+
+    from .loop import autocast_context, to_device
+
+    reference.eval()
+    step = config.batch_size
+    for start in tqdm(range(0, len(examples), step), desc="reference log-probs", unit="batch",
+                      disable=not config.progress, dynamic_ncols=True):
+        chunk = examples[start : start + step]
+        batch = to_device(collate_pairs(chunk, pad_id), device)
+        with autocast_context(config, device):
+            chosen, rejected = chosen_rejected_logps(reference, batch)
+        for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            ex["ref_chosen"], ex["ref_rejected"] = c, r
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def load_reference(config: DPOConfig, policy, tokenizer):
+    """The frozen reference: config.reference's model, or a copy of the policy (before any LoRA)."""
+    from .base import load_base
+
+    if config.reference:
+        reference, ref_tokenizer, _ = load_base(dataclasses.replace(config, base=config.reference))
+        if ref_tokenizer.spec != tokenizer.spec:
+            raise ValueError(f"reference {config.reference!r} uses tokenizer {ref_tokenizer.spec!r}, the base "
+                             f"{tokenizer.spec!r}: they must match")
+    else:
+        reference = copy.deepcopy(policy)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def run_dpo(config: DPOConfig) -> dict[str, Any]:
+    """Fine-tune config.base with DPO on config.data; save the policy to config.out_dir; the summary."""
+    from .base import effective_max_len, load_base, save_finetuned
+    from .data import load_preference_data, split_examples
+    from .lora import apply_lora, merge_lora
+    from .loop import fit, run_evaluation, to_device
+
+    if not isinstance(config, DPOConfig):
+        raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
+    config.validate()
+    torch.manual_seed(config.seed)
+    policy, tokenizer, _ = load_base(config)
+    device = policy.device
+    reference = load_reference(config, policy, tokenizer).to(device)
+
+    max_len = effective_max_len(config, policy)
+    raw = load_preference_data(config.data)
+    encoded = [e for e in (encode_preference(tokenizer, ex, max_len) for ex in raw) if e is not None]
+    if not encoded:
+        raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len}")
+    train, val = split_examples(encoded, config.val_fraction, config.seed)
+    pad_id = tokenizer.eot_token
+    add_reference_logps(reference, train + val, pad_id, config, device)
+    del reference  # only its log-probs are needed from here on
+
+    if config.lora_rank > 0:
+        apply_lora(policy, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+
+    beta, smoothing = config.beta, config.label_smoothing
+
+    def loss_fn(model, batch):
+        chosen, rejected = chosen_rejected_logps(model, batch)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen"],
+                                                          batch["ref_rejected"], beta, smoothing)
+        return loss, pair_metrics(chosen_rewards, rejected_rewards)
+
+    def evaluate_on(examples, prefix):
+        def evaluate(model):
+            totals: dict[str, float] = {}
+            for start in range(0, len(examples), config.batch_size):
+                chunk = examples[start : start + config.batch_size]
+                batch = to_device(collate_pairs(chunk, pad_id), device)
+                loss, metrics = loss_fn(model, batch)
+                for k, v in {"loss": loss, **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+            return {f"{prefix}_{k}": v / len(examples) for k, v in totals.items()}
+        return evaluate
+
+    summary = fit(policy, loss_fn, train, lambda exs: collate_pairs(exs, pad_id), config,
+                  evaluate=evaluate_on(val, "val") if val else None, charts=("reward_accuracy", "reward_margin"))
+    train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)
+
+    if config.lora_rank > 0:
+        merge_lora(policy)
+    meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
+            "finetune": {"method": "dpo", **config.to_dict()}}
+    path = save_finetuned(config.out_dir, summary["steps"], policy.state_dict(), meta)
+    return {"method": "dpo", "checkpoint": path, "train_examples": len(train), "val_examples": len(val),
+            "skipped_examples": len(raw) - len(encoded), **summary, "train_eval": train_eval}

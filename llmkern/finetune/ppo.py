@@ -1,0 +1,454 @@
+"""PPO for RLHF (Ouyang et al., 2022; Schulman et al., 2017): improve a policy's responses to
+prompts under a reward model, kept close to a frozen reference by a per-token KL penalty.
+
+Each iteration:
+  1. rollout: sample a response to each of rollout_batch prompts (stop at end-of-text);
+  2. score: per-token log-probs of the policy and the reference, the policy's value estimates, and
+     per-token rewards  r_t = -kl_coef * (logp_t - ref_logp_t),  plus the reward model's score of the
+     whole text on the last response token;
+  3. advantages by GAE over each response (gae below; padding handled by a mask);
+  4. ppo_epochs passes over the rollout in minibatches of batch_size: the clipped policy loss plus
+     vf_coef times the clipped value loss, one AdamW step per grad_accum minibatches.
+The value head is a linear layer on the policy's last hidden states (one value per token); it is a
+training aid and is not saved. Mean reward, KL, clip fraction and value loss go to metrics.jsonl.
+
+Layout: a rollout is a (B, T) right-padded batch of prompt + response where position t predicts
+token t + 1 (targets -1 on the prompt and the padding), so log-probs, values, rewards and advantages
+of a response token all sit at the position that predicts it; `mask` marks those positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FinetuneConfig
+
+
+@dataclass
+class PPOConfig(FinetuneConfig):
+    """FinetuneConfig plus PPO's settings. data: prompts (instruction and optional input, Alpaca style).
+    max_steps > 0: that many PPO iterations; else epochs passes over the prompts, rollout_batch at a time.
+    batch_size is the PPO minibatch (rows per forward/backward)."""
+
+    reward_model: str = ""  # the reward model's run folder (llmkern finetune reward); required
+    kl_coef: float = 0.05  # weight of the per-token KL penalty against the reference
+    clip_range: float = 0.2  # the policy ratio is clipped to [1 - clip_range, 1 + clip_range]
+    value_clip: float = 0.2  # new values may move at most this far from the rollout's (0 = no clip)
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE's lambda: 0 = one-step TD errors, 1 = Monte Carlo returns
+    ppo_epochs: int = 2  # passes over each rollout
+    rollout_batch: int = 16  # prompts sampled per iteration
+    max_new_tokens: int = 64  # the longest response
+    temperature: float = 1.0  # sampling temperature (> 0: PPO needs a stochastic policy)
+    top_k: int = 0  # sample among the k likeliest tokens; 0 = all
+    whiten_advantages: bool = True  # normalise the advantages of each rollout to mean 0, std 1
+    vf_coef: float = 0.5  # weight of the value loss
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+
+    def validate(self) -> "PPOConfig":
+        """The common checks and PPO's; the reward model is checked by run_ppo (it may be passed in)."""
+        super().validate()
+        if not self.data:
+            raise ValueError("data must name a prompt file (.json or .jsonl with instruction and optional input)")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+        if not self.value_clip >= 0:
+            raise ValueError(f"value_clip must be >= 0 (0 = no clipping), got {self.value_clip}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("ppo_epochs", "rollout_batch", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (PPO samples its responses), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if not self.vf_coef >= 0:
+            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
+        return self
+
+
+# --- the losses and advantages ----------------------------------------------------------------------
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over ragged rows: (advantages, returns), both (B, T).
+
+    rewards, values, mask: (B, T). mask marks the real steps of each row (1) and the padding (0);
+    a run of real steps is one episode, and the step after its last one is terminal (value 0), so
+    right padding, left padding or a response in the middle of a row all work. Advantages and
+    returns are 0 where mask is 0. With lam = 1, returns are the discounted rewards-to-go; with
+    lam = 0, advantages are the one-step TD errors.
+    """
+    _check_same_shape(rewards=rewards, values=values, mask=mask)
+    for name, v, low in (("gamma", gamma, 0.0), ("lam", lam, 0.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+    mask = mask.to(rewards.dtype)
+    values = values.detach().to(rewards.dtype) * mask
+    rewards = rewards.detach() * mask
+    steps = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,) the advantage of the step after t
+    for t in reversed(range(steps)):
+        # The next step continues the episode only when it is real; past the end it is terminal.
+        if t + 1 < steps:
+            next_live, next_value = mask[:, t + 1], values[:, t + 1]
+        else:
+            next_live, next_value = torch.zeros_like(running), torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value * next_live - values[:, t]
+        running = delta + gamma * lam * next_live * running
+        advantages[:, t] = running * mask[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is set (0 when there are none)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x shifted and scaled to mean 0 and std 1 over the masked positions (0 elsewhere)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss and the fraction of tokens where the clip was active.
+
+    ratio = exp(logprobs - old_logprobs); per token max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)),
+    averaged over the masked tokens (the pessimistic bound of Schulman et al., 2017).
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask).detach()
+    return loss, clip_fraction
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   value_clip: float) -> torch.Tensor:
+    """0.5 * the larger of the squared errors of the new values and of the values clipped to
+    old_values +- value_clip, averaged over the masked tokens (value_clip <= 0: no clipping)."""
+    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    error = (values - returns) ** 2
+    if value_clip > 0:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        error = torch.maximum(error, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(error, mask)
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shape = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, time), got shape {tuple(t.shape)}")
+        if shape is None:
+            shape, first = t.shape, name
+        elif t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, {first} has {tuple(shape)}: they must match")
+
+
+# --- the policy and its value head -------------------------------------------------------------------
+
+class PolicyWithValue(nn.Module):
+    """A GPT policy and a scalar value head on its last hidden states (one value per position)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.n_embd, 1).to(policy.device)
+        nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the returns
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(targets) (B, T), values (B, T)), both fp32; log-probs are 0 where targets is -1."""
+        from ..eval.logprobs import logprobs_from_hidden
+
+        hidden = self.policy.hidden_states(ids)  # (B, T, C): one forward pass for both outputs
+        logprobs = logprobs_from_hidden(self.policy, hidden, targets)  # (B, T)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
+        return logprobs.float(), values.float()
+
+
+# --- rollouts -------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and what PPO needs of them; tensors (B, T) unless noted."""
+
+    ids: torch.Tensor  # prompt + response, minus the last token, right-padded
+    targets: torch.Tensor  # the next token at each position; -1 on the prompt and the padding
+    mask: torch.Tensor  # bool: the positions that predict a response token
+    logprobs: torch.Tensor  # the policy's, at sampling time
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor  # the KL penalty per token plus the score on the last response token
+    scores: torch.Tensor  # (B,) the reward model's
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def rollout_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, targets) (B, T) of prompt + response rows: position t predicts token t + 1, and only
+    response tokens are targets (-1 elsewhere)."""
+    from .data import IGNORE, pad_batch
+
+    id_rows, target_rows = [], []
+    for prompt, response in zip(prompts, responses):
+        tokens = prompt + response
+        id_rows.append(tokens[:-1])
+        target_rows.append([IGNORE] * (len(prompt) - 1) + response)
+    ids = pad_batch(id_rows, pad_id)
+    return ids, pad_batch(target_rows, IGNORE, ids.size(1))
+
+
+@torch.no_grad()
+def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
+                  responses: list[list[int]], pad_id: int, kl_coef: float) -> Rollout:
+    """Log-probs, reference log-probs, values, reward-model scores and per-token rewards of sampled
+    responses (each at least one token long)."""
+    from ..eval.logprobs import token_logprobs
+    from .reward import make_score_batch
+
+    device = next(model.parameters()).device
+    ids, targets = rollout_rows(prompts, responses, pad_id)
+    ids, targets = ids.to(device), targets.to(device)
+    mask = targets != -1
+    logprobs, values = model(ids, targets)
+    ref_logprobs = token_logprobs(reference, ids, targets).float()
+
+    # The reward model reads the whole text; a llmkern RewardModel only its last block_size tokens.
+    limit = reward_model.body.config.block_size if hasattr(reward_model, "body") else None
+    texts = [(p + r)[-limit:] if limit else p + r for p, r in zip(prompts, responses)]
+    score_ids, lengths = make_score_batch(texts, pad_id)
+    scores = reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)  # (B,)
+
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
+    rewards[torch.arange(len(prompts), device=device), last] += scores
+    return Rollout(ids, targets, mask, logprobs * mask, ref_logprobs * mask, values * mask, rewards, scores)
+
+
+def sample_responses(policy: nn.Module, prompts: list[list[int]], config: PPOConfig, eot: int, seed: int
+                     ) -> list[list[int]]:
+    """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt."""
+    from ..model import generate
+
+    out = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
+                   top_k=config.top_k or None, eos_token=eot, seed=seed)
+    return [row[len(prompt):] for prompt, row in zip(prompts, out)]
+
+
+# --- one PPO update --------------------------------------------------------------------------------------
+
+def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOConfig, lr_at, step: int,
+               autocast) -> tuple[int, dict[str, float]]:
+    """ppo_epochs passes of minibatch updates over a scored rollout with advantages; returns the next
+    optimizer step and the means of the losses and the clip fraction."""
+    rows = rollout.ids.size(0)
+    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+    count = pending = 0
+    # Train mode, for activation checkpointing. The old log-probs were taken in eval mode, so any dropout
+    # (the model's or LoRA's) makes the ratios noisy: PPO is best run with dropout 0.
+    model.train()
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(rows, device=rollout.ids.device)
+        for start in range(0, rows, config.batch_size):
+            mb = order[start : start + config.batch_size]
+            with autocast():
+                logprobs, values = model(rollout.ids[mb], rollout.targets[mb])
+            mask = rollout.mask[mb]
+            policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.logprobs[mb], rollout.advantages[mb],
+                                                         mask, config.clip_range)
+            value_loss = ppo_value_loss(values, rollout.values[mb], rollout.returns[mb], mask, config.value_clip)
+            loss = policy_loss + config.vf_coef * value_loss
+            (loss / config.grad_accum).backward()
+            pending += 1
+            last_minibatch = start + config.batch_size >= rows
+            if pending == config.grad_accum or last_minibatch:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                optimizer.step()  # skips itself on a non-finite gradient norm
+                optimizer.zero_grad(set_to_none=True)
+                step, pending = step + 1, 0
+            totals["policy_loss"] += float(policy_loss.detach())
+            totals["value_loss"] += float(value_loss.detach())
+            totals["clip_fraction"] += float(clip_fraction)
+            count += 1
+    return step, {k: v / count for k, v in totals.items()}
+
+
+def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, optimizer, prompts: list[list[int]],
+                  config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast
+                  ) -> tuple[int, dict[str, float]]:
+    """Sample, score and learn from one batch of prompts; (next optimizer step, metrics)."""
+    started = time.perf_counter()
+    model.eval()
+    with autocast():
+        responses = sample_responses(model.policy, prompts, config, eot, seed)
+        rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef)
+    advantages, returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
+    rollout.returns = returns
+    rollout.advantages = masked_whiten(advantages, rollout.mask) if config.whiten_advantages else advantages
+    step, losses = ppo_update(model, optimizer, rollout, config, lr_at, step, autocast)
+
+    kl_per_row = (rollout.logprobs - rollout.ref_logprobs).sum(dim=1)  # (B,) summed over the response
+    new_tokens = sum(len(r) for r in responses)
+    metrics = {
+        "reward": float(rollout.scores.mean()),
+        "kl": float(kl_per_row.mean()),
+        "non_score_reward": float((rollout.rewards.sum(dim=1) - rollout.scores).mean()),
+        "response_length": new_tokens / len(responses),
+        "loss": losses["policy_loss"] + config.vf_coef * losses["value_loss"],
+        **losses,
+        "tokens_per_s": new_tokens / max(time.perf_counter() - started, 1e-9),
+    }
+    return step, metrics
+
+
+@torch.no_grad()
+def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
+                     config: PPOConfig, eot: int, autocast) -> dict[str, float]:
+    """Mean reward-model score and KL of the policy's samples on held-out prompts (a fixed seed)."""
+    model.eval()
+    scores, kls = [], []
+    for start in range(0, len(prompts), config.rollout_batch):
+        chunk = prompts[start : start + config.rollout_batch]
+        with autocast():
+            responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1)
+            rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef)
+        scores += rollout.scores.tolist()
+        kls += (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).tolist()
+    return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls)}
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+MAX_EVAL_PROMPTS = 64  # held-out prompts sampled at each evaluation
+
+
+def load_prompts(path: str, tokenizer, max_prompt_len: int) -> list[list[int]]:
+    """The Alpaca prompt of each example (instruction and optional input), as tokens, keeping the last
+    max_prompt_len tokens of a longer one (its end, "### Response:", leads into the response)."""
+    from .data import format_prompt, load_prompt_data
+
+    return [tokenizer.encode(format_prompt(row))[-max_prompt_len:] for row in load_prompt_data(path)]
+
+
+def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
+    """PPO on config.data's prompts from config.base under config.reward_model (or `reward_model`, any
+    module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
+    tokenizer); saves the policy to config.out_dir; the summary."""
+    from ..train.metrics import MetricsLog, plot_metrics
+    from ..train.schedules import cosine_lr
+    from .base import effective_max_len, load_base, save_finetuned
+    from .data import split_examples
+    from .lora import apply_lora, merge_lora
+    from .loop import autocast_context, make_optimizer, micro_batches
+
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+    config.validate()
+    if reward_model is None and not config.reward_model:
+        raise ValueError("reward_model must name a reward model's run folder (train one with "
+                         "`llmkern finetune reward`)")
+    torch.manual_seed(config.seed)
+    policy, tokenizer, _ = load_base(config)
+    device = policy.device
+    max_total = effective_max_len(config, policy)
+    if config.max_new_tokens >= max_total:
+        raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in "
+                         f"{max_total} tokens (max_len and the model's block_size)")
+    if reward_model is None:
+        from .reward import load_reward_model
+
+        reward_model, rm_tokenizer = load_reward_model(config.reward_model, device)
+        if rm_tokenizer.spec != tokenizer.spec:
+            raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
+                             f"{tokenizer.spec!r}: they must match")
+    if isinstance(reward_model, nn.Module):
+        reward_model.to(device).eval().requires_grad_(False)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if config.lora_rank > 0:
+        apply_lora(policy, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model = PolicyWithValue(policy)
+
+    prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens)
+    train, val = split_examples(prompts, config.val_fraction, config.seed)
+    val = val[:MAX_EVAL_PROMPTS]
+    iterations = config.max_steps or config.epochs * math.ceil(len(train) / config.rollout_batch)
+    updates_per_iteration = config.ppo_epochs * math.ceil(
+        math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
+    total_updates = iterations * updates_per_iteration
+    optimizer = make_optimizer(list(model.parameters()), config)
+
+    def lr_at(step: int) -> float:
+        return cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, total_updates)
+
+    def autocast():
+        return autocast_context(config, device)
+
+    os.makedirs(config.out_dir, exist_ok=True)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
+    if os.path.exists(log.path):
+        os.remove(log.path)  # a new run, a new log
+    eot = tokenizer.eot_token
+
+    def evaluate(at: int) -> dict[str, float]:
+        result = evaluate_prompts(model, reference, reward_model, val, config, eot, autocast)
+        log.write("eval", step=at, **result)
+        return result
+
+    from tqdm import tqdm
+
+    first_eval = last_eval = evaluate(0) if val else None
+    batches = micro_batches(train, config.rollout_batch, config.seed)
+    last_metrics: dict[str, float] = {}
+    step = 0
+    started = time.perf_counter()
+    for it in tqdm(range(iterations), desc="ppo", unit="iter", disable=not config.progress, dynamic_ncols=True):
+        lr = lr_at(step)
+        step, metrics = ppo_iteration(model, reference, reward_model, optimizer, next(batches), config, eot,
+                                      seed=config.seed * 1_000_003 + it, lr_at=lr_at, step=step, autocast=autocast)
+        log.write("train", step=it + 1, lr=lr, **metrics)
+        last_metrics = metrics
+        if not all(math.isfinite(v) for v in metrics.values()):
+            from .loop import FinetuneDiverged
+
+            raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
+        done = it + 1 == iterations
+        if val and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
+            last_eval = evaluate(it + 1)
+    plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
+
+    if config.lora_rank > 0:
+        merge_lora(policy)
+    meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
+            "finetune": {"method": "ppo", **config.to_dict()}}
+    path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
+    return {"method": "ppo", "checkpoint": path, "iterations": iterations, "optimizer_steps": step,
+            "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,
+            "last_eval": last_eval, "train": last_metrics,
+            "seconds": time.perf_counter() - started, "metrics": log.path}

@@ -1,0 +1,248 @@
+"""A reward model: a GPT body with a scalar head, trained on preference pairs (Bradley-Terry).
+
+The score of a (prompt, response) pair is the head applied to the body's hidden state at the last
+real token of prompt + response + end-of-text, so the whole text is read before it is judged. Trained
+so that the chosen response of a pair outscores the rejected one: loss = -log sigmoid(s_c - s_r).
+
+The saved run is a llmkern checkpoint whose weights are the body's GPT weights plus "head.weight" and
+"head.bias", and whose meta says {"kind": "reward_model"}; load_reward_model reads it back, and
+load_base can start a policy from its body.
+
+The scoring interface (what PPO calls, and what a hand-made reward model must offer):
+    rm(ids, lengths) -> (B,) float scores, ids (B, T) right-padded token ids, lengths (B,) real tokens per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train import checkpoint as ckpt
+from ..train.inference import resolve_device
+from .config import FinetuneConfig
+
+KIND = "reward_model"
+
+
+class RewardModel(nn.Module):
+    """A GPT body and a linear head that maps the hidden state of each row's last real token to a score."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        from ..model import GPT
+
+        if not isinstance(body, GPT):
+            raise TypeError(f"body must be a llmkern.model.GPT, got {type(body).__name__}")
+        self.body = body
+        width = body.config.n_embd
+        self.head = nn.Linear(width, 1).to(body.device)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(width))  # scores start near unit scale
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded, lengths (B,) real tokens per row (1..T) -> scores (B,) in fp32.
+
+        Causal attention means the padding after a row's last real token never changes its hidden state.
+        """
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.size(0) != ids.size(0):
+            raise ValueError(f"lengths must be a (B,) tensor with B = {ids.size(0)} rows; got "
+                             f"{getattr(lengths, 'shape', type(lengths).__name__)}")
+        if bool((lengths < 1).any()) or bool((lengths > ids.size(1)).any()):
+            raise ValueError(f"lengths must be in [1, {ids.size(1)}] (the row length), got {lengths.tolist()}")
+        hidden = self.body.hidden_states(ids)  # (B, T, C)
+        rows = torch.arange(ids.size(0), device=ids.device)
+        last = hidden[rows, lengths.to(ids.device).long() - 1]  # (B, C)
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Decay on matrices, none on vectors (as GPT.optimizer_groups), over body and head."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": float(weight_decay)},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    @property
+    def device(self) -> torch.device:
+        return self.body.device
+
+
+def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """The Bradley-Terry loss: -log sigmoid(chosen - rejected), averaged over the pairs."""
+    for name, t in (("chosen_scores", chosen_scores), ("rejected_scores", rejected_scores)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if chosen_scores.shape != rejected_scores.shape:
+        raise ValueError(f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores "
+                         f"{tuple(rejected_scores.shape)} must have the same shape")
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+def encode_pair_text(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
+    """The tokens a reward model reads: prompt + response + end-of-text, cut to max_len."""
+    from .data import encode_prompt_response
+
+    tokens, _ = encode_prompt_response(tokenizer, prompt, response, max_len)
+    return tokens
+
+
+def make_score_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) right-padded with pad_id, lengths (B,)) of token rows."""
+    from .data import pad_batch
+
+    return pad_batch(rows, pad_id), torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+@torch.no_grad()
+def score_token_rows(rm: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Scores of token rows, batch_size rows per forward, with rm in eval mode (restored after)."""
+    device = next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            ids, lengths = make_score_batch(rows[start : start + batch_size], pad_id)
+            scores += rm(ids.to(device), lengths.to(device)).tolist()
+    finally:
+        rm.train(was_training)
+    return scores
+
+
+def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+    """The reward model's score of each (prompt, response) pair; prompts are used as given (format them
+    with finetune.data.format_prompt for an instruction-tuned model)."""
+    if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)):
+        raise TypeError("prompts and responses must be lists of strings")
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses: they must pair up")
+    if not prompts:
+        return []
+    max_len = rm.body.config.block_size
+    rows = [encode_pair_text(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
+    return score_token_rows(rm, rows, tokenizer.eot_token, batch_size)
+
+
+# --- saving and loading ----------------------------------------------------------------------------
+
+def reward_model_state(rm: RewardModel) -> dict[str, torch.Tensor]:
+    """The body's GPT weights under their own names plus the head's under "head.*"."""
+    state = dict(rm.body.state_dict())
+    state.update({f"head.{k}": v for k, v in rm.head.state_dict().items()})
+    return state
+
+
+def save_reward_model(out_dir: str, step: int, rm: RewardModel, tokenizer, extra_meta: dict[str, Any] | None = None
+                      ) -> str:
+    """Write rm atomically as checkpoint `step` of out_dir (LoRA layers must be merged first)."""
+    from .base import save_finetuned
+
+    meta = {"kind": KIND, "model_config": rm.body.config.to_dict(), "tokenizer": tokenizer.spec, **(extra_meta or {})}
+    return save_finetuned(out_dir, step, reward_model_state(rm), meta)
+
+
+def load_reward_model(run_dir: str, device: str | torch.device = "auto") -> tuple[RewardModel, Any]:
+    """(RewardModel in eval mode, tokenizer) from a reward-model run folder or checkpoint folder."""
+    from ..data.tokenizer import get_tokenizer
+    from ..model import GPT, GPTConfig
+
+    state = ckpt.load_checkpoint(run_dir)
+    if state.meta.get("kind") != KIND:
+        raise ValueError(f"checkpoint {state.path!r} is not a reward model (its meta has kind="
+                         f"{state.meta.get('kind')!r}); train one with `llmkern finetune reward`")
+    body = GPT(GPTConfig.from_dict(state.meta["model_config"]))
+    rm = RewardModel(body)
+    body.load_state_dict({k: v for k, v in state.model.items() if not k.startswith("head.")})
+    rm.head.load_state_dict({k[len("head."):]: v for k, v in state.model.items() if k.startswith("head.")})
+    rm.to(resolve_device(device)).eval()
+    return rm, get_tokenizer(state.meta["tokenizer"])
+
+
+# --- training --------------------------------------------------------------------------------------
+
+@dataclass
+class RewardConfig(FinetuneConfig):
+    """FinetuneConfig for a reward model; data is a preference file (instruction, input, chosen, rejected)."""
+
+    def validate(self) -> "RewardConfig":
+        super().validate()
+        if not self.data:
+            raise ValueError("data must name a preference file (.json or .jsonl with instruction, input, "
+                             "chosen, rejected)")
+        return self
+
+
+def collate_score_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """{"ids": (2B, T), "lengths": (2B,)}: the chosen rows, then the rejected ones."""
+    ids, lengths = make_score_batch([c for c, _ in examples] + [r for _, r in examples], pad_id)
+    return {"ids": ids, "lengths": lengths}
+
+
+def pair_loss_and_metrics(rm: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The Bradley-Terry loss of a collate_score_pairs batch, its accuracy (chosen scored higher) and
+    mean margin."""
+    scores = rm(batch["ids"], batch["lengths"])  # (2B,)
+    half = scores.size(0) // 2
+    chosen, rejected = scores[:half], scores[half:]
+    loss = reward_loss(chosen, rejected)
+    return loss, {"accuracy": (chosen > rejected).float().mean().detach(),
+                  "margin": (chosen - rejected).mean().detach()}
+
+
+def run_reward(config: RewardConfig) -> dict[str, Any]:
+    """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
+    from .base import effective_max_len, load_base
+    from .data import format_prompt, load_preference_data, split_examples
+    from .lora import apply_lora, merge_lora
+    from .loop import fit, run_evaluation, to_device
+
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    config.validate()
+    torch.manual_seed(config.seed)
+    body, tokenizer, _ = load_base(config)
+    rm = RewardModel(body)
+    device = rm.device
+    if config.lora_rank > 0:  # adapters on the body; the head is new, so it is trained in full
+        apply_lora(rm.body, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+
+    max_len = effective_max_len(config, body)
+    raw = load_preference_data(config.data)
+    pairs = []
+    for ex in raw:
+        prompt = format_prompt(ex)
+        chosen = encode_pair_text(tokenizer, prompt, ex["chosen"], max_len)
+        rejected = encode_pair_text(tokenizer, prompt, ex["rejected"], max_len)
+        if chosen != rejected:  # cut to max_len, some pairs read the same: nothing to learn from them
+            pairs.append((chosen, rejected))
+    if not pairs:
+        raise ValueError(f"no pair of {config.data!r} differs within max_len={max_len} tokens")
+    train, val = split_examples(pairs, config.val_fraction, config.seed)
+    pad_id = tokenizer.eot_token
+
+    def evaluate_on(examples, prefix):
+        def evaluate(model):
+            totals: dict[str, float] = {}
+            for start in range(0, len(examples), config.batch_size):
+                chunk = examples[start : start + config.batch_size]
+                loss, metrics = pair_loss_and_metrics(model, to_device(collate_score_pairs(chunk, pad_id), device))
+                for k, v in {"loss": loss, **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+            return {f"{prefix}_{k}": v / len(examples) for k, v in totals.items()}
+        return evaluate
+
+    summary = fit(rm, pair_loss_and_metrics, train, lambda exs: collate_score_pairs(exs, pad_id), config,
+                  evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",))
+    train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
+
+    if config.lora_rank > 0:
+        merge_lora(rm.body)
+    path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
+                             {"finetune": {"method": "reward", **config.to_dict()}})
+    return {"method": "reward", "checkpoint": path, "train_examples": len(train), "val_examples": len(val),
+            "skipped_examples": len(raw) - len(pairs), **summary, "train_eval": train_eval}

@@ -1,0 +1,135 @@
+"""DPO: the loss against hand computations and its known properties, and a short real run."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern.finetune.dpo import DPOConfig, dpo_loss, run_dpo
+from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.data import format_prompt
+from llmkern.model import GPT, GPTConfig
+from llmkern.train.inference import load_trained_model
+
+
+def make_base(run_dir, seed=0, **overrides):
+    """A tiny random byte-level GPT saved as a run folder that load_base reads."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32, backend="torch")
+    config = GPTConfig.from_preset("tiny", **{**settings, **overrides})
+    model = GPT(config)
+    save_finetuned(str(run_dir), 0, model.state_dict(), {"model_config": config.to_dict(), "tokenizer": "bytes"})
+    return model
+
+
+def test_dpo_loss_hand_computed():
+    pc, pr = torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -2.0])
+    rc, rr = torch.tensor([-11.0, -3.5]), torch.tensor([-11.5, -2.5])
+    beta = 0.5
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta)
+    # row 0: r_c = 1, r_r = -0.5 -> z = 0.75; row 1: r_c = 0.5, r_r = 0.5 -> z = 0
+    expected = (math.log(1 + math.exp(-0.75)) + math.log(2.0)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, 0.25])
+    assert rejected.tolist() == pytest.approx([-0.25, 0.25])
+
+
+def test_dpo_loss_is_log2_when_policy_is_reference():
+    c, r = torch.randn(7) * 20, torch.randn(7) * 20
+    for smoothing in (0.0, 0.2):
+        loss, chosen, rejected = dpo_loss(c, r, c.clone(), r.clone(), beta=0.3, label_smoothing=smoothing)
+        assert loss.item() == pytest.approx(math.log(2.0), rel=1e-6)
+        assert torch.all(chosen == 0) and torch.all(rejected == 0)
+
+
+def test_dpo_loss_label_smoothing_and_gradients():
+    torch.manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5, dtype=torch.float64) for _ in range(4))
+    pc.requires_grad_(True)
+    beta, eps = 0.2, 0.1
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
+    z = beta * ((pc - rc) - (pr - rr))
+    expected = (-(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
+    torch.testing.assert_close(loss, expected)
+    assert not chosen.requires_grad and not rejected.requires_grad
+    loss.backward()
+    # d loss / d pc = beta / B * ((1 - eps) * (sigmoid(z) - 1) + eps * sigmoid(z))
+    zd = z.detach()
+    torch.testing.assert_close(pc.grad, beta / 5 * ((1 - eps) * (torch.sigmoid(zd) - 1) + eps * torch.sigmoid(zd)))
+
+
+def test_dpo_loss_bad_arguments():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="ref_rejected_logps"):
+        dpo_loss(x, x, x, torch.zeros(4))
+    with pytest.raises(TypeError, match="policy_chosen_logps"):
+        dpo_loss([0.0], x, x, x)
+
+
+def test_dpo_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="beta"):
+        DPOConfig(data="x.json", beta=-1.0).validate()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPOConfig(data="x.json", label_smoothing=0.7).validate()
+    with pytest.raises(ValueError, match="data"):
+        DPOConfig(base=str(tmp_path)).validate()
+
+
+def short_preference_examples(shared_data, count, max_len):
+    """The first `count` real preference examples whose prompt and both responses fit in max_len bytes."""
+    with open(os.path.join(shared_data, "instruction-data-with-preference.json"), encoding="utf-8") as f:
+        examples = json.load(f)
+
+    def length(ex):
+        return len(format_prompt(ex).encode()) + max(len(ex["chosen"].encode()), len(ex["rejected"].encode()))
+
+    return [ex for ex in examples if length(ex) < max_len][:count]
+
+
+def test_dpo_run_raises_reward_accuracy(tmp_path, shared_data):
+    examples = short_preference_examples(shared_data, 10, 256)
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(examples))
+    make_base(tmp_path / "base")
+    config = DPOConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "dpo"),
+                       max_steps=20, batch_size=8, max_len=256, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                       val_fraction=0.2, eval_interval=0, beta=0.1, device="cpu", progress=False)
+    summary = run_dpo(config)
+    assert summary["train_examples"] == 8 and summary["val_examples"] == 2
+    # At the start the policy is the reference: every reward is 0 and the loss is log 2.
+    assert summary["first_eval"]["val_loss"] == pytest.approx(math.log(2.0), abs=1e-4)
+    assert summary["first_eval"]["val_reward_accuracy"] == 0.0
+    train_eval = summary["train_eval"]
+    assert train_eval["train_reward_accuracy"] >= 0.875
+    assert train_eval["train_reward_margin"] > 0.5
+    assert train_eval["train_loss"] < 0.5
+    assert os.path.isfile(summary["metrics"])
+    records = [json.loads(line) for line in open(summary["metrics"], encoding="utf-8")]
+    assert any("reward_margin" in r for r in records if r["kind"] == "train")
+    # The saved policy is a plain GPT that the inference loader reads.
+    model, tokenizer, _ = load_trained_model(str(tmp_path / "dpo"), "cpu")
+    assert isinstance(model, GPT) and tokenizer.spec == "bytes"
+
+
+def test_dpo_with_lora_and_reference_folder(tmp_path, shared_data):
+    examples = short_preference_examples(shared_data, 4, 256)
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(examples))
+    make_base(tmp_path / "base")
+    config = DPOConfig(base=str(tmp_path / "base"), reference=str(tmp_path / "base"), data=str(data),
+                       out_dir=str(tmp_path / "dpo"), max_steps=10, batch_size=4, max_len=256, lr=2e-2, min_lr=2e-3,
+                       warmup_steps=2, val_fraction=0.0, lora_rank=4, device="cpu", progress=False)
+    summary = run_dpo(config)
+    assert summary["val_examples"] == 0 and summary["first_eval"] is None
+    assert summary["train_eval"]["train_reward_accuracy"] >= 0.75
+    assert summary["train_eval"]["train_reward_margin"] > 0
+    model, _, _ = load_trained_model(str(tmp_path / "dpo"), "cpu")  # LoRA merged: a plain GPT
+    base, _, _ = load_trained_model(str(tmp_path / "base"), "cpu")
+    assert set(model.state_dict()) == set(base.state_dict())

@@ -1,0 +1,218 @@
+"""PPO: GAE against a plain double loop, the clipped losses against hand computations, config checks,
+and a short end-to-end run whose mean reward rises under a toy reward model."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.ppo import PPOConfig, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, run_ppo
+from llmkern.model import GPT, GPTConfig
+from llmkern.train.inference import load_trained_model
+from llmkern.train.metrics import read_metrics
+
+
+# --- GAE ---------------------------------------------------------------------------------------------
+
+def gae_by_loops(rewards, values, mask, gamma, lam):
+    """Advantages straight from the definition: A_t = sum_l (gamma lam)^l delta_{t+l} over the run of
+    real steps that t belongs to, delta_k = r_k + gamma V_{k+1} [k+1 real] - V_k."""
+    batch, steps = rewards.shape
+    adv = torch.zeros(batch, steps, dtype=torch.float64)
+    for b in range(batch):
+        def live(k):
+            return k < steps and bool(mask[b, k])
+
+        def delta(k):
+            next_value = values[b, k + 1].item() if live(k + 1) else 0.0
+            return rewards[b, k].item() + gamma * next_value - values[b, k].item()
+
+        for t in range(steps):
+            if not live(t):
+                continue
+            total, k, weight = 0.0, t, 1.0
+            while live(k):
+                total += weight * delta(k)
+                weight *= gamma * lam
+                k += 1
+            adv[b, t] = total
+    return adv, (adv + values.double()) * mask.double()
+
+
+def ragged_batch(batch, steps, seed):
+    """Random rewards and values, and masks of one response per row at a random start and length."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(batch, steps, generator=g, dtype=torch.float64)
+    values = torch.randn(batch, steps, generator=g, dtype=torch.float64)
+    mask = torch.zeros(batch, steps, dtype=torch.bool)
+    for b in range(batch):
+        start = int(torch.randint(0, steps, (1,), generator=g))
+        length = int(torch.randint(1, steps - start + 1, (1,), generator=g))
+        mask[b, start : start + length] = True
+    return rewards, values, mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 1.0), (1.0, 0.0), (0.0, 0.5)])
+def test_gae_matches_double_loop(gamma, lam):
+    rewards, values, mask = ragged_batch(6, 13, seed=int(100 * gamma + 10 * lam))
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_by_loops(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, ref_adv)
+    torch.testing.assert_close(ret, ref_ret)
+    assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
+
+
+def test_gae_any_mask_and_edge_cases():
+    rewards, values, _ = ragged_batch(5, 17, seed=7)
+    mask = torch.rand(5, 17, generator=torch.Generator().manual_seed(8)) < 0.6  # several runs per row
+    for gamma, lam in ((0.95, 0.9), (1.0, 1.0)):
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = gae_by_loops(rewards, values, mask, gamma, lam)
+        torch.testing.assert_close(adv, ref_adv)
+        torch.testing.assert_close(ret, ref_ret)
+
+    rewards, values, mask = ragged_batch(4, 11, seed=9)
+    m = mask.double()
+    # lam = 1: returns are the discounted rewards-to-go of each response, whatever the values.
+    for gamma in (1.0, 0.9):
+        _, ret = gae(rewards, values, mask, gamma, 1.0)
+        to_go = torch.zeros_like(rewards)
+        running = torch.zeros(4, dtype=torch.float64)
+        for t in reversed(range(11)):
+            running = (rewards[:, t] + gamma * running) * m[:, t]
+            to_go[:, t] = running
+        torch.testing.assert_close(ret, to_go)
+    # lam = 0: one-step TD errors; gamma = 0: reward minus value.
+    adv, _ = gae(rewards, values, mask, 0.0, 0.7)
+    torch.testing.assert_close(adv, (rewards - values) * m)
+    with pytest.raises(ValueError, match="lam"):
+        gae(rewards, values, mask, 1.0, 1.5)
+    with pytest.raises(ValueError, match="mask"):
+        gae(rewards, values, mask[:, :5], 1.0, 0.9)
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, -7.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    w = masked_whiten(x, mask)
+    real = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    expected = (real - real.mean()) / real.std(unbiased=False)
+    torch.testing.assert_close(w[mask], expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(w[~mask] == 0)
+
+
+# --- the clipped losses --------------------------------------------------------------------------------
+
+def test_ppo_policy_loss_hand_computed():
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 0.5, 9.0]])
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.0]], dtype=torch.float64)
+    new = (old + ratios.double().log()).requires_grad_(True)
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0, 50.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)  # the last token is padding
+    loss, clip_fraction = ppo_policy_loss(new, old, advantages, mask, clip_range=0.2)
+    # per token max(-A r, -A clip(r, 0.8, 1.2)): -1.2 (clipped), -0.5, 2.2, 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2 + 0.8) / 4)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    loss.backward()
+    # d/d logp of -A r is -A r; the clipped tokens and the padding get no gradient
+    expected_grad = torch.tensor([[0.0, -0.5, 2.2, 0.0, 0.0]], dtype=torch.float64) / 4
+    torch.testing.assert_close(new.grad, expected_grad)
+
+
+def test_ppo_value_loss_hand_computed():
+    values = torch.tensor([[1.0, 0.0, 4.0]])
+    old = torch.tensor([[0.5, 0.0, 0.0]])
+    returns = torch.tensor([[2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    # token 0: (1 - 2)^2 = 1 vs clipped (0.7 - 2)^2 = 1.69; token 1: 1 vs 1
+    loss = ppo_value_loss(values, old, returns, mask, value_clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert ppo_value_loss(values, old, returns, mask, value_clip=0.0).item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+MAX_NEW = 8
+
+
+class HighByteReward(nn.Module):
+    """A hand-made reward model with RewardModel's interface: the fraction of a response's tokens that are
+    bytes 128..255 (the prompts are ASCII, so counting over the whole row counts the response)."""
+
+    def forward(self, ids, lengths):
+        real = torch.arange(ids.size(1), device=ids.device)[None, :] < lengths[:, None]
+        high = (ids >= 128) & (ids < 256) & real
+        return high.float().sum(dim=1) / MAX_NEW
+
+
+def make_ppo_run(tmp_path, **overrides):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32,
+                                   backend="torch")
+    model = GPT(config)
+    save_finetuned(str(tmp_path / "base"), 0, model.state_dict(),
+                   {"model_config": config.to_dict(), "tokenizer": "bytes"})
+    prompts = [{"instruction": f"Write {word}.", "input": ""}
+               for word in ("a word", "a number", "a name", "a colour", "a city", "a fruit", "a verb", "an animal",
+                            "a song", "a poem", "a joke", "a date")]
+    data = tmp_path / "prompts.json"
+    data.write_text(json.dumps(prompts))
+    settings = dict(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "ppo"),
+                    reward_model="(hand-made)", max_steps=20, rollout_batch=16, batch_size=8, max_len=40,
+                    max_new_tokens=MAX_NEW, lr=1e-2, min_lr=1e-3, warmup_steps=2, kl_coef=0.01,
+                    val_fraction=0.2, eval_interval=0, device="cpu", progress=False)
+    return PPOConfig(**{**settings, **overrides})
+
+
+def test_ppo_end_to_end_raises_reward(tmp_path):
+    config = make_ppo_run(tmp_path)
+    summary = run_ppo(config, reward_model=HighByteReward())
+    records = read_metrics(summary["metrics"])
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    rewards = [r["reward"] for r in train]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
+    for key in ("reward", "kl", "clip_fraction", "value_loss", "policy_loss", "lr"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert [r["kind"] for r in records].count("eval") == 2  # before and after
+    assert summary["first_eval"]["val_kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+    assert summary["last_eval"]["val_reward"] > summary["first_eval"]["val_reward"]
+    model, tokenizer, _ = load_trained_model(str(tmp_path / "ppo"), "cpu")
+    assert isinstance(model, GPT) and tokenizer.spec == "bytes"
+    assert os.path.isfile(tmp_path / "ppo" / "loss.png")
+
+
+def test_ppo_with_saved_reward_model_and_lora(tmp_path):
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.reward import RewardModel, save_reward_model
+
+    torch.manual_seed(1)
+    rm = RewardModel(GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2,
+                                               n_embd=32, backend="torch")))
+    save_reward_model(str(tmp_path / "rm"), 0, rm, get_tokenizer("bytes"))
+    config = make_ppo_run(tmp_path, reward_model=str(tmp_path / "rm"), max_steps=2, lora_rank=4, lr=1e-3)
+    summary = run_ppo(config)
+    assert summary["iterations"] == 2 and summary["optimizer_steps"] == 2 * 2 * 2
+    assert all(math.isfinite(r["reward"]) for r in read_metrics(summary["metrics"]) if r["kind"] == "train")
+    model, _, _ = load_trained_model(str(tmp_path / "ppo"), "cpu")  # LoRA merged: a plain GPT
+    base, _, _ = load_trained_model(str(tmp_path / "base"), "cpu")
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(reward_model=""), "reward_model"),
+    (dict(kl_coef=-0.1), "kl_coef"),
+    (dict(clip_range=0.0), "clip_range"),
+    (dict(lam=1.5), "lam"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(max_new_tokens=40), "max_new_tokens"),
+])
+def test_ppo_bad_config(tmp_path, overrides, match):
+    config = make_ppo_run(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=match):
+        run_ppo(config)
