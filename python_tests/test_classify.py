@@ -57,7 +57,7 @@ def test_pooling_reads_each_rows_last_real_token():
     assert logits.shape == (4, 3)
     for i, n in enumerate(lengths.tolist()):
         # Manual: the row alone, unpadded; the head on the hidden state of its last token.
-        hidden = clf.gpt.hidden_states(idx[i : i + 1, :n])  # (1, n, C)
+        hidden = clf.body.hidden_states(idx[i : i + 1, :n])  # (1, n, C)
         expected = hidden[0, -1] @ clf.head.weight.T + clf.head.bias
         torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(clf(padded), clf(padded, torch.full((4,), 11)))  # no lengths: the last column

@@ -6,8 +6,7 @@ Data: a .jsonl file (one object per line) or a .json list of objects, each with 
 (keys text_key and label_key). Labels are integers 0..num_classes-1, or strings, which are mapped to
 ids in sorted order (the names are saved with the model and classify_texts returns them).
 
-The head reads the last real token because, with causal attention, it is the only position that has
-seen the whole text; rows are right-padded, so the padding after it never changes it.
+The head and its pooling are finetune.heads.LastTokenHead's.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
@@ -27,14 +25,14 @@ from ..train.inference import resolve_device
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import pad_batch, read_examples, split_examples
+from .heads import LastTokenHead
 from .lora import apply_lora_from_config, lora_info, merge_lora, save_lora_adapters, trainable_parameters
 from .loop import fit, to_device
 
-HEAD_PREFIX = "head."  # the head's weights in a checkpoint, beside the GPT's (finetune.base skips them)
 EVAL_TRAIN_EXAMPLES = 512  # train loss/accuracy are measured on this many training examples
 
 
-class GPTClassifier(nn.Module):
+class GPTClassifier(LastTokenHead):
     """A GPT body and a linear head (n_embd -> num_classes) on each row's last real token.
 
     labels: the class names (index = class id), or None for integer labels.
@@ -42,51 +40,18 @@ class GPTClassifier(nn.Module):
     """
 
     def __init__(self, gpt: GPT, num_classes: int, labels: Sequence[Any] | None = None, max_len: int | None = None):
-        super().__init__()
-        if not isinstance(gpt, GPT):
-            raise TypeError(f"gpt must be a llmkern.model.GPT, got {type(gpt).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"labels must name the {num_classes} classes, got {len(labels)} names")
-        self.gpt = gpt
+        super().__init__(gpt, num_classes, init_std=0.02)
         self.num_classes = num_classes
         self.labels = list(labels) if labels is not None else None
         self.max_len = min(max_len or gpt.config.block_size, gpt.config.block_size)
-        self.head = nn.Linear(gpt.config.n_embd, num_classes, device=gpt.device)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) right-padded token ids, lengths (B,) real tokens per row (None: all T) -> logits (B, K)."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise ValueError(f"idx must be a (B, T) tensor of token ids, got {got}")
-        b, t = idx.shape
-        if t > self.gpt.config.block_size:
-            raise ValueError(f"idx has {t} tokens per row; the model takes at most {self.gpt.config.block_size}")
-        if lengths is None:
-            lengths = torch.full((b,), t, dtype=torch.long, device=idx.device)
-        _check_lengths(lengths, b, t)
-        hidden = self.gpt.hidden_states(idx)  # (B, T, C)
-        rows = torch.arange(b, device=idx.device)
-        last = hidden[rows, lengths.to(idx.device).long() - 1]  # (B, C): each row's last real token
-        return self.head(last.to(self.head.weight.dtype))
-
-    def state_for_saving(self) -> dict[str, torch.Tensor]:
-        """The GPT's weights under its own names and the head's under "head.*" (one flat state)."""
-        state = dict(self.gpt.state_dict())
-        state.update({HEAD_PREFIX + k: v for k, v in self.head.state_dict().items()})
-        return state
-
-
-def _check_lengths(lengths: object, b: int, t: int) -> None:
-    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths must have shape ({b},), one per row of idx; got {tuple(lengths.shape)}")
-    if bool((lengths < 1).any()) or bool((lengths > t).any()):
-        raise ValueError(f"lengths must be in [1, {t}] (idx has {t} columns); got {lengths.tolist()}")
+        return self.head_outputs(idx, lengths)
 
 
 # --- settings and data --------------------------------------------------------------------------------
@@ -216,7 +181,7 @@ def _choose_trainable(clf: GPTClassifier, config: ClassifyConfig) -> list[str]:
     LoRA: the body's adapters train, the rest of the body is frozen. freeze_body: the body is frozen
     but for its last block and final norm (in full, beside any adapters). The head always trains.
     """
-    gpt = clf.gpt
+    gpt = clf.body
     wrapped = apply_lora_from_config(gpt, config)
     if config.freeze_body:
         if not wrapped:
@@ -303,9 +268,8 @@ def load_classifier(run_dir: str, device: str | torch.device = "auto"):
         raise ValueError(f"checkpoint {state.path!r} is not a classifier (no 'classifier' meta): "
                          f"it was not written by llmkern finetune classify")
     gpt = GPT(GPTConfig.from_dict(state.meta["model_config"]))
-    gpt.load_state_dict({k: v for k, v in state.model.items() if not k.startswith(HEAD_PREFIX)})
     clf = GPTClassifier(gpt, int(info["num_classes"]), info.get("labels"), info.get("max_len"))
-    clf.head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in state.model.items() if k.startswith(HEAD_PREFIX)})
+    clf.load_saved_state(state.model)
     clf.to(resolve_device(device)).eval()
     return clf, get_tokenizer(state.meta["tokenizer"]), state.meta
 

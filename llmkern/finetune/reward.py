@@ -22,52 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
 from ..train.inference import resolve_device
 from .config import FinetuneConfig
+from .heads import LastTokenHead
 
 KIND = "reward_model"
 
 
-class RewardModel(nn.Module):
+class RewardModel(LastTokenHead):
     """A GPT body and a linear head that maps the hidden state of each row's last real token to a score."""
 
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        from ..model import GPT
-
+    def __init__(self, body: GPT):
         if not isinstance(body, GPT):
             raise TypeError(f"body must be a llmkern.model.GPT, got {type(body).__name__}")
-        self.body = body
-        width = body.config.n_embd
-        self.head = nn.Linear(width, 1).to(body.device)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(width))  # scores start near unit scale
-        nn.init.zeros_(self.head.bias)
+        super().__init__(body, 1, init_std=1.0 / math.sqrt(body.config.n_embd))  # scores start near unit scale
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) right-padded, lengths (B,) real tokens per row (1..T) -> scores (B,) in fp32.
-
-        Causal attention means the padding after a row's last real token never changes its hidden state.
-        """
-        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.size(0) != ids.size(0):
-            raise ValueError(f"lengths must be a (B,) tensor with B = {ids.size(0)} rows; got "
-                             f"{getattr(lengths, 'shape', type(lengths).__name__)}")
-        if bool((lengths < 1).any()) or bool((lengths > ids.size(1)).any()):
-            raise ValueError(f"lengths must be in [1, {ids.size(1)}] (the row length), got {lengths.tolist()}")
-        hidden = self.body.hidden_states(ids)  # (B, T, C)
-        rows = torch.arange(ids.size(0), device=ids.device)
-        last = hidden[rows, lengths.to(ids.device).long() - 1]  # (B, C)
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
-
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay on matrices, none on vectors (as GPT.optimizer_groups), over body and head."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": float(weight_decay)},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-    @property
-    def device(self) -> torch.device:
-        return self.body.device
+        """ids (B, T) right-padded, lengths (B,) real tokens per row (1..T) -> scores (B,) in fp32."""
+        return self.head_outputs(ids, lengths).squeeze(-1).float()
 
 
 def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -130,35 +104,25 @@ def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], 
 
 # --- saving and loading ----------------------------------------------------------------------------
 
-def reward_model_state(rm: RewardModel) -> dict[str, torch.Tensor]:
-    """The body's GPT weights under their own names plus the head's under "head.*"."""
-    state = dict(rm.body.state_dict())
-    state.update({f"head.{k}": v for k, v in rm.head.state_dict().items()})
-    return state
-
-
 def save_reward_model(out_dir: str, step: int, rm: RewardModel, tokenizer, extra_meta: dict[str, Any] | None = None
                       ) -> str:
     """Write rm atomically as checkpoint `step` of out_dir (LoRA layers must be merged first)."""
     from .base import save_finetuned
 
     meta = {"kind": KIND, "model_config": rm.body.config.to_dict(), "tokenizer": tokenizer.spec, **(extra_meta or {})}
-    return save_finetuned(out_dir, step, reward_model_state(rm), meta)
+    return save_finetuned(out_dir, step, rm.state_for_saving(), meta)
 
 
 def load_reward_model(run_dir: str, device: str | torch.device = "auto") -> tuple[RewardModel, Any]:
     """(RewardModel in eval mode, tokenizer) from a reward-model run folder or checkpoint folder."""
     from ..data.tokenizer import get_tokenizer
-    from ..model import GPT, GPTConfig
 
     state = ckpt.load_checkpoint(run_dir)
     if state.meta.get("kind") != KIND:
         raise ValueError(f"checkpoint {state.path!r} is not a reward model (its meta has kind="
                          f"{state.meta.get('kind')!r}); train one with `llmkern finetune reward`")
-    body = GPT(GPTConfig.from_dict(state.meta["model_config"]))
-    rm = RewardModel(body)
-    body.load_state_dict({k: v for k, v in state.model.items() if not k.startswith("head.")})
-    rm.head.load_state_dict({k[len("head."):]: v for k, v in state.model.items() if k.startswith("head.")})
+    rm = RewardModel(GPT(GPTConfig.from_dict(state.meta["model_config"])))
+    rm.load_saved_state(state.model)
     rm.to(resolve_device(device)).eval()
     return rm, get_tokenizer(state.meta["tokenizer"])
 

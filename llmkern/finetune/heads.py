@@ -1,0 +1,70 @@
+"""A GPT body with a linear head on each row's last real token: a classifier (one logit per class) and a
+reward model (one score) are both this.
+
+The head reads the last real token because, with causal attention, it is the only position that has
+seen the whole text; rows are right-padded, so the padding after it never changes it. Saved as one flat
+state: the body's weights under the GPT's own names (so finetune.base.load_base can start a plain GPT
+from it) and the head's under "head.*".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import GPT
+
+HEAD_PREFIX = "head."
+
+
+class LastTokenHead(nn.Module):
+    """body: a llmkern GPT; head: nn.Linear(n_embd, out_features), weights N(0, init_std), bias 0."""
+
+    def __init__(self, body: GPT, out_features: int, init_std: float):
+        super().__init__()
+        if not isinstance(body, GPT):
+            raise TypeError(f"body must be a llmkern.model.GPT, got {type(body).__name__}")
+        self.body = body
+        self.head = nn.Linear(body.config.n_embd, out_features, device=body.device)
+        nn.init.normal_(self.head.weight, std=init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def head_outputs(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) right-padded token ids, lengths (B,) real tokens per row (None: all T) -> (B, out)."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be a (B, T) tensor of token ids, got {got}")
+        b, t = ids.shape
+        if t > self.body.config.block_size:
+            raise ValueError(f"ids has {t} tokens per row; the model takes at most {self.body.config.block_size}")
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=ids.device)
+        check_lengths(lengths, b, t)
+        hidden = self.body.hidden_states(ids)  # (B, T, C)
+        rows = torch.arange(b, device=ids.device)
+        last = hidden[rows, lengths.to(ids.device).long() - 1]  # (B, C): each row's last real token
+        return self.head(last.to(self.head.weight.dtype))
+
+    def state_for_saving(self) -> dict[str, torch.Tensor]:
+        """The body's weights under the GPT's names and the head's under "head.*" (one flat state)."""
+        state = dict(self.body.state_dict())
+        state.update({HEAD_PREFIX + k: v for k, v in self.head.state_dict().items()})
+        return state
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of state_for_saving (strict: every weight must be there, nothing else)."""
+        self.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)})
+        self.head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.body.device
+
+
+def check_lengths(lengths: object, b: int, t: int) -> None:
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape ({b},), one per row of ids; got {tuple(lengths.shape)}")
+    if bool((lengths < 1).any()) or bool((lengths > t).any()):
+        raise ValueError(f"lengths must be in [1, {t}] (ids has {t} columns); got {lengths.tolist()}")
