@@ -133,3 +133,12 @@ def test_dpo_with_lora_and_reference_folder(tmp_path, shared_data):
     model, _, _ = load_trained_model(str(tmp_path / "dpo"), "cpu")  # LoRA merged: a plain GPT
     base, _, _ = load_trained_model(str(tmp_path / "base"), "cpu")
     assert set(model.state_dict()) == set(base.state_dict())
+    # The adapters file rebuilds the result on the base: base + B @ A * scale, merged.
+    from llmkern.finetune.lora import apply_lora, load_lora_state_dict, merge_lora, read_lora_adapters
+
+    adapters, info = read_lora_adapters(summary["lora"])
+    apply_lora(base, info["rank"], info["alpha"], targets=info["modules"])
+    load_lora_state_dict(base, adapters)
+    merge_lora(base)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, base.state_dict()[name], rtol=1e-5, atol=1e-6)

@@ -202,6 +202,7 @@ def test_ppo_with_saved_reward_model_and_lora(tmp_path):
     base, _, _ = load_trained_model(str(tmp_path / "base"), "cpu")
     assert set(model.state_dict()) == set(base.state_dict())
     assert not torch.equal(model.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
+    assert summary["lora"] == str(tmp_path / "ppo" / "lora.safetensors") and os.path.isfile(summary["lora"])
 
 
 @pytest.mark.parametrize("overrides,match", [

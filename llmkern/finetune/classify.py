@@ -26,7 +26,7 @@ from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import pad_batch, read_examples, split_examples
 from .heads import LastTokenHead
-from .lora import apply_lora_from_config, lora_info, merge_lora, save_lora_adapters, trainable_parameters
+from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
 from .loop import fit, to_device
 
 EVAL_TRAIN_EXAMPLES = 512  # train loss/accuracy are measured on this many training examples
@@ -230,12 +230,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     result = fit(clf, classification_loss, train, lambda rows: collate_rows(rows, pad_id), config, evaluate=evaluate,
                  charts=("accuracy",))
 
-    lora_path = None
-    if wrapped:
-        os.makedirs(config.out_dir, exist_ok=True)
-        lora_path = save_lora_adapters(os.path.join(config.out_dir, "lora.safetensors"), gpt,
-                                       lora_info(config, wrapped))
-        merge_lora(gpt)
+    lora_path = save_and_merge_lora(gpt, config, wrapped)
     meta = {"model_config": gpt.config.to_dict(), "tokenizer": tokenizer.spec,
             "classifier": {"num_classes": num_classes, "labels": names, "max_len": max_len,
                            "text_key": config.text_key, "label_key": config.label_key},

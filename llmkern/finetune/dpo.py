@@ -166,7 +166,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     """Fine-tune config.base with DPO on config.data; save the policy to config.out_dir; the summary."""
     from .base import effective_max_len, load_base, save_finetuned
     from .data import load_preference_data, split_examples
-    from .lora import apply_lora, merge_lora
+    from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import fit, run_evaluation, to_device
 
     if not isinstance(config, DPOConfig):
@@ -187,8 +187,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     add_reference_logps(reference, train + val, pad_id, config, device)
     del reference  # only its log-probs are needed from here on
 
-    if config.lora_rank > 0:
-        apply_lora(policy, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    wrapped = apply_lora_from_config(policy, config)
 
     beta, smoothing = config.beta, config.label_smoothing
 
@@ -214,10 +213,9 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
                   evaluate=evaluate_on(val, "val") if val else None, charts=("reward_accuracy", "reward_margin"))
     train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)
 
-    if config.lora_rank > 0:
-        merge_lora(policy)
+    lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "dpo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, summary["steps"], policy.state_dict(), meta)
-    return {"method": "dpo", "checkpoint": path, "train_examples": len(train), "val_examples": len(val),
+    return {"method": "dpo", "checkpoint": path, "lora": lora_path, "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(encoded), **summary, "train_eval": train_eval}

@@ -267,6 +267,18 @@ def apply_lora_from_config(model: nn.Module, config) -> list[str]:
     return apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets or None)
 
 
+def save_and_merge_lora(model: nn.Module, config, wrapped: list[str]) -> str | None:
+    """After training with adapters: write them to config.out_dir/lora.safetensors (to rebuild them on the
+    base later), then fold them into the weights, leaving a plain model. The file's path; None, and
+    nothing done, when nothing was wrapped."""
+    if not wrapped:
+        return None
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = save_lora_adapters(os.path.join(config.out_dir, "lora.safetensors"), model, lora_info(config, wrapped))
+    merge_lora(model)
+    return path
+
+
 def lora_info(config, wrapped: list[str]) -> dict[str, object]:
     """What it takes to rebuild the adapters on the base model: rank, alpha, dropout, wrapped modules."""
     return {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,

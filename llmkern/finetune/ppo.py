@@ -365,7 +365,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from ..train.schedules import cosine_lr
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
-    from .lora import apply_lora, merge_lora
+    from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import autocast_context, make_optimizer, micro_batches
 
     if not isinstance(config, PPOConfig):
@@ -391,8 +391,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     if isinstance(reward_model, nn.Module):
         reward_model.to(device).eval().requires_grad_(False)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    if config.lora_rank > 0:
-        apply_lora(policy, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    wrapped = apply_lora_from_config(policy, config)
     model = PolicyWithValue(policy)
 
     prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens)
@@ -443,12 +442,11 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
             last_eval = evaluate(it + 1)
     plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
 
-    if config.lora_rank > 0:
-        merge_lora(policy)
+    lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "ppo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
-    return {"method": "ppo", "checkpoint": path, "iterations": iterations, "optimizer_steps": step,
+    return {"method": "ppo", "checkpoint": path, "lora": lora_path, "iterations": iterations, "optimizer_steps": step,
             "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,
             "last_eval": last_eval, "train": last_metrics,
             "seconds": time.perf_counter() - started, "metrics": log.path}

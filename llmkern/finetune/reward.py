@@ -162,7 +162,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
     from .base import effective_max_len, load_base
     from .data import format_prompt, load_preference_data, split_examples
-    from .lora import apply_lora, merge_lora
+    from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import fit, run_evaluation, to_device
 
     if not isinstance(config, RewardConfig):
@@ -172,8 +172,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     body, tokenizer, _ = load_base(config)
     rm = RewardModel(body)
     device = rm.device
-    if config.lora_rank > 0:  # adapters on the body; the head is new, so it is trained in full
-        apply_lora(rm.body, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    wrapped = apply_lora_from_config(rm.body, config)  # adapters on the body; the new head trains in full
 
     max_len = effective_max_len(config, body)
     raw = load_preference_data(config.data)
@@ -204,9 +203,8 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
                   evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",))
     train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
 
-    if config.lora_rank > 0:
-        merge_lora(rm.body)
+    lora_path = save_and_merge_lora(rm.body, config, wrapped)
     path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
                              {"finetune": {"method": "reward", **config.to_dict()}})
-    return {"method": "reward", "checkpoint": path, "train_examples": len(train), "val_examples": len(val),
+    return {"method": "reward", "checkpoint": path, "lora": lora_path, "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(pairs), **summary, "train_eval": train_eval}

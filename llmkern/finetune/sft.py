@@ -23,7 +23,7 @@ from ..model import generate
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import IGNORE, encode_prompt_response, format_prompt, load_instruction_data, make_lm_batch, split_examples
-from .lora import apply_lora_from_config, lora_info, merge_lora, save_lora_adapters, trainable_parameters
+from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
 from .loop import fit, to_device
 
 EVAL_TRAIN_EXAMPLES = 128  # the training loss before/after is measured on this many training examples
@@ -133,12 +133,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate)
 
     # Save: the adapters on their own, then the merged plain GPT that every other command reads.
-    lora_path = None
-    if wrapped:
-        os.makedirs(config.out_dir, exist_ok=True)
-        lora_path = save_lora_adapters(os.path.join(config.out_dir, "lora.safetensors"), model,
-                                       lora_info(config, wrapped))
-        merge_lora(model)
+    lora_path = save_and_merge_lora(model, config, wrapped)
     meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "sft", "settings": config.to_dict(), "base": config.base,
                          "base_step": base_meta.get("step"), "lora": lora_info(config, wrapped) if wrapped else None}}
