@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .._modes import eval_mode
 from .logprobs import sequence_logprobs
 
 
@@ -123,9 +124,7 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
         from tqdm import tqdm
 
         starts = tqdm(starts, unit="batch", desc="choices", dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in starts:
             chunk = rows[b : b + batch_size]
             width = max(len(ids) - 1 for _, ids, _ in chunk)
@@ -138,8 +137,6 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
             sums = sequence_logprobs(model, inputs.to(device), targets.to(device))  # (B,)
             for (i, _, _), s in zip(chunk, sums.double().tolist()):
                 scores[i].append(s)
-    finally:
-        model.train(was_training)
     return scores
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .._modes import eval_mode
 from .logprobs import token_logprobs
 
 
@@ -92,16 +93,12 @@ def perplexity(
         from tqdm import tqdm
 
         batches = tqdm(batches, unit="batch", desc="perplexity", dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in batches:
             ids, targets = _window_batch([(streams[i], w) for i, w in jobs[b : b + batch_size]])
             logp = token_logprobs(model, ids.to(device), targets.to(device))  # (B, T), 0 where target == -1
             total_nll -= float(logp.double().sum())
             total_tokens += int((targets != -1).sum())
-    finally:
-        model.train(was_training)
 
     loss = total_nll / total_tokens
     result = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": total_tokens,

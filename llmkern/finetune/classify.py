@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._modes import eval_mode
 from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
 from ..train.inference import resolve_device
@@ -278,15 +279,11 @@ def classify_texts(clf: GPTClassifier, tokenizer, texts: Sequence[str], batch_si
         return []
     encoded = encode_texts(tokenizer, texts, clf.max_len)
     device = next(clf.parameters()).device
-    was_training = clf.training
-    clf.eval()
     predictions: list[int] = []
-    try:
+    with eval_mode(clf):
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             idx = pad_batch(chunk, tokenizer.eot_token).to(device)
             lengths = torch.tensor([len(ids) for ids in chunk], dtype=torch.long, device=device)
             predictions += clf(idx, lengths).argmax(dim=-1).tolist()
-    finally:
-        clf.train(was_training)
     return [clf.labels[p] for p in predictions] if clf.labels is not None else predictions

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..train.metrics import MetricsLog, plot_metrics
 from ..train.schedules import cosine_lr
 
@@ -98,13 +99,9 @@ def _mean_metrics(totals: dict[str, float], count: int) -> dict[str, float]:
 @torch.no_grad()
 def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], config,
                    device: torch.device) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with autocast_context(config, device):
             return {k: float(v) for k, v in evaluate(model).items()}
-    finally:
-        model.train(was_training)
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],

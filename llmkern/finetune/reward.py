@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modes import eval_mode
 from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
 from ..train.inference import resolve_device
@@ -76,15 +77,11 @@ def make_score_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
 def score_token_rows(rm: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
     """Scores of token rows, batch_size rows per forward, with rm in eval mode (restored after)."""
     device = next(rm.parameters()).device
-    was_training = rm.training
-    rm.eval()
     scores: list[float] = []
-    try:
+    with eval_mode(rm):
         for start in range(0, len(rows), batch_size):
             ids, lengths = make_score_batch(rows[start : start + batch_size], pad_id)
             scores += rm(ids.to(device), lengths.to(device)).tolist()
-    finally:
-        rm.train(was_training)
     return scores
 
 

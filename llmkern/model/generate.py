@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._modes import eval_mode
 from .gpt import GPT
 from .kv_cache import KVCache
 
@@ -68,9 +69,7 @@ def generate(
     finished = [False] * batch
     length = longest
     decoder = _CachedDecoder(model, max_new_tokens) if use_cache else None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             if decoder is not None:
                 logits = decoder.next_logits(tokens[:, :length], valid[:, :length])
@@ -86,8 +85,6 @@ def generate(
                     finished[i] = tok == eos_token
             if all(finished):
                 break
-    finally:
-        model.train(was_training)
     return outputs
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..data.loader import TokenLoader
 from ..data.shards import load_manifest
 from . import checkpoint as ckpt
@@ -333,15 +334,13 @@ class Trainer:
 def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.nullcontext,
                   dist_info: distributed.DistInfo | None = None) -> float:
     """Mean next-token loss of `model` over `steps` batches of `loader` (averaged over the ranks)."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64)
-    for _ in range(steps):
-        x, y, *doc_ids = loader.next_batch()  # doc_ids: [] or [(B, T) ids] (document masking)
-        with autocast():
-            _, loss = model(x, y, *doc_ids)
-        total += loss.detach().double().cpu()
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(steps):
+            x, y, *doc_ids = loader.next_batch()  # doc_ids: [] or [(B, T) ids] (document masking)
+            with autocast():
+                _, loss = model(x, y, *doc_ids)
+            total += loss.detach().double().cpu()
     mean = total / steps
     if dist_info is not None:
         mean = distributed.all_reduce_mean(mean.to(loader.device), dist_info).cpu()
