@@ -203,3 +203,23 @@ def test_saved_model_loads_as_a_base_and_for_generation(tmp_path):
         load_base(FinetuneConfig(base=str(tmp_path / "nothing")))
     with pytest.raises(ValueError, match="model_config"):
         save_finetuned(str(tmp_path / "x"), 1, model.state_dict(), {"tokenizer": "bytes"})
+
+
+def test_a_hugging_face_gpt2_file_is_a_base(tmp_path, shared_data):
+    from safetensors.torch import save_file
+
+    from llmkern.model.hf import to_hf_gpt2
+
+    model = tiny_gpt(seed=3, n_embd=128, n_head=2)  # GPT-2 heads are 64 wide
+    hf = {k: v for k, v in to_hf_gpt2(model).items() if k != "lm_head.weight"}  # tied: HF stores it once
+    path = str(tmp_path / "model.safetensors")
+    save_file(hf, path)
+    loaded, tok, meta = load_base(FinetuneConfig(base=path, base_tokenizer="bytes", device="cpu"))
+    assert meta["source"] == "hf-gpt2" and tok.eot_token == 256
+    ids = torch.randint(0, 257, (2, 9))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0])
+    with pytest.raises(ValueError, match="50257 tokens"):  # GPT-2's tokenizer on a 257-token model
+        load_base(FinetuneConfig(base=path, base_tokenizer=f"{shared_data}/gpt2.tiktoken", device="cpu"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_base(FinetuneConfig(base=str(tmp_path / "bad.safetensors"), device="cpu"))
