@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -223,3 +224,23 @@ def test_a_hugging_face_gpt2_file_is_a_base(tmp_path, shared_data):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_base(FinetuneConfig(base=str(tmp_path / "bad.safetensors"), device="cpu"))
+
+
+def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsys):
+    from llmkern.cli import main
+
+    model = tiny_gpt(seed=2, block_size=256)  # the Alpaca prompt is about 150 bytes
+    save_finetuned(str(tmp_path / "base"), 1, model.state_dict(),
+                   {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(6)]))
+    common = [f"--base={tmp_path / 'base'}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}", "--progress=false"]
+    assert main(["finetune", "sft", *common, "--max_steps=2", "--batch_size=2", "--max_len=256",
+                 "--num_samples=1", "--max_new_tokens=3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "sft" and summary["steps"] == 2
+    assert os.path.isdir(summary["checkpoint"]) and os.path.isfile(tmp_path / "sft" / "responses.json")
+    assert main(["finetune", "sft", *common, "--lora_rnak=4"]) == 2
+    assert "unknown setting 'lora_rnak'" in capsys.readouterr().err
+    assert main(["finetune", "dpo", *common]) == 2  # an instruction file is not preference data
+    assert "needs a string 'chosen'" in capsys.readouterr().err
