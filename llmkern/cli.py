@@ -109,13 +109,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .train.inference import load_trained_model, sample_text
 
+    if (args.prompt is None) == (args.instruction is None):
+        print("llmkern generate: error: give --prompt (text to continue) or --instruction (a task for an "
+              "instruction-tuned model), not both", file=sys.stderr)
+        return 2
+    prompt = args.prompt
+    if args.instruction is not None:
+        from .finetune.data import format_prompt
+
+        prompt = format_prompt({"instruction": args.instruction, "input": args.input})
     try:
         model, tokenizer, _ = load_trained_model(args.run, args.device)
-        texts = sample_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
+        texts = sample_text(model, tokenizer, [prompt] * args.num_samples, args.max_new_tokens,
                             args.temperature, args.top_k, args.top_p, args.seed)
     except (ValueError, TypeError, OSError) as err:
         print(f"llmkern generate: error: {err}", file=sys.stderr)
         return 2
+    if args.instruction is not None:  # the response alone, without the template
+        texts = [text[len(prompt):] if text.startswith(prompt) else text for text in texts]
     print("\n\n".join(texts))
     return 0
 
@@ -131,7 +142,10 @@ def _add_train_parsers(sub) -> None:
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run's model")
     g.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="text to continue")
+    g.add_argument("--instruction", help="a task, put in the Alpaca template that `llmkern finetune sft` trains on; "
+                                         "prints the response alone")
+    g.add_argument("--input", default="", help="with --instruction: the task's input, if it has one")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=50)

@@ -240,6 +240,12 @@ def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsy
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "sft" and summary["steps"] == 2
     assert os.path.isdir(summary["checkpoint"]) and os.path.isfile(tmp_path / "sft" / "responses.json")
+    assert main(["generate", "--run", str(tmp_path / "sft"), "--instruction", "Say 3.", "--max-new-tokens", "4",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    response = capsys.readouterr().out
+    assert "### Response" not in response and "Below is an instruction" not in response
+    assert main(["generate", "--run", str(tmp_path / "sft"), "--instruction", "x", "--prompt", "y"]) == 2
+    assert "not both" in capsys.readouterr().err
     assert main(["finetune", "sft", *common, "--lora_rnak=4"]) == 2
     assert "unknown setting 'lora_rnak'" in capsys.readouterr().err
     assert main(["finetune", "dpo", *common]) == 2  # an instruction file is not preference data
