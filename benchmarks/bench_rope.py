@@ -8,9 +8,9 @@ views that CausalSelfAttention takes of its fused projection. GB/s counts the by
 move at least, the same for every provider: q and k read and written once (the backward reads
 and writes their gradients), plus the fp32 cos and sin rows of the S positions.
 
-Providers: eager PyTorch (the reference, fp32 math), torch.compile of it, llmkern triton called
-on q and on k (as the model does today), llmkern triton called once on the adjacent q and k
-heads of the fused projection (one launch), and Liger-Kernel's RoPE when it is importable.
+Providers: eager PyTorch (the reference, fp32 math), torch.compile of it, llmkern triton and
+llmkern cuda called on q and on k, the same called once on the adjacent q and k heads of the
+fused projection (one launch, as the model does), and Liger-Kernel's RoPE when it is importable.
 """
 
 from __future__ import annotations
@@ -42,9 +42,14 @@ def _heads(qkv: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return qkv[:, :, start:stop].transpose(1, 2)
 
 
-def _llmkern_one_launch(qkv, h, hkv, cos, sin):
-    qk = llmkern.ops.rope(_heads(qkv, 0, h + hkv), cos, sin, backend="triton")
-    return qk[:, :h], qk[:, h:]
+def _one_launch(backend: str):
+    """A provider that rotates q's and k's adjacent heads with one call, as the model does."""
+
+    def rotate(qkv, h, hkv, cos, sin):
+        qk = llmkern.ops.rope(_heads(qkv, 0, h + hkv), cos, sin, backend=backend)
+        return qk[:, :h], qk[:, h:]
+
+    return rotate
 
 
 def providers(device: torch.device) -> dict:
@@ -53,9 +58,10 @@ def providers(device: torch.device) -> dict:
         "torch eager": _separately(reference.rope),
         "torch.compile": _separately(torch.compile(reference.rope)),
     }
-    if _backend.can_run("triton", "rope", device):
-        out["llmkern triton"] = _separately(lambda x, c, s: llmkern.ops.rope(x, c, s, backend="triton"))
-        out["llmkern triton q+k"] = _llmkern_one_launch
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "rope", device):
+            out[f"llmkern {backend}"] = _separately(lambda x, c, s, b=backend: llmkern.ops.rope(x, c, s, backend=b))
+            out[f"llmkern {backend} q+k"] = _one_launch(backend)
     try:
         from liger_kernel.ops.rope import LigerRopeFunction
 

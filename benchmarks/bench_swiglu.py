@@ -10,7 +10,8 @@ at least, the same for every provider: forward reads gate and up and writes y (3
 hidden elements); backward reads dy, gate and up and writes dgate and dup (5 x).
 
 Providers: eager PyTorch (the reference, fp32 math), F.silu(gate) * up in the input dtype,
-torch.compile of the reference, llmkern triton, and Liger-Kernel's SwiGLU when importable.
+torch.compile of the reference, llmkern triton, llmkern cuda, and Liger-Kernel's SwiGLU when
+importable.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def providers(device: torch.device) -> dict:
         "F.silu * up": lambda gate, up: F.silu(gate) * up,
         "torch.compile": torch.compile(reference.swiglu),
     }
-    if _backend.can_run("triton", "swiglu", device):
-        out["llmkern triton"] = lambda gate, up: llmkern.ops.swiglu(gate, up, backend="triton")
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "swiglu", device):
+            out[f"llmkern {backend}"] = lambda gate, up, b=backend: llmkern.ops.swiglu(gate, up, backend=b)
     try:
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 

@@ -27,7 +27,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "adamw": ("triton", "cuda"),
     # Triton only: the matmuls are cuBLAS's, the per-row cross-entropy kernel is Triton.
     "fused_linear_cross_entropy": ("triton",),
-    # RoPE and SwiGLU have Triton kernels only (no CUDA ones): "cuda" is listed for when they come.
+    # Triton first: the CUDA RoPE and SwiGLU kernels (csrc/cuda/rope.cu, swiglu.cu) compile but
+    # have never run on a GPU; a GPU session that verifies and benchmarks them decides the order.
     "rope": ("triton", "cuda"),
     "swiglu": ("triton", "cuda"),
 }

@@ -13,6 +13,10 @@ Two things a GPU run should not be the first to find:
 from __future__ import annotations
 
 import contextlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,8 @@ import torch
 import llmkern.cuda.adamw as cuda_adamw
 import llmkern.cuda.attention as cuda_attention
 import llmkern.cuda.rms_norm as cuda_rms_norm
+import llmkern.cuda.rope as cuda_rope
+import llmkern.cuda.swiglu as cuda_swiglu
 from llmkern import _backend
 
 pytestmark = [
@@ -36,7 +42,7 @@ BF16 = 2  # DType code of bfloat16 (csrc/common/dtype.h)
 def cpu_launch(monkeypatch):
     """Let the launchers run on CPU tensors: no device switch, stream 0."""
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    for module in (cuda_rms_norm, cuda_attention, cuda_adamw):
+    for module in (cuda_rms_norm, cuda_attention, cuda_adamw, cuda_rope, cuda_swiglu):
         monkeypatch.setattr(module, "stream", lambda device: 0)
 
 
@@ -186,3 +192,126 @@ def test_adamw_launcher_refuses_master_weights_for_fp32_params():
                                           numels=[4], **args)
     with pytest.raises(RuntimeError, match=f"adamw_grad_norm_finalize.*{INVALID}"):
         _backend.cuda_module().adamw_grad_norm_finalize(FAKE, 4, 1.0, 0, FAKE, FAKE, 0)
+
+
+# --- RoPE and SwiGLU -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "fused-qk-view", "offset-pointer", "odd-head-dim", "per-row"])
+def test_rope_launcher_reaches_the_device(cpu_launch, dtype, layout):
+    b, h, s, d = 2, 3, 5, 64
+    x = torch.randn(b, h, s, d, dtype=dtype)
+    cos = sin = torch.randn(s, d // 2)
+    if layout == "fused-qk-view":  # q's and k's heads of a fused (B, S, H + 2 Hkv, D) projection
+        x = torch.randn(b, s, h + 2, d, dtype=dtype)[:, :, :h].transpose(1, 2)
+    elif layout == "offset-pointer":  # off 16-byte alignment: the scalar kernel
+        x = torch.randn(x.numel() + 1, dtype=dtype)[1:].view(b, h, s, d)
+    elif layout == "odd-head-dim":
+        x, cos, sin = torch.randn(b, h, s, 6, dtype=dtype), torch.randn(s, 3), torch.randn(s, 3)
+    elif layout == "per-row":
+        cos = sin = torch.randn(b, s, d // 2)
+    y = torch.empty(x.shape, dtype=dtype)
+    for inverse in (False, True):
+        with pytest.raises(RuntimeError, match=NO_DEVICE):
+            cuda_rope.forward(x, cos, sin, y, inverse)
+
+
+def test_rope_launcher_refuses_float64_tables(cpu_launch):
+    x = torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match="float32 cos"):
+        cuda_rope.forward(x, torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 4), torch.empty_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "fused-halves", "offset-pointer", "odd-cols", "one-row"])
+def test_swiglu_launchers_reach_the_device(cpu_launch, dtype, layout):
+    rows, cols = 4, 96
+    gate, up = torch.randn(rows, cols, dtype=dtype), torch.randn(rows, cols, dtype=dtype)
+    if layout == "fused-halves":  # row stride 2 * cols
+        gate, up = torch.randn(rows, 2 * cols, dtype=dtype).split(cols, dim=-1)
+    elif layout == "offset-pointer":
+        gate = torch.randn(rows * cols + 1, dtype=dtype)[1:].view(rows, cols)
+    elif layout == "odd-cols":
+        gate, up = torch.randn(rows, 17, dtype=dtype), torch.randn(rows, 17, dtype=dtype)
+    elif layout == "one-row":  # an arbitrary stride on a size-1 dim
+        gate = torch.randn(1, cols, dtype=dtype).as_strided((1, cols), (3, 1))
+        up = torch.randn(1, cols, dtype=dtype)
+    y, dgate, dup = (torch.empty(gate.shape, dtype=dtype) for _ in range(3))
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_swiglu.forward(gate, up, y)
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_swiglu.backward(torch.randn(gate.shape, dtype=dtype), gate, up, dgate, dup)
+
+
+def _rope_args(**change):
+    """rope_forward's arguments for a valid (1, 4, 8, 64) bf16 rotation, with `change` applied."""
+    a = dict(x=FAKE, cos=FAKE, sin=FAKE, y=FAKE, batch=1, heads=4, seq=8, head_dim=64, dtype=BF16)
+    a.update(change)
+    st, table = (4 * 8 * 64, 8 * 64, 64), (0, 32)
+    return (a["x"], a["cos"], a["sin"], a["y"], a["batch"], a["heads"], a["seq"], a["head_dim"], st, st, table,
+            table, False, a["dtype"], 0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(head_dim=63), dict(head_dim=0), dict(batch=-1), dict(seq=-2), dict(x=0), dict(y=0), dict(cos=0),
+     dict(sin=0), dict(dtype=7)],
+    ids=["odd-head-dim", "no-head-dim", "negative-batch", "negative-seq", "null-x", "null-y", "null-cos",
+         "null-sin", "unknown-dtype"],
+)
+def test_rope_launcher_refuses_bad_sizes(change):
+    with pytest.raises(RuntimeError, match=f"rope_forward.*{INVALID}"):
+        _backend.cuda_module().rope_forward(*_rope_args(**change))
+
+
+@pytest.mark.parametrize("empty", ["batch", "heads", "seq"])
+def test_rope_launcher_does_nothing_for_empty_tensors(empty):
+    """Nothing to rotate: no CUDA call at all (so no 'no CUDA device' error), null pointers fine."""
+    _backend.cuda_module().rope_forward(*_rope_args(x=0, y=0, cos=0, sin=0, **{empty: 0}))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(cols=0), dict(rows=-1), dict(a=0), dict(b=0), dict(out=0), dict(dtype=7)],
+    ids=["no-columns", "negative-rows", "null-first-input", "null-second-input", "null-output", "unknown-dtype"],
+)
+def test_swiglu_launchers_refuse_bad_sizes(change):
+    a = dict(rows=4, cols=8, a=FAKE, b=FAKE, out=FAKE, dtype=BF16)
+    a.update(change)
+    mod = _backend.cuda_module()
+    with pytest.raises(RuntimeError, match=f"swiglu_forward.*{INVALID}"):
+        mod.swiglu_forward(a["a"], a["b"], a["out"], a["rows"], a["cols"], 16, 16, 8, a["dtype"], 0)
+    with pytest.raises(RuntimeError, match=f"swiglu_backward.*{INVALID}"):
+        mod.swiglu_backward(FAKE, a["a"], a["b"], a["out"], FAKE, a["rows"], a["cols"], 8, 16, 16, 8, 8, a["dtype"], 0)
+    with pytest.raises(RuntimeError, match=f"swiglu_backward.*{INVALID}"):
+        mod.swiglu_backward(FAKE, a["a"], a["b"], FAKE, a["out"], a["rows"], a["cols"], 8, 16, 16, 8, 8, a["dtype"], 0)
+
+
+def test_swiglu_launchers_do_nothing_for_no_rows():
+    mod = _backend.cuda_module()
+    mod.swiglu_forward(0, 0, 0, 0, 8, 8, 8, 8, BF16, 0)
+    mod.swiglu_backward(0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, BF16, 0)
+
+
+# --- the 16-byte paths really compile to 16-byte accesses --------------------------------------
+
+NVCC = shutil.which("nvcc")
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("source", ["rope.cu", "swiglu.cu"])
+def test_vector_kernels_compile_to_16_byte_accesses(source, tmp_path):
+    """nvcc may split a 16-byte store into 2- and 4-byte ones when it cannot follow the address
+    (it did for rope's first version): in every kernel instantiated with G = 4 or 8 elements per
+    pack, each global load and store of the PTX must be a v4 one."""
+    ptx = tmp_path / "out.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{CSRC}", "-arch=sm_90", "-ptx",
+                    str(CSRC / "cuda" / source), "-o", str(ptx)], check=True, capture_output=True)
+    kernels = re.findall(r"\.entry (\w+)\((.*?)\n\}", ptx.read_text(), re.S)
+    vector = [(name, body) for name, body in kernels if re.search(r"Li[48]E", name)]
+    assert len(vector) == len(kernels) // 2 > 0, [name for name, _ in kernels]
+    for name, body in vector:
+        accesses = re.findall(r"\b(?:ld|st)\.global[.\w]*", body)
+        assert accesses and all(".v4." in a for a in accesses), f"{name}: {sorted(set(accesses))}"

@@ -1,6 +1,7 @@
 """RoPE: the op against a float64 rotation written with complex numbers, its gradient (the
 inverse rotation), per-row angles, strided inputs, the cos/sin tables, and bad input; then the
-Triton kernels (interpreted without a GPU) against the same truth, opcheck and torch.compile."""
+Triton kernels (interpreted without a GPU) and the CUDA kernel (on a GPU only) against the same
+truth, opcheck and torch.compile."""
 
 import importlib
 
@@ -99,10 +100,27 @@ def test_rope_errors(x, cos_shape, cos_dtype, error, words):
     assert words in str(info.value)
 
 
-def test_rope_refuses_a_backend_without_kernels():
+def test_rope_refuses_the_cuda_backend_for_cpu_tensors():
     x, cos = torch.randn(1, 1, 4, 8), torch.ones(4, 4)
     with pytest.raises(ValueError, match="cannot run rope"):
         llmkern.ops.rope(x, cos, cos, backend="cuda")
+
+
+def test_cuda_takes_no_float64(monkeypatch):
+    """The CUDA kernel has fp32 tables and no fp64 x: "auto" passes it over, an explicit
+    backend="cuda" is a TypeError (raised before any device work, so checked here on a CPU)."""
+    rope_op = importlib.import_module("llmkern.ops.rope")
+    x, x64, t, t64 = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8, dtype=torch.float64), torch.ones(4, 4), \
+        torch.ones(4, 4, dtype=torch.float64)
+    assert rope_op._fits_backend("cuda", x, t, t)
+    assert not rope_op._fits_backend("cuda", x64, t, t)
+    assert not rope_op._fits_backend("cuda", x, t, t64)
+    assert rope_op._fits_backend("triton", x64, t64, t64)
+    monkeypatch.setattr(llmkern._backend, "can_run", lambda backend, op, device: True)
+    with pytest.raises(TypeError, match="x must have dtype float32, float16 or bfloat16 for backend 'cuda'"):
+        llmkern.ops.rope(x64, t, t, backend="cuda")
+    with pytest.raises(TypeError, match="cos and sin must be float32 for backend 'cuda'"):
+        llmkern.ops.rope(x, t, t64, backend="cuda")
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -111,6 +129,17 @@ def test_rope_refuses_a_backend_without_kernels():
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_SHAPES = [(1, 2, 1, 32), (2, 3, 17, 64), (1, 2, 123, 128), (2, 5, 17, 32), (1, 1, 3, 6)]
+# The CUDA kernel's shapes: D = 2 and 6 and 130 take its scalar path (D/2 not a whole number of
+# 16-byte packs), 64 and 128 the vector path; S from 1 to 4097.
+CUDA_SHAPES = [(1, 1, 1, 2), (2, 3, 17, 64), (3, 2, 123, 128), (1, 5, 4097, 64), (2, 4, 33, 6), (1, 2, 17, 130)]
+# (backend, device) pairs: the cuda ones skip without a GPU.
+BACKENDS = [
+    pytest.param("triton", DEVICE, id="triton"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+]
+ROTATION_CASES = [pytest.param("triton", DEVICE, s, id="triton-" + "x".join(map(str, s))) for s in TRITON_SHAPES] + [
+    pytest.param("cuda", "cuda", s, id="cuda-" + "x".join(map(str, s)), marks=pytest.mark.cuda) for s in CUDA_SHAPES
+]
 
 
 def rotate_lowp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -126,16 +155,16 @@ def tables(theta: torch.Tensor, device=DEVICE) -> tuple[torch.Tensor, torch.Tens
     return theta.cos().float().to(device), theta.sin().float().to(device)
 
 
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device,shape", ROTATION_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
-def test_triton_matches_complex_rotation_with_gradient(shape, dtype, per_row):
+def test_kernels_match_complex_rotation_with_gradient(backend, device, shape, dtype, per_row):
     b, _, s, d = shape
     theta = angles((b, s) if per_row else (s,), d // 2)
-    cos, sin = tables(theta)
-    x = torch.randn(shape, dtype=dtype, device=DEVICE, requires_grad=True)
-    dy = torch.randn(shape, dtype=dtype, device=DEVICE)
-    out = llmkern.ops.rope(x, cos, sin, backend="triton")
+    cos, sin = tables(theta, device)
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(shape, dtype=dtype, device=device)
+    out = llmkern.ops.rope(x, cos, sin, backend=backend)
     out.backward(dy)
     assert out.dtype == dtype and out.shape == x.shape
     x_cpu, dy_cpu = x.detach().cpu(), dy.cpu()
@@ -145,26 +174,29 @@ def test_triton_matches_complex_rotation_with_gradient(shape, dtype, per_row):
                         f"rope dx {dtype} {shape}")
 
 
-def test_triton_takes_q_and_k_views_of_a_fused_projection():
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernels_take_q_and_k_views_of_a_fused_projection(backend, device):
     b, t, h, hkv, d = 2, 17, 4, 2, 32
-    qkv = torch.randn(b, t, h + 2 * hkv, d, device=DEVICE)  # as CausalSelfAttention makes it
+    qkv = torch.randn(b, t, h + 2 * hkv, d, device=device)  # as CausalSelfAttention makes it
     q = qkv[:, :, :h].transpose(1, 2)  # (B, H, T, D): strided, not contiguous
     k = qkv[:, :, h : h + hkv].transpose(1, 2)
+    qk = qkv[:, :, : h + hkv].transpose(1, 2)  # q's and k's heads in one view, as the model rotates them
     theta = angles((t,), d // 2)
-    cos, sin = tables(theta)
-    for x in (q, k):
-        out = llmkern.ops.rope(x, cos, sin, backend="triton")
+    cos, sin = tables(theta, device)
+    for x in (q, k, qk):
+        out = llmkern.ops.rope(x, cos, sin, backend=backend)
         torch.testing.assert_close(out.cpu().double(), rotate_complex(x.cpu(), theta), rtol=1e-5, atol=1e-5)
 
 
-def test_triton_takes_a_strided_last_dimension_and_strided_tables():
-    x = torch.randn(2, 3, 32, 9, device=DEVICE).transpose(-1, -2)  # (2, 3, 9, 32), last-dim stride 9
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernels_take_a_strided_last_dimension_and_strided_tables(backend, device):
+    x = torch.randn(2, 3, 32, 9, device=device).transpose(-1, -2)  # (2, 3, 9, 32), last-dim stride 9
     theta = angles((9,), 16)
-    cos, sin = tables(theta)
+    cos, sin = tables(theta, device)
     cos = torch.cat([cos, torch.zeros_like(cos)], dim=-1)[:, :16]  # rows of a wider table: strides (32, 1)
     sin = torch.stack([sin, sin], dim=-1)[..., 0]  # strides (32, 2): copied before the kernel
     assert cos.stride() == (32, 1) and sin.stride() == (32, 2)
-    out = llmkern.ops.rope(x, cos, sin, backend="triton")
+    out = llmkern.ops.rope(x, cos, sin, backend=backend)
     torch.testing.assert_close(out.cpu().double(), rotate_complex(x.cpu(), theta), rtol=1e-5, atol=1e-5)
 
 
@@ -198,44 +230,48 @@ def test_triton_kernel_writes_every_element_through_its_strides(inverse, monkeyp
     assert_close_to_ref(y.cpu(), rotate_complex(x.cpu(), turn), rotate_lowp(x.cpu(), turn), "rope kernel")
 
 
-def test_triton_empty_and_zero_sized_inputs():
-    x = torch.randn(0, 2, 5, 8, device=DEVICE, requires_grad=True)
-    cos = torch.ones(5, 4, device=DEVICE)
-    y = llmkern.ops.rope(x, cos, cos, backend="triton")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernels_empty_and_zero_sized_inputs(backend, device):
+    x = torch.randn(0, 2, 5, 8, device=device, requires_grad=True)
+    cos = torch.ones(5, 4, device=device)
+    y = llmkern.ops.rope(x, cos, cos, backend=backend)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
 
 
-def test_triton_refuses_tables_that_require_grad():
-    x = torch.randn(1, 1, 4, 8, device=DEVICE)
-    cos = torch.ones(4, 4, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernels_refuse_tables_that_require_grad(backend, device):
+    x = torch.randn(1, 1, 4, 8, device=device)
+    cos = torch.ones(4, 4, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="do not differentiate cos and sin"):
-        llmkern.ops.rope(x, cos, cos.detach(), backend="triton")
+        llmkern.ops.rope(x, cos, cos.detach(), backend=backend)
     with torch.no_grad():  # nothing to differentiate: fine
-        llmkern.ops.rope(x, cos, cos, backend="triton")
+        llmkern.ops.rope(x, cos, cos, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("inverse", [False, True])
-def test_opcheck(inverse):
+def test_opcheck(backend, device, inverse):
     theta = angles((2, 5), 4)
-    cos, sin = tables(theta)
-    x = torch.randn(2, 3, 5, 8, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.llmkern.rope.default, (x, cos, sin, inverse, "triton"))
+    cos, sin = tables(theta, device)
+    x = torch.randn(2, 3, 5, 8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.llmkern.rope.default, (x, cos, sin, inverse, backend))
 
 
-def test_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_compile_fullgraph_has_no_graph_break(backend, device):
     """On a CPU aot_eager checks the tracing (fake kernel, autograd); on a GPU inductor runs."""
-    compiler = "inductor" if HAS_CUDA else "aot_eager"
+    compiler = "inductor" if device == "cuda" else "aot_eager"
     theta = angles((6,), 8)
-    cos, sin = tables(theta)
+    cos, sin = tables(theta, device)
 
     def block(q, k):
-        q = llmkern.ops.rope(q, cos, sin, backend="triton")
-        k = llmkern.ops.rope(k, cos, sin, backend="triton")
+        q = llmkern.ops.rope(q, cos, sin, backend=backend)
+        k = llmkern.ops.rope(k, cos, sin, backend=backend)
         return (q * k).sum()
 
-    qk = torch.randn(2, 6, 6, 16, device=DEVICE)  # (B, T, q and k heads, D)
+    qk = torch.randn(2, 6, 6, 16, device=device)  # (B, T, q and k heads, D)
     q, k = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qk[:, :, :3], qk[:, :, 3:]))
     loss = torch.compile(block, fullgraph=True, backend=compiler)(q, k)
     loss.backward()
@@ -258,8 +294,9 @@ def test_auto_picks_triton_on_a_gpu():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_gpu_llama_sized_shapes(dtype):
+def test_gpu_llama_sized_shapes(backend, dtype):
     """Training shapes on the GPU: bf16 rounding there is round-to-nearest, so the rule holds tightly."""
     b, h, s, d = 4, 32, 1023, 128
     theta = angles((s,), d // 2)
@@ -267,8 +304,66 @@ def test_gpu_llama_sized_shapes(dtype):
     qkv = torch.randn(b, s, 3 * h, d, dtype=dtype, device="cuda")
     q = qkv[:, :, :h].transpose(1, 2).detach().requires_grad_(True)
     dy = torch.randn(b, h, s, d, dtype=dtype, device="cuda")
-    out = llmkern.ops.rope(q, cos, sin)  # auto: the triton kernels
+    out = llmkern.ops.rope(q, cos, sin, backend=backend)  # auto: the triton kernels
     out.backward(dy)
     x_cpu = q.detach().cpu()
     assert_close_to_ref(out.cpu(), rotate_complex(x_cpu, theta), rotate_lowp(x_cpu, theta), f"rope {dtype}")
     assert_close_to_ref(q.grad.cpu(), rotate_complex(dy.cpu(), -theta), rotate_lowp(dy.cpu(), -theta), "dx")
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel
+@pytest.mark.cuda
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("layout", ["fused", "offset", "odd-head-dim"])
+def test_cuda_kernel_writes_every_element_through_its_strides(inverse, dtype, layout):
+    """The output is a strided view of a NaN-filled buffer: every element of the view must be
+    written, and nothing outside it. "fused" takes the 16-byte path; "offset" (the view one
+    element into its buffer) and "odd-head-dim" (D/2 = 5) take the scalar one."""
+    kernels = importlib.import_module("llmkern.cuda.rope")
+    b, h, s, d = 2, 5, 7, 10 if layout == "odd-head-dim" else 64
+    x = torch.randn(b, s, h, d, dtype=dtype, device="cuda").transpose(1, 2)
+    theta = angles((b, s), d // 2)
+    cos, sin = tables(theta, "cuda")
+    buffer = torch.full((b * s * (h + 1) * d + 1,), float("nan"), dtype=dtype, device="cuda")
+    start = 1 if layout == "offset" else 0
+    fused = buffer[start : start + b * s * (h + 1) * d].view(b, s, h + 1, d)
+    y = fused[:, :, :h].transpose(1, 2)  # (B, H, S, D) with the strides of a fused layout
+    kernels.forward(x, cos, sin, y, inverse)
+    assert not y.isnan().any()
+    assert fused[:, :, h].isnan().all()  # the head outside the view is untouched
+    turn = -theta if inverse else theta
+    assert_close_to_ref(y.cpu(), rotate_complex(x.cpu(), turn), rotate_lowp(x.cpu(), turn), f"rope {layout}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(1, 300, 3, 2), (2, 3, 2, 2050), (2, 2, 3, 1024), (3, 40, 5, 128)],
+                         ids=["300-heads", "odd-2050", "1024", "40-heads"])
+def test_cuda_loops_over_heads_and_pairs(shape):
+    """More heads or pairs than one block's threads: the kernel's head and pair loops."""
+    b, _, s, d = shape
+    theta = angles((b, s), d // 2)
+    cos, sin = tables(theta, "cuda")
+    x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    out = llmkern.ops.rope(x, cos, sin, backend="cuda")
+    assert_close_to_ref(out.cpu(), rotate_complex(x.cpu(), theta), rotate_lowp(x.cpu(), theta), f"rope {shape}")
+
+
+@pytest.mark.cuda
+def test_cuda_auto_passes_over_it_for_float64(monkeypatch):
+    """With cuda first in the preference, float64 x or tables still go to another backend."""
+    monkeypatch.setitem(llmkern._backend.PREFERENCE, "rope", ("cuda", "triton"))
+    kernels = importlib.import_module("llmkern.cuda.rope")
+    theta = angles((5,), 4)
+    x = torch.randn(2, 3, 5, 8, device="cuda")
+    cos, sin = tables(theta, "cuda")
+    with pytest.raises(TypeError, match="for backend 'cuda'"):
+        llmkern.ops.rope(x.double(), cos, sin, backend="cuda")
+
+    def refuse(*args):
+        raise AssertionError("the cuda kernel was called")
+
+    monkeypatch.setattr(kernels, "forward", refuse)
+    for xs, ts in ((x.double(), (cos, sin)), (x, (cos.double(), sin.double()))):
+        out = llmkern.ops.rope(xs, *ts)
+        torch.testing.assert_close(out.cpu().double(), rotate_complex(xs.cpu(), theta), rtol=1e-5, atol=1e-5)

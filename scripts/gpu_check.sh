@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh build             # install in place, llmkern info
 #   bash scripts/gpu_check.sh tests [FILES...]  # the cuda-marked tests first, then the rest
 #   bash scripts/gpu_check.sh sanitize          # compute-sanitizer memcheck + racecheck on the CUDA tests
-#   bash scripts/gpu_check.sh bench [OPS...]    # benchmarks/bench_<op>.py (default: rms_norm)
+#   bash scripts/gpu_check.sh bench [OPS...]    # benchmarks/bench_<op>.py (default: rms_norm); e.g.
+#                                               # bench rms_norm attention adamw rope swiglu
 #
 # Each step's exit status is appended to $OUT/status.txt; a failing step does not stop the rest.
 set -uo pipefail
@@ -45,6 +46,9 @@ case "$part" in
       sanitize "$tool" python_tests/test_attention.py "cuda and 128 and not compile"
       sanitize "$tool" python_tests/test_adamw.py "cuda and not graph"
     done
+    # No shared memory in these two: memcheck alone.
+    sanitize memcheck python_tests/test_rope.py "cuda and not compile and not llama"
+    sanitize memcheck python_tests/test_swiglu.py "cuda and not compile and not llama and not beyond"
     ;;
   bench)
     for op in "${@:-rms_norm}"; do

@@ -30,4 +30,6 @@ PYBIND11_MODULE(_cuda, m) {
   llmkern::bind_rms_norm(m);
   llmkern::bind_adamw(m);
   llmkern::bind_attention(m);
+  llmkern::bind_rope(m);
+  llmkern::bind_swiglu(m);
 }

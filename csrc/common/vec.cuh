@@ -50,7 +50,11 @@ __device__ __forceinline__ void store_float(T* p, const float (&in)[G]) {
       Pack16<T> pack;
 #pragma unroll
       for (int e = 0; e < N; ++e) pack.v[e] = from_float<T>(in[j * N + e]);
-      reinterpret_cast<Pack16<T>*>(p)[j] = pack;
+      // One st.global.v4 through the intrinsic: a plain Pack16 copy was split by nvcc 13.0 into
+      // 2- and 4-byte stores in kernels that keep many packs live (RMSNorm with 4 packs a thread).
+      uint4 bits;
+      memcpy(&bits, &pack, sizeof(bits));
+      __stwb(reinterpret_cast<uint4*>(p) + j, bits);
     }
   }
 }

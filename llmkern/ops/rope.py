@@ -7,10 +7,13 @@ angle of frequency i is (x[i], x[i + D/2]), not two neighbours. cos and sin are 
 (one angle per pair); llmkern.nn.rotary.RotaryCache builds them. Positions (a KV-cache offset,
 left-padded rows) are chosen by the caller when it slices or gathers the tables.
 
-The triton backend runs through the custom op llmkern::rope (fake kernel and autograd, so
-torch.compile(fullgraph=True) traces it). Its gradient is the rotation by -theta, which is the
-same op with `inverse=True`; no gradient flows to cos and sin there (they are tables). The
-torch backend is the plain reference, differentiated by PyTorch itself.
+The cuda and triton backends run through the custom op llmkern::rope (fake kernel and
+autograd, so torch.compile(fullgraph=True) traces it). Its gradient is the rotation by -theta,
+which is the same op with `inverse=True`; no gradient flows to cos and sin there (they are
+tables). The torch backend is the plain reference, differentiated by PyTorch itself.
+
+The cuda kernel takes float32, float16 or bfloat16 x and float32 tables only: "auto" passes
+over it for float64 x or tables, and backend="cuda" with them is a TypeError.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def rope(
         x: (B, H, S, D) float32, float16 or bfloat16 (float64 allowed, for reference checks);
             D even. Any strides (q/k views of a fused QKV projection are fine).
         cos, sin: (S, D/2) shared by the batch, or (B, S, D/2) per batch row (left-padded
-            generation, where positions differ per row); float32 or float64.
+            generation, where positions differ per row); float32 or float64 (float32 only
+            for the cuda backend).
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
             Only "torch" differentiates cos and sin.
 
@@ -44,7 +48,8 @@ def rope(
     """
     _check_args(x, cos, sin)
     device = _checks.check_same_device(x=x, cos=cos, sin=sin)
-    chosen = _backend.resolve("rope", backend, device)
+    chosen = _backend.resolve("rope", backend, device, fits=lambda b: _fits_backend(b, x, cos, sin))
+    _check_backend_limits(chosen, x, cos, sin)
     if chosen == "torch":
         return reference.rope(x, cos, sin)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
@@ -77,10 +82,35 @@ def _check_args(x, cos, sin) -> None:
         raise ValueError(f"cos and sin must have one shape; got {tuple(cos.shape)} and {tuple(sin.shape)}")
 
 
+# The dtypes the cuda kernel takes (csrc/cuda/rope.cu: fp32 math, fp32 tables); the other
+# backends take every dtype _check_args allows.
+_CUDA_X_DTYPES = _checks.FLOAT_DTYPES
+_CUDA_ANGLE_DTYPES = (torch.float32,)
+
+
+def _fits_backend(backend: str, x, cos, sin) -> bool:
+    """Whether `backend`'s kernels take these dtypes ("auto" skips a backend that does not)."""
+    if backend != "cuda":
+        return True
+    return x.dtype in _CUDA_X_DTYPES and cos.dtype in _CUDA_ANGLE_DTYPES and sin.dtype in _CUDA_ANGLE_DTYPES
+
+
+def _check_backend_limits(backend: str, x, cos, sin) -> None:
+    """A clear TypeError when an explicitly chosen backend cannot take these dtypes."""
+    if _fits_backend(backend, x, cos, sin):
+        return
+    if x.dtype not in _CUDA_X_DTYPES:
+        raise TypeError(f"x must have dtype float32, float16 or bfloat16 for backend 'cuda'; got {x.dtype}")
+    raise TypeError(
+        f"cos and sin must be float32 for backend 'cuda'; got {cos.dtype} and {sin.dtype} "
+        "(use backend='triton' or 'torch' for float64 tables)"
+    )
+
+
 def _kernels(backend: str):
-    """llmkern.triton.rope (there are no CUDA RoPE kernels: Triton serves GPUs)."""
-    if backend != "triton":
-        raise ValueError(f"llmkern::rope runs the triton backend, got {backend!r}")
+    """llmkern.cuda.rope or llmkern.triton.rope: forward(x, cos, sin, y, inverse) on 4-D views."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::rope runs the cuda or triton backend, got {backend!r}")
     return importlib.import_module(f"llmkern.{backend}.rope")
 
 

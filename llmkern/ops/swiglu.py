@@ -1,9 +1,12 @@
 """SwiGLU gating, the MLP non-linearity of Llama-style blocks:  y = silu(gate) * up.
 
-The triton backend runs through the custom ops llmkern::swiglu and llmkern::swiglu_backward
-(fake kernels and autograd, so torch.compile(fullgraph=True) traces them); the backward kernel
-recomputes silu from gate, so only the inputs are saved. The torch backend is the plain
-reference, differentiated by PyTorch itself.
+The cuda and triton backends run through the custom ops llmkern::swiglu and
+llmkern::swiglu_backward (fake kernels and autograd, so torch.compile(fullgraph=True) traces
+them); the backward kernels recompute silu from gate, so only the inputs are saved. The torch
+backend is the plain reference, differentiated by PyTorch itself.
+
+The cuda kernels take float32, float16 and bfloat16: "auto" passes over them for float64,
+and backend="cuda" with float64 is a TypeError.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
     """silu(gate) * up, computed in fp32 (float64 for float64 inputs), returned in gate's dtype.
 
     Args:
-        gate, up: one shape and dtype (float32, float16, bfloat16 or float64), contiguous in
-            the last dimension (the two halves of a fused gate/up projection qualify).
+        gate, up: one shape and dtype (float32, float16, bfloat16 or float64; not float64 for
+            the cuda backend), contiguous in the last dimension (the two halves of a fused
+            gate/up projection qualify).
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
     """
     _checks.check_float("gate", gate, _DTYPES)
@@ -35,7 +39,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
     _checks.check_last_dim_contiguous("gate", gate)
     _checks.check_last_dim_contiguous("up", up)
     device = _checks.check_same_device(gate=gate, up=up)
-    chosen = _backend.resolve("swiglu", backend, device)
+    chosen = _backend.resolve("swiglu", backend, device, fits=lambda b: _fits_backend(b, gate))
+    if not _fits_backend(chosen, gate):
+        raise TypeError(
+            f"gate and up must have dtype float32, float16 or bfloat16 for backend 'cuda'; got {gate.dtype}"
+        )
     if chosen == "torch":
         return reference.swiglu(gate, up)
     return torch.ops.llmkern.swiglu(gate, up, chosen)
@@ -49,10 +57,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.size(-1)) if t.dim() > 0 else t.reshape(1, 1)
 
 
+def _fits_backend(backend: str, gate: torch.Tensor) -> bool:
+    """Whether `backend`'s kernels take gate's dtype: the cuda ones have no float64."""
+    return backend != "cuda" or gate.dtype in _checks.FLOAT_DTYPES
+
+
 def _kernels(backend: str):
-    """llmkern.triton.swiglu (there are no CUDA SwiGLU kernels: Triton serves GPUs)."""
-    if backend != "triton":
-        raise ValueError(f"llmkern::swiglu runs the triton backend, got {backend!r}")
+    """llmkern.cuda.swiglu or llmkern.triton.swiglu: forward/backward on 2-D (rows, N) views."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::swiglu runs the cuda or triton backend, got {backend!r}")
     return importlib.import_module(f"llmkern.{backend}.swiglu")
 
 
