@@ -1,5 +1,6 @@
 """The fine-tuning foundation: settings, Alpaca data, log-probabilities, the shared loop, saving."""
 
+import dataclasses
 import json
 import math
 import os
@@ -250,3 +251,54 @@ def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsy
     assert "unknown setting 'lora_rnak'" in capsys.readouterr().err
     assert main(["finetune", "dpo", *common]) == 2  # an instruction file is not preference data
     assert "needs a string 'chosen'" in capsys.readouterr().err
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
+    """8 steps with a saved state every 3: stopping in step 5 and resuming from step 3 ends where the
+    uninterrupted run ends, bit for bit (CPU), dropout and accumulation included."""
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
+    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+
+    def settings(out, **kw):
+        return FinetuneConfig(out_dir=str(tmp_path / out), max_steps=8, batch_size=3, grad_accum=2, lr=3e-3,
+                              warmup_steps=2, ckpt_interval=3, eval_interval=4, progress=False, **kw)
+
+    def evaluate(m):
+        batch = make_lm_batch(examples, 0)
+        return {"val_loss": float(m(batch["idx"], batch["targets"])[1])}
+
+    torch.manual_seed(0)
+    whole = tiny_gpt(seed=4, dropout=0.1)
+    fit(whole, lm_loss, examples, collate, settings("whole"), evaluate)
+
+    calls = {"n": 0}
+
+    def stops_in_step_5(m, batch):
+        calls["n"] += 1
+        if calls["n"] > 4 * 2:  # step 5's first micro-batch
+            raise Interrupted
+        return lm_loss(m, batch)
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):
+        fit(tiny_gpt(seed=4, dropout=0.1), stops_in_step_5, examples, collate, settings("stopped"), evaluate)
+    torch.manual_seed(123)  # whatever happens in between is undone by the saved RNG states
+    resumed = tiny_gpt(seed=4, dropout=0.1)
+    summary = fit(resumed, lm_loss, examples, collate, settings("stopped", resume=True), evaluate)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert summary["first_eval"] is not None  # read back from the log
+    records = [json.loads(line) for line in open(summary["metrics"])]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4, 8]
+
+    with pytest.raises(ValueError, match="batch_size"):  # other settings: not the same run
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate,
+            dataclasses.replace(settings("stopped", resume=True), batch_size=2, max_steps=8))
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("never", resume=True))

@@ -1,6 +1,7 @@
 """PPO: GAE against a plain double loop, the clipped losses against hand computations, config checks,
 and a short end-to-end run whose mean reward rises under a toy reward model."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from torch import nn
 from llmkern.finetune.base import save_finetuned
 from llmkern.finetune.ppo import PPOConfig, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, run_ppo
 from llmkern.model import GPT, GPTConfig
+from llmkern.train.checkpoint import load_checkpoint
 from llmkern.train.inference import load_trained_model
 from llmkern.train.metrics import read_metrics
 
@@ -217,3 +219,31 @@ def test_ppo_bad_config(tmp_path, overrides, match):
     config = make_ppo_run(tmp_path, **overrides)
     with pytest.raises(ValueError, match=match):
         run_ppo(config)
+
+
+def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
+    """5 iterations, the state saved every 2: stopping in iteration 4 and resuming from 2 ends with the
+    policy of the run that never stopped, bit for bit (CPU)."""
+    import llmkern.finetune.ppo as ppo
+
+    whole = run_ppo(make_ppo_run(tmp_path / "a", max_steps=5, ckpt_interval=2, eval_interval=0),
+                    reward_model=HighByteReward())
+    real_iteration = ppo.ppo_iteration
+    calls = {"n": 0}
+
+    def stops_in_iteration_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_iteration(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_iteration", stops_in_iteration_4)
+    config = make_ppo_run(tmp_path / "b", max_steps=5, ckpt_interval=2, eval_interval=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(config, reward_model=HighByteReward())
+    monkeypatch.setattr(ppo, "ppo_iteration", real_iteration)
+    resumed = run_ppo(dataclasses.replace(config, resume=True), reward_model=HighByteReward())
+    assert resumed["optimizer_steps"] == whole["optimizer_steps"]
+    a, b = load_checkpoint(whole["checkpoint"]).model, load_checkpoint(resumed["checkpoint"]).model
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]

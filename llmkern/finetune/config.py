@@ -48,6 +48,11 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     eval_interval: int = 50  # 0 = only before and after training
 
+    # never lost work: the training state (weights, optimizer, RNG, position) goes to out_dir/train_state
+    # every ckpt_interval steps (0 = never), and resume=true continues from it as if never stopped
+    ckpt_interval: int = 200
+    resume: bool = False
+
     # LoRA: lora_rank > 0 trains low-rank adapters on the lora_targets linear layers, the rest frozen
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -65,7 +70,7 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_interval", "lora_rank"):
+        for name in ("max_steps", "warmup_steps", "eval_interval", "ckpt_interval", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -4,7 +4,9 @@ A recipe supplies what differs: the examples, a collate function that turns a li
 batch of tensors, a loss function, and an optional evaluation. The loop supplies what is the same:
 seeded shuffled epochs, gradient accumulation, llmkern's AdamW over the trainable parameters (so
 LoRA's frozen base is left alone) with the global-norm clip fused into the update, warmup + cosine
-learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a progress bar.
+learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a progress bar, and
+the training state saved every config.ckpt_interval steps so that config.resume continues a run that
+stopped (a crash, a pre-empted job) with the same losses it would have had (bitwise on a CPU).
 
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
@@ -20,6 +22,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,10 +31,12 @@ import torch
 from torch import nn
 
 from .._modes import eval_mode
-from ..train.metrics import MetricsLog, plot_metrics
+from ..train import checkpoint as ckpt
+from ..train.metrics import MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
+TRAIN_STATE = "train_state"  # out_dir/train_state/checkpoints/step_N: what resume continues from
 
 
 class FinetuneDiverged(RuntimeError):
@@ -104,6 +109,54 @@ def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, f
             return {k: float(v) for k, v in evaluate(model).items()}
 
 
+def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any],
+                     counters: dict[str, int]) -> str:
+    """Write what a resumed run needs (weights, optimizer, RNG states, counters) as the newest and only
+    checkpoint of state_dir; `position` names the settings a resumed run must share."""
+    return ckpt.save_checkpoint(state_dir, counters["step"], model.state_dict(), optimizer.state_dict(),
+                                {"finetune_state": {"position": position, "counters": counters}}, keep=1)
+
+
+def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
+    """Load the newest training state of a run into model and optimizer and restore the RNG states;
+    the saved counters. A run whose data or batch settings changed since cannot continue."""
+    latest = ckpt.latest_checkpoint(state_dir)
+    if latest is None:
+        raise FileNotFoundError(f"cannot resume: no training state in {ckpt.checkpoints_dir(state_dir)} "
+                                f"(it is written every ckpt_interval steps)")
+    state = ckpt.load_checkpoint(latest)
+    saved = state.meta.get("finetune_state", {})
+    saved_position = saved.get("position", {})
+    changed = {k: (saved_position.get(k), v) for k, v in position.items() if saved_position.get(k) != v}
+    if changed:
+        raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}")
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    ckpt.restore_rng_states(state.rng)
+    return saved["counters"]
+
+
+def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
+             ) -> tuple[MetricsLog, dict[str, int] | None, list[dict[str, float]]]:
+    """(the metrics log of config.out_dir, the restored counters or None, the evaluations logged so far).
+
+    With config.resume the newest training state is loaded (restore_train_state) and the log cut back to
+    it; otherwise the run starts afresh: a new log, and no training state left from an older run."""
+    os.makedirs(config.out_dir, exist_ok=True)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
+    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    if not config.resume:
+        if os.path.exists(log.path):
+            os.remove(log.path)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return log, None, []
+    counters = restore_train_state(state_dir, model, optimizer, position)
+    log.truncate_after(counters["step"])
+    records = read_metrics(log.path) if os.path.exists(log.path) else []
+    evals = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in records if r["kind"] == "eval"]
+    return log, counters, evals
+
+
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = ()) -> dict[str, Any]:
@@ -115,24 +168,28 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     device = next(model.parameters()).device
     steps = total_steps(len(train_examples), config)
     optimizer = make_optimizer(list(model.parameters()), config)
-    os.makedirs(config.out_dir, exist_ok=True)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
-    if os.path.exists(log.path):
-        os.remove(log.path)  # a new run, a new log
+    position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
+                "grad_accum": config.grad_accum, "seed": config.seed}  # what a resumed run must share
+    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    log, counters, evals = open_run(config, model, optimizer, position)
 
     from tqdm import tqdm
 
-    first_eval = last_eval = None
-    if evaluate is not None:
+    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
+    start_step = bad_steps = skipped = 0
+    if counters is not None:
+        start_step, bad_steps, skipped = counters["step"], counters["bad_steps"], counters["skipped"]
+    elif evaluate is not None:
         first_eval = last_eval = run_evaluation(model, evaluate, config, device)
         log.write("eval", step=0, **first_eval)
     batches = micro_batches(train_examples, config.batch_size, config.seed)
-    bad_steps = skipped = 0
+    for _ in range(start_step * config.grad_accum):  # the batches the steps before start_step took
+        next(batches)
     last_train: dict[str, float] = {}
     start = time.perf_counter()
     model.train()
-    with tqdm(total=steps, unit="step", dynamic_ncols=True, disable=not config.progress) as bar:
-        for step in range(steps):
+    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not config.progress) as bar:
+        for step in range(start_step, steps):
             lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -171,6 +228,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 log.write("eval", step=step + 1, **last_eval)
                 if config.progress:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
+                save_train_state(state_dir, model, optimizer, position,
+                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
     plot_metrics(log.path, config.out_dir, extra=charts)
     return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,
             "last_eval": last_eval, "seconds": time.perf_counter() - start, "metrics": log.path}

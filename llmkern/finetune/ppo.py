@@ -361,12 +361,12 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     """PPO on config.data's prompts from config.base under config.reward_model (or `reward_model`, any
     module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
     tokenizer); saves the policy to config.out_dir; the summary."""
-    from ..train.metrics import MetricsLog, plot_metrics
+    from ..train.metrics import plot_metrics
     from ..train.schedules import cosine_lr
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import autocast_context, make_optimizer, micro_batches
+    from .loop import TRAIN_STATE, autocast_context, make_optimizer, micro_batches, open_run, save_train_state
 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -409,10 +409,10 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     def autocast():
         return autocast_context(config, device)
 
-    os.makedirs(config.out_dir, exist_ok=True)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
-    if os.path.exists(log.path):
-        os.remove(log.path)  # a new run, a new log
+    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed}
+    log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 
     def evaluate(at: int) -> dict[str, float]:
@@ -422,12 +422,19 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
 
     from tqdm import tqdm
 
-    first_eval = last_eval = evaluate(0) if val else None
+    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
+    start_it = step = 0  # PPO iterations done, optimizer steps taken
+    if counters is not None:
+        start_it, step = counters["step"], counters["optimizer_step"]
+    elif val:
+        first_eval = last_eval = evaluate(0)
     batches = micro_batches(train, config.rollout_batch, config.seed)
+    for _ in range(start_it):  # the prompts the iterations before start_it took
+        next(batches)
     last_metrics: dict[str, float] = {}
-    step = 0
     started = time.perf_counter()
-    for it in tqdm(range(iterations), desc="ppo", unit="iter", disable=not config.progress, dynamic_ncols=True):
+    for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter", disable=not config.progress,
+                   dynamic_ncols=True):
         lr = lr_at(step)
         step, metrics = ppo_iteration(model, reference, reward_model, optimizer, next(batches), config, eot,
                                       seed=config.seed * 1_000_003 + it, lr_at=lr_at, step=step, autocast=autocast)
@@ -440,6 +447,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         done = it + 1 == iterations
         if val and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
             last_eval = evaluate(it + 1)
+        if config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done:
+            save_train_state(state_dir, model, optimizer, position, {"step": it + 1, "optimizer_step": step})
     plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
