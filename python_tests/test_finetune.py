@@ -15,7 +15,7 @@ from llmkern.finetune import FinetuneConfig, get_method, load_finetune_config
 from llmkern.finetune.base import load_base, save_finetuned
 from llmkern.finetune.data import (
     IGNORE, encode_prompt_response, format_prompt, load_instruction_data, load_preference_data, make_lm_batch,
-    pad_batch, split_examples,
+    make_packed_batch, pack_examples, pad_batch, split_examples,
 )
 from llmkern.finetune.loop import FinetuneDiverged, fit
 from llmkern.model import GPT, GPTConfig
@@ -302,3 +302,39 @@ def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
             dataclasses.replace(settings("stopped", resume=True), batch_size=2, max_steps=8))
     with pytest.raises(FileNotFoundError, match="no training state"):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("never", resume=True))
+
+
+# --- packing ----------------------------------------------------------------------------------
+
+def test_packing_keeps_examples_whole_and_apart():
+    examples = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [IGNORE, IGNORE, 8, 9]), ([10], [10])]
+    rows = pack_examples(examples, max_len=6)
+    assert rows == [([1, 2, 3, 4, 5], [IGNORE, 2, 3, IGNORE, 5], [0, 0, 0, 1, 1]),
+                    ([6, 7, 8, 9, 10], [IGNORE, IGNORE, 8, 9, IGNORE], [0, 0, 0, 0, 1])]
+    batch = make_packed_batch([rows[0], ([1, 2], [IGNORE, 2], [0, 0])], pad_id=0)
+    assert batch["idx"].tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]]
+    assert batch["targets"].tolist() == [[2, 3, IGNORE, 5], [2, IGNORE, IGNORE, IGNORE]]
+    assert batch["doc_ids"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="more than max_len"):
+        pack_examples([([1] * 7, [1] * 7)], max_len=6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_a_packed_row_scores_each_example_as_if_alone(preset):
+    """The summed loss of a packed batch equals the sum of each example's own loss: document masking
+    and positions restarting at each example make packing exact (learned positions and RoPE)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=257, block_size=64, n_layer=2, n_embd=32, n_head=2,
+                                      backend="torch"))
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"Q{i}: " + "x" * i, "yes" * (i % 3 + 1), 64) for i in range(7)]
+
+    def total_nll(batch, doc_ids=None):
+        _, mean = model(batch["idx"], batch["targets"], doc_ids)
+        return float(mean.detach()) * int((batch["targets"] != IGNORE).sum())
+
+    alone = sum(total_nll(make_lm_batch([ex], 0)) for ex in examples)
+    packed = make_packed_batch(pack_examples(examples, 40), 0)
+    assert packed["idx"].size(0) < len(examples)  # several examples share a row
+    assert total_nll(packed, packed["doc_ids"]) == pytest.approx(alone, rel=1e-5)
+    assert total_nll(packed) != pytest.approx(alone, rel=1e-5)  # without the masking they would see each other

@@ -135,3 +135,11 @@ def test_settings_from_the_command_line(tmp_path):
         SFTConfig(num_samples=-1).validate()
     with pytest.raises(ValueError, match="base"):
         run_sft(SFTConfig(data="x.json", out_dir=str(tmp_path)))
+
+
+def test_packed_sft_learns_from_fewer_rows(shared_data, tmp_path):
+    base = make_base(str(tmp_path / "base"), block_size=640)  # room for 3 of these examples in a row
+    data = instruction_file(shared_data, tmp_path)
+    summary = run_sft(sft_config(base, data, tmp_path / "sft", pack=True, max_len=640, batch_size=2, num_samples=0))
+    assert summary["examples"]["train"] == 8 and 2 <= summary["examples"]["packed_rows"] < 8
+    assert summary["train_loss_after"] < 0.75 * summary["train_loss_before"], summary

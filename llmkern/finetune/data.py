@@ -137,3 +137,42 @@ def make_lm_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     if tokens.size(1) < 2:
         raise ValueError("every batch needs a row of at least 2 tokens")
     return {"idx": tokens[:, :-1], "targets": labels[:, 1:]}
+
+
+def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int
+                  ) -> list[tuple[list[int], list[int], list[int]]]:
+    """(tokens, labels, doc_ids) rows of up to max_len tokens, each holding consecutive examples whole.
+
+    Packing fills the rows that padding would leave empty; with doc_ids the model attends only within
+    each example and restarts positions at its first token, so a packed example is computed as if it
+    were alone. The first token of each example gets the label IGNORE: it has no token of its own
+    example before it to be predicted from.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    tokens: list[int] = []
+    labels: list[int] = []
+    docs: list[int] = []
+    for example_tokens, example_labels in examples:
+        if len(example_tokens) > max_len:
+            raise ValueError(f"an example has {len(example_tokens)} tokens, more than max_len={max_len}")
+        if tokens and len(tokens) + len(example_tokens) > max_len:
+            rows.append((tokens, labels, docs))
+            tokens, labels, docs = [], [], []
+        doc = docs[-1] + 1 if docs else 0
+        tokens += example_tokens
+        labels += [IGNORE, *example_labels[1:]]
+        docs += [doc] * len(example_tokens)
+    if tokens:
+        rows.append((tokens, labels, docs))
+    return rows
+
+
+def make_packed_batch(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                      pad_id: int) -> dict[str, torch.Tensor]:
+    """make_lm_batch of packed rows, plus "doc_ids" (B, T-1); the padding is a document of its own."""
+    batch = make_lm_batch([(t, lab) for t, lab, _ in rows], pad_id)
+    length = batch["idx"].size(1)
+    doc_ids = torch.stack([
+        torch.tensor([*docs, *[docs[-1] + 1] * (length + 1 - len(docs))][:length], dtype=torch.long)
+        for _, _, docs in rows])
+    return {**batch, "doc_ids": doc_ids}

@@ -22,7 +22,10 @@ from ..eval.logprobs import token_logprobs
 from ..model import generate
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
-from .data import IGNORE, encode_prompt_response, format_prompt, load_instruction_data, make_lm_batch, split_examples
+from .data import (
+    IGNORE, encode_prompt_response, format_prompt, load_instruction_data, make_lm_batch, make_packed_batch,
+    pack_examples, split_examples,
+)
 from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
 from .loop import fit, to_device
 
@@ -35,6 +38,7 @@ class SFTConfig(FinetuneConfig):
 
     out_dir: str = "runs/sft"
     mask_prompt: bool = True  # loss only on the response (and its end-of-text), not on the prompt
+    pack: bool = False  # several examples per row (up to max_len tokens), kept apart by document masking
     num_samples: int = 3  # held-out instructions answered (greedily) at the end, into responses.json
     max_new_tokens: int = 128  # the longest of those answers
 
@@ -63,8 +67,9 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int,
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The model's own masked next-token loss (mean over the targets that are not -1)."""
-    _, loss = model(batch["idx"], batch["targets"])
+    """The model's own masked next-token loss (mean over the targets that are not -1); packed batches
+    carry doc_ids, which keep their examples apart."""
+    _, loss = model(batch["idx"], batch["targets"], batch.get("doc_ids"))
     return loss, {}
 
 
@@ -130,7 +135,12 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
     wrapped = apply_lora_from_config(model, config)
     trainable = trainable_parameters(model)
-    result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate)
+    packed_rows = pack_examples(train, max_len) if config.pack else None
+    if packed_rows is not None:
+        result = fit(model, lm_loss, packed_rows, lambda rows: make_packed_batch(rows, pad_id), config,
+                     evaluate=evaluate)
+    else:
+        result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate)
 
     # Save: the adapters on their own, then the merged plain GPT that every other command reads.
     lora_path = save_and_merge_lora(model, config, wrapped)
@@ -154,7 +164,8 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         "train_loss_before": first["train_loss"], "train_loss_after": last["train_loss"],
         "val_loss_before": first.get("val_loss"), "val_loss_after": last.get("val_loss"),
         "last_batch_loss": result["train"].get("loss"),
-        "examples": {"train": len(train), "val": len(val), "dropped_too_long": dropped_train + dropped_val},
+        "examples": {"train": len(train), "val": len(val), "dropped_too_long": dropped_train + dropped_val,
+                     "packed_rows": len(packed_rows) if packed_rows is not None else None},
         "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
         "lora": lora_path, "responses": responses_path, "metrics": result["metrics"],
     }
