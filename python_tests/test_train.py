@@ -437,3 +437,22 @@ def test_gpu_compiled_training_matches_eager(tmp_path, data_dir):
         losses[compiled] = train_losses(run)
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
+
+
+def test_init_from_continues_pretraining_from_a_run(tmp_path, data_dir):
+    """A run started from another run's weights begins where that one ended: its step-0 validation
+    loss is the first run's final one (same data, same evaluation windows)."""
+    first = Trainer(tiny_config(tmp_path / "first", data_dir, max_steps=6, eval_interval=3)).fit()
+    config = tiny_config(tmp_path / "second", data_dir, max_steps=2, eval_interval=2, model={},
+                         init_from=str(tmp_path / "first"), lr=1e-6, min_lr=1e-6)
+    Trainer(config).fit()
+    evals = [r for r in read_metrics(os.path.join(str(tmp_path / "second"), "metrics.jsonl")) if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+    with pytest.raises(ValueError, match="drop the model"):
+        Trainer(tiny_config(tmp_path / "third", data_dir, init_from=str(tmp_path / "first")))
+    with pytest.raises(ValueError, match="longer than the block_size"):
+        Trainer(tiny_config(tmp_path / "third", data_dir, model={}, seq_len=4096, batch_tokens=4096 * 4,
+                            init_from=str(tmp_path / "first")))
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny_config(tmp_path / "third", data_dir, model={}, init_from=str(tmp_path / "nothing")))

@@ -3,14 +3,12 @@ checkpoint that `llmkern generate` / `llmkern eval` / the next recipe can start 
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Any
 
 import torch
 
 from ..train import checkpoint as ckpt
-from ..train.inference import resolve_device
+from ..train.inference import load_gpt, resolve_device
 
 
 def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
@@ -19,48 +17,17 @@ def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
     fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
     config.backend, when set, replaces the model's kernel backend."""
     from ..data.tokenizer import get_tokenizer
-    from ..model import GPT, GPTConfig
 
     if not config.base:
         raise ValueError("base must name the model to start from: a run folder, a checkpoint folder "
                          "(e.g. --base=runs/main, which `llmkern train` writes) or a GPT-2 .safetensors file")
-    if config.base.endswith(".safetensors"):
-        return _load_hf_gpt2(config)
-    state = ckpt.load_checkpoint(config.base)
-    for key in ("model_config", "tokenizer"):
-        if key not in state.meta:
-            raise ValueError(f"checkpoint {state.path!r} lacks {key!r}: it was not written by llmkern")
-    model_config = GPTConfig.from_dict(state.meta["model_config"])
-    if config.backend:
-        model_config = dataclasses.replace(model_config, backend=config.backend)
-    model = GPT(model_config)
-    body = {k: v for k, v in state.model.items() if not k.startswith("head.")}  # a classifier's or RM's head
-    model.load_state_dict(body)
-    model.to(resolve_device(config.device)).train()
-    return model, get_tokenizer(state.meta["tokenizer"]), state.meta
-
-
-def _load_hf_gpt2(config) -> tuple[Any, Any, dict[str, Any]]:
-    """A GPT-2 from Hugging Face's model.safetensors (GPT2Model or GPT2LMHeadModel names)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..data.tokenizer import get_tokenizer
-    from ..model.hf import from_hf_gpt2
-
-    if not os.path.isfile(config.base):
-        raise FileNotFoundError(f"base {config.base!r} does not exist")
-    try:
-        state_dict = load_file(config.base)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"base {config.base!r} is not a readable safetensors file: {err}") from err
-    model = from_hf_gpt2(state_dict, **({"backend": config.backend} if config.backend else {}))
-    tokenizer = get_tokenizer(config.base_tokenizer)
+    model, tokenizer_spec, meta = load_gpt(config.base, config.backend or None, config.base_tokenizer)
+    tokenizer = get_tokenizer(tokenizer_spec)
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"base_tokenizer {config.base_tokenizer!r} has {tokenizer.n_vocab} tokens; the model "
+        raise ValueError(f"the tokenizer {tokenizer_spec!r} has {tokenizer.n_vocab} tokens; the model "
                          f"{config.base!r} only {model.config.vocab_size}")
     model.to(resolve_device(config.device)).train()
-    return model, tokenizer, {"source": "hf-gpt2", "path": os.path.abspath(config.base)}
+    return model, tokenizer, meta
 
 
 def effective_max_len(config, model) -> int:

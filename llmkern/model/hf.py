@@ -8,6 +8,7 @@ table gets zero rows up to our padded vocabulary (they are cut from the logits a
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -55,6 +56,20 @@ def from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None,
     model = GPT(config)
     load_hf_gpt2(model, state_dict)
     return model
+
+
+def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
+    """from_hf_gpt2 of a Hugging Face model.safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    try:
+        state_dict = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
+    return from_hf_gpt2(state_dict, n_head, **overrides)
 
 
 @torch.no_grad()

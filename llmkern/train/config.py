@@ -36,6 +36,8 @@ class TrainConfig:
     out_dir: str = "runs/main"  # the run folder: checkpoints, metrics.jsonl, charts
     preset: str = "tiny"  # a GPTConfig preset name
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4}
+    init_from: str = ""  # start from these weights instead of a fresh preset: a run or checkpoint folder, or a
+    #                      Hugging Face GPT-2 model.safetensors (continued pretraining; data in its tokenizer)
     data_dir: str = ""  # a folder with manifest.json; "" = the built-in stdlib corpus (llmkern.train.corpus)
     tokenizer: str = "bytes"  # for the built-in corpus: "bytes", "bpe:<N>" (trained on it), a tiktoken name or file
     corpus_max_bytes: int = 4_000_000  # cap on the built-in corpus

@@ -17,6 +17,32 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
+    """(GPT on the CPU, its tokenizer spec, meta) from the weights at `path`: a run folder (its newest
+    checkpoint) or a checkpoint folder that llmkern wrote (pretraining or fine-tuning; a classifier's or
+    reward model's "head.*" weights are left out), or a Hugging Face GPT-2 model.safetensors, whose
+    tokenizer is hf_tokenizer (a tiktoken name or .tiktoken file). backend, when given, replaces the
+    model's kernel backend. meta is the checkpoint's ({"source": "hf-gpt2", "path": ...} for a HF file)."""
+    import dataclasses
+
+    from ..model import GPT, GPTConfig
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must name a run folder, a checkpoint folder or a GPT-2 .safetensors file; got {path!r}")
+    overrides = {"backend": backend} if backend else {}
+    if path.endswith(".safetensors"):
+        from ..model.hf import load_hf_gpt2_file
+
+        return load_hf_gpt2_file(path, **overrides), hf_tokenizer, {"source": "hf-gpt2", "path": os.path.abspath(path)}
+    state = ckpt.load_checkpoint(path)
+    for key in ("model_config", "tokenizer"):
+        if key not in state.meta:
+            raise ValueError(f"checkpoint {state.path!r} lacks {key!r}: it was not written by llmkern")
+    model = GPT(dataclasses.replace(GPTConfig.from_dict(state.meta["model_config"]), **overrides))
+    model.load_state_dict({k: v for k, v in state.model.items() if not k.startswith("head.")})
+    return model, state.meta["tokenizer"], state.meta
+
+
 def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
     """(model in eval mode, tokenizer, Checkpoint) from a run folder or a checkpoint folder."""
     from ..data.tokenizer import get_tokenizer

@@ -42,11 +42,14 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
 
     on_gpu = torch.cuda.is_available() and not any(o.startswith("--device=cpu") for o in overrides)
     defaults = None if config_path is not None else GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    if defaults and any(o.startswith("--init_from=") for o in overrides):  # the model comes from init_from
+        defaults = {k: v for k, v in defaults.items() if k not in ("model", "preset")}
     config = load_config(config_path, overrides, defaults=defaults)
     trainer = Trainer(config)
     if trainer.dist.is_main:
         model = trainer.raw_model
-        print(f"llmkern train: {config.preset} model, {model.num_parameters() / 1e6:.2f}M parameters, "
+        source = f"the model of {config.init_from}" if config.init_from else f"{config.preset} model"
+        print(f"llmkern train: {source}, {model.num_parameters() / 1e6:.2f}M parameters, "
               f"{config.max_steps} steps of {config.batch_tokens} tokens on {trainer.device} "
               f"({trainer.dist.world_size} process{'es' if trainer.dist.world_size > 1 else ''}), "
               f"data {trainer.data_dir} ({trainer.train_loader.num_tokens:,} training tokens), run folder {config.out_dir}")

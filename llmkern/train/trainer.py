@@ -41,10 +41,14 @@ class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for max_bad_steps steps in a row."""
 
 
-def build_model(config: TrainConfig, n_vocab: int):
+def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = None):
     """The GPT of a TrainConfig: its preset with the data's vocabulary, the run's context length
-    and backend, then the config's model overrides."""
+    and backend, then the config's model overrides; or, with config.init_from, the model stored there
+    (continued pretraining), which must know the data's tokens."""
     from ..model import GPT, GPTConfig
+
+    if config.init_from:
+        return _load_init_model(config, n_vocab, tokenizer_spec)
 
     settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.backend}
     settings.update(config.model)
@@ -54,6 +58,26 @@ def build_model(config: TrainConfig, n_vocab: int):
     if model_config.block_size < config.seq_len:
         raise ValueError(f"seq_len={config.seq_len} is longer than model.block_size={model_config.block_size}")
     return GPT(model_config)
+
+
+def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None):
+    from .inference import load_gpt
+
+    if config.model:
+        raise ValueError(f"init_from takes the model's shape from {config.init_from!r}; drop the model.* "
+                         f"settings {sorted(config.model)}")
+    model, spec, meta = load_gpt(config.init_from, config.backend)
+    from_llmkern = meta.get("source") != "hf-gpt2"
+    if from_llmkern and tokenizer_spec is not None and spec != tokenizer_spec:
+        raise ValueError(f"init_from {config.init_from!r} was trained with tokenizer {spec!r}, the data with "
+                         f"{tokenizer_spec!r}: tokenize the data with the model's tokenizer")
+    if model.config.vocab_size < n_vocab:
+        raise ValueError(f"init_from {config.init_from!r} knows {model.config.vocab_size} tokens, the data has "
+                         f"{n_vocab}: tokenize the data with the model's tokenizer")
+    if model.config.block_size < config.seq_len:
+        raise ValueError(f"seq_len={config.seq_len} is longer than the block_size={model.config.block_size} of "
+                         f"init_from {config.init_from!r}")
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -85,7 +109,7 @@ class Trainer:
                                         seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                         device=self.device, document_ids=config.document_masking)
         seed_everything(config.seed)
-        self.raw_model = build_model(config, int(self.manifest["n_vocab"])).to(self.device)
+        self.raw_model = build_model(config, int(self.manifest["n_vocab"]), self.manifest["tokenizer"]).to(self.device)
         self.model = distributed.wrap(self.raw_model, self.dist, self.device, config.parallel)  # DDP, or FSDP2 in place
         self.wrapped_model = self.model
         self.optimizer = self._make_optimizer(self.raw_model)
