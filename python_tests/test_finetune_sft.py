@@ -98,7 +98,7 @@ def test_lora_sft_trains_only_adapters_and_saves_them(shared_data, tmp_path):
     config = sft_config(base, data, out, max_steps=8, lr=1e-2, lora_rank=4, lora_targets="qkv,fc",
                         val_fraction=0.25, num_samples=1)
     summary = run_sft(config)
-    assert summary["examples"] == {"train": 6, "val": 2, "dropped_too_long": 0}
+    assert summary["examples"] == {"train": 6, "val": 2, "dropped_too_long": 0, "packed_rows": None}
     assert summary["trainable_params"] == 2 * (4 * 32 + 96 * 4) + 2 * (4 * 32 + 128 * 4)
     assert summary["val_loss_after"] is not None
 
