@@ -247,3 +247,10 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     a, b = load_checkpoint(whole["checkpoint"]).model, load_checkpoint(resumed["checkpoint"]).model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_ppo_refuses_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="PPO runs in one process"):
+        run_ppo(make_ppo_run(tmp_path), reward_model=HighByteReward())

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ..train import checkpoint as ckpt
-from ..train.inference import load_gpt, resolve_device
+from ..train import distributed
+from ..train.inference import load_gpt
 
 
 def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
@@ -26,7 +27,7 @@ def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tokenizer_spec!r} has {tokenizer.n_vocab} tokens; the model "
                          f"{config.base!r} only {model.config.vocab_size}")
-    model.to(resolve_device(config.device)).train()
+    model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
     return model, tokenizer, meta
 
 
@@ -48,4 +49,8 @@ def save_finetuned(out_dir: str, step: int, model_state: dict[str, torch.Tensor]
     for key in ("model_config", "tokenizer"):
         if key not in meta:
             raise ValueError(f"meta must hold {key!r}")
-    return ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []}, meta, keep=keep)
+    info = distributed.detect()
+    if info.is_main:  # under torchrun every process holds the same model: rank 0 writes it
+        ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []}, meta, keep=keep)
+    distributed.barrier(info)
+    return ckpt.step_dir(out_dir, step)

@@ -239,7 +239,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                          "base_step": base_meta.get("step"), "lora": lora_info(config, wrapped) if wrapped else None}}
     checkpoint = save_finetuned(config.out_dir, result["steps"], clf.state_for_saving(), meta)
 
-    first, last = result["first_eval"], result["last_eval"]
+    first, last = result["first_eval"] or {}, result["last_eval"]  # first: lost with the log of a resumed run
     summary = {"method": "classify", "out_dir": config.out_dir, "checkpoint": checkpoint, "steps": result["steps"],
                "skipped_steps": result["skipped_steps"], "seconds": round(result["seconds"], 2),
                "num_classes": num_classes, "labels": names,
@@ -248,7 +248,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                "lora": lora_path, "metrics": result["metrics"]}
     for key in last:
         summary[key] = last[key]
-        summary[f"{key}_before"] = first[key]
+        summary[f"{key}_before"] = first.get(key)
     return summary
 
 

@@ -13,17 +13,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from . import get_method, load_finetune_config
     from .loop import FinetuneDiverged
 
+    from ..train import distributed
+
     try:
         config_cls, run = get_method(args.method)
         config = load_finetune_config(config_cls, args.config, args.overrides)
         summary = run(config)
     except FinetuneDiverged as err:
+        distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: {err}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, OSError) as err:
+        distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1, default=str))
+    distributed.shutdown()  # under torchrun: leave the process group once every rank is done
+    if distributed.detect().is_main:
+        print(json.dumps(summary, indent=1, default=str))
     return 0
 
 

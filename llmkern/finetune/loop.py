@@ -8,6 +8,11 @@ learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a 
 the training state saved every config.ckpt_interval steps so that config.resume continues a run that
 stopped (a crash, a pre-empted job) with the same losses it would have had (bitwise on a CPU).
 
+Under torchrun each process takes its own micro-batches (rank r the r-th of every world_size), the
+gradients are averaged over the processes before each step, and rank 0 logs and writes files: a
+step sees grad_accum * world_size micro-batches, as one process with world_size times the
+accumulation would.
+
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
 loss_fn(model, batch) -> (loss, {name: float or 0-d tensor}) is called on each micro-batch (the
@@ -32,6 +37,7 @@ from torch import nn
 
 from .._modes import eval_mode
 from ..train import checkpoint as ckpt
+from ..train import distributed
 from ..train.metrics import MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr
 
@@ -43,12 +49,12 @@ class FinetuneDiverged(RuntimeError):
     """The loss or gradient norm was NaN/inf for MAX_BAD_STEPS steps in a row."""
 
 
-def total_steps(num_examples: int, config) -> int:
+def total_steps(num_examples: int, config, world_size: int = 1) -> int:
     """Optimizer steps of a run: config.max_steps, or enough for config.epochs passes."""
     if config.max_steps > 0:
         return config.max_steps
     micro_batches = math.ceil(num_examples / config.batch_size)
-    return max(1, config.epochs * math.ceil(micro_batches / config.grad_accum))
+    return max(1, config.epochs * math.ceil(micro_batches / (config.grad_accum * world_size)))
 
 
 def micro_batches(examples: Sequence[Any], batch_size: int, seed: int):
@@ -60,6 +66,33 @@ def micro_batches(examples: Sequence[Any], batch_size: int, seed: int):
         for start in range(0, len(order), batch_size):
             yield [examples[i] for i in order[start : start + batch_size]]
         epoch += 1
+
+
+def rank_share(batches, info: distributed.DistInfo):
+    """This process's micro-batches: of every world_size consecutive ones, the rank-th."""
+    while True:
+        group = [next(batches) for _ in range(info.world_size)]
+        yield group[info.rank]
+
+
+def average_gradients(params: Sequence[nn.Parameter], info: distributed.DistInfo) -> None:
+    """Every parameter's gradient averaged over the processes (all-reduces in flight together)."""
+    if not info.is_distributed:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+    for g in grads:
+        g.div_(info.world_size)
+
+
+def data_parallel_setup(device: torch.device) -> distributed.DistInfo:
+    """The torchrun environment (one process without it), its process group joined."""
+    info = distributed.detect()
+    distributed.init(info, device)
+    return info
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -142,15 +175,18 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
 
     With config.resume the newest training state is loaded (restore_train_state) and the log cut back to
     it; otherwise the run starts afresh: a new log, and no training state left from an older run."""
-    os.makedirs(config.out_dir, exist_ok=True)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
+    info = distributed.detect()
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
     state_dir = os.path.join(config.out_dir, TRAIN_STATE)
     if not config.resume:
-        if os.path.exists(log.path):
-            os.remove(log.path)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if info.is_main:
+            if os.path.exists(log.path):
+                os.remove(log.path)
+            shutil.rmtree(state_dir, ignore_errors=True)
+        distributed.barrier(info)
         return log, None, []
     counters = restore_train_state(state_dir, model, optimizer, position)
+    distributed.barrier(info)  # every rank has read the state before rank 0 may write the log
     log.truncate_after(counters["step"])
     records = read_metrics(log.path) if os.path.exists(log.path) else []
     evals = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in records if r["kind"] == "eval"]
@@ -166,10 +202,13 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     if not train_examples:
         raise ValueError("there are no training examples")
     device = next(model.parameters()).device
-    steps = total_steps(len(train_examples), config)
+    info = data_parallel_setup(device)
+    steps = total_steps(len(train_examples), config, info.world_size)
     optimizer = make_optimizer(list(model.parameters()), config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum, "seed": config.seed}  # what a resumed run must share
+                "grad_accum": config.grad_accum, "seed": config.seed,
+                "world_size": info.world_size}  # what a resumed run must share
     state_dir = os.path.join(config.out_dir, TRAIN_STATE)
     log, counters, evals = open_run(config, model, optimizer, position)
 
@@ -183,12 +222,14 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
         first_eval = last_eval = run_evaluation(model, evaluate, config, device)
         log.write("eval", step=0, **first_eval)
     batches = micro_batches(train_examples, config.batch_size, config.seed)
-    for _ in range(start_step * config.grad_accum):  # the batches the steps before start_step took
+    for _ in range(start_step * config.grad_accum * info.world_size):  # what the steps before start_step took
         next(batches)
+    batches = rank_share(batches, info)
     last_train: dict[str, float] = {}
     start = time.perf_counter()
     model.train()
-    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not config.progress) as bar:
+    show = config.progress and info.is_main
+    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show) as bar:
         for step in range(start_step, steps):
             lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
             for group in optimizer.param_groups:
@@ -203,7 +244,12 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 loss_sum += loss.detach().float()
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
-            mean_loss = float(loss_sum) / config.grad_accum
+            average_gradients(trainable, info)
+            # the loss and metrics of the step: means over the micro-batches of every process
+            means = distributed.all_reduce_mean(
+                torch.tensor([float(loss_sum), *totals.values()], dtype=torch.float64, device=device), info)
+            mean_loss = float(means[0]) / config.grad_accum
+            totals = dict(zip(totals, means[1:].tolist()))
             grad_norm = math.nan
             if math.isfinite(mean_loss):
                 optimizer.step()  # skips itself (parameters and moments untouched) on a non-finite norm
@@ -226,11 +272,14 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             if evaluate is not None and (done or (config.eval_interval and (step + 1) % config.eval_interval == 0)):
                 last_eval = run_evaluation(model, evaluate, config, device)
                 log.write("eval", step=step + 1, **last_eval)
-                if config.progress:
+                if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
-                save_train_state(state_dir, model, optimizer, position,
-                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
-    plot_metrics(log.path, config.out_dir, extra=charts)
+                if info.is_main:  # every process holds the same weights and optimizer state
+                    save_train_state(state_dir, model, optimizer, position,
+                                     {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
+                distributed.barrier(info)
+    if info.is_main:
+        plot_metrics(log.path, config.out_dir, extra=charts)
     return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,
             "last_eval": last_eval, "seconds": time.perf_counter() - start, "metrics": log.path}

@@ -271,10 +271,16 @@ def save_and_merge_lora(model: nn.Module, config, wrapped: list[str]) -> str | N
     """After training with adapters: write them to config.out_dir/lora.safetensors (to rebuild them on the
     base later), then fold them into the weights, leaving a plain model. The file's path; None, and
     nothing done, when nothing was wrapped."""
+    from ..train import distributed
+
     if not wrapped:
         return None
-    os.makedirs(config.out_dir, exist_ok=True)
-    path = save_lora_adapters(os.path.join(config.out_dir, "lora.safetensors"), model, lora_info(config, wrapped))
+    path = os.path.join(config.out_dir, "lora.safetensors")
+    info = distributed.detect()
+    if info.is_main:  # under torchrun every process holds the same adapters: rank 0 writes them
+        os.makedirs(config.out_dir, exist_ok=True)
+        save_lora_adapters(path, model, lora_info(config, wrapped))
+    distributed.barrier(info)
     merge_lora(model)
     return path
 

@@ -371,6 +371,10 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     config.validate()
+    from ..train import distributed
+
+    if distributed.detect().is_distributed:
+        raise ValueError("PPO runs in one process; start it without torchrun (the supervised recipes take torchrun)")
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")

@@ -20,6 +20,7 @@ import torch
 from .._atomic import write_json_atomic
 from ..eval.logprobs import token_logprobs
 from ..model import generate
+from ..train import distributed
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import (
@@ -150,18 +151,19 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     checkpoint = save_finetuned(config.out_dir, result["steps"], model.state_dict(), meta)
 
     model.eval()
-    shown = (val_examples or train_examples)[: config.num_samples]
-    answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens)
     responses_path = os.path.join(config.out_dir, "responses.json")
-    write_json_atomic(responses_path, [
-        {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"], "response": r}
-        for ex, r in zip(shown, answers)])
+    if distributed.detect().is_main:  # under torchrun, rank 0 answers
+        shown = (val_examples or train_examples)[: config.num_samples]
+        answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens)
+        write_json_atomic(responses_path, [
+            {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"], "response": r}
+            for ex, r in zip(shown, answers)])
 
-    first, last = result["first_eval"], result["last_eval"]
+    first, last = result["first_eval"] or {}, result["last_eval"]  # first: lost with the log of a resumed run
     return {
         "method": "sft", "out_dir": config.out_dir, "checkpoint": checkpoint, "steps": result["steps"],
         "skipped_steps": result["skipped_steps"], "seconds": round(result["seconds"], 2),
-        "train_loss_before": first["train_loss"], "train_loss_after": last["train_loss"],
+        "train_loss_before": first.get("train_loss"), "train_loss_after": last["train_loss"],
         "val_loss_before": first.get("val_loss"), "val_loss_after": last.get("val_loss"),
         "last_batch_loss": result["train"].get("loss"),
         "examples": {"train": len(train), "val": len(val), "dropped_too_long": dropped_train + dropped_val,

@@ -43,6 +43,11 @@ def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def step_dir(run_dir: str, step: int) -> str:
+    """The folder of checkpoint `step` of a run."""
+    return os.path.join(checkpoints_dir(run_dir), f"step_{step:07d}")
+
+
 def step_dirs(run_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the complete checkpoints of a run, oldest first."""
     root = checkpoints_dir(run_dir)
@@ -68,7 +73,7 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     """Write checkpoint `step` of a run atomically and delete all but the newest `keep`; its path."""
     root = checkpoints_dir(run_dir)
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:07d}")
+    final = step_dir(run_dir, step)
     tmp = os.path.join(root, f".tmp_step_{step:07d}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

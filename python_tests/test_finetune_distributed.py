@@ -1,0 +1,88 @@
+"""Fine-tuning under torchrun: two gloo processes learn like one process at the same global batch,
+and a stopped two-process run resumes exactly."""
+
+import faulthandler
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.sft import SFTConfig, run_sft
+from llmkern.model import GPT, GPTConfig
+from llmkern.train import checkpoint as ckpt
+from llmkern.train.metrics import read_metrics
+
+WORLD = 2
+
+
+def make_run(tmp_path):
+    """A tiny byte-level base and 12 short instruction examples."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32,
+                                   backend="torch")
+    save_finetuned(str(tmp_path / "base"), 0, GPT(config).state_dict(),
+                   {"model_config": config.to_dict(), "tokenizer": "bytes"})
+    examples = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(12)]
+    (tmp_path / "data.json").write_text(json.dumps(examples))
+
+
+def sft_config(tmp_path, out, grad_accum, **overrides):
+    # a step: 2 micro-batches of 2 examples, accumulated in one process or one per rank in two
+    settings = dict(base=str(tmp_path / "base"), data=str(tmp_path / "data.json"), out_dir=str(tmp_path / out),
+                    max_steps=5, batch_size=2, grad_accum=grad_accum, lr=3e-3, min_lr=3e-4, warmup_steps=1,
+                    val_fraction=0.25, eval_interval=2, ckpt_interval=3, num_samples=1, max_new_tokens=4,
+                    device="cpu", progress=False, seed=5)
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def _worker(rank, port, tmp_path, resume):
+    faulthandler.enable()  # a crash in C++ (gloo) prints the Python stack of where it happened
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from llmkern.train import distributed
+
+    run_sft(sft_config(tmp_path, "multi", grad_accum=1, resume=resume))
+    distributed.shutdown()
+
+
+def run_two_processes(tmp_path, resume=False):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(port, tmp_path, resume), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def numbers(run_dir):
+    """What a run computes, without its timings."""
+    keep = ("kind", "step", "loss", "lr", "grad_norm", "train_loss", "val_loss")
+    return [{k: v for k, v in r.items() if k in keep} for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_two_gloo_processes_fine_tune_like_one(tmp_path):
+    make_run(tmp_path)
+    run_sft(sft_config(tmp_path, "single", grad_accum=2))
+    run_two_processes(tmp_path)
+
+    single, multi = numbers(tmp_path / "single"), numbers(tmp_path / "multi")
+    assert [(r["kind"], r["step"]) for r in multi] == [(r["kind"], r["step"]) for r in single]
+    for a, b in zip(single, multi):
+        for key in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one, two = ckpt.load_checkpoint(str(tmp_path / "single")), ckpt.load_checkpoint(str(tmp_path / "multi"))
+    for name in one.model:  # rank 0 wrote the model, equal to the single process's
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)
+    assert os.path.isfile(tmp_path / "multi" / "responses.json")
+
+    # a stopped two-process run (its state from step 3 left) resumes to the same numbers
+    os.remove(tmp_path / "multi" / "metrics.jsonl")  # even the log lost: the state holds what matters
+    run_two_processes(tmp_path, resume=True)
+    resumed = numbers(tmp_path / "multi")
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == [4, 5]
+    assert [r for r in resumed if r["kind"] == "train"] == [r for r in multi if r["kind"] == "train" and r["step"] > 3]
