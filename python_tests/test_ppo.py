@@ -250,7 +250,8 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
 
 
 def test_ppo_refuses_torchrun(tmp_path, monkeypatch):
+    config = make_ppo_run(tmp_path)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="PPO runs in one process"):
-        run_ppo(make_ppo_run(tmp_path), reward_model=HighByteReward())
+        run_ppo(config, reward_model=HighByteReward())
