@@ -9,10 +9,6 @@ PyTorch's own SDPA in the same dtype against the same float64 reference (python_
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -203,50 +199,31 @@ def test_triton_interpreter_compile_fullgraph():
 
 # --- the Triton kernels compiled for real GPUs, without one ---------------------------------------
 
-# Run in a fresh process: with TRITON_INTERPRET=1 (set by conftest) Triton builds no GPU code.
-_COMPILE_FOR_GPUS = r"""
-import os
-import sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from llmkern.triton import attention as A
-
-POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32"}
-for arch in (80, 90):
-    for kernel, blocks, warps in ((A._attention_fwd_kernel, (128, 64), 8),
-                                  (A._attention_bwd_dkdv_kernel, (32, 128), 8),
-                                  (A._attention_bwd_dq_kernel, (64, 64), 4)):
-        for has_doc in (False, True):
-            fn = kernel.fn
-            consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, DOT_PRECISION="tf32",
-                          BLOCK_M=blocks[0], BLOCK_N=blocks[1])
-            sig = {}
-            for name in fn.arg_names:
-                if name in consts:
-                    sig[name] = "constexpr"
-                elif name.isupper():
-                    sig[name] = POINTER.get(name, "*bf16")
-                else:
-                    sig[name] = "fp32" if name.startswith("scale") else "i32"
-            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": warps, "num_stages": 3})
-print("compiled")
-"""
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the kernels themselves")
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """The interpreter runs the kernels' Python; this builds their GPU code (ptxas included), which
-    catches what only the compiler rejects (types, layouts, shared memory)."""
+    catches what only the compiler rejects (types, layouts, shared memory). See triton_build.py."""
     pytest.importorskip("triton.backends.nvidia")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    from triton_build import run_build
+
+    out = run_build('''
+    from llmkern.triton import attention as A
+
+    POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32"}
+    for arch in (80, 90):
+        for kernel, blocks, warps in ((A._attention_fwd_kernel, (128, 64), 8),
+                                      (A._attention_bwd_dkdv_kernel, (32, 128), 8),
+                                      (A._attention_bwd_dq_kernel, (64, 64), 4)):
+            for has_doc in (False, True):
+                consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, DOT_PRECISION="tf32",
+                              BLOCK_M=blocks[0], BLOCK_N=blocks[1])
+                names = [n for n in kernel.fn.arg_names if n not in consts]
+                sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
+                       for n in names}
+                build(kernel, sig, consts, arch, num_warps=warps, num_stages=3)
+    print("compiled")
+    ''')
+    assert "compiled" in out
 
 
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------

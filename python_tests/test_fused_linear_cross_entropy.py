@@ -394,3 +394,21 @@ def test_gpu_model_fused_loss_under_bf16_autocast():
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         scale = q.grad.abs().max().item() + 1e-6
         assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
+
+
+def test_triton_kernel_builds_for_sm80_and_sm90():
+    """The interpreter never lowers the kernel; this builds its GPU code (see triton_build.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton_build import run_build
+
+    out = run_build('''
+    from llmkern.triton import fused_linear_cross_entropy as k
+    for arch in (80, 90):
+        for grad in (True, False):
+            build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
+                                                 "GRAD_SCALE": "*fp32", "logits_stride": "i32", "n_classes": "i32",
+                                                 "ignore_index": "i32", "label_smoothing": "fp32"},
+                  {"COMPUTE_GRAD": grad, "BLOCK": 4096}, arch, num_warps=8)
+    print("built")
+    ''')
+    assert "built" in out

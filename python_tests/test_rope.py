@@ -367,3 +367,23 @@ def test_cuda_auto_passes_over_it_for_float64(monkeypatch):
     for xs, ts in ((x.double(), (cos, sin)), (x, (cos.double(), sin.double()))):
         out = llmkern.ops.rope(xs, *ts)
         torch.testing.assert_close(out.cpu().double(), rotate_complex(xs.cpu(), theta), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_kernel_builds_for_sm80_and_sm90():
+    """The interpreter never lowers the kernel; this builds its GPU code (see triton_build.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton_build import run_build
+
+    out = run_build('''
+    import triton.language as tl
+    from llmkern.triton import rope as k
+    ints = ("x_stride_b", "x_stride_h", "x_stride_s", "y_stride_b", "y_stride_h", "y_stride_s", "cos_stride_b",
+            "cos_stride_s", "sin_stride_b", "sin_stride_s", "n_heads", "half")
+    for arch in (80, 90):
+        for inverse in (False, True):
+            build(k._rope_kernel, {"X": "*bf16", "COS": "*fp32", "SIN": "*fp32", "Y": "*bf16",
+                                   **{n: "i32" for n in ints}},
+                  {"INVERSE": inverse, "COMPUTE": tl.float32, "BLOCK_H": 32, "BLOCK_D": 64}, arch, num_warps=4)
+    print("built")
+    ''')
+    assert "built" in out

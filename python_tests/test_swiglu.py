@@ -267,3 +267,24 @@ def test_cuda_rows_beyond_one_grid():
     for got, ref in ((y, want.detach()), (dgate, g.grad), (dup, u.grad)):
         assert not got.isnan().any()
         torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
+
+
+def test_triton_kernels_build_for_sm80_and_sm90():
+    """The interpreter never lowers the kernels; this builds their GPU code (see triton_build.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton_build import run_build
+
+    out = run_build('''
+    import triton.language as tl
+    from llmkern.triton import swiglu as k
+    for arch in (80, 90):
+        build(k._forward_kernel, {"G": "*bf16", "U": "*bf16", "Y": "*bf16", "g_stride": "i32", "u_stride": "i32",
+                                  "y_stride": "i32", "n_cols": "i32"},
+              {"COMPUTE": tl.float32, "BLOCK": 2048}, arch, num_warps=8)
+        build(k._backward_kernel, {**{n: "*bf16" for n in ("DY", "G", "U", "DG", "DU")},
+                                   **{n: "i32" for n in ("dy_stride", "g_stride", "u_stride", "dg_stride",
+                                                         "du_stride", "n_cols")}},
+              {"COMPUTE": tl.float32, "BLOCK": 2048}, arch, num_warps=8)
+    print("built")
+    ''')
+    assert "built" in out

@@ -1,0 +1,58 @@
+"""Building Triton kernels' GPU code (PTX through ptxas) on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, which conftest sets) runs a kernel's Python but never lowers
+it, so a kernel the compiler would reject (a type, a layout, too much shared memory) passes there
+and fails on the first GPU. run_build compiles kernels ahead of time for given GPU targets in a
+fresh Python without the interpreter flag:
+
+    out = run_build('''
+    from llmkern.triton import rope
+    build(rope._rope_kernel, {"X": "*bf16", ...}, {"INVERSE": False, ...}, arch=90, num_warps=4)
+    print("built")
+    ''')
+
+build(kernel, signature, constexprs, arch, **options) returns the PTX; `signature` maps each
+run-time argument to a Triton type ("*bf16", "i32", "fp32"...), `constexprs` each constexpr argument
+to its value.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PRELUDE = r'''
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+
+def build(kernel, signature, constexprs, arch=90, **options):
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # an autotuned or heuristics-wrapped kernel: the JITFunction inside
+        fn = fn.fn
+    missing = [n for n in fn.arg_names if n not in signature and n not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no type or value for {missing}")
+    full = {n: "constexpr" if n in constexprs else signature[n] for n in fn.arg_names}
+    source = ASTSource(fn, full, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+'''
+
+
+def run_build(body: str, timeout: int = 600) -> str:
+    """Run PRELUDE + body in a fresh Python (no interpreter flag, the repo on the path); its stdout.
+    Raises AssertionError with the end of stderr when it fails."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
