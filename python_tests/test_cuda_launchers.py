@@ -315,3 +315,24 @@ def test_vector_kernels_compile_to_16_byte_accesses(source, tmp_path):
     for name, body in vector:
         accesses = re.findall(r"\b(?:ld|st)\.global[.\w]*", body)
         assert accesses and all(".v4." in a for a in accesses), f"{name}: {sorted(set(accesses))}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_rms_norm_register_kernels_move_whole_16_byte_packs(tmp_path):
+    """RMSNorm's `regs` kernels with 4 or 8 elements per pack: every load and every store of x, y, h,
+    dy, dh and the weight is one v4 access (nvcc once split the 4-pack kernels' stores, see
+    vec.cuh); only the backward's fp32 partials of dweight are written a float at a time."""
+    ptx = tmp_path / "out.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-O3", f"-I{CSRC}", "-arch=sm_90", "-ptx",
+                    str(CSRC / "cuda" / "rms_norm.cu"), "-o", str(ptx)], check=True, capture_output=True)
+    kernels = re.findall(r"\.entry (\w+)\((.*?)\n\}", ptx.read_text(), re.S)
+    vector = [(name, body) for name, body in kernels if "_regs" in name and re.search(r"Li[48]ELi[124]E", name)]
+    assert len(vector) == 2 * 5 * 3, [name for name, _ in kernels]  # fwd/bwd x 5 dtype pairs x K = 1, 2, 4
+    for name, body in vector:
+        g, k = map(int, re.search(r"Li([48])ELi([124])E", name).groups())
+        loads = re.findall(r"\bld\.global[.\w]*", body)
+        stores = re.findall(r"\bst\.global[.\w]*", body)
+        assert loads and all(".v4." in a for a in loads), f"{name}: {sorted(set(loads))}"
+        narrow = [s for s in stores if ".v4." not in s]
+        partials = k * g if "backward" in name else 0  # one st.global.f32 per dweight element of a thread
+        assert len(stores) > len(narrow) and narrow == ["st.global.f32"] * partials, f"{name}: {sorted(set(stores))}"
