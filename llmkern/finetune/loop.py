@@ -130,8 +130,24 @@ def make_optimizer(params: Sequence[nn.Parameter], config):
                  max_grad_norm=max_norm, backend=config.backend or None)
 
 
-def _mean_metrics(totals: dict[str, float], count: int) -> dict[str, float]:
-    return {k: v / count for k, v in totals.items()}
+def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, device: torch.device
+                          ) -> tuple[float, dict[str, float]]:
+    """Backward over config.grad_accum micro-batches; the step's mean loss and metrics, averaged over
+    the micro-batches and (under torchrun) the processes."""
+    info = distributed.detect()
+    totals: dict[str, float] = {}
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(config.grad_accum):
+        batch = to_device(collate(next(batches)), device)
+        with autocast_context(config, device):
+            loss, metrics = loss_fn(model, batch)
+        (loss / config.grad_accum).backward()
+        loss_sum += loss.detach().float()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    sums = torch.tensor([float(loss_sum), *totals.values()], dtype=torch.float64, device=device)
+    means = (distributed.all_reduce_mean(sums, info) / config.grad_accum).tolist()
+    return means[0], dict(zip(totals, means[1:]))
 
 
 @torch.no_grad()
@@ -234,22 +250,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            totals: dict[str, float] = {}
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(config.grad_accum):
-                batch = to_device(collate(next(batches)), device)
-                with autocast_context(config, device):
-                    loss, metrics = loss_fn(model, batch)
-                (loss / config.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+            mean_loss, metrics = _accumulate_gradients(model, loss_fn, batches, collate, config, device)
             average_gradients(trainable, info)
-            # the loss and metrics of the step: means over the micro-batches of every process
-            means = distributed.all_reduce_mean(
-                torch.tensor([float(loss_sum), *totals.values()], dtype=torch.float64, device=device), info)
-            mean_loss = float(means[0]) / config.grad_accum
-            totals = dict(zip(totals, means[1:].tolist()))
             grad_norm = math.nan
             if math.isfinite(mean_loss):
                 optimizer.step()  # skips itself (parameters and moments untouched) on a non-finite norm
@@ -264,7 +266,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                                            f"was NaN/inf {bad_steps} steps in a row; try a lower lr")
             else:
                 bad_steps = 0
-                last_train = {"loss": mean_loss, **_mean_metrics(totals, config.grad_accum)}
+                last_train = {"loss": mean_loss, **metrics}
                 log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **last_train)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
