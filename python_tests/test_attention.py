@@ -101,6 +101,23 @@ def check_against_reference(backend, b, hq, hkv, sq, sk, d, dtype, causal, devic
         assert_close_to_ref(g, rg, lg, f"{backend} {name}", atol=atol)
 
 
+def check_queries_that_see_no_key(backend, sq, sk, d, dtype, device, atol):
+    """Causal with Sq > Sk: the first Sq - Sk queries see no key. They get o = 0 and zero gradients (no
+    NaN anywhere), and every other row and gradient matches the float64 reference."""
+    q, k, v = _make_qkv(2, 4, 2, sq, sk, d, dtype, device)
+    o = attention(q, k, v, causal=True, backend=backend)
+    do = torch.randn_like(o)
+    grads = _grads(o, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention(q64, k64, v64, causal=True)
+    ref_grads = _grads(ref, (q64, k64, v64), do.double())
+    empty = sq - sk
+    assert torch.all(o[:, :, :empty] == 0) and torch.all(grads[0][:, :, :empty] == 0)
+    for name, got, want in (("o", o, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)):
+        assert not torch.isnan(got).any(), f"{backend} {name} has NaN"
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=atol, msg=f"{backend} {name}")
+
+
 def attention_module():
     return importlib.import_module("llmkern.ops.attention")
 
@@ -150,6 +167,16 @@ def test_triton_interpreter_doc_ids(causal):
 def test_triton_interpreter_cu_seqlens_and_scale():
     cu = torch.tensor([0, 3, 4, 20, 33], dtype=torch.int32)
     check_against_reference("triton", 2, 2, 1, 33, 33, 32, torch.float16, True, CPU, cu_seqlens=cu, scale=0.3)
+
+
+@interp
+@pytest.mark.parametrize("sq,sk", [(20, 7), (9, 1)])
+def test_triton_interpreter_queries_that_see_no_key(sq, sk):
+    check_queries_that_see_no_key("triton", sq, sk, 32, torch.float32, CPU, atol=1e-4)
+
+
+def test_torch_backend_queries_that_see_no_key():
+    check_queries_that_see_no_key("torch", 20, 7, 32, torch.float32, CPU, atol=1e-5)
 
 
 @interp
@@ -411,6 +438,40 @@ def test_gpu_strided_doc_ids_and_short_queries(backend, d):
         check_against_reference(backend, 2, 8, 2, 1000, 1000, d, torch.bfloat16, causal, cuda,
                                 doc_ids=doc_ids, atol=1e-3)
     check_against_reference(backend, 2, 8, 8, 100, 1000, d, torch.float16, True, cuda, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("sq,sk", [(200, 70), (65, 1)])
+def test_gpu_queries_that_see_no_key(backend, sq, sk):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    check_queries_that_see_no_key(backend, sq, sk, 128, torch.bfloat16, torch.device("cuda"), atol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("s", [17, 4097])
+def test_gpu_doc_ids_at_odd_lengths(backend, s):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+    cuda = torch.device("cuda")
+    check_against_reference(backend, 1, 4, 2, s, s, 64, torch.bfloat16, True, cuda,
+                            doc_ids=_random_doc_ids(1, s, cuda), atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_gpu_cuda_op_reads_any_doc_ids_layout():
+    """The custom op called directly with int64 or strided document ids gives what int32 ids give."""
+    if "cuda" not in _gpu_backends():
+        pytest.skip("no cuda attention kernels here")
+    cuda = torch.device("cuda")
+    q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, cuda))
+    ids = _random_doc_ids(2, 300, cuda).to(torch.int32).contiguous()
+    want, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids, True, 0.125, "cuda")
+    strided = torch.stack([ids.long(), ids.long()], dim=-1)[..., 0]  # int64, stride 2
+    got, _ = torch.ops.llmkern.attention_fwd(q, k, v, strided, True, 0.125, "cuda")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -26,9 +26,19 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _doc_ids(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """doc_ids as the kernels read them: (B, S) int32, contiguous (row b starts at b * S).
+
+    attention() already passes that; a direct call of the custom op with int64 or strided ids
+    would otherwise be misread silently (no copy when the ids are already in that form).
+    """
+    return None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
+
+
 def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
     """o = attention(q, k, v) and lse (B, Hq, Sq) fp32, written in place."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    doc_ids = _doc_ids(doc_ids)
     if o.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in _strides(o)):
         raise ValueError(f"o must be 16-byte aligned with strides that are multiples of 8; got {o.stride()}")
     if not lse.is_contiguous():
@@ -47,6 +57,7 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
 def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, dv) -> None:
     """dq, dk, dv (written in place) from the output gradient do and the forward's o and lse."""
     q, k, v, o, do = (_aligned(t) for t in (q, k, v, o, do))
+    doc_ids = _doc_ids(doc_ids)
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         if t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in _strides(t)):
             raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8; got {t.stride()}")

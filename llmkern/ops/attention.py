@@ -65,7 +65,7 @@ def attention(
         q: (B, Hq, Sq, D) float16 or bfloat16 (float32 for the torch and triton backends),
             contiguous in its last dimension; other strides are free.
         k, v: (B, Hkv, Sk, D), q's dtype and device; Hq must be a multiple of Hkv.
-        causal: query i sees only keys j <= i + (Sk - Sq).
+        causal: query i sees only keys j <= i + (Sk - Sq); one that sees none (Sq > Sk) gets o = 0.
         scale: multiplies q @ k^T; None means 1 / sqrt(D).
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
         doc_ids: optional (B, S) int32/int64 document id per position (needs Sq == Sk): query i

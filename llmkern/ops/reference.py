@@ -44,7 +44,9 @@ def attention(
     """Softmax attention in fp32, layout (B, H, S, D); k and v may have fewer heads (GQA).
 
     doc_ids (B, S), when given, masks packed documents: query i sees key j only when
-    doc_ids[b, i] == doc_ids[b, j] (and j <= i when causal).
+    doc_ids[b, i] == doc_ids[b, j] (and j <= i + Sk - Sq when causal).
+    A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows) gets o = 0 and
+    zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
     """
     hq, hkv = q.size(1), k.size(1)
     if hq != hkv:
@@ -53,14 +55,21 @@ def attention(
     ct = _compute_dtype(q.dtype)
     scale = q.size(-1) ** -0.5 if scale is None else scale
     scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
+    sq, sk = q.size(2), k.size(2)
+    empty = None  # (Sq, 1) the queries that see no key: only causal with Sq > Sk has them
     if causal:
-        sq, sk = q.size(2), k.size(2)
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    if doc_ids is not None:
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        if sq > sk:
+            empty = torch.arange(sq, device=q.device)[:, None] < sq - sk
+            visible = visible | empty  # softmax over all keys there (finite, no NaN in the gradient), then 0
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if doc_ids is not None:  # a query always sees itself in its document: no row goes empty
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)
         scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
-    return (scores.softmax(dim=-1) @ v.to(ct)).to(q.dtype)
+    probs = scores.softmax(dim=-1)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+    return (probs @ v.to(ct)).to(q.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
