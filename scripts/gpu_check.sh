@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh build             # install in place, llmkern info
 #   bash scripts/gpu_check.sh tests [FILES...]  # the cuda-marked tests first, then the rest
-#   bash scripts/gpu_check.sh sanitize          # compute-sanitizer memcheck + racecheck on the CUDA tests
+#   bash scripts/gpu_check.sh sanitize          # compute-sanitizer memcheck + racecheck (+ synccheck) on the CUDA tests
 #   bash scripts/gpu_check.sh bench [OPS...]    # benchmarks/bench_<op>.py (default: rms_norm); e.g.
 #                                               # bench rms_norm attention adamw rope swiglu
 #
@@ -46,6 +46,8 @@ case "$part" in
       sanitize "$tool" python_tests/test_attention.py "cuda and 128 and not compile"
       sanitize "$tool" python_tests/test_adamw.py "cuda and not graph"
     done
+    # Barriers in divergent code: the attention kernels skip tiles per warp.
+    sanitize synccheck python_tests/test_attention.py "cuda and 128 and not compile"
     # No shared memory in these two: memcheck alone.
     sanitize memcheck python_tests/test_rope.py "cuda and not compile and not llama"
     sanitize memcheck python_tests/test_swiglu.py "cuda and not compile and not llama and not beyond"
