@@ -216,11 +216,29 @@ def test_a_model_made_to_prefer_a_choice_picks_it(tmp_path):
             {"context": "And now", "choices": ["Y", "N", "M"], "answer": 0}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     result = evaluate_choices(model, BYTES, str(path))
-    assert result == {"accuracy": 1.0, "acc_norm": 1.0, "examples": 2}
+    assert result == {"accuracy": 1.0, "acc_norm": 1.0, "examples": 2, "fewshot": 0}
     assert evaluate_choices(model, BYTES, str(path), limit=1)["examples"] == 1
     as_list = tmp_path / "task.json"
     as_list.write_text(json.dumps(rows))
     assert [e.answer for e in load_choice_tasks(str(as_list))] == [1, 0]
+
+
+def test_fewshot_contexts_hold_other_solved_examples():
+    from llmkern.eval.multiple_choice import with_fewshot
+
+    pool = [ChoiceExample(f"q{i}?", [f"a{i}", f"b{i}"], i % 2) for i in range(6)]
+    shot = with_fewshot(pool[:3], pool, 2, separator=" ", seed=1)
+    for ex, new in zip(pool, shot):
+        blocks = new.context.split("\n\n")
+        assert len(blocks) == 3 and blocks[-1] == ex.context and (new.choices, new.answer) == (ex.choices, ex.answer)
+        for block in blocks[:2]:  # "q{j}? <the right answer of j>", never the example itself
+            j = int(block[1:block.index("?")])
+            assert j != int(ex.context[1:-1]) and block == f"q{j}? {pool[j].choices[pool[j].answer]}"
+    assert with_fewshot(pool[:3], pool, 2, seed=1) == shot and with_fewshot(pool, pool, 0) == pool
+    with pytest.raises(ValueError, match="fewshot=6 needs more than 6"):
+        with_fewshot(pool, pool, 6)
+    model = bigram_model()
+    assert evaluate_choices(model, BYTES, pool, fewshot=2)["fewshot"] == 2
 
 
 @pytest.mark.parametrize("row, match", [

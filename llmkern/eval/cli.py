@@ -32,6 +32,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--task win-rate needs --baseline RUN and --judge REWARD_MODEL_RUN")
     if args.task != "win-rate" and (args.baseline is not None or args.judge is not None):
         raise ValueError("--baseline and --judge are for --task win-rate")
+    if args.task != "choice" and args.fewshot:
+        raise ValueError("--fewshot is for --task choice")
 
 
 def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     from .multiple_choice import evaluate_choices
 
     result = evaluate_choices(model, tokenizer, args.data, batch_size=args.batch_size, limit=args.limit,
-                              return_predictions=args.predictions, progress=progress)
+                              return_predictions=args.predictions, progress=progress, fewshot=args.fewshot)
     result["data"] = os.path.abspath(args.data)
     return result, ["accuracy", "acc_norm", "examples"]
 
@@ -113,6 +115,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--context", type=int, default=None, help="--text: window length (default: block_size)")
     e.add_argument("--stride", type=int, default=None, help="--text: window step (default: context // 2)")
     e.add_argument("--limit", type=int, default=None, help="choice, win-rate: the first N examples only")
+    e.add_argument("--fewshot", type=int, default=0, help="choice: solved examples of the task before each one")
     e.add_argument("--predictions", action="store_true", help="choice: per-example predictions in --json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")
     e.add_argument("--judge", default=None, help="win-rate: a reward-model run (llmkern finetune reward)")

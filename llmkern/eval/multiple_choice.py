@@ -9,12 +9,15 @@ Two accuracies are reported, as the harness does:
   every token, so this favours short ones;
 - acc_norm: the highest log-prob per UTF-8 byte of the choice, which removes that length bias
   (bytes, not tokens, so that it does not depend on the tokenizer).
+With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
+shuffle, each written as its context, the separator and its right answer, then a blank line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -144,22 +147,43 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda k: values[k])  # the first of equal maxima
 
 
+def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
+                 seed: int = 0) -> list[ChoiceExample]:
+    """Each example with k solved examples of `pool` (never itself) written before its context."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"fewshot must be an int >= 0, got {k!r}")
+    if k == 0:
+        return list(examples)
+    if len(pool) <= k:
+        raise ValueError(f"fewshot={k} needs more than {k} examples in the task, it has {len(pool)}")
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        shots = [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
+        prefix = "".join(f"{s.context}{separator}{s.choices[s.answer]}\n\n" for s in shots)
+        out.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer))
+    return out
+
+
 def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, separator: str = " ",
                      batch_size: int = 16, limit: int | None = None, return_predictions: bool = False,
-                     progress: bool = False) -> dict[str, Any]:
-    """accuracy and acc_norm of `model` on a multiple-choice task (a path or a list of ChoiceExample).
+                     progress: bool = False, fewshot: int = 0, seed: int = 0) -> dict[str, Any]:
+    """accuracy and acc_norm of `model` on a multiple-choice task (a path or a list of ChoiceExample),
+    zero-shot or with `fewshot` solved examples of the task before each context.
 
-    Returns {"accuracy", "acc_norm", "examples"} and, with return_predictions, "predictions": one
-    {"answer", "pred", "pred_norm", "logprobs"} per example.
+    Returns {"accuracy", "acc_norm", "examples", "fewshot"} and, with return_predictions, "predictions":
+    one {"answer", "pred", "pred_norm", "logprobs"} per example.
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
+    pool = list(examples)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         examples = list(examples)[:limit]
     if len(examples) == 0:
         raise ValueError("examples is empty")
+    examples = with_fewshot(examples, pool, fewshot, separator, seed)
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
     correct = correct_norm = 0
     predictions = []
@@ -170,7 +194,7 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         correct_norm += pred_norm == ex.answer
         predictions.append({"answer": ex.answer, "pred": pred, "pred_norm": pred_norm, "logprobs": logps})
     result: dict[str, Any] = {"accuracy": correct / len(examples), "acc_norm": correct_norm / len(examples),
-                              "examples": len(examples)}
+                              "examples": len(examples), "fewshot": fewshot}
     if return_predictions:
         result["predictions"] = predictions
     return result
