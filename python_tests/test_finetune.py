@@ -43,6 +43,9 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         load_finetune_config(FinetuneConfig, None, ["--epochs=two"])
     with pytest.raises(ValueError, match="val_fraction"):
         load_finetune_config(FinetuneConfig, None, ["--val_fraction=1.5"])
+    for bad in ("--grad_clip=nan", "--weight_decay=nan", "--min_lr=nan", "--lr=nan"):
+        with pytest.raises(ValueError):
+            load_finetune_config(FinetuneConfig, None, [bad])
     with pytest.raises(ValueError, match="unknown fine-tuning method"):
         get_method("rlhf9000")
 

@@ -92,6 +92,8 @@ def test_config_from_toml_json_and_overrides(tmp_path):
     (["--schedule=linear"], "schedule must be one of"),
     (["--batch_tokens=1000"], "batch_tokens must be a multiple of"),
     (["--betas=0.9"], "'betas' in command line must be 2 numbers"),
+    (["--grad_clip=nan"], "grad_clip and weight_decay must be >= 0"),  # NaN compares false both ways
+    (["--weight_decay=nan"], "grad_clip and weight_decay must be >= 0"),
 ])
 def test_config_errors_name_the_setting(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -316,6 +318,50 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], weights["w"])
 
 
+def test_a_fresh_run_in_a_reused_folder_keeps_its_own_checkpoint(tmp_path):
+    # An earlier run left step 10; a fresh run writes step 5. Rotation must keep the checkpoint just
+    # written (it used to delete it and keep the old run's), and resume must not find the old one.
+    old, new = {"w": torch.randn(3, 5)}, {"w": torch.randn(3, 5)}
+    empty = {"state": {}, "param_groups": []}
+    ckpt.save_checkpoint(str(tmp_path), 10, old, empty, {}, keep=1)
+    path = ckpt.save_checkpoint(str(tmp_path), 5, new, empty, {}, keep=1)
+    assert os.path.isdir(path)
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path))] == [5]
+    assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], new["w"])
+
+
+def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
+    tensors, meta = ckpt.capture_rng_states()
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.cuda.")}
+    for i in range(12):  # a 12-GPU machine: "rng.cuda.10" sorts before "rng.cuda.2" as a string
+        tensors[f"rng.cuda.{i}"] = torch.full((4,), i, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    ckpt.restore_rng_states({"tensors": tensors, "meta": meta})
+    assert [int(s[0]) for s in restored] == list(range(12))
+
+
+def test_skipped_steps_count_in_tokens_per_second(tmp_path, data_dir, monkeypatch):
+    import llmkern.train.trainer as trainer_module
+
+    class Clock:  # every training step takes exactly one second
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0  # called at the start and at the end of a step
+            return self.now
+
+    monkeypatch.setattr(trainer_module, "time", Clock())
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=4, batch_tokens=128, log_interval=2))
+    trainer.model = NaNLossAt(trainer.model, lambda call: call == 3)  # step 3 is skipped
+    trainer.fit()
+    rates = {r["step"]: r["tokens_per_s"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+             if r["kind"] == "train"}
+    assert rates == {2: 128.0, 4: 128.0}
+
+
 class _WritesAFileWhenUnpickled:
     def __init__(self, path):
         self.path = path
@@ -341,6 +387,9 @@ def test_mfu():
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA L40") == 181e12  # not the L4's 121e12, a pattern its name contains
+    assert peak_flops_of("NVIDIA L40S") == 362e12 and peak_flops_of("NVIDIA L4") == 121e12
     assert peak_flops_of("Some Future GPU") is None
     assert mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)
     assert mfu(1000.0, 6e9, 100e12, world_size=4) == pytest.approx(6e12 / 400e12)
@@ -456,3 +505,26 @@ def test_init_from_continues_pretraining_from_a_run(tmp_path, data_dir):
                             init_from=str(tmp_path / "first")))
     with pytest.raises(FileNotFoundError):
         Trainer(tiny_config(tmp_path / "third", data_dir, model={}, init_from=str(tmp_path / "nothing")))
+
+
+@pytest.mark.parametrize("spelling", ["--init_from", "--init-from"])
+def test_main_job_drops_its_model_defaults_for_init_from_however_spelled(spelling, monkeypatch):
+    # the command line accepts --init-from for init_from; the main job must see it too, or its
+    # default model.* settings stay and the Trainer refuses them beside init_from
+    import llmkern.train.trainer as trainer_module
+    from llmkern.train.main_job import run_train
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_trainer(config):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(trainer_module, "Trainer", fake_trainer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Stop):
+        run_train(None, [f"{spelling}=some/run", "--device=cpu"])
+    assert seen[0].init_from == "some/run" and seen[0].model == {}

@@ -73,9 +73,9 @@ class FinetuneConfig:
         for name in ("max_steps", "warmup_steps", "eval_interval", "ckpt_interval", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):  # written so that NaN fails too
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

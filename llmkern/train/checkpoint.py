@@ -70,7 +70,8 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     meta: dict[str, Any], keep: int = 2) -> str:
-    """Write checkpoint `step` of a run atomically and delete all but the newest `keep`; its path."""
+    """Write checkpoint `step` of a run atomically and delete all but the newest `keep`; its path.
+    Checkpoints of later steps (an earlier run's, in a reused run folder) are deleted too."""
     root = checkpoints_dir(run_dir)
     os.makedirs(root, exist_ok=True)
     final = step_dir(run_dir, step)
@@ -97,6 +98,12 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
+    # A run's steps only go up, so checkpoints past this step were left by an earlier run in the same
+    # folder (a fresh start there): they would be taken for the newest on resume, and the rotation
+    # below would delete this one in their favour. They go first.
+    for saved_step, path in step_dirs(run_dir):
+        if saved_step > step:
+            shutil.rmtree(path, ignore_errors=True)
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
@@ -164,7 +171,9 @@ def capture_rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def restore_rng_states(rng: dict[str, Any]) -> None:
     tensors, meta = rng["tensors"], rng["meta"]
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    # in device order: sorted by the number, as a string sort puts rng.cuda.10 before rng.cuda.2
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     name, pos, has_gauss, cached = meta["numpy"]

@@ -109,7 +109,7 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
+        if not (self.grad_clip >= 0 and self.weight_decay >= 0):  # `not >=` also refuses NaN
             raise ValueError(f"grad_clip and weight_decay must be >= 0; got {self.grad_clip}, {self.weight_decay}")
         self.grad_accum_steps(1)
         return self

@@ -36,13 +36,14 @@ SAMPLE_PROMPTS = ("def ", "import os\n", "class ", "# ")
 def run_train(config_path: str | None, overrides: list[str], resume: bool = False, samples: int = 3) -> dict:
     """Train as configured; returns the Trainer's summary. Prints the evaluations and, on rank 0, samples."""
     from . import distributed
-    from .config import load_config
+    from .config import load_config, parse_overrides
     from .metrics import read_metrics
     from .trainer import Trainer
 
-    on_gpu = torch.cuda.is_available() and not any(o.startswith("--device=cpu") for o in overrides)
+    given = parse_overrides(overrides)  # the keys as load_config reads them: --init-from is init_from
+    on_gpu = torch.cuda.is_available() and not str(given.get("device", "")).startswith("cpu")
     defaults = None if config_path is not None else GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-    if defaults and any(o.startswith("--init_from=") for o in overrides):  # the model comes from init_from
+    if defaults and given.get("init_from"):  # the model comes from init_from
         defaults = {k: v for k, v in defaults.items() if k not in ("model", "preset")}
     config = load_config(config_path, overrides, defaults=defaults)
     trainer = Trainer(config)

@@ -19,6 +19,7 @@ import torch
 # Dense bf16 tensor-core peaks in FLOP/s (no sparsity), matched against the GPU's name, first match wins.
 GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
     ("H200", 989e12),
     ("H20", 148e12),
@@ -28,6 +29,7 @@ GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("A10G", 125e12),
     ("A10", 125e12),
     ("L40S", 362e12),
+    ("L40", 181e12),  # before "L4", which its name contains
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),

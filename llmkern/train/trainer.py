@@ -182,9 +182,9 @@ class Trainer:
                 window_seconds += time.perf_counter() - start
                 self.step += 1
                 bar.update(self.step - bar.n)
-                if loss is None:  # skipped: NaN/inf
+                window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
+                if loss is None:  # skipped: NaN/inf (no train record, and no eval or checkpoint at it)
                     continue
-                window_steps += 1
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
