@@ -528,3 +528,12 @@ def test_main_job_drops_its_model_defaults_for_init_from_however_spelled(spellin
     with pytest.raises(Stop):
         run_train(None, [f"{spelling}=some/run", "--device=cpu"])
     assert seen[0].init_from == "some/run" and seen[0].model == {}
+
+
+def test_a_save_clears_what_a_crashed_save_left(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp_step_0000004_999999").mkdir(parents=True)  # died while writing
+    (root / "step_0000003.old_999999").mkdir()  # died between swapping a re-saved step in and out
+    model = torch.nn.Linear(2, 2)
+    path = ckpt.save_checkpoint(str(tmp_path), 5, model.state_dict(), {"state": {}, "param_groups": []}, {})
+    assert sorted(os.listdir(root)) == ["step_0000005"] and path == str(root / "step_0000005")

@@ -104,6 +104,9 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     for saved_step, path in step_dirs(run_dir):
         if saved_step > step:
             shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):  # half-written or swapped-out folders of a writer that crashed
+        if name.startswith(".tmp_step_") or ".old_" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
