@@ -9,6 +9,10 @@ PyTorch's own SDPA in the same dtype against the same float64 reference (python_
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +226,44 @@ def test_triton_interpreter_compile_fullgraph():
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+_ROW_OFFSET_SCRIPT = r"""
+import sys
+import torch
+from llmkern.ops import attention
+
+path, stride, s, d = sys.argv[1], 2**30 + 32, 3, 32
+n = stride * (s - 1) + 3 * d
+with open(path, "wb") as f:
+    f.truncate(n * 4)  # sparse: only the pages of the 3 rows written below take memory
+storage = torch.from_file(path, shared=True, size=n, dtype=torch.float32)
+qkv = storage.as_strided((1, s, 3, d), (n, stride, d, 1))  # a fused projection's (B, S, 3, D) rows
+qkv.copy_(torch.randn(1, s, 3, d))
+views = [t.unsqueeze(1).detach().requires_grad_() for t in qkv.unbind(2)]  # (1, 1, S, D), row stride 2**30 + 32
+copies = [t.detach().clone().requires_grad_() for t in views]
+out = attention(*views, causal=True, backend="triton")
+want = attention(*copies, causal=True, backend="torch")
+grad = torch.randn_like(want)
+out.backward(grad)
+want.backward(grad)
+torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+for got, ref in zip(views, copies):
+    torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@interp
+def test_triton_interpreter_row_offsets_past_int32(tmp_path):
+    """Rows 2**30 + 32 elements apart (views into a sparse 8 GB file): row 2 starts past 2**31
+    elements, so a position * stride formed in int32 wraps to a negative offset. In its own
+    process, because a wrapped offset reads outside the mapping and crashes it."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _ROW_OFFSET_SCRIPT, str(tmp_path / "sparse.bin")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 # --- the Triton kernels compiled for real GPUs, without one ---------------------------------------

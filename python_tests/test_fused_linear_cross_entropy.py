@@ -412,3 +412,25 @@ def test_triton_kernel_builds_for_sm80_and_sm90():
     print("built")
     ''')
     assert "built" in out
+
+
+def test_triton_kernel_reads_the_target_logit_before_overwriting_the_row():
+    """Every thread loads the target's logit, then pass 2 overwrites the row with gradients from
+    whichever warp owns each column: on a GPU only a CTA barrier between the two orders one warp's
+    load before another's store (the interpreter runs programs and warps in turn, so it can't
+    show the race). In the built code a bar.sync must sit between the loss store (32-bit, after
+    the target load it depends on) and the first 16-bit gradient store."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton_build import run_build
+
+    out = run_build('''
+    from llmkern.triton import fused_linear_cross_entropy as k
+    for arch in (80, 90):
+        ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
+                                                   "GRAD_SCALE": "*fp32", "logits_stride": "i32", "n_classes": "i32",
+                                                   "ignore_index": "i32", "label_smoothing": "fp32"},
+                    {"COMPUTE_GRAD": True, "BLOCK": 4096}, arch, num_warps=8)
+        after_loss = ptx[ptx.index("st.global.b32"):]
+        print(arch, "bar.sync" in after_loss[:after_loss.index("st.global.b16")])
+    ''')
+    assert out.split() == ["80", "True", "90", "True"], out

@@ -230,6 +230,21 @@ def test_triton_kernel_writes_every_element_through_its_strides(inverse, monkeyp
     assert_close_to_ref(y.cpu(), rotate_complex(x.cpu(), turn), rotate_lowp(x.cpu(), turn), "rope kernel")
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_triton_launches_a_big_batch_in_slices(per_row, monkeypatch):
+    """The batch is grid axis 1, which CUDA caps at 65535 blocks: a bigger batch goes in slices
+    (per-row tables sliced with it). A cap of 2 makes a batch of 5 take three launches."""
+    kernels = importlib.import_module("llmkern.triton.rope")
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
+    b, h, s, d = 5, 2, 3, 8
+    x = torch.randn(b, h, s, d, device=DEVICE)
+    theta = angles((b, s) if per_row else (s,), d // 2)
+    cos, sin = tables(theta)
+    y = torch.full_like(x, float("nan"))
+    kernels.forward(x, cos, sin, y)
+    torch.testing.assert_close(y.cpu(), rotate_complex(x.cpu(), theta).float(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_kernels_empty_and_zero_sized_inputs(backend, device):
     x = torch.randn(0, 2, 5, 8, device=device, requires_grad=True)

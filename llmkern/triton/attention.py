@@ -17,6 +17,11 @@ Causal blocks above the diagonal are never visited; with doc_ids, a block pair w
 ranges don't meet is skipped after reading only the ids.
 
 Scores are kept in log2 units (scaled by scale * log2(e)) so the exponentials are exp2.
+
+Row offsets (position * row stride) are formed in int64: positions are int32, and with the
+strided q/k/v views of a fused QKV projection the row stride is (Hq + 2 Hkv) * D, so the
+product passes 2**31 from about 175k positions when Hq * D = 4096 with Hkv = Hq (in int32 it
+wraps to a negative offset: a read outside the tensor or a wrong row).
 """
 
 from __future__ import annotations
@@ -82,8 +87,9 @@ def _key_tile_docs(DOC_ROW, offs_n, key_ok, doc_q, row_ok, HAS_DOC: tl.constexpr
 def _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok):
     """Rows offs_n of one head's k and v, zero past seq_k and past the head dim."""
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    rows = offs_n.to(tl.int64)  # int64 row offsets: see the module docstring
+    k = tl.load(k_ptr + rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     return k, v
 
 
@@ -146,7 +152,8 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    rows_m = offs_m.to(tl.int64)  # int64 row offsets: see the module docstring
+    q = tl.load(q_ptr + rows_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     causal_shift = seq_k - seq_q
     doc_q = offs_m  # placeholder when there are no documents
@@ -182,7 +189,7 @@ def _attention_fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key gets 0
     o_ptr = O + b * stride_ob + h * stride_oh
-    tl.store(o_ptr + offs_m[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty),
+    tl.store(o_ptr + rows_m[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     # Natural-log lse; +inf for an empty row makes the backward's exp(s - lse) = 0 there.
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
@@ -204,8 +211,9 @@ def _attention_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+    rows_m = offs_m.to(tl.int64)  # int64 row offsets: see the module docstring
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m[:, None] * stride_dos + offs_d[None, :],
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
@@ -237,9 +245,10 @@ def _attention_bwd_dkdv_kernel(
     key_ok = offs_n < seq_k
     d_ok = offs_d < HEAD_DIM
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+    rows_n = offs_n.to(tl.int64)  # int64 row offsets: see the module docstring
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + rows_n[:, None] * stride_ks + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     doc_k = offs_n
     if HAS_DOC:
@@ -267,8 +276,9 @@ def _attention_bwd_dkdv_kernel(
                 meet = _tiles_meet(doc_q, row_ok, doc_k, key_ok)
             if meet:
                 q_mask = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_ptr + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+                rows_m = offs_m.to(tl.int64)  # int64 row offsets: see the module docstring
+                q = tl.load(q_ptr + rows_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_ptr + rows_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
                 # Padding rows get lse = +inf, so their p is exactly 0.
                 lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
                 delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
@@ -284,9 +294,9 @@ def _attention_bwd_dkdv_kernel(
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + rows_n[:, None] * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -320,9 +330,10 @@ def _attention_bwd_dq_kernel(
     row_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+    rows_m = offs_m.to(tl.int64)  # int64 row offsets: see the module docstring
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m[:, None] * stride_dos + offs_d[None, :],
                  mask=q_mask, other=0.0)
     row_base = pid_bh.to(tl.int64) * seq_q
     lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -352,7 +363,7 @@ def _attention_bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 

@@ -71,6 +71,11 @@ def _cross_entropy_rows_kernel(
     tl.store(LOSS + row, loss)
 
     if COMPUTE_GRAD:
+        # Every thread loaded target_z above (and thread 0 stores the loss from its copy), while
+        # pass 2 overwrites the row, target column included, from whichever warp owns it. Nothing
+        # orders one warp's load before another warp's store (the interpreter runs them in turn),
+        # so without this barrier a late warp could read the gradient as the target's logit.
+        tl.debug_barrier()
         # Pass 2: d loss / d z = softmax(z) - (1 - eps) * onehot(target) - eps / n_classes, scaled.
         scale = tl.load(GRAD_SCALE)
         smooth = label_smoothing / n_classes

@@ -20,6 +20,8 @@ import triton.language as tl
 
 # Elements of one half-head tile (heads x D/2) kept in registers at once.
 MAX_TILE = 4096
+# Blocks on grid axis 1 (the batch) per launch: CUDA's limit for grid axes 1 and 2.
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -81,11 +83,17 @@ def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, y: torch.Tens
     half = d // 2
     block_h, block_d, num_warps = _tiles(h, half)
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    _rope_kernel[(s, b)](
-        x, cos, sin, y,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        *_batch_and_position_strides(cos), *_batch_and_position_strides(sin),
-        h, half,
-        INVERSE=inverse, COMPUTE=compute, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    # The batch runs on grid axis 1, which CUDA caps at 65535 blocks: a larger batch (many short
+    # sequences) goes in slices. Positions stay on axis 0, which holds 2**31 - 1.
+    for start in range(0, b, MAX_GRID_Y):
+        rows = slice(start, min(start + MAX_GRID_Y, b))
+        x_b, y_b = x[rows], y[rows]
+        cos_b, sin_b = (t if t.dim() == 2 else t[rows] for t in (cos, sin))
+        _rope_kernel[(s, x_b.size(0))](
+            x_b, cos_b, sin_b, y_b,
+            x_b.stride(0), x_b.stride(1), x_b.stride(2),
+            y_b.stride(0), y_b.stride(1), y_b.stride(2),
+            *_batch_and_position_strides(cos_b), *_batch_and_position_strides(sin_b),
+            h, half,
+            INVERSE=inverse, COMPUTE=compute, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        )
