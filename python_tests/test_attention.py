@@ -34,6 +34,12 @@ def _gpu_backends() -> list[str]:
     return _kernel_backends(torch.device("cuda")) if HAS_CUDA else []
 
 
+def require_gpu_backend(backend: str) -> None:
+    """Skip the test when this GPU machine has no attention kernels of `backend`."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} has no attention kernels here")
+
+
 def _make_qkv(b, hq, hkv, sq, sk, d, dtype, device, strided=False):
     """Fresh random q, k, v; strided=True gives the views of a fused QKV projection (non-contiguous)."""
     if strided:
@@ -461,8 +467,7 @@ GPU_DTYPES = [torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("s", [1, 17, 128, 1000, 4097])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)])
 def test_gpu_matches_reference(backend, dtype, causal, d, s, hq, hkv):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     b = 2 if s <= 1000 else 1
     check_against_reference(backend, b, hq, hkv, s, s, d, dtype, causal, torch.device("cuda"), atol=1e-3)
 
@@ -471,8 +476,7 @@ def test_gpu_matches_reference(backend, dtype, causal, d, s, hq, hkv):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_strided_doc_ids_and_short_queries(backend, d):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     cuda = torch.device("cuda")
     check_against_reference(backend, 2, 8, 2, 777, 777, d, torch.bfloat16, True, cuda, strided=True, atol=1e-3)
     doc_ids = _random_doc_ids(2, 1000, cuda)
@@ -486,8 +490,7 @@ def test_gpu_strided_doc_ids_and_short_queries(backend, d):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("sq,sk", [(200, 70), (65, 1)])
 def test_gpu_queries_that_see_no_key(backend, sq, sk):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     check_queries_that_see_no_key(backend, sq, sk, 128, torch.bfloat16, torch.device("cuda"), atol=5e-2)
 
 
@@ -495,8 +498,7 @@ def test_gpu_queries_that_see_no_key(backend, sq, sk):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("s", [17, 4097])
 def test_gpu_doc_ids_at_odd_lengths(backend, s):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     cuda = torch.device("cuda")
     check_against_reference(backend, 1, 4, 2, s, s, 64, torch.bfloat16, True, cuda,
                             doc_ids=_random_doc_ids(1, s, cuda), atol=1e-3)
@@ -505,8 +507,7 @@ def test_gpu_doc_ids_at_odd_lengths(backend, s):
 @pytest.mark.cuda
 def test_gpu_cuda_op_reads_any_doc_ids_layout():
     """The custom op called directly with int64 or strided document ids gives what int32 ids give."""
-    if "cuda" not in _gpu_backends():
-        pytest.skip("no cuda attention kernels here")
+    require_gpu_backend("cuda")
     cuda = torch.device("cuda")
     q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, cuda))
     ids = _random_doc_ids(2, 300, cuda).to(torch.int32).contiguous()
@@ -525,8 +526,7 @@ def test_gpu_triton_other_head_dims(d):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_kernels_write_every_output(backend):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     kernels = importlib.import_module(f"llmkern.{backend}.attention")
     b, hq, hkv, s, d = 2, 8, 2, 1001, 128
     q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, torch.bfloat16, torch.device("cuda")))
@@ -543,8 +543,7 @@ def test_gpu_kernels_write_every_output(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_memory_grows_linearly(backend):
     """Extra peak memory of forward + backward at 2S is about 2x (not 4x) that at S."""
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
 
     def extra_peak(s: int) -> int:
         q, k, v = _make_qkv(1, 16, 16, s, s, 128, torch.bfloat16, torch.device("cuda"))
@@ -564,8 +563,7 @@ def test_gpu_memory_grows_linearly(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_opcheck_and_compile_fullgraph(backend):
-    if backend not in _gpu_backends():
-        pytest.skip(f"backend {backend} has no attention kernels here")
+    require_gpu_backend(backend)
     q, k, v = _make_qkv(2, 8, 2, 130, 130, 64, torch.bfloat16, torch.device("cuda"))
     torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, (q, k, v, None, True, 0.125, backend))
     o, lse = torch.ops.llmkern.attention_fwd(q, k, v, None, True, 0.125, backend)
