@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llmkern.data.tokenizer import ByteTokenizer
 from llmkern.eval import sequence_logprobs, token_logprobs

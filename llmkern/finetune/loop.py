@@ -45,6 +45,11 @@ MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 TRAIN_STATE = "train_state"  # out_dir/train_state/checkpoints/step_N: what resume continues from
 
 
+def train_state_dir(config) -> str:
+    """Where a run's training state (for resume) lives: out_dir/train_state."""
+    return os.path.join(config.out_dir, TRAIN_STATE)
+
+
 class FinetuneDiverged(RuntimeError):
     """The loss or gradient norm was NaN/inf for MAX_BAD_STEPS steps in a row."""
 
@@ -193,7 +198,7 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     it; otherwise the run starts afresh: a new log, and no training state left from an older run."""
     info = distributed.detect()
     log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
-    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    state_dir = train_state_dir(config)
     if not config.resume:
         if info.is_main:
             if os.path.exists(log.path):
@@ -225,7 +230,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed,
                 "world_size": info.world_size}  # what a resumed run must share
-    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    state_dir = train_state_dir(config)
     log, counters, evals = open_run(config, model, optimizer, position)
 
     from tqdm import tqdm

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -366,7 +365,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import TRAIN_STATE, autocast_context, make_optimizer, micro_batches, open_run, save_train_state
+    from .loop import autocast_context, make_optimizer, micro_batches, open_run, save_train_state, train_state_dir
 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -413,7 +412,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     def autocast():
         return autocast_context(config, device)
 
-    state_dir = os.path.join(config.out_dir, TRAIN_STATE)
+    state_dir = train_state_dir(config)
     position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed}
     log, counters, evals = open_run(config, model, optimizer, position)
