@@ -89,6 +89,13 @@ def cuda_has(op: str) -> bool:
     return _memo(f"cuda:{op}", probe)
 
 
+def cuda_emulated() -> bool:
+    """True when llmkern._cuda is the tests' CPU emulator of the kernels (python_tests/simt): its
+    kernels then run on CPU tensors, as Triton's do under TRITON_INTERPRET=1."""
+    mod = cuda_module()
+    return mod is not None and getattr(mod, "compiled_archs", None) == "simt"
+
+
 def triton_available() -> bool:
     return _memo("triton", lambda: importlib.util.find_spec("triton") is not None)
 
@@ -110,7 +117,7 @@ def can_run(backend: str, op: str, device: torch.device) -> bool:
     if backend == "torch":
         return True
     if backend == "cuda":
-        return device.type == "cuda" and cuda_has(op)
+        return cuda_has(op) and (device.type == "cuda" or (device.type == "cpu" and cuda_emulated()))
     if backend == "triton":
         on_gpu = device.type == "cuda"
         return triton_has(op) and (on_gpu or (device.type == "cpu" and triton_interpreted()))

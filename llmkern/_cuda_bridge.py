@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Keep in sync with csrc/common/dtype.h (enum class DType).
@@ -18,5 +20,13 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def stream(device: torch.device) -> int:
-    """The current CUDA stream of `device`, as the integer handle the launchers take."""
+    """The current CUDA stream of `device`, as the integer handle the launchers take (0 for the
+    CPU tensors of the tests' emulator, see _backend.cuda_emulated)."""
+    if device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def on_device(device: torch.device):
+    """Make `device` the current CUDA device for a launch (nothing to do for CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

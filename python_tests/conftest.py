@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_emulator(request):
+    """Tests marked `simt` run the cuda backend's kernels on CPU tensors in the emulator."""
+    if request.node.get_closest_marker("simt") is None:
+        yield
+        return
+    import simt
+
+    try:
+        module = simt.module()
+    except simt.Unavailable as e:
+        pytest.skip(f"the CUDA emulator cannot be built here: {e}")
+    with simt.emulating(module):
+        yield
+
+
 @pytest.fixture
 def shared_data():
     """Path of ../shared/data (real text and tokenizer files); skips when it is absent."""

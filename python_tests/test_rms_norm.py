@@ -23,9 +23,11 @@ EPS = 1e-6
 
 
 def _backends():
-    """(backend, device) pairs this machine can run; the cuda ones skip without a GPU."""
+    """(backend, device) pairs: the cuda ones on a GPU skip without one; "cuda-simt" runs the
+    CUDA kernels on CPU tensors in the emulator (python_tests/simt) on any machine."""
     pairs = [pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton")]
     pairs.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    pairs.append(pytest.param("cuda", "cpu", id="cuda-simt", marks=pytest.mark.simt))
     return pairs
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._cuda_bridge import dtype_code, stream
+from .._cuda_bridge import dtype_code, on_device, stream
 from .._multi_tensor import group_by_dtype_and_master, group_indices
 
 
@@ -30,7 +30,7 @@ def grad_norm(
     llmkern.ops.reference.adamw_grad_norm for the contract)."""
     mod = _backend.cuda_module()
     device = grad_norm.device
-    with torch.cuda.device(device):
+    with on_device(device):
         per_dtype = group_indices([g.dtype for g in grads])
         counts = tuple(len(idx) for idx in per_dtype.values())
         if cache.get("counts") != counts:  # the occupancy queries behind it cost host time
@@ -79,7 +79,7 @@ def step(
     if masters is None:
         masters = [None] * len(params)
     lr_on_device = isinstance(lr, torch.Tensor)
-    with torch.cuda.device(device):
+    with on_device(device):
         handle = stream(device)
         per_kind = group_by_dtype_and_master(params, masters)
         for (dtype, has_master), idx in per_kind.items():

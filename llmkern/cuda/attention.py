@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._cuda_bridge import dtype_code, ptr, stream
+from .._cuda_bridge import dtype_code, on_device, ptr, stream
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
         raise ValueError("lse must be contiguous")
     b, hq, sq, d = q.shape
     hkv, sk = k.size(1), k.size(2)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):
         _backend.cuda_module().attention_forward(
             ptr(q), ptr(k), ptr(v), ptr(doc_ids), ptr(o), ptr(lse),
             b, hq, hkv, sq, sk, d,
@@ -65,7 +65,7 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
         raise ValueError("lse must be contiguous")
     b, hq, sq, d = q.shape
     hkv, sk = k.size(1), k.size(2)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):
         delta = torch.empty_like(lse)  # rowsum(o * do), written by the first kernel
         _backend.cuda_module().attention_backward(
             ptr(q), ptr(k), ptr(v), ptr(o), ptr(do), ptr(lse), ptr(doc_ids),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._cuda_bridge import dtype_code, ptr, stream
+from .._cuda_bridge import dtype_code, on_device, ptr, stream
 
 
 def forward(x, weight, residual, eps, y, h) -> None:
     """y = rmsnorm(h) * weight with h = x (+ residual); h written only when residual is given."""
     rows, cols = x.shape
-    with torch.cuda.device(x.device):
+    with on_device(x.device):
         _backend.cuda_module().rms_norm_forward(
             ptr(x), ptr(residual), ptr(weight), ptr(y), ptr(h),
             rows, cols,
@@ -25,7 +25,7 @@ def backward(dy, h, weight, dh_extra, eps, dh, dweight) -> None:
     """dh = d(rmsnorm(h) * weight)/dh . dy (+ dh_extra); dweight summed over rows in fp32."""
     rows, cols = h.shape
     mod = _backend.cuda_module()
-    with torch.cuda.device(h.device):
+    with on_device(h.device):
         # fp32 partial sums of dweight, one row per block; the allocator owns the memory.
         workspace = torch.empty(
             mod.rms_norm_backward_workspace(rows, cols, dtype_code(h.dtype)),

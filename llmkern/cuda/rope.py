@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._cuda_bridge import dtype_code, ptr, stream
+from .._cuda_bridge import dtype_code, on_device, ptr, stream
 
 
 def _strides(t: torch.Tensor, dims: range) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, y: torch.Tens
         if table.dtype != torch.float32:
             raise TypeError(f"the cuda RoPE kernel takes float32 {name}; got {table.dtype}")
     b, h, s, d = x.shape
-    with torch.cuda.device(x.device):
+    with on_device(x.device):
         _backend.cuda_module().rope_forward(
             ptr(x), ptr(cos), ptr(sin), ptr(y),
             b, h, s, d,

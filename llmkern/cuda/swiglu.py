@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._cuda_bridge import dtype_code, ptr, stream
+from .._cuda_bridge import dtype_code, on_device, ptr, stream
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -17,7 +17,7 @@ def _row_stride(t: torch.Tensor) -> int:
 def forward(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
     """y = silu(gate) * up."""
     rows, cols = gate.shape
-    with torch.cuda.device(gate.device):
+    with on_device(gate.device):
         _backend.cuda_module().swiglu_forward(
             ptr(gate), ptr(up), ptr(y), rows, cols,
             _row_stride(gate), _row_stride(up), _row_stride(y),
@@ -28,7 +28,7 @@ def forward(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
 def backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor, dup: torch.Tensor) -> None:
     """dgate and dup from the output gradient dy (sigmoid(gate) recomputed)."""
     rows, cols = gate.shape
-    with torch.cuda.device(gate.device):
+    with on_device(gate.device):
         _backend.cuda_module().swiglu_backward(
             ptr(dy), ptr(gate), ptr(up), ptr(dgate), ptr(dup), rows, cols,
             _row_stride(dy), _row_stride(gate), _row_stride(up), _row_stride(dgate), _row_stride(dup),

@@ -1,0 +1,55 @@
+"""simt: llmkern's CUDA kernels run on the CPU, so a machine without a GPU tests them too.
+
+simt.h says how and what it can and cannot find. Tests use it through the `simt` marker (see
+conftest.py): inside such a test the "cuda" backend runs the emulated kernels on CPU tensors, the
+way the "triton" backend runs Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .build import Unavailable, build, load
+
+__all__ = ["Unavailable", "build", "emulating", "load", "module", "schedule"]
+
+_module = None
+
+
+def module():
+    """The emulated `_cuda` module, built (or taken from build/simt) on first use."""
+    global _module
+    if _module is None:
+        _module = load()
+    return _module
+
+
+@contextlib.contextmanager
+def emulating(mod):
+    """Inside the block llmkern's cuda backend is `mod` and accepts CPU tensors."""
+    from llmkern import _backend
+
+    saved = dict(_backend._probed)
+    _backend._probed.clear()  # every answer about the cuda module is asked again of `mod`
+    _backend._probed["cuda_module"] = mod
+    try:
+        yield mod
+    finally:
+        _backend._probed.clear()
+        _backend._probed.update(saved)
+
+
+@contextlib.contextmanager
+def schedule(order: str):
+    """Run the kernels launched in the block with threads and blocks in `order`:
+    "forward", "reverse" or "random:SEED" (a race shows as a result that changes with it)."""
+    saved = os.environ.get("LLMKERN_SIMT_SCHEDULE")
+    os.environ["LLMKERN_SIMT_SCHEDULE"] = order
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LLMKERN_SIMT_SCHEDULE"]
+        else:
+            os.environ["LLMKERN_SIMT_SCHEDULE"] = saved

@@ -1,0 +1,145 @@
+"""Build llmkern's CUDA kernels for the CPU emulator (simt.h) into a module with `_cuda`'s API.
+
+The sources are the ones CMakeLists.txt gives `_cuda` (kernels and bindings), copied with two
+rewrites the host compiler needs: `kernel<<<grid, block, smem, stream>>>(args)` becomes a
+`simt::Launch`, and an `extern __shared__` array becomes the launch's dynamic shared memory.
+csrc/cuda/attention_ptx.cuh (the only inline assembly) is replaced by the emulator's model of the
+same instructions. Builds are cached under build/simt/<hash of everything that goes in>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SIMT_DIR = Path(__file__).resolve().parent
+REPO = SIMT_DIR.parents[1]
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
+         "-Wno-unknown-pragmas", "-Wno-attributes", '-DLLMKERN_CUDA_ARCHS="simt"']
+
+# `name<<<config>>>(` at a statement's start (after an optional case label); one line each in csrc.
+LAUNCH = re.compile(r"^(\s*(?:case\s+\w+:\s*|default:\s*)?)(\S.*?)<<<(.+?)>>>\(", re.MULTILINE)
+EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
+
+
+class Unavailable(RuntimeError):
+    """The emulator cannot be built here (no CUDA headers, no C++ compiler, no pybind11)."""
+
+
+def cuda_include_dir() -> Path:
+    """The CUDA headers: nvcc's own, else $CUDA_HOME's, else the copy Triton ships."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        match = re.search(r'INCLUDES="-I([^"]+?)"', out)
+        if match and (Path(match.group(1)) / "cuda_runtime.h").exists():
+            return Path(match.group(1))
+    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    triton = importlib.util.find_spec("triton")
+    if triton and triton.origin:
+        candidates.append(Path(triton.origin).parent / "backends" / "nvidia" / "include")
+    for path in candidates:
+        if (path / "cuda_runtime.h").exists() and (path / "cuda_bf16.h").exists():
+            return path
+    raise Unavailable("no CUDA headers (nvcc, $CUDA_HOME or Triton's copy)")
+
+
+def cmake_list(name: str) -> list[str]:
+    text = (REPO / "CMakeLists.txt").read_text()
+    match = re.search(rf"set\({name}\s+(.*?)\)", text, re.DOTALL)
+    if not match:
+        raise RuntimeError(f"CMakeLists.txt has no {name}")
+    return match.group(1).split()
+
+
+def rewrite(text: str) -> str:
+    def launch(m: re.Match) -> str:
+        kernel = m.group(2).strip()
+        return f'{m.group(1)}(::simt::Launch({m.group(3)}, "{kernel}") | {kernel})('
+
+    text = LAUNCH.sub(launch, text)
+    return EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::simt::dynamic_shared());", text)
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise Unavailable("no C++ compiler")
+    return cxx
+
+
+def _inputs() -> list[Path]:
+    files = sorted(p for p in (REPO / "csrc").rglob("*") if p.is_file())
+    return files + sorted(p for p in SIMT_DIR.iterdir() if p.suffix in {".h", ".cuh", ".cpp", ".py"})
+
+
+def build() -> Path:
+    """Compile (or reuse) the emulated module; returns the path of the shared library."""
+    try:
+        import pybind11
+    except ImportError as e:
+        raise Unavailable("pybind11 is not installed (pip install -e '.[test]')") from e
+    cxx, cuda_include = _compiler(), cuda_include_dir()
+    digest = hashlib.sha256()
+    for path in _inputs():
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join([cxx, str(cuda_include), *FLAGS]).encode())
+    out_dir = REPO / "build" / "simt" / digest.hexdigest()[:16]
+    library = out_dir / ("_cuda" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    if library.exists():
+        return library
+
+    work = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "src"
+    for path in (REPO / "csrc").rglob("*"):
+        if path.is_file():
+            target = src / path.relative_to(REPO / "csrc")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(rewrite(path.read_text()))
+    shutil.copy(SIMT_DIR / "attention_ptx.cuh", src / "cuda" / "attention_ptx.cuh")
+
+    includes = ["-include", str(SIMT_DIR / "simt.h"), "-I", str(src), "-I", str(SIMT_DIR),
+                "-isystem", str(cuda_include), "-isystem", pybind11.get_include(),
+                "-isystem", sysconfig.get_paths()["include"]]
+    sources = [src / Path(s).relative_to("csrc") for s in
+               cmake_list("LLMKERN_CUDA_SOURCES") + cmake_list("LLMKERN_CUDA_BINDINGS")]
+    sources.append(SIMT_DIR / "simt_runtime.cpp")
+
+    def compile_one(source: Path) -> Path:
+        obj = work / (source.name + ".o")
+        cmd = [cxx, *FLAGS, *includes, "-x", "c++", "-c", str(source), "-o", str(obj)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"simt: compiling {source.name} failed:\n{done.stderr[:6000]}")
+        return obj
+
+    jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        objects = list(pool.map(compile_one, sources))
+    linked = work / library.name
+    done = subprocess.run([cxx, "-shared", "-o", str(linked), *map(str, objects)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"simt: linking failed:\n{done.stderr[-6000:]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(linked, library)  # atomic: a concurrent build or a crash never leaves half a library
+    shutil.rmtree(work, ignore_errors=True)
+    return library
+
+
+def load():
+    """The emulated module (built on first use): the same functions as llmkern._cuda."""
+    library = build()
+    spec = importlib.util.spec_from_file_location("llmkern_simt._cuda", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
