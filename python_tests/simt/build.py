@@ -82,19 +82,31 @@ def _inputs() -> list[Path]:
     return files + sorted(p for p in SIMT_DIR.iterdir() if p.suffix in {".h", ".cuh", ".cpp", ".py"})
 
 
-def build() -> Path:
-    """Compile (or reuse) the emulated module; returns the path of the shared library."""
+def _sources(name: str, src: Path) -> list[Path]:
+    if name == "_cuda":
+        listed = cmake_list("LLMKERN_CUDA_SOURCES") + cmake_list("LLMKERN_CUDA_BINDINGS")
+        sources = [src / Path(s).relative_to("csrc") for s in listed]
+    elif name == "_simt_selftest":
+        sources = [src / "selftest.cu"]
+    else:
+        raise ValueError(f"unknown emulated module {name!r}")
+    return sources + [SIMT_DIR / "simt_runtime.cpp"]
+
+
+def build(name: str = "_cuda") -> Path:
+    """Compile (or reuse) an emulated module: "_cuda" (the kernels, with llmkern._cuda's API) or
+    "_simt_selftest" (the emulator's own tests); returns the path of the shared library."""
     try:
         import pybind11
     except ImportError as e:
         raise Unavailable("pybind11 is not installed (pip install -e '.[test]')") from e
     cxx, cuda_include = _compiler(), cuda_include_dir()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(name.encode())
     for path in _inputs():
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     digest.update(" ".join([cxx, str(cuda_include), *FLAGS]).encode())
     out_dir = REPO / "build" / "simt" / digest.hexdigest()[:16]
-    library = out_dir / ("_cuda" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    library = out_dir / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
     if library.exists():
         return library
 
@@ -107,13 +119,11 @@ def build() -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(rewrite(path.read_text()))
     shutil.copy(SIMT_DIR / "attention_ptx.cuh", src / "cuda" / "attention_ptx.cuh")
+    (src / "selftest.cu").write_text(rewrite((SIMT_DIR / "selftest.cu").read_text()))
 
     includes = ["-include", str(SIMT_DIR / "simt.h"), "-I", str(src), "-I", str(SIMT_DIR),
                 "-isystem", str(cuda_include), "-isystem", pybind11.get_include(),
                 "-isystem", sysconfig.get_paths()["include"]]
-    sources = [src / Path(s).relative_to("csrc") for s in
-               cmake_list("LLMKERN_CUDA_SOURCES") + cmake_list("LLMKERN_CUDA_BINDINGS")]
-    sources.append(SIMT_DIR / "simt_runtime.cpp")
 
     def compile_one(source: Path) -> Path:
         obj = work / (source.name + ".o")
@@ -125,7 +135,7 @@ def build() -> Path:
 
     jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        objects = list(pool.map(compile_one, sources))
+        objects = list(pool.map(compile_one, _sources(name, src)))
     linked = work / library.name
     done = subprocess.run([cxx, "-shared", "-o", str(linked), *map(str, objects)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -136,10 +146,10 @@ def build() -> Path:
     return library
 
 
-def load():
-    """The emulated module (built on first use): the same functions as llmkern._cuda."""
-    library = build()
-    spec = importlib.util.spec_from_file_location("llmkern_simt._cuda", library)
+def load(name: str = "_cuda"):
+    """An emulated module (built on first use); "_cuda" has the same functions as llmkern._cuda."""
+    library = build(name)
+    spec = importlib.util.spec_from_file_location(f"llmkern_simt.{name}", library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -113,13 +113,9 @@ void thread_main() {
   } catch (...) {
     m.fault = "unknown exception";
   }
-  // The hardware completes copies nobody waited for; a read of them would already have failed.
-  Thread& t = *m.current;
-  for (const auto& group : t.groups) perform(group);
-  perform(t.uncommitted);
-  t.groups.clear();
-  t.uncommitted.clear();
-  t.state = State::kExited;
+  // Copies nobody waited for are never performed: whoever reads them (another thread, after this
+  // one exits) reads a race, and sees the poison.
+  m.current->state = State::kExited;
 }  // returns to uc_link: the scheduler
 
 void park(Machine& m, State state) {
