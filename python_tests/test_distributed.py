@@ -1,7 +1,9 @@
-"""Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly."""
+"""Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly,
+each rank with its own RNG states."""
 
 import faulthandler
 import os
+import shutil
 import socket
 
 import pytest
@@ -18,9 +20,10 @@ from test_train import TINY_MODEL, synthetic_documents
 WORLD = 2
 
 
-def config(out_dir, data_dir, parallel):
+def config(out_dir, data_dir, parallel, **model):
     # batch_tokens = 2 micro-batches of 4 x 32: accumulated in one process, one per rank in two
-    return TrainConfig(out_dir=str(out_dir), data_dir=data_dir, preset="tiny", model=dict(TINY_MODEL), batch_tokens=256,
+    return TrainConfig(out_dir=str(out_dir), data_dir=data_dir, preset="tiny", model={**TINY_MODEL, **model},
+                       batch_tokens=256,
                        micro_batch=4, seq_len=32, max_steps=5, lr=3e-3, warmup_steps=1, eval_interval=0, eval_steps=2,
                        ckpt_interval=3, log_interval=1, progress=False, seed=3, parallel=parallel).validate()
 
@@ -39,6 +42,29 @@ def _worker(rank, port, out_dir, data_dir, parallel, resume):
 def run_two_processes(out_dir, data_dir, parallel, resume):
     mp.start_processes(_worker, args=(_free_port(), str(out_dir), data_dir, parallel, resume), nprocs=WORLD,
                        join=True, start_method="spawn")
+
+
+def _dropout_worker(rank, port, tmp, data_dir, parallel):
+    """Train 5 steps with dropout, each rank drawing its own masks; keep that run's log and last
+    checkpoint; then resume the run from its step-3 checkpoint in the same processes."""
+    faulthandler.enable()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from llmkern.train import distributed
+
+    run = os.path.join(tmp, "run")
+    trainer = Trainer(config(run, data_dir, parallel, dropout=0.2))
+    torch.manual_seed(100 + rank)  # from here on the ranks' generators differ, as their dropout masks may
+    trainer.fit()
+    distributed.barrier(trainer.dist)
+    if rank == 0:  # what the uninterrupted run ended with; its step-3 checkpoint stays to resume from
+        os.rename(ckpt.step_dir(run, 5), os.path.join(tmp, "uninterrupted_step5"))
+        shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(tmp, "uninterrupted.jsonl"))
+    distributed.barrier(trainer.dist)
+    torch.manual_seed(999)  # the same on both ranks: only the restored states can tell them apart again
+    Trainer(config(run, data_dir, parallel, dropout=0.2)).fit(resume=True)
+    distributed.shutdown()
 
 
 def _free_port():
@@ -81,3 +107,25 @@ def test_two_gloo_processes_match_one_process(tmp_path, parallel):
             os.rename(path, str(tmp_path / "multi_step5"))
     run_two_processes(tmp_path / "multi", data_dir, parallel, resume=True)
     assert learning_numbers(records(tmp_path / "multi")) == learning_numbers(multi)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
+    # Ranks whose dropout masks differ: a resume that gave rank 1 rank 0's RNG states (as checkpoints
+    # did when they held one process's) would draw other masks on rank 1 and change the loss.
+    data_dir = str(tmp_path / "shards")
+    tokenize_documents(synthetic_documents(), "bytes", data_dir, val_fraction=0.15, seed=0)
+    mp.start_processes(_dropout_worker, args=(_free_port(), str(tmp_path), data_dir, parallel), nprocs=WORLD,
+                       join=True, start_method="spawn")
+
+    uninterrupted = learning_numbers(read_metrics(str(tmp_path / "uninterrupted.jsonl")))
+    resumed = learning_numbers(records(tmp_path / "run"))
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert resumed == uninterrupted  # bitwise: the same floats
+    saved = ckpt.load_checkpoint(str(tmp_path / "run"))
+    assert saved.step == 5
+    assert sorted(k for k in saved.rng["tensors"] if k.endswith(".torch")) == ["rng.rank0.torch", "rng.rank1.torch"]
+    assert not torch.equal(saved.rng["tensors"]["rng.rank0.torch"], saved.rng["tensors"]["rng.rank1.torch"])
+    expected = ckpt.load_checkpoint(str(tmp_path / "uninterrupted_step5")).model
+    for name, tensor in expected.items():
+        assert torch.equal(saved.model[name], tensor), name

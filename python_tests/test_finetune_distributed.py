@@ -1,16 +1,22 @@
 """Fine-tuning under torchrun: two gloo processes learn like one process at the same global batch,
-and a stopped two-process run resumes exactly."""
+and a stopped two-process run resumes exactly, each rank with its own RNG states."""
 
 import faulthandler
 import json
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
+from llmkern.data.tokenizer import ByteTokenizer
+from llmkern.finetune import FinetuneConfig
 from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.data import encode_prompt_response, make_lm_batch
+from llmkern.finetune.loop import fit, train_state_dir
 from llmkern.finetune.sft import SFTConfig, run_sft
 from llmkern.model import GPT, GPTConfig
 from llmkern.train import checkpoint as ckpt
@@ -51,11 +57,58 @@ def _worker(rank, port, tmp_path, resume):
     distributed.shutdown()
 
 
-def run_two_processes(tmp_path, resume=False):
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, tmp_path, resume), nprocs=WORLD, join=True, start_method="spawn")
+        return s.getsockname()[1]
+
+
+def run_two_processes(tmp_path, resume=False):
+    mp.start_processes(_worker, args=(_free_port(), tmp_path, resume), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def _dropout_worker(rank, port, tmp_path):
+    """fit() 5 steps with dropout, each rank drawing its own masks (training state saved at step 3);
+    then, in the same processes, a fresh model resumes a copy of that state to step 5. Each rank
+    writes both runs' final weights."""
+    faulthandler.enable()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from llmkern.train import distributed
+
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(8)]
+    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+
+    def settings(out, **kw):
+        return FinetuneConfig(out_dir=str(tmp_path / out), max_steps=5, batch_size=2, lr=3e-3, warmup_steps=1,
+                              ckpt_interval=3, progress=False, seed=5, **kw)
+
+    def lm_loss(model, batch):
+        return model(batch["idx"], batch["targets"])[1], {}
+
+    def final_weights(model, name):
+        weights = {k: v.clone() for k, v in model.state_dict().items()}  # clones: tied weights stored apart
+        save_file(weights, str(tmp_path / f"{name}_rank{rank}.safetensors"))
+
+    whole = tiny_dropout_gpt()
+    torch.manual_seed(100 + rank)  # from here on the ranks' generators differ, as their dropout masks may
+    fit(whole, lm_loss, examples, collate, settings("whole"))
+    final_weights(whole, "whole")
+    if rank == 0:  # the state the uninterrupted run saved at step 3, as a stopped run would have left it
+        shutil.copytree(train_state_dir(settings("whole")), train_state_dir(settings("stopped")))
+    distributed.barrier(distributed.detect())
+    resumed = tiny_dropout_gpt()  # the same on both ranks: only the restored states tell them apart again
+    fit(resumed, lm_loss, examples, collate, settings("stopped", resume=True))
+    final_weights(resumed, "resumed")
+    distributed.shutdown()
+
+
+def tiny_dropout_gpt():
+    torch.manual_seed(4)
+    return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32,
+                                     dropout=0.2, backend="torch"))
 
 
 def numbers(run_dir):
@@ -86,3 +139,18 @@ def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     resumed = numbers(tmp_path / "multi")
     assert [r["step"] for r in resumed if r["kind"] == "train"] == [4, 5]
     assert [r for r in resumed if r["kind"] == "train"] == [r for r in multi if r["kind"] == "train" and r["step"] > 3]
+
+
+def test_a_resumed_two_process_run_draws_each_ranks_own_random_numbers(tmp_path):
+    # Ranks whose dropout masks differ: a resume that gave rank 1 rank 0's RNG states (as training states
+    # did when they held one process's) would draw other masks on rank 1 and change the loss.
+    mp.start_processes(_dropout_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
+
+    whole, resumed = numbers(tmp_path / "whole"), numbers(tmp_path / "stopped")
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == [4, 5]
+    assert [r for r in resumed if r["kind"] == "train"] == [r for r in whole if r["kind"] == "train" and r["step"] > 3]
+    for rank in range(WORLD):
+        expected = load_file(str(tmp_path / f"whole_rank{rank}.safetensors"))
+        got = load_file(str(tmp_path / f"resumed_rank{rank}.safetensors"))
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), (rank, name)

@@ -5,15 +5,19 @@ import math
 import os
 import pickle
 import random
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmkern.data.shards import load_manifest, tokenize_documents
 from llmkern.train import TrainConfig, Trainer, TrainingDiverged, load_config
 from llmkern.train import checkpoint as ckpt
 from llmkern.train.metrics import mfu, peak_flops_of, read_metrics
 from llmkern.train.schedules import cosine_lr, learning_rate, wsd_lr
+from llmkern.train.trainer import seed_everything
 
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32}
 
@@ -341,6 +345,77 @@ def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
     ckpt.restore_rng_states({"tensors": tensors, "meta": meta})
     assert [int(s[0]) for s in restored] == list(range(12))
+
+
+def random_draws():
+    """A few numbers from each generator a checkpoint restores."""
+    return torch.rand(3).tolist(), np.random.rand(2).tolist(), [random.random() for _ in range(2)]
+
+
+def rewrite_as_unranked(path):
+    """Turn a one-process checkpoint into the layout from before per-rank RNG states ("rng.torch", ...)."""
+    tensors = load_file(os.path.join(path, "state.safetensors"))
+    save_file({k.replace("rng.rank0.", "rng."): v for k, v in tensors.items()}, os.path.join(path, "state.safetensors"))
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    meta["rng"] = meta["rng"]["ranks"][0]
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def test_each_rank_restores_its_own_rng_states(tmp_path):
+    per_rank, expected = [], []
+    for rank in range(2):  # two processes' generators, one after the other
+        seed_everything(10 + rank)
+        per_rank.append(ckpt.capture_rng_states())
+        expected.append(random_draws())
+    empty = {"state": {}, "param_groups": []}
+    path = ckpt.save_checkpoint(str(tmp_path), 1, {"w": torch.zeros(2)}, empty, {},
+                                rng=ckpt.ranked_rng_states(per_rank))
+    rng = ckpt.load_checkpoint(path).rng
+    assert {"rng.rank0.torch", "rng.rank1.torch", "rng.rank0.numpy", "rng.rank1.numpy"} <= set(rng["tensors"])
+    for rank in (1, 0):
+        seed_everything(99)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same number of processes: nothing to warn about
+            ckpt.restore_rng_states(rng, rank=rank, world_size=2)
+        assert random_draws() == expected[rank]
+
+    # more processes than saved: rank 0 warns, a rank the checkpoint lacks takes rank 0's states
+    with pytest.warns(UserWarning, match="RNG states of 2 processes, this run has 3"):
+        ckpt.restore_rng_states(rng, rank=0, world_size=3)
+    seed_everything(99)
+    ckpt.restore_rng_states(rng, rank=2, world_size=3)
+    assert random_draws() == expected[0]
+    with pytest.warns(UserWarning, match="RNG states of 2 processes, this run has 1"):
+        ckpt.restore_rng_states(rng)  # one process, no process group: rank 0 of 1
+    with pytest.raises(ValueError, match="rank must be in"):
+        ckpt.restore_rng_states(rng, rank=2, world_size=2)
+
+
+def test_one_process_checkpoints_and_old_unranked_ones_restore_rng_states(tmp_path):
+    seed_everything(5)
+    empty = {"state": {}, "param_groups": []}
+    path = ckpt.save_checkpoint(str(tmp_path), 1, {"w": torch.zeros(2)}, empty, {})  # no rng: this process's
+    expected = random_draws()
+    assert "rng.rank0.torch" in ckpt.load_checkpoint(path).rng["tensors"]
+    seed_everything(99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.restore_rng_states(ckpt.load_checkpoint(path).rng)
+    assert random_draws() == expected
+
+    rewrite_as_unranked(path)  # as written before per-rank states: every rank restores those
+    rng = ckpt.load_checkpoint(path).rng
+    assert "rng.torch" in rng["tensors"] and "ranks" not in rng["meta"]
+    seed_everything(99)
+    ckpt.restore_rng_states(rng)
+    assert random_draws() == expected
+    seed_everything(99)
+    ckpt.restore_rng_states(rng, rank=1, world_size=2)
+    assert random_draws() == expected
+    with pytest.warns(UserWarning, match="one process's RNG states"):
+        ckpt.restore_rng_states(rng, rank=0, world_size=2)
 
 
 def test_skipped_steps_count_in_tokens_per_second(tmp_path, data_dir, monkeypatch):

@@ -164,16 +164,23 @@ def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, f
 
 
 def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any],
-                     counters: dict[str, int]) -> str:
-    """Write what a resumed run needs (weights, optimizer, RNG states, counters) as the newest and only
-    checkpoint of state_dir; `position` names the settings a resumed run must share."""
-    return ckpt.save_checkpoint(state_dir, counters["step"], model.state_dict(), optimizer.state_dict(),
-                                {"finetune_state": {"position": position, "counters": counters}}, keep=1)
+                     counters: dict[str, int]) -> str | None:
+    """Write what a resumed run needs (weights, optimizer, every rank's RNG states, counters) as the
+    newest and only checkpoint of state_dir; `position` names the settings a resumed run must share.
+    Every rank calls it (the RNG states are gathered from all); rank 0 writes and gets the path."""
+    info = distributed.detect()
+    rng = ckpt.gather_rng_states()
+    path = None
+    if info.is_main:  # every process holds the same weights and optimizer state
+        path = ckpt.save_checkpoint(state_dir, counters["step"], model.state_dict(), optimizer.state_dict(),
+                                    {"finetune_state": {"position": position, "counters": counters}}, keep=1, rng=rng)
+    distributed.barrier(info)
+    return path
 
 
 def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
-    """Load the newest training state of a run into model and optimizer and restore the RNG states;
-    the saved counters. A run whose data or batch settings changed since cannot continue."""
+    """Load the newest training state of a run into model and optimizer and restore this rank's RNG
+    states; the saved counters. A run whose data or batch settings changed since cannot continue."""
     latest = ckpt.latest_checkpoint(state_dir)
     if latest is None:
         raise FileNotFoundError(f"cannot resume: no training state in {ckpt.checkpoints_dir(state_dir)} "
@@ -282,10 +289,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
-                if info.is_main:  # every process holds the same weights and optimizer state
-                    save_train_state(state_dir, model, optimizer, position,
-                                     {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
-                distributed.barrier(info)
+                save_train_state(state_dir, model, optimizer, position,  # on every rank: it gathers their RNG states
+                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
     if info.is_main:
         plot_metrics(log.path, config.out_dir, extra=charts)
     return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,

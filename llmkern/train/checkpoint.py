@@ -2,9 +2,12 @@
 
 A checkpoint is a folder `<run>/checkpoints/step_<NNNNNNN>/` holding
     model.safetensors   the model's weights (tied weights stored once; meta.json names the aliases)
-    state.safetensors   the optimizer's tensors ("optimizer.<i>.<name>") and RNG states ("rng.*")
+    state.safetensors   the optimizer's tensors ("optimizer.<i>.<name>") and each rank's RNG states
+                        ("rng.rank<r>.torch", "rng.rank<r>.numpy", "rng.rank<r>.cuda.<device>")
     meta.json           format, step, configs, the optimizer's other values and param groups,
-                        numpy/python RNG states, loader position, trainer counters
+                        each rank's numpy/python RNG states, loader position, trainer counters
+Checkpoints written before the per-rank RNG states hold one process's states, unranked ("rng.torch",
+"rng.cuda.<device>", "rng.numpy"); they still load, and every rank restores those.
 It is written under a temporary name and renamed into place, so a checkpoint folder either is
 complete or does not exist. Loading reads only safetensors and JSON.
 """
@@ -16,11 +19,13 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -69,9 +74,13 @@ def latest_checkpoint(run_dir: str) -> str | None:
 # --- saving ---------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    meta: dict[str, Any], keep: int = 2) -> str:
+                    meta: dict[str, Any], keep: int = 2,
+                    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> str:
     """Write checkpoint `step` of a run atomically and delete all but the newest `keep`; its path.
-    Checkpoints of later steps (an earlier run's, in a reused run folder) are deleted too."""
+    Checkpoints of later steps (an earlier run's, in a reused run folder) are deleted too.
+
+    rng: every rank's RNG states from gather_rng_states() (which every rank must call; only the
+    writer calls this). None: this process's states alone, as rank 0 of one."""
     root = checkpoints_dir(run_dir)
     os.makedirs(root, exist_ok=True)
     final = step_dir(run_dir, step)
@@ -82,7 +91,7 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     weights, aliases = _dedupe_shared(model_state)
     save_file(weights, os.path.join(tmp, "model.safetensors"))
     state_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
-    rng_tensors, rng_meta = capture_rng_states()
+    rng_tensors, rng_meta = rng if rng is not None else ranked_rng_states([capture_rng_states()])
     save_file({**state_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
     full_meta = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases,
                  "optimizer": optimizer_meta, "rng": rng_meta, **meta}
@@ -158,8 +167,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 # --- RNG states -----------------------------------------------------------------------------
+# Each process of a torchrun job has its own generators, and they may differ (dropout masks, anything
+# random per rank), so a checkpoint keeps every rank's states and each rank restores its own.
 
 def capture_rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states, unranked: tensors "rng.torch", "rng.cuda.<device>" (every visible GPU),
+    "rng.numpy", and the numpy/python values JSON holds."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -171,8 +184,72 @@ def capture_rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                      "python": [version, list(py_state), gauss_next]}
 
 
-def restore_rng_states(rng: dict[str, Any]) -> None:
+def gather_rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every rank's RNG states (ranked_rng_states), on every rank; in one process, its own as rank 0.
+    A collective under torch.distributed: every rank must call it, or the ones that did wait forever."""
+    local = capture_rng_states()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ranked_rng_states([local])
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)  # small CPU tensors and lists: fine on gloo and nccl
+    return ranked_rng_states(per_rank)
+
+
+def ranked_rng_states(per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """capture_rng_states() of ranks 0, 1, ... -> the checkpoint's layout: tensors "rng.rank<r>.<name>",
+    JSON {"ranks": [rank 0's numpy/python values, rank 1's, ...]}."""
+    tensors = {}
+    for rank, (rank_tensors, _) in enumerate(per_rank):
+        for key, value in rank_tensors.items():
+            tensors[f"rng.rank{rank}.{key[len('rng.'):]}"] = value
+    return tensors, {"ranks": [rank_meta for _, rank_meta in per_rank]}
+
+
+def restore_rng_states(rng: dict[str, Any], rank: int | None = None, world_size: int | None = None) -> None:
+    """Set this process's generators to its rank's states in a checkpoint's `rng` (Checkpoint.rng).
+
+    rank and world_size default to the torch.distributed process group's (0 and 1 without one). A
+    checkpoint saved with another number of processes: a rank it has restores its own states, any
+    other rank rank 0's, and rank 0 warns (once) that the run will not continue exactly as it would
+    have. A checkpoint from before the per-rank states holds one process's: every rank restores those
+    (rank 0 warns when there are several)."""
+    grouped = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if grouped else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if grouped else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    tensors, meta = _states_of_rank(rng, rank, world_size)
+    _restore_process_states(tensors, meta)
+
+
+def _states_of_rank(rng: dict[str, Any], rank: int, world_size: int
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The unranked (tensors, meta) that `rank` restores; the warnings of restore_rng_states."""
     tensors, meta = rng["tensors"], rng["meta"]
+    if "ranks" not in meta:  # the old layout: one process's states, unranked
+        if rank == 0 and world_size > 1:
+            warnings.warn(f"the checkpoint holds one process's RNG states (saved before per-rank states): all "
+                          f"{world_size} ranks restore them, so random draws that differed between the ranks "
+                          f"will not continue as they would have", stacklevel=3)
+        return tensors, meta
+    saved = len(meta["ranks"])
+    if rank == 0 and saved != world_size:
+        warnings.warn(f"the checkpoint holds the RNG states of {saved} processes, this run has {world_size}: "
+                      f"ranks without their own take rank 0's, so random draws will not continue exactly as "
+                      f"they would have", stacklevel=3)
+    source = rank if rank < saved else 0
+    prefix = f"rng.rank{source}."  # the dot keeps rank 1's keys apart from rank 10's
+    own = {"rng." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if "rng.torch" not in own or "rng.numpy" not in own:
+        raise ValueError(f"the checkpoint's RNG states of rank {source} are incomplete (it has {sorted(own)})")
+    return own, meta["ranks"][source]
+
+
+def _restore_process_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Set this process's generators from capture_rng_states()'s layout."""
     torch.set_rng_state(tensors["rng.torch"])
     # in device order: sorted by the number, as a string sort puts rng.cuda.10 before rng.cuda.2
     cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))

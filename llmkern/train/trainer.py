@@ -5,8 +5,8 @@ loss averaged over them (and over the ranks by DDP/FSDP), the gradients clipped 
 then AdamW at the schedule's learning rate. Every eval_interval steps the validation loss and
 perplexity are measured on the same eval_steps held-out batches; every ckpt_interval steps and
 at the end a checkpoint is written. fit(resume=True) continues from the newest checkpoint with
-the model, optimizer, RNG states, data position and counters restored, so on a CPU the losses
-after resuming equal, bit for bit, those of a run that never stopped.
+the model, optimizer, RNG states (each rank its own), data position and counters restored, so on a
+CPU the losses after resuming equal, bit for bit, those of a run that never stopped.
 
 A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged, and after
 max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
@@ -308,6 +308,7 @@ class Trainer:
     def save(self) -> str | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank takes part)."""
         model_state, optim_state = self._state_dicts()
+        rng = ckpt.gather_rng_states()  # each rank's own, for its resume: a collective, so on every rank
         path = None
         if self.dist.is_main:
             meta = {
@@ -322,7 +323,7 @@ class Trainer:
                             "last_val_loss": self.last_val_loss},
             }
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
-                                        keep=self.config.keep_checkpoints)
+                                        keep=self.config.keep_checkpoints, rng=rng)
         distributed.barrier(self.dist)
         return path
 
@@ -344,7 +345,7 @@ class Trainer:
             self.raw_model.load_state_dict(state.model)
             self.optimizer.load_state_dict(state.optimizer)
         self.train_loader.load_state_dict(state.meta["loader"])
-        ckpt.restore_rng_states(state.rng)
+        ckpt.restore_rng_states(state.rng, self.dist.rank, self.dist.world_size)  # this rank's own states
         counters = state.meta["trainer"]
         self.step = state.step
         self.best_val_loss = counters["best_val_loss"] if counters["best_val_loss"] is not None else math.inf
