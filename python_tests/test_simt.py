@@ -36,6 +36,9 @@ def test_a_race_changes_with_the_schedule_and_the_barrier_removes_it(selftest):
         assert torch.equal(results[order, True], expected.float())
     racy = [results[order, False] for order in ("forward", "reverse", "random:3")]
     assert not all(torch.equal(racy[0], r) for r in racy[1:])
+    # Forward, thread 0 runs to its end first: slot 1 was never written in this block, so it reads
+    # the poison, not what an earlier launch left in the array.
+    assert torch.isnan(results["forward", False][0])
 
 
 def test_reading_cp_async_data_before_the_wait_sees_poison(selftest):

@@ -25,9 +25,17 @@ REPO = SIMT_DIR.parents[1]
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
          "-Wno-unknown-pragmas", "-Wno-attributes", '-DLLMKERN_CUDA_ARCHS="simt"']
 
+# LLMKERN_SIMT_ASAN=1: also AddressSanitizer, for out-of-bounds global accesses (run Python with
+# LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0; scripts/simt_memcheck.sh).
+if os.environ.get("LLMKERN_SIMT_ASAN") == "1":
+    FLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
 # `name<<<config>>>(` at a statement's start (after an optional case label); one line each in csrc.
 LAUNCH = re.compile(r"^(\s*(?:case\s+\w+:\s*|default:\s*)?)(\S.*?)<<<(.+?)>>>\(", re.MULTILINE)
 EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
+# A static `__shared__ T name[N];` (one block's array: a function-local static, see simt.h), poisoned
+# when the first thread of each block reaches it.
+STATIC_SHARED = re.compile(r"__shared__\s+((?:__align__\(\d+\)\s+)?)([\w: ]+?)\s+(\w+)((?:\[[^\]]+\])*);")
 
 
 class Unavailable(RuntimeError):
@@ -67,7 +75,8 @@ def rewrite(text: str) -> str:
         return f'{m.group(1)}(::simt::Launch({m.group(3)}, "{kernel}") | {kernel})('
 
     text = LAUNCH.sub(launch, text)
-    return EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::simt::dynamic_shared());", text)
+    text = EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::simt::dynamic_shared());", text)
+    return STATIC_SHARED.sub(r"\1static \2 \3\4; ::simt::poison_shared_once(&\3, sizeof(\3));", text)
 
 
 def _compiler() -> str:
@@ -137,7 +146,7 @@ def build(name: str = "_cuda") -> Path:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         objects = list(pool.map(compile_one, _sources(name, src)))
     linked = work / library.name
-    done = subprocess.run([cxx, "-shared", "-o", str(linked), *map(str, objects)], capture_output=True, text=True)
+    done = subprocess.run([cxx, "-shared", *FLAGS, "-o", str(linked), *map(str, objects)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"simt: linking failed:\n{done.stderr[-6000:]}")
     out_dir.mkdir(parents=True, exist_ok=True)

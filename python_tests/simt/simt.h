@@ -2,7 +2,8 @@
 //
 // The kernel sources are compiled by the host C++ compiler with this header forced in front
 // (python_tests/simt/build.py also rewrites `kernel<<<grid, block, smem, stream>>>(args)` into a
-// call of simt::Launch, and `extern __shared__` arrays into the launch's dynamic shared memory).
+// call of simt::Launch, `extern __shared__` arrays into the launch's dynamic shared memory, and
+// static `__shared__` arrays into function-local statics poisoned anew for each block).
 // Each CUDA thread of a block is a fiber (ucontext) with its own stack; one OS thread runs them
 // cooperatively, a block at a time:
 //   - __syncthreads parks a thread until every thread of the block that has not exited arrives;
@@ -12,7 +13,7 @@
 //   - cp.async copies happen as late as the program allows (at cp.async.wait_group), so a read
 //     before the wait sees the poisoned bytes, not the data.
 // What it finds: wrong indexing and fragment layouts, reads of shared memory never written
-// (dynamic shared memory is filled with 0xff bytes, a NaN in every float type), barriers some
+// (shared memory is filled with 0xff bytes, a NaN in every float type, for every block), barriers some
 // threads never reach (a deadlock is reported with each thread's state), warp instructions whose
 // lanes disagree, misaligned vector and cp.async accesses, launch configurations the GPU refuses.
 // Races between barriers show up as results that change with the schedule: the order in which
@@ -72,6 +73,8 @@ const dim3& grid_dim();
 
 // The block's dynamic shared memory (the `extern __shared__` array of the kernel).
 unsigned char* dynamic_shared();
+// Fills a static __shared__ array with 0xff bytes the first time a thread of the block reaches it.
+void poison_shared_once(void* p, size_t bytes);
 // Whether [p, p + bytes) lies inside the block's dynamic shared memory.
 bool in_dynamic_shared(const void* p, size_t bytes);
 

@@ -11,6 +11,7 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <set>
 #include <vector>
 
 namespace simt {
@@ -67,6 +68,7 @@ struct Machine {
   std::string fault;
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
+  std::set<void*> poisoned;                       // the static shared arrays this block has poisoned
   unsigned long launches = 0;
 };
 
@@ -203,6 +205,7 @@ void run_block(Machine& m, const Schedule& schedule, unsigned long salt) {
   }
   m.warps.assign(static_cast<size_t>((n + 31) / 32), Warp{});
   if (m.shared_bytes) std::memset(m.shared, 0xff, m.shared_bytes);  // NaN in fp32, fp16 and bf16
+  m.poisoned.clear();
   m.at_barrier = 0;
   const std::vector<long> order = ordering(n, schedule, salt);
   for (;;) {
@@ -259,6 +262,10 @@ const uint3& block_index() { return machine().block_idx; }
 const dim3& block_dim() { return machine().block; }
 const dim3& grid_dim() { return machine().grid; }
 unsigned char* dynamic_shared() { return machine().shared; }
+
+void poison_shared_once(void* p, size_t bytes) {
+  if (machine().poisoned.insert(p).second) std::memset(p, 0xff, bytes);
+}
 
 bool in_dynamic_shared(const void* p, size_t bytes) {
   const Machine& m = machine();
