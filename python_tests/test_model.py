@@ -280,6 +280,46 @@ def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant)
         assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
 
 
+@pytest.mark.simt
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
+    """Every CUDA kernel of a block (attention, RMSNorm, RoPE, SwiGLU) in one model, emulated on
+    CPU tensors under bf16 autocast (the kernels take bf16), then a few AdamW steps on its kernels."""
+    overrides = dict(VARIANTS[variant], n_embd=128, n_head=2, block_size=40)  # head dim 64
+    if "n_kv_head" in overrides:
+        overrides["n_kv_head"] = 1
+    reference = GPT(tiny(**overrides, backend="torch"))
+    model = GPT(tiny(**overrides, backend="cuda", fused_loss=False))
+    model.load_state_dict(reference.state_dict())
+    idx, targets = torch.randint(0, VOCAB, (2, 40)), torch.randint(0, VOCAB, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+        ref_logits, ref_loss = reference(idx, targets)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
+
+    from llmkern.optim import AdamW
+
+    losses = {}
+    for net, backend in ((model, "cuda"), (reference, "torch")):
+        opt = AdamW(net.parameters(), lr=3e-3, weight_decay=0.1, backend=backend)
+        losses[backend] = []
+        for _ in range(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, step_loss = net(idx, targets)
+            step_loss.backward()
+            opt.step()
+            losses[backend].append(step_loss.item())
+    assert losses["cuda"][-1] < losses["cuda"][0]
+    torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["torch"]), rtol=2e-2, atol=2e-2)
+
+
 def test_torch_compile_traces_the_whole_model_without_graph_breaks():
     # aot_eager: dynamo and AOTAutograd trace forward and backward (no C++ compiler needed).
     model = GPT(tiny(**VARIANTS["llama"], activation_checkpointing=True))

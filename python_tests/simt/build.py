@@ -152,6 +152,9 @@ def build(name: str = "_cuda") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     os.replace(linked, library)  # atomic: a concurrent build or a crash never leaves half a library
     shutil.rmtree(work, ignore_errors=True)
+    for old in out_dir.parent.iterdir():  # builds of this module from older sources
+        if old != out_dir and (old / library.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
     return library
 
 
