@@ -50,6 +50,17 @@ def test_reading_cp_async_data_before_the_wait_sees_poison(selftest):
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_racecheck_of_cp_async_and_ldmatrix(selftest, order):
+    data, out = torch.randn(512).half(), torch.zeros(64)
+    with simt.schedule(order):
+        selftest.tile_reuse(data.data_ptr(), out.data_ptr(), True, True)  # both barriers: no race
+        with pytest.raises(RuntimeError, match=r"shared-memory race"):
+            selftest.tile_reuse(data.data_ptr(), out.data_ptr(), False, True)
+        with pytest.raises(RuntimeError, match=r"shared-memory race"):
+            selftest.tile_reuse(data.data_ptr(), out.data_ptr(), True, False)
+
+
 def test_misaligned_cp_async_source_is_reported(selftest):
     data = torch.randn(80)
     with pytest.raises(RuntimeError, match="misaligned"):

@@ -37,6 +37,7 @@ inline void check_rows(const void* const* rows) {
     if (reinterpret_cast<std::uintptr_t>(rows[l]) % 16 != 0 || !simt::in_dynamic_shared(rows[l], 16)) {
       simt::fail("ldmatrix: lane " + std::to_string(l) + "'s row address is not 16 aligned bytes of shared memory");
     }
+    simt::shared_read(rows[l], 16);
   }
 }
 

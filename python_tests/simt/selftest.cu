@@ -91,6 +91,25 @@ __global__ void mma_from_formulas(const __half* a, const __half* b, const float*
   }
 }
 
+// Warp 0 copies a 32-row tile into shared memory with cp.async, both warps read it with
+// ldmatrix, then warp 0 copies the next tile over it: each step needs the barrier before it.
+__global__ void tile_reuse(const __half* in, float* out, bool barrier_after_load, bool barrier_before_reload) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __half* tile = reinterpret_cast<__half*>(shared_raw);  // 32 rows of 8 halves
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 0) cp_async_16(tile + 8 * lane, in + 8 * lane, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  if (barrier_after_load) __syncthreads();
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + 8 * lane);
+  if (barrier_before_reload) __syncthreads();
+  if (warp == 0) cp_async_16(tile + 8 * lane, in + 256 + 8 * lane, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  out[threadIdx.x] = static_cast<float>(r[0] & 0xffffu);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_simt_selftest, m) {
@@ -114,6 +133,11 @@ PYBIND11_MODULE(_simt_selftest, m) {
     (::simt::Launch(1, 32, 512, nullptr, "mma_from_formulas") | mma_from_formulas)(
         reinterpret_cast<const __half*>(a), reinterpret_cast<const __half*>(b), as_floats(c), as_floats(d_direct),
         as_floats(d_ldmatrix));
+  });
+  m.def("tile_reuse", [](std::uintptr_t in, std::uintptr_t out, bool barrier_after_load, bool barrier_before_reload) {
+    (::simt::Launch(1, 64, 512, nullptr, "tile_reuse") | tile_reuse)(reinterpret_cast<const __half*>(in),
+                                                                      as_floats(out), barrier_after_load,
+                                                                      barrier_before_reload);
   });
   m.def("oversized_block", [](std::uintptr_t out) {
     (::simt::Launch(1, 2048, 0, nullptr, "neighbour_read") | neighbour_read)(as_floats(out), true);

@@ -16,8 +16,12 @@
 // (shared memory is filled with 0xff bytes, a NaN in every float type, for every block), barriers some
 // threads never reach (a deadlock is reported with each thread's state), warp instructions whose
 // lanes disagree, misaligned vector and cp.async accesses, launch configurations the GPU refuses.
-// Races between barriers show up as results that change with the schedule: the order in which
-// runnable threads (and blocks) run is LLMKERN_SIMT_SCHEDULE = forward | reverse | random:SEED.
+// Races: the modelled shared-memory instructions are racechecked (a cp.async lands any time
+// between its issue and its wait, so a read of its bytes by another warp in that window, or before
+// the next __syncthreads, or a write over bytes another warp read since the last barrier, is an
+// error); races of plain loads and stores show up as results that change with the schedule: the
+// order in which runnable threads (and blocks) run is LLMKERN_SIMT_SCHEDULE = forward | reverse |
+// random:SEED.
 // What it cannot find: out-of-bounds global accesses (the memory is the caller's CPU tensors),
 // the GPU's memory model, compiler bugs of nvcc, speed.
 #pragma once
@@ -79,6 +83,9 @@ void poison_shared_once(void* p, size_t bytes);
 bool in_dynamic_shared(const void* p, size_t bytes);
 
 void syncthreads();
+
+// A warp instruction reads [p, p + bytes) of dynamic shared memory: the racecheck against cp.async.
+void shared_read(const void* p, size_t bytes);
 
 // cp.async of 16 bytes (zero-filled when !valid), its commit_group and wait_group.
 void cp_async(void* dst, const void* src, bool valid);

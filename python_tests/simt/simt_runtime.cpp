@@ -32,6 +32,20 @@ struct CpAsyncCopy {
   void* dst;
   const void* src;
   bool valid;  // false: zero-fill, src not read
+  long issued;  // the barrier epoch of the issue
+};
+
+// Racecheck of the modelled shared-memory instructions, per 16-byte chunk of dynamic shared
+// memory. An epoch is the time between two __syncthreads of the block. A cp.async may land any
+// time between its issue and its wait, so it races with a read by another warp in that window, and
+// its data reach other warps only after the next barrier.
+struct ChunkShadow {
+  int writer = -1;           // the thread of the last cp.async into the chunk
+  bool pending = false;      // issued, not yet waited for
+  long written = -1;         // the epoch its wait completed it
+  int reader_warp = -1;      // a warp that read the chunk in epoch `read`
+  bool readers_many = false; // more than one warp read it in epoch `read`
+  long read = -1;
 };
 
 struct Thread {
@@ -69,6 +83,8 @@ struct Machine {
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
   std::set<void*> poisoned;                       // the static shared arrays this block has poisoned
+  std::vector<ChunkShadow> shadow;                // racecheck state of dynamic shared memory
+  long epoch = 0;                                 // barriers this block has passed
   unsigned long launches = 0;
 };
 
@@ -96,12 +112,25 @@ char* new_stack() {
   return static_cast<char*>(p) + page;
 }
 
-void perform(const std::vector<CpAsyncCopy>& copies) {
+ChunkShadow& chunk_of(Machine& m, const void* p) {
+  return m.shadow[static_cast<size_t>(static_cast<const unsigned char*>(p) - m.shared) / 16];
+}
+
+// A cp.async that lands while another warp may read the chunk (a read since the copy's issue).
+void check_write_after_read(Machine& m, const ChunkShadow& c, long since, int warp, const char* when);
+
+void perform(Machine& m, const std::vector<CpAsyncCopy>& copies, int thread) {
   for (const CpAsyncCopy& c : copies) {
+    ChunkShadow& shadow = chunk_of(m, c.dst);
+    check_write_after_read(m, shadow, c.issued, thread / 32, "lands");
     if (c.valid) {
       std::memcpy(c.dst, c.src, 16);
     } else {
       std::memset(c.dst, 0, 16);
+    }
+    if (shadow.writer == thread) {
+      shadow.pending = false;
+      shadow.written = m.epoch;
     }
   }
 }
@@ -206,6 +235,8 @@ void run_block(Machine& m, const Schedule& schedule, unsigned long salt) {
   m.warps.assign(static_cast<size_t>((n + 31) / 32), Warp{});
   if (m.shared_bytes) std::memset(m.shared, 0xff, m.shared_bytes);  // NaN in fp32, fp16 and bf16
   m.poisoned.clear();
+  m.shadow.assign(m.shared_bytes / 16, ChunkShadow{});
+  m.epoch = 0;
   m.at_barrier = 0;
   const std::vector<long> order = ordering(n, schedule, salt);
   for (;;) {
@@ -227,6 +258,7 @@ void run_block(Machine& m, const Schedule& schedule, unsigned long salt) {
         if (m.threads[i].state == State::kAtBarrier) m.threads[i].state = State::kRunnable;
       }
       m.at_barrier = 0;
+      ++m.epoch;
       continue;
     }
     if (!ran) throw Fault(deadlock_report(m, n));
@@ -271,6 +303,38 @@ bool in_dynamic_shared(const void* p, size_t bytes) {
   const Machine& m = machine();
   const auto* c = static_cast<const unsigned char*>(p);
   return m.shared != nullptr && c >= m.shared && c + bytes <= m.shared + m.shared_bytes;
+}
+
+namespace {
+
+void check_write_after_read(Machine& m, const ChunkShadow& c, long since, int warp, const char* when) {
+  if (c.read >= since && (c.readers_many || c.reader_warp != warp)) {
+    fail(std::string("shared-memory race: a cp.async ") + when + " on 16 bytes warp " +
+         std::to_string(c.reader_warp) + " read with no __syncthreads between (write after read)");
+  }
+}
+
+}  // namespace
+
+void shared_read(const void* p, size_t bytes) {
+  Machine& m = machine();
+  const int warp = static_cast<int>(m.current - m.threads.data()) / 32;
+  const auto* first = static_cast<const unsigned char*>(p);
+  for (const unsigned char* q = first - (first - m.shared) % 16; q < first + bytes; q += 16) {
+    ChunkShadow& c = chunk_of(m, q);
+    if (c.writer >= 0 && c.writer / 32 != warp && (c.pending || c.written == m.epoch)) {
+      fail("shared-memory race: warp " + std::to_string(warp) + " reads 16 bytes that thread " +
+           std::to_string(c.writer) + "'s cp.async " + (c.pending ? "may still be writing" : "wrote in this epoch") +
+           " (read after write; a barrier after the wait orders them)");
+    }
+    if (c.read == m.epoch && c.reader_warp != warp) {
+      c.readers_many = true;
+    } else if (c.read != m.epoch) {
+      c.read = m.epoch;
+      c.reader_warp = warp;
+      c.readers_many = false;
+    }
+  }
 }
 
 void syncthreads() {
@@ -322,7 +386,17 @@ void cp_async(void* dst, const void* src, bool valid) {
     fail("cp.async: the destination is not 16 aligned bytes of the block's shared memory");
   }
   if (valid && reinterpret_cast<std::uintptr_t>(src) % 16 != 0) fail("cp.async: misaligned 16-byte global source");
-  machine().current->uncommitted.push_back({dst, src, valid});
+  Machine& m = machine();
+  const int thread = static_cast<int>(m.current - m.threads.data());
+  ChunkShadow& c = chunk_of(m, dst);
+  check_write_after_read(m, c, m.epoch, thread / 32, "is issued");
+  if (c.pending && c.writer != thread) {
+    fail("shared-memory race: two threads' cp.async write the same 16 bytes (thread " + std::to_string(c.writer) +
+         "'s is still in flight)");
+  }
+  c.writer = thread;
+  c.pending = true;
+  m.current->uncommitted.push_back({dst, src, valid, m.epoch});
 }
 
 void cp_async_commit() {
@@ -332,9 +406,10 @@ void cp_async_commit() {
 }
 
 void cp_async_wait(int pending) {
-  Thread& t = *machine().current;
+  Machine& m = machine();
+  Thread& t = *m.current;
   while (static_cast<int>(t.groups.size()) > pending) {
-    perform(t.groups.front());
+    perform(m, t.groups.front(), static_cast<int>(&t - m.threads.data()));
     t.groups.pop_front();
   }
 }
