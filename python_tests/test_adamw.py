@@ -1,8 +1,10 @@
 """llmkern.optim.AdamW against torch.optim.AdamW (and clip_grad_norm_), on every backend.
 
-On a CPU machine the torch backend and the Triton kernels (in the interpreter, so tensors stay
-small) run; on a GPU machine the cuda, triton and torch backends run on the GPU as well, with
-a 1000003-element tensor, and a step is captured in a CUDA graph.
+On a CPU machine the torch backend, the Triton kernels (in the interpreter, so tensors stay
+small) and the CUDA kernels (on CPU tensors in the emulator of python_tests/simt: tests marked
+`simt`, ids with "cuda-simt") run; on a GPU machine the cuda, triton and torch backends run on
+the GPU as well, with a 1000003-element tensor, and a step is captured in a CUDA graph (that
+test, and the one that no step synchronizes, stay on the GPU).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import pytest
 import torch
 
+import simt
 from llmkern import _backend
 from llmkern.optim import AdamW
 from numerics import assert_close_to_ref
@@ -27,6 +30,7 @@ CASES = [
     pytest.param("cuda", "torch", id="cuda-torch", marks=cuda),
     pytest.param("cuda", "triton", id="cuda-triton", marks=cuda),
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=cuda),
+    pytest.param("cpu", "cuda", id="cpu-cuda-simt", marks=pytest.mark.simt),  # the CUDA kernels emulated
 ]
 GPU_KERNELS = [pytest.param("triton", marks=cuda), pytest.param("cuda", marks=cuda)]
 
@@ -34,13 +38,20 @@ RTOL, ATOL = 1e-6, 1e-7  # fp32: the same math, at most a few roundings apart
 
 
 def _skip_if_unbuilt(backend: str) -> None:
-    if backend == "cuda" and not CUDA_BUILT:
+    # Asked at run time: inside a `simt` test the cuda module is the emulator's.
+    if backend == "cuda" and not _backend.cuda_has("adamw"):
         pytest.skip("llmkern._cuda was built without the adamw kernels")
 
 
-def _sizes(device: str) -> list[list[int]]:
-    """Two groups: a few odd sizes, and many small tensors (bigger ones on a GPU)."""
-    first = [1, 3, 1003, 4097] + ([1000003] if device == "cuda" else [])
+def _sizes(device: str, backend: str = "torch") -> list[list[int]]:
+    """Two groups: a few odd sizes, and many small tensors (bigger ones on a GPU). The emulated
+    CUDA kernels get a tensor of 5 chunks and 3 elements: more chunks than the emulator's
+    persistent grid has blocks (4), so its grid-stride loop goes round within one tensor."""
+    first = [1, 3, 1003, 4097]
+    if device == "cuda":
+        first.append(1000003)
+    elif backend == "cuda":
+        first.append(5 * 4096 + 3)
     second = [5 + 7 * i for i in range(24)]
     return [first, second]
 
@@ -93,7 +104,7 @@ SETTINGS = [dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, weight_decay=0.0)]
 @pytest.mark.parametrize("device, backend", CASES)
 def test_matches_torch_adamw_over_20_steps(device, backend):
     _skip_if_unbuilt(backend)
-    ours, ref = _twin_params(_sizes(device), device)
+    ours, ref = _twin_params(_sizes(device, backend), device)
     opt = AdamW(_group_dicts(ours, SETTINGS), betas=(0.9, 0.95), eps=1e-8, backend=backend)
     ref_opt = torch.optim.AdamW(_group_dicts(ref, SETTINGS), betas=(0.9, 0.95), eps=1e-8)
     for _ in range(20):
@@ -107,7 +118,7 @@ def test_matches_torch_adamw_over_20_steps(device, backend):
 @pytest.mark.parametrize("device, backend", CASES)
 def test_clipping_equals_clip_grad_norm_then_adamw(device, backend):
     _skip_if_unbuilt(backend)
-    ours, ref = _twin_params(_sizes(device), device)
+    ours, ref = _twin_params(_sizes(device, backend), device)
     opt = AdamW(_group_dicts(ours, SETTINGS), max_grad_norm=1.0, backend=backend)
     ref_opt = torch.optim.AdamW(_group_dicts(ref, SETTINGS))
     for i in range(20):
@@ -327,8 +338,68 @@ def test_params_without_grad_are_left_alone(device, backend):
     assert float(opt.state[a]["step"]) == 2.0
 
 
-def test_norm_is_deterministic_and_grads_of_mixed_dtypes():
-    """The Triton norm over fp32 and bf16 grads: fp32 accumulation, the same bits twice."""
+@pytest.mark.parametrize("device, backend", CASES)
+def test_more_tensors_than_one_launch_takes(device, backend):
+    """The CUDA kernels pass their tensors' addresses as kernel arguments, 48 tensors per update
+    launch and 160 per norm launch: 170 tensors of one group (and an empty one) take several of
+    each, with the partial sums of every norm launch adding up to one norm."""
+    _skip_if_unbuilt(backend)
+    sizes = [[1 + (7 * i) % 23 for i in range(170)], [3, 0, 1003]]
+    ours, ref = _twin_params(sizes, device)
+    opt = AdamW(_group_dicts(ours, SETTINGS), max_grad_norm=1.0, backend=backend)
+    ref_opt = torch.optim.AdamW(_group_dicts(ref, SETTINGS))
+    for i in range(3):
+        _set_grads(ours, ref, scale=0.01 if i == 1 else 1.0)  # one step under the limit
+        opt.step()
+        ref_norm = torch.nn.utils.clip_grad_norm_(_flat(ref), 1.0)
+        ref_opt.step()
+        torch.testing.assert_close(opt.grad_norm, ref_norm, rtol=1e-5, atol=0)
+    _assert_same_state(opt, _flat(ours), ref_opt, _flat(ref))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (so -0.0 and 0.0, or two NaNs, compare as what they are)."""
+    return t.detach().reshape(-1).view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _emulated_steps(order: str) -> list[torch.Tensor]:
+    """Three clipped steps of the emulated CUDA kernels over fp32 params and bf16 ones with fp32
+    masters, threads and blocks run in `order`: every param, state tensor and norm after them."""
+    gen = torch.Generator().manual_seed(3)
+    fp32 = [torch.randn(n, generator=gen).requires_grad_() for n in (1, 1003, 2 * 4096 + 1, 5 * 4096 + 3)]
+    bf16 = [torch.randn(n, generator=gen).to(torch.bfloat16).requires_grad_() for n in (17, 5000)]
+    params = fp32 + bf16
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=True, max_grad_norm=1.0, backend="cuda")
+    norms = []
+    with simt.schedule(order):
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+            norms.append(opt.grad_norm.clone())
+    state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    return [*params, *state, *norms]
+
+
+@pytest.mark.simt
+def test_cuda_simt_step_does_not_depend_on_the_schedule():
+    """The emulator runs threads and blocks forward, reversed and shuffled: a race (a block sum
+    read before every warp wrote its part, two blocks updating one chunk) changes the bits."""
+    _skip_if_unbuilt("cuda")
+    first = _emulated_steps("forward")
+    for order in ("reverse", "random:7", "random:11"):
+        other = _emulated_steps(order)
+        assert len(other) == len(first)
+        for i, (a, b) in enumerate(zip(other, first)):
+            assert torch.equal(_bits(a), _bits(b)), f"tensor {i} changes with the schedule {order}"
+    # ... and the steps happened: a param moved, and every norm is finite and far from 0
+    assert not torch.equal(first[0], torch.randn(1, generator=torch.Generator().manual_seed(3)))
+    assert all(math.isfinite(n.item()) and n.item() > 1.0 for n in first[-3:])
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", id="cuda-simt", marks=pytest.mark.simt)])
+def test_norm_is_deterministic_and_grads_of_mixed_dtypes(backend):
+    """The kernels' norm over fp32 and bf16 grads: fp32 accumulation, the same bits twice."""
     params = [torch.randn(n, requires_grad=True) for n in (5000, 3)]
     params.append(torch.randn(777).to(torch.bfloat16).requires_grad_())
     for p in params:
@@ -336,7 +407,7 @@ def test_norm_is_deterministic_and_grads_of_mixed_dtypes():
     norms = []
     for _ in range(2):
         opt = AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.0}], lr=0.0, weight_decay=0.0,
-                    max_grad_norm=1e9, backend="triton")
+                    max_grad_norm=1e9, backend=backend)
         opt.step()
         norms.append(opt.grad_norm.clone())
     expected = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in params]))
@@ -453,9 +524,13 @@ def test_cuda_graph_captures_a_step(backend):
     _assert_same_state(opt, _flat(ours), ref_opt, _flat(ref), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not CUDA_BUILT, reason="llmkern._cuda was built without the adamw kernels")
-def test_cuda_binding_checks_its_arguments_before_any_launch():
-    """Runs without a GPU: the checks come before any CUDA call."""
+@pytest.mark.parametrize("module", [
+    pytest.param("built", marks=pytest.mark.skipif(not CUDA_BUILT, reason="llmkern._cuda has no adamw kernels")),
+    pytest.param("simt", marks=pytest.mark.simt),
+])
+def test_cuda_binding_checks_its_arguments_before_any_launch(module):
+    """Runs without a GPU: the checks come before any CUDA call (on llmkern._cuda, or on the
+    emulator's build of the same bindings)."""
     mod = _backend.cuda_module()
     args = dict(masters=[], param_dtype=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                 lr_device=0, clip_state=0, stream=0)

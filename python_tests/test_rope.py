@@ -1,7 +1,12 @@
 """RoPE: the op against a float64 rotation written with complex numbers, its gradient (the
 inverse rotation), per-row angles, strided inputs, the cos/sin tables, and bad input; then the
-Triton kernels (interpreted without a GPU) and the CUDA kernel (on a GPU only) against the same
-truth, opcheck and torch.compile."""
+Triton kernels (interpreted without a GPU) and the CUDA kernel against the same truth, opcheck
+and torch.compile.
+
+The CUDA kernel runs on a GPU (tests marked `cuda`) and, on any machine, on CPU tensors in the
+emulator of python_tests/simt (tests marked `simt`, ids with "cuda-simt"): the same checks with
+small shapes, plus one that the results do not depend on the order threads and blocks run in.
+"""
 
 import importlib
 
@@ -9,6 +14,7 @@ import pytest
 import torch
 
 import llmkern
+import simt
 from llmkern.ops import reference
 from llmkern.nn import RotaryCache
 from numerics import assert_close_to_ref
@@ -132,14 +138,27 @@ TRITON_SHAPES = [(1, 2, 1, 32), (2, 3, 17, 64), (1, 2, 123, 128), (2, 5, 17, 32)
 # The CUDA kernel's shapes: D = 2 and 6 and 130 take its scalar path (D/2 not a whole number of
 # 16-byte packs), 64 and 128 the vector path; S from 1 to 4097.
 CUDA_SHAPES = [(1, 1, 1, 2), (2, 3, 17, 64), (3, 2, 123, 128), (1, 5, 4097, 64), (2, 4, 33, 6), (1, 2, 17, 130)]
-# (backend, device) pairs: the cuda ones skip without a GPU.
+# (backend, device) pairs: "cuda" skips without a GPU; "cuda-simt" runs the CUDA kernel on CPU
+# tensors in the emulator (python_tests/simt) on any machine.
 BACKENDS = [
     pytest.param("triton", DEVICE, id="triton"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cpu", id="cuda-simt", marks=pytest.mark.simt),
 ]
-ROTATION_CASES = [pytest.param("triton", DEVICE, s, id="triton-" + "x".join(map(str, s))) for s in TRITON_SHAPES] + [
-    pytest.param("cuda", "cuda", s, id="cuda-" + "x".join(map(str, s)), marks=pytest.mark.cuda) for s in CUDA_SHAPES
-]
+# The devices of the tests of the CUDA kernel alone: a GPU, or CPU tensors in the emulator.
+CUDA_DEVICES = [pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+                pytest.param("cpu", id="cuda-simt", marks=pytest.mark.simt)]
+
+
+def _shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+ROTATION_CASES = (
+    [pytest.param("triton", DEVICE, s, id="triton-" + _shape_id(s)) for s in TRITON_SHAPES]
+    + [pytest.param("cuda", "cuda", s, id="cuda-" + _shape_id(s), marks=pytest.mark.cuda) for s in CUDA_SHAPES]
+    + [pytest.param("cuda", "cpu", s, id="cuda-simt-" + _shape_id(s), marks=pytest.mark.simt) for s in CUDA_SHAPES]
+)
 
 
 def rotate_lowp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -308,18 +327,25 @@ def test_auto_picks_triton_on_a_gpu():
     assert llmkern._backend.resolve("rope", "auto", torch.device("cuda")) == "triton"
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["auto", "cuda"])
+LLAMA = (4, 32, 1023, 128)  # (B, H, S, D)
+
+
+@pytest.mark.parametrize("backend, device, size", [
+    pytest.param("auto", "cuda", LLAMA, id="auto-llama", marks=pytest.mark.cuda),  # auto: the triton kernels
+    pytest.param("cuda", "cuda", LLAMA, id="cuda-llama", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cpu", (2, 4, 63, 128), id="cuda-simt-small", marks=pytest.mark.simt),
+])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_gpu_llama_sized_shapes(backend, dtype):
-    """Training shapes on the GPU: bf16 rounding there is round-to-nearest, so the rule holds tightly."""
-    b, h, s, d = 4, 32, 1023, 128
+def test_q_of_a_fused_projection_with_gradient(backend, device, size, dtype):
+    """Training shapes on the GPU (small ones in the emulator): q is a strided view of a fused
+    qkv projection; bf16 rounding is round-to-nearest, so the rule holds tightly."""
+    b, h, s, d = size
     theta = angles((s,), d // 2)
-    cos, sin = tables(theta, "cuda")
-    qkv = torch.randn(b, s, 3 * h, d, dtype=dtype, device="cuda")
+    cos, sin = tables(theta, device)
+    qkv = torch.randn(b, s, 3 * h, d, dtype=dtype, device=device)
     q = qkv[:, :, :h].transpose(1, 2).detach().requires_grad_(True)
-    dy = torch.randn(b, h, s, d, dtype=dtype, device="cuda")
-    out = llmkern.ops.rope(q, cos, sin, backend=backend)  # auto: the triton kernels
+    dy = torch.randn(b, h, s, d, dtype=dtype, device=device)
+    out = llmkern.ops.rope(q, cos, sin, backend=backend)
     out.backward(dy)
     x_cpu = q.detach().cpu()
     assert_close_to_ref(out.cpu(), rotate_complex(x_cpu, theta), rotate_lowp(x_cpu, theta), f"rope {dtype}")
@@ -327,20 +353,20 @@ def test_gpu_llama_sized_shapes(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- the CUDA kernel
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("layout", ["fused", "offset", "odd-head-dim"])
-def test_cuda_kernel_writes_every_element_through_its_strides(inverse, dtype, layout):
+def test_cuda_kernel_writes_every_element_through_its_strides(device, inverse, dtype, layout):
     """The output is a strided view of a NaN-filled buffer: every element of the view must be
     written, and nothing outside it. "fused" takes the 16-byte path; "offset" (the view one
     element into its buffer) and "odd-head-dim" (D/2 = 5) take the scalar one."""
     kernels = importlib.import_module("llmkern.cuda.rope")
     b, h, s, d = 2, 5, 7, 10 if layout == "odd-head-dim" else 64
-    x = torch.randn(b, s, h, d, dtype=dtype, device="cuda").transpose(1, 2)
+    x = torch.randn(b, s, h, d, dtype=dtype, device=device).transpose(1, 2)
     theta = angles((b, s), d // 2)
-    cos, sin = tables(theta, "cuda")
-    buffer = torch.full((b * s * (h + 1) * d + 1,), float("nan"), dtype=dtype, device="cuda")
+    cos, sin = tables(theta, device)
+    buffer = torch.full((b * s * (h + 1) * d + 1,), float("nan"), dtype=dtype, device=device)
     start = 1 if layout == "offset" else 0
     fused = buffer[start : start + b * s * (h + 1) * d].view(b, s, h + 1, d)
     y = fused[:, :, :h].transpose(1, 2)  # (B, H, S, D) with the strides of a fused layout
@@ -351,15 +377,15 @@ def test_cuda_kernel_writes_every_element_through_its_strides(inverse, dtype, la
     assert_close_to_ref(y.cpu(), rotate_complex(x.cpu(), turn), rotate_lowp(x.cpu(), turn), f"rope {layout}")
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("shape", [(1, 300, 3, 2), (2, 3, 2, 2050), (2, 2, 3, 1024), (3, 40, 5, 128)],
                          ids=["300-heads", "odd-2050", "1024", "40-heads"])
-def test_cuda_loops_over_heads_and_pairs(shape):
+def test_cuda_loops_over_heads_and_pairs(device, shape):
     """More heads or pairs than one block's threads: the kernel's head and pair loops."""
     b, _, s, d = shape
     theta = angles((b, s), d // 2)
-    cos, sin = tables(theta, "cuda")
-    x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    cos, sin = tables(theta, device)
+    x = torch.randn(shape, dtype=torch.bfloat16, device=device)
     out = llmkern.ops.rope(x, cos, sin, backend="cuda")
     assert_close_to_ref(out.cpu(), rotate_complex(x.cpu(), theta), rotate_lowp(x.cpu(), theta), f"rope {shape}")
 
@@ -382,6 +408,38 @@ def test_cuda_auto_passes_over_it_for_float64(monkeypatch):
     for xs, ts in ((x.double(), (cos, sin)), (x, (cos.double(), sin.double()))):
         out = llmkern.ops.rope(xs, *ts)
         torch.testing.assert_close(out.cpu().double(), rotate_complex(xs.cpu(), theta), rtol=1e-5, atol=1e-5)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (so -0.0 and 0.0, or two NaNs, compare as what they are)."""
+    return t.detach().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.simt
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (2, 4, 33, 6), (1, 40, 3, 130)], ids=["vector", "scalar", "loops"])
+def test_cuda_simt_results_do_not_depend_on_the_schedule(shape, dtype):
+    """The emulator runs threads and blocks forward, reversed and shuffled: a race between them
+    (two threads writing one element, a read of another's output) would change the bits."""
+    b, h, s, d = shape
+    theta = angles((b, s), d // 2)
+    cos, sin = tables(theta, "cpu")
+    x = torch.randn(b, s, h, d, dtype=dtype).transpose(1, 2)  # strided, as q of a fused projection
+    dy = torch.randn(shape, dtype=dtype)
+    orders = ("forward", "reverse", "random:7", "random:11")
+    results = []
+    for order in orders:
+        with simt.schedule(order):
+            leaf = x.detach().requires_grad_(True)
+            out = llmkern.ops.rope(leaf, cos, sin, backend="cuda")
+            out.backward(dy)
+        results.append((out.detach(), leaf.grad))
+    (y, dx), others = results[0], results[1:]
+    for order, (y_other, dx_other) in zip(orders[1:], others):
+        assert torch.equal(_bits(y_other), _bits(y)), f"y changes with the schedule {order}"
+        assert torch.equal(_bits(dx_other), _bits(dx)), f"dx changes with the schedule {order}"
+    assert_close_to_ref(y, rotate_complex(x, theta), rotate_lowp(x, theta), f"rope {dtype} {shape}")
+    assert_close_to_ref(dx, rotate_complex(dy, -theta), rotate_lowp(dy, -theta), f"rope dx {dtype} {shape}")
 
 
 def test_triton_kernel_builds_for_sm80_and_sm90():

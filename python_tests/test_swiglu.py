@@ -1,6 +1,13 @@
 """SwiGLU: silu(gate) * up against float64, gradients included, and bad input; then the Triton
-kernels (interpreted without a GPU) and the CUDA kernels (on a GPU only) against the same truth,
-opcheck and torch.compile."""
+kernels (interpreted without a GPU) and the CUDA kernels against the same truth, opcheck and
+torch.compile.
+
+The CUDA kernels run on a GPU (tests marked `cuda`) and, on any machine, on CPU tensors in the
+emulator of python_tests/simt (tests marked `simt`, ids with "cuda-simt"): the same checks with
+small shapes, plus one that the results do not depend on the order threads and blocks run in.
+Only test_cuda_rows_beyond_one_grid stays on the GPU: more rows than gridDim.y's 65535 blocks
+take some 17 million elements, too many for the emulator.
+"""
 
 import importlib
 
@@ -9,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import llmkern
+import simt
 from llmkern.ops import reference
 from numerics import assert_close_to_ref
 
@@ -69,14 +77,24 @@ TRITON_SHAPES = [(1,), (2, 17), (3, 1000), (2, 4097), (2, 3, 123)]
 # The CUDA kernels' shapes: odd columns take the scalar path, multiples of 8 the 16-byte one
 # (contiguous rows are folded into one long row first, so (4099, 1) is one row of 4099).
 CUDA_SHAPES = [(1,), (17,), (7, 123), (5, 4097), (3, 1000), (2, 3, 4096), (4099, 1)]
-# (backend, device) pairs: the cuda ones skip without a GPU.
+# (backend, device) pairs: "cuda" skips without a GPU; "cuda-simt" runs the CUDA kernels on CPU
+# tensors in the emulator (python_tests/simt) on any machine.
 BACKENDS = [
     pytest.param("triton", DEVICE, id="triton"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cpu", id="cuda-simt", marks=pytest.mark.simt),
 ]
-CASES = [pytest.param("triton", DEVICE, s, id="triton-" + "x".join(map(str, s))) for s in TRITON_SHAPES] + [
-    pytest.param("cuda", "cuda", s, id="cuda-" + "x".join(map(str, s)), marks=pytest.mark.cuda) for s in CUDA_SHAPES
-]
+
+
+def _shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+CASES = (
+    [pytest.param("triton", DEVICE, s, id="triton-" + _shape_id(s)) for s in TRITON_SHAPES]
+    + [pytest.param("cuda", "cuda", s, id="cuda-" + _shape_id(s), marks=pytest.mark.cuda) for s in CUDA_SHAPES]
+    + [pytest.param("cuda", "cpu", s, id="cuda-simt-" + _shape_id(s), marks=pytest.mark.simt) for s in CUDA_SHAPES]
+)
 
 
 def with_grads(fn, gate, up, dy):
@@ -231,16 +249,21 @@ def test_auto_picks_triton_on_a_gpu():
     assert llmkern._backend.resolve("swiglu", "auto", torch.device("cuda")) == "triton"
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend, device, rows, hidden", [
+    pytest.param("triton", "cuda", 1023, 11008, id="triton-llama", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cuda", 1023, 11008, id="cuda-llama", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cpu", 5, 1376, id="cuda-simt-small", marks=pytest.mark.simt),
+])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: str(d).split(".")[-1])
-def test_gpu_llama_sized_shapes(backend, dtype):
+def test_halves_of_a_fused_projection_at_training_shapes(backend, device, rows, hidden, dtype):
+    """Llama's MLP width on the GPU (a small one in the emulator), as halves of a fused projection."""
     if backend == "cuda" and dtype == torch.float64:
         pytest.skip("the cuda kernels have no float64 (auto passes them over)")
-    hidden = 11008 if dtype != torch.float64 else 4097
-    fused = torch.randn(2, 1023, 2 * hidden, device="cuda").mul(3).to(dtype)
+    if dtype == torch.float64:
+        hidden = 4097
+    fused = torch.randn(2, rows, 2 * hidden, device=device).mul(3).to(dtype)
     gate, up = fused.split(hidden, dim=-1)
-    dy = torch.randn(2, 1023, hidden, device="cuda").to(dtype)
+    dy = torch.randn(2, rows, hidden, device=device).to(dtype)
     if dtype == torch.float64:  # fp64 math in the kernel: exact to rounding
         ours = with_grads(lambda g, u: llmkern.ops.swiglu(g, u, backend=backend), gate, up, dy)
         truth = with_grads(lambda g, u: g * torch.sigmoid(g) * u, gate, up, dy)
@@ -267,6 +290,34 @@ def test_cuda_rows_beyond_one_grid():
     for got, ref in ((y, want.detach()), (dgate, g.grad), (dup, u.grad)):
         assert not got.isnan().any()
         torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (so -0.0 and 0.0, or two NaNs, compare as what they are)."""
+    return t.detach().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.simt
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("hidden", [1000, 1001, 4096], ids=["vector", "scalar", "long-rows"])
+def test_cuda_simt_results_do_not_depend_on_the_schedule(hidden, dtype):
+    """The emulator runs threads and blocks forward, reversed and shuffled: a race between them
+    (two threads writing one element, a read of another's output) would change the bits."""
+    fused = (torch.randn(3, 2 * hidden) * 3).to(dtype)
+    gate, up = fused.split(hidden, dim=-1)  # strided rows: no folding into one long row
+    dy = torch.randn(3, hidden).to(dtype)
+    orders = ("forward", "reverse", "random:7", "random:11")
+    results = []
+    for order in orders:
+        with simt.schedule(order):
+            results.append(with_grads(lambda g, u: llmkern.ops.swiglu(g, u, backend="cuda"), gate, up, dy))
+    for order, other in zip(orders[1:], results[1:]):
+        for what, a, b in zip(("y", "dgate", "dup"), other, results[0]):
+            assert torch.equal(_bits(a), _bits(b)), f"{what} changes with the schedule {order}"
+    truth = with_grads(lambda g, u: g * torch.sigmoid(g) * u, gate.double(), up.double(), dy.double())
+    theirs = with_grads(lambda g, u: F.silu(g) * u, gate, up, dy)
+    for what, a, b, c in zip(("y", "dgate", "dup"), results[0], truth, theirs):
+        assert_close_to_ref(a, b, c, f"{what} {dtype} {hidden}")
 
 
 def test_triton_kernels_build_for_sm80_and_sm90():
