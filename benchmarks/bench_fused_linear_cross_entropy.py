@@ -7,7 +7,7 @@ The work is three matmuls of N x H x V (logits, grad of x, grad of the weight): 
 6 N H V FLOPs. Peak memory ("peak_mib" in the CSV's extra column) is what the step allocates on
 top of its inputs, the gradients included; the unfused providers hold the N x V logits and
 their gradient. Providers: eager PyTorch (matmul, then F.cross_entropy in fp32, as the model's
-plain path does), torch.compile of it, llmkern triton, and Liger-Kernel's fused linear
+plain path does), torch.compile of it, llmkern triton and cuda, and Liger-Kernel's fused linear
 cross-entropy when it is importable.
 """
 
@@ -37,8 +37,10 @@ def eager_loss(x, w, t):
 def providers(device: torch.device) -> dict:
     """name -> fn(x, w, target) -> loss, for every provider that can run here."""
     out = {"torch eager": eager_loss, "torch.compile": torch.compile(eager_loss)}
-    if _backend.can_run("triton", "fused_linear_cross_entropy", device):
-        out["llmkern triton"] = lambda x, w, t: llmkern.ops.fused_linear_cross_entropy(x, w, t, backend="triton")
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "fused_linear_cross_entropy", device):
+            out[f"llmkern {backend}"] = (
+                lambda x, w, t, backend=backend: llmkern.ops.fused_linear_cross_entropy(x, w, t, backend=backend))
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 

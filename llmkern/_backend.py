@@ -25,8 +25,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "cuda"),
     # Triton (checked in the interpreter) first until the CUDA AdamW is verified on a GPU.
     "adamw": ("triton", "cuda"),
-    # Triton only: the matmuls are cuBLAS's, the per-row cross-entropy kernel is Triton.
-    "fused_linear_cross_entropy": ("triton",),
+    # The matmuls are cuBLAS's either way; the row kernels (Triton, CUDA) are unmeasured: Triton first.
+    "fused_linear_cross_entropy": ("triton", "cuda"),
     # Triton first: the CUDA RoPE and SwiGLU kernels (csrc/cuda/rope.cu, swiglu.cu) compile but
     # have never run on a GPU; a GPU session that verifies and benchmarks them decides the order.
     "rope": ("triton", "cuda"),

@@ -23,6 +23,7 @@ import torch
 
 import llmkern.cuda.adamw as cuda_adamw
 import llmkern.cuda.attention as cuda_attention
+import llmkern.cuda.fused_linear_cross_entropy as cuda_flce
 import llmkern.cuda.rms_norm as cuda_rms_norm
 import llmkern.cuda.rope as cuda_rope
 import llmkern.cuda.swiglu as cuda_swiglu
@@ -292,6 +293,35 @@ def test_swiglu_launchers_do_nothing_for_no_rows():
     mod = _backend.cuda_module()
     mod.swiglu_forward(0, 0, 0, 0, 8, 8, 8, 8, BF16, 0)
     mod.swiglu_backward(0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, BF16, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_rows_launcher_reaches_the_device(cpu_launch, dtype):
+    logits = torch.randn(3, 70).to(dtype)[:, :65]  # a padded row stride, as the chunk loop has
+    with pytest.raises(RuntimeError, match=f"fused_linear_cross_entropy_rows.*{NO_DEVICE}"):
+        cuda_flce.cross_entropy_rows(logits, torch.tensor([1, -100, 64], dtype=torch.int32), torch.empty(3),
+                                     torch.ones(1), -100, 0.1, True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(n_classes=0), dict(stride=4), dict(rows=-1), dict(logits=0), dict(target=0), dict(loss=0),
+     dict(scale=0), dict(smoothing=1.5), dict(smoothing=float("nan")), dict(dtype=7)],
+    ids=["no-classes", "stride-below-classes", "negative-rows", "null-logits", "null-target", "null-loss",
+         "null-scale", "smoothing-over-1", "smoothing-nan", "unknown-dtype"],
+)
+def test_cross_entropy_rows_launcher_refuses_bad_sizes(change):
+    a = dict(rows=4, n_classes=8, stride=8, logits=FAKE, target=FAKE, loss=FAKE, scale=FAKE, smoothing=0.0,
+             dtype=BF16)
+    a.update(change)
+    with pytest.raises(RuntimeError, match=f"fused_linear_cross_entropy_rows.*{INVALID}"):
+        _backend.cuda_module().fused_linear_cross_entropy_rows(
+            a["logits"], a["target"], a["loss"], a["scale"], a["rows"], a["n_classes"], a["stride"], -100,
+            a["smoothing"], True, a["dtype"], 0)
+
+
+def test_cross_entropy_rows_launcher_does_nothing_for_no_rows():
+    _backend.cuda_module().fused_linear_cross_entropy_rows(0, 0, 0, 0, 0, 8, 8, -100, 0.0, True, BF16, 0)
 
 
 # --- the 16-byte paths really compile to 16-byte accesses --------------------------------------

@@ -2,8 +2,10 @@
 float64 reference, odd shapes, ignored rows, both reductions, label smoothing, the model's fused
 loss path, torch.library checks, torch.compile, and bad input.
 
-Without a GPU the Triton kernel runs in the interpreter (conftest sets TRITON_INTERPRET=1) in
-fp32 and fp16; bf16 and the GPT-2-sized shapes run on a GPU (marker cuda).
+The kernel backends (triton, cuda) share the chunk loop and differ in the row kernel; each test of
+the op runs on both. Without a GPU the Triton kernel runs in the interpreter (conftest sets
+TRITON_INTERPRET=1) and the CUDA kernel in the emulator (marker simt), in fp32 and fp16; bf16 and
+the GPT-2-sized shapes run on a GPU (marker cuda).
 """
 
 from __future__ import annotations
@@ -17,11 +19,26 @@ import torch.nn.functional as F
 import llmkern
 from llmkern.model import GPT, GPTConfig
 from llmkern.ops import reference
-from llmkern.triton import fused_linear_cross_entropy as kernels
+from llmkern.ops import _chunked_linear_cross_entropy as chunks
 from numerics import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 flce = llmkern.ops.fused_linear_cross_entropy
+
+# (backend, device): Triton (interpreted on a CPU), CUDA on a GPU, CUDA in the emulator.
+KERNELS = [
+    pytest.param("triton", DEVICE, id="triton"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cpu", id="cuda-simt", marks=pytest.mark.simt),
+]
+
+
+def _row_kernels(backend):
+    if backend == "cuda":
+        from llmkern.cuda import fused_linear_cross_entropy as kernels
+    else:
+        from llmkern.triton import fused_linear_cross_entropy as kernels
+    return kernels
 
 
 def _make(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, ignore_index=-100, device=DEVICE):
@@ -42,13 +59,14 @@ def _loss_and_grads(fn, x, weight, target, bias):
     return loss.detach(), [t.grad for t in leaves]
 
 
-def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=None, device=DEVICE, **kwargs):
-    """Triton vs the float64 truth, allowing twice the error of torch's own computation in `dtype`."""
+def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=None, device=DEVICE, backend="triton",
+           **kwargs):
+    """`backend` vs the float64 truth, allowing twice the error of torch's own computation in `dtype`."""
     x, weight, target, bias = _make(n, vocab, hidden, dtype, with_bias, n_ignored, kwargs.get("ignore_index", -100),
                                     device)
 
     def ours(x, w, t, b):
-        return flce(x, w, t, bias=b, backend="triton", chunk_rows=chunk_rows, **kwargs)
+        return flce(x, w, t, bias=b, backend=backend, chunk_rows=chunk_rows, **kwargs)
 
     def ref(x, w, t, b):
         return reference.fused_linear_cross_entropy(x, w, t, b, **kwargs)
@@ -58,7 +76,7 @@ def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=Non
     loss64, grads64 = _loss_and_grads(ref, d64(x), d64(weight), target, d64(bias))
     loss_lp, grads_lp = _loss_and_grads(ref, x, weight, target, bias)
 
-    name = f"{dtype} N={n} V={vocab} H={hidden} chunk={chunk_rows}"
+    name = f"{backend} {dtype} N={n} V={vocab} H={hidden} chunk={chunk_rows}"
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close_to_ref(loss, loss64, loss_lp, f"{name} loss", atol=1e-5)
     for gname, a, b, c in zip(["dx", "dweight", "dbias"], grads, grads64, grads_lp):
@@ -73,30 +91,36 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("n,vocab,hidden", SHAPES)
-def test_matches_reference(n, vocab, hidden, dtype):
+def test_matches_reference(n, vocab, hidden, dtype, backend, device):
     # Several chunks (one of them short) with a bias and some ignored rows, where the rows allow.
-    _check(n, vocab, hidden, dtype, with_bias=n > 1, n_ignored=n // 5, chunk_rows=max(1, n // 3))
+    _check(n, vocab, hidden, dtype, with_bias=n > 1, n_ignored=n // 5, chunk_rows=max(1, n // 3), device=device,
+           backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_sum_reduction_and_label_smoothing(dtype):
-    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum")
-    _check(33, 301, 32, dtype, with_bias=True, n_ignored=4, chunk_rows=10, label_smoothing=0.1)
-    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0)
+def test_sum_reduction_and_label_smoothing(dtype, backend, device):
+    on = dict(device=device, backend=backend)
+    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", **on)
+    _check(33, 301, 32, dtype, with_bias=True, n_ignored=4, chunk_rows=10, label_smoothing=0.1, **on)
+    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0, **on)
 
 
-def test_another_ignore_index_and_the_default_chunk():
-    _check(40, 97, 16, torch.float32, n_ignored=7, ignore_index=-1)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_another_ignore_index_and_the_default_chunk(backend, device):
+    _check(40, 97, 16, torch.float32, n_ignored=7, ignore_index=-1, device=device, backend=backend)
 
 
-def test_fp32_weight_with_fp16_input():
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_fp32_weight_with_fp16_input(backend, device):
     """fp32 parameters with 16-bit activations (autocast): matmuls in fp16, weight gradient in fp32."""
-    x, _, target, _ = _make(25, 200, 32, torch.float16)
-    weight = torch.randn(200, 32, device=DEVICE) / 4
+    x, _, target, _ = _make(25, 200, 32, torch.float16, device=device)
+    weight = torch.randn(200, 32, device=device) / 4
     ours, grads = _loss_and_grads(
-        lambda x, w, t, b: flce(x, w, t, backend="triton", chunk_rows=7), x, weight, target, None
+        lambda x, w, t, b: flce(x, w, t, backend=backend, chunk_rows=7), x, weight, target, None
     )
     truth, grads64 = _loss_and_grads(
         reference.fused_linear_cross_entropy, x.double(), weight.half().double(), target, None
@@ -124,18 +148,19 @@ def test_autocast_runs_the_matmuls_in_its_dtype():
     torch.testing.assert_close(weight.grad, w_ref.grad, rtol=2e-2, atol=2e-3)
 
 
-def test_3d_input_with_2d_target():
-    x, weight, target, _ = _make(2 * 9, 50, 16, torch.float32)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_3d_input_with_2d_target(backend, device):
+    x, weight, target, _ = _make(2 * 9, 50, 16, torch.float32, device=device)
     x3, target2 = x.view(2, 9, 16), target.view(2, 9)
-    got = flce(x3, weight, target2, backend="triton")
+    got = flce(x3, weight, target2, backend=backend)
     torch.testing.assert_close(got, F.cross_entropy(x @ weight.T, target), rtol=1e-5, atol=1e-5)
-    assert flce(x3, weight, target, backend="triton").item() == pytest.approx(got.item())  # flat target too
+    assert flce(x3, weight, target, backend=backend).item() == pytest.approx(got.item())  # flat target too
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_all_rows_ignored_match_f_cross_entropy(backend):
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+def test_all_rows_ignored_match_f_cross_entropy(backend, device):
     """Mean over no rows is NaN (0 / 0) as in F.cross_entropy, with zero gradients; sum is 0."""
-    x, weight, target, _ = _make(6, 20, 8, torch.float32, n_ignored=6)
+    x, weight, target, _ = _make(6, 20, 8, torch.float32, n_ignored=6, device=device)
     for reduction in ("mean", "sum"):
         loss, (dx, dw) = _loss_and_grads(
             lambda x, w, t, b: flce(x, w, t, reduction=reduction, backend=backend), x, weight, target, None
@@ -146,33 +171,36 @@ def test_all_rows_ignored_match_f_cross_entropy(backend):
     assert math.isnan(flce(x, weight, target, backend=backend).item())
 
 
-def test_no_rows():
-    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
-    weight = torch.randn(5, 8, device=DEVICE, requires_grad=True)
-    target = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    assert flce(x, weight, target, reduction="sum", backend="triton").item() == 0.0
-    loss = flce(x, weight, target, backend="triton")
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_no_rows(backend, device):
+    x = torch.randn(0, 8, device=device, requires_grad=True)
+    weight = torch.randn(5, 8, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    assert flce(x, weight, target, reduction="sum", backend=backend).item() == 0.0
+    loss = flce(x, weight, target, backend=backend)
     assert math.isnan(loss.item())
     loss.backward()
     assert x.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-def test_target_out_of_range_gives_nan_not_a_number():
-    """The triton backend does not wait for the GPU to check targets: a bad row poisons the loss."""
-    x, weight, target, _ = _make(5, 10, 8, torch.float32)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_target_out_of_range_gives_nan_not_a_number(backend, device):
+    """The kernel backends do not wait for the GPU to check targets: a bad row poisons the loss."""
+    x, weight, target, _ = _make(5, 10, 8, torch.float32, device=device)
     for bad in (10, -3):
         target[2] = bad
-        assert math.isnan(flce(x, weight, target, backend="triton").item())
-        assert math.isnan(flce(x, weight, target, reduction="sum", backend="triton").item())
+        assert math.isnan(flce(x, weight, target, backend=backend).item())
+        assert math.isnan(flce(x, weight, target, reduction="sum", backend=backend).item())
 
 
-def test_only_the_gradients_asked_for():
-    x, weight, target, bias = _make(9, 30, 8, torch.float32, with_bias=True)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_only_the_gradients_asked_for(backend, device):
+    x, weight, target, bias = _make(9, 30, 8, torch.float32, with_bias=True, device=device)
     expected = F.cross_entropy(F.linear(x, weight, bias), target)
     with torch.no_grad():
-        torch.testing.assert_close(flce(x, weight, target, bias=bias, backend="triton"), expected)
+        torch.testing.assert_close(flce(x, weight, target, bias=bias, backend=backend), expected)
     weight.requires_grad_(True)  # a frozen input x, a trained head (and frozen bias)
-    loss = flce(x, weight, target, bias=bias, backend="triton")
+    loss = flce(x, weight, target, bias=bias, backend=backend)
     loss.backward()
     w_ref = weight.detach().clone().requires_grad_(True)
     F.cross_entropy(F.linear(x, w_ref, bias), target).backward()
@@ -180,25 +208,27 @@ def test_only_the_gradients_asked_for():
     assert x.grad is None and bias.grad is None
 
 
-def test_gradient_is_scaled_by_the_upstream_gradient():
-    x, weight, target, _ = _make(11, 40, 16, torch.float32)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_gradient_is_scaled_by_the_upstream_gradient(backend, device):
+    x, weight, target, _ = _make(11, 40, 16, torch.float32, device=device)
     x.requires_grad_(True)
-    (3.5 * flce(x, weight, target, backend="triton", chunk_rows=4)).backward()
+    (3.5 * flce(x, weight, target, backend=backend, chunk_rows=4)).backward()
     x_ref = x.detach().clone().requires_grad_(True)
     (3.5 * F.cross_entropy(x_ref @ weight.T, target)).backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("vocab", [3, 4097])
-def test_kernel_writes_every_element(dtype, vocab):
+def test_kernel_writes_every_element(dtype, vocab, backend, device):
     """The per-row kernel alone: a NaN-filled loss and every logit must be overwritten."""
-    logits = torch.randn(7, vocab, device=DEVICE).to(dtype)
-    target = torch.randint(0, vocab, (7,), device=DEVICE)
+    logits = torch.randn(7, vocab, device=device).to(dtype)
+    target = torch.randint(0, vocab, (7,), device=device)
     target[3] = -100
-    loss = torch.full((7,), float("nan"), device=DEVICE)
+    loss = torch.full((7,), float("nan"), device=device)
     grad = logits.clone()
-    kernels.cross_entropy_rows(grad, target, loss, torch.tensor([0.5], device=DEVICE), -100, 0.0, True)
+    _row_kernels(backend).cross_entropy_rows(grad, target, loss, torch.tensor([0.5], device=device), -100, 0.0, True)
     z = logits.double()
     expected_loss = F.cross_entropy(z, target, reduction="none")
     expected_grad = (z.softmax(-1) - F.one_hot(target.clamp(min=0), vocab)) * 0.5
@@ -206,6 +236,25 @@ def test_kernel_writes_every_element(dtype, vocab):
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.simt
+def test_cuda_row_kernel_does_not_depend_on_the_schedule():
+    """In the emulator, threads and blocks in other orders give the same bits (a race would not)."""
+    import simt
+
+    from llmkern.cuda import fused_linear_cross_entropy as kernels
+
+    logits = torch.randn(5, 1001).half()
+    target = torch.randint(0, 1001, (5,))
+    results = []
+    for order in ("forward", "reverse", "random:3"):
+        loss, grad = torch.full((5,), float("nan")), logits.clone()
+        with simt.schedule(order):
+            kernels.cross_entropy_rows(grad, target, loss, torch.tensor([0.25]), -100, 0.1, True)
+        results.append((loss, grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
@@ -217,7 +266,7 @@ def test_weight_gradient_accumulator(dtype):
     b = torch.randn(40, 17, device=DEVICE).to(dtype)
     acc = torch.ones(33, 17, device=DEVICE)
     for _ in range(3):
-        kernels._accumulate_product(acc, a, b)
+        chunks._accumulate_product(acc, a, b)
     truth = 1 + 3 * (a.double() @ b.double())
     assert_close_to_ref(acc, truth, 1 + 3 * (a @ b).double(), f"{dtype} accumulator", atol=1e-5)
 
@@ -231,24 +280,26 @@ def test_auto_on_cpu_is_the_torch_reference():
                                F.cross_entropy(x64 @ weight.double().T, target))
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_opcheck(with_bias):
-    x, weight, target, bias = _make(6, 24, 8, torch.float32, with_bias=with_bias, n_ignored=1)
+def test_opcheck(with_bias, backend, device):
+    x, weight, target, bias = _make(6, 24, 8, torch.float32, with_bias=with_bias, n_ignored=1, device=device)
     for t in (x, weight, bias):
         if t is not None:
             t.requires_grad_(True)
-    args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4)
+    args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4, backend)
     torch.library.opcheck(torch.ops.llmkern.fused_linear_cross_entropy.default, args)
 
 
-def test_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_compile_fullgraph_has_no_graph_break(backend, device):
     """The fake kernel lets torch.compile trace the op (aot_eager on a CPU, inductor on a GPU)."""
-    compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiler = "inductor" if device == "cuda" else "aot_eager"
 
     def head_loss(x, w, t):
-        return flce(torch.tanh(x), w, t, backend="triton", chunk_rows=5) * 2
+        return flce(torch.tanh(x), w, t, backend=backend, chunk_rows=5) * 2
 
-    x, weight, target, _ = _make(12, 40, 16, torch.float32)
+    x, weight, target, _ = _make(12, 40, 16, torch.float32, device=device)
     x.requires_grad_(True)
     weight.requires_grad_(True)
     compiled = torch.compile(head_loss, fullgraph=True, backend=compiler)

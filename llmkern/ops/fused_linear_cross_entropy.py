@@ -3,9 +3,9 @@
     loss = cross_entropy(x @ weight^T + bias, target)    reduced by "mean" over non-ignored rows, or "sum"
 
 For GPT-2 at batch 16 x 1024 the logits alone are 16384 x 50304 (1.6 GB in bf16, plus their
-gradient); the triton backend walks the rows in chunks so that only one chunk of logits exists,
-and computes the gradients of x, weight and bias during the forward (see
-llmkern/triton/fused_linear_cross_entropy.py). The backward then only scales them by the incoming
+gradient); the triton and cuda backends walk the rows in chunks so that only one chunk of logits
+exists, and compute the gradients of x, weight and bias during the forward (see
+llmkern/ops/_chunked_linear_cross_entropy.py). The backward then only scales them by the incoming
 gradient. It runs through the custom op llmkern::fused_linear_cross_entropy (fake kernel and
 autograd registered, so torch.compile(fullgraph=True) traces it); the torch backend is the plain
 reference (the full logits, then F.cross_entropy in fp32), differentiated by PyTorch itself.
@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from . import _checks, reference
+from . import _checks, _chunked_linear_cross_entropy, reference
 
 REDUCTIONS = ("mean", "sum")
-_TRITON_DTYPES = _checks.FLOAT_DTYPES
+_KERNEL_DTYPES = _checks.FLOAT_DTYPES  # triton and cuda
 _DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
 _TARGET_DTYPES = (torch.int64, torch.int32)
 
@@ -55,16 +55,16 @@ def fused_linear_cross_entropy(
         reduction: "mean" (over the non-ignored rows; NaN when there are none, as in
             F.cross_entropy) or "sum".
         label_smoothing: in [0, 1]; the target class gets 1 - eps, every class eps / V.
-        backend: "auto" | "triton" | "torch"; None means llmkern.get_backend().
-        chunk_rows: rows of logits that exist at once (triton backend); None picks a chunk of
-            about 256 MB of logits.
+        backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
+        chunk_rows: rows of logits that exist at once (cuda and triton backends); None picks a
+            chunk of about 256 MB of logits.
     """
     _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows)
     device = _checks.check_same_device(x=x, weight=weight, target=target, bias=bias)
     if torch.is_autocast_enabled(device.type) and x.dtype == torch.float32:
         x = x.to(torch.get_autocast_dtype(device.type))
     chosen = _backend.resolve(
-        "fused_linear_cross_entropy", backend, device, fits=lambda b: b != "triton" or x.dtype in _TRITON_DTYPES
+        "fused_linear_cross_entropy", backend, device, fits=lambda b: b == "torch" or x.dtype in _KERNEL_DTYPES
     )
     x2 = x.reshape(-1, x.size(-1))
     target1 = target.reshape(-1)
@@ -72,15 +72,13 @@ def fused_linear_cross_entropy(
         return reference.fused_linear_cross_entropy(
             x2, weight, target1, bias, ignore_index, reduction, label_smoothing
         )
-    if chosen != "triton":
-        raise ValueError(f"fused_linear_cross_entropy has no {chosen} kernels; use backend='triton' or 'torch'")
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for the triton backend; got {x.dtype}")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 for the {chosen} backend; got {x.dtype}")
     grad_on = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.llmkern.fused_linear_cross_entropy(
         x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing),
         grad_on and x2.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows),
+        grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows), chosen,
     )
     return loss
 
@@ -140,13 +138,18 @@ def _fused_linear_cross_entropy_op(
     need_grad_weight: bool,
     need_grad_bias: bool,
     chunk_rows: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_x, grad_weight, grad_bias) for d loss = 1; an unneeded gradient is an empty tensor."""
-    from ..triton import fused_linear_cross_entropy as kernels
+    """(loss, grad_x, grad_weight, grad_bias) for d loss = 1; an unneeded gradient is an empty tensor.
+    backend: whose row kernel runs, "cuda" or "triton"."""
+    if backend == "cuda":
+        from ..cuda import fused_linear_cross_entropy as kernels
+    else:
+        from ..triton import fused_linear_cross_entropy as kernels
 
-    loss, grad_x, grad_w, grad_b = kernels.forward(
+    loss, grad_x, grad_w, grad_b = _chunked_linear_cross_entropy.forward(
         x, weight, target, bias, ignore_index, reduction, label_smoothing,
-        need_grad_x, need_grad_weight, need_grad_bias, chunk_rows,
+        need_grad_x, need_grad_weight, need_grad_bias, chunk_rows, kernels.cross_entropy_rows,
     )
     return loss, _or_empty(grad_x, x), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
@@ -157,7 +160,7 @@ def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @_fused_linear_cross_entropy_op.register_fake
 def _(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x, need_grad_weight,
-      need_grad_bias, chunk_rows):
+      need_grad_bias, chunk_rows, backend):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
@@ -180,7 +183,7 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
         grad_w * d_loss if need_w else None,
         None,  # target
         grad_b * d_loss if need_b else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 

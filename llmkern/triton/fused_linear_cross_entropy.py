@@ -1,19 +1,6 @@
-"""Fused linear + cross-entropy: the LM head and its loss without the full logits in memory.
-
-The rows of x are walked in chunks. For each chunk:
-    logits = x_c @ W^T (+ b)                    torch matmul in x's dtype (fp32 accumulate in cuBLAS)
-    Triton kernel, one program per row:         logsumexp and the target's logit in fp32, the row's
-                                                loss, and d loss / d logits written over the logits
-    grad_x_c  = dlogits @ W                     into the chunk's rows of grad_x
-    grad_W   += dlogits^T @ x_c                 accumulated over chunks in fp32
-So only one chunk of logits exists at a time (CHUNK_BYTES), and the gradients are ready when the
-forward returns: the backward only scales them by the incoming gradient of the loss.
-
-Why grad_W is accumulated in fp32: summing the chunks' products in 16 bits would add one rounding
-per chunk to the single one of PyTorch's own 16-bit weight gradient. Where torch.addmm can add a
-16-bit product into an fp32 tensor (CUDA on recent PyTorch) cuBLAS does the sum in fp32; elsewhere
-each chunk's product is rounded once to 16 bits and then summed in fp32, which keeps the error at
-about that single rounding. The fp32 buffer costs V * H * 4 bytes (154 MB for GPT-2's head).
+"""The Triton row kernel of the fused linear + cross-entropy: each row's loss from its logits, and
+d loss / d logits written over them. The chunk loop around it (the matmuls, the gradients) is
+llmkern/ops/_chunked_linear_cross_entropy.py.
 """
 
 from __future__ import annotations
@@ -22,11 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-# The logits of one chunk take at most this many bytes (at least one row, whatever its size).
-CHUNK_BYTES = 256 * 2**20
-# Rows of the logits buffer are padded to this many elements: a row stride cuBLAS's tensor-core
-# kernels accept for 16-bit types whatever the vocabulary size (50257 -> 50304).
-ROW_ALIGN = 64
 MAX_BLOCK = 4096
 
 
@@ -112,121 +94,3 @@ def cross_entropy_rows(
         logits.stride(0), n_classes, ignore_index, float(label_smoothing),
         COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps,
     )
-
-
-def chunk_rows_for(n_classes: int, element_size: int) -> int:
-    """Rows per chunk so that one chunk of logits fits CHUNK_BYTES."""
-    padded = _round_up(n_classes, ROW_ALIGN)
-    return max(1, CHUNK_BYTES // (padded * element_size))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, for a and b in fp32 or one 16-bit dtype."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif _mixed_addmm_works(acc.device, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # 16-bit operands, fp32 sum in cuBLAS
-    else:  # one 16-bit rounding of this chunk's product, then an fp32 sum (see the module docstring)
-        acc.add_(torch.mm(a, b))
-
-
-_mixed_addmm: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm can add a 16-bit product into an fp32 tensor in place here (CUDA, on
-    recent PyTorch versions). Probed once per device type and dtype, with the result checked:
-    where it is missing or misbehaves, the caller takes the portable path."""
-    if device.type != "cuda":
-        return False
-    key = (device.type, dtype)
-    if key not in _mixed_addmm:
-        # Small integers, exact in 16 bits and in their products' sums; a transposed operand, as
-        # in use. No random numbers: the probe must not move the generator of a seeded run.
-        a = (torch.arange(16 * 8, device=device).reshape(16, 8) % 7 - 3).to(dtype).t()
-        b = (torch.arange(16 * 8, device=device).reshape(16, 8) % 5 - 2).to(dtype)
-        acc = torch.ones(8, 8, device=device)
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _mixed_addmm[key] = torch.equal(acc, 1 + a.float() @ b.float())
-        except (RuntimeError, TypeError, NotImplementedError):
-            _mixed_addmm[key] = False
-    return _mixed_addmm[key]
-
-
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    need_grad_x: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(loss, grad_x, grad_weight, grad_bias) of the reduced cross-entropy of x @ weight^T + bias.
-
-    x (N, H); weight (V, H) of x's dtype, or fp32 with a 16-bit x (cast once to x's dtype, as
-    autocast would); target (N,) contiguous; bias (V,) or None. The gradients are those of the
-    loss itself (d loss = 1), in the dtypes of x, weight and bias; None where not asked for.
-    chunk_rows <= 0 picks the rows per chunk from CHUNK_BYTES.
-    """
-    n_rows, _ = x.shape
-    n_classes = weight.size(0)
-    dtype = x.dtype
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    compute_grad = need_grad_x or need_grad_weight or need_grad_bias
-    if chunk_rows <= 0:
-        chunk_rows = chunk_rows_for(n_classes, x.element_size())
-    chunk_rows = max(1, min(chunk_rows, n_rows))
-
-    n_valid = (target != ignore_index).sum()
-    if reduction == "mean":
-        grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)  # with no valid row no gradient is scaled
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=x.device)
-    grad_scale = grad_scale.reshape(1)
-
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    grad_x = torch.empty_like(x) if need_grad_x else None
-    grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad_weight else None
-    grad_b32 = torch.zeros(n_classes, dtype=torch.float32, device=x.device) if need_grad_bias else None
-    padded = torch.empty((chunk_rows, _round_up(n_classes, ROW_ALIGN)), dtype=dtype, device=x.device)
-
-    # The dtypes are chosen above; autocast (still on inside a custom op) must not change them.
-    with torch.autocast(x.device.type, enabled=False):
-        for start in range(0, n_rows, chunk_rows):
-            end = min(start + chunk_rows, n_rows)
-            x_c = x[start:end]
-            logits = padded[: end - start, :n_classes]
-            if b is None:
-                torch.mm(x_c, w.t(), out=logits)
-            else:
-                torch.addmm(b, x_c, w.t(), out=logits)
-            cross_entropy_rows(
-                logits, target[start:end], row_loss[start:end], grad_scale, ignore_index, label_smoothing,
-                compute_grad,
-            )
-            # `logits` now holds d loss / d logits of these rows.
-            if need_grad_x:
-                torch.mm(logits, w, out=grad_x[start:end])
-            if need_grad_weight:
-                _accumulate_product(grad_w32, logits.t(), x_c)
-            if need_grad_bias:
-                grad_b32.add_(logits.sum(dim=0, dtype=torch.float32))
-
-    loss = row_loss.sum()
-    if reduction == "mean":
-        loss = loss / n_valid  # 0 / 0 = NaN with no valid row, as F.cross_entropy gives
-    grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
-    grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
-    return loss, grad_x, grad_w, grad_b
-
