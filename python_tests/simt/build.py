@@ -114,7 +114,8 @@ def build(name: str = "_cuda") -> Path:
     for path in _inputs():
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     digest.update(" ".join([cxx, str(cuda_include), *FLAGS]).encode())
-    out_dir = REPO / "build" / "simt" / digest.hexdigest()[:16]
+    flavor = "asan" if "-fsanitize=address" in FLAGS else "plain"
+    out_dir = REPO / "build" / "simt" / f"{flavor}-{digest.hexdigest()[:16]}"
     library = out_dir / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
     if library.exists():
         return library
@@ -152,7 +153,7 @@ def build(name: str = "_cuda") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     os.replace(linked, library)  # atomic: a concurrent build or a crash never leaves half a library
     shutil.rmtree(work, ignore_errors=True)
-    for old in out_dir.parent.iterdir():  # builds of this module from older sources
+    for old in out_dir.parent.glob(f"{flavor}-*"):  # builds of this module from older sources
         if old != out_dir and (old / library.name).exists():
             shutil.rmtree(old, ignore_errors=True)
     return library
