@@ -256,19 +256,18 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
-def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant):
-    overrides = dict(VARIANTS[variant], n_embd=256, n_head=4, block_size=128)
+def _matches_torch_backend_under_bf16_autocast(backend, variant, device, n_embd, n_head, n_kv_head, seq, batch):
+    """`backend`'s model against the torch backend's with the same weights: loss, logits, gradients;
+    the two models (reference second) for more steps."""
+    overrides = dict(VARIANTS[variant], n_embd=n_embd, n_head=n_head, block_size=seq)
     if "n_kv_head" in overrides:
-        overrides["n_kv_head"] = 2
-    reference = GPT(tiny(**overrides, backend="torch")).cuda()
-    model = GPT(tiny(**overrides, backend=backend, fused_loss=False)).cuda()  # logits too
+        overrides["n_kv_head"] = n_kv_head
+    reference = GPT(tiny(**overrides, backend="torch")).to(device)
+    model = GPT(tiny(**overrides, backend=backend, fused_loss=False)).to(device)  # logits too
     model.load_state_dict(reference.state_dict())
-    idx = torch.randint(0, VOCAB, (4, 128), device="cuda")
-    targets = torch.randint(0, VOCAB, (4, 128), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    idx = torch.randint(0, VOCAB, (batch, seq), device=device)
+    targets = torch.randint(0, VOCAB, (batch, seq), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         logits, loss = model(idx, targets)
         ref_logits, ref_loss = reference(idx, targets)
     loss.backward()
@@ -278,6 +277,15 @@ def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         scale = q.grad.abs().max().item() + 1e-6
         assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
+    return model, reference, idx, targets
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant):
+    _matches_torch_backend_under_bf16_autocast(backend, variant, "cuda", n_embd=256, n_head=4, n_kv_head=2,
+                                               seq=128, batch=4)
 
 
 @pytest.mark.simt
@@ -285,23 +293,8 @@ def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant)
 def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
     """Every CUDA kernel of a block (attention, RMSNorm, RoPE, SwiGLU) in one model, emulated on
     CPU tensors under bf16 autocast (the kernels take bf16), then a few AdamW steps on its kernels."""
-    overrides = dict(VARIANTS[variant], n_embd=128, n_head=2, block_size=40)  # head dim 64
-    if "n_kv_head" in overrides:
-        overrides["n_kv_head"] = 1
-    reference = GPT(tiny(**overrides, backend="torch"))
-    model = GPT(tiny(**overrides, backend="cuda", fused_loss=False))
-    model.load_state_dict(reference.state_dict())
-    idx, targets = torch.randint(0, VOCAB, (2, 40)), torch.randint(0, VOCAB, (2, 40))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, targets)
-        ref_logits, ref_loss = reference(idx, targets)
-    loss.backward()
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        scale = q.grad.abs().max().item() + 1e-6
-        assert (p.grad - q.grad).abs().max().item() <= 5e-2 * scale, name
+    model, reference, idx, targets = _matches_torch_backend_under_bf16_autocast(
+        "cuda", variant, "cpu", n_embd=128, n_head=2, n_kv_head=1, seq=40, batch=2)  # head dim 64
 
     from llmkern.optim import AdamW
 

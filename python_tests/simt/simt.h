@@ -130,30 +130,28 @@ struct ShuffleIn {
   int arg;
 };
 
-template <typename T>
-T shfl_xor(unsigned mask, T value, int lane_mask) {
-  return warp_collective<ShuffleIn<T>, T>("__shfl_xor_sync", mask, ShuffleIn<T>{value, lane_mask},
-                                          [](const ShuffleIn<T>* in, T* out, unsigned m) {
+// A shuffle: lane l gets the value of lane source(l, its argument).
+template <typename T, typename Source>
+T shuffle(const char* op, unsigned mask, T value, int arg, Source source) {
+  return warp_collective<ShuffleIn<T>, T>(op, mask, ShuffleIn<T>{value, arg},
+                                          [op, source](const ShuffleIn<T>* in, T* out, unsigned m) {
                                             for (int l = 0; l < 32; ++l) {
                                               if (!((m >> l) & 1u)) continue;
-                                              const int src = l ^ in[l].arg;
-                                              require_lane(m, src, "__shfl_xor_sync");
+                                              const int src = source(l, in[l].arg);
+                                              require_lane(m, src, op);
                                               out[l] = in[src].value;
                                             }
                                           });
 }
 
 template <typename T>
+T shfl_xor(unsigned mask, T value, int lane_mask) {
+  return shuffle("__shfl_xor_sync", mask, value, lane_mask, [](int lane, int arg) { return lane ^ arg; });
+}
+
+template <typename T>
 T shfl(unsigned mask, T value, int src_lane) {
-  return warp_collective<ShuffleIn<T>, T>("__shfl_sync", mask, ShuffleIn<T>{value, src_lane},
-                                          [](const ShuffleIn<T>* in, T* out, unsigned m) {
-                                            for (int l = 0; l < 32; ++l) {
-                                              if (!((m >> l) & 1u)) continue;
-                                              const int src = in[l].arg & 31;
-                                              require_lane(m, src, "__shfl_sync");
-                                              out[l] = in[src].value;
-                                            }
-                                          });
+  return shuffle("__shfl_sync", mask, value, src_lane, [](int, int arg) { return arg & 31; });
 }
 
 inline bool any(unsigned mask, bool predicate) {
