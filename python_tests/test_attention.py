@@ -1,7 +1,14 @@
 """llmkern.ops.attention against the float64 math reference, on every backend that runs here.
 
-On a CPU machine the Triton kernels run in the interpreter on tiny shapes (fp16/fp32: the
-interpreter's bf16 dot is wrong); the `cuda`-marked tests cover the full matrix on a GPU.
+On a CPU machine both kernel backends run, on small shapes:
+- the Triton kernels in Triton's interpreter (fp16/fp32: the interpreter's bf16 dot is wrong);
+- the CUDA kernels (csrc/cuda/attention*.cu, forward and the 3-kernel backward) in the CPU emulator
+  python_tests/simt (tests marked `simt`: backend "cuda" on CPU tensors): fp16 and bf16, head dims
+  64 and 128, GQA and MQA, causal or not, Sq != Sk both ways, odd lengths that leave partial
+  64-row tiles, document masks, fused-QKV views, NaN-filled outputs, launches in batch slices,
+  and the same launches under other thread/block schedules (a race between barriers changes bits).
+  The emulator's time grows with heads x 64 x 64 tiles, so its shapes have few of both.
+The `cuda`-marked tests run both kernel backends on a GPU, at full size.
 A low-precision result passes when its error is at most 2x (plus a small atol) the error of
 PyTorch's own SDPA in the same dtype against the same float64 reference (python_tests/numerics.py).
 """
@@ -15,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import simt
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +46,29 @@ def require_gpu_backend(backend: str) -> None:
     """Skip the test when this GPU machine has no attention kernels of `backend`."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} has no attention kernels here")
+
+
+def require_backend(backend: str, device: str) -> None:
+    """Skip the test when `backend` has no attention kernels that run on `device` here."""
+    if not _backend.can_run(backend, "attention", torch.device(device)):
+        pytest.skip(f"backend {backend} has no attention kernels on {device} here")
+
+
+# Tests marked so run the cuda backend's kernels on CPU tensors in the emulator (conftest.py).
+emulated = pytest.mark.simt
+
+
+def _size_id(size) -> str:
+    return "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+
+
+def kernel_runs(gpu: list, emulator: list, backends=("triton", "cuda")) -> list:
+    """Parameters (backend, device, size): on a GPU each of `backends` at each size of `gpu`; on any
+    machine the CUDA kernels in the CPU emulator at each (smaller) size of `emulator`."""
+    runs = [pytest.param(b, "cuda", size, marks=pytest.mark.cuda, id=f"{b}-{_size_id(size)}")
+            for b in backends for size in gpu]
+    runs += [pytest.param("cuda", "cpu", size, marks=emulated, id=f"cuda-simt-{_size_id(size)}") for size in emulator]
+    return runs
 
 
 def _make_qkv(b, hq, hkv, sq, sk, d, dtype, device, strided=False):
@@ -132,11 +163,19 @@ def attention_module():
     return importlib.import_module("llmkern.ops.attention")
 
 
-# --- Triton in the CPU interpreter (tiny shapes), or every kernel backend on a GPU ------------
+# --- both kernel backends on this CPU: Triton in its interpreter, CUDA in the emulator -----------
 
 interp = pytest.mark.skipif(
     not _backend.can_run("triton", "attention", CPU), reason="Triton interpreter not enabled (TRITON_INTERPRET=1)"
 )
+
+# (backend, dtype, head dim, atol) of the small CPU tests: Triton's interpreter in fp32 (its bf16 dot is
+# wrong) at its smallest head dim; the CUDA kernels, which have neither fp32 nor D=32, in bf16 at D=64
+# (with the GPU tests' atol for a half type).
+CPU_KERNELS = [
+    pytest.param("triton", torch.float32, 32, 1e-5, marks=interp, id="triton-interp"),
+    pytest.param("cuda", torch.bfloat16, 64, 1e-3, marks=emulated, id="cuda-simt"),
+]
 
 
 @interp
@@ -148,90 +187,109 @@ def test_triton_interpreter_matches_reference(s, d, causal, dtype):
     check_against_reference("triton", 1, 4, 2, s, s, d, dtype, causal, CPU)
 
 
-@interp
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (3, 3)])
-def test_triton_interpreter_gqa_and_mha(hq, hkv):
-    check_against_reference("triton", 2, hq, hkv, 23, 23, 32, torch.float32, True, CPU)
+def test_cpu_gqa_and_mha(backend, dtype, d, atol, hq, hkv):
+    check_against_reference(backend, 2, hq, hkv, 23, 23, d, dtype, True, CPU, atol=atol)
 
 
-@interp
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_interpreter_strided_inputs(causal):
-    check_against_reference("triton", 2, 4, 2, 19, 19, 32, torch.float16, causal, CPU, strided=True)
+def test_cpu_strided_inputs(backend, dtype, d, atol, causal):
+    check_against_reference(backend, 2, 4, 2, 19, 19, d, dtype, causal, CPU, strided=True, atol=atol)
 
 
-@interp
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
 @pytest.mark.parametrize("sq,sk", [(5, 37), (1, 40)])
-def test_triton_interpreter_shorter_queries_causal_bottom_right(sq, sk):
-    check_against_reference("triton", 1, 2, 1, sq, sk, 32, torch.float32, True, CPU)
+def test_cpu_shorter_queries_causal_bottom_right(backend, dtype, d, atol, sq, sk):
+    check_against_reference(backend, 1, 2, 1, sq, sk, d, dtype, True, CPU, atol=atol)
 
 
-@interp
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_interpreter_doc_ids(causal):
+def test_cpu_doc_ids(backend, dtype, d, atol, causal):
     doc_ids = _random_doc_ids(2, 45, CPU)
-    check_against_reference("triton", 2, 4, 2, 45, 45, 32, torch.float32, causal, CPU, doc_ids=doc_ids)
+    check_against_reference(backend, 2, 4, 2, 45, 45, d, dtype, causal, CPU, doc_ids=doc_ids, atol=atol)
 
 
-@interp
-def test_triton_interpreter_cu_seqlens_and_scale():
+@pytest.mark.parametrize("backend,dtype,d,atol", [
+    pytest.param("triton", torch.float16, 32, 1e-5, marks=interp, id="triton-interp"),
+    pytest.param("cuda", torch.float16, 64, 1e-3, marks=emulated, id="cuda-simt"),
+])
+def test_cpu_cu_seqlens_and_scale(backend, dtype, d, atol):
     cu = torch.tensor([0, 3, 4, 20, 33], dtype=torch.int32)
-    check_against_reference("triton", 2, 2, 1, 33, 33, 32, torch.float16, True, CPU, cu_seqlens=cu, scale=0.3)
+    check_against_reference(backend, 2, 2, 1, 33, 33, d, dtype, True, CPU, cu_seqlens=cu, scale=0.3, atol=atol)
 
 
-@interp
+@pytest.mark.parametrize("backend,dtype,d,atol", [
+    pytest.param("triton", torch.float32, 32, 1e-4, marks=interp, id="triton-interp"),
+    pytest.param("cuda", torch.bfloat16, 64, 5e-2, marks=emulated, id="cuda-simt"),
+])
 @pytest.mark.parametrize("sq,sk", [(20, 7), (9, 1)])
-def test_triton_interpreter_queries_that_see_no_key(sq, sk):
-    check_queries_that_see_no_key("triton", sq, sk, 32, torch.float32, CPU, atol=1e-4)
+def test_cpu_queries_that_see_no_key(backend, dtype, d, atol, sq, sk):
+    check_queries_that_see_no_key(backend, sq, sk, d, dtype, CPU, atol=atol)
 
 
 def test_torch_backend_queries_that_see_no_key():
     check_queries_that_see_no_key("torch", 20, 7, 32, torch.float32, CPU, atol=1e-5)
 
 
+def check_kernels_write_every_output(backend, device, b, hq, hkv, s, d, dtype):
+    """The backend's kernels called directly on NaN-filled outputs: an element they skip stays NaN and
+    fails. The fp32 lse (which the op does not return) is checked against float64 too."""
+    kernels = importlib.import_module(f"llmkern.{backend}.attention")
+    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, dtype, device))
+    o = torch.full_like(q, float("nan")).contiguous()
+    lse = torch.full((b, hq, s), float("nan"), device=device)
+    kernels.forward(q, k, v, None, True, d**-0.5, o, lse)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    kernels.backward(torch.randn_like(o), q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
+    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), f"{backend}: {name} has unwritten (NaN) elements"
+    scores = q.double() @ k.double().transpose(-2, -1).repeat_interleave(hq // hkv, dim=1) * d**-0.5
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    ref_lse = torch.logsumexp(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 @interp
 def test_triton_interpreter_writes_every_output():
-    """Kernels called directly on NaN-filled outputs: an element they skip stays NaN and fails."""
-    triton_attention = importlib.import_module("llmkern.triton.attention")
-    b, hq, hkv, s, d = 1, 2, 1, 21, 32
-    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, torch.float32, CPU))
-    o = torch.full((b, hq, s, d), float("nan"))
-    lse = torch.full((b, hq, s), float("nan"))
-    triton_attention.forward(q, k, v, None, True, d**-0.5, o, lse)
-    do = torch.randn_like(o)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    triton_attention.backward(do, q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
-    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
-    ref_lse = torch.logsumexp(
-        (q @ k.transpose(-2, -1).repeat_interleave(2, dim=1) * d**-0.5).masked_fill(
-            ~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")), dim=-1)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    check_kernels_write_every_output("triton", "cpu", 1, 2, 1, 21, 32, torch.float32)
 
 
-@interp
-def test_triton_interpreter_opcheck():
-    q, k, v = _make_qkv(1, 2, 1, 9, 9, 32, torch.float32, CPU)
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
+def test_cpu_opcheck(backend, dtype, d, atol):
+    q, k, v = _make_qkv(1, 2, 1, 9, 9, d, dtype, CPU)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, (q, k, v, None, True, 0.2, "triton"))
-    o, lse = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, False, 0.2, "triton")
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, (q, k, v, None, True, 0.2, backend))
+    o, lse = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, False, 0.2, backend)
     bwd_args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), doc_ids, False, 0.2,
-                "triton")
+                backend)
     torch.library.opcheck(torch.ops.llmkern.attention_bwd.default, bwd_args)
 
 
-@interp
-def test_triton_interpreter_compile_fullgraph():
-    q, k, v = _make_qkv(1, 2, 2, 12, 12, 32, torch.float32, CPU)
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
+def test_cpu_compile_fullgraph(backend, dtype, d, atol):
+    q, k, v = _make_qkv(1, 2, 2, 12, 12, d, dtype, CPU)
 
     def loss(q, k, v):
-        return attention(q, k, v, causal=True, backend="triton").square().sum()
+        return attention(q, k, v, causal=True, backend=backend).float().square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
+def test_cpu_large_batches_launch_in_slices(backend, dtype, d, atol, monkeypatch):
+    """A batch * heads beyond one launch's grid runs as several launches over slices of the batch."""
+    monkeypatch.setattr(attention_module(), "MAX_BATCH_HEADS_PER_LAUNCH", 4)  # 2 rows of 2 heads per launch
+    doc_ids = _random_doc_ids(5, 21, CPU)
+    check_against_reference(backend, 5, 2, 1, 21, 21, d, dtype, True, CPU, doc_ids=doc_ids, atol=atol)
+    with pytest.raises(ValueError, match="q has 6 heads; the kernels take at most 4"):
+        attention(*_make_qkv(1, 6, 6, 8, 8, d, dtype, CPU, False), backend=backend)
 
 
 _ROW_OFFSET_SCRIPT = r"""
@@ -442,19 +500,20 @@ def test_rejects_mixed_devices():
         attention(q.cuda(), k, v.cuda())
 
 
-@pytest.mark.cuda
-def test_cuda_backend_rejects_fp32_and_head_dim():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda, id="gpu"),
+                                    pytest.param("cpu", marks=emulated, id="simt")])
+def test_cuda_backend_rejects_fp32_and_head_dim(device):
     if not _backend.cuda_has("attention"):
         pytest.skip("llmkern._cuda has no attention kernels")
-    q, k, v = (t.cuda() for t in _qkv(d=64))
+    q, k, v = (t.to(device) for t in _qkv(d=64))
     with pytest.raises(TypeError, match="dtype"):
         attention(q, k, v, backend="cuda")
-    q, k, v = (t.cuda().half() for t in _qkv(d=32))
+    q, k, v = (t.to(device).half() for t in _qkv(d=32))
     with pytest.raises(ValueError, match="head dims"):
         attention(q, k, v, backend="cuda")
 
 
-# --- the full matrix on a GPU ---------------------------------------------------------------------
+# --- the full matrix on a GPU; the CUDA kernels in the emulator at small sizes ------------------
 
 GPU_DTYPES = [torch.bfloat16, torch.float16]
 
@@ -472,48 +531,67 @@ def test_gpu_matches_reference(backend, dtype, causal, d, s, hq, hkv):
     check_against_reference(backend, b, hq, hkv, s, s, d, dtype, causal, torch.device("cuda"), atol=1e-3)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+# (B, Hq, Hkv, S) of the emulated matrix: GQA and MQA with 8 heads within one 64 x 64 tile, and
+# two partial tiles each way with fewer heads (the emulator's time grows with heads x tiles).
+SIMT_SHAPES = [(2, 8, 1, 1), (2, 8, 2, 17), (1, 4, 1, 100)]
+
+
+@emulated
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_strided_doc_ids_and_short_queries(backend, d):
-    require_gpu_backend(backend)
-    cuda = torch.device("cuda")
-    check_against_reference(backend, 2, 8, 2, 777, 777, d, torch.bfloat16, True, cuda, strided=True, atol=1e-3)
-    doc_ids = _random_doc_ids(2, 1000, cuda)
+@pytest.mark.parametrize("b,hq,hkv,s", SIMT_SHAPES)
+def test_simt_matches_reference(dtype, causal, d, b, hq, hkv, s):
+    check_against_reference("cuda", b, hq, hkv, s, s, d, dtype, causal, CPU, atol=1e-3)
+
+
+@emulated
+@pytest.mark.parametrize("sq,sk", [(100, 17), (17, 130)])
+def test_simt_unequal_lengths_not_causal(sq, sk):
+    """Sq > Sk and Sq < Sk, several tiles of the longer one (causal: the tests below)."""
+    check_against_reference("cuda", 1, 4, 2, sq, sk, 128, torch.float16, False, CPU, atol=1e-3)
+
+
+# (Hq, S of the fused-QKV views, S of the documents, Sq of the short queries over that many keys)
+@pytest.mark.parametrize("backend,device,sizes", kernel_runs(gpu=[(8, 777, 1000, 100)], emulator=[(4, 77, 100, 17)]))
+@pytest.mark.parametrize("d", [64, 128])
+def test_strided_doc_ids_and_short_queries(backend, device, sizes, d):
+    require_backend(backend, device)
+    hq, s_strided, s_doc, sq_short = sizes
+    device = torch.device(device)
+    check_against_reference(backend, 2, hq, 2, s_strided, s_strided, d, torch.bfloat16, True, device, strided=True,
+                            atol=1e-3)
+    doc_ids = _random_doc_ids(2, s_doc, device)
     for causal in (True, False):
-        check_against_reference(backend, 2, 8, 2, 1000, 1000, d, torch.bfloat16, causal, cuda,
+        check_against_reference(backend, 2, hq, 2, s_doc, s_doc, d, torch.bfloat16, causal, device,
                                 doc_ids=doc_ids, atol=1e-3)
-    check_against_reference(backend, 2, 8, 8, 100, 1000, d, torch.float16, True, cuda, atol=1e-3)
+    check_against_reference(backend, 2, hq, hq, sq_short, s_doc, d, torch.float16, True, device, atol=1e-3)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("sq,sk", [(200, 70), (65, 1)])
-def test_gpu_queries_that_see_no_key(backend, sq, sk):
-    require_gpu_backend(backend)
-    check_queries_that_see_no_key(backend, sq, sk, 128, torch.bfloat16, torch.device("cuda"), atol=5e-2)
+@pytest.mark.parametrize("backend,device,sizes", kernel_runs(gpu=[(200, 70), (65, 1)], emulator=[(200, 70), (65, 1)]))
+def test_queries_that_see_no_key(backend, device, sizes):
+    require_backend(backend, device)
+    sq, sk = sizes
+    check_queries_that_see_no_key(backend, sq, sk, 128, torch.bfloat16, torch.device(device), atol=5e-2)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("s", [17, 4097])
-def test_gpu_doc_ids_at_odd_lengths(backend, s):
-    require_gpu_backend(backend)
-    cuda = torch.device("cuda")
-    check_against_reference(backend, 1, 4, 2, s, s, 64, torch.bfloat16, True, cuda,
-                            doc_ids=_random_doc_ids(1, s, cuda), atol=1e-3)
+@pytest.mark.parametrize("backend,device,s", kernel_runs(gpu=[17, 4097], emulator=[17, 130]))
+def test_doc_ids_at_odd_lengths(backend, device, s):
+    require_backend(backend, device)
+    device = torch.device(device)
+    check_against_reference(backend, 1, 4, 2, s, s, 64, torch.bfloat16, True, device,
+                            doc_ids=_random_doc_ids(1, s, device), atol=1e-3)
 
 
-@pytest.mark.cuda
-def test_gpu_cuda_op_reads_any_doc_ids_layout():
+@pytest.mark.parametrize("backend,device,s", kernel_runs(gpu=[300], emulator=[70], backends=("cuda",)))
+def test_cuda_op_reads_any_doc_ids_layout(backend, device, s):
     """The custom op called directly with int64 or strided document ids gives what int32 ids give."""
-    require_gpu_backend("cuda")
-    cuda = torch.device("cuda")
-    q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, cuda))
-    ids = _random_doc_ids(2, 300, cuda).to(torch.int32).contiguous()
-    want, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids, True, 0.125, "cuda")
+    require_backend(backend, device)
+    q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, s, s, 64, torch.bfloat16, torch.device(device)))
+    ids = _random_doc_ids(2, s, torch.device(device)).to(torch.int32).contiguous()
+    want, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids, True, 0.125, backend)
     strided = torch.stack([ids.long(), ids.long()], dim=-1)[..., 0]  # int64, stride 2
-    got, _ = torch.ops.llmkern.attention_fwd(q, k, v, strided, True, 0.125, "cuda")
+    got, _ = torch.ops.llmkern.attention_fwd(q, k, v, strided, True, 0.125, backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -523,20 +601,43 @@ def test_gpu_triton_other_head_dims(d):
     check_against_reference("triton", 1, 4, 2, 300, 300, d, torch.bfloat16, True, torch.device("cuda"), atol=1e-3)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_kernels_write_every_output(backend):
-    require_gpu_backend(backend)
-    kernels = importlib.import_module(f"llmkern.{backend}.attention")
-    b, hq, hkv, s, d = 2, 8, 2, 1001, 128
-    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, torch.bfloat16, torch.device("cuda")))
-    o = torch.full_like(q, float("nan")).contiguous()
-    lse = torch.full((b, hq, s), float("nan"), device="cuda")
-    kernels.forward(q, k, v, None, True, d**-0.5, o, lse)
-    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    kernels.backward(torch.randn_like(o), q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
-    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert not torch.isnan(t).any(), f"{backend}: {name} has unwritten (NaN) elements"
+# (B, Hq, Hkv, S, D); a warp's lane holds rows r and r + 8 of its 16, so the last row (S - 1) % 16 is
+# a low row at S = 130 and a high one at S = 73 (and 1001).
+@pytest.mark.parametrize("backend,device,shape",
+                         kernel_runs(gpu=[(2, 8, 2, 1001, 128)], emulator=[(1, 2, 1, 130, 128), (2, 4, 1, 73, 64)]))
+def test_kernels_write_every_output(backend, device, shape):
+    require_backend(backend, device)
+    check_kernels_write_every_output(backend, device, *shape, torch.bfloat16)
+
+
+@emulated
+@pytest.mark.parametrize("dtype,d,causal,with_docs,shape", [
+    (torch.bfloat16, 64, True, True, (2, 2, 1, 130)),
+    (torch.float16, 128, False, False, (1, 4, 2, 100)),
+])
+def test_simt_results_do_not_depend_on_the_schedule(dtype, d, causal, with_docs, shape):
+    """A race between two barriers (a warp reading shared memory another warp has not yet written, or
+    writing over data another still reads) makes the result depend on which thread runs first. The
+    emulator runs the same forward and backward launches with threads and blocks in other orders:
+    o, lse, dq, dk and dv must not change in a single bit."""
+    b, hq, hkv, s = shape
+    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, dtype, CPU))
+    doc_ids = _random_doc_ids(b, s, CPU).to(torch.int32) if with_docs else None
+    do = torch.randn(b, hq, s, d, dtype=dtype)
+    scale = d**-0.5
+
+    def run() -> dict[str, torch.Tensor]:
+        o, lse = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, causal, scale, "cuda")
+        dq, dk, dv = torch.ops.llmkern.attention_bwd(do, q, k, v, o, lse, doc_ids, causal, scale, "cuda")
+        return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+    with simt.schedule("forward"):
+        want = run()
+    for order in ("reverse", "random:7"):
+        with simt.schedule(order):
+            got = run()
+        for name, t in got.items():
+            assert torch.equal(t, want[name]), f"{name} differs between schedules forward and {order}"
 
 
 @pytest.mark.cuda
@@ -584,13 +685,3 @@ def test_gpu_opcheck_and_compile_fullgraph(backend):
 def test_gpu_auto_prefers_triton_until_cuda_is_verified():
     assert _backend.resolve("attention", "auto", torch.device("cuda")) in ("triton", "cuda")
     assert _backend.PREFERENCE["attention"][0] == "triton"
-
-
-@interp
-def test_triton_interpreter_large_batches_launch_in_slices(monkeypatch):
-    """A batch * heads beyond one launch's grid runs as several launches over slices of the batch."""
-    monkeypatch.setattr(attention_module(), "MAX_BATCH_HEADS_PER_LAUNCH", 4)  # 2 rows of 2 heads per launch
-    doc_ids = _random_doc_ids(5, 21, CPU)
-    check_against_reference("triton", 5, 2, 1, 21, 21, 32, torch.float32, True, CPU, doc_ids=doc_ids)
-    with pytest.raises(ValueError, match="q has 6 heads; the kernels take at most 4"):
-        attention(*_make_qkv(1, 6, 6, 8, 8, 32, torch.float32, CPU, False), backend="triton")
