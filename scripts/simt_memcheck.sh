@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export LLMKERN_SIMT_ASAN=1
 export ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-LD_PRELOAD="$("${CXX:-g++}" -print-file-name=libasan.so)" exec python -m pytest -q -m simt -p no:cacheprovider "${@:-python_tests}"
+# libstdc++ preloaded too: ASan must find the real __cxa_throw when it starts (python does not link
+# libstdc++), or the first C++ exception (a binding's argument check) aborts the process.
+CXX="${CXX:-g++}"
+LD_PRELOAD="$("$CXX" -print-file-name=libasan.so):$("$CXX" -print-file-name=libstdc++.so)" exec python -m pytest -q -m simt -p no:cacheprovider --capture=sys "${@:-python_tests}"
