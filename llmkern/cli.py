@@ -113,20 +113,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("llmkern generate: error: give --prompt (text to continue) or --instruction (a task for an "
               "instruction-tuned model), not both", file=sys.stderr)
         return 2
-    prompt = args.prompt
-    if args.instruction is not None:
-        from .finetune.data import format_prompt
-
-        prompt = format_prompt({"instruction": args.instruction, "input": args.input})
+    if args.instruction is None and (args.template is not None or args.system_prompt is not None):
+        print("llmkern generate: error: --template and --system-prompt go with --instruction", file=sys.stderr)
+        return 2
     try:
-        model, tokenizer, _ = load_trained_model(args.run, args.device)
-        texts = sample_text(model, tokenizer, [prompt] * args.num_samples, args.max_new_tokens,
-                            args.temperature, args.top_k, args.top_p, args.seed)
+        model, tokenizer, state = load_trained_model(args.run, args.device)
+        if args.instruction is None:
+            texts = sample_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
+                                args.temperature, args.top_k, args.top_p, args.seed)
+        else:  # the response alone, in the template the run was fine-tuned with unless --template says
+            from .eval.win_rate import generate_responses
+            from .finetune.templates import resolve_prompt_format
+
+            fmt = resolve_prompt_format(state.meta, args.template, args.system_prompt)
+            example = {"instruction": args.instruction, "input": args.input}
+            texts = generate_responses(model, tokenizer, [example] * args.num_samples, args.max_new_tokens,
+                                       args.temperature, args.top_k, args.top_p, args.seed,
+                                       batch_size=max(args.num_samples, 1), prompt_format=fmt)
     except (ValueError, TypeError, OSError) as err:
         print(f"llmkern generate: error: {err}", file=sys.stderr)
         return 2
-    if args.instruction is not None:  # the response alone, without the template
-        texts = [text[len(prompt):] if text.startswith(prompt) else text for text in texts]
     print("\n\n".join(texts))
     return 0
 
@@ -143,9 +149,13 @@ def _add_train_parsers(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt with a trained run's model")
     g.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     g.add_argument("--prompt", help="text to continue")
-    g.add_argument("--instruction", help="a task, put in the Alpaca template that `llmkern finetune sft` trains on; "
-                                         "prints the response alone")
+    g.add_argument("--instruction", help="a task, put in the prompt template the run was fine-tuned with (alpaca "
+                                         "for a run that saved none); prints the response alone")
     g.add_argument("--input", default="", help="with --instruction: the task's input, if it has one")
+    g.add_argument("--template", default=None, help="with --instruction: use this template instead (alpaca, "
+                                                    "chatml, plain)")
+    g.add_argument("--system-prompt", default=None, help="with --instruction and chatml: the system turn "
+                                                         "(default: the run's)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=50)

@@ -429,6 +429,17 @@ def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):
     assert printed.startswith("win_rate") and "ci " in printed
     saved = json.loads(out.read_text())
     assert saved["n"] == 3 and saved["wins"] + saved["ties"] + saved["losses"] == 3
+    assert saved["templates"] == {"run": "alpaca", "baseline": "alpaca", "judge": "alpaca"}  # none saved: alpaca
+
+    common = ["eval", "--task", "win-rate", "--run", run_a, "--baseline", run_b, "--judge", str(tmp_path / "rm"),
+              "--data", str(data), "--limit", "1", "--max-new-tokens", "2", "--device", "cpu", "--quiet"]
+    assert main(common + ["--template", "chatml", "--system-prompt", "Be brief.", "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["templates"] == {"run": "chatml", "baseline": "chatml", "judge": "alpaca"}
+    assert main(common + ["--template", "vicuna"]) == 2
+    assert "alpaca, chatml, plain" in capsys.readouterr().err
+    assert main(["eval", "--run", run_a, "--text", str(data), "--template", "plain", "--device", "cpu"]) == 2
+    assert "--template and --system-prompt are for --task win-rate" in capsys.readouterr().err
 
     assert main(["eval", "--task", "win-rate", "--run", run_a, "--data", str(data), "--device", "cpu"]) == 2
     assert "--baseline" in capsys.readouterr().err

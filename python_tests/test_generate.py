@@ -163,6 +163,25 @@ def test_eos_stops_each_row():
     assert stopped[0][-1] == eos and len(stopped[0]) == len(PROMPTS[0]) + 4
 
 
+def test_stop_function_ends_each_row_where_it_says():
+    model = make_model("rope")
+    free = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    pair = free[0][len(PROMPTS[0]) + 2 : len(PROMPTS[0]) + 4]  # the 3rd and 4th tokens greedy emits for row 0
+    seen = []
+
+    def ends_with_pair(new):
+        seen.append(list(new))
+        return new[-2:] == pair
+
+    stopped = generate(model, PROMPTS, max_new_tokens=10, temperature=0, stop=ends_with_pair)
+    for prompt, full, row in zip(PROMPTS, free, stopped):
+        new = full[len(prompt) :]
+        ends = [i + 2 for i in range(len(new) - 1) if new[i : i + 2] == pair]
+        assert row == prompt + new[: ends[0] if ends else len(new)]
+    assert len(stopped[0]) == len(PROMPTS[0]) + 4
+    assert all(len(new) >= 1 and len(new) <= 10 for new in seen) and seen[0] == free[0][len(PROMPTS[0]):][:1]
+
+
 def test_training_mode_is_restored():
     model = make_model()
     model.train()
@@ -185,6 +204,7 @@ def test_training_mode_is_restored():
         (dict(top_p=1.5), ValueError, "top_p"),
         (dict(eos_token="</s>"), TypeError, "eos_token"),
         (dict(use_cache=1), TypeError, "use_cache"),
+        (dict(stop="<|im_end|>"), TypeError, "stop"),
     ],
 )
 def test_argument_errors(kwargs, error, words):

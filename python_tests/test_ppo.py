@@ -207,6 +207,21 @@ def test_ppo_with_saved_reward_model_and_lora(tmp_path):
     assert summary["lora"] == str(tmp_path / "ppo" / "lora.safetensors") and os.path.isfile(summary["lora"])
 
 
+def test_ppo_prompts_in_its_template_and_warns_when_the_reward_model_learned_another(tmp_path):
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.reward import RewardModel, save_reward_model
+    from llmkern.finetune.templates import saved_prompt_format
+
+    rm = RewardModel(GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2,
+                                               n_embd=32, backend="torch")))
+    save_reward_model(str(tmp_path / "rm"), 0, rm, get_tokenizer("bytes"))  # saves no template: alpaca
+    config = make_ppo_run(tmp_path, reward_model=str(tmp_path / "rm"), max_steps=1, template="plain")
+    with pytest.warns(UserWarning, match="trained with template 'alpaca'.*use 'plain'"):
+        summary = run_ppo(config)
+    assert summary["template"] == "plain"
+    assert saved_prompt_format(load_checkpoint(str(tmp_path / "ppo")).meta).template == "plain"
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(reward_model=""), "reward_model"),
     (dict(kl_coef=-0.1), "kl_coef"),

@@ -4,6 +4,7 @@
     llmkern eval --run R --text FILE [--stride N]          perplexity of a text file (sliding window)
     llmkern eval --run R --task choice --data TASK.jsonl   multiple-choice accuracy and acc_norm
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
+                 [--template chatml]   (default: each run's own prompt template)
 
 Each prints one line per metric; --json OUT also writes the result as JSON.
 """
@@ -32,6 +33,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--task win-rate needs --baseline RUN and --judge REWARD_MODEL_RUN")
     if args.task != "win-rate" and (args.baseline is not None or args.judge is not None):
         raise ValueError("--baseline and --judge are for --task win-rate")
+    if args.task != "win-rate" and (args.template is not None or args.system_prompt is not None):
+        raise ValueError("--template and --system-prompt are for --task win-rate")
     if args.task != "choice" and args.fewshot:
         raise ValueError("--fewshot is for --task choice")
 
@@ -52,7 +55,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         from .win_rate import compare_runs
 
         result = compare_runs(args.run, args.baseline, args.judge, args.data, args.limit, args.max_new_tokens,
-                              args.device, args.tie_margin, args.interval, args.batch_size, progress)
+                              args.device, args.tie_margin, args.interval, args.batch_size, progress,
+                              args.template, args.system_prompt)
         result["ci"] = (f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}] "
                         f"({result['confidence']:.0%} {result['interval']})")
         return result, ["win_rate", "ci", "wins", "ties", "losses", "n", "mean_score_diff"]
@@ -122,6 +126,9 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, default=256, help="win-rate: response length at most")
     e.add_argument("--tie-margin", type=float, default=0.0, help="win-rate: score gaps this small are ties")
     e.add_argument("--interval", choices=("wilson", "bootstrap"), default="wilson", help="win-rate: 95%% interval")
+    e.add_argument("--template", default=None, help="win-rate: prompt both runs in this template (alpaca, chatml, "
+                                                    "plain); default: each run's own (the judge always reads its own)")
+    e.add_argument("--system-prompt", default=None, help="win-rate, chatml: the system turn (default: the run's)")
     e.add_argument("--json", default=None, metavar="OUT", help="also write the result to this JSON file")
     e.add_argument("--device", default="auto", help="auto: the GPU when there is one")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

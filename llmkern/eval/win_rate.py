@@ -6,6 +6,10 @@ instruction the two responses are scored; the one scoring more than `tie_margin`
 otherwise it is a tie. The win rate counts a tie as half a win, and comes with a 95% interval
 (Wilson's score interval, or a bootstrap over the instructions): with a few hundred instructions
 a win rate of 0.55 may well be chance, and the interval says so.
+
+Prompts follow each model's own template (llmkern.finetune.templates): compare_runs prompts each run
+in the template its fine-tuning saved (alpaca when none) unless told one, and a reward-model judge
+reads the prompts and responses in the template it was trained with.
 """
 
 from __future__ import annotations
@@ -24,24 +28,32 @@ class Judge(Protocol):
 
 
 class RewardModelJudge:
-    """A Judge over a reward model from llmkern.finetune.reward (prompts are the formatted prompts)."""
+    """A Judge over a reward model from llmkern.finetune.reward. Prompts are formatted prompts (in
+    prompt_format, the template the reward model learned, Alpaca by default); responses are bare
+    texts, which get the template's end marker before they are scored."""
 
-    def __init__(self, reward_model, tokenizer) -> None:
+    def __init__(self, reward_model, tokenizer, prompt_format=None) -> None:
+        from ..finetune.templates import PromptFormat
+
         self.reward_model = reward_model
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat()
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         from ..finetune.reward import score
 
-        return [float(s) for s in score(self.reward_model, self.tokenizer, list(prompts), list(responses))]
+        ended = [self.prompt_format.response(r) for r in responses]
+        return [float(s) for s in score(self.reward_model, self.tokenizer, list(prompts), ended)]
 
 
 def reward_model_judge(run_dir: str, device: str | torch.device = "auto") -> RewardModelJudge:
-    """The reward model saved in run_dir (a `llmkern finetune reward` run) as a Judge."""
-    from ..finetune.reward import load_reward_model
+    """The reward model saved in run_dir (a `llmkern finetune reward` run) as a Judge, reading prompts in
+    the template it was trained with."""
+    from ..finetune.reward import load_reward_run
+    from ..finetune.templates import saved_prompt_format
 
-    reward_model, tokenizer = load_reward_model(run_dir, device)
-    return RewardModelJudge(reward_model, tokenizer)
+    reward_model, tokenizer, meta = load_reward_run(run_dir, device)
+    return RewardModelJudge(reward_model, tokenizer, saved_prompt_format(meta))
 
 
 # --- intervals ---------------------------------------------------------------------------------
@@ -145,27 +157,32 @@ def _as_example(item: object, i: int) -> dict[str, Any]:
     raise ValueError(f"instructions[{i}] must be a string or a dict with a string 'instruction'")
 
 
-def instruction_prompts(instructions: Sequence[str | dict[str, Any]]) -> list[str]:
-    """The Alpaca prompts (llmkern.finetune.data.format_prompt) of instructions (strings or dicts)."""
-    from ..finetune.data import format_prompt
+def instruction_prompts(instructions: Sequence[str | dict[str, Any]], prompt_format=None) -> list[str]:
+    """The prompts of instructions (strings or dicts) in prompt_format (a
+    llmkern.finetune.templates.PromptFormat; default: the Alpaca template)."""
+    from ..finetune.templates import PromptFormat
 
-    return [format_prompt(_as_example(item, i)) for i, item in enumerate(instructions)]
+    fmt = prompt_format or PromptFormat()
+    return [fmt.prompt(_as_example(item, i)) for i, item in enumerate(instructions)]
 
 
 def generate_responses(model, tokenizer, instructions: Sequence[str | dict[str, Any]], max_new_tokens: int = 256,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                       seed: int | None = 0, batch_size: int = 8, progress: bool = False) -> list[str]:
-    """The model's response to each instruction: greedy by default, stopping at <|endoftext|>.
+                       seed: int | None = 0, batch_size: int = 8, progress: bool = False,
+                       prompt_format=None) -> list[str]:
+    """The model's response to each instruction: greedy by default, stopping at <|endoftext|> or the
+    template's end marker (ChatML's <|im_end|>).
 
-    instructions are strings or Alpaca dicts ({"instruction", "input"}); each is formatted with
-    format_prompt, and the response is the decoded new text, stripped of surrounding whitespace.
+    instructions are strings or Alpaca dicts ({"instruction", "input"}); each is put in prompt_format
+    (default: the Alpaca template), and the response is the decoded new text, stripped of surrounding
+    whitespace.
     """
-    from ..model import generate
+    from ..finetune.templates import PromptFormat, respond
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    prompts = instruction_prompts(instructions)
-    eot = tokenizer.eot_token
+    fmt = prompt_format or PromptFormat()
+    prompts = instruction_prompts(instructions, fmt)
     responses = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -173,14 +190,9 @@ def generate_responses(model, tokenizer, instructions: Sequence[str | dict[str, 
 
         starts = tqdm(starts, unit="batch", desc="generate", dynamic_ncols=True)
     for b in starts:
-        ids = [tokenizer.encode(p) or [eot] for p in prompts[b : b + batch_size]]
-        out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_token=eot, seed=seed)
-        for prompt_ids, row in zip(ids, out):
-            new = row[len(prompt_ids):]
-            if eot in new:
-                new = new[: new.index(eot)]
-            responses.append(tokenizer.decode(new).strip())
+        batch = respond(model, tokenizer, prompts[b : b + batch_size], fmt, max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)
+        responses += [r.strip() for r in batch]
     return responses
 
 
@@ -196,20 +208,32 @@ def load_instructions(path: str, limit: int | None = None) -> list[dict[str, Any
 def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | str, data: str | Sequence[Any],
                  limit: int | None = None, max_new_tokens: int = 256, device: str | torch.device = "auto",
                  tie_margin: float = 0.0, interval: str = "wilson", batch_size: int = 8,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, template: str | None = None, system_prompt: str | None = None
+                 ) -> dict[str, Any]:
     """Win rate of run_dir's model over baseline_dir's, each answering the instructions in `data`
-    greedily, as judged by `judge` (a Judge, or the folder of a reward-model run)."""
+    greedily, as judged by `judge` (a Judge, or the folder of a reward-model run).
+
+    Each run is prompted in the template its fine-tuning saved (alpaca when none), or in `template` /
+    `system_prompt` when given (llmkern.finetune.templates.resolve_prompt_format). The judge reads the
+    prompts in its own template: a reward-model judge's saved one, a Judge object's `prompt_format`
+    attribute, else Alpaca. The result names the templates used ("templates")."""
+    from ..finetune.templates import PromptFormat, resolve_prompt_format
     from ..train.inference import load_trained_model
 
     examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)
-    answers = []
+    answers, templates = [], []
     for run in (run_dir, baseline_dir):
-        model, tokenizer, _ = load_trained_model(run, device)
+        model, tokenizer, state = load_trained_model(run, device)
+        fmt = resolve_prompt_format(state.meta, template, system_prompt)
         answers.append(generate_responses(model, tokenizer, examples, max_new_tokens, batch_size=batch_size,
-                                          progress=progress))
+                                          progress=progress, prompt_format=fmt))
+        templates.append(fmt.template)
         del model  # one model in memory at a time
     if isinstance(judge, (str, os.PathLike)):
         judge = reward_model_judge(os.fspath(judge), device)
-    result = win_rate(judge, instruction_prompts(examples), answers[0], answers[1], tie_margin, interval)
-    result.update(run=os.path.abspath(run_dir), baseline=os.path.abspath(baseline_dir))
+    judge_format = getattr(judge, "prompt_format", None) or PromptFormat()
+    result = win_rate(judge, instruction_prompts(examples, judge_format), answers[0], answers[1], tie_margin,
+                      interval)
+    result.update(run=os.path.abspath(run_dir), baseline=os.path.abspath(baseline_dir),
+                  templates={"run": templates[0], "baseline": templates[1], "judge": judge_format.template})
     return result

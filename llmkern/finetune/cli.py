@@ -37,9 +37,11 @@ def add_finetune_parser(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a trained model: " + ", ".join(METHODS),
         epilog="settings: --config FILE (TOML/JSON) and --key=value overrides; the common ones are in "
-               "llmkern/finetune/config.py (base, data, out_dir, epochs, lr, lora_rank, ...), each method's own "
+               "llmkern/finetune/config.py (base, data, out_dir, epochs, lr, lora_rank, template, ...), "
+               "each method's own "
                "in llmkern/finetune/<method>.py. Example: llmkern finetune sft --base=runs/main "
-               "--data=instruction-data.json --lora_rank=8",
+               "--data=instruction-data.json --lora_rank=8. Prompt templates (--template=): alpaca (default), "
+               "chatml (with --system_prompt=...), plain; a run started from a fine-tuned one keeps its template.",
     )
     p.add_argument("method", choices=list(METHODS), help="the recipe")
     p.add_argument("--config", default=None, help="a .toml or .json settings file")

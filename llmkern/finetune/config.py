@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..train.config import apply_settings, parse_overrides, read_config_file
+from .templates import check_template_settings
 
 DTYPES = ("auto", "float32", "bfloat16")
 BACKENDS = ("", "auto", "cuda", "triton", "torch")
@@ -36,6 +37,11 @@ class FinetuneConfig:
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_len: int = 512  # tokens per example (prompt + response); longer ones are cut; <= the model's block_size
+
+    # the prompt template of instruction examples (llmkern/finetune/templates.py): alpaca, chatml or plain;
+    # "" = the base run's own (alpaca when it has none). The resolved template is saved with the run.
+    template: str = ""
+    system_prompt: str = ""  # chatml's system turn; "" = the base run's when its template is kept, else none
 
     # optimization: AdamW on the trainable parameters, linear warmup then cosine decay to min_lr
     lr: float = 5e-5
@@ -87,6 +93,8 @@ class FinetuneConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.template:  # "" is settled against the base run when the recipe starts
+            check_template_settings(self.template, self.system_prompt)
         return self
 
     def to_dict(self) -> dict[str, Any]:

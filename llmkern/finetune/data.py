@@ -1,4 +1,4 @@
-"""Fine-tuning examples: Alpaca-format instructions and preference pairs, the prompt template, and
+"""Fine-tuning examples: Alpaca-format instructions and preference pairs, their prompts, and
 turning (prompt, response) pairs into padded token batches whose loss covers only the response.
 
 An instruction example is {"instruction", "input" (may be empty or absent), "output"}; a preference
@@ -15,19 +15,18 @@ from typing import Any
 
 import torch
 
+from .templates import ALPACA_HEADER, DEFAULT_TEMPLATE, PromptFormat
+
 IGNORE = -1  # the label of a token that is not scored (GPT.forward skips targets equal to -1)
 
-PROMPT_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
+PROMPT_HEADER = ALPACA_HEADER  # the Alpaca template's first paragraph
 
 
-def format_prompt(example: dict[str, Any]) -> str:
-    """The Alpaca prompt of an example: header, instruction, the input when there is one, and the
-    response header; the response text follows it directly."""
-    text = f"{PROMPT_HEADER}\n\n### Instruction:\n{example['instruction']}"
-    if example.get("input"):
-        text += f"\n\n### Input:\n{example['input']}"
-    return text + "\n\n### Response:\n"
+def format_prompt(example: dict[str, Any], template: str = DEFAULT_TEMPLATE, system_prompt: str = "") -> str:
+    """The prompt of an example in a template (llmkern.finetune.templates; Alpaca by default: header,
+    instruction, the input when there is one, and the response header); the response text follows it
+    directly."""
+    return PromptFormat(template, system_prompt).prompt(example)
 
 
 def read_examples(path: str) -> list[dict[str, Any]]:
@@ -101,7 +100,8 @@ def split_examples(examples: Sequence[Any], val_fraction: float, seed: int = 0) 
 
 def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
                            mask_prompt: bool = True) -> tuple[list[int], list[int]]:
-    """(tokens, labels) of prompt + response + end-of-text, cut to max_len tokens.
+    """(tokens, labels) of prompt + response + end-of-text, cut to max_len tokens. response is the text
+    after the prompt, with the template's end marker when it has one (PromptFormat.response).
 
     labels[i] is the label of tokens[i] itself: IGNORE on the prompt (when mask_prompt) so that only
     the response and its end-of-text are learned. make_lm_batch shifts them into next-token targets.

@@ -89,15 +89,18 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
 
 # --- data -----------------------------------------------------------------------------------------
 
-def encode_preference(tokenizer, example: dict[str, Any], max_len: int) -> dict[str, Any] | None:
-    """{"chosen": (tokens, labels), "rejected": (tokens, labels)} of a preference example (Alpaca
-    prompt; labels -1 on the prompt), or None when the prompt leaves no response token within max_len."""
-    from .data import IGNORE, encode_prompt_response, format_prompt
+def encode_preference(tokenizer, example: dict[str, Any], max_len: int, prompt_format=None) -> dict[str, Any] | None:
+    """{"chosen": (tokens, labels), "rejected": (tokens, labels)} of a preference example (its prompt in
+    prompt_format, default Alpaca; labels -1 on the prompt), or None when the prompt leaves no response
+    token within max_len."""
+    from .data import IGNORE, encode_prompt_response
+    from .templates import PromptFormat
 
-    prompt = format_prompt(example)
+    fmt = prompt_format or PromptFormat()
+    prompt = fmt.prompt(example)
     out = {}
     for side in ("chosen", "rejected"):
-        tokens, labels = encode_prompt_response(tokenizer, prompt, example[side], max_len)
+        tokens, labels = encode_prompt_response(tokenizer, prompt, fmt.response(example[side]), max_len)
         if all(label == IGNORE for label in labels[1:]):  # the next-token targets score nothing
             return None
         out[side] = (tokens, labels)
@@ -168,18 +171,20 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import fit, run_evaluation, to_device
+    from .templates import settle_template
 
     if not isinstance(config, DPOConfig):
         raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
     config.validate()
     torch.manual_seed(config.seed)
-    policy, tokenizer, _ = load_base(config)
+    policy, tokenizer, base_meta = load_base(config)
+    config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
     reference = load_reference(config, policy, tokenizer).to(device)
 
     max_len = effective_max_len(config, policy)
     raw = load_preference_data(config.data)
-    encoded = [e for e in (encode_preference(tokenizer, ex, max_len) for ex in raw) if e is not None]
+    encoded = [e for e in (encode_preference(tokenizer, ex, max_len, fmt) for ex in raw) if e is not None]
     if not encoded:
         raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len}")
     train, val = split_examples(encoded, config.val_fraction, config.seed)
@@ -217,5 +222,6 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "dpo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, summary["steps"], policy.state_dict(), meta)
-    return {"method": "dpo", "checkpoint": path, "lora": lora_path, "train_examples": len(train), "val_examples": len(val),
+    return {"method": "dpo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+            "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(encoded), **summary, "train_eval": train_eval}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from .config import FinetuneConfig
 
 @dataclass
 class PPOConfig(FinetuneConfig):
-    """FinetuneConfig plus PPO's settings. data: prompts (instruction and optional input, Alpaca style).
+    """FinetuneConfig plus PPO's settings. data: prompts (instruction and optional input), put in config.template.
     max_steps > 0: that many PPO iterations; else epochs passes over the prompts, rollout_batch at a time.
     batch_size is the PPO minibatch (rows per forward/backward)."""
 
@@ -348,12 +349,15 @@ def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model,
 MAX_EVAL_PROMPTS = 64  # held-out prompts sampled at each evaluation
 
 
-def load_prompts(path: str, tokenizer, max_prompt_len: int) -> list[list[int]]:
-    """The Alpaca prompt of each example (instruction and optional input), as tokens, keeping the last
-    max_prompt_len tokens of a longer one (its end, "### Response:", leads into the response)."""
-    from .data import format_prompt, load_prompt_data
+def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) -> list[list[int]]:
+    """The prompt of each example (instruction and optional input) in prompt_format (default Alpaca), as
+    tokens, keeping the last max_prompt_len tokens of a longer one (its end, e.g. "### Response:", leads
+    into the response)."""
+    from .data import load_prompt_data
+    from .templates import PromptFormat
 
-    return [tokenizer.encode(format_prompt(row))[-max_prompt_len:] for row in load_prompt_data(path)]
+    fmt = prompt_format or PromptFormat()
+    return [tokenizer.encode(fmt.prompt(row))[-max_prompt_len:] for row in load_prompt_data(path)]
 
 
 def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
@@ -366,6 +370,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import autocast_context, make_optimizer, micro_batches, open_run, save_train_state, train_state_dir
+    from .templates import settle_template
 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -378,26 +383,33 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")
     torch.manual_seed(config.seed)
-    policy, tokenizer, _ = load_base(config)
+    policy, tokenizer, base_meta = load_base(config)
+    config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
     max_total = effective_max_len(config, policy)
     if config.max_new_tokens >= max_total:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in "
                          f"{max_total} tokens (max_len and the model's block_size)")
     if reward_model is None:
-        from .reward import load_reward_model
+        from .reward import load_reward_run
+        from .templates import saved_prompt_format
 
-        reward_model, rm_tokenizer = load_reward_model(config.reward_model, device)
+        reward_model, rm_tokenizer, rm_meta = load_reward_run(config.reward_model, device)
         if rm_tokenizer.spec != tokenizer.spec:
             raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
                              f"{tokenizer.spec!r}: they must match")
+        rm_format = saved_prompt_format(rm_meta)
+        if rm_format != fmt:  # it will score text laid out unlike anything it was trained on
+            warnings.warn(f"the reward model {config.reward_model!r} was trained with template "
+                          f"{rm_format.template!r} (system prompt {rm_format.system_prompt!r}), the policy's prompts "
+                          f"use {fmt.template!r} (system prompt {fmt.system_prompt!r})", stacklevel=2)
     if isinstance(reward_model, nn.Module):
         reward_model.to(device).eval().requires_grad_(False)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     wrapped = apply_lora_from_config(policy, config)
     model = PolicyWithValue(policy)
 
-    prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens)
+    prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens, fmt)
     train, val = split_examples(prompts, config.val_fraction, config.seed)
     val = val[:MAX_EVAL_PROMPTS]
     iterations = config.max_steps or config.epochs * math.ceil(len(train) / config.rollout_batch)
@@ -458,7 +470,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "ppo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
-    return {"method": "ppo", "checkpoint": path, "lora": lora_path, "iterations": iterations, "optimizer_steps": step,
+    return {"method": "ppo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+            "iterations": iterations, "optimizer_steps": step,
             "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,
             "last_eval": last_eval, "train": last_metrics,
             "seconds": time.perf_counter() - started, "metrics": log.path}

@@ -86,8 +86,8 @@ def score_token_rows(rm: nn.Module, rows: list[list[int]], pad_id: int, batch_si
 
 
 def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
-    """The reward model's score of each (prompt, response) pair; prompts are used as given (format them
-    with finetune.data.format_prompt for an instruction-tuned model)."""
+    """The reward model's score of each (prompt, response) pair; prompts and responses are used as given
+    (format them with the reward model's PromptFormat: .prompt(example), .response(text))."""
     if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)):
         raise TypeError("prompts and responses must be lists of strings")
     if len(prompts) != len(responses):
@@ -112,6 +112,12 @@ def save_reward_model(out_dir: str, step: int, rm: RewardModel, tokenizer, extra
 
 def load_reward_model(run_dir: str, device: str | torch.device = "auto") -> tuple[RewardModel, Any]:
     """(RewardModel in eval mode, tokenizer) from a reward-model run folder or checkpoint folder."""
+    rm, tokenizer, _ = load_reward_run(run_dir, device)
+    return rm, tokenizer
+
+
+def load_reward_run(run_dir: str, device: str | torch.device = "auto") -> tuple[RewardModel, Any, dict[str, Any]]:
+    """load_reward_model, plus the checkpoint's meta (its fine-tuning settings name its prompt template)."""
     from ..data.tokenizer import get_tokenizer
 
     state = ckpt.load_checkpoint(run_dir)
@@ -121,7 +127,7 @@ def load_reward_model(run_dir: str, device: str | torch.device = "auto") -> tupl
     rm = RewardModel(GPT(GPTConfig.from_dict(state.meta["model_config"])))
     rm.load_saved_state(state.model)
     rm.to(resolve_device(device)).eval()
-    return rm, get_tokenizer(state.meta["tokenizer"])
+    return rm, get_tokenizer(state.meta["tokenizer"]), state.meta
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -158,15 +164,17 @@ def pair_loss_and_metrics(rm: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
     from .base import effective_max_len, load_base
-    from .data import format_prompt, load_preference_data, split_examples
+    from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import fit, run_evaluation, to_device
+    from .templates import settle_template
 
     if not isinstance(config, RewardConfig):
         raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
     config.validate()
     torch.manual_seed(config.seed)
-    body, tokenizer, _ = load_base(config)
+    body, tokenizer, base_meta = load_base(config)
+    config, fmt = settle_template(config, base_meta)  # saved with the run: a judge formats prompts the same way
     rm = RewardModel(body)
     device = rm.device
     wrapped = apply_lora_from_config(rm.body, config)  # adapters on the body; the new head trains in full
@@ -175,9 +183,9 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     raw = load_preference_data(config.data)
     pairs = []
     for ex in raw:
-        prompt = format_prompt(ex)
-        chosen = encode_pair_text(tokenizer, prompt, ex["chosen"], max_len)
-        rejected = encode_pair_text(tokenizer, prompt, ex["rejected"], max_len)
+        prompt = fmt.prompt(ex)
+        chosen = encode_pair_text(tokenizer, prompt, fmt.response(ex["chosen"]), max_len)
+        rejected = encode_pair_text(tokenizer, prompt, fmt.response(ex["rejected"]), max_len)
         if chosen != rejected:  # cut to max_len, some pairs read the same: nothing to learn from them
             pairs.append((chosen, rejected))
     if not pairs:
@@ -203,5 +211,6 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     lora_path = save_and_merge_lora(rm.body, config, wrapped)
     path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
                              {"finetune": {"method": "reward", **config.to_dict()}})
-    return {"method": "reward", "checkpoint": path, "lora": lora_path, "train_examples": len(train), "val_examples": len(val),
+    return {"method": "reward", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+            "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(pairs), **summary, "train_eval": train_eval}

@@ -1,8 +1,10 @@
 """Instruction fine-tuning (SFT) on Alpaca-format examples, fully or with LoRA adapters.
 
     llmkern finetune sft --base=runs/main --data=instruction-data.json --out_dir=runs/sft [--lora_rank=8]
+        [--template=chatml --system_prompt="You are a helpful assistant."]
 
-Each example becomes the Alpaca prompt followed by its response and end-of-text; the loss is the
+Each example becomes its prompt in config.template (Alpaca by default; llmkern/finetune/templates.py)
+followed by its response, the template's end marker and end-of-text; the loss is the
 model's own next-token cross-entropy, on the response tokens only (mask_prompt) or on all of them.
 The result is a plain GPT checkpoint in out_dir (LoRA merged into the weights, the adapters also
 kept in out_dir/lora.safetensors), so `llmkern generate --run OUT` and the other recipes start from
@@ -19,16 +21,16 @@ import torch
 
 from .._atomic import write_json_atomic
 from ..eval.logprobs import token_logprobs
-from ..model import generate
 from ..train import distributed
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import (
-    IGNORE, encode_prompt_response, format_prompt, load_instruction_data, make_lm_batch, make_packed_batch,
-    pack_examples, split_examples,
+    IGNORE, encode_prompt_response, load_instruction_data, make_lm_batch, make_packed_batch, pack_examples,
+    split_examples,
 )
 from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
 from .loop import fit, to_device
+from .templates import PromptFormat, respond, settle_template
 
 EVAL_TRAIN_EXAMPLES = 128  # the training loss before/after is measured on this many training examples
 
@@ -52,13 +54,15 @@ class SFTConfig(FinetuneConfig):
         return self
 
 
-def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int,
-                    mask_prompt: bool = True) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(tokens, labels) pairs of Alpaca examples, and how many were dropped because cutting them to
-    max_len left no response token to learn."""
+def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool = True,
+                    prompt_format: PromptFormat | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(tokens, labels) pairs of Alpaca examples in prompt_format (default: the Alpaca template), and how
+    many were dropped because cutting them to max_len left no response token to learn."""
+    fmt = prompt_format or PromptFormat()
     encoded, dropped = [], 0
     for ex in examples:
-        tokens, labels = encode_prompt_response(tokenizer, format_prompt(ex), ex["output"], max_len, mask_prompt)
+        tokens, labels = encode_prompt_response(tokenizer, fmt.prompt(ex), fmt.response(ex["output"]), max_len,
+                                                mask_prompt)
         # labels[0] is never a target (there is no token before it): a row needs a label after it.
         if any(lab != IGNORE for lab in labels[1:]):
             encoded.append((tokens, labels))
@@ -88,20 +92,14 @@ def mean_token_loss(model, encoded: list[tuple[list[int], list[int]]], pad_id: i
 
 
 @torch.no_grad()
-def answer_instructions(model, tokenizer, examples: list[dict[str, Any]], max_new_tokens: int) -> list[str]:
-    """Greedy responses to the examples' prompts, each stopped at end-of-text (which is left out)."""
+def answer_instructions(model, tokenizer, examples: list[dict[str, Any]], max_new_tokens: int,
+                        prompt_format: PromptFormat | None = None) -> list[str]:
+    """Greedy responses to the examples' prompts, each stopped at end-of-text or the template's end
+    marker (which are left out)."""
     if not examples:
         return []
-    eot = tokenizer.eot_token
-    prompts = [tokenizer.encode(format_prompt(ex)) for ex in examples]
-    outputs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_token=eot)
-    responses = []
-    for prompt, out in zip(prompts, outputs):
-        new = out[len(prompt):]
-        if new and new[-1] == eot:
-            new = new[:-1]
-        responses.append(tokenizer.decode(new))
-    return responses
+    fmt = prompt_format or PromptFormat()
+    return respond(model, tokenizer, [fmt.prompt(ex) for ex in examples], fmt, max_new_tokens, temperature=0.0)
 
 
 def run_sft(config: SFTConfig) -> dict[str, Any]:
@@ -116,13 +114,14 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     config.validate()
     torch.manual_seed(config.seed)
     model, tokenizer, base_meta = load_base(config)
+    config, fmt = settle_template(config, base_meta)  # saved below with the settings
     max_len = effective_max_len(config, model)
     pad_id = tokenizer.eot_token  # any id: padding is on the right and never a target
 
     examples = load_instruction_data(config.data)
     train_examples, val_examples = split_examples(examples, config.val_fraction, config.seed)
-    train, dropped_train = encode_examples(train_examples, tokenizer, max_len, config.mask_prompt)
-    val, dropped_val = encode_examples(val_examples, tokenizer, max_len, config.mask_prompt)
+    train, dropped_train = encode_examples(train_examples, tokenizer, max_len, config.mask_prompt, fmt)
+    val, dropped_val = encode_examples(val_examples, tokenizer, max_len, config.mask_prompt, fmt)
     if not train:
         raise ValueError(f"{config.data}: no training example keeps a response token within max_len={max_len} "
                          f"tokens; raise max_len (up to the model's block_size)")
@@ -154,14 +153,15 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     responses_path = os.path.join(config.out_dir, "responses.json")
     if distributed.detect().is_main:  # under torchrun, rank 0 answers
         shown = (val_examples or train_examples)[: config.num_samples]
-        answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens)
+        answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens, fmt)
         write_json_atomic(responses_path, [
             {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"], "response": r}
             for ex, r in zip(shown, answers)])
 
     first, last = result["first_eval"] or {}, result["last_eval"]  # first: lost with the log of a resumed run
     return {
-        "method": "sft", "out_dir": config.out_dir, "checkpoint": checkpoint, "steps": result["steps"],
+        "method": "sft", "out_dir": config.out_dir, "checkpoint": checkpoint, "template": fmt.template,
+        "steps": result["steps"],
         "skipped_steps": result["skipped_steps"], "seconds": round(result["seconds"], 2),
         "train_loss_before": first.get("train_loss"), "train_loss_after": last["train_loss"],
         "val_loss_before": first.get("val_loss"), "val_loss_after": last.get("val_loss"),

@@ -12,6 +12,8 @@ window, as generation without the cache always does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._modes import eval_mode
@@ -30,6 +32,7 @@ def generate(
     eos_token: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens.
 
@@ -43,6 +46,8 @@ def generate(
         eos_token: a row stops after emitting it (it is kept in the output).
         seed: makes sampling reproducible (a private generator); None uses torch's global RNG.
         use_cache: keep keys and values across steps (fast); False reruns the whole sequence.
+        stop: a function of a row's new tokens (a list, after each token); the row stops once it
+            returns true. How a caller stops at a text that spans several tokens (ChatML's <|im_end|>).
 
     Returns:
         One list per prompt: the prompt followed by its new tokens.
@@ -51,6 +56,8 @@ def generate(
         raise TypeError(f"model must be a llmkern.model.GPT, got {type(model).__name__}")
     rows = _prompt_rows(prompts, model.config.vocab_size)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be None or a function of a row's new tokens, got {stop!r}")
     device = model.device
     generator = None
     if seed is not None:
@@ -82,7 +89,7 @@ def generate(
             for i, tok in enumerate(next_tokens.tolist()):
                 if not finished[i]:
                     outputs[i].append(tok)
-                    finished[i] = tok == eos_token
+                    finished[i] = tok == eos_token or (stop is not None and bool(stop(outputs[i][len(rows[i]):])))
             if all(finished):
                 break
     return outputs
