@@ -535,6 +535,24 @@ def test_bench_train_dry_run_on_cpu(capsys):
     assert "plain pytorch:" in out and "llmkern torch:" in out
 
 
+@pytest.mark.simt
+def test_cuda_backend_trains_like_the_torch_backend_in_the_emulator(tmp_path, data_dir):
+    """The trainer on the cuda backend: attention, RMSNorm, RoPE, SwiGLU, the fused loss's row kernel and
+    AdamW (the trainer clips with torch), all CUDA kernels, emulated on CPU tensors under bf16 autocast. Step by
+    step, the same losses as the torch backend (bf16 rounding apart)."""
+    losses = {}
+    for backend in ("cuda", "torch"):
+        run = tmp_path / backend
+        config = tiny_config(run, data_dir, preset="tiny-llama", model=dict(n_layer=1), max_steps=5, backend=backend,
+                             dtype="bfloat16", grad_clip=0.5)
+        Trainer(config).fit()
+        losses[backend] = train_losses(run)
+    assert losses["cuda"].keys() == losses["torch"].keys() == set(range(1, 6))
+    assert losses["cuda"][5] < losses["cuda"][1]
+    for step, loss in losses["torch"].items():
+        assert losses["cuda"][step] == pytest.approx(loss, rel=1e-2), step
+
+
 # --- on a GPU -------------------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -111,10 +111,11 @@ class GPT(nn.Module):
         positions = None if doc_ids is None else positions_in_documents(doc_ids)
         hidden = self.hidden_states(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
-        if targets is not None and self._fuses_loss(hidden.device):
+        loss_backend = None if targets is None else self._fused_loss_backend(hidden.device)
+        if loss_backend is not None:
             # The padding rows of the output layer are left out, so they get no probability.
             loss = fused_linear_cross_entropy(
-                hidden, self.lm_head.weight[:vocab], targets, ignore_index=-1, backend="triton"
+                hidden, self.lm_head.weight[:vocab], targets, ignore_index=-1, backend=loss_backend
             )
             return None, loss
         logits = self.lm_head(hidden)  # (B, T, padded_vocab_size)
@@ -127,14 +128,17 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, padded).float(), targets.reshape(-1).long(), ignore_index=-1)
         return logits[..., :vocab], loss
 
-    def _fuses_loss(self, device: torch.device) -> bool:
-        """Whether the loss runs through the fused LM head + cross-entropy (Triton) on `device`."""
+    def _fused_loss_backend(self, device: torch.device) -> str | None:
+        """The kernel backend ("cuda" or "triton") of the fused LM head + cross-entropy on `device`,
+        or None for the plain loss (fused_loss off, the torch backend, or no kernels that run here)."""
         if not self.config.fused_loss:
-            return False
+            return None
         backend = self.config.backend or _backend.get_backend()
-        if backend in ("auto", "cuda"):  # it has no CUDA kernels: the fastest backend that runs here
+        if backend == "auto":
             backend = _backend.resolve("fused_linear_cross_entropy", "auto", device)
-        return backend == "triton" and _backend.can_run("triton", "fused_linear_cross_entropy", device)
+        if backend == "torch" or not _backend.can_run(backend, "fused_linear_cross_entropy", device):
+            return None
+        return backend
 
     def hidden_states(
         self,
