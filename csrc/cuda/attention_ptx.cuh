@@ -35,9 +35,10 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 __device__ __forceinline__ void cp_async_commit() { LLMKERN_SM80_ASM("cp.async.commit_group;\n" ::); }
 
 // Wait until at most N committed groups are still in flight.
+// The "memory" clobber keeps the compiler from moving shared-memory loads above the wait.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  LLMKERN_SM80_ASM("cp.async.wait_group %0;\n" ::"n"(N));
+  LLMKERN_SM80_ASM("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.

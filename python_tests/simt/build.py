@@ -27,8 +27,8 @@ FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off
 
 # LLMKERN_SIMT_ASAN=1: also AddressSanitizer, for out-of-bounds global accesses (run Python with
 # LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0; scripts/simt_memcheck.sh).
-if os.environ.get("LLMKERN_SIMT_ASAN") == "1":
-    FLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+if os.environ.get("LLMKERN_SIMT_ASAN") == "1":  # + misaligned plain accesses (a Pack16 load, say)
+    FLAGS += ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"]
 
 # `name<<<config>>>(` at a statement's start (after an optional case label); one line each in csrc.
 LAUNCH = re.compile(r"^(\s*(?:case\s+\w+:\s*|default:\s*)?)(\S.*?)<<<(.+?)>>>\(", re.MULTILINE)
@@ -72,11 +72,24 @@ def cmake_list(name: str) -> list[str]:
 def rewrite(text: str) -> str:
     def launch(m: re.Match) -> str:
         kernel = m.group(2).strip()
-        return f'{m.group(1)}(::simt::Launch({m.group(3)}, "{kernel}") | {kernel})('
+        return f'{m.group(1)}(::simt::Launch("{kernel}", {m.group(3)}) | {kernel})('
 
     text = LAUNCH.sub(launch, text)
     text = EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::simt::dynamic_shared());", text)
-    return STATIC_SHARED.sub(r"\1static \2 \3\4; ::simt::poison_shared_once(&\3, sizeof(\3));", text)
+    text = STATIC_SHARED.sub(r"\1static \2 \3\4; ::simt::poison_shared_once(&\3, sizeof(\3));", text)
+    # Anything left would compile (simt.h makes the keyword `static`) as an array that is never
+    # poisoned and keeps an earlier block's values: refuse it instead.
+    for line_number, line in enumerate(_without_comments(text).splitlines(), 1):
+        if "__shared__" in line or "<<<" in line:
+            raise ValueError(f"simt cannot rewrite line {line_number}: {line.strip()!r} (one shared array "
+                             f"per declaration, one launch per line)")
+    return text
+
+
+def _without_comments(text: str) -> str:
+    """text with its comments blanked, lines kept where they were."""
+    text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.DOTALL)
+    return re.sub(r"//[^\n]*", "", text)
 
 
 def _compiler() -> str:
@@ -88,7 +101,7 @@ def _compiler() -> str:
 
 def _inputs() -> list[Path]:
     files = sorted(p for p in (REPO / "csrc").rglob("*") if p.is_file())
-    return files + sorted(p for p in SIMT_DIR.iterdir() if p.suffix in {".h", ".cuh", ".cpp", ".py"})
+    return files + sorted(p for p in SIMT_DIR.iterdir() if p.suffix in {".h", ".cuh", ".cu", ".cpp", ".py"})
 
 
 def _sources(name: str, src: Path) -> list[Path]:

@@ -110,41 +110,105 @@ __global__ void tile_reuse(const __half* in, float* out, bool barrier_after_load
   out[threadIdx.x] = static_cast<float>(r[0] & 0xffffu);
 }
 
+// Every lane's four registers of ldmatrix.x4 (.trans), the lanes giving rows in any order.
+__global__ void ldmatrix_registers(const uint16_t* in, const int* row_of_lane, uint32_t* out, bool transposed) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  uint16_t* tile = reinterpret_cast<uint16_t*>(shared_raw);  // 32 rows of 8 b16
+  for (int i = threadIdx.x; i < 256; i += 32) tile[i] = in[i];
+  __syncthreads();
+  uint32_t r[4];
+  const void* row = tile + 8 * row_of_lane[threadIdx.x];
+  if (transposed) {
+    ldmatrix_x4_trans(r, row);
+  } else {
+    ldmatrix_x4(r, row);
+  }
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = r[i];
+}
+
+// mma on registers as given: lane l passes a[4l..4l+3], b[2l..2l+1], c[4l..4l+3] and gets d[4l..].
+template <typename T>
+__global__ void mma_registers(const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  const int l = threadIdx.x;
+  float acc[4] = {c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3]};
+  const uint32_t fa[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+  mma_16816<T>(acc, fa, b[2 * l], b[2 * l + 1]);
+  for (int e = 0; e < 4; ++e) d[4 * l + e] = acc[e];
+}
+
+// One warp reads its own cp.async copies with ldmatrix before waiting for them.
+__global__ void read_before_own_wait(const uint16_t* in, float* out) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  uint16_t* tile = reinterpret_cast<uint16_t*>(shared_raw);
+  cp_async_16(tile + 8 * threadIdx.x, in + 8 * threadIdx.x, true);
+  cp_async_commit();
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + 8 * threadIdx.x);
+  cp_async_wait<0>();
+  out[threadIdx.x] = static_cast<float>(r[0] & 0xffffu);
+}
+
+// CUDA's float min/max drop a NaN operand, whichever side it is on.
+__global__ void float_min_max(const float* in, float* out) {
+  out[0] = min(in[0], in[1]);
+  out[1] = min(in[1], in[0]);
+  out[2] = max(in[0], in[1]);
+  out[3] = max(in[1], in[0]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_simt_selftest, m) {
   m.def("shuffle_against_barrier", [](std::uintptr_t out) {
-    (::simt::Launch(1, 32, 0, nullptr, "shuffle_against_barrier") | shuffle_against_barrier)(as_floats(out));
+    (::simt::Launch("shuffle_against_barrier", 1, 32, 0) | shuffle_against_barrier)(as_floats(out));
   });
   m.def("neighbour_read", [](std::uintptr_t out, bool with_barrier) {
-    (::simt::Launch(1, 64, 0, nullptr, "neighbour_read") | neighbour_read)(as_floats(out), with_barrier);
+    (::simt::Launch("neighbour_read", 1, 64, 0) | neighbour_read)(as_floats(out), with_barrier);
   });
   m.def("async_copy", [](std::uintptr_t in, std::uintptr_t out, bool wait) {
-    (::simt::Launch(1, 64, 256, nullptr, "async_copy") | async_copy)(as_floats(in), as_floats(out), wait);
+    (::simt::Launch("async_copy", 1, 64, 256) | async_copy)(as_floats(in), as_floats(out), wait);
   });
   m.def("misaligned_async_copy", [](std::uintptr_t in, std::uintptr_t out) {
-    (::simt::Launch(1, 64, 256, nullptr, "async_copy") | async_copy)(as_floats(in) + 1, as_floats(out), true);
+    (::simt::Launch("async_copy", 1, 64, 256) | async_copy)(as_floats(in) + 1, as_floats(out), true);
   });
   m.def("warp_reductions", [](std::uintptr_t in, std::uintptr_t out) {
-    (::simt::Launch(1, 32, 0, nullptr, "warp_reductions") | warp_reductions)(as_floats(in), as_floats(out));
+    (::simt::Launch("warp_reductions", 1, 32, 0) | warp_reductions)(as_floats(in), as_floats(out));
   });
   m.def("mma_from_formulas", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d_direct,
                                 std::uintptr_t d_ldmatrix) {
-    (::simt::Launch(1, 32, 512, nullptr, "mma_from_formulas") | mma_from_formulas)(
+    (::simt::Launch("mma_from_formulas", 1, 32, 512) | mma_from_formulas)(
         reinterpret_cast<const __half*>(a), reinterpret_cast<const __half*>(b), as_floats(c), as_floats(d_direct),
         as_floats(d_ldmatrix));
   });
   m.def("tile_reuse", [](std::uintptr_t in, std::uintptr_t out, bool barrier_after_load, bool barrier_before_reload) {
-    (::simt::Launch(1, 64, 512, nullptr, "tile_reuse") | tile_reuse)(reinterpret_cast<const __half*>(in),
+    (::simt::Launch("tile_reuse", 1, 64, 512) | tile_reuse)(reinterpret_cast<const __half*>(in),
                                                                       as_floats(out), barrier_after_load,
                                                                       barrier_before_reload);
   });
+  m.def("ldmatrix_registers", [](std::uintptr_t in, std::uintptr_t rows, std::uintptr_t out, bool transposed) {
+    (::simt::Launch("ldmatrix_registers", 1, 32, 512) | ldmatrix_registers)(
+        reinterpret_cast<const uint16_t*>(in), reinterpret_cast<const int*>(rows), reinterpret_cast<uint32_t*>(out),
+        transposed);
+  });
+  m.def("mma_registers", [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d, bool bf16) {
+    auto* kernel = bf16 ? mma_registers<__nv_bfloat16> : mma_registers<__half>;
+    (::simt::Launch("mma_registers", 1, 32, 0) | kernel)(reinterpret_cast<const uint32_t*>(a),
+                                                         reinterpret_cast<const uint32_t*>(b), as_floats(c),
+                                                         as_floats(d));
+  });
+  m.def("read_before_own_wait", [](std::uintptr_t in, std::uintptr_t out) {
+    (::simt::Launch("read_before_own_wait", 1, 32, 512) | read_before_own_wait)(
+        reinterpret_cast<const uint16_t*>(in), as_floats(out));
+  });
+  m.def("float_min_max", [](std::uintptr_t in, std::uintptr_t out) {
+    (::simt::Launch("float_min_max", 1, 1, 0) | float_min_max)(as_floats(in), as_floats(out));
+  });
   m.def("oversized_block", [](std::uintptr_t out) {
-    (::simt::Launch(1, 2048, 0, nullptr, "neighbour_read") | neighbour_read)(as_floats(out), true);
+    (::simt::Launch("neighbour_read", 1, 2048, 0) | neighbour_read)(as_floats(out), true);
     return static_cast<int>(cudaGetLastError());
   });
   m.def("too_much_shared", [](std::uintptr_t in, std::uintptr_t out) {
-    (::simt::Launch(1, 64, 64 * 1024, nullptr, "async_copy") | async_copy)(as_floats(in), as_floats(out), true);
+    (::simt::Launch("async_copy", 1, 64, 64 * 1024) | async_copy)(as_floats(in), as_floats(out), true);
     return static_cast<int>(cudaGetLastError());
   });
 }

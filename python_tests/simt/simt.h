@@ -9,7 +9,7 @@
 //   - __syncthreads parks a thread until every thread of the block that has not exited arrives;
 //   - warp-wide instructions (shuffles, votes, ldmatrix, mma) park a lane until all lanes of its
 //     mask arrive; the last one computes every lane's result from all lanes' inputs, so fragment
-//     layouts are modelled exactly as the PTX ISA defines them (simt_ptx.cuh);
+//     layouts are modelled exactly as the PTX ISA defines them (attention_ptx.cuh);
 //   - cp.async copies happen as late as the program allows (at cp.async.wait_group), so a read
 //     before the wait sees the poisoned bytes, not the data.
 // What it finds: wrong indexing and fragment layouts, reads of shared memory never written
@@ -164,12 +164,13 @@ inline bool any(unsigned mask, bool predicate) {
 }
 
 // --- launches -------------------------------------------------------------------------------
+// `kernel<<<grid, block, smem, stream>>>(args)` becomes `(Launch("kernel", grid, block, smem, stream) | kernel)(args)`.
 struct Launch {
+  const char* kernel_name;
   dim3 grid, block;
   size_t shared_bytes;
-  const char* kernel_name;
-  Launch(dim3 grid_, dim3 block_, size_t shared_bytes_ = 0, cudaStream_t = nullptr, const char* name = "kernel")
-      : grid(grid_), block(block_), shared_bytes(shared_bytes_), kernel_name(name) {}
+  Launch(const char* name, dim3 grid_, dim3 block_, size_t shared_bytes_ = 0, cudaStream_t = nullptr)
+      : kernel_name(name), grid(grid_), block(block_), shared_bytes(shared_bytes_) {}
 };
 
 // Runs `body` as every thread of the grid; a defect or an invalid configuration throws Fault.
@@ -225,13 +226,18 @@ using std::isfinite;
 using std::isinf;
 using std::isnan;
 
-// CUDA's min/max overloads for mixed integer and float types.
+// CUDA's min/max overloads for mixed integer and float types; on floats they are fminf/fmaxf,
+// which drop a NaN operand.
 template <typename A, typename B>
 std::common_type_t<A, B> min(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmin(static_cast<C>(a), static_cast<C>(b));
   return b < a ? b : a;
 }
 template <typename A, typename B>
 std::common_type_t<A, B> max(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmax(static_cast<C>(a), static_cast<C>(b));
   return a < b ? b : a;
 }
 

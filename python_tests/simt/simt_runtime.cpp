@@ -322,7 +322,9 @@ void shared_read(const void* p, size_t bytes) {
   const auto* first = static_cast<const unsigned char*>(p);
   for (const unsigned char* q = first - (first - m.shared) % 16; q < first + bytes; q += 16) {
     ChunkShadow& c = chunk_of(m, q);
-    if (c.writer >= 0 && c.writer / 32 != warp && (c.pending || c.written == m.epoch)) {
+    // wait_group makes a copy visible to its own thread only: any warp instruction reading it, the
+    // issuing warp's included, needs the wait and then a barrier.
+    if (c.writer >= 0 && (c.pending || c.written == m.epoch)) {
       fail("shared-memory race: warp " + std::to_string(warp) + " reads 16 bytes that thread " +
            std::to_string(c.writer) + "'s cp.async " + (c.pending ? "may still be writing" : "wrote in this epoch") +
            " (read after write; a barrier after the wait orders them)");
