@@ -1,5 +1,6 @@
-"""Fine-tuning under torchrun: two gloo processes learn like one process at the same global batch,
-and a stopped two-process run resumes exactly, each rank with its own RNG states."""
+"""Fine-tuning under torchrun: two gloo processes learn like one process at the same global batch, with
+the gradients all-reduced (parallel="ddp") or the model sharded with FSDP2 (parallel="fsdp"), and a
+stopped two-process run resumes exactly, each rank with its own RNG states."""
 
 import faulthandler
 import json
@@ -46,14 +47,14 @@ def sft_config(tmp_path, out, grad_accum, **overrides):
     return SFTConfig(**settings)
 
 
-def _worker(rank, port, tmp_path, resume):
+def _worker(rank, port, tmp_path, resume, out="multi", overrides=None):
     faulthandler.enable()  # a crash in C++ (gloo) prints the Python stack of where it happened
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from llmkern.train import distributed
 
-    run_sft(sft_config(tmp_path, "multi", grad_accum=1, resume=resume))
+    run_sft(sft_config(tmp_path, out, grad_accum=1, resume=resume, **(overrides or {})))
     distributed.shutdown()
 
 
@@ -63,8 +64,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, resume=False):
-    mp.start_processes(_worker, args=(_free_port(), tmp_path, resume), nprocs=WORLD, join=True, start_method="spawn")
+def run_two_processes(tmp_path, resume=False, out="multi", **overrides):
+    mp.start_processes(_worker, args=(_free_port(), tmp_path, resume, out, overrides), nprocs=WORLD, join=True,
+                       start_method="spawn")
 
 
 def _dropout_worker(rank, port, tmp_path):
@@ -154,3 +156,92 @@ def test_a_resumed_two_process_run_draws_each_ranks_own_random_numbers(tmp_path)
         got = load_file(str(tmp_path / f"resumed_rank{rank}.safetensors"))
         for name, tensor in expected.items():
             assert torch.equal(got[name], tensor), (rank, name)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
+    # The same global batch: one process accumulating 2 micro-batches, or 2 ranks sharing a sharded model.
+    # llmkern's AdamW (one process) and torch's (FSDP2's DTensor shards) compute the same update in a
+    # different order, and the norm is reduced over the ranks: equal up to float32 rounding.
+    make_run(tmp_path)
+    run_sft(sft_config(tmp_path, "single", grad_accum=2, lora_rank=lora_rank))
+    run_two_processes(tmp_path, out="fsdp", parallel="fsdp", lora_rank=lora_rank)
+
+    single, sharded = numbers(tmp_path / "single"), numbers(tmp_path / "fsdp")
+    assert [(r["kind"], r["step"]) for r in sharded] == [(r["kind"], r["step"]) for r in single]
+    for a, b in zip(single, sharded):
+        for key in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one, two = ckpt.load_checkpoint(str(tmp_path / "single")), ckpt.load_checkpoint(str(tmp_path / "fsdp"))
+    assert set(two.model) == set(one.model)  # a whole plain GPT (LoRA merged), as one process saves it
+    for name in one.model:
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)
+    base = load_file(str(tmp_path / "base" / "checkpoints" / "step_0000000" / "model.safetensors"))
+    assert not torch.equal(two.model["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # it learned
+    assert os.path.isfile(tmp_path / "fsdp" / "lora.safetensors") == bool(lora_rank)
+
+    # the stopped run (its step-3 state left, the log lost) resumes to the same numbers and weights, bitwise
+    finished = ckpt.latest_checkpoint(str(tmp_path / "fsdp"))
+    os.remove(tmp_path / "fsdp" / "metrics.jsonl")
+    run_two_processes(tmp_path, resume=True, out="fsdp", parallel="fsdp", lora_rank=lora_rank)
+    resumed = numbers(tmp_path / "fsdp")
+    later = [r for r in sharded if r["kind"] == "train" and r["step"] > 3]
+    assert [r for r in resumed if r["kind"] == "train"] == later
+    again = ckpt.load_checkpoint(str(tmp_path / "fsdp"))
+    assert again.path == finished
+    for name in two.model:
+        assert torch.equal(again.model[name], two.model[name]), name
+
+
+def test_fsdp_needs_torchrun_and_is_not_for_ppo(tmp_path):
+    make_run(tmp_path)
+    with pytest.raises(ValueError, match="torchrun"):
+        run_sft(sft_config(tmp_path, "alone", grad_accum=1, parallel="fsdp"))
+    from llmkern.finetune.ppo import PPOConfig, run_ppo
+
+    with pytest.raises(ValueError, match="PPO runs in one process"):
+        run_ppo(PPOConfig(base=str(tmp_path / "base"), data=str(tmp_path / "data.json"), parallel="fsdp",
+                          reward_model=str(tmp_path / "base"), device="cpu", progress=False))
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        sft_config(tmp_path, "zero", grad_accum=1, parallel="zero3").validate()
+
+
+def _dpo_worker(rank, port, tmp_path, settings):
+    faulthandler.enable()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from llmkern.finetune.dpo import DPOConfig, run_dpo
+    from llmkern.train import distributed
+
+    run_dpo(DPOConfig(**settings))
+    distributed.shutdown()
+
+
+def test_fsdp_dpo_like_one_process(tmp_path):
+    # DPO's log-probs come from GPT.hidden_states and GPT.head, not forward: the sharded root's weights
+    # (the embedding, tied to the LM head) must be gathered for them and their gradients reduced.
+    from llmkern.finetune.dpo import DPOConfig, run_dpo
+
+    make_run(tmp_path)
+    pairs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "chosen": str(2 * i + 1), "rejected": str(2 * i)}
+             for i in range(10)]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    settings = dict(base=str(tmp_path / "base"), data=str(tmp_path / "pairs.json"), max_steps=3, batch_size=2,
+                    lr=3e-3, min_lr=3e-4, warmup_steps=1, val_fraction=0.2, eval_interval=0, ckpt_interval=0,
+                    device="cpu", progress=False, seed=5)
+    run_dpo(DPOConfig(out_dir=str(tmp_path / "single"), grad_accum=2, **settings))
+    multi = dict(settings, out_dir=str(tmp_path / "fsdp"), grad_accum=1, parallel="fsdp")
+    mp.start_processes(_dpo_worker, args=(_free_port(), tmp_path, multi), nprocs=WORLD, join=True, start_method="spawn")
+
+    single, sharded = numbers(tmp_path / "single"), numbers(tmp_path / "fsdp")
+    assert [(r["kind"], r["step"]) for r in sharded] == [(r["kind"], r["step"]) for r in single]
+    assert [r["step"] for r in single if r["kind"] == "train"] == [1, 2, 3]
+    for a, b in zip(single, sharded):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one, two = ckpt.load_checkpoint(str(tmp_path / "single")), ckpt.load_checkpoint(str(tmp_path / "fsdp"))
+    for name in one.model:
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)

@@ -22,6 +22,9 @@ def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
     if not config.base:
         raise ValueError("base must name the model to start from: a run folder, a checkpoint folder "
                          "(e.g. --base=runs/main, which `llmkern train` writes) or a GPT-2 .safetensors file")
+    from .loop import check_parallel
+
+    check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
     model, tokenizer_spec, meta = load_gpt(config.base, config.backend or None, config.base_tokenizer)
     tokenizer = get_tokenizer(tokenizer_spec)
     if tokenizer.n_vocab > model.config.vocab_size:

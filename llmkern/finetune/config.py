@@ -17,6 +17,7 @@ from ..train.config import apply_settings, parse_overrides, read_config_file
 from .templates import check_template_settings
 
 DTYPES = ("auto", "float32", "bfloat16")
+PARALLEL = ("ddp", "fsdp")
 BACKENDS = ("", "auto", "cuda", "triton", "torch")
 
 C = TypeVar("C", bound="FinetuneConfig")
@@ -65,6 +66,11 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module-name endings; "" = every attention and MLP projection
 
+    # under torchrun: "ddp" = every rank holds the whole model and optimizer state, gradients averaged;
+    # "fsdp" = FSDP2 shards the weights, gradients and optimizer state over the ranks (a model that does not
+    # fit one GPU with its AdamW state). Not for PPO, which runs in one process.
+    parallel: str = "ddp"
+
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
     dtype: str = "auto"  # autocast: "auto" = bf16 on a GPU, fp32 on a CPU
@@ -91,6 +97,8 @@ class FinetuneConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.template:  # "" is settled against the base run when the recipe starts

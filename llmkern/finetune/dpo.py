@@ -190,7 +190,9 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     train, val = split_examples(encoded, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
     add_reference_logps(reference, train + val, pad_id, config, device)
-    del reference  # only its log-probs are needed from here on
+    # Only its log-probs are needed from here on. Not sharded under parallel="fsdp": it is used (every rank
+    # computing all examples' log-probs) and freed before the policy is sharded and its optimizer made.
+    del reference
 
     wrapped = apply_lora_from_config(policy, config)
 

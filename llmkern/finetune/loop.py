@@ -11,7 +11,12 @@ stopped (a crash, a pre-empted job) with the same losses it would have had (bitw
 Under torchrun each process takes its own micro-batches (rank r the r-th of every world_size), the
 gradients are averaged over the processes before each step, and rank 0 logs and writes files: a
 step sees grad_accum * world_size micro-batches, as one process with world_size times the
-accumulation would.
+accumulation would. config.parallel says how: "ddp" (every rank holds the whole model and optimizer
+state; the gradients are all-reduced) or "fsdp" (a copy of the model sharded with FSDP2 as
+`llmkern train --parallel=fsdp` shards it, so each rank holds 1/world_size of the weights, gradients
+and optimizer state; torch's AdamW after a clip whose norm is reduced over the ranks, since llmkern's
+AdamW kernels take plain tensors; the trained weights are gathered back into `model` at the end, so the
+recipes save and use a whole model as they do after one process).
 
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
@@ -24,6 +29,7 @@ name its validation loss "val_loss", which loss.png draws beside the training lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -93,6 +99,41 @@ def average_gradients(params: Sequence[nn.Parameter], info: distributed.DistInfo
         g.div_(info.world_size)
 
 
+def check_parallel(config, info: distributed.DistInfo | None = None) -> None:
+    """ValueError unless config.parallel can run here: "fsdp" shards over the processes of a torchrun job."""
+    info = info or distributed.detect()
+    if config.parallel == "fsdp" and not info.is_distributed:
+        raise ValueError("parallel='fsdp' shards the model over the processes of a torchrun job; start it with "
+                         "`torchrun --nproc_per_node=N -m llmkern finetune ...` (N >= 2) or use parallel='ddp'")
+
+
+def shard_copy(model: nn.Module, info: distributed.DistInfo, device: torch.device) -> nn.Module:
+    """A copy of `model` sharded with FSDP2 (every transformer block, then the whole model, as pretraining
+    does), to train in its place; `model` waits on the CPU meanwhile (gather_into brings it back).
+
+    A copy, since FSDP2 turns a module's parameters into shards for good, and the recipes go on with a whole
+    model after training (merging LoRA, saving, answering on rank 0 alone). Frozen parameters (LoRA's base)
+    are sharded too, beside the trainable adapters in the same units: FSDP2 reduces only the gradients there
+    are. GPT.hidden_states (the log-probs of DPO and of evaluations) runs like forward: it gathers the root's
+    weights (embeddings, final norm, LM head), which stay gathered through GPT.head and until the backward."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.to("cpu")  # frees the device for the shards: only the copy trains
+    twin = distributed.wrap(copy.deepcopy(model).to(device), info, device, "fsdp")
+    if callable(getattr(twin, "hidden_states", None)):
+        register_fsdp_forward_method(twin, "hidden_states")
+    return twin
+
+
+def gather_into(model: nn.Module, twin: nn.Module, device: torch.device) -> None:
+    """Load the whole weights of a shard_copy twin into `model` on every rank and move it back to `device`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(twin, options=StateDictOptions(full_state_dict=True))  # on every rank
+    model.load_state_dict(whole)
+    model.to(device).train(twin.training)
+
+
 def data_parallel_setup(device: torch.device) -> distributed.DistInfo:
     """The torchrun environment (one process without it), its process group joined."""
     info = distributed.detect()
@@ -119,20 +160,38 @@ def autocast_context(config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def make_optimizer(params: Sequence[nn.Parameter], config):
+def make_optimizer(params: Sequence[nn.Parameter], config, sharded: bool = False):
     """llmkern's AdamW: weight decay on matrices only; clipping (or, with grad_clip=0, just the skip of a
-    non-finite step) fused into the update."""
-    from ..optim import AdamW
-
+    non-finite step) fused into the update. sharded (FSDP2's DTensor parameters, which llmkern's kernels do
+    not take): torch's AdamW with the same settings, clipped by optimizer_step."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if sharded:
+        fused = params[0].device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                                 fused=fused)
+    from ..optim import AdamW
+
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
     return AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
                  max_grad_norm=max_norm, backend=config.backend or None)
+
+
+def optimizer_step(optimizer, trainable: Sequence[nn.Parameter], config, sharded: bool) -> float:
+    """Clip and step (no step, parameters and moments untouched, when the norm is not finite); the global
+    gradient norm. llmkern's AdamW does both itself; with FSDP2 the norm of the sharded gradients is
+    reduced over the ranks first (as `llmkern train --parallel=fsdp` does), every rank getting the same."""
+    if not sharded:
+        optimizer.step()  # skips itself on a non-finite norm
+        return float(optimizer.grad_norm)
+    grad_norm = distributed.clip_grad_norm(list(trainable), config.grad_clip if config.grad_clip > 0 else math.inf)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    return grad_norm
 
 
 def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, device: torch.device
@@ -167,12 +226,15 @@ def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict
                      counters: dict[str, int]) -> str | None:
     """Write what a resumed run needs (weights, optimizer, every rank's RNG states, counters) as the
     newest and only checkpoint of state_dir; `position` names the settings a resumed run must share.
-    Every rank calls it (the RNG states are gathered from all); rank 0 writes and gets the path."""
+    Every rank calls it (the RNG states, and FSDP2's shards, are gathered from all); rank 0 writes and gets
+    the path."""
     info = distributed.detect()
     rng = ckpt.gather_rng_states()
     path = None
-    if info.is_main:  # every process holds the same weights and optimizer state
-        path = ckpt.save_checkpoint(state_dir, counters["step"], model.state_dict(), optimizer.state_dict(),
+    # on every rank: FSDP2's shards are gathered into whole tensors on rank 0, as one process would save them
+    model_state, optimizer_state = distributed.full_state_dicts(model, optimizer)
+    if info.is_main:  # without FSDP every process holds the same weights and optimizer state
+        path = ckpt.save_checkpoint(state_dir, counters["step"], model_state, optimizer_state,
                                     {"finetune_state": {"position": position, "counters": counters}}, keep=1, rng=rng)
     distributed.barrier(info)
     return path
@@ -187,12 +249,11 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
                                 f"(it is written every ckpt_interval steps)")
     state = ckpt.load_checkpoint(latest)
     saved = state.meta.get("finetune_state", {})
-    saved_position = saved.get("position", {})
+    saved_position = {"parallel": "ddp", **saved.get("position", {})}  # states from before "parallel": ddp
     changed = {k: (saved_position.get(k), v) for k, v in position.items() if saved_position.get(k) != v}
     if changed:
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}")
-    model.load_state_dict(state.model)
-    optimizer.load_state_dict(state.optimizer)
+    distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: each rank its shard
     ckpt.restore_rng_states(state.rng)
     return saved["counters"]
 
@@ -231,12 +292,17 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
         raise ValueError("there are no training examples")
     device = next(model.parameters()).device
     info = data_parallel_setup(device)
+    check_parallel(config, info)
+    sharded = config.parallel == "fsdp"
+    whole_model = model
+    if sharded:  # from here on `model` is the FSDP2 copy that trains; whole_model gets its weights at the end
+        model = shard_copy(whole_model, info, device)
     steps = total_steps(len(train_examples), config, info.world_size)
-    optimizer = make_optimizer(list(model.parameters()), config)
+    optimizer = make_optimizer(list(model.parameters()), config, sharded)
     trainable = [p for p in model.parameters() if p.requires_grad]
     position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum, "seed": config.seed,
-                "world_size": info.world_size}  # what a resumed run must share
+                "grad_accum": config.grad_accum, "seed": config.seed, "world_size": info.world_size,
+                "parallel": config.parallel}  # what a resumed run must share
     state_dir = train_state_dir(config)
     log, counters, evals = open_run(config, model, optimizer, position)
 
@@ -263,11 +329,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mean_loss, metrics = _accumulate_gradients(model, loss_fn, batches, collate, config, device)
-            average_gradients(trainable, info)
+            if not sharded:  # FSDP2 reduced (averaged) them in the backward
+                average_gradients(trainable, info)
             grad_norm = math.nan
-            if math.isfinite(mean_loss):
-                optimizer.step()  # skips itself (parameters and moments untouched) on a non-finite norm
-                grad_norm = float(optimizer.grad_norm)
+            if math.isfinite(mean_loss):  # the same on every rank (averaged): all or none take the collectives
+                grad_norm = optimizer_step(optimizer, trainable, config, sharded)
             optimizer.zero_grad(set_to_none=True)
             if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 bad_steps += 1
@@ -291,6 +357,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
                 save_train_state(state_dir, model, optimizer, position,  # on every rank: it gathers their RNG states
                                  {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
+    if sharded:
+        gather_into(whole_model, model, device)
     if info.is_main:
         plot_metrics(log.path, config.out_dir, extra=charts)
     return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,

@@ -377,6 +377,9 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     config.validate()
     from ..train import distributed
 
+    if config.parallel != "ddp":
+        raise ValueError(f"PPO runs in one process and takes no parallel={config.parallel!r}; only the supervised "
+                         f"recipes (sft, classify, reward, dpo) shard with parallel='fsdp' under torchrun")
     if distributed.detect().is_distributed:
         raise ValueError("PPO runs in one process; start it without torchrun (the supervised recipes take torchrun)")
     if reward_model is None and not config.reward_model:

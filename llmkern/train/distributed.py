@@ -97,6 +97,49 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device, parallel: str) 
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether fully_shard (FSDP2) was applied to the model: its parameters are DTensor shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients of `params` to a global L2 norm of max_norm (math.inf: only measure it); the
+    norm before clipping. With FSDP2 the gradients are DTensor shards: torch reduces the norm over the
+    ranks, so every rank gets the norm of the whole model's gradients."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(model state, optimizer state) of an FSDP2-sharded model, whole (unsharded) and on the CPU, as one
+    process's would be (the optimizer's keyed by parameter name). A collective: every rank calls it; only
+    rank 0 gets the tensors. Other models: their own state_dicts."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                          optimizer_state: dict) -> None:
+    """Load whole state dicts (full_state_dicts', read by every rank) into a model and its optimizer;
+    an FSDP2-sharded model keeps its own shard of each tensor."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The mean of a tensor over the ranks (itself in one process)."""
     if info.is_distributed:

@@ -241,12 +241,8 @@ class Trainer:
         return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
 
     def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+        return distributed.clip_grad_norm(list(self.model.parameters()), max_norm)
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,12 +294,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        if self.config.parallel == "fsdp" and self.dist.is_distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_state_dict(self.raw_model, self.optimizer, options=options)
-        return self.raw_model.state_dict(), self.optimizer.state_dict()
+        return distributed.full_state_dicts(self.raw_model, self.optimizer)  # whole, also under FSDP2
 
     def save(self) -> str | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank takes part)."""
@@ -336,14 +327,7 @@ class Trainer:
         if saved_model != self.raw_model.config.to_dict():
             raise ValueError(f"cannot resume from {latest}: its model config {saved_model} differs from this run's "
                              f"{self.raw_model.config.to_dict()}")
-        if self.config.parallel == "fsdp" and self.dist.is_distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(self.raw_model, self.optimizer, model_state_dict=state.model,
-                           optim_state_dict=state.optimizer, options=StateDictOptions(full_state_dict=True))
-        else:
-            self.raw_model.load_state_dict(state.model)
-            self.optimizer.load_state_dict(state.optimizer)
+        distributed.load_full_state_dicts(self.raw_model, self.optimizer, state.model, state.optimizer)
         self.train_loader.load_state_dict(state.meta["loader"])
         ckpt.restore_rng_states(state.rng, self.dist.rank, self.dist.world_size)  # this rank's own states
         counters = state.meta["trainer"]
