@@ -552,6 +552,22 @@ def test_simt_unequal_lengths_not_causal(sq, sk):
     check_against_reference("cuda", 1, 4, 2, sq, sk, 128, torch.float16, False, CPU, atol=1e-3)
 
 
+@emulated
+@pytest.mark.parametrize("arch", ["sm80", "sm86"])
+def test_simt_fits_the_shared_memory_of_smaller_gpus(arch):
+    """D = 128 asks the most shared memory (dq: 96 KiB); sm86/sm89 let a block opt into 99 KiB, sm80 163."""
+    with simt.arch(arch):
+        check_against_reference("cuda", 1, 2, 1, 70, 70, 128, torch.bfloat16, True, CPU, atol=1e-3)
+
+
+@emulated
+def test_simt_cuda_backend_refuses_a_gpu_without_mma_sync():
+    """On an sm75 (T4) the kernels' sm80 instructions do not exist: a clear error, not a wrong answer."""
+    q, k, v = (t.detach() for t in _make_qkv(1, 2, 1, 16, 16, 64, torch.float16, CPU))
+    with simt.arch("sm75"), pytest.raises(RuntimeError, match="attention_forward.*cudaErrorNoKernelImageForDevice"):
+        attention(q, k, v, backend="cuda")
+
+
 # (Hq, S of the fused-QKV views, S of the documents, Sq of the short queries over that many keys)
 @pytest.mark.parametrize("backend,device,sizes", kernel_runs(gpu=[(8, 777, 1000, 100)], emulator=[(4, 77, 100, 17)]))
 @pytest.mark.parametrize("d", [64, 128])

@@ -100,6 +100,12 @@ def test_mma_and_ldmatrix_follow_the_ptx_fragment_formulas(selftest):
     torch.testing.assert_close(through_ldmatrix.double(), expected, rtol=1e-6, atol=1e-5)
 
 
+def test_arch_names_are_checked(selftest):
+    data, out = torch.randn(64), torch.zeros(64)
+    with simt.arch("sm70"), pytest.raises(RuntimeError, match="LLMKERN_SIMT_ARCH"):
+        selftest.async_copy(data.data_ptr(), out.data_ptr(), True)
+
+
 def test_schedule_names_are_checked(selftest):
     zeros, out = torch.zeros(32), torch.zeros(32)
     with simt.schedule("sideways"), pytest.raises(RuntimeError, match="LLMKERN_SIMT_SCHEDULE"):

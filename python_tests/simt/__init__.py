@@ -12,7 +12,7 @@ import os
 
 from .build import Unavailable, build, load
 
-__all__ = ["Unavailable", "build", "emulating", "load", "module", "schedule"]
+__all__ = ["Unavailable", "arch", "build", "emulating", "load", "module", "schedule"]
 
 _module = None
 
@@ -41,15 +41,25 @@ def emulating(mod):
 
 
 @contextlib.contextmanager
-def schedule(order: str):
-    """Run the kernels launched in the block with threads and blocks in `order`:
-    "forward", "reverse" or "random:SEED" (a race shows as a result that changes with it)."""
-    saved = os.environ.get("LLMKERN_SIMT_SCHEDULE")
-    os.environ["LLMKERN_SIMT_SCHEDULE"] = order
+def _environment(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            del os.environ["LLMKERN_SIMT_SCHEDULE"]
+            del os.environ[name]
         else:
-            os.environ["LLMKERN_SIMT_SCHEDULE"] = saved
+            os.environ[name] = saved
+
+
+def schedule(order: str):
+    """Run the kernels launched in the block with threads and blocks in `order`:
+    "forward", "reverse" or "random:SEED" (a race shows as a result that changes with it)."""
+    return _environment("LLMKERN_SIMT_SCHEDULE", order)
+
+
+def arch(name: str):
+    """Emulate another GPU in the block: "sm75", "sm80", "sm86", "sm89" or "sm90" (the default),
+    its compute capability and the shared memory a block may opt into."""
+    return _environment("LLMKERN_SIMT_ARCH", name)

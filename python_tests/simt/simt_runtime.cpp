@@ -17,13 +17,27 @@
 namespace simt {
 namespace {
 
-// The device the launchers see: an sm90 with few multiprocessors, so that grids sized from the
-// SM count stay small and their grid-stride loops go round more than once.
-constexpr int kComputeMajor = 9;
-constexpr int kComputeMinor = 0;
+// The device the launchers see: LLMKERN_SIMT_ARCH (sm75, sm80, sm86, sm89 or sm90, the default)
+// sets its compute capability and the shared memory a block may opt into; it has few
+// multiprocessors, so that grids sized from the SM count stay small and their grid-stride loops go
+// round more than once.
 constexpr int kMultiProcessors = 2;
-constexpr int kMaxSharedOptin = 227 * 1024;
 constexpr int kDefaultSharedLimit = 48 * 1024;
+
+struct Arch {
+  int major, minor, max_shared_optin;
+};
+
+Arch device_arch() {
+  const char* env = std::getenv("LLMKERN_SIMT_ARCH");
+  const std::string name = env && *env ? env : "sm90";
+  if (name == "sm75") return {7, 5, 64 * 1024};
+  if (name == "sm80") return {8, 0, 163 * 1024};
+  if (name == "sm86") return {8, 6, 99 * 1024};
+  if (name == "sm89") return {8, 9, 99 * 1024};
+  if (name == "sm90") return {9, 0, 227 * 1024};
+  throw Fault("LLMKERN_SIMT_ARCH must be sm75, sm80, sm86, sm89 or sm90, got '" + name + "'");
+}
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { kRunnable, kAtBarrier, kInWarpOp, kExited };
@@ -425,6 +439,7 @@ void run_grid(const Launch& launch, const void* kernel, const std::function<void
     return;
   }
   const Schedule schedule = read_schedule();
+  device_arch();  // a bad LLMKERN_SIMT_ARCH is an error at the first launch, not only at a query
   if (launch.shared_bytes > m.shared_capacity) {
     std::free(m.shared);
     m.shared = static_cast<unsigned char*>(std::aligned_alloc(128, (launch.shared_bytes + 127) / 128 * 128));
@@ -491,10 +506,10 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attr) {
-    case cudaDevAttrComputeCapabilityMajor: *value = simt::kComputeMajor; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = simt::kComputeMinor; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = simt::device_arch().major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = simt::device_arch().minor; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = simt::kMultiProcessors; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = simt::kMaxSharedOptin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = simt::device_arch().max_shared_optin; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
     default: return cudaErrorInvalidValue;
@@ -503,7 +518,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  if (value < 0 || value > simt::kMaxSharedOptin) return cudaErrorInvalidValue;
+  if (value < 0 || value > simt::device_arch().max_shared_optin) return cudaErrorInvalidValue;
   simt::machine().max_dynamic_shared[func] = value;
   return cudaSuccess;
 }
