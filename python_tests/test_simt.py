@@ -80,6 +80,12 @@ def test_launches_the_gpu_refuses_are_errors_not_runs(selftest):
     assert selftest.too_much_shared(data.data_ptr(), out.data_ptr()) != 0  # over 48 KiB without the opt-in
 
 
+def test_a_block_beyond_the_kernels_launch_bounds_is_refused(selftest):
+    out = torch.zeros(128)
+    with pytest.raises(RuntimeError, match=r"128 threads exceeds the kernel's __launch_bounds__\(64\)"):
+        selftest.beyond_launch_bounds(out.data_ptr())
+
+
 def test_shuffles(selftest):
     x = torch.randn(32)
     out = torch.zeros(32)

@@ -69,12 +69,28 @@ def cmake_list(name: str) -> list[str]:
     return match.group(1).split()
 
 
+# `__launch_bounds__(N)` of a kernel: the GPU refuses a launch of more than N threads a block.
+LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)")
+
+
+def _check_launch_bounds(text: str) -> str:
+    """Each kernel's bound becomes a check at the top of its body (the first `{` after it)."""
+    out, pos = [], 0
+    for m in LAUNCH_BOUNDS.finditer(text):
+        body = text.index("{", m.end())
+        max_threads = m.group(1).split(",")[0].strip()
+        out += [text[pos:m.start()], text[m.end():body + 1], f" ::simt::require_launch_bounds({max_threads});"]
+        pos = body + 1
+    return "".join(out) + text[pos:]
+
+
 def rewrite(text: str) -> str:
     def launch(m: re.Match) -> str:
         kernel = m.group(2).strip()
         return f'{m.group(1)}(::simt::Launch("{kernel}", {m.group(3)}) | {kernel})('
 
     text = LAUNCH.sub(launch, text)
+    text = _check_launch_bounds(text)
     text = EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::simt::dynamic_shared());", text)
     text = STATIC_SHARED.sub(r"\1static \2 \3\4; ::simt::poison_shared_once(&\3, sizeof(\3));", text)
     # Anything left would compile (simt.h makes the keyword `static`) as an array that is never

@@ -33,7 +33,7 @@ __global__ void shuffle_against_barrier(float* out) {
 }
 
 // Thread i writes slot i and reads slot i+1; without the barrier the read races with the write.
-__global__ void neighbour_read(float* out, bool with_barrier) {
+__global__ void __launch_bounds__(64) neighbour_read(float* out, bool with_barrier) {
   __shared__ float slots[64];
   slots[threadIdx.x] = static_cast<float>(threadIdx.x);
   if (with_barrier) __syncthreads();
@@ -202,6 +202,9 @@ PYBIND11_MODULE(_simt_selftest, m) {
   });
   m.def("float_min_max", [](std::uintptr_t in, std::uintptr_t out) {
     (::simt::Launch("float_min_max", 1, 1, 0) | float_min_max)(as_floats(in), as_floats(out));
+  });
+  m.def("beyond_launch_bounds", [](std::uintptr_t out) {
+    (::simt::Launch("neighbour_read", 1, 128) | neighbour_read)(as_floats(out), true);
   });
   m.def("oversized_block", [](std::uintptr_t out) {
     (::simt::Launch("neighbour_read", 1, 2048, 0) | neighbour_read)(as_floats(out), true);

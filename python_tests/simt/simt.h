@@ -15,7 +15,8 @@
 // What it finds: wrong indexing and fragment layouts, reads of shared memory never written
 // (shared memory is filled with 0xff bytes, a NaN in every float type, for every block), barriers some
 // threads never reach (a deadlock is reported with each thread's state), warp instructions whose
-// lanes disagree, misaligned vector and cp.async accesses, launch configurations the GPU refuses.
+// lanes disagree, misaligned vector and cp.async accesses, launch configurations the GPU refuses
+// (block and grid sizes, shared memory beyond the opt-in, blocks beyond a kernel's __launch_bounds__).
 // Races: the modelled shared-memory instructions are racechecked (a cp.async lands any time
 // between its issue and its wait, so a read of its bytes by another warp in that window, or before
 // the next __syncthreads, or a write over bytes another warp read since the last barrier, is an
@@ -56,7 +57,7 @@
 #define __forceinline__ inline
 // Blocks run one after another, so a function-local static is exactly one block's shared array.
 #define __shared__ static
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // build.py turns each into a require_launch_bounds check
 #define __align__(n) alignas(n)
 
 namespace simt {
@@ -83,6 +84,15 @@ void poison_shared_once(void* p, size_t bytes);
 bool in_dynamic_shared(const void* p, size_t bytes);
 
 void syncthreads();
+
+// A kernel's __launch_bounds__(max_threads) (build.py puts the call at the top of its body).
+inline void require_launch_bounds(long max_threads) {
+  const dim3& b = block_dim();
+  if (static_cast<long>(b.x) * b.y * b.z > max_threads) {
+    fail("a block of " + std::to_string(static_cast<long>(b.x) * b.y * b.z) + " threads exceeds the kernel's "
+         "__launch_bounds__(" + std::to_string(max_threads) + ") (the GPU refuses the launch)");
+  }
+}
 
 // A warp instruction reads [p, p + bytes) of dynamic shared memory: the racecheck against cp.async.
 void shared_read(const void* p, size_t bytes);
