@@ -4,7 +4,7 @@ On a CPU machine both kernel backends run, on small shapes:
 - the Triton kernels in Triton's interpreter (fp16/fp32: the interpreter's bf16 dot is wrong);
 - the CUDA kernels (csrc/cuda/attention*.cu, forward and the 3-kernel backward) in the CPU emulator
   python_tests/simt (tests marked `simt`: backend "cuda" on CPU tensors): fp16 and bf16, head dims
-  64 and 128, GQA and MQA, causal or not, Sq != Sk both ways, odd lengths that leave partial
+  32, 64, 96 and 128, GQA and MQA, causal or not, Sq != Sk both ways, odd lengths that leave partial
   64-row tiles, document masks, fused-QKV views, NaN-filled outputs, launches in batch slices,
   and the same launches under other thread/block schedules (a race between barriers changes bits).
   The emulator's time grows with heads x 64 x 64 tiles, so its shapes have few of both.
@@ -508,7 +508,7 @@ def test_cuda_backend_rejects_fp32_and_head_dim(device):
     q, k, v = (t.to(device) for t in _qkv(d=64))
     with pytest.raises(TypeError, match="dtype"):
         attention(q, k, v, backend="cuda")
-    q, k, v = (t.to(device).half() for t in _qkv(d=32))
+    q, k, v = (t.to(device).half() for t in _qkv(d=48))
     with pytest.raises(ValueError, match="head dims"):
         attention(q, k, v, backend="cuda")
 
@@ -522,7 +522,7 @@ GPU_DTYPES = [torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("s", [1, 17, 128, 1000, 4097])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)])
 def test_gpu_matches_reference(backend, dtype, causal, d, s, hq, hkv):
@@ -539,7 +539,7 @@ SIMT_SHAPES = [(2, 8, 1, 1), (2, 8, 2, 17), (1, 4, 1, 100)]
 @emulated
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("b,hq,hkv,s", SIMT_SHAPES)
 def test_simt_matches_reference(dtype, causal, d, b, hq, hkv, s):
     check_against_reference("cuda", b, hq, hkv, s, s, d, dtype, causal, CPU, atol=1e-3)
@@ -570,7 +570,7 @@ def test_simt_cuda_backend_refuses_a_gpu_without_mma_sync():
 
 # (Hq, S of the fused-QKV views, S of the documents, Sq of the short queries over that many keys)
 @pytest.mark.parametrize("backend,device,sizes", kernel_runs(gpu=[(8, 777, 1000, 100)], emulator=[(4, 77, 100, 17)]))
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
 def test_strided_doc_ids_and_short_queries(backend, device, sizes, d):
     require_backend(backend, device)
     hq, s_strided, s_doc, sq_short = sizes

@@ -262,7 +262,9 @@ cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream
 
 }  // namespace
 
-bool attention_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+bool attention_supports_head_dim(int64_t head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128;
+}
 
 cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
   LLMKERN_RETURN_INVALID_IF(!args.q || !args.k || !args.v || !args.o || !args.lse);

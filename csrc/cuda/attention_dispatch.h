@@ -27,8 +27,8 @@ inline bool strides_ok(const int64_t (&stride)[3]) {
 
 // Calls fn(T{}, std::integral_constant<int, D>{}, std::bool_constant<kCausal>{},
 // std::bool_constant<kHasDoc>{}) for the run-time dtype, head_dim and mask flags, so a launcher
-// reads them as template arguments (decltype(d)::value, ...). Only fp16/bf16 and head_dim 64/128
-// are instantiated; anything else returns cudaErrorInvalidValue.
+// reads them as template arguments (decltype(d)::value, ...). Only fp16/bf16 and head_dim
+// 32/64/96/128 are instantiated; anything else returns cudaErrorInvalidValue.
 template <typename Fn>
 cudaError_t dispatch_attention(DType dtype, int64_t head_dim, bool causal, bool has_doc, Fn&& fn) {
   auto with_masks = [&](auto t, auto d) -> cudaError_t {
@@ -39,7 +39,9 @@ cudaError_t dispatch_attention(DType dtype, int64_t head_dim, bool causal, bool 
   };
   auto with_head_dim = [&](auto t) -> cudaError_t {
     switch (head_dim) {
+      case 32: return with_masks(t, std::integral_constant<int, 32>{});
       case 64: return with_masks(t, std::integral_constant<int, 64>{});
+      case 96: return with_masks(t, std::integral_constant<int, 96>{});
       case 128: return with_masks(t, std::integral_constant<int, 128>{});
     }
     return cudaErrorInvalidValue;

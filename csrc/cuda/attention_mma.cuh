@@ -48,11 +48,20 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 // Element (row, col) of a row-major shared tile with `kCols` columns, its 16-byte chunks
-// XOR-swizzled by the row: the 8 rows one ldmatrix reads sit in 8 different bank groups.
+// XOR-swizzled by the row within groups of 8 chunks: the 8 rows one ldmatrix reads sit in 8
+// different bank groups. A row of 32 or 96 columns ends in a group of 4 chunks, swizzled by the
+// row's low 2 bits (2-way conflicts there, still a bijection of the row's chunks).
 template <int kCols>
 __device__ __forceinline__ int swizzle(int row, int col) {
-  static_assert(kCols % 64 == 0, "a row must hold at least 8 chunks of 8 elements");
-  return row * kCols + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(kCols % 32 == 0, "a row must hold whole groups of 4 chunks of 8 elements");
+  if constexpr (kCols % 64 == 0) {
+    return row * kCols + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  } else {
+    const int chunk = col >> 3;
+    const int group = chunk & ~7;
+    const int bits = group + 8 <= kCols / 8 ? 7 : 3;  // a whole group of 8, or the last one of 4
+    return row * kCols + ((group | ((chunk & 7) ^ (row & bits))) << 3) + (col & 7);
+  }
 }
 
 // --- warp-level operand loads from swizzled shared tiles with kCols columns -----------------

@@ -33,7 +33,7 @@ from . import _checks, reference
 # Head dims each backend has kernels for.
 HEAD_DIMS = {
     "triton": (32, 64, 96, 128, 256),
-    "cuda": (64, 128),
+    "cuda": (32, 64, 96, 128),
 }
 # dtypes per backend: the kernels use tensor cores in fp16/bf16; fp32 is for the reference and
 # for Triton in its CPU interpreter (whose bf16 dot is wrong), where tests need it.
