@@ -18,13 +18,14 @@
 // lanes disagree, misaligned vector and cp.async accesses, launch configurations the GPU refuses
 // (block and grid sizes, shared memory beyond the opt-in, blocks beyond a kernel's __launch_bounds__).
 // Races: the modelled shared-memory instructions are racechecked (a cp.async lands any time
-// between its issue and its wait, so a read of its bytes by another warp in that window, or before
-// the next __syncthreads, or a write over bytes another warp read since the last barrier, is an
-// error); races of plain loads and stores show up as results that change with the schedule: the
-// order in which runnable threads (and blocks) run is LLMKERN_SIMT_SCHEDULE = forward | reverse |
-// random:SEED.
-// What it cannot find: out-of-bounds global accesses (the memory is the caller's CPU tensors),
-// the GPU's memory model, compiler bugs of nvcc, speed.
+// between its issue and its wait and is seen by others only after a barrier, so a warp instruction
+// reading its bytes before the first __syncthreads after the wait, or a cp.async over bytes
+// another warp read since the last barrier, is an error); races of plain loads and stores show up as results that change with the
+// schedule: the order in which runnable threads (and blocks) run is LLMKERN_SIMT_SCHEDULE =
+// forward | reverse | random:SEED. LLMKERN_SIMT_ARCH (sm75 ... sm90) picks the emulated GPU.
+// What it cannot find: out-of-bounds global accesses (the memory is the caller's CPU tensors;
+// scripts/simt_memcheck.sh adds AddressSanitizer for them), lanes reaching one warp instruction
+// from different call sites (.aligned), the GPU's memory model, nvcc's code, speed.
 #pragma once
 
 #include <cuda_bf16.h>
