@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from llmkern.data.tokenizer import get_tokenizer
 from llmkern.eval.multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
 from llmkern.eval.perplexity import perplexity, perplexity_of_text, sliding_windows
-from llmkern.eval.win_rate import (bootstrap_interval, compare_runs, generate_responses, instruction_prompts,
-                                   wilson_interval, win_rate)
+from llmkern.eval.win_rate import (LMJudge, bootstrap_interval, compare_runs, generate_responses, instruction_prompts,
+                                   instruction_texts, lm_judge, wilson_interval, win_rate)
 from llmkern.model import GPT, GPTConfig, generate
 from llmkern.train import checkpoint as ckpt
 
@@ -366,6 +366,122 @@ def test_compare_runs_generates_with_each_run_and_asks_the_judge(tmp_path):
     assert judge.calls[0][0] == instruction_prompts(data)
 
 
+# --- pairwise judges -------------------------------------------------------------------------------------
+
+class PreferenceLM(torch.nn.Module):
+    """A stand-in language model for LMJudge: after a judging prompt (Alpaca template) it answers "A"
+    rather than "B" with log-odds per_char * (len(first response) - len(second)) + bias, bias being a
+    position bias toward whichever response is shown first."""
+
+    def __init__(self, per_char: float = 0.0, bias: float = 0.0, block_size: int = 1024):
+        super().__init__()
+        self.per_char, self.bias = per_char, bias
+        self.register_buffer("anchor", torch.zeros(1))
+        self.config = GPTConfig(vocab_size=257, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+        self.prompts = []
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def hidden_states(self, ids):
+        out = torch.full((*ids.shape, 257), -3.0)  # (B, T, V); every position holds the row's answer
+        for r, row in enumerate(ids.tolist()):
+            text = BYTES.decode([t for t in row if t != 0])  # right padding is token 0 (a NUL byte)
+            self.prompts.append(text)
+            first = text.split("Response A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0]
+            second = text.split("\n\nResponse B:\n", 1)[1].rsplit("\n\n### Response:\n", 1)[0]
+            out[r, :, ord("A")] = self.per_char * (len(first) - len(second)) + self.bias
+            out[r, :, ord("B")] = 0.0
+        return out
+
+    def head(self, hidden):
+        return hidden
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_an_lm_judge_that_always_answers_a_gives_ties_in_both_orders():
+    judge = LMJudge(PreferenceLM(bias=2.5), BYTES, batch_size=2)
+    prompts, ours, theirs = ["Say hi.", "Count.", "Name a fruit."], ["hi", "1 2 3", "apple"], ["hello!", "", "fig"]
+    assert judge.first_is_better(prompts, ours, theirs) == pytest.approx([_sigmoid(2.5)] * 3)  # the bias alone
+    assert judge.prefer(prompts, ours, theirs) == [0.5, 0.5, 0.5]  # exactly: the orders cancel
+    result = win_rate(judge, prompts, ours, theirs, return_scores=True)
+    assert (result["wins"], result["ties"], result["losses"]) == (0, 3, 0) and result["judge_type"] == "pair"
+    assert result["mean_preference"] == 0.5 and result["preferences"] == [0.5] * 3
+
+
+def test_an_lm_judge_reads_both_orders_and_swapping_the_responses_gives_one_minus_p():
+    model = PreferenceLM(per_char=0.3, bias=1.0)
+    judge = LMJudge(model, BYTES)
+    prompts, ours, theirs = ["Say hi.", "Count."], ["hello there", "1"], ["hi", "1 2 3 4"]
+    prefs = judge.prefer(prompts, ours, theirs)
+    for p, a, b in zip(prefs, ours, theirs):
+        d = 0.3 * (len(a) - len(b))
+        assert p == pytest.approx((_sigmoid(d + 1.0) + 1 - _sigmoid(-d + 1.0)) / 2, abs=1e-6)  # fp32 logits
+    assert prefs[0] > 0.5 > prefs[1]
+    assert judge.prefer(prompts, theirs, ours) == pytest.approx([1 - p for p in prefs], abs=1e-12)
+    # The judging prompt is in the judge's template and holds the instruction and both responses.
+    asked = model.prompts[0]
+    assert asked.startswith("Below is an instruction") and asked.endswith("### Response:\n")
+    assert "Instruction:\nSay hi.\n\nResponse A:\nhello there\n\nResponse B:\nhi" in asked
+    assert "Response A:\nhi\n\nResponse B:\nhello there" in model.prompts[2]  # the second order: B first
+    from llmkern.finetune.templates import PromptFormat
+
+    chatml = LMJudge(model, BYTES, PromptFormat("chatml", "Judge fairly."))
+    assert chatml.judging_prompt("Q", "x", "y").startswith("<|im_start|>system\nJudge fairly.<|im_end|>\n")
+    assert chatml.judging_prompt("Q", "x", "y").endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+class LongerIsBetter:
+    """A PairJudge preferring the longer response (sure of it), 0.5 for equal lengths."""
+
+    def prefer(self, instructions, responses_a, responses_b):
+        return [0.5 if len(a) == len(b) else float(len(a) > len(b)) for a, b in zip(responses_a, responses_b)]
+
+
+def test_win_rate_with_a_pair_judge_counts_its_preferences():
+    prompts = [f"p{i}" for i in range(10)]
+    ours = ["xxxx"] * 6 + ["xx", "xx", "x", "x"]
+    theirs = ["x"] * 6 + ["xx", "xx", "xxx", "xxx"]
+    result = win_rate(LongerIsBetter(), prompts, ours, theirs)
+    assert (result["wins"], result["ties"], result["losses"]) == (6, 2, 2) and result["win_rate"] == pytest.approx(0.7)
+    assert result["mean_preference"] == pytest.approx(0.7) and "mean_score_diff" not in result
+    # A length-preferring LM judge agrees, and a tie margin turns its mild preferences into ties.
+    lm = LMJudge(PreferenceLM(per_char=0.1, bias=3.0), BYTES)
+    assert win_rate(lm, prompts, ours, theirs)["wins"] == 6
+    assert win_rate(lm, prompts, ours, theirs, tie_margin=0.1)["ties"] == 10  # |p - 0.5| <= 0.075 here
+
+
+def test_pair_judges_reject_bad_inputs():
+    with pytest.raises(ValueError, match="batch_size"):
+        LMJudge(PreferenceLM(), BYTES, batch_size=0)
+    with pytest.raises(ValueError, match="block_size=64"):
+        LMJudge(PreferenceLM(block_size=64), BYTES).prefer(["Say hi."], ["hi"], ["hello"])
+
+    class Unsure:
+        def __init__(self, values):
+            self.values = values
+
+        def prefer(self, instructions, responses_a, responses_b):
+            return self.values
+
+    with pytest.raises(ValueError, match="returned 1 preferences for 2"):
+        win_rate(Unsure([0.5]), ["a", "b"], ["x", "y"], ["y", "z"])
+    with pytest.raises(ValueError, match="probabilities"):
+        win_rate(Unsure([1.5]), ["a"], ["x"], ["y"])
+    with pytest.raises(TypeError, match="prefer"):
+        win_rate(object(), ["a"], ["x"], ["y"])
+    with pytest.raises(ValueError, match="judge_kind"):  # before any model is loaded
+        compare_runs("no-run", "no-baseline", "no-judge", [], judge_kind="gpt4")
+
+
+def test_instruction_texts_put_the_input_after_the_instruction():
+    assert instruction_texts(["Say hi.", {"instruction": "Add.", "input": "2 and 3"}]) == ["Say hi.", "Add.\n\n2 and 3"]
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -446,3 +562,48 @@ def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):
     assert main(["eval", "--task", "win-rate", "--run", run_a, "--baseline", run_b, "--judge", run_a,
                  "--data", str(data), "--limit", "1", "--max-new-tokens", "1", "--device", "cpu", "--quiet"]) == 2
     assert "not a reward model" in capsys.readouterr().err
+
+
+def test_eval_command_win_rate_with_a_language_model_judge(tmp_path, capsys):
+    from llmkern.cli import main
+    from llmkern.finetune.reward import RewardModel, save_reward_model
+
+    run_a = save_run(tmp_path / "a", tiny_gpt(block_size=96, seed=1))
+    run_b = save_run(tmp_path / "b", tiny_gpt(block_size=96, seed=2))
+    judge_run = save_run(tmp_path / "judge", tiny_gpt(block_size=512, seed=3))
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": "ok"} for i in range(3)]))
+    out = tmp_path / "wr.json"
+    common = ["eval", "--task", "win-rate", "--run", run_a, "--baseline", run_b, "--data", str(data),
+              "--max-new-tokens", "4", "--device", "cpu", "--quiet"]
+    assert main(common + ["--judge", judge_run, "--judge-kind", "lm", "--json", str(out)]) == 0
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert printed["judge_kind"] == "lm" and "mean_preference" in printed and "mean_score_diff" not in printed
+    saved = json.loads(out.read_text())
+    assert saved["judge_kind"] == "lm" and saved["judge_type"] == "pair" and saved["n"] == 3
+    assert saved["judge"] == judge_run and saved["templates"]["judge"] == "alpaca"
+    # The command's numbers are the judge's preferences on the runs' greedy responses.
+    direct = compare_runs(run_a, run_b, lm_judge(judge_run, "cpu"), str(data), max_new_tokens=4, device="cpu")
+    assert direct["mean_preference"] == pytest.approx(saved["mean_preference"], abs=1e-9)
+    assert (direct["wins"], direct["ties"], direct["losses"]) == (saved["wins"], saved["ties"], saved["losses"])
+    assert direct["judge_kind"] == "pair" and direct["judge"] is None
+
+    save_reward_model(str(tmp_path / "rm"), 1, RewardModel(tiny_gpt(block_size=96, seed=4)), BYTES)
+    assert main(common + ["--judge", str(tmp_path / "rm"), "--judge-kind", "lm"]) == 2
+    assert "is not a language model" in capsys.readouterr().err
+    assert main(common + ["--judge", str(tmp_path / "rm"), "--judge-kind", "reward", "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["judge_kind"] == "reward"
+    assert main(["eval", "--run", run_a, "--text", str(data), "--judge-kind", "lm", "--device", "cpu"]) == 2
+    assert "--judge-kind are for --task win-rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--judge", judge_run, "--judge-kind", "gpt4"])
+    assert "invalid choice: 'gpt4'" in capsys.readouterr().err
+
+
+def test_the_command_offers_the_judge_kinds_win_rate_knows():
+    import importlib
+
+    from llmkern.eval import cli
+
+    assert cli.JUDGE_KINDS == importlib.import_module("llmkern.eval.win_rate").JUDGE_KINDS

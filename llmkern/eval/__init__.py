@@ -4,12 +4,13 @@ from .logprobs import logprobs_from_hidden, sequence_logprobs, token_logprobs
 from .multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
 from .perplexity import perplexity, perplexity_of_text, sliding_windows
 from .win_rate import (
-    Judge, RewardModelJudge, bootstrap_interval, compare_runs, generate_responses, reward_model_judge,
-    wilson_interval, win_rate,
+    Judge, LMJudge, PairJudge, RewardModelJudge, bootstrap_interval, compare_runs, generate_responses, lm_judge,
+    reward_model_judge, wilson_interval, win_rate,
 )
 
 __all__ = [
-    "ChoiceExample", "Judge", "RewardModelJudge", "bootstrap_interval", "compare_runs", "evaluate_choices",
-    "generate_responses", "load_choice_tasks", "logprobs_from_hidden", "perplexity", "perplexity_of_text", "reward_model_judge",
+    "ChoiceExample", "Judge", "LMJudge", "PairJudge", "RewardModelJudge", "bootstrap_interval", "compare_runs",
+    "evaluate_choices", "generate_responses", "lm_judge", "load_choice_tasks", "logprobs_from_hidden", "perplexity",
+    "perplexity_of_text", "reward_model_judge",
     "score_choices", "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
 ]

@@ -5,6 +5,7 @@
     llmkern eval --run R --task choice --data TASK.jsonl   multiple-choice accuracy and acc_norm
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
                  [--template chatml]   (default: each run's own prompt template)
+                 [--judge-kind lm]     (--judge is a language model asked "A or B?"; default: a reward model)
 
 Each prints one line per metric; --json OUT also writes the result as JSON.
 """
@@ -18,6 +19,7 @@ import sys
 from .._atomic import write_json_atomic
 
 TASKS = ("perplexity", "choice", "win-rate")
+JUDGE_KINDS = ("reward", "lm")  # llmkern.eval.win_rate.JUDGE_KINDS, without importing torch for --help
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -30,9 +32,11 @@ def _check_args(args: argparse.Namespace) -> None:
     elif args.data is None:
         raise ValueError(f"--task {args.task} needs --data FILE")
     if args.task == "win-rate" and (args.baseline is None or args.judge is None):
-        raise ValueError("--task win-rate needs --baseline RUN and --judge REWARD_MODEL_RUN")
-    if args.task != "win-rate" and (args.baseline is not None or args.judge is not None):
-        raise ValueError("--baseline and --judge are for --task win-rate")
+        raise ValueError("--task win-rate needs --baseline RUN and --judge RUN (a reward model, or a language "
+                         "model with --judge-kind lm)")
+    if args.task != "win-rate" and (args.baseline is not None or args.judge is not None
+                                    or args.judge_kind is not None):
+        raise ValueError("--baseline, --judge and --judge-kind are for --task win-rate")
     if args.task != "win-rate" and (args.template is not None or args.system_prompt is not None):
         raise ValueError("--template and --system-prompt are for --task win-rate")
     if args.task != "choice" and args.fewshot:
@@ -56,10 +60,11 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
         result = compare_runs(args.run, args.baseline, args.judge, args.data, args.limit, args.max_new_tokens,
                               args.device, args.tie_margin, args.interval, args.batch_size, progress,
-                              args.template, args.system_prompt)
+                              args.template, args.system_prompt, args.judge_kind or "reward")
         result["ci"] = (f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}] "
                         f"({result['confidence']:.0%} {result['interval']})")
-        return result, ["win_rate", "ci", "wins", "ties", "losses", "n", "mean_score_diff"]
+        mean = "mean_preference" if result["judge_type"] == "pair" else "mean_score_diff"
+        return result, ["win_rate", "ci", "wins", "ties", "losses", "n", mean, "judge_kind"]
 
     from ..train.inference import load_trained_model
 
@@ -122,9 +127,14 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--fewshot", type=int, default=0, help="choice: solved examples of the task before each one")
     e.add_argument("--predictions", action="store_true", help="choice: per-example predictions in --json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")
-    e.add_argument("--judge", default=None, help="win-rate: a reward-model run (llmkern finetune reward)")
+    e.add_argument("--judge", default=None, help="win-rate: the judge's run: a reward model (llmkern finetune "
+                                                 "reward), or a language model with --judge-kind lm")
+    e.add_argument("--judge-kind", choices=JUDGE_KINDS, default=None,
+                   help="win-rate: reward (the default: scores each response alone) or lm (asked which of the "
+                        "two responses is better, in both orders)")
     e.add_argument("--max-new-tokens", type=int, default=256, help="win-rate: response length at most")
-    e.add_argument("--tie-margin", type=float, default=0.0, help="win-rate: score gaps this small are ties")
+    e.add_argument("--tie-margin", type=float, default=0.0, help="win-rate: score gaps this small are ties "
+                                                                           "(--judge-kind lm: |P(A better) - 0.5|)")
     e.add_argument("--interval", choices=("wilson", "bootstrap"), default="wilson", help="win-rate: 95%% interval")
     e.add_argument("--template", default=None, help="win-rate: prompt both runs in this template (alpaca, chatml, "
                                                     "plain); default: each run's own (the judge always reads its own)")

@@ -1,15 +1,21 @@
 """Win rate: how often a judge prefers one model's responses to another's, on the same instructions.
 
-The judge is any object with `score(prompts, responses) -> list[float]` (higher is better), for
-example a reward model trained with `llmkern finetune reward` (see reward_model_judge). For each
-instruction the two responses are scored; the one scoring more than `tie_margin` higher wins,
-otherwise it is a tie. The win rate counts a tie as half a win, and comes with a 95% interval
-(Wilson's score interval, or a bootstrap over the instructions): with a few hundred instructions
-a win rate of 0.55 may well be chance, and the interval says so.
+A judge is one of two kinds:
+  - a Judge, `score(prompts, responses) -> list[float]` (higher is better), which scores each response
+    alone, for example a reward model trained with `llmkern finetune reward` (reward_model_judge). The
+    response scoring more than `tie_margin` higher wins, otherwise it is a tie.
+  - a PairJudge, `prefer(instructions, responses_a, responses_b) -> list[float]`, the probability that
+    response A is the better one, for example a language model asked which of the two is better
+    (LMJudge, AlpacaEval-style; lm_judge). A wins when that probability is more than 0.5 + tie_margin,
+    loses below 0.5 - tie_margin, and ties in between.
+The win rate counts a tie as half a win, and comes with a 95% interval (Wilson's score interval,
+or a bootstrap over the instructions): with a few hundred instructions a win rate of 0.55 may well
+be chance, and the interval says so.
 
 Prompts follow each model's own template (llmkern.finetune.templates): compare_runs prompts each run
 in the template its fine-tuning saved (alpaca when none) unless told one, and a reward-model judge
-reads the prompts and responses in the template it was trained with.
+reads the prompts and responses in the template it was trained with; a language-model judge asks
+its question in its own saved template.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ import torch
 
 class Judge(Protocol):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+class PairJudge(Protocol):
+    def prefer(self, instructions: Sequence[str], responses_a: Sequence[str],
+               responses_b: Sequence[str]) -> list[float]: ...
+
+
+def is_pair_judge(judge: object) -> bool:
+    """Whether judge compares two responses at once (a PairJudge) rather than scoring each alone."""
+    return callable(getattr(judge, "prefer", None))
 
 
 class RewardModelJudge:
@@ -54,6 +70,113 @@ def reward_model_judge(run_dir: str, device: str | torch.device = "auto") -> Rew
 
     reward_model, tokenizer, meta = load_reward_run(run_dir, device)
     return RewardModelJudge(reward_model, tokenizer, saved_prompt_format(meta))
+
+
+JUDGE_QUESTION = ("Which of the two responses below better completes the instruction? "
+                  "Answer with a single letter: A or B.")
+
+
+class LMJudge:
+    """A PairJudge over a language model (AlpacaEval-style): the model reads the instruction and the two
+    responses, labelled A and B, in a judging prompt in its own template (prompt_format, Alpaca by
+    default), and its next-token log-probabilities of "A" and "B" (no sampling), softmaxed over the two,
+    give the probability that A is better.
+
+    A language model prefers some positions whatever the answers say, so each pair is judged twice, in
+    the order A, B and in the order B, A, and the two probabilities are averaged: a judge that always
+    answers "A" gives exactly 0.5, a tie."""
+
+    def __init__(self, model, tokenizer, prompt_format=None, batch_size: int = 8) -> None:
+        from ..finetune.templates import PromptFormat
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat()
+        self.batch_size = batch_size
+        self.label_ids = [self._single_token(label) for label in ("A", "B")]
+
+    def _single_token(self, label: str) -> int:
+        ids = self.tokenizer.encode(label)
+        if len(ids) != 1:  # never with a byte-level tokenizer: every byte is a token
+            raise ValueError(f"the judge's tokenizer encodes {label!r} as {len(ids)} tokens; LMJudge reads the "
+                             "next-token probability of a one-token answer")
+        return ids[0]
+
+    def judging_prompt(self, instruction: str, response_a: str, response_b: str) -> str:
+        """The prompt that asks which response is better, in the judge's template; the answer follows it."""
+        question = (f"{JUDGE_QUESTION}\n\nInstruction:\n{instruction}\n\nResponse A:\n{response_a}\n\n"
+                    f"Response B:\n{response_b}")
+        return self.prompt_format.prompt({"instruction": question, "input": ""})
+
+    @torch.no_grad()
+    def first_is_better(self, instructions: Sequence[str], responses_a: Sequence[str],
+                        responses_b: Sequence[str]) -> list[float]:
+        """P(answer "A") / (P("A") + P("B")) after each judging prompt, in one order only (position bias
+        included)."""
+        from .._modes import eval_mode
+
+        if not len(instructions) == len(responses_a) == len(responses_b):
+            raise ValueError(f"instructions, responses_a and responses_b must have the same length; got "
+                             f"{len(instructions)}, {len(responses_a)} and {len(responses_b)}")
+        rows = [self.tokenizer.encode(self.judging_prompt(i, a, b))
+                for i, a, b in zip(instructions, responses_a, responses_b)]
+        block = self.model.config.block_size
+        for n, ids in enumerate(rows):
+            if len(ids) > block:  # cutting it would cut the instruction or a response out of sight
+                raise ValueError(f"the judging prompt of pair {n} has {len(ids)} tokens, more than the judge's "
+                                 f"block_size={block}; generate shorter responses (max_new_tokens)")
+        probs: list[float] = []
+        with eval_mode(self.model):
+            for start in range(0, len(rows), self.batch_size):
+                probs += self._label_probabilities(rows[start : start + self.batch_size])
+        return probs
+
+    def _label_probabilities(self, rows: list[list[int]]) -> list[float]:
+        width = max(len(ids) for ids in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T), right-padded: causal, so no mask
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+        hidden = self.model.hidden_states(ids.to(self.model.device))  # (B, T, C)
+        last = torch.tensor([len(row) - 1 for row in rows], device=hidden.device)
+        logits = self.model.head(hidden[torch.arange(len(rows), device=hidden.device), last])  # (B, V)
+        pair = logits.double().log_softmax(-1)[:, self.label_ids]  # (B, 2): log p("A"), log p("B")
+        return pair.softmax(-1)[:, 0].tolist()
+
+    def prefer(self, instructions: Sequence[str], responses_a: Sequence[str],
+               responses_b: Sequence[str]) -> list[float]:
+        """P(A is better) for each instruction: the mean of the judgement in both orders."""
+        a_first = self.first_is_better(instructions, responses_a, responses_b)
+        b_first = self.first_is_better(instructions, responses_b, responses_a)
+        return [(p + (1.0 - q)) / 2 for p, q in zip(a_first, b_first)]
+
+
+def lm_judge(run_dir: str, device: str | torch.device = "auto", batch_size: int = 8) -> LMJudge:
+    """The language model saved in run_dir (a pretraining or fine-tuning run) as a PairJudge, asking in
+    the template it was fine-tuned with (alpaca when none)."""
+    from ..finetune.templates import saved_prompt_format
+    from ..train.inference import load_trained_model
+
+    try:
+        model, tokenizer, state = load_trained_model(run_dir, device)
+    except RuntimeError as err:  # its weights are not a GPT's: a reward model or a classifier
+        raise ValueError(f"{run_dir!r} is not a language model (a reward model is judge kind 'reward'): "
+                         f"{str(err).splitlines()[0]}") from err
+    return LMJudge(model, tokenizer, saved_prompt_format(state.meta), batch_size)
+
+
+JUDGE_KINDS = ("reward", "lm")
+
+
+def load_judge(run_dir: str, kind: str = "reward", device: str | torch.device = "auto", batch_size: int = 8):
+    """The judge saved in run_dir: kind "reward" (a reward-model run, scores each response) or "lm" (a
+    language-model run, asked which of two responses is better)."""
+    if kind == "reward":
+        return reward_model_judge(run_dir, device)
+    if kind == "lm":
+        return lm_judge(run_dir, device, batch_size)
+    raise ValueError(f"judge_kind must be one of {', '.join(JUDGE_KINDS)}; got {kind!r}")
 
 
 # --- intervals ---------------------------------------------------------------------------------
@@ -101,17 +224,24 @@ def bootstrap_interval(outcomes: Sequence[float], confidence: float = 0.95, samp
 
 # --- comparing -----------------------------------------------------------------------------------
 
-def win_rate(judge: Judge, prompts: Sequence[str], responses: Sequence[str], baseline_responses: Sequence[str],
-             tie_margin: float = 0.0, interval: str = "wilson", confidence: float = 0.95,
-             bootstrap_samples: int = 2000, seed: int = 0, return_scores: bool = False) -> dict[str, Any]:
+def win_rate(judge: Judge | PairJudge, prompts: Sequence[str], responses: Sequence[str],
+             baseline_responses: Sequence[str], tie_margin: float = 0.0, interval: str = "wilson",
+             confidence: float = 0.95, bootstrap_samples: int = 2000, seed: int = 0,
+             return_scores: bool = False) -> dict[str, Any]:
     """Wins, ties and losses of `responses` against `baseline_responses` under `judge`.
 
+    A Judge scores prompts and responses; a PairJudge reads prompts as instructions and is asked, for
+    each, how likely `responses` (as A) beats `baseline_responses` (as B).
+
     Returns {"wins", "ties", "losses", "n", "win_rate" (ties count half), "ci_low", "ci_high",
-    "interval", "confidence", "mean_score_diff"} and, with return_scores, "scores" and
-    "baseline_scores" (one per prompt).
+    "interval", "confidence", "judge_type" ("score" or "pair")} and "mean_score_diff" (a Judge) or
+    "mean_preference" (a PairJudge: the mean P(A better)); with return_scores, also "scores" and
+    "baseline_scores" (a Judge) or "preferences" (a PairJudge), one per prompt.
     """
-    if not callable(getattr(judge, "score", None)):
-        raise TypeError(f"judge must have a score(prompts, responses) method, got {type(judge).__name__}")
+    pairwise = is_pair_judge(judge)
+    if not pairwise and not callable(getattr(judge, "score", None)):
+        raise TypeError("judge must have a score(prompts, responses) or a prefer(instructions, responses_a, "
+                        f"responses_b) method, got {type(judge).__name__}")
     n = len(prompts)
     if n == 0:
         raise ValueError("prompts is empty")
@@ -123,28 +253,49 @@ def win_rate(judge: Judge, prompts: Sequence[str], responses: Sequence[str], bas
     if interval not in ("wilson", "bootstrap"):
         raise ValueError(f"interval must be 'wilson' or 'bootstrap', got {interval!r}")
 
-    scores = [float(s) for s in judge.score(list(prompts), list(responses))]
-    base = [float(s) for s in judge.score(list(prompts), list(baseline_responses))]
-    if len(scores) != n or len(base) != n:
-        raise ValueError(f"the judge returned {len(scores)} and {len(base)} scores for {n} prompts")
-    outcomes = []  # 1 win, 0.5 tie, 0 loss
-    for a, b in zip(scores, base):
-        diff = a - b
-        outcomes.append(0.5 if abs(diff) <= tie_margin else float(diff > 0))
+    if pairwise:
+        extra, diffs = _pair_judgements(judge, prompts, responses, baseline_responses, return_scores)
+    else:
+        extra, diffs = _score_judgements(judge, prompts, responses, baseline_responses, return_scores)
+    # diffs: how far A is ahead (a score difference, or P(A better) - 0.5); a tie within tie_margin
+    outcomes = [0.5 if abs(d) <= tie_margin else float(d > 0) for d in diffs]  # 1 win, 0.5 tie, 0 loss
     wins, ties = outcomes.count(1.0), outcomes.count(0.5)
     points = wins + 0.5 * ties
     if interval == "wilson":
         lo, hi = wilson_interval(points, n, confidence)
     else:
         lo, hi = bootstrap_interval(outcomes, confidence, bootstrap_samples, seed)
-    result: dict[str, Any] = {
-        "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n, "win_rate": points / n,
-        "ci_low": lo, "ci_high": hi, "interval": interval, "confidence": confidence,
-        "mean_score_diff": sum(a - b for a, b in zip(scores, base)) / n,
-    }
+    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "n": n, "win_rate": points / n,
+            "ci_low": lo, "ci_high": hi, "interval": interval, "confidence": confidence,
+            "judge_type": "pair" if pairwise else "score", **extra}
+
+
+def _score_judgements(judge, prompts, responses, baseline_responses, return_scores):
+    """(result entries, score differences) of a Judge."""
+    n = len(prompts)
+    scores = [float(s) for s in judge.score(list(prompts), list(responses))]
+    base = [float(s) for s in judge.score(list(prompts), list(baseline_responses))]
+    if len(scores) != n or len(base) != n:
+        raise ValueError(f"the judge returned {len(scores)} and {len(base)} scores for {n} prompts")
+    diffs = [a - b for a, b in zip(scores, base)]
+    extra: dict[str, Any] = {"mean_score_diff": sum(diffs) / n}
     if return_scores:
-        result["scores"], result["baseline_scores"] = scores, base
-    return result
+        extra["scores"], extra["baseline_scores"] = scores, base
+    return extra, diffs
+
+
+def _pair_judgements(judge, prompts, responses, baseline_responses, return_scores):
+    """(result entries, P(A better) - 0.5 of each pair) of a PairJudge."""
+    n = len(prompts)
+    prefs = [float(p) for p in judge.prefer(list(prompts), list(responses), list(baseline_responses))]
+    if len(prefs) != n:
+        raise ValueError(f"the judge returned {len(prefs)} preferences for {n} prompts")
+    if not all(0.0 <= p <= 1.0 for p in prefs):
+        raise ValueError("the judge's preferences must be probabilities in [0, 1]")
+    extra: dict[str, Any] = {"mean_preference": sum(prefs) / n}
+    if return_scores:
+        extra["preferences"] = prefs
+    return extra, [p - 0.5 for p in prefs]
 
 
 # --- responses -------------------------------------------------------------------------------------
@@ -164,6 +315,17 @@ def instruction_prompts(instructions: Sequence[str | dict[str, Any]], prompt_for
 
     fmt = prompt_format or PromptFormat()
     return [fmt.prompt(_as_example(item, i)) for i, item in enumerate(instructions)]
+
+
+def instruction_texts(instructions: Sequence[str | dict[str, Any]]) -> list[str]:
+    """Each instruction (a string or a dict) as one text, its input after a blank line: what a pairwise
+    judge reads."""
+    texts = []
+    for i, item in enumerate(instructions):
+        example = _as_example(item, i)
+        extra = example.get("input") or ""
+        texts.append(f"{example['instruction']}\n\n{extra}" if extra else example["instruction"])
+    return texts
 
 
 def generate_responses(model, tokenizer, instructions: Sequence[str | dict[str, Any]], max_new_tokens: int = 256,
@@ -205,21 +367,27 @@ def load_instructions(path: str, limit: int | None = None) -> list[dict[str, Any
     return load_prompt_data(path)[:limit]
 
 
-def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | str, data: str | Sequence[Any],
+def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str, data: str | Sequence[Any],
                  limit: int | None = None, max_new_tokens: int = 256, device: str | torch.device = "auto",
                  tie_margin: float = 0.0, interval: str = "wilson", batch_size: int = 8,
-                 progress: bool = False, template: str | None = None, system_prompt: str | None = None
-                 ) -> dict[str, Any]:
+                 progress: bool = False, template: str | None = None, system_prompt: str | None = None,
+                 judge_kind: str = "reward") -> dict[str, Any]:
     """Win rate of run_dir's model over baseline_dir's, each answering the instructions in `data`
-    greedily, as judged by `judge` (a Judge, or the folder of a reward-model run).
+    greedily, as judged by `judge`: a Judge or PairJudge, or the folder of a run, read as judge_kind
+    "reward" (a reward model, the default) or "lm" (a language model asked which response is better).
 
     Each run is prompted in the template its fine-tuning saved (alpaca when none), or in `template` /
     `system_prompt` when given (llmkern.finetune.templates.resolve_prompt_format). The judge reads the
-    prompts in its own template: a reward-model judge's saved one, a Judge object's `prompt_format`
-    attribute, else Alpaca. The result names the templates used ("templates")."""
+    prompts in its own template: a judge run's saved one, a judge object's `prompt_format` attribute,
+    else Alpaca. The result names the templates used ("templates"), the judge run ("judge", None for a
+    judge object) and the judge's kind ("judge_kind": "reward" or "lm" for a judge run, "score" or
+    "pair" for a judge object)."""
     from ..finetune.templates import PromptFormat, resolve_prompt_format
     from ..train.inference import load_trained_model
 
+    judge_is_run = isinstance(judge, (str, os.PathLike))
+    if judge_is_run and judge_kind not in JUDGE_KINDS:  # before generating anything
+        raise ValueError(f"judge_kind must be one of {', '.join(JUDGE_KINDS)}; got {judge_kind!r}")
     examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)
     answers, templates = [], []
     for run in (run_dir, baseline_dir):
@@ -229,11 +397,14 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | str, data: str 
                                           progress=progress, prompt_format=fmt))
         templates.append(fmt.template)
         del model  # one model in memory at a time
-    if isinstance(judge, (str, os.PathLike)):
-        judge = reward_model_judge(os.fspath(judge), device)
+    judge_run = os.path.abspath(judge) if judge_is_run else None
+    if judge_is_run:
+        judge = load_judge(os.fspath(judge), judge_kind, device, batch_size)
     judge_format = getattr(judge, "prompt_format", None) or PromptFormat()
-    result = win_rate(judge, instruction_prompts(examples, judge_format), answers[0], answers[1], tie_margin,
-                      interval)
+    # a pairwise judge puts the bare instructions in a judging prompt of its own
+    prompts = (instruction_texts(examples) if is_pair_judge(judge) else instruction_prompts(examples, judge_format))
+    result = win_rate(judge, prompts, answers[0], answers[1], tie_margin, interval)
     result.update(run=os.path.abspath(run_dir), baseline=os.path.abspath(baseline_dir),
+                  judge=judge_run, judge_kind=judge_kind if judge_is_run else result["judge_type"],
                   templates={"run": templates[0], "baseline": templates[1], "judge": judge_format.template})
     return result
