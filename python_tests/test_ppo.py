@@ -1,13 +1,19 @@
 """PPO: GAE against a plain double loop, the clipped losses against hand computations, config checks,
-and a short end-to-end run whose mean reward rises under a toy reward model."""
+a short end-to-end run whose mean reward rises under a toy reward model, resume, and two gloo processes
+(data-parallel: their own samples, the same weights, advantages whitened over both, exact resume)."""
 
 import dataclasses
+import faulthandler
 import json
 import math
 import os
+import socket
+import threading
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmkern.finetune.base import save_finetuned
@@ -152,6 +158,12 @@ class HighByteReward(nn.Module):
 
 
 def make_ppo_run(tmp_path, **overrides):
+    """Writes a tiny base and 12 prompts; a PPOConfig on them."""
+    write_ppo_data(tmp_path)
+    return ppo_config(tmp_path, **overrides)
+
+
+def write_ppo_data(tmp_path):
     torch.manual_seed(0)
     config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32,
                                    backend="torch")
@@ -161,9 +173,11 @@ def make_ppo_run(tmp_path, **overrides):
     prompts = [{"instruction": f"Write {word}.", "input": ""}
                for word in ("a word", "a number", "a name", "a colour", "a city", "a fruit", "a verb", "an animal",
                             "a song", "a poem", "a joke", "a date")]
-    data = tmp_path / "prompts.json"
-    data.write_text(json.dumps(prompts))
-    settings = dict(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "ppo"),
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+
+
+def ppo_config(tmp_path, **overrides):
+    settings = dict(base=str(tmp_path / "base"), data=str(tmp_path / "prompts.json"), out_dir=str(tmp_path / "ppo"),
                     reward_model="(hand-made)", max_steps=20, rollout_batch=16, batch_size=8, max_len=40,
                     max_new_tokens=MAX_NEW, lr=1e-2, min_lr=1e-3, warmup_steps=2, kl_coef=0.01,
                     val_fraction=0.2, eval_interval=0, device="cpu", progress=False)
@@ -264,9 +278,170 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
 
 
-def test_ppo_refuses_torchrun(tmp_path, monkeypatch):
-    config = make_ppo_run(tmp_path)
+def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):
+    config = make_ppo_run(tmp_path, parallel="fsdp")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="PPO runs in one process"):
+    with pytest.raises(ValueError, match="PPO runs in one process or data-parallel.*parallel='fsdp'"):
         run_ppo(config, reward_model=HighByteReward())
+
+
+# --- data-parallel (torchrun) ------------------------------------------------------------------------------
+
+WORLD = 2
+
+class ThreadSum:
+    """A fake all-reduce for `world` threads, one per rank: each rank's sum_over_ranks returns the sum of
+    the tensors all ranks passed in this round."""
+
+    def __init__(self, world):
+        self.barrier = threading.Barrier(world)
+        self.slots = [None] * world
+
+    def for_rank(self, rank):
+        def total(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()  # every rank has put its tensor
+            out = torch.stack(self.slots).sum(dim=0)
+            self.barrier.wait()  # every rank has read them all before the next round overwrites them
+            return out
+
+        return total
+
+
+def test_whitening_over_ranks_equals_one_process_on_the_whole_batch():
+    # Two ranks' advantages with their own padding widths and response lengths.
+    shards = [ragged_batch(3, 7, seed=11)[::2], ragged_batch(5, 12, seed=12)[::2]]
+    shards = [(x * 3 + 2 * rank, m) for rank, (x, m) in enumerate(shards)]  # unlike statistics on each rank
+    fake = ThreadSum(2)
+    out = [None, None]
+
+    def rank_work(rank):
+        x, m = shards[rank]
+        out[rank] = masked_whiten(x, m, sum_over_ranks=fake.for_rank(rank))
+
+    threads = [threading.Thread(target=rank_work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    # one process: the rows of both ranks in one batch, padded to the wider one
+    width = max(x.size(1) for x, _ in shards)
+    whole_x = torch.cat([nn.functional.pad(x, (0, width - x.size(1))) for x, _ in shards])
+    whole_m = torch.cat([nn.functional.pad(m, (0, width - m.size(1))) for _, m in shards])
+    whole = masked_whiten(whole_x, whole_m)
+    got = torch.cat([out[r][shards[r][1]] for r in range(2)])
+    torch.testing.assert_close(got, whole[whole_m])
+    real = whole_x[whole_m]
+    torch.testing.assert_close(got, (real - real.mean()) / real.std(unbiased=False))
+    for rank, (x, m) in enumerate(shards):  # whitening each rank alone gives other numbers
+        assert not torch.allclose(masked_whiten(x, m)[m], out[rank][m])
+        assert torch.all(out[rank][~m] == 0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _ppo_worker(rank, port, tmp_path):
+    """Three 2-process PPO runs of 4 iterations: one uninterrupted, one stopped in iteration 3 and then
+    resumed from the state saved at 2. Each rank writes its final weights and what it sampled and scored."""
+    faulthandler.enable()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import llmkern.finetune.base as base
+    import llmkern.finetune.ppo as ppo
+    from llmkern.train import distributed
+
+    events, name, iterations = [], {"run": ""}, {"stopped": 0}
+    real_sample, real_score, real_save, real_iteration = (ppo.sample_responses, ppo.score_rollout,
+                                                          base.save_finetuned, ppo.ppo_iteration)
+
+    def sample(policy, prompts, config, eot, seed):
+        responses = real_sample(policy, prompts, config, eot, seed)
+        events.append({"run": name["run"], "seed": seed, "responses": responses})
+        return responses
+
+    def score(*args, **kwargs):
+        rollout = real_score(*args, **kwargs)
+        events[-1]["scores"] = rollout.scores.tolist()
+        return rollout
+
+    def save(out_dir, step, model_state, meta, keep=1):  # every rank's weights, not only rank 0's
+        weights = {k: v.clone() for k, v in model_state.items()}  # clones: tied weights stored apart
+        save_file(weights, str(tmp_path / f"{name['run']}_rank{rank}.safetensors"))
+        return real_save(out_dir, step, model_state, meta, keep)
+
+    def stops_in_iteration_3(*args, **kwargs):
+        iterations["stopped"] += 1
+        if iterations["stopped"] == 3:  # on both ranks, before either takes a collective of iteration 3
+            raise _Stop
+        return real_iteration(*args, **kwargs)
+
+    ppo.sample_responses, ppo.score_rollout, base.save_finetuned = sample, score, save
+    for run in ("whole", "stopped", "resumed"):
+        name["run"] = run
+        out = "whole" if run == "whole" else "stopped"
+        ppo.ppo_iteration = stops_in_iteration_3 if run == "stopped" else real_iteration
+        config = _distributed_ppo_config(tmp_path, out, resume=run == "resumed")
+        try:
+            run_ppo(config, reward_model=HighByteReward())
+        except _Stop:
+            pass
+    (tmp_path / f"events_rank{rank}.json").write_text(json.dumps(events))
+    distributed.shutdown()
+
+
+def _distributed_ppo_config(tmp_path, out, **overrides):
+    # 10 training prompts, 4 per rank an iteration: each epoch an iteration of 4 per rank, then one of 1
+    return ppo_config(tmp_path, out_dir=str(tmp_path / out), max_steps=4, rollout_batch=4, batch_size=2,
+                        ckpt_interval=2, eval_interval=0, seed=5, **overrides)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_numbers(run_dir):
+    """The train records of a run, without its timings."""
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records if r["kind"] == "train"]
+
+
+def test_two_process_ppo_stays_in_sync_samples_per_rank_and_resumes_exactly(tmp_path):
+    write_ppo_data(tmp_path)
+    mp.start_processes(_ppo_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
+    events = [json.loads((tmp_path / f"events_rank{r}.json").read_text()) for r in range(WORLD)]
+    eval_seed = 5 + 1  # evaluate_prompts' fixed seed: rank 0 alone evaluates
+    train = [[e for e in rank_events if e["run"] == "whole" and e["seed"] != eval_seed] for rank_events in events]
+    assert [len(t) for t in train] == [4, 4]
+    assert [e["seed"] for e in events[1] if e["seed"] == eval_seed] == []
+
+    # (a) the ranks sampled their own responses, yet hold the same weights, bit for bit, and they learned
+    assert [len(e["responses"]) for e in train[0]] == [4, 1, 4, 1] == [len(e["responses"]) for e in train[1]]
+    for a, b in zip(*train):
+        assert a["seed"] != b["seed"] and a["responses"] != b["responses"]
+    weights = [load_file(str(tmp_path / f"whole_rank{r}.safetensors")) for r in range(WORLD)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    base = load_checkpoint(str(tmp_path / "base")).model
+    assert not torch.equal(weights[0]["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
+    whole = train_numbers(tmp_path / "whole")
+    assert [r["step"] for r in whole] == [1, 2, 3, 4]
+    for record, a, b in zip(whole, *train):  # rank 0 logs the mean over the ranks (as many rows on each)
+        assert record["reward"] == pytest.approx((sum(a["scores"]) / len(a["scores"]) +
+                                                  sum(b["scores"]) / len(b["scores"])) / 2, abs=1e-6)
+
+    # (b) the run stopped in iteration 3 and resumed from iteration 2 ends as the uninterrupted one did
+    stopped = [e for e in events[0] if e["run"] == "stopped" and e["seed"] != eval_seed]
+    assert len(stopped) == 2
+    assert train_numbers(tmp_path / "stopped") == whole
+    for rank in range(WORLD):
+        resumed = load_file(str(tmp_path / f"resumed_rank{rank}.safetensors"))
+        assert all(torch.equal(resumed[k], weights[rank][k]) for k in weights[rank]), rank
+    for rank_events in events:  # and sampled the same responses in iterations 3 and 4
+        again = [e for e in rank_events if e["run"] == "resumed" and e["seed"] != eval_seed]
+        ran = [e for e in rank_events if e["run"] == "whole" and e["seed"] != eval_seed][2:]
+        assert again == [dict(e, run="resumed") for e in ran]

@@ -68,7 +68,7 @@ class FinetuneConfig:
 
     # under torchrun: "ddp" = every rank holds the whole model and optimizer state, gradients averaged;
     # "fsdp" = FSDP2 shards the weights, gradients and optimizer state over the ranks (a model that does not
-    # fit one GPU with its AdamW state). Not for PPO, which runs in one process.
+    # fit one GPU with its AdamW state). PPO takes "ddp" only.
     parallel: str = "ddp"
 
     seed: int = 0

@@ -249,7 +249,8 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
                                 f"(it is written every ckpt_interval steps)")
     state = ckpt.load_checkpoint(latest)
     saved = state.meta.get("finetune_state", {})
-    saved_position = {"parallel": "ddp", **saved.get("position", {})}  # states from before "parallel": ddp
+    # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1
+    saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
     changed = {k: (saved_position.get(k), v) for k, v in position.items() if saved_position.get(k) != v}
     if changed:
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}")

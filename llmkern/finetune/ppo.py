@@ -12,6 +12,14 @@ Each iteration:
 The value head is a linear layer on the policy's last hidden states (one value per token); it is a
 training aid and is not saved. Mean reward, KL, clip fraction and value loss go to metrics.jsonl.
 
+Under torchrun (parallel="ddp") every rank holds the whole policy, value head, reference and optimizer
+state, identical on all ranks. Each iteration draws world_size * rollout_batch prompts and every rank
+samples, scores and learns from its own share (as many prompts on every rank, see rank_prompts) with its
+own sampling seed (the weights and the other random numbers start the same everywhere); the advantages are whitened
+with the mean and std over all ranks' response tokens, the gradients are averaged over the ranks before
+each step (so every rank clips, skips and steps alike and the weights stay equal), and rank 0 logs the
+metrics averaged over the ranks, evaluates, and writes files.
+
 Layout: a rollout is a (B, T) right-padded batch of prompt + response where position t predicts
 token t + 1 (targets -1 on the prompt and the padding), so log-probs, values, rewards and advantages
 of a response token all sit at the position that predicts it; `mask` marks those positions.
@@ -121,11 +129,40 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """x shifted and scaled to mean 0 and std 1 over the masked positions (0 elsewhere)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, sum_over_ranks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of x over the masked positions (two passes: the mean, then the squared deviations).
+
+    sum_over_ranks (a data-parallel run's all-reduce sum of a 1-D tensor; None: one process) makes them
+    the statistics of every rank's masked positions together, as one process with the whole batch would
+    compute them."""
+    total = sum_over_ranks or (lambda t: t)
+    m = mask.to(x.dtype)
+    sums = total(torch.stack([(x * m).sum(), m.sum()]))
+    count = sums[1].clamp(min=1.0)
+    mean = sums[0] / count
+    var = total(((x - mean) ** 2 * m).sum().reshape(1))[0] / count
+    return mean, var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, sum_over_ranks=None) -> torch.Tensor:
+    """x shifted and scaled to mean 0 and std 1 over the masked positions (0 elsewhere); with
+    sum_over_ranks, over the masked positions of all ranks (see masked_moments)."""
+    mean, var = masked_moments(x, mask, sum_over_ranks)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+def all_reduce_sum(info):
+    """A sum over the ranks of a torchrun job for masked_moments (None in one process)."""
+    if not info.is_distributed:
+        return None
+    import torch.distributed as dist
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    return total
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -264,9 +301,16 @@ def sample_responses(policy: nn.Module, prompts: list[list[int]], config: PPOCon
 # --- one PPO update --------------------------------------------------------------------------------------
 
 def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOConfig, lr_at, step: int,
-               autocast) -> tuple[int, dict[str, float]]:
+               autocast, info=None) -> tuple[int, dict[str, float]]:
     """ppo_epochs passes of minibatch updates over a scored rollout with advantages; returns the next
-    optimizer step and the means of the losses and the clip fraction."""
+    optimizer step and the means of the losses and the clip fraction. Under torchrun (`info`) every rank
+    must hold as many rows, so that all take the same number of steps; the gradients are averaged over
+    the ranks before each one."""
+    from ..train import distributed
+    from .loop import average_gradients
+
+    info = info or distributed.detect()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     rows = rollout.ids.size(0)
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
     count = pending = 0
@@ -290,6 +334,7 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
             if pending == config.grad_accum or last_minibatch:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
+                average_gradients(trainable, info)  # the same averaged norm everywhere: all clip or skip alike
                 optimizer.step()  # skips itself on a non-finite gradient norm
                 optimizer.zero_grad(set_to_none=True)
                 step, pending = step + 1, 0
@@ -301,9 +346,14 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
 
 
 def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, optimizer, prompts: list[list[int]],
-                  config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast
+                  config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None
                   ) -> tuple[int, dict[str, float]]:
-    """Sample, score and learn from one batch of prompts; (next optimizer step, metrics)."""
+    """Sample, score and learn from one batch of prompts; (next optimizer step, metrics). Under torchrun
+    (`info`) `prompts` is this rank's share (as many on every rank) and `seed` its own; the metrics are
+    the means over the ranks (tokens_per_s their sum)."""
+    from ..train import distributed
+
+    info = info or distributed.detect()
     started = time.perf_counter()
     model.eval()
     with autocast():
@@ -311,8 +361,10 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
         rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef)
     advantages, returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.returns = returns
-    rollout.advantages = masked_whiten(advantages, rollout.mask) if config.whiten_advantages else advantages
-    step, losses = ppo_update(model, optimizer, rollout, config, lr_at, step, autocast)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, rollout.mask, sum_over_ranks=all_reduce_sum(info))
+    rollout.advantages = advantages
+    step, losses = ppo_update(model, optimizer, rollout, config, lr_at, step, autocast, info)
 
     kl_per_row = (rollout.logprobs - rollout.ref_logprobs).sum(dim=1)  # (B,) summed over the response
     new_tokens = sum(len(r) for r in responses)
@@ -325,6 +377,11 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
         **losses,
         "tokens_per_s": new_tokens / max(time.perf_counter() - started, 1e-9),
     }
+    if info.is_distributed:  # every rank scored as many responses: the mean of the ranks' means is the whole mean
+        means = distributed.all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64,
+                                                         device=rollout.ids.device), info).tolist()
+        metrics = dict(zip(metrics, means))
+        metrics["tokens_per_s"] *= info.world_size  # the job's throughput
     return step, metrics
 
 
@@ -346,6 +403,20 @@ def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model,
 
 # --- the run ----------------------------------------------------------------------------------------------
 
+def rank_prompts(batch: list, info) -> list:
+    """This rank's share of an iteration's prompts: every world_size-th from the rank-th, cut to the
+    shortest share (a short batch at an epoch's end drops at most world_size - 1 prompts), since every
+    rank must take as many optimizer steps."""
+    share = len(batch) // info.world_size
+    return batch[info.rank :: info.world_size][:share]
+
+
+def sampling_seed(seed: int, iteration: int, info) -> int:
+    """The seed of an iteration's sampling on this rank: the ranks draw different responses (one process:
+    seed * 1_000_003 + iteration)."""
+    return (seed * 1_000_003 + iteration) * info.world_size + info.rank
+
+
 MAX_EVAL_PROMPTS = 64  # held-out prompts sampled at each evaluation
 
 
@@ -363,32 +434,33 @@ def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) 
 def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
     """PPO on config.data's prompts from config.base under config.reward_model (or `reward_model`, any
     module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
-    tokenizer); saves the policy to config.out_dir; the summary."""
+    tokenizer); saves the policy to config.out_dir; the summary. Under torchrun: data-parallel (see the
+    module's docstring); every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval
+    are None on the other ranks)."""
     from ..train.metrics import plot_metrics
     from ..train.schedules import cosine_lr
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import autocast_context, make_optimizer, micro_batches, open_run, save_train_state, train_state_dir
+    from .loop import (autocast_context, data_parallel_setup, make_optimizer, micro_batches, open_run,
+                       save_train_state, train_state_dir)
     from .templates import settle_template
 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     config.validate()
-    from ..train import distributed
-
     if config.parallel != "ddp":
-        raise ValueError(f"PPO runs in one process and takes no parallel={config.parallel!r}; only the supervised "
-                         f"recipes (sft, classify, reward, dpo) shard with parallel='fsdp' under torchrun")
-    if distributed.detect().is_distributed:
-        raise ValueError("PPO runs in one process; start it without torchrun (the supervised recipes take torchrun)")
+        raise ValueError(f"PPO runs in one process or data-parallel under torchrun (parallel='ddp') and takes no "
+                         f"parallel={config.parallel!r}; only the supervised recipes (sft, classify, reward, dpo) "
+                         f"shard with parallel='fsdp'")
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
     policy, tokenizer, base_meta = load_base(config)
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
+    info = data_parallel_setup(device)
     max_total = effective_max_len(config, policy)
     if config.max_new_tokens >= max_total:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in "
@@ -415,7 +487,11 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens, fmt)
     train, val = split_examples(prompts, config.val_fraction, config.seed)
     val = val[:MAX_EVAL_PROMPTS]
-    iterations = config.max_steps or config.epochs * math.ceil(len(train) / config.rollout_batch)
+    if len(train) < info.world_size:
+        raise ValueError(f"data has {len(train)} training prompts, fewer than the {info.world_size} processes: "
+                         f"each needs at least one")
+    global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
+    iterations = config.max_steps or config.epochs * math.ceil(len(train) / global_batch)
     updates_per_iteration = config.ppo_epochs * math.ceil(
         math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
     total_updates = iterations * updates_per_iteration
@@ -429,7 +505,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
 
     state_dir = train_state_dir(config)
     position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
-                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed}
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
+                "world_size": info.world_size}
     log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 
@@ -442,20 +519,22 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
 
     first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
     start_it = step = 0  # PPO iterations done, optimizer steps taken
+    evaluates = bool(val) and info.is_main  # the ranks hold the same policy: one evaluation tells all
     if counters is not None:
         start_it, step = counters["step"], counters["optimizer_step"]
-    elif val:
+    elif evaluates:
         first_eval = last_eval = evaluate(0)
-    batches = micro_batches(train, config.rollout_batch, config.seed)
+    batches = micro_batches(train, global_batch, config.seed)
     for _ in range(start_it):  # the prompts the iterations before start_it took
         next(batches)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
-    for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter", disable=not config.progress,
+    for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter", disable=not (config.progress and info.is_main),
                    dynamic_ncols=True):
         lr = lr_at(step)
-        step, metrics = ppo_iteration(model, reference, reward_model, optimizer, next(batches), config, eot,
-                                      seed=config.seed * 1_000_003 + it, lr_at=lr_at, step=step, autocast=autocast)
+        step, metrics = ppo_iteration(model, reference, reward_model, optimizer, rank_prompts(next(batches), info),
+                                      config, eot, seed=sampling_seed(config.seed, it, info), lr_at=lr_at, step=step,
+                                      autocast=autocast, info=info)
         log.write("train", step=it + 1, lr=lr, **metrics)
         last_metrics = metrics
         if not all(math.isfinite(v) for v in metrics.values()):
@@ -463,11 +542,13 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
 
             raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
         done = it + 1 == iterations
-        if val and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
+        if evaluates and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
             last_eval = evaluate(it + 1)
         if config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done:
+            # on every rank: it gathers their RNG states; rank 0 writes
             save_train_state(state_dir, model, optimizer, position, {"step": it + 1, "optimizer_step": step})
-    plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
+    if info.is_main:
+        plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
