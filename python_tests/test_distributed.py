@@ -1,10 +1,8 @@
 """Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly,
 each rank with its own RNG states."""
 
-import faulthandler
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -16,8 +14,9 @@ from llmkern.train import checkpoint as ckpt
 from llmkern.train.metrics import read_metrics
 
 from test_train import TINY_MODEL, synthetic_documents
+import spawned
+from spawned import WORLD
 
-WORLD = 2
 
 
 def config(out_dir, data_dir, parallel, **model):
@@ -29,28 +28,21 @@ def config(out_dir, data_dir, parallel, **model):
 
 
 def _worker(rank, port, out_dir, data_dir, parallel, resume):
-    faulthandler.enable()  # a crash in C++ (gloo) prints the Python stack of where it happened
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from llmkern.train import distributed
+    spawned.enter(rank, port)
 
     Trainer(config(out_dir, data_dir, parallel)).fit(resume=resume)
-    distributed.shutdown()
+    spawned.leave()
 
 
 def run_two_processes(out_dir, data_dir, parallel, resume):
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir), data_dir, parallel, resume), nprocs=WORLD,
+    mp.start_processes(_worker, args=(spawned.free_port(), str(out_dir), data_dir, parallel, resume), nprocs=WORLD,
                        join=True, start_method="spawn")
 
 
 def _dropout_worker(rank, port, tmp, data_dir, parallel):
     """Train 5 steps with dropout, each rank drawing its own masks; keep that run's log and last
     checkpoint; then resume the run from its step-3 checkpoint in the same processes."""
-    faulthandler.enable()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    spawned.enter(rank, port)
     from llmkern.train import distributed
 
     run = os.path.join(tmp, "run")
@@ -64,13 +56,8 @@ def _dropout_worker(rank, port, tmp, data_dir, parallel):
     distributed.barrier(trainer.dist)
     torch.manual_seed(999)  # the same on both ranks: only the restored states can tell them apart again
     Trainer(config(run, data_dir, parallel, dropout=0.2)).fit(resume=True)
-    distributed.shutdown()
+    spawned.leave()
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def records(run_dir):
@@ -115,7 +102,7 @@ def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
     # did when they held one process's) would draw other masks on rank 1 and change the loss.
     data_dir = str(tmp_path / "shards")
     tokenize_documents(synthetic_documents(), "bytes", data_dir, val_fraction=0.15, seed=0)
-    mp.start_processes(_dropout_worker, args=(_free_port(), str(tmp_path), data_dir, parallel), nprocs=WORLD,
+    mp.start_processes(_dropout_worker, args=(spawned.free_port(), str(tmp_path), data_dir, parallel), nprocs=WORLD,
                        join=True, start_method="spawn")
 
     uninterrupted = learning_numbers(read_metrics(str(tmp_path / "uninterrupted.jsonl")))

@@ -2,11 +2,9 @@
 the gradients all-reduced (parallel="ddp") or the model sharded with FSDP2 (parallel="fsdp"), and a
 stopped two-process run resumes exactly, each rank with its own RNG states."""
 
-import faulthandler
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -23,7 +21,9 @@ from llmkern.model import GPT, GPTConfig
 from llmkern.train import checkpoint as ckpt
 from llmkern.train.metrics import read_metrics
 
-WORLD = 2
+import spawned
+from spawned import WORLD
+
 
 
 def make_run(tmp_path):
@@ -48,24 +48,15 @@ def sft_config(tmp_path, out, grad_accum, **overrides):
 
 
 def _worker(rank, port, tmp_path, resume, out="multi", overrides=None):
-    faulthandler.enable()  # a crash in C++ (gloo) prints the Python stack of where it happened
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from llmkern.train import distributed
+    spawned.enter(rank, port)
 
     run_sft(sft_config(tmp_path, out, grad_accum=1, resume=resume, **(overrides or {})))
-    distributed.shutdown()
+    spawned.leave()
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_processes(tmp_path, resume=False, out="multi", **overrides):
-    mp.start_processes(_worker, args=(_free_port(), tmp_path, resume, out, overrides), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(spawned.free_port(), tmp_path, resume, out, overrides), nprocs=WORLD, join=True,
                        start_method="spawn")
 
 
@@ -73,10 +64,7 @@ def _dropout_worker(rank, port, tmp_path):
     """fit() 5 steps with dropout, each rank drawing its own masks (training state saved at step 3);
     then, in the same processes, a fresh model resumes a copy of that state to step 5. Each rank
     writes both runs' final weights."""
-    faulthandler.enable()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    spawned.enter(rank, port)
     from llmkern.train import distributed
 
     tok = ByteTokenizer()
@@ -104,7 +92,7 @@ def _dropout_worker(rank, port, tmp_path):
     resumed = tiny_dropout_gpt()  # the same on both ranks: only the restored states tell them apart again
     fit(resumed, lm_loss, examples, collate, settings("stopped", resume=True))
     final_weights(resumed, "resumed")
-    distributed.shutdown()
+    spawned.leave()
 
 
 def tiny_dropout_gpt():
@@ -146,7 +134,7 @@ def test_two_gloo_processes_fine_tune_like_one(tmp_path):
 def test_a_resumed_two_process_run_draws_each_ranks_own_random_numbers(tmp_path):
     # Ranks whose dropout masks differ: a resume that gave rank 1 rank 0's RNG states (as training states
     # did when they held one process's) would draw other masks on rank 1 and change the loss.
-    mp.start_processes(_dropout_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_dropout_worker, args=(spawned.free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
 
     whole, resumed = numbers(tmp_path / "whole"), numbers(tmp_path / "stopped")
     assert [r["step"] for r in resumed if r["kind"] == "train"] == [4, 5]
@@ -208,15 +196,11 @@ def test_fsdp_needs_torchrun_and_is_not_for_ppo(tmp_path):
 
 
 def _dpo_worker(rank, port, tmp_path, settings):
-    faulthandler.enable()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    spawned.enter(rank, port)
     from llmkern.finetune.dpo import DPOConfig, run_dpo
-    from llmkern.train import distributed
 
     run_dpo(DPOConfig(**settings))
-    distributed.shutdown()
+    spawned.leave()
 
 
 def test_fsdp_dpo_like_one_process(tmp_path):
@@ -233,7 +217,7 @@ def test_fsdp_dpo_like_one_process(tmp_path):
                     device="cpu", progress=False, seed=5)
     run_dpo(DPOConfig(out_dir=str(tmp_path / "single"), grad_accum=2, **settings))
     multi = dict(settings, out_dir=str(tmp_path / "fsdp"), grad_accum=1, parallel="fsdp")
-    mp.start_processes(_dpo_worker, args=(_free_port(), tmp_path, multi), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_dpo_worker, args=(spawned.free_port(), tmp_path, multi), nprocs=WORLD, join=True, start_method="spawn")
 
     single, sharded = numbers(tmp_path / "single"), numbers(tmp_path / "fsdp")
     assert [(r["kind"], r["step"]) for r in sharded] == [(r["kind"], r["step"]) for r in single]

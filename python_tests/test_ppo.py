@@ -3,11 +3,9 @@ a short end-to-end run whose mean reward rises under a toy reward model, resume,
 (data-parallel: their own samples, the same weights, advantages whitened over both, exact resume)."""
 
 import dataclasses
-import faulthandler
 import json
 import math
 import os
-import socket
 import threading
 
 import pytest
@@ -22,6 +20,9 @@ from llmkern.model import GPT, GPTConfig
 from llmkern.train.checkpoint import load_checkpoint
 from llmkern.train.inference import load_trained_model
 from llmkern.train.metrics import read_metrics
+
+import spawned
+from spawned import WORLD
 
 
 # --- GAE ---------------------------------------------------------------------------------------------
@@ -288,7 +289,6 @@ def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):
 
 # --- data-parallel (torchrun) ------------------------------------------------------------------------------
 
-WORLD = 2
 
 class ThreadSum:
     """A fake all-reduce for `world` threads, one per rank: each rank's sum_over_ranks returns the sum of
@@ -346,13 +346,9 @@ class _Stop(Exception):
 def _ppo_worker(rank, port, tmp_path):
     """Three 2-process PPO runs of 4 iterations: one uninterrupted, one stopped in iteration 3 and then
     resumed from the state saved at 2. Each rank writes its final weights and what it sampled and scored."""
-    faulthandler.enable()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    spawned.enter(rank, port)
     import llmkern.finetune.base as base
     import llmkern.finetune.ppo as ppo
-    from llmkern.train import distributed
 
     events, name, iterations = [], {"run": ""}, {"stopped": 0}
     real_sample, real_score, real_save, real_iteration = (ppo.sample_responses, ppo.score_rollout,
@@ -390,7 +386,7 @@ def _ppo_worker(rank, port, tmp_path):
         except _Stop:
             pass
     (tmp_path / f"events_rank{rank}.json").write_text(json.dumps(events))
-    distributed.shutdown()
+    spawned.leave()
 
 
 def _distributed_ppo_config(tmp_path, out, **overrides):
@@ -398,11 +394,6 @@ def _distributed_ppo_config(tmp_path, out, **overrides):
     return ppo_config(tmp_path, out_dir=str(tmp_path / out), max_steps=4, rollout_batch=4, batch_size=2,
                         ckpt_interval=2, eval_interval=0, seed=5, **overrides)
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_numbers(run_dir):
@@ -413,7 +404,7 @@ def train_numbers(run_dir):
 
 def test_two_process_ppo_stays_in_sync_samples_per_rank_and_resumes_exactly(tmp_path):
     write_ppo_data(tmp_path)
-    mp.start_processes(_ppo_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_ppo_worker, args=(spawned.free_port(), tmp_path), nprocs=WORLD, join=True, start_method="spawn")
     events = [json.loads((tmp_path / f"events_rank{r}.json").read_text()) for r in range(WORLD)]
     eval_seed = 5 + 1  # evaluate_prompts' fixed seed: rank 0 alone evaluates
     train = [[e for e in rank_events if e["run"] == "whole" and e["seed"] != eval_seed] for rank_events in events]
