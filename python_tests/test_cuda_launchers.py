@@ -12,7 +12,6 @@ Two things a GPU run should not be the first to find:
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import subprocess
@@ -39,20 +38,12 @@ INVALID = "cudaErrorInvalidValue"
 BF16 = 2  # DType code of bfloat16 (csrc/common/dtype.h)
 
 
-@pytest.fixture
-def cpu_launch(monkeypatch):
-    """Let the launchers run on CPU tensors: no device switch, stream 0."""
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    for module in (cuda_rms_norm, cuda_attention, cuda_adamw, cuda_rope, cuda_swiglu):
-        monkeypatch.setattr(module, "stream", lambda device: 0)
-
-
 # --- Python launchers against their bindings ----------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset-pointer"])
-def test_rms_norm_launchers_reach_the_device(cpu_launch, dtype, offset):
+def test_rms_norm_launchers_reach_the_device(dtype, offset):
     rows, cols = 5, 72
     x = torch.randn(rows * cols + offset, dtype=dtype)[offset:].view(rows, cols)
     w, r = torch.ones(cols, dtype=torch.float32), torch.randn(rows, cols, dtype=dtype)
@@ -74,7 +65,7 @@ def _qkv(batch=2, q_heads=4, kv_heads=2, seq=24, head_dim=64):
 
 @pytest.mark.parametrize("layout", ["contiguous", "fused-qkv-views", "offset-pointer", "odd-stride-of-size-1-dim"])
 @pytest.mark.parametrize("with_docs", [False, True])
-def test_attention_launchers_reach_the_device(cpu_launch, layout, with_docs):
+def test_attention_launchers_reach_the_device(layout, with_docs):
     q, k, v = _qkv()
     if layout == "fused-qkv-views":  # (B, S, H, D) projections seen as (B, H, S, D): no copy needed
         qkv = torch.randn(2, 24, 4 + 2 + 2, 64, dtype=torch.bfloat16)
@@ -94,7 +85,7 @@ def test_attention_launchers_reach_the_device(cpu_launch, layout, with_docs):
         cuda_attention.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, True, 0.125, dq, dk, dv)
 
 
-def test_adamw_launchers_reach_the_device(cpu_launch):
+def test_adamw_launchers_reach_the_device():
     params = [torch.randn(n) for n in (1, 4097)] + [torch.randn(9, dtype=torch.bfloat16)]
     grads = [torch.randn_like(p) for p in params]
     exp_avgs = [torch.zeros_like(p) for p in params]
@@ -200,7 +191,7 @@ def test_adamw_launcher_refuses_master_weights_for_fp32_params():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "fused-qk-view", "offset-pointer", "odd-head-dim", "per-row"])
-def test_rope_launcher_reaches_the_device(cpu_launch, dtype, layout):
+def test_rope_launcher_reaches_the_device(dtype, layout):
     b, h, s, d = 2, 3, 5, 64
     x = torch.randn(b, h, s, d, dtype=dtype)
     cos = sin = torch.randn(s, d // 2)
@@ -218,7 +209,7 @@ def test_rope_launcher_reaches_the_device(cpu_launch, dtype, layout):
             cuda_rope.forward(x, cos, sin, y, inverse)
 
 
-def test_rope_launcher_refuses_float64_tables(cpu_launch):
+def test_rope_launcher_refuses_float64_tables():
     x = torch.randn(1, 2, 3, 8)
     with pytest.raises(TypeError, match="float32 cos"):
         cuda_rope.forward(x, torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 4), torch.empty_like(x))
@@ -226,7 +217,7 @@ def test_rope_launcher_refuses_float64_tables(cpu_launch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "fused-halves", "offset-pointer", "odd-cols", "one-row"])
-def test_swiglu_launchers_reach_the_device(cpu_launch, dtype, layout):
+def test_swiglu_launchers_reach_the_device(dtype, layout):
     rows, cols = 4, 96
     gate, up = torch.randn(rows, cols, dtype=dtype), torch.randn(rows, cols, dtype=dtype)
     if layout == "fused-halves":  # row stride 2 * cols
@@ -296,7 +287,7 @@ def test_swiglu_launchers_do_nothing_for_no_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_rows_launcher_reaches_the_device(cpu_launch, dtype):
+def test_cross_entropy_rows_launcher_reaches_the_device(dtype):
     logits = torch.randn(3, 70).to(dtype)[:, :65]  # a padded row stride, as the chunk loop has
     with pytest.raises(RuntimeError, match=f"fused_linear_cross_entropy_rows.*{NO_DEVICE}"):
         cuda_flce.cross_entropy_rows(logits, torch.tensor([1, -100, 64], dtype=torch.int32), torch.empty(3),
