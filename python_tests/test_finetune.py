@@ -302,6 +302,8 @@ def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):  # other settings: not the same run
         fit(tiny_gpt(seed=4), lm_loss, examples, collate,
             dataclasses.replace(settings("stopped", resume=True), batch_size=2, max_steps=8))
+    with pytest.raises(ValueError, match="template"):  # the same examples in another template: not the same run
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", resume=True, template="chatml"))
     with pytest.raises(FileNotFoundError, match="no training state"):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("never", resume=True))
 

@@ -240,6 +240,12 @@ def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict
     return path
 
 
+def template_position(config) -> dict[str, str]:
+    """The prompt template a run trains with, for its position: the examples' tokens depend on it, so a
+    resumed run must keep it."""
+    return {"template": config.template, "system_prompt": config.system_prompt}
+
+
 def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
     """Load the newest training state of a run into model and optimizer and restore this rank's RNG
     states; the saved counters. A run whose data or batch settings changed since cannot continue."""
@@ -249,8 +255,11 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
                                 f"(it is written every ckpt_interval steps)")
     state = ckpt.load_checkpoint(latest)
     saved = state.meta.get("finetune_state", {})
-    # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1
-    saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
+    # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
+    # template is not known, so not compared
+    unrecorded = {"parallel": "ddp", "world_size": 1,
+                  **{k: position[k] for k in ("template", "system_prompt") if k in position}}
+    saved_position = {**unrecorded, **saved.get("position", {})}
     changed = {k: (saved_position.get(k), v) for k, v in position.items() if saved_position.get(k) != v}
     if changed:
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}")
@@ -303,7 +312,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     trainable = [p for p in model.parameters() if p.requires_grad]
     position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed, "world_size": info.world_size,
-                "parallel": config.parallel}  # what a resumed run must share
+                "parallel": config.parallel, **template_position(config)}  # what a resumed run must share
     state_dir = train_state_dir(config)
     log, counters, evals = open_run(config, model, optimizer, position)
 

@@ -443,7 +443,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import (autocast_context, data_parallel_setup, make_optimizer, micro_batches, open_run,
-                       save_train_state, train_state_dir)
+                       save_train_state, template_position, train_state_dir)
     from .templates import settle_template
 
     if not isinstance(config, PPOConfig):
@@ -506,7 +506,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     state_dir = train_state_dir(config)
     position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
-                "world_size": info.world_size}
+                "world_size": info.world_size, **template_position(config)}
     log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 
