@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh prebuild          # HERE, on the CPU machine: Python 3.12 modules for sm_90
 #   bash scripts/gpu_check.sh all [SECONDS]     # on the GPU: every part below within SECONDS (default 500)
 #   bash scripts/gpu_check.sh PART [ARGS...]    # one part: env | build | kernels [FILES...] | sanitize |
-#                                               #   bench [OPS...] | rest
+#                                               #   bench [OPS...] | rest | loss [STEPS]
 #
 # A first GPU session: `prebuild` here, then one device call with timeout_s 570, carrying the
 # prebuilt files: `bash scripts/gpu_check.sh all 500`. Then fix what it found, and spend what is
@@ -22,6 +22,8 @@
 #   bench     the benchmarks at the issues' target shapes (`bench OPS...` runs full ones instead)
 #   rest      the rest of the suite (CPU code: data, training, fine-tuning), the data pipeline's
 #             own packages installed from .whl/ when carried there (see `wheels`)
+# Not in `all` (minutes of its own): `loss [STEPS]` trains GPT-2 124M for STEPS (default 1000) on
+# the GPU machine's own Python sources with each backend and compares the loss curves (issue 5).
 #
 # Results, at most the 8 files the device tool returns: $OUT/summary.txt (printed last, so the
 # call's reply shows it), $OUT/logs.tar.gz (every log, junit XML), $OUT/results.tar.gz
@@ -154,6 +156,13 @@ part_rest() {
   digest "$LOGS/rest.log"
 }
 
+part_loss() {  # [STEPS]: the torch, cuda and triton backends' loss curves, side by side
+  step loss_shards 120 $PY -c "from llmkern.train.corpus import prepare_corpus_shards as p
+p('/tmp/llmkern_shards', 'bpe:8192', 64_000_000)"
+  step loss_curves 600 $PY benchmarks/bench_train.py --loss-steps "${1:-1000}" --data /tmp/llmkern_shards
+  grep -s "loss curve" "$LOGS/loss_curves.log" | sed "s/^/  /" >> "$SUMMARY"
+}
+
 pack() {
   tar czf "$OUT/logs.tar.gz" -C "$OUT" logs 2> /dev/null && rm -rf "$LOGS"
   [[ -d benchmarks/results ]] && tar czf "$OUT/results.tar.gz" benchmarks/results
@@ -199,12 +208,12 @@ case "$part" in
     part_bench
     part_rest
     ;;
-  env | build | kernels | sanitize | bench | rest)
+  env | build | kernels | sanitize | bench | rest | loss)
     rm -f "$SUMMARY"
     "part_$part" "$@"
     ;;
   *)
-    echo "unknown part: $part (prebuild | wheels | all | env | build | kernels | sanitize | bench | rest)" >&2
+    echo "unknown part: $part (prebuild | wheels | all | env | build | kernels | sanitize | bench | rest | loss)" >&2
     exit 2
     ;;
 esac
