@@ -245,6 +245,138 @@ def test_repeated_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_pat
     assert all(torch.isfinite(t).all() for t in good.model.values())
 
 
+# --- float16 and loss scaling ----------------------------------------------------------------------
+
+def test_loss_scale_backs_off_on_overflow_and_grows_after_clean_steps():
+    from llmkern.train.loss_scale import DynamicLossScale
+
+    scale = DynamicLossScale(init_scale=8.0, growth_interval=3)
+    scale.update(overflowed=True)
+    assert (scale.scale, scale.clean_steps) == (4.0, 0)
+    for _ in range(2):
+        scale.update(overflowed=False)
+    assert scale.scale == 4.0
+    scale.update(overflowed=False)  # the third clean step in a row
+    assert (scale.scale, scale.clean_steps) == (8.0, 0)
+    for _ in range(5):
+        scale.update(overflowed=True)
+    assert scale.scale == 1.0 and not scale.can_back_off()  # never below 1
+    restored = DynamicLossScale()
+    restored.load_state_dict({**scale.state_dict(), "clean_steps": 2})
+    assert (restored.scale, restored.clean_steps) == (1.0, 2)
+    for bad in (dict(init_scale=0.5), dict(init_scale=math.inf), dict(growth_factor=1.0), dict(backoff_factor=1.0),
+                dict(growth_interval=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DynamicLossScale(**bad)
+
+
+def test_unscale_and_clip_equals_clipping_the_unscaled_gradients():
+    from llmkern.train.loss_scale import unscale_and_clip_
+
+    for max_norm in (0.5, 1e9):  # clipped, and only unscaled
+        params = [torch.nn.Parameter(torch.randn(s)) for s in ((3, 5), (7,), (1,))]
+        grads = [torch.randn_like(p) for p in params]
+        expected = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for e, g in zip(expected, grads):
+            e.grad = g.clone()
+        expected_norm = float(torch.nn.utils.clip_grad_norm_(expected, max_norm))
+        for p, g in zip(params, grads):
+            p.grad = g * 1024.0
+        scaled_norm = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])))
+        assert unscale_and_clip_(params, scaled_norm, 1024.0, max_norm) == pytest.approx(expected_norm, rel=1e-6)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e.grad, rtol=1e-6, atol=0)
+
+
+class _InfGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward: an overflow with a finite loss."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+class OverflowAt(NaNLossAt):
+    """Wraps a model; the loss is finite, its gradients inf, on the chosen forward calls (from 1)."""
+
+    def forward(self, x, y):
+        logits, loss = self.inner(x, y)
+        self.calls += 1
+        if self.training and self.bad_calls(self.calls):
+            loss = _InfGradient.apply(loss)
+        return logits, loss
+
+
+def test_float16_training_learns_and_logs_its_loss_scale(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, dtype="float16", max_steps=20, eval_interval=20))
+    assert trainer.autocast_dtype == torch.float16 and trainer.loss_scale.scale == 2.0**16
+    trainer.fit()
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 20 and all(r["loss_scale"] == 2.0**16 for r in train)
+    assert all(math.isfinite(p.detach().sum()) and p.dtype == torch.float32 for p in trainer.raw_model.parameters())
+
+
+def test_float16_overflow_halves_the_scale_and_is_not_divergence(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, dtype="float16", max_steps=8, batch_tokens=128,
+                                  max_bad_steps=2))  # one micro-batch a step
+    trainer.model = OverflowAt(trainer.model, lambda call: call in (2, 3, 4))  # 3 in a row > max_bad_steps
+    before = {}
+    original_step = trainer._train_step
+
+    def spy():
+        before[trainer.step + 1] = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+        return original_step()
+
+    trainer._train_step = spy
+    assert trainer.fit()["steps"] == 8
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    skips = [(r["step"], r["reason"]) for r in records if r["kind"] == "skip"]
+    assert skips == [(2, "float16 gradient overflow: loss scale 65536 -> 32768"),
+                     (3, "float16 gradient overflow: loss scale 32768 -> 16384"),
+                     (4, "float16 gradient overflow: loss scale 16384 -> 8192")]
+    assert all(torch.equal(before[3][n], before[4][n]) for n in before[3])  # the skipped step 3 changed nothing
+    assert [r["loss_scale"] for r in records if r["kind"] == "train"] == [65536.0] + [8192.0] * 4
+    assert trainer.bad_steps == 0
+
+
+def test_float16_overflow_at_the_smallest_scale_is_divergence(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, dtype="float16", max_steps=8, batch_tokens=128,
+                                  max_bad_steps=2))
+    trainer.loss_scale.scale = 2.0  # one halving left: then an overflow is not the scale's doing
+    trainer.model = OverflowAt(trainer.model, lambda call: call >= 2)
+    with pytest.raises(TrainingDiverged, match="step 4: .* 2 steps in a row"):
+        trainer.fit()
+    assert trainer.loss_scale.scale == 1.0
+
+
+def test_float16_resume_continues_bitwise_with_the_loss_scale(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, dtype="float16", max_steps=8, ckpt_interval=4, eval_interval=4)
+
+    def trainer():
+        t = Trainer(config)
+        t.loss_scale.growth_interval = 3  # the scale changes across the resume at step 4
+        return t
+
+    trainer().fit()
+    uninterrupted = [(r["step"], r["loss"], r["loss_scale"]) for r in read_metrics(
+        str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert len({s for _, _, s in uninterrupted}) == 3  # 65536, then doubled twice
+    for step, path in ckpt.step_dirs(str(tmp_path / "run")):
+        if step == 8:
+            os.rename(path, str(tmp_path / "final_step8"))
+    trainer().fit(resume=True)
+    resumed = [(r["step"], r["loss"], r["loss_scale"]) for r in read_metrics(
+        str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert resumed == uninterrupted
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 @pytest.fixture

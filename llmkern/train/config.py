@@ -22,7 +22,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 SCHEDULES = ("cosine", "wsd")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("llmkern", "torch")
 PARALLEL = ("ddp", "fsdp")
 
@@ -72,7 +72,8 @@ class TrainConfig:
 
     # execution
     device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU
+    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; "float16": fp16 autocast with dynamic
+    #                      loss scaling (GPUs without bf16: V100, T4); "bfloat16", "float32"
     compile: bool = False
     backend: str = "auto"  # llmkern op backend: "auto" | "cuda" | "triton" | "torch"
     parallel: str = "ddp"  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)

@@ -2,8 +2,10 @@
 
 Each line of metrics.jsonl is one JSON object with a "kind":
     {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "time_s"}
+                                                          (+ "loss_scale" with dtype float16)
     {"kind": "eval", "step", "val_loss", "val_ppl"}
-    {"kind": "skip", "step", "loss", "reason"}            (a NaN/inf loss: the step was not applied)
+    {"kind": "skip", "step", "loss", "grad_norm", "reason"}  (a NaN/inf loss or gradient norm, or a float16
+                                                          overflow: the step was not applied)
 """
 
 from __future__ import annotations

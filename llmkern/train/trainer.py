@@ -10,7 +10,8 @@ CPU the losses after resuming equal, bit for bit, those of a run that never stop
 
 A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged, and after
 max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
-checkpoint left as it was.
+checkpoint left as it was. With dtype="float16" the loss is scaled (llmkern/train/loss_scale.py):
+a gradient overflow then halves the scale and skips the step without counting as a bad step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..data.shards import load_manifest
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
+from .loss_scale import DynamicLossScale, unscale_and_clip_
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
 from .schedules import learning_rate
 
@@ -100,6 +102,7 @@ class Trainer:
         self.run_dir = config.out_dir
         self.data_dir = config.data_dir or self._prepare_builtin_corpus()
         self.autocast_dtype = self._autocast_dtype()
+        self.loss_scale = DynamicLossScale() if self.autocast_dtype == torch.float16 else None
 
         self.manifest = load_manifest(self.data_dir)
         if not self.manifest["splits"].get("val"):
@@ -138,7 +141,7 @@ class Trainer:
     def _autocast_dtype(self) -> torch.dtype | None:
         if self.config.dtype == "auto":
             return torch.bfloat16 if self.device.type == "cuda" else None
-        return {"float32": None, "bfloat16": torch.bfloat16}[self.config.dtype]
+        return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.config.dtype]
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
@@ -213,22 +216,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        scale = self.loss_scale.scale if self.loss_scale else 1.0
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y, *doc_ids = self.train_loader.next_batch()
             with self._gradient_sync(micro == self.grad_accum - 1):
                 with self._autocast():
                     _, loss = self.model(x, y, *doc_ids)
-                (loss / self.grad_accum).backward()
+                (loss * (scale / self.grad_accum)).backward()
             loss_sum += loss.detach().float()
         mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist).item()
-        grad_norm = self._clip_gradients()
+        grad_norm = self._clip_gradients(scale)
+        if not math.isfinite(grad_norm) and math.isfinite(mean_loss) and self.loss_scale \
+                and self.loss_scale.can_back_off():  # float16 overflow: the scale's doing, not divergence
+            self._skip_overflow(mean_loss, grad_norm)
+            return None, grad_norm, lr
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self._skip_step(mean_loss, grad_norm)
             return None, grad_norm, lr
         self.bad_steps = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.loss_scale:
+            self.loss_scale.update(overflowed=False)
         return mean_loss, grad_norm, lr
 
     def _gradient_sync(self, enabled: bool):
@@ -240,9 +250,24 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self, scale: float = 1.0) -> float:
+        """Clip to grad_clip; the global gradient norm. Scaled gradients (float16) are measured, then
+        unscaled and clipped in one multiply when finite."""
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        return distributed.clip_grad_norm(list(self.model.parameters()), max_norm)
+        params = list(self.model.parameters())
+        if scale == 1.0:
+            return distributed.clip_grad_norm(params, max_norm)
+        scaled_norm = distributed.clip_grad_norm(params, math.inf)  # measure only
+        if not math.isfinite(scaled_norm):
+            return scaled_norm
+        return unscale_and_clip_(params, scaled_norm, scale, max_norm)
+
+    def _skip_overflow(self, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        before = self.loss_scale.scale
+        self.loss_scale.update(overflowed=True)
+        self.log.write("skip", step=self.step + 1, loss=loss, grad_norm=grad_norm,
+                       reason=f"float16 gradient overflow: loss scale {before:g} -> {self.loss_scale.scale:g}")
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -260,9 +285,10 @@ class Trainer:
 
     def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
         flops = self.raw_model.flops_per_token(self.config.seq_len)
+        scaling = {"loss_scale": self.loss_scale.scale} if self.loss_scale else {}
         self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
-                       peak_mem_gib=peak_memory_gib(self.device))
+                       peak_mem_gib=peak_memory_gib(self.device), **scaling)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -311,7 +337,8 @@ class Trainer:
                 "schedule": {"name": self.config.schedule, "next_lr": learning_rate(self.step, self.config)},
                 "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss),
                             "evals_since_best": self.evals_since_best, "bad_steps": self.bad_steps,
-                            "last_val_loss": self.last_val_loss},
+                            "last_val_loss": self.last_val_loss,
+                            "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None},
             }
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
                                         keep=self.config.keep_checkpoints, rng=rng)
@@ -336,6 +363,8 @@ class Trainer:
         self.evals_since_best = counters["evals_since_best"]
         self.bad_steps = counters["bad_steps"]
         self.last_val_loss = counters["last_val_loss"]
+        if self.loss_scale and counters.get("loss_scale"):  # saved by a float16 run
+            self.loss_scale.load_state_dict(counters["loss_scale"])
         self.log.truncate_after(self.step)
 
 
