@@ -35,3 +35,16 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torc
     bound = factor * theirs + atol * scale
     if not ours <= bound:
         raise AssertionError(f"{name}: max error {ours:.3e} > {factor} x torch's {theirs:.3e} + {atol:.0e}")
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: `InfGradient.apply(loss)` is a float16
+    overflow with a finite loss, for the tests of loss scaling."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from numerics import InfGradient
 
 from llmkern.data.tokenizer import ByteTokenizer
 from llmkern.eval import sequence_logprobs, token_logprobs
@@ -185,6 +186,93 @@ def test_fit_skips_non_finite_steps_then_stops(tmp_path):
     with pytest.raises(FinetuneDiverged, match="NaN/inf 5 steps"):
         fit(model, nan_loss, [encode_prompt_response(tok, "a", "b", 8)], lambda r: make_lm_batch(r, 0), cfg)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def small_loss_scale(monkeypatch):
+    """A first loss scale of 256: the tiny model's gradients times 65536 overflow float16 by themselves,
+    and these tests want to choose their overflows."""
+    import functools
+
+    from llmkern.finetune import loop
+    from llmkern.train.loss_scale import DynamicLossScale
+
+    monkeypatch.setattr(loop, "DynamicLossScale", functools.partial(DynamicLossScale, init_scale=256.0))
+
+
+def test_fit_in_float16_scales_the_loss_and_skips_overflows_without_diverging(tmp_path, small_loss_scale):
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} + {i} = ", str(2 * i), 32) for i in range(16)]
+    calls = {"n": 0}
+
+    def overflows_in_steps_3_to_8(m, batch):  # 6 in a row: more than the 5 bad steps that stop a run
+        calls["n"] += 1
+        _, loss = m(batch["idx"], batch["targets"])
+        return (InfGradient.apply(loss) if 3 <= calls["n"] <= 8 else loss), {}
+
+    def evaluate(m):
+        batch = make_lm_batch(examples, 0)
+        return {"val_loss": float(m(batch["idx"], batch["targets"])[1])}
+
+    cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+                         progress=False, dtype="float16")
+    model = tiny_gpt()
+    summary = fit(model, overflows_in_steps_3_to_8, examples, lambda rows: make_lm_batch(rows, 0), cfg, evaluate)
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 6
+    assert summary["last_eval"]["val_loss"] < 0.7 * summary["first_eval"]["val_loss"]  # 24 steps that trained
+    records = [json.loads(line) for line in open(summary["metrics"])]
+    skips = [(r["step"], r["reason"]) for r in records if r["kind"] == "skip"]
+    assert skips == [(s, f"float16 gradient overflow: loss scale {2 ** (11 - s):g} -> {2 ** (10 - s):g}")
+                     for s in range(3, 9)]
+    assert [r["loss_scale"] for r in records if r["kind"] == "train"] == [256.0] * 2 + [4.0] * 22
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FinetuneConfig(dtype="float8").validate()
+
+
+def test_float16_gradients_reach_the_optimizer_unscaled(tmp_path, small_loss_scale):
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} - 1 = ", str(i - 1), 24) for i in range(1, 9)]
+    norms = {}
+    for dtype in ("float32", "float16"):
+        cfg = FinetuneConfig(out_dir=str(tmp_path / dtype), max_steps=1, batch_size=8, progress=False, dtype=dtype)
+        summary = fit(tiny_gpt(seed=5), lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg)
+        norms[dtype] = [r["grad_norm"] for r in map(json.loads, open(summary["metrics"])) if r["kind"] == "train"][0]
+    assert norms["float16"] == pytest.approx(norms["float32"], rel=0.02)  # not 256 times it
+
+
+def test_a_stopped_float16_run_resumes_with_its_loss_scale(tmp_path, small_loss_scale):
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
+    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+    calls = {"n": 0}
+
+    def overflow_in_step_2(m, batch):
+        calls["n"] += 1
+        _, loss = m(batch["idx"], batch["targets"])
+        return (InfGradient.apply(loss) if calls["n"] == 2 else loss), {}
+
+    def settings(out, **kw):
+        return FinetuneConfig(out_dir=str(tmp_path / out), max_steps=6, batch_size=3, lr=3e-3, ckpt_interval=3,
+                              progress=False, dtype="float16", **kw)
+
+    whole = tiny_gpt(seed=4)
+    fit(whole, overflow_in_step_2, examples, collate, settings("whole"))
+    calls["n"] = 0
+
+    def stops_in_step_5(m, batch):
+        if calls["n"] >= 4:
+            raise RuntimeError("stopped")
+        return overflow_in_step_2(m, batch)
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(tiny_gpt(seed=4), stops_in_step_5, examples, collate, settings("stopped"))
+    resumed = tiny_gpt(seed=4)
+    summary = fit(resumed, overflow_in_step_2, examples, collate, settings("stopped", resume=True))
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    scales = [r["loss_scale"] for r in map(json.loads, open(summary["metrics"])) if r["kind"] == "train"]
+    assert scales == [256.0] + [128.0] * 4  # the halved scale came back with the state
 
 
 # --- base models in and out -------------------------------------------------------------------

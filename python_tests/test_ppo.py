@@ -287,6 +287,11 @@ def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):
         run_ppo(config, reward_model=HighByteReward())
 
 
+def test_ppo_refuses_float16(tmp_path):
+    with pytest.raises(ValueError, match="PPO takes dtype .* not 'float16'"):
+        run_ppo(make_ppo_run(tmp_path, dtype="float16"), reward_model=HighByteReward())
+
+
 # --- data-parallel (torchrun) ------------------------------------------------------------------------------
 
 

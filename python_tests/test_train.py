@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from numerics import InfGradient
 from safetensors.torch import load_file, save_file
 
 from llmkern.data.shards import load_manifest, tokenize_documents
@@ -288,18 +289,6 @@ def test_unscale_and_clip_equals_clipping_the_unscaled_gradients():
             torch.testing.assert_close(p.grad, e.grad, rtol=1e-6, atol=0)
 
 
-class _InfGradient(torch.autograd.Function):
-    """The identity forward; an infinite gradient backward: an overflow with a finite loss."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
-
-
 class OverflowAt(NaNLossAt):
     """Wraps a model; the loss is finite, its gradients inf, on the chosen forward calls (from 1)."""
 
@@ -307,7 +296,7 @@ class OverflowAt(NaNLossAt):
         logits, loss = self.inner(x, y)
         self.calls += 1
         if self.training and self.bad_calls(self.calls):
-            loss = _InfGradient.apply(loss)
+            loss = InfGradient.apply(loss)
         return logits, loss
 
 
@@ -320,6 +309,9 @@ def test_float16_training_learns_and_logs_its_loss_scale(tmp_path, data_dir):
     assert evals[-1] < evals[0] - 0.5
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 20 and all(r["loss_scale"] == 2.0**16 for r in train)
+    Trainer(tiny_config(tmp_path / "fp32", data_dir, max_steps=1)).fit()  # the same first step in float32
+    fp32 = [r for r in read_metrics(str(tmp_path / "fp32" / "metrics.jsonl")) if r["kind"] == "train"][0]
+    assert train[0]["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=0.02)  # unscaled, not 65536 times it
     assert all(math.isfinite(p.detach().sum()) and p.dtype == torch.float32 for p in trainer.raw_model.parameters())
 
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from ..train.config import apply_settings, parse_overrides, read_config_file
 from .templates import check_template_settings
 
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("ddp", "fsdp")
 BACKENDS = ("", "auto", "cuda", "triton", "torch")
 
@@ -73,7 +73,8 @@ class FinetuneConfig:
 
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
-    dtype: str = "auto"  # autocast: "auto" = bf16 on a GPU, fp32 on a CPU
+    dtype: str = "auto"  # autocast: "auto" = bf16 on a GPU, fp32 on a CPU; "float16" = fp16 with dynamic loss
+    #                      scaling (GPUs without bf16), not for PPO
     backend: str = ""  # kernel backend for the model; "" keeps the base model's
     progress: bool = True  # the tqdm bar
 

@@ -4,7 +4,8 @@ A recipe supplies what differs: the examples, a collate function that turns a li
 batch of tensors, a loss function, and an optional evaluation. The loop supplies what is the same:
 seeded shuffled epochs, gradient accumulation, llmkern's AdamW over the trainable parameters (so
 LoRA's frozen base is left alone) with the global-norm clip fused into the update, warmup + cosine
-learning rate, autocast, skipping non-finite steps, JSONL metrics, charts and a progress bar, and
+learning rate, autocast (bf16, or fp16 with dynamic loss scaling: an overflow halves the scale and skips
+the step), skipping non-finite steps, JSONL metrics, charts and a progress bar, and
 the training state saved every config.ckpt_interval steps so that config.resume continues a run that
 stopped (a crash, a pre-empted job) with the same losses it would have had (bitwise on a CPU).
 
@@ -44,6 +45,7 @@ from torch import nn
 from .._modes import eval_mode
 from ..train import checkpoint as ckpt
 from ..train import distributed
+from ..train.loss_scale import DynamicLossScale, unscale_
 from ..train.metrics import MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr
 
@@ -153,11 +155,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def autocast_context(config, device: torch.device):
-    """bf16 autocast on a GPU (dtype "auto" or "bfloat16"); none on a CPU with "auto"."""
-    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 autocast on a GPU (dtype "auto" or "bfloat16"), fp16 with "float16"; none on a CPU with "auto"."""
+    if config.dtype == "float16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config, sharded: bool = False):
@@ -194,10 +197,10 @@ def optimizer_step(optimizer, trainable: Sequence[nn.Parameter], config, sharded
     return grad_norm
 
 
-def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, device: torch.device
-                          ) -> tuple[float, dict[str, float]]:
-    """Backward over config.grad_accum micro-batches; the step's mean loss and metrics, averaged over
-    the micro-batches and (under torchrun) the processes."""
+def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, device: torch.device,
+                          loss_scale: float = 1.0) -> tuple[float, dict[str, float]]:
+    """Backward over config.grad_accum micro-batches (of the loss times loss_scale); the step's mean loss
+    and metrics, averaged over the micro-batches and (under torchrun) the processes."""
     info = distributed.detect()
     totals: dict[str, float] = {}
     loss_sum = torch.zeros((), device=device)
@@ -205,7 +208,7 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
         batch = to_device(collate(next(batches)), device)
         with autocast_context(config, device):
             loss, metrics = loss_fn(model, batch)
-        (loss / config.grad_accum).backward()
+        (loss * (loss_scale / config.grad_accum)).backward()
         loss_sum += loss.detach().float()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -320,8 +323,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
 
     first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
     start_step = bad_steps = skipped = 0
+    loss_scale = DynamicLossScale() if config.dtype == "float16" else None
     if counters is not None:
         start_step, bad_steps, skipped = counters["step"], counters["bad_steps"], counters["skipped"]
+        if loss_scale and counters.get("loss_scale"):
+            loss_scale.load_state_dict(counters["loss_scale"])
     elif evaluate is not None:
         first_eval = last_eval = run_evaluation(model, evaluate, config, device)
         log.write("eval", step=0, **first_eval)
@@ -338,14 +344,22 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            mean_loss, metrics = _accumulate_gradients(model, loss_fn, batches, collate, config, device)
+            scale = loss_scale.scale if loss_scale else 1.0
+            mean_loss, metrics = _accumulate_gradients(model, loss_fn, batches, collate, config, device, scale)
             if not sharded:  # FSDP2 reduced (averaged) them in the backward
                 average_gradients(trainable, info)
             grad_norm = math.nan
             if math.isfinite(mean_loss):  # the same on every rank (averaged): all or none take the collectives
+                unscale_(trainable, scale)  # an overflow stays inf: the step below skips itself
                 grad_norm = optimizer_step(optimizer, trainable, config, sharded)
             optimizer.zero_grad(set_to_none=True)
-            if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            if loss_scale and math.isfinite(mean_loss) and not math.isfinite(grad_norm) \
+                    and loss_scale.can_back_off():  # a float16 overflow: the scale's doing, not divergence
+                skipped += 1
+                loss_scale.update(overflowed=True)
+                log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
+                          reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
+            elif not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 skipped += 1
                 log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
@@ -355,7 +369,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
             else:
                 bad_steps = 0
                 last_train = {"loss": mean_loss, **metrics}
-                log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **last_train)
+                scaling = {}
+                if loss_scale:
+                    loss_scale.update(overflowed=False)
+                    scaling = {"loss_scale": scale}
+                log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **last_train, **scaling)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
             done = step + 1 == steps
@@ -366,7 +384,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
                 save_train_state(state_dir, model, optimizer, position,  # on every rank: it gathers their RNG states
-                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped})
+                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped,
+                                  "loss_scale": loss_scale.state_dict() if loss_scale else None})
     if sharded:
         gather_into(whole_model, model, device)
     if info.is_main:

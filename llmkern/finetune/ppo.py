@@ -453,6 +453,9 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         raise ValueError(f"PPO runs in one process or data-parallel under torchrun (parallel='ddp') and takes no "
                          f"parallel={config.parallel!r}; only the supervised recipes (sft, classify, reward, dpo) "
                          f"shard with parallel='fsdp'")
+    if config.dtype == "float16":  # its updates do not scale the loss (yet): fp16 gradients would underflow
+        raise ValueError("PPO takes dtype 'auto', 'bfloat16' or 'float32', not 'float16'; only the supervised "
+                         "recipes (sft, classify, reward, dpo) train in float16 with loss scaling")
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")

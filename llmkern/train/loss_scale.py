@@ -60,6 +60,14 @@ class DynamicLossScale:
 
 
 @torch.no_grad()
+def unscale_(params, scale: float) -> None:
+    """Divide the gradients of params by scale (an inf or NaN stays one, for the skip that follows)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scale)
+
+
+@torch.no_grad()
 def unscale_and_clip_(params: list[torch.nn.Parameter], scaled_norm: float, scale: float, max_norm: float) -> float:
     """Divide the gradients of params by scale and clip them to max_norm, in one multiply, given the
     (finite) global norm of the scaled gradients; returns the norm of the unscaled ones."""

@@ -216,7 +216,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        scale = self.loss_scale.scale if self.loss_scale else 1.0
+        scale = self.step_loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y, *doc_ids = self.train_loader.next_batch()
@@ -285,7 +285,7 @@ class Trainer:
 
     def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
         flops = self.raw_model.flops_per_token(self.config.seq_len)
-        scaling = {"loss_scale": self.loss_scale.scale} if self.loss_scale else {}
+        scaling = {"loss_scale": self.step_loss_scale} if self.loss_scale else {}  # the scale this step used
         self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
                        peak_mem_gib=peak_memory_gib(self.device), **scaling)
