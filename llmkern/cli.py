@@ -1,5 +1,6 @@
 """The `llmkern` command. Each subcommand lives in its own function; heavy imports stay inside
 them so that `llmkern info` answers fast."""
+# (The module docstring is for developers; DESCRIPTION is what `llmkern --help` shows.)
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import sys
 
 from .eval.cli import add_eval_parser
 from .finetune.cli import add_finetune_parser
+
+DESCRIPTION = ("Pretrain, fine-tune, evaluate and sample GPT-style language models on fused CUDA and Triton "
+               "kernels. `llmkern train` with no arguments runs the main job; `llmkern COMMAND --help` tells "
+               "more of each command.")
+
+
+def _true_or_false(text: str) -> bool:
+    """--flag=true|false|1|0|yes|no, for flags that also stand alone (--resume)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -92,7 +106,7 @@ def _add_data_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingDiverged
+    from .train import TrainingDiverged, TrainingInterrupted
     from .train.main_job import run_train
 
     try:
@@ -100,6 +114,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"llmkern train: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"llmkern train: stopped by {err}", file=sys.stderr)
+        return err.exit_status
     except (ValueError, TypeError, OSError) as err:
         print(f"llmkern train: error: {err}", file=sys.stderr)
         return 2
@@ -142,7 +159,8 @@ def _add_train_parsers(sub) -> None:
                        epilog="settings: --config FILE (TOML/JSON, see llmkern/train/config.py) and --key=value "
                               "overrides, e.g. --max_steps=100 --model.n_layer=4")
     p.add_argument("--config", default=None, help="a .toml or .json TrainConfig file")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_true_or_false,
+                   help="continue from the newest checkpoint in out_dir (--resume or --resume=true)")
     p.add_argument("--samples", type=int, default=3, help="text samples printed at the end (0: none)")
     p.set_defaults(func=_cmd_train, accepts_overrides=True)
 
@@ -211,7 +229,7 @@ def _add_bench_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmkern", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llmkern", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, the CUDA build, the GPUs seen, and the backends of each op")
     p.set_defaults(func=_cmd_info)
@@ -231,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if rest and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        print(f"llmkern {args.command}: error: unrecognized arguments: {' '.join(rest)} "
+              f"(`llmkern {args.command} --help` lists the options)", file=sys.stderr)
+        return 2
     args.overrides = rest
     return args.func(args)
 

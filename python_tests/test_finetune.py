@@ -396,6 +396,50 @@ def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("never", resume=True))
 
 
+def test_ctrl_c_saves_the_fine_tuning_state_and_a_fresh_start_does_not_overwrite_it(tmp_path):
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
+    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+    calls = {"n": 0}
+
+    def ctrl_c_in_step_3(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the step goes on to its end, then the state is saved
+            os.kill(os.getpid(), signal.SIGINT)
+        return lm_loss(m, batch)
+
+    def settings(out, **kw):
+        return FinetuneConfig(out_dir=str(tmp_path / out), max_steps=6, batch_size=3, lr=3e-3, progress=False, **kw)
+
+    whole = tiny_gpt(seed=4)
+    fit(whole, lm_loss, examples, collate, settings("whole"))
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT at step 3: the training state is saved .*--resume=true"):
+        fit(tiny_gpt(seed=4), ctrl_c_in_step_3, examples, collate, settings("stopped"))
+    with pytest.raises(ValueError, match="already holds a run .*--overwrite=true"):  # nothing lost by accident
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped"))
+    resumed = tiny_gpt(seed=4)
+    fit(resumed, lm_loss, examples, collate, settings("stopped", resume=True))
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", overwrite=True))  # asked for: allowed
+
+
+def test_a_reward_model_run_is_refused_where_a_language_model_is_needed(tmp_path, capsys):
+    from llmkern.cli import main
+
+    model = tiny_gpt(seed=2)
+    state = {**model.state_dict(), "head.weight": torch.zeros(1, model.config.n_embd), "head.bias": torch.zeros(1)}
+    save_finetuned(str(tmp_path / "rm"), 1, state, {"model_config": model.config.to_dict(), "tokenizer": "bytes",
+                                                   "finetune": {"method": "reward"}})
+    assert main(["generate", "--run", str(tmp_path / "rm"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a language model: it holds a 'reward' run's weights" in err and "Traceback" not in err
+
+
 # --- packing ----------------------------------------------------------------------------------
 
 def test_packing_keeps_examples_whole_and_apart():

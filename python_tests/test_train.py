@@ -87,6 +87,8 @@ def test_config_from_toml_json_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--learning_rate=1"], "unknown setting 'learning_rate'"),
+    (["--max_step=1"], "unknown setting 'max_step' in command line; did you mean 'max_steps'"),
+    (["--max_steps"], "'max_steps' in command line must be an integer, got 'true'"),  # a bare --key is =true
     (["--max_steps=ten"], "'max_steps' in command line must be an integer"),
     (["--lr=fast"], "'lr' in command line must be a number"),
     (["--compile=maybe"], "'compile' in command line must be a boolean"),
@@ -609,6 +611,13 @@ def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
     assert "validation loss:" in out and "(step 0) -> " in out and "(step 2) -> " in out and "--- sample 1 (prompt 'def ') ---" in out
     assert main(args + ["--resume", "--max_steps=6"]) == 0  # continue the same run for two more steps
     assert ckpt.load_checkpoint(run).step == 6
+    assert main(args + ["--resume=true", "--max_steps=7"]) == 0  # the README's form, as finetune takes it
+    assert ckpt.load_checkpoint(run).step == 7
+    capsys.readouterr()
+    assert main(args) == 2  # a fresh start over a run: refused, nothing lost
+    assert "already holds a run" in capsys.readouterr().err and ckpt.load_checkpoint(run).step == 7
+    assert main(args + ["--overwrite=true"]) == 0
+    assert ckpt.load_checkpoint(run).step == 4
     capsys.readouterr()
 
     assert main(["generate", "--run", run, "--prompt", "the cat", "--max-new-tokens", "5", "--seed", "1"]) == 0
@@ -620,6 +629,64 @@ def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
     assert "'max_steps' in command line must be an integer" in capsys.readouterr().err
     assert main(["generate", "--run", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_resumes_bitwise(tmp_path, data_dir, capsys):
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+
+    config = tiny_config(tmp_path / "whole", data_dir, max_steps=8, eval_interval=4, model={**TINY_MODEL, "dropout": 0.1})
+    Trainer(config).fit()
+    whole = train_losses(tmp_path / "whole")
+
+    stopped = tiny_config(tmp_path / "run", data_dir, max_steps=8, eval_interval=4, model={**TINY_MODEL, "dropout": 0.1})
+    trainer = Trainer(stopped)
+    original_step = trainer._train_step
+
+    def step_with_ctrl_c():
+        if trainer.step == 2:  # in step 3: the signal arrives mid-step, the step still completes
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step()
+
+    trainer._train_step = step_with_ctrl_c
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT at step 3: the run is saved .*step_0000003.*--resume") as info:
+        trainer.fit()
+    assert info.value.exit_status == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is gone again
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 3
+    assert (tmp_path / "run" / "loss.png").is_file()
+    Trainer(stopped).fit(resume=True)
+    assert train_losses(tmp_path / "run") == whole  # exact floats: nothing of step 3 was lost or repeated
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    from llmkern.train.interrupt import StopOnSignal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's: stop after the step
+        os.kill(os.getpid(), signal.SIGTERM)  # said twice: the same request
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while it waits: at once
+    with StopOnSignal(enabled=False) as stop:  # under torchrun: the usual meaning
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_train_command_reports_an_interruption_with_the_signals_status(monkeypatch, capsys):
+    from llmkern.cli import main
+    from llmkern.train import TrainingInterrupted
+    from llmkern.train import main_job
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGTERM at step 5: the run is saved (x); continue it with --resume", "SIGTERM")
+
+    monkeypatch.setattr(main_job, "run_train", interrupted)
+    assert main(["train"]) == 143
+    assert "stopped by SIGTERM at step 5" in capsys.readouterr().err
 
 
 def test_stdlib_corpus_is_deterministic_and_capped(tmp_path):

@@ -14,6 +14,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .loop import FinetuneDiverged
 
     from ..train import distributed
+    from ..train.interrupt import TrainingInterrupted
 
     try:
         config_cls, run = get_method(args.method)
@@ -23,6 +24,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"llmkern finetune {args.method}: stopped by {err}", file=sys.stderr)
+        return err.exit_status
     except (ValueError, TypeError, OSError) as err:
         distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: error: {err}", file=sys.stderr)

@@ -31,6 +31,7 @@ class FinetuneConfig:
     base_tokenizer: str = "gpt2"  # the tokenizer of a .safetensors base: a tiktoken name or .tiktoken file
     data: str = ""  # the examples: a .json list or .jsonl file (each recipe says which keys)
     out_dir: str = "runs/finetune"  # the run folder: checkpoints/, metrics.jsonl, charts
+    overwrite: bool = False  # a fresh start in a folder that holds a run replaces it (else: an error)
 
     # how long: epochs over the training examples, or exactly max_steps optimizer steps when > 0
     epochs: int = 2

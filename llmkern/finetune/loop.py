@@ -45,6 +45,7 @@ from torch import nn
 from .._modes import eval_mode
 from ..train import checkpoint as ckpt
 from ..train import distributed
+from ..train.interrupt import StopOnSignal, TrainingInterrupted
 from ..train.loss_scale import DynamicLossScale, unscale_
 from ..train.metrics import MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr
@@ -281,6 +282,10 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
     state_dir = train_state_dir(config)
     if not config.resume:
+        held = ckpt.latest_checkpoint(state_dir) or ckpt.latest_checkpoint(config.out_dir)
+        if held is not None and not config.overwrite:  # a fresh start would delete it: not by accident
+            raise ValueError(f"{config.out_dir!r} already holds a run ({held}); continue a stopped one with "
+                             f"--resume=true, start again with --overwrite=true, or give another --out_dir")
         if info.is_main:
             if os.path.exists(log.path):
                 os.remove(log.path)
@@ -293,6 +298,14 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     records = read_metrics(log.path) if os.path.exists(log.path) else []
     evals = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in records if r["kind"] == "eval"]
     return log, counters, evals
+
+
+def stopped(stop: StopOnSignal, step: int, path: str | None, log: MetricsLog, config, charts=()) -> None:
+    """After a stop signal and the save of the training state: the charts so far, then TrainingInterrupted."""
+    if distributed.detect().is_main:
+        plot_metrics(log.path, config.out_dir, extra=charts)
+    raise TrainingInterrupted(f"{stop.requested} at step {step}: the training state is saved ({path}); continue "
+                              f"with the same command and --resume=true", stop.requested)
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
@@ -339,7 +352,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     start = time.perf_counter()
     model.train()
     show = config.progress and info.is_main
-    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show) as bar:
+    stop = StopOnSignal(enabled=not info.is_distributed)
+    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show) as bar, stop:
         for step in range(start_step, steps):
             lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
             for group in optimizer.param_groups:
@@ -382,10 +396,12 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 log.write("eval", step=step + 1, **last_eval)
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done:
-                save_train_state(state_dir, model, optimizer, position,  # on every rank: it gathers their RNG states
-                                 {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped,
-                                  "loss_scale": loss_scale.state_dict() if loss_scale else None})
+            if stop.requested or (config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done):
+                path = save_train_state(state_dir, model, optimizer, position,  # on every rank: gathers RNG states
+                                        {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped,
+                                         "loss_scale": loss_scale.state_dict() if loss_scale else None})
+            if stop.requested:
+                stopped(stop, step + 1, path, log, config, charts)
     if sharded:
         gather_into(whole_model, model, device)
     if info.is_main:

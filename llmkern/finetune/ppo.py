@@ -443,7 +443,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import (autocast_context, data_parallel_setup, make_optimizer, micro_batches, open_run,
-                       save_train_state, template_position, train_state_dir)
+                       save_train_state, stopped, template_position, train_state_dir)
+    from ..train.interrupt import StopOnSignal
     from .templates import settle_template
 
     if not isinstance(config, PPOConfig):
@@ -532,24 +533,30 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         next(batches)
     last_metrics: dict[str, float] = {}
     started = time.perf_counter()
-    for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter", disable=not (config.progress and info.is_main),
-                   dynamic_ncols=True):
-        lr = lr_at(step)
-        step, metrics = ppo_iteration(model, reference, reward_model, optimizer, rank_prompts(next(batches), info),
-                                      config, eot, seed=sampling_seed(config.seed, it, info), lr_at=lr_at, step=step,
-                                      autocast=autocast, info=info)
-        log.write("train", step=it + 1, lr=lr, **metrics)
-        last_metrics = metrics
-        if not all(math.isfinite(v) for v in metrics.values()):
-            from .loop import FinetuneDiverged
+    stop = StopOnSignal(enabled=not info.is_distributed)
+    with stop:
+        for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter",
+                       disable=not (config.progress and info.is_main), dynamic_ncols=True):
+            lr = lr_at(step)
+            step, metrics = ppo_iteration(model, reference, reward_model, optimizer,
+                                          rank_prompts(next(batches), info), config, eot,
+                                          seed=sampling_seed(config.seed, it, info), lr_at=lr_at, step=step,
+                                          autocast=autocast, info=info)
+            log.write("train", step=it + 1, lr=lr, **metrics)
+            last_metrics = metrics
+            if not all(math.isfinite(v) for v in metrics.values()):
+                from .loop import FinetuneDiverged
 
-            raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
-        done = it + 1 == iterations
-        if evaluates and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
-            last_eval = evaluate(it + 1)
-        if config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done:
-            # on every rank: it gathers their RNG states; rank 0 writes
-            save_train_state(state_dir, model, optimizer, position, {"step": it + 1, "optimizer_step": step})
+                raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
+            done = it + 1 == iterations
+            if evaluates and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
+                last_eval = evaluate(it + 1)
+            if stop.requested or (config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done):
+                # on every rank: it gathers their RNG states; rank 0 writes
+                path = save_train_state(state_dir, model, optimizer, position,
+                                        {"step": it + 1, "optimizer_step": step})
+            if stop.requested:
+                stopped(stop, it + 1, path, log, config, charts=("reward", "kl"))
     if info.is_main:
         plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
 

@@ -1,6 +1,7 @@
 """Pretraining: the config, the Trainer, schedules, checkpoints, metrics, distributed setup."""
 
 from .config import TrainConfig, load_config
+from .interrupt import TrainingInterrupted
 from .trainer import Trainer, TrainingDiverged
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "load_config"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingInterrupted", "load_config"]

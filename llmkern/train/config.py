@@ -10,6 +10,7 @@ is a ValueError naming the key. Files are parsed as data (tomllib / json), never
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -34,6 +35,7 @@ class TrainConfig:
 
     # where and what
     out_dir: str = "runs/main"  # the run folder: checkpoints, metrics.jsonl, charts
+    overwrite: bool = False  # a fresh start in a folder that holds a run replaces it (else: an error)
     preset: str = "tiny"  # a GPTConfig preset name
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4}
     init_from: str = ""  # start from these weights instead of a fresh preset: a run or checkpoint folder, or a
@@ -156,12 +158,13 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """["--lr=3e-4", "--model.n_layer=4"] -> {"lr": "3e-4", "model": {"n_layer": "4"}} (strings; typed later)."""
+    """["--lr=3e-4", "--model.n_layer=4"] -> {"lr": "3e-4", "model": {"n_layer": "4"}} (strings; typed later).
+    A bare "--key" is "--key=true" (for a boolean setting such as --resume)."""
     values: dict[str, Any] = {}
     for item in overrides:
-        if not item.startswith("--") or "=" not in item:
+        if not item.startswith("--") or len(item) == 2:
             raise ValueError(f"overrides must look like --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
+        key, value = item[2:].split("=", 1) if "=" in item else (item[2:], "true")
         key = key.replace("-", "_")
         if key.startswith("model."):
             values.setdefault("model", {})[key[len("model."):]] = value
@@ -181,7 +184,9 @@ def apply_settings(config: Any, values: dict[str, Any], source: str, from_text: 
     updates: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"unknown setting {key!r} in {source}; known settings: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown setting {key!r} in {source}; {hint}known settings: {', '.join(sorted(known))}")
         if key == "model":
             if not isinstance(value, dict):
                 raise ValueError(f"setting 'model' in {source} must be a table of GPTConfig fields, got {value!r}")

@@ -34,6 +34,7 @@ from ..data.shards import load_manifest
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
+from .interrupt import StopOnSignal, TrainingInterrupted
 from .loss_scale import DynamicLossScale, unscale_and_clip_
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
 from .schedules import learning_rate
@@ -106,8 +107,10 @@ class Trainer:
 
         self.manifest = load_manifest(self.data_dir)
         if not self.manifest["splits"].get("val"):
-            raise ValueError(f"the data in {self.data_dir!r} has no 'val' split, which evaluation needs "
-                             f"(tokenize it with a val_fraction > 0)")
+            raise ValueError(f"the data in {self.data_dir!r} has no 'val' split, which evaluation needs: it was "
+                             f"tokenized with val_fraction=0, or from one document (or copies of one); prepare it "
+                             f"again with --tokenize.val_fraction above 0, and split a .txt input into documents "
+                             f"with --reader.separator")
         self.train_loader = TokenLoader(self.data_dir, "train", config.micro_batch, config.seq_len, mode="random",
                                         seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                         device=self.device, document_ids=config.document_masking)
@@ -164,50 +167,75 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to max_steps (or early stop); returns a summary. resume=True continues from the newest
-        checkpoint of the run folder (an error when there is none)."""
+        checkpoint of the run folder (an error when there is none). A fresh start in a folder that holds
+        a run is an error unless config.overwrite. Ctrl-C or SIGTERM (one process) stops after the step,
+        saves, and raises TrainingInterrupted."""
         cfg = self.config
         if resume:
             self._resume()
-        elif self.dist.is_main and os.path.exists(self.log.path):
-            os.remove(self.log.path)  # a fresh run starts a fresh log
+        else:
+            self._check_fresh_start()
+            if self.dist.is_main and os.path.exists(self.log.path):
+                os.remove(self.log.path)  # a fresh run starts a fresh log
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
-        stop_reason = "max_steps"
-        if cfg.eval_interval and self.step == 0:
-            self._evaluate_and_check_patience()  # the untrained model's loss: where the curve starts
-        window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
+        stop = StopOnSignal(enabled=not self.dist.is_distributed)
         try:
-            while self.step < cfg.max_steps:
-                start = time.perf_counter()
-                loss, grad_norm, lr = self._train_step()
-                window_seconds += time.perf_counter() - start
-                self.step += 1
-                bar.update(self.step - bar.n)
-                window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
-                if loss is None:  # skipped: NaN/inf (no train record, and no eval or checkpoint at it)
-                    continue
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
-                    self._log_train(loss, grad_norm, lr, tokens_per_s)
-                    window_seconds, window_steps = 0.0, 0
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
-                    if self._evaluate_and_check_patience():
-                        stop_reason = "early_stopping"
-                        break
-                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
-                    self.save()
+            if cfg.eval_interval and self.step == 0:
+                self._evaluate_and_check_patience()  # the untrained model's loss: where the curve starts
+            with stop:
+                stop_reason = self._train_steps(bar, stop)
+            if stop.requested:
+                path = self.save()
+                self._plot()
+                raise TrainingInterrupted(f"{stop.requested} at step {self.step}: the run is saved ({path}); "
+                                          f"continue it with the same command and --resume", stop.requested)
             if stop_reason == "max_steps":
                 self._evaluate_and_check_patience()
             self.save()
         finally:
             bar.close()
-        if self.dist.is_main:
-            plot_metrics(self.log.path, self.run_dir)
+        self._plot()
         return {"steps": self.step, "stop_reason": stop_reason, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
+
+    def _train_steps(self, bar, stop: StopOnSignal) -> str:
+        """Steps until max_steps, early stopping or a stop signal; "max_steps" or "early_stopping"."""
+        cfg = self.config
+        window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
+        while self.step < cfg.max_steps and not stop.requested:
+            start = time.perf_counter()
+            loss, grad_norm, lr = self._train_step()
+            window_seconds += time.perf_counter() - start
+            self.step += 1
+            bar.update(self.step - bar.n)
+            window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
+            if loss is None:  # skipped: NaN/inf (no train record, and no eval or checkpoint at it)
+                continue
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
+                self._log_train(loss, grad_norm, lr, tokens_per_s)
+                window_seconds, window_steps = 0.0, 0
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                if self._evaluate_and_check_patience():
+                    return "early_stopping"
+            if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+                self.save()
+        return "max_steps"
+
+    def _plot(self) -> None:
+        if self.dist.is_main:
+            plot_metrics(self.log.path, self.run_dir)
+
+    def _check_fresh_start(self) -> None:
+        """A fresh run must not wipe out an older one in its folder by accident (checkpoints and log go)."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None and not self.config.overwrite:
+            raise ValueError(f"{self.run_dir!r} already holds a run (newest checkpoint {latest}); continue it with "
+                             f"--resume, start it again with --overwrite=true, or give another --out_dir")
 
     def _train_step(self) -> tuple[float | None, float, float]:
         """One optimizer step; (mean loss, grad norm, lr), loss None when the step was skipped."""
