@@ -247,3 +247,40 @@ def test_cli_tokenizer_train(tmp_path, shared_data, capsys):
     tok = get_tokenizer(str(out))
     assert tok.n_vocab == 400 and tok.decode(tok.encode("I had always thought")) == "I had always thought"
     assert cli_main(["tokenizer", "train", str(tmp_path / "missing"), "--vocab-size", "400", "--out", str(out)]) == 2
+
+
+def test_train_bpe_creates_the_output_folder(tmp_path):
+    out = tmp_path / "new" / "deeper" / "tiny.tiktoken"
+    tok = train_bpe(["the cat sat on the mat, the cat sat"], 300, str(out))
+    assert out.is_file() and pathlib.Path(sidecar_path(str(out))).is_file()
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+    assert sorted(os.listdir(out.parent)) == ["tiny.tiktoken", "tiny.tiktoken.json"]  # no .tmp left
+
+
+def test_train_bpe_checks_the_output_location_before_training(tmp_path, monkeypatch):
+    import llmkern.data.bpe as bpe
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the output location was checked")
+
+    monkeypatch.setattr(bpe, "count_words", no_training)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(OSError, match="out_path: cannot write .*a_file"):
+        train_bpe(["abc"], 300, tmp_path / "a_file" / "x.tiktoken")
+    with pytest.raises(ValueError, match="out_path: .*folder"):
+        train_bpe(["abc"], 300, tmp_path)
+    with pytest.raises(TypeError, match="out_path"):
+        train_bpe(["abc"], 300, None)
+
+
+def test_cli_tokenizer_train_into_a_new_folder(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    out = tmp_path / "newdir" / "shk.tiktoken"
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(out),
+                     "--workers", "1"]) == 0
+    tok = get_tokenizer(str(out))  # a small corpus: fewer merges than asked for
+    assert 256 < tok.n_vocab <= 300 and tok.decode(tok.encode("the cat sat")) == "the cat sat"
+    blocked = tmp_path / "corpus.txt" / "x.tiktoken"
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(blocked)]) == 2
+    assert "out_path: cannot write" in capsys.readouterr().err

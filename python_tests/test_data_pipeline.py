@@ -250,3 +250,65 @@ def test_real_text_to_gpt2_shards(shared_data, tmp_path):
     gpt2 = get_tokenizer(ranks)
     assert report["tokens"]["tokens"]["train"] == sum(len(gpt2.encode(t)) + 1 for t in kept)
     assert report["tokens"]["dtype"] == "uint16"
+
+
+def _book(tmp_path, paragraphs=3):
+    """A .txt file of paragraphs that each pass the quality rules; whole, it has too many words."""
+    rng = random.Random(5)
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(_doc(rng) for _ in range(paragraphs)) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_run_that_keeps_no_documents_is_an_error_naming_the_cause(tmp_path):
+    book = _book(tmp_path)
+    config = load_config(None, ["progress=false", "num_workers=1", "quality.max_words=200"])
+    with pytest.raises(pipeline.NoDocumentsKeptError) as info:
+        prepare([str(book)], str(tmp_path / "out"), config)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "no documents kept" in message and "quality rejected 1 (too_many_words 1)" in message
+    assert "reader.separator" in message and "--quality.max_words" in message
+    # The report is still written, with the error in it.
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["output"]["documents"] == 0 and report["error"] == message
+    assert info.value.report["stages"][1]["rejected"] == {"too_many_words": 1}
+    # Split into paragraphs, the same book keeps its documents.
+    config.reader.separator = "\n\n"
+    assert prepare([str(book)], str(tmp_path / "out"), config)["output"]["documents"] == 3
+
+
+def test_no_readable_documents_is_an_error_too(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "words " * 100}) + "\n")
+    with pytest.raises(ValueError, match="none could be read.*missing_text_field 1.*reader.text_field='text'"):
+        prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), _config())
+
+
+def test_cli_data_prepare_that_keeps_nothing_exits_non_zero(tmp_path, capsys):
+    book = _book(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(book), "--out", str(out), "--quiet", "--quality.max_words=200",
+                 "--tokenize.enabled=true", "--tokenize.tokenizer=bytes", "--num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no documents kept" in err and "too_many_words" in err and "reader.separator" in err
+    assert not (out / "tokens").exists()
+
+
+def test_small_corpus_still_gets_a_val_document(tmp_path):
+    """The default val_fraction (0.0005) picks no document of a few by hash: one is moved to val."""
+    rng = random.Random(9)
+    _jsonl(tmp_path / "c.jsonl", [_doc(rng) for _ in range(20)])
+    config = _config("tokenize.enabled=true", "tokenize.tokenizer=bytes", "tokenize.num_workers=1")
+    report = prepare([str(tmp_path / "c.jsonl")], str(tmp_path / "out"), config)
+    assert report["output"]["documents"] == 20
+    assert report["tokens"]["tokens"]["val"] > 0 and report["tokens"]["tokens"]["train"] > 0
+
+
+def test_a_single_kept_document_warns_that_val_is_empty(tmp_path, capsys):
+    book = _book(tmp_path)
+    config = _config("reader.separator=null", "quality.enabled=false", "tokenize.enabled=true",
+                     "tokenize.tokenizer=bytes", "tokenize.num_workers=1")
+    report = prepare([str(book)], str(tmp_path / "out"), config)
+    assert report["output"]["documents"] == 1 and report["tokens"]["tokens"]["val"] == 0
+    assert "val split is empty" in report["warnings"][0] and "reader.separator" in report["warnings"][0]
+    assert "warning: the val split is empty" in capsys.readouterr().err

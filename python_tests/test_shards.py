@@ -209,3 +209,62 @@ def test_tokenize_documents_seed_changes_the_split_and_checks_arguments(tmp_path
     with pytest.raises(TypeError, match="tokenizer"):
         shards.tokenize_documents(docs, object(), tmp_path)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def _distinct(docs):
+    return list(dict.fromkeys(docs))
+
+
+def test_small_corpus_moves_its_lowest_ranked_document_to_val(tmp_path):
+    tok = get_tokenizer("bytes")
+    docs = _distinct(random_docs(seed=10, count=40))
+    assert not any(shards.is_val_document(d, 0.0005, 0) for d in docs)  # hashing alone gives val nothing
+    lowest = min(docs, key=lambda d: shards.hash_rank(d, 0))
+    kwargs = dict(val_fraction=0.0005, tokens_per_shard=50)  # small shards: the moved document spans several
+    outs = []
+    for name, workers, batch in (("one", 1, 4), ("three", 3, 7), ("big", 1, 1000)):
+        out = tmp_path / name
+        outs.append((out, shards.tokenize_documents(iter(docs), tok, out, num_workers=workers, batch_size=batch,
+                                                    **kwargs)))
+        assert read_docs(out, "val", tok) == [lowest]
+        assert read_docs(out, "train", tok) == [d for d in docs if d != lowest]
+        assert shards.verify(out) == {"train": sum(len(d.encode()) + 1 for d in docs if d != lowest),
+                                      "val": len(lowest.encode()) + 1}
+        assert sorted(os.listdir(out)) == sorted(
+            [e["file"] for e in outs[-1][1]["splits"]["train"] + outs[-1][1]["splits"]["val"]] + ["manifest.json"])
+    # The same output whatever the worker count or batch size.
+    (one, first), *rest = outs
+    for out, manifest in rest:
+        assert manifest["splits"] == first["splits"]
+        for entry in first["splits"]["train"] + first["splits"]["val"]:
+            assert (out / entry["file"]).read_bytes() == (one / entry["file"]).read_bytes()
+
+
+def test_the_moved_document_takes_its_identical_copies_along(tmp_path):
+    tok = get_tokenizer("bytes")
+    docs = _distinct(random_docs(seed=11, count=30))
+    lowest = min(docs, key=lambda d: shards.hash_rank(d, 0))
+    docs = docs[:5] + [lowest] + docs[5:] + [lowest]  # three copies in all, in different batches
+    shards.tokenize_documents(docs, tok, tmp_path, val_fraction=0.001, batch_size=3, tokens_per_shard=64)
+    assert read_docs(tmp_path, "val", tok) == [lowest] * 3
+    assert read_docs(tmp_path, "train", tok) == [d for d in docs if d != lowest]
+
+
+def test_no_document_is_moved_when_train_would_be_left_empty_or_val_is_off(tmp_path):
+    tok = get_tokenizer("bytes")
+    cases = [(["just one document"], 0.001), (["the same text"] * 3, 0.001), (["a cat", "a mat", "a hat"], 0.0)]
+    for i, (docs, val_fraction) in enumerate(cases):
+        manifest = shards.tokenize_documents(docs, tok, tmp_path / str(i), val_fraction=val_fraction)
+        assert manifest["splits"]["val"] == []
+        assert read_docs(tmp_path / str(i), "train", tok) == docs
+
+
+def test_split_is_unchanged_when_hashing_already_gives_val_documents(tmp_path):
+    """Byte for byte the hash split: ids written by hand from is_val_document."""
+    tok = get_tokenizer("bytes")
+    docs = random_docs(seed=12, count=300)
+    manifest = shards.tokenize_documents(docs, tok, tmp_path, val_fraction=0.02, seed=5, batch_size=16)
+    for split, wanted in (("train", False), ("val", True)):
+        expected = [i for d in docs if shards.is_val_document(d, 0.02, 5) == wanted for i in [256, *d.encode()]]
+        assert expected  # both splits have documents
+        assert (tmp_path / manifest["splits"][split][0]["file"]).read_bytes() == np.array(expected, "<u2").tobytes()

@@ -132,12 +132,51 @@ def test_missing_and_corrupt_tiktoken_files(tmp_path):
         get_tokenizer(str(good))
 
 
-def test_named_encoding_unavailable_offline_is_a_clear_error(monkeypatch):
+def _offline(monkeypatch):
     import tiktoken
 
     def offline(name):
-        raise ConnectionError("no network")
+        try:  # a chained error, as requests raises it
+            raise TimeoutError("connect timed out")
+        except TimeoutError as inner:
+            raise ConnectionError("HTTPSConnectionPool: Max retries exceeded") from inner
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
+
+
+def test_named_encoding_unavailable_offline_is_a_clear_error(monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(RuntimeError, match="not available offline"):
         get_tokenizer("cl100k_base")
+
+
+def test_offline_error_is_an_oserror_without_the_network_traceback(monkeypatch):
+    from llmkern.data.tokenizer import TokenizerUnavailableError
+
+    _offline(monkeypatch)
+    with pytest.raises(OSError, match="not available offline") as info:
+        get_tokenizer("gpt2")
+    err = info.value
+    assert isinstance(err, TokenizerUnavailableError)
+    # Raised `from None`: no chained requests/urllib3 traceback, though the cause is named.
+    assert err.__cause__ is None and err.__suppress_context__
+    message = str(err)
+    assert "'gpt2'" in message and "ConnectionError" in message
+    assert "--tokenize.tokenizer=PATH.tiktoken" in message and "--tokenizer=PATH.tiktoken" in message
+
+
+def test_cli_reports_an_offline_tokenizer_in_one_line(monkeypatch, tmp_path, capsys):
+    from llmkern.cli import main
+
+    _offline(monkeypatch)
+    text = tmp_path / "book.txt"
+    text.write_text("The cat sat on the mat and looked at the dog with the hat.\n")
+    out = tmp_path / "out"
+    status = main(["data", "prepare", str(text), "--out", str(out), "--quiet", "--quality.enabled=false",
+                   "--tokenize.enabled=true", "--tokenize.num_workers=1", "--num_workers=1"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "not available offline" in err and ".tiktoken" in err
+    # The tokenizer is checked before the documents are processed.
+    assert not (out / "documents").exists()

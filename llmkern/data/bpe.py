@@ -23,6 +23,7 @@ import pathlib
 import re
 from typing import Iterable, Iterator
 
+from .. import _atomic
 from .._atomic import write_json_atomic, write_text_atomic
 from .tokenizer import ENDOFTEXT, GPT2_PATTERN, get_tokenizer, sidecar_path
 
@@ -232,6 +233,25 @@ def _resolve_pattern(pattern: str) -> str:
     return pattern
 
 
+def _check_out_path(out_path) -> str:
+    """`out_path` as a str, its folder created and found writable: before training, not after."""
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise TypeError(f"out_path: expected a path (str or PathLike), got {type(out_path).__name__}")
+    out_path = os.fspath(out_path)
+    if not out_path or os.path.isdir(out_path):
+        raise ValueError(f"out_path: expected the path of a .tiktoken file to write, got the folder {out_path!r}")
+    folder = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = out_path + _atomic.TMP_SUFFIX  # the name the atomic writer will use
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise type(err)(f"out_path: cannot write {out_path!r} ({err.strerror or err})") from err
+    return out_path
+
+
 def train_bpe(
     corpus,
     vocab_size: int,
@@ -266,6 +286,7 @@ def train_bpe(
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
     pattern = _resolve_pattern(pattern)
+    out_path = _check_out_path(out_path)
     num_workers = num_workers or min(os.cpu_count() or 1, 8)
 
     counts = count_words(corpus, pattern, special_tokens, num_workers, progress)
@@ -282,7 +303,6 @@ def train_bpe(
     ranks = {bytes([b]): rank for rank, b in enumerate(gpt2_byte_order())}
     ranks.update({tok: i for i, tok in enumerate(token_bytes) if i >= 256})
 
-    out_path = os.fspath(out_path)
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in by_rank]
     special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}

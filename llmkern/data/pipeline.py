@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional
 
 from .._atomic import write_json_atomic
 from .config import PrepareConfig, to_dict
-from .readers import Document, ReadReport, check_readers_available, expand_inputs, read_file
+from .readers import Document, ReadReport, check_readers_available, expand_inputs, file_format, read_file
 from .stage import Stage, StageStats
 
 DOCUMENTS_DIR = "documents"
@@ -257,12 +257,50 @@ def _tokenize(out_dir: str, config: PrepareConfig) -> dict:
             "tokens": {split: sum(e["tokens"] for e in entries) for split, entries in manifest["splits"].items()}}
 
 
+class NoDocumentsKeptError(ValueError):
+    """A run that kept no documents (so wrote no tokens); `.report` is its report (also in report.json)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _nothing_kept_message(report: dict, files: list[str], config: PrepareConfig) -> str:
+    """Why a run kept no documents, as far as its statistics tell, and what to change."""
+    read = report["read"]
+    parts = [f"no documents kept from {len(files)} input file(s)"]
+    if read["documents"] == 0:
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(read["bad_input"].items()))
+        parts.append(f"none could be read ({bad or 'the inputs are empty'}; for .jsonl/.parquet "
+                     f"the text field is reader.text_field={config.reader.text_field!r})")
+    else:
+        parts.append(f"{read['documents']} read")
+        for s in report["stages"]:
+            if s["rejected"]:
+                reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1]))
+                parts.append(f"{s['name']} rejected {s['docs_in'] - s['docs_out']} ({reasons})")
+    message = "; ".join(parts) + "."
+    text_inputs = [f for f in files if file_format(f) == "text"]
+    if read["documents"] and text_inputs and not config.reader.separator:
+        message += (" A text input (.txt) is read as ONE document while reader.separator is unset, "
+                    "so a whole book fails the quality filters "
+                    "(too_many_words, duplicate lines, ...): split it into paragraphs with "
+                    "--reader.separator='\"\\n\\n\"' (or lines with '\"\\n\"'; "
+                    "in a config file: [reader] separator = \"\\n\\n\").")
+    if any(s["name"] == "quality" and s["rejected"] for s in report["stages"]):
+        message += (" To keep more, relax the quality rules (e.g. --quality.max_words=N, "
+                    "--quality.min_words=N) or turn them off with --quality.enabled=false.")
+    return message
+
+
 def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareConfig] = None,
             resume: bool = True) -> dict:
     """Run the pipeline on `inputs` (files, directories, globs) into `out_dir`; the report.
 
     Bad input is counted in report["read"] (or raises BadInputError when config.reader.strict);
-    the inputs finished before an error stay done, and a re-run continues from there.
+    the inputs finished before an error stay done, and a re-run continues from there. A run
+    that keeps no documents raises NoDocumentsKeptError (a ValueError) saying which stage
+    rejected them and why, after writing and printing its report.
     """
     from tqdm import tqdm
 
@@ -280,6 +318,10 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
     files = [f for f in expand_inputs(inputs) if not os.path.abspath(f).startswith(inside_out)]
     check_readers_available(files)
     stages = build_stages(config)
+    if config.tokenize.enabled:  # a tokenizer that cannot load fails now, not after the long work
+        from .tokenizer import get_tokenizer
+
+        get_tokenizer(config.tokenize.tokenizer)
     os.makedirs(out_dir, exist_ok=True)
 
     progress = _Progress(out_dir, _fingerprint(files, config), files)
@@ -331,6 +373,14 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
                    "chars": totals[-1].chars_out if totals else read_total.chars},
         "tokens": None,
     }
+    if report["output"]["documents"] == 0:
+        report["error"] = _nothing_kept_message(report, files, config)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        report["config"] = to_dict(config)
+        write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
+        if config.progress:
+            print(format_report(report))
+        raise NoDocumentsKeptError(report["error"], report)
     if config.tokenize.enabled:
         wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
         previous = progress.data.get("tokenized")
@@ -341,6 +391,12 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
             report["tokens"] = _tokenize(out_dir, config)
             progress.data["tokenized"] = {"settings": wanted, "summary": report["tokens"]}
             progress.save()
+        if config.tokenize.val_fraction > 0 and not report["tokens"]["tokens"].get("val"):
+            report["warnings"] = [
+                f"the val split is empty: the {report['output']['documents']} document(s) kept are all one "
+                f"text, which stays in train; `llmkern train` needs val documents (split a .txt input with "
+                f"--reader.separator='\"\\n\\n\"')"]
+            print(f"llmkern data prepare: warning: {report['warnings'][0]}", file=sys.stderr)
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["config"] = to_dict(config)
     write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
@@ -366,6 +422,8 @@ def format_report(report: dict) -> str:
             example = read["examples"].get(kind, [{}])[0]
             where = f"{example.get('file')}:{example.get('line')}" if example else ""
             lines.append(f"  {kind:<20} {count:>8,}  first at {where}: {example.get('reason', '')}")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     if report.get("tokens"):
         tokens = ", ".join(f"{k} {v:,}" for k, v in report["tokens"]["tokens"].items())
         lines.append(f"tokens ({report['tokens']['tokenizer']}): {tokens}")

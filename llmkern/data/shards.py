@@ -21,6 +21,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -282,17 +283,28 @@ def _seed_salt(seed: int) -> bytes:
     return int(seed).to_bytes(16, "little", signed=False)
 
 
-def is_val_document(text: str, val_fraction: float, seed: int) -> bool:
-    """Deterministic split by content: identical documents always land in the same split."""
-    if val_fraction <= 0:
-        return False
+def hash_rank(text: str, seed: int = 0) -> int:
+    """A document's place in the split order: a 64-bit hash of its text and `seed`."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
     data = text.encode("utf-8", errors="surrogatepass")
     digest = hashlib.blake2b(data, digest_size=8, salt=_seed_salt(seed)).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2**64
+    return int.from_bytes(digest, "little")
 
 
-def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Tokens of a batch of documents, EOT before each: (train ids, val ids, train docs, val docs)."""
+def is_val_document(text: str, val_fraction: float, seed: int) -> bool:
+    """Deterministic split by content: identical documents always land in the same split.
+
+    (tokenize_documents also moves the lowest-ranked documents to val when this picks none.)"""
+    if val_fraction <= 0:
+        return False
+    return hash_rank(text, seed) < val_fraction * 2**64
+
+
+def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray, np.ndarray, int, int, tuple]:
+    """Tokens of a batch of documents, EOT before each: (train ids, val ids, train docs, val docs,
+    lowest) where lowest = (rank, [(start, length) in train ids, ...]) of the train documents of the
+    lowest hash rank in the batch (several when identical); None when none or val_fraction is 0."""
     from .tokenizer import get_tokenizer
 
     spec, docs, val_fraction, seed = args
@@ -300,13 +312,76 @@ def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray
     encoded = tok.encode_batch(docs, num_threads=1)
     flat: dict[bool, list[int]] = {False: [], True: []}  # is_val -> ids
     docs_in: dict[bool, int] = {False: 0, True: 0}
+    lowest = None
     for text, ids in zip(docs, encoded):
         split = is_val_document(text, val_fraction, seed)
+        if not split and val_fraction > 0:
+            rank = hash_rank(text, seed)
+            place = (len(flat[False]), len(ids) + 1)
+            if lowest is None or rank < lowest[0]:
+                lowest = (rank, [place])
+            elif rank == lowest[0]:
+                lowest[1].append(place)
         flat[split].append(tok.eot_token)
         flat[split].extend(ids)  # list.extend, then one np.array: the fastest way out of Python ints
         docs_in[split] += 1
     dtype = dtype_for_vocab(tok.n_vocab)
-    return np.array(flat[False], dtype=dtype), np.array(flat[True], dtype=dtype), docs_in[False], docs_in[True]
+    return (np.array(flat[False], dtype=dtype), np.array(flat[True], dtype=dtype), docs_in[False], docs_in[True],
+            lowest)
+
+
+def _read_tokens(directory: str, entries: list[dict], dtype: np.dtype, chunk: int = 1 << 24) -> Iterator[np.ndarray]:
+    """The tokens of a split's shards, in order, in pieces of at most `chunk` tokens."""
+    for entry in entries:
+        with open(os.path.join(directory, entry["file"]), "rb") as f:
+            while (piece := np.fromfile(f, dtype=dtype, count=chunk)).size:
+                yield piece
+
+
+def _move_to_val(out_dir: str, train_entries: list[dict], places: list[tuple[int, int]], dtype: str,
+                 tokens_per_shard: int, val: "ShardWriter") -> list[dict]:
+    """Move the token ranges `places` (start, length; sorted, disjoint) of the written train split
+    to `val`; the entries of the train split rewritten without them."""
+    dt = _check_dtype(dtype)
+    for start, length in places:  # the val tokens first, read from the train shards
+        offset = start
+        for entry in train_entries:
+            if offset < entry["tokens"]:
+                take = min(length, entry["tokens"] - offset)
+                with open(os.path.join(out_dir, entry["file"]), "rb") as f:
+                    f.seek(offset * dt.itemsize)
+                    val.write(np.fromfile(f, dtype=dt, count=take))
+                length -= take
+                offset = 0
+                if not length:
+                    break
+            else:
+                offset -= entry["tokens"]
+    # The train split again without those ranges, written aside, then renamed over the old shards.
+    aside = os.path.join(out_dir, ".train-rewrite" + _TMP_SUFFIX)
+    os.makedirs(aside, exist_ok=True)
+    try:
+        with ShardWriter(aside, "train", dtype, tokens_per_shard) as train:
+            position = 0
+            cuts = list(places)
+            for piece in _read_tokens(out_dir, train_entries, dt):
+                end = position + piece.size
+                keep_from = 0
+                while cuts and cuts[0][0] < end:
+                    start, length = cuts[0]
+                    train.write(piece[keep_from:max(start - position, keep_from)])
+                    keep_from = max(keep_from, min(start + length - position, piece.size))
+                    if start + length > end:  # the range goes on in the next piece
+                        break
+                    cuts.pop(0)
+                train.write(piece[keep_from:])
+                position = end
+        entries = train.close()
+        for entry in entries:
+            os.replace(os.path.join(aside, entry["file"]), os.path.join(out_dir, entry["file"]))
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return entries
 
 
 def _batches(docs: Iterable[str], batch_size: int) -> Iterator[list[str]]:
@@ -332,7 +407,9 @@ def tokenize_documents(
     """Tokenize `docs` into train/val shards plus a manifest in `out_dir`; returns the manifest.
 
     `tokenizer` is an object from get_tokenizer() (or a spec string). Each document goes wholly
-    to val with probability `val_fraction`, decided by a hash of its text and `seed`. With
+    to val with probability `val_fraction`, decided by a hash of its text and `seed`; when that
+    puts no document in val (a small corpus) and val_fraction > 0, the document of the lowest
+    hash rank (with any identical copies) moves there, as long as train keeps a document. With
     num_workers > 1 the batches are tokenized in that many processes; the output is the same
     as with one.
     """
@@ -369,12 +446,29 @@ def tokenize_documents(
         from tqdm import tqdm
 
         bar = tqdm(unit="doc", desc="tokenizing")
+    train_tokens = docs_train = docs_val = 0
+    lowest: tuple | None = None  # (rank, [(start, length) in the train split, ...]) of the lowest-ranked train docs
     try:
-        for train_ids, val_ids, n_train, n_val in results:
+        for train_ids, val_ids, n_train, n_val, batch_lowest in results:
+            if batch_lowest is not None and (lowest is None or batch_lowest[0] <= lowest[0]):
+                places = [(train_tokens + start, length) for start, length in batch_lowest[1]]
+                lowest = (batch_lowest[0], (lowest[1] if lowest and lowest[0] == batch_lowest[0] else []) + places)
             writers["train"].write(train_ids)
             writers["val"].write(val_ids)
+            train_tokens += train_ids.size
+            docs_train += n_train
+            docs_val += n_val
             if bar is not None:
                 bar.update(n_train + n_val)
+        splits = {name: w.close() for name, w in writers.items()}
+        # No document hashed into val (a small corpus): move the lowest-ranked one there (with its
+        # identical copies), unless that would leave train empty. The rank, like the hash split,
+        # depends on the texts alone, so the output is the same for any num_workers or batch_size.
+        if docs_val == 0 and val_fraction > 0 and lowest is not None and docs_train > len(lowest[1]):
+            with ShardWriter(out_dir, "val", dtype, tokens_per_shard) as val_writer:
+                splits["train"] = _move_to_val(out_dir, splits["train"], lowest[1], dtype, tokens_per_shard,
+                                               val_writer)
+            splits["val"] = val_writer.close()
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -385,7 +479,6 @@ def tokenize_documents(
             pool.join()
         if bar is not None:
             bar.close()
-    splits = {name: w.close() for name, w in writers.items()}
     write_manifest(out_dir, spec, tok.n_vocab, tok.eot_token, dtype, splits)
     _remove_stale_shards(out_dir, splits)
     return load_manifest(out_dir)

@@ -3,7 +3,7 @@
 Specs:
 - "bytes": byte-level, ids 0..255 are the UTF-8 bytes, 256 is <|endoftext|> (n_vocab 257).
 - a tiktoken encoding name ("gpt2", "cl100k_base", ...), when tiktoken has its file (cached
-  or downloadable); otherwise a clear error.
+  or downloadable); otherwise TokenizerUnavailableError (an OSError) saying to pass a path.
 - a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern
   and <|endoftext|> = len(ranks), unless a sidecar "<file>.json" written by
   llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with.
@@ -130,17 +130,30 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
     return TiktokenTokenizer(encoding, spec=path)
 
 
+class TokenizerUnavailableError(OSError, RuntimeError):
+    """A tiktoken encoding name whose file is neither cached nor downloadable (no network).
+
+    An OSError, so that the command line reports it in one line like a missing file; also a
+    RuntimeError, which it was before."""
+
+
 def _load_named_encoding(name: str) -> TiktokenTokenizer:
     import tiktoken
 
     try:
         encoding = tiktoken.get_encoding(name)
     except Exception as err:  # no network, no cache: requests/OS errors of every kind
-        raise RuntimeError(
-            f"tiktoken encoding {name!r} is not available offline: its file is neither cached "
-            f"(TIKTOKEN_CACHE_DIR) nor downloadable ({type(err).__name__}: {err}). "
-            f"Pass the path of a .tiktoken file instead."
-        ) from err
+        why = f"{type(err).__name__}: {err}"
+        if len(why) > 300:
+            why = why[:300] + "..."
+        # from None: the chained requests/urllib3 tracebacks say nothing more than `why`.
+        raise TokenizerUnavailableError(
+            f"spec: tiktoken encoding {name!r} is not available offline: its file is neither cached "
+            f"(TIKTOKEN_CACHE_DIR) nor downloadable ({why}). Pass the path of a local .tiktoken file "
+            f"instead: --tokenize.tokenizer=PATH.tiktoken for `llmkern data prepare`, "
+            f"--tokenizer=PATH.tiktoken for `llmkern train` (or train one with "
+            f"`llmkern tokenizer train CORPUS --vocab-size N --out PATH.tiktoken`)."
+        ) from None
     return TiktokenTokenizer(encoding, spec=name)
 
 
