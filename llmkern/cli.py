@@ -128,8 +128,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.instruction is None):
         print("llmkern generate: error: give --prompt (text to continue) or --instruction (a task for an "
-              "instruction-tuned model), not both", file=sys.stderr)
+              f"instruction-tuned model){', not both' if args.prompt is not None else ''}", file=sys.stderr)
         return 2
+    if args.top_k == 0:
+        args.top_k = None  # no top-k filter
     if args.instruction is None and (args.template is not None or args.system_prompt is not None):
         print("llmkern generate: error: --template and --system-prompt go with --instruction", file=sys.stderr)
         return 2
@@ -176,7 +178,7 @@ def _add_train_parsers(sub) -> None:
                                                          "(default: the run's)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all of them)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)

@@ -608,6 +608,7 @@ def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
             "--eval_interval=2", "--eval_steps=1", "--progress=false", "--samples=1"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert "(1 process, float32)" in out  # the header says how it computes
     assert "validation loss:" in out and "(step 0) -> " in out and "(step 2) -> " in out and "--- sample 1 (prompt 'def ') ---" in out
     assert main(args + ["--resume", "--max_steps=6"]) == 0  # continue the same run for two more steps
     assert ckpt.load_checkpoint(run).step == 6
@@ -622,6 +623,8 @@ def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
 
     assert main(["generate", "--run", run, "--prompt", "the cat", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
+    assert main(["generate", "--run", run, "--prompt", "the", "--max-new-tokens", "3", "--top-k", "0"]) == 0  # no filter
+    assert capsys.readouterr().out.startswith("the")
     assert main(["eval", "--run", run, "--data", data_dir, "--batch-size", "2", "--max-batches", "2"]) == 0
     assert "val loss " in capsys.readouterr().out
 

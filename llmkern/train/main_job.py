@@ -52,7 +52,7 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
         source = f"the model of {config.init_from}" if config.init_from else f"{config.preset} model"
         print(f"llmkern train: {source}, {model.num_parameters() / 1e6:.2f}M parameters, "
               f"{config.max_steps} steps of {config.batch_tokens} tokens on {trainer.device} "
-              f"({trainer.dist.world_size} process{'es' if trainer.dist.world_size > 1 else ''}), "
+              f"({trainer.dist.world_size} process{'es' if trainer.dist.world_size > 1 else ''}, {precision(trainer)}), "
               f"data {trainer.data_dir} ({trainer.train_loader.num_tokens:,} training tokens), run folder {config.out_dir}")
     try:
         summary = trainer.fit(resume=resume)
@@ -69,6 +69,14 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
     if samples > 0 and not (trainer.dist.is_distributed and config.parallel == "fsdp"):  # FSDP: weights are sharded
         print_samples(trainer.raw_model, trainer.manifest["tokenizer"], SAMPLE_PROMPTS[:samples], config.seed)
     return summary
+
+
+def precision(trainer) -> str:
+    """How the run computes: the autocast dtype (and loss scaling), or plain float32."""
+    if trainer.autocast_dtype is None:
+        return "float32"
+    name = str(trainer.autocast_dtype).replace("torch.", "")
+    return f"{name} autocast" + (" with loss scaling" if trainer.loss_scale else "")
 
 
 def print_samples(model, tokenizer_spec: str, prompts, seed: int, max_new_tokens: int = 200) -> None:
