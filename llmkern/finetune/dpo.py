@@ -206,8 +206,12 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
 
     def evaluate_on(examples, prefix):
         def evaluate(model):
+            from tqdm import tqdm
+
             totals: dict[str, float] = {}
-            for start in range(0, len(examples), config.batch_size):
+            starts = range(0, len(examples), config.batch_size)  # a bar: the last pass over train takes a while
+            for start in tqdm(starts, desc=f"{prefix} evaluation", unit="batch", leave=False,
+                              disable=not config.progress, dynamic_ncols=True):
                 chunk = examples[start : start + config.batch_size]
                 batch = to_device(collate_pairs(chunk, pad_id), device)
                 loss, metrics = loss_fn(model, batch)
