@@ -79,12 +79,19 @@ def cuda_module():
     return _memo("cuda_module", _import_cuda_module)
 
 
+# Imported now, with llmkern, outside any torch.compile: Dynamo cannot trace importlib.import_module
+# (torch 2.11 to 2.13), and a process's first op call may well be inside a fullgraph compile.
+cuda_module()
+
+
 def cuda_has(op: str) -> bool:
     """True when llmkern._cuda was built with kernels for `op`."""
 
     def probe():
         mod = cuda_module()
-        return mod is not None and any(name.startswith(op) for name in dir(mod))
+        # vars(), not dir(): torch.compile may be tracing this, and Dynamo traces vars() of a
+        # module on torch 2.11 and 2.13 alike, but refuses dir() on 2.11.
+        return mod is not None and any(name.startswith(op) for name in vars(mod))
 
     return _memo(f"cuda:{op}", probe)
 
@@ -96,8 +103,16 @@ def cuda_emulated() -> bool:
     return mod is not None and getattr(mod, "compiled_archs", None) == "simt"
 
 
+@torch.compiler.assume_constant_result
+def _module_exists(name: str) -> bool:
+    """Whether module `name` can be imported. torch.compile may be tracing the caller: Dynamo runs
+    this eagerly and keeps the answer (which cannot change within a process); torch 2.11's Dynamo
+    refuses to trace importlib.util.find_spec itself."""
+    return importlib.util.find_spec(name) is not None
+
+
 def triton_available() -> bool:
-    return _memo("triton", lambda: importlib.util.find_spec("triton") is not None)
+    return _memo("triton", lambda: _module_exists("triton"))
 
 
 def triton_interpreted() -> bool:
@@ -108,7 +123,7 @@ def triton_interpreted() -> bool:
 def triton_has(op: str) -> bool:
     return _memo(
         f"triton:{op}",
-        lambda: triton_available() and importlib.util.find_spec(f"llmkern.triton.{op}") is not None,
+        lambda: triton_available() and _module_exists(f"llmkern.triton.{op}"),
     )
 
 
