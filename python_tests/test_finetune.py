@@ -438,6 +438,14 @@ def test_a_reward_model_run_is_refused_where_a_language_model_is_needed(tmp_path
     assert main(["generate", "--run", str(tmp_path / "rm"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "is not a language model: it holds a 'reward' run's weights" in err and "Traceback" not in err
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": "Say 1.", "input": "", "output": "1"}] * 4))
+    assert main(["finetune", "sft", f"--base={tmp_path / 'rm'}", f"--data={data}", f"--out_dir={tmp_path / 'x'}"]) == 2
+    assert "is a 'reward' run: its body learned to score text" in capsys.readouterr().err
+    from llmkern.finetune.base import load_base
+
+    body, _, _ = load_base(FinetuneConfig(base=str(tmp_path / "rm"), device="cpu"), language_model=False)
+    assert isinstance(body, GPT)  # a reward model may start a new scoring head
 
 
 # --- packing ----------------------------------------------------------------------------------

@@ -12,11 +12,16 @@ from ..train import distributed
 from ..train.inference import load_gpt
 
 
-def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
+SCORING_METHODS = ("reward", "classify")  # recipes whose model scores text through a head: no language model
+
+
+def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """(GPT on config.device in train mode, its tokenizer, the base checkpoint's meta) from config.base:
     a run folder (its newest checkpoint) or a checkpoint folder written by llmkern (pretraining or a
     fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
-    config.backend, when set, replaces the model's kernel backend."""
+    config.backend, when set, replaces the model's kernel backend. language_model: the recipe writes
+    text (SFT, DPO, PPO), so a reward model or classifier (a body trained to score) is refused; the
+    scoring recipes pass False and put a fresh head on any body."""
     from ..data.tokenizer import get_tokenizer
 
     if not config.base:
@@ -26,6 +31,10 @@ def load_base(config) -> tuple[Any, Any, dict[str, Any]]:
 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
     model, tokenizer_spec, meta = load_gpt(config.base, config.backend or None, config.base_tokenizer)
+    method = meta.get("finetune", {}).get("method")
+    if language_model and method in SCORING_METHODS:
+        raise ValueError(f"base {config.base!r} is a {method!r} run: its body learned to score text through a head, "
+                         f"not to write it; start this recipe from a pretraining or SFT run")
     tokenizer = get_tokenizer(tokenizer_spec)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer {tokenizer_spec!r} has {tokenizer.n_vocab} tokens; the model "

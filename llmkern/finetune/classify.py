@@ -210,7 +210,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     examples, names, num_classes = load_classification_data(config.data, config.text_key, config.label_key,
                                                             config.num_classes)
-    gpt, tokenizer, base_meta = load_base(config)
+    gpt, tokenizer, base_meta = load_base(config, language_model=False)
     max_len = effective_max_len(config, gpt)
     pad_id = tokenizer.eot_token  # any id: padding is on the right, after the token the head reads
     train_examples, val_examples = split_examples(examples, config.val_fraction, config.seed)

@@ -173,7 +173,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
         raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
     config.validate()
     torch.manual_seed(config.seed)
-    body, tokenizer, base_meta = load_base(config)
+    body, tokenizer, base_meta = load_base(config, language_model=False)
     config, fmt = settle_template(config, base_meta)  # saved with the run: a judge formats prompts the same way
     rm = RewardModel(body)
     device = rm.device
