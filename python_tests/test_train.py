@@ -273,8 +273,8 @@ def test_loss_scale_backs_off_on_overflow_and_grows_after_clean_steps():
             DynamicLossScale(**bad)
 
 
-def test_unscale_and_clip_equals_clipping_the_unscaled_gradients():
-    from llmkern.train.loss_scale import unscale_and_clip_
+def test_unscale_then_clip_equals_clipping_the_unscaled_gradients():
+    from llmkern.train.loss_scale import unscale_
 
     for max_norm in (0.5, 1e9):  # clipped, and only unscaled
         params = [torch.nn.Parameter(torch.randn(s)) for s in ((3, 5), (7,), (1,))]
@@ -285,10 +285,13 @@ def test_unscale_and_clip_equals_clipping_the_unscaled_gradients():
         expected_norm = float(torch.nn.utils.clip_grad_norm_(expected, max_norm))
         for p, g in zip(params, grads):
             p.grad = g * 1024.0
-        scaled_norm = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])))
-        assert unscale_and_clip_(params, scaled_norm, 1024.0, max_norm) == pytest.approx(expected_norm, rel=1e-6)
+        unscale_(params, 1024.0)
+        assert float(torch.nn.utils.clip_grad_norm_(params, max_norm)) == pytest.approx(expected_norm, rel=1e-6)
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.grad, e.grad, rtol=1e-6, atol=0)
+    params[0].grad[0, 0] = math.inf
+    unscale_(params, 1024.0)
+    assert params[0].grad[0, 0] == math.inf  # an overflow stays one, for the skip
 
 
 class OverflowAt(NaNLossAt):

@@ -158,11 +158,7 @@ def lm_judge(run_dir: str, device: str | torch.device = "auto", batch_size: int 
     from ..finetune.templates import saved_prompt_format
     from ..train.inference import load_trained_model
 
-    try:
-        model, tokenizer, state = load_trained_model(run_dir, device)
-    except RuntimeError as err:  # its weights are not a GPT's: a reward model or a classifier
-        raise ValueError(f"{run_dir!r} is not a language model (a reward model is judge kind 'reward'): "
-                         f"{str(err).splitlines()[0]}") from err
+    model, tokenizer, state = load_trained_model(run_dir, device)  # refuses a reward model or classifier
     return LMJudge(model, tokenizer, saved_prompt_format(state.meta), batch_size)
 
 

@@ -170,7 +170,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     from .base import effective_max_len, load_base, save_finetuned
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import fit, run_evaluation, to_device
+    from .loop import batched_evaluation, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, DPOConfig):
@@ -204,24 +204,14 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
                                                           batch["ref_rejected"], beta, smoothing)
         return loss, pair_metrics(chosen_rewards, rejected_rewards)
 
+    def collate(examples):
+        return collate_pairs(examples, pad_id)
+
     def evaluate_on(examples, prefix):
-        def evaluate(model):
-            from tqdm import tqdm
+        return batched_evaluation(loss_fn, collate, examples, prefix, config, device)
 
-            totals: dict[str, float] = {}
-            starts = range(0, len(examples), config.batch_size)  # a bar: the last pass over train takes a while
-            for start in tqdm(starts, desc=f"{prefix} evaluation", unit="batch", leave=False,
-                              disable=not config.progress, dynamic_ncols=True):
-                chunk = examples[start : start + config.batch_size]
-                batch = to_device(collate_pairs(chunk, pad_id), device)
-                loss, metrics = loss_fn(model, batch)
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
-            return {f"{prefix}_{k}": v / len(examples) for k, v in totals.items()}
-        return evaluate
-
-    summary = fit(policy, loss_fn, train, lambda exs: collate_pairs(exs, pad_id), config,
-                  evaluate=evaluate_on(val, "val") if val else None, charts=("reward_accuracy", "reward_margin"))
+    summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
+                  charts=("reward_accuracy", "reward_margin"))
     train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)
 
     lora_path = save_and_merge_lora(policy, config, wrapped)

@@ -218,6 +218,27 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
     return means[0], dict(zip(totals, means[1:]))
 
 
+def batched_evaluation(loss_fn, collate, examples: Sequence[Any], prefix: str, config, device: torch.device
+                       ) -> Callable[[nn.Module], dict[str, float]]:
+    """An `evaluate` for fit and run_evaluation: loss_fn's loss and metrics over `examples` in batches of
+    config.batch_size (each weighted by its size), named "<prefix>_<name>"; with a progress bar, since a
+    closing pass over the training set takes a while."""
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        from tqdm import tqdm
+
+        totals: dict[str, float] = {}
+        starts = range(0, len(examples), config.batch_size)
+        for start in tqdm(starts, desc=f"{prefix} evaluation", unit="batch", leave=False,
+                          disable=not config.progress, dynamic_ncols=True):
+            chunk = examples[start : start + config.batch_size]
+            loss, metrics = loss_fn(model, to_device(collate(chunk), device))
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+        return {f"{prefix}_{k}": v / len(examples) for k, v in totals.items()}
+
+    return evaluate
+
+
 @torch.no_grad()
 def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], config,
                    device: torch.device) -> dict[str, float]:

@@ -166,7 +166,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     from .base import effective_max_len, load_base
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import fit, run_evaluation, to_device
+    from .loop import batched_evaluation, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, RewardConfig):
@@ -193,22 +193,13 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     train, val = split_examples(pairs, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
 
+    def collate(examples):
+        return collate_score_pairs(examples, pad_id)
+
     def evaluate_on(examples, prefix):
-        def evaluate(model):
-            from tqdm import tqdm
+        return batched_evaluation(pair_loss_and_metrics, collate, examples, prefix, config, device)
 
-            totals: dict[str, float] = {}
-            starts = range(0, len(examples), config.batch_size)  # a bar: the last pass over train takes a while
-            for start in tqdm(starts, desc=f"{prefix} evaluation", unit="batch", leave=False,
-                              disable=not config.progress, dynamic_ncols=True):
-                chunk = examples[start : start + config.batch_size]
-                loss, metrics = pair_loss_and_metrics(model, to_device(collate_score_pairs(chunk, pad_id), device))
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
-            return {f"{prefix}_{k}": v / len(examples) for k, v in totals.items()}
-        return evaluate
-
-    summary = fit(rm, pair_loss_and_metrics, train, lambda exs: collate_score_pairs(exs, pad_id), config,
+    summary = fit(rm, pair_loss_and_metrics, train, collate, config,
                   evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",))
     train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
 

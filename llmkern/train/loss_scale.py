@@ -4,10 +4,10 @@ the optimizer sees them.
 
 A step whose gradient norm is not finite overflowed: it is skipped and the scale halved. After
 `growth_interval` clean steps in a row the scale doubles. These are torch.amp.GradScaler's rules;
-llmkern keeps its own few lines because the decision must be the same on every rank. The trainer
-makes it from the global gradient norm, which it computes for clipping anyway and which is reduced
-over the ranks even when FSDP2 shards the gradients (GradScaler decides from each rank's own shard,
-so ranks could disagree on whether to step). Unscaling and clipping are then one multiply.
+llmkern keeps its own few lines because the decision must be the same on every rank. The training
+loops unscale the gradients (an inf stays one) and make it from the global gradient norm, which they
+compute for clipping anyway and which is reduced over the ranks even when FSDP2 shards the gradients
+(GradScaler decides from each rank's own shard, so ranks could disagree on whether to step).
 """
 
 from __future__ import annotations
@@ -65,15 +65,3 @@ def unscale_(params, scale: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if grads and scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / scale)
-
-
-@torch.no_grad()
-def unscale_and_clip_(params: list[torch.nn.Parameter], scaled_norm: float, scale: float, max_norm: float) -> float:
-    """Divide the gradients of params by scale and clip them to max_norm, in one multiply, given the
-    (finite) global norm of the scaled gradients; returns the norm of the unscaled ones."""
-    norm = scaled_norm / scale
-    factor = min(1.0, max_norm / (norm + 1e-6)) / scale
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and factor != 1.0:
-        torch._foreach_mul_(grads, factor)
-    return norm

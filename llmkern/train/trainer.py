@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
 from .interrupt import StopOnSignal, TrainingInterrupted
-from .loss_scale import DynamicLossScale, unscale_and_clip_
+from .loss_scale import DynamicLossScale, unscale_
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
 from .schedules import learning_rate
 
@@ -254,7 +254,8 @@ class Trainer:
                 (loss * (scale / self.grad_accum)).backward()
             loss_sum += loss.detach().float()
         mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist).item()
-        grad_norm = self._clip_gradients(scale)
+        unscale_(list(self.model.parameters()), scale)  # an overflow stays inf, for the checks below
+        grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm) and math.isfinite(mean_loss) and self.loss_scale \
                 and self.loss_scale.can_back_off():  # float16 overflow: the scale's doing, not divergence
             self._skip_overflow(mean_loss, grad_norm)
@@ -278,17 +279,9 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
 
-    def _clip_gradients(self, scale: float = 1.0) -> float:
-        """Clip to grad_clip; the global gradient norm. Scaled gradients (float16) are measured, then
-        unscaled and clipped in one multiply when finite."""
+    def _clip_gradients(self) -> float:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        params = list(self.model.parameters())
-        if scale == 1.0:
-            return distributed.clip_grad_norm(params, max_norm)
-        scaled_norm = distributed.clip_grad_norm(params, math.inf)  # measure only
-        if not math.isfinite(scaled_norm):
-            return scaled_norm
-        return unscale_and_clip_(params, scaled_norm, scale, max_norm)
+        return distributed.clip_grad_norm(list(self.model.parameters()), max_norm)
 
     def _skip_overflow(self, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
