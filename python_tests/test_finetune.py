@@ -394,6 +394,8 @@ def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", resume=True, template="chatml"))
     with pytest.raises(FileNotFoundError, match="no training state"):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("never", resume=True))
+    with pytest.warns(UserWarning, match="schedule changed since the checkpoint: step 7 trains with lr"):
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", resume=True, min_lr=1e-3))
 
 
 def test_ctrl_c_saves_the_fine_tuning_state_and_a_fresh_start_does_not_overwrite_it(tmp_path):

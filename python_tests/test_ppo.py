@@ -277,6 +277,8 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     a, b = load_checkpoint(whole["checkpoint"]).model, load_checkpoint(resumed["checkpoint"]).model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    with pytest.warns(UserWarning, match="schedule changed since the checkpoint"):  # a resume with another lr
+        run_ppo(dataclasses.replace(config, resume=True, lr=config.lr / 2), reward_model=HighByteReward())
 
 
 def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):

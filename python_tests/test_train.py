@@ -184,6 +184,10 @@ def test_resume_continues_bitwise_identically(tmp_path, data_dir, optimizer):
     for name, tensor in final.model.items():
         assert torch.equal(again.model[name], tensor), name
     assert again.meta["loader"] == final.meta["loader"]
+    # extended past its cosine's end: it goes on, and says that step 9 no longer has the saved run's lr
+    with pytest.warns(UserWarning, match=r"schedule changed since the checkpoint: step 9 trains with lr 0.00"):
+        Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=10, ckpt_interval=4, eval_interval=4,
+                            model={**TINY_MODEL, "dropout": 0.1}, optimizer=optimizer)).fit(resume=True)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):
@@ -795,6 +799,41 @@ def test_init_from_continues_pretraining_from_a_run(tmp_path, data_dir):
                             init_from=str(tmp_path / "first")))
     with pytest.raises(FileNotFoundError):
         Trainer(tiny_config(tmp_path / "third", data_dir, model={}, init_from=str(tmp_path / "nothing")))
+
+
+def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):
+    """A run trained on a .tiktoken tokenizer keeps a copy of it: moved elsewhere with its data folder gone,
+    or after the file was retrained, it still loads (and generates) with the tokenizer it learned."""
+    import shutil
+
+    from llmkern.data.bpe import train_bpe
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.train.inference import load_trained_model
+
+    docs = synthetic_documents()
+    bpe = str(tmp_path / "data" / "bpe.tiktoken")
+    os.makedirs(tmp_path / "data")
+    train_bpe(docs, 300, bpe, num_workers=1)
+    tokenize_documents(docs, bpe, str(tmp_path / "data" / "shards"), val_fraction=0.15, seed=0)
+    Trainer(tiny_config(tmp_path / "run", str(tmp_path / "data" / "shards"), max_steps=2)).fit()
+    learned, n_vocab = get_tokenizer(bpe).encode("the cat sees the moon."), get_tokenizer(bpe).n_vocab
+
+    _, tokenizer, _ = load_trained_model(str(tmp_path / "run"), "cpu")
+    assert tokenizer.spec == bpe  # the file is still where it was: named as the data names it
+
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    train_bpe(["something else entirely, " * 50], 290, bpe, num_workers=1)  # the file retrained
+    _, tokenizer, _ = load_trained_model(str(tmp_path / "moved"), "cpu")
+    assert tokenizer.spec == str(tmp_path / "moved" / "tokenizer.tiktoken")
+    assert tokenizer.encode("the cat sees the moon.") == learned
+    shutil.rmtree(tmp_path / "data")  # the data folder gone
+    model, tokenizer, _ = load_trained_model(str(tmp_path / "moved"), "cpu")
+    assert tokenizer.encode("the cat sees the moon.") == learned and tokenizer.n_vocab == n_vocab
+    assert tokenizer.spec == str(tmp_path / "moved" / "tokenizer.tiktoken")
+
+    os.remove(tmp_path / "moved" / "tokenizer.tiktoken")  # copy and original both gone: said, not silent
+    with pytest.warns(UserWarning, match="has changed or gone since"):
+        ckpt.load_checkpoint(str(tmp_path / "moved"))
 
 
 @pytest.mark.parametrize("spelling", ["--init_from", "--init-from"])

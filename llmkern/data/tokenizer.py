@@ -157,7 +157,8 @@ def _load_named_encoding(name: str) -> TiktokenTokenizer:
     return TiktokenTokenizer(encoding, spec=name)
 
 
-def _looks_like_path(spec: str) -> bool:
+def is_file_spec(spec: str) -> bool:
+    """Whether a spec names a .tiktoken file (rather than "bytes" or a tiktoken encoding name)."""
     return spec != "bytes" and (spec.endswith(".tiktoken") or os.sep in spec or os.path.exists(spec))
 
 
@@ -166,7 +167,7 @@ def _get_cached(spec: str, file_stamp: tuple[int, int, int] | None) -> Tokenizer
     # file_stamp (mtime, size, sidecar mtime) is part of the key so that a retrained file is reloaded.
     if spec == "bytes":
         return ByteTokenizer()
-    if _looks_like_path(spec):
+    if is_file_spec(spec):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"spec: no .tiktoken file at {spec!r}")
         return _load_tiktoken_file(spec)
@@ -190,7 +191,7 @@ def get_tokenizer(spec: str) -> Tokenizer:
         raise TypeError(f"spec: expected a str, got {type(spec).__name__}")
     if not spec:
         raise ValueError("spec: expected 'bytes', a tiktoken encoding name or a .tiktoken path, got ''")
-    if _looks_like_path(spec):
+    if is_file_spec(spec):
         spec = os.path.abspath(spec)
         if os.path.isfile(spec):
             st = os.stat(spec)

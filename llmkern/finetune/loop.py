@@ -48,7 +48,7 @@ from ..train import distributed
 from ..train.interrupt import StopOnSignal, TrainingInterrupted
 from ..train.loss_scale import DynamicLossScale, unscale_
 from ..train.metrics import MetricsLog, plot_metrics, read_metrics
-from ..train.schedules import cosine_lr
+from ..train.schedules import cosine_lr, warn_if_schedule_changed
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 TRAIN_STATE = "train_state"  # out_dir/train_state/checkpoints/step_N: what resume continues from
@@ -353,6 +353,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     state_dir = train_state_dir(config)
     log, counters, evals = open_run(config, model, optimizer, position)
 
+    def lr_at(step: int) -> float:
+        return cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
+
     from tqdm import tqdm
 
     first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
@@ -360,6 +363,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     loss_scale = DynamicLossScale() if config.dtype == "float16" else None
     if counters is not None:
         start_step, bad_steps, skipped = counters["step"], counters["bad_steps"], counters["skipped"]
+        if info.is_main:
+            warn_if_schedule_changed(counters.get("next_lr"), lr_at(start_step), start_step)
         if loss_scale and counters.get("loss_scale"):
             loss_scale.load_state_dict(counters["loss_scale"])
     elif evaluate is not None:
@@ -376,7 +381,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     stop = StopOnSignal(enabled=not info.is_distributed)
     with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show) as bar, stop:
         for step in range(start_step, steps):
-            lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
+            lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             scale = loss_scale.scale if loss_scale else 1.0
@@ -419,7 +424,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if stop.requested or (config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done):
                 path = save_train_state(state_dir, model, optimizer, position,  # on every rank: gathers RNG states
-                                        {"step": step + 1, "bad_steps": bad_steps, "skipped": skipped,
+                                        {"step": step + 1, "next_lr": lr_at(step + 1), "bad_steps": bad_steps,
+                                         "skipped": skipped,
                                          "loss_scale": loss_scale.state_dict() if loss_scale else None})
             if stop.requested:
                 stopped(stop, step + 1, path, log, config, charts)

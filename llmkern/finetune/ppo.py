@@ -438,7 +438,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     module's docstring); every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval
     are None on the other ranks)."""
     from ..train.metrics import plot_metrics
-    from ..train.schedules import cosine_lr
+    from ..train.schedules import cosine_lr, warn_if_schedule_changed
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
@@ -526,6 +526,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     evaluates = bool(val) and info.is_main  # the ranks hold the same policy: one evaluation tells all
     if counters is not None:
         start_it, step = counters["step"], counters["optimizer_step"]
+        if info.is_main:
+            warn_if_schedule_changed(counters.get("next_lr"), lr_at(step), step)
     elif evaluates:
         first_eval = last_eval = evaluate(0)
     batches = micro_batches(train, global_batch, config.seed)
@@ -554,7 +556,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
             if stop.requested or (config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done):
                 # on every rank: it gathers their RNG states; rank 0 writes
                 path = save_train_state(state_dir, model, optimizer, position,
-                                        {"step": it + 1, "optimizer_step": step})
+                                        {"step": it + 1, "optimizer_step": step, "next_lr": lr_at(step)})
             if stop.requested:
                 stopped(stop, it + 1, path, log, config, charts=("reward", "kl"))
     if info.is_main:

@@ -8,12 +8,17 @@ A checkpoint is a folder `<run>/checkpoints/step_<NNNNNNN>/` holding
                         each rank's numpy/python RNG states, loader position, trainer counters
 Checkpoints written before the per-rank RNG states hold one process's states, unranked ("rng.torch",
 "rng.cuda.<device>", "rng.numpy"); they still load, and every rank restores those.
+When meta's "tokenizer" names a .tiktoken file, the run folder keeps a copy of it beside checkpoints/
+(`<run>/tokenizer.tiktoken`, and its sidecar when it has one) and meta.json the copy's sha256, so that a
+run folder moved to another place or machine loads with its own tokenizer, and a tokenizer file
+retrained since is noticed.
 It is written under a temporary name and renamed into place, so a checkpoint folder either is
 complete or does not exist. Loading reads only safetensors and JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +37,7 @@ from safetensors.torch import load_file, save_file
 FORMAT = "llmkern-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+TOKENIZER_FILE = "tokenizer.tiktoken"
 
 
 @dataclass
@@ -95,6 +101,9 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     save_file({**state_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
     full_meta = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases,
                  "optimizer": optimizer_meta, "rng": rng_meta, **meta}
+    tokenizer_hash = _keep_tokenizer_copy(meta.get("tokenizer"), run_dir)  # before the checkpoint that needs it
+    if tokenizer_hash is not None:
+        full_meta["tokenizer_sha256"] = tokenizer_hash
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(full_meta, f, indent=1)
     for name in os.listdir(tmp):
@@ -119,6 +128,52 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def tokenizer_copy_path(run_dir: str) -> str:
+    """Where a run folder keeps its copy of a tokenizer file."""
+    return os.path.join(run_dir, TOKENIZER_FILE)
+
+
+def _tokenizer_hash(path: str) -> str | None:
+    """sha256 of a .tiktoken file and its sidecar (train_bpe's pattern and special tokens); None if absent."""
+    from ..data.tokenizer import sidecar_path
+
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    for part in (path, sidecar_path(path)):
+        if os.path.isfile(part):
+            with open(part, "rb") as f:
+                digest.update(f.read())
+        digest.update(b"\0")  # the file's end: no sidecar differs from an empty one
+    return digest.hexdigest()
+
+
+def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
+    """Copy the tokenizer file `spec` names (and its sidecar) to the run folder, unless it holds it
+    already; its hash. None when spec is "bytes" or an encoding name: nothing to carry."""
+    from ..data.tokenizer import is_file_spec, sidecar_path
+
+    if not (isinstance(spec, str) and spec and is_file_spec(spec)):
+        return None
+    wanted = _tokenizer_hash(spec)
+    if wanted is None:
+        raise FileNotFoundError(f"the run's tokenizer file {spec!r} is gone: the checkpoint cannot keep a copy")
+    copy = tokenizer_copy_path(run_dir)
+    if _tokenizer_hash(copy) != wanted:
+        pending = []  # both files under temporary names first, then renamed into place
+        for source, target in ((spec, copy), (sidecar_path(spec), sidecar_path(copy))):
+            if os.path.isfile(source):
+                tmp = f"{target}.tmp_{os.getpid()}"
+                shutil.copyfile(source, tmp)
+                _fsync(tmp)
+                pending.append((tmp, target))
+            elif os.path.exists(target):
+                os.remove(target)  # the new tokenizer has no sidecar: an old one would change it
+        for tmp, target in pending:
+            os.replace(tmp, target)
+    return wanted
 
 
 def _fsync(path: str) -> None:
@@ -276,6 +331,8 @@ def load_checkpoint(path: str) -> Checkpoint:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     meta = _read_meta(path)
+    if "tokenizer" in meta:
+        meta["tokenizer"] = _tokenizer_to_load(meta, path)
     model = _read_tensors(path, "model.safetensors")
     for alias, name in meta["aliases"].items():
         if name not in model:
@@ -285,6 +342,25 @@ def load_checkpoint(path: str) -> Checkpoint:
     optimizer = _unflatten_optimizer(state, meta["optimizer"])
     rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": meta["rng"]}
     return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer=optimizer, meta=meta, rng=rng)
+
+
+def _tokenizer_to_load(meta: dict[str, Any], path: str) -> Any:
+    """The tokenizer spec to load checkpoint `path` with: the recorded one while that file still holds
+    what the checkpoint was saved with (so data tokenized with it still matches by name), else the run
+    folder's copy (the file was moved, deleted or retrained since, or the run came from elsewhere)."""
+    spec, wanted = meta.get("tokenizer"), meta.get("tokenizer_sha256")
+    if wanted is None or not isinstance(spec, str):
+        return spec  # "bytes", an encoding name, or a checkpoint from before the copies
+    if _tokenizer_hash(spec) == wanted:
+        return spec
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <run>/checkpoints/step_N
+    copy = tokenizer_copy_path(run_dir)
+    if _tokenizer_hash(copy) == wanted:
+        return copy
+    warnings.warn(f"checkpoint {path!r} was saved with the tokenizer file {spec!r}, which has changed or gone "
+                  f"since, and its run folder holds no copy of it ({copy!r} is missing or another "
+                  f"tokenizer): text will not be tokenized as in training", stacklevel=3)
+    return spec
 
 
 def _read_meta(path: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ wsd:    warmup-stable-decay: linear warmup, max_lr held, then a linear decay to 
 from __future__ import annotations
 
 import math
+import warnings
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -40,3 +41,14 @@ def learning_rate(step: int, config) -> float:
     if config.schedule == "wsd":
         return wsd_lr(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps, config.decay_fraction)
     raise ValueError(f"schedule must be 'cosine' or 'wsd', got {config.schedule!r}")
+
+
+def warn_if_schedule_changed(saved_next_lr: float | None, next_lr: float, step: int) -> None:
+    """On resume: warn when this run's schedule gives step `step` (0-based) another learning rate than the
+    stopped run would have used (its lr, min_lr, warmup, schedule or step count changed): the run goes
+    on, on the new schedule, but the warning says it no longer continues the one it started."""
+    if saved_next_lr is None or math.isclose(saved_next_lr, next_lr, rel_tol=1e-9, abs_tol=1e-15):
+        return
+    warnings.warn(f"the learning-rate schedule changed since the checkpoint: step {step + 1} trains with lr "
+                  f"{next_lr:.4g}, where the stopped run would have used {saved_next_lr:.4g} (a setting of the "
+                  f"schedule differs: lr, min_lr, warmup_steps, schedule or the number of steps)", stacklevel=2)

@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .loss_scale import DynamicLossScale, unscale_
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
-from .schedules import learning_rate
+from .schedules import learning_rate, warn_if_schedule_changed
 
 
 class TrainingDiverged(RuntimeError):
@@ -380,6 +380,9 @@ class Trainer:
         ckpt.restore_rng_states(state.rng, self.dist.rank, self.dist.world_size)  # this rank's own states
         counters = state.meta["trainer"]
         self.step = state.step
+        if self.dist.is_main:
+            warn_if_schedule_changed(state.meta.get("schedule", {}).get("next_lr"),
+                                     learning_rate(self.step, self.config), self.step)
         self.best_val_loss = counters["best_val_loss"] if counters["best_val_loss"] is not None else math.inf
         self.evals_since_best = counters["evals_since_best"]
         self.bad_steps = counters["bad_steps"]
