@@ -327,9 +327,12 @@ def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsy
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(6)]))
     common = [f"--base={tmp_path / 'base'}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}", "--progress=false"]
     assert main(["finetune", "sft", *common, "--max_steps=2", "--batch_size=2", "--max_len=256",
-                 "--num_samples=1", "--max_new_tokens=3"]) == 0
+                 "--num_samples=1", "--max_new_tokens=3", "--ckpt_interval=1"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "sft" and summary["steps"] == 2
+    assert not os.path.exists(tmp_path / "sft" / "train_state")  # saved at step 1, gone with the final model
+    assert main(["finetune", "sft", *common, "--max_steps=2", "--resume=true"]) == 2
+    assert "the run finished" in capsys.readouterr().err
     assert os.path.isdir(summary["checkpoint"]) and os.path.isfile(tmp_path / "sft" / "responses.json")
     assert main(["generate", "--run", str(tmp_path / "sft"), "--instruction", "Say 3.", "--max-new-tokens", "4",
                  "--temperature", "0", "--device", "cpu"]) == 0

@@ -110,7 +110,7 @@ def numbers(run_dir):
 def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     make_run(tmp_path)
     run_sft(sft_config(tmp_path, "single", grad_accum=2))
-    run_two_processes(tmp_path)
+    run_two_processes(tmp_path, keep_train_state=True)  # its step-3 state kept: the resume below starts there
 
     single, multi = numbers(tmp_path / "single"), numbers(tmp_path / "multi")
     assert [(r["kind"], r["step"]) for r in multi] == [(r["kind"], r["step"]) for r in single]
@@ -123,7 +123,7 @@ def test_two_gloo_processes_fine_tune_like_one(tmp_path):
         torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)
     assert os.path.isfile(tmp_path / "multi" / "responses.json")
 
-    # a stopped two-process run (its state from step 3 left) resumes to the same numbers
+    # a stopped two-process run (the state of step 3, kept) resumes to the same numbers
     os.remove(tmp_path / "multi" / "metrics.jsonl")  # even the log lost: the state holds what matters
     run_two_processes(tmp_path, resume=True)
     resumed = numbers(tmp_path / "multi")
@@ -153,7 +153,7 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     # different order, and the norm is reduced over the ranks: equal up to float32 rounding.
     make_run(tmp_path)
     run_sft(sft_config(tmp_path, "single", grad_accum=2, lora_rank=lora_rank))
-    run_two_processes(tmp_path, out="fsdp", parallel="fsdp", lora_rank=lora_rank)
+    run_two_processes(tmp_path, out="fsdp", parallel="fsdp", lora_rank=lora_rank, keep_train_state=True)
 
     single, sharded = numbers(tmp_path / "single"), numbers(tmp_path / "fsdp")
     assert [(r["kind"], r["step"]) for r in sharded] == [(r["kind"], r["step"]) for r in single]
@@ -169,7 +169,7 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     assert not torch.equal(two.model["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # it learned
     assert os.path.isfile(tmp_path / "fsdp" / "lora.safetensors") == bool(lora_rank)
 
-    # the stopped run (its step-3 state left, the log lost) resumes to the same numbers and weights, bitwise
+    # the stopped run (its step-3 state kept, the log lost) resumes to the same numbers and weights, bitwise
     finished = ckpt.latest_checkpoint(str(tmp_path / "fsdp"))
     os.remove(tmp_path / "fsdp" / "metrics.jsonl")
     run_two_processes(tmp_path, resume=True, out="fsdp", parallel="fsdp", lora_rank=lora_rank)

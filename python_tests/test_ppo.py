@@ -272,12 +272,12 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_ppo(config, reward_model=HighByteReward())
     monkeypatch.setattr(ppo, "ppo_iteration", real_iteration)
-    resumed = run_ppo(dataclasses.replace(config, resume=True), reward_model=HighByteReward())
+    resumed = run_ppo(dataclasses.replace(config, resume=True, keep_train_state=True), reward_model=HighByteReward())
     assert resumed["optimizer_steps"] == whole["optimizer_steps"]
     a, b = load_checkpoint(whole["checkpoint"]).model, load_checkpoint(resumed["checkpoint"]).model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
-    with pytest.warns(UserWarning, match="schedule changed since the checkpoint"):  # a resume with another lr
+    with pytest.warns(UserWarning, match="schedule changed since the checkpoint"):  # from the kept iteration-4 state
         run_ppo(dataclasses.replace(config, resume=True, lr=config.lr / 2), reward_model=HighByteReward())
 
 

@@ -28,7 +28,7 @@ from .config import FinetuneConfig
 from .data import pad_batch, read_examples, split_examples
 from .heads import LastTokenHead
 from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
-from .loop import fit, to_device
+from .loop import drop_train_state, fit, to_device
 
 EVAL_TRAIN_EXAMPLES = 512  # train loss/accuracy are measured on this many training examples
 
@@ -238,6 +238,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             "finetune": {"method": "classify", "settings": config.to_dict(), "base": config.base,
                          "base_step": base_meta.get("step"), "lora": lora_info(config, wrapped) if wrapped else None}}
     checkpoint = save_finetuned(config.out_dir, result["steps"], clf.state_for_saving(), meta)
+    drop_train_state(config)
 
     first, last = result["first_eval"] or {}, result["last_eval"]  # first: lost with the log of a resumed run
     summary = {"method": "classify", "out_dir": config.out_dir, "checkpoint": checkpoint, "steps": result["steps"],

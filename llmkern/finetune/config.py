@@ -60,6 +60,9 @@ class FinetuneConfig:
     # every ckpt_interval steps (0 = never), and resume=true continues from it as if never stopped
     ckpt_interval: int = 200
     resume: bool = False
+    # a finished run's training state goes once its final model is saved (its optimizer moments alone are
+    # twice the model, and a finished run has nothing left to resume); true keeps it
+    keep_train_state: bool = False
 
     # LoRA: lora_rank > 0 trains low-rank adapters on the lora_targets linear layers, the rest frozen
     lora_rank: int = 0

@@ -170,7 +170,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     from .base import effective_max_len, load_base, save_finetuned
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import batched_evaluation, fit, run_evaluation
+    from .loop import batched_evaluation, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, DPOConfig):
@@ -218,6 +218,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "dpo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, summary["steps"], policy.state_dict(), meta)
+    drop_train_state(config)
     return {"method": "dpo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(encoded), **summary, "train_eval": train_eval}

@@ -59,6 +59,15 @@ def train_state_dir(config) -> str:
     return os.path.join(config.out_dir, TRAIN_STATE)
 
 
+def drop_train_state(config) -> None:
+    """After a run's final model is saved: delete its training state, unless config.keep_train_state.
+    Under torchrun every rank calls it; rank 0 deletes."""
+    info = distributed.detect()
+    if info.is_main and not config.keep_train_state:
+        shutil.rmtree(train_state_dir(config), ignore_errors=True)
+    distributed.barrier(info)
+
+
 class FinetuneDiverged(RuntimeError):
     """The loss or gradient norm was NaN/inf for MAX_BAD_STEPS steps in a row."""
 
@@ -313,6 +322,11 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
             shutil.rmtree(state_dir, ignore_errors=True)
         distributed.barrier(info)
         return log, None, []
+    finished = ckpt.latest_checkpoint(config.out_dir)
+    if finished is not None and ckpt.latest_checkpoint(state_dir) is None:
+        raise ValueError(f"cannot resume {config.out_dir!r}: the run finished (its model: {finished}), and a finished "
+                         f"run's training state is deleted (keep_train_state=true keeps it); start a new run from it "
+                         f"with --base={config.out_dir}")
     counters = restore_train_state(state_dir, model, optimizer, position)
     distributed.barrier(info)  # every rank has read the state before rank 0 may write the log
     log.truncate_after(counters["step"])

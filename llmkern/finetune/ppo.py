@@ -442,8 +442,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import (autocast_context, data_parallel_setup, make_optimizer, micro_batches, open_run,
-                       save_train_state, stopped, template_position, train_state_dir)
+    from .loop import (autocast_context, data_parallel_setup, drop_train_state, make_optimizer, micro_batches,
+                       open_run, save_train_state, stopped, template_position, train_state_dir)
     from ..train.interrupt import StopOnSignal
     from .templates import settle_template
 
@@ -566,6 +566,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "ppo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
+    drop_train_state(config)
     return {"method": "ppo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "iterations": iterations, "optimizer_steps": step,
             "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,

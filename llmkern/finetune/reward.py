@@ -166,7 +166,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     from .base import effective_max_len, load_base
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import batched_evaluation, fit, run_evaluation
+    from .loop import batched_evaluation, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, RewardConfig):
@@ -206,6 +206,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     lora_path = save_and_merge_lora(rm.body, config, wrapped)
     path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
                              {"finetune": {"method": "reward", **config.to_dict()}})
+    drop_train_state(config)
     return {"method": "reward", "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(pairs), **summary, "train_eval": train_eval}

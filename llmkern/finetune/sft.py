@@ -29,7 +29,7 @@ from .data import (
     split_examples,
 )
 from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
-from .loop import fit, to_device
+from .loop import drop_train_state, fit, to_device
 from .templates import PromptFormat, respond, settle_template
 
 EVAL_TRAIN_EXAMPLES = 128  # the training loss before/after is measured on this many training examples
@@ -148,6 +148,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
             "finetune": {"method": "sft", "settings": config.to_dict(), "base": config.base,
                          "base_step": base_meta.get("step"), "lora": lora_info(config, wrapped) if wrapped else None}}
     checkpoint = save_finetuned(config.out_dir, result["steps"], model.state_dict(), meta)
+    drop_train_state(config)
 
     model.eval()
     responses_path = os.path.join(config.out_dir, "responses.json")
