@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from llmkern.data.tokenizer import get_tokenizer
 from llmkern.eval.multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
 from llmkern.eval.perplexity import perplexity, perplexity_of_text, sliding_windows
-from llmkern.eval.win_rate import (LMJudge, bootstrap_interval, compare_runs, generate_responses, instruction_prompts,
+from llmkern.eval.win_rate import (CUT_MARK, LMJudge, bootstrap_interval, compare_runs, generate_responses, instruction_prompts,
                                    instruction_texts, lm_judge, wilson_interval, win_rate)
 from llmkern.model import GPT, GPTConfig, generate
 from llmkern.train import checkpoint as ckpt
@@ -458,8 +458,28 @@ def test_win_rate_with_a_pair_judge_counts_its_preferences():
 def test_pair_judges_reject_bad_inputs():
     with pytest.raises(ValueError, match="batch_size"):
         LMJudge(PreferenceLM(), BYTES, batch_size=0)
-    with pytest.raises(ValueError, match="block_size=64"):
+    with pytest.raises(ValueError, match="block_size=64 even with its responses cut"):
         LMJudge(PreferenceLM(block_size=64), BYTES).prefer(["Say hi."], ["hi"], ["hello"])
+
+
+def test_an_lm_judge_cuts_long_responses_to_equal_shares_of_its_block_size():
+    model = PreferenceLM(per_char=0.05, block_size=400)
+    judge = LMJudge(model, BYTES)
+    fixed = len(judge.judging_prompt("Q", CUT_MARK, CUT_MARK).encode())  # bytes: one token each
+    room = 400 - fixed
+    long_a, long_b, short = "a" * 500, "b" * 300, "c" * 10
+    judge.first_is_better(["Q", "Q", "Q"], [long_a, long_a, "x"], [long_b, short, "y"])
+    assert 50 < room < 200
+    asked = model.prompts
+    assert all(len(p.encode()) <= 400 for p in asked)
+    assert "Response A:\n" + "a" * (room // 2) + CUT_MARK + "\n\nResponse B:\n" + "b" * (room // 2) + CUT_MARK in asked[0]
+    # a short response keeps all of it and leaves its rest to the other: together they fill the room
+    assert "Response A:\n" + "a" * (room - 10) + CUT_MARK + "\n\nResponse B:\n" + short + "\n\n" in asked[1]
+    assert "Response A:\nx\n\nResponse B:\ny\n\n" in asked[2]  # fits: untouched
+    assert judge.cut_prompts == 2
+    # the same cut in either order: swapping the responses gives exactly 1 - p
+    p = judge.prefer(["Q"], [long_a], [short])
+    assert p[0] > 0.9 and judge.prefer(["Q"], [short], [long_a]) == pytest.approx([1 - p[0]], abs=1e-12)
 
     class Unsure:
         def __init__(self, values):

@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         result["ci"] = (f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}] "
                         f"({result['confidence']:.0%} {result['interval']})")
         mean = "mean_preference" if result["judge_type"] == "pair" else "mean_score_diff"
-        return result, ["win_rate", "ci", "wins", "ties", "losses", "n", mean, "judge_kind"]
+        shown = ["win_rate", "ci", "wins", "ties", "losses", "n", mean, "judge_kind"]
+        return result, shown + (["cut_prompts"] if "cut_prompts" in result else [])
 
     from ..train.inference import load_trained_model
 

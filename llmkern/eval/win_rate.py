@@ -74,6 +74,7 @@ def reward_model_judge(run_dir: str, device: str | torch.device = "auto") -> Rew
 
 JUDGE_QUESTION = ("Which of the two responses below better completes the instruction? "
                   "Answer with a single letter: A or B.")
+CUT_MARK = " [...]"  # ends a response cut to fit the judge's block_size
 
 
 class LMJudge:
@@ -84,7 +85,12 @@ class LMJudge:
 
     A language model prefers some positions whatever the answers say, so each pair is judged twice, in
     the order A, B and in the order B, A, and the two probabilities are averaged: a judge that always
-    answers "A" gives exactly 0.5, a tie."""
+    answers "A" gives exactly 0.5, a tie.
+
+    A judging prompt longer than the judge's block_size has its responses cut to equal shares of the
+    room the template and the instruction leave (a response shorter than its share keeps all of it and
+    leaves the rest to the other), each cut one ending in CUT_MARK; `cut_prompts` counts them. An
+    instruction that leaves no room is an error."""
 
     def __init__(self, model, tokenizer, prompt_format=None, batch_size: int = 8) -> None:
         from ..finetune.templates import PromptFormat
@@ -96,6 +102,7 @@ class LMJudge:
         self.prompt_format = prompt_format or PromptFormat()
         self.batch_size = batch_size
         self.label_ids = [self._single_token(label) for label in ("A", "B")]
+        self.cut_prompts = 0
 
     def _single_token(self, label: str) -> int:
         ids = self.tokenizer.encode(label)
@@ -120,18 +127,37 @@ class LMJudge:
         if not len(instructions) == len(responses_a) == len(responses_b):
             raise ValueError(f"instructions, responses_a and responses_b must have the same length; got "
                              f"{len(instructions)}, {len(responses_a)} and {len(responses_b)}")
-        rows = [self.tokenizer.encode(self.judging_prompt(i, a, b))
-                for i, a, b in zip(instructions, responses_a, responses_b)]
-        block = self.model.config.block_size
-        for n, ids in enumerate(rows):
-            if len(ids) > block:  # cutting it would cut the instruction or a response out of sight
-                raise ValueError(f"the judging prompt of pair {n} has {len(ids)} tokens, more than the judge's "
-                                 f"block_size={block}; generate shorter responses (max_new_tokens)")
+        rows = [self._judging_ids(n, *texts) for n, texts in enumerate(zip(instructions, responses_a, responses_b))]
         probs: list[float] = []
         with eval_mode(self.model):
             for start in range(0, len(rows), self.batch_size):
                 probs += self._label_probabilities(rows[start : start + self.batch_size])
         return probs
+
+    def _judging_ids(self, n: int, instruction: str, response_a: str, response_b: str) -> list[int]:
+        """The tokens of pair n's judging prompt, its responses cut to fit the block_size when it is longer."""
+        block = self.model.config.block_size
+        ids = self.tokenizer.encode(self.judging_prompt(instruction, response_a, response_b))
+        if len(ids) <= block:
+            return ids
+        a, b = self.tokenizer.encode(response_a), self.tokenizer.encode(response_b)
+        # the room left for the responses' kept tokens: what the prompt holds besides them (both marks too)
+        room = block - len(self.tokenizer.encode(self.judging_prompt(instruction, CUT_MARK, CUT_MARK)))
+        for _ in range(8):  # a re-encoded cut may take a few tokens more than its parts did (BPE merges)
+            if room < 2:
+                break
+            # equal shares, the same whichever response is shown first; a short one leaves its rest to the other
+            keep_a = min(len(a), max(room // 2, room - len(b)))
+            keep_b = min(len(b), max(room // 2, room - len(a)))
+            ids = self.tokenizer.encode(self.judging_prompt(instruction, _cut(self.tokenizer, a, keep_a),
+                                                            _cut(self.tokenizer, b, keep_b)))
+            if len(ids) <= block:
+                self.cut_prompts += 1
+                return ids
+            room -= len(ids) - block
+        raise ValueError(f"the judging prompt of pair {n} does not fit the judge's block_size={block} even with its "
+                         f"responses cut: the template and the instruction alone take nearly all of it; judge with "
+                         f"a model of a longer context")
 
     def _label_probabilities(self, rows: list[list[int]]) -> list[float]:
         width = max(len(ids) for ids in rows)
@@ -150,6 +176,11 @@ class LMJudge:
         a_first = self.first_is_better(instructions, responses_a, responses_b)
         b_first = self.first_is_better(instructions, responses_b, responses_a)
         return [(p + (1.0 - q)) / 2 for p, q in zip(a_first, b_first)]
+
+
+def _cut(tokenizer, ids: list[int], keep: int) -> str:
+    """The text of the first `keep` of a response's tokens, marked as cut when tokens were dropped."""
+    return tokenizer.decode(ids) if keep >= len(ids) else tokenizer.decode(ids[:keep]) + CUT_MARK
 
 
 def lm_judge(run_dir: str, device: str | torch.device = "auto", batch_size: int = 8) -> LMJudge:
@@ -403,4 +434,6 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
     result.update(run=os.path.abspath(run_dir), baseline=os.path.abspath(baseline_dir),
                   judge=judge_run, judge_kind=judge_kind if judge_is_run else result["judge_type"],
                   templates={"run": templates[0], "baseline": templates[1], "judge": judge_format.template})
+    if isinstance(judge, LMJudge):
+        result["cut_prompts"] = judge.cut_prompts  # judging prompts (two a pair) whose responses were cut to fit
     return result
