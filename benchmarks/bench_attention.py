@@ -28,6 +28,7 @@ from common import Result, add_common_args, require_gpu, save, selected, time_mo
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
+from llmkern.cli import true_or_false  # noqa: E402
 from llmkern.ops import reference  # noqa: E402
 
 BASELINES = ("SDPA flash", "SDPA cuDNN", "flash-attn")
@@ -97,19 +98,11 @@ def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device) -> l
     ]
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--causal", type=_bool, nargs="+", default=[True, False])
+    parser.add_argument("--causal", type=true_or_false, nargs="+", default=[True, False])
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head dim")
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / S (at least 1)")
     add_common_args(parser, dtypes=("bfloat16", "float16"))

@@ -15,8 +15,8 @@ DESCRIPTION = ("Pretrain, fine-tune, evaluate and sample GPT-style language mode
                "more of each command.")
 
 
-def _true_or_false(text: str) -> bool:
-    """--flag=true|false|1|0|yes|no, for flags that also stand alone (--resume)."""
+def true_or_false(text: str) -> bool:
+    """An argparse type: true|false|1|0|yes|no (--resume=true; the benchmarks' --causal true false)."""
     if text.lower() in ("true", "1", "yes"):
         return True
     if text.lower() in ("false", "0", "no"):
@@ -161,7 +161,7 @@ def _add_train_parsers(sub) -> None:
                        epilog="settings: --config FILE (TOML/JSON, see llmkern/train/config.py) and --key=value "
                               "overrides, e.g. --max_steps=100 --model.n_layer=4")
     p.add_argument("--config", default=None, help="a .toml or .json TrainConfig file")
-    p.add_argument("--resume", nargs="?", const=True, default=False, type=_true_or_false,
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=true_or_false,
                    help="continue from the newest checkpoint in out_dir (--resume or --resume=true)")
     p.add_argument("--samples", type=int, default=3, help="text samples printed at the end (0: none)")
     p.set_defaults(func=_cmd_train, accepts_overrides=True)
