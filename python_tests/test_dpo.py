@@ -103,6 +103,7 @@ def test_dpo_run_raises_reward_accuracy(tmp_path, shared_data):
                        val_fraction=0.2, eval_interval=0, beta=0.1, device="cpu", progress=False)
     summary = run_dpo(config)
     assert summary["train_examples"] == 8 and summary["val_examples"] == 2
+    assert summary["method"] == "dpo" and summary["out_dir"] == config.out_dir  # every recipe's summary names them
     # At the start the policy is the reference: every reward is 0 and the loss is log 2.
     assert summary["first_eval"]["val_loss"] == pytest.approx(math.log(2.0), abs=1e-4)
     assert summary["first_eval"]["val_reward_accuracy"] == 0.0

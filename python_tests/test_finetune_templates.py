@@ -226,7 +226,7 @@ def test_a_reward_model_from_a_chatml_run_judges_in_chatml(chatml_sft, tmp_path)
     summary = run_reward(RewardConfig(base=out, data=str(data), out_dir=str(tmp_path / "rm"), max_steps=1,
                                       batch_size=4, max_len=320, val_fraction=0.0, warmup_steps=0, device="cpu",
                                       progress=False).validate())
-    assert summary["template"] == "chatml"
+    assert summary["template"] == "chatml" and summary["out_dir"] == str(tmp_path / "rm")
     judge = reward_model_judge(str(tmp_path / "rm"), "cpu")
     assert judge.prompt_format == PromptFormat("chatml", "Be brief.")
     prompts = [judge.prompt_format.prompt(ex) for ex in examples[:2]]

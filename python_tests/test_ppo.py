@@ -188,6 +188,7 @@ def ppo_config(tmp_path, **overrides):
 def test_ppo_end_to_end_raises_reward(tmp_path):
     config = make_ppo_run(tmp_path)
     summary = run_ppo(config, reward_model=HighByteReward())
+    assert summary["method"] == "ppo" and summary["out_dir"] == config.out_dir
     records = read_metrics(summary["metrics"])
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 21))

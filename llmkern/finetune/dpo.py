@@ -219,6 +219,6 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
             "finetune": {"method": "dpo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, summary["steps"], policy.state_dict(), meta)
     drop_train_state(config)
-    return {"method": "dpo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+    return {"method": "dpo", "out_dir": config.out_dir, "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(encoded), **summary, "train_eval": train_eval}

@@ -567,7 +567,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
             "finetune": {"method": "ppo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
     drop_train_state(config)
-    return {"method": "ppo", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+    return {"method": "ppo", "out_dir": config.out_dir, "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "iterations": iterations, "optimizer_steps": step,
             "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,
             "last_eval": last_eval, "train": last_metrics,

@@ -207,6 +207,6 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
                              {"finetune": {"method": "reward", **config.to_dict()}})
     drop_train_state(config)
-    return {"method": "reward", "checkpoint": path, "template": fmt.template, "lora": lora_path,
+    return {"method": "reward", "out_dir": config.out_dir, "checkpoint": path, "template": fmt.template, "lora": lora_path,
             "train_examples": len(train), "val_examples": len(val),
             "skipped_examples": len(raw) - len(pairs), **summary, "train_eval": train_eval}
