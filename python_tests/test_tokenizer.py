@@ -104,6 +104,28 @@ def test_spec_reloads_the_same_tokenizer(gpt2_file, tmp_path, monkeypatch):
     assert again.spec == tok.spec and again.encode("spec round trip") == tok.encode("spec round trip")
 
 
+def test_same_tokenizer_compares_files_by_contents(tmp_path):
+    from llmkern.data.bpe import train_bpe
+    from llmkern.data.tokenizer import same_tokenizer, tokenizer_file_sha256
+
+    one, copy, other = (str(tmp_path / f"{name}.tiktoken") for name in ("one", "copy", "other"))
+    train_bpe(["the cat sees the moon. " * 20], 270, one, num_workers=1)
+    train_bpe(["the cat sees the moon. " * 20], 270, copy, num_workers=1)  # the same contents, sidecar included
+    train_bpe(["a dog eats bread. " * 20], 270, other, num_workers=1)
+    assert same_tokenizer("bytes", "bytes") and same_tokenizer(one, one)
+    assert same_tokenizer(one, copy) and not same_tokenizer(one, other)
+    assert not same_tokenizer("bytes", "gpt2") and not same_tokenizer(one, "bytes")
+    with open(copy + ".json", "a") as f:
+        f.write(" ")  # another sidecar: another tokenizer, as far as the hash can tell
+    assert not same_tokenizer(one, copy)
+    recorded = tokenizer_file_sha256(one)
+    os.rename(one, str(tmp_path / "moved.tiktoken"))
+    os.rename(one + ".json", str(tmp_path / "moved.tiktoken.json"))
+    assert tokenizer_file_sha256(one) is None
+    assert not same_tokenizer(str(tmp_path / "moved.tiktoken"), one)  # gone: nothing to compare
+    assert same_tokenizer(str(tmp_path / "moved.tiktoken"), one, sha256_b=recorded)  # unless its hash was kept
+
+
 def test_unknown_spec_and_bad_types():
     with pytest.raises(ValueError, match="spec"):
         get_tokenizer("no_such_encoding")

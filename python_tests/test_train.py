@@ -808,7 +808,7 @@ def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):
 
     from llmkern.data.bpe import train_bpe
     from llmkern.data.tokenizer import get_tokenizer
-    from llmkern.train.inference import load_trained_model
+    from llmkern.train.inference import evaluate_run, load_trained_model
 
     docs = synthetic_documents()
     bpe = str(tmp_path / "data" / "bpe.tiktoken")
@@ -826,6 +826,9 @@ def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):
     _, tokenizer, _ = load_trained_model(str(tmp_path / "moved"), "cpu")
     assert tokenizer.spec == str(tmp_path / "moved" / "tokenizer.tiktoken")
     assert tokenizer.encode("the cat sees the moon.") == learned
+    # its data still evaluates: the shards' manifest kept the hash of the file they were tokenized with
+    assert evaluate_run(str(tmp_path / "moved"), str(tmp_path / "data" / "shards"), batch_size=2, max_batches=1,
+                        device="cpu", seq_len=16)["loss"] > 0
     shutil.rmtree(tmp_path / "data")  # the data folder gone
     model, tokenizer, _ = load_trained_model(str(tmp_path / "moved"), "cpu")
     assert tokenizer.encode("the cat sees the moon.") == learned and tokenizer.n_vocab == n_vocab

@@ -171,6 +171,11 @@ def write_manifest(
         "dtype": dt.name,
         "splits": {name: list(entries) for name, entries in splits.items()},
     }
+    from .tokenizer import is_file_spec, tokenizer_file_sha256
+
+    if is_file_spec(tokenizer_spec) and tokenizer_file_sha256(tokenizer_spec) is not None:
+        # what the tokens were made with, should the file move or change: see tokenizer.same_tokenizer
+        manifest["tokenizer_sha256"] = tokenizer_file_sha256(tokenizer_spec)
     _validate_manifest(manifest, where="write_manifest")
     path = os.path.join(os.fspath(out_dir), MANIFEST)
     write_json_atomic(path, manifest)

@@ -15,6 +15,7 @@ out in ordinary tokens, never turned into the special token, so decode(encode(t)
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from typing import Protocol, Sequence
@@ -28,6 +29,31 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 def sidecar_path(tiktoken_file: str) -> str:
     """Where train_bpe records the split pattern and special tokens of a .tiktoken file."""
     return tiktoken_file + ".json"
+
+
+def tokenizer_file_sha256(path: str) -> str | None:
+    """sha256 of a .tiktoken file with its sidecar (both decide the tokens); None when the file is absent."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    for part in (path, sidecar_path(path)):
+        if os.path.isfile(part):
+            with open(part, "rb") as f:
+                digest.update(f.read())
+        digest.update(b"\0")  # the file's end: no sidecar differs from an empty one
+    return digest.hexdigest()
+
+
+def same_tokenizer(spec_a: str, spec_b: str, sha256_b: str | None = None) -> bool:
+    """Whether two specs name one tokenizer: the same spec, or .tiktoken files with the same contents
+    (copies of one file in two run folders, say). sha256_b: spec_b's hash recorded when it was used (a
+    shard manifest's "tokenizer_sha256"), which counts when its file has moved or gone since."""
+    if spec_a == spec_b:
+        return True
+    if not (is_file_spec(spec_a) and is_file_spec(spec_b)):
+        return False
+    hash_a = tokenizer_file_sha256(spec_a)
+    return hash_a is not None and hash_a in (tokenizer_file_sha256(spec_b), sha256_b)
 
 
 class Tokenizer(Protocol):

@@ -152,11 +152,12 @@ def add_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, 
 
 def load_reference(config: DPOConfig, policy, tokenizer):
     """The frozen reference: config.reference's model, or a copy of the policy (before any LoRA)."""
+    from ..data.tokenizer import same_tokenizer
     from .base import load_base
 
     if config.reference:
         reference, ref_tokenizer, _ = load_base(dataclasses.replace(config, base=config.reference))
-        if ref_tokenizer.spec != tokenizer.spec:
+        if not same_tokenizer(ref_tokenizer.spec, tokenizer.spec):
             raise ValueError(f"reference {config.reference!r} uses tokenizer {ref_tokenizer.spec!r}, the base "
                              f"{tokenizer.spec!r}: they must match")
     else:

@@ -470,11 +470,12 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in "
                          f"{max_total} tokens (max_len and the model's block_size)")
     if reward_model is None:
+        from ..data.tokenizer import same_tokenizer
         from .reward import load_reward_run
         from .templates import saved_prompt_format
 
         reward_model, rm_tokenizer, rm_meta = load_reward_run(config.reward_model, device)
-        if rm_tokenizer.spec != tokenizer.spec:
+        if not same_tokenizer(rm_tokenizer.spec, tokenizer.spec):
             raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
                              f"{tokenizer.spec!r}: they must match")
         rm_format = saved_prompt_format(rm_meta)

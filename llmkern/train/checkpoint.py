@@ -18,7 +18,6 @@ complete or does not exist. Loading reads only safetensors and JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -135,33 +134,18 @@ def tokenizer_copy_path(run_dir: str) -> str:
     return os.path.join(run_dir, TOKENIZER_FILE)
 
 
-def _tokenizer_hash(path: str) -> str | None:
-    """sha256 of a .tiktoken file and its sidecar (train_bpe's pattern and special tokens); None if absent."""
-    from ..data.tokenizer import sidecar_path
-
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    for part in (path, sidecar_path(path)):
-        if os.path.isfile(part):
-            with open(part, "rb") as f:
-                digest.update(f.read())
-        digest.update(b"\0")  # the file's end: no sidecar differs from an empty one
-    return digest.hexdigest()
-
-
 def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
     """Copy the tokenizer file `spec` names (and its sidecar) to the run folder, unless it holds it
     already; its hash. None when spec is "bytes" or an encoding name: nothing to carry."""
-    from ..data.tokenizer import is_file_spec, sidecar_path
+    from ..data.tokenizer import is_file_spec, sidecar_path, tokenizer_file_sha256
 
     if not (isinstance(spec, str) and spec and is_file_spec(spec)):
         return None
-    wanted = _tokenizer_hash(spec)
+    wanted = tokenizer_file_sha256(spec)
     if wanted is None:
         raise FileNotFoundError(f"the run's tokenizer file {spec!r} is gone: the checkpoint cannot keep a copy")
     copy = tokenizer_copy_path(run_dir)
-    if _tokenizer_hash(copy) != wanted:
+    if tokenizer_file_sha256(copy) != wanted:
         pending = []  # both files under temporary names first, then renamed into place
         for source, target in ((spec, copy), (sidecar_path(spec), sidecar_path(copy))):
             if os.path.isfile(source):
@@ -348,14 +332,16 @@ def _tokenizer_to_load(meta: dict[str, Any], path: str) -> Any:
     """The tokenizer spec to load checkpoint `path` with: the recorded one while that file still holds
     what the checkpoint was saved with (so data tokenized with it still matches by name), else the run
     folder's copy (the file was moved, deleted or retrained since, or the run came from elsewhere)."""
+    from ..data.tokenizer import tokenizer_file_sha256
+
     spec, wanted = meta.get("tokenizer"), meta.get("tokenizer_sha256")
     if wanted is None or not isinstance(spec, str):
         return spec  # "bytes", an encoding name, or a checkpoint from before the copies
-    if _tokenizer_hash(spec) == wanted:
+    if tokenizer_file_sha256(spec) == wanted:
         return spec
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <run>/checkpoints/step_N
     copy = tokenizer_copy_path(run_dir)
-    if _tokenizer_hash(copy) == wanted:
+    if tokenizer_file_sha256(copy) == wanted:
         return copy
     warnings.warn(f"checkpoint {path!r} was saved with the tokenizer file {spec!r}, which has changed or gone "
                   f"since, and its run folder holds no copy of it ({copy!r} is missing or another "

@@ -88,8 +88,11 @@ def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: in
 
     device = resolve_device(device)
     model, tokenizer, _ = load_trained_model(run_dir, device)
-    data_tokenizer = load_manifest(data_dir)["tokenizer"]
-    if data_tokenizer != tokenizer.spec:
+    from ..data.tokenizer import same_tokenizer
+
+    manifest = load_manifest(data_dir)
+    data_tokenizer = manifest["tokenizer"]
+    if not same_tokenizer(tokenizer.spec, data_tokenizer, manifest.get("tokenizer_sha256")):
         raise ValueError(f"the data in {data_dir!r} was tokenized with {data_tokenizer!r}, the model with "
                          f"{tokenizer.spec!r}")
     seq_len = seq_len or model.config.block_size

@@ -44,14 +44,16 @@ class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for max_bad_steps steps in a row."""
 
 
-def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = None):
+def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = None,
+                tokenizer_sha256: str | None = None):
     """The GPT of a TrainConfig: its preset with the data's vocabulary, the run's context length
     and backend, then the config's model overrides; or, with config.init_from, the model stored there
-    (continued pretraining), which must know the data's tokens."""
+    (continued pretraining), which must know the data's tokens (tokenizer_spec and tokenizer_sha256:
+    the data manifest's)."""
     from ..model import GPT, GPTConfig
 
     if config.init_from:
-        return _load_init_model(config, n_vocab, tokenizer_spec)
+        return _load_init_model(config, n_vocab, tokenizer_spec, tokenizer_sha256)
 
     settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.backend}
     settings.update(config.model)
@@ -63,7 +65,8 @@ def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = 
     return GPT(model_config)
 
 
-def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None):
+def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None, tokenizer_sha256: str | None):
+    from ..data.tokenizer import same_tokenizer
     from .inference import load_gpt
 
     if config.model:
@@ -71,7 +74,7 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
                          f"settings {sorted(config.model)}")
     model, spec, meta = load_gpt(config.init_from, config.backend)
     from_llmkern = meta.get("source") != "hf-gpt2"
-    if from_llmkern and tokenizer_spec is not None and spec != tokenizer_spec:
+    if from_llmkern and tokenizer_spec is not None and not same_tokenizer(spec, tokenizer_spec, tokenizer_sha256):
         raise ValueError(f"init_from {config.init_from!r} was trained with tokenizer {spec!r}, the data with "
                          f"{tokenizer_spec!r}: tokenize the data with the model's tokenizer")
     if model.config.vocab_size < n_vocab:
@@ -115,7 +118,8 @@ class Trainer:
                                         seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                         device=self.device, document_ids=config.document_masking)
         seed_everything(config.seed)
-        self.raw_model = build_model(config, int(self.manifest["n_vocab"]), self.manifest["tokenizer"]).to(self.device)
+        self.raw_model = build_model(config, int(self.manifest["n_vocab"]), self.manifest["tokenizer"],
+                                     self.manifest.get("tokenizer_sha256")).to(self.device)
         self.model = distributed.wrap(self.raw_model, self.dist, self.device, config.parallel)  # DDP, or FSDP2 in place
         self.wrapped_model = self.model
         self.optimizer = self._make_optimizer(self.raw_model)
