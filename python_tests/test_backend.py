@@ -55,3 +55,49 @@ def test_backend_probes_trace_under_a_fullgraph_compile(monkeypatch):
 
     expected = 1 + int(_backend.cuda_module() is not None) + 1
     assert probe(torch.ones(())).item() == expected
+
+
+def test_the_triton_36_interpreter_fix_applies_only_where_it_is_needed(monkeypatch):
+    """llmkern.triton._compat mends Triton < 3.8's interpreter for NumPy >= 2.4 (Triton issue 9171). The
+    suite runs a newer Triton, so here the version and NumPy's behaviour are set by hand."""
+    import types
+
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    from llmkern.triton import _compat
+
+    calls = []
+
+    def original(tensor, scope):  # stands in for the interpreter's own attribute patching
+        calls.append(tensor)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", original)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_compat, "_interpreter_index_is_broken", lambda: True)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    _compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is original  # fixed upstream: left alone
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(_compat, "_interpreter_index_is_broken", lambda: False)
+    _compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is original  # a NumPy that still converts: nothing to mend
+    monkeypatch.setattr(_compat, "_interpreter_index_is_broken", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is original  # compiled kernels never take this path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _compat.patch_interpreter()
+    patched = interpreter._patch_lang_tensor
+    assert patched is not original
+    _compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is patched  # once, not wrapped again
+
+    attrs = {}
+    scope = types.SimpleNamespace(set_attr=lambda obj, name, fn: attrs.__setitem__(name, fn))
+    patched("tensor class", scope)
+    assert calls == ["tensor class"]  # the interpreter's own patching still happens
+    loop_bound = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([7], dtype=np.int32)))
+    assert attrs["__index__"](loop_bound) == 7  # a 1-element array, as Triton 3.6 hands it over

@@ -839,6 +839,19 @@ def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):
         ckpt.load_checkpoint(str(tmp_path / "moved"))
 
 
+def test_a_tokenizer_file_deleted_after_tokenizing_never_stops_a_save(tmp_path):
+    from llmkern.data.bpe import train_bpe
+
+    docs = synthetic_documents()
+    bpe = str(tmp_path / "bpe.tiktoken")
+    train_bpe(docs, 280, bpe, num_workers=1)
+    tokenize_documents(docs, bpe, str(tmp_path / "shards"), val_fraction=0.15, seed=0)
+    os.remove(bpe)  # training needs only the shards
+    with pytest.warns(UserWarning, match="is gone: the checkpoint is saved without a copy"):
+        Trainer(tiny_config(tmp_path / "run", str(tmp_path / "shards"), max_steps=2)).fit()
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 2
+
+
 @pytest.mark.parametrize("spelling", ["--init_from", "--init-from"])
 def test_main_job_drops_its_model_defaults_for_init_from_however_spelled(spelling, monkeypatch):
     # the command line accepts --init-from for init_from; the main job must see it too, or its

@@ -136,15 +136,20 @@ def tokenizer_copy_path(run_dir: str) -> str:
 
 def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
     """Copy the tokenizer file `spec` names (and its sidecar) to the run folder, unless it holds it
-    already; its hash. None when spec is "bytes" or an encoding name: nothing to carry."""
+    already; its hash. None when spec is "bytes" or an encoding name: nothing to carry. A file gone
+    since the data was tokenized never stops a save: the copy an earlier save made stands, or none."""
     from ..data.tokenizer import is_file_spec, sidecar_path, tokenizer_file_sha256
 
     if not (isinstance(spec, str) and spec and is_file_spec(spec)):
         return None
+    copy = tokenizer_copy_path(run_dir)
     wanted = tokenizer_file_sha256(spec)
     if wanted is None:
-        raise FileNotFoundError(f"the run's tokenizer file {spec!r} is gone: the checkpoint cannot keep a copy")
-    copy = tokenizer_copy_path(run_dir)
+        kept = tokenizer_file_sha256(copy)
+        if kept is None:
+            warnings.warn(f"the tokenizer file {spec!r} is gone: the checkpoint is saved without a copy of it, and "
+                          f"the run's text cannot be encoded or decoded until it is back", stacklevel=3)
+        return kept
     if tokenizer_file_sha256(copy) != wanted:
         pending = []  # both files under temporary names first, then renamed into place
         for source, target in ((spec, copy), (sidecar_path(spec), sidecar_path(copy))):
