@@ -125,8 +125,8 @@ def check_against_reference(backend, b, hq, hkv, sq, sk, d, dtype, causal, devic
     assert o.shape == (b, hq, sq, d) and o.dtype == dtype
     if strided:  # the gradient a model hands back through o.transpose(1, 2): strided too
         do = torch.randn(b, sq, hq, d, dtype=dtype, device=device).transpose(1, 2)
-    else:
-        do = torch.randn_like(o)
+    else:  # contiguous, whatever the layout of o (randn_like would copy the kernels' (B, S, H, D) strides)
+        do = torch.randn(o.shape, dtype=dtype, device=device)
     grads = _grads(o, (q, k, v), do)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llmkern
 from llmkern import _backend
 from llmkern.model import GPT, PRESETS, GPTConfig
 from llmkern.model.gpt import positions_in_documents
@@ -254,6 +255,41 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_attention_block_moves_no_more_bytes_than_it_must(variant):
+    """The gradients of q, k and v reach the fused QKV output through one cat (split views), not through
+    slices that each zero-fill a QKV-sized buffer; and the kernels' output is laid out as the output
+    projection reads it, so no copy comes between them."""
+    from llmkern.nn import CausalSelfAttention
+
+    kernels = "triton" if _backend.can_run("triton", "attention", torch.device("cpu")) else None
+    for backend in ("torch", kernels):
+        if backend is None:
+            continue
+        torch.manual_seed(0)
+        attn = CausalSelfAttention(64, 2, 1 if variant == "llama" else 2, backend=backend)
+        rotary = None
+        if variant == "llama":
+            from llmkern.nn import RotaryCache
+
+            rotary = RotaryCache(32, 16)(None, 16)
+        out = attn(torch.randn(2, 16, 64), rotary)
+        seen, stack = set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        names = {type(node).__name__ for node in seen}
+        assert "SplitWithSizesBackward0" in names and "SliceBackward0" not in names, (backend, sorted(names))
+        if backend != "torch":  # the kernels' o: a transposed view of (B, S, H, D) memory
+            q = torch.randn(2, 16, 2, 32).transpose(1, 2)
+            o = llmkern.ops.attention(q, q, q, backend=backend)
+            assert o.shape == (2, 2, 16, 32) and o.transpose(1, 2).is_contiguous()
+            assert "CloneBackward0" not in names and "UnsafeViewBackward0" not in names  # reshape for proj: a view
 
 
 def _matches_torch_backend_under_bf16_autocast(backend, variant, device, n_embd, n_head, n_kv_head, seq, batch):

@@ -61,13 +61,14 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)
-        qk = qkv[:, :, : h + hkv].transpose(1, 2)  # (B, H + Hkv, T, D): q's and k's heads side by side
-        v = qkv[:, :, h + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
+        # Views by split, not by slicing: the backward of a split joins the views' gradients in one
+        # cat, where each slice's would zero-fill a buffer of the whole and then add them up.
+        qk, v = (part.transpose(1, 2) for part in qkv.split([h + hkv, hkv], dim=2))  # (B, heads, T, D)
         if rotary is not None:
             cos, sin = rotary
             # One rotation of q's and k's heads together: one launch instead of two.
             qk = rope(qk, cos, sin, backend=op_backend("rope", self.backend, x.device))
-        q, k = qk[:, :h], qk[:, h:]  # (B, H, T, D), (B, Hkv, T, D)
+        q, k = qk.split([h, hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
             y = attention(q, k, v, causal=True, backend=op_backend("attention", self.backend, x.device), doc_ids=doc_ids)
         else:
@@ -79,5 +80,5 @@ class CausalSelfAttention(nn.Module):
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, H * D)
+        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))

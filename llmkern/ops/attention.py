@@ -74,7 +74,9 @@ def attention(
             the same for every batch row; the other way of saying doc_ids.
 
     Returns:
-        o: (B, Hq, Sq, D), q's dtype, contiguous.
+        o: (B, Hq, Sq, D), q's dtype. From the cuda and triton backends it is, as from SDPA's flash
+            backend, the transposed view of a contiguous (B, Sq, Hq, D) tensor, so that
+            o.transpose(1, 2).reshape(B, Sq, Hq * D) (the input of the output projection) is a view.
     """
     _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens)
     device = _checks.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
@@ -201,7 +203,9 @@ def _rows_of(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
 
 def _empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, sq, d = q.shape
-    o = q.new_empty((b, hq, sq, d))
+    # (B, Sq, Hq, D) memory, seen as (B, Hq, Sq, D): the heads of a position side by side, as the
+    # output projection reads them, so no copy comes between the two (and its saved input is o).
+    o = q.new_empty((b, sq, hq, d)).transpose(1, 2)
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
     return o, lse
 
