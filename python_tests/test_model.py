@@ -292,6 +292,37 @@ def test_attention_block_moves_no_more_bytes_than_it_must(variant):
             assert "CloneBackward0" not in names and "UnsafeViewBackward0" not in names  # reshape for proj: a view
 
 
+def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
+    """Under autocast the residual stream is fp32 and a block's branches bf16. A branch joins the stream
+    in one promoting add: the only activation casts in a GPT-2 block are of the norms' outputs into the
+    bf16 matmuls (the attention branch's cast to fp32 before norm2 was a kernel and a copy more).
+    RMSNorm's op adds one dtype, so its module casts; either way h is the fp32 sum, bitwise."""
+    from llmkern.model.gpt import Block
+    from llmkern.nn import LayerNorm, RMSNorm
+
+    block = Block(tiny(**VARIANTS["gpt2"], backend="torch"), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(torch.randn(2, 8, block.norm1.normalized_shape[0], requires_grad=True))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions)
+    cast_from = {type(f).__name__ for node in seen if type(node).__name__ == "ToCopyBackward0"
+                 for f, _ in node.next_functions if f is not None}
+    assert "NativeLayerNormBackward0" in cast_from  # the norms' outputs into the bf16 matmuls, as it must
+    linear_outputs = {"AddmmBackward0", "ViewBackward0", "UnsafeViewBackward0", "MmBackward0"}
+    assert not cast_from & linear_outputs, cast_from  # no matmul's output cast: the branches join as they are
+
+    branch = torch.randn(2, 5, 16).bfloat16()
+    stream = torch.randn(2, 5, 16)
+    for norm in (LayerNorm(16), RMSNorm(16, backend="torch")):
+        _, h = norm(branch, residual=stream)
+        assert h.dtype == torch.float32 and torch.equal(h, branch.float() + stream)
+
+
 def _matches_torch_backend_under_bf16_autocast(backend, variant, device, n_embd, n_head, n_kv_head, seq, batch):
     """`backend`'s model against the torch backend's with the same weights: loss, logits, gradients;
     the two models (reference second) for more steps."""

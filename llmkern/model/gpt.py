@@ -47,9 +47,9 @@ class Block(nn.Module):
 
     def forward(self, x, rotary=None, attn_mask=None, cache=None, doc_ids=None):
         a = self.attn(self.norm1(x), rotary, attn_mask, cache, doc_ids)
-        # One fused pass adds the attention branch to the residual stream and norms the sum.
-        # The stream keeps its dtype (fp32 under autocast), so the bf16 branch is cast to it.
-        normed, x = self.norm2(a.to(x.dtype), residual=x)
+        # One fused pass adds the attention branch to the residual stream and norms the sum. The
+        # stream keeps its dtype (fp32 under autocast); the norm takes the bf16 branch as it is.
+        normed, x = self.norm2(a, residual=x)
         return x + self.mlp(normed)
 
 
