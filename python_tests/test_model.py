@@ -257,6 +257,17 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def autograd_nodes(out: torch.Tensor) -> set:
+    """Every node of the autograd graph that computed `out`."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    return seen
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_attention_block_moves_no_more_bytes_than_it_must(variant):
     """The gradients of q, k and v reach the fused QKV output through one cat (split views), not through
@@ -275,15 +286,7 @@ def test_attention_block_moves_no_more_bytes_than_it_must(variant):
             from llmkern.nn import RotaryCache
 
             rotary = RotaryCache(32, 16)(None, 16)
-        out = attn(torch.randn(2, 16, 64), rotary)
-        seen, stack = set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        names = {type(node).__name__ for node in seen}
+        names = {type(node).__name__ for node in autograd_nodes(attn(torch.randn(2, 16, 64), rotary))}
         assert "SplitWithSizesBackward0" in names and "SliceBackward0" not in names, (backend, sorted(names))
         if backend != "torch":  # the kernels' o: a transposed view of (B, S, H, D) memory
             q = torch.randn(2, 16, 2, 32).transpose(1, 2)
@@ -303,14 +306,7 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
     block = Block(tiny(**VARIANTS["gpt2"], backend="torch"), 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(torch.randn(2, 8, block.norm1.normalized_shape[0], requires_grad=True))
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(f for f, _ in node.next_functions)
-    cast_from = {type(f).__name__ for node in seen if type(node).__name__ == "ToCopyBackward0"
+    cast_from = {type(f).__name__ for node in autograd_nodes(out) if type(node).__name__ == "ToCopyBackward0"
                  for f, _ in node.next_functions if f is not None}
     assert "NativeLayerNormBackward0" in cast_from  # the norms' outputs into the bf16 matmuls, as it must
     linear_outputs = {"AddmmBackward0", "ViewBackward0", "UnsafeViewBackward0", "MmBackward0"}
