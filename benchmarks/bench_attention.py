@@ -10,8 +10,9 @@ one of them recomputing q k^T); forward+backward 3.5x. The same count for every 
 TFLOP/s compare like times.
 
 Providers: eager math attention (the fp32 reference: materializes S x S; skipped where it runs
-out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda,
-and flash-attn's flash_attn_func when it is importable.
+out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda
+(and "llmkern cuda rows128": its forward at 128 query rows a block, 8 warps, beside the default
+64), and flash-attn's flash_attn_func when it is importable.
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def _sdpa(backend_name: str):
     return run
 
 
+def _with_cuda_forward_rows(rows: int, fn):
+    """fn with the CUDA attention forward at `rows` query rows per block (llmkern.cuda.attention)."""
+    import os
+
+    from llmkern.cuda.attention import FORWARD_ROWS_ENV
+
+    def run(q, k, v, causal):
+        saved = os.environ.get(FORWARD_ROWS_ENV)
+        os.environ[FORWARD_ROWS_ENV] = str(rows)
+        try:
+            return fn(q, k, v, causal)
+        finally:
+            if saved is None:
+                os.environ.pop(FORWARD_ROWS_ENV)
+            else:
+                os.environ[FORWARD_ROWS_ENV] = saved
+
+    return run
+
+
 def providers(device: torch.device) -> dict:
     """name -> fn(q, k, v, causal) on (B, H, S, D) tensors, for every provider that can run here."""
     out = {
@@ -60,6 +81,8 @@ def providers(device: torch.device) -> dict:
             out[f"llmkern {backend}"] = (
                 lambda b: lambda q, k, v, causal: llmkern.ops.attention(q, k, v, causal=causal, backend=b)
             )(backend)
+    if "llmkern cuda" in out:  # the 8-warp forward beside the default 4-warp one (the backward is the same)
+        out["llmkern cuda rows128"] = _with_cuda_forward_rows(128, out["llmkern cuda"])
     try:
         from flash_attn import flash_attn_func
 

@@ -26,6 +26,7 @@ import simt
 import torch
 import torch.nn.functional as F
 
+import llmkern.cuda.attention as cuda_attention
 from llmkern import _backend
 from llmkern.ops import attention, reference
 from numerics import assert_close_to_ref
@@ -486,7 +487,7 @@ def test_cuda_launchers_check_sizes_before_touching_memory(bad):
     with pytest.raises(RuntimeError, match="attention_forward.*cudaErrorInvalidValue"):
         mod.attention_forward(a["q"], a["k"], a["v"], a["doc"], a["o"], a["lse"], a["batch"], a["q_heads"],
                               a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"], st, st, st, st, 0.125, True,
-                              a["dtype"], 0)
+                              a["dtype"], 64, 0)
     with pytest.raises(RuntimeError, match="attention_backward.*cudaErrorInvalidValue"):
         mod.attention_backward(a["q"], a["k"], a["v"], a["o"], base, a["lse"], a["doc"], a["o"], base, base, base,
                                a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"],
@@ -560,6 +561,34 @@ def test_simt_fits_the_shared_memory_of_smaller_gpus(arch):
         check_against_reference("cuda", 1, 2, 1, 70, 70, 128, torch.bfloat16, True, CPU, atol=1e-3)
 
 
+@pytest.mark.parametrize("device,s", [pytest.param("cuda", 4097, marks=pytest.mark.cuda, id="gpu"),
+                                      pytest.param("cpu", 200, marks=emulated, id="simt")])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_cuda_forward_with_128_row_blocks(device, s, d, monkeypatch):
+    """The 8-warp forward (LLMKERN_CUDA_ATTENTION_ROWS=128): whole and partial 128-row blocks, causal
+    or not, documents, Sq < Sk and Sq > Sk (rows that see no key)."""
+    require_backend("cuda", device)
+    monkeypatch.setenv(cuda_attention.FORWARD_ROWS_ENV, "128")
+    dev = torch.device(device)
+    for causal in (True, False):
+        check_against_reference("cuda", 1, 4, 2, s, s, d, torch.bfloat16, causal, dev, atol=1e-3)
+    check_against_reference("cuda", 1, 4, 2, s, s, d, torch.float16, True, dev, doc_ids=_random_doc_ids(1, s, dev),
+                            atol=1e-3)
+    check_against_reference("cuda", 1, 4, 4, s // 3, s, d, torch.float16, True, dev, atol=1e-3)
+    check_queries_that_see_no_key("cuda", s, s // 2, d, torch.bfloat16, dev, atol=5e-2)
+    if device == "cpu" and d == 128:  # 96 KiB of shared memory: within what an sm86 block may opt into
+        with simt.arch("sm86"):
+            check_against_reference("cuda", 1, 2, 1, 130, 130, d, torch.bfloat16, True, dev, atol=1e-3)
+
+
+def test_cuda_forward_rows_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(cuda_attention.FORWARD_ROWS_ENV, "96")
+    with pytest.raises(ValueError, match="LLMKERN_CUDA_ATTENTION_ROWS must be 64 or 128, got '96'"):
+        cuda_attention.forward_block_rows()
+    monkeypatch.delenv(cuda_attention.FORWARD_ROWS_ENV)
+    assert cuda_attention.forward_block_rows() == 64
+
+
 @emulated
 def test_simt_cuda_backend_refuses_a_gpu_without_mma_sync():
     """On an sm75 (T4) the kernels' sm80 instructions do not exist: a clear error, not a wrong answer."""
@@ -627,15 +656,17 @@ def test_kernels_write_every_output(backend, device, shape):
 
 
 @emulated
-@pytest.mark.parametrize("dtype,d,causal,with_docs,shape", [
-    (torch.bfloat16, 64, True, True, (2, 2, 1, 130)),
-    (torch.float16, 128, False, False, (1, 4, 2, 100)),
+@pytest.mark.parametrize("dtype,d,causal,with_docs,shape,rows", [
+    (torch.bfloat16, 64, True, True, (2, 2, 1, 130), 64),
+    (torch.float16, 128, False, False, (1, 4, 2, 100), 64),
+    (torch.bfloat16, 128, True, False, (1, 2, 1, 200), 128),
 ])
-def test_simt_results_do_not_depend_on_the_schedule(dtype, d, causal, with_docs, shape):
+def test_simt_results_do_not_depend_on_the_schedule(dtype, d, causal, with_docs, shape, rows, monkeypatch):
     """A race between two barriers (a warp reading shared memory another warp has not yet written, or
     writing over data another still reads) makes the result depend on which thread runs first. The
     emulator runs the same forward and backward launches with threads and blocks in other orders:
-    o, lse, dq, dk and dv must not change in a single bit."""
+    o, lse, dq, dk and dv must not change in a single bit. rows: the forward's query rows a block."""
+    monkeypatch.setenv(cuda_attention.FORWARD_ROWS_ENV, str(rows))
     b, hq, hkv, s = shape
     q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, dtype, CPU))
     doc_ids = _random_doc_ids(b, s, CPU).to(torch.int32) if with_docs else None

@@ -143,9 +143,9 @@ def test_rms_norm_workspace_query_is_zero_without_a_device():
 @pytest.mark.parametrize(
     "change",
     [dict(batch=65536), dict(q_heads=65536, kv_heads=1), dict(seq_k=16, doc=FAKE), dict(scale=0.0),
-     dict(seq_q=0), dict(kv_heads=0)],
+     dict(seq_q=0), dict(kv_heads=0), dict(rows=96)],
     ids=["batch-over-grid-z", "heads-over-grid-y", "docs-need-equal-lengths", "zero-scale", "no-queries",
-         "no-kv-heads"],
+         "no-kv-heads", "block-rows-not-64-or-128"],
 )
 def test_attention_launchers_refuse_bad_sizes(change):
     a = dict(batch=1, q_heads=4, kv_heads=2, seq_q=8, seq_k=8, doc=0, scale=0.125)
@@ -154,7 +154,10 @@ def test_attention_launchers_refuse_bad_sizes(change):
     mod = _backend.cuda_module()
     sizes = (a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], 64)
     with pytest.raises(RuntimeError, match=f"attention_forward.*{INVALID}"):
-        mod.attention_forward(FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, *sizes, st, st, st, st, a["scale"], True, BF16, 0)
+        mod.attention_forward(FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, *sizes, st, st, st, st, a["scale"], True, BF16,
+                              a.get("rows", 64), 0)
+    if "rows" in change:
+        return  # the forward's own setting; the backward has none
     with pytest.raises(RuntimeError, match=f"attention_backward.*{INVALID}"):
         mod.attention_backward(FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, FAKE, FAKE, *sizes,
                                st, st, st, st, st, st, st, st, a["scale"], True, BF16, 0)

@@ -28,7 +28,7 @@ void bind_attention(py::module_& m) {
       [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t doc_ids, std::uintptr_t o,
          std::uintptr_t lse, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t seq_q, int64_t seq_k,
          int64_t head_dim, const Strides& q_stride, const Strides& k_stride, const Strides& v_stride,
-         const Strides& o_stride, float scale, bool causal, int dtype, std::uintptr_t stream) {
+         const Strides& o_stride, float scale, bool causal, int dtype, int block_rows, std::uintptr_t stream) {
         AttentionForwardArgs args{};
         args.q = as_ptr<const void>(q);
         args.k = as_ptr<const void>(k);
@@ -49,6 +49,7 @@ void bind_attention(py::module_& m) {
         args.scale = scale;
         args.causal = causal;
         args.dtype = static_cast<DType>(dtype);
+        args.block_rows = block_rows;
         LLMKERN_CHECK_LAUNCH("attention_forward",
                              attention_forward(args, reinterpret_cast<cudaStream_t>(stream)));
       },

@@ -1,6 +1,8 @@
 // FlashAttention-2 forward on tensor cores (mma.sync m16n8k16, sm80 and newer).
 //
-// One block of kWarps = 4 warps per (64 query rows, head, batch); each warp owns 16 rows.
+// One block of kWarps warps per (16 * kWarps query rows, head, batch); each warp owns 16 rows.
+// kWarps is 4 (64 rows) or 8 (128 rows: every k/v tile read from L2 serves twice the rows, for the
+// same registers a thread; one such block fits an SM where two 4-warp blocks do).
 // The block keeps its q tile in registers (as mma A fragments) and streams 64-key tiles of k
 // and v through shared memory with cp.async, double-buffered: the copy of tile j+1 runs while
 // tile j is multiplied. Per tile, each warp computes S = q k^T (16 x 64, fp32 accumulators),
@@ -27,22 +29,21 @@ namespace {
 
 using namespace attention_detail;
 
-constexpr int kBlockM = 64;  // query rows per block
 constexpr int kBlockN = 64;  // keys per k/v tile
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int D>
+template <int D, int kWarps>
 constexpr int shared_bytes() {
   // q tile + two k tiles + two v tiles, 2-byte elements
-  return (kBlockM * D + 2 * kBlockN * D + 2 * kBlockN * D) * 2;
+  return (16 * kWarps * D + 2 * kBlockN * D + 2 * kBlockN * D) * 2;
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, bool kCausal, bool kHasDoc, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
     attention_forward_kernel(const AttentionForwardArgs args, int num_m_blocks, float scale_log2) {
+  constexpr int kBlockM = 16 * kWarps;  // query rows per block
+  constexpr int kThreads = kWarps * 32;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* s_q = reinterpret_cast<T*>(shared_raw);
   T* s_k = s_q + kBlockM * D;        // [2][kBlockN * D]
@@ -248,16 +249,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T, int D, bool kCausal, bool kHasDoc, int kWarps>
+cudaError_t launch_forward_with(const AttentionForwardArgs& args, cudaStream_t stream) {
+  auto kernel = attention_forward_kernel<T, D, kCausal, kHasDoc, kWarps>;
+  constexpr int kShared = shared_bytes<D, kWarps>();
+  LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
+  const int num_m_blocks = static_cast<int>((args.seq_q + 16 * kWarps - 1) / (16 * kWarps));
+  const dim3 grid(num_m_blocks, static_cast<unsigned>(args.q_heads), static_cast<unsigned>(args.batch));
+  kernel<<<grid, kWarps * 32, kShared, stream>>>(args, num_m_blocks, args.scale * kLog2e);
+  return cudaGetLastError();
+}
+
 template <typename T, int D, bool kCausal, bool kHasDoc>
 cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
   LLMKERN_RETURN_IF_ERROR(check_device_is_sm80());  // after every argument check
-  auto kernel = attention_forward_kernel<T, D, kCausal, kHasDoc>;
-  constexpr int kShared = shared_bytes<D>();
-  LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
-  const int num_m_blocks = static_cast<int>((args.seq_q + kBlockM - 1) / kBlockM);
-  const dim3 grid(num_m_blocks, static_cast<unsigned>(args.q_heads), static_cast<unsigned>(args.batch));
-  kernel<<<grid, kThreads, kShared, stream>>>(args, num_m_blocks, args.scale * kLog2e);
-  return cudaGetLastError();
+  if (args.block_rows == 128) return launch_forward_with<T, D, kCausal, kHasDoc, 8>(args, stream);
+  return launch_forward_with<T, D, kCausal, kHasDoc, 4>(args, stream);
 }
 
 }  // namespace
@@ -278,6 +285,7 @@ cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t str
   LLMKERN_RETURN_INVALID_IF(!strides_ok(args.q_stride) || !strides_ok(args.k_stride) ||
                             !strides_ok(args.v_stride) || !strides_ok(args.o_stride));
   LLMKERN_RETURN_INVALID_IF(!(args.scale > 0.f));
+  LLMKERN_RETURN_INVALID_IF(args.block_rows != 0 && args.block_rows != 64 && args.block_rows != 128);
   return dispatch_attention(args.dtype, args.head_dim, args.causal, args.doc_ids != nullptr,
                             [&](auto t, auto d, auto causal, auto has_doc) {
                               return launch_forward<decltype(t), decltype(d)::value, decltype(causal)::value,

@@ -26,6 +26,9 @@ struct AttentionForwardArgs {
   float scale;  // multiplies q k^T
   bool causal;  // key j is seen by query i when j <= i + seq_k - seq_q (bottom-right aligned)
   DType dtype;  // kFloat16 or kBFloat16
+  // Query rows per block, 16 per warp: 64 (4 warps) or 128 (8 warps, which read each k/v tile from
+  // L2 for twice the rows). 0 means 64.
+  int block_rows;
 };
 
 // Head dims with kernels (the Python side checks too; other values return cudaErrorInvalidValue).

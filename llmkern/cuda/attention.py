@@ -8,6 +8,8 @@ fused QKV projection with D a multiple of 8).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _backend
@@ -35,6 +37,18 @@ def _doc_ids(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
     return None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
 
 
+# Query rows per forward block: 64 (4 warps) or 128 (8 warps, each k/v tile read once for twice the
+# rows). Which is faster on which GPU is for bench_attention to say; it sets this to compare them.
+FORWARD_ROWS_ENV = "LLMKERN_CUDA_ATTENTION_ROWS"
+
+
+def forward_block_rows() -> int:
+    text = os.environ.get(FORWARD_ROWS_ENV, "64")
+    if text not in ("64", "128"):
+        raise ValueError(f"{FORWARD_ROWS_ENV} must be 64 or 128, got {text!r}")
+    return int(text)
+
+
 def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
     """o = attention(q, k, v) and lse (B, Hq, Sq) fp32, written in place."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -50,7 +64,7 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
             ptr(q), ptr(k), ptr(v), ptr(doc_ids), ptr(o), ptr(lse),
             b, hq, hkv, sq, sk, d,
             _strides(q), _strides(k), _strides(v), _strides(o),
-            float(scale), bool(causal), dtype_code(q.dtype), stream(q.device),
+            float(scale), bool(causal), dtype_code(q.dtype), forward_block_rows(), stream(q.device),
         )
 
 
