@@ -241,10 +241,15 @@ def test_float16_gradients_reach_the_optimizer_unscaled(tmp_path, small_loss_sca
     assert norms["float16"] == pytest.approx(norms["float32"], rel=0.02)  # not 256 times it
 
 
-def test_a_stopped_float16_run_resumes_with_its_loss_scale(tmp_path, small_loss_scale):
+def times_three_examples():
+    """11 tiny "i * 3 = " examples in bytes, and the collate of their LM batches (the resume tests' data)."""
     tok = ByteTokenizer()
     examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
-    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+    return examples, lambda rows: make_lm_batch(rows, 0)
+
+
+def test_a_stopped_float16_run_resumes_with_its_loss_scale(tmp_path, small_loss_scale):
+    examples, collate = times_three_examples()
     calls = {"n": 0}
 
     def overflow_in_step_2(m, batch):
@@ -353,9 +358,7 @@ class Interrupted(RuntimeError):
 def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
     """8 steps with a saved state every 3: stopping in step 5 and resuming from step 3 ends where the
     uninterrupted run ends, bit for bit (CPU), dropout and accumulation included."""
-    tok = ByteTokenizer()
-    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
-    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+    examples, collate = times_three_examples()
 
     def settings(out, **kw):
         return FinetuneConfig(out_dir=str(tmp_path / out), max_steps=8, batch_size=3, grad_accum=2, lr=3e-3,
@@ -406,9 +409,7 @@ def test_ctrl_c_saves_the_fine_tuning_state_and_a_fresh_start_does_not_overwrite
 
     from llmkern.train import TrainingInterrupted
 
-    tok = ByteTokenizer()
-    examples = [encode_prompt_response(tok, f"{i} * 3 = ", str(3 * i), 24) for i in range(11)]
-    collate = lambda rows: make_lm_batch(rows, 0)  # noqa: E731
+    examples, collate = times_three_examples()
     calls = {"n": 0}
 
     def ctrl_c_in_step_3(m, batch):

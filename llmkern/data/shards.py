@@ -173,9 +173,10 @@ def write_manifest(
     }
     from .tokenizer import is_file_spec, tokenizer_file_sha256
 
-    if is_file_spec(tokenizer_spec) and tokenizer_file_sha256(tokenizer_spec) is not None:
+    file_hash = tokenizer_file_sha256(tokenizer_spec) if is_file_spec(tokenizer_spec) else None
+    if file_hash is not None:
         # what the tokens were made with, should the file move or change: see tokenizer.same_tokenizer
-        manifest["tokenizer_sha256"] = tokenizer_file_sha256(tokenizer_spec)
+        manifest["tokenizer_sha256"] = file_hash
     _validate_manifest(manifest, where="write_manifest")
     path = os.path.join(os.fspath(out_dir), MANIFEST)
     write_json_atomic(path, manifest)
