@@ -109,6 +109,31 @@ def test_sum_reduction_and_label_smoothing(dtype, backend, device):
     _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0, **on)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_padding_rows_past_num_classes(label_smoothing, backend, device):
+    """num_classes = 45 of weight's 64 rows: the loss and gradients of the 45-row head, and exact
+    zeros for the padding rows' gradients, even where the padding weights are huge."""
+    x, weight, target, bias = _make(21, 64, 16, torch.float32, with_bias=True, n_ignored=3, device=device)
+    weight[45:] = 1e4
+    bias[45:] = 1e4
+    target = torch.where(target == -100, target, target % 45)
+    kwargs = dict(label_smoothing=label_smoothing)
+    loss, (dx, dw, db) = _loss_and_grads(
+        lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=8, num_classes=45, **kwargs),
+        x, weight, target, bias,
+    )
+    ref_loss, (ref_dx, ref_dw, ref_db) = _loss_and_grads(
+        lambda x, w, t, b: reference.fused_linear_cross_entropy(x, w, t, b, **kwargs), x, weight[:45], target, bias[:45]
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+    assert dw.shape == weight.shape and db.shape == bias.shape
+    torch.testing.assert_close(dw[:45], ref_dw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db[:45], ref_db, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dw[45:], torch.zeros_like(dw[45:])) and torch.equal(db[45:], torch.zeros_like(db[45:]))
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_another_ignore_index_and_the_default_chunk(backend, device):
     _check(40, 97, 16, torch.float32, n_ignored=7, ignore_index=-1, device=device, backend=backend)
@@ -287,8 +312,10 @@ def test_opcheck(with_bias, backend, device):
     for t in (x, weight, bias):
         if t is not None:
             t.requires_grad_(True)
-    args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4, backend)
-    torch.library.opcheck(torch.ops.llmkern.fused_linear_cross_entropy.default, args)
+    for num_classes in (24, 19):  # all rows are classes; five padding rows
+        target = target.clamp(max=num_classes - 1)
+        args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4, num_classes, backend)
+        torch.library.opcheck(torch.ops.llmkern.fused_linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -334,6 +361,11 @@ def test_model_fused_loss_matches_the_plain_loss():
     logits, loss = fused(idx, targets)
     ref_logits, ref_loss = plain(idx, targets)
     assert logits is None  # the point: the logits were never made
+    # The op takes the whole padded head (num_classes): no slice of it whose backward would zero-fill
+    # and copy a second head-sized gradient.
+    from test_model import autograd_nodes
+
+    assert "SliceBackward0" not in {type(node).__name__ for node in autograd_nodes(loss)}
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -378,6 +410,9 @@ def _good():
         (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
         (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
         (dict(chunk_rows=0), ValueError, "chunk_rows must be >= 1"),
+        (dict(num_classes=11), ValueError, r"num_classes must be in \[1, 10\]"),
+        (dict(num_classes=0), ValueError, "num_classes must be in"),
+        (dict(num_classes=5.0), TypeError, "num_classes must be an int"),
         (dict(backend="cuda"), ValueError, "backend='cuda' cannot run"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],

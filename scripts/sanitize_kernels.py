@@ -161,11 +161,13 @@ def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
         n, hidden, vocab = 37, 64, 1003
         x, x_ref = _leaves(torch.randn(n, hidden, dtype=dtype), device)
         w, w_ref = _leaves((0.1 * torch.randn(vocab, hidden)).to(dtype), device)
-        target = torch.randint(0, vocab, (n,))
+        classes = vocab - 3  # and three padding rows
+        target = torch.randint(0, classes, (n,))
         target[::5] = -100  # ignored rows
         loss = llmkern.ops.fused_linear_cross_entropy(x, w, target.to(device), label_smoothing=0.1,
-                                                      backend=backend, chunk_rows=16)
-        loss_ref = reference.fused_linear_cross_entropy(x_ref, w_ref, target, label_smoothing=0.1)
+                                                      backend=backend, chunk_rows=16, num_classes=classes)
+        loss_ref = reference.fused_linear_cross_entropy(x_ref, w_ref, target, label_smoothing=0.1,
+                                                        num_classes=classes)
         loss.backward()
         loss_ref.backward()
         name = f"fused_linear_cross_entropy {n}x{hidden} V{vocab} {dtype}"

@@ -113,9 +113,11 @@ class GPT(nn.Module):
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
         loss_backend = None if targets is None else self._fused_loss_backend(hidden.device)
         if loss_backend is not None:
-            # The padding rows of the output layer are left out, so they get no probability.
+            # The padding rows of the output layer are left out, so they get no probability. The op
+            # takes the whole weight and writes their (zero) gradient itself: slicing the weight here
+            # would make autograd zero-fill and copy another weight-sized gradient each step.
             loss = fused_linear_cross_entropy(
-                hidden, self.lm_head.weight[:vocab], targets, ignore_index=-1, backend=loss_backend
+                hidden, self.lm_head.weight, targets, ignore_index=-1, backend=loss_backend, num_classes=vocab
             )
             return None, loss
         logits = self.lm_head(hidden)  # (B, T, padded_vocab_size)

@@ -86,21 +86,24 @@ def forward(
     need_grad_weight: bool,
     need_grad_bias: bool,
     chunk_rows: int,
+    num_classes: int,
     cross_entropy_rows: Callable[..., None],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(loss, grad_x, grad_weight, grad_bias) of the reduced cross-entropy of x @ weight^T + bias.
 
     x (N, H); weight (V, H) of x's dtype, or fp32 with a 16-bit x (cast once to x's dtype, as
-    autocast would); target (N,) contiguous; bias (V,) or None. The gradients are those of the
-    loss itself (d loss = 1), in the dtypes of x, weight and bias; None where not asked for.
+    autocast would); target (N,) contiguous; bias (V,) or None. The classes are the first
+    num_classes of the V rows; the gradients of the others (padding) are zeros. The gradients are
+    those of the loss itself (d loss = 1), in the dtypes of x, weight and bias; None where not
+    asked for.
     chunk_rows <= 0 picks the rows per chunk from CHUNK_BYTES. cross_entropy_rows: the backend's row
     kernel, cross_entropy_rows(logits, target, loss, grad_scale, ignore_index, label_smoothing, compute_grad).
     """
     n_rows, _ = x.shape
-    n_classes = weight.size(0)
+    n_classes = num_classes
     dtype = x.dtype
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
+    w = weight[:n_classes].to(dtype)
+    b = None if bias is None else bias[:n_classes].to(dtype)
     compute_grad = need_grad_x or need_grad_weight or need_grad_bias
     if chunk_rows <= 0:
         chunk_rows = chunk_rows_for(n_classes, x.element_size())
@@ -115,8 +118,9 @@ def forward(
 
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad_x else None
+    # Zeros: the padding rows past n_classes keep them.
     grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad_weight else None
-    grad_b32 = torch.zeros(n_classes, dtype=torch.float32, device=x.device) if need_grad_bias else None
+    grad_b32 = torch.zeros(weight.size(0), dtype=torch.float32, device=x.device) if need_grad_bias else None
     padded = torch.empty((chunk_rows, _round_up(n_classes, ROW_ALIGN)), dtype=dtype, device=x.device)
 
     # The dtypes are chosen above; autocast (still on inside a custom op) must not change them.
@@ -137,9 +141,9 @@ def forward(
             if need_grad_x:
                 torch.mm(logits, w, out=grad_x[start:end])
             if need_grad_weight:
-                _accumulate_product(grad_w32, logits.t(), x_c)
+                _accumulate_product(grad_w32[:n_classes], logits.t(), x_c)
             if need_grad_bias:
-                grad_b32.add_(logits.sum(dim=0, dtype=torch.float32))
+                grad_b32[:n_classes].add_(logits.sum(dim=0, dtype=torch.float32))
 
     loss = row_loss.sum()
     if reduction == "mean":

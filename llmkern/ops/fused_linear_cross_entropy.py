@@ -11,7 +11,12 @@ autograd registered, so torch.compile(fullgraph=True) traces it); the torch back
 reference (the full logits, then F.cross_entropy in fp32), differentiated by PyTorch itself.
 There is no CUDA backend: the matmuls are cuBLAS's either way, and the row kernel is Triton's.
 
-Targets out of range (neither in [0, V) nor ignore_index) are not checked on the host, which
+A vocabulary padded for speed (GPT-2's 50257 to 50304) passes the whole padded weight with
+num_classes = the real vocabulary: the padding rows take no part in the loss, and their gradient
+is written as zeros by the op itself, where slicing the weight outside would make autograd
+zero-fill and copy a second weight-sized gradient.
+
+Targets out of range (neither in [0, num_classes) nor ignore_index) are not checked on the host, which
 would wait for the GPU: the triton backend gives such a row a NaN loss and NaN gradients, so the
 loss is NaN; the torch backend raises (on a CPU) or asserts on the device, as F.cross_entropy does.
 """
@@ -41,6 +46,7 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     backend: str | None = None,
     chunk_rows: int | None = None,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """The cross-entropy loss of the logits x @ weight^T + bias against target, as a 0-d fp32 tensor.
 
@@ -49,7 +55,7 @@ def fused_linear_cross_entropy(
             autocast a float32 x is cast to the autocast dtype first, as a Linear layer's input is.
         weight: (V, H), x's dtype; or float32 with a 16-bit x (fp32 parameters under autocast:
             the matmuls run in x's dtype and the weight's gradient comes back in float32).
-        target: x.shape[:-1] or (N,) int64 (or int32) class ids in [0, V), or ignore_index.
+        target: x.shape[:-1] or (N,) int64 (or int32) class ids in [0, num_classes), or ignore_index.
         bias: optional (V,), weight's dtype.
         ignore_index: rows with this target add nothing to the loss nor to the gradients.
         reduction: "mean" (over the non-ignored rows; NaN when there are none, as in
@@ -58,8 +64,11 @@ def fused_linear_cross_entropy(
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
         chunk_rows: rows of logits that exist at once (cuda and triton backends); None picks a
             chunk of about 256 MB of logits.
+        num_classes: the classes are the first num_classes rows of weight (and entries of bias);
+            the rest, padding, get no probability and a zero gradient. None means all V.
     """
-    _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows)
+    _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes)
+    n_classes = weight.size(0) if num_classes is None else num_classes
     device = _checks.check_same_device(x=x, weight=weight, target=target, bias=bias)
     if torch.is_autocast_enabled(device.type) and x.dtype == torch.float32:
         x = x.to(torch.get_autocast_dtype(device.type))
@@ -70,7 +79,7 @@ def fused_linear_cross_entropy(
     target1 = target.reshape(-1)
     if chosen == "torch":
         return reference.fused_linear_cross_entropy(
-            x2, weight, target1, bias, ignore_index, reduction, label_smoothing
+            x2, weight, target1, bias, ignore_index, reduction, label_smoothing, n_classes
         )
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 for the {chosen} backend; got {x.dtype}")
@@ -78,12 +87,13 @@ def fused_linear_cross_entropy(
     loss, _, _, _ = torch.ops.llmkern.fused_linear_cross_entropy(
         x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing),
         grad_on and x2.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows), chosen,
+        grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows),
+        n_classes, chosen,
     )
     return loss
 
 
-def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows) -> None:
+def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes) -> None:
     _checks.check_float("x", x, _DTYPES)
     _checks.check_float("weight", weight, _DTYPES)
     _checks.check_tensor("target", target)
@@ -123,6 +133,11 @@ def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothin
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
+        if not 1 <= num_classes <= weight.size(0):
+            raise ValueError(f"num_classes must be in [1, {weight.size(0)}] (weight's rows), got {num_classes}")
 
 
 @torch.library.custom_op("llmkern::fused_linear_cross_entropy", mutates_args=())
@@ -138,10 +153,11 @@ def _fused_linear_cross_entropy_op(
     need_grad_weight: bool,
     need_grad_bias: bool,
     chunk_rows: int,
+    num_classes: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_x, grad_weight, grad_bias) for d loss = 1; an unneeded gradient is an empty tensor.
-    backend: whose row kernel runs, "cuda" or "triton"."""
+    The classes are weight's first num_classes rows. backend: whose row kernel runs, "cuda" or "triton"."""
     if backend == "cuda":
         from ..cuda import fused_linear_cross_entropy as kernels
     else:
@@ -149,7 +165,7 @@ def _fused_linear_cross_entropy_op(
 
     loss, grad_x, grad_w, grad_b = _chunked_linear_cross_entropy.forward(
         x, weight, target, bias, ignore_index, reduction, label_smoothing,
-        need_grad_x, need_grad_weight, need_grad_bias, chunk_rows, kernels.cross_entropy_rows,
+        need_grad_x, need_grad_weight, need_grad_bias, chunk_rows, num_classes, kernels.cross_entropy_rows,
     )
     return loss, _or_empty(grad_x, x), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
@@ -160,7 +176,7 @@ def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @_fused_linear_cross_entropy_op.register_fake
 def _(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x, need_grad_weight,
-      need_grad_bias, chunk_rows, backend):
+      need_grad_bias, chunk_rows, num_classes, backend):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
@@ -183,7 +199,7 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
         grad_w * d_loss if need_w else None,
         None,  # target
         grad_b * d_loss if need_b else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 

@@ -181,10 +181,15 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """F.cross_entropy(x @ weight^T + bias, target) with the full logits: the matmul in x's dtype
     (an fp32 weight is cast to a 16-bit x's dtype, as autocast does), the cross-entropy in fp32
-    (float64 for float64 inputs). x (N, H), target (N,); returns the 0-d loss in that precision."""
+    (float64 for float64 inputs). x (N, H), target (N,); the classes are weight's first
+    num_classes rows (None: all). Returns the 0-d loss in that precision."""
+    if num_classes is not None:
+        weight = weight[:num_classes]
+        bias = None if bias is None else bias[:num_classes]
     logits = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return torch.nn.functional.cross_entropy(
         logits.to(_compute_dtype(x.dtype)), target.long(), ignore_index=ignore_index,
