@@ -2,12 +2,20 @@
 
     python benchmarks/bench_rms_norm.py                 # bf16, rows 16384/32768 x hidden 768/4096/8192
     python benchmarks/bench_rms_norm.py --rows 4096 --hidden 4096 --dtype float16
+    python benchmarks/bench_rms_norm.py --autocast      # a Llama block's second norm under bf16 autocast
 
 GB/s counts the bytes the op must move at least (the same for every provider): forward reads x
 and writes y (2 x rows x hidden elements), backward reads dy and x and writes dx (3 x), plus the
 weight and its gradient. Providers: eager PyTorch (the reference, upcasting to fp32),
 torch.nn.functional.rms_norm, torch.compile of the eager version, llmkern triton, llmkern cuda,
 and Liger-Kernel's RMSNorm when it is importable.
+
+--autocast times the norm where a Llama block puts it under autocast: the bf16 attention branch
+joins the fp32 residual stream, and the normed sum goes to a bf16 matmul. The minimum is to read
+x (2 bytes) and the stream (4), write h (4) and y (2); backward to read dy (2), h (4) and the
+stream's gradient (4), and write the stream's (4) and the branch's (2). llmkern's kernels do just
+that (out_dtype, a 16-bit x beside an fp32 residual); the torch providers add, norm and cast as an
+eager model does (F.rms_norm of the promoted sum, then the cast autocast's matmul would make).
 """
 
 from __future__ import annotations
@@ -49,6 +57,34 @@ def providers(device: torch.device) -> dict:
     return out
 
 
+def autocast_providers(device: torch.device, half: torch.dtype) -> dict:
+    """name -> fn(x, stream, w) returning (y, h) for --autocast."""
+
+    def eager(x, stream, w):
+        h = x + stream  # type promotion: the fp32 sum
+        return F.rms_norm(h, (h.size(-1),), w, EPS).to(half), h
+
+    out = {"F.rms_norm": eager, "torch.compile": torch.compile(eager)}
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "rms_norm", device):
+            out[f"llmkern {backend}"] = (lambda b: lambda x, stream, w: llmkern.ops.rms_norm(
+                x, w, EPS, residual=stream, backend=b, out_dtype=half))(backend)
+    return out
+
+
+def bench_autocast(name, fn, rows, hidden, half, device) -> list[Result]:
+    x = torch.randn(rows, hidden, device=device).to(half).requires_grad_(True)
+    stream = torch.randn(rows, hidden, device=device, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).requires_grad_(True)
+    grads = (torch.randn(rows, hidden, device=device).to(half), torch.randn(rows, hidden, device=device))
+    n, el = rows * hidden, torch.finfo(half).bits // 8
+    nbytes = {"forward": n * (2 * el + 2 * 4) + hidden * 4, "backward": n * (2 * el + 3 * 4) + 2 * hidden * 4}
+    nbytes["forward+backward"] = nbytes["forward"] + nbytes["backward"]
+    times = time_modes(lambda: fn(x, stream, w), grads, grad_to_none=[x, stream, w])
+    shape = f"{rows}x{hidden} autocast"
+    return [Result("rms_norm", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+
+
 def bench_one(name, fn, rows, hidden, dtype, device) -> list[Result]:
     x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
     w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(True)
@@ -68,18 +104,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--hidden", type=int, nargs="+", default=[768, 4096, 8192])
+    parser.add_argument("--autocast", action="store_true",
+                        help="a 16-bit x and y beside an fp32 stream, as in a Llama block under autocast")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if not require_gpu("bench_rms_norm"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
+    if args.autocast and dtype == torch.float32:
+        parser.error("--autocast takes --dtype bfloat16 or float16 (the matmuls' dtype)")
     results: list[Result] = []
-    for name, fn in selected(providers(device), args.providers).items():
+    each = autocast_providers(device, dtype) if args.autocast else providers(device)
+    bench = bench_autocast if args.autocast else bench_one
+    for name, fn in selected(each, args.providers).items():
         for rows in args.rows:
             for hidden in args.hidden:
-                results.extend(bench_one(name, fn, rows, hidden, dtype, device))
-    save(results, f"RMSNorm {args.dtype}", BASELINES)
+                results.extend(bench(name, fn, rows, hidden, dtype, device))
+    save(results, f"RMSNorm {args.dtype}{' autocast' if args.autocast else ''}", BASELINES)
     return 0
 
 

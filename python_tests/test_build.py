@@ -32,7 +32,7 @@ def test_kernel_call_without_gpu_raises_clear_error():
         pytest.skip("llmkern._cuda is not built here")
     fake = 1 << 20  # any non-null address: the launch must fail before touching it
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        mod.rms_norm_forward(fake, 0, fake, fake, 0, 4, 8, 8, 0, 8, 0, 1e-6, 0, 0, 0)
+        mod.rms_norm_forward(fake, 0, fake, fake, 0, 4, 8, 8, 0, 8, 0, 1e-6, 0, 0, 0, 0, 0)
 
 
 def test_info_command_runs():

@@ -56,6 +56,19 @@ def test_rms_norm_launchers_reach_the_device(dtype, offset):
             cuda_rms_norm.backward(r, x, w, extra, 1e-6, y, torch.empty_like(w))
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_rms_norm_launchers_take_autocast_dtypes(half):
+    """A 16-bit x and y (and dy) beside an fp32 stream and weight, as under autocast."""
+    rows, cols = 5, 72
+    x, y, dy = (torch.randn(rows, cols, dtype=half) for _ in range(3))
+    r, h, dh, w = torch.randn(rows, cols), torch.empty(rows, cols), torch.empty(rows, cols), torch.ones(cols)
+    for source, residual, out_h in ((r, None, None), (x, r, h)):  # fp32 x -> 16-bit y; 16-bit x + fp32 stream
+        with pytest.raises(RuntimeError, match=NO_DEVICE):
+            cuda_rms_norm.forward(source, w, residual, 1e-6, y, out_h)
+    with pytest.raises(RuntimeError, match=NO_DEVICE):
+        cuda_rms_norm.backward(dy, h, w, r, 1e-6, dh, torch.empty_like(w))
+
+
 def _qkv(batch=2, q_heads=4, kv_heads=2, seq=24, head_dim=64):
     q = torch.randn(batch, q_heads, seq, head_dim, dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, seq, head_dim, dtype=torch.bfloat16)
@@ -111,33 +124,44 @@ def test_adamw_launchers_reach_the_device():
 FAKE = 1 << 20  # a 16-byte aligned address that the launchers must never touch
 
 
+FP32, FP16 = 0, 1
+
+
 @pytest.mark.parametrize(
     "change",
-    [dict(cols=0), dict(rows=-1), dict(x=0), dict(h=0), dict(dtype=7), dict(dtype=1, weight_dtype=BF16)],
-    ids=["no-columns", "negative-rows", "null-x", "residual-without-h", "unknown-dtype", "mixed-half-dtypes"],
+    [dict(cols=0), dict(rows=-1), dict(x=0), dict(h=0), dict(dtype=7), dict(dtype=FP16, weight_dtype=BF16),
+     dict(x_dtype=FP16), dict(y_dtype=FP16), dict(dtype=FP32, weight_dtype=FP32, residual=0, h=0, x_dtype=BF16)],
+    ids=["no-columns", "negative-rows", "null-x", "residual-without-h", "unknown-dtype", "mixed-half-dtypes",
+         "half-x-beside-a-bf16-stream", "half-y-beside-a-bf16-stream", "x-not-the-stream-without-a-residual"],
 )
 def test_rms_norm_forward_refuses_bad_sizes(change):
-    a = dict(x=FAKE, residual=FAKE, weight=FAKE, y=FAKE, h=FAKE, rows=4, cols=8, dtype=BF16, weight_dtype=BF16)
+    a = dict(x=FAKE, residual=FAKE, weight=FAKE, y=FAKE, h=FAKE, rows=4, cols=8, x_dtype=None, dtype=BF16,
+             y_dtype=None, weight_dtype=BF16)
     a.update(change)
     with pytest.raises(RuntimeError, match=f"rms_norm_forward.*{INVALID}"):
         _backend.cuda_module().rms_norm_forward(
             a["x"], a["residual"], a["weight"], a["y"], a["h"], a["rows"], a["cols"], 8, 8, 8, 8, 1e-6,
-            a["dtype"], a["weight_dtype"], 0,
+            a["dtype"] if a["x_dtype"] is None else a["x_dtype"], a["dtype"],
+            a["dtype"] if a["y_dtype"] is None else a["y_dtype"], a["weight_dtype"], 0,
         )
 
 
-@pytest.mark.parametrize("change", [dict(rows=0), dict(dweight=0), dict(dh=0)], ids=["no-rows", "null-dweight", "null-dh"])
+@pytest.mark.parametrize(
+    "change", [dict(rows=0), dict(dweight=0), dict(dh=0), dict(dy_dtype=FP32), dict(dtype=FP16, weight_dtype=FP16)],
+    ids=["no-rows", "null-dweight", "null-dh", "fp32-dy-beside-a-bf16-h", "bf16-dy-beside-a-half-h"],
+)
 def test_rms_norm_backward_refuses_bad_sizes(change):
-    a = dict(rows=4, dweight=FAKE, dh=FAKE)
+    a = dict(rows=4, dweight=FAKE, dh=FAKE, dy_dtype=BF16, dtype=BF16, weight_dtype=BF16)
     a.update(change)
     with pytest.raises(RuntimeError, match=f"rms_norm_backward.*{INVALID}"):
         _backend.cuda_module().rms_norm_backward(
-            FAKE, FAKE, FAKE, 0, a["dh"], a["dweight"], FAKE, 1 << 20, a["rows"], 8, 8, 8, 0, 8, 1e-6, BF16, BF16, 0,
+            FAKE, FAKE, FAKE, 0, a["dh"], a["dweight"], FAKE, 1 << 20, a["rows"], 8, 8, 8, 0, 8, 1e-6,
+            a["dy_dtype"], a["dtype"], a["weight_dtype"], 0,
         )
 
 
 def test_rms_norm_workspace_query_is_zero_without_a_device():
-    assert _backend.cuda_module().rms_norm_backward_workspace(4, 8, BF16) == 0
+    assert _backend.cuda_module().rms_norm_backward_workspace(4, 8) == 0
 
 
 @pytest.mark.parametrize(
@@ -351,7 +375,9 @@ def test_rms_norm_register_kernels_move_whole_16_byte_packs(tmp_path):
                     str(CSRC / "cuda" / "rms_norm.cu"), "-o", str(ptx)], check=True, capture_output=True)
     kernels = re.findall(r"\.entry (\w+)\((.*?)\n\}", ptx.read_text(), re.S)
     vector = [(name, body) for name, body in kernels if "_regs" in name and re.search(r"Li[48]ELi[124]E", name)]
-    assert len(vector) == 2 * 5 * 3, [name for name, _ in kernels]  # fwd/bwd x 5 dtype pairs x K = 1, 2, 4
+    # K = 1, 2, 4 for each dtype combination: forward, 16-bit streams with their own or an fp32 weight (4)
+    # and an fp32 stream with x and y of any float type (9); backward, 4 and fp32 h with any dy (3)
+    assert len(vector) == (4 + 9 + 4 + 3) * 3, [name for name, _ in kernels]
     for name, body in vector:
         g, k = map(int, re.search(r"Li([48])ELi([124])E", name).groups())
         loads = re.findall(r"\bld\.global[.\w]*", body)

@@ -299,7 +299,7 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
     """Under autocast the residual stream is fp32 and a block's branches bf16. A branch joins the stream
     in one promoting add: the only activation casts in a GPT-2 block are of the norms' outputs into the
     bf16 matmuls (the attention branch's cast to fp32 before norm2 was a kernel and a copy more).
-    RMSNorm's op adds one dtype, so its module casts; either way h is the fp32 sum, bitwise."""
+    RMSNorm's op adds the bf16 branch to the fp32 stream itself; either way h is the fp32 sum, bitwise."""
     from llmkern.model.gpt import Block
     from llmkern.nn import LayerNorm, RMSNorm
 

@@ -118,6 +118,72 @@ def test_fp32_weight_with_low_precision_input(backend, device, dtype):
     _check_against_reference(backend, device, 5, 256, dtype, with_residual=True, weight_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("torch", "cpu", id="torch")])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ["fp32-x-to-half-y", "half-x-into-fp32-stream", "half-x-and-y-beside-fp32-stream"])
+@pytest.mark.parametrize("hidden", [123, 4096])
+def test_autocast_dtypes_match_reference(backend, device, half, case, hidden):
+    """The dtypes under autocast: an fp32 stream and weight, 16-bit branches and outputs. y (and dy)
+    in out_dtype, h, dh and dweight in fp32, dx in x's dtype; numbers by the 2x rule as everywhere."""
+    with_residual = case != "fp32-x-to-half-y"
+    x_dtype = torch.float32 if case == "fp32-x-to-half-y" else half
+    out_dtype = None if case == "half-x-into-fp32-stream" else half
+    rows = 3
+    x = torch.randn(rows, hidden, device=device).to(x_dtype)
+    w = 1 + 0.1 * torch.randn(hidden, device=device)
+    r = torch.randn(rows, hidden, device=device) if with_residual else None
+    dy = torch.randn(rows, hidden, device=device).to(out_dtype or torch.float32)
+    dh = torch.randn(rows, hidden, device=device) if with_residual else None
+
+    def ours(x, w, r):
+        return llmkern.ops.rms_norm(x, w, EPS, residual=r, backend=backend, out_dtype=out_dtype)
+
+    def theirs(x, w, r):
+        return reference.rms_norm(x, w, EPS, residual=r, out_dtype=out_dtype)
+
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    out, grads = _run_with_grads(ours, x, w, r, dy, dh)
+    out64, grads64 = _run_with_grads(lambda x, w, r: reference.rms_norm(x, w, EPS, residual=r),
+                                     d64(x), d64(w), d64(r), d64(dy), d64(dh))
+    out_lp, grads_lp = _run_with_grads(theirs, x, w, r, dy, dh)
+    name = f"{backend} {case} {half}"
+    assert out[0].dtype == (out_dtype or torch.float32)
+    for label, a, b, c in zip(["y", "h"], out, out64, out_lp):
+        assert a.dtype == c.dtype, f"{name} {label} dtype {a.dtype} != {c.dtype}"
+        assert_close_to_ref(a, b, c, f"{name} {label}")
+    for label, a, b, c in zip(["dx", "dweight", "dresidual"], grads, grads64, grads_lp):
+        assert a.dtype == c.dtype, f"{name} {label} dtype {a.dtype} != {c.dtype}"
+        assert_close_to_ref(a, b, c, f"{name} {label}")
+    assert grads[0].dtype == x_dtype and grads[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("torch", "cpu", id="torch")])
+def test_module_under_autocast_needs_no_cast_kernels(backend, device):
+    """Between bf16 matmuls the module reads the bf16 branch and writes bf16 for the next matmul; the
+    stream stays fp32 (h is the exact fp32 sum). The kernel backends do it with no cast op at all."""
+    norm = llmkern.nn.RMSNorm(64, backend=backend).to(device)
+    before, after = torch.nn.Linear(64, 64).to(device), torch.nn.Linear(64, 32).to(device)
+    x = torch.randn(3, 64, device=device)
+    stream = torch.randn(3, 64, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        branch = before(x)
+        y, h = norm(branch, residual=stream)
+        out = after(y)
+    assert branch.dtype == y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, branch.float() + stream)
+    torch.testing.assert_close(y, reference.rms_norm(branch, norm.weight, norm.eps, stream, torch.bfloat16)[0],
+                               rtol=0, atol=8e-3 * y.float().abs().max().item())
+    if backend != "torch":  # the reference is plain torch: its conversions are ops of its own
+        from test_model import autograd_nodes
+
+        nodes = autograd_nodes(out)
+        cast_from = {type(f).__name__ for node in nodes if type(node).__name__ == "ToCopyBackward0"
+                     for f, _ in node.next_functions if f is not None}
+        assert cast_from <= {"AccumulateGrad", "ToCopyBackward0"}, cast_from  # only autocast's weight casts
+    (out.float().sum() + h.sum()).backward()
+    assert stream.grad.dtype == torch.float32 and norm.weight.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("hidden", [123, 768, 20000])
 def test_kernels_write_every_element(backend, device, hidden):
@@ -189,7 +255,12 @@ def test_opcheck(backend, device, with_residual):
     x, w, r = _make(3, 40, torch.float32, device, with_residual)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w, r, EPS, backend))
+    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w, r, EPS, torch.float32, backend))
+    # autocast's dtypes: a 16-bit y of an fp32 stream, and a 16-bit x joining it
+    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w, r, EPS, torch.float16, backend))
+    if with_residual:
+        x16 = x.detach().half().requires_grad_(True)
+        torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x16, w, r, EPS, torch.float16, backend))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -262,8 +333,19 @@ def test_rejects_bad_residual_and_eps():
     _bad(ValueError, "residual must have x's shape", torch.ones(2, 4), torch.ones(4), residual=torch.ones(3, 4))
     _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4), torch.ones(4),
          residual=torch.ones(2, 4, dtype=torch.float16))
+    _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4, dtype=torch.float16), torch.ones(4),
+         residual=torch.ones(2, 4, dtype=torch.bfloat16))
     _bad(ValueError, "eps must be > 0", torch.ones(2, 4), torch.ones(4), eps=-1.0)
     _bad(TypeError, "x must be a torch.Tensor", [[1.0]], torch.ones(1))
+
+
+def test_rejects_out_dtype_that_is_not_autocasts():
+    half = torch.ones(2, 4, dtype=torch.float16)
+    _bad(TypeError, "out_dtype must be None", half, torch.ones(4), out_dtype=torch.float32)
+    _bad(TypeError, "out_dtype must be None", half, torch.ones(4), out_dtype=torch.bfloat16)
+    _bad(TypeError, "out_dtype must be None", torch.ones(2, 4), torch.ones(4), out_dtype=torch.float64)
+    _bad(TypeError, r"weight must have residual's dtype \(torch.float32\)", half, torch.ones(4).half(),
+         residual=torch.ones(2, 4))
 
 
 def test_rejects_mixed_devices():
@@ -305,6 +387,13 @@ def test_triton_kernels_build_for_sm80_and_sm90():
                 build(k._forward_kernel, {**{n: "*bf16" for n in "XRWYH"}, **rows, "eps": "fp32"},
                       {"HAS_RESIDUAL": flag, "BLOCK": block, "SINGLE_PASS": single}, arch, num_warps=8)
                 build(k._backward_kernel, {"DY": "*bf16", "H": "*bf16", "W": "*fp32", "E": "*bf16", "DH": "*bf16",
+                                           "PARTIAL": "*fp32", **back, "eps": "fp32"},
+                      {"HAS_EXTRA": flag, "BLOCK": block, "SINGLE_PASS": single}, arch, num_warps=8)
+                # autocast's dtypes: bf16 x, y and dy beside an fp32 stream and weight
+                build(k._forward_kernel, {"X": "*bf16", "R": "*fp32", "W": "*fp32", "Y": "*bf16", "H": "*fp32",
+                                          **rows, "eps": "fp32"},
+                      {"HAS_RESIDUAL": flag, "BLOCK": block, "SINGLE_PASS": single}, arch, num_warps=8)
+                build(k._backward_kernel, {"DY": "*bf16", "H": "*fp32", "W": "*fp32", "E": "*fp32", "DH": "*fp32",
                                            "PARTIAL": "*fp32", **back, "eps": "fp32"},
                       {"HAS_EXTRA": flag, "BLOCK": block, "SINGLE_PASS": single}, arch, num_warps=8)
     print("built")

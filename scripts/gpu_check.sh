@@ -142,6 +142,7 @@ part_bench() {
     step bench_rope 45 $PY benchmarks/bench_rope.py
     step bench_swiglu 45 $PY benchmarks/bench_swiglu.py
     step bench_train 240 $PY benchmarks/bench_train.py --steps 10 --warmup 3
+    step bench_rms_norm_autocast 45 $PY benchmarks/bench_rms_norm.py --autocast --rows 16384 --hidden 2048 4096
   fi
   for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table
     [[ -f $log ]] && grep -E " x[0-9.]+ vs " "$log" | sed "s/^/  /" >> "$SUMMARY"

@@ -63,6 +63,22 @@ def rms_norm(backend: str, device: torch.device) -> None:
             _check(name + " h", h, h_ref, dtype)
             for label, a, b in (("dx", x, x_ref), ("dweight", w, w_ref), ("dresidual", r, r_ref)):
                 _check(f"{name} {label}", a.grad, b.grad, dtype)
+    # Autocast's dtypes: a bf16 branch joins an fp32 stream (fp32 weight), y and dy are bf16.
+    for rows, hidden in ((3, 17), (5, 4096)):
+        bf16 = torch.bfloat16
+        x, x_ref = _leaves(torch.randn(rows, hidden, dtype=bf16), device)
+        r, r_ref = _leaves(torch.randn(rows, hidden), device)
+        w, w_ref = _leaves(1 + 0.1 * torch.randn(hidden), device)
+        dy, dh = torch.randn(rows, hidden, dtype=bf16), torch.randn(rows, hidden)
+        y, h = llmkern.ops.rms_norm(x, w, residual=r, backend=backend, out_dtype=bf16)
+        y_ref, h_ref = reference.rms_norm(x_ref, w_ref, residual=r_ref)
+        torch.autograd.backward((y, h), (dy.to(device), dh.to(device)))
+        torch.autograd.backward((y_ref, h_ref), (dy.double(), dh.double()))
+        name = f"rms_norm {rows}x{hidden} bf16 x and y beside an fp32 stream"
+        _check(name + " y", y, y_ref, bf16)
+        _check(name + " h", h, h_ref, torch.float32)
+        for label, a, b in (("dx", x, x_ref), ("dweight", w, w_ref), ("dresidual", r, r_ref)):
+            _check(f"{name} {label}", a.grad, b.grad, bf16)
 
 
 def attention(backend: str, device: torch.device) -> None:

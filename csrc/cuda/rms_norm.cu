@@ -1,7 +1,11 @@
 // RMSNorm forward and backward, with an optional fused residual add.
 //
-//   h = x (+ residual)          rounded to the input dtype, as the residual stream is stored
+//   h = x (+ residual)          rounded to the stream's dtype (the residual's), as it is stored
 //   y = h * rstd * w            rstd = rsqrt(mean(h^2) + eps), all math in fp32
+//
+// Under autocast the stream is fp32 while the matmuls around the norm read and write 16 bits:
+// x (the branch joining the stream) and y (what the next matmul reads), and in the backward dy,
+// may then be bf16 or fp16 beside the fp32 h, so that no cast kernel runs before or after.
 //
 // The op is memory-bound: forward moves 2 (4 with a residual) elements per input element,
 // backward 3 (4). So every kernel reads each input once, with 16-byte accesses when the rows
@@ -15,6 +19,7 @@
 #include "cuda/rms_norm.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/check.h"
 #include "common/reduce.cuh"
@@ -32,10 +37,11 @@ int round_up(int64_t n, int64_t m) { return static_cast<int>((n + m - 1) / m * m
 // ------------------------------------------------------------------------------------------
 // Forward, row in registers: thread t holds chunks t, t + blockDim, ... (K of them) of G
 // elements each. One block per row (grid-stride over rows).
-template <typename T, typename W, int G, int K>
+// X: x's type; T: the stream's (residual and h); Y: y's.
+template <typename X, typename T, typename W, typename Y, int G, int K>
 __global__ void __launch_bounds__(kForwardMaxThreads)
-rms_norm_forward_regs(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                      T* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
+rms_norm_forward_regs(const X* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                      Y* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
                       int64_t residual_stride, int64_t y_stride, int64_t h_stride, float eps) {
   __shared__ float scratch[32];
   const int64_t chunks = cols / G;
@@ -75,15 +81,14 @@ rms_norm_forward_regs(const T* __restrict__ x, const T* __restrict__ residual, c
 
 // Forward, any row length: a first pass computes h and the sum of squares, a second re-reads h
 // (the same thread wrote it, so no synchronization is needed) and writes y.
-template <typename T, typename W, int G>
+template <typename X, typename T, typename W, typename Y, int G>
 __global__ void __launch_bounds__(kForwardMaxThreads)
-rms_norm_forward_loop(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                      T* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
+rms_norm_forward_loop(const X* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                      Y* __restrict__ y, T* __restrict__ h, int64_t rows, int64_t cols, int64_t x_stride,
                       int64_t residual_stride, int64_t y_stride, int64_t h_stride, float eps) {
   __shared__ float scratch[32];
   const int64_t chunks = cols / G;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* src = residual != nullptr ? h + row * h_stride : x + row * x_stride;
     float sumsq = 0.0f;
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       float v[G];
@@ -101,7 +106,11 @@ rms_norm_forward_loop(const T* __restrict__ x, const T* __restrict__ residual, c
     const float rstd = rsqrtf(block_sum(sumsq, scratch) / static_cast<float>(cols) + eps);
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       float v[G], w[G];
-      load_float<G>(src + c * G, v);
+      if (residual != nullptr) {
+        load_float<G>(h + row * h_stride + c * G, v);
+      } else {
+        load_float<G>(x + row * x_stride + c * G, v);
+      }
       load_float<G>(weight + c * G, w);
 #pragma unroll
       for (int e = 0; e < G; ++e) v[e] = v[e] * rstd * w[e];
@@ -114,10 +123,10 @@ rms_norm_forward_loop(const T* __restrict__ x, const T* __restrict__ residual, c
 // Backward, row in registers. Per row, with g = w * dy and hhat = h * rstd:
 //   dh = rstd * (g - hhat * mean(g * hhat)) (+ dh_extra)
 // and this block's rows add dy * hhat to its fp32 partial of dweight (kept in registers, then
-// written once to workspace[blockIdx.x]).
-template <typename T, typename W, int G, int K>
+// written once to workspace[blockIdx.x]). D: dy's type; T: that of h, dh_extra and dh.
+template <typename T, typename W, typename D, int G, int K>
 __global__ void __launch_bounds__(kBackwardMaxThreads)
-rms_norm_backward_regs(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
+rms_norm_backward_regs(const D* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
                        const T* __restrict__ dh_extra, T* __restrict__ dh, float* __restrict__ workspace,
                        int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
                        int64_t dh_extra_stride, int64_t dh_stride, float eps) {
@@ -185,9 +194,9 @@ rms_norm_backward_regs(const T* __restrict__ dy, const T* __restrict__ h, const 
 
 // Backward, any row length: two passes over the row; the dweight partial lives in this block's
 // workspace row (zeroed by the launcher; only this block and, per column, one thread touch it).
-template <typename T, typename W, int G>
+template <typename T, typename W, typename D, int G>
 __global__ void __launch_bounds__(kBackwardMaxThreads)
-rms_norm_backward_loop(const T* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
+rms_norm_backward_loop(const D* __restrict__ dy, const T* __restrict__ h, const W* __restrict__ weight,
                        const T* __restrict__ dh_extra, T* __restrict__ dh, float* __restrict__ workspace,
                        int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
                        int64_t dh_extra_stride, int64_t dh_stride, float eps) {
@@ -274,14 +283,18 @@ Plan plan_rows(int64_t cols, int pack, bool can_vectorize, int max_threads) {
   return p;
 }
 
-template <typename T>
-bool all_aligned(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides, int64_t cols) {
-  constexpr int N = kPack<T>;
-  if (cols % N != 0) return false;
+// Elements per 16-byte pack of the narrowest of the given types: the vector kernels move G of
+// them a step, whole 16-byte packs of every tensor (two of an fp32 one beside a 16-bit one).
+template <typename... Ts>
+constexpr int kVectorWidth = 16 / static_cast<int>(std::min({sizeof(Ts)...}));
+
+bool all_aligned(int pack, std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides,
+                 int64_t cols) {
+  if (cols % pack != 0) return false;
   for (const void* p : ptrs)
     if (p != nullptr && !is_aligned16(p)) return false;
   for (int64_t s : strides)
-    if (s % N != 0) return false;
+    if (s % pack != 0) return false;
   return true;
 }
 
@@ -301,36 +314,36 @@ cudaError_t backward_blocks(int64_t rows, int threads, int64_t* out) {
   return cudaSuccess;
 }
 
-template <typename T, typename W>
-cudaError_t launch_forward(const T* x, const T* residual, const W* weight, T* y, T* h, int64_t rows,
+template <typename X, typename T, typename W, typename Y>
+cudaError_t launch_forward(const X* x, const T* residual, const W* weight, Y* y, T* h, int64_t rows,
                            int64_t cols, int64_t xs, int64_t rs, int64_t ys, int64_t hs, float eps,
                            cudaStream_t stream) {
-  constexpr int N = kPack<T>;
-  const bool vec = all_aligned<T>({x, residual, weight, y, h}, {xs, rs, ys, hs}, cols);
+  constexpr int N = kVectorWidth<X, T, Y>;
+  const bool vec = all_aligned(N, {x, residual, weight, y, h}, {xs, rs, ys, hs}, cols);
   const Plan p = plan_rows(cols, N, vec, kForwardMaxThreads);
   const dim3 grid(static_cast<unsigned>(std::min(rows, kMaxGrid)));
 #define LLMKERN_FWD_ARGS x, residual, weight, y, h, rows, cols, xs, rs, ys, hs, eps
   if (vec) {
     switch (p.chunks_per_thread) {
-      case 1: rms_norm_forward_regs<T, W, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
-      case 2: rms_norm_forward_regs<T, W, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
-      case 4: rms_norm_forward_regs<T, W, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
-      default: rms_norm_forward_loop<T, W, N><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      case 1: rms_norm_forward_regs<X, T, W, Y, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      case 2: rms_norm_forward_regs<X, T, W, Y, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      case 4: rms_norm_forward_regs<X, T, W, Y, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
+      default: rms_norm_forward_loop<X, T, W, Y, N><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS); break;
     }
   } else {
     // Unaligned or odd rows are rare (odd hidden sizes): one scalar path serves them all.
-    rms_norm_forward_loop<T, W, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS);
+    rms_norm_forward_loop<X, T, W, Y, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_FWD_ARGS);
   }
 #undef LLMKERN_FWD_ARGS
   return cudaGetLastError();
 }
 
-template <typename T, typename W>
-cudaError_t launch_backward(const T* dy, const T* h, const W* weight, const T* dh_extra, T* dh, W* dweight,
+template <typename T, typename W, typename D>
+cudaError_t launch_backward(const D* dy, const T* h, const W* weight, const T* dh_extra, T* dh, W* dweight,
                             float* workspace, int64_t workspace_size, int64_t rows, int64_t cols, int64_t dys,
                             int64_t hs, int64_t es, int64_t dhs, float eps, cudaStream_t stream) {
-  constexpr int N = kPack<T>;
-  const bool vec = all_aligned<T>({dy, h, weight, dh_extra, dh}, {dys, hs, es, dhs}, cols);
+  constexpr int N = kVectorWidth<T, D>;
+  const bool vec = all_aligned(N, {dy, h, weight, dh_extra, dh}, {dys, hs, es, dhs}, cols);
   const Plan p = plan_rows(cols, N, vec, kBackwardMaxThreads);
   int64_t blocks = 0;
   LLMKERN_RETURN_IF_ERROR(backward_blocks(rows, p.threads, &blocks));
@@ -343,14 +356,14 @@ cudaError_t launch_backward(const T* dy, const T* h, const W* weight, const T* d
 #define LLMKERN_BWD_ARGS dy, h, weight, dh_extra, dh, workspace, rows, cols, dys, hs, es, dhs, eps
   if (regs) {
     switch (p.chunks_per_thread) {
-      case 1: rms_norm_backward_regs<T, W, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
-      case 2: rms_norm_backward_regs<T, W, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
-      default: rms_norm_backward_regs<T, W, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+      case 1: rms_norm_backward_regs<T, W, D, N, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+      case 2: rms_norm_backward_regs<T, W, D, N, 2><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
+      default: rms_norm_backward_regs<T, W, D, N, 4><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS); break;
     }
   } else if (vec) {
-    rms_norm_backward_loop<T, W, N><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
+    rms_norm_backward_loop<T, W, D, N><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
   } else {
-    rms_norm_backward_loop<T, W, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
+    rms_norm_backward_loop<T, W, D, 1><<<grid, p.threads, 0, stream>>>(LLMKERN_BWD_ARGS);
   }
 #undef LLMKERN_BWD_ARGS
   LLMKERN_RETURN_IF_ERROR(cudaGetLastError());
@@ -360,9 +373,9 @@ cudaError_t launch_backward(const T* dy, const T* h, const W* weight, const T* d
   return cudaGetLastError();
 }
 
-// Calls fn(T{}, W{}) for the input dtype and the weight dtype (the input's own, or fp32).
+// Calls fn(T{}, W{}) for the stream's dtype and the weight's (the stream's own, or fp32).
 template <typename Fn>
-cudaError_t dispatch_input_and_weight(DType dtype, DType weight_dtype, Fn&& fn) {
+cudaError_t dispatch_stream_and_weight(DType dtype, DType weight_dtype, Fn&& fn) {
   return dispatch_float(dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
     if (weight_dtype == dtype) return fn(T{}, T{});
@@ -371,54 +384,81 @@ cudaError_t dispatch_input_and_weight(DType dtype, DType weight_dtype, Fn&& fn) 
   });
 }
 
+// Calls fn(U{}) for a tensor of dtype `dtype` beside a stream of type T: T itself, or, for an
+// fp32 stream, a 16-bit type (autocast's branch, output and output gradient).
+template <typename T, typename Fn>
+cudaError_t dispatch_beside_stream(DType dtype, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dispatch_float(dtype, fn);
+  } else {
+    return dispatch_float(dtype, [&](auto u) -> cudaError_t {
+      if constexpr (std::is_same_v<decltype(u), T>) return fn(u);
+      return cudaErrorInvalidValue;
+    });
+  }
+}
+
 }  // namespace
 
 cudaError_t rms_norm_forward(const void* x, const void* residual, const void* weight, void* y, void* h,
                              int64_t rows, int64_t cols, int64_t x_stride, int64_t residual_stride,
-                             int64_t y_stride, int64_t h_stride, float eps, DType dtype,
-                             DType weight_dtype, cudaStream_t stream) {
+                             int64_t y_stride, int64_t h_stride, float eps, DType x_dtype, DType dtype,
+                             DType y_dtype, DType weight_dtype, cudaStream_t stream) {
   LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1 || x == nullptr || weight == nullptr || y == nullptr);
   LLMKERN_RETURN_INVALID_IF(residual != nullptr && h == nullptr);
+  LLMKERN_RETURN_INVALID_IF(residual == nullptr && x_dtype != dtype);  // without a residual, h is x
   if (rows == 0) return cudaSuccess;
-  return dispatch_input_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
+  return dispatch_stream_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
     using T = decltype(t);
     using W = decltype(w);
-    return launch_forward<T, W>(static_cast<const T*>(x), static_cast<const T*>(residual),
-                                static_cast<const W*>(weight), static_cast<T*>(y),
-                                residual != nullptr ? static_cast<T*>(h) : nullptr, rows, cols, x_stride,
-                                residual_stride, y_stride, h_stride, eps, stream);
+    return dispatch_beside_stream<T>(x_dtype, [&](auto xt) -> cudaError_t {
+      using X = decltype(xt);
+      return dispatch_beside_stream<T>(y_dtype, [&](auto yt) -> cudaError_t {
+        using Y = decltype(yt);
+        return launch_forward<X, T, W, Y>(static_cast<const X*>(x), static_cast<const T*>(residual),
+                                          static_cast<const W*>(weight), static_cast<Y*>(y),
+                                          residual != nullptr ? static_cast<T*>(h) : nullptr, rows, cols,
+                                          x_stride, residual_stride, y_stride, h_stride, eps, stream);
+      });
+    });
   });
 }
 
-int64_t rms_norm_backward_workspace(int64_t rows, int64_t cols, DType dtype) {
+int64_t rms_norm_backward_workspace(int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) return 0;
-  const int pack = dtype == DType::kFloat32 ? kPack<float> : kPack<__half>;
-  // Sized for the scalar plan, which has at least as many blocks as the vectorized one.
-  const Plan p = plan_rows(cols, pack, false, kBackwardMaxThreads);
-  const Plan pv = plan_rows(cols, pack, cols % pack == 0, kBackwardMaxThreads);
-  int64_t blocks = 0, blocks_v = 0;
-  if (backward_blocks(rows, p.threads, &blocks) != cudaSuccess ||
-      backward_blocks(rows, pv.threads, &blocks_v) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;  // no device: the launch itself will report it
+  // Sized for every plan a launch may take: scalar, or vectors of 4 or 8 elements; the plan with
+  // the fewest threads per block has the most blocks.
+  int64_t most = 0;
+  for (const Plan& p : {plan_rows(cols, 1, false, kBackwardMaxThreads),
+                        plan_rows(cols, 4, cols % 4 == 0, kBackwardMaxThreads),
+                        plan_rows(cols, 8, cols % 8 == 0, kBackwardMaxThreads)}) {
+    int64_t blocks = 0;
+    if (backward_blocks(rows, p.threads, &blocks) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;  // no device: the launch itself will report it
+    }
+    most = std::max(most, blocks);
   }
-  return std::max(blocks, blocks_v) * cols;
+  return most * cols;
 }
 
 cudaError_t rms_norm_backward(const void* dy, const void* h, const void* weight, const void* dh_extra,
                               void* dh, void* dweight, float* workspace, int64_t workspace_size,
                               int64_t rows, int64_t cols, int64_t dy_stride, int64_t h_stride,
-                              int64_t dh_extra_stride, int64_t dh_stride, float eps, DType dtype,
-                              DType weight_dtype, cudaStream_t stream) {
+                              int64_t dh_extra_stride, int64_t dh_stride, float eps, DType dy_dtype,
+                              DType dtype, DType weight_dtype, cudaStream_t stream) {
   LLMKERN_RETURN_INVALID_IF(rows < 1 || cols < 1 || dy == nullptr || h == nullptr || weight == nullptr ||
                             dh == nullptr || dweight == nullptr);
-  return dispatch_input_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
+  return dispatch_stream_and_weight(dtype, weight_dtype, [&](auto t, auto w) -> cudaError_t {
     using T = decltype(t);
     using W = decltype(w);
-    return launch_backward<T, W>(static_cast<const T*>(dy), static_cast<const T*>(h),
-                                 static_cast<const W*>(weight), static_cast<const T*>(dh_extra),
-                                 static_cast<T*>(dh), static_cast<W*>(dweight), workspace, workspace_size,
-                                 rows, cols, dy_stride, h_stride, dh_extra_stride, dh_stride, eps, stream);
+    return dispatch_beside_stream<T>(dy_dtype, [&](auto d) -> cudaError_t {
+      using D = decltype(d);
+      return launch_backward<T, W, D>(static_cast<const D*>(dy), static_cast<const T*>(h),
+                                      static_cast<const W*>(weight), static_cast<const T*>(dh_extra),
+                                      static_cast<T*>(dh), static_cast<W*>(dweight), workspace, workspace_size,
+                                      rows, cols, dy_stride, h_stride, dh_extra_stride, dh_stride, eps, stream);
+    });
   });
 }
 

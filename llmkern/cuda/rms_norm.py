@@ -9,7 +9,8 @@ from .._cuda_bridge import dtype_code, on_device, ptr, stream
 
 
 def forward(x, weight, residual, eps, y, h) -> None:
-    """y = rmsnorm(h) * weight with h = x (+ residual); h written only when residual is given."""
+    """y = rmsnorm(h) * weight with h = x (+ residual); h written only when residual is given.
+    The stream's dtype is residual's (x's without one); x and y may be 16-bit beside an fp32 one."""
     rows, cols = x.shape
     with on_device(x.device):
         _backend.cuda_module().rms_norm_forward(
@@ -17,23 +18,25 @@ def forward(x, weight, residual, eps, y, h) -> None:
             rows, cols,
             x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
             0 if h is None else h.stride(0),
-            float(eps), dtype_code(x.dtype), dtype_code(weight.dtype), stream(x.device),
+            float(eps), dtype_code(x.dtype), dtype_code((x if residual is None else residual).dtype),
+            dtype_code(y.dtype), dtype_code(weight.dtype), stream(x.device),
         )
 
 
 def backward(dy, h, weight, dh_extra, eps, dh, dweight) -> None:
-    """dh = d(rmsnorm(h) * weight)/dh . dy (+ dh_extra); dweight summed over rows in fp32."""
+    """dh = d(rmsnorm(h) * weight)/dh . dy (+ dh_extra); dweight summed over rows in fp32. dy may be
+    16-bit beside an fp32 h; dh_extra and dh have h's dtype."""
     rows, cols = h.shape
     mod = _backend.cuda_module()
     with on_device(h.device):
         # fp32 partial sums of dweight, one row per block; the allocator owns the memory.
         workspace = torch.empty(
-            mod.rms_norm_backward_workspace(rows, cols, dtype_code(h.dtype)),
+            mod.rms_norm_backward_workspace(rows, cols),
             dtype=torch.float32, device=h.device,
         )
         mod.rms_norm_backward(
             ptr(dy), ptr(h), ptr(weight), ptr(dh_extra), ptr(dh), ptr(dweight), ptr(workspace),
             workspace.numel(), rows, cols,
             dy.stride(0), h.stride(0), 0 if dh_extra is None else dh_extra.stride(0), dh.stride(0),
-            float(eps), dtype_code(h.dtype), dtype_code(weight.dtype), stream(h.device),
+            float(eps), dtype_code(dy.dtype), dtype_code(h.dtype), dtype_code(weight.dtype), stream(h.device),
         )

@@ -5,13 +5,18 @@ from torch import nn
 
 from ..ops.rms_norm import rms_norm
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, with a learned scale (initialised to ones).
 
     forward(x) returns the normed x; forward(x, residual) returns (normed, x + residual),
-    the pre-norm residual stream of a transformer block in one pass. x is taken to residual's
-    dtype first (the stream's: fp32 under autocast, where a block's branch comes out bf16).
+    the pre-norm residual stream of a transformer block in one pass.
+
+    Under autocast the stream is fp32 while the matmuls around the norm are 16-bit: a 16-bit
+    branch x joins an fp32 residual as it is, and the normed output comes out in autocast's dtype,
+    what the next matmul reads; the kernels convert on the fly, so no cast kernel runs on either side.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, backend: str | None = None, device=None, dtype=None):
@@ -21,9 +26,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None and x.dtype != residual.dtype:
-            x = x.to(residual.dtype)  # the op adds tensors of one dtype
-        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
+        stream = x if residual is None else residual
+        if residual is not None and x.dtype != residual.dtype and not (
+            residual.dtype == torch.float32 and x.dtype in _HALF_DTYPES
+        ):
+            x = x.to(residual.dtype)  # the op adds a 16-bit x to an fp32 stream, or tensors of one dtype
+        out_dtype = None
+        if stream.dtype == torch.float32 and torch.is_autocast_enabled(stream.device.type):
+            autocast_dtype = torch.get_autocast_dtype(stream.device.type)
+            if autocast_dtype in _HALF_DTYPES:
+                out_dtype = autocast_dtype
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

@@ -19,17 +19,19 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """y = h / sqrt(mean(h**2, -1) + eps) * weight, with h = x (+ residual).
 
-    Returns y, or (y, h) when residual is given: h is the pre-norm residual stream, rounded
-    to x's dtype as a transformer would store it, and the norm is taken of that rounded h.
+    Returns y (in out_dtype, default h's dtype), or (y, h) when residual is given: h is the
+    pre-norm residual stream, rounded to residual's dtype as a transformer would store it (a
+    16-bit x joins an fp32 residual exactly), and the norm is taken of that rounded h.
     """
-    h = x if residual is None else x + residual
+    h = x if residual is None else x + residual  # type promotion: a bf16 x joins an fp32 stream
     ct = _compute_dtype(h.dtype)
     hf = h.to(ct)
     rstd = torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    y = (hf * rstd * weight.to(ct)).to(x.dtype)
+    y = (hf * rstd * weight.to(ct)).to(h.dtype if out_dtype is None else out_dtype)
     return y if residual is None else (y, h)
 
 
