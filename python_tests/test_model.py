@@ -319,6 +319,19 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
         assert h.dtype == torch.float32 and torch.equal(h, branch.float() + stream)
 
 
+def test_a_llama_model_under_autocast_casts_no_activation():
+    """On a kernel backend, a Llama model's only casts under bf16 autocast are of the fp32 weights into
+    the matmuls: the norms read bf16 branches and write bf16, RoPE, SwiGLU and attention stay in bf16,
+    and the fused loss casts the head itself. (Built on triton: the graph is what is checked.)"""
+    model = GPT(tiny(**VARIANTS["llama"], n_layer=1, n_head=2, backend="triton", fused_loss=True))  # heads of 32
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    cast_from = [type(f).__name__ for node in autograd_nodes(loss) if type(node).__name__ == "ToCopyBackward0"
+                 for f, _ in node.next_functions if f is not None]
+    assert cast_from and set(cast_from) == {"AccumulateGrad"}, cast_from
+
+
 def _matches_torch_backend_under_bf16_autocast(backend, variant, device, n_embd, n_head, n_kv_head, seq, batch):
     """`backend`'s model against the torch backend's with the same weights: loss, logits, gradients;
     the two models (reference second) for more steps."""
