@@ -1,5 +1,7 @@
 """Backend resolution: "auto" walks the op's preference and skips what cannot run or fit."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -101,3 +103,36 @@ def test_the_triton_36_interpreter_fix_applies_only_where_it_is_needed(monkeypat
     assert calls == ["tensor class"]  # the interpreter's own patching still happens
     loop_bound = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([7], dtype=np.int32)))
     assert attrs["__index__"](loop_bound) == 7  # a 1-element array, as Triton 3.6 hands it over
+
+
+def test_a_module_backend_without_kernels_falls_back_to_torch_with_one_warning(monkeypatch):
+    """A model built for one backend runs an op that has no kernels there on torch, and says so once."""
+    from llmkern.nn import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_chosen", {})
+    monkeypatch.setattr(_backend, "can_run", lambda b, op, device: op == "rms_norm")
+    assert _dispatch.op_backend("rms_norm", "triton", GPU) == "triton"
+    for backend in (None, "auto", "torch"):
+        assert _dispatch.op_backend("attention", backend, GPU) == backend  # the op decides
+    with pytest.warns(UserWarning, match="attention has no triton kernels that run on cuda"):
+        assert _dispatch.op_backend("attention", "triton", GPU) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.op_backend("attention", "triton", GPU) == "torch"  # once
+
+
+def test_the_module_backend_choice_traces_under_a_fullgraph_compile(monkeypatch):
+    """Inside torch.compile the choice is made without warnings.warn (Dynamo cannot trace it) and
+    without an lru_cache (which Dynamo warns it ignores); the next eager call warns."""
+    from llmkern.nn import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_chosen", {})
+
+    def pick(x):
+        return x + (1 if _dispatch.op_backend("attention", "no-such-backend", x.device) == "torch" else 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither Dynamo's lru_cache warning nor ours while compiling
+        assert torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
+    with pytest.warns(UserWarning, match="attention has no no-such-backend kernels"):
+        assert pick(torch.zeros(1)).item() == 1

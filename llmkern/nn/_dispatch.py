@@ -8,7 +8,6 @@ kernels yet. "auto" and None pass through unchanged (the op picks).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -22,10 +21,20 @@ def op_backend(op: str, backend: str | None, device: torch.device) -> str | None
     return _explicit_backend(op, backend, device.type)
 
 
-@functools.lru_cache(maxsize=None)
+# (op, backend, device type) -> the backend the modules pass. A plain dict, not functools.lru_cache:
+# torch.compile traces through an lru_cache'd function with a warning that it ignores the cache.
+_chosen: dict[tuple[str, str, str], str] = {}
+
+
 def _explicit_backend(op: str, backend: str, device_type: str) -> str:
-    if _backend.can_run(backend, op, torch.device(device_type)):
-        return backend
-    if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
-        warnings.warn(f"llmkern: {op} has no {backend} kernels that run on {device_type}; using the torch backend for it")
-    return "torch"
+    key = (op, backend, device_type)
+    if key in _chosen:
+        return _chosen[key]
+    chosen = backend if _backend.can_run(backend, op, torch.device(device_type)) else "torch"
+    if torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn: an eager call warns and keeps it
+        return chosen
+    if chosen != backend:
+        warnings.warn(f"llmkern: {op} has no {backend} kernels that run on {device_type}; using the torch "
+                      "backend for it")
+    _chosen[key] = chosen
+    return chosen
