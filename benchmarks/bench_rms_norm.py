@@ -72,56 +72,67 @@ def autocast_providers(device: torch.device, half: torch.dtype) -> dict:
     return out
 
 
-def bench_autocast(name, fn, rows, hidden, half, device) -> list[Result]:
+def _params(hidden, dtype, device, n_params) -> list[torch.Tensor]:
+    """The weight (around 1), and the bias (around 0) when n_params is 2."""
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(True)
+    return [w] + [(0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(True)] * (n_params - 1)
+
+
+def bench_autocast(name, fn, rows, hidden, half, device, op="rms_norm", n_params=1) -> list[Result]:
     x = torch.randn(rows, hidden, device=device).to(half).requires_grad_(True)
     stream = torch.randn(rows, hidden, device=device, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(hidden, device=device)).requires_grad_(True)
+    params = _params(hidden, torch.float32, device, n_params)
     grads = (torch.randn(rows, hidden, device=device).to(half), torch.randn(rows, hidden, device=device))
     n, el = rows * hidden, torch.finfo(half).bits // 8
-    nbytes = {"forward": n * (2 * el + 2 * 4) + hidden * 4, "backward": n * (2 * el + 3 * 4) + 2 * hidden * 4}
+    nbytes = {"forward": n * (2 * el + 2 * 4) + n_params * hidden * 4,
+              "backward": n * (2 * el + 3 * 4) + 2 * n_params * hidden * 4}
     nbytes["forward+backward"] = nbytes["forward"] + nbytes["backward"]
-    times = time_modes(lambda: fn(x, stream, w), grads, grad_to_none=[x, stream, w])
+    times = time_modes(lambda: fn(x, stream, *params), grads, grad_to_none=[x, stream, *params])
     shape = f"{rows}x{hidden} autocast"
-    return [Result("rms_norm", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+    return [Result(op, mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
 
 
-def bench_one(name, fn, rows, hidden, dtype, device) -> list[Result]:
+def bench_one(name, fn, rows, hidden, dtype, device, op="rms_norm", n_params=1) -> list[Result]:
     x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(True)
+    params = _params(hidden, dtype, device, n_params)
     dy = torch.randn_like(x)
     el = x.element_size()
     nbytes = {
-        "forward": 2 * rows * hidden * el + hidden * el,
-        "backward": 3 * rows * hidden * el + 2 * hidden * el,
-        "forward+backward": 5 * rows * hidden * el + 3 * hidden * el,
+        "forward": 2 * rows * hidden * el + n_params * hidden * el,
+        "backward": 3 * rows * hidden * el + 2 * n_params * hidden * el,
+        "forward+backward": 5 * rows * hidden * el + 3 * n_params * hidden * el,
     }
-    times = time_modes(lambda: fn(x, w), dy, grad_to_none=[x, w])
+    times = time_modes(lambda: fn(x, *params), dy, grad_to_none=[x, *params])
     shape = f"{rows}x{hidden}"
-    return [Result("rms_norm", mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
+    return [Result(op, mode, shape, name, ms, nbytes[mode] / ms / 1e6, "GB/s") for mode, ms in times.items()]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, op="rms_norm", title="RMSNorm", n_params=1, make_providers=None, make_autocast_providers=None,
+         baselines=BASELINES, description=__doc__) -> int:
+    """The command line of this benchmark and of bench_layer_norm.py (op, title, its parameters and
+    providers)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--hidden", type=int, nargs="+", default=[768, 4096, 8192])
     parser.add_argument("--autocast", action="store_true",
-                        help="a 16-bit x and y beside an fp32 stream, as in a Llama block under autocast")
+                        help="a 16-bit x and y beside an fp32 stream, as in a transformer block under autocast")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not require_gpu("bench_rms_norm"):
+    if not require_gpu(f"bench_{op}"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     if args.autocast and dtype == torch.float32:
         parser.error("--autocast takes --dtype bfloat16 or float16 (the matmuls' dtype)")
     results: list[Result] = []
-    each = autocast_providers(device, dtype) if args.autocast else providers(device)
+    each = (make_autocast_providers or autocast_providers)(device, dtype) if args.autocast else \
+        (make_providers or providers)(device)
     bench = bench_autocast if args.autocast else bench_one
     for name, fn in selected(each, args.providers).items():
         for rows in args.rows:
             for hidden in args.hidden:
-                results.extend(bench(name, fn, rows, hidden, dtype, device))
-    save(results, f"RMSNorm {args.dtype}{' autocast' if args.autocast else ''}", BASELINES)
+                results.extend(bench(name, fn, rows, hidden, dtype, device, op, n_params))
+    save(results, f"{title} {args.dtype}{' autocast' if args.autocast else ''}", baselines)
     return 0
 
 

@@ -21,6 +21,7 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 # The GPU backends tried by "auto", fastest first (from benchmarks/results).
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "rms_norm": ("cuda", "triton"),
+    "layer_norm": ("cuda", "triton"),  # the same kernels as rms_norm's, centered
     # Triton first until the CUDA attention kernels are verified on a GPU (they only compile here).
     "attention": ("triton", "cuda"),
     # Triton (checked in the interpreter) first until the CUDA AdamW is verified on a GPU.

@@ -319,11 +319,13 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
         assert h.dtype == torch.float32 and torch.equal(h, branch.float() + stream)
 
 
-def test_a_llama_model_under_autocast_casts_no_activation():
-    """On a kernel backend, a Llama model's only casts under bf16 autocast are of the fp32 weights into
-    the matmuls: the norms read bf16 branches and write bf16, RoPE, SwiGLU and attention stay in bf16,
-    and the fused loss casts the head itself. (Built on triton: the graph is what is checked.)"""
-    model = GPT(tiny(**VARIANTS["llama"], n_layer=1, n_head=2, backend="triton", fused_loss=True))  # heads of 32
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_a_model_under_autocast_casts_no_activation(variant):
+    """On a kernel backend, a GPT-2 or Llama model's only casts under bf16 autocast are of the fp32
+    weights into the matmuls: the norms read bf16 branches and write bf16, RoPE, SwiGLU, GELU and
+    attention stay in bf16, and the fused loss casts the head itself. (Built on triton: the graph is
+    what is checked.)"""
+    model = GPT(tiny(**VARIANTS[variant], n_layer=1, n_head=2, backend="triton", fused_loss=True))  # heads of 32
     idx = torch.randint(0, VOCAB, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx)

@@ -56,3 +56,29 @@ def run_build(body: str, timeout: int = 600) -> str:
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def build_norm_kernels(centered: bool) -> str:
+    """Build llmkern/triton/_norm.py's kernels for sm_80 and sm_90 as RMSNorm (centered=False) or
+    LayerNorm uses them: one pass and several, with and without the residual (and, for LayerNorm,
+    the bias), in one dtype and in autocast's mix (bf16 x, y and dy beside an fp32 stream)."""
+    return run_build(f"""
+    from llmkern.triton import _norm as k
+    rows = {{n: "i32" for n in ("x_stride", "r_stride", "y_stride", "h_stride", "n_cols")}}
+    back = {{n: "i32" for n in ("dy_stride", "h_stride", "e_stride", "dh_stride", "n_rows", "n_cols")}}
+    centered = {centered}
+    for arch in (80, 90):
+        for single in (True, False):
+            block = 4096 if single else 1024
+            for flag in (True, False):
+                for stream in ("bf16", "fp32"):  # the stream's dtype; x, y and dy are bf16 either way
+                    fwd = {{"X": "*bf16", "R": "*" + stream, "W": "*fp32", "B": "*fp32", "Y": "*bf16",
+                            "H": "*" + stream, **rows, "eps": "fp32"}}
+                    build(k._forward_kernel, fwd, {{"CENTERED": centered, "HAS_BIAS": centered and flag,
+                          "HAS_RESIDUAL": flag, "BLOCK": block, "SINGLE_PASS": single}}, arch, num_warps=8)
+                    bwd = {{"DY": "*bf16", "H": "*" + stream, "W": "*fp32", "E": "*" + stream, "DH": "*" + stream,
+                            "PARTIAL": "*fp32", **back, "eps": "fp32"}}
+                    build(k._backward_kernel, bwd, {{"CENTERED": centered, "HAS_BIAS": centered and flag,
+                          "HAS_EXTRA": flag, "BLOCK": block, "SINGLE_PASS": single}}, arch, num_warps=8)
+    print("built")
+    """)

@@ -42,7 +42,7 @@ DEADLINE=$((SECONDS + 100000))
 RESERVE=15  # seconds kept for packing the results
 
 # The tests of the kernels and of what runs them on a GPU; `rest` is the other files.
-KERNEL_TESTS=(test_rms_norm test_attention test_adamw test_rope test_swiglu test_fused_linear_cross_entropy
+KERNEL_TESTS=(test_rms_norm test_layer_norm test_attention test_adamw test_rope test_swiglu test_fused_linear_cross_entropy
               test_model test_generate test_train test_backend test_build test_cuda_launchers)
 
 # pytest on the GPU machine: not the emulator's tests (CI runs those); a line per test (-v), so a
@@ -143,6 +143,8 @@ part_bench() {
     step bench_swiglu 45 $PY benchmarks/bench_swiglu.py
     step bench_train 240 $PY benchmarks/bench_train.py --steps 10 --warmup 3
     step bench_rms_norm_autocast 45 $PY benchmarks/bench_rms_norm.py --autocast --rows 16384 --hidden 2048 4096
+    step bench_layer_norm 45 $PY benchmarks/bench_layer_norm.py --rows 16384 --hidden 768 4096
+    step bench_layer_norm_autocast 45 $PY benchmarks/bench_layer_norm.py --autocast --rows 16384 --hidden 768
   fi
   for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table
     [[ -f $log ]] && grep -E " x[0-9.]+ vs " "$log" | sed "s/^/  /" >> "$SUMMARY"

@@ -81,6 +81,29 @@ def rms_norm(backend: str, device: torch.device) -> None:
             _check(f"{name} {label}", a.grad, b.grad, bf16)
 
 
+def layer_norm(backend: str, device: torch.device) -> None:
+    # (x's, the stream's and y's dtypes): one dtype, and autocast's bf16 branch and output beside fp32
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for x_dtype, stream_dtype, out_dtype in ((fp32, fp32, fp32), (bf16, bf16, bf16), (bf16, fp32, bf16)):
+        for rows, hidden, with_bias in ((3, 17, True), (5, 4096, True), (2, 8192, False), (2, 20000, True)):
+            x, x_ref = _leaves(torch.randn(rows, hidden).to(x_dtype), device)
+            r, r_ref = _leaves(torch.randn(rows, hidden).to(stream_dtype) + 2, device)
+            w, w_ref = _leaves((1 + 0.1 * torch.randn(hidden)).to(stream_dtype), device)
+            b, b_ref = _leaves(0.1 * torch.randn(hidden).to(stream_dtype), device) if with_bias else (None, None)
+            dy, dh = torch.randn(rows, hidden).to(out_dtype), torch.randn(rows, hidden).to(stream_dtype)
+            y, h = llmkern.ops.layer_norm(x, w, b, residual=r, backend=backend, out_dtype=out_dtype)
+            y_ref, h_ref = reference.layer_norm(x_ref, w_ref, b_ref, residual=r_ref)
+            torch.autograd.backward((y, h), (dy.to(device), dh.to(device)))
+            torch.autograd.backward((y_ref, h_ref), (dy.double(), dh.double()))
+            name = f"layer_norm {rows}x{hidden} x {x_dtype} stream {stream_dtype} bias={with_bias}"
+            lowest = bf16 if bf16 in (x_dtype, out_dtype) else stream_dtype  # what the gradients went through
+            _check(name + " y", y, y_ref, out_dtype)
+            _check(name + " h", h, h_ref, stream_dtype)
+            leaves = [("dx", x, x_ref), ("dweight", w, w_ref), ("dresidual", r, r_ref)]
+            for label, a, c in leaves + ([("dbias", b, b_ref)] if with_bias else []):
+                _check(f"{name} {label}", a.grad, c.grad, lowest)
+
+
 def attention(backend: str, device: torch.device) -> None:
     cases = [  # (B, Hq, Hkv, Sq, Sk, D, causal, documents, CUDA forward rows per block)
         (1, 2, 2, 130, 130, 64, True, False, 64),
@@ -192,7 +215,7 @@ def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
         _check(name + " dweight", w.grad, w_ref.grad, dtype)
 
 
-OPS = {f.__name__: f for f in (rms_norm, attention, adamw, rope, swiglu, fused_linear_cross_entropy)}
+OPS = {f.__name__: f for f in (rms_norm, layer_norm, attention, adamw, rope, swiglu, fused_linear_cross_entropy)}
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ inline T* as_ptr(std::uintptr_t address) {
 }
 
 void bind_rms_norm(pybind11::module_& m);
+void bind_layer_norm(pybind11::module_& m);
 void bind_adamw(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_rope(pybind11::module_& m);

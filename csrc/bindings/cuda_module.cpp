@@ -28,6 +28,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.def("device_count", &device_count, "Number of CUDA devices the runtime sees (0 without a driver)");
   llmkern::bind_rms_norm(m);
+  llmkern::bind_layer_norm(m);
   llmkern::bind_adamw(m);
   llmkern::bind_attention(m);
   llmkern::bind_rope(m);

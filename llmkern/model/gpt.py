@@ -26,7 +26,7 @@ INIT_STD = 0.02  # GPT-2's initialisation
 def _make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, eps=config.norm_eps, backend=config.backend)
-    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias, backend=config.backend)
 
 
 class Block(nn.Module):

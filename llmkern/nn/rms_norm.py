@@ -3,9 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._norm import module_inputs
 from ..ops.rms_norm import rms_norm
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class RMSNorm(nn.Module):
@@ -26,16 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        stream = x if residual is None else residual
-        if residual is not None and x.dtype != residual.dtype and not (
-            residual.dtype == torch.float32 and x.dtype in _HALF_DTYPES
-        ):
-            x = x.to(residual.dtype)  # the op adds a 16-bit x to an fp32 stream, or tensors of one dtype
-        out_dtype = None
-        if stream.dtype == torch.float32 and torch.is_autocast_enabled(stream.device.type):
-            autocast_dtype = torch.get_autocast_dtype(stream.device.type)
-            if autocast_dtype in _HALF_DTYPES:
-                out_dtype = autocast_dtype
+        x, out_dtype = module_inputs(x, residual)
         return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:

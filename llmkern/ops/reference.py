@@ -35,6 +35,25 @@ def rms_norm(
     return y if residual is None else (y, h)
 
 
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias over the last dimension, h = x (+ residual);
+    rounding as rms_norm's: h in residual's dtype, the norm in fp32 (float64 for float64 inputs), y in
+    out_dtype (default h's). Returns y, or (y, h) when residual is given."""
+    h = x if residual is None else x + residual  # type promotion: a bf16 x joins an fp32 stream
+    ct = _compute_dtype(h.dtype)
+    y = torch.nn.functional.layer_norm(
+        h.to(ct), (h.size(-1),), weight.to(ct), None if bias is None else bias.to(ct), eps
+    ).to(h.dtype if out_dtype is None else out_dtype)
+    return y if residual is None else (y, h)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

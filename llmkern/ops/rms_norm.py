@@ -22,10 +22,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from . import _checks, reference
-
-MAX_HIDDEN = 65536
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+from . import _checks, _norm, reference
+from ._norm import MAX_HIDDEN  # noqa: F401  (the limit's public name here)
 
 
 def rms_norm(
@@ -51,60 +49,14 @@ def rms_norm(
     Returns:
         y of x's shape, or (y, h) when residual is given.
     """
-    _check_args(x, weight, eps, residual, out_dtype)
+    _norm.check_args(x, weight, eps, residual, out_dtype)
     device = _checks.check_same_device(x=x, weight=weight, residual=residual)
     chosen = _backend.resolve("rms_norm", backend, device)
-    stream_dtype = x.dtype if residual is None else residual.dtype
-    out_dtype = stream_dtype if out_dtype is None else out_dtype
+    out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps, residual, out_dtype)
     y, h = torch.ops.llmkern.rms_norm(x, weight, residual, float(eps), out_dtype, chosen)
     return y if residual is None else (y, h)
-
-
-def _check_args(x, weight, eps, residual, out_dtype) -> None:
-    _checks.check_float("x", x)
-    _checks.check_float("weight", weight)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (the hidden size); got a 0-d tensor")
-    n = x.size(-1)
-    if not 1 <= n <= MAX_HIDDEN:
-        raise ValueError(f"x's last dimension (the hidden size) must be in [1, {MAX_HIDDEN}], got {n}")
-    if weight.shape != (n,):
-        raise ValueError(f"weight must have shape ({n},) to match x's last dimension; got {tuple(weight.shape)}")
-    stream_dtype = x.dtype if residual is None else residual.dtype
-    if weight.dtype not in (stream_dtype, torch.float32):
-        which = "x's" if residual is None else "residual's"
-        raise TypeError(f"weight must have {which} dtype ({stream_dtype}) or float32; got {weight.dtype}")
-    _checks.check_positive_float("eps", eps)
-    _checks.check_last_dim_contiguous("x", x)
-    if weight.numel() > 1 and weight.stride(0) != 1:
-        raise ValueError(f"weight must be contiguous; got stride {weight.stride(0)}")
-    if residual is not None:
-        _checks.check_float("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in _HALF_DTYPES):
-            raise TypeError(f"residual must have x's dtype ({x.dtype}), or float32 with a 16-bit x; "
-                            f"got {residual.dtype}")
-        _checks.check_last_dim_contiguous("residual", residual)
-    if out_dtype is not None and out_dtype != stream_dtype and not (
-        stream_dtype == torch.float32 and out_dtype in _HALF_DTYPES
-    ):
-        raise TypeError(f"out_dtype must be None, {stream_dtype} (h's dtype), or float16 or bfloat16 when h is "
-                        f"float32; got {out_dtype}")
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (rows, N): a view when the leading dims allow it, else a copy."""
-    return t.reshape(-1, t.size(-1))
-
-
-def _contiguous_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialized contiguous tensor of t's shape and dtype (or `dtype`). Not empty_like(t):
-    for a dense but permuted t (a transposed batch) it would copy t's strides, and the kernels'
-    2-D (rows, N) view of it would not exist."""
-    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _kernels(backend: str):
@@ -119,10 +71,9 @@ def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x2 = _rows(x)
-    res2 = None if residual is None else _rows(residual)
-    y = _contiguous_like(x, out_dtype)
-    h = _contiguous_like(residual) if residual is not None else x.new_empty(0)
+    x2 = _norm.rows(x)
+    res2 = None if residual is None else _norm.rows(residual)
+    y, h = _norm.outputs(x, residual, out_dtype)
     if x.numel() > 0:
         _kernels(backend).forward(
             x2, weight, res2, eps, y.view(x2.shape), None if residual is None else h.view(x2.shape)
@@ -132,8 +83,7 @@ def _rms_norm_op(
 
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, out_dtype, backend):
-    h = _contiguous_like(residual) if residual is not None else x.new_empty(0)
-    return _contiguous_like(x, out_dtype), h
+    return _norm.outputs(x, residual, out_dtype)
 
 
 @torch.library.custom_op("llmkern::rms_norm_backward", mutates_args=())
@@ -147,21 +97,21 @@ def _rms_norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dh (the gradient of the normed input h, plus dh_extra), in h's dtype, and dweight; dy may be
     16-bit beside an fp32 h."""
-    dh = _contiguous_like(h)
+    dh = _norm.contiguous_like(h)
     dweight = torch.empty_like(weight)
     if h.numel() == 0:
         dweight.zero_()
         return dh, dweight
-    h2 = _rows(h)
-    dy2 = _rows(dy)
-    extra2 = None if dh_extra is None else _rows(dh_extra)
+    h2 = _norm.rows(h)
+    dy2 = _norm.rows(dy)
+    extra2 = None if dh_extra is None else _norm.rows(dh_extra)
     _kernels(backend).backward(dy2, h2, weight, extra2, eps, dh.view(h2.shape), dweight)
     return dh, dweight
 
 
 @_rms_norm_backward_op.register_fake
 def _(dy, h, weight, dh_extra, eps, backend):
-    return _contiguous_like(h), torch.empty_like(weight)
+    return _norm.contiguous_like(h), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,91 @@
+"""What the row-norm ops (rms_norm, layer_norm) share: their argument checks and the 2-D views
+and outputs their kernels take."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+MAX_HIDDEN = 65536
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def stream_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """h's dtype: the residual stream's (residual's), or x's without one."""
+    return x.dtype if residual is None else residual.dtype
+
+
+def check_args(x, weight, eps, residual, out_dtype, bias=None) -> None:
+    """x (..., N) of a float dtype; weight (and bias) (N,) of h's dtype or fp32; residual x's shape,
+    and x's dtype or fp32 beside a 16-bit x; out_dtype None, h's dtype, or 16-bit beside an fp32 h."""
+    _checks.check_float("x", x)
+    _checks.check_float("weight", weight)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the hidden size); got a 0-d tensor")
+    n = x.size(-1)
+    if not 1 <= n <= MAX_HIDDEN:
+        raise ValueError(f"x's last dimension (the hidden size) must be in [1, {MAX_HIDDEN}], got {n}")
+    if residual is not None:
+        _checks.check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in HALF_DTYPES):
+            raise TypeError(f"residual must have x's dtype ({x.dtype}), or float32 with a 16-bit x; "
+                            f"got {residual.dtype}")
+        _checks.check_last_dim_contiguous("residual", residual)
+    h_dtype = stream_dtype(x, residual)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _checks.check_float(name, t)
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension; got {tuple(t.shape)}")
+        if t.dtype not in (h_dtype, torch.float32):
+            which = "x's" if residual is None else "residual's"
+            raise TypeError(f"{name} must have {which} dtype ({h_dtype}) or float32; got {t.dtype}")
+        if t.numel() > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous; got stride {t.stride(0)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have weight's dtype ({weight.dtype}); got {bias.dtype}")
+    _checks.check_positive_float("eps", eps)
+    _checks.check_last_dim_contiguous("x", x)
+    if out_dtype is not None and out_dtype != h_dtype and not (
+        h_dtype == torch.float32 and out_dtype in HALF_DTYPES
+    ):
+        raise TypeError(f"out_dtype must be None, {h_dtype} (h's dtype), or float16 or bfloat16 when h is "
+                        f"float32; got {out_dtype}")
+
+
+def module_inputs(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype | None]:
+    """(x, out_dtype) as a norm module passes them to its op: x in residual's dtype unless it is a 16-bit
+    branch joining an fp32 stream (the op adds those itself); and, under autocast with an fp32 stream,
+    y in autocast's 16-bit dtype, the next matmul's (None otherwise: h's dtype)."""
+    if residual is not None and x.dtype != residual.dtype and not (
+        residual.dtype == torch.float32 and x.dtype in HALF_DTYPES
+    ):
+        x = x.to(residual.dtype)
+    h_dtype, device_type = stream_dtype(x, residual), x.device.type
+    if h_dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        if autocast_dtype in HALF_DTYPES:
+            return x, autocast_dtype
+    return x, None
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, N): a view when the leading dims allow it, else a copy."""
+    return t.reshape(-1, t.size(-1))
+
+
+def contiguous_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized contiguous tensor of t's shape and dtype (or `dtype`). Not empty_like(t):
+    for a dense but permuted t (a transposed batch) it would copy t's strides, and the kernels'
+    2-D (rows, N) view of it would not exist."""
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def outputs(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype):
+    """The forward ops' (y, h): y x's shape in out_dtype; h residual's shape and dtype (empty without)."""
+    h = contiguous_like(residual) if residual is not None else x.new_empty(0)
+    return contiguous_like(x, out_dtype), h

@@ -1,0 +1,137 @@
+"""LayerNorm with an optional bias and fused residual add.
+
+    y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias,   h = x + residual (or x)
+
+The form of llmkern.ops.rms_norm, centered: with `residual` it returns (y, h) in one pass over
+memory, a 16-bit x may join an fp32 residual, and out_dtype may ask for a 16-bit y, so that under
+autocast a GPT-2 block's norms run with no add or cast kernel around them. The kernels are the
+centered form of RMSNorm's (llmkern/triton/_norm.py, csrc/cuda/norm.cuh); the torch backend is
+F.layer_norm in fp32, differentiated by PyTorch itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import _checks, _norm, reference
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """LayerNorm over the last dimension of x.
+
+    Args:
+        x: (..., N) float32, float16 or bfloat16, contiguous in its last dimension.
+        weight: (N,) of h's dtype or float32 (fp32 parameters under autocast).
+        bias: optional, (N,) of weight's dtype.
+        eps: added to the variance before the square root.
+        residual: optional, x's shape, and x's dtype or float32 beside a 16-bit x; when given,
+            h = x + residual, in residual's dtype, is normed and returned too.
+        backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
+        out_dtype: y's dtype: None for h's; float16 or bfloat16 when h is float32.
+
+    Returns:
+        y of x's shape, or (y, h) when residual is given.
+    """
+    _norm.check_args(x, weight, eps, residual, out_dtype, bias)
+    device = _checks.check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    chosen = _backend.resolve("layer_norm", backend, device)
+    out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
+    if chosen == "torch":
+        return reference.layer_norm(x, weight, bias, eps, residual, out_dtype)
+    y, h = torch.ops.llmkern.layer_norm(x, weight, bias, residual, float(eps), out_dtype, chosen)
+    return y if residual is None else (y, h)
+
+
+def _kernels(backend: str):
+    """llmkern.cuda.layer_norm or llmkern.triton.layer_norm: their forward/backward take 2-D views."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::layer_norm runs the cuda or triton backend, got {backend!r}")
+    return importlib.import_module(f"llmkern.{backend}.layer_norm")
+
+
+@torch.library.custom_op("llmkern::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+    eps: float, out_dtype: torch.dtype, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = _norm.rows(x)
+    y, h = _norm.outputs(x, residual, out_dtype)
+    if x.numel() > 0:
+        _kernels(backend).forward(
+            x2, weight, bias, None if residual is None else _norm.rows(residual), eps, y.view(x2.shape),
+            None if residual is None else h.view(x2.shape),
+        )
+    return y, h
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, residual, eps, out_dtype, backend):
+    return _norm.outputs(x, residual, out_dtype)
+
+
+@torch.library.custom_op("llmkern::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    dh_extra: Optional[torch.Tensor],
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dh (the gradient of the normed input h, plus dh_extra) in h's dtype, dweight, and dbias (an
+    empty tensor without a bias); dy may be 16-bit beside an fp32 h."""
+    dh = _norm.contiguous_like(h)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    if h.numel() == 0:
+        dweight.zero_()
+        dbias.zero_()
+        return dh, dweight, dbias
+    h2 = _norm.rows(h)
+    extra2 = None if dh_extra is None else _norm.rows(dh_extra)
+    _kernels(backend).backward(_norm.rows(dy), h2, weight, extra2, eps, dh.view(h2.shape), dweight,
+                               dbias if has_bias else None)
+    return dh, dweight, dbias
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, h, weight, has_bias, dh_extra, eps, backend):
+    return _norm.contiguous_like(h), torch.empty_like(weight), (torch.empty_like(weight) if has_bias
+                                                                else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, _, backend = inputs
+    _, h = output
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.eps = eps
+    ctx.backend = backend
+    ctx.save_for_backward(h if ctx.has_residual else x, weight)
+
+
+def _backward(ctx, dy, dh_out):
+    h, weight = ctx.saved_tensors
+    dh_extra = dh_out.contiguous() if ctx.has_residual and dh_out is not None else None
+    dh, dweight, dbias = torch.ops.llmkern.layer_norm_backward(
+        dy.contiguous(), h, weight, ctx.has_bias, dh_extra, ctx.eps, ctx.backend
+    )
+    dx = dh.to(ctx.x_dtype)  # a 16-bit branch beside an fp32 stream gets its gradient in 16 bits
+    return dx, dweight, (dbias if ctx.has_bias else None), (dh if ctx.has_residual else None), None, None, None
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
