@@ -46,6 +46,17 @@ constexpr int kMaxBackwardChunks = kCentered ? 2 : kMaxRegsChunks;
 
 inline int round_up(int64_t n, int64_t m) { return static_cast<int>((n + m - 1) / m * m); }
 
+// G elements at p + offset in fp32, or zeros where p is null (no bias, no extra gradient).
+template <int G, typename T>
+__device__ __forceinline__ void load_float_or_zero(const T* p, int64_t offset, float (&out)[G]) {
+  if (p != nullptr) {
+    load_float<G>(p + offset, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) out[e] = 0.0f;
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward, row in registers: thread t holds chunks t, t + blockDim, ... (K of them) of G
 // elements each. One block per row (grid-stride over rows).
@@ -98,12 +109,7 @@ forward_regs(const X* __restrict__ x, const T* __restrict__ residual, const W* _
       if (c < chunks) {
         float w[G], b[G];
         load_float<G>(weight + c * G, w);
-        if (bias != nullptr) {
-          load_float<G>(bias + c * G, b);
-        } else {
-#pragma unroll
-          for (int e = 0; e < G; ++e) b[e] = 0.0f;
-        }
+        load_float_or_zero<G>(bias, c * G, b);
 #pragma unroll
         for (int e = 0; e < G; ++e) v[k][e] = v[k][e] * rstd * w[e] + b[e];
         store_float<G>(y + row * y_stride + c * G, v[k]);
@@ -164,18 +170,12 @@ forward_loop(const X* __restrict__ x, const T* __restrict__ residual, const W* _
     }
     const float rstd = rsqrtf(block_sum(acc, scratch) / static_cast<float>(cols) + eps);
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-      float v[G], w[G];
+      float v[G], w[G], b[G];
       reload_h<X, T, G>(x_row, h_row, has_residual, c, v);
       load_float<G>(weight + c * G, w);
-      if (bias != nullptr) {
-        float b[G];
-        load_float<G>(bias + c * G, b);
+      load_float_or_zero<G>(bias, c * G, b);
 #pragma unroll
-        for (int e = 0; e < G; ++e) v[e] = (v[e] - mean) * rstd * w[e] + b[e];
-      } else {
-#pragma unroll
-        for (int e = 0; e < G; ++e) v[e] = (v[e] - mean) * rstd * w[e];
-      }
+      for (int e = 0; e < G; ++e) v[e] = (v[e] - mean) * rstd * w[e] + b[e];
       store_float<G>(y + row * y_stride + c * G, v);
     }
   }
@@ -265,12 +265,7 @@ backward_regs(const D* __restrict__ dy, const T* __restrict__ h, const W* __rest
       if (c < chunks) {
         float w[G], out[G], extra[G];
         load_float<G>(weight + c * G, w);
-        if (dh_extra != nullptr) {
-          load_float<G>(dh_extra + row * dh_extra_stride + c * G, extra);
-        } else {
-#pragma unroll
-          for (int e = 0; e < G; ++e) extra[e] = 0.0f;
-        }
+        load_float_or_zero<G>(dh_extra, row * dh_extra_stride + c * G, extra);
 #pragma unroll
         for (int e = 0; e < G; ++e) {
           const float hhat = hv[k][e] * s.rstd;
@@ -347,12 +342,7 @@ backward_loop(const D* __restrict__ dy, const T* __restrict__ h, const W* __rest
       load_float<G>(h_row + c * G, hv);
       load_float<G>(dy_row + c * G, g);
       load_float<G>(weight + c * G, w);
-      if (dh_extra != nullptr) {
-        load_float<G>(dh_extra + row * dh_extra_stride + c * G, extra);
-      } else {
-#pragma unroll
-        for (int e = 0; e < G; ++e) extra[e] = 0.0f;
-      }
+      load_float_or_zero<G>(dh_extra, row * dh_extra_stride + c * G, extra);
 #pragma unroll
       for (int e = 0; e < G; ++e) {
         const float hhat = (hv[e] - mean) * s.rstd;

@@ -3,6 +3,8 @@ and outputs their kernels take."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import _checks
@@ -89,3 +91,32 @@ def outputs(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dty
     """The forward ops' (y, h): y x's shape in out_dtype; h residual's shape and dtype (empty without)."""
     h = contiguous_like(residual) if residual is not None else x.new_empty(0)
     return contiguous_like(x, out_dtype), h
+
+
+def run_forward(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype, launch):
+    """A forward op's body: (y, h) allocated, and launch(x, residual, y, h) on their 2-D (rows, N)
+    views (residual and h None without a residual) unless there are no rows."""
+    y, h = outputs(x, residual, out_dtype)
+    if x.numel() > 0:
+        x2 = rows(x)
+        with_residual = residual is not None
+        launch(x2, rows(residual) if with_residual else None, y.view(x2.shape),
+               h.view(x2.shape) if with_residual else None)
+    return y, h
+
+
+def run_backward(dy: torch.Tensor, h: torch.Tensor, dh_extra: torch.Tensor | None, launch) -> torch.Tensor:
+    """A backward op's body: dh allocated, and launch(dy, h, dh_extra, dh) on 2-D views, which also
+    writes the parameters' gradients; with no rows the caller zeroes those."""
+    dh = contiguous_like(h)
+    if h.numel() > 0:
+        h2 = rows(h)
+        launch(rows(dy), h2, None if dh_extra is None else rows(dh_extra), dh.view(h2.shape))
+    return dh
+
+
+def kernels(op: str, backend: str):
+    """llmkern.cuda.<op> or llmkern.triton.<op>: their forward/backward take 2-D views."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::{op} runs the cuda or triton backend, got {backend!r}")
+    return importlib.import_module(f"llmkern.{backend}.{op}")

@@ -11,7 +11,6 @@ F.layer_norm in fp32, differentiated by PyTorch itself.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -54,26 +53,15 @@ def layer_norm(
     return y if residual is None else (y, h)
 
 
-def _kernels(backend: str):
-    """llmkern.cuda.layer_norm or llmkern.triton.layer_norm: their forward/backward take 2-D views."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::layer_norm runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.layer_norm")
-
-
 @torch.library.custom_op("llmkern::layer_norm", mutates_args=())
 def _layer_norm_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     eps: float, out_dtype: torch.dtype, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x2 = _norm.rows(x)
-    y, h = _norm.outputs(x, residual, out_dtype)
-    if x.numel() > 0:
-        _kernels(backend).forward(
-            x2, weight, bias, None if residual is None else _norm.rows(residual), eps, y.view(x2.shape),
-            None if residual is None else h.view(x2.shape),
-        )
-    return y, h
+    def launch(x2, residual2, y2, h2):
+        _norm.kernels("layer_norm", backend).forward(x2, weight, bias, residual2, eps, y2, h2)
+
+    return _norm.run_forward(x, residual, out_dtype, launch)
 
 
 @_layer_norm_op.register_fake
@@ -93,18 +81,16 @@ def _layer_norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dh (the gradient of the normed input h, plus dh_extra) in h's dtype, dweight, and dbias (an
     empty tensor without a bias); dy may be 16-bit beside an fp32 h."""
-    dh = _norm.contiguous_like(h)
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
     if h.numel() == 0:
         dweight.zero_()
         dbias.zero_()
-        return dh, dweight, dbias
-    h2 = _norm.rows(h)
-    extra2 = None if dh_extra is None else _norm.rows(dh_extra)
-    _kernels(backend).backward(_norm.rows(dy), h2, weight, extra2, eps, dh.view(h2.shape), dweight,
-                               dbias if has_bias else None)
-    return dh, dweight, dbias
+
+    def launch(dy2, h2, extra2, dh2):
+        _norm.kernels("layer_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight, dbias if has_bias else None)
+
+    return _norm.run_backward(dy, h, dh_extra, launch), dweight, dbias
 
 
 @_layer_norm_backward_op.register_fake

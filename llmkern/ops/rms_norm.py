@@ -16,7 +16,6 @@ traces them); the torch backend is the plain reference, differentiated by PyTorc
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -59,26 +58,15 @@ def rms_norm(
     return y if residual is None else (y, h)
 
 
-def _kernels(backend: str):
-    """llmkern.cuda.rms_norm or llmkern.triton.rms_norm: their forward/backward take 2-D views."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::rms_norm runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.rms_norm")
-
-
 @torch.library.custom_op("llmkern::rms_norm", mutates_args=())
 def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x2 = _norm.rows(x)
-    res2 = None if residual is None else _norm.rows(residual)
-    y, h = _norm.outputs(x, residual, out_dtype)
-    if x.numel() > 0:
-        _kernels(backend).forward(
-            x2, weight, res2, eps, y.view(x2.shape), None if residual is None else h.view(x2.shape)
-        )
-    return y, h
+    def launch(x2, residual2, y2, h2):
+        _norm.kernels("rms_norm", backend).forward(x2, weight, residual2, eps, y2, h2)
+
+    return _norm.run_forward(x, residual, out_dtype, launch)
 
 
 @_rms_norm_op.register_fake
@@ -97,16 +85,14 @@ def _rms_norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dh (the gradient of the normed input h, plus dh_extra), in h's dtype, and dweight; dy may be
     16-bit beside an fp32 h."""
-    dh = _norm.contiguous_like(h)
     dweight = torch.empty_like(weight)
     if h.numel() == 0:
         dweight.zero_()
-        return dh, dweight
-    h2 = _norm.rows(h)
-    dy2 = _norm.rows(dy)
-    extra2 = None if dh_extra is None else _norm.rows(dh_extra)
-    _kernels(backend).backward(dy2, h2, weight, extra2, eps, dh.view(h2.shape), dweight)
-    return dh, dweight
+
+    def launch(dy2, h2, extra2, dh2):
+        _norm.kernels("rms_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight)
+
+    return _norm.run_backward(dy, h, dh_extra, launch), dweight
 
 
 @_rms_norm_backward_op.register_fake
