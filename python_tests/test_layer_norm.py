@@ -270,12 +270,23 @@ def test_module_under_autocast_needs_no_add_or_cast_kernel(backend, device):
     assert stream.grad.dtype == torch.float32 and norm.weight.grad.dtype == torch.float32
 
 
-def test_module_without_affine_parameters_is_torchs():
+def test_module_beyond_the_op_is_torchs():
+    """Without affine parameters, over two dimensions, in float64 or wider than the kernels' limit, the
+    module is torch's LayerNorm, as it was."""
     norm = llmkern.nn.LayerNorm(16, elementwise_affine=False)
     x, r = torch.randn(3, 16), torch.randn(3, 16)
     torch.testing.assert_close(norm(x), F.layer_norm(x, (16,)))
     y, h = norm(x, residual=r)
     torch.testing.assert_close(y, F.layer_norm(x + r, (16,)))
+    x2 = torch.randn(3, 4, 5)
+    torch.testing.assert_close(llmkern.nn.LayerNorm((4, 5))(x2), F.layer_norm(x2, (4, 5)))
+    norm64 = llmkern.nn.LayerNorm(16).double()
+    torch.testing.assert_close(norm64(x.double()), F.layer_norm(x.double(), (16,), norm64.weight, norm64.bias))
+    from llmkern.ops._norm import MAX_HIDDEN
+
+    wide = llmkern.nn.LayerNorm(MAX_HIDDEN + 1)
+    xw = torch.randn(1, MAX_HIDDEN + 1)
+    torch.testing.assert_close(wide(xw), F.layer_norm(xw, (MAX_HIDDEN + 1,), wide.weight, wide.bias))
 
 
 # --- bad input --------------------------------------------------------------------------------------

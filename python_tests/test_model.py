@@ -304,8 +304,10 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
     from llmkern.nn import LayerNorm, RMSNorm
 
     block = Block(tiny(**VARIANTS["gpt2"], backend="torch"), 0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = block(torch.randn(2, 8, block.norm1.normalized_shape[0], requires_grad=True))
+    width = block.norm1.normalized_shape[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a block between two others: it takes and leaves a branch
+        x, branch = block(torch.randn(2, 8, width, requires_grad=True), torch.randn(2, 8, width).bfloat16())
+        out = x.sum() + branch.sum()
     cast_from = {type(f).__name__ for node in autograd_nodes(out) if type(node).__name__ == "ToCopyBackward0"
                  for f, _ in node.next_functions if f is not None}
     assert "NativeLayerNormBackward0" in cast_from  # the norms' outputs into the bf16 matmuls, as it must
@@ -325,13 +327,18 @@ def test_a_model_under_autocast_casts_no_activation(variant):
     weights into the matmuls: the norms read bf16 branches and write bf16, RoPE, SwiGLU, GELU and
     attention stay in bf16, and the fused loss casts the head itself. (Built on triton: the graph is
     what is checked.)"""
-    model = GPT(tiny(**VARIANTS[variant], n_layer=1, n_head=2, backend="triton", fused_loss=True))  # heads of 32
+    model = GPT(tiny(**VARIANTS[variant], n_layer=2, n_head=2, backend="triton", fused_loss=True))  # heads of 32
     idx = torch.randint(0, VOCAB, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx)
-    cast_from = [type(f).__name__ for node in autograd_nodes(loss) if type(node).__name__ == "ToCopyBackward0"
+    nodes = autograd_nodes(loss)
+    cast_from = [type(f).__name__ for node in nodes if type(node).__name__ == "ToCopyBackward0"
                  for f, _ in node.next_functions if f is not None]
     assert cast_from and set(cast_from) == {"AccumulateGrad"}, cast_from
+    # Every residual add happens inside a norm (Block leaves its MLP's to the next norm); GPT-2's one
+    # add is of the position embeddings.
+    adds = sum(type(node).__name__ == "AddBackward0" for node in nodes)
+    assert adds == (1 if variant == "gpt2" else 0), adds
 
 
 def _matches_torch_backend_under_bf16_autocast(backend, variant, device, n_embd, n_head, n_kv_head, seq, batch):

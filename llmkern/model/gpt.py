@@ -30,7 +30,15 @@ def _make_norm(config: GPTConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """x + attn(norm1(x)), then + mlp(norm2(.)): a pre-norm transformer block."""
+    """A pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(.)).
+
+    The stream's last addition is left to whoever norms it next: forward(x, branch) takes the previous
+    block's MLP output `branch`, not yet added to x (None for the first block), and returns the stream
+    and its own MLP output, again not added. So each norm adds a branch to the stream and norms the sum
+    in one pass (norm1 the previous MLP's, norm2 the attention's; the model's final norm the last one)
+    and no add runs by itself. The stream keeps its dtype (fp32 under autocast); the norms take the
+    bf16 branches as they are.
+    """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -45,12 +53,14 @@ class Block(nn.Module):
         else:
             self.mlp = GeluMLP(config.n_embd, config.hidden_size, config.bias, config.dropout)
 
-    def forward(self, x, rotary=None, attn_mask=None, cache=None, doc_ids=None):
-        a = self.attn(self.norm1(x), rotary, attn_mask, cache, doc_ids)
-        # One fused pass adds the attention branch to the residual stream and norms the sum. The
-        # stream keeps its dtype (fp32 under autocast); the norm takes the bf16 branch as it is.
+    def forward(self, x, branch=None, rotary=None, attn_mask=None, cache=None, doc_ids=None):
+        if branch is None:
+            normed = self.norm1(x)
+        else:
+            normed, x = self.norm1(branch, residual=x)
+        a = self.attn(normed, rotary, attn_mask, cache, doc_ids)
         normed, x = self.norm2(a, residual=x)
-        return x + self.mlp(normed)
+        return x, self.mlp(normed)
 
 
 class GPT(nn.Module):
@@ -166,14 +176,17 @@ class GPT(nn.Module):
             rotary = self.rotary(positions, t)
         x = self.drop(x)
         use_checkpoints = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        branch = None  # the last block's MLP output, not yet added to the stream x (see Block)
         for block in self.blocks:
             if use_checkpoints:
-                x = checkpoint(block, x, rotary, attn_mask, cache, doc_ids, use_reentrant=False)
+                x, branch = checkpoint(block, x, branch, rotary, attn_mask, cache, doc_ids, use_reentrant=False)
+                # Whole between checkpoints: each keeps one input tensor, not the stream and a branch.
+                x, branch = x + branch, None
             else:
-                x = block(x, rotary, attn_mask, cache, doc_ids)
+                x, branch = block(x, branch, rotary, attn_mask, cache, doc_ids)
         if cache is not None:
             cache.advance(t)
-        return self.norm_f(x)
+        return self.norm_f(x) if branch is None else self.norm_f(branch, residual=x)[0]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (the padding rows of the output layer are cut off)."""

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._norm import module_inputs
+from ..ops._checks import FLOAT_DTYPES
+from ..ops._norm import MAX_HIDDEN, module_inputs
 from ..ops.layer_norm import layer_norm
 from ._dispatch import op_backend
 
@@ -25,7 +26,7 @@ class LayerNorm(nn.LayerNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.weight is None or len(self.normalized_shape) != 1:  # beyond the op: torch's own
+        if not self._op_takes(x, residual):  # torch's own, as nn.LayerNorm always did
             h = x if residual is None else residual + x
             y = F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
             return y if residual is None else (y, h)
@@ -33,3 +34,10 @@ class LayerNorm(nn.LayerNorm):
         backend = op_backend("layer_norm", self.backend, x.device)
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=backend,
                           out_dtype=out_dtype)
+
+    def _op_takes(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether llmkern.ops.layer_norm covers this call: a weight over one dimension of at most
+        MAX_HIDDEN, in fp32, fp16 or bf16 tensors (float64, say, stays with torch's LayerNorm)."""
+        tensors = [t for t in (x, residual, self.weight) if t is not None]
+        return (self.weight is not None and len(self.normalized_shape) == 1
+                and self.normalized_shape[0] <= MAX_HIDDEN and all(t.dtype in FLOAT_DTYPES for t in tensors))
