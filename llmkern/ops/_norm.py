@@ -18,6 +18,12 @@ def stream_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
     return x.dtype if residual is None else residual.dtype
 
 
+def fits_beside(dtype: torch.dtype, stream: torch.dtype) -> bool:
+    """Whether a tensor of `dtype` (x, y or dy) can sit beside a stream of dtype `stream`: the
+    stream's own, or a 16-bit one beside an fp32 stream (autocast's mix)."""
+    return dtype == stream or (stream == torch.float32 and dtype in HALF_DTYPES)
+
+
 def check_args(x, weight, eps, residual, out_dtype, bias=None) -> None:
     """x (..., N) of a float dtype; weight (and bias) (N,) of h's dtype or fp32; residual x's shape,
     and x's dtype or fp32 beside a 16-bit x; out_dtype None, h's dtype, or 16-bit beside an fp32 h."""
@@ -32,7 +38,7 @@ def check_args(x, weight, eps, residual, out_dtype, bias=None) -> None:
         _checks.check_float("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in HALF_DTYPES):
+        if not fits_beside(x.dtype, residual.dtype):
             raise TypeError(f"residual must have x's dtype ({x.dtype}), or float32 with a 16-bit x; "
                             f"got {residual.dtype}")
         _checks.check_last_dim_contiguous("residual", residual)
@@ -52,9 +58,7 @@ def check_args(x, weight, eps, residual, out_dtype, bias=None) -> None:
         raise TypeError(f"bias must have weight's dtype ({weight.dtype}); got {bias.dtype}")
     _checks.check_positive_float("eps", eps)
     _checks.check_last_dim_contiguous("x", x)
-    if out_dtype is not None and out_dtype != h_dtype and not (
-        h_dtype == torch.float32 and out_dtype in HALF_DTYPES
-    ):
+    if out_dtype is not None and not fits_beside(out_dtype, h_dtype):
         raise TypeError(f"out_dtype must be None, {h_dtype} (h's dtype), or float16 or bfloat16 when h is "
                         f"float32; got {out_dtype}")
 
@@ -63,9 +67,7 @@ def module_inputs(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch
     """(x, out_dtype) as a norm module passes them to its op: x in residual's dtype unless it is a 16-bit
     branch joining an fp32 stream (the op adds those itself); and, under autocast with an fp32 stream,
     y in autocast's 16-bit dtype, the next matmul's (None otherwise: h's dtype)."""
-    if residual is not None and x.dtype != residual.dtype and not (
-        residual.dtype == torch.float32 and x.dtype in HALF_DTYPES
-    ):
+    if residual is not None and not fits_beside(x.dtype, residual.dtype):
         x = x.to(residual.dtype)
     h_dtype, device_type = stream_dtype(x, residual), x.device.type
     if h_dtype == torch.float32 and torch.is_autocast_enabled(device_type):
@@ -105,13 +107,16 @@ def run_forward(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch
     return y, h
 
 
-def run_backward(dy: torch.Tensor, h: torch.Tensor, dh_extra: torch.Tensor | None, launch) -> torch.Tensor:
+def run_backward(dy: torch.Tensor, h: torch.Tensor, dh_extra: torch.Tensor | None, param_grads, launch):
     """A backward op's body: dh allocated, and launch(dy, h, dh_extra, dh) on 2-D views, which also
-    writes the parameters' gradients; with no rows the caller zeroes those."""
+    writes param_grads (the parameters' gradients); with no rows those are zeroed instead."""
     dh = contiguous_like(h)
     if h.numel() > 0:
         h2 = rows(h)
         launch(rows(dy), h2, None if dh_extra is None else rows(dh_extra), dh.view(h2.shape))
+    else:
+        for grad in param_grads:
+            grad.zero_()
     return dh
 
 

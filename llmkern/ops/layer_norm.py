@@ -83,14 +83,13 @@ def _layer_norm_backward_op(
     empty tensor without a bias); dy may be 16-bit beside an fp32 h."""
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    if h.numel() == 0:
-        dweight.zero_()
-        dbias.zero_()
 
     def launch(dy2, h2, extra2, dh2):
-        _norm.kernels("layer_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight, dbias if has_bias else None)
+        _norm.kernels("layer_norm", backend).backward(
+            dy2, h2, weight, extra2, eps, dh2, dweight, dbias if has_bias else None
+        )
 
-    return _norm.run_backward(dy, h, dh_extra, launch), dweight, dbias
+    return _norm.run_backward(dy, h, dh_extra, [dweight, dbias], launch), dweight, dbias
 
 
 @_layer_norm_backward_op.register_fake

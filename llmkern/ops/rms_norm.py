@@ -86,13 +86,11 @@ def _rms_norm_backward_op(
     """dh (the gradient of the normed input h, plus dh_extra), in h's dtype, and dweight; dy may be
     16-bit beside an fp32 h."""
     dweight = torch.empty_like(weight)
-    if h.numel() == 0:
-        dweight.zero_()
 
     def launch(dy2, h2, extra2, dh2):
         _norm.kernels("rms_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight)
 
-    return _norm.run_backward(dy, h, dh_extra, launch), dweight
+    return _norm.run_backward(dy, h, dh_extra, [dweight], launch), dweight
 
 
 @_rms_norm_backward_op.register_fake
