@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _backend
 from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
 from ..ops import fused_linear_cross_entropy
+from ..ops.attention import int32_doc_ids
 from .config import GPTConfig
 
 INIT_STD = 0.02  # GPT-2's initialisation
@@ -118,7 +119,10 @@ class GPT(nn.Module):
         so each document is processed as if it were alone.
         """
         _check_forward_args(idx, targets, doc_ids, self.config.block_size)
-        positions = None if doc_ids is None else positions_in_documents(doc_ids)
+        positions = None
+        if doc_ids is not None:
+            positions = positions_in_documents(doc_ids)
+            doc_ids = int32_doc_ids(doc_ids)  # once here, not in each layer's attention
         hidden = self.hidden_states(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
         loss_backend = None if targets is None else self._fused_loss_backend(hidden.device)

@@ -88,9 +88,27 @@ def attention(
     if chosen == "torch":
         return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
     if doc_ids is not None:
-        doc_ids = doc_ids.to(torch.int32).contiguous()
+        doc_ids = int32_doc_ids(doc_ids)
     o, _ = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, bool(causal), scale, chosen)
     return o
+
+
+def int32_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) doc ids as the kernels read them: int32 and contiguous, equal exactly where the given
+    ids are equal. int64 ids are relabelled rather than cast (a cast would make 0 and 2**32 one
+    document): each becomes the first position in its row that holds its value, found by a stable
+    sort, with no host synchronization. A caller that passes the same ids to every layer (the
+    model) relabels them once."""
+    if doc_ids.dtype == torch.int32:
+        return doc_ids.contiguous()
+    values, order = doc_ids.sort(dim=1, stable=True)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    sorted_positions = torch.arange(values.size(1), device=values.device).expand_as(values)
+    # Each sorted element's run start; the stable sort puts the value's first position there.
+    run_starts = torch.where(starts, sorted_positions, 0).cummax(dim=1).values
+    first_positions = order.gather(1, run_starts)
+    return torch.empty_like(order).scatter_(1, order, first_positions).to(torch.int32)
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
