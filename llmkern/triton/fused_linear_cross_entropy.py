@@ -13,6 +13,39 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
+def _row_stats(row_ptr, cols, n_classes, row_max, sum_exp, sum_z, TAIL: tl.constexpr):
+    """Pass 1 over one block of columns: the running max, the sum of exp(z - max) (rescaled when
+    the max grows) and the sum of z. Only the tail block, past the last whole one, is masked: a mask
+    that may change inside a 16-byte pack keeps Triton from vectorizing the loads."""
+    if TAIL:
+        z = tl.load(row_ptr + cols, mask=cols < n_classes, other=-float("inf")).to(tl.float32)
+        z_sum = tl.sum(tl.where(cols < n_classes, z, 0.0), axis=0)
+    else:
+        z = tl.load(row_ptr + cols).to(tl.float32)
+        z_sum = tl.sum(z, axis=0)
+    new_max = tl.maximum(row_max, tl.max(z, axis=0))  # finite: every block has a real column
+    sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+    return new_max, sum_exp, sum_z + z_sum
+
+
+@triton.jit
+def _write_grad(row_ptr, cols, n_classes, lse, target, valid, in_range, scale, label_smoothing, TAIL: tl.constexpr):
+    """Pass 2 over one block of columns: d loss / d z = softmax(z) - (1 - eps) * onehot(target) - eps / n_classes,
+    scaled, written over z (masked only in the tail block, as in _row_stats)."""
+    if TAIL:
+        z = tl.load(row_ptr + cols, mask=cols < n_classes, other=0.0).to(tl.float32)
+    else:
+        z = tl.load(row_ptr + cols).to(tl.float32)
+    grad = tl.exp(z - lse) - label_smoothing / n_classes - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+    grad = tl.where(valid, grad * scale, 0.0)
+    grad = tl.where(valid & ~in_range, float("nan"), grad).to(row_ptr.dtype.element_ty)
+    if TAIL:
+        tl.store(row_ptr + cols, grad, mask=cols < n_classes)
+    else:
+        tl.store(row_ptr + cols, grad)
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     LOGITS,  # (rows, n_classes) in the matmul dtype, row stride logits_stride; gets d loss / d logits
     TARGET,  # (rows,) int32 or int64 class ids; ignore_index marks rows without a loss
@@ -31,19 +64,16 @@ def _cross_entropy_rows_kernel(
     target = tl.load(TARGET + row).to(tl.int64)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < n_classes)
+    whole = n_classes // BLOCK * BLOCK  # columns in whole blocks; the rest is the tail
 
-    # Pass 1: running max and sum of exp(z - max) (rescaled when the max grows), and sum of z.
+    # Pass 1: the log-sum-exp of the row, and the sum of its logits (label smoothing).
     row_max = -float("inf")
     sum_exp = 0.0
     sum_z = 0.0
-    for start in range(0, n_classes, BLOCK):
-        cols = start + offs
-        mask = cols < n_classes
-        z = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(z, axis=0))  # finite: every block has a real column
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        row_max = new_max
+    for start in range(0, whole, BLOCK):
+        row_max, sum_exp, sum_z = _row_stats(row_ptr, start + offs, n_classes, row_max, sum_exp, sum_z, False)
+    if whole < n_classes:
+        row_max, sum_exp, sum_z = _row_stats(row_ptr, whole + offs, n_classes, row_max, sum_exp, sum_z, True)
     lse = row_max + tl.log(sum_exp)
 
     target_z = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
@@ -58,17 +88,12 @@ def _cross_entropy_rows_kernel(
         # orders one warp's load before another warp's store (the interpreter runs them in turn),
         # so without this barrier a late warp could read the gradient as the target's logit.
         tl.debug_barrier()
-        # Pass 2: d loss / d z = softmax(z) - (1 - eps) * onehot(target) - eps / n_classes, scaled.
+        # Pass 2: the gradient over the logits.
         scale = tl.load(GRAD_SCALE)
-        smooth = label_smoothing / n_classes
-        for start in range(0, n_classes, BLOCK):
-            cols = start + offs
-            mask = cols < n_classes
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(z - lse) - smooth - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
-            grad = tl.where(valid, grad * scale, 0.0)
-            grad = tl.where(valid & ~in_range, float("nan"), grad)
-            tl.store(row_ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+        for start in range(0, whole, BLOCK):
+            _write_grad(row_ptr, start + offs, n_classes, lse, target, valid, in_range, scale, label_smoothing, False)
+        if whole < n_classes:
+            _write_grad(row_ptr, whole + offs, n_classes, lse, target, valid, in_range, scale, label_smoothing, True)
 
 
 def cross_entropy_rows(
