@@ -11,8 +11,9 @@
 // At the end o = acc / l and lse = (m + log2 l) * ln 2 are written.
 //
 // Masks: keys past seq_k, causal (bottom-right aligned), documents (equal doc ids). Tiles
-// past the causal diagonal are never loaded; a warp whose 16 x 64 tile is fully masked by
-// documents skips its math (the ids are compared per element, so any ids work).
+// past the causal diagonal are never loaded; with documents, only the tiles from the first to the
+// last key whose id may be one of the block's (attention_docs.cuh), and a warp whose 16 x 64 tile
+// is fully masked skips its math (the ids are compared per element, so any ids work).
 #include "cuda/attention.h"
 
 #include <cuda_bf16.h>
@@ -22,6 +23,7 @@
 
 #include "common/check.h"
 #include "cuda/attention_dispatch.h"
+#include "cuda/attention_docs.cuh"
 #include "cuda/attention_mma.cuh"
 
 namespace llmkern {
@@ -70,16 +72,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int row_lo = m0 + warp * 16 + group;  // the two query rows of this lane
   const int row_hi = row_lo + 8;
 
-  // Keys [0, n_end) can be seen by some row of this block.
+  // Keys [0, n_end) can be seen by some row of this block: tiles [first_tile, end_tile).
   int n_end = seq_k;
   if (kCausal) n_end = min(seq_k, m0 + kBlockM + causal_shift);
-  const int num_n_tiles = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
+  int first_tile = 0;
+  int end_tile = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
 
   int doc_lo = 0, doc_hi = 0;
   if (kHasDoc) {
     const int32_t* doc = args.doc_ids + batch * args.seq_q;
     doc_lo = row_lo < seq_q ? doc[row_lo] : -1;
     doc_hi = row_hi < seq_q ? doc[row_hi] : -1;
+    const int2 tiles = doc_tiles(doc, m0, min(m0 + kBlockM, seq_q), 0, max(n_end, 0), kBlockN);
+    first_tile = tiles.x;
+    end_tile = tiles.y;
   }
 
   constexpr int kSteps = D / 16;       // 16-wide k-steps of q k^T
@@ -92,24 +98,24 @@ __global__ void __launch_bounds__(kWarps * 32)
   float m_lo = -INFINITY, m_hi = -INFINITY;  // running row max, log2 units
   float l_lo = 0.f, l_hi = 0.f;              // this lane's share of the row sums
 
-  if (num_n_tiles > 0) {
+  if (first_tile < end_tile) {
     load_tile_async<T, D, kBlockM, kThreads>(s_q, q, args.q_stride[2], m0, seq_q);
-    load_tile_async<T, D, kBlockN, kThreads>(s_k, k, args.k_stride[2], 0, seq_k);
-    load_tile_async<T, D, kBlockN, kThreads>(s_v, v, args.v_stride[2], 0, seq_k);
+    load_tile_async<T, D, kBlockN, kThreads>(s_k, k, args.k_stride[2], first_tile * kBlockN, seq_k);
+    load_tile_async<T, D, kBlockN, kThreads>(s_v, v, args.v_stride[2], first_tile * kBlockN, seq_k);
     cp_async_commit();
   }
 
-  for (int tile = 0; tile < num_n_tiles; ++tile) {
+  for (int tile = first_tile; tile < end_tile; ++tile) {
     const int n0 = tile * kBlockN;
-    const int buf = tile & 1;
+    const int buf = (tile - first_tile) & 1;
     cp_async_wait<0>();
     __syncthreads();  // tile `tile` is in shared memory, and every warp is done with tile - 1
-    if (tile + 1 < num_n_tiles) {  // prefetch the next tile into the buffer tile - 1 used
+    if (tile + 1 < end_tile) {  // prefetch the next tile into the buffer tile - 1 used
       load_tile_async<T, D, kBlockN, kThreads>(s_k + (buf ^ 1) * kBlockN * D, k, args.k_stride[2], n0 + kBlockN, seq_k);
       load_tile_async<T, D, kBlockN, kThreads>(s_v + (buf ^ 1) * kBlockN * D, v, args.v_stride[2], n0 + kBlockN, seq_k);
       cp_async_commit();
     }
-    if (tile == 0) {
+    if (tile == first_tile) {
 #pragma unroll
       for (int kk = 0; kk < kSteps; ++kk) load_a<D>(q_frag[kk], s_q, warp * 16, kk * 16);
     }

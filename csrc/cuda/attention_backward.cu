@@ -9,8 +9,10 @@
 //      k and v tiles in shared memory and streams 32-row tiles of q and do (cp.async, double
 //      buffered) over every query head of its group, so the GQA sum stays in registers;
 //   3. dq: a block owns 64 query rows (16 per warp) and streams 64-key tiles of k and v.
-// Both recompute P from q, k and lse. Causal tiles that no pair can see are never loaded;
-// a warp whose pairs are all masked (causal or documents) skips its math.
+// Both recompute P from q, k and lse. Causal tiles that no pair can see are never loaded, nor,
+// with documents, the tiles before the first or after the last position whose id may be one of
+// the block's (attention_docs.cuh); a warp whose pairs are all masked (causal or documents)
+// skips its math.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,6 +21,7 @@
 #include "common/check.h"
 #include "cuda/attention.h"
 #include "cuda/attention_dispatch.h"
+#include "cuda/attention_docs.cuh"
 #include "cuda/attention_mma.cuh"
 
 namespace llmkern {
@@ -116,7 +119,13 @@ __global__ void __launch_bounds__(kThreads)
   // Query tiles: for each head of the group, rows [start_m, seq_q) in steps of kRowsPerTile.
   int start_m = 0;
   if (kCausal) start_m = max(0, n0 - causal_shift) / kRowsPerTile * kRowsPerTile;
-  const int tiles_per_head = start_m < seq_q ? (seq_q - start_m + kRowsPerTile - 1) / kRowsPerTile : 0;
+  int tiles_per_head = start_m < seq_q ? (seq_q - start_m + kRowsPerTile - 1) / kRowsPerTile : 0;
+  if (kHasDoc && tiles_per_head > 0) {  // only the query tiles whose ids may be this block's keys'
+    const int2 tiles = doc_tiles(args.doc_ids + batch * args.seq_q, n0, min(n0 + kKeysPerBlock, seq_k), start_m,
+                                 seq_q, kRowsPerTile);
+    start_m = tiles.x * kRowsPerTile;
+    tiles_per_head = tiles.y - tiles.x;
+  }
   const int num_tiles = tiles_per_head * group_size;
 
   const T* k = at<T>(args.k, args.k_stride, batch, kv_head);
@@ -305,17 +314,26 @@ __global__ void __launch_bounds__(kThreads)
 
   const T* k = at<T>(args.k, args.k_stride, batch, kv_head);
   const T* v = at<T>(args.v, args.v_stride, batch, kv_head);
+  // Key tiles [first_tile, end_tile): up to the last key some row sees, and with documents only
+  // those whose ids may be this block's rows'.
   int n_end = seq_k;
   if (kCausal) n_end = min(seq_k, m0 + kRowsPerBlock + causal_shift);
-  const int num_n_tiles = n_end > 0 ? (n_end + kKeysPerTile - 1) / kKeysPerTile : 0;
+  int first_tile = 0;
+  int end_tile = n_end > 0 ? (n_end + kKeysPerTile - 1) / kKeysPerTile : 0;
+  if (kHasDoc && end_tile > 0) {
+    const int2 tiles = doc_tiles(args.doc_ids + batch * args.seq_q, m0, min(m0 + kRowsPerBlock, seq_q), 0, n_end,
+                                 kKeysPerTile);
+    first_tile = tiles.x;
+    end_tile = tiles.y;
+  }
 
   load_tile_async<T, D, kRowsPerBlock, kThreads>(s_q, at<T>(args.q, args.q_stride, batch, head), args.q_stride[2], m0,
                                                  seq_q);
   load_tile_async<T, D, kRowsPerBlock, kThreads>(s_do, at<T>(args.dout, args.dout_stride, batch, head),
                                                  args.dout_stride[2], m0, seq_q);
-  if (num_n_tiles > 0) {
-    load_tile_async<T, D, kKeysPerTile, kThreads>(s_k, k, args.k_stride[2], 0, seq_k);
-    load_tile_async<T, D, kKeysPerTile, kThreads>(s_v, v, args.v_stride[2], 0, seq_k);
+  if (first_tile < end_tile) {
+    load_tile_async<T, D, kKeysPerTile, kThreads>(s_k, k, args.k_stride[2], first_tile * kKeysPerTile, seq_k);
+    load_tile_async<T, D, kKeysPerTile, kThreads>(s_v, v, args.v_stride[2], first_tile * kKeysPerTile, seq_k);
   }
   cp_async_commit();
 
@@ -337,12 +355,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < D / 8; ++t) dq[t][0] = dq[t][1] = dq[t][2] = dq[t][3] = 0.f;
 
-  for (int tile = 0; tile < num_n_tiles; ++tile) {
+  for (int tile = first_tile; tile < end_tile; ++tile) {
     const int n0 = tile * kKeysPerTile;
-    const int buf = tile & 1;
+    const int buf = (tile - first_tile) & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (tile + 1 < num_n_tiles) {
+    if (tile + 1 < end_tile) {
       load_tile_async<T, D, kKeysPerTile, kThreads>(s_k + (buf ^ 1) * kKeysPerTile * D, k, args.k_stride[2],
                                                     n0 + kKeysPerTile, seq_k);
       load_tile_async<T, D, kKeysPerTile, kThreads>(s_v + (buf ^ 1) * kKeysPerTile * D, v, args.v_stride[2],

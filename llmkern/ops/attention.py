@@ -70,8 +70,8 @@ def attention(
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
         doc_ids: optional (B, S) int32/int64 document id per position (needs Sq == Sk): query i
             sees key j only when doc_ids[b, i] == doc_ids[b, j]. Any ids work; the kernels are
-            fastest when each document is one run of positions (packed rows), where a query block
-            reads only the key tiles of its own documents.
+            fastest when each document is one run of positions (packed rows): a block of rows
+            then reads only the tiles of its own documents.
         cu_seqlens: optional (N + 1,) int cumulative document lengths, 0 first and S last,
             the same for every batch row; the other way of saying doc_ids.
 
