@@ -385,6 +385,23 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         assert found["cp.async"] > 0, (name, arch, has_doc, found)
 
 
+def test_triton_tuning_skips_the_head_dim_256_tiles_for_smaller_heads():
+    """Each candidate tile costs a compile and a timing per tuning key; those kept for head dim 256
+    alone are pruned below it, and all are there at 256."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton_build import run_build
+
+    out = run_build('''
+    from llmkern.triton import attention as A
+    for configs in (A._FWD_CONFIGS, A._DKDV_CONFIGS, A._DQ_CONFIGS):
+        narrow = A._for_head_dim(configs, {}, BLOCK_D=128)
+        wide = A._for_head_dim(configs, {"BLOCK_D": 256})
+        print(len(configs), len(narrow), len(wide), all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 512 for c in narrow))
+    ''')
+    assert [line.split() for line in out.splitlines()] == [["7", "6", "7", "True"], ["10", "9", "10", "True"],
+                                                           ["8", "7", "8", "True"]], out
+
+
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------
 
 

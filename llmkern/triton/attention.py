@@ -44,35 +44,49 @@ LOG2E = math.log2(math.e)
 DOC_SCAN = 1024
 
 
-def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs; the CPU interpreter gets one tiny config."""
+def _configs(blocks: list[tuple[int, int, int, int]], wide_head_only=()) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then those of wide_head_only (small tiles
+    that only head dim 256 needs; see _for_head_dim). The CPU interpreter gets one tiny config."""
     if _backend.triton_interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks
-    ]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+    wide = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in wide_head_only]
+    _WIDE_HEAD_ONLY.update(id(c) for c in wide)
+    return configs + wide
+
+
+_WIDE_HEAD_ONLY: set[int] = set()  # ids of the configs kept for head dim 256 alone
+
+
+def _for_head_dim(configs, named_args, **kwargs):
+    """The autotuner's pruning: heads up to 128 wide skip the configs meant for 256 alone (each
+    config costs a compile and a timing per tuning key, also in the GPU test runs)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 256))  # not found: prune nothing
+    return [c for c in configs if block_d > 128 or id(c) not in _WIDE_HEAD_ONLY] or configs
 
 
 # Tiles (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages). On sm_90 Triton lowers the
 # products to wgmma when a warpgroup (4 warps) owns at least 64 rows of the product, else to mma.sync;
 # the candidates are the ones that fit an H100's shared memory and that ptxas (Triton 3.6, sm_90a) keeps
 # without or with few register spills (NOTES_attention.md); the autotuner picks among them on the GPU.
-_FWD_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
-    (128, 32, 8, 2),  # head dim 256
-])
+_FWD_CONFIGS = _configs(
+    [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    wide_head_only=[(128, 32, 8, 2)],
+)
 # dk/dv: BLOCK_N key rows stay in registers (their dk and dv accumulators) while BLOCK_M query rows stream.
-_DKDV_CONFIGS = _configs([
-    (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3),
-    (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
-    (16, 32, 4, 1),  # head dim 256 without spills
-])
+_DKDV_CONFIGS = _configs(
+    [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3),
+     (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    wide_head_only=[(16, 32, 4, 1)],  # the one without spills at 256
+)
 # dq: the other way round, BLOCK_M query rows stay (their dq accumulator) while BLOCK_N key rows stream,
 # so its tiles are dk/dv's transposed: many rows stay, few stream.
-_DQ_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-    (64, 32, 4, 2), (16, 32, 4, 1),
-])
+_DQ_CONFIGS = _configs(
+    [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+     (64, 32, 4, 2)],
+    wide_head_only=[(16, 32, 4, 1)],
+)
+_PRUNE = {"early_config_prune": _for_head_dim}
 # Tuned once per power-of-two length bucket (seq_bucket), not at every new length.
 _TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC"]
 
@@ -161,7 +175,7 @@ def _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL: tl.const
     return ok
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, DOC,  # pointers; LSE (B*Hq, Sq) fp32; DOC (B, S) int32 or unused
@@ -258,7 +272,7 @@ def _attention_bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
@@ -341,7 +355,7 @@ def _attention_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DOC,
