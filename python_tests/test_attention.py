@@ -683,15 +683,20 @@ def test_doc_ids_at_odd_lengths(backend, device, s):
                             doc_ids=_random_doc_ids(1, s, device), atol=1e-3)
 
 
-@pytest.mark.parametrize("backend,device,s", kernel_runs(gpu=[300], emulator=[70], backends=("cuda",)))
-def test_cuda_op_reads_any_doc_ids_layout(backend, device, s):
-    """The custom op called directly with int64 or strided document ids gives what int32 ids give."""
+@pytest.mark.parametrize("backend,device,s", kernel_runs(gpu=[300], emulator=[70]) + [
+    pytest.param("triton", "cpu", 40, marks=interp, id="triton-interp-40")])
+def test_op_reads_any_doc_ids_layout(backend, device, s):
+    """The custom op called directly with int64 or strided document ids gives what int32 ids give,
+    also for int64 ids that a cast to int32 would make equal (every id a multiple of 2**32)."""
     require_backend(backend, device)
-    q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, s, s, 64, torch.bfloat16, torch.device(device)))
+    dtype = torch.float16 if device == "cpu" and backend == "triton" else torch.bfloat16  # the interpreter's bf16 dot
+    q, k, v = (t.detach() for t in _make_qkv(2, 4, 2, s, s, 64, dtype, torch.device(device)))
     ids = _random_doc_ids(2, s, torch.device(device)).to(torch.int32).contiguous()
     want, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids, True, 0.125, backend)
     strided = torch.stack([ids.long(), ids.long()], dim=-1)[..., 0]  # int64, stride 2
     got, _ = torch.ops.llmkern.attention_fwd(q, k, v, strided, True, 0.125, backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids.long() << 32, True, 0.125, backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from .. import _backend
 from .._cuda_bridge import dtype_code, on_device, ptr, stream
+from ..ops.attention import int32_doc_ids
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _doc_ids(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
     """doc_ids as the kernels read them: (B, S) int32, contiguous (row b starts at b * S).
 
-    attention() already passes that; a direct call of the custom op with int64 or strided ids
-    would otherwise be misread silently (no copy when the ids are already in that form).
+    The ops already pass that (llmkern.ops.attention.int32_doc_ids); a direct call of these
+    launchers with int64 or strided ids would otherwise be misread silently (no copy when the ids
+    are already in that form).
     """
-    return None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
+    return None if doc_ids is None else int32_doc_ids(doc_ids)
 
 
 # Query rows per forward block: 64 (4 warps) or 128 (8 warps, each k/v tile read once for twice the

@@ -247,6 +247,7 @@ def _attention_fwd_op(
     if k.size(2) == 0:  # nothing to attend to: softmax over no keys, taken as zero
         return o.zero_(), lse.fill_(float("-inf"))
     kernels = _kernels(backend)
+    doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)  # as given when attention() made them
     for rows in _launch_slices(q):
         kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, scale, o[rows], lse[rows])
     return o, lse
@@ -277,6 +278,7 @@ def _attention_bwd_op(
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     kernels = _kernels(backend)
+    doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)
     for rows in _launch_slices(q):
         kernels.backward(do[rows], q[rows], k[rows], v[rows], o[rows], lse[rows], _rows_of(doc_ids, rows),
                          causal, scale, dq[rows], dk[rows], dv[rows])
