@@ -12,6 +12,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton attention runs its first candidate tile instead of autotuning: each tuning key would
+# otherwise compile and time every candidate, in every test process. test_attention runs every
+# candidate on its own, and the autotuned path once (llmkern/triton/attention.py, TILE_ENV).
+os.environ.setdefault("LLMKERN_TRITON_ATTENTION_TILE", "0")
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -165,6 +165,10 @@ def attention_module():
     return importlib.import_module("llmkern.ops.attention")
 
 
+def triton_attention():
+    return importlib.import_module("llmkern.triton.attention")
+
+
 # --- both kernel backends on this CPU: Triton in its interpreter, CUDA in the emulator -----------
 
 interp = pytest.mark.skipif(
@@ -387,19 +391,21 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 
 def test_triton_tuning_skips_the_head_dim_256_tiles_for_smaller_heads():
     """Each candidate tile costs a compile and a timing per tuning key; those kept for head dim 256
-    alone are pruned below it, and all are there at 256."""
+    alone are pruned below it, and come first at 256 (a pinned tile 0 must fit there)."""
     pytest.importorskip("triton.backends.nvidia")
     from triton_build import run_build
 
     out = run_build('''
     from llmkern.triton import attention as A
+    def tile(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
     for configs in (A._FWD_CONFIGS, A._DKDV_CONFIGS, A._DQ_CONFIGS):
         narrow = A._for_head_dim(configs, {}, BLOCK_D=128)
         wide = A._for_head_dim(configs, {"BLOCK_D": 256})
-        print(len(configs), len(narrow), len(wide), all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 512 for c in narrow))
+        print(len(configs), [tile(c) for c in configs if c not in narrow], tile(wide[0]), len(wide))
     ''')
-    assert [line.split() for line in out.splitlines()] == [["7", "6", "7", "True"], ["10", "9", "10", "True"],
-                                                           ["8", "7", "8", "True"]], out
+    assert out.splitlines() == ["7 [(128, 32, 8, 2)] (128, 32, 8, 2) 7", "10 [(16, 32, 4, 1)] (16, 32, 4, 1) 10",
+                                "8 [(16, 32, 4, 1)] (16, 32, 4, 1) 8"], out
 
 
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------
@@ -698,6 +704,35 @@ def test_op_reads_any_doc_ids_layout(backend, device, s):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     got, _ = torch.ops.llmkern.attention_fwd(q, k, v, ids.long() << 32, True, 0.125, backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tile", range(10))  # every candidate of the longest list (dk/dv's, 9 at d <= 128)
+def test_gpu_triton_every_candidate_tile(tile, d, monkeypatch):
+    """Autotuning only ever runs (and so checks) the fastest tile of a shape; each candidate runs
+    here, pinned (the tile-th of each kernel's list, wrapping around the shorter ones)."""
+    monkeypatch.setenv(triton_attention().TILE_ENV, str(tile))
+    for causal in (True, False):
+        check_against_reference("triton", 2, 4, 2, 300, 300, d, torch.bfloat16, causal, torch.device("cuda"),
+                                atol=1e-3)
+
+
+@interp
+def test_triton_tile_pin_must_be_an_index(monkeypatch):
+    monkeypatch.setenv(triton_attention().TILE_ENV, "fastest")
+    q, k, v = _make_qkv(1, 2, 1, 8, 8, 32, torch.float32, CPU)
+    with pytest.raises(ValueError, match="LLMKERN_TRITON_ATTENTION_TILE must be an integer tile index; got 'fastest'"):
+        attention(q, k, v, backend="triton")
+
+
+@pytest.mark.cuda
+def test_gpu_triton_autotuned():
+    """The default path, which the other tests skip (conftest pins a tile): tuned, then run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(triton_attention().TILE_ENV)
+        check_against_reference("triton", 2, 4, 2, 1000, 1000, 128, torch.bfloat16, True, torch.device("cuda"),
+                                atol=1e-3)
 
 
 @pytest.mark.cuda

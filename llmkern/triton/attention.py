@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -60,9 +61,34 @@ _WIDE_HEAD_ONLY: set[int] = set()  # ids of the configs kept for head dim 256 al
 
 def _for_head_dim(configs, named_args, **kwargs):
     """The autotuner's pruning: heads up to 128 wide skip the configs meant for 256 alone (each
-    config costs a compile and a timing per tuning key, also in the GPU test runs)."""
+    config costs a compile and a timing per tuning key, also in the GPU test runs); wider heads
+    get those first (so a pinned tile 0, see TILE_ENV, is one that fits), then the rest."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 256))  # not found: prune nothing
-    return [c for c in configs if block_d > 128 or id(c) not in _WIDE_HEAD_ONLY] or configs
+    wide = [c for c in configs if id(c) in _WIDE_HEAD_ONLY]
+    narrow = [c for c in configs if id(c) not in _WIDE_HEAD_ONLY]
+    return (wide + narrow if block_d > 128 else narrow) or configs
+
+
+# Set to an integer i, each kernel runs its i-th candidate tile (modulo their number, among those
+# _for_head_dim keeps) instead of autotuning: the tests run every candidate so, on one odd shape
+# each, where autotuning would only ever run (and so check) the fastest; the other GPU tests pin
+# tile 0 and skip the tuning's compiles and timings. Unset: autotune.
+TILE_ENV = "LLMKERN_TRITON_ATTENTION_TILE"
+
+
+def _launch(kernel, grid, args: tuple, consts: dict) -> None:
+    """kernel[grid](*args, **consts), autotuned, or with the tile TILE_ENV pins."""
+    pinned = os.environ.get(TILE_ENV)
+    if not pinned:
+        kernel[grid](*args, **consts)
+        return
+    try:
+        index = int(pinned)
+    except ValueError:
+        raise ValueError(f"{TILE_ENV} must be an integer tile index; got {pinned!r}") from None
+    tiles = _for_head_dim(kernel.configs, {}, **consts)
+    tile = tiles[index % len(tiles)]
+    kernel.fn[grid](*args, **consts, **tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
 # Tiles (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages). On sm_90 Triton lowers the
@@ -454,12 +480,11 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
 
     with _on_device(q):
-        _attention_fwd_kernel[grid](
+        _launch(_attention_fwd_kernel, grid, (
             q, k, v, o, lse, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             hq, hq // hkv, sq, sk, _bucket(sq, sk), scale * LOG2E,
-            CAUSAL=causal, **_common(q, doc_ids),
-        )
+        ), dict(CAUSAL=causal, **_common(q, doc_ids)))
 
 
 def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, dv) -> None:
@@ -475,18 +500,16 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
             o, do, delta, *_strides(o), *_strides(do), hq, sq,
             HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=delta_block,
         )
-        _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)](
+        _launch(_attention_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), (
             q, k, v, do, lse, delta, dk, dv, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             hkv, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
-            CAUSAL=causal, **common,
-        )
-        _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
+        ), dict(CAUSAL=causal, **common))
+        _launch(_attention_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq), (
             q, k, v, do, lse, delta, dq, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             hq, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
-            CAUSAL=causal, **common,
-        )
+        ), dict(CAUSAL=causal, **common))
 
 
 def _on_device(t: torch.Tensor):
