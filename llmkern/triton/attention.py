@@ -201,6 +201,67 @@ def _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL: tl.const
     return ok
 
 
+@triton.jit
+def _unmasked_end(first_n, end_n, m0, seq_k, causal_shift, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_DOC: tl.constexpr):
+    """Where the key tiles from first_n stop being visible to every row of the block whose first
+    query is m0: tiles [first_n, that) need no mask and [that, end_n) do (the causal diagonal, keys
+    past the last whole tile, and with documents all of them)."""
+    full_n = tl.minimum(end_n, seq_k // BLOCK_N * BLOCK_N)
+    if CAUSAL:  # whole tiles up to the first row's last key
+        full_n = tl.minimum(full_n, tl.maximum(m0 + causal_shift + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_DOC:
+        full_n = first_n
+    return tl.maximum(full_n, first_n)
+
+
+@triton.jit
+def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q, DOC_ROW,
+                  seq_k, causal_shift, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online softmax over one key tile, [start_n, start_n + BLOCK_N): acc, l_i and m_i updated."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < seq_k
+    k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
+        visible = _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False)
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+    else:
+        # Every pair visible: the row max from the raw scores (a positive scale keeps their order),
+        # then one multiply-add an element before exp2, where scaling first costs a multiply more.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+        m_shift = m_new
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q,
+             DOC_ROW, seq_k, causal_shift, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq (unscaled) plus the contribution of one key tile, [start_n, start_n + BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < seq_k
+    k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2(s * scale_log2 - lse_log2[:, None])
+    if MASKED:
+        doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
+        p = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_fwd_kernel(
@@ -247,23 +308,16 @@ def _attention_fwd_kernel(
     if CAUSAL:  # the last key any row of this block sees
         end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
     first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
-    for start_n in range(first_n, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < seq_k
-        doc_k = _key_tile_ids(DOC + b * seq_k, offs_n, key_ok, HAS_DOC)
-        k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
-            s = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False),
-                         s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Two loops, so that neither branches per tile: the tiles every row sees whole, then the masked ones.
+    full_n = _unmasked_end(first_n, end_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC)
+    for start_n in range(first_n, full_n, BLOCK_N):
+        acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, False, CAUSAL,
+                                      HAS_DOC, DOT_PRECISION, BLOCK_N)
+    for start_n in range(full_n, end_n, BLOCK_N):
+        acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, True, CAUSAL,
+                                      HAS_DOC, DOT_PRECISION, BLOCK_N)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key gets 0
@@ -428,20 +482,16 @@ def _attention_bwd_dq_kernel(
     if CAUSAL:
         end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
     first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
+    full_n = _unmasked_end(first_n, end_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(first_n, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < seq_k
-        doc_k = _key_tile_ids(DOC + b * seq_k, offs_n, key_ok, HAS_DOC)
-        k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.exp2(s - lse_log2[:, None])
-        if _tile_needs_mask(start_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
-            p = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False),
-                         p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    for start_n in range(first_n, full_n, BLOCK_N):  # as in the forward: whole tiles, then masked ones
+        dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, False, CAUSAL, HAS_DOC, DOT_PRECISION,
+                      BLOCK_N)
+    for start_n in range(full_n, end_n, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, True, CAUSAL, HAS_DOC, DOT_PRECISION,
+                      BLOCK_N)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
