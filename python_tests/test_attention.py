@@ -755,6 +755,7 @@ def test_kernels_write_every_output(backend, device, shape):
     (torch.bfloat16, 64, True, True, (2, 2, 1, 130), 64),
     (torch.float16, 128, False, False, (1, 4, 2, 100), 64),
     (torch.bfloat16, 128, True, False, (1, 2, 1, 200), 128),
+    (torch.float16, 64, False, True, (1, 2, 1, 300), 128),  # documents in 128-row blocks, several tiles
 ])
 def test_simt_results_do_not_depend_on_the_schedule(dtype, d, causal, with_docs, shape, rows, monkeypatch):
     """A race between two barriers (a warp reading shared memory another warp has not yet written, or
