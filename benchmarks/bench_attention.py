@@ -13,6 +13,14 @@ Providers: eager math attention (the fp32 reference: materializes S x S; skipped
 out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda
 (and "llmkern cuda rows128": its forward at 128 query rows a block, 8 warps, beside the default
 64), and flash-attn's flash_attn_func when it is importable.
+
+    python benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 --head-dims 128
+
+With --doc-len L, rows are packed with documents of L tokens (the last one shorter), each token
+attending causally within its own document: llmkern's doc_ids against PyTorch's own ways of
+saying that, FlexAttention with a document block mask (compiled; the mask made once a batch,
+outside the timing, as a model makes it once for all its layers) and SDPA's memory-efficient
+backend with a boolean (B, 1, S, S) mask. FLOPs count only the visible pairs, sum of L^2 / 2.
 """
 
 from __future__ import annotations
@@ -96,24 +104,69 @@ def providers(device: torch.device) -> dict:
     return out
 
 
-def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
+def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
+    """name -> fn(q, k, v) attending causally within the documents of doc_ids (B, S), for every
+    provider that can run here; masks are made here, once, as a model makes them once a batch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, seq = doc_ids.shape
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    dense_mask = (same_doc & torch.ones(seq, seq, dtype=torch.bool, device=device).tril())[:, None]
+
+    def causal_in_document(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(causal_in_document, batch, None, seq, seq, device=device)
+    flex = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+
+    def sdpa_masked(q, k, v):
+        if device.type != "cuda":  # the CPU has no memory-efficient backend: SDPA's own choice
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
+
+    out = {"FlexAttention": lambda q, k, v: flex(q, k, v, block_mask=block_mask), "SDPA efficient + mask": sdpa_masked}
+    for backend in ("triton", "cuda"):
+        if _backend.can_run(backend, "attention", device):
+            out[f"llmkern {backend}"] = (
+                lambda b: lambda q, k, v: llmkern.ops.attention(q, k, v, causal=True, backend=b, doc_ids=doc_ids)
+            )(backend)
+    return out
+
+
+def packed_doc_ids(batch: int, seq: int, doc_len: int, device: torch.device) -> torch.Tensor:
+    """(batch, seq) ids of documents of doc_len tokens each, the last of a row cut at seq."""
+    return (torch.arange(seq, device=device) // doc_len).expand(batch, seq).contiguous()
+
+
+def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, doc_len: int | None = None) -> float:
+    """4 FLOPs a head dim per visible (query, key) pair: S^2 of them, half when causal, and with
+    documents the sum of L^2 / 2 over each row's documents."""
+    if doc_len is not None:
+        lengths = [min(doc_len, seq - start) for start in range(0, seq, doc_len)]
+        return 4.0 * batch * heads * head_dim * sum(n * n for n in lengths) / 2
     flops = 4.0 * batch * heads * seq * seq * head_dim
     return flops / 2 if causal else flops
 
 
-def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device) -> list[Result]:
+def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_len=None) -> list[Result]:
+    """fn(q, k, v, causal), or with doc_len fn(q, k, v) over rows of documents of doc_len tokens."""
     shape = f"B{batch} H{heads} S{seq} D{head_dim}" + (" causal" if causal else "")
+    if doc_len is not None:
+        shape += f" docs{doc_len}"
     q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
     grads = [q, k, v]
+    run = (lambda: fn(q, k, v)) if doc_len is not None else (lambda: fn(q, k, v, causal))
     try:
-        times = time_modes(lambda: fn(q, k, v, causal), do, grad_to_none=grads)
+        times = time_modes(run, do, grad_to_none=grads)
     except (torch.OutOfMemoryError, RuntimeError) as err:  # eager at long S; a backend that refuses a shape
         print(f"skipped {name} at {shape}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
         torch.cuda.empty_cache()
         return []
-    fwd = forward_flops(batch, heads, seq, head_dim, causal)
+    fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len)
     return [
         Result("attention", mode, shape, name, ms, FLOP_FACTOR[mode] * fwd / ms / 1e9, "TFLOP/s",
                {"dtype": str(dtype).replace("torch.", "")})
@@ -128,13 +181,27 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", type=true_or_false, nargs="+", default=[True, False])
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head dim")
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / S (at least 1)")
+    parser.add_argument("--doc-len", type=int, help="rows packed with documents of this many tokens (causal "
+                                                    "within each); compares document masking instead")
     add_common_args(parser, dtypes=("bfloat16", "float16"))
     args = parser.parse_args(argv)
+    if args.doc_len is not None and args.doc_len < 1:
+        parser.error(f"--doc-len must be at least 1; got {args.doc_len}")
     if not require_gpu("bench_attention"):
         return 1
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
+    if args.doc_len is not None:
+        for seq in args.seqlens:
+            batch = max(1, args.tokens // seq)
+            doc_ids = packed_doc_ids(batch, seq, args.doc_len, device)
+            for name, fn in selected(document_providers(device, doc_ids), args.providers).items():
+                for head_dim in args.head_dims:
+                    results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True, dtype,
+                                             device, args.doc_len))
+        save(results, f"Attention with documents of {args.doc_len} tokens, {args.dtype}", ("FlexAttention",))
+        return 0
     for name, fn in selected(providers(device), args.providers).items():
         for head_dim in args.head_dims:
             heads = args.hidden // head_dim

@@ -408,6 +408,28 @@ def test_triton_tuning_skips_the_head_dim_256_tiles_for_smaller_heads():
                                 "8 [(16, 32, 4, 1)] (16, 32, 4, 1) 8"], out
 
 
+@interp
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose, on a CPU
+def test_bench_attention_document_providers_agree_with_the_reference():
+    """bench_attention --doc-len compares llmkern's doc_ids with FlexAttention and masked SDPA: on
+    the CPU (Triton in its interpreter, FlexAttention eager) every provider gives the reference's
+    output for the same documents, and the FLOP count is that of the visible pairs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("bench_attention")
+    finally:
+        sys.path.pop(0)
+    doc_ids = bench.packed_doc_ids(2, 40, 16, CPU)  # documents of 16, 16 and 8 tokens
+    assert doc_ids[0].tolist() == [0] * 16 + [1] * 16 + [2] * 8
+    assert bench.forward_flops(2, 3, 40, 32, True, 16) == 4.0 * 2 * 3 * 32 * (16 * 16 + 16 * 16 + 8 * 8) / 2
+    q, k, v = (t.detach() for t in _make_qkv(2, 2, 2, 40, 40, 32, torch.float32, CPU))
+    want = reference.attention(q.double(), k.double(), v.double(), causal=True, doc_ids=doc_ids)
+    providers = bench.document_providers(CPU, doc_ids)
+    assert {"FlexAttention", "SDPA efficient + mask", "llmkern triton"} <= set(providers)
+    for name, fn in providers.items():
+        torch.testing.assert_close(fn(q, k, v).double(), want, rtol=0, atol=1e-5, msg=name)
+
+
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------
 
 

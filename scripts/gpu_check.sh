@@ -145,6 +145,8 @@ part_bench() {
     step bench_rms_norm_autocast 45 $PY benchmarks/bench_rms_norm.py --autocast --rows 16384 --hidden 2048 4096
     step bench_layer_norm 45 $PY benchmarks/bench_layer_norm.py --rows 16384 --hidden 768 4096
     step bench_layer_norm_autocast 45 $PY benchmarks/bench_layer_norm.py --autocast --rows 16384 --hidden 768
+    step bench_attention_documents 60 $PY benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 \
+      --head-dims 128
   fi
   for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table
     [[ -f $log ]] && grep -E " x[0-9.]+ vs " "$log" | sed "s/^/  /" >> "$SUMMARY"
