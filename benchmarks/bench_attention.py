@@ -135,6 +135,17 @@ def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
     return out
 
 
+def print_tuned_tiles() -> None:
+    """The tile Triton's autotuner chose for each key it tuned (length bucket, head dim, causal,
+    documents, dtypes): what the candidate lists in llmkern/triton/attention.py should keep."""
+    if "llmkern.triton.attention" not in sys.modules:
+        return
+    kernels = sys.modules["llmkern.triton.attention"]
+    for name in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+        for key, config in getattr(getattr(kernels, name), "cache", {}).items():
+            print(f"tuned tile: {name} {key} -> {config}")
+
+
 def packed_doc_ids(batch: int, seq: int, doc_len: int, device: torch.device) -> torch.Tensor:
     """(batch, seq) ids of documents of doc_len tokens each, the last of a row cut at seq."""
     return (torch.arange(seq, device=device) // doc_len).expand(batch, seq).contiguous()
@@ -201,6 +212,7 @@ def main(argv=None) -> int:
                     results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True, dtype,
                                              device, args.doc_len))
         save(results, f"Attention with documents of {args.doc_len} tokens, {args.dtype}", ("FlexAttention",))
+        print_tuned_tiles()
         return 0
     for name, fn in selected(providers(device), args.providers).items():
         for head_dim in args.head_dims:
@@ -210,6 +222,7 @@ def main(argv=None) -> int:
                     batch = max(1, args.tokens // seq)
                     results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
     save(results, f"Attention {args.dtype}", BASELINES)
+    print_tuned_tiles()
     return 0
 
 

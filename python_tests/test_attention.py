@@ -428,6 +428,7 @@ def test_bench_attention_document_providers_agree_with_the_reference():
     assert {"FlexAttention", "SDPA efficient + mask", "llmkern triton"} <= set(providers)
     for name, fn in providers.items():
         torch.testing.assert_close(fn(q, k, v).double(), want, rtol=0, atol=1e-5, msg=name)
+    bench.print_tuned_tiles()  # reads the autotuners' caches (one config here, so maybe nothing to print)
 
 
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------

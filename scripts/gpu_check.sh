@@ -148,8 +148,8 @@ part_bench() {
     step bench_attention_documents 60 $PY benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 \
       --head-dims 128
   fi
-  for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table
-    [[ -f $log ]] && grep -E " x[0-9.]+ vs " "$log" | sed "s/^/  /" >> "$SUMMARY"
+  for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table, and Triton attention's tuned tiles
+    [[ -f $log ]] && grep -E " x[0-9.]+ vs |^tuned tile: " "$log" | sed "s/^/  /" >> "$SUMMARY"
   done
 }
 
