@@ -735,10 +735,15 @@ def test_op_reads_any_doc_ids_layout(backend, device, s):
 def test_gpu_triton_every_candidate_tile(tile, d, monkeypatch):
     """Autotuning only ever runs (and so checks) the fastest tile of a shape; each candidate runs
     here, pinned (the tile-th of each kernel's list, wrapping around the shorter ones)."""
+    from triton.runtime.errors import OutOfResources
+
     monkeypatch.setenv(triton_attention().TILE_ENV, str(tile))
     for causal in (True, False):
-        check_against_reference("triton", 2, 4, 2, 300, 300, d, torch.bfloat16, causal, torch.device("cuda"),
-                                atol=1e-3)
+        try:
+            check_against_reference("triton", 2, 4, 2, 300, 300, d, torch.bfloat16, causal, torch.device("cuda"),
+                                    atol=1e-3)
+        except OutOfResources as err:  # a Hopper-sized tile on a GPU with less shared memory (the tuner skips it)
+            pytest.skip(f"tile {tile} does not fit this GPU: {err}")
 
 
 @interp
