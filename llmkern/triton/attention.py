@@ -45,18 +45,20 @@ LOG2E = math.log2(math.e)
 DOC_SCAN = 1024
 
 
+_WIDE_HEAD_ONLY: set[int] = set()  # ids of the configs kept for head dim 256 alone
+
+
 def _configs(blocks: list[tuple[int, int, int, int]], wide_head_only=()) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then those of wide_head_only (small tiles
     that only head dim 256 needs; see _for_head_dim). The CPU interpreter gets one tiny config."""
     if _backend.triton_interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
-    wide = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in wide_head_only]
+    def make(tiles):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+    wide = make(wide_head_only)
     _WIDE_HEAD_ONLY.update(id(c) for c in wide)
-    return configs + wide
-
-
-_WIDE_HEAD_ONLY: set[int] = set()  # ids of the configs kept for head dim 256 alone
+    return make(blocks) + wide
 
 
 def _for_head_dim(configs, named_args, **kwargs):
