@@ -202,23 +202,30 @@ def test_data_without_a_val_split_is_a_clear_error(tmp_path):
 
 
 class NaNLossAt(torch.nn.Module):
-    """Wraps a model; its loss is NaN on the chosen forward calls (counted from 1)."""
+    """Wraps a model; its loss is NaN on the chosen forward calls (counted from 1), and so are its
+    gradients unless finite_gradients."""
 
-    def __init__(self, model, bad_calls):
+    def __init__(self, model, bad_calls, finite_gradients=False):
         super().__init__()
-        self.inner, self.bad_calls, self.calls = model, bad_calls, 0
+        self.inner, self.bad_calls, self.calls, self.finite_gradients = model, bad_calls, 0, finite_gradients
 
     def forward(self, x, y):
         logits, loss = self.inner(x, y)
         self.calls += 1
         if self.training and self.bad_calls(self.calls):
-            loss = loss * float("nan")
+            nan = float("nan")
+            loss = loss + loss.detach() * nan if self.finite_gradients else loss * nan
         return logits, loss
 
 
-def test_nan_loss_skips_the_step_and_is_logged(tmp_path, data_dir):
-    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=6, batch_tokens=128))  # 1 micro-batch a step
-    trainer.model = NaNLossAt(trainer.model, lambda call: call == 3)
+@pytest.mark.parametrize("optimizer", ["llmkern", "torch"])
+@pytest.mark.parametrize("finite_gradients", [False, True], ids=["nan-gradients", "finite-gradients"])
+def test_nan_loss_skips_the_step_and_is_logged(tmp_path, data_dir, optimizer, finite_gradients):
+    # llmkern's AdamW skips on the device on a non-finite gradient norm: a NaN loss with finite
+    # gradients must reach that check too
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=6, batch_tokens=128,  # 1 micro-batch a step
+                                  optimizer=optimizer))
+    trainer.model = NaNLossAt(trainer.model, lambda call: call == 3, finite_gradients)
     weights = {}
 
     original_step = trainer._train_step
@@ -250,6 +257,40 @@ def test_repeated_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_pat
     assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "run"))] == [3]
     good = ckpt.load_checkpoint(str(tmp_path / "run"))
     assert all(torch.isfinite(t).all() for t in good.model.values())
+
+
+def test_llmkern_optimizer_clips_as_torch_clip_then_adamw(tmp_path, data_dir):
+    # the trainer hands clipping to llmkern's AdamW (fused, no host sync); grad_clip small enough to
+    # clip every step, so a step without the clip would differ at once
+    runs = {}
+    for optimizer in ("llmkern", "torch"):
+        Trainer(tiny_config(tmp_path / optimizer, data_dir, max_steps=6, grad_clip=0.05, optimizer=optimizer)).fit()
+        runs[optimizer] = [r for r in read_metrics(str(tmp_path / optimizer / "metrics.jsonl")) if r["kind"] == "train"]
+    assert all(r["grad_norm"] > 0.1 for r in runs["torch"])  # so every step clipped
+    for ours, theirs in zip(runs["llmkern"], runs["torch"], strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+
+
+def test_a_step_is_read_after_the_next_is_queued_unless_the_loop_acts_on_it(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=7, log_interval=4, ckpt_interval=6))
+    events = []
+    queue, read = trainer._train_step, trainer._read
+
+    def queue_spy():
+        record = queue()
+        events.append(("queue", record.step))
+        return record
+
+    def read_spy(record, bar):
+        events.append(("read", record.step))
+        return read(record, bar)
+
+    trainer._train_step, trainer._read = queue_spy, read_spy
+    trainer.fit()
+    order = [f"{kind[0]}{step}" for kind, step in events]
+    # steps 4 (log), 6 (checkpoint) and 7 (the last) are read at once, the others one step late
+    assert order == ["q1", "q2", "r1", "q3", "r2", "q4", "r3", "r4", "q5", "q6", "r5", "r6", "q7", "r7"]
 
 
 # --- float16 and loss scaling ----------------------------------------------------------------------
@@ -769,6 +810,31 @@ def test_gpu_bf16_training_loss_falls_and_reports_mfu_and_memory(tmp_path, data_
     assert all(r["peak_mem_gib"] > 0 for r in records)
     if peak_flops_of(torch.cuda.get_device_name()) is not None:
         assert all(0 < r["mfu"] < 1 for r in records)
+
+
+@pytest.mark.cuda
+def test_gpu_readback_gives_the_values_of_its_step():
+    from llmkern.train.readback import Readback
+
+    x = torch.randn(1 << 24, device="cuda")
+    expected = x[:2].tolist()
+    readback = Readback(x[0], x[1])
+    for _ in range(10):
+        x.mul_(2)  # queued after it: must not show
+    assert readback.read() == expected
+
+
+@pytest.mark.cuda
+def test_gpu_a_nan_step_read_late_is_still_skipped_and_logged(tmp_path, data_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=8, batch_tokens=128, log_interval=4,
+                                  device="cuda"))
+    assert trainer.skips_on_device
+    trainer.model = NaNLossAt(trainer.model, lambda call: call == 3, finite_gradients=True)
+    trainer.fit()
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [(r["step"], r["reason"]) for r in records if r["kind"] == "skip"] == [(3, "non-finite loss")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8]
+    assert trainer.optimizer.skipped_steps == 1 and trainer.bad_steps == 0
 
 
 @pytest.mark.cuda

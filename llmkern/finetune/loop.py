@@ -201,7 +201,8 @@ def optimizer_step(optimizer, trainable: Sequence[nn.Parameter], config, sharded
     if not sharded:
         optimizer.step()  # skips itself on a non-finite norm
         return float(optimizer.grad_norm)
-    grad_norm = distributed.clip_grad_norm(list(trainable), config.grad_clip if config.grad_clip > 0 else math.inf)
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = float(distributed.clip_grad_norm(list(trainable), max_norm))
     if math.isfinite(grad_norm):
         optimizer.step()
     return grad_norm

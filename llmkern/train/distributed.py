@@ -104,14 +104,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the gradients of `params` to a global L2 norm of max_norm (math.inf: only measure it); the
-    norm before clipping. With FSDP2 the gradients are DTensor shards: torch reduces the norm over the
-    ranks, so every rank gets the norm of the whole model's gradients."""
+    norm before clipping, a 0-d tensor on the gradients' device. With FSDP2 the gradients are DTensor
+    shards: torch reduces the norm over the ranks, so every rank gets the norm of the whole model's
+    gradients."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -12,6 +12,11 @@ A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged,
 max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
 checkpoint left as it was. With dtype="float16" the loss is scaled (llmkern/train/loss_scale.py):
 a gradient overflow then halves the scale and skips the step without counting as a bad step.
+
+The host does not wait for a step: llmkern's AdamW clips and skips a non-finite step on the
+device, and a step's loss and norm are read once the next step is queued (readback.py). Only
+steps that log, evaluate or save are read at once. (torch's AdamW and float16 loss scaling need
+the host's decision before the update: one sync a step there.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,11 +43,22 @@ from .config import TrainConfig
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .loss_scale import DynamicLossScale, unscale_
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
+from .readback import Readback
 from .schedules import learning_rate, warn_if_schedule_changed
 
 
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for max_bad_steps steps in a row."""
+
+
+@dataclass
+class _StepRecord:
+    """A queued optimizer step, its loss and gradient norm on their way to the host."""
+
+    step: int  # counted from 1
+    lr: float
+    values: Readback  # (mean loss, gradient norm)
+    overflow: str | None = None  # float16: skipped for a gradient overflow, the loss scale backed off
 
 
 def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = None,
@@ -158,7 +175,10 @@ class Trainer:
         if cfg.optimizer == "llmkern" and not sharded:
             from ..optim import AdamW
 
-            return AdamW(groups, lr=cfg.lr, betas=cfg.betas, backend=cfg.backend)
+            # The clip fused into the step, which also skips a non-finite step on the device. Float16 loss
+            # scaling must see an overflow on the host to back off, so there the host clips and decides.
+            max_norm = None if self.loss_scale else (cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            return AdamW(groups, lr=cfg.lr, betas=cfg.betas, max_grad_norm=max_norm, backend=cfg.backend)
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
@@ -206,29 +226,48 @@ class Trainer:
                 "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
 
     def _train_steps(self, bar, stop: StopOnSignal) -> str:
-        """Steps until max_steps, early stopping or a stop signal; "max_steps" or "early_stopping"."""
+        """Steps until max_steps, early stopping or a stop signal; "max_steps" or "early_stopping".
+
+        A step's loss and gradient norm are read after the next step is queued (Readback), so the GPU
+        never waits for Python; steps that log, evaluate or save are read at once, since what they do
+        depends on whether the step was skipped."""
         cfg = self.config
         window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
+        unread: _StepRecord | None = None  # the previous step, when it was not read yet
         while self.step < cfg.max_steps and not stop.requested:
             start = time.perf_counter()
-            loss, grad_norm, lr = self._train_step()
-            window_seconds += time.perf_counter() - start
+            record = self._train_step()
             self.step += 1
+            if unread is not None:
+                self._read(unread, bar)  # waits for that step only: this one is queued behind it
+            unread, result = record, None
+            if self._acts_after(self.step):
+                unread, result = None, self._read(record, bar)
+            window_seconds += time.perf_counter() - start
             bar.update(self.step - bar.n)
             window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
-            if loss is None:  # skipped: NaN/inf (no train record, and no eval or checkpoint at it)
+            if result is None:  # not read yet (nothing to do at this step), or skipped: no eval or checkpoint
                 continue
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            loss, grad_norm = result
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
-                self._log_train(loss, grad_norm, lr, tokens_per_s)
+                self._log_train(loss, grad_norm, record.lr, tokens_per_s)
                 window_seconds, window_steps = 0.0, 0
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                 if self._evaluate_and_check_patience():
                     return "early_stopping"
             if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
                 self.save()
+        if unread is not None:  # stopped by a signal
+            self._read(unread, bar)
         return "max_steps"
+
+    def _acts_after(self, step: int) -> bool:
+        """Whether the loop logs, evaluates or saves after this step (or the step is the last)."""
+        cfg = self.config
+        return (step % cfg.log_interval == 0 or step == cfg.max_steps
+                or bool(cfg.eval_interval and step % cfg.eval_interval == 0)
+                or bool(cfg.ckpt_interval and step % cfg.ckpt_interval == 0))
 
     def _plot(self) -> None:
         if self.dist.is_main:
@@ -241,10 +280,9 @@ class Trainer:
             raise ValueError(f"{self.run_dir!r} already holds a run (newest checkpoint {latest}); continue it with "
                              f"--resume, start it again with --overwrite=true, or give another --out_dir")
 
-    def _train_step(self) -> tuple[float | None, float, float]:
-        """One optimizer step; (mean loss, grad norm, lr), loss None when the step was skipped."""
-        cfg = self.config
-        lr = learning_rate(self.step, cfg)
+    def _train_step(self) -> _StepRecord:
+        """Queue one optimizer step; its record, to read later."""
+        lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -257,22 +295,57 @@ class Trainer:
                     _, loss = self.model(x, y, *doc_ids)
                 (loss * (scale / self.grad_accum)).backward()
             loss_sum += loss.detach().float()
-        mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist).item()
-        unscale_(list(self.model.parameters()), scale)  # an overflow stays inf, for the checks below
-        grad_norm = self._clip_gradients()
-        if not math.isfinite(grad_norm) and math.isfinite(mean_loss) and self.loss_scale \
-                and self.loss_scale.can_back_off():  # float16 overflow: the scale's doing, not divergence
-            self._skip_overflow(mean_loss, grad_norm)
-            return None, grad_norm, lr
-        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
-            self._skip_step(mean_loss, grad_norm)
-            return None, grad_norm, lr
-        self.bad_steps = 0
-        self.optimizer.step()
+        mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist)
+        if self.skips_on_device:
+            return self._step_on_device(mean_loss, lr)
+        return self._step_on_host(mean_loss, lr, scale)
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the optimizer clips and skips a non-finite step itself, so the host need not look (llmkern's
+        AdamW with max_grad_norm, as _make_optimizer builds it when there is no float16 loss scaling)."""
+        return getattr(self.optimizer, "max_grad_norm", None) is not None
+
+    def _step_on_device(self, mean_loss: torch.Tensor, lr: float) -> _StepRecord:
+        _poison_gradients_unless_finite(self.model.parameters(), mean_loss)
+        self.optimizer.step()  # clips to grad_clip; a non-finite norm leaves everything as it was
         self.optimizer.zero_grad(set_to_none=True)
-        if self.loss_scale:
-            self.loss_scale.update(overflowed=False)
-        return mean_loss, grad_norm, lr
+        return _StepRecord(self.step + 1, lr, Readback(mean_loss, self.optimizer.grad_norm))
+
+    def _step_on_host(self, mean_loss: torch.Tensor, lr: float, scale: float) -> _StepRecord:
+        """The step of torch's AdamW, or under loss scaling: the host reads the loss and the norm (a sync)
+        and decides whether to step."""
+        params = list(self.model.parameters())
+        unscale_(params, scale)  # an overflow stays inf, for the checks below
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm_t = distributed.clip_grad_norm(params, max_norm)
+        record = _StepRecord(self.step + 1, lr, Readback(mean_loss, grad_norm_t))
+        loss, grad_norm = record.values.read()
+        if not math.isfinite(grad_norm) and math.isfinite(loss) and self.loss_scale \
+                and self.loss_scale.can_back_off():  # float16 overflow: the scale's doing, not divergence
+            before = self.loss_scale.scale
+            self.loss_scale.update(overflowed=True)
+            record.overflow = f"float16 gradient overflow: loss scale {before:g} -> {self.loss_scale.scale:g}"
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            if self.loss_scale:
+                self.loss_scale.update(overflowed=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        return record
+
+    def _read(self, record: _StepRecord, bar) -> tuple[float, float] | None:
+        """A step's (mean loss, grad norm); None when it was skipped, which is logged and, unless a float16
+        overflow, counted: after max_bad_steps in a row, TrainingDiverged."""
+        loss, grad_norm = record.values.read()
+        if record.overflow:
+            self.log.write("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
+            return None
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._count_bad_step(record.step, loss, grad_norm)
+            return None
+        self.bad_steps = 0
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record.lr:.2e}")
+        return loss, grad_norm
 
     def _gradient_sync(self, enabled: bool):
         """Reduce the gradients over the ranks only after the last micro-batch of a step."""
@@ -283,27 +356,15 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
 
-    def _clip_gradients(self) -> float:
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        return distributed.clip_grad_norm(list(self.model.parameters()), max_norm)
-
-    def _skip_overflow(self, loss: float, grad_norm: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        before = self.loss_scale.scale
-        self.loss_scale.update(overflowed=True)
-        self.log.write("skip", step=self.step + 1, loss=loss, grad_norm=grad_norm,
-                       reason=f"float16 gradient overflow: loss scale {before:g} -> {self.loss_scale.scale:g}")
-
-    def _skip_step(self, loss: float, grad_norm: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _count_bad_step(self, step: int, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
-        self.log.write("skip", step=self.step + 1, loss=loss, grad_norm=grad_norm,
+        self.log.write("skip", step=step, loss=loss, grad_norm=grad_norm,
                        reason="non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm")
         if self.bad_steps >= self.config.max_bad_steps:
             latest = ckpt.latest_checkpoint(self.run_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
             raise TrainingDiverged(
-                f"training stopped at step {self.step + 1}: the loss or gradient norm was NaN/inf for "
+                f"training stopped at step {step}: the loss or gradient norm was NaN/inf for "
                 f"{self.bad_steps} steps in a row (max_bad_steps={self.config.max_bad_steps}); {kept}. "
                 f"Try a lower lr, a longer warmup or dtype=float32."
             )
@@ -419,3 +480,13 @@ def _perplexity(loss: float) -> float:
 
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def _poison_gradients_unless_finite(params, loss: torch.Tensor) -> None:
+    """Make the gradient norm NaN when the loss is not finite, without asking the host: the optimizer
+    then skips the step, as it skips a non-finite norm. 0 * loss is 0 for a finite loss, so one small
+    gradient gets 0 added; an inf or NaN loss makes it NaN."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        min(grads, key=torch.Tensor.numel).add_(loss * 0)
