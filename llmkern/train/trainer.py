@@ -461,14 +461,14 @@ class Trainer:
 def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.nullcontext,
                   dist_info: distributed.DistInfo | None = None) -> float:
     """Mean next-token loss of `model` over `steps` batches of `loader` (averaged over the ranks)."""
-    total = torch.zeros((), dtype=torch.float64)
+    losses = []
     with eval_mode(model):
         for _ in range(steps):
             x, y, *doc_ids = loader.next_batch()  # doc_ids: [] or [(B, T) ids] (document masking)
             with autocast():
                 _, loss = model(x, y, *doc_ids)
-            total += loss.detach().double().cpu()
-    mean = total / steps
+            losses.append(loss.detach().float())  # kept on the device: one sync at the end, not one a batch
+    mean = torch.stack(losses).cpu().double().sum() / steps
     if dist_info is not None:
         mean = distributed.all_reduce_mean(mean.to(loader.device), dist_info).cpu()
     return float(mean)
