@@ -29,6 +29,7 @@ import torch
 
 from .. import _backend
 from . import _checks, reference
+from ._custom_op import CustomOp
 
 # Head dims each backend has kernels for.
 HEAD_DIMS = {
@@ -91,7 +92,7 @@ def attention(
         return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
     if doc_ids is not None:
         doc_ids = int32_doc_ids(doc_ids)
-    o, _ = torch.ops.llmkern.attention_fwd(q, k, v, doc_ids, bool(causal), scale, chosen)
+    o, _ = _attention_fwd_op(q, k, v, doc_ids, bool(causal), scale, chosen)
     return o
 
 
@@ -230,8 +231,7 @@ def _empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return o, lse
 
 
-@torch.library.custom_op("llmkern::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def _attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -253,13 +253,11 @@ def _attention_fwd_op(
     return o, lse
 
 
-@_attention_fwd_op.register_fake
-def _(q, k, v, doc_ids, causal, scale, backend):
+def _attention_fwd_fake(q, k, v, doc_ids, causal, scale, backend):
     return _empty_outputs(q)
 
 
-@torch.library.custom_op("llmkern::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -285,9 +283,11 @@ def _attention_bwd_op(
     return dq, dk, dv
 
 
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, doc_ids, causal, scale, backend):
+def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, causal, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_attention_bwd_op = CustomOp("llmkern::attention_bwd", _attention_bwd, _attention_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -302,10 +302,10 @@ def _backward(ctx, do, dlse):
     q, k, v, o, lse, doc_ids = ctx.saved_tensors
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq, dk, dv = torch.ops.llmkern.attention_bwd(
+    dq, dk, dv = _attention_bwd_op(
         do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend
     )
     return dq, dk, dv, None, None, None, None
 
 
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd_op = CustomOp("llmkern::attention_fwd", _attention_fwd, _attention_fwd_fake, _setup_context, _backward)

@@ -29,6 +29,7 @@ import torch
 
 from .. import _backend
 from . import _checks, _chunked_linear_cross_entropy, reference
+from ._custom_op import CustomOp
 
 REDUCTIONS = ("mean", "sum")
 _KERNEL_DTYPES = _checks.FLOAT_DTYPES  # triton and cuda
@@ -84,7 +85,7 @@ def fused_linear_cross_entropy(
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 for the {chosen} backend; got {x.dtype}")
     grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = torch.ops.llmkern.fused_linear_cross_entropy(
+    loss, _, _, _ = _fused_linear_cross_entropy_op(
         x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing),
         grad_on and x2.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows),
@@ -140,8 +141,7 @@ def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothin
             raise ValueError(f"num_classes must be in [1, {weight.size(0)}] (weight's rows), got {num_classes}")
 
 
-@torch.library.custom_op("llmkern::fused_linear_cross_entropy", mutates_args=())
-def _fused_linear_cross_entropy_op(
+def _fused_linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
@@ -174,9 +174,8 @@ def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if grad is None else grad
 
 
-@_fused_linear_cross_entropy_op.register_fake
-def _(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x, need_grad_weight,
-      need_grad_bias, chunk_rows, num_classes, backend):
+def _fused_linear_cross_entropy_fake(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x,
+                                     need_grad_weight, need_grad_bias, chunk_rows, num_classes, backend):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
@@ -203,4 +202,5 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
     )
 
 
-_fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_fused_linear_cross_entropy_op = CustomOp("llmkern::fused_linear_cross_entropy", _fused_linear_cross_entropy,
+                                            _fused_linear_cross_entropy_fake, _setup_context, _backward)

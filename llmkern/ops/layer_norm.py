@@ -17,6 +17,7 @@ import torch
 
 from .. import _backend
 from . import _checks, _norm, reference
+from ._custom_op import CustomOp
 
 
 def layer_norm(
@@ -49,12 +50,11 @@ def layer_norm(
     out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
     if chosen == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual, out_dtype)
-    y, h = torch.ops.llmkern.layer_norm(x, weight, bias, residual, float(eps), out_dtype, chosen)
+    y, h = _layer_norm_op(x, weight, bias, residual, float(eps), out_dtype, chosen)
     return y if residual is None else (y, h)
 
 
-@torch.library.custom_op("llmkern::layer_norm", mutates_args=())
-def _layer_norm_op(
+def _layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     eps: float, out_dtype: torch.dtype, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +64,11 @@ def _layer_norm_op(
     return _norm.run_forward(x, residual, out_dtype, launch)
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, residual, eps, out_dtype, backend):
+def _layer_norm_fake(x, weight, bias, residual, eps, out_dtype, backend):
     return _norm.outputs(x, residual, out_dtype)
 
 
-@torch.library.custom_op("llmkern::layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(
+def _layer_norm_backward(
     dy: torch.Tensor,
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -92,10 +90,12 @@ def _layer_norm_backward_op(
     return _norm.run_backward(dy, h, dh_extra, [dweight, dbias], launch), dweight, dbias
 
 
-@_layer_norm_backward_op.register_fake
-def _(dy, h, weight, has_bias, dh_extra, eps, backend):
+def _layer_norm_backward_fake(dy, h, weight, has_bias, dh_extra, eps, backend):
     return _norm.contiguous_like(h), torch.empty_like(weight), (torch.empty_like(weight) if has_bias
                                                                 else weight.new_empty(0))
+
+
+_layer_norm_backward_op = CustomOp("llmkern::layer_norm_backward", _layer_norm_backward, _layer_norm_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,11 +112,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_out):
     h, weight = ctx.saved_tensors
     dh_extra = dh_out.contiguous() if ctx.has_residual and dh_out is not None else None
-    dh, dweight, dbias = torch.ops.llmkern.layer_norm_backward(
+    dh, dweight, dbias = _layer_norm_backward_op(
         dy.contiguous(), h, weight, ctx.has_bias, dh_extra, ctx.eps, ctx.backend
     )
     dx = dh.to(ctx.x_dtype)  # a 16-bit branch beside an fp32 stream gets its gradient in 16 bits
     return dx, dweight, (dbias if ctx.has_bias else None), (dh if ctx.has_residual else None), None, None, None
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_op = CustomOp("llmkern::layer_norm", _layer_norm, _layer_norm_fake, _setup_context, _backward)

@@ -11,7 +11,8 @@ kernels read and write what the neighbours hold, with no cast kernel before or a
 
 The cuda and triton backends run through the custom ops llmkern::rms_norm and
 llmkern::rms_norm_backward (with fake kernels and autograd, so torch.compile(fullgraph=True)
-traces them); the torch backend is the plain reference, differentiated by PyTorch itself.
+traces them; eager calls skip torch.library's Python layers, see _autograd_op.py); the torch
+backend is the plain reference, differentiated by PyTorch itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from .. import _backend
 from . import _checks, _norm, reference
+from ._custom_op import CustomOp
 from ._norm import MAX_HIDDEN  # noqa: F401  (the limit's public name here)
 
 
@@ -54,12 +56,11 @@ def rms_norm(
     out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps, residual, out_dtype)
-    y, h = torch.ops.llmkern.rms_norm(x, weight, residual, float(eps), out_dtype, chosen)
+    y, h = _rms_norm_op(x, weight, residual, float(eps), out_dtype, chosen)
     return y if residual is None else (y, h)
 
 
-@torch.library.custom_op("llmkern::rms_norm", mutates_args=())
-def _rms_norm_op(
+def _rms_norm(
     x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +70,11 @@ def _rms_norm_op(
     return _norm.run_forward(x, residual, out_dtype, launch)
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, residual, eps, out_dtype, backend):
+def _rms_norm_fake(x, weight, residual, eps, out_dtype, backend):
     return _norm.outputs(x, residual, out_dtype)
 
 
-@torch.library.custom_op("llmkern::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
+def _rms_norm_backward(
     dy: torch.Tensor,
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -93,9 +92,11 @@ def _rms_norm_backward_op(
     return _norm.run_backward(dy, h, dh_extra, [dweight], launch), dweight
 
 
-@_rms_norm_backward_op.register_fake
-def _(dy, h, weight, dh_extra, eps, backend):
+def _rms_norm_backward_fake(dy, h, weight, dh_extra, eps, backend):
     return _norm.contiguous_like(h), torch.empty_like(weight)
+
+
+_rms_norm_backward_op = CustomOp("llmkern::rms_norm_backward", _rms_norm_backward, _rms_norm_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -111,11 +112,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_out):
     h, weight = ctx.saved_tensors
     dh_extra = dh_out.contiguous() if ctx.has_residual and dh_out is not None else None
-    dh, dweight = torch.ops.llmkern.rms_norm_backward(
+    dh, dweight = _rms_norm_backward_op(
         dy.contiguous(), h, weight, dh_extra, ctx.eps, ctx.backend
     )
     dx = dh.to(ctx.x_dtype)  # a 16-bit branch beside an fp32 stream gets its gradient in 16 bits
     return dx, dweight, (dh if ctx.has_residual else None), None, None, None
 
 
-_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_op = CustomOp("llmkern::rms_norm", _rms_norm, _rms_norm_fake, _setup_context, _backward)

@@ -24,6 +24,7 @@ import torch
 
 from .. import _backend
 from . import _checks, reference
+from ._custom_op import CustomOp
 
 
 def rope(
@@ -57,7 +58,7 @@ def rope(
             f"rope's {chosen} kernels do not differentiate cos and sin, which require grad here; "
             "pass detached tables, or backend='torch'"
         )
-    return torch.ops.llmkern.rope(x, cos, sin, False, chosen)
+    return _rope_op(x, cos, sin, False, chosen)
 
 
 _X_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
@@ -118,8 +119,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("llmkern::rope", mutates_args=())
-def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, backend: str) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, backend: str) -> torch.Tensor:
     """x (B, H, S, D) rotated by theta, or by -theta when inverse (the gradient)."""
     y = x.new_empty(x.shape)
     if y.numel() > 0:
@@ -128,8 +128,7 @@ def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: boo
     return y
 
 
-@_rope_op.register_fake
-def _(x, cos, sin, inverse, backend):
+def _rope_fake(x, cos, sin, inverse, backend):
     return x.new_empty(x.shape)
 
 
@@ -143,8 +142,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     cos, sin = ctx.saved_tensors
     # A rotation's gradient is the opposite rotation: the same op, which is itself differentiable.
-    dx = torch.ops.llmkern.rope(dy, cos, sin, not ctx.inverse, ctx.backend)
+    dx = _rope_op(dy, cos, sin, not ctx.inverse, ctx.backend)
     return dx, None, None, None, None
 
 
-_rope_op.register_autograd(_backward, setup_context=_setup_context)
+_rope_op = CustomOp("llmkern::rope", _rope, _rope_fake, _setup_context, _backward)

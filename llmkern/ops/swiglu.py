@@ -17,6 +17,7 @@ import torch
 
 from .. import _backend
 from . import _checks, reference
+from ._custom_op import CustomOp
 
 _DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
 
@@ -46,7 +47,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
         )
     if chosen == "torch":
         return reference.swiglu(gate, up)
-    return torch.ops.llmkern.swiglu(gate, up, chosen)
+    return _swiglu_op(gate, up, chosen)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,7 @@ def _kernels(backend: str):
     return importlib.import_module(f"llmkern.{backend}.swiglu")
 
 
-@torch.library.custom_op("llmkern::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     y = gate.new_empty(gate.shape)
     if y.numel() > 0:
         g2 = _rows(gate)
@@ -78,13 +78,11 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tens
     return y
 
 
-@_swiglu_op.register_fake
-def _(gate, up, backend):
+def _swiglu_fake(gate, up, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("llmkern::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(
+def _swiglu_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dgate and dup, each of gate's shape and dtype."""
@@ -96,9 +94,11 @@ def _swiglu_backward_op(
     return dgate, dup
 
 
-@_swiglu_backward_op.register_fake
-def _(dy, gate, up, backend):
+def _swiglu_backward_fake(dy, gate, up, backend):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+_swiglu_backward_op = CustomOp("llmkern::swiglu_backward", _swiglu_backward, _swiglu_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,8 +109,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = torch.ops.llmkern.swiglu_backward(dy, gate, up, ctx.backend)
+    dgate, dup = _swiglu_backward_op(dy, gate, up, ctx.backend)
     return dgate, dup, None
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu_op = CustomOp("llmkern::swiglu", _swiglu, _swiglu_fake, _setup_context, _backward)
