@@ -10,9 +10,11 @@ one of them recomputing q k^T); forward+backward 3.5x. The same count for every 
 TFLOP/s compare like times.
 
 Providers: eager math attention (the fp32 reference: materializes S x S; skipped where it runs
-out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda
-(and "llmkern cuda rows128": its forward at 128 query rows a block, 8 warps, beside the default
-64), and flash-attn's flash_attn_func when it is importable.
+out of memory), SDPA forced to its flash and its cuDNN backends, llmkern triton, llmkern cuda,
+and flash-attn's flash_attn_func when it is importable. Two more are llmkern with a switch set
+while they run (SWITCHES): "llmkern cuda rows128", the CUDA forward at 128 query rows a block
+(8 warps) beside the default 64, and "llmkern triton atomic-dq", the Triton backward summing dq
+by atomics in the dk/dv kernel instead of a third kernel.
 
     python benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 --head-dims 128
 
@@ -26,6 +28,8 @@ backend with a boolean (B, 1, S, S) mask. FLOPs count only the visible pairs, su
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -57,24 +61,28 @@ def _sdpa(backend_name: str):
     return run
 
 
-def _with_cuda_forward_rows(rows: int, fn):
-    """fn with the CUDA attention forward at `rows` query rows per block (llmkern.cuda.attention)."""
-    import os
+# Providers that are another provider with llmkern's environment switches set while they run (forward
+# and backward): name -> (the provider, {variable: value}).
+SWITCHES = {
+    "llmkern cuda rows128": ("llmkern cuda", {"LLMKERN_CUDA_ATTENTION_ROWS": "128"}),
+    "llmkern triton atomic-dq": ("llmkern triton", {"LLMKERN_TRITON_ATTENTION_DQ": "atomic"}),
+}
 
-    from llmkern.cuda.attention import FORWARD_ROWS_ENV
 
-    def run(q, k, v, causal):
-        saved = os.environ.get(FORWARD_ROWS_ENV)
-        os.environ[FORWARD_ROWS_ENV] = str(rows)
-        try:
-            return fn(q, k, v, causal)
-        finally:
-            if saved is None:
-                os.environ.pop(FORWARD_ROWS_ENV)
+@contextlib.contextmanager
+def switches(name: str):
+    """The environment switches of provider `name` (SWITCHES), set for the time of the block."""
+    settings = SWITCHES.get(name, (None, {}))[1]
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
             else:
-                os.environ[FORWARD_ROWS_ENV] = saved
-
-    return run
+                os.environ[key] = value
 
 
 def providers(device: torch.device) -> dict:
@@ -89,8 +97,9 @@ def providers(device: torch.device) -> dict:
             out[f"llmkern {backend}"] = (
                 lambda b: lambda q, k, v, causal: llmkern.ops.attention(q, k, v, causal=causal, backend=b)
             )(backend)
-    if "llmkern cuda" in out:  # the 8-warp forward beside the default 4-warp one (the backward is the same)
-        out["llmkern cuda rows128"] = _with_cuda_forward_rows(128, out["llmkern cuda"])
+    for name, (base, _) in SWITCHES.items():
+        if base in out:
+            out[name] = out[base]  # the same call, under switches(name)
     try:
         from flash_attn import flash_attn_func
 
@@ -215,12 +224,13 @@ def main(argv=None) -> int:
         print_tuned_tiles()
         return 0
     for name, fn in selected(providers(device), args.providers).items():
-        for head_dim in args.head_dims:
-            heads = args.hidden // head_dim
-            for causal in args.causal:
-                for seq in args.seqlens:
-                    batch = max(1, args.tokens // seq)
-                    results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
+        with switches(name):
+            for head_dim in args.head_dims:
+                heads = args.hidden // head_dim
+                for causal in args.causal:
+                    for seq in args.seqlens:
+                        batch = max(1, args.tokens // seq)
+                        results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
     save(results, f"Attention {args.dtype}", BASELINES)
     print_tuned_tiles()
     return 0

@@ -247,6 +247,42 @@ def test_cpu_queries_that_see_no_key(backend, dtype, d, atol, sq, sk):
     check_queries_that_see_no_key(backend, sq, sk, d, dtype, CPU, atol=atol)
 
 
+@interp
+@pytest.mark.parametrize("case", ["causal", "not-causal", "mqa-strided", "short-queries", "docs", "no-key"])
+def test_triton_interpreter_dq_by_atomics(case, monkeypatch):
+    """LLMKERN_TRITON_ATTENTION_DQ=atomic: the dk/dv kernel sums dq into fp32 by atomics and the dq kernel
+    does not run; every gradient still matches the reference (GQA heads add into their own dq rows)."""
+    A = triton_attention()
+    monkeypatch.setenv(A.DQ_ENV, "atomic")
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *args: (launched.append(kernel), launch(kernel, *args))[1])
+    if case == "no-key":
+        check_queries_that_see_no_key("triton", 20, 7, 32, torch.float32, CPU, atol=1e-4)
+    else:
+        hq, hkv, sq, sk = {"mqa-strided": (4, 1, 29, 29), "short-queries": (2, 1, 9, 40)}.get(case, (4, 2, 37, 37))
+        doc_ids = _random_doc_ids(2, 37, CPU) if case == "docs" else None
+        check_against_reference("triton", 2, hq, hkv, sq, sk, 32, torch.float32, case != "not-causal", CPU,
+                                strided=case == "mqa-strided", doc_ids=doc_ids)
+    assert A._attention_bwd_dkdv_kernel in launched and A._attention_bwd_dq_kernel not in launched
+
+
+@interp
+def test_triton_dq_switch_is_checked_and_deterministic_mode_keeps_the_dq_kernel(monkeypatch):
+    A = triton_attention()
+    monkeypatch.setenv(A.DQ_ENV, "atomics")
+    q, k, v = _make_qkv(1, 2, 1, 8, 8, 32, torch.float32, CPU)
+    with pytest.raises(ValueError, match="LLMKERN_TRITON_ATTENTION_DQ must be 'separate' or 'atomic'; got 'atomics'"):
+        attention(q, k, v, backend="triton").sum().backward()
+    monkeypatch.setenv(A.DQ_ENV, "atomic")
+    assert A._dq_by_atomics()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not A._dq_by_atomics()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_torch_backend_queries_that_see_no_key():
     check_queries_that_see_no_key("torch", 20, 7, 32, torch.float32, CPU, atol=1e-5)
 
@@ -365,28 +401,34 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     import re
     from llmkern.triton import attention as A
 
-    POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32"}
+    POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32", "DQ32": "*fp32"}
+    KERNELS = [(A._attention_fwd_kernel, A._FWD_CONFIGS, {}),
+               (A._attention_bwd_dkdv_kernel, A._DKDV_CONFIGS, {"ATOMIC_DQ": False}),
+               (A._attention_bwd_dkdv_kernel, A._DKDV_CONFIGS, {"ATOMIC_DQ": True}),
+               (A._attention_bwd_dq_kernel, A._DQ_CONFIGS, {})]
     for arch in (80, 90):
-        for kernel, configs in ((A._attention_fwd_kernel, A._FWD_CONFIGS), (A._attention_bwd_dkdv_kernel, A._DKDV_CONFIGS),
-                                (A._attention_bwd_dq_kernel, A._DQ_CONFIGS)):
+        for kernel, configs, switches in KERNELS:
             tile = configs[0]
             for has_doc in (False, True):
                 consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, DOT_PRECISION="tf32",
-                              DOC_SCAN=A.DOC_SCAN, **tile.kwargs)
+                              DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
                 names = [n for n in kernel.fn.arg_names if n not in consts]
                 sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
                        for n in names}
                 aligned = [n for n in names if n.isupper() or n.startswith("stride")]
                 ptx = build(kernel, sig, consts, arch, aligned, num_warps=tile.num_warps, num_stages=tile.num_stages)
                 found = {op: len(re.findall(pattern, ptx)) for op, pattern in
-                         (("wgmma", r"wgmma\\.mma_async"), ("mma.sync", r"mma\\.sync"), ("cp.async", r"cp\\.async\\.c[ag]"))}
-                print(json.dumps([kernel.fn.__name__, arch, has_doc, found]))
+                         (("wgmma", r"wgmma\\.mma_async"), ("mma.sync", r"mma\\.sync"), ("cp.async", r"cp\\.async\\.c[ag]"),
+                          ("atomic add", r"(atom|red)\\.global\\S*\\.add\\S*\\.f32"))}
+                print(json.dumps([kernel.fn.__name__ + (" atomic dq" if switches.get("ATOMIC_DQ") else ""), arch,
+                                  has_doc, found]))
     ''')
     built = [json.loads(line) for line in out.splitlines()]
-    assert len(built) == 12, out
+    assert len(built) == 16, out
     for name, arch, has_doc, found in built:
         assert found["wgmma" if arch == 90 else "mma.sync"] > 0, (name, arch, has_doc, found)
         assert found["cp.async"] > 0, (name, arch, has_doc, found)
+        assert (found["atomic add"] > 0) == name.endswith("atomic dq"), (name, arch, has_doc, found)
 
 
 def test_triton_tuning_skips_the_head_dim_256_tiles_for_smaller_heads():
@@ -730,14 +772,17 @@ def test_op_reads_any_doc_ids_layout(backend, device, s):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dq", ["separate", "atomic"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("tile", range(10))  # every candidate of the longest list (dk/dv's, 9 at d <= 128)
-def test_gpu_triton_every_candidate_tile(tile, d, monkeypatch):
+def test_gpu_triton_every_candidate_tile(tile, d, dq, monkeypatch):
     """Autotuning only ever runs (and so checks) the fastest tile of a shape; each candidate runs
-    here, pinned (the tile-th of each kernel's list, wrapping around the shorter ones)."""
+    here, pinned (the tile-th of each kernel's list, wrapping around the shorter ones), with dq by
+    its own kernel and by atomics."""
     from triton.runtime.errors import OutOfResources
 
     monkeypatch.setenv(triton_attention().TILE_ENV, str(tile))
+    monkeypatch.setenv(triton_attention().DQ_ENV, dq)
     for causal in (True, False):
         try:
             check_against_reference("triton", 2, 4, 2, 300, 300, d, torch.bfloat16, causal, torch.device("cuda"),
@@ -755,10 +800,13 @@ def test_triton_tile_pin_must_be_an_index(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_gpu_triton_autotuned():
-    """The default path, which the other tests skip (conftest pins a tile): tuned, then run."""
+@pytest.mark.parametrize("dq", ["separate", "atomic"])
+def test_gpu_triton_autotuned(dq):
+    """The default path, which the other tests skip (conftest pins a tile): tuned, then run. With dq by
+    atomics the tuner's timing runs add into dq's buffer too: it must zero it before the real run."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(triton_attention().TILE_ENV)
+        patch.setenv(triton_attention().DQ_ENV, dq)
         check_against_reference("triton", 2, 4, 2, 1000, 1000, 128, torch.bfloat16, True, torch.device("cuda"),
                                 atol=1e-3)
 

@@ -136,7 +136,7 @@ part_bench() {
     # providers run one after another, and a part cut short must not lose llmkern's rows for it
     step bench_attention 200 $PY benchmarks/bench_attention.py --head-dims 128 64 --causal true \
       --seqlens 1024 4096 8192 --providers "SDPA flash" "SDPA cuDNN" "llmkern triton" "llmkern cuda" \
-      "llmkern cuda rows128" "flash-attn"
+      "llmkern cuda rows128" "llmkern triton atomic-dq" "flash-attn"
     step bench_fused_linear_cross_entropy 60 $PY benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 \
       --hidden 768 2048
     step bench_rope 45 $PY benchmarks/bench_rope.py

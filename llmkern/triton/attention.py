@@ -4,12 +4,14 @@ Forward: one program per (BLOCK_M query rows, batch, query head). It walks the K
 keeps a running row max m and row sum l of exp(scores - m) in fp32 (online softmax), and
 writes o = acc / l and the log-sum-exp of each row for the backward. Scores never touch memory.
 
-Backward (three kernels, no atomics):
+Backward (three kernels, no atomics, by default):
 - delta = rowsum(o * do), the softmax-Jacobian term shared by dq and dk;
 - one program per (BLOCK_N key rows, batch, kv head) walks every query block of every query
   head of its group and accumulates dk and dv, so the GQA sum happens in registers;
 - one program per (BLOCK_M query rows, batch, query head) walks the key blocks for dq.
-Both recompute p = exp(scores - lse) from the saved lse instead of storing it.
+Both recompute p = exp(scores - lse) from the saved lse instead of storing it. With
+LLMKERN_TRITON_ATTENTION_DQ=atomic the dk/dv kernel also adds each tile pair's dq share into
+an fp32 buffer by atomics and the dq kernel is not run (see DQ_ENV).
 
 Masks: keys past Sk and rows past Sq (padding of the last block), causal (aligned to the
 bottom right: key j is seen by query i when j <= i + Sk - Sq) and documents (equal doc ids).
@@ -76,6 +78,14 @@ def _for_head_dim(configs, named_args, **kwargs):
 # each, where autotuning would only ever run (and so check) the fastest; the other GPU tests pin
 # tile 0 and skip the tuning's compiles and timings. Unset: autotune.
 TILE_ENV = "LLMKERN_TRITON_ATTENTION_TILE"
+
+
+# How the backward sums dq over the key blocks. "separate" (the default): a third kernel walks the key
+# blocks of each query block, recomputing q k^T and dO v^T there (7 matmuls a tile pair in all), and the
+# result is deterministic. "atomic": the dk/dv kernel adds each key block's share of dq into an fp32
+# buffer by atomics (5 matmuls; the order of the additions, and so dq's last bits, vary from run to run).
+# A GPU benchmark decides the default (NOTES_attention.md); deterministic mode always gets "separate".
+DQ_ENV = "LLMKERN_TRITON_ATTENTION_DQ"
 
 
 def _launch(kernel, grid, args: tuple, consts: dict) -> None:
@@ -354,10 +364,12 @@ def _attention_bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+# DQ32 is zeroed before each timing run: with ATOMIC_DQ the kernel adds into it.
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ"], prune_configs_by=_PRUNE,
+                 reset_to_zero=["DQ32"])
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, DOC,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -368,7 +380,7 @@ def _attention_bwd_dkdv_kernel(
     scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
@@ -405,6 +417,7 @@ def _attention_bwd_dkdv_kernel(
         h = h_kv * group_size + g
         q_ptr = Q + b * stride_qb + h * stride_qh
         do_ptr = DO + b * stride_dob + h * stride_doh
+        dq_ptr = DQ32 + (b * n_kv_heads * group_size + h) * seq_q * HEAD_DIM  # contiguous (B, Hq, Sq, D)
         row_base = (b * n_kv_heads * group_size + h) * seq_q  # into LSE and DELTA
         for start_m in range(start_m0, end_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -429,6 +442,10 @@ def _attention_bwd_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:  # this key block's share of dq (unscaled), summed over the key blocks in fp32
+                dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+                tl.atomic_add(dq_ptr + rows_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part, mask=q_mask,
+                              sem="relaxed")
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h_kv * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :],
@@ -503,6 +520,14 @@ def _attention_bwd_dq_kernel(
 # --- host launchers (the op in llmkern/ops/attention.py checked every argument) ---------------
 
 
+def _dq_by_atomics() -> bool:
+    """Whether DQ_ENV asks for dq by atomics (never under torch.use_deterministic_algorithms)."""
+    mode = os.environ.get(DQ_ENV, "separate")
+    if mode not in ("separate", "atomic"):
+        raise ValueError(f"{DQ_ENV} must be 'separate' or 'atomic'; got {mode!r}")
+    return mode == "atomic" and not torch.are_deterministic_algorithms_enabled()
+
+
 def _bucket(seq_q: int, seq_k: int) -> int:
     return triton.next_power_of_2(max(seq_q, seq_k))
 
@@ -546,6 +571,10 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
     common = _common(q, doc_ids)
     doc = doc_ids if doc_ids is not None else lse
     delta = torch.empty_like(lse)
+    atomic_dq = _dq_by_atomics()
+    # With ATOMIC_DQ the dk/dv kernel sums dq into dq32; otherwise DQ32 is never read or written (the
+    # autotuner zeroes it while timing, so it is dq, which the dq kernel fills afterwards).
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dq
     with _on_device(q):
         delta_block = 16 if _backend.triton_interpreted() else 64
         _attention_bwd_delta_kernel[(triton.cdiv(sq, delta_block), b * hq)](
@@ -553,10 +582,13 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
             HEAD_DIM=d, BLOCK_D=common["BLOCK_D"], BLOCK_M=delta_block,
         )
         _launch(_attention_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), (
-            q, k, v, do, lse, delta, dk, dv, doc,
+            q, k, v, do, lse, delta, dk, dv, dq32, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             hkv, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
-        ), dict(CAUSAL=causal, **common))
+        ), dict(CAUSAL=causal, ATOMIC_DQ=atomic_dq, **common))
+        if atomic_dq:
+            dq.copy_(dq32.mul_(scale))
+            return
         _launch(_attention_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq), (
             q, k, v, do, lse, delta, dq, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
