@@ -5,7 +5,8 @@
     python benchmarks/bench_train.py --loss-steps 1000 --data DIR    # loss curves of each backend vs torch
 
 A step is forward, backward, gradient clipping to norm 1 and AdamW, on random tokens (the data
-does not change the speed). Providers:
+does not change the speed). Steps run back to back, as in training, and CUDA events between them
+give each step's time on the GPU (step_seconds); the median is reported. Providers:
   plain pytorch        benchmarks/plain_gpt.py (SDPA attention) + torch.optim.AdamW(fused=True)
   plain torch.compile  the same model under torch.compile
   llmkern cuda         llmkern's GPT with backend="cuda" + llmkern.optim.AdamW (clip fused in)
@@ -80,7 +81,9 @@ def run(provider: str, config: GPTConfig, batch: int, seq_len: int, steps: int, 
     y = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step() -> torch.Tensor:
+    last = {}
+
+    def step() -> None:
         with autocast:
             _, loss = model(x, y)
         loss.backward()
@@ -88,17 +91,12 @@ def run(provider: str, config: GPTConfig, batch: int, seq_len: int, steps: int, 
             torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        last["loss"] = loss.detach()
 
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        loss = step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    for _ in range(warmup):
+        step()
+    seconds = statistics.median(step_seconds(step, steps, device))
+    loss = last["loss"]
     tokens_per_s = batch * seq_len / seconds
     flops = raw.flops_per_token(seq_len)
     peak = peak_flops(device)
@@ -151,9 +149,28 @@ def loss_curves(args, device: torch.device) -> list[Result]:
     return results
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def step_seconds(step, steps: int, device: torch.device) -> list[float]:
+    """The time of each of `steps` calls of step(), run back to back as a training loop runs them.
+
+    On a GPU nothing waits between steps: CUDA events between them time each step on the device,
+    gaps included where the host was late to launch its kernels (a sync per step would instead
+    add the host's time to queue the first kernels to every step, which the trainer never waits
+    for). On a CPU, the wall clock of each call."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    torch.cuda.synchronize(device)
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for i in range(steps):
+        step()
+        marks[i + 1].record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in zip(marks, marks[1:])]
 
 
 def main(argv: list[str] | None = None) -> int:
