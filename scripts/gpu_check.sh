@@ -43,7 +43,7 @@ RESERVE=15  # seconds kept for packing the results
 
 # The tests of the kernels and of what runs them on a GPU; `rest` is the other files.
 KERNEL_TESTS=(test_rms_norm test_layer_norm test_attention test_adamw test_rope test_swiglu test_fused_linear_cross_entropy
-              test_model test_generate test_train test_backend test_build test_cuda_launchers)
+              test_custom_op test_model test_generate test_train test_backend test_build test_cuda_launchers)
 
 # pytest on the GPU machine: not the emulator's tests (CI runs those); a line per test (-v), so a
 # part cut short still tells what passed; parallel workers and a per-test limit when the plugins
