@@ -473,6 +473,30 @@ def test_bench_attention_document_providers_agree_with_the_reference():
     bench.print_tuned_tiles()  # reads the autotuners' caches (one config here, so maybe nothing to print)
 
 
+@interp
+def test_bench_attention_switched_provider_runs_its_backward_under_the_switch(monkeypatch):
+    """"llmkern triton atomic-dq" is llmkern triton with the dq switch set for the forward and the
+    backward both (the backward runs outside the provider's call), and the switch is undone after."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("bench_attention")
+    finally:
+        sys.path.pop(0)
+    A = triton_attention()
+    monkeypatch.delenv(A.DQ_ENV, raising=False)
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *args: (launched.append(kernel), launch(kernel, *args))[1])
+    fn = bench.providers(CPU)["llmkern triton atomic-dq"]
+    q, k, v = _make_qkv(1, 2, 2, 20, 20, 32, torch.float32, CPU)
+    with bench.switches("llmkern triton atomic-dq"):
+        assert os.environ[A.DQ_ENV] == "atomic"
+        out = fn(q, k, v, True)
+        torch.autograd.backward(out, torch.randn_like(out))
+    assert A.DQ_ENV not in os.environ
+    assert A._attention_bwd_dkdv_kernel in launched and A._attention_bwd_dq_kernel not in launched
+
+
 # --- the torch backend (the reference itself; checks the op's plumbing) -------------------------
 
 
