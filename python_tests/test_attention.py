@@ -247,6 +247,15 @@ def test_cpu_queries_that_see_no_key(backend, dtype, d, atol, sq, sk):
     check_queries_that_see_no_key(backend, sq, sk, d, dtype, CPU, atol=atol)
 
 
+def _record_triton_launches(monkeypatch) -> list:
+    """The Triton attention kernels launched from now on (through _launch: all but the delta kernel)."""
+    A = triton_attention()
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *args: (launched.append(kernel), launch(kernel, *args))[1])
+    return launched
+
+
 @interp
 @pytest.mark.parametrize("case", ["causal", "not-causal", "mqa-strided", "short-queries", "docs", "no-key"])
 def test_triton_interpreter_dq_by_atomics(case, monkeypatch):
@@ -254,9 +263,7 @@ def test_triton_interpreter_dq_by_atomics(case, monkeypatch):
     does not run; every gradient still matches the reference (GQA heads add into their own dq rows)."""
     A = triton_attention()
     monkeypatch.setenv(A.DQ_ENV, "atomic")
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda kernel, *args: (launched.append(kernel), launch(kernel, *args))[1])
+    launched = _record_triton_launches(monkeypatch)
     if case == "no-key":
         check_queries_that_see_no_key("triton", 20, 7, 32, torch.float32, CPU, atol=1e-4)
     else:
@@ -484,9 +491,7 @@ def test_bench_attention_switched_provider_runs_its_backward_under_the_switch(mo
         sys.path.pop(0)
     A = triton_attention()
     monkeypatch.delenv(A.DQ_ENV, raising=False)
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda kernel, *args: (launched.append(kernel), launch(kernel, *args))[1])
+    launched = _record_triton_launches(monkeypatch)
     fn = bench.providers(CPU)["llmkern triton atomic-dq"]
     q, k, v = _make_qkv(1, 2, 2, 20, 20, 32, torch.float32, CPU)
     with bench.switches("llmkern triton atomic-dq"):
