@@ -340,9 +340,9 @@ def test_params_without_grad_are_left_alone(device, backend):
 
 @pytest.mark.parametrize("device, backend", CASES)
 def test_more_tensors_than_one_launch_takes(device, backend):
-    """The CUDA kernels pass their tensors' addresses as kernel arguments, 48 tensors per update
-    launch and 160 per norm launch: 170 tensors of one group (and an empty one) take several of
-    each, with the partial sums of every norm launch adding up to one norm."""
+    """The CUDA kernels pass their tensors' addresses as kernel arguments, 160 tensors per update
+    launch and per norm launch: 170 tensors of one group (and an empty one) take two of each, with
+    the partial sums of every norm launch adding up to one norm."""
     _skip_if_unbuilt(backend)
     sizes = [[1 + (7 * i) % 23 for i in range(170)], [3, 0, 1003]]
     ours, ref = _twin_params(sizes, device)

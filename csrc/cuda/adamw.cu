@@ -23,7 +23,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;      // elements per chunk: 16 per thread
-constexpr int kListTensors = 48;      // tensors per update launch (the argument stays < 4 KiB)
+// Tensors per launch. Kernel arguments may take 32764 bytes since CUDA 12.1 (sm_70 and newer):
+// 160 tensors make GPT-2 124M's 148 one update launch instead of four (each launch ends in a
+// partial wave of blocks, and the next waits for it).
+constexpr int kListTensors = 160;     // tensors per update launch (10 KiB of arguments)
 constexpr int kNormListTensors = 160; // tensors per norm launch
 constexpr int kFinalizeThreads = 1024;
 
@@ -46,8 +49,9 @@ struct NormList {
   int count;
 };
 
-static_assert(sizeof(UpdateList) + 128 <= 4096, "kernel arguments must stay under 4 KiB");
-static_assert(sizeof(NormList) + 64 <= 4096, "kernel arguments must stay under 4 KiB");
+constexpr size_t kMaxKernelArgumentBytes = 32764;  // CUDA 12.1+
+static_assert(sizeof(UpdateList) + 128 <= kMaxKernelArgumentBytes, "the update kernel's arguments are too large");
+static_assert(sizeof(NormList) + 64 <= kMaxKernelArgumentBytes, "the norm kernel's arguments are too large");
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0;
