@@ -213,7 +213,7 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
     """Backward over config.grad_accum micro-batches (of the loss times loss_scale); the step's mean loss
     and metrics, averaged over the micro-batches and (under torchrun) the processes."""
     info = distributed.detect()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}  # float64 sums on the device: the step reads them once, at the end
     loss_sum = torch.zeros((), device=device)
     for _ in range(config.grad_accum):
         batch = to_device(collate(next(batches)), device)
@@ -222,8 +222,8 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
         (loss * (loss_scale / config.grad_accum)).backward()
         loss_sum += loss.detach().float()
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    sums = torch.tensor([float(loss_sum), *totals.values()], dtype=torch.float64, device=device)
+            totals[k] = totals.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+    sums = torch.stack([loss_sum.double(), *totals.values()])
     means = (distributed.all_reduce_mean(sums, info) / config.grad_accum).tolist()
     return means[0], dict(zip(totals, means[1:]))
 
