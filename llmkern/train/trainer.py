@@ -241,7 +241,8 @@ class Trainer:
             if unread is not None:
                 self._read(unread, bar)  # waits for that step only: this one is queued behind it
             unread, result = record, None
-            if self._acts_after(self.step):
+            logs, evaluates, saves = self._due(self.step)
+            if logs or evaluates or saves:
                 unread, result = None, self._read(record, bar)
             window_seconds += time.perf_counter() - start
             bar.update(self.step - bar.n)
@@ -249,25 +250,26 @@ class Trainer:
             if result is None:  # not read yet (nothing to do at this step), or skipped: no eval or checkpoint
                 continue
             loss, grad_norm = result
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+            if logs:
                 tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
                 self._log_train(loss, grad_norm, record.lr, tokens_per_s)
                 window_seconds, window_steps = 0.0, 0
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
-                if self._evaluate_and_check_patience():
-                    return "early_stopping"
-            if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+            if evaluates and self._evaluate_and_check_patience():
+                return "early_stopping"
+            if saves:
                 self.save()
         if unread is not None:  # stopped by a signal
             self._read(unread, bar)
         return "max_steps"
 
-    def _acts_after(self, step: int) -> bool:
-        """Whether the loop logs, evaluates or saves after this step (or the step is the last)."""
+    def _due(self, step: int) -> tuple[bool, bool, bool]:
+        """Whether the loop logs, evaluates and saves after this step. The last step logs; fit evaluates
+        and saves after the loop."""
         cfg = self.config
-        return (step % cfg.log_interval == 0 or step == cfg.max_steps
-                or bool(cfg.eval_interval and step % cfg.eval_interval == 0)
-                or bool(cfg.ckpt_interval and step % cfg.ckpt_interval == 0))
+        last = step == cfg.max_steps
+        return (step % cfg.log_interval == 0 or last,
+                bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not last,
+                bool(cfg.ckpt_interval) and step % cfg.ckpt_interval == 0 and not last)
 
     def _plot(self) -> None:
         if self.dist.is_main:

@@ -417,8 +417,8 @@ def _attention_bwd_dkdv_kernel(
         h = h_kv * group_size + g
         q_ptr = Q + b * stride_qb + h * stride_qh
         do_ptr = DO + b * stride_dob + h * stride_doh
-        dq_ptr = DQ32 + (b * n_kv_heads * group_size + h) * seq_q * HEAD_DIM  # contiguous (B, Hq, Sq, D)
         row_base = (b * n_kv_heads * group_size + h) * seq_q  # into LSE and DELTA
+        dq_ptr = DQ32 + row_base * HEAD_DIM  # contiguous (B, Hq, Sq, D)
         for start_m in range(start_m0, end_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < seq_q
