@@ -24,13 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, median_ms, require_gpu, save  # noqa: E402
+from common import Result, add_device_arg, bench_device, median_ms, save  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
 from llmkern.optim import AdamW  # noqa: E402
 
-MODELS = {"124M": (12, 768), "350M": (24, 1024), "1.3B": (24, 2048)}
 VOCAB, CONTEXT = 50257, 1024
+# name -> (layers, width, vocabulary, positions); "tiny" is for --device cpu, a check of the benchmark
+MODELS = {"124M": (12, 768, VOCAB, CONTEXT), "350M": (24, 1024, VOCAB, CONTEXT), "1.3B": (24, 2048, VOCAB, CONTEXT),
+          "tiny": (2, 24, 97, 16)}
+GPU_MODELS = ["124M", "350M", "1.3B"]
 BYTES_PER_PARAM = {"step": 28, "clip+step": 32, "copy": 8}
 BASELINES = ("torch fused", "torch foreach", "torch clip + fused", "torch clip + foreach")
 MAX_GRAD_NORM = 1.0
@@ -128,13 +131,14 @@ def bench_model(model: str, modes: list[str], only: list[str] | None, device: to
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=GPU_MODELS, choices=list(MODELS))
     parser.add_argument("--modes", nargs="+", default=["copy", "step", "clip+step"], choices=list(BYTES_PER_PARAM))
     parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_device_arg(parser)
     args = parser.parse_args(argv)
-    if not require_gpu("bench_adamw"):
+    device = bench_device("bench_adamw", args.device)
+    if device is None:
         return 2
-    device = torch.device("cuda")
     results = []
     for model in args.models:
         results += bench_model(model, args.modes, args.providers, device)

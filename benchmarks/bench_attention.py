@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -207,9 +207,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.doc_len is not None and args.doc_len < 1:
         parser.error(f"--doc-len must be at least 1; got {args.doc_len}")
-    if not require_gpu("bench_attention"):
+    device = bench_device("bench_attention", args.device)
+    if device is None:
         return 1
-    device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     if args.doc_len is not None:

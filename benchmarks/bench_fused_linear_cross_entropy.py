@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, median_ms, require_gpu, save, selected  # noqa: E402
+from common import Result, add_common_args, bench_device, median_ms, save, selected  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -50,16 +50,19 @@ def providers(device: torch.device) -> dict:
     return out
 
 
-def peak_mib(step, tensors) -> float:
-    """MiB allocated by one step above what was allocated before it (its inputs)."""
+def peak_mib(step, tensors, device: torch.device) -> float:
+    """MiB allocated by one step above what was allocated before it (its inputs); NaN on the CPU,
+    whose allocator keeps no count."""
+    if device.type != "cuda":
+        return float("nan")
     for t in tensors:
         t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
@@ -73,7 +76,7 @@ def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
     shape = f"{rows}x{hidden}x{vocab}"
     try:
         step()  # compiles / autotunes before anything is measured
-        peak = peak_mib(step, (x, w))
+        peak = peak_mib(step, (x, w), device)
         ms = median_ms(step, grad_to_none=[x, w])
     except torch.cuda.OutOfMemoryError:
         print(f"{name} {shape}: out of memory", file=sys.stderr)
@@ -91,9 +94,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=50304)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not require_gpu("bench_fused_linear_cross_entropy"):
+    device = bench_device("bench_fused_linear_cross_entropy", args.device)
+    if device is None:
         return 1
-    device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     for name, fn in selected(providers(device), args.providers).items():

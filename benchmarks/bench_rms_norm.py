@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -118,9 +118,9 @@ def main(argv=None, op="rms_norm", title="RMSNorm", n_params=1, make_providers=N
                         help="a 16-bit x and y beside an fp32 stream, as in a transformer block under autocast")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not require_gpu(f"bench_{op}"):
+    device = bench_device(f"bench_{op}", args.device)
+    if device is None:
         return 1
-    device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     if args.autocast and dtype == torch.float32:
         parser.error("--autocast takes --dtype bfloat16 or float16 (the matmuls' dtype)")

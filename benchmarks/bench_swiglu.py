@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, require_gpu, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxHIDDEN")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not require_gpu("bench_swiglu"):
+    device = bench_device("bench_swiglu", args.device)
+    if device is None:
         return 1
-    device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     for name, fn in selected(providers(device), args.providers).items():

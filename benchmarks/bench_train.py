@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, save  # noqa: E402
+from common import Result, bench_device, save  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="token shards (manifest.json) for --loss-steps")
     args = parser.parse_args(argv)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = bench_device("bench_train", ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    if device is None:
+        return 1
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import datetime
 import re
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,17 +31,41 @@ class Result:
 
 
 def add_common_args(parser, dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")) -> None:
-    """--dtype and --providers, which every op benchmark takes after its own shape arguments."""
+    """--dtype, --providers and --device, which every op benchmark takes after its own shape arguments."""
     parser.add_argument("--dtype", default="bfloat16", choices=list(dtypes))
     parser.add_argument("--providers", nargs="*", help="only these providers (names as printed)")
+    add_device_arg(parser)
 
 
-def require_gpu(bench: str) -> bool:
-    """True when a CUDA GPU is here; otherwise says so on stderr (the caller exits non-zero)."""
-    if torch.cuda.is_available():
-        return True
-    print(f"{bench} needs a CUDA GPU", file=sys.stderr)
-    return False
+def add_device_arg(parser) -> None:
+    parser.add_argument("--device", default="cuda",
+                        help="the GPU to measure (cuda, cuda:1, ...); cpu runs every provider that runs on a CPU "
+                             "(a check of the benchmark itself: its figures are not the ones the issues ask for)")
+
+
+# The device of the benchmark running in this process: median_ms times GPU work with CUDA events,
+# CPU work with the host's clock.
+_measured_device = torch.device("cuda")
+
+
+def bench_device(bench: str, device: str) -> torch.device | None:
+    """torch.device(device) for the benchmark to run on; None, having said why on stderr, when it
+    cannot run here (the caller exits non-zero)."""
+    global _measured_device
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as err:
+        print(f"{bench}: --device {device!r} is not a device: {err}", file=sys.stderr)
+        return None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        print(f"{bench} needs a CUDA GPU (--device cpu runs it on the CPU, to check it, not to measure)",
+              file=sys.stderr)
+        return None
+    if chosen.type not in ("cuda", "cpu"):
+        print(f"{bench}: --device must be a CUDA device or cpu; got {device!r}", file=sys.stderr)
+        return None
+    _measured_device = chosen
+    return chosen
 
 
 def selected(providers: dict, names: list[str] | None) -> dict:
@@ -48,16 +74,32 @@ def selected(providers: dict, names: list[str] | None) -> dict:
 
 
 def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:
-    """Median time of fn() in milliseconds (triton.testing.do_bench: it flushes L2 between runs)."""
+    """Median time of fn() in milliseconds: on a GPU triton.testing.do_bench's (it flushes L2
+    between runs), on the CPU the host clock's over as many runs as fit in rep_ms (at least 2)."""
+    if _measured_device.type != "cuda":
+        return _cpu_median_ms(fn, rep_ms, grad_to_none)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                          return_mode="median"))
 
 
+def _cpu_median_ms(fn, rep_ms: int, grad_to_none) -> float:
+    fn()  # warm-up: first calls compile, allocate, fill caches
+    times: list[float] = []
+    while len(times) < 2 or (sum(times) < rep_ms and len(times) < 100):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def gpu_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+    """The measured GPU's name, or "cpu" (so a CPU run's rows never land in a GPU's file)."""
+    if _measured_device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(_measured_device)
     return "cpu"
 
 
