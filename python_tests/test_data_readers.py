@@ -128,6 +128,19 @@ def test_too_long_documents_are_skipped_not_held(tmp_path, monkeypatch):
     assert docs == [] and report.counts == {"too_long": 1}
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_too_long_document_inside_one_read_chunk_is_skipped(tmp_path, monkeypatch, chunk):
+    # With the default 1 MiB chunk a 500-byte document arrives whole, separator and all: it is still over
+    # max_document_bytes and skipped, as it is when the reader meets it across chunks.
+    monkeypatch.setattr(readers, "_CHUNK", chunk)
+    txt = _write(tmp_path / "m.txt", "short one\n\n" + "x" * 500 + "\n\nshort two\n")
+    docs, report = _read(txt, separator="\n\n", max_document_bytes=100)
+    assert [(d.text, d.line) for d in docs] == [("short one", 1), ("short two\n", 5)]
+    assert report.counts == {"too_long": 1} and report.examples["too_long"][0]["line"] == 3
+    docs, report = _read(_write(tmp_path / "n.txt", "x" * 500), separator="\n\n", max_document_bytes=100)
+    assert docs == [] and report.counts == {"too_long": 1}  # the last document (no separator after it) too
+
+
 def test_hundred_megabyte_single_line(tmp_path):
     path = tmp_path / "huge.jsonl"
     with open(path, "wb") as f:

@@ -143,3 +143,29 @@ def test_dpo_with_lora_and_reference_folder(tmp_path, shared_data):
     merge_lora(base)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, base.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_skips_pairs_that_read_the_same(tmp_path):
+    # A pair whose chosen and rejected tokens are the same (identical responses, or cut to max_len where they
+    # still agree) has z = 0 whatever the policy: a constant log 2 in the loss and a 0 in reward accuracy.
+    # Like the reward model, DPO skips it and counts it, instead of diluting the loss and the metrics.
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.dpo import encode_preference
+
+    tokenizer = get_tokenizer("bytes")
+    same = {"instruction": "Say hi.", "input": "", "chosen": "Hi.", "rejected": "Hi."}
+    assert encode_preference(tokenizer, same, 256) is None
+    late = {"instruction": "Say hi.", "input": "", "chosen": "Hi" + "!" * 300, "rejected": "Hi" + "!" * 299 + "?"}
+    assert encode_preference(tokenizer, late, 256) is None  # they differ only after max_len
+    assert encode_preference(tokenizer, {**same, "rejected": "Go away."}, 256) is not None
+
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([same, {**same, "rejected": "Go away."}, {**same, "chosen": "Hello!", "rejected": "No."}]))
+    make_base(tmp_path / "base")
+    config = DPOConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "dpo"), max_steps=1,
+                       batch_size=2, max_len=256, val_fraction=0.0, device="cpu", progress=False)
+    summary = run_dpo(config)
+    assert summary["train_examples"] == 2 and summary["skipped_examples"] == 1
+    data.write_text(json.dumps([same, same]))
+    with pytest.raises(ValueError, match="prefs.json"):
+        run_dpo(DPOConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "dpo2")}))

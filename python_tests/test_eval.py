@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -136,6 +137,18 @@ def test_perplexity_rejects_bad_arguments():
         perplexity_of_text(model, BYTES, "")
 
 
+def test_perplexity_rejects_token_ids_outside_the_vocabulary():
+    # Token 0 of a stream is history only, never a target: an id the model does not have (a tokenizer of
+    # another vocabulary) was embedded (a padded row) or crashed deep in the embedding.
+    model = tiny_gpt(block_size=16)  # vocab_size 257, padded to 320 rows
+    ids = random_tokens(30)
+    for bad in (300, 257, -1):
+        with pytest.raises(ValueError, match=f"tokens.*257.*got {bad}"):
+            perplexity(model, [bad] + ids)
+        with pytest.raises(ValueError, match=f"tokens.*257.*got {bad}"):
+            perplexity(model, torch.tensor([ids[:8], [bad] + ids[:7]]))
+
+
 # --- multiple choice ------------------------------------------------------------------------------------
 
 class BigramModel(torch.nn.Module):
@@ -185,6 +198,14 @@ def test_choice_scores_are_the_summed_log_probs_and_accuracies_differ_when_lengt
     # The separator is scored as part of each choice (one more uniform token).
     spaced = score_choices(model, BYTES, examples[:1], separator=" ")
     assert spaced[0] == pytest.approx([2 * uniform, 2 * uniform + 3 * sure], rel=1e-4)
+
+
+def test_choices_with_a_tokenizer_larger_than_the_model_are_a_clear_error(shared_data):
+    # GPT-2's tokenizer on a byte-level model: its context ids crashed deep in the embedding (IndexError).
+    model = tiny_gpt(block_size=16)
+    gpt2 = get_tokenizer(os.path.join(shared_data, "gpt2.tiktoken"))
+    with pytest.raises(ValueError, match="tokenizer.*50257.*257"):
+        score_choices(model, gpt2, [ChoiceExample("Hello world", ["a", "b"], 0)])
 
 
 def test_batched_choice_scores_match_one_row_at_a_time_on_a_gpt():

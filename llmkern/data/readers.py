@@ -234,6 +234,9 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
             piece = buf[pos:i]
             if skipping:
                 skipping = False
+            elif len(piece) > cfg.max_document_bytes:  # whole within a chunk, but still too long to keep
+                report.add("too_long", path, line, f"a document over max_document_bytes={cfg.max_document_bytes}")
+                any_too_long = True
             elif piece.strip():
                 any_text = True
                 yield Document(_decode(piece, path, line, report), path, line)
@@ -241,7 +244,10 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
             pos = i + len(sep)
         if at_end:
             piece = buf[pos:]
-            if piece.strip() and not skipping:
+            if not skipping and len(piece) > cfg.max_document_bytes:
+                report.add("too_long", path, line, f"a document over max_document_bytes={cfg.max_document_bytes}")
+                any_too_long = True
+            elif piece.strip() and not skipping:
                 any_text = True
                 yield Document(_decode(piece, path, line, report), path, line)
             break

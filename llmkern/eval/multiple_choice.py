@@ -112,6 +112,11 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     block = model.config.block_size
+    # The contexts' ids are read, not scored, so token_logprobs' check of the targets does not see them:
+    # another model's tokenizer would crash deep in the embedding (or read its padding rows).
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only "
+                         f"vocab_size={model.config.vocab_size}: score with the model's own tokenizer")
     rows = []  # (example index, token ids, continuation length)
     for i, ex in enumerate(examples):
         if not isinstance(ex, ChoiceExample):

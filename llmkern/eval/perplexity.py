@@ -69,6 +69,14 @@ def perplexity(
          "context", "stride", "windows"} and "bits_per_byte" when num_bytes is given.
     """
     streams = _as_streams(tokens)
+    # Token 0 of a stream is read but never a target, so token_logprobs' check of the targets misses it:
+    # an id past the vocabulary (another tokenizer's) would be embedded by a padding row, or crash.
+    vocab = model.config.vocab_size
+    for s in streams:
+        if s and not 0 <= min(s) <= max(s) < vocab:
+            bad = min(s) if min(s) < 0 else max(s)
+            raise ValueError(f"tokens must be ids in [0, vocab_size={vocab}) of the model, got {bad}: "
+                             f"is the tokenizer the model's?")
     block = model.config.block_size
     context = block if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= block:

@@ -92,7 +92,8 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
 def encode_preference(tokenizer, example: dict[str, Any], max_len: int, prompt_format=None) -> dict[str, Any] | None:
     """{"chosen": (tokens, labels), "rejected": (tokens, labels)} of a preference example (its prompt in
     prompt_format, default Alpaca; labels -1 on the prompt), or None when the prompt leaves no response
-    token within max_len."""
+    token within max_len, or when the two rows read the same (identical responses, or cut to max_len
+    before they differ)."""
     from .data import IGNORE, encode_prompt_response
     from .templates import PromptFormat
 
@@ -104,6 +105,10 @@ def encode_preference(tokenizer, example: dict[str, Any], max_len: int, prompt_f
         if all(label == IGNORE for label in labels[1:]):  # the next-token targets score nothing
             return None
         out[side] = (tokens, labels)
+    # The same tokens twice: z = 0 whatever the policy, a constant log 2 in the loss and a false "chosen
+    # beats rejected" in the reward accuracy; nothing to learn (the reward model skips such pairs too).
+    if out["chosen"][0] == out["rejected"][0]:
+        return None
     return out
 
 
@@ -187,7 +192,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     raw = load_preference_data(config.data)
     encoded = [e for e in (encode_preference(tokenizer, ex, max_len, fmt) for ex in raw) if e is not None]
     if not encoded:
-        raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len}")
+        raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len} "
+                         f"and chosen and rejected responses that differ there")
     train, val = split_examples(encoded, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
     add_reference_logps(reference, train + val, pad_id, config, device)
