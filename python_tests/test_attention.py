@@ -513,6 +513,18 @@ def test_torch_backend_matches_sdpa(causal):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+def test_fp32_inputs_under_autocast_stay_fp32(backend):
+    """Autocast changes neither backend's precision: both compute fp32 inputs in fp32, as outside it (the
+    torch backend's matmuls would otherwise run in bf16, 1e-2 away from the kernels)."""
+    q, k, v = (t.detach() for t in _make_qkv(1, 2, 2, 9, 9, 32, torch.float32, CPU))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, backend=backend)
+    want = reference.attention(q.double(), k.double(), v.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_backend_doc_ids_equal_separate_documents():
     """Two packed documents attend exactly as if each ran alone."""
     q, k, v = (t.detach() for t in _make_qkv(1, 2, 2, 30, 30, 32, torch.float32, CPU))
@@ -576,6 +588,26 @@ def test_rejects_mismatched_shapes():
         attention(q[0], k[0], v[0], backend="torch")
     with pytest.raises(ValueError, match="same number of heads"):
         attention(q, k, v[:, :1], backend="torch")
+
+
+@pytest.mark.parametrize("sizes, error, match", [
+    ((64, 0, 0), ValueError, "n_head must be >= 1"),
+    ((64, 2, 0), ValueError, "n_kv_head must be >= 1"),
+    ((64, -2, -2), ValueError, "n_head must be >= 1"),
+    ((64, 2.0, 2), TypeError, "n_head must be an int"),
+])
+def test_module_rejects_bad_head_counts(sizes, error, match):
+    from llmkern.nn import CausalSelfAttention
+
+    with pytest.raises(error, match=match):
+        CausalSelfAttention(*sizes)
+
+
+def test_rejects_an_empty_head_dim():
+    """D = 0 has no default scale (1 / sqrt(0)): a ValueError naming the head dim, not a ZeroDivisionError."""
+    q, k, v = _qkv(d=0)
+    with pytest.raises(ValueError, match="head dim"):
+        attention(q, k, v, backend="torch")
 
 
 def test_rejects_non_contiguous_last_dim():

@@ -173,6 +173,17 @@ def test_autocast_runs_the_matmuls_in_its_dtype():
     torch.testing.assert_close(weight.grad, w_ref.grad, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+def test_a_16_bit_x_of_another_type_than_autocasts_keeps_its_dtype(backend, device):
+    """An fp16 x under bf16 autocast: the matmul runs in fp16 on every backend (the torch one ran it in bf16)."""
+    x, _, target, _ = _make(6, 50, 64, torch.float16, device=device)
+    weight = torch.randn(50, 64, device=device)  # logits ~ 8: bf16 rounds them by ~0.03, fp16 by ~0.004
+    want = F.cross_entropy(F.linear(x, weight.half()).float(), target)  # outside autocast: fp16 logits
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = flce(x, weight, target, backend=backend)
+    torch.testing.assert_close(loss, want, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_3d_input_with_2d_target(backend, device):
     x, weight, target, _ = _make(2 * 9, 50, 16, torch.float32, device=device)
@@ -206,6 +217,23 @@ def test_no_rows(backend, device):
     assert math.isnan(loss.item())
     loss.backward()
     assert x.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+def test_empty_hidden_dim(backend, device):
+    """H = 0: every logit is the bias (or 0), as F.linear gives; the (..., 0) input has rows to count."""
+    x = torch.randn(2, 3, 0, device=device, requires_grad=True)
+    weight = torch.randn(5, 0, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
+    target = torch.randint(0, 5, (6,), device=device)
+    loss = flce(x, weight, target, bias=bias, backend=backend)
+    loss.backward()
+    ref_bias = bias.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_bias.expand(6, 5), target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(bias.grad, ref_bias.grad)
+    assert x.grad.shape == (2, 3, 0) and weight.grad.shape == (5, 0)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)

@@ -308,11 +308,16 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a block between two others: it takes and leaves a branch
         x, branch = block(torch.randn(2, 8, width, requires_grad=True), torch.randn(2, 8, width).bfloat16())
         out = x.sum() + branch.sum()
-    cast_from = {type(f).__name__ for node in autograd_nodes(out) if type(node).__name__ == "ToCopyBackward0"
+    nodes = autograd_nodes(out)
+    cast_from = {type(f).__name__ for node in nodes if type(node).__name__ == "ToCopyBackward0"
                  for f, _ in node.next_functions if f is not None}
     assert "NativeLayerNormBackward0" in cast_from  # the norms' outputs into the bf16 matmuls, as it must
-    linear_outputs = {"AddmmBackward0", "ViewBackward0", "UnsafeViewBackward0", "MmBackward0"}
-    assert not cast_from & linear_outputs, cast_from  # no matmul's output cast: the branches join as they are
+    # The branches join as they are: no add of the block takes a cast. (The torch backend's attention
+    # computes in fp32 and returns q's dtype, a cast inside the op, not at a join.)
+    joins = [node for node in nodes if type(node).__name__ == "AddBackward0"]
+    cast_joins = [node for node in joins
+                  if any(type(f).__name__ == "ToCopyBackward0" for f, _ in node.next_functions if f is not None)]
+    assert joins and not cast_joins
 
     branch = torch.randn(2, 5, 16).bfloat16()
     stream = torch.randn(2, 5, 16)

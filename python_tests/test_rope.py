@@ -88,6 +88,15 @@ def test_rotary_cache_tables():
     assert cache.state_dict() == {}  # not saved in checkpoints: rebuilt
 
 
+@pytest.mark.parametrize("seq_len", [51, -1])
+def test_rotary_cache_refuses_positions_past_its_tables(seq_len):
+    """Tables for 50 positions: 51 (or -1) is an error naming seq_len, not 50 rows (or 49) cut silently."""
+    cache = RotaryCache(head_dim=8, max_positions=50)
+    with pytest.raises(ValueError, match="seq_len"):
+        cache(None, seq_len)
+    assert cache(None, 50)[0].shape == (50, 4)
+
+
 @pytest.mark.parametrize(
     "x, cos_shape, cos_dtype, error, words",
     [

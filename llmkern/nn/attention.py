@@ -30,6 +30,12 @@ class CausalSelfAttention(nn.Module):
         layer_idx: int = 0,
     ):
         super().__init__()
+        for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
+            # checked first: a zero would divide by zero below, and a negative count passes the modulo tests
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if n_embd % n_head != 0 or n_head % n_kv_head != 0:
             raise ValueError(
                 f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), "

@@ -44,6 +44,8 @@ class RotaryCache(nn.Module):
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for positions 0 .. seq_len - 1, (S, D/2); or for explicit positions (B, S) -> (B, S, D/2)."""
         if positions is None:
+            if not 0 <= seq_len <= self.max_positions:  # a slice would silently stop at the table's end
+                raise ValueError(f"seq_len must be in [0, max_positions={self.max_positions}], got {seq_len}")
             return self.cos[:seq_len], self.sin[:seq_len]
         return self.cos[positions], self.sin[positions]
 

@@ -138,6 +138,8 @@ def _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens) -> None:
         raise ValueError(f"q, k and v must have one batch size; got {b}, {bk} and {v.size(0)}")
     if dk != d or v.size(3) != d:
         raise ValueError(f"q, k and v must have one head dim; got {d}, {dk} and {v.size(3)}")
+    if d == 0:  # no scores to take, and the default scale 1 / sqrt(D) would divide by zero
+        raise ValueError("q, k and v must have a head dim (last dimension) of at least 1; got 0")
     if v.size(1) != hkv:
         raise ValueError(f"k and v must have the same number of heads; got {hkv} and {v.size(1)}")
     if v.size(2) != sk:

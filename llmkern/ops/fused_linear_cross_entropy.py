@@ -23,6 +23,7 @@ loss is NaN; the torch backend raises (on a CPU) or asserts on the device, as F.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -76,7 +77,7 @@ def fused_linear_cross_entropy(
     chosen = _backend.resolve(
         "fused_linear_cross_entropy", backend, device, fits=lambda b: b == "torch" or x.dtype in _KERNEL_DTYPES
     )
-    x2 = x.reshape(-1, x.size(-1))
+    x2 = x.flatten(0, -2)  # (N, H); not reshape(-1, H), which cannot infer N when H is 0
     target1 = target.reshape(-1)
     if chosen == "torch":
         return reference.fused_linear_cross_entropy(
@@ -109,7 +110,7 @@ def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothin
         raise TypeError(f"weight must have x's dtype ({x.dtype}), or float32 with a 16-bit x; got {weight.dtype}")
     if target.dtype not in _TARGET_DTYPES:
         raise TypeError(f"target must hold int64 (or int32) class ids; got {target.dtype}")
-    n_rows = x.numel() // hidden if hidden else 0
+    n_rows = math.prod(x.shape[:-1])  # not x.numel() // hidden: hidden may be 0
     if target.shape != x.shape[:-1] and target.shape != (n_rows,):
         raise ValueError(
             f"target must have shape {tuple(x.shape[:-1])} or ({n_rows},) to match x {tuple(x.shape)}; "

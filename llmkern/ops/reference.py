@@ -75,22 +75,25 @@ def attention(
         v = v.repeat_interleave(hq // hkv, dim=1)
     ct = _compute_dtype(q.dtype)
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
-    sq, sk = q.size(2), k.size(2)
-    empty = None  # (Sq, 1) the queries that see no key: only causal with Sq > Sk has them
-    if causal:
-        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        if sq > sk:
-            empty = torch.arange(sq, device=q.device)[:, None] < sq - sk
-            visible = visible | empty  # softmax over all keys there (finite, no NaN in the gradient), then 0
-        scores = scores.masked_fill(~visible, float("-inf"))
-    if doc_ids is not None:  # a query always sees itself in its document: no row goes empty
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)
-        scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if empty is not None:
-        probs = probs.masked_fill(empty, 0.0)
-    return (probs @ v.to(ct)).to(q.dtype)
+    # Autocast off: it would run both matmuls in 16 bits (and round fp32 inputs to them), where the
+    # kernels, and this definition, compute in fp32 whatever autocast says.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
+        sq, sk = q.size(2), k.size(2)
+        empty = None  # (Sq, 1) the queries that see no key: only causal with Sq > Sk has them
+        if causal:
+            visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+            if sq > sk:
+                empty = torch.arange(sq, device=q.device)[:, None] < sq - sk
+                visible = visible | empty  # softmax over all keys there (finite, no NaN in the gradient), then 0
+            scores = scores.masked_fill(~visible, float("-inf"))
+        if doc_ids is not None:  # a query always sees itself in its document: no row goes empty
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)
+            scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if empty is not None:
+            probs = probs.masked_fill(empty, 0.0)
+        return (probs @ v.to(ct)).to(q.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,7 +214,10 @@ def fused_linear_cross_entropy(
     if num_classes is not None:
         weight = weight[:num_classes]
         bias = None if bias is None else bias[:num_classes]
-    logits = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # Autocast off: the matmul runs in x's dtype, as the kernels' does (autocast's fp32 x the op has cast
+    # already; a 16-bit x of the other type would otherwise be rounded to autocast's).
+    with torch.autocast(x.device.type, enabled=False):
+        logits = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return torch.nn.functional.cross_entropy(
         logits.to(_compute_dtype(x.dtype)), target.long(), ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing,
