@@ -130,6 +130,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("llmkern generate: error: give --prompt (text to continue) or --instruction (a task for an "
               f"instruction-tuned model){', not both' if args.prompt is not None else ''}", file=sys.stderr)
         return 2
+    if args.num_samples < 1:
+        print(f"llmkern generate: error: --num-samples must be at least 1, got {args.num_samples}", file=sys.stderr)
+        return 2
     if args.top_k == 0:
         args.top_k = None  # no top-k filter
     if args.instruction is None and (args.template is not None or args.system_prompt is not None):

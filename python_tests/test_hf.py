@@ -94,3 +94,19 @@ def test_import_errors():
     llama = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB))
     with pytest.raises(ValueError, match="GPT-2-shaped model"):
         load_hf_gpt2(llama, hf_state_dict())
+
+
+def test_llmkern_weights_are_not_taken_for_gpt2(tmp_path):
+    from safetensors.torch import save_file
+
+    from llmkern.model.hf import load_hf_gpt2_file
+
+    # llmkern's own model.safetensors shares GPT-2's wte/wpe names but has blocks.<i>.*, not h.<i>.*
+    ours = GPT(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False))
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"not a GPT-2 state dict: no h\.<i>\.\* blocks.*run or checkpoint folder"):
+        load_hf_gpt2_file(str(tmp_path / "model.safetensors"))
+    sd = hf_state_dict()
+    sd["transformer.wte.weight"] = torch.zeros(VOCAB * EMBD)
+    with pytest.raises(ValueError, match=r"wte.weight must be 2-D"):
+        from_hf_gpt2(sd)

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import warnings
 
 import numpy as np
@@ -105,6 +106,22 @@ def test_config_from_toml_json_and_overrides(tmp_path):
 def test_config_errors_name_the_setting(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(overwrite="false"), "'overwrite' in TrainConfig must be a boolean"),  # a str "false" is true
+    (dict(max_steps=10.5), "'max_steps' in TrainConfig must be an integer"),
+    (dict(lr="0.1"), "'lr' in TrainConfig must be a number"),
+    (dict(betas=(0.9, "a")), "'betas' in TrainConfig must be a number"),
+    (dict(seed=None), "'seed' in TrainConfig must be an integer"),
+    (dict(model={"n_layer": "2"}), "'model.n_layer' in TrainConfig must be an integer"),
+    (dict(model=[1]), "'model' in TrainConfig must be a table"),
+])
+def test_a_config_made_in_python_is_type_checked(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields).validate()
+    cfg = TrainConfig(lr=1, betas=[0.9, 0.99]).validate()  # what a file could give: made the fields' types
+    assert (cfg.lr, cfg.betas) == (1.0, (0.9, 0.99)) and isinstance(cfg.lr, float)
 
 
 def test_config_file_errors(tmp_path):
@@ -428,6 +445,20 @@ def saved_run(tmp_path, data_dir):
     return trainer
 
 
+def test_a_bad_device_or_sample_count_is_a_clear_error(saved_run, tmp_path, data_dir, capsys):
+    from llmkern.cli import main
+
+    generate = ["generate", "--run", saved_run.run_dir, "--prompt", "the"]
+    cases = [(generate + ["--device", "bogus"], "device must be"),
+             (generate + ["--num-samples", "0"], "--num-samples must be at least 1"),
+             (["train", f"--out_dir={tmp_path / 'new'}", f"--data_dir={data_dir}", "--device=bogus"], "device must be")]
+    if not torch.cuda.is_available():
+        cases.append((generate + ["--device", "cuda"], "no CUDA GPU is available"))
+    for args, message in cases:
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, args
+
+
 def test_checkpoint_round_trip_keeps_tied_weights_and_optimizer_state(saved_run):
     state = ckpt.load_checkpoint(saved_run.run_dir)
     assert state.step == 2
@@ -630,6 +661,47 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert summary["stop_reason"] == "early_stopping"
     assert summary["steps"] == 6 and summary["best_val_loss"] == 2.5
     assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 6  # the final checkpoint is written
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=40, eval_interval=2, patience=2)
+    val_losses = {0: 3.0, 2: 2.5, 4: 2.6, 6: 2.7, 8: 2.8}
+
+    class FakeEval(Trainer):
+        def evaluate(self):
+            return val_losses[self.step]
+
+    assert FakeEval(config).fit()["steps"] == 6
+    before = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    summary = FakeEval(config).fit(resume=True)
+    # the uninterrupted run ended at step 6: so does the resumed one, with no records added
+    assert (summary["steps"], summary["stop_reason"]) == (6, "early_stopping")
+    assert read_metrics(str(tmp_path / "run" / "metrics.jsonl")) == before
+    # with more patience it goes on from there
+    more = tiny_config(tmp_path / "run", data_dir, max_steps=40, eval_interval=2, patience=3)
+    assert FakeEval(more).fit(resume=True)["steps"] == 8
+
+
+def test_a_metrics_record_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=4, ckpt_interval=2)
+    Trainer(config).fit()
+    whole = train_losses(tmp_path / "run")
+    # killed after step 2's checkpoint, while appending a record of step 3
+    shutil.rmtree(ckpt.step_dir(str(tmp_path / "run"), 4))
+    log = tmp_path / "run" / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]) + lines[2][:25])
+    assert Trainer(config).fit(resume=True)["steps"] == 4
+    assert train_losses(tmp_path / "run") == whole
+
+
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=4, eval_interval=2)
+    Trainer(config).fit()
+    before = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in before if r["kind"] == "eval"] == [0, 2, 4]
+    assert Trainer(config).fit(resume=True)["steps"] == 4
+    assert read_metrics(str(tmp_path / "run" / "metrics.jsonl")) == before
 
 
 def test_mfu():

@@ -40,8 +40,16 @@ def config_from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None 
     """The GPTConfig of a HF GPT-2 state dict: sizes read from the tensors; n_head (which the
     shapes do not tell) defaults to n_embd / 64, as in every released GPT-2."""
     sd = _strip_prefix(state_dict)
+    for name in ("wte.weight", "wpe.weight"):
+        if sd[name].dim() != 2:
+            raise ValueError(f"not a GPT-2 state dict: {name} must be 2-D, got shape {tuple(sd[name].shape)}")
     vocab_size, n_embd = sd["wte.weight"].shape
     n_layer = len({int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))})
+    if n_layer == 0:
+        # llmkern's own model.safetensors has wte/wpe too, so it gets this far; its blocks are "blocks.<i>."
+        ours = any(k.startswith("blocks.") for k in sd)
+        raise ValueError("not a GPT-2 state dict: no h.<i>.* blocks" + (
+            "; these are llmkern's weights: give their run or checkpoint folder instead of the file" if ours else ""))
     values = dict(
         vocab_size=vocab_size, block_size=sd["wpe.weight"].shape[0], n_layer=n_layer, n_embd=n_embd,
         n_head=n_head if n_head is not None else n_embd // 64,

@@ -94,6 +94,7 @@ class TrainConfig:
         return self.batch_tokens // per_micro
 
     def validate(self) -> "TrainConfig":
+        _check_field_types(self)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -257,6 +258,21 @@ def _typed_model_overrides(values: dict[str, Any], source: str, from_text: bool)
             hint = options[0] if len(options) == 1 else hint
         typed[key] = _coerce(f"model.{key}", value, hint, source, from_text) if hint in (bool, int, float, str) else value
     return typed
+
+
+def _check_field_types(config: TrainConfig) -> None:
+    """Each field of `config` has its annotated type, as apply_settings would have made it (ints become
+    floats, a list of betas a tuple). A TrainConfig made in Python skips apply_settings, and its checks
+    below would then compare a str with a number, or take overwrite="false" for true."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"setting 'model' in TrainConfig must be a table of GPTConfig fields, got {value!r}")
+            _typed_model_overrides(value, "TrainConfig", from_text=False)  # unknown keys and wrong types
+        else:
+            setattr(config, f.name, _coerce(f.name, value, hints[f.name], "TrainConfig", from_text=False))
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -48,12 +48,21 @@ def pick_device(requested: str, info: DistInfo) -> torch.device:
     """"auto": this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
     if requested == "auto":
         return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} asked for, but no CUDA GPU is available")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank)
+    device = parse_device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def parse_device(requested: str | torch.device) -> torch.device:
+    """The torch.device that `requested` names; a ValueError naming it when torch knows no such device
+    (torch's own error is a RuntimeError, or an AssertionError at the first use of CUDA where there is none)."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {requested!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(requested)!r} asked for, but no CUDA GPU is available")
     return device
 
 

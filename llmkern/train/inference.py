@@ -8,13 +8,14 @@ import os
 import torch
 
 from . import checkpoint as ckpt
+from .distributed import parse_device
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto": the GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return parse_device(device)
 
 
 def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):

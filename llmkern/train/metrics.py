@@ -103,7 +103,15 @@ def _json_number(v: Any) -> Any:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        # A process killed while appending leaves a record cut short: that record was never complete
+        # (its step is redone on resume), and it must not stop the run from resuming or being plotted.
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_metrics(metrics_path: str, out_dir: str, extra: Sequence[str] = ()) -> list[str]:

@@ -148,6 +148,7 @@ class Trainer:
         self.evals_since_best = 0
         self.bad_steps = 0
         self.last_val_loss: float | None = None
+        self.last_eval_step: int | None = None  # the step of last_val_loss
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -210,13 +211,15 @@ class Trainer:
             if cfg.eval_interval and self.step == 0:
                 self._evaluate_and_check_patience()  # the untrained model's loss: where the curve starts
             with stop:
-                stop_reason = self._train_steps(bar, stop)
+                # A resumed run that had stopped early stays stopped (unless its patience was raised): it
+                # must not train past where it ended, as an uninterrupted run would not have.
+                stop_reason = "early_stopping" if resume and self._patience_ran_out() else self._train_steps(bar, stop)
             if stop.requested:
                 path = self.save()
                 self._plot()
                 raise TrainingInterrupted(f"{stop.requested} at step {self.step}: the run is saved ({path}); "
                                           f"continue it with the same command and --resume", stop.requested)
-            if stop_reason == "max_steps":
+            if stop_reason == "max_steps" and self.last_eval_step != self.step:  # not twice (a resumed finished run)
                 self._evaluate_and_check_patience()
             self.save()
         finally:
@@ -392,7 +395,7 @@ class Trainer:
     def _evaluate_and_check_patience(self) -> bool:
         """Evaluate, log; True when patience ran out."""
         val_loss = self.evaluate()
-        self.last_val_loss = val_loss
+        self.last_val_loss, self.last_eval_step = val_loss, self.step
         self.log.write("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
         if self.dist.is_main:
             from tqdm import tqdm
@@ -403,6 +406,9 @@ class Trainer:
             self.best_val_loss, self.evals_since_best = val_loss, 0
             return False
         self.evals_since_best += 1
+        return self._patience_ran_out()
+
+    def _patience_ran_out(self) -> bool:
         return bool(self.config.patience) and self.evals_since_best >= self.config.patience
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -425,7 +431,7 @@ class Trainer:
                 "schedule": {"name": self.config.schedule, "next_lr": learning_rate(self.step, self.config)},
                 "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss),
                             "evals_since_best": self.evals_since_best, "bad_steps": self.bad_steps,
-                            "last_val_loss": self.last_val_loss,
+                            "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
                             "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None},
             }
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
@@ -454,6 +460,7 @@ class Trainer:
         self.evals_since_best = counters["evals_since_best"]
         self.bad_steps = counters["bad_steps"]
         self.last_val_loss = counters["last_val_loss"]
+        self.last_eval_step = counters.get("last_eval_step")  # None in older checkpoints: evaluate again at the end
         if self.loss_scale and counters.get("loss_scale"):  # saved by a float16 run
             self.loss_scale.load_state_dict(counters["loss_scale"])
         self.log.truncate_after(self.step)
