@@ -695,6 +695,38 @@ def test_a_metrics_record_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, 
     assert train_losses(tmp_path / "run") == whole
 
 
+def test_a_crash_while_the_log_is_cut_back_leaves_the_old_log(tmp_path, monkeypatch):
+    from llmkern.train import metrics
+
+    log = metrics.MetricsLog(str(tmp_path / "metrics.jsonl"))
+    for step in range(1, 5):
+        log.write("train", step=step, loss=1.0 / step)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    calls, real_dumps = [], json.dumps
+
+    def dumps_then_crash(obj, *args, **kwargs):  # the process dies while writing the second record
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.json, "dumps", dumps_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        log.truncate_after(2)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    log.truncate_after(2)
+    assert [r["step"] for r in metrics.read_metrics(log.path)] == [1, 2]
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_training(tmp_path, data_dir):
+    not_a_folder = tmp_path / "run"
+    not_a_folder.write_text("notes")
+    with pytest.raises(ValueError, match="out_dir .* is a file"):
+        Trainer(tiny_config(not_a_folder, data_dir))
+    assert not_a_folder.read_text() == "notes"
+
+
 def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, data_dir):
     config = tiny_config(tmp_path / "run", data_dir, max_steps=4, eval_interval=2)
     Trainer(config).fit()

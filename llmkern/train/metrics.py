@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .._atomic import write_text_atomic
+
 # Dense bf16 tensor-core peaks in FLOP/s (no sparsity), matched against the GPU's name, first match wins.
 GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
@@ -90,8 +92,8 @@ class MetricsLog:
         if not self.enabled or not os.path.isfile(self.path):
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        # atomically: a crash while rewriting must leave the old log, not half of it
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _json_number(v: Any) -> Any:

@@ -121,6 +121,8 @@ class Trainer:
         distributed.init(self.dist, self.device)
         self.grad_accum = config.grad_accum_steps(self.dist.world_size)
         self.run_dir = config.out_dir
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):  # before minutes of data and a step
+            raise ValueError(f"out_dir {self.run_dir!r} is a file; the run folder must be a folder (or not exist)")
         self.data_dir = config.data_dir or self._prepare_builtin_corpus()
         self.autocast_dtype = self._autocast_dtype()
         self.loss_scale = DynamicLossScale() if self.autocast_dtype == torch.float16 else None
