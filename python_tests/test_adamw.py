@@ -432,7 +432,8 @@ def test_norm_is_deterministic_and_grads_of_mixed_dtypes(backend):
         (dict(max_grad_norm="1"), TypeError, "max_grad_norm must be a float"),
         (dict(master_weights=1), TypeError, "master_weights must be a bool"),
         (dict(backend="numpy"), ValueError, "backend must be one of"),
-        (dict(lr=torch.ones(2)), ValueError, "0-d tensor"),
+        (dict(lr=torch.ones(2)), ValueError, r"must hold one value \(a 0-d tensor\); got shape \(2,\)"),
+        (dict(lr=torch.tensor(1)), TypeError, "a tensor lr must have a floating dtype; got torch.int64"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, error, match):
@@ -452,6 +453,45 @@ def test_bad_param_groups_are_refused():
     with pytest.raises(ValueError, match="all parameters must be on one device"):
         AdamW([{"params": [torch.zeros(3, requires_grad=True)]},
                {"params": [torch.zeros(3, device="meta", requires_grad=True)]}], max_grad_norm=1.0)
+
+
+def test_a_state_dict_without_adamw_hyperparameters_is_refused():
+    opt = AdamW([torch.zeros(3, requires_grad=True)])
+    state = opt.state_dict()
+    del state["param_groups"][0]["eps"], state["param_groups"][0]["betas"]
+    with pytest.raises(ValueError, match="param group 0 of the state_dict lacks betas, eps"):
+        opt.load_state_dict(state)
+
+
+def test_master_state_loaded_without_master_weights_steps_the_parameters_themselves():
+    """A master-weights optimizer's state_dict loaded into one without: the parameters are updated
+    themselves (as a plain bf16 step is), not a bf16 copy of the master kept in the state."""
+    params = [torch.randn(n).to(torch.bfloat16).requires_grad_() for n in (3, 1003)]
+    master = AdamW(params, master_weights=True, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    master.step()
+    plain_params = [p.detach().clone().requires_grad_() for p in params]
+    plain = AdamW(plain_params, backend="torch")
+    plain.load_state_dict(copy.deepcopy(master.state_dict()))
+    assert all("master_param" not in plain.state[p] for p in plain_params)
+    twins = [p.detach().clone().requires_grad_() for p in plain_params]
+    reference = AdamW(twins, backend="torch")
+    state = copy.deepcopy(master.state_dict())
+    for entry in state["state"].values():
+        del entry["master_param"]
+    reference.load_state_dict(state)
+    with torch.no_grad():  # a change made to the parameters after the load is what the step starts from
+        for p, q in zip(plain_params, twins):
+            p.add_(1.0)
+            q.add_(1.0)
+    for p, q in zip(plain_params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    plain.step()
+    reference.step()
+    for p, q in zip(plain_params, twins):
+        assert torch.equal(p, q)
 
 
 def test_bad_gradients_are_refused_at_the_step():

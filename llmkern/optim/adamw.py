@@ -150,10 +150,18 @@ class AdamW(torch.optim.Optimizer):
             for option in UNSUPPORTED_TORCH_OPTIONS:
                 if group.get(option, False):
                     raise ValueError(f"param group {i} of the state_dict sets {option}=True, which llmkern AdamW does not implement")
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
+            if missing:
+                raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}: not an AdamW state_dict")
             _check_hyperparameters({k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}, f"param group {i}: ")
         super().load_state_dict(state_dict)
         if self.master_weights:
             self._restore_fp32_state(state_dict)
+        else:
+            # A master-weights optimizer's state loaded here: its master copies (cast to the parameters'
+            # dtype by Optimizer.load_state_dict) would be kept and stepped in place of the parameters.
+            for state in self.state.values():
+                state.pop("master_param", None)
         self._kernel_caches.clear()
 
     def _restore_fp32_state(self, state_dict: dict) -> None:
@@ -281,8 +289,10 @@ def _kernels(backend: str):
 def _check_hyperparameters(group: dict, where: str) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{where}a tensor lr must be a floating 0-d tensor; got shape {tuple(lr.shape)}, dtype {lr.dtype}")
+        if not lr.is_floating_point():
+            raise TypeError(f"{where}a tensor lr must have a floating dtype; got {lr.dtype}")
+        if lr.numel() != 1:  # one value: a 0-d tensor, or (1,) as torch.optim.AdamW takes too
+            raise ValueError(f"{where}a tensor lr must hold one value (a 0-d tensor); got shape {tuple(lr.shape)}")
         if lr.device.type != "meta" and not lr.item() >= 0:
             raise ValueError(f"{where}lr must be >= 0, got {lr.item()}")
     else:
