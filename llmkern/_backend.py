@@ -97,6 +97,15 @@ def cuda_has(op: str) -> bool:
     return _memo(f"cuda:{op}", probe)
 
 
+def kernels(op: str, backend: str):
+    """llmkern.cuda.<op> or llmkern.triton.<op>, the launchers of op's kernels: imported on first use
+    (Triton's import takes seconds, and a process on the torch backend never needs it), then looked up
+    here, not imported again on every call."""
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"llmkern::{op} runs the cuda or triton backend, got {backend!r}")
+    return _memo(f"kernels:{backend}.{op}", lambda: importlib.import_module(f"llmkern.{backend}.{op}"))
+
+
 def cuda_emulated() -> bool:
     """True when llmkern._cuda is the tests' CPU emulator of the kernels (python_tests/simt): its
     kernels then run on CPU tensors, as Triton's do under TRITON_INTERPRET=1."""

@@ -95,6 +95,24 @@ def test_eager_calls_take_the_function_and_match_the_custom_op(name, monkeypatch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_calls_without_grad_mode_run_the_implementation_bare(name, monkeypatch):
+    """Under no_grad or inference_mode (generation) there is no graph to record: the implementation runs
+    with no autograd.Function around it (its ctx and saved tensors were host time for nothing)."""
+    custom_op = _custom_op(name)
+    _, _, make_inputs, call = CASES[name]
+    inputs = make_inputs()
+    expected = call(*inputs)
+    monkeypatch.setattr(custom_op, "op", lambda *args: pytest.fail("went through the custom op"))
+    monkeypatch.setattr(custom_op._function, "apply", lambda *args: pytest.fail("went through the Function"))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = call(*inputs)
+        for a, b in zip(got if isinstance(got, tuple) else [got], expected if isinstance(expected, tuple) else [expected],
+                        strict=True):
+            assert torch.equal(a, b) and a.grad_fn is None
+
+
 @pytest.mark.parametrize("name", ["rms_norm", "attention"])
 def test_fake_tensors_take_the_custom_op_and_its_fake_kernel(name):
     _, _, make_inputs, call = CASES[name]

@@ -42,10 +42,8 @@ class CustomOp:
     def __call__(self, *inputs):
         if torch.compiler.is_compiling() or type(inputs[0]) is not torch.Tensor:
             return self.op(*inputs)
-        if self._function is not None:
-            return self._function.apply(*inputs)
         if torch.is_grad_enabled():
-            # an op without a backward (a gradient op, called in a backward pass, where grad mode is
-            # off): under grad mode only the registered op says that it cannot be differentiated
-            return self.op(*inputs)
-        return self._impl(*inputs)
+            # with a backward, under the plain Function; without one (a gradient op, called in a backward
+            # pass, where grad mode is off), only the registered op says that it cannot be differentiated
+            return self.op(*inputs) if self._function is None else self._function.apply(*inputs)
+        return self._impl(*inputs)  # no graph to record (inference, generation, a backward pass)

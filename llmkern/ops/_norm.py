@@ -3,8 +3,6 @@ and outputs their kernels take."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import _checks
@@ -118,10 +116,3 @@ def run_backward(dy: torch.Tensor, h: torch.Tensor, dh_extra: torch.Tensor | Non
         for grad in param_grads:
             grad.zero_()
     return dh
-
-
-def kernels(op: str, backend: str):
-    """llmkern.cuda.<op> or llmkern.triton.<op>: their forward/backward take 2-D views."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::{op} runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.{op}")

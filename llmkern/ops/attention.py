@@ -22,7 +22,6 @@ is the fp32 reference in llmkern/ops/reference.py, differentiated by PyTorch.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -204,13 +203,6 @@ def _check_backend_limits(backend: str, q: torch.Tensor) -> None:
 # --- the custom ops --------------------------------------------------------------------------
 
 
-def _kernels(backend: str):
-    """llmkern.cuda.attention or llmkern.triton.attention (same forward/backward signatures)."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::attention_fwd runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.attention")
-
-
 def _launch_slices(q: torch.Tensor) -> list[slice]:
     """Slices of the batch, each small enough for one kernel launch (batch * heads within the grid)."""
     batch, heads = q.size(0), q.size(1)
@@ -248,7 +240,7 @@ def _attention_fwd(
         return o, lse.fill_(float("-inf"))
     if k.size(2) == 0:  # nothing to attend to: softmax over no keys, taken as zero
         return o.zero_(), lse.fill_(float("-inf"))
-    kernels = _kernels(backend)
+    kernels = _backend.kernels("attention", backend)
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)  # as given when attention() made them
     for rows in _launch_slices(q):
         kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, scale, o[rows], lse[rows])
@@ -277,7 +269,7 @@ def _attention_bwd(
     dv = v.new_empty(v.shape)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    kernels = _kernels(backend)
+    kernels = _backend.kernels("attention", backend)
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)
     for rows in _launch_slices(q):
         kernels.backward(do[rows], q[rows], k[rows], v[rows], o[rows], lse[rows], _rows_of(doc_ids, rows),

@@ -59,7 +59,7 @@ def _layer_norm(
     eps: float, out_dtype: torch.dtype, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     def launch(x2, residual2, y2, h2):
-        _norm.kernels("layer_norm", backend).forward(x2, weight, bias, residual2, eps, y2, h2)
+        _backend.kernels("layer_norm", backend).forward(x2, weight, bias, residual2, eps, y2, h2)
 
     return _norm.run_forward(x, residual, out_dtype, launch)
 
@@ -83,7 +83,7 @@ def _layer_norm_backward(
     dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
 
     def launch(dy2, h2, extra2, dh2):
-        _norm.kernels("layer_norm", backend).backward(
+        _backend.kernels("layer_norm", backend).backward(
             dy2, h2, weight, extra2, eps, dh2, dweight, dbias if has_bias else None
         )
 

@@ -65,7 +65,7 @@ def _rms_norm(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     def launch(x2, residual2, y2, h2):
-        _norm.kernels("rms_norm", backend).forward(x2, weight, residual2, eps, y2, h2)
+        _backend.kernels("rms_norm", backend).forward(x2, weight, residual2, eps, y2, h2)
 
     return _norm.run_forward(x, residual, out_dtype, launch)
 
@@ -87,7 +87,7 @@ def _rms_norm_backward(
     dweight = torch.empty_like(weight)
 
     def launch(dy2, h2, extra2, dh2):
-        _norm.kernels("rms_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight)
+        _backend.kernels("rms_norm", backend).backward(dy2, h2, weight, extra2, eps, dh2, dweight)
 
     return _norm.run_backward(dy, h, dh_extra, [dweight], launch), dweight
 

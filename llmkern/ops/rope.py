@@ -18,8 +18,6 @@ over it for float64 x or tables, and backend="cuda" with them is a TypeError.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _backend
@@ -108,13 +106,6 @@ def _check_backend_limits(backend: str, x, cos, sin) -> None:
     )
 
 
-def _kernels(backend: str):
-    """llmkern.cuda.rope or llmkern.triton.rope: forward(x, cos, sin, y, inverse) on 4-D views."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::rope runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.rope")
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -124,7 +115,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, 
     y = x.new_empty(x.shape)
     if y.numel() > 0:
         x, cos, sin = (_last_dim_contiguous(t) for t in (x, cos, sin))  # no-ops for the model's views
-        _kernels(backend).forward(x, cos, sin, y, inverse)
+        _backend.kernels("rope", backend).forward(x, cos, sin, y, inverse)
     return y
 
 

@@ -11,8 +11,6 @@ and backend="cuda" with float64 is a TypeError.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _backend
@@ -63,18 +61,11 @@ def _fits_backend(backend: str, gate: torch.Tensor) -> bool:
     return backend != "cuda" or gate.dtype in _checks.FLOAT_DTYPES
 
 
-def _kernels(backend: str):
-    """llmkern.cuda.swiglu or llmkern.triton.swiglu: forward/backward on 2-D (rows, N) views."""
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"llmkern::swiglu runs the cuda or triton backend, got {backend!r}")
-    return importlib.import_module(f"llmkern.{backend}.swiglu")
-
-
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     y = gate.new_empty(gate.shape)
     if y.numel() > 0:
         g2 = _rows(gate)
-        _kernels(backend).forward(g2, _rows(up), y.view(g2.shape))
+        _backend.kernels("swiglu", backend).forward(g2, _rows(up), y.view(g2.shape))
     return y
 
 
@@ -90,7 +81,7 @@ def _swiglu_backward(
     dup = gate.new_empty(gate.shape)
     if gate.numel() > 0:
         g2 = _rows(gate)
-        _kernels(backend).backward(_rows(dy), g2, _rows(up), dgate.view(g2.shape), dup.view(g2.shape))
+        _backend.kernels("swiglu", backend).backward(_rows(dy), g2, _rows(up), dgate.view(g2.shape), dup.view(g2.shape))
     return dgate, dup
 
 

@@ -25,7 +25,6 @@ reference because it is also the definition the kernels are tested against.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -259,7 +258,7 @@ class AdamW(torch.optim.Optimizer):
                 reference.adamw_step(*lists, **hyper)
             else:
                 cache = self._kernel_caches.setdefault(index, {})
-                _kernels(w.backend).step(*lists, **hyper, cache=cache)
+                _backend.kernels("adamw", w.backend).step(*lists, **hyper, cache=cache)
         return loss
 
     def _clip(self, work: list[tuple[int, _GroupWork]]) -> torch.Tensor:
@@ -275,15 +274,10 @@ class AdamW(torch.optim.Optimizer):
             reference.adamw_grad_norm(grads, self.max_grad_norm, self._grad_norm, self._clip_state, self._skipped)
         else:
             cache = self._kernel_caches.setdefault(-1, {})
-            _kernels(backend).grad_norm(
+            _backend.kernels("adamw", backend).grad_norm(
                 grads, self.max_grad_norm, self._grad_norm, self._clip_state, self._skipped, cache=cache
             )
         return self._clip_state
-
-
-def _kernels(backend: str):
-    """llmkern.cuda.adamw or llmkern.triton.adamw: both have grad_norm() and step()."""
-    return importlib.import_module(f"llmkern.{backend}.adamw")
 
 
 def _check_hyperparameters(group: dict, where: str) -> None:
