@@ -284,3 +284,26 @@ def test_cli_tokenizer_train_into_a_new_folder(tmp_path, capsys):
     blocked = tmp_path / "corpus.txt" / "x.tiktoken"
     assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(blocked)]) == 2
     assert "out_path: cannot write" in capsys.readouterr().err
+
+
+def test_a_sidecar_of_another_tiktoken_file_is_an_error(tmp_path):
+    # train_bpe replaces the sidecar, then the .tiktoken file, each atomically but not as a pair:
+    # a retraining stopped between the two leaves the new sidecar beside the old ranks, whose
+    # <|endoftext|> id would then be an ordinary token's. Loading must say so, not tokenize wrong.
+    import shutil
+
+    corpus = ["the cat sat on the mat, the cat sat on the hat. " * 20]
+    old = tmp_path / "tok.tiktoken"
+    train_bpe(corpus, 300, str(old), num_workers=1)
+    smaller = tmp_path / "smaller.tiktoken"
+    train_bpe(corpus, 270, str(smaller), num_workers=1)
+    shutil.copy(sidecar_path(str(smaller)), sidecar_path(str(old)))  # the crash: new sidecar, old ranks
+    with pytest.raises(ValueError, match=r"sidecar .*tok\.tiktoken\.json.* another"):
+        get_tokenizer(str(old))
+    # A sidecar without the recorded hash (an older llmkern) is still checked: a special token's id
+    # that is also an ordinary token's is an error.
+    meta = json.loads(pathlib.Path(sidecar_path(str(old))).read_text())
+    del meta["tiktoken_sha256"]
+    pathlib.Path(sidecar_path(str(old))).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="special token .* ordinary token"):
+        get_tokenizer(str(old))

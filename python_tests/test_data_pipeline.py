@@ -145,6 +145,55 @@ def test_rerun_continues_after_a_crash_and_matches_a_clean_run(corpus, tmp_path,
     assert again["resumed_inputs"] == again["inputs"] and _counts(again) == _counts(clean_run)
 
 
+def test_a_resumed_run_reports_the_same_exact_duplicates_as_a_clean_run(tmp_path, monkeypatch):
+    # A document that exact dedup lets through but near dedup drops is in no part file; a copy of
+    # it in a later input is an exact duplicate all the same, resumed after a crash or not.
+    rng = random.Random(7)
+    kept = _doc(rng)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    _jsonl(root / "a.jsonl", [kept, _near_copy(kept)])
+    _jsonl(root / "b.jsonl", [_near_copy(kept).upper(), _doc(rng)])
+    clean_run = prepare([str(root)], str(tmp_path / "clean"), _config())
+    stages = {s["name"]: s for s in clean_run["stages"]}
+    assert stages["exact_dedup"]["rejected"] == {"exact_duplicate": 1}
+    assert stages["near_dedup"]["rejected"] == {"near_duplicate": 1}
+
+    real = pipeline._process_file
+
+    def crash_on_second(index, *args, **kwargs):
+        if index == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process_file", crash_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(root)], str(out), _config())
+    monkeypatch.setattr(pipeline, "_process_file", real)
+    resumed = prepare([str(root)], str(out), _config())
+    assert resumed["resumed_inputs"] == 1
+    assert _counts(resumed) == _counts(clean_run)
+    assert _documents(out) == _documents(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("override, name", [("tokenize.val_fraction=1.5", "tokenize.val_fraction"),
+                                            ("tokenize.shard_tokens=0", "tokenize.shard_tokens"),
+                                            ("tokenize.num_workers=-1", "tokenize.num_workers"),
+                                            ("reader.max_document_bytes=0", "reader.max_document_bytes")])
+def test_bad_settings_fail_before_any_input_is_read(tmp_path, monkeypatch, override, name):
+    rng = random.Random(3)
+    _jsonl(tmp_path / "a.jsonl", [_doc(rng)])
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an input was read before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "_process_file", no_reading)
+    config = _config("tokenize.enabled=true", "tokenize.tokenizer=bytes", override)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), config)
+
+
 def test_worker_processes_give_the_same_output(corpus, tmp_path):
     root, _ = corpus
     one = prepare([str(root)], str(tmp_path / "one"), _config())

@@ -141,6 +141,17 @@ def test_too_long_document_inside_one_read_chunk_is_skipped(tmp_path, monkeypatc
     assert docs == [] and report.counts == {"too_long": 1}  # the last document (no separator after it) too
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 1 << 20])
+def test_a_document_of_exactly_max_bytes_is_kept_wherever_the_chunks_end(tmp_path, monkeypatch, chunk):
+    # The bytes after a document may be the start of a separator the next chunk completes: they are
+    # no part of the document and must not make one of exactly max_document_bytes "too long".
+    monkeypatch.setattr(readers, "_CHUNK", chunk)
+    txt = _write(tmp_path / "x.txt", "abcd\n\n\nefgh\n\n\nijklm\n\n\n")
+    docs, report = _read(txt, separator="\n\n\n", max_document_bytes=4)
+    assert [(d.text, d.line) for d in docs] == [("abcd", 1), ("efgh", 4)]
+    assert report.counts == {"too_long": 1} and report.examples["too_long"][0]["line"] == 7
+
+
 def test_hundred_megabyte_single_line(tmp_path):
     path = tmp_path / "huge.jsonl"
     with open(path, "wb") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import functools
+import hashlib
 import multiprocessing
 import os
 import pathlib
@@ -306,8 +307,12 @@ def train_bpe(
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in by_rank]
     special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
-    meta = {"pattern": pattern, "special_tokens": special, "trained_by": "llmkern.data.bpe.train_bpe"}
-    # Each file is replaced atomically (written aside, then renamed).
+    text = "".join(lines)
+    # Each file is replaced atomically (written aside, then renamed), but not the two as a pair: the
+    # sidecar names the .tiktoken contents it belongs to, so that a crash between the two renames
+    # (a new sidecar beside old ranks) is an error when the pair is loaded, not wrong special ids.
+    meta = {"pattern": pattern, "special_tokens": special, "trained_by": "llmkern.data.bpe.train_bpe",
+            "tiktoken_sha256": hashlib.sha256(text.encode("ascii")).hexdigest()}
     write_json_atomic(sidecar_path(out_path), meta)
-    write_text_atomic(out_path, "".join(lines))
+    write_text_atomic(out_path, text)
     return get_tokenizer(out_path)

@@ -58,6 +58,14 @@ class ExactDedupStage(Stage):
     def remember(self, docs: list[Document]) -> None:
         self.seen.update(text_digest(doc.text) for doc in docs)
 
+    # A document kept here but dropped by near dedup is in no part file, yet its copies are exact
+    # duplicates: a resumed run must know its digest to count them as an uninterrupted run does.
+    def dropped_later(self, docs: list[Document]) -> list:
+        return [text_digest(doc.text).hex() for doc in docs]
+
+    def remember_dropped(self, values: list) -> None:
+        self.seen.update(bytes.fromhex(v) for v in values)
+
 
 # --- MinHash ------------------------------------------------------------------------------------
 

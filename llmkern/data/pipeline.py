@@ -4,6 +4,7 @@
 Output directory:
   documents/part-00000.jsonl  the kept documents of input file 0: {"text", "source", "line", "meta"}
   progress.json               inputs done so far, with their statistics (written after each input)
+  stage_state/part-00000.json what the dedup stages learned of input 0's documents that are in no part
   tokens/                     train/val token shards + manifest.json (when tokenize is enabled)
   report.json                 the final report (also printed as a table)
 
@@ -33,6 +34,7 @@ from .stage import Stage, StageStats
 
 DOCUMENTS_DIR = "documents"
 TOKENS_DIR = "tokens"
+STATE_DIR = "stage_state"
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
 _TMP = ".tmp"
@@ -201,7 +203,7 @@ class _Progress:
 
 
 def _start_over(out_dir: str) -> None:
-    for name in (DOCUMENTS_DIR, TOKENS_DIR):
+    for name in (DOCUMENTS_DIR, TOKENS_DIR, STATE_DIR):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     for name in (PROGRESS_FILE, REPORT_FILE):
         path = os.path.join(out_dir, name)
@@ -222,20 +224,28 @@ def _process_file(index: int, path: str, runner: _StatelessRunner, stateful: lis
     read_report = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
     stats = [StageStats(stage.name) for stage in runner.stages + stateful]
     final = os.path.join(out_dir, DOCUMENTS_DIR, part_name(index))
+    dropped: dict[str, list] = {stage.name: [] for stage in stateful}
     try:
         with open(final + _TMP, "w", encoding="utf-8") as out:
             batches = _counted(_batches(read_file(path, config.reader, read_report), config.batch_size), read_report)
             for read_count, batch, stateless_stats in runner.run(batches):
                 for total, part in zip(stats, stateless_stats):
                     total.merge(part)
+                passed = []
                 for stage, stage_stats in zip(stateful, stats[len(runner.stages):]):
                     batch = stage.run(batch, stage_stats)
+                    passed.append(batch)
+                kept_ids = {id(doc) for doc in batch}
+                for stage, docs in zip(stateful, passed):
+                    dropped[stage.name] += stage.dropped_later([d for d in docs if id(d) not in kept_ids])
                 for doc in batch:
                     record = {"text": doc.text, "source": doc.source, "line": doc.line, "meta": doc.meta}
                     out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 bar.update(read_count)
             out.flush()
             os.fsync(out.fileno())
+        # Before the part's rename: a part file that exists always has its state beside it.
+        write_json_atomic(os.path.join(out_dir, STATE_DIR, part_name(index).replace(".jsonl", ".json")), dropped)
     except BaseException:
         os.remove(final + _TMP)  # the input is not done: a re-run does it again from its start
         raise
@@ -311,6 +321,16 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0: one per core), got {config.num_workers}")
+    if config.reader.max_document_bytes < 1:  # else every input would read as empty
+        raise ValueError(f"reader.max_document_bytes must be >= 1, got {config.reader.max_document_bytes}")
+    if config.tokenize.enabled:  # checked now: tokenizing starts only after all the documents are done
+        cfg = config.tokenize
+        if not 0.0 <= cfg.val_fraction < 1.0:
+            raise ValueError(f"tokenize.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        if cfg.shard_tokens < 1:
+            raise ValueError(f"tokenize.shard_tokens must be >= 1, got {cfg.shard_tokens}")
+        if cfg.num_workers < 0:
+            raise ValueError(f"tokenize.num_workers must be >= 0 (0: one per core), got {cfg.num_workers}")
     started = time.perf_counter()
     out_dir = os.fspath(out_dir)
     # An output directory inside an input directory must not feed its own parts back in.
@@ -333,6 +353,7 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
         _start_over(out_dir)
         progress.save()
     os.makedirs(os.path.join(out_dir, DOCUMENTS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
 
     read_total = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
     totals = [StageStats(stage.name) for stage in stages]
@@ -345,6 +366,13 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
         for batch in _batches(read_parts(out_dir, sorted(done)), 4096):
             for stage in stages:
                 stage.remember(batch)
+        for index in sorted(done):
+            path = os.path.join(out_dir, STATE_DIR, part_name(index).replace(".jsonl", ".json"))
+            if os.path.exists(path):  # absent when an older llmkern did this input
+                with open(path, encoding="utf-8") as f:
+                    saved = json.load(f)
+                for stage in stages:
+                    stage.remember_dropped(saved.get(stage.name, []))
 
     stateless, stateful = _split_stages(stages)
     runner = _StatelessRunner(stateless, config, config.num_workers or (os.cpu_count() or 1))

@@ -251,7 +251,9 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
                 any_text = True
                 yield Document(_decode(piece, path, line, report), path, line)
             break
-        rest = len(buf) - pos
+        # The last len(sep) - 1 bytes may start a separator that the next chunk completes: only what
+        # comes before them surely belongs to the document.
+        rest = len(buf) - pos - (len(sep) - 1)
         if not skipping and rest > cfg.max_document_bytes:
             report.add("too_long", path, line, f"a document over max_document_bytes={cfg.max_document_bytes}")
             skipping = any_too_long = True

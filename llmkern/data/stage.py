@@ -63,6 +63,14 @@ class Stage:
     def remember(self, docs: list[Document]) -> None:
         pass
 
+    def dropped_later(self, docs: list[Document]) -> list:
+        """What `remember_dropped` needs of `docs`, documents this stage kept but a later stage dropped
+        (so in no part file), as JSON values; [] when this stage's state does not depend on them."""
+        return []
+
+    def remember_dropped(self, values: list) -> None:
+        """Take back the `dropped_later` values an earlier, interrupted run saved."""
+
     def run(self, docs: list[Document], stats: StageStats) -> list[Document]:
         started = time.perf_counter()
         stats.docs_in += len(docs)

@@ -147,9 +147,25 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
                 meta = json.load(f)
             pattern = str(meta["pattern"])
             special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
+            recorded = meta.get("tiktoken_sha256")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             why = f"{type(err).__name__}: {err}"
             raise ValueError(f"spec: the sidecar {side!r} of {path!r} is corrupt ({why})") from err
+        # train_bpe renames the two files one after the other: a run stopped between the renames
+        # leaves a sidecar of another training beside these ranks (its special ids then mean other tokens).
+        if recorded is not None:
+            with open(path, "rb") as f:
+                actual = hashlib.sha256(f.read()).hexdigest()
+            if actual != recorded:
+                raise ValueError(
+                    f"spec: the sidecar {side!r} was written for another {os.path.basename(path)} than the one "
+                    f"at {path!r} (a training stopped between writing the two?); train the tokenizer again")
+        ordinary = set(ranks.values())
+        for token, token_id in special.items():
+            if token_id in ordinary:
+                raise ValueError(
+                    f"spec: the sidecar {side!r} gives the special token {token!r} the id {token_id}, which is "
+                    f"an ordinary token's in {path!r} ({len(ranks)} ranks): the two files do not belong together")
     encoding = tiktoken.Encoding(
         name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special
     )
