@@ -169,3 +169,21 @@ def test_dpo_skips_pairs_that_read_the_same(tmp_path):
     data.write_text(json.dumps([same, same]))
     with pytest.raises(ValueError, match="prefs.json"):
         run_dpo(DPOConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "dpo2")}))
+
+
+def test_a_dpo_resume_with_another_beta_or_label_smoothing_is_refused(tmp_path):
+    # The examples and batch settings alone let a resume continue under another loss: beta and
+    # label_smoothing are recorded with the training state and compared too.
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "chosen": str(i), "rejected": "No."}
+                                for i in range(6)]))
+    make_base(tmp_path / "base")
+    config = DPOConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "dpo"), max_steps=2,
+                       batch_size=2, max_len=256, val_fraction=0.0, ckpt_interval=1, keep_train_state=True,
+                       device="cpu", progress=False)
+    run_dpo(config)  # its state at step 1 is kept
+    for change, message in (({"beta": 0.5}, r"'beta': \(0.1, 0.5\)"),
+                            ({"label_smoothing": 0.2}, r"'label_smoothing': \(0.0, 0.2\)")):
+        with pytest.raises(ValueError, match=message):
+            run_dpo(DPOConfig(**{**config.to_dict(), "resume": True, **change}))
+    assert run_dpo(DPOConfig(**{**config.to_dict(), "resume": True}))["steps"] == 2

@@ -404,6 +404,42 @@ def test_a_stopped_run_resumes_to_the_same_weights_bitwise(tmp_path):
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", resume=True, min_lr=1e-3))
 
 
+def test_a_resume_on_other_examples_or_lora_settings_of_the_same_count_is_refused(tmp_path):
+    """The number of examples alone lets another data file (or max_len, ...) of as many examples slip by:
+    the saved state records a fingerprint of the encoded examples and LoRA's settings. A state saved before
+    they were recorded still resumes."""
+    from llmkern.finetune.lora import apply_lora
+
+    examples, collate = times_three_examples()
+    tok = ByteTokenizer()
+    others = [encode_prompt_response(tok, f"{i} * 4 = ", str(4 * i), 24) for i in range(11)]  # as many
+
+    def settings(**kw):
+        return FinetuneConfig(out_dir=str(tmp_path / "run"), max_steps=3, batch_size=3, ckpt_interval=2,
+                              keep_train_state=True, progress=False, **{"lora_rank": 2, **kw})
+
+    def lora_gpt(alpha=16.0):
+        model = tiny_gpt(seed=4)
+        apply_lora(model, 2, alpha)
+        return model
+
+    fit(lora_gpt(), lm_loss, examples, collate, settings())  # its state at step 2 is kept
+    with pytest.raises(ValueError, match="examples_sha256.*not the same tokens"):
+        fit(lora_gpt(), lm_loss, others, collate, settings(resume=True))
+    with pytest.raises(ValueError, match=r"'lora_alpha': \(16.0, 64.0\)"):
+        fit(lora_gpt(64.0), lm_loss, examples, collate, settings(resume=True, lora_alpha=64.0))
+    with pytest.raises(ValueError, match=r"'lora_rank': \(2, 0\)"):  # not a state_dict traceback
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings(resume=True, lora_rank=0))
+
+    meta_path = tmp_path / "run" / "train_state" / "checkpoints" / "step_0000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    position = meta["finetune_state"]["position"]
+    for key in ("examples_sha256", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        del position[key]  # as an older llmkern wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert fit(lora_gpt(), lm_loss, examples, collate, settings(resume=True))["steps"] == 3
+
+
 def test_ctrl_c_saves_the_fine_tuning_state_and_a_fresh_start_does_not_overwrite_it(tmp_path):
     import signal
 

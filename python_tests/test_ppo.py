@@ -282,6 +282,21 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
         run_ppo(dataclasses.replace(config, resume=True, lr=config.lr / 2), reward_model=HighByteReward())
 
 
+def test_a_ppo_resume_with_other_prompts_or_objective_settings_is_refused(tmp_path):
+    """The number of prompts alone lets another prompt file of as many slip by, and kl_coef, clip_range, ...
+    make another objective: the saved state records a fingerprint of the prompts and PPO's settings."""
+    config = make_ppo_run(tmp_path, max_steps=2, ckpt_interval=1, eval_interval=0, keep_train_state=True)
+    run_ppo(config, reward_model=HighByteReward())  # its state at iteration 1 is kept
+    prompts = json.loads((tmp_path / "prompts.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps([{**p, "instruction": p["instruction"].upper()} for p in prompts]))
+    with pytest.raises(ValueError, match="examples_sha256"):
+        run_ppo(dataclasses.replace(config, resume=True, data=str(tmp_path / "other.json")),
+                reward_model=HighByteReward())
+    with pytest.raises(ValueError, match=r"'kl_coef': \(0.01, 0.5\)"):
+        run_ppo(dataclasses.replace(config, resume=True, kl_coef=0.5), reward_model=HighByteReward())
+    assert run_ppo(dataclasses.replace(config, resume=True), reward_model=HighByteReward())["iterations"] == 2
+
+
 def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):
     config = make_ppo_run(tmp_path, parallel="fsdp")
     monkeypatch.setenv("RANK", "0")

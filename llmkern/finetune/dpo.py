@@ -217,8 +217,10 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     def evaluate_on(examples, prefix):
         return batched_evaluation(loss_fn, collate, examples, prefix, config, device)
 
+    # the loss's settings, which a resumed run must share (the reference's log-probs are not compared bitwise)
+    settings = {"beta": beta, "label_smoothing": smoothing, "reference": config.reference}
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
-                  charts=("reward_accuracy", "reward_margin"))
+                  charts=("reward_accuracy", "reward_margin"), settings=settings)
     train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)
 
     lora_path = save_and_merge_lora(policy, config, wrapped)

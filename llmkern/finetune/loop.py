@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import os
 import random
@@ -281,6 +283,42 @@ def template_position(config) -> dict[str, str]:
     return {"template": config.template, "system_prompt": config.system_prompt}
 
 
+def lora_position(config) -> dict[str, Any]:
+    """The LoRA settings a run trains with, for its position: the adapters' shapes (rank, targets) must fit
+    the saved ones, and alpha and dropout shape every step's update. Without LoRA only the rank (0) counts."""
+    if config.lora_rank <= 0:
+        return {"lora_rank": 0}
+    return {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "lora_targets": config.lora_targets}
+
+
+def _canonical(x: Any) -> Any:
+    """x as plain JSON data for examples_fingerprint: dicts, lists, ints and strings; floats left out."""
+    if isinstance(x, (list, tuple)):
+        if all(type(v) is int for v in x):  # a row of token ids or labels: the common case, kept fast
+            return list(x)
+        return [_canonical(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _canonical(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, torch.Tensor):
+        return _canonical(x.tolist())
+    if isinstance(x, float):
+        return None
+    return x
+
+
+def examples_fingerprint(examples: Sequence[Any]) -> str:
+    """A sha256 of the training examples as encoded (token ids, labels, every int or string in them), for a
+    run's position: another data file of as many examples, or another max_len, mask_prompt, pack or
+    val_fraction, trains on other tokens, which the number of examples alone does not tell. Floats are left
+    out: DPO's reference log-probs, recomputed on resume, need not come out bitwise the same on a GPU."""
+    digest = hashlib.sha256()
+    for example in examples:  # one at a time: a large dataset's text is never held whole
+        digest.update(json.dumps(_canonical(example), separators=(",", ":"), default=repr).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
     """Load the newest training state of a run into model and optimizer and restore this rank's RNG
     states; the saved counters. A run whose data or batch settings changed since cannot continue."""
@@ -291,13 +329,17 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
     state = ckpt.load_checkpoint(latest)
     saved = state.meta.get("finetune_state", {})
     # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
-    # template is not known, so not compared
-    unrecorded = {"parallel": "ddp", "world_size": 1,
-                  **{k: position[k] for k in ("template", "system_prompt") if k in position}}
-    saved_position = {**unrecorded, **saved.get("position", {})}
-    changed = {k: (saved_position.get(k), v) for k, v in position.items() if saved_position.get(k) != v}
+    # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings) are
+    # not known there, so not compared
+    saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
+    changed = {k: (saved_position[k], v) for k, v in position.items() if k in saved_position and saved_position[k] != v}
     if changed:
-        raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}")
+        hint = ""
+        if "examples_sha256" in changed:
+            hint = ("; examples_sha256: the training examples are not the same tokens (another data file or "
+                    "content, or another max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)")
+        raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}"
+                         f"{hint}")
     distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: each rank its shard
     ckpt.restore_rng_states(state.rng)
     return saved["counters"]
@@ -346,10 +388,13 @@ def stopped(stop: StopOnSignal, step: int, path: str | None, log: MetricsLog, co
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
-        evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = ()) -> dict[str, Any]:
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = (),
+        settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` in place; returns {"steps", "skipped_steps", "train": last logged means,
     "first_eval", "last_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and charts:
-    loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>")."""
+    loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>").
+    settings: the recipe's own settings that shape its loss beyond the examples (DPO's beta, ...), plain
+    JSON values; a resumed run must share them, as it must the examples and the batch settings."""
     if not train_examples:
         raise ValueError("there are no training examples")
     device = next(model.parameters()).device
@@ -362,9 +407,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     steps = total_steps(len(train_examples), config, info.world_size)
     optimizer = make_optimizer(list(model.parameters()), config, sharded)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # what a resumed run must share
     position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum, "seed": config.seed, "world_size": info.world_size,
-                "parallel": config.parallel, **template_position(config)}  # what a resumed run must share
+                "parallel": config.parallel, **template_position(config), **lora_position(config),
+                **(settings or {}), "examples_sha256": examples_fingerprint(train_examples)}
     state_dir = train_state_dir(config)
     log, counters, evals = open_run(config, model, optimizer, position)
 

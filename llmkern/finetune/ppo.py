@@ -419,6 +419,10 @@ def sampling_seed(seed: int, iteration: int, info) -> int:
 
 MAX_EVAL_PROMPTS = 64  # held-out prompts sampled at each evaluation
 
+# The settings that make PPO's objective, its rollouts and its rewards: a resumed run must share them.
+PPO_OBJECTIVE = ("reward_model", "kl_coef", "clip_range", "value_clip", "gamma", "lam", "ppo_epochs", "max_new_tokens",
+                 "temperature", "top_k", "whiten_advantages", "vf_coef")
+
 
 def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) -> list[list[int]]:
     """The prompt of each example (instruction and optional input) in prompt_format (default Alpaca), as
@@ -442,8 +446,9 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     from .base import effective_max_len, load_base, save_finetuned
     from .data import split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import (autocast_context, data_parallel_setup, drop_train_state, make_optimizer, micro_batches,
-                       open_run, save_train_state, stopped, template_position, train_state_dir)
+    from .loop import (autocast_context, data_parallel_setup, drop_train_state, examples_fingerprint, lora_position,
+                       make_optimizer, micro_batches, open_run, save_train_state, stopped, template_position,
+                       train_state_dir)
     from ..train.interrupt import StopOnSignal
     from .templates import settle_template
 
@@ -511,7 +516,9 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     state_dir = train_state_dir(config)
     position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
-                "world_size": info.world_size, **template_position(config)}
+                "world_size": info.world_size, **template_position(config), **lora_position(config),
+                **{name: getattr(config, name) for name in PPO_OBJECTIVE},
+                "examples_sha256": examples_fingerprint(train)}
     log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 
