@@ -96,6 +96,27 @@ def test_two_gloo_processes_match_one_process(tmp_path, parallel):
     assert learning_numbers(records(tmp_path / "multi")) == learning_numbers(multi)
 
 
+def test_a_one_process_run_resumes_in_two_fsdp_processes(tmp_path):
+    # One process's optimizer state is keyed by parameter index, an FSDP2 run's by name: the resume
+    # under FSDP2 used to stop with KeyError 'state.0.step'. It continues the run instead.
+    data_dir = str(tmp_path / "shards")
+    tokenize_documents(synthetic_documents(), "bytes", data_dir, val_fraction=0.15, seed=0)
+    Trainer(config(tmp_path / "run", data_dir, "fsdp")).fit()
+    single = records(tmp_path / "run")
+    os.rename(ckpt.step_dir(str(tmp_path / "run"), 5), str(tmp_path / "single_step5"))
+    run_two_processes(tmp_path / "run", data_dir, "fsdp", resume=True)
+
+    resumed = records(tmp_path / "run")
+    assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in single]
+    for a, b in zip(single, resumed):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one, two = ckpt.load_checkpoint(str(tmp_path / "single_step5")), ckpt.load_checkpoint(str(tmp_path / "run"))
+    for name in one.model:
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
     # Ranks whose dropout masks differ: a resume that gave rank 1 rank 0's RNG states (as checkpoints

@@ -139,15 +139,36 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                           optimizer_state: dict) -> None:
     """Load whole state dicts (full_state_dicts', read by every rank) into a model and its optimizer;
-    an FSDP2-sharded model keeps its own shard of each tensor."""
+    an FSDP2-sharded model keeps its own shard of each tensor. The checkpoint may come from another
+    number of processes or another `parallel` (one process's, DDP's or FSDP2's state dicts)."""
     if not is_sharded(model):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict=_keyed_by_name(model, optimizer, optimizer_state),
                    options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> dict:
+    """An optimizer state_dict keyed by parameter name, as set_state_dict reads it (and get_state_dict
+    writes it). A checkpoint of one process, or of DDP, keys its parameters by their index in the param
+    groups: set_state_dict would fail on those (KeyError 'state.0.step'). The param groups of both come
+    from the model's optimizer_groups, so the i-th saved parameter is this optimizer's i-th."""
+    saved = [key for group in optimizer_state["param_groups"] for key in group["params"]]
+    if all(isinstance(key, str) for key in saved):
+        return optimizer_state
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if len(saved) != len(ours):
+        raise ValueError(f"the checkpoint's optimizer state has {len(saved)} parameters, this model's optimizer "
+                         f"{len(ours)}: it was saved for another model")
+    name_of = dict(zip(saved, ours))
+    return {"state": {name_of[key]: value for key, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name_of[key] for key in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
