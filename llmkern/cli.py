@@ -138,6 +138,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.instruction is None and (args.template is not None or args.system_prompt is not None):
         print("llmkern generate: error: --template and --system-prompt go with --instruction", file=sys.stderr)
         return 2
+    if args.instruction is None and args.input:  # it belongs in an instruction's template; --prompt would drop it
+        print("llmkern generate: error: --input goes with --instruction (a task's input); put it in --prompt",
+              file=sys.stderr)
+        return 2
     try:
         model, tokenizer, state = load_trained_model(args.run, args.device)
         if args.instruction is None:

@@ -42,6 +42,13 @@ def save_run(run_dir, model):
     return str(run_dir)
 
 
+def ckpt_model(run_dir):
+    """The model of a run folder save_run wrote."""
+    from llmkern.train.inference import load_trained_model
+
+    return load_trained_model(run_dir, "cpu")[0]
+
+
 # --- perplexity -------------------------------------------------------------------------------------
 
 def test_text_that_fits_the_context_matches_one_full_forward():
@@ -567,6 +574,32 @@ def test_eval_command_perplexity_of_a_text_file(tmp_path, tiny_run, capsys):
     assert "exactly one of --data SHARDS" in capsys.readouterr().err
     assert main(["eval", "--run", tiny_run, "--text", str(tmp_path / "none.txt"), "--device", "cpu"]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_eval_command_scores_a_text_file_as_its_bytes_are(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    # A file with Windows line ends and non-ASCII text: every byte of it is scored and counted, "\r" too.
+    raw = "naïve café\r\n日本語 🙂\r\nend\r\n".encode("utf-8")
+    text = tmp_path / "crlf.txt"
+    text.write_bytes(raw)
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--text", str(text), "--json", str(out), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert saved["tokens"] == len(raw)  # the bytes tokenizer: one token a byte
+    direct = perplexity_of_text(ckpt_model(tiny_run), BYTES, raw.decode("utf-8"))
+    assert saved["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-9)
+    assert direct["bits_per_byte"] == pytest.approx(direct["loss"] * direct["tokens"] / (math.log(2) * len(raw)))
+
+
+def test_eval_command_refuses_text_options_on_token_shards(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    # --context and --stride shape the --text windows; on shards they would be ignored, silently.
+    for option in (["--context", "16"], ["--stride", "4"]):
+        assert main(["eval", "--run", tiny_run, "--data", str(tmp_path), "--device", "cpu", *option]) == 2
+        assert f"{option[0]} is for --text" in capsys.readouterr().err
 
 
 def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):

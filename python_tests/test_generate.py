@@ -182,6 +182,22 @@ def test_stop_function_ends_each_row_where_it_says():
     assert all(len(new) >= 1 and len(new) <= 10 for new in seen) and seen[0] == free[0][len(PROMPTS[0]):][:1]
 
 
+def test_a_tiny_temperature_samples_like_greedy():
+    # logits / 1e-40 overflow float32 to inf, and a softmax of infs is NaN: the limit is greedy.
+    model = make_model("rope")
+    greedy = generate(model, PROMPTS, 6, temperature=0)
+    assert generate(model, PROMPTS, 6, temperature=1e-40, seed=0) == greedy
+    assert generate(model, PROMPTS, 6, temperature=1e-40, top_k=5, top_p=0.9, seed=0) == greedy
+
+
+def test_generate_command_refuses_an_input_without_an_instruction(capsys):
+    from llmkern.cli import main
+
+    # --input belongs in an instruction's template; with --prompt it would be dropped, silently.
+    assert main(["generate", "--run", "no-such-run", "--prompt", "x", "--input", "2 and 3"]) == 2
+    assert "--input" in capsys.readouterr().err
+
+
 def test_training_mode_is_restored():
     model = make_model()
     model.train()

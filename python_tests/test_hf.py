@@ -96,6 +96,16 @@ def test_import_errors():
         load_hf_gpt2(llama, hf_state_dict())
 
 
+def test_an_untied_lm_head_is_refused_not_dropped():
+    # The import ties the output layer to wte; an lm_head of its own would be lost, and the logits wrong.
+    sd = hf_state_dict()
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 0.01
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        from_hf_gpt2(sd, n_head=HEADS)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # tied, stored twice: the same model
+    assert from_hf_gpt2(sd, n_head=HEADS).config.tie_embeddings
+
+
 def test_llmkern_weights_are_not_taken_for_gpt2(tmp_path):
     from safetensors.torch import save_file
 

@@ -41,6 +41,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--template and --system-prompt are for --task win-rate")
     if args.task != "choice" and args.fewshot:
         raise ValueError("--fewshot is for --task choice")
+    if args.text is None:  # shards are scored in windows of block_size: these would be ignored, silently
+        for option, value in (("--context", args.context), ("--stride", args.stride)):
+            if value is not None:
+                raise ValueError(f"{option} is for --text (the windows of a text file's perplexity)")
 
 
 def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -73,7 +77,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     if args.task == "perplexity":
         from .perplexity import perplexity_of_text
 
-        with open(args.text, encoding="utf-8") as f:
+        # newline="": the file's own line ends ("\r\n" too) are scored and counted in bits_per_byte
+        with open(args.text, encoding="utf-8", newline="") as f:
             text = f.read()
         result = perplexity_of_text(model, tokenizer, text, stride=args.stride, context=args.context,
                                     batch_size=args.batch_size, progress=progress)

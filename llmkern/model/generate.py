@@ -164,7 +164,9 @@ def _sample(
     """One token per row of logits (B, V)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # The largest logit is made 0 first: a tiny temperature then sends the others to -inf (greedy, its
+    # limit), where dividing the logits themselves overflows to inf and the softmax gives NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))

@@ -90,6 +90,12 @@ def load_hf_gpt2(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise ValueError(f"not a GPT-2 state dict of {model.config.n_layer} layers: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    # GPT-2 ties its output layer to wte, and so does the model made here: an lm_head of its own (a model
+    # saved with tie_word_embeddings=False) would be dropped and the logits silently wrong.
+    head = state_dict.get("lm_head.weight")
+    if head is not None and not (head.shape == sd["wte.weight"].shape and torch.equal(head, sd["wte.weight"])):
+        raise ValueError("lm_head.weight differs from wte.weight: an untied output layer, which GPT-2 (tied "
+                         "embeddings) cannot hold")
     for ours, (theirs, transposed) in _mapping(model.config.n_layer).items():
         src = sd[theirs].t() if transposed else sd[theirs]
         _copy(model.get_parameter(ours), src, ours, theirs)
