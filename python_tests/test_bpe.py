@@ -307,3 +307,21 @@ def test_a_sidecar_of_another_tiktoken_file_is_an_error(tmp_path):
     pathlib.Path(sidecar_path(str(old))).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="special token .* ordinary token"):
         get_tokenizer(str(old))
+
+
+def test_a_tokenizer_retrained_in_place_loads_its_new_ranks(tmp_path):
+    # tiktoken's load_tiktoken_bpe keeps every file it reads in a cache keyed by the path alone (in the
+    # temp folder, across processes): a file retrained in place loaded its old ranks beside the new sidecar.
+    import shutil
+
+    path = str(tmp_path / "tok.tiktoken")
+    train_bpe(["the cat sat on the mat, the cat sat on the hat. " * 20], 300, path, num_workers=1)
+    retrained = train_bpe(["something else entirely, " * 50], 290, path, num_workers=1)
+    elsewhere = str(tmp_path / "copy.tiktoken")  # a path read for the first time: the new ranks for sure
+    shutil.copy(path, elsewhere)
+    shutil.copy(sidecar_path(path), sidecar_path(elsewhere))
+    fresh = get_tokenizer(elsewhere)
+    text = "something else entirely, the cat sat"
+    for tokenizer in (retrained, get_tokenizer(path)):
+        assert tokenizer.n_vocab == fresh.n_vocab
+        assert tokenizer.encode(text) == fresh.encode(text)

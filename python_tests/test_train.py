@@ -445,6 +445,27 @@ def saved_run(tmp_path, data_dir):
     return trainer
 
 
+def test_an_evaluation_larger_than_the_val_split_scores_each_window_once(saved_run, data_dir):
+    from llmkern.data.loader import TokenLoader
+    from llmkern.train.inference import evaluate_run
+
+    windows = TokenLoader(data_dir, "val", 1, 32, mode="sequential").windows_per_epoch
+    assert 4 < windows < 1000
+    every_window = evaluate_run(saved_run.run_dir, data_dir, batch_size=windows, seq_len=32)
+    for batch_size in (windows + 1, 10 * windows):  # before: one batch wrapped around the split
+        got = evaluate_run(saved_run.run_dir, data_dir, batch_size=batch_size, seq_len=32)
+        assert got["tokens"] == every_window["tokens"] == windows * 32
+        assert got["loss"] == pytest.approx(every_window["loss"], rel=1e-6)
+    # the trainer's evaluation likewise stops at the split's last whole step of windows
+    trainer = saved_run
+    per_step = trainer.config.micro_batch
+    trainer.config.eval_steps = windows // per_step
+    exact = trainer.evaluate()
+    for eval_steps in (windows // per_step + 1, 3 * windows + 1):  # past the end, by part of a pass
+        trainer.config.eval_steps = eval_steps
+        assert trainer.evaluate() == exact  # the same windows, in the same steps
+
+
 def test_a_bad_device_or_sample_count_is_a_clear_error(saved_run, tmp_path, data_dir, capsys):
     from llmkern.cli import main
 

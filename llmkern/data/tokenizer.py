@@ -14,6 +14,8 @@ out in ordinary tokens, never turned into the special token, so decode(encode(t)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 import json
@@ -128,14 +130,30 @@ class TiktokenTokenizer:
         return f"TiktokenTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"
 
 
+def _read_ranks(path: str) -> tuple[dict[bytes, int], bytes]:
+    """The ranks of a .tiktoken file (a base64 token and its rank a line), and the file's bytes.
+
+    Read here, not by tiktoken's load_tiktoken_bpe: that keeps a copy of every file it reads in a cache
+    in the temp folder, keyed by the path alone, so a tokenizer retrained in place would load its old
+    ranks, in every later process too."""
+    with open(path, "rb") as f:
+        data = f.read()
+    ranks = {}
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as err:
+            raise ValueError(f"spec: {path!r} is not a readable .tiktoken file (line {number}: {err})") from err
+    return ranks, data
+
+
 def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
-    try:
-        ranks = load_tiktoken_bpe(path)
-    except Exception as err:  # tiktoken raises bare ValueError/binascii errors on bad lines
-        raise ValueError(f"spec: {path!r} is not a readable .tiktoken file ({err})") from err
+    ranks, data = _read_ranks(path)
     if not ranks:
         raise ValueError(f"spec: {path!r} is an empty .tiktoken file")
     pattern = GPT2_PATTERN
@@ -154,9 +172,7 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
         # train_bpe renames the two files one after the other: a run stopped between the renames
         # leaves a sidecar of another training beside these ranks (its special ids then mean other tokens).
         if recorded is not None:
-            with open(path, "rb") as f:
-                actual = hashlib.sha256(f.read()).hexdigest()
-            if actual != recorded:
+            if hashlib.sha256(data).hexdigest() != recorded:
                 raise ValueError(
                     f"spec: the sidecar {side!r} was written for another {os.path.basename(path)} than the one "
                     f"at {path!r} (a training stopped between writing the two?); train the tokenizer again")

@@ -388,11 +388,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_steps * batch_tokens tokens of the val split (the same windows
-        every time, whatever the number of ranks: each takes its share in micro-batches)."""
+        every time, whatever the number of ranks: each takes its share in micro-batches), or over as many
+        whole steps of windows as the split holds when it is smaller: past its end the loader would wrap
+        around and count windows twice."""
         val = TokenLoader(self.data_dir, "val", self.config.micro_batch, self.config.seq_len, mode="sequential",
                           rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
                           document_ids=self.config.document_masking)
-        return evaluate_loss(self.model, val, self.config.eval_steps * self.grad_accum, self._autocast, self.dist)
+        whole_steps = val.windows_per_epoch // (self.config.micro_batch * self.dist.world_size)
+        steps = max(1, min(self.config.eval_steps * self.grad_accum, whole_steps))
+        return evaluate_loss(self.model, val, steps, self._autocast, self.dist)
 
     def _evaluate_and_check_patience(self) -> bool:
         """Evaluate, log; True when patience ran out."""
