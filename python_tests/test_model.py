@@ -257,6 +257,37 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_a_backend_that_cannot_run_here_falls_back_to_torch_in_every_module(variant, monkeypatch):
+    """A model built for the cuda backend on a CPU (no emulator) runs each op on torch with a warning,
+    RMSNorm's as LayerNorm's: RMSNorm passed its backend to the op as it was, which refused it, so a
+    Llama-style model failed where a GPT-2 ran."""
+    from llmkern.nn import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_chosen", {})  # a fresh choice, not one the emulator's tests left
+    if _backend.can_run("cuda", "rms_norm", torch.device("cpu")):
+        pytest.skip("the cuda backend runs on CPU tensors here")
+    reference = GPT(tiny(**VARIANTS[variant], backend="torch"))
+    idx, targets = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9))
+    with pytest.warns(UserWarning, match="no cuda kernels that run on cpu"):
+        model = GPT(tiny(**VARIANTS[variant], backend="cuda"))
+        model.load_state_dict(reference.state_dict())
+        logits, loss = model(idx, targets)
+    ref_logits, ref_loss = reference(idx, targets)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(loss, ref_loss)
+
+
+def test_auto_fused_loss_passes_over_kernels_that_do_not_take_the_dtype(monkeypatch):
+    """On a GPU "auto" gave a float64 model's loss to the fused kernels, which refuse float64 (a
+    TypeError), where every other op's "auto" passes over kernels that do not fit and runs torch."""
+    model = build_on_meta(tiny(backend="auto"))
+    monkeypatch.setattr(_backend, "can_run", lambda b, op, device: True)  # a GPU with every kernel
+    gpu = torch.device("cuda")  # resolution only inspects the device type
+    assert model._fused_loss_backend(gpu, torch.float32) in ("cuda", "triton")
+    assert model._fused_loss_backend(gpu, torch.float64) is None  # the plain loss, on torch
+
+
 def autograd_nodes(out: torch.Tensor) -> set:
     """Every node of the autograd graph that computed `out`."""
     seen, stack = set(), [out.grad_fn]

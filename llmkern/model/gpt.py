@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _backend
 from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
 from ..ops import fused_linear_cross_entropy
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.attention import int32_doc_ids
 from .config import GPTConfig
 
@@ -125,7 +126,7 @@ class GPT(nn.Module):
             doc_ids = int32_doc_ids(doc_ids)  # once here, not in each layer's attention
         hidden = self.hidden_states(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
-        loss_backend = None if targets is None else self._fused_loss_backend(hidden.device)
+        loss_backend = None if targets is None else self._fused_loss_backend(hidden.device, hidden.dtype)
         if loss_backend is not None:
             # The padding rows of the output layer are left out, so they get no probability. The op
             # takes the whole weight and writes their (zero) gradient itself: slicing the weight here
@@ -144,14 +145,19 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, padded).float(), targets.reshape(-1).long(), ignore_index=-1)
         return logits[..., :vocab], loss
 
-    def _fused_loss_backend(self, device: torch.device) -> str | None:
-        """The kernel backend ("cuda" or "triton") of the fused LM head + cross-entropy on `device`,
-        or None for the plain loss (fused_loss off, the torch backend, or no kernels that run here)."""
+    def _fused_loss_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """The kernel backend ("cuda" or "triton") of the fused LM head + cross-entropy of hidden states
+        of `dtype` on `device`, or None for the plain loss (fused_loss off, the torch backend, or no
+        kernels that run here)."""
         if not self.config.fused_loss:
             return None
         backend = self.config.backend or _backend.get_backend()
         if backend == "auto":
-            backend = _backend.resolve("fused_linear_cross_entropy", "auto", device)
+            # The op's own "auto" test: its kernels take 32- and 16-bit floats (a float64 model's loss
+            # stays with torch, where the explicit backend returned here would be refused).
+            backend = _backend.resolve(
+                "fused_linear_cross_entropy", "auto", device, fits=lambda b: dtype in FLOAT_DTYPES
+            )
         if backend == "torch" or not _backend.can_run(backend, "fused_linear_cross_entropy", device):
             return None
         return backend

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..ops._norm import module_inputs
 from ..ops.rms_norm import rms_norm
+from ._dispatch import op_backend
 
 
 class RMSNorm(nn.Module):
@@ -26,7 +27,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         x, out_dtype = module_inputs(x, residual)
-        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend, out_dtype=out_dtype)
+        # Through op_backend, as every module's op: a model built for a backend that cannot run here
+        # runs its norms on torch with a warning, like its LayerNorm, attention, RoPE and SwiGLU.
+        backend = op_backend("rms_norm", self.backend, x.device)
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=backend, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

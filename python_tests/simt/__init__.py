@@ -29,15 +29,21 @@ def module():
 def emulating(mod):
     """Inside the block llmkern's cuda backend is `mod` and accepts CPU tensors."""
     from llmkern import _backend
+    from llmkern.nn import _dispatch
 
-    saved = dict(_backend._probed)
-    _backend._probed.clear()  # every answer about the cuda module is asked again of `mod`
+    # every answer about the cuda module is asked again of `mod`, and the modules' choices of backend
+    # (which depend on what can run) are made again, inside the block and after it
+    saved, saved_choices = dict(_backend._probed), dict(_dispatch._chosen)
+    _backend._probed.clear()
+    _dispatch._chosen.clear()
     _backend._probed["cuda_module"] = mod
     try:
         yield mod
     finally:
         _backend._probed.clear()
         _backend._probed.update(saved)
+        _dispatch._chosen.clear()
+        _dispatch._chosen.update(saved_choices)
 
 
 @contextlib.contextmanager
