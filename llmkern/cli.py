@@ -27,7 +27,11 @@ def true_or_false(text: str) -> bool:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import print_info
 
-    print_info()
+    try:
+        print_info()
+    except ValueError as err:  # LLMKERN_BACKEND set to no backend: the one setting info reads that can be wrong
+        print(f"llmkern info: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -41,6 +41,14 @@ def test_info_command_runs():
     assert "cuda_module_built" in out.stdout
 
 
+def test_info_command_with_a_bad_backend_variable_is_a_clear_error(monkeypatch, capsys):
+    from llmkern.cli import main
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "bogus")
+    assert main(["info"]) == 2
+    assert "llmkern info: error: LLMKERN_BACKEND must be one of" in capsys.readouterr().err
+
+
 def test_bench_command_lists_and_runs_the_benchmarks(capsys):
     from llmkern.cli import main
 
