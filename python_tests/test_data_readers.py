@@ -152,6 +152,23 @@ def test_a_document_of_exactly_max_bytes_is_kept_wherever_the_chunks_end(tmp_pat
     assert report.counts == {"too_long": 1} and report.examples["too_long"][0]["line"] == 7
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 20])
+def test_a_windows_text_file_splits_at_its_crlf_blank_lines(tmp_path, monkeypatch, chunk):
+    # separator "\n\n" never occurs in a file whose lines end in "\r\n": the whole file was one
+    # document (and, over max_document_bytes, dropped whole). Its blank lines split it as a Unix file's do.
+    monkeypatch.setattr(readers, "_CHUNK", chunk)
+    unix = "first doc\nline two\n\nsecond doc\n\n\nthird\n"
+    windows = _write(tmp_path / "w.txt", unix.replace("\n", "\r\n"))
+    docs, report = _read(windows, separator="\n\n")
+    expected, _ = _read(_write(tmp_path / "u.txt", unix), separator="\n\n")
+    assert [d.text for d in docs] == [d.text.replace("\n", "\r\n") for d in expected]
+    assert [d.line for d in docs] == [d.line for d in expected] == [1, 4, 6]
+    assert report.bytes == os.path.getsize(windows)
+    # a Unix file's stray "\r\n" further on changes nothing: its first line end decides
+    mixed = _write(tmp_path / "m.txt", "a\n\nb\r\n\r\nc\n")
+    assert [d.text for d in _read(mixed, separator="\n\n")[0]] == ["a", "b\r\n\r\nc\n"]
+
+
 def test_hundred_megabyte_single_line(tmp_path):
     path = tmp_path / "huge.jsonl"
     with open(path, "wb") as f:

@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 @dataclass
 class ReaderConfig:
     text_field: str = "text"  # the JSONL / Parquet field holding the document text
-    separator: Optional[str] = None  # .txt: None = a file is a document; else split on this string
+    separator: Optional[str] = None  # .txt: None = a file is a document; else split on this string ("\n" as "\r\n" in a CRLF file)
     max_document_bytes: int = 16 * 2**20  # longer documents/lines are skipped (and reported), not read whole
     strict: bool = False  # raise at the first bad input instead of counting it
     max_examples: int = 20  # bad-input examples (file, line, reason) kept in the report per kind

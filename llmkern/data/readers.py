@@ -213,9 +213,20 @@ def _read_whole_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
     yield Document(_decode(raw, path, 1, report), path, 1)
 
 
+def _as_written(sep: bytes, head: bytes) -> bytes:
+    """The separator as a file with this head writes it: in a file whose first line ends in "\r\n" (a
+    Windows file) each "\n" of the separator is "\r\n", else a blank line would never be found there
+    and the whole file would read as one document."""
+    first = head.find(b"\n")
+    if first > 0 and head[first - 1:first] == b"\r" and b"\r" not in sep:
+        return sep.replace(b"\n", b"\r\n")
+    return sep
+
+
 def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadReport) -> Iterator[Document]:
     sep = cfg.separator.encode("utf-8")
     sep_lines = sep.count(b"\n")
+    decided = sep_lines == 0  # a separator with a line end waits for the file's first one (_as_written)
     buf = b""
     line = 1  # the line where buf starts
     skipping = False  # inside a document too long to keep: drop bytes up to the next separator
@@ -226,6 +237,8 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
         report.bytes += len(chunk)
         at_end = not chunk
         buf += chunk
+        if not decided and (b"\n" in buf or at_end):
+            sep, decided = _as_written(sep, buf), True
         pos = 0
         while True:
             i = buf.find(sep, pos)
