@@ -33,7 +33,7 @@ VOCAB, CONTEXT = 50257, 1024
 # name -> (layers, width, vocabulary, positions); "tiny" is for --device cpu, a check of the benchmark
 MODELS = {"124M": (12, 768, VOCAB, CONTEXT), "350M": (24, 1024, VOCAB, CONTEXT), "1.3B": (24, 2048, VOCAB, CONTEXT),
           "tiny": (2, 24, 97, 16)}
-GPU_MODELS = ["124M", "350M", "1.3B"]
+GPU_MODELS = [name for name in MODELS if name != "tiny"]
 BYTES_PER_PARAM = {"step": 28, "clip+step": 32, "copy": 8}
 BASELINES = ("torch fused", "torch foreach", "torch clip + fused", "torch clip + foreach")
 MAX_GRAD_NORM = 1.0

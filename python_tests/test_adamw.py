@@ -485,9 +485,7 @@ def test_master_state_loaded_without_master_weights_steps_the_parameters_themsel
         for p, q in zip(plain_params, twins):
             p.add_(1.0)
             q.add_(1.0)
-    for p, q in zip(plain_params, twins):
-        p.grad = torch.randn_like(p)
-        q.grad = p.grad.clone()
+    _set_grads([plain_params], [twins])
     plain.step()
     reference.step()
     for p, q in zip(plain_params, twins):

@@ -114,20 +114,24 @@ def test_prepare_end_to_end(corpus, tmp_path):
     assert "near_duplicate 2" in table and "a.jsonl:13" in table
 
 
+def _crash_on_input(monkeypatch, crash_index: int):
+    """prepare() dies (a simulated crash) as it starts input crash_index; returns the real _process_file."""
+    real = pipeline._process_file
+
+    def process_file(index, *args, **kwargs):
+        if index == crash_index:
+            raise KeyboardInterrupt("simulated crash")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process_file", process_file)
+    return real
+
+
 def test_rerun_continues_after_a_crash_and_matches_a_clean_run(corpus, tmp_path, monkeypatch):
     root, _ = corpus
     clean_run = prepare([str(root)], str(tmp_path / "clean"), _config())
 
-    real = pipeline._process_file
-    calls = []
-
-    def crash_on_third(index, *args, **kwargs):
-        calls.append(index)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_process_file", crash_on_third)
+    real = _crash_on_input(monkeypatch, 2)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare([str(root)], str(out), _config())
@@ -159,14 +163,7 @@ def test_a_resumed_run_reports_the_same_exact_duplicates_as_a_clean_run(tmp_path
     assert stages["exact_dedup"]["rejected"] == {"exact_duplicate": 1}
     assert stages["near_dedup"]["rejected"] == {"near_duplicate": 1}
 
-    real = pipeline._process_file
-
-    def crash_on_second(index, *args, **kwargs):
-        if index == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return real(index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_process_file", crash_on_second)
+    real = _crash_on_input(monkeypatch, 1)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare([str(root)], str(out), _config())

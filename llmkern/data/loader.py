@@ -82,6 +82,12 @@ class TokenLoader:
         """Sequential mode: the number of distinct windows in the split (across all ranks)."""
         return int(self._sequential_cum[-1])
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Sequential mode: how many batches (of every rank together) the split holds before the loader
+        wraps around to windows it has given already."""
+        return self.windows_per_epoch // (self.batch_size * self.world_size)
+
     def _window_starts(self, first: int, count: int) -> list[tuple[int, int]]:
         """(shard, start) of global windows first .. first + count - 1."""
         index = np.arange(first, first + count, dtype=np.int64)

@@ -73,8 +73,9 @@ def perplexity(
     # an id past the vocabulary (another tokenizer's) would be embedded by a padding row, or crash.
     vocab = model.config.vocab_size
     for s in streams:
-        if s and not 0 <= min(s) <= max(s) < vocab:
-            bad = min(s) if min(s) < 0 else max(s)
+        low, high = (min(s), max(s)) if s else (0, 0)
+        if not 0 <= low <= high < vocab:
+            bad = low if low < 0 else high
             raise ValueError(f"tokens must be ids in [0, vocab_size={vocab}) of the model, got {bad}: "
                              f"is the tokenizer the model's?")
     block = model.config.block_size

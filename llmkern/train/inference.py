@@ -101,7 +101,7 @@ def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: in
     if 0 < loader.windows_per_epoch < batch_size:  # one batch would wrap around and score windows twice
         batch_size = loader.windows_per_epoch
         loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device)
-    batches = max(1, min(max_batches, loader.windows_per_epoch // batch_size))
+    batches = max(1, min(max_batches, loader.batches_per_epoch))
     loss = evaluate_loss(model, loader, batches)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "tokens": batches * batch_size * seq_len, "split": split, "data": os.path.abspath(data_dir)}

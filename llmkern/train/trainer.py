@@ -394,8 +394,7 @@ class Trainer:
         val = TokenLoader(self.data_dir, "val", self.config.micro_batch, self.config.seq_len, mode="sequential",
                           rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
                           document_ids=self.config.document_masking)
-        whole_steps = val.windows_per_epoch // (self.config.micro_batch * self.dist.world_size)
-        steps = max(1, min(self.config.eval_steps * self.grad_accum, whole_steps))
+        steps = max(1, min(self.config.eval_steps * self.grad_accum, val.batches_per_epoch))
         return evaluate_loss(self.model, val, steps, self._autocast, self.dist)
 
     def _evaluate_and_check_patience(self) -> bool:
