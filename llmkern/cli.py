@@ -137,7 +137,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         print(f"llmkern generate: error: --num-samples must be at least 1, got {args.num_samples}", file=sys.stderr)
         return 2
-    if args.top_k == 0:
+    if args.temperature == 0:  # greedy: these only shape sampling, and would be ignored, silently
+        given = [name for name, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+                 if value is not None]
+        if given:
+            print(f"llmkern generate: error: {', '.join(given)} shape sampling; --temperature 0 is greedy and "
+                  f"would ignore {'them' if len(given) > 1 else 'it'}", file=sys.stderr)
+            return 2
+    if args.top_k is None:
+        args.top_k = 50  # None: not given (see above); 50 when sampling
+    elif args.top_k == 0:
         args.top_k = None  # no top-k filter
     if args.instruction is None and (args.template is not None or args.system_prompt is not None):
         print("llmkern generate: error: --template and --system-prompt go with --instruction", file=sys.stderr)
@@ -189,7 +198,8 @@ def _add_train_parsers(sub) -> None:
                                                          "(default: the run's)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all of them)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all of them; "
+                                                          "default: 50)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)

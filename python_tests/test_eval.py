@@ -593,13 +593,125 @@ def test_eval_command_scores_a_text_file_as_its_bytes_are(tmp_path, tiny_run, ca
     assert direct["bits_per_byte"] == pytest.approx(direct["loss"] * direct["tokens"] / (math.log(2) * len(raw)))
 
 
-def test_eval_command_refuses_text_options_on_token_shards(tmp_path, tiny_run, capsys):
+# Each mode of the command, and the options that only some modes read, with a value for each (at its
+# default where it has one: an option typed at its default value is still an option typed).
+EVAL_MODES = {
+    "shards": ["--data", "shards"],
+    "text": ["--text", "text.txt"],
+    "choice": ["--task", "choice", "--data", "task.jsonl"],
+    "win-rate": ["--task", "win-rate", "--data", "instructions.json", "--baseline", "b", "--judge", "rm"],
+}
+MODE_NAMES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
+              "choice": "--task choice", "win-rate": "--task win-rate"}
+OPTIONS_READ_BY = {
+    ("--split", "val"): {"shards"}, ("--max-batches", "100"): {"shards"},
+    ("--context", "16"): {"text"}, ("--stride", "4"): {"text"},
+    ("--limit", "2"): {"choice", "win-rate"},
+    ("--fewshot", "0"): {"choice"}, ("--predictions", None): {"choice"},
+    ("--baseline", "b"): {"win-rate"}, ("--judge", "rm"): {"win-rate"}, ("--judge-kind", "reward"): {"win-rate"},
+    ("--max-new-tokens", "256"): {"win-rate"}, ("--tie-margin", "0"): {"win-rate"},
+    ("--interval", "wilson"): {"win-rate"}, ("--template", "alpaca"): {"win-rate"},
+    ("--system-prompt", "Be brief."): {"win-rate"},
+}
+REFUSED = [(option, value, mode) for (option, value), modes in OPTIONS_READ_BY.items()
+           for mode in EVAL_MODES if mode not in modes]
+
+
+@pytest.mark.parametrize("option, value, mode", REFUSED, ids=[f"{o}-{m}" for o, _, m in REFUSED])
+def test_eval_command_refuses_an_option_the_task_does_not_read(option, value, mode, capsys):
     from llmkern.cli import main
 
-    # --context and --stride shape the --text windows; on shards they would be ignored, silently.
-    for option in (["--context", "16"], ["--stride", "4"]):
-        assert main(["eval", "--run", tiny_run, "--data", str(tmp_path), "--device", "cpu", *option]) == 2
-        assert f"{option[0]} is for --text" in capsys.readouterr().err
+    # It would have no effect: the user who typed it would get a result that ignores it, silently.
+    # The check comes before any file is read, so the run and the data need not exist.
+    argv = ["eval", "--run", "no-such-run", *EVAL_MODES[mode], option, *([value] if value is not None else []),
+            "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llmkern eval: error: {option} is for "), err
+    readers = [MODE_NAMES[m] for m in EVAL_MODES if m in OPTIONS_READ_BY[option, value]]
+    assert all(name in err[0] for name in readers) and err[0].endswith(f"no effect on {MODE_NAMES[mode]}")
+
+
+def test_every_eval_option_is_read_by_every_task_or_listed_with_those_that_read_it():
+    import argparse
+
+    from llmkern.eval import cli
+
+    class Subparsers:  # what add_eval_parser calls of argparse's subparsers
+        def add_parser(self, name, help=None, **kwargs):
+            self.parser = argparse.ArgumentParser(**kwargs)
+            return self.parser
+
+    sub = Subparsers()
+    cli.add_eval_parser(sub)
+    left_out = vars(sub.parser.parse_args(["--run", "r"]))
+    everywhere = {"run", "task", "data", "text", "batch_size", "json", "device", "quiet"}
+    assert set(left_out) - {"func"} == everywhere | set(cli.ONLY_FOR)  # a new option must say which tasks read it
+    assert {"--" + n.replace("_", "-") for n in cli.ONLY_FOR} == {o for o, _ in OPTIONS_READ_BY}
+    for (option, _), modes in OPTIONS_READ_BY.items():
+        assert set(cli.ONLY_FOR[option[2:].replace("-", "_")]) == modes, option
+    # an option left out is None, so that one given at its default value is still seen as given
+    assert all(left_out[n] is None for n in cli.ONLY_FOR)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "shards", "--max-batches", "0"], "--max-batches must be at least 1, got 0"),
+    (["--data", "shards", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--text", "t.txt", "--stride", "-1"], "--stride must be at least 1, got -1"),
+    (["--task", "choice", "--data", "t.jsonl", "--fewshot", "-1"], "--fewshot must be at least 0, got -1"),
+    (["--task", "choice", "--data", "t.jsonl", "--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--task", "choice", "--data", "t.jsonl", "--predictions"], "--predictions are written to --json OUT"),
+    (["--text", "t.txt", "--json", ""], "--json needs a file name"),
+    (EVAL_MODES["win-rate"] + ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (EVAL_MODES["win-rate"] + ["--tie-margin", "-0.1"], "--tie-margin must be a finite number >= 0"),
+    (EVAL_MODES["win-rate"] + ["--tie-margin", "nan"], "--tie-margin must be a finite number >= 0"),
+])
+def test_eval_command_refuses_values_it_would_misread(extra, message, capsys):
+    from llmkern.cli import main
+
+    # Before anything is loaded: --max-batches 0 scored a batch anyway, --max-new-tokens 0 made every response
+    # empty (all ties), --predictions without --json were computed and dropped, --json "" wrote nothing.
+    assert main(["eval", "--run", "no-such-run", *extra, "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_command_on_token_shards_reads_split_and_max_batches(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+    from llmkern.data.shards import tokenize_documents
+
+    docs = [f"document {i}: " + "the cat sat on the mat. " * 20 for i in range(40)]
+    shards = str(tmp_path / "shards")
+    tokenize_documents(docs, "bytes", shards, val_fraction=0.25, seed=0)
+    common = ["eval", "--run", tiny_run, "--data", shards, "--batch-size", "2", "--device", "cpu"]
+
+    def printed():  # "name  value" lines; a name may hold one space ("train loss")
+        return dict((part.strip() for part in line.split("  ", 1)) for line in capsys.readouterr().out.splitlines())
+
+    assert main(common + ["--split", "train", "--max-batches", "3"]) == 0
+    lines = printed()
+    assert "train loss" in lines and lines["tokens"] == f"{3 * 2 * 64}"  # 3 batches of 2 windows of block_size
+    assert main(common + ["--max-batches", "1"]) == 0
+    lines = printed()
+    assert "val loss" in lines and lines["tokens"] == f"{2 * 64}"  # --split left out: val
+
+
+def test_eval_command_choice_reads_limit_and_fewshot(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"question {i}?", "choices": ["yes", "no"], "answer": i % 2})
+                              for i in range(5)))
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--limit", "2", "--fewshot", "1",
+                 "--json", str(out), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert saved["examples"] == 2 and saved["fewshot"] == 1 and "predictions" not in saved
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                 "--device", "cpu", "--quiet"]) == 0  # the defaults: every example, zero-shot
+    capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert saved["examples"] == 5 and saved["fewshot"] == 0
 
 
 def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):
@@ -629,7 +741,7 @@ def test_eval_command_win_rate_with_a_reward_model_judge(tmp_path, capsys):
     assert main(common + ["--template", "vicuna"]) == 2
     assert "alpaca, chatml, plain" in capsys.readouterr().err
     assert main(["eval", "--run", run_a, "--text", str(data), "--template", "plain", "--device", "cpu"]) == 2
-    assert "--template and --system-prompt are for --task win-rate" in capsys.readouterr().err
+    assert "--template is for --task win-rate" in capsys.readouterr().err
 
     assert main(["eval", "--task", "win-rate", "--run", run_a, "--data", str(data), "--device", "cpu"]) == 2
     assert "--baseline" in capsys.readouterr().err
@@ -669,7 +781,7 @@ def test_eval_command_win_rate_with_a_language_model_judge(tmp_path, capsys):
     capsys.readouterr()
     assert json.loads(out.read_text())["judge_kind"] == "reward"
     assert main(["eval", "--run", run_a, "--text", str(data), "--judge-kind", "lm", "--device", "cpu"]) == 2
-    assert "--judge-kind are for --task win-rate" in capsys.readouterr().err
+    assert "--judge-kind is for --task win-rate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(common + ["--judge", judge_run, "--judge-kind", "gpt4"])
     assert "invalid choice: 'gpt4'" in capsys.readouterr().err

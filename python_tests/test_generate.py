@@ -239,3 +239,18 @@ def test_cached_greedy_on_gpu_bf16(layout):
     uncached = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
     # bf16 rounding differs between the cached and full paths; the first tokens must agree.
     assert [r[: len(p) + 3] for r, p in zip(cached, PROMPTS)] == [r[: len(p) + 3] for r, p in zip(uncached, PROMPTS)]
+
+
+@pytest.mark.parametrize("options", [["--top-k", "50"], ["--top-k", "0"], ["--top-p", "0.9"], ["--seed", "1"],
+                                     ["--top-k", "5", "--seed", "1"]])
+def test_generate_command_refuses_sampling_options_when_greedy(options, capsys):
+    from llmkern.cli import main
+
+    # --temperature 0 is greedy: top-k, top-p and the seed would change nothing, silently.
+    assert main(["generate", "--run", "no-such-run", "--prompt", "x", "--temperature", "0", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmkern generate: error: --") and "--temperature 0 is greedy" in err
+    assert all(o in err for o in options if o.startswith("--"))
+    # left out, they are no error (the run, which does not exist, is)
+    assert main(["generate", "--run", "no-such-run", "--prompt", "x", "--temperature", "0"]) == 2
+    assert "greedy" not in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 weights: a synthetic state dict with HF's names and Conv1D layouts (no
 download) goes in, gives the logits of an HF-style forward written here, and comes back out."""
 
+import json
 import math
 
 import pytest
@@ -8,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from llmkern.model import GPT, GPTConfig
-from llmkern.model.hf import config_from_hf_gpt2, from_hf_gpt2, load_hf_gpt2, to_hf_gpt2
+from llmkern.model.hf import (config_from_hf_gpt2, from_hf_gpt2, hf_gpt2_config, load_hf_gpt2, load_hf_gpt2_file,
+                              to_hf_gpt2)
 
 VOCAB, CTX, EMBD, LAYERS, HEADS = 100, 24, 64, 2, 4
 
 
-def hf_state_dict(prefix: str = "transformer.") -> dict[str, torch.Tensor]:
-    """Random weights under GPT2LMHeadModel's names; Conv1D weights are (in, out)."""
-    c = EMBD
+def hf_state_dict(prefix: str = "transformer.", c: int = EMBD) -> dict[str, torch.Tensor]:
+    """Random weights under GPT2LMHeadModel's names, n_embd = c; Conv1D weights are (in, out)."""
     sd = {"wte.weight": torch.randn(VOCAB, c) * 0.1, "wpe.weight": torch.randn(CTX, c) * 0.1}
     for i in range(LAYERS):
         shapes = {
@@ -34,25 +35,26 @@ def hf_state_dict(prefix: str = "transformer.") -> dict[str, torch.Tensor]:
     return sd
 
 
-def hf_style_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+def hf_style_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, heads: int = HEADS, eps: float = 1e-5):
     """GPT-2's forward as HF writes it: Conv1D is x @ W + b; c_attn splits into q, k, v."""
     w = {k.removeprefix("transformer."): v for k, v in sd.items()}
     b, t = idx.shape
-    d = EMBD // HEADS
+    c = w["wte.weight"].shape[1]
+    d = c // heads
     x = w["wte.weight"][idx] + w["wpe.weight"][:t]
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     for i in range(LAYERS):
         p = lambda n: w[f"h.{i}.{n}"]  # noqa: E731
-        h = F.layer_norm(x, (EMBD,), p("ln_1.weight"), p("ln_1.bias"), 1e-5)
-        q, k, v = (h @ p("attn.c_attn.weight") + p("attn.c_attn.bias")).split(EMBD, dim=-1)
-        q, k, v = (z.view(b, t, HEADS, d).transpose(1, 2) for z in (q, k, v))
+        h = F.layer_norm(x, (c,), p("ln_1.weight"), p("ln_1.bias"), eps)
+        q, k, v = (h @ p("attn.c_attn.weight") + p("attn.c_attn.bias")).split(c, dim=-1)
+        q, k, v = (z.view(b, t, heads, d).transpose(1, 2) for z in (q, k, v))
         att = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, EMBD)
+        y = (att @ v).transpose(1, 2).reshape(b, t, c)
         x = x + y @ p("attn.c_proj.weight") + p("attn.c_proj.bias")
-        h = F.layer_norm(x, (EMBD,), p("ln_2.weight"), p("ln_2.bias"), 1e-5)
+        h = F.layer_norm(x, (c,), p("ln_2.weight"), p("ln_2.bias"), eps)
         h = F.gelu(h @ p("mlp.c_fc.weight") + p("mlp.c_fc.bias"), approximate="tanh")
         x = x + h @ p("mlp.c_proj.weight") + p("mlp.c_proj.bias")
-    x = F.layer_norm(x, (EMBD,), w["ln_f.weight"], w["ln_f.bias"], 1e-5)
+    x = F.layer_norm(x, (c,), w["ln_f.weight"], w["ln_f.bias"], eps)
     return x @ w["wte.weight"].t()
 
 
@@ -76,8 +78,97 @@ def test_export_round_trips():
         assert torch.equal(out[name], tensor), name
 
 
-def test_default_heads_are_64_wide():
-    assert config_from_hf_gpt2(hf_state_dict()).n_head == EMBD // 64
+def gpt2_config_json(c: int = EMBD, heads: int = HEADS, **changes) -> dict:
+    """The config.json HF's save_pretrained writes beside hf_state_dict(c=c)'s weights (its main fields)."""
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": VOCAB, "n_positions": CTX,
+              "n_ctx": CTX, "n_embd": c, "n_layer": LAYERS, "n_head": heads, "n_inner": None,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+              "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    return {**config, **changes}
+
+
+# n_embd 32 made 0 heads of 64 (a GPTConfig error about n_head=0); 128 with 4 heads made 2, which
+# loaded and gave wrong logits, silently; 96 with 3 heads made 1.
+@pytest.mark.parametrize("c, heads", [(32, 2), (128, 4), (96, 3), (64, 1)])
+def test_the_head_count_comes_from_the_config_not_a_guess(c, heads):
+    sd = hf_state_dict(c=c)
+    idx = torch.randint(0, VOCAB, (2, 11))
+    expected = hf_style_logits(sd, idx, heads=heads)
+    for model in (from_hf_gpt2(sd, hf_config=gpt2_config_json(c, heads)), from_hf_gpt2(sd, n_head=heads),
+                  from_hf_gpt2(sd, hf_config={"num_attention_heads": heads})):  # GPT2Config's alias
+        assert model.config.n_head == heads
+        torch.testing.assert_close(model.eval()(idx)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_or_impossible_head_count_is_refused():
+    sd = hf_state_dict()
+    with pytest.raises(ValueError, match="n_head is unknown: the weights of GPT-2 do not tell its head count"):
+        config_from_hf_gpt2(sd)
+    config = gpt2_config_json()
+    del config["n_head"]
+    with pytest.raises(ValueError, match="config.json has no 'n_head'"):
+        config_from_hf_gpt2(sd, hf_config=config)
+    with pytest.raises(ValueError, match="config.json's n_head must be a positive int that divides n_embd=64, got 3"):
+        config_from_hf_gpt2(sd, hf_config=gpt2_config_json(heads=3))
+    for bad in (0, 5, 128, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=f"n_head must be a positive int that divides n_embd=64, got {bad!r}"):
+            config_from_hf_gpt2(sd, n_head=bad)
+    with pytest.raises(ValueError, match="n_head=2 but config.json has n_head=4"):
+        config_from_hf_gpt2(sd, n_head=2, hf_config=gpt2_config_json())
+    with pytest.raises(TypeError, match="hf_config must be a dict"):
+        config_from_hf_gpt2(sd, hf_config=json.dumps(gpt2_config_json()))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "model_type='llama': only GPT-2"),
+    ({"n_embd": 768}, "n_embd=768 but the weights have 64"),
+    ({"n_layer": 12}, "n_layer=12 but the weights have 2"),
+    ({"vocab_size": 50257}, "vocab_size=50257 but the weights have 100"),
+    ({"n_positions": 1024}, "n_positions=1024 but the weights have 24"),
+    ({"activation_function": "gelu"}, "activation_function='gelu'"),  # the exact GELU, not tanh's
+    ({"activation_function": "relu"}, "activation_function='relu'"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+    ({"scale_attn_weights": False}, "scale_attn_weights=False"),
+    ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be a number > 0"),
+])
+def test_a_config_the_model_would_misread_is_refused(change, message):
+    # Each of these was ignored: a config.json of another model, or of a GPT-2 variant computing other
+    # logits, loaded as if it were plain GPT-2's.
+    with pytest.raises(ValueError, match=message):
+        from_hf_gpt2(hf_state_dict(), hf_config=gpt2_config_json(**change))
+
+
+def test_the_config_layer_norm_epsilon_is_read():
+    sd = hf_state_dict()
+    model = from_hf_gpt2(sd, hf_config=gpt2_config_json(layer_norm_epsilon=0.5)).eval()  # big: it shows
+    assert model.config.norm_eps == 0.5
+    idx = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(model(idx)[0], hf_style_logits(sd, idx, eps=0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_file_is_read_with_the_config_json_beside_it(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in hf_state_dict(c=128).items() if k != "lm_head.weight"}  # HF stores it once
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ValueError, match=r"n_head is unknown: .*model.safetensors' has no config.json beside it"):
+        load_hf_gpt2_file(str(path))
+    assert load_hf_gpt2_file(str(path), n_head=4).config.n_head == 4
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(128, 4)))
+    model = load_hf_gpt2_file(str(path)).eval()
+    assert model.config.n_head == 4  # the old guess: 128 // 64 = 2
+    idx = torch.randint(0, VOCAB, (2, 7))
+    torch.testing.assert_close(model(idx)[0], hf_style_logits(sd, idx, heads=4), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="n_head=8 but config.json has n_head=4"):
+        load_hf_gpt2_file(str(path), n_head=8)
+    # What export writes beside to_hf_gpt2's weights reads back as the same model.
+    (tmp_path / "config.json").write_text(json.dumps(hf_gpt2_config(model.config)))
+    assert load_hf_gpt2_file(str(path)).config == model.config
+    for text, message in (("{not json", "not a readable JSON file"), ("[4]", "must hold a JSON object, got list")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_hf_gpt2_file(str(path))
 
 
 def test_import_errors():
@@ -108,8 +199,6 @@ def test_an_untied_lm_head_is_refused_not_dropped():
 
 def test_llmkern_weights_are_not_taken_for_gpt2(tmp_path):
     from safetensors.torch import save_file
-
-    from llmkern.model.hf import load_hf_gpt2_file
 
     # llmkern's own model.safetensors shares GPT-2's wte/wpe names but has blocks.<i>.*, not h.<i>.*
     ours = GPT(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False))

@@ -1,18 +1,22 @@
 """`llmkern eval`: score a trained run.
 
-    llmkern eval --run R --data SHARDS                     loss and perplexity on token shards
-    llmkern eval --run R --text FILE [--stride N]          perplexity of a text file (sliding window)
-    llmkern eval --run R --task choice --data TASK.jsonl   multiple-choice accuracy and acc_norm
+    llmkern eval --run R --data SHARDS [--split val] [--max-batches 100]    loss and perplexity on token shards
+    llmkern eval --run R --text FILE [--context N] [--stride N]             perplexity of a text file (sliding window)
+    llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K] [--predictions --json OUT]
+                                                                            multiple-choice accuracy and acc_norm
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
                  [--template chatml]   (default: each run's own prompt template)
                  [--judge-kind lm]     (--judge is a language model asked "A or B?"; default: a reward model)
+                 [--max-new-tokens N] [--tie-margin X] [--interval wilson|bootstrap]
 
-Each prints one line per metric; --json OUT also writes the result as JSON.
+Each prints one line per metric; --json OUT also writes the result as JSON. An option given to a task
+that does not read it is an error, not silently ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -21,30 +25,69 @@ from .._atomic import write_json_atomic
 TASKS = ("perplexity", "choice", "win-rate")
 JUDGE_KINDS = ("reward", "lm")  # llmkern.eval.win_rate.JUDGE_KINDS, without importing torch for --help
 
+# What each mode is called in an error message.
+MODES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
+         "choice": "--task choice", "win-rate": "--task win-rate"}
+# The options that only some modes read: given to another, they would have no effect. Their argparse
+# default is None, so that one the user gave (even at its default value) can be told from one left out;
+# DEFAULTS fills in the real defaults once the check is done.
+ONLY_FOR = {
+    "split": ("shards",), "max_batches": ("shards",),
+    "context": ("text",), "stride": ("text",),
+    "limit": ("choice", "win-rate"),
+    "fewshot": ("choice",), "predictions": ("choice",),
+    **{name: ("win-rate",) for name in ("baseline", "judge", "judge_kind", "max_new_tokens", "tie_margin",
+                                        "interval", "template", "system_prompt")},
+}
+DEFAULTS = {"split": "val", "max_batches": 100, "fewshot": 0, "predictions": False, "max_new_tokens": 256,
+            "tie_margin": 0.0, "interval": "wilson", "judge_kind": "reward"}
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Which options each task needs (argparse alone cannot say it)."""
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _mode(args: argparse.Namespace) -> str:
+    """The key of MODES that args ask for; an error when the task lacks its data or gets the wrong kind."""
     if args.task == "perplexity":
         if (args.data is None) == (args.text is None):
             raise ValueError("--task perplexity needs exactly one of --data SHARDS (token shards) or --text FILE")
-    elif args.text is not None:
+        return "shards" if args.text is None else "text"
+    if args.text is not None:
         raise ValueError(f"--text is for --task perplexity, not {args.task}")
-    elif args.data is None:
+    if args.data is None:
         raise ValueError(f"--task {args.task} needs --data FILE")
-    if args.task == "win-rate" and (args.baseline is None or args.judge is None):
+    return args.task
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Which options each task needs and reads (argparse alone cannot say it); then the defaults filled in."""
+    mode = _mode(args)
+    for name, modes in ONLY_FOR.items():
+        if getattr(args, name) is not None and mode not in modes:
+            raise ValueError(f"{_option(name)} is for {' and '.join(MODES[m] for m in modes)}; it has no effect "
+                             f"on {MODES[mode]}")
+    if mode == "win-rate" and (args.baseline is None or args.judge is None):
         raise ValueError("--task win-rate needs --baseline RUN and --judge RUN (a reward model, or a language "
                          "model with --judge-kind lm)")
-    if args.task != "win-rate" and (args.baseline is not None or args.judge is not None
-                                    or args.judge_kind is not None):
-        raise ValueError("--baseline, --judge and --judge-kind are for --task win-rate")
-    if args.task != "win-rate" and (args.template is not None or args.system_prompt is not None):
-        raise ValueError("--template and --system-prompt are for --task win-rate")
-    if args.task != "choice" and args.fewshot:
-        raise ValueError("--fewshot is for --task choice")
-    if args.text is None:  # shards are scored in windows of block_size: these would be ignored, silently
-        for option, value in (("--context", args.context), ("--stride", args.stride)):
-            if value is not None:
-                raise ValueError(f"{option} is for --text (the windows of a text file's perplexity)")
+    if args.json == "":  # the write would fail with a puzzling "'.tmp' -> ''"
+        raise ValueError("--json needs a file name, got an empty one")
+    if args.predictions and args.json is None:  # they are written to the JSON file only
+        raise ValueError("--predictions are written to --json OUT; give --json too")
+    # Checked here, before any model is loaded, and named as options: some would be misread further down
+    # (--max-batches 0 scored one batch; --max-new-tokens 0 made every response empty, so all ties), and
+    # --tie-margin was checked only after both runs had generated their responses.
+    for name in ("batch_size", "max_batches", "context", "stride", "limit", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{_option(name)} must be at least 1, got {value}")
+    if args.fewshot is not None and args.fewshot < 0:
+        raise ValueError(f"--fewshot must be at least 0, got {args.fewshot}")
+    if args.tie_margin is not None and not 0 <= args.tie_margin < math.inf:
+        raise ValueError(f"--tie-margin must be a finite number >= 0, got {args.tie_margin}")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -64,7 +107,7 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
         result = compare_runs(args.run, args.baseline, args.judge, args.data, args.limit, args.max_new_tokens,
                               args.device, args.tie_margin, args.interval, args.batch_size, progress,
-                              args.template, args.system_prompt, args.judge_kind or "reward")
+                              args.template, args.system_prompt, args.judge_kind)
         result["ci"] = (f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}] "
                         f"({result['confidence']:.0%} {result['interval']})")
         mean = "mean_preference" if result["judge_type"] == "pair" else "mean_score_diff"
@@ -105,7 +148,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         result, shown = _run(args)
-        if args.json:
+        if args.json is not None:
             write_json_atomic(args.json, {"task": args.task, "run": os.path.abspath(args.run), **result})
     except (ValueError, TypeError, OSError, ImportError) as err:
         print(f"llmkern eval: error: {err}", file=sys.stderr)
@@ -124,24 +167,30 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--data", default=None, help="perplexity: a folder of token shards (manifest.json); choice: "
                                                 "a .jsonl task; win-rate: a .json/.jsonl of instructions")
     e.add_argument("--text", default=None, help="perplexity of this UTF-8 text file (sliding window)")
-    e.add_argument("--split", default="val", help="the shard split (perplexity on --data)")
+    # default=None: not given (see ONLY_FOR); the defaults the help texts name are DEFAULTS
+    e.add_argument("--split", default=None, help="perplexity on --data: the shard split (default: val)")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=100, help="perplexity on --data: batches scored at most")
+    e.add_argument("--max-batches", type=int, default=None, help="perplexity on --data: batches scored at most "
+                                                                  "(default: 100)")
     e.add_argument("--context", type=int, default=None, help="--text: window length (default: block_size)")
     e.add_argument("--stride", type=int, default=None, help="--text: window step (default: context // 2)")
     e.add_argument("--limit", type=int, default=None, help="choice, win-rate: the first N examples only")
-    e.add_argument("--fewshot", type=int, default=0, help="choice: solved examples of the task before each one")
-    e.add_argument("--predictions", action="store_true", help="choice: per-example predictions in --json")
+    e.add_argument("--fewshot", type=int, default=None, help="choice: solved examples of the task before each one "
+                                                             "(default: 0)")
+    e.add_argument("--predictions", action="store_true", default=None, help="choice: per-example predictions in "
+                                                                            "--json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")
     e.add_argument("--judge", default=None, help="win-rate: the judge's run: a reward model (llmkern finetune "
                                                  "reward), or a language model with --judge-kind lm")
     e.add_argument("--judge-kind", choices=JUDGE_KINDS, default=None,
                    help="win-rate: reward (the default: scores each response alone) or lm (asked which of the "
                         "two responses is better, in both orders)")
-    e.add_argument("--max-new-tokens", type=int, default=256, help="win-rate: response length at most")
-    e.add_argument("--tie-margin", type=float, default=0.0, help="win-rate: score gaps this small are ties "
-                                                                           "(--judge-kind lm: |P(A better) - 0.5|)")
-    e.add_argument("--interval", choices=("wilson", "bootstrap"), default="wilson", help="win-rate: 95%% interval")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="win-rate: response length at most "
+                                                                    "(default: 256)")
+    e.add_argument("--tie-margin", type=float, default=None, help="win-rate: score gaps this small are ties "
+                                                                  "(--judge-kind lm: |P(A better) - 0.5|; default: 0)")
+    e.add_argument("--interval", choices=("wilson", "bootstrap"), default=None,
+                   help="win-rate: the 95%% interval (default: wilson)")
     e.add_argument("--template", default=None, help="win-rate: prompt both runs in this template (alpaca, chatml, "
                                                     "plain); default: each run's own (the judge always reads its own)")
     e.add_argument("--system-prompt", default=None, help="win-rate, chatml: the system turn (default: the run's)")

@@ -4,10 +4,14 @@ HF's GPT-2 stores its linear layers as Conv1D, weight (in, out), where ours are 
 weight (out, in): those are transposed. Its fused c_attn makes [q | k | v] with the heads
 contiguous in each, which is the row order of our qkv layer, so it maps as is. The token
 table gets zero rows up to our padded vocabulary (they are cut from the logits anyway).
+
+The tensors tell every size but the head count: that comes from the model's config.json (n_head), which
+a model.safetensors file is read with, or from the caller, and is never guessed. Only GPT-2 is imported.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -36,9 +40,20 @@ _TOP_NAMES = {"wpe.weight": "wpe.weight", "norm_f.weight": "ln_f.weight", "norm_
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
-def config_from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None, **overrides) -> GPTConfig:
-    """The GPTConfig of a HF GPT-2 state dict: sizes read from the tensors; n_head (which the
-    shapes do not tell) defaults to n_embd / 64, as in every released GPT-2."""
+def config_from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None,
+                        hf_config: dict | None = None, **overrides) -> GPTConfig:
+    """The GPTConfig of a HF GPT-2 state dict: sizes read from the tensors. The head count, which the
+    shapes do not tell, is n_head or hf_config's (hf_config: the model's config.json, as a dict), never a
+    guess; hf_config's other settings are checked against the tensors and against what the model can do."""
+    values = _sizes(state_dict)
+    if hf_config is not None:
+        values["norm_eps"] = _check_hf_config(hf_config, values)
+    values["n_head"] = _head_count(n_head, hf_config, values["n_embd"])
+    return GPTConfig.from_dict({**values, **overrides})
+
+
+def _sizes(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The GPTConfig values a HF GPT-2 state dict tells (all but n_head); an error when it is not one."""
     sd = _strip_prefix(state_dict)
     for name in ("wte.weight", "wpe.weight"):
         if sd[name].dim() != 2:
@@ -50,24 +65,82 @@ def config_from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None 
         ours = any(k.startswith("blocks.") for k in sd)
         raise ValueError("not a GPT-2 state dict: no h.<i>.* blocks" + (
             "; these are llmkern's weights: give their run or checkpoint folder instead of the file" if ours else ""))
-    values = dict(
+    return dict(
         vocab_size=vocab_size, block_size=sd["wpe.weight"].shape[0], n_layer=n_layer, n_embd=n_embd,
-        n_head=n_head if n_head is not None else n_embd // 64,
         norm="layernorm", pos="learned", mlp="gelu", tie_embeddings=True, bias=True, norm_eps=1e-5,
     )
-    return GPTConfig.from_dict({**values, **overrides})
 
 
-def from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None, **overrides) -> GPT:
-    """A GPT holding the weights of a HF GPT-2 (GPT2Model or GPT2LMHeadModel) state dict."""
-    config = config_from_hf_gpt2(state_dict, n_head, **overrides)
+# HF's names (transformers' ACT2FN) of the tanh-approximated GELU: GPT-2's, and the one our MLP computes
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# config.json's size fields (with the aliases GPT2Config accepts) -> our names, which the tensors fix
+_HF_SIZES = {("n_embd", "hidden_size"): "n_embd", ("n_layer", "num_hidden_layers"): "n_layer",
+             ("vocab_size",): "vocab_size", ("n_positions", "max_position_embeddings"): "block_size"}
+
+
+def _hf_value(hf_config: dict, names: tuple[str, ...], default=None):
+    """config.json's value under the first of names it has (GPT2Config's own name first, then its alias)."""
+    return next((hf_config[n] for n in names if n in hf_config), default)
+
+
+def _check_hf_config(hf_config: dict, values: dict) -> float:
+    """Refuse a config.json the weights contradict or the model would misread; return its layer_norm_epsilon."""
+    if not isinstance(hf_config, dict):
+        raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"config.json has model_type={model_type!r}: only GPT-2 ('gpt2') weights can be imported")
+    for names, ours in _HF_SIZES.items():
+        said = _hf_value(hf_config, names)
+        if said is not None and said != values[ours]:
+            raise ValueError(f"config.json has {names[0]}={said!r} but the weights have {values[ours]}: "
+                             f"the config is another model's")
+    # GPT2Config's defaults where the config leaves a field out. Each of these changes the model's outputs;
+    # ours computes only GPT-2's own choice, so another one would give other logits, silently.
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in _TANH_GELUS:
+        raise ValueError(f"config.json has activation_function={activation!r}; the model computes GPT-2's "
+                         f"tanh-approximated GELU ({', '.join(_TANH_GELUS)})")
+    for name, wanted in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if hf_config.get(name, wanted) != wanted:
+            raise ValueError(f"config.json has {name}={hf_config[name]!r}; the model computes only {name}={wanted}")
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"config.json's layer_norm_epsilon must be a number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _head_count(n_head: int | None, hf_config: dict | None, n_embd: int) -> int:
+    """n_head, else config.json's. A guess (GPT-2's 64-wide heads) was 0 heads below n_embd=64, and below or
+    off multiples of 64 a wrong count, which loads fine and gives wrong logits."""
+    said = None if hf_config is None else _hf_value(hf_config, ("n_head", "num_attention_heads"))
+    if n_head is None and said is None:
+        if hf_config is None:
+            raise ValueError("n_head is unknown: the weights of GPT-2 do not tell its head count; give n_head, or "
+                             "hf_config (the model's config.json, which has it)")
+        raise ValueError("config.json has no 'n_head' (nor 'num_attention_heads'), and the weights of GPT-2 do not "
+                         "tell the head count; give n_head")
+    if n_head is not None and said is not None and n_head != said:
+        raise ValueError(f"n_head={n_head!r} but config.json has n_head={said!r}")
+    heads, name = (n_head, "n_head") if n_head is not None else (said, "config.json's n_head")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or n_embd % heads != 0:
+        raise ValueError(f"{name} must be a positive int that divides n_embd={n_embd}, got {heads!r}")
+    return heads
+
+
+def from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None, hf_config: dict | None = None,
+                 **overrides) -> GPT:
+    """A GPT holding the weights of a HF GPT-2 (GPT2Model or GPT2LMHeadModel) state dict; its head count is
+    n_head or hf_config's (the model's config.json, as a dict)."""
+    config = config_from_hf_gpt2(state_dict, n_head, hf_config, **overrides)
     model = GPT(config)
     load_hf_gpt2(model, state_dict)
     return model
 
 
 def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
-    """from_hf_gpt2 of a Hugging Face model.safetensors file."""
+    """from_hf_gpt2 of a Hugging Face model.safetensors file, with the config.json beside it (as
+    save_pretrained and the Hub lay them out), which tells the head count unless n_head does."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -77,7 +150,21 @@ def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
-    return from_hf_gpt2(state_dict, n_head, **overrides)
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    hf_config = None
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                hf_config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{config_path!r} is not a readable JSON file: {err}") from err
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"{config_path!r} must hold a JSON object, got {type(hf_config).__name__}")
+    elif n_head is None:
+        _sizes(state_dict)  # not GPT-2 weights at all: that is the error to report
+        raise ValueError(f"n_head is unknown: {path!r} has no config.json beside it, and the weights of GPT-2 do "
+                         f"not tell the head count; put the model's config.json there")
+    return from_hf_gpt2(state_dict, n_head, hf_config, **overrides)
 
 
 @torch.no_grad()
@@ -117,6 +204,16 @@ def to_hf_gpt2(model: GPT) -> dict[str, torch.Tensor]:
     out["transformer.wte.weight"] = model.wte.weight.detach()[: model.config.vocab_size].clone()
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
+
+
+def hf_gpt2_config(config: GPTConfig) -> dict:
+    """The HF config.json (a dict) of a GPT-2-shaped GPT: what to_hf_gpt2's weights need beside them, the
+    head count above all, which the weights do not tell."""
+    _check_gpt2_shaped(config)
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": config.hidden_size, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": True}
 
 
 def _mapping(n_layer: int) -> dict[str, tuple[str, bool]]:
