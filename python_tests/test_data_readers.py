@@ -266,3 +266,62 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     path = _write(tmp_path / "t.parquet", b"PAR1")
     with pytest.raises(ImportError, match="pip install pyarrow"):
         list(read_documents([str(path)]))
+
+
+def _parquet_files(tmp_path):
+    """A good Parquet file and its bad kin: garbage, truncated, empty; no, a non-string or a twice-named text column."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(3000)]}), good, row_group_size=1000)
+    data = good.read_bytes()
+    bad = {
+        "garbage.parquet": ("unreadable", _write(tmp_path / "garbage.parquet", b"this is not parquet")),
+        "cut.parquet": ("unreadable", _write(tmp_path / "cut.parquet", data[: len(data) // 2])),
+        "zero.parquet": ("unreadable", _write(tmp_path / "zero.parquet", b"")),
+    }
+    for name, table in [("nocol.parquet", pa.table({"body": ["a", "b"]})),
+                        ("ints.parquet", pa.table({"text": [1, 2]})),
+                        ("bytes.parquet", pa.table({"text": [b"a", b"b"]})),
+                        ("twice.parquet", pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], ["text", "text"]))]:
+        pq.write_table(table, tmp_path / name)
+        bad[name] = ("missing_text_field", tmp_path / name)
+    return good, bad
+
+
+def test_bad_parquet_files_are_counted_not_raised(tmp_path):
+    good, bad = _parquet_files(tmp_path)
+    for name, (kind, path) in bad.items():
+        docs, report = _read(path)
+        assert docs == [] and report.counts == {kind: 1}, name  # one count per file, not per row
+        assert report.examples[kind][0]["file"] == str(path)
+        with pytest.raises(BadInputError, match=f"{name}:.*{kind}"):
+            _read(path, strict=True)
+    assert "holds int64, not strings" in _read(bad["ints.parquet"][1])[1].examples["missing_text_field"][0]["reason"]
+    # The run goes on past them, as past a corrupt .jsonl.gz.
+    report = ReadReport()
+    paths = [str(p) for _, p in bad.values()] + [str(good)]
+    docs = list(read_documents(paths, ReaderConfig(), report))
+    assert [d.text for d in docs] == [f"row {i}" for i in range(3000)]
+    assert report.counts == {"unreadable": 3, "missing_text_field": 4} and report.files == 8
+
+
+def test_parquet_corrupt_past_its_first_rows_keeps_them(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    good, _ = _parquet_files(tmp_path)
+    last_group = pq.ParquetFile(good).metadata.row_group(2).column(0).data_page_offset
+    data = bytearray(good.read_bytes())
+    data[last_group:last_group + 200] = bytes(b ^ 0xFF for b in data[last_group:last_group + 200])
+    docs, report = _read(_write(tmp_path / "late.parquet", bytes(data)))
+    assert 0 < len(docs) < 3000 and docs[0].text == "row 0"
+    assert report.counts == {"unreadable": 1}
+
+
+def test_parquet_string_columns_of_every_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    for name, column in [("large", pa.array(["a", "b"], pa.large_string())),
+                         ("dict", pa.array(["a", "b"]).dictionary_encode())]:  # a pandas categorical
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
+        docs, report = _read(tmp_path / f"{name}.parquet")
+        assert [d.text for d in docs] == ["a", "b"] and not report.counts, name

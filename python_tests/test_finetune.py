@@ -305,12 +305,13 @@ def test_saved_model_loads_as_a_base_and_for_generation(tmp_path):
 def test_a_hugging_face_gpt2_file_is_a_base(tmp_path, shared_data):
     from safetensors.torch import save_file
 
-    from llmkern.model.hf import to_hf_gpt2
+    from llmkern.model.hf import hf_gpt2_config, to_hf_gpt2
 
-    model = tiny_gpt(seed=3, n_embd=128, n_head=2)  # GPT-2 heads are 64 wide
+    model = tiny_gpt(seed=3, n_embd=128, n_head=4)  # not 64-wide heads: the count is config.json's
     hf = {k: v for k, v in to_hf_gpt2(model).items() if k != "lm_head.weight"}  # tied: HF stores it once
     path = str(tmp_path / "model.safetensors")
     save_file(hf, path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_gpt2_config(model.config)))  # its head count
     loaded, tok, meta = load_base(FinetuneConfig(base=path, base_tokenizer="bytes", device="cpu"))
     assert meta["source"] == "hf-gpt2" and tok.eot_token == 256
     ids = torch.randint(0, 257, (2, 9))
@@ -320,6 +321,43 @@ def test_a_hugging_face_gpt2_file_is_a_base(tmp_path, shared_data):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_base(FinetuneConfig(base=str(tmp_path / "bad.safetensors"), device="cpu"))
+
+
+def test_the_base_fingerprint_is_by_content_not_by_path(tmp_path):
+    """A run folder, its checkpoint folder and a moved copy are one base; other weights, or the same weights
+    under another model config, are another. A Hugging Face file is fingerprinted by its bytes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llmkern.model.hf import to_hf_gpt2
+
+    def fingerprint(path, **kw):
+        return load_base(FinetuneConfig(base=str(path), device="cpu", **kw))[2]["base_sha256"]
+
+    def save(path, model):
+        save_finetuned(str(path), 1, model.state_dict(), {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+
+    model = tiny_gpt(seed=5)
+    save(tmp_path / "run", model)
+    first = fingerprint(tmp_path / "run")
+    assert fingerprint(tmp_path / "run" / "checkpoints" / "step_0000001") == first
+    shutil.copytree(tmp_path / "run", tmp_path / "elsewhere" / "renamed")
+    assert fingerprint(tmp_path / "elsewhere" / "renamed") == first
+    save(tmp_path / "other", tiny_gpt(seed=6))
+    assert fingerprint(tmp_path / "other") != first
+    other_config = GPT(dataclasses.replace(model.config, norm_eps=1e-6))
+    other_config.load_state_dict(model.state_dict())
+    save(tmp_path / "eps", other_config)
+    assert fingerprint(tmp_path / "eps") != first
+    assert fingerprint(tmp_path / "run", backend="auto") == first  # saved with "torch": kernels, not the model
+
+    hf = tiny_gpt(seed=3, n_embd=128, n_head=2)  # GPT-2 heads are 64 wide
+    save_file({k: v for k, v in to_hf_gpt2(hf).items() if k != "lm_head.weight"}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 2}))  # as the Hub lays it out
+    shutil.copy(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert fingerprint(tmp_path / "a.safetensors", base_tokenizer="bytes") == \
+        fingerprint(tmp_path / "b.safetensors", base_tokenizer="bytes")
 
 
 def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsys):

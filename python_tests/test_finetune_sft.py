@@ -143,3 +143,34 @@ def test_packed_sft_learns_from_fewer_rows(shared_data, tmp_path):
     summary = run_sft(sft_config(base, data, tmp_path / "sft", pack=True, max_len=640, batch_size=2, num_samples=0))
     assert summary["examples"]["train"] == 8 and 2 <= summary["examples"]["packed_rows"] < 8
     assert summary["train_loss_after"] < 0.75 * summary["train_loss_before"], summary
+
+
+def test_a_resume_checks_the_base_by_content_not_by_path(tmp_path):
+    """The training state records the base model's fingerprint: the same base resumes, and so does a moved
+    and renamed copy of it (or its checkpoint folder named directly); another base of the same shape is
+    refused. A state saved before the fingerprint was recorded resumes on any base, as before."""
+    torch.manual_seed(0)
+    base = make_base(str(tmp_path / "base"), block_size=256)
+    other = make_base(str(tmp_path / "other"), block_size=256)  # the same shape, other random weights
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(6)]))
+
+    def config(base_path, **kw):
+        return sft_config(base_path, str(data), tmp_path / "sft", max_steps=3, batch_size=2, max_len=256,
+                          ckpt_interval=2, keep_train_state=True, num_samples=1, max_new_tokens=2, **kw)
+
+    run_sft(config(base))  # its training state at step 2 is kept
+    with pytest.raises(ValueError, match="base_sha256: --base is not the model the run started from"):
+        run_sft(config(other, resume=True))
+    assert run_sft(config(base, resume=True))["steps"] == 3
+    moved = str(tmp_path / "moved" / "renamed")
+    os.makedirs(os.path.dirname(moved))
+    os.rename(base, moved)
+    assert run_sft(config(moved, resume=True))["steps"] == 3
+    assert run_sft(config(load_checkpoint(moved).path, resume=True))["steps"] == 3
+
+    meta_path = tmp_path / "sft" / "train_state" / "checkpoints" / "step_0000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["finetune_state"]["position"]["base_sha256"]  # as an older llmkern wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert run_sft(config(other, resume=True))["steps"] == 3

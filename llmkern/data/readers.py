@@ -10,7 +10,8 @@ line of the first few, or raises `BadInputError` at once under `strict=True`. Th
   too_long            a document or JSONL line over max_document_bytes (skipped)
   malformed_json      a JSONL line that is not a JSON object
   missing_text_field  a JSONL line / Parquet file without the text field, or with a non-string one
-  unreadable          a file that cannot be opened or decompressed (what was read before is kept)
+  unreadable          a file that cannot be opened, decompressed or parsed, such as a truncated
+                      Parquet file (what was read before is kept)
   unsupported_format  a file whose extension no reader handles
 """
 
@@ -168,7 +169,7 @@ def _open_binary(path: str) -> BinaryIO:
     return open(path, "rb", buffering=_CHUNK)
 
 
-def _read_errors() -> tuple[type, ...]:
+def _read_errors(fmt: str) -> tuple[type, ...]:
     """Exceptions that mean "this file cannot be read" (as opposed to a bug)."""
     errors: tuple[type, ...] = (OSError, EOFError)
     try:
@@ -177,6 +178,12 @@ def _read_errors() -> tuple[type, ...]:
         errors += (zstandard.ZstdError,)
     except ImportError:
         pass
+    if fmt == "parquet":
+        # A truncated or garbage Parquet file raises ArrowInvalid (a ValueError, not an OSError) from
+        # the footer, and a corrupt page may raise other Arrow errors: all mean this file is unreadable.
+        import pyarrow
+
+        errors += (pyarrow.ArrowException,)
     return errors
 
 
@@ -322,14 +329,30 @@ def _read_jsonl(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadReport) -
         report.add("empty_file", path, 1, "no lines")
 
 
+def _is_string_type(kind) -> bool:
+    """An Arrow type whose values are str in Python: (large) string, string view, or a dictionary of them."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):  # a categorical column written by pandas
+        kind = kind.value_type
+    return str(kind) in ("string", "large_string", "string_view")
+
+
 def _read_parquet(path: str, cfg: ReaderConfig, report: ReadReport) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     report.bytes += os.path.getsize(path)
     pf = pq.ParquetFile(path)
-    if cfg.text_field not in pf.schema_arrow.names:
-        report.add("missing_text_field", path, 1,
-                   f"no column {cfg.text_field!r} (columns: {pf.schema_arrow.names})")
+    schema = pf.schema_arrow
+    found = schema.names.count(cfg.text_field)
+    if found != 1:
+        why = "no column" if found == 0 else f"{found} columns named"
+        report.add("missing_text_field", path, 1, f"{why} {cfg.text_field!r} (columns: {schema.names})")
+        return
+    kind = schema.field(cfg.text_field).type
+    if not _is_string_type(kind):
+        # The schema says every row is a non-string: one report for the file, not one per row.
+        report.add("missing_text_field", path, 1, f"the column {cfg.text_field!r} holds {kind}, not strings")
         return
     if pf.metadata.num_rows == 0:
         report.add("empty_file", path, 1, "no rows")
@@ -339,8 +362,8 @@ def _read_parquet(path: str, cfg: ReaderConfig, report: ReadReport) -> Iterator[
         for record in batch.to_pylist():
             row += 1
             body = record.pop(cfg.text_field)
-            if not isinstance(body, str):
-                report.add("missing_text_field", path, row, f"the field {cfg.text_field!r} is not a string")
+            if not isinstance(body, str):  # a null: the schema check above let only strings through
+                report.add("missing_text_field", path, row, f"the field {cfg.text_field!r} is null")
                 continue
             yield Document(body, path, row, record)
 
@@ -359,7 +382,7 @@ def read_file(path: str, config: Optional[ReaderConfig] = None,
                    f" (optionally + .gz/.zst)")
         return
     report.files += 1
-    errors = _read_errors()
+    errors = _read_errors(fmt)
     try:
         if fmt == "parquet":
             yield from _read_parquet(path, cfg, report)

@@ -3,6 +3,9 @@ checkpoint that `llmkern generate` / `llmkern eval` / the next recipe can start 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
     config.backend, when set, replaces the model's kernel backend. language_model: the recipe writes
     text (SFT, DPO, PPO), so a reward model or classifier (a body trained to score) is refused; the
-    scoring recipes pass False and put a fresh head on any body."""
+    scoring recipes pass False and put a fresh head on any body. The meta returned has one key more,
+    "base_sha256": base_fingerprint of what was loaded, which a resumed run must share."""
     from ..data.tokenizer import get_tokenizer
 
     if not config.base:
@@ -30,7 +34,10 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     from .loop import check_parallel
 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
-    model, tokenizer_spec, meta = load_gpt(config.base, config.backend or None, config.base_tokenizer)
+    source = _checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
+    model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
+    weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
+    meta = {**meta, "base_sha256": base_fingerprint(weights, model.config.to_dict())}
     method = meta.get("finetune", {}).get("method")
     if language_model and method in SCORING_METHODS:
         raise ValueError(f"base {config.base!r} is a {method!r} run: its body learned to score text through a head, "
@@ -41,6 +48,28 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
                          f"{config.base!r} only {model.config.vocab_size}")
     model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
     return model, tokenizer, meta
+
+
+def _checkpoint_of(path: str) -> str:
+    """The checkpoint folder a run folder stands for (its newest, as load_checkpoint takes it); any other
+    path as it is (a checkpoint folder, a .safetensors file, or a wrong path that load_gpt reports)."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
+        return ckpt.latest_checkpoint(path) or path
+    return path
+
+
+def base_fingerprint(weights: str, model_config: dict[str, Any]) -> str:
+    """A sha256 of a base model by content: its weights file and the config it was loaded with (the same
+    weights under another config, e.g. a Hugging Face config.json's head count, are another model). A
+    resume compares it rather than the path: a moved or renamed copy of the base is the same model, while
+    the same path may hold another one (a base run that trained on since). It reads the weights file once
+    more, at about 1 GB/s, mostly from the page cache the load just filled."""
+    config = {k: v for k, v in model_config.items() if k != "backend"}  # --backend picks kernels, not the model
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    with open(weights, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def effective_max_len(config, model) -> int:

@@ -229,7 +229,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         return metrics
 
     result = fit(clf, classification_loss, train, lambda rows: collate_rows(rows, pad_id), config, evaluate=evaluate,
-                 charts=("accuracy",), settings={"freeze_body": config.freeze_body})  # it decides what trains
+                 charts=("accuracy",), settings={"freeze_body": config.freeze_body,  # it decides what trains
+                                              "base_sha256": base_meta["base_sha256"]})
 
     lora_path = save_and_merge_lora(gpt, config, wrapped)
     meta = {"model_config": gpt.config.to_dict(), "tokenizer": tokenizer.spec,

@@ -218,7 +218,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
         return batched_evaluation(loss_fn, collate, examples, prefix, config, device)
 
     # the loss's settings, which a resumed run must share (the reference's log-probs are not compared bitwise)
-    settings = {"beta": beta, "label_smoothing": smoothing, "reference": config.reference}
+    settings = {"beta": beta, "label_smoothing": smoothing, "reference": config.reference,
+                "base_sha256": base_meta["base_sha256"]}
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
                   charts=("reward_accuracy", "reward_margin"), settings=settings)
     train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)

@@ -329,8 +329,8 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
     state = ckpt.load_checkpoint(latest)
     saved = state.meta.get("finetune_state", {})
     # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
-    # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings) are
-    # not known there, so not compared
+    # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings, the
+    # base model's fingerprint) are not known there, so not compared: such a run resumes on any --base
     saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
     changed = {k: (saved_position[k], v) for k, v in position.items() if k in saved_position and saved_position[k] != v}
     if changed:
@@ -338,6 +338,9 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
         if "examples_sha256" in changed:
             hint = ("; examples_sha256: the training examples are not the same tokens (another data file or "
                     "content, or another max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)")
+        if "base_sha256" in changed:
+            hint += ("; base_sha256: --base is not the model the run started from (other weights or model config, "
+                     "compared by content: a moved or renamed copy of that base resumes)")
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}"
                          f"{hint}")
     distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: each rank its shard

@@ -518,7 +518,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
                 "world_size": info.world_size, **template_position(config), **lora_position(config),
                 **{name: getattr(config, name) for name in PPO_OBJECTIVE},
-                "examples_sha256": examples_fingerprint(train)}
+                "examples_sha256": examples_fingerprint(train), "base_sha256": base_meta["base_sha256"]}
     log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 

@@ -200,7 +200,8 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
         return batched_evaluation(pair_loss_and_metrics, collate, examples, prefix, config, device)
 
     summary = fit(rm, pair_loss_and_metrics, train, collate, config,
-                  evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",))
+                  evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",),
+                  settings={"base_sha256": base_meta["base_sha256"]})  # a resumed run must start from the same base
     train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
 
     lora_path = save_and_merge_lora(rm.body, config, wrapped)

@@ -136,11 +136,13 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     wrapped = apply_lora_from_config(model, config)
     trainable = trainable_parameters(model)
     packed_rows = pack_examples(train, max_len) if config.pack else None
+    settings = {"base_sha256": base_meta["base_sha256"]}  # a resumed run must start from the same base
     if packed_rows is not None:
         result = fit(model, lm_loss, packed_rows, lambda rows: make_packed_batch(rows, pad_id), config,
-                     evaluate=evaluate)
+                     evaluate=evaluate, settings=settings)
     else:
-        result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate)
+        result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate,
+                     settings=settings)
 
     # Save: the adapters on their own, then the merged plain GPT that every other command reads.
     lora_path = save_and_merge_lora(model, config, wrapped)
