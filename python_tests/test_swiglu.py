@@ -292,6 +292,54 @@ def test_cuda_rows_beyond_one_grid():
         torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1e-2)
 
 
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch's grid, the column offset and width of its
+    first tensor, and its n_cols argument (the last positional one)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            n_cols = args[-1]
+            self.launches.append((grid, tensors[0].storage_offset(), tensors[0].size(1), n_cols))
+        return launch
+
+
+def test_triton_rows_wider_than_one_grid_launch_in_column_slices(monkeypatch):
+    """Column blocks run on grid axis 1, which CUDA caps at 65535 blocks (Triton passes the grid as
+    is, and the launch fails): a row of more columns than 65535 blocks of 2048, such as a 1-D input
+    of 134M+ elements, goes in launches of at most 65535 column blocks that cover it once. Meta
+    tensors and stand-in kernels: no memory, no kernel runs."""
+    k = importlib.import_module("llmkern.triton.swiglu")
+    block = k.MAX_BLOCK
+    n_cols = 2 * 65535 * block + 5
+    t = torch.empty(1, n_cols, device="meta")
+    for name, call in (("forward", lambda: k.forward(t, t, t)), ("backward", lambda: k.backward(t, t, t, t, t))):
+        recorder = _LaunchRecorder()
+        monkeypatch.setattr(k, f"_{name}_kernel", recorder)
+        call()
+        covered = 0
+        for grid, offset, width, n in recorder.launches:
+            assert grid[0] == 1 and grid[1] <= 65535, f"{name}: grid {grid} beyond CUDA's limits"
+            assert grid[1] == -(-width // block) and n == width, (name, grid, width, n)
+            assert offset == covered and offset % block == 0, (name, offset, covered)  # in order, aligned
+            covered += width
+        assert covered == n_cols and len(recorder.launches) == 3, (name, recorder.launches)
+
+
+def test_triton_column_slices_give_the_same_results(monkeypatch):
+    """The sliced launches on real data: 3 slices of at most 2 column blocks (the limit lowered to 2),
+    on the strided halves of a fused projection, forward and backward, against float64."""
+    k = importlib.import_module("llmkern.triton.swiglu")
+    monkeypatch.setattr(k, "MAX_GRID_Y", 2)
+    hidden = 2 * 2 * k.MAX_BLOCK + 77
+    gate, up = (torch.randn(3, 2 * hidden, device=DEVICE) * 3).split(hidden, dim=-1)
+    dy = torch.randn(3, hidden, device=DEVICE)
+    check_against_float64(gate, up, dy, "triton column slices", "triton")
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """t's bit patterns (so -0.0 and 0.0, or two NaNs, compare as what they are)."""
     return t.detach().view({4: torch.int32, 2: torch.int16}[t.element_size()])

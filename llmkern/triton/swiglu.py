@@ -6,7 +6,10 @@
 The backward pass recomputes sigmoid(gate) from gate, so nothing but the two inputs is saved.
 The math is fp32 (fp64 for fp64 inputs). Inputs and outputs are 2-D (rows, N) views whose rows
 may be strided (gate and up are the two halves of one fused projection) but whose columns are
-contiguous. A program handles one row block of BLOCK columns.
+contiguous. A program handles one row block of BLOCK columns: rows on grid axis 0 (up to
+2**31 - 1 of them), column blocks on axis 1, which CUDA caps at 65535 blocks, so a row wider than
+65535 * BLOCK columns (a 1-D input of over 134M elements is one such row) is launched in slices of
+columns. Row offsets are formed in int64 (row * stride passes 2**31 in a large activation).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 2048
+# Blocks on grid axis 1 (column blocks) per launch: CUDA's limit for grid axes 1 and 2.
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -56,10 +61,20 @@ def _backward_kernel(
     tl.store(DG + row * dg_stride + cols, dgate.to(DG.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+def _block_and_warps(n_cols: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
     num_warps = 1 if block <= 256 else 4 if block <= 1024 else 8
-    return (n_rows, triton.cdiv(n_cols, block)), block, num_warps
+    return block, num_warps
+
+
+def _column_slices(n_cols: int, block: int) -> list[slice | None]:
+    """The column ranges of one launch each: None (all of them, the usual case) when the row's
+    column blocks fit grid axis 1, else slices of MAX_GRID_Y * BLOCK columns (whose starts keep
+    the rows' alignment: multiples of BLOCK)."""
+    step = MAX_GRID_Y * block
+    if n_cols <= step:
+        return [None]
+    return [slice(start, min(start + step, n_cols)) for start in range(0, n_cols, step)]
 
 
 def _compute(t: torch.Tensor):
@@ -69,22 +84,26 @@ def _compute(t: torch.Tensor):
 def forward(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
     """y = silu(gate) * up, on 2-D (rows, N) views."""
     n_rows, n_cols = gate.shape
-    grid, block, num_warps = _launch_shape(n_rows, n_cols)
-    _forward_kernel[grid](
-        gate, up, y,
-        gate.stride(0), up.stride(0), y.stride(0),
-        n_cols,
-        COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
-    )
+    block, num_warps = _block_and_warps(n_cols)
+    for cols in _column_slices(n_cols, block):
+        g, u, out = (t if cols is None else t[:, cols] for t in (gate, up, y))
+        _forward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
+            g, u, out,
+            g.stride(0), u.stride(0), out.stride(0),
+            g.size(1),
+            COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
+        )
 
 
 def backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor, dup: torch.Tensor) -> None:
     """dgate and dup from the output gradient dy, on 2-D (rows, N) views."""
     n_rows, n_cols = gate.shape
-    grid, block, num_warps = _launch_shape(n_rows, n_cols)
-    _backward_kernel[grid](
-        dy, gate, up, dgate, dup,
-        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
-        n_cols,
-        COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
-    )
+    block, num_warps = _block_and_warps(n_cols)
+    for cols in _column_slices(n_cols, block):
+        d, g, u, dg, du = (t if cols is None else t[:, cols] for t in (dy, gate, up, dgate, dup))
+        _backward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
+            d, g, u, dg, du,
+            d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
+            g.size(1),
+            COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
+        )
