@@ -34,7 +34,7 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     from .loop import check_parallel
 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
-    source = _checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
+    source = checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
     model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
     weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
     meta = {**meta, "base_sha256": base_fingerprint(weights, model.config.to_dict())}
@@ -50,9 +50,11 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     return model, tokenizer, meta
 
 
-def _checkpoint_of(path: str) -> str:
+def checkpoint_of(path: str) -> str:
     """The checkpoint folder a run folder stands for (its newest, as load_checkpoint takes it); any other
-    path as it is (a checkpoint folder, a .safetensors file, or a wrong path that load_gpt reports)."""
+    path as it is (a checkpoint folder, a .safetensors file, or a wrong path that the loader reports).
+    Resolve a path once and both load and fingerprint what it gives, so that the weights hashed are the
+    ones loaded even when the run writes a newer checkpoint in between."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
         return ckpt.latest_checkpoint(path) or path
     return path
@@ -62,7 +64,8 @@ def base_fingerprint(weights: str, model_config: dict[str, Any]) -> str:
     """A sha256 of a base model by content: its weights file and the config it was loaded with (the same
     weights under another config, e.g. a Hugging Face config.json's head count, are another model). A
     resume compares it rather than the path: a moved or renamed copy of the base is the same model, while
-    the same path may hold another one (a base run that trained on since). It reads the weights file once
+    the same path may hold another one (a base run that trained on since). The other models a run reads,
+    DPO's reference and PPO's reward model, are identified the same way. It reads the weights file once
     more, at about 1 GB/s, mostly from the page cache the load just filled."""
     config = {k: v for k, v in model_config.items() if k != "backend"}  # --backend picks kernels, not the model
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))

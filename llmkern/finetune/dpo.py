@@ -155,20 +155,23 @@ def add_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, 
 
 # --- the run --------------------------------------------------------------------------------------
 
-def load_reference(config: DPOConfig, policy, tokenizer):
-    """The frozen reference: config.reference's model, or a copy of the policy (before any LoRA)."""
+def load_reference(config: DPOConfig, policy, tokenizer, base_sha256: str) -> tuple[Any, str]:
+    """(the frozen reference, its fingerprint): config.reference's model, or a copy of the policy (before any
+    LoRA), which is the base, of fingerprint base_sha256. The fingerprint is load_base's (by content: a moved
+    copy of the reference is the same one), which a resumed run must share."""
     from ..data.tokenizer import same_tokenizer
     from .base import load_base
 
     if config.reference:
-        reference, ref_tokenizer, _ = load_base(dataclasses.replace(config, base=config.reference))
+        reference, ref_tokenizer, ref_meta = load_base(dataclasses.replace(config, base=config.reference))
         if not same_tokenizer(ref_tokenizer.spec, tokenizer.spec):
             raise ValueError(f"reference {config.reference!r} uses tokenizer {ref_tokenizer.spec!r}, the base "
                              f"{tokenizer.spec!r}: they must match")
+        reference_sha256 = ref_meta["base_sha256"]
     else:
-        reference = copy.deepcopy(policy)
+        reference, reference_sha256 = copy.deepcopy(policy), base_sha256
     reference.requires_grad_(False)
-    return reference.eval()
+    return reference.eval(), reference_sha256
 
 
 def run_dpo(config: DPOConfig) -> dict[str, Any]:
@@ -186,7 +189,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     policy, tokenizer, base_meta = load_base(config)
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
-    reference = load_reference(config, policy, tokenizer).to(device)
+    reference, reference_sha256 = load_reference(config, policy, tokenizer, base_meta["base_sha256"])
+    reference = reference.to(device)
 
     max_len = effective_max_len(config, policy)
     raw = load_preference_data(config.data)
@@ -217,8 +221,9 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     def evaluate_on(examples, prefix):
         return batched_evaluation(loss_fn, collate, examples, prefix, config, device)
 
-    # the loss's settings, which a resumed run must share (the reference's log-probs are not compared bitwise)
-    settings = {"beta": beta, "label_smoothing": smoothing, "reference": config.reference,
+    # the loss's settings, which a resumed run must share; the reference by content, not by path (the
+    # reference's log-probs are not compared: recomputed on resume, they need not come out bitwise the same)
+    settings = {"beta": beta, "label_smoothing": smoothing, "reference_sha256": reference_sha256,
                 "base_sha256": base_meta["base_sha256"]}
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
                   charts=("reward_accuracy", "reward_margin"), settings=settings)

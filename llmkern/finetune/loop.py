@@ -319,6 +319,22 @@ def examples_fingerprint(examples: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+# What a changed fingerprint in a run's position means, for the message that refuses the resume. The models
+# are compared by content (base_fingerprint), so a moved or renamed copy of one resumes.
+FINGERPRINT_HINTS = {
+    "examples_sha256": ("the training examples are not the same tokens (another data file or content, or another "
+                        "max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)"),
+    "base_sha256": ("--base is not the model the run started from (other weights or model config, compared by "
+                    "content: a moved or renamed copy of that base resumes)"),
+    "reference_sha256": ("--reference is not the reference model the run started with (other weights or model "
+                         "config, compared by content: a moved or renamed copy of that reference resumes; an "
+                         "empty --reference is the base itself)"),
+    "reward_model_sha256": ("--reward_model is not the reward model the run started with (other weights or model "
+                            "config, compared by content: a moved or renamed copy of that reward model resumes; "
+                            "one passed to run_ppo as a module is compared by its class name and state dict)"),
+}
+
+
 def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
     """Load the newest training state of a run into model and optimizer and restore this rank's RNG
     states; the saved counters. A run whose data or batch settings changed since cannot continue."""
@@ -330,17 +346,12 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
     saved = state.meta.get("finetune_state", {})
     # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
     # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings, the
-    # base model's fingerprint) are not known there, so not compared: such a run resumes on any --base
+    # fingerprints of the base, DPO's reference and PPO's reward model) are not known there, so not compared:
+    # such a run resumes on any --base, --reference or --reward_model
     saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
     changed = {k: (saved_position[k], v) for k, v in position.items() if k in saved_position and saved_position[k] != v}
     if changed:
-        hint = ""
-        if "examples_sha256" in changed:
-            hint = ("; examples_sha256: the training examples are not the same tokens (another data file or "
-                    "content, or another max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)")
-        if "base_sha256" in changed:
-            hint += ("; base_sha256: --base is not the model the run started from (other weights or model config, "
-                     "compared by content: a moved or renamed copy of that base resumes)")
+        hint = "".join(f"; {key}: {why}" for key, why in FINGERPRINT_HINTS.items() if key in changed)
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}"
                          f"{hint}")
     distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: each rank its shard

@@ -28,7 +28,10 @@ of a response token all sit at the position that predicts it; `mask` marks those
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -419,8 +422,10 @@ def sampling_seed(seed: int, iteration: int, info) -> int:
 
 MAX_EVAL_PROMPTS = 64  # held-out prompts sampled at each evaluation
 
-# The settings that make PPO's objective, its rollouts and its rewards: a resumed run must share them.
-PPO_OBJECTIVE = ("reward_model", "kl_coef", "clip_range", "value_clip", "gamma", "lam", "ppo_epochs", "max_new_tokens",
+# The settings that make PPO's objective, its rollouts and its rewards: a resumed run must share them. The
+# reward model is compared by content, not by its path (reward_model_sha256), and the reference is the base
+# (base_sha256).
+PPO_OBJECTIVE = ("kl_coef", "clip_range", "value_clip", "gamma", "lam", "ppo_epochs", "max_new_tokens",
                  "temperature", "top_k", "whiten_advantages", "vf_coef")
 
 
@@ -433,6 +438,20 @@ def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) 
 
     fmt = prompt_format or PromptFormat()
     return [tokenizer.encode(fmt.prompt(row))[-max_prompt_len:] for row in load_prompt_data(path)]
+
+
+def module_fingerprint(module) -> str | None:
+    """A sha256 of a reward model passed to run_ppo as a module: its class's name and its state dict (names,
+    dtypes, shapes and values), so that a resumed run scores with the same one. Its code is not seen: two
+    classes of one name and the same weights count as one. None for a scorer that is no nn.Module."""
+    if not isinstance(module, nn.Module):
+        return None
+    digest = hashlib.sha256(type(module).__qualname__.encode("utf-8"))
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode("utf-8"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
@@ -476,10 +495,15 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
                          f"{max_total} tokens (max_len and the model's block_size)")
     if reward_model is None:
         from ..data.tokenizer import same_tokenizer
+        from .base import base_fingerprint, checkpoint_of
         from .reward import load_reward_run
         from .templates import saved_prompt_format
 
-        reward_model, rm_tokenizer, rm_meta = load_reward_run(config.reward_model, device)
+        source = checkpoint_of(config.reward_model)  # resolved once, so the weights hashed are the ones loaded
+        reward_model, rm_tokenizer, rm_meta = load_reward_run(source, device)
+        # by content, as the base: a moved copy of the reward model resumes, another one at that path does not
+        reward_sha256 = base_fingerprint(os.path.join(source, "model.safetensors"),
+                                         reward_model.body.config.to_dict())
         if not same_tokenizer(rm_tokenizer.spec, tokenizer.spec):
             raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
                              f"{tokenizer.spec!r}: they must match")
@@ -488,9 +512,11 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
             warnings.warn(f"the reward model {config.reward_model!r} was trained with template "
                           f"{rm_format.template!r} (system prompt {rm_format.system_prompt!r}), the policy's prompts "
                           f"use {fmt.template!r} (system prompt {fmt.system_prompt!r})", stacklevel=2)
+    else:
+        reward_sha256 = module_fingerprint(reward_model)
     if isinstance(reward_model, nn.Module):
         reward_model.to(device).eval().requires_grad_(False)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the base: base_sha256 identifies it
     wrapped = apply_lora_from_config(policy, config)
     model = PolicyWithValue(policy)
 
@@ -518,7 +544,8 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
                 "world_size": info.world_size, **template_position(config), **lora_position(config),
                 **{name: getattr(config, name) for name in PPO_OBJECTIVE},
-                "examples_sha256": examples_fingerprint(train), "base_sha256": base_meta["base_sha256"]}
+                "examples_sha256": examples_fingerprint(train), "base_sha256": base_meta["base_sha256"],
+                "reward_model_sha256": reward_sha256}
     log, counters, evals = open_run(config, model, optimizer, position)
     eot = tokenizer.eot_token
 
