@@ -111,8 +111,12 @@ def _add_data_parser(sub) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingDiverged, TrainingInterrupted
-    from .train.main_job import run_train
+    from .train.main_job import SAMPLE_PROMPTS, run_train
 
+    if not 0 <= args.samples <= len(SAMPLE_PROMPTS):  # checked now: the samples come after the training
+        print(f"llmkern train: error: --samples must be 0 to {len(SAMPLE_PROMPTS)} (one per prompt: "
+              f"{', '.join(map(repr, SAMPLE_PROMPTS))}), got {args.samples}", file=sys.stderr)
+        return 2
     try:
         run_train(args.config, args.overrides, resume=args.resume, samples=args.samples)
     except TrainingDiverged as err:
@@ -183,7 +187,7 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--config", default=None, help="a .toml or .json TrainConfig file")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=true_or_false,
                    help="continue from the newest checkpoint in out_dir (--resume or --resume=true)")
-    p.add_argument("--samples", type=int, default=3, help="text samples printed at the end (0: none)")
+    p.add_argument("--samples", type=int, default=3, help="text samples printed at the end, 0 to 4 (0: none)")
     p.set_defaults(func=_cmd_train, accepts_overrides=True)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run's model")

@@ -102,10 +102,80 @@ def test_config_from_toml_json_and_overrides(tmp_path):
     (["--betas=0.9"], "'betas' in command line must be 2 numbers"),
     (["--grad_clip=nan"], "grad_clip and weight_decay must be >= 0"),  # NaN compares false both ways
     (["--weight_decay=nan"], "grad_clip and weight_decay must be >= 0"),
+    (["--weight_decay=inf"], "grad_clip and weight_decay must be >= 0"),  # every weight went to NaN
+    (["--lr=inf"], "need a finite lr > 0"),  # every step was NaN, then TrainingDiverged
+    (["--seed=-1"], r"seed must be in \[0, 2\*\*32 - 1\]"),  # numpy refused it once the data was ready
+    (["--seed=4294967296"], r"seed must be in \[0, 2\*\*32 - 1\]"),
+    (["--out_dir="], "out_dir must name the run folder"),  # the run went into the current folder
+    (["--corpus_max_bytes=0"], "corpus_max_bytes must be >= 1"),
+    (["--patience=3", "--eval_interval=0"], "patience=3 .* eval_interval=0 evaluates only at the end"),
+    # the model settings were checked only once the data was ready
+    (["--preset=gpt3"], "unknown preset 'gpt3'"),
+    (["--model.n_head=3"], r"n_embd \(128\) must be a multiple of n_head \(3\)"),
+    (["--model.pos=alibi"], "pos must be one of"),
+    (["--model.block_size=64"], "seq_len=128 is longer than model.block_size=64"),
+    (["--init_from=runs/x", "--model.n_layer=2"], r"init_from takes the model's shape .* drop the model"),
 ])
 def test_config_errors_name_the_setting(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(schedule="cosine", decay_fraction=0.5), "decay_fraction=0.5 has no effect: only schedule='wsd'"),
+    (dict(model={"rope_theta": 5e5}), "model.rope_theta=500000.0 has no effect: .* pos='learned'"),
+    (dict(init_from="runs/x", preset="gpt2"), "preset='gpt2' has no effect: init_from='runs/x'"),
+])
+def test_a_setting_the_config_does_not_read_is_warned_about(fields, message):
+    with pytest.warns(UserWarning, match=message):
+        TrainConfig(**fields).validate()
+
+
+def test_settings_that_are_read_are_not_warned_about(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(schedule="wsd", decay_fraction=0.5).validate()
+        TrainConfig(preset="tiny-llama", model={"rope_theta": 5e5}).validate()
+        TrainConfig(init_from="runs/x").validate()
+        load_config(None, ["--tokenizer=bpe:512", "--corpus_max_bytes=1000"])  # the built-in corpus reads them
+        load_config(None, ["--data_dir=shards"], defaults={"tokenizer": "bpe:2048"})  # the main job's default
+
+
+def test_corpus_settings_beside_a_data_dir_are_warned_about(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('tokenizer = "gpt2"\n')
+    with pytest.warns(UserWarning, match="tokenizer set but not used: .* data_dir='shards'"):
+        load_config(str(toml), ["--data_dir=shards"])
+    with pytest.warns(UserWarning, match="corpus_max_bytes set but not used"):
+        load_config(None, ["--data_dir=shards", "--corpus_max_bytes=1000"])
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(preset="gpt3"), ValueError, "unknown preset 'gpt3'"),
+    (dict(init_from="no/such/run"), FileNotFoundError, "init_from 'no/such/run' does not exist"),
+    (dict(backend="cuda", device="cpu"), ValueError, "backend='cuda' cannot run adamw"),
+])
+def test_a_bad_model_or_backend_is_refused_before_the_corpus_is_prepared(tmp_path, monkeypatch, fields, error,
+                                                                         message):
+    def no_corpus(self):
+        raise AssertionError("the corpus was prepared before the settings were checked")
+
+    monkeypatch.setattr(Trainer, "_prepare_builtin_corpus", no_corpus)
+    with pytest.raises(error, match=message):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "run"), progress=False, **fields))
+
+
+@pytest.mark.parametrize("samples", ["-1", "5"])
+def test_a_sample_count_the_prompts_cannot_give_is_refused_before_training(samples, monkeypatch, capsys):
+    import llmkern.train.main_job as main_job
+    from llmkern.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before --samples was checked")
+
+    monkeypatch.setattr(main_job, "run_train", no_training)
+    assert main(["train", f"--samples={samples}"]) == 2  # before: 5 printed 4 samples, -1 none
+    assert "--samples must be 0 to 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fields, message", [

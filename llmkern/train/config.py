@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +66,7 @@ class TrainConfig:
     # evaluation, stopping, checkpoints
     eval_interval: int = 40  # evaluate at step 0, every N steps and at the end; 0 = only at the end
     eval_steps: int = 8  # held-out data per evaluation, in batches of batch_tokens tokens
-    patience: int = 0  # stop after this many evaluations without a better val loss; 0 = never
+    patience: int = 0  # stop after this many evaluations without a better val loss (eval_interval > 0); 0 = never
     ckpt_interval: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # the newest N step folders are kept
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
@@ -101,22 +103,61 @@ class TrainConfig:
         _one_of("parallel", self.parallel, PARALLEL)
         _one_of("backend", self.backend, ("auto", "cuda", "triton", "torch"))
         for name in ("batch_tokens", "micro_batch", "seq_len", "max_steps", "eval_steps", "keep_checkpoints",
-                     "max_bad_steps", "log_interval"):
+                     "max_bad_steps", "log_interval", "corpus_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "patience", "ckpt_interval", "corpus_max_bytes"):
+        for name in ("warmup_steps", "eval_interval", "patience", "ckpt_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; else an error once the data is ready
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        if not self.out_dir:  # "" would write the run's checkpoints and log into the current folder
+            raise ValueError("out_dir must name the run folder, got ''")
+        if not (0 < self.lr < math.inf and 0 <= self.min_lr <= self.lr):  # inf: every step NaN
+            raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not (self.grad_clip >= 0 and self.weight_decay >= 0):  # `not >=` also refuses NaN
-            raise ValueError(f"grad_clip and weight_decay must be >= 0; got {self.grad_clip}, {self.weight_decay}")
+        if not (self.grad_clip >= 0 and 0 <= self.weight_decay < math.inf):  # `not >=` also refuses NaN
+            raise ValueError(f"grad_clip and weight_decay must be >= 0 (weight_decay finite); got {self.grad_clip}, "
+                             f"{self.weight_decay}")
+        if self.patience and not self.eval_interval:
+            raise ValueError(f"patience={self.patience} stops after evaluations without a better val loss, but "
+                             f"eval_interval=0 evaluates only at the end: set eval_interval > 0, or patience=0")
+        self._check_model()
+        self._warn_unused()
         self.grad_accum_steps(1)
         return self
+
+    def _check_model(self) -> None:
+        """The model settings, now rather than once the data is ready: init_from takes the whole model from
+        its weights; else the preset with the model overrides must make a GPTConfig that fits seq_len."""
+        if self.init_from:
+            if self.model:
+                raise ValueError(f"init_from takes the model's shape from {self.init_from!r}; drop the model.* "
+                                 f"settings {sorted(self.model)}")
+            return
+        from ..model import GPTConfig
+
+        model = GPTConfig.from_preset(self.preset, **{"block_size": self.seq_len, "backend": self.backend,
+                                                      **self.model})
+        if model.block_size < self.seq_len:
+            raise ValueError(f"seq_len={self.seq_len} is longer than model.block_size={model.block_size}")
+        if model.pos != "rope" and "rope_theta" in self.model:
+            warnings.warn(f"model.rope_theta={self.model['rope_theta']} has no effect: the model of preset "
+                          f"{self.preset!r} has pos={model.pos!r} (learned positions, no RoPE)", stacklevel=3)
+
+    def _warn_unused(self) -> None:
+        """Settings that the rest of the config leaves unread, when they differ from their default (a file
+        shared between runs may hold them): said once, not refused."""
+        default = TrainConfig()
+        if self.schedule != "wsd" and self.decay_fraction != default.decay_fraction:
+            warnings.warn(f"decay_fraction={self.decay_fraction} has no effect: only schedule='wsd' reads it "
+                          f"(schedule={self.schedule!r})", stacklevel=3)
+        if self.init_from and self.preset != default.preset:
+            warnings.warn(f"preset={self.preset!r} has no effect: init_from={self.init_from!r} gives the model",
+                          stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -133,10 +174,20 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """TrainConfig's defaults updated by `defaults`, then by the file at `path` (.toml or .json), then by
     `--key=value` overrides."""
     config = apply_settings(TrainConfig(), defaults or {}, source="defaults")
+    given: set[str] = set()  # the keys the file and the command line set (not the defaults)
     if path:
-        config = apply_settings(config, read_config_file(path), source=path)
-    config = apply_settings(config, parse_overrides(overrides), source="command line", from_text=True)
-    return config.validate()
+        values = read_config_file(path)
+        config = apply_settings(config, values, source=path)
+        given |= set(values)
+    values = parse_overrides(overrides)
+    config = apply_settings(config, values, source="command line", from_text=True)
+    given |= set(values)
+    config.validate()
+    unread = sorted(given & {"tokenizer", "corpus_max_bytes"})
+    if config.data_dir and unread:  # a file shared with built-in corpus runs may hold them
+        warnings.warn(f"{' and '.join(unread)} set but not used: they are for the built-in corpus, and data_dir="
+                      f"{config.data_dir!r} holds tokens already (in the tokenizer of its manifest)", stacklevel=2)
+    return config
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -123,6 +123,14 @@ class Trainer:
         self.run_dir = config.out_dir
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):  # before minutes of data and a step
             raise ValueError(f"out_dir {self.run_dir!r} is a file; the run folder must be a folder (or not exist)")
+        if config.init_from and not os.path.exists(config.init_from):  # before the data, not after it
+            raise FileNotFoundError(f"init_from {config.init_from!r} does not exist: give a run or checkpoint "
+                                    f"folder, or a Hugging Face GPT-2 model.safetensors")
+        if config.optimizer == "llmkern" and not (config.parallel == "fsdp" and self.dist.is_distributed):
+            from .. import _backend
+
+            # llmkern's AdamW refuses a backend that cannot run here at its first step: say so before the data
+            _backend.resolve("adamw", config.backend, self.device)
         self.data_dir = config.data_dir or self._prepare_builtin_corpus()
         self.autocast_dtype = self._autocast_dtype()
         self.loss_scale = DynamicLossScale() if self.autocast_dtype == torch.float16 else None
