@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -160,9 +161,10 @@ def test_langid_keeps_listed_languages_above_threshold():
 
 def test_config_from_toml_json_and_overrides(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('[quality]\nmin_words = 20\nmax_mean_word_length = 12\n[langid]\nkeep = ["en", "de"]\n'
-                    '[near_dedup]\nthreshold = 0.9\n')
-    cfg = load_config(str(toml), ["--quality.min_words=5", "tokenize.tokenizer=bytes", "clean.lowercase=true"])
+    toml.write_text('[quality]\nmin_words = 20\nmax_mean_word_length = 12\n[langid]\nenabled = true\n'
+                    'keep = ["en", "de"]\n[near_dedup]\nthreshold = 0.9\n')
+    cfg = load_config(str(toml), ["--quality.min_words=5", "tokenize.enabled=true", "tokenize.tokenizer=bytes",
+                                  "clean.lowercase=true"])
     assert cfg.quality.min_words == 5 and cfg.quality.max_mean_word_length == 12.0
     assert cfg.langid.keep == ["en", "de"] and cfg.near_dedup.threshold == 0.9
     assert cfg.tokenize.tokenizer == "bytes" and cfg.clean.lowercase is True
@@ -182,12 +184,45 @@ def test_config_from_toml_json_and_overrides(tmp_path):
     ({"langid": {"keep": "en"}}, "langid.keep: expected a list"),
     ({"langid": {"keep": ["en", 3]}}, r"langid.keep\[1\]: expected a string"),
     ({"quality": 5}, "expected a table"),
+    # NaN fails every comparison: the rule was silently off
+    ({"quality": {"min_mean_word_length": float("nan")}}, "quality.min_mean_word_length: expected a number, got nan"),
 ])
 def test_config_errors_name_the_key(tmp_path, data, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
         load_config(str(path))
+
+
+def test_an_override_of_one_key_of_a_table_setting_keeps_its_other_keys():
+    cfg = load_config(None, ["quality.max_top_ngram_char_fraction.2=0.3"])  # before: {"2": 0.3}, 3 and 4 gone
+    assert cfg.quality.max_top_ngram_char_fraction == {"2": 0.3, "3": 0.18, "4": 0.16}
+    cfg = load_config(None, ['quality.max_top_ngram_char_fraction={"2": 0.3}'])  # the whole table: replaced
+    assert cfg.quality.max_top_ngram_char_fraction == {"2": 0.3}
+
+
+def test_an_unquoted_escape_in_an_override_is_refused():
+    # the shell passes '\n\n' as a backslash and an n, twice: a separator never found, the file one document
+    with pytest.raises(ValueError, match="reader.separator=.*backslash escape.*JSON string"):
+        load_config(None, ["--reader.separator=\\n\\n"])
+    assert load_config(None, ['--reader.separator="\\n\\n"']).reader.separator == "\n\n"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (['decontam.eval_sets=["eval.jsonl"]'], "decontam.eval_sets set, but the decontam stage is off"),
+    (["tokenize.tokenizer=bytes", "tokenize.val_fraction=0.1"],
+     "tokenize.tokenizer, tokenize.val_fraction set, but the tokenize stage is off"),
+    (['langid.keep=["de"]'], "langid.keep set, but the langid stage is off"),
+])
+def test_settings_of_a_stage_that_is_off_by_default_are_warned_about(overrides, message):
+    with pytest.warns(UserWarning, match=message):
+        load_config(None, overrides)
+    with warnings.catch_warnings():  # enabled either way, explicitly: nothing to say
+        warnings.simplefilter("error")
+        section = overrides[0].split(".")[0]
+        load_config(None, [*overrides, f"{section}.enabled=false"])
+        load_config(None, [f"{section}.enabled=true", *overrides])
+        load_config(None, ["quality.min_words=3", "near_dedup.threshold=0.9"])  # stages on by default
 
 
 def test_config_bad_file_and_override():

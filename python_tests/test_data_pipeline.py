@@ -177,7 +177,21 @@ def test_a_resumed_run_reports_the_same_exact_duplicates_as_a_clean_run(tmp_path
 @pytest.mark.parametrize("override, name", [("tokenize.val_fraction=1.5", "tokenize.val_fraction"),
                                             ("tokenize.shard_tokens=0", "tokenize.shard_tokens"),
                                             ("tokenize.num_workers=-1", "tokenize.num_workers"),
-                                            ("reader.max_document_bytes=0", "reader.max_document_bytes")])
+                                            ("reader.max_document_bytes=0", "reader.max_document_bytes"),
+                                            # each read as no separator: a .txt file one document
+                                            ('reader.separator=""', "reader.separator"),
+                                            ("reader.max_examples=-1", "reader.max_examples"),
+                                            # range() failed at the first input, naming no setting
+                                            ("near_dedup.batch_size=0", "near_dedup.batch_size"),
+                                            ("near_dedup.num_threads=-1", "near_dedup.num_threads"),
+                                            ("near_dedup.seed=-1", "near_dedup.seed"),  # numpy's own words
+                                            # empty text classified: every document rejected, as not kept
+                                            ("langid.enabled=true langid.max_chars=0", "langid.max_chars"),
+                                            # a fraction over 1 (30 for 30%) switched its rule off unseen
+                                            ("quality.max_duplicate_line_fraction=30",
+                                             "quality.max_duplicate_line_fraction"),
+                                            ("quality.max_duplicate_ngram_char_fraction.5=15",
+                                             "quality.max_duplicate_ngram_char_fraction.5")])
 def test_bad_settings_fail_before_any_input_is_read(tmp_path, monkeypatch, override, name):
     rng = random.Random(3)
     _jsonl(tmp_path / "a.jsonl", [_doc(rng)])
@@ -186,7 +200,7 @@ def test_bad_settings_fail_before_any_input_is_read(tmp_path, monkeypatch, overr
         raise AssertionError("an input was read before the settings were checked")
 
     monkeypatch.setattr(pipeline, "_process_file", no_reading)
-    config = _config("tokenize.enabled=true", "tokenize.tokenizer=bytes", override)
+    config = _config("tokenize.enabled=true", "tokenize.tokenizer=bytes", *override.split())
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), config)
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -177,6 +180,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {where}: expected a number, got {type(value).__name__} {value!r}")
+        if math.isnan(value):  # JSON's NaN, TOML's nan: every comparison with it is false, so a rule would be off
+            raise ValueError(f"config {where}: expected a number, got nan")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -206,7 +211,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """The config from a .toml or .json file (or the defaults), then `section.key=value` overrides.
 
     An override's value is read as JSON when it parses (numbers, true/false, null, lists), else as
-    a string: `quality.min_words=20`, `langid.keep=["en","de"]`, `tokenize.tokenizer=gpt2`.
+    a string: `quality.min_words=20`, `langid.keep=["en","de"]`, `tokenize.tokenizer=gpt2`. A string
+    with a backslash escape must be JSON (`reader.separator='"\\n\\n"'`): unquoted, it is a backslash and
+    a letter. A key into a table setting (`quality.max_top_ngram_char_fraction.2=0.3`) keeps its other keys.
     """
     data: dict = {}
     if path is not None:
@@ -231,12 +238,51 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
+            if re.search(r"\\[nrt]", raw):  # '\n\n' unquoted is a backslash and an n, never a line end
+                raise ValueError(f"override {item!r}: {raw!r} holds a backslash escape, read as plain text (a "
+                                 f"backslash, then a letter); for a line end or tab write the value as a JSON "
+                                 f"string: {key}='\"{raw}\"'") from None
             value = raw
         *sections, leaf = key.split(".")
         table = data
-        for section in sections:
-            table = table.setdefault(section, {})
+        for depth, section in enumerate(sections):
+            if section not in table:  # a table setting (quality.max_top_ngram_char_fraction) keeps its other keys
+                default = _default_at(sections[:depth + 1])
+                table[section] = dict(default) if isinstance(default, dict) else {}
+            table = table[section]
             if not isinstance(table, dict):
                 raise ValueError(f"override {item!r}: {section!r} is a setting, not a section")
         table[leaf] = value
-    return from_dict(PrepareConfig, data)
+    config = from_dict(PrepareConfig, data)
+    _warn_settings_of_stages_left_off(data)
+    return config
+
+
+def _default_at(path: list[str]) -> Any:
+    """The default value of the setting at `path` (["quality", "max_top_ngram_char_fraction"]), or None."""
+    value: Any = PrepareConfig()
+    for key in path:
+        if dataclasses.is_dataclass(value) and key in {f.name for f in dataclasses.fields(value)}:
+            value = getattr(value, key)
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            return None
+    return value
+
+
+def _warn_settings_of_stages_left_off(data: dict) -> None:
+    """A stage that is off unless enabled (langid, decontam, tokenize) given settings but no `enabled`: they
+    do nothing (decontam.eval_sets alone leaves the eval sets in the data). An explicit enabled=false is a
+    choice (a config file shared between runs), and says nothing."""
+    defaults = PrepareConfig()
+    for f in dataclasses.fields(PrepareConfig):
+        section = data.get(f.name)
+        stage_default = getattr(defaults, f.name)
+        if not isinstance(section, dict) or getattr(stage_default, "enabled", True) or "enabled" in section:
+            continue
+        if section:
+            keys = ", ".join(f"{f.name}.{k}" for k in section)
+            warnings.warn(f"{keys} set, but the {f.name} stage is off ({f.name}.enabled defaults to false), so "
+                          f"{'it does' if len(section) == 1 else 'they do'} nothing: add {f.name}.enabled=true to "
+                          f"run it (or {f.name}.enabled=false to keep it off)", stacklevel=3)

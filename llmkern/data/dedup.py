@@ -141,6 +141,12 @@ class NearDedupStage(Stage):
             raise ValueError(f"near_dedup.threshold must be in (0, 1], got {config.threshold}")
         if config.ngram < 1:
             raise ValueError(f"near_dedup.ngram must be >= 1, got {config.ngram}")
+        if config.batch_size < 1:  # else range() failed on the first input, naming no setting
+            raise ValueError(f"near_dedup.batch_size must be >= 1, got {config.batch_size}")
+        if config.num_threads < 0:
+            raise ValueError(f"near_dedup.num_threads must be >= 0 (0: one per core), got {config.num_threads}")
+        if config.seed < 0:
+            raise ValueError(f"near_dedup.seed must be >= 0, got {config.seed}")
         self.config = config
         self.rows = config.num_perm // config.bands
         self.a, self.b = permutations(config.num_perm, config.seed)

@@ -37,6 +37,8 @@ class LangIdStage(DocumentStage):
     def __init__(self, config: LangIdConfig):
         if not 0.0 <= config.threshold <= 1.0:
             raise ValueError(f"langid.threshold must be in [0, 1], got {config.threshold}")
+        if config.max_chars < 1:  # 0 classified empty text: every document "not kept", whatever its language
+            raise ValueError(f"langid.max_chars must be >= 1, got {config.max_chars}")
         if not config.keep:
             raise ValueError("langid.keep must list at least one language code, got []")
         known = set(supported_languages())

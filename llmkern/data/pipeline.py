@@ -323,6 +323,11 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
         raise ValueError(f"num_workers must be >= 0 (0: one per core), got {config.num_workers}")
     if config.reader.max_document_bytes < 1:  # else every input would read as empty
         raise ValueError(f"reader.max_document_bytes must be >= 1, got {config.reader.max_document_bytes}")
+    if config.reader.separator == "":  # read as no separator: each .txt file one document
+        raise ValueError("reader.separator must not be empty: give the text between documents (\"\\n\\n\"), "
+                         "or null for one document per .txt file")
+    if config.reader.max_examples < 0:
+        raise ValueError(f"reader.max_examples must be >= 0, got {config.reader.max_examples}")
     if config.tokenize.enabled:  # checked now: tokenizing starts only after all the documents are done
         cfg = config.tokenize
         if not 0.0 <= cfg.val_fraction < 1.0:

@@ -8,6 +8,7 @@ document costs a few vector passes rather than a Python loop per n-gram.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from collections import Counter
@@ -146,14 +147,23 @@ def first_failed_rule(text: str, cfg: Optional[QualityConfig] = None) -> Optiona
     return None
 
 
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # `not` also refuses NaN
+        raise ValueError(f"quality.{name} is a fraction, in [0, 1], got {value}")
+
+
 class QualityStage(DocumentStage):
     name = "quality"
 
     def __init__(self, config: QualityConfig):
         for key in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
-            for n in getattr(config, key):
+            for n, fraction in getattr(config, key).items():
                 if not str(n).isdigit() or int(n) < 1:
                     raise ValueError(f"quality.{key}: keys must be n-gram sizes like \"5\", got {n!r}")
+                _check_fraction(f"{key}.{n}", fraction)
+        for f in dataclasses.fields(config):  # a fraction over 1 (30 for 30%) switched a max_ rule off unseen
+            if f.name.endswith("_fraction") and isinstance(getattr(config, f.name), (int, float)):
+                _check_fraction(f.name, getattr(config, f.name))
         self.config = config
 
     def keep(self, doc: Document, stats: StageStats) -> bool:
