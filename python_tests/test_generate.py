@@ -188,6 +188,36 @@ def test_a_tiny_temperature_samples_like_greedy():
     greedy = generate(model, PROMPTS, 6, temperature=0)
     assert generate(model, PROMPTS, 6, temperature=1e-40, seed=0) == greedy
     assert generate(model, PROMPTS, 6, temperature=1e-40, top_k=5, top_p=0.9, seed=0) == greedy
+    # Below float32's smallest subnormal the temperature itself rounds to 0 in the division: 0 / 0 was
+    # a NaN probability and torch.multinomial failed.
+    for temperature in (1e-50, 5e-324):
+        assert generate(model, PROMPTS, 6, temperature=temperature, seed=0) == greedy
+        assert generate(model, PROMPTS, 6, temperature=temperature, top_k=5, top_p=0.9, seed=0) == greedy
+
+
+def test_a_huge_temperature_still_ranks_tokens_by_their_logits():
+    # Past float32's range (or inf) every scaled logit is 0: top-k kept every token and top-p the first ids.
+    probs = [0.1, 0.4, 0.2, 0.3]  # ranked: 1, 3, 2, 0
+    for temperature in (1e39, float("inf")):
+        assert draw(probs, temperature=temperature, top_k=None, top_p=None) == {0, 1, 2, 3}  # uniform
+        assert draw(probs, temperature=temperature, top_k=2, top_p=None) == {1, 3}
+        assert draw(probs, temperature=temperature, top_k=None, top_p=0.3) == {1, 3}  # 1/4 < 0.3, 2/4 >= 0.3
+        assert draw(probs, temperature=temperature, top_k=3, top_p=0.5) == {1, 3}  # 1/3 < 0.5, 2/3 >= 0.5
+    model = make_model("rope")
+    greedy = generate(model, PROMPTS, 6, temperature=0)
+    assert generate(model, PROMPTS, 6, temperature=float("inf"), top_k=1, seed=0) == greedy
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_nan_logits_are_an_error_not_a_token(use_cache, temperature):
+    model = make_model("rope")  # untied: a NaN in one input embedding reaches only the rows that read it
+    with torch.no_grad():
+        model.wte.weight[101, 0] = float("nan")  # only PROMPTS[1] holds token 101
+    # Greedy's argmax took the NaN for the largest logit, and gave token 0 for every step of that row.
+    with pytest.raises(RuntimeError, match=r"logits hold NaN for prompts\[1\] at new token 0"):
+        generate(model, PROMPTS, 4, temperature=temperature, use_cache=use_cache, seed=0)
+    assert len(generate(model, [PROMPTS[0], PROMPTS[2]], 4, temperature=temperature, use_cache=use_cache, seed=0)) == 2
 
 
 def test_generate_command_refuses_an_input_without_an_instruction(capsys):
@@ -219,6 +249,10 @@ def test_training_mode_is_restored():
         (dict(top_p=0.0), ValueError, "top_p"),
         (dict(top_p=1.5), ValueError, "top_p"),
         (dict(eos_token="</s>"), TypeError, "eos_token"),
+        # ids the model never emits: the rows would never stop (VOCAB + 10 is a padding row of the head)
+        (dict(eos_token=VOCAB), ValueError, f"eos_token must be a token id in [0, {VOCAB})"),
+        (dict(eos_token=VOCAB + 10), ValueError, f"eos_token must be a token id in [0, {VOCAB})"),
+        (dict(eos_token=-1), ValueError, f"eos_token must be a token id in [0, {VOCAB})"),
         (dict(use_cache=1), TypeError, "use_cache"),
         (dict(stop="<|im_end|>"), TypeError, "stop"),
     ],

@@ -562,3 +562,21 @@ def test_input_errors():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="config must be a GPTConfig"):
         GPT({"n_layer": 2})
+
+
+@pytest.mark.parametrize("bad", [VOCAB, 310, 319, 320, -2])  # 300..319: padding rows of the 320-row tables
+def test_token_ids_outside_the_vocabulary_are_refused(bad):
+    """An id in the vocabulary's padding [vocab_size, padded_vocab_size) used to read a padding row of the
+    embedding and give logits, a plausible answer to a wrong input; as an id, or as a target (loss inf)."""
+    model = GPT(tiny())
+    assert model.config.padded_vocab_size == 320
+    idx = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=rf"idx holds token id {bad}; token ids are in \[0, {VOCAB}\)"):
+        model(torch.tensor([[1, bad, 3]]))
+    with pytest.raises(ValueError, match=rf"targets holds {bad}; targets are token ids in \[0, {VOCAB}\)"):
+        model(idx, torch.tensor([[1, -1, bad]]))
+    # hidden_states, which eval and fine-tuning call directly, has no host check (it would wait for a
+    # GPU): such an id fails the embedding lookup there.
+    with pytest.raises(IndexError):
+        model.hidden_states(torch.tensor([[1, bad, 3]]))
+    assert model(idx, torch.tensor([[1, -1, VOCAB - 1]]))[1].isfinite()  # -1 is ignored, VOCAB - 1 is a token

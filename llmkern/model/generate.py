@@ -56,6 +56,9 @@ def generate(
         raise TypeError(f"model must be a llmkern.model.GPT, got {type(model).__name__}")
     rows = _prompt_rows(prompts, model.config.vocab_size)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
+    if eos_token is not None and not 0 <= eos_token < model.config.vocab_size:
+        # The model never emits such an id (nor a padding row's): the rows would never stop, silently.
+        raise ValueError(f"eos_token must be a token id in [0, {model.config.vocab_size}), got {eos_token}")
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be None or a function of a row's new tokens, got {stop!r}")
     device = model.device
@@ -82,6 +85,12 @@ def generate(
                 logits = decoder.next_logits(tokens[:, :length], valid[:, :length])
             else:
                 logits = _window_logits(model, tokens[:, :length], valid[:, :length])
+            # Greedy's argmax takes a NaN for the largest logit and gives its id as a token, silently
+            # (and sampling fails unclearly in torch.multinomial).
+            for i, nan in enumerate(logits.isnan().any(dim=-1).tolist()):
+                if nan and not finished[i]:
+                    raise RuntimeError(f"the model's logits hold NaN for prompts[{i}] at new token "
+                                       f"{len(outputs[i]) - len(rows[i])}: its weights or activations are not finite")
             next_tokens = _sample(logits.float(), temperature, top_k, top_p, generator)
             tokens[:, length] = next_tokens
             valid[:, length] = True
@@ -166,13 +175,19 @@ def _sample(
         return logits.argmax(dim=-1)
     # The largest logit is made 0 first: a tiny temperature then sends the others to -inf (greedy, its
     # limit), where dividing the logits themselves overflows to inf and the softmax gives NaN.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    # A temperature below float32's smallest value would round to 0 in the division (0 / 0 = NaN for the
+    # largest logit): it is clamped to the smallest normal one, where any gap gives a token no probability.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    # Tokens are ranked by the logits themselves: a huge temperature (inf, or past float32's range) makes
+    # every scaled logit 0, a tie that would let top-k keep all tokens and top-p the first ids.
+    raw = logits
+    logits = (raw - raw.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        kth_largest = raw.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(raw < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        order = raw.argsort(dim=-1, descending=True)  # top-k's dropped tokens (the smallest) come last
+        probs = logits.gather(-1, order).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # Keep the smallest prefix whose mass reaches top_p: drop a token once the ones before it suffice.
         drop_sorted = mass_before >= top_p

@@ -119,7 +119,7 @@ class GPT(nn.Module):
         tokens of its own document, and positions restart at 0 at each document's first token,
         so each document is processed as if it were alone.
         """
-        _check_forward_args(idx, targets, doc_ids, self.config.block_size)
+        _check_forward_args(idx, targets, doc_ids, self.config.block_size, self.config.vocab_size)
         positions = None
         if doc_ids is not None:
             positions = positions_in_documents(doc_ids)
@@ -174,9 +174,22 @@ class GPT(nn.Module):
 
         positions (B, T), attn_mask (B, 1, T, Tk) and cache are for generation (left-padded
         prompts and the KV cache, see generate.py); doc_ids (B, T) masks packed documents (see
-        forward). By default token t is at position t and attends causally to tokens 0..t.
+        forward). By default token t is at position t and attends causally to tokens 0..t; with a
+        cache holding n tokens, at position n + t, attending to the n cached tokens and causally.
         """
         t = idx.size(1)
+        if positions is None and cache is not None:
+            start = cache.length
+            if start + t > self.config.block_size:
+                raise ValueError(f"positions {start} to {start + t - 1} (the cache holds {start} tokens, idx has {t}) "
+                                 f"go past block_size={self.config.block_size}")
+            positions = torch.arange(start, start + t, device=idx.device)
+        vocab = self.config.vocab_size
+        if vocab < self.config.padded_vocab_size:
+            # An id in [vocab_size, padded_vocab_size) would read a padding row of the embedding, a plausible
+            # answer to a wrong input: sent past the table, it fails the lookup as any id >= padded_vocab_size
+            # does (an IndexError on the CPU, a device assert on a GPU), without the GPU wait of a host check.
+            idx = idx.masked_fill(idx >= vocab, self.config.padded_vocab_size)
         x = self.wte(idx)  # (B, T, C)
         rotary = None
         if self.wpe is not None:
@@ -255,7 +268,7 @@ def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     return steps - last_start
 
 
-def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int) -> None:
+def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int, vocab_size: int) -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
@@ -271,3 +284,15 @@ def _check_forward_args(idx: object, targets: object, doc_ids: object, block_siz
             raise TypeError(f"{name} must be an int64 (or int32) tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.shape != idx.shape:
             raise ValueError(f"{name} must have idx's shape {tuple(idx.shape)}; got {tuple(t.shape)}")
+    # Ids in the padding of the vocabulary [vocab_size, padded_vocab_size) would give an answer (the
+    # padding rows exist) to a wrong input. Checked on the host where that costs no GPU wait; on a GPU,
+    # hidden_states makes such an id fail the embedding lookup, and the loss is NaN or inf.
+    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(idx))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"idx holds token id {low if low < 0 else high}; token ids are in [0, {vocab_size})")
+        if targets is not None and targets.device.type == "cpu":
+            bad = targets[(targets != -1) & ((targets < 0) | (targets >= vocab_size))]
+            if bad.numel():
+                raise ValueError(f"targets holds {int(bad[0])}; targets are token ids in [0, {vocab_size}), "
+                                 "or -1 (ignored)")

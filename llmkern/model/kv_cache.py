@@ -29,6 +29,12 @@ class KVCache:
             b, hkv, _, d = k.shape
             self.k[layer] = k.new_zeros(b, hkv, self.capacity, d)
             self.v[layer] = v.new_zeros(b, hkv, self.capacity, d)
+        cached = self.k[layer]
+        for name, new in (("k", k), ("v", v)):
+            # The copy below broadcasts: a batch of 1 would fill every row of a larger cache, silently.
+            if new.dim() != 4 or new.shape[:2] != cached.shape[:2] or new.size(3) != cached.size(3):
+                raise ValueError(f"{name} must be (B, Hkv, T, D) = ({cached.size(0)}, {cached.size(1)}, T, "
+                                 f"{cached.size(3)}) as the cache holds; got {tuple(new.shape)}")
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

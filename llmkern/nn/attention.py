@@ -82,6 +82,11 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, D): all the keys so far
+                if attn_mask is None and t > 1:
+                    # Causal still: query i, the (Tk - T + i)-th token, sees the keys up to itself (without
+                    # a mask SDPA would let every query see the later ones too).
+                    tk = k.size(2)
+                    attn_mask = torch.ones(t, tk, dtype=torch.bool, device=x.device).tril(diagonal=tk - t)
             # Generation: a few queries against a cache, with a per-row mask for left-padded
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
