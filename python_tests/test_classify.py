@@ -150,5 +150,28 @@ def test_registered_and_settings_checked(tmp_path):
     assert get_method("classify") == (ClassifyConfig, run_classify)
     with pytest.raises(ValueError, match="num_classes"):
         ClassifyConfig(num_classes=1).validate()
+    with pytest.raises(ValueError, match="text_key and label_key must name two keys"):  # each text its own class
+        ClassifyConfig(text_key="review", label_key="review").validate()
     with pytest.raises(ValueError, match="not a classifier"):
         load_classifier(make_base(str(tmp_path / "plain")))
+
+
+def test_the_prompt_template_is_not_read_by_classify(tmp_path):
+    """classify reads each text as it is: --template/--system_prompt were silently ignored."""
+    import warnings
+
+    from llmkern.finetune import load_finetune_config
+    from llmkern.finetune.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="'template' on the command line has no effect"):
+        load_finetune_config(ClassifyConfig, None, ["--template=chatml"])
+    with pytest.raises(ValueError, match="'system_prompt' on the command line has no effect"):
+        load_finetune_config(ClassifyConfig, None, ["--system_prompt=Be brief."])
+    common = tmp_path / "common.toml"  # a file of common settings that SFT and classify runs share
+    common.write_text('template = "chatml"\nlr = 1e-4\n')
+    with pytest.warns(UserWarning, match="template='chatml' has no effect"):
+        assert load_finetune_config(ClassifyConfig, str(common)).lr == 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_finetune_config(SFTConfig, str(common)).template == "chatml"
+        ClassifyConfig(max_len=1).validate()  # one token is a text the head can read

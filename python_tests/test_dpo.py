@@ -76,10 +76,17 @@ def test_dpo_loss_bad_arguments():
 def test_dpo_config_validation(tmp_path):
     with pytest.raises(ValueError, match="beta"):
         DPOConfig(data="x.json", beta=-1.0).validate()
+    with pytest.raises(ValueError, match="beta"):  # inf * 0 = NaN: every step skipped, the base saved as the result
+        DPOConfig(data="x.json", beta=math.inf).validate()
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(*torch.zeros(4, 2), beta=math.inf)
     with pytest.raises(ValueError, match="label_smoothing"):
         DPOConfig(data="x.json", label_smoothing=0.7).validate()
     with pytest.raises(ValueError, match="data"):
         DPOConfig(base=str(tmp_path)).validate()
+    # DPO evaluates on held-out pairs only: none held out, eval_interval is never read
+    with pytest.warns(UserWarning, match="eval_interval=10 has no effect: val_fraction=0"):
+        DPOConfig(data="x.json", val_fraction=0.0, eval_interval=10).validate()
 
 
 def short_preference_examples(shared_data, count, max_len):

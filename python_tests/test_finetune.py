@@ -50,6 +50,181 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         get_method("rlhf9000")
 
 
+# --- settings checked at config time, settings of another recipe, settings a run would not read --------
+
+@pytest.mark.parametrize("args,match", [
+    (["--lr=inf"], "finite lr"),  # trained to NaN weights and saved them, with exit status 0
+    (["--weight_decay=inf"], "weight_decay"),
+    (["--seed=-1"], "seed"),
+    (["--seed=18446744073709551616"], "seed"),  # torch's "Overflow when unpacking long long", naming nothing
+    (["--out_dir="], "out_dir"),  # wrote checkpoints/, metrics.jsonl and the charts into the current folder
+    (["--max_len=1"], "max_len must be at least 2"),  # an error once the base was loaded and the data encoded
+    (["--lora_rank=4", "--lora_alpha=inf"], "lora_alpha"),  # an infinite LoRA scale: NaN weights, saved
+    (["--lora_rank=4", "--lora_targets=,"], "lora_targets"),  # read as '' (every projection)
+    (["--device=gpu"], "device"),  # refused only once the base was loaded
+])
+def test_edge_values_are_refused_at_config_time(args, match):
+    from llmkern.finetune.sft import SFTConfig
+
+    with pytest.raises(ValueError, match=match):
+        load_finetune_config(SFTConfig, None, args)
+
+
+def test_a_backend_the_optimizer_cannot_run_is_refused_at_config_time():
+    from llmkern import _backend
+    from llmkern.finetune.sft import SFTConfig
+
+    if _backend.can_run("cuda", "adamw", torch.device("cpu")):
+        pytest.skip("the CUDA kernels run on CPU tensors here (the emulator)")
+    # before: refused by llmkern's AdamW once the base was loaded and the data encoded
+    with pytest.raises(ValueError, match="backend='cuda' cannot run adamw"):
+        load_finetune_config(SFTConfig, None, ["--device=cpu", "--backend=cuda"])
+    load_finetune_config(SFTConfig, None, ["--device=cpu", "--backend=torch"])
+
+
+def test_a_config_made_in_python_has_its_types_checked():
+    from llmkern.finetune.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="'overwrite'.*boolean"):  # "false" was a true overwrite
+        SFTConfig(overwrite="false").validate()
+    with pytest.raises(ValueError, match="'lr'.*number"):
+        SFTConfig(lr="1e-4").validate()
+    assert SFTConfig(lr=1, min_lr=0).validate().lr == 1.0
+
+
+def test_a_setting_of_another_recipe_names_the_recipes_that_read_it(tmp_path):
+    from llmkern.finetune.dpo import DPOConfig
+    from llmkern.finetune.sft import SFTConfig
+
+    with pytest.raises(ValueError, match=r"'beta' in command line is read only by `llmkern finetune dpo`, "
+                                         r"not by sft"):
+        load_finetune_config(SFTConfig, None, ["--beta=0.2"])
+    with pytest.raises(ValueError, match=r"'reward_model' .* `llmkern finetune ppo`, not by dpo"):
+        load_finetune_config(DPOConfig, None, ["--data=x.json", "--reward_model=runs/rm"])
+    with pytest.raises(ValueError, match=r"'num_samples' .* `llmkern finetune sft`, not by dpo"):
+        load_finetune_config(DPOConfig, None, ["--data=x.json", "--num_samples=2"])
+    path = tmp_path / "ppo.json"
+    path.write_text(json.dumps({"kl_coef": 0.1}))
+    with pytest.raises(ValueError, match=rf"'kl_coef' in {path} .* `llmkern finetune ppo`, not by sft"):
+        load_finetune_config(SFTConfig, str(path))
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):  # the others as before
+        load_finetune_config(SFTConfig, None, ["--nope=1"])
+
+
+@pytest.mark.parametrize("args,values", [
+    (["--model.n_layer=2"], None),  # was "only model.<field> keys may be dotted", then "unknown setting 'model'"
+    (["--lora.rank=4"], None),
+    ([], {"model": {"n_layer": 2}}),  # was "unknown setting 'model'"
+])
+def test_nested_and_dotted_settings_are_refused(tmp_path, args, values):
+    from llmkern.finetune.sft import SFTConfig
+
+    path = None
+    if values is not None:
+        path = tmp_path / "nested.json"
+        path.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="fine-tuning settings are plain names"):
+        load_finetune_config(SFTConfig, str(path) if path else None, args)
+
+
+@pytest.mark.parametrize("settings,name", [
+    (dict(lora_alpha=32.0), "lora_alpha"),
+    (dict(lora_dropout=0.1), "lora_dropout"),
+    (dict(lora_targets="qkv"), "lora_targets"),
+    (dict(max_steps=5, epochs=3), "epochs"),
+    (dict(resume=True, overwrite=True), "overwrite"),
+    (dict(base="runs/main", base_tokenizer="bytes"), "base_tokenizer"),
+    (dict(num_samples=0, max_new_tokens=8), "max_new_tokens"),
+])
+def test_settings_the_run_would_not_read_are_warned_about(settings, name):
+    from llmkern.finetune.sft import SFTConfig
+
+    with pytest.warns(UserWarning, match=f"{name}=.* has no effect"):
+        SFTConfig(**settings).validate()
+
+
+def test_settings_the_run_reads_warn_nothing():
+    import warnings
+
+    from llmkern.finetune.dpo import DPOConfig
+    from llmkern.finetune.sft import SFTConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SFTConfig().validate()
+        SFTConfig(lora_rank=4, lora_alpha=32.0, lora_targets="qkv", max_steps=5, base="gpt2/model.safetensors",
+                  base_tokenizer="bytes", num_samples=2, max_new_tokens=8, overwrite=True).validate()
+        DPOConfig(data="x.json", reference="gpt2/model.safetensors", base_tokenizer="bytes").validate()
+
+
+def recipe_inputs(tmp_path) -> dict[str, dict]:
+    """Each recipe's settings on data files that exist, from a base that never needs to load."""
+    instructions = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(4)]
+    pairs = [{"instruction": f"Say {i}.", "input": "", "chosen": str(i), "rejected": "no"} for i in range(4)]
+    (tmp_path / "sft.json").write_text(json.dumps(instructions))
+    (tmp_path / "pref.json").write_text(json.dumps(pairs))
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n"
+                                                  for i in range(4)))
+    common = dict(base=str(tmp_path / "base"), out_dir=str(tmp_path / "out"), device="cpu", progress=False)
+    return {"sft": dict(common, data=str(tmp_path / "sft.json")),
+            "classify": dict(common, data=str(tmp_path / "texts.jsonl")),
+            "dpo": dict(common, data=str(tmp_path / "pref.json")),
+            "reward": dict(common, data=str(tmp_path / "pref.json")),
+            "ppo": dict(common, data=str(tmp_path / "sft.json"), reward_model=str(tmp_path / "sft.json"), max_len=64,
+                        max_new_tokens=16)}
+
+
+@pytest.mark.parametrize("method", ["sft", "classify", "dpo", "reward", "ppo"])
+def test_a_wrong_out_dir_data_file_or_model_path_is_told_before_any_model_loads(tmp_path, monkeypatch, method):
+    """Each of these was told only after the base (and DPO's reference, PPO's reward model) was loaded, the
+    data encoded and, in DPO, the reference's log-probs computed."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr("llmkern.finetune.base.load_gpt", no_loading)
+    monkeypatch.setattr("llmkern.train.checkpoint.load_checkpoint", no_loading)
+    config_cls, run = get_method(method)
+    settings = recipe_inputs(tmp_path)[method]
+    model = tiny_gpt()
+    save_finetuned(str(tmp_path / "held"), 3, model.state_dict(), {"model_config": model.config.to_dict(),
+                                                                  "tokenizer": "bytes"})
+    with pytest.raises(ValueError, match="already holds a run"):  # a fresh start over a run needs overwrite
+        run(config_cls(**{**settings, "out_dir": str(tmp_path / "held")}))
+    with pytest.raises(ValueError, match="the run finished"):
+        run(config_cls(**{**settings, "out_dir": str(tmp_path / "held"), "resume": True}))
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        run(config_cls(**{**settings, "resume": True}))
+    if method != "classify":  # classify read its data first already
+        with pytest.raises(FileNotFoundError, match="missing.json"):
+            run(config_cls(**{**settings, "data": str(tmp_path / "missing.json")}))
+    if method == "dpo":
+        with pytest.raises(FileNotFoundError, match="reference .*nowhere"):
+            run(config_cls(**{**settings, "reference": str(tmp_path / "nowhere")}))
+    if method == "ppo":
+        with pytest.raises(FileNotFoundError, match="reward_model .*nowhere"):
+            run(config_cls(**{**settings, "reward_model": str(tmp_path / "nowhere")}))
+
+
+@pytest.mark.parametrize("method,later", [
+    ("sft", "llmkern.finetune.sft.encode_examples"),  # the data's encoding
+    ("classify", "llmkern.finetune.classify.encode_texts"),
+    ("dpo", "llmkern.finetune.dpo.load_reference"),  # the reference, then its log-probs over all the data
+    ("ppo", "llmkern.finetune.reward.load_reward_run"),  # the reward model
+])
+def test_lora_targets_naming_no_layer_are_told_once_the_base_is_loaded(tmp_path, monkeypatch, method, later):
+    def too_late(*args, **kwargs):
+        raise AssertionError(f"{later} ran before the LoRA targets were checked")
+
+    monkeypatch.setattr(later, too_late)
+    model = tiny_gpt()
+    save_finetuned(str(tmp_path / "base"), 1, model.state_dict(), {"model_config": model.config.to_dict(),
+                                                                  "tokenizer": "bytes"})
+    config_cls, run = get_method(method)
+    settings = recipe_inputs(tmp_path)[method]
+    with pytest.raises(ValueError, match=r"LoRA targets \['atn.qkv'\] match no linear layer"):
+        run(config_cls(**settings, lora_rank=2, lora_targets="atn.qkv"))
+
+
 # --- data -------------------------------------------------------------------------------------
 
 def test_alpaca_prompt_with_and_without_input():

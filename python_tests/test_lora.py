@@ -182,3 +182,13 @@ def test_bad_targets_and_double_wrap():
         apply_lora(model, rank=2)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(2, 2, 1), rank=1)
+
+
+def test_targets_naming_nothing_and_an_infinite_alpha_are_refused():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="names no module"):  # was read as "" (every projection)
+        apply_lora(model, rank=2, targets=",")
+    with pytest.raises(ValueError, match="alpha"):  # an infinite scale: NaN outputs once B moves
+        apply_lora(model, rank=2, alpha=float("inf"))
+    assert not lora_layers(model)
+    assert apply_lora(model, rank=2, targets=" ") == apply_lora(tiny_gpt(), rank=2)  # blank: the default

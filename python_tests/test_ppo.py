@@ -252,6 +252,17 @@ def test_ppo_bad_config(tmp_path, overrides, match):
         run_ppo(config)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (dict(kl_coef=math.inf), "kl_coef"),  # every reward NaN
+    (dict(vf_coef=math.inf), "vf_coef"),
+    (dict(temperature=math.inf), "temperature"),  # tokens drawn uniformly, whatever the policy
+    (dict(max_new_tokens=40), "max_new_tokens"),  # max_len=40: was told only once the base was loaded
+])
+def test_ppo_settings_are_checked_at_config_time(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ppo_config(tmp_path, **overrides).validate()
+
+
 def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     """5 iterations, the state saved every 2: stopping in iteration 4 and resuming from 2 ends with the
     policy of the run that never stopped, bit for bit (CPU)."""

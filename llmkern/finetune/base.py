@@ -28,9 +28,7 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     "base_sha256": base_fingerprint of what was loaded, which a resumed run must share."""
     from ..data.tokenizer import get_tokenizer
 
-    if not config.base:
-        raise ValueError("base must name the model to start from: a run folder, a checkpoint folder "
-                         "(e.g. --base=runs/main, which `llmkern train` writes) or a GPT-2 .safetensors file")
+    require_base(config)
     from .loop import check_parallel
 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
@@ -48,6 +46,21 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
                          f"{config.base!r} only {model.config.vocab_size}")
     model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
     return model, tokenizer, meta
+
+
+def require_base(config) -> None:
+    """A ValueError unless config.base names a model (load_base's first check; the recipes call it before
+    reading their data)."""
+    if not config.base:
+        raise ValueError("base must name the model to start from: a run folder, a checkpoint folder "
+                         "(e.g. --base=runs/main, which `llmkern train` writes) or a GPT-2 .safetensors file")
+
+
+def check_exists(setting: str, path: str) -> None:
+    """A FileNotFoundError naming the setting when `path` is not there: DPO's reference and PPO's reward model,
+    loaded after the base, are checked so before the base is loaded."""
+    if path and not os.path.exists(path):
+        raise FileNotFoundError(f"{setting} {path!r} does not exist")
 
 
 def checkpoint_of(path: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import pad_batch, read_examples, split_examples
 from .heads import LastTokenHead
-from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
-from .loop import drop_train_state, fit, to_device
+from .lora import apply_lora_from_config, check_lora_targets, lora_info, save_and_merge_lora, trainable_parameters
+from .loop import check_run_folder, drop_train_state, fit, to_device
 
 EVAL_TRAIN_EXAMPLES = 512  # train loss/accuracy are measured on this many training examples
 
@@ -67,12 +67,19 @@ class ClassifyConfig(FinetuneConfig):
     label_key: str = "label"
     freeze_body: bool = False  # train only the head, the last block and the final norm
 
+    # a classifier reads its texts as they are: no prompt template
+    UNREAD: ClassVar[dict[str, str]] = {
+        name: "classify reads each text as it is, in no prompt template" for name in ("template", "system_prompt")}
+    MIN_MAX_LEN: ClassVar[int] = 1  # one token is a text the head can read
+
     def validate(self) -> "ClassifyConfig":
         super().validate()
         if self.num_classes < 0 or self.num_classes == 1:
             raise ValueError(f"num_classes must be 0 (from the data) or >= 2, got {self.num_classes}")
         if not self.text_key or not self.label_key:
             raise ValueError("text_key and label_key must not be empty")
+        if self.text_key == self.label_key:  # every text would be its own class
+            raise ValueError(f"text_key and label_key must name two keys, got {self.text_key!r} for both")
         return self
 
 
@@ -210,7 +217,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     examples, names, num_classes = load_classification_data(config.data, config.text_key, config.label_key,
                                                             config.num_classes)
+    check_run_folder(config)  # before the base is loaded
     gpt, tokenizer, base_meta = load_base(config, language_model=False)
+    check_lora_targets(gpt, config)  # before the texts are encoded; the adapters come after
     max_len = effective_max_len(config, gpt)
     pad_id = tokenizer.eot_token  # any id: padding is on the right, after the token the head reads
     train_examples, val_examples = split_examples(examples, config.val_fraction, config.seed)

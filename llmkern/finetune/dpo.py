@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ class DPOConfig(FinetuneConfig):
     beta: float = 0.1  # how far the policy may move from the reference: larger = closer
     label_smoothing: float = 0.0  # the assumed fraction of flipped labels (conservative DPO); in [0, 0.5)
     reference: str = ""  # the reference model: a run or checkpoint folder; "" = the base itself, frozen
+
+    EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
 
     def validate(self) -> "DPOConfig":
         super().validate()
@@ -70,8 +73,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
 
 def check_beta(beta: object) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    # inf: z = inf * 0 = NaN at the first step, where the policy is still the reference
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
 def check_label_smoothing(label_smoothing: object) -> None:
@@ -176,24 +180,29 @@ def load_reference(config: DPOConfig, policy, tokenizer, base_sha256: str) -> tu
 
 def run_dpo(config: DPOConfig) -> dict[str, Any]:
     """Fine-tune config.base with DPO on config.data; save the policy to config.out_dir; the summary."""
-    from .base import effective_max_len, load_base, save_finetuned
+    from .base import check_exists, effective_max_len, load_base, require_base, save_finetuned
     from .data import load_preference_data, split_examples
-    from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import batched_evaluation, drop_train_state, fit, run_evaluation
+    from .lora import apply_lora_from_config, check_lora_targets, save_and_merge_lora
+    from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, DPOConfig):
         raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
     config.validate()
+    # these first: a wrong out_dir, data file or reference is told before any model is loaded
+    require_base(config)
+    raw = load_preference_data(config.data)
+    check_run_folder(config)
+    check_exists("reference", config.reference)
     torch.manual_seed(config.seed)
     policy, tokenizer, base_meta = load_base(config)
+    check_lora_targets(policy, config)  # before the reference's log-probs; the adapters come after
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
     reference, reference_sha256 = load_reference(config, policy, tokenizer, base_meta["base_sha256"])
     reference = reference.to(device)
 
     max_len = effective_max_len(config, policy)
-    raw = load_preference_data(config.data)
     encoded = [e for e in (encode_preference(tokenizer, ex, max_len, fmt) for ex in raw) if e is not None]
     if not encoded:
         raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len} "

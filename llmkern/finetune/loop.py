@@ -359,6 +359,29 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
     return saved["counters"]
 
 
+def check_run_folder(config) -> None:
+    """What config.out_dir must hold (open_run's checks; the recipes call it first, before loading a model or
+    encoding data): a fresh start in a folder that holds a run needs overwrite=true, and resume=true needs a
+    training state there."""
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise ValueError(f"out_dir {config.out_dir!r} is a file; the run folder must be a folder (or not exist)")
+    state_dir = train_state_dir(config)
+    if not config.resume:
+        held = ckpt.latest_checkpoint(state_dir) or ckpt.latest_checkpoint(config.out_dir)
+        if held is not None and not config.overwrite:  # a fresh start would delete it: not by accident
+            raise ValueError(f"{config.out_dir!r} already holds a run ({held}); continue a stopped one with "
+                             f"--resume=true, start again with --overwrite=true, or give another --out_dir")
+        return
+    finished = ckpt.latest_checkpoint(config.out_dir)
+    if ckpt.latest_checkpoint(state_dir) is None:
+        if finished is not None:
+            raise ValueError(f"cannot resume {config.out_dir!r}: the run finished (its model: {finished}), and a "
+                             f"finished run's training state is deleted (keep_train_state=true keeps it); start a "
+                             f"new run from it with --base={config.out_dir}")
+        raise FileNotFoundError(f"cannot resume: no training state in {ckpt.checkpoints_dir(state_dir)} "
+                                f"(it is written every ckpt_interval steps)")
+
+
 def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
              ) -> tuple[MetricsLog, dict[str, int] | None, list[dict[str, float]]]:
     """(the metrics log of config.out_dir, the restored counters or None, the evaluations logged so far).
@@ -368,22 +391,14 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     info = distributed.detect()
     log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
     state_dir = train_state_dir(config)
+    check_run_folder(config)
     if not config.resume:
-        held = ckpt.latest_checkpoint(state_dir) or ckpt.latest_checkpoint(config.out_dir)
-        if held is not None and not config.overwrite:  # a fresh start would delete it: not by accident
-            raise ValueError(f"{config.out_dir!r} already holds a run ({held}); continue a stopped one with "
-                             f"--resume=true, start again with --overwrite=true, or give another --out_dir")
         if info.is_main:
             if os.path.exists(log.path):
                 os.remove(log.path)
             shutil.rmtree(state_dir, ignore_errors=True)
         distributed.barrier(info)
         return log, None, []
-    finished = ckpt.latest_checkpoint(config.out_dir)
-    if finished is not None and ckpt.latest_checkpoint(state_dir) is None:
-        raise ValueError(f"cannot resume {config.out_dir!r}: the run finished (its model: {finished}), and a finished "
-                         f"run's training state is deleted (keep_train_state=true keeps it); start a new run from it "
-                         f"with --base={config.out_dir}")
     counters = restore_train_state(state_dir, model, optimizer, position)
     distributed.barrier(info)  # every rank has read the state before rank 0 may write the log
     log.truncate_after(counters["step"])

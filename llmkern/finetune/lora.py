@@ -37,8 +37,8 @@ def check_lora_args(rank: object, alpha: object, dropout: object) -> None:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a number, got {alpha!r}")
-    if not alpha > 0:  # also rejects NaN
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not 0 < alpha < math.inf:  # also rejects NaN; inf would make the scale, and every adapter, NaN
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise TypeError(f"dropout must be a number, got {dropout!r}")
     if not 0 <= dropout < 1:
@@ -119,8 +119,11 @@ def _parse_targets(targets: str | Iterable[str] | None) -> list[str] | None:
     if targets is None:
         return None
     if isinstance(targets, str):
-        targets = [t for t in (part.strip() for part in targets.split(",")) if t]
-        return targets or None  # "" means the default, as FinetuneConfig.lora_targets documents
+        names = [t for t in (part.strip() for part in targets.split(",")) if t]
+        if not names and targets.strip():  # "," names no module: not the default's "" by another spelling
+            raise ValueError(f"targets {targets!r} names no module; give module-name endings, or '' for every "
+                             f"attention and MLP projection")
+        return names or None  # "" means the default, as FinetuneConfig.lora_targets documents
     targets = list(targets)
     if not all(isinstance(t, str) and t for t in targets):
         raise TypeError(f"targets must be module-name endings (non-empty strings), got {targets!r}")
@@ -142,6 +145,17 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
     check_lora_args(rank, alpha, dropout)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; merge_lora(model) first to add new ones")
+    linears, chosen = _chosen_linears(model, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        _set_submodule(model, name, LoRALinear(linears[name], rank, alpha, dropout))
+    return chosen
+
+
+def _chosen_linears(model: nn.Module, targets: str | Iterable[str] | None) -> tuple[dict[str, nn.Linear], list[str]]:
+    """(the linear layers LoRA may wrap, the names of those `targets` picks); a ValueError when a target
+    names no linear layer, or none is picked."""
     wanted = _parse_targets(targets)
     linears = _candidate_linears(model)
     if wanted is None:
@@ -154,12 +168,15 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
         chosen = [n for n in linears if any(_matches(n, t) for t in wanted)]
     if not chosen:
         raise ValueError(f"no linear layer to wrap with LoRA; the model's linear layers are {sorted(linears)}")
+    return linears, chosen
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in chosen:
-        _set_submodule(model, name, LoRALinear(linears[name], rank, alpha, dropout))
-    return chosen
+
+def check_lora_targets(model: nn.Module, config) -> None:
+    """The ValueError that apply_lora_from_config would raise for config.lora_targets on `model`, without
+    wrapping anything: a recipe calls it as soon as the base is loaded, before the data is encoded (and DPO's
+    reference log-probs computed), where the adapters are added later."""
+    if config.lora_rank > 0:
+        _chosen_linears(model, config.lora_targets or None)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -35,7 +35,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,13 +65,16 @@ class PPOConfig(FinetuneConfig):
     lr: float = 1e-5
     min_lr: float = 1e-6
 
+    EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
+
     def validate(self) -> "PPOConfig":
         """The common checks and PPO's; the reward model is checked by run_ppo (it may be passed in)."""
         super().validate()
         if not self.data:
             raise ValueError("data must name a prompt file (.json or .jsonl with instruction and optional input)")
-        if not self.kl_coef >= 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        for name in ("kl_coef", "vf_coef"):  # inf: every reward, or the loss, NaN
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not self.clip_range > 0:
             raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
         if not self.value_clip >= 0:
@@ -82,12 +85,14 @@ class PPOConfig(FinetuneConfig):
         for name in ("ppo_epochs", "rollout_batch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (PPO samples its responses), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # inf: tokens drawn uniformly, whatever the policy says
+            raise ValueError(f"temperature must be a finite number > 0 (PPO samples its responses), got "
+                             f"{self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
-        if not self.vf_coef >= 0:
-            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
+        if self.max_new_tokens >= self.max_len:  # the model's block_size may cut max_len further: run_ppo checks
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in max_len="
+                             f"{self.max_len} tokens")
         return self
 
 
@@ -434,10 +439,16 @@ def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) 
     tokens, keeping the last max_prompt_len tokens of a longer one (its end, e.g. "### Response:", leads
     into the response)."""
     from .data import load_prompt_data
+
+    return encode_prompts(load_prompt_data(path), tokenizer, max_prompt_len, prompt_format)
+
+
+def encode_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_len: int, prompt_format=None) -> list[list[int]]:
+    """load_prompts of examples already read (load_prompt_data)."""
     from .templates import PromptFormat
 
     fmt = prompt_format or PromptFormat()
-    return [tokenizer.encode(fmt.prompt(row))[-max_prompt_len:] for row in load_prompt_data(path)]
+    return [tokenizer.encode(fmt.prompt(row))[-max_prompt_len:] for row in rows]
 
 
 def module_fingerprint(module) -> str | None:
@@ -462,12 +473,12 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     are None on the other ranks)."""
     from ..train.metrics import plot_metrics
     from ..train.schedules import cosine_lr, warn_if_schedule_changed
-    from .base import effective_max_len, load_base, save_finetuned
-    from .data import split_examples
-    from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import (autocast_context, data_parallel_setup, drop_train_state, examples_fingerprint, lora_position,
-                       make_optimizer, micro_batches, open_run, save_train_state, stopped, template_position,
-                       train_state_dir)
+    from .base import check_exists, effective_max_len, load_base, require_base, save_finetuned
+    from .data import load_prompt_data, split_examples
+    from .lora import apply_lora_from_config, check_lora_targets, save_and_merge_lora
+    from .loop import (autocast_context, check_run_folder, data_parallel_setup, drop_train_state,
+                       examples_fingerprint, lora_position, make_optimizer, micro_batches, open_run, save_train_state,
+                       stopped, template_position, train_state_dir)
     from ..train.interrupt import StopOnSignal
     from .templates import settle_template
 
@@ -484,8 +495,15 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")
+    # these first: a wrong out_dir, prompt file or reward model is told before any model is loaded
+    require_base(config)
+    prompt_rows = load_prompt_data(config.data)
+    check_run_folder(config)
+    if reward_model is None:
+        check_exists("reward_model", config.reward_model)
     torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
     policy, tokenizer, base_meta = load_base(config)
+    check_lora_targets(policy, config)  # before the reward model is loaded; the adapters come after
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = policy.device
     info = data_parallel_setup(device)
@@ -520,7 +538,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     wrapped = apply_lora_from_config(policy, config)
     model = PolicyWithValue(policy)
 
-    prompts = load_prompts(config.data, tokenizer, max_total - config.max_new_tokens, fmt)
+    prompts = encode_prompts(prompt_rows, tokenizer, max_total - config.max_new_tokens, fmt)
     train, val = split_examples(prompts, config.val_fraction, config.seed)
     val = val[:MAX_EVAL_PROMPTS]
     if len(train) < info.world_size:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,8 @@ def load_reward_run(run_dir: str, device: str | torch.device = "auto") -> tuple[
 class RewardConfig(FinetuneConfig):
     """FinetuneConfig for a reward model; data is a preference file (instruction, input, chosen, rejected)."""
 
+    EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
+
     def validate(self) -> "RewardConfig":
         super().validate()
         if not self.data:
@@ -163,15 +165,18 @@ def pair_loss_and_metrics(rm: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
-    from .base import effective_max_len, load_base
+    from .base import effective_max_len, load_base, require_base
     from .data import load_preference_data, split_examples
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import batched_evaluation, drop_train_state, fit, run_evaluation
+    from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, RewardConfig):
         raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
     config.validate()
+    require_base(config)  # these first: a wrong data file or out_dir is told before the base is loaded
+    raw = load_preference_data(config.data)
+    check_run_folder(config)
     torch.manual_seed(config.seed)
     body, tokenizer, base_meta = load_base(config, language_model=False)
     config, fmt = settle_template(config, base_meta)  # saved with the run: a judge formats prompts the same way
@@ -180,7 +185,6 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     wrapped = apply_lora_from_config(rm.body, config)  # adapters on the body; the new head trains in full
 
     max_len = effective_max_len(config, body)
-    raw = load_preference_data(config.data)
     pairs = []
     for ex in raw:
         prompt = fmt.prompt(ex)

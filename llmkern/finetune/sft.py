@@ -22,14 +22,14 @@ import torch
 from .._atomic import write_json_atomic
 from ..eval.logprobs import token_logprobs
 from ..train import distributed
-from .base import effective_max_len, load_base, save_finetuned
+from .base import effective_max_len, load_base, require_base, save_finetuned
 from .config import FinetuneConfig
 from .data import (
     IGNORE, encode_prompt_response, load_instruction_data, make_lm_batch, make_packed_batch, pack_examples,
     split_examples,
 )
-from .lora import apply_lora_from_config, lora_info, save_and_merge_lora, trainable_parameters
-from .loop import drop_train_state, fit, to_device
+from .lora import apply_lora_from_config, check_lora_targets, lora_info, save_and_merge_lora, trainable_parameters
+from .loop import check_run_folder, drop_train_state, fit, to_device
 from .templates import PromptFormat, respond, settle_template
 
 EVAL_TRAIN_EXAMPLES = 128  # the training loss before/after is measured on this many training examples
@@ -52,6 +52,12 @@ class SFTConfig(FinetuneConfig):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         return self
+
+    def unread_settings(self) -> dict[str, str]:
+        unread = super().unread_settings()
+        if self.num_samples == 0 and self.max_new_tokens != SFTConfig.max_new_tokens:
+            unread["max_new_tokens"] = "num_samples=0 answers no instruction"
+        return unread
 
 
 def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool = True,
@@ -112,13 +118,16 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     if not isinstance(config, SFTConfig):
         raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
     config.validate()
+    require_base(config)  # these first: a wrong data file or out_dir is told before the base is loaded
+    examples = load_instruction_data(config.data)
+    check_run_folder(config)
     torch.manual_seed(config.seed)
     model, tokenizer, base_meta = load_base(config)
+    check_lora_targets(model, config)  # before the data is encoded; the adapters come after
     config, fmt = settle_template(config, base_meta)  # saved below with the settings
     max_len = effective_max_len(config, model)
     pad_id = tokenizer.eot_token  # any id: padding is on the right and never a target
 
-    examples = load_instruction_data(config.data)
     train_examples, val_examples = split_examples(examples, config.val_fraction, config.seed)
     train, dropped_train = encode_examples(train_examples, tokenizer, max_len, config.mask_prompt, fmt)
     val, dropped_val = encode_examples(val_examples, tokenizer, max_len, config.mask_prompt, fmt)
