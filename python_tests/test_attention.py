@@ -193,6 +193,14 @@ def test_triton_interpreter_matches_reference(s, d, causal, dtype):
     check_against_reference("triton", 1, 4, 2, s, s, d, dtype, causal, CPU)
 
 
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [96, 128, 256])  # 96: no power of 2, a padded tile; 256: Triton's alone
+def test_triton_interpreter_other_head_dims(d, causal, dtype):
+    check_against_reference("triton", 2, 4, 2, 37, 37, d, dtype, causal, CPU)
+
+
 @pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (3, 3)])
 def test_cpu_gqa_and_mha(backend, dtype, d, atol, hq, hkv):
@@ -294,27 +302,37 @@ def test_torch_backend_queries_that_see_no_key():
     check_queries_that_see_no_key("torch", 20, 7, 32, torch.float32, CPU, atol=1e-5)
 
 
-def check_kernels_write_every_output(backend, device, b, hq, hkv, s, d, dtype):
+def check_kernels_write_every_output(backend, device, b, hq, hkv, s, d, dtype, causal=True, sk=None, docs=False):
     """The backend's kernels called directly on NaN-filled outputs: an element they skip stays NaN and
-    fails. The fp32 lse (which the op does not return) is checked against float64 too."""
+    fails. s query rows over sk keys (s by default); with causal and s > sk the first s - sk rows see no
+    key, and must be written as zeros (o and dq) all the same. The fp32 lse (which the op does not
+    return) is checked against float64 on the rows that see a key, o on every row."""
     kernels = importlib.import_module(f"llmkern.{backend}.attention")
-    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, s, d, dtype, device))
+    sk = s if sk is None else sk
+    q, k, v = (t.detach() for t in _make_qkv(b, hq, hkv, s, sk, d, dtype, device))
+    doc_ids = _random_doc_ids(b, s, device).to(torch.int32) if docs else None
     o = torch.full_like(q, float("nan")).contiguous()
     lse = torch.full((b, hq, s), float("nan"), device=device)
-    kernels.forward(q, k, v, None, True, d**-0.5, o, lse)
+    kernels.forward(q, k, v, doc_ids, causal, d**-0.5, o, lse)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    kernels.backward(torch.randn_like(o), q, k, v, o, lse, None, True, d**-0.5, dq, dk, dv)
+    kernels.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, causal, d**-0.5, dq, dk, dv)
     for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert not torch.isnan(t).any(), f"{backend}: {name} has unwritten (NaN) elements"
+    visible = _visibility_mask(s, sk, causal, doc_ids, device).expand(b, 1, s, sk)
+    seen = visible.any(dim=-1).expand(b, hq, s)  # the rows that see at least one key
+    assert torch.all(o[~seen] == 0) and torch.all(dq[~seen] == 0), f"{backend}: a row that sees no key is not zero"
     scores = q.double() @ k.double().transpose(-2, -1).repeat_interleave(hq // hkv, dim=1) * d**-0.5
-    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
-    ref_lse = torch.logsumexp(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    ref_lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-5, rtol=1e-5)
+    ref_o = reference.attention(q.double(), k.double(), v.double(), causal=causal, doc_ids=doc_ids)
+    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-4 if dtype == torch.float32 else 5e-2)
 
 
 @interp
-def test_triton_interpreter_writes_every_output():
-    check_kernels_write_every_output("triton", "cpu", 1, 2, 1, 21, 32, torch.float32)
+@pytest.mark.parametrize("s,sk,causal,docs", [(21, 21, True, False), (21, 7, True, False), (7, 21, True, False),
+                                              (21, 21, False, True)])
+def test_triton_interpreter_writes_every_output(s, sk, causal, docs):
+    check_kernels_write_every_output("triton", "cpu", 1, 2, 1, s, 32, torch.float32, causal=causal, sk=sk, docs=docs)
 
 
 @pytest.mark.parametrize("backend,dtype,d,atol", CPU_KERNELS)
@@ -556,38 +574,148 @@ def test_doc_ids_from_cu_seqlens():
 # --- bad input ----------------------------------------------------------------------------------
 
 
-def _qkv(hq=4, hkv=2, s=8, d=32, dtype=torch.float32, b=1):
-    return (torch.randn(b, hq, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype),
-            torch.randn(b, hkv, s, d, dtype=dtype))
+def _qkv(hq=4, hkv=2, s=8, d=32, dtype=torch.float32, b=1, device="cpu"):
+    on = dict(dtype=dtype, device=device)
+    return torch.randn(b, hq, s, d, **on), torch.randn(b, hkv, s, d, **on), torch.randn(b, hkv, s, d, **on)
 
 
-def test_rejects_heads_not_divisible():
-    with pytest.raises(ValueError, match="multiple"):
-        attention(*_qkv(hq=3, hkv=2), backend="torch")
+# Each bad input is refused on every backend, with tensors where that backend runs, of a dtype and head
+# dim it takes (so that the check under test, not a backend limit, is what refuses them): the checks
+# must come before any backend's dispatch, never only on the torch path.
+CHECKED = [
+    pytest.param("torch", "cpu", torch.float32, 32, id="torch"),
+    pytest.param("triton", "cuda" if HAS_CUDA else "cpu", torch.float16, 32, marks=() if HAS_CUDA else interp,
+                 id="triton"),
+    pytest.param("cuda", "cuda", torch.float16, 64, marks=pytest.mark.cuda, id="cuda"),
+    pytest.param("cuda", "cpu", torch.float16, 64, marks=emulated, id="cuda-simt"),
+]
 
 
-def test_rejects_bad_dtypes():
-    q, k, v = _qkv()
-    with pytest.raises(TypeError, match="dtype"):
-        attention(q.double(), k.double(), v.double(), backend="torch")
+@pytest.fixture
+def qkv_for(request):
+    """For a CHECKED test: qkv_for(**changes) gives q, k, v that its backend runs, but for the changes."""
+    backend, device, dtype, d = (request.node.callspec.params[n] for n in ("backend", "device", "dtype", "d"))
+    require_backend(backend, device)
+
+    def make(**changes):
+        return _qkv(**{"d": d, "dtype": dtype, "device": device, **changes})
+
+    attention(*make(), backend=backend)  # the good inputs run: what a test changes is what is refused
+    return make
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_heads_not_divisible(backend, device, dtype, d, qkv_for):
+    with pytest.raises(ValueError, match=r"q's heads \(3\) must be a multiple of k's and v's heads \(2\)"):
+        attention(*qkv_for(hq=3, hkv=2), backend=backend)
+    with pytest.raises(ValueError, match=r"q's heads \(2\) must be a multiple of k's and v's heads \(4\)"):
+        attention(*qkv_for(hq=2, hkv=4), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_bad_dtypes(backend, device, dtype, d, qkv_for):
+    q, k, v = qkv_for()
+    with pytest.raises(TypeError, match="q must have dtype float32, float16, bfloat16; got float64"):
+        attention(q.double(), k.double(), v.double(), backend=backend)
+    with pytest.raises(TypeError, match="q must have dtype .*; got int32"):
+        attention(q.int(), k.int(), v.int(), backend=backend)
+    other = torch.bfloat16 if dtype != torch.bfloat16 else torch.float16
     with pytest.raises(TypeError, match="k must have q's dtype"):
-        attention(q, k.half(), v, backend="torch")
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        attention(q.numpy(), k, v, backend="torch")
+        attention(q, k.to(other), v, backend=backend)
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        attention(q, k, v.to(other), backend=backend)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        attention(q.tolist(), k, v, backend=backend)
 
 
-def test_rejects_mismatched_shapes():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="batch"):
-        attention(q, k[:0], v[:0], backend="torch")
-    with pytest.raises(ValueError, match="head dim"):
-        attention(q, k[..., :16], v[..., :16], backend="torch")
-    with pytest.raises(ValueError, match="sequence length"):
-        attention(q, k, v[:, :, :5], backend="torch")
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_mismatched_shapes(backend, device, dtype, d, qkv_for):
+    q, k, v = qkv_for()
+    with pytest.raises(ValueError, match="one batch size"):
+        attention(q, k[:0], v[:0], backend=backend)
+    with pytest.raises(ValueError, match="one batch size"):
+        attention(q, k, v[:0], backend=backend)
+    with pytest.raises(ValueError, match="one head dim"):
+        attention(q, k[..., :16], v[..., :16], backend=backend)
+    with pytest.raises(ValueError, match="one head dim"):
+        attention(q, k, v[..., :16], backend=backend)
+    with pytest.raises(ValueError, match="same sequence length"):
+        attention(q, k, v[:, :, :5], backend=backend)
     with pytest.raises(ValueError, match="4-D"):
-        attention(q[0], k[0], v[0], backend="torch")
+        attention(q[0], k[0], v[0], backend=backend)
     with pytest.raises(ValueError, match="same number of heads"):
-        attention(q, k, v[:, :1], backend="torch")
+        attention(q, k, v[:, :1], backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_mixed_devices(backend, device, dtype, d, qkv_for):
+    """Any one tensor on another device (meta stands for one on a machine with a single device)."""
+    q, k, v = qkv_for()
+    meta = {name: t.to("meta") for name, t in (("q", q), ("k", k), ("v", v))}
+    for args, message in (((meta["q"], k, v), f"k is on {device}.* but q is on meta"),
+                          ((q, meta["k"], v), f"k is on meta but q is on {device}"),
+                          ((q, k, meta["v"]), f"v is on meta but q is on {device}")):
+        with pytest.raises(ValueError, match=message):
+            attention(*args, backend=backend)
+    with pytest.raises(ValueError, match=f"doc_ids is on meta but q is on {device}"):
+        attention(q, k, v, backend=backend, doc_ids=torch.zeros(1, 8, dtype=torch.int64, device="meta"))
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_an_empty_head_dim(backend, device, dtype, d, qkv_for):
+    """D = 0 has no default scale (1 / sqrt(0)): a ValueError naming the head dim, not a ZeroDivisionError."""
+    with pytest.raises(ValueError, match="head dim"):
+        attention(*qkv_for(d=0), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_non_contiguous_last_dim(backend, device, dtype, d, qkv_for):
+    q, k, v = qkv_for(s=d)  # square (S, D) matrices, so that a transposed one has the right shape
+    for name, args in (("q", (q.transpose(2, 3), k, v)), ("k", (q, k.transpose(2, 3), v)),
+                       ("v", (q, k, v.transpose(2, 3)))):
+        with pytest.raises(ValueError, match=f"{name} must be contiguous in its last dimension"):
+            attention(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_bad_doc_masks(backend, device, dtype, d, qkv_for):
+    q, k, v = qkv_for()
+    on = dict(device=q.device)
+    with pytest.raises(ValueError, match="shape"):
+        attention(q, k, v, backend=backend, doc_ids=torch.zeros(1, 7, dtype=torch.int64, **on))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        attention(q, k, v, backend=backend, doc_ids=torch.zeros(1, 8, **on))
+    with pytest.raises(ValueError, match="one sequence length"):
+        attention(q, k[:, :, :5], v[:, :, :5], backend=backend, doc_ids=torch.zeros(1, 8, dtype=torch.int64, **on))
+    with pytest.raises(ValueError, match="start at 0 and end"):
+        attention(q, k, v, backend=backend, cu_seqlens=torch.tensor([0, 3, 7], **on))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention(q, k, v, backend=backend, cu_seqlens=torch.tensor([0, 5, 3, 8], **on))
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype int32 or int64"):
+        attention(q, k, v, backend=backend, cu_seqlens=torch.tensor([0.0, 8.0], **on))
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, backend=backend, doc_ids=torch.zeros(1, 8, dtype=torch.int64, **on),
+                  cu_seqlens=torch.tensor([0, 8], **on))
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", CHECKED)
+def test_rejects_bad_scale_and_causal(backend, device, dtype, d, qkv_for):
+    with pytest.raises(ValueError, match="scale"):
+        attention(*qkv_for(), scale=-1.0, backend=backend)
+    with pytest.raises(TypeError, match="causal"):
+        attention(*qkv_for(), causal="yes", backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype,d", [p for p in CHECKED if p.values[0] != "torch"])
+def test_kernel_backends_reject_unsupported_head_dims_and_dtypes(backend, device, dtype, d, qkv_for):
+    unsupported = [16, 48] + ([256] if backend == "cuda" else [])  # Triton has D = 256 kernels, CUDA not
+    for head_dim in unsupported:
+        with pytest.raises(ValueError, match=rf"backend '{backend}' supports head dims \(.*\); got {head_dim}"):
+            attention(*qkv_for(d=head_dim), backend=backend)
+    if backend == "cuda":  # tensor-core kernels only: fp32 is for the reference and Triton
+        with pytest.raises(TypeError, match="q, k and v must have dtype float16, bfloat16 for backend 'cuda'; "
+                                            "got torch.float32"):
+            attention(*qkv_for(dtype=torch.float32), backend=backend)
 
 
 @pytest.mark.parametrize("sizes, error, match", [
@@ -603,50 +731,11 @@ def test_module_rejects_bad_head_counts(sizes, error, match):
         CausalSelfAttention(*sizes)
 
 
-def test_rejects_an_empty_head_dim():
-    """D = 0 has no default scale (1 / sqrt(0)): a ValueError naming the head dim, not a ZeroDivisionError."""
-    q, k, v = _qkv(d=0)
-    with pytest.raises(ValueError, match="head dim"):
-        attention(q, k, v, backend="torch")
-
-
-def test_rejects_non_contiguous_last_dim():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="last dimension"):
-        attention(q.transpose(2, 3), k, v, backend="torch")
-
-
-def test_rejects_bad_doc_masks():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="shape"):
-        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 7, dtype=torch.int64))
-    with pytest.raises(TypeError, match="int32 or int64"):
-        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="start at 0 and end"):
-        attention(q, k, v, backend="torch", cu_seqlens=torch.tensor([0, 3, 7]))
-    with pytest.raises(ValueError, match="non-decreasing"):
-        attention(q, k, v, backend="torch", cu_seqlens=torch.tensor([0, 5, 3, 8]))
-    with pytest.raises(ValueError, match="not both"):
-        attention(q, k, v, backend="torch", doc_ids=torch.zeros(1, 8, dtype=torch.int64),
-                  cu_seqlens=torch.tensor([0, 8]))
-
-
-def test_rejects_bad_scale_and_causal():
-    with pytest.raises(ValueError, match="scale"):
-        attention(*_qkv(), scale=-1.0, backend="torch")
-    with pytest.raises(TypeError, match="causal"):
-        attention(*_qkv(), causal="yes", backend="torch")
-
-
-@interp
-def test_triton_rejects_unsupported_head_dim():
-    with pytest.raises(ValueError, match="head dims"):
-        attention(*_qkv(d=48), backend="triton")
-
-
-def test_cuda_backend_needs_gpu_tensors():
-    with pytest.raises(ValueError, match="cuda"):
-        attention(*_qkv(), backend="cuda")
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="without a GPU Triton runs CPU tensors in its interpreter"))])
+def test_gpu_backends_need_gpu_tensors(backend):
+    with pytest.raises(ValueError, match=f"backend='{backend}' cannot run attention: the tensors are on cpu"):
+        attention(*_qkv(d=64, dtype=torch.float16), backend=backend)
 
 
 @pytest.mark.skipif(not _backend.cuda_has("attention"), reason="llmkern._cuda has no attention kernels")
@@ -682,23 +771,11 @@ def test_cuda_launchers_check_sizes_before_touching_memory(bad):
 
 
 @pytest.mark.cuda
-def test_rejects_mixed_devices():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="device"):
-        attention(q.cuda(), k, v.cuda())
-
-
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda, id="gpu"),
-                                    pytest.param("cpu", marks=emulated, id="simt")])
-def test_cuda_backend_rejects_fp32_and_head_dim(device):
-    if not _backend.cuda_has("attention"):
-        pytest.skip("llmkern._cuda has no attention kernels")
-    q, k, v = (t.to(device) for t in _qkv(d=64))
-    with pytest.raises(TypeError, match="dtype"):
-        attention(q, k, v, backend="cuda")
-    q, k, v = (t.to(device).half() for t in _qkv(d=48))
-    with pytest.raises(ValueError, match="head dims"):
-        attention(q, k, v, backend="cuda")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+def test_gpu_rejects_cpu_and_gpu_tensors_together(backend):
+    q, k, v = _qkv(d=64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k is on cpu but q is on cuda"):
+        attention(q.cuda(), k, v.cuda(), backend=backend)
 
 
 # --- the full matrix on a GPU; the CUDA kernels in the emulator at small sizes ------------------
@@ -885,6 +962,20 @@ def test_gpu_triton_other_head_dims(d):
 def test_kernels_write_every_output(backend, device, shape):
     require_backend(backend, device)
     check_kernels_write_every_output(backend, device, *shape, torch.bfloat16)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, documents): rows that see no key (causal, Sq > Sk), Sq < Sk, and
+# document masks without the causal one, each with partial tiles.
+@pytest.mark.parametrize("backend,device,case", kernel_runs(
+    gpu=[(2, 4, 2, 1001, 300, 64, True, False), (2, 4, 2, 300, 1001, 64, True, False),
+         (2, 4, 2, 1001, 1001, 128, False, True)],
+    emulator=[(1, 2, 1, 100, 17, 64, True, False), (1, 2, 1, 17, 100, 64, True, False),
+              (1, 2, 1, 73, 73, 64, False, True)]))
+def test_kernels_write_every_output_of_masked_rows(backend, device, case):
+    require_backend(backend, device)
+    b, hq, hkv, sq, sk, d, causal, docs = case
+    check_kernels_write_every_output(backend, device, b, hq, hkv, sq, d, torch.bfloat16, causal=causal, sk=sk,
+                                     docs=docs)
 
 
 @emulated

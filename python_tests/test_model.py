@@ -238,12 +238,15 @@ def test_dropout_is_active_in_training_only():
 # --- backends -------------------------------------------------------------------------------------
 
 
-def test_triton_backend_matches_torch_backend_in_the_interpreter():
-    kernels = [op for op in ("rms_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_triton_backend_matches_torch_backend_in_the_interpreter(variant):
+    """gpt2: LayerNorm with bias, learned positions, GELU, multi-head; llama: RMSNorm, RoPE, SwiGLU, MQA."""
+    kernels = [op for op in ("rms_norm", "layer_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
     if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
         pytest.skip("no Triton kernels that run here")
     # fp32 (the interpreter's bf16 dot is wrong); head dim 32, one of the Triton attention sizes.
-    overrides = dict(VARIANTS["llama"], n_embd=64, n_head=2, n_kv_head=1, n_layer=1, block_size=16)
+    overrides = dict(VARIANTS[variant], n_embd=64, n_head=2, n_kv_head=1 if variant == "llama" else 2, n_layer=1,
+                     block_size=16)
     reference = GPT(tiny(**overrides, backend="torch"))
     model = GPT(tiny(**overrides, backend="triton", fused_loss=False))  # logits too (fused: test_fused_linear_cross_entropy)
     model.load_state_dict(reference.state_dict())

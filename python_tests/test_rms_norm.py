@@ -185,25 +185,41 @@ def test_module_under_autocast_needs_no_cast_kernels(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("hidden", [123, 768, 20000])
-def test_kernels_write_every_element(backend, device, hidden):
-    """Outputs pre-filled with NaN: an element a kernel never writes fails the comparison."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("hidden", [1, 123, 768, 20000, 65536])  # the sizes' edges, scalar, packed, looped
+def test_kernels_write_every_element(backend, device, dtype, with_residual, hidden):
+    """Outputs pre-filled with NaN: an element a kernel never writes fails the comparison. Forward
+    with and without the fused residual; backward with and without the residual stream's gradient."""
     kernels = importlib.import_module(f"llmkern.{backend}.rms_norm")
-    x, w, r = _make(6, hidden, torch.bfloat16, device, True)
+    x, w, r = _make(6, hidden, dtype, device, with_residual)
     y = torch.full_like(x, float("nan"))
-    h = torch.full_like(x, float("nan"))
+    h = torch.full_like(x, float("nan")) if with_residual else None
     kernels.forward(x, w, r, EPS, y, h)
-    y_ref, h_ref = reference.rms_norm(x, w, EPS, residual=r)
-    assert not y.isnan().any() and not h.isnan().any()
-    assert_close_to_ref(y, reference.rms_norm((x + r).double(), w.double(), EPS), y_ref, "y")
-    # Exact on a GPU; the interpreter rounds fp32 -> bf16 its own way, so allow the rule's slack.
-    assert_close_to_ref(h, x.double() + r.double(), h_ref, "h")
+    assert not y.isnan().any() and (h is None or not h.isnan().any())
+    h_exact = x.double() + r.double() if with_residual else x.double()
+    y_ref, h_ref = reference.rms_norm(x, w, EPS, residual=r) if with_residual else (reference.rms_norm(x, w, EPS), x)
+    assert_close_to_ref(y, reference.rms_norm(h_exact, w.double(), EPS), y_ref, "y")
+    if with_residual:
+        # Exact on a GPU; the interpreter rounds fp32 -> bf16 its own way, so allow the rule's slack.
+        assert_close_to_ref(h, h_exact, h_ref, "h")
+    else:
+        h = x
 
     dy = torch.randn_like(x)
+    extra = torch.randn_like(x) if with_residual else None
     dh = torch.full_like(x, float("nan"))
     dw = torch.full_like(w, float("nan"))
-    kernels.backward(dy, h, w, None, EPS, dh, dw)
+    kernels.backward(dy, h, w, extra, EPS, dh, dw)
     assert not dh.isnan().any() and not dw.isnan().any()
+    _, grads64 = _run_with_grads(lambda h, w, _: reference.rms_norm(h, w, EPS), h.double(), w.double(), None,
+                                 dy.double(), None)
+    _, grads_lp = _run_with_grads(lambda h, w, _: reference.rms_norm(h, w, EPS), h, w, None, dy, None)
+    if extra is not None:
+        grads64[0] = grads64[0] + extra.double()
+        grads_lp[0] = grads_lp[0] + extra
+    assert_close_to_ref(dh, grads64[0], grads_lp[0], "dh")
+    assert_close_to_ref(dw, grads64[1], grads_lp[1], "dweight")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -311,64 +327,94 @@ def test_auto_is_torch_on_cpu_tensors():
 
 
 # ----------------------------------------------------------------------------- bad input
+# Each bad input is refused on every backend, with tensors where that backend runs (the checks must
+# come before any backend's dispatch, never only on the torch path).
+CHECKED = [pytest.param("torch", "cpu", id="torch")] + BACKENDS
+
+
 def _bad(exc, match, x, w, **kw):
     with pytest.raises(exc, match=match):
         llmkern.ops.rms_norm(x, w, **kw)
 
 
-def test_rejects_integer_and_complex_dtypes():
-    _bad(TypeError, "x must have dtype", torch.ones(2, 4, dtype=torch.int64), torch.ones(4))
-    _bad(TypeError, "x must have dtype", torch.ones(2, 4, dtype=torch.complex64), torch.ones(4))
-    _bad(TypeError, "weight must have dtype", torch.ones(2, 4), torch.ones(4, dtype=torch.int32))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_integer_and_complex_dtypes(backend, device):
+    ones = lambda *shape, **kw: torch.ones(*shape, device=device, **kw)  # noqa: E731
+    _bad(TypeError, "x must have dtype", ones(2, 4, dtype=torch.int64), ones(4), backend=backend)
+    _bad(TypeError, "x must have dtype", ones(2, 4, dtype=torch.complex64), ones(4), backend=backend)
+    _bad(TypeError, "weight must have dtype", ones(2, 4), ones(4, dtype=torch.int32), backend=backend)
+    _bad(TypeError, "residual must have dtype", ones(2, 4), ones(4), residual=ones(2, 4, dtype=torch.complex64),
+         backend=backend)
 
 
-def test_rejects_weight_of_wrong_shape_or_dtype():
-    _bad(ValueError, r"weight must have shape \(4,\)", torch.ones(2, 4), torch.ones(5))
-    _bad(ValueError, r"weight must have shape \(4,\)", torch.ones(2, 4), torch.ones(1, 4))
-    _bad(TypeError, "weight must have x's dtype", torch.ones(2, 4, dtype=torch.float16),
-         torch.ones(4, dtype=torch.bfloat16))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_weight_of_wrong_shape_or_dtype(backend, device):
+    ones = lambda *shape, **kw: torch.ones(*shape, device=device, **kw)  # noqa: E731
+    _bad(ValueError, r"weight must have shape \(4,\)", ones(2, 4), ones(5), backend=backend)
+    _bad(ValueError, r"weight must have shape \(4,\)", ones(2, 4), ones(1, 4), backend=backend)
+    _bad(TypeError, "weight must have x's dtype", ones(2, 4, dtype=torch.float16), ones(4, dtype=torch.bfloat16),
+         backend=backend)
 
 
-def test_rejects_bad_residual_and_eps():
-    _bad(ValueError, "residual must have x's shape", torch.ones(2, 4), torch.ones(4), residual=torch.ones(3, 4))
-    _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4), torch.ones(4),
-         residual=torch.ones(2, 4, dtype=torch.float16))
-    _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4, dtype=torch.float16), torch.ones(4),
-         residual=torch.ones(2, 4, dtype=torch.bfloat16))
-    _bad(ValueError, "eps must be > 0", torch.ones(2, 4), torch.ones(4), eps=-1.0)
-    _bad(TypeError, "x must be a torch.Tensor", [[1.0]], torch.ones(1))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_bad_residual_and_eps(backend, device):
+    ones = lambda *shape, **kw: torch.ones(*shape, device=device, **kw)  # noqa: E731
+    _bad(ValueError, "residual must have x's shape", ones(2, 4), ones(4), residual=ones(3, 4), backend=backend)
+    _bad(TypeError, "residual must have x's dtype", ones(2, 4), ones(4), residual=ones(2, 4, dtype=torch.float16),
+         backend=backend)
+    _bad(TypeError, "residual must have x's dtype", ones(2, 4, dtype=torch.float16), ones(4),
+         residual=ones(2, 4, dtype=torch.bfloat16), backend=backend)
+    _bad(ValueError, "residual must be contiguous in its last dimension", ones(4, 4), ones(4),
+         residual=ones(4, 4).t(), backend=backend)
+    _bad(ValueError, "eps must be > 0", ones(2, 4), ones(4), eps=-1.0, backend=backend)
+    _bad(ValueError, "eps must be > 0", ones(2, 4), ones(4), eps=float("nan"), backend=backend)
+    _bad(TypeError, "x must be a torch.Tensor", [[1.0]], ones(1), backend=backend)
 
 
-def test_rejects_out_dtype_that_is_not_autocasts():
-    half = torch.ones(2, 4, dtype=torch.float16)
-    _bad(TypeError, "out_dtype must be None", half, torch.ones(4), out_dtype=torch.float32)
-    _bad(TypeError, "out_dtype must be None", half, torch.ones(4), out_dtype=torch.bfloat16)
-    _bad(TypeError, "out_dtype must be None", torch.ones(2, 4), torch.ones(4), out_dtype=torch.float64)
-    _bad(TypeError, r"weight must have residual's dtype \(torch.float32\)", half, torch.ones(4).half(),
-         residual=torch.ones(2, 4))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_out_dtype_that_is_not_autocasts(backend, device):
+    ones = lambda *shape, **kw: torch.ones(*shape, device=device, **kw)  # noqa: E731
+    half = ones(2, 4, dtype=torch.float16)
+    _bad(TypeError, "out_dtype must be None", half, ones(4), out_dtype=torch.float32, backend=backend)
+    _bad(TypeError, "out_dtype must be None", half, ones(4), out_dtype=torch.bfloat16, backend=backend)
+    _bad(TypeError, "out_dtype must be None", ones(2, 4), ones(4), out_dtype=torch.float64, backend=backend)
+    _bad(TypeError, r"weight must have residual's dtype \(torch.float32\)", half, ones(4).half(),
+         residual=ones(2, 4), backend=backend)
 
 
-def test_rejects_mixed_devices():
-    _bad(ValueError, "weight is on meta but x is on cpu", torch.ones(2, 4), torch.ones(4, device="meta"))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_mixed_devices(backend, device):
+    x, w = torch.ones(2, 4, device=device), torch.ones(4, device=device)
+    _bad(ValueError, f"weight is on meta but x is on {device}", x, torch.ones(4, device="meta"), backend=backend)
+    _bad(ValueError, f"residual is on meta but x is on {device}", x, w, residual=torch.ones(2, 4, device="meta"),
+         backend=backend)
 
 
-def test_rejects_cpu_tensor_with_cuda_backend():
-    _bad(ValueError, "backend='cuda' cannot run rms_norm", torch.ones(2, 4), torch.ones(4), backend="cuda")
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="without a GPU Triton runs CPU tensors in its interpreter"))])
+def test_rejects_cpu_tensor_with_gpu_backend(backend):
+    _bad(ValueError, f"backend='{backend}' cannot run rms_norm", torch.ones(2, 4), torch.ones(4), backend=backend)
 
 
 def test_rejects_unknown_backend():
     _bad(ValueError, "backend must be one of", torch.ones(2, 4), torch.ones(4), backend="fastest")
 
 
-def test_rejects_non_contiguous_last_dim():
-    x = torch.ones(4, 6).t()  # last-dim stride 6
-    _bad(ValueError, "x must be contiguous in its last dimension", x, torch.ones(4))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_non_contiguous_last_dim(backend, device):
+    x = torch.ones(4, 6, device=device).t()  # last-dim stride 6
+    _bad(ValueError, "x must be contiguous in its last dimension", x, torch.ones(4, device=device), backend=backend)
+    w = torch.ones(8, device=device)[::2]  # the weight is read as a plain vector
+    _bad(ValueError, "weight must be contiguous", torch.ones(2, 4, device=device), w, backend=backend)
 
 
-def test_rejects_hidden_size_over_limit():
-    x = torch.empty(1, MAX_HIDDEN + 1, device="meta")
-    _bad(ValueError, "hidden size", x, torch.empty(MAX_HIDDEN + 1, device="meta"))
-    _bad(ValueError, "at least one dimension", torch.tensor(1.0), torch.ones(1))
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_hidden_size_over_limit(backend, device):
+    x = torch.ones(1, MAX_HIDDEN + 1, device=device)
+    _bad(ValueError, "hidden size", x, torch.ones(MAX_HIDDEN + 1, device=device), backend=backend)
+    _bad(ValueError, "hidden size", x[:, :0], torch.ones(0, device=device), backend=backend)
+    _bad(ValueError, "at least one dimension", torch.tensor(1.0, device=device), torch.ones(1, device=device),
+         backend=backend)
 
 
 def test_triton_kernels_build_for_sm80_and_sm90():

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 
@@ -592,13 +593,26 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(saved_run, tmp_path):
     with pytest.raises(ValueError, match="damaged: cannot read model.safetensors"):
         ckpt.load_checkpoint(path)
 
-    # a pickle in place of the tensors is refused, never unpickled
+    # a pickle in place of the tensors (the model's or the optimizer's) is refused, never unpickled
     marker = tmp_path / "unpickled"
     with open(model_file, "wb") as f:
-        pickle.dump(_WritesAFileWhenUnpickled(str(marker)), f)
-    with pytest.raises(ValueError, match="damaged"):
-        ckpt.load_checkpoint(path)
-    assert not marker.exists()
+        f.write(data)
+    for name in ("model.safetensors", "state.safetensors"):
+        file = os.path.join(path, name)
+        shutil.copy(file, str(tmp_path / name))
+        with open(file, "wb") as f:
+            pickle.dump(_WritesAFileWhenUnpickled(str(marker)), f)
+        with pytest.raises(ValueError, match=f"damaged: cannot read {name}"):
+            ckpt.load_checkpoint(path)
+        assert not marker.exists()
+        shutil.copy(str(tmp_path / name), file)
+    assert ckpt.load_checkpoint(path).step == 2
+    # a file missing from the folder is named
+    for name in ("model.safetensors", "state.safetensors"):
+        os.replace(os.path.join(path, name), str(tmp_path / name))
+        with pytest.raises(FileNotFoundError, match=f"incomplete: {name} is missing"):
+            ckpt.load_checkpoint(path)
+        os.replace(str(tmp_path / name), os.path.join(path, name))
 
     with open(os.path.join(path, "meta.json"), "w") as f:
         f.write("{not json")
@@ -956,6 +970,26 @@ def test_stdlib_corpus_is_deterministic_and_capped(tmp_path):
     assert manifest["splits"]["train"][0]["tokens"] < 0.9 * sum(len(d.encode()) for d in docs)  # merges compress
     with pytest.raises(ValueError, match="bpe:<N>"):
         prepare_corpus_shards(str(tmp_path / "bad"), "bpe:lots", 200_000)
+
+
+def test_the_main_job_trains_on_the_builtin_corpus(tmp_path, capsys):
+    """`llmkern train` with neither data nor a config file, the README's main job cut short: the standard
+    library's sources, a BPE trained on them (the CPU default), a falling validation loss, the run folder
+    and a sample."""
+    from llmkern.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", f"--out_dir={run}", "--device=cpu", "--max_steps=6", "--corpus_max_bytes=300000",
+                 "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--eval_interval=3", "--eval_steps=1",
+                 "--warmup_steps=1", "--lr=1e-2", "--progress=false", "--samples=1"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"([0-9.]+) \(step \d+\)", out)]
+    assert len(losses) == 3 and losses[-1] < losses[0], out
+    assert "--- sample 1 (prompt 'def ') ---" in out
+    assert load_manifest(str(tmp_path / "data" / "stdlib-bpe_2048-300000"))["n_vocab"] == 2048
+    assert ckpt.load_checkpoint(str(run)).step == 6
+    for name in ("metrics.jsonl", "loss.png", "lr.png", "throughput.png"):
+        assert os.path.getsize(run / name) > 0, name
 
 
 def test_bench_train_dry_run_on_cpu(capsys):
