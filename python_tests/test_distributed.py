@@ -1,8 +1,12 @@
 """Two gloo processes (DDP or FSDP2) train like one process at the same global batch, and resume exactly,
 each rank with its own RNG states."""
 
+import ctypes
+import hashlib
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.multiprocessing as mp
 from llmkern.data.shards import tokenize_documents
 from llmkern.train import TrainConfig, Trainer
 from llmkern.train import checkpoint as ckpt
+from llmkern.train import distributed
 from llmkern.train.metrics import read_metrics
 
 from test_train import TINY_MODEL, synthetic_documents
@@ -43,7 +48,6 @@ def _dropout_worker(rank, port, tmp, data_dir, parallel):
     """Train 5 steps with dropout, each rank drawing its own masks; keep that run's log and last
     checkpoint; then resume the run from its step-3 checkpoint in the same processes."""
     spawned.enter(rank, port)
-    from llmkern.train import distributed
 
     run = os.path.join(tmp, "run")
     trainer = Trainer(config(run, data_dir, parallel, dropout=0.2))
@@ -120,3 +124,29 @@ def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
     expected = ckpt.load_checkpoint(str(tmp_path / "uninterrupted_step5")).model
     for name, tensor in expected.items():
         assert torch.equal(saved.model[name], tensor), name
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_shutdown_waits_until_gloo_workers_are_idle():
+    # A gloo worker frees a collective after waking the waiting thread; one still doing so when the
+    # interpreter ends aborted a finished torchrun worker (SIGABRT), or hung it when the process group was
+    # destroyed. So shutdown first waits for gloo's workers: here a busy thread with their name.
+    named, done = threading.Event(), threading.Event()
+
+    def worker():
+        ctypes.CDLL(None).prctl(15, distributed.GLOO_WORKER.encode(), 0, 0, 0)  # PR_SET_NAME
+        named.set()
+        data, end = bytes(1 << 20), time.monotonic() + 0.3
+        while time.monotonic() < end:
+            hashlib.sha256(data).digest()  # busy without the GIL, as a worker in C++ is
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    named.wait()
+    distributed.wait_for_gloo_workers()
+    assert done.is_set()
+    thread.join()
+    start = time.monotonic()
+    distributed.wait_for_gloo_workers()  # idle ones: a moment
+    assert time.monotonic() - start < 1

@@ -7,6 +7,7 @@ GPUs, gloo on CPUs. Without those variables everything runs in one process, unwr
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,48 @@ def shutdown(wait_for_others: bool = True) -> None:
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
+        wait_for_gloo_workers()
         dist.destroy_process_group()
+
+
+GLOO_WORKER = "pt_gloo_runloop"  # the name torch gives gloo's worker threads
+
+
+def wait_for_gloo_workers(timeout: float = 10.0, quiet: float = 0.01, poll: float = 0.001) -> None:
+    """Sleep, the GIL released, until no gloo worker thread of this process has run or waited for a CPU
+    for `quiet` seconds (at most `timeout`). Linux (reads /proc); elsewhere it returns at once.
+
+    Why: a gloo worker wakes the thread waiting on a collective before it frees the collective, and a
+    barrier keeps the collectives not yet freed when it was called (save()'s all_gather_object) until it
+    is freed itself. Freeing a tensor that Python has dropped meanwhile takes the GIL. A worker that a busy
+    CPU holds back past shutdown() does that too late: during interpreter shutdown, where Python ends the
+    thread inside a C++ destructor ("terminate called without an active exception", SIGABRT after all work
+    was done; FSDP2 keeps the group alive that long), or while the main thread, holding the GIL, joins it
+    in the group's destructor (a hang; DDP frees the group with the model). `quiet` is twice Python's
+    5 ms switch interval: a worker that waited for the GIL while we looked has it by then."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return
+
+    def busy() -> bool:
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/comm") as f:
+                    if f.read().strip() != GLOO_WORKER:
+                        continue
+                with open(f"{tasks}/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
+            except OSError:  # the thread ended meanwhile
+                continue
+            if state in ("R", "D"):  # running or runnable, or in the kernel: not idle
+                return True
+        return False
+
+    start = quiet_since = time.monotonic()
+    while (now := time.monotonic()) - quiet_since < quiet and now - start < timeout:
+        time.sleep(poll)
+        if busy():
+            quiet_since = time.monotonic()
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device, parallel: str) -> nn.Module:
