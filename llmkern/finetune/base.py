@@ -34,8 +34,7 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
     source = checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
     model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
-    weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
-    meta = {**meta, "base_sha256": base_fingerprint(weights, model.config.to_dict())}
+    meta = {**meta, "base_sha256": base_fingerprint(source, model.config.to_dict())}
     method = meta.get("finetune", {}).get("method")
     if language_model and method in SCORING_METHODS:
         raise ValueError(f"base {config.base!r} is a {method!r} run: its body learned to score text through a head, "
@@ -73,8 +72,9 @@ def checkpoint_of(path: str) -> str:
     return path
 
 
-def base_fingerprint(weights: str, model_config: dict[str, Any]) -> str:
-    """A sha256 of a base model by content: its weights file and the config it was loaded with (the same
+def base_fingerprint(source: str, model_config: dict[str, Any]) -> str:
+    """A sha256 of a base model by content (source: a checkpoint folder, as checkpoint_of gives it, or a
+    .safetensors file): its weights file and the config it was loaded with (the same
     weights under another config, e.g. a Hugging Face config.json's head count, are another model). A
     resume compares it rather than the path: a moved or renamed copy of the base is the same model, while
     the same path may hold another one (a base run that trained on since). The other models a run reads,
@@ -82,6 +82,7 @@ def base_fingerprint(weights: str, model_config: dict[str, Any]) -> str:
     more, at about 1 GB/s, mostly from the page cache the load just filled."""
     config = {k: v for k, v in model_config.items() if k != "backend"}  # --backend picks kernels, not the model
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
     with open(weights, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)

@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -520,8 +519,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
         source = checkpoint_of(config.reward_model)  # resolved once, so the weights hashed are the ones loaded
         reward_model, rm_tokenizer, rm_meta = load_reward_run(source, device)
         # by content, as the base: a moved copy of the reward model resumes, another one at that path does not
-        reward_sha256 = base_fingerprint(os.path.join(source, "model.safetensors"),
-                                         reward_model.body.config.to_dict())
+        reward_sha256 = base_fingerprint(source, reward_model.body.config.to_dict())
         if not same_tokenizer(rm_tokenizer.spec, tokenizer.spec):
             raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
                              f"{tokenizer.spec!r}: they must match")
