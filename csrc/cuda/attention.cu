@@ -93,8 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kDTiles = D / 8;       // 8-wide column tiles of o
   uint32_t q_frag[kSteps][4];
   float acc[kDTiles][4];
-#pragma unroll
-  for (int t = 0; t < kDTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  zero(acc);
   float m_lo = -INFINITY, m_hi = -INFINITY;  // running row max, log2 units
   float l_lo = 0.f, l_hi = 0.f;              // this lane's share of the row sums
 
@@ -145,18 +144,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 
     // S = q k^T for this warp's 16 rows and the tile's 64 keys.
     float s[kNTiles][4];
+    zero(s);
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-#pragma unroll
-      for (int pair = 0; pair < kNTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_nk<D>(b, tile_k, pair * 16, kk * 16);
-        mma_16816<T>(s[2 * pair], q_frag[kk], b[0], b[1]);
-        mma_16816<T>(s[2 * pair + 1], q_frag[kk], b[2], b[3]);
-      }
-    }
+    for (int kk = 0; kk < kSteps; ++kk) mma_step_abt<D>(s, q_frag[kk], tile_k, kk);
 
     // Scale into log2 units, mask, and take this lane's row maxima.
     float tile_max_lo = -INFINITY, tile_max_hi = -INFINITY;
@@ -212,19 +202,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       l_hi += s[t][2] + s[t][3];
     }
 
-    // acc += P v: P's A fragments are S's C fragments of key tiles 2j and 2j + 1, rounded to T.
-#pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j) {
-      uint32_t p[4];
-      c_to_a<T>(p, s[2 * j], s[2 * j + 1]);
-#pragma unroll
-      for (int pair = 0; pair < kDTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_kn<D>(b, tile_v, j * 16, pair * 16);
-        mma_16816<T>(acc[2 * pair], p, b[0], b[1]);
-        mma_16816<T>(acc[2 * pair + 1], p, b[2], b[3]);
-      }
-    }
+    // acc += P v, P's A fragments made of S's C fragments.
+    mma_cb(acc, s, tile_v);
   }
 
   // Whole row sums, then o = acc / l (0 for a row that saw nothing) and lse.

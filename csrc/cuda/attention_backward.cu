@@ -154,14 +154,10 @@ __global__ void __launch_bounds__(kThreads)
     doc_key_hi = key_hi < seq_k ? doc[key_hi] : -2;
   }
 
-  constexpr int kSteps = D / 16;
   constexpr int kRowTiles = kRowsPerTile / 8;  // 8-row column tiles of S^T
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int t = 0; t < D / 8; ++t) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
-  }
+  zero(dk);
+  zero(dv);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int buf = tile & 1;
@@ -201,20 +197,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // S^T = k q^T: this warp's 16 keys x the tile's 32 rows.
     float st[kRowTiles][4];
-#pragma unroll
-    for (int t = 0; t < kRowTiles; ++t) st[t][0] = st[t][1] = st[t][2] = st[t][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      uint32_t a[4];
-      load_a<D>(a, s_k, warp * 16, kk * 16);
-#pragma unroll
-      for (int pair = 0; pair < kRowTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_nk<D>(b, tile_q, pair * 16, kk * 16);
-        mma_16816<T>(st[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(st[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_abt<D>(st, s_k, warp * 16, tile_q);
 
     // P^T = exp2(S^T * scale_log2 - lse), 0 where masked. Keys past seq_k need no mask: their
     // rows of S^T only feed their own rows of dk and dv, which are never stored.
@@ -232,55 +215,18 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    // dv += P^T do
-#pragma unroll
-    for (int j = 0; j < kRowsPerTile / 16; ++j) {
-      uint32_t a[4];
-      c_to_a<T>(a, st[2 * j], st[2 * j + 1]);
-#pragma unroll
-      for (int pair = 0; pair < D / 16; ++pair) {
-        uint32_t b[4];
-        load_b_from_kn<D>(b, tile_do, j * 16, pair * 16);
-        mma_16816<T>(dv[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(dv[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_cb(dv, st, tile_do);  // dv += P^T do
 
     // dP^T = v do^T, then dS^T = P^T * (dP^T - delta) in place.
     float dst[kRowTiles][4];
-#pragma unroll
-    for (int t = 0; t < kRowTiles; ++t) dst[t][0] = dst[t][1] = dst[t][2] = dst[t][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      uint32_t a[4];
-      load_a<D>(a, s_v, warp * 16, kk * 16);
-#pragma unroll
-      for (int pair = 0; pair < kRowTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_nk<D>(b, tile_do, pair * 16, kk * 16);
-        mma_16816<T>(dst[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(dst[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_abt<D>(dst, s_v, warp * 16, tile_do);
 #pragma unroll
     for (int t = 0; t < kRowTiles; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[t][e] = st[t][e] * (dst[t][e] - delta[t][e & 1]);
     }
 
-    // dk += dS^T q
-#pragma unroll
-    for (int j = 0; j < kRowsPerTile / 16; ++j) {
-      uint32_t a[4];
-      c_to_a<T>(a, dst[2 * j], dst[2 * j + 1]);
-#pragma unroll
-      for (int pair = 0; pair < D / 16; ++pair) {
-        uint32_t b[4];
-        load_b_from_kn<D>(b, tile_q, j * 16, pair * 16);
-        mma_16816<T>(dk[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(dk[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_cb(dk, dst, tile_q);  // dk += dS^T q
   }
   cp_async_wait<0>();  // nothing may still write shared memory when the block exits
 
@@ -349,11 +295,9 @@ __global__ void __launch_bounds__(kThreads)
     doc_hi = row_hi < seq_q ? doc[row_hi] : -1;
   }
 
-  constexpr int kSteps = D / 16;
   constexpr int kNTiles = kKeysPerTile / 8;
   float dq[D / 8][4];
-#pragma unroll
-  for (int t = 0; t < D / 8; ++t) dq[t][0] = dq[t][1] = dq[t][2] = dq[t][3] = 0.f;
+  zero(dq);
 
   for (int tile = first_tile; tile < end_tile; ++tile) {
     const int n0 = tile * kKeysPerTile;
@@ -389,20 +333,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // S = q k^T, then P = exp2(S * scale_log2 - lse) with masked pairs 0.
     float s[kNTiles][4];
-#pragma unroll
-    for (int t = 0; t < kNTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      uint32_t a[4];
-      load_a<D>(a, s_q, warp * 16, kk * 16);
-#pragma unroll
-      for (int pair = 0; pair < kNTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_nk<D>(b, tile_k, pair * 16, kk * 16);
-        mma_16816<T>(s[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(s[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_abt<D>(s, s_q, warp * 16, tile_k);
     const bool partial = n0 + kKeysPerTile > seq_k;
     const bool on_diagonal = kCausal && n0 + kKeysPerTile - 1 > m0 + warp * 16 + causal_shift;
     const bool need_mask = partial || on_diagonal || kHasDoc;
@@ -424,20 +355,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // dP = do v^T, then dS = P * (dP - delta) in place.
     float ds[kNTiles][4];
-#pragma unroll
-    for (int t = 0; t < kNTiles; ++t) ds[t][0] = ds[t][1] = ds[t][2] = ds[t][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      uint32_t a[4];
-      load_a<D>(a, s_do, warp * 16, kk * 16);
-#pragma unroll
-      for (int pair = 0; pair < kNTiles / 2; ++pair) {
-        uint32_t b[4];
-        load_b_from_nk<D>(b, tile_v, pair * 16, kk * 16);
-        mma_16816<T>(ds[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(ds[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_abt<D>(ds, s_do, warp * 16, tile_v);
 #pragma unroll
     for (int t = 0; t < kNTiles; ++t) {
       ds[t][0] = s[t][0] * (ds[t][0] - delta_lo);
@@ -446,19 +364,7 @@ __global__ void __launch_bounds__(kThreads)
       ds[t][3] = s[t][3] * (ds[t][3] - delta_hi);
     }
 
-    // dq += dS k
-#pragma unroll
-    for (int j = 0; j < kKeysPerTile / 16; ++j) {
-      uint32_t a[4];
-      c_to_a<T>(a, ds[2 * j], ds[2 * j + 1]);
-#pragma unroll
-      for (int pair = 0; pair < D / 16; ++pair) {
-        uint32_t b[4];
-        load_b_from_kn<D>(b, tile_k, j * 16, pair * 16);
-        mma_16816<T>(dq[2 * pair], a, b[0], b[1]);
-        mma_16816<T>(dq[2 * pair + 1], a, b[2], b[3]);
-      }
-    }
+    mma_cb(dq, ds, tile_k);  // dq += dS k
   }
   cp_async_wait<0>();
 

@@ -104,6 +104,62 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&left)[4],
   a[3] = pack2<T>(right[2], right[3]);
 }
 
+// --- a warp's products: 16 rows, fp32 accumulators as C fragments of 8-column tiles ----------
+
+template <int kTiles>
+__device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+}
+
+// acc += a B^T over k-step kk: `a` is the A fragment of columns 16kk..16kk+15 of the warp's 16
+// rows; B, stored [n][kK] (like k in q k^T), gives acc's 8 * kNTiles columns.
+template <int kK, typename T, int kNTiles>
+__device__ __forceinline__ void mma_step_abt(float (&acc)[kNTiles][4], const uint32_t (&a)[4], const T* b_tile,
+                                             int kk) {
+  static_assert(kNTiles % 2 == 0, "B's rows are loaded 16 at a time");
+#pragma unroll
+  for (int pair = 0; pair < kNTiles / 2; ++pair) {
+    uint32_t b[4];
+    load_b_from_nk<kK>(b, b_tile, pair * 16, kk * 16);
+    mma_16816<T>(acc[2 * pair], a, b[0], b[1]);
+    mma_16816<T>(acc[2 * pair + 1], a, b[2], b[3]);
+  }
+}
+
+// acc = A B^T (S = q k^T and its kin): A is rows a_row0..a_row0 + 15 of the [rows][kK] tile a_tile,
+// B the first 8 * kNTiles rows of the [n][kK] tile b_tile.
+template <int kK, typename T, int kNTiles>
+__device__ __forceinline__ void mma_abt(float (&acc)[kNTiles][4], const T* a_tile, int a_row0, const T* b_tile) {
+  zero(acc);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    load_a<kK>(a, a_tile, a_row0, kk * 16);
+    mma_step_abt<kK>(acc, a, b_tile, kk);
+  }
+}
+
+// acc += P B (P v and its kin): P is the warp's 16 x (8 * kKTiles) product held as fp32 C
+// fragments, rounded to T as it becomes A fragments (no trip through shared memory); B is the
+// [8 * kKTiles][8 * kNTiles] tile b_tile.
+template <typename T, int kNTiles, int kKTiles>
+__device__ __forceinline__ void mma_cb(float (&acc)[kNTiles][4], const float (&p)[kKTiles][4], const T* b_tile) {
+  static_assert(kNTiles % 2 == 0 && kKTiles % 2 == 0, "B is loaded in 16 x 16 blocks");
+#pragma unroll
+  for (int j = 0; j < kKTiles / 2; ++j) {
+    uint32_t a[4];
+    c_to_a<T>(a, p[2 * j], p[2 * j + 1]);
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t b[4];
+      load_b_from_kn<8 * kNTiles>(b, b_tile, j * 16, pair * 16);
+      mma_16816<T>(acc[2 * pair], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * pair + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // Copy rows [row0, row0 + kRows) of a (seq, kCols) matrix with row stride `stride` (elements)
 // into a swizzled shared tile with cp.async; rows at or past `seq` become zeros. The kThreads
 // threads of the block each issue their share of 16-byte chunks (the caller commits).
