@@ -201,6 +201,17 @@ class _Progress:
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
 
+    def done_inputs(self) -> dict[int, dict]:
+        """The entries of the inputs already done, by input index."""
+        return {int(k): v for k, v in self.data["done"].items()}
+
+    def mark_done(self, index: int, path: str, read_report: ReadReport, stats: list[StageStats]) -> None:
+        """Record input `index` as done, on disk at once: a crash after this never redoes it."""
+        self.data["done"][str(index)] = {
+            "file": path, "part": part_name(index), "read": read_report.to_dict(),
+            "stages": {s.name: s.to_dict() for s in stats}}
+        self.save()
+
 
 def _start_over(out_dir: str) -> None:
     for name in (DOCUMENTS_DIR, TOKENS_DIR, STATE_DIR):
@@ -303,18 +314,8 @@ def _nothing_kept_message(report: dict, files: list[str], config: PrepareConfig)
     return message
 
 
-def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareConfig] = None,
-            resume: bool = True) -> dict:
-    """Run the pipeline on `inputs` (files, directories, globs) into `out_dir`; the report.
-
-    Bad input is counted in report["read"] (or raises BadInputError when config.reader.strict);
-    the inputs finished before an error stay done, and a re-run continues from there. A run
-    that keeps no documents raises NoDocumentsKeptError (a ValueError) saying which stage
-    rejected them and why, after writing and printing its report.
-    """
-    from tqdm import tqdm
-
-    config = config or PrepareConfig()
+def _check_settings(config: PrepareConfig) -> None:
+    """Reject bad settings before any input is read: a mistake must not cost the long run first."""
     if not isinstance(config, PrepareConfig):
         raise TypeError(f"config must be a PrepareConfig (see llmkern.data.config), got {type(config).__name__}")
     if config.batch_size < 1:
@@ -336,19 +337,26 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
             raise ValueError(f"tokenize.shard_tokens must be >= 1, got {cfg.shard_tokens}")
         if cfg.num_workers < 0:
             raise ValueError(f"tokenize.num_workers must be >= 0 (0: one per core), got {cfg.num_workers}")
-    started = time.perf_counter()
-    out_dir = os.fspath(out_dir)
+
+
+def _input_files(inputs: Iterable[str] | str, out_dir: str) -> list[str]:
+    """The input files, in order, less any inside `out_dir`."""
     # An output directory inside an input directory must not feed its own parts back in.
     inside_out = os.path.abspath(out_dir) + os.sep
-    files = [f for f in expand_inputs(inputs) if not os.path.abspath(f).startswith(inside_out)]
-    check_readers_available(files)
-    stages = build_stages(config)
-    if config.tokenize.enabled:  # a tokenizer that cannot load fails now, not after the long work
+    return [f for f in expand_inputs(inputs) if not os.path.abspath(f).startswith(inside_out)]
+
+
+def _check_tokenizer_loads(config: PrepareConfig) -> None:
+    """A tokenizer that cannot load fails now, not after the long work on the documents."""
+    if config.tokenize.enabled:
         from .tokenizer import get_tokenizer
 
         get_tokenizer(config.tokenize.tokenizer)
-    os.makedirs(out_dir, exist_ok=True)
 
+
+def _resume_or_start_over(out_dir: str, files: list[str], config: PrepareConfig, resume: bool) -> _Progress:
+    """The progress of this run: the one in `out_dir` when it is of the same inputs and settings (and
+    `resume`), else a fresh one, after deleting everything an earlier run left there."""
     progress = _Progress(out_dir, _fingerprint(files, config), files)
     resumed = resume and progress.load_matching()
     if not resumed:
@@ -359,25 +367,46 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
         progress.save()
     os.makedirs(os.path.join(out_dir, DOCUMENTS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
+    return progress
 
-    read_total = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
-    totals = [StageStats(stage.name) for stage in stages]
-    done = {int(k): v for k, v in progress.data["done"].items()}
-    if done:  # statistics of the inputs already done, and the dedup state their documents imply
-        for entry in done.values():
-            read_total.merge(ReadReport.from_dict(entry["read"]))
-            for total in totals:
-                total.merge(StageStats.from_dict(total.name, entry["stages"][total.name]))
-        for batch in _batches(read_parts(out_dir, sorted(done)), 4096):
+
+class _Totals:
+    """The statistics of every input so far: what was read, and what each stage let through."""
+
+    def __init__(self, stages: list[Stage], config: PrepareConfig):
+        self.read = ReadReport(strict=config.reader.strict, max_examples=config.reader.max_examples)
+        self.stages = [StageStats(stage.name) for stage in stages]
+
+    def add(self, read_report: ReadReport, stats: list[StageStats]) -> None:
+        self.read.merge(read_report)
+        for total, s in zip(self.stages, stats):
+            total.merge(s)
+
+    def add_done(self, entry: dict) -> None:
+        """Add an input done by an earlier run, from its entry in progress.json."""
+        self.add(ReadReport.from_dict(entry["read"]),
+                 [StageStats.from_dict(total.name, entry["stages"][total.name]) for total in self.stages])
+
+
+def _relearn_done_inputs(out_dir: str, done: dict[int, dict], stages: list[Stage]) -> None:
+    """Give the stages the state the inputs already done imply, so that a resumed run drops what a clean
+    run would: the documents kept (read back from their parts) and those in no part (stage_state)."""
+    for batch in _batches(read_parts(out_dir, sorted(done)), 4096):
+        for stage in stages:
+            stage.remember(batch)
+    for index in sorted(done):
+        path = os.path.join(out_dir, STATE_DIR, part_name(index).replace(".jsonl", ".json"))
+        if os.path.exists(path):  # absent when an older llmkern did this input
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
             for stage in stages:
-                stage.remember(batch)
-        for index in sorted(done):
-            path = os.path.join(out_dir, STATE_DIR, part_name(index).replace(".jsonl", ".json"))
-            if os.path.exists(path):  # absent when an older llmkern did this input
-                with open(path, encoding="utf-8") as f:
-                    saved = json.load(f)
-                for stage in stages:
-                    stage.remember_dropped(saved.get(stage.name, []))
+                stage.remember_dropped(saved.get(stage.name, []))
+
+
+def _process_inputs(files: list[str], done: dict[int, dict], stages: list[Stage], totals: _Totals,
+                    progress: _Progress, config: PrepareConfig, out_dir: str) -> None:
+    """Run every input not done yet through the stages into its part, one input after another."""
+    from tqdm import tqdm
 
     stateless, stateful = _split_stages(stages)
     runner = _StatelessRunner(stateless, config, config.num_workers or (os.cpu_count() or 1))
@@ -388,53 +417,95 @@ def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareC
                 continue
             bar.set_postfix_str(os.path.basename(path))
             read_report, stats = _process_file(index, path, runner, stateful, config, out_dir, bar)
-            read_total.merge(read_report)
-            for total, s in zip(totals, stats):
-                total.merge(s)
-            progress.data["done"][str(index)] = {
-                "file": path, "part": part_name(index), "read": read_report.to_dict(),
-                "stages": {s.name: s.to_dict() for s in stats}}
-            progress.save()
+            totals.add(read_report, stats)
+            progress.mark_done(index, path, read_report, stats)
 
-    report = {
+
+def _documents_report(files: list[str], done: dict[int, dict], totals: _Totals, out_dir: str) -> dict:
+    """The report of the documents' stages (its "tokens" filled in later, when tokenizing)."""
+    return {
         "inputs": len(files),
         "resumed_inputs": len(done),
-        "read": read_total.to_dict(),
-        "stages": [{"name": s.name, **s.to_dict()} for s in totals],
+        "read": totals.read.to_dict(),
+        "stages": [{"name": s.name, **s.to_dict()} for s in totals.stages],
         "output": {"dir": os.path.join(out_dir, DOCUMENTS_DIR),
-                   "documents": totals[-1].docs_out if totals else read_total.documents,
-                   "chars": totals[-1].chars_out if totals else read_total.chars},
+                   "documents": totals.stages[-1].docs_out if totals.stages else totals.read.documents,
+                   "chars": totals.stages[-1].chars_out if totals.stages else totals.read.chars},
         "tokens": None,
     }
-    if report["output"]["documents"] == 0:
-        report["error"] = _nothing_kept_message(report, files, config)
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        report["config"] = to_dict(config)
-        write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
-        if config.progress:
-            print(format_report(report))
-        raise NoDocumentsKeptError(report["error"], report)
-    if config.tokenize.enabled:
-        wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
-        previous = progress.data.get("tokenized")
-        if previous and previous.get("settings") == wanted and os.path.exists(
-                os.path.join(out_dir, TOKENS_DIR, "manifest.json")):
-            report["tokens"] = previous["summary"]
-        else:
-            report["tokens"] = _tokenize(out_dir, config)
-            progress.data["tokenized"] = {"settings": wanted, "summary": report["tokens"]}
-            progress.save()
-        if config.tokenize.val_fraction > 0 and not report["tokens"]["tokens"].get("val"):
-            report["warnings"] = [
-                f"the val split is empty: the {report['output']['documents']} document(s) kept are all one "
-                f"text, which stays in train; `llmkern train` needs val documents (split a .txt input with "
-                f"--reader.separator='\"\\n\\n\"')"]
-            print(f"llmkern data prepare: warning: {report['warnings'][0]}", file=sys.stderr)
+
+
+def _token_shards(out_dir: str, config: PrepareConfig, progress: _Progress) -> dict:
+    """The summary of the token shards, tokenizing only when the shards of these tokenize settings are
+    not there yet (the documents are the same whenever the run resumed: see _fingerprint)."""
+    wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
+    previous = progress.data.get("tokenized")
+    if previous and previous.get("settings") == wanted and os.path.exists(
+            os.path.join(out_dir, TOKENS_DIR, "manifest.json")):
+        return previous["summary"]
+    summary = _tokenize(out_dir, config)
+    progress.data["tokenized"] = {"settings": wanted, "summary": summary}
+    progress.save()
+    return summary
+
+
+def _warn_if_val_is_empty(report: dict, config: PrepareConfig) -> None:
+    """Warn (in the report and on stderr) when val was asked for but got no document: training needs one."""
+    if config.tokenize.val_fraction > 0 and not report["tokens"]["tokens"].get("val"):
+        report["warnings"] = [
+            f"the val split is empty: the {report['output']['documents']} document(s) kept are all one "
+            f"text, which stays in train; `llmkern train` needs val documents (split a .txt input with "
+            f"--reader.separator='\"\\n\\n\"')"]
+        print(f"llmkern data prepare: warning: {report['warnings'][0]}", file=sys.stderr)
+
+
+def _write_report(report: dict, out_dir: str, config: PrepareConfig, started: float) -> None:
+    """Complete the report with the run's time and settings; write report.json and print it as a table."""
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["config"] = to_dict(config)
     write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
     if config.progress:
         print(format_report(report))
+
+
+def prepare(inputs: Iterable[str] | str, out_dir: str, config: Optional[PrepareConfig] = None,
+            resume: bool = True) -> dict:
+    """Run the pipeline on `inputs` (files, directories, globs) into `out_dir`; the report.
+
+    Bad input is counted in report["read"] (or raises BadInputError when config.reader.strict);
+    the inputs finished before an error stay done, and a re-run continues from there. A run
+    that keeps no documents raises NoDocumentsKeptError (a ValueError) saying which stage
+    rejected them and why, after writing and printing its report.
+    """
+    config = config or PrepareConfig()
+    _check_settings(config)
+    started = time.perf_counter()
+    out_dir = os.fspath(out_dir)
+    files = _input_files(inputs, out_dir)
+    check_readers_available(files)
+    stages = build_stages(config)
+    _check_tokenizer_loads(config)
+    os.makedirs(out_dir, exist_ok=True)
+
+    progress = _resume_or_start_over(out_dir, files, config, resume)
+    # The inputs an interrupted run finished are not read again: their statistics come from
+    # progress.json, and the dedup stages relearn what they saw, to drop what a clean run would.
+    done = progress.done_inputs()
+    totals = _Totals(stages, config)
+    for entry in done.values():
+        totals.add_done(entry)
+    _relearn_done_inputs(out_dir, done, stages)
+    _process_inputs(files, done, stages, totals, progress, config, out_dir)
+
+    report = _documents_report(files, done, totals, out_dir)
+    if report["output"]["documents"] == 0:
+        report["error"] = _nothing_kept_message(report, files, config)
+        _write_report(report, out_dir, config, started)
+        raise NoDocumentsKeptError(report["error"], report)
+    if config.tokenize.enabled:
+        report["tokens"] = _token_shards(out_dir, config, progress)
+        _warn_if_val_is_empty(report, config)
+    _write_report(report, out_dir, config, started)
     return report
 
 

@@ -399,6 +399,96 @@ def _batches(docs: Iterable[str], batch_size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _resolve_tokenizer(tokenizer) -> tuple[object, str]:
+    """(the tokenizer, its spec): the spec is what the worker processes and the manifest name it by."""
+    from .tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    spec = getattr(tok, "spec", None)
+    if not isinstance(spec, str):
+        raise TypeError(f"tokenizer: expected a spec str or a tokenizer from get_tokenizer(), got {tokenizer!r}")
+    return tok, spec
+
+
+def _check_tokenize_arguments(val_fraction: float, num_workers: int, batch_size: int, seed: int) -> None:
+    """Reject bad arguments before anything is written to the output directory."""
+    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+
+
+def _start_tokenizing(jobs: Iterator[tuple],
+                      num_workers: int) -> tuple[multiprocessing.pool.Pool | None, Iterator[tuple]]:
+    """(the worker pool, None when tokenizing in this process; the results of `jobs`, in their order)."""
+    if num_workers > 1:
+        # fork: the workers start at once, without importing torch again.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(num_workers)
+        return pool, pool.imap(_tokenize_batch, jobs, chunksize=1)  # ordered: deterministic output
+    return None, map(_tokenize_batch, jobs)
+
+
+def _progress_bar(progress: bool):
+    """A tqdm bar counting the documents tokenized; None without progress."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="doc", desc="tokenizing")
+
+
+class _Tally:
+    """What the shards hold so far: train tokens, documents per split, and the lowest-ranked train documents."""
+
+    def __init__(self) -> None:
+        self.train_tokens = self.docs_train = self.docs_val = 0
+        # (rank, [(start, length) in the train split, ...]) of the lowest-ranked train docs (several when identical)
+        self.lowest: tuple | None = None
+
+    def add(self, train_tokens: int, n_train: int, n_val: int, batch_lowest: tuple | None) -> None:
+        """Count a batch (its `lowest` as _tokenize_batch gives it) that follows the tokens counted so far."""
+        if batch_lowest is not None and (self.lowest is None or batch_lowest[0] <= self.lowest[0]):
+            # the batch's places start at its first train token: shift them to the split's
+            places = [(self.train_tokens + start, length) for start, length in batch_lowest[1]]
+            ties = self.lowest[1] if self.lowest and self.lowest[0] == batch_lowest[0] else []
+            self.lowest = (batch_lowest[0], ties + places)
+        self.train_tokens += train_tokens
+        self.docs_train += n_train
+        self.docs_val += n_val
+
+
+def _write_batches(results: Iterable[tuple], writers: dict[str, ShardWriter], bar) -> _Tally:
+    """Write each tokenized batch to its splits' shards, in order; what they hold then."""
+    tally = _Tally()
+    for train_ids, val_ids, n_train, n_val, batch_lowest in results:
+        writers["train"].write(train_ids)
+        writers["val"].write(val_ids)
+        tally.add(train_ids.size, n_train, n_val, batch_lowest)
+        if bar is not None:
+            bar.update(n_train + n_val)
+    return tally
+
+
+def _val_needs_a_document(tally: _Tally, val_fraction: float) -> bool:
+    """No document hashed into val (a small corpus) though val was asked for, and train can spare one."""
+    return (tally.docs_val == 0 and val_fraction > 0 and tally.lowest is not None
+            and tally.docs_train > len(tally.lowest[1]))
+
+
+def _move_lowest_to_val(out_dir: str, splits: dict, places: list[tuple[int, int]], dtype: str,
+                        tokens_per_shard: int) -> None:
+    """Move the train documents at `places` (the lowest-ranked one and its identical copies) to the empty
+    val split; update `splits` to match."""
+    with ShardWriter(out_dir, "val", dtype, tokens_per_shard) as val_writer:
+        splits["train"] = _move_to_val(out_dir, splits["train"], places, dtype, tokens_per_shard, val_writer)
+    splits["val"] = val_writer.close()
+
+
 def tokenize_documents(
     docs: Iterable[str],
     tokenizer,
@@ -419,62 +509,20 @@ def tokenize_documents(
     num_workers > 1 the batches are tokenized in that many processes; the output is the same
     as with one.
     """
-    from .tokenizer import get_tokenizer
-
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    spec = getattr(tok, "spec", None)
-    if not isinstance(spec, str):
-        raise TypeError(f"tokenizer: expected a spec str or a tokenizer from get_tokenizer(), got {tokenizer!r}")
-    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
-        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
-
+    tok, spec = _resolve_tokenizer(tokenizer)
+    _check_tokenize_arguments(val_fraction, num_workers, batch_size, seed)
     dtype = dtype_for_vocab(tok.n_vocab)
     writers = {name: ShardWriter(out_dir, name, dtype, tokens_per_shard) for name in ("train", "val")}
     jobs = ((spec, batch, float(val_fraction), seed) for batch in _batches(docs, batch_size))
-
-    pool = None
-    if num_workers > 1:
-        # fork: the workers start at once, without importing torch again.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = multiprocessing.get_context(method).Pool(num_workers)
-        results = pool.imap(_tokenize_batch, jobs, chunksize=1)  # ordered: deterministic output
-    else:
-        results = map(_tokenize_batch, jobs)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(unit="doc", desc="tokenizing")
-    train_tokens = docs_train = docs_val = 0
-    lowest: tuple | None = None  # (rank, [(start, length) in the train split, ...]) of the lowest-ranked train docs
+    pool, results = _start_tokenizing(jobs, num_workers)
+    bar = _progress_bar(progress)
     try:
-        for train_ids, val_ids, n_train, n_val, batch_lowest in results:
-            if batch_lowest is not None and (lowest is None or batch_lowest[0] <= lowest[0]):
-                places = [(train_tokens + start, length) for start, length in batch_lowest[1]]
-                lowest = (batch_lowest[0], (lowest[1] if lowest and lowest[0] == batch_lowest[0] else []) + places)
-            writers["train"].write(train_ids)
-            writers["val"].write(val_ids)
-            train_tokens += train_ids.size
-            docs_train += n_train
-            docs_val += n_val
-            if bar is not None:
-                bar.update(n_train + n_val)
+        tally = _write_batches(results, writers, bar)
         splits = {name: w.close() for name, w in writers.items()}
-        # No document hashed into val (a small corpus): move the lowest-ranked one there (with its
-        # identical copies), unless that would leave train empty. The rank, like the hash split,
-        # depends on the texts alone, so the output is the same for any num_workers or batch_size.
-        if docs_val == 0 and val_fraction > 0 and lowest is not None and docs_train > len(lowest[1]):
-            with ShardWriter(out_dir, "val", dtype, tokens_per_shard) as val_writer:
-                splits["train"] = _move_to_val(out_dir, splits["train"], lowest[1], dtype, tokens_per_shard,
-                                               val_writer)
-            splits["val"] = val_writer.close()
+        # The rank, like the hash split, depends on the texts alone, so the document moved is the
+        # same for any num_workers or batch_size.
+        if _val_needs_a_document(tally, val_fraction):
+            _move_lowest_to_val(out_dir, splits, tally.lowest[1], dtype, tokens_per_shard)
     except BaseException:
         for w in writers.values():
             w.abort()
