@@ -212,6 +212,10 @@ def test_worker_processes_give_the_same_output(corpus, tmp_path):
     two = prepare([str(root)], str(tmp_path / "two"), _config("num_workers=2", "batch_size=2"))
     assert _counts(two) == _counts(one) and two["read"] == one["read"]
     assert _documents(tmp_path / "two") == _documents(tmp_path / "one")
+    # So a rerun that only splits the work otherwise continues, it does not start over.
+    again = prepare([str(root)], str(tmp_path / "one"), _config("num_workers=2", "batch_size=3",
+                                                                "near_dedup.batch_size=5"))
+    assert again["resumed_inputs"] == again["inputs"] and _counts(again) == _counts(one)
 
 
 def test_output_inside_the_input_directory_is_not_read_back(corpus):
@@ -372,3 +376,62 @@ def test_a_single_kept_document_warns_that_val_is_empty(tmp_path, capsys):
     assert report["output"]["documents"] == 1 and report["tokens"]["tokens"]["val"] == 0
     assert "val split is empty" in report["warnings"][0] and "reader.separator" in report["warnings"][0]
     assert "warning: the val split is empty" in capsys.readouterr().err
+
+
+def _byte_ranks(path, merged=()):
+    """A .tiktoken file: the 256 bytes, then the tokens of `merged` (bytes objects)."""
+    import base64
+
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    lines += [f"{base64.b64encode(t).decode()} {256 + j}" for j, t in enumerate(merged)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _shard_tokens(out_dir):
+    from llmkern.data.shards import load_manifest
+
+    manifest = load_manifest(str(out_dir / "tokens"))
+    return {split: sum(e["tokens"] for e in entries) for split, entries in manifest["splits"].items()}
+
+
+def test_a_rerun_tokenizes_again_when_the_tokenizer_file_was_retrained_in_place(tmp_path):
+    rng = random.Random(3)
+    _jsonl(tmp_path / "a.jsonl", [_doc(rng) for _ in range(6)])
+    ranks = tmp_path / "tok.tiktoken"
+    _byte_ranks(ranks)
+    config = _config("tokenize.enabled=true", f"tokenize.tokenizer={ranks}", "tokenize.num_workers=1")
+    first = prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), config)
+    assert sum(first["tokens"]["tokens"].values()) == sum(_shard_tokens(tmp_path / "out").values())
+    _byte_ranks(ranks, [b"th", b"he", b" t", b"an"])  # same path, another vocabulary
+    second = prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), config)
+    # The new merges shorten the text: reusing the old shards would report (and keep) more tokens.
+    assert sum(second["tokens"]["tokens"].values()) < sum(first["tokens"]["tokens"].values())
+    assert second["tokens"]["tokens"] == _shard_tokens(tmp_path / "out")
+
+
+def test_shards_of_other_settings_left_by_a_crash_are_not_reported_as_these(tmp_path, monkeypatch):
+    rng = random.Random(4)
+    _jsonl(tmp_path / "a.jsonl", [_doc(rng) for _ in range(30)])
+    inputs, out = [str(tmp_path / "a.jsonl")], tmp_path / "out"
+
+    def settings(val_fraction):
+        return _config("tokenize.enabled=true", "tokenize.tokenizer=bytes", "tokenize.num_workers=1",
+                       f"tokenize.val_fraction={val_fraction}")
+
+    first = prepare(inputs, str(out), settings(0.1))
+    # Another val fraction, interrupted after its shards and manifest are written but before
+    # progress.json records them.
+    real_save = pipeline._Progress.save
+
+    def crash_once_tokenized(self):
+        if self.data.get("tokenized", {}).get("settings", "").find('"val_fraction": 0.5') >= 0:
+            raise KeyboardInterrupt("killed")
+        real_save(self)
+
+    monkeypatch.setattr(pipeline._Progress, "save", crash_once_tokenized)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(inputs, str(out), settings(0.5))
+    monkeypatch.setattr(pipeline._Progress, "save", real_save)
+    assert _shard_tokens(out) != first["tokens"]["tokens"]  # the disk holds the other settings' shards
+    again = prepare(inputs, str(out), settings(0.1))
+    assert again["tokens"]["tokens"] == first["tokens"]["tokens"] == _shard_tokens(out)

@@ -74,6 +74,11 @@ def _fingerprint(files: list[str], config: PrepareConfig) -> str:
     """Changes when an input file, the list of inputs or a setting that shapes the output changes."""
     settings = to_dict(config)
     settings.pop("progress")
+    # How the work is split leaves the output as it is (test_worker_processes_give_the_same_output):
+    # a rerun with more workers continues where the last one stopped.
+    for key in ("num_workers", "batch_size"):
+        settings.pop(key)
+    settings["near_dedup"].pop("batch_size")
     settings["tokenize"] = None  # tokenization runs after the documents; changing it re-tokenizes only
     stamps = []
     for path in files:
@@ -258,7 +263,8 @@ def _process_file(index: int, path: str, runner: _StatelessRunner, stateful: lis
         # Before the part's rename: a part file that exists always has its state beside it.
         write_json_atomic(os.path.join(out_dir, STATE_DIR, part_name(index).replace(".jsonl", ".json")), dropped)
     except BaseException:
-        os.remove(final + _TMP)  # the input is not done: a re-run does it again from its start
+        with contextlib.suppress(FileNotFoundError):  # absent when creating it failed: keep that error
+            os.remove(final + _TMP)  # the input is not done: a re-run does it again from its start
         raise
     os.replace(final + _TMP, final)
     return read_report, stats
@@ -440,13 +446,36 @@ def _token_shards(out_dir: str, config: PrepareConfig, progress: _Progress) -> d
     not there yet (the documents are the same whenever the run resumed: see _fingerprint)."""
     wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
     previous = progress.data.get("tokenized")
-    if previous and previous.get("settings") == wanted and os.path.exists(
-            os.path.join(out_dir, TOKENS_DIR, "manifest.json")):
+    if previous and previous.get("settings") == wanted and _same_shards(out_dir, previous, config):
         return previous["summary"]
     summary = _tokenize(out_dir, config)
-    progress.data["tokenized"] = {"settings": wanted, "summary": summary}
+    progress.data["tokenized"] = {"settings": wanted, "summary": summary,
+                                  "manifest_sha256": _manifest_sha256(out_dir)}
     progress.save()
     return summary
+
+
+def _manifest_sha256(out_dir: str) -> str | None:
+    """sha256 of the token shards' manifest (which holds every shard's sha256); None when there is none."""
+    path = os.path.join(out_dir, TOKENS_DIR, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _same_shards(out_dir: str, recorded: dict, config: PrepareConfig) -> bool:
+    """Whether the shards on disk are the ones progress.json recorded, still made by the tokenizer named.
+    Not so after a crash between writing other settings' shards and recording them (another manifest),
+    nor when a .tiktoken file was retrained in place (the manifest keeps the hash of the file it used)."""
+    if recorded.get("manifest_sha256") is None or _manifest_sha256(out_dir) != recorded["manifest_sha256"]:
+        return False  # also a progress.json from before the hash was recorded: tokenize once more
+    from .shards import load_manifest
+    from .tokenizer import is_file_spec, tokenizer_file_sha256
+
+    spec = config.tokenize.tokenizer
+    used = load_manifest(os.path.join(out_dir, TOKENS_DIR)).get("tokenizer_sha256")
+    return not is_file_spec(spec) or used == tokenizer_file_sha256(spec)
 
 
 def _warn_if_val_is_empty(report: dict, config: PrepareConfig) -> None:
