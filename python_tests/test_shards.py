@@ -195,6 +195,20 @@ def test_tokenize_documents_rerun_removes_stale_shards(tmp_path):
     shards.verify(tmp_path)
 
 
+def test_a_rerun_cut_short_leaves_no_manifest_over_its_new_shards(tmp_path):
+    docs = random_docs(seed=9, count=200)
+    shards.tokenize_documents(docs, "bytes", tmp_path, tokens_per_shard=1000)
+
+    def cut_short():
+        yield from docs[::-1][:100]  # other documents into train_000000.bin and on
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.tokenize_documents(cut_short(), "bytes", tmp_path, tokens_per_shard=1000, batch_size=10)
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        shards.load_manifest(tmp_path)
+
+
 def test_tokenize_documents_seed_changes_the_split_and_checks_arguments(tmp_path):
     docs = random_docs(seed=6, count=300)
     assert [shards.is_val_document(d, 0.5, 1) for d in docs] != [shards.is_val_document(d, 0.5, 2) for d in docs]

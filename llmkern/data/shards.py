@@ -16,6 +16,7 @@ half-written shard or manifest behind a valid name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -512,6 +513,10 @@ def tokenize_documents(
     tok, spec = _resolve_tokenizer(tokenizer)
     _check_tokenize_arguments(val_fraction, num_workers, batch_size, seed)
     dtype = dtype_for_vocab(tok.n_vocab)
+    # The shards about to be written replace those an earlier run's manifest lists: without that
+    # manifest a run cut short leaves a directory the loader refuses, never old checksums over new shards.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(os.fspath(out_dir), MANIFEST))
     writers = {name: ShardWriter(out_dir, name, dtype, tokens_per_shard) for name in ("train", "val")}
     jobs = ((spec, batch, float(val_fraction), seed) for batch in _batches(docs, batch_size))
     pool, results = _start_tokenizing(jobs, num_workers)
