@@ -66,7 +66,7 @@ def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = 
     """The GPT of a TrainConfig: its preset with the data's vocabulary, the run's context length
     and backend, then the config's model overrides; or, with config.init_from, the model stored there
     (continued pretraining), which must know the data's tokens (tokenizer_spec and tokenizer_sha256:
-    the data manifest's)."""
+    the data manifest's). The config is a validated one (TrainConfig.validate checked its model settings)."""
     from ..model import GPT, GPTConfig
 
     if config.init_from:
@@ -86,9 +86,6 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
     from ..data.tokenizer import same_tokenizer
     from .inference import load_gpt
 
-    if config.model:
-        raise ValueError(f"init_from takes the model's shape from {config.init_from!r}; drop the model.* "
-                         f"settings {sorted(config.model)}")
     model, spec, meta = load_gpt(config.init_from, config.backend)
     from_llmkern = meta.get("source") != "hf-gpt2"
     if from_llmkern and tokenizer_spec is not None and not same_tokenizer(spec, tokenizer_spec, tokenizer_sha256):
