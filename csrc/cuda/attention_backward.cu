@@ -317,17 +317,7 @@ __global__ void __launch_bounds__(kThreads)
 
     int doc_k[kNTiles][2];
     if (kHasDoc) {
-      const int32_t* doc = args.doc_ids + batch * args.seq_k;
-      bool any_same = false;
-#pragma unroll
-      for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = n0 + t * 8 + quad_lane * 2 + e;
-          doc_k[t][e] = key < seq_k ? doc[key] : -2;
-          any_same |= doc_k[t][e] == doc_lo || doc_k[t][e] == doc_hi;
-        }
-      }
+      const bool any_same = load_key_doc_ids(doc_k, args.doc_ids + batch * args.seq_k, n0, seq_k, doc_lo, doc_hi);
       if (!__any_sync(0xffffffffu, any_same)) continue;
     }
 

@@ -67,5 +67,25 @@ __device__ __forceinline__ int2 doc_tiles(const int32_t* doc, int own_lo, int ow
   return make_int2(found.x / tile, found.y / tile + 1);
 }
 
+// The doc ids of the key columns this lane holds in a warp's 16 x (8 * kNTiles) tile of S starting at
+// key n0 (-2 past seq_k, matching no row), and whether any of them is one of its rows' ids
+// (doc_lo, doc_hi): the caller skips a tile where no lane of the warp has such a pair.
+template <int kNTiles>
+__device__ __forceinline__ bool load_key_doc_ids(int (&doc_k)[kNTiles][2], const int32_t* doc, int n0, int seq_k,
+                                                 int doc_lo, int doc_hi) {
+  const int quad_lane = threadIdx.x & 3;
+  bool any_same = false;
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = n0 + t * 8 + quad_lane * 2 + e;
+      doc_k[t][e] = key < seq_k ? doc[key] : -2;
+      any_same |= doc_k[t][e] == doc_lo || doc_k[t][e] == doc_hi;
+    }
+  }
+  return any_same;
+}
+
 }  // namespace attention_detail
 }  // namespace llmkern
