@@ -206,7 +206,9 @@ def _add_train_parsers(sub) -> None:
                                                           "default: 50)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None,
+                   help="make sampling reproducible: each sample has its own stream of the seed, so sample k is "
+                        "the same whatever --num-samples is (default: a random sample each time)")
     g.add_argument("--device", default="auto", help="auto: the GPU when there is one")
     g.set_defaults(func=_cmd_generate)
 

@@ -1,11 +1,12 @@
-"""Generation: the KV cache changes nothing but speed, batches equal single prompts, sampling
-emits only allowed tokens, eos stops a row, and bad arguments are refused clearly."""
+"""Generation: the KV cache changes nothing but speed, batches equal single prompts (greedy, and
+seeded sampling), sampling emits only allowed tokens, eos stops a row, and bad arguments are
+refused clearly."""
 
 import pytest
 import torch
 
 from llmkern.model import GPT, GPTConfig, generate
-from llmkern.model.generate import _sample
+from llmkern.model.generate import _inverse_cdf, _sample
 
 VOCAB = 200
 SHARPEN = 10.0
@@ -120,8 +121,8 @@ def test_top_p_samples_only_the_nucleus():
 def draw(logits: list[float], n: int = 4000, **kwargs) -> set[int]:
     """The tokens that n draws from one row of logits produce."""
     rows = torch.tensor([logits]).log().expand(n, -1)  # logits given as probabilities
-    generator = torch.Generator().manual_seed(0)
-    return set(_sample(rows, generator=generator, **kwargs).tolist())
+    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return set(_sample(rows, uniforms=uniforms, **kwargs).tolist())
 
 
 def test_sample_filters_on_known_distributions():
@@ -149,6 +150,63 @@ def test_seed_makes_sampling_reproducible():
     first = generate(model, PROMPTS, 10, temperature=1.0, seed=123)
     assert generate(model, PROMPTS, 10, temperature=1.0, seed=123) == first
     assert generate(model, PROMPTS, 10, temperature=1.0, seed=123, use_cache=False) == first
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("layout", ["learned", "rope-gqa"])
+def test_a_seeded_prompt_samples_the_same_in_any_batch(layout, use_cache):
+    # One generator for the whole batch gave prompts[0] other tokens once other prompts came along. On a
+    # CPU in fp32 batching changes the logits by rounding (~3e-6, padded or not: a GEMM of B rows vs one),
+    # which moves a draw only when it lands that close to the edge between two tokens: not for these seeds.
+    model = make_model(layout)
+    prompt, same_length, other_lengths = [5, 17, 3], [[9, 9, 9], [101, 2, 44]], [[101, 2, 2, 9, 44, 180, 7], [60]]
+    for seed in (0, 1, 7):
+        sample = dict(temperature=1.0, seed=seed, use_cache=use_cache)
+        alone = generate(model, [prompt], 12, **sample)[0]
+        assert generate(model, [prompt] + same_length, 12, **sample)[0] == alone
+        assert generate(model, [prompt] + other_lengths, 12, **sample)[0] == alone
+        # Row i's draws depend on i, not on the batch's size or its other prompts.
+        assert (generate(model, same_length + [prompt], 12, **sample)[2]
+                == generate(model, [[1, 2, 3], [4, 5, 6], prompt, [7, 8, 9]], 12, **sample)[2])
+        # A row that stops early (eos) does not shift the others' draws.
+        eos = generate(model, [[1], [60]], 12, **sample)[1][1 + 2]  # the 3rd token [60] samples as row 1
+        stopped = generate(model, [prompt, [60]], 12, eos_token=eos, **sample)
+        assert stopped[0] == generate(model, [prompt], 12, eos_token=eos, **sample)[0]
+        assert stopped[1][-1] == eos and len(stopped[1]) <= 1 + 3
+    # The seed does pick the sample.
+    assert len({tuple(generate(model, [prompt], 12, temperature=1.0, seed=seed)[0]) for seed in range(4)}) == 4
+
+
+def test_identical_prompts_in_one_batch_get_different_samples():
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every token equally likely: rows can agree only if their draws do
+    out = generate(model, [[1, 2]] * 4, 8, temperature=1.0, seed=3)
+    assert len({tuple(r) for r in out}) == 4
+    assert out[0] == generate(model, [[1, 2]], 8, temperature=1.0, seed=3)[0]
+
+
+def test_without_a_seed_sampling_follows_torchs_global_rng():
+    model = make_model()
+    torch.manual_seed(5)
+    first = generate(model, PROMPTS, 10, temperature=1.0)
+    torch.manual_seed(5)
+    assert generate(model, PROMPTS, 10, temperature=1.0) == first
+    assert generate(model, PROMPTS, 10, temperature=1.0) != first  # the global RNG moved on
+
+
+def test_inverse_cdf_draws_by_cumulative_probability_and_never_a_zero():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3]] * 5)
+    uniforms = torch.tensor([0.0, 0.05, 0.3, 0.65, 0.99], dtype=torch.float64)
+    assert _inverse_cdf(probs, uniforms).tolist() == [0, 0, 1, 2, 3]
+    # Tokens of probability 0, among them the last: never drawn, even by u just below 1 (where u * total
+    # may round up to the total) or by u = 0.
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    uniforms = torch.tensor([0.0, 0.49, 0.5, 1 - 2**-53], dtype=torch.float64)
+    assert _inverse_cdf(probs, uniforms).tolist() == [1, 1, 3, 3]
+    # A total that is not exactly 1 (float32 softmax) scales the draw.
+    probs = torch.tensor([[0.25, 0.25, 0.0]]) * (1 + 1e-6)
+    assert _inverse_cdf(probs, torch.tensor([1 - 2**-53], dtype=torch.float64)).tolist() == [1]
 
 
 def test_eos_stops_each_row():
@@ -273,6 +331,17 @@ def test_cached_greedy_on_gpu_bf16(layout):
     uncached = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
     # bf16 rounding differs between the cached and full paths; the first tokens must agree.
     assert [r[: len(p) + 3] for r, p in zip(cached, PROMPTS)] == [r[: len(p) + 3] for r, p in zip(uncached, PROMPTS)]
+
+
+@pytest.mark.cuda
+def test_seeded_sampling_on_gpu_is_reproducible_and_batch_independent():
+    model = make_model("rope-gqa", n_embd=256).cuda()
+    prompt, others = [5, 17, 3], [[101, 2, 2, 9, 44, 180, 7], [60]]
+    alone = generate(model, [prompt], 8, temperature=1.0, seed=4)[0]
+    batch = generate(model, [prompt] + others, 8, temperature=1.0, seed=4)
+    assert generate(model, [prompt] + others, 8, temperature=1.0, seed=4) == batch
+    # fp32 rounding differs between a batch and one row; the first tokens must agree.
+    assert batch[0][: len(prompt) + 3] == alone[: len(prompt) + 3]
 
 
 @pytest.mark.parametrize("options", [["--top-k", "50"], ["--top-k", "0"], ["--top-p", "0.9"], ["--seed", "1"],

@@ -8,10 +8,15 @@ With the cache the prompt is run once (prefill) and each later step feeds one to
 sequence never exceeds block_size: the prompt is cropped to its last block_size tokens, and
 once the cache is full each step reruns the model on the last block_size tokens (a sliding
 window, as generation without the cache always does).
+
+A seed fixes each prompt's sample whatever else is in the batch: row i draws its numbers from a
+private stream keyed by (seed, i), so prompts[0] samples as it would alone, and a row's tokens
+change only where its logits do (batching may change them by rounding).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
@@ -44,7 +49,11 @@ def generate(
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the most likely tokens whose probabilities add up to top_p (nucleus).
         eos_token: a row stops after emitting it (it is kept in the output).
-        seed: makes sampling reproducible (a private generator); None uses torch's global RNG.
+        seed: makes sampling reproducible, prompt by prompt: row i draws from its own stream, keyed by
+            (seed, i), so its tokens depend on its prompt, the seed and i, not on the other prompts
+            (prompts[0] samples as it would alone), and identical prompts get different samples.
+            Only where batching changes a row's logits by rounding may a draw differ. None uses
+            torch's global RNG.
         use_cache: keep keys and values across steps (fast); False reruns the whole sequence.
         stop: a function of a row's new tokens (a list, after each token); the row stops once it
             returns true. How a caller stops at a text that spans several tokens (ChatML's <|im_end|>).
@@ -62,22 +71,11 @@ def generate(
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be None or a function of a row's new tokens, got {stop!r}")
     device = model.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-
-    # Left-pad the prompts into one (B, P + max_new_tokens) buffer; `valid` marks real tokens.
-    batch, longest = len(rows), max(len(r) for r in rows)
-    tokens = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
-    valid = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        tokens[i, longest - len(row) : longest] = torch.tensor(row, dtype=torch.long)
-        valid[i, longest - len(row) : longest] = True
-
+    tokens, valid = _left_pad(rows, max_new_tokens, device)
+    draw_uniforms = _uniform_draws(seed, len(rows), device)
     outputs = [list(r) for r in rows]
-    finished = [False] * batch
-    length = longest
+    finished = [False] * len(rows)
+    length = tokens.size(1) - max_new_tokens
     decoder = _CachedDecoder(model, max_new_tokens) if use_cache else None
     with eval_mode(model):
         for _ in range(max_new_tokens):
@@ -85,13 +83,9 @@ def generate(
                 logits = decoder.next_logits(tokens[:, :length], valid[:, :length])
             else:
                 logits = _window_logits(model, tokens[:, :length], valid[:, :length])
-            # Greedy's argmax takes a NaN for the largest logit and gives its id as a token, silently
-            # (and sampling fails unclearly in torch.multinomial).
-            for i, nan in enumerate(logits.isnan().any(dim=-1).tolist()):
-                if nan and not finished[i]:
-                    raise RuntimeError(f"the model's logits hold NaN for prompts[{i}] at new token "
-                                       f"{len(outputs[i]) - len(rows[i])}: its weights or activations are not finite")
-            next_tokens = _sample(logits.float(), temperature, top_k, top_p, generator)
+            _refuse_nan(logits, finished, outputs, rows)
+            uniforms = draw_uniforms() if temperature > 0 else None  # greedy draws nothing
+            next_tokens = _sample(logits.float(), temperature, top_k, top_p, uniforms)
             tokens[:, length] = next_tokens
             valid[:, length] = True
             length += 1
@@ -102,6 +96,46 @@ def generate(
             if all(finished):
                 break
     return outputs
+
+
+def _left_pad(rows: list[list[int]], max_new_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts left-padded into one (B, P + max_new_tokens) buffer, and `valid`, marking real tokens."""
+    batch, longest = len(rows), max(len(r) for r in rows)
+    tokens = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, longest - len(row) : longest] = torch.tensor(row, dtype=torch.long)
+        valid[i, longest - len(row) : longest] = True
+    return tokens, valid
+
+
+def _refuse_nan(logits: torch.Tensor, finished: list[bool], outputs: list[list[int]], rows: list[list[int]]) -> None:
+    """Greedy's argmax takes a NaN for the largest logit and gives its id as a token, silently (and
+    sampling would draw from NaN probabilities): a running row's NaN logits are an error."""
+    for i, nan in enumerate(logits.isnan().any(dim=-1).tolist()):
+        if nan and not finished[i]:
+            raise RuntimeError(f"the model's logits hold NaN for prompts[{i}] at new token "
+                               f"{len(outputs[i]) - len(rows[i])}: its weights or activations are not finite")
+
+
+def _uniform_draws(seed: int | None, batch: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A function giving the next step's uniforms in [0, 1), (B,) float64 on `device`, for _sample.
+
+    seed None: torch's global RNG. Otherwise row i has a private stream (Python's Mersenne Twister keyed
+    by (seed, i)) and its k-th token uses the stream's k-th number, so a row's draws depend on the seed and
+    its index alone: never on the batch's size, its other prompts, or when the other rows stop.
+
+    Why one number per row on the host rather than a torch.Generator per row: per-row generators would
+    cost B tiny launches every decode step on a GPU (a multinomial or exponential_ per row). Here a step is
+    B host draws (tens of ns each) and one (B,) copy, and the sampling itself (_sample's inverse CDF) stays
+    one batched computation. A counter-based hash of (seed, row, step) computed on the device would avoid
+    the copy too, but needs a hand-written integer hash; the copy is tiny, and each step already waits for
+    its tokens on the host. The numbers are also the same on every device.
+    """
+    if seed is None:
+        return lambda: torch.rand(batch, dtype=torch.float64, device=device)
+    streams = [random.Random(f"llmkern.generate:{seed}:{i}") for i in range(batch)]
+    return lambda: torch.tensor([s.random() for s in streams], dtype=torch.float64, device=device)
 
 
 class _CachedDecoder:
@@ -168,9 +202,9 @@ def _sample(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One token per row of logits (B, V)."""
+    """One token per row of logits (B, V); row i's is drawn with uniforms[i] (in [0, 1), unused when greedy)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     # The largest logit is made 0 first: a tiny temperature then sends the others to -inf (greedy, its
@@ -193,8 +227,20 @@ def _sample(
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return _inverse_cdf(logits.softmax(dim=-1), uniforms)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each row of probs (B, V), the first token whose cumulative probability exceeds uniforms[i] (B,)
+    times the row's total. A row's token depends on that row alone (torch.multinomial would draw every
+    row from one stream), and a token of probability 0 is never drawn: the cumulative sum steps past the
+    target only at a token that adds to it. Summed in float64, so that a token far below float32's
+    resolution near 1 (p < 6e-8 of a large vocabulary) keeps its chance."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1, but u * total may round up to total, which no token's cumulative sum exceeds.
+    target = torch.minimum(uniforms[:, None] * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def _prompt_rows(prompts: object, vocab_size: int) -> list[list[int]]:
