@@ -415,6 +415,155 @@ def stopped(stop: StopOnSignal, step: int, path: str | None, log: MetricsLog, co
                               f"with the same command and --resume=true", stop.requested)
 
 
+def checkpoint_due(done_steps: int, done: bool, config) -> bool:
+    """Whether a run saves its training state after `done_steps` steps: every config.ckpt_interval steps (0: never),
+    but not after the last, where the run saves its model instead."""
+    return bool(config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done)
+
+
+def evaluation_due(done_steps: int, done: bool, config) -> bool:
+    """Whether a run evaluates after `done_steps` steps: every config.eval_interval steps (0: never) and at the
+    end."""
+    return done or bool(config.eval_interval and done_steps % config.eval_interval == 0)
+
+
+def _fit_position(train_examples: Sequence[Any], config, steps: int, world_size: int,
+                  settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What a resumed fit must share with the run it continues: the schedule's length, the examples, the batch,
+    seed and parallel settings, the template, LoRA's and the recipe's settings."""
+    return {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "seed": config.seed, "world_size": world_size,
+            "parallel": config.parallel, **template_position(config), **lora_position(config),
+            **(settings or {}), "examples_sha256": examples_fingerprint(train_examples)}
+
+
+class _FitRun:
+    """One run of fit: the model that trains (under parallel="fsdp" a sharded copy of the caller's), its
+    optimizer, schedule and metrics log, and the counters each step hands to the next, which the training state
+    saves and a resumed run restores. fit calls its methods in the algorithm's order."""
+
+    def __init__(self, model: nn.Module, train_examples: Sequence[Any], config,
+                 settings: dict[str, Any] | None):
+        """Join the torchrun job, shard the model (fsdp), make the optimizer and open the run folder: a fresh
+        log, or on resume the training state restored (weights, optimizer, RNG states) and the counters."""
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.info = data_parallel_setup(self.device)
+        check_parallel(config, self.info)
+        self.sharded = config.parallel == "fsdp"
+        self.whole_model = model  # the caller's: under fsdp it waits on the CPU and gets the weights in finish()
+        self.model = shard_copy(model, self.info, self.device) if self.sharded else model  # the one that trains
+        self.steps = total_steps(len(train_examples), config, self.info.world_size)
+        self.optimizer = make_optimizer(list(self.model.parameters()), config, self.sharded)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.position = _fit_position(train_examples, config, self.steps, self.info.world_size, settings)
+        self.state_dir = train_state_dir(config)
+        self.log, self.counters, evals = open_run(config, self.model, self.optimizer, self.position)
+        self.first_eval, self.last_eval = (evals[0], evals[-1]) if evals else (None, None)
+        self.last_train: dict[str, float] = {}  # the means of the last step that trained
+        self.start_step = self.bad_steps = self.skipped = 0  # bad_steps: non-finite steps in a row
+        self.loss_scale = DynamicLossScale() if config.dtype == "float16" else None
+
+    def lr_at(self, step: int) -> float:
+        return cosine_lr(step, self.config.lr, self.config.min_lr, self.config.warmup_steps, self.steps)
+
+    def start(self, evaluate: Callable[[nn.Module], dict[str, float]] | None) -> None:
+        """A resumed run takes up its saved counters and loss scale (and warns when the schedule no longer
+        gives the step it continues with the learning rate it would have had); a fresh one evaluates the
+        untrained model, where the eval curves start."""
+        counters = self.counters
+        if counters is not None:
+            self.start_step, self.bad_steps, self.skipped = counters["step"], counters["bad_steps"], counters["skipped"]
+            if self.info.is_main:
+                warn_if_schedule_changed(counters.get("next_lr"), self.lr_at(self.start_step), self.start_step)
+            if self.loss_scale and counters.get("loss_scale"):
+                self.loss_scale.load_state_dict(counters["loss_scale"])
+        elif evaluate is not None:
+            self.first_eval = self.evaluate(evaluate, 0)
+
+    def batches(self, train_examples: Sequence[Any]):
+        """This rank's micro-batches from start_step on: the seeded epochs are the same on every rank and in a
+        resumed run, so skipping what the steps before start_step took continues where the stopped run was."""
+        batches = micro_batches(train_examples, self.config.batch_size, self.config.seed)
+        for _ in range(self.start_step * self.config.grad_accum * self.info.world_size):
+            next(batches)
+        return rank_share(batches, self.info)
+
+    def train_step(self, step: int, loss_fn, batches, collate, bar) -> None:
+        """Optimizer step `step` (0-based) over grad_accum micro-batches per rank, logged and counted."""
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scale = self.loss_scale.scale if self.loss_scale else 1.0
+        mean_loss, metrics = _accumulate_gradients(self.model, loss_fn, batches, collate, self.config, self.device,
+                                                   scale)
+        grad_norm = self._apply_gradients(mean_loss, scale)
+        self._record(step, lr, scale, mean_loss, metrics, grad_norm, bar)
+        bar.update(1)
+
+    def _apply_gradients(self, mean_loss: float, scale: float) -> float:
+        """Average the gradients over the ranks, unscale, clip and step (none of it after a non-finite loss:
+        NaN); the gradient norm, not finite when the optimizer skipped the step."""
+        if not self.sharded:  # FSDP2 reduced (averaged) them in the backward
+            average_gradients(self.trainable, self.info)
+        grad_norm = math.nan
+        if math.isfinite(mean_loss):  # the same on every rank (averaged): all or none take the collectives
+            unscale_(self.trainable, scale)  # an overflow stays inf: the step below skips itself
+            grad_norm = optimizer_step(self.optimizer, self.trainable, self.config, self.sharded)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record(self, step: int, lr: float, scale: float, mean_loss: float, metrics: dict[str, float],
+                grad_norm: float, bar) -> None:
+        """Log the step and count it: a float16 overflow backs the loss scale off (a skip, but no sign of
+        divergence); another non-finite loss or norm is a bad step, and MAX_BAD_STEPS of them in a row stop
+        the run (FinetuneDiverged); a step that trained logs its means."""
+        loss_scale = self.loss_scale
+        if loss_scale and math.isfinite(mean_loss) and not math.isfinite(grad_norm) \
+                and loss_scale.can_back_off():  # a float16 overflow: the scale's doing, not divergence
+            self.skipped += 1
+            loss_scale.update(overflowed=True)
+            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
+                           reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
+        elif not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            self.bad_steps += 1
+            self.skipped += 1
+            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise FinetuneDiverged(f"fine-tuning stopped at step {step + 1}: the loss or gradient norm "
+                                       f"was NaN/inf {self.bad_steps} steps in a row; try a lower lr")
+        else:
+            self.bad_steps = 0
+            self.last_train = {"loss": mean_loss, **metrics}
+            scaling = {}
+            if loss_scale:
+                loss_scale.update(overflowed=False)
+                scaling = {"loss_scale": scale}
+            self.log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **self.last_train, **scaling)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+
+    def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], done_steps: int) -> dict[str, float]:
+        """Run `evaluate` (eval mode, no_grad, autocast) after done_steps steps and log it; its result, now
+        last_eval."""
+        self.last_eval = run_evaluation(self.model, evaluate, self.config, self.device)
+        self.log.write("eval", step=done_steps, **self.last_eval)
+        return self.last_eval
+
+    def save(self, done_steps: int) -> str | None:
+        """Write the training state after done_steps steps (every rank: it gathers their RNG states); rank 0 gets
+        the path."""
+        counters = {"step": done_steps, "next_lr": self.lr_at(done_steps), "bad_steps": self.bad_steps,
+                    "skipped": self.skipped, "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
+        return save_train_state(self.state_dir, self.model, self.optimizer, self.position, counters)
+
+    def finish(self, charts: Sequence[str]) -> None:
+        """After the last step: the trained weights back in the caller's model (fsdp), and the charts."""
+        if self.sharded:
+            gather_into(self.whole_model, self.model, self.device)
+        if self.info.is_main:
+            plot_metrics(self.log.path, self.config.out_dir, extra=charts)
+
+
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = (),
@@ -426,103 +575,27 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     JSON values; a resumed run must share them, as it must the examples and the batch settings."""
     if not train_examples:
         raise ValueError("there are no training examples")
-    device = next(model.parameters()).device
-    info = data_parallel_setup(device)
-    check_parallel(config, info)
-    sharded = config.parallel == "fsdp"
-    whole_model = model
-    if sharded:  # from here on `model` is the FSDP2 copy that trains; whole_model gets its weights at the end
-        model = shard_copy(whole_model, info, device)
-    steps = total_steps(len(train_examples), config, info.world_size)
-    optimizer = make_optimizer(list(model.parameters()), config, sharded)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # what a resumed run must share
-    position = {"steps": steps, "examples": len(train_examples), "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum, "seed": config.seed, "world_size": info.world_size,
-                "parallel": config.parallel, **template_position(config), **lora_position(config),
-                **(settings or {}), "examples_sha256": examples_fingerprint(train_examples)}
-    state_dir = train_state_dir(config)
-    log, counters, evals = open_run(config, model, optimizer, position)
-
-    def lr_at(step: int) -> float:
-        return cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, steps)
-
     from tqdm import tqdm
 
-    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
-    start_step = bad_steps = skipped = 0
-    loss_scale = DynamicLossScale() if config.dtype == "float16" else None
-    if counters is not None:
-        start_step, bad_steps, skipped = counters["step"], counters["bad_steps"], counters["skipped"]
-        if info.is_main:
-            warn_if_schedule_changed(counters.get("next_lr"), lr_at(start_step), start_step)
-        if loss_scale and counters.get("loss_scale"):
-            loss_scale.load_state_dict(counters["loss_scale"])
-    elif evaluate is not None:
-        first_eval = last_eval = run_evaluation(model, evaluate, config, device)
-        log.write("eval", step=0, **first_eval)
-    batches = micro_batches(train_examples, config.batch_size, config.seed)
-    for _ in range(start_step * config.grad_accum * info.world_size):  # what the steps before start_step took
-        next(batches)
-    batches = rank_share(batches, info)
-    last_train: dict[str, float] = {}
+    run = _FitRun(model, train_examples, config, settings)
+    run.start(evaluate)
+    batches = run.batches(train_examples)
     start = time.perf_counter()
-    model.train()
-    show = config.progress and info.is_main
-    stop = StopOnSignal(enabled=not info.is_distributed)
-    with tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show) as bar, stop:
-        for step in range(start_step, steps):
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scale = loss_scale.scale if loss_scale else 1.0
-            mean_loss, metrics = _accumulate_gradients(model, loss_fn, batches, collate, config, device, scale)
-            if not sharded:  # FSDP2 reduced (averaged) them in the backward
-                average_gradients(trainable, info)
-            grad_norm = math.nan
-            if math.isfinite(mean_loss):  # the same on every rank (averaged): all or none take the collectives
-                unscale_(trainable, scale)  # an overflow stays inf: the step below skips itself
-                grad_norm = optimizer_step(optimizer, trainable, config, sharded)
-            optimizer.zero_grad(set_to_none=True)
-            if loss_scale and math.isfinite(mean_loss) and not math.isfinite(grad_norm) \
-                    and loss_scale.can_back_off():  # a float16 overflow: the scale's doing, not divergence
-                skipped += 1
-                loss_scale.update(overflowed=True)
-                log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
-                          reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
-            elif not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
-                bad_steps += 1
-                skipped += 1
-                log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise FinetuneDiverged(f"fine-tuning stopped at step {step + 1}: the loss or gradient norm "
-                                           f"was NaN/inf {bad_steps} steps in a row; try a lower lr")
-            else:
-                bad_steps = 0
-                last_train = {"loss": mean_loss, **metrics}
-                scaling = {}
-                if loss_scale:
-                    loss_scale.update(overflowed=False)
-                    scaling = {"loss_scale": scale}
-                log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **last_train, **scaling)
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-            bar.update(1)
-            done = step + 1 == steps
-            if evaluate is not None and (done or (config.eval_interval and (step + 1) % config.eval_interval == 0)):
-                last_eval = run_evaluation(model, evaluate, config, device)
-                log.write("eval", step=step + 1, **last_eval)
+    run.model.train()
+    show = config.progress and run.info.is_main
+    stop = StopOnSignal(enabled=not run.info.is_distributed)
+    with tqdm(total=run.steps, initial=run.start_step, unit="step", dynamic_ncols=True, disable=not show) as bar, stop:
+        for step in range(run.start_step, run.steps):
+            run.train_step(step, loss_fn, batches, collate, bar)
+            done = step + 1 == run.steps
+            if evaluate is not None and evaluation_due(step + 1, done, config):
+                last_eval = run.evaluate(evaluate, step + 1)
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if stop.requested or (config.ckpt_interval and (step + 1) % config.ckpt_interval == 0 and not done):
-                path = save_train_state(state_dir, model, optimizer, position,  # on every rank: gathers RNG states
-                                        {"step": step + 1, "next_lr": lr_at(step + 1), "bad_steps": bad_steps,
-                                         "skipped": skipped,
-                                         "loss_scale": loss_scale.state_dict() if loss_scale else None})
+            if stop.requested or checkpoint_due(step + 1, done, config):
+                path = run.save(step + 1)  # on every rank: it gathers their RNG states; rank 0 writes
             if stop.requested:
-                stopped(stop, step + 1, path, log, config, charts)
-    if sharded:
-        gather_into(whole_model, model, device)
-    if info.is_main:
-        plot_metrics(log.path, config.out_dir, extra=charts)
-    return {"steps": steps, "skipped_steps": skipped, "train": last_train, "first_eval": first_eval,
-            "last_eval": last_eval, "seconds": time.perf_counter() - start, "metrics": log.path}
+                stopped(stop, step + 1, path, run.log, config, charts)
+    run.finish(charts)
+    return {"steps": run.steps, "skipped_steps": run.skipped, "train": run.last_train, "first_eval": run.first_eval,
+            "last_eval": run.last_eval, "seconds": time.perf_counter() - start, "metrics": run.log.path}

@@ -464,22 +464,15 @@ def module_fingerprint(module) -> str | None:
     return digest.hexdigest()
 
 
-def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
-    """PPO on config.data's prompts from config.base under config.reward_model (or `reward_model`, any
-    module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
-    tokenizer); saves the policy to config.out_dir; the summary. Under torchrun: data-parallel (see the
-    module's docstring); every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval
-    are None on the other ranks)."""
-    from ..train.metrics import plot_metrics
-    from ..train.schedules import cosine_lr, warn_if_schedule_changed
-    from .base import check_exists, effective_max_len, load_base, require_base, save_finetuned
-    from .data import load_prompt_data, split_examples
-    from .lora import apply_lora_from_config, check_lora_targets, save_and_merge_lora
-    from .loop import (autocast_context, check_run_folder, data_parallel_setup, drop_train_state,
-                       examples_fingerprint, lora_position, make_optimizer, micro_batches, open_run, save_train_state,
-                       stopped, template_position, train_state_dir)
-    from ..train.interrupt import StopOnSignal
-    from .templates import settle_template
+PPO_CHARTS = ("reward", "kl")  # metrics.jsonl's charts beyond loss and lr
+
+
+def _check_before_loading(config: PPOConfig, reward_model: nn.Module | None) -> list[dict[str, Any]]:
+    """What can be told wrong before any model is loaded: the settings, the base, the prompt file, the run folder
+    and the reward model's folder; the prompt file's rows."""
+    from .base import check_exists, require_base
+    from .data import load_prompt_data
+    from .loop import check_run_folder
 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -494,132 +487,249 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")
-    # these first: a wrong out_dir, prompt file or reward model is told before any model is loaded
     require_base(config)
     prompt_rows = load_prompt_data(config.data)
     check_run_folder(config)
     if reward_model is None:
         check_exists("reward_model", config.reward_model)
-    torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
-    policy, tokenizer, base_meta = load_base(config)
-    check_lora_targets(policy, config)  # before the reward model is loaded; the adapters come after
-    config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
-    device = policy.device
-    info = data_parallel_setup(device)
+    return prompt_rows
+
+
+def _max_prompt_len(config: PPOConfig, policy: nn.Module) -> int:
+    """The longest prompt that leaves room for max_new_tokens within max_len and the model's block_size."""
+    from .base import effective_max_len
+
     max_total = effective_max_len(config, policy)
     if config.max_new_tokens >= max_total:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in "
                          f"{max_total} tokens (max_len and the model's block_size)")
-    if reward_model is None:
-        from ..data.tokenizer import same_tokenizer
-        from .base import base_fingerprint, checkpoint_of
-        from .reward import load_reward_run
-        from .templates import saved_prompt_format
+    return max_total - config.max_new_tokens
 
-        source = checkpoint_of(config.reward_model)  # resolved once, so the weights hashed are the ones loaded
-        reward_model, rm_tokenizer, rm_meta = load_reward_run(source, device)
-        # by content, as the base: a moved copy of the reward model resumes, another one at that path does not
-        reward_sha256 = base_fingerprint(source, reward_model.body.config.to_dict())
-        if not same_tokenizer(rm_tokenizer.spec, tokenizer.spec):
-            raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
-                             f"{tokenizer.spec!r}: they must match")
-        rm_format = saved_prompt_format(rm_meta)
-        if rm_format != fmt:  # it will score text laid out unlike anything it was trained on
-            warnings.warn(f"the reward model {config.reward_model!r} was trained with template "
-                          f"{rm_format.template!r} (system prompt {rm_format.system_prompt!r}), the policy's prompts "
-                          f"use {fmt.template!r} (system prompt {fmt.system_prompt!r})", stacklevel=2)
+
+def _load_reward_model(config: PPOConfig, device: torch.device, tokenizer, fmt) -> tuple[nn.Module, str]:
+    """config.reward_model's run on `device` and its fingerprint (by content, as the base's: a moved copy of the
+    reward model resumes, another one at that path does not). Its tokenizer must be the policy's; a warning
+    when it was trained on another template than the policy's prompts use."""
+    from ..data.tokenizer import same_tokenizer
+    from .base import base_fingerprint, checkpoint_of
+    from .reward import load_reward_run
+    from .templates import saved_prompt_format
+
+    source = checkpoint_of(config.reward_model)  # resolved once, so the weights hashed are the ones loaded
+    reward_model, rm_tokenizer, rm_meta = load_reward_run(source, device)
+    reward_sha256 = base_fingerprint(source, reward_model.body.config.to_dict())
+    if not same_tokenizer(rm_tokenizer.spec, tokenizer.spec):
+        raise ValueError(f"the reward model uses tokenizer {rm_tokenizer.spec!r}, the policy "
+                         f"{tokenizer.spec!r}: they must match")
+    rm_format = saved_prompt_format(rm_meta)
+    if rm_format != fmt:  # it will score text laid out unlike anything it was trained on
+        warnings.warn(f"the reward model {config.reward_model!r} was trained with template "
+                      f"{rm_format.template!r} (system prompt {rm_format.system_prompt!r}), the policy's prompts "
+                      f"use {fmt.template!r} (system prompt {fmt.system_prompt!r})",
+                      stacklevel=4)  # at the caller of run_ppo (through _frozen_reward_model)
+    return reward_model, reward_sha256
+
+
+def _frozen_reward_model(config: PPOConfig, reward_model, device: torch.device, tokenizer, fmt
+                         ) -> tuple[Any, str | None]:
+    """(the reward model to score with, its fingerprint for the run's position): `reward_model` if given, else
+    config.reward_model's run; a module is moved to `device`, put in eval mode and frozen."""
+    if reward_model is None:
+        reward_model, reward_sha256 = _load_reward_model(config, device, tokenizer, fmt)
     else:
         reward_sha256 = module_fingerprint(reward_model)
     if isinstance(reward_model, nn.Module):
         reward_model.to(device).eval().requires_grad_(False)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the base: base_sha256 identifies it
-    wrapped = apply_lora_from_config(policy, config)
-    model = PolicyWithValue(policy)
+    return reward_model, reward_sha256
 
-    prompts = encode_prompts(prompt_rows, tokenizer, max_total - config.max_new_tokens, fmt)
+
+def _train_and_val_prompts(prompt_rows: list[dict[str, Any]], tokenizer, max_prompt_len: int, fmt, config: PPOConfig,
+                           info) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts as tokens, split into training prompts (at least one per rank) and at most MAX_EVAL_PROMPTS
+    held-out ones."""
+    from .data import split_examples
+
+    prompts = encode_prompts(prompt_rows, tokenizer, max_prompt_len, fmt)
     train, val = split_examples(prompts, config.val_fraction, config.seed)
     val = val[:MAX_EVAL_PROMPTS]
     if len(train) < info.world_size:
         raise ValueError(f"data has {len(train)} training prompts, fewer than the {info.world_size} processes: "
                          f"each needs at least one")
-    global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
-    iterations = config.max_steps or config.epochs * math.ceil(len(train) / global_batch)
-    updates_per_iteration = config.ppo_epochs * math.ceil(
-        math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
-    total_updates = iterations * updates_per_iteration
-    optimizer = make_optimizer(list(model.parameters()), config)
+    return train, val
 
-    def lr_at(step: int) -> float:
-        return cosine_lr(step, config.lr, config.min_lr, config.warmup_steps, total_updates)
 
-    def autocast():
-        return autocast_context(config, device)
+def _ppo_position(train: list[list[int]], config: PPOConfig, iterations: int, world_size: int,
+                  fingerprints: dict[str, str | None]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the number of iterations, the prompts, the batch
+    and seed settings, the template, LoRA's settings, PPO's objective, and the base and reward model
+    (fingerprints: base_sha256 and reward_model_sha256)."""
+    from .loop import examples_fingerprint, lora_position, template_position
 
-    state_dir = train_state_dir(config)
-    position = {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
-                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
-                "world_size": info.world_size, **template_position(config), **lora_position(config),
-                **{name: getattr(config, name) for name in PPO_OBJECTIVE},
-                "examples_sha256": examples_fingerprint(train), "base_sha256": base_meta["base_sha256"],
-                "reward_model_sha256": reward_sha256}
-    log, counters, evals = open_run(config, model, optimizer, position)
-    eot = tokenizer.eot_token
+    return {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
+            "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
+            "world_size": world_size, **template_position(config), **lora_position(config),
+            **{name: getattr(config, name) for name in PPO_OBJECTIVE},
+            "examples_sha256": examples_fingerprint(train), **fingerprints}
 
-    def evaluate(at: int) -> dict[str, float]:
-        result = evaluate_prompts(model, reference, reward_model, val, config, eot, autocast)
-        log.write("eval", step=at, **result)
-        return result
 
-    from tqdm import tqdm
+class _PPORun:
+    """run_ppo's training: the policy with its value head, the frozen reference and reward model, the optimizer,
+    schedule and metrics log, and the counters an iteration hands to the next (PPO iterations done, optimizer
+    steps taken), which the training state saves and a resumed run restores. run_ppo calls its methods in the
+    algorithm's order."""
 
-    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)
-    start_it = step = 0  # PPO iterations done, optimizer steps taken
-    evaluates = bool(val) and info.is_main  # the ranks hold the same policy: one evaluation tells all
-    if counters is not None:
-        start_it, step = counters["step"], counters["optimizer_step"]
-        if info.is_main:
-            warn_if_schedule_changed(counters.get("next_lr"), lr_at(step), step)
-    elif evaluates:
-        first_eval = last_eval = evaluate(0)
-    batches = micro_batches(train, global_batch, config.seed)
-    for _ in range(start_it):  # the prompts the iterations before start_it took
-        next(batches)
-    last_metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    stop = StopOnSignal(enabled=not info.is_distributed)
-    with stop:
-        for it in tqdm(range(start_it, iterations), desc="ppo", unit="iter",
-                       disable=not (config.progress and info.is_main), dynamic_ncols=True):
-            lr = lr_at(step)
-            step, metrics = ppo_iteration(model, reference, reward_model, optimizer,
-                                          rank_prompts(next(batches), info), config, eot,
-                                          seed=sampling_seed(config.seed, it, info), lr_at=lr_at, step=step,
-                                          autocast=autocast, info=info)
-            log.write("train", step=it + 1, lr=lr, **metrics)
-            last_metrics = metrics
-            if not all(math.isfinite(v) for v in metrics.values()):
-                from .loop import FinetuneDiverged
+    def __init__(self, model: PolicyWithValue, reference: nn.Module, reward_model, train: list[list[int]],
+                 val: list[list[int]], config: PPOConfig, info, eot: int, fingerprints: dict[str, str | None]):
+        """Count the iterations and optimizer steps, make the optimizer and open the run folder: a fresh log, or
+        on resume the training state restored (weights, optimizer, RNG states) and the counters."""
+        from .loop import make_optimizer, open_run, train_state_dir
 
-                raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
-            done = it + 1 == iterations
-            if evaluates and (done or (config.eval_interval and (it + 1) % config.eval_interval == 0)):
-                last_eval = evaluate(it + 1)
-            if stop.requested or (config.ckpt_interval and (it + 1) % config.ckpt_interval == 0 and not done):
-                # on every rank: it gathers their RNG states; rank 0 writes
-                path = save_train_state(state_dir, model, optimizer, position,
-                                        {"step": it + 1, "optimizer_step": step, "next_lr": lr_at(step)})
-            if stop.requested:
-                stopped(stop, it + 1, path, log, config, charts=("reward", "kl"))
-    if info.is_main:
-        plot_metrics(log.path, config.out_dir, extra=("reward", "kl"))
+        self.model, self.reference, self.reward_model = model, reference, reward_model
+        self.train_prompts, self.val, self.config, self.info, self.eot = train, val, config, info, eot
+        self.device = model.policy.device
+        self.global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
+        self.iterations = config.max_steps or config.epochs * math.ceil(len(train) / self.global_batch)
+        updates_per_iteration = config.ppo_epochs * math.ceil(
+            math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
+        self.total_updates = self.iterations * updates_per_iteration
+        self.optimizer = make_optimizer(list(model.parameters()), config)
+        self.state_dir = train_state_dir(config)
+        self.position = _ppo_position(train, config, self.iterations, info.world_size, fingerprints)
+        self.log, self.counters, evals = open_run(config, model, self.optimizer, self.position)
+        self.first_eval, self.last_eval = (evals[0], evals[-1]) if evals else (None, None)
+        self.last_metrics: dict[str, float] = {}
+        self.start_it = self.step = 0  # PPO iterations done, optimizer steps taken
+        self.evaluates = bool(val) and info.is_main  # the ranks hold the same policy: one evaluation tells all
+        self.started = math.nan  # when the iterations began (train)
+
+    def lr_at(self, step: int) -> float:
+        from ..train.schedules import cosine_lr
+
+        return cosine_lr(step, self.config.lr, self.config.min_lr, self.config.warmup_steps, self.total_updates)
+
+    def autocast(self):
+        from .loop import autocast_context
+
+        return autocast_context(self.config, self.device)
+
+    def start(self) -> None:
+        """A resumed run takes up its saved counters (and warns when the schedule no longer gives the step it
+        continues with the learning rate it would have had); a fresh one evaluates the untrained policy."""
+        from ..train.schedules import warn_if_schedule_changed
+
+        counters = self.counters
+        if counters is not None:
+            self.start_it, self.step = counters["step"], counters["optimizer_step"]
+            if self.info.is_main:
+                warn_if_schedule_changed(counters.get("next_lr"), self.lr_at(self.step), self.step)
+        elif self.evaluates:
+            self.first_eval = self.evaluate(0)
+
+    def train(self) -> None:
+        """The PPO iterations from start_it on, each on this rank's share of the next global batch of prompts,
+        evaluating every eval_interval and at the end, saving every ckpt_interval; the charts."""
+        from tqdm import tqdm
+
+        from ..train.interrupt import StopOnSignal
+        from ..train.metrics import plot_metrics
+        from .loop import checkpoint_due, evaluation_due, micro_batches, stopped
+
+        batches = micro_batches(self.train_prompts, self.global_batch, self.config.seed)
+        for _ in range(self.start_it):  # the prompts the iterations before start_it took
+            next(batches)
+        self.started = time.perf_counter()
+        stop = StopOnSignal(enabled=not self.info.is_distributed)
+        with stop:
+            for it in tqdm(range(self.start_it, self.iterations), desc="ppo", unit="iter",
+                           disable=not (self.config.progress and self.info.is_main), dynamic_ncols=True):
+                self.iteration(it, rank_prompts(next(batches), self.info))
+                done = it + 1 == self.iterations
+                if self.evaluates and evaluation_due(it + 1, done, self.config):
+                    self.evaluate(it + 1)
+                if stop.requested or checkpoint_due(it + 1, done, self.config):
+                    path = self.save(it + 1)  # on every rank: it gathers their RNG states; rank 0 writes
+                if stop.requested:
+                    stopped(stop, it + 1, path, self.log, self.config, charts=PPO_CHARTS)
+        if self.info.is_main:
+            plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
+
+    def iteration(self, it: int, prompts: list[list[int]]) -> None:
+        """PPO iteration `it` (0-based) on this rank's prompts, logged; FinetuneDiverged when a metric is not
+        finite."""
+        lr = self.lr_at(self.step)
+        self.step, metrics = ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts,
+                                           self.config, self.eot, seed=sampling_seed(self.config.seed, it, self.info),
+                                           lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info)
+        self.log.write("train", step=it + 1, lr=lr, **metrics)
+        self.last_metrics = metrics
+        if not all(math.isfinite(v) for v in metrics.values()):
+            from .loop import FinetuneDiverged
+
+            raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
+
+    def evaluate(self, at: int) -> dict[str, float]:
+        """The held-out prompts' mean reward and KL after `at` iterations, logged; now last_eval."""
+        self.last_eval = evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config,
+                                          self.eot, self.autocast)
+        self.log.write("eval", step=at, **self.last_eval)
+        return self.last_eval
+
+    def save(self, done_its: int) -> str | None:
+        """Write the training state after done_its iterations (every rank: it gathers their RNG states); rank 0
+        gets the path."""
+        from .loop import save_train_state
+
+        counters = {"step": done_its, "optimizer_step": self.step, "next_lr": self.lr_at(self.step)}
+        return save_train_state(self.state_dir, self.model, self.optimizer, self.position, counters)
+
+
+def _save_policy(policy: nn.Module, wrapped, tokenizer, config: PPOConfig, iterations: int) -> tuple[str, str | None]:
+    """(the checkpoint, LoRA's adapters or None): the trained policy (LoRA merged) saved to config.out_dir, and the
+    training state dropped."""
+    from .base import save_finetuned
+    from .lora import save_and_merge_lora
+    from .loop import drop_train_state
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
             "finetune": {"method": "ppo", **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
     drop_train_state(config)
+    return path, lora_path
+
+
+def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
+    """PPO on config.data's prompts from config.base under config.reward_model (or `reward_model`, any
+    module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
+    tokenizer); saves the policy to config.out_dir; the summary. Under torchrun: data-parallel (see the
+    module's docstring); every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval
+    are None on the other ranks)."""
+    from .base import load_base
+    from .lora import apply_lora_from_config, check_lora_targets
+    from .loop import data_parallel_setup
+    from .templates import settle_template
+
+    prompt_rows = _check_before_loading(config, reward_model)
+    torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
+    policy, tokenizer, base_meta = load_base(config)
+    check_lora_targets(policy, config)  # before the reward model is loaded; the adapters come after
+    config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
+    device = policy.device
+    info = data_parallel_setup(device)
+    max_prompt_len = _max_prompt_len(config, policy)
+    reward_model, reward_sha256 = _frozen_reward_model(config, reward_model, device, tokenizer, fmt)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the base: base_sha256 identifies it
+    wrapped = apply_lora_from_config(policy, config)
+    model = PolicyWithValue(policy)
+    train, val = _train_and_val_prompts(prompt_rows, tokenizer, max_prompt_len, fmt, config, info)
+
+    run = _PPORun(model, reference, reward_model, train, val, config, info, tokenizer.eot_token,
+                  {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256})
+    run.start()
+    run.train()
+    path, lora_path = _save_policy(policy, wrapped, tokenizer, config, run.iterations)
     return {"method": "ppo", "out_dir": config.out_dir, "checkpoint": path, "template": fmt.template, "lora": lora_path,
-            "iterations": iterations, "optimizer_steps": step,
-            "train_prompts": len(train), "val_prompts": len(val), "first_eval": first_eval,
-            "last_eval": last_eval, "train": last_metrics,
-            "seconds": time.perf_counter() - started, "metrics": log.path}
+            "iterations": run.iterations, "optimizer_steps": run.step,
+            "train_prompts": len(train), "val_prompts": len(val), "first_eval": run.first_eval,
+            "last_eval": run.last_eval, "train": run.last_metrics,
+            "seconds": time.perf_counter() - run.started, "metrics": run.log.path}
