@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import os
 
 import pytest
@@ -681,6 +682,37 @@ def test_ctrl_c_saves_the_fine_tuning_state_and_a_fresh_start_does_not_overwrite
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings("stopped", overwrite=True))  # asked for: allowed
+
+
+def test_a_signal_between_the_save_and_stop_checks_still_saves_what_it_reports(tmp_path, monkeypatch):
+    """The stop flag turns on in a step that does not save, after fit's "save now?" check: the state it
+    reports as saved must be this step's, not an older one (nor a crash for want of any)."""
+    from llmkern.finetune import loop
+    from llmkern.train import TrainingInterrupted
+
+    class SignalAfterFirstRead(loop.StopOnSignal):
+        reads = 0
+
+        @property
+        def requested(self):
+            SignalAfterFirstRead.reads += 1  # every later read (the step's second check) sees the signal
+            return "SIGTERM" if SignalAfterFirstRead.reads > 1 else None
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(loop, "StopOnSignal", SignalAfterFirstRead)
+    examples, collate = times_three_examples()
+    config = FinetuneConfig(out_dir=str(tmp_path / "run"), max_steps=6, batch_size=3, progress=False,
+                            ckpt_interval=0)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at step (\d+): the training state is saved") as info:
+        fit(tiny_gpt(seed=4), lm_loss, examples, collate, config)
+    step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert f"step_{step:07d})" in str(info.value)  # the checkpoint of the step it stopped at
+    monkeypatch.undo()  # no more signals: the run resumes from that checkpoint to its end
+    resumed = fit(tiny_gpt(seed=4), lm_loss, examples, collate, dataclasses.replace(config, resume=True))
+    assert resumed["steps"] == 6
 
 
 def test_a_reward_model_run_is_refused_where_a_language_model_is_needed(tmp_path, capsys):

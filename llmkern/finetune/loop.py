@@ -592,9 +592,10 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 last_eval = run.evaluate(evaluate, step + 1)
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if stop.requested or checkpoint_due(step + 1, done, config):
+            stopping = stop.requested  # read once: a signal between two reads skips the save it reports
+            if stopping or checkpoint_due(step + 1, done, config):
                 path = run.save(step + 1)  # on every rank: it gathers their RNG states; rank 0 writes
-            if stop.requested:
+            if stopping:
                 stopped(stop, step + 1, path, run.log, config, charts)
     run.finish(charts)
     return {"steps": run.steps, "skipped_steps": run.skipped, "train": run.last_train, "first_eval": run.first_eval,

@@ -646,9 +646,10 @@ class _PPORun:
                 done = it + 1 == self.iterations
                 if self.evaluates and evaluation_due(it + 1, done, self.config):
                     self.evaluate(it + 1)
-                if stop.requested or checkpoint_due(it + 1, done, self.config):
+                stopping = stop.requested  # read once: a signal between two reads skips the save it reports
+                if stopping or checkpoint_due(it + 1, done, self.config):
                     path = self.save(it + 1)  # on every rank: it gathers their RNG states; rank 0 writes
-                if stop.requested:
+                if stopping:
                     stopped(stop, it + 1, path, self.log, self.config, charts=PPO_CHARTS)
         if self.info.is_main:
             plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
