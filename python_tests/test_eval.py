@@ -793,3 +793,112 @@ def test_the_command_offers_the_judge_kinds_win_rate_knows():
     from llmkern.eval import cli
 
     assert cli.JUDGE_KINDS == importlib.import_module("llmkern.eval.win_rate").JUDGE_KINDS
+
+
+# --- found in review: arguments, files and ties that gave wrong answers or unclear errors ----------------
+
+def test_sliding_windows_refuses_a_stride_or_context_it_cannot_slide_with():
+    # stride > context left a gap (the window's first target had no input before it); stride or context 0
+    # never moved the window, appending windows until memory ran out.
+    for length, context, stride in [(10, 4, 5), (10, 4, 0), (10, 0, 1), (-1, 4, 2)]:
+        with pytest.raises(ValueError, match="stride|context|length"):
+            sliding_windows(length, context, stride)
+    with pytest.raises(TypeError, match="stride"):
+        sliding_windows(10, 4, 2.0)
+    assert sliding_windows(10, 4, 4) == [(0, 4, 0), (4, 8, 4), (5, 9, 8)]
+
+
+def test_perplexity_reads_numpy_ids_and_names_mixed_nesting():
+    np = pytest.importorskip("numpy")
+    model = tiny_gpt(block_size=16)
+    ids = random_tokens(30, seed=2)
+    expected = perplexity(model, ids, stride=5)["loss"]
+    assert perplexity(model, list(np.array(ids)), stride=5)["loss"] == expected  # np.int64 ids
+    assert perplexity(model, [np.array(ids)[:20].tolist(), list(np.array(ids))], stride=5)["tokens"] == 19 + 29
+    assert perplexity(model, [torch.tensor(ids)], stride=5)["loss"] == expected  # a list of 1-D tensors
+    with pytest.raises(TypeError, match="list of such lists.*int"):
+        perplexity(model, [ids, 5])
+
+
+def test_choices_made_in_code_must_not_be_empty():
+    # A file's rows are checked on loading; examples built in code hit ZeroDivisionError (acc_norm of an empty
+    # choice) or "max() arg is an empty sequence" (no choices).
+    model = bigram_model()
+    for choices in (["", "a"], []):
+        for separator in (" ", ""):
+            with pytest.raises(ValueError, match=r"examples\[1\]: choices must be a non-empty list"):
+                evaluate_choices(model, BYTES, [ChoiceExample("q", ["a", "b"], 0), ChoiceExample("q", choices, 0)],
+                                 separator=separator)
+
+
+def test_task_files_with_a_byte_order_mark_or_another_encoding(tmp_path):
+    rows = [{"context": "café?", "choices": ["oui", "non"], "answer": 0}]
+    listed = tmp_path / "task.json"
+    listed.write_text(json.dumps(rows, indent=1, ensure_ascii=False), encoding="utf-8-sig")  # BOM, then "["
+    assert [e.context for e in load_choice_tasks(str(listed))] == ["café?"]
+    lines = tmp_path / "task.jsonl"
+    lines.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8-sig")
+    assert len(load_choice_tasks(str(lines))) == 1
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(rows[0], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.jsonl: not UTF-8"):
+        load_choice_tasks(str(latin))
+
+
+def test_eval_command_names_a_text_file_that_is_not_utf8(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    text = tmp_path / "latin.txt"
+    text.write_bytes("café crème".encode("latin-1"))
+    assert main(["eval", "--run", tiny_run, "--text", str(text), "--device", "cpu", "--quiet"]) == 2
+    assert "--text " + str(text) + ": not UTF-8" in capsys.readouterr().err
+
+
+class BatchNoiseJudge:
+    """Scores a response by its length, plus a rounding-sized term that depends on the rest of its batch, as a
+    float32 reward model's score does through the batch's padding."""
+
+    def score(self, prompts, responses):
+        noise = 1e-7 * sum(map(len, responses))
+        return [len(r) + noise for r in responses]
+
+
+def test_identical_responses_are_ties_whatever_the_batch():
+    prompts = ["a", "b", "c", "d"]
+    ours, theirs = ["same", "twin", "long answer", "x"], ["same", "twin", "short", "xyz"]
+    result = win_rate(BatchNoiseJudge(), prompts, ours, theirs)
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
+    assert win_rate(LongerIsBetter(), prompts, ours, theirs)["ties"] == 2
+
+
+def test_a_judge_score_that_is_not_a_number_is_an_error():
+    class Broken:
+        def __init__(self, bad):
+            self.bad = bad
+
+        def score(self, prompts, responses):
+            return [self.bad if r == "x" else 1.0 for r in responses]
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):  # NaN counted as a loss, inf - inf as well
+            win_rate(Broken(bad), ["p", "q"], ["x", "y"], ["z", "x"])
+
+
+def test_compare_runs_cuts_a_list_of_instructions_to_the_limit(tmp_path):
+    run_a = save_run(tmp_path / "a", tiny_gpt(block_size=64, seed=1))
+    run_b = save_run(tmp_path / "b", tiny_gpt(block_size=64, seed=2))
+    instructions = ["Say hi.", "Count.", "Name a fruit.", "Go."]
+    result = compare_runs(run_a, run_b, LongerIsBetter(), instructions, limit=2, max_new_tokens=1, device="cpu")
+    assert result["n"] == 2
+    with pytest.raises(ValueError, match="limit"):
+        compare_runs(run_a, run_b, LongerIsBetter(), instructions, limit=0, max_new_tokens=1, device="cpu")
+
+
+def test_evaluate_choices_reads_an_iterator_once_and_refuses_an_answer_no_choice_has():
+    model = bigram_model()
+    examples = [ChoiceExample("q", ["a", "b"], 0), ChoiceExample("r", ["a", "b"], 1)]
+    assert evaluate_choices(model, BYTES, iter(examples))["examples"] == 2  # was: no len() of a generator
+    assert evaluate_choices(model, BYTES, iter(examples), limit=1)["examples"] == 1  # was: "examples is empty"
+    for answer in (2, -1):  # was: scored, never right
+        with pytest.raises(ValueError, match=r"examples\[1\]: answer must be the index"):
+            evaluate_choices(model, BYTES, [examples[0], ChoiceExample("q", ["a", "b"], answer)])

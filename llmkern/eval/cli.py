@@ -121,8 +121,11 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         from .perplexity import perplexity_of_text
 
         # newline="": the file's own line ends ("\r\n" too) are scored and counted in bits_per_byte
-        with open(args.text, encoding="utf-8", newline="") as f:
-            text = f.read()
+        try:
+            with open(args.text, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except UnicodeDecodeError as err:  # its message names neither the file nor the option
+            raise ValueError(f"--text {args.text}: not UTF-8 text ({err})") from err
         result = perplexity_of_text(model, tokenizer, text, stride=args.stride, context=args.context,
                                     batch_size=args.batch_size, progress=progress)
         result["text"] = os.path.abspath(args.text)

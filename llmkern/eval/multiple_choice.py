@@ -66,8 +66,12 @@ def load_choice_tasks(path: str) -> list[ChoiceExample]:
     """The examples of a .jsonl file (one object per line, blank lines skipped) or a .json list."""
     if not os.path.isfile(path):
         raise ValueError(f"task file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    # utf-8-sig: a byte-order mark (Notepad writes one) is skipped, not read as text that hid a JSON list
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
     examples = []
     if text.lstrip().startswith("["):  # a JSON list
         try:
@@ -101,6 +105,20 @@ def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, wh
     return full, len(cont)
 
 
+def _check_example(ex: object, i: int, answer: bool = False) -> None:
+    """What parse_choice_example checks of a file's row, for examples[i] made in code: an empty choice had no
+    tokens to score (or only the separator's) and divided by zero in acc_norm; no choices, no argmax; an
+    answer that no choice has was never right, a silently lower accuracy."""
+    if not isinstance(ex, ChoiceExample):
+        raise TypeError(f"examples[{i}] must be a ChoiceExample, got {type(ex).__name__}")
+    if not ex.choices or not all(isinstance(c, str) and c for c in ex.choices):
+        raise ValueError(f"examples[{i}]: choices must be a non-empty list of non-empty strings, got {ex.choices!r}")
+    if answer and (isinstance(ex.answer, bool) or not isinstance(ex.answer, int)
+                   or not 0 <= ex.answer < len(ex.choices)):
+        raise ValueError(f"examples[{i}]: answer must be the index of one of its {len(ex.choices)} choices, "
+                         f"got {ex.answer!r}")
+
+
 @torch.no_grad()
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator: str = " ",
                   batch_size: int = 16, progress: bool = False) -> list[list[float]]:
@@ -119,8 +137,7 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
                          f"vocab_size={model.config.vocab_size}: score with the model's own tokenizer")
     rows = []  # (example index, token ids, continuation length)
     for i, ex in enumerate(examples):
-        if not isinstance(ex, ChoiceExample):
-            raise TypeError(f"examples[{i}] must be a ChoiceExample, got {type(ex).__name__}")
+        _check_example(ex, i)
         for choice in ex.choices:
             ids, n_cont = _encode_pair(tokenizer, ex.context, separator + choice, block, f"examples[{i}]")
             rows.append((i, ids, n_cont))
@@ -181,13 +198,15 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
-    pool = list(examples)
+    pool = list(examples)  # read once: an iterator given here was read empty a second time ("examples is empty")
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        examples = list(examples)[:limit]
+    examples = pool[:limit]
     if len(examples) == 0:
         raise ValueError("examples is empty")
+    for i, ex in enumerate(examples):
+        _check_example(ex, i, answer=True)
     examples = with_fewshot(examples, pool, fewshot, separator, seed)
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
     correct = correct_norm = 0

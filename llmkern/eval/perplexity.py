@@ -15,6 +15,7 @@ Token shards made by `llmkern data prepare` are scored by llmkern.train.inferenc
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -30,6 +31,17 @@ def sliding_windows(length: int, context: int, stride: int) -> list[tuple[int, i
     stream[t] for t in (first_scored, end], each predicted from the inputs before it. Token 0 has no
     history and is never scored; tokens 1..length-1 are each scored by exactly one window.
     """
+    # Checked here too, not only by perplexity(): stride or context 0 looped forever (the window never
+    # moves) and stride > context left a gap, windows whose first target had no input before it.
+    for name, value in (("length", length), ("context", context), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
     windows = []
     last = length - 1  # the index of the last target
     scored = 0  # targets 1..scored are done
@@ -148,11 +160,19 @@ def _as_streams(tokens: object) -> list[list[int]]:
                         f"got {type(tokens).__name__}")
     if len(tokens) == 0:
         raise ValueError("tokens is empty")
-    nested = not isinstance(tokens[0], int)
-    streams = [list(s) for s in tokens] if nested else [list(tokens)]
-    for s in streams:
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in s):
+    # numbers.Integral, not int: ids read from a NumPy array (list(array)) are np.int64, which is no int
+    # and was taken for a nested stream ("'numpy.int64' object is not iterable").
+    nested = not isinstance(tokens[0], numbers.Integral)
+    streams = []
+    for s in tokens if nested else [tokens]:
+        if isinstance(s, torch.Tensor) and s.dim() == 1 and not (s.dtype.is_floating_point or s.dtype.is_complex):
+            s = s.tolist()
+        if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
+            raise TypeError(f"tokens must be a list of token ids, or a list of such lists (or of 1-D tensors); "
+                            f"got an item of type {type(s).__name__}")
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in s):
             raise TypeError("tokens must hold ints (token ids)")
+        streams.append([int(t) for t in s])
     return streams
 
 

@@ -258,7 +258,8 @@ def win_rate(judge: Judge | PairJudge, prompts: Sequence[str], responses: Sequen
     """Wins, ties and losses of `responses` against `baseline_responses` under `judge`.
 
     A Judge scores prompts and responses; a PairJudge reads prompts as instructions and is asked, for
-    each, how likely `responses` (as A) beats `baseline_responses` (as B).
+    each, how likely `responses` (as A) beats `baseline_responses` (as B). A response identical to its
+    baseline response is a tie, whatever the judge's rounding says.
 
     Returns {"wins", "ties", "losses", "n", "win_rate" (ties count half), "ci_low", "ci_high",
     "interval", "confidence", "judge_type" ("score" or "pair")} and "mean_score_diff" (a Judge) or
@@ -285,6 +286,9 @@ def win_rate(judge: Judge | PairJudge, prompts: Sequence[str], responses: Sequen
     else:
         extra, diffs = _score_judgements(judge, prompts, responses, baseline_responses, return_scores)
     # diffs: how far A is ahead (a score difference, or P(A better) - 0.5); a tie within tie_margin
+    # The same response as the baseline's is a tie whatever the judge says: scored in other batches (other
+    # padding), a reward model gave the two copies scores a rounding error apart, a win or a loss at margin 0.
+    diffs = [0.0 if a == b else d for d, a, b in zip(diffs, responses, baseline_responses)]
     outcomes = [0.5 if abs(d) <= tie_margin else float(d > 0) for d in diffs]  # 1 win, 0.5 tie, 0 loss
     wins, ties = outcomes.count(1.0), outcomes.count(0.5)
     points = wins + 0.5 * ties
@@ -304,6 +308,10 @@ def _score_judgements(judge, prompts, responses, baseline_responses, return_scor
     base = [float(s) for s in judge.score(list(prompts), list(baseline_responses))]
     if len(scores) != n or len(base) != n:
         raise ValueError(f"the judge returned {len(scores)} and {len(base)} scores for {n} prompts")
+    bad = next((i for i, (a, b) in enumerate(zip(scores, base)) if not (math.isfinite(a) and math.isfinite(b))), None)
+    if bad is not None:  # a NaN compared as neither ahead nor tied: it counted as a loss, silently
+        raise ValueError(f"the judge's scores must be finite numbers; prompt {bad} got {scores[bad]} (response) "
+                         f"and {base[bad]} (baseline)")
     diffs = [a - b for a, b in zip(scores, base)]
     extra: dict[str, Any] = {"mean_score_diff": sum(diffs) / n}
     if return_scores:
@@ -389,9 +397,13 @@ def load_instructions(path: str, limit: int | None = None) -> list[dict[str, Any
     """Instruction examples (a .json list or .jsonl of {"instruction", "input"?, ...}), the first `limit`."""
     from ..finetune.data import load_prompt_data
 
+    _check_limit(limit)
+    return load_prompt_data(path)[:limit]
+
+
+def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    return load_prompt_data(path)[:limit]
 
 
 def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str, data: str | Sequence[Any],
@@ -415,7 +427,8 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
     judge_is_run = isinstance(judge, (str, os.PathLike))
     if judge_is_run and judge_kind not in JUDGE_KINDS:  # before generating anything
         raise ValueError(f"judge_kind must be one of {', '.join(JUDGE_KINDS)}; got {judge_kind!r}")
-    examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)
+    _check_limit(limit)  # a list of instructions is cut to the limit too (it was compared whole)
+    examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)[:limit]
     answers, templates = [], []
     for run in (run_dir, baseline_dir):
         model, tokenizer, state = load_trained_model(run, device)
