@@ -470,3 +470,17 @@ def test_two_process_ppo_stays_in_sync_samples_per_rank_and_resumes_exactly(tmp_
         again = [e for e in rank_events if e["run"] == "resumed" and e["seed"] != eval_seed]
         ran = [e for e in rank_events if e["run"] == "whole" and e["seed"] != eval_seed][2:]
         assert again == [dict(e, run="resumed") for e in ran]
+
+
+def test_each_rank_gets_prompts_even_from_a_batch_smaller_than_the_world():
+    from types import SimpleNamespace
+
+    from llmkern.finetune.ppo import rank_prompts
+
+    def shares(batch, world):
+        return [rank_prompts(batch, SimpleNamespace(rank=r, world_size=world)) for r in range(world)]
+
+    assert shares(list("abcdefg"), 3) == [["a", "d"], ["b", "e"], ["c", "f"]]  # as many on every rank
+    # An epoch's last batch of 1 or 2 prompts on 3 ranks: one prompt each (it gave every rank none).
+    assert shares(["a"], 3) == [["a"], ["a"], ["a"]]
+    assert shares(["a", "b"], 3) == [["a"], ["b"], ["a"]]

@@ -413,7 +413,11 @@ def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model,
 def rank_prompts(batch: list, info) -> list:
     """This rank's share of an iteration's prompts: every world_size-th from the rank-th, cut to the
     shortest share (a short batch at an epoch's end drops at most world_size - 1 prompts), since every
-    rank must take as many optimizer steps."""
+    rank must take as many optimizer steps. A batch of fewer prompts than ranks (an epoch's last) gives
+    each rank one of them, some to two ranks (which sample different responses): else every rank had
+    none, and an iteration of no prompts cannot take its steps."""
+    if len(batch) < info.world_size:
+        return [batch[info.rank % len(batch)]]
     share = len(batch) // info.world_size
     return batch[info.rank :: info.world_size][:share]
 
