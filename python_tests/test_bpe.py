@@ -325,3 +325,22 @@ def test_a_tokenizer_retrained_in_place_loads_its_new_ranks(tmp_path):
     for tokenizer in (retrained, get_tokenizer(path)):
         assert tokenizer.n_vocab == fresh.n_vocab
         assert tokenizer.encode(text) == fresh.encode(text)
+
+
+def test_a_corpus_file_without_ascii_around_its_newlines_is_read_in_chunks(tmp_path, monkeypatch):
+    from llmkern.data import bpe
+
+    monkeypatch.setattr(bpe, "_CHUNK_CHARS", 64)
+    rng = random.Random(7)
+    lines = ["".join(rng.choice("的一是不了人我在有他这中大来上国个") for _ in range(rng.randint(5, 40))) + "。"
+             for _ in range(200)]
+    lines += [" пример  текста\u00a0", "中\r", "x", "", "‘quoted’"]
+    rng.shuffle(lines)
+    text = "\n".join(lines)
+    path = tmp_path / "zh.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    chunks = list(bpe._file_chunks(path))
+    assert "".join(chunks) == text
+    assert len(chunks) > 50 and max(map(len, chunks)) < 64 + 200  # not the whole file as one piece
+    for pattern in (GPT2_PATTERN, CL100K_PATTERN):  # cut only where splitting it whole cuts too
+        assert count_words(chunks, pattern) == count_words([text], pattern)

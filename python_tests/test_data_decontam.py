@@ -90,3 +90,24 @@ def test_eval_sets_with_their_own_text_field(tmp_path):
     assert stage.run([Document("so " + question, "train", 1)], StageStats("decontam")) == []
     with pytest.raises(ValueError, match="missing_text_field"):  # a broken eval set is an error
         DecontamStage(DecontamConfig(enabled=True, eval_sets=[str(tmp_path / "qa.jsonl")]))
+
+
+def test_an_ngram_in_several_eval_sets_names_every_set():
+    text = "the quick brown fox jumps over the lazy dog near the river bank today"
+    index = Decontaminator(ngram=13)
+    index.add("a", [text])
+    index.add("b", ["unrelated words only here"])
+    index.add("c", [text, text])
+    assert index.matches("Yesterday " + text + ".") == ["a", "c"]
+
+
+def test_eval_items_match_text_as_the_clean_stage_leaves_it():
+    import unicodedata
+
+    from llmkern.data.clean import clean_text
+
+    index = Decontaminator(ngram=5)
+    index.add("nfd", [unicodedata.normalize("NFD", "le café était très bien fermé ce matin")])
+    index.add("soft_hyphen", ["the answer is photo\u00adsynthesis in green plants"])
+    assert index.matches(clean_text("Hier, le café était très bien fermé ce matin.")) == ["nfd"]
+    assert index.matches(clean_text("So the answer is photo\u00adsynthesis in green plants!")) == ["soft_hyphen"]

@@ -144,3 +144,15 @@ def test_near_dedup_keeps_the_first_and_remembers():
     fresh = NearDedupStage(NearDedupConfig())
     fresh.remember([Document(original, "f", 0)])
     assert fresh.run([Document(copy, "f", 1)], StageStats("near_dedup")) == []
+
+
+def test_near_dedup_takes_a_lone_surrogate_as_exact_dedup_does():
+    # Documents made in Python (not read from files) may hold one; exact dedup encodes it with
+    # surrogatepass, near dedup raised UnicodeEncodeError and stopped the run.
+    a, b = permutations(16, 3)
+    text = "one two three \ud800 four five six"
+    sig, counts = minhash_signatures([text, "plain words here"], a, b, 2)
+    assert sig[0].tolist() == minhash_reference(text, a, b, 2) and counts.tolist()[0] == 6
+    stage = NearDedupStage(NearDedupConfig(num_perm=16, bands=4))
+    docs = [Document(text, "x", 1), Document(text + " ", "x", 2)]
+    assert [d.line for d in stage.run(docs, StageStats("near_dedup"))] == [1]

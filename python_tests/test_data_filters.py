@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import warnings
 
 import pytest
@@ -230,3 +232,49 @@ def test_config_bad_file_and_override():
         load_config("settings.yaml")
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["quality.min_words"])
+
+
+@contextlib.contextmanager
+def _fails_if_it_hangs(seconds: int = 60):
+    """A TimeoutError after `seconds`: a regression to a quadratic pattern then fails instead of running for
+    hours. Not a speed test: the work inside takes a thousandth of that."""
+    def hang(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_alpha_words_rule_is_linear_in_a_long_run_without_letters():
+    import re
+
+    from llmkern.data import quality
+
+    # The count is the number of whitespace-separated words holding a letter.
+    text = "a1 12 _x_ -- é٣ 3中 \u00a0q\u3000 ١٢ x\n\n__ ab-cd"
+    expected = sum(1 for w in text.split() if re.search(r"[^\W\d_]", w))
+    assert len(quality._WORD_WITH_LETTER.findall(text)) == expected == 7
+    # A million characters without a letter (a rule line, digits of pi): a backtracking pattern took
+    # hours on it; this guard only stops a hang, it is a thousand times the time the rule needs.
+    doc = "the cat sat on the mat and " * 30 + "-" * 1_000_000
+    with _fails_if_it_hangs():
+        assert first_failed_rule(doc, QualityConfig(max_mean_word_length=None)) is None
+
+
+def test_clean_is_linear_in_a_long_run_of_spaces_inside_a_line():
+    # Web pages pad with long runs of spaces; the trailing-space pattern used to retry such a run from each
+    # of its characters (hours for this one). The alarm only stops a hang: it is far above the time needed.
+    text = "table" + " " * 1_000_000 + "end \n" + "next\u3000\u3000 line"
+    with _fails_if_it_hangs():
+        assert clean_text(text) == "table end\nnext line"
+
+
+def test_clean_turns_controls_that_separate_words_into_whitespace():
+    raw = "end of page one.\x0cStart of page two\x0bthree\x85four\x1cfive\x1fsix\x00seven"
+    assert clean_text(raw) == "end of page one.\nStart of page two\nthree\nfour\nfive sixseven"
+    assert clean_text(raw).split() == raw.replace("\x00", "").split()

@@ -325,3 +325,20 @@ def test_parquet_string_columns_of_every_layout(tmp_path):
         pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
         docs, report = _read(tmp_path / f"{name}.parquet")
         assert [d.text for d in docs] == ["a", "b"] and not report.counts, name
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.txt", "split.txt"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_document(tmp_path, name):
+    bom = b"\xef\xbb\xbf"
+    if name.startswith("a.jsonl"):
+        data = bom + b'{"text": "first"}\r\n{"text": "second"}\r\n'
+        expected = ["first", "second"]
+    elif name == "a.txt":
+        data, expected = bom + "héllo world".encode(), ["héllo world"]
+    else:
+        data, expected = bom + b"one\r\n\r\ntwo\r\n", ["one", "two\r\n"]
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    docs, report = _read(_write(tmp_path / name, data), separator="\n\n" if name == "split.txt" else None)
+    assert [d.text for d in docs] == expected
+    assert not report.counts

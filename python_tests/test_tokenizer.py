@@ -202,3 +202,20 @@ def test_cli_reports_an_offline_tokenizer_in_one_line(monkeypatch, tmp_path, cap
     assert "not available offline" in err and ".tiktoken" in err
     # The tokenizer is checked before the documents are processed.
     assert not (out / "documents").exists()
+
+
+def test_a_folder_named_like_an_encoding_does_not_hide_it(gpt2_file, tmp_path, monkeypatch):
+    import tiktoken
+
+    from llmkern.data.tokenizer import _get_cached, is_file_spec
+
+    encoding = get_tokenizer(gpt2_file).encoding
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: encoding)  # "gpt2" as if cached
+    (tmp_path / "gpt2").mkdir()  # say, a checkpoint folder of that name where the run starts
+    monkeypatch.chdir(tmp_path)
+    assert not is_file_spec("gpt2")
+    try:
+        tok = get_tokenizer("gpt2")
+        assert tok.spec == "gpt2" and tok.encode("Hello world") == [15496, 995]
+    finally:
+        _get_cached.cache_clear()  # the stand-in "gpt2" must not outlive this test

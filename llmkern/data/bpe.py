@@ -48,20 +48,24 @@ def gpt2_byte_order() -> list[int]:
 # --- reading the corpus in chunks -----------------------------------------------------------
 
 
-# A newline between printable ASCII characters is a piece of its own under GPT-style patterns
-# (a longer whitespace run is not: at the end of a part it would stay whole), so cutting the
-# text just after it splits it exactly as splitting it whole would.
-_SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+# A newline between two non-whitespace characters ends the piece before it and is no part of the
+# piece after it under GPT-style patterns (a longer whitespace run is not: at the end of a part it
+# would stay whole), so cutting the text just after it splits it exactly as splitting it whole would.
+# Any non-whitespace, not only printable ASCII: a line of Chinese ends in "。", and with ASCII only
+# a Chinese (Japanese, Russian, ...) file had no cut at all and was read whole, searched again and
+# again as it grew.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def _last_safe_cut(text: str) -> int:
-    """The index just after the last newline between printable ASCII characters, or 0."""
-    start = max(0, len(text) - 65536)
+def _last_safe_cut(text: str, floor: int = 0) -> int:
+    """The index just after the last newline between non-whitespace characters, or 0 when there is
+    none at or after `floor` (text before it is known to hold none)."""
+    start = max(floor, len(text) - 65536)
     while True:
         cuts = [m.end() for m in _SAFE_CUT.finditer(text, start)]
-        if cuts or start == 0:
+        if cuts or start == floor:
             return cuts[-1] if cuts else 0
-        start = max(0, start - 4 * (len(text) - start))
+        start = max(floor, start - 4 * (len(text) - start))
 
 
 def _file_chunks(path: pathlib.Path) -> Iterator[str]:
@@ -69,8 +73,9 @@ def _file_chunks(path: pathlib.Path) -> Iterator[str]:
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         carry = ""
         while block := f.read(_CHUNK_CHARS):
+            floor = max(0, len(carry) - 1)  # the carry holds no cut (a cut needs the character before it)
             block = carry + block
-            cut = _last_safe_cut(block)
+            cut = _last_safe_cut(block, floor)
             if cut == 0:  # no safe place yet (one very long line): keep reading
                 carry = block
                 continue

@@ -15,10 +15,18 @@ REPLACEMENT_CHAR = "\ufffd"
 # C0 and C1 controls except tab and newline (carriage returns become newlines first), the BOM
 # and zero-width characters that only hide inside words.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u200b\u200c\u200d\u2060\u00ad]")
+# Controls that separate words (str.split() splits on them): line breaks (form feed between the pages of
+# pdftotext output, vertical tab, NEL, the file/group/record separators) become newlines and the unit
+# separator a space before the others go, else "page.\fNext" would be cleaned to "page.Next".
+_LINE_BREAK_CONTROLS = re.compile("[\x0b\x0c\x1c-\x1e\x85]")
+_SPACE_CONTROLS = re.compile("\x1f")
 # Unicode spaces (and tabs) after a visible character: a run of them becomes one ASCII space.
 # Runs at the start of a line (indentation, which code needs) are left alone.
 _INNER_SPACES = re.compile("(?<=\\S)[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
-_TRAILING_SPACES = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+$", re.MULTILINE)
+# Only from the start of a run (the lookbehind): else a long run inside a line was tried again from each of
+# its characters up to its end, quadratic (a line of 40,000 spaces then "x" took seconds).
+_TRAILING_SPACES = re.compile("(?<![ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000])"
+                              "[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+$", re.MULTILINE)
 _BLANK_LINES = re.compile("\n{3,}")
 
 
@@ -39,6 +47,7 @@ def clean_text(text: str, config: Optional[CleanConfig] = None) -> str:
     if cfg.normalize_nfc:
         text = unicodedata.normalize("NFC", text)
     if cfg.remove_control:
+        text = _SPACE_CONTROLS.sub(" ", _LINE_BREAK_CONTROLS.sub("\n", text))
         text = _CONTROL.sub("", text)
     if cfg.normalize_whitespace:
         text = normalize_whitespace(text)

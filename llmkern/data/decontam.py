@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import unicodedata
 from typing import Iterable, Optional
 
 import numpy as np
@@ -20,11 +21,16 @@ from .readers import Document, ReadReport, expand_inputs, read_file
 from .stage import DocumentStage, StageStats
 
 _WORD = re.compile(r"\w+")
+# Characters the clean stage deletes (soft hyphen, zero-width, BOM): eval sets are not cleaned, so
+# they go here too, on both sides, or "photo\u00adsynthesis" in an eval item would never match.
+_INVISIBLE = re.compile("[\u00ad\u200b\u200c\u200d\u2060\ufeff]")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:
     """The uint64 hash of every word n-gram of `text` (empty when it has fewer than n words)."""
+    if not text.isascii():  # NFKC: an NFD eval item (e + U+0301) must match the NFC text cleaning makes
+        text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
     words = _WORD.findall(text.lower())
     if len(words) < n:
         return np.empty(0, dtype=np.uint64)
@@ -62,7 +68,12 @@ class Decontaminator:
         hashes = np.concatenate([self._hashes, *new])
         owner = np.concatenate([self._owner, np.full(len(hashes) - len(self._hashes), index, np.int32)])
         order = np.argsort(hashes, kind="stable")
-        self._hashes, self._owner = hashes[order], owner[order]
+        hashes, owner = hashes[order], owner[order]
+        # One entry per (n-gram, set): a run of equal hashes then names each set once, however often
+        # the n-gram repeats in the sets (matches() reads whole runs).
+        keep = np.ones(len(hashes), dtype=bool)
+        keep[1:] = (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])
+        self._hashes, self._owner = hashes[keep], owner[keep]
 
     @property
     def num_ngrams(self) -> int:
@@ -73,12 +84,16 @@ class Decontaminator:
         if not len(self._hashes):
             return []
         h = ngram_hashes(text, self.ngram)
-        pos = np.searchsorted(self._hashes, h)
-        pos = np.minimum(pos, len(self._hashes) - 1)
-        hit = self._hashes[pos] == h
+        lo = np.searchsorted(self._hashes, h, side="left")
+        hi = np.searchsorted(self._hashes, h, side="right")
+        hit = hi > lo
         if not hit.any():
             return []
-        return sorted({self.set_names[i] for i in self._owner[pos[hit]]})
+        # An n-gram may be in several eval sets: every copy of it names its set, not only the first.
+        owners = set()
+        for a, b in zip(lo[hit].tolist(), hi[hit].tolist()):
+            owners.update(self._owner[a:b].tolist())
+        return sorted(self.set_names[i] for i in owners)
 
     @classmethod
     def from_files(cls, paths: Iterable[str], ngram: int = 13,

@@ -89,7 +89,12 @@ def _cpu_module():
 def minhash_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int = 5,
                        num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(signatures uint32 (len(texts), len(a)), shingle counts int64) computed in C++."""
-    return _cpu_module().minhash_signatures(texts, a, b, ngram, num_threads)
+    cpu = _cpu_module()
+    try:
+        return cpu.minhash_signatures(texts, a, b, ngram, num_threads)
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8: its bytes as surrogatepass spells them
+        texts = [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else t for t in texts]
+        return cpu.minhash_signatures(texts, a, b, ngram, num_threads)
 
 
 def _mix64(z: int) -> int:
@@ -103,7 +108,7 @@ def _mix64(z: int) -> int:
 def shingle_hashes_reference(text: str, ngram: int) -> list[int]:
     """The shingle hashes of csrc/cpu/minhash.h's definition, in plain Python (for tests)."""
     word_hashes = []
-    for word in _WORD.findall(text.encode("utf-8")):
+    for word in _WORD.findall(text.encode("utf-8", "surrogatepass")):
         h = _FNV_OFFSET
         for byte in word.lower():  # bytes.lower() lowercases ASCII letters only, as the C++ does
             h = ((h ^ byte) * _FNV_PRIME) & _MASK64

@@ -25,8 +25,10 @@ ELLIPSES = ("...", "…")
 TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", ":", ";")
 _PUNCT = string.punctuation + "“”‘’«»…"
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
-# A whitespace-separated word holding at least one letter (one match per such word).
-_WORD_WITH_LETTER = re.compile(r"\S*[^\W\d_]\S*")
+# A whitespace-separated word holding at least one letter (one match per such word: from the word's
+# start to its first letter). Anchored at a word start, so a long run without letters costs its length,
+# not its length squared as "\S*[^\W\d_]\S*" did (its backtracking, again at every start in the run).
+_WORD_WITH_LETTER = re.compile(r"(?<!\S)\S*?[^\W\d_]")
 
 
 def _has_stop_words(words: list[str], stop: set[str], needed: int) -> bool:

@@ -35,6 +35,7 @@ PARQUET_SUFFIXES = (".parquet",)
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 _CHUNK = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools write at the start of a file
 
 
 class BadInputError(ValueError):
@@ -214,6 +215,7 @@ def _read_whole_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
         while chunk := f.read(_CHUNK):  # drain it, counting bytes, without keeping it
             report.bytes += len(chunk)
         return
+    raw = raw.removeprefix(_BOM)
     if not raw.strip():
         report.add("empty_file", path, 1, "no text")
         return
@@ -239,11 +241,13 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
     skipping = False  # inside a document too long to keep: drop bytes up to the next separator
     any_text = False
     any_too_long = False
+    first = True
     while True:
         chunk = f.read(_CHUNK)
         report.bytes += len(chunk)
         at_end = not chunk
-        buf += chunk
+        buf += chunk.removeprefix(_BOM) if first else chunk
+        first = False
         if not decided and (b"\n" in buf or at_end):
             sep, decided = _as_written(sep, buf), True
         pos = 0
@@ -305,6 +309,8 @@ def _read_jsonl(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadReport) -
                     break
             any_line = True
             continue
+        if line == 1:  # json.loads refuses a BOM: the first record would be lost as malformed
+            raw = raw.removeprefix(_BOM)
         if not raw.strip():
             continue
         any_line = True

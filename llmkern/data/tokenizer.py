@@ -217,7 +217,9 @@ def _load_named_encoding(name: str) -> TiktokenTokenizer:
 
 def is_file_spec(spec: str) -> bool:
     """Whether a spec names a .tiktoken file (rather than "bytes" or a tiktoken encoding name)."""
-    return spec != "bytes" and (spec.endswith(".tiktoken") or os.sep in spec or os.path.exists(spec))
+    # isfile, not exists: a folder named like an encoding ("gpt2", a model's checkpoint folder, say) in the
+    # working directory is no .tiktoken file, and must not hide the encoding of that name.
+    return spec != "bytes" and (spec.endswith(".tiktoken") or os.sep in spec or os.path.isfile(spec))
 
 
 @functools.lru_cache(maxsize=16)
