@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -156,3 +157,56 @@ def test_near_dedup_takes_a_lone_surrogate_as_exact_dedup_does():
     stage = NearDedupStage(NearDedupConfig(num_perm=16, bands=4))
     docs = [Document(text, "x", 1), Document(text + " ", "x", 2)]
     assert [d.line for d in stage.run(docs, StageStats("near_dedup"))] == [1]
+
+
+def test_cpp_and_python_agree_on_every_edge_of_the_character_table():
+    from llmkern.data.dedup import _CHAR_RANGES
+
+    edges = {cp for first, last, _ in _CHAR_RANGES for cp in (first - 1, first, last, last + 1)}
+    chars = [chr(cp) for cp in sorted(edges) if not 0xD800 <= cp <= 0xDFFF] + list("aZ9 _-'\ud800")
+    rng = random.Random(17)
+    texts = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    a, b = permutations(32, seed=4)
+    for ngram in (1, 3):
+        sigs, counts = minhash_signatures(texts, a, b, ngram)
+        for text, sig, count in zip(texts, sigs, counts):
+            assert count == len(shingle_hashes_reference(text, ngram)), repr(text)
+            assert sig.tolist() == minhash_reference(text, a, b, ngram), repr(text)
+
+
+def test_words_end_at_unicode_punctuation_and_unspaced_scripts_are_read_by_character():
+    from llmkern.data.dedup import _words_reference
+
+    assert _words_reference("“Hello,” she said—twice… «Très» ½ naïve ΑΒΓ мир") == [
+        "Hello", "she", "said", "twice", "Très", "naïve", "ΑΒΓ", "мир"]
+    assert _words_reference("我们在2024年。ひらがなカタカナ、한국어 ok") == [
+        "我", "们", "在", "2024", "年", "ひ", "ら", "が", "な", "カ", "タ", "カ", "ナ", "한국어", "ok"]
+
+
+def test_typographic_quotes_and_dashes_do_not_hide_a_copy(shared_data):
+    """The same story with curly quotes and em dashes for straight ones (what a word processor or a
+    second crawl of a page gives) is a near duplicate: punctuation used to stick to the words."""
+    with open(os.path.join(shared_data, "the-verdict.txt"), encoding="utf-8") as f:
+        text = f.read()[:3000]
+    typeset = text.replace('"', "\u201c").replace("'", "\u2019").replace("--", "\u2014")
+    assert typeset != text and _jaccard(text, typeset, 5) > 0.95
+    stage = NearDedupStage(NearDedupConfig())
+    kept = stage.run([Document(text, "a", 1), Document(typeset, "b", 1)], StageStats("near_dedup"))
+    assert [d.source for d in kept] == ["a"]
+
+
+def test_a_chinese_text_with_a_few_characters_changed_is_a_near_duplicate():
+    rng = random.Random(8)
+    han = [chr(cp) for cp in range(0x4E00, 0x4E00 + 3000)]
+    sentences = ["".join(rng.choice(han) for _ in range(rng.randint(8, 20))) + "。" for _ in range(40)]
+    text = "".join(sentences)  # no spaces: one word per sentence under a whitespace definition
+    edited = list(text)
+    for i in rng.sample(range(len(edited)), 3):
+        edited[i] = rng.choice(han)
+    edited = "".join(edited)
+    assert _jaccard(text, edited, 5) > 0.9
+    other = "".join(rng.choice(han) for _ in range(len(text)))
+    stage = NearDedupStage(NearDedupConfig())
+    kept = stage.run([Document(text, "a", 1), Document(edited, "b", 1), Document(other, "c", 1)],
+                     StageStats("near_dedup"))
+    assert [d.source for d in kept] == ["a", "c"]

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <limits>
 #include <system_error>
 #include <thread>
@@ -11,8 +12,76 @@ namespace llmkern {
 namespace minhash {
 namespace {
 
-inline bool is_word_byte(unsigned char c) {
-  return c >= 0x80 || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+// What a code point is to the word splitter (the table in minhash.h).
+enum CharKind { kSeparator, kWordChar, kSingleCharWord };
+
+struct Range {
+  uint32_t first, last;
+  CharKind kind;
+};
+
+// Non-ASCII ranges that are not kWordChar, sorted (dedup.py's _CHAR_RANGES is the same table).
+constexpr Range kRanges[] = {
+    {0x0080, 0x00A9, kSeparator},        // C1 controls, no-break space, Latin-1 punctuation and signs
+    {0x00AB, 0x00B4, kSeparator},        // (ª, µ and º are letters)
+    {0x00B6, 0x00B9, kSeparator},
+    {0x00BB, 0x00BF, kSeparator},
+    {0x00D7, 0x00D7, kSeparator},        // multiplication sign
+    {0x00F7, 0x00F7, kSeparator},        // division sign
+    {0x0E00, 0x0EFF, kSingleCharWord},   // Thai, Lao: written without spaces
+    {0x1000, 0x109F, kSingleCharWord},   // Myanmar
+    {0x1780, 0x17FF, kSingleCharWord},   // Khmer
+    {0x2000, 0x2BFF, kSeparator},        // spaces, dashes, quotes, ellipsis ... arrows, math, symbols
+    {0x2E00, 0x2E7F, kSeparator},        // supplemental punctuation
+    {0x2E80, 0x2FDF, kSingleCharWord},   // CJK radicals
+    {0x3000, 0x3004, kSeparator},        // ideographic space, 、。 ...
+    {0x3005, 0x3007, kSingleCharWord},   // 々 〆 〇
+    {0x3008, 0x303F, kSeparator},        // CJK brackets and marks
+    {0x3040, 0x312F, kSingleCharWord},   // hiragana, katakana, bopomofo
+    {0x3190, 0x31FF, kSingleCharWord},
+    {0x3400, 0x4DBF, kSingleCharWord},   // CJK ideographs (extension A)
+    {0x4E00, 0x9FFF, kSingleCharWord},   // CJK ideographs
+    {0xF900, 0xFAFF, kSingleCharWord},   // CJK compatibility ideographs
+    {0xFE10, 0xFE1F, kSeparator},        // vertical forms
+    {0xFE30, 0xFE6F, kSeparator},        // CJK compatibility and small forms
+    {0xFEFF, 0xFEFF, kSeparator},        // byte order mark
+    {0xFF00, 0xFF0F, kSeparator},        // fullwidth punctuation (its letters and digits are words)
+    {0xFF1A, 0xFF20, kSeparator},
+    {0xFF3B, 0xFF40, kSeparator},
+    {0xFF5B, 0xFF65, kSeparator},
+    {0xFF66, 0xFF9F, kSingleCharWord},   // halfwidth katakana
+    {0xFFF0, 0xFFFF, kSeparator},        // specials, the replacement character among them
+    {0x1F000, 0x1FAFF, kSeparator},      // emoji and other pictographs
+    {0x20000, 0x3FFFF, kSingleCharWord}, // CJK ideographs (extensions B and on)
+};
+
+inline CharKind kind_of(uint32_t cp) {
+  if (cp < 0x80) {
+    const bool alnum = (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
+    return alnum ? kWordChar : kSeparator;
+  }
+  // The first range that does not end before cp.
+  const Range* r = std::lower_bound(std::begin(kRanges), std::end(kRanges), cp,
+                                    [](const Range& range, uint32_t c) { return range.last < c; });
+  return r != std::end(kRanges) && r->first <= cp ? r->kind : kWordChar;
+}
+
+// The code point at p and its length in bytes (n > 0 bytes left). A byte that starts no complete
+// sequence is a one-byte word character (bytes given directly need not be valid UTF-8).
+inline uint32_t decode(const unsigned char* p, size_t n, size_t* length) {
+  const unsigned char c = p[0];
+  size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+  bool ok = len != 0 && len <= n;
+  for (size_t k = 1; ok && k < len; ++k) ok = (p[k] & 0xC0) == 0x80;
+  if (!ok) {
+    *length = 1;
+    return 0x41;  // 'A': any word character
+  }
+  *length = len;
+  if (len == 1) return c;
+  uint32_t cp = c & (0x7Fu >> len);
+  for (size_t k = 1; k < len; ++k) cp = (cp << 6) | (p[k] & 0x3Fu);
+  return cp;
 }
 
 inline unsigned char ascii_lower(unsigned char c) {
@@ -23,16 +92,24 @@ inline unsigned char ascii_lower(unsigned char c) {
 void hash_words(const TextView& text, std::vector<uint64_t>& words) {
   const auto* p = reinterpret_cast<const unsigned char*>(text.data);
   const auto* end = p + text.size;
+  bool in_word = false;
+  uint64_t h = kFnvOffset;
   while (p < end) {
-    while (p < end && !is_word_byte(*p)) ++p;
-    if (p == end) break;
-    uint64_t h = kFnvOffset;
-    while (p < end && is_word_byte(*p)) {
-      h = (h ^ ascii_lower(*p)) * kFnvPrime;
-      ++p;
+    size_t len = 1;
+    const CharKind kind = *p < 0x80 ? kind_of(*p) : kind_of(decode(p, static_cast<size_t>(end - p), &len));
+    if (kind != kWordChar && in_word) {  // the word before ends here
+      words.push_back(h);
+      in_word = false;
     }
-    words.push_back(h);
+    if (kind != kSeparator) {
+      if (!in_word) h = kFnvOffset;
+      for (size_t k = 0; k < len; ++k) h = (h ^ ascii_lower(p[k])) * kFnvPrime;
+      in_word = kind == kWordChar;
+      if (kind == kSingleCharWord) words.push_back(h);
+    }
+    p += len;
   }
+  if (in_word) words.push_back(h);
 }
 
 inline uint64_t shingle_hash(const uint64_t* words, size_t n) {

@@ -1,10 +1,16 @@
 // MinHash signatures of word n-gram shingles, the hashing core of near-duplicate detection.
 //
 // The definition (llmkern/data/dedup.py has a pure-Python copy that the tests compare against):
-//   words     maximal runs of bytes that are ASCII letters or digits or any byte >= 0x80 (so a
-//             UTF-8 multi-byte character is always part of a word); every other ASCII byte
-//             (whitespace, punctuation, control) separates words. ASCII letters are lowercased.
-//   word hash FNV-1a 64 over the word's (lowercased) bytes.
+//   words     the text's UTF-8 code points are separators, word characters or one-character
+//             words. Separators: ASCII other than letters and digits, and the Unicode blocks of
+//             spaces, punctuation and symbols (quotes, dashes, ellipsis, CJK punctuation, emoji:
+//             minhash.cpp's kRanges), so "“word”" and "\"word\"" are the same word. One-character
+//             words: the scripts written without spaces (Han, kana, Thai, Lao, Khmer, Myanmar),
+//             whose shingles are then character n-grams. Every other code point (Latin, Greek,
+//             Cyrillic, Arabic, Hangul letters, marks, digits...) is a word character; a word is a
+//             maximal run of them. A byte that starts no complete UTF-8 sequence is a word
+//             character. ASCII letters are lowercased.
+//   word hash FNV-1a 64 over the word's (lowercased) UTF-8 bytes.
 //   shingle   n consecutive words (a text of k < n words, k >= 1, is one shingle of k words);
 //             its hash: h = kShingleSeed, then h = mix64(h ^ word_hash) for each word in order.
 //   signature sig[i] = min over shingles of uint32(((a[i] * h + b[i]) mod 2^64) >> 32), i.e.

@@ -12,7 +12,6 @@ check is what keeps false positives at low similarity rare, so the bands can be 
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Optional
 
 import numpy as np
@@ -25,7 +24,21 @@ _MASK64 = (1 << 64) - 1
 _FNV_OFFSET = 14695981039346656037
 _FNV_PRIME = 1099511628211
 _SHINGLE_SEED = 0x9E3779B97F4A7C15
-_WORD = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
+# The non-ASCII code points that are not word characters, as csrc/cpu/minhash.cpp's kRanges:
+# (first, last, "separator" or "single", a one-character word).
+_CHAR_RANGES = (
+    (0x0080, 0x00A9, "separator"), (0x00AB, 0x00B4, "separator"), (0x00B6, 0x00B9, "separator"),
+    (0x00BB, 0x00BF, "separator"), (0x00D7, 0x00D7, "separator"), (0x00F7, 0x00F7, "separator"),
+    (0x0E00, 0x0EFF, "single"), (0x1000, 0x109F, "single"), (0x1780, 0x17FF, "single"),
+    (0x2000, 0x2BFF, "separator"), (0x2E00, 0x2E7F, "separator"), (0x2E80, 0x2FDF, "single"),
+    (0x3000, 0x3004, "separator"), (0x3005, 0x3007, "single"), (0x3008, 0x303F, "separator"),
+    (0x3040, 0x312F, "single"), (0x3190, 0x31FF, "single"), (0x3400, 0x4DBF, "single"),
+    (0x4E00, 0x9FFF, "single"), (0xF900, 0xFAFF, "single"), (0xFE10, 0xFE1F, "separator"),
+    (0xFE30, 0xFE6F, "separator"), (0xFEFF, 0xFEFF, "separator"), (0xFF00, 0xFF0F, "separator"),
+    (0xFF1A, 0xFF20, "separator"), (0xFF3B, 0xFF40, "separator"), (0xFF5B, 0xFF65, "separator"),
+    (0xFF66, 0xFF9F, "single"), (0xFFF0, 0xFFFF, "separator"), (0x1F000, 0x1FAFF, "separator"),
+    (0x20000, 0x3FFFF, "single"),
+)
 
 
 def normalized_for_exact_dedup(text: str) -> str:
@@ -105,12 +118,40 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def _char_kind(char: str) -> str:
+    cp = ord(char)
+    if cp < 0x80:
+        return "word" if char.isascii() and char.isalnum() else "separator"
+    for first, last, kind in _CHAR_RANGES:
+        if first <= cp <= last:
+            return kind
+    return "word"
+
+
+def _words_reference(text: str) -> list[str]:
+    """The words of minhash.h's definition: runs of word characters, and one-character words."""
+    words, current = [], ""
+    for char in text:
+        kind = _char_kind(char)
+        if kind == "word":
+            current += char
+            continue
+        if current:
+            words.append(current)
+            current = ""
+        if kind == "single":
+            words.append(char)
+    if current:
+        words.append(current)
+    return words
+
+
 def shingle_hashes_reference(text: str, ngram: int) -> list[int]:
     """The shingle hashes of csrc/cpu/minhash.h's definition, in plain Python (for tests)."""
     word_hashes = []
-    for word in _WORD.findall(text.encode("utf-8", "surrogatepass")):
+    for word in _words_reference(text):
         h = _FNV_OFFSET
-        for byte in word.lower():  # bytes.lower() lowercases ASCII letters only, as the C++ does
+        for byte in word.encode("utf-8", "surrogatepass").lower():  # lowercases ASCII only, as the C++
             h = ((h ^ byte) * _FNV_PRIME) & _MASK64
         word_hashes.append(h)
     windows = [word_hashes] if 0 < len(word_hashes) < ngram else [
