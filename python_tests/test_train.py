@@ -1177,3 +1177,80 @@ def test_a_save_clears_what_a_crashed_save_left(tmp_path):
     model = torch.nn.Linear(2, 2)
     path = ckpt.save_checkpoint(str(tmp_path), 5, model.state_dict(), {"state": {}, "param_groups": []}, {})
     assert sorted(os.listdir(root)) == ["step_0000005"] and path == str(root / "step_0000005")
+
+
+def test_a_stop_before_the_first_metrics_record_still_saves_and_reports_the_interruption(tmp_path, data_dir):
+    # log_interval 5, no evaluations: a Ctrl-C in step 1 stops before metrics.jsonl exists; drawing the
+    # charts used to raise FileNotFoundError in place of TrainingInterrupted (and its exit status)
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=8, log_interval=5))
+    original_step = trainer._train_step
+
+    def step_with_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        return original_step()
+
+    trainer._train_step = step_with_ctrl_c
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 1: the run is saved"):
+        trainer.fit()
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_overwriting_run_that_crashes_before_its_first_checkpoint_does_not_resume_the_old_one(tmp_path, data_dir):
+    # the fresh run's log replaced the old run's at once, but its checkpoints stayed until the first save:
+    # --resume after an early crash went on from the old run's weights, under the new run's log
+    Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=4)).fit()
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, ckpt_interval=10, overwrite=True))
+    original_step = trainer._train_step
+
+    def crash_in_step_3():
+        if trainer.step == 2:
+            raise RuntimeError("the machine went away")
+        return original_step()
+
+    trainer._train_step = crash_in_step_3
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.fit()
+    assert ckpt.step_dirs(str(tmp_path / "run")) == []
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, ckpt_interval=10)).fit(resume=True)
+
+
+def test_a_signal_while_a_step_is_checkpointed_does_not_save_that_step_again(tmp_path, data_dir, monkeypatch):
+    # a scheduler's SIGTERM during step 4's checkpoint: the run stops there, and step 4's checkpoint is the
+    # state to keep; writing it a second time doubled the time the grace period had to cover
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+
+    saved, real_save = [], ckpt.save_checkpoint
+
+    def save_with_sigterm(run_dir, step, *args, **kwargs):
+        saved.append(step)
+        if len(saved) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_with_sigterm)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at step 4: the run is saved .*step_0000004"):
+        Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=8, ckpt_interval=4)).fit()
+    assert saved == [4]
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 4
+
+
+@pytest.mark.parametrize("optimizer", ["llmkern", "torch"])
+def test_a_resume_trains_with_its_own_weight_decay_and_betas(tmp_path, data_dir, optimizer):
+    # lr, min_lr and grad_clip of the resuming run counted, but loading the optimizer's state put back the
+    # stopped run's weight_decay and betas: a continuation asked for with other values silently kept the old
+    Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=4, ckpt_interval=2, optimizer=optimizer)).fit()
+    shutil.rmtree(ckpt.step_dir(str(tmp_path / "run"), 4))  # stopped after step 2's checkpoint
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=4, ckpt_interval=2, optimizer=optimizer,
+                                  weight_decay=0.02, betas=(0.8, 0.9)))
+    trainer.fit(resume=True)
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in trainer.optimizer.param_groups] == [
+        (0.02, (0.8, 0.9)), (0.0, (0.8, 0.9))]  # the second group: norms and biases, never decayed
+    assert ckpt.load_checkpoint(str(tmp_path / "run")).optimizer["param_groups"][0]["weight_decay"] == 0.02

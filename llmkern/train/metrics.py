@@ -124,6 +124,8 @@ def plot_metrics(metrics_path: str, out_dir: str, extra: Sequence[str] = ()) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not os.path.isfile(metrics_path):  # no log yet (a run stopped by a signal before its first record)
+        return []
     records = read_metrics(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]

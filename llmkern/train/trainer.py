@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,7 @@ class Trainer:
         self.bad_steps = 0
         self.last_val_loss: float | None = None
         self.last_eval_step: int | None = None  # the step of last_val_loss
+        self._saved: tuple[int | None, str | None] = (None, None)  # (step, path) of this process's last save
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -207,8 +209,13 @@ class Trainer:
             self._resume()
         else:
             self._check_fresh_start()
-            if self.dist.is_main and os.path.exists(self.log.path):
-                os.remove(self.log.path)  # a fresh run starts a fresh log
+            distributed.barrier(self.dist)  # every rank has looked for a run before rank 0 clears it away
+            if self.dist.is_main:
+                if os.path.exists(self.log.path):
+                    os.remove(self.log.path)  # a fresh run starts a fresh log
+                # and no checkpoints of the run it replaces (overwrite): a crash before its own first save
+                # would have --resume continue the old run's weights under this run's log
+                shutil.rmtree(ckpt.checkpoints_dir(self.run_dir), ignore_errors=True)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -222,7 +229,9 @@ class Trainer:
                 # must not train past where it ended, as an uninterrupted run would not have.
                 stop_reason = "early_stopping" if resume and self._patience_ran_out() else self._train_steps(bar, stop)
             if stop.requested:
-                path = self.save()
+                # a signal during the checkpoint of this very step: that one holds this state already (a second
+                # save would double the time a scheduler's grace period must cover, and swap the folder out)
+                path = self._saved[1] if self._saved[0] == self.step else self.save()
                 self._plot()
                 raise TrainingInterrupted(f"{stop.requested} at step {self.step}: the run is saved ({path}); "
                                           f"continue it with the same command and --resume", stop.requested)
@@ -447,6 +456,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
                                         keep=self.config.keep_checkpoints, rng=rng)
         distributed.barrier(self.dist)
+        self._saved = (self.step, path)
         return path
 
     def _resume(self) -> None:
@@ -458,7 +468,12 @@ class Trainer:
         if saved_model != self.raw_model.config.to_dict():
             raise ValueError(f"cannot resume from {latest}: its model config {saved_model} differs from this run's "
                              f"{self.raw_model.config.to_dict()}")
+        # this run's settings of each param group (weight_decay, betas, ...): loading the optimizer's state puts
+        # back the stopped run's, and a changed --weight_decay or --betas was silently ignored (lr is set each step)
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         distributed.load_full_state_dicts(self.raw_model, self.optimizer, state.model, state.optimizer)
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
         self.train_loader.load_state_dict(state.meta["loader"])
         ckpt.restore_rng_states(state.rng, self.dist.rank, self.dist.world_size)  # this rank's own states
         counters = state.meta["trainer"]
