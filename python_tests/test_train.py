@@ -644,6 +644,32 @@ def test_a_fresh_run_in_a_reused_folder_keeps_its_own_checkpoint(tmp_path):
     assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], new["w"])
 
 
+def test_a_writer_killed_while_swapping_a_step_out_leaves_that_step_loadable(tmp_path, monkeypatch):
+    # The same step saved again (a finished run resumed) moves the old copy aside, then renames the new one
+    # in: killed between the two renames, the run had no step_* folder, and with keep=1 nothing to resume.
+    first, second = {"w": torch.randn(3)}, {"w": torch.randn(3)}
+    empty = {"state": {}, "param_groups": []}
+    ckpt.save_checkpoint(str(tmp_path), 8, first, empty, {}, keep=1)
+    real_rename, renames = os.rename, []
+
+    def killed_after_the_first_rename(src, dst):
+        real_rename(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(os, "rename", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(str(tmp_path), 8, second, empty, {}, keep=1)
+    monkeypatch.undo()
+    assert ".old_" in renames[0]  # the crash came where it should: the old copy aside, the new not in place
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path))] == [8]
+    assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], first["w"])
+    path = ckpt.save_checkpoint(str(tmp_path), 8, second, empty, {}, keep=1)  # the save again: tidy after it
+    assert sorted(os.listdir(ckpt.checkpoints_dir(str(tmp_path)))) == [os.path.basename(path)]
+    assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], second["w"])
+
+
 def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
     tensors, meta = ckpt.capture_rng_states()
     tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.cuda.")}

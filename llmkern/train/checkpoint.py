@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 FORMAT = "llmkern-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# A complete checkpoint moved aside while the same step is saved again (save_checkpoint's swap)
+_SWAPPED_OUT_DIR = re.compile(r"^step_(\d+)\.old_\d+$")
 TOKENIZER_FILE = "tokenizer.tiktoken"
 
 
@@ -63,12 +65,17 @@ def step_dirs(run_dir: str) -> list[tuple[int, str]]:
     root = checkpoints_dir(run_dir)
     if not os.path.isdir(root):
         return []
-    found = []
+    found, swapped_out = {}, {}
     for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m:
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
+        if m := _STEP_DIR.match(name):
+            found[int(m.group(1))] = os.path.join(root, name)
+        elif m := _SWAPPED_OUT_DIR.match(name):
+            swapped_out[int(m.group(1))] = os.path.join(root, name)
+    # A writer killed between its two renames left the step's complete old copy aside and none in
+    # place: that copy is the checkpoint (with keep=1 it is the only one; it must not be lost).
+    for step, path in swapped_out.items():
+        found.setdefault(step, path)
+    return sorted(found.items())
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
