@@ -1280,3 +1280,17 @@ def test_a_resume_trains_with_its_own_weight_decay_and_betas(tmp_path, data_dir,
     assert [(g["weight_decay"], tuple(g["betas"])) for g in trainer.optimizer.param_groups] == [
         (0.02, (0.8, 0.9)), (0.0, (0.8, 0.9))]  # the second group: norms and biases, never decayed
     assert ckpt.load_checkpoint(str(tmp_path / "run")).optimizer["param_groups"][0]["weight_decay"] == 0.02
+
+
+def test_the_train_command_checks_its_run_folder_before_the_data_and_the_model(tmp_path):
+    from llmkern.train.main_job import run_train
+
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(str(run), 3, {"w": torch.zeros(2)}, {"state": {}, "param_groups": []}, {})
+    missing_data = f"--data_dir={tmp_path / 'no-such-data'}"  # reached only after the folder's check
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_train(None, [f"--out_dir={run}", missing_data])
+    with pytest.raises(FileNotFoundError, match="cannot resume: no checkpoint"):
+        run_train(None, [f"--out_dir={tmp_path / 'empty'}", missing_data], resume=True)
+    with pytest.raises(FileNotFoundError, match="no-such-data"):  # a resume with a checkpoint gets that far
+        run_train(None, [f"--out_dir={run}", missing_data], resume=True)

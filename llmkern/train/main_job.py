@@ -38,7 +38,7 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
     from . import distributed
     from .config import load_config, parse_overrides
     from .metrics import read_metrics
-    from .trainer import Trainer
+    from .trainer import Trainer, check_run_folder
 
     given = parse_overrides(overrides)  # the keys as load_config reads them: --init-from is init_from
     on_gpu = torch.cuda.is_available() and not str(given.get("device", "")).startswith("cpu")
@@ -46,6 +46,7 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
     if defaults and given.get("init_from"):  # the model comes from init_from
         defaults = {k: v for k, v in defaults.items() if k not in ("model", "preset")}
     config = load_config(config_path, overrides, defaults=defaults)
+    check_run_folder(config.out_dir, resume, config.overwrite)  # now, not after the data and the model
     trainer = Trainer(config)
     if trainer.dist.is_main:
         model = trainer.raw_model

@@ -101,6 +101,17 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
     return model
 
 
+def check_run_folder(run_dir: str, resume: bool, overwrite: bool) -> None:
+    """A resumed run needs a checkpoint in its folder; a fresh one must not wipe out an older run there by
+    accident (its checkpoints and log go). Trainer.fit checks; a caller may check before the data and model."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt.checkpoints_dir(run_dir)}")
+    if not resume and latest is not None and not overwrite:
+        raise ValueError(f"{run_dir!r} already holds a run (newest checkpoint {latest}); continue it with "
+                         f"--resume, start it again with --overwrite=true, or give another --out_dir")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -205,10 +216,10 @@ class Trainer:
         a run is an error unless config.overwrite. Ctrl-C or SIGTERM (one process) stops after the step,
         saves, and raises TrainingInterrupted."""
         cfg = self.config
+        check_run_folder(self.run_dir, resume, cfg.overwrite)
         if resume:
             self._resume()
         else:
-            self._check_fresh_start()
             distributed.barrier(self.dist)  # every rank has looked for a run before rank 0 clears it away
             if self.dist.is_main:
                 if os.path.exists(self.log.path):
@@ -293,13 +304,6 @@ class Trainer:
     def _plot(self) -> None:
         if self.dist.is_main:
             plot_metrics(self.log.path, self.run_dir)
-
-    def _check_fresh_start(self) -> None:
-        """A fresh run must not wipe out an older one in its folder by accident (checkpoints and log go)."""
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is not None and not self.config.overwrite:
-            raise ValueError(f"{self.run_dir!r} already holds a run (newest checkpoint {latest}); continue it with "
-                             f"--resume, start it again with --overwrite=true, or give another --out_dir")
 
     def _train_step(self) -> _StepRecord:
         """Queue one optimizer step; its record, to read later."""
@@ -460,9 +464,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt.checkpoints_dir(self.run_dir)}")
+        latest = ckpt.latest_checkpoint(self.run_dir)  # there is one: check_run_folder
         state = ckpt.load_checkpoint(latest)
         saved_model = state.meta["model_config"]
         if saved_model != self.raw_model.config.to_dict():
