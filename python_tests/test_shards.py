@@ -282,3 +282,9 @@ def test_split_is_unchanged_when_hashing_already_gives_val_documents(tmp_path):
         expected = [i for d in docs if shards.is_val_document(d, 0.02, 5) == wanted for i in [256, *d.encode()]]
         assert expected  # both splits have documents
         assert (tmp_path / manifest["splits"][split][0]["file"]).read_bytes() == np.array(expected, "<u2").tobytes()
+
+
+def test_a_prepare_output_folder_given_for_its_shards_is_pointed_to_them(tmp_path):
+    shards.tokenize_documents(random_docs(seed=2, count=5), "bytes", tmp_path / "tokens")
+    with pytest.raises(FileNotFoundError, match=r"its token shards are in .*tokens"):
+        shards.load_manifest(tmp_path)

@@ -219,6 +219,10 @@ def load_manifest(directory: str) -> dict:
     """Read and check `directory/manifest.json`."""
     path = os.path.join(os.fspath(directory), MANIFEST)
     if not os.path.isfile(path):
+        inside = os.path.join(os.fspath(directory), "tokens")
+        if os.path.isfile(os.path.join(inside, MANIFEST)):  # `data prepare`'s output folder, not its shards
+            raise FileNotFoundError(f"no shard manifest at {path}: {directory!r} is a `data prepare` output; its "
+                                    f"token shards are in {inside!r}")
         raise FileNotFoundError(f"no shard manifest at {path} (is {directory!r} a tokenized-shard directory?)")
     try:
         with open(path, encoding="utf-8") as f:
