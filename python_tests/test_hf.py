@@ -209,3 +209,20 @@ def test_llmkern_weights_are_not_taken_for_gpt2(tmp_path):
     sd["transformer.wte.weight"] = torch.zeros(VOCAB * EMBD)
     with pytest.raises(ValueError, match=r"wte.weight must be 2-D"):
         from_hf_gpt2(sd)
+
+
+def test_an_mlp_width_other_than_4x_round_trips(tmp_path):
+    """GPT2Config's n_inner: the MLP width, which the tensors tell. The import assumed 4 * n_embd, so an
+    exported model with mlp_hidden set (and config.json saying n_inner) could not be read back."""
+    from safetensors.torch import save_file
+
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=LAYERS, n_head=2, n_embd=32, mlp_hidden=48))
+    sd = {k: v for k, v in to_hf_gpt2(model).items() if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_gpt2_config(model.config)))
+    back = load_hf_gpt2_file(str(tmp_path / "model.safetensors"))
+    assert back.config.hidden_size == 48
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    torch.testing.assert_close(back(idx)[0], model(idx)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="config.json has n_inner=64 but the weights have an MLP of 48"):
+        from_hf_gpt2(sd, hf_config={**hf_gpt2_config(model.config), "n_inner": 64})

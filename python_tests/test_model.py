@@ -583,3 +583,21 @@ def test_token_ids_outside_the_vocabulary_are_refused(bad):
     with pytest.raises(IndexError):
         model.hidden_states(torch.tensor([[1, bad, 3]]))
     assert model(idx, torch.tensor([[1, -1, VOCAB - 1]]))[1].isfinite()  # -1 is ignored, VOCAB - 1 is a token
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_a_model_built_on_meta_then_to_empty_and_loaded_matches_the_original(preset):
+    """Built on the meta device, materialised with to_empty() and loaded from a state dict (no
+    init_weights): to_empty gave lm_head a parameter of its own (a tied model trained two tables), and
+    left the RoPE tables, which no state dict holds, uninitialised (NaN logits)."""
+    config = GPTConfig.from_preset(preset, vocab_size=VOCAB, block_size=16, fused_loss=False)
+    source = GPT(config).eval()
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    model.eval()
+    assert (model.lm_head.weight is model.wte.weight) == config.tie_embeddings
+    assert model.num_parameters() == source.num_parameters()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    torch.testing.assert_close(model(idx)[0], source(idx)[0], rtol=0, atol=0)

@@ -84,6 +84,14 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.init_weights()
 
+    def _apply(self, fn, recurse=True):
+        # to_empty() (a model built on the meta device, say) gives each module a new Parameter of its
+        # own: the tied lm_head would be a second, separately trained table. Tie them again.
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings and self.lm_head.weight is not self.wte.weight:
+            self.lm_head.weight = self.wte.weight
+        return self
+
     # --- initialisation -----------------------------------------------------------------------
 
     @torch.no_grad()

@@ -65,9 +65,13 @@ def _sizes(state_dict: dict[str, torch.Tensor]) -> dict:
         ours = any(k.startswith("blocks.") for k in sd)
         raise ValueError("not a GPT-2 state dict: no h.<i>.* blocks" + (
             "; these are llmkern's weights: give their run or checkpoint folder instead of the file" if ours else ""))
+    # The MLP's width (config.json's n_inner; None there means 4 * n_embd) is c_fc's output size.
+    fc = sd.get("h.0.mlp.c_fc.weight")
+    hidden = int(fc.shape[1]) if fc is not None and fc.dim() == 2 else 4 * n_embd
     return dict(
         vocab_size=vocab_size, block_size=sd["wpe.weight"].shape[0], n_layer=n_layer, n_embd=n_embd,
         norm="layernorm", pos="learned", mlp="gelu", tie_embeddings=True, bias=True, norm_eps=1e-5,
+        mlp_hidden=None if hidden == 4 * n_embd else hidden,
     )
 
 
@@ -95,6 +99,11 @@ def _check_hf_config(hf_config: dict, values: dict) -> float:
         if said is not None and said != values[ours]:
             raise ValueError(f"config.json has {names[0]}={said!r} but the weights have {values[ours]}: "
                              f"the config is another model's")
+    n_inner = hf_config.get("n_inner")
+    hidden = values["mlp_hidden"] or 4 * values["n_embd"]
+    if n_inner is not None and n_inner != hidden:
+        raise ValueError(f"config.json has n_inner={n_inner!r} but the weights have an MLP of {hidden}: "
+                         f"the config is another model's")
     # GPT2Config's defaults where the config leaves a field out. Each of these changes the model's outputs;
     # ours computes only GPT-2's own choice, so another one would give other logits, silently.
     activation = hf_config.get("activation_function", "gelu_new")

@@ -35,10 +35,11 @@ class RotaryCache(nn.Module):
         self.cos, self.sin = self._tables(self.cos.device)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) or .half() would round the tables: rebuild them in fp32 on the new device.
+        # model.to(bf16) or .half() would round the tables, and to_empty() (from the meta device) leaves
+        # them uninitialized, and load_state_dict does not fill them (not persistent): rebuild them in
+        # fp32 on the new device, whatever fn did.
         super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            self.reset_tables()
+        self.reset_tables()
         return self
 
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
