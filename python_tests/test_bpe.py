@@ -344,3 +344,21 @@ def test_a_corpus_file_without_ascii_around_its_newlines_is_read_in_chunks(tmp_p
     assert len(chunks) > 50 and max(map(len, chunks)) < 64 + 200  # not the whole file as one piece
     for pattern in (GPT2_PATTERN, CL100K_PATTERN):  # cut only where splitting it whole cuts too
         assert count_words(chunks, pattern) == count_words([text], pattern)
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K_PATTERN])
+def test_a_windows_corpus_file_is_read_in_chunks_that_split_as_the_whole(tmp_path, monkeypatch, pattern):
+    from llmkern.data import bpe
+
+    monkeypatch.setattr(bpe, "_CHUNK_CHARS", 64)
+    rng = random.Random(11)
+    words = ["the", "Ünïcode", "x", "中文", "42", "it's", "…", "<|endoftext|>"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    text = "\r\n".join(lines + ["", "  tail  ", "end"])  # CRLF only: no cut before this change
+    path = tmp_path / "windows.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    chunks = list(bpe._file_chunks(path, pattern))
+    assert "".join(chunks) == text
+    assert len(chunks) > 50 and max(map(len, chunks)) < 64 + 200
+    special = ("<|endoftext|>",)
+    assert count_words(chunks, pattern, special) == count_words([text], pattern, special)

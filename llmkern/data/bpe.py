@@ -54,28 +54,41 @@ def gpt2_byte_order() -> list[int]:
 # Any non-whitespace, not only printable ASCII: a line of Chinese ends in "。", and with ASCII only
 # a Chinese (Japanese, Russian, ...) file had no cut at all and was read whole, searched again and
 # again as it grew.
+# A Windows line end (\r\n) between non-whitespace is split differently by the two patterns: GPT-2's makes
+# "\r" and "\n" two pieces, but one "\r\n" at the end of a text (or before a special token), so the cut
+# goes before it; cl100k's makes one "\r\n" piece (or ends a punctuation piece with it), so the cut goes
+# after it. Other patterns get no CRLF cut: such files are read whole, as before.
+_CRLF_CUT = {"gpt2": r"(?<=\S)(?=\r\n\S)", "cl100k": r"(?<=\S\r\n)(?=\S)"}
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def _last_safe_cut(text: str, floor: int = 0) -> int:
-    """The index just after the last newline between non-whitespace characters, or 0 when there is
-    none at or after `floor` (text before it is known to hold none)."""
+def _safe_cut_for(pattern: str) -> re.Pattern:
+    """The places a text may be cut under `pattern` (a regular expression) with the same pieces as whole."""
+    name = next((n for n, p in PATTERNS.items() if p == pattern), None)
+    return re.compile(f"{_SAFE_CUT.pattern}|{_CRLF_CUT[name]}") if name in _CRLF_CUT else _SAFE_CUT
+
+
+def _last_safe_cut(text: str, floor: int = 0, safe_cut: re.Pattern = _SAFE_CUT) -> int:
+    """The index of the last safe cut (just after a newline between non-whitespace characters, and
+    the pattern's Windows line ends), or 0 when there is none at or after `floor` (text before it is
+    known to hold none)."""
     start = max(floor, len(text) - 65536)
     while True:
-        cuts = [m.end() for m in _SAFE_CUT.finditer(text, start)]
+        cuts = [m.end() for m in safe_cut.finditer(text, start)]
         if cuts or start == floor:
             return cuts[-1] if cuts else 0
         start = max(floor, start - 4 * (len(text) - start))
 
 
-def _file_chunks(path: pathlib.Path) -> Iterator[str]:
-    """Text of one file in pieces of about _CHUNK_CHARS, cut only where a piece ends anyway."""
+def _file_chunks(path: pathlib.Path, pattern: str = GPT2_PATTERN) -> Iterator[str]:
+    """Text of one file in pieces of about _CHUNK_CHARS, cut only where a piece of `pattern` ends anyway."""
+    safe_cut = _safe_cut_for(pattern)
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         carry = ""
         while block := f.read(_CHUNK_CHARS):
-            floor = max(0, len(carry) - 1)  # the carry holds no cut (a cut needs the character before it)
+            floor = max(0, len(carry) - 2)  # the carry holds no cut (a cut needs the two characters before it)
             block = carry + block
-            cut = _last_safe_cut(block, floor)
+            cut = _last_safe_cut(block, floor, safe_cut)
             if cut == 0:  # no safe place yet (one very long line): keep reading
                 carry = block
                 continue
@@ -98,12 +111,12 @@ def _corpus_files(corpus: str | os.PathLike | list) -> list[pathlib.Path]:
     return files
 
 
-def _corpus_jobs(corpus) -> Iterator[list[str]]:
-    """Lists of texts of about _CHUNK_CHARS characters in all."""
+def _corpus_jobs(corpus, pattern: str = GPT2_PATTERN) -> Iterator[list[str]]:
+    """Lists of texts of about _CHUNK_CHARS characters in all (files cut where `pattern` ends a piece)."""
     if isinstance(corpus, (str, os.PathLike)) or (
         isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, os.PathLike) for p in corpus)
     ):
-        texts: Iterable[str] = (chunk for f in _corpus_files(corpus) for chunk in _file_chunks(f))
+        texts: Iterable[str] = (chunk for f in _corpus_files(corpus) for chunk in _file_chunks(f, pattern))
     else:
         texts = corpus
     job: list[str] = []
@@ -202,7 +215,7 @@ def count_words(
         finally:
             if bar is not None:
                 bar.close()
-    jobs = ((texts, pattern, tuple(special_tokens)) for texts in _corpus_jobs(corpus))
+    jobs = ((texts, pattern, tuple(special_tokens)) for texts in _corpus_jobs(corpus, pattern))
     total: collections.Counter = collections.Counter()
     pool = None
     if num_workers > 1:
