@@ -174,3 +174,22 @@ def test_a_resume_checks_the_base_by_content_not_by_path(tmp_path):
     del meta["finetune_state"]["position"]["base_sha256"]  # as an older llmkern wrote it
     meta_path.write_text(json.dumps(meta))
     assert run_sft(config(other, resume=True))["steps"] == 3
+
+
+def test_an_example_cut_inside_its_prompt_is_dropped_with_or_without_prompt_masking():
+    # Cut to max_len inside its prompt, an example keeps no response token: it is dropped (and counted) whether
+    # or not the prompt is masked, never kept as a row of prompt text alone.
+    tok = get_tokenizer("bytes")
+    examples = [{"instruction": "Summarize the following long text, please.", "output": "Short."},
+                {"instruction": "Hi.", "output": "Hello!"}]
+    long_prompt = len(tok.encode(format_prompt(examples[0])))
+    short_prompt = len(tok.encode(format_prompt(examples[1])))
+    max_len = short_prompt + 3
+    assert max_len < long_prompt
+    for mask_prompt in (True, False):
+        encoded, dropped = encode_examples(examples, tok, max_len=max_len, mask_prompt=mask_prompt)
+        assert dropped == 1
+        assert len(encoded) == 1
+        tokens, labels = encoded[0]
+        assert tokens == (tok.encode(format_prompt(examples[1])) + tok.encode("Hello!"))[:max_len]
+        assert labels == ([IGNORE] * short_prompt if mask_prompt else tokens[:short_prompt]) + tokens[short_prompt:]

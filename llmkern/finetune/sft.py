@@ -67,11 +67,11 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int, mas
     fmt = prompt_format or PromptFormat()
     encoded, dropped = [], 0
     for ex in examples:
-        tokens, labels = encode_prompt_response(tokenizer, fmt.prompt(ex), fmt.response(ex["output"]), max_len,
-                                                mask_prompt)
-        # labels[0] is never a target (there is no token before it): a row needs a label after it.
+        tokens, labels = encode_prompt_response(tokenizer, fmt.prompt(ex), fmt.response(ex["output"]), max_len)
+        # labels[0] is never a target (there is no token before it): a row needs a response label after it,
+        # masked prompt or not (cut inside its prompt, an example would train on prompt text alone).
         if any(lab != IGNORE for lab in labels[1:]):
-            encoded.append((tokens, labels))
+            encoded.append((tokens, labels if mask_prompt else list(tokens)))  # unmasked: every token a label
         else:
             dropped += 1
     return encoded, dropped
