@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from llmkern.data.tokenizer import get_tokenizer
 from llmkern.finetune.base import save_finetuned
 from llmkern.finetune.reward import (RewardConfig, RewardModel, load_reward_model, reward_loss, run_reward,
-                                     save_reward_model, score)
+                                     save_reward_model, score, score_token_rows)
 from llmkern.model import GPT, GPTConfig
 
 
@@ -124,3 +124,13 @@ def test_reward_model_save_load_round_trip(tmp_path):
 def test_reward_config_needs_data():
     with pytest.raises(ValueError, match="data"):
         RewardConfig(base="runs/x").validate()
+
+
+def test_a_response_to_a_prompt_longer_than_the_context_is_still_scored():
+    tokenizer = get_tokenizer("bytes")
+    rm = RewardModel(tiny_gpt(seed=6, block_size=32))
+    prompt = "Describe the weather in great detail, please. " * 2  # longer than the 32-token context
+    good, bad = score(rm, tokenizer, [prompt, prompt], ["A sunny and warm day.", "terrible"])
+    assert good != bad  # the first 32 tokens alone (all prompt) scored them alike
+    tail = tokenizer.encode(prompt + "terrible")[-31:] + [tokenizer.eot_token]
+    assert bad == pytest.approx(score_token_rows(rm, [tail], tokenizer.eot_token)[0], abs=1e-6)

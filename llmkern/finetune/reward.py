@@ -15,6 +15,7 @@ The scoring interface (what PPO calls, and what a hand-made reward model must of
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -94,8 +95,10 @@ def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], 
         raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses: they must pair up")
     if not prompts:
         return []
+    # The score is read at the last token: keep each text's last block_size tokens (its response and end),
+    # as PPO's rollouts do. Keeping the first ones scored every response to a long prompt alike (a tie).
     max_len = rm.body.config.block_size
-    rows = [encode_pair_text(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
+    rows = [encode_pair_text(tokenizer, p, r, sys.maxsize)[-max_len:] for p, r in zip(prompts, responses)]
     return score_token_rows(rm, rows, tokenizer.eot_token, batch_size)
 
 
