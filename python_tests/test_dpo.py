@@ -194,3 +194,15 @@ def test_a_dpo_resume_with_another_beta_or_label_smoothing_is_refused(tmp_path):
         with pytest.raises(ValueError, match=message):
             run_dpo(DPOConfig(**{**config.to_dict(), "resume": True, **change}))
     assert run_dpo(DPOConfig(**{**config.to_dict(), "resume": True}))["steps"] == 2
+
+
+def test_a_reference_of_a_shorter_context_bounds_the_rows(tmp_path):
+    make_base(tmp_path / "base", block_size=256)
+    make_base(tmp_path / "ref", seed=1, block_size=200)
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": "Say something kind about the weather today.", "input": "",
+                                 "chosen": "It is a lovely day. " * 6, "rejected": "No."}] * 4))
+    config = DPOConfig(base=str(tmp_path / "base"), reference=str(tmp_path / "ref"), data=str(data),
+                       out_dir=str(tmp_path / "dpo"), max_steps=1, batch_size=4, max_len=256, val_fraction=0.0,
+                       device="cpu", progress=False)
+    assert run_dpo(config)["steps"] == 1  # its log-probs of rows longer than 200 tokens failed

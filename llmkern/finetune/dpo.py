@@ -202,7 +202,9 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     reference, reference_sha256 = load_reference(config, policy, tokenizer, base_meta["base_sha256"])
     reference = reference.to(device)
 
-    max_len = effective_max_len(config, policy)
+    # The reference scores the same rows: a reference of a shorter context than the policy's bounds them too
+    # (its log-probs of a longer row failed).
+    max_len = min(effective_max_len(config, policy), reference.config.block_size)
     encoded = [e for e in (encode_preference(tokenizer, ex, max_len, fmt) for ex in raw) if e is not None]
     if not encoded:
         raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len} "
