@@ -111,3 +111,9 @@ def test_eval_items_match_text_as_the_clean_stage_leaves_it():
     index.add("soft_hyphen", ["the answer is photo\u00adsynthesis in green plants"])
     assert index.matches(clean_text("Hier, le café était très bien fermé ce matin.")) == ["nfd"]
     assert index.matches(clean_text("So the answer is photo\u00adsynthesis in green plants!")) == ["soft_hyphen"]
+
+
+def test_eval_items_too_short_to_look_for_are_named_in_a_warning(tmp_path):
+    (tmp_path / "eval.jsonl").write_text('{"text": "two plus two"}\n{"text": "' + " ".join(["word"] * 20) + '"}\n')
+    with pytest.warns(UserWarning, match=r"1 eval item\(s\) have fewer than decontam.ngram=13 words"):
+        DecontamStage(DecontamConfig(enabled=True, eval_sets=[str(tmp_path / "eval.jsonl")]))

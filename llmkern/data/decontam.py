@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 import unicodedata
 from typing import Iterable, Optional
 
@@ -120,6 +121,10 @@ class DecontamStage(DocumentStage):
         if config.text_field is not None:
             reader = dataclasses.replace(reader, text_field=config.text_field)
         self.index = Decontaminator.from_files(config.eval_sets, config.ngram, reader)
+        if self.index.too_short:  # no n-gram of theirs to look for: training text may hold them unseen
+            warnings.warn(f"decontam: {self.index.too_short} eval item(s) have fewer than decontam.ngram="
+                          f"{config.ngram} words and are not looked for; a smaller ngram checks them",
+                          stacklevel=2)
 
     def keep(self, doc: Document, stats: StageStats) -> bool:
         matched = self.index.matches(doc.text)
