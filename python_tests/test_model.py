@@ -202,6 +202,19 @@ def test_packed_documents_are_processed_as_if_alone(variant):
 def test_positions_in_documents():
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [7, 7, 7, 7, 7, 7]])
     assert positions_in_documents(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    # An id that comes back counts on: attention takes all of its tokens as one document.
+    assert positions_in_documents(torch.tensor([[5, 5, 1, 1, 5, 5, 1]])).tolist() == [[0, 1, 0, 1, 2, 3, 2]]
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_a_document_in_two_runs_of_a_row_is_the_document_alone(variant):
+    model = GPT(tiny(**VARIANTS[variant])).eval()
+    row = torch.randint(0, VOCAB, (1, 10))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0, 0]])  # document 0 comes back after document 1
+    logits, _ = model(row, doc_ids=doc_ids)
+    first = doc_ids[0] == 0
+    alone, _ = model(row[:, first])
+    torch.testing.assert_close(logits[:, first], alone, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])

@@ -267,13 +267,15 @@ class GPT(nn.Module):
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) position of each token within its document: 0 where doc_ids changes, then counting up."""
-    t = doc_ids.size(1)
-    steps = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    last_start = torch.where(starts, steps, 0).cummax(dim=1).values  # index of each token's document start
-    return steps - last_start
+    """(B, T) position of each token within its document: how many earlier tokens of its row share its id.
+    For packed rows (a document one run of positions) it restarts at 0 where doc_ids changes; an id that
+    comes back later in a row counts on, since attention takes all its tokens as one document."""
+    values, order = doc_ids.sort(dim=1, stable=True)  # each id's tokens together, in row order
+    steps = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    run_start = torch.where(starts, steps, 0).cummax(dim=1).values  # where each token's id begins, sorted
+    return torch.empty_like(order).scatter_(1, order, steps - run_start)
 
 
 def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int, vocab_size: int) -> None:
