@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -695,3 +696,81 @@ def test_triton_kernels_compile_for_sm90():
     ''')
     # Whole chunks of p, g, m, v load 16 bytes at a time (4 packs each for 16 fp32 per thread).
     assert int(out.split("vector_loads")[-1]) >= 16
+
+
+# --- from a bug hunt ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda opt: pickle.loads(pickle.dumps(opt))], ids=["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_options_and_steps(copier):
+    """Optimizer pickles only defaults, state and param_groups: the copy lacked max_grad_norm,
+    master_weights, ... and its first step raised AttributeError."""
+    p = torch.randn(5, requires_grad=True)
+    opt = AdamW([p], backend="torch", max_grad_norm=0.5)
+    p.grad = torch.full((5,), math.inf)
+    opt.step()  # skipped
+    twin = copier(opt)
+    assert twin.max_grad_norm == 0.5 and twin.master_weights is False and twin.backend == "torch"
+    assert twin.skipped_steps == 1
+    q = twin.param_groups[0]["params"][0]
+    q.grad = torch.ones(5)
+    twin.step()
+    assert twin.skipped_steps == 1 and float(twin.grad_norm) == pytest.approx(math.sqrt(5))
+    assert opt.skipped_steps == 1 and torch.isinf(opt.grad_norm)  # the original is its own
+
+
+@pytest.mark.parametrize("option", ["amsgrad", "maximize", "differentiable"])
+def test_a_group_asking_for_a_torch_only_option_is_refused(option):
+    """A group dict with maximize=True was accepted and silently minimized."""
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"param group 0: {option}=True"):
+        AdamW([{"params": [p], option: True}])
+    opt = AdamW([p])
+    with pytest.raises(ValueError, match=f"param group 1: {option}=True"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], option: True})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_state_of_other_shapes_is_refused_at_the_load(backend):
+    """The kernels trusted the moments to have their parameter's size: a state_dict of another
+    model (same group sizes) made the Triton kernel write past the end of a moment."""
+    small = torch.zeros(4, requires_grad=True)
+    other = torch.optim.AdamW([small])
+    small.grad = torch.ones(4)
+    other.step()
+    p = torch.zeros(8, requires_grad=True)
+    opt = AdamW([p], backend=backend)
+    with pytest.raises(ValueError, match=r"exp_avg has shape \(4,\), the parameter \(8,\)"):
+        opt.load_state_dict(other.state_dict())
+    assert len(opt.state) == 0  # left as it was
+
+
+def test_a_master_that_went_through_torch_adamw_is_not_taken_back():
+    """llmkern (master weights) -> torch.optim.AdamW -> llmkern: torch kept the master copy in
+    the state (cast to bf16) without stepping it; loaded back it replaced the parameter, undoing
+    torch's steps."""
+    p = torch.randn(64).to(torch.bfloat16).requires_grad_()
+    ours = AdamW([p], lr=1e-2, master_weights=True, backend="torch")
+    for _ in range(3):
+        p.grad = torch.randn(64).to(torch.bfloat16)
+        ours.step()
+    theirs = torch.optim.AdamW([p], lr=1e-2)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for _ in range(5):
+        p.grad = torch.randn(64).to(torch.bfloat16)
+        theirs.step()
+    back = AdamW([p], lr=0.0, weight_decay=0.0, master_weights=True, backend="torch")
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    back.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.randn(64).to(torch.bfloat16)
+    back.step()  # lr 0: the parameter must not move
+    assert torch.equal(p, before)
+    assert back.state[p]["master_param"].dtype == torch.float32
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="appears twice in the group"):
+        AdamW([p, p], backend="torch")

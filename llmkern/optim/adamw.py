@@ -113,6 +113,25 @@ class AdamW(torch.optim.Optimizer):
         """How many steps were skipped for a non-finite gradient norm (reading it syncs)."""
         return 0 if self._skipped is None else int(self._skipped.item())
 
+    # --- pickling, deepcopy ------------------------------------------------------------------
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups: a copy lacked
+    # max_grad_norm, master_weights, ... and failed at its first step. The kernels' pointer
+    # tables hold the original tensors' addresses, so a copy starts without them.
+    _PICKLED = ("max_grad_norm", "master_weights", "backend", "_grad_norm", "_clip_state", "_skipped")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # Optimizer.load_state_dict calls this too, with only state and param_groups.
+        super().__setstate__(state)
+        for name in self._PICKLED:
+            self.__dict__.setdefault(name, False if name == "master_weights" else None)
+        self.__dict__.setdefault("_kernel_caches", {})
+
     # --- groups and state -------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
@@ -125,6 +144,13 @@ class AdamW(torch.optim.Optimizer):
 
     def _check_group(self, group: dict, where: str) -> None:
         _check_hyperparameters(group, where)
+        for option in UNSUPPORTED_TORCH_OPTIONS:
+            if group.get(option, False):
+                raise ValueError(f"{where}{option}=True is a torch.optim.AdamW option that llmkern AdamW does not "
+                                 f"implement")
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            # the kernels would update it twice at once, racing on its memory (torch only warns)
+            raise ValueError(f"{where}a parameter appears twice in the group")
         devices = set()
         for p in group["params"]:
             if p.is_complex():
@@ -153,6 +179,7 @@ class AdamW(torch.optim.Optimizer):
             if missing:
                 raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}: not an AdamW state_dict")
             _check_hyperparameters({k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}, f"param group {i}: ")
+        self._check_state_shapes(state_dict)
         super().load_state_dict(state_dict)
         if self.master_weights:
             self._restore_fp32_state(state_dict)
@@ -162,6 +189,23 @@ class AdamW(torch.optim.Optimizer):
             for state in self.state.values():
                 state.pop("master_param", None)
         self._kernel_caches.clear()
+
+    def _check_state_shapes(self, state_dict: dict) -> None:
+        """Refuse moments or masters of another shape than their parameter's (a state_dict of
+        another model): the kernels would read and write past the end of the smaller tensor."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)
+        ):
+            return  # Optimizer.load_state_dict refuses it with its own message
+        for i, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+            for j, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
+                for key, value in saved_state.get(saved_id, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                        raise ValueError(
+                            f"param group {i}, parameter {j}: the state_dict's {key} has shape {tuple(value.shape)}, "
+                            f"the parameter {tuple(p.shape)}"
+                        )
 
     def _restore_fp32_state(self, state_dict: dict) -> None:
         """Optimizer.load_state_dict casts every state tensor to its parameter's dtype; the
@@ -174,6 +218,12 @@ class AdamW(torch.optim.Optimizer):
                 for key in ("exp_avg", "exp_avg_sq", "master_param"):
                     if key in saved_state[saved_id]:
                         value = saved_state[saved_id][key]
+                        if key == "master_param" and value.dtype != torch.float32:
+                            # Not a master any more: torch.optim.AdamW's load_state_dict cast it to
+                            # the parameter's dtype and then stepped the parameter, not it. Stale:
+                            # dropped, the next step makes a fresh one from the parameter.
+                            self.state[p].pop(key, None)
+                            continue
                         self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
     def _prepared_state(self, p: torch.Tensor) -> dict:
