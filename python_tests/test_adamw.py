@@ -774,3 +774,30 @@ def test_a_parameter_twice_in_a_group_is_refused():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="appears twice in the group"):
         AdamW([p, p], backend="torch")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_auto_leaves_to_torch_the_groups_its_kernels_cannot_update(device):
+    """On a GPU "auto" picks the kernels, which take contiguous float32/16/bf16 parameters only: a group of
+    float64 or non-contiguous ones steps with torch's update (as torch.optim.AdamW would), and the global
+    clip reads every group (on the CPU, torch's update throughout: its norm took no float64 gradient)."""
+    torch.manual_seed(0)
+    shapes = [((5, 7), torch.float64, False), ((6, 4), torch.float32, True), ((33,), torch.float32, False)]
+    ours, theirs = [], []
+    for shape, dtype, transposed in shapes:
+        value = torch.randn(*shape, dtype=dtype, device=device)
+        value = value.t().contiguous().t() if transposed else value  # non-contiguous strides
+        ours.append(torch.nn.Parameter(value.clone()))
+        theirs.append(torch.nn.Parameter(value.clone()))
+    groups = lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]]}, {"params": [ps[2]], "weight_decay": 0.0}]
+    opt = AdamW(groups(ours), lr=1e-2, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(groups(theirs), lr=1e-2)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

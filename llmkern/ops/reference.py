@@ -129,7 +129,8 @@ def adamw_grad_norm(
     clip_state[1] = 1.0 when the norm is finite, else 0.0 (the step is skipped) and
     skipped (int64) is incremented. No value comes back to the host.
     """
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    # Each norm in fp32 at least: a float64 gradient keeps its own precision (vector_norm refuses to narrow).
+    norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
     norm = torch.linalg.vector_norm(torch.stack(norms))
     grad_norm.copy_(norm)
     clip_state[0].copy_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))

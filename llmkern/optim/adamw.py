@@ -272,7 +272,10 @@ class AdamW(torch.optim.Optimizer):
         if not params:
             return None
         device = params[0].device
-        backend = _backend.resolve("adamw", self.backend, device)
+        # "auto" leaves to torch a group the kernels cannot update (float64, non-contiguous parameters), as
+        # torch.optim.AdamW would; a backend asked for by name says why it cannot (_check_kernel_tensors).
+        backend = _backend.resolve("adamw", self.backend, device,
+                                   fits=lambda b: b == "torch" or _kernels_take(params))
         if backend != "torch":
             _check_kernel_tensors(params, backend)
             grads = [g.contiguous() for g in grads]
@@ -314,7 +317,8 @@ class AdamW(torch.optim.Optimizer):
     def _clip(self, work: list[tuple[int, _GroupWork]]) -> torch.Tensor:
         """Reduce the global gradient norm on the device; returns clip_state."""
         device = work[0][1].device
-        backend = work[0][1].backend
+        backends = {w.backend for _, w in work}
+        backend = backends.pop() if len(backends) == 1 else "torch"  # groups on two backends: torch's norm reads all
         if self._clip_state is None or self._clip_state.device != device:
             self._grad_norm = torch.full((), math.nan, dtype=torch.float32, device=device)
             self._clip_state = torch.ones(2, dtype=torch.float32, device=device)
@@ -375,6 +379,10 @@ def _lr_for_kernels(lr: float | torch.Tensor, device: torch.device) -> float | t
         # A converted copy would get a new address every step, which a captured graph misses.
         raise TypeError(f"a tensor lr on the GPU must be float32 (the kernels read it there); got {lr.dtype}")
     return lr
+
+
+def _kernels_take(params: list[torch.Tensor]) -> bool:
+    return all(p.dtype in KERNEL_DTYPES and p.is_contiguous() for p in params)
 
 
 def _check_kernel_tensors(params: list[torch.Tensor], backend: str) -> None:
