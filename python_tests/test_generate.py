@@ -357,3 +357,19 @@ def test_generate_command_refuses_sampling_options_when_greedy(options, capsys):
     # left out, they are no error (the run, which does not exist, is)
     assert main(["generate", "--run", "no-such-run", "--prompt", "x", "--temperature", "0"]) == 2
     assert "greedy" not in capsys.readouterr().err
+
+
+def test_generate_command_says_what_to_give_for_a_file(tmp_path, capsys):
+    # a model.safetensors (llmkern's or a Hugging Face GPT-2 file) was "checkpoint '...' does not exist"
+    from llmkern.cli import main
+
+    step = tmp_path / "run" / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    (step / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for path, words in ((step / "model.safetensors", f"give its checkpoint folder '{step}'"),
+                        (tmp_path / "model.safetensors", "--init_from=FILE")):
+        assert main(["generate", "--run", str(path), "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert "is a file" in err and words in err and "does not exist" not in err

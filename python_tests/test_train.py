@@ -1294,3 +1294,64 @@ def test_the_train_command_checks_its_run_folder_before_the_data_and_the_model(t
         run_train(None, [f"--out_dir={tmp_path / 'empty'}", missing_data], resume=True)
     with pytest.raises(FileNotFoundError, match="no-such-data"):  # a resume with a checkpoint gets that far
         run_train(None, [f"--out_dir={run}", missing_data], resume=True)
+
+
+def test_a_bare_key_is_true_only_for_a_boolean_setting():
+    # a bare --out_dir was --out_dir=true: the run went to a folder named "true"
+    assert load_config(None, ["--compile", "--model.bias"]).compile is True
+    for bare in ("--out_dir", "--lr", "--model.n_kv_head", "--tokenizer"):
+        with pytest.raises(ValueError, match=f"a bare {re.escape(bare)}, .* give {re.escape(bare)}=VALUE"):
+            load_config(None, [bare, "--max_steps=3"])
+    with pytest.raises(ValueError, match=re.escape("write --out_dir=runs/x (with '=', not a space)")):
+        load_config(None, ["--out_dir", "runs/x"])
+
+
+def test_the_main_job_trains_the_preset_asked_for(monkeypatch):
+    # on a CPU the main job's defaults reshaped any --preset into 4 layers of 192: "gpt2 model, 1.85M parameters"
+    import llmkern.train.config as config_module
+    from llmkern.train.main_job import run_train
+
+    seen = []
+
+    def config_then_stop(*args, **kwargs):
+        seen.append(load_config(*args, **kwargs))
+        raise KeyboardInterrupt  # before the run folder, the data and the model
+
+    monkeypatch.setattr(config_module, "load_config", config_then_stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for overrides, model in ((["--preset=gpt2"], {}), (["--preset=gpt2", "--model.n_layer=2"], {"n_layer": 2}),
+                             ([], {"n_layer": 4, "n_embd": 192})):
+        with pytest.raises(KeyboardInterrupt):
+            run_train(None, ["--device=cpu", *overrides])
+        assert (seen[-1].preset, seen[-1].model) == (overrides[0][9:] if overrides else "tiny", model), overrides
+
+
+def test_a_device_torch_knows_but_llmkern_cannot_use_is_a_clear_error(monkeypatch):
+    from llmkern.train import distributed
+    from llmkern.train.distributed import DistInfo, parse_device, pick_device
+
+    for name in ("meta", "mps", "xpu"):  # were a RuntimeError or AssertionError deep in the model
+        with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            parse_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto", DistInfo(rank=1, local_rank=1, world_size=2)) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="this machine has 2 GPUs"):
+        parse_device("cuda:2")
+    with pytest.raises(ValueError, match="LOCAL_RANK=3"):  # torchrun with more processes than GPUs
+        pick_device("auto", DistInfo(rank=3, local_rank=3, world_size=4))
+    assert distributed.pick_device("cpu", DistInfo(rank=3, local_rank=3, world_size=4)) == torch.device("cpu")
+
+
+def test_a_corpus_cap_below_two_files_is_a_clear_error():
+    # a cap under the first file was a RuntimeError "found no standard-library sources" (a traceback), and
+    # one under two files gave one document, then "no 'val' split" pointing at `data prepare` options
+    from llmkern.train.corpus import gather_corpus
+
+    with pytest.raises(ValueError, match=r"corpus_max_bytes=100 is too small .* give at least") as err:
+        gather_corpus(100)
+    needed = int(re.search(r"([\d,]+) bytes; give at least", str(err.value)).group(1).replace(",", ""))
+    with pytest.raises(ValueError, match=f"{needed:,} bytes"):
+        gather_corpus(needed - 1)
+    docs = gather_corpus(needed)
+    assert len(docs) == 2 and sum(len(d.encode()) for d in docs) == needed

@@ -213,10 +213,14 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """["--lr=3e-4", "--model.n_layer=4"] -> {"lr": "3e-4", "model": {"n_layer": "4"}} (strings; typed later).
     A bare "--key" is "--key=true" (for a boolean setting such as --resume)."""
     values: dict[str, Any] = {}
+    previous = None
     for item in overrides:
         if not item.startswith("--") or len(item) == 2:
-            raise ValueError(f"overrides must look like --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1) if "=" in item else (item[2:], "true")
+            hint = (f"; write {previous}={item} (with '=', not a space)" if previous is not None and "=" not in previous
+                    and item != "--" else "")
+            raise ValueError(f"overrides must look like --key=value, got {item!r}{hint}")
+        previous = item
+        key, value = item[2:].split("=", 1) if "=" in item else (item[2:], _Bare("true"))
         key = key.replace("-", "_")
         if key.startswith("model."):
             values.setdefault("model", {})[key[len("model."):]] = value
@@ -225,6 +229,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         else:
             values[key] = value
     return values
+
+
+class _Bare(str):
+    """The value of a bare "--key": "true" for a boolean setting, an error for any other (--out_dir alone
+    would otherwise name a run folder "true")."""
 
 
 def apply_settings(config: Any, values: dict[str, Any], source: str, from_text: bool = False) -> Any:
@@ -251,8 +260,12 @@ def apply_settings(config: Any, values: dict[str, Any], source: str, from_text: 
 def _coerce(key: str, value: Any, hint: Any, source: str, from_text: bool) -> Any:
     """`value` as type `hint`: command-line strings are parsed; file values must have the type already."""
     def wrong(expected: str) -> ValueError:
-        return ValueError(f"setting {key!r} in {source} must be {expected}, got {value!r}")
+        bare = f" (a bare --{key}, which only a true/false setting takes: give --{key}=VALUE)" if isinstance(
+            value, _Bare) else ""
+        return ValueError(f"setting {key!r} in {source} must be {expected}, got {value!r}{bare}")
 
+    if isinstance(value, _Bare) and hint is str:  # "true" would pass as a string: --out_dir alone made ./true
+        raise wrong("given a value")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -45,10 +45,11 @@ def _walk(root: str, suffixes: tuple[str, ...]) -> Iterator[str]:
 
 
 def gather_corpus(max_bytes: int) -> list[str]:
-    """The corpus documents (one per file), at most max_bytes of UTF-8 text in all."""
+    """The corpus documents (one per file), at most max_bytes of UTF-8 text in all; at least two (a run
+    needs a training and a validation document): a ValueError naming the cap they need when it is smaller."""
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-    docs, total = [], 0
+    docs, total, capped = [], 0, False
     for path, _ in corpus_files():
         try:
             with open(path, encoding="utf-8") as f:
@@ -59,9 +60,14 @@ def gather_corpus(max_bytes: int) -> list[str]:
         if not text.strip():
             continue
         if total + size > max_bytes:
-            break
+            if len(docs) >= 2:
+                break
+            capped = True  # too small a cap: go on, without it, to the two files it would need
         docs.append(text)
         total += size
+        if capped and len(docs) == 2:
+            raise ValueError(f"corpus_max_bytes={max_bytes:,} is too small for the built-in corpus: a run needs "
+                             f"two of its files (one for validation), {total:,} bytes; give at least that")
     if not docs:
         raise RuntimeError(f"found no standard-library sources under {sysconfig.get_paths()['stdlib']!r}")
     return docs

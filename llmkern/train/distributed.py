@@ -47,11 +47,12 @@ def detect() -> DistInfo:
 
 def pick_device(requested: str, info: DistInfo) -> torch.device:
     """"auto": this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
-    if requested == "auto":
-        return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = parse_device(requested)
+    if requested == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = parse_device("cuda" if requested == "auto" else requested)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
+        _check_gpu_index(device, f"LOCAL_RANK={info.local_rank} (device={requested!r}) is this process's GPU, but ")
     return device
 
 
@@ -62,9 +63,19 @@ def parse_device(requested: str | torch.device) -> torch.device:
         device = torch.device(requested)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {requested!r}") from err
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: torch knows them, llmkern runs on neither
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {str(requested)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(requested)!r} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None:
+        _check_gpu_index(device, f"device {str(requested)!r} asked for, but ")
     return device
+
+
+def _check_gpu_index(device: torch.device, what: str) -> None:
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ValueError(f"{what}this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
 
 
 def init(info: DistInfo, device: torch.device) -> None:

@@ -49,6 +49,12 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
     from ..data.tokenizer import get_tokenizer
     from ..model import GPT, GPTConfig
 
+    if isinstance(run_dir, str) and os.path.isfile(run_dir):  # else load_checkpoint says it "does not exist"
+        folder = os.path.dirname(os.path.abspath(run_dir))
+        hint = (f"its checkpoint folder {folder!r}" if os.path.isfile(os.path.join(folder, "meta.json")) else
+                "a run folder or a checkpoint folder (a Hugging Face GPT-2 model.safetensors is a start for "
+                "`llmkern train --init_from=FILE` or `llmkern finetune ... --base=FILE`)")
+        raise ValueError(f"{run_dir!r} is a file; give {hint}")
     state = ckpt.load_checkpoint(run_dir)
     for key in ("model_config", "tokenizer"):
         if key not in state.meta:

@@ -45,6 +45,8 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
     defaults = None if config_path is not None else GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     if defaults and given.get("init_from"):  # the model comes from init_from
         defaults = {k: v for k, v in defaults.items() if k not in ("model", "preset")}
+    elif defaults and "preset" in given:  # the model is the preset asked for, not the defaults' reshaped tiny
+        defaults = {k: v for k, v in defaults.items() if k != "model"}
     config = load_config(config_path, overrides, defaults=defaults)
     check_run_folder(config.out_dir, resume, config.overwrite)  # now, not after the data and the model
     trainer = Trainer(config)
