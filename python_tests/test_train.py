@@ -1012,7 +1012,7 @@ def test_the_main_job_trains_on_the_builtin_corpus(tmp_path, capsys):
     losses = [float(x) for x in re.findall(r"([0-9.]+) \(step \d+\)", out)]
     assert len(losses) == 3 and losses[-1] < losses[0], out
     assert "--- sample 1 (prompt 'def ') ---" in out
-    assert load_manifest(str(tmp_path / "data" / "stdlib-bpe_2048-300000"))["n_vocab"] == 2048
+    assert load_manifest(str(tmp_path / "data" / "stdlib-bpe_2048-300000-seed1337"))["n_vocab"] == 2048
     assert ckpt.load_checkpoint(str(run)).step == 6
     for name in ("metrics.jsonl", "loss.png", "lr.png", "throughput.png"):
         assert os.path.getsize(run / name) > 0, name

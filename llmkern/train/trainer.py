@@ -176,8 +176,9 @@ class Trainer:
         from .corpus import prepare_corpus_shards
 
         tokenizer_name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(self.config.tokenizer))  # a spec may be a path
+        # the seed too: it draws the validation documents (and the BPE's), so another seed is other data
         data_dir = os.path.join(os.path.dirname(os.path.normpath(self.run_dir)) or ".", "data",
-                                f"stdlib-{tokenizer_name}-{self.config.corpus_max_bytes}")
+                                f"stdlib-{tokenizer_name}-{self.config.corpus_max_bytes}-seed{self.config.seed}")
         if self.dist.is_main:
             prepare_corpus_shards(data_dir, self.config.tokenizer, self.config.corpus_max_bytes, seed=self.config.seed)
         distributed.barrier(self.dist)
