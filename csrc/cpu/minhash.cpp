@@ -55,11 +55,8 @@ constexpr Range kRanges[] = {
     {0x20000, 0x3FFFF, kSingleCharWord}, // CJK ideographs (extensions B and on)
 };
 
+// A non-ASCII code point's kind (hash_words handles ASCII itself).
 inline CharKind kind_of(uint32_t cp) {
-  if (cp < 0x80) {
-    const bool alnum = (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
-    return alnum ? kWordChar : kSeparator;
-  }
   // The first range that does not end before cp.
   const Range* r = std::lower_bound(std::begin(kRanges), std::end(kRanges), cp,
                                     [](const Range& range, uint32_t c) { return range.last < c; });
@@ -88,6 +85,10 @@ inline unsigned char ascii_lower(unsigned char c) {
   return (c >= 'A' && c <= 'Z') ? static_cast<unsigned char>(c + ('a' - 'A')) : c;
 }
 
+inline bool is_ascii_alnum(unsigned char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
 // Appends the FNV-1a hash of every word of the text to `words`.
 void hash_words(const TextView& text, std::vector<uint64_t>& words) {
   const auto* p = reinterpret_cast<const unsigned char*>(text.data);
@@ -95,15 +96,27 @@ void hash_words(const TextView& text, std::vector<uint64_t>& words) {
   bool in_word = false;
   uint64_t h = kFnvOffset;
   while (p < end) {
+    if (*p < 0x80) {  // ASCII, the common case: a byte is a word character or a separator
+      if (is_ascii_alnum(*p)) {
+        if (!in_word) h = kFnvOffset;
+        h = (h ^ ascii_lower(*p)) * kFnvPrime;
+        in_word = true;
+      } else if (in_word) {
+        words.push_back(h);
+        in_word = false;
+      }
+      ++p;
+      continue;
+    }
     size_t len = 1;
-    const CharKind kind = *p < 0x80 ? kind_of(*p) : kind_of(decode(p, static_cast<size_t>(end - p), &len));
+    const CharKind kind = kind_of(decode(p, static_cast<size_t>(end - p), &len));
     if (kind != kWordChar && in_word) {  // the word before ends here
       words.push_back(h);
       in_word = false;
     }
     if (kind != kSeparator) {
       if (!in_word) h = kFnvOffset;
-      for (size_t k = 0; k < len; ++k) h = (h ^ ascii_lower(p[k])) * kFnvPrime;
+      for (size_t k = 0; k < len; ++k) h = (h ^ p[k]) * kFnvPrime;  // not ASCII: nothing to lowercase
       in_word = kind == kWordChar;
       if (kind == kSingleCharWord) words.push_back(h);
     }
