@@ -557,3 +557,39 @@ def test_triton_kernel_reads_the_target_logit_before_overwriting_the_row():
         print(arch, "bar.sync" in after_loss[:after_loss.index("st.global.b16")])
     ''')
     assert out.split() == ["80", "True", "90", "True"], out
+
+
+def test_fake_kernel_strides_match_for_a_transposed_weight():
+    """A weight stored transposed (an (H, V) parameter used as .T) gets a contiguous gradient from
+    the op; the fake kernel must say so, or torch.compile plans for strides that never come."""
+    from llmkern.ops.fused_linear_cross_entropy import _fused_linear_cross_entropy_op as op
+
+    x, weight, target, bias = _make(5, 9, 4, torch.float32, with_bias=True)
+    weight = weight.T.contiguous().T.requires_grad_(True)  # (V, H) with strides (1, V)
+    bias = bias[::1].requires_grad_(True)
+    args = (x.requires_grad_(True), weight, target, bias, -100, "mean", 0.0, True, True, True, 0, 9, "triton")
+    torch.library.opcheck(op.op, args)
+
+
+def test_double_backward_is_a_clear_error():
+    """The gradients are computed in the forward for d loss = 1, so they have no graph of their own:
+    differentiating them again must raise, not give zeros."""
+    x, weight, target, _ = _make(5, 9, 4, torch.float32)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    loss = flce(x, weight, target, backend="triton")
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_cross_entropy"):
+        torch.autograd.grad(grad_x.pow(2).sum(), weight)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_x_before_checking_the_weight_dtype(backend):
+    """Under autocast an fp32 x is cast to the autocast dtype first, so a weight already in that
+    dtype (a bf16 model fed by an fp32 norm) is accepted, as F.linear accepts it."""
+    x, weight, target, _ = _make(6, 9, 4, torch.float32)
+    weight = weight.to(torch.bfloat16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = flce(x, weight, target, backend=backend)
+    expected = reference.fused_linear_cross_entropy(x.to(torch.bfloat16), weight, target)
+    torch.testing.assert_close(loss.float(), expected.float(), rtol=1e-5, atol=1e-5)

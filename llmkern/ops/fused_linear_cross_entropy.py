@@ -9,7 +9,8 @@ llmkern/ops/_chunked_linear_cross_entropy.py). The backward then only scales the
 gradient. It runs through the custom op llmkern::fused_linear_cross_entropy (fake kernel and
 autograd registered, so torch.compile(fullgraph=True) traces it); the torch backend is the plain
 reference (the full logits, then F.cross_entropy in fp32), differentiated by PyTorch itself.
-There is no CUDA backend: the matmuls are cuBLAS's either way, and the row kernel is Triton's.
+The matmuls are cuBLAS's on both kernel backends; what differs is the row kernel (the softmax,
+the loss and the logits' gradient of a chunk): Triton's or csrc/cuda/fused_linear_cross_entropy.cu.
 
 A vocabulary padded for speed (GPT-2's 50257 to 50304) passes the whole padded weight with
 num_classes = the real vocabulary: the padding rows take no part in the loss, and their gradient
@@ -69,11 +70,13 @@ def fused_linear_cross_entropy(
         num_classes: the classes are the first num_classes rows of weight (and entries of bias);
             the rest, padding, get no probability and a zero gradient. None means all V.
     """
+    _checks.check_tensor("x", x)
+    # Before the checks, which then see the x the matmuls take (a weight in the autocast dtype fits it).
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes)
     n_classes = weight.size(0) if num_classes is None else num_classes
     device = _checks.check_same_device(x=x, weight=weight, target=target, bias=bias)
-    if torch.is_autocast_enabled(device.type) and x.dtype == torch.float32:
-        x = x.to(torch.get_autocast_dtype(device.type))
     chosen = _backend.resolve(
         "fused_linear_cross_entropy", backend, device, fits=lambda b: b == "torch" or x.dtype in _KERNEL_DTYPES
     )
@@ -179,8 +182,9 @@ def _fused_linear_cross_entropy_fake(x, weight, target, bias, ignore_index, redu
                                      need_grad_weight, need_grad_bias, chunk_rows, num_classes, backend):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
-    grad_w = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
-    grad_b = torch.empty_like(bias) if need_grad_bias and bias is not None else weight.new_empty(0)
+    # contiguous whatever weight's and bias's strides: the real ones are fresh fp32 buffers cast back
+    grad_w = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
+    grad_b = bias.new_empty(bias.shape) if need_grad_bias and bias is not None else weight.new_empty(0)
     return loss, grad_x, grad_w, grad_b
 
 
@@ -190,15 +194,28 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = inputs[7:10]  # need_grad_x, need_grad_weight, need_grad_bias
 
 
+def _scale(
+    grad_x: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor, d_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's gradients (for d loss = 1; empty where not asked for) scaled by d_loss."""
+    return grad_x * d_loss, grad_w * d_loss, grad_b * d_loss
+
+
+# No autograd formula: the forward's gradients have no graph of their own, so a double backward
+# through this op is an error (torch.library's, naming it), never a silent zero.
+_scale_op = CustomOp("llmkern::fused_linear_cross_entropy_backward", _scale, _scale)
+
+
 def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
     """The gradients were computed in the forward for d loss = 1: scale them by d_loss."""
     grad_x, grad_w, grad_b = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs
+    grad_x, grad_w, grad_b = _scale_op(grad_x, grad_w, grad_b, d_loss)
     return (
-        grad_x * d_loss if need_x else None,
-        grad_w * d_loss if need_w else None,
+        grad_x if need_x else None,
+        grad_w if need_w else None,
         None,  # target
-        grad_b * d_loss if need_b else None,
+        grad_b if need_b else None,
         None, None, None, None, None, None, None, None, None,
     )
 
