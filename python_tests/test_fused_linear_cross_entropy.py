@@ -593,3 +593,23 @@ def test_autocast_casts_x_before_checking_the_weight_dtype(backend):
         loss = flce(x, weight, target, backend=backend)
     expected = reference.fused_linear_cross_entropy(x.to(torch.bfloat16), weight, target)
     torch.testing.assert_close(loss.float(), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("vocab,banned", [(9, [5]), (4100, list(range(4096)))], ids=["one", "a-whole-block"])
+def test_classes_banned_with_a_bias_of_minus_inf(backend, device, vocab, banned):
+    """A bias of -inf bans classes (their logits are -inf): the loss and gradients stay finite, as
+    F.cross_entropy's (0 * inf in the smoothing term, and exp(-inf - -inf) in the running max, were NaN)."""
+    x, weight, _, _ = _make(6, vocab, 16, torch.float32, device=device)
+    bias = torch.zeros(vocab, device=device)
+    bias[banned] = -math.inf
+    allowed = [c for c in range(vocab) if c not in set(banned)]
+    target = torch.tensor([allowed[i % len(allowed)] for i in range(6)], device=device)
+    ours = lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=4)  # noqa: E731
+    ref = lambda x, w, t, b: reference.fused_linear_cross_entropy(x, w, t, b)  # noqa: E731
+    loss, grads = _loss_and_grads(ours, x, weight, target, bias)
+    loss64, grads64 = _loss_and_grads(ref, x.double(), weight.double(), target, bias.double())
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads[:2])
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[:2], grads64[:2]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ __device__ __forceinline__ void add_value(MaxSum& acc, float z) {
   if (z > acc.max) {
     acc.sum = acc.sum * expf(acc.max - z) + 1.f;
     acc.max = z;
-  } else {
+  } else if (z != -INFINITY) {  // a -inf logit adds exp(-inf) = 0, and before any finite one NaN
     acc.sum += expf(z - acc.max);
   }
 }
@@ -92,7 +92,9 @@ cross_entropy_rows_kernel(T* __restrict__ logits, const int64_t* __restrict__ ta
     const float lse = acc.max + logf(acc.sum);
 
     const float n = static_cast<float>(n_classes);
-    float row_loss = (1.f - label_smoothing) * (lse - target_z) + label_smoothing * (lse - sum_z / n);
+    // The smoothing term only with smoothing: a logit of -inf makes sum_z -inf, and 0 * inf is NaN.
+    const float smoothed = label_smoothing > 0.f ? label_smoothing * (lse - sum_z / n) : 0.f;
+    float row_loss = (1.f - label_smoothing) * (lse - target_z) + smoothed;
     if (!valid) row_loss = 0.f;
     if (valid && !in_range) row_loss = NAN;  // a bad target is never silently a number
     if (threadIdx.x == 0) loss[row] = row_loss;

@@ -23,8 +23,11 @@ def _row_stats(row_ptr, cols, n_classes, row_max, sum_exp, sum_z, TAIL: tl.const
     else:
         z = tl.load(row_ptr + cols).to(tl.float32)
         z_sum = tl.sum(z, axis=0)
-    new_max = tl.maximum(row_max, tl.max(z, axis=0))  # finite: every block has a real column
-    sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+    new_max = tl.maximum(row_max, tl.max(z, axis=0))
+    # -inf so far (a block of banned classes, logits of -inf): exp(-inf - -inf) would be NaN. Shifting by
+    # 0 then adds their exp(-inf) = 0 and keeps the empty sum 0.
+    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+    sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
     return new_max, sum_exp, sum_z + z_sum
 
 
@@ -77,7 +80,9 @@ def _cross_entropy_rows_kernel(
     lse = row_max + tl.log(sum_exp)
 
     target_z = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
-    loss = (1.0 - label_smoothing) * (lse - target_z) + label_smoothing * (lse - sum_z / n_classes)
+    # The smoothing term only with smoothing: a logit of -inf makes sum_z -inf, and 0 * inf is NaN.
+    smoothed = tl.where(label_smoothing > 0, label_smoothing * (lse - sum_z / n_classes), 0.0)
+    loss = (1.0 - label_smoothing) * (lse - target_z) + smoothed
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(valid & ~in_range, float("nan"), loss)  # a bad target is never silently a number
     tl.store(LOSS + row, loss)
