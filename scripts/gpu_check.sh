@@ -15,52 +15,67 @@
 # The parts of `all`, in order:
 #   env       the GPU, the driver, versions, which tools are there
 #   build     the modules `prebuild` made, when they match csrc/ and import; else the build there
-#   kernels   every test of the kernels, the model and the trainer on the GPU (both backends; not
-#             the CPU emulator), in parallel workers when pytest-xdist is there
+#   kernels   every test marked `cuda` (all files), then the other tests of the kernels, the model and
+#             the trainer (those use the GPU where there is one; both backends; not the CPU
+#             emulator), in parallel workers when pytest-xdist is there
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over scripts/sanitize_kernels.py
 #             (every CUDA kernel on small odd shapes, in one process per tool)
 #   bench     the benchmarks at the issues' target shapes (`bench OPS...` runs full ones instead)
-#   rest      the rest of the suite (CPU code: data, training, fine-tuning), the data pipeline's
+#   rest      the rest of the suite, not marked `cuda` (CPU code: data, training, fine-tuning), the data pipeline's
 #             own packages installed from .whl/ when carried there (see `wheels`)
 # Not in `all` (minutes of its own): `loss [STEPS]` trains GPT-2 124M for STEPS (default 1000) on
 # the GPU machine's own Python sources with each backend and compares the loss curves (issue 5).
 #
-# Results, at most the 8 files the device tool returns: $OUT/summary.txt (printed last, so the
-# call's reply shows it), $OUT/logs.tar.gz (every log, junit XML), $OUT/results.tar.gz
+# Results, at most the 8 files the device tool returns, each rewritten after every step (a call
+# killed at its limit still returns what was done): $OUT/summary.txt (each step's verdict, the
+# tests that failed, the sanitizers' counts; printed last, so the call's reply ends with it),
+# $OUT/figures.txt (every benchmark row with ratios, the tuned tiles; llmkern's forward+backward
+# and single-mode rows are printed before the summary), $OUT/logs.tar.gz (every log, junit XML), $OUT/results.tar.gz
 # (benchmarks/results: the CSV rows and PNG charts to commit).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 OUT="${OUT:-$ROOT/out}"
-LOGS="$OUT/logs"
+LOGS="$ROOT/build/gpu_check/logs"  # outside $OUT: the device tool returns 8 files at most
 SUMMARY="$OUT/summary.txt"
-mkdir -p "$LOGS"
+FIGURES="$OUT/figures.txt"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=python3
 PREBUILT_HASH=llmkern/_prebuilt.sha256
 DEADLINE=$((SECONDS + 100000))
 RESERVE=15  # seconds kept for packing the results
 
-# The tests of the kernels and of what runs them on a GPU; `rest` is the other files.
+# The tests of the kernels and of what runs them on a GPU; `rest` is the other files. The tests
+# marked `cuda` run first, from every file (test_large_offsets, test_loader too).
 KERNEL_TESTS=(test_rms_norm test_layer_norm test_attention test_adamw test_rope test_swiglu test_fused_linear_cross_entropy
-              test_custom_op test_model test_generate test_train test_backend test_build test_cuda_launchers)
+              test_custom_op test_model test_generate test_train test_backend test_build test_cuda_launchers
+              test_large_offsets)
 
-# pytest on the GPU machine: not the emulator's tests (CI runs those); a line per test (-v), so a
-# part cut short still tells what passed; parallel workers and a per-test limit when the plugins
-# are there (a hung kernel must not eat the lease).
-PYTEST=($PY -m pytest -v -p no:cacheprovider -m "not simt" --durations=25)
-$PY -c "import xdist" 2> /dev/null && PYTEST+=(-n 8)
-$PY -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 300)
+# pytest on the GPU machine (each step adds its -m: never the emulator's `simt` tests, which CI
+# runs); a line per test (-v), so a part cut short still tells what passed; parallel workers and a
+# per-test limit when the plugins are there (a hung kernel must not eat the lease). The limit's
+# thread method ends a worker stuck in a CUDA call (a signal waits for the call to return); xdist
+# then reports that test and starts a new worker. Without xdist the signal method keeps pytest alive.
+PYTEST=("$PY" -m pytest -v -p no:cacheprovider --durations=25)
+timeout_method=signal
+$PY -c "import xdist" 2> /dev/null && PYTEST+=(-n 8) && timeout_method=thread
+$PY -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 150 "--timeout-method=$timeout_method")
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 digest() {  # digest LOG: pytest's closing line (or the count so far, when it was cut) and what failed
   [[ -f $1 ]] || return 0
   local closing
-  closing=$(grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" "$1" | tail -1)
+  closing=$(grep -E "^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s" "$1" | tail -1)
   [[ -z $closing ]] && closing="cut short: $(grep -c " PASSED " "$1") passed, $(grep -c " FAILED " "$1") failed so far"
   note "  $closing"
-  grep -oE "(FAILED|ERROR) python_tests/[^ ]+" "$1" | sort -u | head -40 | sed "s/^/  /" >> "$SUMMARY"
+  grep -oE "(FAILED|ERROR) python_tests/[^ ]+" "$1" | sort -u | head -25 | sed "s/^/  /" >> "$SUMMARY"
+}
+
+snapshot() {  # the logs and the benchmark results as they are now, in $OUT
+  tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" logs 2> /dev/null
+  [[ -d benchmarks/results ]] && tar czf "$OUT/results.tar.gz" benchmarks/results 2> /dev/null
+  return 0
 }
 
 step() {  # step NAME MAX_SECONDS COMMAND...: run within min(MAX_SECONDS, time left); log; record
@@ -78,6 +93,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run within min(MAX_SECONDS, time l
   local verdict="rc=$rc"
   ((rc == 124 || rc == 137)) && verdict="CUT at ${max}s"
   note "$name: $verdict, $((SECONDS - start))s"
+  snapshot
   return $rc
 }
 
@@ -110,47 +126,65 @@ part_build() {
 
 part_kernels() {  # [FILES...]: only these test files
   local files=("$@")
+  step kernels_gpu 210 "${PYTEST[@]}" -m "cuda and not simt" --junitxml="$LOGS/kernels_gpu.xml" "${files[@]:-python_tests}"
+  digest "$LOGS/kernels_gpu.log"
   if ((${#files[@]} == 0)); then
     for name in "${KERNEL_TESTS[@]}"; do files+=("python_tests/$name.py"); done
   fi
-  step kernels 330 "${PYTEST[@]}" --junitxml="$LOGS/kernels.xml" "${files[@]}"
+  step kernels 120 "${PYTEST[@]}" -m "not cuda and not simt" --junitxml="$LOGS/kernels.xml" "${files[@]}"
   digest "$LOGS/kernels.log"
 }
 
-part_sanitize() {
+part_sanitize() {  # PyTorch's caching allocator off: a tensor's own cudaMalloc, so memcheck sees a
+  # kernel step past its end (inside a pooled segment it would land in valid memory, unseen)
   for tool in memcheck racecheck synccheck; do
-    step "sanitize_$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      $PY scripts/sanitize_kernels.py
+    step "sanitize_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      --error-exitcode 9 $PY scripts/sanitize_kernels.py
     grep -sE "ERROR SUMMARY|RACECHECK SUMMARY|cases wrong" "$LOGS/sanitize_$tool.log" | sed "s/^/  /" \
       >> "$SUMMARY"
   done
 }
 
+bench() {  # bench NAME MAX_SECONDS COMMAND...: a step, then its rows with ratios, the trainer's
+  # lines, Triton's tuned tiles and any skip or exception to $FIGURES, there at once
+  step "$@"
+  [[ -f $LOGS/$1.log ]] || return 0
+  echo "-- $1" >> "$FIGURES"
+  grep -sE " x[0-9.]+ vs | tokens/s  MFU |^tuned tile: |^skipped |^[A-Za-z_.]*(Error|Exception)\b" "$LOGS/$1.log" \
+    | sed "s/^/  /" >> "$FIGURES"
+  return 0
+}
+
 part_bench() {
   if (($# > 0)); then  # full benchmarks of the ops named
-    for op in "$@"; do step "bench_$op" 600 $PY "benchmarks/bench_$op.py"; done
+    for op in "$@"; do bench "bench_$op" 600 $PY "benchmarks/bench_$op.py"; done
   else  # the issues' target shapes
-    step bench_rms_norm 90 $PY benchmarks/bench_rms_norm.py
-    step bench_adamw 60 $PY benchmarks/bench_adamw.py --models 124M
-    # not the eager math reference (no target is about it, and at 8k it is the slowest by far): the
-    # providers run one after another, and a part cut short must not lose llmkern's rows for it
-    step bench_attention 200 $PY benchmarks/bench_attention.py --head-dims 128 64 --causal true \
-      --seqlens 1024 4096 8192 --providers "SDPA flash" "SDPA cuDNN" "llmkern triton" "llmkern cuda" \
-      "llmkern cuda rows128" "llmkern triton atomic-dq" "flash-attn"
-    step bench_fused_linear_cross_entropy 60 $PY benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 \
+    bench bench_rms_norm 90 $PY benchmarks/bench_rms_norm.py
+    bench bench_adamw 60 $PY benchmarks/bench_adamw.py --models 124M
+    # not the eager math reference (no target is about it, and at 8k it is the slowest by far). A
+    # benchmark writes its rows only at its end, so the providers that autotune (Triton's: some 190
+    # compiles at these shapes, atomic-dq's retuning included) run in a call of their own, with SDPA
+    # flash again for their ratios: a cut there keeps the other providers' rows
+    bench bench_attention 120 $PY benchmarks/bench_attention.py --head-dims 128 64 --causal true \
+      --seqlens 1024 4096 8192 --providers "SDPA flash" "SDPA cuDNN" "llmkern cuda" "llmkern cuda rows128" \
+      "flash-attn"
+    bench bench_attention_triton 240 $PY benchmarks/bench_attention.py --head-dims 128 64 --causal true \
+      --seqlens 1024 4096 8192 --providers "SDPA flash" "llmkern triton" "llmkern triton atomic-dq"
+    bench bench_fused_linear_cross_entropy 60 $PY benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 \
       --hidden 768 2048
-    step bench_rope 45 $PY benchmarks/bench_rope.py
-    step bench_swiglu 45 $PY benchmarks/bench_swiglu.py
-    step bench_train 240 $PY benchmarks/bench_train.py --steps 10 --warmup 3
-    step bench_rms_norm_autocast 45 $PY benchmarks/bench_rms_norm.py --autocast --rows 16384 --hidden 2048 4096
-    step bench_layer_norm 45 $PY benchmarks/bench_layer_norm.py --rows 16384 --hidden 768 4096
-    step bench_layer_norm_autocast 45 $PY benchmarks/bench_layer_norm.py --autocast --rows 16384 --hidden 768
-    step bench_attention_documents 60 $PY benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 \
+    bench bench_rope 45 $PY benchmarks/bench_rope.py
+    bench bench_swiglu 45 $PY benchmarks/bench_swiglu.py
+    # the compiled providers last (each compiles for a minute or more); each provider's line is
+    # printed as it ends, so a cut still leaves those before it in the figures
+    bench bench_train 240 $PY benchmarks/bench_train.py --device cuda --steps 10 --warmup 3 \
+      --providers "plain pytorch,llmkern cuda,llmkern triton,plain torch.compile,llmkern compile"
+    bench bench_rms_norm_autocast 45 $PY benchmarks/bench_rms_norm.py --autocast --rows 16384 --hidden 2048 4096
+    bench bench_layer_norm 45 $PY benchmarks/bench_layer_norm.py --rows 16384 --hidden 768 4096
+    bench bench_layer_norm_autocast 45 $PY benchmarks/bench_layer_norm.py --autocast --rows 16384 --hidden 768
+    # FlexAttention compiles, Triton tunes the documents' kernels
+    bench bench_attention_documents 120 $PY benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 \
       --head-dims 128
   fi
-  for log in "$LOGS"/bench_*.log; do  # the ratio lines of each table, and Triton attention's tuned tiles
-    [[ -f $log ]] && grep -E " x[0-9.]+ vs |^tuned tile: " "$log" | sed "s/^/  /" >> "$SUMMARY"
-  done
 }
 
 part_rest() {
@@ -160,7 +194,7 @@ part_rest() {
   fi
   local skip=()
   for name in "${KERNEL_TESTS[@]}"; do skip+=("--ignore=python_tests/$name.py"); done
-  step rest 600 "${PYTEST[@]}" --junitxml="$LOGS/rest.xml" "${skip[@]}" python_tests
+  step rest 600 "${PYTEST[@]}" -m "not cuda and not simt" --junitxml="$LOGS/rest.xml" "${skip[@]}" python_tests
   digest "$LOGS/rest.log"
 }
 
@@ -171,11 +205,20 @@ p('/tmp/llmkern_shards', 'bpe:8192', 64_000_000)"
   grep -s "loss curve" "$LOGS/loss_curves.log" | sed "s/^/  /" >> "$SUMMARY"
 }
 
-pack() {
-  tar czf "$OUT/logs.tar.gz" -C "$OUT" logs 2> /dev/null && rm -rf "$LOGS"
-  [[ -d benchmarks/results ]] && tar czf "$OUT/results.tar.gz" benchmarks/results
+fresh_run() {  # a fresh $OUT and logs for a run
+  rm -rf "$LOGS"
+  mkdir -p "$LOGS" "$OUT"
+  rm -f "$SUMMARY" "$FIGURES"
+}
+
+pack() {  # the reply keeps the output's last 12,000 characters: llmkern's figures, then the summary
+  snapshot
+  if [[ -s $FIGURES ]]; then
+    echo "==== llmkern's rows, forward+backward and single-mode (every row: figures.txt) ===="
+    grep -E "^-- |llmkern" "$FIGURES" | grep -vE "^ +(forward|backward) " | tr -s " " | cut -c1-220
+  fi
   echo "==== summary ($((SECONDS))s) ===="
-  cat "$SUMMARY"
+  cat "$SUMMARY" 2> /dev/null
 }
 
 part=${1:-all}
@@ -196,8 +239,9 @@ case "$part" in
     cmake --build build/prebuild --parallel "${MAX_JOBS:-2}" || exit 1
     cp build/prebuild/modules/_cuda.cpython-312-*.so build/prebuild/modules/_cpu.cpython-312-*.so llmkern/
     sources_hash > "$PREBUILT_HASH"
-    echo "carry these to the GPU machine:"
     ls -l llmkern/_c*.cpython-312-*.so "$PREBUILT_HASH"
+    echo "the device call's carry (with \".whl\" too where \`wheels\` made it):"
+    printf '["%s", "%s", "%s"]\n' llmkern/_cuda.cpython-312-*.so llmkern/_cpu.cpython-312-*.so "$PREBUILT_HASH"
     exit 0
     ;;
   wheels)  # on the CPU machine: the data pipeline's packages for the GPU machine's Python 3.12
@@ -208,7 +252,7 @@ case "$part" in
     ;;
   all)
     DEADLINE=$((SECONDS + ${1:-500}))
-    rm -f "$SUMMARY"
+    fresh_run
     part_env
     part_build
     part_kernels
@@ -217,7 +261,7 @@ case "$part" in
     part_rest
     ;;
   env | build | kernels | sanitize | bench | rest | loss)
-    rm -f "$SUMMARY"
+    fresh_run
     "part_$part" "$@"
     ;;
   *)
