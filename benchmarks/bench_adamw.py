@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_device_arg, bench_device, median_ms, save  # noqa: E402
+from common import Result, add_device_arg, bench_device, median_ms, saving  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
 from llmkern.optim import AdamW  # noqa: E402
@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     results = []
-    for model in args.models:
-        results += bench_model(model, args.modes, args.providers, device)
-    save(results, "AdamW step, fp32 parameters", baselines=BASELINES)
+    with saving(results, "AdamW step, fp32 parameters", BASELINES):
+        for model in args.models:
+            results += bench_model(model, args.modes, args.providers, device)
     return 0
 
 

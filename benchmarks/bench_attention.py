@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -127,7 +127,7 @@ def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
     block_mask = create_block_mask(causal_in_document, batch, None, seq, seq, device=device)
-    flex = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+    flex = compiled(flex_attention) if device.type == "cuda" else flex_attention
 
     def sdpa_masked(q, k, v):
         if device.type != "cuda":  # the CPU has no memory-efficient backend: SDPA's own choice
@@ -182,9 +182,11 @@ def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_
     run = (lambda: fn(q, k, v)) if doc_len is not None else (lambda: fn(q, k, v, causal))
     try:
         times = time_modes(run, do, grad_to_none=grads)
-    except (torch.OutOfMemoryError, RuntimeError) as err:  # eager at long S; a backend that refuses a shape
-        print(f"skipped {name} at {shape}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
-        torch.cuda.empty_cache()
+    except Exception as err:  # eager at long S (out of memory); a backend that refuses a shape; Triton's
+        # OutOfResources and CompilationError (not RuntimeErrors): one provider's failure must not end the run
+        print(f"skipped {name} at {shape}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
+        with contextlib.suppress(Exception):  # after a sticky CUDA error this raises again
+            torch.cuda.empty_cache()
         return []
     fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len)
     return [
@@ -213,25 +215,25 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     if args.doc_len is not None:
-        for seq in args.seqlens:
-            batch = max(1, args.tokens // seq)
-            doc_ids = packed_doc_ids(batch, seq, args.doc_len, device)
-            for name, fn in selected(document_providers(device, doc_ids), args.providers).items():
-                for head_dim in args.head_dims:
-                    results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True, dtype,
-                                             device, args.doc_len))
-        save(results, f"Attention with documents of {args.doc_len} tokens, {args.dtype}", ("FlexAttention",))
+        with saving(results, f"Attention with documents of {args.doc_len} tokens, {args.dtype}", ("FlexAttention",)):
+            for seq in args.seqlens:
+                batch = max(1, args.tokens // seq)
+                doc_ids = packed_doc_ids(batch, seq, args.doc_len, device)
+                for name, fn in selected(document_providers(device, doc_ids), args.providers).items():
+                    for head_dim in args.head_dims:
+                        results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True,
+                                                 dtype, device, args.doc_len))
         print_tuned_tiles()
         return 0
-    for name, fn in selected(providers(device), args.providers).items():
-        with switches(name):
-            for head_dim in args.head_dims:
-                heads = args.hidden // head_dim
-                for causal in args.causal:
-                    for seq in args.seqlens:
-                        batch = max(1, args.tokens // seq)
-                        results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
-    save(results, f"Attention {args.dtype}", BASELINES)
+    with saving(results, f"Attention {args.dtype}", BASELINES):
+        for name, fn in selected(providers(device), args.providers).items():
+            with switches(name):
+                for head_dim in args.head_dims:
+                    heads = args.hidden // head_dim
+                    for causal in args.causal:
+                        for seq in args.seqlens:
+                            batch = max(1, args.tokens // seq)
+                            results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
     print_tuned_tiles()
     return 0
 

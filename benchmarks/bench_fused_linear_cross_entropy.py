@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, median_ms, save, selected  # noqa: E402
+from common import Result, add_common_args, bench_device, compiled, median_ms, saving, selected  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -36,7 +36,7 @@ def eager_loss(x, w, t):
 
 def providers(device: torch.device) -> dict:
     """name -> fn(x, w, target) -> loss, for every provider that can run here."""
-    out = {"torch eager": eager_loss, "torch.compile": torch.compile(eager_loss)}
+    out = {"torch eager": eager_loss, "torch.compile": compiled(eager_loss)}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "fused_linear_cross_entropy", device):
             out[f"llmkern {backend}"] = (
@@ -99,15 +99,15 @@ def main(argv=None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in selected(providers(device), args.providers).items():
-        for rows in args.rows:
-            for hidden in args.hidden:
-                result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)
-                if result is not None:
-                    results.append(result)
-                    print(f"{name:>16} {result.shape:>18} {result.ms:8.2f} ms {result.value:6.1f} TFLOP/s "
-                          f"peak {result.extra['peak_mib']:8.1f} MiB")
-    save(results, f"Fused linear + cross-entropy {args.dtype}", BASELINES)
+    with saving(results, f"Fused linear + cross-entropy {args.dtype}", BASELINES):
+        for name, fn in selected(providers(device), args.providers).items():
+            for rows in args.rows:
+                for hidden in args.hidden:
+                    result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)
+                    if result is not None:
+                        results.append(result)
+                        print(f"{name:>16} {result.shape:>18} {result.ms:8.2f} ms {result.value:6.1f} TFLOP/s "
+                              f"peak {result.extra['peak_mib']:8.1f} MiB")
     return 0
 
 

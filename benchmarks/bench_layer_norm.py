@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rms_norm  # noqa: E402  (the shared timing, byte counts and command line)
+from common import compiled  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -37,7 +38,7 @@ def providers(device: torch.device) -> dict:
     def eager(x, w, b):
         return F.layer_norm(x, (x.size(-1),), w, b, EPS)
 
-    out = {"F.layer_norm": eager, "torch.compile": torch.compile(eager)}
+    out = {"F.layer_norm": eager, "torch.compile": compiled(eager)}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "layer_norm", device):
             out[f"llmkern {backend}"] = (lambda be: lambda x, w, b: llmkern.ops.layer_norm(x, w, b, EPS, backend=be))(
@@ -58,7 +59,7 @@ def autocast_providers(device: torch.device, half: torch.dtype) -> dict:
         h = x + stream  # type promotion: the fp32 sum
         return F.layer_norm(h, (h.size(-1),), w, b, EPS).to(half), h
 
-    out = {"F.layer_norm": eager, "torch.compile": torch.compile(eager)}
+    out = {"F.layer_norm": eager, "torch.compile": compiled(eager)}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "layer_norm", device):
             out[f"llmkern {backend}"] = (lambda be: lambda x, stream, w, b: llmkern.ops.layer_norm(

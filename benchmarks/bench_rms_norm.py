@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -43,7 +43,7 @@ def providers(device: torch.device) -> dict:
     out = {
         "torch eager": lambda x, w: reference.rms_norm(x, w, EPS),
         "F.rms_norm": lambda x, w: F.rms_norm(x, (x.size(-1),), w, EPS),
-        "torch.compile": torch.compile(lambda x, w: reference.rms_norm(x, w, EPS)),
+        "torch.compile": compiled(lambda x, w: reference.rms_norm(x, w, EPS)),
     }
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "rms_norm", device):
@@ -64,7 +64,7 @@ def autocast_providers(device: torch.device, half: torch.dtype) -> dict:
         h = x + stream  # type promotion: the fp32 sum
         return F.rms_norm(h, (h.size(-1),), w, EPS).to(half), h
 
-    out = {"F.rms_norm": eager, "torch.compile": torch.compile(eager)}
+    out = {"F.rms_norm": eager, "torch.compile": compiled(eager)}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "rms_norm", device):
             out[f"llmkern {backend}"] = (lambda b: lambda x, stream, w: llmkern.ops.rms_norm(
@@ -128,11 +128,11 @@ def main(argv=None, op="rms_norm", title="RMSNorm", n_params=1, make_providers=N
     each = (make_autocast_providers or autocast_providers)(device, dtype) if args.autocast else \
         (make_providers or providers)(device)
     bench = bench_autocast if args.autocast else bench_one
-    for name, fn in selected(each, args.providers).items():
-        for rows in args.rows:
-            for hidden in args.hidden:
-                results.extend(bench(name, fn, rows, hidden, dtype, device, op, n_params))
-    save(results, f"{title} {args.dtype}{' autocast' if args.autocast else ''}", baselines)
+    with saving(results, f"{title} {args.dtype}{' autocast' if args.autocast else ''}", baselines):
+        for name, fn in selected(each, args.providers).items():
+            for rows in args.rows:
+                for hidden in args.hidden:
+                    results.extend(bench(name, fn, rows, hidden, dtype, device, op, n_params))
     return 0
 
 

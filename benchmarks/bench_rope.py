@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -56,7 +56,7 @@ def providers(device: torch.device) -> dict:
     """name -> fn(qkv, h, hkv, cos, sin) -> (q rotated, k rotated), for every provider that runs here."""
     out = {
         "torch eager": _separately(reference.rope),
-        "torch.compile": _separately(torch.compile(reference.rope)),
+        "torch.compile": _separately(compiled(reference.rope)),
     }
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "rope", device):
@@ -102,10 +102,10 @@ def main(argv=None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in selected(providers(device), args.providers).items():
-        for shape in args.shapes:
-            results.extend(bench_one(name, fn, shape, dtype, device))
-    save(results, f"RoPE on q and k, {args.dtype}", BASELINES)
+    with saving(results, f"RoPE on q and k, {args.dtype}", BASELINES):
+        for name, fn in selected(providers(device), args.providers).items():
+            for shape in args.shapes:
+                results.extend(bench_one(name, fn, shape, dtype, device))
     return 0
 
 

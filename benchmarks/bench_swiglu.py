@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, save, selected, time_modes  # noqa: E402
+from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -39,7 +39,7 @@ def providers(device: torch.device) -> dict:
     out = {
         "torch eager": reference.swiglu,
         "F.silu * up": lambda gate, up: F.silu(gate) * up,
-        "torch.compile": torch.compile(reference.swiglu),
+        "torch.compile": compiled(reference.swiglu),
     }
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "swiglu", device):
@@ -78,10 +78,10 @@ def main(argv=None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    for name, fn in selected(providers(device), args.providers).items():
-        for shape in args.shapes:
-            results.extend(bench_one(name, fn, shape, dtype, device))
-    save(results, f"SwiGLU {args.dtype}", BASELINES)
+    with saving(results, f"SwiGLU {args.dtype}", BASELINES):
+        for name, fn in selected(providers(device), args.providers).items():
+            for shape in args.shapes:
+                results.extend(bench_one(name, fn, shape, dtype, device))
     return 0
 
 

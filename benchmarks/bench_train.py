@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, bench_device, save  # noqa: E402
+from common import Result, bench_device, save, saving  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
@@ -210,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train step: {args.preset}, batch {args.batch}, context {args.seq_len}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} on {device}")
     results = []
-    for provider in providers:
-        result = run(provider, config, args.batch, args.seq_len, args.steps, args.warmup, device)
-        if result is not None:
-            results.append(result)
-        gc.collect()  # free this provider's model and optimizer before the next one
-        torch._dynamo.reset()
-    if results and not args.no_save:
-        path = save(results, "training step throughput", baselines=BASELINES)
-        print(f"appended to {path}")
+    with saving(results if not args.no_save else [], "training step throughput", BASELINES):
+        for provider in providers:
+            try:  # one provider's failure (a compile error, out of memory) must not lose the others' rows
+                result = run(provider, config, args.batch, args.seq_len, args.steps, args.warmup, device)
+            except Exception as err:
+                print(f"{provider}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
+                result = None
+            finally:
+                gc.collect()  # free this provider's model and optimizer before the next one
+                torch._dynamo.reset()
+            if result is not None:
+                results.append(result)
     return 0
 
 

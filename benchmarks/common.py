@@ -3,9 +3,11 @@ identity, and appending results to benchmarks/results/<gpu>.csv with a chart bes
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +18,36 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Each shape a compiled baseline meets compiles its own graph (compiled()): more than Dynamo's default
+# of 8 recompiles, after which it would quietly run the baseline eagerly.
+for _limit in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _limit):
+        setattr(torch._dynamo.config, _limit, 64)
+
+
+def compiled(fn):
+    """torch.compile of a baseline measured at several shapes, one static-shape graph a shape: with the
+    default (dynamic=None) the second shape recompiles with symbolic sizes and every later shape runs
+    that generic code (a looped reduction where a persistent one fits), a slower baseline than a user
+    who compiles for one shape gets."""
+    return torch.compile(fn, dynamic=False)
+
+
+@contextlib.contextmanager
+def saving(results: list, chart_title: str, baselines: tuple[str, ...] = ()):
+    """The rows the block appends to `results` are saved when it ends, also when it is cut short: by an
+    error, or by timeout's SIGTERM (made a SystemExit here so that this runs), which lost them all."""
+    def terminated(signum, frame):
+        raise SystemExit(124)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if results:
+            save(results, chart_title, baselines)
 
 
 @dataclass
