@@ -135,7 +135,12 @@ class AdamW(torch.optim.Optimizer):
     # --- groups and state -------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)  # a generator is read once
+        if len({id(p) for p in params}) != len(params):
+            # the kernels would update it twice at once, racing on its memory (torch only warns)
+            raise ValueError(f"param group {len(self.param_groups)}: a parameter appears twice in the group")
+        super().add_param_group({**param_group, "params": params})
         try:
             self._check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
         except (TypeError, ValueError):
@@ -148,9 +153,6 @@ class AdamW(torch.optim.Optimizer):
             if group.get(option, False):
                 raise ValueError(f"{where}{option}=True is a torch.optim.AdamW option that llmkern AdamW does not "
                                  f"implement")
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
-            # the kernels would update it twice at once, racing on its memory (torch only warns)
-            raise ValueError(f"{where}a parameter appears twice in the group")
         devices = set()
         for p in group["params"]:
             if p.is_complex():

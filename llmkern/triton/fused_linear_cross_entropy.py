@@ -81,7 +81,7 @@ def _cross_entropy_rows_kernel(
 
     target_z = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
     # The smoothing term only with smoothing: a logit of -inf makes sum_z -inf, and 0 * inf is NaN.
-    smoothed = tl.where(label_smoothing > 0, label_smoothing * (lse - sum_z / n_classes), 0.0)
+    smoothed = label_smoothing * tl.where(label_smoothing > 0, lse - sum_z / n_classes, 0.0)
     loss = (1.0 - label_smoothing) * (lse - target_z) + smoothed
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(valid & ~in_range, float("nan"), loss)  # a bad target is never silently a number
