@@ -32,7 +32,8 @@ def layer_norm(
     """LayerNorm over the last dimension of x.
 
     Args:
-        x: (..., N) float32, float16 or bfloat16, contiguous in its last dimension.
+        x: (..., N) float32, float16 or bfloat16, contiguous in its last dimension; N in [1, 65536]
+            (MAX_HIDDEN) on every backend, so that a model runs on each.
         weight: (N,) of h's dtype or float32 (fp32 parameters under autocast).
         bias: optional, (N,) of weight's dtype.
         eps: added to the variance before the square root.

@@ -38,7 +38,8 @@ def rms_norm(
     """RMSNorm over the last dimension of x.
 
     Args:
-        x: (..., N) float32, float16 or bfloat16, contiguous in its last dimension.
+        x: (..., N) float32, float16 or bfloat16, contiguous in its last dimension; N in [1, 65536]
+            (MAX_HIDDEN) on every backend, so that a model runs on each.
         weight: (N,) of h's dtype or float32 (fp32 parameters under autocast).
         eps: added to the mean square before the square root.
         residual: optional, x's shape, and x's dtype or float32 beside a 16-bit x; when given,
