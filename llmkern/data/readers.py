@@ -170,6 +170,13 @@ def _open_binary(path: str) -> BinaryIO:
     return open(path, "rb", buffering=_CHUNK)
 
 
+def _skip_bom(f: BinaryIO, report: ReadReport) -> None:
+    """Step over a UTF-8 byte order mark (Windows tools write one) at the start of a text stream: it is no
+    part of the first document, and json.loads refuses it (a JSONL file's first record was lost)."""
+    if f.peek(len(_BOM))[:len(_BOM)] == _BOM:
+        report.bytes += len(f.read(len(_BOM)))
+
+
 def _read_errors(fmt: str) -> tuple[type, ...]:
     """Exceptions that mean "this file cannot be read" (as opposed to a bug)."""
     errors: tuple[type, ...] = (OSError, EOFError)
@@ -215,7 +222,6 @@ def _read_whole_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
         while chunk := f.read(_CHUNK):  # drain it, counting bytes, without keeping it
             report.bytes += len(chunk)
         return
-    raw = raw.removeprefix(_BOM)
     if not raw.strip():
         report.add("empty_file", path, 1, "no text")
         return
@@ -241,13 +247,11 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
     skipping = False  # inside a document too long to keep: drop bytes up to the next separator
     any_text = False
     any_too_long = False
-    first = True
     while True:
         chunk = f.read(_CHUNK)
         report.bytes += len(chunk)
         at_end = not chunk
-        buf += chunk.removeprefix(_BOM) if first else chunk
-        first = False
+        buf += chunk
         if not decided and (b"\n" in buf or at_end):
             sep, decided = _as_written(sep, buf), True
         pos = 0
@@ -309,8 +313,6 @@ def _read_jsonl(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadReport) -
                     break
             any_line = True
             continue
-        if line == 1:  # json.loads refuses a BOM: the first record would be lost as malformed
-            raw = raw.removeprefix(_BOM)
         if not raw.strip():
             continue
         any_line = True
@@ -394,6 +396,7 @@ def read_file(path: str, config: Optional[ReaderConfig] = None,
             yield from _read_parquet(path, cfg, report)
             return
         with _open_binary(path) as f:
+            _skip_bom(f, report)
             if fmt == "jsonl":
                 yield from _read_jsonl(f, path, cfg, report)
             elif cfg.separator:
