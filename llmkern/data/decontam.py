@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 import unicodedata
+import warnings
 from typing import Iterable, Optional
 
 import numpy as np

@@ -407,18 +407,21 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     return log, counters, evals
 
 
-def stopped(stop: StopOnSignal, step: int, path: str | None, log: MetricsLog, config, charts=()) -> None:
-    """After a stop signal and the save of the training state: the charts so far, then TrainingInterrupted."""
-    if distributed.detect().is_main:
-        plot_metrics(log.path, config.out_dir, extra=charts)
-    raise TrainingInterrupted(f"{stop.requested} at step {step}: the training state is saved ({path}); continue "
-                              f"with the same command and --resume=true", stop.requested)
-
-
-def checkpoint_due(done_steps: int, done: bool, config) -> bool:
-    """Whether a run saves its training state after `done_steps` steps: every config.ckpt_interval steps (0: never),
-    but not after the last, where the run saves its model instead."""
-    return bool(config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done)
+def save_or_stop(stop: StopOnSignal, done_steps: int, done: bool, config, save: Callable[[int], str | None],
+                 log: MetricsLog, charts: Sequence[str] = ()) -> None:
+    """After a step: save the training state every config.ckpt_interval steps (0: never; not after the last,
+    where the run saves its model instead) or when a stop signal came, on every rank (save gathers their RNG
+    states; rank 0 writes); after a signal, the charts so far, then TrainingInterrupted. The flag is read once:
+    a signal between two reads stopped without the save it reported."""
+    stopping = stop.requested
+    if not (stopping or (config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done)):
+        return
+    path = save(done_steps)
+    if stopping:
+        if distributed.detect().is_main:
+            plot_metrics(log.path, config.out_dir, extra=charts)
+        raise TrainingInterrupted(f"{stopping} at step {done_steps}: the training state is saved ({path}); "
+                                  f"continue with the same command and --resume=true", stopping)
 
 
 def evaluation_due(done_steps: int, done: bool, config) -> bool:
@@ -592,11 +595,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 last_eval = run.evaluate(evaluate, step + 1)
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            stopping = stop.requested  # read once: a signal between two reads skips the save it reports
-            if stopping or checkpoint_due(step + 1, done, config):
-                path = run.save(step + 1)  # on every rank: it gathers their RNG states; rank 0 writes
-            if stopping:
-                stopped(stop, step + 1, path, run.log, config, charts)
+            save_or_stop(stop, step + 1, done, config, run.save, run.log, charts)
     run.finish(charts)
     return {"steps": run.steps, "skipped_steps": run.skipped, "train": run.last_train, "first_eval": run.first_eval,
             "last_eval": run.last_eval, "seconds": time.perf_counter() - start, "metrics": run.log.path}

@@ -636,7 +636,7 @@ class _PPORun:
 
         from ..train.interrupt import StopOnSignal
         from ..train.metrics import plot_metrics
-        from .loop import checkpoint_due, evaluation_due, micro_batches, stopped
+        from .loop import evaluation_due, micro_batches, save_or_stop
 
         batches = micro_batches(self.train_prompts, self.global_batch, self.config.seed)
         for _ in range(self.start_it):  # the prompts the iterations before start_it took
@@ -650,11 +650,7 @@ class _PPORun:
                 done = it + 1 == self.iterations
                 if self.evaluates and evaluation_due(it + 1, done, self.config):
                     self.evaluate(it + 1)
-                stopping = stop.requested  # read once: a signal between two reads skips the save it reports
-                if stopping or checkpoint_due(it + 1, done, self.config):
-                    path = self.save(it + 1)  # on every rank: it gathers their RNG states; rank 0 writes
-                if stopping:
-                    stopped(stop, it + 1, path, self.log, self.config, charts=PPO_CHARTS)
+                save_or_stop(stop, it + 1, done, self.config, self.save, self.log, PPO_CHARTS)
         if self.info.is_main:
             plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
 
