@@ -252,6 +252,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _group_work(self, group: dict) -> _GroupWork | None:
         params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
+        kernels_take = True  # every parameter is one the kernels can update (float32/16/bf16, contiguous)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -265,6 +266,7 @@ class AdamW(torch.optim.Optimizer):
             if g.shape != p.shape:
                 raise ValueError(f"a gradient must have its parameter's shape {tuple(p.shape)}; got {tuple(g.shape)}")
             state = self._prepared_state(p)
+            kernels_take = kernels_take and p.dtype in KERNEL_DTYPES and p.is_contiguous()
             params.append(p)
             grads.append(g)
             exp_avgs.append(state["exp_avg"])
@@ -276,10 +278,10 @@ class AdamW(torch.optim.Optimizer):
         device = params[0].device
         # "auto" leaves to torch a group the kernels cannot update (float64, non-contiguous parameters), as
         # torch.optim.AdamW would; a backend asked for by name says why it cannot (_check_kernel_tensors).
-        backend = _backend.resolve("adamw", self.backend, device,
-                                   fits=lambda b: b == "torch" or _kernels_take(params))
+        backend = _backend.resolve("adamw", self.backend, device, fits=lambda b: b == "torch" or kernels_take)
         if backend != "torch":
-            _check_kernel_tensors(params, backend)
+            if not kernels_take:
+                _check_kernel_tensors(params, backend)
             grads = [g.contiguous() for g in grads]
         has_masters = any(m is not None for m in masters)
         return _GroupWork(params, grads, exp_avgs, exp_avg_sqs, steps, masters if has_masters else None, device, backend)
@@ -381,10 +383,6 @@ def _lr_for_kernels(lr: float | torch.Tensor, device: torch.device) -> float | t
         # A converted copy would get a new address every step, which a captured graph misses.
         raise TypeError(f"a tensor lr on the GPU must be float32 (the kernels read it there); got {lr.dtype}")
     return lr
-
-
-def _kernels_take(params: list[torch.Tensor]) -> bool:
-    return all(p.dtype in KERNEL_DTYPES and p.is_contiguous() for p in params)
 
 
 def _check_kernel_tensors(params: list[torch.Tensor], backend: str) -> None:
