@@ -19,7 +19,6 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u200b\u200c\u2
 # pdftotext output, vertical tab, NEL, the file/group/record separators) become newlines and the unit
 # separator a space before the others go, else "page.\fNext" would be cleaned to "page.Next".
 _LINE_BREAK_CONTROLS = re.compile("[\x0b\x0c\x1c-\x1e\x85]")
-_SPACE_CONTROLS = re.compile("\x1f")
 # Unicode spaces (and tabs) after a visible character: a run of them becomes one ASCII space.
 # Runs at the start of a line (indentation, which code needs) are left alone.
 _INNER_SPACES = re.compile("(?<=\\S)[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
@@ -47,7 +46,7 @@ def clean_text(text: str, config: Optional[CleanConfig] = None) -> str:
     if cfg.normalize_nfc:
         text = unicodedata.normalize("NFC", text)
     if cfg.remove_control:
-        text = _SPACE_CONTROLS.sub(" ", _LINE_BREAK_CONTROLS.sub("\n", text))
+        text = _LINE_BREAK_CONTROLS.sub("\n", text).replace("\x1f", " ")
         text = _CONTROL.sub("", text)
     if cfg.normalize_whitespace:
         text = normalize_whitespace(text)
