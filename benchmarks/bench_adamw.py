@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_device_arg, bench_device, median_ms, saving  # noqa: E402
+from common import Result, add_device_arg, bench_device, measured, median_ms, optional, saving  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
 from llmkern.optim import AdamW  # noqa: E402
@@ -92,12 +92,9 @@ def providers(device: torch.device) -> dict:
         if _backend.can_run(backend, "adamw", device):
             out[("step", f"llmkern {backend}")] = llmkern_step(backend)
             out[("clip+step", f"llmkern {backend}")] = llmkern_step(backend, max_grad_norm=MAX_GRAD_NORM)
-    try:
-        from apex.optimizers import FusedAdam
-
-        out[("step", "apex")] = lambda params: FusedAdam(params, **HYPER, adam_w_mode=True).step
-    except ImportError:
-        pass
+    fused_adam = optional("apex.optimizers", "FusedAdam")
+    if fused_adam is not None:
+        out[("step", "apex")] = lambda params: fused_adam(params, **HYPER, adam_w_mode=True).step
     return out
 
 
@@ -118,15 +115,19 @@ def bench_model(model: str, modes: list[str], only: list[str] | None, device: to
     for (mode, name), make in providers(device).items():
         if mode not in modes or (only and name not in only):
             continue
-        params = make_params(shapes, device)
-        step = make(params)
-        step()  # creates the optimizer state outside the timing
-        ms = median_ms(step)
-        results.append(Result("adamw", mode, model, name, ms, numel * BYTES_PER_PARAM[mode] / ms / 1e6, "GB/s",
-                              {"params": numel, "tensors": len(shapes)}))
-        del params, step
+        results += measured(f"{name} ({mode})", model, lambda: [bench_step(make, shapes, mode, model, name, device)])
         torch.cuda.empty_cache()
     return results
+
+
+def bench_step(make, shapes: list[tuple], mode: str, model: str, name: str, device: torch.device) -> Result:
+    params = make_params(shapes, device)
+    step = make(params)
+    step()  # creates the optimizer state outside the timing
+    ms = median_ms(step)
+    numel = sum(p.numel() for p in params)
+    return Result("adamw", mode, model, name, ms, numel * BYTES_PER_PARAM[mode] / ms / 1e6, "GB/s",
+                  {"params": numel, "tensors": len(shapes)})
 
 
 def main(argv=None) -> int:

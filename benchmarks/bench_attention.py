@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
+from common import (Result, add_common_args, bench_device, compiled, measured, optional, saving, selected,  # noqa: E402
+                    time_modes)
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -100,16 +101,13 @@ def providers(device: torch.device) -> dict:
     for name, (base, _) in SWITCHES.items():
         if base in out:
             out[name] = out[base]  # the same call, under switches(name)
-    try:
-        from flash_attn import flash_attn_func
-
+    flash_attn_func = optional("flash_attn", "flash_attn_func")
+    if flash_attn_func is not None:
         def flash_attn(q, k, v, causal):  # flash-attn's layout is (B, S, H, D)
             o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
             return o.transpose(1, 2)
 
         out["flash-attn"] = flash_attn
-    except ImportError:
-        pass
     return out
 
 
@@ -180,20 +178,13 @@ def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_
     do = torch.randn_like(q)
     grads = [q, k, v]
     run = (lambda: fn(q, k, v)) if doc_len is not None else (lambda: fn(q, k, v, causal))
-    try:
-        times = time_modes(run, do, grad_to_none=grads)
-    except Exception as err:  # eager at long S (out of memory); a backend that refuses a shape; Triton's
-        # OutOfResources and CompilationError (not RuntimeErrors): one provider's failure must not end the run
-        print(f"skipped {name} at {shape}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", file=sys.stderr)
-        with contextlib.suppress(Exception):  # after a sticky CUDA error this raises again
-            torch.cuda.empty_cache()
-        return []
     fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len)
-    return [
+    # eager at long S runs out of memory, a backend may refuse a shape: measured() skips that one
+    return measured(name, shape, lambda: [
         Result("attention", mode, shape, name, ms, FLOP_FACTOR[mode] * fwd / ms / 1e9, "TFLOP/s",
                {"dtype": str(dtype).replace("torch.", "")})
-        for mode, ms in times.items()
-    ]
+        for mode, ms in time_modes(run, do, grad_to_none=grads).items()
+    ])
 
 
 def main(argv=None) -> int:
@@ -219,20 +210,23 @@ def main(argv=None) -> int:
             for seq in args.seqlens:
                 batch = max(1, args.tokens // seq)
                 doc_ids = packed_doc_ids(batch, seq, args.doc_len, device)
-                for name, fn in selected(document_providers(device, doc_ids), args.providers).items():
-                    for head_dim in args.head_dims:
+                each = selected(document_providers(device, doc_ids), args.providers)
+                for head_dim in args.head_dims:
+                    for name, fn in each.items():
                         results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True,
                                                  dtype, device, args.doc_len))
         print_tuned_tiles()
         return 0
     with saving(results, f"Attention {args.dtype}", BASELINES):
-        for name, fn in selected(providers(device), args.providers).items():
-            with switches(name):
-                for head_dim in args.head_dims:
-                    heads = args.hidden // head_dim
-                    for causal in args.causal:
-                        for seq in args.seqlens:
-                            batch = max(1, args.tokens // seq)
+        each = selected(providers(device), args.providers)
+        # every provider at a shape before the next shape: a run cut short keeps whole comparisons
+        for head_dim in args.head_dims:
+            heads = args.hidden // head_dim
+            for causal in args.causal:
+                for seq in args.seqlens:
+                    batch = max(1, args.tokens // seq)
+                    for name, fn in each.items():
+                        with switches(name):
                             results.extend(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device))
     print_tuned_tiles()
     return 0

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, compiled, median_ms, saving, selected  # noqa: E402
+from common import (Result, add_common_args, bench_device, compiled, measured, median_ms, optional, saving,  # noqa: E402
+                    selected)
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -41,13 +42,16 @@ def providers(device: torch.device) -> dict:
         if _backend.can_run(backend, "fused_linear_cross_entropy", device):
             out[f"llmkern {backend}"] = (
                 lambda x, w, t, backend=backend: llmkern.ops.fused_linear_cross_entropy(x, w, t, backend=backend))
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-        out["liger"] = lambda x, w, t: LigerFusedLinearCrossEntropyFunction.apply(x, w, t)
-    except ImportError:
-        pass
+    liger = optional("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    if liger is not None:
+        out["liger"] = lambda x, w, t: _loss_of(liger.apply(x, w, t))
     return out
+
+
+def _loss_of(output):
+    """The loss, from Liger's output: the loss alone in its early versions, then (loss, z_loss) and
+    (loss, z_loss, token_accuracy) tuples."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def peak_mib(step, tensors, device: torch.device) -> float:
@@ -74,14 +78,15 @@ def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
         fn(x, w, target).backward()
 
     shape = f"{rows}x{hidden}x{vocab}"
-    try:
+
+    def times() -> list[tuple[float, float]]:
         step()  # compiles / autotunes before anything is measured
-        peak = peak_mib(step, (x, w), device)
-        ms = median_ms(step, grad_to_none=[x, w])
-    except torch.cuda.OutOfMemoryError:
-        print(f"{name} {shape}: out of memory", file=sys.stderr)
-        torch.cuda.empty_cache()
+        return [(peak_mib(step, (x, w), device), median_ms(step, grad_to_none=[x, w]))]
+
+    timed = measured(name, shape, times)
+    if not timed:
         return None
+    peak, ms = timed[0]
     tflops = 6 * rows * hidden * vocab / ms / 1e9
     return Result("fused_linear_cross_entropy", MODE, shape, name, ms, tflops, "TFLOP/s",
                   {"peak_mib": round(peak, 1), "dtype": str(dtype).replace("torch.", "")})
@@ -100,9 +105,11 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     with saving(results, f"Fused linear + cross-entropy {args.dtype}", BASELINES):
-        for name, fn in selected(providers(device), args.providers).items():
-            for rows in args.rows:
-                for hidden in args.hidden:
+        each = selected(providers(device), args.providers)
+        # every provider at a shape before the next shape: a run cut short keeps whole comparisons
+        for rows in args.rows:
+            for hidden in args.hidden:
+                for name, fn in each.items():
                     result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)
                     if result is not None:
                         results.append(result)

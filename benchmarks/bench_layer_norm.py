@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rms_norm  # noqa: E402  (the shared timing, byte counts and command line)
-from common import compiled  # noqa: E402
+from common import compiled, optional  # noqa: E402
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -43,12 +43,9 @@ def providers(device: torch.device) -> dict:
         if _backend.can_run(backend, "layer_norm", device):
             out[f"llmkern {backend}"] = (lambda be: lambda x, w, b: llmkern.ops.layer_norm(x, w, b, EPS, backend=be))(
                 backend)
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-        out["liger"] = lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
-    except ImportError:
-        pass
+    liger = optional("liger_kernel.ops.layer_norm", "LigerLayerNormFunction")
+    if liger is not None:
+        out["liger"] = lambda x, w, b: liger.apply(x, w, b, EPS)
     return out
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
+from common import (Result, add_common_args, bench_device, compiled, measured, optional, saving, selected,  # noqa: E402
+                    time_modes)
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -48,12 +49,9 @@ def providers(device: torch.device) -> dict:
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "rms_norm", device):
             out[f"llmkern {backend}"] = (lambda b: lambda x, w: llmkern.ops.rms_norm(x, w, EPS, backend=b))(backend)
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-        out["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)
-    except ImportError:
-        pass
+    liger = optional("liger_kernel.ops.rms_norm", "LigerRMSNormFunction")
+    if liger is not None:
+        out["liger"] = lambda x, w: liger.apply(x, w, EPS)
     return out
 
 
@@ -129,10 +127,12 @@ def main(argv=None, op="rms_norm", title="RMSNorm", n_params=1, make_providers=N
         (make_providers or providers)(device)
     bench = bench_autocast if args.autocast else bench_one
     with saving(results, f"{title} {args.dtype}{' autocast' if args.autocast else ''}", baselines):
-        for name, fn in selected(each, args.providers).items():
-            for rows in args.rows:
-                for hidden in args.hidden:
-                    results.extend(bench(name, fn, rows, hidden, dtype, device, op, n_params))
+        # every provider at a shape before the next shape: a run cut short keeps whole comparisons
+        for rows in args.rows:
+            for hidden in args.hidden:
+                for name, fn in selected(each, args.providers).items():
+                    results.extend(measured(name, f"{rows}x{hidden}",
+                                            lambda: bench(name, fn, rows, hidden, dtype, device, op, n_params)))
     return 0
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
+from common import (Result, add_common_args, bench_device, compiled, measured, optional, saving, selected,  # noqa: E402
+                    time_modes)
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -62,17 +63,18 @@ def providers(device: torch.device) -> dict:
         if _backend.can_run(backend, "rope", device):
             out[f"llmkern {backend}"] = _separately(lambda x, c, s, b=backend: llmkern.ops.rope(x, c, s, backend=b))
             out[f"llmkern {backend} q+k"] = _one_launch(backend)
-    try:
-        from liger_kernel.ops.rope import LigerRopeFunction
+    liger_rope = optional("liger_kernel.ops.rope", "LigerRopeFunction")
+    if liger_rope is not None:
+        tables = {}  # id(cos) -> (cos, Liger's tables): made once, as a model makes them, not in each timed call
 
         def liger(qkv, h, hkv, cos, sin):
             # Liger takes full-width (1, S, D) tables, each half repeated.
-            full_cos, full_sin = (torch.cat([t, t], dim=-1)[None] for t in (cos, sin))
-            return LigerRopeFunction.apply(_heads(qkv, 0, h), _heads(qkv, h, h + hkv), full_cos, full_sin)
+            if id(cos) not in tables or tables[id(cos)][0] is not cos:
+                tables[id(cos)] = (cos, *(torch.cat([t, t], dim=-1)[None] for t in (cos, sin)))
+            _, full_cos, full_sin = tables[id(cos)]
+            return liger_rope.apply(_heads(qkv, 0, h), _heads(qkv, h, h + hkv), full_cos, full_sin)
 
         out["liger"] = liger
-    except ImportError:
-        pass
     return out
 
 
@@ -103,9 +105,11 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     with saving(results, f"RoPE on q and k, {args.dtype}", BASELINES):
-        for name, fn in selected(providers(device), args.providers).items():
-            for shape in args.shapes:
-                results.extend(bench_one(name, fn, shape, dtype, device))
+        each = selected(providers(device), args.providers)
+        # every provider at a shape before the next shape: a run cut short keeps whole comparisons
+        for shape in args.shapes:
+            for name, fn in each.items():
+                results.extend(measured(name, shape, lambda: bench_one(name, fn, shape, dtype, device)))
     return 0
 
 

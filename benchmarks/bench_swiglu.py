@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, add_common_args, bench_device, compiled, saving, selected, time_modes  # noqa: E402
+from common import (Result, add_common_args, bench_device, compiled, measured, optional, saving, selected,  # noqa: E402
+                    time_modes)
 
 import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
@@ -44,12 +45,9 @@ def providers(device: torch.device) -> dict:
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "swiglu", device):
             out[f"llmkern {backend}"] = lambda gate, up, b=backend: llmkern.ops.swiglu(gate, up, backend=b)
-    try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-        out["liger"] = LigerSiLUMulFunction.apply
-    except ImportError:
-        pass
+    liger = optional("liger_kernel.ops.swiglu", "LigerSiLUMulFunction")
+    if liger is not None:
+        out["liger"] = liger.apply
     return out
 
 
@@ -79,9 +77,11 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
     with saving(results, f"SwiGLU {args.dtype}", BASELINES):
-        for name, fn in selected(providers(device), args.providers).items():
-            for shape in args.shapes:
-                results.extend(bench_one(name, fn, shape, dtype, device))
+        each = selected(providers(device), args.providers)
+        # every provider at a shape before the next shape: a run cut short keeps whole comparisons
+        for shape in args.shapes:
+            for name, fn in each.items():
+                results.extend(measured(name, shape, lambda: bench_one(name, fn, shape, dtype, device)))
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Result, bench_device, save, saving  # noqa: E402
+from common import Result, bench_device, first_line, save, saving  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
 
 from llmkern import _backend  # noqa: E402
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             try:  # one provider's failure (a compile error, out of memory) must not lose the others' rows
                 result = run(provider, config, args.batch, args.seq_len, args.steps, args.warmup, device)
             except Exception as err:
-                print(f"{provider}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
+                print(f"{provider}: failed: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
                 result = None
             finally:
                 gc.collect()  # free this provider's model and optimizer before the next one

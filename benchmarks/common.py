@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import importlib
+import importlib.util
 import re
 import signal
 import statistics
@@ -103,6 +105,39 @@ def bench_device(bench: str, device: str) -> torch.device | None:
 def selected(providers: dict, names: list[str] | None) -> dict:
     """The providers named by --providers, in their own order; all of them when none were named."""
     return {name: fn for name, fn in providers.items() if not names or name in names}
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, "" when it has none (a bare AssertionError)."""
+    return (str(err).splitlines() or [""])[0][:200]
+
+
+def measured(name: str, where: str, run) -> list:
+    """run()'s rows, or none when it fails: one provider's failure at one shape (out of memory, a shape
+    a backend refuses, Triton's OutOfResources or CompilationError, which are no RuntimeErrors) must not
+    end the benchmark and lose the rows of the providers after it. The `skipped` line says why."""
+    try:
+        return run()
+    except Exception as err:
+        print(f"skipped {name} at {where}: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
+    # out of the except block, whose traceback held the failed run's tensors: now they can be freed
+    with contextlib.suppress(Exception):  # after a sticky CUDA error this raises again
+        torch.cuda.empty_cache()
+    return []
+
+
+def optional(module: str, name: str):
+    """module.name from an optional kernel library (Liger, flash-attn, apex), or None, said on stderr,
+    when it is not installed or does not import (built for another PyTorch or Triton): a provider that
+    cannot run must not end the benchmark before it starts."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        print(f"skipped {module.split('.')[0]}: not installed", file=sys.stderr)
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as err:
+        print(f"skipped {module}.{name}: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
+        return None
 
 
 def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100, grad_to_none=None) -> float:

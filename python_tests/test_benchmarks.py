@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,3 +103,161 @@ def test_a_benchmark_refuses_a_device_that_cannot_run_it(bench_modules, capsys):
     if not torch.cuda.is_available():
         assert bench.main(["--device", "cuda"]) == 1
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _fails(*args, **kwargs):
+    raise AssertionError()  # no message, as Triton's own asserts raise
+
+
+# (module, its arguments at tiny shapes, a provider that runs on the CPU, with one that fails put first)
+FAILING = {
+    "rms_norm": ("bench_rms_norm", ["--rows", "5", "--hidden", "33"], "torch eager"),
+    "layer_norm": ("bench_layer_norm", ["--rows", "5", "--hidden", "33"], "F.layer_norm"),
+    "rope": ("bench_rope", ["--shapes", "2x9x2x1x16"], "torch eager"),
+    "swiglu": ("bench_swiglu", ["--shapes", "5x24"], "torch eager"),
+    "attention": ("bench_attention", ["--seqlens", "33", "--head-dims", "64", "--hidden", "128", "--tokens", "33",
+                                      "--causal", "true"], "eager math"),
+    "fused_linear_cross_entropy": ("bench_fused_linear_cross_entropy", ["--rows", "7", "--hidden", "32", "--vocab",
+                                                                        "67"], "torch eager"),
+    "adamw": ("bench_adamw", ["--models", "tiny", "--modes", "step"], "torch foreach"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING))
+def test_a_failing_provider_loses_no_other_rows(case, bench_modules, tmp_path, monkeypatch, capsys):
+    module_name, argv, good = FAILING[case]
+    bench = bench_modules(module_name)
+    real = bench.providers
+    if module_name == "bench_adamw":  # (mode, name) -> a maker of the step
+        monkeypatch.setattr(bench, "providers", lambda device: {("step", "broken"): _fails, ("step", good): real(device)[
+            ("step", good)]})
+    else:
+        monkeypatch.setattr(bench, "providers", lambda device: {"broken": _fails, good: real(device)[good]})
+    assert bench.main(argv + ["--device", "cpu"]) == 0
+    assert "skipped broken" in capsys.readouterr().err
+    rows = _rows(tmp_path)
+    assert rows and {r["provider"] for r in rows} == {good}
+    assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_bench_train_reports_a_failure_without_a_message(bench_modules, tmp_path, monkeypatch, capsys):
+    bench = bench_modules("bench_train")
+    common = sys.modules["common"]
+
+    def run(provider, *args):
+        if provider == "plain pytorch":
+            raise AssertionError()
+        return common.Result("train", "train step", "tiny", provider, 1.0, 1.0, "tokens/s")
+
+    monkeypatch.setattr(bench, "run", run)
+    assert bench.main(["--device", "cpu", "--preset", "tiny", "--providers", "plain pytorch,llmkern cuda"]) == 0
+    assert "plain pytorch: failed: AssertionError" in capsys.readouterr().err
+    assert [r["provider"] for r in _rows(tmp_path)] == ["llmkern torch"]
+
+
+@pytest.fixture
+def fake_liger(tmp_path, monkeypatch):
+    """fake_liger({module: source}): a liger_kernel package of these modules, importable until the test
+    ends, in place of a Liger this machine may have (imported already, or not)."""
+    site = tmp_path / "site"
+    for name in [m for m in sys.modules if m.split(".")[0] == "liger_kernel"]:
+        monkeypatch.delitem(sys.modules, name)  # put back after the test
+
+    def make(modules: dict[str, str]):
+        for name, source in {"liger_kernel": "", "liger_kernel.ops": "", **modules}.items():
+            path = site.joinpath(*name.split("."))
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(site))
+
+    yield make
+    for name in [m for m in sys.modules if m.split(".")[0] == "liger_kernel"]:
+        del sys.modules[name]
+
+
+def test_a_kernel_library_that_fails_to_import_is_skipped(bench_modules, fake_liger, tmp_path, capsys):
+    fake_liger({"liger_kernel.ops.rms_norm": "raise AttributeError('built for another Triton')"})
+    bench = bench_modules("bench_rms_norm")
+    assert bench.main(["--rows", "5", "--hidden", "33", "--device", "cpu", "--providers", "torch eager"]) == 0
+    assert "skipped liger_kernel.ops.rms_norm.LigerRMSNormFunction: AttributeError: built for another Triton" \
+        in capsys.readouterr().err
+    assert {r["provider"] for r in _rows(tmp_path)} == {"torch eager"}
+
+
+LIGER_TUPLE_LOSS = """
+import torch.nn.functional as F
+
+
+class LigerFusedLinearCrossEntropyFunction:  # as Liger's later versions: (loss, z_loss, token_accuracy)
+    @staticmethod
+    def apply(x, w, target):
+        return F.cross_entropy((x @ w.T).float(), target), None, None
+"""
+
+
+def test_liger_cross_entropy_returning_a_tuple_is_measured(bench_modules, fake_liger, tmp_path):
+    fake_liger({"liger_kernel.ops.fused_linear_cross_entropy": LIGER_TUPLE_LOSS})
+    bench = bench_modules("bench_fused_linear_cross_entropy")
+    assert bench.main(["--rows", "7", "--hidden", "32", "--vocab", "67", "--device", "cpu", "--providers",
+                       "torch eager", "liger"]) == 0
+    rows = _rows(tmp_path)
+    assert {r["provider"] for r in rows} == {"torch eager", "liger"}
+    assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_a_run_cut_short_keeps_every_provider_of_the_shapes_done(bench_modules, tmp_path, monkeypatch):
+    """timeout's SIGTERM (a SystemExit in the benchmark) after two measurements: both providers of the
+    first shape are saved, a comparison, rather than one provider at two shapes."""
+    bench = bench_modules("bench_swiglu")
+    measured = []
+
+    def time_modes(run, grad_out, grad_to_none):
+        if len(measured) == 2:
+            raise SystemExit(124)
+        measured.append(run())
+        return {"forward": 1.0}
+
+    monkeypatch.setattr(bench, "time_modes", time_modes)
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "5x24", "7x24", "--device", "cpu", "--providers", "torch eager", "F.silu * up"])
+    assert {(r["shape"], r["provider"]) for r in _rows(tmp_path)} == {("5x24", "torch eager"), ("5x24", "F.silu * up")}
+
+
+def test_gpu_check_part_ends_within_its_seconds(tmp_path):
+    """A part called alone keeps to GPU_CHECK_SECONDS, as `all SECONDS` does: a device call's limit must
+    never kill it mid-step. 30 s, less the seconds kept for packing, leave no step time to start. A copy
+    of the script runs, in a folder of its own: its logs must not replace those of a run in progress."""
+    script = tmp_path / "scripts" / "gpu_check.sh"
+    script.parent.mkdir()
+    shutil.copy(BENCHMARKS.parent / "scripts" / "gpu_check.sh", script)
+    env = {**os.environ, "GPU_CHECK_SECONDS": "30", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=300)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert done.returncode == 0 and "bench_rms_norm: skipped, no time left" in summary, done.stdout + done.stderr
+    assert "rc=" not in summary
+
+
+LIGER_ROPE = """
+class LigerRopeFunction:  # records the tables it is given
+    tables = []
+
+    @staticmethod
+    def apply(q, k, cos, sin):
+        LigerRopeFunction.tables.append((cos, sin))
+        return q, k
+"""
+
+
+def test_liger_rope_tables_are_made_once_not_in_each_timed_call(bench_modules, fake_liger):
+    fake_liger({"liger_kernel.ops.rope": LIGER_ROPE})
+    bench = bench_modules("bench_rope")
+    liger = bench.providers(torch.device("cpu"))["liger"]
+    qkv = torch.randn(2, 9, 4, 16)
+    theta = torch.rand(9, 8)
+    cos, sin = theta.cos(), theta.sin()
+    for _ in range(3):
+        liger(qkv, 2, 1, cos, sin)
+    tables = sys.modules["liger_kernel.ops.rope"].LigerRopeFunction.tables
+    assert len(tables) == 3 and all(t[0] is tables[0][0] and t[1] is tables[0][1] for t in tables)
+    torch.testing.assert_close(tables[0][0], torch.cat([cos, cos], dim=-1)[None], rtol=0, atol=0)
+    torch.testing.assert_close(tables[0][1], torch.cat([sin, sin], dim=-1)[None], rtol=0, atol=0)

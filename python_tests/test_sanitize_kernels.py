@@ -43,3 +43,17 @@ def test_it_refuses_a_missing_gpu(capsys):
         pytest.skip("a GPU is here")
     assert _load().main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_an_op_that_raises_is_reported_and_the_others_still_run(capsys, monkeypatch):
+    driver = _load()
+
+    def raises(backend, device):
+        raise RuntimeError("attention_forward failed: cudaErrorIllegalAddress")
+
+    monkeypatch.setitem(driver.OPS, "attention", raises)
+    assert driver.main(["--device", "cpu", "--backend", "triton", "--ops", "attention", "rope"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL attention: RuntimeError: attention_forward failed: cudaErrorIllegalAddress" in out
+    assert "-- rope:" in out and "ok   rope 2x3x37x64 strided torch.float32 dx" in out
+    assert "1 cases wrong: attention raised RuntimeError" in out

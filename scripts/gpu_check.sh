@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh prebuild          # HERE, on the CPU machine: Python 3.12 modules for sm_90
 #   bash scripts/gpu_check.sh all [SECONDS]     # on the GPU: every part below within SECONDS (default 500)
 #   bash scripts/gpu_check.sh PART [ARGS...]    # one part: env | build | kernels [FILES...] | sanitize |
-#                                               #   bench [OPS...] | rest | loss [STEPS]
+#                                               #   bench [OPS...] | rest | loss [STEPS], within
+#                                               #   GPU_CHECK_SECONDS (default 560)
 #
 # A first GPU session: `prebuild` here, then one device call with timeout_s 570, carrying the
 # prebuilt files: `bash scripts/gpu_check.sh all 500`. Then fix what it found, and spend what is
@@ -42,7 +43,10 @@ FIGURES="$OUT/figures.txt"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=python3
 PREBUILT_HASH=llmkern/_prebuilt.sha256
-DEADLINE=$((SECONDS + 100000))
+# A part called alone ends its steps within GPU_CHECK_SECONDS (default 560), so that it ends, packing
+# what it did, inside one device call of timeout_s 600 (the longest there is) rather than being killed
+# mid-step with that step's rows unsaved; `all SECONDS` sets its own.
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-560}))
 RESERVE=15  # seconds kept for packing the results
 
 # The tests of the kernels and of what runs them on a GPU; `rest` is the other files. The tests
@@ -150,7 +154,7 @@ bench() {  # bench NAME MAX_SECONDS COMMAND...: a step, then its rows with ratio
   step "$@"
   [[ -f $LOGS/$1.log ]] || return 0
   echo "-- $1" >> "$FIGURES"
-  grep -sE " x[0-9.]+ vs | tokens/s  MFU |^tuned tile: |^skipped |^[A-Za-z_.]*(Error|Exception)\b" "$LOGS/$1.log" \
+  grep -sE " x[0-9.]+ vs | tokens/s  MFU |^tuned tile: |^skipped |: failed: |^[A-Za-z_.]*(Error|Exception)\b" "$LOGS/$1.log" \
     | sed "s/^/  /" >> "$FIGURES"
   return 0
 }

@@ -232,9 +232,13 @@ def main(argv=None) -> int:
     for name in args.ops:
         torch.manual_seed(0)  # each op its own draws: cases added to one op leave the others' inputs alone
         start = time.perf_counter()
-        OPS[name](args.backend, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            OPS[name](args.backend, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as err:  # one op's error (a launch that fails, a refused shape) must not hide the others'
+            print(f"FAIL {name}: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}", flush=True)
+            FAILURES.append(f"{name} raised {type(err).__name__}")
         print(f"-- {name}: {time.perf_counter() - start:.1f} s", flush=True)
     print(f"{len(FAILURES)} cases wrong" + (": " + ", ".join(FAILURES) if FAILURES else ""))
     return 1 if FAILURES else 0
