@@ -271,6 +271,35 @@ def test_gradient_is_scaled_by_the_upstream_gradient(backend, device):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
 
 
+def _worst_row_error(grad: torch.Tensor, ref64: torch.Tensor) -> float:
+    """The largest relative error of a row: small rows count as much as large ones."""
+    return ((grad.double() - ref64).norm(dim=1) / ref64.norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_float16_gradients_survive_until_the_loss_scale(backend, device):
+    """A confident model (loss ~1e-3) in float16 under a loss scale of 2**16: its logits' gradients, the
+    mean's p / N, lie below float16's normal range. They used to be rounded to float16 before the
+    backward's loss scale came, so rows of grad_x lost all their digits (relative error 0.14 where
+    PyTorch's own float16 path has 0.006); every row must be as good as PyTorch's."""
+    n, vocab, hidden, loss_scale = 64, 64, 64, 2.0**16
+    weight = 3 * torch.eye(vocab, hidden, device=device) + 0.1 * torch.randn(vocab, hidden, device=device)
+    target = torch.randint(0, vocab, (n,), device=device)
+    x = (4 * torch.eye(vocab, hidden, device=device)[target] + 0.3 * torch.randn(n, hidden, device=device)).half()
+
+    def scaled_grads(fn, x, weight):
+        x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        (fn(x, weight, target) * loss_scale).backward()
+        return x.grad, weight.grad
+
+    ours = scaled_grads(lambda x, w, t: flce(x, w, t, backend=backend), x, weight)
+    truth = scaled_grads(reference.fused_linear_cross_entropy, x.double(), weight.double())
+    torch_fp16 = scaled_grads(reference.fused_linear_cross_entropy, x, weight)
+    for name, got, want, theirs in zip(("dx", "dweight"), ours, truth, torch_fp16):
+        err, torch_err = _worst_row_error(got, want), _worst_row_error(theirs, want)
+        assert err <= 2 * torch_err + 1e-3, f"{backend} {name}: row error {err:.3e} > 2 x torch's {torch_err:.3e}"
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("vocab", [3, 4096, 4097])  # a tail block only, whole blocks only, both
@@ -322,6 +351,16 @@ def test_weight_gradient_accumulator(dtype):
         chunks._accumulate_product(acc, a, b)
     truth = 1 + 3 * (a.double() @ b.double())
     assert_close_to_ref(acc, truth, 1 + 3 * (a @ b).double(), f"{dtype} accumulator", atol=1e-5)
+
+
+def test_float16_accumulator_takes_products_past_float16s_range():
+    """A float16 chunk's dlogits are those of the summed row losses (entries up to 1), so its product with
+    x may pass float16's 65504: it must reach the fp32 accumulator whole, not as inf."""
+    a = torch.full((3000, 2), 0.5, device=DEVICE).half().t()  # dlogits^T of 3000 rows
+    b = torch.full((3000, 4), 50.0, device=DEVICE).half()
+    acc = torch.zeros(2, 4, device=DEVICE)
+    chunks._accumulate_product(acc, a, b)
+    assert torch.equal(acc, torch.full((2, 4), 75000.0, device=DEVICE))
 
 
 def test_auto_on_cpu_is_the_torch_reference():

@@ -60,3 +60,33 @@ def test_keys_of_another_shape_are_refused():
     with pytest.raises(ValueError, match=r"v must be \(B, Hkv, T, D\) = \(3, 2, T, 16\)"):
         cache.update(0, torch.randn(3, 2, 1, 16), torch.randn(1, 2, 1, 16))
     assert cache.update(0, torch.randn(3, 2, 2, 16), torch.randn(3, 2, 2, 16))[0].shape == (3, 2, 6, 16)
+
+
+@pytest.mark.parametrize("n_layer,capacity,error,match", [
+    (2, 8.0, TypeError, "capacity must be an int, got float"),
+    (2, -3, ValueError, "capacity must be >= 0, got -3"),
+    (2.0, 8, TypeError, "n_layer must be an int, got float"),
+    (0, 8, ValueError, "n_layer must be >= 1, got 0"),
+    (2, True, TypeError, "capacity must be an int, got bool"),
+])
+def test_bad_sizes_are_refused_when_the_cache_is_made(n_layer, capacity, error, match):
+    # a float capacity used to fail at the first update in torch's words, a bool to hold one token
+    with pytest.raises(error, match=match):
+        KVCache(n_layer, capacity)
+
+
+def test_keys_of_another_layer_dtype_or_device_are_refused():
+    cache = KVCache(2, capacity=8)
+    k = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
+    cache.update(0, k, k)
+    cache.advance(3)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\)"):
+        cache.update(2, k, k)
+    # an fp32 step (autocast off) used to be rounded into the bf16 cache silently
+    with pytest.raises(ValueError, match=r"k must have the cache's dtype and device \(torch.bfloat16 on cpu\)"):
+        cache.update(0, k.float(), k)
+    with pytest.raises(ValueError, match=r"v must have the cache's dtype"):
+        cache.update(0, k, k.half())
+    got_k, got_v = cache.update(0, k[:, :, :1], k[:, :, 1:2])
+    torch.testing.assert_close(got_k, torch.cat([k, k[:, :, :1]], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(got_v, torch.cat([k, k[:, :, 1:2]], dim=2), rtol=0, atol=0)

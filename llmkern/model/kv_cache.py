@@ -15,12 +15,20 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, capacity: int):
+        # checked here: a float would fail only at the first update, in torch's words
+        for name, value, least in (("n_layer", n_layer, 1), ("capacity", capacity, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.capacity = capacity
         self.length = 0  # tokens stored
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer < len(self.k):
+            raise ValueError(f"layer must be in [0, {len(self.k)}) (the cache's n_layer); got {layer}")
         t = k.size(2)
         end = self.length + t
         if end > self.capacity:
@@ -35,6 +43,10 @@ class KVCache:
             if new.dim() != 4 or new.shape[:2] != cached.shape[:2] or new.size(3) != cached.size(3):
                 raise ValueError(f"{name} must be (B, Hkv, T, D) = ({cached.size(0)}, {cached.size(1)}, T, "
                                  f"{cached.size(3)}) as the cache holds; got {tuple(new.shape)}")
+            # The copy below would cast silently, and attention would then meet q and k of two dtypes.
+            if new.dtype != cached.dtype or new.device != cached.device:
+                raise ValueError(f"{name} must have the cache's dtype and device ({cached.dtype} on {cached.device}) "
+                                 f"as the first step made it; got {new.dtype} on {new.device}")
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

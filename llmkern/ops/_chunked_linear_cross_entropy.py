@@ -10,11 +10,20 @@ The rows of x are walked in chunks. For each chunk:
 So only one chunk of logits exists at a time (CHUNK_BYTES), and the gradients are ready when the
 forward returns: the backward only scales them by the incoming gradient of the loss.
 
+Why, in float16, dlogits is the gradient of the sum of the row losses, not of their mean: its
+entries are then in [-1, 1], where "mean"'s 1 / n_valid would bring a small probability of a large
+batch (2e-5 / 16384) below float16's smallest number before the backward's loss scale (65536, say)
+could lift it, and grad_x would lose it. The mean's factor is applied in fp32 instead: to grad_W and
+grad_b at the end of the forward, and to grad_x with the incoming gradient in the backward
+(defers_row_scale). bf16 and fp32 have the range for the mean's gradients, and a later scaling
+would only add a rounding to grad_x.
+
 Why grad_W is accumulated in fp32: summing the chunks' products in 16 bits would add one rounding
 per chunk to the single one of PyTorch's own 16-bit weight gradient. Where torch.addmm can add a
 16-bit product into an fp32 tensor (CUDA on recent PyTorch) cuBLAS does the sum in fp32; elsewhere
-each chunk's product is rounded once to 16 bits and then summed in fp32, which keeps the error at
-about that single rounding. The fp32 buffer costs V * H * 4 bytes (154 MB for GPT-2's head).
+each chunk's bf16 product is rounded once to bf16 and then summed in fp32, which keeps the error at
+about that single rounding, and a float16 product is taken in fp32 (in float16 it could overflow).
+The fp32 buffer costs V * H * 4 bytes (154 MB for GPT-2's head).
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         acc.addmm_(a, b)
     elif _mixed_addmm_works(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # 16-bit operands, fp32 sum in cuBLAS
-    else:  # one 16-bit rounding of this chunk's product, then an fp32 sum (see the module docstring)
+    elif a.dtype == torch.float16:  # a chunk's sum over rows of dlogits (in [-1, 1]) x may pass 65504
+        acc.addmm_(a.float(), b.float())
+    else:  # one bf16 rounding of this chunk's product, then an fp32 sum (see the module docstring)
         acc.add_(torch.mm(a, b))
 
 
@@ -74,6 +85,20 @@ def _mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _mixed_addmm[key]
 
 
+def loss_per_row_loss(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """d loss / d row loss, 0-d fp32: 1 / (rows not ignored) for "mean" (1 when there are none: there
+    is no gradient to scale then), 1 for "sum"."""
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.float32, device=target.device)
+    return 1.0 / (target != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+
+def defers_row_scale(dtype: torch.dtype) -> bool:
+    """Whether the gradients of x in `dtype` are those of the summed row losses, to be scaled by
+    loss_per_row_loss in the backward (float16: see the module docstring)."""
+    return dtype == torch.float16
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -95,7 +120,7 @@ def forward(
     autocast would); target (N,) contiguous; bias (V,) or None. The classes are the first
     num_classes of the V rows; the gradients of the others (padding) are zeros. The gradients are
     those of the loss itself (d loss = 1), in the dtypes of x, weight and bias; None where not
-    asked for.
+    asked for. A float16 grad_x is that of the sum of the row losses (defers_row_scale).
     chunk_rows <= 0 picks the rows per chunk from CHUNK_BYTES. cross_entropy_rows: the backend's row
     kernel, cross_entropy_rows(logits, target, loss, grad_scale, ignore_index, label_smoothing, compute_grad).
     """
@@ -110,11 +135,9 @@ def forward(
     chunk_rows = max(1, min(chunk_rows, n_rows))
 
     n_valid = (target != ignore_index).sum()
-    if reduction == "mean":
-        grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)  # with no valid row no gradient is scaled
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=x.device)
-    grad_scale = grad_scale.reshape(1)
+    row_scale = loss_per_row_loss(target, ignore_index, reduction)
+    deferred = defers_row_scale(dtype)
+    grad_scale = torch.ones(1, dtype=torch.float32, device=x.device) if deferred else row_scale.reshape(1)
 
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad_x else None
@@ -137,7 +160,7 @@ def forward(
                 logits, target[start:end], row_loss[start:end], grad_scale, ignore_index, label_smoothing,
                 compute_grad,
             )
-            # `logits` now holds d loss / d logits of these rows.
+            # `logits` now holds d loss / d logits of these rows (of their summed losses when deferred).
             if need_grad_x:
                 torch.mm(logits, w, out=grad_x[start:end])
             if need_grad_weight:
@@ -148,6 +171,10 @@ def forward(
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid  # 0 / 0 = NaN with no valid row, as F.cross_entropy gives
+    if deferred:  # from dlogits of the summed row losses
+        for grad in (grad_w32, grad_b32):
+            if grad is not None:
+                grad.mul_(row_scale)
     grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
     grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
     return loss, grad_x, grad_w, grad_b

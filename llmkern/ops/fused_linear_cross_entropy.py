@@ -160,7 +160,8 @@ def _fused_linear_cross_entropy(
     num_classes: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_x, grad_weight, grad_bias) for d loss = 1; an unneeded gradient is an empty tensor.
+    """(loss, grad_x, grad_weight, grad_bias) for d loss = 1 (a float16 grad_x for the sum of the row
+    losses: _chunked_linear_cross_entropy.defers_row_scale); an unneeded gradient is an empty tensor.
     The classes are weight's first num_classes rows. backend: whose row kernel runs, "cuda" or "triton"."""
     if backend == "cuda":
         from ..cuda import fused_linear_cross_entropy as kernels
@@ -189,16 +190,19 @@ def _fused_linear_cross_entropy_fake(x, weight, target, bias, ignore_index, redu
 
 
 def _setup_context(ctx, inputs, output):
+    _, _, target, _, ignore_index, reduction = inputs[:6]
     _, grad_x, grad_w, grad_b = output
-    ctx.save_for_backward(grad_x, grad_w, grad_b)
+    ctx.save_for_backward(grad_x, grad_w, grad_b, target)
+    ctx.ignore_index, ctx.reduction = ignore_index, reduction
     ctx.needs = inputs[7:10]  # need_grad_x, need_grad_weight, need_grad_bias
 
 
 def _scale(
-    grad_x: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor, d_loss: torch.Tensor
+    grad_x: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor, d_loss: torch.Tensor, d_x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward's gradients (for d loss = 1; empty where not asked for) scaled by d_loss."""
-    return grad_x * d_loss, grad_w * d_loss, grad_b * d_loss
+    """The forward's gradients (empty where not asked for) scaled: grad_w and grad_b by d_loss, grad_x by
+    d_x (d_loss, or for a grad_x of the summed row losses d_loss * d loss / d row loss)."""
+    return grad_x * d_x, grad_w * d_loss, grad_b * d_loss
 
 
 # No autograd formula: the forward's gradients have no graph of their own, so a double backward
@@ -207,10 +211,15 @@ _scale_op = CustomOp("llmkern::fused_linear_cross_entropy_backward", _scale, _sc
 
 
 def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
-    """The gradients were computed in the forward for d loss = 1: scale them by d_loss."""
-    grad_x, grad_w, grad_b = ctx.saved_tensors
+    """The gradients were computed in the forward for d loss = 1: scale them by d_loss. A float16 grad_x,
+    that of the summed row losses, gets d loss / d row loss too, in fp32 with d_loss, so that a loss
+    scale lifts it before it is rounded to float16."""
+    grad_x, grad_w, grad_b, target = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs
-    grad_x, grad_w, grad_b = _scale_op(grad_x, grad_w, grad_b, d_loss)
+    d_x = d_loss
+    if _chunked_linear_cross_entropy.defers_row_scale(grad_x.dtype):
+        d_x = d_loss * _chunked_linear_cross_entropy.loss_per_row_loss(target, ctx.ignore_index, ctx.reduction)
+    grad_x, grad_w, grad_b = _scale_op(grad_x, grad_w, grad_b, d_loss, d_x)
     return (
         grad_x if need_x else None,
         grad_w if need_w else None,
