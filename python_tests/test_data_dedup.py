@@ -147,6 +147,22 @@ def test_near_dedup_keeps_the_first_and_remembers():
     assert fresh.run([Document(copy, "f", 1)], StageStats("near_dedup")) == []
 
 
+def test_near_dedup_still_finds_the_first_documents_after_its_store_of_signatures_grows():
+    # The store of kept signatures starts with room for 1024 and grows: more documents than that, so that
+    # the copies of the first ones are compared with signatures carried over by the growth.
+    rng = random.Random(11)
+    texts = [" ".join(f"w{rng.randrange(10**9)}" for _ in range(40)) for _ in range(1100)]
+    stage = NearDedupStage(NearDedupConfig(num_threads=1))
+    stats = StageStats("near_dedup")
+    assert len(stage.run([Document(t, "f", i) for i, t in enumerate(texts)], stats)) == len(texts)
+    assert stage.num_kept == len(texts) > 1024
+    near_copies = [t + " one more" for t in texts[:3] + texts[-3:]]
+    new = " ".join(f"v{rng.randrange(10**9)}" for _ in range(40))
+    kept = stage.run([Document(t, "g", i) for i, t in enumerate(near_copies + [new])], stats)
+    assert [d.text for d in kept] == [new]
+    assert stats.rejected == {"near_duplicate": 6}
+
+
 def test_near_dedup_takes_a_lone_surrogate_as_exact_dedup_does():
     # Documents made in Python (not read from files) may hold one; exact dedup encodes it with
     # surrogatepass, near dedup raised UnicodeEncodeError and stopped the run.

@@ -17,12 +17,16 @@ from llmkern.train.inference import load_trained_model
 
 def make_base(run_dir, seed=0, **overrides):
     """A tiny random byte-level GPT saved as a run folder that load_base reads."""
+    model = make_base_model(seed, **overrides)
+    save_finetuned(str(run_dir), 0, model.state_dict(), {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+    return model
+
+
+def make_base_model(seed=0, **overrides):
+    """A tiny random byte-level GPT."""
     torch.manual_seed(seed)
     settings = dict(vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32, backend="torch")
-    config = GPTConfig.from_preset("tiny", **{**settings, **overrides})
-    model = GPT(config)
-    save_finetuned(str(run_dir), 0, model.state_dict(), {"model_config": config.to_dict(), "tokenizer": "bytes"})
-    return model
+    return GPT(GPTConfig.from_preset("tiny", **{**settings, **overrides}))
 
 
 def test_dpo_loss_hand_computed():
@@ -71,6 +75,43 @@ def test_dpo_loss_bad_arguments():
         dpo_loss(x, x, x, torch.zeros(4))
     with pytest.raises(TypeError, match="policy_chosen_logps"):
         dpo_loss([0.0], x, x, x)
+
+
+def test_chosen_rejected_logps_sum_each_response_alone_and_the_reference_stores_its_own():
+    """The log-prob of a response is the sum over its tokens and its end-of-text, never the prompt's, read
+    from the chosen half and the rejected half of the batch in that order; add_reference_logps stores the
+    reference's (not the policy's). Each against the row scored alone by plain log-softmax."""
+    from types import SimpleNamespace
+
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.dpo import add_reference_logps, chosen_rejected_logps, collate_pairs, encode_preference
+
+    tokenizer = get_tokenizer("bytes")
+    examples = [{"instruction": "Say hi.", "input": "", "chosen": "Hello there!", "rejected": "No."},
+                {"instruction": "Name a colour, please.", "input": "", "chosen": "Red.", "rejected": "A table."}]
+    encoded = [encode_preference(tokenizer, ex, 256) for ex in examples]
+    policy, reference = make_base_model(seed=0).eval(), make_base_model(seed=1).eval()
+
+    def response_logp(model, tokens, labels):
+        row = torch.tensor([tokens])
+        logp = torch.log_softmax(model(row[:, :-1])[0].double(), -1)[0]
+        return sum(logp[t, labels[t + 1]].item() for t in range(len(tokens) - 1) if labels[t + 1] != -1)
+
+    batch = collate_pairs(encoded, tokenizer.eot_token)
+    with torch.no_grad():
+        chosen, rejected = chosen_rejected_logps(policy, batch)
+    add_reference_logps(reference, encoded, tokenizer.eot_token, SimpleNamespace(batch_size=1, progress=False,
+                                                                                 dtype="float32"), "cpu")
+    for i, (ex, enc) in enumerate(zip(examples, encoded)):
+        prompt_len = len(tokenizer.encode(format_prompt(ex)))
+        for side, got in (("chosen", chosen[i]), ("rejected", rejected[i])):
+            tokens, labels = enc[side]
+            assert len([x for x in labels if x != -1]) == len(tokens) - prompt_len == len(ex[side].encode()) + 1
+            with torch.no_grad():
+                expected = response_logp(policy, tokens, labels)
+                expected_ref = response_logp(reference, tokens, labels)
+            assert got.item() == pytest.approx(expected, rel=1e-5)
+            assert enc[f"ref_{side}"] == pytest.approx(expected_ref, rel=1e-5)
 
 
 def test_dpo_config_validation(tmp_path):

@@ -127,6 +127,20 @@ def test_perplexity_of_text_scores_every_byte_and_reports_bits_per_byte():
     assert direct["loss"] == pytest.approx(result["loss"], rel=1e-9)
 
 
+def test_bits_per_byte_spreads_the_loss_of_multi_byte_tokens_over_their_bytes(shared_data):
+    # Bytes as tokens make bits per byte the loss in bits whatever the formula: with GPT-2's tokens (several
+    # bytes each) it is the total loss in bits over the text's bytes, not over its tokens.
+    gpt2 = get_tokenizer(os.path.join(shared_data, "gpt2.tiktoken"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=gpt2.n_vocab, block_size=16, n_layer=1, n_head=2,
+                                      n_embd=16, backend="torch")).eval()
+    text = "The cat sat on the mat, and the dog sat on the log. Naïve café."
+    result = perplexity_of_text(model, gpt2, text, stride=8)
+    n_tokens, n_bytes = len(gpt2.encode(text)), len(text.encode("utf-8"))
+    assert result["tokens"] == n_tokens < n_bytes / 2
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * n_tokens / (math.log(2) * n_bytes), rel=1e-9)
+
+
 def test_perplexity_rejects_bad_arguments():
     model = tiny_gpt(block_size=16)
     ids = random_tokens(30)

@@ -44,9 +44,9 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         load_finetune_config(FinetuneConfig, None, ["--epochs=two"])
     with pytest.raises(ValueError, match="val_fraction"):
         load_finetune_config(FinetuneConfig, None, ["--val_fraction=1.5"])
-    for bad in ("--grad_clip=nan", "--weight_decay=nan", "--min_lr=nan", "--lr=nan"):
-        with pytest.raises(ValueError):
-            load_finetune_config(FinetuneConfig, None, [bad])
+    for name in ("grad_clip", "weight_decay", "min_lr", "lr"):
+        with pytest.raises(ValueError, match=rf"\b{name}\b.*nan"):
+            load_finetune_config(FinetuneConfig, None, [f"--{name}=nan"])
     with pytest.raises(ValueError, match="unknown fine-tuning method"):
         get_method("rlhf9000")
 
@@ -250,7 +250,7 @@ def test_bad_data_files_name_the_problem(tmp_path):
     broken.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     with pytest.raises(ValueError, match=r"broken.jsonl:2"):
         load_instruction_data(str(broken))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
         load_instruction_data(str(tmp_path / "missing.json"))
 
 
@@ -308,6 +308,21 @@ def lm_loss(model, batch):
     return loss, {}
 
 
+def test_micro_batches_take_every_example_once_an_epoch_in_a_new_seeded_order():
+    from itertools import islice
+
+    from llmkern.finetune.loop import micro_batches
+
+    examples = list(range(11))
+    batches = list(islice(micro_batches(examples, 4, seed=5), 9))  # 3 epochs of 4 + 4 + 3
+    assert [len(b) for b in batches] == [4, 4, 3] * 3
+    epochs = [sum(batches[i : i + 3], []) for i in (0, 3, 6)]
+    assert all(sorted(epoch) == examples for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # each epoch shuffled anew
+    assert list(islice(micro_batches(examples, 4, seed=5), 9)) == batches
+    assert list(islice(micro_batches(examples, 4, seed=6), 3)) != batches[:3]
+
+
 def test_fit_lowers_the_loss_and_logs(tmp_path):
     model = tiny_gpt()
     tok = ByteTokenizer()
@@ -347,6 +362,25 @@ def test_fit_trains_only_trainable_parameters_with_accumulation(tmp_path):
     fit(model, lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])}
     assert changed == {"norm_f.weight"}
+
+
+def test_two_accumulated_micro_batches_step_like_one_batch_of_both(tmp_path):
+    # Examples of one length, so that the mean of the two micro-batches' mean losses is the whole batch's:
+    # the same gradient (norm logged) and so the same next losses as one batch of twice the size. (Not the
+    # same weights to 1e-4: Adam turns the rounding noise of the zero gradient of the key bias into +-lr.)
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} + {i} = ", str(2 * i), 16) for i in range(10, 18)]
+    logged = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        cfg = FinetuneConfig(out_dir=str(tmp_path / f"accum{grad_accum}"), max_steps=3, batch_size=batch_size,
+                             grad_accum=grad_accum, lr=1e-2, warmup_steps=1, progress=False)
+        summary = fit(tiny_gpt(seed=3), lm_loss, examples, lambda rows: make_lm_batch(rows, 0), cfg)
+        records = [json.loads(line) for line in open(summary["metrics"])]
+        logged[grad_accum] = [(r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
+    assert len(logged[1]) == len(logged[2]) == 3
+    for (loss_one, norm_one), (loss_two, norm_two) in zip(logged[1], logged[2]):
+        assert loss_two == pytest.approx(loss_one, rel=1e-5)
+        assert norm_two == pytest.approx(norm_one, rel=1e-4)
 
 
 def test_fit_skips_non_finite_steps_then_stops(tmp_path):

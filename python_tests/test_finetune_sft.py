@@ -91,6 +91,34 @@ def test_sft_response_loss_falls_and_run_loads(shared_data, tmp_path):
     assert (out / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_the_reported_loss_is_the_bases_mean_over_the_scored_tokens(shared_data, tmp_path, mask_prompt):
+    # The run's loss before training against the base scored by hand: the response tokens (and end-of-text)
+    # only under mask_prompt, else every token after the first; a token-weighted mean over batches of 3.
+    # Sharp predictions, so that tokens differ in loss (a random base scores every token about log 257).
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=320, n_layer=1, n_head=2, n_embd=32,
+                                      backend="torch")).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(30)
+    base = str(tmp_path / "base")
+    save_finetuned(base, 0, model.state_dict(), {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+    data = instruction_file(shared_data, tmp_path, n=5)
+    summary = run_sft(sft_config(base, data, tmp_path / "sft", max_steps=1, batch_size=3, num_samples=0,
+                                 max_new_tokens=128, mask_prompt=mask_prompt))
+    tok = get_tokenizer("bytes")
+    nll, count = 0.0, 0
+    for ex in json.loads(open(data, encoding="utf-8").read()):
+        prompt, response = tok.encode(format_prompt(ex)), tok.encode(ex["output"]) + [tok.eot_token]
+        row = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(row[:, :-1])[0][0].double(), -1)
+        first = len(prompt) if mask_prompt else 1  # the first scored token
+        nll -= sum(logp[t - 1, row[0, t]].item() for t in range(first, row.size(1)))
+        count += row.size(1) - first
+    assert summary["train_loss_before"] == pytest.approx(nll / count, rel=1e-5)
+
+
 def test_lora_sft_trains_only_adapters_and_saves_them(shared_data, tmp_path):
     base = make_base(str(tmp_path / "base"))
     data = instruction_file(shared_data, tmp_path)

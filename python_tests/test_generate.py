@@ -140,6 +140,22 @@ def test_sample_filters_on_known_distributions():
     assert draw(probs, **plain | dict(temperature=0)) == {1}
 
 
+def test_sample_draws_each_token_with_its_tempered_and_renormalised_probability():
+    # Evenly spaced uniforms take the inverse CDF exactly: each token's share of the draws is its
+    # probability to within 1 / n. Temperature T gives p ** (1 / T), renormalised over the tokens kept.
+    probs = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    n = 10000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for temperature, top_k, kept in ((0.5, None, [0, 1, 2, 3]), (2.0, None, [0, 1, 2, 3]), (2.0, 3, [1, 2, 3])):
+        logits = probs.float().log()[None].expand(n, -1)
+        tokens = _sample(logits, temperature=temperature, top_k=top_k, top_p=None, uniforms=uniforms)
+        expected = torch.zeros(4, dtype=torch.float64)
+        expected[kept] = probs[kept] ** (1 / temperature)
+        expected /= expected.sum()
+        shares = torch.bincount(tokens, minlength=4).double() / n
+        torch.testing.assert_close(shares, expected, rtol=0, atol=2 / n)
+
+
 def test_top_k_one_is_greedy():
     model = make_model("rope-gqa")
     assert generate(model, PROMPTS, 8, temperature=1.0, top_k=1, seed=0) == generate(model, PROMPTS, 8, temperature=0)

@@ -73,6 +73,21 @@ def test_resume_from_state_dict_continues_the_stream(shard_dir, mode):
     assert all(torch.equal(resumed.next_batch()[0], e) for e in expected[2:])
 
 
+def test_random_windows_past_one_block_of_draws_are_new_and_found_without_replaying(shard_dir):
+    # Random windows are drawn RANDOM_BLOCK at a time from a generator of their block: a batch that spans
+    # two blocks, resumed at any position, must give the windows one long batch gives there.
+    from llmkern.data.loader import RANDOM_BLOCK
+
+    count = RANDOM_BLOCK + 5
+    whole = TokenLoader(shard_dir, "train", count, 4, seed=5).next_batch()[0]
+    for position in (RANDOM_BLOCK - 2, RANDOM_BLOCK + 1):
+        loader = TokenLoader(shard_dir, "train", 3, 4, seed=5)
+        loader.load_state_dict({**loader.state_dict(), "position": position})
+        assert torch.equal(loader.next_batch()[0], whole[position : position + 3])
+    # the second block's draws are its own, not the first block's again
+    assert not torch.equal(whole[RANDOM_BLOCK:], whole[:5])
+
+
 def test_resume_refuses_another_stream(shard_dir):
     state = TokenLoader(shard_dir, "train", 3, 19, seed=5).state_dict()
     with pytest.raises(ValueError, match="seed"):
@@ -127,7 +142,7 @@ def test_bad_arguments_are_clear_errors(shard_dir, tmp_path):
         TokenLoader(shard_dir, "test", 2, 8)
     with pytest.raises(ValueError, match="longer than seq_len"):
         TokenLoader(shard_dir, "val", 2, 300)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
         TokenLoader(str(tmp_path / "nowhere"), "train", 2, 8)
 
 

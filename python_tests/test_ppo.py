@@ -112,6 +112,8 @@ def test_masked_whiten():
     expected = (real - real.mean()) / real.std(unbiased=False)
     torch.testing.assert_close(w[mask], expected, atol=1e-5, rtol=1e-5)
     assert torch.all(w[~mask] == 0)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3\), x has \(2, 4\)"):  # was torch's broadcast error
+        masked_whiten(x, mask[:, :3])
 
 
 # --- the clipped losses --------------------------------------------------------------------------------
@@ -141,6 +143,65 @@ def test_ppo_value_loss_hand_computed():
     loss = ppo_value_loss(values, old, returns, mask, value_clip=0.2)
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
     assert ppo_value_loss(values, old, returns, mask, value_clip=0.0).item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+
+
+def test_score_rollout_rewards_are_the_kl_penalty_plus_the_score_on_the_last_response_token():
+    """Every field of a scored rollout against each row scored alone by plain log-softmax: the per-token
+    reward is -kl_coef * (log pi - log pi_ref) on the response's positions, plus the reward model's score
+    on the position that predicts the response's last token; 0 on the prompt and the padding."""
+    from llmkern.finetune.ppo import PolicyWithValue, score_rollout
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                         backend="torch")).eval()
+
+    model, reference = PolicyWithValue(tiny(0)), tiny(1)
+    torch.nn.init.normal_(model.value_head.weight)  # non-zero values, so that a misplaced one shows
+    prompts, responses = [[5, 6, 7], [8, 9, 10, 11, 12]], [[200, 3, 150, 99], [7]]  # the shorter response pads
+
+    class LengthReward(nn.Module):  # a score of its own per row: 0.5 * its text's length
+        def forward(self, ids, lengths):
+            return 0.5 * lengths.float()
+
+    kl_coef = 0.3
+    rollout = score_rollout(model, reference, LengthReward(), prompts, responses, pad_id=256, kl_coef=kl_coef)
+    assert rollout.scores.tolist() == [3.5, 3.0]
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = torch.tensor([prompt + response])
+        policy_lp = torch.log_softmax(model.policy(row[:, :-1])[0].double(), -1)[0]
+        ref_lp = torch.log_softmax(reference(row[:, :-1])[0].double(), -1)[0]
+        values = model.value_head(model.policy.hidden_states(row[:, :-1])).squeeze(-1)[0]
+        start, end = len(prompt) - 1, len(prompt) + len(response) - 1  # the positions that predict the response
+        expected = torch.zeros(rollout.rewards.size(1), dtype=torch.float64)
+        for t in range(start, end):
+            token = row[0, t + 1]
+            expected[t] = -kl_coef * (policy_lp[t, token] - ref_lp[t, token])
+            torch.testing.assert_close(rollout.logprobs[b, t].double(), policy_lp[t, token], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rollout.ref_logprobs[b, t].double(), ref_lp[t, token], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rollout.values[b, t], values[t], rtol=1e-5, atol=1e-5)
+        expected[end - 1] += rollout.scores[b]
+        torch.testing.assert_close(rollout.rewards[b].double(), expected, rtol=1e-5, atol=1e-5)
+        assert rollout.mask[b].nonzero().flatten().tolist() == list(range(start, end))
+        outside = ~rollout.mask[b]
+        for field in (rollout.logprobs, rollout.ref_logprobs, rollout.values):
+            assert torch.all(field[b][outside] == 0)
+
+
+@pytest.mark.parametrize("clip_range", [0.0, -0.2, math.nan, True, "0.2"])
+def test_ppo_policy_loss_refuses_a_clip_range_that_is_not_a_positive_number(clip_range):
+    # A negative clip_range clamped every ratio to 1 - c > 1 + c: a loss of the wrong sign and no error.
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="clip_range must be a number > 0"):
+        ppo_policy_loss(x, x, x, x > -1, clip_range=clip_range)
+
+
+@pytest.mark.parametrize("value_clip", [math.nan, True, "0.2"])
+def test_ppo_value_loss_refuses_a_value_clip_that_is_not_a_number(value_clip):
+    # NaN compared as "no clipping" and silently trained unclipped.
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="value_clip must be a number"):
+        ppo_value_loss(x, x, x, x > -1, value_clip=value_clip)
 
 
 # --- end to end ------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_writer_rejects_bad_tokens(tmp_path):
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="crash"):
         with shards.ShardWriter(tmp_path, "train", "uint16", tokens_per_shard=10) as w:
             w.write(np.arange(15))  # one full shard, then half of a second
             raise RuntimeError("crash")

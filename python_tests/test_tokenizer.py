@@ -88,6 +88,15 @@ def test_gpt2_file_round_trips_random_unicode(gpt2_file):
         assert tok.decode(ids) == text
 
 
+def test_gpt2_file_rejects_out_of_range_ids_naming_them(gpt2_file):
+    # tiktoken raised KeyError or OverflowError, naming no argument, as ByteTokenizer names it.
+    tok = get_tokenizer(gpt2_file)
+    for bad in (-1, 50257, 10**6):
+        with pytest.raises(ValueError, match=rf"ids: expected token ids in \[0, 50257\), got {bad}"):
+            tok.decode([15496, bad, 995])
+    assert tok.decode([15496, tok.eot_token]) == f"Hello{ENDOFTEXT}"
+
+
 def test_endoftext_inside_text_is_ordinary_text(gpt2_file):
     tok = get_tokenizer(gpt2_file)
     ids = tok.encode(f"a{ENDOFTEXT}b")

@@ -208,7 +208,7 @@ def test_config_file_errors(tmp_path):
     broken.write_text("{lr: 1")
     with pytest.raises(ValueError, match="cannot parse"):
         load_config(str(broken))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="none.toml"):
         load_config(str(tmp_path / "none.toml"))
 
 
@@ -276,6 +276,21 @@ def test_resume_continues_bitwise_identically(tmp_path, data_dir, optimizer):
     with pytest.warns(UserWarning, match=r"schedule changed since the checkpoint: step 9 trains with lr 0.00"):
         Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=10, ckpt_interval=4, eval_interval=4,
                             model={**TINY_MODEL, "dropout": 0.1}, optimizer=optimizer)).fit(resume=True)
+
+
+def test_accumulated_micro_batches_step_like_one_micro_batch_of_all(tmp_path, data_dir):
+    # The same 8 windows a step, as 2 micro-batches of 4 or 1 of 8: the same mean loss, gradient (its norm)
+    # and so the same next losses; a micro-batch loss not divided by their count doubles the norm.
+    logged = {}
+    for micro_batch in (8, 4):
+        run = tmp_path / f"micro{micro_batch}"
+        Trainer(tiny_config(run, data_dir, max_steps=3, micro_batch=micro_batch, grad_clip=0.0)).fit()
+        logged[micro_batch] = [(r["loss"], r["grad_norm"]) for r in read_metrics(str(run / "metrics.jsonl"))
+                               if r["kind"] == "train"]
+    assert len(logged[8]) == len(logged[4]) == 3
+    for (loss_one, norm_one), (loss_two, norm_two) in zip(logged[8], logged[4]):
+        assert loss_two == pytest.approx(loss_one, rel=1e-5)
+        assert norm_two == pytest.approx(norm_one, rel=1e-4)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):

@@ -124,7 +124,13 @@ class TiktokenTokenizer:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode(list(ids))
+        ids = list(ids)
+        # tiktoken's KeyError or OverflowError for such an id names no argument; min and max, not a
+        # Python loop, keep a long decode fast
+        if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
+            bad = next(i for i in ids if not 0 <= i < self.n_vocab)
+            raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {bad}")
+        return self.encoding.decode(ids)
 
     def __repr__(self) -> str:
         return f"TiktokenTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"

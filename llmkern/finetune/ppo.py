@@ -154,6 +154,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, sum_over_ranks=None) -> 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, sum_over_ranks=None) -> torch.Tensor:
     """x shifted and scaled to mean 0 and std 1 over the masked positions (0 elsewhere); with
     sum_over_ranks, over the masked positions of all ranks (see masked_moments)."""
+    _check_same_shape(x=x, mask=mask)
     mean, var = masked_moments(x, mask, sum_over_ranks)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
@@ -180,6 +181,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     averaged over the masked tokens (the pessimistic bound of Schulman et al., 2017).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    # c <= 0 (or NaN) clamps every ratio into an empty range: a wrong loss, no error
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+        raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
     ratio = torch.exp(logprobs - old_logprobs.detach())
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
@@ -193,6 +197,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """0.5 * the larger of the squared errors of the new values and of the values clipped to
     old_values +- value_clip, averaged over the masked tokens (value_clip <= 0: no clipping)."""
     _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    # NaN would read as "no clipping" below
+    if isinstance(value_clip, bool) or not isinstance(value_clip, (int, float)) or math.isnan(value_clip):
+        raise ValueError(f"value_clip must be a number (<= 0: no clipping), got {value_clip!r}")
     error = (values - returns) ** 2
     if value_clip > 0:
         clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
