@@ -75,6 +75,9 @@ def test_dpo_loss_bad_arguments():
         dpo_loss(x, x, x, torch.zeros(4))
     with pytest.raises(TypeError, match="policy_chosen_logps"):
         dpo_loss([0.0], x, x, x)
+    x2 = torch.zeros(3, 2)  # all of one shape, but not 1-D: the message says which and why
+    with pytest.raises(ValueError, match=r"1-D \(B,\); policy_chosen_logps has shape \(3, 2\)"):
+        dpo_loss(x2, x2, x2, x2)
 
 
 def test_chosen_rejected_logps_sum_each_response_alone_and_the_reference_stores_its_own():

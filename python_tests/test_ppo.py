@@ -545,3 +545,68 @@ def test_each_rank_gets_prompts_even_from_a_batch_smaller_than_the_world():
     # An epoch's last batch of 1 or 2 prompts on 3 ranks: one prompt each (it gave every rank none).
     assert shares(["a"], 3) == [["a"], ["a"], ["a"]]
     assert shares(["a", "b"], 3) == [["a"], ["b"], ["a"]]
+
+
+class _Lookup(nn.Module):
+    """A policy with a value head in one table: log-prob and value of a position are entries of w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16) * 0.1)
+
+    def forward(self, ids, targets):
+        return self.w[ids], self.w[targets.clamp(min=0)]
+
+
+class _GradientRecorder:
+    """An optimizer that keeps the gradient each step would apply."""
+
+    def __init__(self, param):
+        self.param, self.param_groups, self.grads = param, [{"lr": 0.0}], []
+
+    def step(self):
+        self.grads.append(self.param.grad.clone())
+
+    def zero_grad(self, set_to_none=True):
+        self.param.grad = None
+
+
+@pytest.mark.parametrize("rows,grad_accum", [(3, 2), (7, 3)])
+def test_ppo_update_gives_a_short_last_group_of_minibatches_its_mean_gradient(rows, grad_accum):
+    """Each step's gradient is the mean of its minibatches' gradients: a last group with fewer than
+    grad_accum minibatches is not scaled down by the ones it lacks."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from llmkern.finetune.ppo import Rollout, ppo_update
+
+    model = _Lookup()
+    ids, targets = torch.randint(0, 16, (rows, 4)), torch.randint(0, 16, (rows, 4))
+    with torch.no_grad():
+        old_logprobs, old_values = model(ids, targets)
+        old_logprobs, old_values = old_logprobs + 0.05 * torch.randn(rows, 4), old_values.clone()
+    rollout = Rollout(ids=ids, targets=targets, mask=torch.rand(rows, 4) > 0.3, logprobs=old_logprobs,
+                      ref_logprobs=old_logprobs, values=old_values, rewards=torch.zeros(rows, 4),
+                      scores=torch.zeros(rows), advantages=torch.randn(rows, 4), returns=torch.randn(rows, 4))
+    rollout.mask[:, 0] = True  # every row scores a token
+    config = SimpleNamespace(ppo_epochs=1, batch_size=1, grad_accum=grad_accum, clip_range=0.2, vf_coef=0.5,
+                             value_clip=0.2)
+    recorder = _GradientRecorder(model.w)
+    torch.manual_seed(7)
+    order = torch.randperm(rows)
+    torch.manual_seed(7)
+    ppo_update(model, recorder, rollout, config, lambda step: 0.0, 0, contextlib.nullcontext)
+
+    def gradient_of(row):
+        model.w.grad = None
+        r = slice(row, row + 1)
+        logprobs, values = model(ids[r], targets[r])
+        policy, _ = ppo_policy_loss(logprobs, old_logprobs[r], rollout.advantages[r], rollout.mask[r], 0.2)
+        (policy + 0.5 * ppo_value_loss(values, old_values[r], rollout.returns[r], rollout.mask[r], 0.2)).backward()
+        return model.w.grad.clone()
+
+    groups = [order[i : i + grad_accum].tolist() for i in range(0, rows, grad_accum)]
+    assert len(recorder.grads) == len(groups)
+    for got, group in zip(recorder.grads, groups):
+        expected = torch.stack([gradient_of(row) for row in group]).mean(0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

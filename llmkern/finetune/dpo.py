@@ -60,8 +60,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != policy_chosen_logps.shape or t.dim() != 1:
-            raise ValueError(f"the log-probs must all be 1-D of one shape; {name} has {tuple(t.shape)}, "
+        if t.dim() != 1:
+            raise ValueError(f"the log-probs must be 1-D (B,); {name} has shape {tuple(t.shape)}")
+        if t.shape != policy_chosen_logps.shape:
+            raise ValueError(f"the log-probs must all have one shape; {name} has {tuple(t.shape)}, "
                              f"policy_chosen_logps has {tuple(policy_chosen_logps.shape)}")
     check_beta(beta)
     check_label_smoothing(label_smoothing)

@@ -331,9 +331,12 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
     # Train mode, for activation checkpointing. The old log-probs were taken in eval mode, so any dropout
     # (the model's or LoRA's) makes the ratios noisy: PPO is best run with dropout 0.
     model.train()
+    n_minibatches = -(-rows // config.batch_size)
     for _ in range(config.ppo_epochs):
         order = torch.randperm(rows, device=rollout.ids.device)
-        for start in range(0, rows, config.batch_size):
+        for index, start in enumerate(range(0, rows, config.batch_size)):
+            # each step's gradient the mean of its minibatches': a short last group is not scaled down
+            in_group = min(config.grad_accum, n_minibatches - index // config.grad_accum * config.grad_accum)
             mb = order[start : start + config.batch_size]
             with autocast():
                 logprobs, values = model(rollout.ids[mb], rollout.targets[mb])
@@ -342,7 +345,7 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
                                                          mask, config.clip_range)
             value_loss = ppo_value_loss(values, rollout.values[mb], rollout.returns[mb], mask, config.value_clip)
             loss = policy_loss + config.vf_coef * value_loss
-            (loss / config.grad_accum).backward()
+            (loss / in_group).backward()
             pending += 1
             last_minibatch = start + config.batch_size >= rows
             if pending == config.grad_accum or last_minibatch:
