@@ -134,3 +134,17 @@ def test_a_response_to_a_prompt_longer_than_the_context_is_still_scored():
     assert good != bad  # the first 32 tokens alone (all prompt) scored them alike
     tail = tokenizer.encode(prompt + "terrible")[-31:] + [tokenizer.eot_token]
     assert bad == pytest.approx(score_token_rows(rm, [tail], tokenizer.eot_token)[0], abs=1e-6)
+
+
+def test_training_rows_are_the_tokens_a_long_text_is_scored_on():
+    """A pair cut to max_len keeps its last tokens, response and end-of-text, as score() reads them: cut
+    from the end, a long prompt's pair would train on prompt alone, where the score is never read."""
+    from llmkern.finetune.reward import encode_pair_text
+
+    tokenizer = get_tokenizer("bytes")
+    prompt = "Describe the weather in great detail, please. " * 2
+    row = encode_pair_text(tokenizer, prompt, "terrible", 32)
+    assert row == tokenizer.encode(prompt + "terrible")[-31:] + [tokenizer.eot_token]
+    assert encode_pair_text(tokenizer, "Hi", "yo", 32) == tokenizer.encode("Hiyo") + [tokenizer.eot_token]
+    with pytest.raises(ValueError, match="max_len"):
+        encode_pair_text(tokenizer, prompt, "terrible", 1)

@@ -60,11 +60,15 @@ def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> t
 # --- encoding --------------------------------------------------------------------------------------
 
 def encode_pair_text(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """The tokens a reward model reads: prompt + response + end-of-text, cut to max_len."""
+    """The tokens a reward model reads: prompt + response + end-of-text, the last max_len of them.
+    The last, since the score is read at the end-of-text: a long text keeps its response, and is
+    trained on the tokens it is scored on (score, PPO's rollouts)."""
     from .data import encode_prompt_response
 
-    tokens, _ = encode_prompt_response(tokenizer, prompt, response, max_len)
-    return tokens
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    tokens, _ = encode_prompt_response(tokenizer, prompt, response, sys.maxsize)
+    return tokens[-max_len:]
 
 
 def make_score_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +99,10 @@ def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], 
         raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses: they must pair up")
     if not prompts:
         return []
-    # The score is read at the last token: keep each text's last block_size tokens (its response and end),
-    # as PPO's rollouts do. Keeping the first ones scored every response to a long prompt alike (a tie).
+    # The last block_size tokens of each text (encode_pair_text): keeping the first ones scored every
+    # response to a long prompt alike (a tie).
     max_len = rm.body.config.block_size
-    rows = [encode_pair_text(tokenizer, p, r, sys.maxsize)[-max_len:] for p, r in zip(prompts, responses)]
+    rows = [encode_pair_text(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
     return score_token_rows(rm, rows, tokenizer.eot_token, batch_size)
 
 
