@@ -476,6 +476,7 @@ def _good():
         (dict(reduction="none"), ValueError, "reduction must be one of"),
         (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
         (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+        (dict(ignore_index=2**63), ValueError, "ignore_index must fit in int64"),
         (dict(chunk_rows=0), ValueError, "chunk_rows must be >= 1"),
         (dict(num_classes=11), ValueError, r"num_classes must be in \[1, 10\]"),
         (dict(num_classes=0), ValueError, "num_classes must be in"),

@@ -127,6 +127,8 @@ def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothin
             raise TypeError(f"bias must have weight's dtype ({weight.dtype}); got {bias.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:  # compared with int64 targets by every backend
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
