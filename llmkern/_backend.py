@@ -54,7 +54,8 @@ def get_backend() -> str:
     """The default backend: set_backend(), else $LLMKERN_BACKEND, else "auto"."""
     if _default_backend is not None:
         return _default_backend
-    return _validate(os.environ.get("LLMKERN_BACKEND", "auto"), "LLMKERN_BACKEND")
+    # empty means unset, as a shell's `LLMKERN_BACKEND= command` intends
+    return _validate(os.environ.get("LLMKERN_BACKEND") or "auto", "LLMKERN_BACKEND")
 
 
 # Answers that cannot change within a process, memoized in plain dicts (torch.compile traces

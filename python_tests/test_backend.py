@@ -136,3 +136,75 @@ def test_the_module_backend_choice_traces_under_a_fullgraph_compile(monkeypatch)
         assert torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
     with pytest.warns(UserWarning, match="attention has no no-such-backend kernels"):
         assert pick(torch.zeros(1)).item() == 1
+
+
+def _triton_module(op):
+    """llmkern.triton's module that holds op's kernels and launchers."""
+    import importlib
+
+    return importlib.import_module(f"llmkern.triton.{'_norm' if op in ('rms_norm', 'layer_norm') else op}")
+
+
+def _triton_launches(op):
+    """Calls of op's Triton host launchers (forward, backward) on tensors of cuda:1 (fake ones)."""
+    module = _triton_module(op)
+    gpu = torch.device("cuda", 1)
+    x, w = torch.empty(4, 8, device=gpu), torch.empty(8, device=gpu)
+    if op in ("rms_norm", "layer_norm"):
+        centered = op == "layer_norm"
+        bias = w if centered else None
+        return [
+            lambda: module.forward(x, w, bias, x, 1e-6, torch.empty_like(x), torch.empty_like(x), centered),
+            lambda: module.backward(x, x, w, None, 1e-6, torch.empty_like(x), torch.empty_like(w), bias, centered),
+        ]
+    if op == "rope":
+        x4, table = torch.empty(2, 3, 5, 8, device=gpu), torch.empty(5, 4, device=gpu)
+        return [lambda: module.forward(x4, table, table, torch.empty_like(x4))]
+    if op == "fused_linear_cross_entropy":
+        target, loss = torch.zeros(4, dtype=torch.int64, device=gpu), torch.empty(4, device=gpu)
+        return [lambda: module.cross_entropy_rows(x, target, loss, torch.ones(1, device=gpu), -100, 0.0, True)]
+    return [lambda: module.forward(x, x, torch.empty_like(x)),
+            lambda: module.backward(x, x, x, torch.empty_like(x), torch.empty_like(x))]
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "rope", "swiglu", "fused_linear_cross_entropy"])
+def test_triton_kernels_launch_on_their_tensors_gpu(op, monkeypatch):
+    """Triton launches on the current device, not on the tensors': with them on cuda:1 and cuda:0
+    current, a launch outside torch.cuda.device(cuda:1) would run on the wrong GPU (an illegal address,
+    or a race with the tensors' own stream). Fake tensors and stub kernels: no GPU is needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current = [torch.device("cuda", 0)]
+    launched_on = []
+
+    class DeviceSwitch:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Launched(Exception):
+        pass
+
+    def launch(*args, **kwargs):
+        launched_on.append(current[-1])
+        raise Launched  # the host code after a launch would need real tensors
+
+    class StubKernel:
+        def __getitem__(self, grid):
+            return launch
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceSwitch)
+    module = _triton_module(op)
+    for name in [name for name in vars(module) if name.endswith("_kernel")]:
+        monkeypatch.setattr(module, name, StubKernel())
+    with FakeTensorMode():
+        launches = _triton_launches(op)
+        for call in launches:
+            with pytest.raises(Launched):
+                call()
+    assert launched_on == [torch.device("cuda", 1)] * len(launches), launched_on

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,6 +305,14 @@ def test_rejects_bad_bias():
     _bad(TypeError, "bias must be a torch.Tensor", x, w, [0.0] * 4)
     _bad(ValueError, "bias must be contiguous", x, w, torch.ones(4, 2)[:, 0])
     _bad(TypeError, "bias must have weight's dtype", torch.ones(2, 4).half(), torch.ones(4), torch.ones(4).half())
+
+
+def test_eps_may_be_a_numpy_scalar():
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    for backend in ("torch", "triton"):
+        got = llmkern.ops.layer_norm(x, w, b, np.float32(0.5), backend=backend)
+        assert_close_to_ref(got, reference.layer_norm(x.double(), w.double(), b.double(), 0.5),
+                            reference.layer_norm(x, w, b, 0.5), f"{backend} y")
 
 
 def test_rejects_what_rms_norm_rejects():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,6 +309,17 @@ def test_module_matches_functional():
     torch.testing.assert_close(h, 2 * x)
 
 
+def test_module_reset_parameters_after_meta_init():
+    """Built on the meta device and materialized by to_empty(), a model's modules are initialized by
+    their reset_parameters() (FSDP's default); without one the weight stays uninitialized memory."""
+    with torch.device("meta"):
+        norm = llmkern.nn.RMSNorm(32)
+    norm.to_empty(device="cpu")
+    norm.weight.data.fill_(float("nan"))  # what uninitialized memory may hold
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.ones(32))
+
+
 def test_set_backend_and_environment(monkeypatch):
     monkeypatch.setattr(llmkern._backend, "_default_backend", None)
     monkeypatch.setenv("LLMKERN_BACKEND", "torch")
@@ -320,6 +332,8 @@ def test_set_backend_and_environment(monkeypatch):
     monkeypatch.setenv("LLMKERN_BACKEND", "nope")
     with pytest.raises(ValueError, match="LLMKERN_BACKEND"):
         llmkern.get_backend()
+    monkeypatch.setenv("LLMKERN_BACKEND", "")  # set but empty (`LLMKERN_BACKEND= cmd`) means unset
+    assert llmkern.get_backend() == "auto"
 
 
 def test_auto_is_torch_on_cpu_tensors():
@@ -369,6 +383,14 @@ def test_rejects_bad_residual_and_eps(backend, device):
     _bad(ValueError, "eps must be > 0", ones(2, 4), ones(4), eps=-1.0, backend=backend)
     _bad(ValueError, "eps must be > 0", ones(2, 4), ones(4), eps=float("nan"), backend=backend)
     _bad(TypeError, "x must be a torch.Tensor", [[1.0]], ones(1), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_eps_may_be_a_numpy_scalar(backend, device):
+    """np.float32(0.5) (a config read with NumPy, np.finfo(...).eps) is a float: taken, not refused."""
+    x, w = torch.randn(3, 8, device=device), torch.randn(8, device=device)
+    got = llmkern.ops.rms_norm(x, w, np.float32(0.5), backend=backend)
+    assert_close_to_ref(got, reference.rms_norm(x.double(), w.double(), 0.5), reference.rms_norm(x, w, 0.5), "y")
 
 
 @pytest.mark.parametrize("backend,device", CHECKED)

@@ -97,6 +97,14 @@ def test_rotary_cache_refuses_positions_past_its_tables(seq_len):
     assert cache(None, 50)[0].shape == (50, 4)
 
 
+@pytest.mark.parametrize("kwargs, words", [(dict(theta=0.0), "theta"), (dict(theta=-10.0), "theta"),
+                                           (dict(theta=float("nan")), "theta"), (dict(max_positions=-1), "max_positions")])
+def test_rotary_cache_refuses_bad_arguments(kwargs, words):
+    """A theta <= 0 made tables of NaN without a word; a negative max_positions failed inside torch.arange."""
+    with pytest.raises(ValueError, match=words):
+        RotaryCache(**{"head_dim": 8, "max_positions": 16, **kwargs})
+
+
 @pytest.mark.parametrize(
     "x, cos_shape, cos_dtype, error, words",
     [
@@ -328,6 +336,36 @@ def test_compile_fullgraph_has_no_graph_break(backend, device):
 
 def test_auto_is_torch_on_cpu_tensors():
     assert llmkern._backend.resolve("rope", "auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_passes_over_the_kernels_for_tables_that_require_grad(monkeypatch):
+    """Learned angles (tables that require grad): on a GPU "auto" takes the torch backend, which
+    differentiates them, instead of a kernel that refuses the call (as an explicit one still does)."""
+    rope_op = importlib.import_module("llmkern.ops.rope")
+    monkeypatch.setattr(llmkern._backend, "can_run", lambda backend, op, device: True)
+    x, theta = torch.randn(1, 2, 4, 8), angles((4,), 4).float().requires_grad_()
+    cos, sin = theta.cos(), theta.sin()
+
+    def auto():
+        return llmkern._backend.resolve("rope", "auto", torch.device("cuda"),
+                                        fits=lambda b: rope_op._fits_backend(b, x, cos, sin))
+
+    assert auto() == "torch"
+    with torch.no_grad():  # nothing to differentiate: the kernels again
+        assert auto() == "triton"
+    for backend in ("triton", "cuda"):
+        with pytest.raises(ValueError, match=f"rope's {backend} kernels do not differentiate cos and sin"):
+            rope_op._check_backend_limits(backend, x, cos, sin)
+
+
+@pytest.mark.cuda
+def test_auto_differentiates_learned_tables_on_a_gpu():
+    theta = angles((5,), 4).float().cuda().requires_grad_()
+    x = torch.randn(2, 3, 5, 8, device="cuda")
+    llmkern.ops.rope(x, theta.cos(), theta.sin()).sum().backward()
+    theta64 = theta.detach().double().requires_grad_()
+    reference.rope(x.double(), theta64.cos(), theta64.sin()).sum().backward()
+    torch.testing.assert_close(theta.grad.double(), theta64.grad, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- on a GPU

@@ -25,6 +25,11 @@ class RMSNorm(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        """The weight back to ones. Like torch's norms, so that a model built on the meta device and
+        materialized with to_empty() (FSDP's param_init, the reset_parameters() recipe) gets it."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         x, out_dtype = module_inputs(x, residual)
         # Through op_backend, as every module's op: a model built for a backend that cannot run here

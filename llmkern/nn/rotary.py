@@ -18,6 +18,10 @@ class RotaryCache(nn.Module):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        if max_positions < 0:
+            raise ValueError(f"max_positions must be >= 0, got {max_positions}")
+        if not theta > 0:  # theta ** (-2i / D) would be inf or NaN: tables of NaN, silently
+            raise ValueError(f"theta must be > 0, got {theta}")
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
         cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
         self.register_buffer("cos", cos, persistent=False)

@@ -3,6 +3,8 @@ and what came, as TypeError or ValueError (never assert: it vanishes under pytho
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,7 +45,8 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def check_positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real, not (int, float): a NumPy scalar (np.float32(1e-6), a config read with NumPy) is a float too
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")

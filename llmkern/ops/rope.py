@@ -40,7 +40,7 @@ def rope(
             generation, where positions differ per row); float32 or float64 (float32 only
             for the cuda backend).
         backend: "auto" | "cuda" | "triton" | "torch"; None means llmkern.get_backend().
-            Only "torch" differentiates cos and sin.
+            Only "torch" differentiates cos and sin: "auto" takes it for tables that require grad.
 
     Returns:
         A new tensor of x's shape and dtype (contiguous).
@@ -51,11 +51,6 @@ def rope(
     _check_backend_limits(chosen, x, cos, sin)
     if chosen == "torch":
         return reference.rope(x, cos, sin)
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        raise ValueError(
-            f"rope's {chosen} kernels do not differentiate cos and sin, which require grad here; "
-            "pass detached tables, or backend='torch'"
-        )
     return _rope_op(x, cos, sin, False, chosen)
 
 
@@ -87,17 +82,31 @@ _CUDA_X_DTYPES = _checks.FLOAT_DTYPES
 _CUDA_ANGLE_DTYPES = (torch.float32,)
 
 
+def _tables_need_grad(cos, sin) -> bool:
+    return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
 def _fits_backend(backend: str, x, cos, sin) -> bool:
-    """Whether `backend`'s kernels take these dtypes ("auto" skips a backend that does not)."""
+    """Whether `backend`'s kernels can run this call ("auto" skips a backend that cannot): no kernel
+    differentiates cos and sin (learned angles go to torch), and the cuda one takes only some dtypes."""
+    if backend == "torch":
+        return True
+    if _tables_need_grad(cos, sin):
+        return False
     if backend != "cuda":
         return True
     return x.dtype in _CUDA_X_DTYPES and cos.dtype in _CUDA_ANGLE_DTYPES and sin.dtype in _CUDA_ANGLE_DTYPES
 
 
 def _check_backend_limits(backend: str, x, cos, sin) -> None:
-    """A clear TypeError when an explicitly chosen backend cannot take these dtypes."""
+    """A clear error when an explicitly chosen backend cannot run this call."""
     if _fits_backend(backend, x, cos, sin):
         return
+    if _tables_need_grad(cos, sin):
+        raise ValueError(
+            f"rope's {backend} kernels do not differentiate cos and sin, which require grad here; "
+            "pass detached tables, or backend='torch' (or 'auto')"
+        )
     if x.dtype not in _CUDA_X_DTYPES:
         raise TypeError(f"x must have dtype float32, float16 or bfloat16 for backend 'cuda'; got {x.dtype}")
     raise TypeError(

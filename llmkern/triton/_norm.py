@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._cuda_bridge import on_device
 
 MAX_SINGLE_PASS = 16384
 
@@ -210,13 +211,14 @@ def forward(x, weight, bias, residual, eps, y, h, centered: bool) -> None:
     has_residual = residual is not None
     r = residual if has_residual else x
     h_out = h if has_residual else y
-    _forward_kernel[(n_rows,)](
-        x, r, weight, weight if bias is None else bias, y, h_out,
-        x.stride(0), r.stride(0), y.stride(0), h_out.stride(0),
-        n_cols, eps,
-        CENTERED=centered, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
-        BLOCK=block, SINGLE_PASS=single_pass, num_warps=num_warps,
-    )
+    with on_device(x.device):  # Triton launches on the current GPU, which need not be x's
+        _forward_kernel[(n_rows,)](
+            x, r, weight, weight if bias is None else bias, y, h_out,
+            x.stride(0), r.stride(0), y.stride(0), h_out.stride(0),
+            n_cols, eps,
+            CENTERED=centered, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual,
+            BLOCK=block, SINGLE_PASS=single_pass, num_warps=num_warps,
+        )
 
 
 def backward(dy, h, weight, dh_extra, eps, dh, dweight, dbias, centered: bool) -> None:
@@ -229,13 +231,14 @@ def backward(dy, h, weight, dh_extra, eps, dh, dweight, dbias, centered: bool) -
                           device=h.device)
     has_extra = dh_extra is not None
     e = dh_extra if has_extra else dy
-    _backward_kernel[(n_programs,)](
-        dy, h, weight, e, dh, partial,
-        dy.stride(0), h.stride(0), e.stride(0), dh.stride(0),
-        n_rows, n_cols, eps,
-        CENTERED=centered, HAS_BIAS=has_bias, HAS_EXTRA=has_extra,
-        BLOCK=block, SINGLE_PASS=single_pass, num_warps=num_warps,
-    )
+    with on_device(h.device):  # Triton launches on the current GPU, which need not be h's
+        _backward_kernel[(n_programs,)](
+            dy, h, weight, e, dh, partial,
+            dy.stride(0), h.stride(0), e.stride(0), dh.stride(0),
+            n_rows, n_cols, eps,
+            CENTERED=centered, HAS_BIAS=has_bias, HAS_EXTRA=has_extra,
+            BLOCK=block, SINGLE_PASS=single_pass, num_warps=num_warps,
+        )
     dweight.copy_(partial[:n_programs].sum(dim=0))
     if has_bias:
         dbias.copy_(partial[n_programs:].sum(dim=0))

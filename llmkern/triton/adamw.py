@@ -14,12 +14,11 @@ No float atomics, so the norm is bitwise reproducible.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from .._cuda_bridge import on_device
 from .._multi_tensor import group_by_dtype_and_master, group_indices
 
 BLOCK = 4096  # elements per program (fp32: 16 KiB of each of p, g, m, v)
@@ -206,11 +205,6 @@ def _cached(cache: dict, name: str, key: tuple, build, device: torch.device) -> 
     return table
 
 
-def _on(device: torch.device):
-    """Launch on `device`'s GPU (its current stream); nothing to select for the interpreter."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _chunk_table(numels: tuple[int, ...]) -> torch.Tensor:
     """(programs, 2) int32: for each BLOCK-sized chunk of each tensor, (tensor row, chunk index)."""
     counts = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
@@ -248,7 +242,7 @@ def grad_norm(
     partials = cache.get("partials")
     if partials is None or partials.numel() < max(count, 1):
         partials = cache["partials"] = torch.empty(max(count, 1), dtype=torch.float32, device=device)
-    with _on(device):
+    with on_device(device):
         for dtype, table, chunks, first, aligned in tables:
             if chunks.size(0) > 0:
                 _sumsq_kernel[(chunks.size(0),)](
@@ -286,7 +280,7 @@ def step(
     beta1_hi, beta1_lo = _split_double(beta1)
     beta2_hi, beta2_lo = _split_double(beta2)
     per_kind = group_by_dtype_and_master(params, masters)
-    with _on(device):
+    with on_device(device):
         for (dtype, has_master), idx in per_kind.items():
             addresses = [
                 (params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),

@@ -32,7 +32,6 @@ wraps to a negative offset: a read outside the tensor or a wrong row).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from .._cuda_bridge import on_device
 
 LOG2E = math.log2(math.e)
 # Doc ids a block reads at a time when it looks for the positions its documents cover (4 KB of int32).
@@ -556,7 +556,7 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
     def grid(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
 
-    with _on_device(q):
+    with on_device(q.device):
         _launch(_attention_fwd_kernel, grid, (
             q, k, v, o, lse, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -575,7 +575,7 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
     # With ATOMIC_DQ the dk/dv kernel sums dq into dq32; otherwise DQ32 is never read or written (the
     # autotuner zeroes it while timing, so it is dq, which the dq kernel fills afterwards).
     dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dq
-    with _on_device(q):
+    with on_device(q.device):
         delta_block = 16 if _backend.triton_interpreted() else 64
         _attention_bwd_delta_kernel[(triton.cdiv(sq, delta_block), b * hq)](
             o, do, delta, *_strides(o), *_strides(do), hq, sq,
@@ -594,8 +594,3 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             hq, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
         ), dict(CAUSAL=causal, **common))
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device), or nowhere in particular on a CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

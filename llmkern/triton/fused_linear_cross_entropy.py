@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cuda_bridge import on_device
+
 MAX_BLOCK = 4096
 
 
@@ -119,8 +121,9 @@ def cross_entropy_rows(
         return
     block = min(triton.next_power_of_2(n_classes), MAX_BLOCK)
     num_warps = 4 if block <= 1024 else 8
-    _cross_entropy_rows_kernel[(n_rows,)](
-        logits, target, loss, grad_scale,
-        logits.stride(0), n_classes, ignore_index, float(label_smoothing),
-        COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps,
-    )
+    with on_device(logits.device):  # Triton launches on the current GPU, which need not be logits'
+        _cross_entropy_rows_kernel[(n_rows,)](
+            logits, target, loss, grad_scale,
+            logits.stride(0), n_classes, ignore_index, float(label_smoothing),
+            COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps,
+        )

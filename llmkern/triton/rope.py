@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cuda_bridge import on_device
+
 # Elements of one half-head tile (heads x D/2) kept in registers at once.
 MAX_TILE = 4096
 # Blocks on grid axis 1 (the batch) per launch: CUDA's limit for grid axes 1 and 2.
@@ -85,15 +87,16 @@ def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, y: torch.Tens
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
     # The batch runs on grid axis 1, which CUDA caps at 65535 blocks: a larger batch (many short
     # sequences) goes in slices. Positions stay on axis 0, which holds 2**31 - 1.
-    for start in range(0, b, MAX_GRID_Y):
-        rows = slice(start, min(start + MAX_GRID_Y, b))
-        x_b, y_b = x[rows], y[rows]
-        cos_b, sin_b = (t if t.dim() == 2 else t[rows] for t in (cos, sin))
-        _rope_kernel[(s, x_b.size(0))](
-            x_b, cos_b, sin_b, y_b,
-            x_b.stride(0), x_b.stride(1), x_b.stride(2),
-            y_b.stride(0), y_b.stride(1), y_b.stride(2),
-            *_batch_and_position_strides(cos_b), *_batch_and_position_strides(sin_b),
-            h, half,
-            INVERSE=inverse, COMPUTE=compute, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-        )
+    with on_device(x.device):  # Triton launches on the current GPU, which need not be x's
+        for start in range(0, b, MAX_GRID_Y):
+            count = min(MAX_GRID_Y, b - start)
+            x_b, y_b = x.narrow(0, start, count), y.narrow(0, start, count)
+            cos_b, sin_b = (t if t.dim() == 2 else t.narrow(0, start, count) for t in (cos, sin))
+            _rope_kernel[(s, count)](
+                x_b, cos_b, sin_b, y_b,
+                x_b.stride(0), x_b.stride(1), x_b.stride(2),
+                y_b.stride(0), y_b.stride(1), y_b.stride(2),
+                *_batch_and_position_strides(cos_b), *_batch_and_position_strides(sin_b),
+                h, half,
+                INVERSE=inverse, COMPUTE=compute, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+            )

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cuda_bridge import on_device
+
 MAX_BLOCK = 2048
 # Blocks on grid axis 1 (column blocks) per launch: CUDA's limit for grid axes 1 and 2.
 MAX_GRID_Y = 65535
@@ -85,25 +87,27 @@ def forward(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
     """y = silu(gate) * up, on 2-D (rows, N) views."""
     n_rows, n_cols = gate.shape
     block, num_warps = _block_and_warps(n_cols)
-    for cols in _column_slices(n_cols, block):
-        g, u, out = (t if cols is None else t[:, cols] for t in (gate, up, y))
-        _forward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
-            g, u, out,
-            g.stride(0), u.stride(0), out.stride(0),
-            g.size(1),
-            COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
-        )
+    with on_device(gate.device):  # Triton launches on the current GPU, which need not be gate's
+        for cols in _column_slices(n_cols, block):
+            g, u, out = (t if cols is None else t[:, cols] for t in (gate, up, y))
+            _forward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
+                g, u, out,
+                g.stride(0), u.stride(0), out.stride(0),
+                g.size(1),
+                COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
+            )
 
 
 def backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor, dup: torch.Tensor) -> None:
     """dgate and dup from the output gradient dy, on 2-D (rows, N) views."""
     n_rows, n_cols = gate.shape
     block, num_warps = _block_and_warps(n_cols)
-    for cols in _column_slices(n_cols, block):
-        d, g, u, dg, du = (t if cols is None else t[:, cols] for t in (dy, gate, up, dgate, dup))
-        _backward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
-            d, g, u, dg, du,
-            d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-            g.size(1),
-            COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
-        )
+    with on_device(gate.device):  # Triton launches on the current GPU, which need not be gate's
+        for cols in _column_slices(n_cols, block):
+            d, g, u, dg, du = (t if cols is None else t[:, cols] for t in (dy, gate, up, dgate, dup))
+            _backward_kernel[(n_rows, triton.cdiv(g.size(1), block))](
+                d, g, u, dg, du,
+                d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
+                g.size(1),
+                COMPUTE=_compute(gate), BLOCK=block, num_warps=num_warps,
+            )
