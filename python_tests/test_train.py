@@ -1283,6 +1283,36 @@ def test_a_signal_while_a_step_is_checkpointed_does_not_save_that_step_again(tmp
     assert ckpt.load_checkpoint(str(tmp_path / "run")).step == 4
 
 
+def test_a_run_stopped_before_its_first_step_resumes_without_evaluating_step_0_again(tmp_path, data_dir, monkeypatch):
+    # A signal just after the step-0 evaluation saves step 0; the resume evaluated step 0 again: the record
+    # twice in the log, and a val loss no better than itself counted against patience, so with patience=1
+    # the resumed run stopped early at step 0 without training
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+    from llmkern.train import trainer as trainer_module
+
+    settings = dict(max_steps=4, eval_interval=2, patience=1)
+    Trainer(tiny_config(tmp_path / "whole", data_dir, **settings)).fit()
+
+    class StopAtOnce(trainer_module.StopOnSignal):
+        def __enter__(self):
+            super().__enter__()
+            os.kill(os.getpid(), signal.SIGINT)  # before the loop's first step
+            return self
+
+    monkeypatch.setattr(trainer_module, "StopOnSignal", StopAtOnce)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 0"):
+        Trainer(tiny_config(tmp_path / "run", data_dir, **settings)).fit()
+    monkeypatch.undo()
+    summary = Trainer(tiny_config(tmp_path / "run", data_dir, **settings)).fit(resume=True)
+    assert (summary["steps"], summary["stop_reason"]) == (4, "max_steps")
+    varying = ("tokens_per_s", "mfu", "peak_mem_gib")
+    records = {run: [{k: v for k, v in r.items() if k not in varying}
+                     for r in read_metrics(str(tmp_path / run / "metrics.jsonl"))] for run in ("whole", "run")}
+    assert records["run"] == records["whole"]  # exact floats, the step-0 evaluation once
+
+
 @pytest.mark.parametrize("optimizer", ["llmkern", "torch"])
 def test_a_resume_trains_with_its_own_weight_decay_and_betas(tmp_path, data_dir, optimizer):
     # lr, min_lr and grad_clip of the resuming run counted, but loading the optimizer's state put back the

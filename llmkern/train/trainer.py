@@ -234,8 +234,10 @@ class Trainer:
                    disable=not (cfg.progress and self.dist.is_main))
         stop = StopOnSignal(enabled=not self.dist.is_distributed)
         try:
-            if cfg.eval_interval and self.step == 0:
-                self._evaluate_and_check_patience()  # the untrained model's loss: where the curve starts
+            # the untrained model's loss: where the curve starts (once: a run stopped before its first step
+            # has it, and evaluating again would log it twice and count it against patience)
+            if cfg.eval_interval and self.step == 0 and self.last_eval_step != 0:
+                self._evaluate_and_check_patience()
             with stop:
                 # A resumed run that had stopped early stays stopped (unless its patience was raised): it
                 # must not train past where it ended, as an uninterrupted run would not have.
