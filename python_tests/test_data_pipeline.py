@@ -435,3 +435,72 @@ def test_shards_of_other_settings_left_by_a_crash_are_not_reported_as_these(tmp_
     assert _shard_tokens(out) != first["tokens"]["tokens"]  # the disk holds the other settings' shards
     again = prepare(inputs, str(out), settings(0.1))
     assert again["tokens"]["tokens"] == first["tokens"]["tokens"] == _shard_tokens(out)
+
+
+def test_a_changed_eval_set_starts_over_instead_of_resuming(tmp_path, monkeypatch, capsys):
+    # The eval sets decide what decontam drops: documents done under the old eval set must not be kept
+    # as done when it changes, else the output mixes the two (a clean run drops the newly listed text).
+    rng = random.Random(5)
+    docs = [_doc(rng, 40) for _ in range(3)]
+    for i, text in enumerate(docs):
+        _jsonl(tmp_path / f"in{i}.jsonl", [text])
+    inputs = [str(tmp_path / f"in{i}.jsonl") for i in range(3)]
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(_doc(rng, 30))
+    config = _config("decontam.enabled=true", f'decontam.eval_sets=["{eval_file}"]', "quality.enabled=false")
+    real = _crash_on_input(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(inputs, str(tmp_path / "out"), config)
+    monkeypatch.setattr(pipeline, "_process_file", real)
+    eval_file.write_text(" ".join(docs[0].split()[:20]))  # now input 0's document is contaminated
+
+    resumed = prepare(inputs, str(tmp_path / "out"), config)
+    prepare(inputs, str(tmp_path / "clean"), config)
+    assert resumed["resumed_inputs"] == 0 and "starting over" in capsys.readouterr().err
+    assert _documents(tmp_path / "out") == _documents(tmp_path / "clean")
+    assert {s["name"]: s["rejected"] for s in resumed["stages"]}["decontam"] == {"contaminated": 1}
+
+
+def test_a_rerun_with_other_thread_or_worker_counts_keeps_the_work_done(corpus, tmp_path, monkeypatch):
+    # How many threads hash the documents and processes tokenize them leaves the output as it is,
+    # so a rerun that changes them continues instead of throwing away hours of work.
+    root, _ = corpus
+    out = tmp_path / "out"
+    real = _crash_on_input(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(root)], str(out), _config("near_dedup.num_threads=1"))
+    monkeypatch.setattr(pipeline, "_process_file", real)
+    tokenize = ["tokenize.enabled=true", "tokenize.tokenizer=bytes", "tokenize.val_fraction=0"]
+    resumed = prepare([str(root)], str(out), _config("near_dedup.num_threads=2", *tokenize, "tokenize.num_workers=1"))
+    assert resumed["resumed_inputs"] == 2
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again though the shards of these settings are there")
+
+    monkeypatch.setattr(pipeline, "_tokenize", no_tokenizing)
+    again = prepare([str(root)], str(out), _config("near_dedup.num_threads=2", *tokenize, "tokenize.num_workers=2"))
+    assert again["tokens"] == resumed["tokens"]
+
+
+def test_a_start_over_cut_short_leaves_no_progress_claiming_deleted_parts(corpus, tmp_path, monkeypatch):
+    # Other settings start over; interrupted while deleting the old parts, then run again with the old
+    # settings, the run must not resume from a progress.json whose parts are partly gone.
+    root, _ = corpus
+    out = tmp_path / "out"
+    first = prepare([str(root)], str(out), _config())
+    documents = _documents(out)
+    real_rmtree = pipeline.shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if os.path.basename(path) == pipeline.DOCUMENTS_DIR:
+            os.remove(os.path.join(path, pipeline.part_name(0)))
+            raise KeyboardInterrupt("killed while deleting")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(root)], str(out), _config("quality.enabled=false"))
+    monkeypatch.setattr(pipeline.shutil, "rmtree", real_rmtree)
+    again = prepare([str(root)], str(out), _config())
+    assert again["resumed_inputs"] == 0 and _counts(again) == _counts(first)
+    assert _documents(out) == documents

@@ -154,3 +154,24 @@ def test_batches_on_the_gpu_equal_the_cpu_ones(shard_dir):
         (x, y), (gx, gy) = cpu.next_batch(), gpu.next_batch()
         assert gx.is_cuda and gy.is_cuda
         assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+
+
+def test_resume_refuses_shards_that_changed_since_the_state_was_saved(tmp_path):
+    # The position counts windows of the saved shards: over re-tokenized shards it names other windows.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    state = TokenLoader(write_shards(tmp_path / "a"), "train", 3, 19).state_dict()
+    changed = write_shards(tmp_path / "b", train_lengths=(1000, 13, 2344))
+    with pytest.raises(ValueError, match="shards"):
+        TokenLoader(changed, "train", 3, 19).load_state_dict(state)
+    copy = write_shards(tmp_path / "b")  # the same shards elsewhere resume
+    TokenLoader(copy, "train", 3, 19).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "shards_sha256"}  # saved before shards were checked
+    TokenLoader(changed, "train", 3, 19).load_state_dict(older)
+
+
+def test_resume_refuses_a_negative_saved_position(shard_dir):
+    state = TokenLoader(shard_dir, "train", 3, 19).state_dict()
+    loader = TokenLoader(shard_dir, "train", 3, 19)
+    with pytest.raises(ValueError, match="position"):
+        loader.load_state_dict({**state, "position": -3})

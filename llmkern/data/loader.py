@@ -17,6 +17,8 @@ sequential: consecutive windows stride T tokens through the shards in manifest o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,7 @@ class TokenLoader:
         self.document_ids = document_ids
         self.eot_token = int(manifest["eot_token"])
         self.n_vocab = int(manifest["n_vocab"])
+        self.shards_sha256 = _shards_sha256(manifest["splits"][split])
         self.shards = [s for s in open_split(data_dir, split) if len(s) > seq_len]  # a window needs seq_len + 1 tokens
         if not self.shards:
             raise ValueError(f"split {split!r} of {data_dir!r} has no shard longer than seq_len + 1 = {seq_len + 1} tokens")
@@ -133,7 +136,7 @@ class TokenLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"split": self.split, "mode": self.mode, "seed": self.seed, "seq_len": self.seq_len,
-                "position": self.position}
+                "position": self.position, "shards_sha256": self.shards_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position. The stream must be the same (split, mode, seed, seq_len); the
@@ -142,4 +145,16 @@ class TokenLoader:
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"cannot resume the loader: saved {key}={state.get(key)!r}, this loader has "
                                  f"{key}={getattr(self, key)!r}")
-        self.position = int(state["position"])
+        # absent from a state saved before the shards were recorded: nothing to check then
+        if state.get("shards_sha256", self.shards_sha256) != self.shards_sha256:
+            raise ValueError(f"cannot resume the loader: the shards of split {self.split!r} in {self.data_dir!r} "
+                             f"differ from those the saved position counts windows of (tokenized again?)")
+        position = state.get("position")
+        if not isinstance(position, int) or position < 0:
+            raise ValueError(f"cannot resume the loader: saved position must be an int >= 0, got {position!r}")
+        self.position = position
+
+
+def _shards_sha256(entries: list[dict]) -> str:
+    """One hash of a split's shards as the manifest lists them (names, token counts, checksums)."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()

@@ -79,7 +79,18 @@ def _fingerprint(files: list[str], config: PrepareConfig) -> str:
     for key in ("num_workers", "batch_size"):
         settings.pop(key)
     settings["near_dedup"].pop("batch_size")
+    settings["near_dedup"].pop("num_threads")  # each document's signature is its own, however many threads
     settings["tokenize"] = None  # tokenization runs after the documents; changing it re-tokenizes only
+    # The eval sets decide what decontam drops, as the inputs decide what is read: an edited eval file,
+    # or one added to an eval-set directory, must not leave the inputs done under the old ones done.
+    eval_files = expand_inputs(config.decontam.eval_sets) if config.decontam.enabled else []
+    blob = json.dumps({"files": _file_stamps(files), "eval_files": _file_stamps(eval_files), "config": settings},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _file_stamps(files: list[str]) -> list[list]:
+    """[path, size, mtime] of each file: what tells that a file changed without reading it."""
     stamps = []
     for path in files:
         try:
@@ -87,8 +98,7 @@ def _fingerprint(files: list[str], config: PrepareConfig) -> str:
             stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
         except OSError:
             stamps.append([os.path.abspath(path), None, None])
-    blob = json.dumps({"files": stamps, "config": settings}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return stamps
 
 
 def part_name(index: int) -> str:
@@ -219,12 +229,13 @@ class _Progress:
 
 
 def _start_over(out_dir: str) -> None:
-    for name in (DOCUMENTS_DIR, TOKENS_DIR, STATE_DIR):
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    # progress.json goes first: cut short later, this must leave no record of parts partly deleted
     for name in (PROGRESS_FILE, REPORT_FILE):
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
             os.remove(path)
+    for name in (DOCUMENTS_DIR, TOKENS_DIR, STATE_DIR):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def _counted(batches: Iterable[list[Document]], report: ReadReport) -> Iterator[list[Document]]:
@@ -444,7 +455,7 @@ def _documents_report(files: list[str], done: dict[int, dict], totals: _Totals, 
 def _token_shards(out_dir: str, config: PrepareConfig, progress: _Progress) -> dict:
     """The summary of the token shards, tokenizing only when the shards of these tokenize settings are
     not there yet (the documents are the same whenever the run resumed: see _fingerprint)."""
-    wanted = json.dumps(to_dict(config.tokenize), sort_keys=True)
+    wanted = json.dumps(_tokenize_settings(config), sort_keys=True)
     previous = progress.data.get("tokenized")
     if previous and previous.get("settings") == wanted and _same_shards(out_dir, previous, config):
         return previous["summary"]
@@ -453,6 +464,14 @@ def _token_shards(out_dir: str, config: PrepareConfig, progress: _Progress) -> d
                                   "manifest_sha256": _manifest_sha256(out_dir)}
     progress.save()
     return summary
+
+
+def _tokenize_settings(config: PrepareConfig) -> dict:
+    """The tokenize settings that shape the shards: not num_workers (tokenize_documents gives the same
+    shards for any), so a rerun with other workers keeps the shards it has."""
+    settings = to_dict(config.tokenize)
+    settings.pop("num_workers")
+    return settings
 
 
 def _manifest_sha256(out_dir: str) -> str | None:
