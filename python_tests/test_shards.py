@@ -188,6 +188,7 @@ def test_tokenize_documents_rerun_removes_stale_shards(tmp_path):
     docs = random_docs(seed=8, count=200)
     first = shards.tokenize_documents(docs, "bytes", tmp_path, tokens_per_shard=1000)
     (tmp_path / "notes.bin").write_bytes(b"not ours")
+    (tmp_path / "train_000042.bin.tmp").write_bytes(b"a shard a killed run left unfinished")
     second = shards.tokenize_documents(docs[:20], "bytes", tmp_path, tokens_per_shard=1000)
     assert len(first["splits"]["train"]) > len(second["splits"]["train"])
     listed = {e["file"] for e in second["splits"]["train"] + second["splits"]["val"]}

@@ -548,9 +548,14 @@ def tokenize_documents(
 
 
 def _remove_stale_shards(out_dir: str, splits: dict) -> None:
-    """Delete shards a previous, longer run left in out_dir (the manifest no longer lists them)."""
+    """Delete shards a previous, longer run left in out_dir (the manifest no longer lists them), and
+    the unfinished shards (.bin.tmp) of a run killed too hard to abort its writers."""
     listed = {e["file"] for entries in splits.values() for e in entries}
     for name in os.listdir(out_dir):
-        split, _, index = name.removesuffix(".bin").rpartition("_")
-        if name.endswith(".bin") and split in splits and len(index) == 6 and index.isdigit() and name not in listed:
+        unfinished = name.endswith(".bin" + _TMP_SUFFIX)
+        shard = name.removesuffix(_TMP_SUFFIX) if unfinished else name
+        split, _, index = shard.removesuffix(".bin").rpartition("_")
+        if not (shard.endswith(".bin") and split in splits and len(index) == 6 and index.isdigit()):
+            continue
+        if unfinished or name not in listed:
             os.remove(os.path.join(out_dir, name))
