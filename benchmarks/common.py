@@ -8,6 +8,7 @@ import csv
 import datetime
 import importlib
 import importlib.util
+import os
 import re
 import signal
 import statistics
@@ -171,6 +172,11 @@ def gpu_name() -> str:
 
 
 def git_commit() -> str:
+    """The commit the results come from ("-dirty" with uncommitted changes). The GPU machine gets a copy
+    of the working tree without .git: there LLMKERN_COMMIT, which `gpu_check.sh prebuild` prints into
+    the device command, says it."""
+    if os.environ.get("LLMKERN_COMMIT"):
+        return os.environ["LLMKERN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True)

@@ -261,3 +261,13 @@ def test_liger_rope_tables_are_made_once_not_in_each_timed_call(bench_modules, f
     assert len(tables) == 3 and all(t[0] is tables[0][0] and t[1] is tables[0][1] for t in tables)
     torch.testing.assert_close(tables[0][0], torch.cat([cos, cos], dim=-1)[None], rtol=0, atol=0)
     torch.testing.assert_close(tables[0][1], torch.cat([sin, sin], dim=-1)[None], rtol=0, atol=0)
+
+
+def test_results_name_their_commit_on_a_machine_without_git(bench_modules, monkeypatch):
+    # The GPU machine gets the working tree without .git; the device command passes the commit.
+    common = bench_modules("common")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    monkeypatch.delenv("LLMKERN_COMMIT", raising=False)
+    assert common.git_commit() == "unknown"
+    monkeypatch.setenv("LLMKERN_COMMIT", "abc1234-dirty")
+    assert common.environment()["commit"] == "abc1234-dirty"

@@ -10,8 +10,8 @@
 #                                               #   GPU_CHECK_SECONDS (default 560)
 #
 # A first GPU session: `prebuild` here, then one device call with timeout_s 570, carrying the
-# prebuilt files: `bash scripts/gpu_check.sh all 500`. Then fix what it found, and spend what is
-# left on a second call of the parts that need it.
+# prebuilt files, of the command prebuild prints (`LLMKERN_COMMIT=... bash scripts/gpu_check.sh all
+# 500`). Then fix what it found, and spend what is left on a second call of the parts that need it.
 #
 # The parts of `all`, in order:
 #   env       the GPU, the driver, versions, which tools are there
@@ -246,6 +246,10 @@ case "$part" in
     ls -l llmkern/_c*.cpython-312-*.so "$PREBUILT_HASH"
     echo "the device call's carry (with \".whl\" too where \`wheels\` made it):"
     printf '["%s", "%s", "%s"]\n' llmkern/_cuda.cpython-312-*.so llmkern/_cpu.cpython-312-*.so "$PREBUILT_HASH"
+    # The device machine's copy has no .git: the benchmarks' rows learn their commit from this variable.
+    commit=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
+    [[ -n $(git status --porcelain --untracked-files=no 2> /dev/null) ]] && commit+="-dirty"
+    echo "the device call's command: LLMKERN_COMMIT=$commit bash scripts/gpu_check.sh all 500"
     exit 0
     ;;
   wheels)  # on the CPU machine: the data pipeline's packages for the GPU machine's Python 3.12
