@@ -916,3 +916,74 @@ def test_evaluate_choices_reads_an_iterator_once_and_refuses_an_answer_no_choice
     for answer in (2, -1):  # was: scored, never right
         with pytest.raises(ValueError, match=r"examples\[1\]: answer must be the index"):
             evaluate_choices(model, BYTES, [examples[0], ChoiceExample("q", ["a", "b"], answer)])
+
+
+def test_fewshot_shots_beyond_the_limit_must_have_a_right_answer():
+    # The shots are drawn from the whole task, the limit cuts only the examples scored: a shot's answer -1 wrote
+    # its last choice as the right one, silently, and answer 7 crashed with an IndexError.
+    model = bigram_model()
+    good = [ChoiceExample("q", ["a", "b"], 0), ChoiceExample("r", ["a", "b"], 1)]
+    for answer in (-1, 7):
+        with pytest.raises(ValueError, match=r"examples\[2\]: answer must be the index"):
+            evaluate_choices(model, BYTES, good + [ChoiceExample("s", ["a", "b"], answer)], limit=2, fewshot=2)
+    assert evaluate_choices(model, BYTES, good + [ChoiceExample("s", ["a", "b"], 1)], limit=2, fewshot=2)["examples"] == 2
+
+
+def test_a_choice_context_that_is_not_a_string_is_named():
+    with pytest.raises(TypeError, match=r"examples\[1\]: context must be a str"):
+        score_choices(bigram_model(), BYTES, [ChoiceExample("q", ["a", "b"], 0), ChoiceExample(None, ["a", "b"], 0)])
+
+
+def test_perplexity_of_a_bf16_model_matches_a_float64_loop_over_its_logits():
+    model = tiny_gpt(block_size=16).to(torch.bfloat16)
+    ids = random_tokens(40, seed=5)
+    result = perplexity(model, ids, context=16, stride=5, batch_size=4)
+    nll = 0.0
+    for start, end, first in sliding_windows(len(ids), 16, 5):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[start:end]]))
+        logp = F.log_softmax(logits[0].double(), -1)  # the bf16 logits, upcast before the softmax
+        nll -= sum(float(logp[t - 1 - start, ids[t]]) for t in range(first + 1, end + 1))
+    assert result["tokens"] == 39 and result["loss"] == pytest.approx(nll / 39, rel=1e-6)
+
+
+def test_win_rate_names_arguments_that_are_not_numbers():
+    # They failed in a comparison or in range() with a TypeError that named no argument.
+    judge = LengthJudge()
+    with pytest.raises(ValueError, match="tie_margin"):
+        win_rate(judge, ["a"], ["x"], ["y"], tie_margin="0.1")
+    with pytest.raises(ValueError, match="confidence"):
+        win_rate(judge, ["a"], ["x"], ["y"], confidence="high")
+    with pytest.raises(ValueError, match="samples"):
+        bootstrap_interval([1.0, 0.0], samples=2.5)
+
+
+def test_compare_runs_checks_the_baseline_and_judge_folders_before_generating(tmp_path, monkeypatch):
+    import sys
+
+    wr = sys.modules["llmkern.eval.win_rate"]  # the package's `win_rate` is the function
+    run_a = save_run(tmp_path / "a", tiny_gpt(block_size=64, seed=1))
+    generated = []
+    monkeypatch.setattr(wr, "generate_responses", lambda *args, **kwargs: generated.append(1) or ["r"])
+    # Both were loaded only after responses had been generated (the judge after both runs had): the work was lost.
+    with pytest.raises(FileNotFoundError, match="the baseline .*no-baseline.* is not a folder"):
+        compare_runs(run_a, str(tmp_path / "no-baseline"), LongerIsBetter(), ["Say hi."], device="cpu")
+    with pytest.raises(FileNotFoundError, match="the judge .*no-judge.* is not a folder"):
+        compare_runs(run_a, run_a, str(tmp_path / "no-judge"), ["Say hi."], device="cpu")
+    assert generated == []
+
+
+def test_eval_command_checks_its_files_before_loading_the_model(tmp_path, capsys):
+    from llmkern.cli import main
+
+    # A missing --text was found only after the model had loaded, an unwritable --json only after the
+    # evaluation had run (its result lost); the run here does not exist, so the files must be checked first.
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    common = ["eval", "--run", str(tmp_path / "no-run"), "--device", "cpu"]
+    assert main(common + ["--text", str(tmp_path / "missing.txt")]) == 2
+    assert "--text" in (err := capsys.readouterr().err) and "missing.txt" in err and "is not a file" in err
+    assert main(common + ["--text", str(text), "--json", str(tmp_path / "no-dir" / "out.json")]) == 2
+    assert "--json" in (err := capsys.readouterr().err) and "no folder" in err
+    assert main(common + ["--text", str(text), "--json", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err

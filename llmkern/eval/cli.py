@@ -88,6 +88,15 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # Before any model is loaded: a missing --text was found only once the model had loaded, and a --json
+    # that cannot be written only after the whole evaluation had run, its result lost.
+    if args.text is not None and not os.path.isfile(args.text):
+        raise ValueError(f"--text {args.text!r} is not a file")
+    if args.json is not None:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json!r} cannot be written: " +
+                             ("it is a folder" if os.path.isdir(args.json) else f"no folder {folder!r}"))
 
 
 def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:

@@ -111,6 +111,8 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
     answer that no choice has was never right, a silently lower accuracy."""
     if not isinstance(ex, ChoiceExample):
         raise TypeError(f"examples[{i}] must be a ChoiceExample, got {type(ex).__name__}")
+    if not isinstance(ex.context, str):  # else the tokenizer failed on it, naming no example
+        raise TypeError(f"examples[{i}]: context must be a str, got {type(ex.context).__name__}")
     if not ex.choices or not all(isinstance(c, str) and c for c in ex.choices):
         raise ValueError(f"examples[{i}]: choices must be a non-empty list of non-empty strings, got {ex.choices!r}")
     if answer and (isinstance(ex.answer, bool) or not isinstance(ex.answer, int)
@@ -178,6 +180,10 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
         return list(examples)
     if len(pool) <= k:
         raise ValueError(f"fewshot={k} needs more than {k} examples in the task, it has {len(pool)}")
+    # The shots write out their right answers, so the whole pool is checked, not only the examples scored
+    # (a limit leaves the rest unchecked): answer -1 wrote the last choice as the answer, silently.
+    for i, s in enumerate(pool):
+        _check_example(s, i, answer=True)
     rng = random.Random(seed)
     out = []
     for ex in examples:

@@ -21,6 +21,7 @@ its question in its own saved template.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import statistics
@@ -209,8 +210,9 @@ def load_judge(run_dir: str, kind: str = "reward", device: str | torch.device = 
 # --- intervals ---------------------------------------------------------------------------------
 
 def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    # a number checked first: a string failed the comparison with a TypeError that named no argument
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
@@ -238,8 +240,8 @@ def bootstrap_interval(outcomes: Sequence[float], confidence: float = 0.95, samp
     if len(outcomes) == 0:
         raise ValueError("outcomes is empty")
     _z(confidence)  # checks confidence
-    if samples < 1:
-        raise ValueError(f"samples must be positive, got {samples}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:  # 2.5 failed in range()
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
     rng = random.Random(seed)
     n = len(outcomes)
     means = sorted(sum(rng.choices(outcomes, k=n)) / n for _ in range(samples))
@@ -276,8 +278,9 @@ def win_rate(judge: Judge | PairJudge, prompts: Sequence[str], responses: Sequen
     if len(responses) != n or len(baseline_responses) != n:
         raise ValueError(f"prompts, responses and baseline_responses must have the same length; got {n}, "
                          f"{len(responses)} and {len(baseline_responses)}")
-    if not tie_margin >= 0:
-        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+    # a number checked first: a string failed the comparison with a TypeError that named no argument
+    if isinstance(tie_margin, bool) or not isinstance(tie_margin, numbers.Real) or not tie_margin >= 0:
+        raise ValueError(f"tie_margin must be a number >= 0, got {tie_margin!r}")
     if interval not in ("wilson", "bootstrap"):
         raise ValueError(f"interval must be 'wilson' or 'bootstrap', got {interval!r}")
 
@@ -427,6 +430,11 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
     judge_is_run = isinstance(judge, (str, os.PathLike))
     if judge_is_run and judge_kind not in JUDGE_KINDS:  # before generating anything
         raise ValueError(f"judge_kind must be one of {', '.join(JUDGE_KINDS)}; got {judge_kind!r}")
+    # The baseline and the judge are loaded only after the run (and the baseline) generated every response:
+    # a mistyped folder lost all that work. Each is a run or checkpoint folder, which load_checkpoint needs.
+    for what, path in (("run", run_dir), ("baseline", baseline_dir)) + ((("judge", judge),) if judge_is_run else ()):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"the {what} {os.fspath(path)!r} is not a folder: give a run or checkpoint folder")
     _check_limit(limit)  # a list of instructions is cut to the limit too (it was compared whole)
     examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)[:limit]
     answers, templates = [], []
