@@ -488,11 +488,34 @@ def test_norm_is_deterministic_and_grads_of_mixed_dtypes(backend):
         (dict(betas=(-0.1, 0.999)), ValueError, r"beta1 must be in \[0, 1\)"),
         (dict(lr=torch.ones(2)), ValueError, r"must hold one value \(a 0-d tensor\); got shape \(2,\)"),
         (dict(lr=torch.tensor(1)), TypeError, "a tensor lr must have a floating dtype; got torch.int64"),
+        # inf steps every parameter to inf or NaN (lr, weight_decay), or none at all (eps)
+        (dict(lr=math.inf), ValueError, "lr must be >= 0 and finite, got inf"),
+        (dict(lr=torch.tensor(math.inf)), ValueError, "lr must be >= 0 and finite, got inf"),
+        (dict(eps=math.inf), ValueError, "eps must be >= 0 and finite, got inf"),
+        (dict(weight_decay=math.inf), ValueError, "weight_decay must be >= 0 and finite, got inf"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         AdamW([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_numpy_hyperparameters_are_taken_as_torch_takes_them():
+    """NumPy scalars (a config read with NumPy) are floats to torch.optim.AdamW: the same step here.
+    (Not betas: torch takes them as Python floats or tensors only.)"""
+    np = pytest.importorskip("numpy")
+    settings = dict(lr=np.float32(0.1), betas=(0.8, 0.9), eps=np.float32(1e-6),
+                    weight_decay=np.int64(1))
+    p = torch.randn(5, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = AdamW([p], max_grad_norm=np.float32(1e9), backend="torch", **settings)
+    ref = torch.optim.AdamW([q], **settings)
+    for _ in range(3):
+        p.grad = torch.randn(5)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
 
 
 def test_bad_param_groups_are_refused():

@@ -702,6 +702,9 @@ def test_rejects_bad_doc_masks(backend, device, dtype, d, qkv_for):
 def test_rejects_bad_scale_and_causal(backend, device, dtype, d, qkv_for):
     with pytest.raises(ValueError, match="scale"):
         attention(*qkv_for(), scale=-1.0, backend=backend)
+    for huge in (float("inf"), 1e39):  # 1e39 rounds to inf in fp32: NaN out of every backend
+        with pytest.raises(ValueError, match="scale must be finite in float32"):
+            attention(*qkv_for(), scale=huge, backend=backend)
     with pytest.raises(TypeError, match="causal"):
         attention(*qkv_for(), causal="yes", backend=backend)
 

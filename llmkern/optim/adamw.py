@@ -26,6 +26,7 @@ reference because it is also the definition the kernels are tested against.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class AdamW(torch.optim.Optimizer):
         backend: str | None = None,
     ) -> None:
         if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real):
                 raise TypeError(f"max_grad_norm must be a float or None, got {type(max_grad_norm).__name__}")
             if not max_grad_norm > 0:
                 raise ValueError(f"max_grad_norm must be > 0 (math.inf to only skip non-finite steps), got {max_grad_norm}")
@@ -345,8 +346,8 @@ def _check_hyperparameters(group: dict, where: str) -> None:
             raise TypeError(f"{where}a tensor lr must have a floating dtype; got {lr.dtype}")
         if lr.numel() != 1:  # one value: a 0-d tensor, or (1,) as torch.optim.AdamW takes too
             raise ValueError(f"{where}a tensor lr must hold one value (a 0-d tensor); got shape {tuple(lr.shape)}")
-        if lr.device.type != "meta" and not lr.item() >= 0:
-            raise ValueError(f"{where}lr must be >= 0, got {lr.item()}")
+        if lr.device.type != "meta" and not 0 <= lr.item() < math.inf:
+            raise ValueError(f"{where}lr must be >= 0 and finite, got {lr.item()}")
     else:
         _check_nonnegative(f"{where}lr", lr)
     _check_nonnegative(f"{where}eps", group["eps"])
@@ -362,10 +363,13 @@ def _check_hyperparameters(group: dict, where: str) -> None:
 
 
 def _check_nonnegative(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real, not (int, float): a NumPy scalar (np.float32, a config read with NumPy) is a float too,
+    # as torch.optim.AdamW takes it
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    # inf would step every parameter to inf or NaN (lr, weight_decay) or stop every update (eps)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
 
 
 def _lr_for_kernels(lr: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
