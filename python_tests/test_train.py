@@ -552,6 +552,44 @@ def test_an_evaluation_larger_than_the_val_split_scores_each_window_once(saved_r
         assert trainer.evaluate() == exact  # the same windows, in the same steps
 
 
+
+def test_a_val_split_smaller_than_one_micro_batch_is_scored_once_per_window(tmp_path, data_dir):
+    # The val split holds fewer windows than a micro-batch: that one batch wrapped around the split and
+    # scored its first windows twice. Now the trainer scores each window once, like evaluate_run.
+    from llmkern.data.loader import TokenLoader
+    from llmkern.train.trainer import evaluate_loss
+
+    windows = TokenLoader(data_dir, "val", 1, 32, mode="sequential").windows_per_epoch
+    micro_batch = windows + 3
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir, micro_batch=micro_batch, batch_tokens=micro_batch * 32,
+                                  eval_steps=3))
+    every_window = evaluate_loss(trainer.model, TokenLoader(data_dir, "val", windows, 32, mode="sequential"), 1)
+    assert trainer.evaluate() == pytest.approx(every_window, rel=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_batches=0), "max_batches must be an int >= 1, got 0"),  # scored one batch all the same
+    (dict(max_batches=-3), "max_batches must be an int >= 1, got -3"),
+    (dict(max_batches=True), "max_batches must be an int >= 1, got True"),
+    (dict(seq_len=0), "seq_len must be an int >= 1 or None, got 0"),  # ran at the model's block_size
+    (dict(seq_len=16.0), "seq_len must be an int >= 1 or None, got 16.0"),
+])
+def test_evaluate_run_refuses_a_count_it_would_not_score(saved_run, data_dir, settings, message):
+    from llmkern.train.inference import evaluate_run
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate_run(saved_run.run_dir, data_dir, batch_size=2, **{"max_batches": 2, **settings})
+
+
+def test_evaluate_loss_refuses_zero_steps(saved_run, data_dir):
+    from llmkern.data.loader import TokenLoader
+    from llmkern.train.trainer import evaluate_loss
+
+    loader = TokenLoader(data_dir, "val", 2, 32, mode="sequential")
+    for steps in (0, -1, 1.0):  # 0: torch.stack of no losses, an error that named nothing
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            evaluate_loss(saved_run.model, loader, steps)
+
 def test_a_bad_device_or_sample_count_is_a_clear_error(saved_run, tmp_path, data_dir, capsys):
     from llmkern.cli import main
 
@@ -646,6 +684,23 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert not [n for n in os.listdir(ckpt.checkpoints_dir(str(tmp_path))) if n.startswith(".tmp")]
     assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], weights["w"])
 
+
+
+@pytest.mark.parametrize("step, keep, error, message", [
+    (3, 0, ValueError, "keep must be >= 1, got 0"),  # kept every checkpoint: a [:-0] slice is empty
+    (3, -1, ValueError, "keep must be >= 1, got -1"),
+    (3, True, TypeError, "keep must be an int, got bool"),
+    (-1, 2, ValueError, "step must be >= 0, got -1"),  # wrote step_-000001, which no resume finds
+    (True, 2, TypeError, "step must be an int, got bool"),
+    (2.0, 2, TypeError, "step must be an int, got float"),
+])
+def test_a_bad_step_or_keep_is_refused_before_anything_is_written(tmp_path, step, keep, error, message):
+    weights, empty = {"w": torch.randn(3)}, {"state": {}, "param_groups": []}
+    for saved in (1, 2):
+        ckpt.save_checkpoint(str(tmp_path), saved, weights, empty, {}, keep=2)
+    with pytest.raises(error, match=message):
+        ckpt.save_checkpoint(str(tmp_path), step, weights, empty, {}, keep=keep)
+    assert sorted(os.listdir(ckpt.checkpoints_dir(str(tmp_path)))) == ["step_0000001", "step_0000002"]
 
 def test_a_fresh_run_in_a_reused_folder_keeps_its_own_checkpoint(tmp_path):
     # An earlier run left step 10; a fresh run writes step 5. Rotation must keep the checkpoint just
@@ -890,6 +945,11 @@ def test_mfu():
     assert peak_flops_of("NVIDIA L40") == 181e12  # not the L4's 121e12, a pattern its name contains
     assert peak_flops_of("NVIDIA L40S") == 362e12 and peak_flops_of("NVIDIA L4") == 121e12
     assert peak_flops_of("Some Future GPU") is None
+    # a name that holds a table entry followed by more digits is another GPU, not that one
+    assert peak_flops_of("NVIDIA RTX A1000") is None  # was the A100's 312e12
+    assert peak_flops_of("NVIDIA T400 4GB") is None  # was the T4's 65e12
+    assert peak_flops_of("NVIDIA A10G") == 125e12 and peak_flops_of("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops_of("NVIDIA H200") == 989e12 and peak_flops_of("NVIDIA H20") == 148e12
     assert mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)
     assert mfu(1000.0, 6e9, 100e12, world_size=4) == pytest.approx(6e12 / 400e12)
     assert mfu(1000.0, 6e9, None) is None
@@ -1326,6 +1386,24 @@ def test_a_resume_trains_with_its_own_weight_decay_and_betas(tmp_path, data_dir,
         (0.02, (0.8, 0.9)), (0.0, (0.8, 0.9))]  # the second group: norms and biases, never decayed
     assert ckpt.load_checkpoint(str(tmp_path / "run")).optimizer["param_groups"][0]["weight_decay"] == 0.02
 
+
+
+def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path, data_dir):
+    # Another backend or activation checkpointing (a run moved to another GPU) was refused like another
+    # model, with two whole configs to compare by eye; a change of shape is still refused, and named.
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, data_dir, max_steps=4, ckpt_interval=2)).fit()
+    uninterrupted = train_losses(run)
+    shutil.rmtree(ckpt.step_dir(str(run), 4))  # stopped after step 2's checkpoint
+    with pytest.raises(ValueError, match=r"model differs from the checkpoint's \(n_layer: 1 -> 2\)"):
+        Trainer(tiny_config(run, data_dir, max_steps=4, model={**TINY_MODEL, "n_layer": 2})).fit(resume=True)
+    moved = {**TINY_MODEL, "activation_checkpointing": True, "fused_loss": False}
+    Trainer(tiny_config(run, data_dir, max_steps=4, ckpt_interval=2, backend="torch", model=moved)).fit(resume=True)
+    resumed = train_losses(run)
+    assert resumed.keys() == uninterrupted.keys()
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5)
+    assert ckpt.load_checkpoint(str(run)).meta["model_config"]["activation_checkpointing"] is True
 
 def test_the_train_command_checks_its_run_folder_before_the_data_and_the_model(tmp_path):
     from llmkern.train.main_job import run_train

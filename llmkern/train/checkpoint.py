@@ -93,6 +93,13 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
 
     rng: every rank's RNG states from gather_rng_states() (which every rank must call; only the
     writer calls this). None: this process's states alone, as rank 0 of one."""
+    # keep=0 kept every checkpoint (a [:-0] slice is empty) and a negative step named a folder that
+    # step_dirs never finds: refused, as is a bool, which f"{True:07d}" would take for step 1
+    for name, value, least in (("step", step, 0), ("keep", keep, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     root = checkpoints_dir(run_dir)
     os.makedirs(root, exist_ok=True)
     final = step_dir(run_dir, step)

@@ -93,6 +93,11 @@ def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: in
     from ..data.shards import load_manifest
     from .trainer import evaluate_loss
 
+    # 0 or fewer batches scored one batch anyway, and seq_len=0 ran at the model's block_size
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len must be an int >= 1 or None, got {seq_len!r}")
     device = resolve_device(device)
     model, tokenizer, _ = load_trained_model(run_dir, device)
     from ..data.tokenizer import same_tokenizer

@@ -1,7 +1,7 @@
 """Training metrics: a JSONL log, model FLOPs utilization (MFU), and PNG charts.
 
 Each line of metrics.jsonl is one JSON object with a "kind":
-    {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "time_s"}
+    {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"}
                                                           (+ "loss_scale" with dtype float16)
     {"kind": "eval", "step", "val_loss", "val_ppl"}
     {"kind": "skip", "step", "loss", "grad_norm", "reason"}  (a NaN/inf loss or gradient norm, or a float16
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,8 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 def peak_flops_of(gpu_name: str) -> float | None:
     for pattern, flops in GPU_PEAK_BF16_FLOPS:
-        if pattern in gpu_name:
+        # not followed by a digit: "A100" is in the name of a small RTX A1000, "T4" in a T400's
+        if re.search(re.escape(pattern) + r"(?![0-9])", gpu_name):
             return flops
     return None
 

@@ -48,6 +48,10 @@ from .readback import Readback
 from .schedules import learning_rate, warn_if_schedule_changed
 
 
+# GPTConfig fields that say how the model runs, not what it computes: a resume may change them
+_RUN_SETTINGS = ("backend", "activation_checkpointing", "fused_loss")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf for max_bad_steps steps in a row."""
 
@@ -415,6 +419,17 @@ class Trainer:
         val = TokenLoader(self.data_dir, "val", self.config.micro_batch, self.config.seq_len, mode="sequential",
                           rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
                           document_ids=self.config.document_masking)
+        if val.batches_per_epoch == 0:
+            # fewer windows than one micro-batch of every rank: that batch would wrap around and score some
+            # windows twice, so each rank takes its whole share of the split in one smaller batch
+            per_rank = val.windows_per_epoch // self.dist.world_size
+            if per_rank == 0:
+                raise ValueError(f"the val split of {self.data_dir!r} holds {val.windows_per_epoch} windows of "
+                                 f"seq_len={self.config.seq_len} tokens, fewer than the {self.dist.world_size} "
+                                 f"ranks: give it more data or a shorter seq_len")
+            val = TokenLoader(self.data_dir, "val", per_rank, self.config.seq_len, mode="sequential",
+                              rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+                              document_ids=self.config.document_masking)
         steps = max(1, min(self.config.eval_steps * self.grad_accum, val.batches_per_epoch))
         return evaluate_loss(self.model, val, steps, self._autocast, self.dist)
 
@@ -469,10 +484,14 @@ class Trainer:
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)  # there is one: check_run_folder
         state = ckpt.load_checkpoint(latest)
-        saved_model = state.meta["model_config"]
-        if saved_model != self.raw_model.config.to_dict():
-            raise ValueError(f"cannot resume from {latest}: its model config {saved_model} differs from this run's "
-                             f"{self.raw_model.config.to_dict()}")
+        saved_model, model = state.meta["model_config"], self.raw_model.config.to_dict()
+        # How the model runs is not what it computes: a run moved to another GPU may resume on another
+        # backend, or with activation checkpointing to fit; any other difference is another model.
+        differ = sorted(k for k in set(saved_model) | set(model)
+                        if k not in _RUN_SETTINGS and saved_model.get(k) != model.get(k))
+        if differ:
+            changes = ", ".join(f"{k}: {saved_model.get(k)!r} -> {model.get(k)!r}" for k in differ)
+            raise ValueError(f"cannot resume from {latest}: this run's model differs from the checkpoint's ({changes})")
         # this run's settings of each param group (weight_decay, betas, ...): loading the optimizer's state puts
         # back the stopped run's, and a changed --weight_decay or --betas was silently ignored (lr is set each step)
         configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -500,6 +519,8 @@ class Trainer:
 def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.nullcontext,
                   dist_info: distributed.DistInfo | None = None) -> float:
     """Mean next-token loss of `model` over `steps` batches of `loader` (averaged over the ranks)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # 0: an empty stack, no name
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     losses = []
     with eval_mode(model):
         for _ in range(steps):
