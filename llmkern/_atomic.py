@@ -18,6 +18,24 @@ def write_text_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a deletion in folder `path` durable: until the folder itself is flushed, a
+    power loss may bring back the old name (the file's data, already flushed, is not enough). A no-op
+    where folders cannot be opened or flushed (Windows, some network file systems): durability there
+    is the file system's, and a save must not fail for it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str, obj: Any, indent: int = 2) -> None:

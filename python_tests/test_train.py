@@ -702,6 +702,31 @@ def test_a_bad_step_or_keep_is_refused_before_anything_is_written(tmp_path, step
         ckpt.save_checkpoint(str(tmp_path), step, weights, empty, {}, keep=keep)
     assert sorted(os.listdir(ckpt.checkpoints_dir(str(tmp_path)))) == ["step_0000001", "step_0000002"]
 
+
+def test_a_new_checkpoint_is_made_durable_before_an_older_one_is_deleted(tmp_path, monkeypatch):
+    # Until the folder holding the renamed checkpoint is flushed, a power loss may undo the rename; the
+    # rotation's deletions then could leave no checkpoint at all.
+    weights, empty = {"w": torch.randn(3)}, {"state": {}, "param_groups": []}
+    ckpt.save_checkpoint(str(tmp_path), 1, weights, empty, {}, keep=1)
+    root = ckpt.checkpoints_dir(str(tmp_path))
+    flushed = []
+    monkeypatch.setattr(ckpt, "fsync_dir", lambda path: flushed.append((path, sorted(os.listdir(path)))))
+    ckpt.save_checkpoint(str(tmp_path), 2, weights, empty, {}, keep=1)
+    assert flushed == [(root, ["step_0000001", "step_0000002"])]
+    assert sorted(os.listdir(root)) == ["step_0000002"]
+
+
+def test_an_atomic_write_flushes_its_folder(tmp_path, monkeypatch):
+    from llmkern import _atomic
+
+    _atomic.fsync_dir(str(tmp_path))  # really flushes a folder here, and is no error
+    flushed = []
+    monkeypatch.setattr(_atomic, "fsync_dir", flushed.append)
+    _atomic.write_json_atomic(str(tmp_path / "progress.json"), {"done": 3})
+    assert flushed == [str(tmp_path)]
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"done": 3}
+
+
 def test_a_fresh_run_in_a_reused_folder_keeps_its_own_checkpoint(tmp_path):
     # An earlier run left step 10; a fresh run writes step 5. Rotation must keep the checkpoint just
     # written (it used to delete it and keep the old run's), and resume must not find the old one.

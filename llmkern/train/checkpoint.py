@@ -33,6 +33,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._atomic import fsync_dir
+
 FORMAT = "llmkern-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -129,6 +131,7 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
+    fsync_dir(root)  # the new checkpoint durable before any older one is deleted below
     # A run's steps only go up, so checkpoints past this step were left by an earlier run in the same
     # folder (a fresh start there): they would be taken for the newest on resume, and the rotation
     # below would delete this one in their favour. They go first.
