@@ -294,6 +294,24 @@ def test_nan_logits_are_an_error_not_a_token(use_cache, temperature):
     assert len(generate(model, [PROMPTS[0], PROMPTS[2]], 4, temperature=temperature, use_cache=use_cache, seed=0)) == 2
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_infinite_logits_are_an_error_not_a_token(use_cache, temperature, monkeypatch):
+    """An overflowed (inf) logit made sampling's probabilities NaN (inf - inf), and the inverse CDF then
+    gave token VOCAB, an id outside the vocabulary, as prompts[1]'s new token, silently."""
+    model = make_model("rope")
+    head = model.head
+
+    def overflowing_head(hidden):
+        logits = head(hidden)
+        logits[1, 7] = float("inf")
+        return logits
+
+    monkeypatch.setattr(model, "head", overflowing_head)
+    with pytest.raises(RuntimeError, match=r"logits hold inf for prompts\[1\] at new token 0"):
+        generate(model, PROMPTS, 1, temperature=temperature, use_cache=use_cache, seed=0)
+
+
 def test_generate_command_refuses_an_input_without_an_instruction(capsys):
     from llmkern.cli import main
 

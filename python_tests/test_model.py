@@ -600,6 +600,24 @@ def test_token_ids_outside_the_vocabulary_are_refused(bad):
     assert model(idx, torch.tensor([[1, -1, VOCAB - 1]]))[1].isfinite()  # -1 is ignored, VOCAB - 1 is a token
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@torch.no_grad()
+def test_hidden_states_refuses_positions_outside_the_tables(pos):
+    """Explicit positions (generation's) of -1 read the last RoPE row, silently, and failed the learned
+    lookup in torch's words; so did a row longer than block_size without positions (a device assert on a
+    GPU). Both are a ValueError now, and positions inside the tables give the default forward's states."""
+    model = GPT(tiny(pos=pos)).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"positions holds -1; positions are in \[0, 32\)"):
+        model.hidden_states(idx, positions=torch.tensor([[-1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"positions holds 32; positions are in \[0, 32\)"):
+        model.hidden_states(idx, positions=torch.tensor([[30, 31, 32]]))
+    with pytest.raises(ValueError, match="idx has 33 tokens per row; the model takes 1 to block_size=32"):
+        model.hidden_states(torch.zeros(1, 33, dtype=torch.long))
+    explicit = model.hidden_states(idx, positions=torch.tensor([[0, 1, 2]]))
+    torch.testing.assert_close(explicit, model.hidden_states(idx))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_a_model_built_on_meta_then_to_empty_and_loaded_matches_the_original(preset):
     """Built on the meta device, materialised with to_empty() and loaded from a state dict (no

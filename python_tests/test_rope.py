@@ -97,6 +97,32 @@ def test_rotary_cache_refuses_positions_past_its_tables(seq_len):
     assert cache(None, 50)[0].shape == (50, 4)
 
 
+@pytest.mark.parametrize("bad", [-1, -50, 50])
+def test_rotary_cache_refuses_positions_outside_its_tables(bad, monkeypatch):
+    """Position -1 indexed the tables' last row (49), silently; 50 was an IndexError in torch's words (a
+    device assert on a GPU). On the CPU both are a ValueError naming positions."""
+    cache = RotaryCache(head_dim=8, max_positions=50)
+    positions = torch.tensor([[0, 3], [bad, 2]])
+    with pytest.raises(ValueError, match=rf"positions holds {bad}; positions are in \[0, 50\)"):
+        cache(positions, 2)
+    # Where the check would wait for a GPU (or under torch.compile) a negative position is sent past the
+    # tables, so that the lookup fails as for one >= max_positions: never the wrapped row.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(IndexError):
+        cache(positions, 2)
+    assert torch.equal(cache(torch.tensor([[0, 49]]), 2)[0], cache.cos[torch.tensor([[0, 49]])])
+
+
+@pytest.mark.parametrize("positions", [torch.tensor([[0.0, 1.0]]), torch.tensor([[True, False]]),
+                                       torch.tensor([[1, 0]], dtype=torch.uint8), [[0, 1]]])
+def test_rotary_cache_refuses_positions_that_are_not_integer_tensors(positions):
+    """A bool or uint8 tensor indexed the tables as a mask (rows selected, not looked up), silently; a
+    nested list as several indices (rows of the wrong shape)."""
+    cache = RotaryCache(head_dim=8, max_positions=2)
+    with pytest.raises(TypeError, match="positions must"):
+        cache(positions, 2)
+
+
 @pytest.mark.parametrize("kwargs, words", [(dict(theta=0.0), "theta"), (dict(theta=-10.0), "theta"),
                                            (dict(theta=float("nan")), "theta"), (dict(max_positions=-1), "max_positions")])
 def test_rotary_cache_refuses_bad_arguments(kwargs, words):

@@ -111,10 +111,13 @@ def _left_pad(rows: list[list[int]], max_new_tokens: int, device: torch.device) 
 
 def _refuse_nan(logits: torch.Tensor, finished: list[bool], outputs: list[list[int]], rows: list[list[int]]) -> None:
     """Greedy's argmax takes a NaN for the largest logit and gives its id as a token, silently (and
-    sampling would draw from NaN probabilities): a running row's NaN logits are an error."""
-    for i, nan in enumerate(logits.isnan().any(dim=-1).tolist()):
-        if nan and not finished[i]:
-            raise RuntimeError(f"the model's logits hold NaN for prompts[{i}] at new token "
+    sampling would draw from NaN probabilities): a running row's NaN logits are an error. So is an
+    infinite logit (an overflow, in float16 say): sampling subtracts the largest logit, inf - inf is NaN,
+    and the inverse CDF of NaN probabilities gave the id vocab_size, a token that does not exist."""
+    nan, inf = torch.stack((logits.isnan().any(dim=-1), logits.isinf().any(dim=-1))).tolist()  # one wait
+    for i in range(len(finished)):
+        if (nan[i] or inf[i]) and not finished[i]:
+            raise RuntimeError(f"the model's logits hold {'NaN' if nan[i] else 'inf'} for prompts[{i}] at new token "
                                f"{len(outputs[i]) - len(rows[i])}: its weights or activations are not finite")
 
 
@@ -190,6 +193,9 @@ def _positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     (B, 1, T, T) mask of keys each query sees: real tokens at or before it. A padding query sees
     itself only, so its softmax has a key (its output is never used)."""
     t = valid.size(1)
+    # A padding column before a row's first token would be at position -1, which the position tables
+    # refuse (llmkern.nn.rotary.check_positions): clamped to 0 on purpose, and harmless there, since no
+    # real token's query sees a padding key and a padding query's output is never used.
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(t, dtype=torch.bool, device=valid.device)

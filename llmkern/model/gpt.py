@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
 from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
+from ..nn.rotary import check_positions
 from ..ops import fused_linear_cross_entropy
 from ..ops._checks import FLOAT_DTYPES
 from ..ops.attention import int32_doc_ids
@@ -192,6 +193,9 @@ class GPT(nn.Module):
                 raise ValueError(f"positions {start} to {start + t - 1} (the cache holds {start} tokens, idx has {t}) "
                                  f"go past block_size={self.config.block_size}")
             positions = torch.arange(start, start + t, device=idx.device)
+        if positions is None and t > self.config.block_size:
+            # The position tables end there: on a GPU the learned lookup would fail in a device assert.
+            raise ValueError(f"idx has {t} tokens per row; the model takes 1 to block_size={self.config.block_size}")
         vocab = self.config.vocab_size
         if vocab < self.config.padded_vocab_size:
             # An id in [vocab_size, padded_vocab_size) would read a padding row of the embedding, a plausible
@@ -201,7 +205,10 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         rotary = None
         if self.wpe is not None:
-            pos = torch.arange(t, device=idx.device) if positions is None else positions
+            if positions is None:
+                pos = torch.arange(t, device=idx.device)
+            else:  # checked as the RoPE tables check theirs: a clear error, not the lookup's
+                pos = check_positions(positions, self.config.block_size)
             x = x + self.wpe(pos)
         else:
             rotary = self.rotary(positions, t)

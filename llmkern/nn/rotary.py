@@ -47,12 +47,39 @@ class RotaryCache(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions 0 .. seq_len - 1, (S, D/2); or for explicit positions (B, S) -> (B, S, D/2)."""
+        """(cos, sin) for positions 0 .. seq_len - 1, (S, D/2); or for explicit positions (B, S) -> (B, S, D/2),
+        each in [0, max_positions) (see check_positions)."""
         if positions is None:
             if not 0 <= seq_len <= self.max_positions:  # a slice would silently stop at the table's end
                 raise ValueError(f"seq_len must be in [0, max_positions={self.max_positions}], got {seq_len}")
             return self.cos[:seq_len], self.sin[:seq_len]
+        positions = check_positions(positions, self.max_positions)
         return self.cos[positions], self.sin[positions]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}"
+
+
+def check_positions(positions: object, max_positions: int) -> torch.Tensor:
+    """positions, checked to index a table of max_positions rows: those < 0 sent past its end.
+
+    Indexing wraps a negative position silently to the table's end (-1 is the last row), a plausible
+    answer to a wrong input. The callers in llmkern make positions that cannot be negative (generate
+    clamps the padding's to 0, which attention masks anyway; packed documents count from 0), so this
+    guards the public API. On the CPU, where it costs nothing, any position outside [0, max_positions)
+    is a ValueError. On a GPU a host check would wait for the device at every forward pass, so a
+    negative position is instead sent past the table, where the lookup fails as one >= max_positions
+    does (a device assert): an error, never a wrong row. (torch.compile also takes this branch.)
+    """
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor of integer positions, got {type(positions).__name__}")
+    if positions.dtype not in (torch.int64, torch.int32):
+        # a bool (or uint8) tensor would index as a mask, selecting rows instead of looking them up
+        raise TypeError(f"positions must hold int64 (or int32) positions; got {positions.dtype}")
+    if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(positions))
+        if low < 0 or high >= max_positions:
+            raise ValueError(f"positions holds {low if low < 0 else high}; positions are in [0, {max_positions}) "
+                             "(the tables' max_positions, the model's block_size)")
+        return positions
+    return positions.masked_fill(positions < 0, max_positions)
