@@ -260,6 +260,9 @@ def test_split_is_seeded_and_disjoint():
     assert split_examples(list(range(103)), 0.1, seed=3) == (train, val)
     assert split_examples(list(range(103)), 0.1, seed=4) != (train, val)
     assert len(split_examples([1, 2], 0.1)[1]) == 1  # at least one held out
+    assert split_examples([1, 2], 0.9)[1] in ([1], [2])  # never all: one is left to train on
+    # a lone example trains (round(0.6) held it out: SFT then blamed max_len for having no training example)
+    assert split_examples([7], 0.6) == ([7], []) and split_examples([], 0.5) == ([], [])
 
 
 def test_prompt_tokens_are_masked_and_batches_shift():
@@ -321,6 +324,30 @@ def test_micro_batches_take_every_example_once_an_epoch_in_a_new_seeded_order():
     assert len({tuple(epoch) for epoch in epochs}) == 3  # each epoch shuffled anew
     assert list(islice(micro_batches(examples, 4, seed=5), 9)) == batches
     assert list(islice(micro_batches(examples, 4, seed=6), 3)) != batches[:3]
+
+
+def test_epochs_with_accumulation_take_as_many_steps_as_the_passes_hold(tmp_path):
+    # 10 examples in batches of 2: 5 micro-batches an epoch, 15 in 3 epochs; 2 per step. The stream carries
+    # an epoch's odd micro-batch into the next step, so 8 steps (16 micro-batches) cover the 3 epochs; rounding
+    # up per epoch made 9 (18 micro-batches: into a 4th epoch, the cosine schedule stretched over it).
+    from llmkern.train.schedules import cosine_lr
+
+    tok = ByteTokenizer()
+    examples = [encode_prompt_response(tok, f"{i} + {i} = ", str(2 * i), 16) for i in range(10)]
+    taken = []
+
+    def collate(rows):
+        taken.append(len(rows))
+        return make_lm_batch(rows, 0)
+
+    cfg = FinetuneConfig(out_dir=str(tmp_path), epochs=3, batch_size=2, grad_accum=2, lr=1e-2, min_lr=1e-3,
+                         warmup_steps=2, progress=False)
+    summary = fit(tiny_gpt(), lm_loss, examples, collate, cfg)
+    steps = [r for r in map(json.loads, open(summary["metrics"])) if r["kind"] == "train"]
+    assert summary["steps"] == len(steps) == 8
+    assert len(taken) == 8 * cfg.grad_accum == 3 * 5 + 1  # the 3 passes, one micro-batch more fills the last step
+    # every step's learning rate is the schedule's over the steps taken, ending at its last step
+    assert [r["lr"] for r in steps] == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 2, 8) for s in range(8)])
 
 
 def test_fit_lowers_the_loss_and_logs(tmp_path):

@@ -1,6 +1,7 @@
 """LoRA adapters: exact start, training touches only A/B, merge/unmerge, merge_lora, adapter state, bad input."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from llmkern.finetune.lora import (
     LoRALinear,
     apply_lora,
+    check_lora_targets,
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
@@ -175,6 +177,9 @@ def test_bad_targets_and_double_wrap():
         apply_lora(model, rank=2, targets=["qkv", "q_proj"])
     with pytest.raises(ValueError, match="lm_head"):
         apply_lora(model, rank=2, targets="lm_head")
+    for bad in (5, b"qkv"):  # was "'int' object is not iterable", or bytes read as a list of ints
+        with pytest.raises(TypeError, match="targets must be"):
+            apply_lora(model, rank=2, targets=bad)
     assert not lora_layers(model)  # a refused call changes nothing
     assert all(p.requires_grad for p in model.parameters())
     apply_lora(model, rank=2)
@@ -192,3 +197,18 @@ def test_targets_naming_nothing_and_an_infinite_alpha_are_refused():
         apply_lora(model, rank=2, alpha=float("inf"))
     assert not lora_layers(model)
     assert apply_lora(model, rank=2, targets=" ") == apply_lora(tiny_gpt(), rank=2)  # blank: the default
+
+
+def test_a_rank_above_a_layers_smaller_side_is_refused_before_anything_changes():
+    # A (r, in) and B (out, r) with r > min(in, out) is no low-rank update: was taken silently, with more
+    # adapter parameters and a smaller scale than the full-rank r = min(in, out).
+    with pytest.raises(ValueError, match=r"rank 9 .*'base' \(16 -> 8\).*= 8"):
+        LoRALinear(nn.Linear(16, 8), rank=9)
+    assert LoRALinear(nn.Linear(16, 8), rank=8).lora_A.shape == (8, 16)
+    model = tiny_gpt()  # n_embd 32: every projection has a side of 32
+    with pytest.raises(ValueError, match=r"rank 33 .*'blocks\.0\.attn\.qkv' \(32 -> 96\)"):
+        apply_lora(model, rank=33)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"rank 40 .*'blocks\.0\.mlp\.proj' \(128 -> 32\)"):  # a recipe's early check
+        check_lora_targets(model, SimpleNamespace(lora_rank=40, lora_targets="mlp.proj"))
+    assert len(apply_lora(model, rank=32)) == 8

@@ -85,14 +85,14 @@ def load_preference_data(path: str) -> list[dict[str, Any]]:
 
 def split_examples(examples: Sequence[Any], val_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """(train, val) after a seeded shuffle; val gets round(len * val_fraction) examples, at least one
-    when val_fraction > 0 and there are two or more examples."""
+    when val_fraction > 0 and there are two or more examples, and never all of them (a lone example trains)."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = round(len(examples) * val_fraction)
+    n_val = min(round(len(examples) * val_fraction), max(len(examples) - 1, 0))
     if val_fraction > 0 and len(examples) >= 2:
-        n_val = min(max(n_val, 1), len(examples) - 1)
+        n_val = max(n_val, 1)
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
     return train, val

@@ -75,11 +75,16 @@ class FinetuneDiverged(RuntimeError):
 
 
 def total_steps(num_examples: int, config, world_size: int = 1) -> int:
-    """Optimizer steps of a run: config.max_steps, or enough for config.epochs passes."""
+    """Optimizer steps of a run: config.max_steps, or enough for config.epochs passes.
+
+    The micro-batches run on from one epoch into the next (micro_batches), so a step's accumulation group
+    may span two epochs: the steps are counted over all the epochs' micro-batches together, rounded up once.
+    Rounding up each epoch would take up to a step per epoch more than the passes hold (training on into
+    further epochs, with the schedule stretched over them)."""
     if config.max_steps > 0:
         return config.max_steps
-    micro_batches = math.ceil(num_examples / config.batch_size)
-    return max(1, config.epochs * math.ceil(micro_batches / (config.grad_accum * world_size)))
+    micro_batches = config.epochs * math.ceil(num_examples / config.batch_size)
+    return max(1, math.ceil(micro_batches / (config.grad_accum * world_size)))
 
 
 def micro_batches(examples: Sequence[Any], batch_size: int, seed: int):

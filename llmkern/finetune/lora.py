@@ -45,6 +45,17 @@ def check_lora_args(rank: object, alpha: object, dropout: object) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
+def check_rank_fits(rank: int, linears: dict[str, nn.Linear]) -> None:
+    """ValueError naming rank when it is above a layer's min(in_features, out_features): B @ A is then no
+    low-rank update (a rank of that minimum already reaches every update of the layer), only more adapter
+    parameters and a smaller scale alpha / rank; most likely a rank meant for a wider model."""
+    for name, layer in linears.items():
+        if rank > min(layer.in_features, layer.out_features):
+            raise ValueError(f"rank {rank} is more than the layer {name!r} ({layer.in_features} -> "
+                             f"{layer.out_features}) can use: at most min(in_features, out_features) = "
+                             f"{min(layer.in_features, layer.out_features)}")
+
+
 class LoRALinear(nn.Module):
     """An nn.Linear with its weight and bias frozen, plus a trainable low-rank update B @ A * alpha / rank."""
 
@@ -53,6 +64,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         check_lora_args(rank, alpha, dropout)
+        check_rank_fits(rank, {"base": base})
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
@@ -124,6 +136,8 @@ def _parse_targets(targets: str | Iterable[str] | None) -> list[str] | None:
             raise ValueError(f"targets {targets!r} names no module; give module-name endings, or '' for every "
                              f"attention and MLP projection")
         return names or None  # "" means the default, as FinetuneConfig.lora_targets documents
+    if isinstance(targets, (bytes, dict)) or not isinstance(targets, Iterable):  # not a list of names
+        raise TypeError(f"targets must be a comma-separated string or a list of module-name endings, got {targets!r}")
     targets = list(targets)
     if not all(isinstance(t, str) and t for t in targets):
         raise TypeError(f"targets must be module-name endings (non-empty strings), got {targets!r}")
@@ -146,6 +160,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; merge_lora(model) first to add new ones")
     linears, chosen = _chosen_linears(model, targets)
+    check_rank_fits(rank, {name: linears[name] for name in chosen})  # before anything is frozen or wrapped
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -176,7 +191,8 @@ def check_lora_targets(model: nn.Module, config) -> None:
     wrapping anything: a recipe calls it as soon as the base is loaded, before the data is encoded (and DPO's
     reference log-probs computed), where the adapters are added later."""
     if config.lora_rank > 0:
-        _chosen_linears(model, config.lora_targets or None)
+        linears, chosen = _chosen_linears(model, config.lora_targets or None)
+        check_rank_fits(config.lora_rank, {name: linears[name] for name in chosen})
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
