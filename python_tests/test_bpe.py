@@ -362,3 +362,47 @@ def test_a_windows_corpus_file_is_read_in_chunks_that_split_as_the_whole(tmp_pat
     assert len(chunks) > 50 and max(map(len, chunks)) < 64 + 200
     special = ("<|endoftext|>",)
     assert count_words(chunks, pattern, special) == count_words([text], pattern, special)
+
+
+def test_train_bpe_bools_and_non_integers_are_type_errors(tmp_path):
+    # bool is an int subclass: min_frequency=True or num_workers=True passed as 1; num_workers=2.5 reached
+    # the C++ counter, whose error named no argument; num_workers=-1 was handed to it as a thread count.
+    out = tmp_path / "x.tiktoken"
+    for name, bad in (("vocab_size", True), ("vocab_size", 300.0), ("min_frequency", True),
+                      ("num_workers", True), ("num_workers", 2.5)):
+        with pytest.raises(TypeError, match=name):
+            train_bpe(["hello world hello"], **{"vocab_size": 300, "out_path": out, name: bad})
+    with pytest.raises(ValueError, match="num_workers"):
+        train_bpe(["hello world hello"], 300, out, num_workers=-1)
+    assert not out.exists()
+
+
+def test_train_bpe_refuses_an_empty_corpus(tmp_path):
+    # A corpus with no text (an empty file or folder, no texts) wrote a tokenizer of bytes alone, as if trained.
+    out = tmp_path / "x.tiktoken"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    for corpus in ([], [""], tmp_path / "empty", tmp_path / "empty.txt", [ENDOFTEXT]):
+        with pytest.raises(ValueError, match="corpus"):
+            train_bpe(corpus, 300, out)
+        assert not out.exists()
+    assert train_bpe([" "], 300, out).n_vocab == 257  # whitespace is text: one word, no pair to merge
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K_PATTERN])
+def test_a_byte_order_mark_in_a_corpus_file_is_not_counted(tmp_path, pattern):
+    # The readers drop a file's BOM from its first document: training counted it as a word of its own.
+    with_bom, without = tmp_path / "a.txt", tmp_path / "b.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbfhello world\r\nhi \xef\xbb\xbf\n")
+    without.write_bytes(b"hello world\r\nhi \xef\xbb\xbf\n")  # one inside the text is text
+    assert count_words(with_bom, pattern) == count_words(without, pattern)
+    assert sum(n for word, n in count_words(with_bom, pattern).items() if "\ufeff" in word) == 1
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K_PATTERN])
+def test_a_special_token_that_starts_another_does_not_cut_it_short(pattern):
+    # With "<|end" listed first, "<|endoftext|>" in the text was cut after "<|end" and "oftext", "|>"
+    # counted as words: the counts depended on the order the special tokens were given in.
+    text = ["a<|endoftext|>b<|end c"]
+    for specials in (("<|end", ENDOFTEXT), (ENDOFTEXT, "<|end")):
+        assert count_words(text, pattern, specials) == collections.Counter({"a": 1, "b": 1, " c": 1})

@@ -342,3 +342,44 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_document(tmp_path, name
     docs, report = _read(_write(tmp_path / name, data), separator="\n\n" if name == "split.txt" else None)
     assert [d.text for d in docs] == expected
     assert not report.counts
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.zst"])
+def test_small_read_chunks_keep_a_full_file_buffer(tmp_path, monkeypatch, name):
+    # The file's buffer was sized by the read chunk: a 1-byte chunk asked open() for line buffering (a
+    # RuntimeWarning in binary mode) and gave zstd a 1-byte buffer whose peek missed the BOM, losing the
+    # first record as malformed JSON.
+    monkeypatch.setattr(readers, "_CHUNK", 1)
+    data = b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n'
+    if name.endswith(".zst"):
+        data = pytest.importorskip("zstandard").ZstdCompressor().compress(data)
+    docs, report = _read(_write(tmp_path / name, data))
+    assert [d.text for d in docs] == ["first", "second"]
+    assert not report.counts
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 5, 1 << 20])
+def test_a_windows_file_first_document_of_max_bytes_is_kept(tmp_path, monkeypatch, chunk):
+    # Until the first line end decides the separator ("\n" or "\r\n" as written), a "\r" at the end of the
+    # buffer counted as document bytes: a first document of exactly max_document_bytes was "too long", and
+    # one that was too long dropped the "\r" the decision needs, so every later document kept a "\r".
+    monkeypatch.setattr(readers, "_CHUNK", chunk)
+    docs, report = _read(_write(tmp_path / "a.txt", "abc\r\ndef\r\n"), separator="\n", max_document_bytes=3)
+    assert [(d.text, d.line) for d in docs] == [("abc", 1), ("def", 2)] and not report.counts
+    docs, report = _read(_write(tmp_path / "b.txt", "abcd\r\nef\r\ngh"), separator="\n", max_document_bytes=3)
+    assert [(d.text, d.line) for d in docs] == [("ef", 2), ("gh", 3)]
+    assert report.counts == {"too_long": 1}
+    docs, report = _read(_write(tmp_path / "c.txt", "ab--\r\ncd--\r\n"), separator="--\n", max_document_bytes=2)
+    assert [(d.text, d.line) for d in docs] == [("ab", 1), ("cd", 2)] and not report.counts
+
+
+def test_parquet_documents_over_max_bytes_are_skipped_like_text_and_jsonl(tmp_path):
+    # ReaderConfig.max_document_bytes skipped long .txt documents and JSONL lines, but Parquet rows of any
+    # length were kept. Bytes are UTF-8 bytes: "ééa" is 3 characters but 5 bytes.
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["abcd", "abcde", "éé", "ééa", "x"]}), tmp_path / "t.parquet")
+    docs, report = _read(tmp_path / "t.parquet", max_document_bytes=4)
+    assert [(d.text, d.line) for d in docs] == [("abcd", 1), ("éé", 3), ("x", 5)]
+    assert report.counts == {"too_long": 2} and [e["line"] for e in report.examples["too_long"]] == [2, 4]

@@ -146,6 +146,19 @@ def test_bad_arguments_are_clear_errors(shard_dir, tmp_path):
         TokenLoader(str(tmp_path / "nowhere"), "train", 2, 8)
 
 
+def test_bools_and_non_integers_are_type_errors_naming_the_argument(shard_dir):
+    # bool is an int subclass: batch_size=True made batches of one, seed=True the stream of seed 1.
+    for name, bad in (("batch_size", True), ("batch_size", 2.0), ("seq_len", True), ("seq_len", "8"),
+                      ("world_size", True), ("rank", False), ("rank", 0.0), ("seed", True), ("seed", 1.5)):
+        with pytest.raises(TypeError, match=name):
+            TokenLoader(shard_dir, "train", **{"batch_size": 2, "seq_len": 8, name: bad})
+    with pytest.raises(ValueError, match="seed"):  # numpy refused it only at the first batch, naming nothing
+        TokenLoader(shard_dir, "train", 2, 8, seed=-1)
+    loader = TokenLoader(shard_dir, "train", 2, 8)
+    with pytest.raises(ValueError, match="position"):
+        loader.load_state_dict({**loader.state_dict(), "position": True})
+
+
 @pytest.mark.cuda
 def test_batches_on_the_gpu_equal_the_cpu_ones(shard_dir):
     cpu = TokenLoader(shard_dir, "train", 4, 32, seed=1)

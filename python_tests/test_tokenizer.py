@@ -69,6 +69,52 @@ def test_bytes_tokenizer_rejects_out_of_range_ids():
         get_tokenizer("bytes").decode([65, 257])
 
 
+def _check_decode_types(tok, good_id):
+    # bool is an int subclass, and bytearray.append / tiktoken took a float's or bool's value: decode([1.7,
+    # True]) or a float tensor gave text. Each must be a TypeError naming the argument.
+    import numpy as np
+    import torch
+
+    for bad in ([1.7, True], [good_id, True], [float(good_id)], torch.tensor([float(good_id)]),
+                torch.tensor([True]), np.array([float(good_id)]), np.array([True]), [np.True_], "ab", good_id):
+        with pytest.raises(TypeError, match="ids"):
+            tok.decode(bad)
+    want = tok.decode([good_id, good_id])
+    for ok in (torch.tensor([good_id, good_id]), np.array([good_id, good_id], dtype=np.int32),
+               [np.int64(good_id), good_id]):
+        assert tok.decode(ok) == want
+    with pytest.raises(ValueError, match="ids"):  # the range check stands for tensors too
+        tok.decode(torch.tensor([good_id, tok.n_vocab]))
+
+
+def test_bytes_tokenizer_rejects_floats_and_bools():
+    tok = get_tokenizer("bytes")
+    _check_decode_types(tok, 65)
+    assert tok.decode([65, 66]) == "AB"
+
+
+def test_gpt2_file_rejects_floats_and_bools(gpt2_file):
+    _check_decode_types(get_tokenizer(gpt2_file), 15496)
+
+
+def _check_encode_types(tok):
+    # encode_batch("hello") encoded each character as a text of its own; encode(b"a") was an AttributeError
+    with pytest.raises(TypeError, match="texts"):
+        tok.encode_batch("hello")
+    for bad in (b"ab", None):
+        with pytest.raises(TypeError, match="text"):
+            tok.encode(bad)
+    assert tok.encode_batch(["he", "llo"], num_threads=1) == [tok.encode("he"), tok.encode("llo")]
+
+
+def test_bytes_tokenizer_encode_type_errors():
+    _check_encode_types(get_tokenizer("bytes"))
+
+
+def test_gpt2_file_encode_type_errors(gpt2_file):
+    _check_encode_types(get_tokenizer(gpt2_file))
+
+
 def test_gpt2_file_gives_gpt2_ids(gpt2_file):
     tok = get_tokenizer(gpt2_file)
     assert tok.n_vocab == 50257 and tok.eot_token == 50256

@@ -83,7 +83,8 @@ def _last_safe_cut(text: str, floor: int = 0, safe_cut: re.Pattern = _SAFE_CUT) 
 def _file_chunks(path: pathlib.Path, pattern: str = GPT2_PATTERN) -> Iterator[str]:
     """Text of one file in pieces of about _CHUNK_CHARS, cut only where a piece of `pattern` ends anyway."""
     safe_cut = _safe_cut_for(pattern)
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    # utf-8-sig: a byte order mark (Windows tools write one) is no text; the readers drop it from documents
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         carry = ""
         while block := f.read(_CHUNK_CHARS):
             floor = max(0, len(carry) - 2)  # the carry holds no cut (a cut needs the two characters before it)
@@ -136,12 +137,21 @@ def _corpus_jobs(corpus, pattern: str = GPT2_PATTERN) -> Iterator[list[str]]:
 # --- pre-tokenization -----------------------------------------------------------------------
 
 
+def _special_regex(special_tokens: tuple[str, ...]):
+    """One regular expression of the special tokens, the longest first: an alternation takes the first that
+    matches, so with "<|end" listed before "<|endoftext|>" the longer one was cut short, its rest ("oftext",
+    "|>") counted as text, and the words depended on the order the tokens were given in."""
+    import regex
+
+    return regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+
+
 def _count_words(args: tuple[list[str], str, tuple[str, ...]]) -> collections.Counter:
     import regex
 
     texts, pattern, special_tokens = args
     word = regex.compile(pattern)
-    special = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
+    special = _special_regex(special_tokens) if special_tokens else None
     counts: collections.Counter = collections.Counter()
     for text in texts:
         for piece in special.split(text) if special else (text,):
@@ -168,9 +178,7 @@ def gpt2_char_classes() -> bytes:
 def _split_on_specials(texts: list[str], special_tokens: tuple[str, ...]) -> list[str]:
     if not special_tokens:
         return texts
-    import regex
-
-    special = regex.compile("|".join(regex.escape(s) for s in special_tokens))
+    special = _special_regex(special_tokens)
     pieces = []
     for text in texts:
         pieces.extend(special.split(text) if any(s in text for s in special_tokens) else (text,))
@@ -298,17 +306,28 @@ def train_bpe(
         )
     if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
         raise ValueError(f"special_tokens: expected distinct non-empty strings, got {special_tokens!r}")
-    if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+    # bool is an int subclass: min_frequency=True or num_workers=True would pass as 1
+    ints = {"vocab_size": vocab_size, "min_frequency": min_frequency}
+    if num_workers is not None:
+        ints["num_workers"] = num_workers
+    for name, value in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}: expected an int, got {value!r} of type {type(value).__name__}")
+    if vocab_size < 256 + len(special_tokens):
         raise ValueError(
             f"vocab_size: expected an int >= {256 + len(special_tokens)} (bytes + special tokens), got {vocab_size!r}"
         )
-    if not isinstance(min_frequency, int) or min_frequency < 1:
+    if min_frequency < 1:
         raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
+    if num_workers is not None and num_workers < 0:  # 0 (as None) means the default
+        raise ValueError(f"num_workers: expected an int >= 0 or None, got {num_workers!r}")
     pattern = _resolve_pattern(pattern)
     out_path = _check_out_path(out_path)
     num_workers = num_workers or min(os.cpu_count() or 1, 8)
 
     counts = count_words(corpus, pattern, special_tokens, num_workers, progress)
+    if not counts:  # else a tokenizer of bytes alone is written as if it were trained
+        raise ValueError("corpus: holds no text to learn merges from (empty files, an empty folder or no texts)")
     if progress:
         print(f"learning {vocab_size - 256 - len(special_tokens)} merges from {len(counts)} distinct words")
     words = [w.encode("utf-8", errors="replace") for w in counts]

@@ -51,11 +51,18 @@ class TokenLoader:
                  document_ids: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        # bool is an int subclass: batch_size=True would be a batch of one, seed=True the stream of seed 1
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size),
+                            ("rank", rank), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
+        if seed < 0:  # numpy's generator refuses it only at the first batch, naming no argument
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         manifest = load_manifest(data_dir)
         if not manifest["splits"].get(split):
             raise ValueError(f"split {split!r} has no shards in {data_dir!r}; it has {sorted(manifest['splits'])}")
@@ -150,7 +157,7 @@ class TokenLoader:
             raise ValueError(f"cannot resume the loader: the shards of split {self.split!r} in {self.data_dir!r} "
                              f"differ from those the saved position counts windows of (tokenized again?)")
         position = state.get("position")
-        if not isinstance(position, int) or position < 0:
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
             raise ValueError(f"cannot resume the loader: saved position must be an int >= 0, got {position!r}")
         self.position = position
 

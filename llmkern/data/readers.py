@@ -33,7 +33,10 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSION_SUFFIXES = (".gz", ".zst")
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # bytes per read
+# The files' buffer, its own constant: tied to _CHUNK, a read chunk of 1 byte asked for line buffering (not
+# supported in binary mode, a RuntimeWarning) and a 1-byte zstd buffer whose peek cannot see a 3-byte BOM.
+_BUFFER = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools write at the start of a file
 
@@ -166,8 +169,8 @@ def _open_binary(path: str) -> BinaryIO:
         import zstandard
 
         raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), _CHUNK)
-    return open(path, "rb", buffering=_CHUNK)
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), _BUFFER)
+    return open(path, "rb", buffering=_BUFFER)
 
 
 def _skip_bom(f: BinaryIO, report: ReadReport) -> None:
@@ -280,13 +283,16 @@ def _read_split_text(f: BinaryIO, path: str, cfg: ReaderConfig, report: ReadRepo
                 yield Document(_decode(piece, path, line, report), path, line)
             break
         # The last len(sep) - 1 bytes may start a separator that the next chunk completes: only what
-        # comes before them surely belongs to the document.
-        rest = len(buf) - pos - (len(sep) - 1)
+        # comes before them surely belongs to the document. Before the first line end decides the
+        # separator, one byte more: a "\r" there may make it the longer Windows one (_as_written), and
+        # must stay in buf for that decision.
+        tail = len(sep) - 1 + (not decided)
+        rest = len(buf) - pos - tail
         if not skipping and rest > cfg.max_document_bytes:
             report.add("too_long", path, line, f"a document over max_document_bytes={cfg.max_document_bytes}")
             skipping = any_too_long = True
         if skipping:  # keep only what could be the start of a separator cut by the chunk boundary
-            keep_from = max(pos, len(buf) - (len(sep) - 1))
+            keep_from = max(pos, len(buf) - tail)
             line += buf.count(b"\n", pos, keep_from)
             pos = keep_from
         buf = buf[pos:]
@@ -372,6 +378,11 @@ def _read_parquet(path: str, cfg: ReaderConfig, report: ReadReport) -> Iterator[
             body = record.pop(cfg.text_field)
             if not isinstance(body, str):  # a null: the schema check above let only strings through
                 report.add("missing_text_field", path, row, f"the field {cfg.text_field!r} is null")
+                continue
+            # Arrow has read it already, but it is skipped as an over-long .txt document or JSONL line is
+            # (a UTF-8 character is at most 4 bytes: short texts need no encoding to measure)
+            if len(body) > cfg.max_document_bytes // 4 and len(body.encode("utf-8")) > cfg.max_document_bytes:
+                report.add("too_long", path, row, f"a document over max_document_bytes={cfg.max_document_bytes}")
                 continue
             yield Document(body, path, row, record)
 

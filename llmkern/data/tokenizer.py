@@ -19,6 +19,7 @@ import binascii
 import functools
 import hashlib
 import json
+import numbers
 import os
 from typing import Protocol, Sequence
 
@@ -58,6 +59,41 @@ def same_tokenizer(spec_a: str, spec_b: str, sha256_b: str | None = None) -> boo
     return hash_a is not None and hash_a in (tokenizer_file_sha256(spec_b), sha256_b)
 
 
+def _token_ids(ids) -> list[int]:
+    """`ids` as a list of Python ints; TypeError naming the argument for anything else.
+
+    bool is an int subclass and bytearray.append / tiktoken take a float tensor's or a bool's value,
+    so without this decode([1.7, True]) or a float array could give text instead of an error."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"ids: expected a sequence of int token ids, got {type(ids).__name__}")
+    if hasattr(ids, "tolist"):  # a torch tensor or numpy array: its elements as Python ints, floats or bools
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise TypeError(f"ids: expected a sequence of int token ids, got {type(ids).__name__}") from None
+    # the distinct types, not a Python loop over the ids, keep a long decode fast
+    types = set(map(type, ids))
+    bad = next((t for t in types if not issubclass(t, numbers.Integral) or issubclass(t, bool)), None)
+    if bad is not None:
+        example = next(i for i in ids if type(i) is bad)
+        raise TypeError(f"ids: expected int token ids, got {example!r} of type {bad.__name__}")
+    if types - {int}:  # numpy integers
+        ids = list(map(int, ids))
+    return ids
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+
+
+def _check_texts(texts) -> None:
+    # a str is a sequence of str too: encode_batch("hello") gave one token list per character
+    if isinstance(texts, str):
+        raise TypeError("texts: expected a sequence of str, got one str (encode() takes a single text)")
+
+
 class Tokenizer(Protocol):
     spec: str
     eot_token: int
@@ -78,6 +114,7 @@ class ByteTokenizer:
     n_vocab = 257
 
     def encode(self, text: str) -> list[int]:
+        _check_text(text)
         try:
             return list(text.encode("utf-8"))
         except UnicodeEncodeError:
@@ -86,11 +123,12 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         # Encoding bytes is a C-level copy: threads would not help.
+        _check_texts(texts)
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         out = bytearray()
-        for i in ids:
+        for i in _token_ids(ids):
             if i == self.eot_token:
                 out += ENDOFTEXT.encode("utf-8")
             elif 0 <= i < 256:
@@ -116,15 +154,17 @@ class TiktokenTokenizer:
             raise ValueError(f"tokenizer {spec!r} has no {ENDOFTEXT} special token") from err
 
     def encode(self, text: str) -> list[int]:
+        _check_text(text)
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        _check_texts(texts)
         if num_threads <= 1:  # tiktoken would still start a thread pool
             return [self.encoding.encode_ordinary(t) for t in texts]
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = list(ids)
+        ids = _token_ids(ids)
         # tiktoken's KeyError or OverflowError for such an id names no argument; min and max, not a
         # Python loop, keep a long decode fast
         if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
