@@ -117,3 +117,24 @@ def test_eval_items_too_short_to_look_for_are_named_in_a_warning(tmp_path):
     (tmp_path / "eval.jsonl").write_text('{"text": "two plus two"}\n{"text": "' + " ".join(["word"] * 20) + '"}\n')
     with pytest.warns(UserWarning, match=r"1 eval item\(s\) have fewer than decontam.ngram=13 words"):
         DecontamStage(DecontamConfig(enabled=True, eval_sets=[str(tmp_path / "eval.jsonl")]))
+
+
+def test_a_chinese_eval_item_is_found_inside_unspaced_chinese_text():
+    # Chinese has no spaces: as \w+ runs, an item was one "word", too short for any n-gram, and neither its
+    # own text nor a copy inside a longer sentence was ever found. Each Han character is a word now.
+    rng = random.Random(4)
+    han = [chr(cp) for cp in range(0x4E00, 0x4E00 + 3000)]
+    item = "".join(rng.sample(han, 30))  # distinct characters: 30 - 13 + 1 distinct 13-grams
+    index = Decontaminator(ngram=13)
+    index.add("ceval", [item])
+    assert index.too_short == 0 and index.num_ngrams == 30 - 13 + 1
+    assert index.matches(item) == ["ceval"]  # the item's own text
+    before, after = "".join(rng.sample(han, 20)), "".join(rng.sample(han, 20))
+    assert index.matches(before + item[5:18] + after) == ["ceval"]  # 13 characters of it, no separator
+    assert index.matches(before + item[5:17] + after) == []  # 12: below n
+    assert index.matches(before + "，" + item[:13] + "。" + after) == ["ceval"]  # punctuation does not count
+    # Half-width katakana (NFKC) and Latin words among the characters still read as one would expect.
+    index = Decontaminator(ngram=5)
+    index.add("ja", ["ｶﾀｶﾅ OK です"])
+    assert index.matches("これはカタカナokです") == ["ja"]
+    assert [len(ngram_hashes(t, 1)) for t in ("カタカナ・テスト", "naïve 中文", "")] == [7, 3, 0]

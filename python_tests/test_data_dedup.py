@@ -226,3 +226,45 @@ def test_a_chinese_text_with_a_few_characters_changed_is_a_near_duplicate():
     kept = stage.run([Document(text, "a", 1), Document(edited, "b", 1), Document(other, "c", 1)],
                      StageStats("near_dedup"))
     assert [d.source for d in kept] == ["a", "c"]
+
+
+def test_signature_agreement_estimates_the_exact_jaccard_within_its_sampling_error():
+    # The share of equal values of two signatures is an unbiased estimate of the Jaccard similarity J of
+    # the shingle sets, with standard deviation sqrt(J (1 - J) / num_perm) (one Bernoulli draw per
+    # permutation). Reference: J from the shingle sets themselves.
+    rng = random.Random(31)
+    num_perm = 256
+    a, b = permutations(num_perm, seed=9)
+    z = []
+    for _ in range(150):
+        base = [f"w{rng.randrange(10**9)}" for _ in range(rng.randint(20, 150))]
+        variant = list(base)
+        for _ in range(rng.randint(1, max(1, len(base) // 8))):
+            variant[rng.randrange(len(base))] = f"v{rng.randrange(10**9)}"
+        x, y = " ".join(base), " ".join(variant)
+        sx, sy = set(shingle_hashes_reference(x, 5)), set(shingle_hashes_reference(y, 5))
+        j = len(sx & sy) / len(sx | sy)
+        sigs, _ = minhash_signatures([x, y], a, b, 5)
+        estimate = float((sigs[0] == sigs[1]).mean())
+        assert 0.0 < j < 1.0
+        z.append((estimate - j) / (j * (1 - j) / num_perm) ** 0.5)
+    z = np.array(z)
+    assert abs(z.mean()) < 4 / len(z) ** 0.5  # no bias: the mean of 150 unit normals is within 4 of their sd
+    assert 0.75 < z.std() < 1.25 and np.abs(z).max() < 5
+
+
+def test_a_chain_of_near_duplicates_keeps_what_the_module_docstring_says():
+    # A ~ B and B ~ C, A !~ C: a document is compared with the documents kept before it only.
+    rng = random.Random(21)
+    first = [f"w{rng.randrange(10**9)}" for _ in range(400)]
+    other = [f"v{rng.randrange(10**9)}" for _ in range(60)]
+    texts = {"A": " ".join(first), "B": " ".join(other[:30] + first[30:]), "C": " ".join(other + first[60:])}
+    cfg = NearDedupConfig(num_perm=256, bands=32, threshold=0.8)
+    stage = NearDedupStage(cfg)
+    sigs, _ = minhash_signatures(list(texts.values()), stage.a, stage.b, cfg.ngram)
+    agree = [float((sigs[i] == sigs[k]).mean()) for i, k in ((0, 1), (1, 2), (0, 2))]
+    assert agree[0] >= 0.8 and agree[1] >= 0.8 and agree[2] < 0.8
+    expected = {"ABC": "AC", "ACB": "AC", "BAC": "B", "BCA": "B", "CAB": "CA", "CBA": "CA"}
+    for order, kept_sources in expected.items():
+        kept = NearDedupStage(cfg).run([Document(texts[k], k, 0) for k in order], StageStats("near_dedup"))
+        assert "".join(d.source for d in kept) == kept_sources, order

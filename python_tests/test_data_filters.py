@@ -278,3 +278,79 @@ def test_clean_turns_controls_that_separate_words_into_whitespace():
     raw = "end of page one.\x0cStart of page two\x0bthree\x85four\x1cfive\x1fsix\x00seven"
     assert clean_text(raw) == "end of page one.\nStart of page two\nthree\nfour\nfive sixseven"
     assert clean_text(raw).split() == raw.replace("\x00", "").split()
+
+
+def test_clean_output_is_nfc_even_where_a_deleted_character_split_a_letter_from_its_mark():
+    import random
+    import unicodedata
+
+    # A soft hyphen / zero-width space between "e" and U+0301 was deleted after NFC ran: "cafe\u0301" stayed,
+    # an exact copy of "café" that exact dedup and near dedup then took for another text.
+    assert clean_text("un cafe\u00ad\u0301 au lait") == "un caf\u00e9 au lait"
+    assert clean_text("e\u200b\u0308") == "\u00eb"
+    assert clean_text("\u0130\u0327", CleanConfig(lowercase=True)) == unicodedata.normalize("NFC", "i\u0327\u0307")
+    # Whatever the input, the output is NFC (unicodedata is the reference) and cleaning it again changes nothing.
+    rng = random.Random(3)
+    chars = list("ab e.\t\n\r") + ["\u0301", "\u0327", "\u0308", "\u00ad", "\u200b", "\ufeff", "\x00", "\x0c", "\x85",
+                                   "\x1f", "\u00a0", "\u3000", "\u2000", "\u1100", "\u1161", "\u11a8", "\u0130"]
+    for lowercase in (False, True):
+        cfg = CleanConfig(lowercase=lowercase)
+        for _ in range(3000):
+            text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 10)))
+            cleaned = clean_text(text, cfg)
+            assert unicodedata.is_normalized("NFC", cleaned), repr(text)
+            assert clean_text(cleaned, cfg) == cleaned, repr(text)
+
+
+class _HashedWord(str):
+    """A word whose hash() is given: the tests play the hash seeds of other processes with it."""
+
+    def __new__(cls, text: str, value: int):
+        word = super().__new__(cls, text)
+        word.value = value
+        return word
+
+    def __hash__(self):
+        return self.value
+
+
+def test_top_ngram_rule_does_not_depend_on_the_hash_seed():
+    import random
+    from collections import Counter
+
+    from llmkern.data import quality
+
+    # Two 2-grams tied at 3 occurrences, one of 4 characters, one of 21: the rule looks at the longer one
+    # (it alone goes over the limit). It took whichever came first in hash order, which PYTHONHASHSEED
+    # changes from run to run: the same document was kept by one run and dropped by the next.
+    filler = [f"fill{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(40)]
+    words = filler[:20]
+    for k in range(3):
+        words += ["ab", "cd"] + filler[20 + 5 * k:25 + 5 * k] + ["longerword", "anotherlong"]
+    cfg = QualityConfig(max_top_ngram_char_fraction={"2": 0.1}, max_duplicate_ngram_char_fraction={})
+    # Reference in plain Python: the most characters held by a most frequent 2-gram.
+    grams = Counter(zip(words, words[1:]))
+    top = max(grams.values())
+    top_chars = max(top * sum(map(len, g)) for g, c in grams.items() if c == top)
+    total = sum(map(len, words))
+    assert top == 3 and 3 * 4 <= 0.1 * total < top_chars  # the short one alone would pass
+    rng = random.Random(0)
+    distinct = sorted(set(words))
+    for _ in range(16):
+        values = dict(zip(distinct, rng.sample(range(1, 2**62), len(distinct))))
+        hashed = [_HashedWord(w, values[w]) for w in words]
+        assert quality._repetition_failure(hashed, cfg) == "top_2gram_chars"
+
+
+def test_chinese_text_fails_only_the_word_rules_the_module_docstring_names():
+    # Documented: the English defaults drop Chinese (no spaces: few long "words"); switching the word rules
+    # off lets a good Chinese document through every other rule.
+    zh = ("老灯塔看守人每天早上在日出之前沿着岩石海岸散步。他带着一盏小灯笼和一个笔记本，记下云的形状和水的颜色。"
+          "多年来，他的笔记成为了季节变化的安静记录，村里的孩子们喜欢大声朗读它们。\n"
+          "暴风雨来临时，他爬上狭窄的楼梯，检查那盏大灯是否为过往的船只明亮地燃烧着。")
+    assert first_failed_rule(zh) == "too_few_words"
+    word_rules = dict(min_words=None, max_mean_word_length=None, min_stop_words=None)
+    assert first_failed_rule(zh, QualityConfig(**word_rules)) is None
+    for rule in word_rules:  # each of the three alone rejects it
+        others = {k: v for k, v in word_rules.items() if k != rule}
+        assert first_failed_rule(zh, QualityConfig(**others)) is not None, rule

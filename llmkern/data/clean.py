@@ -43,8 +43,6 @@ def clean_text(text: str, config: Optional[CleanConfig] = None) -> str:
     cfg = config or CleanConfig()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if cfg.normalize_nfc:
-        text = unicodedata.normalize("NFC", text)
     if cfg.remove_control:
         text = _LINE_BREAK_CONTROLS.sub("\n", text).replace("\x1f", " ")
         text = _CONTROL.sub("", text)
@@ -52,6 +50,11 @@ def clean_text(text: str, config: Optional[CleanConfig] = None) -> str:
         text = normalize_whitespace(text)
     if cfg.lowercase:
         text = text.lower()
+    # NFC last: a soft hyphen or zero-width character deleted above stood between a letter and its
+    # combining mark ("cafe\u00ad\u0301" came out as "cafe\u0301", not "café"), and lower() can
+    # undo NFC ("\u0130\u0327" lowercases to i, U+0307, U+0327: marks out of canonical order).
+    if cfg.normalize_nfc:
+        text = unicodedata.normalize("NFC", text)
     return text
 
 

@@ -1,6 +1,7 @@
 """Decontamination: drop (or flag) training documents sharing a long word n-gram with eval sets.
 
-Words are lowercased `\\w+` runs (so punctuation and case do not hide a copy); an n-gram is
+Words are lowercased `\\w+` runs (so punctuation and case do not hide a copy), and each character
+of a script written without spaces (Chinese, Japanese, Thai...) is a word of its own; an n-gram is
 hashed as a 64-bit polynomial of its words' hashes, and every n-gram of every eval item goes
 into one sorted array that documents are looked up in with numpy (13-grams by default, as in
 GPT-3). Eval items shorter than n words contribute nothing and are counted.
@@ -22,6 +23,12 @@ from .readers import Document, ReadReport, expand_inputs, read_file
 from .stage import DocumentStage, StageStats
 
 _WORD = re.compile(r"\w+")
+# Scripts written without spaces (Han, kana, Thai, Lao, Myanmar, Khmer: near dedup's one-character
+# words, csrc/cpu/minhash.cpp's kRanges) are read one character a word: as \w+ runs a whole Chinese
+# sentence was one word, so an eval item never had n words and a copy of it was never found.
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u2fdf\u3005-\u3007\u3040-\u312f"
+             "\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff")
+_WORD_OR_UNSPACED_CHAR = re.compile(f"[^\\W{_UNSPACED}]+|(?=\\w)[{_UNSPACED}]")  # (?=\w): marks, "・" are no words
 # Characters the clean stage deletes (soft hyphen, zero-width, BOM): eval sets are not cleaned, so
 # they go here too, on both sides, or "photo\u00adsynthesis" in an eval item would never match.
 _INVISIBLE = re.compile("[\u00ad\u200b\u200c\u200d\u2060\ufeff]")
@@ -30,9 +37,11 @@ _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:
     """The uint64 hash of every word n-gram of `text` (empty when it has fewer than n words)."""
-    if not text.isascii():  # NFKC: an NFD eval item (e + U+0301) must match the NFC text cleaning makes
+    if text.isascii():
+        words = _WORD.findall(text.lower())
+    else:  # NFKC: an NFD eval item (e + U+0301) must match the NFC text cleaning makes
         text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
-    words = _WORD.findall(text.lower())
+        words = _WORD_OR_UNSPACED_CHAR.findall(text.lower())
     if len(words) < n:
         return np.empty(0, dtype=np.uint64)
     # hash() of a str is stable within a process, which is all this needs.

@@ -1,6 +1,9 @@
 """Exact dedup (a hash of the normalized text) and near-dedup (MinHash + LSH banding).
 
-Near-dedup keeps the first of a group of near-duplicates. Each document's MinHash signature is
+Near-dedup keeps the first of a group of near-duplicates: a document is dropped when it is a near
+duplicate of a document kept before it (in input order), and only kept documents are compared
+with. Near-duplication is not transitive, so a chain A ~ B ~ C with A !~ C keeps A and C in the
+order A, B, C, and B alone in the order B, A, C. Each document's MinHash signature is
 computed in C++ (llmkern._cpu.minhash_signatures, definition in csrc/cpu/minhash.h); the
 signature is cut into `bands` bands of `rows` values, and documents sharing a band are
 candidates. A candidate counts as a duplicate when the share of equal signature values (an

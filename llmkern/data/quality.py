@@ -4,6 +4,11 @@ Each rule has a threshold in QualityConfig (None switches it off); a rejected do
 counted under the name of the first rule it fails. Words are whitespace-separated tokens; the
 repetition rules hash words to ids and n-grams to 64-bit rolling hashes in numpy, so a long
 document costs a few vector passes rather than a Python loop per n-gram.
+
+The defaults are Gopher's, made for English: they drop text in other languages. A script written
+without spaces (Chinese, Japanese, Thai) has few, long "words", so min_words and
+max_mean_word_length reject it, and min_stop_words rejects every language without the English
+stop words. For such corpora set those rules to None (or stop_words to the language's own).
 """
 
 from __future__ import annotations
@@ -63,16 +68,20 @@ def _repetition_failure(words: list[str], cfg: QualityConfig) -> Optional[str]:
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total_chars = int(lengths.sum())
     hashes = _ngram_hashes(ids, max([*top, *dup]))
+    ends = np.concatenate([[0], np.cumsum(lengths)])  # characters of words[i:i + n]: ends[i + n] - ends[i]
     for n, limit in sorted(top.items()):
         if n not in hashes:
             continue
         _, first, counts = np.unique(hashes[n], return_index=True, return_counts=True)
-        best = int(np.argmax(counts))
-        if counts[best] < 2:
+        top_count = int(counts.max())
+        if top_count < 2:
             continue
-        start = int(first[best])
-        ngram_chars = int(lengths[start:start + n].sum())
-        if counts[best] * ngram_chars > limit * total_chars:
+        # Of n-grams tied for most frequent, the one with the most characters: argmax took the first in
+        # the order of the hashes, which hash() draws afresh in each process, so a run kept a document
+        # that another run of the same input and settings dropped.
+        starts = first[counts == top_count]
+        ngram_chars = int((ends[starts + n] - ends[starts]).max())
+        if top_count * ngram_chars > limit * total_chars:
             return f"top_{n}gram_chars"
     for n, limit in sorted(dup.items()):
         if n not in hashes:
