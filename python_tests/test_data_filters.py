@@ -139,6 +139,19 @@ def test_quality_stage_counts_by_rule():
 
 # --- language ID --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("text", ["", "12345 678", "-- !! ??", "\n\n"])
+def test_langid_tells_no_language_in_text_without_letters(text):
+    # py3langid gives every such text the same language (Serbian), which keep=["sr"] would keep
+    pytest.importorskip("py3langid")
+    from llmkern.data.config import LangIdConfig
+    from llmkern.data.langid import LangIdStage, identify
+
+    assert identify(text) == ("und", 0.0)
+    stats = StageStats("langid")
+    assert LangIdStage(LangIdConfig(keep=["sr"], threshold=0.0)).run([Document(text, "f", 0)], stats) == []
+    assert identify("Ово је реченица на српском језику.")[0] == "sr"
+
+
 def test_langid_keeps_listed_languages_above_threshold():
     pytest.importorskip("py3langid")
     from llmkern.data.langid import LangIdStage, identify

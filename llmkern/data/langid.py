@@ -23,9 +23,17 @@ def supported_languages() -> list[str]:
     return list(_identifier().nb_classes)
 
 
+UNDETERMINED = "und"  # ISO 639-2's code for "no language can be told"
+
+
 def identify(text: str, max_chars: int = 4000) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) of the most likely language of `text`."""
-    lang, prob = _identifier().classify(text[:max_chars].replace("\n", " "))
+    """(ISO 639-1 code, probability) of the most likely language of `text`; ("und", 0.0) for text with
+    no letter in its first max_chars (empty, digits, punctuation), which py3langid would call Serbian
+    with a probability of 1/71: a language it has no evidence of, and one a `keep` list could keep."""
+    head = text[:max_chars]
+    if not any(ch.isalpha() for ch in head):
+        return UNDETERMINED, 0.0
+    lang, prob = _identifier().classify(head.replace("\n", " "))
     return str(lang), float(prob)
 
 
