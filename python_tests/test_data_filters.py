@@ -288,8 +288,8 @@ def test_clean_is_linear_in_a_long_run_of_spaces_inside_a_line():
 
 
 def test_clean_turns_controls_that_separate_words_into_whitespace():
-    raw = "end of page one.\x0cStart of page two\x0bthree\x85four\x1cfive\x1fsix\x00seven"
-    assert clean_text(raw) == "end of page one.\nStart of page two\nthree\nfour\nfive sixseven"
+    raw = "end of page one.\x0cStart of page two\x0bthree\x85four\x1cfive\x1fsix\x00seven\u2028eight\u2029nine"
+    assert clean_text(raw) == "end of page one.\nStart of page two\nthree\nfour\nfive sixseven\neight\nnine"
     assert clean_text(raw).split() == raw.replace("\x00", "").split()
 
 

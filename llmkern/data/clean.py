@@ -16,9 +16,10 @@ REPLACEMENT_CHAR = "\ufffd"
 # and zero-width characters that only hide inside words.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u200b\u200c\u200d\u2060\u00ad]")
 # Controls that separate words (str.split() splits on them): line breaks (form feed between the pages of
-# pdftotext output, vertical tab, NEL, the file/group/record separators) become newlines and the unit
-# separator a space before the others go, else "page.\fNext" would be cleaned to "page.Next".
-_LINE_BREAK_CONTROLS = re.compile("[\x0b\x0c\x1c-\x1e\x85]")
+# pdftotext output, vertical tab, NEL, the file/group/record separators, Unicode's line and paragraph
+# separators) become newlines and the unit separator a space before the others go, else "page.\fNext"
+# would be cleaned to "page.Next" (and U+2028 would stay a line break that no "\n" rule sees).
+_LINE_BREAK_CONTROLS = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 # Unicode spaces (and tabs) after a visible character: a run of them becomes one ASCII space.
 # Runs at the start of a line (indentation, which code needs) are left alone.
 _INNER_SPACES = re.compile("(?<=\\S)[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
