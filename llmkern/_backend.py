@@ -39,7 +39,9 @@ _default_backend: str | None = None
 
 
 def _validate(name: object, what: str = "backend") -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, one of {BACKENDS}; got {type(name).__name__}")
+    if name not in BACKENDS:
         raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
     return name
 

@@ -31,6 +31,32 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
     assert _backend.resolve("rms_norm", "torch", GPU) == "torch"
 
 
+def test_a_backend_that_is_not_a_string_is_a_type_error(monkeypatch):
+    import llmkern
+
+    monkeypatch.setattr(_backend, "_default_backend", None)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        llmkern.ops.rms_norm(torch.ones(2, 4), torch.ones(4), backend=3)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        llmkern.set_backend(3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        llmkern.set_backend("gpu")
+    assert _backend._default_backend is None
+
+
+@pytest.mark.parametrize("module", ["RMSNorm", "LayerNorm"])
+def test_a_norm_module_refuses_an_unknown_backend(module):
+    """It ran on torch with a warning that the op had no 'trition' kernels, as if the name were a real one."""
+    import llmkern
+
+    cls = getattr(llmkern.nn, module)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cls(4, backend="trition")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        cls(4, backend=3)
+    assert cls(4, backend="torch").backend == "torch"
+
+
 def test_the_cuda_module_is_probed_when_llmkern_is_imported():
     """Not at the first op call, which may be inside torch.compile(fullgraph=True): Dynamo cannot trace
     the import of llmkern._cuda."""

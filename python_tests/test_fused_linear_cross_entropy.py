@@ -491,6 +491,21 @@ def test_bad_input(change, error, match):
         flce(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numpy_scalars_are_taken_as_python_numbers(backend):
+    """ignore_index, label_smoothing, chunk_rows and num_classes from a config read with NumPy were refused."""
+    np = pytest.importorskip("numpy")
+    good = _good()
+    good["target"][1] = 9  # the ignored row: not a class once num_classes is 9
+    want = flce(**good, ignore_index=9, label_smoothing=0.1, chunk_rows=3, num_classes=9, backend=backend)
+    got = flce(**good, ignore_index=np.int64(9), label_smoothing=np.float32(0.1), chunk_rows=np.int32(3),
+               num_classes=np.int64(9), backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # float32(0.1) is not 0.1 exactly
+    for bad in (dict(chunk_rows=np.float64(3.0)), dict(num_classes=np.bool_(True)), dict(label_smoothing=True)):
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be"):
+            flce(**good, **bad, backend=backend)
+
+
 def test_float64_on_triton_is_refused():
     good = _good()
     with pytest.raises(TypeError, match="float32, float16 or bfloat16 for the triton backend"):

@@ -315,6 +315,19 @@ def test_eps_may_be_a_numpy_scalar():
                             reference.layer_norm(x, w, b, 0.5), f"{backend} y")
 
 
+def test_rejects_eps_beyond_float32():
+    """eps=inf gave zeros; a Fraction (a numbers.Real) failed inside the torch backend's reference."""
+    from fractions import Fraction
+
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    for backend in ("torch", "triton"):
+        for eps in (float("inf"), 1e300, 1e-60):
+            _bad(ValueError, "eps must be finite in float32", x, w, b, eps=eps, backend=backend)
+        got = llmkern.ops.layer_norm(x, w, b, Fraction(1, 2), backend=backend)
+        assert_close_to_ref(got, reference.layer_norm(x.double(), w.double(), b.double(), 0.5),
+                            reference.layer_norm(x, w, b, 0.5), f"{backend} y")
+
+
 def test_rejects_what_rms_norm_rejects():
     _bad(ValueError, r"weight must have shape \(4,\)", torch.ones(2, 4), torch.ones(5))
     _bad(TypeError, "residual must have x's dtype", torch.ones(2, 4), torch.ones(4),

@@ -394,12 +394,33 @@ def test_eps_may_be_a_numpy_scalar(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CHECKED)
+def test_rejects_eps_beyond_float32(backend, device):
+    """inf (or a value that is inf or 0 as the kernels' fp32 scalar) gave zeros or NaN, not an error."""
+    x, w = torch.randn(2, 4, device=device), torch.ones(4, device=device)
+    for eps in (float("inf"), np.float32("inf"), 1e300, 1e-60):
+        _bad(ValueError, "eps must be finite in float32", x, w, eps=eps, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", CHECKED)
+def test_eps_may_be_any_real_number(backend, device):
+    """A Fraction is a numbers.Real as np.float32 is: the torch backend failed inside its reference."""
+    from fractions import Fraction
+
+    x, w = torch.randn(3, 8, device=device), torch.randn(8, device=device)
+    got = llmkern.ops.rms_norm(x, w, Fraction(1, 2), backend=backend)
+    assert_close_to_ref(got, reference.rms_norm(x.double(), w.double(), 0.5), reference.rms_norm(x, w, 0.5), "y")
+
+
+@pytest.mark.parametrize("backend,device", CHECKED)
 def test_rejects_out_dtype_that_is_not_autocasts(backend, device):
     ones = lambda *shape, **kw: torch.ones(*shape, device=device, **kw)  # noqa: E731
     half = ones(2, 4, dtype=torch.float16)
     _bad(TypeError, "out_dtype must be None", half, ones(4), out_dtype=torch.float32, backend=backend)
     _bad(TypeError, "out_dtype must be None", half, ones(4), out_dtype=torch.bfloat16, backend=backend)
     _bad(TypeError, "out_dtype must be None", ones(2, 4), ones(4), out_dtype=torch.float64, backend=backend)
+    # a string is no dtype, and the message must not read as if the dtype had come
+    _bad(TypeError, "out_dtype must be None.*; got 'float16'", ones(2, 4), ones(4), out_dtype="float16",
+         backend=backend)
     _bad(TypeError, r"weight must have residual's dtype \(torch.float32\)", half, ones(4).half(),
          residual=ones(2, 4), backend=backend)
 

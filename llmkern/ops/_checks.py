@@ -8,6 +8,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP32 = torch.finfo(torch.float32)
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
@@ -50,4 +51,8 @@ def check_positive_float(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    # The kernels take it as an fp32 scalar: inf, or a value that rounds to inf or 0 there, would give
+    # zeros or NaN (eps=inf zeroes a norm's output) rather than an error.
+    if not _FP32.tiny <= value <= _FP32.max:
+        raise ValueError(f"{name} must be finite in float32, in [{_FP32.tiny:.4g}, {_FP32.max:.4g}]; got {value}")
     return float(value)

@@ -58,7 +58,7 @@ def check_args(x, weight, eps, residual, out_dtype, bias=None) -> None:
     _checks.check_last_dim_contiguous("x", x)
     if out_dtype is not None and not fits_beside(out_dtype, h_dtype):
         raise TypeError(f"out_dtype must be None, {h_dtype} (h's dtype), or float16 or bfloat16 when h is "
-                        f"float32; got {out_dtype}")
+                        f"float32; got {out_dtype!r}")  # repr: the string "float16" must not read as the dtype
 
 
 def module_inputs(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.dtype | None]:

@@ -25,6 +25,7 @@ loss is NaN; the torch backend raises (on a CPU) or asserts on the device, as F.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -75,7 +76,9 @@ def fused_linear_cross_entropy(
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes)
-    n_classes = weight.size(0) if num_classes is None else num_classes
+    # NumPy scalars (checked above) as Python numbers, which the custom op's schema and F.cross_entropy take
+    ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
+    n_classes = weight.size(0) if num_classes is None else int(num_classes)
     device = _checks.check_same_device(x=x, weight=weight, target=target, bias=bias)
     chosen = _backend.resolve(
         "fused_linear_cross_entropy", backend, device, fits=lambda b: b == "torch" or x.dtype in _KERNEL_DTYPES
@@ -125,23 +128,24 @@ def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothin
             raise ValueError(f"bias must have shape ({weight.size(0)},) to match weight; got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have weight's dtype ({weight.dtype}); got {bias.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # numbers.Integral and numbers.Real, not int and float: NumPy scalars (a config read with NumPy) are taken
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2**63) <= ignore_index < 2**63:  # compared with int64 targets by every backend
+    if not -(2**63) <= int(ignore_index) < 2**63:  # compared with int64 targets by every backend
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if chunk_rows is not None:
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
             raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
         if not 1 <= num_classes <= weight.size(0):
             raise ValueError(f"num_classes must be in [1, {weight.size(0)}] (weight's rows), got {num_classes}")

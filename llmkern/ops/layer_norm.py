@@ -49,9 +49,10 @@ def layer_norm(
     device = _checks.check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     chosen = _backend.resolve("layer_norm", backend, device)
     out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
+    eps = float(eps)  # a NumPy scalar or a Fraction, say, as every backend takes it
     if chosen == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual, out_dtype)
-    y, h = _layer_norm_op(x, weight, bias, residual, float(eps), out_dtype, chosen)
+    y, h = _layer_norm_op(x, weight, bias, residual, eps, out_dtype, chosen)
     return y if residual is None else (y, h)
 
 

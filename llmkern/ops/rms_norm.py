@@ -55,9 +55,10 @@ def rms_norm(
     device = _checks.check_same_device(x=x, weight=weight, residual=residual)
     chosen = _backend.resolve("rms_norm", backend, device)
     out_dtype = _norm.stream_dtype(x, residual) if out_dtype is None else out_dtype
+    eps = float(eps)  # a NumPy scalar or a Fraction, say, as every backend takes it
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps, residual, out_dtype)
-    y, h = _rms_norm_op(x, weight, residual, float(eps), out_dtype, chosen)
+    y, h = _rms_norm_op(x, weight, residual, eps, out_dtype, chosen)
     return y if residual is None else (y, h)
 
 
