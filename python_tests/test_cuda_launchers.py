@@ -138,12 +138,43 @@ def test_adamw_launchers_reach_the_device():
             cuda_adamw.step(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=lr, clip_state=clip_state,
                             **hyper)
     # With the partials' capacity cached, the norm goes straight to the sum-of-squares launch.
-    cache = {"counts": (2, 1), "capacity": 64}
+    cache = {"counts": (2, 1), "device": torch.device("cpu"), "capacity": 64}
     with pytest.raises(RuntimeError, match=NO_DEVICE):
         cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), cache)
     # Without it, the device query that sizes them fails first, with a clear message.
     with pytest.raises(RuntimeError, match="could not query the current CUDA device"):
         cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), {})
+
+
+def test_adamw_grad_norm_makes_new_partials_on_another_device(monkeypatch):
+    """The cached partials and their capacity belong to the device they were made on: once the
+    parameters move, the sum-of-squares kernels must write partials on the new device (the old ones
+    would be another GPU's memory, an illegal address) sized for its SM count."""
+    calls = []
+
+    class FakeModule:  # records what the launcher passes; 8 partials per tensor "on this device"
+        def adamw_grad_sumsq_workspace(self, count):
+            return 8 * count
+
+        def adamw_grad_sumsq(self, grads, numels, dtype, partials, capacity, stream):
+            calls.append(("sumsq", partials, capacity))
+            return 1
+
+        def adamw_grad_norm_finalize(self, partials, count, max_norm, grad_norm, clip_state, skipped, stream):
+            calls.append(("finalize", partials, count))
+
+    monkeypatch.setattr(_backend, "cuda_module", lambda: FakeModule())
+    grads = [torch.randn(3), torch.randn(5)]
+    # What a first step on another device left: the same tensor count, its capacity, its partials.
+    cache = {"counts": (2,), "capacity": 64, "partials": torch.empty(64, device="meta")}
+    cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), cache)
+    partials = cache["partials"]
+    assert partials.device == grads[0].device and partials.numel() >= 16
+    assert calls == [("sumsq", partials.data_ptr(), 16), ("finalize", partials.data_ptr(), 1)]
+    # A second step on the same device reuses them.
+    calls.clear()
+    cuda_adamw.grad_norm(grads, 1.0, torch.empty(()), torch.ones(2), torch.zeros((), dtype=torch.int64), cache)
+    assert cache["partials"] is partials and calls[0] == ("sumsq", partials.data_ptr(), 16)
 
 
 # --- C++ launchers refuse what no kernel can take ------------------------------------------------

@@ -33,8 +33,12 @@ def grad_norm(
     with on_device(device):
         per_dtype = group_indices([g.dtype for g in grads])
         counts = tuple(len(idx) for idx in per_dtype.values())
-        if cache.get("counts") != counts:  # the occupancy queries behind it cost host time
-            cache["counts"] = counts
+        # The capacity depends on the device (its SM count) and the partials live on it: after the
+        # parameters move to another GPU both are made again, or the kernels would write the old
+        # device's memory (an illegal address) or need more partials than were sized.
+        if cache.get("counts") != counts or cache.get("device") != device:  # the occupancy queries cost host time
+            cache.pop("partials", None)
+            cache["counts"], cache["device"] = counts, device
             cache["capacity"] = sum(mod.adamw_grad_sumsq_workspace(n) for n in counts)
         capacity = cache["capacity"]
         if capacity < 0:
