@@ -54,7 +54,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             progress=True,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, TypeError, ImportError, OSError) as err:  # ImportError: zstandard/pyarrow for such files
         print(f"llmkern tokenizer train: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({tok.n_vocab} tokens, <|endoftext|> = {tok.eot_token}) "
@@ -65,8 +65,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _add_tokenizer_parser(sub) -> None:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (a .tiktoken file)")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    t = tsub.add_parser("train", help="learn BPE merges from text files or directories")
-    t.add_argument("corpus", nargs="+", help="text files or directories of them")
+    t = tsub.add_parser("train", help="learn BPE merges from files or directories, read as `data prepare` reads them")
+    t.add_argument("corpus", nargs="+", help="files (.txt, .md, .jsonl, .parquet; text and JSONL also .gz/.zst) "
+                                               "or directories of them")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
     t.add_argument("--out", required=True, help="the .tiktoken file to write (a .json sidecar goes beside it)")
     t.add_argument("--pattern", default="gpt2", help="pre-tokenization: gpt2, cl100k, or a regular expression")

@@ -406,3 +406,65 @@ def test_a_special_token_that_starts_another_does_not_cut_it_short(pattern):
     text = ["a<|endoftext|>b<|end c"]
     for specials in (("<|end", ENDOFTEXT), (ENDOFTEXT, "<|end")):
         assert count_words(text, pattern, specials) == collections.Counter({"a": 1, "b": 1, " c": 1})
+
+
+def _word_texts(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "mat", "über", "中文", "it's", "42", "x"]
+    return ["\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(40))
+            for _ in range(count)]
+
+
+def test_a_corpus_folder_is_read_as_the_data_pipeline_reads_it(tmp_path):
+    # A folder was read file by file as text, whatever the file: JSONL syntax, gzip bytes, a binary file and
+    # .git internals were learned from, with no error. Now only what the readers read, as they read it.
+    import gzip
+    import warnings
+
+    from llmkern.data.readers import read_documents
+
+    texts = _word_texts(3, 4)
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"\xef\xbb\xbf" + texts[0].encode())  # the BOM is no text
+    records = [json.dumps({"text": texts[1], "id": 1}), "not json", json.dumps({"text": texts[2]})]
+    (folder / "b.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    (folder / "sub" / "c.txt.gz").write_bytes(gzip.compress(texts[3].encode()))
+    (folder / ".git" / "objects").mkdir(parents=True)
+    (folder / ".git" / "objects" / "ab").write_bytes(gzip.compress(b"blob 11\0hidden text" * 50))
+    (folder / ".notes.txt").write_text("hidden hidden hidden hidden", encoding="utf-8")
+    (folder / "image.bin").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    assert [d.text for d in read_documents([str(folder)])] == texts  # what the pipeline reads
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_bpe(folder, 280, tmp_path / "folder.tiktoken")  # merges cut short: their order counts
+    train_bpe(texts, 280, tmp_path / "list.tiktoken")
+    assert (tmp_path / "folder.tiktoken").read_bytes() == (tmp_path / "list.tiktoken").read_bytes()
+    assert [str(w.message) for w in caught if "malformed_json" in str(w.message)]  # skipped, but not silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_bpe([folder / "a.txt", folder / "b.jsonl", folder / "sub" / "c.txt.gz"], 280, tmp_path / "files.tiktoken")
+    assert (tmp_path / "files.tiktoken").read_bytes() == (tmp_path / "list.tiktoken").read_bytes()
+
+    # Named explicitly, a file the readers do not read is refused by name, not read as text.
+    for name in ("image.bin", ".git/objects/ab"):
+        with pytest.raises(ValueError, match=f"corpus: .*{name}.* no format"):
+            train_bpe(folder / name, 400, tmp_path / "x.tiktoken")
+    assert not (tmp_path / "x.tiktoken").exists()
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K_PATTERN])
+def test_a_compressed_text_file_is_read_in_chunks(tmp_path, monkeypatch, pattern):
+    # Decompressed as it is read, in the chunks a plain file is read in: never held whole.
+    import gzip
+
+    from llmkern.data import bpe
+
+    monkeypatch.setattr(bpe, "_CHUNK_CHARS", 64)
+    text = "\n".join(_word_texts(5, 3))
+    path = tmp_path / "big.txt.gz"
+    path.write_bytes(gzip.compress(text.encode()))
+    chunks = list(bpe._file_chunks(path, pattern))
+    assert "".join(chunks) == text and len(chunks) > 20 and max(map(len, chunks)) < 64 + 200
+    assert count_words(path, pattern) == count_words([text], pattern)

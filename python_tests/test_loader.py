@@ -140,10 +140,29 @@ def test_bad_arguments_are_clear_errors(shard_dir, tmp_path):
         TokenLoader(shard_dir, "train", 0, 8)
     with pytest.raises(ValueError, match="split 'test'"):
         TokenLoader(shard_dir, "test", 2, 8)
-    with pytest.raises(ValueError, match="longer than seq_len"):
+    with pytest.raises(ValueError, match=r"at least seq_len \+ 1 = 301 tokens"):
         TokenLoader(shard_dir, "val", 2, 300)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         TokenLoader(str(tmp_path / "nowhere"), "train", 2, 8)
+
+
+def test_a_shard_of_exactly_seq_len_plus_one_tokens_gives_one_window(shard_dir):
+    # The error said "no shard longer than seq_len + 1 tokens", yet a shard of exactly seq_len + 1 is
+    # one window (x its first seq_len tokens, y its last): the rule is right, the wording now says it.
+    loader = TokenLoader(shard_dir, "val", 1, 299, mode="sequential")  # the val shard holds 300 tokens
+    assert loader.windows_per_epoch == 1
+    x, y = loader.next_batch()
+    assert x[0].tolist() == list(range(3358, 3358 + 299)) and y[0].tolist() == list(range(3359, 3359 + 299))
+    with pytest.raises(ValueError, match=r"no shard of at least seq_len \+ 1 = 301 tokens"):
+        TokenLoader(shard_dir, "val", 1, 300)
+
+
+def test_document_ids_must_be_a_bool(shard_dir):
+    # Not checked: the string "false" (a config read as text) turned document ids on.
+    for bad in ("false", 1, 0, None):
+        with pytest.raises(TypeError, match="document_ids"):
+            TokenLoader(shard_dir, "train", 2, 8, document_ids=bad)
+    assert len(TokenLoader(shard_dir, "train", 2, 8, document_ids=False).next_batch()) == 2
 
 
 def test_bools_and_non_integers_are_type_errors_naming_the_argument(shard_dir):

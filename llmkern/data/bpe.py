@@ -18,14 +18,27 @@ import base64
 import collections
 import functools
 import hashlib
+import io
 import multiprocessing
 import os
-import pathlib
 import re
+import warnings
 from typing import Iterable, Iterator
 
 from .. import _atomic
 from .._atomic import write_json_atomic, write_text_atomic
+from .readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    TEXT_SUFFIXES,
+    ReadReport,
+    check_readers_available,
+    expand_inputs,
+    file_format,
+    open_binary,
+    read_errors,
+    read_file,
+)
 from .tokenizer import ENDOFTEXT, GPT2_PATTERN, get_tokenizer, sidecar_path
 
 # cl100k_base's pre-tokenization (case-insensitive contractions, digits in groups of 3).
@@ -80,11 +93,13 @@ def _last_safe_cut(text: str, floor: int = 0, safe_cut: re.Pattern = _SAFE_CUT) 
         start = max(floor, start - 4 * (len(text) - start))
 
 
-def _file_chunks(path: pathlib.Path, pattern: str = GPT2_PATTERN) -> Iterator[str]:
-    """Text of one file in pieces of about _CHUNK_CHARS, cut only where a piece of `pattern` ends anyway."""
+def _file_chunks(path: str | os.PathLike, pattern: str = GPT2_PATTERN) -> Iterator[str]:
+    """Text of one text file (plain, .gz or .zst) in pieces of about _CHUNK_CHARS, cut only where a piece
+    of `pattern` ends anyway."""
     safe_cut = _safe_cut_for(pattern)
-    # utf-8-sig: a byte order mark (Windows tools write one) is no text; the readers drop it from documents
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+    # utf-8-sig: a byte order mark (Windows tools write one) is no text; the readers drop it from documents.
+    # The readers' opener: .gz and .zst are decompressed as they are read, never held whole.
+    with io.TextIOWrapper(open_binary(os.fspath(path)), encoding="utf-8-sig", errors="replace", newline="") as f:
         carry = ""
         while block := f.read(_CHUNK_CHARS):
             floor = max(0, len(carry) - 2)  # the carry holds no cut (a cut needs the two characters before it)
@@ -99,17 +114,42 @@ def _file_chunks(path: pathlib.Path, pattern: str = GPT2_PATTERN) -> Iterator[st
             yield carry
 
 
-def _corpus_files(corpus: str | os.PathLike | list) -> list[pathlib.Path]:
-    paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
-    files: list[pathlib.Path] = []
-    for p in map(pathlib.Path, paths):
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"corpus: no file or directory at {str(p)!r}")
+def _corpus_files(corpus: str | os.PathLike | list) -> list[str]:
+    """The files the data pipeline would read for these paths (readers.expand_inputs): in a folder only
+    files of a format the readers know, hidden ones skipped (a folder's .git internals, a binary file,
+    were read as text before); a file named explicitly must be of such a format."""
+    paths = [os.fspath(p) for p in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)]
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"corpus: no file or directory at {p!r}")
+        if not os.path.isdir(p) and file_format(p) is None:
+            raise ValueError(
+                f"corpus: {p!r} is no format the data readers read: expected one of "
+                f"{TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES} (text and JSONL optionally + .gz/.zst)"
+            )
+    files = expand_inputs(paths)
+    check_readers_available(files)  # a missing zstandard / pyarrow fails now, not after some of the files
     return files
+
+
+def _corpus_texts(files: list[str], pattern: str) -> Iterator[str]:
+    """The texts of `files` as the data pipeline reads them: JSONL and Parquet files document by document
+    (the text field); text files (plain or compressed) in chunks (_file_chunks), not as the one document
+    a .txt file is to the readers, which would hold a big file whole (or skip it, over max_document_bytes).
+    Bad input is skipped as the pipeline skips it, and counted in a warning at the end."""
+    report = ReadReport()
+    for path in files:
+        if file_format(path) == "text":
+            try:
+                yield from _file_chunks(path, pattern)
+            except read_errors("text") as err:  # a truncated .gz: what was read before is kept, as the readers do
+                report.add("unreadable", path, 0, f"{type(err).__name__}: {err}")
+        else:
+            yield from (doc.text for doc in read_file(path, report=report))
+    if report.counts:
+        first = {kind: shown[0] for kind, shown in report.examples.items() if shown}
+        warnings.warn(f"corpus: bad input skipped while reading, by kind: {dict(report.counts)}; the first of each: "
+                      f"{first}", stacklevel=2)
 
 
 def _corpus_jobs(corpus, pattern: str = GPT2_PATTERN) -> Iterator[list[str]]:
@@ -117,7 +157,7 @@ def _corpus_jobs(corpus, pattern: str = GPT2_PATTERN) -> Iterator[list[str]]:
     if isinstance(corpus, (str, os.PathLike)) or (
         isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, os.PathLike) for p in corpus)
     ):
-        texts: Iterable[str] = (chunk for f in _corpus_files(corpus) for chunk in _file_chunks(f, pattern))
+        texts: Iterable[str] = _corpus_texts(_corpus_files(corpus), pattern)
     else:
         texts = corpus
     job: list[str] = []
@@ -292,10 +332,12 @@ def train_bpe(
     """Train a byte-level BPE of `vocab_size` tokens (bytes + merges + special tokens).
 
     corpus: a file or directory path (str or PathLike), a list of pathlib.Path, or an
-    iterable of texts. pattern: "gpt2", "cl100k", or a regular expression (`regex` syntax,
-    which tiktoken must also accept). Training stops early when no pair occurs
-    `min_frequency` times, so a small corpus may give fewer tokens. progress: a progress bar
-    while pre-tokenizing. Returns the tokenizer (get_tokenizer(out_path)).
+    iterable of texts. Files are read as the data pipeline reads its inputs (readers.py): text,
+    JSONL (the "text" field) and Parquet files, plain or .gz/.zst; a folder's hidden files and
+    files of other formats are skipped, and named explicitly they are a ValueError. pattern:
+    "gpt2", "cl100k", or a regular expression (`regex` syntax, which tiktoken must also accept).
+    Training stops early when no pair occurs `min_frequency` times, so a small corpus may give
+    fewer tokens. progress: a progress bar while pre-tokenizing. Returns the tokenizer (get_tokenizer(out_path)).
     """
     from .. import _cpu
 

@@ -63,6 +63,8 @@ class TokenLoader:
             raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         if seed < 0:  # numpy's generator refuses it only at the first batch, naming no argument
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if not isinstance(document_ids, bool):  # any truthy value (the string "false") turned them on
+            raise TypeError(f"document_ids must be a bool, got {document_ids!r} of type {type(document_ids).__name__}")
         manifest = load_manifest(data_dir)
         if not manifest["splits"].get(split):
             raise ValueError(f"split {split!r} has no shards in {data_dir!r}; it has {sorted(manifest['splits'])}")
@@ -76,7 +78,8 @@ class TokenLoader:
         self.shards_sha256 = _shards_sha256(manifest["splits"][split])
         self.shards = [s for s in open_split(data_dir, split) if len(s) > seq_len]  # a window needs seq_len + 1 tokens
         if not self.shards:
-            raise ValueError(f"split {split!r} of {data_dir!r} has no shard longer than seq_len + 1 = {seq_len + 1} tokens")
+            raise ValueError(f"split {split!r} of {data_dir!r} has no shard of at least seq_len + 1 = {seq_len + 1} "
+                             f"tokens (one window)")
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         # random: number of start positions per shard; sequential: number of T-strided windows per shard
         self._random_cum = np.cumsum(lengths - seq_len)

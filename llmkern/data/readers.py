@@ -162,7 +162,8 @@ def check_readers_available(files: Iterable[str]) -> None:
             raise ImportError("reading .parquet files needs pyarrow: pip install pyarrow") from None
 
 
-def _open_binary(path: str) -> BinaryIO:
+def open_binary(path: str) -> BinaryIO:
+    """A buffered binary stream of a file's bytes, .gz and .zst decompressed as they are read."""
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     if path.lower().endswith(".zst"):
@@ -180,7 +181,7 @@ def _skip_bom(f: BinaryIO, report: ReadReport) -> None:
         report.bytes += len(f.read(len(_BOM)))
 
 
-def _read_errors(fmt: str) -> tuple[type, ...]:
+def read_errors(fmt: str) -> tuple[type, ...]:
     """Exceptions that mean "this file cannot be read" (as opposed to a bug)."""
     errors: tuple[type, ...] = (OSError, EOFError)
     try:
@@ -401,12 +402,12 @@ def read_file(path: str, config: Optional[ReaderConfig] = None,
                    f" (optionally + .gz/.zst)")
         return
     report.files += 1
-    errors = _read_errors(fmt)
+    errors = read_errors(fmt)
     try:
         if fmt == "parquet":
             yield from _read_parquet(path, cfg, report)
             return
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             _skip_bom(f, report)
             if fmt == "jsonl":
                 yield from _read_jsonl(f, path, cfg, report)
