@@ -312,6 +312,40 @@ def test_infinite_logits_are_an_error_not_a_token(use_cache, temperature, monkey
         generate(model, PROMPTS, 1, temperature=temperature, use_cache=use_cache, seed=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature,seed", [(0, None), (1.0, 5), (1.0, None)])
+def test_a_finished_row_is_fed_padding_and_changes_no_other_row(use_cache, temperature, seed, monkeypatch):
+    """A row that had stopped (eos) was still fed its new samples. Once its logits went NaN (allowed for a
+    finished row) sampling gave it the id VOCAB, and the next step's embedding lookup failed the batch."""
+    model = make_model("rope")
+    head = model.head
+    seen = []  # each step's logits, to compare the running rows' bit for bit
+
+    def recording_head(hidden, nan_after_first=False):
+        logits = head(hidden)
+        if nan_after_first and seen:
+            logits[0] = float("nan")  # only row 0, finished after its first token
+        seen.append(logits.clone())
+        return logits
+
+    sample = dict(temperature=temperature, seed=seed, use_cache=use_cache)
+    monkeypatch.setattr(model, "head", recording_head)
+    torch.manual_seed(0)
+    free = generate(model, PROMPTS, 6, **sample)
+    free_logits, seen[:] = list(seen), []
+    eos = free[0][len(PROMPTS[0])]  # row 0's first new token: it stops there
+    assert all(eos not in row[len(p) :] for p, row in zip(PROMPTS[1:], free[1:]))  # the others run on
+    monkeypatch.setattr(model, "head", lambda hidden: recording_head(hidden, nan_after_first=True))
+    torch.manual_seed(0)
+    stopped = generate(model, PROMPTS, 6, eos_token=eos, **sample)
+    assert stopped[0] == PROMPTS[0] + [eos]
+    assert stopped[1:] == free[1:]
+    # Bitwise: what row 0 is fed does not reach the other rows' logits, nor do its draws shift theirs.
+    assert len(seen) == len(free_logits) == 6
+    for ours, theirs in zip(seen, free_logits):
+        assert torch.equal(ours[1:], theirs[1:])
+
+
 def test_generate_command_refuses_an_input_without_an_instruction(capsys):
     from llmkern.cli import main
 

@@ -226,3 +226,50 @@ def test_an_mlp_width_other_than_4x_round_trips(tmp_path):
     torch.testing.assert_close(back(idx)[0], model(idx)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="config.json has n_inner=64 but the weights have an MLP of 48"):
         from_hf_gpt2(sd, hf_config={**hf_gpt2_config(model.config), "n_inner": 64})
+
+
+def test_a_sharded_checkpoint_is_read_whole(tmp_path):
+    """save_pretrained shards a big model (model-0000i-of-0000n.safetensors and an index). One shard alone
+    was read: it lacked layers, and the error said the config.json was another model's, or not GPT-2's."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in hf_state_dict().items() if k != "lm_head.weight"}
+    first = {k: v for k, v in sd.items() if k.startswith(("transformer.h.0.", "transformer.wte", "transformer.wpe"))}
+    shards = {"model-00001-of-00002.safetensors": first,
+              "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if k not in first}}
+    for name, part in shards.items():
+        save_file(part, str(tmp_path / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json()))
+    idx = torch.randint(0, VOCAB, (2, 9))
+    expected = hf_style_logits({k: v.float() for k, v in sd.items()}, idx)  # bf16 weights, read exactly
+    for name in shards:
+        model = load_hf_gpt2_file(str(tmp_path / name)).eval()
+        torch.testing.assert_close(model(idx)[0], expected, rtol=1e-4, atol=1e-4)
+    out = to_hf_gpt2(model)
+    assert all(torch.equal(out[k].to(torch.bfloat16), v) for k, v in sd.items() if not k.endswith("attn.bias"))
+    # A tensor the index names but no shard holds, a shard that is not there, a folder: each said clearly.
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {**weight_map, "x.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match=r"lists tensors that its shards lack: \['x.weight'\]"):
+        load_hf_gpt2_file(str(tmp_path / "model-00001-of-00002.safetensors"))
+    index.write_text(json.dumps({"weight_map": {**weight_map, "y": "model-3.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-3.safetensors', a shard that .* lists, does not exist"):
+        load_hf_gpt2_file(str(tmp_path / "model-00001-of-00002.safetensors"))
+    index.write_text("{}")
+    with pytest.raises(ValueError, match="not a readable index of shards"):
+        load_hf_gpt2_file(str(tmp_path / "model-00001-of-00002.safetensors"))
+    with pytest.raises(ValueError, match="is a folder; give the model.safetensors file in it"):
+        load_hf_gpt2_file(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist; the checkpoint there is sharded"):
+        load_hf_gpt2_file(str(tmp_path / "model.safetensors"))
+
+
+def test_a_key_mismatch_names_the_keys_and_counts_the_rest():
+    sd = hf_state_dict()
+    sd = {k.replace("transformer.h.", "transformer.layers."): v for k, v in sd.items()}
+    sd["transformer.h.0.ln_1.weight"] = torch.ones(EMBD)  # one layer found, under the names GPT-2 uses
+    with pytest.raises(ValueError, match=r"missing \['h.0.attn.c_attn.bias', .*\] and 6 more, "
+                                         r"unexpected \['layers.0.attn.c_attn.bias', .*\] and 19 more"):
+        from_hf_gpt2(sd, n_head=HEADS)

@@ -86,6 +86,15 @@ def generate(
             _refuse_nan(logits, finished, outputs, rows)
             uniforms = draw_uniforms() if temperature > 0 else None  # greedy draws nothing
             next_tokens = _sample(logits.float(), temperature, top_k, top_p, uniforms)
+            # A finished row still runs with the batch, but its token is never used: it is fed the padding
+            # id. Its own sample was fed before, and where its logits had gone NaN or inf (which _refuse_nan
+            # allows once a row is done) sampling gave the id vocab_size, which failed the whole batch at
+            # the next embedding lookup. The running rows' tokens are unchanged: rows do not mix in the
+            # model, and every row still draws its uniform each step (a finished row's own private stream,
+            # or its element of the one torch.rand of the whole batch), so no row's draws shift.
+            if any(finished):
+                done = torch.tensor(finished, device=device)
+                next_tokens = next_tokens.masked_fill(done, _PAD_ID)
             tokens[:, length] = next_tokens
             valid[:, length] = True
             length += 1
@@ -98,10 +107,15 @@ def generate(
     return outputs
 
 
+# The id fed where a row has no real token (left padding, and a finished row's later steps): 0 is in
+# every vocabulary, and its value does not matter, as no real token sees it.
+_PAD_ID = 0
+
+
 def _left_pad(rows: list[list[int]], max_new_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts left-padded into one (B, P + max_new_tokens) buffer, and `valid`, marking real tokens."""
     batch, longest = len(rows), max(len(r) for r in rows)
-    tokens = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
+    tokens = torch.full((batch, longest + max_new_tokens), _PAD_ID, dtype=torch.long, device=device)
     valid = torch.zeros_like(tokens, dtype=torch.bool)
     for i, row in enumerate(rows):
         tokens[i, longest - len(row) : longest] = torch.tensor(row, dtype=torch.long)

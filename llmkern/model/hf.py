@@ -149,16 +149,17 @@ def from_hf_gpt2(state_dict: dict[str, torch.Tensor], n_head: int | None = None,
 
 def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
     """from_hf_gpt2 of a Hugging Face model.safetensors file, with the config.json beside it (as
-    save_pretrained and the Hub lay them out), which tells the head count unless n_head does."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    save_pretrained and the Hub lay them out), which tells the head count unless n_head does. path may
+    also be any shard of a sharded checkpoint (model-00001-of-00002.safetensors, ...): all the shards that
+    the model.safetensors.index.json beside it lists are read."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; give the model.safetensors file in it (or one of its shards)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    try:
-        state_dict = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
+        index_path = os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors.index.json")
+        sharded = "; the checkpoint there is sharded: give one of the files its index lists" if os.path.isfile(
+            index_path) else ""
+        raise FileNotFoundError(f"{path!r} does not exist{sharded}")
+    state_dict = _read_safetensors(path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     hf_config = None
     if os.path.isfile(config_path):
@@ -176,6 +177,45 @@ def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
     return from_hf_gpt2(state_dict, n_head, hf_config, **overrides)
 
 
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of every shard when it is one of a sharded checkpoint's files
+    (save_pretrained shards past max_shard_size: gpt2-xl in float32, say). One shard alone lacked some
+    layers, and the error blamed the config.json ("another model's") or said it was not GPT-2's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    files, weight_map = [path], None
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path!r} is not a readable index of shards (a JSON object with a "
+                             f"'weight_map'): {err!r}") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        if os.path.basename(path) in shards:
+            files = [os.path.join(folder, shard) for shard in shards]
+        else:  # a model.safetensors of its own beside the shards: read as it is
+            weight_map = None
+    state_dict = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file!r}, a shard that {index_path!r} lists, does not exist")
+        try:
+            state_dict.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file!r} is not a readable safetensors file: {err}") from err
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state_dict))
+        if absent:
+            raise ValueError(f"{index_path!r} lists tensors that its shards lack: {_some(absent)}")
+    return state_dict
+
+
 @torch.no_grad()
 def load_hf_gpt2(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy a HF GPT-2 state dict into `model` (a GPT-2-shaped GPT); every weight must be there."""
@@ -184,8 +224,8 @@ def load_hf_gpt2(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     expected = set(_hf_names(model.config.n_layer))
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
-        raise ValueError(f"not a GPT-2 state dict of {model.config.n_layer} layers: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(f"not a GPT-2 state dict of {model.config.n_layer} layers: missing {_some(missing)}, "
+                         f"unexpected {_some(unexpected)}")
     # GPT-2 ties its output layer to wte, and so does the model made here: an lm_head of its own (a model
     # saved with tie_word_embeddings=False) would be dropped and the logits silently wrong.
     head = state_dict.get("lm_head.weight")
@@ -223,6 +263,11 @@ def hf_gpt2_config(config: GPTConfig) -> dict:
             "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
             "n_head": config.n_head, "n_inner": config.hidden_size, "activation_function": "gelu_new",
             "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": True}
+
+
+def _some(names: list[str]) -> str:
+    """The first few names, and how many more: a list cut short without a count read as the whole list."""
+    return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _mapping(n_layer: int) -> dict[str, tuple[str, bool]]:
