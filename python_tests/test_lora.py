@@ -212,3 +212,27 @@ def test_a_rank_above_a_layers_smaller_side_is_refused_before_anything_changes()
     with pytest.raises(ValueError, match=r"rank 40 .*'blocks\.0\.mlp\.proj' \(128 -> 32\)"):  # a recipe's early check
         check_lora_targets(model, SimpleNamespace(lora_rank=40, lora_targets="mlp.proj"))
     assert len(apply_lora(model, rank=32)) == 8
+
+
+def test_merged_state_loads_as_merged():
+    """A merged layer's weight holds the update: loaded into an unmerged model it was counted twice."""
+    trained = tiny_gpt().eval()
+    apply_lora(trained, rank=4, targets="qkv")
+    randomize_adapters(trained)
+    ids = random_ids()
+    expected = trained(ids)[0]
+    layer = trained.blocks[0].attn.qkv
+    layer.merge()
+    merged_state = {k: v.clone() for k, v in trained.state_dict().items()}
+    fresh = tiny_gpt().eval()
+    apply_lora(fresh, rank=4, targets="qkv")
+    fresh.load_state_dict(merged_state)  # strict: the flag is a key it takes
+    torch.testing.assert_close(fresh(ids)[0], trained(ids)[0], rtol=0, atol=0)
+    torch.testing.assert_close(fresh(ids)[0], expected, rtol=1e-4, atol=1e-5)
+    assert fresh.blocks[0].attn.qkv.merged and not fresh.blocks[1].attn.qkv.merged
+    assert "blocks.0.attn.qkv.merged" in merged_state and "blocks.1.attn.qkv.merged" not in merged_state
+    # And the other way: an unmerged state into a merged model takes the base weight as it is.
+    layer.unmerge()
+    fresh.load_state_dict(trained.state_dict())
+    assert not fresh.blocks[0].attn.qkv.merged
+    torch.testing.assert_close(fresh(ids)[0], trained(ids)[0], rtol=0, atol=0)

@@ -6,6 +6,13 @@ Data: a .jsonl file (one object per line) or a .json list of objects, each with 
 (keys text_key and label_key). Labels are integers 0..num_classes-1, or strings, which are mapped to
 ids in sorted order (the names are saved with the model and classify_texts returns them).
 
+The run folder's checkpoint is the trained classifier, LoRA merged into the weights (load_classifier). With
+LoRA, out_dir/lora.safetensors also holds every parameter that trained (adapters, head, and under
+freeze_body the last block and final norm) under the classifier's names, so the trained model comes back
+exactly, unmerged, from the base:  clf = GPTClassifier(base_gpt, num_classes);
+apply_lora(clf, info["rank"], info["alpha"], targets=info["modules"]); load_lora_state_dict(clf, tensors)
+with (tensors, info) = read_lora_adapters(path).
+
 The head and its pooling are finetune.heads.LastTokenHead's.
 """
 
@@ -241,7 +248,10 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                  charts=("accuracy",), settings={"freeze_body": config.freeze_body,  # it decides what trains
                                               "base_sha256": base_meta["base_sha256"]})
 
-    lora_path = save_and_merge_lora(gpt, config, wrapped)
+    # The whole classifier, not its body alone: beside the adapters, the head (and under freeze_body the last
+    # block and final norm) trained too, and the file must hold them all to rebuild the trained model.
+    wrapped = [f"body.{name}" for name in wrapped]
+    lora_path = save_and_merge_lora(clf, config, wrapped)
     meta = {"model_config": gpt.config.to_dict(), "tokenizer": tokenizer.spec,
             "classifier": {"num_classes": num_classes, "labels": names, "max_len": max_len,
                            "text_key": config.text_key, "label_key": config.label_key},

@@ -30,7 +30,14 @@ class LastTokenHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def head_outputs(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, T) right-padded token ids, lengths (B,) real tokens per row (None: all T) -> (B, out)."""
+        """ids (B, T) right-padded token ids, lengths (B,) real tokens per row (None: all T) -> (B, out).
+
+        Row i's real tokens must be ids[i, :lengths[i]]. There is no attention mask or padding side: the body
+        runs causally from column 0 with positions 0.., so left-padded rows (as generation pads) would read a
+        pad token here, and even pooled right their real tokens would attend to the padding and sit at shifted
+        positions; the padding cannot be told from real tokens (no pad id), so such input is not detected.
+        Every llmkern caller right-pads (finetune.data.pad_batch: classify's collate_rows and classify_texts,
+        the reward model's make_score_batch)."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids must be a (B, T) tensor of token ids, got {got}")

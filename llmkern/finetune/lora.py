@@ -7,7 +7,8 @@ model computes exactly what the base model did. After training, B A * scale can 
 state_dict loads into GPT(config).
 
 The wrapper keeps the base layer's parameters under their own names (`weight`, `bias`), next to
-`lora_A` and `lora_B`: a wrapped model's state_dict has the base model's keys plus the adapters'.
+`lora_A` and `lora_B`: a wrapped model's state_dict has the base model's keys plus the adapters', and a
+layer merged in place (LoRALinear.merge) adds `merged`, so that its state loads back as merged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 # attention's fused q/k/v and output projections; GPT-2's MLP (fc, proj); Llama's MLP (gate_up, proj).
 BLOCK_LINEARS = ("qkv", "proj", "fc", "gate_up")
 LORA_KEYS = ("lora_A", "lora_B")
+MERGED_KEY = "merged"  # in a merged LoRALinear's state_dict only: its weight already holds B @ A * scale
 
 
 def check_lora_args(rank: object, alpha: object, dropout: object) -> None:
@@ -108,6 +110,21 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # the weight saved holds the update: a loader must know, or it adds the update again
+            destination[prefix + MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The flag describes the weight it came with: a state without it (every unmerged layer's) holds the
+        # base weight alone. load_state_dict hands each module its own copy of the dict, so popping is safe.
+        flag = state_dict.pop(prefix + MERGED_KEY, None)
+        if prefix + "weight" in state_dict:
+            self.merged = flag is not None and bool(flag)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -228,13 +245,24 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """lora_state_dict plus every other parameter that trains (requires_grad), under its name, detached:
+    what a run changed beside the frozen base, e.g. a classifier's head or a block trained in full."""
+    state = lora_state_dict(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in state:
+            state[name] = p.detach()
+    return state
+
+
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors (from lora_state_dict) into a model that has the same LoRA layers.
+    """Copy adapter tensors (from lora_state_dict, or trained_state_dict with the other parameters that
+    trained) into a model that has the same LoRA layers.
 
-    Every adapter of the model must be in `state` and every key of `state` must be an adapter of the
-    model, with the same shape; otherwise a ValueError lists what is missing, unexpected or mis-shaped.
-    A merged layer is unmerged, loaded and merged again, so its weight holds the new update.
+    Every adapter of the model must be in `state` and every key of `state` must be an adapter or another
+    parameter of the model, with the same shape; otherwise a ValueError lists what is missing, unexpected
+    or mis-shaped. A merged layer is unmerged, loaded and merged again, so its weight holds the new update.
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
@@ -242,24 +270,26 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if not layers:
         raise ValueError("model has no LoRA layers; call apply_lora(model, ...) with the same targets first")
     expected = {f"{name}.{key}": (name, key) for name in layers for key in LORA_KEYS}
+    params = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
         raise ValueError(f"LoRA state does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    for key, (name, attr) in expected.items():
-        param, value = getattr(layers[name], attr), state[key]
+    for key, value in state.items():
+        param = params[key]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"LoRA state {key!r} must be a tensor, got {type(value).__name__}")
         if value.shape != param.shape:
             raise ValueError(f"LoRA state {key!r} has shape {tuple(value.shape)}; the model's is {tuple(param.shape)} "
                              f"(a different rank?)")
-    for name, layer in layers.items():
-        was_merged = layer.merged
+    # Every layer unmerged before anything is copied: a wrapped layer's own weight may be in `state` too.
+    was_merged = [name for name, layer in layers.items() if layer.merged]
+    for layer in layers.values():
         layer.unmerge()
-        for attr in LORA_KEYS:
-            getattr(layer, attr).copy_(state[f"{name}.{attr}"])
-        if was_merged:
-            layer.merge()
+    for key, value in state.items():
+        params[key].copy_(value)
+    for name in was_merged:
+        layers[name].merge()
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -274,11 +304,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def save_lora_adapters(path: str, model: nn.Module, info: dict[str, object] | None = None) -> str:
-    """Write the model's adapters (lora_state_dict) to a .safetensors file, atomically (temporary name,
-    then rename); `info` (rank, alpha, targets, ...) goes into the file's metadata as JSON. Its path."""
-    state = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    if not state:
+    """Write the model's adapters and the other parameters that train (trained_state_dict) to a .safetensors
+    file, atomically (temporary name, then rename): the base model, apply_lora with info["modules"] and
+    load_lora_state_dict of this file give the trained model back. `info` (rank, alpha, targets, ...) goes
+    into the file's metadata as JSON. Its path."""
+    if not lora_layers(model):
         raise ValueError("model has no LoRA layers to save")
+    state = {k: v.to("cpu").contiguous() for k, v in trained_state_dict(model).items()}
     tmp = f"{path}.tmp_{os.getpid()}"
     save_file(state, tmp, metadata={"llmkern_lora": json.dumps(info or {})})
     os.replace(tmp, path)
@@ -286,7 +318,8 @@ def save_lora_adapters(path: str, model: nn.Module, info: dict[str, object] | No
 
 
 def read_lora_adapters(path: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """(adapter tensors, info) from a file written by save_lora_adapters."""
+    """(tensors: the adapters and the other parameters that trained, info) from a file written by
+    save_lora_adapters."""
     with safe_open(path, framework="pt") as f:
         info = json.loads((f.metadata() or {}).get("llmkern_lora", "{}"))
         return {k: f.get_tensor(k) for k in f.keys()}, info
@@ -301,8 +334,9 @@ def apply_lora_from_config(model: nn.Module, config) -> list[str]:
 
 
 def save_and_merge_lora(model: nn.Module, config, wrapped: list[str]) -> str | None:
-    """After training with adapters: write them to config.out_dir/lora.safetensors (to rebuild them on the
-    base later), then fold them into the weights, leaving a plain model. The file's path; None, and
+    """After training with adapters: write them and every other parameter that trained to
+    config.out_dir/lora.safetensors (to rebuild the trained model on the base later; wrapped: the module
+    names in `model`), then fold them into the weights, leaving a plain model. The file's path; None, and
     nothing done, when nothing was wrapped."""
     from ..train import distributed
 
