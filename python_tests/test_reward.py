@@ -121,6 +121,40 @@ def test_reward_model_save_load_round_trip(tmp_path):
         score(rm, tokenizer, ["a", "b"], ["c"])
 
 
+def test_a_lora_run_file_rebuilds_the_trained_reward_model(tmp_path, monkeypatch):
+    """Beside the adapters the new head trains in full: lora.safetensors held only the adapters, so the base
+    plus it scored with an untrained head."""
+    import llmkern.finetune.loop as loop
+    from llmkern.finetune.lora import apply_lora, load_lora_state_dict, read_lora_adapters
+
+    body = tiny_gpt(block_size=256)
+    save_finetuned(str(tmp_path / "base"), 0, body.state_dict(),
+                   {"model_config": body.config.to_dict(), "tokenizer": "bytes"})
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(synthetic_pairs(16, seed=1)))
+    ids, lengths = torch.randint(0, 256, (3, 9)), torch.tensor([9, 2, 5])
+    trained = {}
+    real_fit = loop.fit  # run_reward imports it when it runs
+
+    def fit_and_record(model, *args, **kwargs):  # the scores of the model as training leaves it
+        result = real_fit(model, *args, **kwargs)
+        with torch.no_grad():
+            trained["scores"] = model.eval()(ids, lengths)
+        return result
+
+    monkeypatch.setattr(loop, "fit", fit_and_record)
+    run_reward(RewardConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "rm"),
+                            lora_rank=2, lora_targets="qkv", max_steps=3, batch_size=8, lr=1e-2,
+                            val_fraction=0.0, device="cpu", progress=False))
+    tensors, info = read_lora_adapters(str(tmp_path / "rm" / "lora.safetensors"))
+    rebuilt = RewardModel(tiny_gpt(block_size=256)).eval()
+    rebuilt.body.load_state_dict(body.state_dict())
+    apply_lora(rebuilt, info["rank"], info["alpha"], targets=info["modules"])
+    load_lora_state_dict(rebuilt, tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids, lengths), trained["scores"], rtol=0, atol=0)
+
+
 def test_reward_config_needs_data():
     with pytest.raises(ValueError, match="data"):
         RewardConfig(base="runs/x").validate()

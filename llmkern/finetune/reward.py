@@ -215,7 +215,9 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
                   settings={"base_sha256": base_meta["base_sha256"]})  # a resumed run must start from the same base
     train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
 
-    lora_path = save_and_merge_lora(rm.body, config, wrapped)
+    # The whole reward model, not its body alone: the head trained in full beside the adapters, and the file
+    # must hold it to rebuild the trained model from the base.
+    lora_path = save_and_merge_lora(rm, config, [f"body.{name}" for name in wrapped])
     path = save_reward_model(config.out_dir, summary["steps"], rm, tokenizer,
                              {"finetune": {"method": "reward", **config.to_dict()}})
     drop_train_state(config)
