@@ -56,3 +56,26 @@ def shared_data():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def outputs_after_fit(monkeypatch):
+    """record(module, *inputs) -> {}: from then on, each fine-tuning fit() that a recipe calls as module.fit
+    leaves in it ["out"], the trained model's eval-mode output on the inputs, as training leaves the model
+    (before anything is saved or merged)."""
+    import torch
+
+    def record(module, *inputs):
+        seen = {}
+        real_fit = module.fit
+
+        def fit_and_record(model, *args, **kwargs):
+            result = real_fit(model, *args, **kwargs)
+            with torch.no_grad():
+                seen["out"] = model.eval()(*inputs)
+            return result
+
+        monkeypatch.setattr(module, "fit", fit_and_record)
+        return seen
+
+    return record

@@ -116,7 +116,7 @@ def test_freeze_body_and_lora_train_only_what_they_say(tmp_path):
 
 
 @pytest.mark.parametrize("freeze_body,lora_rank", [(True, 2), (False, 2), (True, 0)])
-def test_the_saved_run_rebuilds_the_trained_model_exactly(tmp_path, monkeypatch, freeze_body, lora_rank):
+def test_the_saved_run_rebuilds_the_trained_model_exactly(tmp_path, outputs_after_fit, freeze_body, lora_rank):
     """freeze_body + LoRA trains the last block in full beside the adapters, and LoRA alone trains the head:
     lora.safetensors held only the adapters, so the base plus it lost that work."""
     import llmkern.finetune.classify as classify
@@ -126,16 +126,7 @@ def test_the_saved_run_rebuilds_the_trained_model_exactly(tmp_path, monkeypatch,
     base = make_base(str(tmp_path / "base"))
     data = write_jsonl(tmp_path / "d.jsonl", separable_rows(16, seed=4))
     idx, lengths = torch.randint(0, 256, (3, 10)), torch.tensor([10, 4, 7])
-    trained = {}
-    real_fit = classify.fit
-
-    def fit_and_record(model, *args, **kwargs):  # the logits of the model as training leaves it
-        result = real_fit(model, *args, **kwargs)
-        with torch.no_grad():
-            trained["logits"] = model.eval()(idx, lengths)
-        return result
-
-    monkeypatch.setattr(classify, "fit", fit_and_record)
+    trained = outputs_after_fit(classify, idx, lengths)
     out = tmp_path / "run"
     run_classify(ClassifyConfig(base=base, data=data, out_dir=str(out), freeze_body=freeze_body, lora_rank=lora_rank,
                                 lora_targets="qkv" if lora_rank else "", max_steps=3, batch_size=8, lr=1e-2,
@@ -144,9 +135,9 @@ def test_the_saved_run_rebuilds_the_trained_model_exactly(tmp_path, monkeypatch,
     with torch.no_grad():
         loaded = clf(idx, lengths)
     if not lora_rank:  # nothing merged: the checkpoint is the trained model itself
-        torch.testing.assert_close(loaded, trained["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(loaded, trained["out"], rtol=0, atol=0)
         return
-    torch.testing.assert_close(loaded, trained["logits"], rtol=1e-4, atol=1e-5)  # merged: up to rounding
+    torch.testing.assert_close(loaded, trained["out"], rtol=1e-4, atol=1e-5)  # merged: up to rounding
     tensors, info = read_lora_adapters(str(out / "lora.safetensors"))
     gpt = tiny_gpt()
     gpt.load_state_dict(load_checkpoint(base).model)
@@ -154,7 +145,7 @@ def test_the_saved_run_rebuilds_the_trained_model_exactly(tmp_path, monkeypatch,
     apply_lora(rebuilt, info["rank"], info["alpha"], targets=info["modules"])
     load_lora_state_dict(rebuilt, tensors)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(idx, lengths), trained["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(rebuilt(idx, lengths), trained["out"], rtol=0, atol=0)
     assert {"head.weight", "head.bias"} <= set(tensors)
     assert ("body.blocks.1.attn.qkv.weight" in tensors) == freeze_body  # trained in full beside its adapters
 

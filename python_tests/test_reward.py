@@ -121,7 +121,7 @@ def test_reward_model_save_load_round_trip(tmp_path):
         score(rm, tokenizer, ["a", "b"], ["c"])
 
 
-def test_a_lora_run_file_rebuilds_the_trained_reward_model(tmp_path, monkeypatch):
+def test_a_lora_run_file_rebuilds_the_trained_reward_model(tmp_path, outputs_after_fit):
     """Beside the adapters the new head trains in full: lora.safetensors held only the adapters, so the base
     plus it scored with an untrained head."""
     import llmkern.finetune.loop as loop
@@ -133,16 +133,7 @@ def test_a_lora_run_file_rebuilds_the_trained_reward_model(tmp_path, monkeypatch
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(synthetic_pairs(16, seed=1)))
     ids, lengths = torch.randint(0, 256, (3, 9)), torch.tensor([9, 2, 5])
-    trained = {}
-    real_fit = loop.fit  # run_reward imports it when it runs
-
-    def fit_and_record(model, *args, **kwargs):  # the scores of the model as training leaves it
-        result = real_fit(model, *args, **kwargs)
-        with torch.no_grad():
-            trained["scores"] = model.eval()(ids, lengths)
-        return result
-
-    monkeypatch.setattr(loop, "fit", fit_and_record)
+    trained = outputs_after_fit(loop, ids, lengths)  # run_reward imports loop.fit as it runs
     run_reward(RewardConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "rm"),
                             lora_rank=2, lora_targets="qkv", max_steps=3, batch_size=8, lr=1e-2,
                             val_fraction=0.0, device="cpu", progress=False))
@@ -152,7 +143,7 @@ def test_a_lora_run_file_rebuilds_the_trained_reward_model(tmp_path, monkeypatch
     apply_lora(rebuilt, info["rank"], info["alpha"], targets=info["modules"])
     load_lora_state_dict(rebuilt, tensors)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(ids, lengths), trained["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(rebuilt(ids, lengths), trained["out"], rtol=0, atol=0)
 
 
 def test_reward_config_needs_data():
