@@ -688,6 +688,29 @@ def test_a_step_never_waits_for_the_gpu(backend):
     assert float(opt.state[params[1]]["step"]) == 2.0
 
 
+def test_triton_norm_rebuilds_what_it_cached_on_another_device():
+    """Parameters moved to another GPU keep their sizes (and may even reuse addresses there): the norm's
+    tables and partials cached on the old device must be made again, not read by kernels on the new one.
+    A `meta` tensor stands for the old device's (a kernel reading it fails)."""
+    import llmkern.triton.adamw as kernels
+
+    device = torch.device("cuda:0" if HAS_CUDA else "cpu")
+    grads = [torch.randn(n, device=device) for n in (5, 300)]
+    numels = tuple(g.numel() for g in grads)
+    key = tuple(g.data_ptr() for g in grads) + numels
+    dtype = torch.float32
+    cache = {f"norm_table_{dtype}": (key, torch.empty((2, 2), dtype=torch.int64, device="meta")),
+             f"norm_chunks_{dtype}": (numels, kernels._chunk_table(numels).to("meta")),
+             "partials": torch.empty(64, device="meta")}
+    norm, clip, skipped = (torch.zeros(1, device=device), torch.zeros(2, device=device),
+                           torch.zeros(1, dtype=torch.int64, device=device))
+    kernels.grad_norm(grads, 1.0, norm, clip, skipped, cache)
+    want = torch.linalg.vector_norm(torch.cat([g.double() for g in grads]))
+    torch.testing.assert_close(norm.double(), want.reshape(1), rtol=1e-5, atol=0)
+    assert all(t.device == device for t in (cache["partials"], cache[f"norm_table_{dtype}"][1],
+                                            cache[f"norm_chunks_{dtype}"][1]))
+
+
 def test_triton_kernels_compile_for_sm90():
     """The interpreter runs the kernels' Python but never lowers it; this builds their GPU code
     (see triton_build.py), which catches a kernel that would not build on a GPU."""

@@ -196,9 +196,11 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _cached(cache: dict, name: str, key: tuple, build, device: torch.device) -> torch.Tensor:
-    """The device tensor built by build() for `key`, rebuilt and uploaded only when key changes."""
+    """The device tensor built by build() for `key`, rebuilt and uploaded only when key or device changes:
+    parameters moved to another GPU may keep their sizes, and even their addresses there (the key), while a
+    table left on the old device would be read by kernels running on the new one (an illegal address)."""
     hit = cache.get(name)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and hit[1].device == device:
         return hit[1]
     table = _to_device(build(), device)
     cache[name] = (key, table)
@@ -240,7 +242,7 @@ def grad_norm(
         tables.append((dtype, table, chunks, count, aligned))
         count += chunks.size(0)
     partials = cache.get("partials")
-    if partials is None or partials.numel() < max(count, 1):
+    if partials is None or partials.numel() < max(count, 1) or partials.device != device:  # see _cached
         partials = cache["partials"] = torch.empty(max(count, 1), dtype=torch.float32, device=device)
     with on_device(device):
         for dtype, table, chunks, first, aligned in tables:
