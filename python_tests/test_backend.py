@@ -155,13 +155,16 @@ def test_the_module_backend_choice_traces_under_a_fullgraph_compile(monkeypatch)
     monkeypatch.setattr(_dispatch, "_chosen", {})
 
     def pick(x):
-        return x + (1 if _dispatch.op_backend("attention", "no-such-backend", x.device) == "torch" else 2)
+        return x + (1 if _dispatch.op_backend("attention", "cuda", x.device) == "torch" else 2)  # no GPU: torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither Dynamo's lru_cache warning nor ours while compiling
         assert torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
-    with pytest.warns(UserWarning, match="attention has no no-such-backend kernels"):
+    with pytest.warns(UserWarning, match="attention has no cuda kernels that run on cpu"):
         assert pick(torch.zeros(1)).item() == 1
+    # A name that is no backend is an error, not torch with a warning that names it as if it were one
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _dispatch.op_backend("attention", "trition", torch.device("cpu"))
 
 
 def _triton_module(op):

@@ -18,6 +18,8 @@ from .. import _backend
 def op_backend(op: str, backend: str | None, device: torch.device) -> str | None:
     if backend in (None, "auto", "torch"):
         return backend
+    if backend not in _backend.BACKENDS:  # a typo ("trition") would run on torch with a warning naming it
+        _backend._validate(backend)
     return _explicit_backend(op, backend, device.type)
 
 
