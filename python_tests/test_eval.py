@@ -970,6 +970,11 @@ def test_compare_runs_checks_the_baseline_and_judge_folders_before_generating(tm
         compare_runs(run_a, str(tmp_path / "no-baseline"), LongerIsBetter(), ["Say hi."], device="cpu")
     with pytest.raises(FileNotFoundError, match="the judge .*no-judge.* is not a folder"):
         compare_runs(run_a, run_a, str(tmp_path / "no-judge"), ["Say hi."], device="cpu")
+    # win_rate refused them only once both runs had generated
+    with pytest.raises(ValueError, match="tie_margin must be a number >= 0"):
+        compare_runs(run_a, run_a, LongerIsBetter(), ["Say hi."], device="cpu", tie_margin=-1)
+    with pytest.raises(ValueError, match="interval must be"):
+        compare_runs(run_a, run_a, LongerIsBetter(), ["Say hi."], device="cpu", interval="normal")
     assert generated == []
 
 

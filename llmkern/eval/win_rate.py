@@ -278,11 +278,7 @@ def win_rate(judge: Judge | PairJudge, prompts: Sequence[str], responses: Sequen
     if len(responses) != n or len(baseline_responses) != n:
         raise ValueError(f"prompts, responses and baseline_responses must have the same length; got {n}, "
                          f"{len(responses)} and {len(baseline_responses)}")
-    # a number checked first: a string failed the comparison with a TypeError that named no argument
-    if isinstance(tie_margin, bool) or not isinstance(tie_margin, numbers.Real) or not tie_margin >= 0:
-        raise ValueError(f"tie_margin must be a number >= 0, got {tie_margin!r}")
-    if interval not in ("wilson", "bootstrap"):
-        raise ValueError(f"interval must be 'wilson' or 'bootstrap', got {interval!r}")
+    _check_scoring(tie_margin, interval)
 
     if pairwise:
         extra, diffs = _pair_judgements(judge, prompts, responses, baseline_responses, return_scores)
@@ -409,6 +405,14 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
+def _check_scoring(tie_margin: object, interval: object) -> None:
+    # a number checked first: a string failed the comparison with a TypeError that named no argument
+    if isinstance(tie_margin, bool) or not isinstance(tie_margin, numbers.Real) or not tie_margin >= 0:
+        raise ValueError(f"tie_margin must be a number >= 0, got {tie_margin!r}")
+    if interval not in ("wilson", "bootstrap"):
+        raise ValueError(f"interval must be 'wilson' or 'bootstrap', got {interval!r}")
+
+
 def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str, data: str | Sequence[Any],
                  limit: int | None = None, max_new_tokens: int = 256, device: str | torch.device = "auto",
                  tie_margin: float = 0.0, interval: str = "wilson", batch_size: int = 8,
@@ -436,6 +440,7 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
         if not os.path.isdir(path):
             raise FileNotFoundError(f"the {what} {os.fspath(path)!r} is not a folder: give a run or checkpoint folder")
     _check_limit(limit)  # a list of instructions is cut to the limit too (it was compared whole)
+    _check_scoring(tie_margin, interval)  # win_rate checks them too, but only after both runs generated
     examples = load_instructions(os.fspath(data), limit) if isinstance(data, (str, os.PathLike)) else list(data)[:limit]
     answers, templates = [], []
     for run in (run_dir, baseline_dir):
