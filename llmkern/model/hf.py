@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 weights in and out, by name mapping (no download, no transformers import).
+"""Hugging Face GPT-2 and Llama-family weights in and out, by name mapping (no download, no transformers import).
 
 HF's GPT-2 stores its linear layers as Conv1D, weight (in, out), where ours are nn.Linear,
 weight (out, in): those are transposed. Its fused c_attn makes [q | k | v] with the heads
@@ -6,7 +6,15 @@ contiguous in each, which is the row order of our qkv layer, so it maps as is. T
 table gets zero rows up to our padded vocabulary (they are cut from the logits anyway).
 
 The tensors tell every size but the head count: that comes from the model's config.json (n_head), which
-a model.safetensors file is read with, or from the caller, and is never guessed. Only GPT-2 is imported.
+a model.safetensors file is read with, or from the caller, and is never guessed.
+
+Llama (and Mistral without a sliding window: the same model) is our rmsnorm/rope/swiglu model with no
+biases. HF's q_proj, k_proj, v_proj stacked by rows are our qkv ([q heads | k heads | v heads], each head's
+rows contiguous), gate_proj and up_proj are our gate_up ([gate | up]); nn.Linear on both sides, so nothing is
+transposed. HF's Llama checkpoints are already in the rotate-half RoPE layout that ours computes (its
+conversion script permuted Meta's interleaved q/k rows), so q and k map as they are. Its config.json is
+needed (head counts, eps, RoPE theta), and whatever in it would make our model compute other logits (RoPE
+scaling, biases, another activation or head size) is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -93,7 +101,8 @@ def _check_hf_config(hf_config: dict, values: dict) -> float:
         raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
     model_type = hf_config.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise ValueError(f"config.json has model_type={model_type!r}: only GPT-2 ('gpt2') weights can be imported")
+        raise ValueError(f"config.json has model_type={model_type!r}: only GPT-2 ('gpt2') weights can be imported "
+                         f"here (Llama-family ones: from_hf_llama, load_hf_llama_file)")
     for names, ours in _HF_SIZES.items():
         said = _hf_value(hf_config, names)
         if said is not None and said != values[ours]:
@@ -152,6 +161,17 @@ def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
     save_pretrained and the Hub lay them out), which tells the head count unless n_head does. path may
     also be any shard of a sharded checkpoint (model-00001-of-00002.safetensors, ...): all the shards that
     the model.safetensors.index.json beside it lists are read."""
+    _check_model_file(path)
+    state_dict = _read_safetensors(path)
+    hf_config = read_hf_config(path)
+    if hf_config is None and n_head is None:
+        _sizes(state_dict)  # not GPT-2 weights at all: that is the error to report
+        raise ValueError(f"n_head is unknown: {path!r} has no config.json beside it, and the weights of GPT-2 do "
+                         f"not tell the head count; put the model's config.json there")
+    return from_hf_gpt2(state_dict, n_head, hf_config, **overrides)
+
+
+def _check_model_file(path: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder; give the model.safetensors file in it (or one of its shards)")
     if not os.path.isfile(path):
@@ -159,22 +179,21 @@ def load_hf_gpt2_file(path: str, n_head: int | None = None, **overrides) -> GPT:
         sharded = "; the checkpoint there is sharded: give one of the files its index lists" if os.path.isfile(
             index_path) else ""
         raise FileNotFoundError(f"{path!r} does not exist{sharded}")
-    state_dict = _read_safetensors(path)
+
+
+def read_hf_config(path: str) -> dict | None:
+    """The config.json beside the weights file `path`, as a dict; None when there is none."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    hf_config = None
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                hf_config = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path!r} is not a readable JSON file: {err}") from err
-        if not isinstance(hf_config, dict):
-            raise ValueError(f"{config_path!r} must hold a JSON object, got {type(hf_config).__name__}")
-    elif n_head is None:
-        _sizes(state_dict)  # not GPT-2 weights at all: that is the error to report
-        raise ValueError(f"n_head is unknown: {path!r} has no config.json beside it, and the weights of GPT-2 do "
-                         f"not tell the head count; put the model's config.json there")
-    return from_hf_gpt2(state_dict, n_head, hf_config, **overrides)
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path!r} is not a readable JSON file: {err}") from err
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path!r} must hold a JSON object, got {type(hf_config).__name__}")
+    return hf_config
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -292,7 +311,10 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         out[name.removeprefix("transformer.")] = tensor
     if "wte.weight" not in out or "wpe.weight" not in out:
-        raise ValueError("not a GPT-2 state dict: no wte.weight / wpe.weight (with or without 'transformer.')")
+        llama = any(name.endswith("embed_tokens.weight") for name in out)
+        raise ValueError("not a GPT-2 state dict: no wte.weight / wpe.weight (with or without 'transformer.')" + (
+            "; these are a Llama-family model's weights: they load with its config.json beside them (from_hf_llama)"
+            if llama else ""))
     return out
 
 
@@ -307,3 +329,245 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, ours: str, theirs: str) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"{theirs} has shape {tuple(src.shape)}; {ours} needs {tuple(dst.shape)}")
     dst.copy_(src)
+
+
+# --- Llama family ---------------------------------------------------------------------------------
+
+# config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window)
+LLAMA_TYPES = ("llama", "mistral")
+# our name (per block: "blocks.{i}.") -> HF's names (under "model.layers.{i}."), stacked by rows in this order
+_LLAMA_BLOCK_NAMES = {
+    "norm1.weight": ("input_layernorm.weight",),
+    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.proj.weight": ("self_attn.o_proj.weight",),
+    "norm2.weight": ("post_attention_layernorm.weight",),
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.proj.weight": ("mlp.down_proj.weight",),
+}
+# The RoPE frequencies some (older) checkpoints store: a buffer, recomputed from rope_theta
+_LLAMA_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
+    """config.json's int `name`, >= 1; default when it is absent or null (None: it must be there)."""
+    value = hf_config.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json has no {name!r}")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json's {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _hf_number(hf_config: dict, name: str, default: float) -> float:
+    value = hf_config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"config.json's {name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _rope_theta(hf_config: dict) -> float:
+    """config.json's RoPE base; an error for any RoPE scaling (linear, dynamic, yarn, llama3, ...), which
+    changes the frequencies where our model computes theta ** (-2i / D) only."""
+    # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
+    # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
+    params = hf_config.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"config.json's rope_parameters must be a JSON object, got {params!r}")
+        scaling, theta = params, _hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
+    else:
+        scaling, theta = hf_config.get("rope_scaling"), _hf_number(hf_config, "rope_theta", 10000.0)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if kind != "default":
+            raise ValueError(f"config.json has RoPE scaling {scaling!r}; the model computes plain RoPE (rope_theta "
+                             f"only), so its positions would be rotated by other angles")
+    return theta
+
+
+def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a HF Llama-family model from its config.json (a dict); an error for a setting the model
+    cannot compute (it would load and give other logits). overrides replace GPTConfig fields (backend, ...)."""
+    if not isinstance(hf_config, dict):
+        raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type", "llama")
+    if model_type == "qwen2":
+        raise ValueError("config.json has model_type='qwen2': Qwen2's q/k/v projections have biases and its other "
+                         "layers none, which the model (biases everywhere or nowhere) cannot hold")
+    if model_type not in LLAMA_TYPES:
+        raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}")
+    n_embd, n_head = _hf_int(hf_config, "hidden_size"), _hf_int(hf_config, "num_attention_heads")
+    n_kv_head = _hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
+    head_dim = hf_config.get("head_dim")
+    if head_dim is not None and (n_embd % n_head != 0 or head_dim != n_embd // n_head):
+        raise ValueError(f"config.json has head_dim={head_dim!r}; the model's heads are hidden_size / "
+                         f"num_attention_heads = {n_embd} / {n_head} wide")
+    # HF's ACT2FN: "silu" and "swish" are both SiLU, the gate of our SwiGLU
+    activation = hf_config.get("hidden_act", "silu")
+    if activation not in ("silu", "swish"):
+        raise ValueError(f"config.json has hidden_act={activation!r}; the model's MLP is SwiGLU (silu)")
+    for name in ("attention_bias", "mlp_bias"):
+        if hf_config.get(name, False) is not False:
+            raise ValueError(f"config.json has {name}={hf_config[name]!r}; the Llama model here has no biases")
+    tie = hf_config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
+    values = dict(
+        vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
+        n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+        norm="rmsnorm", norm_eps=_hf_number(hf_config, "rms_norm_eps", 1e-6), pos="rope",
+        rope_theta=_rope_theta(hf_config), mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
+        tie_embeddings=tie, bias=False,
+    )
+    config = GPTConfig.from_dict({**values, **overrides})
+    # Mistral's sliding window masks keys more than `window` tokens back: no key is, in contexts no longer
+    # than the window, so only a window shorter than the model's block_size changes what it computes.
+    window = hf_config.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < config.block_size):
+        raise ValueError(f"config.json has sliding_window={window!r}, shorter than block_size={config.block_size}: "
+                         f"the model attends to the whole context (give block_size={window!r} or less to load it)")
+    return config
+
+
+def from_hf_llama(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
+    """A GPT holding the weights of a HF Llama-family (LlamaForCausalLM or LlamaModel, MistralForCausalLM)
+    state dict, shaped by hf_config (the model's config.json, as a dict)."""
+    config = config_from_hf_llama(hf_config, **overrides)
+    model = GPT(config)
+    load_hf_llama(model, state_dict)
+    return model
+
+
+def load_hf_llama_file(path: str, **overrides) -> GPT:
+    """from_hf_llama of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint, as
+    load_hf_gpt2_file) and the config.json beside it."""
+    _check_model_file(path)
+    hf_config = read_hf_config(path)
+    if hf_config is None:
+        raise ValueError(f"{path!r} has no config.json beside it; a Llama model's weights do not tell its head "
+                         f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
+    config_from_hf_llama(hf_config, **overrides)  # a config it cannot load: said before the (slow) read
+    return from_hf_llama(_read_safetensors(path), hf_config, **overrides)
+
+
+def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
+    """(GPT, model_type) of a Hugging Face model.safetensors file (or shard): by the model_type of the
+    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file) or Llama's."""
+    _check_model_file(path)
+    hf_config = read_hf_config(path)
+    model_type = "gpt2" if hf_config is None else hf_config.get("model_type", "gpt2")
+    if model_type == "gpt2":
+        return load_hf_gpt2_file(path, **overrides), model_type
+    if model_type in LLAMA_TYPES or model_type == "qwen2":  # qwen2: config_from_hf_llama says why not
+        return load_hf_llama_file(path, **overrides), model_type
+    raise ValueError(f"{path!r}: its config.json has model_type={model_type!r}; the models that can be imported "
+                     f"are {('gpt2',) + LLAMA_TYPES}")
+
+
+def _llama_mapping(n_layer: int) -> dict[str, tuple[str, ...]]:
+    mapping = {"norm_f.weight": ("norm.weight",)}
+    for i in range(n_layer):
+        for ours, theirs in _LLAMA_BLOCK_NAMES.items():
+            mapping[f"blocks.{i}.{ours}"] = tuple(f"layers.{i}.{name}" for name in theirs)
+    return mapping
+
+
+def _check_llama_shaped(config: GPTConfig) -> None:
+    wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"Llama weights need a Llama-shaped model ({wanted}); this one has {wrong}")
+
+
+@torch.no_grad()
+def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a HF Llama-family state dict into `model` (a Llama-shaped GPT of its sizes); every weight must
+    be there, and nothing else (a bias, say, which the model would drop)."""
+    config = model.config
+    _check_llama_shaped(config)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    # LlamaForCausalLM's names are "model."-prefixed, LlamaModel's (no lm_head) are not
+    sd = {name.removeprefix("model."): t for name, t in state_dict.items()
+          if name != "lm_head.weight" and not _LLAMA_IGNORED.search(name)}
+    mapping = _llama_mapping(config.n_layer)
+    expected = {name for names in mapping.values() for name in names} | {"embed_tokens.weight"}
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"not a Llama state dict of {config.n_layer} layers: missing {_some(missing)}, "
+                         f"unexpected {_some(unexpected)}")
+    embed = sd["embed_tokens.weight"]
+    if tuple(embed.shape) != (config.vocab_size, config.n_embd):
+        raise ValueError(f"embed_tokens.weight has shape {tuple(embed.shape)}; config.json's vocab_size and "
+                         f"hidden_size make ({config.vocab_size}, {config.n_embd}): the config is another model's")
+    head = state_dict.get("lm_head.weight")
+    if config.tie_embeddings:
+        # tied: save_pretrained stores the table once; a head of its own would be dropped, the logits wrong
+        if head is not None and not (head.shape == embed.shape and torch.equal(head, embed)):
+            raise ValueError("lm_head.weight differs from embed_tokens.weight, but config.json has "
+                             "tie_word_embeddings=true: the model would drop it")
+    elif head is None:
+        raise ValueError("no lm_head.weight, and config.json has tie_word_embeddings=false: the output layer "
+                         "is missing (a LlamaModel's weights, without the LM head?)")
+    for ours, theirs in mapping.items():
+        if len(theirs) == 1:
+            _copy(model.get_parameter(ours), sd[theirs[0]], ours, theirs[0])
+            continue
+        # Stacked parts are checked one by one: k_proj and v_proj of n_head rows stack to a qkv of the right
+        # size when num_key_value_heads is n_head / 2, and would load, split at the wrong rows.
+        for name, shape in zip(theirs, _part_shapes(config, ours)):
+            if tuple(sd[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(sd[name].shape)}; the model needs {shape}")
+        _copy(model.get_parameter(ours), torch.cat([sd[name] for name in theirs]), ours, "+".join(theirs))
+    vocab = config.vocab_size
+    model.wte.weight[:vocab] = embed
+    model.lm_head.weight[:vocab] = embed if head is None else _checked(head, embed.shape, "lm_head.weight")
+    model.wte.weight[vocab:] = 0
+    model.lm_head.weight[vocab:] = 0
+
+
+def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, int]]:
+    """The shapes of HF's tensors that make our stacked qkv ([q | k | v]) or gate_up ([gate | up])."""
+    d, c = config.head_dim, config.n_embd
+    if ours.endswith("qkv.weight"):
+        return [(config.n_head * d, c), (config.n_kv_head * d, c), (config.n_kv_head * d, c)]
+    return [(config.hidden_size, c)] * 2
+
+
+def _checked(src: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    if src.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(src.shape)}; the model needs {tuple(shape)}")
+    return src
+
+
+@torch.no_grad()
+def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the HF LlamaForCausalLM state dict, its config.json as a dict) of a Llama-shaped GPT: the
+    vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself (as HF's
+    state_dict() has it; safetensors' save_file wants it left out)."""
+    config = model.config
+    _check_llama_shaped(config)
+    out = {"model.embed_tokens.weight": model.wte.weight.detach()[: config.vocab_size].clone()}
+    for ours, theirs in _llama_mapping(config.n_layer).items():
+        p = model.get_parameter(ours).detach()
+        if len(theirs) == 1:
+            parts = [p]
+        else:
+            parts = p.split([rows for rows, _ in _part_shapes(config, ours)])
+        for name, part in zip(theirs, parts):
+            out["model." + name] = part.contiguous().clone()
+    out["lm_head.weight"] = (out["model.embed_tokens.weight"] if config.tie_embeddings
+                             else model.lm_head.weight.detach()[: config.vocab_size].clone())
+    hf_config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.hidden_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+    }
+    return out, hf_config

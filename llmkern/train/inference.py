@@ -21,20 +21,23 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
     """(GPT on the CPU, its tokenizer spec, meta) from the weights at `path`: a run folder (its newest
     checkpoint) or a checkpoint folder that llmkern wrote (pretraining or fine-tuning; a classifier's or
-    reward model's "head.*" weights are left out), or a Hugging Face GPT-2 model.safetensors, whose
-    tokenizer is hf_tokenizer (a tiktoken name or .tiktoken file). backend, when given, replaces the
-    model's kernel backend. meta is the checkpoint's ({"source": "hf-gpt2", "path": ...} for a HF file)."""
+    reward model's "head.*" weights are left out), or a Hugging Face model.safetensors (or shard) of GPT-2
+    or of a Llama-family model (by the model_type of the config.json beside it), whose tokenizer is
+    hf_tokenizer (a tiktoken name or .tiktoken file). backend, when given, replaces the model's kernel
+    backend. meta is the checkpoint's ({"source": "hf-gpt2" or "hf-llama", "path": ...} for a HF file)."""
     import dataclasses
 
     from ..model import GPT, GPTConfig
 
     if not isinstance(path, str) or not path:
-        raise ValueError(f"path must name a run folder, a checkpoint folder or a GPT-2 .safetensors file; got {path!r}")
+        raise ValueError(f"path must name a run folder, a checkpoint folder or a Hugging Face .safetensors file; got {path!r}")
     overrides = {"backend": backend} if backend else {}
     if path.endswith(".safetensors"):
-        from ..model.hf import load_hf_gpt2_file
+        from ..model.hf import load_hf_file
 
-        return load_hf_gpt2_file(path, **overrides), hf_tokenizer, {"source": "hf-gpt2", "path": os.path.abspath(path)}
+        model, model_type = load_hf_file(path, **overrides)
+        source = "hf-gpt2" if model_type == "gpt2" else "hf-llama"  # mistral: Llama's model
+        return model, hf_tokenizer, {"source": source, "path": os.path.abspath(path)}
     state = ckpt.load_checkpoint(path)
     for key in ("model_config", "tokenizer"):
         if key not in state.meta:

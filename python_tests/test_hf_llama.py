@@ -1,0 +1,289 @@
+"""Hugging Face Llama-family weights: a synthetic state dict under LlamaForCausalLM's names (no download)
+goes in, gives the logits of a plain Llama forward written here, and comes back out bit for bit."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from llmkern.model import GPT, GPTConfig
+from llmkern.model.hf import (
+    config_from_hf_llama,
+    from_hf_gpt2,
+    from_hf_llama,
+    load_hf_file,
+    load_hf_llama,
+    load_hf_llama_file,
+    to_hf_llama,
+)
+
+VOCAB, CTX, EMBD, LAYERS, HEADS, KV_HEADS, HIDDEN = 100, 32, 64, 2, 4, 2, 96
+
+
+def llama_config_json(**changes) -> dict:
+    """The config.json save_pretrained writes for a LlamaForCausalLM of llama_state_dict's sizes."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB,
+              "hidden_size": EMBD, "intermediate_size": HIDDEN, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "hidden_act": "silu",
+              "max_position_embeddings": CTX, "rms_norm_eps": 1e-5, "rope_theta": 500.0, "rope_scaling": None,
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    return {**config, **changes}
+
+
+def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS) -> dict[str, torch.Tensor]:
+    """Random float32 weights under LlamaForCausalLM's names; nn.Linear weights are (out, in)."""
+    d = EMBD // HEADS
+    sd = {"model.embed_tokens.weight": torch.randn(VOCAB, EMBD) * 0.2, "model.norm.weight": 1 + 0.1 * torch.randn(EMBD)}
+    for i in range(LAYERS):
+        shapes = {"self_attn.q_proj.weight": (HEADS * d, EMBD), "self_attn.k_proj.weight": (kv_heads * d, EMBD),
+                  "self_attn.v_proj.weight": (kv_heads * d, EMBD), "self_attn.o_proj.weight": (EMBD, EMBD),
+                  "mlp.gate_proj.weight": (HIDDEN, EMBD), "mlp.up_proj.weight": (HIDDEN, EMBD),
+                  "mlp.down_proj.weight": (EMBD, HIDDEN)}
+        for name, shape in shapes.items():
+            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * 0.2
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            sd[f"model.layers.{i}.{name}"] = 1 + 0.1 * torch.randn(EMBD)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if tied else torch.randn(VOCAB, EMBD) * 0.2
+    return sd
+
+
+def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Llama's forward, plainly: written from the model's definition, not from llmkern's code."""
+    w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
+    heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    b, t = idx.shape
+    c = w["embed_tokens.weight"].shape[1]
+    d = c // heads
+
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rotate(x):  # (B, heads, T, D): pair (x[j], x[j + D/2]) turns by position * theta^(-2j/D)
+        inv_freq = cfg["rope_theta"] ** (-2 * torch.arange(d // 2, dtype=torch.float64) / d)
+        angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        rotated_half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+        return x * cos + rotated_half * sin
+
+    x = w["embed_tokens.weight"][idx]
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    for i in range(LAYERS):
+        p = lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
+        h = rms_norm(x, p("input_layernorm.weight"))
+        q = (h @ p("self_attn.q_proj.weight").t()).view(b, t, heads, d).transpose(1, 2)
+        k = (h @ p("self_attn.k_proj.weight").t()).view(b, t, kv_heads, d).transpose(1, 2)
+        v = (h @ p("self_attn.v_proj.weight").t()).view(b, t, kv_heads, d).transpose(1, 2)
+        q, k = rotate(q), rotate(k)
+        k, v = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v))  # query head j reads kv head j // g
+        att = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, c)
+        x = x + y @ p("self_attn.o_proj.weight").t()
+        h = rms_norm(x, p("post_attention_layernorm.weight"))
+        gate, up = h @ p("mlp.gate_proj.weight").t(), h @ p("mlp.up_proj.weight").t()
+        x = x + (gate * torch.sigmoid(gate) * up) @ p("mlp.down_proj.weight").t()
+    x = rms_norm(x, w["norm.weight"])
+    head = w.get("lm_head.weight", w["embed_tokens.weight"])
+    return (x @ head.t()).float()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_gives_llama_logits(tied):
+    sd, cfg = llama_state_dict(tied), llama_config_json(tie_word_embeddings=tied)
+    model = from_hf_llama(sd, cfg, backend="torch").eval()
+    c = model.config
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.hidden_size, c.rope_theta,
+            c.norm_eps, c.tie_embeddings) == (VOCAB, CTX, LAYERS, EMBD, HEADS, KV_HEADS, HIDDEN, 500.0, 1e-5, tied)
+    assert c.padded_vocab_size == 128 and torch.all(model.wte.weight[VOCAB:] == 0)
+    assert torch.all(model.lm_head.weight[VOCAB:] == 0)
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    expected = llama_logits(sd, idx, cfg)
+    torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-5)
+    # LlamaModel's names (no "model." prefix) and a stored rotary buffer (older transformers) read the same
+    bare = {k.removeprefix("model."): v for k, v in sd.items()}
+    bare["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(EMBD // HEADS // 2)
+    if tied:
+        del bare["lm_head.weight"]  # save_pretrained stores a tied table once
+    torch.testing.assert_close(from_hf_llama(bare, cfg, backend="torch").eval()(idx)[0], expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_reference_is_sensitive_to_what_the_mapping_could_get_wrong():
+    """The checks above would pass a wrong mapping if the reference could not tell: each of these gives
+    other logits (k and v swapped, gate and up swapped, kv heads shared the other way, RoPE off)."""
+    sd, cfg = llama_state_dict(), llama_config_json()
+    idx = torch.randint(0, VOCAB, (1, 16))
+    right = llama_logits(sd, idx, cfg)
+    wrong = [{**sd, "model.layers.0.self_attn.k_proj.weight": sd["model.layers.0.self_attn.v_proj.weight"],
+              "model.layers.0.self_attn.v_proj.weight": sd["model.layers.0.self_attn.k_proj.weight"]},
+             {**sd, "model.layers.0.mlp.gate_proj.weight": sd["model.layers.0.mlp.up_proj.weight"],
+              "model.layers.0.mlp.up_proj.weight": sd["model.layers.0.mlp.gate_proj.weight"]}]
+    for other in wrong:
+        assert not torch.allclose(from_hf_llama(other, cfg, backend="torch").eval()(idx)[0], right, atol=1e-3)
+    # kv head j // 2 for query head j (repeat_interleave), not j % 2 (repeat)
+    k = sd["model.layers.0.self_attn.k_proj.weight"].view(KV_HEADS, -1, EMBD)
+    swapped = {**sd, "model.layers.0.self_attn.k_proj.weight": k.flip(0).reshape(-1, EMBD)}
+    assert not torch.allclose(from_hf_llama(swapped, cfg, backend="torch").eval()(idx)[0], right, atol=1e-3)
+    other_theta = from_hf_llama(sd, llama_config_json(rope_theta=10000.0), backend="torch").eval()(idx)[0]
+    assert not torch.allclose(other_theta, right, atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_round_trips_bitwise(tied):
+    sd, cfg = llama_state_dict(tied), llama_config_json(tie_word_embeddings=tied)
+    out, out_cfg = to_hf_llama(from_hf_llama(sd, cfg))
+    assert sorted(out) == sorted(sd)
+    for name, tensor in sd.items():
+        assert torch.equal(out[name], tensor), name
+    if tied:
+        assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+    assert {k: out_cfg[k] for k in cfg if k != "rope_theta"} == {k: v for k, v in cfg.items() if k != "rope_theta"}
+    assert out_cfg["rope_theta"] == 500.0 and out_cfg["head_dim"] == EMBD // HEADS
+    # and a llmkern model exported reads back as the same model
+    ours = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, tie_embeddings=tied, backend="torch"))
+    sd2, cfg2 = to_hf_llama(ours)
+    back = from_hf_llama(sd2, json.loads(json.dumps(cfg2)), backend="torch")
+    # the MLP width comes back as mlp_hidden, set; the same width the preset's None makes
+    assert dataclasses.replace(back.config, mlp_hidden=None) == ours.config
+    assert back.config.hidden_size == ours.config.hidden_size
+    for name, tensor in ours.state_dict().items():  # the vocabulary padding is not exported, and reads back 0
+        rows = VOCAB if name in ("wte.weight", "lm_head.weight") else None
+        assert torch.equal(back.state_dict()[name][:rows], tensor[:rows]), name
+
+
+def _save(folder, sd: dict, cfg: dict | None, shards: int = 1, dtype=torch.float32) -> list:
+    from safetensors.torch import save_file
+
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    if cfg is not None:
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if cfg is not None and cfg["tie_word_embeddings"]:
+        sd.pop("lm_head.weight", None)
+    if shards == 1:
+        save_file(sd, str(folder / "model.safetensors"))
+        return [folder / "model.safetensors"]
+    names = sorted(sd)
+    files, weight_map = [], {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in names[s::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+        files.append(folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return files
+
+
+@pytest.mark.parametrize("shards, tied", [(1, False), (1, True), (3, False)])
+def test_a_model_folder_is_read(tmp_path, shards, tied):
+    sd, cfg = llama_state_dict(tied), llama_config_json(tie_word_embeddings=tied)
+    files = _save(tmp_path, sd, cfg, shards, torch.bfloat16)
+    idx = torch.randint(0, VOCAB, (2, 9))
+    expected = llama_logits({k: v.to(torch.bfloat16) for k, v in sd.items()}, idx, cfg)  # bf16 weights, read exactly
+    for file in files:
+        model = load_hf_llama_file(str(file), backend="torch").eval()
+        torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-5)
+        routed, model_type = load_hf_file(str(file), backend="torch")
+        assert model_type == "llama" and routed.config == model.config
+
+
+def test_load_gpt_routes_by_model_type(tmp_path):
+    from llmkern.model.generate import generate
+    from llmkern.train.inference import load_gpt
+
+    sd, cfg = llama_state_dict(), llama_config_json()
+    (path,) = _save(tmp_path, sd, cfg)
+    model, spec, meta = load_gpt(str(path), backend="torch", hf_tokenizer="bytes")
+    assert spec == "bytes" and meta["source"] == "hf-llama" and model.config.n_kv_head == KV_HEADS
+    idx = torch.randint(0, VOCAB, (1, 5))
+    torch.testing.assert_close(model.eval()(idx)[0], llama_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
+    # greedy decoding with the KV cache: each new token is the argmax of the reference's logits
+    out = generate(model, [idx[0].tolist()], max_new_tokens=4, temperature=0.0)[0]  # the prompt, then 4 more
+    assert len(out) == 9
+    for n in range(5, 9):
+        assert out[n] == int(llama_logits(sd, torch.tensor([out[:n]]), cfg)[0, -1].argmax())
+    # a mistral config (no sliding window) is Llama's model; another model_type is named
+    (tmp_path / "config.json").write_text(json.dumps(llama_config_json(model_type="mistral", sliding_window=None)))
+    assert load_gpt(str(path), backend="torch")[2]["source"] == "hf-llama"
+    (tmp_path / "config.json").write_text(json.dumps(llama_config_json(model_type="gemma")))
+    with pytest.raises(ValueError, match="model_type='gemma'; the models that can be imported are"):
+        load_gpt(str(path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="not a GPT-2 state dict.*a Llama-family model's weights: they load with "
+                                         "its config.json beside them"):  # no config: GPT-2's loader, as before
+        load_gpt(str(path))
+    with pytest.raises(ValueError, match="has no config.json beside it; a Llama model's weights"):
+        load_hf_llama_file(str(path))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "qwen2"}, "model_type='qwen2': Qwen2's q/k/v projections have biases"),
+    ({"model_type": "gpt2"}, r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral'\)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}}, "RoPE scaling"),
+    ({"attention_bias": True}, "attention_bias=True; the Llama model here has no biases"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 32}, "head_dim=32; the model's heads are hidden_size / num_attention_heads = 64 / 4 wide"),
+    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
+    ({"num_attention_heads": None}, "config.json has no 'num_attention_heads'"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be an int >= 1, got 2.0"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a number > 0"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false"),
+])
+def test_a_config_the_model_would_misread_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        from_hf_llama(llama_state_dict(), llama_config_json(**change))
+
+
+def test_configs_that_compute_the_same_model_are_accepted():
+    sd, idx = llama_state_dict(), torch.randint(0, VOCAB, (1, 8))
+    expected = llama_logits(sd, idx, llama_config_json())
+    for change in ({"rope_scaling": {"rope_type": "default"}}, {"head_dim": EMBD // HEADS},
+                   {"model_type": "mistral", "sliding_window": CTX}, {"model_type": "mistral", "sliding_window": None},
+                   {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}):
+        cfg = {k: v for k, v in llama_config_json(**change).items() if v is not None or k == "sliding_window"}
+        torch.testing.assert_close(from_hf_llama(sd, cfg, backend="torch").eval()(idx)[0], expected,
+                                   rtol=1e-5, atol=1e-5)
+    # num_key_value_heads null (older configs): as many as the query heads
+    mha = llama_state_dict(kv_heads=HEADS)
+    assert from_hf_llama(mha, llama_config_json(num_key_value_heads=None)).config.n_kv_head == HEADS
+    # a mistral window shorter than the context loads with block_size cut to it
+    assert config_from_hf_llama(llama_config_json(model_type="mistral", sliding_window=16), block_size=16).block_size == 16
+
+
+def test_weights_that_do_not_fit_are_refused():
+    cfg = llama_config_json()
+    sd = llama_state_dict()
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.up_proj.weight'\]"):
+        from_hf_llama(sd, cfg)
+    sd = {**llama_state_dict(), "model.layers.0.self_attn.q_proj.bias": torch.zeros(EMBD)}
+    with pytest.raises(ValueError, match=r"unexpected \['layers.0.self_attn.q_proj.bias'\]"):
+        from_hf_llama(sd, cfg)
+    # multi-head k/v under a config of 2 kv heads: stacked they are 2 heads too many, each part is named
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.k_proj.weight has shape \(64, 64\); the model needs "
+                                         r"\(32, 64\)"):
+        from_hf_llama(llama_state_dict(kv_heads=HEADS), cfg)
+    with pytest.raises(ValueError, match=r"embed_tokens.weight has shape \(100, 64\); config.json's vocab_size"):
+        from_hf_llama(llama_state_dict(), llama_config_json(vocab_size=120))
+    with pytest.raises(ValueError, match="not a Llama state dict of 3 layers"):
+        from_hf_llama(llama_state_dict(), llama_config_json(num_hidden_layers=3))
+    sd = llama_state_dict()
+    with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens.weight"):
+        from_hf_llama(sd, llama_config_json(tie_word_embeddings=True))
+    del sd["lm_head.weight"]
+    with pytest.raises(ValueError, match="no lm_head.weight, and config.json has tie_word_embeddings=false"):
+        from_hf_llama(sd, cfg)
+    with pytest.raises(TypeError, match="hf_config must be a dict"):
+        from_hf_llama(llama_state_dict(), json.dumps(cfg))
+    gpt2 = GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="Llama weights need a Llama-shaped model"):
+        load_hf_llama(gpt2, llama_state_dict())
+    with pytest.raises(ValueError, match="Llama weights need a Llama-shaped model"):
+        to_hf_llama(gpt2)
+    with pytest.raises(ValueError, match="model_type='llama': only GPT-2 .* from_hf_llama"):
+        from_hf_gpt2({"wte.weight": torch.zeros(VOCAB, EMBD), "wpe.weight": torch.zeros(CTX, EMBD),
+                      "h.0.ln_1.weight": torch.zeros(EMBD)}, hf_config=cfg)
