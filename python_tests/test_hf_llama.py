@@ -49,6 +49,30 @@ def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS) -> dict[str, 
     return sd
 
 
+def reference_inv_freq(cfg: dict, d: int) -> list[float]:
+    """theta^(-2j/D) for each pair j, stretched one by one as Llama 3.1's reference code does when
+    rope_scaling is {"rope_type": "llama3", ...}."""
+    freqs = [cfg["rope_theta"] ** (-2 * j / d) for j in range(d // 2)]
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return freqs
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen = old_context / scaling["low_freq_factor"]
+    high_wavelen = old_context / scaling["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(freq)
+        elif wavelen > low_wavelen:
+            out.append(freq / scaling["factor"])
+        else:
+            smooth = (old_context / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            out.append((1 - smooth) * freq / scaling["factor"] + smooth * freq)
+    return out
+
+
 def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> torch.Tensor:
     """Llama's forward, plainly: written from the model's definition, not from llmkern's code."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
@@ -61,7 +85,7 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> t
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
     def rotate(x):  # (B, heads, T, D): pair (x[j], x[j + D/2]) turns by position * theta^(-2j/D)
-        inv_freq = cfg["rope_theta"] ** (-2 * torch.arange(d // 2, dtype=torch.float64) / d)
+        inv_freq = torch.tensor(reference_inv_freq(cfg, d), dtype=torch.float64)
         angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]
         cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
         rotated_half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
@@ -107,6 +131,43 @@ def test_import_gives_llama_logits(tied):
         del bare["lm_head.weight"]  # save_pretrained stores a tied table once
     torch.testing.assert_close(from_hf_llama(bare, cfg, backend="torch").eval()(idx)[0], expected,
                                rtol=1e-5, atol=1e-5)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_gives_the_reference_logits_and_exports_back():
+    # Head dim 16, theta 500: wavelengths from 6.3 to 1440 positions, so with an original context of 64 the
+    # pairs fall in all three bands (kept below 16, blended between, slowed by 8 above 64).
+    sd, cfg = llama_state_dict(), llama_config_json(rope_scaling=LLAMA3_SCALING)
+    bands = [2 * math.pi / f for f in reference_inv_freq(llama_config_json(), EMBD // HEADS)]
+    assert min(bands) < 16 and any(16 < w < 64 for w in bands) and max(bands) > 64
+    model = from_hf_llama(sd, cfg, backend="torch").eval()
+    assert model.config.rope_scaling == LLAMA3_SCALING
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    torch.testing.assert_close(model(idx)[0], llama_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
+    # without the scaling the logits differ: the test would see a scaling left out
+    assert not torch.allclose(llama_logits(sd, idx, llama_config_json()), llama_logits(sd, idx, cfg), atol=1e-3)
+    out_sd, out_cfg = to_hf_llama(model)
+    assert out_cfg["rope_scaling"] == LLAMA3_SCALING
+    again = from_hf_llama(out_sd, out_cfg, backend="torch").eval()
+    assert torch.equal(again(idx)[0], model(idx)[0])
+    # the config is saved with the model's checkpoints and read back
+    assert GPTConfig.from_dict(model.config.to_dict()).rope_scaling == LLAMA3_SCALING
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({**LLAMA3_SCALING, "factor": 0}, "factor"),
+    ({**LLAMA3_SCALING, "low_freq_factor": 4.0}, "low_freq_factor must be < high_freq_factor"),
+    ({**LLAMA3_SCALING, "extra": 1}, "unknown"),
+    ({"rope_type": "yarn", "factor": 2.0}, "rope_type 'llama3'"),
+])
+def test_a_bad_rope_scaling_is_refused(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig.from_preset("tiny-llama", rope_scaling=scaling)
+    with pytest.raises(ValueError, match="for pos='rope'"):
+        GPTConfig.from_preset("tiny", rope_scaling=LLAMA3_SCALING)
 
 
 def test_the_reference_is_sensitive_to_what_the_mapping_could_get_wrong():
@@ -220,7 +281,7 @@ def test_load_gpt_routes_by_model_type(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "qwen2"}, "model_type='qwen2': Qwen2's q/k/v projections have biases"),
     ({"model_type": "gpt2"}, r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral'\)"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling .* missing"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}}, "RoPE scaling"),
     ({"attention_bias": True}, "attention_bias=True; the Llama model here has no biases"),

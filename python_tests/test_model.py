@@ -550,6 +550,9 @@ def test_config_round_trips_through_json():
         (dict(backend="tpu"), ValueError, "backend must be one of"),
         (dict(dropout=1.0), ValueError, "dropout must be in [0, 1)"),
         (dict(n_layer=0), ValueError, "n_layer must be >= 1"),
+        (dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite number > 0"),
+        (dict(pos="rope", rope_theta=float("inf")), ValueError, "rope_theta must be a finite number > 0"),
+        (dict(rope_scaling="llama3"), TypeError, "rope_scaling must be dict or None"),
     ],
 )
 def test_config_errors(overrides, error, words):

@@ -30,6 +30,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     pos: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
+    # None, or Llama 3.1's frequency scaling as HF's config.json has it (llmkern.nn.rotary.check_rope_scaling)
+    rope_scaling: dict | None = None
     mlp: str = "gelu"  # "gelu" | "swiglu"
     mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (swiglu)
     tie_embeddings: bool = True
@@ -62,8 +64,15 @@ class GPTConfig:
             raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"norm_eps and rope_theta must be > 0; got {self.norm_eps} and {self.rope_theta}")
+        for name in ("norm_eps", "rope_theta"):  # inf: a norm's output of zeros, RoPE tables of NaN
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            from ..nn.rotary import check_rope_scaling
+
+            if self.pos != "rope":
+                raise ValueError(f"rope_scaling is for pos='rope'; this config has pos={self.pos!r}")
+            check_rope_scaling(self.rope_scaling)
         if self.backend is not None:
             from .._backend import BACKENDS
 

@@ -75,7 +75,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.rotary = (
-            RotaryCache(config.head_dim, config.block_size, config.rope_theta) if config.pos == "rope" else None
+            RotaryCache(config.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
+            if config.pos == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))

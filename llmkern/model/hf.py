@@ -13,8 +13,8 @@ biases. HF's q_proj, k_proj, v_proj stacked by rows are our qkv ([q heads | k he
 rows contiguous), gate_proj and up_proj are our gate_up ([gate | up]); nn.Linear on both sides, so nothing is
 transposed. HF's Llama checkpoints are already in the rotate-half RoPE layout that ours computes (its
 conversion script permuted Meta's interleaved q/k rows), so q and k map as they are. Its config.json is
-needed (head counts, eps, RoPE theta), and whatever in it would make our model compute other logits (RoPE
-scaling, biases, another activation or head size) is refused, not ignored.
+needed (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in it would make our model
+compute other logits (another RoPE scaling, biases, another activation or head size) is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import re
 
 import torch
 
+from ..nn.rotary import LLAMA3_SCALING_KEYS, check_rope_scaling
 from .config import GPTConfig
 from .gpt import GPT
 
@@ -367,9 +368,9 @@ def _hf_number(hf_config: dict, name: str, default: float) -> float:
     return float(value)
 
 
-def _rope_theta(hf_config: dict) -> float:
-    """config.json's RoPE base; an error for any RoPE scaling (linear, dynamic, yarn, llama3, ...), which
-    changes the frequencies where our model computes theta ** (-2i / D) only."""
+def _rope(hf_config: dict) -> tuple[float, dict | None]:
+    """config.json's RoPE base and scaling: None, or Llama 3.1's "llama3" (GPTConfig.rope_scaling); an error
+    for any other scaling (linear, dynamic, yarn, ...), which changes the frequencies in other ways."""
     # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
     # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
     params = hf_config.get("rope_parameters")
@@ -379,12 +380,20 @@ def _rope_theta(hf_config: dict) -> float:
         scaling, theta = params, _hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
     else:
         scaling, theta = hf_config.get("rope_scaling"), _hf_number(hf_config, "rope_theta", 10000.0)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind != "default":
-            raise ValueError(f"config.json has RoPE scaling {scaling!r}; the model computes plain RoPE (rope_theta "
-                             f"only), so its positions would be rotated by other angles")
-    return theta
+    if scaling is None:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
+        try:
+            check_rope_scaling(llama3)
+        except ValueError as err:
+            raise ValueError(f"config.json's llama3 RoPE scaling {scaling!r}: {err}") from None
+        return theta, llama3
+    raise ValueError(f"config.json has RoPE scaling {scaling!r}; the model computes plain RoPE or Llama 3.1's "
+                     f"'llama3' scaling only, so its positions would be rotated by other angles")
 
 
 def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
@@ -414,11 +423,12 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
     tie = hf_config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
+    theta, scaling = _rope(hf_config)
     values = dict(
         vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
         n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
         norm="rmsnorm", norm_eps=_hf_number(hf_config, "rms_norm_eps", 1e-6), pos="rope",
-        rope_theta=_rope_theta(hf_config), mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
+        rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
     )
     config = GPTConfig.from_dict({**values, **overrides})
@@ -566,7 +576,7 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
         "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }

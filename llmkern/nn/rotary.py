@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling: object) -> None:
+    """None, or Llama 3.1's frequency scaling as Hugging Face's config.json writes it: {"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3', got {scaling!r}")
+    unknown = sorted(set(scaling) - {"rope_type", *LLAMA3_SCALING_KEYS})
+    missing = [k for k in LLAMA3_SCALING_KEYS if k not in scaling]
+    if unknown or missing:
+        raise ValueError(f"rope_scaling: llama3 scaling takes {LLAMA3_SCALING_KEYS}; missing {missing}, unknown {unknown}")
+    for k in LLAMA3_SCALING_KEYS:
+        v = scaling[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"rope_scaling[{k!r}] must be a finite number > 0, got {v!r}")
+    if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ValueError(f"rope_scaling: low_freq_factor must be < high_freq_factor, got {scaling}")
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's stretch of the RoPE frequencies for a longer context: wavelengths longer than the original
+    context / low_freq_factor are slowed by `factor`, those shorter than context / high_freq_factor kept,
+    and the band between blended linearly in context / wavelength."""
+    context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: slowed, 1: kept
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 class RotaryCache(nn.Module):
     """cos and sin of the RoPE angles for positions 0 .. max_positions - 1, each (max_positions, head_dim / 2).
 
-    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D). The
-    tables are fp32 non-persistent buffers: rebuilt, not saved in checkpoints, and kept in
-    fp32 when the model is cast to bf16 (see _apply).
+    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D) (with `scaling`, the
+    frequency theta ** (-2i / D) is stretched as llama3_inv_freq says). The tables are fp32 non-persistent
+    buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16 (see _apply).
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
@@ -22,7 +57,8 @@ class RotaryCache(nn.Module):
             raise ValueError(f"max_positions must be >= 0, got {max_positions}")
         if not theta > 0:  # theta ** (-2i / D) would be inf or NaN: tables of NaN, silently
             raise ValueError(f"theta must be > 0, got {theta}")
-        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        check_rope_scaling(scaling)
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -30,6 +66,8 @@ class RotaryCache(nn.Module):
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float64 so that large positions keep their precision, then stored in fp32.
         inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
+        if self.scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, self.scaling)
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=device)
         angles = torch.outer(positions, inv_freq)  # (max_positions, head_dim / 2)
         return angles.cos().float(), angles.sin().float()
@@ -57,7 +95,8 @@ class RotaryCache(nn.Module):
         return self.cos[positions], self.sin[positions]
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}"
+        scaling = "" if self.scaling is None else f", scaling={self.scaling}"
+        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}{scaling}"
 
 
 def check_positions(positions: object, max_positions: int) -> torch.Tensor:
