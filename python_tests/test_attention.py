@@ -447,8 +447,15 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                           ("atomic add", r"(atom|red)\\.global\\S*\\.add\\S*\\.f32"))}
                 print(json.dumps([kernel.fn.__name__ + (" atomic dq" if switches.get("ATOMIC_DQ") else ""), arch,
                                   has_doc, found]))
+        # the backward's first kernel (delta = rowsum(o * do)): no tensor cores, but it must build too
+        sig = {n: "*bf16" if n in ("O", "DO") else "*fp32" if n == "DELTA" else "i32"
+               for n in A._attention_bwd_delta_kernel.arg_names if not n.isupper() or n in ("O", "DO", "DELTA")}
+        build(A._attention_bwd_delta_kernel, sig, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), arch, ("O", "DO"))
+        print(json.dumps(["delta", arch]))
     ''')
     built = [json.loads(line) for line in out.splitlines()]
+    assert [b for b in built if b[0] == "delta"] == [["delta", 80], ["delta", 90]], out
+    built = [b for b in built if b[0] != "delta"]
     assert len(built) == 16, out
     for name, arch, has_doc, found in built:
         assert found["wgmma" if arch == 90 else "mma.sync"] > 0, (name, arch, has_doc, found)
