@@ -62,8 +62,26 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_import(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .data.hf_tokenizer import import_hf_tokenizer
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok = import_hf_tokenizer(args.tokenizer_json, args.out, eot_token=args.eot_token)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern tokenizer import: error: {err}", file=sys.stderr)
+        return 2
+    for w in caught:  # NFC normalization: imported, but said
+        print(f"llmkern tokenizer import: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {args.out} ({tok.n_vocab} tokens, end of text = {tok.eot_token})")
+    return 0
+
+
 def _add_tokenizer_parser(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (a .tiktoken file)")
+    p = sub.add_parser("tokenizer", help="train or import a byte-level BPE tokenizer (a .tiktoken file)")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="learn BPE merges from files or directories, read as `data prepare` reads them")
     t.add_argument("corpus", nargs="+", help="files (.txt, .md, .jsonl, .parquet; text and JSONL also .gz/.zst) "
@@ -75,6 +93,13 @@ def _add_tokenizer_parser(sub) -> None:
     t.add_argument("--min-frequency", type=int, default=1, help="stop when no pair occurs this often")
     t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: the cores)")
     t.set_defaults(func=_cmd_tokenizer_train)
+    t = tsub.add_parser("import", help="convert a Hugging Face tokenizer.json of byte-level BPE (GPT-2, SmolLM, "
+                                       "Llama 3, Qwen2) to a .tiktoken file with the same token ids")
+    t.add_argument("tokenizer_json", help="the model's tokenizer.json")
+    t.add_argument("--out", required=True, help="the .tiktoken file to write (a .json sidecar goes beside it)")
+    t.add_argument("--eot-token", default=None,
+                   help="the special token that ends documents (default <|endoftext|>; Llama 3: <|end_of_text|>)")
+    t.set_defaults(func=_cmd_tokenizer_import)
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:

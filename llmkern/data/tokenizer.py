@@ -6,7 +6,8 @@ Specs:
   or downloadable); otherwise TokenizerUnavailableError (an OSError) saying to pass a path.
 - a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern
   and <|endoftext|> = len(ranks), unless a sidecar "<file>.json" written by
-  llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with.
+  llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with (one written by
+  llmkern.data.hf_tokenizer also names the special token that ends documents, "eot_token").
 
 Every tokenizer encodes text as ordinary text: "<|endoftext|>" inside a document is spelled
 out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t.
@@ -144,12 +145,15 @@ class ByteTokenizer:
 class TiktokenTokenizer:
     """A tiktoken.Encoding behind the Tokenizer interface."""
 
-    def __init__(self, encoding, spec: str) -> None:
+    def __init__(self, encoding, spec: str, eot_token: int | None = None) -> None:
         self.encoding = encoding
         self.spec = spec
         self.n_vocab: int = encoding.n_vocab
+        if eot_token is not None:  # a sidecar names another end-of-text token (an imported Llama 3's, say)
+            self.eot_token: int = eot_token
+            return
         try:
-            self.eot_token: int = encoding.eot_token
+            self.eot_token = encoding.eot_token
         except (KeyError, AttributeError) as err:
             raise ValueError(f"tokenizer {spec!r} has no {ENDOFTEXT} special token") from err
 
@@ -204,6 +208,7 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
         raise ValueError(f"spec: {path!r} is an empty .tiktoken file")
     pattern = GPT2_PATTERN
     special = {ENDOFTEXT: len(ranks)}
+    eot_name = ENDOFTEXT
     side = sidecar_path(path)
     if os.path.exists(side):
         try:
@@ -212,6 +217,8 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
             pattern = str(meta["pattern"])
             special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
             recorded = meta.get("tiktoken_sha256")
+            # the token that ends documents, when not <|endoftext|> (an imported tokenizer.json's)
+            eot_name = str(meta.get("eot_token", ENDOFTEXT))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             why = f"{type(err).__name__}: {err}"
             raise ValueError(f"spec: the sidecar {side!r} of {path!r} is corrupt ({why})") from err
@@ -228,10 +235,13 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
                 raise ValueError(
                     f"spec: the sidecar {side!r} gives the special token {token!r} the id {token_id}, which is "
                     f"an ordinary token's in {path!r} ({len(ranks)} ranks): the two files do not belong together")
+        if eot_name != ENDOFTEXT and eot_name not in special:
+            raise ValueError(f"spec: the sidecar {side!r} names the end-of-text token {eot_name!r}, which is not "
+                             f"one of its special tokens {sorted(special)}")
     encoding = tiktoken.Encoding(
         name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special
     )
-    return TiktokenTokenizer(encoding, spec=path)
+    return TiktokenTokenizer(encoding, spec=path, eot_token=special[eot_name] if eot_name != ENDOFTEXT else None)
 
 
 class TokenizerUnavailableError(OSError, RuntimeError):
