@@ -1222,6 +1222,28 @@ def test_init_from_continues_pretraining_from_a_run(tmp_path, data_dir):
         Trainer(tiny_config(tmp_path / "third", data_dir, model={}, init_from=str(tmp_path / "nothing")))
 
 
+def test_init_from_a_hugging_face_llama_file(tmp_path, data_dir):
+    """A HF file records no tokenizer: the data's (bytes here) is taken as its own, for Llama's as for GPT-2's
+    (a Llama file was taken for an llmkern run and refused as trained with another tokenizer)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from llmkern.model import GPT, GPTConfig, to_hf_llama
+
+    torch.manual_seed(0)
+    llama = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=257, block_size=64, n_embd=32, n_head=2))
+    state, hf_config = to_hf_llama(llama)
+    os.makedirs(tmp_path / "llama")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "llama" / "model.safetensors"))
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(hf_config))
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=1, model={}, preset="tiny-llama",
+                         init_from=str(tmp_path / "llama" / "model.safetensors"))
+    trainer = Trainer(config)
+    assert trainer.raw_model.config.n_embd == 32 and trainer.raw_model.config.pos == "rope"
+    torch.testing.assert_close(trainer.raw_model.wte.weight[:257], llama.wte.weight[:257])  # padding rows: zeros
+
+
 def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):
     """A run trained on a .tiktoken tokenizer keeps a copy of it: moved elsewhere with its data folder gone,
     or after the file was retrained, it still loads (and generates) with the tokenizer it learned."""

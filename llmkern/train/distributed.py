@@ -6,6 +6,7 @@ GPUs, gloo on CPUs. Without those variables everything runs in one process, unwr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -236,3 +237,28 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.is_distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def fail_together(info: DistInfo, device: torch.device, what: str):
+    """Run the block (work that some ranks do alone, as rank 0 writing a checkpoint), then wait for every
+    rank like a barrier; when the block raised on any rank, every rank raises: a rank that failed its own
+    error, the others a RuntimeError naming the failed ranks. Why: after a plain barrier, or none, the
+    other ranks waited at the next collective for a rank that had given up: forever on nccl, or until it
+    exited on gloo, with a "Connection closed by peer" that says nothing of the cause."""
+    error = None
+    try:
+        yield
+    except Exception as err:
+        error = err
+    ranks = []
+    if info.is_distributed:
+        failed = torch.zeros(info.world_size, dtype=torch.int32, device=device)
+        failed[info.rank] = error is not None
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+        ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+    if error is not None:
+        raise error
+    if ranks:
+        raise RuntimeError(f"{what} failed on rank{'s' if len(ranks) > 1 else ''} "
+                           f"{', '.join(map(str, ranks))} (its log has the error): rank {info.rank} stops too")

@@ -8,6 +8,9 @@ at the end a checkpoint is written. fit(resume=True) continues from the newest c
 the model, optimizer, RNG states (each rank its own), data position and counters restored, so on a
 CPU the losses after resuming equal, bit for bit, those of a run that never stopped.
 
+Under torchrun, rank 0 alone writes the run's files (log, checkpoints, charts); when that fails (disk
+full), every rank stops with an error that names it, instead of waiting for rank 0 at the next collective.
+
 A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged, and after
 max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
 checkpoint left as it was. With dtype="float16" the loss is scaled (llmkern/train/loss_scale.py):
@@ -92,7 +95,8 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
     from .inference import load_gpt
 
     model, spec, meta = load_gpt(config.init_from, config.backend)
-    from_llmkern = meta.get("source") != "hf-gpt2"
+    # a Hugging Face file ("hf-gpt2", "hf-llama") records no tokenizer: the data's is trusted to be its own
+    from_llmkern = not str(meta.get("source", "")).startswith("hf-")
     if from_llmkern and tokenizer_spec is not None and not same_tokenizer(spec, tokenizer_spec, tokenizer_sha256):
         raise ValueError(f"init_from {config.init_from!r} was trained with tokenizer {spec!r}, the data with "
                          f"{tokenizer_spec!r}: tokenize the data with the model's tokenizer")
@@ -165,7 +169,9 @@ class Trainer:
         self.optimizer = self._make_optimizer(self.raw_model)
         if config.compile:
             self.model = torch.compile(self.model)
-        self.log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.dist.is_main)
+        # rank 0 makes the run folder: the other ranks would wait for it failing here at fit's first barrier
+        with distributed.fail_together(self.dist, self.device, "making the run folder"):
+            self.log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.dist.is_main)
         self.step = 0
         self.best_val_loss = math.inf
         self.evals_since_best = 0
@@ -183,9 +189,10 @@ class Trainer:
         # the seed too: it draws the validation documents (and the BPE's), so another seed is other data
         data_dir = os.path.join(os.path.dirname(os.path.normpath(self.run_dir)) or ".", "data",
                                 f"stdlib-{tokenizer_name}-{self.config.corpus_max_bytes}-seed{self.config.seed}")
-        if self.dist.is_main:
-            prepare_corpus_shards(data_dir, self.config.tokenizer, self.config.corpus_max_bytes, seed=self.config.seed)
-        distributed.barrier(self.dist)
+        with distributed.fail_together(self.dist, self.device, "preparing the corpus shards"):
+            if self.dist.is_main:
+                prepare_corpus_shards(data_dir, self.config.tokenizer, self.config.corpus_max_bytes,
+                                      seed=self.config.seed)
         return data_dir
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -226,9 +233,11 @@ class Trainer:
             self._resume()
         else:
             distributed.barrier(self.dist)  # every rank has looked for a run before rank 0 clears it away
-            if self.dist.is_main:
-                if os.path.exists(self.log.path):
+            # (the other ranks would wait for rank 0 failing here at the first step's all-reduce)
+            with distributed.fail_together(self.dist, self.device, "clearing the old run's log"):
+                if self.dist.is_main and os.path.exists(self.log.path):
                     os.remove(self.log.path)  # a fresh run starts a fresh log
+            if self.dist.is_main:
                 # and no checkpoints of the run it replaces (overwrite): a crash before its own first save
                 # would have --resume continue the old run's weights under this run's log
                 shutil.rmtree(ckpt.checkpoints_dir(self.run_dir), ignore_errors=True)
@@ -258,7 +267,9 @@ class Trainer:
             self.save()
         finally:
             bar.close()
-        self._plot()
+        # rank 0's alone: the other ranks would wait for it failing here at shutdown's barrier
+        with distributed.fail_together(self.dist, self.device, "plotting the metrics"):
+            self._plot()
         return {"steps": self.step, "stop_reason": stop_reason, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
 
@@ -370,7 +381,7 @@ class Trainer:
         overflow, counted: after max_bad_steps in a row, TrainingDiverged."""
         loss, grad_norm = record.values.read()
         if record.overflow:
-            self.log.write("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
+            self._write_log("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
             return None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._count_bad_step(record.step, loss, grad_norm)
@@ -390,7 +401,7 @@ class Trainer:
 
     def _count_bad_step(self, step: int, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
-        self.log.write("skip", step=step, loss=loss, grad_norm=grad_norm,
+        self._write_log("skip", step=step, loss=loss, grad_norm=grad_norm,
                        reason="non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm")
         if self.bad_steps >= self.config.max_bad_steps:
             latest = ckpt.latest_checkpoint(self.run_dir)
@@ -401,10 +412,16 @@ class Trainer:
                 f"Try a lower lr, a longer warmup or dtype=float32."
             )
 
+    def _write_log(self, kind: str, **values: Any) -> None:
+        """Append a record to metrics.jsonl: rank 0 writes it, every rank calls this. A write that fails (disk
+        full) stops every rank, not rank 0 alone while the others wait for it at the next step's all-reduce."""
+        with distributed.fail_together(self.dist, self.device, "writing the metrics log"):
+            self.log.write(kind, **values)
+
     def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
         flops = self.raw_model.flops_per_token(self.config.seq_len)
         scaling = {"loss_scale": self.step_loss_scale} if self.loss_scale else {}  # the scale this step used
-        self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+        self._write_log("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
                        peak_mem_gib=peak_memory_gib(self.device), **scaling)
 
@@ -437,7 +454,7 @@ class Trainer:
         """Evaluate, log; True when patience ran out."""
         val_loss = self.evaluate()
         self.last_val_loss, self.last_eval_step = val_loss, self.step
-        self.log.write("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
+        self._write_log("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
         if self.dist.is_main:
             from tqdm import tqdm
 
@@ -462,24 +479,29 @@ class Trainer:
         model_state, optim_state = self._state_dicts()
         rng = ckpt.gather_rng_states()  # each rank's own, for its resume: a collective, so on every rank
         path = None
-        if self.dist.is_main:
-            meta = {
-                "config": self.config.to_dict(),
-                "model_config": self.raw_model.config.to_dict(),
-                "tokenizer": self.manifest["tokenizer"],
-                "data_dir": os.path.abspath(self.data_dir),
-                "loader": self.train_loader.state_dict(),
-                "schedule": {"name": self.config.schedule, "next_lr": learning_rate(self.step, self.config)},
-                "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss),
-                            "evals_since_best": self.evals_since_best, "bad_steps": self.bad_steps,
-                            "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
-                            "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None},
-            }
-            path = ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
-                                        keep=self.config.keep_checkpoints, rng=rng)
-        distributed.barrier(self.dist)
+        # rank 0 writes: when it cannot (disk full, no permission), the other ranks must not wait for it
+        with distributed.fail_together(self.dist, self.device, f"saving the checkpoint of step {self.step}"):
+            if self.dist.is_main:
+                path = self._write_checkpoint(model_state, optim_state, rng)
         self._saved = (self.step, path)
         return path
+
+    def _write_checkpoint(self, model_state, optim_state, rng) -> str:
+        """Rank 0's part of save(): the checkpoint's files; its path."""
+        meta = {
+            "config": self.config.to_dict(),
+            "model_config": self.raw_model.config.to_dict(),
+            "tokenizer": self.manifest["tokenizer"],
+            "data_dir": os.path.abspath(self.data_dir),
+            "loader": self.train_loader.state_dict(),
+            "schedule": {"name": self.config.schedule, "next_lr": learning_rate(self.step, self.config)},
+            "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss),
+                        "evals_since_best": self.evals_since_best, "bad_steps": self.bad_steps,
+                        "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
+                        "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None},
+        }
+        return ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
+                                    keep=self.config.keep_checkpoints, rng=rng)
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)  # there is one: check_run_folder
@@ -512,7 +534,9 @@ class Trainer:
         self.last_eval_step = counters.get("last_eval_step")  # None in older checkpoints: evaluate again at the end
         if self.loss_scale and counters.get("loss_scale"):  # saved by a float16 run
             self.loss_scale.load_state_dict(counters["loss_scale"])
-        self.log.truncate_after(self.step)
+        # rank 0's log: the other ranks would wait for it failing here at the first step's all-reduce
+        with distributed.fail_together(self.dist, self.device, "truncating the metrics log"):
+            self.log.truncate_after(self.step)
 
 
 @torch.no_grad()
