@@ -83,7 +83,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     seed: int = 1337
     log_interval: int = 10
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a tqdm progress bar and a line per evaluation (metrics.jsonl has every record either way)
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each rank, so that a step sees batch_tokens tokens."""
