@@ -139,6 +139,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingDiverged, TrainingInterrupted
     from .train.main_job import SAMPLE_PROMPTS, run_train
 
+    if args.settings:
+        from .train.config import TrainConfig, describe_settings
+        from .train.main_job import CPU_DEFAULTS, GPU_DEFAULTS
+
+        print("llmkern train settings (--key=value, or a --config file), with TrainConfig's defaults:")
+        print(describe_settings(TrainConfig))
+        print(f"Without --config, the main job's defaults replace some: on a CPU {CPU_DEFAULTS}; on a GPU {GPU_DEFAULTS}.")
+        return 0
     if not 0 <= args.samples <= len(SAMPLE_PROMPTS):  # checked now: the samples come after the training
         print(f"llmkern train: error: --samples must be 0 to {len(SAMPLE_PROMPTS)} (one per prompt: "
               f"{', '.join(map(repr, SAMPLE_PROMPTS))}), got {args.samples}", file=sys.stderr)
@@ -209,8 +217,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _add_train_parsers(sub) -> None:
     p = sub.add_parser("train", help="pretrain a GPT (no arguments: the main job on the Python standard library)",
                        epilog="settings: --config FILE (TOML/JSON, see llmkern/train/config.py) and --key=value "
-                              "overrides, e.g. --max_steps=100 --model.n_layer=4")
+                              "overrides, e.g. --max_steps=100 --model.n_layer=4; --settings lists them all")
     p.add_argument("--config", default=None, help="a .toml or .json TrainConfig file")
+    p.add_argument("--settings", action="store_true", help="list every setting with its default and meaning, and exit")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=true_or_false,
                    help="continue from the newest checkpoint in out_dir (--resume or --resume=true)")
     p.add_argument("--samples", type=int, default=3, help="text samples printed at the end, 0 to 4 (0: none)")

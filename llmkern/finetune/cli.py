@@ -16,6 +16,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..train import distributed
     from ..train.interrupt import TrainingInterrupted
 
+    if args.settings:
+        from ..train.config import describe_settings
+
+        config_cls, _ = get_method(args.method)
+        print(f"llmkern finetune {args.method} settings (--key=value, or a --config file), with their defaults:")
+        print(describe_settings(config_cls))
+        return 0
     try:
         config_cls, run = get_method(args.method)
         config = load_finetune_config(config_cls, args.config, args.overrides)
@@ -45,8 +52,11 @@ def add_finetune_parser(sub) -> None:
                "each method's own "
                "in llmkern/finetune/<method>.py. Example: llmkern finetune sft --base=runs/main "
                "--data=instruction-data.json --lora_rank=8. Prompt templates (--template=): alpaca (default), "
-               "chatml (with --system_prompt=...), plain; a run started from a fine-tuned one keeps its template.",
+               "chatml (with --system_prompt=...), plain; a run started from a fine-tuned one keeps its template. "
+               "`llmkern finetune METHOD --settings` lists every setting.",
     )
     p.add_argument("method", choices=list(METHODS), help="the recipe")
     p.add_argument("--config", default=None, help="a .toml or .json settings file")
+    p.add_argument("--settings", action="store_true", help="list every setting of the recipe with its default and "
+                                                           "meaning, and exit")
     p.set_defaults(func=_cmd_finetune, accepts_overrides=True)

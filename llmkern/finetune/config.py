@@ -32,7 +32,8 @@ C = TypeVar("C", bound="FinetuneConfig")
 class FinetuneConfig:
     """What to start from, what to learn from, where to write, and how to optimize."""
 
-    base: str = ""  # the model to start from: a run or checkpoint folder, or a Hugging Face GPT-2 .safetensors file
+    base: str = ""  # the model to start from: a run or checkpoint folder, or a Hugging Face GPT-2 or Llama-family
+    #                 model.safetensors (its config.json beside it)
     base_tokenizer: str = "gpt2"  # the tokenizer of a .safetensors base: a tiktoken name or .tiktoken file
     data: str = ""  # the examples: a .json list or .jsonl file (each recipe says which keys)
     out_dir: str = "runs/finetune"  # the run folder: checkpoints/, metrics.jsonl, charts

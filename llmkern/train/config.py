@@ -41,7 +41,8 @@ class TrainConfig:
     preset: str = "tiny"  # a GPTConfig preset name
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4}
     init_from: str = ""  # start from these weights instead of a fresh preset: a run or checkpoint folder, or a
-    #                      Hugging Face GPT-2 model.safetensors (continued pretraining; data in its tokenizer)
+    #                      Hugging Face GPT-2 or Llama-family model.safetensors (continued pretraining; data in its
+    #                      tokenizer)
     data_dir: str = ""  # a folder with manifest.json; "" = the built-in stdlib corpus (llmkern.train.corpus)
     tokenizer: str = "bytes"  # for the built-in corpus: "bytes", "bpe:<N>" (trained on it), a tiktoken name or file
     corpus_max_bytes: int = 4_000_000  # cap on the built-in corpus
@@ -342,3 +343,53 @@ def _check_field_types(config: TrainConfig) -> None:
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def describe_settings(config_cls: type, overrides: dict[str, Any] | None = None) -> str:
+    """One line per field of a settings dataclass (TrainConfig, a fine-tuning recipe's config): the name, its
+    default (overrides' value where given) and the comment its source gives it (its trailing comment, else
+    the comment block over it), a base class's fields first. The comments are the documentation, so they are
+    read from the source rather than repeated here."""
+    import inspect
+    import re
+
+    field_line = re.compile(r"\s+(\w+)\s*:[^=#]+(?:=[^#]*)?(?:#\s?(.*))?$")
+    continued = re.compile(r"\s+#\s{3,}(.*)$")  # "#" then an indent: the comment of the line above goes on
+    comments: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):  # no source (a frozen install): names and defaults only
+            continue
+        above: list[str] = []
+        last = None
+        for line in lines:
+            stripped = line.strip()
+            more, match = continued.match(line), field_line.match(line)
+            if more and last is not None:
+                comments[last] += " " + more.group(1).strip()
+            elif stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                last = None
+            elif match and not stripped.startswith(("def ", "return ", "@")):
+                last = match.group(1)
+                block = " ".join(above)
+                # a one- or two-word block is a section's title ("# optimization"), not the field's documentation
+                text = (match.group(2) or (block if len(block.split()) > 2 else "")).strip()
+                if text or last not in comments:  # a subclass's new default keeps its base's documentation
+                    comments[last] = text
+                above = []
+            else:
+                above, last = [], None
+    out = []
+    for f in dataclasses.fields(config_cls):
+        if overrides and f.name in overrides:
+            default = overrides[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        out.append(f"  {f.name} = {default!r}" + (f"    # {comments[f.name]}" if comments.get(f.name) else ""))
+    return "\n".join(out)
