@@ -1,5 +1,6 @@
 """Hugging Face Llama-family weights: a synthetic state dict under LlamaForCausalLM's names (no download)
-goes in, gives the logits of a plain Llama forward written here, and comes back out bit for bit."""
+goes in, gives the logits of a plain Llama forward written here, and comes back out bit for bit. Qwen2's
+(Qwen2ForCausalLM: Llama's names, plus biases on q_proj, k_proj and v_proj) likewise."""
 
 import dataclasses
 import json
@@ -32,8 +33,21 @@ def llama_config_json(**changes) -> dict:
     return {**config, **changes}
 
 
-def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS) -> dict[str, torch.Tensor]:
-    """Random float32 weights under LlamaForCausalLM's names; nn.Linear weights are (out, in)."""
+def qwen2_config_json(**changes) -> dict:
+    """The config.json of a Qwen2ForCausalLM of llama_state_dict(qkv_bias=True)'s sizes, as Qwen2.5's are
+    written: a sliding window named but off (shorter than the context here: it must be ignored)."""
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": VOCAB,
+              "hidden_size": EMBD, "intermediate_size": HIDDEN, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "hidden_act": "silu",
+              "max_position_embeddings": CTX, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+              "use_sliding_window": False, "sliding_window": 8, "max_window_layers": 1, "attention_dropout": 0.0,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    return {**config, **changes}
+
+
+def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS, qkv_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Random float32 weights under LlamaForCausalLM's names; nn.Linear weights are (out, in). qkv_bias: with
+    Qwen2's q_proj, k_proj and v_proj biases."""
     d = EMBD // HEADS
     sd = {"model.embed_tokens.weight": torch.randn(VOCAB, EMBD) * 0.2, "model.norm.weight": 1 + 0.1 * torch.randn(EMBD)}
     for i in range(LAYERS):
@@ -41,8 +55,11 @@ def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS) -> dict[str, 
                   "self_attn.v_proj.weight": (kv_heads * d, EMBD), "self_attn.o_proj.weight": (EMBD, EMBD),
                   "mlp.gate_proj.weight": (HIDDEN, EMBD), "mlp.up_proj.weight": (HIDDEN, EMBD),
                   "mlp.down_proj.weight": (EMBD, HIDDEN)}
+        if qkv_bias:  # large enough to move the logits well past the tolerance
+            shapes.update({"self_attn.q_proj.bias": (HEADS * d,), "self_attn.k_proj.bias": (kv_heads * d,),
+                           "self_attn.v_proj.bias": (kv_heads * d,)})
         for name, shape in shapes.items():
-            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * 0.2
+            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * (0.5 if name.endswith(".bias") else 0.2)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             sd[f"model.layers.{i}.{name}"] = 1 + 0.1 * torch.randn(EMBD)
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if tied else torch.randn(VOCAB, EMBD) * 0.2
@@ -74,7 +91,8 @@ def reference_inv_freq(cfg: dict, d: int) -> list[float]:
 
 
 def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """Llama's forward, plainly: written from the model's definition, not from llmkern's code."""
+    """Llama's forward, plainly: written from the model's definition, not from llmkern's code. With q/k/v
+    biases in sd (Qwen2's), they are added to the projections, before RoPE."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
     heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     b, t = idx.shape
@@ -96,9 +114,11 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> t
     for i in range(LAYERS):
         p = lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
         h = rms_norm(x, p("input_layernorm.weight"))
-        q = (h @ p("self_attn.q_proj.weight").t()).view(b, t, heads, d).transpose(1, 2)
-        k = (h @ p("self_attn.k_proj.weight").t()).view(b, t, kv_heads, d).transpose(1, 2)
-        v = (h @ p("self_attn.v_proj.weight").t()).view(b, t, kv_heads, d).transpose(1, 2)
+        q, k, v = (
+            (h @ p(f"self_attn.{name}.weight").t() + w.get(f"layers.{i}.self_attn.{name}.bias", 0))  # Qwen2's bias
+            .view(b, t, n, d).transpose(1, 2)
+            for name, n in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+        )
         q, k = rotate(q), rotate(k)
         k, v = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v))  # query head j reads kv head j // g
         att = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf")).softmax(-1)
@@ -279,8 +299,7 @@ def test_load_gpt_routes_by_model_type(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "qwen2"}, "model_type='qwen2': Qwen2's q/k/v projections have biases"),
-    ({"model_type": "gpt2"}, r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral'\)"),
+    ({"model_type": "gpt2"}, r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral', 'qwen2'\)"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling .* missing"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}}, "RoPE scaling"),
@@ -348,3 +367,83 @@ def test_weights_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="model_type='llama': only GPT-2 .* from_hf_llama"):
         from_hf_gpt2({"wte.weight": torch.zeros(VOCAB, EMBD), "wpe.weight": torch.zeros(CTX, EMBD),
                       "h.0.ln_1.weight": torch.zeros(EMBD)}, hf_config=cfg)
+
+
+# --- Qwen2: Llama's model with biases on q/k/v alone ----------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_gives_qwen2_logits(tied):
+    sd, cfg = llama_state_dict(tied, qkv_bias=True), qwen2_config_json(tie_word_embeddings=tied)
+    model = from_hf_llama(sd, cfg, backend="torch").eval()
+    c = model.config
+    assert (c.qkv_bias, c.bias, c.rope_theta, c.norm_eps, c.tie_embeddings) == (True, False, 1e6, 1e-6, tied)
+    attn = model.blocks[0].attn
+    assert attn.qkv.bias is not None and attn.proj.bias is None and model.blocks[0].mlp.proj.bias is None
+    idx = torch.randint(0, VOCAB, (2, CTX))  # the whole context, past the sliding window that is off
+    expected = llama_logits(sd, idx, cfg)
+    torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-5)
+    # the reference sees the biases (dropped, or k's and v's swapped, the logits differ)
+    no_bias = {k: v for k, v in sd.items() if not k.endswith(".bias")}
+    assert not torch.allclose(llama_logits(no_bias, idx, cfg), expected, atol=1e-3)
+    swapped = {**sd, "model.layers.0.self_attn.k_proj.bias": sd["model.layers.0.self_attn.v_proj.bias"],
+               "model.layers.0.self_attn.v_proj.bias": sd["model.layers.0.self_attn.k_proj.bias"]}
+    assert not torch.allclose(from_hf_llama(swapped, cfg, backend="torch").eval()(idx)[0], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen2_export_round_trips_bitwise(tied):
+    sd, cfg = llama_state_dict(tied, qkv_bias=True), qwen2_config_json(tie_word_embeddings=tied)
+    model = from_hf_llama(sd, cfg, backend="torch")
+    out, out_cfg = to_hf_llama(model)
+    assert sorted(out) == sorted(sd)
+    for name, tensor in sd.items():
+        assert torch.equal(out[name], tensor), name
+    assert out_cfg["model_type"] == "qwen2" and out_cfg["architectures"] == ["Qwen2ForCausalLM"]
+    assert out_cfg["use_sliding_window"] is False and "attention_bias" not in out_cfg
+    assert out_cfg["tie_word_embeddings"] == tied and out_cfg["rope_theta"] == 1e6
+    back = from_hf_llama(out, json.loads(json.dumps(out_cfg)), backend="torch")
+    assert back.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_a_qwen2_folder_is_read(tmp_path):
+    sd, cfg = llama_state_dict(qkv_bias=True), qwen2_config_json()
+    (path,) = _save(tmp_path, sd, cfg)
+    model, model_type = load_hf_file(str(path), backend="torch")
+    assert model_type == "qwen2" and model.config.qkv_bias
+    idx = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(model.eval()(idx)[0], llama_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
+    ({"use_sliding_window": "false"}, "use_sliding_window must be true or false, got 'false'"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+])
+def test_a_qwen2_config_the_model_would_misread_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        from_hf_llama(llama_state_dict(qkv_bias=True), qwen2_config_json(**change))
+
+
+def test_qwen2_configs_that_compute_the_same_model_are_accepted():
+    sd, idx = llama_state_dict(qkv_bias=True), torch.randint(0, VOCAB, (1, 8))
+    expected = llama_logits(sd, idx, qwen2_config_json())
+    for change in ({"use_sliding_window": True, "sliding_window": CTX}, {"sliding_window": None},
+                   {"use_sliding_window": None}):
+        cfg = {k: v for k, v in qwen2_config_json(**change).items() if v is not None}  # absent: Qwen2's default
+        torch.testing.assert_close(from_hf_llama(sd, cfg, backend="torch").eval()(idx)[0], expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_weights_that_do_not_fit_are_refused():
+    # a Qwen2 config without the biases: missing; Llama's config with them: unexpected (the model would drop them)
+    with pytest.raises(ValueError, match=r"missing \['layers.0.self_attn.k_proj.bias', "):
+        from_hf_llama(llama_state_dict(), qwen2_config_json())
+    with pytest.raises(ValueError, match=r"unexpected \['layers.0.self_attn.k_proj.bias', "):
+        from_hf_llama(llama_state_dict(qkv_bias=True), llama_config_json())
+    sd = llama_state_dict(qkv_bias=True)
+    sd["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(EMBD + 1)
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj.bias has shape \(65,\); the model needs \(64,\)"):
+        from_hf_llama(sd, qwen2_config_json())

@@ -236,3 +236,33 @@ def test_merged_state_loads_as_merged():
     fresh.load_state_dict(trained.state_dict())
     assert not fresh.blocks[0].attn.qkv.merged
     torch.testing.assert_close(fresh(ids)[0], trained(ids)[0], rtol=0, atol=0)
+
+
+def test_a_biased_qkv_alone_is_wrapped_kept_frozen_and_merged():
+    """Qwen2's shape (GPTConfig.qkv_bias): a bias on qkv and on no other layer. The wrapper keeps it, frozen,
+    and merge_lora gives back a plain model whose state loads into GPT(config)."""
+    model = tiny_gpt("tiny-llama", qkv_bias=True).eval()
+    with torch.no_grad():  # a non-zero bias, so that one dropped or doubled shows in the logits
+        for block in model.blocks:
+            block.attn.qkv.bias.normal_(0, 0.5)
+    bias = model.blocks[0].attn.qkv.bias.detach().clone()
+    ids = random_ids()
+    before = model(ids)[0]
+    wrapped = apply_lora(model, rank=4)
+    torch.testing.assert_close(model(ids)[0], before, rtol=0, atol=0)
+    layer = model.blocks[0].attn.qkv
+    assert layer.bias is not None and not layer.bias.requires_grad and model.blocks[0].attn.proj.bias is None
+    randomize_adapters(model)
+    model.train()
+    model(ids, random_ids())[1].backward()
+    assert layer.bias.grad is None and layer.lora_B.grad is not None
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids)[0]
+    assert not torch.allclose(expected, before, atol=1e-4)
+    merge_lora(model)
+    assert not lora_layers(model) and len(wrapped) == 8
+    assert torch.equal(model.blocks[0].attn.qkv.bias, bias)
+    plain = GPT(model.config).eval()
+    plain.load_state_dict(model.state_dict())  # strict: the same keys, qkv.bias among them
+    torch.testing.assert_close(plain(ids)[0], expected, rtol=1e-4, atol=1e-5)

@@ -97,9 +97,9 @@ def test_gpt2_medium_has_355m_parameters():
 def expected_parameter_count(cfg: GPTConfig) -> int:
     """Counted from the architecture by hand, independent of the module tree."""
     c, hidden, kv = cfg.n_embd, cfg.hidden_size, cfg.n_kv_head * cfg.head_dim
-    bias = int(cfg.bias)
+    bias, qkv_bias = int(cfg.bias), int(cfg.qkv_bias)
     norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    attn = c * (c + 2 * kv) + bias * (c + 2 * kv) + c * c + bias * c
+    attn = c * (c + 2 * kv) + qkv_bias * (c + 2 * kv) + c * c + bias * c
     mlp_in = 2 * hidden if cfg.mlp == "swiglu" else hidden
     mlp = c * mlp_in + bias * mlp_in + hidden * c + bias * c
     table = cfg.padded_vocab_size * c
@@ -124,6 +124,48 @@ def test_preset_shapes_and_counts(preset):
     assert model.num_parameters() == expected_parameter_count(cfg)
 
 
+def test_qkv_bias_alone_counts_its_parameters():
+    cfg = tiny(**VARIANTS["qwen2"])
+    model = GPT(cfg)
+    biases = [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+    assert biases == [f"blocks.{i}.attn.qkv.bias" for i in range(cfg.n_layer)]
+    qkv_rows = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    without = GPT(tiny(**{**VARIANTS["qwen2"], "qkv_bias": False}))
+    assert model.num_parameters() == expected_parameter_count(cfg) == without.num_parameters() + 2 * qkv_rows
+    assert model.flops_per_token() == without.flops_per_token() + 6 * 2 * qkv_rows
+    # and the other way round: biases everywhere but on q/k/v
+    other = tiny(qkv_bias=False)
+    assert GPT(other).blocks[0].attn.qkv.bias is None and GPT(other).blocks[0].attn.proj.bias is not None
+    assert GPT(other).num_parameters() == expected_parameter_count(other)
+    from llmkern.nn import CausalSelfAttention
+
+    attn = CausalSelfAttention(64, 4, 2, bias=False, qkv_bias=True)
+    assert attn.qkv.bias.shape == (128,) and attn.proj.bias is None
+    with pytest.raises(TypeError, match="qkv_bias must be a bool or None, got 1"):
+        CausalSelfAttention(64, 4, 2, qkv_bias=1)
+
+
+def test_a_qkv_bias_model_trains():
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS["qwen2"]))
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        assert torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p.grad).all(), name
+        bias = model.blocks[0].attn.qkv.bias
+        assert bias.grad.abs().sum() > 0  # the bias is in the graph
+        losses.append(loss.item())
+        opt.step()
+    assert losses[-1] < losses[0] - 0.5
+    assert model.blocks[0].attn.qkv.bias.abs().sum() > 0  # trained away from its zero init
+
+
 def test_llama_small_shape():
     cfg = GPTConfig.from_preset("llama-small")
     assert (cfg.norm, cfg.pos, cfg.mlp, cfg.tie_embeddings, cfg.bias) == ("rmsnorm", "rope", "swiglu", False, False)
@@ -146,12 +188,17 @@ VARIANTS = {
     "rmsnorm-learned-gelu-gqa1": dict(norm="rmsnorm", n_kv_head=1),
     "layernorm-rope-swiglu-bias": dict(pos="rope", mlp="swiglu", bias=True),
     "layernorm-nobias-untied": dict(bias=False, tie_embeddings=False),
+    "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False, qkv_bias=True),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_matches_plain_reference(variant):
     model = GPT(tiny(**VARIANTS[variant]))
+    with torch.no_grad():  # the init's are zero: a bias the forward left out would not show
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     idx = torch.randint(0, VOCAB, (3, 19))  # odd batch and length
     targets = torch.randint(0, VOCAB, (3, 19))
     targets[0, :4] = -1  # ignored positions
@@ -540,6 +587,8 @@ def test_config_round_trips_through_json():
         (dict(n_layer=2.0), TypeError, "n_layer must be int"),
         (dict(tie_embeddings=1), TypeError, "tie_embeddings must be bool"),
         (dict(bias="no"), TypeError, "bias must be bool"),
+        (dict(qkv_bias="yes"), TypeError, "qkv_bias must be bool or None"),
+        (dict(qkv_bias=1), TypeError, "qkv_bias must be bool or None"),
         (dict(dropout="0.1"), TypeError, "dropout must be float"),
         (dict(mlp_hidden=True), TypeError, "mlp_hidden must be int or None"),
         (dict(n_embd=100, n_head=3), ValueError, "multiple of n_head"),
@@ -559,6 +608,19 @@ def test_config_errors(overrides, error, words):
     with pytest.raises(error) as info:
         GPTConfig.from_preset("tiny", **overrides)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_config_saved_before_qkv_bias_loads_as_before(bias):
+    saved = GPTConfig.from_preset("tiny", bias=bias).to_dict()
+    assert saved["qkv_bias"] is bias  # saved as the bool the model has
+    del saved["qkv_bias"]  # a checkpoint's config from before the field
+    old = GPTConfig.from_dict(saved)
+    assert old.qkv_bias is bias and old == GPTConfig.from_preset("tiny", bias=bias)
+    keys = [name for name, _ in GPT(old).named_parameters()]
+    assert ("blocks.0.attn.qkv.bias" in keys) == bias == ("blocks.0.attn.proj.bias" in keys)
+    again = GPTConfig.from_dict(json.loads(json.dumps(tiny(**VARIANTS["qwen2"]).to_dict())))
+    assert (again.bias, again.qkv_bias) == (False, True)
 
 
 def test_config_accepts_int_for_float():

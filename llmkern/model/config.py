@@ -36,6 +36,9 @@ class GPTConfig:
     mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (swiglu)
     tie_embeddings: bool = True
     bias: bool = True  # biases in the linear layers and LayerNorms
+    # Biases on attention's q/k/v projection alone (Qwen2's: biased q/k/v, every other layer without);
+    # None: as `bias`. Set to a bool on construction, as n_kv_head is, so to_dict saves what the model has.
+    qkv_bias: bool | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -48,6 +51,8 @@ class GPTConfig:
         _check_types(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.qkv_bias is None:  # a config saved before the field existed has none: the model it had
+            self.qkv_bias = self.bias
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -47,7 +47,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = _make_norm(config)
         self.attn = CausalSelfAttention(
-            config.n_embd, config.n_head, config.n_kv_head, bias=config.bias,
+            config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
             dropout=config.dropout, backend=config.backend, layer_idx=layer_idx,
         )
         self.norm2 = _make_norm(config)

@@ -15,6 +15,9 @@ transposed. HF's Llama checkpoints are already in the rotate-half RoPE layout th
 conversion script permuted Meta's interleaved q/k rows), so q and k map as they are. Its config.json is
 needed (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in it would make our model
 compute other logits (another RoPE scaling, biases, another activation or head size) is refused, not ignored.
+
+Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
+no other layer: GPTConfig.qkv_bias, its three biases stacked as the weights are into our qkv.bias.
 """
 
 from __future__ import annotations
@@ -334,8 +337,9 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, ours: str, theirs: str) -> None:
 
 # --- Llama family ---------------------------------------------------------------------------------
 
-# config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window)
-LLAMA_TYPES = ("llama", "mistral")
+# config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
+# biased q/k/v projections and an optional sliding window)
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
 # our name (per block: "blocks.{i}.") -> HF's names (under "model.layers.{i}."), stacked by rows in this order
 _LLAMA_BLOCK_NAMES = {
     "norm1.weight": ("input_layernorm.weight",),
@@ -345,6 +349,8 @@ _LLAMA_BLOCK_NAMES = {
     "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.proj.weight": ("mlp.down_proj.weight",),
 }
+# Qwen2's q/k/v biases (GPTConfig.qkv_bias), stacked as the weights are
+_QKV_BIAS_NAMES = {"attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")}
 # The RoPE frequencies some (older) checkpoints store: a buffer, recomputed from rope_theta
 _LLAMA_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -402,9 +408,6 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
     if not isinstance(hf_config, dict):
         raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
     model_type = hf_config.get("model_type", "llama")
-    if model_type == "qwen2":
-        raise ValueError("config.json has model_type='qwen2': Qwen2's q/k/v projections have biases and its other "
-                         "layers none, which the model (biases everywhere or nowhere) cannot hold")
     if model_type not in LLAMA_TYPES:
         raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}")
     n_embd, n_head = _hf_int(hf_config, "hidden_size"), _hf_int(hf_config, "num_attention_heads")
@@ -429,12 +432,21 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
         n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
         norm="rmsnorm", norm_eps=_hf_number(hf_config, "rms_norm_eps", 1e-6), pos="rope",
         rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
-        tie_embeddings=tie, bias=False,
+        tie_embeddings=tie, bias=False, qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are not optional
     )
     config = GPTConfig.from_dict({**values, **overrides})
     # Mistral's sliding window masks keys more than `window` tokens back: no key is, in contexts no longer
     # than the window, so only a window shorter than the model's block_size changes what it computes.
     window = hf_config.get("sliding_window")
+    if model_type == "qwen2":
+        # Qwen2's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
+        # in the released models); then max_window_layers says which layers slide, but any that does would
+        # compute other logits, so a window on is checked as Mistral's, whichever layers it is for.
+        sliding = hf_config.get("use_sliding_window", False)
+        if not isinstance(sliding, bool):
+            raise ValueError(f"config.json's use_sliding_window must be true or false, got {sliding!r}")
+        if not sliding:
+            window = None
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < config.block_size):
         raise ValueError(f"config.json has sliding_window={window!r}, shorter than block_size={config.block_size}: "
                          f"the model attends to the whole context (give block_size={window!r} or less to load it)")
@@ -470,21 +482,23 @@ def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
     model_type = "gpt2" if hf_config is None else hf_config.get("model_type", "gpt2")
     if model_type == "gpt2":
         return load_hf_gpt2_file(path, **overrides), model_type
-    if model_type in LLAMA_TYPES or model_type == "qwen2":  # qwen2: config_from_hf_llama says why not
+    if model_type in LLAMA_TYPES:
         return load_hf_llama_file(path, **overrides), model_type
     raise ValueError(f"{path!r}: its config.json has model_type={model_type!r}; the models that can be imported "
                      f"are {('gpt2',) + LLAMA_TYPES}")
 
 
-def _llama_mapping(n_layer: int) -> dict[str, tuple[str, ...]]:
+def _llama_mapping(config: GPTConfig) -> dict[str, tuple[str, ...]]:
     mapping = {"norm_f.weight": ("norm.weight",)}
-    for i in range(n_layer):
-        for ours, theirs in _LLAMA_BLOCK_NAMES.items():
+    block_names = {**_LLAMA_BLOCK_NAMES, **_QKV_BIAS_NAMES} if config.qkv_bias else _LLAMA_BLOCK_NAMES
+    for i in range(config.n_layer):
+        for ours, theirs in block_names.items():
             mapping[f"blocks.{i}.{ours}"] = tuple(f"layers.{i}.{name}" for name in theirs)
     return mapping
 
 
 def _check_llama_shaped(config: GPTConfig) -> None:
+    # qkv_bias either way: without, Llama's (and Mistral's) model; with, Qwen2's
     wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong:
@@ -494,7 +508,8 @@ def _check_llama_shaped(config: GPTConfig) -> None:
 @torch.no_grad()
 def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy a HF Llama-family state dict into `model` (a Llama-shaped GPT of its sizes); every weight must
-    be there, and nothing else (a bias, say, which the model would drop)."""
+    be there, and nothing else (a bias, say, which the model would drop; Qwen2's q/k/v biases go into a model
+    with config.qkv_bias, and must be there)."""
     config = model.config
     _check_llama_shaped(config)
     if not isinstance(state_dict, dict):
@@ -502,7 +517,7 @@ def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     # LlamaForCausalLM's names are "model."-prefixed, LlamaModel's (no lm_head) are not
     sd = {name.removeprefix("model."): t for name, t in state_dict.items()
           if name != "lm_head.weight" and not _LLAMA_IGNORED.search(name)}
-    mapping = _llama_mapping(config.n_layer)
+    mapping = _llama_mapping(config)
     expected = {name for names in mapping.values() for name in names} | {"embed_tokens.weight"}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
@@ -538,11 +553,15 @@ def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     model.lm_head.weight[vocab:] = 0
 
 
-def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, int]]:
-    """The shapes of HF's tensors that make our stacked qkv ([q | k | v]) or gate_up ([gate | up])."""
+def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, ...]]:
+    """The shapes of HF's tensors that make our stacked qkv ([q | k | v], weight or bias) or gate_up
+    ([gate | up])."""
     d, c = config.head_dim, config.n_embd
+    rows = [config.n_head * d, config.n_kv_head * d, config.n_kv_head * d]
     if ours.endswith("qkv.weight"):
-        return [(config.n_head * d, c), (config.n_kv_head * d, c), (config.n_kv_head * d, c)]
+        return [(r, c) for r in rows]
+    if ours.endswith("qkv.bias"):
+        return [(r,) for r in rows]
     return [(config.hidden_size, c)] * 2
 
 
@@ -556,16 +575,17 @@ def _checked(src: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
 def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     """(the HF LlamaForCausalLM state dict, its config.json as a dict) of a Llama-shaped GPT: the
     vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself (as HF's
-    state_dict() has it; safetensors' save_file wants it left out)."""
+    state_dict() has it; safetensors' save_file wants it left out). A model with config.qkv_bias is
+    Qwen2's: a Qwen2ForCausalLM state dict (with the q/k/v biases) and config.json (model_type "qwen2")."""
     config = model.config
     _check_llama_shaped(config)
     out = {"model.embed_tokens.weight": model.wte.weight.detach()[: config.vocab_size].clone()}
-    for ours, theirs in _llama_mapping(config.n_layer).items():
+    for ours, theirs in _llama_mapping(config).items():
         p = model.get_parameter(ours).detach()
         if len(theirs) == 1:
             parts = [p]
         else:
-            parts = p.split([rows for rows, _ in _part_shapes(config, ours)])
+            parts = p.split([shape[0] for shape in _part_shapes(config, ours)])
         for name, part in zip(theirs, parts):
             out["model." + name] = part.contiguous().clone()
     out["lm_head.weight"] = (out["model.embed_tokens.weight"] if config.tie_embeddings
@@ -580,4 +600,9 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }
+    if config.qkv_bias:
+        # Qwen2's config has no attention_bias / mlp_bias (its q/k/v biases are always there, the others never)
+        del hf_config["attention_bias"], hf_config["mlp_bias"]
+        hf_config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
+                         sliding_window=None, max_window_layers=config.n_layer)
     return out, hf_config

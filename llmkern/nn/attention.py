@@ -28,7 +28,10 @@ class CausalSelfAttention(nn.Module):
         dropout: float = 0.0,
         backend: str | None = None,
         layer_idx: int = 0,
+        qkv_bias: bool | None = None,
     ):
+        """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
+        otherwise: Qwen2 has biases on q/k/v and none on the output."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             # checked first: a zero would divide by zero below, and a negative count passes the modulo tests
@@ -44,7 +47,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
         self.backend = backend
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        if qkv_bias is not None and not isinstance(qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be a bool or None, got {qkv_bias!r}")
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
