@@ -1480,6 +1480,26 @@ def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path, dat
         assert resumed[step] == pytest.approx(loss, rel=1e-5)
     assert ckpt.load_checkpoint(str(run)).meta["model_config"]["activation_checkpointing"] is True
 
+
+def test_a_checkpoint_saved_before_a_config_field_existed_resumes(tmp_path, data_dir):
+    # GPTConfig gained rope_scaling and qkv_bias: a run saved without them (an older llmkern) has the model
+    # they mean by default, and resumes; a value they do not mean is still another model.
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, data_dir, max_steps=4, ckpt_interval=2)).fit()
+    shutil.rmtree(ckpt.step_dir(str(run), 4))
+    meta_path = os.path.join(ckpt.step_dir(str(run), 2), "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for key in ("rope_scaling", "qkv_bias"):
+        del meta["model_config"][key]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"qkv_bias: None -> False"):
+        Trainer(tiny_config(run, data_dir, max_steps=4, model={**TINY_MODEL, "qkv_bias": False})).fit(resume=True)
+    Trainer(tiny_config(run, data_dir, max_steps=4, ckpt_interval=2)).fit(resume=True)
+    assert ckpt.latest_checkpoint(str(run)) == ckpt.step_dir(str(run), 4)
+
+
 def test_the_train_command_checks_its_run_folder_before_the_data_and_the_model(tmp_path):
     from llmkern.train.main_job import run_train
 

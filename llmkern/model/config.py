@@ -143,6 +143,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields added after runs were saved, each with the value a config saved without it means: left out of what
+# identifies a model (a resume's comparison, a fine-tuning base's fingerprint) when they hold that value, so that
+# a run saved before they existed still resumes.
+_LATER_FIELDS = {"rope_scaling": lambda values: None, "qkv_bias": lambda values: values.get("bias", True)}
+
+
+def identity_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """A model config dict (GPTConfig.to_dict(), or one an older llmkern saved) for comparing or hashing: the
+    later fields dropped where they hold the value their absence means."""
+    return {k: v for k, v in values.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k](values))}
+
+
 def _check_choice(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

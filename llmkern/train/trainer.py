@@ -41,6 +41,7 @@ from torch import nn
 from .._modes import eval_mode
 from ..data.loader import TokenLoader
 from ..data.shards import load_manifest
+from ..model.config import identity_dict
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -506,7 +507,8 @@ class Trainer:
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)  # there is one: check_run_folder
         state = ckpt.load_checkpoint(latest)
-        saved_model, model = state.meta["model_config"], self.raw_model.config.to_dict()
+        # identity_dict: a checkpoint saved before a config field existed lacks it, which is no difference
+        saved_model, model = identity_dict(state.meta["model_config"]), identity_dict(self.raw_model.config.to_dict())
         # How the model runs is not what it computes: a run moved to another GPU may resume on another
         # backend, or with activation checkpointing to fit; any other difference is another model.
         differ = sorted(k for k in set(saved_model) | set(model)
