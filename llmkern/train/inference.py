@@ -30,7 +30,8 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
     from ..model import GPT, GPTConfig
 
     if not isinstance(path, str) or not path:
-        raise ValueError(f"path must name a run folder, a checkpoint folder or a Hugging Face .safetensors file; got {path!r}")
+        raise ValueError(f"path must name a run folder, a checkpoint folder or a Hugging Face .safetensors file; "
+                         f"got {path!r}")
     overrides = {"backend": backend} if backend else {}
     if path.endswith(".safetensors"):
         from ..model.hf import load_hf_file
@@ -55,8 +56,8 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
     if isinstance(run_dir, str) and os.path.isfile(run_dir):  # else load_checkpoint says it "does not exist"
         folder = os.path.dirname(os.path.abspath(run_dir))
         hint = (f"its checkpoint folder {folder!r}" if os.path.isfile(os.path.join(folder, "meta.json")) else
-                "a run folder or a checkpoint folder (a Hugging Face GPT-2 model.safetensors is a start for "
-                "`llmkern train --init_from=FILE` or `llmkern finetune ... --base=FILE`)")
+                "a run folder or a checkpoint folder (a Hugging Face GPT-2 or Llama-family model.safetensors is a "
+                "start for `llmkern train --init_from=FILE` or `llmkern finetune ... --base=FILE`)")
         raise ValueError(f"{run_dir!r} is a file; give {hint}")
     state = ckpt.load_checkpoint(run_dir)
     for key in ("model_config", "tokenizer"):
