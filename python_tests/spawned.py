@@ -60,3 +60,68 @@ def leave() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# --- a failure of rank 0 alone -----------------------------------------------------------------------
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device (injected)")
+
+
+def fail_in(module: str, name: str) -> None:
+    """Make module's `name` (a function, or "Class.method") raise as a full disk does, in this process."""
+    import importlib
+
+    owner = importlib.import_module(module)
+    *path, attribute = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, attribute, _disk_full)
+
+
+def record_and_exit(folder: str, rank: int, run) -> None:
+    """Run run(), write down how it ended ("finished", or the error it raised) as folder/error.rank<rank>,
+    and end the process. Rank 0 stays alive until rank 1 has ended (30 s at most), as a failed rank whose
+    death nccl does not notice: rank 1 must stop by itself, not because rank 0's exit closed the connection."""
+    import time
+
+    from llmkern.train import distributed
+
+    try:
+        run()
+        message = "finished"
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}"
+    with open(os.path.join(folder, f"error.rank{rank}.tmp"), "w") as f:
+        f.write(message)
+    os.rename(os.path.join(folder, f"error.rank{rank}.tmp"), os.path.join(folder, f"error.rank{rank}"))
+    if rank == 0:
+        end = time.monotonic() + 30
+        while not os.path.exists(os.path.join(folder, "error.rank1")) and time.monotonic() < end:
+            time.sleep(0.05)
+    distributed.shutdown(wait_for_others=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def run_failing_pair(worker, folder: str, *args) -> tuple[list[str], list[int | None]]:
+    """Start worker(rank, port, folder, *args) in WORLD spawned processes (it ends with record_and_exit);
+    (what each rank wrote down, their exit codes)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=worker, args=(rank, port, folder, *args)) for rank in range(WORLD)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)  # a rank that hangs still ends when rank 0 gives up waiting for it (30 s)
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+    errors = []
+    for rank in range(WORLD):
+        with open(os.path.join(folder, f"error.rank{rank}")) as f:
+            errors.append(f.read())
+    return errors, [w.exitcode for w in workers]

@@ -3,10 +3,8 @@ each rank with its own RNG states."""
 
 import ctypes
 import hashlib
-import importlib
 import os
 import shutil
-import sys
 import threading
 import time
 
@@ -141,10 +139,6 @@ def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
         assert torch.equal(saved.model[name], tensor), name
 
 
-def _disk_full(*args, **kwargs):
-    raise OSError(28, "No space left on device (injected)")
-
-
 # what rank 0 fails in, by the test's `where` ("log": a folder where rank 0 removes an old run's log)
 _RANK_0_FAILS_IN = {"save": ("llmkern.train.checkpoint", "save_checkpoint"),
                     "corpus": ("llmkern.train.corpus", "prepare_corpus_shards"),
@@ -155,33 +149,12 @@ _RANK_0_FAILS_IN = {"save": ("llmkern.train.checkpoint", "save_checkpoint"),
 
 
 def _failing_worker(rank, port, tmp, data_dir, where):
-    """Rank 0 fails alone where the other ranks then wait for it (at the next collective), and stays alive
-    a while, as a failed rank whose death nccl does not notice; each rank writes down the error it stops with."""
+    """Rank 0 fails alone where the other ranks then wait for it (at the next collective)."""
     spawned.enter(rank, port)
     if rank == 0 and where in _RANK_0_FAILS_IN:
-        module, name = _RANK_0_FAILS_IN[where]
-        owner = importlib.import_module(module)
-        *path, attribute = name.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        setattr(owner, attribute, _disk_full)
-    try:
-        Trainer(config(os.path.join(tmp, "run"), "" if where == "corpus" else data_dir, "ddp")).fit(
-            resume=where == "resume")
-        message = "finished"
-    except Exception as err:
-        message = f"{type(err).__name__}: {err}"
-    with open(os.path.join(tmp, f"error.rank{rank}.tmp"), "w") as f:
-        f.write(message)
-    os.rename(os.path.join(tmp, f"error.rank{rank}.tmp"), os.path.join(tmp, f"error.rank{rank}"))
-    if rank == 0:
-        end = time.monotonic() + 30
-        while not os.path.exists(os.path.join(tmp, "error.rank1")) and time.monotonic() < end:
-            time.sleep(0.05)
-    distributed.shutdown(wait_for_others=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+        spawned.fail_in(*_RANK_0_FAILS_IN[where])
+    spawned.record_and_exit(tmp, rank, lambda: Trainer(config(os.path.join(tmp, "run"), "" if where == "corpus"
+                                                              else data_dir, "ddp")).fit(resume=where == "resume"))
 
 
 @pytest.mark.parametrize("where", ["save", "corpus", "log", "plot", "resume", "metrics", "run_dir"])
@@ -197,25 +170,14 @@ def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, whe
         os.makedirs(tmp_path / "run" / "metrics.jsonl")  # rank 0 cannot remove it: IsADirectoryError
     if where == "resume":
         Trainer(config(tmp_path / "run", data_dir, "ddp")).fit()  # one process's run, to resume from
-    context = mp.get_context("spawn")
-    port = spawned.free_port()
-    workers = [context.Process(target=_failing_worker, args=(rank, port, str(tmp_path), data_dir, where))
-               for rank in range(WORLD)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(120)  # a rank that hangs still ends when rank 0 gives up waiting for it (30 s)
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-    errors = [open(tmp_path / f"error.rank{rank}").read() for rank in range(WORLD)]
+    errors, exitcodes = spawned.run_failing_pair(_failing_worker, str(tmp_path), data_dir, where)
     assert errors[0].startswith("IsADirectoryError" if where == "log" else "OSError"), errors[0]
     what = {"save": "saving the checkpoint of step 3", "corpus": "preparing the corpus shards",
             "log": "clearing the old run's log", "plot": "plotting the metrics",
             "resume": "truncating the metrics log", "metrics": "writing the metrics log",
             "run_dir": "making the run folder"}[where]
     assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"
-    assert [worker.exitcode for worker in workers] == [1, 1]
+    assert exitcodes == [1, 1]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")

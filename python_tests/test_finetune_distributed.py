@@ -5,6 +5,7 @@ stopped two-process run resumes exactly, each rank with its own RNG states."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,38 @@ def test_fsdp_dpo_like_one_process(tmp_path):
 
     assert [r["step"] for r in numbers(tmp_path / "single") if r["kind"] == "train"] == [1, 2, 3]
     spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+
+
+# what rank 0 fails in, by the test's `where` ("log": a folder where rank 0 removes an old run's log)
+_RANK_0_FAILS_IN = {"state": ("llmkern.train.checkpoint", "save_checkpoint"),  # the training state of step 3
+                    "model": ("llmkern.train.checkpoint", "save_checkpoint"),  # no training state: the model
+                    "run_dir": ("llmkern.train.metrics", "MetricsLog.__init__"),
+                    "metrics": ("llmkern.train.metrics", "MetricsLog.write"),
+                    "plot": ("llmkern.finetune.loop", "plot_metrics")}
+
+
+def _failing_worker(rank, port, folder, where):
+    """Rank 0 fails alone where the other rank then waits for it (at the next collective)."""
+    spawned.enter(rank, port)
+    if rank == 0 and where in _RANK_0_FAILS_IN:
+        spawned.fail_in(*_RANK_0_FAILS_IN[where])
+    config = sft_config(Path(folder), "multi", grad_accum=1, ckpt_interval=0 if where == "model" else 3)
+    spawned.record_and_exit(folder, rank, lambda: run_sft(config))
+
+
+@pytest.mark.parametrize("where", ["state", "model", "run_dir", "metrics", "plot", "log"])
+def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, where):
+    # Rank 0 alone writes the run's files (the metrics log, the training state, the charts, the model) while
+    # the other ranks go on. When that failed (disk full), they waited at the next collective for a rank that
+    # had given up: forever on nccl while it lived on, and on gloo until it exited, with "Connection closed by
+    # peer". Now every rank stops at once and names what failed.
+    make_run(tmp_path)
+    if where == "log":
+        os.makedirs(tmp_path / "multi" / "metrics.jsonl")  # rank 0 cannot remove it: IsADirectoryError
+    errors, exitcodes = spawned.run_failing_pair(_failing_worker, str(tmp_path), where)
+    assert errors[0].startswith("IsADirectoryError" if where == "log" else "OSError"), errors[0]
+    what = {"state": "saving the training state of step 3", "model": "saving the model of step 5",
+            "run_dir": "making the run folder", "metrics": "writing the metrics log", "plot": "plotting the metrics",
+            "log": "clearing the old run's log and training state"}[where]
+    assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"
+    assert exitcodes == [1, 1]

@@ -1573,3 +1573,27 @@ def test_a_corpus_cap_below_two_files_is_a_clear_error():
         gather_corpus(needed - 1)
     docs = gather_corpus(needed)
     assert len(docs) == 2 and sum(len(d.encode()) for d in docs) == needed
+
+
+def test_a_failure_in_the_trainers_setup_leaves_the_process_group(tmp_path, monkeypatch):
+    # The Trainer joins the process group first; a setup that failed after that (rank 0 making the run folder or
+    # the corpus) left it joined: a process ending so skipped its gloo workers' wait (SIGABRT at exit) or nccl's
+    # clean-up.
+    import torch.distributed as dist
+
+    import llmkern.train.trainer as trainer_module
+    from llmkern.train.main_job import run_train
+
+    def failing_setup(config):  # joins a group as Trainer does, then fails as a full disk does
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(trainer_module, "Trainer", failing_setup)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            run_train(None, [f"--out_dir={tmp_path / 'run'}", "--device=cpu"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -108,7 +108,8 @@ def save_finetuned(out_dir: str, step: int, model_state: dict[str, torch.Tensor]
         if key not in meta:
             raise ValueError(f"meta must hold {key!r}")
     info = distributed.detect()
-    if info.is_main:  # under torchrun every process holds the same model: rank 0 writes it
-        ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []}, meta, keep=keep)
-    distributed.barrier(info)
+    # rank 0 writes: when it cannot (disk full, no permission), the other ranks must not wait for it
+    with distributed.fail_together(info, None, f"saving the model of step {step}"):
+        if info.is_main:  # under torchrun every process holds the same model: rank 0 writes it
+            ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []}, meta, keep=keep)
     return ckpt.step_dir(out_dir, step)

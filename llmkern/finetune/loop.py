@@ -65,9 +65,10 @@ def drop_train_state(config) -> None:
     """After a run's final model is saved: delete its training state, unless config.keep_train_state.
     Under torchrun every rank calls it; rank 0 deletes."""
     info = distributed.detect()
-    if info.is_main and not config.keep_train_state:
-        shutil.rmtree(train_state_dir(config), ignore_errors=True)
-    distributed.barrier(info)
+    # rank 0's alone: when it fails, the other ranks must not wait for it at the next collective
+    with distributed.fail_together(info, None, "deleting the training state"):
+        if info.is_main and not config.keep_train_state:
+            shutil.rmtree(train_state_dir(config), ignore_errors=True)
 
 
 class FinetuneDiverged(RuntimeError):
@@ -275,10 +276,12 @@ def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict
     path = None
     # on every rank: FSDP2's shards are gathered into whole tensors on rank 0, as one process would save them
     model_state, optimizer_state = distributed.full_state_dicts(model, optimizer)
-    if info.is_main:  # without FSDP every process holds the same weights and optimizer state
-        path = ckpt.save_checkpoint(state_dir, counters["step"], model_state, optimizer_state,
-                                    {"finetune_state": {"position": position, "counters": counters}}, keep=1, rng=rng)
-    distributed.barrier(info)
+    # rank 0 writes: when it cannot (disk full, no permission), the other ranks must not wait for it
+    with distributed.fail_together(info, None, f"saving the training state of step {counters['step']}"):
+        if info.is_main:  # without FSDP every process holds the same weights and optimizer state
+            path = ckpt.save_checkpoint(state_dir, counters["step"], model_state, optimizer_state,
+                                        {"finetune_state": {"position": position, "counters": counters}}, keep=1,
+                                        rng=rng)
     return path
 
 
@@ -394,19 +397,23 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     With config.resume the newest training state is loaded (restore_train_state) and the log cut back to
     it; otherwise the run starts afresh: a new log, and no training state left from an older run."""
     info = distributed.detect()
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
     state_dir = train_state_dir(config)
-    check_run_folder(config)
+    check_run_folder(config)  # first: an out_dir that is a file is its ValueError on every rank
+    # rank 0 alone makes the folder, clears or cuts back the log: when that fails, the other ranks must not
+    # wait for it at the first step's all-reduce
+    with distributed.fail_together(info, None, "making the run folder"):
+        log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
     if not config.resume:
-        if info.is_main:
-            if os.path.exists(log.path):
-                os.remove(log.path)
-            shutil.rmtree(state_dir, ignore_errors=True)
-        distributed.barrier(info)
+        with distributed.fail_together(info, None, "clearing the old run's log and training state"):
+            if info.is_main:
+                if os.path.exists(log.path):
+                    os.remove(log.path)
+                shutil.rmtree(state_dir, ignore_errors=True)
         return log, None, []
     counters = restore_train_state(state_dir, model, optimizer, position)
     distributed.barrier(info)  # every rank has read the state before rank 0 may write the log
-    log.truncate_after(counters["step"])
+    with distributed.fail_together(info, None, "truncating the metrics log"):
+        log.truncate_after(counters["step"])
     records = read_metrics(log.path) if os.path.exists(log.path) else []
     evals = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in records if r["kind"] == "eval"]
     return log, counters, evals
@@ -422,7 +429,7 @@ def save_or_stop(stop: StopOnSignal, done_steps: int, done: bool, config, save: 
     if not (stopping or (config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done)):
         return
     path = save(done_steps)
-    if stopping:
+    if stopping:  # a signal stops only a run of one process (StopOnSignal is off under torchrun)
         if distributed.detect().is_main:
             plot_metrics(log.path, config.out_dir, extra=charts)
         raise TrainingInterrupted(f"{stopping} at step {done_steps}: the training state is saved ({path}); "
@@ -531,12 +538,12 @@ class _FitRun:
                 and loss_scale.can_back_off():  # a float16 overflow: the scale's doing, not divergence
             self.skipped += 1
             loss_scale.update(overflowed=True)
-            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
-                           reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
+            self._write_log("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
+                            reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
         elif not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.bad_steps += 1
             self.skipped += 1
-            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
+            self._write_log("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
             if self.bad_steps >= MAX_BAD_STEPS:
                 raise FinetuneDiverged(f"fine-tuning stopped at step {step + 1}: the loss or gradient norm "
                                        f"was NaN/inf {self.bad_steps} steps in a row; try a lower lr")
@@ -547,15 +554,21 @@ class _FitRun:
             if loss_scale:
                 loss_scale.update(overflowed=False)
                 scaling = {"loss_scale": scale}
-            self.log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **self.last_train, **scaling)
+            self._write_log("train", step=step + 1, lr=lr, grad_norm=grad_norm, **self.last_train, **scaling)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
 
     def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], done_steps: int) -> dict[str, float]:
         """Run `evaluate` (eval mode, no_grad, autocast) after done_steps steps and log it; its result, now
         last_eval."""
         self.last_eval = run_evaluation(self.model, evaluate, self.config, self.device)
-        self.log.write("eval", step=done_steps, **self.last_eval)
+        self._write_log("eval", step=done_steps, **self.last_eval)
         return self.last_eval
+
+    def _write_log(self, kind: str, **values: Any) -> None:
+        """Append a record to metrics.jsonl: rank 0 writes it, every rank calls this. A write that fails (disk
+        full) stops every rank, not rank 0 alone while the others wait for it at the next step's all-reduce."""
+        with distributed.fail_together(self.info, self.device, "writing the metrics log"):
+            self.log.write(kind, **values)
 
     def save(self, done_steps: int) -> str | None:
         """Write the training state after done_steps steps (every rank: it gathers their RNG states); rank 0 gets
@@ -568,8 +581,10 @@ class _FitRun:
         """After the last step: the trained weights back in the caller's model (fsdp), and the charts."""
         if self.sharded:
             gather_into(self.whole_model, self.model, self.device)
-        if self.info.is_main:
-            plot_metrics(self.log.path, self.config.out_dir, extra=charts)
+        # rank 0's alone: the other ranks would wait for it failing here at the recipe's save of the model
+        with distributed.fail_together(self.info, self.device, "plotting the metrics"):
+            if self.info.is_main:
+                plot_metrics(self.log.path, self.config.out_dir, extra=charts)
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],

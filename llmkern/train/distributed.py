@@ -240,12 +240,14 @@ def barrier(info: DistInfo) -> None:
 
 
 @contextlib.contextmanager
-def fail_together(info: DistInfo, device: torch.device, what: str):
+def fail_together(info: DistInfo, device: torch.device | None, what: str):
     """Run the block (work that some ranks do alone, as rank 0 writing a checkpoint), then wait for every
     rank like a barrier; when the block raised on any rank, every rank raises: a rank that failed its own
     error, the others a RuntimeError naming the failed ranks. Why: after a plain barrier, or none, the
     other ranks waited at the next collective for a rank that had given up: forever on nccl, or until it
-    exited on gloo, with a "Connection closed by peer" that says nothing of the cause."""
+    exited on gloo, with a "Connection closed by peer" that says nothing of the cause. device: where the
+    flags are reduced; None: the process group's (this process's GPU for nccl, the CPU for gloo), for
+    callers that hold no model."""
     error = None
     try:
         yield
@@ -253,7 +255,7 @@ def fail_together(info: DistInfo, device: torch.device, what: str):
         error = err
     ranks = []
     if info.is_distributed:
-        failed = torch.zeros(info.world_size, dtype=torch.int32, device=device)
+        failed = torch.zeros(info.world_size, dtype=torch.int32, device=_group_device() if device is None else device)
         failed[info.rank] = error is not None
         dist.all_reduce(failed, op=dist.ReduceOp.SUM)
         ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
@@ -262,3 +264,11 @@ def fail_together(info: DistInfo, device: torch.device, what: str):
     if ranks:
         raise RuntimeError(f"{what} failed on rank{'s' if len(ranks) > 1 else ''} "
                            f"{', '.join(map(str, ranks))} (its log has the error): rank {info.rank} stops too")
+
+
+def _group_device() -> torch.device:
+    """The device the process group's collectives take tensors on: nccl only GPU tensors (this process's
+    GPU, which init set), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -49,15 +49,16 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
         defaults = {k: v for k, v in defaults.items() if k != "model"}
     config = load_config(config_path, overrides, defaults=defaults)
     check_run_folder(config.out_dir, resume, config.overwrite)  # now, not after the data and the model
-    trainer = Trainer(config)
-    if trainer.dist.is_main:
-        model = trainer.raw_model
-        source = f"the model of {config.init_from}" if config.init_from else f"{config.preset} model"
-        print(f"llmkern train: {source}, {model.num_parameters() / 1e6:.2f}M parameters, "
-              f"{config.max_steps} steps of {config.batch_tokens} tokens on {trainer.device} "
-              f"({trainer.dist.world_size} process{'es' if trainer.dist.world_size > 1 else ''}, {precision(trainer)}), "
-              f"data {trainer.data_dir} ({trainer.train_loader.num_tokens:,} training tokens), run folder {config.out_dir}")
-    try:
+    try:  # from the Trainer on: it joins the process group, and its setup may fail after that
+        trainer = Trainer(config)
+        if trainer.dist.is_main:
+            model = trainer.raw_model
+            source = f"the model of {config.init_from}" if config.init_from else f"{config.preset} model"
+            print(f"llmkern train: {source}, {model.num_parameters() / 1e6:.2f}M parameters, "
+                  f"{config.max_steps} steps of {config.batch_tokens} tokens on {trainer.device} "
+                  f"({trainer.dist.world_size} process{'es' if trainer.dist.world_size > 1 else ''}, "
+                  f"{precision(trainer)}), data {trainer.data_dir} ({trainer.train_loader.num_tokens:,} training "
+                  f"tokens), run folder {config.out_dir}")
         summary = trainer.fit(resume=resume)
     except BaseException:
         distributed.shutdown(wait_for_others=False)
