@@ -588,6 +588,15 @@ def test_the_base_fingerprint_is_by_content_not_by_path(tmp_path):
     save(tmp_path / "eps", other_config)
     assert fingerprint(tmp_path / "eps") != first
     assert fingerprint(tmp_path / "run", backend="auto") == first  # saved with "torch": kernels, not the model
+    # GPTConfig fields added since (rope_scaling, qkv_bias) change no fingerprint an older run recorded while
+    # they hold what their absence meant; another value of them is another model
+    from llmkern.finetune.base import base_fingerprint
+
+    source = str(tmp_path / "run" / "checkpoints" / "step_0000001")
+    older = {k: v for k, v in model.config.to_dict().items() if k not in ("rope_scaling", "qkv_bias")}
+    assert base_fingerprint(source, model.config.to_dict()) == base_fingerprint(source, older)
+    assert base_fingerprint(source, {**model.config.to_dict(), "qkv_bias": not model.config.bias}) != \
+        base_fingerprint(source, older)
 
     hf = tiny_gpt(seed=3, n_embd=128, n_head=2)  # GPT-2 heads are 64 wide
     save_file({k: v for k, v in to_hf_gpt2(hf).items() if k != "lm_head.weight"}, str(tmp_path / "a.safetensors"))

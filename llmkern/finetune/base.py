@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..model.config import identity_dict
 from ..train import checkpoint as ckpt
 from ..train import distributed
 from ..train.inference import load_gpt
@@ -80,7 +81,9 @@ def base_fingerprint(source: str, model_config: dict[str, Any]) -> str:
     the same path may hold another one (a base run that trained on since). The other models a run reads,
     DPO's reference and PPO's reward model, are identified the same way. It reads the weights file once
     more, at about 1 GB/s, mostly from the page cache the load just filled."""
-    config = {k: v for k, v in model_config.items() if k != "backend"}  # --backend picks kernels, not the model
+    # --backend picks kernels, not the model; identity_dict: a field added since an older run was fingerprinted
+    # changes nothing where it holds what its absence meant, so that run still resumes
+    config = {k: v for k, v in identity_dict(model_config).items() if k != "backend"}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
     weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
     with open(weights, "rb") as f:
