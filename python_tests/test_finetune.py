@@ -635,6 +635,47 @@ def test_finetune_command_runs_a_recipe_and_reports_bad_settings(tmp_path, capsy
     assert "needs a string 'chosen'" in capsys.readouterr().err
 
 
+def _cli_errors():
+    from llmkern.train.interrupt import TrainingInterrupted
+
+    # (what the recipe raises, the exit code; None: it propagates, with its traceback)
+    return [(ValueError("bad setting"), 2), (OSError(28, "No space left on device"), 2),
+            (FinetuneDiverged("the loss was NaN"), 1), (TrainingInterrupted("saved", "SIGTERM"), 128 + 15),
+            (RuntimeError("saving the model failed on rank 0"), None), (KeyError("loss"), None),
+            (KeyboardInterrupt(), None)]
+
+
+@pytest.mark.parametrize("error,code", _cli_errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException)
+                         else str(v))
+def test_finetune_command_leaves_the_process_group_whatever_stopped_it(tmp_path, monkeypatch, capsys, error, code):
+    # Under torchrun a rank whose peer failed raises a RuntimeError (distributed.fail_together): the command
+    # caught only its own errors, so such a rank (and one stopped by any other error) ended without leaving
+    # the process group. Now every error leaves it; the errors it reports keep their exit codes.
+    import torch.distributed as dist
+
+    from llmkern import finetune
+    from llmkern.cli import main
+
+    config_cls, _ = get_method("sft")
+
+    def run(config):
+        raise error
+
+    monkeypatch.setattr(finetune, "get_method", lambda name: (config_cls, run))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        if code is None:
+            with pytest.raises(type(error)):
+                main(["finetune", "sft"])
+        else:
+            assert main(["finetune", "sft"]) == code
+            assert str(error) in capsys.readouterr().err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class Interrupted(RuntimeError):
     pass
 

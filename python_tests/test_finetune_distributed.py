@@ -214,7 +214,9 @@ _RANK_0_FAILS_IN = {"state": ("llmkern.train.checkpoint", "save_checkpoint"),  #
                     "model": ("llmkern.train.checkpoint", "save_checkpoint"),  # no training state: the model
                     "run_dir": ("llmkern.train.metrics", "MetricsLog.__init__"),
                     "metrics": ("llmkern.train.metrics", "MetricsLog.write"),
-                    "plot": ("llmkern.finetune.loop", "plot_metrics")}
+                    "plot": ("llmkern.finetune.loop", "plot_metrics"),
+                    "responses": ("llmkern.finetune.sft", "write_json_atomic"),
+                    "adapters": ("llmkern.finetune.lora", "save_lora_adapters")}  # with LoRA
 
 
 def _failing_worker(rank, port, folder, where):
@@ -222,11 +224,12 @@ def _failing_worker(rank, port, folder, where):
     spawned.enter(rank, port)
     if rank == 0 and where in _RANK_0_FAILS_IN:
         spawned.fail_in(*_RANK_0_FAILS_IN[where])
-    config = sft_config(Path(folder), "multi", grad_accum=1, ckpt_interval=0 if where == "model" else 3)
+    config = sft_config(Path(folder), "multi", grad_accum=1, ckpt_interval=0 if where == "model" else 3,
+                        lora_rank=2 if where == "adapters" else 0)
     spawned.record_and_exit(folder, rank, lambda: run_sft(config))
 
 
-@pytest.mark.parametrize("where", ["state", "model", "run_dir", "metrics", "plot", "log"])
+@pytest.mark.parametrize("where", ["state", "model", "run_dir", "metrics", "plot", "log", "responses", "adapters"])
 def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, where):
     # Rank 0 alone writes the run's files (the metrics log, the training state, the charts, the model) while
     # the other ranks go on. When that failed (disk full), they waited at the next collective for a rank that
@@ -239,6 +242,41 @@ def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, whe
     assert errors[0].startswith("IsADirectoryError" if where == "log" else "OSError"), errors[0]
     what = {"state": "saving the training state of step 3", "model": "saving the model of step 5",
             "run_dir": "making the run folder", "metrics": "writing the metrics log", "plot": "plotting the metrics",
-            "log": "clearing the old run's log and training state"}[where]
+            "log": "clearing the old run's log and training state", "responses": "writing the sample responses",
+            "adapters": "saving the LoRA adapters"}[where]
+    assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"
+    assert exitcodes == [1, 1]
+
+
+# what rank 0 fails in, in PPO (data parallel only): the first log write is the first iteration's when nothing is
+# held out, and the evaluation of the untrained policy when something is
+_RANK_0_FAILS_IN_PPO = {"metrics": ("llmkern.train.metrics", "MetricsLog.write"),
+                        "eval": ("llmkern.finetune.ppo", "evaluate_prompts"),
+                        "plot": ("llmkern.train.metrics", "plot_metrics")}
+
+
+def _failing_ppo_worker(rank, port, folder, where):
+    spawned.enter(rank, port)
+    from llmkern.finetune.ppo import run_ppo
+    from test_ppo import HighByteReward, ppo_config
+
+    if rank == 0:
+        spawned.fail_in(*_RANK_0_FAILS_IN_PPO[where])
+    config = ppo_config(Path(folder), max_steps=1, rollout_batch=2, batch_size=2, ckpt_interval=0, seed=5,
+                        val_fraction=0.2 if where == "eval" else 0.0)
+    spawned.record_and_exit(folder, rank, lambda: run_ppo(config, reward_model=HighByteReward()))
+
+
+@pytest.mark.parametrize("where", ["metrics", "eval", "plot"])
+def test_a_failure_of_rank_0_alone_stops_every_ppo_rank_with_its_cause(tmp_path, where):
+    # PPO's rank 0 alone writes the log, evaluates and plots: when that failed, the other ranks waited for it
+    # at the next iteration's all-reduce, or at the save of the policy.
+    from test_ppo import write_ppo_data
+
+    write_ppo_data(tmp_path)
+    errors, exitcodes = spawned.run_failing_pair(_failing_ppo_worker, str(tmp_path), where)
+    assert errors[0].startswith("OSError"), errors[0]
+    what = {"metrics": "writing the metrics log", "eval": "evaluating the policy after iteration 0",
+            "plot": "plotting the metrics"}[where]
     assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"
     assert exitcodes == [1, 1]

@@ -32,12 +32,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"llmkern finetune {args.method}: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
+        distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: stopped by {err}", file=sys.stderr)
         return err.exit_status
     except (ValueError, TypeError, OSError) as err:
         distributed.shutdown(wait_for_others=False)
         print(f"llmkern finetune {args.method}: error: {err}", file=sys.stderr)
         return 2
+    except BaseException:  # any other error (as the RuntimeError of a rank whose peer failed): leave the group too
+        distributed.shutdown(wait_for_others=False)
+        raise
     distributed.shutdown()  # under torchrun: leave the process group once every rank is done
     if distributed.detect().is_main:
         print(json.dumps(summary, indent=1, default=str))

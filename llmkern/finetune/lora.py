@@ -344,10 +344,11 @@ def save_and_merge_lora(model: nn.Module, config, wrapped: list[str]) -> str | N
         return None
     path = os.path.join(config.out_dir, "lora.safetensors")
     info = distributed.detect()
-    if info.is_main:  # under torchrun every process holds the same adapters: rank 0 writes them
-        os.makedirs(config.out_dir, exist_ok=True)
-        save_lora_adapters(path, model, lora_info(config, wrapped))
-    distributed.barrier(info)
+    # a barrier that fails together: when rank 0 cannot write (disk full), the other ranks stop too
+    with distributed.fail_together(info, None, "saving the LoRA adapters"):
+        if info.is_main:  # under torchrun every process holds the same adapters: rank 0 writes them
+            os.makedirs(config.out_dir, exist_ok=True)
+            save_lora_adapters(path, model, lora_info(config, wrapped))
     merge_lora(model)
     return path
 

@@ -636,14 +636,15 @@ class _PPORun:
             self.start_it, self.step = counters["step"], counters["optimizer_step"]
             if self.info.is_main:
                 warn_if_schedule_changed(counters.get("next_lr"), self.lr_at(self.step), self.step)
-        elif self.evaluates:
-            self.first_eval = self.evaluate(0)
+        elif self.val:
+            self.first_eval = self.evaluate_on_rank_0(0)
 
     def train(self) -> None:
         """The PPO iterations from start_it on, each on this rank's share of the next global batch of prompts,
         evaluating every eval_interval and at the end, saving every ckpt_interval; the charts."""
         from tqdm import tqdm
 
+        from ..train import distributed
         from ..train.interrupt import StopOnSignal
         from ..train.metrics import plot_metrics
         from .loop import evaluation_due, micro_batches, save_or_stop
@@ -658,25 +659,39 @@ class _PPORun:
                            disable=not (self.config.progress and self.info.is_main), dynamic_ncols=True):
                 self.iteration(it, rank_prompts(next(batches), self.info))
                 done = it + 1 == self.iterations
-                if self.evaluates and evaluation_due(it + 1, done, self.config):
-                    self.evaluate(it + 1)
+                if self.val and evaluation_due(it + 1, done, self.config):
+                    self.evaluate_on_rank_0(it + 1)
                 save_or_stop(stop, it + 1, done, self.config, self.save, self.log, PPO_CHARTS)
-        if self.info.is_main:
-            plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
+        # rank 0's alone: the other ranks would wait for it failing here at the save of the policy
+        with distributed.fail_together(self.info, self.device, "plotting the metrics"):
+            if self.info.is_main:
+                plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
 
     def iteration(self, it: int, prompts: list[list[int]]) -> None:
         """PPO iteration `it` (0-based) on this rank's prompts, logged; FinetuneDiverged when a metric is not
         finite."""
+        from ..train import distributed
+
         lr = self.lr_at(self.step)
         self.step, metrics = ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts,
                                            self.config, self.eot, seed=sampling_seed(self.config.seed, it, self.info),
                                            lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info)
-        self.log.write("train", step=it + 1, lr=lr, **metrics)
+        # rank 0 writes: when it cannot (disk full), the other ranks must not wait for it at the next iteration
+        with distributed.fail_together(self.info, self.device, "writing the metrics log"):
+            self.log.write("train", step=it + 1, lr=lr, **metrics)
         self.last_metrics = metrics
         if not all(math.isfinite(v) for v in metrics.values()):
             from .loop import FinetuneDiverged
 
             raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
+
+    def evaluate_on_rank_0(self, at: int) -> dict[str, float] | None:
+        """evaluate(at) on rank 0 (None on the others); every rank calls this. An evaluation or log write that
+        fails there stops every rank, not rank 0 alone while the others wait for it at the next collective."""
+        from ..train import distributed
+
+        with distributed.fail_together(self.info, self.device, f"evaluating the policy after iteration {at}"):
+            return self.evaluate(at) if self.evaluates else None
 
     def evaluate(self, at: int) -> dict[str, float]:
         """The held-out prompts' mean reward and KL after `at` iterations, logged; now last_eval."""

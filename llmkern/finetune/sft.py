@@ -163,12 +163,16 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
     model.eval()
     responses_path = os.path.join(config.out_dir, "responses.json")
-    if distributed.detect().is_main:  # under torchrun, rank 0 answers
-        shown = (val_examples or train_examples)[: config.num_samples]
-        answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens, fmt)
-        write_json_atomic(responses_path, [
-            {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"], "response": r}
-            for ex, r in zip(shown, answers)])
+    info = distributed.detect()
+    # rank 0's alone: when it fails, the other ranks must not wait for it at the CLI's shutdown barrier
+    with distributed.fail_together(info, None, "writing the sample responses"):
+        if info.is_main:  # under torchrun, rank 0 answers
+            shown = (val_examples or train_examples)[: config.num_samples]
+            answers = answer_instructions(model, tokenizer, shown, config.max_new_tokens, fmt)
+            write_json_atomic(responses_path, [
+                {"instruction": ex["instruction"], "input": ex.get("input", ""), "reference": ex["output"],
+                 "response": r}
+                for ex, r in zip(shown, answers)])
 
     first, last = result["first_eval"] or {}, result["last_eval"]  # first: lost with the log of a resumed run
     return {
