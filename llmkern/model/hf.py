@@ -542,10 +542,8 @@ def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
             continue
         # Stacked parts are checked one by one: k_proj and v_proj of n_head rows stack to a qkv of the right
         # size when num_key_value_heads is n_head / 2, and would load, split at the wrong rows.
-        for name, shape in zip(theirs, _part_shapes(config, ours)):
-            if tuple(sd[name].shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(sd[name].shape)}; the model needs {shape}")
-        _copy(model.get_parameter(ours), torch.cat([sd[name] for name in theirs]), ours, "+".join(theirs))
+        parts = [_checked(sd[name], shape, name) for name, shape in zip(theirs, _part_shapes(config, ours))]
+        _copy(model.get_parameter(ours), torch.cat(parts), ours, "+".join(theirs))
     vocab = config.vocab_size
     model.wte.weight[:vocab] = embed
     model.lm_head.weight[:vocab] = embed if head is None else _checked(head, embed.shape, "lm_head.weight")
@@ -565,7 +563,7 @@ def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, ...]]:
     return [(config.hidden_size, c)] * 2
 
 
-def _checked(src: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+def _checked(src: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
     if src.shape != shape:
         raise ValueError(f"{name} has shape {tuple(src.shape)}; the model needs {tuple(shape)}")
     return src

@@ -18,9 +18,8 @@ from .. import _backend
 def op_backend(op: str, backend: str | None, device: torch.device) -> str | None:
     if backend in (None, "auto", "torch"):
         return backend
-    if backend not in _backend.BACKENDS:  # a typo ("trition") would run on torch with a warning naming it
-        _backend._validate(backend)
-    return _explicit_backend(op, backend, device.type)
+    # validated: a typo ("trition") would run on torch with a warning naming it as a backend
+    return _explicit_backend(op, _backend._validate(backend), device.type)
 
 
 # (op, backend, device type) -> the backend the modules pass. A plain dict, not functools.lru_cache:

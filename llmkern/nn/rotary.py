@@ -24,7 +24,7 @@ def check_rope_scaling(scaling: object) -> None:
         raise ValueError(f"rope_scaling: llama3 scaling takes {LLAMA3_SCALING_KEYS}; missing {missing}, unknown {unknown}")
     for k in LLAMA3_SCALING_KEYS:
         v = scaling[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
             raise ValueError(f"rope_scaling[{k!r}] must be a finite number > 0, got {v!r}")
     if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
         raise ValueError(f"rope_scaling: low_freq_factor must be < high_freq_factor, got {scaling}")

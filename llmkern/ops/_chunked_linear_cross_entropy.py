@@ -85,12 +85,12 @@ def _mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _mixed_addmm[key]
 
 
-def loss_per_row_loss(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """d loss / d row loss, 0-d fp32: 1 / (rows not ignored) for "mean" (1 when there are none: there
-    is no gradient to scale then), 1 for "sum"."""
+def loss_per_row_loss(n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """d loss / d row loss, 0-d fp32, from the count of rows not ignored (0-d): 1 / n_valid for "mean"
+    (1 when there are none: there is no gradient to scale then), 1 for "sum"."""
     if reduction == "sum":
-        return torch.ones((), dtype=torch.float32, device=target.device)
-    return 1.0 / (target != ignore_index).sum().clamp(min=1).to(torch.float32)
+        return torch.ones((), dtype=torch.float32, device=n_valid.device)
+    return 1.0 / n_valid.clamp(min=1).to(torch.float32)
 
 
 def defers_row_scale(dtype: torch.dtype) -> bool:
@@ -135,7 +135,7 @@ def forward(
     chunk_rows = max(1, min(chunk_rows, n_rows))
 
     n_valid = (target != ignore_index).sum()
-    row_scale = loss_per_row_loss(target, ignore_index, reduction)
+    row_scale = loss_per_row_loss(n_valid, reduction)
     deferred = defers_row_scale(dtype)
     grad_scale = torch.ones(1, dtype=torch.float32, device=x.device) if deferred else row_scale.reshape(1)
 

@@ -224,7 +224,8 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
     need_x, need_w, need_b = ctx.needs
     d_x = d_loss
     if _chunked_linear_cross_entropy.defers_row_scale(grad_x.dtype):
-        d_x = d_loss * _chunked_linear_cross_entropy.loss_per_row_loss(target, ctx.ignore_index, ctx.reduction)
+        n_valid = (target != ctx.ignore_index).sum()
+        d_x = d_loss * _chunked_linear_cross_entropy.loss_per_row_loss(n_valid, ctx.reduction)
     grad_x, grad_w, grad_b = _scale_op(grad_x, grad_w, grad_b, d_loss, d_x)
     return (
         grad_x if need_x else None,
