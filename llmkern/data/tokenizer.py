@@ -7,7 +7,12 @@ Specs:
 - a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern
   and <|endoftext|> = len(ranks), unless a sidecar "<file>.json" written by
   llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with (one written by
-  llmkern.data.hf_tokenizer also names the special token that ends documents, "eot_token").
+  llmkern.data.hf_tokenizer also names the special token that ends documents, "eot_token", and the one
+  that begins every sequence, "bos_token", where the model was trained with one: Llama 3's).
+
+`bos_token` is None for a tokenizer without one (GPT-2's, "bytes", ones trained by llmkern). Where it is set,
+code that starts a sequence of its own (a prompt, a fine-tuning example, an evaluation context) puts it first,
+as Hugging Face's tokenizer does with add_special_tokens=True.
 
 Every tokenizer encodes text as ordinary text: "<|endoftext|>" inside a document is spelled
 out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t.
@@ -98,6 +103,7 @@ def _check_texts(texts) -> None:
 class Tokenizer(Protocol):
     spec: str
     eot_token: int
+    bos_token: int | None
     n_vocab: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -112,6 +118,7 @@ class ByteTokenizer:
 
     spec = "bytes"
     eot_token = 256
+    bos_token = None
     n_vocab = 257
 
     def encode(self, text: str) -> list[int]:
@@ -145,10 +152,11 @@ class ByteTokenizer:
 class TiktokenTokenizer:
     """A tiktoken.Encoding behind the Tokenizer interface."""
 
-    def __init__(self, encoding, spec: str, eot_token: int | None = None) -> None:
+    def __init__(self, encoding, spec: str, eot_token: int | None = None, bos_token: int | None = None) -> None:
         self.encoding = encoding
         self.spec = spec
         self.n_vocab: int = encoding.n_vocab
+        self.bos_token: int | None = bos_token
         if eot_token is not None:  # a sidecar names another end-of-text token (an imported Llama 3's, say)
             self.eot_token: int = eot_token
             return
@@ -209,6 +217,7 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
     pattern = GPT2_PATTERN
     special = {ENDOFTEXT: len(ranks)}
     eot_name = ENDOFTEXT
+    bos_name = None
     side = sidecar_path(path)
     if os.path.exists(side):
         try:
@@ -219,6 +228,8 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
             recorded = meta.get("tiktoken_sha256")
             # the token that ends documents, when not <|endoftext|> (an imported tokenizer.json's)
             eot_name = str(meta.get("eot_token", ENDOFTEXT))
+            bos_name = meta.get("bos_token")  # the token that begins every sequence, where there is one
+            bos_name = None if bos_name is None else str(bos_name)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             why = f"{type(err).__name__}: {err}"
             raise ValueError(f"spec: the sidecar {side!r} of {path!r} is corrupt ({why})") from err
@@ -238,10 +249,14 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
         if eot_name != ENDOFTEXT and eot_name not in special:
             raise ValueError(f"spec: the sidecar {side!r} names the end-of-text token {eot_name!r}, which is not "
                              f"one of its special tokens {sorted(special)}")
+        if bos_name is not None and bos_name not in special:
+            raise ValueError(f"spec: the sidecar {side!r} names the begin-of-sequence token {bos_name!r}, which is "
+                             f"not one of its special tokens {sorted(special)}")
     encoding = tiktoken.Encoding(
         name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special
     )
-    return TiktokenTokenizer(encoding, spec=path, eot_token=special[eot_name] if eot_name != ENDOFTEXT else None)
+    return TiktokenTokenizer(encoding, spec=path, eot_token=special[eot_name] if eot_name != ENDOFTEXT else None,
+                             bos_token=None if bos_name is None else special[bos_name])
 
 
 class TokenizerUnavailableError(OSError, RuntimeError):
