@@ -44,17 +44,28 @@ def test_a_backend_that_is_not_a_string_is_a_type_error(monkeypatch):
     assert _backend._default_backend is None
 
 
-@pytest.mark.parametrize("module", ["RMSNorm", "LayerNorm"])
-def test_a_norm_module_refuses_an_unknown_backend(module):
-    """It ran on torch with a warning that the op had no 'trition' kernels, as if the name were a real one."""
-    import llmkern
+def _module(name: str, backend):
+    import llmkern.nn
+    from llmkern.nn.attention import CausalSelfAttention
+    from llmkern.nn.mlp import SwiGLUMLP
 
-    cls = getattr(llmkern.nn, module)
+    if name == "attention":
+        return CausalSelfAttention(8, 2, 2, backend=backend)
+    if name == "swiglu":
+        return SwiGLUMLP(8, 16, backend=backend)
+    return getattr(llmkern.nn, name)(4, backend=backend)
+
+
+@pytest.mark.parametrize("module", ["RMSNorm", "LayerNorm", "attention", "swiglu"])
+def test_a_module_refuses_an_unknown_backend_when_built(module):
+    """It ran on torch with a warning that the op had no 'trition' kernels, as if the name were a real one
+    (the norms); attention and the MLP took it and failed at their first forward."""
     with pytest.raises(ValueError, match="backend must be one of"):
-        cls(4, backend="trition")
+        _module(module, "trition")
     with pytest.raises(TypeError, match="backend must be a str"):
-        cls(4, backend=3)
-    assert cls(4, backend="torch").backend == "torch"
+        _module(module, 3)
+    assert _module(module, "torch").backend == "torch"
+    assert _module(module, None).backend is None
 
 
 def test_the_cuda_module_is_probed_when_llmkern_is_imported():

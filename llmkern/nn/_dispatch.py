@@ -15,6 +15,12 @@ import torch
 from .. import _backend
 
 
+def module_backend(backend: str | None) -> str | None:
+    """A module's backend argument, checked when the module is built: a typo ("trition") is a
+    ValueError then, not a warning at the first forward that runs the op on torch instead."""
+    return None if backend is None else _backend._validate(backend)
+
+
 def op_backend(op: str, backend: str | None, device: torch.device) -> str | None:
     if backend in (None, "auto", "torch"):
         return backend

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops.attention import attention
 from ..ops.rope import rope
-from ._dispatch import op_backend
+from ._dispatch import module_backend, op_backend
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,7 +45,7 @@ class CausalSelfAttention(nn.Module):
                 f"and n_head a multiple of n_kv_head ({n_kv_head})"
             )
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
-        self.backend = backend
+        self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
         if qkv_bias is not None and not isinstance(qkv_bias, bool):
             raise TypeError(f"qkv_bias must be a bool or None, got {qkv_bias!r}")

@@ -4,11 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend
 from ..ops._checks import FLOAT_DTYPES
 from ..ops._norm import MAX_HIDDEN, module_inputs
 from ..ops.layer_norm import layer_norm
-from ._dispatch import op_backend
+from ._dispatch import module_backend, op_backend
 
 
 class LayerNorm(nn.LayerNorm):
@@ -24,8 +23,7 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
-        # Checked here: op_backend would run an unknown name ("trition") on torch with a warning
-        self.backend = None if backend is None else _backend._validate(backend)
+        self.backend = module_backend(backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if not self._op_takes(x, residual):  # torch's own, as nn.LayerNorm always did

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.swiglu import swiglu
-from ._dispatch import op_backend
+from ._dispatch import module_backend, op_backend
 
 
 class GeluMLP(nn.Module):
@@ -31,7 +31,7 @@ class SwiGLUMLP(nn.Module):
     ):
         super().__init__()
         self.hidden = hidden
-        self.backend = backend
+        self.backend = module_backend(backend)
         self.gate_up = nn.Linear(n_embd, 2 * hidden, bias=bias)
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)

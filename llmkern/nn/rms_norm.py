@@ -3,10 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _backend
 from ..ops._norm import module_inputs
 from ..ops.rms_norm import rms_norm
-from ._dispatch import op_backend
+from ._dispatch import module_backend, op_backend
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +22,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        # Checked here: op_backend would run an unknown name ("trition") on torch with a warning
-        self.backend = None if backend is None else _backend._validate(backend)
+        self.backend = module_backend(backend)
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:

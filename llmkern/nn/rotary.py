@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
