@@ -65,18 +65,22 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _cmd_tokenizer_import(args: argparse.Namespace) -> int:
     import warnings
 
-    from .data.hf_tokenizer import import_hf_tokenizer
+    from .data.hf_tokenizer import FROM_POST_PROCESSOR, import_hf_tokenizer
 
+    bos_token = FROM_POST_PROCESSOR if args.bos_token is None else args.bos_token
+    if args.no_bos_token:
+        bos_token = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tok = import_hf_tokenizer(args.tokenizer_json, args.out, eot_token=args.eot_token)
+            tok = import_hf_tokenizer(args.tokenizer_json, args.out, eot_token=args.eot_token, bos_token=bos_token)
     except (ValueError, TypeError, OSError) as err:
         print(f"llmkern tokenizer import: error: {err}", file=sys.stderr)
         return 2
     for w in caught:  # NFC normalization: imported, but said
         print(f"llmkern tokenizer import: warning: {w.message}", file=sys.stderr)
-    print(f"wrote {args.out} ({tok.n_vocab} tokens, end of text = {tok.eot_token})")
+    bos = "none" if tok.bos_token is None else tok.bos_token
+    print(f"wrote {args.out} ({tok.n_vocab} tokens, end of text = {tok.eot_token}, begin of sequence = {bos})")
     return 0
 
 
@@ -99,6 +103,12 @@ def _add_tokenizer_parser(sub) -> None:
     t.add_argument("--out", required=True, help="the .tiktoken file to write (a .json sidecar goes beside it)")
     t.add_argument("--eot-token", default=None,
                    help="the special token that ends documents (default <|endoftext|>; Llama 3: <|end_of_text|>)")
+    bos = t.add_mutually_exclusive_group()
+    bos.add_argument("--bos-token", default=None,
+                     help="the special token that begins every sequence (default: the one the file's post-processor "
+                          "puts in front of the text, as Llama 3's <|begin_of_text|>; none where it puts none)")
+    bos.add_argument("--no-bos-token", action="store_true",
+                     help="no begin-of-sequence token, whatever the post-processor puts in front of the text")
     t.set_defaults(func=_cmd_tokenizer_import)
 
 

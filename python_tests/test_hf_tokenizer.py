@@ -335,3 +335,80 @@ def test_cli_import(tmp_path, trained, capsys):
     data["model"]["byte_fallback"] = True
     assert cli_main(["tokenizer", "import", str(write(tmp_path, data, "b.json")), "--out", str(out)]) == 2
     assert "byte_fallback" in capsys.readouterr().err
+
+
+def _llama3_post_processor(name="<|begin_of_text|>", token_id=None) -> dict:
+    """Llama 3's post-processor: ByteLevel (offsets only), then a template with `name` in front of the text."""
+    return {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                  {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {name: {"id": name, "ids": [token_id], "tokens": [name]}}}]}
+
+
+LLAMA3_SPECIALS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2}
+
+
+def test_begin_of_sequence_from_the_post_processor(tmp_path, trained):
+    data = hf_json(trained[1], pattern=LLAMA3_REGEX, shift=3, specials=LLAMA3_SPECIALS)
+    data["post_processor"] = _llama3_post_processor(token_id=0)
+    tok = import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken", eot_token="<|end_of_text|>")
+    assert (tok.bos_token, tok.eot_token) == (0, 1)
+    reloaded = get_tokenizer(str(tmp_path / "out.tiktoken"))
+    assert (reloaded.bos_token, reloaded.eot_token) == (0, 1)
+    assert json.loads((tmp_path / "out.tiktoken.json").read_text())["bos_token"] == "<|begin_of_text|>"
+    assert 0 not in tok.encode("<|begin_of_text|>hi")  # encode itself adds none and matches none
+    # the template alone, not in a Sequence
+    data["post_processor"] = data["post_processor"]["processors"][1]
+    tok = import_hf_tokenizer(write(tmp_path, data), tmp_path / "alone.tiktoken", eot_token="<|end_of_text|>")
+    assert tok.bos_token == 0
+
+
+@pytest.mark.parametrize("post_processor", [
+    None,
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+    {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+     "special_tokens": {}},
+])
+def test_no_begin_of_sequence_where_the_post_processor_puts_none(tmp_path, trained, post_processor):
+    data = {**hf_json(trained[0]), "post_processor": post_processor}
+    tok = import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")
+    assert tok.bos_token is None and get_tokenizer(str(tmp_path / "out.tiktoken")).bos_token is None
+
+
+def test_begin_of_sequence_override_and_refusals(tmp_path, trained, capsys):
+    data = hf_json(trained[1], pattern=LLAMA3_REGEX, shift=3, specials=LLAMA3_SPECIALS)
+    data["post_processor"] = _llama3_post_processor(token_id=0)
+    path = write(tmp_path, data)
+    assert import_hf_tokenizer(path, tmp_path / "a.tiktoken", eot_token="<|end_of_text|>",
+                               bos_token="<|eot_id|>").bos_token == 2
+    assert import_hf_tokenizer(path, tmp_path / "b.tiktoken", eot_token="<|end_of_text|>", bos_token=None).bos_token \
+        is None
+    with pytest.raises(ValueError, match="bos_token: '<\\|nope\\|>' is not a special token"):
+        import_hf_tokenizer(path, tmp_path / "c.tiktoken", eot_token="<|end_of_text|>", bos_token="<|nope|>")
+    with pytest.raises(TypeError, match="bos_token"):
+        import_hf_tokenizer(path, tmp_path / "c.tiktoken", eot_token="<|end_of_text|>", bos_token=0)
+    # the command line: the template's by default, --bos-token NAME, --no-bos-token
+    out = str(tmp_path / "cli.tiktoken")
+    base = ["tokenizer", "import", str(path), "--out", out, "--eot-token", "<|end_of_text|>"]
+    for extra, want in (([], 0), (["--bos-token", "<|eot_id|>"], 2), (["--no-bos-token"], None)):
+        assert cli_main(base + extra) == 0
+        assert get_tokenizer(out).bos_token == want
+    assert "begin of sequence = none" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(base + ["--no-bos-token", "--bos-token", "<|eot_id|>"])
+    # a template that puts an ordinary token (or none of the file's) in front is refused
+    for name in ("hello", "<|begin_of_text|>x"):
+        data["post_processor"] = _llama3_post_processor(name=name, token_id=5)
+        with pytest.raises(ValueError, match="puts .* in front of every text, which is not one of its special"):
+            import_hf_tokenizer(write(tmp_path, data), tmp_path / "d.tiktoken", eot_token="<|end_of_text|>")
+    assert not (tmp_path / "d.tiktoken").exists()
+
+
+def test_refusal_says_the_tokenizer_json_is_a_spec(tmp_path, trained):
+    data = hf_json(trained[0])
+    data["model"]["byte_fallback"] = True
+    with pytest.raises(ValueError, match="the tokenizer.json itself is a tokenizer spec"):
+        import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")

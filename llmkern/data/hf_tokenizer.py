@@ -18,11 +18,16 @@ every split of a token into two tokens must be a merge instead, as in files conv
 checked. A BPE trained as usual (by `tokenizers`, or converted from tiktoken) meets them. Refused, saying
 what was found: Unigram, WordPiece, SentencePiece-style BPE (a Metaspace pre-tokenizer, byte_fallback:
 Llama 2, TinyLlama), normalizers that change text (NFKC, lowercase; NFC is kept with a warning, as it
-changes only text that is not NFC already), non-special added tokens.
+changes only text that is not NFC already), non-special added tokens. Such a tokenizer.json is a spec of its own
+(get_tokenizer("path/to/tokenizer.json"), read by Hugging Face's `tokenizers` library where it is installed:
+llmkern.data.hf_tokenizers_backend).
 
-Not carried over: the post-processor's tokens (a BOS that Hugging Face adds in front with
-add_special_tokens=True): llmkern encodes text as ordinary text, and special tokens inside the text are
-spelled out, never matched.
+The post-processor: where it puts a special token in front of every text (a TemplateProcessing whose "single"
+template starts with one, alone or in a "Sequence" of processors, as Llama 3's <|begin_of_text|>; BERT's and
+RoBERTa's [CLS] / <s>), that token is the sidecar's "bos_token", which llmkern puts first where it starts a
+sequence of its own, as Hugging Face does with add_special_tokens=True; `bos_token` overrides it. Tokens it puts
+after the text (an EOS) are not carried over. encode itself adds nothing: llmkern encodes text as ordinary text,
+and special tokens inside the text are spelled out, never matched.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ def byte_of_char() -> dict[str, int]:
 
 def _refuse(path: str, what: str) -> ValueError:
     return ValueError(f"tokenizer_json: {path!r} {what}; only byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2 style) "
-                      f"can be imported as a .tiktoken file")
+                      f"can be imported as a .tiktoken file. With Hugging Face's `tokenizers` installed (pip install "
+                      f"tokenizers), the tokenizer.json itself is a tokenizer spec: pass its path where a tokenizer "
+                      f"is asked for (--tokenize.tokenizer=PATH/tokenizer.json, say)")
 
 
 def _check_model(model, path: str) -> None:
@@ -118,6 +125,72 @@ def _split_pattern(pre_tokenizer, path: str) -> str:
     return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
 
 
+class _FromPostProcessor:
+    """The default of import_hf_tokenizer's bos_token: the token the file's post-processor puts first."""
+
+    def __repr__(self) -> str:
+        return "FROM_POST_PROCESSOR"
+
+
+FROM_POST_PROCESSOR = _FromPostProcessor()
+
+
+def _first_special_of_template(processor: dict, path: str) -> str | None:
+    """The special token a TemplateProcessing puts before the text of a single sequence, or None."""
+    single = processor.get("single")
+    if not isinstance(single, list) or not single:
+        raise ValueError(f"tokenizer_json: {path!r} has a TemplateProcessing post-processor without a \"single\" "
+                         f"template: {single!r}")
+    first = single[0]
+    if not (isinstance(first, dict) and isinstance(first.get("SpecialToken"), dict)):
+        return None  # the text ($A) comes first
+    name = first["SpecialToken"].get("id")
+    if not isinstance(name, str):
+        raise ValueError(f"tokenizer_json: {path!r} has a malformed post-processor template piece {first!r}")
+    # the template names an entry of its "special_tokens", which spells out its token(s)
+    entry = (processor.get("special_tokens") or {}).get(name, {})
+    tokens = entry.get("tokens", [name]) if isinstance(entry, dict) else [name]
+    if not (isinstance(tokens, list) and len(tokens) == 1 and isinstance(tokens[0], str)):
+        raise ValueError(f"tokenizer_json: {path!r} has a post-processor that puts {tokens!r} in front of the text "
+                         f"(one token expected)")
+    return tokens[0]
+
+
+def post_processor_bos(post_processor, path: str) -> str | None:
+    """The token that a tokenizer.json's post-processor puts in front of every text, as Hugging Face encodes with
+    add_special_tokens=True (Llama 3's <|begin_of_text|>); None when it puts none there."""
+    if post_processor is None:
+        return None
+    if not isinstance(post_processor, dict):
+        raise ValueError(f"tokenizer_json: {path!r} has a malformed post_processor {post_processor!r}")
+    kind = post_processor.get("type")
+    if kind == "Sequence":  # Llama 3's: ByteLevel (offsets only), then TemplateProcessing
+        found = [post_processor_bos(p, path) for p in post_processor.get("processors") or []]
+        return next((name for name in found if name is not None), None)
+    if kind == "TemplateProcessing":
+        return _first_special_of_template(post_processor, path)
+    if kind in ("BertProcessing", "RobertaProcessing"):  # [CLS] / <s> in front: "cls": [token, id]
+        cls = post_processor.get("cls")
+        if not (isinstance(cls, list) and cls and isinstance(cls[0], str)):
+            raise ValueError(f"tokenizer_json: {path!r} has a {kind} post-processor with a malformed cls {cls!r}")
+        return cls[0]
+    return None  # ByteLevel: offsets only
+
+
+def _bos_name(bos_token, post_processor, special: dict[str, int], path: str) -> str | None:
+    """The sidecar's begin-of-sequence token: `bos_token` as given, or the post-processor's; a special token."""
+    if bos_token is FROM_POST_PROCESSOR:
+        name = post_processor_bos(post_processor, path)
+        if name is not None and name not in special:
+            raise ValueError(f"tokenizer_json: {path!r} has a post-processor that puts {name!r} in front of every "
+                             f"text, which is not one of its special added tokens {sorted(special)}")
+        return name
+    if bos_token is not None and bos_token not in special:
+        raise ValueError(f"bos_token: {bos_token!r} is not a special token of {path!r}; pass one of "
+                         f"{sorted(special)} (`--bos-token` on the command line), or None (`--no-bos-token`)")
+    return bos_token
+
+
 def _merge_pairs(merges: list, path: str) -> list[tuple[str, str]]:
     pairs = []
     for i, merge in enumerate(merges):
@@ -140,17 +213,21 @@ def _hf_bpe(chars: list[str], merge_rank: dict[tuple[str, str], int]) -> list[st
     return chars
 
 
-def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None):
+def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None, bos_token=FROM_POST_PROCESSOR):
     """Write the byte-level BPE of a Hugging Face tokenizer.json as `out_path` (.tiktoken) and its sidecar.
 
     eot_token: the special token that ends documents (default <|endoftext|>; it must be one of the file's
-    special added tokens). Returns the tokenizer (get_tokenizer(out_path)). ValueError, saying what was
-    found, for a tokenizer.json that tiktoken cannot reproduce (see the module docstring).
+    special added tokens). bos_token: the special token that begins every sequence; by default the one the
+    file's post-processor puts in front of the text (none where it puts none), None for none. Returns the
+    tokenizer (get_tokenizer(out_path)). ValueError, saying what was found, for a tokenizer.json that tiktoken
+    cannot reproduce (see the module docstring).
     """
     if not isinstance(tokenizer_json, (str, os.PathLike)):
         raise TypeError(f"tokenizer_json: expected a path (str or PathLike), got {type(tokenizer_json).__name__}")
     if eot_token is not None and not isinstance(eot_token, str):
         raise TypeError(f"eot_token: expected a str or None, got {type(eot_token).__name__}")
+    if not (bos_token is FROM_POST_PROCESSOR or bos_token is None or isinstance(bos_token, str)):
+        raise TypeError(f"bos_token: expected a str, None or FROM_POST_PROCESSOR, got {type(bos_token).__name__}")
     path = os.fspath(tokenizer_json)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer_json: no file at {path!r}")
@@ -257,6 +334,7 @@ def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None):
     if eot_name not in special:
         raise ValueError(f"eot_token: {eot_name!r} is not a special token of {path!r}; pass the one that ends "
                          f"documents (`--eot-token` on the command line), one of {sorted(special)}")
+    bos_name = _bos_name(bos_token, data.get("post_processor"), special, path)
     try:
         import tiktoken
 
@@ -271,7 +349,7 @@ def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None):
     text = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
                    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
     meta = {"pattern": pattern, "special_tokens": dict(sorted(special.items(), key=lambda kv: kv[1])),
-            "eot_token": eot_name, "imported_from": os.path.abspath(path),
+            "eot_token": eot_name, "bos_token": bos_name, "imported_from": os.path.abspath(path),
             "imported_by": "llmkern.data.hf_tokenizer.import_hf_tokenizer",
             "tiktoken_sha256": hashlib.sha256(text.encode("ascii")).hexdigest()}
     # As train_bpe: the sidecar first, naming the ranks it belongs to (a crash between the renames is caught)

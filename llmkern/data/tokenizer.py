@@ -9,13 +9,20 @@ Specs:
   llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with (one written by
   llmkern.data.hf_tokenizer also names the special token that ends documents, "eot_token", and the one
   that begins every sequence, "bos_token", where the model was trained with one: Llama 3's).
+- a path to a Hugging Face tokenizer.json (a path ending in ".json", other than a "<file>.tiktoken.json"
+  sidecar), read by Hugging Face's `tokenizers` library (an optional dependency: pip install tokenizers, or
+  the "hf" extra) through llmkern.data.hf_tokenizers_backend, with the tokenizer_config.json beside it: any
+  model `tokenizers` reads (SentencePiece-style BPE with byte fallback: Llama 2, TinyLlama, Mistral, Phi-3;
+  Unigram; WordPiece; byte-level BPE too). A byte-level BPE one (GPT-2, SmolLM, Llama 3, Qwen2) can instead be
+  converted once by `llmkern tokenizer import` into a .tiktoken file: faster, and no extra dependency.
 
 `bos_token` is None for a tokenizer without one (GPT-2's, "bytes", ones trained by llmkern). Where it is set,
 code that starts a sequence of its own (a prompt, a fine-tuning example, an evaluation context) puts it first,
 as Hugging Face's tokenizer does with add_special_tokens=True.
 
 Every tokenizer encodes text as ordinary text: "<|endoftext|>" inside a document is spelled
-out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t.
+out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t (for a tokenizer.json,
+where its normalizer and decoder are lossless: see llmkern.data.hf_tokenizers_backend).
 """
 
 from __future__ import annotations
@@ -40,12 +47,30 @@ def sidecar_path(tiktoken_file: str) -> str:
     return tiktoken_file + ".json"
 
 
+def is_hf_tokenizer_json(spec: str) -> bool:
+    """Whether a spec names a Hugging Face tokenizer.json: a path ending in ".json" that is no .tiktoken
+    file's sidecar (decided by the name alone: a long file is not read to route its spec)."""
+    return spec.endswith(".json") and not spec.endswith(".tiktoken.json")
+
+
+def hf_config_path(tokenizer_json: str) -> str:
+    """The tokenizer_config.json beside a tokenizer.json: it names the end-of-text and begin-of-sequence tokens."""
+    return os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
+
+
+def deciding_files(path: str) -> tuple[str, str]:
+    """The file a spec names and the one beside it that decides its tokens too: a .tiktoken file's sidecar,
+    a tokenizer.json's tokenizer_config.json."""
+    return (path, hf_config_path(path)) if is_hf_tokenizer_json(path) else (path, sidecar_path(path))
+
+
 def tokenizer_file_sha256(path: str) -> str | None:
-    """sha256 of a .tiktoken file with its sidecar (both decide the tokens); None when the file is absent."""
+    """sha256 of a tokenizer file with the file beside it that decides its tokens too (a .tiktoken file's
+    sidecar, a tokenizer.json's tokenizer_config.json); None when the file is absent."""
     if not os.path.isfile(path):
         return None
     digest = hashlib.sha256()
-    for part in (path, sidecar_path(path)):
+    for part in deciding_files(path):
         if os.path.isfile(part):
             with open(part, "rb") as f:
                 digest.update(f.read())
@@ -54,7 +79,7 @@ def tokenizer_file_sha256(path: str) -> str | None:
 
 
 def same_tokenizer(spec_a: str, spec_b: str, sha256_b: str | None = None) -> bool:
-    """Whether two specs name one tokenizer: the same spec, or .tiktoken files with the same contents
+    """Whether two specs name one tokenizer: the same spec, or tokenizer files with the same contents
     (copies of one file in two run folders, say). sha256_b: spec_b's hash recorded when it was used (a
     shard manifest's "tokenizer_sha256"), which counts when its file has moved or gone since."""
     if spec_a == spec_b:
@@ -287,17 +312,36 @@ def _load_named_encoding(name: str) -> TiktokenTokenizer:
 
 
 def is_file_spec(spec: str) -> bool:
-    """Whether a spec names a .tiktoken file (rather than "bytes" or a tiktoken encoding name)."""
+    """Whether a spec names a tokenizer file, .tiktoken or tokenizer.json (rather than "bytes" or a tiktoken
+    encoding name)."""
     # isfile, not exists: a folder named like an encoding ("gpt2", a model's checkpoint folder, say) in the
     # working directory is no .tiktoken file, and must not hide the encoding of that name.
-    return spec != "bytes" and (spec.endswith(".tiktoken") or os.sep in spec or os.path.isfile(spec))
+    return spec != "bytes" and (spec.endswith((".tiktoken", ".json")) or os.sep in spec or os.path.isfile(spec))
+
+
+def _file_stamp(path: str) -> tuple[int, ...]:
+    """(mtime, size) of a file and of the one beside it that decides its tokens ((0, 0) when that is absent)."""
+    stamp: tuple[int, ...] = ()
+    for part in deciding_files(path):
+        st = os.stat(part) if os.path.exists(part) else None
+        stamp += (st.st_mtime_ns, st.st_size) if st is not None else (0, 0)
+    return stamp
 
 
 @functools.lru_cache(maxsize=16)
-def _get_cached(spec: str, file_stamp: tuple[int, int, int] | None) -> Tokenizer:
-    # file_stamp (mtime, size, sidecar mtime) is part of the key so that a retrained file is reloaded.
+def _get_cached(spec: str, file_stamp: tuple[int, ...] | None) -> Tokenizer:
+    # file_stamp (see _file_stamp) is part of the key so that a retrained or edited file is reloaded.
     if spec == "bytes":
         return ByteTokenizer()
+    if spec.endswith(".tiktoken.json"):
+        raise ValueError(f"spec: {spec!r} is the sidecar of a .tiktoken file; pass the .tiktoken file itself "
+                         f"({spec[:-len('.json')]!r})")
+    if is_hf_tokenizer_json(spec):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"spec: no tokenizer.json file at {spec!r}")
+        from .hf_tokenizers_backend import load_tokenizer_json
+
+        return load_tokenizer_json(spec)
     if is_file_spec(spec):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"spec: no .tiktoken file at {spec!r}")
@@ -307,26 +351,25 @@ def _get_cached(spec: str, file_stamp: tuple[int, int, int] | None) -> Tokenizer
     names = tiktoken.list_encoding_names()
     if spec not in names:
         raise ValueError(
-            f"spec: expected 'bytes', a tiktoken encoding name ({', '.join(names)}) "
-            f"or the path of a .tiktoken file, got {spec!r}"
+            f"spec: expected 'bytes', a tiktoken encoding name ({', '.join(names)}), "
+            f"the path of a .tiktoken file or of a Hugging Face tokenizer.json, got {spec!r}"
         )
     return _load_named_encoding(spec)
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer named by `spec`: "bytes", a tiktoken encoding name, or a .tiktoken path.
+    """The tokenizer named by `spec`: "bytes", a tiktoken encoding name, a .tiktoken path or a Hugging Face
+    tokenizer.json path (see the module docstring).
 
     The returned object's `.spec` reloads the same tokenizer (paths are made absolute).
     """
     if not isinstance(spec, str):
         raise TypeError(f"spec: expected a str, got {type(spec).__name__}")
     if not spec:
-        raise ValueError("spec: expected 'bytes', a tiktoken encoding name or a .tiktoken path, got ''")
+        raise ValueError("spec: expected 'bytes', a tiktoken encoding name, a .tiktoken path or a tokenizer.json "
+                         "path, got ''")
     if is_file_spec(spec):
         spec = os.path.abspath(spec)
         if os.path.isfile(spec):
-            st = os.stat(spec)
-            side = sidecar_path(spec)
-            side_mtime = os.stat(side).st_mtime_ns if os.path.exists(side) else 0
-            return _get_cached(spec, (st.st_mtime_ns, st.st_size, side_mtime))
+            return _get_cached(spec, _file_stamp(spec))
     return _get_cached(spec, None)

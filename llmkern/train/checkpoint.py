@@ -8,8 +8,9 @@ A checkpoint is a folder `<run>/checkpoints/step_<NNNNNNN>/` holding
                         each rank's numpy/python RNG states, loader position, trainer counters
 Checkpoints written before the per-rank RNG states hold one process's states, unranked ("rng.torch",
 "rng.cuda.<device>", "rng.numpy"); they still load, and every rank restores those.
-When meta's "tokenizer" names a .tiktoken file, the run folder keeps a copy of it beside checkpoints/
-(`<run>/tokenizer.tiktoken`, and its sidecar when it has one) and meta.json the copy's sha256, so that a
+When meta's "tokenizer" names a tokenizer file, the run folder keeps a copy of it beside checkpoints/
+(`<run>/tokenizer.tiktoken` and its sidecar when it has one; a Hugging Face tokenizer.json as
+`<run>/tokenizer.json`, with the tokenizer_config.json beside it when it has one) and meta.json the copy's sha256, so that a
 run folder moved to another place or machine loads with its own tokenizer, and a tokenizer file
 retrained since is noticed.
 It is written under a temporary name and renamed into place, so a checkpoint folder either is
@@ -41,6 +42,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A complete checkpoint moved aside while the same step is saved again (save_checkpoint's swap)
 _SWAPPED_OUT_DIR = re.compile(r"^step_(\d+)\.old_\d+$")
 TOKENIZER_FILE = "tokenizer.tiktoken"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -146,20 +148,23 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     return final
 
 
-def tokenizer_copy_path(run_dir: str) -> str:
-    """Where a run folder keeps its copy of a tokenizer file."""
-    return os.path.join(run_dir, TOKENIZER_FILE)
+def tokenizer_copy_path(run_dir: str, spec: str) -> str:
+    """Where a run folder keeps its copy of the tokenizer file `spec` names: a file of the same kind, so that
+    the copy loads as the original does (its sidecar or tokenizer_config.json goes beside it)."""
+    from ..data.tokenizer import is_hf_tokenizer_json
+
+    return os.path.join(run_dir, HF_TOKENIZER_FILE if is_hf_tokenizer_json(spec) else TOKENIZER_FILE)
 
 
 def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
     """Copy the tokenizer file `spec` names (and its sidecar) to the run folder, unless it holds it
     already; its hash. None when spec is "bytes" or an encoding name: nothing to carry. A file gone
     since the data was tokenized never stops a save: the copy an earlier save made stands, or none."""
-    from ..data.tokenizer import is_file_spec, sidecar_path, tokenizer_file_sha256
+    from ..data.tokenizer import deciding_files, is_file_spec, tokenizer_file_sha256
 
     if not (isinstance(spec, str) and spec and is_file_spec(spec)):
         return None
-    copy = tokenizer_copy_path(run_dir)
+    copy = tokenizer_copy_path(run_dir, spec)
     wanted = tokenizer_file_sha256(spec)
     if wanted is None:
         kept = tokenizer_file_sha256(copy)
@@ -169,14 +174,14 @@ def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
         return kept
     if tokenizer_file_sha256(copy) != wanted:
         pending = []  # both files under temporary names first, then renamed into place
-        for source, target in ((spec, copy), (sidecar_path(spec), sidecar_path(copy))):
+        for source, target in zip(deciding_files(spec), deciding_files(copy)):
             if os.path.isfile(source):
                 tmp = f"{target}.tmp_{os.getpid()}"
                 shutil.copyfile(source, tmp)
                 _fsync(tmp)
                 pending.append((tmp, target))
             elif os.path.exists(target):
-                os.remove(target)  # the new tokenizer has no sidecar: an old one would change it
+                os.remove(target)  # the new tokenizer has no sidecar (or config): an old one would change it
         for tmp, target in pending:
             os.replace(tmp, target)
     return wanted
@@ -362,7 +367,7 @@ def _tokenizer_to_load(meta: dict[str, Any], path: str) -> Any:
     if tokenizer_file_sha256(spec) == wanted:
         return spec
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <run>/checkpoints/step_N
-    copy = tokenizer_copy_path(run_dir)
+    copy = tokenizer_copy_path(run_dir, spec)
     if tokenizer_file_sha256(copy) == wanted:
         return copy
     warnings.warn(f"checkpoint {path!r} was saved with the tokenizer file {spec!r}, which has changed or gone "
