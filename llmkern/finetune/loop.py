@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +87,18 @@ def total_steps(num_examples: int, config, world_size: int = 1) -> int:
         return config.max_steps
     micro_batches = config.epochs * math.ceil(num_examples / config.batch_size)
     return max(1, math.ceil(micro_batches / (config.grad_accum * world_size)))
+
+
+def warn_if_warmup_outlasts(config, steps: int) -> None:
+    """Say when config.warmup_steps is longer than the run's `steps`: the learning rate never reaches config.lr
+    nor decays. Not refused: short trial runs keep the default warmup. (A fine-tuning run cannot be extended by
+    a resume, which refuses another step count, so it never will.)"""
+    if config.warmup_steps <= steps:
+        return
+    how = f"max_steps={config.max_steps}" if config.max_steps > 0 else f"epochs={config.epochs} over the examples"
+    warnings.warn(f"warmup_steps={config.warmup_steps} is longer than the run's {steps} steps ({how}): the learning "
+                  f"rate ends at {cosine_lr(steps - 1, config.lr, config.min_lr, config.warmup_steps, steps):.4g}, "
+                  f"never reaching lr={config.lr:g}; lower warmup_steps", stacklevel=3)
 
 
 def micro_batches(examples: Sequence[Any], batch_size: int, seed: int):
@@ -469,6 +482,8 @@ class _FitRun:
         self.whole_model = model  # the caller's: under fsdp it waits on the CPU and gets the weights in finish()
         self.model = shard_copy(model, self.info, self.device) if self.sharded else model  # the one that trains
         self.steps = total_steps(len(train_examples), config, self.info.world_size)
+        if self.info.is_main:
+            warn_if_warmup_outlasts(config, self.steps)
         self.optimizer = make_optimizer(list(self.model.parameters()), config, self.sharded)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.position = _fit_position(train_examples, config, self.steps, self.info.world_size, settings)

@@ -118,6 +118,7 @@ class TrainConfig:
             raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        self._check_schedule()
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not (self.grad_clip >= 0 and 0 <= self.weight_decay < math.inf):  # `not >=` also refuses NaN
@@ -130,6 +131,28 @@ class TrainConfig:
         self._warn_unused()
         self.grad_accum_steps(1)
         return self
+
+    def _check_schedule(self) -> None:
+        """Schedule settings that contradict each other are refused. A run that ends within its warmup is not
+        one of them: its steps are the first ones of a longer run (--resume with a higher max_steps continues
+        that warmup exactly), and short trial runs keep the default warmup; it is said, not refused."""
+        from .schedules import wsd_decay_steps
+
+        if self.warmup_steps >= self.max_steps:
+            if self.warmup_steps > self.max_steps:
+                warnings.warn(f"warmup_steps={self.warmup_steps} is longer than max_steps={self.max_steps}: the run "
+                              f"ends within its warmup, so the learning rate never reaches lr={self.lr:g} nor "
+                              f"decays to min_lr (resume with a higher max_steps to go on)", stacklevel=3)
+            return
+        if self.schedule == "wsd":
+            decay_steps = wsd_decay_steps(self.max_steps, self.decay_fraction)
+            if self.warmup_steps + decay_steps > self.max_steps:  # wsd_lr would shorten the decay without a word
+                raise ValueError(
+                    f"schedule='wsd' decays over the last {decay_steps} steps (decay_fraction={self.decay_fraction} "
+                    f"of max_steps={self.max_steps}), which begin before warmup_steps={self.warmup_steps} end: "
+                    f"need warmup_steps + decay steps <= max_steps; lower decay_fraction to at most "
+                    f"{(self.max_steps - self.warmup_steps) / self.max_steps:.4g} or warmup_steps to at most "
+                    f"{self.max_steps - decay_steps}")
 
     def _check_model(self) -> None:
         """The model settings, now rather than once the data is ready: init_from takes the whole model from

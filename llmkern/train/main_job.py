@@ -48,7 +48,7 @@ def run_train(config_path: str | None, overrides: list[str], resume: bool = Fals
     elif defaults and "preset" in given:  # the model is the preset asked for, not the defaults' reshaped tiny
         defaults = {k: v for k, v in defaults.items() if k != "model"}
     config = load_config(config_path, overrides, defaults=defaults)
-    check_run_folder(config.out_dir, resume, config.overwrite)  # now, not after the data and the model
+    check_run_folder(config.out_dir, resume, config.overwrite, config.max_steps)  # now, not after the data and model
     try:  # from the Trainer on: it joins the process group, and its setup may fail after that
         trainer = Trainer(config)
         if trainer.dist.is_main:

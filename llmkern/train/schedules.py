@@ -21,11 +21,15 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, total: int) 
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def wsd_decay_steps(total: int, decay_fraction: float) -> int:
+    """The steps at the end of a `total`-step wsd run over which the learning rate decays (at least one)."""
+    return max(1, round(total * decay_fraction))
+
+
 def wsd_lr(step: int, max_lr: float, min_lr: float, warmup: int, total: int, decay_fraction: float) -> float:
     if step < warmup:
         return max_lr * (step + 1) / warmup
-    decay_steps = max(1, round(total * decay_fraction))
-    decay_start = max(warmup, total - decay_steps)
+    decay_start = max(warmup, total - wsd_decay_steps(total, decay_fraction))
     if step < decay_start:
         return max_lr
     if step >= total:

@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,12 +111,19 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
     return model
 
 
-def check_run_folder(run_dir: str, resume: bool, overwrite: bool) -> None:
-    """A resumed run needs a checkpoint in its folder; a fresh one must not wipe out an older run there by
-    accident (its checkpoints and log go). Trainer.fit checks; a caller may check before the data and model."""
+def check_run_folder(run_dir: str, resume: bool, overwrite: bool, max_steps: int | None = None) -> None:
+    """A resumed run needs a checkpoint in its folder, and (given max_steps) one not past max_steps; a fresh
+    one must not wipe out an older run there by accident (its checkpoints and log go). Trainer.fit checks; a
+    caller may check before the data and model. Under torchrun every rank reads the same folder, so every
+    rank raises alike."""
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"cannot resume: no checkpoint in {ckpt.checkpoints_dir(run_dir)}")
+    if resume and max_steps is not None:
+        step = ckpt.step_dirs(run_dir)[-1][0]  # latest's
+        if step > max_steps:  # it has nothing to train, and its final save would rewrite the checkpoint
+            raise ValueError(f"cannot resume from {latest}: its step {step} is past max_steps={max_steps}; to "
+                             f"train on from it, give a max_steps above {step} (the run folder is left as it was)")
     if not resume and latest is not None and not overwrite:
         raise ValueError(f"{run_dir!r} already holds a run (newest checkpoint {latest}); continue it with "
                          f"--resume, start it again with --overwrite=true, or give another --out_dir")
@@ -229,9 +237,11 @@ class Trainer:
         a run is an error unless config.overwrite. Ctrl-C or SIGTERM (one process) stops after the step,
         saves, and raises TrainingInterrupted."""
         cfg = self.config
-        check_run_folder(self.run_dir, resume, cfg.overwrite)
+        check_run_folder(self.run_dir, resume, cfg.overwrite, cfg.max_steps)
         if resume:
             self._resume()
+            if self._already_complete():
+                return self._summary("max_steps")
         else:
             distributed.barrier(self.dist)  # every rank has looked for a run before rank 0 clears it away
             # (the other ranks would wait for rank 0 failing here at the first step's all-reduce)
@@ -271,8 +281,23 @@ class Trainer:
         # rank 0's alone: the other ranks would wait for it failing here at shutdown's barrier
         with distributed.fail_together(self.dist, self.device, "plotting the metrics"):
             self._plot()
+        return self._summary(stop_reason)
+
+    def _summary(self, stop_reason: str) -> dict[str, Any]:
         return {"steps": self.step, "stop_reason": stop_reason, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
+
+    def _already_complete(self) -> bool:
+        """Whether the resumed checkpoint is the end of a finished run: at max_steps, its final evaluation done
+        (a run stopped by a signal after its last step saved before that evaluation, which resuming then runs).
+        Said once (rank 0); the run folder is left as it was. Every rank decides alike: the same checkpoint."""
+        if not (self.step == self.config.max_steps and self.last_eval_step == self.step):
+            return False
+        if self.dist.is_main:
+            warnings.warn(f"the run in {self.run_dir!r} is already complete: its checkpoint is at max_steps="
+                          f"{self.config.max_steps}, evaluated; nothing to train (to train on, resume with a higher "
+                          f"max_steps)", stacklevel=3)
+        return True
 
     def _train_steps(self, bar, stop: StopOnSignal) -> str:
         """Steps until max_steps, early stopping or a stop signal; "max_steps" or "early_stopping".
