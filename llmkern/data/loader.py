@@ -43,7 +43,8 @@ class TokenLoader:
         rank, world_size: this process's share of the global stream (DDP).
         device: where the batches go; on a GPU they are pinned and copied non-blocking.
         document_ids: also return, per token of x, the index of its document within the row
-            (an eot token starts each document), for document-masked attention.
+            (an eot token starts each document; a bos token, in shards whose manifest names one), for
+            document-masked attention.
     """
 
     def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, *, mode: str = "random",
@@ -74,6 +75,7 @@ class TokenLoader:
         self.device = torch.device(device)
         self.document_ids = document_ids
         self.eot_token = int(manifest["eot_token"])
+        self.bos_token = manifest.get("bos_token")  # in shards of a tokenizer with one: it starts each document
         self.n_vocab = int(manifest["n_vocab"])
         self.shards_sha256 = _shards_sha256(manifest["splits"][split])
         self.shards = [s for s in open_split(data_dir, split) if len(s) > seq_len]  # a window needs seq_len + 1 tokens
@@ -136,8 +138,10 @@ class TokenLoader:
 
     def _document_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Per token, its document's index within the row: shards put eot before every document, so
-        an eot starts a new one. Tokens attend only to tokens of an equal id."""
-        return torch.cumsum(x == self.eot_token, dim=1, dtype=torch.int32)
+        an eot starts a new one; with a bos token they hold bos + document + eot, so a bos starts one and
+        the eot stays with the document it ends. Tokens attend only to tokens of an equal id."""
+        first = self.eot_token if self.bos_token is None else self.bos_token
+        return torch.cumsum(x == first, dim=1, dtype=torch.int32)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

@@ -5,10 +5,14 @@ Format (version 1), in one output directory:
   tokenizer's n_vocab <= 65536, else uint32.
 - `manifest.json`: {"format": "llmkern-shards", "version": 1, "tokenizer": <spec>,
   "n_vocab": int, "eot_token": int, "dtype": "uint16" | "uint32",
-  "splits": {"train": [{"file": ..., "tokens": int, "sha256": hex}, ...], "val": [...]}}.
+  "splits": {"train": [{"file": ..., "tokens": int, "sha256": hex}, ...], "val": [...]}},
+  plus "bos_token": int where the tokenizer has a begin-of-sequence token.
 
 tokenize_documents puts the end-of-text token before every document, so a document starts
-right after each EOT (the loader finds document boundaries there).
+right after each EOT (the loader finds document boundaries there). With a tokenizer that has a
+begin-of-sequence token (Llama 3's), each document is BOS + its tokens + EOT instead, as that
+model's pretraining data, and a document starts at each BOS; the manifest's "bos_token" tells the
+loader so.
 
 Every file is written under a temporary name and renamed, so a crash never leaves a
 half-written shard or manifest behind a valid name.
@@ -157,9 +161,11 @@ class ShardWriter:
 
 
 def write_manifest(
-    out_dir: str, tokenizer_spec: str, n_vocab: int, eot_token: int, dtype: str, splits: dict
+    out_dir: str, tokenizer_spec: str, n_vocab: int, eot_token: int, dtype: str, splits: dict,
+    bos_token: int | None = None,
 ) -> str:
-    """Write `out_dir/manifest.json` atomically; returns its path."""
+    """Write `out_dir/manifest.json` atomically; returns its path. bos_token: the begin-of-sequence token that
+    starts every document, where the tokenizer has one (recorded only then)."""
     dt = _check_dtype(dtype)
     if not isinstance(splits, dict):
         raise TypeError(f"splits: expected a dict split -> list of shard entries, got {type(splits).__name__}")
@@ -172,6 +178,8 @@ def write_manifest(
         "dtype": dt.name,
         "splits": {name: list(entries) for name, entries in splits.items()},
     }
+    if bos_token is not None:
+        manifest["bos_token"] = int(bos_token)
     from .tokenizer import is_file_spec, tokenizer_file_sha256
 
     file_hash = tokenizer_file_sha256(tokenizer_spec) if is_file_spec(tokenizer_spec) else None
@@ -197,6 +205,8 @@ def _validate_manifest(m: object, where: str) -> None:
     for key, typ in (("tokenizer", str), ("n_vocab", int), ("eot_token", int), ("dtype", str), ("splits", dict)):
         if not isinstance(m.get(key), typ):
             raise bad(f"{key}: expected {typ.__name__}, got {m.get(key)!r}")
+    if "bos_token" in m and (isinstance(m["bos_token"], bool) or not isinstance(m["bos_token"], int)):
+        raise bad(f"bos_token: expected int, got {m['bos_token']!r}")
     if m["dtype"] not in DTYPES:
         raise bad(f"dtype: expected one of {DTYPES}, got {m['dtype']!r}")
     if m["n_vocab"] > 2**16 and m["dtype"] == "uint16":
@@ -313,13 +323,15 @@ def is_val_document(text: str, val_fraction: float, seed: int) -> bool:
 
 
 def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray, np.ndarray, int, int, tuple]:
-    """Tokens of a batch of documents, EOT before each: (train ids, val ids, train docs, val docs,
-    lowest) where lowest = (rank, [(start, length) in train ids, ...]) of the train documents of the
-    lowest hash rank in the batch (several when identical); None when none or val_fraction is 0."""
+    """Tokens of a batch of documents, EOT before each (BOS before and EOT after each, with a tokenizer that
+    has a BOS): (train ids, val ids, train docs, val docs, lowest) where lowest = (rank, [(start, length) in
+    train ids, ...]) of the train documents of the lowest hash rank in the batch (several when identical);
+    None when none or val_fraction is 0."""
     from .tokenizer import get_tokenizer
 
     spec, docs, val_fraction, seed = args
     tok = get_tokenizer(spec)
+    bos = tok.bos_token
     encoded = tok.encode_batch(docs, num_threads=1)
     flat: dict[bool, list[int]] = {False: [], True: []}  # is_val -> ids
     docs_in: dict[bool, int] = {False: 0, True: 0}
@@ -328,13 +340,19 @@ def _tokenize_batch(args: tuple[str, list[str], float, int]) -> tuple[np.ndarray
         split = is_val_document(text, val_fraction, seed)
         if not split and val_fraction > 0:
             rank = hash_rank(text, seed)
-            place = (len(flat[False]), len(ids) + 1)
+            place = (len(flat[False]), len(ids) + (1 if bos is None else 2))
             if lowest is None or rank < lowest[0]:
                 lowest = (rank, [place])
             elif rank == lowest[0]:
                 lowest[1].append(place)
-        flat[split].append(tok.eot_token)
-        flat[split].extend(ids)  # list.extend, then one np.array: the fastest way out of Python ints
+        # list.append and extend, then one np.array: the fastest way out of Python ints
+        if bos is None:
+            flat[split].append(tok.eot_token)
+            flat[split].extend(ids)
+        else:
+            flat[split].append(bos)
+            flat[split].extend(ids)
+            flat[split].append(tok.eot_token)
         docs_in[split] += 1
     dtype = dtype_for_vocab(tok.n_vocab)
     return (np.array(flat[False], dtype=dtype), np.array(flat[True], dtype=dtype), docs_in[False], docs_in[True],
@@ -542,7 +560,7 @@ def tokenize_documents(
             pool.join()
         if bar is not None:
             bar.close()
-    write_manifest(out_dir, spec, tok.n_vocab, tok.eot_token, dtype, splits)
+    write_manifest(out_dir, spec, tok.n_vocab, tok.eot_token, dtype, splits, tok.bos_token)
     _remove_stale_shards(out_dir, splits)
     return load_manifest(out_dir)
 

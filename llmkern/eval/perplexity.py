@@ -131,17 +131,22 @@ def perplexity(
 
 def perplexity_of_text(model, tokenizer, text: str, stride: int | None = None, context: int | None = None,
                        batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """perplexity() of a text: every token of it is scored, the first after <|endoftext|>.
+    """perplexity() of a text: every token of it is scored, the first after <|endoftext|> (what every
+    pretraining document follows), or after the tokenizer's begin-of-sequence token where it has one (as
+    Hugging Face evaluates Llama: the document starts with it).
 
-    With <|endoftext|> as the first history token, "tokens" is len(tokenizer.encode(text)) and
+    With that one token as the first history token, "tokens" is len(tokenizer.encode(text)) and
     bits_per_byte covers all of the text's UTF-8 bytes.
     """
+    from ..data.sequences import sequence_start
+
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("text is empty: nothing to score")
-    return perplexity(model, [tokenizer.eot_token] + ids, context=context, stride=stride, batch_size=batch_size,
+    history = sequence_start(tokenizer) or [tokenizer.eot_token]
+    return perplexity(model, history + ids, context=context, stride=stride, batch_size=batch_size,
                       num_bytes=len(text.encode("utf-8", errors="replace")), progress=progress)
 
 

@@ -138,20 +138,19 @@ class LMJudge:
     def _judging_ids(self, n: int, instruction: str, response_a: str, response_b: str) -> list[int]:
         """The tokens of pair n's judging prompt, its responses cut to fit the block_size when it is longer."""
         block = self.model.config.block_size
-        ids = self.tokenizer.encode(self.judging_prompt(instruction, response_a, response_b))
+        ids = self._prompt_ids(instruction, response_a, response_b)
         if len(ids) <= block:
             return ids
         a, b = self.tokenizer.encode(response_a), self.tokenizer.encode(response_b)
-        # the room left for the responses' kept tokens: what the prompt holds besides them (both marks too)
-        room = block - len(self.tokenizer.encode(self.judging_prompt(instruction, CUT_MARK, CUT_MARK)))
+        # the room left for the responses' kept tokens: what the prompt holds besides them (both marks, the BOS too)
+        room = block - len(self._prompt_ids(instruction, CUT_MARK, CUT_MARK))
         for _ in range(8):  # a re-encoded cut may take a few tokens more than its parts did (BPE merges)
             if room < 2:
                 break
             # equal shares, the same whichever response is shown first; a short one leaves its rest to the other
             keep_a = min(len(a), max(room // 2, room - len(b)))
             keep_b = min(len(b), max(room // 2, room - len(a)))
-            ids = self.tokenizer.encode(self.judging_prompt(instruction, _cut(self.tokenizer, a, keep_a),
-                                                            _cut(self.tokenizer, b, keep_b)))
+            ids = self._prompt_ids(instruction, _cut(self.tokenizer, a, keep_a), _cut(self.tokenizer, b, keep_b))
             if len(ids) <= block:
                 self.cut_prompts += 1
                 return ids
@@ -159,6 +158,12 @@ class LMJudge:
         raise ValueError(f"the judging prompt of pair {n} does not fit the judge's block_size={block} even with its "
                          f"responses cut: the template and the instruction alone take nearly all of it; judge with "
                          f"a model of a longer context")
+
+    def _prompt_ids(self, instruction: str, response_a: str, response_b: str) -> list[int]:
+        """The tokens of a judging prompt, after the tokenizer's begin-of-sequence token where it has one."""
+        from ..data.sequences import encode_sequence
+
+        return encode_sequence(self.tokenizer, self.judging_prompt(instruction, response_a, response_b))
 
     def _label_probabilities(self, rows: list[list[int]]) -> list[float]:
         width = max(len(ids) for ids in rows)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._modes import eval_mode
+from ..data.sequences import encode_prompt
 from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
 from ..train.inference import resolve_device
@@ -158,8 +159,9 @@ def load_classification_data(path: str, text_key: str = "text", label_key: str =
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    """Token ids of each text, cut to its first max_len tokens; an empty text is one end-of-text token."""
-    return [(tokenizer.encode(t)[:max_len] or [tokenizer.eot_token]) for t in texts]
+    """Token ids of each text (after the tokenizer's begin-of-sequence token where it has one), cut to its
+    first max_len tokens; an empty text is the begin-of-sequence token, or one end-of-text token without one."""
+    return [encode_prompt(tokenizer, t)[:max_len] for t in texts]
 
 
 def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

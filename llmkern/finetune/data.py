@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.sequences import encode_sequence
 from .templates import ALPACA_HEADER, DEFAULT_TEMPLATE, PromptFormat
 
 IGNORE = -1  # the label of a token that is not scored (GPT.forward skips targets equal to -1)
@@ -101,14 +102,15 @@ def split_examples(examples: Sequence[Any], val_fraction: float, seed: int = 0) 
 def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
                            mask_prompt: bool = True) -> tuple[list[int], list[int]]:
     """(tokens, labels) of prompt + response + end-of-text, cut to max_len tokens. response is the text
-    after the prompt, with the template's end marker when it has one (PromptFormat.response).
+    after the prompt, with the template's end marker when it has one (PromptFormat.response). The prompt
+    starts with the tokenizer's begin-of-sequence token where it has one (llmkern.data.sequences).
 
     labels[i] is the label of tokens[i] itself: IGNORE on the prompt (when mask_prompt) so that only
     the response and its end-of-text are learned. make_lm_batch shifts them into next-token targets.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = encode_sequence(tokenizer, prompt)
     response_ids = tokenizer.encode(response) + [tokenizer.eot_token]
     tokens = (prompt_ids + response_ids)[:max_len]
     labels = ([IGNORE] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + response_ids

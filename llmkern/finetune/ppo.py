@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..data.sequences import cut_left, encode_sequence, keep_last
 from .config import FinetuneConfig
 
 
@@ -277,9 +278,10 @@ def rollout_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: i
 
 @torch.no_grad()
 def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
-                  responses: list[list[int]], pad_id: int, kl_coef: float) -> Rollout:
+                  responses: list[list[int]], pad_id: int, kl_coef: float, bos_token: int | None = None) -> Rollout:
     """Log-probs, reference log-probs, values, reward-model scores and per-token rewards of sampled
-    responses (each at least one token long)."""
+    responses (each at least one token long). bos_token: the tokenizer's begin-of-sequence token, which
+    starts every prompt and stays first in what the reward model reads (None: the tokenizer has none)."""
     from ..eval.logprobs import token_logprobs
     from .reward import make_score_batch
 
@@ -292,7 +294,8 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
 
     # The reward model reads the whole text; a llmkern RewardModel only its last block_size tokens.
     limit = reward_model.body.config.block_size if hasattr(reward_model, "body") else None
-    texts = [(p + r)[-limit:] if limit else p + r for p, r in zip(prompts, responses)]
+    keep_first = 0 if bos_token is None else 1
+    texts = [keep_last(p + r, limit, keep_first) if limit else p + r for p, r in zip(prompts, responses)]
     score_ids, lengths = make_score_batch(texts, pad_id)
     scores = reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)  # (B,)
 
@@ -363,11 +366,11 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
 
 
 def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, optimizer, prompts: list[list[int]],
-                  config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None
-                  ) -> tuple[int, dict[str, float]]:
+                  config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None,
+                  bos_token: int | None = None) -> tuple[int, dict[str, float]]:
     """Sample, score and learn from one batch of prompts; (next optimizer step, metrics). Under torchrun
     (`info`) `prompts` is this rank's share (as many on every rank) and `seed` its own; the metrics are
-    the means over the ranks (tokens_per_s their sum)."""
+    the means over the ranks (tokens_per_s their sum). bos_token: as score_rollout's."""
     from ..train import distributed
 
     info = info or distributed.detect()
@@ -375,7 +378,7 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
     model.eval()
     with autocast():
         responses = sample_responses(model.policy, prompts, config, eot, seed)
-        rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef)
+        rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef, bos_token)
     advantages, returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.returns = returns
     if config.whiten_advantages:
@@ -404,15 +407,16 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
 
 @torch.no_grad()
 def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
-                     config: PPOConfig, eot: int, autocast) -> dict[str, float]:
-    """Mean reward-model score and KL of the policy's samples on held-out prompts (a fixed seed)."""
+                     config: PPOConfig, eot: int, autocast, bos_token: int | None = None) -> dict[str, float]:
+    """Mean reward-model score and KL of the policy's samples on held-out prompts (a fixed seed). bos_token: as
+    score_rollout's."""
     model.eval()
     scores, kls = [], []
     for start in range(0, len(prompts), config.rollout_batch):
         chunk = prompts[start : start + config.rollout_batch]
         with autocast():
             responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1)
-            rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef)
+            rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef, bos_token)
         scores += rollout.scores.tolist()
         kls += (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).tolist()
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls)}
@@ -450,7 +454,8 @@ PPO_OBJECTIVE = ("kl_coef", "clip_range", "value_clip", "gamma", "lam", "ppo_epo
 def load_prompts(path: str, tokenizer, max_prompt_len: int, prompt_format=None) -> list[list[int]]:
     """The prompt of each example (instruction and optional input) in prompt_format (default Alpaca), as
     tokens, keeping the last max_prompt_len tokens of a longer one (its end, e.g. "### Response:", leads
-    into the response)."""
+    into the response); the tokenizer's begin-of-sequence token, where it has one, stays first and counts
+    in max_prompt_len."""
     from .data import load_prompt_data
 
     return encode_prompts(load_prompt_data(path), tokenizer, max_prompt_len, prompt_format)
@@ -461,7 +466,7 @@ def encode_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_len: int, p
     from .templates import PromptFormat
 
     fmt = prompt_format or PromptFormat()
-    return [tokenizer.encode(fmt.prompt(row))[-max_prompt_len:] for row in rows]
+    return [cut_left(tokenizer, encode_sequence(tokenizer, fmt.prompt(row)), max_prompt_len) for row in rows]
 
 
 def module_fingerprint(module) -> str | None:
@@ -593,13 +598,16 @@ class _PPORun:
     algorithm's order."""
 
     def __init__(self, model: PolicyWithValue, reference: nn.Module, reward_model, train: list[list[int]],
-                 val: list[list[int]], config: PPOConfig, info, eot: int, fingerprints: dict[str, str | None]):
+                 val: list[list[int]], config: PPOConfig, info, eot: int, fingerprints: dict[str, str | None],
+                 bos_token: int | None = None):
         """Count the iterations and optimizer steps, make the optimizer and open the run folder: a fresh log, or
-        on resume the training state restored (weights, optimizer, RNG states) and the counters."""
+        on resume the training state restored (weights, optimizer, RNG states) and the counters. bos_token: the
+        tokenizer's begin-of-sequence token, which starts every prompt (None: it has none)."""
         from .loop import make_optimizer, open_run, train_state_dir
 
         self.model, self.reference, self.reward_model = model, reference, reward_model
         self.train_prompts, self.val, self.config, self.info, self.eot = train, val, config, info, eot
+        self.bos_token = bos_token
         self.device = model.policy.device
         self.global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
         self.iterations = config.max_steps or config.epochs * math.ceil(len(train) / self.global_batch)
@@ -675,7 +683,8 @@ class _PPORun:
         lr = self.lr_at(self.step)
         self.step, metrics = ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts,
                                            self.config, self.eot, seed=sampling_seed(self.config.seed, it, self.info),
-                                           lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info)
+                                           lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info,
+                                           bos_token=self.bos_token)
         # rank 0 writes: when it cannot (disk full), the other ranks must not wait for it at the next iteration
         with distributed.fail_together(self.info, self.device, "writing the metrics log"):
             self.log.write("train", step=it + 1, lr=lr, **metrics)
@@ -696,7 +705,7 @@ class _PPORun:
     def evaluate(self, at: int) -> dict[str, float]:
         """The held-out prompts' mean reward and KL after `at` iterations, logged; now last_eval."""
         self.last_eval = evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config,
-                                          self.eot, self.autocast)
+                                          self.eot, self.autocast, self.bos_token)
         self.log.write("eval", step=at, **self.last_eval)
         return self.last_eval
 
@@ -750,7 +759,7 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     train, val = _train_and_val_prompts(prompt_rows, tokenizer, max_prompt_len, fmt, config, info)
 
     run = _PPORun(model, reference, reward_model, train, val, config, info, tokenizer.eot_token,
-                  {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256})
+                  {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256}, tokenizer.bos_token)
     run.start()
     run.train()
     path, lora_path = _save_policy(policy, wrapped, tokenizer, config, run.iterations)

@@ -60,15 +60,17 @@ def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> t
 # --- encoding --------------------------------------------------------------------------------------
 
 def encode_pair_text(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """The tokens a reward model reads: prompt + response + end-of-text, the last max_len of them.
-    The last, since the score is read at the end-of-text: a long text keeps its response, and is
-    trained on the tokens it is scored on (score, PPO's rollouts)."""
+    """The tokens a reward model reads: prompt + response + end-of-text, the last max_len of them (after
+    the tokenizer's begin-of-sequence token, which stays first, where it has one). The last, since the
+    score is read at the end-of-text: a long text keeps its response, and is trained on the tokens it is
+    scored on (score, PPO's rollouts)."""
+    from ..data.sequences import cut_left
     from .data import encode_prompt_response
 
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
     tokens, _ = encode_prompt_response(tokenizer, prompt, response, sys.maxsize)
-    return tokens[-max_len:]
+    return cut_left(tokenizer, tokens, max_len)
 
 
 def make_score_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -185,11 +185,13 @@ def respond(model, tokenizer, prompts: Sequence[str], prompt_format: PromptForma
             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
             seed: int | None = 0) -> list[str]:
     """The model's response to each prompt (one batch): the decoded new text up to end-of-text or the
-    template's stop text, both left out."""
+    template's stop text, both left out. Each prompt starts with the tokenizer's begin-of-sequence token
+    where it has one."""
+    from ..data.sequences import encode_prompt
     from ..model import generate
 
     eot = tokenizer.eot_token
-    ids = [tokenizer.encode(p) or [eot] for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
                    seed=seed, stop=stop_at_texts(tokenizer, prompt_format.stop_texts))
     responses = []

@@ -76,14 +76,19 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
 
 def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int | None = 50, top_p: float | None = None, seed: int | None = 0) -> list[str]:
-    """Each prompt followed by its generated continuation, decoded (generation stops at end-of-text)."""
+    """Each prompt followed by its generated continuation, decoded (generation stops at end-of-text). The
+    model reads each prompt after the tokenizer's begin-of-sequence token where it has one, which the text
+    leaves out."""
+    from ..data.sequences import encode_prompt, sequence_start
     from ..model import generate
 
-    ids = [tokenizer.encode(p) or [tokenizer.eot_token] for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_token=tokenizer.eot_token, seed=seed)
+    start = len(sequence_start(tokenizer))
     texts = []
     for row in out:
+        row = row[start:]  # decoded, the begin-of-sequence token is the text "<|begin_of_text|>"
         if row and row[-1] == tokenizer.eot_token:
             row = row[:-1]
         texts.append(tokenizer.decode([t for t in row if t != tokenizer.eot_token]))
