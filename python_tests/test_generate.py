@@ -16,6 +16,8 @@ LAYOUTS = {
     "rope": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
     "rope-gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1),
     "learned-gqa": dict(n_kv_head=2),
+    # Qwen3's: QK-norm, heads of 32 (q 128 wide) in a model 64 wide
+    "qwen3": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, head_dim=32, qk_norm=True),
 }
 
 

@@ -45,14 +45,16 @@ def qwen2_config_json(**changes) -> dict:
     return {**config, **changes}
 
 
-def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS, qkv_bias: bool = False) -> dict[str, torch.Tensor]:
+def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS, qkv_bias: bool = False, head_dim: int | None = None,
+                     qk_norm: bool = False) -> dict[str, torch.Tensor]:
     """Random float32 weights under LlamaForCausalLM's names; nn.Linear weights are (out, in). qkv_bias: with
-    Qwen2's q_proj, k_proj and v_proj biases."""
-    d = EMBD // HEADS
+    Qwen2's q_proj, k_proj and v_proj biases; head_dim: heads of that width (None: EMBD / HEADS); qk_norm: with
+    Qwen3's q_norm and k_norm, scales far enough from 1 that one misplaced shows."""
+    d = head_dim or EMBD // HEADS
     sd = {"model.embed_tokens.weight": torch.randn(VOCAB, EMBD) * 0.2, "model.norm.weight": 1 + 0.1 * torch.randn(EMBD)}
     for i in range(LAYERS):
         shapes = {"self_attn.q_proj.weight": (HEADS * d, EMBD), "self_attn.k_proj.weight": (kv_heads * d, EMBD),
-                  "self_attn.v_proj.weight": (kv_heads * d, EMBD), "self_attn.o_proj.weight": (EMBD, EMBD),
+                  "self_attn.v_proj.weight": (kv_heads * d, EMBD), "self_attn.o_proj.weight": (EMBD, HEADS * d),
                   "mlp.gate_proj.weight": (HIDDEN, EMBD), "mlp.up_proj.weight": (HIDDEN, EMBD),
                   "mlp.down_proj.weight": (EMBD, HIDDEN)}
         if qkv_bias:  # large enough to move the logits well past the tolerance
@@ -62,6 +64,9 @@ def llama_state_dict(tied: bool = False, kv_heads: int = KV_HEADS, qkv_bias: boo
             sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * (0.5 if name.endswith(".bias") else 0.2)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             sd[f"model.layers.{i}.{name}"] = 1 + 0.1 * torch.randn(EMBD)
+        if qk_norm:
+            for name in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                sd[f"model.layers.{i}.{name}"] = 1 + 0.3 * torch.randn(d)
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if tied else torch.randn(VOCAB, EMBD) * 0.2
     return sd
 
@@ -90,14 +95,17 @@ def reference_inv_freq(cfg: dict, d: int) -> list[float]:
     return out
 
 
-def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> torch.Tensor:
+def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_norm_after_rope: bool = False,
+                 ) -> torch.Tensor:
     """Llama's forward, plainly: written from the model's definition, not from llmkern's code. With q/k/v
-    biases in sd (Qwen2's), they are added to the projections, before RoPE."""
+    biases in sd (Qwen2's), they are added to the projections, before RoPE. Heads are config.json's head_dim
+    wide when it has one. With q_norm and k_norm in sd (Qwen3's), each head's q and k is RMS-normed over its
+    head_dim with them, before RoPE (after it with qk_norm_after_rope: a wrong order, for the tests to see)."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
     heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     b, t = idx.shape
     c = w["embed_tokens.weight"].shape[1]
-    d = c // heads
+    d = cfg.get("head_dim") or c // heads
 
     def rms_norm(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -119,10 +127,15 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> t
             .view(b, t, n, d).transpose(1, 2)
             for name, n in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
         )
+        has_qk_norm = f"layers.{i}.self_attn.q_norm.weight" in w
+        if has_qk_norm and not qk_norm_after_rope:  # Qwen3's QK-norm: one (D,) scale for all of q's heads, one for k's
+            q, k = rms_norm(q, p("self_attn.q_norm.weight")), rms_norm(k, p("self_attn.k_norm.weight"))
         q, k = rotate(q), rotate(k)
+        if has_qk_norm and qk_norm_after_rope:
+            q, k = rms_norm(q, p("self_attn.q_norm.weight")), rms_norm(k, p("self_attn.k_norm.weight"))
         k, v = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v))  # query head j reads kv head j // g
         att = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, c)
+        y = (att @ v).transpose(1, 2).reshape(b, t, heads * d)
         x = x + y @ p("self_attn.o_proj.weight").t()
         h = rms_norm(x, p("post_attention_layernorm.weight"))
         gate, up = h @ p("mlp.gate_proj.weight").t(), h @ p("mlp.up_proj.weight").t()
@@ -299,14 +312,17 @@ def test_load_gpt_routes_by_model_type(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral', 'qwen2'\)"),
+    ({"model_type": "gpt2"},
+     r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral', 'qwen2', 'qwen3'\)"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling .* missing"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}}, "RoPE scaling"),
     ({"attention_bias": True}, "attention_bias=True; the Llama model here has no biases"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"head_dim": 32}, "head_dim=32; the model's heads are hidden_size / num_attention_heads = 64 / 4 wide"),
+    # heads of config.json's head_dim (Mistral NeMo's are not hidden_size / num_attention_heads wide): these
+    # weights have heads of 16
+    ({"head_dim": 32}, r"layers.0.self_attn.q_proj.weight has shape \(64, 64\); the model needs \(128, 64\)"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
     ({"num_attention_heads": None}, "config.json has no 'num_attention_heads'"),
     ({"num_key_value_heads": 2.0}, "num_key_value_heads must be an int >= 1, got 2.0"),

@@ -12,6 +12,8 @@ LAYOUTS = {
     "learned": dict(),
     "rope-gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False),
     "rope-mqa": dict(pos="rope", n_kv_head=1),
+    # Qwen3's: QK-norm, heads of 32 (q 128 wide) in a model 64 wide; the cache holds keys 32 wide
+    "qwen3": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, head_dim=32, qk_norm=True),
 }
 
 
@@ -38,6 +40,7 @@ def test_default_positions_and_mask_with_a_cache_continue_the_sequence(layout):
     chunks = [model.hidden_states(idx[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 9), (9, 10))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-4, atol=1e-4)
     assert cache.length == 10 and cache.full
+    assert cache.k[0].shape == (2, model.config.n_kv_head, 10, model.config.head_dim)
 
 
 def test_default_positions_past_block_size_are_refused():

@@ -53,13 +53,16 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         q = q.reshape(b, t, h, d).transpose(1, 2)
         k = k.reshape(b, t, hkv, d).transpose(1, 2)
         v = v.reshape(b, t, hkv, d).transpose(1, 2)
+        if cfg.qk_norm:  # Qwen3's: each head's q and k RMS-normed over D, before RoPE
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * a.q_norm.weight
+            k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * a.k_norm.weight
         if cfg.pos == "rope":
             q, k = rotate(q), rotate(k)
         k = k.repeat_interleave(h // hkv, dim=1)  # query head i reads kv head i // (h / hkv)
         v = v.repeat_interleave(h // hkv, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
         y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, c), a.proj.weight, a.proj.bias)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, h * d), a.proj.weight, a.proj.bias)
         n = norm(block.norm2, x)
         mlp = block.mlp
         if cfg.mlp == "gelu":
@@ -96,10 +99,11 @@ def test_gpt2_medium_has_355m_parameters():
 
 def expected_parameter_count(cfg: GPTConfig) -> int:
     """Counted from the architecture by hand, independent of the module tree."""
-    c, hidden, kv = cfg.n_embd, cfg.hidden_size, cfg.n_kv_head * cfg.head_dim
+    c, hidden, q, kv = cfg.n_embd, cfg.hidden_size, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     bias, qkv_bias = int(cfg.bias), int(cfg.qkv_bias)
     norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    attn = c * (c + 2 * kv) + qkv_bias * (c + 2 * kv) + c * c + bias * c
+    qk_norm = 2 * cfg.head_dim * int(cfg.qk_norm)  # one (D,) scale for q's heads, one for k's
+    attn = c * (q + 2 * kv) + qkv_bias * (q + 2 * kv) + q * c + bias * c + qk_norm
     mlp_in = 2 * hidden if cfg.mlp == "swiglu" else hidden
     mlp = c * mlp_in + bias * mlp_in + hidden * c + bias * c
     table = cfg.padded_vocab_size * c
@@ -189,6 +193,9 @@ VARIANTS = {
     "layernorm-rope-swiglu-bias": dict(pos="rope", mlp="swiglu", bias=True),
     "layernorm-nobias-untied": dict(bias=False, tie_embeddings=False),
     "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False, qkv_bias=True),
+    # Qwen3's: QK-norm, and 4 heads of 32 (q 128 wide) in a model 64 wide
+    "qwen3": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False,
+                  head_dim=32, qk_norm=True),
 }
 
 
@@ -199,6 +206,8 @@ def test_variant_matches_plain_reference(variant):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # ones: q's and k's swapped would not show
+                p.uniform_(0.5, 1.5)
     idx = torch.randint(0, VOCAB, (3, 19))  # odd batch and length
     targets = torch.randint(0, VOCAB, (3, 19))
     targets[0, :4] = -1  # ignored positions
@@ -300,15 +309,18 @@ def test_dropout_is_active_in_training_only():
 # --- backends -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3"])
 def test_triton_backend_matches_torch_backend_in_the_interpreter(variant):
-    """gpt2: LayerNorm with bias, learned positions, GELU, multi-head; llama: RMSNorm, RoPE, SwiGLU, MQA."""
+    """gpt2: LayerNorm with bias, learned positions, GELU, multi-head; llama: RMSNorm, RoPE, SwiGLU, MQA;
+    qwen3: llama's with QK-norm, heads of 32 in a model 48 wide."""
     kernels = [op for op in ("rms_norm", "layer_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
     if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
         pytest.skip("no Triton kernels that run here")
     # fp32 (the interpreter's bf16 dot is wrong); head dim 32, one of the Triton attention sizes.
-    overrides = dict(VARIANTS[variant], n_embd=64, n_head=2, n_kv_head=1 if variant == "llama" else 2, n_layer=1,
+    overrides = dict(VARIANTS[variant], n_embd=64, n_head=2, n_kv_head=2 if variant == "gpt2" else 1, n_layer=1,
                      block_size=16)
+    if variant == "qwen3":
+        overrides["n_embd"] = 48  # 2 heads of 32: q and the attention output 64 wide
     reference = GPT(tiny(**overrides, backend="torch"))
     model = GPT(tiny(**overrides, backend="triton", fused_loss=False))  # logits too (fused: test_fused_linear_cross_entropy)
     model.load_state_dict(reference.state_dict())
@@ -499,9 +511,10 @@ def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["torch"]), rtol=2e-2, atol=2e-2)
 
 
-def test_torch_compile_traces_the_whole_model_without_graph_breaks():
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_torch_compile_traces_the_whole_model_without_graph_breaks(variant):
     # aot_eager: dynamo and AOTAutograd trace forward and backward (no C++ compiler needed).
-    model = GPT(tiny(**VARIANTS["llama"], activation_checkpointing=True))
+    model = GPT(tiny(**VARIANTS[variant], activation_checkpointing=True))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
     logits, loss = compiled(idx, targets)
@@ -509,11 +522,13 @@ def test_torch_compile_traces_the_whole_model_without_graph_breaks():
     torch.testing.assert_close(logits, model(idx)[0])
 
 
-def test_torch_compile_traces_kernel_ops_under_autocast():
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_torch_compile_traces_kernel_ops_under_autocast(variant):
     """The kernel-backed ops (fused loss included) under autocast, where RMSNorm asks autocast for its
     output dtype: one graph, and the compiled loss and gradients equal eager's. (float16: the Triton
-    interpreter's bf16 dot is wrong, see DESIGN.md.)"""
-    model = GPT(tiny(**VARIANTS["llama"], n_layer=1, n_head=2, backend="triton", fused_loss=True))  # heads of 32
+    interpreter's bf16 dot is wrong, see DESIGN.md.) qwen3: QK-norm's RMSNorms on the 16-bit q and k."""
+    overrides = {**VARIANTS[variant], "n_head": 2, "n_kv_head": 1}  # heads of 32
+    model = GPT(tiny(**overrides, n_layer=1, backend="triton", fused_loss=True))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
     losses, grads = [], []
@@ -570,6 +585,21 @@ def test_flops_per_token():
     assert model.flops_per_token(seq_len=256) == 6 * n + 12 * 12 * 768 * 256
 
 
+def test_qwen3_06b_shape_counts_its_parameters_and_flops():
+    """Qwen3-0.6B's shape: 16 heads of 128 in a model 1024 wide (q 2048 wide), QK-norm, tied: HF's count of
+    its parameters is 596,049,920 (151,936-row table); the attention FLOPs run over the 2048 query dims."""
+    cfg = GPTConfig(vocab_size=151936, block_size=40960, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+                    head_dim=128, qk_norm=True, norm="rmsnorm", pos="rope", mlp="swiglu", mlp_hidden=3072,
+                    bias=False, tie_embeddings=True, norm_eps=1e-6, rope_theta=1e6)
+    model = build_on_meta(cfg)
+    attn = model.blocks[0].attn
+    assert attn.qkv.weight.shape == (2048 + 2 * 1024, 1024) and attn.proj.weight.shape == (1024, 2048)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (128,)
+    assert model.num_parameters() == expected_parameter_count(cfg) == 596_049_920  # padding: 151,936 is 64 * 2374
+    n = model.num_parameters(non_embedding=True)
+    assert model.flops_per_token(seq_len=4096) == 6 * n + 12 * 28 * 16 * 128 * 4096
+
+
 # --- config and input errors ----------------------------------------------------------------------------
 
 
@@ -594,6 +624,10 @@ def test_config_round_trips_through_json():
         (dict(n_embd=100, n_head=3), ValueError, "multiple of n_head"),
         (dict(n_head=4, n_kv_head=3), ValueError, "multiple of n_kv_head"),
         (dict(n_embd=36, n_head=4, pos="rope"), ValueError, "even head dim"),
+        (dict(n_embd=64, n_head=4, head_dim=9, pos="rope"), ValueError, "even head dim (head_dim, or n_embd / n_head)"),
+        (dict(head_dim=-8), ValueError, "head_dim must be >= 1, or None (or 0) for n_embd // n_head; got -8"),
+        (dict(head_dim=32.0), TypeError, "head_dim must be int or None"),
+        (dict(qk_norm=1), TypeError, "qk_norm must be bool"),
         (dict(norm="batchnorm"), ValueError, "norm must be one of"),
         (dict(pos="alibi"), ValueError, "pos must be one of"),
         (dict(backend="tpu"), ValueError, "backend must be one of"),
@@ -621,6 +655,46 @@ def test_a_config_saved_before_qkv_bias_loads_as_before(bias):
     assert ("blocks.0.attn.qkv.bias" in keys) == bias == ("blocks.0.attn.proj.bias" in keys)
     again = GPTConfig.from_dict(json.loads(json.dumps(tiny(**VARIANTS["qwen2"]).to_dict())))
     assert (again.bias, again.qkv_bias) == (False, True)
+
+
+def test_head_dim_and_qk_norm_fields():
+    """head_dim None or 0: n_embd // n_head, saved as that int; given, n_head need not divide n_embd."""
+    assert tiny().head_dim == tiny(head_dim=0).head_dim == 16 and tiny().to_dict()["head_dim"] == 16
+    odd = tiny(n_embd=100, n_head=3, head_dim=32)  # 100 / 3 heads: only with an explicit head_dim
+    assert GPT(odd).blocks[0].attn.proj.weight.shape == (100, 96)
+    assert GPTConfig.from_dict(json.loads(json.dumps(odd.to_dict()))) == odd
+    from llmkern.nn import CausalSelfAttention
+
+    attn = CausalSelfAttention(64, 4, 2, head_dim=8, qk_norm=True)
+    assert attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 64) and attn.proj.weight.shape == (64, 32)
+    assert attn.q_norm.weight.shape == (8,) and CausalSelfAttention(64, 4, 2).q_norm is None
+    with pytest.raises(ValueError, match="head_dim must be >= 1, got 0"):
+        CausalSelfAttention(64, 4, 2, head_dim=0)
+    with pytest.raises(ValueError, match=r"n_embd \(60\) must be a multiple of n_head \(8\), or head_dim given"):
+        CausalSelfAttention(60, 8, 2)
+    with pytest.raises(TypeError, match="qk_norm must be a bool"):
+        CausalSelfAttention(64, 4, 2, qk_norm=None)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, tmp_path):
+    """A checkpoint's config (or a fine-tuning base's fingerprint) from before the fields loads as the same model
+    and identifies it as before; another head_dim, or QK-norm on, is another model."""
+    from llmkern.finetune.base import base_fingerprint
+    from llmkern.model.config import identity_dict
+
+    now = GPTConfig.from_preset(preset).to_dict()
+    assert (now["head_dim"], now["qk_norm"]) == (64, False)
+    older = {k: v for k, v in now.items() if k not in ("head_dim", "qk_norm", "qkv_bias", "rope_scaling")}
+    assert GPTConfig.from_dict(older) == GPTConfig.from_preset(preset)
+    assert identity_dict(now) == identity_dict(older) == older
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    assert base_fingerprint(str(weights), now) == base_fingerprint(str(weights), older)
+    for change in ({"head_dim": 32}, {"qk_norm": True}):
+        other = GPTConfig.from_preset(preset, **change).to_dict()
+        assert identity_dict(other) != identity_dict(older)
+        assert base_fingerprint(str(weights), other) != base_fingerprint(str(weights), older)
 
 
 def test_config_accepts_int_for_float():

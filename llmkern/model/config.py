@@ -39,6 +39,14 @@ class GPTConfig:
     # Biases on attention's q/k/v projection alone (Qwen2's: biased q/k/v, every other layer without);
     # None: as `bias`. Set to a bool on construction, as n_kv_head is, so to_dict saves what the model has.
     qkv_bias: bool | None = None
+    # Each attention head's width; None (or 0): n_embd // n_head, which must then divide evenly. Qwen3's heads are
+    # wider than that (n_embd 1024, 16 heads of 128): q is n_head * head_dim wide, and the output projection reads
+    # that back to n_embd. Set to an int on construction, as n_kv_head is.
+    head_dim: int | None = None
+    # Qwen3's QK-norm: an RMSNorm over head_dim (eps norm_eps, one learned scale for q's heads and one for k's)
+    # on each head's q and k, after the projection and before RoPE. Always an RMSNorm, whatever `norm` says:
+    # the models that have it (Qwen3, OLMo 2, Gemma 3) norm q and k that way beside RMSNorm blocks.
+    qk_norm: bool = False
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -56,15 +64,14 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        self.head_dim = self._checked_head_dim()
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         _check_choice("norm", self.norm, NORMS)
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("mlp", self.mlp, MLPS)
         if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"pos='rope' needs an even head dim (n_embd / n_head); got {self.head_dim}")
+            raise ValueError(f"pos='rope' needs an even head dim (head_dim, or n_embd / n_head); got {self.head_dim}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -83,11 +90,18 @@ class GPTConfig:
 
             _check_choice("backend", self.backend, BACKENDS)
 
-    # --- derived sizes ---------------------------------------------------------------------
+    def _checked_head_dim(self) -> int:
+        """head_dim as given, or n_embd // n_head for None or 0 (then n_head must divide n_embd)."""
+        if self.head_dim is None or self.head_dim == 0:
+            if self.n_embd % self.n_head != 0:
+                raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}), "
+                                 f"or head_dim given")
+            return self.n_embd // self.n_head
+        if self.head_dim < 0:
+            raise ValueError(f"head_dim must be >= 1, or None (or 0) for n_embd // n_head; got {self.head_dim}")
+        return self.head_dim
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    # --- derived sizes ---------------------------------------------------------------------
 
     @property
     def padded_vocab_size(self) -> int:
@@ -146,7 +160,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields added after runs were saved, each with the value a config saved without it means: left out of what
 # identifies a model (a resume's comparison, a fine-tuning base's fingerprint) when they hold that value, so that
 # a run saved before they existed still resumes.
-_LATER_FIELDS = {"rope_scaling": lambda values: None, "qkv_bias": lambda values: values.get("bias", True)}
+_LATER_FIELDS = {
+    "rope_scaling": lambda values: None,
+    "qkv_bias": lambda values: values.get("bias", True),
+    "head_dim": lambda values: _default_head_dim(values),  # defined below
+    "qk_norm": lambda values: False,
+}
+
+
+def _default_head_dim(values: dict[str, Any]) -> int | None:
+    """The head_dim a config without the field has: n_embd // n_head (as GPTConfig's defaults fill them in)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    n_embd, n_head = (values.get(name, defaults[name]) for name in ("n_embd", "n_head"))
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and n_embd % n_head == 0:
+        return n_embd // n_head
+    return None
 
 
 def identity_dict(values: dict[str, Any]) -> dict[str, Any]:

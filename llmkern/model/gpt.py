@@ -48,7 +48,8 @@ class Block(nn.Module):
         self.norm1 = _make_norm(config)
         self.attn = CausalSelfAttention(
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
-            dropout=config.dropout, backend=config.backend, layer_idx=layer_idx,
+            dropout=config.dropout, backend=config.backend, layer_idx=layer_idx, head_dim=config.head_dim,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps,
         )
         self.norm2 = _make_norm(config)
         if config.mlp == "swiglu":
@@ -251,11 +252,13 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6N for the matmul weights, plus
-        12 * n_layer * n_embd * seq_len for attention's scores and weighted sum (PaLM's count,
-        which does not halve for the causal mask). seq_len defaults to block_size."""
+        12 * n_layer * n_head * head_dim * seq_len for attention's scores and weighted sum (PaLM's count,
+        which does not halve for the causal mask; n_head * head_dim is n_embd unless head_dim says
+        otherwise, as Qwen3's does). seq_len defaults to block_size."""
         seq_len = self.config.block_size if seq_len is None else seq_len
         cfg = self.config
-        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        attention_width = cfg.n_head * cfg.head_dim  # the queries' width: what the scores and the sum run over
+        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * attention_width * seq_len
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for an AdamW: decay on matrices (matmul weights, embeddings), none on

@@ -9,6 +9,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.rope import rope
 from ._dispatch import module_backend, op_backend
+from .rms_norm import RMSNorm
 
 
 class CausalSelfAttention(nn.Module):
@@ -16,7 +17,8 @@ class CausalSelfAttention(nn.Module):
 
     One linear layer makes q, k and v for all heads: its output (B, T, (H + 2 Hkv) * D) is
     viewed as (B, T, H + 2 Hkv, D) and q, k, v are slices of it transposed to (B, heads, T, D),
-    views without a copy; llmkern.ops.attention takes such strided inputs.
+    views without a copy; llmkern.ops.attention takes such strided inputs. With QK-norm, q and k are the
+    norms' outputs (copies) instead. D is n_embd / H unless head_dim says otherwise (Qwen3).
     """
 
     def __init__(
@@ -29,29 +31,38 @@ class CausalSelfAttention(nn.Module):
         backend: str | None = None,
         layer_idx: int = 0,
         qkv_bias: bool | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
-        otherwise: Qwen2 has biases on q/k/v and none on the output."""
+        otherwise: Qwen2 has biases on q/k/v and none on the output.
+        head_dim: each head's width; None: n_embd // n_head. q is n_head * head_dim wide (Qwen3's is wider than
+        n_embd), and the output projection maps the heads back to n_embd.
+        qk_norm: Qwen3's RMSNorm (eps norm_eps) over each head's q and k, before RoPE: q_norm and k_norm, each
+        one (head_dim,) scale shared by its heads."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
-            # checked first: a zero would divide by zero below, and a negative count passes the modulo tests
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if n_embd % n_head != 0 or n_head % n_kv_head != 0:
-            raise ValueError(
-                f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), "
-                f"and n_head a multiple of n_kv_head ({n_kv_head})"
-            )
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+            _check_count(name, value)
+        if head_dim is None:
+            if n_embd % n_head != 0:
+                raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), or head_dim given")
+            head_dim = n_embd // n_head
+        _check_count("head_dim", head_dim)
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
         if qkv_bias is not None and not isinstance(qkv_bias, bool):
             raise TypeError(f"qkv_bias must be a bool or None, got {qkv_bias!r}")
+        if not isinstance(qk_norm, bool):
+            raise TypeError(f"qk_norm must be a bool, got {qk_norm!r}")
         qkv_bias = bias if qkv_bias is None else qkv_bias
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps, backend=backend) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps, backend=backend) if qk_norm else None
+        self.proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
@@ -70,12 +81,15 @@ class CausalSelfAttention(nn.Module):
             values of earlier steps.
         doc_ids: (B, T) document ids of packed rows: a token sees only its own document.
         """
-        b, t, c = x.shape
+        b, t, _ = x.shape
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)
         # Views by split, not by slicing: the backward of a split joins the views' gradients in one
         # cat, where each slice's would zero-fill a buffer of the whole and then add them up.
-        qk, v = (part.transpose(1, 2) for part in qkv.split([h + hkv, hkv], dim=2))  # (B, heads, T, D)
+        qk, v = qkv.split([h + hkv, hkv], dim=2)  # (B, T, heads, D)
+        if self.q_norm is not None:
+            qk = self._norm_heads(qk)
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if rotary is not None:
             cos, sin = rotary
             # One rotation of q's and k's heads together: one launch instead of two.
@@ -97,5 +111,19 @@ class CausalSelfAttention(nn.Module):
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
+        y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
+
+    def _norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
+        """QK-norm of (B, T, H + Hkv, D) q and k heads: q_norm on q's, k_norm on k's, joined again so that one
+        RoPE call turns both. Normed as (B, T, heads, D), whose last dim is contiguous, as the norm op takes it."""
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+
+
+def _check_count(name: str, value: object) -> None:
+    # checked first: a zero would divide by zero, and a negative count passes the modulo tests
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,94 @@
+"""What the Hugging Face importers (hf_gpt2, hf_llama) share: reading a model's files (its config.json and its
+safetensors weights, sharded or not) and copying tensors with a check of their shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def check_model_file(path: str) -> None:
+    """An error when path is not a weights file (a folder, or nothing: then say if the folder holds shards)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; give the model.safetensors file in it (or one of its shards)")
+    if not os.path.isfile(path):
+        index_path = os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors.index.json")
+        sharded = "; the checkpoint there is sharded: give one of the files its index lists" if os.path.isfile(
+            index_path) else ""
+        raise FileNotFoundError(f"{path!r} does not exist{sharded}")
+
+
+def read_hf_config(path: str) -> dict | None:
+    """The config.json beside the weights file `path`, as a dict; None when there is none."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path!r} is not a readable JSON file: {err}") from err
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path!r} must hold a JSON object, got {type(hf_config).__name__}")
+    return hf_config
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of every shard when it is one of a sharded checkpoint's files
+    (save_pretrained shards past max_shard_size: gpt2-xl in float32, say). One shard alone lacked some
+    layers, and the error blamed the config.json ("another model's") or said it was not GPT-2's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    files, weight_map = [path], None
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path!r} is not a readable index of shards (a JSON object with a "
+                             f"'weight_map'): {err!r}") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        if os.path.basename(path) in shards:
+            files = [os.path.join(folder, shard) for shard in shards]
+        else:  # a model.safetensors of its own beside the shards: read as it is
+            weight_map = None
+    state_dict = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file!r}, a shard that {index_path!r} lists, does not exist")
+        try:
+            state_dict.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file!r} is not a readable safetensors file: {err}") from err
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state_dict))
+        if absent:
+            raise ValueError(f"{index_path!r} lists tensors that its shards lack: {first_names(absent)}")
+    return state_dict
+
+
+def first_names(names: list[str]) -> str:
+    """The first few names, and how many more: a list cut short without a count read as the whole list."""
+    return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, ours: str, theirs: str) -> None:
+    """Copy HF's tensor `theirs` (src) into our `ours` (dst); an error naming both when the shapes differ."""
+    if dst.shape != src.shape:
+        raise ValueError(f"{theirs} has shape {tuple(src.shape)}; {ours} needs {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def check_shape(src: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """src, HF's tensor `name`, when it has `shape`; an error naming it otherwise."""
+    if src.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(src.shape)}; the model needs {tuple(shape)}")
+    return src
+

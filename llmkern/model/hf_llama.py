@@ -1,0 +1,169 @@
+"""Hugging Face Llama-family weights (Llama, Mistral, Qwen2, Qwen3) in and out, by name mapping (no download, no
+transformers import). Their config.json is read and written by hf_llama_config.
+
+HF's q_proj, k_proj, v_proj stacked by rows are our qkv ([q heads | k heads | v heads], each head's rows
+contiguous), gate_proj and up_proj are our gate_up ([gate | up]); nn.Linear on both sides, so nothing is
+transposed. HF's Llama checkpoints are already in the rotate-half RoPE layout that ours computes (its
+conversion script permuted Meta's interleaved q/k rows), so q and k map as they are. Qwen2's three q/k/v biases
+stack as the weights do into our qkv.bias; Qwen3's q_norm and k_norm (one (head_dim,) scale each) are our
+attention's q_norm and k_norm.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import GPTConfig
+from .gpt import GPT
+from .hf_common import (
+    check_model_file,
+    check_shape,
+    copy_into,
+    first_names,
+    read_hf_config,
+    read_safetensors,
+)
+from .hf_llama_config import config_from_hf_llama, hf_llama_config
+
+# our name (per block: "blocks.{i}.") -> HF's names (under "model.layers.{i}."), stacked by rows in this order
+_LLAMA_BLOCK_NAMES = {
+    "norm1.weight": ("input_layernorm.weight",),
+    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.proj.weight": ("self_attn.o_proj.weight",),
+    "norm2.weight": ("post_attention_layernorm.weight",),
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.proj.weight": ("mlp.down_proj.weight",),
+}
+# Qwen2's q/k/v biases (GPTConfig.qkv_bias), stacked as the weights are
+_QKV_BIAS_NAMES = {"attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")}
+# Qwen3's QK-norm scales (GPTConfig.qk_norm)
+_QK_NORM_NAMES = {
+    "attn.q_norm.weight": ("self_attn.q_norm.weight",),
+    "attn.k_norm.weight": ("self_attn.k_norm.weight",),
+}
+# The RoPE frequencies some (older) checkpoints store: a buffer, recomputed from rope_theta
+_LLAMA_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def from_hf_llama(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
+    """A GPT holding the weights of a HF Llama-family (LlamaForCausalLM or LlamaModel, MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM) state dict, shaped by hf_config (the model's config.json, as a dict)."""
+    config = config_from_hf_llama(hf_config, **overrides)
+    model = GPT(config)
+    load_hf_llama(model, state_dict)
+    return model
+
+
+def load_hf_llama_file(path: str, **overrides) -> GPT:
+    """from_hf_llama of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint, as
+    load_hf_gpt2_file) and the config.json beside it."""
+    check_model_file(path)
+    hf_config = read_hf_config(path)
+    if hf_config is None:
+        raise ValueError(f"{path!r} has no config.json beside it; a Llama model's weights do not tell its head "
+                         f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
+    config_from_hf_llama(hf_config, **overrides)  # a config it cannot load: said before the (slow) read
+    return from_hf_llama(read_safetensors(path), hf_config, **overrides)
+
+
+def _llama_mapping(config: GPTConfig) -> dict[str, tuple[str, ...]]:
+    mapping = {"norm_f.weight": ("norm.weight",)}
+    block_names = {**_LLAMA_BLOCK_NAMES, **(_QKV_BIAS_NAMES if config.qkv_bias else {}),
+                   **(_QK_NORM_NAMES if config.qk_norm else {})}
+    for i in range(config.n_layer):
+        for ours, theirs in block_names.items():
+            mapping[f"blocks.{i}.{ours}"] = tuple(f"layers.{i}.{name}" for name in theirs)
+    return mapping
+
+
+def _check_llama_shaped(config: GPTConfig) -> None:
+    # qkv_bias and qk_norm either way: without, Llama's (and Mistral's) model; with qkv_bias, Qwen2's; with
+    # qk_norm, Qwen3's (head_dim any)
+    wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"Llama weights need a Llama-shaped model ({wanted}); this one has {wrong}")
+
+
+@torch.no_grad()
+def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a HF Llama-family state dict into `model` (a Llama-shaped GPT of its sizes); every weight must
+    be there, and nothing else (a bias, say, which the model would drop; Qwen2's q/k/v biases go into a model
+    with config.qkv_bias, and must be there, as Qwen3's q_norm and k_norm into one with config.qk_norm)."""
+    config = model.config
+    _check_llama_shaped(config)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    # LlamaForCausalLM's names are "model."-prefixed, LlamaModel's (no lm_head) are not
+    sd = {name.removeprefix("model."): t for name, t in state_dict.items()
+          if name != "lm_head.weight" and not _LLAMA_IGNORED.search(name)}
+    mapping = _llama_mapping(config)
+    expected = {name for names in mapping.values() for name in names} | {"embed_tokens.weight"}
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"not a Llama state dict of {config.n_layer} layers: missing {first_names(missing)}, "
+                         f"unexpected {first_names(unexpected)}")
+    embed = sd["embed_tokens.weight"]
+    if tuple(embed.shape) != (config.vocab_size, config.n_embd):
+        raise ValueError(f"embed_tokens.weight has shape {tuple(embed.shape)}; config.json's vocab_size and "
+                         f"hidden_size make ({config.vocab_size}, {config.n_embd}): the config is another model's")
+    head = state_dict.get("lm_head.weight")
+    if config.tie_embeddings:
+        # tied: save_pretrained stores the table once; a head of its own would be dropped, the logits wrong
+        if head is not None and not (head.shape == embed.shape and torch.equal(head, embed)):
+            raise ValueError("lm_head.weight differs from embed_tokens.weight, but config.json has "
+                             "tie_word_embeddings=true: the model would drop it")
+    elif head is None:
+        raise ValueError("no lm_head.weight, and config.json has tie_word_embeddings=false: the output layer "
+                         "is missing (a LlamaModel's weights, without the LM head?)")
+    for ours, theirs in mapping.items():
+        if len(theirs) == 1:
+            copy_into(model.get_parameter(ours), sd[theirs[0]], ours, theirs[0])
+            continue
+        # Stacked parts are checked one by one: k_proj and v_proj of n_head rows stack to a qkv of the right
+        # size when num_key_value_heads is n_head / 2, and would load, split at the wrong rows.
+        parts = [check_shape(sd[name], shape, name) for name, shape in zip(theirs, _part_shapes(config, ours))]
+        copy_into(model.get_parameter(ours), torch.cat(parts), ours, "+".join(theirs))
+    vocab = config.vocab_size
+    model.wte.weight[:vocab] = embed
+    model.lm_head.weight[:vocab] = embed if head is None else check_shape(head, embed.shape, "lm_head.weight")
+    model.wte.weight[vocab:] = 0
+    model.lm_head.weight[vocab:] = 0
+
+
+def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, ...]]:
+    """The shapes of HF's tensors that make our stacked qkv ([q | k | v], weight or bias) or gate_up
+    ([gate | up])."""
+    d, c = config.head_dim, config.n_embd
+    rows = [config.n_head * d, config.n_kv_head * d, config.n_kv_head * d]
+    if ours.endswith("qkv.weight"):
+        return [(r, c) for r in rows]
+    if ours.endswith("qkv.bias"):
+        return [(r,) for r in rows]
+    return [(config.hidden_size, c)] * 2
+
+
+@torch.no_grad()
+def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the HF LlamaForCausalLM state dict, its config.json as a dict) of a Llama-shaped GPT: the
+    vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself (as HF's
+    state_dict() has it; safetensors' save_file wants it left out). A model with config.qkv_bias is
+    Qwen2's: a Qwen2ForCausalLM state dict (with the q/k/v biases) and config.json (model_type "qwen2"); one
+    with config.qk_norm Qwen3's (with q_norm and k_norm; model_type "qwen3")."""
+    config = model.config
+    _check_llama_shaped(config)
+    hf_config = hf_llama_config(config, model.wte.weight.dtype)  # first: a model no HF type has is refused
+    out = {"model.embed_tokens.weight": model.wte.weight.detach()[: config.vocab_size].clone()}
+    for ours, theirs in _llama_mapping(config).items():
+        p = model.get_parameter(ours).detach()
+        if len(theirs) == 1:
+            parts = [p]
+        else:
+            parts = p.split([shape[0] for shape in _part_shapes(config, ours)])
+        for name, part in zip(theirs, parts):
+            out["model." + name] = part.contiguous().clone()
+    out["lm_head.weight"] = (out["model.embed_tokens.weight"] if config.tie_embeddings
+                             else model.lm_head.weight.detach()[: config.vocab_size].clone())
+    return out, hf_config

@@ -1,0 +1,172 @@
+"""The config.json of a Hugging Face Llama-family model, read into a GPTConfig and written from one.
+
+Llama (and Mistral without a sliding window: the same model) is our rmsnorm/rope/swiglu model with no
+biases. Its config.json is needed (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in
+it would make our model compute other logits (another RoPE scaling, biases, another activation, a sliding
+window shorter than the context) is refused, not ignored.
+
+Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
+no other layer (GPTConfig.qkv_bias). Qwen3 ("qwen3") has no biases but Qwen3's QK-norm (GPTConfig.qk_norm), and
+heads of config.json's head_dim, which need not be hidden_size / num_attention_heads (GPTConfig.head_dim; 128
+where a Qwen3 config.json leaves it out, as transformers' Qwen3Config has it). Any of these types may name a
+head_dim, as transformers reads it for each (Mistral NeMo's 128 beside 5120 / 32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..nn.rotary import LLAMA3_SCALING_KEYS, check_rope_scaling
+from .config import GPTConfig
+
+# config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
+# biased q/k/v projections and an optional sliding window; Qwen3: with QK-norm and an optional sliding window)
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The types whose sliding_window is on only with use_sliding_window=true
+_QWEN_TYPES = ("qwen2", "qwen3")
+QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
+
+
+def _hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
+    """config.json's int `name`, >= 1; default when it is absent or null (None: it must be there)."""
+    value = hf_config.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json has no {name!r}")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json's {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _hf_number(hf_config: dict, name: str, default: float) -> float:
+    value = hf_config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"config.json's {name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _rope(hf_config: dict) -> tuple[float, dict | None]:
+    """config.json's RoPE base and scaling: None, or Llama 3.1's "llama3" (GPTConfig.rope_scaling); an error
+    for any other scaling (linear, dynamic, yarn, ...), which changes the frequencies in other ways."""
+    # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
+    # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
+    params = hf_config.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"config.json's rope_parameters must be a JSON object, got {params!r}")
+        scaling, theta = params, _hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
+    else:
+        scaling, theta = hf_config.get("rope_scaling"), _hf_number(hf_config, "rope_theta", 10000.0)
+    if scaling is None:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
+        try:
+            check_rope_scaling(llama3)
+        except ValueError as err:
+            raise ValueError(f"config.json's llama3 RoPE scaling {scaling!r}: {err}") from None
+        return theta, llama3
+    raise ValueError(f"config.json has RoPE scaling {scaling!r}; the model computes plain RoPE or Llama 3.1's "
+                     f"'llama3' scaling only, so its positions would be rotated by other angles")
+
+
+
+def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a HF Llama-family model from its config.json (a dict); an error for a setting the model
+    cannot compute (it would load and give other logits). overrides replace GPTConfig fields (backend, ...)."""
+    if not isinstance(hf_config, dict):
+        raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type", "llama")
+    if model_type not in LLAMA_TYPES:
+        raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}")
+    n_embd, n_head = _hf_int(hf_config, "hidden_size"), _hf_int(hf_config, "num_attention_heads")
+    n_kv_head = _hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
+    # HF's ACT2FN: "silu" and "swish" are both SiLU, the gate of our SwiGLU
+    activation = hf_config.get("hidden_act", "silu")
+    if activation not in ("silu", "swish"):
+        raise ValueError(f"config.json has hidden_act={activation!r}; the model's MLP is SwiGLU (silu)")
+    for name in ("attention_bias", "mlp_bias"):
+        if hf_config.get(name, False) is not False:
+            raise ValueError(f"config.json has {name}={hf_config[name]!r}; the Llama model here has no biases")
+    tie = hf_config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
+    theta, scaling = _rope(hf_config)
+    values = dict(
+        vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
+        n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+        head_dim=_head_dim(hf_config, model_type, n_embd, n_head),
+        norm="rmsnorm", norm_eps=_hf_number(hf_config, "rms_norm_eps", 1e-6), pos="rope",
+        rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
+        tie_embeddings=tie, bias=False,
+        qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are not optional
+        qk_norm=model_type == "qwen3",  # nor Qwen3's QK-norm
+    )
+    config = GPTConfig.from_dict({**values, **overrides})
+    _check_sliding_window(hf_config, model_type, config.block_size)
+    return config
+
+
+def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int:
+    """config.json's head_dim; absent or null, Qwen3's 128 or else hidden_size / num_attention_heads (as
+    transformers' configs fill it in)."""
+    if hf_config.get("head_dim") is not None:
+        return _hf_int(hf_config, "head_dim")
+    if model_type == "qwen3":
+        return QWEN3_HEAD_DIM
+    if n_embd % n_head != 0:
+        raise ValueError(f"config.json has no head_dim, and hidden_size={n_embd} is not a multiple of "
+                         f"num_attention_heads={n_head}")
+    return n_embd // n_head
+
+
+def _check_sliding_window(hf_config: dict, model_type: str, block_size: int) -> None:
+    """Refuse a sliding window that is on and shorter than block_size. Mistral's masks keys more than `window`
+    tokens back: no key is, in contexts no longer than the window, so only a shorter window changes what the
+    model computes."""
+    window = hf_config.get("sliding_window")
+    if model_type in _QWEN_TYPES:
+        # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
+        # in the released models); then max_window_layers (or layer_types) says which layers slide, but any
+        # that does would compute other logits, so a window on is checked as Mistral's, whichever layers it is for.
+        sliding = hf_config.get("use_sliding_window", False)
+        if not isinstance(sliding, bool):
+            raise ValueError(f"config.json's use_sliding_window must be true or false, got {sliding!r}")
+        if not sliding:
+            window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < block_size):
+        raise ValueError(f"config.json has sliding_window={window!r}, shorter than block_size={block_size}: "
+                         f"the model attends to the whole context (give block_size={window!r} or less to load it)")
+
+
+def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
+    """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Qwen2's
+    (model_type "qwen2") with qkv_bias; Qwen3's (model_type "qwen3") with qk_norm."""
+    if config.qkv_bias and config.qk_norm:
+        raise ValueError("a model with both qkv_bias and qk_norm has no Hugging Face model_type (Qwen2 has q/k/v "
+                         "biases and no QK-norm, Qwen3 QK-norm and no biases)")
+    hf_config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.hidden_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    # Qwen's sliding window off, as in the released models
+    qwen_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    if config.qkv_bias:
+        # Qwen2's config has no attention_bias / mlp_bias (its q/k/v biases are always there, the others never)
+        del hf_config["attention_bias"], hf_config["mlp_bias"]
+        hf_config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], **qwen_window)
+    elif config.qk_norm:
+        # Qwen3's has attention_bias (false: no bias on q/k/v nor o_proj) and no mlp_bias
+        del hf_config["mlp_bias"]
+        hf_config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], **qwen_window)
+    return hf_config
