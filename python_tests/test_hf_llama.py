@@ -323,7 +323,6 @@ def test_load_gpt_routes_by_model_type(tmp_path):
     # heads of config.json's head_dim (Mistral NeMo's are not hidden_size / num_attention_heads wide): these
     # weights have heads of 16
     ({"head_dim": 32}, r"layers.0.self_attn.q_proj.weight has shape \(64, 64\); the model needs \(128, 64\)"),
-    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
     ({"num_attention_heads": None}, "config.json has no 'num_attention_heads'"),
     ({"num_key_value_heads": 2.0}, "num_key_value_heads must be an int >= 1, got 2.0"),
     ({"rms_norm_eps": 0}, "rms_norm_eps must be a number > 0"),
@@ -332,6 +331,22 @@ def test_load_gpt_routes_by_model_type(tmp_path):
 def test_a_config_the_model_would_misread_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
         from_hf_llama(llama_state_dict(), llama_config_json(**change))
+
+
+@pytest.mark.parametrize("change", [{"model_type": "mistral", "sliding_window": 16},
+                                    {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}])
+def test_a_sliding_window_shorter_than_the_context_makes_the_context_that_long(change):
+    """Mistral 7B v0.1's 4096 beside 32768 positions was refused unless block_size was given, which the command
+    line cannot: now the context is cut to the window (with a warning), where the window masks nothing."""
+    sd, idx = llama_state_dict(qkv_bias=change["model_type"] == "qwen2"), torch.randint(0, VOCAB, (1, 16))
+    cfg = llama_config_json(**change)
+    with pytest.warns(UserWarning, match="loaded with block_size=16"):
+        model = from_hf_llama(sd, cfg, backend="torch")
+    assert model.config.block_size == 16
+    plain = {**cfg, "sliding_window": None, "use_sliding_window": False}
+    torch.testing.assert_close(model.eval()(idx)[0], llama_logits(sd, idx, plain), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sliding_window=16, shorter than block_size=32"):
+        from_hf_llama(sd, cfg, block_size=32)  # a longer context asked for: refused, not computed otherwise
 
 
 def test_configs_that_compute_the_same_model_are_accepted():
@@ -434,7 +449,6 @@ def test_a_qwen2_folder_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
     ({"use_sliding_window": "false"}, "use_sliding_window must be true or false, got 'false'"),
     ({"mlp_bias": True}, "mlp_bias=True"),
 ])

@@ -151,7 +151,6 @@ def test_a_llama_with_heads_of_its_own_width_gives_the_reference_logits():
 
 @pytest.mark.parametrize("change, message", [
     ({"attention_bias": True}, "attention_bias=True; the Llama model here has no biases"),
-    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window=16, shorter than block_size=32"),
     ({"use_sliding_window": "no"}, "use_sliding_window must be true or false, got 'no'"),
     ({"head_dim": 0}, "head_dim must be an int >= 1, got 0"),
     ({"head_dim": 17}, "pos='rope' needs an even head dim"),

@@ -4,8 +4,9 @@ config.json beside a model.safetensors file, and every importer's public name is
 The pieces, one job each:
     hf_common        reading a model's files (config.json, safetensors shards) and checked copies
     hf_gpt2          GPT-2's weights (Conv1D layouts, the head count from config.json)
-    hf_llama_config  a Llama-family config.json (Llama, Mistral, Qwen2, Qwen3) <-> GPTConfig
+    hf_llama_config  a Llama-family config.json (Llama, Mistral, Qwen2, Qwen3, Phi-3) <-> GPTConfig
     hf_llama         a Llama-family model's weights, in and out
+    hf_phi3          Phi-3's weights (Llama's model, q/k/v and gate/up fused), in and out
 """
 
 from __future__ import annotations
@@ -21,18 +22,28 @@ from .hf_gpt2 import (
     to_hf_gpt2,
 )
 from .hf_llama import from_hf_llama, load_hf_llama, load_hf_llama_file, to_hf_llama
-from .hf_llama_config import LLAMA_TYPES, config_from_hf_llama, hf_llama_config
+from .hf_llama_config import (
+    LLAMA_TYPES,
+    PHI3_TYPE,
+    config_from_hf_llama,
+    config_from_hf_phi3,
+    hf_llama_config,
+    hf_phi3_config,
+)
+from .hf_phi3 import from_hf_phi3, load_hf_phi3, load_hf_phi3_file, to_hf_phi3
 
 __all__ = [
-    "LLAMA_TYPES", "config_from_hf_gpt2", "config_from_hf_llama", "from_hf_gpt2", "from_hf_llama", "hf_gpt2_config",
-    "hf_llama_config", "load_hf_file", "load_hf_gpt2", "load_hf_gpt2_file", "load_hf_llama", "load_hf_llama_file",
-    "read_hf_config", "to_hf_gpt2", "to_hf_llama",
+    "LLAMA_TYPES", "PHI3_TYPE", "config_from_hf_gpt2", "config_from_hf_llama", "config_from_hf_phi3", "from_hf_gpt2",
+    "from_hf_llama", "from_hf_phi3", "hf_gpt2_config", "hf_llama_config", "hf_phi3_config", "load_hf_file",
+    "load_hf_gpt2", "load_hf_gpt2_file", "load_hf_llama", "load_hf_llama_file", "load_hf_phi3", "load_hf_phi3_file",
+    "read_hf_config", "to_hf_gpt2", "to_hf_llama", "to_hf_phi3",
 ]
 
 
 def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
     """(GPT, model_type) of a Hugging Face model.safetensors file (or shard): by the model_type of the
-    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file) or Llama's."""
+    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file), Llama's or
+    Phi-3's."""
     check_model_file(path)
     hf_config = read_hf_config(path)
     model_type = "gpt2" if hf_config is None else hf_config.get("model_type", "gpt2")
@@ -40,5 +51,7 @@ def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
         return load_hf_gpt2_file(path, **overrides), model_type
     if model_type in LLAMA_TYPES:
         return load_hf_llama_file(path, **overrides), model_type
+    if model_type == PHI3_TYPE:
+        return load_hf_phi3_file(path, **overrides), model_type
     raise ValueError(f"{path!r}: its config.json has model_type={model_type!r}; the models that can be imported "
-                     f"are {('gpt2',) + LLAMA_TYPES}")
+                     f"are {('gpt2',) + LLAMA_TYPES + (PHI3_TYPE,)}")

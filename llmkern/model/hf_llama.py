@@ -69,16 +69,22 @@ def load_hf_llama_file(path: str, **overrides) -> GPT:
 
 
 def _llama_mapping(config: GPTConfig) -> dict[str, tuple[str, ...]]:
-    mapping = {"norm_f.weight": ("norm.weight",)}
     block_names = {**_LLAMA_BLOCK_NAMES, **(_QKV_BIAS_NAMES if config.qkv_bias else {}),
                    **(_QK_NORM_NAMES if config.qk_norm else {})}
+    return layer_mapping(config, block_names)
+
+
+def layer_mapping(config: GPTConfig, block_names: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Our names -> HF's (without "model."), for every layer of `config`: block_names per block, and the final
+    norm. The embedding and the LM head are not in it (they are copied with the vocabulary padding)."""
+    mapping = {"norm_f.weight": ("norm.weight",)}
     for i in range(config.n_layer):
         for ours, theirs in block_names.items():
             mapping[f"blocks.{i}.{ours}"] = tuple(f"layers.{i}.{name}" for name in theirs)
     return mapping
 
 
-def _check_llama_shaped(config: GPTConfig) -> None:
+def check_llama_shaped(config: GPTConfig) -> None:
     # qkv_bias and qk_norm either way: without, Llama's (and Mistral's) model; with qkv_bias, Qwen2's; with
     # qk_norm, Qwen3's (head_dim any)
     wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
@@ -92,18 +98,25 @@ def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy a HF Llama-family state dict into `model` (a Llama-shaped GPT of its sizes); every weight must
     be there, and nothing else (a bias, say, which the model would drop; Qwen2's q/k/v biases go into a model
     with config.qkv_bias, and must be there, as Qwen3's q_norm and k_norm into one with config.qk_norm)."""
+    check_llama_shaped(model.config)
+    load_mapped_weights(model, state_dict, _llama_mapping(model.config), "Llama")
+
+
+@torch.no_grad()
+def load_mapped_weights(model: GPT, state_dict: dict[str, torch.Tensor], mapping: dict[str, tuple[str, ...]],
+                        family: str) -> None:
+    """Copy a HF state dict of Llama's model (`family`'s names: `mapping`, of layer_mapping) into `model`; every
+    weight must be there, and nothing else. Several HF names for one of ours are stacked by rows."""
     config = model.config
-    _check_llama_shaped(config)
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     # LlamaForCausalLM's names are "model."-prefixed, LlamaModel's (no lm_head) are not
     sd = {name.removeprefix("model."): t for name, t in state_dict.items()
           if name != "lm_head.weight" and not _LLAMA_IGNORED.search(name)}
-    mapping = _llama_mapping(config)
     expected = {name for names in mapping.values() for name in names} | {"embed_tokens.weight"}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
-        raise ValueError(f"not a Llama state dict of {config.n_layer} layers: missing {first_names(missing)}, "
+        raise ValueError(f"not a {family} state dict of {config.n_layer} layers: missing {first_names(missing)}, "
                          f"unexpected {first_names(unexpected)}")
     embed = sd["embed_tokens.weight"]
     if tuple(embed.shape) != (config.vocab_size, config.n_embd):
@@ -152,11 +165,19 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     state_dict() has it; safetensors' save_file wants it left out). A model with config.qkv_bias is
     Qwen2's: a Qwen2ForCausalLM state dict (with the q/k/v biases) and config.json (model_type "qwen2"); one
     with config.qk_norm Qwen3's (with q_norm and k_norm; model_type "qwen3")."""
+    check_llama_shaped(model.config)
+    hf_config = hf_llama_config(model.config, model.wte.weight.dtype)  # first: a model no HF type has is refused
+    return mapped_weights_out(model, _llama_mapping(model.config)), hf_config
+
+
+@torch.no_grad()
+def mapped_weights_out(model: GPT, mapping: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """The HF state dict (a ForCausalLM's names) of `model` under `mapping` (of layer_mapping): a stacked
+    parameter split by rows into its HF parts; the vocabulary padding dropped, a tied lm_head.weight the
+    embed_tokens tensor itself."""
     config = model.config
-    _check_llama_shaped(config)
-    hf_config = hf_llama_config(config, model.wte.weight.dtype)  # first: a model no HF type has is refused
     out = {"model.embed_tokens.weight": model.wte.weight.detach()[: config.vocab_size].clone()}
-    for ours, theirs in _llama_mapping(config).items():
+    for ours, theirs in mapping.items():
         p = model.get_parameter(ours).detach()
         if len(theirs) == 1:
             parts = [p]
@@ -166,4 +187,4 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
             out["model." + name] = part.contiguous().clone()
     out["lm_head.weight"] = (out["model.embed_tokens.weight"] if config.tie_embeddings
                              else model.lm_head.weight.detach()[: config.vocab_size].clone())
-    return out, hf_config
+    return out

@@ -1,18 +1,25 @@
 """The config.json of a Hugging Face Llama-family model, read into a GPTConfig and written from one.
 
-Llama (and Mistral without a sliding window: the same model) is our rmsnorm/rope/swiglu model with no
-biases. Its config.json is needed (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in
-it would make our model compute other logits (another RoPE scaling, biases, another activation, a sliding
-window shorter than the context) is refused, not ignored.
+Llama (and Mistral: the same model) is our rmsnorm/rope/swiglu model with no biases. Its config.json is needed
+(head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in it would make our model compute other
+logits (another RoPE scaling, biases, another activation, a sliding window shorter than the context) is refused,
+not ignored. A sliding window shorter than max_position_embeddings (Mistral 7B v0.1's 4096, Phi-3-mini-4k's 2047)
+makes the context that long, with a warning, unless block_size is given: within it the window masks nothing.
 
 Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
 no other layer (GPTConfig.qkv_bias). Qwen3 ("qwen3") has no biases but Qwen3's QK-norm (GPTConfig.qk_norm), and
 heads of config.json's head_dim, which need not be hidden_size / num_attention_heads (GPTConfig.head_dim; 128
 where a Qwen3 config.json leaves it out, as transformers' Qwen3Config has it). Any of these types may name a
 head_dim, as transformers reads it for each (Mistral NeMo's 128 beside 5120 / 32).
+
+Phi-3 ("phi3": Phi-3-mini, Phi-3.5-mini, Phi-4-mini) is Llama's model too, its q/k/v and gate/up weights fused
+(hf_phi3); only its plain-RoPE configs are: its "longrope" scaling and Phi-4-mini's RoPE on 3/4 of each head are
+refused, and Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as Mistral's does.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -25,6 +32,10 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # The types whose sliding_window is on only with use_sliding_window=true
 _QWEN_TYPES = ("qwen2", "qwen3")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
+# Phi-3: Llama's model with fused q/k/v and gate/up weights (hf_phi3)
+PHI3_TYPE = "phi3"
+# transformers' rms_norm_eps defaults, for a config.json without one (LlamaConfig's and the others' 1e-6)
+_DEFAULT_EPS = {PHI3_TYPE: 1e-5}
 
 
 def _hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
@@ -83,6 +94,39 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
     model_type = hf_config.get("model_type", "llama")
     if model_type not in LLAMA_TYPES:
         raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}")
+    return _gpt_config(hf_config, model_type, overrides)
+
+
+def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a HF Phi-3 model (model_type "phi3": Llama's model, its weights fused) from its
+    config.json, as config_from_hf_llama. Refused: RoPE scaling (Phi-3-128k's and Phi-3.5's "longrope"), RoPE
+    on part of each head (Phi-4-mini's partial_rotary_factor 0.75), a sliding window shorter than a block_size
+    given (Phi-3-mini-4k's 2047 makes block_size 2047 unless one is given). Its dropouts are training-time, and left out as the
+    other importers leave them; original_max_position_embeddings only sizes a RoPE scaling."""
+    if not isinstance(hf_config, dict):
+        raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type")
+    if model_type != PHI3_TYPE:
+        raise ValueError(f"config.json has model_type={model_type!r}; Phi-3 weights are of model_type 'phi3'")
+    _check_full_rotary(hf_config)
+    scaling = _rope(hf_config)[1]  # None, or Llama 3.1's; any other is refused there (longrope, su, yarn, ...)
+    if scaling is not None:  # no Phi-3 has it: Phi3Config takes longrope alone
+        raise ValueError(f"config.json has RoPE scaling {scaling!r}; a Phi-3 model here computes plain RoPE")
+    return _gpt_config(hf_config, model_type, overrides)
+
+
+def _check_full_rotary(hf_config: dict) -> None:
+    """Refuse RoPE on part of each head's dims: ours turns them all."""
+    # transformers 5 moves it into rope_parameters
+    params = hf_config.get("rope_parameters")
+    for where in (hf_config, params if isinstance(params, dict) else {}):
+        factor = where.get("partial_rotary_factor")
+        if factor is not None and factor != 1:
+            raise ValueError(f"config.json has partial_rotary_factor={factor!r}; the model rotates all of each "
+                             f"head's dims by RoPE (partial_rotary_factor 1)")
+
+
+def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     n_embd, n_head = _hf_int(hf_config, "hidden_size"), _hf_int(hf_config, "num_attention_heads")
     n_kv_head = _hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
     # HF's ACT2FN: "silu" and "swish" are both SiLU, the gate of our SwiGLU
@@ -96,18 +140,28 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
     if not isinstance(tie, bool):
         raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
     theta, scaling = _rope(hf_config)
+    eps = _hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
     values = dict(
         vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
         n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
         head_dim=_head_dim(hf_config, model_type, n_embd, n_head),
-        norm="rmsnorm", norm_eps=_hf_number(hf_config, "rms_norm_eps", 1e-6), pos="rope",
+        norm="rmsnorm", norm_eps=eps, pos="rope",
         rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
         qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are not optional
         qk_norm=model_type == "qwen3",  # nor Qwen3's QK-norm
     )
+    window = _active_window(hf_config, model_type)
+    if window is not None and window < values["block_size"] and "block_size" not in overrides:
+        # exact within the window: no key is more than `window` tokens back in a context no longer than it
+        warnings.warn(f"config.json has sliding_window={window}, shorter than max_position_embeddings="
+                      f"{values['block_size']}: the model is loaded with block_size={window}, the longest context "
+                      f"it computes exactly here (no sliding window in llmkern's attention)", stacklevel=3)
+        values["block_size"] = window
     config = GPTConfig.from_dict({**values, **overrides})
-    _check_sliding_window(hf_config, model_type, config.block_size)
+    if window is not None and window < config.block_size:
+        raise ValueError(f"config.json has sliding_window={window}, shorter than block_size={config.block_size}: "
+                         f"the model attends to the whole context (give block_size={window} or less to load it)")
     return config
 
 
@@ -124,23 +178,22 @@ def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int
     return n_embd // n_head
 
 
-def _check_sliding_window(hf_config: dict, model_type: str, block_size: int) -> None:
-    """Refuse a sliding window that is on and shorter than block_size. Mistral's masks keys more than `window`
-    tokens back: no key is, in contexts no longer than the window, so only a shorter window changes what the
-    model computes."""
+def _active_window(hf_config: dict, model_type: str) -> int | None:
+    """The sliding window a model's attention has, or None. Mistral's masks keys more than `window` tokens
+    back: no key is, in contexts no longer than the window, so only a context longer than it computes otherwise."""
     window = hf_config.get("sliding_window")
     if model_type in _QWEN_TYPES:
         # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
         # in the released models); then max_window_layers (or layer_types) says which layers slide, but any
-        # that does would compute other logits, so a window on is checked as Mistral's, whichever layers it is for.
+        # that does would compute other logits, so a window on is taken as Mistral's, whichever layers it is for.
         sliding = hf_config.get("use_sliding_window", False)
         if not isinstance(sliding, bool):
             raise ValueError(f"config.json's use_sliding_window must be true or false, got {sliding!r}")
         if not sliding:
-            window = None
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < block_size):
-        raise ValueError(f"config.json has sliding_window={window!r}, shorter than block_size={block_size}: "
-                         f"the model attends to the whole context (give block_size={window!r} or less to load it)")
+            return None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"config.json's sliding_window must be a positive int or null, got {window!r}")
+    return window
 
 
 def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
@@ -169,4 +222,19 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         # Qwen3's has attention_bias (false: no bias on q/k/v nor o_proj) and no mlp_bias
         del hf_config["mlp_bias"]
         hf_config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], **qwen_window)
+    return hf_config
+
+
+def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
+    """The HF config.json (a dict, model_type "phi3") of a GPTConfig that Phi-3's model computes: Llama's, with
+    neither q/k/v biases, QK-norm nor RoPE scaling."""
+    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": config.rope_scaling}
+    if any(kept.values()):
+        raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; this one has "
+                         f"{ {k: v for k, v in kept.items() if v} }")
+    hf_config = hf_llama_config(config, dtype)
+    # Phi3Config has no attention_bias nor mlp_bias (no layer has a bias)
+    del hf_config["attention_bias"], hf_config["mlp_bias"]
+    hf_config.update(model_type=PHI3_TYPE, architectures=["Phi3ForCausalLM"], partial_rotary_factor=1.0,
+                     sliding_window=None)
     return hf_config
