@@ -61,7 +61,7 @@ def test_plain_is_instruction_input_and_a_blank_line():
 
 
 def test_unknown_templates_and_misplaced_system_prompts_are_errors():
-    with pytest.raises(ValueError, match="alpaca, chatml, plain; got 'vicuna'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3; got 'vicuna'"):
         get_template("vicuna")
     with pytest.raises(ValueError, match="alpaca, chatml, plain"):
         PromptFormat("ChatML")
@@ -69,14 +69,14 @@ def test_unknown_templates_and_misplaced_system_prompts_are_errors():
         PromptFormat("alpaca", "Be brief.")
     with pytest.raises(ValueError, match="system_prompt is only used by the chatml"):
         format_prompt(NO_INPUT, "plain", "Be brief.")
-    assert list(TEMPLATES) == ["alpaca", "chatml", "plain"]
+    assert list(TEMPLATES) == ["alpaca", "chatml", "plain", "llama3"]
 
 
 def test_config_template_settings_are_checked(tmp_path):
     assert FinetuneConfig().validate().template == ""  # the base run's, or alpaca
     config = load_finetune_config(SFTConfig, None, ["--template=chatml", "--system_prompt=Be brief."])
     assert (config.template, config.system_prompt) == ("chatml", "Be brief.")
-    with pytest.raises(ValueError, match="alpaca, chatml, plain; got 'chatm'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3; got 'chatm'"):
         load_finetune_config(SFTConfig, None, ["--template=chatm"])
     with pytest.raises(ValueError, match="system_prompt"):
         DPOConfig(data="x.json", template="plain", system_prompt="Be brief.").validate()
@@ -125,7 +125,8 @@ def test_markers_stay_ordinary_text_where_they_are_special_tokens(tmp_path):
     assert {tok.encoding.encode_single_token(s) for s in specials} == special_ids(tok)
     text = PromptFormat("chatml").prompt({"instruction": "hi <|im_start|>system"})
     tokens = tok.encode(text)
-    # Ordinary text, as in training: the same ids whether or not a tokenizer has the marker as a special token.
+    # tokenizer.encode takes any str as ordinary text; only a template's Marker pieces become special tokens, through
+    # encode_text (python_tests/test_template_special_tokens.py).
     assert not set(tokens) & special_ids(tok) and tok.decode(tokens) == text
 
 

@@ -9,7 +9,7 @@ faster route, with no extra dependency.
 As every llmkern tokenizer, encode takes text as ordinary text: special tokens spelled inside it ("</s>") are not
 matched (`tokenizers`' encode_special_tokens), and encode adds no BOS or EOS of its own (add_special_tokens=False);
 the file's truncation and padding are turned off. Non-special added tokens are still matched in the text, as
-Hugging Face matches them.
+Hugging Face matches them. special_token(name) gives the id of a special added token by its name.
 
 decode(encode(t)) == t where the tokenizer is lossless, which depends on the file:
 - SentencePiece-style BPE with byte fallback and Llama 2's normalizer (Prepend "▁", Replace " " -> "▁"; the
@@ -37,7 +37,7 @@ import os
 from collections.abc import Sequence
 
 from .hf_tokenizer import post_processor_bos
-from .tokenizer import _check_text, _check_texts, _token_ids, hf_config_path
+from .tokenizer import _check_text, _check_texts, _check_token_name, _token_ids, hf_config_path
 
 # The names end-of-text tokens go by, tried in this order where tokenizer_config.json names none.
 END_OF_TEXT_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>", "[SEP]")
@@ -56,6 +56,9 @@ class HFTokenizersTokenizer:
         self.bos_token = bos_token
         # the highest id + 1, not the count: a vocab may leave ids out
         self.n_vocab: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        # the added tokens marked special: the ones encode never matches in text, and special_token names
+        self._special_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()
+                             if token.special}
 
     def encode(self, text: str) -> list[int]:
         _check_text(text)
@@ -88,6 +91,11 @@ class HFTokenizersTokenizer:
             bad = next(i for i in ids if not 0 <= i < self.n_vocab)
             raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {bad}")
         return self.backend.decode(ids, skip_special_tokens=False)
+
+    def special_token(self, name: str) -> int | None:
+        """The id of the special added token called `name` exactly, else None (a non-special added token too)."""
+        _check_token_name(name)
+        return self._special_ids.get(name)
 
     def __repr__(self) -> str:
         return f"HFTokenizersTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"

@@ -2,11 +2,73 @@
 the tokenizer's begin-of-sequence token where it has one (Llama 3's <|begin_of_text|>), as the model was
 trained, and as Hugging Face's tokenizer does with add_special_tokens=True. A tokenizer without one
 (GPT-2's, "bytes", ones trained by llmkern: bos_token None) gives the text's tokens alone.
+
+A text is encoded by encode_text: a plain str as ordinary text (tokenizer.encode), a TemplateText (what a prompt
+template builds: llmkern.finetune.templates) piece by piece, each Marker piece as the tokenizer's special token of
+that name where it has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A template's marker ("<|im_start|>"): the tokenizer's special token of that exact name where it has one,
+    else ordinary text."""
+
+    text: str
+
+
+class TemplateText(str):
+    """A str built from pieces, each a str (ordinary text: the template's words, the user's instruction) or a
+    Marker; its value is the pieces' texts joined, for display and for code that reads text. encode_text encodes
+    it piece by piece, so that only the template's markers, never text that merely spells one, become special
+    tokens. A string made from it (by +, strip, an f-string) is a plain str again: all ordinary text."""
+
+    pieces: tuple[str | Marker, ...]
+
+    def __new__(cls, pieces: Iterable[str | Marker]):
+        pieces = tuple(pieces)
+        for piece in pieces:
+            if not isinstance(piece, (str, Marker)):
+                raise TypeError(f"pieces: expected str or Marker pieces, got {type(piece).__name__}")
+        text = super().__new__(cls, "".join(_piece_text(p) for p in pieces))
+        text.pieces = pieces
+        return text
+
+    def __getnewargs__(self) -> tuple[tuple[str | Marker, ...]]:  # copy and pickle rebuild it from its pieces
+        return (self.pieces,)
+
+
+def _piece_text(piece: str | Marker) -> str:
+    return piece.text if isinstance(piece, Marker) else str(piece)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """The tokens of `text`: a plain str's are tokenizer.encode(text); a TemplateText's are its Marker pieces as
+    the tokenizer's special tokens of those names (tokenizer.special_token) and the text between them encoded as
+    ordinary text. A marker the tokenizer has no special token for is ordinary text joined to its neighbours, so
+    such a tokenizer (GPT-2's, "bytes", one trained by llmkern) gives exactly tokenizer.encode(str(text))."""
+    if not isinstance(text, TemplateText):
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    ordinary = ""  # text since the last special token, encoded as one: BPE merges across a piece's edges
+    for piece in text.pieces:
+        special = tokenizer.special_token(piece.text) if isinstance(piece, Marker) else None
+        if special is None:
+            ordinary += _piece_text(piece)
+        else:
+            ids += _encode_ordinary(tokenizer, ordinary) + [special]
+            ordinary = ""
+    return ids + _encode_ordinary(tokenizer, ordinary)
+
+
+def _encode_ordinary(tokenizer, text: str) -> list[int]:
+    # "" between two markers is no tokens (a tokenizer.json whose normalizer prepends "▁" could give one)
+    return tokenizer.encode(text) if text else []
 
 
 def sequence_start(tokenizer) -> list[int]:
@@ -16,8 +78,8 @@ def sequence_start(tokenizer) -> list[int]:
 
 
 def encode_sequence(tokenizer, text: str) -> list[int]:
-    """The tokens of `text` as a sequence of its own: sequence_start, then the text's tokens."""
-    return sequence_start(tokenizer) + tokenizer.encode(text)
+    """The tokens of `text` as a sequence of its own: sequence_start, then the text's tokens (encode_text)."""
+    return sequence_start(tokenizer) + encode_text(tokenizer, text)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -22,7 +22,9 @@ as Hugging Face's tokenizer does with add_special_tokens=True.
 
 Every tokenizer encodes text as ordinary text: "<|endoftext|>" inside a document is spelled
 out in ordinary tokens, never turned into the special token, so decode(encode(t)) == t (for a tokenizer.json,
-where its normalizer and decoder are lossless: see llmkern.data.hf_tokenizers_backend).
+where its normalizer and decoder are lossless: see llmkern.data.hf_tokenizers_backend). A special token's id is
+asked for by its name instead: special_token("<|im_end|>") (None where the tokenizer has no such special token);
+that is how a prompt template puts its markers in (llmkern.finetune.templates).
 """
 
 from __future__ import annotations
@@ -137,6 +139,13 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def special_token(self, name: str) -> int | None: ...
+
+
+def _check_token_name(name) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+
 
 class ByteTokenizer:
     """Byte-level: a token per UTF-8 byte, plus <|endoftext|> = 256."""
@@ -169,6 +178,11 @@ class ByteTokenizer:
             else:
                 raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {i}")
         return out.decode("utf-8", errors="replace")
+
+    def special_token(self, name: str) -> int | None:
+        """The id of the special token called `name` (only <|endoftext|>), else None."""
+        _check_token_name(name)
+        return self.eot_token if name == ENDOFTEXT else None
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -208,6 +222,13 @@ class TiktokenTokenizer:
             bad = next(i for i in ids if not 0 <= i < self.n_vocab)
             raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {bad}")
         return self.encoding.decode(ids)
+
+    def special_token(self, name: str) -> int | None:
+        """The id of the special token called `name` exactly (a .tiktoken file's come from its sidecar), else None."""
+        _check_token_name(name)
+        if name not in self.encoding.special_tokens_set:
+            return None
+        return self.encoding.encode_single_token(name)
 
     def __repr__(self) -> str:
         return f"TiktokenTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"

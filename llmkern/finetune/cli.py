@@ -56,7 +56,8 @@ def add_finetune_parser(sub) -> None:
                "each method's own "
                "in llmkern/finetune/<method>.py. Example: llmkern finetune sft --base=runs/main "
                "--data=instruction-data.json --lora_rank=8. Prompt templates (--template=): alpaca (default), "
-               "chatml (with --system_prompt=...), plain; a run started from a fine-tuned one keeps its template. "
+               "chatml and llama3 (with --system_prompt=...), plain; a run started from a fine-tuned one keeps "
+               "its template. "
                "`llmkern finetune METHOD --settings` lists every setting.",
     )
     p.add_argument("method", choices=list(METHODS), help="the recipe")

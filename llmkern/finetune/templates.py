@@ -4,16 +4,26 @@ the prompt a model reads and the response it learns to write.
     alpaca  (the default) "Below is an instruction ...\\n\\n### Instruction:\\n...[### Input:\\n...]### Response:\\n"
     chatml  "<|im_start|>system\\n...<|im_end|>\\n" (only with a system prompt), then
             "<|im_start|>user\\n{instruction}[\\n\\n{input}]<|im_end|>\\n<|im_start|>assistant\\n";
-            the response ends with "<|im_end|>"
+            the response ends with "<|im_end|>" (Qwen2.5's and Qwen3's chat format)
+    llama3  "<|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>" (only with a system prompt), then
+            "<|start_header_id|>user<|end_header_id|>\\n\\n{instruction}[\\n\\n{input}]<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\\n\\n"; the response ends with "<|eot_id|>"
+            (Llama 3's chat format; its <|begin_of_text|> is the tokenizer's begin-of-sequence token, which every
+            sequence starts with: llmkern.data.sequences)
     plain   "{instruction}[\\n\\n{input}]\\n\\n": for bases that know no chat format
 
-The learned response is the example's output, plus the template's end marker (ChatML's <|im_end|>),
-plus end-of-text, which encode_prompt_response appends as a token id for every template.
+The learned response is the example's output, plus the template's end marker (<|im_end|>, <|eot_id|>),
+plus end-of-text, which encode_prompt_response appends as a token id for every template (once: not after an end
+marker that is the tokenizer's end-of-text token itself, as <|im_end|> is Qwen2.5-Instruct's).
 
-The markers are ordinary text. llmkern's tokenizers encode all text as ordinary text (tiktoken's
-encode_ordinary), so "<|im_start|>" becomes a few ordinary tokens with GPT-2's or any other
-tokenizer, even one that has it as a special token, and the same way in training, generation and
-judging; text in an instruction that looks like a marker can never turn into a special token.
+The markers (<|im_start|>, <|im_end|>, <|start_header_id|>, ...) are the tokenizer's special tokens of those
+names where it has them (tokenizer.special_token: an imported Qwen or Llama 3 tokenizer), so that an instruct-
+capable base is trained and prompted with the ids it knows; with any other tokenizer (GPT-2's, "bytes", one
+trained by llmkern) they are ordinary text, a few ordinary tokens each. Text that comes from the user (the
+instruction, the input, the system prompt, the output) is always ordinary text, even where it spells a marker:
+a template builds its prompt from pieces, each a Marker or text (a TemplateText: a str that keeps its pieces), and
+llmkern.data.sequences.encode_text turns only the Marker pieces into special tokens. Generation stops at the end
+marker: at its token id where it is a special token, else where its text appears.
 
 A run records its template and system prompt in its saved fine-tuning settings (meta["finetune"]);
 resolve_prompt_format reads them back, so generation, the win rate and the next recipe prompt the
@@ -26,38 +36,59 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.sequences import Marker, TemplateText
+
 DEFAULT_TEMPLATE = "alpaca"
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+START_HEADER, END_HEADER, EOT_ID = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+
+Pieces = list[str | Marker]  # what a template builds: ordinary text and markers, in order
 
 
-def _alpaca_prompt(instruction: str, input_text: str, system_prompt: str) -> str:
+def _user_text(instruction: str, input_text: str) -> str:
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def _alpaca_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
     text = f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}"
     if input_text:
         text += f"\n\n### Input:\n{input_text}"
-    return text + "\n\n### Response:\n"
+    return [text + "\n\n### Response:\n"]
 
 
-def _chatml_prompt(instruction: str, input_text: str, system_prompt: str) -> str:
-    user = f"{instruction}\n\n{input_text}" if input_text else instruction
-    system = f"{IM_START}system\n{system_prompt}{IM_END}\n" if system_prompt else ""
-    return f"{system}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+def _chatml_turn(role: str, text: str) -> Pieces:
+    return [Marker(IM_START), f"{role}\n", text, Marker(IM_END), "\n"]
 
 
-def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> str:
-    text = f"{instruction}\n\n{input_text}" if input_text else instruction
-    return text + "\n\n"
+def _chatml_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
+    system = _chatml_turn("system", system_prompt) if system_prompt else []
+    return [*system, *_chatml_turn("user", _user_text(instruction, input_text)), Marker(IM_START), "assistant\n"]
+
+
+def _llama3_header(role: str) -> Pieces:
+    return [Marker(START_HEADER), role, Marker(END_HEADER), "\n\n"]
+
+
+def _llama3_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
+    system = [*_llama3_header("system"), system_prompt, Marker(EOT_ID)] if system_prompt else []
+    user = [*_llama3_header("user"), _user_text(instruction, input_text), Marker(EOT_ID)]
+    return [*system, *user, *_llama3_header("assistant")]
+
+
+def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
+    return [_user_text(instruction, input_text) + "\n\n"]
 
 
 @dataclass(frozen=True)
 class Template:
-    """A named prompt template: build(instruction, input, system_prompt) -> prompt; response_end is the
-    text that closes a response (before end-of-text)."""
+    """A named prompt template: build(instruction, input, system_prompt) -> the prompt's pieces (ordinary text
+    and Markers); response_end is the marker that closes a response (before end-of-text), "" for none."""
 
     name: str
-    build: Callable[[str, str, str], str]
+    build: Callable[[str, str, str], Pieces]
     response_end: str = ""
     takes_system_prompt: bool = False
 
@@ -66,6 +97,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("alpaca", _alpaca_prompt),
     Template("chatml", _chatml_prompt, response_end=IM_END, takes_system_prompt=True),
     Template("plain", _plain_prompt),
+    Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True),
 )}
 
 
@@ -99,14 +131,18 @@ class PromptFormat:
     def __post_init__(self) -> None:
         check_template_settings(self.template, self.system_prompt)
 
-    def prompt(self, example: dict[str, Any]) -> str:
-        """The prompt of an example (instruction, optional input); its response follows directly."""
-        return get_template(self.template).build(example["instruction"], example.get("input") or "",
-                                                 self.system_prompt)
+    def prompt(self, example: dict[str, Any]) -> TemplateText:
+        """The prompt of an example (instruction, optional input); its response follows directly. A str that
+        keeps its pieces: encode_text (encode_sequence, encode_prompt) puts the markers in as special tokens
+        where the tokenizer has them."""
+        return TemplateText(get_template(self.template).build(example["instruction"], example.get("input") or "",
+                                                              self.system_prompt))
 
-    def response(self, output: str) -> str:
-        """The text the model learns after the prompt (end-of-text is appended as a token later)."""
-        return output + get_template(self.template).response_end
+    def response(self, output: str) -> TemplateText:
+        """The text the model learns after the prompt, ended by the template's end marker (end-of-text is
+        appended as a token later)."""
+        end = get_template(self.template).response_end
+        return TemplateText([output, Marker(end)] if end else [output])
 
     @property
     def stop_texts(self) -> tuple[str, ...]:
@@ -114,12 +150,26 @@ class PromptFormat:
         end = get_template(self.template).response_end
         return (end,) if end else ()
 
+    def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
+        """The ids of the stop texts that `tokenizer` has as special tokens: with it, a response ends at them."""
+        ids = (tokenizer.special_token(text) for text in self.stop_texts)
+        return tuple(i for i in ids if i is not None)
+
+    def ordinary_stop_texts(self, tokenizer) -> tuple[str, ...]:
+        """The stop texts that `tokenizer` has no special token for: with it, a response ends where they appear."""
+        return tuple(text for text in self.stop_texts if tokenizer.special_token(text) is None)
+
     def cut_response(self, text: str) -> str:
         """Generated text up to (without) the first stop text."""
-        for stop in self.stop_texts:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return text
+        return cut_at_texts(text, self.stop_texts)
+
+
+def cut_at_texts(text: str, texts: Sequence[str]) -> str:
+    """text up to (without) the first of `texts` in it."""
+    for stop in texts:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
 
 
 def saved_settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -181,23 +231,50 @@ def stop_at_texts(tokenizer, texts: Sequence[str]) -> Callable[[list[int]], bool
     return stop
 
 
+def stop_at_tokens(token_ids: Sequence[int]) -> Callable[[list[int]], bool] | None:
+    """For generate(stop=...): true once a row's last new token is one of token_ids (None when there are none)."""
+    ids = frozenset(token_ids)
+    if not ids:
+        return None
+
+    def stop(new_tokens: list[int]) -> bool:
+        return bool(new_tokens) and new_tokens[-1] in ids
+
+    return stop
+
+
+def response_stop(tokenizer, prompt_format: PromptFormat) -> Callable[[list[int]], bool] | None:
+    """For generate(stop=...): the template's end marker, at its token id where the tokenizer has it as a special
+    token, else where its text appears; None for a template without one."""
+    by_id = stop_at_tokens(prompt_format.stop_token_ids(tokenizer))
+    by_text = stop_at_texts(tokenizer, prompt_format.ordinary_stop_texts(tokenizer))
+    if by_id is None or by_text is None:
+        return by_id or by_text
+    return lambda new_tokens: by_id(new_tokens) or by_text(new_tokens)
+
+
+def cut_at_tokens(ids: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+    """ids up to (without) the first of token_ids in them."""
+    ends = set(token_ids)
+    return next((list(ids[:i]) for i, t in enumerate(ids) if t in ends), list(ids))
+
+
 def respond(model, tokenizer, prompts: Sequence[str], prompt_format: PromptFormat, max_new_tokens: int,
             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
             seed: int | None = 0) -> list[str]:
     """The model's response to each prompt (one batch): the decoded new text up to end-of-text or the
-    template's stop text, both left out. Each prompt starts with the tokenizer's begin-of-sequence token
-    where it has one."""
+    template's end marker (its special token where the tokenizer has one, else its text), both left out. Each
+    prompt (a PromptFormat.prompt, whose markers become special tokens where the tokenizer has them) starts with
+    the tokenizer's begin-of-sequence token where it has one."""
     from ..data.sequences import encode_prompt
     from ..model import generate
 
-    eot = tokenizer.eot_token
+    ends = (tokenizer.eot_token, *prompt_format.stop_token_ids(tokenizer))
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
-                   seed=seed, stop=stop_at_texts(tokenizer, prompt_format.stop_texts))
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token=tokenizer.eot_token, seed=seed, stop=response_stop(tokenizer, prompt_format))
     responses = []
     for prompt_ids, row in zip(ids, out):
-        new = row[len(prompt_ids):]
-        if eot in new:
-            new = new[: new.index(eot)]
-        responses.append(prompt_format.cut_response(tokenizer.decode(new)))
+        new = cut_at_tokens(row[len(prompt_ids):], ends)
+        responses.append(cut_at_texts(tokenizer.decode(new), prompt_format.ordinary_stop_texts(tokenizer)))
     return responses
