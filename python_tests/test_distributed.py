@@ -16,7 +16,7 @@ from llmkern.data.shards import tokenize_documents
 from llmkern.train import TrainConfig, Trainer
 from llmkern.train import checkpoint as ckpt
 from llmkern.train import distributed
-from llmkern.train.metrics import read_metrics
+from llmkern.train.metrics import CollectiveMetricsLog, MetricsLog, read_metrics
 
 from test_train import TINY_MODEL, synthetic_documents
 import spawned
@@ -142,7 +142,7 @@ def test_two_processes_resume_each_ranks_own_random_draws(tmp_path, parallel):
 # what rank 0 fails in, by the test's `where` ("log": a folder where rank 0 removes an old run's log)
 _RANK_0_FAILS_IN = {"save": ("llmkern.train.checkpoint", "save_checkpoint"),
                     "corpus": ("llmkern.train.corpus", "prepare_corpus_shards"),
-                    "plot": ("llmkern.train.trainer", "plot_metrics"),
+                    "plot": ("llmkern.train.metrics", "plot_metrics"),
                     "run_dir": ("llmkern.train.metrics", "MetricsLog.__init__"),
                     "metrics": ("llmkern.train.metrics", "MetricsLog.write"),
                     "resume": ("llmkern.train.metrics", "MetricsLog.truncate_after")}
@@ -178,6 +178,31 @@ def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, whe
             "run_dir": "making the run folder"}[where]
     assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"
     assert exitcodes == [1, 1]
+
+
+def test_a_collective_metrics_log_takes_no_collective_in_one_process(tmp_path, monkeypatch):
+    # Every rank calls the log's methods under torchrun; in one process there is no group to reduce over: the log
+    # writes, cuts back and plots as a plain MetricsLog, and a failure raises itself, not a RuntimeError.
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in one process")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", no_collective)
+    monkeypatch.setattr(torch.distributed, "barrier", no_collective)
+    info = distributed.DistInfo()
+    run_dir = tmp_path / "run"
+    log = CollectiveMetricsLog.open(str(run_dir / "metrics.jsonl"), info, torch.device("cpu"))
+    for step in (1, 2, 3):
+        log.write("train", step=step, loss=3.0 / step, lr=1e-3 * step, tokens_per_s=100.0 * step, accuracy=0.25 * step)
+    log.write("eval", step=3, val_loss=float("nan"))
+    assert read_metrics(log.path)[-1] == {"kind": "eval", "step": 3, "val_loss": "nan"}
+    log.truncate_after(2)
+    assert read_metrics(log.path) == [{"kind": "train", "step": s, "loss": 3.0 / s, "lr": 1e-3 * s,
+                                       "tokens_per_s": 100.0 * s, "accuracy": 0.25 * s} for s in (1, 2)]
+    log.plot(str(run_dir), extra=["accuracy"])
+    assert sorted(p.name for p in run_dir.glob("*.png")) == ["accuracy.png", "loss.png", "lr.png", "throughput.png"]
+    monkeypatch.setattr(MetricsLog, "write", spawned._disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        log.write("train", step=3, loss=1.0)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")

@@ -214,7 +214,7 @@ _RANK_0_FAILS_IN = {"state": ("llmkern.train.checkpoint", "save_checkpoint"),  #
                     "model": ("llmkern.train.checkpoint", "save_checkpoint"),  # no training state: the model
                     "run_dir": ("llmkern.train.metrics", "MetricsLog.__init__"),
                     "metrics": ("llmkern.train.metrics", "MetricsLog.write"),
-                    "plot": ("llmkern.finetune.loop", "plot_metrics"),
+                    "plot": ("llmkern.train.metrics", "plot_metrics"),
                     "responses": ("llmkern.finetune.sft", "write_json_atomic"),
                     "adapters": ("llmkern.finetune.lora", "save_lora_adapters")}  # with LoRA
 

@@ -50,7 +50,7 @@ from ..train import checkpoint as ckpt
 from ..train import distributed
 from ..train.interrupt import StopOnSignal, TrainingInterrupted
 from ..train.loss_scale import DynamicLossScale, unscale_
-from ..train.metrics import MetricsLog, plot_metrics, read_metrics
+from ..train.metrics import CollectiveMetricsLog, MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr, warn_if_schedule_changed
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
@@ -408,28 +408,28 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
     """(the metrics log of config.out_dir, the restored counters or None, the evaluations logged so far).
 
     With config.resume the newest training state is loaded (restore_train_state) and the log cut back to
-    it; otherwise the run starts afresh: a new log, and no training state left from an older run."""
+    it; otherwise the run starts afresh: a new log, and no training state left from an older run. The log is
+    a plain MetricsLog (rank 0's; its writes are no collectives): PPO writes its evaluation on rank 0 alone."""
     info = distributed.detect()
     state_dir = train_state_dir(config)
     check_run_folder(config)  # first: an out_dir that is a file is its ValueError on every rank
     # rank 0 alone makes the folder, clears or cuts back the log: when that fails, the other ranks must not
     # wait for it at the first step's all-reduce
-    with distributed.fail_together(info, None, "making the run folder"):
-        log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=info.is_main)
+    log = CollectiveMetricsLog.open(os.path.join(config.out_dir, "metrics.jsonl"), info, None)
     if not config.resume:
+        # one collective for both: the log and the training state of the run this one replaces
         with distributed.fail_together(info, None, "clearing the old run's log and training state"):
             if info.is_main:
                 if os.path.exists(log.path):
                     os.remove(log.path)
                 shutil.rmtree(state_dir, ignore_errors=True)
-        return log, None, []
+        return log.plain, None, []
     counters = restore_train_state(state_dir, model, optimizer, position)
     distributed.barrier(info)  # every rank has read the state before rank 0 may write the log
-    with distributed.fail_together(info, None, "truncating the metrics log"):
-        log.truncate_after(counters["step"])
+    log.truncate_after(counters["step"])
     records = read_metrics(log.path) if os.path.exists(log.path) else []
     evals = [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in records if r["kind"] == "eval"]
-    return log, counters, evals
+    return log.plain, counters, evals
 
 
 def save_or_stop(stop: StopOnSignal, done_steps: int, done: bool, config, save: Callable[[int], str | None],
@@ -488,7 +488,8 @@ class _FitRun:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.position = _fit_position(train_examples, config, self.steps, self.info.world_size, settings)
         self.state_dir = train_state_dir(config)
-        self.log, self.counters, evals = open_run(config, self.model, self.optimizer, self.position)
+        log, self.counters, evals = open_run(config, self.model, self.optimizer, self.position)
+        self.log = CollectiveMetricsLog(log, self.info, self.device)  # every rank calls its methods alike
         self.first_eval, self.last_eval = (evals[0], evals[-1]) if evals else (None, None)
         self.last_train: dict[str, float] = {}  # the means of the last step that trained
         self.start_step = self.bad_steps = self.skipped = 0  # bad_steps: non-finite steps in a row
@@ -553,12 +554,12 @@ class _FitRun:
                 and loss_scale.can_back_off():  # a float16 overflow: the scale's doing, not divergence
             self.skipped += 1
             loss_scale.update(overflowed=True)
-            self._write_log("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
-                            reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
+            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm,
+                           reason=f"float16 gradient overflow: loss scale {scale:g} -> {loss_scale.scale:g}")
         elif not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.bad_steps += 1
             self.skipped += 1
-            self._write_log("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
+            self.log.write("skip", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
             if self.bad_steps >= MAX_BAD_STEPS:
                 raise FinetuneDiverged(f"fine-tuning stopped at step {step + 1}: the loss or gradient norm "
                                        f"was NaN/inf {self.bad_steps} steps in a row; try a lower lr")
@@ -569,21 +570,15 @@ class _FitRun:
             if loss_scale:
                 loss_scale.update(overflowed=False)
                 scaling = {"loss_scale": scale}
-            self._write_log("train", step=step + 1, lr=lr, grad_norm=grad_norm, **self.last_train, **scaling)
+            self.log.write("train", step=step + 1, lr=lr, grad_norm=grad_norm, **self.last_train, **scaling)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
 
     def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], done_steps: int) -> dict[str, float]:
         """Run `evaluate` (eval mode, no_grad, autocast) after done_steps steps and log it; its result, now
         last_eval."""
         self.last_eval = run_evaluation(self.model, evaluate, self.config, self.device)
-        self._write_log("eval", step=done_steps, **self.last_eval)
+        self.log.write("eval", step=done_steps, **self.last_eval)
         return self.last_eval
-
-    def _write_log(self, kind: str, **values: Any) -> None:
-        """Append a record to metrics.jsonl: rank 0 writes it, every rank calls this. A write that fails (disk
-        full) stops every rank, not rank 0 alone while the others wait for it at the next step's all-reduce."""
-        with distributed.fail_together(self.info, self.device, "writing the metrics log"):
-            self.log.write(kind, **values)
 
     def save(self, done_steps: int) -> str | None:
         """Write the training state after done_steps steps (every rank: it gathers their RNG states); rank 0 gets
@@ -596,10 +591,7 @@ class _FitRun:
         """After the last step: the trained weights back in the caller's model (fsdp), and the charts."""
         if self.sharded:
             gather_into(self.whole_model, self.model, self.device)
-        # rank 0's alone: the other ranks would wait for it failing here at the recipe's save of the model
-        with distributed.fail_together(self.info, self.device, "plotting the metrics"):
-            if self.info.is_main:
-                plot_metrics(self.log.path, self.config.out_dir, extra=charts)
+        self.log.plot(self.config.out_dir, charts)
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
@@ -630,7 +622,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 last_eval = run.evaluate(evaluate, step + 1)
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            save_or_stop(stop, step + 1, done, config, run.save, run.log, charts)
+            save_or_stop(stop, step + 1, done, config, run.save, run.log.plain, charts)
     run.finish(charts)
     return {"steps": run.steps, "skipped_steps": run.skipped, "train": run.last_train, "first_eval": run.first_eval,
             "last_eval": run.last_eval, "seconds": time.perf_counter() - start, "metrics": run.log.path}

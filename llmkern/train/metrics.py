@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._atomic import write_text_atomic
+from . import distributed
 
 # Dense bf16 tensor-core peaks in FLOP/s (no sparsity), matched against the GPU's name, first match wins.
 GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -96,6 +97,46 @@ class MetricsLog:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         # atomically: a crash while rewriting must leave the old log, not half of it
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class CollectiveMetricsLog:
+    """Rank 0's MetricsLog for code that every rank runs in step (the trainer, finetune's fit). Each method is a
+    collective: every rank calls it at the same point, in the same order. Rank 0 does the file work; when that
+    fails (disk full), every rank raises (distributed.fail_together) instead of the others waiting for rank 0 at
+    the next collective. Without a process group it takes no collective. A call on rank 0 alone would hang: code
+    where rank 0 logs alone (PPO's evaluation) keeps a plain MetricsLog inside its own fail_together."""
+
+    def __init__(self, plain: MetricsLog, info: distributed.DistInfo, device: torch.device | None):
+        """plain: the MetricsLog rank 0 writes (enabled on rank 0 only); device: where fail_together reduces its
+        flags (None: the process group's)."""
+        self.plain, self.info, self.device = plain, info, device
+
+    @classmethod
+    def open(cls, path: str, info: distributed.DistInfo, device: torch.device | None) -> CollectiveMetricsLog:
+        """The log at `path`; rank 0 makes its folder."""
+        with distributed.fail_together(info, device, "making the run folder"):
+            plain = MetricsLog(path, enabled=info.is_main)
+        return cls(plain, info, device)
+
+    @property
+    def path(self) -> str:
+        return self.plain.path
+
+    def write(self, kind: str, **values: Any) -> None:
+        """Rank 0 appends the record."""
+        with distributed.fail_together(self.info, self.device, "writing the metrics log"):
+            self.plain.write(kind, **values)
+
+    def truncate_after(self, step: int) -> None:
+        """Rank 0 drops the records past `step` (a resumed run repeats them)."""
+        with distributed.fail_together(self.info, self.device, "truncating the metrics log"):
+            self.plain.truncate_after(step)
+
+    def plot(self, out_dir: str, extra: Sequence[str] = ()) -> None:
+        """Rank 0 draws the charts of the log into out_dir (plot_metrics)."""
+        with distributed.fail_together(self.info, self.device, "plotting the metrics"):
+            if self.info.is_main:
+                plot_metrics(self.path, out_dir, extra=extra)
 
 
 def _json_number(v: Any) -> Any:

@@ -48,7 +48,7 @@ from . import distributed
 from .config import TrainConfig
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .loss_scale import DynamicLossScale, unscale_
-from .metrics import MetricsLog, mfu, peak_flops, peak_memory_gib, plot_metrics
+from .metrics import CollectiveMetricsLog, mfu, peak_flops, peak_memory_gib
 from .readback import Readback
 from .schedules import learning_rate, warn_if_schedule_changed
 
@@ -178,9 +178,9 @@ class Trainer:
         self.optimizer = self._make_optimizer(self.raw_model)
         if config.compile:
             self.model = torch.compile(self.model)
-        # rank 0 makes the run folder: the other ranks would wait for it failing here at fit's first barrier
-        with distributed.fail_together(self.dist, self.device, "making the run folder"):
-            self.log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.dist.is_main)
+        # rank 0 makes the run folder and writes the log; every rank calls the log's methods (collectives): a
+        # failure on rank 0 stops them all, not rank 0 alone while the others wait for it at the next collective
+        self.log = CollectiveMetricsLog.open(os.path.join(self.run_dir, "metrics.jsonl"), self.dist, self.device)
         self.step = 0
         self.best_val_loss = math.inf
         self.evals_since_best = 0
@@ -270,7 +270,7 @@ class Trainer:
                 # a signal during the checkpoint of this very step: that one holds this state already (a second
                 # save would double the time a scheduler's grace period must cover, and swap the folder out)
                 path = self._saved[1] if self._saved[0] == self.step else self.save()
-                self._plot()
+                self.log.plot(self.run_dir)
                 raise TrainingInterrupted(f"{stop.requested} at step {self.step}: the run is saved ({path}); "
                                           f"continue it with the same command and --resume", stop.requested)
             if stop_reason == "max_steps" and self.last_eval_step != self.step:  # not twice (a resumed finished run)
@@ -278,9 +278,7 @@ class Trainer:
             self.save()
         finally:
             bar.close()
-        # rank 0's alone: the other ranks would wait for it failing here at shutdown's barrier
-        with distributed.fail_together(self.dist, self.device, "plotting the metrics"):
-            self._plot()
+        self.log.plot(self.run_dir)
         return self._summary(stop_reason)
 
     def _summary(self, stop_reason: str) -> dict[str, Any]:
@@ -345,10 +343,6 @@ class Trainer:
                 bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not last,
                 bool(cfg.ckpt_interval) and step % cfg.ckpt_interval == 0 and not last)
 
-    def _plot(self) -> None:
-        if self.dist.is_main:
-            plot_metrics(self.log.path, self.run_dir)
-
     def _train_step(self) -> _StepRecord:
         """Queue one optimizer step; its record, to read later."""
         lr = learning_rate(self.step, self.config)
@@ -407,7 +401,7 @@ class Trainer:
         overflow, counted: after max_bad_steps in a row, TrainingDiverged."""
         loss, grad_norm = record.values.read()
         if record.overflow:
-            self._write_log("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
+            self.log.write("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
             return None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._count_bad_step(record.step, loss, grad_norm)
@@ -427,7 +421,7 @@ class Trainer:
 
     def _count_bad_step(self, step: int, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
-        self._write_log("skip", step=step, loss=loss, grad_norm=grad_norm,
+        self.log.write("skip", step=step, loss=loss, grad_norm=grad_norm,
                        reason="non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm")
         if self.bad_steps >= self.config.max_bad_steps:
             latest = ckpt.latest_checkpoint(self.run_dir)
@@ -438,16 +432,10 @@ class Trainer:
                 f"Try a lower lr, a longer warmup or dtype=float32."
             )
 
-    def _write_log(self, kind: str, **values: Any) -> None:
-        """Append a record to metrics.jsonl: rank 0 writes it, every rank calls this. A write that fails (disk
-        full) stops every rank, not rank 0 alone while the others wait for it at the next step's all-reduce."""
-        with distributed.fail_together(self.dist, self.device, "writing the metrics log"):
-            self.log.write(kind, **values)
-
     def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
         flops = self.raw_model.flops_per_token(self.config.seq_len)
         scaling = {"loss_scale": self.step_loss_scale} if self.loss_scale else {}  # the scale this step used
-        self._write_log("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+        self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
                        peak_mem_gib=peak_memory_gib(self.device), **scaling)
 
@@ -480,7 +468,7 @@ class Trainer:
         """Evaluate, log; True when patience ran out."""
         val_loss = self.evaluate()
         self.last_val_loss, self.last_eval_step = val_loss, self.step
-        self._write_log("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
+        self.log.write("eval", step=self.step, val_loss=val_loss, val_ppl=_perplexity(val_loss))
         if self.dist.is_main:
             from tqdm import tqdm
 
@@ -561,9 +549,7 @@ class Trainer:
         self.last_eval_step = counters.get("last_eval_step")  # None in older checkpoints: evaluate again at the end
         if self.loss_scale and counters.get("loss_scale"):  # saved by a float16 run
             self.loss_scale.load_state_dict(counters["loss_scale"])
-        # rank 0's log: the other ranks would wait for it failing here at the first step's all-reduce
-        with distributed.fail_together(self.dist, self.device, "truncating the metrics log"):
-            self.log.truncate_after(self.step)
+        self.log.truncate_after(self.step)
 
 
 @torch.no_grad()
