@@ -316,12 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hyphenated(argv: list[str]) -> list[str]:
+    """argv with its options spelled with hyphens (--max_new_tokens=8 -> --max-new-tokens=8), values untouched."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(name.replace("_", "-") + eq + value if arg.startswith("--") else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if rest and not getattr(args, "accepts_overrides", False) and any("_" in a for a in rest if a.startswith("--")):
+        # train and finetune take --key=value settings spelled with underscores; the other commands' options are
+        # hyphenated: --max_new_tokens, typed after a train command, is taken for --max-new-tokens
+        hyphen_args, hyphen_rest = parser.parse_known_args(_hyphenated(argv))
+        if not hyphen_rest:  # else the error below names the options as they were typed
+            args, rest = hyphen_args, hyphen_rest
     if rest and not getattr(args, "accepts_overrides", False):
         print(f"llmkern {args.command}: error: unrecognized arguments: {' '.join(rest)} "
               f"(`llmkern {args.command} --help` lists the options)", file=sys.stderr)

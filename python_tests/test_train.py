@@ -1038,6 +1038,13 @@ def test_train_generate_eval_commands(tmp_path, data_dir, capsys):
     assert capsys.readouterr().out.startswith("the")
     assert main(["eval", "--run", run, "--data", data_dir, "--batch-size", "2", "--max-batches", "2"]) == 0
     assert "val loss " in capsys.readouterr().out
+    # underscores, as train and finetune spell their settings: an "unrecognized arguments" error before
+    assert main(["generate", "--run", run, "--prompt", "the cat", "--max_new_tokens=5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["eval", "--run", run, "--data", data_dir, "--batch_size", "2", "--max_batches=2"]) == 0
+    assert "val loss " in capsys.readouterr().out
+    assert main(["generate", "--run", run, "--prompt", "x", "--max_new_tokenz=5"]) == 2  # a misspelling stays one
+    assert "unrecognized arguments: --max_new_tokenz=5" in capsys.readouterr().err
 
     assert main(["train", "--max_steps=zero"]) == 2
     assert "'max_steps' in command line must be an integer" in capsys.readouterr().err
