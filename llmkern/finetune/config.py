@@ -32,9 +32,10 @@ C = TypeVar("C", bound="FinetuneConfig")
 class FinetuneConfig:
     """What to start from, what to learn from, where to write, and how to optimize."""
 
-    base: str = ""  # the model to start from: a run or checkpoint folder, or a Hugging Face GPT-2 or Llama-family
-    #                 model.safetensors (its config.json beside it)
-    base_tokenizer: str = "gpt2"  # the tokenizer of a .safetensors base: a tiktoken name or .tiktoken file
+    base: str = ""  # the model to start from: a run or checkpoint folder, or a Hugging Face GPT-2, Llama-family
+    #                 (Llama, Mistral, Qwen2, Qwen3) or Phi-3 model.safetensors (its config.json beside it)
+    base_tokenizer: str = "gpt2"  # the tokenizer of a .safetensors base: a tiktoken name, a .tiktoken file, or
+    #                               the model's tokenizer.json (its tokenizer_config.json beside it)
     data: str = ""  # the examples: a .json list or .jsonl file (each recipe says which keys)
     out_dir: str = "runs/finetune"  # the run folder: checkpoints/, metrics.jsonl, charts
     overwrite: bool = False  # a fresh start in a folder that holds a run replaces it (else: an error)

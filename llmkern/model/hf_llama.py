@@ -64,8 +64,10 @@ def load_hf_llama_file(path: str, **overrides) -> GPT:
     if hf_config is None:
         raise ValueError(f"{path!r} has no config.json beside it; a Llama model's weights do not tell its head "
                          f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
-    config_from_hf_llama(hf_config, **overrides)  # a config it cannot load: said before the (slow) read
-    return from_hf_llama(read_safetensors(path), hf_config, **overrides)
+    # read once (its warnings said once), and before the (slow) read: a config it cannot load is said first
+    model = GPT(config_from_hf_llama(hf_config, **overrides))
+    load_hf_llama(model, read_safetensors(path))
+    return model
 
 
 def _llama_mapping(config: GPTConfig) -> dict[str, tuple[str, ...]]:

@@ -51,8 +51,10 @@ def load_hf_phi3_file(path: str, **overrides) -> GPT:
     if hf_config is None:
         raise ValueError(f"{path!r} has no config.json beside it; a Phi-3 model's weights do not tell its head "
                          f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
-    config_from_hf_phi3(hf_config, **overrides)  # a config it cannot load: said before the (slow) read
-    return from_hf_phi3(read_safetensors(path), hf_config, **overrides)
+    # read once (its warnings said once), and before the (slow) read: a config it cannot load is said first
+    model = GPT(config_from_hf_phi3(hf_config, **overrides))
+    load_hf_phi3(model, read_safetensors(path))
+    return model
 
 
 def _check_phi3_shaped(config: GPTConfig) -> None:
