@@ -85,7 +85,8 @@ def _cmd_tokenizer_import(args: argparse.Namespace) -> int:
 
 
 def _add_tokenizer_parser(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train or import a byte-level BPE tokenizer (a .tiktoken file)")
+    p = sub.add_parser("tokenizer", help="train or import a byte-level BPE tokenizer (a .tiktoken file; any "
+                                         "Hugging Face tokenizer.json is also a tokenizer spec by its path)")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="learn BPE merges from files or directories, read as `data prepare` reads them")
     t.add_argument("corpus", nargs="+", help="files (.txt, .md, .jsonl, .parquet; text and JSONL also .gz/.zst) "
@@ -102,7 +103,8 @@ def _add_tokenizer_parser(sub) -> None:
     t.add_argument("tokenizer_json", help="the model's tokenizer.json")
     t.add_argument("--out", required=True, help="the .tiktoken file to write (a .json sidecar goes beside it)")
     t.add_argument("--eot-token", default=None,
-                   help="the special token that ends documents (default <|endoftext|>; Llama 3: <|end_of_text|>)")
+                   help="the special token that ends documents (default: the eos_token of the tokenizer_config.json "
+                        "beside the file, else <|endoftext|>)")
     bos = t.add_mutually_exclusive_group()
     bos.add_argument("--bos-token", default=None,
                      help="the special token that begins every sequence (default: the one the file's post-processor "

@@ -412,3 +412,20 @@ def test_refusal_says_the_tokenizer_json_is_a_spec(tmp_path, trained):
     data["model"]["byte_fallback"] = True
     with pytest.raises(ValueError, match="the tokenizer.json itself is a tokenizer spec"):
         import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")
+
+
+def test_end_of_text_from_the_tokenizer_config_beside_the_file(tmp_path, trained, capsys):
+    """The import took <|endoftext|> whatever tokenizer_config.json said (a Llama 3 file needed --eot-token, and an
+    Instruct model's <|im_end|> was read by the tokenizer.json spec but not by the import): both routes agree now."""
+    data = hf_json(trained[1], pattern=LLAMA3_REGEX, shift=3, specials=LLAMA3_SPECIALS)
+    path = write(tmp_path, data)
+    with pytest.raises(ValueError, match="'<\\|endoftext\\|>' is not a special token"):
+        import_hf_tokenizer(path, tmp_path / "none.tiktoken")  # no config: the default, which this file lacks
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|eot_id|>"}}))
+    assert import_hf_tokenizer(path, tmp_path / "a.tiktoken").eot_token == 2
+    assert import_hf_tokenizer(path, tmp_path / "b.tiktoken", eot_token="<|end_of_text|>").eot_token == 1  # given
+    assert cli_main(["tokenizer", "import", str(path), "--out", str(tmp_path / "c.tiktoken")]) == 0
+    assert "end of text = 2" in capsys.readouterr().out
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": ["<|eot_id|>"]}))
+    with pytest.raises(ValueError, match="malformed 'eos_token'"):
+        import_hf_tokenizer(path, tmp_path / "d.tiktoken")

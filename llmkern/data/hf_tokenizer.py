@@ -7,8 +7,8 @@ What is imported:
   tiktoken rank.
 - pre_tokenizer: ByteLevel with use_regex (GPT-2's split pattern), or a Split with a regex (behavior
   "Isolated") followed by ByteLevel without use_regex, as Llama 3 and Qwen2 have (the regex is the pattern).
-- added_tokens marked special become the sidecar's special tokens; the end-of-text token is <|endoftext|>
-  unless `eot_token` names another (Llama 3's <|end_of_text|>, say).
+- added_tokens marked special become the sidecar's special tokens; the end-of-text token is `eot_token`, else the
+  "eos_token" of the tokenizer_config.json beside the file (Llama 3's <|end_of_text|>), else <|endoftext|>.
 
 tiktoken merges the adjacent pair whose concatenation has the lowest rank; Hugging Face the pair earliest in
 the merges list. For them to agree the merges must give ids in their own order (ties only where several
@@ -39,7 +39,13 @@ import warnings
 
 from .._atomic import write_json_atomic, write_text_atomic
 from .bpe import _check_out_path, gpt2_byte_order
-from .tokenizer import ENDOFTEXT, GPT2_PATTERN, get_tokenizer, sidecar_path
+from .tokenizer import (
+    ENDOFTEXT,
+    GPT2_PATTERN,
+    get_tokenizer,
+    hf_config_path,
+    sidecar_path,
+)
 
 
 def byte_of_char() -> dict[str, int]:
@@ -123,6 +129,33 @@ def _split_pattern(pre_tokenizer, path: str) -> str:
     # not match. The second alternative matches exactly such a gap (the characters where the regex matches
     # nowhere); for a regex that matches everywhere (Llama 3's, Qwen2's) it never comes into play.
     return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
+
+
+def read_tokenizer_config(tokenizer_json: str, argument: str) -> dict:
+    """The tokenizer_config.json beside a tokenizer.json, as a dict ({} where there is none); `argument` names
+    what a ValueError is about."""
+    path = hf_config_path(tokenizer_json)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{argument}: {path!r} is not a JSON file ({err}); expected a tokenizer_config.json") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{argument}: {path!r} is not a tokenizer_config.json (not a JSON object)")
+    return config
+
+
+def config_token_name(config: dict, key: str, tokenizer_json: str, argument: str) -> str | None:
+    """The token tokenizer_config.json gives under `key` ("eos_token", "bos_token"): written as a string or as
+    {"content": ...} (an AddedToken); None where it gives none."""
+    value = config.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{argument}: {hf_config_path(tokenizer_json)!r} has a malformed {key!r}: {value!r}")
 
 
 class _FromPostProcessor:
@@ -216,8 +249,9 @@ def _hf_bpe(chars: list[str], merge_rank: dict[tuple[str, str], int]) -> list[st
 def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None, bos_token=FROM_POST_PROCESSOR):
     """Write the byte-level BPE of a Hugging Face tokenizer.json as `out_path` (.tiktoken) and its sidecar.
 
-    eot_token: the special token that ends documents (default <|endoftext|>; it must be one of the file's
-    special added tokens). bos_token: the special token that begins every sequence; by default the one the
+    eot_token: the special token that ends documents (default: the "eos_token" of the tokenizer_config.json
+    beside the file, as a tokenizer.json used directly as a spec takes it, else <|endoftext|>; it must be one of
+    the file's special added tokens). bos_token: the special token that begins every sequence; by default the one the
     file's post-processor puts in front of the text (none where it puts none), None for none. Returns the
     tokenizer (get_tokenizer(out_path)). ValueError, saying what was found, for a tokenizer.json that tiktoken
     cannot reproduce (see the module docstring).
@@ -330,7 +364,10 @@ def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None, 
         hole = next(i for i in range(n_vocab) if i not in ids)
         raise ValueError(f"tokenizer_json: {path!r} has no token of id {hole} (its ids run to {n_vocab - 1}); "
                          f"a .tiktoken file has no holes")
-    eot_name = ENDOFTEXT if eot_token is None else eot_token
+    # by default the token that ends documents as Hugging Face's tokenizer_config.json says (Llama 3's
+    # <|end_of_text|>, an Instruct model's <|im_end|>), as a tokenizer.json used directly as a spec reads it
+    default = config_token_name(read_tokenizer_config(path, "tokenizer_json"), "eos_token", path, "tokenizer_json")
+    eot_name = eot_token or default or ENDOFTEXT
     if eot_name not in special:
         raise ValueError(f"eot_token: {eot_name!r} is not a special token of {path!r}; pass the one that ends "
                          f"documents (`--eot-token` on the command line), one of {sorted(special)}")

@@ -33,11 +33,16 @@ the post-processor puts in front of the text (see hf_tokenizer.post_processor_bo
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
-from .hf_tokenizer import post_processor_bos
-from .tokenizer import _check_text, _check_texts, _check_token_name, _token_ids, hf_config_path
+from .hf_tokenizer import config_token_name, post_processor_bos, read_tokenizer_config
+from .tokenizer import (
+    _check_text,
+    _check_texts,
+    _check_token_name,
+    _token_ids,
+    hf_config_path,
+)
 
 # The names end-of-text tokens go by, tried in this order where tokenizer_config.json names none.
 END_OF_TEXT_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>", "[SEP]")
@@ -105,14 +110,6 @@ def _without_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _read_json(path: str, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"spec: {path!r} is not a JSON file ({err}); expected {what}") from err
-
-
 def _import_tokenizers(path: str):
     try:
         import tokenizers
@@ -125,15 +122,6 @@ def _import_tokenizers(path: str):
     return tokenizers
 
 
-def _token_name(value, key: str, config_path: str) -> str | None:
-    """A token as tokenizer_config.json writes it: a string, {"content": ...} (an AddedToken), or null."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"spec: {config_path!r} has a malformed {key!r}: {value!r}")
-
-
 def _special_added_tokens(data: dict) -> list[str]:
     return [t["content"] for t in data.get("added_tokens") or []
             if isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)]
@@ -141,7 +129,7 @@ def _special_added_tokens(data: dict) -> list[str]:
 
 def _eot_name(data: dict, config: dict, path: str) -> str:
     config_path = hf_config_path(path)
-    name = _token_name(config.get("eos_token"), "eos_token", config_path)
+    name = config_token_name(config, "eos_token", path, "spec")
     if name is not None:
         return name
     special = _special_added_tokens(data)
@@ -158,7 +146,7 @@ def _bos_name(data: dict, config: dict, path: str) -> str | None:
     if "add_bos_token" in config:  # Llama 2's: it decides, as transformers' LlamaTokenizer(Fast) lets it
         if not config["add_bos_token"]:
             return None
-        name = _token_name(config.get("bos_token"), "bos_token", hf_config_path(path))
+        name = config_token_name(config, "bos_token", path, "spec")
         if name is None:
             raise ValueError(f"spec: {hf_config_path(path)!r} says add_bos_token but names no \"bos_token\"")
         return name
@@ -183,10 +171,7 @@ def load_tokenizer_json(path: str) -> HFTokenizersTokenizer:
         raise ValueError(f"spec: {path!r} is not a JSON file ({err}); expected a Hugging Face tokenizer.json") from err
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"spec: {path!r} is not a Hugging Face tokenizer.json (no \"model\"); a .json spec names one")
-    config_path = hf_config_path(path)
-    config = _read_json(config_path, "a tokenizer_config.json") if os.path.isfile(config_path) else {}
-    if not isinstance(config, dict):
-        raise ValueError(f"spec: {config_path!r} is not a tokenizer_config.json (not a JSON object)")
+    config = read_tokenizer_config(path, "spec")
     tokenizers = _import_tokenizers(path)
     try:
         backend = tokenizers.Tokenizer.from_str(text)
