@@ -241,7 +241,13 @@ def test_export_round_trips_bitwise(tied):
     # the MLP width comes back as mlp_hidden, set; the same width the preset's None makes
     assert dataclasses.replace(back.config, mlp_hidden=None) == ours.config
     assert back.config.hidden_size == ours.config.hidden_size
-    for name, tensor in ours.state_dict().items():  # the vocabulary padding is not exported, and reads back 0
+    assert_same_weights(back, ours)
+
+
+def assert_same_weights(back: GPT, ours: GPT) -> None:
+    """back (ours exported and read back) holds ours' weights; the vocabulary padding is not exported, and reads
+    back 0."""
+    for name, tensor in ours.state_dict().items():
         rows = VOCAB if name in ("wte.weight", "lm_head.weight") else None
         assert torch.equal(back.state_dict()[name][:rows], tensor[:rows]), name
 

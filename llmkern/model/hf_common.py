@@ -1,12 +1,16 @@
-"""What the Hugging Face importers (hf_gpt2, hf_llama) share: reading a model's files (its config.json and its
-safetensors weights, sharded or not) and copying tensors with a check of their shapes."""
+"""What the Hugging Face importers (hf_gpt2, hf_llama, hf_phi3) share: reading a model's files (its config.json and
+its safetensors weights, sharded or not) and copying tensors with a check of their shapes."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import torch
+
+from .config import GPTConfig
+from .gpt import GPT
 
 
 def check_model_file(path: str) -> None:
@@ -33,6 +37,22 @@ def read_hf_config(path: str) -> dict | None:
     if not isinstance(hf_config, dict):
         raise ValueError(f"{config_path!r} must hold a JSON object, got {type(hf_config).__name__}")
     return hf_config
+
+
+def load_model_file(path: str, family: str, config_from_hf: Callable[..., GPTConfig],
+                    load_weights: Callable[[GPT, dict[str, torch.Tensor]], None], **overrides) -> GPT:
+    """The GPT of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint) whose config.json
+    beside it is read by config_from_hf(hf_config, **overrides) and whose weights load_weights(model, state_dict)
+    copies in. The config is read once (its warnings said once) and before the (slow) weights, so that a config
+    the model cannot compute is said first."""
+    check_model_file(path)
+    hf_config = read_hf_config(path)
+    if hf_config is None:
+        raise ValueError(f"{path!r} has no config.json beside it; a {family} model's weights do not tell its head "
+                         f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
+    model = GPT(config_from_hf(hf_config, **overrides))
+    load_weights(model, read_safetensors(path))
+    return model
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:

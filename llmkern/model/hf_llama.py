@@ -17,14 +17,7 @@ import torch
 
 from .config import GPTConfig
 from .gpt import GPT
-from .hf_common import (
-    check_model_file,
-    check_shape,
-    copy_into,
-    first_names,
-    read_hf_config,
-    read_safetensors,
-)
+from .hf_common import check_shape, copy_into, first_names, load_model_file
 from .hf_llama_config import config_from_hf_llama, hf_llama_config
 
 # our name (per block: "blocks.{i}.") -> HF's names (under "model.layers.{i}."), stacked by rows in this order
@@ -59,15 +52,7 @@ def from_hf_llama(state_dict: dict[str, torch.Tensor], hf_config: dict, **overri
 def load_hf_llama_file(path: str, **overrides) -> GPT:
     """from_hf_llama of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint, as
     load_hf_gpt2_file) and the config.json beside it."""
-    check_model_file(path)
-    hf_config = read_hf_config(path)
-    if hf_config is None:
-        raise ValueError(f"{path!r} has no config.json beside it; a Llama model's weights do not tell its head "
-                         f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
-    # read once (its warnings said once), and before the (slow) read: a config it cannot load is said first
-    model = GPT(config_from_hf_llama(hf_config, **overrides))
-    load_hf_llama(model, read_safetensors(path))
-    return model
+    return load_model_file(path, "Llama", config_from_hf_llama, load_hf_llama, **overrides)
 
 
 def _llama_mapping(config: GPTConfig) -> dict[str, tuple[str, ...]]:

@@ -14,7 +14,7 @@ import torch
 
 from .config import GPTConfig
 from .gpt import GPT
-from .hf_common import check_model_file, read_hf_config, read_safetensors
+from .hf_common import load_model_file
 from .hf_llama import (
     check_llama_shaped,
     layer_mapping,
@@ -46,15 +46,7 @@ def from_hf_phi3(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrid
 def load_hf_phi3_file(path: str, **overrides) -> GPT:
     """from_hf_phi3 of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint) and the
     config.json beside it."""
-    check_model_file(path)
-    hf_config = read_hf_config(path)
-    if hf_config is None:
-        raise ValueError(f"{path!r} has no config.json beside it; a Phi-3 model's weights do not tell its head "
-                         f"counts, RMSNorm eps or RoPE theta: put the model's config.json there")
-    # read once (its warnings said once), and before the (slow) read: a config it cannot load is said first
-    model = GPT(config_from_hf_phi3(hf_config, **overrides))
-    load_hf_phi3(model, read_safetensors(path))
-    return model
+    return load_model_file(path, "Phi-3", config_from_hf_phi3, load_hf_phi3, **overrides)
 
 
 def _check_phi3_shaped(config: GPTConfig) -> None:
