@@ -60,6 +60,25 @@ def test_plain_is_instruction_input_and_a_blank_line():
     assert plain.response("Hi!") == "Hi!" and plain.stop_texts == ()
 
 
+def _llama3_rendered(messages: list[tuple[str, str]]) -> str:
+    """Llama 3's own chat template (without its <|begin_of_text|>, which the tokenizer's BOS gives), written out:
+    each message's content trimmed, then the assistant header as the generation prompt."""
+    turns = "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+                    for role, content in messages)
+    return turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_llama3_turns_are_stripped_as_llama3s_own_template_does():
+    llama3 = PromptFormat("llama3", system_prompt="  Be brief.\n")
+    padded = {"instruction": "\n Add the numbers. ", "input": "2 and 3\n\n", "output": " 5\n"}
+    assert llama3.prompt(padded) == _llama3_rendered([("system", "  Be brief.\n"),
+                                                     ("user", "\n Add the numbers. \n\n2 and 3\n\n")])
+    assert PromptFormat("llama3").prompt(NO_INPUT) == _llama3_rendered([("user", "Say hi.")])
+    assert llama3.response(padded["output"]) == "5<|eot_id|>"
+    # the other templates keep the text as given (Qwen's ChatML template does not trim)
+    assert PromptFormat("chatml").response(" 5\n") == " 5\n<|im_end|>"
+
+
 def test_unknown_templates_and_misplaced_system_prompts_are_errors():
     with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3; got 'vicuna'"):
         get_template("vicuna")

@@ -9,7 +9,7 @@ the prompt a model reads and the response it learns to write.
             "<|start_header_id|>user<|end_header_id|>\\n\\n{instruction}[\\n\\n{input}]<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\\n\\n"; the response ends with "<|eot_id|>"
             (Llama 3's chat format; its <|begin_of_text|> is the tokenizer's begin-of-sequence token, which every
-            sequence starts with: llmkern.data.sequences)
+            sequence starts with: llmkern.data.sequences); each turn's text stripped, as Llama 3's template does
     plain   "{instruction}[\\n\\n{input}]\\n\\n": for bases that know no chat format
 
 The learned response is the example's output, plus the template's end marker (<|im_end|>, <|eot_id|>),
@@ -73,8 +73,9 @@ def _llama3_header(role: str) -> Pieces:
 
 
 def _llama3_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
-    system = [*_llama3_header("system"), system_prompt, Marker(EOT_ID)] if system_prompt else []
-    user = [*_llama3_header("user"), _user_text(instruction, input_text), Marker(EOT_ID)]
+    # each turn's text stripped, as Llama 3's own chat template does (its "| trim")
+    system = [*_llama3_header("system"), system_prompt.strip(), Marker(EOT_ID)] if system_prompt else []
+    user = [*_llama3_header("user"), _user_text(instruction, input_text).strip(), Marker(EOT_ID)]
     return [*system, *user, *_llama3_header("assistant")]
 
 
@@ -85,19 +86,22 @@ def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> Piec
 @dataclass(frozen=True)
 class Template:
     """A named prompt template: build(instruction, input, system_prompt) -> the prompt's pieces (ordinary text
-    and Markers); response_end is the marker that closes a response (before end-of-text), "" for none."""
+    and Markers); response_end is the marker that closes a response (before end-of-text), "" for none;
+    strips_turns: each turn's text (the response too) is stripped of surrounding whitespace, as the model
+    family's own chat template does, so that fine-tuning sees what the model's users will send it."""
 
     name: str
     build: Callable[[str, str, str], Pieces]
     response_end: str = ""
     takes_system_prompt: bool = False
+    strips_turns: bool = False
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("alpaca", _alpaca_prompt),
     Template("chatml", _chatml_prompt, response_end=IM_END, takes_system_prompt=True),
     Template("plain", _plain_prompt),
-    Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True),
+    Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True, strips_turns=True),
 )}
 
 
@@ -141,7 +145,10 @@ class PromptFormat:
     def response(self, output: str) -> TemplateText:
         """The text the model learns after the prompt, ended by the template's end marker (end-of-text is
         appended as a token later)."""
-        end = get_template(self.template).response_end
+        template = get_template(self.template)
+        if template.strips_turns:
+            output = output.strip()
+        end = template.response_end
         return TemplateText([output, Marker(end)] if end else [output])
 
     @property
