@@ -4,7 +4,10 @@ the prompt a model reads and the response it learns to write.
     alpaca  (the default) "Below is an instruction ...\\n\\n### Instruction:\\n...[### Input:\\n...]### Response:\\n"
     chatml  "<|im_start|>system\\n...<|im_end|>\\n" (only with a system prompt), then
             "<|im_start|>user\\n{instruction}[\\n\\n{input}]<|im_end|>\\n<|im_start|>assistant\\n";
-            the response ends with "<|im_end|>" (Qwen2.5's and Qwen3's chat format)
+            the response ends with "<|im_end|>" (Qwen2.5's and Qwen3's chat format; Qwen2.5-Instruct's own
+            template puts in a default system turn, "You are Qwen, created by Alibaba Cloud. You are a helpful
+            assistant.", where a conversation has none: give it as system_prompt to prompt such a model as it
+            was trained)
     llama3  "<|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>" (only with a system prompt), then
             "<|start_header_id|>user<|end_header_id|>\\n\\n{instruction}[\\n\\n{input}]<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\\n\\n"; the response ends with "<|eot_id|>"
