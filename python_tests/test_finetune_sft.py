@@ -221,3 +221,18 @@ def test_an_example_cut_inside_its_prompt_is_dropped_with_or_without_prompt_mask
         tokens, labels = encoded[0]
         assert tokens == (tok.encode(format_prompt(examples[1])) + tok.encode("Hello!"))[:max_len]
         assert labels == ([IGNORE] * short_prompt if mask_prompt else tokens[:short_prompt]) + tokens[short_prompt:]
+
+
+def test_a_run_that_drops_examples_warns_before_training(tmp_path):
+    tok = get_tokenizer("bytes")
+    examples = [{"instruction": "Summarize the following long text, please, in a few words.", "output": "Short."}]
+    examples += [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(3)]
+    max_len = len(tok.encode(format_prompt(examples[1]))) + 3
+    assert max_len < len(tok.encode(format_prompt(examples[0])))
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(examples))
+    base = make_base(str(tmp_path / "base"))
+    with pytest.warns(UserWarning, match=rf"1 of 4 examples dropped: their prompt fills max_len={max_len} ") as seen:
+        summary = run_sft(sft_config(base, str(data), tmp_path / "sft", max_steps=1, max_len=max_len, num_samples=0))
+    assert summary["examples"]["dropped_too_long"] == 1
+    assert any(w.filename == __file__ for w in seen if "dropped" in str(w.message))  # at the caller of run_sft

@@ -14,6 +14,7 @@ it; out_dir/responses.json holds greedy answers to a few held-out instructions.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,9 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     if not train:
         raise ValueError(f"{config.data}: no training example keeps a response token within max_len={max_len} "
                          f"tokens; raise max_len (up to the model's block_size)")
+    if dropped_train + dropped_val:  # the summary counts them too, but a run's end is late to learn it
+        warnings.warn(f"{config.data}: {dropped_train + dropped_val} of {len(examples)} examples dropped: their "
+                      f"prompt fills max_len={max_len} tokens, leaving no response token to learn", stacklevel=2)
     train_probe = train[:EVAL_TRAIN_EXAMPLES]
 
     def evaluate(m) -> dict[str, float]:
