@@ -22,7 +22,9 @@ decode(encode(t)) == t where the tokenizer is lossless, which depends on the fil
 - Text outside the vocab without byte fallback becomes the unknown token; normalizers such as NFKC or lowercasing
   (T5, BERT) change the text: lossy.
 Encoding is per text: where a normalizer or Metaspace puts "▁" in front of each text, encode(a) + encode(b) is not
-encode(a + b) (a prompt and its response encoded apart get a "▁" each).
+encode(a + b) (a response encoded apart from its prompt gets a "▁" of its own). So a text that continues another (a
+response, a multiple-choice continuation) is encoded with it, its tokens the ones after the prompt's:
+llmkern.data.sequences.encode_continuation.
 
 The end-of-text token (eot_token) is the tokenizer_config.json's "eos_token" beside the tokenizer.json, else the
 first of END_OF_TEXT_NAMES among the special added tokens. The begin-of-sequence token (bos_token) is the

@@ -6,6 +6,9 @@ trained, and as Hugging Face's tokenizer does with add_special_tokens=True. A to
 A text is encoded by encode_text: a plain str as ordinary text (tokenizer.encode), a TemplateText (what a prompt
 template builds: llmkern.finetune.templates) piece by piece, each Marker piece as the tokenizer's special token of
 that name where it has one.
+
+A text that continues another in one sequence (a response after its prompt, a choice after its context) is
+encoded by encode_continuation: its tokens are the ones that follow the prompt's in the joint text's tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def _piece_text(piece: str | Marker) -> str:
     return piece.text if isinstance(piece, Marker) else str(piece)
 
 
+def join_texts(*texts: str) -> str:
+    """The texts one after another. Where one is a TemplateText the join is a TemplateText of all their pieces (a
+    plain str is one ordinary piece), so that encode_text makes the same markers special tokens in the join as in
+    its parts: `+` would give a plain str, all ordinary text. Plain strs alone join to a plain str."""
+    if not any(isinstance(text, TemplateText) for text in texts):
+        return "".join(texts)
+    return TemplateText(piece for text in texts for piece in _pieces(text))
+
+
+def _pieces(text: str) -> tuple[str | Marker, ...]:
+    return text.pieces if isinstance(text, TemplateText) else (str(text),)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """The tokens of `text`: a plain str's are tokenizer.encode(text); a TemplateText's are its Marker pieces as
     the tokenizer's special tokens of those names (tokenizer.special_token) and the text between them encoded as
@@ -80,6 +96,24 @@ def sequence_start(tokenizer) -> list[int]:
 def encode_sequence(tokenizer, text: str) -> list[int]:
     """The tokens of `text` as a sequence of its own: sequence_start, then the text's tokens (encode_text)."""
     return sequence_start(tokenizer) + encode_text(tokenizer, text)
+
+
+def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids) of `continuation` following `prompt` in one sequence, as lm-evaluation-harness
+    and TRL split them. The prompt's ids are encode_sequence(prompt): what the model reads at inference before it
+    generates or scores. The continuation's ids are the ones after them in encode_sequence of the joined text
+    (join_texts), not the continuation encoded apart: a SentencePiece-style tokenizer.json (Llama 2, Mistral)
+    puts "▁" in front of every text it encodes, so apart, a response "Paris" would be learned as "▁Paris" and a
+    choice " Paris" scored as "▁", "▁Paris", a token that the joint text never has.
+
+    Where the joint ids do not start with the prompt's (the tokenizer merged across the boundary: GPT-2's
+    "Answer: " + "Paris" gives "Answer", ":", " Paris"), the continuation is encoded apart (encode_text), so that
+    the prompt's ids are still the ones inference gives."""
+    prompt_ids = encode_sequence(tokenizer, prompt)
+    joint_ids = encode_sequence(tokenizer, join_texts(prompt, continuation))
+    if joint_ids[:len(prompt_ids)] == prompt_ids:
+        return prompt_ids, joint_ids[len(prompt_ids):]
+    return prompt_ids, encode_text(tokenizer, continuation)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

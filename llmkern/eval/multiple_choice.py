@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from .._modes import eval_mode
-from ..data.sequences import cut_left, encode_prompt
+from ..data.sequences import cut_left, encode_continuation, encode_prompt
 from .logprobs import sequence_logprobs
 
 
@@ -98,9 +98,11 @@ def load_choice_tasks(path: str) -> list[ChoiceExample]:
 def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
     """(context + continuation token ids, length of the continuation), the context left-cut so
     that the inputs (all but the last token) fit in block_size. The context starts with the tokenizer's
-    begin-of-sequence token where it has one, kept by the cut."""
-    ctx = encode_prompt(tokenizer, context)  # an empty context without a BOS: condition on <|endoftext|>
-    cont = tokenizer.encode(continuation)
+    begin-of-sequence token where it has one, kept by the cut. The continuation's tokens are the ones that follow
+    the context's in the joint text (encode_continuation), so that a SentencePiece tokenizer scores " Paris" as the
+    "▁Paris" the joint text has, not as "▁", "▁Paris"."""
+    ctx, cont = encode_continuation(tokenizer, context, continuation)
+    ctx = ctx or encode_prompt(tokenizer, context)  # an empty context without a BOS: condition on <|endoftext|>
     if len(cont) > block_size:
         raise ValueError(f"{where}: a choice has {len(cont)} tokens, more than block_size={block_size}")
     full = cut_left(tokenizer, ctx + cont, block_size + 1)

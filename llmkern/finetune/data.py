@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data.sequences import encode_sequence, encode_text
+from ..data.sequences import encode_continuation
 from .templates import ALPACA_HEADER, DEFAULT_TEMPLATE, PromptFormat
 
 IGNORE = -1  # the label of a token that is not scored (GPT.forward skips targets equal to -1)
@@ -104,7 +104,9 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
     """(tokens, labels) of prompt + response + end-of-text, cut to max_len tokens. response is the text
     after the prompt, with the template's end marker when it has one (PromptFormat.response). The prompt
     starts with the tokenizer's begin-of-sequence token where it has one (llmkern.data.sequences). The
-    template's markers become the tokenizer's special tokens where it has them (encode_text); end-of-text is
+    template's markers become the tokenizer's special tokens where it has them (encode_text). The prompt's tokens
+    are the prompt encoded alone, as the model reads it when it generates; the response's are the ones that follow
+    them in the joint text (encode_continuation: no "▁" of its own from a SentencePiece tokenizer). End-of-text is
     not appended twice after an end marker that is the end-of-text token itself (<|im_end|> where a Qwen
     Instruct tokenizer ends documents with it).
 
@@ -113,8 +115,7 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    prompt_ids = encode_sequence(tokenizer, prompt)
-    response_ids = encode_text(tokenizer, response)
+    prompt_ids, response_ids = encode_continuation(tokenizer, prompt, response)
     if response_ids[-1:] != [tokenizer.eot_token]:
         response_ids.append(tokenizer.eot_token)
     tokens = (prompt_ids + response_ids)[:max_len]
