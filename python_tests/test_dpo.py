@@ -215,8 +215,10 @@ def test_dpo_skips_pairs_that_read_the_same(tmp_path):
     make_base(tmp_path / "base")
     config = DPOConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "dpo"), max_steps=1,
                        batch_size=2, max_len=256, val_fraction=0.0, device="cpu", progress=False)
-    summary = run_dpo(config)
+    with pytest.warns(UserWarning, match="prefs.json: 1 of 3 examples dropped: .* read the same") as seen:
+        summary = run_dpo(config)
     assert summary["train_examples"] == 2 and summary["skipped_examples"] == 1
+    assert [w.filename for w in seen if "dropped" in str(w.message)] == [__file__]  # at the caller of run_dpo
     data.write_text(json.dumps([same, same]))
     with pytest.raises(ValueError, match="prefs.json"):
         run_dpo(DPOConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "dpo2")}))

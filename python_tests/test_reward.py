@@ -173,3 +173,19 @@ def test_training_rows_are_the_tokens_a_long_text_is_scored_on():
     assert encode_pair_text(tokenizer, "Hi", "yo", 32) == tokenizer.encode("Hiyo") + [tokenizer.eot_token]
     with pytest.raises(ValueError, match="max_len"):
         encode_pair_text(tokenizer, prompt, "terrible", 1)
+
+
+def test_pairs_that_read_the_same_are_skipped_with_a_warning(tmp_path):
+    body = tiny_gpt(block_size=256)
+    save_finetuned(str(tmp_path / "base"), 0, body.state_dict(),
+                   {"model_config": body.config.to_dict(), "tokenizer": "bytes"})
+    pairs = synthetic_pairs(3, seed=3)
+    pairs.append({**pairs[0], "rejected": pairs[0]["chosen"]})
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(pairs))
+    config = RewardConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "rm"), max_steps=1,
+                          batch_size=2, val_fraction=0.0, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="prefs.json: 1 of 4 examples dropped: their chosen and rejected") as seen:
+        summary = run_reward(config)
+    assert summary["train_examples"] == 3 and summary["skipped_examples"] == 1
+    assert [w.filename for w in seen if "dropped" in str(w.message)] == [__file__]

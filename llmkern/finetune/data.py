@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,6 +122,13 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int,
     tokens = (prompt_ids + response_ids)[:max_len]
     labels = ([IGNORE] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + response_ids
     return tokens, labels[:max_len]
+
+
+def warn_dropped(data: str, dropped: int, total: int, why: str) -> None:
+    """A warning, at the caller of the recipe that calls this, that `dropped` of the `total` examples of `data`
+    will not be trained on, and why: the run's summary counts them too, but its end is late to learn it."""
+    if dropped:
+        warnings.warn(f"{data}: {dropped} of {total} examples dropped: {why}", stacklevel=3)
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, length: int | None = None) -> torch.Tensor:

@@ -183,7 +183,7 @@ def load_reference(config: DPOConfig, policy, tokenizer, base_sha256: str) -> tu
 def run_dpo(config: DPOConfig) -> dict[str, Any]:
     """Fine-tune config.base with DPO on config.data; save the policy to config.out_dir; the summary."""
     from .base import check_exists, effective_max_len, load_base, require_base, save_finetuned
-    from .data import load_preference_data, split_examples
+    from .data import load_preference_data, split_examples, warn_dropped
     from .lora import apply_lora_from_config, check_lora_targets, save_and_merge_lora
     from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
@@ -211,6 +211,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     if not encoded:
         raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len} "
                          f"and chosen and rejected responses that differ there")
+    warn_dropped(config.data, len(raw) - len(encoded), len(raw), f"their prompt fills max_len={max_len} tokens, or "
+                 f"their chosen and rejected responses read the same within it")
     train, val = split_examples(encoded, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
     add_reference_logps(reference, train + val, pad_id, config, device)

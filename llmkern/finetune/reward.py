@@ -175,7 +175,7 @@ def pair_loss_and_metrics(rm: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
     from .base import effective_max_len, load_base, require_base
-    from .data import load_preference_data, split_examples
+    from .data import load_preference_data, split_examples, warn_dropped
     from .lora import apply_lora_from_config, save_and_merge_lora
     from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
@@ -203,6 +203,8 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
             pairs.append((chosen, rejected))
     if not pairs:
         raise ValueError(f"no pair of {config.data!r} differs within max_len={max_len} tokens")
+    warn_dropped(config.data, len(raw) - len(pairs), len(raw),
+                 f"their chosen and rejected texts read the same within max_len={max_len} tokens")
     train, val = split_examples(pairs, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
 

@@ -14,7 +14,6 @@ it; out_dir/responses.json holds greedy answers to a few held-out instructions.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from .base import effective_max_len, load_base, require_base, save_finetuned
 from .config import FinetuneConfig
 from .data import (
     IGNORE, encode_prompt_response, load_instruction_data, make_lm_batch, make_packed_batch, pack_examples,
-    split_examples,
+    split_examples, warn_dropped,
 )
 from .lora import apply_lora_from_config, check_lora_targets, lora_info, save_and_merge_lora, trainable_parameters
 from .loop import check_run_folder, drop_train_state, fit, to_device
@@ -135,9 +134,8 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     if not train:
         raise ValueError(f"{config.data}: no training example keeps a response token within max_len={max_len} "
                          f"tokens; raise max_len (up to the model's block_size)")
-    if dropped_train + dropped_val:  # the summary counts them too, but a run's end is late to learn it
-        warnings.warn(f"{config.data}: {dropped_train + dropped_val} of {len(examples)} examples dropped: their "
-                      f"prompt fills max_len={max_len} tokens, leaving no response token to learn", stacklevel=2)
+    warn_dropped(config.data, dropped_train + dropped_val, len(examples),
+                 f"their prompt fills max_len={max_len} tokens, leaving no response token to learn")
     train_probe = train[:EVAL_TRAIN_EXAMPLES]
 
     def evaluate(m) -> dict[str, float]:
