@@ -4,8 +4,12 @@ weights split here as transformers' Phi-3 code splits them, and comes back out b
 compute and the model here does not (longrope, RoPE on part of each head, a short sliding window) is refused."""
 
 import json
+import math
+import warnings
+from unittest import mock
 
 import pytest
+import test_hf_llama
 import torch
 from test_hf_llama import (
     CTX,
@@ -23,11 +27,13 @@ from test_hf_llama import (
 
 from llmkern.model import GPT, GPTConfig
 from llmkern.model.hf import (
+    config_from_hf_llama,
     config_from_hf_phi3,
     from_hf_llama,
     from_hf_phi3,
     load_hf_file,
     load_hf_phi3,
+    to_hf_llama,
     to_hf_phi3,
 )
 
@@ -188,13 +194,11 @@ def test_training_time_dropouts_are_accepted_and_left_out():
     torch.testing.assert_close(logits_of(model, idx), phi3_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
 
 
-LONGROPE = {"type": "longrope", "short_factor": [1.0] * (D // 2), "long_factor": [2.0] * (D // 2)}
-
-
 @pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": LONGROPE}, "RoPE scaling .*'longrope'"),  # Phi-3-mini-128k, Phi-3.5-mini
-    ({"rope_scaling": {**LONGROPE, "type": "su"}}, "RoPE scaling .*'su'"),  # the older name
-    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "RoPE scaling .*'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling .*'linear'"),
+    # YaRN's own keys: Phi3Config reads "yarn" as longrope, which has none of them
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0, "beta_fast": 32.0}},
+     r"longrope RoPE scaling has \['beta_fast'\]"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 64}}, "a Phi-3 model here computes plain RoPE"),
     ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),  # Phi-4-mini
@@ -232,3 +236,195 @@ def test_phi3_weights_that_do_not_fit_are_refused():
         to_hf_phi3(scaled)
     with pytest.raises(ValueError, match="Llama weights need a Llama-shaped model"):
         to_hf_phi3(GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB)))
+
+
+def test_the_sliding_window_warning_names_the_users_call(tmp_path):
+    """The warning that a short sliding window cuts the context is the user's call's (its file and line), however
+    many llmkern functions lie between that call and the warning (it named one of them, in llmkern)."""
+    from llmkern.train.inference import load_gpt
+
+    sd, cfg = phi3_state_dict(), phi3_config_json(sliding_window=CTX // 2)
+    (path,) = _save(tmp_path, sd, cfg)
+    loads = [lambda: config_from_hf_phi3(cfg), lambda: from_hf_phi3(sd, cfg, backend="torch"),
+             lambda: load_hf_file(str(path), backend="torch"),
+             lambda: load_gpt(str(path), backend="torch", hf_tokenizer="bytes")]
+    for load in loads:
+        with pytest.warns(UserWarning, match="sliding_window") as record:
+            load()
+        assert [w.filename for w in record if "sliding_window" in str(w.message)] == [__file__]
+
+
+# LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): a context of CTX positions stretched 4 times past an original one
+ORIGINAL = CTX // 4
+
+
+def phi3_longrope_json(**changes) -> dict:
+    """The config.json of a longrope Phi-3, written as Phi-3.5-mini's is: rope_scaling {"type": "longrope",
+    "short_factor", "long_factor"} (D / 2 random factors each: short ones near 1, long ones up to 8) and
+    original_max_position_embeddings at the top level, beside a longer max_position_embeddings."""
+    scaling = {"type": "longrope", "short_factor": (1 + 0.5 * torch.rand(D // 2, dtype=torch.float64)).tolist(),
+               "long_factor": (1 + 7 * torch.rand(D // 2, dtype=torch.float64)).tolist()}
+    return phi3_config_json(**{"rope_scaling": scaling, "original_max_position_embeddings": ORIGINAL, **changes})
+
+
+def hf_attention_factor(cfg: dict) -> float:
+    """transformers' LongRoPE attention factor for a config.json that names none: sqrt(1 + ln(s) / ln(original))
+    for the stretch s = max_position_embeddings / original_max_position_embeddings, 1 when s <= 1."""
+    original = cfg["original_max_position_embeddings"]
+    stretch = cfg["max_position_embeddings"] / original
+    return 1.0 if stretch <= 1 else math.sqrt(1 + math.log(stretch) / math.log(original))
+
+
+def phi3_longrope_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict,
+                         attention_factor: float | None = None) -> torch.Tensor:
+    """phi3_logits with LongRoPE as transformers applies it to a sequence of idx's length: frequency i is
+    theta^(-2i/D) / factor_i, the factors long_factor's for a sequence longer than original_max_position_embeddings
+    and short_factor's otherwise, and cos and sin are multiplied by the attention factor (given, config.json's,
+    or hf_attention_factor). Multiplying cos and sin by a multiplies q and k after RoPE, a linear map, by a: it
+    enters the reference as q_proj and k_proj multiplied by a."""
+    scaling = cfg["rope_scaling"]
+    long = idx.shape[1] > scaling.get("original_max_position_embeddings", cfg["original_max_position_embeddings"])
+    factors = scaling["long_factor" if long else "short_factor"]
+    freqs = [1 / (f * cfg["rope_theta"] ** (2 * i / D)) for i, f in enumerate(factors)]
+    a = attention_factor or scaling.get("attention_factor") or hf_attention_factor(cfg)
+    weights = split_as_transformers(sd, cfg)
+    for name in weights:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] = weights[name].double() * a  # in float64: bf16 weights would be rounded
+    with mock.patch.object(test_hf_llama, "reference_inv_freq", lambda cfg, d: freqs):
+        return llama_logits(weights, idx, cfg)
+
+
+def test_a_longrope_context_past_the_original_one_warns_at_the_users_call():
+    """Loaded with a block_size past the original context, every position takes long_factor, so short sequences
+    get other logits than transformers': said at import, at the user's call; at the original context, nothing."""
+    cfg = phi3_longrope_json()
+    with pytest.warns(UserWarning, match=f"load it with block_size={ORIGINAL} to compute") as record:
+        config_from_hf_phi3(cfg)
+    assert [w.filename for w in record if "longrope" in str(w.message)] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_hf_phi3(cfg, block_size=ORIGINAL).block_size == ORIGINAL
+
+
+@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (None, ORIGINAL + 1), (ORIGINAL, ORIGINAL),
+                                                 (ORIGINAL, 3)])
+def test_longrope_import_gives_the_reference_logits(tmp_path, block_size, seq_len):
+    """A longrope Phi-3 read from its folder (config.json, bf16 safetensors) gives transformers' logits: with its
+    max_position_embeddings as block_size, on sequences longer than the original context (long_factor); with
+    block_size cut to the original context, on every sequence it takes (short_factor)."""
+    sd, cfg = phi3_state_dict(), phi3_longrope_json()
+    (path,) = _save(tmp_path, sd, cfg, dtype=torch.bfloat16)
+    model, _ = load_hf_file(str(path), backend="torch", **({} if block_size is None else {"block_size": block_size}))
+    scaling = model.config.rope_scaling
+    assert scaling == {"rope_type": "longrope", "short_factor": cfg["rope_scaling"]["short_factor"],
+                       "long_factor": cfg["rope_scaling"]["long_factor"], "original_max_position_embeddings": ORIGINAL,
+                       "attention_factor": pytest.approx(math.sqrt(1 + math.log(4) / math.log(ORIGINAL)), rel=1e-12)}
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    idx = torch.randint(0, VOCAB, (2, seq_len))
+    torch.testing.assert_close(logits_of(model, idx), phi3_longrope_logits(bf16, idx, cfg), rtol=1e-5, atol=1e-5)
+    # the config is saved with the model's checkpoints and read back
+    assert GPTConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))) == model.config
+
+
+def test_longrope_reference_sees_what_the_import_could_get_wrong():
+    """Short and long factors swapped, or the attention factor left out: the logits move past the tolerance.
+    And the one place the model differs from transformers, by design: a block_size longer than the original
+    context takes long_factor on a sequence no longer than it too, where transformers takes short_factor."""
+    sd, cfg = phi3_state_dict(), phi3_longrope_json()
+    idx = torch.randint(0, VOCAB, (1, CTX))
+    right = phi3_longrope_logits(sd, idx, cfg)
+    factors = cfg["rope_scaling"]
+    swapped = {**cfg, "rope_scaling": {**factors, "short_factor": factors["long_factor"],
+                                       "long_factor": factors["short_factor"]}}
+    assert not torch.allclose(logits_of(from_hf_phi3(sd, swapped, backend="torch"), idx), right, atol=1e-3)
+    assert not torch.allclose(phi3_longrope_logits(sd, idx, cfg, attention_factor=1.0), right, atol=1e-3)
+    short = idx[:, :ORIGINAL]
+    model = from_hf_phi3(sd, cfg, backend="torch")
+    assert not torch.allclose(logits_of(model, short), phi3_longrope_logits(sd, short, cfg), atol=1e-3)
+    torch.testing.assert_close(logits_of(model, short), right[:, :ORIGINAL])  # it is the long sequence's start
+
+
+def test_longrope_config_json_is_read_as_transformers_reads_it():
+    base = phi3_longrope_json()
+    expected = config_from_hf_phi3(base).rope_scaling
+    factors = {k: base["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+    # an attention factor named in config.json is taken as it is; with no stretch it is 1
+    named = {**base, "rope_scaling": {**base["rope_scaling"], "attention_factor": 1.5}}
+    assert config_from_hf_phi3(named).rope_scaling == {**expected, "attention_factor": 1.5}
+    assert config_from_hf_phi3({**base, "max_position_embeddings": ORIGINAL}).rope_scaling["attention_factor"] == 1.0
+    # "su", the name Phi-3-mini-128k's config.json first had; transformers 5's rope_parameters, the original
+    # context inside them; a factor equal to the stretch
+    su = {**base, "rope_scaling": {**base["rope_scaling"], "type": "su"}}
+    v5_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 1.0, **factors,
+                     "original_max_position_embeddings": ORIGINAL}
+    v5 = {**{k: v for k, v in base.items() if k not in ("rope_scaling", "original_max_position_embeddings")},
+          "rope_theta": None, "rope_parameters": v5_parameters}
+    with_factor = {**base, "rope_scaling": {**base["rope_scaling"], "factor": 4.0}}
+    for other in (su, v5, with_factor):
+        assert config_from_hf_phi3(other).rope_scaling == expected
+    # no original_max_position_embeddings anywhere: Phi3Config's 4096, so no stretch of this context of CTX
+    bare = {k: v for k, v in base.items() if k != "original_max_position_embeddings"}
+    assert config_from_hf_phi3(bare).rope_scaling == {**expected, "original_max_position_embeddings": 4096,
+                                                      "attention_factor": 1.0}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_longrope_export_round_trips(tied):
+    sd, cfg = phi3_state_dict(tied), phi3_longrope_json(tie_word_embeddings=tied)
+    factors = {k: cfg["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+    model = from_hf_phi3(sd, cfg, backend="torch")
+    out, out_cfg = to_hf_phi3(model)
+    # Phi-3.5-mini's own spelling: every transformers version reads it (those before 5 no other)
+    assert out_cfg["rope_scaling"] == {"type": "longrope", **factors}
+    assert (out_cfg["max_position_embeddings"], out_cfg["original_max_position_embeddings"]) == (CTX, ORIGINAL)
+    back = from_hf_phi3(out, json.loads(json.dumps(out_cfg)), backend="torch")
+    assert back.config == model.config
+    idx = torch.randint(0, VOCAB, (1, CTX))
+    assert torch.equal(logits_of(back, idx), logits_of(model, idx))
+    # loaded with block_size cut to the original context, its attention factor is still max_position_embeddings':
+    # written out, since transformers would work out 1 from the max_position_embeddings written (block_size)
+    short = from_hf_phi3(sd, cfg, backend="torch", block_size=ORIGINAL)
+    out, out_cfg = to_hf_phi3(short)
+    assert out_cfg["rope_scaling"] == {"rope_type": "longrope", **factors, "original_max_position_embeddings": ORIGINAL,
+                                       "attention_factor": short.config.rope_scaling["attention_factor"]}
+    assert out_cfg["max_position_embeddings"] == ORIGINAL
+    back = from_hf_phi3(out, json.loads(json.dumps(out_cfg)), backend="torch")
+    assert back.config == short.config
+    idx = torch.randint(0, VOCAB, (1, ORIGINAL))
+    assert torch.equal(logits_of(back, idx), logits_of(short, idx))
+    torch.testing.assert_close(logits_of(back, idx), phi3_longrope_logits(sd, idx, out_cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"short_factor": [1.0] * (D // 2 - 1)}, (r"config.json's longrope RoPE scaling is not one the model takes: "
+                                              r"rope_scaling\['short_factor'\] must be a list of head_dim / 2 = 8")),
+    ({"long_factor": None}, r"rope_scaling\['long_factor'\] must be a list"),
+    ({"long_factor": [1.0] * (D // 2 - 1) + [-2.0]}, r"rope_scaling\['long_factor\[7\]'\] must be a finite number > 0"),
+    ({"attention_factor": 0}, r"rope_scaling\['attention_factor'\] must be a finite number > 0"),
+    ({"factor": 2.0}, "factor=2.0, not max_position_embeddings / original_max_position_embeddings = 4.0"),
+    ({"original_max_position_embeddings": 2 * ORIGINAL},
+     f"original_max_position_embeddings={ORIGINAL}, and {2 * ORIGINAL} in its RoPE scaling"),
+    ({"short_mscale": 1.0}, r"longrope RoPE scaling has \['short_mscale'\]"),  # Phi-3-small's (another model)
+])
+def test_a_bad_longrope_config_json_is_refused(change, message):
+    cfg = phi3_longrope_json()
+    cfg["rope_scaling"].update(change)
+    with pytest.raises(ValueError, match=message):
+        config_from_hf_phi3(cfg)
+
+
+def test_longrope_is_refused_where_it_is_not_phi3s():
+    cfg = phi3_longrope_json()
+    del cfg["rope_scaling"]["long_factor"]
+    with pytest.raises(ValueError, match=r"missing \['long_factor'\]"):
+        config_from_hf_phi3(cfg)
+    with pytest.raises(ValueError, match="original_max_position_embeddings must be an int >= 1"):
+        config_from_hf_phi3(phi3_longrope_json(original_max_position_embeddings=0))
+    # a Llama config.json with it, and a longrope model exported as Llama's
+    llama = {**phi3_longrope_json(), "model_type": "llama", "sliding_window": None}
+    with pytest.raises(ValueError, match="a Llama model here computes plain RoPE or Llama 3.1's 'llama3' scaling"):
+        config_from_hf_llama(llama)
+    model = from_hf_phi3(phi3_state_dict(), phi3_longrope_json(), backend="torch")
+    with pytest.raises(ValueError, match="longrope RoPE scaling is Phi-3's: a model with it exports as Phi-3's"):
+        to_hf_llama(model)

@@ -9,12 +9,14 @@ small shapes, plus one that the results do not depend on the order threads and b
 """
 
 import importlib
+import math
 
 import pytest
 import torch
 
 import llmkern
 import simt
+from llmkern.model import GPTConfig
 from llmkern.ops import reference
 from llmkern.nn import RotaryCache
 from numerics import assert_close_to_ref
@@ -86,6 +88,77 @@ def test_rotary_cache_tables():
     cache = cache.to(torch.bfloat16)  # a model cast to bf16 keeps fp32 tables
     assert cache.cos.dtype == torch.float32 and abs(cache.cos[p, i].item() - angle.cos().item()) < 1e-6
     assert cache.state_dict() == {}  # not saved in checkpoints: rebuilt
+
+
+def longrope_scaling(half: int, original: int, attention_factor: float) -> dict:
+    """A longrope scaling of random factors: short ones near 1, long ones up to 8 (as Phi-3's are)."""
+    return {"rope_type": "longrope", "short_factor": (1 + 0.5 * torch.rand(half, dtype=torch.float64)).tolist(),
+            "long_factor": (1 + 7 * torch.rand(half, dtype=torch.float64)).tolist(),
+            "original_max_position_embeddings": original, "attention_factor": attention_factor}
+
+
+def longrope_reference(head_dim: int, max_positions: int, theta: float, scaling: dict) -> tuple[list, list]:
+    """LongRoPE's cos and sin, from its definition in float64 Python: pair i turns by position / (factor_i *
+    theta^(2i / D)), the factors long_factor's when the context reaches past original_max_position_embeddings
+    (short_factor's otherwise), and both tables are scaled by attention_factor."""
+    long = max_positions > scaling["original_max_position_embeddings"]
+    factors = scaling["long_factor" if long else "short_factor"]
+    scale = scaling["attention_factor"]
+    angles = [[p / (f * theta ** (2 * i / head_dim)) for i, f in enumerate(factors)] for p in range(max_positions)]
+    return ([[scale * math.cos(a) for a in row] for row in angles],
+            [[scale * math.sin(a) for a in row] for row in angles])
+
+
+@pytest.mark.parametrize("max_positions, takes", [(24, "short_factor"), (64, "short_factor"), (65, "long_factor"),
+                                                  (300, "long_factor")])
+def test_rotary_cache_longrope_tables(max_positions, takes):
+    """Tables for a context up to the original 64 positions take short_factor, longer ones long_factor; both
+    scaled by attention_factor (here not 1, so a table left unscaled is seen)."""
+    scaling = longrope_scaling(8, 64, attention_factor=1.19)
+    cache = RotaryCache(head_dim=16, max_positions=max_positions, theta=500.0, scaling=scaling)
+    cos, sin = longrope_reference(16, max_positions, 500.0, scaling)
+    torch.testing.assert_close(cache.cos, torch.tensor(cos, dtype=torch.float32), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache.sin, torch.tensor(sin, dtype=torch.float32), rtol=0, atol=1e-6)
+    other = "long_factor" if takes == "short_factor" else "short_factor"
+    wrong = longrope_reference(16, max_positions, 500.0, {**scaling, takes: scaling[other]})
+    assert not torch.allclose(cache.cos, torch.tensor(wrong[0], dtype=torch.float32), atol=1e-3)
+    assert takes in repr(cache)
+    # a bf16 cast or a move from the meta device rebuilds the same scaled tables
+    assert torch.equal(cache.to(torch.bfloat16).cos, torch.tensor(cos, dtype=torch.float32))
+    with torch.device("meta"):
+        empty = RotaryCache(head_dim=16, max_positions=max_positions, theta=500.0, scaling=scaling)
+    assert torch.equal(empty.to_empty(device="cpu").sin, cache.sin)
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+            "original_max_position_embeddings": 16, "attention_factor": 1.1}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"short_factor": [1.0, 1.5, 2.0]}, r"rope_scaling\['short_factor'\] must be a list of head_dim / 2 = 4 numbers"),
+    ({"long_factor": [2.0] * 8}, r"rope_scaling\['long_factor'\] must be a list of head_dim / 2 = 4"),
+    ({"long_factor": (2.0, 4.0, 8.0, 16.0)}, r"rope_scaling\['long_factor'\] must be a list"),
+    ({"short_factor": [1.0, 0.0, 2.0, 3.0]}, r"rope_scaling\['short_factor\[1\]'\] must be a finite number > 0"),
+    ({"long_factor": [2.0, 4.0, float("inf"), 16.0]}, r"rope_scaling\['long_factor\[2\]'\] must be a finite"),
+    ({"long_factor": [2.0, 4.0, float("nan"), 16.0]}, r"rope_scaling\['long_factor\[2\]'\] must be a finite"),
+    ({"short_factor": [1.0, True, 2.0, 3.0]}, r"rope_scaling\['short_factor\[1\]'\] must be a finite"),
+    ({"attention_factor": -1.0}, r"rope_scaling\['attention_factor'\] must be a finite number > 0"),
+    ({"original_max_position_embeddings": 16.0}, r"rope_scaling\['original_max_position_embeddings'\] must be an int"),
+    ({"original_max_position_embeddings": 0}, r"rope_scaling\['original_max_position_embeddings'\] must be an int"),
+    ({"attention_factor": None}, r"rope_scaling\['attention_factor'\] must be a finite number"),
+    ({"factor": 2.0}, r"longrope scaling takes .*unknown \['factor'\]"),
+    ({"rope_type": "su"}, "rope_type 'llama3' or 'longrope'"),
+])
+def test_a_bad_longrope_scaling_is_refused(change, words):
+    scaling = {**LONGROPE, **change}
+    with pytest.raises(ValueError, match=words):
+        RotaryCache(head_dim=8, max_positions=32, scaling=scaling)
+    with pytest.raises(ValueError, match=words):  # heads of 8: n_embd 32 over 4 heads
+        GPTConfig.from_preset("tiny-llama", n_embd=32, n_head=4, n_kv_head=4, rope_scaling=scaling)
+    missing = {k: v for k, v in LONGROPE.items() if k != "attention_factor"}
+    with pytest.raises(ValueError, match=r"missing \['attention_factor'\]"):
+        RotaryCache(head_dim=8, max_positions=32, scaling=missing)
+    assert RotaryCache(head_dim=8, max_positions=32, scaling=LONGROPE).max_positions == 32
 
 
 @pytest.mark.parametrize("seq_len", [51, -1])

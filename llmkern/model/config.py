@@ -30,7 +30,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     pos: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
-    # None, or Llama 3.1's frequency scaling as HF's config.json has it (llmkern.nn.rotary.check_rope_scaling)
+    # None, or a RoPE scaling as HF's config.json has it: Llama 3.1's "llama3" or Phi-3's "longrope"
+    # (llmkern.nn.rotary.check_rope_scaling, which says how longrope's short and long factors are chosen)
     rope_scaling: dict | None = None
     mlp: str = "gelu"  # "gelu" | "swiglu"
     mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (swiglu)
@@ -84,7 +85,7 @@ class GPTConfig:
 
             if self.pos != "rope":
                 raise ValueError(f"rope_scaling is for pos='rope'; this config has pos={self.pos!r}")
-            check_rope_scaling(self.rope_scaling)
+            check_rope_scaling(self.rope_scaling, self.head_dim)
         if self.backend is not None:
             from .._backend import BACKENDS
 

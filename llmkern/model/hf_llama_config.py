@@ -13,17 +13,26 @@ where a Qwen3 config.json leaves it out, as transformers' Qwen3Config has it). A
 head_dim, as transformers reads it for each (Mistral NeMo's 128 beside 5120 / 32).
 
 Phi-3 ("phi3": Phi-3-mini, Phi-3.5-mini, Phi-4-mini) is Llama's model too, its q/k/v and gate/up weights fused
-(hf_phi3); only its plain-RoPE configs are: its "longrope" scaling and Phi-4-mini's RoPE on 3/4 of each head are
-refused, and Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as Mistral's does.
+(hf_phi3), with plain RoPE or the "longrope" scaling of Phi-3-mini-128k and Phi-3.5-mini (see config_from_hf_phi3
+for how its short and long factors are chosen); Phi-4-mini's RoPE on 3/4 of each head is refused, and
+Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as Mistral's does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import warnings
 
 import torch
 
-from ..nn.rotary import LLAMA3_SCALING_KEYS, check_rope_scaling
+from ..nn.rotary import (
+    LLAMA3_SCALING_KEYS,
+    LONGROPE_SCALING_KEYS,
+    check_rope_scaling,
+    longrope_attention_factor,
+)
 from .config import GPTConfig
 
 # config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
@@ -36,6 +45,14 @@ QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json wit
 PHI3_TYPE = "phi3"
 # transformers' rms_norm_eps defaults, for a config.json without one (LlamaConfig's and the others' 1e-6)
 _DEFAULT_EPS = {PHI3_TYPE: 1e-5}
+# Phi-3's RoPE scaling: "longrope", or the older names Phi3Config reads as it
+_LONGROPE_NAMES = ("longrope", "su", "yarn")
+_ORIGINAL_CONTEXT = "original_max_position_embeddings"
+PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's original_max_position_embeddings, for a config.json without one
+# What a longrope scaling in config.json may hold besides LONGROPE_SCALING_KEYS: its name, transformers 5's
+# rope_theta and partial_rotary_factor (read on their own), and a factor (checked against the context's stretch)
+_LONGROPE_OTHER_KEYS = ("type", "rope_type", "rope_theta", "partial_rotary_factor", "factor")
+_LLMKERN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
@@ -57,9 +74,10 @@ def _hf_number(hf_config: dict, name: str, default: float) -> float:
     return float(value)
 
 
-def _rope(hf_config: dict) -> tuple[float, dict | None]:
-    """config.json's RoPE base and scaling: None, or Llama 3.1's "llama3" (GPTConfig.rope_scaling); an error
-    for any other scaling (linear, dynamic, yarn, ...), which changes the frequencies in other ways."""
+def _rope(hf_config: dict, model_type: str, head_dim: int) -> tuple[float, dict | None]:
+    """config.json's RoPE base and scaling (GPTConfig.rope_scaling): None; Llama 3.1's "llama3" for the Llama
+    types; "longrope" for Phi-3; an error for any other scaling (linear, dynamic, yarn, ...), which changes the
+    frequencies in other ways."""
     # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
     # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
     params = hf_config.get("rope_parameters")
@@ -74,15 +92,59 @@ def _rope(hf_config: dict) -> tuple[float, dict | None]:
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
     if kind == "default":
         return theta, None
-    if kind == "llama3":
+    if kind == "llama3" and model_type in LLAMA_TYPES:
         llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
-        try:
-            check_rope_scaling(llama3)
-        except ValueError as err:
-            raise ValueError(f"config.json's llama3 RoPE scaling {scaling!r}: {err}") from None
-        return theta, llama3
-    raise ValueError(f"config.json has RoPE scaling {scaling!r}; the model computes plain RoPE or Llama 3.1's "
-                     f"'llama3' scaling only, so its positions would be rotated by other angles")
+        return theta, _checked_scaling(llama3, head_dim)
+    if kind in _LONGROPE_NAMES and model_type == PHI3_TYPE:
+        return theta, _checked_scaling(_longrope(hf_config, scaling), head_dim)
+    family, computed = ("Phi-3", "Phi-3's 'longrope'") if model_type == PHI3_TYPE else ("Llama", "Llama 3.1's 'llama3'")
+    raise ValueError(f"config.json has RoPE scaling {scaling!r}; a {family} model here computes plain RoPE or "
+                     f"{computed} scaling only, so its positions would be rotated by other angles")
+
+
+def _checked_scaling(scaling: dict, head_dim: int) -> dict:
+    try:
+        check_rope_scaling(scaling, head_dim)
+    except ValueError as err:
+        kind = scaling["rope_type"]
+        raise ValueError(f"config.json's {kind} RoPE scaling is not one the model takes: {err}") from None
+    return scaling
+
+
+def _longrope(hf_config: dict, scaling: dict) -> dict:
+    """Phi-3's longrope scaling as GPTConfig.rope_scaling holds it: its short and long factors, its original
+    context, and its attention factor: config.json's, else sqrt(1 + ln(s) / ln(original context)) for the
+    context's stretch s = max_position_embeddings / original context, as transformers works it out."""
+    unknown = sorted(set(scaling) - {*LONGROPE_SCALING_KEYS, *_LONGROPE_OTHER_KEYS}, key=str)
+    if unknown:
+        raise ValueError(f"config.json's longrope RoPE scaling has {unknown}, which the model does not compute")
+    original = _original_context(hf_config, scaling)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = longrope_attention_factor(_stretch(hf_config, scaling, original), original)
+    factors = {k: scaling[k] for k in ("short_factor", "long_factor") if k in scaling}
+    return {"rope_type": "longrope", **factors, _ORIGINAL_CONTEXT: original, "attention_factor": attention}
+
+
+def _original_context(hf_config: dict, scaling: dict) -> int:
+    """The context a longrope model was pretrained with: Phi-3's config.json has it at its top level, transformers
+    5 in the scaling too (taken from the top level when absent there); Phi3Config's 4096 when neither has it."""
+    top, own = hf_config.get(_ORIGINAL_CONTEXT), scaling.get(_ORIGINAL_CONTEXT)
+    if top is not None and own is not None and top != own:
+        raise ValueError(f"config.json has {_ORIGINAL_CONTEXT}={top!r}, and {own!r} in its RoPE scaling; "
+                         f"transformers reads one or the other, by version")
+    return _hf_int({_ORIGINAL_CONTEXT: top if own is None else own}, _ORIGINAL_CONTEXT, PHI3_ORIGINAL_CONTEXT)
+
+
+def _stretch(hf_config: dict, scaling: dict, original: int) -> float:
+    """max_position_embeddings / original context, which sets longrope's attention factor. A "factor" in the
+    scaling must be that ratio: transformers 5 takes it in the ratio's place, transformers 4 ignores it."""
+    stretch = _hf_int(hf_config, "max_position_embeddings") / original
+    factor = scaling.get("factor")
+    if factor is not None and factor != stretch:
+        raise ValueError(f"config.json's longrope RoPE scaling has factor={factor!r}, not max_position_embeddings / "
+                         f"{_ORIGINAL_CONTEXT} = {stretch}: transformers 4 and 5 would compute other logits")
+    return stretch
 
 
 
@@ -99,19 +161,26 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
 
 def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
     """The GPTConfig of a HF Phi-3 model (model_type "phi3": Llama's model, its weights fused) from its
-    config.json, as config_from_hf_llama. Refused: RoPE scaling (Phi-3-128k's and Phi-3.5's "longrope"), RoPE
-    on part of each head (Phi-4-mini's partial_rotary_factor 0.75), a sliding window shorter than a block_size
-    given (Phi-3-mini-4k's 2047 makes block_size 2047 unless one is given). Its dropouts are training-time, and left out as the
-    other importers leave them; original_max_position_embeddings only sizes a RoPE scaling."""
+    config.json, as config_from_hf_llama. Refused: RoPE on part of each head (Phi-4-mini's partial_rotary_factor
+    0.75), a sliding window shorter than a block_size given (Phi-3-mini-4k's 2047 makes block_size 2047 unless
+    one is given). Its dropouts are training-time, and left out as the other importers leave them.
+
+    The "longrope" RoPE scaling of Phi-3-mini-128k and Phi-3.5-mini (or its older names "su" and "yarn", as
+    Phi3Config reads them) is read as transformers computes it, except for one choice: transformers rescales the
+    frequencies by long_factor on a sequence longer than original_max_position_embeddings (4096) and by
+    short_factor otherwise, at each forward pass, while the model here has one context, block_size, and takes
+    long_factor when block_size is longer than original_max_position_embeddings, short_factor otherwise, at
+    every position. So a model loaded with block_size=4096 or less computes Hugging Face's logits on every
+    sequence it takes; one loaded with its max_position_embeddings (131072) as its block_size computes them on
+    sequences longer than 4096, and on shorter ones differs from Hugging Face (which uses short_factor there; a
+    warning says so at import). The
+    attention factor is config.json's, or worked out from max_position_embeddings, whatever block_size is."""
     if not isinstance(hf_config, dict):
         raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
     model_type = hf_config.get("model_type")
     if model_type != PHI3_TYPE:
         raise ValueError(f"config.json has model_type={model_type!r}; Phi-3 weights are of model_type 'phi3'")
     _check_full_rotary(hf_config)
-    scaling = _rope(hf_config)[1]  # None, or Llama 3.1's; any other is refused there (longrope, su, yarn, ...)
-    if scaling is not None:  # no Phi-3 has it: Phi3Config takes longrope alone
-        raise ValueError(f"config.json has RoPE scaling {scaling!r}; a Phi-3 model here computes plain RoPE")
     return _gpt_config(hf_config, model_type, overrides)
 
 
@@ -139,12 +208,13 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     tie = hf_config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
-    theta, scaling = _rope(hf_config)
+    head_dim = _head_dim(hf_config, model_type, n_embd, n_head)
+    theta, scaling = _rope(hf_config, model_type, head_dim)
     eps = _hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
     values = dict(
         vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
         n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-        head_dim=_head_dim(hf_config, model_type, n_embd, n_head),
+        head_dim=head_dim,
         norm="rmsnorm", norm_eps=eps, pos="rope",
         rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
@@ -156,13 +226,30 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
         # exact within the window: no key is more than `window` tokens back in a context no longer than it
         warnings.warn(f"config.json has sliding_window={window}, shorter than max_position_embeddings="
                       f"{values['block_size']}: the model is loaded with block_size={window}, the longest context "
-                      f"it computes exactly here (no sliding window in llmkern's attention)", stacklevel=3)
+                      f"it computes exactly here (no sliding window in llmkern's attention)",
+                      stacklevel=_stacklevel_of_caller())
         values["block_size"] = window
     config = GPTConfig.from_dict({**values, **overrides})
     if window is not None and window < config.block_size:
         raise ValueError(f"config.json has sliding_window={window}, shorter than block_size={config.block_size}: "
                          f"the model attends to the whole context (give block_size={window} or less to load it)")
+    if scaling is not None and scaling["rope_type"] == "longrope" and config.block_size > scaling[_ORIGINAL_CONTEXT]:
+        original = scaling[_ORIGINAL_CONTEXT]  # the choice config_from_hf_phi3 explains, made visible
+        warnings.warn(f"config.json's longrope RoPE scaling with block_size={config.block_size}, longer than the "
+                      f"original context of {original}: every position takes long_factor, so a sequence of at most "
+                      f"{original} tokens gets other logits than Hugging Face's (which takes short_factor for it); "
+                      f"load it with block_size={original} to compute Hugging Face's on those",
+                      stacklevel=_stacklevel_of_caller())
     return config
+
+
+def _stacklevel_of_caller() -> int:
+    """The stacklevel that makes a warning of the function calling this name the user's call: the first frame
+    outside llmkern (the load or import function called may be several llmkern calls above the warning)."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that warns
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LLMKERN_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int:
@@ -202,6 +289,9 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     if config.qkv_bias and config.qk_norm:
         raise ValueError("a model with both qkv_bias and qk_norm has no Hugging Face model_type (Qwen2 has q/k/v "
                          "biases and no QK-norm, Qwen3 QK-norm and no biases)")
+    if config.rope_scaling is not None and config.rope_scaling["rope_type"] != "llama3":
+        raise ValueError(f"the {config.rope_scaling['rope_type']} RoPE scaling is Phi-3's: a model with it exports "
+                         f"as Phi-3's (hf_phi3_config, to_hf_phi3)")
     hf_config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd, "intermediate_size": config.hidden_size,
@@ -227,14 +317,34 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
 
 def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict, model_type "phi3") of a GPTConfig that Phi-3's model computes: Llama's, with
-    neither q/k/v biases, QK-norm nor RoPE scaling."""
-    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": config.rope_scaling}
+    neither q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; plain RoPE or longrope (see _hf_longrope)."""
+    scaling = config.rope_scaling
+    llama3 = scaling if scaling is not None and scaling["rope_type"] == "llama3" else None
+    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": llama3}
     if any(kept.values()):
         raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; this one has "
                          f"{ {k: v for k, v in kept.items() if v} }")
-    hf_config = hf_llama_config(config, dtype)
+    hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None), dtype)
     # Phi3Config has no attention_bias nor mlp_bias (no layer has a bias)
     del hf_config["attention_bias"], hf_config["mlp_bias"]
     hf_config.update(model_type=PHI3_TYPE, architectures=["Phi3ForCausalLM"], partial_rotary_factor=1.0,
                      sliding_window=None)
+    if scaling is not None:
+        hf_config.update(rope_scaling=_hf_longrope(scaling, config.block_size),
+                         original_max_position_embeddings=scaling[_ORIGINAL_CONTEXT])
     return hf_config
+
+
+def _hf_longrope(scaling: dict, block_size: int) -> dict:
+    """config.json's rope_scaling of a longrope model whose max_position_embeddings is block_size. Phi-3's own
+    {"type": "longrope", "short_factor", "long_factor"} when its attention factor is the one transformers works
+    out from block_size / original context: every transformers version reads it (those before 5 take these three
+    keys and no other). Else the attention factor is written too, which transformers 5 reads and the earlier
+    versions refuse, rather than work out another one (the model was imported with a block_size other than its
+    max_position_embeddings, say)."""
+    original = scaling[_ORIGINAL_CONTEXT]
+    factors = {"short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+    if scaling["attention_factor"] == longrope_attention_factor(block_size / original, original):
+        return {"type": "longrope", **factors}
+    return {"rope_type": "longrope", **factors, _ORIGINAL_CONTEXT: original,
+            "attention_factor": scaling["attention_factor"]}

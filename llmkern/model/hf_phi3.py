@@ -6,6 +6,10 @@ Phi-3 computes Llama's model, with two of its weights fused as ours are: qkv_pro
 [q heads | k heads | v heads] of our attn.qkv; gate_up_proj is the gate's rows, then up's (`gate, up =
 gate_up.chunk(2)`, then `up * silu(gate)`), the [gate | up] of our mlp.gate_up. So each maps as it is, and the
 rest has Llama's names. No layer has a bias.
+
+The "longrope" RoPE scaling of Phi-3-mini-128k and Phi-3.5-mini is read (and written back) with the config.json;
+the model takes its long_factor when block_size is longer than original_max_position_embeddings (4096), its
+short_factor otherwise (config_from_hf_phi3 says why, and where that differs from transformers).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ _PHI3_BLOCK_NAMES = {
 
 def from_hf_phi3(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
     """A GPT holding the weights of a HF Phi3ForCausalLM (or Phi3Model) state dict, shaped by hf_config (the
-    model's config.json, as a dict); overrides replace GPTConfig fields (backend, block_size, ...)."""
+    model's config.json, as a dict); overrides replace GPTConfig fields (backend, block_size, ...). A longrope
+    model given block_size=4096 or less (its original_max_position_embeddings) computes transformers' logits on
+    every sequence; with a longer one, on sequences longer than 4096 only (see config_from_hf_phi3)."""
     config = config_from_hf_phi3(hf_config, **overrides)
     model = GPT(config)
     load_hf_phi3(model, state_dict)
@@ -68,8 +74,8 @@ def load_hf_phi3(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def to_hf_phi3(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     """(the HF Phi3ForCausalLM state dict, its config.json as a dict, model_type "phi3") of a Llama-shaped GPT
-    without q/k/v biases, QK-norm or RoPE scaling: the vocabulary padding dropped; a tied lm_head.weight is the
-    embed_tokens tensor itself, as to_hf_llama's."""
+    without q/k/v biases, QK-norm or Llama 3.1's RoPE scaling (longrope is written as hf_phi3_config says): the
+    vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself, as to_hf_llama's."""
     _check_phi3_shaped(model.config)
-    hf_config = hf_phi3_config(model.config, model.wte.weight.dtype)  # first: RoPE scaling is refused
+    hf_config = hf_phi3_config(model.config, model.wte.weight.dtype)  # first: Llama 3.1's RoPE scaling is refused
     return mapped_weights_out(model, layer_mapping(model.config, _PHI3_BLOCK_NAMES)), hf_config

@@ -8,25 +8,86 @@ import torch
 from torch import nn
 
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LONGROPE_SCALING_KEYS = ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor")
+_SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "longrope": LONGROPE_SCALING_KEYS}
 
 
-def check_rope_scaling(scaling: object) -> None:
-    """None, or Llama 3.1's frequency scaling as Hugging Face's config.json writes it: {"rope_type": "llama3",
-    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+def check_rope_scaling(scaling: object, head_dim: int) -> None:
+    """None, or a RoPE scaling of heads head_dim wide, as Hugging Face's config.json spells it:
+
+    - Llama 3.1's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+      "original_max_position_embeddings"} (see llama3_inv_freq);
+    - Phi-3's LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) {"rope_type": "longrope", "short_factor", "long_factor"
+      (head_dim / 2 numbers each: one per frequency), "original_max_position_embeddings", "attention_factor"}.
+      Hugging Face picks long_factor for each forward pass over a sequence longer than
+      original_max_position_embeddings, short_factor otherwise; the tables here are built once for a fixed
+      context, so they take long_factor when that context (max_positions, the model's block_size) is longer,
+      short_factor otherwise, at every position (see longrope_factors). A model whose block_size is at most
+      original_max_position_embeddings computes what Hugging Face's does on every sequence it takes.
+    """
     if scaling is None:
         return
-    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
-        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3', got {scaling!r}")
-    unknown = sorted(set(scaling) - {"rope_type", *LLAMA3_SCALING_KEYS})
-    missing = [k for k in LLAMA3_SCALING_KEYS if k not in scaling]
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in _SCALING_KEYS:
+        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3' or 'longrope', got {scaling!r}")
+    keys = _SCALING_KEYS[kind]
+    unknown = sorted(set(scaling) - {"rope_type", *keys}, key=str)
+    missing = [k for k in keys if k not in scaling]
     if unknown or missing:
-        raise ValueError(f"rope_scaling: llama3 scaling takes {LLAMA3_SCALING_KEYS}; missing {missing}, unknown {unknown}")
+        raise ValueError(f"rope_scaling: {kind} scaling takes {keys}; missing {missing}, unknown {unknown}")
+    if kind == "llama3":
+        _check_llama3(scaling)
+    else:
+        _check_longrope(scaling, head_dim)
+
+
+def _check_positive_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"rope_scaling[{name!r}] must be a finite number > 0, got {value!r}")
+
+
+def _check_llama3(scaling: dict) -> None:
     for k in LLAMA3_SCALING_KEYS:
-        v = scaling[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"rope_scaling[{k!r}] must be a finite number > 0, got {v!r}")
+        _check_positive_number(k, scaling[k])
     if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
         raise ValueError(f"rope_scaling: low_freq_factor must be < high_freq_factor, got {scaling}")
+
+
+def _check_longrope(scaling: dict, head_dim: int) -> None:
+    for k in ("short_factor", "long_factor"):
+        factors = scaling[k]
+        # a list, as JSON reads it: a tuple would make a config unequal to itself read back from a checkpoint
+        if not isinstance(factors, list) or len(factors) != head_dim // 2:
+            got = f"{len(factors)} numbers" if isinstance(factors, list) else repr(factors)
+            raise ValueError(f"rope_scaling[{k!r}] must be a list of head_dim / 2 = {head_dim // 2} numbers (one "
+                             f"per frequency), got {got}")
+        for i, factor in enumerate(factors):
+            _check_positive_number(f"{k}[{i}]", factor)
+    original = scaling["original_max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError(f"rope_scaling['original_max_position_embeddings'] must be an int >= 1, got {original!r}")
+    _check_positive_number("attention_factor", scaling["attention_factor"])
+
+
+def longrope_attention_factor(factor: float, original_context: int) -> float:
+    """LongRoPE's scale of the cos and sin tables (so of q . k, twice) for a context stretched `factor` times
+    past the original one, when config.json names none: sqrt(1 + ln(factor) / ln(original context)), 1 for
+    no stretch. Hugging Face's factor for Phi-3 is max_position_embeddings / original_max_position_embeddings."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_context))
+
+
+def longrope_factors(scaling: dict, max_positions: int) -> list[float]:
+    """The per-frequency factors of a longrope scaling that tables for positions 0 .. max_positions - 1 take:
+    long_factor when they reach past original_max_position_embeddings, short_factor otherwise. Hugging Face
+    chooses per forward pass, by the sequence's length; one choice for the whole context is what a fixed
+    table can hold, and the same as Hugging Face's on sequences of max_positions tokens."""
+    return scaling["long_factor" if _takes_long_factor(scaling, max_positions) else "short_factor"]
+
+
+def _takes_long_factor(scaling: dict, max_positions: int) -> bool:
+    return max_positions > scaling["original_max_position_embeddings"]
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -43,9 +104,11 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryCache(nn.Module):
     """cos and sin of the RoPE angles for positions 0 .. max_positions - 1, each (max_positions, head_dim / 2).
 
-    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D) (with `scaling`, the
-    frequency theta ** (-2i / D) is stretched as llama3_inv_freq says). The tables are fp32 non-persistent
-    buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16 (see _apply).
+    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D). With `scaling`
+    (check_rope_scaling), that frequency is stretched as llama3_inv_freq says, or, for longrope, divided by
+    its own factor (longrope_factors) and both tables multiplied by attention_factor. The tables are fp32
+    non-persistent buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16
+    (see _apply).
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None):
@@ -56,7 +119,7 @@ class RotaryCache(nn.Module):
             raise ValueError(f"max_positions must be >= 0, got {max_positions}")
         if not theta > 0:  # theta ** (-2i / D) would be inf or NaN: tables of NaN, silently
             raise ValueError(f"theta must be > 0, got {theta}")
-        check_rope_scaling(scaling)
+        check_rope_scaling(scaling, head_dim)
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
         self.register_buffer("cos", cos, persistent=False)
@@ -65,11 +128,21 @@ class RotaryCache(nn.Module):
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float64 so that large positions keep their precision, then stored in fp32.
         inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
-        if self.scaling is not None:
-            inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+        inv_freq, magnitude = self._scaled(inv_freq)
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=device)
         angles = torch.outer(positions, inv_freq)  # (max_positions, head_dim / 2)
-        return angles.cos().float(), angles.sin().float()
+        return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
+
+    def _scaled(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The frequencies as the scaling changes them, and the factor the tables are multiplied by."""
+        kind = None if self.scaling is None else self.scaling["rope_type"]
+        if kind == "llama3":
+            return llama3_inv_freq(inv_freq, self.scaling), 1.0
+        if kind == "longrope":
+            factors = torch.tensor(longrope_factors(self.scaling, self.max_positions), dtype=torch.float64,
+                                   device=inv_freq.device)
+            return inv_freq / factors, self.scaling["attention_factor"]
+        return inv_freq, 1.0
 
     def reset_tables(self) -> None:
         """Recompute the tables on their device (after to_empty() from the meta device, say)."""
@@ -94,8 +167,17 @@ class RotaryCache(nn.Module):
         return self.cos[positions], self.sin[positions]
 
     def extra_repr(self) -> str:
-        scaling = "" if self.scaling is None else f", scaling={self.scaling}"
+        scaling = "" if self.scaling is None else f", scaling={_scaling_repr(self.scaling, self.max_positions)}"
         return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}{scaling}"
+
+
+def _scaling_repr(scaling: dict, max_positions: int) -> str:
+    """The scaling, its longrope factors (two lists of head_dim / 2 numbers) shortened to the one the tables take."""
+    if scaling["rope_type"] != "longrope":
+        return str(scaling)
+    which = "long" if _takes_long_factor(scaling, max_positions) else "short"
+    return (f"longrope ({which}_factor, original_max_position_embeddings="
+            f"{scaling['original_max_position_embeddings']}, attention_factor={scaling['attention_factor']})")
 
 
 def check_positions(positions: object, max_positions: int) -> torch.Tensor:
