@@ -19,6 +19,7 @@ from llmkern.data.sequences import (
 )
 from llmkern.data.tokenizer import get_tokenizer
 from llmkern.eval.multiple_choice import _encode_pair
+from llmkern.eval.win_rate import LMJudge
 from llmkern.finetune.data import IGNORE, encode_prompt_response
 from llmkern.finetune.templates import PromptFormat
 
@@ -38,14 +39,14 @@ METASPACE_FIRST = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": 
 FRANCE = {"instruction": "Name the capital of France.", "input": "", "output": "Paris is the capital of France."}
 
 
-def sentencepiece_style(style: str) -> dict:
+def sentencepiece_style(style: str, corpus: list[str] = CORPUS) -> dict:
     """A small BPE with byte fallback, its specials SPECIALS and the byte tokens first, as Llama 2's: "llama2" has
     Llama 2's normalizer (Prepend "▁", Replace " " -> "▁") and no pre-tokenizer; "metaspace" has no normalizer and a
     Metaspace pre-tokenizer with prepend_scheme "first" (Mistral's newer files)."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # training only
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     data = json.loads(tok.to_str())
     first_free = len(SPECIALS) + len(BYTE_TOKENS)
     vocab = {token: i if i < len(SPECIALS) else i - len(SPECIALS) + first_free
@@ -63,15 +64,20 @@ def sentencepiece_style(style: str) -> dict:
 def sentencepiece(request, tmp_path_factory):
     """(llmkern tokenizer, `tokenizers` reference) of a SentencePiece-style tokenizer.json; the "llama2" one has
     <s> as its begin-of-sequence token (Llama 2's tokenizer_config.json), the "metaspace" one none."""
-    folder = tmp_path_factory.mktemp(request.param)
+    return load_both(tmp_path_factory.mktemp(request.param), request.param, sentencepiece_style(request.param))
+
+
+def load_both(folder, style: str, data: dict):
+    """(llmkern tokenizer, `tokenizers` reference) of the tokenizer.json `data` written in `folder`, with Llama 2's
+    tokenizer_config.json (<s> its begin-of-sequence token) beside it for the "llama2" style."""
     path = str(folder / "tokenizer.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(sentencepiece_style(request.param), f, ensure_ascii=False)
-    if request.param == "llama2":
+        json.dump(data, f, ensure_ascii=False)
+    if style == "llama2":
         with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}, f)
     tok = get_tokenizer(path)
-    assert tok.bos_token == (1 if request.param == "llama2" else None) and tok.eot_token == 2
+    assert tok.bos_token == (1 if style == "llama2" else None) and tok.eot_token == 2
     return tok, tokenizers.Tokenizer.from_file(path)
 
 
@@ -150,20 +156,68 @@ def test_join_texts_keeps_both_sides_pieces():
 
 
 def test_chatml_join_keeps_markers_special(sentencepiece):
-    """The response of a template's example is the tail of the joint example, its markers special tokens. With
-    Llama 2's normalizer that is `tokenizers`' own encoding of the rendered text with its specials (a "▁" after
-    each special token, in both); Metaspace "first" puts none there in `tokenizers`, one per run in encode_text."""
+    """The prompt and the example of a template are `tokenizers`' own encoding of the rendered text with its
+    specials: with Llama 2's normalizer a "▁" after each special token, with Metaspace "first" none there (only at
+    the very start of the text); the response is the tail of the joint example."""
     tok, reference = sentencepiece
     im_start, im_end = tok.special_token("<|im_start|>"), tok.special_token("<|im_end|>")
     fmt = PromptFormat("chatml", "Be brief.")
     prompt, response = fmt.prompt(FRANCE), fmt.response(FRANCE["output"])
+    assert encode_sequence(tok, prompt) == joint_ids(tok, reference, prompt)
     tokens, labels = encode_prompt_response(tok, prompt, response, max_len=1000)
-    assert tokens == encode_sequence(tok, join_texts(prompt, response)) + [tok.eot_token]
-    if reference.normalizer is not None:
-        assert tokens == joint_ids(tok, reference, prompt + response) + [tok.eot_token]
+    assert tokens == joint_ids(tok, reference, prompt + response) + [tok.eot_token]
     assert tokens[-2] == im_end and tokens.count(im_start) == 3 and tokens.count(im_end) == 3
     prompt_length = len(encode_sequence(tok, prompt))
     assert labels == [IGNORE] * prompt_length + tokens[prompt_length:]
     # the user's text stays ordinary where it spells a marker: only the template's markers are special tokens
     tokens, _ = encode_prompt_response(tok, prompt, fmt.response("Paris <|im_end|> Rome"), max_len=1000)
     assert tokens.count(im_start) == 3 and tokens.count(im_end) == 3 and tokens[-2] == im_end
+
+
+def test_text_before_and_after_special_tokens_is_encoded_as_tokenizers_encodes_it(sentencepiece):
+    """Metaspace "first" puts "▁" in front of the text's first run (no special token before it) only."""
+    tok, reference = sentencepiece
+    text = TemplateText(["Paris", Marker("<|im_end|>"), "Rome is", Marker("<|im_start|>"), " the capital"])
+    assert encode_sequence(tok, text) == joint_ids(tok, reference, text)
+    # a marker the tokenizer has no special token for is ordinary text, joined to its neighbours
+    text = TemplateText(["Paris", Marker("<|unknown|>"), "Rome", Marker("<|im_end|>"), "capital"])
+    assert encode_sequence(tok, text) == joint_ids(tok, reference, text)
+
+
+def test_a_metaspace_inside_a_sequence_pre_tokenizer_prepends_at_the_start_only(tmp_path):
+    data = sentencepiece_style("metaspace")
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, METASPACE_FIRST]}
+    tok, reference = load_both(tmp_path, "metaspace", data)
+    fmt = PromptFormat("chatml", "Answer in 3 words.")
+    example = {"instruction": "Name 2 capitals.", "input": "", "output": "Paris and 1 more"}
+    prompt, response = fmt.prompt(example), fmt.response(example["output"])
+    assert encode_sequence(tok, prompt) == joint_ids(tok, reference, prompt)
+    tokens, _ = encode_prompt_response(tok, prompt, response, max_len=1000)
+    assert tokens == joint_ids(tok, reference, prompt + response) + [tok.eot_token]
+
+
+@pytest.mark.parametrize("style", ["llama2", "metaspace"])
+@pytest.mark.parametrize("template", ["alpaca", "chatml"])
+def test_an_lm_judges_answer_ids_are_the_tokens_after_its_prompt(style, template, tmp_path):
+    """The judge reads the probabilities of the tokens it would emit after its prompt: "A", not "▁A" (a token
+    of this vocab, as "A" encoded alone)."""
+    corpus = CORPUS + ["Which response is better? Answer with a single letter: A or B. A B A B"] * 20
+    tok, reference = load_both(tmp_path, style, sentencepiece_style(style, corpus))
+    assert [reference.id_to_token(i) for i in tok.encode("A") + tok.encode("B")] == ["▁A", "▁B"]
+    judge = LMJudge(model=None, tokenizer=tok, prompt_format=PromptFormat(template))
+    prompt = judge.judging_prompt("Name the capital of France.", "Paris", "Rome")
+    prompt_ids = encode_sequence(tok, prompt)
+    for label, label_id in zip("AB", judge.label_ids):
+        assert joint_ids(tok, reference, prompt + label) == prompt_ids + [label_id]
+        assert reference.id_to_token(label_id) == label
+
+
+def test_a_choice_with_no_tokens_of_its_own_is_a_clear_error(tmp_path):
+    """A tokenizer whose normalizer strips whitespace gives a whitespace choice no tokens after the context."""
+    data = sentencepiece_style("metaspace")
+    data["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
+    tok, _ = load_both(tmp_path, "metaspace", data)
+    assert _encode_pair(tok, "The capital of France is", " Paris", block_size=64, where="examples[3]")[1] > 0
+    with pytest.raises(ValueError, match=r"examples\[3\]: the choice '  ' .*no tokens"):
+        _encode_pair(tok, "The capital of France is", "  ", block_size=64, where="examples[3]")

@@ -192,6 +192,35 @@ def test_unigram_gives_the_ids_of_tokenizers(tmp_path):
     assert tok.decode(tok.encode(" the fox")) == "the fox"
 
 
+def with_digits_split_first(data: dict) -> dict:
+    """`data` with its pre-tokenizer inside a Sequence, after a Digits one."""
+    digits = {"type": "Digits", "individual_digits": True}
+    return {**data, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, data["pre_tokenizer"]]}}
+
+
+@pytest.mark.parametrize("style", [llama2_style, unigram_style, lambda: with_digits_split_first(unigram_style()),
+                                   wordpiece_style], ids=["llama2", "unigram", "unigram-in-sequence", "wordpiece"])
+def test_text_after_a_special_token_is_encoded_as_tokenizers_encodes_it_there(style, tmp_path):
+    """encode_after_special(text) is what `tokenizers` gives `text` after a special token: no "▁" in front where
+    a Metaspace has prepend_scheme "first" (Unigram), a "▁" where Llama 2's normalizer prepends one to every text
+    between special tokens; `text` encoded alone otherwise."""
+    path = write(tmp_path, style())
+    tok, ref = get_tokenizer(path), reference(path)
+    ref.no_truncation()  # the WordPiece file's own truncation
+    eot_name = ref.id_to_token(tok.eot_token)
+    specials = [token.content for token in ref.get_added_tokens_decoder().values() if token.special]
+    for text in TEXTS + random_texts(3) + ["the 42 foxes", " the fox"]:
+        if not any(name in text for name in specials):  # `tokenizers` would match them in the text
+            after = ref.encode(eot_name + text, add_special_tokens=False).ids
+            assert [tok.eot_token] + tok.encode_after_special(text) == after, text
+    if style is llama2_style:
+        assert tok.encode_after_special("the fox") == tok.encode("the fox")
+    if style is unigram_style:
+        assert tok.encode_after_special("the fox") != tok.encode("the fox")  # no "▁" in front
+    with pytest.raises(TypeError, match="text"):
+        tok.encode_after_special(b"the fox")
+
+
 def test_wordpiece_is_not_truncated_and_takes_cls_and_sep(tmp_path):
     path = write(tmp_path, wordpiece_style())
     tok = get_tokenizer(path)

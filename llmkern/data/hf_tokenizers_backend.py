@@ -24,7 +24,9 @@ decode(encode(t)) == t where the tokenizer is lossless, which depends on the fil
 Encoding is per text: where a normalizer or Metaspace puts "▁" in front of each text, encode(a) + encode(b) is not
 encode(a + b) (a response encoded apart from its prompt gets a "▁" of its own). So a text that continues another (a
 response, a multiple-choice continuation) is encoded with it, its tokens the ones after the prompt's:
-llmkern.data.sequences.encode_continuation.
+llmkern.data.sequences.encode_continuation. Text that follows a special token in a template's text is encoded by
+encode_after_special, which gives no "▁" in front of it where the file's Metaspace has prepend_scheme "first", as
+Hugging Face encodes the whole text with its special tokens (llmkern.data.sequences.encode_text).
 
 The end-of-text token (eot_token) is the tokenizer_config.json's "eos_token" beside the tokenizer.json, else the
 first of END_OF_TEXT_NAMES among the special added tokens. The begin-of-sequence token (bos_token) is the
@@ -53,11 +55,12 @@ END_OF_TEXT_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos
 class HFTokenizersTokenizer:
     """A `tokenizers.Tokenizer` behind llmkern's Tokenizer interface."""
 
-    def __init__(self, backend, spec: str, eot_token: int, bos_token: int | None) -> None:
-        backend.encode_special_tokens = True  # "</s>" in the text is text (tokenizers >= 0.15.1)
-        backend.no_truncation()  # a BERT file's max_length would cut documents silently
-        backend.no_padding()
-        self.backend = backend
+    def __init__(self, backend, spec: str, eot_token: int, bos_token: int | None, after_special_backend=None) -> None:
+        """after_special_backend: the same tokenizer.json with no Metaspace prepend_scheme "first" (see
+        encode_after_special); None where the file has none, when it would encode as `backend` does."""
+        self.backend = _as_plain_encoder(backend)
+        self._after_special_backend = self.backend if after_special_backend is None else _as_plain_encoder(
+            after_special_backend)
         self.spec = spec
         self.eot_token = eot_token
         self.bos_token = bos_token
@@ -71,11 +74,21 @@ class HFTokenizersTokenizer:
         _check_text(text)
         return self._encode_one(text)
 
-    def _encode_one(self, text: str) -> list[int]:
+    def encode_after_special(self, text: str) -> list[int]:
+        """The ids of `text` where it follows a special token in a longer text (a template's turn after
+        "<|im_start|>"), as Hugging Face encodes that longer text with its special tokens: a Metaspace
+        pre-tokenizer with prepend_scheme "first" puts "▁" only at the very start of a text, never after a special
+        token, so here `text` gets none. Everywhere else it is encode(text) (Llama 2's normalizer prepends "▁"
+        to each run between special tokens, in Hugging Face too)."""
+        _check_text(text)
+        return self._encode_one(text, self._after_special_backend)
+
+    def _encode_one(self, text: str, backend=None) -> list[int]:
+        backend = self.backend if backend is None else backend
         try:
-            return self.backend.encode(text, add_special_tokens=False).ids
+            return backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # lone surrogates, which Rust strings cannot hold: U+FFFD, as tiktoken gives
-            return self.backend.encode(_without_surrogates(text), add_special_tokens=False).ids
+            return backend.encode(_without_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """The texts' ids. With num_threads > 1 `tokenizers` encodes on its own thread pool (its size is the
@@ -106,6 +119,15 @@ class HFTokenizersTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizersTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"
+
+
+def _as_plain_encoder(backend):
+    """`backend` set to encode text as llmkern encodes it: special tokens spelled in it are text, and it is never cut
+    or padded."""
+    backend.encode_special_tokens = True  # "</s>" in the text is text (tokenizers >= 0.15.1)
+    backend.no_truncation()  # a BERT file's max_length would cut documents silently
+    backend.no_padding()
+    return backend
 
 
 def _without_surrogates(text: str) -> str:
@@ -182,4 +204,26 @@ def load_tokenizer_json(path: str) -> HFTokenizersTokenizer:
     eot_token = _token_id(backend, _eot_name(data, config, path), "end-of-text", path)
     bos_name = _bos_name(data, config, path)
     bos_token = None if bos_name is None else _token_id(backend, bos_name, "begin-of-sequence", path)
-    return HFTokenizersTokenizer(backend, spec=path, eot_token=eot_token, bos_token=bos_token)
+    return HFTokenizersTokenizer(backend, spec=path, eot_token=eot_token, bos_token=bos_token,
+                                 after_special_backend=_after_special_backend(tokenizers, data))
+
+
+def _after_special_backend(tokenizers, data: dict):
+    """The tokenizer.json `data` as a `tokenizers.Tokenizer` that prepends no "▁" where the file's Metaspace
+    prepends one to the first text only (prepend_scheme "first"); None where it has no such Metaspace."""
+    pre_tokenizer = data.get("pre_tokenizer")
+    never_prepending = _never_prepending(pre_tokenizer)
+    if never_prepending == pre_tokenizer:
+        return None
+    return tokenizers.Tokenizer.from_str(json.dumps({**data, "pre_tokenizer": never_prepending}))
+
+
+def _never_prepending(pre_tokenizer: object) -> object:
+    """A pre-tokenizer's JSON with each Metaspace of prepend_scheme "first", a Sequence's members too, made "never"."""
+    if not isinstance(pre_tokenizer, dict):
+        return pre_tokenizer
+    if pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme") == "first":
+        return {**pre_tokenizer, "prepend_scheme": "never"}
+    if pre_tokenizer.get("type") == "Sequence" and isinstance(pre_tokenizer.get("pretokenizers"), list):
+        return {**pre_tokenizer, "pretokenizers": [_never_prepending(p) for p in pre_tokenizer["pretokenizers"]]}
+    return pre_tokenizer

@@ -5,7 +5,7 @@ trained, and as Hugging Face's tokenizer does with add_special_tokens=True. A to
 
 A text is encoded by encode_text: a plain str as ordinary text (tokenizer.encode), a TemplateText (what a prompt
 template builds: llmkern.finetune.templates) piece by piece, each Marker piece as the tokenizer's special token of
-that name where it has one.
+that name where it has one, the text after each special token encoded as Hugging Face encodes it there.
 
 A text that continues another in one sequence (a response after its prompt, a choice after its context) is
 encoded by encode_continuation: its tokens are the ones that follow the prompt's in the joint text's tokens.
@@ -66,25 +66,33 @@ def _pieces(text: str) -> tuple[str | Marker, ...]:
 def encode_text(tokenizer, text: str) -> list[int]:
     """The tokens of `text`: a plain str's are tokenizer.encode(text); a TemplateText's are its Marker pieces as
     the tokenizer's special tokens of those names (tokenizer.special_token) and the text between them encoded as
-    ordinary text. A marker the tokenizer has no special token for is ordinary text joined to its neighbours, so
-    such a tokenizer (GPT-2's, "bytes", one trained by llmkern) gives exactly tokenizer.encode(str(text))."""
+    ordinary text, as Hugging Face encodes the whole text with its special tokens. A marker the tokenizer has no
+    special token for is ordinary text joined to its neighbours, so such a tokenizer (GPT-2's, "bytes", one trained
+    by llmkern) gives exactly tokenizer.encode(str(text)).
+
+    The text after a special token is encoded by the tokenizer's encode_after_special where it has one (a
+    tokenizer.json whose Metaspace puts "▁" at the very start of a text only: none there), else by its encode."""
     if not isinstance(text, TemplateText):
         return tokenizer.encode(text)
     ids: list[int] = []
     ordinary = ""  # text since the last special token, encoded as one: BPE merges across a piece's edges
+    after_special = False  # whether `ordinary` follows a special token, not the start of the text
     for piece in text.pieces:
         special = tokenizer.special_token(piece.text) if isinstance(piece, Marker) else None
         if special is None:
             ordinary += _piece_text(piece)
         else:
-            ids += _encode_ordinary(tokenizer, ordinary) + [special]
-            ordinary = ""
-    return ids + _encode_ordinary(tokenizer, ordinary)
+            ids += _encode_ordinary(tokenizer, ordinary, after_special) + [special]
+            ordinary, after_special = "", True
+    return ids + _encode_ordinary(tokenizer, ordinary, after_special)
 
 
-def _encode_ordinary(tokenizer, text: str) -> list[int]:
+def _encode_ordinary(tokenizer, text: str, after_special: bool) -> list[int]:
     # "" between two markers is no tokens (a tokenizer.json whose normalizer prepends "▁" could give one)
-    return tokenizer.encode(text) if text else []
+    if not text:
+        return []
+    encode = getattr(tokenizer, "encode_after_special", tokenizer.encode) if after_special else tokenizer.encode
+    return encode(text)
 
 
 def sequence_start(tokenizer) -> list[int]:

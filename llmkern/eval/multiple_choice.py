@@ -103,6 +103,10 @@ def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, wh
     "▁Paris" the joint text has, not as "▁", "▁Paris"."""
     ctx, cont = encode_continuation(tokenizer, context, continuation)
     ctx = ctx or encode_prompt(tokenizer, context)  # an empty context without a BOS: condition on <|endoftext|>
+    if not cont:  # scoring ids[-0:] would score the whole row, and acc_norm divides by the choice's length
+        raise ValueError(f"{where}: the choice {continuation!r} (with its separator) has no tokens of its own after "
+                         f"the context: the tokenizer drops it or merges it into the context, so it has nothing to "
+                         f"score")
     if len(cont) > block_size:
         raise ValueError(f"{where}: a choice has {len(cont)} tokens, more than block_size={block_size}")
     full = cut_left(tokenizer, ctx + cont, block_size + 1)

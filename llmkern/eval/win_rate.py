@@ -102,14 +102,19 @@ class LMJudge:
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format or PromptFormat()
         self.batch_size = batch_size
-        self.label_ids = [self._single_token(label) for label in ("A", "B")]
+        self.label_ids = [self._answer_token(label) for label in ("A", "B")]
         self.cut_prompts = 0
 
-    def _single_token(self, label: str) -> int:
-        ids = self.tokenizer.encode(label)
+    def _answer_token(self, label: str) -> int:
+        """The id of `label` as the judge would answer it: the one token that follows a judging prompt in the
+        joint text (encode_continuation). Encoded alone, a SentencePiece tokenizer gives "▁A", a token that the
+        answer right after the prompt's line break never is."""
+        from ..data.sequences import encode_continuation
+
+        _, ids = encode_continuation(self.tokenizer, self.judging_prompt("", "", ""), label)
         if len(ids) != 1:  # never with a byte-level tokenizer: every byte is a token
-            raise ValueError(f"the judge's tokenizer encodes {label!r} as {len(ids)} tokens; LMJudge reads the "
-                             "next-token probability of a one-token answer")
+            raise ValueError(f"the judge's tokenizer encodes the answer {label!r} after a judging prompt as "
+                             f"{len(ids)} tokens; LMJudge reads the next-token probability of a one-token answer")
         return ids[0]
 
     def judging_prompt(self, instruction: str, response_a: str, response_b: str) -> str:
