@@ -748,7 +748,7 @@ def test_a_resume_on_other_examples_or_lora_settings_of_the_same_count_is_refuse
         apply_lora(model, 2, alpha)
         return model
 
-    fit(lora_gpt(), lm_loss, examples, collate, settings())  # its state at step 2 is kept
+    fit(lora_gpt(), lm_loss, examples, collate, settings())  # its state at its end, step 3, is kept
     with pytest.raises(ValueError, match="examples_sha256.*not the same tokens"):
         fit(lora_gpt(), lm_loss, others, collate, settings(resume=True))
     with pytest.raises(ValueError, match=r"'lora_alpha': \(16.0, 64.0\)"):
@@ -756,7 +756,7 @@ def test_a_resume_on_other_examples_or_lora_settings_of_the_same_count_is_refuse
     with pytest.raises(ValueError, match=r"'lora_rank': \(2, 0\)"):  # not a state_dict traceback
         fit(tiny_gpt(seed=4), lm_loss, examples, collate, settings(resume=True, lora_rank=0))
 
-    meta_path = tmp_path / "run" / "train_state" / "checkpoints" / "step_0000002" / "meta.json"
+    meta_path = tmp_path / "run" / "train_state" / "checkpoints" / "step_0000003" / "meta.json"
     meta = json.loads(meta_path.read_text())
     position = meta["finetune_state"]["position"]
     for key in ("examples_sha256", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):

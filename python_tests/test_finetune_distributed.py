@@ -48,17 +48,21 @@ def sft_config(tmp_path, out, grad_accum, **overrides):
     return SFTConfig(**settings)
 
 
-def _worker(rank, port, tmp_path, resume, out="multi", overrides=None):
+def _worker(rank, port, tmp_path, resume, out="multi", overrides=None, leave_stopped=False):
     spawned.enter(rank, port)
+    if leave_stopped:  # the run's step-3 state left in place, as a run stopped after step 3 leaves it (a finished
+        # run deletes its state, or with keep_train_state keeps the end's, from which a resume trains nothing)
+        import llmkern.finetune.sft
 
+        llmkern.finetune.sft.drop_train_state = lambda config: None
     run_sft(sft_config(tmp_path, out, grad_accum=1, resume=resume, **(overrides or {})))
     spawned.leave()
 
 
 
-def run_two_processes(tmp_path, resume=False, out="multi", **overrides):
-    mp.start_processes(_worker, args=(spawned.free_port(), tmp_path, resume, out, overrides), nprocs=WORLD, join=True,
-                       start_method="spawn")
+def run_two_processes(tmp_path, resume=False, out="multi", leave_stopped=False, **overrides):
+    mp.start_processes(_worker, args=(spawned.free_port(), tmp_path, resume, out, overrides, leave_stopped),
+                       nprocs=WORLD, join=True, start_method="spawn")
 
 
 def _dropout_worker(rank, port, tmp_path):
@@ -111,13 +115,13 @@ def numbers(run_dir):
 def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     make_run(tmp_path)
     run_sft(sft_config(tmp_path, "single", grad_accum=2))
-    run_two_processes(tmp_path, keep_train_state=True)  # its step-3 state kept: the resume below starts there
+    run_two_processes(tmp_path, leave_stopped=True)  # its step-3 state left: the resume below starts there
 
     spawned.assert_same_run(tmp_path / "single", tmp_path / "multi")  # rank 0 wrote the model
     multi = numbers(tmp_path / "multi")
     assert os.path.isfile(tmp_path / "multi" / "responses.json")
 
-    # a stopped two-process run (the state of step 3, kept) resumes to the same numbers
+    # a stopped two-process run (the state of step 3, left) resumes to the same numbers
     os.remove(tmp_path / "multi" / "metrics.jsonl")  # even the log lost: the state holds what matters
     run_two_processes(tmp_path, resume=True)
     resumed = numbers(tmp_path / "multi")
@@ -147,7 +151,7 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     # different order, and the norm is reduced over the ranks: equal up to float32 rounding.
     make_run(tmp_path)
     run_sft(sft_config(tmp_path, "single", grad_accum=2, lora_rank=lora_rank))
-    run_two_processes(tmp_path, out="fsdp", parallel="fsdp", lora_rank=lora_rank, keep_train_state=True)
+    run_two_processes(tmp_path, out="fsdp", parallel="fsdp", lora_rank=lora_rank, leave_stopped=True)
 
     spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")  # a whole plain GPT (LoRA merged)
     sharded, two = numbers(tmp_path / "fsdp"), ckpt.load_checkpoint(str(tmp_path / "fsdp"))
@@ -155,7 +159,7 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     assert not torch.equal(two.model["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # it learned
     assert os.path.isfile(tmp_path / "fsdp" / "lora.safetensors") == bool(lora_rank)
 
-    # the stopped run (its step-3 state kept, the log lost) resumes to the same numbers and weights, bitwise
+    # the stopped run (its step-3 state left, the log lost) resumes to the same numbers and weights, bitwise
     finished = ckpt.latest_checkpoint(str(tmp_path / "fsdp"))
     os.remove(tmp_path / "fsdp" / "metrics.jsonl")
     run_two_processes(tmp_path, resume=True, out="fsdp", parallel="fsdp", lora_rank=lora_rank)

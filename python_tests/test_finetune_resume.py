@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,13 @@ from llmkern.finetune.base import save_finetuned
 from llmkern.finetune.dpo import DPOConfig, run_dpo
 from llmkern.finetune.ppo import module_fingerprint, run_ppo
 from llmkern.finetune.reward import RewardModel, save_reward_model
+from llmkern.finetune.sft import run_sft
 from llmkern.model import GPT, GPTConfig
 from llmkern.train.checkpoint import load_checkpoint
+from llmkern.train.metrics import read_metrics
 
 from test_dpo import make_base
+from test_finetune_sft import sft_config
 from test_ppo import HighByteReward, make_ppo_run
 
 
@@ -67,7 +71,7 @@ def test_a_dpo_resume_checks_the_reference_by_content_not_by_path(tmp_path):
     def resume(reference):
         return run_dpo(dataclasses.replace(config, resume=True, reference=str(reference)))["steps"]
 
-    run_dpo(config)  # its state at step 1 is kept
+    run_dpo(config)  # its state at its end, step 2, is kept
     assert resume(tmp_path / "ref") == 2
     refused = r"reference_sha256: --reference is not the reference model the run started with"
     with pytest.raises(ValueError, match=refused):
@@ -90,7 +94,7 @@ def test_a_dpo_resume_checks_the_reference_by_content_not_by_path(tmp_path):
         resume(tmp_path / "other")
 
     # a state from before the fingerprint was recorded (it held the path): resumed on any reference
-    as_older_llmkern_wrote_it(config.out_dir, 1, "reference_sha256", reference="")
+    as_older_llmkern_wrote_it(config.out_dir, 2, "reference_sha256", reference="")
     assert resume(tmp_path / "other") == 2
 
 
@@ -117,7 +121,7 @@ def test_a_ppo_resume_checks_the_reward_model_and_the_base_by_content_not_by_pat
     def resume(**change):
         return run_ppo(dataclasses.replace(config, resume=True, **change))["iterations"]
 
-    run_ppo(config)  # its state at iteration 1 is kept
+    run_ppo(config)  # its state at its end, iteration 2, is kept
     assert resume() == 2
     refused = r"reward_model_sha256: --reward_model is not the reward model the run started with"
     with pytest.raises(ValueError, match=refused):
@@ -137,7 +141,7 @@ def test_a_ppo_resume_checks_the_reward_model_and_the_base_by_content_not_by_pat
     assert resume(reward_model=rm, base=str(tmp_path / "moved" / "base_renamed")) == 2
 
     # a state from before the fingerprint was recorded (it held the path): resumed on any reward model
-    as_older_llmkern_wrote_it(config.out_dir, 1, "reward_model_sha256", reward_model=config.reward_model)
+    as_older_llmkern_wrote_it(config.out_dir, 2, "reward_model_sha256", reward_model=config.reward_model)
     assert resume(reward_model=str(tmp_path / "other_rm"), base=str(tmp_path / "moved" / "base_renamed")) == 2
 
 
@@ -160,8 +164,51 @@ def test_a_reward_model_passed_as_a_module_is_fingerprinted_by_its_class_and_wei
 
     config = make_ppo_run(tmp_path, max_steps=2, ckpt_interval=1, eval_interval=0, keep_train_state=True,
                           rollout_batch=4, batch_size=4)
-    run_ppo(config, reward_model=ScaledHighByteReward(2.0))  # its state at iteration 1 is kept
+    run_ppo(config, reward_model=ScaledHighByteReward(2.0))  # its state at its end, iteration 2, is kept
     resume = dataclasses.replace(config, resume=True)
     assert run_ppo(resume, reward_model=ScaledHighByteReward(2.0))["iterations"] == 2
     with pytest.raises(ValueError, match="reward_model_sha256"):
         run_ppo(resume, reward_model=ScaledHighByteReward(3.0))
+
+
+# --- a finished run that kept its training state --------------------------------------------------------
+
+def test_resuming_a_finished_sft_run_that_kept_its_state_trains_nothing_and_keeps_its_model(tmp_path, monkeypatch):
+    """keep_train_state=true keeps the state of the run's end: resumed, the run is complete, as a finished
+    pretraining run is. No step trains again (which would replace the model with one that is not bitwise the
+    same on a GPU), the log gets no line twice, and the summary tells the result. A log that was lost gets the
+    final evaluation once more. Another length is refused: it would stretch the schedule the run trained on."""
+    from llmkern.finetune import sft
+
+    make_base(tmp_path / "base")
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(6)]))
+    config = sft_config(str(tmp_path / "base"), str(data), tmp_path / "sft", max_steps=3, batch_size=2, max_len=256,
+                        ckpt_interval=2, eval_interval=2, keep_train_state=True, num_samples=1, max_new_tokens=2)
+    finished = run_sft(config)
+    log_path = finished["metrics"]
+    log = Path(log_path).read_text()
+    model = load_checkpoint(finished["checkpoint"]).model
+
+    def no_training(model, batch):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(sft, "lm_loss", no_training)
+    resume = dataclasses.replace(config, resume=True)
+    with pytest.warns(UserWarning, match=r"already complete: .* at its end \(3 steps\), so nothing is trained again"):
+        again = run_sft(resume)
+    assert (again["checkpoint"], again["steps"]) == (finished["checkpoint"], 3)
+    assert again["train_loss_after"] == finished["train_loss_after"]
+    assert Path(log_path).read_text() == log
+    resaved = load_checkpoint(again["checkpoint"]).model
+    assert all(torch.equal(resaved[name], tensor) for name, tensor in model.items())
+
+    os.remove(log_path)
+    with pytest.warns(UserWarning, match="already complete"):
+        lost = run_sft(resume)
+    assert [(r["kind"], r["step"]) for r in read_metrics(log_path)] == [("eval", 3)]
+    assert lost["train_loss_after"] == finished["train_loss_after"]
+
+    with pytest.raises(ValueError, match=r"'steps': \(3, 5\).*a resume cannot stretch"):
+        run_sft(dataclasses.replace(resume, max_steps=5))
+    assert all(torch.equal(load_checkpoint(config.out_dir).model[name], t) for name, t in model.items())

@@ -187,7 +187,7 @@ def test_a_resume_checks_the_base_by_content_not_by_path(tmp_path):
         return sft_config(base_path, str(data), tmp_path / "sft", max_steps=3, batch_size=2, max_len=256,
                           ckpt_interval=2, keep_train_state=True, num_samples=1, max_new_tokens=2, **kw)
 
-    run_sft(config(base))  # its training state at step 2 is kept
+    run_sft(config(base))  # its training state at its end, step 3, is kept
     with pytest.raises(ValueError, match="base_sha256: --base is not the model the run started from"):
         run_sft(config(other, resume=True))
     assert run_sft(config(base, resume=True))["steps"] == 3
@@ -197,7 +197,7 @@ def test_a_resume_checks_the_base_by_content_not_by_path(tmp_path):
     assert run_sft(config(moved, resume=True))["steps"] == 3
     assert run_sft(config(load_checkpoint(moved).path, resume=True))["steps"] == 3
 
-    meta_path = tmp_path / "sft" / "train_state" / "checkpoints" / "step_0000002" / "meta.json"
+    meta_path = tmp_path / "sft" / "train_state" / "checkpoints" / "step_0000003" / "meta.json"
     meta = json.loads(meta_path.read_text())
     del meta["finetune_state"]["position"]["base_sha256"]  # as an older llmkern wrote it
     meta_path.write_text(json.dumps(meta))

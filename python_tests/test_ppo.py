@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import threading
 
 import pytest
@@ -326,7 +327,8 @@ def test_ppo_settings_are_checked_at_config_time(tmp_path, overrides, match):
 
 def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     """5 iterations, the state saved every 2: stopping in iteration 4 and resuming from 2 ends with the
-    policy of the run that never stopped, bit for bit (CPU)."""
+    policy of the run that never stopped, bit for bit (CPU). Its state kept (keep_train_state=true) is that of
+    its end: resumed again, the run is complete and trains nothing, whatever its lr now."""
     import llmkern.finetune.ppo as ppo
 
     whole = run_ppo(make_ppo_run(tmp_path / "a", max_steps=5, ckpt_interval=2, eval_interval=0),
@@ -345,13 +347,28 @@ def test_a_stopped_ppo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_ppo(config, reward_model=HighByteReward())
     monkeypatch.setattr(ppo, "ppo_iteration", real_iteration)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(config.out_dir, stopped)  # its state of iteration 2, for the lr change below
     resumed = run_ppo(dataclasses.replace(config, resume=True, keep_train_state=True), reward_model=HighByteReward())
     assert resumed["optimizer_steps"] == whole["optimizer_steps"]
     a, b = load_checkpoint(whole["checkpoint"]).model, load_checkpoint(resumed["checkpoint"]).model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(resumed["metrics"]) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
-    with pytest.warns(UserWarning, match="schedule changed since the checkpoint"):  # from the kept iteration-4 state
-        run_ppo(dataclasses.replace(config, resume=True, lr=config.lr / 2), reward_model=HighByteReward())
+    with pytest.warns(UserWarning, match="schedule changed since the checkpoint"):  # from the iteration-2 state
+        run_ppo(dataclasses.replace(config, out_dir=str(stopped), resume=True, lr=config.lr / 2),
+                reward_model=HighByteReward())
+
+    log = read_metrics(resumed["metrics"])
+    def no_iteration(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(ppo, "ppo_iteration", no_iteration)
+    with pytest.warns(UserWarning, match=r"already complete: .* at its end \(5 iterations\), so nothing is trained"):
+        again = run_ppo(dataclasses.replace(config, resume=True, lr=config.lr / 2), reward_model=HighByteReward())
+    assert (again["iterations"], again["optimizer_steps"]) == (5, whole["optimizer_steps"])
+    c = load_checkpoint(again["checkpoint"]).model
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert read_metrics(again["metrics"]) == log
 
 
 def test_a_ppo_resume_with_other_prompts_or_objective_settings_is_refused(tmp_path):

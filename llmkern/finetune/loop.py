@@ -7,7 +7,8 @@ LoRA's frozen base is left alone) with the global-norm clip fused into the updat
 learning rate, autocast (bf16, or fp16 with dynamic loss scaling: an overflow halves the scale and skips
 the step), skipping non-finite steps, JSONL metrics, charts and a progress bar, and
 the training state saved every config.ckpt_interval steps so that config.resume continues a run that
-stopped (a crash, a pre-empted job) with the same losses it would have had (bitwise on a CPU).
+stopped (a crash, a pre-empted job) with the same losses it would have had (bitwise on a CPU). A state kept
+past the end (config.keep_train_state) is the end's: resuming a finished run trains nothing.
 
 Under torchrun each process takes its own micro-batches (rank r the r-th of every world_size), the
 gradients are averaged over the processes before each step, and rank 0 logs and writes files: a
@@ -340,9 +341,13 @@ def examples_fingerprint(examples: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
-# What a changed fingerprint in a run's position means, for the message that refuses the resume. The models
-# are compared by content (base_fingerprint), so a moved or renamed copy of one resumes.
+# What a changed entry of a run's position means, for the message that refuses the resume. The models are
+# compared by content (base_fingerprint), so a moved or renamed copy of one resumes.
+LENGTH_HINT = ("the run's length (epochs or max_steps, over the examples) sets its learning-rate schedule, which a "
+               "resume cannot stretch: to train on from a finished run, start a new run with --base=its out_dir")
 FINGERPRINT_HINTS = {
+    "steps": LENGTH_HINT,
+    "iterations": LENGTH_HINT,  # PPO's
     "examples_sha256": ("the training examples are not the same tokens (another data file or content, or another "
                         "max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)"),
     "base_sha256": ("--base is not the model the run started from (other weights or model config, compared by "
@@ -435,11 +440,15 @@ def open_run(config, model: nn.Module, optimizer, position: dict[str, Any]
 def save_or_stop(stop: StopOnSignal, done_steps: int, done: bool, config, save: Callable[[int], str | None],
                  log: MetricsLog, charts: Sequence[str] = ()) -> None:
     """After a step: save the training state every config.ckpt_interval steps (0: never; not after the last,
-    where the run saves its model instead) or when a stop signal came, on every rank (save gathers their RNG
-    states; rank 0 writes); after a signal, the charts so far, then TrainingInterrupted. The flag is read once:
-    a signal between two reads stopped without the save it reported."""
+    where the run saves its model instead, unless config.keep_train_state) or when a stop signal came, on every
+    rank (save gathers their RNG states; rank 0 writes); after a signal, the charts so far, then
+    TrainingInterrupted. The flag is read once: a signal between two reads stopped without the save it reported."""
     stopping = stop.requested
-    if not (stopping or (config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done)):
+    interval_due = config.ckpt_interval and done_steps % config.ckpt_interval == 0 and not done
+    # a kept state must be the end of the run: resuming an earlier one would train the last steps again and
+    # replace the saved model (not bitwise the same on a GPU); at the end, a resume finds nothing left to train
+    kept_at_end = done and config.keep_train_state
+    if not (stopping or interval_due or kept_at_end):
         return
     path = save(done_steps)
     if stopping:  # a signal stops only a run of one process (StopOnSignal is off under torchrun)
@@ -447,6 +456,27 @@ def save_or_stop(stop: StopOnSignal, done_steps: int, done: bool, config, save: 
             plot_metrics(log.path, config.out_dir, extra=charts)
         raise TrainingInterrupted(f"{stopping} at step {done_steps}: the training state is saved ({path}); "
                                   f"continue with the same command and --resume=true", stopping)
+
+
+def already_complete(config, done: int, total: int, unit: str = "steps") -> bool:
+    """Whether a resumed run's restored state is its end (`done` of its `total` steps or iterations); if so, a
+    warning (rank 0) says that nothing trains again, as a finished pretraining run says when resumed. A resume
+    cannot raise the length instead: it is part of the run's position."""
+    if done < total:
+        return False
+    if distributed.detect().is_main:
+        warnings.warn(f"the run in {config.out_dir!r} is already complete: its training state is at its end "
+                      f"({total} {unit}), so nothing is trained again; to train on, start a new run from it with "
+                      f"--base={config.out_dir}", stacklevel=3)
+    return True
+
+
+def evaluated_at(log_path: str, step: int) -> bool:
+    """Whether the metrics log holds an evaluation after `step` steps: a resumed finished run whose log was
+    lost or cut evaluates its model again, where one that has it must not log it twice."""
+    if not os.path.isfile(log_path):
+        return False
+    return any(r["kind"] == "eval" and r.get("step") == step for r in read_metrics(log_path))
 
 
 def evaluation_due(done_steps: int, done: bool, config) -> bool:
@@ -500,12 +530,16 @@ class _FitRun:
 
     def start(self, evaluate: Callable[[nn.Module], dict[str, float]] | None) -> None:
         """A resumed run takes up its saved counters and loss scale (and warns when the schedule no longer
-        gives the step it continues with the learning rate it would have had); a fresh one evaluates the
-        untrained model, where the eval curves start."""
+        gives the step it continues with the learning rate it would have had); a resumed finished one trains
+        nothing (a warning says so) and evaluates only when its log lost the final evaluation; a fresh one
+        evaluates the untrained model, where the eval curves start."""
         counters = self.counters
         if counters is not None:
             self.start_step, self.bad_steps, self.skipped = counters["step"], counters["bad_steps"], counters["skipped"]
-            if self.info.is_main:
+            if already_complete(self.config, self.start_step, self.steps):
+                if evaluate is not None and not evaluated_at(self.log.path, self.steps):
+                    self.evaluate(evaluate, self.steps)
+            elif self.info.is_main:
                 warn_if_schedule_changed(counters.get("next_lr"), self.lr_at(self.start_step), self.start_step)
             if self.loss_scale and counters.get("loss_scale"):
                 self.loss_scale.load_state_dict(counters["loss_scale"])

@@ -603,6 +603,7 @@ class _PPORun:
         """Count the iterations and optimizer steps, make the optimizer and open the run folder: a fresh log, or
         on resume the training state restored (weights, optimizer, RNG states) and the counters. bos_token: the
         tokenizer's begin-of-sequence token, which starts every prompt (None: it has none)."""
+        from ..train.metrics import CollectiveMetricsLog
         from .loop import make_optimizer, open_run, train_state_dir
 
         self.model, self.reference, self.reward_model = model, reference, reward_model
@@ -617,7 +618,9 @@ class _PPORun:
         self.optimizer = make_optimizer(list(model.parameters()), config)
         self.state_dir = train_state_dir(config)
         self.position = _ppo_position(train, config, self.iterations, info.world_size, fingerprints)
-        self.log, self.counters, evals = open_run(config, model, self.optimizer, self.position)
+        log, self.counters, evals = open_run(config, model, self.optimizer, self.position)
+        # every rank calls its writes and plots alike; rank 0's evaluation alone writes log.plain (evaluate_on_rank_0)
+        self.log = CollectiveMetricsLog(log, info, self.device)
         self.first_eval, self.last_eval = (evals[0], evals[-1]) if evals else (None, None)
         self.last_metrics: dict[str, float] = {}
         self.start_it = self.step = 0  # PPO iterations done, optimizer steps taken
@@ -636,13 +639,19 @@ class _PPORun:
 
     def start(self) -> None:
         """A resumed run takes up its saved counters (and warns when the schedule no longer gives the step it
-        continues with the learning rate it would have had); a fresh one evaluates the untrained policy."""
+        continues with the learning rate it would have had); a resumed finished one trains nothing (a warning
+        says so) and evaluates only when its log lost the final evaluation; a fresh one evaluates the untrained
+        policy."""
         from ..train.schedules import warn_if_schedule_changed
+        from .loop import already_complete, evaluated_at
 
         counters = self.counters
         if counters is not None:
             self.start_it, self.step = counters["step"], counters["optimizer_step"]
-            if self.info.is_main:
+            if already_complete(self.config, self.start_it, self.iterations, "iterations"):
+                if self.val and not evaluated_at(self.log.path, self.iterations):
+                    self.evaluate_on_rank_0(self.iterations)
+            elif self.info.is_main:
                 warn_if_schedule_changed(counters.get("next_lr"), self.lr_at(self.step), self.step)
         elif self.val:
             self.first_eval = self.evaluate_on_rank_0(0)
@@ -652,9 +661,7 @@ class _PPORun:
         evaluating every eval_interval and at the end, saving every ckpt_interval; the charts."""
         from tqdm import tqdm
 
-        from ..train import distributed
         from ..train.interrupt import StopOnSignal
-        from ..train.metrics import plot_metrics
         from .loop import evaluation_due, micro_batches, save_or_stop
 
         batches = micro_batches(self.train_prompts, self.global_batch, self.config.seed)
@@ -669,25 +676,18 @@ class _PPORun:
                 done = it + 1 == self.iterations
                 if self.val and evaluation_due(it + 1, done, self.config):
                     self.evaluate_on_rank_0(it + 1)
-                save_or_stop(stop, it + 1, done, self.config, self.save, self.log, PPO_CHARTS)
-        # rank 0's alone: the other ranks would wait for it failing here at the save of the policy
-        with distributed.fail_together(self.info, self.device, "plotting the metrics"):
-            if self.info.is_main:
-                plot_metrics(self.log.path, self.config.out_dir, extra=PPO_CHARTS)
+                save_or_stop(stop, it + 1, done, self.config, self.save, self.log.plain, PPO_CHARTS)
+        self.log.plot(self.config.out_dir, PPO_CHARTS)
 
     def iteration(self, it: int, prompts: list[list[int]]) -> None:
         """PPO iteration `it` (0-based) on this rank's prompts, logged; FinetuneDiverged when a metric is not
         finite."""
-        from ..train import distributed
-
         lr = self.lr_at(self.step)
         self.step, metrics = ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts,
                                            self.config, self.eot, seed=sampling_seed(self.config.seed, it, self.info),
                                            lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info,
                                            bos_token=self.bos_token)
-        # rank 0 writes: when it cannot (disk full), the other ranks must not wait for it at the next iteration
-        with distributed.fail_together(self.info, self.device, "writing the metrics log"):
-            self.log.write("train", step=it + 1, lr=lr, **metrics)
+        self.log.write("train", step=it + 1, lr=lr, **metrics)
         self.last_metrics = metrics
         if not all(math.isfinite(v) for v in metrics.values()):
             from .loop import FinetuneDiverged
@@ -706,7 +706,7 @@ class _PPORun:
         """The held-out prompts' mean reward and KL after `at` iterations, logged; now last_eval."""
         self.last_eval = evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config,
                                           self.eot, self.autocast, self.bos_token)
-        self.log.write("eval", step=at, **self.last_eval)
+        self.log.plain.write("eval", step=at, **self.last_eval)  # rank 0 alone: inside evaluate_on_rank_0's check
         return self.last_eval
 
     def save(self, done_its: int) -> str | None:
