@@ -181,6 +181,30 @@ def test_same_tokenizer_compares_files_by_contents(tmp_path):
     assert same_tokenizer(str(tmp_path / "moved.tiktoken"), one, sha256_b=recorded)  # unless its hash was kept
 
 
+
+def test_a_missing_an_empty_and_a_written_sidecar_hash_apart_and_as_recorded_runs_expect(tmp_path):
+    """An absent sidecar and an empty one are different tokenizer folders; the hashes of the usual cases (no
+    sidecar, a sidecar with contents) stay those that runs and shard manifests recorded: the file, a NUL, the
+    sidecar's bytes (none when absent), a NUL."""
+    import hashlib
+
+    from llmkern.data.tokenizer import tokenizer_file_sha256
+
+    path = tmp_path / "tok.tiktoken"
+    main = base64.b64encode(os.urandom(12)) + b" 0\n"
+    sidecar = b'{"pattern": "\\\\s+", "special": {}}'
+    path.write_bytes(main)
+    absent = tokenizer_file_sha256(str(path))
+    (tmp_path / "tok.tiktoken.json").write_bytes(b"")
+    empty = tokenizer_file_sha256(str(path))
+    (tmp_path / "tok.tiktoken.json").write_bytes(sidecar)
+    written = tokenizer_file_sha256(str(path))
+
+    assert len({absent, empty, written}) == 3
+    assert absent == hashlib.sha256(main + b"\0" + b"\0").hexdigest()
+    assert written == hashlib.sha256(main + b"\0" + sidecar + b"\0").hexdigest()
+
+
 def test_unknown_spec_and_bad_types():
     with pytest.raises(ValueError, match="spec"):
         get_tokenizer("no_such_encoding")

@@ -75,8 +75,10 @@ def tokenizer_file_sha256(path: str) -> str | None:
     for part in deciding_files(path):
         if os.path.isfile(part):
             with open(part, "rb") as f:
-                digest.update(f.read())
-        digest.update(b"\0")  # the file's end: no sidecar differs from an empty one
+                # an empty file counts as a lone NUL, which no text file holds: an empty sidecar differs from
+                # none, while an absent or non-empty one hashes as it always did (runs recorded those hashes)
+                digest.update(f.read() or b"\0")
+        digest.update(b"\0")  # the file's end
     return digest.hexdigest()
 
 
