@@ -1,21 +1,25 @@
-"""End to end, as a user fine-tunes a chat model: a Hugging Face tokenizer.json with ChatML or Llama 3 special tokens
-(built here with the `tokenizers` library, no download), the chatml and llama3 templates over it, and the training
-examples they encode; and a Mistral or Phi-3 model file whose short sliding window cuts the context, said once."""
+"""End to end, as a user fine-tunes a chat model: a Hugging Face tokenizer.json with ChatML, Llama 3 or Phi-3 special
+tokens (built here with the `tokenizers` library, no download), the chatml, llama3 and phi3 templates over it, and the
+training examples they encode; and a Mistral or Phi-3 model file whose short sliding window cuts the context, said
+once."""
 
 import json
 import warnings
 
 import pytest
 import torch
+from test_continuation import sentencepiece_style
 from test_hf_llama import CTX, _save, llama_config_json, llama_state_dict
 from test_hf_phi3 import phi3_config_json, phi3_state_dict
 
+from llmkern.data.sequences import encode_prompt
 from llmkern.data.tokenizer import get_tokenizer
 from llmkern.finetune.data import IGNORE, encode_prompt_response
 from llmkern.finetune.templates import PromptFormat
 from llmkern.model.hf import load_hf_llama_file, load_hf_phi3_file
 
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 TEXTS = ["Name three colors.", "Red, green and blue.", "What is the capital of France?", "Paris is.",
          "system user assistant", "Translate to French: good morning", "Bonjour."] * 3
@@ -100,6 +104,44 @@ def test_llama3_examples_start_with_one_bos_and_end_with_one_eot_id(llama3_instr
     # cut to max_len, the example keeps its BOS first
     short, _ = encode_prompt_response(tok, fmt.prompt(example), fmt.response(example["output"]), 5)
     assert short == tokens[:5] and short.count(bos) == 1
+
+
+@pytest.fixture(params=["llama2", "metaspace"])
+def phi3_instruct_tokenizer(request, tmp_path):
+    """(llmkern tokenizer, `tokenizers` reference) of a Phi-3-Instruct-like tokenizer.json: SentencePiece-style BPE
+    with byte fallback (Llama 2's normalizer, or Metaspace "first" as files converted with legacy=False have), <s>
+    its BOS, <|endoftext|> its eos_token, and the chat markers special tokens that take the whitespace after them
+    (rstrip, as Phi-3's <|user|>, <|assistant|> and <|end|> do)."""
+    data = sentencepiece_style(request.param)
+    first = max(data["model"]["vocab"].values()) + 1
+    data["added_tokens"] += [{"id": first + i, "content": name, "single_word": False, "lstrip": False,
+                              "rstrip": name != "<|endoftext|>", "normalized": False, "special": True}
+                             for i, name in enumerate(PHI3_SPECIALS)]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizers = pytest.importorskip("tokenizers")
+    return get_tokenizer(str(path)), tokenizers.Tokenizer.from_file(str(path))
+
+
+def test_phi3_examples_are_the_ids_hugging_face_gives_the_rendered_chat(phi3_instruct_tokenizer):
+    # Phi-3's chat template renders the text below; Hugging Face encodes it with the special tokens matched, the
+    # line break after each marker taken into the marker (rstrip), and its own BOS in front.
+    tok, reference = phi3_instruct_tokenizer
+    assert tok.eot_token == tok.special_token("<|endoftext|>") and tok.bos_token == 1
+    fmt = PromptFormat("phi3", "Be brief.")
+    example = {"instruction": "Name the capital of France.", "output": "Paris is the capital of France."}
+    prompt = "<|system|>\nBe brief.<|end|>\n<|user|>\nName the capital of France.<|end|>\n<|assistant|>\n"
+
+    def hf(text: str) -> list[int]:
+        return [tok.bos_token] + reference.encode(text, add_special_tokens=False).ids
+
+    assert encode_prompt(tok, fmt.prompt(example)) == hf(prompt)  # what generation reads
+    tokens, labels = encode_prompt_response(tok, fmt.prompt(example), fmt.response(example["output"]), 256)
+    assert tokens == hf(prompt + "Paris is the capital of France.<|end|>\n<|endoftext|>")
+    learned = [t for t, lab in zip(tokens, labels) if lab != IGNORE]
+    assert learned == tokens[len(hf(prompt)):] and learned[-2:] == [tok.special_token("<|end|>"), tok.eot_token]
 
 
 def _warnings_of(load):

@@ -79,8 +79,26 @@ def test_llama3_turns_are_stripped_as_llama3s_own_template_does():
     assert PromptFormat("chatml").response(" 5\n") == " 5\n<|im_end|>"
 
 
+def _phi_rendered(messages: list[tuple[str, str]], line_break: str) -> str:
+    """Phi-3's chat template ("\\n") and Phi-4-mini's ("") written out: <|role|>, the content, <|end|> for each
+    message, then the assistant marker as the generation prompt; the content is not stripped."""
+    turns = "".join(f"<|{role}|>{line_break}{content}<|end|>{line_break}" for role, content in messages)
+    return turns + f"<|assistant|>{line_break}"
+
+
+@pytest.mark.parametrize("template, line_break", [("phi3", "\n"), ("phi4-mini", "")])
+def test_phi_turns_are_phis_own_chat_format(template, line_break):
+    with_system = PromptFormat(template, system_prompt="Be brief.")
+    assert with_system.prompt(WITH_INPUT) == _phi_rendered([("system", "Be brief."),
+                                                           ("user", "Add the numbers.\n\n2 and 3")], line_break)
+    assert PromptFormat(template).prompt(NO_INPUT) == _phi_rendered([("user", "Say hi.")], line_break)
+    assert with_system.response(" 5\n") == " 5\n<|end|>"
+    assert with_system.stop_texts == ("<|end|>",)
+    assert with_system.cut_response(f"Hi!<|end|>{line_break}<|user|>more") == "Hi!"
+
+
 def test_unknown_templates_and_misplaced_system_prompts_are_errors():
-    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3; got 'vicuna'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini; got 'vicuna'"):
         get_template("vicuna")
     with pytest.raises(ValueError, match="alpaca, chatml, plain"):
         PromptFormat("ChatML")
@@ -88,14 +106,14 @@ def test_unknown_templates_and_misplaced_system_prompts_are_errors():
         PromptFormat("alpaca", "Be brief.")
     with pytest.raises(ValueError, match="system_prompt is only used by the chatml"):
         format_prompt(NO_INPUT, "plain", "Be brief.")
-    assert list(TEMPLATES) == ["alpaca", "chatml", "plain", "llama3"]
+    assert list(TEMPLATES) == ["alpaca", "chatml", "plain", "llama3", "phi3", "phi4-mini"]
 
 
 def test_config_template_settings_are_checked(tmp_path):
     assert FinetuneConfig().validate().template == ""  # the base run's, or alpaca
     config = load_finetune_config(SFTConfig, None, ["--template=chatml", "--system_prompt=Be brief."])
     assert (config.template, config.system_prompt) == ("chatml", "Be brief.")
-    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3; got 'chatm'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini; got 'chatm'"):
         load_finetune_config(SFTConfig, None, ["--template=chatm"])
     with pytest.raises(ValueError, match="system_prompt"):
         DPOConfig(data="x.json", template="plain", system_prompt="Be brief.").validate()

@@ -67,8 +67,9 @@ class HFTokenizersTokenizer:
         # the highest id + 1, not the count: a vocab may leave ids out
         self.n_vocab: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         # the added tokens marked special: the ones encode never matches in text, and special_token names
-        self._special_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()
-                             if token.special}
+        special = {token_id: token for token_id, token in backend.get_added_tokens_decoder().items() if token.special}
+        self._special_ids = {token.content: token_id for token_id, token in special.items()}
+        self._strips = {token.content: (token.lstrip, token.rstrip) for token in special.values()}
 
     def encode(self, text: str) -> list[int]:
         _check_text(text)
@@ -116,6 +117,12 @@ class HFTokenizersTokenizer:
         """The id of the special added token called `name` exactly, else None (a non-special added token too)."""
         _check_token_name(name)
         return self._special_ids.get(name)
+
+    def special_token_strips(self, name: str) -> tuple[bool, bool]:
+        """(lstrip, rstrip) of the special token called `name`: whether Hugging Face, matching it in a text, takes
+        the whitespace on its left or right into it (Phi-3's <|user|>, <|assistant|>, <|end|> take the line break
+        after them). (False, False) for a name that is no special token here."""
+        return self._strips.get(name, (False, False))
 
     def __repr__(self) -> str:
         return f"HFTokenizersTokenizer(spec={self.spec!r}, n_vocab={self.n_vocab})"

@@ -71,20 +71,37 @@ def encode_text(tokenizer, text: str) -> list[int]:
     by llmkern) gives exactly tokenizer.encode(str(text)).
 
     The text after a special token is encoded by the tokenizer's encode_after_special where it has one (a
-    tokenizer.json whose Metaspace puts "▁" at the very start of a text only: none there), else by its encode."""
+    tokenizer.json whose Metaspace puts "▁" at the very start of a text only: none there), else by its encode.
+    Where a special token takes the whitespace beside it (tokenizer.special_token_strips: Hugging Face's lstrip
+    and rstrip of an added token, as Phi-3's <|user|> and <|end|> take the line break after them), that whitespace
+    is left out here too."""
     if not isinstance(text, TemplateText):
         return tokenizer.encode(text)
     ids: list[int] = []
     ordinary = ""  # text since the last special token, encoded as one: BPE merges across a piece's edges
     after_special = False  # whether `ordinary` follows a special token, not the start of the text
+    strip_left = False  # whether that special token takes the whitespace after it
     for piece in text.pieces:
         special = tokenizer.special_token(piece.text) if isinstance(piece, Marker) else None
         if special is None:
             ordinary += _piece_text(piece)
         else:
+            lstrip, rstrip = _strips(tokenizer, piece.text)
+            ordinary = _trimmed(ordinary, strip_left, lstrip)
             ids += _encode_ordinary(tokenizer, ordinary, after_special) + [special]
-            ordinary, after_special = "", True
-    return ids + _encode_ordinary(tokenizer, ordinary, after_special)
+            ordinary, after_special, strip_left = "", True, rstrip
+    return ids + _encode_ordinary(tokenizer, _trimmed(ordinary, strip_left, False), after_special)
+
+
+def _strips(tokenizer, name: str) -> tuple[bool, bool]:
+    """(lstrip, rstrip) of a special token: whether it takes the whitespace on its left, on its right."""
+    strips = getattr(tokenizer, "special_token_strips", None)
+    return (False, False) if strips is None else strips(name)
+
+
+def _trimmed(text: str, left: bool, right: bool) -> str:
+    text = text.lstrip() if left else text
+    return text.rstrip() if right else text
 
 
 def _encode_ordinary(tokenizer, text: str, after_special: bool) -> list[int]:

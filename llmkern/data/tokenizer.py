@@ -130,6 +130,10 @@ def _check_texts(texts) -> None:
 
 
 class Tokenizer(Protocol):
+    """What every llmkern tokenizer has. A tokenizer.json's (hf_tokenizers_backend) has two methods more, which
+    llmkern.data.sequences.encode_text uses where they are there: encode_after_special(text) and
+    special_token_strips(name), for the text beside a template's special tokens."""
+
     spec: str
     eot_token: int
     bos_token: int | None

@@ -47,10 +47,12 @@ class FinetuneConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_len: int = 512  # tokens per example (prompt + response); longer ones are cut; <= the model's block_size
 
-    # the prompt template of instruction examples (llmkern/finetune/templates.py): alpaca, chatml, plain or llama3;
+    # the prompt template of instruction examples (llmkern/finetune/templates.py): alpaca, chatml, plain, llama3,
+    # phi3 or phi4-mini;
     # "" = the base run's own (alpaca when it has none). The resolved template is saved with the run.
     template: str = ""
-    system_prompt: str = ""  # chatml's or llama3's system turn; "" = the base run's when its template is kept, else none
+    system_prompt: str = ""  # the template's system turn (not alpaca's nor plain's); "" = the base run's when its
+    # template is kept, else none
 
     # optimization: AdamW on the trainable parameters, linear warmup then cosine decay to min_lr
     lr: float = 5e-5

@@ -13,6 +13,11 @@ the prompt a model reads and the response it learns to write.
             "<|start_header_id|>assistant<|end_header_id|>\\n\\n"; the response ends with "<|eot_id|>"
             (Llama 3's chat format; its <|begin_of_text|> is the tokenizer's begin-of-sequence token, which every
             sequence starts with: llmkern.data.sequences); each turn's text stripped, as Llama 3's template does
+    phi3    "<|system|>\\n...<|end|>\\n" (only with a system prompt), then
+            "<|user|>\\n{instruction}[\\n\\n{input}]<|end|>\\n<|assistant|>\\n"; the response ends with
+            "<|end|>" (Phi-3's and Phi-3.5's chat format)
+    phi4-mini  the same turns with no line breaks: "<|user|>{instruction}[\\n\\n{input}]<|end|><|assistant|>"
+            (Phi-4-mini's chat format)
     plain   "{instruction}[\\n\\n{input}]\\n\\n": for bases that know no chat format
 
 The learned response is the example's output, plus the template's end marker (<|im_end|>, <|eot_id|>),
@@ -47,6 +52,7 @@ ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 START_HEADER, END_HEADER, EOT_ID = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+PHI_SYSTEM, PHI_USER, PHI_ASSISTANT, PHI_END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 
 Pieces = list[str | Marker]  # what a template builds: ordinary text and markers, in order
 
@@ -82,6 +88,21 @@ def _llama3_prompt(instruction: str, input_text: str, system_prompt: str) -> Pie
     return [*system, *user, *_llama3_header("assistant")]
 
 
+def _phi_prompt(line_break: str) -> Callable[[str, str, str], Pieces]:
+    """The Phi chat format's prompt builder: each turn its role's marker, the text, <|end|>; Phi-3 puts a line
+    break after each marker and each turn ("\\n"), Phi-4-mini none ("")."""
+    breaks = [line_break] if line_break else []  # no empty pieces
+
+    def turn(marker: str, text: str) -> Pieces:
+        return [Marker(marker), line_break + text, Marker(PHI_END), *breaks]
+
+    def build(instruction: str, input_text: str, system_prompt: str) -> Pieces:
+        system = turn(PHI_SYSTEM, system_prompt) if system_prompt else []
+        return [*system, *turn(PHI_USER, _user_text(instruction, input_text)), Marker(PHI_ASSISTANT), *breaks]
+
+    return build
+
+
 def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
     return [_user_text(instruction, input_text) + "\n\n"]
 
@@ -105,6 +126,8 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("chatml", _chatml_prompt, response_end=IM_END, takes_system_prompt=True),
     Template("plain", _plain_prompt),
     Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True, strips_turns=True),
+    Template("phi3", _phi_prompt("\n"), response_end=PHI_END, takes_system_prompt=True),
+    Template("phi4-mini", _phi_prompt(""), response_end=PHI_END, takes_system_prompt=True),
 )}
 
 
