@@ -2,15 +2,18 @@
 
 A task is a JSON Lines file (or a JSON list) of examples
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
-("question" may stand for "context"). Each choice is scored by the summed log-probability of
-its tokens after the context and a separator (" " by default, as lm-evaluation-harness does).
+("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC,
+MMLU, PIQA: choice_formats), phrased as lm-evaluation-harness phrases it. Each choice is scored by the
+summed log-probability of its tokens after the context and a separator (" " by default, as
+lm-evaluation-harness does).
 Two accuracies are reported, as the harness does:
 - accuracy: the choice with the highest summed log-prob. Long choices lose probability with
   every token, so this favours short ones;
 - acc_norm: the highest log-prob per UTF-8 byte of the choice, which removes that length bias
   (bytes, not tokens, so that it does not depend on the tokenizer).
 With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
-shuffle, each written as its context, the separator and its right answer, then a blank line.
+shuffle, each written as its context, the separator and its right answer, then a blank line; an example's
+description (MMLU's "The following are ... about {subject}.") comes once, before them.
 """
 
 from __future__ import annotations
@@ -18,53 +21,19 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from .._modes import eval_mode
 from ..data.sequences import cut_left, encode_continuation, encode_prompt
+from .choice_formats import ChoiceExample, examples_from_rows, mmlu_csv_examples
 from .logprobs import sequence_logprobs
 
 
-@dataclass
-class ChoiceExample:
-    context: str
-    choices: list[str]
-    answer: int
-
-
-def parse_choice_example(row: object, where: str) -> ChoiceExample:
-    """A ChoiceExample from one decoded JSON row; `where` ("file.jsonl line 3") names it in errors."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    key = "context" if "context" in row else "question"
-    if key not in row:
-        raise ValueError(f"{where}: missing key 'context' (or 'question')")
-    if not isinstance(row[key], str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-    if "choices" not in row:
-        raise ValueError(f"{where}: missing key 'choices'")
-    choices = row["choices"]
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f"{where}: 'choices' must be a list of strings")
-    if len(choices) < 2:
-        raise ValueError(f"{where}: 'choices' needs at least 2 entries, got {len(choices)}")
-    if any(c == "" for c in choices):
-        raise ValueError(f"{where}: a choice is empty (it would have no tokens to score)")
-    if "answer" not in row:
-        raise ValueError(f"{where}: missing key 'answer'")
-    answer = row["answer"]
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        raise ValueError(f"{where}: 'answer' must be an int (the index of the right choice), got {answer!r}")
-    if not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: 'answer' {answer} is out of range for {len(choices)} choices")
-    return ChoiceExample(row[key], list(choices), answer)
-
-
 def load_choice_tasks(path: str) -> list[ChoiceExample]:
-    """The examples of a .jsonl file (one object per line, blank lines skipped) or a .json list."""
+    """The examples of a .jsonl file (one object per line, blank lines skipped), a .json list, or an MMLU .csv;
+    the rows are in any format of choice_formats, told by the first row's keys."""
     if not os.path.isfile(path):
         raise ValueError(f"task file {path!r} does not exist")
     # utf-8-sig: a byte-order mark (Notepad writes one) is skipped, not read as text that hid a JSON list
@@ -73,26 +42,37 @@ def load_choice_tasks(path: str) -> list[ChoiceExample]:
             text = f.read()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from err
-    examples = []
-    if text.lstrip().startswith("["):  # a JSON list
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        for i, row in enumerate(rows):
-            examples.append(parse_choice_example(row, f"{path} item {i}"))
+    if path.lower().endswith(".csv"):
+        examples = mmlu_csv_examples(text, path)
+    elif text.lstrip().startswith("["):  # a JSON list
+        examples = examples_from_rows(_json_list_rows(text, path))
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from err
-            examples.append(parse_choice_example(row, f"{path} line {number}"))
+        examples = examples_from_rows(_json_lines_rows(text, path))
     if not examples:
         raise ValueError(f"task file {path!r} holds no examples")
     return examples
+
+
+def _json_list_rows(text: str, path: str) -> list[tuple[str, object]]:
+    """(where, row) of each item of a JSON list."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return [(f"{path} item {i}", row) for i, row in enumerate(rows)]
+
+
+def _json_lines_rows(text: str, path: str):
+    """(where, row) of each non-blank line, decoded one at a time (a broken line is named before the rows after
+    it are read)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+        yield f"{path} line {number}", row
 
 
 def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
@@ -121,6 +101,8 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
         raise TypeError(f"examples[{i}] must be a ChoiceExample, got {type(ex).__name__}")
     if not isinstance(ex.context, str):  # else the tokenizer failed on it, naming no example
         raise TypeError(f"examples[{i}]: context must be a str, got {type(ex.context).__name__}")
+    if not isinstance(ex.description, str):
+        raise TypeError(f"examples[{i}]: description must be a str, got {type(ex.description).__name__}")
     if not ex.choices or not all(isinstance(c, str) and c for c in ex.choices):
         raise ValueError(f"examples[{i}]: choices must be a non-empty list of non-empty strings, got {ex.choices!r}")
     if answer and (isinstance(ex.answer, bool) or not isinstance(ex.answer, int)
@@ -132,7 +114,7 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
 @torch.no_grad()
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator: str = " ",
                   batch_size: int = 16, progress: bool = False) -> list[list[float]]:
-    """Summed log-probability of each choice's tokens given its context: one list per example.
+    """Summed log-probability of each choice's tokens given its description and context: one list per example.
 
     Every (example, choice) pair is a row; rows are batched right-padded, the context and padding
     positions carry target -1 so only the choice's tokens count.
@@ -149,7 +131,8 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
     for i, ex in enumerate(examples):
         _check_example(ex, i)
         for choice in ex.choices:
-            ids, n_cont = _encode_pair(tokenizer, ex.context, separator + choice, block, f"examples[{i}]")
+            context = ex.description + ex.context
+            ids, n_cont = _encode_pair(tokenizer, context, separator + choice, block, f"examples[{i}]")
             rows.append((i, ids, n_cont))
 
     scores: list[list[float]] = [[] for _ in examples]
@@ -181,7 +164,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
                  seed: int = 0) -> list[ChoiceExample]:
-    """Each example with k solved examples of `pool` (never itself) written before its context."""
+    """Each example with k solved examples of `pool` (never itself) written before its context (after its
+    description, which the shots' are not: the harness writes a task's description once, then the shots)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"fewshot must be an int >= 0, got {k!r}")
     if k == 0:
@@ -197,7 +181,7 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
     for ex in examples:
         shots = [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
         prefix = "".join(f"{s.context}{separator}{s.choices[s.answer]}\n\n" for s in shots)
-        out.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer))
+        out.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer, ex.description))
     return out
 
 

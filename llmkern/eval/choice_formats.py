@@ -1,0 +1,268 @@
+"""The shapes of multiple-choice task files, and how each becomes a ChoiceExample.
+
+A file's format is told by the keys of its first row; every other row must have the same shape (a row of
+another format is an error naming its line). The public benchmarks are phrased exactly as
+lm-evaluation-harness phrases them, so that accuracies compare with published numbers; the choices are scored
+after the harness's target delimiter " ".
+
+- llmkern's own: {"context" (or "question"), "choices": [...], "answer": INDEX}, read as written.
+- HellaSwag (the original jsonl and the Hugging Face export): activity_label, ctx_a, ctx_b, endings, label (an
+  int or a digit string; the original test split has none, so it cannot be scored). Context
+  "{activity_label}: {ctx_a} {ctx_b.capitalize()}", choices the endings, both cleaned of WikiHow's markup:
+  stripped, " [title]" -> ". ", other [tags] removed, a double space made single.
+- ARC, ARC-Easy and ARC-Challenge alike, as the original jsonl (question: {stem, choices: [{text, label}]},
+  answerKey) or the Hugging Face export (question: str, choices: {text: [...], label: [...]}, answerKey): context
+  "Question: {question}\\nAnswer:", choices the texts, the answer the choice whose label is answerKey (a letter,
+  or a digit "1".."5" in the rows labelled so).
+- MMLU as the Hugging Face export of cais/mmlu (question, subject, choices: 4 strings, answer: an int or a letter;
+  without "subject" such a row is llmkern's own format), or MMLU's original CSV (a file ending in .csv, no
+  header: question, A, B, C, D, answer letter). Context
+  "{question.strip()}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer:", choices "A".."D", after the description
+  "The following are multiple choice questions (with answers) about {subject}.\\n\\n" (the subject's underscores
+  as spaces), written once before the few-shot examples. A CSV's subject is its file name's, as MMLU names them:
+  "<subject>_test.csv" (or _dev, _val); a CSV named otherwise gets no description.
+- PIQA (the Hugging Face export): goal, sol1, sol2, label: context "Question: {goal}\\nAnswer:", choices the two
+  solutions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+MMLU_SPLITS = ("_test", "_dev", "_val")
+
+
+@dataclass
+class ChoiceExample:
+    context: str
+    choices: list[str]
+    answer: int
+    # Written once before the context and before any few-shot examples (MMLU's subject line), not in the shots.
+    description: str = ""
+
+
+# --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
+
+def _value(row: dict, key: str, where: str) -> object:
+    if key not in row:
+        raise ValueError(f"{where}: missing key {key!r}")
+    return row[key]
+
+
+def _string(row: dict, key: str, where: str) -> str:
+    value = _value(row, key, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _strings(row: dict, key: str, where: str) -> list[str]:
+    value = _value(row, key, where)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: {key!r} must be a list of strings")
+    return list(value)
+
+
+def _object(row: dict, key: str, where: str) -> dict:
+    value = _value(row, key, where)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _index(row: dict, key: str, where: str) -> int:
+    """An int, or a string of digits (the Hugging Face exports write HellaSwag's labels as "0".."3")."""
+    value = _value(row, key, where)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key!r} must be an int (the index of the right choice), got {value!r}")
+    return value
+
+
+def _example(context: str, choices: list[str], answer: int, where: str, choices_key: str, answer_key: str,
+             description: str = "") -> ChoiceExample:
+    """The example, once its choices can be scored and its answer is one of them."""
+    if len(choices) < 2:
+        raise ValueError(f"{where}: {choices_key!r} needs at least 2 entries, got {len(choices)}")
+    if any(c == "" for c in choices):
+        raise ValueError(f"{where}: a choice of {choices_key!r} is empty (it would have no tokens to score)")
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: {answer_key!r} {answer} is out of range for {len(choices)} choices")
+    return ChoiceExample(context, choices, answer, description)
+
+
+# --- the formats ---------------------------------------------------------------------------------------------------
+
+def parse_choice_example(row: object, where: str) -> ChoiceExample:
+    """llmkern's own format: {"context" (or "question"), "choices", "answer": int}; `where` ("file.jsonl line 3")
+    names the row in errors."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    key = "context" if "context" in row else "question"
+    if key not in row:
+        raise ValueError(f"{where}: missing key 'context' (or 'question')")
+    context = _string(row, key, where)
+    choices = _strings(row, "choices", where)
+    answer = _value(row, "answer", where)
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise ValueError(f"{where}: 'answer' must be an int (the index of the right choice), got {answer!r}")
+    return _example(context, choices, answer, where, "choices", "answer")
+
+
+def clean_hellaswag(text: str) -> str:
+    """HellaSwag's text as the harness reads it: the WikiHow rows' [title], [header], [step] tags taken out."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_example(row: dict, where: str) -> ChoiceExample:
+    ctx = _string(row, "ctx_a", where) + " " + _string(row, "ctx_b", where).capitalize()
+    query = clean_hellaswag(_string(row, "activity_label", where) + ": " + ctx)
+    endings = [clean_hellaswag(e) for e in _strings(row, "endings", where)]
+    return _example(query, endings, _index(row, "label", where), where, "endings", "label")
+
+
+def _arc_example(question: str, texts: list[str], labels: list[str], row: dict, where: str) -> ChoiceExample:
+    if len(labels) != len(texts):
+        raise ValueError(f"{where}: {len(texts)} choice texts but {len(labels)} labels")
+    key = _value(row, "answerKey", where)
+    if key not in labels:
+        raise ValueError(f"{where}: 'answerKey' {key!r} is none of the choices' labels {labels}")
+    return _example(f"Question: {question}\nAnswer:", texts, labels.index(key), where, "choices", "answerKey")
+
+
+def arc_example(row: dict, where: str) -> ChoiceExample:
+    """The original jsonl: question {stem, choices: [{text, label}, ...]}."""
+    question = _object(row, "question", where)
+    stem = _string(question, "stem", f"{where}: 'question'")
+    choices = _value(question, "choices", f"{where}: 'question'")
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise ValueError(f"{where}: 'question': 'choices' must be a list of {{text, label}} objects")
+    texts = [_string(c, "text", f"{where}: 'question': choice {i}") for i, c in enumerate(choices)]
+    labels = [_string(c, "label", f"{where}: 'question': choice {i}") for i, c in enumerate(choices)]
+    return _arc_example(stem, texts, labels, row, where)
+
+
+def arc_hf_example(row: dict, where: str) -> ChoiceExample:
+    """The Hugging Face export: question str, choices {text: [...], label: [...]}."""
+    choices = _object(row, "choices", where)
+    texts = _strings(choices, "text", f"{where}: 'choices'")
+    labels = _strings(choices, "label", f"{where}: 'choices'")
+    return _arc_example(_string(row, "question", where), texts, labels, row, where)
+
+
+def mmlu_description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def _mmlu(question: str, choices: list[str], answer: object, where: str, answer_key: str,
+          description: str) -> ChoiceExample:
+    """The harness's MMLU prompt: the question, its lettered choices, "Answer:"; the letters are the choices."""
+    if len(choices) != 4:
+        raise ValueError(f"{where}: MMLU has 4 choices, got {len(choices)}")
+    if answer in MMLU_LETTERS:
+        answer = MMLU_LETTERS.index(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
+        raise ValueError(f"{where}: {answer_key!r} must be 0..3 or a letter A..D, got {answer!r}")
+    lines = [question.strip()] + [f"{letter}. {c}" for letter, c in zip(MMLU_LETTERS, choices)] + ["Answer:"]
+    return ChoiceExample("\n".join(lines), list(MMLU_LETTERS), answer, description)
+
+
+def mmlu_example(row: dict, where: str) -> ChoiceExample:
+    """The Hugging Face export of cais/mmlu: question, subject, choices, answer."""
+    description = mmlu_description(_string(row, "subject", where))
+    return _mmlu(_string(row, "question", where), _strings(row, "choices", where), _value(row, "answer", where),
+                 where, "answer", description)
+
+
+def piqa_example(row: dict, where: str) -> ChoiceExample:
+    choices = [_string(row, "sol1", where), _string(row, "sol2", where)]
+    question = f"Question: {_string(row, 'goal', where)}\nAnswer:"
+    return _example(question, choices, _index(row, "label", where), where, "sol1/sol2", "label")
+
+
+@dataclass(frozen=True)
+class ChoiceFormat:
+    name: str
+    matches: Callable[[dict], bool]  # whether a row has this format's keys
+    convert: Callable[[dict, str], ChoiceExample]
+
+
+LLMKERN = ChoiceFormat("llmkern", lambda r: ("context" in r or "question" in r) and "choices" in r and "answer" in r,
+                       parse_choice_example)
+# Checked in this order: the first that matches a row is its format. MMLU before llmkern's own, which has its keys
+# but "subject".
+FORMATS = (
+    ChoiceFormat("HellaSwag", lambda r: "ctx_a" in r and "endings" in r, hellaswag_example),
+    ChoiceFormat("ARC (original)", lambda r: "answerKey" in r and isinstance(r.get("question"), dict), arc_example),
+    ChoiceFormat("ARC (Hugging Face)", lambda r: "answerKey" in r and not isinstance(r.get("question"), dict),
+                 arc_hf_example),
+    ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example),
+    ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
+                 mmlu_example),
+    LLMKERN,
+)
+
+
+def format_of(row: dict) -> ChoiceFormat | None:
+    """The format whose keys the row has; None when it has none's (it is then read as its file's format, whose
+    error names the missing key)."""
+    return next((f for f in FORMATS if f.matches(row)), None)
+
+
+def examples_from_rows(rows: Iterable[tuple[str, object]]) -> list[ChoiceExample]:
+    """ChoiceExamples of decoded JSON rows, each given with where it is ("file.jsonl line 3"); the first row's
+    keys decide the format of them all."""
+    examples: list[ChoiceExample] = []
+    chosen: ChoiceFormat | None = None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        found = format_of(row)
+        if chosen is None:
+            chosen = found or LLMKERN
+        elif found is not None and found is not chosen:
+            raise ValueError(f"{where}: the row is in the {found.name} format, the file's first row in the "
+                             f"{chosen.name} format (the first row decides the file's format)")
+        examples.append(chosen.convert(row, where))
+    return examples
+
+
+def mmlu_subject_of(path: str) -> str | None:
+    """The subject MMLU's file name gives ("high_school_physics_test.csv"), or None."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for split in MMLU_SPLITS:
+        if stem.endswith(split) and len(stem) > len(split):
+            return stem[: -len(split)]
+    return None
+
+
+def mmlu_csv_examples(text: str, path: str) -> list[ChoiceExample]:
+    """The rows of one of MMLU's original CSV files (no header): question, A, B, C, D, answer letter."""
+    subject = mmlu_subject_of(path)
+    description = mmlu_description(subject) if subject else ""
+    reader = csv.reader(io.StringIO(text))
+    examples = []
+    while True:
+        first_line = reader.line_num + 1  # a quoted field may hold line breaks: name the line the row starts on
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise ValueError(f"{path} line {first_line}: not valid CSV ({err})") from err
+        if not fields:  # a blank line
+            continue
+        where = f"{path} line {first_line}"
+        if len(fields) != 6:
+            raise ValueError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(fields)}")
+        examples.append(_mmlu(fields[0], fields[1:5], fields[5].strip(), where, "column 6 (answer)", description))
+    return examples

@@ -1,0 +1,154 @@
+"""Multiple-choice task files in the public benchmarks' own formats, phrased as lm-evaluation-harness phrases them.
+
+The expected contexts and choices are written out by hand from the harness's task definitions (hellaswag's
+utils.preprocess and query, arc_easy's and piqa's doc_to_text, mmlu's _default_template_yaml and description).
+"""
+
+import json
+
+import pytest
+import torch
+
+from llmkern.data.tokenizer import get_tokenizer
+from llmkern.eval.multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, with_fewshot
+from llmkern.model import GPT, GPTConfig
+
+MMLU_PHYSICS = "The following are multiple choice questions (with answers) about high school physics.\n\n"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_hellaswag_rows_are_cleaned_and_phrased_as_the_harness_does(tmp_path):
+    rows = [
+        {"ind": 4, "activity_label": "Home and Garden", "ctx_a": "[header] How to plant tulips [title] Pick a spot.",
+         "ctx_b": "DIG a hole", "ctx": "unused", "split": "val", "split_type": "indomain", "source_id": "wikihow~1",
+         "endings": ["[step] Put the bulb  in. ", " and water it [substeps] daily.", "leave.", "sing [title] loud"],
+         "label": "2"},  # the Hugging Face export's label: a digit string
+        {"activity_label": "Rope skipping", "ctx_a": "A boy jumps.", "ctx_b": "he", "endings": ["jumps.", "sits."],
+         "label": 0},  # the original jsonl's: an int
+    ]
+    first, second = load_choice_tasks(write_jsonl(tmp_path / "hellaswag_val.jsonl", rows))
+    # query: activity_label + ": " + ctx_a + " " + ctx_b.capitalize(), stripped; " [title]" -> ". ", [tags] out,
+    # "  " -> " "
+    assert first.context == "Home and Garden: How to plant tulips. Pick a spot. Dig a hole"
+    # stripped before the tags are taken out: "[step] Put" keeps the space after the tag
+    assert first.choices == [" Put the bulb in.", "and water it daily.", "leave.", "sing. loud"]
+    assert first.answer == 2 and first.description == ""
+    assert second == ChoiceExample("Rope skipping: A boy jumps. He", ["jumps.", "sits."], 0)
+
+
+def test_arc_rows_in_both_shapes_with_letter_and_digit_answer_keys(tmp_path):
+    original = [
+        {"id": "Mercury_1", "question": {"stem": "Which is a gas?", "choices": [
+            {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}]},
+         "answerKey": "B"},
+        {"id": "NYSEDREGENTS_2", "question": {"stem": "How many legs has a spider?", "choices": [
+            {"text": "six", "label": "1"}, {"text": "eight", "label": "2"}, {"text": "ten", "label": "3"},
+            {"text": "four", "label": "4"}]}, "answerKey": "2"},
+    ]
+    a, b = load_choice_tasks(write_jsonl(tmp_path / "ARC-Easy-Dev.jsonl", original))
+    assert a == ChoiceExample("Question: Which is a gas?\nAnswer:", ["ice", "steam", "rock"], 1)
+    assert b == ChoiceExample("Question: How many legs has a spider?\nAnswer:", ["six", "eight", "ten", "four"], 1)
+
+    exported = [
+        {"id": "x1", "question": "What melts ice?", "choices": {"text": ["heat", "cold"], "label": ["A", "B"]},
+         "answerKey": "A"},
+        {"id": "x2", "question": "Pick the mammal.", "choices": {"text": ["eel", "owl", "bat", "ant"],
+                                                                   "label": ["1", "2", "3", "4"]},
+         "answerKey": "3"},
+    ]
+    c, d = load_choice_tasks(write_jsonl(tmp_path / "arc_challenge.jsonl", exported))
+    assert c == ChoiceExample("Question: What melts ice?\nAnswer:", ["heat", "cold"], 0)
+    assert d == ChoiceExample("Question: Pick the mammal.\nAnswer:", ["eel", "owl", "bat", "ant"], 2)
+
+
+def test_mmlu_hugging_face_rows_are_lettered_after_the_subject_line(tmp_path):
+    rows = [{"question": "  What is the unit of force?\n", "subject": "high_school_physics",
+             "choices": ["joule", "newton", "watt", "pascal"], "answer": 1}]
+    (ex,) = load_choice_tasks(write_jsonl(tmp_path / "mmlu.jsonl", rows))
+    assert ex.context == "What is the unit of force?\nA. joule\nB. newton\nC. watt\nD. pascal\nAnswer:"
+    assert ex.choices == ["A", "B", "C", "D"] and ex.answer == 1
+    assert ex.description == MMLU_PHYSICS
+    # Without "subject" the same keys are llmkern's own format, read as written.
+    del rows[0]["subject"]
+    (own,) = load_choice_tasks(write_jsonl(tmp_path / "own.jsonl", rows))
+    assert own == ChoiceExample("  What is the unit of force?\n", ["joule", "newton", "watt", "pascal"], 1)
+
+
+def test_mmlu_csv_with_quotes_commas_and_line_breaks_inside_fields(tmp_path):
+    path = tmp_path / "high_school_physics_test.csv"
+    path.write_text('"A car, at rest, is pushed. Is it ""moving""?",yes,no,"maybe, later",never,A\n'
+                    '\n'
+                    '"Two lines:\nwhich is longer?",the first,the second,"both, equally",neither,D\n',
+                    encoding="utf-8")
+    first, second = load_choice_tasks(str(path))
+    assert first.context == ('A car, at rest, is pushed. Is it "moving"?\n'
+                             'A. yes\nB. no\nC. maybe, later\nD. never\nAnswer:')
+    assert (first.choices, first.answer, first.description) == (["A", "B", "C", "D"], 0, MMLU_PHYSICS)
+    assert second.context == ("Two lines:\nwhich is longer?\n"
+                              "A. the first\nB. the second\nC. both, equally\nD. neither\nAnswer:")
+    assert second.answer == 3
+    # A CSV not named as MMLU's are gets no subject line; a bad answer letter names the row's first line.
+    other = tmp_path / "questions.csv"
+    other.write_text("q,a,b,c,d,B\n\"two\nlines\",a,b,c,d,E\n")
+    with pytest.raises(ValueError, match=r"questions.csv line 2: 'column 6 \(answer\)' must be 0..3 or a letter"):
+        load_choice_tasks(str(other))
+    other.write_text("q,a,b,c,d,B\n")
+    assert load_choice_tasks(str(other))[0].description == ""
+
+
+def test_piqa_rows_are_questions_with_two_solutions(tmp_path):
+    rows = [{"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Bake them.",
+             "label": 0},
+            {"goal": "Open a jar", "sol1": "Freeze the lid.", "sol2": "Run the lid under hot water.", "label": 1}]
+    a, b = load_choice_tasks(write_jsonl(tmp_path / "piqa.jsonl", rows))
+    assert a == ChoiceExample("Question: How do I dry wet shoes?\nAnswer:",
+                              ["Stuff them with newspaper.", "Bake them."], 0)
+    assert b == ChoiceExample("Question: Open a jar\nAnswer:", ["Freeze the lid.", "Run the lid under hot water."], 1)
+
+
+def test_a_row_of_another_format_or_with_a_missing_key_is_named(tmp_path):
+    piqa = {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}
+    own = {"context": "c", "choices": ["a", "b"], "answer": 0}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [piqa, piqa, own])
+    with pytest.raises(ValueError, match=r"mixed.jsonl line 3: the row is in the llmkern format, .* the PIQA"):
+        load_choice_tasks(path)
+    path = write_jsonl(tmp_path / "short.jsonl", [piqa, {"goal": "g", "sol1": "a", "label": 0}])
+    with pytest.raises(ValueError, match=r"short.jsonl line 2: missing key 'sol2'"):
+        load_choice_tasks(path)
+    arc = {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}
+    path = write_jsonl(tmp_path / "arc.jsonl", [arc])
+    with pytest.raises(ValueError, match=r"arc.jsonl line 1: 'answerKey' 'C' is none of the choices' labels"):
+        load_choice_tasks(path)
+
+
+def test_the_mmlu_subject_line_comes_once_before_the_shots():
+    # The harness writes description + shots + question: the shots carry no subject line of their own.
+    pool = [ChoiceExample(f"q{i}\nAnswer:", ["A", "B"], i % 2, MMLU_PHYSICS) for i in range(3)]
+    shot = with_fewshot(pool[:1], pool, 2, seed=0)[0]
+    assert shot.description == MMLU_PHYSICS and MMLU_PHYSICS not in shot.context
+    assert shot.context.endswith("\n\nq0\nAnswer:") and shot.context.count("Answer:") == 3
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=512, n_layer=1, n_head=2, n_embd=32,
+                                   backend="torch")
+    return GPT(config).eval()
+
+
+def test_a_benchmark_file_evaluates_end_to_end(tmp_path):
+    path = tmp_path / "high_school_physics_dev.csv"
+    path.write_text("What is 1+1?,1,2,3,4,B\nWhat is 2+2?,4,5,6,7,A\nWhat is 3+3?,3,4,5,6,D\n")
+    model, tokenizer = tiny_gpt(), get_tokenizer("bytes")
+    result = evaluate_choices(model, tokenizer, str(path), return_predictions=True, fewshot=1)
+    assert result["examples"] == 3 and result["fewshot"] == 1
+    assert [p["answer"] for p in result["predictions"]] == [1, 0, 3]
+    assert all(len(p["logprobs"]) == 4 for p in result["predictions"])
+    # The subject line is scored: the same examples without it score otherwise.
+    plain = [ChoiceExample(e.context, e.choices, e.answer) for e in load_choice_tasks(str(path))]
+    bare = evaluate_choices(model, tokenizer, plain, return_predictions=True, fewshot=1)
+    assert bare["predictions"][0]["logprobs"] != result["predictions"][0]["logprobs"]
