@@ -1,7 +1,8 @@
 """Hugging Face Phi-3 weights (Phi3ForCausalLM: Llama's model with q/k/v fused in qkv_proj and gate/up in
 gate_up_proj): a synthetic state dict goes in, gives the logits of test_hf_llama's plain float64 forward of the
-weights split here as transformers' Phi-3 code splits them, and comes back out bit for bit. What Phi-3 models
-compute and the model here does not (longrope, RoPE on part of each head, a short sliding window) is refused."""
+weights split here as transformers' Phi-3 code splits them, and comes back out bit for bit. Longrope and
+Phi-4-mini's RoPE on part of each head (checked against a float64 forward written here) are read and written back;
+what Phi-3 configs hold that the model would compute otherwise (a short sliding window, ...) is refused."""
 
 import json
 import math
@@ -36,6 +37,7 @@ from llmkern.model.hf import (
     to_hf_llama,
     to_hf_phi3,
 )
+from llmkern.model.hf_llama_config import hf_phi3_config
 
 D = EMBD // HEADS  # Phi3Config has no head_dim: hidden_size / num_attention_heads
 
@@ -169,8 +171,8 @@ def test_a_phi3_folder_is_read_by_its_model_type(tmp_path):
     torch.testing.assert_close(logits_of(model, idx), phi3_logits(bf16, idx, cfg), rtol=1e-5, atol=1e-5)
     model, _, meta = load_gpt(str(path), backend="torch", hf_tokenizer="bytes")
     assert meta["source"] == "hf-llama"  # Llama's model
-    (tmp_path / "config.json").write_text(json.dumps(phi3_config_json(partial_rotary_factor=0.75)))
-    with pytest.raises(ValueError, match="partial_rotary_factor=0.75"):
+    (tmp_path / "config.json").write_text(json.dumps(phi3_config_json(partial_rotary_factor=0.5625)))
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5625"):  # 9 of 16 dims: odd
         load_hf_file(str(path))
 
 
@@ -201,9 +203,11 @@ def test_training_time_dropouts_are_accepted_and_left_out():
      r"longrope RoPE scaling has \['beta_fast'\]"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 64}}, "a Phi-3 model here computes plain RoPE"),
-    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),  # Phi-4-mini
-    ({"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "partial_rotary_factor=0.5"),
+    # RoPE on an odd number of each head's dims (int(16 * 0.5625) = 9), here and where transformers 5 writes it
+    ({"partial_rotary_factor": 0.5625}, "partial_rotary_factor=0.5625"),
+    ({"rope_theta": None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5625}},
+     "partial_rotary_factor=0.5625"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"model_type": "llama"}, "model_type='llama'; Phi-3 weights are of model_type 'phi3'"),
 ])
@@ -428,3 +432,192 @@ def test_longrope_is_refused_where_it_is_not_phi3s():
     model = from_hf_phi3(phi3_state_dict(), phi3_longrope_json(), backend="torch")
     with pytest.raises(ValueError, match="longrope RoPE scaling is Phi-3's: a model with it exports as Phi-3's"):
         to_hf_llama(model)
+
+
+# Phi-4-mini: RoPE on 3/4 of each head (partial_rotary_factor 0.75: the first 12 of D = 16 dims here), longrope
+# factors for its 12 / 2 = 6 frequencies, tied embeddings, grouped-query attention (HEADS / KV_HEADS)
+ROPE_DIM = 12
+
+
+def phi4_mini_json(**changes) -> dict:
+    """The config.json of a tiny Phi-4-mini, written as Phi-4-mini-instruct's is: partial_rotary_factor 0.75 at its
+    top level, a longrope rope_scaling of ROPE_DIM / 2 factors each, original_max_position_embeddings, tied
+    embeddings, its bias flags (all false) and keys transformers' Phi3Config does not read, a long sliding window."""
+    scaling = {"type": "longrope",
+               "short_factor": (1 + 0.5 * torch.rand(ROPE_DIM // 2, dtype=torch.float64)).tolist(),
+               "long_factor": (1 + 7 * torch.rand(ROPE_DIM // 2, dtype=torch.float64)).tolist()}
+    phi4 = {"partial_rotary_factor": 0.75, "rope_scaling": scaling, "original_max_position_embeddings": ORIGINAL,
+            "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "lm_head_bias": False,
+            "full_attn_mod": 1, "interpolate_factor": 1, "sliding_window": 2 * CTX}
+    return phi3_config_json(**{**phi4, **changes})
+
+
+def partial_rotary_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, long: bool | None = None,
+                          scale_kept: bool = False) -> torch.Tensor:
+    """Phi-3's forward in float64, written here from transformers' definition with partial_rotary_factor p and
+    longrope: RoPE on each head's first r = int(D * p) dims of q and k only, pair (x[j], x[j + r/2]) turning by
+    position * theta^(-2j/r) / factor_j (long_factor's on a sequence longer than original_max_position_embeddings,
+    short_factor's otherwise, unless `long` says which), cos and sin multiplied by the attention factor; the other
+    D - r dims pass as they are. scale_kept: multiply those by the attention factor too (a wrong model, for the
+    tests to see)."""
+    w = {k.removeprefix("model."): v.double() for k, v in split_as_transformers(sd, cfg).items()}
+    heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    b, t = idx.shape
+    r = int(D * cfg["partial_rotary_factor"])
+    scaling = cfg["rope_scaling"]
+    if long is None:
+        long = t > cfg["original_max_position_embeddings"]
+    factors = scaling["long_factor" if long else "short_factor"]
+    inv_freq = torch.tensor([1 / (f * cfg["rope_theta"] ** (2 * j / r)) for j, f in enumerate(factors)],
+                            dtype=torch.float64)
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, r/2)
+    a = hf_attention_factor(cfg)
+    cos, sin = torch.cat([angle.cos()] * 2, -1) * a, torch.cat([angle.sin()] * 2, -1) * a  # (T, r)
+
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rotate(x):  # (B, heads, T, D)
+        turned, kept = x[..., :r], x[..., r:]
+        rotated_half = torch.cat([-turned[..., r // 2:], turned[..., : r // 2]], -1)
+        return torch.cat([turned * cos + rotated_half * sin, kept * a if scale_kept else kept], -1)
+
+    x = w["embed_tokens.weight"][idx]
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    for i in range(cfg["num_hidden_layers"]):
+        layer = {k.removeprefix(f"layers.{i}."): v for k, v in w.items() if k.startswith(f"layers.{i}.")}
+        h = rms_norm(x, layer["input_layernorm.weight"])
+        q, k, v = (
+            (h @ layer[f"self_attn.{name}.weight"].t()).view(b, t, n, D).transpose(1, 2)
+            for name, n in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+        )
+        q, k = rotate(q), rotate(k)
+        k, v = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v))  # query head j reads kv head j // g
+        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(future, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(b, t, heads * D) @ layer["self_attn.o_proj.weight"].t()
+        h = rms_norm(x, layer["post_attention_layernorm.weight"])
+        gate, up = h @ layer["mlp.gate_proj.weight"].t(), h @ layer["mlp.up_proj.weight"].t()
+        x = x + (torch.nn.functional.silu(gate) * up) @ layer["mlp.down_proj.weight"].t()
+    return (rms_norm(x, w["norm.weight"]) @ w["lm_head.weight"].t()).float()  # float32, as the model's
+
+
+@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (ORIGINAL, ORIGINAL), (ORIGINAL, 3)])
+def test_phi4_mini_import_gives_the_reference_logits(tmp_path, block_size, seq_len):
+    """A tiny Phi-4-mini read from its folder (config.json, bf16 safetensors without lm_head: tied) gives the
+    reference's logits, RoPE on the first 12 of each head's 16 dims, with long_factor (its max_position_embeddings
+    as block_size, on a sequence past the original context) and with short_factor (block_size cut to it)."""
+    sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
+    (path,) = _save(tmp_path, sd, cfg, dtype=torch.bfloat16)
+    overrides = {} if block_size is None else {"block_size": block_size}
+    model, model_type = load_hf_file(str(path), backend="torch", **overrides)
+    c = model.config
+    assert model_type == "phi3"
+    assert (c.head_dim, c.rope_dim, c.n_head, c.n_kv_head, c.tie_embeddings, c.vocab_size, c.bias) == (
+        D, ROPE_DIM, HEADS, KV_HEADS, True, VOCAB, False)
+    assert c.rope_scaling["short_factor"] == cfg["rope_scaling"]["short_factor"]
+    assert c.rope_scaling["long_factor"] == cfg["rope_scaling"]["long_factor"]
+    assert model.lm_head.weight is model.wte.weight
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    idx = torch.randint(0, VOCAB, (2, seq_len))
+    torch.testing.assert_close(logits_of(model, idx), partial_rotary_logits(bf16, idx, cfg), rtol=1e-5, atol=1e-5)
+    assert GPTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # saved with checkpoints, read back
+
+
+def test_the_partial_rotary_reference_agrees_with_the_longrope_one_and_sees_a_wrong_model():
+    """At partial_rotary_factor 1 the reference written here is test_hf_llama's longrope forward; at 0.75 its
+    logits move past the tolerance when the unrotated dims get the attention factor too, or when all of each head
+    turns (the model imported with partial_rotary_factor 1 and factors for all D / 2 frequencies)."""
+    sd = phi3_state_dict(tied=True)
+    idx = torch.randint(0, VOCAB, (1, CTX))
+    whole = phi3_longrope_json(tie_word_embeddings=True)
+    torch.testing.assert_close(partial_rotary_logits(sd, idx, {**whole, "partial_rotary_factor": 1.0}),
+                               phi3_longrope_logits(sd, idx, whole), rtol=1e-6, atol=1e-6)
+    cfg = phi4_mini_json()
+    right = partial_rotary_logits(sd, idx, cfg)
+    torch.testing.assert_close(logits_of(from_hf_phi3(sd, cfg, backend="torch"), idx), right, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(partial_rotary_logits(sd, idx, cfg, scale_kept=True), right, atol=1e-3)
+    assert not torch.allclose(logits_of(from_hf_phi3(sd, whole, backend="torch"), idx), right, atol=1e-3)
+
+
+@torch.no_grad()
+def test_phi4_mini_generates_the_same_with_and_without_the_kv_cache():
+    from llmkern.model import generate
+
+    sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
+    model = from_hf_phi3(sd, cfg, backend="torch").eval()
+    prompts = [[5, 17, 3], [11, 2, 2, 9, 44, 80, 7, 60, 1], [60]]  # left-padded: positions per row
+    cached = generate(model, prompts, max_new_tokens=12, temperature=0)
+    assert cached == generate(model, prompts, max_new_tokens=12, temperature=0, use_cache=False)
+    for prompt, row in zip(prompts, cached):  # and each row is greedy decoding by the reference, alone
+        seq = list(prompt)
+        for _ in range(12):
+            # long_factor at every length, as the model takes it (block_size 32, past the original context of 8)
+            logits = partial_rotary_logits(sd, torch.tensor([seq]), cfg, long=True)
+            seq.append(int(logits[0, -1].argmax()))
+        assert row == seq
+
+
+def test_phi4_mini_export_round_trips():
+    sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
+    model = from_hf_phi3(sd, cfg, backend="torch")
+    out, out_cfg = to_hf_phi3(model)
+    factors = {k: cfg["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+    assert (out_cfg["partial_rotary_factor"], out_cfg["rope_scaling"]) == (0.75, {"type": "longrope", **factors})
+    assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+    for name, tensor in sd.items():
+        assert torch.equal(out[name], tensor), name
+    back = from_hf_phi3(out, json.loads(json.dumps(out_cfg)), backend="torch")
+    assert back.config == model.config and back.config.rope_dim == ROPE_DIM
+    idx = torch.randint(0, VOCAB, (1, CTX))
+    assert torch.equal(logits_of(back, idx), logits_of(model, idx))
+    # a rope_dim whose share of head_dim, divided out, rounds below it (int(44 * (30 / 44)) is 29): written so
+    # that transformers' int(head_dim * factor) gives it back
+    heads_of_44 = GPTConfig.from_preset("tiny-llama", n_embd=88, rope_dim=30)
+    written = json.loads(json.dumps(hf_phi3_config(heads_of_44, torch.float32)))
+    assert int(44 * written["partial_rotary_factor"]) == 30
+    assert (config_from_hf_phi3(written).head_dim, config_from_hf_phi3(written).rope_dim) == (44, 30)
+    # Llama's and Qwen's models turn all of each head: such a model is Phi-3's to export
+    partial = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, rope_dim=48))
+    with pytest.raises(ValueError, match=r"RoPE on part of each head \(rope_dim=48 of head_dim=64\) is Phi-3's"):
+        to_hf_llama(partial)
+    sd2, cfg2 = to_hf_phi3(partial)  # and as Phi-3's it reads back as the same model
+    assert_same_weights(from_hf_phi3(sd2, json.loads(json.dumps(cfg2)), backend="torch"), partial)
+    assert config_from_hf_phi3(json.loads(json.dumps(cfg2))).rope_dim == 48
+
+
+def test_partial_rotary_factor_is_read_where_each_transformers_version_writes_it():
+    base = phi4_mini_json()
+    expected = config_from_hf_phi3(base)
+    assert expected.rope_dim == ROPE_DIM
+    # transformers 5: partial_rotary_factor, the factors and the original context in rope_parameters
+    factors = {k: base["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+    parameters = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75, **factors,
+                  "original_max_position_embeddings": ORIGINAL}
+    v5 = {**{k: v for k, v in base.items()
+             if k not in ("rope_scaling", "partial_rotary_factor", "original_max_position_embeddings")},
+          "rope_theta": None, "rope_parameters": parameters}
+    assert config_from_hf_phi3(v5) == expected
+    # int(), as transformers takes it: 0.8 of 16 is 12.8, so 12
+    assert config_from_hf_phi3(phi4_mini_json(partial_rotary_factor=0.8)).rope_dim == ROPE_DIM
+    # 1 or none (Phi-3's): all of each head, the config of a model without rope_dim
+    for cfg in (phi3_config_json(partial_rotary_factor=1.0), phi3_config_json(partial_rotary_factor=1)):
+        assert config_from_hf_phi3(cfg) == config_from_hf_phi3(phi3_config_json())
+        assert config_from_hf_phi3(cfg).rope_dim is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"partial_rotary_factor": 0.5625}, r"partial_rotary_factor=0.5625: RoPE on int\(16 \* 0.5625\) = 9 of each"),
+    ({"partial_rotary_factor": 0.1}, r"int\(16 \* 0.1\) = 1 of each head's dims"),
+    ({"partial_rotary_factor": 0}, r"partial_rotary_factor must be a number in \(0, 1\], got 0"),
+    ({"partial_rotary_factor": 1.5}, r"partial_rotary_factor must be a number in \(0, 1\], got 1.5"),
+    ({"partial_rotary_factor": "0.75"}, r"partial_rotary_factor must be a number in \(0, 1\], got '0.75'"),
+    ({"partial_rotary_factor": True}, r"partial_rotary_factor must be a number in \(0, 1\], got True"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     r"partial_rotary_factor \[0.75, 0.5\] in different places"),
+    # longrope factors for all D / 2 frequencies, where RoPE turns 12 dims: 6 of them
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * (D // 2), "long_factor": [1.0] * (D // 2)}},
+     r"rope_scaling\['short_factor'\] must be a list of rope_dim / 2 = 6 numbers"),
+])
+def test_a_bad_partial_rotary_config_json_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_hf_phi3(phi4_mini_json(**change))

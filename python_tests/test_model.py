@@ -1,6 +1,7 @@
 """The GPT model: preset shapes and parameter counts, each block variant against an independent
 plain-PyTorch forward (values and gradients), backends against each other, init, config errors."""
 
+import collections
 import json
 import math
 
@@ -33,14 +34,16 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
             return F.layer_norm(x, (c,), module.weight, module.bias, cfg.norm_eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * module.weight
 
-    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angles = torch.arange(t, dtype=torch.float64)[:, None] * freqs  # (T, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).float()  # (T, D)
+    r = cfg.rope_dim or d  # RoPE turns each head's first r dims (Phi-4-mini's partial rotary), the rest kept
+    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * freqs  # (T, R/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).float()  # (T, R)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).float()
 
-    def rotate(x):  # (B, heads, T, D), rotate-half convention
-        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def rotate(x):  # (B, heads, T, D), rotate-half convention within the first r dims
+        turned, kept = x[..., :r], x[..., r:]
+        x1, x2 = turned[..., : r // 2], turned[..., r // 2 :]
+        return torch.cat([turned * cos + torch.cat([-x2, x1], dim=-1) * sin, kept], dim=-1)
 
     x = model.wte.weight[idx]
     if cfg.pos == "learned":
@@ -196,6 +199,9 @@ VARIANTS = {
     # Qwen3's: QK-norm, and 4 heads of 32 (q 128 wide) in a model 64 wide
     "qwen3": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False,
                   head_dim=32, qk_norm=True),
+    # Phi-4-mini's: RoPE on 3/4 of each head (12 of 16 dims here), tied, grouped-query
+    "phi4": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False,
+                 rope_dim=12),
 }
 
 
@@ -309,10 +315,10 @@ def test_dropout_is_active_in_training_only():
 # --- backends -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3", "phi4"])
 def test_triton_backend_matches_torch_backend_in_the_interpreter(variant):
     """gpt2: LayerNorm with bias, learned positions, GELU, multi-head; llama: RMSNorm, RoPE, SwiGLU, MQA;
-    qwen3: llama's with QK-norm, heads of 32 in a model 48 wide."""
+    qwen3: llama's with QK-norm, heads of 32 in a model 48 wide; phi4: llama's with RoPE on 12 of each 32 dims."""
     kernels = [op for op in ("rms_norm", "layer_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
     if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
         pytest.skip("no Triton kernels that run here")
@@ -487,7 +493,7 @@ def test_gpu_backend_matches_torch_backend_under_bf16_autocast(backend, variant)
 
 
 @pytest.mark.simt
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "phi4"])
 def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
     """Every CUDA kernel of a block (attention, RMSNorm, RoPE, SwiGLU) in one model, emulated on
     CPU tensors under bf16 autocast (the kernels take bf16), then a few AdamW steps on its kernels."""
@@ -511,7 +517,7 @@ def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["torch"]), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "phi4"])
 def test_torch_compile_traces_the_whole_model_without_graph_breaks(variant):
     # aot_eager: dynamo and AOTAutograd trace forward and backward (no C++ compiler needed).
     model = GPT(tiny(**VARIANTS[variant], activation_checkpointing=True))
@@ -636,6 +642,13 @@ def test_config_round_trips_through_json():
         (dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite number > 0"),
         (dict(pos="rope", rope_theta=float("inf")), ValueError, "rope_theta must be a finite number > 0"),
         (dict(rope_scaling="llama3"), TypeError, "rope_scaling must be dict or None"),
+        (dict(pos="rope", rope_dim=32.0), TypeError, "rope_dim must be int or None"),
+        (dict(pos="rope", rope_dim=True), TypeError, "rope_dim must be int or None"),
+        (dict(rope_dim=32), ValueError, "rope_dim is for pos='rope'; this config has pos='learned'"),
+        (dict(pos="rope", rope_dim=31), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
+        (dict(pos="rope", rope_dim=0), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
+        (dict(pos="rope", rope_dim=66), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
+        (dict(pos="rope", rope_dim=-2), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
     ],
 )
 def test_config_errors(overrides, error, words):
@@ -685,7 +698,7 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
 
     now = GPTConfig.from_preset(preset).to_dict()
     assert (now["head_dim"], now["qk_norm"]) == (64, False)
-    older = {k: v for k, v in now.items() if k not in ("head_dim", "qk_norm", "qkv_bias", "rope_scaling")}
+    older = {k: v for k, v in now.items() if k not in ("head_dim", "qk_norm", "qkv_bias", "rope_scaling", "rope_dim")}
     assert GPTConfig.from_dict(older) == GPTConfig.from_preset(preset)
     assert identity_dict(now) == identity_dict(older) == older
     weights = tmp_path / "model.safetensors"
@@ -695,6 +708,133 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
         other = GPTConfig.from_preset(preset, **change).to_dict()
         assert identity_dict(other) != identity_dict(older)
         assert base_fingerprint(str(weights), other) != base_fingerprint(str(weights), older)
+
+
+# --- RoPE on part of each head (rope_dim) -------------------------------------------------------------
+
+
+def test_a_rope_dim_of_the_whole_head_is_the_model_without_one_bitwise():
+    """rope_dim == head_dim is RoPE on the whole head: stored as None (the config of a model without the field),
+    and an attention given it computes bitwise what one without computes, through the one rope call of the
+    whole heads (no split of the head dims, no cat: no copy more)."""
+    from llmkern.nn import CausalSelfAttention, RotaryCache
+
+    whole = tiny(**VARIANTS["llama"])
+    given = tiny(**VARIANTS["llama"], rope_dim=whole.head_dim)
+    assert given.rope_dim is None and given == whole and given.to_dict() == whole.to_dict()
+    torch.manual_seed(0)
+    reference = CausalSelfAttention(64, 4, 2, backend="torch")
+    attn = CausalSelfAttention(64, 4, 2, backend="torch", rope_dim=16)
+    attn.load_state_dict(reference.state_dict())
+    assert attn.rope_dim is None
+    rotary = RotaryCache(16, 16, rope_dim=16)(None, 16)
+    assert rotary[0].shape == (16, 8)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    out, ref = attn(x, rotary), reference(x, RotaryCache(16, 16)(None, 16))
+    assert torch.equal(out, ref)
+    assert node_counts(out) == node_counts(ref)  # the same graph: nothing split off, nothing joined back on
+    out.sum().backward()
+    grad, x.grad = x.grad, None
+    ref.sum().backward()
+    assert torch.equal(grad, x.grad)
+
+
+def node_counts(out: torch.Tensor) -> collections.Counter:
+    """How many nodes of each type the autograd graph that computed `out` has."""
+    return collections.Counter(type(node).__name__ for node in autograd_nodes(out))
+
+
+def test_partial_rotary_turns_only_its_dims_and_each_part_matters():
+    """The phi4 variant's logits move when its rope_dim is dropped (all of each head turned), so
+    test_variant_matches_plain_reference sees a model that ignores rope_dim; and the attention's backward joins
+    the turned and kept dims' gradients in one cat (a split, not slices that each zero-fill a buffer)."""
+    from llmkern.nn import CausalSelfAttention, RotaryCache
+
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS["phi4"], backend="torch")).eval()
+    whole = GPT(tiny(**{**VARIANTS["phi4"], "rope_dim": None}, backend="torch")).eval()
+    whole.load_state_dict(model.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 19))
+    logits = model(idx)[0]
+    torch.testing.assert_close(logits, reference_logits(model, idx), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, whole(idx)[0], atol=1e-3)
+    # a cache whose tables are 12 / 2 wide: q and k's first 12 dims turn, the last 4 pass as they are
+    assert model.rotary.cos.shape == (32, 6) and model.blocks[0].attn.rope_dim == 12
+    x = torch.randn(2, 16, 64)
+    whole = node_counts(CausalSelfAttention(64, 4, 2, backend="torch")(x, RotaryCache(16, 16)(None, 16)))
+    partial = CausalSelfAttention(64, 4, 2, backend="torch", rope_dim=12)(x, RotaryCache(16, 16, rope_dim=12)(None, 16))
+    counts = node_counts(partial)
+    assert "SliceBackward0" not in counts, counts
+    assert counts - whole == collections.Counter(CatBackward0=1, SplitWithSizesBackward0=1), counts - whole
+
+
+@torch.no_grad()
+def test_partial_rotary_with_a_kv_cache_equals_the_whole_sequence():
+    """Chunks against a KV cache give the hidden states of the whole sequence, and greedy generation of
+    left-padded prompts (per-row positions: (B, S, rope_dim / 2) tables) with the cache equals it without."""
+    from llmkern.model import generate
+    from llmkern.model.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS["phi4"], block_size=24)).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.mul_(10.0)  # sharp attention: a key at a wrong position or angle changes the tokens
+    idx = torch.randint(0, VOCAB, (2, 10))
+    full = model.hidden_states(idx)
+    cache = KVCache(model.config.n_layer, capacity=10)
+    chunks = [model.hidden_states(idx[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 10))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-4, atol=1e-4)
+    prompts = [[5, 17, 3], [101, 2, 2, 9, 44, 180, 7], [60]]
+    cached = generate(model, prompts, max_new_tokens=10, temperature=0)
+    assert cached == generate(model, prompts, max_new_tokens=10, temperature=0, use_cache=False)
+    for prompt, row in zip(prompts, cached):  # and each row is its prompt greedily decoded alone
+        seq = list(prompt)
+        for _ in range(10):
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+        assert row == seq
+
+
+def test_rope_dim_is_saved_and_identifies_another_model(tmp_path):
+    from llmkern.finetune.base import base_fingerprint
+    from llmkern.model.config import identity_dict
+
+    now = GPTConfig.from_preset("tiny-llama").to_dict()
+    assert now["rope_dim"] is None and "rope_dim" not in identity_dict(now)
+    older = {k: v for k, v in now.items() if k != "rope_dim"}  # a config saved before the field
+    assert GPTConfig.from_dict(older) == GPTConfig.from_preset("tiny-llama")
+    partial = GPTConfig.from_preset("tiny-llama", rope_dim=48)
+    assert GPTConfig.from_dict(json.loads(json.dumps(partial.to_dict()))) == partial
+    assert identity_dict(partial.to_dict())["rope_dim"] == 48
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    assert base_fingerprint(str(weights), partial.to_dict()) != base_fingerprint(str(weights), older)
+    assert base_fingerprint(str(weights), now) == base_fingerprint(str(weights), older)
+
+
+def test_rotary_tables_and_longrope_factors_are_rope_dim_wide():
+    from llmkern.nn import CausalSelfAttention, RotaryCache
+
+    cache = RotaryCache(16, 8, theta=500.0, rope_dim=12)
+    angles = torch.arange(8, dtype=torch.float64)[:, None] * 500.0 ** (-torch.arange(0, 12, 2) / 12)
+    torch.testing.assert_close(cache.cos, angles.cos().float())
+    torch.testing.assert_close(cache.sin, angles.sin().float())
+    assert "rope_dim=12" in repr(cache)
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6,
+                "original_max_position_embeddings": 4, "attention_factor": 1.5}
+    scaled = RotaryCache(16, 8, theta=500.0, scaling=longrope, rope_dim=12)  # 8 > 4 positions: long_factor
+    torch.testing.assert_close(scaled.cos, ((angles / 2).cos() * 1.5).float())
+    with pytest.raises(ValueError, match=r"rope_scaling\['short_factor'\] must be a list of rope_dim / 2 = 6 numbers"):
+        RotaryCache(16, 8, scaling={**longrope, "short_factor": [1.0] * 8}, rope_dim=12)
+    with pytest.raises(ValueError, match=r"rope_scaling\['long_factor'\] must be a list of rope_dim / 2 = 6 numbers"):
+        tiny(**VARIANTS["phi4"], rope_scaling={**longrope, "long_factor": [1.0] * 8})
+    for bad in (0, 7, 18, -2):
+        with pytest.raises(ValueError, match=r"rope_dim must be an even number from 2 to head_dim \(16\)"):
+            RotaryCache(16, 8, rope_dim=bad)
+        with pytest.raises(ValueError, match=r"rope_dim must be an even number from 2 to head_dim \(16\)"):
+            CausalSelfAttention(64, 4, 2, rope_dim=bad)
+    with pytest.raises(TypeError, match="rope_dim must be an int or None, got 12.0"):
+        CausalSelfAttention(64, 4, 2, rope_dim=12.0)
 
 
 def test_config_accepts_int_for_float():

@@ -48,6 +48,10 @@ class GPTConfig:
     # on each head's q and k, after the projection and before RoPE. Always an RMSNorm, whatever `norm` says:
     # the models that have it (Qwen3, OLMo 2, Gemma 3) norm q and k that way beside RMSNorm blocks.
     qk_norm: bool = False
+    # RoPE on each head's first rope_dim dims only, the others left unrotated (Phi-4-mini's partial_rotary_factor
+    # 0.75: 96 of its 128); None: on all of head_dim. Even, 2 to head_dim, with pos="rope". One equal to head_dim
+    # is set to None on construction: the same model, saved and identified as a config without the field.
+    rope_dim: int | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -73,6 +77,7 @@ class GPTConfig:
         _check_choice("mlp", self.mlp, MLPS)
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"pos='rope' needs an even head dim (head_dim, or n_embd / n_head); got {self.head_dim}")
+        self.rope_dim = self._checked_rope_dim()
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -85,7 +90,7 @@ class GPTConfig:
 
             if self.pos != "rope":
                 raise ValueError(f"rope_scaling is for pos='rope'; this config has pos={self.pos!r}")
-            check_rope_scaling(self.rope_scaling, self.head_dim)
+            check_rope_scaling(self.rope_scaling, self.head_dim, self.rope_dim)
         if self.backend is not None:
             from .._backend import BACKENDS
 
@@ -101,6 +106,17 @@ class GPTConfig:
         if self.head_dim < 0:
             raise ValueError(f"head_dim must be >= 1, or None (or 0) for n_embd // n_head; got {self.head_dim}")
         return self.head_dim
+
+    def _checked_rope_dim(self) -> int | None:
+        """rope_dim as given (checked), or None for RoPE on all of head_dim (rope_dim None or head_dim)."""
+        if self.rope_dim is None:
+            return None
+        if self.pos != "rope":
+            raise ValueError(f"rope_dim is for pos='rope'; this config has pos={self.pos!r}")
+        from ..nn.rotary import check_rope_dim
+
+        check_rope_dim(self.rope_dim, self.head_dim)
+        return None if self.rope_dim == self.head_dim else self.rope_dim
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -166,6 +182,7 @@ _LATER_FIELDS = {
     "qkv_bias": lambda values: values.get("bias", True),
     "head_dim": lambda values: _default_head_dim(values),  # defined below
     "qk_norm": lambda values: False,
+    "rope_dim": lambda values: None,
 }
 
 

@@ -49,7 +49,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
             dropout=config.dropout, backend=config.backend, layer_idx=layer_idx, head_dim=config.head_dim,
-            qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim,
         )
         self.norm2 = _make_norm(config)
         if config.mlp == "swiglu":
@@ -76,7 +76,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.rotary = (
-            RotaryCache(config.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
+            RotaryCache(config.head_dim, config.block_size, config.rope_theta, config.rope_scaling, config.rope_dim)
             if config.pos == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)

@@ -13,14 +13,18 @@ where a Qwen3 config.json leaves it out, as transformers' Qwen3Config has it). A
 head_dim, as transformers reads it for each (Mistral NeMo's 128 beside 5120 / 32).
 
 Phi-3 ("phi3": Phi-3-mini, Phi-3.5-mini, Phi-4-mini) is Llama's model too, its q/k/v and gate/up weights fused
-(hf_phi3), with plain RoPE or the "longrope" scaling of Phi-3-mini-128k and Phi-3.5-mini (see config_from_hf_phi3
-for how its short and long factors are chosen); Phi-4-mini's RoPE on 3/4 of each head is refused, and
-Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as Mistral's does.
+(hf_phi3), with plain RoPE or the "longrope" scaling of Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini (see
+config_from_hf_phi3 for how its short and long factors are chosen), on all of each head or on the part
+partial_rotary_factor says (GPTConfig.rope_dim). So Phi-4-mini imports: RoPE on 96 of each head's 128 dims
+(partial_rotary_factor 0.75) with longrope factors of 48 frequencies, tied embeddings, a vocabulary of 200064,
+24 query heads and 8 key/value heads. Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as
+Mistral's does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -74,10 +78,10 @@ def _hf_number(hf_config: dict, name: str, default: float) -> float:
     return float(value)
 
 
-def _rope(hf_config: dict, model_type: str, head_dim: int) -> tuple[float, dict | None]:
-    """config.json's RoPE base and scaling (GPTConfig.rope_scaling): None; Llama 3.1's "llama3" for the Llama
-    types; "longrope" for Phi-3; an error for any other scaling (linear, dynamic, yarn, ...), which changes the
-    frequencies in other ways."""
+def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None) -> tuple[float, dict | None]:
+    """config.json's RoPE base and scaling (GPTConfig.rope_scaling) of heads head_dim wide, rope_dim of them turned
+    (None: all): None; Llama 3.1's "llama3" for the Llama types; "longrope" for Phi-3; an error for any other
+    scaling (linear, dynamic, yarn, ...), which changes the frequencies in other ways."""
     # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
     # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
     params = hf_config.get("rope_parameters")
@@ -94,17 +98,17 @@ def _rope(hf_config: dict, model_type: str, head_dim: int) -> tuple[float, dict 
         return theta, None
     if kind == "llama3" and model_type in LLAMA_TYPES:
         llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
-        return theta, _checked_scaling(llama3, head_dim)
+        return theta, _checked_scaling(llama3, head_dim, rope_dim)
     if kind in _LONGROPE_NAMES and model_type == PHI3_TYPE:
-        return theta, _checked_scaling(_longrope(hf_config, scaling), head_dim)
+        return theta, _checked_scaling(_longrope(hf_config, scaling), head_dim, rope_dim)
     family, computed = ("Phi-3", "Phi-3's 'longrope'") if model_type == PHI3_TYPE else ("Llama", "Llama 3.1's 'llama3'")
     raise ValueError(f"config.json has RoPE scaling {scaling!r}; a {family} model here computes plain RoPE or "
                      f"{computed} scaling only, so its positions would be rotated by other angles")
 
 
-def _checked_scaling(scaling: dict, head_dim: int) -> dict:
+def _checked_scaling(scaling: dict, head_dim: int, rope_dim: int | None) -> dict:
     try:
-        check_rope_scaling(scaling, head_dim)
+        check_rope_scaling(scaling, head_dim, rope_dim)
     except ValueError as err:
         kind = scaling["rope_type"]
         raise ValueError(f"config.json's {kind} RoPE scaling is not one the model takes: {err}") from None
@@ -161,9 +165,13 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
 
 def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
     """The GPTConfig of a HF Phi-3 model (model_type "phi3": Llama's model, its weights fused) from its
-    config.json, as config_from_hf_llama. Refused: RoPE on part of each head (Phi-4-mini's partial_rotary_factor
-    0.75), a sliding window shorter than a block_size given (Phi-3-mini-4k's 2047 makes block_size 2047 unless
-    one is given). Its dropouts are training-time, and left out as the other importers leave them.
+    config.json, as config_from_hf_llama. Refused: a sliding window shorter than a block_size given
+    (Phi-3-mini-4k's 2047 makes block_size 2047 unless one is given). Its dropouts are training-time, and left
+    out as the other importers leave them.
+
+    RoPE on part of each head (Phi-4-mini's partial_rotary_factor 0.75) is read as transformers reads it: on the
+    first int(head_dim * partial_rotary_factor) dims of each head (GPTConfig.rope_dim; 96 of 128), which must be
+    an even number; a longrope scaling's factors are then one per frequency of those dims (48).
 
     The "longrope" RoPE scaling of Phi-3-mini-128k and Phi-3.5-mini (or its older names "su" and "yarn", as
     Phi3Config reads them) is read as transformers computes it, except for one choice: transformers rescales the
@@ -180,19 +188,35 @@ def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
     model_type = hf_config.get("model_type")
     if model_type != PHI3_TYPE:
         raise ValueError(f"config.json has model_type={model_type!r}; Phi-3 weights are of model_type 'phi3'")
-    _check_full_rotary(hf_config)
     return _gpt_config(hf_config, model_type, overrides)
 
 
-def _check_full_rotary(hf_config: dict) -> None:
-    """Refuse RoPE on part of each head's dims: ours turns them all."""
-    # transformers 5 moves it into rope_parameters
-    params = hf_config.get("rope_parameters")
-    for where in (hf_config, params if isinstance(params, dict) else {}):
-        factor = where.get("partial_rotary_factor")
-        if factor is not None and factor != 1:
-            raise ValueError(f"config.json has partial_rotary_factor={factor!r}; the model rotates all of each "
-                             f"head's dims by RoPE (partial_rotary_factor 1)")
+def _phi3_rope_dim(hf_config: dict, head_dim: int) -> int | None:
+    """The dims of each head RoPE turns, as transformers works them out: int(head_dim * partial_rotary_factor),
+    which must be even (Phi-4-mini's 0.75 of 128: 96); None for all of them (factor 1, or none given)."""
+    factor = _partial_rotary_factor(hf_config)
+    rope_dim = int(head_dim * factor)
+    if rope_dim < 2 or rope_dim % 2 != 0:
+        raise ValueError(f"config.json has partial_rotary_factor={factor!r}: RoPE on int({head_dim} * {factor!r}) "
+                         f"= {rope_dim} of each head's dims, where the model turns an even number of them, >= 2")
+    return None if rope_dim == head_dim else rope_dim
+
+
+def _partial_rotary_factor(hf_config: dict) -> float:
+    """config.json's partial_rotary_factor, a number in (0, 1]; 1 (Phi3Config's) when it has none. transformers 5
+    moves it into rope_parameters (and reads rope_scaling as those): it may be in any of the three."""
+    found = []
+    for place in (hf_config, hf_config.get("rope_parameters"), hf_config.get("rope_scaling")):
+        factor = place.get("partial_rotary_factor") if isinstance(place, dict) else None
+        if factor is not None and factor not in found:
+            found.append(factor)
+    if len(found) > 1:
+        raise ValueError(f"config.json has partial_rotary_factor {found} in different places; transformers reads "
+                         f"one or the other, by version")
+    factor = found[0] if found else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ValueError(f"config.json's partial_rotary_factor must be a number in (0, 1], got {factor!r}")
+    return factor
 
 
 def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
@@ -209,12 +233,13 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     if not isinstance(tie, bool):
         raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
     head_dim = _head_dim(hf_config, model_type, n_embd, n_head)
-    theta, scaling = _rope(hf_config, model_type, head_dim)
+    rope_dim = _phi3_rope_dim(hf_config, head_dim) if model_type == PHI3_TYPE else None
+    theta, scaling = _rope(hf_config, model_type, head_dim, rope_dim)
     eps = _hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
     values = dict(
         vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
         n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-        head_dim=head_dim,
+        head_dim=head_dim, rope_dim=rope_dim,
         norm="rmsnorm", norm_eps=eps, pos="rope",
         rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
@@ -292,6 +317,9 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     if config.rope_scaling is not None and config.rope_scaling["rope_type"] != "llama3":
         raise ValueError(f"the {config.rope_scaling['rope_type']} RoPE scaling is Phi-3's: a model with it exports "
                          f"as Phi-3's (hf_phi3_config, to_hf_phi3)")
+    if config.rope_dim is not None:  # transformers' Llama and Qwen turn all of each head
+        raise ValueError(f"RoPE on part of each head (rope_dim={config.rope_dim} of head_dim={config.head_dim}) is "
+                         f"Phi-3's: a model with it exports as Phi-3's (hf_phi3_config, to_hf_phi3)")
     hf_config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd, "intermediate_size": config.hidden_size,
@@ -317,22 +345,35 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
 
 def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict, model_type "phi3") of a GPTConfig that Phi-3's model computes: Llama's, with
-    neither q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; plain RoPE or longrope (see _hf_longrope)."""
+    neither q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; plain RoPE or longrope (see _hf_longrope), on all
+    of each head or on its first rope_dim dims (partial_rotary_factor, see _partial_rotary_factor_of)."""
     scaling = config.rope_scaling
     llama3 = scaling if scaling is not None and scaling["rope_type"] == "llama3" else None
     kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": llama3}
     if any(kept.values()):
         raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; this one has "
                          f"{ {k: v for k, v in kept.items() if v} }")
-    hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None), dtype)
+    hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None, rope_dim=None), dtype)
     # Phi3Config has no attention_bias nor mlp_bias (no layer has a bias)
     del hf_config["attention_bias"], hf_config["mlp_bias"]
-    hf_config.update(model_type=PHI3_TYPE, architectures=["Phi3ForCausalLM"], partial_rotary_factor=1.0,
-                     sliding_window=None)
+    hf_config.update(model_type=PHI3_TYPE, architectures=["Phi3ForCausalLM"],
+                     partial_rotary_factor=_partial_rotary_factor_of(config), sliding_window=None)
     if scaling is not None:
         hf_config.update(rope_scaling=_hf_longrope(scaling, config.block_size),
                          original_max_position_embeddings=scaling[_ORIGINAL_CONTEXT])
     return hf_config
+
+
+def _partial_rotary_factor_of(config: GPTConfig) -> float:
+    """The partial_rotary_factor from which transformers works out the model's rope_dim again:
+    int(head_dim * factor) == rope_dim. rope_dim / head_dim can land one rounding below it (int(44 * (30 / 44))
+    is 29), so it is then taken one float step up."""
+    if config.rope_dim is None:
+        return 1.0
+    factor = config.rope_dim / config.head_dim
+    if int(config.head_dim * factor) != config.rope_dim:
+        factor = math.nextafter(factor, 1.0)
+    return factor
 
 
 def _hf_longrope(scaling: dict, block_size: int) -> dict:

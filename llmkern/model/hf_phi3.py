@@ -7,9 +7,11 @@ Phi-3 computes Llama's model, with two of its weights fused as ours are: qkv_pro
 gate_up.chunk(2)`, then `up * silu(gate)`), the [gate | up] of our mlp.gate_up. So each maps as it is, and the
 rest has Llama's names. No layer has a bias.
 
-The "longrope" RoPE scaling of Phi-3-mini-128k and Phi-3.5-mini is read (and written back) with the config.json;
-the model takes its long_factor when block_size is longer than original_max_position_embeddings (4096), its
-short_factor otherwise (config_from_hf_phi3 says why, and where that differs from transformers).
+The "longrope" RoPE scaling of Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini is read (and written back) with the
+config.json; the model takes its long_factor when block_size is longer than original_max_position_embeddings (4096),
+its short_factor otherwise (config_from_hf_phi3 says why, and where that differs from transformers). Phi-4-mini's
+partial_rotary_factor (0.75: RoPE on 96 of each head's 128 dims) is read and written back as GPTConfig.rope_dim;
+its weights are laid out as any Phi-3's.
 """
 
 from __future__ import annotations

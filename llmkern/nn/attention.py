@@ -10,6 +10,7 @@ from ..ops.attention import attention
 from ..ops.rope import rope
 from ._dispatch import module_backend, op_backend
 from .rms_norm import RMSNorm
+from .rotary import check_rope_dim
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,13 +35,16 @@ class CausalSelfAttention(nn.Module):
         head_dim: int | None = None,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        rope_dim: int | None = None,
     ):
         """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
         otherwise: Qwen2 has biases on q/k/v and none on the output.
         head_dim: each head's width; None: n_embd // n_head. q is n_head * head_dim wide (Qwen3's is wider than
         n_embd), and the output projection maps the heads back to n_embd.
         qk_norm: Qwen3's RMSNorm (eps norm_eps) over each head's q and k, before RoPE: q_norm and k_norm, each
-        one (head_dim,) scale shared by its heads."""
+        one (head_dim,) scale shared by its heads.
+        rope_dim: RoPE on each head's first rope_dim dims of q and k only, the rest left as they are (Phi-4-mini's
+        96 of 128); None: on all of head_dim. The rotary tables passed to forward are then rope_dim / 2 wide."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             _check_count(name, value)
@@ -52,6 +56,8 @@ class CausalSelfAttention(nn.Module):
         if n_head % n_kv_head != 0:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        check_rope_dim(rope_dim, head_dim)
+        self.rope_dim = None if rope_dim == head_dim else rope_dim  # None: the whole head, one rope call
         self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
         if qkv_bias is not None and not isinstance(qkv_bias, bool):
@@ -91,9 +97,7 @@ class CausalSelfAttention(nn.Module):
             qk = self._norm_heads(qk)
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if rotary is not None:
-            cos, sin = rotary
-            # One rotation of q's and k's heads together: one launch instead of two.
-            qk = rope(qk, cos, sin, backend=op_backend("rope", self.backend, x.device))
+            qk = self._rotate(qk, rotary)
         q, k = qk.split([h, hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
             y = attention(q, k, v, causal=True, backend=op_backend("attention", self.backend, x.device), doc_ids=doc_ids)
@@ -113,6 +117,17 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
+
+    def _rotate(self, qk: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE on (B, H + Hkv, T, D) q and k heads together: one launch instead of two. With rope_dim, only each
+        head's first rope_dim dims turn (the op takes the strided view as it is) and the rest is joined back on."""
+        cos, sin = rotary
+        backend = op_backend("rope", self.backend, qk.device)
+        if self.rope_dim is None:
+            return rope(qk, cos, sin, backend=backend)
+        # A split, not two slices: its backward joins the gradients in one cat (see forward).
+        turned, kept = qk.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([rope(turned, cos, sin, backend=backend), kept], dim=-1)
 
     def _norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
         """QK-norm of (B, T, H + Hkv, D) q and k heads: q_norm on q's, k_norm on k's, joined again so that one

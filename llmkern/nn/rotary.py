@@ -12,13 +12,14 @@ LONGROPE_SCALING_KEYS = ("short_factor", "long_factor", "original_max_position_e
 _SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "longrope": LONGROPE_SCALING_KEYS}
 
 
-def check_rope_scaling(scaling: object, head_dim: int) -> None:
-    """None, or a RoPE scaling of heads head_dim wide, as Hugging Face's config.json spells it:
+def check_rope_scaling(scaling: object, head_dim: int, rope_dim: int | None = None) -> None:
+    """None, or a RoPE scaling of heads head_dim wide, RoPE turning all of each head or its first rope_dim dims
+    (the rotary width), as Hugging Face's config.json spells it:
 
     - Llama 3.1's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
       "original_max_position_embeddings"} (see llama3_inv_freq);
     - Phi-3's LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) {"rope_type": "longrope", "short_factor", "long_factor"
-      (head_dim / 2 numbers each: one per frequency), "original_max_position_embeddings", "attention_factor"}.
+      (rotary width / 2 numbers each: one per frequency), "original_max_position_embeddings", "attention_factor"}.
       Hugging Face picks long_factor for each forward pass over a sequence longer than
       original_max_position_embeddings, short_factor otherwise; the tables here are built once for a fixed
       context, so they take long_factor when that context (max_positions, the model's block_size) is longer,
@@ -37,8 +38,22 @@ def check_rope_scaling(scaling: object, head_dim: int) -> None:
         raise ValueError(f"rope_scaling: {kind} scaling takes {keys}; missing {missing}, unknown {unknown}")
     if kind == "llama3":
         _check_llama3(scaling)
+    elif rope_dim is None:
+        _check_longrope(scaling, "head_dim", head_dim)
     else:
-        _check_longrope(scaling, head_dim)
+        _check_longrope(scaling, "rope_dim", rope_dim)
+
+
+def check_rope_dim(rope_dim: object, head_dim: int) -> None:
+    """None (RoPE on all of each head), or an even rope_dim from 2 to head_dim: RoPE on each head's first
+    rope_dim dims, the others left as they are."""
+    if rope_dim is None:
+        return
+    if isinstance(rope_dim, bool) or not isinstance(rope_dim, int):
+        raise TypeError(f"rope_dim must be an int or None, got {rope_dim!r}")
+    if not 2 <= rope_dim <= head_dim or rope_dim % 2 != 0:
+        raise ValueError(f"rope_dim must be an even number from 2 to head_dim ({head_dim}), or None for all of "
+                         f"each head; got {rope_dim}")
 
 
 def _check_positive_number(name: str, value: object) -> None:
@@ -53,13 +68,14 @@ def _check_llama3(scaling: dict) -> None:
         raise ValueError(f"rope_scaling: low_freq_factor must be < high_freq_factor, got {scaling}")
 
 
-def _check_longrope(scaling: dict, head_dim: int) -> None:
+def _check_longrope(scaling: dict, width_name: str, width: int) -> None:
+    """width: the rotary width (named width_name in the errors), whose width / 2 frequencies the factors scale."""
     for k in ("short_factor", "long_factor"):
         factors = scaling[k]
         # a list, as JSON reads it: a tuple would make a config unequal to itself read back from a checkpoint
-        if not isinstance(factors, list) or len(factors) != head_dim // 2:
+        if not isinstance(factors, list) or len(factors) != width // 2:
             got = f"{len(factors)} numbers" if isinstance(factors, list) else repr(factors)
-            raise ValueError(f"rope_scaling[{k!r}] must be a list of head_dim / 2 = {head_dim // 2} numbers (one "
+            raise ValueError(f"rope_scaling[{k!r}] must be a list of {width_name} / 2 = {width // 2} numbers (one "
                              f"per frequency), got {got}")
         for i, factor in enumerate(factors):
             _check_positive_number(f"{k}[{i}]", factor)
@@ -102,16 +118,18 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryCache(nn.Module):
-    """cos and sin of the RoPE angles for positions 0 .. max_positions - 1, each (max_positions, head_dim / 2).
+    """cos and sin of the RoPE angles for positions 0 .. max_positions - 1, each (max_positions, R / 2), for
+    RoPE on all of each head (R = head_dim) or on its first rope_dim dims (R = rope_dim, Phi-4-mini's 96 of 128).
 
-    Pair i of a head (x[i], x[i + D/2]) turns by angle position * theta ** (-2i / D). With `scaling`
+    Pair i of the turned dims (x[i], x[i + R/2]) turns by angle position * theta ** (-2i / R). With `scaling`
     (check_rope_scaling), that frequency is stretched as llama3_inv_freq says, or, for longrope, divided by
     its own factor (longrope_factors) and both tables multiplied by attention_factor. The tables are fp32
     non-persistent buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16
     (see _apply).
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None):
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None,
+                 rope_dim: int | None = None):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
@@ -119,18 +137,26 @@ class RotaryCache(nn.Module):
             raise ValueError(f"max_positions must be >= 0, got {max_positions}")
         if not theta > 0:  # theta ** (-2i / D) would be inf or NaN: tables of NaN, silently
             raise ValueError(f"theta must be > 0, got {theta}")
-        check_rope_scaling(scaling, head_dim)
+        check_rope_dim(rope_dim, head_dim)
+        check_rope_scaling(scaling, head_dim, rope_dim)
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.rope_dim = rope_dim
         cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE turns: rope_dim, or all head_dim."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
+
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float64 so that large positions keep their precision, then stored in fp32.
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
+        width = self.rotary_dim
+        inv_freq = self.theta ** (-torch.arange(0, width, 2, dtype=torch.float64, device=device) / width)
         inv_freq, magnitude = self._scaled(inv_freq)
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=device)
-        angles = torch.outer(positions, inv_freq)  # (max_positions, head_dim / 2)
+        angles = torch.outer(positions, inv_freq)  # (max_positions, rotary_dim / 2)
         return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
     def _scaled(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -157,8 +183,8 @@ class RotaryCache(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions 0 .. seq_len - 1, (S, D/2); or for explicit positions (B, S) -> (B, S, D/2),
-        each in [0, max_positions) (see check_positions)."""
+        """(cos, sin) for positions 0 .. seq_len - 1, (S, R/2); or for explicit positions (B, S) -> (B, S, R/2),
+        each in [0, max_positions) (see check_positions). R is rotary_dim."""
         if positions is None:
             if not 0 <= seq_len <= self.max_positions:  # a slice would silently stop at the table's end
                 raise ValueError(f"seq_len must be in [0, max_positions={self.max_positions}], got {seq_len}")
@@ -168,11 +194,12 @@ class RotaryCache(nn.Module):
 
     def extra_repr(self) -> str:
         scaling = "" if self.scaling is None else f", scaling={_scaling_repr(self.scaling, self.max_positions)}"
-        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}{scaling}"
+        rope_dim = "" if self.rope_dim is None else f", rope_dim={self.rope_dim}"
+        return f"head_dim={self.head_dim}{rope_dim}, max_positions={self.max_positions}, theta={self.theta}{scaling}"
 
 
 def _scaling_repr(scaling: dict, max_positions: int) -> str:
-    """The scaling, its longrope factors (two lists of head_dim / 2 numbers) shortened to the one the tables take."""
+    """The scaling, its longrope factors (two lists of rotary_dim / 2 numbers) shortened to the one the tables take."""
     if scaling["rope_type"] != "longrope":
         return str(scaling)
     which = "long" if _takes_long_factor(scaling, max_positions) else "short"
