@@ -313,9 +313,9 @@ def check_kernels_write_every_output(backend, device, b, hq, hkv, s, d, dtype, c
     doc_ids = _random_doc_ids(b, s, device).to(torch.int32) if docs else None
     o = torch.full_like(q, float("nan")).contiguous()
     lse = torch.full((b, hq, s), float("nan"), device=device)
-    kernels.forward(q, k, v, doc_ids, causal, d**-0.5, o, lse)
+    kernels.forward(q, k, v, doc_ids, causal, 0, d**-0.5, o, lse)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    kernels.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, causal, d**-0.5, dq, dk, dv)
+    kernels.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, causal, 0, d**-0.5, dq, dk, dv)
     for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert not torch.isnan(t).any(), f"{backend}: {name} has unwritten (NaN) elements"
     visible = _visibility_mask(s, sk, causal, doc_ids, device).expand(b, 1, s, sk)
@@ -435,8 +435,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         for kernel, configs, switches in KERNELS:
             tile = configs[0]
             for has_doc in (False, True):
-                consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, DOT_PRECISION="tf32",
-                              DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
+                consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, HAS_WINDOW=False,
+                              DOT_PRECISION="tf32", DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
                 names = [n for n in kernel.fn.arg_names if n not in consts]
                 sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
                        for n in names}

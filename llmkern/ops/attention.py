@@ -8,11 +8,13 @@ A drop-in for F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sc
 - strided inputs: only the last dimension must be contiguous, so the q/k/v views of a fused
   QKV projection, (B, S, H, D).transpose(1, 2), go to the kernels without a copy;
 - document masking for packed sequences: `doc_ids` (B, S) or `cu_seqlens` (N + 1,), so a
-  token attends only within its own document, with no S x S mask tensor.
+  token attends only within its own document, with no S x S mask tensor;
+- sliding-window (local) causal attention: `window` W, each query sees only the last W keys up
+  to its own position (Mistral's sliding_window); the kernels skip the key tiles outside it.
 
 Causal masking is aligned to the bottom right when Sq != Sk (as SDPA's math reference and
-KV-cache decoding expect): query i sees key j when j <= i + (Sk - Sq). A query that sees no
-key at all gets a zero output.
+KV-cache decoding expect): query i, at position p = i + (Sk - Sq), sees key j when j <= p, and
+with a window also p - j < window. A query that sees no key at all gets a zero output.
 
 The cuda and triton backends run through the custom ops llmkern::attention_fwd (o and the
 fp32 log-sum-exp of each query row, kept for the backward) and llmkern::attention_bwd, with
@@ -43,6 +45,8 @@ DTYPES = {
     "cuda": (torch.float16, torch.bfloat16),
 }
 DOC_ID_DTYPES = (torch.int32, torch.int64)
+# The custom ops and the kernel modules take the window as an int, this one meaning none.
+NO_WINDOW = 0
 # Both kernel backends index (batch, head) pairs on grid axes that hold at most 65535 blocks
 # (CUDA's y and z, Triton's second axis), so a larger batch is launched in slices of the batch.
 MAX_BATCH_HEADS_PER_LAUNCH = 65535
@@ -58,6 +62,7 @@ def attention(
     *,
     doc_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over k, v.
 
@@ -74,6 +79,10 @@ def attention(
             then reads only the tiles of its own documents.
         cu_seqlens: optional (N + 1,) int cumulative document lengths, 0 first and S last,
             the same for every batch row; the other way of saying doc_ids.
+        window: optional sliding window (an int >= 1, needs causal=True): query i, at position
+            p = i + (Sk - Sq), sees key j only when p - window < j <= p, the last `window` keys up to
+            its own (Hugging Face's sliding_window; FlashAttention's window_size=(window - 1, 0)).
+            Combines with doc_ids / cu_seqlens. None: no window.
 
     Returns:
         o: (B, Hq, Sq, D), q's dtype. From the cuda and triton backends it is, as from SDPA's flash
@@ -81,6 +90,7 @@ def attention(
             o.transpose(1, 2).reshape(B, Sq, Hq * D) (the input of the output projection) is a view.
     """
     _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens)
+    _check_window(window, causal)
     device = _checks.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
     chosen = _backend.resolve("attention", backend, device, fits=lambda b: _fits_backend(b, q))
     _check_backend_limits(chosen, q)
@@ -88,11 +98,17 @@ def attention(
         doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.size(0), q.size(2))
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     if chosen == "torch":
-        return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
+        return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids, window=window)
     if doc_ids is not None:
         doc_ids = int32_doc_ids(doc_ids)
-    o, _ = _attention_fwd_op(q, k, v, doc_ids, bool(causal), scale, chosen)
+    o, _ = _attention_fwd_op(q, k, v, doc_ids, bool(causal), scale, chosen, _kernel_window(window, k.size(2)))
     return o
+
+
+def _kernel_window(window: int | None, seq_k: int) -> int:
+    """The window as the custom ops take it: NO_WINDOW for none, else at most Sk (a window past the
+    first key changes nothing, and so any window fits the kernels' 32-bit position arithmetic)."""
+    return NO_WINDOW if window is None else min(window, max(seq_k, 1))
 
 
 def int32_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -157,6 +173,17 @@ def _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens) -> None:
         _check_doc_ids(doc_ids, b, sq, sk)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, sq, sk)
+
+
+def _check_window(window, causal: bool) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int):  # a bool is an int to Python, never a width
+        raise ValueError(f"window must be an int or None; got {type(window).__name__} {window!r}")  # noqa: TRY004
+    if window < 1:
+        raise ValueError(f"window must be at least 1 (None for no window); got {window}")
+    if not causal:
+        raise ValueError("window needs causal=True (a sliding window looks back from each query's position)")
 
 
 def _check_doc_ids(doc_ids, b: int, sq: int, sk: int) -> None:
@@ -233,8 +260,11 @@ def _attention_fwd(
     causal: bool,
     scale: float,
     backend: str,
+    window: int = NO_WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32, the natural-log log-sum-exp of each score row."""
+    """o (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32, the natural-log log-sum-exp of each score row.
+    window: the sliding window, NO_WINDOW (0) for none; last and with that default, so that callers
+    of the op from before windows (its schema is public: torch.ops.llmkern.attention_fwd) still run."""
     o, lse = _empty_outputs(q)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
@@ -243,11 +273,11 @@ def _attention_fwd(
     kernels = _backend.kernels("attention", backend)
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)  # as given when attention() made them
     for rows in _launch_slices(q):
-        kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, scale, o[rows], lse[rows])
+        kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, window, scale, o[rows], lse[rows])
     return o, lse
 
 
-def _attention_fwd_fake(q, k, v, doc_ids, causal, scale, backend):
+def _attention_fwd_fake(q, k, v, doc_ids, causal, scale, backend, window=NO_WINDOW):
     return _empty_outputs(q)
 
 
@@ -262,6 +292,7 @@ def _attention_bwd(
     causal: bool,
     scale: float,
     backend: str,
+    window: int = NO_WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv in the shapes of q, k, v (dk and dv summed over each group's query heads)."""
     dq = q.new_empty(q.shape)
@@ -273,11 +304,11 @@ def _attention_bwd(
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)
     for rows in _launch_slices(q):
         kernels.backward(do[rows], q[rows], k[rows], v[rows], o[rows], lse[rows], _rows_of(doc_ids, rows),
-                         causal, scale, dq[rows], dk[rows], dv[rows])
+                         causal, window, scale, dq[rows], dk[rows], dv[rows])
     return dq, dk, dv
 
 
-def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, causal, scale, backend):
+def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, causal, scale, backend, window=NO_WINDOW):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -285,9 +316,9 @@ _attention_bwd_op = CustomOp("llmkern::attention_bwd", _attention_bwd, _attentio
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, causal, scale, backend = inputs
+    q, k, v, doc_ids, causal, scale, backend, window = inputs  # torch.library fills in a window left out
     o, lse = output
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.causal, ctx.scale, ctx.backend, ctx.window = causal, scale, backend, window
     ctx.save_for_backward(q, k, v, o, lse, doc_ids)
 
 
@@ -297,9 +328,9 @@ def _backward(ctx, do, dlse):
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = _attention_bwd_op(
-        do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend
+        do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend, ctx.window
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd_op = CustomOp("llmkern::attention_fwd", _attention_fwd, _attention_fwd_fake, _setup_context, _backward)

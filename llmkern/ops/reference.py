@@ -61,14 +61,19 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ):
     """Softmax attention in fp32, layout (B, H, S, D); k and v may have fewer heads (GQA).
 
-    doc_ids (B, S), when given, masks packed documents: query i sees key j only when
-    doc_ids[b, i] == doc_ids[b, j] (and j <= i + Sk - Sq when causal).
+    Query i sits at position p = i + Sk - Sq (aligned to the bottom right). With causal, it sees key
+    j only when j <= p; with a window (needs causal) also only when p - j < window, the last `window`
+    keys up to its own. doc_ids (B, S), when given, masks packed documents too: query i sees key j
+    only when doc_ids[b, i] == doc_ids[b, j].
     A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows) gets o = 0 and
     zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
     """
+    if window is not None and not causal:
+        raise ValueError("window needs causal=True")
     hq, hkv = q.size(1), k.size(1)
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
@@ -82,10 +87,14 @@ def attention(
         sq, sk = q.size(2), k.size(2)
         empty = None  # (Sq, 1) the queries that see no key: only causal with Sq > Sk has them
         if causal:
-            visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-            if sq > sk:
-                empty = torch.arange(sq, device=q.device)[:, None] < sq - sk
-                visible = visible | empty  # softmax over all keys there (finite, no NaN in the gradient), then 0
+            query_positions = torch.arange(sq, device=q.device) + (sk - sq)
+            key_positions = torch.arange(sk, device=q.device)
+            distance = query_positions[:, None] - key_positions[None, :]  # (Sq, Sk) how far back key j lies
+            visible = distance >= 0
+            if window is not None:
+                visible = visible & (distance < window)
+            empty = ~visible.any(dim=1, keepdim=True)
+            visible = visible | empty  # softmax over all keys there (finite, no NaN in the gradient), then 0
             scores = scores.masked_fill(~visible, float("-inf"))
         if doc_ids is not None:  # a query always sees itself in its document: no row goes empty
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)

@@ -1,4 +1,4 @@
-"""FlashAttention-2 in Triton: forward and backward, causal, GQA, document masking, any S.
+"""FlashAttention-2 in Triton: forward and backward, causal, sliding window, GQA, document masking, any S.
 
 Forward: one program per (BLOCK_M query rows, batch, query head). It walks the K/V blocks,
 keeps a running row max m and row sum l of exp(scores - m) in fp32 (online softmax), and
@@ -14,13 +14,17 @@ LLMKERN_TRITON_ATTENTION_DQ=atomic the dk/dv kernel also adds each tile pair's d
 an fp32 buffer by atomics and the dq kernel is not run (see DQ_ENV).
 
 Masks: keys past Sk and rows past Sq (padding of the last block), causal (aligned to the
-bottom right: key j is seen by query i when j <= i + Sk - Sq) and documents (equal doc ids).
-Causal blocks above the diagonal are never visited. With doc_ids, a block first scans the ids
-alone for the first and last position whose id lies within its own ids' range, and walks only
-the tiles between: for packed documents (each id one run of positions) exactly the tiles its
-documents cover. The walk itself has no data-dependent branch, so Triton software-pipelines its
-loads (cp.async) as it does without documents; tiles inside the range that share no document
-(ids that come back later in the row) are computed and fully masked.
+bottom right: key j is seen by query i when j <= i + Sk - Sq), the sliding window (with causal:
+also i + Sk - Sq - j < window) and documents (equal doc ids). Causal blocks above the diagonal are
+never visited, nor with a window the blocks wholly before it: a block of query rows walks the key
+tiles from its first row's first key to its last row's last key, and a block of keys (dk/dv) the
+query blocks from its first key's first query to its last key's last. The window is a constexpr
+switch (HAS_WINDOW), so without one the kernels are those without the feature. With doc_ids, a
+block first scans the ids alone for the first and last position whose id lies within its own ids'
+range, and walks only the tiles between: for packed documents (each id one run of positions)
+exactly the tiles its documents cover. The walk itself has no data-dependent branch, so Triton
+software-pipelines its loads (cp.async) as it does without documents; tiles inside the range that
+share no document (ids that come back later in the row) are computed and fully masked.
 
 Scores are kept in log2 units (scaled by scale * log2(e)) so the exponentials are exp2.
 
@@ -126,7 +130,7 @@ _DQ_CONFIGS = _configs(
 )
 _PRUNE = {"early_config_prune": _for_head_dim}
 # Tuned once per power-of-two length bucket (seq_bucket), not at every new length.
-_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC"]
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC"]
 
 
 @triton.jit
@@ -154,15 +158,33 @@ def _positions_with_ids(DOC_ROW, start, end, id_lo, id_hi, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _key_tiles(DOC_ROW, doc_q, row_ok, end_n, HAS_DOC: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
-    """The keys [start, end) a block of query rows walks, from [0, end_n): with documents, only the
-    positions whose ids may be those of its rows, the start rounded down to a whole tile."""
-    start_n = 0
+def _key_tiles(DOC_ROW, doc_q, row_ok, start_n, end_n, HAS_DOC: tl.constexpr, BLOCK_N: tl.constexpr,
+               SCAN: tl.constexpr):
+    """The keys [start, end) a block of query rows walks, from [start_n, end_n) (start_n a whole tile):
+    with documents, only the positions whose ids may be those of its rows, the start rounded down to a
+    whole tile."""
     if HAS_DOC:
         id_lo, id_hi = _id_range(doc_q, row_ok)
-        first, end_n = _positions_with_ids(DOC_ROW, 0, end_n, id_lo, id_hi, SCAN)
+        first, end_n = _positions_with_ids(DOC_ROW, start_n, end_n, id_lo, id_hi, SCAN)
         start_n = first // BLOCK_N * BLOCK_N
     return start_n, end_n
+
+
+@triton.jit
+def _window_first_key(m0, causal_shift, window, BLOCK_N: tl.constexpr):
+    """The first key (rounded down to a whole tile) in the window of the query row m0, the block's
+    first: key tiles before it lie wholly outside the window of every row of the block."""
+    return tl.maximum(m0 + causal_shift - window + 1, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _window_unmasked_start(first_n, end_n, m0, causal_shift, window, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Where, from first_n, the key tiles stop reaching before the window of the block's last row
+    (m0 + BLOCK_M - 1): tiles [first_n, that) need the window's mask, within [first_n, end_n]."""
+    last_row_first_key = tl.maximum(m0 + BLOCK_M - 1 + causal_shift - window + 1, 0)
+    start = (last_row_first_key + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return tl.maximum(tl.minimum(start, end_n), first_n)
 
 
 @triton.jit
@@ -185,20 +207,23 @@ def _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_
 
 
 @triton.jit
-def _tile_needs_mask(start_n, start_m, seq_k, causal_shift, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_DOC: tl.constexpr):
-    """Whether the tile of keys [start_n, start_n + BLOCK_N) x queries from start_m has any pair
-    to mask: keys past seq_k, keys past the causal diagonal of its first query, or documents.
-    Tiles well inside the visible region (most of them at long S) skip the mask arithmetic."""
+def _tile_needs_mask(start_n, start_m, seq_k, causal_shift, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Whether the tile of keys [start_n, start_n + BLOCK_N) x queries [start_m, start_m + BLOCK_M) has
+    any pair to mask: keys past seq_k, keys past the causal diagonal of its first query, keys before
+    the window of its last query, or documents. Tiles well inside the visible region (most of them
+    at long S) skip the mask arithmetic."""
     needs = start_n + BLOCK_N > seq_k
     if CAUSAL:
         needs = needs | (start_n + BLOCK_N - 1 > start_m + causal_shift)
+    if HAS_WINDOW:
+        needs = needs | (start_m + BLOCK_M - 1 + causal_shift - start_n >= window)
     return needs | HAS_DOC
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
-             KEYS_FIRST: tl.constexpr):
+def _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """Which (query, key) pairs of the tile may attend: (BLOCK_M, BLOCK_N) bool, or
     (BLOCK_N, BLOCK_M) with KEYS_FIRST (the transposed tiles of the dk/dv kernel)."""
     if KEYS_FIRST:
@@ -208,6 +233,8 @@ def _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL: tl.const
     ok = (k_pos < seq_k) & (q_pos >= 0)  # the second term only makes it 2-D
     if CAUSAL:
         ok = ok & (k_pos <= q_pos + causal_shift)
+    if HAS_WINDOW:  # the query's position minus the key's: under the window
+        ok = ok & (q_pos + causal_shift - k_pos < window)
     if HAS_DOC:
         ok = ok & (q_doc == k_doc)
     return ok
@@ -229,8 +256,9 @@ def _unmasked_end(first_n, end_n, m0, seq_k, causal_shift, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q, DOC_ROW,
-                  seq_k, causal_shift, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                  seq_k, causal_shift, window, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """The online softmax over one key tile, [start_n, start_n + BLOCK_N): acc, l_i and m_i updated."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < seq_k
@@ -238,7 +266,8 @@ def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
-        visible = _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False)
+        visible = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOC,
+                           False)
         s = tl.where(visible, s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
@@ -258,8 +287,8 @@ def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q,
-             DOC_ROW, seq_k, causal_shift, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+             DOC_ROW, seq_k, causal_shift, window, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq (unscaled) plus the contribution of one key tile, [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < seq_k
@@ -268,7 +297,9 @@ def _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, sta
     p = tl.exp2(s * scale_log2 - lse_log2[:, None])
     if MASKED:
         doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
-        p = tl.where(_visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, False), p, 0.0)
+        visible = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOC,
+                           False)
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -284,10 +315,11 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     n_q_heads, group_size,  # Hq, and Hq // Hkv query heads per kv head
     seq_q, seq_k, seq_bucket,  # seq_bucket: only the autotuning key
+    window,  # the sliding window (read only with HAS_WINDOW)
     scale_log2,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D, and D rounded up to a power of two
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
@@ -319,17 +351,29 @@ def _attention_fwd_kernel(
     end_n = seq_k
     if CAUSAL:  # the last key any row of this block sees
         end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
-    first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
-    # Two loops, so that neither branches per tile: the tiles every row sees whole, then the masked ones.
+    start_n = 0
+    if HAS_WINDOW:  # the first key any row of this block sees
+        start_n = _window_first_key(pid_m * BLOCK_M, causal_shift, window, BLOCK_N)
+    first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, start_n, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
+    # Loops that do not branch per tile: the tiles every row sees whole, then the masked ones (with a
+    # window, the tiles that reach before the window of some row come first, masked too).
     full_n = _unmasked_end(first_n, end_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC)
-    for start_n in range(first_n, full_n, BLOCK_N):
+    unmasked_n = first_n
+    if HAS_WINDOW:
+        unmasked_n = _window_unmasked_start(first_n, end_n, pid_m * BLOCK_M, causal_shift, window, BLOCK_M, BLOCK_N)
+        full_n = tl.maximum(full_n, unmasked_n)
+        for start_n in range(first_n, unmasked_n, BLOCK_N):
+            acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m,
+                                          offs_d, d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window,
+                                          scale_log2, True, CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+    for start_n in range(unmasked_n, full_n, BLOCK_N):
         acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
-                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, False, CAUSAL,
-                                      HAS_DOC, DOT_PRECISION, BLOCK_N)
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, False,
+                                      CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
     for start_n in range(full_n, end_n, BLOCK_N):
         acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
-                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, True, CAUSAL,
-                                      HAS_DOC, DOT_PRECISION, BLOCK_N)
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True,
+                                      CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key gets 0
@@ -376,11 +420,11 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
-    n_kv_heads, group_size, seq_q, seq_k, seq_bucket,
+    n_kv_heads, group_size, seq_q, seq_k, seq_bucket, window,
     scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOC_SCAN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
@@ -406,9 +450,11 @@ def _attention_bwd_dkdv_kernel(
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
         start_m0 = (tl.maximum(pid_n * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
     end_m = seq_q
+    if HAS_WINDOW:  # past the last query whose window holds this block's last key
+        end_m = tl.minimum(seq_q, tl.maximum((pid_n + 1) * BLOCK_N - 1 - causal_shift + window, 0))
     if HAS_DOC:  # only the queries whose ids may be those of this block's keys (the same for every head)
         id_lo, id_hi = _id_range(doc_k, key_ok)
-        first_m, end_m = _positions_with_ids(DOC + b * seq_q, start_m0, seq_q, id_lo, id_hi, DOC_SCAN)
+        first_m, end_m = _positions_with_ids(DOC + b * seq_q, start_m0, end_m, id_lo, id_hi, DOC_SCAN)
         start_m0 = first_m // BLOCK_M * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -435,8 +481,10 @@ def _attention_bwd_dkdv_kernel(
             # Transposed tiles (keys x queries), so dk and dv accumulate without transposing p.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
             p_t = tl.exp2(s_t - lse_log2[None, :])
-            if _tile_needs_mask(pid_n * BLOCK_N, start_m, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC):
-                ok_t = _visible(offs_m, offs_n, seq_k, causal_shift, doc_q, doc_k, CAUSAL, HAS_DOC, True)
+            if _tile_needs_mask(pid_n * BLOCK_N, start_m, seq_k, causal_shift, window, BLOCK_M, BLOCK_N, CAUSAL,
+                                HAS_WINDOW, HAS_DOC):
+                ok_t = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                                HAS_DOC, True)
                 p_t = tl.where(ok_t, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -463,11 +511,11 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
-    n_q_heads, group_size, seq_q, seq_k, seq_bucket,
+    n_q_heads, group_size, seq_q, seq_k, seq_bucket, window,
     scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
@@ -500,17 +548,28 @@ def _attention_bwd_dq_kernel(
     end_n = seq_k
     if CAUSAL:
         end_n = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_shift)
-    first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
+    start_n = 0
+    if HAS_WINDOW:
+        start_n = _window_first_key(pid_m * BLOCK_M, causal_shift, window, BLOCK_N)
+    first_n, end_n = _key_tiles(DOC + b * seq_k, doc_q, row_ok, start_n, end_n, HAS_DOC, BLOCK_N, DOC_SCAN)
     full_n = _unmasked_end(first_n, end_n, pid_m * BLOCK_M, seq_k, causal_shift, BLOCK_N, CAUSAL, HAS_DOC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(first_n, full_n, BLOCK_N):  # as in the forward: whole tiles, then masked ones
+    unmasked_n = first_n  # as in the forward: (window-masked tiles,) whole tiles, then masked ones
+    if HAS_WINDOW:
+        unmasked_n = _window_unmasked_start(first_n, end_n, pid_m * BLOCK_M, causal_shift, window, BLOCK_M, BLOCK_N)
+        full_n = tl.maximum(full_n, unmasked_n)
+        for start_n in range(first_n, unmasked_n, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
+                          d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True, CAUSAL,
+                          HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+    for start_n in range(unmasked_n, full_n, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
-                      doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, False, CAUSAL, HAS_DOC, DOT_PRECISION,
-                      BLOCK_N)
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, False, CAUSAL, HAS_WINDOW,
+                      HAS_DOC, DOT_PRECISION, BLOCK_N)
     for start_n in range(full_n, end_n, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
-                      doc_q, DOC + b * seq_k, seq_k, causal_shift, scale_log2, True, CAUSAL, HAS_DOC, DOT_PRECISION,
-                      BLOCK_N)
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True, CAUSAL, HAS_WINDOW,
+                      HAS_DOC, DOT_PRECISION, BLOCK_N)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
@@ -536,8 +595,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q: torch.Tensor, doc_ids: torch.Tensor | None) -> dict:
+def _common(q: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool, window: int) -> dict:
     return dict(
+        CAUSAL=causal,
+        HAS_WINDOW=window > 0,
         HEAD_DIM=q.size(3),
         BLOCK_D=max(16, triton.next_power_of_2(q.size(3))),
         HAS_DOC=doc_ids is not None,
@@ -547,8 +608,9 @@ def _common(q: torch.Tensor, doc_ids: torch.Tensor | None) -> dict:
     )
 
 
-def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
-    """o = attention(q, k, v); lse (B, Hq, Sq) fp32 = logsumexp of each row of scaled scores."""
+def forward(q, k, v, doc_ids, causal: bool, window: int, scale: float, o, lse) -> None:
+    """o = attention(q, k, v); lse (B, Hq, Sq) fp32 = logsumexp of each row of scaled scores.
+    window: the sliding window (with causal), 0 for none."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.size(1), k.size(2)
     doc = doc_ids if doc_ids is not None else lse  # an unused pointer when HAS_DOC is False
@@ -560,15 +622,15 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
         _launch(_attention_fwd_kernel, grid, (
             q, k, v, o, lse, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            hq, hq // hkv, sq, sk, _bucket(sq, sk), scale * LOG2E,
-        ), dict(CAUSAL=causal, **_common(q, doc_ids)))
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale * LOG2E,
+        ), _common(q, doc_ids, causal, window))
 
 
-def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, dv) -> None:
+def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: float, dq, dk, dv) -> None:
     """dq, dk, dv of attention(q, k, v) given the output gradient do and the forward's o and lse."""
     b, hq, sq, d = q.shape
     hkv, sk = k.size(1), k.size(2)
-    common = _common(q, doc_ids)
+    common = _common(q, doc_ids, causal, window)
     doc = doc_ids if doc_ids is not None else lse
     delta = torch.empty_like(lse)
     atomic_dq = _dq_by_atomics()
@@ -584,13 +646,13 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
         _launch(_attention_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), (
             q, k, v, do, lse, delta, dk, dv, dq32, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            hkv, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
-        ), dict(CAUSAL=causal, ATOMIC_DQ=atomic_dq, **common))
+            hkv, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E,
+        ), dict(ATOMIC_DQ=atomic_dq, **common))
         if atomic_dq:
             dq.copy_(dq32.mul_(scale))
             return
         _launch(_attention_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq), (
             q, k, v, do, lse, delta, dq, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            hq, hq // hkv, sq, sk, _bucket(sq, sk), scale, scale * LOG2E,
-        ), dict(CAUSAL=causal, **common))
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E,
+        ), common)
