@@ -415,7 +415,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     """The interpreter runs the kernels' Python; this builds their GPU code (ptxas included), which
     catches what only the compiler rejects (types, layouts, shared memory). See triton_build.py.
     Built as the JIT builds a launch on aligned tensors, the first (largest) tile of each kernel, with
-    documents or without, must use the tensor cores' own instruction of each GPU (wgmma on sm_90,
+    documents or without (and on sm_90 with a sliding window too: its extra loop of masked tiles), must use the tensor cores' own instruction of each GPU (wgmma on sm_90,
     mma.sync on sm_80) and a software-pipelined stream of k/v or q/do tiles (cp.async): without them
     a kernel runs at a fraction of its speed and still passes every numerical test."""
     pytest.importorskip("triton.backends.nvidia")
@@ -434,8 +434,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     for arch in (80, 90):
         for kernel, configs, switches in KERNELS:
             tile = configs[0]
-            for has_doc in (False, True):
-                consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, HAS_WINDOW=False,
+            masks = [(has_doc, has_window) for has_window in ((False, True) if arch == 90 else (False,))
+                     for has_doc in (False, True)]
+            for has_doc, has_window in masks:
+                consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, HAS_WINDOW=has_window,
                               DOT_PRECISION="tf32", DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
                 names = [n for n in kernel.fn.arg_names if n not in consts]
                 sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
@@ -446,7 +448,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                          (("wgmma", r"wgmma\\.mma_async"), ("mma.sync", r"mma\\.sync"), ("cp.async", r"cp\\.async\\.c[ag]"),
                           ("atomic add", r"(atom|red)\\.global\\S*\\.add\\S*\\.f32"))}
                 print(json.dumps([kernel.fn.__name__ + (" atomic dq" if switches.get("ATOMIC_DQ") else ""), arch,
-                                  has_doc, found]))
+                                  [has_doc, has_window], found]))
         # the backward's first kernel (delta = rowsum(o * do)): no tensor cores, but it must build too
         sig = {n: "*bf16" if n in ("O", "DO") else "*fp32" if n == "DELTA" else "i32"
                for n in A._attention_bwd_delta_kernel.arg_names if not n.isupper() or n in ("O", "DO", "DELTA")}
@@ -456,7 +458,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     built = [json.loads(line) for line in out.splitlines()]
     assert [b for b in built if b[0] == "delta"] == [["delta", 80], ["delta", 90]], out
     built = [b for b in built if b[0] != "delta"]
-    assert len(built) == 16, out
+    assert len(built) == 24, out  # 4 kernels: 2 mask kinds on sm_80, 4 on sm_90
     for name, arch, has_doc, found in built:
         assert found["wgmma" if arch == 90 else "mma.sync"] > 0, (name, arch, has_doc, found)
         assert found["cp.async"] > 0, (name, arch, has_doc, found)

@@ -12,7 +12,6 @@ in the same dtype with the same mask (python_tests/numerics.py).
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -306,39 +305,3 @@ def test_reference_refuses_a_window_without_causal():
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 8, 8, 16, torch.float32, "cpu"))
     with pytest.raises(ValueError, match="window needs causal=True"):
         reference.attention(q, k, v, causal=False, window=3)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
-def test_triton_window_kernels_compile_for_sm90():
-    """The interpreter never lowers the kernels: build the windowed ones (HAS_WINDOW, with and without
-    documents) for sm_90 as a launch would, and check that the window's extra loop of masked tiles keeps
-    the tensor-core instructions (wgmma) and the pipelined loads (cp.async). One GPU only: each build
-    takes seconds (test_attention builds both without the window)."""
-    pytest.importorskip("triton.backends.nvidia")
-    from triton_build import run_build
-
-    out = run_build('''
-    import json
-    import re
-    from llmkern.triton import attention as A
-
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32", "DQ32": "*fp32"}
-    kernels = [(A._attention_fwd_kernel, A._FWD_CONFIGS[0], {}),
-               (A._attention_bwd_dkdv_kernel, A._DKDV_CONFIGS[0], {"ATOMIC_DQ": False}),
-               (A._attention_bwd_dq_kernel, A._DQ_CONFIGS[0], {})]
-    for kernel, tile, switches in kernels:
-        for has_doc in (False, True):
-            consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_WINDOW=True, HAS_DOC=has_doc,
-                          DOT_PRECISION="tf32", DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
-            names = [n for n in kernel.fn.arg_names if n not in consts]
-            sig = {n: pointers.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
-                   for n in names}
-            aligned = [n for n in names if n.isupper() or n.startswith("stride")]
-            ptx = build(kernel, sig, consts, 90, aligned, num_warps=tile.num_warps, num_stages=tile.num_stages)
-            print(json.dumps([kernel.fn.__name__, has_doc, len(re.findall(r"wgmma\\.mma_async", ptx)),
-                              len(re.findall(r"cp\\.async\\.c[ag]", ptx))]))
-    ''')
-    built = [json.loads(line) for line in out.splitlines()]
-    assert len(built) == 6, out
-    for name, has_doc, wgmma, cp_async in built:
-        assert wgmma > 0 and cp_async > 0, (name, has_doc, wgmma, cp_async)
