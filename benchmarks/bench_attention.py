@@ -23,6 +23,13 @@ attending causally within its own document: llmkern's doc_ids against PyTorch's 
 saying that, FlexAttention with a document block mask (compiled; the mask made once a batch,
 outside the timing, as a model makes it once for all its layers) and SDPA's memory-efficient
 backend with a boolean (B, 1, S, S) mask. FLOPs count only the visible pairs, sum of L^2 / 2.
+
+    python benchmarks/bench_attention.py --window 4096 --seqlens 16384 --head-dims 128
+
+With --window W, each token attends causally to the last W tokens up to its own (Mistral's sliding
+window): llmkern's window against FlexAttention with a sliding-window block mask, SDPA's
+memory-efficient backend with a boolean mask, and flash-attn's window_size=(W - 1, 0) when it is
+importable. FLOPs count the visible pairs, min(W, p + 1) keys for the query at position p.
 """
 
 from __future__ import annotations
@@ -111,20 +118,18 @@ def providers(device: torch.device) -> dict:
     return out
 
 
-def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
-    """name -> fn(q, k, v) attending causally within the documents of doc_ids (B, S), for every
-    provider that can run here; masks are made here, once, as a model makes them once a batch."""
+def masked_providers(device: torch.device, batch: int, seq: int, visible, **llmkern_masks) -> dict:
+    """name -> fn(q, k, v) attending where visible(b, h, q_idx, kv_idx) holds (a FlexAttention mask_mod, also
+    evaluated once into SDPA's dense mask), for every provider that can run here; llmkern is given the same
+    rule as its own arguments (llmkern_masks: doc_ids, window). Masks are made here, once, as a model makes
+    them once a batch."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    batch, seq = doc_ids.shape
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    dense_mask = (same_doc & torch.ones(seq, seq, dtype=torch.bool, device=device).tril())[:, None]
-
-    def causal_in_document(b, h, q_idx, kv_idx):
-        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
-
-    block_mask = create_block_mask(causal_in_document, batch, None, seq, seq, device=device)
+    positions = torch.arange(seq, device=device)
+    rows = torch.arange(batch, device=device)[:, None, None]
+    dense_mask = visible(rows, None, positions[None, :, None], positions[None, None, :])[:, None]  # (B, 1, S, S)
+    block_mask = create_block_mask(visible, batch, None, seq, seq, device=device)
     flex = compiled(flex_attention) if device.type == "cuda" else flex_attention
 
     def sdpa_masked(q, k, v):
@@ -137,8 +142,35 @@ def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "attention", device):
             out[f"llmkern {backend}"] = (
-                lambda b: lambda q, k, v: llmkern.ops.attention(q, k, v, causal=True, backend=b, doc_ids=doc_ids)
+                lambda b: lambda q, k, v: llmkern.ops.attention(q, k, v, causal=True, backend=b, **llmkern_masks)
             )(backend)
+    return out
+
+
+def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
+    """masked_providers attending causally within the documents of doc_ids (B, S)."""
+    def causal_in_document(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    batch, seq = doc_ids.shape
+    return masked_providers(device, batch, seq, causal_in_document, doc_ids=doc_ids)
+
+
+def window_providers(device: torch.device, batch: int, seq: int, window: int) -> dict:
+    """masked_providers attending causally to the last `window` keys, and flash-attn's own window when it is
+    importable."""
+    def causal_in_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    out = masked_providers(device, batch, seq, causal_in_window, window=window)
+    flash_attn_func = optional("flash_attn", "flash_attn_func")
+    if flash_attn_func is not None:
+        def flash_attn(q, k, v):  # flash-attn's layout is (B, S, H, D)
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                window_size=(window - 1, 0))
+            return o.transpose(1, 2)
+
+        out["flash-attn"] = flash_attn
     return out
 
 
@@ -158,9 +190,13 @@ def packed_doc_ids(batch: int, seq: int, doc_len: int, device: torch.device) -> 
     return (torch.arange(seq, device=device) // doc_len).expand(batch, seq).contiguous()
 
 
-def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, doc_len: int | None = None) -> float:
-    """4 FLOPs a head dim per visible (query, key) pair: S^2 of them, half when causal, and with
-    documents the sum of L^2 / 2 over each row's documents."""
+def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, doc_len: int | None = None,
+                  window: int | None = None) -> float:
+    """4 FLOPs a head dim per visible (query, key) pair: S^2 of them, half when causal; with
+    documents the sum of L^2 / 2 over each row's documents; with a window min(W, p + 1) for the
+    query at position p."""
+    if window is not None:
+        return 4.0 * batch * heads * head_dim * sum(min(window, p + 1) for p in range(seq))
     if doc_len is not None:
         lengths = [min(doc_len, seq - start) for start in range(0, seq, doc_len)]
         return 4.0 * batch * heads * head_dim * sum(n * n for n in lengths) / 2
@@ -168,17 +204,22 @@ def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
     return flops / 2 if causal else flops
 
 
-def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_len=None) -> list[Result]:
-    """fn(q, k, v, causal), or with doc_len fn(q, k, v) over rows of documents of doc_len tokens."""
+def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_len=None,
+              window=None) -> list[Result]:
+    """fn(q, k, v, causal), or with doc_len or window fn(q, k, v) over rows of documents of doc_len tokens
+    or in a sliding window of `window` tokens."""
     shape = f"B{batch} H{heads} S{seq} D{head_dim}" + (" causal" if causal else "")
     if doc_len is not None:
         shape += f" docs{doc_len}"
+    if window is not None:
+        shape += f" window{window}"
     q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
     grads = [q, k, v]
-    run = (lambda: fn(q, k, v)) if doc_len is not None else (lambda: fn(q, k, v, causal))
-    fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len)
+    masked = doc_len is not None or window is not None
+    run = (lambda: fn(q, k, v)) if masked else (lambda: fn(q, k, v, causal))
+    fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len, window)
     # eager at long S runs out of memory, a backend may refuse a shape: measured() skips that one
     return measured(name, shape, lambda: [
         Result("attention", mode, shape, name, ms, FLOP_FACTOR[mode] * fwd / ms / 1e9, "TFLOP/s",
@@ -196,10 +237,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / S (at least 1)")
     parser.add_argument("--doc-len", type=int, help="rows packed with documents of this many tokens (causal "
                                                     "within each); compares document masking instead")
+    parser.add_argument("--window", type=int, help="a sliding window of this many tokens (causal); compares "
+                                                   "sliding-window attention instead")
     add_common_args(parser, dtypes=("bfloat16", "float16"))
     args = parser.parse_args(argv)
     if args.doc_len is not None and args.doc_len < 1:
         parser.error(f"--doc-len must be at least 1; got {args.doc_len}")
+    if args.window is not None and args.window < 1:
+        parser.error(f"--window must be at least 1; got {args.window}")
+    if args.window is not None and args.doc_len is not None:
+        parser.error("--window and --doc-len compare different masks: give one")
     device = bench_device("bench_attention", args.device)
     if device is None:
         return 1
@@ -215,6 +262,17 @@ def main(argv=None) -> int:
                     for name, fn in each.items():
                         results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True,
                                                  dtype, device, args.doc_len))
+        print_tuned_tiles()
+        return 0
+    if args.window is not None:
+        with saving(results, f"Attention in a window of {args.window} tokens, {args.dtype}", ("FlexAttention",)):
+            for seq in args.seqlens:
+                batch = max(1, args.tokens // seq)
+                each = selected(window_providers(device, batch, seq, args.window), args.providers)
+                for head_dim in args.head_dims:
+                    for name, fn in each.items():
+                        results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True,
+                                                 dtype, device, window=args.window))
         print_tuned_tiles()
         return 0
     with saving(results, f"Attention {args.dtype}", BASELINES):

@@ -775,11 +775,11 @@ def test_cuda_launchers_check_sizes_before_touching_memory(bad):
     with pytest.raises(RuntimeError, match="attention_forward.*cudaErrorInvalidValue"):
         mod.attention_forward(a["q"], a["k"], a["v"], a["doc"], a["o"], a["lse"], a["batch"], a["q_heads"],
                               a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"], st, st, st, st, 0.125, True,
-                              a["dtype"], 64, 0)
+                              0, a["dtype"], 64, 0)
     with pytest.raises(RuntimeError, match="attention_backward.*cudaErrorInvalidValue"):
         mod.attention_backward(a["q"], a["k"], a["v"], a["o"], base, a["lse"], a["doc"], a["o"], base, base, base,
                                a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], a["head_dim"],
-                               st, st, st, st, st, st, st, st, 0.125, True, a["dtype"], 0)
+                               st, st, st, st, st, st, st, st, 0.125, True, 0, a["dtype"], 0)
 
 
 @pytest.mark.cuda

@@ -35,6 +35,8 @@ CASES = {
                                       "--causal", "true", "--dtype", "float16"], TIME_MODES),
     "attention documents": ("bench_attention", ["--doc-len", "8", "--seqlens", "33", "--head-dims", "64", "--hidden",
                                                 "128", "--tokens", "33", "--dtype", "float16"], TIME_MODES),
+    "attention window": ("bench_attention", ["--window", "5", "--seqlens", "33", "--head-dims", "64", "--hidden",
+                                             "128", "--tokens", "33", "--dtype", "float16"], TIME_MODES),
     "fused_linear_cross_entropy": ("bench_fused_linear_cross_entropy", ["--rows", "7", "--hidden", "32", "--vocab",
                                                                         "67", "--dtype", "float16"],
                                    {"forward+backward"}),
@@ -84,6 +86,9 @@ def test_benchmark_runs_every_provider_on_the_cpu(case, bench_modules, tmp_path,
     elif "--doc-len" in argv:
         doc_ids = bench.packed_doc_ids(1, 33, 8, device)
         expected = {(name, mode) for name in bench.document_providers(device, doc_ids) if name not in GPU_ONLY
+                    for mode in modes}
+    elif "--window" in argv:
+        expected = {(name, mode) for name in bench.window_providers(device, 1, 33, 5) if name not in GPU_ONLY
                     for mode in modes}
     else:
         names = bench.autocast_providers(device, torch.bfloat16) if "--autocast" in argv else bench.providers(device)

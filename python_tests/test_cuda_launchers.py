@@ -119,10 +119,10 @@ def test_attention_launchers_reach_the_device(layout, with_docs):
     doc_ids = torch.zeros(q.size(0), 24, dtype=torch.int32) if with_docs else None
     o, lse = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape[:3], dtype=torch.float32)
     with pytest.raises(RuntimeError, match=NO_DEVICE):
-        cuda_attention.forward(q, k, v, doc_ids, True, 0.125, o, lse)
+        cuda_attention.forward(q, k, v, doc_ids, True, 0, 0.125, o, lse)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
     with pytest.raises(RuntimeError, match=NO_DEVICE):
-        cuda_attention.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, True, 0.125, dq, dk, dv)
+        cuda_attention.backward(torch.randn_like(o), q, k, v, o, lse, doc_ids, True, 0, 0.125, dq, dk, dv)
 
 
 def test_adamw_launchers_reach_the_device():
@@ -236,13 +236,13 @@ def test_attention_launchers_refuse_bad_sizes(change):
     mod = _backend.cuda_module()
     sizes = (a["batch"], a["q_heads"], a["kv_heads"], a["seq_q"], a["seq_k"], 64)
     with pytest.raises(RuntimeError, match=f"attention_forward.*{INVALID}"):
-        mod.attention_forward(FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, *sizes, st, st, st, st, a["scale"], True, BF16,
-                              a.get("rows", 64), 0)
+        mod.attention_forward(FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, *sizes, st, st, st, st, a["scale"], True, 0,
+                              BF16, a.get("rows", 64), 0)
     if "rows" in change:
         return  # the forward's own setting; the backward has none
     with pytest.raises(RuntimeError, match=f"attention_backward.*{INVALID}"):
         mod.attention_backward(FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, a["doc"], FAKE, FAKE, FAKE, FAKE, *sizes,
-                               st, st, st, st, st, st, st, st, a["scale"], True, BF16, 0)
+                               st, st, st, st, st, st, st, st, a["scale"], True, 0, BF16, 0)
 
 
 @pytest.mark.parametrize("bad", ["dk-misaligned", "dv-stride", "delta-null"])
@@ -254,7 +254,7 @@ def test_attention_backward_checks_its_outputs(bad):
     with pytest.raises(RuntimeError, match=f"attention_backward.*{INVALID}"):
         _backend.cuda_module().attention_backward(
             FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 0, FAKE, dk, FAKE, delta, 1, 4, 2, 8, 8, 64,
-            st, st, st, st, st, st, st, dv_stride, 0.125, False, BF16, 0,
+            st, st, st, st, st, st, st, dv_stride, 0.125, False, 0, BF16, 0,
         )
 
 

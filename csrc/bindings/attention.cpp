@@ -28,7 +28,8 @@ void bind_attention(py::module_& m) {
       [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t doc_ids, std::uintptr_t o,
          std::uintptr_t lse, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t seq_q, int64_t seq_k,
          int64_t head_dim, const Strides& q_stride, const Strides& k_stride, const Strides& v_stride,
-         const Strides& o_stride, float scale, bool causal, int dtype, int block_rows, std::uintptr_t stream) {
+         const Strides& o_stride, float scale, bool causal, int window, int dtype, int block_rows,
+         std::uintptr_t stream) {
         AttentionForwardArgs args{};
         args.q = as_ptr<const void>(q);
         args.k = as_ptr<const void>(k);
@@ -48,6 +49,7 @@ void bind_attention(py::module_& m) {
         copy_strides(args.o_stride, o_stride);
         args.scale = scale;
         args.causal = causal;
+        args.window = window;
         args.dtype = static_cast<DType>(dtype);
         args.block_rows = block_rows;
         LLMKERN_CHECK_LAUNCH("attention_forward",
@@ -61,7 +63,7 @@ void bind_attention(py::module_& m) {
          std::uintptr_t delta, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t seq_q, int64_t seq_k,
          int64_t head_dim, const Strides& q_stride, const Strides& k_stride, const Strides& v_stride,
          const Strides& o_stride, const Strides& dout_stride, const Strides& dq_stride, const Strides& dk_stride,
-         const Strides& dv_stride, float scale, bool causal, int dtype, std::uintptr_t stream) {
+         const Strides& dv_stride, float scale, bool causal, int window, int dtype, std::uintptr_t stream) {
         AttentionBackwardArgs args{};
         args.q = as_ptr<const void>(q);
         args.k = as_ptr<const void>(k);
@@ -90,6 +92,7 @@ void bind_attention(py::module_& m) {
         copy_strides(args.dv_stride, dv_stride);
         args.scale = scale;
         args.causal = causal;
+        args.window = window;
         args.dtype = static_cast<DType>(dtype);
         LLMKERN_CHECK_LAUNCH("attention_backward",
                              attention_backward(args, reinterpret_cast<cudaStream_t>(stream)));

@@ -10,10 +10,11 @@
 // rescales its output accumulator and adds P v with P taken straight from S's registers.
 // At the end o = acc / l and lse = (m + log2 l) * ln 2 are written.
 //
-// Masks: keys past seq_k, causal (bottom-right aligned), documents (equal doc ids). Tiles
-// past the causal diagonal are never loaded; with documents, only the tiles from the first to the
-// last key whose id may be one of the block's (attention_docs.cuh), and a warp whose 16 x 64 tile
-// is fully masked skips its math (the ids are compared per element, so any ids work).
+// Masks: keys past seq_k, causal (bottom-right aligned), a sliding window (with causal), documents
+// (equal doc ids). Tiles past the causal diagonal are never loaded, nor those before the first row's
+// window; with documents, only the tiles from the first to the last key whose id may be one of the
+// block's (attention_docs.cuh), and a warp whose 16 x 64 tile is fully masked skips its math (the ids
+// are compared per element, so any ids work).
 #include "cuda/attention.h"
 
 #include <cuda_bf16.h>
@@ -41,7 +42,7 @@ constexpr int shared_bytes() {
   return (16 * kWarps * D + 2 * kBlockN * D + 2 * kBlockN * D) * 2;
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc, int kWarps>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_forward_kernel(const AttentionForwardArgs args, int num_m_blocks, float scale_log2) {
   constexpr int kBlockM = 16 * kWarps;  // query rows per block
@@ -72,10 +73,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int row_lo = m0 + warp * 16 + group;  // the two query rows of this lane
   const int row_hi = row_lo + 8;
 
-  // Keys [0, n_end) can be seen by some row of this block: tiles [first_tile, end_tile).
+  // Keys [n_begin, n_end) can be seen by some row of this block: tiles [first_tile, end_tile). Causal
+  // ends them at the last row's position; a window starts them window - 1 keys before the first row's.
   int n_end = seq_k;
   if (kCausal) n_end = min(seq_k, m0 + kBlockM + causal_shift);
-  int first_tile = 0;
+  int n_begin = 0;
+  if (kWindow) n_begin = max(0, m0 + causal_shift - args.window + 1);
+  int first_tile = n_begin / kBlockN;
   int end_tile = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
 
   int doc_lo = 0, doc_hi = 0;
@@ -83,7 +87,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int32_t* doc = args.doc_ids + batch * args.seq_q;
     doc_lo = row_lo < seq_q ? doc[row_lo] : -1;
     doc_hi = row_hi < seq_q ? doc[row_hi] : -1;
-    const int2 tiles = doc_tiles(doc, m0, min(m0 + kBlockM, seq_q), 0, max(n_end, 0), kBlockN);
+    const int2 tiles = doc_tiles(doc, m0, min(m0 + kBlockM, seq_q), n_begin, max(n_end, 0), kBlockN);
     first_tile = tiles.x;
     end_tile = tiles.y;
   }
@@ -124,8 +128,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     // Does this tile need per-element masks, and does this warp see any of it?
     const bool partial = n0 + kBlockN > seq_k;
     const bool on_diagonal = kCausal && n0 + kBlockN - 1 > m0 + warp * 16 + causal_shift;
-    const bool need_mask = partial || on_diagonal || kHasDoc;
+    // The window's lower edge: the tile starts before the first key the warp's last row sees.
+    const bool on_window_edge = kWindow && n0 < m0 + warp * 16 + 15 + causal_shift - args.window + 1;
+    const bool need_mask = partial || on_diagonal || on_window_edge || kHasDoc;
     if (kCausal && n0 > m0 + warp * 16 + 15 + causal_shift) continue;  // all above this warp's diagonal
+    // all before the first key the warp's first row sees
+    if (kWindow && n0 + kBlockN - 1 < m0 + warp * 16 + causal_shift - args.window + 1) continue;
     int doc_k[kNTiles][2];
     if (kHasDoc) {
       const bool any_same = load_key_doc_ids(doc_k, args.doc_ids + batch * args.seq_k, n0, seq_k, doc_lo, doc_hi);
@@ -150,6 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           const int row = e < 2 ? row_lo : row_hi;
           bool ok = key < seq_k;
           if (kCausal) ok = ok && key <= row + causal_shift;
+          if (kWindow) ok = ok && row + causal_shift - key < args.window;
           if (kHasDoc) ok = ok && doc_k[t][e & 1] == (e < 2 ? doc_lo : doc_hi);
           x = ok ? x : -INFINITY;
         }
@@ -224,9 +233,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc, int kWarps>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc, int kWarps>
 cudaError_t launch_forward_with(const AttentionForwardArgs& args, cudaStream_t stream) {
-  auto kernel = attention_forward_kernel<T, D, kCausal, kHasDoc, kWarps>;
+  auto kernel = attention_forward_kernel<T, D, kCausal, kWindow, kHasDoc, kWarps>;
   constexpr int kShared = shared_bytes<D, kWarps>();
   LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   const int num_m_blocks = static_cast<int>((args.seq_q + 16 * kWarps - 1) / (16 * kWarps));
@@ -235,11 +244,11 @@ cudaError_t launch_forward_with(const AttentionForwardArgs& args, cudaStream_t s
   return cudaGetLastError();
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc>
 cudaError_t launch_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
   LLMKERN_RETURN_IF_ERROR(check_device_is_sm80());  // after every argument check
-  if (args.block_rows == 128) return launch_forward_with<T, D, kCausal, kHasDoc, 8>(args, stream);
-  return launch_forward_with<T, D, kCausal, kHasDoc, 4>(args, stream);
+  if (args.block_rows == 128) return launch_forward_with<T, D, kCausal, kWindow, kHasDoc, 8>(args, stream);
+  return launch_forward_with<T, D, kCausal, kWindow, kHasDoc, 4>(args, stream);
 }
 
 }  // namespace
@@ -261,10 +270,11 @@ cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t str
                             !strides_ok(args.v_stride) || !strides_ok(args.o_stride));
   LLMKERN_RETURN_INVALID_IF(!(args.scale > 0.f));
   LLMKERN_RETURN_INVALID_IF(args.block_rows != 0 && args.block_rows != 64 && args.block_rows != 128);
-  return dispatch_attention(args.dtype, args.head_dim, args.causal, args.doc_ids != nullptr,
-                            [&](auto t, auto d, auto causal, auto has_doc) {
+  LLMKERN_RETURN_INVALID_IF(args.window < 0 || (args.window > 0 && !args.causal));
+  return dispatch_attention(args.dtype, args.head_dim, args.causal, window_masks(args.causal, args.window, args.seq_k),
+                            args.doc_ids != nullptr, [&](auto t, auto d, auto causal, auto window, auto has_doc) {
                               return launch_forward<decltype(t), decltype(d)::value, decltype(causal)::value,
-                                                     decltype(has_doc)::value>(args, stream);
+                                                    decltype(window)::value, decltype(has_doc)::value>(args, stream);
                             });
 }
 

@@ -25,6 +25,10 @@ struct AttentionForwardArgs {
   int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3];
   float scale;  // multiplies q k^T
   bool causal;  // key j is seen by query i when j <= i + seq_k - seq_q (bottom-right aligned)
+  // Sliding window, only with causal: query i, at position p = i + seq_k - seq_q, sees key j only when
+  // p - j < window as well (the last `window` keys up to its own). 0: no window; a negative window, or
+  // one without causal, returns cudaErrorInvalidValue. Tiles wholly outside the window are skipped.
+  int window;
   DType dtype;  // kFloat16 or kBFloat16
   // Query rows per block, 16 per warp: 64 (4 warps) or 128 (8 warps, which read each k/v tile from
   // L2 for twice the rows). 0 means 64.
@@ -55,6 +59,7 @@ struct AttentionBackwardArgs {
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
   float scale;
   bool causal;
+  int window;  // as in the forward
   DType dtype;
 };
 

@@ -9,10 +9,11 @@
 //      k and v tiles in shared memory and streams 32-row tiles of q and do (cp.async, double
 //      buffered) over every query head of its group, so the GQA sum stays in registers;
 //   3. dq: a block owns 64 query rows (16 per warp) and streams 64-key tiles of k and v.
-// Both recompute P from q, k and lse. Causal tiles that no pair can see are never loaded, nor,
-// with documents, the tiles before the first or after the last position whose id may be one of
-// the block's (attention_docs.cuh); a warp whose pairs are all masked (causal or documents)
-// skips its math.
+// Both recompute P from q, k and lse. Causal tiles that no pair can see are never loaded, nor those
+// a sliding window leaves out (dk/dv: query rows more than window - 1 positions after the block's
+// last key; dq: keys before the block's first row's window), nor, with documents, the tiles before
+// the first or after the last position whose id may be one of the block's (attention_docs.cuh); a
+// warp whose pairs are all masked (causal, window or documents) skips its math.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -93,7 +94,7 @@ __device__ __forceinline__ void store_rows(T* base, int64_t row_stride, int row_
   }
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc>
 __global__ void __launch_bounds__(kThreads)
     attention_dkdv_kernel(const AttentionBackwardArgs args, float scale_log2) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -116,13 +117,20 @@ __global__ void __launch_bounds__(kThreads)
   const int key_lo = warp_key0 + (lane >> 2);  // the two rows of S^T (keys) this lane holds
   const int key_hi = key_lo + 8;
 
-  // Query tiles: for each head of the group, rows [start_m, seq_q) in steps of kRowsPerTile.
+  // Query tiles: for each head of the group, rows [start_m, end_m) in steps of kRowsPerTile. Causal
+  // starts them at the first key's row; a window ends them at the last row within window - 1 positions
+  // of the last key (int64: seq_q + window may pass INT_MAX).
   int start_m = 0;
   if (kCausal) start_m = max(0, n0 - causal_shift) / kRowsPerTile * kRowsPerTile;
-  int tiles_per_head = start_m < seq_q ? (seq_q - start_m + kRowsPerTile - 1) / kRowsPerTile : 0;
+  int end_m = seq_q;
+  if (kWindow) {
+    const int64_t last_key = min(n0 + kKeysPerBlock, seq_k) - 1;
+    end_m = static_cast<int>(min(static_cast<int64_t>(seq_q), last_key - causal_shift + args.window));
+  }
+  int tiles_per_head = start_m < end_m ? (end_m - start_m + kRowsPerTile - 1) / kRowsPerTile : 0;
   if (kHasDoc && tiles_per_head > 0) {  // only the query tiles whose ids may be this block's keys'
     const int2 tiles = doc_tiles(args.doc_ids + batch * args.seq_q, n0, min(n0 + kKeysPerBlock, seq_k), start_m,
-                                 seq_q, kRowsPerTile);
+                                 end_m, kRowsPerTile);
     start_m = tiles.x * kRowsPerTile;
     tiles_per_head = tiles.y - tiles.x;
   }
@@ -170,6 +178,8 @@ __global__ void __launch_bounds__(kThreads)
     const int head = tile_head(tile);
     const int m0 = tile_row0(tile);
     if (kCausal && warp_key0 > m0 + kRowsPerTile - 1 + causal_shift) continue;  // no row sees these keys
+    // the tile's first row is already past the window of the warp's last key
+    if (kWindow && m0 + causal_shift - (warp_key0 + 15) >= args.window) continue;
     const T* tile_q = s_q + buf * kRowsPerTile * D;
     const T* tile_do = s_do + buf * kRowsPerTile * D;
 
@@ -202,6 +212,8 @@ __global__ void __launch_bounds__(kThreads)
     // P^T = exp2(S^T * scale_log2 - lse), 0 where masked. Keys past seq_k need no mask: their
     // rows of S^T only feed their own rows of dk and dv, which are never stored.
     const bool on_diagonal = kCausal && warp_key0 + 15 > m0 + causal_shift;
+    // the tile's last row is past the window of the warp's first key
+    const bool on_window_edge = kWindow && m0 + kRowsPerTile - 1 + causal_shift - warp_key0 >= args.window;
 #pragma unroll
     for (int t = 0; t < kRowTiles; ++t) {
 #pragma unroll
@@ -210,6 +222,7 @@ __global__ void __launch_bounds__(kThreads)
         const int row = m0 + t * 8 + quad_lane * 2 + (e & 1);
         bool ok = true;
         if (on_diagonal) ok = key <= row + causal_shift;
+        if (on_window_edge) ok = ok && row + causal_shift - key < args.window;
         if (kHasDoc) ok = ok && doc_q[t][e & 1] == (e < 2 ? doc_key_lo : doc_key_hi);
         st[t][e] = ok ? exp2f(st[t][e] * scale_log2 - lse_log2[t][e & 1]) : 0.f;
       }
@@ -235,7 +248,7 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<T, D>(at<T>(args.dv, args.dv_stride, batch, kv_head), args.dv_stride[2], key_lo, seq_k, dv, 1.f);
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc>
 __global__ void __launch_bounds__(kThreads)
     attention_dq_kernel(const AttentionBackwardArgs args, int num_m_blocks, float scale_log2) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -260,15 +273,17 @@ __global__ void __launch_bounds__(kThreads)
 
   const T* k = at<T>(args.k, args.k_stride, batch, kv_head);
   const T* v = at<T>(args.v, args.v_stride, batch, kv_head);
-  // Key tiles [first_tile, end_tile): up to the last key some row sees, and with documents only
-  // those whose ids may be this block's rows'.
+  // Key tiles [first_tile, end_tile): from the first key the first row's window holds to the last key
+  // some row sees, and with documents only those whose ids may be this block's rows'.
   int n_end = seq_k;
   if (kCausal) n_end = min(seq_k, m0 + kRowsPerBlock + causal_shift);
-  int first_tile = 0;
+  int n_begin = 0;
+  if (kWindow) n_begin = max(0, m0 + causal_shift - args.window + 1);
+  int first_tile = n_begin / kKeysPerTile;
   int end_tile = n_end > 0 ? (n_end + kKeysPerTile - 1) / kKeysPerTile : 0;
   if (kHasDoc && end_tile > 0) {
-    const int2 tiles = doc_tiles(args.doc_ids + batch * args.seq_q, m0, min(m0 + kRowsPerBlock, seq_q), 0, n_end,
-                                 kKeysPerTile);
+    const int2 tiles = doc_tiles(args.doc_ids + batch * args.seq_q, m0, min(m0 + kRowsPerBlock, seq_q), n_begin,
+                                 n_end, kKeysPerTile);
     first_tile = tiles.x;
     end_tile = tiles.y;
   }
@@ -312,6 +327,7 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_commit();
     }
     if (kCausal && n0 > m0 + warp * 16 + 15 + causal_shift) continue;
+    if (kWindow && n0 + kKeysPerTile - 1 < m0 + warp * 16 + causal_shift - args.window + 1) continue;
     const T* tile_k = s_k + buf * kKeysPerTile * D;
     const T* tile_v = s_v + buf * kKeysPerTile * D;
 
@@ -326,7 +342,8 @@ __global__ void __launch_bounds__(kThreads)
     mma_abt<D>(s, s_q, warp * 16, tile_k);
     const bool partial = n0 + kKeysPerTile > seq_k;
     const bool on_diagonal = kCausal && n0 + kKeysPerTile - 1 > m0 + warp * 16 + causal_shift;
-    const bool need_mask = partial || on_diagonal || kHasDoc;
+    const bool on_window_edge = kWindow && n0 < m0 + warp * 16 + 15 + causal_shift - args.window + 1;
+    const bool need_mask = partial || on_diagonal || on_window_edge || kHasDoc;
 #pragma unroll
     for (int t = 0; t < kNTiles; ++t) {
 #pragma unroll
@@ -337,6 +354,7 @@ __global__ void __launch_bounds__(kThreads)
           const int row = e < 2 ? row_lo : row_hi;
           ok = key < seq_k;
           if (kCausal) ok = ok && key <= row + causal_shift;
+          if (kWindow) ok = ok && row + causal_shift - key < args.window;
           if (kHasDoc) ok = ok && doc_k[t][e & 1] == (e < 2 ? doc_lo : doc_hi);
         }
         s[t][e] = ok ? exp2f(s[t][e] * scale_log2 - (e < 2 ? lse_lo : lse_hi)) : 0.f;
@@ -362,7 +380,7 @@ __global__ void __launch_bounds__(kThreads)
                    scale_log2 / kLog2e);
 }
 
-template <typename T, int D, bool kCausal, bool kHasDoc>
+template <typename T, int D, bool kCausal, bool kWindow, bool kHasDoc>
 cudaError_t launch_backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
   LLMKERN_RETURN_IF_ERROR(check_device_is_sm80());  // after every argument check
   const float scale_log2 = args.scale * kLog2e;
@@ -374,14 +392,14 @@ cudaError_t launch_backward(const AttentionBackwardArgs& args, cudaStream_t stre
   attention_delta_kernel<T><<<delta_grid, kThreads, 0, stream>>>(args);
   LLMKERN_RETURN_IF_ERROR(cudaGetLastError());
 
-  auto dkdv = attention_dkdv_kernel<T, D, kCausal, kHasDoc>;
+  auto dkdv = attention_dkdv_kernel<T, D, kCausal, kWindow, kHasDoc>;
   constexpr int kDkdvShared = dkdv_shared_bytes<D>();
   LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kDkdvShared));
   const dim3 dkdv_grid(static_cast<unsigned>((args.seq_k + kKeysPerBlock - 1) / kKeysPerBlock), kv_heads, batch);
   dkdv<<<dkdv_grid, kThreads, kDkdvShared, stream>>>(args, scale_log2);
   LLMKERN_RETURN_IF_ERROR(cudaGetLastError());
 
-  auto dq = attention_dq_kernel<T, D, kCausal, kHasDoc>;
+  auto dq = attention_dq_kernel<T, D, kCausal, kWindow, kHasDoc>;
   constexpr int kDqShared = dq_shared_bytes<D>();
   LLMKERN_RETURN_IF_ERROR(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqShared));
   const int num_m_blocks = static_cast<int>((args.seq_q + kRowsPerBlock - 1) / kRowsPerBlock);
@@ -409,10 +427,11 @@ cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t s
                             !strides_ok(args.dout_stride) || !strides_ok(args.dq_stride) ||
                             !strides_ok(args.dk_stride) || !strides_ok(args.dv_stride));
   LLMKERN_RETURN_INVALID_IF(!(args.scale > 0.f));
-  return dispatch_attention(args.dtype, args.head_dim, args.causal, args.doc_ids != nullptr,
-                            [&](auto t, auto d, auto causal, auto has_doc) {
+  LLMKERN_RETURN_INVALID_IF(args.window < 0 || (args.window > 0 && !args.causal));
+  return dispatch_attention(args.dtype, args.head_dim, args.causal, window_masks(args.causal, args.window, args.seq_k),
+                            args.doc_ids != nullptr, [&](auto t, auto d, auto causal, auto window, auto has_doc) {
                               return launch_backward<decltype(t), decltype(d)::value, decltype(causal)::value,
-                                                     decltype(has_doc)::value>(args, stream);
+                                                     decltype(window)::value, decltype(has_doc)::value>(args, stream);
                             });
 }
 

@@ -25,17 +25,26 @@ inline bool strides_ok(const int64_t (&stride)[3]) {
   return true;
 }
 
+// Whether a sliding window masks any pair: only with causal, and only when narrower than seq_k (a
+// query at position p <= seq_k - 1 sees keys from p - window + 1 <= 0 on otherwise). A wider window
+// runs the windowless kernels, which also keeps the kernels' window arithmetic within int range.
+inline bool window_masks(bool causal, int window, int64_t seq_k) { return causal && window > 0 && window < seq_k; }
+
 // Calls fn(T{}, std::integral_constant<int, D>{}, std::bool_constant<kCausal>{},
-// std::bool_constant<kHasDoc>{}) for the run-time dtype, head_dim and mask flags, so a launcher
-// reads them as template arguments (decltype(d)::value, ...). Only fp16/bf16 and head_dim
-// 32/64/96/128 are instantiated; anything else returns cudaErrorInvalidValue.
+// std::bool_constant<kWindow>{}, std::bool_constant<kHasDoc>{}) for the run-time dtype, head_dim and
+// mask flags, so a launcher reads them as template arguments (decltype(d)::value, ...). Only fp16/bf16
+// and head_dim 32/64/96/128 are instantiated, and a window only with causal (6 mask combinations, not
+// 8); anything else returns cudaErrorInvalidValue.
 template <typename Fn>
-cudaError_t dispatch_attention(DType dtype, int64_t head_dim, bool causal, bool has_doc, Fn&& fn) {
+cudaError_t dispatch_attention(DType dtype, int64_t head_dim, bool causal, bool windowed, bool has_doc, Fn&& fn) {
+  if (windowed && !causal) return cudaErrorInvalidValue;
   auto with_masks = [&](auto t, auto d) -> cudaError_t {
-    if (causal) {
-      return has_doc ? fn(t, d, std::true_type{}, std::true_type{}) : fn(t, d, std::true_type{}, std::false_type{});
-    }
-    return has_doc ? fn(t, d, std::false_type{}, std::true_type{}) : fn(t, d, std::false_type{}, std::false_type{});
+    auto with_doc = [&](auto is_causal, auto is_windowed) -> cudaError_t {
+      return has_doc ? fn(t, d, is_causal, is_windowed, std::true_type{})
+                     : fn(t, d, is_causal, is_windowed, std::false_type{});
+    };
+    if (!causal) return with_doc(std::false_type{}, std::false_type{});
+    return windowed ? with_doc(std::true_type{}, std::true_type{}) : with_doc(std::true_type{}, std::false_type{});
   };
   auto with_head_dim = [&](auto t) -> cudaError_t {
     switch (head_dim) {

@@ -51,8 +51,13 @@ def forward_block_rows() -> int:
     return int(text)
 
 
-def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
-    """o = attention(q, k, v) and lse (B, Hq, Sq) fp32, written in place."""
+def _kernel_window(window: int, seq_k: int) -> int:
+    """window as the kernels' C int: any window of seq_k keys or more masks nothing, so cap it there."""
+    return int(min(window, seq_k))
+
+
+def forward(q, k, v, doc_ids, causal: bool, window: int, scale: float, o, lse) -> None:
+    """o = attention(q, k, v) and lse (B, Hq, Sq) fp32, written in place; window 0: no sliding window."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     doc_ids = _doc_ids(doc_ids)
     if o.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in _strides(o)):
@@ -66,11 +71,12 @@ def forward(q, k, v, doc_ids, causal: bool, scale: float, o, lse) -> None:
             ptr(q), ptr(k), ptr(v), ptr(doc_ids), ptr(o), ptr(lse),
             b, hq, hkv, sq, sk, d,
             _strides(q), _strides(k), _strides(v), _strides(o),
-            float(scale), bool(causal), dtype_code(q.dtype), forward_block_rows(), stream(q.device),
+            float(scale), bool(causal), _kernel_window(window, sk), dtype_code(q.dtype), forward_block_rows(),
+            stream(q.device),
         )
 
 
-def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, dv) -> None:
+def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: float, dq, dk, dv) -> None:
     """dq, dk, dv (written in place) from the output gradient do and the forward's o and lse."""
     q, k, v, o, do = (_aligned(t) for t in (q, k, v, o, do))
     doc_ids = _doc_ids(doc_ids)
@@ -89,5 +95,5 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float, dq, dk, d
             b, hq, hkv, sq, sk, d,
             _strides(q), _strides(k), _strides(v), _strides(o), _strides(do),
             _strides(dq), _strides(dk), _strides(dv),
-            float(scale), bool(causal), dtype_code(q.dtype), stream(q.device),
+            float(scale), bool(causal), _kernel_window(window, sk), dtype_code(q.dtype), stream(q.device),
         )
