@@ -152,3 +152,30 @@ def test_a_benchmark_file_evaluates_end_to_end(tmp_path):
     plain = [ChoiceExample(e.context, e.choices, e.answer) for e in load_choice_tasks(str(path))]
     bare = evaluate_choices(model, tokenizer, plain, return_predictions=True, fewshot=1)
     assert bare["predictions"][0]["logprobs"] != result["predictions"][0]["logprobs"]
+
+
+def test_shots_from_a_dev_split_are_its_first_k_of_the_examples_subject(tmp_path):
+    # lm-evaluation-harness takes MMLU's shots from the dev split, the first k of the subject, in order.
+    dev = [ChoiceExample(f"{subject} dev {i}\nAnswer:", ["A", "B"], i % 2, f"about {subject}.\n\n")
+           for subject in ("physics", "law") for i in range(3)]
+    test = [ChoiceExample("law test\nAnswer:", ["A", "B"], 0, "about law.\n\n"),
+            ChoiceExample("physics test\nAnswer:", ["A", "B"], 1, "about physics.\n\n")]
+    law, physics = with_fewshot(test, dev, 2, first=True)
+    assert law.context == "law dev 0\nAnswer: A\n\nlaw dev 1\nAnswer: B\n\nlaw test\nAnswer:"
+    assert physics.context == "physics dev 0\nAnswer: A\n\nphysics dev 1\nAnswer: B\n\nphysics test\nAnswer:"
+    assert law.description == "about law.\n\n"
+    with pytest.raises(ValueError, match=r"fewshot=4 needs 4 solved examples with the description 'about law.'"):
+        with_fewshot(test, dev, 4, first=True)
+
+
+def test_the_eval_command_takes_shots_from_fewshot_data(tmp_path):
+    task, dev = tmp_path / "astronomy_test.csv", tmp_path / "astronomy_dev.csv"
+    task.write_text("What is 1+1?,1,2,3,4,B\nWhat is 2+2?,4,5,6,7,A\n")
+    dev.write_text("What is 0+1?,1,2,3,4,A\n")
+    model, tokenizer = tiny_gpt(), get_tokenizer("bytes")
+    with_dev = evaluate_choices(model, tokenizer, str(task), return_predictions=True, fewshot=1, fewshot_data=str(dev))
+    by_hand = [ChoiceExample("What is 0+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: A\n\n" + e.context, e.choices, e.answer,
+                             e.description) for e in load_choice_tasks(str(task))]
+    assert with_dev["predictions"] == evaluate_choices(model, tokenizer, by_hand, return_predictions=True)["predictions"]
+    with pytest.raises(ValueError, match="fewshot_data has no effect with fewshot=0"):
+        evaluate_choices(model, tokenizer, str(task), fewshot_data=str(dev))

@@ -992,3 +992,16 @@ def test_eval_command_checks_its_files_before_loading_the_model(tmp_path, capsys
     assert "--json" in (err := capsys.readouterr().err) and "no folder" in err
     assert main(common + ["--text", str(text), "--json", str(tmp_path)]) == 2
     assert "it is a folder" in capsys.readouterr().err
+
+
+def test_eval_command_fewshot_data_needs_fewshot_and_a_file(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "question?", "choices": ["yes", "no"], "answer": 0}))
+    base = ["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--device", "cpu", "--quiet"]
+    assert main(base + ["--fewshot-data", str(task)]) == 2
+    assert "--fewshot-data needs --fewshot K" in capsys.readouterr().err
+    assert main(base + ["--fewshot", "1", "--fewshot-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl' is not a file" in capsys.readouterr().err
+    assert main(base + ["--fewshot", "1", "--fewshot-data", str(task)]) == 0

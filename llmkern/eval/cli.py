@@ -2,7 +2,8 @@
 
     llmkern eval --run R --data SHARDS [--split val] [--max-batches 100]    loss and perplexity on token shards
     llmkern eval --run R --text FILE [--context N] [--stride N]             perplexity of a text file (sliding window)
-    llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K] [--predictions --json OUT]
+    llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K [--fewshot-data DEV]]
+                 [--predictions --json OUT]
                                                                             multiple-choice accuracy and acc_norm
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
                  [--template chatml]   (default: each run's own prompt template)
@@ -35,7 +36,7 @@ ONLY_FOR = {
     "split": ("shards",), "max_batches": ("shards",),
     "context": ("text",), "stride": ("text",),
     "limit": ("choice", "win-rate"),
-    "fewshot": ("choice",), "predictions": ("choice",),
+    "fewshot": ("choice",), "fewshot_data": ("choice",), "predictions": ("choice",),
     **{name: ("win-rate",) for name in ("baseline", "judge", "judge_kind", "max_new_tokens", "tie_margin",
                                         "interval", "template", "system_prompt")},
 }
@@ -83,6 +84,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{_option(name)} must be at least 1, got {value}")
     if args.fewshot is not None and args.fewshot < 0:
         raise ValueError(f"--fewshot must be at least 0, got {args.fewshot}")
+    if args.fewshot_data is not None and not args.fewshot:
+        raise ValueError("--fewshot-data needs --fewshot K (the shots taken from it)")
+    if args.fewshot_data is not None and not os.path.isfile(args.fewshot_data):
+        raise ValueError(f"--fewshot-data {args.fewshot_data!r} is not a file")
     if args.tie_margin is not None and not 0 <= args.tie_margin < math.inf:
         raise ValueError(f"--tie-margin must be a finite number >= 0, got {args.tie_margin}")
     for name, value in DEFAULTS.items():
@@ -143,7 +148,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     from .multiple_choice import evaluate_choices
 
     result = evaluate_choices(model, tokenizer, args.data, batch_size=args.batch_size, limit=args.limit,
-                              return_predictions=args.predictions, progress=progress, fewshot=args.fewshot)
+                              return_predictions=args.predictions, progress=progress, fewshot=args.fewshot,
+                              fewshot_data=args.fewshot_data)
     result["data"] = os.path.abspath(args.data)
     return result, ["accuracy", "acc_norm", "examples"]
 
@@ -189,6 +195,9 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="choice, win-rate: the first N examples only")
     e.add_argument("--fewshot", type=int, default=None, help="choice: solved examples of the task before each one "
                                                              "(default: 0)")
+    e.add_argument("--fewshot-data", default=None, help="choice, with --fewshot: take the shots from this file "
+                                                        "(MMLU's dev split: its first K of each subject, as "
+                                                        "lm-evaluation-harness does), not from the task")
     e.add_argument("--predictions", action="store_true", default=None, help="choice: per-example predictions in "
                                                                             "--json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")

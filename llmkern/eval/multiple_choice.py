@@ -13,7 +13,10 @@ Two accuracies are reported, as the harness does:
   (bytes, not tokens, so that it does not depend on the tokenizer).
 With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
 shuffle, each written as its context, the separator and its right answer, then a blank line; an example's
-description (MMLU's "The following are ... about {subject}.") comes once, before them.
+description (MMLU's "The following are ... about {subject}.") comes once, before them. With a separate
+file of solved examples (fewshot_data: MMLU's dev split), the shots are instead its first k with the
+example's own description, as lm-evaluation-harness takes MMLU's (its "first_n" sampler on the dev split):
+MMLU scored so is phrased and shot exactly as the harness does it.
 """
 
 from __future__ import annotations
@@ -163,14 +166,16 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
-                 seed: int = 0) -> list[ChoiceExample]:
+                 seed: int = 0, first: bool = False) -> list[ChoiceExample]:
     """Each example with k solved examples of `pool` (never itself) written before its context (after its
-    description, which the shots' are not: the harness writes a task's description once, then the shots)."""
+    description, which the shots' are not: the harness writes a task's description once, then the shots).
+    The shots are drawn by a seeded shuffle; with `first`, they are the first k of the pool that have the
+    example's description (a dev split's, in its order)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"fewshot must be an int >= 0, got {k!r}")
     if k == 0:
         return list(examples)
-    if len(pool) <= k:
+    if not first and len(pool) <= k:  # k others than the example itself
         raise ValueError(f"fewshot={k} needs more than {k} examples in the task, it has {len(pool)}")
     # The shots write out their right answers, so the whole pool is checked, not only the examples scored
     # (a limit leaves the rest unchecked): answer -1 wrote the last choice as the answer, silently.
@@ -179,17 +184,27 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
     rng = random.Random(seed)
     out = []
     for ex in examples:
-        shots = [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
+        shots = _first_shots(ex, pool, k) if first else [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
         prefix = "".join(f"{s.context}{separator}{s.choices[s.answer]}\n\n" for s in shots)
         out.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer, ex.description))
     return out
 
 
+def _first_shots(ex: ChoiceExample, pool: Sequence[ChoiceExample], k: int) -> list[ChoiceExample]:
+    shots = [s for s in pool if s.description == ex.description and s is not ex][:k]
+    if len(shots) < k:
+        about = f" with the description {ex.description.strip()!r}" if ex.description else ""
+        raise ValueError(f"fewshot={k} needs {k} solved examples{about}; the few-shot data has {len(shots)}")
+    return shots
+
+
 def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, separator: str = " ",
                      batch_size: int = 16, limit: int | None = None, return_predictions: bool = False,
-                     progress: bool = False, fewshot: int = 0, seed: int = 0) -> dict[str, Any]:
+                     progress: bool = False, fewshot: int = 0, seed: int = 0,
+                     fewshot_data: Sequence[ChoiceExample] | str | None = None) -> dict[str, Any]:
     """accuracy and acc_norm of `model` on a multiple-choice task (a path or a list of ChoiceExample),
-    zero-shot or with `fewshot` solved examples of the task before each context.
+    zero-shot or with `fewshot` solved examples before each context: of the task itself (a seeded draw), or,
+    given fewshot_data (a path or a list: MMLU's dev split), its first `fewshot` with the example's description.
 
     Returns {"accuracy", "acc_norm", "examples", "fewshot"} and, with return_predictions, "predictions":
     one {"answer", "pred", "pred_norm", "logprobs"} per example.
@@ -197,6 +212,10 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
     pool = list(examples)  # read once: an iterator given here was read empty a second time ("examples is empty")
+    if fewshot_data is not None and not fewshot:
+        raise ValueError("fewshot_data has no effect with fewshot=0: give the number of shots too")
+    if isinstance(fewshot_data, (str, os.PathLike)):
+        fewshot_data = load_choice_tasks(os.fspath(fewshot_data))
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
@@ -205,7 +224,10 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         raise ValueError("examples is empty")
     for i, ex in enumerate(examples):
         _check_example(ex, i, answer=True)
-    examples = with_fewshot(examples, pool, fewshot, separator, seed)
+    if fewshot_data is None:
+        examples = with_fewshot(examples, pool, fewshot, separator, seed)
+    else:
+        examples = with_fewshot(examples, list(fewshot_data), fewshot, separator, first=True)
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
     correct = correct_norm = 0
     predictions = []
