@@ -1,7 +1,7 @@
 """End to end, as a user fine-tunes a chat model: a Hugging Face tokenizer.json with ChatML, Llama 3 or Phi-3 special
 tokens (built here with the `tokenizers` library, no download), the chatml, llama3 and phi3 templates over it, and the
-training examples they encode; and a Mistral or Phi-3 model file whose short sliding window cuts the context, said
-once."""
+training examples they encode; and a Mistral or Phi-3 model file with a short sliding window, loaded whole without a
+word, giving the windowed logits."""
 
 import json
 import warnings
@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 from test_continuation import sentencepiece_style
-from test_hf_llama import CTX, _save, llama_config_json, llama_state_dict
-from test_hf_phi3 import phi3_config_json, phi3_state_dict
+from test_hf_llama import CTX, VOCAB, _save, llama_config_json, llama_logits, llama_state_dict
+from test_hf_phi3 import phi3_config_json, phi3_logits, phi3_state_dict
 
 from llmkern.data.sequences import encode_prompt
 from llmkern.data.tokenizer import get_tokenizer
@@ -153,16 +153,21 @@ def _warnings_of(load):
 
 
 @pytest.mark.parametrize("kind", ["mistral", "phi3"])
-def test_a_model_file_with_a_short_sliding_window_warns_once_and_loads_with_the_window_as_context(tmp_path, kind):
+def test_a_model_file_with_a_short_sliding_window_loads_whole_and_silently_with_the_window(tmp_path, kind):
     window = CTX // 2
     if kind == "phi3":
         sd, cfg, load = phi3_state_dict(), phi3_config_json(sliding_window=window), load_hf_phi3_file
+        reference = phi3_logits
     else:
         sd, cfg = llama_state_dict(), llama_config_json(model_type="mistral", sliding_window=window)
-        load = load_hf_llama_file
+        load, reference = load_hf_llama_file, llama_logits
     (path,) = _save(tmp_path, sd, cfg)
-    model, said = _warnings_of(lambda: load(str(path)))
-    assert model.config.block_size == window
-    assert len([w for w in said if f"sliding_window={window}" in w]) == 1, said
+    model, said = _warnings_of(lambda: load(str(path), backend="torch"))
+    assert (model.config.block_size, model.config.sliding_window) == (CTX, window)
+    assert said == []
     embeddings = sd["model.embed_tokens.weight"]
     assert torch.equal(model.wte.weight[: len(embeddings)], embeddings)  # the file's weights, loaded
+    idx = torch.randint(0, VOCAB, (1, CTX))  # twice the window
+    with torch.no_grad():
+        logits = model.eval()(idx)[0]
+    torch.testing.assert_close(logits, reference(sd, idx, cfg), rtol=1e-4, atol=1e-4)  # fp32 against float64

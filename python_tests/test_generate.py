@@ -18,6 +18,9 @@ LAYOUTS = {
     "learned-gqa": dict(n_kv_head=2),
     # Qwen3's: QK-norm, heads of 32 (q 128 wide) in a model 64 wide
     "qwen3": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, head_dim=32, qk_norm=True),
+    # sliding windows shorter than the prompts and the generations: in the masks of left-padded prompts too
+    "rope-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, sliding_window=4),
+    "learned-window": dict(sliding_window=5),
 }
 
 
@@ -59,7 +62,7 @@ def test_cached_greedy_equals_uncached_and_the_definition(layout):
         assert row == greedy_by_hand(model, prompt, 12)
 
 
-@pytest.mark.parametrize("layout", ["learned", "rope-gqa"])
+@pytest.mark.parametrize("layout", ["learned", "rope-gqa", "rope-window"])
 def test_generation_past_block_size_slides_the_window(layout):
     model = make_model(layout, block_size=16)
     prompts = [list(range(10, 30)), [3, 4, 5]]  # the first is longer than block_size: cropped
@@ -68,6 +71,16 @@ def test_generation_past_block_size_slides_the_window(layout):
     for prompt, row in zip(prompts, cached):
         assert len(row) == len(prompt) + 20
         assert row == greedy_by_hand(model, prompt, 20)
+
+
+@pytest.mark.parametrize("layout", ["rope-window", "learned-window"])
+def test_the_sliding_window_changes_what_is_generated(layout):
+    """The windowed layouts above would pass with a window that every path ignored: here it is seen to matter."""
+    windowed = make_model(layout)
+    plain = make_model(layout, sliding_window=None)
+    plain.load_state_dict(windowed.state_dict())
+    assert (generate(windowed, PROMPTS, max_new_tokens=12, temperature=0)
+            != generate(plain, PROMPTS, max_new_tokens=12, temperature=0))
 
 
 def test_tensor_prompts_and_zero_new_tokens():

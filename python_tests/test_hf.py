@@ -187,6 +187,17 @@ def test_import_errors():
         load_hf_gpt2(llama, hf_state_dict())
 
 
+@pytest.mark.parametrize("change", [dict(sliding_window=4), dict(qk_norm=True), dict(head_dim=2 * EMBD // HEADS)])
+def test_a_model_gpt2s_config_cannot_say_is_not_exported_as_gpt2(change):
+    # config.json of GPT-2 has no key for these: exported, the model would come back without them, silently
+    from llmkern.model.hf_gpt2 import hf_gpt2_config
+
+    config = GPTConfig.from_preset("tiny", vocab_size=VOCAB, n_embd=EMBD, n_head=HEADS, **change)
+    with pytest.raises(ValueError, match=f"GPT-2-shaped model.*{next(iter(change))}"):
+        hf_gpt2_config(config)
+    hf_gpt2_config(GPTConfig.from_preset("tiny", vocab_size=VOCAB, n_embd=EMBD, n_head=HEADS))  # the plain one goes
+
+
 def test_an_untied_lm_head_is_refused_not_dropped():
     # The import ties the output layer to wte; an lm_head of its own would be lost, and the logits wrong.
     sd = hf_state_dict()

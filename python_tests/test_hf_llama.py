@@ -5,6 +5,7 @@ goes in, gives the logits of a plain Llama forward written here, and comes back 
 import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,7 +101,9 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_n
     """Llama's forward, plainly: written from the model's definition, not from llmkern's code. With q/k/v
     biases in sd (Qwen2's), they are added to the projections, before RoPE. Heads are config.json's head_dim
     wide when it has one. With q_norm and k_norm in sd (Qwen3's), each head's q and k is RMS-normed over its
-    head_dim with them, before RoPE (after it with qk_norm_after_rope: a wrong order, for the tests to see)."""
+    head_dim with them, before RoPE (after it with qk_norm_after_rope: a wrong order, for the tests to see). A
+    Mistral or Phi-3 config's sliding_window W masks as transformers' masking_utils does: query q sees key kv when
+    q - W < kv <= q."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
     heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     b, t = idx.shape
@@ -119,6 +122,9 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_n
 
     x = w["embed_tokens.weight"][idx]
     future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    window = cfg.get("sliding_window") if cfg.get("model_type") in ("mistral", "phi3") else None
+    if window is not None:
+        future = future | torch.ones(t, t, dtype=torch.bool).tril(-window)  # kv <= q - W: out of the window
     for i in range(LAYERS):
         p = lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
         h = rms_norm(x, p("input_layernorm.weight"))
@@ -339,16 +345,56 @@ def test_a_config_the_model_would_misread_is_refused(change, message):
         from_hf_llama(llama_state_dict(), llama_config_json(**change))
 
 
-@pytest.mark.parametrize("change", [{"model_type": "mistral", "sliding_window": 16},
-                                    {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}])
-def test_a_sliding_window_shorter_than_the_context_makes_the_context_that_long(change):
-    """Mistral 7B v0.1's 4096 beside 32768 positions was refused unless block_size was given, which the command
-    line cannot: now the context is cut to the window (with a warning), where the window masks nothing."""
+def test_a_mistral_sliding_window_loads_whole_and_gives_the_windowed_logits():
+    """Mistral 7B v0.1's window of 4096 beside 32768 positions (here 8 of CTX): the model loads with its whole
+    context and the window as GPTConfig.sliding_window, without a warning, and gives transformers' logits on a
+    sequence longer than the window. Exported, it is a Mistral config.json with the window again."""
+    sd, cfg = llama_state_dict(), llama_config_json(model_type="mistral", architectures=["MistralForCausalLM"],
+                                                    sliding_window=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = from_hf_llama(sd, cfg, backend="torch").eval()
+    assert (model.config.block_size, model.config.sliding_window) == (CTX, 8)
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    expected = llama_logits(sd, idx, cfg)
+    torch.testing.assert_close(model(idx)[0], expected, rtol=1e-4, atol=1e-4)  # fp32 against float64
+    # the window matters here: the plain causal reference gives other logits past it, the same ones within it
+    plain = llama_logits(sd, idx, {**cfg, "sliding_window": None})
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    torch.testing.assert_close(plain[:, :8], expected[:, :8], rtol=1e-5, atol=1e-5)
+    out, out_cfg = to_hf_llama(model)
+    assert "attention_bias" not in out_cfg and "mlp_bias" not in out_cfg  # MistralConfig has neither
+    assert {k: out_cfg[k] for k in cfg if k not in ("attention_bias", "mlp_bias")} == {
+        k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias")}
+    back = from_hf_llama(out, json.loads(json.dumps(out_cfg)), backend="torch")
+    assert back.config == model.config
+    # a context given shorter or longer than max_position_embeddings keeps the window
+    assert config_from_hf_llama(cfg, block_size=4).sliding_window == 8
+    assert config_from_hf_llama(cfg, block_size=4 * CTX).sliding_window == 8
+
+
+def test_a_window_exports_only_as_a_type_that_slides_it_on_every_layer():
+    windowed = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16))
+    assert to_hf_llama(windowed)[1]["model_type"] == "mistral"
+    assert "sliding_window" not in to_hf_llama(GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB)))[1]
+    for change in ({"qkv_bias": True}, {"qk_norm": True}):
+        other = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16, **change))
+        with pytest.raises(ValueError, match=r"a model with a sliding_window \(16\) and (qkv_bias|qk_norm) has no "
+                                             "Hugging Face model_type"):
+            to_hf_llama(other)
+
+
+@pytest.mark.parametrize("change", [{"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16},
+                                    {"model_type": "llama", "sliding_window": 16}])
+def test_a_window_not_slid_on_every_layer_makes_the_context_that_long(change):
+    """Qwen2's window slides on the layers max_window_layers says (and transformers' Llama reads none), which
+    GPTConfig.sliding_window does not compute: the context is cut to the window (with a warning), where the window
+    masks nothing, whichever layers it is on."""
     sd, idx = llama_state_dict(qkv_bias=change["model_type"] == "qwen2"), torch.randint(0, VOCAB, (1, 16))
     cfg = llama_config_json(**change)
     with pytest.warns(UserWarning, match="loaded with block_size=16"):
         model = from_hf_llama(sd, cfg, backend="torch")
-    assert model.config.block_size == 16
+    assert (model.config.block_size, model.config.sliding_window) == (16, None)
     plain = {**cfg, "sliding_window": None, "use_sliding_window": False}
     torch.testing.assert_close(model.eval()(idx)[0], llama_logits(sd, idx, plain), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sliding_window=16, shorter than block_size=32"):
@@ -367,8 +413,9 @@ def test_configs_that_compute_the_same_model_are_accepted():
     # num_key_value_heads null (older configs): as many as the query heads
     mha = llama_state_dict(kv_heads=HEADS)
     assert from_hf_llama(mha, llama_config_json(num_key_value_heads=None)).config.n_kv_head == HEADS
-    # a mistral window shorter than the context loads with block_size cut to it
-    assert config_from_hf_llama(llama_config_json(model_type="mistral", sliding_window=16), block_size=16).block_size == 16
+    # a mistral window no shorter than the context given masks nothing, and is kept
+    mistral = config_from_hf_llama(llama_config_json(model_type="mistral", sliding_window=16), block_size=16)
+    assert (mistral.block_size, mistral.sliding_window) == (16, 16)
 
 
 def test_weights_that_do_not_fit_are_refused():

@@ -2,7 +2,8 @@
 gate_up_proj): a synthetic state dict goes in, gives the logits of test_hf_llama's plain float64 forward of the
 weights split here as transformers' Phi-3 code splits them, and comes back out bit for bit. Longrope and
 Phi-4-mini's RoPE on part of each head (checked against a float64 forward written here) are read and written back;
-what Phi-3 configs hold that the model would compute otherwise (a short sliding window, ...) is refused."""
+what Phi-3 configs hold that the model would compute otherwise is refused. Phi-3-mini-4k's sliding window is the
+model's own (GPTConfig.sliding_window), beside the whole context."""
 
 import json
 import math
@@ -142,7 +143,7 @@ def test_phi3_export_round_trips_bitwise(tied):
     if tied:
         assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
     assert out_cfg["model_type"] == "phi3" and out_cfg["architectures"] == ["Phi3ForCausalLM"]
-    assert (out_cfg["rope_scaling"], out_cfg["sliding_window"], out_cfg["partial_rotary_factor"]) == (None, None, 1.0)
+    assert (out_cfg["rope_scaling"], out_cfg["sliding_window"], out_cfg["partial_rotary_factor"]) == (None, CTX, 1.0)
     assert "attention_bias" not in out_cfg and "mlp_bias" not in out_cfg
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
@@ -155,6 +156,7 @@ def test_phi3_export_round_trips_bitwise(tied):
     # and a llmkern Llama-shaped model exports as Phi-3's and reads back as the same model
     ours = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, tie_embeddings=tied, backend="torch"))
     sd2, cfg2 = to_hf_phi3(ours)
+    assert cfg2["sliding_window"] is None  # no window: null, as Phi3Config's default
     again = from_hf_phi3(sd2, json.loads(json.dumps(cfg2)), backend="torch")
     assert_same_weights(again, ours)
 
@@ -176,16 +178,23 @@ def test_a_phi3_folder_is_read_by_its_model_type(tmp_path):
         load_hf_file(str(path))
 
 
-def test_a_short_sliding_window_loads_with_block_size_cut_to_it():
-    # Phi-3-mini-4k's: sliding_window 2047 beside max_position_embeddings 4096
-    sd, cfg = phi3_state_dict(), phi3_config_json(sliding_window=CTX // 2 - 1)
-    with pytest.raises(ValueError, match=f"sliding_window={CTX // 2 - 1}, shorter than block_size={CTX}"):
-        from_hf_phi3(sd, cfg, block_size=CTX)
-    with pytest.warns(UserWarning, match=f"loaded with block_size={CTX // 2 - 1}"):
+def test_a_short_sliding_window_loads_whole_and_gives_the_windowed_logits():
+    """Phi-3-mini-4k's sliding_window 2047 beside max_position_embeddings 4096 (here CTX // 2 - 1 of CTX): loaded
+    with its whole context, the window as GPTConfig.sliding_window, no warning; transformers' logits on a sequence
+    longer than the window; exported with the window again."""
+    window = CTX // 2 - 1
+    sd, cfg = phi3_state_dict(), phi3_config_json(sliding_window=window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model = from_hf_phi3(sd, cfg, backend="torch")
-    assert model.config.block_size == CTX // 2 - 1
-    idx = torch.randint(0, VOCAB, (1, CTX // 2 - 1))
-    torch.testing.assert_close(logits_of(model, idx), phi3_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
+    assert (model.config.block_size, model.config.sliding_window) == (CTX, window)
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    expected = phi3_logits(sd, idx, cfg)
+    torch.testing.assert_close(logits_of(model, idx), expected, rtol=1e-4, atol=1e-4)  # fp32 against float64
+    assert not torch.allclose(phi3_logits(sd, idx, {**cfg, "sliding_window": None}), expected, atol=1e-3)
+    out, out_cfg = to_hf_phi3(model)
+    assert (out_cfg["model_type"], out_cfg["sliding_window"]) == ("phi3", window)
+    assert from_hf_phi3(out, json.loads(json.dumps(out_cfg)), backend="torch").config == model.config
 
 
 def test_training_time_dropouts_are_accepted_and_left_out():
@@ -242,20 +251,21 @@ def test_phi3_weights_that_do_not_fit_are_refused():
         to_hf_phi3(GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB)))
 
 
-def test_the_sliding_window_warning_names_the_users_call(tmp_path):
-    """The warning that a short sliding window cuts the context is the user's call's (its file and line), however
-    many llmkern functions lie between that call and the warning (it named one of them, in llmkern)."""
+def test_an_import_warning_names_the_users_call(tmp_path):
+    """An import's warning (longrope's, with a context past the original one) is the user's call's (its file and
+    line), however many llmkern functions lie between that call and the warning (it named one of them, in
+    llmkern)."""
     from llmkern.train.inference import load_gpt
 
-    sd, cfg = phi3_state_dict(), phi3_config_json(sliding_window=CTX // 2)
+    sd, cfg = phi3_state_dict(), phi3_longrope_json()
     (path,) = _save(tmp_path, sd, cfg)
     loads = [lambda: config_from_hf_phi3(cfg), lambda: from_hf_phi3(sd, cfg, backend="torch"),
              lambda: load_hf_file(str(path), backend="torch"),
              lambda: load_gpt(str(path), backend="torch", hf_tokenizer="bytes")]
     for load in loads:
-        with pytest.warns(UserWarning, match="sliding_window") as record:
+        with pytest.warns(UserWarning, match="longrope") as record:
             load()
-        assert [w.filename for w in record if "sliding_window" in str(w.message)] == [__file__]
+        assert [w.filename for w in record if "longrope" in str(w.message)] == [__file__]
 
 
 # LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): a context of CTX positions stretched 4 times past an original one

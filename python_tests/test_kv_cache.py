@@ -14,6 +14,9 @@ LAYOUTS = {
     "rope-mqa": dict(pos="rope", n_kv_head=1),
     # Qwen3's: QK-norm, heads of 32 (q 128 wide) in a model 64 wide; the cache holds keys 32 wide
     "qwen3": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, head_dim=32, qk_norm=True),
+    # sliding windows shorter than the chunks' sequence: the cache keeps every key, the window masks the old ones
+    "rope-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, sliding_window=3),
+    "learned-window": dict(sliding_window=4),
 }
 
 

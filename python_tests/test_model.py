@@ -2,6 +2,7 @@
 plain-PyTorch forward (values and gradients), backends against each other, init, config errors."""
 
 import collections
+import copy
 import json
 import math
 
@@ -49,6 +50,8 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     if cfg.pos == "learned":
         x = x + model.wpe.weight[:t]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if cfg.sliding_window is not None:  # query i sees the last sliding_window keys, its own included
+        causal = causal.triu(-(cfg.sliding_window - 1))
     for block in model.blocks:
         a = block.attn
         qkv = F.linear(norm(block.norm1, x), a.qkv.weight, a.qkv.bias)
@@ -202,6 +205,10 @@ VARIANTS = {
     # Phi-4-mini's: RoPE on 3/4 of each head (12 of 16 dims here), tied, grouped-query
     "phi4": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False,
                  rope_dim=12),
+    # Mistral's: llama's with a sliding window, shorter than the sequences the tests run
+    "mistral": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False,
+                    sliding_window=5),
+    "gpt2-window": dict(sliding_window=6),  # a window with learned positions
 }
 
 
@@ -235,6 +242,36 @@ def test_variant_matches_plain_reference(variant):
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_sliding_window_model_matches_the_float64_reference_with_the_window_mask():
+    """The windowed model gives the reference forward's logits, computed in float64 with the window's mask, and
+    not those of the plain causal mask."""
+    model = GPT(tiny(**VARIANTS["mistral"], backend="torch")).eval()
+    with torch.no_grad():  # sharp attention: a key let in or left out moves the logits well past the tolerance
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8)
+    idx = torch.randint(0, VOCAB, (2, 23))
+    logits, _ = model(idx)
+    in_float64 = copy.deepcopy(model).double()
+    torch.testing.assert_close(logits, reference_logits(in_float64, idx).float(), rtol=1e-4, atol=1e-5)
+    in_float64.config.sliding_window = None  # the reference reads the config: now the plain causal mask
+    assert not torch.allclose(logits, reference_logits(in_float64, idx).float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_window_of_w_sees_the_last_w_tokens_its_own_included(window):
+    """One layer: the logits at position p depend on tokens p - W + 1 .. p and on no earlier one (Hugging Face's
+    sliding_window, which counts the query's own key)."""
+    model = GPT(tiny(**VARIANTS["llama"], n_layer=1, sliding_window=window)).eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    p = 9
+    logits = model(idx)[0][0, p]
+    outside, inside = idx.clone(), idx.clone()
+    outside[0, p - window] = (idx[0, p - window] + 1) % VOCAB
+    inside[0, p - window + 1] = (idx[0, p - window + 1] + 1) % VOCAB
+    torch.testing.assert_close(model(outside)[0][0, p], logits, rtol=0, atol=1e-6)
+    assert not torch.allclose(model(inside)[0][0, p], logits, rtol=1e-4, atol=1e-4)
+
+
 def test_logits_for_all_positions_without_targets():
     model = GPT(tiny())
     idx = torch.randint(0, VOCAB, (2, 7))
@@ -245,7 +282,7 @@ def test_logits_for_all_positions_without_targets():
     torch.testing.assert_close(logits[:, :4], logits_prefix, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "mistral"])
 def test_packed_documents_are_processed_as_if_alone(variant):
     model = GPT(tiny(**VARIANTS[variant]))
     with torch.no_grad():  # sharper attention than the init's, so that leaking across documents shows
@@ -259,6 +296,9 @@ def test_packed_documents_are_processed_as_if_alone(variant):
     alone = torch.cat([model(d)[0] for d in docs], dim=1)
     torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(model(packed)[0], alone, rtol=1e-4, atol=1e-5)  # the mask matters
+    # and each document alone is the reference's (with mistral's window, shorter than the longest document)
+    reference = torch.cat([reference_logits(model, d) for d in docs], dim=1)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_positions_in_documents():
@@ -315,10 +355,11 @@ def test_dropout_is_active_in_training_only():
 # --- backends -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3", "phi4"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3", "phi4", "mistral"])
 def test_triton_backend_matches_torch_backend_in_the_interpreter(variant):
     """gpt2: LayerNorm with bias, learned positions, GELU, multi-head; llama: RMSNorm, RoPE, SwiGLU, MQA;
-    qwen3: llama's with QK-norm, heads of 32 in a model 48 wide; phi4: llama's with RoPE on 12 of each 32 dims."""
+    qwen3: llama's with QK-norm, heads of 32 in a model 48 wide; phi4: llama's with RoPE on 12 of each 32 dims;
+    mistral: llama's with a sliding window of 5 over the 16 tokens."""
     kernels = [op for op in ("rms_norm", "layer_norm", "attention", "rope", "swiglu") if _backend.triton_has(op)]
     if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
         pytest.skip("no Triton kernels that run here")
@@ -517,7 +558,7 @@ def test_cuda_backend_matches_torch_backend_in_the_emulator(variant):
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["torch"]), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3", "phi4"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "phi4", "mistral"])
 def test_torch_compile_traces_the_whole_model_without_graph_breaks(variant):
     # aot_eager: dynamo and AOTAutograd trace forward and backward (no C++ compiler needed).
     model = GPT(tiny(**VARIANTS[variant], activation_checkpointing=True))
@@ -528,11 +569,12 @@ def test_torch_compile_traces_the_whole_model_without_graph_breaks(variant):
     torch.testing.assert_close(logits, model(idx)[0])
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral"])
 def test_torch_compile_traces_kernel_ops_under_autocast(variant):
     """The kernel-backed ops (fused loss included) under autocast, where RMSNorm asks autocast for its
     output dtype: one graph, and the compiled loss and gradients equal eager's. (float16: the Triton
-    interpreter's bf16 dot is wrong, see DESIGN.md.) qwen3: QK-norm's RMSNorms on the 16-bit q and k."""
+    interpreter's bf16 dot is wrong, see DESIGN.md.) qwen3: QK-norm's RMSNorms on the 16-bit q and k; mistral: the
+    windowed attention kernels, the window an int argument of the custom ops."""
     overrides = {**VARIANTS[variant], "n_head": 2, "n_kv_head": 1}  # heads of 32
     model = GPT(tiny(**overrides, n_layer=1, backend="triton", fused_loss=True))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -589,6 +631,26 @@ def test_flops_per_token():
     n = 124_475_904 - 1024 * 768
     assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
     assert model.flops_per_token(seq_len=256) == 6 * n + 12 * 12 * 768 * 256
+
+
+def test_flops_per_token_with_a_sliding_window_count_the_keys_it_sees():
+    """Mistral 7B's shape with its window of 4096: attention's term is PaLM's scaled by the share of the causal
+    (query, key) pairs the window keeps, the query at position p seeing min(4096, p + 1) keys; counted here by
+    summing over the positions. A window as long as the sequence, or longer, counts as no window."""
+    shape = dict(vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, norm="rmsnorm", pos="rope",
+                 mlp="swiglu", mlp_hidden=14336, bias=False, tie_embeddings=False)
+    plain = build_on_meta(GPTConfig(block_size=32768, **shape))
+    windowed = build_on_meta(GPTConfig(block_size=32768, sliding_window=4096, **shape))
+    n = plain.num_parameters(non_embedding=True)
+    assert windowed.num_parameters(non_embedding=True) == n
+    for seq_len in (8192, 32768, 5000):
+        seen = sum(min(4096, p + 1) for p in range(seq_len))
+        causal = seq_len * (seq_len + 1) // 2
+        expected = 6 * n + 12 * 32 * 4096 * seq_len * seen / causal
+        assert windowed.flops_per_token(seq_len) == pytest.approx(expected, rel=1e-12)
+        assert windowed.flops_per_token(seq_len) < plain.flops_per_token(seq_len)
+    for seq_len in (4096, 2048):  # the window masks nothing
+        assert windowed.flops_per_token(seq_len) == plain.flops_per_token(seq_len) == 6 * n + 12 * 32 * 4096 * seq_len
 
 
 def test_qwen3_06b_shape_counts_its_parameters_and_flops():
@@ -649,6 +711,10 @@ def test_config_round_trips_through_json():
         (dict(pos="rope", rope_dim=0), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
         (dict(pos="rope", rope_dim=66), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
         (dict(pos="rope", rope_dim=-2), ValueError, "rope_dim must be an even number from 2 to head_dim (64)"),
+        (dict(sliding_window=0), ValueError, "sliding_window must be >= 1 (None for attention to the whole context)"),
+        (dict(sliding_window=-4), ValueError, "sliding_window must be >= 1"),
+        (dict(sliding_window=8.0), TypeError, "sliding_window must be int or None"),
+        (dict(sliding_window=True), TypeError, "sliding_window must be int or None"),
     ],
 )
 def test_config_errors(overrides, error, words):
@@ -698,7 +764,8 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
 
     now = GPTConfig.from_preset(preset).to_dict()
     assert (now["head_dim"], now["qk_norm"]) == (64, False)
-    older = {k: v for k, v in now.items() if k not in ("head_dim", "qk_norm", "qkv_bias", "rope_scaling", "rope_dim")}
+    later = ("head_dim", "qk_norm", "qkv_bias", "rope_scaling", "rope_dim", "sliding_window")
+    older = {k: v for k, v in now.items() if k not in later}
     assert GPTConfig.from_dict(older) == GPTConfig.from_preset(preset)
     assert identity_dict(now) == identity_dict(older) == older
     weights = tmp_path / "model.safetensors"
@@ -708,6 +775,37 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
         other = GPTConfig.from_preset(preset, **change).to_dict()
         assert identity_dict(other) != identity_dict(older)
         assert base_fingerprint(str(weights), other) != base_fingerprint(str(weights), older)
+
+
+def test_sliding_window_is_saved_kept_as_given_and_identifies_another_model(tmp_path):
+    """A config from before the field loads as the model without a window and identifies as before. A window is
+    saved and read back, and is another model's identity, even one no shorter than block_size: it masks nothing
+    there but is kept, since the weights were trained with it and a longer block_size given later must keep it."""
+    from llmkern.finetune.base import base_fingerprint
+    from llmkern.model.config import identity_dict
+
+    now = GPTConfig.from_preset("tiny-llama").to_dict()
+    assert now["sliding_window"] is None and "sliding_window" not in identity_dict(now)
+    older = {k: v for k, v in now.items() if k != "sliding_window"}
+    assert GPTConfig.from_dict(older) == GPTConfig.from_preset("tiny-llama")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    assert base_fingerprint(str(weights), now) == base_fingerprint(str(weights), older)
+    for window in (64, 256, 1000):  # shorter than block_size 256, as long, longer
+        windowed = GPTConfig.from_preset("tiny-llama", sliding_window=window)
+        assert windowed.sliding_window == window
+        assert GPTConfig.from_dict(json.loads(json.dumps(windowed.to_dict()))) == windowed
+        assert identity_dict(windowed.to_dict())["sliding_window"] == window
+        assert base_fingerprint(str(weights), windowed.to_dict()) != base_fingerprint(str(weights), older)
+    # the attention layers get it, and check it themselves
+    from llmkern.nn import CausalSelfAttention
+
+    assert [b.attn.window for b in GPT(tiny(sliding_window=7)).blocks] == [7, 7]
+    assert GPT(tiny()).blocks[0].attn.window is None
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        CausalSelfAttention(64, 4, 2, window=0)
+    with pytest.raises(TypeError, match="window must be an int or None, got float"):
+        CausalSelfAttention(64, 4, 2, window=4.0)
 
 
 # --- RoPE on part of each head (rope_dim) -------------------------------------------------------------

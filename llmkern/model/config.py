@@ -52,6 +52,11 @@ class GPTConfig:
     # 0.75: 96 of its 128); None: on all of head_dim. Even, 2 to head_dim, with pos="rope". One equal to head_dim
     # is set to None on construction: the same model, saved and identified as a config without the field.
     rope_dim: int | None = None
+    # Sliding-window attention (Mistral 7B v0.1's 4096, Phi-3-mini-4k's 2047): each token attends to the last
+    # sliding_window tokens, itself included (llmkern.ops.attention's window); None: to all of them. Kept as given
+    # when it is block_size or longer (it masks nothing then): the window belongs to the trained weights, and a
+    # context made longer later must not drop it.
+    sliding_window: int | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -78,6 +83,9 @@ class GPTConfig:
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"pos='rope' needs an even head dim (head_dim, or n_embd / n_head); got {self.head_dim}")
         self.rope_dim = self._checked_rope_dim()
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (None for attention to the whole context), "
+                             f"got {self.sliding_window}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -183,6 +191,7 @@ _LATER_FIELDS = {
     "head_dim": lambda values: _default_head_dim(values),  # defined below
     "qk_norm": lambda values: False,
     "rope_dim": lambda values: None,
+    "sliding_window": lambda values: None,
 }
 
 

@@ -49,7 +49,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
             dropout=config.dropout, backend=config.backend, layer_idx=layer_idx, head_dim=config.head_dim,
-            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim, window=config.sliding_window,
         )
         self.norm2 = _make_norm(config)
         if config.mlp == "swiglu":
@@ -254,11 +254,16 @@ class GPT(nn.Module):
         """Training FLOPs (forward + backward) per token: 6N for the matmul weights, plus
         12 * n_layer * n_head * head_dim * seq_len for attention's scores and weighted sum (PaLM's count,
         which does not halve for the causal mask; n_head * head_dim is n_embd unless head_dim says
-        otherwise, as Qwen3's does). seq_len defaults to block_size."""
+        otherwise, as Qwen3's does). seq_len defaults to block_size. A sliding window shorter than seq_len
+        scales the attention term by the share of the causal (query, key) pairs it keeps (see
+        _windowed_share): the kernels skip the rest, and MFU would count work never done."""
         seq_len = self.config.block_size if seq_len is None else seq_len
         cfg = self.config
         attention_width = cfg.n_head * cfg.head_dim  # the queries' width: what the scores and the sum run over
-        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * attention_width * seq_len
+        attention = 12 * cfg.n_layer * attention_width * seq_len
+        if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
+            attention *= _windowed_share(cfg.sliding_window, seq_len)
+        return 6 * self.num_parameters(non_embedding=True) + attention
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for an AdamW: decay on matrices (matmul weights, embeddings), none on
@@ -275,6 +280,16 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+
+def _windowed_share(window: int, seq_len: int) -> float:
+    """The share of a causal sequence's (query, key) pairs a sliding window keeps: the query at position p sees
+    min(window, p + 1) keys instead of p + 1, summed over the seq_len positions. Scaling PaLM's count (which
+    counts seq_len keys for every query, twice the causal pairs) by it keeps that convention's factor, so a
+    windowed model's MFU compares with a plain one's."""
+    causal_pairs = seq_len * (seq_len + 1) // 2
+    windowed_pairs = window * (window + 1) // 2 + (seq_len - window) * window  # the first `window` queries see p + 1
+    return windowed_pairs / causal_pairs
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,8 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself (as HF's
     state_dict() has it; safetensors' save_file wants it left out). A model with config.qkv_bias is
     Qwen2's: a Qwen2ForCausalLM state dict (with the q/k/v biases) and config.json (model_type "qwen2"); one
-    with config.qk_norm Qwen3's (with q_norm and k_norm; model_type "qwen3")."""
+    with config.qk_norm Qwen3's (with q_norm and k_norm; model_type "qwen3"); one with config.sliding_window
+    Mistral's (Llama's weights, model_type "mistral" with the window)."""
     check_llama_shaped(model.config)
     hf_config = hf_llama_config(model.config, model.wte.weight.dtype)  # first: a model no HF type has is refused
     return mapped_weights_out(model, _llama_mapping(model.config)), hf_config

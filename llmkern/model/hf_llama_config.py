@@ -2,9 +2,12 @@
 
 Llama (and Mistral: the same model) is our rmsnorm/rope/swiglu model with no biases. Its config.json is needed
 (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in it would make our model compute other
-logits (another RoPE scaling, biases, another activation, a sliding window shorter than the context) is refused,
-not ignored. A sliding window shorter than max_position_embeddings (Mistral 7B v0.1's 4096, Phi-3-mini-4k's 2047)
-makes the context that long, with a warning, unless block_size is given: within it the window masks nothing.
+logits (another RoPE scaling, biases, another activation) is refused, not ignored. Mistral's sliding window (7B
+v0.1's 4096 of 32768 positions) is GPTConfig.sliding_window, and the model loads with its whole context. Qwen's
+window, which transformers slides on some layers only (max_window_layers), is not that window of every layer: one
+turned on and shorter than max_position_embeddings makes the context that long, with a warning, unless block_size is
+given: within it the window masks nothing. So does a sliding_window in a Llama config.json, which transformers'
+Llama does not read: within the window, the model computes Hugging Face's logits whichever way it is read.
 
 Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
 no other layer (GPTConfig.qkv_bias). Qwen3 ("qwen3") has no biases but Qwen3's QK-norm (GPTConfig.qk_norm), and
@@ -17,8 +20,8 @@ Phi-3 ("phi3": Phi-3-mini, Phi-3.5-mini, Phi-4-mini) is Llama's model too, its q
 config_from_hf_phi3 for how its short and long factors are chosen), on all of each head or on the part
 partial_rotary_factor says (GPTConfig.rope_dim). So Phi-4-mini imports: RoPE on 96 of each head's 128 dims
 (partial_rotary_factor 0.75) with longrope factors of 48 frequencies, tied embeddings, a vocabulary of 200064,
-24 query heads and 8 key/value heads. Phi-3-mini-4k's sliding window of 2047 cuts its context to 2047, as
-Mistral's does.
+24 query heads and 8 key/value heads. Phi-3-mini-4k's sliding window of 2047 is its GPTConfig.sliding_window, as
+Mistral's is, beside its whole context of 4096.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ _QWEN_TYPES = ("qwen2", "qwen3")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
 # Phi-3: Llama's model with fused q/k/v and gate/up weights (hf_phi3)
 PHI3_TYPE = "phi3"
+# The types whose sliding_window transformers slides on every layer: read into GPTConfig.sliding_window as it is.
+# Their window of W is ours of W, the query's own key included: transformers' masking_utils
+# (sliding_window_overlay, beside causal_mask_function) keeps key kv for query q when q - W < kv <= q, W keys, as
+# llmkern.ops.attention's window does; its flash-attention path passes window_size=(W - 1, ...), and says so: "we
+# usually define our window sizes by their total window size (when causal)". (Older transformers passed (W, W) to
+# flash attention, a key more: the versions differ by one there, and these current masks are the ones matched.)
+_SLIDING_TYPES = ("mistral", PHI3_TYPE)
 # transformers' rms_norm_eps defaults, for a config.json without one (LlamaConfig's and the others' 1e-6)
 _DEFAULT_EPS = {PHI3_TYPE: 1e-5}
 # Phi-3's RoPE scaling: "longrope", or the older names Phi3Config reads as it
@@ -165,9 +175,8 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
 
 def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
     """The GPTConfig of a HF Phi-3 model (model_type "phi3": Llama's model, its weights fused) from its
-    config.json, as config_from_hf_llama. Refused: a sliding window shorter than a block_size given
-    (Phi-3-mini-4k's 2047 makes block_size 2047 unless one is given). Its dropouts are training-time, and left
-    out as the other importers leave them.
+    config.json, as config_from_hf_llama. Its sliding window (Phi-3-mini-4k's 2047) is GPTConfig.sliding_window,
+    beside the whole context. Its dropouts are training-time, and left out as the other importers leave them.
 
     RoPE on part of each head (Phi-4-mini's partial_rotary_factor 0.75) is read as transformers reads it: on the
     first int(head_dim * partial_rotary_factor) dims of each head (GPTConfig.rope_dim; 96 of 128), which must be
@@ -247,11 +256,15 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
         qk_norm=model_type == "qwen3",  # nor Qwen3's QK-norm
     )
     window = _active_window(hf_config, model_type)
+    if model_type in _SLIDING_TYPES:
+        values["sliding_window"] = window  # the model slides it as transformers does: nothing to cut
+        window = None
     if window is not None and window < values["block_size"] and "block_size" not in overrides:
         # exact within the window: no key is more than `window` tokens back in a context no longer than it
         warnings.warn(f"config.json has sliding_window={window}, shorter than max_position_embeddings="
                       f"{values['block_size']}: the model is loaded with block_size={window}, the longest context "
-                      f"it computes exactly here (no sliding window in llmkern's attention)",
+                      f"it computes exactly here (GPTConfig.sliding_window is Mistral's and Phi-3's window, on every "
+                      f"layer; a {model_type} config.json's is not read as one)",
                       stacklevel=_stacklevel_of_caller())
         values["block_size"] = window
     config = GPTConfig.from_dict({**values, **overrides})
@@ -291,13 +304,14 @@ def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int
 
 
 def _active_window(hf_config: dict, model_type: str) -> int | None:
-    """The sliding window a model's attention has, or None. Mistral's masks keys more than `window` tokens
-    back: no key is, in contexts no longer than the window, so only a context longer than it computes otherwise."""
+    """The sliding window a model's attention has, or None: each query sees the last `window` keys, its own
+    included (see _SLIDING_TYPES)."""
     window = hf_config.get("sliding_window")
     if model_type in _QWEN_TYPES:
         # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
         # in the released models); then max_window_layers (or layer_types) says which layers slide, but any
-        # that does would compute other logits, so a window on is taken as Mistral's, whichever layers it is for.
+        # that does would compute other logits, so a window on cuts the context to it (_gpt_config), whichever
+        # layers it is for.
         sliding = hf_config.get("use_sliding_window", False)
         if not isinstance(sliding, bool):
             raise ValueError(f"config.json's use_sliding_window must be true or false, got {sliding!r}")
@@ -309,11 +323,18 @@ def _active_window(hf_config: dict, model_type: str) -> int | None:
 
 
 def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
-    """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Qwen2's
-    (model_type "qwen2") with qkv_bias; Qwen3's (model_type "qwen3") with qk_norm."""
+    """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Mistral's
+    (model_type "mistral") with a sliding_window; Qwen2's (model_type "qwen2") with qkv_bias; Qwen3's (model_type
+    "qwen3") with qk_norm."""
     if config.qkv_bias and config.qk_norm:
         raise ValueError("a model with both qkv_bias and qk_norm has no Hugging Face model_type (Qwen2 has q/k/v "
                          "biases and no QK-norm, Qwen3 QK-norm and no biases)")
+    if config.sliding_window is not None and (config.qkv_bias or config.qk_norm):
+        # Qwen's window slides on the layers max_window_layers says, read differently across transformers versions
+        raise ValueError(f"a model with a sliding_window ({config.sliding_window}) and "
+                         f"{'qkv_bias' if config.qkv_bias else 'qk_norm'} has no Hugging Face model_type that every "
+                         f"transformers version reads as sliding on every layer (Mistral's and Phi-3's have no "
+                         f"q/k/v biases nor QK-norm)")
     if config.rope_scaling is not None and config.rope_scaling["rope_type"] != "llama3":
         raise ValueError(f"the {config.rope_scaling['rope_type']} RoPE scaling is Phi-3's: a model with it exports "
                          f"as Phi-3's (hf_phi3_config, to_hf_phi3)")
@@ -340,6 +361,11 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         # Qwen3's has attention_bias (false: no bias on q/k/v nor o_proj) and no mlp_bias
         del hf_config["mlp_bias"]
         hf_config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], **qwen_window)
+    elif config.sliding_window is not None:
+        # Mistral's config has no attention_bias / mlp_bias (none of its layers has a bias)
+        del hf_config["attention_bias"], hf_config["mlp_bias"]
+        hf_config.update(model_type="mistral", architectures=["MistralForCausalLM"],
+                         sliding_window=config.sliding_window)
     return hf_config
 
 
@@ -353,11 +379,12 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     if any(kept.values()):
         raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; this one has "
                          f"{ {k: v for k, v in kept.items() if v} }")
-    hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None, rope_dim=None), dtype)
+    hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None, rope_dim=None, sliding_window=None),
+                                dtype)
     # Phi3Config has no attention_bias nor mlp_bias (no layer has a bias)
     del hf_config["attention_bias"], hf_config["mlp_bias"]
     hf_config.update(model_type=PHI3_TYPE, architectures=["Phi3ForCausalLM"],
-                     partial_rotary_factor=_partial_rotary_factor_of(config), sliding_window=None)
+                     partial_rotary_factor=_partial_rotary_factor_of(config), sliding_window=config.sliding_window)
     if scaling is not None:
         hf_config.update(rope_scaling=_hf_longrope(scaling, config.block_size),
                          original_max_position_embeddings=scaling[_ORIGINAL_CONTEXT])

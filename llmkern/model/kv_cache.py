@@ -11,7 +11,8 @@ class KVCache:
 
     Each attention layer calls update() with the keys/values of the new tokens (already
     rotated, for RoPE) and gets back those of all tokens so far; the model calls advance()
-    once every layer has seen the step.
+    once every layer has seen the step. A model with a sliding window (GPTConfig.sliding_window) still gets every
+    key back: its attention masks out those past the window (a rolling buffer would save memory, not compute).
     """
 
     def __init__(self, n_layer: int, capacity: int):

@@ -36,6 +36,7 @@ class CausalSelfAttention(nn.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         rope_dim: int | None = None,
+        window: int | None = None,
     ):
         """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
         otherwise: Qwen2 has biases on q/k/v and none on the output.
@@ -44,7 +45,9 @@ class CausalSelfAttention(nn.Module):
         qk_norm: Qwen3's RMSNorm (eps norm_eps) over each head's q and k, before RoPE: q_norm and k_norm, each
         one (head_dim,) scale shared by its heads.
         rope_dim: RoPE on each head's first rope_dim dims of q and k only, the rest left as they are (Phi-4-mini's
-        96 of 128); None: on all of head_dim. The rotary tables passed to forward are then rope_dim / 2 wide."""
+        96 of 128); None: on all of head_dim. The rotary tables passed to forward are then rope_dim / 2 wide.
+        window: sliding-window attention: each query sees only the last `window` keys up to its own (itself
+        included; Mistral's sliding_window); None: all of them."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             _check_count(name, value)
@@ -57,6 +60,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         check_rope_dim(rope_dim, head_dim)
+        _check_window(window)
+        self.window = window
         self.rope_dim = None if rope_dim == head_dim else rope_dim  # None: the whole head, one rope call
         self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
@@ -100,7 +105,8 @@ class CausalSelfAttention(nn.Module):
             qk = self._rotate(qk, rotary)
         q, k = qk.split([h, hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
-            y = attention(q, k, v, causal=True, backend=op_backend("attention", self.backend, x.device), doc_ids=doc_ids)
+            backend = op_backend("attention", self.backend, x.device)
+            y = attention(q, k, v, causal=True, backend=backend, doc_ids=doc_ids, window=self.window)
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
@@ -111,12 +117,26 @@ class CausalSelfAttention(nn.Module):
                     # a mask SDPA would let every query see the later ones too).
                     tk = k.size(2)
                     attn_mask = torch.ones(t, tk, dtype=torch.bool, device=x.device).tril(diagonal=tk - t)
+            attn_mask = self._within_window(attn_mask, t, k.size(2), x.device)
             # Generation: a few queries against a cache, with a per-row mask for left-padded
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
+
+    def _within_window(self, attn_mask: torch.Tensor | None, t: int, tk: int, device: torch.device,
+                       ) -> torch.Tensor | None:
+        """attn_mask (None: every key) narrowed to the sliding window, as ops.attention's window masks: the T queries
+        are the last T of the Tk columns, and query i, at column Tk - T + i, keeps key j only when 0 <= Tk - T + i - j
+        < window. Generation's masks count columns, and a row's real tokens are contiguous (its padding all on the
+        left), so the columns back are the positions back. Unchanged without a window, or one that masks nothing."""
+        if self.window is None or self.window >= tk:
+            return attn_mask
+        query_columns = torch.arange(tk - t, tk, device=device)
+        distance = query_columns[:, None] - torch.arange(tk, device=device)[None, :]  # (T, Tk) how far back key j is
+        in_window = (distance >= 0) & (distance < self.window)
+        return in_window if attn_mask is None else attn_mask & in_window
 
     def _rotate(self, qk: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """RoPE on (B, H + Hkv, T, D) q and k heads together: one launch instead of two. With rope_dim, only each
@@ -134,6 +154,15 @@ class CausalSelfAttention(nn.Module):
         RoPE call turns both. Normed as (B, T, heads, D), whose last dim is contiguous, as the norm op takes it."""
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+
+
+def _check_window(window: object) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (None for no window), got {window}")
 
 
 def _check_count(name: str, value: object) -> None:
