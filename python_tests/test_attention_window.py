@@ -301,7 +301,31 @@ def test_bad_window_is_refused(backend, window, causal, message):
         attention(q, k, v, causal=causal, backend=backend, window=window)
 
 
-def test_reference_refuses_a_window_without_causal():
+def test_reference_refuses_a_window_without_causal_or_below_one():
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 8, 8, 16, torch.float32, "cpu"))
     with pytest.raises(ValueError, match="window needs causal=True"):
         reference.attention(q, k, v, causal=False, window=3)
+    for window in (0, -2, 2.0):  # 0 gave all zeros, where the op reads 0 as no window
+        with pytest.raises(ValueError, match="window must be an int >= 1 or None"):
+            reference.attention(q, k, v, window=window)
+
+
+def test_the_public_custom_ops_refuse_a_window_the_kernels_would_misread():
+    # torch.ops.llmkern.attention_fwd/bwd are public: a negative window ran as none, and one without causal as
+    # a window over the later keys too, silently.
+    import llmkern.ops.attention  # noqa: F401  (registers the ops)
+
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 8, 8, 16, torch.float32, "cpu"))
+    lse = torch.zeros(1, 2, 8)
+    for window, causal, message in ((-3, True, "window must be >= 0"), (4, False, "window needs causal=True")):
+        with pytest.raises(ValueError, match=message):
+            torch.ops.llmkern.attention_fwd(q, k, v, None, causal, 0.25, "triton", window)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.llmkern.attention_bwd(q, q, k, v, q, lse, None, causal, 0.25, "triton", window)
+
+
+def test_a_window_over_every_key_runs_the_kernels_without_one():
+    from llmkern.ops.attention import NO_WINDOW, _kernel_window
+
+    assert _kernel_window(4096, 40) == _kernel_window(40, 40) == _kernel_window(None, 40) == NO_WINDOW
+    assert _kernel_window(39, 40) == 39

@@ -144,6 +144,17 @@ def test_phi3_examples_are_the_ids_hugging_face_gives_the_rendered_chat(phi3_ins
     assert learned == tokens[len(hf(prompt)):] and learned[-2:] == [tok.special_token("<|end|>"), tok.eot_token]
 
 
+@pytest.mark.parametrize("instruction", ["\x1cName it.", "\u3000Name it.", " \n\tName it."])
+def test_a_marker_takes_exactly_the_whitespace_hugging_face_strips(phi3_instruct_tokenizer, instruction):
+    # tokenizers strips Unicode White_Space beside a special token (Rust's char::is_whitespace): U+3000 too, but
+    # not the separators U+001C..U+001F that Python's str.strip() would also take.
+    tok, reference = phi3_instruct_tokenizer
+    prompt = PromptFormat("phi3").prompt({"instruction": instruction})
+    hf = [tok.bos_token] + reference.encode(f"<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+                                            add_special_tokens=False).ids
+    assert encode_prompt(tok, prompt) == hf
+
+
 def _warnings_of(load):
     """(what load() returns, the UserWarnings it gave, each time it gave one)."""
     with warnings.catch_warnings(record=True) as caught:

@@ -99,9 +99,14 @@ def _strips(tokenizer, name: str) -> tuple[bool, bool]:
     return (False, False) if strips is None else strips(name)
 
 
+# Unicode's White_Space characters, which Hugging Face's tokenizers (Rust's char::is_whitespace) strip beside a
+# special token; Python's str.strip() would take U+001C..U+001F too
+WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
 def _trimmed(text: str, left: bool, right: bool) -> str:
-    text = text.lstrip() if left else text
-    return text.rstrip() if right else text
+    text = text.lstrip(WHITE_SPACE) if left else text
+    return text.rstrip(WHITE_SPACE) if right else text
 
 
 def _encode_ordinary(tokenizer, text: str, after_special: bool) -> list[int]:

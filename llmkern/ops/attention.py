@@ -106,9 +106,19 @@ def attention(
 
 
 def _kernel_window(window: int | None, seq_k: int) -> int:
-    """The window as the custom ops take it: NO_WINDOW for none, else at most Sk (a window past the
-    first key changes nothing, and so any window fits the kernels' 32-bit position arithmetic)."""
-    return NO_WINDOW if window is None else min(window, max(seq_k, 1))
+    """The window as the custom ops take it: NO_WINDOW for none, and for one of Sk keys or more, which
+    masks nothing (the query at the last position sees all Sk keys in it): the kernels without a
+    window run then, as the CUDA launchers choose them too, with no window arithmetic to overflow."""
+    return NO_WINDOW if window is None or window >= seq_k else window
+
+
+def _check_op_window(window: int, causal: bool) -> None:
+    """The custom ops' window (public: torch.ops.llmkern.attention_fwd/bwd), as attention() passes it: the
+    kernels would read a negative one as none, and one without causal as a window over later keys too."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0 ({NO_WINDOW}: none); got {window}")
+    if window != NO_WINDOW and not causal:
+        raise ValueError("window needs causal=True (a sliding window looks back from each query's position)")
 
 
 def int32_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -265,6 +275,7 @@ def _attention_fwd(
     """o (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32, the natural-log log-sum-exp of each score row.
     window: the sliding window, NO_WINDOW (0) for none; last and with that default, so that callers
     of the op from before windows (its schema is public: torch.ops.llmkern.attention_fwd) still run."""
+    _check_op_window(window, causal)
     o, lse = _empty_outputs(q)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
@@ -295,6 +306,7 @@ def _attention_bwd(
     window: int = NO_WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv in the shapes of q, k, v (dk and dv summed over each group's query heads)."""
+    _check_op_window(window, causal)
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)

@@ -72,6 +72,8 @@ def attention(
     A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows) gets o = 0 and
     zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
     """
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an int >= 1 or None; got {window!r}")
     if window is not None and not causal:
         raise ValueError("window needs causal=True")
     hq, hkv = q.size(1), k.size(1)
