@@ -621,7 +621,7 @@ OPTIONS_READ_BY = {
     ("--split", "val"): {"shards"}, ("--max-batches", "100"): {"shards"},
     ("--context", "16"): {"text"}, ("--stride", "4"): {"text"},
     ("--limit", "2"): {"choice", "win-rate"},
-    ("--fewshot", "0"): {"choice"}, ("--predictions", None): {"choice"},
+    ("--fewshot", "0"): {"choice"}, ("--fewshot-data", "dev.jsonl"): {"choice"}, ("--predictions", None): {"choice"},
     ("--baseline", "b"): {"win-rate"}, ("--judge", "rm"): {"win-rate"}, ("--judge-kind", "reward"): {"win-rate"},
     ("--max-new-tokens", "256"): {"win-rate"}, ("--tie-margin", "0"): {"win-rate"},
     ("--interval", "wilson"): {"win-rate"}, ("--template", "alpaca"): {"win-rate"},
