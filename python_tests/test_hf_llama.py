@@ -233,9 +233,7 @@ def test_the_reference_is_sensitive_to_what_the_mapping_could_get_wrong():
 def test_export_round_trips_bitwise(tied):
     sd, cfg = llama_state_dict(tied), llama_config_json(tie_word_embeddings=tied)
     out, out_cfg = to_hf_llama(from_hf_llama(sd, cfg))
-    assert sorted(out) == sorted(sd)
-    for name, tensor in sd.items():
-        assert torch.equal(out[name], tensor), name
+    assert_exported_as(out, sd)
     if tied:
         assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
     assert {k: out_cfg[k] for k in cfg if k != "rope_theta"} == {k: v for k, v in cfg.items() if k != "rope_theta"}
@@ -248,6 +246,13 @@ def test_export_round_trips_bitwise(tied):
     assert dataclasses.replace(back.config, mlp_hidden=None) == ours.config
     assert back.config.hidden_size == ours.config.hidden_size
     assert_same_weights(back, ours)
+
+
+def assert_exported_as(out: dict, sd: dict) -> None:
+    """An export `out` holds exactly the Hugging Face state dict `sd` it was imported from: its names, bitwise."""
+    assert sorted(out) == sorted(sd)
+    for name, tensor in sd.items():
+        assert torch.equal(out[name], tensor), name
 
 
 def assert_same_weights(back: GPT, ours: GPT) -> None:
@@ -480,9 +485,7 @@ def test_qwen2_export_round_trips_bitwise(tied):
     sd, cfg = llama_state_dict(tied, qkv_bias=True), qwen2_config_json(tie_word_embeddings=tied)
     model = from_hf_llama(sd, cfg, backend="torch")
     out, out_cfg = to_hf_llama(model)
-    assert sorted(out) == sorted(sd)
-    for name, tensor in sd.items():
-        assert torch.equal(out[name], tensor), name
+    assert_exported_as(out, sd)
     assert out_cfg["model_type"] == "qwen2" and out_cfg["architectures"] == ["Qwen2ForCausalLM"]
     assert out_cfg["use_sliding_window"] is False and "attention_bias" not in out_cfg
     assert out_cfg["tie_word_embeddings"] == tied and out_cfg["rope_theta"] == 1e6

@@ -22,6 +22,7 @@ from test_hf_llama import (
     LAYERS,
     VOCAB,
     _save,
+    assert_exported_as,
     assert_same_weights,
     llama_logits,
     llama_state_dict,
@@ -137,9 +138,7 @@ def test_phi3_export_round_trips_bitwise(tied):
     sd, cfg = phi3_state_dict(tied), phi3_config_json(tie_word_embeddings=tied)
     model = from_hf_phi3(sd, cfg, backend="torch")
     out, out_cfg = to_hf_phi3(model)
-    assert sorted(out) == sorted(sd)
-    for name, tensor in sd.items():
-        assert torch.equal(out[name], tensor), name
+    assert_exported_as(out, sd)
     if tied:
         assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
     assert out_cfg["model_type"] == "phi3" and out_cfg["architectures"] == ["Phi3ForCausalLM"]
@@ -574,8 +573,7 @@ def test_phi4_mini_export_round_trips():
     factors = {k: cfg["rope_scaling"][k] for k in ("short_factor", "long_factor")}
     assert (out_cfg["partial_rotary_factor"], out_cfg["rope_scaling"]) == (0.75, {"type": "longrope", **factors})
     assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
-    for name, tensor in sd.items():
-        assert torch.equal(out[name], tensor), name
+    assert_exported_as(out, sd)
     back = from_hf_phi3(out, json.loads(json.dumps(out_cfg)), backend="torch")
     assert back.config == model.config and back.config.rope_dim == ROPE_DIM
     idx = torch.randint(0, VOCAB, (1, CTX))

@@ -15,6 +15,7 @@ from test_hf_llama import (
     LAYERS,
     VOCAB,
     _save,
+    assert_exported_as,
     assert_same_weights,
     llama_logits,
     llama_state_dict,
@@ -88,9 +89,7 @@ def test_qwen3_export_round_trips_bitwise(tied):
     sd, cfg = qwen3_state_dict(tied), qwen3_config_json(tie_word_embeddings=tied)
     model = from_hf_llama(sd, cfg, backend="torch")
     out, out_cfg = to_hf_llama(model)
-    assert sorted(out) == sorted(sd)
-    for name, tensor in sd.items():
-        assert torch.equal(out[name], tensor), name
+    assert_exported_as(out, sd)
     assert out_cfg["model_type"] == "qwen3" and out_cfg["architectures"] == ["Qwen3ForCausalLM"]
     assert (out_cfg["head_dim"], out_cfg["attention_bias"], out_cfg["use_sliding_window"]) == (HEAD_DIM, False, False)
     assert "mlp_bias" not in out_cfg and out_cfg["tie_word_embeddings"] == tied
