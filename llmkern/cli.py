@@ -244,9 +244,9 @@ def _add_train_parsers(sub) -> None:
                                          "for a run that saved none); prints the response alone")
     g.add_argument("--input", default="", help="with --instruction: the task's input, if it has one")
     g.add_argument("--template", default=None, help="with --instruction: use this template instead (alpaca, "
-                                                    "chatml, plain, llama3, phi3, phi4-mini)")
+                                                    "chatml, plain, llama3, phi3, phi4-mini, gemma)")
     g.add_argument("--system-prompt", default=None, help="with --instruction and a template with a system turn "
-                                                         "(chatml, llama3, phi3, phi4-mini): the system turn "
+                                                         "(chatml, llama3, phi3, phi4-mini, gemma): the system turn "
                                                          "(default: the run's)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

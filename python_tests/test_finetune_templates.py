@@ -98,7 +98,7 @@ def test_phi_turns_are_phis_own_chat_format(template, line_break):
 
 
 def test_unknown_templates_and_misplaced_system_prompts_are_errors():
-    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini; got 'vicuna'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini, gemma; got 'vicuna'"):
         get_template("vicuna")
     with pytest.raises(ValueError, match="alpaca, chatml, plain"):
         PromptFormat("ChatML")
@@ -106,14 +106,14 @@ def test_unknown_templates_and_misplaced_system_prompts_are_errors():
         PromptFormat("alpaca", "Be brief.")
     with pytest.raises(ValueError, match="system_prompt is only used by the chatml"):
         format_prompt(NO_INPUT, "plain", "Be brief.")
-    assert list(TEMPLATES) == ["alpaca", "chatml", "plain", "llama3", "phi3", "phi4-mini"]
+    assert list(TEMPLATES) == ["alpaca", "chatml", "plain", "llama3", "phi3", "phi4-mini", "gemma"]
 
 
 def test_config_template_settings_are_checked(tmp_path):
     assert FinetuneConfig().validate().template == ""  # the base run's, or alpaca
     config = load_finetune_config(SFTConfig, None, ["--template=chatml", "--system_prompt=Be brief."])
     assert (config.template, config.system_prompt) == ("chatml", "Be brief.")
-    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini; got 'chatm'"):
+    with pytest.raises(ValueError, match="alpaca, chatml, plain, llama3, phi3, phi4-mini, gemma; got 'chatm'"):
         load_finetune_config(SFTConfig, None, ["--template=chatm"])
     with pytest.raises(ValueError, match="system_prompt"):
         DPOConfig(data="x.json", template="plain", system_prompt="Be brief.").validate()

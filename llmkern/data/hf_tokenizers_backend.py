@@ -1,7 +1,7 @@
 """A Hugging Face tokenizer.json as a llmkern tokenizer, through Hugging Face's `tokenizers` library.
 
 get_tokenizer("path/to/tokenizer.json") comes here. It takes every model `tokenizers` reads: SentencePiece-style
-BPE with byte fallback (Llama 2, TinyLlama, Mistral, Phi-3), Unigram, WordPiece, byte-level BPE. `tokenizers` is
+BPE with byte fallback (Llama 2, TinyLlama, Mistral, Phi-3, Gemma), Unigram, WordPiece, byte-level BPE. `tokenizers` is
 an optional dependency (pip install tokenizers, or llmkern's "hf" extra). A byte-level BPE tokenizer.json (GPT-2,
 SmolLM, Llama 3, Qwen2) can instead be converted once by `llmkern tokenizer import` into a .tiktoken file: the
 faster route, with no extra dependency.
@@ -16,6 +16,7 @@ decode(encode(t)) == t where the tokenizer is lossless, which depends on the fil
   decoder's Strip takes the prepended "▁" off again): lossless, leading spaces included. The Strip works on the
   first token decoded only: decode([bos, *encode("hi")]) is "<s> hi", and the ids of a text decoded from its
   middle lose the leading space of their first token, as in Hugging Face.
+- Gemma's (Replace " " -> "▁" alone: no "▁" prepended, none stripped): lossless, from any token on.
 - A Metaspace pre-tokenizer with prepend_scheme "first" or "always" (Mistral's newer files, most Unigram ones): one
   leading space of the text is lost (" hello" decodes to "hello"), as the "▁" it gives and the one prepended are
   one and the same.

@@ -48,7 +48,7 @@ class FinetuneConfig:
     max_len: int = 512  # tokens per example (prompt + response); longer ones are cut; <= the model's block_size
 
     # the prompt template of instruction examples (llmkern/finetune/templates.py): alpaca, chatml, plain, llama3,
-    # phi3 or phi4-mini;
+    # phi3, phi4-mini or gemma;
     # "" = the base run's own (alpaca when it has none). The resolved template is saved with the run.
     template: str = ""
     system_prompt: str = ""  # the template's system turn (not alpaca's nor plain's); "" = the base run's when its

@@ -18,14 +18,20 @@ the prompt a model reads and the response it learns to write.
             "<|end|>" (Phi-3's and Phi-3.5's chat format)
     phi4-mini  the same turns with no line breaks: "<|user|>{instruction}[\\n\\n{input}]<|end|><|assistant|>"
             (Phi-4-mini's chat format)
+    gemma   "<start_of_turn>user\\n[{system_prompt}\\n\\n]{instruction}[\\n\\n{input}]<end_of_turn>\\n"
+            "<start_of_turn>model\\n"; the response ends with "<end_of_turn>" (Gemma 2's and Gemma 3's chat
+            format; Gemma has no system role: its template puts the system prompt, with "\\n\\n", in front of the
+            first user turn's text, as here. Its <bos> is the tokenizer's begin-of-sequence token; each turn's
+            text stripped, as Gemma's template does, the system prompt not; the "\\n" its template writes after
+            <end_of_turn> starts the next turn, which generation never reaches: not learned)
     plain   "{instruction}[\\n\\n{input}]\\n\\n": for bases that know no chat format
 
-The learned response is the example's output, plus the template's end marker (<|im_end|>, <|eot_id|>),
-plus end-of-text, which encode_prompt_response appends as a token id for every template (once: not after an end
-marker that is the tokenizer's end-of-text token itself, as <|im_end|> is Qwen2.5-Instruct's).
+The learned response is the example's output, plus the template's end marker (<|im_end|>, <|eot_id|>,
+<end_of_turn>), plus end-of-text, which encode_prompt_response appends as a token id for every template (once: not
+after an end marker that is the tokenizer's end-of-text token itself, as <|im_end|> is Qwen2.5-Instruct's).
 
 The markers (<|im_start|>, <|im_end|>, <|start_header_id|>, ...) are the tokenizer's special tokens of those
-names where it has them (tokenizer.special_token: an imported Qwen or Llama 3 tokenizer), so that an instruct-
+names where it has them (tokenizer.special_token: an imported Qwen, Llama 3 or Gemma tokenizer), so that an instruct-
 capable base is trained and prompted with the ids it knows; with any other tokenizer (GPT-2's, "bytes", one
 trained by llmkern) they are ordinary text, a few ordinary tokens each. Text that comes from the user (the
 instruction, the input, the system prompt, the output) is always ordinary text, even where it spells a marker:
@@ -53,6 +59,7 @@ ALPACA_HEADER = ("Below is an instruction that describes a task. "
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 START_HEADER, END_HEADER, EOT_ID = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 PHI_SYSTEM, PHI_USER, PHI_ASSISTANT, PHI_END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 
 Pieces = list[str | Marker]  # what a template builds: ordinary text and markers, in order
 
@@ -103,6 +110,14 @@ def _phi_prompt(line_break: str) -> Callable[[str, str, str], Pieces]:
     return build
 
 
+def _gemma_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
+    # Gemma has no system role: its chat template puts the system prompt (not stripped) and "\n\n" in front of
+    # the first user turn's text (stripped: its "| trim")
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    user = prefix + _user_text(instruction, input_text).strip()
+    return [Marker(START_OF_TURN), f"user\n{user}", Marker(END_OF_TURN), "\n", Marker(START_OF_TURN), "model\n"]
+
+
 def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> Pieces:
     return [_user_text(instruction, input_text) + "\n\n"]
 
@@ -128,6 +143,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True, strips_turns=True),
     Template("phi3", _phi_prompt("\n"), response_end=PHI_END, takes_system_prompt=True),
     Template("phi4-mini", _phi_prompt(""), response_end=PHI_END, takes_system_prompt=True),
+    Template("gemma", _gemma_prompt, response_end=END_OF_TURN, takes_system_prompt=True, strips_turns=True),
 )}
 
 
