@@ -147,7 +147,7 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long
     ({"original_max_position_embeddings": 0}, r"rope_scaling\['original_max_position_embeddings'\] must be an int"),
     ({"attention_factor": None}, r"rope_scaling\['attention_factor'\] must be a finite number"),
     ({"factor": 2.0}, r"longrope scaling takes .*unknown \['factor'\]"),
-    ({"rope_type": "su"}, "rope_type 'llama3' or 'longrope'"),
+    ({"rope_type": "su"}, "rope_type 'llama3', 'longrope' or 'linear'"),
 ])
 def test_a_bad_longrope_scaling_is_refused(change, words):
     scaling = {**LONGROPE, **change}

@@ -15,7 +15,8 @@ from typing import Any
 VOCAB_MULTIPLE = 64  # the embedding and output rows are padded to this (tensor-core friendly)
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
+LAYER_TYPES = ("sliding_attention", "full_attention")  # Hugging Face's names (Gemma 3's config.json)
 
 
 @dataclass
@@ -30,11 +31,11 @@ class GPTConfig:
     norm_eps: float = 1e-5
     pos: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
-    # None, or a RoPE scaling as HF's config.json has it: Llama 3.1's "llama3" or Phi-3's "longrope"
+    # None, or a RoPE scaling as HF's config.json has it: Llama 3.1's "llama3", Phi-3's "longrope" or "linear"
     # (llmkern.nn.rotary.check_rope_scaling, which says how longrope's short and long factors are chosen)
     rope_scaling: dict | None = None
-    mlp: str = "gelu"  # "gelu" | "swiglu"
-    mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (swiglu)
+    mlp: str = "gelu"  # "gelu" | "swiglu" | "geglu" (Gemma's: gelu_tanh(gate(x)) * up(x))
+    mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (gated)
     tie_embeddings: bool = True
     bias: bool = True  # biases in the linear layers and LayerNorms
     # Biases on attention's q/k/v projection alone (Qwen2's: biased q/k/v, every other layer without);
@@ -57,6 +58,21 @@ class GPTConfig:
     # when it is block_size or longer (it masks nothing then): the window belongs to the trained weights, and a
     # context made longer later must not drop it.
     sliding_window: int | None = None
+    # Which layers slide, per layer Hugging Face's "sliding_attention" (the window sliding_window) or
+    # "full_attention" (Gemma 3's five sliding layers to one full); None: every layer slides when sliding_window is
+    # set, else none does. A list that says what None says is set to None on construction (as rope_dim is).
+    layer_types: list[str] | None = None
+    # The RoPE base of the sliding layers, which then take no rope_scaling (Gemma 3's rope_local_base_freq: 10000
+    # beside its full layers' 1e6); None: the sliding layers turn by the same tables as the others.
+    rope_local_theta: float | None = None
+    # Gemma's sandwich norms: a norm (of the `norm` kind) on each branch's output, attention's and the MLP's,
+    # before it joins the residual stream.
+    post_norms: bool = False
+    # The token embeddings multiplied by it (Gemma's sqrt(n_embd)), the scale first rounded to the embeddings'
+    # dtype as transformers does; None: not multiplied.
+    embed_scale: float | None = None
+    # Attention's softmax scale (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim).
+    attn_scale: float | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -86,6 +102,11 @@ class GPTConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 (None for attention to the whole context), "
                              f"got {self.sliding_window}")
+        self.layer_types = self._checked_layer_types()
+        self._check_rope_local_theta()
+        for name in ("embed_scale", "attn_scale"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {getattr(self, name)}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be >= 1 or None, got {self.mlp_hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -126,6 +147,44 @@ class GPTConfig:
         check_rope_dim(self.rope_dim, self.head_dim)
         return None if self.rope_dim == self.head_dim else self.rope_dim
 
+    def _checked_layer_types(self) -> list[str] | None:
+        """layer_types as given (checked), or None where it says what None says: every layer sliding with a
+        sliding_window, none without."""
+        if self.layer_types is None:
+            return None
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types must have one entry per layer (n_layer={self.n_layer}), "
+                             f"got {len(self.layer_types)}")
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"layer_types[{i}] must be one of {LAYER_TYPES}, got {kind!r}")
+        sliding = "sliding_attention" in self.layer_types
+        if sliding and self.sliding_window is None:
+            raise ValueError("layer_types has 'sliding_attention' layers, which need sliding_window set")
+        implied = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        if all(kind == implied for kind in self.layer_types):
+            return None
+        return list(self.layer_types)  # a copy: the caller's list changed later must not change the model
+
+    def _check_rope_local_theta(self) -> None:
+        if self.rope_local_theta is None:
+            return
+        if self.pos != "rope":
+            raise ValueError(f"rope_local_theta is for pos='rope'; this config has pos={self.pos!r}")
+        if not 0 < self.rope_local_theta < math.inf:
+            raise ValueError(f"rope_local_theta must be a finite number > 0 or None, got {self.rope_local_theta}")
+        if self.sliding_window is None:  # no layer would take it
+            raise ValueError("rope_local_theta is the RoPE base of the sliding layers; this config has none "
+                             "(sliding_window is None)")
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window: sliding_window for a sliding layer (see layer_types), None for a full one."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer:
+            raise ValueError(f"layer_window takes a layer index in [0, {self.n_layer}), got {i!r}")
+        if self.layer_types is not None and self.layer_types[i] == "full_attention":
+            return None
+        return self.sliding_window
+
     # --- derived sizes ---------------------------------------------------------------------
 
     @property
@@ -134,12 +193,14 @@ class GPTConfig:
 
     @property
     def hidden_size(self) -> int:
-        """The MLP's inner width: mlp_hidden, else 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 64 (swiglu)."""
+        """The MLP's inner width: mlp_hidden, else 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 64 (swiglu,
+        geglu)."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
         if self.mlp == "gelu":
             return 4 * self.n_embd
-        # SwiGLU has three matrices instead of two: 8/3 * n_embd keeps the parameter count of a 4x GELU MLP.
+        # A gated MLP (SwiGLU, GeGLU) has three matrices instead of two: 8/3 * n_embd keeps the parameter count of a
+        # 4x GELU MLP.
         return math.ceil(8 * self.n_embd / 3 / 64) * 64
 
     # --- presets and (de)serialisation -------------------------------------------------------
@@ -192,6 +253,11 @@ _LATER_FIELDS = {
     "qk_norm": lambda values: False,
     "rope_dim": lambda values: None,
     "sliding_window": lambda values: None,
+    "layer_types": lambda values: None,
+    "rope_local_theta": lambda values: None,
+    "post_norms": lambda values: False,
+    "embed_scale": lambda values: None,
+    "attn_scale": lambda values: None,
 }
 
 
@@ -222,11 +288,13 @@ def _check_types(config: GPTConfig) -> None:
         value = getattr(config, field.name)
         expected = hints[field.name]
         allowed = typing.get_args(expected) or (expected,)  # `int | None` -> (int, NoneType)
+        if typing.get_origin(expected) is list:  # a bare `list[str]`: its args are the items' type
+            allowed = (expected,)
         if float in allowed and _is_number(value):
             setattr(config, field.name, float(value))
             continue
         if not any(_is_instance(value, t) for t in allowed):
-            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            names = " or ".join(_type_name(t) for t in allowed)
             raise TypeError(f"GPTConfig.{field.name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -234,7 +302,16 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _type_name(t: object) -> str:
+    if t is type(None):
+        return "None"
+    return str(t) if typing.get_origin(t) is not None else t.__name__  # list[str], not "list"
+
+
 def _is_instance(value: object, t: type) -> bool:
+    if typing.get_origin(t) is list:  # isinstance refuses `list[str]`: the list, then each item
+        (item_type,) = typing.get_args(t)
+        return isinstance(value, list) and all(_is_instance(item, item_type) for item in value)
     if t is int:  # a bool is an int to Python, never to a config
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, t)

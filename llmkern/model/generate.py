@@ -8,7 +8,8 @@ With the cache the prompt is run once (prefill) and each later step feeds one to
 sequence never exceeds block_size: the prompt is cropped to its last block_size tokens, and
 once the cache is full each step reruns the model on the last block_size tokens (a sliding
 window, as generation without the cache always does). A model's own sliding window (GPTConfig.sliding_window)
-is another thing: its attention masks the keys past it, in the masks made here too.
+is another thing: each sliding layer's attention (GPTConfig.layer_window) masks the keys past it, in the masks made
+here too.
 
 A seed fixes each prompt's sample whatever else is in the batch: row i draws its numbers from a
 private stream keyed by (seed, i), so prompts[0] samples as it would alone, and a row's tokens

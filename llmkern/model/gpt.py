@@ -1,9 +1,10 @@
 """The GPT: token (+ position) embeddings, pre-norm transformer blocks, a final norm and the LM head.
 
-One class covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings, biases) and
-Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases); the
-GPTConfig says which. Every kernel-backed piece (RMSNorm, attention, RoPE, SwiGLU) goes through
-llmkern.ops with config.backend, so one model runs on each backend.
+One class covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings, biases),
+Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases) and
+Gemma 3's features (sliding and full layers with their own RoPE bases, sandwich norms, GeGLU,
+scaled embeddings, its attention scale); the GPTConfig says which. Every kernel-backed piece
+(RMSNorm, attention, RoPE, SwiGLU) goes through llmkern.ops with config.backend, so one model runs on each backend.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
-from ..nn import CausalSelfAttention, GeluMLP, LayerNorm, RMSNorm, RotaryCache, SwiGLUMLP
+from ..nn import CausalSelfAttention, GatedMLP, GeluMLP, LayerNorm, RMSNorm, RotaryCache
 from ..nn.rotary import check_positions
 from ..ops import fused_linear_cross_entropy
 from ..ops._checks import FLOAT_DTYPES
@@ -41,6 +42,10 @@ class Block(nn.Module):
     in one pass (norm1 the previous MLP's, norm2 the attention's; the model's final norm the last one)
     and no add runs by itself. The stream keeps its dtype (fp32 under autocast); the norms take the
     bf16 branches as they are.
+
+    With config.post_norms (Gemma's sandwich norms) each branch is normed again by post_attn_norm /
+    post_mlp_norm before it is handed on: the branch added to the stream is the post-normed one.
+    The block's attention has its layer's window (config.layer_window); `rotary` is the tables of its kind.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -49,13 +54,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
             dropout=config.dropout, backend=config.backend, layer_idx=layer_idx, head_dim=config.head_dim,
-            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim, window=config.sliding_window,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim,
+            window=config.layer_window(layer_idx), scale=config.attn_scale,
         )
+        self.post_attn_norm = _make_norm(config) if config.post_norms else None
         self.norm2 = _make_norm(config)
-        if config.mlp == "swiglu":
-            self.mlp = SwiGLUMLP(config.n_embd, config.hidden_size, config.bias, config.dropout, config.backend)
-        else:
-            self.mlp = GeluMLP(config.n_embd, config.hidden_size, config.bias, config.dropout)
+        self.mlp = _make_mlp(config)
+        self.post_mlp_norm = _make_norm(config) if config.post_norms else None
+
+    @property
+    def sliding(self) -> bool:
+        """Whether this layer's attention has a sliding window (and so takes the local RoPE tables, if any)."""
+        return self.attn.window is not None
 
     def forward(self, x, branch=None, rotary=None, attn_mask=None, cache=None, doc_ids=None):
         if branch is None:
@@ -63,8 +73,20 @@ class Block(nn.Module):
         else:
             normed, x = self.norm1(branch, residual=x)
         a = self.attn(normed, rotary, attn_mask, cache, doc_ids)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
         normed, x = self.norm2(a, residual=x)
-        return x, self.mlp(normed)
+        m = self.mlp(normed)
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return x, m
+
+
+def _make_mlp(config: GPTConfig) -> nn.Module:
+    if config.mlp == "gelu":
+        return GeluMLP(config.n_embd, config.hidden_size, config.bias, config.dropout)
+    activation = "silu" if config.mlp == "swiglu" else "gelu_tanh"
+    return GatedMLP(config.n_embd, config.hidden_size, config.bias, config.dropout, config.backend, activation)
 
 
 class GPT(nn.Module):
@@ -78,6 +100,11 @@ class GPT(nn.Module):
         self.rotary = (
             RotaryCache(config.head_dim, config.block_size, config.rope_theta, config.rope_scaling, config.rope_dim)
             if config.pos == "rope" else None
+        )
+        # The sliding layers' own tables (Gemma 3's local base), unscaled; None: they take self.rotary's.
+        self.rotary_local = (
+            RotaryCache(config.head_dim, config.block_size, config.rope_local_theta, None, config.rope_dim)
+            if config.rope_local_theta is not None else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -204,8 +231,8 @@ class GPT(nn.Module):
             # answer to a wrong input: sent past the table, it fails the lookup as any id >= padded_vocab_size
             # does (an IndexError on the CPU, a device assert on a GPU), without the GPU wait of a host check.
             idx = idx.masked_fill(idx >= vocab, self.config.padded_vocab_size)
-        x = self.wte(idx)  # (B, T, C)
-        rotary = None
+        x = self._scaled(self.wte(idx))  # (B, T, C)
+        rotary = local_rotary = None
         if self.wpe is not None:
             if positions is None:
                 pos = torch.arange(t, device=idx.device)
@@ -213,20 +240,31 @@ class GPT(nn.Module):
                 pos = check_positions(positions, self.config.block_size)
             x = x + self.wpe(pos)
         else:
-            rotary = self.rotary(positions, t)
+            rotary = local_rotary = self.rotary(positions, t)
+            if self.rotary_local is not None:
+                local_rotary = self.rotary_local(positions, t)
         x = self.drop(x)
         use_checkpoints = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         branch = None  # the last block's MLP output, not yet added to the stream x (see Block)
         for block in self.blocks:
+            tables = local_rotary if block.sliding else rotary
             if use_checkpoints:
-                x, branch = checkpoint(block, x, branch, rotary, attn_mask, cache, doc_ids, use_reentrant=False)
+                x, branch = checkpoint(block, x, branch, tables, attn_mask, cache, doc_ids, use_reentrant=False)
                 # Whole between checkpoints: each keeps one input tensor, not the stream and a branch.
                 x, branch = x + branch, None
             else:
-                x, branch = block(x, branch, rotary, attn_mask, cache, doc_ids)
+                x, branch = block(x, branch, tables, attn_mask, cache, doc_ids)
         if cache is not None:
             cache.advance(t)
         return self.norm_f(x) if branch is None else self.norm_f(branch, residual=x)[0]
+
+    def _scaled(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The token embeddings times config.embed_scale, rounded to their dtype first as transformers' Gemma does
+        (sqrt(n_embd) in bf16 is not sqrt(n_embd)); unchanged without one."""
+        if self.config.embed_scale is None:
+            return embeddings
+        scale = torch.full((), self.config.embed_scale, dtype=embeddings.dtype, device=embeddings.device)
+        return embeddings * scale
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (the padding rows of the output layer are cut off)."""
@@ -254,15 +292,15 @@ class GPT(nn.Module):
         """Training FLOPs (forward + backward) per token: 6N for the matmul weights, plus
         12 * n_layer * n_head * head_dim * seq_len for attention's scores and weighted sum (PaLM's count,
         which does not halve for the causal mask; n_head * head_dim is n_embd unless head_dim says
-        otherwise, as Qwen3's does). seq_len defaults to block_size. A sliding window shorter than seq_len
-        scales the attention term by the share of the causal (query, key) pairs it keeps (see
+        otherwise, as Qwen3's does). seq_len defaults to block_size. A layer's sliding window shorter than seq_len
+        scales its attention term by the share of the causal (query, key) pairs it keeps (see
         _windowed_share): the kernels skip the rest, and MFU would count work never done."""
         seq_len = self.config.block_size if seq_len is None else seq_len
         cfg = self.config
         attention_width = cfg.n_head * cfg.head_dim  # the queries' width: what the scores and the sum run over
-        attention = 12 * cfg.n_layer * attention_width * seq_len
-        if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
-            attention *= _windowed_share(cfg.sliding_window, seq_len)
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
+        layers = sum(1.0 if w is None or w >= seq_len else _windowed_share(w, seq_len) for w in windows)
+        attention = 12 * layers * attention_width * seq_len
         return 6 * self.num_parameters(non_embedding=True) + attention
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:

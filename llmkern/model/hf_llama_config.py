@@ -326,6 +326,7 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Mistral's
     (model_type "mistral") with a sliding_window; Qwen2's (model_type "qwen2") with qkv_bias; Qwen3's (model_type
     "qwen3") with qk_norm."""
+    _refuse_gemma_features(config)
     if config.qkv_bias and config.qk_norm:
         raise ValueError("a model with both qkv_bias and qk_norm has no Hugging Face model_type (Qwen2 has q/k/v "
                          "biases and no QK-norm, Qwen3 QK-norm and no biases)")
@@ -335,7 +336,8 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
                          f"{'qkv_bias' if config.qkv_bias else 'qk_norm'} has no Hugging Face model_type that every "
                          f"transformers version reads as sliding on every layer (Mistral's and Phi-3's have no "
                          f"q/k/v biases nor QK-norm)")
-    if config.rope_scaling is not None and config.rope_scaling["rope_type"] != "llama3":
+    # Llama 3.1's scaling and the linear one are written as they are: transformers' Llama, Mistral and Qwen read both
+    if config.rope_scaling is not None and config.rope_scaling["rope_type"] == "longrope":
         raise ValueError(f"the {config.rope_scaling['rope_type']} RoPE scaling is Phi-3's: a model with it exports "
                          f"as Phi-3's (hf_phi3_config, to_hf_phi3)")
     if config.rope_dim is not None:  # transformers' Llama and Qwen turn all of each head
@@ -373,12 +375,13 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict, model_type "phi3") of a GPTConfig that Phi-3's model computes: Llama's, with
     neither q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; plain RoPE or longrope (see _hf_longrope), on all
     of each head or on its first rope_dim dims (partial_rotary_factor, see _partial_rotary_factor_of)."""
+    _refuse_gemma_features(config)
     scaling = config.rope_scaling
-    llama3 = scaling if scaling is not None and scaling["rope_type"] == "llama3" else None
-    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": llama3}
+    not_longrope = scaling if scaling is not None and scaling["rope_type"] != "longrope" else None
+    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": not_longrope}
     if any(kept.values()):
-        raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor Llama 3.1's RoPE scaling; this one has "
-                         f"{ {k: v for k, v in kept.items() if v} }")
+        raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor a RoPE scaling other than longrope; "
+                         f"this one has { {k: v for k, v in kept.items() if v} }")
     hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None, rope_dim=None, sliding_window=None),
                                 dtype)
     # Phi3Config has no attention_bias nor mlp_bias (no layer has a bias)
@@ -389,6 +392,19 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         hf_config.update(rope_scaling=_hf_longrope(scaling, config.block_size),
                          original_max_position_embeddings=scaling[_ORIGINAL_CONTEXT])
     return hf_config
+
+
+def _refuse_gemma_features(config: GPTConfig) -> None:
+    """Llama's and Phi-3's config.json have no key for Gemma 3's model features: dropped silently, they would give
+    another model."""
+    defaults = {"layer_types": None, "rope_local_theta": None, "post_norms": False, "embed_scale": None,
+                "attn_scale": None}
+    features = {k: getattr(config, k) for k, v in defaults.items() if getattr(config, k) != v}
+    if config.mlp == "geglu":
+        features["mlp"] = config.mlp
+    if features:
+        raise ValueError(f"Llama's and Phi-3's config.json cannot express {features} (Gemma 3's model features): "
+                         f"transformers would read another model")
 
 
 def _partial_rotary_factor_of(config: GPTConfig) -> float:

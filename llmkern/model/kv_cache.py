@@ -11,8 +11,9 @@ class KVCache:
 
     Each attention layer calls update() with the keys/values of the new tokens (already
     rotated, for RoPE) and gets back those of all tokens so far; the model calls advance()
-    once every layer has seen the step. A model with a sliding window (GPTConfig.sliding_window) still gets every
-    key back: its attention masks out those past the window (a rolling buffer would save memory, not compute).
+    once every layer has seen the step. A model with a sliding window (GPTConfig.sliding_window, on the layers
+    GPTConfig.layer_types says) still gets every key back: each sliding layer's attention masks out those past its
+    window (a rolling buffer would save memory, not compute).
     """
 
     def __init__(self, n_layer: int, capacity: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,7 @@ class CausalSelfAttention(nn.Module):
         norm_eps: float = 1e-6,
         rope_dim: int | None = None,
         window: int | None = None,
+        scale: float | None = None,
     ):
         """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
         otherwise: Qwen2 has biases on q/k/v and none on the output.
@@ -47,7 +50,8 @@ class CausalSelfAttention(nn.Module):
         rope_dim: RoPE on each head's first rope_dim dims of q and k only, the rest left as they are (Phi-4-mini's
         96 of 128); None: on all of head_dim. The rotary tables passed to forward are then rope_dim / 2 wide.
         window: sliding-window attention: each query sees only the last `window` keys up to its own (itself
-        included; Mistral's sliding_window); None: all of them."""
+        included; Mistral's sliding_window); None: all of them.
+        scale: the softmax scale of q . k (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim)."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             _check_count(name, value)
@@ -61,7 +65,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         check_rope_dim(rope_dim, head_dim)
         _check_window(window)
+        _check_scale(scale)
         self.window = window
+        self.scale = None if scale is None else float(scale)
         self.rope_dim = None if rope_dim == head_dim else rope_dim  # None: the whole head, one rope call
         self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
@@ -106,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.split([h, hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
             backend = op_backend("attention", self.backend, x.device)
-            y = attention(q, k, v, causal=True, backend=backend, doc_ids=doc_ids, window=self.window)
+            y = attention(q, k, v, causal=True, scale=self.scale, backend=backend, doc_ids=doc_ids, window=self.window)
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
@@ -121,7 +127,7 @@ class CausalSelfAttention(nn.Module):
             # Generation: a few queries against a cache, with a per-row mask for left-padded
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != hkv)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=h != hkv)
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
 
@@ -163,6 +169,15 @@ def _check_window(window: object) -> None:
         raise TypeError(f"window must be an int or None, got {type(window).__name__}")
     if window < 1:
         raise ValueError(f"window must be >= 1 (None for no window), got {window}")
+
+
+def _check_scale(scale: object) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not 0 < scale < math.inf:  # an inf scale gives NaN weights, a zero one uniform ones
+        raise ValueError(f"scale must be a finite number > 0 or None, got {scale}")
 
 
 def _check_count(name: str, value: object) -> None:

@@ -9,7 +9,8 @@ from torch import nn
 
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 LONGROPE_SCALING_KEYS = ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor")
-_SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "longrope": LONGROPE_SCALING_KEYS}
+LINEAR_SCALING_KEYS = ("factor",)
+_SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "longrope": LONGROPE_SCALING_KEYS, "linear": LINEAR_SCALING_KEYS}
 
 
 def check_rope_scaling(scaling: object, head_dim: int, rope_dim: int | None = None) -> None:
@@ -24,13 +25,16 @@ def check_rope_scaling(scaling: object, head_dim: int, rope_dim: int | None = No
       original_max_position_embeddings, short_factor otherwise; the tables here are built once for a fixed
       context, so they take long_factor when that context (max_positions, the model's block_size) is longer,
       short_factor otherwise, at every position (see longrope_factors). A model whose block_size is at most
-      original_max_position_embeddings computes what Hugging Face's does on every sequence it takes.
+      original_max_position_embeddings computes what Hugging Face's does on every sequence it takes;
+    - {"rope_type": "linear", "factor"} (Gemma 3's global layers' 8): positions divided by factor, every
+      frequency slowed alike. Any finite factor > 0: transformers only warns below 1, and computes it.
     """
     if scaling is None:
         return
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
     if kind not in _SCALING_KEYS:
-        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3' or 'longrope', got {scaling!r}")
+        raise ValueError(f"rope_scaling must be None or a dict with rope_type 'llama3', 'longrope' or 'linear', "
+                         f"got {scaling!r}")
     keys = _SCALING_KEYS[kind]
     unknown = sorted(set(scaling) - {"rope_type", *keys}, key=str)
     missing = [k for k in keys if k not in scaling]
@@ -38,6 +42,8 @@ def check_rope_scaling(scaling: object, head_dim: int, rope_dim: int | None = No
         raise ValueError(f"rope_scaling: {kind} scaling takes {keys}; missing {missing}, unknown {unknown}")
     if kind == "llama3":
         _check_llama3(scaling)
+    elif kind == "linear":
+        _check_positive_number("factor", scaling["factor"])
     elif rope_dim is None:
         _check_longrope(scaling, "head_dim", head_dim)
     else:
@@ -123,7 +129,8 @@ class RotaryCache(nn.Module):
 
     Pair i of the turned dims (x[i], x[i + R/2]) turns by angle position * theta ** (-2i / R). With `scaling`
     (check_rope_scaling), that frequency is stretched as llama3_inv_freq says, or, for longrope, divided by
-    its own factor (longrope_factors) and both tables multiplied by attention_factor. The tables are fp32
+    its own factor (longrope_factors) and both tables multiplied by attention_factor, or, for linear, divided by
+    the one factor. The tables are fp32
     non-persistent buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16
     (see _apply).
     """
@@ -168,6 +175,8 @@ class RotaryCache(nn.Module):
             factors = torch.tensor(longrope_factors(self.scaling, self.max_positions), dtype=torch.float64,
                                    device=inv_freq.device)
             return inv_freq / factors, self.scaling["attention_factor"]
+        if kind == "linear":  # position p turns as p / factor did
+            return inv_freq / self.scaling["factor"], 1.0
         return inv_freq, 1.0
 
     def reset_tables(self) -> None:
