@@ -370,8 +370,15 @@ def test_triton_backend_matches_torch_backend_in_the_interpreter(variant):
         overrides["n_embd"] = 48  # 2 heads of 32: q and the attention output 64 wide
     reference = GPT(tiny(**overrides, backend="torch"))
     model = GPT(tiny(**overrides, backend="triton", fused_loss=False))  # logits too (fused: test_fused_linear_cross_entropy)
+    assert_same_training_step(model, reference, batch=2, seq_len=16)
+
+
+def assert_same_training_step(model: GPT, reference: GPT, batch: int, seq_len: int) -> None:
+    """model, given reference's weights, gives its logits and gradients on fresh random tokens (fp32 tolerances:
+    another backend's kernels against the torch one's)."""
     model.load_state_dict(reference.state_dict())
-    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    vocab = reference.config.vocab_size
+    idx, targets = torch.randint(0, vocab, (batch, seq_len)), torch.randint(0, vocab, (batch, seq_len))
     logits, loss = model(idx, targets)  # ops without Triton kernels fall back to torch, with a warning
     loss.backward()
     ref_logits, ref_loss = reference(idx, targets)

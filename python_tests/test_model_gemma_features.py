@@ -16,6 +16,7 @@ from llmkern.model import GPT, GPTConfig, generate
 from llmkern.model.config import identity_dict
 from llmkern.nn import CausalSelfAttention, RotaryCache
 from llmkern.nn.rotary import check_rope_scaling
+from test_model import assert_same_training_step
 
 VOCAB = 300
 SLIDE, FULL = "sliding_attention", "full_attention"
@@ -187,15 +188,7 @@ def test_the_triton_backend_agrees_with_torch_on_a_gemma3_shaped_model():
     shape = dict(FEATURES["gemma3"], n_layer=2, layer_types=[SLIDE, FULL], n_head=2, n_kv_head=1, block_size=16)
     reference = model_of(config(**shape, backend="torch"))
     model = GPT(config(**shape, backend="triton", fused_loss=False))
-    model.load_state_dict(reference.state_dict())
-    idx, targets = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (1, 10))
-    logits, loss = model(idx, targets)
-    loss.backward()
-    ref_logits, ref_loss = reference(idx, targets)
-    ref_loss.backward()
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_training_step(model, reference, batch=1, seq_len=10)
 
 
 # --- generation and training ---------------------------------------------------------------------------------
