@@ -9,7 +9,9 @@ sequence never exceeds block_size: the prompt is cropped to its last block_size 
 once the cache is full each step reruns the model on the last block_size tokens (a sliding
 window, as generation without the cache always does). A model's own sliding window (GPTConfig.sliding_window)
 is another thing: each sliding layer's attention (GPTConfig.layer_window) masks the keys past it, in the masks made
-here too.
+here too, and its cache keeps only the last `window` tokens (a ring buffer, see KVCache): O(window) memory per
+sliding layer rather than O(capacity). The masks here stay over every column since the first cached one; the
+attention layer picks the columns each ring slot holds.
 
 A seed fixes each prompt's sample whatever else is in the batch: row i draws its numbers from a
 private stream keyed by (seed, i), so prompts[0] samples as it would alone, and a row's tokens
@@ -185,7 +187,9 @@ class _CachedDecoder:
         window, window_valid = tokens[:, self.start :], valid[:, self.start :]
         # The last new token is never fed back, so the cache needs room for max_new_tokens - 1 more.
         capacity = min(block, window.size(1) + self.max_new_tokens - 1)
-        self.cache = KVCache(self.model.config.n_layer, capacity)
+        config = self.model.config
+        windows = [config.layer_window(i) for i in range(config.n_layer)]  # the sliding layers' caches are rings
+        self.cache = KVCache(config.n_layer, capacity, windows)
         positions, attn_mask = _positions_and_mask(window_valid)
         hidden = self.model.hidden_states(window, positions, attn_mask, self.cache)
         self.next_pos = window_valid.sum(dim=1)

@@ -116,14 +116,26 @@ class CausalSelfAttention(nn.Module):
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
+            # The keys' columns (attn_mask's last dim): how many there are so far, and which one each key is
+            # (None: key j is column j, all of them).
+            total, key_columns = k.size(2), None
             if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, D): all the keys so far
+                total = cache.length + t
+                if attn_mask is not None and attn_mask.size(-1) != total:
+                    raise ValueError(f"attn_mask must have a column per token so far ({cache.length} cached + {t} "
+                                     f"new = {total}); got {tuple(attn_mask.shape)}")
+                # A sliding layer's ring returns only the keys it kept, in slot order: their columns say which.
+                key_columns = cache.key_columns(self.layer_idx, t, x.device)
+                _check_cache_window(cache.windows[self.layer_idx], self.window, self.layer_idx)
+                k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, D)
+                if attn_mask is not None and key_columns is not None:
+                    attn_mask = attn_mask.index_select(-1, key_columns)  # each key's column of the mask
                 if attn_mask is None and t > 1:
-                    # Causal still: query i, the (Tk - T + i)-th token, sees the keys up to itself (without
-                    # a mask SDPA would let every query see the later ones too).
-                    tk = k.size(2)
-                    attn_mask = torch.ones(t, tk, dtype=torch.bool, device=x.device).tril(diagonal=tk - t)
-            attn_mask = self._within_window(attn_mask, t, k.size(2), x.device)
+                    # Causal still: query i, at column total - T + i, sees the keys up to itself (without a mask
+                    # SDPA would let every query see the later ones too).
+                    distance = _column_distance(t, total, key_columns, x.device)
+                    attn_mask = distance >= 0
+            attn_mask = self._within_window(attn_mask, t, total, key_columns, x.device)
             # Generation: a few queries against a cache, with a per-row mask for left-padded
             # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
             # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
@@ -131,16 +143,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
 
-    def _within_window(self, attn_mask: torch.Tensor | None, t: int, tk: int, device: torch.device,
-                       ) -> torch.Tensor | None:
+    def _within_window(self, attn_mask: torch.Tensor | None, t: int, total: int, key_columns: torch.Tensor | None,
+                       device: torch.device) -> torch.Tensor | None:
         """attn_mask (None: every key) narrowed to the sliding window, as ops.attention's window masks: the T queries
-        are the last T of the Tk columns, and query i, at column Tk - T + i, keeps key j only when 0 <= Tk - T + i - j
-        < window. Generation's masks count columns, and a row's real tokens are contiguous (its padding all on the
+        are the last T of `total` columns, and query i, at column total - T + i, keeps the key at column c only when
+        0 <= total - T + i - c < window. key_columns: each key's column (a sliding layer's ring); None: key j is at
+        column j. Generation's masks count columns, and a row's real tokens are contiguous (its padding all on the
         left), so the columns back are the positions back. Unchanged without a window, or one that masks nothing."""
-        if self.window is None or self.window >= tk:
+        if self.window is None or self.window >= total:
             return attn_mask
-        query_columns = torch.arange(tk - t, tk, device=device)
-        distance = query_columns[:, None] - torch.arange(tk, device=device)[None, :]  # (T, Tk) how far back key j is
+        distance = _column_distance(t, total, key_columns, device)
         in_window = (distance >= 0) & (distance < self.window)
         return in_window if attn_mask is None else attn_mask & in_window
 
@@ -160,6 +172,24 @@ class CausalSelfAttention(nn.Module):
         RoPE call turns both. Normed as (B, T, heads, D), whose last dim is contiguous, as the norm op takes it."""
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+
+
+def _column_distance(t: int, total: int, key_columns: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(T, Tk): how many columns back from each of the last T queries (of `total` columns) each key is; negative
+    for a key after the query. key_columns None: the keys are columns 0..total-1."""
+    if key_columns is None:
+        key_columns = torch.arange(total, device=device)
+    query_columns = torch.arange(total - t, total, device=device)
+    return query_columns[:, None] - key_columns[None, :]
+
+
+def _check_cache_window(kept: int | None, window: int | None, layer: int) -> None:
+    """A cache whose ring for this layer is shorter than the layer's window (or that rings a full layer) has
+    dropped keys the layer's queries see: attention would skip them, silently."""
+    if kept is not None and (window is None or kept < window):
+        raise ValueError(f"the KV cache keeps the last {kept} tokens of layer {layer}, whose attention sees "
+                         f"{'all of them' if window is None else f'the last {window}'}: make the cache with the "
+                         f"model's windows (GPTConfig.layer_window)")
 
 
 def _check_window(window: object) -> None:
