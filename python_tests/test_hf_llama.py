@@ -103,7 +103,7 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_n
     wide when it has one. With q_norm and k_norm in sd (Qwen3's), each head's q and k is RMS-normed over its
     head_dim with them, before RoPE (after it with qk_norm_after_rope: a wrong order, for the tests to see). A
     Mistral or Phi-3 config's sliding_window W masks as transformers' masking_utils does: query q sees key kv when
-    q - W < kv <= q."""
+    q - W < kv <= q; a Qwen config's (use_sliding_window true) on the layers from max_window_layers on."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
     heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     b, t = idx.shape
@@ -121,11 +121,15 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_n
         return x * cos + rotated_half * sin
 
     x = w["embed_tokens.weight"][idx]
-    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    causal_future = torch.ones(t, t, dtype=torch.bool).triu(1)
     window = cfg.get("sliding_window") if cfg.get("model_type") in ("mistral", "phi3") else None
-    if window is not None:
-        future = future | torch.ones(t, t, dtype=torch.bool).tril(-window)  # kv <= q - W: out of the window
+    qwen_window = cfg.get("model_type") in ("qwen2", "qwen3") and cfg.get("use_sliding_window")
     for i in range(LAYERS):
+        future = causal_future
+        if qwen_window:
+            window = cfg["sliding_window"] if i >= cfg["max_window_layers"] else None
+        if window is not None:
+            future = future | torch.ones(t, t, dtype=torch.bool).tril(-window)  # kv <= q - W: out of the window
         p = lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
         h = rms_norm(x, p("input_layernorm.weight"))
         q, k, v = (
@@ -317,8 +321,8 @@ def test_load_gpt_routes_by_model_type(tmp_path):
     # a mistral config (no sliding window) is Llama's model; another model_type is named
     (tmp_path / "config.json").write_text(json.dumps(llama_config_json(model_type="mistral", sliding_window=None)))
     assert load_gpt(str(path), backend="torch")[2]["source"] == "hf-llama"
-    (tmp_path / "config.json").write_text(json.dumps(llama_config_json(model_type="gemma")))
-    with pytest.raises(ValueError, match="model_type='gemma'; the models that can be imported are"):
+    (tmp_path / "config.json").write_text(json.dumps(llama_config_json(model_type="bert")))
+    with pytest.raises(ValueError, match="model_type=.bert.; the models that can be imported are"):
         load_gpt(str(path))
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="not a GPT-2 state dict.*a Llama-family model's weights: they load with "
@@ -378,24 +382,53 @@ def test_a_mistral_sliding_window_loads_whole_and_gives_the_windowed_logits():
     assert config_from_hf_llama(cfg, block_size=4 * CTX).sliding_window == 8
 
 
-def test_a_window_exports_only_as_a_type_that_slides_it_on_every_layer():
+def test_a_window_exports_as_a_type_that_slides_it_on_the_same_layers():
     windowed = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16))
     assert to_hf_llama(windowed)[1]["model_type"] == "mistral"
     assert "sliding_window" not in to_hf_llama(GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB)))[1]
-    for change in ({"qkv_bias": True}, {"qk_norm": True}):
-        other = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16, **change))
-        with pytest.raises(ValueError, match=r"a model with a sliding_window \(16\) and (qkv_bias|qk_norm) has no "
-                                             "Hugging Face model_type"):
-            to_hf_llama(other)
+    for change in ({"qkv_bias": True}, {"qk_norm": True}):  # Qwen's, sliding on every layer: from layer 0 on
+        every = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16, **change))
+        out_cfg = to_hf_llama(every)[1]
+        assert (out_cfg["use_sliding_window"], out_cfg["sliding_window"], out_cfg["max_window_layers"]) == (True, 16, 0)
+        back = config_from_hf_llama(out_cfg)
+        assert (back.sliding_window, back.layer_types, back.block_size) == (16, None, every.config.block_size)
+        # sliding layers before a full one: no max_window_layers says it, so older transformers would misread it
+        first = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16,
+                                          layer_types=["sliding_attention", "full_attention"], **change))
+        with pytest.raises(ValueError, match=r"sliding layers are \[0\]"):
+            to_hf_llama(first)
+    with pytest.raises(ValueError, match="cannot express .*layer_types"):  # Llama's and Mistral's have no layer_types
+        to_hf_llama(GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, sliding_window=16,
+                                              layer_types=["full_attention", "sliding_attention"])))
 
 
-@pytest.mark.parametrize("change", [{"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16},
-                                    {"model_type": "llama", "sliding_window": 16}])
+@pytest.mark.parametrize("layer_types", [None, ["full_attention", "sliding_attention"]])
+def test_a_qwen2_window_slides_on_its_layers_with_the_whole_context(layer_types):
+    """Qwen2's window (use_sliding_window true) slides on the layers from max_window_layers on (here 1 of 2), or
+    those layer_types names: GPTConfig.layer_types, the context whole; exported back, the same config."""
+    sd, idx = llama_state_dict(qkv_bias=True), torch.randint(0, VOCAB, (1, CTX))
+    cfg = qwen2_config_json(use_sliding_window=True, sliding_window=6, max_window_layers=1, layer_types=layer_types)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing cut, nothing to warn of
+        model = from_hf_llama(sd, cfg, backend="torch")
+    c = model.config
+    assert (c.block_size, c.sliding_window, c.layer_types) == (CTX, 6, ["full_attention", "sliding_attention"])
+    expected = llama_logits(sd, idx, cfg)
+    torch.testing.assert_close(model.eval()(idx)[0], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(llama_logits(sd, idx, {**cfg, "use_sliding_window": False}), expected, atol=1e-3)
+    out_cfg = to_hf_llama(model)[1]
+    assert (out_cfg["max_window_layers"], out_cfg["layer_types"]) == (1, ["full_attention", "sliding_attention"])
+    assert config_from_hf_llama(out_cfg, backend="torch") == c
+    with_types = qwen2_config_json(use_sliding_window=True, sliding_window=6, max_window_layers=0,
+                                   layer_types=["sliding_attention", "full_attention"])  # layer_types wins
+    assert config_from_hf_llama(with_types).layer_types == ["sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("change", [{"model_type": "llama", "sliding_window": 16}])
 def test_a_window_not_slid_on_every_layer_makes_the_context_that_long(change):
-    """Qwen2's window slides on the layers max_window_layers says (and transformers' Llama reads none), which
-    GPTConfig.sliding_window does not compute: the context is cut to the window (with a warning), where the window
-    masks nothing, whichever layers it is on."""
-    sd, idx = llama_state_dict(qkv_bias=change["model_type"] == "qwen2"), torch.randint(0, VOCAB, (1, 16))
+    """transformers' Llama reads no sliding_window: the context is cut to the window (with a warning), where the
+    window masks nothing, whichever way it is read."""
+    sd, idx = llama_state_dict(), torch.randint(0, VOCAB, (1, 16))
     cfg = llama_config_json(**change)
     with pytest.warns(UserWarning, match="loaded with block_size=16"):
         model = from_hf_llama(sd, cfg, backend="torch")

@@ -1,9 +1,20 @@
-"""The GPT model: its config, the module, KV-cached generation, Hugging Face GPT-2, Llama-family and Phi-3 weights."""
+"""The GPT model: its config, the module, KV-cached generation, Hugging Face GPT-2, Llama-family, Phi-3 and Gemma 3
+weights."""
 
 from .config import PRESETS, GPTConfig
 from .generate import generate
 from .gpt import GPT
-from .hf import from_hf_gpt2, from_hf_llama, from_hf_phi3, load_hf_file, to_hf_gpt2, to_hf_llama, to_hf_phi3
+from .hf import (
+    from_hf_gemma3,
+    from_hf_gpt2,
+    from_hf_llama,
+    from_hf_phi3,
+    load_hf_file,
+    to_hf_gemma3,
+    to_hf_gpt2,
+    to_hf_llama,
+    to_hf_phi3,
+)
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "from_hf_gpt2", "from_hf_llama", "from_hf_phi3", "generate", "load_hf_file",
-           "to_hf_gpt2", "to_hf_llama", "to_hf_phi3"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "from_hf_gemma3", "from_hf_gpt2", "from_hf_llama", "from_hf_phi3",
+           "generate", "load_hf_file", "to_hf_gemma3", "to_hf_gpt2", "to_hf_llama", "to_hf_phi3"]

@@ -112,3 +112,22 @@ def check_shape(src: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.T
         raise ValueError(f"{name} has shape {tuple(src.shape)}; the model needs {tuple(shape)}")
     return src
 
+
+def hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
+    """config.json's int `name`, >= 1; default when it is absent or null (None: it must be there)."""
+    value = hf_config.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json has no {name!r}")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json's {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def hf_number(hf_config: dict, name: str, default: float) -> float:
+    """config.json's number `name`, > 0; default when it is absent."""
+    value = hf_config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"config.json's {name} must be a number > 0, got {value!r}")
+    return float(value)

@@ -12,13 +12,14 @@ attention's q_norm and k_norm.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
 from .config import GPTConfig
 from .gpt import GPT
 from .hf_common import check_shape, copy_into, first_names, load_model_file
-from .hf_llama_config import config_from_hf_llama, hf_llama_config
+from .hf_llama_config import config_from_hf_llama, gemma_features, hf_llama_config
 
 # our name (per block: "blocks.{i}.") -> HF's names (under "model.layers.{i}."), stacked by rows in this order
 _LLAMA_BLOCK_NAMES = {
@@ -38,6 +39,8 @@ _QK_NORM_NAMES = {
 }
 # The RoPE frequencies some (older) checkpoints store: a buffer, recomputed from rope_theta
 _LLAMA_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# A per-tensor change of values between HF's checkpoint and our model: (our name, tensor) -> tensor
+Convert = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def from_hf_llama(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
@@ -78,6 +81,11 @@ def check_llama_shaped(config: GPTConfig) -> None:
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"Llama weights need a Llama-shaped model ({wanted}); this one has {wrong}")
+    # Gemma 3's parts (sandwich norms, scales, a local RoPE base) are no Llama weight: loaded, they would stay as
+    # they are. layer_types is not among them: which layers slide is Qwen's too, and holds no weight.
+    gemma = gemma_features(config, layer_types=False)
+    if gemma:
+        raise ValueError(f"Llama weights need a Llama-shaped model; this one has Gemma 3's {gemma}")
 
 
 @torch.no_grad()
@@ -91,9 +99,12 @@ def load_hf_llama(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def load_mapped_weights(model: GPT, state_dict: dict[str, torch.Tensor], mapping: dict[str, tuple[str, ...]],
-                        family: str) -> None:
+                        family: str, convert: Convert | None = None) -> None:
     """Copy a HF state dict of Llama's model (`family`'s names: `mapping`, of layer_mapping) into `model`; every
-    weight must be there, and nothing else. Several HF names for one of ours are stacked by rows."""
+    weight must be there, and nothing else. Several HF names for one of ours are stacked by rows. convert(ours,
+    tensor), when given, turns each mapped tensor (stacked, if it is) into our parameter's values (Gemma's norms:
+    1 + w); the embedding and the LM head are copied as they are."""
+    convert = convert or _unchanged
     config = model.config
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -120,17 +131,21 @@ def load_mapped_weights(model: GPT, state_dict: dict[str, torch.Tensor], mapping
                          "is missing (a LlamaModel's weights, without the LM head?)")
     for ours, theirs in mapping.items():
         if len(theirs) == 1:
-            copy_into(model.get_parameter(ours), sd[theirs[0]], ours, theirs[0])
+            copy_into(model.get_parameter(ours), convert(ours, sd[theirs[0]]), ours, theirs[0])
             continue
         # Stacked parts are checked one by one: k_proj and v_proj of n_head rows stack to a qkv of the right
         # size when num_key_value_heads is n_head / 2, and would load, split at the wrong rows.
         parts = [check_shape(sd[name], shape, name) for name, shape in zip(theirs, _part_shapes(config, ours))]
-        copy_into(model.get_parameter(ours), torch.cat(parts), ours, "+".join(theirs))
+        copy_into(model.get_parameter(ours), convert(ours, torch.cat(parts)), ours, "+".join(theirs))
     vocab = config.vocab_size
     model.wte.weight[:vocab] = embed
     model.lm_head.weight[:vocab] = embed if head is None else check_shape(head, embed.shape, "lm_head.weight")
     model.wte.weight[vocab:] = 0
     model.lm_head.weight[vocab:] = 0
+
+
+def _unchanged(ours: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _part_shapes(config: GPTConfig, ours: str) -> list[tuple[int, ...]]:
@@ -159,14 +174,17 @@ def to_hf_llama(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 @torch.no_grad()
-def mapped_weights_out(model: GPT, mapping: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+def mapped_weights_out(model: GPT, mapping: dict[str, tuple[str, ...]],
+                       convert: Convert | None = None) -> dict[str, torch.Tensor]:
     """The HF state dict (a ForCausalLM's names) of `model` under `mapping` (of layer_mapping): a stacked
     parameter split by rows into its HF parts; the vocabulary padding dropped, a tied lm_head.weight the
-    embed_tokens tensor itself."""
+    embed_tokens tensor itself. convert(ours, tensor), when given, turns each mapped parameter into HF's values
+    (load_mapped_weights' convert undone)."""
     config = model.config
+    convert = convert or _unchanged
     out = {"model.embed_tokens.weight": model.wte.weight.detach()[: config.vocab_size].clone()}
     for ours, theirs in mapping.items():
-        p = model.get_parameter(ours).detach()
+        p = convert(ours, model.get_parameter(ours).detach())
         if len(theirs) == 1:
             parts = [p]
         else:

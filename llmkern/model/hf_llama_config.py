@@ -4,10 +4,11 @@ Llama (and Mistral: the same model) is our rmsnorm/rope/swiglu model with no bia
 (head counts, eps, RoPE theta and Llama 3.1's RoPE scaling), and whatever in it would make our model compute other
 logits (another RoPE scaling, biases, another activation) is refused, not ignored. Mistral's sliding window (7B
 v0.1's 4096 of 32768 positions) is GPTConfig.sliding_window, and the model loads with its whole context. Qwen's
-window, which transformers slides on some layers only (max_window_layers), is not that window of every layer: one
-turned on and shorter than max_position_embeddings makes the context that long, with a warning, unless block_size is
-given: within it the window masks nothing. So does a sliding_window in a Llama config.json, which transformers'
-Llama does not read: within the window, the model computes Hugging Face's logits whichever way it is read.
+window (on with use_sliding_window) slides on the layers layer_types names, or else on those from max_window_layers
+on, as transformers' Qwen2Config and Qwen3Config work them out: GPTConfig.layer_types, and the model loads with its
+whole context too. A sliding_window in a Llama config.json, which transformers' Llama does not read, makes the
+context that long, with a warning, unless block_size is given: within it the window masks nothing, so the model
+computes Hugging Face's logits whichever way it is read.
 
 Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
 no other layer (GPTConfig.qkv_bias). Qwen3 ("qwen3") has no biases but Qwen3's QK-norm (GPTConfig.qk_norm), and
@@ -40,7 +41,8 @@ from ..nn.rotary import (
     check_rope_scaling,
     longrope_attention_factor,
 )
-from .config import GPTConfig
+from .config import LAYER_TYPES, GPTConfig
+from .hf_common import hf_int, hf_number
 
 # config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
 # biased q/k/v projections and an optional sliding window; Qwen3: with QK-norm and an optional sliding window)
@@ -48,6 +50,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # The types whose sliding_window is on only with use_sliding_window=true
 _QWEN_TYPES = ("qwen2", "qwen3")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
+QWEN_MAX_WINDOW_LAYERS = 28  # Qwen2Config's and Qwen3Config's default, for a config.json without max_window_layers
 # Phi-3: Llama's model with fused q/k/v and gate/up weights (hf_phi3)
 PHI3_TYPE = "phi3"
 # The types whose sliding_window transformers slides on every layer: read into GPTConfig.sliding_window as it is.
@@ -69,25 +72,6 @@ _LONGROPE_OTHER_KEYS = ("type", "rope_type", "rope_theta", "partial_rotary_facto
 _LLMKERN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _hf_int(hf_config: dict, name: str, default: int | None = None) -> int:
-    """config.json's int `name`, >= 1; default when it is absent or null (None: it must be there)."""
-    value = hf_config.get(name)
-    if value is None:
-        if default is None:
-            raise ValueError(f"config.json has no {name!r}")
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.json's {name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _hf_number(hf_config: dict, name: str, default: float) -> float:
-    value = hf_config.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"config.json's {name} must be a number > 0, got {value!r}")
-    return float(value)
-
-
 def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None) -> tuple[float, dict | None]:
     """config.json's RoPE base and scaling (GPTConfig.rope_scaling) of heads head_dim wide, rope_dim of them turned
     (None: all): None; Llama 3.1's "llama3" for the Llama types; "longrope" for Phi-3; an error for any other
@@ -98,9 +82,9 @@ def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None)
     if params is not None:
         if not isinstance(params, dict):
             raise ValueError(f"config.json's rope_parameters must be a JSON object, got {params!r}")
-        scaling, theta = params, _hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
+        scaling, theta = params, hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
     else:
-        scaling, theta = hf_config.get("rope_scaling"), _hf_number(hf_config, "rope_theta", 10000.0)
+        scaling, theta = hf_config.get("rope_scaling"), hf_number(hf_config, "rope_theta", 10000.0)
     if scaling is None:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
@@ -147,13 +131,13 @@ def _original_context(hf_config: dict, scaling: dict) -> int:
     if top is not None and own is not None and top != own:
         raise ValueError(f"config.json has {_ORIGINAL_CONTEXT}={top!r}, and {own!r} in its RoPE scaling; "
                          f"transformers reads one or the other, by version")
-    return _hf_int({_ORIGINAL_CONTEXT: top if own is None else own}, _ORIGINAL_CONTEXT, PHI3_ORIGINAL_CONTEXT)
+    return hf_int({_ORIGINAL_CONTEXT: top if own is None else own}, _ORIGINAL_CONTEXT, PHI3_ORIGINAL_CONTEXT)
 
 
 def _stretch(hf_config: dict, scaling: dict, original: int) -> float:
     """max_position_embeddings / original context, which sets longrope's attention factor. A "factor" in the
     scaling must be that ratio: transformers 5 takes it in the ratio's place, transformers 4 ignores it."""
-    stretch = _hf_int(hf_config, "max_position_embeddings") / original
+    stretch = hf_int(hf_config, "max_position_embeddings") / original
     factor = scaling.get("factor")
     if factor is not None and factor != stretch:
         raise ValueError(f"config.json's longrope RoPE scaling has factor={factor!r}, not max_position_embeddings / "
@@ -229,8 +213,8 @@ def _partial_rotary_factor(hf_config: dict) -> float:
 
 
 def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
-    n_embd, n_head = _hf_int(hf_config, "hidden_size"), _hf_int(hf_config, "num_attention_heads")
-    n_kv_head = _hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
+    n_embd, n_head = hf_int(hf_config, "hidden_size"), hf_int(hf_config, "num_attention_heads")
+    n_kv_head = hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
     # HF's ACT2FN: "silu" and "swish" are both SiLU, the gate of our SwiGLU
     activation = hf_config.get("hidden_act", "silu")
     if activation not in ("silu", "swish"):
@@ -244,13 +228,13 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     head_dim = _head_dim(hf_config, model_type, n_embd, n_head)
     rope_dim = _phi3_rope_dim(hf_config, head_dim) if model_type == PHI3_TYPE else None
     theta, scaling = _rope(hf_config, model_type, head_dim, rope_dim)
-    eps = _hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
+    eps = hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
     values = dict(
-        vocab_size=_hf_int(hf_config, "vocab_size"), block_size=_hf_int(hf_config, "max_position_embeddings"),
-        n_layer=_hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+        vocab_size=hf_int(hf_config, "vocab_size"), block_size=hf_int(hf_config, "max_position_embeddings"),
+        n_layer=hf_int(hf_config, "num_hidden_layers"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
         head_dim=head_dim, rope_dim=rope_dim,
         norm="rmsnorm", norm_eps=eps, pos="rope",
-        rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=_hf_int(hf_config, "intermediate_size"),
+        rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
         qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are not optional
         qk_norm=model_type == "qwen3",  # nor Qwen3's QK-norm
@@ -258,6 +242,11 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     window = _active_window(hf_config, model_type)
     if model_type in _SLIDING_TYPES:
         values["sliding_window"] = window  # the model slides it as transformers does: nothing to cut
+        window = None
+    elif model_type in _QWEN_TYPES and window is not None:
+        layer_types = _qwen_layer_types(hf_config, values["n_layer"])
+        sliding = "sliding_attention" in layer_types
+        values.update(sliding_window=window if sliding else None, layer_types=layer_types if sliding else None)
         window = None
     if window is not None and window < values["block_size"] and "block_size" not in overrides:
         # exact within the window: no key is more than `window` tokens back in a context no longer than it
@@ -294,7 +283,7 @@ def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int
     """config.json's head_dim; absent or null, Qwen3's 128 or else hidden_size / num_attention_heads (as
     transformers' configs fill it in)."""
     if hf_config.get("head_dim") is not None:
-        return _hf_int(hf_config, "head_dim")
+        return hf_int(hf_config, "head_dim")
     if model_type == "qwen3":
         return QWEN3_HEAD_DIM
     if n_embd % n_head != 0:
@@ -309,9 +298,8 @@ def _active_window(hf_config: dict, model_type: str) -> int | None:
     window = hf_config.get("sliding_window")
     if model_type in _QWEN_TYPES:
         # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
-        # in the released models); then max_window_layers (or layer_types) says which layers slide, but any
-        # that does would compute other logits, so a window on cuts the context to it (_gpt_config), whichever
-        # layers it is for.
+        # in the released models); then layer_types or max_window_layers says which layers slide
+        # (_qwen_layer_types).
         sliding = hf_config.get("use_sliding_window", False)
         if not isinstance(sliding, bool):
             raise ValueError(f"config.json's use_sliding_window must be true or false, got {sliding!r}")
@@ -322,20 +310,48 @@ def _active_window(hf_config: dict, model_type: str) -> int | None:
     return window
 
 
+def _qwen_layer_types(hf_config: dict, n_layer: int) -> list[str]:
+    """Which layers of a Qwen model with its window on slide: layer_types when given, else those from
+    max_window_layers on (Qwen2Config's and Qwen3Config's rule, and the layers older transformers slid)."""
+    given = hf_config.get("layer_types")
+    if given is None:
+        first = hf_config.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(f"config.json's max_window_layers must be an int >= 0, got {first!r}")
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    if not isinstance(given, list) or len(given) != n_layer or any(k not in LAYER_TYPES for k in given):
+        raise ValueError(f"config.json's layer_types must list one of {LAYER_TYPES} per layer "
+                         f"(num_hidden_layers={n_layer}), got {given!r}")
+    return list(given)
+
+
+def _qwen_window(config: GPTConfig) -> dict:
+    """A Qwen config.json's window keys for a model's sliding layers: off when none slides; else on, with
+    layer_types (transformers 4.53 and later read it) and max_window_layers (the earlier ones), which must then
+    say the same: the layers from some index on slide, the others not."""
+    types = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
+             for i in range(config.n_layer)]
+    if "sliding_attention" not in types:
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    first = types.index("sliding_attention")
+    if "full_attention" in types[first:]:
+        raise ValueError(f"a Qwen model slides its window on the layers from max_window_layers on; this one's "
+                         f"sliding layers are {[i for i, k in enumerate(types) if k == 'sliding_attention']}, which "
+                         f"transformers before 4.53 (max_window_layers, no layer_types) would read otherwise")
+    return {"use_sliding_window": True, "sliding_window": config.sliding_window, "max_window_layers": first,
+            "layer_types": types}
+
+
 def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Mistral's
     (model_type "mistral") with a sliding_window; Qwen2's (model_type "qwen2") with qkv_bias; Qwen3's (model_type
     "qwen3") with qk_norm."""
-    _refuse_gemma_features(config)
+    qwen = config.qkv_bias or config.qk_norm
+    # Qwen's sliding layers are named by layer_types, which no other type here has
+    _refuse_gemma_features(config if not qwen else dataclasses.replace(config, layer_types=None))
     if config.qkv_bias and config.qk_norm:
         raise ValueError("a model with both qkv_bias and qk_norm has no Hugging Face model_type (Qwen2 has q/k/v "
                          "biases and no QK-norm, Qwen3 QK-norm and no biases)")
-    if config.sliding_window is not None and (config.qkv_bias or config.qk_norm):
-        # Qwen's window slides on the layers max_window_layers says, read differently across transformers versions
-        raise ValueError(f"a model with a sliding_window ({config.sliding_window}) and "
-                         f"{'qkv_bias' if config.qkv_bias else 'qk_norm'} has no Hugging Face model_type that every "
-                         f"transformers version reads as sliding on every layer (Mistral's and Phi-3's have no "
-                         f"q/k/v biases nor QK-norm)")
     # Llama 3.1's scaling and the linear one are written as they are: transformers' Llama, Mistral and Qwen read both
     if config.rope_scaling is not None and config.rope_scaling["rope_type"] == "longrope":
         raise ValueError(f"the {config.rope_scaling['rope_type']} RoPE scaling is Phi-3's: a model with it exports "
@@ -353,8 +369,7 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    # Qwen's sliding window off, as in the released models
-    qwen_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    qwen_window = _qwen_window(config) if qwen else {}
     if config.qkv_bias:
         # Qwen2's config has no attention_bias / mlp_bias (its q/k/v biases are always there, the others never)
         del hf_config["attention_bias"], hf_config["mlp_bias"]
@@ -394,14 +409,22 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     return hf_config
 
 
-def _refuse_gemma_features(config: GPTConfig) -> None:
-    """Llama's and Phi-3's config.json have no key for Gemma 3's model features: dropped silently, they would give
-    another model."""
-    defaults = {"layer_types": None, "rope_local_theta": None, "post_norms": False, "embed_scale": None,
-                "attn_scale": None}
+def gemma_features(config: GPTConfig, layer_types: bool = True) -> dict:
+    """The Gemma 3 model features a GPTConfig has, {field: value} (none: {}); layer_types among them unless told
+    not to (Qwen's sliding layers are named by it too)."""
+    defaults = {"rope_local_theta": None, "post_norms": False, "embed_scale": None, "attn_scale": None}
+    if layer_types:
+        defaults["layer_types"] = None
     features = {k: getattr(config, k) for k, v in defaults.items() if getattr(config, k) != v}
     if config.mlp == "geglu":
         features["mlp"] = config.mlp
+    return features
+
+
+def _refuse_gemma_features(config: GPTConfig) -> None:
+    """Llama's and Phi-3's config.json have no key for Gemma 3's model features: dropped silently, they would give
+    another model."""
+    features = gemma_features(config)
     if features:
         raise ValueError(f"Llama's and Phi-3's config.json cannot express {features} (Gemma 3's model features): "
                          f"transformers would read another model")
