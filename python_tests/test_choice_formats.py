@@ -1,7 +1,8 @@
 """Multiple-choice task files in the public benchmarks' own formats, phrased as lm-evaluation-harness phrases them.
 
 The expected contexts and choices are written out by hand from the harness's task definitions (hellaswag's
-utils.preprocess and query, arc_easy's and piqa's doc_to_text, mmlu's _default_template_yaml and description).
+utils.preprocess and query, arc_easy's and piqa's doc_to_text, mmlu's _default_template_yaml and description,
+winogrande's preprocess_winogrande doc_to_choice and doc_to_target, and its samplers' get_context for the shots).
 """
 
 import json
@@ -179,3 +180,68 @@ def test_the_eval_command_takes_shots_from_fewshot_data(tmp_path):
     assert with_dev["predictions"] == evaluate_choices(model, tokenizer, by_hand, return_predictions=True)["predictions"]
     with pytest.raises(ValueError, match="fewshot_data has no effect with fewshot=0"):
         evaluate_choices(model, tokenizer, str(task), fewshot_data=str(dev))
+
+
+SURGEON = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+           "option1": "Sarah", "option2": "Maria", "answer": "1"}
+TROPHY = {"sentence": "The trophy doesn't fit into the brown suitcase because the _ is too large. ",
+          "option1": "trophy", "option2": "suitcase", "answer": "1"}
+
+
+def test_winogrande_rows_become_the_sentence_cut_at_its_blank(tmp_path):
+    rows = [SURGEON, {**TROPHY, "answer": "2", "option1": "suitcase", "option2": "trophy"},
+            {"sentence": "_ went home early because she was ill.", "option1": "Ann", "option2": "Bob", "answer": 1}]
+    surgeon, trophy, home = load_choice_tasks(write_jsonl(tmp_path / "winogrande_dev.jsonl", rows))
+    # doc_to_choice: sentence[:idx] + option; doc_to_target: sentence[idx + 1:].strip(); the context is empty
+    assert surgeon == ChoiceExample("", ["Sarah was a much better surgeon than Maria so Sarah",
+                                         "Sarah was a much better surgeon than Maria so Maria"], 0,
+                                    continuation="always got the harder cases.")
+    assert trophy == ChoiceExample("", ["The trophy doesn't fit into the brown suitcase because the suitcase",
+                                        "The trophy doesn't fit into the brown suitcase because the trophy"], 1,
+                                   continuation="is too large.")
+    assert (home.choices, home.answer) == (["Ann", "Bob"], 0)  # a blank at the start: the options alone
+    assert home.continuation == "went home early because she was ill."
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"answer": ""}, r"'answer' is empty: an unlabeled row \(WinoGrande's test split\) cannot be scored"),
+    ({"answer": "3"}, r"'answer' must be \"1\" or \"2\""),
+    ({"answer": True}, r"'answer' must be \"1\" or \"2\""),
+    ({"sentence": "Sarah was better than Maria."}, "'sentence' must hold one '_' .* it holds 0"),
+    ({"sentence": "_ was better than _ at surgery."}, "'sentence' must hold one '_' .* it holds 2"),
+    ({"sentence": "The one who always got the harder cases was _  "}, "'sentence' has nothing after its '_' to score"),
+])
+def test_winogrande_rows_that_cannot_be_scored_are_named(tmp_path, change, match):
+    path = write_jsonl(tmp_path / "winogrande.jsonl", [SURGEON, {**SURGEON, **change}])
+    with pytest.raises(ValueError, match="winogrande.jsonl line 2: " + match):
+        load_choice_tasks(path)
+
+
+def test_winogrande_shots_are_the_right_choice_then_the_continuation(tmp_path):
+    # The harness's get_context writes a shot as doc_to_choice(doc)[gold] + " " + doc_to_target(doc) + "\n\n",
+    # and each choice of the example after the shots: ctx + choice, continuation " " + target.
+    train = load_choice_tasks(write_jsonl(tmp_path / "train.jsonl", [SURGEON, {**TROPHY, "answer": "2"}]))
+    (surgeon,) = with_fewshot(train[:1], train, 1, first=False, seed=0)
+    assert surgeon.context == "The trophy doesn't fit into the brown suitcase because the suitcase is too large.\n\n"
+    assert (surgeon.choices, surgeon.answer, surgeon.continuation) == (train[0].choices, 0, train[0].continuation)
+    (trophy,) = with_fewshot(train[1:], train[:1], 1, first=True)
+    assert trophy.context == "Sarah was a much better surgeon than Maria so Sarah always got the harder cases.\n\n"
+
+
+def test_winogrande_scores_the_continuation_after_each_completed_context(tmp_path):
+    path = write_jsonl(tmp_path / "winogrande.jsonl", [SURGEON, TROPHY, {**TROPHY, "answer": "2"}])
+    model, tokenizer = tiny_gpt(), get_tokenizer("bytes")
+    result = evaluate_choices(model, tokenizer, str(path), return_predictions=True, fewshot=1, seed=3)
+    assert set(result) == {"accuracy", "examples", "fewshot", "predictions"}  # no acc_norm: the harness's acc only
+    tasks = load_choice_tasks(str(path))
+    shot_texts = with_fewshot(tasks, tasks, 1, seed=3)  # the shots evaluate_choices draws, never the example itself
+    for ex, prediction in zip(shot_texts, result["predictions"]):
+        expected = []
+        for choice in ex.choices:  # log p(" " + continuation | shots + sentence up to the blank + option)
+            context, scored = tokenizer.encode(ex.context + choice), tokenizer.encode(" " + ex.continuation)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([context + scored[:-1]]))
+            logp = torch.log_softmax(logits[0].double(), -1)[len(context) - 1:]
+            expected.append(sum(float(logp[t, token]) for t, token in enumerate(scored)))
+        assert prediction["logprobs"] == pytest.approx(expected, rel=1e-4)
+        assert prediction["pred"] == prediction["pred_norm"] == max(range(2), key=lambda k: expected[k])

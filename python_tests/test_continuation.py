@@ -18,7 +18,7 @@ from llmkern.data.sequences import (
     join_texts,
 )
 from llmkern.data.tokenizer import get_tokenizer
-from llmkern.eval.multiple_choice import _encode_pair
+from llmkern.eval.multiple_choice import encode_pair
 from llmkern.eval.win_rate import LMJudge
 from llmkern.finetune.data import IGNORE, encode_prompt_response
 from llmkern.finetune.templates import PromptFormat
@@ -110,13 +110,13 @@ def test_sft_response_is_the_joint_texts_tail(sentencepiece):
 ])
 def test_choice_is_scored_on_the_joint_encodings_tokens(sentencepiece, context, continuation):
     tok, reference = sentencepiece
-    ids, n_continuation = _encode_pair(tok, context, continuation, block_size=64, where="examples[0]")
+    ids, n_continuation = encode_pair(tok, context, continuation, block_size=64, where="examples[0]")
     joint = joint_ids(tok, reference, context + continuation)
     assert ids == joint
     assert n_continuation == len(joint) - len(encode_sequence(tok, context))
     assert "".join(reference.id_to_token(i) for i in ids[-n_continuation:]) in ("▁Paris", "Paris")
     # an empty context is still the sequence's start (<s>), or <|endoftext|> without one, then the continuation
-    ids, n_continuation = _encode_pair(tok, "", continuation, block_size=64, where="examples[0]")
+    ids, n_continuation = encode_pair(tok, "", continuation, block_size=64, where="examples[0]")
     assert ids == encode_prompt(tok, "") + tok.encode(continuation)
     assert n_continuation == len(tok.encode(continuation))
 
@@ -138,7 +138,7 @@ def test_a_merge_across_the_boundary_keeps_the_prompts_own_ids(name, prompt, con
     tokens, labels = encode_prompt_response(tok, prompt, continuation, max_len=1000)
     assert tokens == prompt_ids + tok.encode(continuation) + [tok.eot_token]
     assert labels == [IGNORE] * len(prompt_ids) + tokens[len(prompt_ids):]
-    ids, n_continuation = _encode_pair(tok, prompt, continuation, block_size=64, where="examples[0]")
+    ids, n_continuation = encode_pair(tok, prompt, continuation, block_size=64, where="examples[0]")
     assert ids == tokens[:-1] and n_continuation == len(tok.encode(continuation))
 
 
@@ -218,6 +218,6 @@ def test_a_choice_with_no_tokens_of_its_own_is_a_clear_error(tmp_path):
     data = sentencepiece_style("metaspace")
     data["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
     tok, _ = load_both(tmp_path, "metaspace", data)
-    assert _encode_pair(tok, "The capital of France is", " Paris", block_size=64, where="examples[3]")[1] > 0
-    with pytest.raises(ValueError, match=r"examples\[3\]: the choice '  ' .*no tokens"):
-        _encode_pair(tok, "The capital of France is", "  ", block_size=64, where="examples[3]")
+    assert encode_pair(tok, "The capital of France is", " Paris", block_size=64, where="examples[3]")[1] > 0
+    with pytest.raises(ValueError, match=r"examples\[3\]: the scored text '  ' .*no tokens"):
+        encode_pair(tok, "The capital of France is", "  ", block_size=64, where="examples[3]")

@@ -221,6 +221,69 @@ def test_choice_scores_are_the_summed_log_probs_and_accuracies_differ_when_lengt
     assert spaced[0] == pytest.approx([2 * uniform, 2 * uniform + 3 * sure], rel=1e-4)
 
 
+def test_a_shared_continuation_is_scored_after_each_choice_and_only_it_is():
+    # WinoGrande's partial evaluation: the choices complete the context, the continuation is what is scored.
+    model = bigram_model()
+    uniform, sure = -math.log(257), math.log(0.99)
+    examples = [
+        # "bbbb" would win were the choices scored; the continuation "bb" is likelier after "b" than after "a"
+        ChoiceExample("x", ["bbbba", "ab"], answer=1, continuation="bb"),
+        ChoiceExample("", ["cb", "ca"], answer=0, continuation="b"),  # an empty context, as WinoGrande's
+    ]
+    scores = score_choices(model, BYTES, examples, separator="", batch_size=3)
+    assert scores[0] == pytest.approx([uniform + sure, 2 * sure], rel=1e-4)
+    assert scores[1] == pytest.approx([sure, uniform], rel=1e-4)
+    # The separator is scored in front of the continuation: " " after the choice's last byte, then "b" after " "
+    # (uniform), "b" after "b". After "b" every other byte is rare.
+    rare = math.log(0.01 / 256)
+    assert score_choices(model, BYTES, examples[:1])[0] == pytest.approx([2 * uniform + sure, rare + uniform + sure],
+                                                                         rel=1e-4)
+    result = evaluate_choices(model, BYTES, [examples[0], ChoiceExample("", ["cb", "ca"], 1, continuation="b")],
+                              separator="", return_predictions=True)
+    assert result["accuracy"] == 0.5 and "acc_norm" not in result  # the harness reports acc alone
+    assert [(p["pred"], p["pred_norm"]) for p in result["predictions"]] == [(1, 1), (0, 0)]
+    # Mixed with examples scored the usual way (made in code), acc_norm is reported again.
+    mixed = evaluate_choices(model, BYTES, examples + [ChoiceExample("q", ["bbbb", "c"], 0)], separator="")
+    assert mixed["acc_norm"] == pytest.approx(1.0) and mixed["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"examples\[0\]: continuation must be None or a non-empty string"):
+        score_choices(model, BYTES, [ChoiceExample("x", ["a", "b"], 0, continuation="")])
+
+
+def test_lambada_passages_are_cut_at_their_last_space(tmp_path):
+    from llmkern.eval.lambada import load_lambada, split_last_word
+
+    # lambada_openai: doc_to_text text.split(' ')[:-1] joined by ' ', doc_to_target ' ' + text.split(' ')[-1]
+    assert split_last_word("He said hello to Anna") == ("He said hello to", " Anna")
+    assert split_last_word("two  spaces") == ("two ", " spaces") and split_last_word("alone") == ("", " alone")
+    path = tmp_path / "lambada_test.jsonl"
+    path.write_text(json.dumps({"text": "the end"}) + "\n\n" + json.dumps({"text": "a\nb c"}) + "\n")
+    assert load_lambada(str(path)) == [("the", " end"), ("a\nb", " c")]
+    for row, match in (({"txt": "a b"}, "line 2: expected a JSON object with a string 'text'"),
+                       ({"text": "a b "}, "line 2: 'text' ends with a space")):
+        path.write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=match):
+            load_lambada(str(path))
+
+
+def test_lambada_accuracy_needs_every_target_token_greedy_and_perplexity_is_per_passage():
+    from llmkern.eval.lambada import evaluate_lambada
+
+    table = torch.zeros(257, 257)
+    for cur, nxt in (("a", " "), (" ", "b"), ("b", "b")):  # the greedy next byte after a, " " and b
+        table[ord(cur), ord(nxt)] = 5.0
+    model = BigramModel(table)
+    likely, unlikely = 5.0 - math.log(math.exp(5.0) + 256), -math.log(math.exp(5.0) + 256)
+    passages = [("a", " bb"), ("a", " bc"), ("xa", " b")]  # greedy, "c" not greedy after "b", greedy
+    expected = [3 * likely, 2 * likely + unlikely, 2 * likely]
+    for batch_size in (1, 3):
+        result = evaluate_lambada(model, BYTES, passages, batch_size=batch_size)
+        assert result["accuracy"] == pytest.approx(2 / 3) and result["examples"] == 3
+        assert result["perplexity"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
+    assert evaluate_lambada(model, BYTES, passages, limit=2)["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="limit must be a positive int"):
+        evaluate_lambada(model, BYTES, passages, limit=0)
+
+
 def test_choices_with_a_tokenizer_larger_than_the_model_are_a_clear_error(shared_data):
     # GPT-2's tokenizer on a byte-level model: its context ids crashed deep in the embedding (IndexError).
     model = tiny_gpt(block_size=16)
@@ -574,6 +637,55 @@ def test_eval_command_scores_a_choice_task(tmp_path, tiny_run, capsys):
     assert "bad.jsonl line 1" in capsys.readouterr().err
 
 
+def test_eval_command_scores_winogrande_by_its_accuracy_alone(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    rows = [{"sentence": f"Ann gave Bob {i} apples so _ had more.", "option1": "Ann", "option2": "Bob",
+             "answer": "2"} for i in range(3)]
+    task = tmp_path / "winogrande_xs.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                 "--predictions", "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["accuracy", "examples"]
+    saved = json.loads(out.read_text())
+    assert "acc_norm" not in saved and saved["examples"] == 3
+    model = ckpt_model(tiny_run)
+    for row, prediction in zip(rows, saved["predictions"]):  # log p(" had more." | "Ann gave Bob 0 apples so Ann")
+        before, after = row["sentence"].split("_")
+        expected = []
+        for option in (row["option1"], row["option2"]):
+            context, scored = BYTES.encode(before + option), BYTES.encode(" " + after.strip())
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([context + scored[:-1]]))
+            logp = F.log_softmax(logits[0].double(), -1)[len(context) - 1:]
+            expected.append(sum(float(logp[t, token]) for t, token in enumerate(scored)))
+        assert prediction["logprobs"] == pytest.approx(expected, rel=1e-4)
+    unlabeled = tmp_path / "winogrande_test.jsonl"
+    unlabeled.write_text(json.dumps({**rows[0], "answer": ""}) + "\n")
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(unlabeled), "--device", "cpu"]) == 2
+    assert "winogrande_test.jsonl line 1: 'answer' is empty" in capsys.readouterr().err
+
+
+def test_eval_command_lambada_reads_limit(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+    from llmkern.eval.lambada import evaluate_lambada
+
+    task = tmp_path / "lambada_test.jsonl"
+    task.write_text("".join(json.dumps({"text": f"passage {i} ends with the word cat"}) + "\n" for i in range(4)))
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "lambada", "--data", str(task), "--limit", "3", "--json",
+                 str(out), "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["accuracy", "perplexity", "examples"]
+    saved = json.loads(out.read_text())
+    direct = evaluate_lambada(ckpt_model(tiny_run), BYTES, str(task), limit=3)
+    assert saved["examples"] == 3 and saved["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert main(["eval", "--run", tiny_run, "--task", "lambada", "--device", "cpu"]) == 2
+    assert "--task lambada needs --data" in capsys.readouterr().err
+
+
 def test_eval_command_perplexity_of_a_text_file(tmp_path, tiny_run, capsys):
     from llmkern.cli import main
 
@@ -614,13 +726,14 @@ EVAL_MODES = {
     "text": ["--text", "text.txt"],
     "choice": ["--task", "choice", "--data", "task.jsonl"],
     "win-rate": ["--task", "win-rate", "--data", "instructions.json", "--baseline", "b", "--judge", "rm"],
+    "lambada": ["--task", "lambada", "--data", "lambada_test.jsonl"],
 }
 MODE_NAMES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
-              "choice": "--task choice", "win-rate": "--task win-rate"}
+              "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada"}
 OPTIONS_READ_BY = {
     ("--split", "val"): {"shards"}, ("--max-batches", "100"): {"shards"},
     ("--context", "16"): {"text"}, ("--stride", "4"): {"text"},
-    ("--limit", "2"): {"choice", "win-rate"},
+    ("--limit", "2"): {"choice", "win-rate", "lambada"},
     ("--fewshot", "0"): {"choice"}, ("--fewshot-data", "dev.jsonl"): {"choice"}, ("--predictions", None): {"choice"},
     ("--baseline", "b"): {"win-rate"}, ("--judge", "rm"): {"win-rate"}, ("--judge-kind", "reward"): {"win-rate"},
     ("--max-new-tokens", "256"): {"win-rate"}, ("--tie-margin", "0"): {"win-rate"},

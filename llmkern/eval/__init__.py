@@ -1,5 +1,6 @@
-"""Evaluation: log-probabilities, perplexity, multiple-choice scoring and win rates."""
+"""Evaluation: log-probabilities, perplexity, multiple-choice scoring, LAMBADA and win rates."""
 
+from .lambada import evaluate_lambada, load_lambada
 from .logprobs import logprobs_from_hidden, sequence_logprobs, token_logprobs
 from .multiple_choice import ChoiceExample, evaluate_choices, load_choice_tasks, score_choices
 from .perplexity import perplexity, perplexity_of_text, sliding_windows
@@ -10,7 +11,7 @@ from .win_rate import (
 
 __all__ = [
     "ChoiceExample", "Judge", "LMJudge", "PairJudge", "RewardModelJudge", "bootstrap_interval", "compare_runs",
-    "evaluate_choices", "generate_responses", "lm_judge", "load_choice_tasks", "logprobs_from_hidden", "perplexity",
+    "evaluate_choices", "evaluate_lambada", "generate_responses", "lm_judge", "load_choice_tasks", "load_lambada", "logprobs_from_hidden", "perplexity",
     "perplexity_of_text", "reward_model_judge",
     "score_choices", "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
 ]

@@ -23,6 +23,12 @@ after the harness's target delimiter " ".
   "<subject>_test.csv" (or _dev, _val); a CSV named otherwise gets no description.
 - PIQA (the Hugging Face export): goal, sol1, sol2, label: context "Question: {goal}\\nAnswer:", choices the two
   solutions.
+- WinoGrande (the Hugging Face export of allenai/winogrande): sentence with one "_", option1, option2, answer "1"
+  or "2" (empty in the test split, which cannot be scored). Scored as the harness's "partial evaluation": the
+  choices complete the context, not the other way round. Each choice is the sentence up to the "_" with an option
+  put in; the continuation, the same for both, is the rest of the sentence, stripped, scored after the delimiter;
+  the answer is the option under which that continuation is most likely (only accuracy: acc_norm would divide
+  both by the same length). A few-shot shot is the right choice, the delimiter and the continuation.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import io
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 MMLU_SPLITS = ("_test", "_dev", "_val")
@@ -45,6 +51,9 @@ class ChoiceExample:
     answer: int
     # Written once before the context and before any few-shot examples (MMLU's subject line), not in the shots.
     description: str = ""
+    # Set where the choices complete the context and this text, the same for every choice, is what is scored
+    # after each (WinoGrande); None where each choice is scored after the context.
+    continuation: str | None = None
 
 
 # --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
@@ -189,6 +198,32 @@ def piqa_example(row: dict, where: str) -> ChoiceExample:
     return _example(question, choices, _index(row, "label", where), where, "sol1/sol2", "label")
 
 
+def winogrande_example(row: dict, where: str) -> ChoiceExample:
+    """The sentence cut at its blank: the part before it completed by each option, the rest shared."""
+    sentence = _string(row, "sentence", where)
+    if sentence.count("_") != 1:
+        raise ValueError(f"{where}: 'sentence' must hold one '_' (the blank the options fill), it holds "
+                         f"{sentence.count('_')}")
+    before, after = sentence.split("_")
+    continuation = after.strip()
+    if not continuation:  # the harness would score the delimiter " " alone
+        raise ValueError(f"{where}: 'sentence' has nothing after its '_' to score")
+    options = [_string(row, "option1", where), _string(row, "option2", where)]
+    example = _example("", [before + option for option in options], _winogrande_answer(row, where), where,
+                       "option1/option2", "answer")
+    return replace(example, continuation=continuation)
+
+
+def _winogrande_answer(row: dict, where: str) -> int:
+    """The index of the right option: answer "1" or "2" (the export's strings; the ints read as well)."""
+    answer = _value(row, "answer", where)
+    if answer == "":
+        raise ValueError(f"{where}: 'answer' is empty: an unlabeled row (WinoGrande's test split) cannot be scored")
+    if isinstance(answer, bool) or answer not in ("1", "2", 1, 2):
+        raise ValueError(f"{where}: 'answer' must be \"1\" or \"2\" (the right option), got {answer!r}")
+    return int(answer) - 1
+
+
 @dataclass(frozen=True)
 class ChoiceFormat:
     name: str
@@ -206,6 +241,7 @@ FORMATS = (
     ChoiceFormat("ARC (Hugging Face)", lambda r: "answerKey" in r and not isinstance(r.get("question"), dict),
                  arc_hf_example),
     ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example),
+    ChoiceFormat("WinoGrande", lambda r: "sentence" in r and "option1" in r, winogrande_example),
     ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
                  mmlu_example),
     LLMKERN,

@@ -5,6 +5,9 @@
     llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K [--fewshot-data DEV]]
                  [--predictions --json OUT]
                                                                             multiple-choice accuracy and acc_norm
+                                                                            (WinoGrande: accuracy only)
+    llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
+                                                                            LAMBADA: last-word accuracy, perplexity
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
                  [--template chatml]   (default: each run's own prompt template)
                  [--judge-kind lm]     (--judge is a language model asked "A or B?"; default: a reward model)
@@ -23,19 +26,19 @@ import sys
 
 from .._atomic import write_json_atomic
 
-TASKS = ("perplexity", "choice", "win-rate")
+TASKS = ("perplexity", "choice", "win-rate", "lambada")
 JUDGE_KINDS = ("reward", "lm")  # llmkern.eval.win_rate.JUDGE_KINDS, without importing torch for --help
 
 # What each mode is called in an error message.
 MODES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
-         "choice": "--task choice", "win-rate": "--task win-rate"}
+         "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada"}
 # The options that only some modes read: given to another, they would have no effect. Their argparse
 # default is None, so that one the user gave (even at its default value) can be told from one left out;
 # DEFAULTS fills in the real defaults once the check is done.
 ONLY_FOR = {
     "split": ("shards",), "max_batches": ("shards",),
     "context": ("text",), "stride": ("text",),
-    "limit": ("choice", "win-rate"),
+    "limit": ("choice", "win-rate", "lambada"),
     "fewshot": ("choice",), "fewshot_data": ("choice",), "predictions": ("choice",),
     **{name: ("win-rate",) for name in ("baseline", "judge", "judge_kind", "max_new_tokens", "tie_margin",
                                         "interval", "template", "system_prompt")},
@@ -145,13 +148,20 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         result["text"] = os.path.abspath(args.text)
         return result, ["loss", "perplexity", "bits_per_byte", "tokens", "context", "stride"]
 
+    if args.task == "lambada":
+        from .lambada import evaluate_lambada
+
+        result = evaluate_lambada(model, tokenizer, args.data, args.batch_size, args.limit, progress)
+        result["data"] = os.path.abspath(args.data)
+        return result, ["accuracy", "perplexity", "examples"]
+
     from .multiple_choice import evaluate_choices
 
     result = evaluate_choices(model, tokenizer, args.data, batch_size=args.batch_size, limit=args.limit,
                               return_predictions=args.predictions, progress=progress, fewshot=args.fewshot,
                               fewshot_data=args.fewshot_data)
     result["data"] = os.path.abspath(args.data)
-    return result, ["accuracy", "acc_norm", "examples"]
+    return result, [name for name in ("accuracy", "acc_norm", "examples") if name in result]  # WinoGrande: no acc_norm
 
 
 def _format(value: object) -> str:
@@ -183,7 +193,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     e.add_argument("--task", choices=TASKS, default="perplexity")
     e.add_argument("--data", default=None, help="perplexity: a folder of token shards (manifest.json); choice: "
-                                                "a .jsonl task; win-rate: a .json/.jsonl of instructions")
+                                                "a .jsonl task; win-rate: a .json/.jsonl of instructions; "
+                                                "lambada: lambada_openai's .jsonl")
     e.add_argument("--text", default=None, help="perplexity of this UTF-8 text file (sliding window)")
     # default=None: not given (see ONLY_FOR); the defaults the help texts name are DEFAULTS
     e.add_argument("--split", default=None, help="perplexity on --data: the shard split (default: val)")
@@ -192,7 +203,8 @@ def add_eval_parser(sub) -> None:
                                                                   "(default: 100)")
     e.add_argument("--context", type=int, default=None, help="--text: window length (default: block_size)")
     e.add_argument("--stride", type=int, default=None, help="--text: window step (default: context // 2)")
-    e.add_argument("--limit", type=int, default=None, help="choice, win-rate: the first N examples only")
+    e.add_argument("--limit", type=int, default=None, help="choice, win-rate, lambada: the first N examples "
+                                                           "only")
     e.add_argument("--fewshot", type=int, default=None, help="choice: solved examples of the task before each one "
                                                              "(default: 0)")
     e.add_argument("--fewshot-data", default=None, help="choice, with --fewshot: take the shots from this file "

@@ -3,9 +3,12 @@
 A task is a JSON Lines file (or a JSON list) of examples
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
 ("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC,
-MMLU, PIQA: choice_formats), phrased as lm-evaluation-harness phrases it. Each choice is scored by the
+MMLU, PIQA, WinoGrande: choice_formats), phrased as lm-evaluation-harness phrases it. Each choice is scored by the
 summed log-probability of its tokens after the context and a separator (" " by default, as
-lm-evaluation-harness does).
+lm-evaluation-harness does). An example with a shared `continuation` (WinoGrande) is scored the other way
+round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
+its few-shot shots are written as its context, right choice, separator and continuation, and acc_norm,
+which would divide every choice's score by the same length, is left out where every example is so.
 Two accuracies are reported, as the harness does:
 - accuracy: the choice with the highest summed log-prob. Long choices lose probability with
   every token, so this favours short ones;
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -48,15 +52,15 @@ def load_choice_tasks(path: str) -> list[ChoiceExample]:
     if path.lower().endswith(".csv"):
         examples = mmlu_csv_examples(text, path)
     elif text.lstrip().startswith("["):  # a JSON list
-        examples = examples_from_rows(_json_list_rows(text, path))
+        examples = examples_from_rows(json_list_rows(text, path))
     else:
-        examples = examples_from_rows(_json_lines_rows(text, path))
+        examples = examples_from_rows(json_lines_rows(text, path))
     if not examples:
         raise ValueError(f"task file {path!r} holds no examples")
     return examples
 
 
-def _json_list_rows(text: str, path: str) -> list[tuple[str, object]]:
+def json_list_rows(text: str, path: str) -> list[tuple[str, object]]:
     """(where, row) of each item of a JSON list."""
     try:
         rows = json.loads(text)
@@ -65,7 +69,7 @@ def _json_list_rows(text: str, path: str) -> list[tuple[str, object]]:
     return [(f"{path} item {i}", row) for i, row in enumerate(rows)]
 
 
-def _json_lines_rows(text: str, path: str):
+def json_lines_rows(text: str, path: str):
     """(where, row) of each non-blank line, decoded one at a time (a broken line is named before the rows after
     it are read)."""
     for number, line in enumerate(text.splitlines(), start=1):
@@ -78,7 +82,7 @@ def _json_lines_rows(text: str, path: str):
         yield f"{path} line {number}", row
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
+def encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
     """(context + continuation token ids, length of the continuation), the context left-cut so
     that the inputs (all but the last token) fit in block_size. The context starts with the tokenizer's
     begin-of-sequence token where it has one, kept by the cut. The continuation's tokens are the ones that follow
@@ -87,11 +91,12 @@ def _encode_pair(tokenizer, context: str, continuation: str, block_size: int, wh
     ctx, cont = encode_continuation(tokenizer, context, continuation)
     ctx = ctx or encode_prompt(tokenizer, context)  # an empty context without a BOS: condition on <|endoftext|>
     if not cont:  # scoring ids[-0:] would score the whole row, and acc_norm divides by the choice's length
-        raise ValueError(f"{where}: the choice {continuation!r} (with its separator) has no tokens of its own after "
-                         f"the context: the tokenizer drops it or merges it into the context, so it has nothing to "
-                         f"score")
+        raise ValueError(f"{where}: the scored text {continuation!r} (with its separator) has no tokens of its own "
+                         f"after the context: the tokenizer drops it or merges it into the context, so it has "
+                         f"nothing to score")
     if len(cont) > block_size:
-        raise ValueError(f"{where}: a choice has {len(cont)} tokens, more than block_size={block_size}")
+        raise ValueError(f"{where}: a scored text (a choice or continuation) has {len(cont)} tokens, more than "
+                         f"block_size={block_size}")
     full = cut_left(tokenizer, ctx + cont, block_size + 1)
     return full, len(cont)
 
@@ -108,6 +113,8 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
         raise TypeError(f"examples[{i}]: description must be a str, got {type(ex.description).__name__}")
     if not ex.choices or not all(isinstance(c, str) and c for c in ex.choices):
         raise ValueError(f"examples[{i}]: choices must be a non-empty list of non-empty strings, got {ex.choices!r}")
+    if ex.continuation is not None and not (isinstance(ex.continuation, str) and ex.continuation):
+        raise ValueError(f"examples[{i}]: continuation must be None or a non-empty string, got {ex.continuation!r}")
     if answer and (isinstance(ex.answer, bool) or not isinstance(ex.answer, int)
                    or not 0 <= ex.answer < len(ex.choices)):
         raise ValueError(f"examples[{i}]: answer must be the index of one of its {len(ex.choices)} choices, "
@@ -117,7 +124,9 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
 @torch.no_grad()
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator: str = " ",
                   batch_size: int = 16, progress: bool = False) -> list[list[float]]:
-    """Summed log-probability of each choice's tokens given its description and context: one list per example.
+    """Summed log-probability of each choice's tokens given its description and context (or, for an example
+    with a shared continuation, of the continuation's tokens given the context completed by the choice): one list
+    per example.
 
     Every (example, choice) pair is a row; rows are batched right-padded, the context and padding
     positions carry target -1 so only the choice's tokens count.
@@ -134,8 +143,8 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
     for i, ex in enumerate(examples):
         _check_example(ex, i)
         for choice in ex.choices:
-            context = ex.description + ex.context
-            ids, n_cont = _encode_pair(tokenizer, context, separator + choice, block, f"examples[{i}]")
+            context, scored = _scored_pair(ex, choice, separator)
+            ids, n_cont = encode_pair(tokenizer, ex.description + context, scored, block, f"examples[{i}]")
             rows.append((i, ids, n_cont))
 
     scores: list[list[float]] = [[] for _ in examples]
@@ -161,8 +170,24 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
     return scores
 
 
+def _scored_pair(ex: ChoiceExample, choice: str, separator: str) -> tuple[str, str]:
+    """(the text conditioned on, the text scored) for one choice, the description left out: the choice after the
+    context, or the shared continuation after the context completed by the choice."""
+    if ex.continuation is None:
+        return ex.context, separator + choice
+    return ex.context + choice, separator + ex.continuation
+
+
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda k: values[k])  # the first of equal maxima
+
+
+def _per_byte_argmax(ex: ChoiceExample, logps: Sequence[float]) -> int:
+    """acc_norm's pick: the highest log-prob per UTF-8 byte of the choice. A shared continuation has the same
+    length under every choice, so dividing by it would change nothing."""
+    if ex.continuation is not None:
+        return _argmax(logps)
+    return _argmax([lp / len(c.encode("utf-8")) for lp, c in zip(logps, ex.choices)])
 
 
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
@@ -185,8 +210,8 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
     out = []
     for ex in examples:
         shots = _first_shots(ex, pool, k) if first else [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
-        prefix = "".join(f"{s.context}{separator}{s.choices[s.answer]}\n\n" for s in shots)
-        out.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer, ex.description))
+        prefix = "".join("".join(_scored_pair(s, s.choices[s.answer], separator)) + "\n\n" for s in shots)
+        out.append(replace(ex, context=prefix + ex.context))
     return out
 
 
@@ -206,8 +231,9 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     zero-shot or with `fewshot` solved examples before each context: of the task itself (a seeded draw), or,
     given fewshot_data (a path or a list: MMLU's dev split), its first `fewshot` with the example's description.
 
-    Returns {"accuracy", "acc_norm", "examples", "fewshot"} and, with return_predictions, "predictions":
-    one {"answer", "pred", "pred_norm", "logprobs"} per example.
+    Returns {"accuracy", "acc_norm", "examples", "fewshot"} (no "acc_norm" where every example has a shared
+    continuation: it would be the accuracy) and, with return_predictions, "predictions": one {"answer", "pred",
+    "pred_norm", "logprobs"} per example.
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
@@ -232,13 +258,14 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     correct = correct_norm = 0
     predictions = []
     for ex, logps in zip(examples, scores):
-        per_byte = [lp / len(c.encode("utf-8")) for lp, c in zip(logps, ex.choices)]
-        pred, pred_norm = _argmax(logps), _argmax(per_byte)
+        pred, pred_norm = _argmax(logps), _per_byte_argmax(ex, logps)
         correct += pred == ex.answer
         correct_norm += pred_norm == ex.answer
         predictions.append({"answer": ex.answer, "pred": pred, "pred_norm": pred_norm, "logprobs": logps})
     result: dict[str, Any] = {"accuracy": correct / len(examples), "acc_norm": correct_norm / len(examples),
                               "examples": len(examples), "fewshot": fewshot}
+    if all(ex.continuation is not None for ex in examples):  # as the harness, which reports only acc for them
+        del result["acc_norm"]
     if return_predictions:
         result["predictions"] = predictions
     return result

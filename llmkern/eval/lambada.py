@@ -1,0 +1,103 @@
+"""LAMBADA, as lm-evaluation-harness's lambada_openai scores it: can the model finish a passage's last word?
+
+The task file is lambada_openai's jsonl, one {"text": PASSAGE} a line (or a JSON list of such rows). Each
+passage is split at its last space: the context is the text before it, the target " " + the last word. Two
+metrics, as the harness reports them:
+- accuracy: the share of passages whose every target token is the model's greedy (argmax) choice;
+- perplexity: exp of minus the mean, over passages, of the target's summed log-probability (per passage, not
+  per token, so it depends on the tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._modes import eval_mode
+from .logprobs import IGNORE, logprobs_from_hidden
+from .multiple_choice import encode_pair, json_lines_rows, json_list_rows
+
+
+def split_last_word(text: str) -> tuple[str, str]:
+    """(context, target) of a passage as the harness cuts it: text.split(' ')[:-1] joined by ' ', and
+    ' ' + text.split(' ')[-1]."""
+    context, _, last = text.rpartition(" ")
+    return context, " " + last
+
+
+def load_lambada(path: str) -> list[tuple[str, str]]:
+    """(context, target) of each {"text"} row of a .jsonl file (or a JSON list)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"task file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+    rows = json_list_rows(text, path) if text.lstrip().startswith("[") else json_lines_rows(text, path)
+    passages = [_passage(row, where) for where, row in rows]
+    if not passages:
+        raise ValueError(f"task file {path!r} holds no examples")
+    return passages
+
+
+def _passage(row: object, where: str) -> tuple[str, str]:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{where}: expected a JSON object with a string 'text' (a LAMBADA passage)")
+    context, target = split_last_word(row["text"])
+    if target == " ":  # the passage ends with a space: no last word to predict
+        raise ValueError(f"{where}: 'text' ends with a space, so it has no last word to predict")
+    return context, target
+
+
+@torch.no_grad()
+def evaluate_lambada(model, tokenizer, examples: Sequence[tuple[str, str]] | str, batch_size: int = 16,
+                     limit: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """{"accuracy", "perplexity", "examples"} of `model` on LAMBADA: a path, or (context, target) pairs."""
+    if isinstance(examples, (str, os.PathLike)):
+        examples = load_lambada(os.fspath(examples))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    examples = list(examples)[:limit]
+    if not examples:
+        raise ValueError("examples is empty")
+    if tokenizer.n_vocab > model.config.vocab_size:  # the context's ids would crash deep in the embedding
+        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only "
+                         f"vocab_size={model.config.vocab_size}: score with the model's own tokenizer")
+    rows = [encode_pair(tokenizer, context, target, model.config.block_size, f"examples[{i}]")
+            for i, (context, target) in enumerate(examples)]
+    starts = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, unit="batch", desc="lambada", dynamic_ncols=True)
+    logprobs, greedy = [], []
+    with eval_mode(model):
+        for b in starts:
+            sums, hits = _score_batch(model, rows[b : b + batch_size])
+            logprobs += sums
+            greedy += hits
+    return {"accuracy": sum(greedy) / len(rows), "perplexity": math.exp(-sum(logprobs) / len(rows)),
+            "examples": len(rows)}
+
+
+def _score_batch(model, chunk: list[tuple[list[int], int]]) -> tuple[list[float], list[bool]]:
+    """(summed log-prob of each row's target tokens, whether each of them is the argmax) of right-padded rows."""
+    width = max(len(ids) - 1 for ids, _ in chunk)
+    inputs = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)  # (B, T): the target's tokens only
+    for r, (ids, n_target) in enumerate(chunk):
+        n = len(ids) - 1
+        inputs[r, :n] = torch.tensor(ids[:-1])
+        targets[r, n - n_target : n] = torch.tensor(ids[-n_target:])
+    inputs, targets = inputs.to(model.device), targets.to(model.device)
+    hidden = model.hidden_states(inputs)  # (B, T, C)
+    sums = logprobs_from_hidden(model, hidden, targets).sum(dim=1)  # (B,)
+    is_argmax = (model.head(hidden).argmax(dim=-1) == targets) | (targets == IGNORE)  # (B, T)
+    return sums.double().tolist(), is_argmax.all(dim=1).tolist()
