@@ -19,7 +19,7 @@ import torch
 
 from .._modes import eval_mode
 from .logprobs import IGNORE, logprobs_from_hidden
-from .multiple_choice import encode_pair, json_lines_rows, json_list_rows
+from .multiple_choice import encode_pair, json_rows, read_task_text
 
 
 def split_last_word(text: str) -> tuple[str, str]:
@@ -31,15 +31,7 @@ def split_last_word(text: str) -> tuple[str, str]:
 
 def load_lambada(path: str) -> list[tuple[str, str]]:
     """(context, target) of each {"text"} row of a .jsonl file (or a JSON list)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"task file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
-    rows = json_list_rows(text, path) if text.lstrip().startswith("[") else json_lines_rows(text, path)
-    passages = [_passage(row, where) for where, row in rows]
+    passages = [_passage(row, where) for where, row in json_rows(read_task_text(path), path)]
     if not passages:
         raise ValueError(f"task file {path!r} holds no examples")
     return passages

@@ -41,23 +41,31 @@ from .logprobs import sequence_logprobs
 def load_choice_tasks(path: str) -> list[ChoiceExample]:
     """The examples of a .jsonl file (one object per line, blank lines skipped), a .json list, or an MMLU .csv;
     the rows are in any format of choice_formats, told by the first row's keys."""
+    text = read_task_text(path)
+    if path.lower().endswith(".csv"):
+        examples = mmlu_csv_examples(text, path)
+    else:
+        examples = examples_from_rows(json_rows(text, path))
+    if not examples:
+        raise ValueError(f"task file {path!r} holds no examples")
+    return examples
+
+
+def read_task_text(path: str) -> str:
+    """The text of a task file; a ValueError naming it when it is missing or not UTF-8."""
     if not os.path.isfile(path):
         raise ValueError(f"task file {path!r} does not exist")
     # utf-8-sig: a byte-order mark (Notepad writes one) is skipped, not read as text that hid a JSON list
     try:
         with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from err
-    if path.lower().endswith(".csv"):
-        examples = mmlu_csv_examples(text, path)
-    elif text.lstrip().startswith("["):  # a JSON list
-        examples = examples_from_rows(json_list_rows(text, path))
-    else:
-        examples = examples_from_rows(json_lines_rows(text, path))
-    if not examples:
-        raise ValueError(f"task file {path!r} holds no examples")
-    return examples
+
+
+def json_rows(text: str, path: str):
+    """(where, row) of each row of a task file's text: a JSON list's items, or JSON Lines' non-blank lines."""
+    return json_list_rows(text, path) if text.lstrip().startswith("[") else json_lines_rows(text, path)
 
 
 def json_list_rows(text: str, path: str) -> list[tuple[str, object]]:
