@@ -1,10 +1,12 @@
 """End to end, as a user fine-tunes a chat model: a Hugging Face tokenizer.json with ChatML, Llama 3 or Phi-3 special
 tokens (built here with the `tokenizers` library, no download), the chatml, llama3 and phi3 templates over it, and the
-training examples they encode; and a Mistral or Phi-3 model file with a short sliding window, loaded whole without a
-word, giving the windowed logits."""
+training examples they encode; a Mistral or Phi-3 model file with a short sliding window, loaded whole without a
+word, giving the windowed logits; and a Gemma 3 model folder whose tokenizer has one special token more than the
+model has embeddings (as Gemma 3 1B's <image_soft_token>), fine-tuned, prompted and resumed through the command."""
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ from test_continuation import sentencepiece_style
 from test_hf_llama import CTX, VOCAB, _save, llama_config_json, llama_logits, llama_state_dict
 from test_hf_phi3 import phi3_config_json, phi3_logits, phi3_state_dict
 
-from llmkern.data.sequences import encode_prompt
+from llmkern.data.sequences import Marker, TemplateText, encode_prompt
 from llmkern.data.tokenizer import get_tokenizer
+from llmkern.finetune.base import load_base
+from llmkern.finetune.config import FinetuneConfig
 from llmkern.finetune.data import IGNORE, encode_prompt_response
 from llmkern.finetune.templates import PromptFormat
 from llmkern.model.hf import load_hf_llama_file, load_hf_phi3_file
@@ -182,3 +186,124 @@ def test_a_model_file_with_a_short_sliding_window_loads_whole_and_silently_with_
     with torch.no_grad():
         logits = model.eval()(idx)[0]
     torch.testing.assert_close(logits, reference(sd, idx, cfg), rtol=1e-4, atol=1e-4)  # fp32 against float64
+
+
+# --- a Gemma 3 model whose tokenizer has one id more than the model has embeddings ------------------------------
+
+IMAGE_SOFT_TOKEN = "<image_soft_token>"  # Gemma 3's id 262144, past its model's 262144 embeddings
+
+
+def _gemma3_tokenizer_json(folder, config: dict | None = None) -> tuple[str, int]:
+    """(path, vocab_size): test_gemma_text's Gemma-style tokenizer.json with IMAGE_SOFT_TOKEN, a special token, as
+    its last id, vocab_size; and Gemma's tokenizer_config.json (<eos> ends text), or `config`."""
+    # imported when used: that module needs tokenizers, which the sliding-window test above does not
+    from test_gemma_text import GEMMA_CONFIG, gemma_style
+
+    data = gemma_style(None)
+    vocab_size = max(data["model"]["vocab"].values()) + 1
+    data["added_tokens"].append({"id": vocab_size, "content": IMAGE_SOFT_TOKEN, "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config or GEMMA_CONFIG), encoding="utf-8")
+    return str(folder / "tokenizer.json"), vocab_size
+
+
+def _gemma3_model_file(folder, vocab_size: int) -> str:
+    """A tiny Gemma3ForCausalLM model.safetensors (test_hf_gemma3's weights and config.json) of vocab_size
+    embeddings, with room for a chat example in its context."""
+    from safetensors.torch import save_file
+    from test_hf_gemma3 import EMBD, gemma3_config_json, gemma3_state_dict
+
+    sd = gemma3_state_dict(tied=True)
+    sd["model.embed_tokens.weight"] = (torch.randn(vocab_size, EMBD) * 0.3).to(torch.bfloat16).float()
+    (folder / "config.json").write_text(json.dumps(gemma3_config_json(vocab_size=vocab_size,
+                                                                      max_position_embeddings=64)))
+    save_file(sd, str(folder / "model.safetensors"))
+    return str(folder / "model.safetensors")
+
+
+@pytest.fixture
+def gemma3_folder(tmp_path):
+    """(model.safetensors, tokenizer.json, the model's vocab_size) of a Gemma-3-like folder: the tokenizer has
+    vocab_size + 1 ids, the last one <image_soft_token>."""
+    pytest.importorskip("tokenizers")
+    folder = tmp_path / "gemma-3-tiny-it"
+    folder.mkdir()
+    tokenizer, vocab_size = _gemma3_tokenizer_json(folder)
+    return _gemma3_model_file(folder, vocab_size), tokenizer, vocab_size
+
+
+def test_gemma3_fine_tunes_with_its_own_tokenizer_then_answers_and_resumes(gemma3_folder, tmp_path, capsys):
+    from llmkern.cli import main
+
+    model, tokenizer, _ = gemma3_folder
+    torch.manual_seed(0)
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps([{"instruction": "what time it was", "input": "", "output": "the cat sat"}] * 4))
+    run = tmp_path / "sft"
+    command = ["finetune", "sft", f"--base={model}", f"--base_tokenizer={tokenizer}", "--template=gemma",
+               f"--data={data}", f"--out_dir={run}", "--max_steps=6", "--batch_size=2", "--lr=2e-2",
+               "--warmup_steps=2", "--val_fraction=0", "--eval_interval=0", "--num_samples=0", "--backend=torch",
+               "--device=cpu", "--progress=false", "--keep_train_state=true"]
+    assert main(command) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 6 and summary["train_loss_after"] < 0.2 * summary["train_loss_before"], summary
+
+    # the run answers in Gemma's turns and stops at <end_of_turn>: the learned response and nothing after it
+    assert main(["generate", "--run", str(run), "--instruction", "what time it was", "--max-new-tokens", "12",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "the cat sat"
+    # and is scored by `llmkern eval` with the same tokenizer (its extra special id is no obstacle there either)
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "what time it was", "choices": ["the cat sat", "dogs ran"], "answer": 0}))
+    assert main(["eval", "--run", str(run), "--task", "choice", "--data", str(task), "--device", "cpu"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    # the same command resumes the finished run from its kept state: the base is the same model, nothing to train
+    with pytest.warns(UserWarning, match="already complete"):
+        assert main([*command, "--resume=true"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["steps"] == 6
+
+
+def test_gemma3_base_loads_with_the_extra_special_id_and_its_own_source_label(gemma3_folder):
+    model, tokenizer, vocab_size = gemma3_folder
+    gpt, tok, meta = load_base(FinetuneConfig(base=model, base_tokenizer=tokenizer, backend="torch", device="cpu"))
+    assert meta["source"] == "hf-gemma3"
+    assert (gpt.config.vocab_size, tok.n_vocab) == (vocab_size, vocab_size + 1)
+    assert tok.special_token("<end_of_turn>") == 106 and tok.eot_token == tok.special_token("<eos>")
+    # a template marker past the model's embeddings is refused by name when it is encoded
+    with pytest.raises(ValueError, match=f"special token '{IMAGE_SOFT_TOKEN}' is id {vocab_size} .* past the "
+                                         f"model's {vocab_size} tokens"):
+        encode_prompt(tok, TemplateText([Marker("<start_of_turn>"), "user\n", Marker(IMAGE_SOFT_TOKEN)]))
+
+
+def test_gemma3_tokenizer_with_ordinary_ids_past_the_model_is_refused_naming_them(gemma3_folder, tmp_path):
+    _, tokenizer, vocab_size = gemma3_folder
+    (tmp_path / "small").mkdir()
+    small = _gemma3_model_file(tmp_path / "small", vocab_size - 3)  # the last 3 byte tokens have no embedding
+    first = vocab_size - 3
+    with pytest.raises(ValueError, match=rf"has {vocab_size + 1} tokens; the model .* only {first}, and ids "
+                                         rf"{first}-{vocab_size - 1} past it are ordinary tokens"):
+        load_base(FinetuneConfig(base=small, base_tokenizer=tokenizer, backend="torch", device="cpu"))
+
+
+def test_gemma3_tokenizer_whose_eos_is_past_the_model_is_refused_naming_it(gemma3_folder):
+    model, tokenizer, vocab_size = gemma3_folder
+    config = {"bos_token": "<bos>", "eos_token": IMAGE_SOFT_TOKEN, "add_bos_token": True}
+    _gemma3_tokenizer_json(Path(tokenizer).parent, config)
+    with pytest.raises(ValueError, match=f"end-of-text token '{IMAGE_SOFT_TOKEN}' .* is id {vocab_size}, past the "
+                                         f"{vocab_size} tokens of the model"):
+        load_base(FinetuneConfig(base=model, base_tokenizer=tokenizer, backend="torch", device="cpu"))
+
+
+def test_pretraining_data_in_the_gemma3_tokenizer_fits_a_model_without_its_extra_special_id(gemma3_folder):
+    from llmkern.train.config import TrainConfig
+    from llmkern.train.trainer import build_model
+
+    _, tokenizer, vocab_size = gemma3_folder
+    model = {"vocab_size": vocab_size, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    config = TrainConfig(preset="tiny", model=model, seq_len=16, backend="torch").validate()
+    assert build_model(config, vocab_size + 1, tokenizer).config.vocab_size == vocab_size
+    fewer = TrainConfig(preset="tiny", model={**model, "vocab_size": vocab_size - 1}, seq_len=16,
+                        backend="torch").validate()
+    with pytest.raises(ValueError, match=f"ids {vocab_size - 1} past it are ordinary tokens"):
+        build_model(fewer, vocab_size + 1, tokenizer)

@@ -171,7 +171,7 @@ def test_a_phi3_folder_is_read_by_its_model_type(tmp_path):
     idx = torch.randint(0, VOCAB, (1, 9))
     torch.testing.assert_close(logits_of(model, idx), phi3_logits(bf16, idx, cfg), rtol=1e-5, atol=1e-5)
     model, _, meta = load_gpt(str(path), backend="torch", hf_tokenizer="bytes")
-    assert meta["source"] == "hf-llama"  # Llama's model
+    assert meta["source"] == "hf-phi3"  # its own label, though Llama's model
     (tmp_path / "config.json").write_text(json.dumps(phi3_config_json(partial_rotary_factor=0.5625)))
     with pytest.raises(ValueError, match="partial_rotary_factor=0.5625"):  # 9 of 16 dims: odd
         load_hf_file(str(path))

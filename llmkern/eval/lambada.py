@@ -19,7 +19,7 @@ import torch
 
 from .._modes import eval_mode
 from .logprobs import IGNORE, logprobs_from_hidden
-from .multiple_choice import encode_pair, json_rows, read_task_text
+from .multiple_choice import check_scoring_vocab, encode_pair, json_rows, read_task_text
 
 
 def split_last_word(text: str) -> tuple[str, str]:
@@ -59,9 +59,7 @@ def evaluate_lambada(model, tokenizer, examples: Sequence[tuple[str, str]] | str
     examples = list(examples)[:limit]
     if not examples:
         raise ValueError("examples is empty")
-    if tokenizer.n_vocab > model.config.vocab_size:  # the context's ids would crash deep in the embedding
-        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only "
-                         f"vocab_size={model.config.vocab_size}: score with the model's own tokenizer")
+    check_scoring_vocab(tokenizer, model)  # the contexts' ids are read, not scored
     rows = [encode_pair(tokenizer, context, target, model.config.block_size, f"examples[{i}]")
             for i, (context, target) in enumerate(examples)]
     starts = range(0, len(rows), batch_size)

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .._modes import eval_mode
+from ..data.model_vocab import check_vocab_fits
 from ..data.sequences import cut_left, encode_continuation, encode_prompt
 from .choice_formats import ChoiceExample, examples_from_rows, mmlu_csv_examples
 from .logprobs import sequence_logprobs
@@ -49,6 +50,13 @@ def load_choice_tasks(path: str) -> list[ChoiceExample]:
     if not examples:
         raise ValueError(f"task file {path!r} holds no examples")
     return examples
+
+
+def check_scoring_vocab(tokenizer, model) -> None:
+    """A ValueError unless the model has an embedding for every id the tokenizer encodes text to (ids past its
+    vocabulary may only be special tokens, as Gemma 3's <image_soft_token>: llmkern.data.model_vocab)."""
+    check_vocab_fits(tokenizer, model.config.vocab_size, getattr(tokenizer, "spec", type(tokenizer).__name__),
+                     "the model", hint=": score with the model's own tokenizer")
 
 
 def read_task_text(path: str) -> str:
@@ -144,9 +152,7 @@ def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], separator
     block = model.config.block_size
     # The contexts' ids are read, not scored, so token_logprobs' check of the targets does not see them:
     # another model's tokenizer would crash deep in the embedding (or read its padding rows).
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens, the model only "
-                         f"vocab_size={model.config.vocab_size}: score with the model's own tokenizer")
+    check_scoring_vocab(tokenizer, model)
     rows = []  # (example index, token ids, continuation length)
     for i, ex in enumerate(examples):
         _check_example(ex, i)

@@ -27,6 +27,7 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     text (SFT, DPO, PPO), so a reward model or classifier (a body trained to score) is refused; the
     scoring recipes pass False and put a fresh head on any body. The meta returned has one key more,
     "base_sha256": base_fingerprint of what was loaded, which a resumed run must share."""
+    from ..data.model_vocab import tokenizer_for_model
     from ..data.tokenizer import get_tokenizer
 
     require_base(config)
@@ -40,10 +41,9 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     if language_model and method in SCORING_METHODS:
         raise ValueError(f"base {config.base!r} is a {method!r} run: its body learned to score text through a head, "
                          f"not to write it; start this recipe from a pretraining or SFT run")
-    tokenizer = get_tokenizer(tokenizer_spec)
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer_spec!r} has {tokenizer.n_vocab} tokens; the model "
-                         f"{config.base!r} only {model.config.vocab_size}")
+    # a tokenizer may have more ids than the model has embeddings where those are special tokens (Gemma 3's)
+    tokenizer = tokenizer_for_model(get_tokenizer(tokenizer_spec), model.config.vocab_size, tokenizer_spec,
+                                    f"the model {config.base!r}")
     model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
     return model, tokenizer, meta
 

@@ -18,13 +18,36 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return parse_device(device)
 
 
+def hf_source(model_type: str) -> str:
+    """The "source" label of a model imported from a Hugging Face file of this model_type: "hf-" and its family,
+    "hf-gpt2", "hf-llama" (Llama, Mistral, Qwen2, Qwen3: Llama's model), "hf-phi3" or "hf-gemma3" (Gemma 3, text
+    or multimodal). Whatever the family, it starts with "hf-" (is_hf_source), as every label did."""
+    from ..model.hf_gemma3_config import GEMMA3_TYPES
+    from ..model.hf_llama_config import LLAMA_TYPES, PHI3_TYPE
+
+    if model_type in LLAMA_TYPES:
+        return "hf-llama"
+    if model_type == PHI3_TYPE:
+        return "hf-phi3"
+    if model_type in GEMMA3_TYPES:
+        return "hf-gemma3"
+    return f"hf-{model_type}"  # gpt2
+
+
+def is_hf_source(meta: dict) -> bool:
+    """Whether load_gpt's meta is a Hugging Face file's (which records no tokenizer), by any label it has given:
+    "hf-gpt2" and "hf-llama" from older llmkern, "hf-phi3" and "hf-gemma3" too since."""
+    return str(meta.get("source", "")).startswith("hf-")
+
+
 def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
     """(GPT on the CPU, its tokenizer spec, meta) from the weights at `path`: a run folder (its newest
     checkpoint) or a checkpoint folder that llmkern wrote (pretraining or fine-tuning; a classifier's or
-    reward model's "head.*" weights are left out), or a Hugging Face model.safetensors (or shard) of GPT-2
-    or of a Llama-family model (by the model_type of the config.json beside it), whose tokenizer is
-    hf_tokenizer (a tiktoken name or .tiktoken file). backend, when given, replaces the model's kernel
-    backend. meta is the checkpoint's ({"source": "hf-gpt2" or "hf-llama", "path": ...} for a HF file)."""
+    reward model's "head.*" weights are left out), or a Hugging Face model.safetensors (or shard) of GPT-2,
+    a Llama-family model, Phi-3 or Gemma 3 (by the model_type of the config.json beside it), whose tokenizer is
+    hf_tokenizer (a tokenizer spec: a tiktoken name, a .tiktoken file or a tokenizer.json). backend, when given,
+    replaces the model's kernel backend. meta is the checkpoint's ({"source": hf_source(model_type), "path": ...}
+    for a HF file)."""
     import dataclasses
 
     from ..model import GPT, GPTConfig
@@ -37,8 +60,7 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
         from ..model.hf import load_hf_file
 
         model, model_type = load_hf_file(path, **overrides)
-        source = "hf-gpt2" if model_type == "gpt2" else "hf-llama"  # mistral: Llama's model
-        return model, hf_tokenizer, {"source": source, "path": os.path.abspath(path)}
+        return model, hf_tokenizer, {"source": hf_source(model_type), "path": os.path.abspath(path)}
     state = ckpt.load_checkpoint(path)
     for key in ("model_config", "tokenizer"):
         if key not in state.meta:
@@ -49,7 +71,9 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
 
 
 def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
-    """(model in eval mode, tokenizer, Checkpoint) from a run folder or a checkpoint folder."""
+    """(model in eval mode, tokenizer, Checkpoint) from a run folder or a checkpoint folder. The tokenizer is checked
+    against the model's vocabulary (llmkern.data.model_vocab.tokenizer_for_model)."""
+    from ..data.model_vocab import tokenizer_for_model
     from ..data.tokenizer import get_tokenizer
     from ..model import GPT, GPTConfig
 
@@ -71,7 +95,9 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
                          f"(a reward model judges win rates with --judge-kind reward)")
     model.load_state_dict(state.model)
     model.to(resolve_device(device)).eval()
-    return model, get_tokenizer(state.meta["tokenizer"]), state
+    spec = state.meta["tokenizer"]
+    tokenizer = tokenizer_for_model(get_tokenizer(spec), model.config.vocab_size, spec, f"the model {state.path!r}")
+    return model, tokenizer, state
 
 
 def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,

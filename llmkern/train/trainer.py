@@ -85,26 +85,39 @@ def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = 
     settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.backend}
     settings.update(config.model)
     model_config = GPTConfig.from_preset(config.preset, **settings)
-    if model_config.vocab_size < n_vocab:
-        raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the data's n_vocab={n_vocab}")
+    check_data_vocab(model_config.vocab_size, n_vocab, tokenizer_spec, "the model (model.vocab_size)")
     if model_config.block_size < config.seq_len:
         raise ValueError(f"seq_len={config.seq_len} is longer than model.block_size={model_config.block_size}")
     return GPT(model_config)
 
 
+def check_data_vocab(vocab_size: int, n_vocab: int, tokenizer_spec: str | None, model: str, hint: str = "") -> None:
+    """A ValueError unless a model of vocab_size embeddings reads every token of data tokenized with tokenizer_spec
+    (n_vocab tokens): llmkern.data.model_vocab.check_vocab_fits, where the model has fewer embeddings than the
+    tokenizer has ids (then the tokenizer is loaded, to tell its special tokens)."""
+    from ..data.model_vocab import check_vocab_fits
+    from ..data.tokenizer import get_tokenizer
+
+    if n_vocab <= vocab_size:
+        return
+    if tokenizer_spec is None:  # no tokenizer to tell special ids from ordinary ones
+        raise ValueError(f"the data has {n_vocab} tokens; {model} only {vocab_size}{hint}")
+    check_vocab_fits(get_tokenizer(tokenizer_spec), vocab_size, tokenizer_spec, model, hint)
+
+
 def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None, tokenizer_sha256: str | None):
     from ..data.tokenizer import same_tokenizer
-    from .inference import load_gpt
+    from .inference import is_hf_source, load_gpt
 
     model, spec, meta = load_gpt(config.init_from, config.backend)
-    # a Hugging Face file ("hf-gpt2", "hf-llama") records no tokenizer: the data's is trusted to be its own
-    from_llmkern = not str(meta.get("source", "")).startswith("hf-")
+    # a Hugging Face file ("hf-gpt2", "hf-llama", "hf-gemma3", ...) records no tokenizer: the data's is trusted
+    # to be its own
+    from_llmkern = not is_hf_source(meta)
     if from_llmkern and tokenizer_spec is not None and not same_tokenizer(spec, tokenizer_spec, tokenizer_sha256):
         raise ValueError(f"init_from {config.init_from!r} was trained with tokenizer {spec!r}, the data with "
                          f"{tokenizer_spec!r}: tokenize the data with the model's tokenizer")
-    if model.config.vocab_size < n_vocab:
-        raise ValueError(f"init_from {config.init_from!r} knows {model.config.vocab_size} tokens, the data has "
-                         f"{n_vocab}: tokenize the data with the model's tokenizer")
+    check_data_vocab(model.config.vocab_size, n_vocab, tokenizer_spec, f"init_from {config.init_from!r}",
+                     ": tokenize the data with the model's tokenizer")
     if model.config.block_size < config.seq_len:
         raise ValueError(f"seq_len={config.seq_len} is longer than the block_size={model.config.block_size} of "
                          f"init_from {config.init_from!r}")
