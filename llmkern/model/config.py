@@ -177,6 +177,11 @@ class GPTConfig:
             raise ValueError("rope_local_theta is the RoPE base of the sliding layers; this config has none "
                              "(sliding_window is None)")
 
+    def layer_kinds(self) -> list[str]:
+        """Each layer's kind, "sliding_attention" or "full_attention" (as Hugging Face's layer_types names them),
+        whatever form layer_types is kept in."""
+        return ["full_attention" if self.layer_window(i) is None else "sliding_attention" for i in range(self.n_layer)]
+
     def layer_window(self, i: int) -> int | None:
         """Layer i's sliding window: sliding_window for a sliding layer (see layer_types), None for a full one."""
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer:

@@ -1,5 +1,6 @@
-"""What the Hugging Face importers (hf_gpt2, hf_llama, hf_phi3) share: reading a model's files (its config.json and
-its safetensors weights, sharded or not) and copying tensors with a check of their shapes."""
+"""What the Hugging Face importers (hf_gpt2, hf_llama, hf_phi3, hf_gemma3) share: reading a model's files (its
+config.json and its safetensors weights, sharded or not), reading config.json's values with checks, and copying
+tensors with a check of their shapes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import GPTConfig
+from .config import LAYER_TYPES, GPTConfig
 from .gpt import GPT
 
 
@@ -131,3 +132,15 @@ def hf_number(hf_config: dict, name: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"config.json's {name} must be a number > 0, got {value!r}")
     return float(value)
+
+
+def hf_layer_types(hf_config: dict, n_layer: int) -> list[str] | None:
+    """config.json's layer_types (transformers 4.53 and later: each layer's "sliding_attention" or
+    "full_attention"), checked; None when the file has none."""
+    given = hf_config.get("layer_types")
+    if given is None:
+        return None
+    if not isinstance(given, list) or len(given) != n_layer or any(kind not in LAYER_TYPES for kind in given):
+        raise ValueError(f"config.json's layer_types must list one of {LAYER_TYPES} per layer "
+                         f"(num_hidden_layers={n_layer}), got {given!r}")
+    return list(given)

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .config import LAYER_TYPES, GPTConfig
-from .hf_common import hf_int, hf_number
+from .hf_common import hf_int, hf_layer_types, hf_number
 
 GEMMA3_TEXT_TYPE = "gemma3_text"
 GEMMA3_TYPE = "gemma3"
@@ -104,17 +104,14 @@ def _layer_types(text: dict, n_layer: int) -> list[str]:
     """Each layer's kind: layer_types when given (newer files), else sliding_window_pattern's; both given, they
     must agree (transformers reads one or the other, by version)."""
     from_pattern = pattern_layer_types(hf_int(text, "sliding_window_pattern", SLIDING_WINDOW_PATTERN), n_layer)
-    given = text.get("layer_types")
+    given = hf_layer_types(text, n_layer)
     if given is None:
         return from_pattern
-    if not isinstance(given, list) or len(given) != n_layer or any(kind not in LAYER_TYPES for kind in given):
-        raise ValueError(f"config.json's layer_types must list one of {LAYER_TYPES} per layer "
-                         f"(num_hidden_layers={n_layer}), got {given!r}")
     if text.get("sliding_window_pattern") is not None and given != from_pattern:
         raise ValueError(f"config.json's layer_types {given} and sliding_window_pattern="
                          f"{text['sliding_window_pattern']} name other sliding layers; transformers reads one or the "
                          f"other, by version")
-    return list(given)
+    return given
 
 
 def pattern_layer_types(pattern: int, n_layer: int) -> list[str]:
@@ -202,8 +199,7 @@ def hf_gemma3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     read, and sliding_window_pattern, which the earlier ones read, when the layers follow such a pattern (Gemma 3's
     do); when they follow none, only the later versions read the file as this model."""
     check_gemma3_shaped(config)
-    types = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
-             for i in range(config.n_layer)]
+    types = config.layer_kinds()
     hf_config = {
         "model_type": GEMMA3_TEXT_TYPE, "architectures": ["Gemma3ForCausalLM"], "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd, "intermediate_size": config.hidden_size, "num_hidden_layers": config.n_layer,

@@ -41,8 +41,8 @@ from ..nn.rotary import (
     check_rope_scaling,
     longrope_attention_factor,
 )
-from .config import LAYER_TYPES, GPTConfig
-from .hf_common import hf_int, hf_number
+from .config import GPTConfig
+from .hf_common import hf_int, hf_layer_types, hf_number
 
 # config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
 # biased q/k/v projections and an optional sliding window; Qwen3: with QK-norm and an optional sliding window)
@@ -313,24 +313,20 @@ def _active_window(hf_config: dict, model_type: str) -> int | None:
 def _qwen_layer_types(hf_config: dict, n_layer: int) -> list[str]:
     """Which layers of a Qwen model with its window on slide: layer_types when given, else those from
     max_window_layers on (Qwen2Config's and Qwen3Config's rule, and the layers older transformers slid)."""
-    given = hf_config.get("layer_types")
-    if given is None:
-        first = hf_config.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
-        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-            raise ValueError(f"config.json's max_window_layers must be an int >= 0, got {first!r}")
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
-    if not isinstance(given, list) or len(given) != n_layer or any(k not in LAYER_TYPES for k in given):
-        raise ValueError(f"config.json's layer_types must list one of {LAYER_TYPES} per layer "
-                         f"(num_hidden_layers={n_layer}), got {given!r}")
-    return list(given)
+    given = hf_layer_types(hf_config, n_layer)
+    if given is not None:
+        return given
+    first = hf_config.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"config.json's max_window_layers must be an int >= 0, got {first!r}")
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
 
 
 def _qwen_window(config: GPTConfig) -> dict:
     """A Qwen config.json's window keys for a model's sliding layers: off when none slides; else on, with
     layer_types (transformers 4.53 and later read it) and max_window_layers (the earlier ones), which must then
     say the same: the layers from some index on slide, the others not."""
-    types = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
-             for i in range(config.n_layer)]
+    types = config.layer_kinds()
     if "sliding_attention" not in types:
         return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
     first = types.index("sliding_attention")
