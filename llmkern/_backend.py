@@ -28,10 +28,11 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "adamw": ("triton", "cuda"),
     # The matmuls are cuBLAS's either way; the row kernels (Triton, CUDA) are unmeasured: Triton first.
     "fused_linear_cross_entropy": ("triton", "cuda"),
-    # Triton first: the CUDA RoPE and SwiGLU kernels (csrc/cuda/rope.cu, swiglu.cu) compile but
-    # have never run on a GPU; a GPU session that verifies and benchmarks them decides the order.
+    # Triton first: the CUDA RoPE and SwiGLU/GeGLU kernels (csrc/cuda/rope.cu, gated_activation.cu) compile
+    # but have never run on a GPU; a GPU session that verifies and benchmarks them decides the order.
     "rope": ("triton", "cuda"),
     "swiglu": ("triton", "cuda"),
+    "geglu": ("triton", "cuda"),  # SwiGLU's kernels with another activation: the same order
 }
 DEFAULT_PREFERENCE = ("cuda", "triton")
 

@@ -9,7 +9,7 @@ import torch
 from . import __version__, _backend
 
 # Every public op, in the order `llmkern info` lists them.
-OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "attention", "adamw", "fused_linear_cross_entropy")
+OPS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "attention", "adamw", "fused_linear_cross_entropy")
 
 
 def collect() -> dict:

@@ -137,7 +137,7 @@ def test_a_failing_provider_loses_no_other_rows(case, bench_modules, tmp_path, m
         monkeypatch.setattr(bench, "providers", lambda device: {("step", "broken"): _fails, ("step", good): real(device)[
             ("step", good)]})
     else:
-        monkeypatch.setattr(bench, "providers", lambda device: {"broken": _fails, good: real(device)[good]})
+        monkeypatch.setattr(bench, "providers", lambda device, *args: {"broken": _fails, good: real(device, *args)[good]})
     assert bench.main(argv + ["--device", "cpu"]) == 0
     assert "skipped broken" in capsys.readouterr().err
     rows = _rows(tmp_path)

@@ -407,7 +407,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("source", ["rope.cu", "swiglu.cu"])
+@pytest.mark.parametrize("source", ["rope.cu", "gated_activation.cu"])
 def test_vector_kernels_compile_to_16_byte_accesses(source, tmp_path):
     """nvcc may split a 16-byte store into 2- and 4-byte ones when it cannot follow the address
     (it did for rope's first version): in every kernel instantiated with G = 4 or 8 elements per

@@ -180,15 +180,22 @@ def test_embed_scale_is_rounded_to_the_embeddings_dtype_first():
     assert not torch.equal(expected, (table.float() * scale).bfloat16())  # the rounding is seen to matter
 
 
-def test_the_triton_backend_agrees_with_torch_on_a_gemma3_shaped_model():
-    kernels = [op for op in ("rms_norm", "attention", "rope") if _backend.triton_has(op)]
+def test_the_triton_backend_agrees_with_torch_on_a_gemma3_shaped_model(monkeypatch):
+    kernels = [op for op in ("rms_norm", "attention", "rope", "geglu") if _backend.triton_has(op)]
     if not kernels or not _backend.can_run("triton", kernels[0], torch.device("cpu")):
         pytest.skip("no Triton kernels that run here")
+    # the GeGLU MLPs run the kernels, forward and backward, once per layer each
+    geglu_kernels = _backend.kernels("geglu", "triton")
+    launches = []
+    for name in ("forward", "backward"):
+        kernel = getattr(geglu_kernels, name)
+        monkeypatch.setattr(geglu_kernels, name, lambda *a, kernel=kernel, name=name: (launches.append(name), kernel(*a)))
     # fp32 (the interpreter's bf16 dot is wrong); heads of 32, one of the Triton attention sizes
     shape = dict(FEATURES["gemma3"], n_layer=2, layer_types=[SLIDE, FULL], n_head=2, n_kv_head=1, block_size=16)
     reference = model_of(config(**shape, backend="torch"))
     model = GPT(config(**shape, backend="triton", fused_loss=False))
     assert_same_training_step(model, reference, batch=1, seq_len=10)
+    assert sorted(launches) == ["backward"] * 2 + ["forward"] * 2, launches
 
 
 # --- generation and training ---------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ part_bench() {
       --hidden 768 2048
     bench bench_rope 45 $PY benchmarks/bench_rope.py
     bench bench_swiglu 45 $PY benchmarks/bench_swiglu.py
+    bench bench_geglu 45 $PY benchmarks/bench_swiglu.py --activation gelu_tanh
     # the compiled providers last (each compiles for a minute or more); each provider's line is
     # printed as it ends, so a cut still leaves those before it in the figures
     bench bench_train 240 $PY benchmarks/bench_train.py --device cuda --steps 10 --warmup 3 \

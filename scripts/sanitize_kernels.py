@@ -187,19 +187,28 @@ def rope(backend: str, device: torch.device) -> None:
         _check(f"rope {b}x{h}x{s}x{d} strided {dtype} dx", x.grad, x_ref.grad, dtype)
 
 
-def swiglu(backend: str, device: torch.device) -> None:
+def _gated_activation(op: str, backend: str, device: torch.device) -> None:
+    """SwiGLU or GeGLU (op), one kernel source with two activations."""
     for dtype in (torch.float32, torch.bfloat16):
         for rows, hidden in ((3, 17), (7, 4100)):
             fused, fused_ref = _leaves(torch.randn(rows, 2 * hidden, dtype=dtype), device)
             # the two halves of a fused gate/up projection: views with a row stride of 2 * hidden
-            y = llmkern.ops.swiglu(fused[:, :hidden], fused[:, hidden:], backend=backend)
-            y_ref = reference.swiglu(fused_ref[:, :hidden], fused_ref[:, hidden:])
+            y = getattr(llmkern.ops, op)(fused[:, :hidden], fused[:, hidden:], backend=backend)
+            y_ref = getattr(reference, op)(fused_ref[:, :hidden], fused_ref[:, hidden:])
             dy = torch.randn(rows, hidden, dtype=dtype)
             y.backward(dy.to(device))
             y_ref.backward(dy.double())
-            name = f"swiglu {rows}x{hidden} {dtype}"
+            name = f"{op} {rows}x{hidden} {dtype}"
             _check(name, y, y_ref, dtype)
             _check(name + " dgate|dup", fused.grad, fused_ref.grad, dtype)
+
+
+def swiglu(backend: str, device: torch.device) -> None:
+    _gated_activation("swiglu", backend, device)
+
+
+def geglu(backend: str, device: torch.device) -> None:
+    _gated_activation("geglu", backend, device)
 
 
 def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
@@ -222,7 +231,8 @@ def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
         _check(name + " dweight", w.grad, w_ref.grad, dtype)
 
 
-OPS = {f.__name__: f for f in (rms_norm, layer_norm, attention, adamw, rope, swiglu, fused_linear_cross_entropy)}
+OPS = {f.__name__: f for f in (rms_norm, layer_norm, attention, adamw, rope, swiglu, geglu,
+                                fused_linear_cross_entropy)}
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ void bind_layer_norm(pybind11::module_& m);
 void bind_adamw(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_rope(pybind11::module_& m);
-void bind_swiglu(pybind11::module_& m);
+void bind_gated_activation(pybind11::module_& m);
 void bind_fused_linear_cross_entropy(pybind11::module_& m);
 void bind_minhash(pybind11::module_& m);
 void bind_bpe(pybind11::module_& m);

@@ -32,6 +32,6 @@ PYBIND11_MODULE(_cuda, m) {
   llmkern::bind_adamw(m);
   llmkern::bind_attention(m);
   llmkern::bind_rope(m);
-  llmkern::bind_swiglu(m);
+  llmkern::bind_gated_activation(m);
   llmkern::bind_fused_linear_cross_entropy(m);
 }

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.geglu import geglu
 from ..ops.swiglu import swiglu
 from ._dispatch import module_backend, op_backend
 
@@ -48,8 +49,8 @@ class GatedMLP(nn.Module):
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)  # two views, (B, T, hidden) each
         if self.activation == "silu":
             y = swiglu(gate, up, backend=op_backend("swiglu", self.backend, x.device))
-        else:  # no GeGLU kernel exists (llmkern.ops has SwiGLU's only): plain torch, on every backend
-            y = F.gelu(gate, approximate="tanh") * up
+        else:
+            y = geglu(gate, up, backend=op_backend("geglu", self.backend, x.device))
         return self.dropout(self.proj(y))
 
     def extra_repr(self) -> str:

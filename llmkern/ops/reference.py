@@ -126,6 +126,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) (tanh-approximated, Gemma's) * up in fp32 (float64 for float64 inputs), returned in gate's dtype."""
+    ct = _compute_dtype(gate.dtype)
+    return (torch.nn.functional.gelu(gate.to(ct), approximate="tanh") * up.to(ct)).to(gate.dtype)
+
+
 def adamw_grad_norm(
     grads: list[torch.Tensor],
     max_norm: float,

@@ -1,4 +1,5 @@
-// SwiGLU forward and backward: elementwise over (rows, cols) with strided rows.
+// Gated activations (SwiGLU, GeGLU) forward and backward: elementwise over (rows, cols) with strided
+// rows. The activation is a template parameter (Silu, GeluTanh): one kernel source, one instance each.
 //
 // Memory-bound (forward 3 elements moved per output element, backward 5), so each thread moves
 // one 16-byte pack of every tensor per step when the layout allows it (G = 4 fp32 or 8 fp16/bf16
@@ -8,7 +9,7 @@
 //
 // Rows that are all contiguous (every row stride equals cols) are one long row: the vector
 // path then only needs the total, not each row, to be a whole number of packs.
-#include "cuda/swiglu.h"
+#include "cuda/gated_activation.h"
 
 #include <algorithm>
 #include <initializer_list>
@@ -26,9 +27,38 @@ constexpr int64_t kMaxGridY = 65535;    // the hardware limit of gridDim.y
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-template <typename T, int G>
+// An activation: value(g), and value_and_derivative(g, &a, &da) for the backward.
+struct Silu {
+  __device__ __forceinline__ static float value(float g) { return g * sigmoid(g); }
+  __device__ __forceinline__ static void value_and_derivative(float g, float* a, float* da) {
+    const float s = sigmoid(g);
+    *a = g * s;
+    *da = s * (1.0f + g * (1.0f - s));
+  }
+};
+
+// gelu with the tanh approximation, in the order PyTorch's F.gelu(approximate="tanh") computes it
+// (its forward and GeluBackward), so the two agree to rounding.
+struct GeluTanh {
+  static constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  static constexpr float kKappa = 0.044715f;
+  __device__ __forceinline__ static float value(float g) {
+    const float inner = kBeta * (g + kKappa * g * g * g);
+    return 0.5f * g * (1.0f + tanhf(inner));
+  }
+  __device__ __forceinline__ static void value_and_derivative(float g, float* a, float* da) {
+    const float g_sq = g * g;
+    const float t = tanhf(kBeta * (g + kKappa * g_sq * g));
+    const float left = 0.5f * g;
+    const float right = 1.0f + t;
+    *a = left * right;
+    *da = 0.5f * right + left * (1.0f - t * t) * (kBeta * (1.0f + 3.0f * kKappa * g_sq));
+  }
+};
+
+template <typename Act, typename T, int G>
 __global__ void __launch_bounds__(kThreads)
-swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ y, int64_t rows,
+gated_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ y, int64_t rows,
                       int64_t packs, int64_t gate_stride, int64_t up_stride, int64_t y_stride) {
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   const int64_t pack_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -39,17 +69,17 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
       load_float<G>(gate + row * gate_stride + col, g);
       load_float<G>(up + row * up_stride + col, u);
 #pragma unroll
-      for (int e = 0; e < G; ++e) out[e] = g[e] * sigmoid(g[e]) * u[e];
+      for (int e = 0; e < G; ++e) out[e] = Act::value(g[e]) * u[e];
       store_float<G>(y + row * y_stride + col, out);
     }
   }
 }
 
-template <typename T, int G>
+template <typename Act, typename T, int G>
 __global__ void __launch_bounds__(kThreads)
-swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gate, const T* __restrict__ up,
-                       T* __restrict__ dgate, T* __restrict__ dup, int64_t rows, int64_t packs, int64_t dy_stride,
-                       int64_t gate_stride, int64_t up_stride, int64_t dgate_stride, int64_t dup_stride) {
+gated_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gate, const T* __restrict__ up,
+                      T* __restrict__ dgate, T* __restrict__ dup, int64_t rows, int64_t packs, int64_t dy_stride,
+                      int64_t gate_stride, int64_t up_stride, int64_t dgate_stride, int64_t dup_stride) {
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   const int64_t pack_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += row_step) {
@@ -61,9 +91,10 @@ swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gate, con
       load_float<G>(up + row * up_stride + col, u);
 #pragma unroll
       for (int e = 0; e < G; ++e) {
-        const float s = sigmoid(g[e]);
-        du[e] = d[e] * g[e] * s;
-        dg[e] = d[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
+        float a, da;
+        Act::value_and_derivative(g[e], &a, &da);
+        du[e] = d[e] * a;
+        dg[e] = d[e] * u[e] * da;
       }
       store_float<G>(dgate + row * dgate_stride + col, dg);
       store_float<G>(dup + row * dup_stride + col, du);
@@ -116,33 +147,64 @@ Plan plan(int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
   return p;
 }
 
-template <typename T>
+template <typename Act, typename T>
 cudaError_t launch_forward(const T* gate, const T* up, T* y, int64_t rows, int64_t cols, int64_t gs,
                            int64_t us, int64_t ys, cudaStream_t stream) {
   fold_contiguous_rows(&rows, &cols, {&gs, &us, &ys});
   const Plan p = plan<T>(rows, cols, {gate, up, y}, {gs, us, ys});
   if (p.vectorized) {
-    swiglu_forward_kernel<T, kPack<T>><<<p.grid, p.block, 0, stream>>>(gate, up, y, rows, p.packs, gs, us, ys);
+    gated_forward_kernel<Act, T, kPack<T>><<<p.grid, p.block, 0, stream>>>(gate, up, y, rows, p.packs, gs, us, ys);
   } else {  // odd widths, offset views: single-element accesses
-    swiglu_forward_kernel<T, 1><<<p.grid, p.block, 0, stream>>>(gate, up, y, rows, p.packs, gs, us, ys);
+    gated_forward_kernel<Act, T, 1><<<p.grid, p.block, 0, stream>>>(gate, up, y, rows, p.packs, gs, us, ys);
   }
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename Act, typename T>
 cudaError_t launch_backward(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t rows,
                             int64_t cols, int64_t dys, int64_t gs, int64_t us, int64_t dgs, int64_t dus,
                             cudaStream_t stream) {
   fold_contiguous_rows(&rows, &cols, {&dys, &gs, &us, &dgs, &dus});
   const Plan p = plan<T>(rows, cols, {dy, gate, up, dgate, dup}, {dys, gs, us, dgs, dus});
   if (p.vectorized) {
-    swiglu_backward_kernel<T, kPack<T>><<<p.grid, p.block, 0, stream>>>(dy, gate, up, dgate, dup, rows, p.packs,
-                                                                        dys, gs, us, dgs, dus);
+    gated_backward_kernel<Act, T, kPack<T>><<<p.grid, p.block, 0, stream>>>(dy, gate, up, dgate, dup, rows,
+                                                                            p.packs, dys, gs, us, dgs, dus);
   } else {
-    swiglu_backward_kernel<T, 1><<<p.grid, p.block, 0, stream>>>(dy, gate, up, dgate, dup, rows, p.packs, dys, gs,
-                                                                 us, dgs, dus);
+    gated_backward_kernel<Act, T, 1><<<p.grid, p.block, 0, stream>>>(dy, gate, up, dgate, dup, rows, p.packs, dys,
+                                                                     gs, us, dgs, dus);
   }
   return cudaGetLastError();
+}
+
+template <typename Act>
+cudaError_t gated_forward(const void* gate, const void* up, void* y, int64_t rows, int64_t cols,
+                          int64_t gate_stride, int64_t up_stride, int64_t y_stride, DType dtype,
+                          cudaStream_t stream) {
+  LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1);
+  if (rows == 0) return cudaSuccess;
+  LLMKERN_RETURN_INVALID_IF(gate == nullptr || up == nullptr || y == nullptr);
+  return dispatch_float(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    return launch_forward<Act, T>(static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(y),
+                                  rows, cols, gate_stride, up_stride, y_stride, stream);
+  });
+}
+
+template <typename Act>
+cudaError_t gated_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
+                           int64_t rows, int64_t cols, int64_t dy_stride, int64_t gate_stride,
+                           int64_t up_stride, int64_t dgate_stride, int64_t dup_stride, DType dtype,
+                           cudaStream_t stream) {
+  LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1);
+  if (rows == 0) return cudaSuccess;
+  LLMKERN_RETURN_INVALID_IF(dy == nullptr || gate == nullptr || up == nullptr || dgate == nullptr ||
+                            dup == nullptr);
+  return dispatch_float(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    return launch_backward<Act, T>(static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up),
+                              static_cast<T*>(dgate), static_cast<T*>(dup), rows, cols, dy_stride, gate_stride,
+                              up_stride, dgate_stride, dup_stride, stream);
+  });
 }
 
 }  // namespace
@@ -150,30 +212,29 @@ cudaError_t launch_backward(const T* dy, const T* gate, const T* up, T* dgate, T
 cudaError_t swiglu_forward(const void* gate, const void* up, void* y, int64_t rows, int64_t cols,
                            int64_t gate_stride, int64_t up_stride, int64_t y_stride, DType dtype,
                            cudaStream_t stream) {
-  LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1);
-  if (rows == 0) return cudaSuccess;
-  LLMKERN_RETURN_INVALID_IF(gate == nullptr || up == nullptr || y == nullptr);
-  return dispatch_float(dtype, [&](auto t) -> cudaError_t {
-    using T = decltype(t);
-    return launch_forward<T>(static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(y), rows,
-                             cols, gate_stride, up_stride, y_stride, stream);
-  });
+  return gated_forward<Silu>(gate, up, y, rows, cols, gate_stride, up_stride, y_stride, dtype, stream);
 }
 
 cudaError_t swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
                             int64_t rows, int64_t cols, int64_t dy_stride, int64_t gate_stride,
                             int64_t up_stride, int64_t dgate_stride, int64_t dup_stride, DType dtype,
                             cudaStream_t stream) {
-  LLMKERN_RETURN_INVALID_IF(rows < 0 || cols < 1);
-  if (rows == 0) return cudaSuccess;
-  LLMKERN_RETURN_INVALID_IF(dy == nullptr || gate == nullptr || up == nullptr || dgate == nullptr ||
-                            dup == nullptr);
-  return dispatch_float(dtype, [&](auto t) -> cudaError_t {
-    using T = decltype(t);
-    return launch_backward<T>(static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up),
-                              static_cast<T*>(dgate), static_cast<T*>(dup), rows, cols, dy_stride, gate_stride,
-                              up_stride, dgate_stride, dup_stride, stream);
-  });
+  return gated_backward<Silu>(dy, gate, up, dgate, dup, rows, cols, dy_stride, gate_stride, up_stride,
+                              dgate_stride, dup_stride, dtype, stream);
+}
+
+cudaError_t geglu_forward(const void* gate, const void* up, void* y, int64_t rows, int64_t cols,
+                          int64_t gate_stride, int64_t up_stride, int64_t y_stride, DType dtype,
+                          cudaStream_t stream) {
+  return gated_forward<GeluTanh>(gate, up, y, rows, cols, gate_stride, up_stride, y_stride, dtype, stream);
+}
+
+cudaError_t geglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
+                           int64_t rows, int64_t cols, int64_t dy_stride, int64_t gate_stride,
+                           int64_t up_stride, int64_t dgate_stride, int64_t dup_stride, DType dtype,
+                           cudaStream_t stream) {
+  return gated_backward<GeluTanh>(dy, gate, up, dgate, dup, rows, cols, dy_stride, gate_stride, up_stride,
+                                  dgate_stride, dup_stride, dtype, stream);
 }
 
 }  // namespace llmkern
