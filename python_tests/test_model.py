@@ -110,13 +110,16 @@ def expected_parameter_count(cfg: GPTConfig) -> int:
     norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     qk_norm = 2 * cfg.head_dim * int(cfg.qk_norm)  # one (D,) scale for q's heads, one for k's
     attn = c * (q + 2 * kv) + qkv_bias * (q + 2 * kv) + q * c + bias * c + qk_norm
-    mlp_in = 2 * hidden if cfg.mlp == "swiglu" else hidden
+    mlp_in = hidden if cfg.mlp == "gelu" else 2 * hidden  # a gated MLP's gate and up
     mlp = c * mlp_in + bias * mlp_in + hidden * c + bias * c
+    # a mixture-of-experts layer: E bias-free SwiGLU experts of expert_hidden_size, and the router (E, C)
+    experts = (cfg.n_experts or 0) * (3 * cfg.expert_hidden_size * c + c)
+    mlps = sum(experts if cfg.is_moe_layer(i) else mlp for i in range(cfg.n_layer))
     table = cfg.padded_vocab_size * c
     return (
         table * (1 if cfg.tie_embeddings else 2)
         + (cfg.block_size * c if cfg.pos == "learned" else 0)
-        + cfg.n_layer * (2 * norm + attn + mlp)
+        + cfg.n_layer * (2 * norm + attn) + mlps
         + norm
     )
 
@@ -468,7 +471,7 @@ def test_a_bf16_branch_joins_the_fp32_stream_without_a_cast_kernel():
     block = Block(tiny(**VARIANTS["gpt2"], backend="torch"), 0)
     width = block.norm1.normalized_shape[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a block between two others: it takes and leaves a branch
-        x, branch = block(torch.randn(2, 8, width, requires_grad=True), torch.randn(2, 8, width).bfloat16())
+        x, branch, _ = block(torch.randn(2, 8, width, requires_grad=True), torch.randn(2, 8, width).bfloat16())
         out = x.sum() + branch.sum()
     nodes = autograd_nodes(out)
     cast_from = {type(f).__name__ for node in nodes if type(node).__name__ == "ToCopyBackward0"
@@ -772,7 +775,8 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
     now = GPTConfig.from_preset(preset).to_dict()
     assert (now["head_dim"], now["qk_norm"]) == (64, False)
     later = ("head_dim", "qk_norm", "qkv_bias", "rope_scaling", "rope_dim", "sliding_window", "layer_types",
-             "rope_local_theta", "post_norms", "embed_scale", "attn_scale")
+             "rope_local_theta", "post_norms", "embed_scale", "attn_scale", "n_experts", "experts_per_token",
+             "expert_hidden", "norm_topk_prob", "router_aux_loss_coef", "moe_layers")
     older = {k: v for k, v in now.items() if k not in later}
     assert GPTConfig.from_dict(older) == GPTConfig.from_preset(preset)
     assert identity_dict(now) == identity_dict(older) == older

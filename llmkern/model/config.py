@@ -80,6 +80,20 @@ class GPTConfig:
     # the cross-entropy in chunks, so the logits never exist in full (forward returns None for them).
     # Off, or with the torch backend, the plain full-logits path runs.
     fused_loss: bool = True
+    # Sparse mixture-of-experts MLPs (Mixtral's, Qwen3-MoE's; llmkern.nn.MoEMLP): n_experts SwiGLU experts in each
+    # MoE layer, of which a router picks experts_per_token for each token; None (or 0): the dense MLP. mlp must be
+    # "swiglu". The experts have no biases, as neither model's do.
+    n_experts: int | None = None
+    experts_per_token: int = 2  # top-k
+    expert_hidden: int | None = None  # each expert's inner width; None: hidden_size
+    # Renormalize the top-k routing weights to sum to 1 (Mixtral always does, Qwen3-MoE by its norm_topk_prob,
+    # OLMoE does not).
+    norm_topk_prob: bool = True
+    # The weight of the load-balancing loss (Switch Transformer's, as transformers' load_balancing_loss_func computes
+    # it) added to forward's loss in training mode; see GPT.forward.
+    router_aux_loss_coef: float = 0.0
+    # Which layers are MoE (sorted, unique indices); None: all. A list of every layer is set to None on construction.
+    moe_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -120,6 +134,7 @@ class GPTConfig:
             if self.pos != "rope":
                 raise ValueError(f"rope_scaling is for pos='rope'; this config has pos={self.pos!r}")
             check_rope_scaling(self.rope_scaling, self.head_dim, self.rope_dim)
+        self._check_moe()
         if self.backend is not None:
             from .._backend import BACKENDS
 
@@ -177,6 +192,55 @@ class GPTConfig:
             raise ValueError("rope_local_theta is the RoPE base of the sliding layers; this config has none "
                              "(sliding_window is None)")
 
+    def _check_moe(self) -> None:
+        """The mixture-of-experts fields checked; n_experts 0 set to None and a moe_layers of every layer to None
+        (the same model, saved as one without the field)."""
+        if self.n_experts == 0:
+            self.n_experts = None
+        if self.n_experts is None:
+            self._refuse_moe_fields_without_experts()
+            return
+        if self.n_experts < 2:
+            raise ValueError(f"n_experts must be >= 2, or None (or 0) for a dense MLP; got {self.n_experts}")
+        if self.mlp != "swiglu":
+            raise ValueError(f"n_experts needs mlp='swiglu' (the experts are SwiGLU MLPs); this config has "
+                             f"mlp={self.mlp!r}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token must be in [1, n_experts={self.n_experts}], "
+                             f"got {self.experts_per_token}")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"expert_hidden must be >= 1 or None, got {self.expert_hidden}")
+        if not 0.0 <= self.router_aux_loss_coef < math.inf:
+            raise ValueError(f"router_aux_loss_coef must be a finite number >= 0, got {self.router_aux_loss_coef}")
+        self.moe_layers = self._checked_moe_layers()
+
+    def _refuse_moe_fields_without_experts(self) -> None:
+        # A dense model with an expert setting was most likely meant to have experts: say so rather than drop it.
+        defaults = {"experts_per_token": 2, "expert_hidden": None, "norm_topk_prob": True,
+                    "router_aux_loss_coef": 0.0, "moe_layers": None}
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"{name} is for mixture-of-experts models; this config has n_experts=None "
+                                 f"(set n_experts, or leave {name} at {default!r})")
+
+    def _checked_moe_layers(self) -> list[int] | None:
+        if self.moe_layers is None:
+            return None
+        for i in self.moe_layers:
+            if not 0 <= i < self.n_layer:
+                raise ValueError(f"moe_layers holds {i}; layer indices are in [0, n_layer={self.n_layer})")
+        if self.moe_layers != sorted(set(self.moe_layers)):
+            raise ValueError(f"moe_layers must be sorted and without repeats, got {self.moe_layers}")
+        if len(self.moe_layers) == self.n_layer:
+            return None
+        return list(self.moe_layers)  # a copy, as layer_types is
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts (see n_experts, moe_layers)."""
+        if self.n_experts is None:
+            return False
+        return self.moe_layers is None or i in self.moe_layers
+
     def layer_kinds(self) -> list[str]:
         """Each layer's kind, "sliding_attention" or "full_attention" (as Hugging Face's layer_types names them),
         whatever form layer_types is kept in."""
@@ -207,6 +271,11 @@ class GPTConfig:
         # A gated MLP (SwiGLU, GeGLU) has three matrices instead of two: 8/3 * n_embd keeps the parameter count of a
         # 4x GELU MLP.
         return math.ceil(8 * self.n_embd / 3 / 64) * 64
+
+    @property
+    def expert_hidden_size(self) -> int:
+        """Each expert's inner width: expert_hidden, else hidden_size."""
+        return self.expert_hidden if self.expert_hidden is not None else self.hidden_size
 
     # --- presets and (de)serialisation -------------------------------------------------------
 
@@ -245,6 +314,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         block_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=128, norm="rmsnorm", norm_eps=1e-6,
         pos="rope", mlp="swiglu", tie_embeddings=False, bias=False,
     ),
+    # tiny-llama with a mixture of 4 SwiGLU experts (top-2) in each layer and a load-balancing loss.
+    "tiny-moe": dict(
+        block_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=128, norm="rmsnorm", norm_eps=1e-6,
+        pos="rope", mlp="swiglu", tie_embeddings=False, bias=False,
+        n_experts=4, experts_per_token=2, router_aux_loss_coef=0.01,
+    ),
 }
 
 
@@ -263,6 +338,12 @@ _LATER_FIELDS = {
     "post_norms": lambda values: False,
     "embed_scale": lambda values: None,
     "attn_scale": lambda values: None,
+    "n_experts": lambda values: None,
+    "experts_per_token": lambda values: 2,
+    "expert_hidden": lambda values: None,
+    "norm_topk_prob": lambda values: True,
+    "router_aux_loss_coef": lambda values: 0.0,
+    "moe_layers": lambda values: None,
 }
 
 

@@ -3,7 +3,8 @@
 One class covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings, biases),
 Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases) and
 Gemma 3's features (sliding and full layers with their own RoPE bases, sandwich norms, GeGLU,
-scaled embeddings, its attention scale); the GPTConfig says which. Every kernel-backed piece
+scaled embeddings, its attention scale), with sparse mixture-of-experts MLPs in some or all layers (Mixtral's,
+Qwen3-MoE's); the GPTConfig says which. Every kernel-backed piece
 (RMSNorm, attention, RoPE, SwiGLU) goes through llmkern.ops with config.backend, so one model runs on each backend.
 """
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
 from ..nn import CausalSelfAttention, GatedMLP, GeluMLP, LayerNorm, RMSNorm, RotaryCache
+from ..nn.moe import MoEMLP, RouterStats, load_balancing_loss
 from ..nn.rotary import check_positions
 from ..ops import fused_linear_cross_entropy
 from ..ops._checks import FLOAT_DTYPES
@@ -46,6 +48,9 @@ class Block(nn.Module):
     With config.post_norms (Gemma's sandwich norms) each branch is normed again by post_attn_norm /
     post_mlp_norm before it is handed on: the branch added to the stream is the post-normed one.
     The block's attention has its layer's window (config.layer_window); `rotary` is the tables of its kind.
+    In a MoE layer (config.is_moe_layer) the MLP is a MoEMLP, and forward returns its RouterStats third (None in
+    a dense layer): returned rather than kept on the module, so that a checkpointed block's recomputation in the
+    backward pass cannot count them again.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -59,7 +64,7 @@ class Block(nn.Module):
         )
         self.post_attn_norm = _make_norm(config) if config.post_norms else None
         self.norm2 = _make_norm(config)
-        self.mlp = _make_mlp(config)
+        self.mlp = _make_mlp(config, layer_idx)
         self.post_mlp_norm = _make_norm(config) if config.post_norms else None
 
     @property
@@ -76,13 +81,20 @@ class Block(nn.Module):
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         normed, x = self.norm2(a, residual=x)
-        m = self.mlp(normed)
+        routing = None
+        if isinstance(self.mlp, MoEMLP):
+            m, routing = self.mlp(normed)
+        else:
+            m = self.mlp(normed)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
-        return x, m
+        return x, m, routing
 
 
-def _make_mlp(config: GPTConfig) -> nn.Module:
+def _make_mlp(config: GPTConfig, layer_idx: int) -> nn.Module:
+    if config.is_moe_layer(layer_idx):
+        return MoEMLP(config.n_embd, config.expert_hidden_size, config.n_experts, config.experts_per_token,
+                      config.norm_topk_prob, config.dropout, config.backend)
     if config.mlp == "gelu":
         return GeluMLP(config.n_embd, config.hidden_size, config.bias, config.dropout)
     activation = "silu" if config.mlp == "swiglu" else "gelu_tanh"
@@ -112,6 +124,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # The load-balancing loss of the last forward pass in training mode (detached, for logging), None before
+        # one or without MoE layers; see forward.
+        self.aux_loss: torch.Tensor | None = None
         self.init_weights()
 
     def _apply(self, fn, recurse=True):
@@ -128,7 +143,8 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2's init: N(0, 0.02) weights, zero biases, unit norms; the projections that write
         into the residual stream get std 0.02 / sqrt(2 * n_layer), so that the stream's variance
-        does not grow with depth. Also rebuilds the RoPE tables (after to_empty(), say)."""
+        does not grow with depth; the MoE experts' weights likewise (their proj as the residual projection),
+        and their routers N(0, 0.02). Also rebuilds the RoPE tables (after to_empty(), say)."""
         residual_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -144,6 +160,9 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RotaryCache):
                 module.reset_tables()
+            if isinstance(module, MoEMLP):  # its router is an nn.Linear, initialised above
+                nn.init.normal_(module.gate_up, mean=0.0, std=INIT_STD)
+                nn.init.normal_(module.proj, mean=0.0, std=residual_std)
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -156,13 +175,26 @@ class GPT(nn.Module):
         doc_ids (B, T), for rows packed with several documents: a token attends only to earlier
         tokens of its own document, and positions restart at 0 at each document's first token,
         so each document is processed as if it were alone.
+        In training mode (self.training) a model with MoE layers adds config.router_aux_loss_coef times their
+        load-balancing loss (llmkern.nn.load_balancing_loss) to the loss, and keeps it, detached, in self.aux_loss;
+        in eval mode the loss is the cross-entropy alone (validation loss and perplexity stay comparable).
         """
         _check_forward_args(idx, targets, doc_ids, self.config.block_size, self.config.vocab_size)
         positions = None
         if doc_ids is not None:
             positions = positions_in_documents(doc_ids)
             doc_ids = int32_doc_ids(doc_ids)  # once here, not in each layer's attention
-        hidden = self.hidden_states(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
+        hidden, routing = self._hidden_states_and_routing(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
+        logits, loss = self._logits_and_loss(hidden, targets)
+        if self.training and routing:
+            aux = load_balancing_loss(routing)
+            self.aux_loss = aux.detach()
+            if loss is not None and self.config.router_aux_loss_coef > 0:
+                loss = loss + self.config.router_aux_loss_coef * aux
+        return logits, loss
+
+    def _logits_and_loss(self, hidden: torch.Tensor, targets: torch.Tensor | None):
+        """(logits, cross-entropy loss or None) of the final hidden states; see forward."""
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
         loss_backend = None if targets is None else self._fused_loss_backend(hidden.device, hidden.dtype)
         if loss_backend is not None:
@@ -215,6 +247,17 @@ class GPT(nn.Module):
         forward). By default token t is at position t and attends causally to tokens 0..t; with a
         cache holding n tokens, at position n + t, attending to the n cached tokens and causally.
         """
+        return self._hidden_states_and_routing(idx, positions, attn_mask, cache, doc_ids)[0]
+
+    def _hidden_states_and_routing(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache=None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """hidden_states' hidden states, and the RouterStats of each MoE layer (in order; [] without any)."""
         t = idx.size(1)
         if positions is None and cache is not None:
             start = cache.length
@@ -246,17 +289,23 @@ class GPT(nn.Module):
         x = self.drop(x)
         use_checkpoints = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         branch = None  # the last block's MLP output, not yet added to the stream x (see Block)
+        routing = []  # the MoE layers' RouterStats, for forward's load-balancing loss
         for block in self.blocks:
             tables = local_rotary if block.sliding else rotary
             if use_checkpoints:
-                x, branch = checkpoint(block, x, branch, tables, attn_mask, cache, doc_ids, use_reentrant=False)
+                x, branch, stats = checkpoint(
+                    block, x, branch, tables, attn_mask, cache, doc_ids, use_reentrant=False
+                )
                 # Whole between checkpoints: each keeps one input tensor, not the stream and a branch.
                 x, branch = x + branch, None
             else:
-                x, branch = block(x, branch, tables, attn_mask, cache, doc_ids)
+                x, branch, stats = block(x, branch, tables, attn_mask, cache, doc_ids)
+            if stats is not None:
+                routing.append(stats)
         if cache is not None:
             cache.advance(t)
-        return self.norm_f(x) if branch is None else self.norm_f(branch, residual=x)[0]
+        hidden = self.norm_f(x) if branch is None else self.norm_f(branch, residual=x)[0]
+        return hidden, routing
 
     def _scaled(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The token embeddings times config.embed_scale, rounded to their dtype first as transformers' Gemma does
@@ -273,12 +322,14 @@ class GPT(nn.Module):
 
     # --- accounting -----------------------------------------------------------------------------
 
-    def num_parameters(self, non_embedding: bool = False) -> int:
+    def num_parameters(self, non_embedding: bool = False, active: bool = False) -> int:
         """All parameters (a tied embedding counted once, padding rows included).
 
         non_embedding=True leaves out the lookup tables that do no matmul work: the position
         embeddings and, when untied, the input token embeddings (a tied table stays in, as the
-        output layer). This N is the one of the 6N FLOPs-per-token rule.
+        output layer). active=True counts, of each MoE layer's experts, only the experts_per_token
+        that a token runs (k of E; the router in full). non_embedding and active together give the N
+        of the 6N FLOPs-per-token rule.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -286,6 +337,8 @@ class GPT(nn.Module):
                 n -= self.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.wte.weight.numel()
+        if active:
+            n -= sum(_idle_expert_parameters(module) for module in self.modules() if isinstance(module, MoEMLP))
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -294,18 +347,19 @@ class GPT(nn.Module):
         which does not halve for the causal mask; n_head * head_dim is n_embd unless head_dim says
         otherwise, as Qwen3's does). seq_len defaults to block_size. A layer's sliding window shorter than seq_len
         scales its attention term by the share of the causal (query, key) pairs it keeps (see
-        _windowed_share): the kernels skip the rest, and MFU would count work never done."""
+        _windowed_share): the kernels skip the rest, and MFU would count work never done. N counts only the
+        parameters active per token (num_parameters' active): of a MoE layer's E experts, the k a token runs."""
         seq_len = self.config.block_size if seq_len is None else seq_len
         cfg = self.config
         attention_width = cfg.n_head * cfg.head_dim  # the queries' width: what the scores and the sum run over
         windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
         layers = sum(1.0 if w is None or w >= seq_len else _windowed_share(w, seq_len) for w in windows)
         attention = 12 * layers * attention_width * seq_len
-        return 6 * self.num_parameters(non_embedding=True) + attention
+        return 6 * self.num_parameters(non_embedding=True, active=True) + attention
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups for an AdamW: decay on matrices (matmul weights, embeddings), none on
-        the vectors (norm scales, biases)."""
+        """Parameter groups for an AdamW: decay on matrices (matmul weights, embeddings, the MoE experts'
+        stacked 3-D weights), none on the vectors (norm scales, biases)."""
         decay, no_decay = [], []
         for p in self.parameters():
             if p.requires_grad:
@@ -318,6 +372,12 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+
+def _idle_expert_parameters(moe: MoEMLP) -> int:
+    """The parameters of the experts a token does not run: E - k of each MoE layer's E."""
+    per_expert = (moe.gate_up.numel() + moe.proj.numel()) // moe.n_experts
+    return (moe.n_experts - moe.experts_per_token) * per_expert
 
 
 def _windowed_share(window: int, seq_len: int) -> float:

@@ -181,7 +181,7 @@ def _tie(hf_config: dict, text: dict) -> bool:
 def check_gemma3_shaped(config: GPTConfig) -> None:
     """An error naming what a GPTConfig has that Gemma 3's model does not compute alike."""
     wanted = dict(norm="rmsnorm", pos="rope", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True, post_norms=True,
-                  embed_scale=config.n_embd ** 0.5, rope_dim=None)
+                  embed_scale=config.n_embd ** 0.5, rope_dim=None, n_experts=None)
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"Gemma 3 weights need a Gemma-3-shaped model ({wanted}); this one has {wrong}")

@@ -77,7 +77,7 @@ def layer_mapping(config: GPTConfig, block_names: dict[str, tuple[str, ...]]) ->
 def check_llama_shaped(config: GPTConfig) -> None:
     # qkv_bias and qk_norm either way: without, Llama's (and Mistral's) model; with qkv_bias, Qwen2's; with
     # qk_norm, Qwen3's (head_dim any)
-    wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    wanted = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, n_experts=None)  # no experts: a dense MLP
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"Llama weights need a Llama-shaped model ({wanted}); this one has {wrong}")

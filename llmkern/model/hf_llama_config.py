@@ -342,6 +342,9 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Mistral's
     (model_type "mistral") with a sliding_window; Qwen2's (model_type "qwen2") with qkv_bias; Qwen3's (model_type
     "qwen3") with qk_norm."""
+    if config.n_experts is not None:  # no key here says experts: transformers would read a dense model
+        raise ValueError(f"a mixture-of-experts model (n_experts={config.n_experts}) has no Llama, Mistral, Qwen nor "
+                         f"Phi-3 config.json")
     qwen = config.qkv_bias or config.qk_norm
     # Qwen's sliding layers are named by layer_types, which no other type here has
     _refuse_gemma_features(config if not qwen else dataclasses.replace(config, layer_types=None))

@@ -1,0 +1,375 @@
+"""Mixture-of-experts MLPs (llmkern.nn.MoEMLP, GPTConfig.n_experts): the routing and the experts against a plain
+per-token reference, the load-balancing loss against transformers' formula, training-mode-only aux loss, zero
+gradients for idle experts, activation checkpointing, the KV cache, the Triton backend, the accounting, the config's
+checks and a tiny MoE that trains."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkern import _backend
+from llmkern.model import GPT, GPTConfig
+from llmkern.model.config import identity_dict
+from llmkern.model.generate import generate
+from llmkern.model.kv_cache import KVCache
+from llmkern.nn import GatedMLP, MoEMLP, load_balancing_loss
+
+VOCAB = 97
+
+
+def moe_config(**overrides) -> GPTConfig:
+    """A small Llama-shaped MoE GPT, torch backend, the plain loss (so logits come back)."""
+    values = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, norm="rmsnorm",
+                  pos="rope", mlp="swiglu", tie_embeddings=False, bias=False, n_experts=4, experts_per_token=2,
+                  expert_hidden=24, backend="torch", fused_loss=False)
+    values.update(overrides)
+    return GPTConfig(**values)
+
+
+def random_moe(n_embd=16, hidden=12, n_experts=5, k=2, norm_topk_prob=True, backend="torch", seed=0) -> MoEMLP:
+    """A MoEMLP with fresh random weights large enough that the routing and the experts matter."""
+    torch.manual_seed(seed)
+    moe = MoEMLP(n_embd, hidden, n_experts, k, norm_topk_prob, backend=backend)
+    with torch.no_grad():
+        moe.router.weight.normal_(0.0, 1.0)
+        moe.gate_up.normal_(0.0, 0.3)
+        moe.proj.normal_(0.0, 0.3)
+    return moe
+
+
+def reference_moe(moe: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """The definition, one token at a time: softmax over the experts, the top k, their weights (renormalized or
+    not), the weighted sum of those experts' SwiGLU MLPs."""
+    rows = []
+    for token in x.reshape(-1, x.size(-1)):
+        probs = torch.softmax(moe.router.weight @ token, dim=-1)
+        weights, experts = probs.topk(moe.experts_per_token)
+        if moe.norm_topk_prob:
+            weights = weights / weights.sum()
+        out = torch.zeros_like(token)
+        for w, e in zip(weights, experts.tolist()):
+            gate, up = (moe.gate_up[e] @ token).split(moe.hidden)
+            out = out + w * (moe.proj[e] @ (F.silu(gate) * up))
+        rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+def reference_aux_loss(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
+    """transformers' load_balancing_loss_func without a mask: the layers' router logits concatenated, then
+    E * sum over (slot, expert) of the share of tokens whose slot went to that expert times its mean probability."""
+    logits = torch.cat(router_logits, dim=0)
+    n_experts = logits.size(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    selected = probs.topk(k, dim=-1).indices
+    tokens_per_expert = F.one_hot(selected, n_experts).float().mean(dim=0)  # (k, E)
+    return n_experts * (tokens_per_expert * probs.mean(dim=0).unsqueeze(0)).sum()
+
+
+def capture_router_logits(model: GPT) -> list[torch.Tensor]:
+    """A list that each MoE router's forward appends its logits to (in layer order)."""
+    captured = []
+    for module in model.modules():
+        if isinstance(module, MoEMLP):
+            module.router.register_forward_hook(lambda mod, args, out: captured.append(out.detach()))
+    return captured
+
+
+# --- the module against the reference ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_mlp_matches_the_per_token_reference(k, norm_topk_prob):
+    moe = random_moe(k=k, norm_topk_prob=norm_topk_prob, seed=k)
+    x = torch.randn(3, 7, 16, requires_grad=True)  # 21 tokens: an odd count, split unevenly over the experts
+    out, stats = moe(x)
+    expected = reference_moe(moe, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, *moe.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *moe.parameters()])
+    # fp32 sums in another order: an absolute tolerance on the gradients' scale (the router's is 0 for k=1
+    # renormalized, a weight of 1 whatever the logits: rounding noise of that scale)
+    scale = max(e.abs().max().item() for e in expected_grads)
+    for name, g, e in zip(["x", *dict(moe.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * scale, msg=name)
+    assert stats.slot_share.sum().item() == pytest.approx(k)
+
+
+def test_each_expert_is_the_gated_mlp_of_its_slices():
+    """gate_up[e] and proj[e] are a GatedMLP's gate_up.weight and proj.weight (the importer stacks HF's experts
+    that way): with one expert chosen per token and its weight 1, the output is that expert's GatedMLP."""
+    moe = random_moe(n_experts=3, k=1)
+    x = torch.randn(5, 16)
+    expert = torch.softmax(moe.router(x), dim=-1).argmax(dim=-1)
+    mlp = GatedMLP(16, moe.hidden, backend="torch")
+    for i in range(5):
+        e = int(expert[i])
+        mlp.gate_up.weight.data.copy_(moe.gate_up[e])
+        mlp.proj.weight.data.copy_(moe.proj[e])
+        torch.testing.assert_close(moe(x[i : i + 1])[0], mlp(x[i : i + 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_an_expert_without_tokens_gets_a_zero_gradient_not_none():
+    """DDP takes a parameter without a gradient for an unused one and fails: every expert must stay in the graph."""
+    moe = random_moe(n_experts=4, k=2)
+    with torch.no_grad():  # positive inputs: expert 3's logit is the lowest for every token, never in the top 2
+        moe.router.weight.uniform_(0.5, 1.0)
+        moe.router.weight[3] = -1.0
+    x = torch.rand(9, 16) + 0.1
+    out, stats = moe(x)
+    assert stats.slot_share[3] == 0
+    out.sum().backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None, name
+    assert torch.count_nonzero(moe.gate_up.grad[3]) == 0 and torch.count_nonzero(moe.proj.grad[3]) == 0
+    assert torch.count_nonzero(moe.gate_up.grad[0]) > 0
+
+
+def test_every_parameter_of_a_moe_gpt_has_a_gradient_after_a_step_with_idle_experts():
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_experts=8, experts_per_token=1, router_aux_loss_coef=0.01))
+    idx = torch.randint(0, VOCAB, (1, 3))  # 3 tokens, 1 expert each: at least 5 of 8 idle in every layer
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+# --- the load-balancing loss ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,moe_layers", [(2, None), (1, [0, 2]), (3, [1])])
+def test_aux_loss_is_transformers_formula_over_all_moe_layers(k, moe_layers):
+    """Over the concatenation of the layers' router logits (one product of averages, not an average of the
+    layers' losses: the two differ with more than one layer)."""
+    torch.manual_seed(k)
+    model = GPT(moe_config(n_layer=3, experts_per_token=k, moe_layers=moe_layers, router_aux_loss_coef=0.1))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MoEMLP):
+                module.router.weight.normal_(0.0, 0.5)  # routing far from uniform
+    captured = capture_router_logits(model)
+    idx = torch.randint(0, VOCAB, (3, 5))
+    model.train()
+    model(idx, idx)
+    assert len(captured) == (3 if moe_layers is None else len(moe_layers))
+    torch.testing.assert_close(model.aux_loss, reference_aux_loss(captured, k), rtol=1e-5, atol=1e-6)
+
+
+def test_aux_loss_is_added_in_training_mode_only():
+    torch.manual_seed(0)
+    model = GPT(moe_config(router_aux_loss_coef=0.25))
+    idx, targets = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9))
+    assert model.aux_loss is None  # no training forward yet
+    model.eval()
+    logits, loss = model(idx, targets)
+    cross_entropy = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+    torch.testing.assert_close(loss, cross_entropy)
+    assert model.aux_loss is None
+    model.train()  # no dropout: the same logits
+    _, train_loss = model(idx, targets)
+    assert model.aux_loss is not None and not model.aux_loss.requires_grad
+    torch.testing.assert_close(train_loss, cross_entropy + 0.25 * model.aux_loss)
+
+
+def test_the_aux_loss_gradient_reaches_the_routers():
+    """The aux loss is differentiable through the router probabilities (not the top-k counts)."""
+    torch.manual_seed(0)
+    model = GPT(moe_config(router_aux_loss_coef=1.0))
+    idx = torch.randint(0, VOCAB, (2, 7))
+    model(idx, idx)[1].backward()
+    with_aux = [m.router.weight.grad.clone() for m in model.modules() if isinstance(m, MoEMLP)]
+    model.zero_grad()
+    model.config.router_aux_loss_coef = 0.0
+    model(idx, idx)[1].backward()
+    without = [m.router.weight.grad for m in model.modules() if isinstance(m, MoEMLP)]
+    assert all(not torch.allclose(a, b) for a, b in zip(with_aux, without))
+
+
+def test_load_balancing_loss_refuses_no_layers():
+    with pytest.raises(ValueError, match="at least one MoE layer"):
+        load_balancing_loss([])
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def test_moe_layers_picks_the_layers_with_experts():
+    model = GPT(moe_config(n_layer=3, moe_layers=[1]))
+    kinds = [type(block.mlp) for block in model.blocks]
+    assert kinds == [GatedMLP, MoEMLP, GatedMLP]
+    assert model.blocks[1].mlp.hidden == 24 and model.blocks[0].mlp.hidden == model.config.hidden_size
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients():
+    """The aux loss of a checkpointed block counts once (the recomputation in the backward pass adds nothing)."""
+    torch.manual_seed(0)
+    plain = GPT(moe_config(router_aux_loss_coef=0.5))
+    checkpointed = GPT(moe_config(router_aux_loss_coef=0.5, activation_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 11))
+    losses = []
+    for model in (plain, checkpointed):
+        model.train()
+        _, loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(plain.aux_loss, checkpointed.aux_loss)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@torch.no_grad()
+def test_the_kv_cache_gives_the_uncached_hidden_states_and_greedy_tokens():
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_layer=3, moe_layers=[0, 2])).eval()
+    idx = torch.randint(0, VOCAB, (2, 10))
+    cache = KVCache(model.config.n_layer, capacity=10)
+    chunks = [model.hidden_states(idx[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 10))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model.hidden_states(idx), rtol=1e-4, atol=1e-4)
+    prompts = [[5, 17, 3], [8, 1, 40, 2, 9]]
+    cached = generate(model, prompts, max_new_tokens=8, temperature=0)
+    assert cached == generate(model, prompts, max_new_tokens=8, temperature=0, use_cache=False)
+
+
+def test_init_gives_the_experts_gpt2_std_and_proj_the_residual_std():
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_layer=4, n_embd=64, expert_hidden=128, n_experts=8))
+    moe = model.blocks[0].mlp
+    assert moe.gate_up.std().item() == pytest.approx(0.02, rel=0.05)
+    assert moe.router.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert moe.proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.05)
+
+
+def test_flops_count_the_active_parameters_of_k_experts_and_the_router():
+    """k experts of width H hold the parameters of one dense SwiGLU MLP of width k * H; the router adds E * C."""
+    model = GPT(moe_config(n_layer=3, moe_layers=[0, 2], n_experts=6, experts_per_token=2, expert_hidden=24,
+                           mlp_hidden=48))
+    dense = GPT(moe_config(n_layer=3, n_experts=None, expert_hidden=None, mlp_hidden=48))
+    active = dense.num_parameters(non_embedding=True) + 2 * 6 * 32  # + the two MoE layers' routers
+    assert model.num_parameters(non_embedding=True, active=True) == active
+    assert model.flops_per_token(16) == 6 * active + 12 * 3 * 32 * 16
+    idle_experts = 2 * (6 - 2) * (2 * 24 * 32 + 32 * 24)
+    assert model.num_parameters(non_embedding=True) == active + idle_experts
+
+
+def test_the_stacked_expert_weights_decay():
+    model = GPT(moe_config())
+    decay = {id(p) for p in model.optimizer_groups(0.1)[0]["params"]}
+    for module in model.modules():
+        if isinstance(module, MoEMLP):
+            assert {id(module.gate_up), id(module.proj), id(module.router.weight)} <= decay
+
+
+def test_triton_backend_matches_torch_in_the_interpreter():
+    if not _backend.triton_has("swiglu") or not _backend.can_run("triton", "swiglu", torch.device("cpu")):
+        pytest.skip("no Triton swiglu kernels that run here")
+    reference = random_moe(n_embd=16, hidden=8, n_experts=3, k=2)
+    model = random_moe(n_embd=16, hidden=8, n_experts=3, k=2, backend="triton")
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 16)
+    out, ref = model(x)[0], reference(x)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def test_tiny_moe_trains_and_its_loss_falls(tmp_path):
+    from llmkern.data.shards import tokenize_documents
+    from llmkern.train import TrainConfig, Trainer
+
+    documents = [f"the {w} sees the {v}. " * 6 for w in ("cat", "dog", "fox", "owl") for v in ("moon", "sun", "sea")]
+    data_dir = str(tmp_path / "shards")
+    tokenize_documents(documents * 10, "bytes", data_dir, val_fraction=0.15, seed=0)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=data_dir, preset="tiny-moe",
+                         model={"n_layer": 1, "block_size": 32}, batch_tokens=256, micro_batch=4, seq_len=32,
+                         max_steps=15, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=0, eval_steps=2,
+                         ckpt_interval=0, log_interval=1, progress=False, seed=7).validate()
+    trainer = Trainer(config)
+    before = trainer.evaluate()
+    trainer.fit()
+    assert trainer.evaluate() < before - 1.0
+    assert trainer.raw_model.aux_loss is not None
+
+
+# --- the config ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"n_experts": 1}, ValueError, "n_experts must be >= 2"),
+    ({"n_experts": "4"}, TypeError, "n_experts"),
+    ({"n_experts": 4, "mlp": "gelu"}, ValueError, "n_experts needs mlp='swiglu'"),
+    ({"n_experts": 4, "mlp": "geglu"}, ValueError, "n_experts needs mlp='swiglu'"),
+    ({"n_experts": 4, "experts_per_token": 0}, ValueError, "experts_per_token must be in"),
+    ({"n_experts": 4, "experts_per_token": 5}, ValueError, "experts_per_token must be in"),
+    ({"n_experts": 4, "experts_per_token": 2.0}, TypeError, "experts_per_token"),
+    ({"n_experts": 4, "expert_hidden": 0}, ValueError, "expert_hidden must be >= 1"),
+    ({"n_experts": 4, "router_aux_loss_coef": -0.1}, ValueError, "router_aux_loss_coef must be"),
+    ({"n_experts": 4, "router_aux_loss_coef": math.inf}, ValueError, "router_aux_loss_coef must be"),
+    ({"n_experts": 4, "norm_topk_prob": 1}, TypeError, "norm_topk_prob"),
+    ({"n_experts": 4, "moe_layers": [0, 2]}, ValueError, r"moe_layers holds 2; layer indices are in \[0, n_layer=2\)"),
+    ({"n_experts": 4, "moe_layers": [-1]}, ValueError, "moe_layers holds -1"),
+    ({"n_experts": 4, "moe_layers": [1, 0]}, ValueError, "moe_layers must be sorted and without repeats"),
+    ({"n_experts": 4, "moe_layers": [1, 1]}, ValueError, "moe_layers must be sorted and without repeats"),
+    ({"n_experts": 4, "moe_layers": [True]}, TypeError, "moe_layers"),
+    ({"n_experts": 4, "moe_layers": 1}, TypeError, "moe_layers"),
+    ({"experts_per_token": 1}, ValueError, "experts_per_token is for mixture-of-experts models"),
+    ({"moe_layers": [0]}, ValueError, "moe_layers is for mixture-of-experts models"),
+    ({"router_aux_loss_coef": 0.01}, ValueError, "router_aux_loss_coef is for mixture-of-experts models"),
+])
+def test_bad_moe_settings_are_refused_naming_the_field(overrides, error, match):
+    values = {"n_layer": 2, "mlp": "swiglu", **overrides}
+    with pytest.raises(error, match=match):
+        GPTConfig(**values)
+
+
+def test_zero_experts_and_every_layer_listed_mean_none():
+    assert GPTConfig(mlp="swiglu", n_experts=0).n_experts is None
+    assert GPTConfig(mlp="swiglu", n_layer=3, n_experts=4, moe_layers=[0, 1, 2]).moe_layers is None
+    layers = [0, 2]
+    config = GPTConfig(mlp="swiglu", n_layer=3, n_experts=4, moe_layers=layers)
+    layers.append(1)  # a copy is kept
+    assert config.moe_layers == [0, 2] and [config.is_moe_layer(i) for i in range(3)] == [True, False, True]
+
+
+def test_moe_configs_round_trip_and_old_dicts_still_load():
+    config = GPTConfig.from_preset("tiny-moe", moe_layers=[1], expert_hidden=64, norm_topk_prob=False)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    preset = GPTConfig.from_preset("tiny-moe")
+    assert (preset.n_experts, preset.experts_per_token, preset.router_aux_loss_coef) == (4, 2, 0.01)
+    dense = GPTConfig.from_preset("tiny-llama").to_dict()
+    moe_fields = ("n_experts", "experts_per_token", "expert_hidden", "norm_topk_prob", "router_aux_loss_coef",
+                  "moe_layers")
+    old = {k: v for k, v in dense.items() if k not in moe_fields}  # as an llmkern before MoE saved it
+    assert GPTConfig.from_dict(old) == GPTConfig.from_dict(dense)
+    assert identity_dict(dense) == identity_dict(old)
+    assert set(moe_fields) - {"experts_per_token", "norm_topk_prob"} <= set(identity_dict(config.to_dict()))
+
+
+# --- the exports refuse MoE models ------------------------------------------------------------------------
+
+
+def test_the_hugging_face_exports_refuse_moe_models():
+    from llmkern.model.hf_gemma3_config import check_gemma3_shaped
+    from llmkern.model.hf_gpt2 import hf_gpt2_config
+    from llmkern.model.hf_llama import check_llama_shaped
+    from llmkern.model.hf_llama_config import hf_llama_config
+
+    config = GPTConfig.from_preset("tiny-moe")
+    with pytest.raises(ValueError, match="n_experts"):
+        check_llama_shaped(config)
+    with pytest.raises(ValueError, match="mixture-of-experts model"):
+        hf_llama_config(config, torch.float32)
+    with pytest.raises(ValueError, match="n_experts"):
+        hf_gpt2_config(config)
+    gemma = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qk_norm=True, post_norms=True,
+                 embed_scale=128 ** 0.5, n_experts=4)
+    with pytest.raises(ValueError, match="'n_experts': 4"):
+        check_gemma3_shaped(GPTConfig(n_embd=128, n_head=2, **gemma))
