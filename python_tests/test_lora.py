@@ -266,3 +266,16 @@ def test_a_biased_qkv_alone_is_wrapped_kept_frozen_and_merged():
     plain = GPT(model.config).eval()
     plain.load_state_dict(model.state_dict())  # strict: the same keys, qkv.bias among them
     torch.testing.assert_close(plain(ids)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_moe_models_default_targets_leave_the_router_and_the_experts_frozen():
+    # layer 0 MoE (a router nn.Linear and 3-D expert stacks), layer 1 a dense SwiGLU MLP
+    model = tiny_gpt("tiny-moe", n_kv_head=1, moe_layers=[0])
+    wrapped = apply_lora(model, rank=2)
+    assert sorted(wrapped) == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.1.attn.proj", "blocks.1.attn.qkv",
+                               "blocks.1.mlp.gate_up", "blocks.1.mlp.proj"]
+    moe = model.blocks[0].mlp
+    assert not any(p.requires_grad for p in (moe.router.weight, moe.gate_up, moe.proj))
+    # the router is still a target by name
+    routed = tiny_gpt("tiny-moe", n_kv_head=1)
+    assert sorted(apply_lora(routed, rank=2, targets="router")) == ["blocks.0.mlp.router", "blocks.1.mlp.router"]

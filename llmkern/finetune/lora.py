@@ -26,6 +26,8 @@ from torch import nn
 
 # The linear layers of llmkern's transformer blocks (llmkern/nn/attention.py, llmkern/nn/mlp.py):
 # attention's fused q/k/v and output projections; GPT-2's MLP (fc, proj); Llama's MLP (gate_up, proj).
+# A MoE layer's router (llmkern/nn/moe.py, "router") is left out: adapting the routing is not what LoRA on a MoE
+# model usually means (PEFT's usual targets leave it out too); it is still a target by name.
 BLOCK_LINEARS = ("qkv", "proj", "fc", "gate_up")
 LORA_KEYS = ("lora_A", "lora_B")
 MERGED_KEY = "merged"  # in a merged LoRALinear's state_dict only: its weight already holds B @ A * scale
@@ -167,8 +169,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
 
     targets: module-name endings ("qkv", "proj", "fc", "gate_up", "attn.proj", "blocks.1.mlp.fc", ...),
         a list or a comma-separated string; None or "" wraps every attention and MLP projection of the
-        transformer blocks. The LM head is never wrapped. A target that names no linear layer is a
-        ValueError that lists the layers there are.
+        transformer blocks, not a MoE layer's router ("router" names it). The LM head is never wrapped. A
+        target that names no linear layer is a ValueError that lists the layers there are. A MoE layer's
+        experts are stacked 3-D parameters, not linear layers: under LoRA they stay frozen.
     Returns the names of the wrapped modules.
     """
     if not isinstance(model, nn.Module):

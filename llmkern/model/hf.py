@@ -4,8 +4,8 @@ config.json beside a model.safetensors file, and every importer's public name is
 The pieces, one job each:
     hf_common        reading a model's files (config.json, safetensors shards) and checked copies
     hf_gpt2          GPT-2's weights (Conv1D layouts, the head count from config.json)
-    hf_llama_config  a Llama-family config.json (Llama, Mistral, Qwen2, Qwen3, Phi-3) <-> GPTConfig
-    hf_llama         a Llama-family model's weights, in and out
+    hf_llama_config  a Llama-family config.json (Llama, Mistral, Qwen2, Qwen3, Phi-3; Mixtral, Qwen3-MoE) <-> GPTConfig
+    hf_llama         a Llama-family model's weights (Mixtral's and Qwen3-MoE's experts too), in and out
     hf_phi3          Phi-3's weights (Llama's model, q/k/v and gate/up fused), in and out
     hf_gemma3_config a Gemma 3 text config.json (Gemma3ForCausalLM's, or a multimodal one's text_config) <-> GPTConfig
     hf_gemma3        Gemma 3's text weights (the multimodal checkpoints' text part too), in and out
@@ -28,7 +28,9 @@ from .hf_gpt2 import (
 from .hf_llama import from_hf_llama, load_hf_llama, load_hf_llama_file, to_hf_llama
 from .hf_llama_config import (
     LLAMA_TYPES,
+    MOE_TYPES,
     PHI3_TYPE,
+    check_no_unsupported_moe,
     config_from_hf_llama,
     config_from_hf_phi3,
     hf_llama_config,
@@ -37,7 +39,7 @@ from .hf_llama_config import (
 from .hf_phi3 import from_hf_phi3, load_hf_phi3, load_hf_phi3_file, to_hf_phi3
 
 __all__ = [
-    "GEMMA3_TYPES", "LLAMA_TYPES", "PHI3_TYPE", "config_from_hf_gemma3", "config_from_hf_gpt2", "config_from_hf_llama",
+    "GEMMA3_TYPES", "LLAMA_TYPES", "MOE_TYPES", "PHI3_TYPE", "config_from_hf_gemma3", "config_from_hf_gpt2", "config_from_hf_llama",
     "config_from_hf_phi3", "from_hf_gemma3", "from_hf_gpt2", "from_hf_llama", "from_hf_phi3", "hf_gemma3_config",
     "hf_gpt2_config", "hf_llama_config", "hf_phi3_config", "load_hf_file", "load_hf_gemma3", "load_hf_gemma3_file",
     "load_hf_gpt2", "load_hf_gpt2_file", "load_hf_llama", "load_hf_llama_file", "load_hf_phi3", "load_hf_phi3_file",
@@ -52,20 +54,24 @@ _OTHER_GEMMAS = {
 
 def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
     """(GPT, model_type) of a Hugging Face model.safetensors file (or shard): by the model_type of the
-    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file), Llama's,
-    Phi-3's or Gemma 3's (text)."""
+    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file), Llama's (Mixtral's and
+    Qwen3-MoE's too), Phi-3's or Gemma 3's (text). Another mixture-of-experts model is refused, saying why."""
     check_model_file(path)
     hf_config = read_hf_config(path)
     model_type = "gpt2" if hf_config is None else hf_config.get("model_type", "gpt2")
     if model_type == "gpt2":
         return load_hf_gpt2_file(path, **overrides), model_type
-    if model_type in LLAMA_TYPES:
+    if model_type in LLAMA_TYPES + MOE_TYPES:
         return load_hf_llama_file(path, **overrides), model_type
     if model_type == PHI3_TYPE:
         return load_hf_phi3_file(path, **overrides), model_type
     if model_type in GEMMA3_TYPES:
         return load_hf_gemma3_file(path, **overrides), model_type
-    supported = ("gpt2",) + LLAMA_TYPES + (PHI3_TYPE,) + GEMMA3_TYPES
+    supported = ("gpt2",) + LLAMA_TYPES + MOE_TYPES + (PHI3_TYPE,) + GEMMA3_TYPES
+    try:
+        check_no_unsupported_moe(hf_config, model_type)
+    except ValueError as err:
+        raise ValueError(f"{path!r}: {err}") from None
     if model_type in _OTHER_GEMMAS:
         raise ValueError(f"{path!r}: model_type={model_type!r} is not supported: the model here does not compute "
                          f"{_OTHER_GEMMAS[model_type]}; of the Gemmas, Gemma 3 imports ({GEMMA3_TYPES})")

@@ -47,6 +47,17 @@ from .hf_common import hf_int, hf_layer_types, hf_number
 # config.json model_types that are Llama's model (Mistral: Llama with an optional sliding window; Qwen2: with
 # biased q/k/v projections and an optional sliding window; Qwen3: with QK-norm and an optional sliding window)
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Llama's model with sparse mixture-of-experts MLPs (GPTConfig.n_experts): Mixtral (Mistral's attention, experts in
+# every layer, top-k renormalized) and Qwen3-MoE (Qwen3's attention; norm_topk_prob, dense layers by
+# decoder_sparse_step and mlp_only_layers)
+MOE_TYPES = ("mixtral", "qwen3_moe")
+# Mixture-of-experts models whose config.json names a model the one here does not compute: what it has
+UNSUPPORTED_MOE_TYPES = {
+    "qwen2_moe": "Qwen2-MoE's shared expert (a dense MLP that every token runs, gated by a sigmoid, beside the "
+                 "routed experts)",
+}
+# Keys by which a config.json of another model_type says it has experts
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 # The types whose sliding_window is on only with use_sliding_window=true
 _QWEN_TYPES = ("qwen2", "qwen3")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
@@ -59,7 +70,7 @@ PHI3_TYPE = "phi3"
 # llmkern.ops.attention's window does; its flash-attention path passes window_size=(W - 1, ...), and says so: "we
 # usually define our window sizes by their total window size (when causal)". (Older transformers passed (W, W) to
 # flash attention, a key more: the versions differ by one there, and these current masks are the ones matched.)
-_SLIDING_TYPES = ("mistral", PHI3_TYPE)
+_SLIDING_TYPES = ("mistral", "mixtral", PHI3_TYPE)
 # transformers' rms_norm_eps defaults, for a config.json without one (LlamaConfig's and the others' 1e-6)
 _DEFAULT_EPS = {PHI3_TYPE: 1e-5}
 # Phi-3's RoPE scaling: "longrope", or the older names Phi3Config reads as it
@@ -90,7 +101,7 @@ def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None)
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
     if kind == "default":
         return theta, None
-    if kind == "llama3" and model_type in LLAMA_TYPES:
+    if kind == "llama3" and model_type in LLAMA_TYPES + MOE_TYPES:
         llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
         return theta, _checked_scaling(llama3, head_dim, rope_dim)
     if kind in _LONGROPE_NAMES and model_type == PHI3_TYPE:
@@ -152,9 +163,24 @@ def config_from_hf_llama(hf_config: dict, **overrides) -> GPTConfig:
     if not isinstance(hf_config, dict):
         raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
     model_type = hf_config.get("model_type", "llama")
-    if model_type not in LLAMA_TYPES:
-        raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}")
+    check_no_unsupported_moe(hf_config, model_type)
+    if model_type not in LLAMA_TYPES + MOE_TYPES:
+        raise ValueError(f"config.json has model_type={model_type!r}; Llama-family weights are of {LLAMA_TYPES}, "
+                         f"or with experts of {MOE_TYPES}")
     return _gpt_config(hf_config, model_type, overrides)
+
+
+def check_no_unsupported_moe(hf_config: dict, model_type: str) -> None:
+    """An error naming what the model here does not compute, for a mixture-of-experts config.json that is neither
+    Mixtral's nor Qwen3-MoE's (read as another type's, it would load and give other logits, or fail obscurely)."""
+    if model_type in UNSUPPORTED_MOE_TYPES:
+        raise ValueError(f"config.json has model_type={model_type!r}, which is not supported: the model here does "
+                         f"not compute {UNSUPPORTED_MOE_TYPES[model_type]}; of the mixture-of-experts models, "
+                         f"{MOE_TYPES} import")
+    named = [key for key in _EXPERT_KEYS if hf_config.get(key)]
+    if model_type not in MOE_TYPES and named:
+        raise ValueError(f"config.json of model_type={model_type!r} has experts ({named}): that mixture-of-experts "
+                         f"model is not supported; of the mixture-of-experts models, {MOE_TYPES} import")
 
 
 def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
@@ -237,9 +263,15 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
         rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_hidden=hf_int(hf_config, "intermediate_size"),
         tie_embeddings=tie, bias=False,
         qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are not optional
-        qk_norm=model_type == "qwen3",  # nor Qwen3's QK-norm
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),  # nor Qwen3's (and Qwen3-MoE's) QK-norm
     )
+    if model_type in MOE_TYPES:
+        values.update(_moe_values(hf_config, model_type, values["n_layer"]))
     window = _active_window(hf_config, model_type)
+    if model_type == "qwen3_moe" and window is not None:
+        _check_qwen3_moe_window_layers(hf_config, values["n_layer"])
+        values["sliding_window"] = window  # on every layer, as Mistral's
+        window = None
     if model_type in _SLIDING_TYPES:
         values["sliding_window"] = window  # the model slides it as transformers does: nothing to cut
         window = None
@@ -296,7 +328,7 @@ def _active_window(hf_config: dict, model_type: str) -> int | None:
     """The sliding window a model's attention has, or None: each query sees the last `window` keys, its own
     included (see _SLIDING_TYPES)."""
     window = hf_config.get("sliding_window")
-    if model_type in _QWEN_TYPES:
+    if model_type in _QWEN_TYPES + ("qwen3_moe",):
         # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
         # in the released models); then layer_types or max_window_layers says which layers slide
         # (_qwen_layer_types).
@@ -338,13 +370,113 @@ def _qwen_window(config: GPTConfig) -> dict:
             "layer_types": types}
 
 
+def _moe_values(hf_config: dict, model_type: str, n_layer: int) -> dict:
+    """The GPTConfig mixture-of-experts fields of a Mixtral or Qwen3-MoE config.json (defaults: MixtralConfig's and
+    Qwen3MoeConfig's)."""
+    coef = _aux_loss_coef(hf_config)
+    if model_type == "mixtral":
+        jitter = hf_config.get("router_jitter_noise", 0.0)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < math.inf:
+            raise ValueError(f"config.json's router_jitter_noise must be a number >= 0, got {jitter!r}")
+        if jitter > 0:  # training only: the logits are the same, so the model is not refused for it
+            warnings.warn(f"config.json has router_jitter_noise={jitter}, which transformers' Mixtral applies to the "
+                          f"router's input in training only; the model here routes without it, so inference is "
+                          f"Hugging Face's but training (fine-tuning) routes without the noise",
+                          stacklevel=_stacklevel_of_caller())
+        # Mixtral always renormalizes its top-k weights, and has experts in every layer
+        return {"n_experts": hf_int(hf_config, "num_local_experts", 8),
+                "experts_per_token": hf_int(hf_config, "num_experts_per_tok", 2), "router_aux_loss_coef": coef}
+    norm_topk_prob = hf_config.get("norm_topk_prob", False)
+    if not isinstance(norm_topk_prob, bool):
+        raise ValueError(f"config.json's norm_topk_prob must be true or false, got {norm_topk_prob!r}")
+    return {"n_experts": hf_int(hf_config, "num_experts", 128),
+            "experts_per_token": hf_int(hf_config, "num_experts_per_tok", 8),
+            "expert_hidden": hf_int(hf_config, "moe_intermediate_size", 768), "norm_topk_prob": norm_topk_prob,
+            "router_aux_loss_coef": coef, "moe_layers": _qwen3_moe_layers(hf_config, n_layer)}
+
+
+def _aux_loss_coef(hf_config: dict) -> float:
+    """GPTConfig.router_aux_loss_coef of config.json: its router_aux_loss_coef when output_router_logits is true,
+    else 0. transformers adds the load-balancing loss only then (and output_router_logits is false in the released
+    Mixtral and Qwen3-MoE models), so a fine-tuning here computes the loss that one in transformers would from the
+    same config.json; router_aux_loss_coef=... given to the import turns it on."""
+    enabled = hf_config.get("output_router_logits", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"config.json's output_router_logits must be true or false, got {enabled!r}")
+    coef = hf_config.get("router_aux_loss_coef", 0.001)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
+        raise ValueError(f"config.json's router_aux_loss_coef must be a number >= 0, got {coef!r}")
+    return float(coef) if enabled else 0.0
+
+
+def _qwen3_moe_layers(hf_config: dict, n_layer: int) -> list[int]:
+    """The layers of a Qwen3-MoE model whose MLP is a mixture of experts, as Qwen3MoeDecoderLayer picks them: those
+    not in mlp_only_layers whose index + 1 is a multiple of decoder_sparse_step."""
+    step = hf_int(hf_config, "decoder_sparse_step", 1)
+    dense = hf_config.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer
+                                          for i in dense):
+        raise ValueError(f"config.json's mlp_only_layers must list layer indices in [0, num_hidden_layers={n_layer}),"
+                         f" got {dense!r}")
+    return [i for i in range(n_layer) if i not in dense and (i + 1) % step == 0]
+
+
+def _check_qwen3_moe_window_layers(hf_config: dict, n_layer: int) -> None:
+    """Qwen3-MoE's attention slides its window (use_sliding_window=true) on every layer: Qwen3MoeConfig has no
+    layer_types, and its max_window_layers is read by no layer. A config.json whose max_window_layers or
+    layer_types says otherwise is refused, not guessed: a Qwen3 reading of it would slide fewer layers."""
+    first = hf_config.get("max_window_layers", 0)
+    types = hf_layer_types(hf_config, n_layer)
+    if first != 0 or (types is not None and "full_attention" in types):
+        raise ValueError(f"config.json has use_sliding_window=true with max_window_layers={first!r} and layer_types="
+                         f"{types!r}: transformers' Qwen3-MoE slides the window on every layer, while these keys "
+                         f"say some layers do not; give max_window_layers=0 (or use_sliding_window=false)")
+
+
+def _hf_moe_config(config: GPTConfig, dtype: torch.dtype) -> dict:
+    """The config.json of a mixture-of-experts GPTConfig: Qwen3-MoE's with qk_norm (the attention Qwen3-MoE has),
+    else Mixtral's; its attention, norm and RoPE keys as hf_llama_config writes them for the dense model."""
+    if config.qkv_bias:
+        raise ValueError("a mixture-of-experts model with qkv_bias has no Hugging Face model_type here (Mixtral and "
+                         "Qwen3-MoE have no q/k/v biases; Qwen2-MoE, which has, is not supported)")
+    if config.layer_types is not None:
+        raise ValueError(f"Mixtral and Qwen3-MoE slide their window on every layer or on none; this model has "
+                         f"layer_types={config.layer_types}")
+    dense = dataclasses.replace(config, n_experts=None, experts_per_token=2, expert_hidden=None, norm_topk_prob=True,
+                                router_aux_loss_coef=0.0, moe_layers=None, sliding_window=None)
+    hf_config = hf_llama_config(dense, dtype)
+    for key in ("mlp_bias", "use_sliding_window", "max_window_layers", "layer_types", "sliding_window"):
+        hf_config.pop(key, None)
+    coef = config.router_aux_loss_coef
+    experts = {"num_experts_per_tok": config.experts_per_token, "output_router_logits": coef > 0,
+               "router_aux_loss_coef": coef}
+    if config.qk_norm:
+        dense_layers = [i for i in range(config.n_layer) if not config.is_moe_layer(i)]
+        window = config.sliding_window
+        hf_config.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=config.n_experts,
+                         moe_intermediate_size=config.expert_hidden_size, norm_topk_prob=config.norm_topk_prob,
+                         decoder_sparse_step=1, mlp_only_layers=dense_layers, use_sliding_window=window is not None,
+                         sliding_window=window, max_window_layers=0 if window is not None else config.n_layer,
+                         **experts)
+        return hf_config
+    if not config.norm_topk_prob or config.moe_layers is not None:
+        raise ValueError(f"Mixtral's model renormalizes its top-k weights and has experts in every layer; this one has "
+                         f"norm_topk_prob={config.norm_topk_prob}, moe_layers={config.moe_layers} (a model with "
+                         f"qk_norm exports as Qwen3-MoE's, which has both settings)")
+    del hf_config["attention_bias"]  # MixtralConfig has none (no layer has a bias)
+    # every layer is MoE: intermediate_size is the experts' width (the dense width is no layer's)
+    hf_config.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                     intermediate_size=config.expert_hidden_size, num_local_experts=config.n_experts,
+                     router_jitter_noise=0.0, sliding_window=config.sliding_window, **experts)
+    return hf_config
+
+
 def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     """The HF config.json (a dict) of a Llama-shaped GPTConfig whose weights are of `dtype`: Llama's; Mistral's
     (model_type "mistral") with a sliding_window; Qwen2's (model_type "qwen2") with qkv_bias; Qwen3's (model_type
-    "qwen3") with qk_norm."""
-    if config.n_experts is not None:  # no key here says experts: transformers would read a dense model
-        raise ValueError(f"a mixture-of-experts model (n_experts={config.n_experts}) has no Llama, Mistral, Qwen nor "
-                         f"Phi-3 config.json")
+    "qwen3") with qk_norm. With experts (n_experts): Qwen3-MoE's with qk_norm, else Mixtral's (_hf_moe_config)."""
+    if config.n_experts is not None:
+        return _hf_moe_config(config, dtype)
     qwen = config.qkv_bias or config.qk_norm
     # Qwen's sliding layers are named by layer_types, which no other type here has
     _refuse_gemma_features(config if not qwen else dataclasses.replace(config, layer_types=None))
@@ -392,9 +524,10 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
     _refuse_gemma_features(config)
     scaling = config.rope_scaling
     not_longrope = scaling if scaling is not None and scaling["rope_type"] != "longrope" else None
-    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": not_longrope}
+    kept = {"qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm, "rope_scaling": not_longrope,
+            "n_experts": config.n_experts}
     if any(kept.values()):
-        raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm nor a RoPE scaling other than longrope; "
+        raise ValueError(f"Phi-3's model has no q/k/v biases, QK-norm, experts nor a RoPE scaling other than longrope; "
                          f"this one has { {k: v for k, v in kept.items() if v} }")
     hf_config = hf_llama_config(dataclasses.replace(config, rope_scaling=None, rope_dim=None, sliding_window=None),
                                 dtype)

@@ -20,12 +20,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def hf_source(model_type: str) -> str:
     """The "source" label of a model imported from a Hugging Face file of this model_type: "hf-" and its family,
-    "hf-gpt2", "hf-llama" (Llama, Mistral, Qwen2, Qwen3: Llama's model), "hf-phi3" or "hf-gemma3" (Gemma 3, text
-    or multimodal). Whatever the family, it starts with "hf-" (is_hf_source), as every label did."""
+    "hf-gpt2", "hf-llama" (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts Mixtral and Qwen3-MoE: Llama's
+    model), "hf-phi3" or "hf-gemma3" (Gemma 3, text or multimodal). Whatever the family, it starts with "hf-"
+    (is_hf_source), as every label did."""
     from ..model.hf_gemma3_config import GEMMA3_TYPES
-    from ..model.hf_llama_config import LLAMA_TYPES, PHI3_TYPE
+    from ..model.hf_llama_config import LLAMA_TYPES, MOE_TYPES, PHI3_TYPE
 
-    if model_type in LLAMA_TYPES:
+    if model_type in LLAMA_TYPES + MOE_TYPES:
         return "hf-llama"
     if model_type == PHI3_TYPE:
         return "hf-phi3"
