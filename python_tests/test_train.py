@@ -227,6 +227,63 @@ def test_tiny_model_loss_falls(tmp_path, data_dir):
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records if r["kind"] == "train")
     for chart in ("loss.png", "lr.png", "throughput.png"):
         assert os.path.getsize(tmp_path / "run" / chart) > 1000
+    assert not any("aux_loss" in r for r in records)  # a dense model has no load-balancing loss
+    assert not os.path.exists(tmp_path / "run" / "aux_loss.png")
+
+
+def test_a_moe_run_logs_the_cross_entropy_and_the_mean_load_balancing_loss(tmp_path, data_dir, monkeypatch):
+    from llmkern.model import GPT
+
+    # each training micro-batch's cross-entropy (before the aux loss is added) and load-balancing loss
+    cross_entropies, aux_losses = [], []
+    forward, logits_and_loss = GPT.forward, GPT._logits_and_loss
+
+    def forward_spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            aux_losses.append(float(self.aux_loss))
+        return out
+
+    def logits_and_loss_spy(self, *args, **kwargs):
+        logits, loss = logits_and_loss(self, *args, **kwargs)
+        if self.training:
+            cross_entropies.append(float(loss.detach()))
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_spy)
+    monkeypatch.setattr(GPT, "_logits_and_loss", logits_and_loss_spy)
+    config = tiny_config(tmp_path / "run", data_dir, preset="tiny-moe", max_steps=4, log_interval=2,
+                         model={**TINY_MODEL, "router_aux_loss_coef": 0.5})
+    trainer = Trainer(config)
+    assert trainer.grad_accum == 2
+    trainer.fit()
+    assert len(aux_losses) == len(cross_entropies) == 4 * 2
+    train = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        first = (r["step"] - 1) * 2  # the step's micro-batches
+        assert r["aux_loss"] == pytest.approx(np.mean(aux_losses[first:first + 2]), rel=1e-6)
+        assert r["loss"] == pytest.approx(np.mean(cross_entropies[first:first + 2]), rel=1e-6)
+        # near k = 2, its value for even routing (a young router): the loss itself, not coef times it
+        assert r["aux_loss"] == pytest.approx(2.0, rel=0.2)
+    assert os.path.getsize(tmp_path / "run" / "aux_loss.png") > 1000
+
+
+def test_a_moe_run_resumes_bitwise_with_its_load_balancing_loss(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, preset="tiny-moe", max_steps=4, ckpt_interval=2,
+                         model={**TINY_MODEL, "dropout": 0.1})
+    Trainer(config).fit()
+
+    def logged():
+        return {r["step"]: (r["loss"], r["aux_loss"], r["grad_norm"])
+                for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"}
+
+    uninterrupted = logged()
+    for step, path in ckpt.step_dirs(str(tmp_path / "run")):
+        if step == 4:  # "crash" after step 2
+            shutil.rmtree(path)
+    Trainer(config).fit(resume=True)
+    assert logged() == uninterrupted  # exact floats
 
 
 def test_document_masking_gives_the_model_the_document_of_every_token(tmp_path, data_dir, monkeypatch):

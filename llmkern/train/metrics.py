@@ -6,6 +6,9 @@ Each line of metrics.jsonl is one JSON object with a "kind":
     {"kind": "eval", "step", "val_loss", "val_ppl"}
     {"kind": "skip", "step", "loss", "grad_norm", "reason"}  (a NaN/inf loss or gradient norm, or a float16
                                                           overflow: the step was not applied)
+A model with mixture-of-experts layers also has "aux_loss" after "loss" in its train and skip records: the mean
+load-balancing loss of the step's micro-batches. Its "loss" is then the cross-entropy alone, as a dense model's
+and the validation loss are; it trained on loss + router_aux_loss_coef * aux_loss.
 """
 
 from __future__ import annotations
@@ -160,8 +163,9 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics_path: str, out_dir: str, extra: Sequence[str] = ()) -> list[str]:
-    """loss.png (train and val), lr.png and throughput.png from a metrics.jsonl, and <name>.png for each
-    name in `extra` (its train values beside the eval records' "val_<name>"); the paths written."""
+    """loss.png (train and val), lr.png and throughput.png from a metrics.jsonl, aux_loss.png when the train records
+    have an aux_loss (a model with MoE layers), and <name>.png for each name in `extra` (its train values beside the
+    eval records' "val_<name>"); the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +181,8 @@ def plot_metrics(metrics_path: str, out_dir: str, extra: Sequence[str] = ()) -> 
         ("lr.png", "learning rate", [("lr", train, "lr")]),
         ("throughput.png", "tokens / s", [("tokens/s", train, "tokens_per_s")]),
     ]
+    if any("aux_loss" in r for r in train):
+        charts.append(("aux_loss.png", "load-balancing loss", [("train", train, "aux_loss")]))
     charts += [(f"{name}.png", name.replace("_", " "), [("train", train, name), ("val", evals, f"val_{name}")])
                for name in extra]
     written = []

@@ -11,9 +11,14 @@ CPU the losses after resuming equal, bit for bit, those of a run that never stop
 Under torchrun, rank 0 alone writes the run's files (log, checkpoints, charts); when that fails (disk
 full), every rank stops with an error that names it, instead of waiting for rank 0 at the next collective.
 
-A step whose loss (or gradient norm) is NaN or inf is not applied; it is logged, and after
-max_bad_steps of them in a row training stops with a TrainingDiverged error, the newest
-checkpoint left as it was. With dtype="float16" the loss is scaled (llmkern/train/loss_scale.py):
+A model with mixture-of-experts layers trains on the cross-entropy plus router_aux_loss_coef times their
+load-balancing loss; its log's "loss" is the cross-entropy alone (comparable with the validation loss and with a
+dense model's), and "aux_loss" beside it the load-balancing loss, both averaged over the step's micro-batches and
+the ranks. A dense model's log has no "aux_loss".
+
+A step whose loss (the whole objective, with MoE layers) or gradient norm is NaN or inf is not applied;
+it is logged, and after max_bad_steps of them in a row training stops with a TrainingDiverged error, the
+newest checkpoint left as it was. With dtype="float16" the loss is scaled (llmkern/train/loss_scale.py):
 a gradient overflow then halves the scale and skips the step without counting as a bad step.
 
 The host does not wait for a step: llmkern's AdamW clips and skips a non-finite step on the
@@ -67,8 +72,22 @@ class _StepRecord:
 
     step: int  # counted from 1
     lr: float
-    values: Readback  # (mean loss, gradient norm)
+    values: Readback  # (mean loss, gradient norm), + the mean load-balancing loss with MoE layers
     overflow: str | None = None  # float16: skipped for a gradient overflow, the loss scale backed off
+
+
+@dataclass
+class _StepValues:
+    """A read step's values as logged: loss is the mean cross-entropy, aux_loss the mean load-balancing loss (None
+    without MoE layers)."""
+
+    loss: float
+    grad_norm: float
+    aux_loss: float | None = None
+
+    def losses(self) -> dict[str, float]:
+        """The loss records' "loss", and "aux_loss" beside it for a model with MoE layers."""
+        return {"loss": self.loss} if self.aux_loss is None else {"loss": self.loss, "aux_loss": self.aux_loss}
 
 
 def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = None,
@@ -334,10 +353,9 @@ class Trainer:
             window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
             if result is None:  # not read yet (nothing to do at this step), or skipped: no eval or checkpoint
                 continue
-            loss, grad_norm = result
             if logs:
                 tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
-                self._log_train(loss, grad_norm, record.lr, tokens_per_s)
+                self._log_train(result, record.lr, tokens_per_s)
                 window_seconds, window_steps = 0.0, 0
             if evaluates and self._evaluate_and_check_patience():
                 return "early_stopping"
@@ -363,18 +381,23 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         scale = self.step_loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
-        loss_sum = torch.zeros((), device=self.device)
+        # (loss, load-balancing loss) summed over the micro-batches: one all-reduce for both
+        sums = torch.zeros(2, device=self.device)
         for micro in range(self.grad_accum):
             x, y, *doc_ids = self.train_loader.next_batch()
             with self._gradient_sync(micro == self.grad_accum - 1):
                 with self._autocast():
                     _, loss = self.model(x, y, *doc_ids)
                 (loss * (scale / self.grad_accum)).backward()
-            loss_sum += loss.detach().float()
-        mean_loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist)
+            sums[0] += loss.detach().float()
+            if self.raw_model.aux_loss is not None:  # this micro-batch's, set by the forward of a model with MoE
+                sums[1] += self.raw_model.aux_loss.float()
+        mean_loss, mean_aux = distributed.all_reduce_mean(sums / self.grad_accum, self.dist).unbind()
+        if self.raw_model.aux_loss is None:  # a dense model
+            mean_aux = None
         if self.skips_on_device:
-            return self._step_on_device(mean_loss, lr)
-        return self._step_on_host(mean_loss, lr, scale)
+            return self._step_on_device(mean_loss, mean_aux, lr)
+        return self._step_on_host(mean_loss, mean_aux, lr, scale)
 
     @property
     def skips_on_device(self) -> bool:
@@ -382,21 +405,22 @@ class Trainer:
         AdamW with max_grad_norm, as _make_optimizer builds it when there is no float16 loss scaling)."""
         return getattr(self.optimizer, "max_grad_norm", None) is not None
 
-    def _step_on_device(self, mean_loss: torch.Tensor, lr: float) -> _StepRecord:
+    def _step_on_device(self, mean_loss: torch.Tensor, mean_aux: torch.Tensor | None, lr: float) -> _StepRecord:
         _poison_gradients_unless_finite(self.model.parameters(), mean_loss)
         self.optimizer.step()  # clips to grad_clip; a non-finite norm leaves everything as it was
         self.optimizer.zero_grad(set_to_none=True)
-        return _StepRecord(self.step + 1, lr, Readback(mean_loss, self.optimizer.grad_norm))
+        return _StepRecord(self.step + 1, lr, _readback(mean_loss, self.optimizer.grad_norm, mean_aux))
 
-    def _step_on_host(self, mean_loss: torch.Tensor, lr: float, scale: float) -> _StepRecord:
+    def _step_on_host(self, mean_loss: torch.Tensor, mean_aux: torch.Tensor | None, lr: float,
+                      scale: float) -> _StepRecord:
         """The step of torch's AdamW, or under loss scaling: the host reads the loss and the norm (a sync)
         and decides whether to step."""
         params = list(self.model.parameters())
         unscale_(params, scale)  # an overflow stays inf, for the checks below
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm_t = distributed.clip_grad_norm(params, max_norm)
-        record = _StepRecord(self.step + 1, lr, Readback(mean_loss, grad_norm_t))
-        loss, grad_norm = record.values.read()
+        record = _StepRecord(self.step + 1, lr, _readback(mean_loss, grad_norm_t, mean_aux))
+        loss, grad_norm, *_ = record.values.read()
         if not math.isfinite(grad_norm) and math.isfinite(loss) and self.loss_scale \
                 and self.loss_scale.can_back_off():  # float16 overflow: the scale's doing, not divergence
             before = self.loss_scale.scale
@@ -409,19 +433,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return record
 
-    def _read(self, record: _StepRecord, bar) -> tuple[float, float] | None:
-        """A step's (mean loss, grad norm); None when it was skipped, which is logged and, unless a float16
-        overflow, counted: after max_bad_steps in a row, TrainingDiverged."""
-        loss, grad_norm = record.values.read()
+    def _read(self, record: _StepRecord, bar) -> _StepValues | None:
+        """A step's values; None when it was skipped, which is logged and, unless a float16 overflow, counted:
+        after max_bad_steps in a row, TrainingDiverged."""
+        objective, grad_norm, *aux = record.values.read()
+        values = self._step_values(objective, grad_norm, aux[0] if aux else None)
         if record.overflow:
-            self.log.write("skip", step=record.step, loss=loss, grad_norm=grad_norm, reason=record.overflow)
+            self.log.write("skip", step=record.step, **values.losses(), grad_norm=grad_norm, reason=record.overflow)
             return None
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self._count_bad_step(record.step, loss, grad_norm)
+        if not (math.isfinite(objective) and math.isfinite(grad_norm)):  # the whole objective, as the step saw it
+            self._count_bad_step(record.step, values, loss_is_finite=math.isfinite(objective))
             return None
         self.bad_steps = 0
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record.lr:.2e}")
-        return loss, grad_norm
+        bar.set_postfix({name: f"{value:.4f}" for name, value in values.losses().items()}, lr=f"{record.lr:.2e}")
+        return values
+
+    def _step_values(self, objective: float, grad_norm: float, aux_loss: float | None) -> _StepValues:
+        """The values to log of a step whose objective (mean loss trained on) and mean load-balancing loss (None
+        for a dense model) were read: the cross-entropy is the objective less the coefficient times the aux loss."""
+        coef = self.raw_model.config.router_aux_loss_coef
+        # GPT.forward adds coef * aux only for coef > 0: 0 * a NaN aux loss would make the cross-entropy NaN
+        cross_entropy = objective - coef * aux_loss if aux_loss is not None and coef > 0 else objective
+        return _StepValues(cross_entropy, grad_norm, aux_loss)
 
     def _gradient_sync(self, enabled: bool):
         """Reduce the gradients over the ranks only after the last micro-batch of a step."""
@@ -432,10 +465,10 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if enabled else self.wrapped_model.no_sync()
 
-    def _count_bad_step(self, step: int, loss: float, grad_norm: float) -> None:
+    def _count_bad_step(self, step: int, values: _StepValues, loss_is_finite: bool) -> None:
         self.bad_steps += 1
-        self.log.write("skip", step=step, loss=loss, grad_norm=grad_norm,
-                       reason="non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm")
+        self.log.write("skip", step=step, **values.losses(), grad_norm=values.grad_norm,
+                       reason="non-finite gradient norm" if loss_is_finite else "non-finite loss")
         if self.bad_steps >= self.config.max_bad_steps:
             latest = ckpt.latest_checkpoint(self.run_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
@@ -445,10 +478,11 @@ class Trainer:
                 f"Try a lower lr, a longer warmup or dtype=float32."
             )
 
-    def _log_train(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float) -> None:
+    def _log_train(self, values: _StepValues, lr: float, tokens_per_s: float) -> None:
         flops = self.raw_model.flops_per_token(self.config.seq_len)
         scaling = {"loss_scale": self.step_loss_scale} if self.loss_scale else {}  # the scale this step used
-        self.log.write("train", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+        self.log.write("train", step=self.step, **values.losses(), lr=lr, grad_norm=values.grad_norm,
+                       tokens_per_s=tokens_per_s,
                        mfu=mfu(tokens_per_s, flops, peak_flops(self.device), self.dist.world_size),
                        peak_mem_gib=peak_memory_gib(self.device), **scaling)
 
@@ -582,6 +616,11 @@ def evaluate_loss(model: nn.Module, loader, steps: int, autocast=contextlib.null
     if dist_info is not None:
         mean = distributed.all_reduce_mean(mean.to(loader.device), dist_info).cpu()
     return float(mean)
+
+
+def _readback(mean_loss: torch.Tensor, grad_norm: torch.Tensor, mean_aux: torch.Tensor | None) -> Readback:
+    """A step's values on their way to the host: (loss, grad norm), + the load-balancing loss with MoE layers."""
+    return Readback(mean_loss, grad_norm) if mean_aux is None else Readback(mean_loss, grad_norm, mean_aux)
 
 
 def _perplexity(loss: float) -> float:
