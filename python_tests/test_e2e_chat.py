@@ -307,3 +307,20 @@ def test_pretraining_data_in_the_gemma3_tokenizer_fits_a_model_without_its_extra
                         backend="torch").validate()
     with pytest.raises(ValueError, match=f"ids {vocab_size - 1} past it are ordinary tokens"):
         build_model(fewer, vocab_size + 1, tokenizer)
+
+
+def test_ids_no_token_has_are_not_taken_for_ordinary_ones():
+    """cl100k_base has ids no token holds (100256, 100261-100275): a model whose vocabulary ends inside such a gap
+    reads every token text can give, and is not refused for ids that do not exist."""
+    import tiktoken
+
+    from llmkern.data.model_vocab import check_vocab_fits
+    from llmkern.data.tokenizer import TiktokenTokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    encoding = tiktoken.Encoding("gaps", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 256, "<|pad|>": 260})  # 257-259: no token
+    gapped = TiktokenTokenizer(encoding, "gaps", eot_token=256)
+    check_vocab_fits(gapped, 257, "gaps", "the model")  # 257-259 are holes, 260 a special token
+    with pytest.raises(ValueError, match="ids 255 past it are ordinary"):
+        check_vocab_fits(gapped, 255, "gaps", "the model")

@@ -316,6 +316,7 @@ def test_tiny_moe_trains_and_its_loss_falls(tmp_path):
     ({"n_experts": 4, "norm_topk_prob": 1}, TypeError, "norm_topk_prob"),
     ({"n_experts": 4, "moe_layers": [0, 2]}, ValueError, r"moe_layers holds 2; layer indices are in \[0, n_layer=2\)"),
     ({"n_experts": 4, "moe_layers": [-1]}, ValueError, "moe_layers holds -1"),
+    ({"n_experts": 4, "moe_layers": []}, ValueError, "moe_layers is empty"),
     ({"n_experts": 4, "moe_layers": [1, 0]}, ValueError, "moe_layers must be sorted and without repeats"),
     ({"n_experts": 4, "moe_layers": [1, 1]}, ValueError, "moe_layers must be sorted and without repeats"),
     ({"n_experts": 4, "moe_layers": [True]}, TypeError, "moe_layers"),

@@ -17,21 +17,22 @@ from __future__ import annotations
 MAX_RANGES_SHOWN = 5  # a message lists the first few runs of ordinary ids, not 200k of them
 
 
-def is_special_id(tokenizer, token_id: int) -> bool:
-    """Whether token_id is a special token of `tokenizer`: the one its text names (special_token gives it back).
-    An id that does not decode (a hole in the ids) counts as no special token."""
+def is_ordinary_id(tokenizer, token_id: int) -> bool:
+    """Whether text may encode to token_id: a token of `tokenizer` that is no special token (special_token does
+    not give it back for its text). An id that no token has (a hole in the ids, as cl100k_base's 100256, which
+    decodes to nothing or not at all) is none."""
     if isinstance(tokenizer, ModelVocabTokenizer):  # checked again (by eval, say): ask the tokenizer it wraps
         tokenizer = tokenizer.tokenizer
     try:
-        name = tokenizer.decode([token_id])
+        text = tokenizer.decode([token_id])
     except (KeyError, ValueError):
         return False
-    return tokenizer.special_token(name) == token_id
+    return text != "" and tokenizer.special_token(text) != token_id
 
 
 def ordinary_ids_past(tokenizer, vocab_size: int) -> list[int]:
-    """The ids at or past vocab_size that are not special tokens: ones that text may encode to."""
-    return [i for i in range(vocab_size, tokenizer.n_vocab) if not is_special_id(tokenizer, i)]
+    """The ids at or past vocab_size that text may encode to (is_ordinary_id)."""
+    return [i for i in range(vocab_size, tokenizer.n_vocab) if is_ordinary_id(tokenizer, i)]
 
 
 def describe_ids(ids: list[int]) -> str:

@@ -90,7 +90,9 @@ class GPTConfig:
     # OLMoE does not).
     norm_topk_prob: bool = True
     # The weight of the load-balancing loss (Switch Transformer's, as transformers' load_balancing_loss_func computes
-    # it) added to forward's loss in training mode; see GPT.forward.
+    # it) added to forward's loss in training mode; see GPT.forward. So pretraining and SFT add it; the recipes that
+    # score through hidden_states (DPO, PPO, the reward model, classifiers) do not. Every position of a batch counts
+    # in its statistics, a padding one too (transformers leaves out the ones its attention_mask masks).
     router_aux_loss_coef: float = 0.0
     # Which layers are MoE (sorted, unique indices); None: all. A list of every layer is set to None on construction.
     moe_layers: list[int] | None = None
@@ -231,6 +233,9 @@ class GPTConfig:
                 raise ValueError(f"moe_layers holds {i}; layer indices are in [0, n_layer={self.n_layer})")
         if self.moe_layers != sorted(set(self.moe_layers)):
             raise ValueError(f"moe_layers must be sorted and without repeats, got {self.moe_layers}")
+        if not self.moe_layers:  # a dense model that would still say it has experts
+            raise ValueError(f"moe_layers is empty: no layer would have the n_experts={self.n_experts} experts "
+                             f"(n_experts=None for a dense model)")
         if len(self.moe_layers) == self.n_layer:
             return None
         return list(self.moe_layers)  # a copy, as layer_types is
