@@ -324,3 +324,23 @@ def test_ids_no_token_has_are_not_taken_for_ordinary_ones():
     check_vocab_fits(gapped, 257, "gaps", "the model")  # 257-259 are holes, 260 a special token
     with pytest.raises(ValueError, match="ids 255 past it are ordinary"):
         check_vocab_fits(gapped, 255, "gaps", "the model")
+
+
+def test_a_token_that_decodes_to_nothing_is_still_an_ordinary_one():
+    """SentencePiece's lone "▁" decodes to "" under a Metaspace decoder (it drops a first space) yet is a token
+    text encodes to: past the model's vocabulary it must be refused, not taken for a hole in the ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    from llmkern.data.hf_tokenizers_backend import HFTokenizersTokenizer
+    from llmkern.data.model_vocab import check_vocab_fits
+
+    backend = tokenizers.Tokenizer(models.Unigram([("<eos>", 0.0), ("<unk>", 0.0), ("▁a", -1.0), ("a", -1.0),
+                                                   ("▁", -2.0)], unk_id=1))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.add_special_tokens([AddedToken("<eos>", special=True)])
+    tok = HFTokenizersTokenizer(backend, "toy", eot_token=0, bos_token=None)
+    assert 4 in tok.encode("a  a") and tok.decode([4]) == ""
+    with pytest.raises(ValueError, match="ids 4 past it are ordinary"):
+        check_vocab_fits(tok, 4, "toy", "the model")

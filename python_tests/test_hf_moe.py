@@ -12,6 +12,7 @@ from llmkern.model import generate
 from llmkern.model.hf import (
     config_from_hf_llama,
     from_hf_llama,
+    hf_llama_config,
     load_hf_file,
     to_hf_llama,
 )
@@ -316,3 +317,26 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(model_type):
     cached = generate(model, prompts, max_new_tokens=6, temperature=0.0, use_cache=True)
     uncached = generate(model, prompts, max_new_tokens=6, temperature=0.0, use_cache=False)
     assert cached == uncached
+
+
+def test_keys_a_mixtral_config_leaves_out_take_mixtral_config_defaults():
+    """MixtralConfig's rope_theta is 1e6 and its rms_norm_eps 1e-5 (Llama's: 10000 and 1e-6): a config.json
+    without them (hand-written, or trimmed) is the model those defaults make."""
+    cfg = mixtral_config_json()
+    for key in ("rope_theta", "rms_norm_eps"):
+        cfg.pop(key, None)
+    config = config_from_hf_llama(cfg)
+    assert (config.rope_theta, config.norm_eps) == (1e6, 1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_an_export_without_a_load_balancing_loss_keeps_transformers_default_coefficient(model_type):
+    """A model whose load-balancing loss is off exports it off (output_router_logits false) with transformers'
+    default coefficient, not 0, so that a fine-tuning there that turns it on gets a load-balancing loss."""
+    cfg = mixtral_config_json() if model_type == "mixtral" else qwen3_moe_config_json()
+    cfg.update(output_router_logits=False, router_aux_loss_coef=0.02)
+    config = config_from_hf_llama(cfg)
+    assert config.router_aux_loss_coef == 0.0
+    out = hf_llama_config(config, torch.float32)
+    assert (out["output_router_logits"], out["router_aux_loss_coef"]) == (False, 0.001)
+    assert config_from_hf_llama(out) == config

@@ -19,15 +19,32 @@ MAX_RANGES_SHOWN = 5  # a message lists the first few runs of ordinary ids, not 
 
 def is_ordinary_id(tokenizer, token_id: int) -> bool:
     """Whether text may encode to token_id: a token of `tokenizer` that is no special token (special_token does
-    not give it back for its text). An id that no token has (a hole in the ids, as cl100k_base's 100256, which
-    decodes to nothing or not at all) is none."""
+    not give it back for its text). An id that no token has (a hole in the ids, as cl100k_base's 100256) is none."""
     if isinstance(tokenizer, ModelVocabTokenizer):  # checked again (by eval, say): ask the tokenizer it wraps
         tokenizer = tokenizer.tokenizer
+    if not _has_token(tokenizer, token_id):
+        return False
     try:
         text = tokenizer.decode([token_id])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError):  # a hole that the tokenizer could not be asked about directly
         return False
-    return text != "" and tokenizer.special_token(text) != token_id
+    return tokenizer.special_token(text) != token_id
+
+
+def _has_token(tokenizer, token_id: int) -> bool:
+    """Whether some token of `tokenizer` has token_id, asked of the library under it where it can say: a token may
+    decode to "" (SentencePiece's lone "▁" does), so decoding cannot tell a hole from a token."""
+    encoding = getattr(tokenizer, "encoding", None)  # tiktoken's
+    if encoding is not None and hasattr(encoding, "decode_single_token_bytes"):
+        try:
+            encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            return False
+        return True
+    backend = getattr(tokenizer, "backend", None)  # Hugging Face tokenizers'
+    if backend is not None and hasattr(backend, "id_to_token"):
+        return backend.id_to_token(token_id) is not None
+    return True
 
 
 def ordinary_ids_past(tokenizer, vocab_size: int) -> list[int]:

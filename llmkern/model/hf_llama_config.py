@@ -72,7 +72,12 @@ PHI3_TYPE = "phi3"
 # flash attention, a key more: the versions differ by one there, and these current masks are the ones matched.)
 _SLIDING_TYPES = ("mistral", "mixtral", PHI3_TYPE)
 # transformers' rms_norm_eps defaults, for a config.json without one (LlamaConfig's and the others' 1e-6)
-_DEFAULT_EPS = {PHI3_TYPE: 1e-5}
+_DEFAULT_EPS = {PHI3_TYPE: 1e-5, "mixtral": 1e-5}
+# The RoPE base a config.json without rope_theta has (transformers' config classes' defaults); 10000.0 for the others
+_DEFAULT_THETA = {"mixtral": 1e6}
+# transformers' router_aux_loss_coef default (MixtralConfig's and Qwen3MoeConfig's), written when the model here has
+# none in use: off, by output_router_logits false, and ready for a fine-tuning that turns it on
+_HF_AUX_LOSS_COEF = 0.001
 # Phi-3's RoPE scaling: "longrope", or the older names Phi3Config reads as it
 _LONGROPE_NAMES = ("longrope", "su", "yarn")
 _ORIGINAL_CONTEXT = "original_max_position_embeddings"
@@ -90,12 +95,13 @@ def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None)
     # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
     # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
     params = hf_config.get("rope_parameters")
+    default_theta = _DEFAULT_THETA.get(model_type, 10000.0)
     if params is not None:
         if not isinstance(params, dict):
             raise ValueError(f"config.json's rope_parameters must be a JSON object, got {params!r}")
-        scaling, theta = params, hf_number(params, "rope_theta", hf_config.get("rope_theta", 10000.0))
+        scaling, theta = params, hf_number(params, "rope_theta", hf_config.get("rope_theta", default_theta))
     else:
-        scaling, theta = hf_config.get("rope_scaling"), hf_number(hf_config, "rope_theta", 10000.0)
+        scaling, theta = hf_config.get("rope_scaling"), hf_number(hf_config, "rope_theta", default_theta)
     if scaling is None:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
@@ -403,7 +409,7 @@ def _aux_loss_coef(hf_config: dict) -> float:
     enabled = hf_config.get("output_router_logits", False)
     if not isinstance(enabled, bool):
         raise ValueError(f"config.json's output_router_logits must be true or false, got {enabled!r}")
-    coef = hf_config.get("router_aux_loss_coef", 0.001)
+    coef = hf_config.get("router_aux_loss_coef", _HF_AUX_LOSS_COEF)
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
         raise ValueError(f"config.json's router_aux_loss_coef must be a number >= 0, got {coef!r}")
     return float(coef) if enabled else 0.0
@@ -449,7 +455,7 @@ def _hf_moe_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         hf_config.pop(key, None)
     coef = config.router_aux_loss_coef
     experts = {"num_experts_per_tok": config.experts_per_token, "output_router_logits": coef > 0,
-               "router_aux_loss_coef": coef}
+               "router_aux_loss_coef": coef if coef > 0 else _HF_AUX_LOSS_COEF}
     if config.qk_norm:
         dense_layers = [i for i in range(config.n_layer) if not config.is_moe_layer(i)]
         window = config.sliding_window
