@@ -53,8 +53,10 @@ def _randn(*shape, scale=0.2):
 
 def _attention_weights(i: int, d: int, qk_norm: bool) -> dict[str, torch.Tensor]:
     p = f"model.layers.{i}."
-    sd = {p + "self_attn.q_proj.weight": _randn(HEADS * d, EMBD), p + "self_attn.k_proj.weight": _randn(KV_HEADS * d, EMBD),
-          p + "self_attn.v_proj.weight": _randn(KV_HEADS * d, EMBD), p + "self_attn.o_proj.weight": _randn(EMBD, HEADS * d),
+    sd = {p + "self_attn.q_proj.weight": _randn(HEADS * d, EMBD),
+          p + "self_attn.k_proj.weight": _randn(KV_HEADS * d, EMBD),
+          p + "self_attn.v_proj.weight": _randn(KV_HEADS * d, EMBD),
+          p + "self_attn.o_proj.weight": _randn(EMBD, HEADS * d),
           p + "input_layernorm.weight": 1 + _randn(EMBD, scale=0.1),
           p + "post_attention_layernorm.weight": 1 + _randn(EMBD, scale=0.1)}
     if qk_norm:
@@ -93,7 +95,8 @@ def qwen3_moe_state_dict(dense_layers=(1,)) -> dict[str, torch.Tensor]:
         sd.update(_attention_weights(i, QWEN3_HEAD_DIM, qk_norm=True))
         p = f"model.layers.{i}.mlp"
         if i in dense_layers:
-            sd.update({f"{p}.gate_proj.weight": _randn(DENSE_HIDDEN, EMBD), f"{p}.up_proj.weight": _randn(DENSE_HIDDEN, EMBD),
+            sd.update({f"{p}.gate_proj.weight": _randn(DENSE_HIDDEN, EMBD),
+                       f"{p}.up_proj.weight": _randn(DENSE_HIDDEN, EMBD),
                        f"{p}.down_proj.weight": _randn(EMBD, DENSE_HIDDEN)})
         else:
             sd.update(_experts(p, ("gate_proj", "up_proj", "down_proj")))
@@ -111,7 +114,8 @@ def stacked_experts(sd: dict[str, torch.Tensor], prefix: str, names: tuple[str, 
             continue
         out[f"model.layers.{i}.mlp.gate.weight"] = sd[f"{p}.gate.weight"]
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([sd[f"{p}.experts.{j}.{gate}.weight"], sd[f"{p}.experts.{j}.{up}.weight"]]) for j in range(EXPERTS)])
+            [torch.cat([sd[f"{p}.experts.{j}.{gate}.weight"], sd[f"{p}.experts.{j}.{up}.weight"]])
+             for j in range(EXPERTS)])
         out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
             [sd[f"{p}.experts.{j}.{down}.weight"] for j in range(EXPERTS)])
     return out

@@ -502,7 +502,8 @@ def hf_llama_config(config: GPTConfig, dtype: torch.dtype) -> dict:
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
         "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "attention_bias": False, "mlp_bias": False,
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "attention_bias": False,
+        "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
