@@ -385,9 +385,10 @@ def _moe_values(hf_config: dict, model_type: str, n_layer: int) -> dict:
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < math.inf:
             raise ValueError(f"config.json's router_jitter_noise must be a number >= 0, got {jitter!r}")
         if jitter > 0:  # training only: the logits are the same, so the model is not refused for it
-            warnings.warn(f"config.json has router_jitter_noise={jitter}, which transformers' Mixtral applies to the "
-                          f"router's input in training only; the model here routes without it, so inference is "
-                          f"Hugging Face's but training (fine-tuning) routes without the noise",
+            warnings.warn(f"config.json has router_jitter_noise={jitter}: in training only, transformers' Mixtral "
+                          f"multiplies each MoE layer's input (the router's and the experts') by noise; the model "
+                          f"here does not, so inference is Hugging Face's but training (fine-tuning) runs without "
+                          f"the noise",
                           stacklevel=_stacklevel_of_caller())
         # Mixtral always renormalizes its top-k weights, and has experts in every layer
         return {"n_experts": hf_int(hf_config, "num_local_experts", 8),
