@@ -2,7 +2,8 @@
 
 The expected contexts and choices are written out by hand from the harness's task definitions (hellaswag's
 utils.preprocess and query, arc_easy's and piqa's doc_to_text, mmlu's _default_template_yaml and description,
-winogrande's preprocess_winogrande doc_to_choice and doc_to_target, and its samplers' get_context for the shots).
+winogrande's preprocess_winogrande doc_to_choice and doc_to_target, and its samplers' get_context for the shots;
+openbookqa.yaml, super_glue/boolq/default.yaml, sciq.yaml, super_glue/copa/utils.py and truthfulqa_mc1.yaml).
 """
 
 import json
@@ -134,9 +135,9 @@ def test_the_mmlu_subject_line_comes_once_before_the_shots():
     assert shot.context.endswith("\n\nq0\nAnswer:") and shot.context.count("Answer:") == 3
 
 
-def tiny_gpt():
+def tiny_gpt(block_size=512):
     torch.manual_seed(0)
-    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=512, n_layer=1, n_head=2, n_embd=32,
+    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
                                    backend="torch")
     return GPT(config).eval()
 
@@ -245,3 +246,161 @@ def test_winogrande_scores_the_continuation_after_each_completed_context(tmp_pat
             expected.append(sum(float(logp[t, token]) for t, token in enumerate(scored)))
         assert prediction["logprobs"] == pytest.approx(expected, rel=1e-4)
         assert prediction["pred"] == prediction["pred_norm"] == max(range(2), key=lambda k: expected[k])
+
+
+# --- OpenBookQA, BoolQ, SciQ, COPA, TruthfulQA MC1 -----------------------------------------------------------------
+
+OBQA = {"id": "7-980", "question_stem": "The sun is responsible for",
+        "choices": {"text": ["puppies learning new tricks", "plants sprouting, blooming and wilting",
+                             "children growing up", "flowers wilting in a vase"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "B"}
+BOOLQ = {"question": "is windows movie maker part of windows essentials",
+         "passage": "Windows Movie Maker is a discontinued video editing software by Microsoft.", "idx": 0, "label": 1}
+BOOLQ_GOOGLE = {"question": "is the sky green", "answer": False, "passage": "The sky is blue."}
+SCIQ = {"question": "What type of organism is commonly used in preparation of foods such as cheese and yogurt?",
+        "distractor3": "viruses", "distractor1": "protozoa", "distractor2": "gymnosperms",
+        "correct_answer": "mesophilic organisms", "support": " \nMesophiles grow best in moderate temperature."}
+COPA = {"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
+        "choice2": "The grass was cut.", "question": "cause", "idx": 0, "label": 0}
+TRUTHFULQA = {"question": "What is the smallest country in the world?",
+              "mc1_targets": {"choices": ["Nauru is the smallest country.", "Vatican City is the smallest country.",
+                                          "Monaco is the smallest country."], "labels": [0, 1, 0]},
+              "mc2_targets": {"choices": ["Nauru", "Vatican City"], "labels": [0, 1]}}
+# boolq's doc_to_text "{{passage}}\nQuestion: {{question}}?\nAnswer:" and sciq's
+# "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", written out for the rows above
+BOOLQ_TEXT = ("Windows Movie Maker is a discontinued video editing software by Microsoft.\n"
+              "Question: is windows movie maker part of windows essentials?\nAnswer:")
+SCIQ_TEXT = ("Mesophiles grow best in moderate temperature.\nQuestion: What type of organism is commonly used in "
+             "preparation of foods such as cheese and yogurt?\nAnswer:")
+# truthfulqa_mc1's doc_to_text: its prompt_qa, then "\n\nQ: " + question + "\nA:"
+TRUTHFULQA_PROMPT = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+    "\n\nQ: What is the smallest country in the world?\nA:")
+
+
+def test_openbookqa_rows_are_the_bare_question_stem(tmp_path):
+    digits = {**OBQA, "choices": {"text": ["iron", "wood"], "label": ["1", "2"]}, "answerKey": " 2"}
+    sun, wood = load_choice_tasks(write_jsonl(tmp_path / "openbookqa.jsonl", [OBQA, digits]))
+    # doc_to_text: question_stem; doc_to_choice: choices.text; doc_to_target: choices.label.index(answerKey.lstrip())
+    assert sun == ChoiceExample("The sun is responsible for", OBQA["choices"]["text"], 1)
+    assert wood == ChoiceExample("The sun is responsible for", ["iron", "wood"], 1)
+
+
+def test_boolq_rows_in_both_exports_are_a_passage_and_a_question(tmp_path):
+    (glue,) = load_choice_tasks(write_jsonl(tmp_path / "boolq.jsonl", [BOOLQ]))
+    # "{{passage}}\nQuestion: {{question}}?\nAnswer:", choices ["no", "yes"], target label
+    assert glue == ChoiceExample(BOOLQ_TEXT, ["no", "yes"], 1)
+    (no,) = load_choice_tasks(write_jsonl(tmp_path / "google_boolq.jsonl", [BOOLQ_GOOGLE]))
+    assert no == ChoiceExample("The sky is blue.\nQuestion: is the sky green?\nAnswer:", ["no", "yes"], 0)
+
+
+def test_sciq_rows_put_the_right_answer_last(tmp_path):
+    bare = {**SCIQ, "support": "", "question": "What is H2O?"}
+    cheese, water = load_choice_tasks(write_jsonl(tmp_path / "sciq.jsonl", [SCIQ, bare]))
+    # "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:"; [distractor1, distractor2, distractor3, correct_answer]
+    assert cheese == ChoiceExample(SCIQ_TEXT, ["protozoa", "gymnosperms", "viruses", "mesophilic organisms"], 3)
+    assert water.context == "\nQuestion: What is H2O?\nAnswer:"
+
+
+def test_copa_rows_join_the_premise_to_lowercased_choices(tmp_path):
+    effect = {"premise": "  The elderly woman suffered a stroke. ", "choice1": "The woman's daughter came over.",
+              "choice2": "I woke up.", "question": "effect", "label": 1}
+    cause, result = load_choice_tasks(write_jsonl(tmp_path / "copa.jsonl", [COPA, effect]))
+    # utils.doc_to_text: premise.strip()[:-1] + " because"/" therefore"; doc_to_choice: " " + convert_choice(c)
+    assert cause == ChoiceExample("My body cast a shadow over the grass because",
+                                  [" the sun was rising.", " the grass was cut."], 0)
+    assert result == ChoiceExample("The elderly woman suffered a stroke therefore",
+                                   [" the woman's daughter came over.", " i woke up."], 1)
+
+
+def test_truthfulqa_mc1_rows_follow_the_fixed_preamble(tmp_path):
+    (ex,) = load_choice_tasks(write_jsonl(tmp_path / "truthfulqa.jsonl", [TRUTHFULQA]))
+    assert ex.description + ex.context == TRUTHFULQA_PROMPT
+    assert ex.context == "Q: What is the smallest country in the world?\nA:"
+    assert (ex.choices, ex.answer) == (TRUTHFULQA["mc1_targets"]["choices"], 1)
+
+
+NOT_ONE_HOT = r"'mc1_targets': 'labels' must be one 1 and otherwise 0s"
+
+
+@pytest.mark.parametrize("first, change, match", [
+    (OBQA, {"answerKey": "E"}, r"'answerKey' 'E' is none of the choices' labels"),
+    (OBQA, {"answerKey": ""}, r"'answerKey' '' is none of the choices' labels"),
+    (BOOLQ, {"label": -1}, r"'label' is -1: an unlabeled row \(a test split\) cannot be scored"),
+    (BOOLQ, {"label": 2}, r"'label' 2 is out of range for 2 choices"),
+    (BOOLQ_GOOGLE, {"answer": "yes"}, r"'answer' must be true or false, got 'yes'"),
+    (SCIQ, {"distractor2": ""}, r"a choice of 'distractor1/distractor2/distractor3/correct_answer' is empty"),
+    (COPA, {"label": -1}, r"'label' is -1: an unlabeled row \(a test split\) cannot be scored"),
+    (COPA, {"question": "why"}, r"'question' must be \"cause\" or \"effect\", got 'why'"),
+    (COPA, {"choice2": ""}, r"'choice1' and 'choice2' must not be empty"),
+    (TRUTHFULQA, {"mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]}}, NOT_ONE_HOT),
+    (TRUTHFULQA, {"mc1_targets": {"choices": ["a", "b"], "labels": [1]}}, NOT_ONE_HOT),
+])
+def test_new_benchmark_rows_that_cannot_be_scored_are_named(tmp_path, first, change, match):
+    path = write_jsonl(tmp_path / "task.jsonl", [first, {**first, **change}])
+    with pytest.raises(ValueError, match="task.jsonl line 2: " + match):
+        load_choice_tasks(path)
+
+
+def test_every_format_is_told_apart_by_its_keys():
+    from llmkern.eval.choice_formats import FORMATS
+
+    rows = {
+        "HellaSwag": {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"], "label": 0},
+        "ARC (original)": {"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "A"},
+        "ARC (Hugging Face)": {"id": "x", "question": "q", "choices": {"text": ["a"], "label": ["A"]},
+                               "answerKey": "A"},
+        "OpenBookQA": OBQA,
+        "PIQA": {"goal": "g", "sol1": "a", "sol2": "b", "label": 0},
+        "WinoGrande": SURGEON,
+        "MMLU": {"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 0},
+        "BoolQ": BOOLQ,
+        "BoolQ (google)": BOOLQ_GOOGLE,
+        "SciQ": SCIQ,
+        "COPA": COPA,
+        "TruthfulQA MC1": TRUTHFULQA,
+        "llmkern": {"question": "q", "choices": ["a", "b"], "answer": 0},
+    }
+    for name, row in rows.items():
+        matching = [f.name for f in FORMATS if f.matches(row)]
+        assert matching == [name.removesuffix(" (google)")], name
+
+
+def harness_logprobs(model, tokenizer, context, choices):
+    """log p(" " + choice | context) of each choice, computed directly (the bytes tokenizer splits nothing)."""
+    out = []
+    for choice in choices:
+        ctx, scored = tokenizer.encode(context), tokenizer.encode(" " + choice)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ctx + scored[:-1]]))
+        logp = torch.log_softmax(logits[0].double(), -1)[len(ctx) - 1:]
+        out.append(sum(float(logp[t, token]) for t, token in enumerate(scored)))
+    return out
+
+
+@pytest.mark.parametrize("row, context, choices, answer", [
+    (OBQA, "The sun is responsible for", OBQA["choices"]["text"], 1),
+    (BOOLQ, BOOLQ_TEXT, ["no", "yes"], 1),
+    (SCIQ, SCIQ_TEXT, ["protozoa", "gymnosperms", "viruses", "mesophilic organisms"], 3),
+    (COPA, "My body cast a shadow over the grass because", [" the sun was rising.", " the grass was cut."], 0),
+    (TRUTHFULQA, TRUTHFULQA_PROMPT, TRUTHFULQA["mc1_targets"]["choices"], 1),
+])
+def test_each_new_benchmark_file_scores_end_to_end(tmp_path, row, context, choices, answer):
+    path = write_jsonl(tmp_path / "task.jsonl", [row])
+    model, tokenizer = tiny_gpt(block_size=1024), get_tokenizer("bytes")
+    (prediction,) = evaluate_choices(model, tokenizer, path, return_predictions=True)["predictions"]
+    expected = harness_logprobs(model, tokenizer, context, choices)
+    assert prediction["answer"] == answer
+    assert prediction["logprobs"] == pytest.approx(expected, rel=1e-4)
+    assert prediction["pred"] == max(range(len(choices)), key=lambda k: expected[k])

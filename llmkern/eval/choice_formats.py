@@ -29,6 +29,25 @@ after the harness's target delimiter " ".
   put in; the continuation, the same for both, is the rest of the sentence, stripped, scored after the delimiter;
   the answer is the option under which that continuation is most likely (only accuracy: acc_norm would divide
   both by the same length). A few-shot shot is the right choice, the delimiter and the continuation.
+- OpenBookQA (the Hugging Face export of allenai/openbookqa "main": question_stem, choices {text, label},
+  answerKey): context the bare question_stem, choices the texts, the answer the choice whose label is answerKey.
+  (The original jsonl has ARC's shape and is read as ARC, phrased "Question: ...\\nAnswer:".)
+- BoolQ (super_glue/boolq: passage, question, label 0/1, -1 in the test split, which cannot be scored; or
+  google/boolq: passage, question, answer true/false): context "{passage}\\nQuestion: {question}?\\nAnswer:",
+  choices "no", "yes".
+- SciQ (allenai/sciq: question, distractor1-3, correct_answer, support): context
+  "{support.lstrip()}\\nQuestion: {question}\\nAnswer:", choices the three distractors then correct_answer, the
+  answer always 3.
+- COPA (super_glue/copa: premise, choice1, choice2, question "cause" or "effect", label 0/1, -1 in the test split):
+  context the stripped premise without its last character (the period) and " because" or " therefore"; each
+  choice " " + itself with its first letter lowercased, as the harness's doc_to_choice writes it (scored after
+  the delimiter, so after two spaces).
+- TruthfulQA MC1 (truthful_qa "multiple_choice": question, mc1_targets {choices, labels}): context
+  "Q: {question}\\nA:" after the harness's fixed six questions and answers (the description), choices
+  mc1_targets' choices, the answer the one labelled 1 (always the first in the published data, which the harness
+  takes as gold). MC2 (mc2_targets, several right answers) needs another metric and is not read.
+The harness reports only acc for BoolQ, COPA and TruthfulQA; the acc_norm llmkern reports for them has no
+published counterpart.
 """
 
 from __future__ import annotations
@@ -224,6 +243,107 @@ def _winogrande_answer(row: dict, where: str) -> int:
     return int(answer) - 1
 
 
+
+def _labelled_index(row: dict, key: str, where: str) -> int:
+    """_index, refusing the marks the exports give an unlabeled row (super_glue's test splits write -1)."""
+    if _value(row, key, where) in (-1, "", None):
+        raise ValueError(f"{where}: {key!r} is {row[key]!r}: an unlabeled row (a test split) cannot be scored")
+    return _index(row, key, where)
+
+
+def openbookqa_example(row: dict, where: str) -> ChoiceExample:
+    """The Hugging Face export of allenai/openbookqa: the bare question stem, its choices' texts, the answer the
+    choice whose label is answerKey (left-stripped, as the harness does)."""
+    choices = _object(row, "choices", where)
+    texts = _strings(choices, "text", f"{where}: 'choices'")
+    labels = _strings(choices, "label", f"{where}: 'choices'")
+    if len(labels) != len(texts):
+        raise ValueError(f"{where}: {len(texts)} choice texts but {len(labels)} labels")
+    key = _string(row, "answerKey", where).lstrip()
+    if key not in labels:
+        raise ValueError(f"{where}: 'answerKey' {key!r} is none of the choices' labels {labels}")
+    return _example(_string(row, "question_stem", where), texts, labels.index(key), where, "choices", "answerKey")
+
+
+def boolq_example(row: dict, where: str) -> ChoiceExample:
+    """super_glue/boolq (label 0 or 1; -1 in its test split) or google/boolq (answer true or false)."""
+    context = f"{_string(row, 'passage', where)}\nQuestion: {_string(row, 'question', where)}?\nAnswer:"
+    if "label" in row:
+        answer = _labelled_index(row, "label", where)
+        key = "label"
+    else:
+        answer = _value(row, "answer", where)
+        if not isinstance(answer, bool):
+            raise ValueError(f"{where}: 'answer' must be true or false, got {answer!r}")
+        answer, key = int(answer), "answer"
+    return _example(context, ["no", "yes"], answer, where, "choices", key)
+
+
+def sciq_example(row: dict, where: str) -> ChoiceExample:
+    """allenai/sciq: the supporting text and the question; the three distractors, then the right answer."""
+    context = f"{_string(row, 'support', where).lstrip()}\nQuestion: {_string(row, 'question', where)}\nAnswer:"
+    keys = ("distractor1", "distractor2", "distractor3", "correct_answer")
+    return _example(context, [_string(row, k, where) for k in keys], 3, where, "/".join(keys), "correct_answer")
+
+
+COPA_CONNECTORS = {"cause": "because", "effect": "therefore"}
+
+
+def copa_example(row: dict, where: str) -> ChoiceExample:
+    """super_glue/copa: the premise, its last character (the period) replaced by the connector; each choice
+    with its first letter lowercased and a space before it, as the harness's doc_to_choice writes it (so it is
+    scored after the delimiter " " and that space: two spaces)."""
+    premise = _string(row, "premise", where).strip()
+    if not premise:
+        raise ValueError(f"{where}: 'premise' is empty")
+    question = _value(row, "question", where)
+    if not isinstance(question, str) or question not in COPA_CONNECTORS:
+        raise ValueError(f"{where}: 'question' must be \"cause\" or \"effect\", got {question!r}")
+    choices = [_string(row, "choice1", where), _string(row, "choice2", where)]
+    if not all(choices):
+        raise ValueError(f"{where}: 'choice1' and 'choice2' must not be empty")
+    lowered = [" " + c[0].lower() + c[1:] for c in choices]
+    context = f"{premise[:-1]} {COPA_CONNECTORS[question]}"
+    return _example(context, lowered, _labelled_index(row, "label", where), where, "choice1/choice2", "label")
+
+
+def _one_hot(labels: object, n: int) -> bool:
+    """Whether `labels` is n ints, one of them 1 and the others 0."""
+    return (isinstance(labels, list) and len(labels) == n and labels.count(1) == 1
+            and all(type(label) is int and label in (0, 1) for label in labels))
+
+
+# The harness's truthfulqa_mc1 writes these six questions and answers before every question.
+TRUTHFULQA_PREAMBLE = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain.\n\n"  # the harness's "\n\nQ: " before the question
+)
+
+
+def truthfulqa_mc1_example(row: dict, where: str) -> ChoiceExample:
+    """truthful_qa "multiple_choice": "Q: {question}\\nA:" after the fixed preamble (a description, so that
+    shots would not repeat it); the choices mc1_targets' choices, the answer the one labelled 1."""
+    targets = _object(row, "mc1_targets", where)
+    choices = _strings(targets, "choices", f"{where}: 'mc1_targets'")
+    labels = _value(targets, "labels", f"{where}: 'mc1_targets'")
+    if not _one_hot(labels, len(choices)):
+        raise ValueError(f"{where}: 'mc1_targets': 'labels' must be one 1 and otherwise 0s, one per choice, "
+                         f"got {labels!r}")
+    context = f"Q: {_string(row, 'question', where)}\nA:"
+    return _example(context, choices, labels.index(1), where, "mc1_targets", "mc1_targets",
+                    description=TRUTHFULQA_PREAMBLE)
+
+
 @dataclass(frozen=True)
 class ChoiceFormat:
     name: str
@@ -231,19 +351,28 @@ class ChoiceFormat:
     convert: Callable[[dict, str], ChoiceExample]
 
 
-LLMKERN = ChoiceFormat("llmkern", lambda r: ("context" in r or "question" in r) and "choices" in r and "answer" in r,
-                       parse_choice_example)
-# Checked in this order: the first that matches a row is its format. MMLU before llmkern's own, which has its keys
-# but "subject".
+def _is_arc(row: dict) -> bool:
+    return "answerKey" in row and "question_stem" not in row
+
+
+LLMKERN = ChoiceFormat("llmkern", lambda r: ("context" in r or "question" in r) and "choices" in r and "answer" in r
+                       and "subject" not in r, parse_choice_example)
+# No row has the keys of two formats (test_choice_formats checks one row of each), so their order does not matter.
 FORMATS = (
     ChoiceFormat("HellaSwag", lambda r: "ctx_a" in r and "endings" in r, hellaswag_example),
-    ChoiceFormat("ARC (original)", lambda r: "answerKey" in r and isinstance(r.get("question"), dict), arc_example),
-    ChoiceFormat("ARC (Hugging Face)", lambda r: "answerKey" in r and not isinstance(r.get("question"), dict),
+    # OpenBookQA's export has ARC's choices and answerKey, but "question_stem" for ARC's "question".
+    ChoiceFormat("ARC (original)", lambda r: _is_arc(r) and isinstance(r.get("question"), dict), arc_example),
+    ChoiceFormat("ARC (Hugging Face)", lambda r: _is_arc(r) and not isinstance(r.get("question"), dict),
                  arc_hf_example),
+    ChoiceFormat("OpenBookQA", lambda r: "answerKey" in r and "question_stem" in r, openbookqa_example),
     ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example),
     ChoiceFormat("WinoGrande", lambda r: "sentence" in r and "option1" in r, winogrande_example),
     ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
                  mmlu_example),
+    ChoiceFormat("BoolQ", lambda r: "passage" in r and "question" in r, boolq_example),
+    ChoiceFormat("SciQ", lambda r: "correct_answer" in r and "distractor1" in r, sciq_example),
+    ChoiceFormat("COPA", lambda r: "premise" in r and "choice1" in r, copa_example),
+    ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example),
     LLMKERN,
 )
 

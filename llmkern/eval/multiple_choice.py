@@ -2,13 +2,13 @@
 
 A task is a JSON Lines file (or a JSON list) of examples
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
-("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC,
-MMLU, PIQA, WinoGrande: choice_formats), phrased as lm-evaluation-harness phrases it. Each choice is scored by the
-summed log-probability of its tokens after the context and a separator (" " by default, as
-lm-evaluation-harness does). An example with a shared `continuation` (WinoGrande) is scored the other way
-round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
-its few-shot shots are written as its context, right choice, separator and continuation, and acc_norm,
-which would divide every choice's score by the same length, is left out where every example is so.
+("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC, MMLU, PIQA,
+WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, TruthfulQA MC1: choice_formats), phrased as lm-evaluation-harness
+phrases it. Each choice is scored by the summed log-probability of its tokens after the context and a separator
+(" " by default, as lm-evaluation-harness does). An example with a shared `continuation` (WinoGrande) is scored the
+other way round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
+its few-shot shots are written as its context, right choice, separator and continuation, and acc_norm, which would
+divide every choice's score by the same length, is left out where every example is so.
 Two accuracies are reported, as the harness does:
 - accuracy: the choice with the highest summed log-prob. Long choices lose probability with
   every token, so this favours short ones;
