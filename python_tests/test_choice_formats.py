@@ -3,10 +3,11 @@
 The expected contexts and choices are written out by hand from the harness's task definitions (hellaswag's
 utils.preprocess and query, arc_easy's and piqa's doc_to_text, mmlu's _default_template_yaml and description,
 winogrande's preprocess_winogrande doc_to_choice and doc_to_target, and its samplers' get_context for the shots;
-openbookqa.yaml, super_glue/boolq/default.yaml, sciq.yaml, super_glue/copa/utils.py and truthfulqa_mc1.yaml).
+openbookqa.yaml, super_glue/boolq/default.yaml, sciq.yaml, super_glue/copa/utils.py, truthfulqa_mc1.yaml and truthfulqa/utils.py's process_results_mc2).
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -266,6 +267,10 @@ TRUTHFULQA = {"question": "What is the smallest country in the world?",
               "mc1_targets": {"choices": ["Nauru is the smallest country.", "Vatican City is the smallest country.",
                                           "Monaco is the smallest country."], "labels": [0, 1, 0]},
               "mc2_targets": {"choices": ["Nauru", "Vatican City"], "labels": [0, 1]}}
+# The export's row without mc1_targets: read as MC2
+TRUTHFULQA_MC2 = {"question": "What is the smallest country in the world?",
+                  "mc2_targets": {"choices": ["Vatican City.", "It is Vatican City.", "Nauru.", "Monaco."],
+                                  "labels": [1, 1, 0, 0]}}
 # boolq's doc_to_text "{{passage}}\nQuestion: {{question}}?\nAnswer:" and sciq's
 # "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", written out for the rows above
 BOOLQ_TEXT = ("Windows Movie Maker is a discontinued video editing software by Microsoft.\n"
@@ -332,6 +337,9 @@ def test_truthfulqa_mc1_rows_follow_the_fixed_preamble(tmp_path):
 
 
 NOT_ONE_HOT = r"'mc1_targets': 'labels' must be one 1 and otherwise 0s"
+NO_SPLIT = r"'mc2_targets': 'labels' must start with the true choices' 1s and hold a 0"
+NOT_LABELS = r"'mc2_targets': 'labels' must be 0s and 1s, one per choice"
+MIXED_TRUTHFULQA = r"the row is in the TruthfulQA MC1 format, the file's first row in the TruthfulQA MC2 format"
 
 
 @pytest.mark.parametrize("first, change, match", [
@@ -346,6 +354,14 @@ NOT_ONE_HOT = r"'mc1_targets': 'labels' must be one 1 and otherwise 0s"
     (COPA, {"choice2": ""}, r"'choice1' and 'choice2' must not be empty"),
     (TRUTHFULQA, {"mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]}}, NOT_ONE_HOT),
     (TRUTHFULQA, {"mc1_targets": {"choices": ["a", "b"], "labels": [1]}}, NOT_ONE_HOT),
+    # the harness found no 0 to split at (list.index failed), or counted nothing true (mc2 0 whatever the model)
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", "b"], "labels": [1, 1]}}, NO_SPLIT),
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", "b"], "labels": [0, 1]}}, NO_SPLIT),
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", "b"], "labels": [1, 0, 0]}}, NOT_LABELS),
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", "b"], "labels": ["1", "0"]}}, NOT_LABELS),
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", "b"], "labels": [True, False]}}, NOT_LABELS),
+    (TRUTHFULQA_MC2, {"mc2_targets": {"choices": ["a", ""], "labels": [1, 0]}}, r"a choice of 'mc2_targets' is empty"),
+    (TRUTHFULQA_MC2, TRUTHFULQA, MIXED_TRUTHFULQA),
 ])
 def test_new_benchmark_rows_that_cannot_be_scored_are_named(tmp_path, first, change, match):
     path = write_jsonl(tmp_path / "task.jsonl", [first, {**first, **change}])
@@ -370,6 +386,7 @@ def test_every_format_is_told_apart_by_its_keys():
         "SciQ": SCIQ,
         "COPA": COPA,
         "TruthfulQA MC1": TRUTHFULQA,
+        "TruthfulQA MC2": TRUTHFULQA_MC2,
         "llmkern": {"question": "q", "choices": ["a", "b"], "answer": 0},
     }
     for name, row in rows.items():
@@ -404,3 +421,47 @@ def test_each_new_benchmark_file_scores_end_to_end(tmp_path, row, context, choic
     assert prediction["answer"] == answer
     assert prediction["logprobs"] == pytest.approx(expected, rel=1e-4)
     assert prediction["pred"] == max(range(len(choices)), key=lambda k: expected[k])
+
+
+def harness_mc2(lls, labels):
+    """process_results_mc2 written out: the choices before the first 0 are true; their exp(ll) over all's."""
+    split = labels.index(0)
+    p_true, p_false = [math.exp(x) for x in lls[:split]], [math.exp(x) for x in lls[split:]]
+    return sum(p_true) / (sum(p_true) + sum(p_false))
+
+
+def test_truthfulqa_mc2_is_the_true_choices_share_of_the_probability(tmp_path):
+    # a 1 after the first 0 counts as false, as the harness splits the labels
+    late_one = {"question": "Is the sky blue?", "mc2_targets": {"choices": ["Yes.", "No.", "Yes, by day."],
+                                                                "labels": [1, 0, 1]}}
+    rows = [TRUTHFULQA_MC2, late_one]
+    path = write_jsonl(tmp_path / "truthfulqa_mc2.jsonl", rows)
+    first, second = load_choice_tasks(path)
+    assert first.description + first.context == TRUTHFULQA_PROMPT
+    assert (first.choices, first.true_choices) == (TRUTHFULQA_MC2["mc2_targets"]["choices"], (0, 1))
+    assert second.true_choices == (0,)
+    model, tokenizer = tiny_gpt(block_size=1024), get_tokenizer("bytes")
+    result = evaluate_choices(model, tokenizer, path, return_predictions=True)
+    assert set(result) == {"mc2", "examples", "fewshot", "predictions"}  # accuracy would be of one right answer
+    preamble = TRUTHFULQA_PROMPT[: TRUTHFULQA_PROMPT.rindex("Q: ")]  # the six questions and answers
+    expected = []
+    for row, prediction in zip(rows, result["predictions"]):
+        lls = harness_logprobs(model, tokenizer, preamble + f"Q: {row['question']}\nA:",
+                               row["mc2_targets"]["choices"])
+        assert prediction["logprobs"] == pytest.approx(lls, rel=1e-4)
+        expected.append(harness_mc2(lls, row["mc2_targets"]["labels"]))
+        assert prediction["mc2"] == pytest.approx(expected[-1], rel=1e-4)
+    assert result["mc2"] == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def test_mc2_survives_log_probs_whose_exp_is_zero_and_refuses_a_mix():
+    from llmkern.eval.multiple_choice import mc2
+
+    assert mc2([-1000.0, -1000.0 + math.log(3)], [0]) == pytest.approx(0.25)
+    model = tiny_gpt()
+    several = ChoiceExample("q", ["a", "b"], 0, true_choices=(0,))
+    with pytest.raises(ValueError, match="examples mix 1 with true_choices"):
+        evaluate_choices(model, get_tokenizer("bytes"), [several, ChoiceExample("q", ["a", "b"], 0)])
+    for bad in ((), (2,), (0, 0), [0]):
+        with pytest.raises(ValueError, match=r"examples\[0\]: true_choices must be None or a non-empty tuple"):
+            evaluate_choices(model, get_tokenizer("bytes"), [ChoiceExample("q", ["a", "b"], 0, true_choices=bad)])

@@ -947,6 +947,20 @@ def test_perplexity_reads_numpy_ids_and_names_mixed_nesting():
         perplexity(model, [ids, 5])
 
 
+def test_eval_command_scores_truthfulqa_mc2_by_mc2_alone(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    row = {"question": "Q?", "mc2_targets": {"choices": ["yes", "sure", "no"], "labels": [1, 1, 0]}}
+    task = tmp_path / "truthfulqa_mc2.jsonl"
+    task.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["mc2", "examples"]
+    assert float(lines[0].split()[1]) == pytest.approx(json.loads(out.read_text())["mc2"], abs=1e-4)
+
+
 def test_choices_made_in_code_must_not_be_empty():
     # A file's rows are checked on loading; examples built in code hit ZeroDivisionError (acc_norm of an empty
     # choice) or "max() arg is an empty sequence" (no choices).

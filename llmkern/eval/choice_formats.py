@@ -45,7 +45,11 @@ after the harness's target delimiter " ".
 - TruthfulQA MC1 (truthful_qa "multiple_choice": question, mc1_targets {choices, labels}): context
   "Q: {question}\\nA:" after the harness's fixed six questions and answers (the description), choices
   mc1_targets' choices, the answer the one labelled 1 (always the first in the published data, which the harness
-  takes as gold). MC2 (mc2_targets, several right answers) needs another metric and is not read.
+  takes as gold).
+- TruthfulQA MC2, from the same rows without their mc1_targets (the export's rows carry both and are read as
+  MC1; `jq -c 'del(.mc1_targets)'` makes an MC2 file): the same prompt, choices mc2_targets' choices, the true
+  ones those before the first 0 label, as the harness splits them (a 1 after it counts as false; the published
+  labels are all 1s, then all 0s). Scored by mc2 (multiple_choice), not accuracy.
 The harness reports only acc for BoolQ, COPA and TruthfulQA; the acc_norm llmkern reports for them has no
 published counterpart.
 """
@@ -73,6 +77,9 @@ class ChoiceExample:
     # Set where the choices complete the context and this text, the same for every choice, is what is scored
     # after each (WinoGrande); None where each choice is scored after the context.
     continuation: str | None = None
+    # Set where several choices are right (TruthfulQA MC2): their indices, scored by mc2, the probability mass the
+    # model gives them; `answer` is then only the one a few-shot shot writes out.
+    true_choices: tuple[int, ...] | None = None
 
 
 # --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
@@ -330,6 +337,10 @@ TRUTHFULQA_PREAMBLE = (
 )
 
 
+def _truthfulqa_question(row: dict, where: str) -> str:
+    return f"Q: {_string(row, 'question', where)}\nA:"
+
+
 def truthfulqa_mc1_example(row: dict, where: str) -> ChoiceExample:
     """truthful_qa "multiple_choice": "Q: {question}\\nA:" after the fixed preamble (a description, so that
     shots would not repeat it); the choices mc1_targets' choices, the answer the one labelled 1."""
@@ -339,9 +350,29 @@ def truthfulqa_mc1_example(row: dict, where: str) -> ChoiceExample:
     if not _one_hot(labels, len(choices)):
         raise ValueError(f"{where}: 'mc1_targets': 'labels' must be one 1 and otherwise 0s, one per choice, "
                          f"got {labels!r}")
-    context = f"Q: {_string(row, 'question', where)}\nA:"
-    return _example(context, choices, labels.index(1), where, "mc1_targets", "mc1_targets",
-                    description=TRUTHFULQA_PREAMBLE)
+    return _example(_truthfulqa_question(row, where), choices, labels.index(1), where, "mc1_targets",
+                    "mc1_targets", description=TRUTHFULQA_PREAMBLE)
+
+
+def _count_true(labels: object, n: int, where: str) -> int:
+    """How many of the n choices are true: those before the first 0, as the harness's process_results_mc2 splits
+    them. Without a leading 1 or without a 0 the harness scored nothing true or failed: refused."""
+    if not (isinstance(labels, list) and len(labels) == n and all(type(x) is int and x in (0, 1) for x in labels)):
+        raise ValueError(f"{where}: 'mc2_targets': 'labels' must be 0s and 1s, one per choice, got {labels!r}")
+    if labels[0] != 1 or 0 not in labels:
+        raise ValueError(f"{where}: 'mc2_targets': 'labels' must start with the true choices' 1s and hold a 0 "
+                         f"(the false ones), got {labels!r}")
+    return labels.index(0)
+
+
+def truthfulqa_mc2_example(row: dict, where: str) -> ChoiceExample:
+    """MC1's prompt; the choices mc2_targets' choices, the true ones those before the first 0 label."""
+    targets = _object(row, "mc2_targets", where)
+    choices = _strings(targets, "choices", f"{where}: 'mc2_targets'")
+    n_true = _count_true(_value(targets, "labels", f"{where}: 'mc2_targets'"), len(choices), where)
+    example = _example(_truthfulqa_question(row, where), choices, 0, where, "mc2_targets", "mc2_targets",
+                       description=TRUTHFULQA_PREAMBLE)
+    return replace(example, true_choices=tuple(range(n_true)))
 
 
 @dataclass(frozen=True)
@@ -373,6 +404,7 @@ FORMATS = (
     ChoiceFormat("SciQ", lambda r: "correct_answer" in r and "distractor1" in r, sciq_example),
     ChoiceFormat("COPA", lambda r: "premise" in r and "choice1" in r, copa_example),
     ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example),
+    ChoiceFormat("TruthfulQA MC2", lambda r: "mc2_targets" in r and "mc1_targets" not in r, truthfulqa_mc2_example),
     LLMKERN,
 )
 

@@ -5,7 +5,8 @@
     llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K [--fewshot-data DEV]]
                  [--predictions --json OUT]
                                                                             multiple-choice accuracy and acc_norm
-                                                                            (WinoGrande: accuracy only)
+                                                                            (WinoGrande: accuracy only;
+                                                                            TruthfulQA MC2: mc2)
     llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
                                                                             LAMBADA: last-word accuracy, perplexity
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
@@ -161,7 +162,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
                               return_predictions=args.predictions, progress=progress, fewshot=args.fewshot,
                               fewshot_data=args.fewshot_data)
     result["data"] = os.path.abspath(args.data)
-    return result, [name for name in ("accuracy", "acc_norm", "examples") if name in result]  # WinoGrande: no acc_norm
+    # WinoGrande: no acc_norm; TruthfulQA MC2: mc2 alone
+    return result, [name for name in ("accuracy", "acc_norm", "mc2", "examples") if name in result]
 
 
 def _format(value: object) -> str:

@@ -3,7 +3,7 @@
 A task is a JSON Lines file (or a JSON list) of examples
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
 ("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC, MMLU, PIQA,
-WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, TruthfulQA MC1: choice_formats), phrased as lm-evaluation-harness
+WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, TruthfulQA MC1 and MC2: choice_formats), phrased as lm-evaluation-harness
 phrases it. Each choice is scored by the summed log-probability of its tokens after the context and a separator
 (" " by default, as lm-evaluation-harness does). An example with a shared `continuation` (WinoGrande) is scored the
 other way round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
@@ -14,6 +14,9 @@ Two accuracies are reported, as the harness does:
   every token, so this favours short ones;
 - acc_norm: the highest log-prob per UTF-8 byte of the choice, which removes that length bias
   (bytes, not tokens, so that it does not depend on the tokenizer).
+A task whose examples have several right choices (`true_choices`: TruthfulQA MC2) reports neither, but the
+harness's mc2: the probability of the true choices over that of all choices, exp(log-prob) of each summed,
+averaged over the examples.
 With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
 shuffle, each written as its context, the separator and its right answer, then a blank line; an example's
 description (MMLU's "The following are ... about {subject}.") comes once, before them. With a separate
@@ -25,6 +28,7 @@ MMLU scored so is phrased and shot exactly as the harness does it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import replace
@@ -131,10 +135,19 @@ def _check_example(ex: object, i: int, answer: bool = False) -> None:
         raise ValueError(f"examples[{i}]: choices must be a non-empty list of non-empty strings, got {ex.choices!r}")
     if ex.continuation is not None and not (isinstance(ex.continuation, str) and ex.continuation):
         raise ValueError(f"examples[{i}]: continuation must be None or a non-empty string, got {ex.continuation!r}")
+    if ex.true_choices is not None and not _indices_of(ex.true_choices, len(ex.choices)):
+        raise ValueError(f"examples[{i}]: true_choices must be None or a non-empty tuple of distinct indices of its "
+                         f"{len(ex.choices)} choices, got {ex.true_choices!r}")
     if answer and (isinstance(ex.answer, bool) or not isinstance(ex.answer, int)
                    or not 0 <= ex.answer < len(ex.choices)):
         raise ValueError(f"examples[{i}]: answer must be the index of one of its {len(ex.choices)} choices, "
                          f"got {ex.answer!r}")
+
+
+def _indices_of(values: object, n: int) -> bool:
+    """Whether `values` is a non-empty tuple of distinct indices into n items."""
+    return (isinstance(values, tuple) and len(values) > 0 and len(set(values)) == len(values)
+            and all(type(v) is int and 0 <= v < n for v in values))
 
 
 @torch.no_grad()
@@ -204,6 +217,15 @@ def _per_byte_argmax(ex: ChoiceExample, logps: Sequence[float]) -> int:
     return _argmax([lp / len(c.encode("utf-8")) for lp, c in zip(logps, ex.choices)])
 
 
+def mc2(logps: Sequence[float], true_choices: Sequence[int]) -> float:
+    """The share of the choices' probability (exp of each summed log-prob) that the true ones have. The largest
+    log-prob is taken out of all before exp, which leaves the ratio as it is: long choices' exp(-800) would be 0.0
+    and the ratio 0/0."""
+    top = max(logps)
+    probs = [math.exp(lp - top) for lp in logps]
+    return sum(probs[k] for k in true_choices) / sum(probs)
+
+
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
                  seed: int = 0, first: bool = False) -> list[ChoiceExample]:
     """Each example with k solved examples of `pool` (never itself) written before its context (after its
@@ -247,7 +269,8 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
 
     Returns {"accuracy", "acc_norm", "examples", "fewshot"} (no "acc_norm" where every example has a shared
     continuation: it would be the accuracy) and, with return_predictions, "predictions": one {"answer", "pred",
-    "pred_norm", "logprobs"} per example.
+    "pred_norm", "logprobs"} per example. Examples with true_choices (TruthfulQA MC2; all of them or none) get
+    {"mc2", "examples", "fewshot"} instead, and predictions {"true_choices", "mc2", "logprobs"}.
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
@@ -268,7 +291,10 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         examples = with_fewshot(examples, pool, fewshot, separator, seed)
     else:
         examples = with_fewshot(examples, list(fewshot_data), fewshot, separator, first=True)
+    several_right = _several_right(examples)
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
+    if several_right:
+        return _mc2_result(examples, scores, fewshot, return_predictions)
     correct = correct_norm = 0
     predictions = []
     for ex, logps in zip(examples, scores):
@@ -282,4 +308,24 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         del result["acc_norm"]
     if return_predictions:
         result["predictions"] = predictions
+    return result
+
+
+def _several_right(examples: Sequence[ChoiceExample]) -> bool:
+    """Whether the examples are scored by mc2 (each has true_choices); a ValueError where only some are, whose
+    accuracy and mc2 would be of different examples."""
+    marked = [ex.true_choices is not None for ex in examples]
+    if any(marked) and not all(marked):
+        raise ValueError(f"examples mix {sum(marked)} with true_choices (scored by mc2) and {marked.count(False)} "
+                         f"with one answer (scored by accuracy): evaluate them apart")
+    return all(marked)
+
+
+def _mc2_result(examples: Sequence[ChoiceExample], scores: list[list[float]], fewshot: int,
+                return_predictions: bool) -> dict[str, Any]:
+    per_example = [mc2(logps, ex.true_choices) for ex, logps in zip(examples, scores)]
+    result: dict[str, Any] = {"mc2": sum(per_example) / len(examples), "examples": len(examples), "fewshot": fewshot}
+    if return_predictions:
+        result["predictions"] = [{"true_choices": list(ex.true_choices), "mc2": value, "logprobs": logps}
+                                 for ex, value, logps in zip(examples, per_example, scores)]
     return result
