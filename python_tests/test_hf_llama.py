@@ -79,6 +79,8 @@ def reference_inv_freq(cfg: dict, d: int) -> list[float]:
     scaling = cfg.get("rope_scaling")
     if not scaling:
         return freqs
+    if scaling.get("rope_type", scaling.get("type")) == "linear":  # transformers' linear: every position / factor
+        return [freq / scaling["factor"] for freq in freqs]
     old_context = scaling["original_max_position_embeddings"]
     low_wavelen = old_context / scaling["low_freq_factor"]
     high_wavelen = old_context / scaling["high_freq_factor"]
@@ -198,6 +200,21 @@ def test_llama3_rope_scaling_gives_the_reference_logits_and_exports_back():
     assert torch.equal(again(idx)[0], model(idx)[0])
     # the config is saved with the model's checkpoints and read back
     assert GPTConfig.from_dict(model.config.to_dict()).rope_scaling == LLAMA3_SCALING
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 2.5}])
+def test_linear_rope_scaling_gives_the_reference_logits_and_exports_back(scaling):
+    """transformers' Llama reads "linear" (older files name it under "type"): every position divided by the factor.
+    The export writes it back, and the model that reads that file is the same."""
+    sd, cfg = llama_state_dict(), llama_config_json(rope_scaling=scaling)
+    model = from_hf_llama(sd, cfg, backend="torch").eval()
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": scaling["factor"]}
+    idx = torch.randint(0, VOCAB, (2, CTX))
+    torch.testing.assert_close(model(idx)[0], llama_logits(sd, idx, cfg), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(llama_logits(sd, idx, llama_config_json()), llama_logits(sd, idx, cfg), atol=1e-3)
+    out_sd, out_cfg = to_hf_llama(model)
+    assert config_from_hf_llama(out_cfg, backend="torch") == model.config
+    assert torch.equal(from_hf_llama(out_sd, out_cfg, backend="torch").eval()(idx)[0], model(idx)[0])
 
 
 @pytest.mark.parametrize("scaling, message", [
@@ -336,7 +353,8 @@ def test_load_gpt_routes_by_model_type(tmp_path):
     ({"model_type": "gpt2"},
      r"model_type='gpt2'; Llama-family weights are of \('llama', 'mistral', 'qwen2', 'qwen3'\)"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling .* missing"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": 0.0}}, "linear RoPE scaling is not one the model takes"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}}, "RoPE scaling"),
     ({"attention_bias": True}, "attention_bias=True; the Llama model here has no biases"),
     ({"mlp_bias": True}, "mlp_bias=True"),

@@ -436,7 +436,7 @@ def test_longrope_is_refused_where_it_is_not_phi3s():
         config_from_hf_phi3(phi3_longrope_json(original_max_position_embeddings=0))
     # a Llama config.json with it, and a longrope model exported as Llama's
     llama = {**phi3_longrope_json(), "model_type": "llama", "sliding_window": None}
-    with pytest.raises(ValueError, match="a Llama model here computes plain RoPE or Llama 3.1's 'llama3' scaling"):
+    with pytest.raises(ValueError, match="a Llama model here computes plain RoPE or Llama 3.1's 'llama3' or 'linear' scaling"):
         config_from_hf_llama(llama)
     model = from_hf_phi3(phi3_state_dict(), phi3_longrope_json(), backend="torch")
     with pytest.raises(ValueError, match="longrope RoPE scaling is Phi-3's: a model with it exports as Phi-3's"):

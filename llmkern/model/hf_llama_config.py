@@ -90,8 +90,9 @@ _LLMKERN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None) -> tuple[float, dict | None]:
     """config.json's RoPE base and scaling (GPTConfig.rope_scaling) of heads head_dim wide, rope_dim of them turned
-    (None: all): None; Llama 3.1's "llama3" for the Llama types; "longrope" for Phi-3; an error for any other
-    scaling (linear, dynamic, yarn, ...), which changes the frequencies in other ways."""
+    (None: all): None; Llama 3.1's "llama3" and "linear" (the positions divided by its factor) for the Llama types;
+    "longrope" for Phi-3; an error for any other scaling (dynamic, yarn, ...), which changes the frequencies in other
+    ways."""
     # transformers 5 writes one "rope_parameters" dict ({"rope_type", "rope_theta", ...}); before it,
     # "rope_theta" and "rope_scaling" (None, or a dict with "rope_type", or "type" in older files)
     params = hf_config.get("rope_parameters")
@@ -110,9 +111,12 @@ def _rope(hf_config: dict, model_type: str, head_dim: int, rope_dim: int | None)
     if kind == "llama3" and model_type in LLAMA_TYPES + MOE_TYPES:
         llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS if k in scaling}}
         return theta, _checked_scaling(llama3, head_dim, rope_dim)
+    if kind == "linear" and model_type in LLAMA_TYPES + MOE_TYPES:  # positions divided by the factor
+        return theta, _checked_scaling({"rope_type": "linear", "factor": scaling.get("factor")}, head_dim, rope_dim)
     if kind in _LONGROPE_NAMES and model_type == PHI3_TYPE:
         return theta, _checked_scaling(_longrope(hf_config, scaling), head_dim, rope_dim)
-    family, computed = ("Phi-3", "Phi-3's 'longrope'") if model_type == PHI3_TYPE else ("Llama", "Llama 3.1's 'llama3'")
+    family, computed = (("Phi-3", "Phi-3's 'longrope'") if model_type == PHI3_TYPE
+                        else ("Llama", "Llama 3.1's 'llama3' or 'linear'"))
     raise ValueError(f"config.json has RoPE scaling {scaling!r}; a {family} model here computes plain RoPE or "
                      f"{computed} scaling only, so its positions would be rotated by other angles")
 
