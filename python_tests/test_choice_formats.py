@@ -266,8 +266,8 @@ COPA = {"premise": "My body cast a shadow over the grass.", "choice1": "The sun 
 TRUTHFULQA = {"question": "What is the smallest country in the world?",
               "mc1_targets": {"choices": ["Nauru is the smallest country.", "Vatican City is the smallest country.",
                                           "Monaco is the smallest country."], "labels": [0, 1, 0]},
-              "mc2_targets": {"choices": ["Nauru", "Vatican City"], "labels": [0, 1]}}
-# The export's row without mc1_targets: read as MC2
+              "mc2_targets": {"choices": ["Vatican City", "Nauru"], "labels": [1, 0]}}
+# The export's row without mc1_targets: read as MC2 alone
 TRUTHFULQA_MC2 = {"question": "What is the smallest country in the world?",
                   "mc2_targets": {"choices": ["Vatican City.", "It is Vatican City.", "Nauru.", "Monaco."],
                                   "labels": [1, 1, 0, 0]}}
@@ -452,6 +452,42 @@ def test_truthfulqa_mc2_is_the_true_choices_share_of_the_probability(tmp_path):
         expected.append(harness_mc2(lls, row["mc2_targets"]["labels"]))
         assert prediction["mc2"] == pytest.approx(expected[-1], rel=1e-4)
     assert result["mc2"] == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def without(row, key):
+    return {k: v for k, v in row.items() if k != key}
+
+
+def test_truthfulqa_export_rows_report_mc1_accuracy_and_mc2_together(tmp_path):
+    sky = {"question": "What color is the sky?",
+           "mc1_targets": {"choices": ["Green.", "Blue.", "Red."], "labels": [0, 1, 0]},
+           "mc2_targets": {"choices": ["Blue.", "It is blue.", "Green.", "Red."], "labels": [1, 1, 0, 0]}}
+    rows = [TRUTHFULQA, sky]
+    both = write_jsonl(tmp_path / "truthfulqa.jsonl", rows)
+    mc1 = write_jsonl(tmp_path / "mc1.jsonl", [without(r, "mc2_targets") for r in rows])
+    mc2 = write_jsonl(tmp_path / "mc2.jsonl", [without(r, "mc1_targets") for r in rows])
+    model, tokenizer = tiny_gpt(block_size=1024), get_tokenizer("bytes")
+    result = evaluate_choices(model, tokenizer, both, return_predictions=True)
+    assert set(result) == {"accuracy", "acc_norm", "mc2", "examples", "fewshot", "predictions", "mc2_predictions"}
+    alone1 = evaluate_choices(model, tokenizer, mc1, return_predictions=True)
+    alone2 = evaluate_choices(model, tokenizer, mc2, return_predictions=True)
+    assert (result["accuracy"], result["acc_norm"], result["examples"]) == (
+        alone1["accuracy"], alone1["acc_norm"], alone1["examples"])
+    assert [p["logprobs"] for p in result["predictions"]] == [pytest.approx(p["logprobs"], rel=1e-6)
+                                                               for p in alone1["predictions"]]
+    assert result["mc2"] == pytest.approx(alone2["mc2"], rel=1e-6)
+    assert [p["mc2"] for p in result["mc2_predictions"]] == pytest.approx([p["mc2"] for p in alone2["predictions"]],
+                                                                           rel=1e-6)
+    limited = evaluate_choices(model, tokenizer, both, limit=1)
+    assert (limited["examples"], limited["mc2"]) == (1, pytest.approx(alone2["predictions"][0]["mc2"], rel=1e-6))
+    shot = evaluate_choices(model, tokenizer, both, fewshot=1)  # the MC2 examples drawn their shots as alone
+    assert shot["mc2"] == pytest.approx(evaluate_choices(model, tokenizer, mc2, fewshot=1)["mc2"], rel=1e-6)
+
+
+def test_truthfulqa_rows_with_and_without_mc2_targets_are_not_mixed(tmp_path):
+    path = write_jsonl(tmp_path / "truthfulqa.jsonl", [without(TRUTHFULQA, "mc2_targets"), TRUTHFULQA])
+    with pytest.raises(ValueError, match="examples mix 1 with an mc2_example .* and 1 without"):
+        evaluate_choices(tiny_gpt(block_size=1024), get_tokenizer("bytes"), path)
 
 
 def test_mc2_survives_log_probs_whose_exp_is_zero_and_refuses_a_mix():

@@ -961,6 +961,28 @@ def test_eval_command_scores_truthfulqa_mc2_by_mc2_alone(tmp_path, tiny_run, cap
     assert float(lines[0].split()[1]) == pytest.approx(json.loads(out.read_text())["mc2"], abs=1e-4)
 
 
+def test_eval_command_scores_the_truthfulqa_export_by_accuracy_and_mc2(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    row = {"question": "Q?", "mc1_targets": {"choices": ["no", "yes"], "labels": [0, 1]},
+           "mc2_targets": {"choices": ["yes", "sure", "no"], "labels": [1, 1, 0]}}
+    saved = {}
+    for name, drop in [("both", None), ("mc1", "mc2_targets"), ("mc2", "mc1_targets")]:
+        task = tmp_path / f"{name}.jsonl"
+        task.write_text(json.dumps({k: v for k, v in row.items() if k != drop}) + "\n")
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                     "--device", "cpu", "--quiet"]) == 0
+        saved[name] = json.loads(out.read_text())
+    lines = capsys.readouterr().out.splitlines()[:4]  # the first run's
+    assert [line.split()[0] for line in lines] == ["accuracy", "acc_norm", "mc2", "examples"]
+    assert {"accuracy", "acc_norm", "mc2", "examples", "fewshot"} <= set(saved["both"])
+    assert (saved["both"]["accuracy"], saved["both"]["acc_norm"]) == (saved["mc1"]["accuracy"],
+                                                                      saved["mc1"]["acc_norm"])
+    assert saved["both"]["mc2"] == pytest.approx(saved["mc2"]["mc2"], rel=1e-6)
+    assert float(lines[2].split()[1]) == pytest.approx(saved["both"]["mc2"], abs=1e-4)
+
+
 def test_choices_made_in_code_must_not_be_empty():
     # A file's rows are checked on loading; examples built in code hit ZeroDivisionError (acc_norm of an empty
     # choice) or "max() arg is an empty sequence" (no choices).

@@ -11,7 +11,7 @@ from .win_rate import (
 
 __all__ = [
     "ChoiceExample", "Judge", "LMJudge", "PairJudge", "RewardModelJudge", "bootstrap_interval", "compare_runs",
-    "evaluate_choices", "evaluate_lambada", "generate_responses", "lm_judge", "load_choice_tasks", "load_lambada", "logprobs_from_hidden", "perplexity",
-    "perplexity_of_text", "reward_model_judge",
-    "score_choices", "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
+    "evaluate_choices", "evaluate_lambada", "generate_responses", "lm_judge", "load_choice_tasks", "load_lambada",
+    "logprobs_from_hidden", "perplexity", "perplexity_of_text", "reward_model_judge", "score_choices",
+    "sequence_logprobs", "sliding_windows", "token_logprobs", "wilson_interval", "win_rate",
 ]

@@ -46,10 +46,11 @@ after the harness's target delimiter " ".
   "Q: {question}\\nA:" after the harness's fixed six questions and answers (the description), choices
   mc1_targets' choices, the answer the one labelled 1 (always the first in the published data, which the harness
   takes as gold).
-- TruthfulQA MC2, from the same rows without their mc1_targets (the export's rows carry both and are read as
-  MC1; `jq -c 'del(.mc1_targets)'` makes an MC2 file): the same prompt, choices mc2_targets' choices, the true
-  ones those before the first 0 label, as the harness splits them (a 1 after it counts as false; the published
-  labels are all 1s, then all 0s). Scored by mc2 (multiple_choice), not accuracy.
+- TruthfulQA MC2 (rows with mc2_targets {choices, labels}): the same prompt, choices mc2_targets' choices, the
+  true ones those before the first 0 label, as the harness splits them (a 1 after it counts as false; the
+  published labels are all 1s, then all 0s). Scored by mc2 (multiple_choice), not accuracy.
+  The export's rows carry both targets: each is read as its MC1 example with its MC2 example attached
+  (mc2_example), so that one file is scored by both; a row with only one of them is read as that one alone.
 The harness reports only acc for BoolQ, COPA and TruthfulQA; the acc_norm llmkern reports for them has no
 published counterpart.
 """
@@ -80,6 +81,9 @@ class ChoiceExample:
     # Set where several choices are right (TruthfulQA MC2): their indices, scored by mc2, the probability mass the
     # model gives them; `answer` is then only the one a few-shot shot writes out.
     true_choices: tuple[int, ...] | None = None
+    # Set where the row is also scored as another example (TruthfulQA's export: its MC2 example beside the MC1
+    # one), which multiple_choice scores apart and reports under its own key (mc2).
+    mc2_example: ChoiceExample | None = None
 
 
 # --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
@@ -343,15 +347,19 @@ def _truthfulqa_question(row: dict, where: str) -> str:
 
 def truthfulqa_mc1_example(row: dict, where: str) -> ChoiceExample:
     """truthful_qa "multiple_choice": "Q: {question}\\nA:" after the fixed preamble (a description, so that
-    shots would not repeat it); the choices mc1_targets' choices, the answer the one labelled 1."""
+    shots would not repeat it); the choices mc1_targets' choices, the answer the one labelled 1. A row that also
+    has mc2_targets (the export's) carries its MC2 example as mc2_example."""
     targets = _object(row, "mc1_targets", where)
     choices = _strings(targets, "choices", f"{where}: 'mc1_targets'")
     labels = _value(targets, "labels", f"{where}: 'mc1_targets'")
     if not _one_hot(labels, len(choices)):
         raise ValueError(f"{where}: 'mc1_targets': 'labels' must be one 1 and otherwise 0s, one per choice, "
                          f"got {labels!r}")
-    return _example(_truthfulqa_question(row, where), choices, labels.index(1), where, "mc1_targets",
-                    "mc1_targets", description=TRUTHFULQA_PREAMBLE)
+    example = _example(_truthfulqa_question(row, where), choices, labels.index(1), where, "mc1_targets",
+                       "mc1_targets", description=TRUTHFULQA_PREAMBLE)
+    if "mc2_targets" in row:
+        example = replace(example, mc2_example=truthfulqa_mc2_example(row, where))
+    return example
 
 
 def _count_true(labels: object, n: int, where: str) -> int:

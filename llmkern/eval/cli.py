@@ -6,7 +6,8 @@
                  [--predictions --json OUT]
                                                                             multiple-choice accuracy and acc_norm
                                                                             (WinoGrande: accuracy only;
-                                                                            TruthfulQA MC2: mc2)
+                                                                            TruthfulQA MC2: mc2; its export,
+                                                                            MC1 and MC2: both)
     llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
                                                                             LAMBADA: last-word accuracy, perplexity
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
@@ -162,7 +163,7 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
                               return_predictions=args.predictions, progress=progress, fewshot=args.fewshot,
                               fewshot_data=args.fewshot_data)
     result["data"] = os.path.abspath(args.data)
-    # WinoGrande: no acc_norm; TruthfulQA MC2: mc2 alone
+    # WinoGrande: no acc_norm; TruthfulQA MC2: mc2 alone; TruthfulQA's export (MC1 and MC2): all three
     return result, [name for name in ("accuracy", "acc_norm", "mc2", "examples") if name in result]
 
 

@@ -16,7 +16,8 @@ Two accuracies are reported, as the harness does:
   (bytes, not tokens, so that it does not depend on the tokenizer).
 A task whose examples have several right choices (`true_choices`: TruthfulQA MC2) reports neither, but the
 harness's mc2: the probability of the true choices over that of all choices, exp(log-prob) of each summed,
-averaged over the examples.
+averaged over the examples. TruthfulQA's export, whose rows carry both MC1 and MC2, reports both: the MC1
+examples' accuracy (and acc_norm, which the harness does not report for it) and their attached MC2 examples' mc2.
 With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
 shuffle, each written as its context, the separator and its right answer, then a blank line; an example's
 description (MMLU's "The following are ... about {subject}.") comes once, before them. With a separate
@@ -270,7 +271,9 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     Returns {"accuracy", "acc_norm", "examples", "fewshot"} (no "acc_norm" where every example has a shared
     continuation: it would be the accuracy) and, with return_predictions, "predictions": one {"answer", "pred",
     "pred_norm", "logprobs"} per example. Examples with true_choices (TruthfulQA MC2; all of them or none) get
-    {"mc2", "examples", "fewshot"} instead, and predictions {"true_choices", "mc2", "logprobs"}.
+    {"mc2", "examples", "fewshot"} instead, and predictions {"true_choices", "mc2", "logprobs"}. Examples with an
+    mc2_example (TruthfulQA's export, MC1 and MC2 in one row; all of them or none) get both: their accuracy and
+    acc_norm, and the mc2 of their mc2_examples, scored the same way (its predictions are "mc2_predictions").
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
@@ -287,10 +290,33 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         raise ValueError("examples is empty")
     for i, ex in enumerate(examples):
         _check_example(ex, i, answer=True)
+    paired = _has_mc2_examples(pool, "examples")
+    if paired and fewshot_data is not None and not _has_mc2_examples(fewshot_data, "fewshot_data"):
+        raise ValueError("fewshot_data's examples have no mc2_example: the examples' mc2_examples would have no "
+                         "shots")
+    result = _evaluate_shot(model, tokenizer, _shot(examples, pool, fewshot, separator, seed, fewshot_data),
+                            fewshot, separator, batch_size, return_predictions, progress)
+    if paired:
+        shots_from = None if fewshot_data is None else _mc2_examples(fewshot_data)
+        shot = _shot(_mc2_examples(examples), _mc2_examples(pool), fewshot, separator, seed, shots_from)
+        scored = _evaluate_shot(model, tokenizer, shot, fewshot, separator, batch_size, return_predictions, progress)
+        result["mc2"] = scored["mc2"]
+        if return_predictions:
+            result["mc2_predictions"] = scored["predictions"]
+    return result
+
+
+def _shot(examples: list[ChoiceExample], pool: list[ChoiceExample], fewshot: int, separator: str, seed: int,
+          fewshot_data: Sequence[ChoiceExample] | None) -> list[ChoiceExample]:
+    """The examples with their few-shot shots: drawn from the pool, or the first of fewshot_data."""
     if fewshot_data is None:
-        examples = with_fewshot(examples, pool, fewshot, separator, seed)
-    else:
-        examples = with_fewshot(examples, list(fewshot_data), fewshot, separator, first=True)
+        return with_fewshot(examples, pool, fewshot, separator, seed)
+    return with_fewshot(examples, list(fewshot_data), fewshot, separator, first=True)
+
+
+def _evaluate_shot(model, tokenizer, examples: list[ChoiceExample], fewshot: int, separator: str, batch_size: int,
+                   return_predictions: bool, progress: bool) -> dict[str, Any]:
+    """evaluate_choices' result for examples already checked and shot."""
     several_right = _several_right(examples)
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
     if several_right:
@@ -309,6 +335,24 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _has_mc2_examples(examples: Sequence[ChoiceExample], name: str) -> bool:
+    """Whether the examples carry an mc2_example each (TruthfulQA's export); an error where only some do (their
+    accuracy and mc2 would be of different questions) or where one is not an example scored by mc2."""
+    marked = [getattr(ex, "mc2_example", None) is not None for ex in examples]
+    if any(marked) and not all(marked):
+        raise ValueError(f"{name} mix {sum(marked)} with an mc2_example (TruthfulQA MC1 and MC2) and "
+                         f"{marked.count(False)} without: evaluate them apart")
+    for i, ex in enumerate(examples):
+        attached = getattr(ex, "mc2_example", None)
+        if attached is not None and not (isinstance(attached, ChoiceExample) and attached.true_choices is not None):
+            raise ValueError(f"{name}[{i}]: mc2_example must be a ChoiceExample with true_choices, got {attached!r}")
+    return all(marked)
+
+
+def _mc2_examples(examples: Sequence[ChoiceExample]) -> list[ChoiceExample]:
+    return [ex.mc2_example for ex in examples]
 
 
 def _several_right(examples: Sequence[ChoiceExample]) -> bool:
