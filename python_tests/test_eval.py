@@ -727,16 +727,19 @@ EVAL_MODES = {
     "choice": ["--task", "choice", "--data", "task.jsonl"],
     "win-rate": ["--task", "win-rate", "--data", "instructions.json", "--baseline", "b", "--judge", "rm"],
     "lambada": ["--task", "lambada", "--data", "lambada_test.jsonl"],
+    "gsm8k": ["--task", "gsm8k", "--data", "gsm8k_test.jsonl"],
 }
 MODE_NAMES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
-              "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada"}
+              "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada",
+              "gsm8k": "--task gsm8k"}
 OPTIONS_READ_BY = {
     ("--split", "val"): {"shards"}, ("--max-batches", "100"): {"shards"},
     ("--context", "16"): {"text"}, ("--stride", "4"): {"text"},
-    ("--limit", "2"): {"choice", "win-rate", "lambada"},
-    ("--fewshot", "0"): {"choice"}, ("--fewshot-data", "dev.jsonl"): {"choice"}, ("--predictions", None): {"choice"},
+    ("--limit", "2"): {"choice", "win-rate", "lambada", "gsm8k"},
+    ("--fewshot", "0"): {"choice", "gsm8k"}, ("--fewshot-data", "dev.jsonl"): {"choice", "gsm8k"},
+    ("--predictions", None): {"choice", "gsm8k"},
     ("--baseline", "b"): {"win-rate"}, ("--judge", "rm"): {"win-rate"}, ("--judge-kind", "reward"): {"win-rate"},
-    ("--max-new-tokens", "256"): {"win-rate"}, ("--tie-margin", "0"): {"win-rate"},
+    ("--max-new-tokens", "256"): {"win-rate", "gsm8k"}, ("--tie-margin", "0"): {"win-rate"},
     ("--interval", "wilson"): {"win-rate"}, ("--template", "alpaca"): {"win-rate"},
     ("--system-prompt", "Be brief."): {"win-rate"},
 }

@@ -10,6 +10,11 @@
                                                                             MC1 and MC2: both)
     llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
                                                                             LAMBADA: last-word accuracy, perplexity
+    llmkern eval --run R --task gsm8k --data test.jsonl --fewshot-data train.jsonl [--fewshot 5] [--limit N]
+                 [--max-new-tokens 256] [--predictions --json OUT]
+                                                                            GSM8K, generated greedily: exact_match
+                                                                            (strict-match and flexible-extract), as
+                                                                            lm-evaluation-harness's gsm8k (5-shot)
     llmkern eval --task win-rate --run A --baseline B --judge RM_RUN --data instructions.json [--limit N]
                  [--template chatml]   (default: each run's own prompt template)
                  [--judge-kind lm]     (--judge is a language model asked "A or B?"; default: a reward model)
@@ -28,22 +33,25 @@ import sys
 
 from .._atomic import write_json_atomic
 
-TASKS = ("perplexity", "choice", "win-rate", "lambada")
+TASKS = ("perplexity", "choice", "win-rate", "lambada", "gsm8k")
 JUDGE_KINDS = ("reward", "lm")  # llmkern.eval.win_rate.JUDGE_KINDS, without importing torch for --help
+GSM8K_FEWSHOT = 5  # llmkern.eval.gsm8k.FEWSHOT, likewise
 
 # What each mode is called in an error message.
 MODES = {"shards": "--task perplexity --data SHARDS", "text": "--task perplexity --text FILE",
-         "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada"}
+         "choice": "--task choice", "win-rate": "--task win-rate", "lambada": "--task lambada",
+         "gsm8k": "--task gsm8k"}
 # The options that only some modes read: given to another, they would have no effect. Their argparse
 # default is None, so that one the user gave (even at its default value) can be told from one left out;
 # DEFAULTS fills in the real defaults once the check is done.
 ONLY_FOR = {
     "split": ("shards",), "max_batches": ("shards",),
     "context": ("text",), "stride": ("text",),
-    "limit": ("choice", "win-rate", "lambada"),
-    "fewshot": ("choice",), "fewshot_data": ("choice",), "predictions": ("choice",),
-    **{name: ("win-rate",) for name in ("baseline", "judge", "judge_kind", "max_new_tokens", "tie_margin",
-                                        "interval", "template", "system_prompt")},
+    "limit": ("choice", "win-rate", "lambada", "gsm8k"),
+    "fewshot": ("choice", "gsm8k"), "fewshot_data": ("choice", "gsm8k"), "predictions": ("choice", "gsm8k"),
+    "max_new_tokens": ("win-rate", "gsm8k"),
+    **{name: ("win-rate",) for name in ("baseline", "judge", "judge_kind", "tie_margin", "interval", "template",
+                                        "system_prompt")},
 }
 DEFAULTS = {"split": "val", "max_batches": 100, "fewshot": 0, "predictions": False, "max_new_tokens": 256,
             "tie_margin": 0.0, "interval": "wilson", "judge_kind": "reward"}
@@ -87,6 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"{_option(name)} must be at least 1, got {value}")
+    if mode == "gsm8k":
+        _check_gsm8k_shots(args)
     if args.fewshot is not None and args.fewshot < 0:
         raise ValueError(f"--fewshot must be at least 0, got {args.fewshot}")
     if args.fewshot_data is not None and not args.fewshot:
@@ -107,6 +117,16 @@ def _check_args(args: argparse.Namespace) -> None:
         if os.path.isdir(args.json) or not os.path.isdir(folder):
             raise ValueError(f"--json {args.json!r} cannot be written: " +
                              ("it is a folder" if os.path.isdir(args.json) else f"no folder {folder!r}"))
+
+
+def _check_gsm8k_shots(args: argparse.Namespace) -> None:
+    """GSM8K's shots: 5 unless told (the harness's num_fewshot, the published setting), drawn from the train
+    split, which must then be given (the harness never takes them from the questions scored)."""
+    if args.fewshot is None:
+        args.fewshot = GSM8K_FEWSHOT
+    if args.fewshot > 0 and args.fewshot_data is None:
+        raise ValueError(f"--task gsm8k --fewshot {args.fewshot} takes its shots from GSM8K's train split, as "
+                         f"lm-evaluation-harness does: give --fewshot-data train.jsonl (or --fewshot 0)")
 
 
 def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -157,6 +177,15 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         result["data"] = os.path.abspath(args.data)
         return result, ["accuracy", "perplexity", "examples"]
 
+    if args.task == "gsm8k":
+        from .gsm8k import evaluate_gsm8k
+
+        result = evaluate_gsm8k(model, tokenizer, args.data, fewshot=args.fewshot, fewshot_data=args.fewshot_data,
+                                limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                return_predictions=args.predictions, progress=progress)
+        result["data"] = os.path.abspath(args.data)
+        return result, ["exact_match_strict", "exact_match_flexible", "examples", "cut_prompts"]
+
     from .multiple_choice import evaluate_choices
 
     result = evaluate_choices(model, tokenizer, args.data, batch_size=args.batch_size, limit=args.limit,
@@ -191,13 +220,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="score a trained run: perplexity (shards or text), multiple choice, win rate",
+    e = sub.add_parser("eval", help="score a trained run: perplexity (shards or text), multiple choice, LAMBADA, "
+                                    "GSM8K, win rate",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     e.add_argument("--task", choices=TASKS, default="perplexity")
     e.add_argument("--data", default=None, help="perplexity: a folder of token shards (manifest.json); choice: "
                                                 "a .jsonl task; win-rate: a .json/.jsonl of instructions; "
-                                                "lambada: lambada_openai's .jsonl")
+                                                "lambada: lambada_openai's .jsonl; gsm8k: openai/gsm8k's "
+                                                "test .jsonl")
     e.add_argument("--text", default=None, help="perplexity of this UTF-8 text file (sliding window)")
     # default=None: not given (see ONLY_FOR); the defaults the help texts name are DEFAULTS
     e.add_argument("--split", default=None, help="perplexity on --data: the shard split (default: val)")
@@ -206,23 +237,24 @@ def add_eval_parser(sub) -> None:
                                                                   "(default: 100)")
     e.add_argument("--context", type=int, default=None, help="--text: window length (default: block_size)")
     e.add_argument("--stride", type=int, default=None, help="--text: window step (default: context // 2)")
-    e.add_argument("--limit", type=int, default=None, help="choice, win-rate, lambada: the first N examples "
-                                                           "only")
-    e.add_argument("--fewshot", type=int, default=None, help="choice: solved examples of the task before each one "
-                                                             "(default: 0)")
+    e.add_argument("--limit", type=int, default=None, help="choice, win-rate, lambada, gsm8k: the first N "
+                                                           "examples only")
+    e.add_argument("--fewshot", type=int, default=None, help="choice, gsm8k: solved examples of the task before "
+                                                             "each one (default: 0; gsm8k: 5)")
     e.add_argument("--fewshot-data", default=None, help="choice, with --fewshot: take the shots from this file "
                                                         "(MMLU's dev split: its first K of each subject, as "
-                                                        "lm-evaluation-harness does), not from the task")
-    e.add_argument("--predictions", action="store_true", default=None, help="choice: per-example predictions in "
-                                                                            "--json")
+                                                        "lm-evaluation-harness does), not from the task; gsm8k: "
+                                                        "the train split, sampled as the harness does (seed 1234)")
+    e.add_argument("--predictions", action="store_true", default=None, help="choice, gsm8k: per-example "
+                                                                            "predictions in --json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")
     e.add_argument("--judge", default=None, help="win-rate: the judge's run: a reward model (llmkern finetune "
                                                  "reward), or a language model with --judge-kind lm")
     e.add_argument("--judge-kind", choices=JUDGE_KINDS, default=None,
                    help="win-rate: reward (the default: scores each response alone) or lm (asked which of the "
                         "two responses is better, in both orders)")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="win-rate: response length at most "
-                                                                    "(default: 256)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="win-rate, gsm8k: response length at "
+                                                                    "most (default: 256)")
     e.add_argument("--tie-margin", type=float, default=None, help="win-rate: score gaps this small are ties "
                                                                   "(--judge-kind lm: |P(A better) - 0.5|; default: 0)")
     e.add_argument("--interval", choices=("wilson", "bootstrap"), default=None,
