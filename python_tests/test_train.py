@@ -733,6 +733,50 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(saved_run, tmp_path):
         ckpt.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "state.safetensors"])
+def test_a_bit_flipped_in_a_tensor_file_is_detected_not_loaded(tmp_path, name):
+    # safetensors checks its header and sizes only: a flipped bit among the tensors' bytes loaded silently
+    model = {"w": torch.randn(16, 8), "b": torch.randn(8)}
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(16, 8)}},
+                 "param_groups": [{"lr": 0.1, "params": [0]}]}
+    path = ckpt.save_checkpoint(str(tmp_path), 5, model, optimizer, {})
+    assert torch.equal(ckpt.load_checkpoint(path).model["w"], model["w"])
+    file = os.path.join(path, name)
+    with open(file, "rb") as f:
+        data = bytearray(f.read())
+    data[-20] ^= 0x01  # inside the last tensor's values: the header still parses
+    with open(file, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(ValueError, match=f"damaged: {name} differs from the file it was saved with"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_checkpoint_saved_before_the_file_hashes_still_loads(tmp_path):
+    model = {"w": torch.randn(4, 4)}
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model, {"state": {}, "param_groups": []}, {})
+    meta_file = os.path.join(path, "meta.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    del meta["sha256"]
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    assert torch.equal(ckpt.load_checkpoint(path).model["w"], model["w"])
+
+
+@pytest.mark.parametrize("key, value", [("aliases", []), ("optimizer", "x"), ("rng", None), ("step", "5"),
+                                        ("sha256", ["x"])])
+def test_a_meta_json_value_of_the_wrong_kind_is_a_damaged_checkpoint(tmp_path, key, value):
+    path = ckpt.save_checkpoint(str(tmp_path), 1, {"w": torch.zeros(2)}, {"state": {}, "param_groups": []}, {})
+    meta_file = os.path.join(path, "meta.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta[key] = value  # was an AttributeError or TypeError from deep inside the loading
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=f"damaged: meta.json's '{key}' is not a JSON"):
+        ckpt.load_checkpoint(path)
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     weights = {"w": torch.randn(3, 5)}
     for step in (1, 2, 3):
@@ -847,6 +891,7 @@ def rewrite_as_unranked(path):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     meta["rng"] = meta["rng"]["ranks"][0]
+    del meta["sha256"]  # nor file hashes then
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(meta, f)
 

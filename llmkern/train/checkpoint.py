@@ -5,7 +5,8 @@ A checkpoint is a folder `<run>/checkpoints/step_<NNNNNNN>/` holding
     state.safetensors   the optimizer's tensors ("optimizer.<i>.<name>") and each rank's RNG states
                         ("rng.rank<r>.torch", "rng.rank<r>.numpy", "rng.rank<r>.cuda.<device>")
     meta.json           format, step, configs, the optimizer's other values and param groups,
-                        each rank's numpy/python RNG states, loader position, trainer counters
+                        each rank's numpy/python RNG states, loader position, trainer counters, and the
+                        sha256 of both tensor files (checked on loading: a damaged file is an error)
 Checkpoints written before the per-rank RNG states hold one process's states, unranked ("rng.torch",
 "rng.cuda.<device>", "rng.numpy"); they still load, and every rank restores those.
 When meta's "tokenizer" names a tokenizer file, the run folder keeps a copy of it beside checkpoints/
@@ -19,6 +20,7 @@ complete or does not exist. Loading reads only safetensors and JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -43,6 +45,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SWAPPED_OUT_DIR = re.compile(r"^step_(\d+)\.old_\d+$")
 TOKENIZER_FILE = "tokenizer.tiktoken"
 HF_TOKENIZER_FILE = "tokenizer.json"
+# meta.json's "sha256" holds their hashes: safetensors checks its header and sizes, not the bytes of the tensors,
+# so a bit flipped on disk (or a file copied over from another checkpoint of the same model) loaded silently
+TENSOR_FILES = ("model.safetensors", "state.safetensors")
 
 
 @dataclass
@@ -117,7 +122,8 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     rng_tensors, rng_meta = rng if rng is not None else ranked_rng_states([capture_rng_states()])
     save_file({**state_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
     full_meta = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases,
-                 "optimizer": optimizer_meta, "rng": rng_meta, **meta}
+                 "optimizer": optimizer_meta, "rng": rng_meta, **meta,
+                 "sha256": {name: _file_sha256(os.path.join(tmp, name)) for name in TENSOR_FILES}}
     tokenizer_hash = _keep_tokenizer_copy(meta.get("tokenizer"), run_dir)  # before the checkpoint that needs it
     if tokenizer_hash is not None:
         full_meta["tokenizer_sha256"] = tokenizer_hash
@@ -185,6 +191,14 @@ def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
         for tmp, target in pending:
             os.replace(tmp, target)
     return wanted
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -344,12 +358,12 @@ def load_checkpoint(path: str) -> Checkpoint:
     meta = _read_meta(path)
     if "tokenizer" in meta:
         meta["tokenizer"] = _tokenizer_to_load(meta, path)
-    model = _read_tensors(path, "model.safetensors")
+    model = _read_tensors(path, "model.safetensors", meta)
     for alias, name in meta["aliases"].items():
         if name not in model:
             raise ValueError(f"checkpoint {path!r} is damaged: alias {alias!r} points to missing {name!r}")
         model[alias] = model[name]
-    state = _read_tensors(path, "state.safetensors")
+    state = _read_tensors(path, "state.safetensors", meta)
     optimizer = _unflatten_optimizer(state, meta["optimizer"])
     rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": meta["rng"]}
     return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer=optimizer, meta=meta, rng=rng)
@@ -389,17 +403,27 @@ def _read_meta(path: str) -> dict[str, Any]:
         raise ValueError(f"{file} is not an llmkern checkpoint (format is not {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise ValueError(f"{file} has checkpoint version {meta.get('version')!r}; this llmkern reads {VERSION}")
-    for key in ("step", "aliases", "optimizer", "rng"):
-        if key not in meta:
+    for key, kind in (("step", int), ("aliases", dict), ("optimizer", dict), ("rng", dict), ("sha256", dict)):
+        if key not in meta and key != "sha256":  # no hashes: saved before they were recorded
             raise ValueError(f"checkpoint {path!r} is damaged: meta.json lacks {key!r}")
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], kind)):
+            raise ValueError(f"checkpoint {path!r} is damaged: meta.json's {key!r} is not a JSON "
+                             f"{'integer' if kind is int else 'object'} ({meta[key]!r:.80})")
     return meta
 
 
-def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: str, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of file `name`, the file checked against the sha256 meta.json recorded (checkpoints saved
+    before the hashes have none: they load unchecked)."""
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
     try:
-        return load_file(file)
+        tensors = load_file(file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e
+    recorded = meta.get("sha256", {}).get(name)
+    if recorded is not None and _file_sha256(file) != recorded:
+        raise ValueError(f"checkpoint {path!r} is damaged: {name} differs from the file it was saved with (its "
+                         f"sha256 is not the one meta.json recorded)")
+    return tensors
