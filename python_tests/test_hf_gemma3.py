@@ -82,8 +82,9 @@ def gemma3_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> 
     x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))); RMSNorms scale by 1 + w; q and k
     RMS-normed per head before RoPE; sliding layers (query q sees key kv when q - W < kv <= q) turn by
     rope_local_base_freq, unscaled, the full ones by rope_theta with positions / factor under linear scaling;
-    scores times query_pre_attn_scalar ** -0.5; MLP down(gelu_tanh(gate) * up). cfg is config.json's keys
-    (the "types" or "pattern" style)."""
+    scores times query_pre_attn_scalar ** -0.5, then soft-capped (cap * tanh(s / cap)) when
+    attn_logit_softcapping is set, as are the logits by final_logit_softcapping; MLP down(gelu_tanh(gate) * up).
+    cfg is config.json's keys (the "types" or "pattern" style)."""
     w = {k.removeprefix("model."): v.double() for k, v in sd.items()}
     b, t = idx.shape
     eps, d = cfg["rms_norm_eps"], cfg["head_dim"]
@@ -117,7 +118,10 @@ def gemma3_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> 
         q, k = rotate(q, base, factor), rotate(k, base, factor)
         k, v = (z.repeat_interleave(HEADS // KV_HEADS, dim=1) for z in (k, v))
         seen = causal & in_window if sliding else causal
-        att = (q @ k.transpose(-1, -2) * cfg["query_pre_attn_scalar"] ** -0.5).masked_fill(~seen, float("-inf"))
+        att = q @ k.transpose(-1, -2) * cfg["query_pre_attn_scalar"] ** -0.5
+        if cfg["attn_logit_softcapping"] is not None:
+            att = cfg["attn_logit_softcapping"] * torch.tanh(att / cfg["attn_logit_softcapping"])
+        att = att.masked_fill(~seen, float("-inf"))
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, HEADS * d)
         x = x + rms_norm(y @ p("self_attn.o_proj.weight").t(), p("post_attention_layernorm.weight"))
         h = rms_norm(x, p("pre_feedforward_layernorm.weight"))
@@ -125,7 +129,10 @@ def gemma3_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> 
         m = (F.gelu(gate, approximate="tanh") * up) @ p("mlp.down_proj.weight").t()
         x = x + rms_norm(m, p("post_feedforward_layernorm.weight"))
     x = rms_norm(x, w["norm.weight"])
-    return (x @ w.get("lm_head.weight", w["embed_tokens.weight"]).t()).float()
+    logits = x @ w.get("lm_head.weight", w["embed_tokens.weight"]).t()
+    if cfg["final_logit_softcapping"] is not None:
+        logits = cfg["final_logit_softcapping"] * torch.tanh(logits / cfg["final_logit_softcapping"])
+    return logits.float()
 
 
 def assert_logits(model: GPT, sd: dict, cfg: dict, t: int = CTX) -> None:
@@ -157,6 +164,19 @@ def test_the_reference_sees_what_the_import_could_get_wrong():
     for change in ({"sliding_window": CTX}, {"layer_types": ["sliding_attention"] * LAYERS},
                    {"rope_local_base_freq": 1000.0}, {"rope_scaling": None}, {"query_pre_attn_scalar": HEAD_DIM}):
         assert not torch.allclose(gemma3_logits(sd, idx, {**cfg, **change}), expected, atol=1e-3), change
+
+
+def test_soft_capping_is_read_and_written_back():
+    """transformers' Gemma 3 caps as Gemma 2 does when its config.json sets the caps (Google's leave them null)."""
+    sd, cfg = gemma3_state_dict(), gemma3_config_json(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    model = from_hf_gemma3(sd, cfg, backend="torch")
+    assert (model.config.attn_softcap, model.config.logit_softcap) == (2.0, 3.0)
+    assert_logits(model, sd, cfg)
+    idx = torch.randint(0, VOCAB, (1, CTX))
+    assert not torch.allclose(gemma3_logits(sd, idx, cfg), gemma3_logits(sd, idx, gemma3_config_json()), atol=1e-3)
+    out_cfg = to_hf_gemma3(model)[1]
+    assert (out_cfg["attn_logit_softcapping"], out_cfg["final_logit_softcapping"]) == (2.0, 3.0)
+    assert config_from_hf_gemma3(out_cfg, backend="torch") == model.config
 
 
 def test_defaults_and_canonical_forms():
@@ -224,15 +244,14 @@ def test_a_folder_is_read_and_other_gemmas_are_named(tmp_path):
     model, model_type = load_hf_file(str(tmp_path / "model.safetensors"), backend="torch")
     assert model_type == "gemma3_text"
     assert_logits(model, sd, cfg, t=9)
-    for other, missing in (("gemma2", "soft-capping"), ("gemma", "Gemma 1")):
-        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": other}))
-        with pytest.raises(ValueError, match=f"model_type='{other}' is not supported: .*{missing}"):
-            load_hf_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma"}))
+    with pytest.raises(ValueError, match="model_type='gemma' is not supported: .*Gemma 1"):
+        load_hf_file(str(tmp_path / "model.safetensors"))
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
-    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    ({"attn_logit_softcapping": 0.0}, "attn_logit_softcapping must be a finite number > 0"),
+    ({"final_logit_softcapping": "30"}, "final_logit_softcapping must be a finite number > 0"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
     ({"attention_bias": True}, "attention_bias=True"),
     ({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),

@@ -1,6 +1,7 @@
 """The GPT features Gemma 3 needs, each a GPTConfig field of its own: per-layer sliding or full attention
 (layer_types) with the sliding layers' own RoPE base (rope_local_theta), sandwich norms (post_norms), GeGLU,
-scaled embeddings (embed_scale), attention's scale (attn_scale) and the linear RoPE scaling. Each is checked
+scaled embeddings (embed_scale), attention's scale (attn_scale) and the linear RoPE scaling; and Gemma 2's soft caps
+(attn_softcap, logit_softcap). Each is checked
 against a plain-PyTorch forward written here, on the model's cached and uncached generation, under activation
 checkpointing, on the triton backend, in the config's checks and saved form, and in the exports that refuse it."""
 
@@ -97,7 +98,10 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
         scale = cfg.attn_scale if cfg.attn_scale is not None else d ** -0.5
-        weights = (q @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf")).softmax(-1)
+        scores = q @ k.transpose(-1, -2) * scale
+        if cfg.attn_softcap is not None:  # Gemma 2's: before the mask
+            scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+        weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
         attn_out = F.linear((weights @ v).transpose(1, 2).reshape(b, t, h * d), a.proj.weight)
         if cfg.post_norms:
             attn_out = rms(attn_out, block.post_attn_norm.weight, eps)
@@ -108,7 +112,10 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         if cfg.post_norms:
             mlp_out = rms(mlp_out, block.post_mlp_norm.weight, eps)
         x = x + mlp_out
-    return F.linear(rms(x, model.norm_f.weight, eps), model.lm_head.weight)[..., :VOCAB]
+    logits = F.linear(rms(x, model.norm_f.weight, eps), model.lm_head.weight)[..., :VOCAB]
+    if cfg.logit_softcap is not None:
+        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+    return logits
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
@@ -127,6 +134,23 @@ def test_each_feature_changes_the_logits(feature):
     plain.load_state_dict(featured.state_dict(), strict=False)  # the post norms are the featured model's own
     idx = torch.randint(0, VOCAB, (2, 12))
     assert not torch.allclose(featured(idx)[0], plain(idx)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("caps", [dict(attn_softcap=0.5), dict(logit_softcap=0.5),
+                                  dict(MIXED_LAYERS, attn_softcap=0.5, logit_softcap=2.0, doc_ids=True)])
+def test_soft_caps_match_a_plain_forward_and_change_the_logits(caps):
+    """Gemma 2's caps on random weights sharpened so that the scores and logits pass them; with doc_ids, packed
+    rows of one document each must give the plain forward's logits (the capped path masks documents too)."""
+    caps = dict(caps)
+    packed = caps.pop("doc_ids", False)
+    model = model_of(config(**caps, backend="torch"), sharpen=25.0)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    doc_ids = torch.zeros(2, 12, dtype=torch.long) if packed else None
+    logits = model(idx, doc_ids=doc_ids)[0]
+    torch.testing.assert_close(logits, reference_logits(model, idx), rtol=1e-4, atol=1e-4)
+    uncapped = GPT(config(**{k: v for k, v in caps.items() if not k.endswith("softcap")}, backend="torch"))
+    uncapped.load_state_dict(model.state_dict())
+    assert not torch.allclose(uncapped(idx)[0], logits, atol=1e-3)
 
 
 def test_the_local_rope_base_turns_only_the_sliding_layers():
@@ -284,6 +308,12 @@ def test_post_norms_and_geglu_have_the_expected_modules():
     (dict(attn_scale=0.0), ValueError, "attn_scale"),
     (dict(attn_scale=math.inf), ValueError, "attn_scale"),
     (dict(attn_scale="0.1"), TypeError, "attn_scale"),
+    (dict(attn_softcap=0.0), ValueError, "attn_softcap"),
+    (dict(attn_softcap=math.inf), ValueError, "attn_softcap"),
+    (dict(attn_softcap=math.nan), ValueError, "attn_softcap"),
+    (dict(attn_softcap="50"), TypeError, "attn_softcap"),
+    (dict(logit_softcap=-30.0), ValueError, "logit_softcap"),
+    (dict(logit_softcap=True), TypeError, "logit_softcap"),
 ])
 def test_a_bad_value_is_refused_naming_its_field(change, error, message):
     with pytest.raises(error, match=message):
@@ -305,6 +335,10 @@ def test_attention_refuses_a_bad_scale():
         CausalSelfAttention(64, 4, 2, scale=0.0)
     with pytest.raises(TypeError, match="scale"):
         CausalSelfAttention(64, 4, 2, scale="0.1")
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        CausalSelfAttention(64, 4, 2, softcap=0.0)
+    with pytest.raises(TypeError, match="softcap"):
+        CausalSelfAttention(64, 4, 2, softcap="50")
 
 
 def test_layer_types_that_say_what_none_says_become_none():
@@ -318,9 +352,10 @@ def test_layer_types_that_say_what_none_says_become_none():
 
 
 def test_the_new_fields_round_trip_and_an_older_config_keeps_its_identity():
-    cfg = config(**FEATURES["gemma3"])
+    cfg = config(**FEATURES["gemma3"], attn_softcap=50.0, logit_softcap=30.0)
     assert GPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    new_fields = ("layer_types", "rope_local_theta", "post_norms", "embed_scale", "attn_scale")
+    new_fields = ("layer_types", "rope_local_theta", "post_norms", "embed_scale", "attn_scale", "attn_softcap",
+                  "logit_softcap")
     for name in new_fields:
         assert name in identity_dict(cfg.to_dict())  # not the default: another model
     now = config().to_dict()
@@ -339,6 +374,8 @@ GEMMA_ONLY = {
     "mlp": dict(mlp="geglu"),
     "embed_scale": dict(embed_scale=8.0),
     "attn_scale": dict(attn_scale=0.3),
+    "attn_softcap": dict(attn_softcap=50.0),
+    "logit_softcap": dict(logit_softcap=30.0),
 }
 
 
@@ -352,7 +389,7 @@ def test_llama_and_phi3_exports_refuse_gemma_features(feature):
             export(cfg, torch.float32)
 
 
-@pytest.mark.parametrize("feature", ["post_norms", "embed_scale", "attn_scale"])
+@pytest.mark.parametrize("feature", ["post_norms", "embed_scale", "attn_scale", "attn_softcap", "logit_softcap"])
 def test_gpt2_export_refuses_gemma_features(feature):
     from llmkern.model.hf import hf_gpt2_config
 

@@ -73,6 +73,12 @@ class GPTConfig:
     embed_scale: float | None = None
     # Attention's softmax scale (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim).
     attn_scale: float | None = None
+    # Gemma 2's soft caps, each x -> cap * tanh(x / cap): attn_softcap on attention's scaled scores before the mask
+    # (its attn_logit_softcapping, 50), logit_softcap on the LM head's logits, the loss's too (its
+    # final_logit_softcapping, 30); None: no cap. No attention kernel caps its scores: with attn_softcap, attention
+    # runs a plain-PyTorch path (llmkern.nn.CausalSelfAttention), and the loss its unfused path with logit_softcap.
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch
     backend: str | None = None  # passed to every llmkern.ops call; None: llmkern's default
     activation_checkpointing: bool = False  # recompute each block in the backward pass
@@ -120,7 +126,7 @@ class GPTConfig:
                              f"got {self.sliding_window}")
         self.layer_types = self._checked_layer_types()
         self._check_rope_local_theta()
-        for name in ("embed_scale", "attn_scale"):
+        for name in ("embed_scale", "attn_scale", "attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0 or None, got {getattr(self, name)}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -343,6 +349,8 @@ _LATER_FIELDS = {
     "post_norms": lambda values: False,
     "embed_scale": lambda values: None,
     "attn_scale": lambda values: None,
+    "attn_softcap": lambda values: None,
+    "logit_softcap": lambda values: None,
     "n_experts": lambda values: None,
     "experts_per_token": lambda values: 2,
     "expert_hidden": lambda values: None,

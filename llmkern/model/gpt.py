@@ -21,7 +21,7 @@ from .. import _backend
 from ..nn import CausalSelfAttention, GatedMLP, GeluMLP, LayerNorm, RMSNorm, RotaryCache
 from ..nn.moe import MoEMLP, RouterStats, load_balancing_loss
 from ..nn.rotary import check_positions
-from ..ops import fused_linear_cross_entropy
+from ..ops import fused_linear_cross_entropy, reference
 from ..ops._checks import FLOAT_DTYPES
 from ..ops.attention import int32_doc_ids
 from .config import GPTConfig
@@ -60,7 +60,7 @@ class Block(nn.Module):
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, qkv_bias=config.qkv_bias,
             dropout=config.dropout, backend=config.backend, layer_idx=layer_idx, head_dim=config.head_dim,
             qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_dim=config.rope_dim,
-            window=config.layer_window(layer_idx), scale=config.attn_scale,
+            window=config.layer_window(layer_idx), scale=config.attn_scale, softcap=config.attn_softcap,
         )
         self.post_attn_norm = _make_norm(config) if config.post_norms else None
         self.norm2 = _make_norm(config)
@@ -194,7 +194,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def _logits_and_loss(self, hidden: torch.Tensor, targets: torch.Tensor | None):
-        """(logits, cross-entropy loss or None) of the final hidden states; see forward."""
+        """(logits, cross-entropy loss or None) of the final hidden states; see forward. With config.logit_softcap
+        both are of the capped logits (as transformers' Gemma 2 computes its loss)."""
         vocab, padded = self.config.vocab_size, self.config.padded_vocab_size
         loss_backend = None if targets is None else self._fused_loss_backend(hidden.device, hidden.dtype)
         if loss_backend is not None:
@@ -206,6 +207,8 @@ class GPT(nn.Module):
             )
             return None, loss
         logits = self.lm_head(hidden)  # (B, T, padded_vocab_size)
+        if self.config.logit_softcap is not None:
+            logits = reference.soft_cap(logits, self.config.logit_softcap)
         if targets is None:
             return logits[..., :vocab], None
         if padded > vocab:
@@ -217,9 +220,9 @@ class GPT(nn.Module):
 
     def _fused_loss_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """The kernel backend ("cuda" or "triton") of the fused LM head + cross-entropy of hidden states
-        of `dtype` on `device`, or None for the plain loss (fused_loss off, the torch backend, or no
-        kernels that run here)."""
-        if not self.config.fused_loss:
+        of `dtype` on `device`, or None for the plain loss (fused_loss off, the torch backend, no
+        kernels that run here, or config.logit_softcap: the fused op does not cap its logits)."""
+        if not self.config.fused_loss or self.config.logit_softcap is not None:
             return None
         backend = self.config.backend or _backend.get_backend()
         if backend == "auto":
@@ -316,9 +319,13 @@ class GPT(nn.Module):
         return embeddings * scale
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the real vocabulary (the padding rows of the output layer are cut off)."""
-        logits = self.lm_head(hidden)
-        return logits[..., : self.config.vocab_size]
+        """Logits over the real vocabulary (the padding rows of the output layer are cut off), soft-capped with
+        config.logit_softcap, as forward's are (so generation, evaluation and log-probabilities see the capped
+        ones)."""
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+        if self.config.logit_softcap is not None:
+            logits = reference.soft_cap(logits, self.config.logit_softcap)
+        return logits
 
     # --- accounting -----------------------------------------------------------------------------
 

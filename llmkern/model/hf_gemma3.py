@@ -1,5 +1,5 @@
-"""Hugging Face Gemma 3 text weights in and out, by name mapping (no download, no transformers import). The
-config.json is read and written by hf_gemma3_config.
+"""Hugging Face Gemma 3 text weights and Gemma 2 weights in and out, by name mapping (no download, no transformers
+import). The config.json is read and written by hf_gemma3_config.
 
 Gemma3ForCausalLM's names are Llama's (q/k/v stacked by rows into our qkv, gate/up into our gate_up, nothing
 transposed) with Qwen3's q_norm and k_norm and four norms per layer: input_layernorm (our norm1),
@@ -12,6 +12,9 @@ The multimodal checkpoint (Gemma3ForConditionalGeneration: Gemma 3 4B, 12B, 27B)
 "language_model.model." and its head under "language_model.lm_head." in the files written before transformers
 4.52, under "model.language_model." and "lm_head." in later ones; both are read, and the vision tower and the
 multimodal projector are left out.
+
+Gemma2ForCausalLM's names are Gemma3ForCausalLM's without q_norm and k_norm (Gemma 2 has no QK-norm); its norms
+scale by (1 + w) too.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import torch
 from .gpt import GPT
 from .hf_common import load_model_file
 from .hf_gemma3_config import (
+    check_gemma2_shaped,
     check_gemma3_shaped,
+    config_from_hf_gemma2,
     config_from_hf_gemma3,
+    hf_gemma2_config,
     hf_gemma3_config,
 )
 from .hf_llama import layer_mapping, load_mapped_weights, mapped_weights_out
@@ -40,6 +46,9 @@ _GEMMA3_BLOCK_NAMES = {
     "mlp.proj.weight": ("mlp.down_proj.weight",),
     "post_mlp_norm.weight": ("post_feedforward_layernorm.weight",),
 }
+# Gemma 2's: Gemma 3's without QK-norm
+_GEMMA2_BLOCK_NAMES = {ours: theirs for ours, theirs in _GEMMA3_BLOCK_NAMES.items()
+                       if ours not in ("attn.q_norm.weight", "attn.k_norm.weight")}
 # The multimodal checkpoint's text model and head, older and newer names -> Gemma3ForCausalLM's
 _TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                   "language_model.lm_head.": "lm_head."}
@@ -79,6 +88,38 @@ def to_hf_gemma3(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     state_dict() has it; safetensors' save_file wants it left out)."""
     hf_config = hf_gemma3_config(model.config, model.wte.weight.dtype)  # first: checks the model's shape
     return mapped_weights_out(model, layer_mapping(model.config, _GEMMA3_BLOCK_NAMES), _norm_out), hf_config
+
+
+def from_hf_gemma2(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
+    """A GPT holding the weights of a HF Gemma 2 model's state dict (Gemma2ForCausalLM's), shaped by hf_config (its
+    config.json, as a dict)."""
+    model = GPT(config_from_hf_gemma2(hf_config, **overrides))
+    load_hf_gemma2(model, state_dict)
+    return model
+
+
+def load_hf_gemma2_file(path: str, **overrides) -> GPT:
+    """from_hf_gemma2 of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint) and the
+    config.json beside it."""
+    return load_model_file(path, "Gemma 2", config_from_hf_gemma2, load_hf_gemma2, **overrides)
+
+
+@torch.no_grad()
+def load_hf_gemma2(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a HF Gemma 2 state dict into `model` (a Gemma-2-shaped GPT of its sizes); every weight must be there,
+    and nothing else."""
+    check_gemma2_shaped(model.config)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    load_mapped_weights(model, state_dict, layer_mapping(model.config, _GEMMA2_BLOCK_NAMES), "Gemma 2", _norm_in)
+
+
+@torch.no_grad()
+def to_hf_gemma2(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the HF Gemma2ForCausalLM state dict, its config.json as a dict: see hf_gemma2_config) of a Gemma-2-shaped
+    GPT: the vocabulary padding dropped; a tied lm_head.weight is the embed_tokens tensor itself."""
+    hf_config = hf_gemma2_config(model.config, model.wte.weight.dtype)  # first: checks the model's shape
+    return mapped_weights_out(model, layer_mapping(model.config, _GEMMA2_BLOCK_NAMES), _norm_out), hf_config
 
 
 def _text_part(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -250,10 +250,12 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _check_gpt2_shaped(config: GPTConfig) -> None:
     # GPT-2's config.json has no key for a sliding window, QK-norm, heads of another width nor Gemma's features
-    # (post norms, an embedding or attention scale) nor experts: dropped silently, they would give another model
+    # (post norms, an embedding or attention scale, soft caps) nor experts: dropped silently, they would give
+    # another model
     wanted = dict(norm="layernorm", pos="learned", mlp="gelu", tie_embeddings=True, bias=True, qkv_bias=True,
                   qk_norm=False, sliding_window=None, head_dim=config.n_embd // config.n_head, layer_types=None,
-                  post_norms=False, embed_scale=None, attn_scale=None, n_experts=None)
+                  post_norms=False, embed_scale=None, attn_scale=None, attn_softcap=None,
+                  logit_softcap=None, n_experts=None)
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong or config.n_kv_head != config.n_head:
         raise ValueError(f"GPT-2 weights need a GPT-2-shaped model ({wanted}, n_kv_head == n_head); this one has {wrong}")

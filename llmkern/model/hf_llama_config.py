@@ -554,9 +554,10 @@ def hf_phi3_config(config: GPTConfig, dtype: torch.dtype) -> dict:
 
 
 def gemma_features(config: GPTConfig, layer_types: bool = True) -> dict:
-    """The Gemma 3 model features a GPTConfig has, {field: value} (none: {}); layer_types among them unless told
+    """The Gemma 2/3 model features a GPTConfig has, {field: value} (none: {}); layer_types among them unless told
     not to (Qwen's sliding layers are named by it too)."""
-    defaults = {"rope_local_theta": None, "post_norms": False, "embed_scale": None, "attn_scale": None}
+    defaults = {"rope_local_theta": None, "post_norms": False, "embed_scale": None, "attn_scale": None,
+                "attn_softcap": None, "logit_softcap": None}
     if layer_types:
         defaults["layer_types"] = None
     features = {k: getattr(config, k) for k, v in defaults.items() if getattr(config, k) != v}
@@ -566,11 +567,11 @@ def gemma_features(config: GPTConfig, layer_types: bool = True) -> dict:
 
 
 def _refuse_gemma_features(config: GPTConfig) -> None:
-    """Llama's and Phi-3's config.json have no key for Gemma 3's model features: dropped silently, they would give
-    another model."""
+    """Llama's and Phi-3's config.json have no key for Gemma 2's and 3's model features: dropped silently, they
+    would give another model."""
     features = gemma_features(config)
     if features:
-        raise ValueError(f"Llama's and Phi-3's config.json cannot express {features} (Gemma 3's model features): "
+        raise ValueError(f"Llama's and Phi-3's config.json cannot express {features} (Gemma's model features): "
                          f"transformers would read another model")
 
 

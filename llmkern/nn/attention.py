@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import reference
 from ..ops.attention import attention
 from ..ops.rope import rope
 from ._dispatch import module_backend, op_backend
@@ -40,6 +41,7 @@ class CausalSelfAttention(nn.Module):
         rope_dim: int | None = None,
         window: int | None = None,
         scale: float | None = None,
+        softcap: float | None = None,
     ):
         """bias: a bias on the output projection, and on the q/k/v one unless qkv_bias (None: as bias) says
         otherwise: Qwen2 has biases on q/k/v and none on the output.
@@ -51,7 +53,11 @@ class CausalSelfAttention(nn.Module):
         96 of 128); None: on all of head_dim. The rotary tables passed to forward are then rope_dim / 2 wide.
         window: sliding-window attention: each query sees only the last `window` keys up to its own (itself
         included; Mistral's sliding_window); None: all of them.
-        scale: the softmax scale of q . k (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim)."""
+        scale: the softmax scale of q . k (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim).
+        softcap: Gemma 2's soft cap of the scaled scores, s -> softcap * tanh(s / softcap) before the masks; None:
+        none. No attention kernel takes it (kernels with a soft cap are a follow-up): with one, training and
+        generation run llmkern.ops.reference.attention, plain PyTorch that holds the (B, H, T, Tk) fp32 scores, O(T^2)
+        memory where the kernels' is O(T)."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             _check_count(name, value)
@@ -66,8 +72,10 @@ class CausalSelfAttention(nn.Module):
         check_rope_dim(rope_dim, head_dim)
         _check_window(window)
         _check_scale(scale)
+        _check_scale(softcap, "softcap")
         self.window = window
         self.scale = None if scale is None else float(scale)
+        self.softcap = None if softcap is None else float(softcap)
         self.rope_dim = None if rope_dim == head_dim else rope_dim  # None: the whole head, one rope call
         self.backend = module_backend(backend)
         self.layer_idx = layer_idx  # which layer of a KV cache is ours
@@ -111,8 +119,7 @@ class CausalSelfAttention(nn.Module):
             qk = self._rotate(qk, rotary)
         q, k = qk.split([h, hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is None and attn_mask is None:
-            backend = op_backend("attention", self.backend, x.device)
-            y = attention(q, k, v, causal=True, scale=self.scale, backend=backend, doc_ids=doc_ids, window=self.window)
+            y = self._causal_attention(q, k, v, doc_ids)
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids is for training on packed rows; generation masks with attn_mask")
@@ -136,12 +143,31 @@ class CausalSelfAttention(nn.Module):
                     distance = _column_distance(t, total, key_columns, x.device)
                     attn_mask = distance >= 0
             attn_mask = self._within_window(attn_mask, t, total, key_columns, x.device)
-            # Generation: a few queries against a cache, with a per-row mask for left-padded
-            # prompts. The fused training kernel takes neither a mask nor a ragged cache, and a
-            # decode step is a small memory-bound read of the cache, so PyTorch's SDPA does it.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=h != hkv)
+            y = self._masked_attention(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H * D): a view of the kernels' (B, T, H, D) output
         return self.resid_dropout(self.proj(y))
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """Training's attention (and a whole sequence's without a cache): the kernels, or with a soft cap the
+        plain-PyTorch reference, which alone computes one."""
+        if self.softcap is not None:
+            return reference.attention(q, k, v, causal=True, scale=self.scale, doc_ids=doc_ids, window=self.window,
+                                       softcap=self.softcap)
+        backend = op_backend("attention", self.backend, q.device)
+        return attention(q, k, v, causal=True, scale=self.scale, backend=backend, doc_ids=doc_ids, window=self.window)
+
+    def _masked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Generation's attention: a few queries against a cache, with a per-row mask for left-padded prompts (None:
+        every key). The fused training kernel takes neither a mask nor a ragged cache, and a decode step is a small
+        memory-bound read of the cache, so PyTorch's SDPA does it; with a soft cap, which SDPA has not, the
+        reference."""
+        if self.softcap is not None:
+            return reference.attention(q, k, v, causal=False, scale=self.scale, softcap=self.softcap,
+                                       attn_mask=attn_mask)
+        gqa = self.n_head != self.n_kv_head
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=gqa)
 
     def _within_window(self, attn_mask: torch.Tensor | None, t: int, total: int, key_columns: torch.Tensor | None,
                        device: torch.device) -> torch.Tensor | None:
@@ -201,13 +227,13 @@ def _check_window(window: object) -> None:
         raise ValueError(f"window must be >= 1 (None for no window), got {window}")
 
 
-def _check_scale(scale: object) -> None:
+def _check_scale(scale: object, name: str = "scale") -> None:
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
-    if not 0 < scale < math.inf:  # an inf scale gives NaN weights, a zero one uniform ones
-        raise ValueError(f"scale must be a finite number > 0 or None, got {scale}")
+        raise TypeError(f"{name} must be a number or None, got {type(scale).__name__}")
+    if not 0 < scale < math.inf:  # an inf scale gives NaN weights, a zero one uniform ones; a zero cap divides by 0
+        raise ValueError(f"{name} must be a finite number > 0 or None, got {scale}")
 
 
 def _check_count(name: str, value: object) -> None:

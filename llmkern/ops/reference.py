@@ -62,15 +62,21 @@ def attention(
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
+    attn_mask: torch.Tensor | None = None,
 ):
     """Softmax attention in fp32, layout (B, H, S, D); k and v may have fewer heads (GQA).
 
     Query i sits at position p = i + Sk - Sq (aligned to the bottom right). With causal, it sees key
     j only when j <= p; with a window (needs causal) also only when p - j < window, the last `window`
     keys up to its own. doc_ids (B, S), when given, masks packed documents too: query i sees key j
-    only when doc_ids[b, i] == doc_ids[b, j].
-    A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows) gets o = 0 and
-    zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
+    only when doc_ids[b, i] == doc_ids[b, j]. attn_mask, when given, a boolean mask broadcastable to
+    (B, H, Sq, Sk), True where a query sees a key (generation's mask), masks them too.
+    softcap: Gemma 2's soft cap of the scaled scores, s -> softcap * tanh(s / softcap), before the masks
+    (attn_logit_softcapping); None: none. No kernel takes it: this is its path (CausalSelfAttention's), with
+    the (B, H, Sq, Sk) scores in memory.
+    A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows; a row of attn_mask all
+    False) gets o = 0 and zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
     """
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be an int >= 1 or None; got {window!r}")
@@ -86,6 +92,8 @@ def attention(
     # kernels, and this definition, compute in fp32 whatever autocast says.
     with torch.autocast(q.device.type, enabled=False):
         scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
+        if softcap is not None:
+            scores = soft_cap(scores, softcap)
         sq, sk = q.size(2), k.size(2)
         empty = None  # (Sq, 1) the queries that see no key: only causal with Sq > Sk has them
         if causal:
@@ -101,10 +109,21 @@ def attention(
         if doc_ids is not None:  # a query always sees itself in its document: no row goes empty
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, Sq, Sk)
             scores = scores.masked_fill(~same_doc[:, None], float("-inf"))
+        if attn_mask is not None:  # a row it leaves empty is another empty query
+            unseen = ~attn_mask.any(dim=-1, keepdim=True)
+            scores = scores.masked_fill(~(attn_mask | unseen), float("-inf"))
+            empty = unseen if empty is None else empty | unseen
         probs = scores.softmax(dim=-1)
         if empty is not None:
             probs = probs.masked_fill(empty, 0.0)
         return (probs @ v.to(ct)).to(q.dtype)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping of attention scores and of logits: about x where |x| << cap,
+    never past +-cap) in fp32 (float64 for float64 inputs), returned in x's dtype."""
+    ct = _compute_dtype(x.dtype)
+    return (torch.tanh(x.to(ct) / cap) * cap).to(x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
