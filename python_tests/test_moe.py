@@ -56,15 +56,30 @@ def reference_moe(moe: MoEMLP, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).view_as(x)
 
 
-def reference_aux_loss(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
-    """transformers' load_balancing_loss_func without a mask: the layers' router logits concatenated, then
-    E * sum over (slot, expert) of the share of tokens whose slot went to that expert times its mean probability."""
-    logits = torch.cat(router_logits, dim=0)
+def reference_aux_loss(router_logits: list[torch.Tensor], k: int, attention_mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """transformers' load_balancing_loss_func in float64: the layers' router logits concatenated, then
+    E * sum over (slot, expert) of the share of tokens whose slot went to that expert times its mean probability,
+    both averages weighted by the attention_mask (B, T) (1 = a real token) repeated for every layer when given."""
+    logits = torch.cat(router_logits, dim=0).double()  # (L * B * T, E)
     n_experts = logits.size(-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    selected = probs.topk(k, dim=-1).indices
-    tokens_per_expert = F.one_hot(selected, n_experts).float().mean(dim=0)  # (k, E)
-    return n_experts * (tokens_per_expert * probs.mean(dim=0).unsqueeze(0)).sum()
+    probs = torch.softmax(logits, dim=-1)
+    one_hot = F.one_hot(probs.topk(k, dim=-1).indices, n_experts).double()  # (L * B * T, k, E)
+    if attention_mask is None:
+        tokens_per_expert, prob_per_expert = one_hot.mean(dim=0), probs.mean(dim=0)
+    else:
+        layers = logits.size(0) // attention_mask.numel()
+        mask = attention_mask.double().reshape(1, -1).expand(layers, -1).reshape(-1)  # (L * B * T,)
+        slot_mask = mask[:, None, None].expand_as(one_hot)
+        tokens_per_expert = (one_hot * slot_mask).sum(dim=0) / slot_mask.sum(dim=0)  # (k, E)
+        prob_mask = mask[:, None].expand_as(probs)
+        prob_per_expert = (probs * prob_mask).sum(dim=0) / prob_mask.sum(dim=0)  # (E,)
+    return n_experts * (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum()
+
+
+def right_padding_mask(lengths: list[int], t: int) -> torch.Tensor:
+    """(B, T) bool: True at each row's first lengths[b] tokens."""
+    return torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
 
 
 def capture_router_logits(model: GPT) -> list[torch.Tensor]:
@@ -94,7 +109,10 @@ def test_moe_mlp_matches_the_per_token_reference(k, norm_topk_prob):
     scale = max(e.abs().max().item() for e in expected_grads)
     for name, g, e in zip(["x", *dict(moe.named_parameters())], grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * scale, msg=name)
-    assert stats.slot_share.sum().item() == pytest.approx(k)
+    # the routing per token: k distinct experts each, and probabilities that sum to 1
+    assert stats.experts.shape == (21, k) and stats.probs.shape == (21, 5)
+    assert all(len(set(row)) == k for row in stats.experts.tolist())
+    torch.testing.assert_close(stats.probs.sum(dim=-1), torch.ones(21))
 
 
 def test_each_expert_is_the_gated_mlp_of_its_slices():
@@ -119,7 +137,7 @@ def test_an_expert_without_tokens_gets_a_zero_gradient_not_none():
         moe.router.weight[3] = -1.0
     x = torch.rand(9, 16) + 0.1
     out, stats = moe(x)
-    assert stats.slot_share[3] == 0
+    assert not (stats.experts == 3).any()
     out.sum().backward()
     for name, p in moe.named_parameters():
         assert p.grad is not None, name
@@ -154,7 +172,113 @@ def test_aux_loss_is_transformers_formula_over_all_moe_layers(k, moe_layers):
     model.train()
     model(idx, idx)
     assert len(captured) == (3 if moe_layers is None else len(moe_layers))
-    torch.testing.assert_close(model.aux_loss, reference_aux_loss(captured, k), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.aux_loss.double(), reference_aux_loss(captured, k), rtol=1e-5, atol=1e-6)
+
+
+def uneven_moe(k: int = 2, moe_layers=None, **overrides) -> GPT:
+    """A 3-layer MoE GPT whose routers send the tokens far from evenly."""
+    model = GPT(moe_config(n_layer=3, experts_per_token=k, moe_layers=moe_layers, **overrides))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MoEMLP):
+                module.router.weight.normal_(0.0, 0.5)
+    return model.train()
+
+
+@pytest.mark.parametrize("k,moe_layers", [(2, None), (1, [0, 2]), (3, [1])])
+def test_the_masked_aux_loss_is_transformers_formula_with_its_attention_mask(k, moe_layers):
+    """Over the real tokens only, in every layer: both averages weighted by the mask, as transformers' are."""
+    torch.manual_seed(10 + k)
+    model = uneven_moe(k, moe_layers)
+    captured = capture_router_logits(model)
+    idx = torch.randint(0, VOCAB, (4, 9))
+    mask = right_padding_mask([9, 3, 6, 1], 9)
+    _, hidden_aux = model.hidden_states_with_aux_loss(idx, mask)
+    expected = reference_aux_loss(captured, k, mask)
+    torch.testing.assert_close(hidden_aux.double(), expected, rtol=1e-5, atol=1e-6)
+    # the whole batch's loss is another number: the padding would have counted
+    assert not torch.allclose(hidden_aux.double(), reference_aux_loss(captured, k), rtol=1e-3)
+    captured.clear()
+    model(idx, idx, token_mask=mask)  # forward keeps the same
+    torch.testing.assert_close(model.aux_loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_without_padding_gives_the_unmasked_loss():
+    torch.manual_seed(3)
+    model = uneven_moe()
+    captured = capture_router_logits(model)
+    idx = torch.randint(0, VOCAB, (3, 7))
+    _, unmasked = model.hidden_states_with_aux_loss(idx)
+    _, masked = model.hidden_states_with_aux_loss(idx, torch.ones(3, 7, dtype=torch.bool))
+    torch.testing.assert_close(masked, unmasked, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(unmasked.double(), reference_aux_loss(captured[:3], 2), rtol=1e-5, atol=1e-6)
+
+
+def test_the_padding_tokens_do_not_change_the_masked_aux_loss():
+    """Right padding: the real tokens never attend to it, so their routing, and the masked loss, stay put."""
+    torch.manual_seed(4)
+    model = uneven_moe()
+    idx = torch.randint(0, VOCAB, (3, 8))
+    mask = right_padding_mask([8, 2, 5], 8)
+    other = torch.where(mask, idx, torch.randint(0, VOCAB, idx.shape))  # other padding tokens
+    assert not torch.equal(other, idx)
+    aux = model.hidden_states_with_aux_loss(idx, mask)[1]
+    torch.testing.assert_close(model.hidden_states_with_aux_loss(other, mask)[1], aux, rtol=0, atol=0)
+    assert not torch.allclose(model.hidden_states_with_aux_loss(other)[1], model.hidden_states_with_aux_loss(idx)[1])
+
+
+def test_forward_adds_the_masked_aux_loss_and_its_gradient_reaches_the_routers():
+    torch.manual_seed(5)
+    model = uneven_moe(router_aux_loss_coef=0.5)
+    idx = torch.randint(0, VOCAB, (3, 6))
+    mask = right_padding_mask([6, 4, 2], 6)
+    targets = torch.where(mask, torch.randint(0, VOCAB, idx.shape), -1)
+    _, loss = model(idx, targets, token_mask=mask)
+    hidden, aux = model.hidden_states_with_aux_loss(idx, mask)
+    cross_entropy = F.cross_entropy(model.head(hidden).reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, cross_entropy + 0.5 * aux)
+    routers = [m.router.weight for m in model.modules() if isinstance(m, MoEMLP)]
+    grads = torch.autograd.grad(aux, routers)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_hidden_states_with_aux_loss_gives_none_in_eval_mode_and_for_a_dense_model():
+    torch.manual_seed(6)
+    idx = torch.randint(0, VOCAB, (2, 5))
+    model = uneven_moe().eval()
+    hidden, aux = model.hidden_states_with_aux_loss(idx)
+    assert aux is None
+    torch.testing.assert_close(hidden, model.hidden_states(idx))
+    dense = GPT(moe_config(n_experts=0, expert_hidden=None, experts_per_token=2)).train()
+    assert dense.hidden_states_with_aux_loss(idx)[1] is None and dense.aux_loss is None
+
+
+def test_an_all_padding_mask_gives_zero_not_nan():
+    model = uneven_moe()
+    aux = model.hidden_states_with_aux_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool))[1]
+    assert aux.item() == 0.0
+
+
+@pytest.mark.parametrize("token_mask,error,match", [
+    (torch.ones(2, 5, dtype=torch.long), TypeError, "token_mask must be a bool tensor"),
+    ([[True] * 5] * 2, TypeError, "token_mask must be a bool tensor"),
+    (torch.ones(2, 4, dtype=torch.bool), ValueError, r"token_mask must have idx's shape \(2, 5\)"),
+])
+def test_a_bad_token_mask_is_refused_naming_it(token_mask, error, match):
+    model = uneven_moe()
+    idx = torch.randint(0, VOCAB, (2, 5))
+    with pytest.raises(error, match=match):
+        model(idx, idx, token_mask=token_mask)
+    with pytest.raises(error, match=match):
+        model.hidden_states_with_aux_loss(idx, token_mask)
+
+
+def test_load_balancing_loss_refuses_a_mask_of_other_tokens():
+    stats = [MoEMLP(8, 4, 3, 1)(torch.randn(2, 5, 8))[1]]
+    with pytest.raises(ValueError, match=r"one flag per routed token \(10\)"):
+        load_balancing_loss(stats, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool tensor"):
+        load_balancing_loss(stats, torch.ones(2, 5))
 
 
 def test_aux_loss_is_added_in_training_mode_only():

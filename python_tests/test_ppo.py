@@ -574,6 +574,10 @@ class _Lookup(nn.Module):
     def forward(self, ids, targets):
         return self.w[ids], self.w[targets.clamp(min=0)]
 
+    def outputs_with_aux_loss(self, ids, targets, token_mask=None):
+        """PolicyWithValue's training pass: forward's outputs, and no load-balancing loss (no experts)."""
+        return (*self(ids, targets), None)
+
 
 class _GradientRecorder:
     """An optimizer that keeps the gradient each step would apply."""

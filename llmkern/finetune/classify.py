@@ -31,6 +31,7 @@ from ..data.sequences import encode_prompt
 from ..model import GPT, GPTConfig
 from ..train import checkpoint as ckpt
 from ..train.inference import resolve_device
+from .aux_loss import with_aux_loss
 from .base import effective_max_len, load_base, save_finetuned
 from .config import FinetuneConfig
 from .data import pad_batch, read_examples, split_examples
@@ -172,10 +173,14 @@ def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str
 
 
 def classification_loss(model: GPTClassifier, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    logits = model(batch["idx"], batch["lengths"]).float()  # (B, K)
-    loss = F.cross_entropy(logits, batch["labels"])
+    """The cross-entropy of a collate_rows batch and its accuracy; a mixture-of-experts body in training mode adds
+    its load-balancing loss (finetune.aux_loss: transformers' sequence classifiers leave it out, a fine-tuning
+    here does not, so that the routers stay balanced under any recipe)."""
+    logits, aux = model.head_outputs_with_aux_loss(batch["idx"], batch["lengths"])
+    logits = logits.float()  # (B, K)
+    loss, aux_metrics = with_aux_loss(F.cross_entropy(logits, batch["labels"]), aux, model.body.config)
     accuracy = (logits.argmax(dim=-1) == batch["labels"]).float().mean()
-    return loss, {"accuracy": accuracy.detach()}
+    return loss, {"accuracy": accuracy.detach(), **aux_metrics}
 
 
 @torch.no_grad()

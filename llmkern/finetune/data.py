@@ -146,13 +146,17 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, length: int | None 
 
 
 def make_lm_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A next-token batch of (tokens, labels) pairs: {"idx": (B, T-1) inputs, "targets": (B, T-1)}, where
-    targets[t] is the label of token t+1 (IGNORE on the prompt and on the padding)."""
+    """A next-token batch of (tokens, labels) pairs: {"idx": (B, T-1) inputs, "targets": (B, T-1),
+    "token_mask": (B, T-1) bool}, where targets[t] is the label of token t+1 (IGNORE on the prompt and on the
+    padding) and token_mask is True where idx holds a real token, not padding (for a mixture-of-experts model's
+    load-balancing loss, which the targets cannot tell: the prompt's are IGNORE too)."""
     tokens = pad_batch([t for t, _ in examples], pad_id)
     labels = pad_batch([lab for _, lab in examples], IGNORE, tokens.size(1))
     if tokens.size(1) < 2:
         raise ValueError("every batch needs a row of at least 2 tokens")
-    return {"idx": tokens[:, :-1], "targets": labels[:, 1:]}
+    lengths = torch.tensor([len(t) for t, _ in examples])
+    token_mask = torch.arange(tokens.size(1) - 1) < lengths.unsqueeze(-1)
+    return {"idx": tokens[:, :-1], "targets": labels[:, 1:], "token_mask": token_mask}
 
 
 def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int
@@ -185,7 +189,8 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_l
 
 def make_packed_batch(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
                       pad_id: int) -> dict[str, torch.Tensor]:
-    """make_lm_batch of packed rows, plus "doc_ids" (B, T-1); the padding is a document of its own."""
+    """make_lm_batch of packed rows, plus "doc_ids" (B, T-1); the padding is a document of its own (and False in
+    token_mask)."""
     batch = make_lm_batch([(t, lab) for t, lab, _ in rows], pad_id)
     length = batch["idx"].size(1)
     doc_ids = torch.stack([

@@ -132,11 +132,33 @@ def collate_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torc
 
 def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) summed response log-probs of the chosen and of the rejected rows of a collate_pairs batch."""
-    from ..eval.logprobs import sequence_logprobs
+    chosen, rejected, _ = chosen_rejected_logps_and_aux_loss(model, batch)
+    return chosen, rejected
 
-    logps = sequence_logprobs(model, batch["idx"], batch["targets"]).float()  # (2B,)
+
+def chosen_rejected_logps_and_aux_loss(model, batch: dict[str, torch.Tensor]
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """chosen_rejected_logps, and the model's load-balancing loss over the real tokens of both halves (None for
+    a dense model or in eval mode, as the frozen reference runs; see finetune.aux_loss)."""
+    from ..eval.logprobs import logprobs_from_hidden
+
+    hidden, aux = model.hidden_states_with_aux_loss(batch["idx"], batch.get("token_mask"))  # (2B, T, C)
+    logps = logprobs_from_hidden(model, hidden, batch["targets"]).sum(dim=1).float()  # (2B,)
     half = logps.size(0) // 2
-    return logps[:half], logps[half:]
+    return logps[:half], logps[half:], aux
+
+
+def dpo_batch_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1, label_smoothing: float = 0.0
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy's DPO loss on a collate_pairs batch that carries the reference log-probs, and its pair_metrics;
+    a mixture-of-experts policy in training mode adds its load-balancing loss (finetune.aux_loss)."""
+    from .aux_loss import with_aux_loss
+
+    chosen, rejected, aux = chosen_rejected_logps_and_aux_loss(model, batch)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
+                                                      beta, label_smoothing)
+    loss, aux_metrics = with_aux_loss(loss, aux, model.config)
+    return loss, {**pair_metrics(chosen_rewards, rejected_rewards), **aux_metrics}
 
 
 @torch.no_grad()
@@ -225,10 +247,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     beta, smoothing = config.beta, config.label_smoothing
 
     def loss_fn(model, batch):
-        chosen, rejected = chosen_rejected_logps(model, batch)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen"],
-                                                          batch["ref_rejected"], beta, smoothing)
-        return loss, pair_metrics(chosen_rewards, rejected_rewards)
+        return dpo_batch_loss(model, batch, beta, smoothing)
 
     def collate(examples):
         return collate_pairs(examples, pad_id)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..model import GPT
+from .aux_loss import real_tokens
 
 HEAD_PREFIX = "head."
 
@@ -38,6 +39,13 @@ class LastTokenHead(nn.Module):
         positions; the padding cannot be told from real tokens (no pad id), so such input is not detected.
         Every llmkern caller right-pads (finetune.data.pad_batch: classify's collate_rows and classify_texts,
         the reward model's make_score_batch)."""
+        return self.head_outputs_with_aux_loss(ids, lengths)[0]
+
+    def head_outputs_with_aux_loss(self, ids: torch.Tensor, lengths: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(head_outputs, the body's load-balancing loss over the rows' real tokens, or None for a dense body or
+        in eval mode): the training forward pass. Its loss belongs in the head's training loss as in a language
+        model's, though transformers' *ForSequenceClassification leave it out: see finetune.aux_loss."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids must be a (B, T) tensor of token ids, got {got}")
@@ -47,10 +55,11 @@ class LastTokenHead(nn.Module):
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=ids.device)
         check_lengths(lengths, b, t)
-        hidden = self.body.hidden_states(ids)  # (B, T, C)
+        lengths = lengths.to(ids.device).long()
+        hidden, aux = self.body.hidden_states_with_aux_loss(ids, real_tokens(lengths, t))  # (B, T, C)
         rows = torch.arange(b, device=ids.device)
-        last = hidden[rows, lengths.to(ids.device).long() - 1]  # (B, C): each row's last real token
-        return self.head(last.to(self.head.weight.dtype))
+        last = hidden[rows, lengths - 1]  # (B, C): each row's last real token
+        return self.head(last.to(self.head.weight.dtype)), aux
 
     def state_for_saving(self) -> dict[str, torch.Tensor]:
         """The body's weights under the GPT's names and the head's under "head.*" (one flat state)."""

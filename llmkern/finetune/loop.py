@@ -23,9 +23,11 @@ recipes save and use a whole model as they do after one process).
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
 loss_fn(model, batch) -> (loss, {name: float or 0-d tensor}) is called on each micro-batch (the
-batch's tensors already on the model's device); evaluate(model) -> {name: float} runs before
-training, every config.eval_interval steps and at the end, in eval mode under no_grad and autocast;
-name its validation loss "val_loss", which loss.png draws beside the training loss.
+batch's tensors already on the model's device; for a mixture-of-experts model the recipes add its
+load-balancing loss to the loss and log it as "aux_loss", charted in aux_loss.png: see finetune.aux_loss);
+evaluate(model) -> {name: float} runs before training, every config.eval_interval steps and at the end, in
+eval mode under no_grad and autocast; name its validation loss "val_loss", which loss.png draws beside the
+training loss.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ from ..train.metrics import CollectiveMetricsLog, MetricsLog, plot_metrics, read
 from ..train.schedules import cosine_lr, warn_if_schedule_changed
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
+# The methods besides forward by which the recipes run a model they train (GPT's, LastTokenHead's,
+# RewardModel's): an FSDP2 root gathers its weights for these too (shard_copy).
+FORWARD_METHODS = ("hidden_states", "hidden_states_with_aux_loss", "head_outputs_with_aux_loss",
+                   "scores_with_aux_loss")
 TRAIN_STATE = "train_state"  # out_dir/train_state/checkpoints/step_N: what resume continues from
 
 
@@ -148,14 +154,16 @@ def shard_copy(model: nn.Module, info: distributed.DistInfo, device: torch.devic
     A copy, since FSDP2 turns a module's parameters into shards for good, and the recipes go on with a whole
     model after training (merging LoRA, saving, answering on rank 0 alone). Frozen parameters (LoRA's base)
     are sharded too, beside the trainable adapters in the same units: FSDP2 reduces only the gradients there
-    are. GPT.hidden_states (the log-probs of DPO and of evaluations) runs like forward: it gathers the root's
-    weights (embeddings, final norm, LM head), which stay gathered through GPT.head and until the backward."""
+    are. The recipes' other entry points (FORWARD_METHODS: GPT.hidden_states for the log-probs of DPO and of
+    evaluations, the *_with_aux_loss training passes) run like forward: they gather the root's weights
+    (embeddings, final norm, LM head, a head), which stay gathered through GPT.head and until the backward."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     model.to("cpu")  # frees the device for the shards: only the copy trains
     twin = distributed.wrap(copy.deepcopy(model).to(device), info, device, "fsdp")
-    if callable(getattr(twin, "hidden_states", None)):
-        register_fsdp_forward_method(twin, "hidden_states")
+    for name in FORWARD_METHODS:
+        if callable(getattr(twin, name, None)):
+            register_fsdp_forward_method(twin, name)
     return twin
 
 

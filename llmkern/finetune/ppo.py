@@ -235,12 +235,20 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(targets) (B, T), values (B, T)), both fp32; log-probs are 0 where targets is -1."""
+        logprobs, values, _ = self.outputs_with_aux_loss(ids, targets)
+        return logprobs, values
+
+    def outputs_with_aux_loss(self, ids: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """forward's (log-probs, values), and the policy's load-balancing loss over the real tokens (token_mask
+        (B, T) bool; None: all), None for a dense policy or in eval mode (see finetune.aux_loss)."""
         from ..eval.logprobs import logprobs_from_hidden
 
-        hidden = self.policy.hidden_states(ids)  # (B, T, C): one forward pass for both outputs
+        # (B, T, C): one forward pass for both outputs
+        hidden, aux = self.policy.hidden_states_with_aux_loss(ids, token_mask)
         logprobs = logprobs_from_hidden(self.policy, hidden, targets)  # (B, T)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
-        return logprobs.float(), values.float()
+        return logprobs.float(), values.float(), aux
 
 
 # --- rollouts -------------------------------------------------------------------------------------------
@@ -259,6 +267,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) the reward model's
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None  # bool: where ids holds a real token, not padding (None: everywhere)
 
 
 def rollout_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int
@@ -302,7 +311,9 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask
     last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
     rewards[torch.arange(len(prompts), device=device), last] += scores
-    return Rollout(ids, targets, mask, logprobs * mask, ref_logprobs * mask, values * mask, rewards, scores)
+    token_mask = torch.arange(ids.size(1), device=device) <= last.unsqueeze(-1)  # a row's ids end at `last`
+    return Rollout(ids, targets, mask, logprobs * mask, ref_logprobs * mask, values * mask, rewards, scores,
+                   token_mask=token_mask)
 
 
 def sample_responses(policy: nn.Module, prompts: list[list[int]], config: PPOConfig, eot: int, seed: int
@@ -320,16 +331,19 @@ def sample_responses(policy: nn.Module, prompts: list[list[int]], config: PPOCon
 def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOConfig, lr_at, step: int,
                autocast, info=None) -> tuple[int, dict[str, float]]:
     """ppo_epochs passes of minibatch updates over a scored rollout with advantages; returns the next
-    optimizer step and the means of the losses and the clip fraction. Under torchrun (`info`) every rank
+    optimizer step and the means of the losses ("loss" the objective: policy_loss + vf_coef * value_loss, plus
+    router_aux_loss_coef * aux_loss for a mixture-of-experts policy, see finetune.aux_loss) and the clip fraction.
+    Under torchrun (`info`) every rank
     must hold as many rows, so that all take the same number of steps; the gradients are averaged over
     the ranks before each one."""
     from ..train import distributed
+    from .aux_loss import with_aux_loss
     from .loop import average_gradients
 
     info = info or distributed.detect()
     trainable = [p for p in model.parameters() if p.requires_grad]
     rows = rollout.ids.size(0)
-    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+    totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
     count = pending = 0
     # Train mode, for activation checkpointing. The old log-probs were taken in eval mode, so any dropout
     # (the model's or LoRA's) makes the ratios noisy: PPO is best run with dropout 0.
@@ -341,13 +355,16 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
             # each step's gradient the mean of its minibatches': a short last group is not scaled down
             in_group = min(config.grad_accum, n_minibatches - index // config.grad_accum * config.grad_accum)
             mb = order[start : start + config.batch_size]
+            token_mask = None if rollout.token_mask is None else rollout.token_mask[mb]
             with autocast():
-                logprobs, values = model(rollout.ids[mb], rollout.targets[mb])
+                logprobs, values, aux = model.outputs_with_aux_loss(rollout.ids[mb], rollout.targets[mb], token_mask)
             mask = rollout.mask[mb]
             policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.logprobs[mb], rollout.advantages[mb],
                                                          mask, config.clip_range)
             value_loss = ppo_value_loss(values, rollout.values[mb], rollout.returns[mb], mask, config.value_clip)
-            loss = policy_loss + config.vf_coef * value_loss
+            loss, aux_metrics = policy_loss + config.vf_coef * value_loss, {}
+            if aux is not None:  # a mixture-of-experts policy's load balancing (finetune.aux_loss)
+                loss, aux_metrics = with_aux_loss(loss, aux, model.policy.config)
             (loss / in_group).backward()
             pending += 1
             last_minibatch = start + config.batch_size >= rows
@@ -358,9 +375,12 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
                 optimizer.step()  # skips itself on a non-finite gradient norm
                 optimizer.zero_grad(set_to_none=True)
                 step, pending = step + 1, 0
+            totals["loss"] += float(loss.detach())
             totals["policy_loss"] += float(policy_loss.detach())
             totals["value_loss"] += float(value_loss.detach())
             totals["clip_fraction"] += float(clip_fraction)
+            for name, value in aux_metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
             count += 1
     return step, {k: v / count for k, v in totals.items()}
 
@@ -393,8 +413,7 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
         "kl": float(kl_per_row.mean()),
         "non_score_reward": float((rollout.rewards.sum(dim=1) - rollout.scores).mean()),
         "response_length": new_tokens / len(responses),
-        "loss": losses["policy_loss"] + config.vf_coef * losses["value_loss"],
-        **losses,
+        **losses,  # "loss" first: the objective trained on (with a MoE policy's load balancing, finetune.aux_loss)
         "tokens_per_s": new_tokens / max(time.perf_counter() - started, 1e-9),
     }
     if info.is_distributed:  # every rank scored as many responses: the mean of the ranks' means is the whole mean

@@ -43,7 +43,14 @@ class RewardModel(LastTokenHead):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded, lengths (B,) real tokens per row (1..T) -> scores (B,) in fp32."""
-        return self.head_outputs(ids, lengths).squeeze(-1).float()
+        return self.scores_with_aux_loss(ids, lengths)[0]
+
+    def scores_with_aux_loss(self, ids: torch.Tensor, lengths: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(forward's scores, the body's load-balancing loss or None): the training forward pass (see
+        LastTokenHead.head_outputs_with_aux_loss)."""
+        outputs, aux = self.head_outputs_with_aux_loss(ids, lengths)
+        return outputs.squeeze(-1).float(), aux
 
 
 def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -163,13 +170,15 @@ def collate_score_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int
 
 def pair_loss_and_metrics(rm: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """The Bradley-Terry loss of a collate_score_pairs batch, its accuracy (chosen scored higher) and
-    mean margin."""
-    scores = rm(batch["ids"], batch["lengths"])  # (2B,)
+    mean margin; a mixture-of-experts body in training mode adds its load-balancing loss (finetune.aux_loss)."""
+    from .aux_loss import with_aux_loss
+
+    scores, aux = rm.scores_with_aux_loss(batch["ids"], batch["lengths"])  # (2B,)
     half = scores.size(0) // 2
     chosen, rejected = scores[:half], scores[half:]
-    loss = reward_loss(chosen, rejected)
+    loss, aux_metrics = with_aux_loss(reward_loss(chosen, rejected), aux, rm.body.config)
     return loss, {"accuracy": (chosen > rejected).float().mean().detach(),
-                  "margin": (chosen - rejected).mean().detach()}
+                  "margin": (chosen - rejected).mean().detach(), **aux_metrics}
 
 
 def run_reward(config: RewardConfig) -> dict[str, Any]:

@@ -77,11 +77,15 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, max_len: int, mas
     return encoded, dropped
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's own masked next-token loss (mean over the targets that are not -1); packed batches
-    carry doc_ids, which keep their examples apart."""
-    _, loss = model(batch["idx"], batch["targets"], batch.get("doc_ids"))
-    return loss, {}
+    carry doc_ids, which keep their examples apart. A mixture-of-experts model in training mode adds its
+    load-balancing loss over the batch's real tokens (token_mask: the padding's routing is not counted) times
+    its router_aux_loss_coef, and the metrics carry that loss as "aux_loss" (finetune.aux_loss)."""
+    _, loss = model(batch["idx"], batch["targets"], batch.get("doc_ids"), token_mask=batch.get("token_mask"))
+    if not model.training or model.aux_loss is None:  # eval mode leaves the last training pass's aux_loss there
+        return loss, {}
+    return loss, {"aux_loss": model.aux_loss}
 
 
 @torch.no_grad()

@@ -166,7 +166,8 @@ class GPT(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         loss is the mean next-token cross-entropy over the targets (B, T) that are not -1.
@@ -178,20 +179,46 @@ class GPT(nn.Module):
         In training mode (self.training) a model with MoE layers adds config.router_aux_loss_coef times their
         load-balancing loss (llmkern.nn.load_balancing_loss) to the loss, and keeps it, detached, in self.aux_loss;
         in eval mode the loss is the cross-entropy alone (validation loss and perplexity stay comparable).
+        token_mask (B, T) bool, True at the real tokens of a padded batch: the load-balancing loss averages over
+        those only (transformers' attention_mask does that to it). It changes nothing else: right padding needs
+        no attention mask (a real token never attends to the padding after it), and targets of -1 leave the
+        padding out of the cross-entropy. None: every token is real.
         """
-        _check_forward_args(idx, targets, doc_ids, self.config.block_size, self.config.vocab_size)
+        _check_forward_args(idx, targets, doc_ids, self.config.block_size, self.config.vocab_size, token_mask)
+        hidden, aux = self._hidden_states_and_aux_loss(idx, token_mask, doc_ids)  # (B, T, n_embd)
+        logits, loss = self._logits_and_loss(hidden, targets)
+        if aux is not None and loss is not None and self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * aux
+        return logits, loss
+
+    def hidden_states_with_aux_loss(
+        self, idx: torch.Tensor, token_mask: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the final-normed hidden states (B, T, n_embd) of idx (B, T), the load-balancing loss or None).
+
+        The training forward pass of a caller that makes its own loss from the hidden states (DPO's log-probs,
+        a classifier's or reward model's head, PPO's policy and values), as forward's is for the LM loss: the
+        load-balancing loss of the MoE layers over the real tokens (token_mask, see forward), kept detached in
+        self.aux_loss, in training mode; None in eval mode or without MoE layers. Unweighted: the caller adds
+        config.router_aux_loss_coef times it to its loss, as forward does. doc_ids as forward's.
+        """
+        _check_forward_args(idx, None, doc_ids, self.config.block_size, self.config.vocab_size, token_mask)
+        return self._hidden_states_and_aux_loss(idx, token_mask, doc_ids)
+
+    def _hidden_states_and_aux_loss(
+        self, idx: torch.Tensor, token_mask: torch.Tensor | None, doc_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states_with_aux_loss of checked arguments."""
         positions = None
         if doc_ids is not None:
             positions = positions_in_documents(doc_ids)
             doc_ids = int32_doc_ids(doc_ids)  # once here, not in each layer's attention
-        hidden, routing = self._hidden_states_and_routing(idx, positions, doc_ids=doc_ids)  # (B, T, n_embd)
-        logits, loss = self._logits_and_loss(hidden, targets)
-        if self.training and routing:
-            aux = load_balancing_loss(routing)
-            self.aux_loss = aux.detach()
-            if loss is not None and self.config.router_aux_loss_coef > 0:
-                loss = loss + self.config.router_aux_loss_coef * aux
-        return logits, loss
+        hidden, routing = self._hidden_states_and_routing(idx, positions, doc_ids=doc_ids)
+        if not (self.training and routing):
+            return hidden, None
+        aux = load_balancing_loss(routing, token_mask)
+        self.aux_loss = aux.detach()
+        return hidden, aux
 
     def _logits_and_loss(self, hidden: torch.Tensor, targets: torch.Tensor | None):
         """(logits, cross-entropy loss or None) of the final hidden states; see forward. With config.logit_softcap
@@ -260,7 +287,8 @@ class GPT(nn.Module):
         cache=None,
         doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
-        """hidden_states' hidden states, and the RouterStats of each MoE layer (in order; [] without any)."""
+        """hidden_states' hidden states, and the RouterStats of each MoE layer (in order; [] without any): those
+        of the (B, T) tokens of idx, flattened row by row."""
         t = idx.size(1)
         if positions is None and cache is not None:
             start = cache.length
@@ -409,7 +437,8 @@ def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, steps - run_start)
 
 
-def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int, vocab_size: int) -> None:
+def _check_forward_args(idx: object, targets: object, doc_ids: object, block_size: int, vocab_size: int,
+                        token_mask: object = None) -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
@@ -425,6 +454,12 @@ def _check_forward_args(idx: object, targets: object, doc_ids: object, block_siz
             raise TypeError(f"{name} must be an int64 (or int32) tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.shape != idx.shape:
             raise ValueError(f"{name} must have idx's shape {tuple(idx.shape)}; got {tuple(t.shape)}")
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask must be a bool tensor (True at real tokens), got "
+                            f"{getattr(token_mask, 'dtype', type(token_mask).__name__)}")
+        if token_mask.shape != idx.shape:
+            raise ValueError(f"token_mask must have idx's shape {tuple(idx.shape)}; got {tuple(token_mask.shape)}")
     # Ids in the padding of the vocabulary [vocab_size, padded_vocab_size) would give an answer (the
     # padding rows exist) to a wrong input. Checked on the host where that costs no GPU wait; on a GPU,
     # hidden_states makes such an id fail the embedding lookup, and the loss is NaN or inf.

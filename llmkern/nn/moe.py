@@ -2,8 +2,9 @@
 sums their outputs, weighted by its routing probabilities.
 
 Routing, as transformers computes it: a softmax over the experts in float32, the top k, optionally renormalized to
-sum to 1, the weights cast to the activations' dtype. The module also returns the routing statistics of its tokens
-(RouterStats), from which the model computes the load-balancing loss over all its MoE layers (load_balancing_loss).
+sum to 1, the weights cast to the activations' dtype. The module also returns the routing of each of its tokens
+(RouterStats), from which the model computes the load-balancing loss over all its MoE layers (load_balancing_loss),
+over every token or only the real ones of a padded batch (its token_mask).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from ._dispatch import module_backend, op_backend
 
 
 class RouterStats(NamedTuple):
-    """One MoE layer's routing of N tokens: what the load-balancing loss needs of it."""
+    """One MoE layer's routing of its N tokens (the layer input's (B, T) flattened row by row): what the
+    load-balancing loss needs of it. Per token rather than averaged, so that the loss can leave padding out
+    (load_balancing_loss's token_mask) without the mask passing through every block. Both tensors exist for
+    the forward pass anyway (the probabilities are kept for the softmax's backward)."""
 
-    slot_share: torch.Tensor  # (E,) of the N tokens, how many sent a top-k slot to each expert / N (sums to k)
-    mean_prob: torch.Tensor  # (E,) float32 router probability of each expert, averaged over the N tokens
+    experts: torch.Tensor  # (N, k) int64: the experts each token sent its top-k slots to
+    probs: torch.Tensor  # (N, E) float32: each token's router probabilities (differentiable)
 
 
 class MoEMLP(nn.Module):
@@ -65,8 +69,7 @@ class MoEMLP(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (E,) slots per expert
         out = self._run_experts(tokens, weights, experts, counts)
-        stats = RouterStats(counts.float() / tokens.size(0), probs.mean(dim=0))
-        return self.dropout(out).view_as(x), stats
+        return self.dropout(out).view_as(x), RouterStats(experts, probs)
 
     def _run_experts(
         self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor
@@ -98,15 +101,56 @@ class MoEMLP(nn.Module):
                 f"norm_topk_prob={self.norm_topk_prob}")
 
 
-def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+def load_balancing_loss(stats: list[RouterStats], token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer's load-balancing loss over the MoE layers of a forward pass, as transformers'
-    load_balancing_loss_func computes it from all layers' router logits concatenated (no attention mask):
+    load_balancing_loss_func computes it from all layers' router logits concatenated:
     E * sum_e (top-k slots sent to e per token) * (mean router probability of e), both averaged over the
     concatenation. Every layer routes the same tokens, so those averages are the averages of the layers' own:
-    one product of layer averages, not an average of per-layer losses. It is k (not 1) when the routing is even."""
+    one product of layer averages, not an average of per-layer losses. It is k (not 1) when the routing is even.
+
+    token_mask (B, T) bool, True at the real tokens of the (B, T) batch the layers routed (None: all of them):
+    both averages are taken over the real tokens only, as transformers' are with its attention_mask, so that
+    padding neither dilutes nor skews the balance. A mask with no real token gives 0 (nothing was routed).
+    """
     if not stats:
         raise ValueError("load_balancing_loss needs the RouterStats of at least one MoE layer")
-    slot_share = torch.stack([s.slot_share for s in stats]).mean(dim=0)
-    mean_prob = torch.stack([s.mean_prob for s in stats]).mean(dim=0)
+    if token_mask is None:
+        slot_share, mean_prob = zip(*(_unmasked_averages(s) for s in stats))
+    else:
+        weights = _token_weights(token_mask, stats[0].probs.size(0))
+        slot_share, mean_prob = zip(*(_masked_averages(s, weights) for s in stats))
+    slot_share = torch.stack(slot_share).mean(dim=0)
+    mean_prob = torch.stack(mean_prob).mean(dim=0)
     n_experts = mean_prob.numel()
     return n_experts * (slot_share * mean_prob).sum()
+
+
+def _unmasked_averages(stats: RouterStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E,) top-k slots per token sent to each expert (sums to k), and (E,) mean router probability, over all
+    of the layer's tokens."""
+    n_tokens, n_experts = stats.probs.shape
+    counts = torch.bincount(stats.experts.reshape(-1), minlength=n_experts)
+    return counts.float() / n_tokens, stats.probs.mean(dim=0)
+
+
+def _masked_averages(stats: RouterStats, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_unmasked_averages over the tokens of weight 1 (weights (N,) float32 of 0s and 1s)."""
+    n_experts = stats.probs.size(1)
+    k = stats.experts.size(1)
+    # Whole counts in float32 (exact to 2**24 tokens), whatever order a GPU's atomic adds take.
+    counts = torch.bincount(stats.experts.reshape(-1), weights=weights.repeat_interleave(k), minlength=n_experts)
+    # No real token: 0 / 1, not NaN (the sums are 0 then).
+    real = weights.sum().clamp_min(1.0)
+    # A weighted sum, not weights @ probs: autocast would run that matmul in bf16.
+    return counts / real, (stats.probs * weights.unsqueeze(-1)).sum(dim=0) / real
+
+
+def _token_weights(token_mask: object, n_tokens: int) -> torch.Tensor:
+    """token_mask (B, T) bool as (N,) float32 weights, checked against the layers' N routed tokens."""
+    if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+        raise TypeError(f"token_mask must be a bool tensor (True at real tokens), got "
+                        f"{getattr(token_mask, 'dtype', type(token_mask).__name__)}")
+    if token_mask.dim() != 2 or token_mask.numel() != n_tokens:
+        raise ValueError(f"token_mask must be (B, T), one flag per routed token ({n_tokens}); "
+                         f"got shape {tuple(token_mask.shape)}")
+    return token_mask.reshape(-1).float()
