@@ -261,6 +261,89 @@ def _add_train_parsers(sub) -> None:
     g.set_defaults(func=_cmd_generate)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .model.hf_save import save_hf_folder
+
+    try:
+        model, tokenizer, family = _export_model(args)
+        paths = save_hf_folder(model, args.out, family, args.dtype, args.max_shard_size, tokenizer.spec,
+                               force=args.force)
+    except (ValueError, TypeError, OSError) as err:  # OSError: a folder that is there, or a file that is not
+        print(f"llmkern export: error: {err}", file=sys.stderr)
+        return 2
+    _print_export(paths, tokenizer.spec)
+    return 0
+
+
+def _export_model(args: argparse.Namespace):
+    """(model on the CPU, tokenizer, family: --format's, the recorded Hugging Face source's, or None for the
+    model config's) of `llmkern export`'s run, after the checks that need no weights."""
+    import os
+
+    from .finetune.base import SCORING_METHODS
+    from .model.hf_save import (
+        check_out_dir,
+        checkpoint_meta,
+        family_of_source,
+        recorded_hf_source,
+    )
+    from .train.inference import load_trained_model
+
+    check_out_dir(args.out, args.force)  # before the (slow) loading
+    run = os.path.abspath(args.run)
+    out = os.path.abspath(args.out)
+    if os.path.commonpath([run, out]) == out:  # --force would delete the run it exports
+        raise ValueError(f"--out {args.out!r} holds the run {args.run!r}; write the model folder elsewhere")
+    meta = checkpoint_meta(args.run) or {}
+    method = meta.get("finetune", {}).get("method") if isinstance(meta.get("finetune"), dict) else None
+    if method in SCORING_METHODS:
+        raise ValueError(f"{args.run!r} is a {method!r} run: a GPT body under a scoring head, which no Hugging Face "
+                         f"causal-LM folder holds; export a pretraining or SFT/DPO/PPO run (a language model)")
+    model, tokenizer, state = load_trained_model(args.run, "cpu")
+    family = None if args.format == "auto" else args.format
+    return model, tokenizer, family or family_of_source(recorded_hf_source(state.meta))
+
+
+def _print_export(paths: list[str], tokenizer_spec: str) -> None:
+    import json
+    import os
+
+    from .data.tokenizer import is_hf_tokenizer_json
+
+    folder = os.path.dirname(paths[0])
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    sizes = {path: os.path.getsize(path) for path in paths}
+    print(f"wrote {folder}: {config['architectures'][0]} (model_type {config['model_type']!r}), "
+          f"{config['torch_dtype']}, {len(paths)} files, {sum(sizes.values()) / 1e6:.1f} MB")
+    for path, size in sizes.items():
+        print(f"  {os.path.basename(path)}  {size / 1e6:.3f} MB")
+    if not is_hf_tokenizer_json(tokenizer_spec):
+        print(f"no tokenizer files: the run's tokenizer {tokenizer_spec!r} is no Hugging Face tokenizer.json (llmkern "
+              f"writes none for a tiktoken or byte tokenizer yet); give transformers the tokenizer it came from (GPT-2's: "
+              f"AutoTokenizer.from_pretrained('gpt2'))")
+
+
+# llmkern.model.hf_save's DTYPES and FAMILIES, spelled here so that building the parser imports no torch
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_FAMILIES = ("gpt2", "llama", "phi3", "gemma3", "gemma2")
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained run's model as a Hugging Face model folder (transformers, "
+                                      "vLLM)")
+    p.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the folder to write (refused when it holds files, unless --force)")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="the weights' dtype (default: the run's)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into shards with an index past this size, as save_pretrained does "
+                        "(5GB = 5*10^9 bytes; KB, MB, GB, KiB, MiB, GiB; default 5GB)")
+    p.add_argument("--format", choices=("auto",) + EXPORT_FAMILIES, default="auto",
+                   help="the Hugging Face family (auto: the one the run started from, else the model's shape tells)")
+    p.add_argument("--force", action="store_true", help="replace --out when it holds files")
+    p.set_defaults(func=_cmd_export)
+
+
 def _benchmarks_dir() -> str:
     import os
 
@@ -315,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parsers(sub)
     add_eval_parser(sub)
     add_finetune_parser(sub)
+    _add_export_parser(sub)
     _add_bench_parser(sub)
     return parser
 

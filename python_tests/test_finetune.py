@@ -539,6 +539,32 @@ def test_saved_model_loads_as_a_base_and_for_generation(tmp_path):
         save_finetuned(str(tmp_path / "x"), 1, model.state_dict(), {"tokenizer": "bytes"})
 
 
+def test_router_aux_loss_coef_sets_a_moe_base_and_refuses_a_dense_one(tmp_path):
+    """--router_aux_loss_coef weighs a MoE base's load-balancing loss in the recipe (its fingerprint stays the
+    base's); -1 keeps the base's; a dense base has no router to weigh: an error, not a setting that does nothing."""
+    def save(path, model):
+        save_finetuned(str(path), 1, model.state_dict(), {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+
+    moe = tiny_gpt(seed=5, pos="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2,
+                   router_aux_loss_coef=0.01)
+    save(tmp_path / "moe", moe)
+    kept, _, kept_meta = load_base(FinetuneConfig(base=str(tmp_path / "moe"), device="cpu"))
+    assert kept.config.router_aux_loss_coef == 0.01
+    set_, _, set_meta = load_base(FinetuneConfig(base=str(tmp_path / "moe"), device="cpu", router_aux_loss_coef=0.5))
+    assert set_.config.router_aux_loss_coef == 0.5 and set_meta["base_sha256"] == kept_meta["base_sha256"]
+    ids = torch.randint(0, 257, (2, 9))
+    targets = torch.randint(0, 257, (2, 9))
+    torch.manual_seed(0)
+    base_loss = kept.train()(ids, targets)[1] - 0.01 * kept.aux_loss
+    torch.testing.assert_close(set_.train()(ids, targets)[1], base_loss + 0.5 * set_.aux_loss)
+    save(tmp_path / "dense", tiny_gpt(seed=5))
+    with pytest.raises(ValueError, match="no experts"):
+        load_base(FinetuneConfig(base=str(tmp_path / "dense"), device="cpu", router_aux_loss_coef=0.5))
+    for bad in (-0.5, float("inf")):
+        with pytest.raises(ValueError, match="router_aux_loss_coef"):
+            load_finetune_config(FinetuneConfig, None, [f"--router_aux_loss_coef={bad}"])
+
+
 def test_a_hugging_face_gpt2_file_is_a_base(tmp_path, shared_data):
     from safetensors.torch import save_file
 

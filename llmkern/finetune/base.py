@@ -37,6 +37,7 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     source = checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
     model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
     meta = {**meta, "base_sha256": base_fingerprint(source, model.config.to_dict())}
+    _set_aux_loss_coef(model, config.router_aux_loss_coef)  # after the fingerprint: a setting, not another base
     method = meta.get("finetune", {}).get("method")
     if language_model and method in SCORING_METHODS:
         raise ValueError(f"base {config.base!r} is a {method!r} run: its body learned to score text through a head, "
@@ -46,6 +47,16 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
                                     f"the model {config.base!r}")
     model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
     return model, tokenizer, meta
+
+
+def _set_aux_loss_coef(model, coef: float) -> None:
+    """config.router_aux_loss_coef on the model (-1: the base's as it is); a dense model has no router to weigh."""
+    if coef == -1.0:
+        return
+    if model.config.n_experts is None:
+        raise ValueError(f"router_aux_loss_coef={coef} weighs a mixture-of-experts model's load-balancing loss; "
+                         f"the base model has no experts (leave it at -1)")
+    model.config.router_aux_loss_coef = float(coef)
 
 
 def require_base(config) -> None:

@@ -89,6 +89,10 @@ class FinetuneConfig:
     dtype: str = "auto"  # autocast: "auto" = bf16 on a GPU, fp32 on a CPU; "float16" = fp16 with dynamic loss
     #                      scaling (GPUs without bf16), not for PPO
     backend: str = ""  # kernel backend for the model; "" keeps the base model's
+    # A mixture-of-experts model's load-balancing loss weight (GPTConfig.router_aux_loss_coef, added to every
+    # recipe's loss; see finetune.aux_loss); -1 keeps the base model's (a Hugging Face import's: its config.json's
+    # when output_router_logits is true, else 0)
+    router_aux_loss_coef: float = -1.0
     progress: bool = True  # the tqdm bar
 
     # Settings of the common ones above that a recipe never reads, {name: why} (classification has no prompt
@@ -137,6 +141,9 @@ class FinetuneConfig:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.router_aux_loss_coef != -1.0 and not 0.0 <= self.router_aux_loss_coef < math.inf:
+            raise ValueError(f"router_aux_loss_coef must be a finite number >= 0 (or -1: the base model's), got "
+                             f"{self.router_aux_loss_coef}")
         if self.template:  # "" is settled against the base run when the recipe starts
             check_template_settings(self.template, self.system_prompt)
         self._check_device_and_backend()

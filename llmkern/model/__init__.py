@@ -1,5 +1,5 @@
 """The GPT model: its config, the module, KV-cached generation, Hugging Face GPT-2, Llama-family, Phi-3 and Gemma 3
-weights."""
+weights in, and out as a Hugging Face model folder (save_hf_folder)."""
 
 from .config import PRESETS, GPTConfig
 from .generate import generate
@@ -15,6 +15,7 @@ from .hf import (
     to_hf_llama,
     to_hf_phi3,
 )
+from .hf_save import save_hf_folder
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "from_hf_gemma3", "from_hf_gpt2", "from_hf_llama", "from_hf_phi3",
-           "generate", "load_hf_file", "to_hf_gemma3", "to_hf_gpt2", "to_hf_llama", "to_hf_phi3"]
+__all__ = ["GPT", "PRESETS", "GPTConfig", "from_hf_gemma3", "from_hf_gpt2", "from_hf_llama", "from_hf_phi3",
+           "generate", "load_hf_file", "save_hf_folder", "to_hf_gemma3", "to_hf_gpt2", "to_hf_llama", "to_hf_phi3"]

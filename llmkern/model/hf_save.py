@@ -1,0 +1,339 @@
+"""A GPT as a Hugging Face model folder that transformers' AutoModelForCausalLM.from_pretrained and vLLM load:
+config.json, generation_config.json, the weights as save_pretrained names them (model.safetensors, or
+model-00001-of-0000N.safetensors shards and model.safetensors.index.json past max_shard_bytes), and the
+tokenizer's files where the tokenizer is a Hugging Face tokenizer.json.
+
+The weights and config.json come from the exporters (to_hf_gpt2, to_hf_llama, to_hf_phi3, to_hf_gemma3,
+to_hf_gemma2), each of which refuses a model its format cannot express, saying why. The folder is written under a
+temporary name beside the target and renamed at the end, so a failure never leaves a half-written folder under
+the target's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from .config import GPTConfig
+from .gpt import GPT
+
+FAMILIES = ("gpt2", "llama", "phi3", "gemma3", "gemma2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's "5GB"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# How far recorded_hf_source follows a run back to the run it started from, and that one to its own start
+_MAX_ORIGINS = 16
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a size as save_pretrained's max_shard_size takes it: an int, or a string such as "5GB" (10**9
+    bytes), "500MB", "2GiB" (2**30) or "1000"."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise TypeError(f"max_shard_size must be an int of bytes or a string such as '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        if match is None or match.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"max_shard_size must be a number of bytes with a unit of {list(_SIZE_UNITS)[1:]} "
+                             f"(e.g. '5GB'), got {size!r}")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if value < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {size!r}")
+    return value
+
+
+def family_of_config(config: GPTConfig) -> str:
+    """The Hugging Face family a GPTConfig reads as: GPT-2's (learned positions, LayerNorm); among RoPE and RMSNorm
+    models, Gemma's (sandwich norms, GeGLU, a scaled embedding: Gemma 3's with QK-norm, else Gemma 2's), Phi-3's
+    (RoPE on part of each head, or longrope), else Llama's (which to_hf_llama writes as Llama, Mistral, Qwen2, Qwen3,
+    Mixtral or Qwen3-MoE by the config)."""
+    if config.pos == "learned" and config.norm == "layernorm":
+        return "gpt2"
+    if config.pos == "rope" and config.norm == "rmsnorm":
+        if config.post_norms or config.mlp == "geglu" or config.embed_scale is not None:
+            return "gemma3" if config.qk_norm else "gemma2"
+        longrope = config.rope_scaling is not None and config.rope_scaling.get("rope_type") == "longrope"
+        return "phi3" if config.rope_dim is not None or longrope else "llama"
+    raise ValueError(f"no Hugging Face format here holds a model with pos={config.pos!r} and norm={config.norm!r}: "
+                     f"GPT-2's has learned positions and LayerNorm, the others RoPE and RMSNorm")
+
+
+def family_of_source(source: str | None) -> str | None:
+    """The family of a run's recorded source ("hf-gpt2", "hf-llama", "hf-phi3", "hf-gemma3", "hf-gemma2"); None for
+    no source or another one."""
+    family = source.removeprefix("hf-") if isinstance(source, str) and source.startswith("hf-") else None
+    return family if family in FAMILIES else None
+
+
+def recorded_hf_source(meta: dict) -> str | None:
+    """The "hf-..." source label of the Hugging Face model a run started from (see
+    llmkern.train.inference.hf_source), by its checkpoint meta: the meta's own "source", else the start it records
+    (a fine-tuning run's finetune.base, a pretraining run's config.init_from), followed back through llmkern runs to
+    a .safetensors file whose config.json is still beside it. None where the run started from no Hugging Face model,
+    or its start can no longer be read."""
+    from ..train.inference import hf_source, is_hf_source
+    from .hf_common import read_hf_config
+
+    for _ in range(_MAX_ORIGINS):
+        if is_hf_source(meta):
+            return meta["source"]
+        origin = _origin(meta)
+        if origin is None:
+            return None
+        if origin.endswith(".safetensors"):
+            if not os.path.isfile(origin):
+                return None
+            try:
+                hf_config = read_hf_config(origin)
+            except ValueError:
+                return None
+            return hf_source("gpt2" if hf_config is None else str(hf_config.get("model_type", "gpt2")))
+        meta = checkpoint_meta(origin)
+        if meta is None:
+            return None
+    return None
+
+
+def _origin(meta: dict) -> str | None:
+    """The model a run's checkpoint meta says it started from: a fine-tuning run's base, a pretraining run's
+    init_from; None for a run from scratch."""
+    for section, key in (("finetune", "base"), ("config", "init_from")):
+        part = meta.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str) and part[key]:
+            return part[key]
+    return None
+
+
+def checkpoint_meta(path: str) -> dict | None:
+    """The meta.json of a checkpoint folder, or of a run folder's newest checkpoint, without its tensors; None
+    where there is none or it is no JSON object."""
+    from ..train.checkpoint import latest_checkpoint
+
+    if not os.path.isdir(path):
+        return None
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        path = latest_checkpoint(path)
+        if path is None:
+            return None
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, model: GPT) -> torch.dtype:
+    """The dtype to write: `dtype` (a name of DTYPES or a torch.dtype among them), or the model's own for None."""
+    if dtype is None:
+        dtype = model.wte.weight.dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def hf_state_and_config(model: GPT, family: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the HF ForCausalLM state dict, its config.json as a dict) of `model` in `family`'s format, by that family's
+    exporter; a ValueError saying why when the format cannot express the model."""
+    from . import hf
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    try:
+        if family == "gpt2":
+            return hf.to_hf_gpt2(model), hf.hf_gpt2_config(model.config)
+        exporter = {"llama": hf.to_hf_llama, "phi3": hf.to_hf_phi3, "gemma3": hf.to_hf_gemma3,
+                    "gemma2": hf.to_hf_gemma2}[family]
+        return exporter(model)
+    except ValueError as err:
+        raise ValueError(f"the model cannot be written in the {family} format: {err}") from err
+
+
+def hf_weights(state: dict[str, torch.Tensor], hf_config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors to write, as save_pretrained writes them: of `dtype`, contiguous, on the CPU, and without a tied
+    lm_head.weight (transformers ties it to the embeddings on loading; safetensors refuses a tensor stored twice)."""
+    tied = hf_config.get("tie_word_embeddings", True)  # transformers' default where a config has no key
+    return {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in state.items()
+            if not (tied and name == "lm_head.weight")}
+
+
+def plan_shards(weights: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """The tensor names of each shard, as save_pretrained splits a state dict: in order, a shard closed when the
+    next tensor would take it past max_shard_bytes, and a tensor larger than that alone in a shard of its own."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name, tensor in weights.items():
+        size = tensor.numel() * tensor.element_size()
+        if size > max_shard_bytes:
+            shards.append([name])
+            continue
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """save_pretrained's weight file names: model.safetensors alone, or model-00001-of-0000N.safetensors."""
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """The weights in folder as save_pretrained writes them (shards and index past max_shard_bytes); the names of
+    the files written."""
+    from safetensors.torch import save_file
+
+    shards = plan_shards(weights, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    for file_name, shard in zip(names, shards):
+        save_file({name: weights[name] for name in shard}, os.path.join(folder, file_name), metadata={"format": "pt"})
+    if len(shards) == 1:
+        return names
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values()),
+                          "total_parameters": sum(t.numel() for t in weights.values())},
+             "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
+    _write_json(os.path.join(folder, INDEX_NAME), index)
+    return names + [INDEX_NAME]
+
+
+def generation_ids(tokenizer_spec: str | None) -> dict[str, int]:
+    """{"bos_token_id", "eos_token_id"} of a tokenizer spec, each where the tokenizer has one; {} for no spec."""
+    if tokenizer_spec is None:
+        return {}
+    from ..data.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(tokenizer_spec)
+    ids = {"eos_token_id": tokenizer.eot_token}
+    if tokenizer.bos_token is not None:
+        ids["bos_token_id"] = tokenizer.bos_token
+    return ids
+
+
+def write_tokenizer(folder: str, tokenizer_spec: str | None) -> list[str]:
+    """A Hugging Face tokenizer.json spec's files in folder (tokenizer.json, and the tokenizer_config.json and
+    special_tokens_map.json beside it; a tokenizer_config.json naming its end-of-text and begin-of-sequence tokens
+    where there is none); the names written. Nothing for another spec ("bytes", tiktoken's): no tokenizer.json is
+    written from tiktoken ranks yet."""
+    from ..data.tokenizer import get_tokenizer, hf_config_path, is_hf_tokenizer_json
+
+    if tokenizer_spec is None or not is_hf_tokenizer_json(tokenizer_spec):
+        return []
+    written = ["tokenizer.json"]
+    shutil.copyfile(tokenizer_spec, os.path.join(folder, "tokenizer.json"))
+    config_path = hf_config_path(tokenizer_spec)
+    if os.path.isfile(config_path):
+        shutil.copyfile(config_path, os.path.join(folder, "tokenizer_config.json"))
+    else:  # AutoTokenizer reads the tokens that end and begin a text from here
+        tokenizer = get_tokenizer(tokenizer_spec)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "eos_token": tokenizer.backend.id_to_token(tokenizer.eot_token)}
+        if tokenizer.bos_token is not None:
+            config["bos_token"] = tokenizer.backend.id_to_token(tokenizer.bos_token)
+        _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    written.append("tokenizer_config.json")
+    special_map = os.path.join(os.path.dirname(tokenizer_spec), "special_tokens_map.json")
+    if os.path.isfile(special_map):
+        shutil.copyfile(special_map, os.path.join(folder, "special_tokens_map.json"))
+        written.append("special_tokens_map.json")
+    return written
+
+
+def check_out_dir(out_dir: str, force: bool = False) -> None:
+    """An error when out_dir cannot take the folder: a file, or a folder with files in it (unless force)."""
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ValueError(f"out_dir must name a folder, got {out_dir!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir!r} is a file, not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise FileExistsError(f"{out_dir!r} already holds files; give another folder, or force=True (--force) to "
+                              f"replace it")
+
+
+def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: str | torch.dtype | None = None,
+                   max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, tokenizer_spec: str | None = None,
+                   force: bool = False) -> list[str]:
+    """Write `model` to out_dir as a Hugging Face model folder; the paths of the files written, in out_dir.
+
+    family: one of FAMILIES, or None for family_of_config's. dtype: the weights' ("float32", "bfloat16",
+    "float16", or a torch.dtype of those; None: the model's own). max_shard_bytes: past it, the weights are split
+    into shards with an index, as save_pretrained's max_shard_size (an int, or a string such as "5GB").
+    tokenizer_spec: the model's tokenizer (llmkern.data.tokenizer's specs): its end-of-text and begin-of-sequence
+    ids go into config.json and generation_config.json, and a tokenizer.json's files are copied (write_tokenizer).
+    An out_dir with files in it is refused unless force, and then replaced whole. The folder is written under a
+    temporary name beside out_dir and renamed: a failure leaves out_dir as it was."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a llmkern GPT, got {type(model).__name__}")
+    max_shard_bytes = parse_size(max_shard_bytes)
+    dtype = resolve_dtype(dtype, model)
+    check_out_dir(out_dir, force)
+    state, hf_config = hf_state_and_config(model, family or family_of_config(model.config))
+    ids = generation_ids(tokenizer_spec)
+    dtype_name = str(dtype).removeprefix("torch.")
+    # transformers before 4.56 reads "torch_dtype", later ones "dtype" (and write it so)
+    hf_config = {**hf_config, **ids, "torch_dtype": dtype_name, "dtype": dtype_name}
+    weights = hf_weights(state, hf_config, dtype)
+    del state
+
+    out_dir = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        names = write_weights(tmp, weights, max_shard_bytes)
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        _write_json(os.path.join(tmp, "generation_config.json"), ids)
+        names += ["config.json", "generation_config.json"] + write_tokenizer(tmp, tokenizer_spec)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out_dir, name) for name in names]
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Rename the finished folder tmp to out_dir, its files flushed first; an out_dir already there is moved aside
+    first and deleted after, so that out_dir's name only ever holds a whole folder."""
+    from .._atomic import fsync_dir
+
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    old = None
+    if os.path.isdir(out_dir):
+        old = f"{tmp}.old"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)  # the folder that was there stays
+        raise
+    fsync_dir(os.path.dirname(out_dir))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
