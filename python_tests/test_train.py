@@ -866,6 +866,22 @@ def test_a_writer_killed_while_swapping_a_step_out_leaves_that_step_loadable(tmp
     assert torch.equal(ckpt.load_checkpoint(str(tmp_path)).model["w"], second["w"])
 
 
+@pytest.mark.parametrize("older", [[], [1]])
+def test_a_swapped_out_copy_that_is_its_steps_checkpoint_counts_toward_keep(tmp_path, older):
+    # killed between a re-save's two renames, step 2 is left only as step_2.old_<pid>: step_dirs takes it for
+    # step 2's checkpoint, and the next save deleted it by name, leaving fewer than `keep` (or older) checkpoints
+    empty = {"state": {}, "param_groups": []}
+    saved = {step: {"w": torch.randn(3)} for step in (1, 2, 3)}
+    for step in [*older, 2]:
+        ckpt.save_checkpoint(str(tmp_path), step, saved[step], empty, {}, keep=2)
+    in_place = ckpt.step_dir(str(tmp_path), 2)
+    os.rename(in_place, in_place + ".old_999999")
+    ckpt.save_checkpoint(str(tmp_path), 3, saved[3], empty, {}, keep=2)
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path))] == [2, 3]
+    assert sorted(os.listdir(ckpt.checkpoints_dir(str(tmp_path)))) == ["step_0000002", "step_0000003"]
+    assert torch.equal(ckpt.load_checkpoint(in_place).model["w"], saved[2]["w"])
+
+
 def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
     tensors, meta = ckpt.capture_rng_states()
     tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.cuda.")}
@@ -1062,6 +1078,27 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, data_d
     assert [r["step"] for r in before if r["kind"] == "eval"] == [0, 2, 4]
     assert Trainer(config).fit(resume=True)["steps"] == 4
     assert read_metrics(str(tmp_path / "run" / "metrics.jsonl")) == before
+
+
+def test_resuming_a_finished_run_whose_final_save_was_cut_before_pruning_prunes(tmp_path, data_dir, monkeypatch):
+    # killed after the final checkpoint's rename, before the rotation: the resume of the finished run returned
+    # at once and never pruned, so keep_checkpoints=2 ended with 3 checkpoints
+    config = tiny_config(tmp_path / "run", data_dir, max_steps=3, ckpt_interval=1, keep_checkpoints=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_when_pruning(path, *args, **kwargs):
+        if re.match(r"step_\d+$", os.path.basename(path)):
+            raise KeyboardInterrupt("killed")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_when_pruning)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config).fit()
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "run"))] == [1, 2, 3]
+    with pytest.warns(UserWarning, match="already complete"):
+        assert Trainer(config).fit(resume=True)["steps"] == 3
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "run"))] == [2, 3]
 
 
 def test_mfu():
@@ -1457,11 +1494,12 @@ def test_main_job_drops_its_model_defaults_for_init_from_however_spelled(spellin
 
 def test_a_save_clears_what_a_crashed_save_left(tmp_path):
     root = tmp_path / "checkpoints"
+    model, empty = torch.nn.Linear(2, 2), {"state": {}, "param_groups": []}
+    ckpt.save_checkpoint(str(tmp_path), 3, model.state_dict(), empty, {})
     (root / ".tmp_step_0000004_999999").mkdir(parents=True)  # died while writing
-    (root / "step_0000003.old_999999").mkdir()  # died between swapping a re-saved step in and out
-    model = torch.nn.Linear(2, 2)
-    path = ckpt.save_checkpoint(str(tmp_path), 5, model.state_dict(), {"state": {}, "param_groups": []}, {})
-    assert sorted(os.listdir(root)) == ["step_0000005"] and path == str(root / "step_0000005")
+    (root / "step_0000003.old_999999").mkdir()  # died after a re-saved step 3 was in place, before the old went
+    path = ckpt.save_checkpoint(str(tmp_path), 5, model.state_dict(), empty, {}, keep=2)
+    assert sorted(os.listdir(root)) == ["step_0000003", "step_0000005"] and path == str(root / "step_0000005")
 
 
 def test_a_stop_before_the_first_metrics_record_still_saves_and_reports_the_interruption(tmp_path, data_dir):
@@ -1503,6 +1541,29 @@ def test_an_overwriting_run_that_crashes_before_its_first_checkpoint_does_not_re
     assert ckpt.step_dirs(str(tmp_path / "run")) == []
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, ckpt_interval=10)).fit(resume=True)
+
+
+@pytest.mark.parametrize("crashing", ["os.remove", "os.rename", "shutil.rmtree"])
+def test_an_overwriting_run_that_crashes_while_clearing_the_old_one_leaves_no_old_checkpoint_without_its_log(
+        tmp_path, data_dir, monkeypatch, crashing):
+    # the fresh run deleted the old log first, then the old checkpoints: killed in between, --resume went on
+    # from the old run's checkpoint with its log gone
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, data_dir, max_steps=2)).fit()
+    trainer = Trainer(tiny_config(run, data_dir, max_steps=2, overwrite=True))
+    module, name = crashing.split(".")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr({"os": os, "shutil": shutil}[module], name, killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.undo()
+    latest = ckpt.latest_checkpoint(str(run))
+    assert latest is None or (run / "metrics.jsonl").exists()
+    if latest is not None:  # nothing cleared yet: the old run, whole
+        assert ckpt.load_checkpoint(latest).step == 2 and max(train_losses(run)) == 2
 
 
 def test_a_signal_while_a_step_is_checkpointed_does_not_save_that_step_again(tmp_path, data_dir, monkeypatch):

@@ -43,6 +43,8 @@ VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A complete checkpoint moved aside while the same step is saved again (save_checkpoint's swap)
 _SWAPPED_OUT_DIR = re.compile(r"^step_(\d+)\.old_\d+$")
+# A run's checkpoints folder renamed aside to be deleted (discard_checkpoints): never read
+_DISCARDED_PREFIX = ".checkpoints_discarded_"
 TOKENIZER_FILE = "tokenizer.tiktoken"
 HF_TOKENIZER_FILE = "tokenizer.json"
 # meta.json's "sha256" holds their hashes: safetensors checks its header and sizes, not the bytes of the tensors,
@@ -140,6 +142,15 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     else:
         os.rename(tmp, final)
     fsync_dir(root)  # the new checkpoint durable before any older one is deleted below
+    prune_checkpoints(run_dir, step, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str, step: int, keep: int) -> None:
+    """What a save does once checkpoint `step` is in place: clear what crashed writers left and delete all
+    but the newest `keep` checkpoints, and any past `step`. A resume of a finished run calls it too: its
+    final save may have been killed before it got here."""
+    root = checkpoints_dir(run_dir)
     # A run's steps only go up, so checkpoints past this step were left by an earlier run in the same
     # folder (a fresh start there): they would be taken for the newest on resume, and the rotation
     # below would delete this one in their favour. They go first.
@@ -147,11 +158,42 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
         if saved_step > step:
             shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):  # half-written or swapped-out folders of a writer that crashed
-        if name.startswith(".tmp_step_") or ".old_" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        path = os.path.join(root, name)
+        if name.startswith(".tmp_step_"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif m := _SWAPPED_OUT_DIR.match(name):
+            swapped_step = int(m.group(1))
+            if swapped_step > step:  # an earlier run's, as above
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _settle_swapped_out(path, step_dir(run_dir, swapped_step))
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-    return final
+
+
+def _settle_swapped_out(path: str, in_place: str) -> None:
+    """A swapped-out copy goes when its step has a checkpoint in place; else it is that step's checkpoint
+    (step_dirs counts it so) and is renamed into place, to be kept or rotated like any other."""
+    if os.path.exists(in_place):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.rename(path, in_place)
+
+
+def discard_checkpoints(run_dir: str) -> None:
+    """Delete a run's checkpoints (a fresh start replacing the run). They are renamed aside in one step
+    first, so a crash while deleting leaves no checkpoint behind rather than a partly deleted one that a
+    resume would take for the newest; a folder set aside by an earlier crash goes too."""
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        if name.startswith(_DISCARDED_PREFIX):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    root = checkpoints_dir(run_dir)
+    if not os.path.exists(root):
+        return
+    aside = os.path.join(run_dir, f"{_DISCARDED_PREFIX}{os.getpid()}")
+    os.rename(root, aside)
+    fsync_dir(run_dir)  # gone for good before the caller deletes what went with them (the log)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def tokenizer_copy_path(run_dir: str, spec: str) -> str:

@@ -26,7 +26,7 @@ except ImportError:  # Python 3.10
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OPTIMIZERS = ("llmkern", "torch")
+OPTIMIZERS = ("llmkern", "torch", "muon")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -62,7 +62,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
-    optimizer: str = "llmkern"  # "llmkern" (llmkern.optim.AdamW) | "torch" (torch.optim.AdamW, fused on GPU)
+    optimizer: str = "llmkern"  # "llmkern" (llmkern.optim.AdamW) | "torch" (torch.optim.AdamW, fused on GPU) |
+    #                             "muon" (torch.optim.Muon for the blocks' 2-D matrices, llmkern's AdamW for the rest)
+    muon_lr: float = 0.0  # optimizer=muon: Muon's peak lr, scheduled as lr is; 0 = lr (Muon's update is scaled to
+    #                       AdamW's RMS, adjust_lr_fn="match_rms_adamw", so AdamW's lr suits it)
+    muon_momentum: float = 0.95  # optimizer=muon: Muon's momentum (Nesterov)
 
     # evaluation, stopping, checkpoints
     eval_interval: int = 40  # evaluate at step 0, every N steps and at the end; 0 = only at the end
@@ -124,6 +128,7 @@ class TrainConfig:
         if not (self.grad_clip >= 0 and 0 <= self.weight_decay < math.inf):  # `not >=` also refuses NaN
             raise ValueError(f"grad_clip and weight_decay must be >= 0 (weight_decay finite); got {self.grad_clip}, "
                              f"{self.weight_decay}")
+        self._check_muon()
         if self.patience and not self.eval_interval:
             raise ValueError(f"patience={self.patience} stops after evaluations without a better val loss, but "
                              f"eval_interval=0 evaluates only at the end: set eval_interval > 0, or patience=0")
@@ -131,6 +136,21 @@ class TrainConfig:
         self._warn_unused()
         self.grad_accum_steps(1)
         return self
+
+    def _check_muon(self) -> None:
+        if not 0 <= self.muon_lr < math.inf:  # `not <=` also refuses NaN
+            raise ValueError(f"muon_lr must be >= 0 and finite (0: the same as lr), got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            # torch's Muon would orthogonalize each rank's DTensor shard of a matrix, not the matrix
+            raise ValueError("optimizer='muon' does not run with parallel='fsdp': Muon orthogonalizes whole "
+                             "matrices, and FSDP2 gives each rank a shard of each; use parallel='ddp' or an AdamW "
+                             "optimizer ('llmkern', 'torch')")
+
+    def effective_muon_lr(self) -> float:
+        """Muon's peak learning rate: muon_lr, or lr when muon_lr is 0."""
+        return self.muon_lr or self.lr
 
     def _check_schedule(self) -> None:
         """Schedule settings that contradict each other are refused. A run that ends within its warmup is not
@@ -179,6 +199,11 @@ class TrainConfig:
         if self.schedule != "wsd" and self.decay_fraction != default.decay_fraction:
             warnings.warn(f"decay_fraction={self.decay_fraction} has no effect: only schedule='wsd' reads it "
                           f"(schedule={self.schedule!r})", stacklevel=3)
+        if self.optimizer != "muon":
+            for name in ("muon_lr", "muon_momentum"):
+                if getattr(self, name) != getattr(default, name):
+                    warnings.warn(f"{name}={getattr(self, name)} has no effect: only optimizer='muon' reads it "
+                                  f"(optimizer={self.optimizer!r})", stacklevel=3)
         if self.init_from and self.preset != default.preset:
             warnings.warn(f"preset={self.preset!r} has no effect: init_from={self.init_from!r} gives the model",
                           stacklevel=3)

@@ -2,7 +2,8 @@
 
 One optimizer step = grad_accum micro-batches on each rank (batch_tokens tokens in all), the
 loss averaged over them (and over the ranks by DDP/FSDP), the gradients clipped to grad_clip,
-then AdamW at the schedule's learning rate. Every eval_interval steps the validation loss and
+then AdamW at the schedule's learning rate (optimizer="muon": Muon for the blocks' matrices beside it,
+llmkern/optim/muon.py). Every eval_interval steps the validation loss and
 perplexity are measured on the same eval_steps held-out batches; every ckpt_interval steps and
 at the end a checkpoint is written. fit(resume=True) continues from the newest checkpoint with
 the model, optimizer, RNG states (each rank its own), data position and counters restored, so on a
@@ -24,7 +25,7 @@ a gradient overflow then halves the scale and skips the step without counting as
 The host does not wait for a step: llmkern's AdamW clips and skips a non-finite step on the
 device, and a step's loss and norm are read once the next step is queued (readback.py). Only
 steps that log, evaluate or save are read at once. (torch's AdamW and float16 loss scaling need
-the host's decision before the update: one sync a step there.)
+the host's decision before the update: one sync a step there, as has Muon, which cannot skip on the device.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -184,7 +184,7 @@ class Trainer:
         if config.init_from and not os.path.exists(config.init_from):  # before the data, not after it
             raise FileNotFoundError(f"init_from {config.init_from!r} does not exist: give a run or checkpoint "
                                     f"folder, or a Hugging Face GPT-2 model.safetensors")
-        if config.optimizer == "llmkern" and not (config.parallel == "fsdp" and self.dist.is_distributed):
+        if config.optimizer in ("llmkern", "muon") and not (config.parallel == "fsdp" and self.dist.is_distributed):
             from .. import _backend
 
             # llmkern's AdamW refuses a backend that cannot run here at its first step: say so before the data
@@ -244,6 +244,8 @@ class Trainer:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
         groups = model.optimizer_groups(cfg.weight_decay)
+        if cfg.optimizer == "muon":  # refused with FSDP2 (TrainConfig.validate)
+            return self._make_muon(model, groups)
         # llmkern's AdamW kernels take plain tensors; FSDP2's parameters are DTensor shards
         sharded = cfg.parallel == "fsdp" and self.dist.is_distributed
         if cfg.optimizer == "llmkern" and not sharded:
@@ -255,6 +257,19 @@ class Trainer:
             return AdamW(groups, lr=cfg.lr, betas=cfg.betas, max_grad_norm=max_norm, backend=cfg.backend)
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+    def _make_muon(self, model: nn.Module, groups: list[dict]):
+        """Muon for the blocks' 2-D matrices, llmkern's AdamW for the rest (its groups' weight decay as an
+        AdamW run's); both at the schedule's lr, Muon's scaled by muon_lr / lr. No fused clip: the host clips
+        all the gradients and skips a non-finite step (_step_on_host), since Muon cannot skip on the device."""
+        from ..optim import MuonWithAdamW, muon_parameters
+        from ..optim.muon import split_groups
+
+        cfg = self.config
+        matrices = muon_parameters(model)
+        return MuonWithAdamW(matrices, split_groups(groups, matrices), lr=cfg.lr, muon_lr=cfg.effective_muon_lr(),
+                             weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, betas=cfg.betas,
+                             backend=cfg.backend)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -273,17 +288,17 @@ class Trainer:
         if resume:
             self._resume()
             if self._already_complete():
+                # its final save may have been killed after its rename, before its rotation: finish that
+                with distributed.fail_together(self.dist, self.device, "pruning the checkpoints"):
+                    if self.dist.is_main:
+                        ckpt.prune_checkpoints(self.run_dir, self.step, self.config.keep_checkpoints)
                 return self._summary("max_steps")
         else:
             distributed.barrier(self.dist)  # every rank has looked for a run before rank 0 clears it away
             # (the other ranks would wait for rank 0 failing here at the first step's all-reduce)
-            with distributed.fail_together(self.dist, self.device, "clearing the old run's log"):
-                if self.dist.is_main and os.path.exists(self.log.path):
-                    os.remove(self.log.path)  # a fresh run starts a fresh log
-            if self.dist.is_main:
-                # and no checkpoints of the run it replaces (overwrite): a crash before its own first save
-                # would have --resume continue the old run's weights under this run's log
-                shutil.rmtree(ckpt.checkpoints_dir(self.run_dir), ignore_errors=True)
+            with distributed.fail_together(self.dist, self.device, "clearing the old run"):
+                if self.dist.is_main:
+                    self._clear_old_run()
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -313,6 +328,15 @@ class Trainer:
         self.log.plot(self.run_dir)
         return self._summary(stop_reason)
 
+    def _clear_old_run(self) -> None:
+        """Rank 0 deletes the checkpoints and log of the run a fresh start replaces (overwrite). The checkpoints
+        go first: a crash before this run's own first save would otherwise have --resume continue the old run's
+        weights, under this run's log or without any. Killed at any point, the folder holds the old run whole,
+        or its log alone, which nothing resumes and the next fresh start deletes."""
+        ckpt.discard_checkpoints(self.run_dir)
+        if os.path.exists(self.log.path):
+            os.remove(self.log.path)  # a fresh run starts a fresh log
+
     def _summary(self, stop_reason: str) -> dict[str, Any]:
         return {"steps": self.step, "stop_reason": stop_reason, "val_loss": self.last_val_loss,
                 "best_val_loss": self.best_val_loss, "run_dir": self.run_dir}
@@ -320,7 +344,8 @@ class Trainer:
     def _already_complete(self) -> bool:
         """Whether the resumed checkpoint is the end of a finished run: at max_steps, its final evaluation done
         (a run stopped by a signal after its last step saved before that evaluation, which resuming then runs).
-        Said once (rank 0); the run folder is left as it was. Every rank decides alike: the same checkpoint."""
+        Said once (rank 0); fit leaves the run folder as it was, but for pruning what the final save would have
+        pruned. Every rank decides alike: the same checkpoint."""
         if not (self.step == self.config.max_steps and self.last_eval_step == self.step):
             return False
         if self.dist.is_main:
@@ -378,7 +403,7 @@ class Trainer:
         """Queue one optimizer step; its record, to read later."""
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / lr (MuonWithAdamW)
         self.model.train()
         scale = self.step_loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
         # (loss, load-balancing loss) summed over the micro-batches: one all-reduce for both
@@ -413,7 +438,7 @@ class Trainer:
 
     def _step_on_host(self, mean_loss: torch.Tensor, mean_aux: torch.Tensor | None, lr: float,
                       scale: float) -> _StepRecord:
-        """The step of torch's AdamW, or under loss scaling: the host reads the loss and the norm (a sync)
+        """The step of torch's AdamW or of Muon, or under loss scaling: the host reads the loss and the norm (a sync)
         and decides whether to step."""
         params = list(self.model.parameters())
         unscale_(params, scale)  # an overflow stays inf, for the checks below
