@@ -751,6 +751,21 @@ def test_a_bit_flipped_in_a_tensor_file_is_detected_not_loaded(tmp_path, name):
         ckpt.load_checkpoint(path)
 
 
+def test_a_tensor_file_gone_between_its_load_and_its_hash_is_a_damaged_checkpoint(tmp_path, monkeypatch):
+    # a save pruning the folder while another process loads it: the loader's error, not a bare FileNotFoundError
+    path = ckpt.save_checkpoint(str(tmp_path), 1, {"w": torch.randn(4, 4)}, {"state": {}, "param_groups": []}, {})
+    real_load = ckpt.load_file
+
+    def load_then_vanish(file):
+        tensors = real_load(file)
+        os.remove(file)
+        return tensors
+
+    monkeypatch.setattr(ckpt, "load_file", load_then_vanish)
+    with pytest.raises(ValueError, match="damaged: cannot read model.safetensors"):
+        ckpt.load_checkpoint(path)
+
+
 def test_a_checkpoint_saved_before_the_file_hashes_still_loads(tmp_path):
     model = {"w": torch.randn(4, 4)}
     path = ckpt.save_checkpoint(str(tmp_path), 1, model, {"state": {}, "param_groups": []}, {})

@@ -465,7 +465,15 @@ def _read_tensors(path: str, name: str, meta: dict[str, Any]) -> dict[str, torch
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e
     recorded = meta.get("sha256", {}).get(name)
-    if recorded is not None and _file_sha256(file) != recorded:
+    if recorded is None:
+        return tensors
+    # Hashed after the load (streamed: the tensors are not read into memory twice), so the file may have gone
+    # in between (a save pruning the folder): the same error as a file missing before
+    try:
+        digest = _file_sha256(file)
+    except OSError as e:
+        raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e
+    if digest != recorded:
         raise ValueError(f"checkpoint {path!r} is damaged: {name} differs from the file it was saved with (its "
                          f"sha256 is not the one meta.json recorded)")
     return tensors
