@@ -19,7 +19,8 @@ Shots: the harness draws them from the train split (its default sampler): one ra
 each test question in file order k rows sampled from the train split (minus the question itself should it be
 among them). fewshot_data is that split's file, in its order; the draw below repeats it, so the prompts are the
 harness's own for a one-process run (with --limit N, of the first N questions). A harness run on several
-processes draws each process's questions from its own stream, and so gets other shots.
+processes draws each process's questions from its own stream, and so gets other shots. fewshot_data must be the
+train split: given the test split itself, the harness would draw k + 1 and keep k, which this draw does not repeat.
 
 One difference: a prompt longer than block_size - max_new_tokens loses its beginning, as in the harness, but
 keeps its begin-of-sequence token where the tokenizer has one (the harness cuts that too).
