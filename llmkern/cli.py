@@ -308,8 +308,6 @@ def _print_export(paths: list[str], tokenizer_spec: str) -> None:
     import json
     import os
 
-    from .data.tokenizer import is_hf_tokenizer_json
-
     folder = os.path.dirname(paths[0])
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -318,10 +316,9 @@ def _print_export(paths: list[str], tokenizer_spec: str) -> None:
           f"{config['torch_dtype']}, {len(paths)} files, {sum(sizes.values()) / 1e6:.1f} MB")
     for path, size in sizes.items():
         print(f"  {os.path.basename(path)}  {size / 1e6:.3f} MB")
-    if not is_hf_tokenizer_json(tokenizer_spec):
-        print(f"no tokenizer files: the run's tokenizer {tokenizer_spec!r} is no Hugging Face tokenizer.json (llmkern "
-              f"writes none for a tiktoken or byte tokenizer yet); give transformers the tokenizer it came from (GPT-2's: "
-              f"AutoTokenizer.from_pretrained('gpt2'))")
+    if "tokenizer.json" not in map(os.path.basename, paths):  # save_hf_folder warned why
+        print(f"no tokenizer files: the run's tokenizer {tokenizer_spec!r} has no tokenizer.json that gives its ids; "
+              f"give transformers the tokenizer it came from")
 
 
 # llmkern.model.hf_save's DTYPES and FAMILIES, spelled here so that building the parser imports no torch

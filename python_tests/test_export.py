@@ -1,6 +1,7 @@
 """`llmkern export` and save_hf_folder: a model written as a Hugging Face model folder reads back through llmkern's
 own importer (load_hf_file) with the same logits, in every family; shards and their index as save_pretrained writes
-them; dtypes; a LoRA-fine-tuned run's merged weights; the tokenizer's files; the folder written atomically."""
+them; dtypes; a LoRA-fine-tuned run's merged weights; the tokenizer's files (a tokenizer.json copied, a tiktoken
+one written as one); the folder written atomically."""
 
 import dataclasses
 import json
@@ -288,10 +289,13 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     out = tmp_path / "hf"
     assert cli.main(["export", "--run", str(run), "--out", str(out), "--max-shard-size", "100KB"]) == 0
     printed = capsys.readouterr().out
-    assert "GPT2LMHeadModel" in printed and "float32" in printed and "no tokenizer files" in printed
+    assert "GPT2LMHeadModel" in printed and "float32" in printed and "no tokenizer files" not in printed
     assert os.path.isfile(out / hf_save.INDEX_NAME)
+    # the byte tokenizer, written as a tokenizer.json of the 256 bytes and <|endoftext|>
+    assert read_json(out / "special_tokens_map.json") == {"eos_token": "<|endoftext|>"}
 
     tuned, _, _ = load_trained_model(str(run), device="cpu")
+    assert read_json(out / "tokenizer_config.json")["model_max_length"] == tuned.config.block_size
     back, _ = load_hf_file(str(out / "model-00001-of-00002.safetensors"), backend="torch")
     assert torch.equal(logits(back.eval()), logits(tuned))
     # the adapters are in the weights: the attention's differ from the base's
@@ -306,6 +310,60 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     assert cli.main(["export", "--run", str(run), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
+
+
+def exported_run(tmp_path, spec: str, name: str) -> str:
+    """A run of a random model tokenized with `spec`, exported by the command line to tmp_path / name."""
+    from llmkern.data.tokenizer import get_tokenizer
+
+    model = random_model(llama_config(vocab_size=get_tokenizer(spec).n_vocab))
+    run = save_finetuned(str(tmp_path / f"run-{name}"), 1, model.state_dict(),
+                         {"model_config": model.config.to_dict(), "tokenizer": spec})
+    assert cli.main(["export", "--run", run, "--out", str(tmp_path / name)]) == 0
+    return str(tmp_path / name)
+
+
+def test_a_tiktoken_tokenizer_is_written_as_a_tokenizer_json(shared_data, tmp_path, capsys):
+    from llmkern.data.bpe import train_bpe
+
+    with open(os.path.join(shared_data, "the-verdict.txt"), encoding="utf-8") as f:
+        text = f.read()
+    tokenizer = train_bpe([text], 400, tmp_path / "verdict.tiktoken", num_workers=1)
+    out = exported_run(tmp_path, tokenizer.spec, "hf")
+    printed = capsys.readouterr().out
+    assert "no tokenizer files" not in printed and "tokenizer.json" in printed
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert read_json(os.path.join(out, "tokenizer_config.json")) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False, "model_max_length": CTX}
+    assert read_json(os.path.join(out, "special_tokens_map.json")) == {"eos_token": "<|endoftext|>"}
+    assert read_json(os.path.join(out, "generation_config.json")) == {"eos_token_id": 399}
+    tokenizers = pytest.importorskip("tokenizers")
+    written = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    sample = text[:5000] + " 日本語 🙂 <|endoftext|>"
+    assert written.encode(sample, add_special_tokens=False).ids == tokenizer.encoding.encode(sample,
+                                                                                             allowed_special="all")
+    from llmkern.data.tokenizer import get_tokenizer
+
+    # llmkern reads the folder's tokenizer as the run's
+    exported = get_tokenizer(os.path.join(out, "tokenizer.json"))
+    assert (exported.eot_token, exported.bos_token, exported.n_vocab) == (399, None, 400)
+    assert exported.encode(sample) == tokenizer.encode(sample)
+
+
+def test_a_pattern_tokenizers_reads_otherwise_exports_without_tokenizer_files(shared_data, tmp_path, capsys):
+    pytest.importorskip("tokenizers")  # the check that refuses it needs `tokenizers`
+    from llmkern.data.bpe import train_bpe
+
+    with open(os.path.join(shared_data, "the-verdict.txt"), encoding="utf-8") as f:
+        text = f.read()[:20000]
+    # tiktoken drops the text between the pieces (spaces, punctuation); Hugging Face would keep it
+    tokenizer = train_bpe([text], 300, tmp_path / "gaps.tiktoken", pattern=r"\p{L}+", num_workers=1)
+    with pytest.warns(UserWarning, match="no tokenizer files written: .*gives other pieces"):
+        out = exported_run(tmp_path, tokenizer.spec, "hf")
+    assert "no tokenizer files" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_the_cli_refuses_a_scoring_run_and_an_out_folder_holding_the_run(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """A GPT as a Hugging Face model folder that transformers' AutoModelForCausalLM.from_pretrained and vLLM load:
 config.json, generation_config.json, the weights as save_pretrained names them (model.safetensors, or
 model-00001-of-0000N.safetensors shards and model.safetensors.index.json past max_shard_bytes), and the
-tokenizer's files where the tokenizer is a Hugging Face tokenizer.json.
+tokenizer's files: a Hugging Face tokenizer.json's copied, a tiktoken or byte tokenizer's written as one
+(llmkern.data.hf_tokenizer_export).
 
 The weights and config.json come from the exporters (to_hf_gpt2, to_hf_llama, to_hf_phi3, to_hf_gemma3,
 to_hf_gemma2), each of which refuses a model its format cannot express, saying why. The folder is written under a
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 
@@ -228,15 +230,22 @@ def generation_ids(tokenizer_spec: str | None) -> dict[str, int]:
     return ids
 
 
-def write_tokenizer(folder: str, tokenizer_spec: str | None) -> list[str]:
-    """A Hugging Face tokenizer.json spec's files in folder (tokenizer.json, and the tokenizer_config.json and
-    special_tokens_map.json beside it; a tokenizer_config.json naming its end-of-text and begin-of-sequence tokens
-    where there is none); the names written. Nothing for another spec ("bytes", tiktoken's): no tokenizer.json is
-    written from tiktoken ranks yet."""
+def write_tokenizer(folder: str, tokenizer_spec: str | None, model_max_length: int | None = None) -> list[str]:
+    """The tokenizer's files in folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json); the names
+    written. A Hugging Face tokenizer.json spec's are copied (a tokenizer_config.json naming its end-of-text and
+    begin-of-sequence tokens where there is none); a tiktoken or "bytes" spec's are written from its ranks
+    (llmkern.data.hf_tokenizer_export), with model_max_length (the model's block_size) in tokenizer_config.json, or
+    none, with a warning saying why, where no tokenizer.json can give tiktoken's ids."""
     from ..data.tokenizer import get_tokenizer, hf_config_path, is_hf_tokenizer_json
 
-    if tokenizer_spec is None or not is_hf_tokenizer_json(tokenizer_spec):
+    if tokenizer_spec is None:
         return []
+    if not is_hf_tokenizer_json(tokenizer_spec):
+        try:
+            return _write_tiktoken_as_hf(folder, get_tokenizer(tokenizer_spec), model_max_length)
+        except ValueError as err:  # a split pattern that `tokenizers` reads otherwise: the model is still of use
+            warnings.warn(f"no tokenizer files written: {err}", stacklevel=3)
+            return []
     written = ["tokenizer.json"]
     shutil.copyfile(tokenizer_spec, os.path.join(folder, "tokenizer.json"))
     config_path = hf_config_path(tokenizer_spec)
@@ -255,6 +264,28 @@ def write_tokenizer(folder: str, tokenizer_spec: str | None) -> list[str]:
         shutil.copyfile(special_map, os.path.join(folder, "special_tokens_map.json"))
         written.append("special_tokens_map.json")
     return written
+
+
+def _write_tiktoken_as_hf(folder: str, tokenizer, model_max_length: int | None) -> list[str]:
+    """A tiktoken or byte tokenizer as tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+    from ..data.hf_tokenizer_export import (
+        special_token_names,
+        tiktoken_to_hf_tokenizer_json,
+    )
+
+    data = tiktoken_to_hf_tokenizer_json(tokenizer)
+    eos, bos = special_token_names(tokenizer)
+    special = {"eos_token": eos, **({"bos_token": bos} if bos is not None else {})}
+    # clean_up_tokenization_spaces would take spaces out before punctuation on decoding: tiktoken keeps them
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False}
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    # compact: a vocab of 200k tokens indented one a line is a file of many MB more
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    _write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 def check_out_dir(out_dir: str, force: bool = False) -> None:
@@ -277,7 +308,7 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
     "float16", or a torch.dtype of those; None: the model's own). max_shard_bytes: past it, the weights are split
     into shards with an index, as save_pretrained's max_shard_size (an int, or a string such as "5GB").
     tokenizer_spec: the model's tokenizer (llmkern.data.tokenizer's specs): its end-of-text and begin-of-sequence
-    ids go into config.json and generation_config.json, and a tokenizer.json's files are copied (write_tokenizer).
+    ids go into config.json and generation_config.json, and its files are written beside (write_tokenizer).
     An out_dir with files in it is refused unless force, and then replaced whole. The folder is written under a
     temporary name beside out_dir and renamed: a failure leaves out_dir as it was."""
     if not isinstance(model, GPT):
@@ -301,7 +332,8 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
         names = write_weights(tmp, weights, max_shard_bytes)
         _write_json(os.path.join(tmp, "config.json"), hf_config)
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
-        names += ["config.json", "generation_config.json"] + write_tokenizer(tmp, tokenizer_spec)
+        names += ["config.json", "generation_config.json"] + write_tokenizer(tmp, tokenizer_spec,
+                                                                               model.config.block_size)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
