@@ -148,6 +148,8 @@ def test_each_recipe_adds_the_load_balancing_loss_of_its_real_tokens(recipe):
     plain_grads = torch.autograd.grad(plain, routers(model))
     torch.testing.assert_close(plain_metrics["aux_loss"], metrics["aux_loss"])  # logged all the same
     torch.testing.assert_close(loss.double(), plain.double() + COEF * expected_aux, rtol=1e-5, atol=1e-6)
+    # the metrics' "loss", which finetune.loop logs, is the recipe's own loss (see the logged-loss test below)
+    torch.testing.assert_close(metrics["loss"], plain.detach(), rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, plain_grads):
         assert (g - p).abs().max() > 1e-4  # coef * d aux / d router
 
@@ -293,3 +295,33 @@ def test_a_moe_fine_tuning_run_logs_and_charts_its_aux_loss(tmp_path):
     assert len(train) == 2 and all(r["aux_loss"] > 0 for r in train)
     assert not any("aux_loss" in k for r in records if r["kind"] == "eval" for k in r)
     assert os.path.exists(os.path.join(tmp_path, "aux_loss.png"))
+
+
+def _classify_rows(lengths: list[int], seed: int) -> list[tuple[list[int], int]]:
+    return [(tokens, i % 3) for i, (tokens, _) in enumerate(lm_rows(lengths, seed))]
+
+
+@pytest.mark.parametrize("recipe", ["sft", "classify"])
+def test_the_logged_training_loss_is_the_recipe_s_loss_comparable_with_val_loss(tmp_path, recipe):
+    """As the pretraining trainer logs the cross-entropy alone: a MoE run's train "loss" is the recipe's loss (what
+    val_loss measures), aux_loss beside it; the objective trained on adds router_aux_loss_coef * aux_loss. With lr 0
+    and the training batch as the validation set, the two read the same (they were coef * aux_loss apart)."""
+    from llmkern.finetune import FinetuneConfig
+    from llmkern.finetune.loop import batched_evaluation, fit
+
+    if recipe == "sft":
+        model, loss_fn = tiny_gpt(seed=10), lm_loss
+        examples, collate = lm_rows([6, 9, 4], 10), lambda rows: make_lm_batch(rows, 0)
+    else:
+        model, loss_fn = GPTClassifier(tiny_gpt(seed=10), 3), classification_loss
+        examples, collate = _classify_rows([6, 9, 4], 10), lambda rows: collate_rows(rows, 0)
+    cfg = FinetuneConfig(out_dir=str(tmp_path), max_steps=1, batch_size=3, lr=0.0, min_lr=0.0, warmup_steps=0,
+                         eval_interval=1, progress=False)
+    evaluate = batched_evaluation(loss_fn, collate, examples, "val", cfg, torch.device("cpu"))
+    summary = fit(model, loss_fn, examples, collate, cfg, evaluate=evaluate)
+    with open(summary["metrics"]) as f:
+        records = [json.loads(line) for line in f]
+    (train,) = [r for r in records if r["kind"] == "train"]
+    val_loss = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    assert train["aux_loss"] > 1.0  # top 2 of 4 experts: 2 when even, so COEF * aux_loss is far above rounding
+    assert val_loss[0] == val_loss[-1] and train["loss"] == pytest.approx(val_loss[0], rel=1e-5)

@@ -273,6 +273,36 @@ def test_a_bad_token_mask_is_refused_naming_it(token_mask, error, match):
         model.hidden_states_with_aux_loss(idx, token_mask)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_the_masked_aux_loss_runs_under_deterministic_algorithms(device, monkeypatch):
+    """torch.use_deterministic_algorithms refuses a GPU bincount with weights (float atomic adds), which a masked
+    loss counting the real tokens' slots by weights 0/1 ran into: each recipe passes a mask, so a MoE fine-tuning
+    run in deterministic mode failed on a GPU. On the CPU, where a weighted bincount passes, no such call may run."""
+    torch.manual_seed(7)
+    model = uneven_moe().to(device)
+    idx = torch.randint(0, VOCAB, (3, 6), device=device)
+    mask = right_padding_mask([6, 4, 2], 6).to(device)
+    captured = capture_router_logits(model)
+    weighted = []  # per torch.bincount call: whether it had weights
+    bincount = torch.bincount
+
+    def recording_bincount(input, weights=None, minlength=0):
+        weighted.append(weights is not None)
+        return bincount(input, weights, minlength)
+
+    monkeypatch.setattr(torch, "bincount", recording_bincount)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, aux = model.hidden_states_with_aux_loss(idx, mask)
+        aux.backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert weighted and not any(weighted)
+    expected = reference_aux_loss([c.cpu() for c in captured], 2, mask.cpu())
+    torch.testing.assert_close(aux.detach().cpu().double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_load_balancing_loss_refuses_a_mask_of_other_tokens():
     stats = [MoEMLP(8, 4, 3, 1)(torch.randn(2, 5, 8))[1]]
     with pytest.raises(ValueError, match=r"one flag per routed token \(10\)"):
@@ -327,16 +357,18 @@ def test_moe_layers_picks_the_layers_with_experts():
 
 
 def test_checkpointing_gives_the_same_loss_and_gradients():
-    """The aux loss of a checkpointed block counts once (the recomputation in the backward pass adds nothing)."""
+    """The aux loss of a checkpointed block counts once (the recomputation in the backward pass adds nothing), the
+    per-token RouterStats coming out of torch.utils.checkpoint whole (the masked loss reads them)."""
     torch.manual_seed(0)
     plain = GPT(moe_config(router_aux_loss_coef=0.5))
     checkpointed = GPT(moe_config(router_aux_loss_coef=0.5, activation_checkpointing=True))
     checkpointed.load_state_dict(plain.state_dict())
     idx = torch.randint(0, VOCAB, (2, 11))
+    mask = right_padding_mask([11, 6], 11)
     losses = []
     for model in (plain, checkpointed):
         model.train()
-        _, loss = model(idx, idx)
+        _, loss = model(idx, idx, token_mask=mask)
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1])

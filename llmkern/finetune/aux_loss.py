@@ -11,8 +11,11 @@ recipe (0 turns it off; a Hugging Face import sets it only where config.json has
 transformers' causal LM reads it). A frozen model (DPO's and PPO's
 reference, PPO's reward model) runs in eval mode and adds nothing.
 
-The recipes log the load-balancing loss as "aux_loss" beside their "loss", which is the objective trained on
-(the recipe's loss plus router_aux_loss_coef * aux_loss); finetune.loop draws aux_loss.png from it.
+The recipes log the load-balancing loss as "aux_loss" beside their "loss", which is the recipe's own loss, not the
+objective trained on (that adds router_aux_loss_coef * aux_loss): comparable with the validation loss, which eval
+mode leaves without it, and with a dense model's, as the pretraining trainer logs the cross-entropy alone. The
+metrics carry it as "loss", which finetune.loop logs in place of the objective. finetune.loop draws aux_loss.png
+from aux_loss. (PPO's "loss" is its whole objective, with the aux term: it has no validation loss to match.)
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from ..model import GPTConfig
 
 def with_aux_loss(loss: torch.Tensor, aux: torch.Tensor | None, config: GPTConfig
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss plus config.router_aux_loss_coef * aux, {"aux_loss": aux detached}) for a forward pass with a
-    load-balancing loss `aux`; (loss, {}) for one without (aux None: a dense model, or eval mode)."""
+    """(loss plus config.router_aux_loss_coef * aux, {"loss": loss detached, "aux_loss": aux detached}) for a
+    forward pass with a load-balancing loss `aux` (the metrics' "loss": the recipe's own, which finetune.loop logs);
+    (loss, {}) for one without (aux None: a dense model, or eval mode)."""
     if aux is None:
         return loss, {}
+    metrics = {"loss": loss.detach(), "aux_loss": aux.detach()}
     if config.router_aux_loss_coef > 0:
         loss = loss + config.router_aux_loss_coef * aux
-    return loss, {"aux_loss": aux.detach()}
+    return loss, metrics
 
 
 def real_tokens(lengths: torch.Tensor, t: int) -> torch.Tensor:

@@ -23,8 +23,10 @@ recipes save and use a whole model as they do after one process).
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
 loss_fn(model, batch) -> (loss, {name: float or 0-d tensor}) is called on each micro-batch (the
-batch's tensors already on the model's device; for a mixture-of-experts model the recipes add its
-load-balancing loss to the loss and log it as "aux_loss", charted in aux_loss.png: see finetune.aux_loss);
+batch's tensors already on the model's device); the loss is what trains, and what is logged as "loss" unless
+the metrics carry a "loss" of their own: for a mixture-of-experts model the recipes add its load-balancing
+loss to the loss trained on, and log the recipe's loss alone as "loss", the load-balancing loss as "aux_loss"
+(charted in aux_loss.png; see finetune.aux_loss);
 evaluate(model) -> {name: float} runs before training, every config.eval_interval steps and at the end, in
 eval mode under no_grad and autocast; name its validation loss "val_loss", which loss.png draws beside the
 training loss.
@@ -250,7 +252,8 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
         with autocast_context(config, device):
             loss, metrics = loss_fn(model, batch)
         (loss * (loss_scale / config.grad_accum)).backward()
-        loss_sum += loss.detach().float()
+        # the recipe's own loss where the one trained on adds more (a MoE model's aux term, finetune.aux_loss)
+        loss_sum += torch.as_tensor(metrics.pop("loss", loss)).detach().float()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
     sums = torch.stack([loss_sum.double(), *totals.values()])

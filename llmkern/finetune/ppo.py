@@ -379,8 +379,8 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
             totals["policy_loss"] += float(policy_loss.detach())
             totals["value_loss"] += float(value_loss.detach())
             totals["clip_fraction"] += float(clip_fraction)
-            for name, value in aux_metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+            if "aux_loss" in aux_metrics:  # its "loss" is the one before the aux term; PPO logs the objective
+                totals["aux_loss"] = totals.get("aux_loss", 0.0) + float(aux_metrics["aux_loss"])
             count += 1
     return step, {k: v / count for k, v in totals.items()}
 

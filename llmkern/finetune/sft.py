@@ -81,11 +81,15 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
     """The model's own masked next-token loss (mean over the targets that are not -1); packed batches
     carry doc_ids, which keep their examples apart. A mixture-of-experts model in training mode adds its
     load-balancing loss over the batch's real tokens (token_mask: the padding's routing is not counted) times
-    its router_aux_loss_coef, and the metrics carry that loss as "aux_loss" (finetune.aux_loss)."""
+    its router_aux_loss_coef, and the metrics carry that loss as "aux_loss" and the cross-entropy alone as "loss",
+    which finetune.loop logs (finetune.aux_loss)."""
     _, loss = model(batch["idx"], batch["targets"], batch.get("doc_ids"), token_mask=batch.get("token_mask"))
     if not model.training or model.aux_loss is None:  # eval mode leaves the last training pass's aux_loss there
         return loss, {}
-    return loss, {"aux_loss": model.aux_loss}
+    aux, coef = model.aux_loss, model.config.router_aux_loss_coef
+    # forward adds coef * aux only for coef > 0 (0 times a NaN aux loss would make the cross-entropy NaN)
+    cross_entropy = loss.detach() - coef * aux if coef > 0 else loss.detach()
+    return loss, {"loss": cross_entropy, "aux_loss": aux}
 
 
 @torch.no_grad()

@@ -117,8 +117,8 @@ def load_balancing_loss(stats: list[RouterStats], token_mask: torch.Tensor | Non
     if token_mask is None:
         slot_share, mean_prob = zip(*(_unmasked_averages(s) for s in stats))
     else:
-        weights = _token_weights(token_mask, stats[0].probs.size(0))
-        slot_share, mean_prob = zip(*(_masked_averages(s, weights) for s in stats))
+        real = _real_tokens(token_mask, stats[0].probs.size(0))
+        slot_share, mean_prob = zip(*(_masked_averages(s, real) for s in stats))
     slot_share = torch.stack(slot_share).mean(dim=0)
     mean_prob = torch.stack(mean_prob).mean(dim=0)
     n_experts = mean_prob.numel()
@@ -133,24 +133,27 @@ def _unmasked_averages(stats: RouterStats) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.float() / n_tokens, stats.probs.mean(dim=0)
 
 
-def _masked_averages(stats: RouterStats, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """_unmasked_averages over the tokens of weight 1 (weights (N,) float32 of 0s and 1s)."""
+def _masked_averages(stats: RouterStats, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_unmasked_averages over the real tokens (real (N,) bool)."""
     n_experts = stats.probs.size(1)
-    k = stats.experts.size(1)
-    # Whole counts in float32 (exact to 2**24 tokens), whatever order a GPU's atomic adds take.
-    counts = torch.bincount(stats.experts.reshape(-1), weights=weights.repeat_interleave(k), minlength=n_experts)
+    # The padding's slots are counted in an extra bin E, then dropped: whole counts from a bincount without
+    # weights, which a GPU runs deterministically (torch.use_deterministic_algorithms refuses a weighted one there:
+    # its float atomic adds).
+    slots = stats.experts.masked_fill(~real.unsqueeze(-1), n_experts)
+    counts = torch.bincount(slots.reshape(-1), minlength=n_experts + 1)[:n_experts]
     # No real token: 0 / 1, not NaN (the sums are 0 then).
-    real = weights.sum().clamp_min(1.0)
-    # A weighted sum, not weights @ probs: autocast would run that matmul in bf16.
-    return counts / real, (stats.probs * weights.unsqueeze(-1)).sum(dim=0) / real
+    n_real = real.sum().clamp_min(1).float()
+    # A weighted sum, not a matmul: autocast would run that in bf16.
+    mean_prob = (stats.probs * real.unsqueeze(-1).float()).sum(dim=0) / n_real
+    return counts.float() / n_real, mean_prob
 
 
-def _token_weights(token_mask: object, n_tokens: int) -> torch.Tensor:
-    """token_mask (B, T) bool as (N,) float32 weights, checked against the layers' N routed tokens."""
+def _real_tokens(token_mask: object, n_tokens: int) -> torch.Tensor:
+    """token_mask (B, T) bool flattened to the (N,) flags of the layers' N routed tokens, checked against them."""
     if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
         raise TypeError(f"token_mask must be a bool tensor (True at real tokens), got "
                         f"{getattr(token_mask, 'dtype', type(token_mask).__name__)}")
     if token_mask.dim() != 2 or token_mask.numel() != n_tokens:
         raise ValueError(f"token_mask must be (B, T), one flag per routed token ({n_tokens}); "
                          f"got shape {tuple(token_mask.shape)}")
-    return token_mask.reshape(-1).float()
+    return token_mask.reshape(-1)
