@@ -4,8 +4,11 @@ old file or the new one, never a mix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
@@ -40,3 +43,42 @@ def fsync_dir(path: str) -> None:
 
 def write_json_atomic(path: str, obj: Any, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def write_folder_atomic(out_dir: str) -> Iterator[str]:
+    """A temporary folder beside out_dir to write a folder's files into: when the block ends without an error it
+    is renamed to out_dir (an out_dir already there replaced), else deleted, so that out_dir's name only ever holds
+    a whole folder, the old one or the new."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _publish_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish_folder(tmp: str, out_dir: str) -> None:
+    """Rename the finished folder tmp to out_dir, its files flushed first; an out_dir already there is moved aside
+    first and deleted after."""
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    old = None
+    if os.path.isdir(out_dir):
+        old = f"{tmp}.old"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)  # the folder that was there stays
+        raise
+    fsync_dir(os.path.dirname(out_dir))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

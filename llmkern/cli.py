@@ -264,6 +264,12 @@ def _add_train_parsers(sub) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .model.hf_save import save_hf_folder
 
+    if args.peft:
+        return _export_peft(args)
+    if args.base_model is not None:
+        print("llmkern export: error: --base-model names the base of a --peft adapter; give --peft too",
+              file=sys.stderr)
+        return 2
     try:
         model, tokenizer, family = _export_model(args)
         paths = save_hf_folder(model, args.out, family, args.dtype, args.max_shard_size, tokenizer.spec,
@@ -272,6 +278,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"llmkern export: error: {err}", file=sys.stderr)
         return 2
     _print_export(paths, tokenizer.spec)
+    return 0
+
+
+def _check_out_not_run(args: argparse.Namespace) -> None:
+    import os
+
+    run, out = os.path.abspath(args.run), os.path.abspath(args.out)
+    if os.path.commonpath([run, out]) == out:  # --force would delete the run it exports
+        raise ValueError(f"--out {args.out!r} holds the run {args.run!r}; write the folder elsewhere")
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    """--peft: the run's LoRA adapters as a PEFT adapter folder for the Hugging Face base model."""
+    import os
+
+    from .finetune.peft_export import save_peft_adapter_from_run
+
+    family = None if args.format == "auto" else args.format
+    try:
+        if args.max_shard_size != DEFAULT_MAX_SHARD_SIZE:
+            raise ValueError("--max-shard-size splits a model's weights; a --peft adapter is one file")
+        _check_out_not_run(args)
+        paths = save_peft_adapter_from_run(args.run, args.out, family, args.base_model, args.dtype, force=args.force)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"llmkern export: error: {err}", file=sys.stderr)
+        return 2
+    size = sum(os.path.getsize(path) for path in paths)
+    print(f"wrote {os.path.dirname(paths[0])}: a PEFT LoRA adapter, {len(paths)} files, {size / 1e6:.1f} MB")
     return 0
 
 
@@ -290,10 +324,7 @@ def _export_model(args: argparse.Namespace):
     from .train.inference import load_trained_model
 
     check_out_dir(args.out, args.force)  # before the (slow) loading
-    run = os.path.abspath(args.run)
-    out = os.path.abspath(args.out)
-    if os.path.commonpath([run, out]) == out:  # --force would delete the run it exports
-        raise ValueError(f"--out {args.out!r} holds the run {args.run!r}; write the model folder elsewhere")
+    _check_out_not_run(args)
     meta = checkpoint_meta(args.run) or {}
     method = meta.get("finetune", {}).get("method") if isinstance(meta.get("finetune"), dict) else None
     if method in SCORING_METHODS:
@@ -324,6 +355,7 @@ def _print_export(paths: list[str], tokenizer_spec: str) -> None:
 # llmkern.model.hf_save's DTYPES and FAMILIES, spelled here so that building the parser imports no torch
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FAMILIES = ("gpt2", "llama", "phi3", "gemma3", "gemma2")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def _add_export_parser(sub) -> None:
@@ -332,12 +364,17 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--out", required=True, help="the folder to write (refused when it holds files, unless --force)")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="the weights' dtype (default: the run's)")
-    p.add_argument("--max-shard-size", default="5GB",
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="split the weights into shards with an index past this size, as save_pretrained does "
                         "(5GB = 5*10^9 bytes; KB, MB, GB, KiB, MiB, GiB; default 5GB)")
     p.add_argument("--format", choices=("auto",) + EXPORT_FAMILIES, default="auto",
                    help="the Hugging Face family (auto: the one the run started from, else the model's shape tells)")
     p.add_argument("--force", action="store_true", help="replace --out when it holds files")
+    p.add_argument("--peft", action="store_true", help="write a LoRA run's adapters as a PEFT adapter folder "
+                                                      "(adapter_config.json, adapter_model.safetensors) for the "
+                                                      "Hugging Face base model, not the merged model")
+    p.add_argument("--base-model", default=None, help="with --peft: the adapter's base_model_name_or_path (a hub "
+                                                      "name or a folder)")
     p.set_defaults(func=_cmd_export)
 
 

@@ -298,6 +298,19 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     assert read_json(out / "tokenizer_config.json")["model_max_length"] == tuned.config.block_size
     back, _ = load_hf_file(str(out / "model-00001-of-00002.safetensors"), backend="torch")
     assert torch.equal(logits(back.eval()), logits(tuned))
+
+    # --peft: the adapters alone, for the base's Hugging Face folder (test_peft_export checks their values)
+    adapter = tmp_path / "adapter"
+    assert cli.main(["export", "--run", str(run), "--out", str(adapter), "--peft", "--base-model", "hf/base"]) == 0
+    assert "PEFT LoRA adapter" in capsys.readouterr().out
+    settings = read_json(adapter / "adapter_config.json")
+    assert (settings["peft_type"], settings["r"], settings["base_model_name_or_path"]) == ("LORA", 4, "hf/base")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    for extra in (["--max-shard-size", "1GB"], ["--force", "--out", str(tmp_path)]):
+        args = ["export", "--run", str(run), "--out", str(tmp_path / "adapter2"), "--peft", *extra]
+        assert cli.main(args) == 2
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "m"), "--base-model", "hf/base"]) == 2
+    assert "give --peft too" in capsys.readouterr().err
     # the adapters are in the weights: the attention's differ from the base's
     tensors = read_folder(out)
     base_qkv = load_checkpoint(base).model["blocks.0.attn.qkv.weight"]

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from .._atomic import write_folder_atomic
 from .config import GPTConfig
 from .gpt import GPT
 
@@ -324,20 +325,13 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
     weights = hf_weights(state, hf_config, dtype)
     del state
 
-    out_dir = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with write_folder_atomic(out_dir) as tmp:
         names = write_weights(tmp, weights, max_shard_bytes)
         _write_json(os.path.join(tmp, "config.json"), hf_config)
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
         names += ["config.json", "generation_config.json"] + write_tokenizer(tmp, tokenizer_spec,
                                                                                model.config.block_size)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_dir = os.path.abspath(out_dir)
     return [os.path.join(out_dir, name) for name in names]
 
 
@@ -345,27 +339,3 @@ def _write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-
-
-def _publish(tmp: str, out_dir: str) -> None:
-    """Rename the finished folder tmp to out_dir, its files flushed first; an out_dir already there is moved aside
-    first and deleted after, so that out_dir's name only ever holds a whole folder."""
-    from .._atomic import fsync_dir
-
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
-    old = None
-    if os.path.isdir(out_dir):
-        old = f"{tmp}.old"
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)  # the folder that was there stays
-        raise
-    fsync_dir(os.path.dirname(out_dir))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
