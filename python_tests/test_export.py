@@ -293,6 +293,10 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     assert os.path.isfile(out / hf_save.INDEX_NAME)
     # the byte tokenizer, written as a tokenizer.json of the 256 bytes and <|endoftext|>
     assert read_json(out / "special_tokens_map.json") == {"eos_token": "<|endoftext|>"}
+    # no begin-of-sequence token: null, not left out (transformers' GPT-2 default would be 50256, past 257 ids)
+    ids = {"bos_token_id": None, "eos_token_id": 256}
+    assert read_json(out / "generation_config.json") == ids
+    assert {k: read_json(out / "config.json")[k] for k in ids} == ids
 
     tuned, _, _ = load_trained_model(str(run), device="cpu")
     assert read_json(out / "tokenizer_config.json")["model_max_length"] == tuned.config.block_size
@@ -317,7 +321,7 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     assert torch.equal(tensors["transformer.h.0.attn.c_attn.weight"], tuned.blocks[0].attn.qkv.weight.t())
     assert not torch.equal(tensors["transformer.h.0.attn.c_attn.weight"], base_qkv.t())
     # the byte tokenizer's end-of-text
-    assert read_json(out / "generation_config.json") == {"eos_token_id": 256}
+    assert read_json(out / "generation_config.json") == {"bos_token_id": None, "eos_token_id": 256}
     # a second export there is refused, the first left as it was
     before = sorted(os.listdir(out))
     assert cli.main(["export", "--run", str(run), "--out", str(out)]) == 2
@@ -351,7 +355,7 @@ def test_a_tiktoken_tokenizer_is_written_as_a_tokenizer_json(shared_data, tmp_pa
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
         "clean_up_tokenization_spaces": False, "model_max_length": CTX}
     assert read_json(os.path.join(out, "special_tokens_map.json")) == {"eos_token": "<|endoftext|>"}
-    assert read_json(os.path.join(out, "generation_config.json")) == {"eos_token_id": 399}
+    assert read_json(os.path.join(out, "generation_config.json")) == {"bos_token_id": None, "eos_token_id": 399}
     tokenizers = pytest.importorskip("tokenizers")
     written = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     sample = text[:5000] + " 日本語 🙂 <|endoftext|>"

@@ -180,6 +180,22 @@ def test_a_run_folders_adapters_give_the_models_folder(tmp_path):
         save_peft_adapter_from_run(str(tmp_path / "nothing"), str(tmp_path / "x"))
 
 
+def test_a_checkpoint_folder_of_a_run_gives_the_run_s_adapters(tmp_path):
+    """A run's checkpoint folder (run/checkpoints/step_N) finds the lora.safetensors of its run, two levels up."""
+    _, config, _ = MODELS["llama-gqa"]
+    model = lora_model(config)
+    save_peft_adapter(model, str(tmp_path / "from_model"), "llama")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_lora_adapters(str(run / "lora.safetensors"), model, {"rank": RANK, "alpha": ALPHA, "dropout": 0.0})
+    checkpoint = save_finetuned(str(run), 2, merge_lora(model).state_dict(),
+                                {"model_config": config.to_dict(), "tokenizer": "bytes"})
+    assert os.path.dirname(os.path.dirname(checkpoint)) == str(run)  # the layout the test is about
+    save_peft_adapter_from_run(checkpoint, str(tmp_path / "from_checkpoint"))
+    ours, theirs = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS_NAME)) for d in ("from_model", "from_checkpoint"))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_a_run_goes_on_the_family_it_started_from(tmp_path):
     """A Phi-3 import (a config that reads as Llama's) gets its adapters on Phi-3's fused qkv_proj and gate_up_proj."""
     _, config, _ = MODELS["llama-gqa"]

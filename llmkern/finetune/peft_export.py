@@ -148,7 +148,14 @@ def read_run_adapters(path: str, config: GPTConfig) -> Adapters:
 
 def _run_lora_file(run: str) -> str:
     """The lora.safetensors of a run folder, or of the run folder a checkpoint folder is in."""
-    for folder in (run, os.path.dirname(os.path.abspath(run))):
+    from ..train.checkpoint import checkpoints_dir
+
+    folders = [run]
+    # a checkpoint folder is run/checkpoints/step_N (checkpoint.step_dir): its run is two levels up
+    parent = os.path.dirname(os.path.abspath(run))
+    if checkpoints_dir(os.path.dirname(parent)) == parent:
+        folders.append(os.path.dirname(parent))
+    for folder in folders:
         path = os.path.join(folder, LORA_FILE)
         if os.path.isfile(path):
             return path

@@ -218,17 +218,16 @@ def write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard_bytes
     return names + [INDEX_NAME]
 
 
-def generation_ids(tokenizer_spec: str | None) -> dict[str, int]:
-    """{"bos_token_id", "eos_token_id"} of a tokenizer spec, each where the tokenizer has one; {} for no spec."""
+def generation_ids(tokenizer_spec: str | None) -> dict[str, int | None]:
+    """{"bos_token_id", "eos_token_id"} of a tokenizer spec; {} for no spec. bos_token_id is None (null) for a
+    tokenizer without one: left out, transformers would take its config class's default (Llama's 1, GPT-2's
+    50256), an id the model never saw as a start, or past a small vocabulary."""
     if tokenizer_spec is None:
         return {}
     from ..data.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(tokenizer_spec)
-    ids = {"eos_token_id": tokenizer.eot_token}
-    if tokenizer.bos_token is not None:
-        ids["bos_token_id"] = tokenizer.bos_token
-    return ids
+    return {"eos_token_id": tokenizer.eot_token, "bos_token_id": tokenizer.bos_token}
 
 
 def write_tokenizer(folder: str, tokenizer_spec: str | None, model_max_length: int | None = None) -> list[str]:
