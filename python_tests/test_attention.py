@@ -438,10 +438,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                      for has_doc in (False, True)]
             for has_doc, has_window in masks:
                 consts = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_DOC=has_doc, HAS_WINDOW=has_window,
-                              DOT_PRECISION="tf32", DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
+                              HAS_SOFTCAP=False, DOT_PRECISION="tf32", DOC_SCAN=A.DOC_SCAN, **switches, **tile.kwargs)
                 names = [n for n in kernel.fn.arg_names if n not in consts]
-                sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n.startswith("scale") else "i32"
-                       for n in names}
+                floats = [n for n in names if n.startswith("scale") or n == "softcap"]
+                sig = {n: POINTER.get(n, "*bf16") if n.isupper() else "fp32" if n in floats else "i32" for n in names}
                 aligned = [n for n in names if n.isupper() or n.startswith("stride")]
                 ptx = build(kernel, sig, consts, arch, aligned, num_warps=tile.num_warps, num_stages=tile.num_stages)
                 found = {op: len(re.findall(pattern, ptx)) for op, pattern in

@@ -75,8 +75,9 @@ class GPTConfig:
     attn_scale: float | None = None
     # Gemma 2's soft caps, each x -> cap * tanh(x / cap): attn_softcap on attention's scaled scores before the mask
     # (its attn_logit_softcapping, 50), logit_softcap on the LM head's logits, the loss's too (its
-    # final_logit_softcapping, 30); None: no cap. No attention kernel caps its scores: with attn_softcap, attention
-    # runs a plain-PyTorch path (llmkern.nn.CausalSelfAttention), and the loss its unfused path with logit_softcap.
+    # final_logit_softcapping, 30); None: no cap. Training's attention caps its scores in the Triton kernels (the CUDA
+    # ones have no cap; on a CPU, and in generation, the plain-PyTorch reference), and the loss takes its unfused path
+    # with logit_softcap.
     attn_softcap: float | None = None
     logit_softcap: float | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
 from ..ops import reference
-from ..ops.attention import attention
+from ..ops.attention import attention, fits_backend
 from ..ops.rope import rope
 from ._dispatch import module_backend, op_backend
 from .rms_norm import RMSNorm
@@ -55,9 +56,9 @@ class CausalSelfAttention(nn.Module):
         included; Mistral's sliding_window); None: all of them.
         scale: the softmax scale of q . k (Gemma 3's query_pre_attn_scalar ** -0.5); None: 1 / sqrt(head_dim).
         softcap: Gemma 2's soft cap of the scaled scores, s -> softcap * tanh(s / softcap) before the masks; None:
-        none. No attention kernel takes it (kernels with a soft cap are a follow-up): with one, training and
-        generation run llmkern.ops.reference.attention, plain PyTorch that holds the (B, H, T, Tk) fp32 scores, O(T^2)
-        memory where the kernels' is O(T)."""
+        none. Training's attention takes it to the Triton kernels (the CUDA ones have none: a module on a backend
+        whose kernels cannot take it lets "auto" pick, Triton on a GPU, else the torch reference); generation's masked
+        attention runs llmkern.ops.reference.attention with it, which holds the (B, H, T, Tk) fp32 scores."""
         super().__init__()
         for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
             _check_count(name, value)
@@ -149,13 +150,12 @@ class CausalSelfAttention(nn.Module):
 
     def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """Training's attention (and a whole sequence's without a cache): the kernels, or with a soft cap the
-        plain-PyTorch reference, which alone computes one."""
-        if self.softcap is not None:
-            return reference.attention(q, k, v, causal=True, scale=self.scale, doc_ids=doc_ids, window=self.window,
-                                       softcap=self.softcap)
+        """Training's attention (and a whole sequence's without a cache): the kernels, the soft cap too."""
         backend = op_backend("attention", self.backend, q.device)
-        return attention(q, k, v, causal=True, scale=self.scale, backend=backend, doc_ids=doc_ids, window=self.window)
+        if self.softcap is not None:
+            backend = _capped_backend(backend, q, self.softcap)
+        return attention(q, k, v, causal=True, scale=self.scale, backend=backend, doc_ids=doc_ids, window=self.window,
+                         softcap=self.softcap)
 
     def _masked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -198,6 +198,15 @@ class CausalSelfAttention(nn.Module):
         RoPE call turns both. Normed as (B, T, heads, D), whose last dim is contiguous, as the norm op takes it."""
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+
+
+def _capped_backend(backend: str | None, q: torch.Tensor, softcap: float) -> str | None:
+    """The backend of a capped layer's attention: `backend` (None: the default backend) when its kernels take the
+    cap and q (the cuda ones have no cap, Triton's not every head dim), else "auto", which picks one that does
+    (at worst the torch reference, which ran every capped layer before the kernels had a cap): a model on such a
+    backend runs, as it does with an op that has no kernels there, rather than stop at the op's refusal."""
+    named = _backend.get_backend() if backend is None else backend
+    return backend if named == "auto" or fits_backend(named, q, softcap) else "auto"
 
 
 def _column_distance(t: int, total: int, key_columns: torch.Tensor | None, device: torch.device) -> torch.Tensor:

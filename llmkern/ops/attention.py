@@ -10,7 +10,9 @@ A drop-in for F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sc
 - document masking for packed sequences: `doc_ids` (B, S) or `cu_seqlens` (N + 1,), so a
   token attends only within its own document, with no S x S mask tensor;
 - sliding-window (local) causal attention: `window` W, each query sees only the last W keys up
-  to its own position (Mistral's sliding_window); the kernels skip the key tiles outside it.
+  to its own position (Mistral's sliding_window); the kernels skip the key tiles outside it;
+- soft-capped scores (Gemma 2's attn_logit_softcapping): `softcap` c, each scaled score s becomes
+  c * tanh(s / c) before the masks; the triton and torch backends have it, the cuda one does not.
 
 Causal masking is aligned to the bottom right when Sq != Sk (as SDPA's math reference and
 KV-cache decoding expect): query i, at position p = i + (Sk - Sq), sees key j when j <= p, and
@@ -47,6 +49,8 @@ DTYPES = {
 DOC_ID_DTYPES = (torch.int32, torch.int64)
 # The custom ops and the kernel modules take the window as an int, this one meaning none.
 NO_WINDOW = 0
+# Backends that take a soft cap (the CUDA kernels have none): "auto" skips the others when one is given.
+SOFTCAP_BACKENDS = ("torch", "triton")
 # Both kernel backends index (batch, head) pairs on grid axes that hold at most 65535 blocks
 # (CUDA's y and z, Triton's second axis), so a larger batch is launched in slices of the batch.
 MAX_BATCH_HEADS_PER_LAUNCH = 65535
@@ -63,6 +67,7 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over k, v.
 
@@ -83,6 +88,9 @@ def attention(
             p = i + (Sk - Sq), sees key j only when p - window < j <= p, the last `window` keys up to
             its own (Hugging Face's sliding_window; FlashAttention's window_size=(window - 1, 0)).
             Combines with doc_ids / cu_seqlens. None: no window.
+        softcap: optional soft cap c (a finite float > 0) of the scaled scores, s -> c * tanh(s / c) before the
+            masks (Gemma 2's attn_logit_softcapping). The triton and torch backends take it, not cuda ("auto"
+            then picks triton on a GPU where Triton runs, else torch). None: no cap.
 
     Returns:
         o: (B, Hq, Sq, D), q's dtype. From the cuda and triton backends it is, as from SDPA's flash
@@ -91,17 +99,20 @@ def attention(
     """
     _check_args(q, k, v, causal, scale, doc_ids, cu_seqlens)
     _check_window(window, causal)
+    softcap = _check_softcap(softcap)
     device = _checks.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
-    chosen = _backend.resolve("attention", backend, device, fits=lambda b: _fits_backend(b, q))
-    _check_backend_limits(chosen, q)
+    chosen = _backend.resolve("attention", backend, device, fits=lambda b: fits_backend(b, q, softcap))
+    _check_backend_limits(chosen, q, softcap)
     if cu_seqlens is not None:
         doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.size(0), q.size(2))
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     if chosen == "torch":
-        return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids, window=window)
+        return reference.attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids, window=window,
+                                   softcap=softcap)
     if doc_ids is not None:
         doc_ids = int32_doc_ids(doc_ids)
-    o, _ = _attention_fwd_op(q, k, v, doc_ids, bool(causal), scale, chosen, _kernel_window(window, k.size(2)))
+    o, _ = _attention_fwd_op(q, k, v, doc_ids, bool(causal), scale, chosen, _kernel_window(window, k.size(2)),
+                             softcap)
     return o
 
 
@@ -119,6 +130,23 @@ def _check_op_window(window: int, causal: bool) -> None:
         raise ValueError(f"window must be >= 0 ({NO_WINDOW}: none); got {window}")
     if window != NO_WINDOW and not causal:
         raise ValueError("window needs causal=True (a sliding window looks back from each query's position)")
+
+
+def _check_op_softcap(softcap: float | None, backend: str) -> None:
+    """The custom ops' softcap (public: torch.ops.llmkern.attention_fwd/bwd): a cap the kernels can take, on a
+    backend that has one (the cuda launchers take none)."""
+    if softcap is None:
+        return
+    _check_softcap(softcap)
+    if backend not in SOFTCAP_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no soft cap (softcap={softcap}); "
+                         f"the backends with one are {SOFTCAP_BACKENDS}")
+
+
+def _kernel_kwargs(softcap: float | None) -> dict:
+    """The launchers' keyword arguments for the cap: none without one, so the cuda launchers, which take no
+    cap (the op refuses one there), are called as they always were."""
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def int32_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -196,6 +224,14 @@ def _check_window(window, causal: bool) -> None:
         raise ValueError("window needs causal=True (a sliding window looks back from each query's position)")
 
 
+def _check_softcap(softcap) -> float | None:
+    """softcap as a float (None stays None): finite and > 0 in fp32, as the kernels take it (a zero cap would
+    divide by zero, an inf one is no cap, a NaN one poisons every score)."""
+    if softcap is None:
+        return None
+    return _checks.check_positive_float("softcap", softcap)
+
+
 def _check_doc_ids(doc_ids, b: int, sq: int, sk: int) -> None:
     _checks.check_tensor("doc_ids", doc_ids)
     if doc_ids.dtype not in DOC_ID_DTYPES:
@@ -223,18 +259,24 @@ def _check_cu_seqlens(cu_seqlens, sq: int, sk: int) -> None:
         raise ValueError("cu_seqlens must be non-decreasing")
 
 
-def _fits_backend(backend: str, q: torch.Tensor) -> bool:
+def fits_backend(backend: str, q: torch.Tensor, softcap: float | None) -> bool:
+    """Whether `backend`'s attention takes these arguments: q's dtype and head dim, and a soft cap (what "auto"
+    asks of each backend it tries)."""
     dims = HEAD_DIMS.get(backend)
-    return q.dtype in DTYPES[backend] and (dims is None or q.size(-1) in dims)
+    capped_ok = softcap is None or backend in SOFTCAP_BACKENDS
+    return q.dtype in DTYPES[backend] and (dims is None or q.size(-1) in dims) and capped_ok
 
 
-def _check_backend_limits(backend: str, q: torch.Tensor) -> None:
+def _check_backend_limits(backend: str, q: torch.Tensor, softcap: float | None) -> None:
     if q.dtype not in DTYPES[backend]:
         allowed = ", ".join(str(t).replace("torch.", "") for t in DTYPES[backend])
         raise TypeError(f"q, k and v must have dtype {allowed} for backend {backend!r}; got {q.dtype}")
     dims = HEAD_DIMS.get(backend)
     if dims is not None and q.size(-1) not in dims:
         raise ValueError(f"backend {backend!r} supports head dims {dims}; got {q.size(-1)}")
+    if softcap is not None and backend not in SOFTCAP_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no soft cap; softcap={softcap} needs one of {SOFTCAP_BACKENDS} "
+                         "(or backend='auto')")
 
 
 # --- the custom ops --------------------------------------------------------------------------
@@ -271,11 +313,14 @@ def _attention_fwd(
     scale: float,
     backend: str,
     window: int = NO_WINDOW,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32, the natural-log log-sum-exp of each score row.
     window: the sliding window, NO_WINDOW (0) for none; last and with that default, so that callers
-    of the op from before windows (its schema is public: torch.ops.llmkern.attention_fwd) still run."""
+    of the op from before windows (its schema is public: torch.ops.llmkern.attention_fwd) still run.
+    softcap: the scores' soft cap (triton only), None for none; after window, defaulted, for the same reason."""
     _check_op_window(window, causal)
+    _check_op_softcap(softcap, backend)
     o, lse = _empty_outputs(q)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
@@ -284,11 +329,12 @@ def _attention_fwd(
     kernels = _backend.kernels("attention", backend)
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)  # as given when attention() made them
     for rows in _launch_slices(q):
-        kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, window, scale, o[rows], lse[rows])
+        kernels.forward(q[rows], k[rows], v[rows], _rows_of(doc_ids, rows), causal, window, scale, o[rows], lse[rows],
+                        **_kernel_kwargs(softcap))
     return o, lse
 
 
-def _attention_fwd_fake(q, k, v, doc_ids, causal, scale, backend, window=NO_WINDOW):
+def _attention_fwd_fake(q, k, v, doc_ids, causal, scale, backend, window=NO_WINDOW, softcap=None):
     return _empty_outputs(q)
 
 
@@ -304,9 +350,12 @@ def _attention_bwd(
     scale: float,
     backend: str,
     window: int = NO_WINDOW,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv in the shapes of q, k, v (dk and dv summed over each group's query heads)."""
+    """dq, dk, dv in the shapes of q, k, v (dk and dv summed over each group's query heads); softcap as the
+    forward's."""
     _check_op_window(window, causal)
+    _check_op_softcap(softcap, backend)
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
@@ -316,11 +365,11 @@ def _attention_bwd(
     doc_ids = None if doc_ids is None else int32_doc_ids(doc_ids)
     for rows in _launch_slices(q):
         kernels.backward(do[rows], q[rows], k[rows], v[rows], o[rows], lse[rows], _rows_of(doc_ids, rows),
-                         causal, window, scale, dq[rows], dk[rows], dv[rows])
+                         causal, window, scale, dq[rows], dk[rows], dv[rows], **_kernel_kwargs(softcap))
     return dq, dk, dv
 
 
-def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, causal, scale, backend, window=NO_WINDOW):
+def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, causal, scale, backend, window=NO_WINDOW, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -328,9 +377,10 @@ _attention_bwd_op = CustomOp("llmkern::attention_bwd", _attention_bwd, _attentio
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, causal, scale, backend, window = inputs  # torch.library fills in a window left out
+    # torch.library fills in a window and softcap left out; attention() passes both
+    q, k, v, doc_ids, causal, scale, backend, window, softcap = inputs
     o, lse = output
-    ctx.causal, ctx.scale, ctx.backend, ctx.window = causal, scale, backend, window
+    ctx.causal, ctx.scale, ctx.backend, ctx.window, ctx.softcap = causal, scale, backend, window, softcap
     ctx.save_for_backward(q, k, v, o, lse, doc_ids)
 
 
@@ -340,9 +390,9 @@ def _backward(ctx, do, dlse):
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = _attention_bwd_op(
-        do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend, ctx.window
+        do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.scale, ctx.backend, ctx.window, ctx.softcap
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd_op = CustomOp("llmkern::attention_fwd", _attention_fwd, _attention_fwd_fake, _setup_context, _backward)

@@ -73,8 +73,8 @@ def attention(
     only when doc_ids[b, i] == doc_ids[b, j]. attn_mask, when given, a boolean mask broadcastable to
     (B, H, Sq, Sk), True where a query sees a key (generation's mask), masks them too.
     softcap: Gemma 2's soft cap of the scaled scores, s -> softcap * tanh(s / softcap), before the masks
-    (attn_logit_softcapping); None: none. No kernel takes it: this is its path (CausalSelfAttention's), with
-    the (B, H, Sq, Sk) scores in memory.
+    (attn_logit_softcapping); None: none. The Triton kernels take it too (ops.attention); the CUDA ones do not,
+    nor SDPA, so generation's masked path with a cap is this, with the (B, H, Sq, Sk) scores in memory.
     A query that sees no key at all (causal with Sq > Sk: the first Sq - Sk rows; a row of attn_mask all
     False) gets o = 0 and zero gradients, as the kernels give it, rather than softmax's NaN over an empty row.
     """

@@ -28,6 +28,12 @@ share no document (ids that come back later in the row) are computed and fully m
 
 Scores are kept in log2 units (scaled by scale * log2(e)) so the exponentials are exp2.
 
+Soft cap (Gemma 2's attn_logit_softcapping): with HAS_SOFTCAP each scaled score s becomes
+softcap * tanh(s / softcap), in fp32 and natural units (then log2 units: capping the log2-unit
+score would cap at softcap * log2(e)), before the masks. The backward recomputes the capped scores
+and p from the saved lse, and takes dS through the cap: dS_raw = p (dp - delta) (1 - tanh^2).
+A constexpr switch, like the window's: without a cap the kernels are those without the feature.
+
 Row offsets (position * row stride) are formed in int64: positions are int32, and with the
 strided q/k/v views of a fused QKV projection the row stride is (Hq + 2 Hkv) * D, so the
 product passes 2**31 from about 175k positions when Hq * D = 4096 with Hkv = Hq (in int32 it
@@ -130,7 +136,20 @@ _DQ_CONFIGS = _configs(
 )
 _PRUNE = {"early_config_prune": _for_head_dim}
 # Tuned once per power-of-two length bucket (seq_bucket), not at every new length.
-_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC"]
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "HAS_SOFTCAP"]
+
+
+@triton.jit
+def _soft_cap(s, scale, softcap):
+    """Gemma 2's cap of the raw products s = q . k: softcap * tanh(s * scale / softcap), in fp32 and natural
+    units, and the cap's slope there, 1 - tanh^2 (its derivative, for the backward's chain rule).
+    tl has no tanh (libdevice's is per GPU vendor, not in every Triton's interpreter), so tanh(x) is
+    1 - 2 / (exp(2x) + 1): finite for every x, NaN for none: exp overflows to inf past x ~ 44 (tanh = 1)
+    and underflows to 0 below -44 (tanh = -1). Near 0 it loses relative precision: the capped score's error is
+    about softcap * 1e-7, the fp32 rounding of a score as large as the cap."""
+    x = s * (scale / softcap)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return softcap * t, 1.0 - t * t
 
 
 @triton.jit
@@ -256,29 +275,34 @@ def _unmasked_end(first_n, end_n, m0, seq_k, causal_shift, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q, DOC_ROW,
-                  seq_k, causal_shift, window, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  seq_k, causal_shift, window, scale, scale_log2, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The online softmax over one key tile, [start_n, start_n + BLOCK_N): acc, l_i and m_i updated."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < seq_k
     k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scale_log2_of_s = scale_log2  # what turns s into log2-unit scores
+    if HAS_SOFTCAP:  # s becomes the capped scores (scaled, natural units), then log2 units
+        s = _soft_cap(s, scale, softcap)[0] * 1.4426950408889634
+        scale_log2_of_s = 1.0
     if MASKED:
         doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
         visible = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOC,
                            False)
-        s = tl.where(visible, s * scale_log2, float("-inf"))
+        s = tl.where(visible, s * scale_log2_of_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_shift[:, None])
     else:
-        # Every pair visible: the row max from the raw scores (a positive scale keeps their order),
-        # then one multiply-add an element before exp2, where scaling first costs a multiply more.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+        # Every pair visible: the row max from the raw scores (a positive scale keeps their order; capped
+        # scores are in log2 units already), then one multiply-add an element before exp2, where scaling
+        # first costs a multiply more.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2_of_s)
         m_shift = m_new
-        p = tl.exp2(s * scale_log2 - m_new[:, None])
+        p = tl.exp2(s * scale_log2_of_s - m_new[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -287,14 +311,19 @@ def _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok, doc_q,
-             DOC_ROW, seq_k, causal_shift, window, scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+             DOC_ROW, seq_k, causal_shift, window, scale, scale_log2, softcap, MASKED: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq (unscaled) plus the contribution of one key tile, [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < seq_k
     k, v = _load_kv_tile(k_ptr, v_ptr, stride_ks, stride_vs, offs_n, key_ok, offs_d, d_ok)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2(s * scale_log2 - lse_log2[:, None])
+    if HAS_SOFTCAP:  # p of the capped scores, as the forward took them
+        s, cap_slope = _soft_cap(s, scale, softcap)
+        p = tl.exp2(s * 1.4426950408889634 - lse_log2[:, None])
+    else:
+        p = tl.exp2(s * scale_log2 - lse_log2[:, None])
     if MASKED:
         doc_k = _key_tile_ids(DOC_ROW, offs_n, key_ok, HAS_DOC)
         visible = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOC,
@@ -302,6 +331,8 @@ def _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, sta
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:  # the gradient of the capped scores, through the cap to the scaled ones
+        ds = ds * cap_slope
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
@@ -316,10 +347,11 @@ def _attention_fwd_kernel(
     n_q_heads, group_size,  # Hq, and Hq // Hkv query heads per kv head
     seq_q, seq_k, seq_bucket,  # seq_bucket: only the autotuning key
     window,  # the sliding window (read only with HAS_WINDOW)
-    scale_log2,  # softmax scale * log2(e)
+    scale, scale_log2,  # softmax scale, and it times log2(e)
+    softcap,  # the soft cap of the scaled scores (read only with HAS_SOFTCAP)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D, and D rounded up to a power of two
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
@@ -365,15 +397,16 @@ def _attention_fwd_kernel(
         for start_n in range(first_n, unmasked_n, BLOCK_N):
             acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m,
                                           offs_d, d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window,
-                                          scale_log2, True, CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+                                          scale, scale_log2, softcap, True, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_SOFTCAP,
+                                          DOT_PRECISION, BLOCK_N)
     for start_n in range(unmasked_n, full_n, BLOCK_N):
         acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
-                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, False,
-                                      CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale, scale_log2,
+                                      softcap, False, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N)
     for start_n in range(full_n, end_n, BLOCK_N):
         acc, l_i, m_i = _forward_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
-                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True,
-                                      CAUSAL, HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+                                      d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale, scale_log2,
+                                      softcap, True, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key gets 0
@@ -421,10 +454,11 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
     n_kv_heads, group_size, seq_q, seq_k, seq_bucket, window,
-    scale, scale_log2,
+    scale, scale_log2, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOC_SCAN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
@@ -479,8 +513,12 @@ def _attention_bwd_dkdv_kernel(
             lse_log2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
             # Transposed tiles (keys x queries), so dk and dv accumulate without transposing p.
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-            p_t = tl.exp2(s_t - lse_log2[None, :])
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+            if HAS_SOFTCAP:  # p of the capped scores, as the forward took them
+                s_t, cap_slope_t = _soft_cap(s_t, scale, softcap)
+                p_t = tl.exp2(s_t * 1.4426950408889634 - lse_log2[None, :])
+            else:
+                p_t = tl.exp2(s_t * scale_log2 - lse_log2[None, :])
             if _tile_needs_mask(pid_n * BLOCK_N, start_m, seq_k, causal_shift, window, BLOCK_M, BLOCK_N, CAUSAL,
                                 HAS_WINDOW, HAS_DOC):
                 ok_t = _visible(offs_m, offs_n, seq_k, causal_shift, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
@@ -489,6 +527,8 @@ def _attention_bwd_dkdv_kernel(
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:  # the gradient of the capped scores, through the cap to the scaled ones
+                ds_t = ds_t * cap_slope_t
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
             if ATOMIC_DQ:  # this key block's share of dq (unscaled), summed over the key blocks in fp32
                 dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
@@ -512,10 +552,10 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     n_q_heads, group_size, seq_q, seq_k, seq_bucket, window,
-    scale, scale_log2,
+    scale, scale_log2, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOC_SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
@@ -560,16 +600,16 @@ def _attention_bwd_dq_kernel(
         full_n = tl.maximum(full_n, unmasked_n)
         for start_n in range(first_n, unmasked_n, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d,
-                          d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True, CAUSAL,
-                          HAS_WINDOW, HAS_DOC, DOT_PRECISION, BLOCK_N)
+                          d_ok, doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale, scale_log2, softcap, True,
+                          CAUSAL, HAS_WINDOW, HAS_DOC, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N)
     for start_n in range(unmasked_n, full_n, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
-                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, False, CAUSAL, HAS_WINDOW,
-                      HAS_DOC, DOT_PRECISION, BLOCK_N)
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale, scale_log2, softcap, False, CAUSAL,
+                      HAS_WINDOW, HAS_DOC, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N)
     for start_n in range(full_n, end_n, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_ks, stride_vs, start_n, offs_m, offs_d, d_ok,
-                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale_log2, True, CAUSAL, HAS_WINDOW,
-                      HAS_DOC, DOT_PRECISION, BLOCK_N)
+                      doc_q, DOC + b * seq_k, seq_k, causal_shift, window, scale, scale_log2, softcap, True, CAUSAL,
+                      HAS_WINDOW, HAS_DOC, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
@@ -595,22 +635,29 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool, window: int) -> dict:
+def _common(q: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool, window: int,
+            softcap: float | None) -> dict:
     return dict(
         CAUSAL=causal,
         HAS_WINDOW=window > 0,
         HEAD_DIM=q.size(3),
         BLOCK_D=max(16, triton.next_power_of_2(q.size(3))),
         HAS_DOC=doc_ids is not None,
+        HAS_SOFTCAP=softcap is not None,
         # fp32 inputs (interpreter tests, the rare fp32 user) get exact fp32 products, not tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOC_SCAN=16 if _backend.triton_interpreted() else DOC_SCAN,  # tests' short rows: several reads
     )
 
 
-def forward(q, k, v, doc_ids, causal: bool, window: int, scale: float, o, lse) -> None:
-    """o = attention(q, k, v); lse (B, Hq, Sq) fp32 = logsumexp of each row of scaled scores.
-    window: the sliding window (with causal), 0 for none."""
+def _kernel_softcap(softcap: float | None) -> float:
+    """The kernels' softcap argument: the cap, or any float where HAS_SOFTCAP is False (never read)."""
+    return 0.0 if softcap is None else float(softcap)
+
+
+def forward(q, k, v, doc_ids, causal: bool, window: int, scale: float, o, lse, softcap: float | None = None) -> None:
+    """o = attention(q, k, v); lse (B, Hq, Sq) fp32 = logsumexp of each row of scaled (and capped) scores.
+    window: the sliding window (with causal), 0 for none. softcap: the scores' soft cap, None for none."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.size(1), k.size(2)
     doc = doc_ids if doc_ids is not None else lse  # an unused pointer when HAS_DOC is False
@@ -622,15 +669,17 @@ def forward(q, k, v, doc_ids, causal: bool, window: int, scale: float, o, lse) -
         _launch(_attention_fwd_kernel, grid, (
             q, k, v, o, lse, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale * LOG2E,
-        ), _common(q, doc_ids, causal, window))
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E, _kernel_softcap(softcap),
+        ), _common(q, doc_ids, causal, window, softcap))
 
 
-def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: float, dq, dk, dv) -> None:
-    """dq, dk, dv of attention(q, k, v) given the output gradient do and the forward's o and lse."""
+def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: float, dq, dk, dv,
+             softcap: float | None = None) -> None:
+    """dq, dk, dv of attention(q, k, v) given the output gradient do and the forward's o and lse (taken with
+    the same softcap)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.size(1), k.size(2)
-    common = _common(q, doc_ids, causal, window)
+    common = _common(q, doc_ids, causal, window, softcap)
     doc = doc_ids if doc_ids is not None else lse
     delta = torch.empty_like(lse)
     atomic_dq = _dq_by_atomics()
@@ -646,7 +695,7 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: flo
         _launch(_attention_bwd_dkdv_kernel, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), (
             q, k, v, do, lse, delta, dk, dv, dq32, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            hkv, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E,
+            hkv, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E, _kernel_softcap(softcap),
         ), dict(ATOMIC_DQ=atomic_dq, **common))
         if atomic_dq:
             dq.copy_(dq32.mul_(scale))
@@ -654,5 +703,5 @@ def backward(do, q, k, v, o, lse, doc_ids, causal: bool, window: int, scale: flo
         _launch(_attention_bwd_dq_kernel, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq), (
             q, k, v, do, lse, delta, dq, doc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E,
+            hq, hq // hkv, sq, sk, _bucket(sq, sk), window, scale, scale * LOG2E, _kernel_softcap(softcap),
         ), common)
