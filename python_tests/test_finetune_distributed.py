@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from llmkern.data.tokenizer import ByteTokenizer
 from llmkern.finetune import FinetuneConfig
 from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.classify import ClassifyConfig, run_classify
 from llmkern.finetune.data import encode_prompt_response, make_lm_batch
-from llmkern.finetune.loop import fit, train_state_dir
+from llmkern.finetune.loop import fit, meta_copy, train_state_dir
 from llmkern.finetune.sft import SFTConfig, run_sft
 from llmkern.model import GPT, GPTConfig
 from llmkern.train import checkpoint as ckpt
@@ -27,10 +28,11 @@ from spawned import WORLD
 
 
 
-def make_run(tmp_path):
-    """A tiny byte-level base and 12 short instruction examples."""
+def make_run(tmp_path, preset="tiny"):
+    """A tiny byte-level base (GPT-2's blocks, or with "tiny-llama" RoPE, RMSNorm, SwiGLU and an untied head) and
+    12 short instruction examples."""
     torch.manual_seed(0)
-    config = GPTConfig.from_preset("tiny", vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32,
+    config = GPTConfig.from_preset(preset, vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32,
                                    backend="torch")
     save_finetuned(str(tmp_path / "base"), 0, GPT(config).state_dict(),
                    {"model_config": config.to_dict(), "tokenizer": "bytes"})
@@ -170,6 +172,117 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     assert again.path == finished
     for name in two.model:
         assert torch.equal(again.model[name], two.model[name]), name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_meta_copy_has_the_models_shapes_and_no_weights(preset):
+    # shard_copy's starting point: on rank 0 a deepcopy would be a second whole model in host memory
+    from llmkern.finetune.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32,
+                                      backend="torch"))
+    apply_lora(model, 2, 4.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = meta_copy(model)
+    assert all(p.is_meta for p in twin.parameters()) and all(b.is_meta for b in twin.buffers())
+    assert [(n, p.shape, p.requires_grad) for n, p in twin.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in model.named_parameters()]
+    assert (twin.lm_head.weight is twin.wte.weight) == model.config.tie_embeddings
+    assert not any(p.is_meta for p in model.parameters())  # the model itself is left as it was
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def _recording_worker(rank, port, tmp_path, overrides):
+    """run_sft under fsdp, writing down (as tmp_path/rank<rank>.json) which whole-model reads this rank made and
+    whether the model load_base gave it, and the one it holds after the run, were on the meta device."""
+    spawned.enter(rank, port)
+    import llmkern.finetune.base
+    import llmkern.finetune.sft
+    from llmkern.finetune.loop import is_on_meta
+
+    reads, held = [], {}
+
+    def recording(name, function):
+        def record(*args, **kwargs):
+            reads.append(name)
+            return function(*args, **kwargs)
+        return record
+
+    llmkern.finetune.base.load_gpt = recording("load_gpt", llmkern.finetune.base.load_gpt)
+    ckpt.load_checkpoint = recording("load_checkpoint", ckpt.load_checkpoint)
+    load_base = llmkern.finetune.sft.load_base
+
+    def keeping_load_base(*args, **kwargs):
+        model, tokenizer, meta = load_base(*args, **kwargs)
+        held.update(model=model, loaded_on_meta=is_on_meta(model))
+        return model, tokenizer, meta
+
+    llmkern.finetune.sft.load_base = keeping_load_base
+    run_sft(sft_config(tmp_path, "fsdp", grad_accum=1, parallel="fsdp", **overrides))
+    record = {"reads": reads, "loaded_on_meta": held["loaded_on_meta"], "ends_on_meta": is_on_meta(held["model"])}
+    (tmp_path / f"rank{rank}.json").write_text(json.dumps(record))
+    spawned.leave()
+
+
+def test_fsdp_reads_the_base_on_rank_0_alone(tmp_path):
+    # A 7B model is 28 GB in fp32: every rank reading it whole (and copying it) filled the host. Rank 0 alone
+    # reads it now; the other ranks hold its shapes (the meta device) and get their shards from rank 0's copy.
+    # The base here has RoPE (tables no state dict holds, rebuilt on the device) and an untied LM head; LoRA's
+    # adapters, drawn on rank 0, reach every rank.
+    make_run(tmp_path, preset="tiny-llama")
+    run_sft(sft_config(tmp_path, "single", grad_accum=2, lora_rank=2))
+    mp.start_processes(_recording_worker, args=(spawned.free_port(), tmp_path, {"lora_rank": 2}), nprocs=WORLD,
+                       join=True, start_method="spawn")
+
+    spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert records[0] == {"reads": ["load_gpt", "load_checkpoint"], "loaded_on_meta": False, "ends_on_meta": False}
+    for record in records[1:]:
+        assert record == {"reads": [], "loaded_on_meta": True, "ends_on_meta": True}
+
+
+def _classify_worker(rank, port, settings):
+    spawned.enter(rank, port)
+    from llmkern.finetune.classify import ClassifyConfig, run_classify
+
+    run_classify(ClassifyConfig(**settings))
+    spawned.leave()
+
+
+def test_fsdp_classifier_like_one_process(tmp_path):
+    # The head is made after loading, on rank 0's CPU and as shapes elsewhere: every rank trains rank 0's draw,
+    # and rank 0 saves the whole classifier (body and head).
+    make_run(tmp_path)
+    rows = [{"text": f"{'high' if i % 2 else 'low'} {i}", "label": i % 2} for i in range(12)]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {"base": str(tmp_path / "base"), "data": str(tmp_path / "labels.jsonl"), "max_steps": 3,
+                "batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "val_fraction": 0.25,
+                "eval_interval": 0, "ckpt_interval": 0, "device": "cpu", "progress": False, "seed": 5}
+    run_classify(ClassifyConfig(out_dir=str(tmp_path / "single"), grad_accum=2, **settings))
+    multi = dict(settings, out_dir=str(tmp_path / "fsdp"), grad_accum=1, parallel="fsdp")
+    mp.start_processes(_classify_worker, args=(spawned.free_port(), multi), nprocs=WORLD, join=True,
+                       start_method="spawn")
+
+    spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+    assert any(name.startswith("head.") for name in ckpt.load_checkpoint(str(tmp_path / "fsdp")).model)
+
+
+def _missing_base_worker(rank, port, folder):
+    spawned.enter(rank, port)
+    config = sft_config(Path(folder), "multi", grad_accum=1, parallel="fsdp", base=str(Path(folder) / "nothing"))
+    spawned.record_and_exit(folder, rank, lambda: run_sft(config))
+
+
+def test_fsdp_base_that_rank_0_cannot_read_stops_every_rank(tmp_path):
+    # the other ranks wait for rank 0's broadcast of the model's shapes: not forever when its read failed
+    make_run(tmp_path)
+    errors, exitcodes = spawned.run_failing_pair(_missing_base_worker, str(tmp_path))
+    assert "nothing" in errors[0] and not errors[0].startswith("RuntimeError"), errors[0]
+    assert errors[1] == (f"RuntimeError: loading the base model {str(tmp_path / 'nothing')!r} failed on rank 0 "
+                         f"(its log has the error): rank 1 stops too")
+    assert exitcodes == [1, 1]
 
 
 def test_fsdp_needs_torchrun_and_is_not_for_ppo(tmp_path):

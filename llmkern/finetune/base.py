@@ -19,14 +19,20 @@ from ..train.inference import load_gpt
 SCORING_METHODS = ("reward", "classify")  # recipes whose model scores text through a head: no language model
 
 
-def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, Any]]:
-    """(GPT on config.device in train mode, its tokenizer, the base checkpoint's meta) from config.base:
-    a run folder (its newest checkpoint) or a checkpoint folder written by llmkern (pretraining or a
-    fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
+def load_base(config, language_model: bool = True, whole_on_rank_0: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(GPT on config.device in train mode (but see whole_on_rank_0), its tokenizer, the base checkpoint's meta)
+    from config.base: a run folder (its newest checkpoint) or a checkpoint folder written by llmkern (pretraining
+    or a fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
     config.backend, when set, replaces the model's kernel backend. language_model: the recipe writes
     text (SFT, DPO, PPO), so a reward model or classifier (a body trained to score) is refused; the
     scoring recipes pass False and put a fresh head on any body. The meta returned has one key more,
-    "base_sha256": base_fingerprint of what was loaded, which a resumed run must share."""
+    "base_sha256": base_fingerprint of what was loaded, which a resumed run must share.
+
+    whole_on_rank_0: the recipe lets fit shard the model (parallel="fsdp") and needs the whole model after
+    training on rank 0 alone (saving, merging LoRA, sampling). Under parallel="fsdp" rank 0 alone then reads
+    the weights and keeps the model on its CPU, and the other ranks get the model on the meta device (its
+    modules and shapes, no weights): fit's sharding fills every rank's shard from rank 0's copy, so a job holds
+    one whole model on rank 0's host instead of one per rank. Elsewhere (one process, ddp) it changes nothing."""
     from ..data.model_vocab import tokenizer_for_model
     from ..data.tokenizer import get_tokenizer
 
@@ -34,9 +40,13 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     from .loop import check_parallel
 
     check_parallel(config)  # before the (slow) loading: parallel='fsdp' without torchrun cannot run
-    source = checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
-    model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
-    meta = {**meta, "base_sha256": base_fingerprint(source, model.config.to_dict())}
+    info = distributed.detect()
+    device = distributed.pick_device(config.device, info)  # under torchrun: this rank's GPU
+    on_rank_0 = whole_on_rank_0 and config.parallel == "fsdp"
+    if on_rank_0:
+        model, tokenizer_spec, meta = _load_on_rank_0(config, info, device)
+    else:
+        model, tokenizer_spec, meta = _load_whole(config)
     _set_aux_loss_coef(model, config.router_aux_loss_coef)  # after the fingerprint: a setting, not another base
     method = meta.get("finetune", {}).get("method")
     if language_model and method in SCORING_METHODS:
@@ -45,8 +55,40 @@ def load_base(config, language_model: bool = True) -> tuple[Any, Any, dict[str, 
     # a tokenizer may have more ids than the model has embeddings where those are special tokens (Gemma 3's)
     tokenizer = tokenizer_for_model(get_tokenizer(tokenizer_spec), model.config.vocab_size, tokenizer_spec,
                                     f"the model {config.base!r}")
-    model.to(distributed.pick_device(config.device, distributed.detect())).train()  # under torchrun: this rank's GPU
-    return model, tokenizer, meta
+    if not on_rank_0:  # rank 0's whole copy for fsdp waits on its CPU: only shards go to the GPUs
+        model.to(device)
+    return model.train(), tokenizer, meta
+
+
+def _load_whole(config) -> tuple[Any, Any, dict[str, Any]]:
+    """(GPT on the CPU, its tokenizer spec, meta with "base_sha256") read from config.base."""
+    source = checkpoint_of(config.base)  # resolved once, so the weights hashed are the ones loaded
+    model, tokenizer_spec, meta = load_gpt(source, config.backend or None, config.base_tokenizer)
+    return model, tokenizer_spec, {**meta, "base_sha256": base_fingerprint(source, model.config.to_dict())}
+
+
+def _load_on_rank_0(config, info: distributed.DistInfo, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
+    """_load_whole on rank 0; on the other ranks the same GPT on the meta device, built from the model config,
+    tokenizer spec and meta that rank 0 read and broadcasts (any base: a checkpoint, or a Hugging Face file
+    whose config load_gpt derives). The fingerprint comes with the meta: the weights are hashed once."""
+    import torch.distributed as dist
+
+    from ..model import GPT, GPTConfig
+
+    distributed.init(info, device)  # fit joins the job later; the broadcast below needs it now
+    loaded = None
+    # rank 0 reads alone: when it fails (a wrong path), the other ranks must not wait for its broadcast
+    with distributed.fail_together(info, None, f"loading the base model {config.base!r}"):
+        if info.is_main:
+            loaded = _load_whole(config)
+    described = [(loaded[0].config.to_dict(), loaded[1], loaded[2]) if info.is_main else None]
+    dist.broadcast_object_list(described, src=0)
+    if info.is_main:
+        return loaded
+    model_config, tokenizer_spec, meta = described[0]
+    with torch.device("meta"):  # shapes only: no weights are made, nor random numbers drawn
+        model = GPT(GPTConfig.from_dict(model_config))
+    return model, tokenizer_spec, meta
 
 
 def _set_aux_loss_coef(model, coef: float) -> None:

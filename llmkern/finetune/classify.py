@@ -232,7 +232,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     examples, names, num_classes = load_classification_data(config.data, config.text_key, config.label_key,
                                                             config.num_classes)
     check_run_folder(config)  # before the base is loaded
-    gpt, tokenizer, base_meta = load_base(config, language_model=False)
+    # under fsdp only rank 0 holds the whole model: after fit it alone saves the classifier
+    gpt, tokenizer, base_meta = load_base(config, language_model=False, whole_on_rank_0=True)
     check_lora_targets(gpt, config)  # before the texts are encoded; the adapters come after
     max_len = effective_max_len(config, gpt)
     pad_id = tokenizer.eot_token  # any id: padding is on the right, after the token the head reads

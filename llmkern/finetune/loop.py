@@ -18,7 +18,9 @@ state; the gradients are all-reduced) or "fsdp" (a copy of the model sharded wit
 `llmkern train --parallel=fsdp` shards it, so each rank holds 1/world_size of the weights, gradients
 and optimizer state; torch's AdamW after a clip whose norm is reduced over the ranks, since llmkern's
 AdamW kernels take plain tensors; the trained weights are gathered back into `model` at the end, so the
-recipes save and use a whole model as they do after one process).
+recipes save and use a whole model as they do after one process). The sharded copy is filled from rank 0's
+`model` (shard_copy), so the other ranks' may be shapes without weights (on the meta device, as
+load_base(whole_on_rank_0=True) gives them): those stay so, and rank 0 alone gets the trained weights.
 
     summary = fit(model, loss_fn, train_examples, collate, config, evaluate=evaluate)
 
@@ -151,7 +153,12 @@ def check_parallel(config, info: distributed.DistInfo | None = None) -> None:
 
 def shard_copy(model: nn.Module, info: distributed.DistInfo, device: torch.device) -> nn.Module:
     """A copy of `model` sharded with FSDP2 (every transformer block, then the whole model, as pretraining
-    does), to train in its place; `model` waits on the CPU meanwhile (gather_into brings it back).
+    does) on `device`, to train in its place, holding rank 0's weights; `model` waits on the CPU meanwhile
+    (gather_into brings the trained weights back).
+
+    No rank makes a whole copy: the copy is built on the meta device (modules and shapes), sharded, given
+    empty shards on `device`, and filled from rank 0's `model`, one tensor at a time. So the other ranks' `model`
+    may hold no weights at all (on the meta device, as load_base(whole_on_rank_0=True) gives it under fsdp).
 
     A copy, since FSDP2 turns a module's parameters into shards for good, and the recipes go on with a whole
     model after training (merging LoRA, saving, answering on rank 0 alone). Frozen parameters (LoRA's base)
@@ -159,23 +166,79 @@ def shard_copy(model: nn.Module, info: distributed.DistInfo, device: torch.devic
     are. The recipes' other entry points (FORWARD_METHODS: GPT.hidden_states for the log-probs of DPO and of
     evaluations, the *_with_aux_loss training passes) run like forward: they gather the root's weights
     (embeddings, final norm, LM head, a head), which stay gathered through GPT.head and until the backward."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    model.to("cpu")  # frees the device for the shards: only the copy trains
-    twin = distributed.wrap(copy.deepcopy(model).to(device), info, device, "fsdp")
+    if not is_on_meta(model):
+        model.to("cpu")  # frees the device for the shards: only the copy trains
+    twin = distributed.wrap(meta_copy(model), info, device, "fsdp")
+    twin.to_empty(device=device)  # RoPE's tables, held by no state dict, rebuild themselves here (RotaryCache._apply)
+    # rank 0's weights, also where every rank holds them (the same, from the same base and seed); persistent
+    # buffers too. Its trainable parameters that were made after loading (LoRA's A, a head) are rank 0's draws.
+    set_model_state_dict(twin, model.state_dict() if info.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name in FORWARD_METHODS:
         if callable(getattr(twin, name, None)):
             register_fsdp_forward_method(twin, name)
     return twin
 
 
-def gather_into(model: nn.Module, twin: nn.Module, device: torch.device) -> None:
-    """Load the whole weights of a shard_copy twin into `model` on every rank and move it back to `device`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` (its modules, settings and which parameters train) whose parameters and buffers are on
+    the meta device: shapes without weights, whatever device `model` is on. Tied parameters stay tied."""
+    memo: dict[int, Any] = {}
+    for tensor in model.parameters():
+        memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=tensor.requires_grad)
+    for tensor in model.buffers():
+        memo[id(tensor)] = torch.empty_like(tensor, device="meta")
+    return copy.deepcopy(model, memo)  # the memo stands in for every tensor: none is copied
 
-    whole = get_model_state_dict(twin, options=StateDictOptions(full_state_dict=True))  # on every rank
+
+def is_on_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters are on the meta device (shapes without weights: load_base's model on a
+    rank other than 0 with whole_on_rank_0 under parallel="fsdp")."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def gather_into(model: nn.Module, twin: nn.Module, device: torch.device) -> None:
+    """Load the whole weights of a shard_copy twin into `model` and move it back to `device`, on the ranks
+    whose `model` holds weights; a `model` on the meta device (a rank other than 0 under
+    load_base(whole_on_rank_0=True)) stays there. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    # one choice on every rank: when a rank holds no whole model, rank 0 alone gathers (into its host memory)
+    everywhere = _held_on_every_rank(model, device)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    whole = get_model_state_dict(twin, options=options)  # {} on the ranks other than 0 with cpu_offload
+    if is_on_meta(model):
+        model.train(twin.training)
+        return
     model.load_state_dict(whole)
     model.to(device).train(twin.training)
+
+
+def _held_on_every_rank(model: nn.Module, device: torch.device) -> bool:
+    """Whether every rank's `model` holds weights (none on the meta device)."""
+    import torch.distributed as dist
+
+    held = torch.tensor([0 if is_on_meta(model) else 1], device=device)
+    dist.all_reduce(held, op=dist.ReduceOp.MIN)
+    return bool(held.item())
+
+
+def training_device(model: nn.Module, config) -> torch.device:
+    """Where fit trains: the model's device; under parallel="fsdp", where the shards go, config.device (this
+    rank's GPU under torchrun with "auto"), since load_base(whole_on_rank_0=True) leaves the model on rank 0's CPU
+    and on the meta device elsewhere."""
+    if config.parallel == "fsdp":
+        return distributed.pick_device(config.device, distributed.detect())
+    return next(model.parameters()).device
 
 
 def data_parallel_setup(device: torch.device) -> distributed.DistInfo:
@@ -516,10 +579,10 @@ class _FitRun:
         """Join the torchrun job, shard the model (fsdp), make the optimizer and open the run folder: a fresh
         log, or on resume the training state restored (weights, optimizer, RNG states) and the counters."""
         self.config = config
-        self.device = next(model.parameters()).device
+        self.sharded = config.parallel == "fsdp"
+        self.device = training_device(model, config)
         self.info = data_parallel_setup(self.device)
         check_parallel(config, self.info)
-        self.sharded = config.parallel == "fsdp"
         self.whole_model = model  # the caller's: under fsdp it waits on the CPU and gets the weights in finish()
         self.model = shard_copy(model, self.info, self.device) if self.sharded else model  # the one that trains
         self.steps = total_steps(len(train_examples), config, self.info.world_size)
@@ -635,6 +698,7 @@ class _FitRun:
     def finish(self, charts: Sequence[str]) -> None:
         """After the last step: the trained weights back in the caller's model (fsdp), and the charts."""
         if self.sharded:
+            self.optimizer = None  # its moments (twice the shards) leave the device before the whole model comes
             gather_into(self.whole_model, self.model, self.device)
         self.log.plot(self.config.out_dir, charts)
 

@@ -130,7 +130,8 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     examples = load_instruction_data(config.data)
     check_run_folder(config)
     torch.manual_seed(config.seed)
-    model, tokenizer, base_meta = load_base(config)
+    # under fsdp only rank 0 holds the whole model: after fit it alone saves it and answers the instructions
+    model, tokenizer, base_meta = load_base(config, whole_on_rank_0=True)
     check_lora_targets(model, config)  # before the data is encoded; the adapters come after
     config, fmt = settle_template(config, base_meta)  # saved below with the settings
     max_len = effective_max_len(config, model)
