@@ -30,12 +30,23 @@ With --window W, each token attends causally to the last W tokens up to its own 
 window): llmkern's window against FlexAttention with a sliding-window block mask, SDPA's
 memory-efficient backend with a boolean mask, and flash-attn's window_size=(W - 1, 0) when it is
 importable. FLOPs count the visible pairs, min(W, p + 1) keys for the query at position p.
+
+    python benchmarks/bench_attention.py --softcap 50 --seqlens 4096 8192 --head-dims 256
+
+With --softcap C, causal attention whose scaled scores s become C * tanh(s / C) (Gemma 2's
+attn_logit_softcapping): llmkern triton against the eager math reference, FlexAttention with a
+score_mod that caps (compiled, with a causal block mask made once outside the timing) and
+flash-attn's softcap=C when it is importable. SDPA and llmkern cuda have no cap. With --window W
+too, a capped sliding window (Gemma 2's local layers); --doc-len is refused. FLOPs are the causal
+(or windowed) count: the cap's tanh is not counted, the same for every provider.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,6 +62,7 @@ import llmkern  # noqa: E402
 from llmkern import _backend  # noqa: E402
 from llmkern.cli import true_or_false  # noqa: E402
 from llmkern.ops import reference  # noqa: E402
+from llmkern.ops.attention import SOFTCAP_BACKENDS  # noqa: E402
 
 BASELINES = ("SDPA flash", "SDPA cuDNN", "flash-attn")
 MODES = ("forward", "backward", "forward+backward")
@@ -124,13 +136,10 @@ def masked_providers(device: torch.device, batch: int, seq: int, visible, **llmk
     rule as its own arguments (llmkern_masks: doc_ids, window). Masks are made here, once, as a model makes
     them once a batch."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     positions = torch.arange(seq, device=device)
     rows = torch.arange(batch, device=device)[:, None, None]
     dense_mask = visible(rows, None, positions[None, :, None], positions[None, None, :])[:, None]  # (B, 1, S, S)
-    block_mask = create_block_mask(visible, batch, None, seq, seq, device=device)
-    flex = compiled(flex_attention) if device.type == "cuda" else flex_attention
 
     def sdpa_masked(q, k, v):
         if device.type != "cuda":  # the CPU has no memory-efficient backend: SDPA's own choice
@@ -138,13 +147,49 @@ def masked_providers(device: torch.device, batch: int, seq: int, visible, **llmk
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
 
-    out = {"FlexAttention": lambda q, k, v: flex(q, k, v, block_mask=block_mask), "SDPA efficient + mask": sdpa_masked}
+    out = {"FlexAttention": flex_provider(device, batch, seq, visible), "SDPA efficient + mask": sdpa_masked}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "attention", device):
             out[f"llmkern {backend}"] = (
                 lambda b: lambda q, k, v: llmkern.ops.attention(q, k, v, causal=True, backend=b, **llmkern_masks)
             )(backend)
     return out
+
+
+def flex_provider(device: torch.device, batch: int, seq: int, visible, score_mod=None):
+    """fn(q, k, v): FlexAttention attending where visible(b, h, q_idx, kv_idx) holds, scores changed by
+    score_mod when given; compiled on a GPU (on the CPU its eager forward, a check of the benchmark), its
+    block mask made here, once, outside the timing."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(visible, batch, None, seq, seq, device=device)
+    flex = compiled(flex_attention) if device.type == "cuda" else flex_attention
+    return lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def flash_attn_provider(**options):
+    """fn(q, k, v): flash-attn's causal flash_attn_func with these options (window_size, softcap), or None
+    when it is not importable."""
+    flash_attn_func = optional("flash_attn", "flash_attn_func")
+    if flash_attn_func is None:
+        return None
+
+    def flash_attn(q, k, v):  # flash-attn's layout is (B, S, H, D)
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **options)
+        return o.transpose(1, 2)
+
+    return flash_attn
+
+
+def causal_mask_mod(window: int | None = None):
+    """FlexAttention's mask_mod for causal attention, to the last `window` keys when given."""
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def causal_in_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return causal if window is None else causal_in_window
 
 
 def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
@@ -159,17 +204,31 @@ def document_providers(device: torch.device, doc_ids: torch.Tensor) -> dict:
 def window_providers(device: torch.device, batch: int, seq: int, window: int) -> dict:
     """masked_providers attending causally to the last `window` keys, and flash-attn's own window when it is
     importable."""
-    def causal_in_window(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    out = masked_providers(device, batch, seq, causal_mask_mod(window), window=window)
+    flash_attn = flash_attn_provider(window_size=(window - 1, 0))
+    if flash_attn is not None:
+        out["flash-attn"] = flash_attn
+    return out
 
-    out = masked_providers(device, batch, seq, causal_in_window, window=window)
-    flash_attn_func = optional("flash_attn", "flash_attn_func")
-    if flash_attn_func is not None:
-        def flash_attn(q, k, v):  # flash-attn's layout is (B, S, H, D)
-            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                window_size=(window - 1, 0))
-            return o.transpose(1, 2)
 
+def capped_providers(device: torch.device, batch: int, seq: int, softcap: float, window: int | None = None) -> dict:
+    """name -> fn(q, k, v) of causal attention with its scaled scores soft-capped at `softcap` (Gemma 2), in a
+    sliding window of `window` keys when given, for every provider that can run here: the eager reference,
+    FlexAttention with a capping score_mod, llmkern's backends that take a cap, flash-attn's softcap when it is
+    importable. SDPA has no cap, so no SDPA provider."""
+    def capped(score, b, h, q_idx, kv_idx):  # FlexAttention's score is the scaled one, as llmkern's cap takes it
+        return softcap * torch.tanh(score / softcap)
+
+    out = {
+        "eager math": lambda q, k, v: reference.attention(q, k, v, causal=True, window=window, softcap=softcap),
+        "FlexAttention": flex_provider(device, batch, seq, causal_mask_mod(window), score_mod=capped),
+    }
+    for backend in ("triton", "cuda"):
+        if backend in SOFTCAP_BACKENDS and _backend.can_run(backend, "attention", device):
+            out[f"llmkern {backend}"] = functools.partial(llmkern.ops.attention, causal=True, window=window,
+                                                          softcap=softcap, backend=backend)
+    flash_attn = flash_attn_provider(softcap=softcap, window_size=(-1, -1) if window is None else (window - 1, 0))
+    if flash_attn is not None:
         out["flash-attn"] = flash_attn
     return out
 
@@ -205,20 +264,23 @@ def forward_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
 
 
 def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_len=None,
-              window=None) -> list[Result]:
-    """fn(q, k, v, causal), or with doc_len or window fn(q, k, v) over rows of documents of doc_len tokens
-    or in a sliding window of `window` tokens."""
+              window=None, softcap=None) -> list[Result]:
+    """fn(q, k, v, causal), or with doc_len, window or softcap fn(q, k, v) over rows of documents of doc_len
+    tokens, in a sliding window of `window` tokens, with scores capped at softcap (which only names the
+    shape: fn caps)."""
     shape = f"B{batch} H{heads} S{seq} D{head_dim}" + (" causal" if causal else "")
     if doc_len is not None:
         shape += f" docs{doc_len}"
     if window is not None:
         shape += f" window{window}"
+    if softcap is not None:
+        shape += f" softcap{softcap:g}"
     q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
     grads = [q, k, v]
-    masked = doc_len is not None or window is not None
-    run = (lambda: fn(q, k, v)) if masked else (lambda: fn(q, k, v, causal))
+    fixed_mask = doc_len is not None or window is not None or softcap is not None  # fn knows its own mask
+    run = (lambda: fn(q, k, v)) if fixed_mask else (lambda: fn(q, k, v, causal))
     fwd = forward_flops(batch, heads, seq, head_dim, causal, doc_len, window)
     # eager at long S runs out of memory, a backend may refuse a shape: measured() skips that one
     return measured(name, shape, lambda: [
@@ -226,6 +288,22 @@ def bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, doc_
                {"dtype": str(dtype).replace("torch.", "")})
         for mode, ms in time_modes(run, do, grad_to_none=grads).items()
     ])
+
+
+def bench_capped(args, device: torch.device, dtype: torch.dtype) -> None:
+    """--softcap: every capped provider at each shape, in a sliding window with --window."""
+    title = f"Attention soft-capped at {args.softcap:g}" + (f" in a window of {args.window} tokens" if args.window
+                                                           else "") + f", {args.dtype}"
+    results: list[Result] = []
+    with saving(results, title, ("FlexAttention", "flash-attn")):  # PyTorch's best with a cap, and the library's
+        for seq in args.seqlens:
+            batch = max(1, args.tokens // seq)
+            each = selected(capped_providers(device, batch, seq, args.softcap, args.window), args.providers)
+            for head_dim in args.head_dims:
+                for name, fn in each.items():
+                    results.extend(bench_one(name, fn, batch, args.hidden // head_dim, seq, head_dim, True, dtype,
+                                             device, window=args.window, softcap=args.softcap))
+    print_tuned_tiles()
 
 
 def main(argv=None) -> int:
@@ -239,6 +317,9 @@ def main(argv=None) -> int:
                                                     "within each); compares document masking instead")
     parser.add_argument("--window", type=int, help="a sliding window of this many tokens (causal); compares "
                                                    "sliding-window attention instead")
+    parser.add_argument("--softcap", type=float, help="soft-cap the scaled scores at this value (Gemma 2: 50; "
+                                                      "causal, or a capped sliding window with --window); "
+                                                      "compares capped attention instead")
     add_common_args(parser, dtypes=("bfloat16", "float16"))
     args = parser.parse_args(argv)
     if args.doc_len is not None and args.doc_len < 1:
@@ -247,11 +328,19 @@ def main(argv=None) -> int:
         parser.error(f"--window must be at least 1; got {args.window}")
     if args.window is not None and args.doc_len is not None:
         parser.error("--window and --doc-len compare different masks: give one")
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        parser.error(f"--softcap must be a finite number > 0; got {args.softcap}")
+    if args.softcap is not None and args.doc_len is not None:
+        parser.error("--softcap compares capped causal or sliding-window attention, not documents: "
+                     "give --softcap or --doc-len")
     device = bench_device("bench_attention", args.device)
     if device is None:
         return 1
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
+    if args.softcap is not None:
+        bench_capped(args, device, dtype)
+        return 0
     if args.doc_len is not None:
         with saving(results, f"Attention with documents of {args.doc_len} tokens, {args.dtype}", ("FlexAttention",)):
             for seq in args.seqlens:

@@ -37,6 +37,11 @@ CASES = {
                                                 "128", "--tokens", "33", "--dtype", "float16"], TIME_MODES),
     "attention window": ("bench_attention", ["--window", "5", "--seqlens", "33", "--head-dims", "64", "--hidden",
                                              "128", "--tokens", "33", "--dtype", "float16"], TIME_MODES),
+    "attention softcap": ("bench_attention", ["--softcap", "2", "--seqlens", "33", "--head-dims", "64", "--hidden",
+                                              "128", "--tokens", "33", "--dtype", "float16"], TIME_MODES),
+    "attention softcap window": ("bench_attention", ["--softcap", "2", "--window", "5", "--seqlens", "33",
+                                                     "--head-dims", "64", "--hidden", "128", "--tokens", "33",
+                                                     "--dtype", "float16"], TIME_MODES),
     "fused_linear_cross_entropy": ("bench_fused_linear_cross_entropy", ["--rows", "7", "--hidden", "32", "--vocab",
                                                                         "67", "--dtype", "float16"],
                                    {"forward+backward"}),
@@ -87,6 +92,10 @@ def test_benchmark_runs_every_provider_on_the_cpu(case, bench_modules, tmp_path,
         doc_ids = bench.packed_doc_ids(1, 33, 8, device)
         expected = {(name, mode) for name in bench.document_providers(device, doc_ids) if name not in GPU_ONLY
                     for mode in modes}
+    elif "--softcap" in argv:
+        window = 5 if "--window" in argv else None
+        expected = {(name, mode) for name in bench.capped_providers(device, 1, 33, 2.0, window)
+                    if name not in GPU_ONLY for mode in modes}
     elif "--window" in argv:
         expected = {(name, mode) for name in bench.window_providers(device, 1, 33, 5) if name not in GPU_ONLY
                     for mode in modes}
@@ -94,8 +103,9 @@ def test_benchmark_runs_every_provider_on_the_cpu(case, bench_modules, tmp_path,
         names = bench.autocast_providers(device, torch.bfloat16) if "--autocast" in argv else bench.providers(device)
         expected = {(name, mode) for name in names if name not in GPU_ONLY for mode in modes}
     assert got == expected, err
-    # both kernel backends were among them (the emulator's cuda, the interpreter's triton)
-    assert {"llmkern cuda", "llmkern triton"} <= {provider for provider, _ in got}
+    # both kernel backends were among them (the emulator's cuda, the interpreter's triton); cuda has no soft cap
+    kernels = {"llmkern triton"} if "--softcap" in argv else {"llmkern cuda", "llmkern triton"}
+    assert kernels <= {provider for provider, _ in got}
     assert all(float(r["ms"]) > 0 and float(r["value"]) > 0 for r in rows)
 
 
@@ -108,6 +118,15 @@ def test_a_benchmark_refuses_a_device_that_cannot_run_it(bench_modules, capsys):
     if not torch.cuda.is_available():
         assert bench.main(["--device", "cuda"]) == 1
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_attention_refuses_a_soft_cap_with_documents_or_not_positive(bench_modules, capsys):
+    bench = bench_modules("bench_attention")
+    for extra, says in ((["--doc-len", "8"], "give --softcap or --doc-len"), (["--softcap", "0"], "finite number > 0"),
+                        (["--softcap", "nan"], "finite number > 0")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(["--softcap", "50", *extra, "--device", "cpu"])
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
 
 
 def _fails(*args, **kwargs):

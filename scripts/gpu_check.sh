@@ -189,6 +189,9 @@ part_bench() {
     # FlexAttention compiles, Triton tunes the documents' kernels
     bench bench_attention_documents 120 $PY benchmarks/bench_attention.py --doc-len 1024 --seqlens 8192 \
       --head-dims 128
+    # Gemma 2's capped attention (cap 50; 16 heads of D=256, as its 9B): not the eager reference (no target)
+    bench bench_attention_softcap 90 $PY benchmarks/bench_attention.py --softcap 50 --seqlens 4096 8192 \
+      --head-dims 256 --hidden 4096 --providers "FlexAttention" "llmkern triton" "flash-attn"
   fi
 }
 
