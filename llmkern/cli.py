@@ -271,13 +271,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        model, tokenizer, family = _export_model(args)
+        model, tokenizer, family, prompt_format = _export_model(args)
         paths = save_hf_folder(model, args.out, family, args.dtype, args.max_shard_size, tokenizer.spec,
-                               force=args.force)
+                               force=args.force, prompt_format=prompt_format)
     except (ValueError, TypeError, OSError) as err:  # OSError: a folder that is there, or a file that is not
         print(f"llmkern export: error: {err}", file=sys.stderr)
         return 2
-    _print_export(paths, tokenizer.spec)
+    _print_export(paths, tokenizer.spec, prompt_format)
     return 0
 
 
@@ -311,10 +311,10 @@ def _export_peft(args: argparse.Namespace) -> int:
 
 def _export_model(args: argparse.Namespace):
     """(model on the CPU, tokenizer, family: --format's, the recorded Hugging Face source's, or None for the
-    model config's) of `llmkern export`'s run, after the checks that need no weights."""
-    import os
-
+    model config's, the prompt format it was fine-tuned in: None for a run not fine-tuned) of `llmkern export`'s
+    run, after the checks that need no weights."""
     from .finetune.base import SCORING_METHODS
+    from .finetune.templates import trained_prompt_format
     from .model.hf_save import (
         check_out_dir,
         checkpoint_meta,
@@ -332,12 +332,15 @@ def _export_model(args: argparse.Namespace):
                          f"causal-LM folder holds; export a pretraining or SFT/DPO/PPO run (a language model)")
     model, tokenizer, state = load_trained_model(args.run, "cpu")
     family = None if args.format == "auto" else args.format
-    return model, tokenizer, family or family_of_source(recorded_hf_source(state.meta))
+    return (model, tokenizer, family or family_of_source(recorded_hf_source(state.meta)),
+            trained_prompt_format(state.meta))
 
 
-def _print_export(paths: list[str], tokenizer_spec: str) -> None:
+def _print_export(paths: list[str], tokenizer_spec: str, prompt_format=None) -> None:
     import json
     import os
+
+    from .model.hf_save import chat_template_choice
 
     folder = os.path.dirname(paths[0])
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -350,6 +353,8 @@ def _print_export(paths: list[str], tokenizer_spec: str) -> None:
     if "tokenizer.json" not in map(os.path.basename, paths):  # save_hf_folder warned why
         print(f"no tokenizer files: the run's tokenizer {tokenizer_spec!r} has no tokenizer.json that gives its ids; "
               f"give transformers the tokenizer it came from")
+    elif prompt_format is not None:  # which chat template tokenizer_config.json has, and why
+        print(chat_template_choice(tokenizer_spec, prompt_format)[1])
 
 
 # llmkern.model.hf_save's DTYPES and FAMILIES, spelled here so that building the parser imports no torch

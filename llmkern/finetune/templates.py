@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..data.sequences import Marker, TemplateText
 
@@ -122,28 +122,189 @@ def _plain_prompt(instruction: str, input_text: str, system_prompt: str) -> Piec
     return [_user_text(instruction, input_text) + "\n\n"]
 
 
+# --- chat templates: each llmkern template as a Jinja chat template (tokenizer_config.json's "chat_template") ---
+#
+# Each renders a `messages` list ({"role": "system" | "user" | "assistant", "content": str}) the way its
+# Template builds prompts: [system?] + one user message with add_generation_prompt is the prompt of
+# {"instruction": content} (the run's system prompt, written into the template, is the system turn where messages
+# has none), and an assistant message after it adds PromptFormat.response(content). Later turns follow the model
+# family's own template; the line break those write after a turn's end marker is written before the next turn
+# instead, as the Templates do: a conversation ending in an assistant turn ends at its end marker, as the model
+# learned it. alpaca and plain repeat their single-turn layout per exchange, "\n\n" between an answer and the next
+# instruction. Hugging Face (transformers' apply_chat_template, vLLM) renders them with trim_blocks and
+# lstrip_blocks: these hold no whitespace outside their expressions, so that changes nothing.
+
+_ROLES_CHECK = ("{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+                "{{ raise_exception('roles are system, user and assistant; got ' + message['role']) }}{% endif %}")
+
+
+def _jinja_string(text: str) -> str:
+    """text as a Jinja string literal. Jinja reads a literal's escapes as Python's unicode-escape does and turns
+    the line ends in it into "\\n": so quotes, backslashes and control characters are escaped; other characters
+    stay as they are."""
+    escaped = "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else "\\" + c if c in "'\\" else c
+                      for c in text)
+    return f"'{escaped}'"
+
+
+def _default_system_turn(system_prompt: str) -> str:
+    """Jinja that puts the run's system prompt as a system turn in front of messages that start without one."""
+    if not system_prompt:
+        return ""
+    return ("{% if not messages or messages[0]['role'] != 'system' %}"
+            f"{{% set messages = [{{'role': 'system', 'content': {_jinja_string(system_prompt)}}}] + messages %}}"
+            "{% endif %}")
+
+
+def _single_turn_chat_template(name: str, user_turn: str) -> str:
+    """alpaca's and plain's chat template: each user message as the prompt (the Jinja expression user_turn, of
+    `message`), each assistant message its text; "\\n\\n" between an answer and the next instruction. They have
+    no system turn: a system message is an error, not left out unseen."""
+    return ("{% for message in messages %}"
+            "{% if message['role'] == 'user' %}"
+            "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+            f"{{{{ {user_turn} }}}}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] }}"
+            f"{{% else %}}{{{{ raise_exception('the {name} template has user and assistant turns only; got ' + "
+            "message['role']) }}"
+            "{% endif %}{% endfor %}")
+
+
+def _alpaca_chat_template(system_prompt: str) -> str:
+    header = _jinja_string(f"{ALPACA_HEADER}\n\n### Instruction:\n")
+    return _single_turn_chat_template("alpaca", f"{header} + message['content'] + '\\n\\n### Response:\\n'")
+
+
+def _plain_chat_template(system_prompt: str) -> str:
+    return _single_turn_chat_template("plain", "message['content'] + '\\n\\n'")
+
+
+def _chatml_chat_template(system_prompt: str) -> str:
+    # Qwen2.5's and Qwen3's turns, without their default system turn unless it is the run's
+    return (_default_system_turn(system_prompt)
+            + "{% for message in messages %}" + _ROLES_CHECK
+            + "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+            f"{{{{ '{IM_START}' + message['role'] + '\\n' + message['content'] + '{IM_END}' }}}}"
+            "{% endfor %}"
+            f"{{% if add_generation_prompt %}}{{% if messages %}}{{{{ '\\n' }}}}{{% endif %}}"
+            f"{{{{ '{IM_START}assistant\\n' }}}}{{% endif %}}")
+
+
+def _llama3_chat_template(system_prompt: str) -> str:
+    # Llama 3's turns, each text trimmed; no line break between turns
+    return (_default_system_turn(system_prompt)
+            + "{% for message in messages %}" + _ROLES_CHECK
+            + f"{{{{ '{START_HEADER}' + message['role'] + '{END_HEADER}\\n\\n' + message['content'] | trim + "
+            f"'{EOT_ID}' }}}}"
+            "{% endfor %}"
+            f"{{% if add_generation_prompt %}}{{{{ '{START_HEADER}assistant{END_HEADER}\\n\\n' }}}}{{% endif %}}")
+
+
+def _phi_chat_template(line_break: str) -> Callable[[str], str]:
+    """The Phi chat format's chat template: "<|role|>", the text, <|end|>, a line break after each marker and
+    between turns for Phi-3 ("\\n"), none for Phi-4-mini (""). Unlike Phi's own, no end-of-text after a
+    conversation rendered without a generation prompt: the run learned end-of-text as a token after <|end|>."""
+    brk = _jinja_string(line_break)
+
+    def chat_template(system_prompt: str) -> str:
+        return (_default_system_turn(system_prompt)
+                + "{% for message in messages %}" + _ROLES_CHECK
+                + f"{{% if not loop.first %}}{{{{ {brk} }}}}{{% endif %}}"
+                f"{{{{ '<|' + message['role'] + '|>' + {brk} + message['content'] + '{PHI_END}' }}}}"
+                "{% endfor %}"
+                f"{{% if add_generation_prompt %}}{{% if messages %}}{{{{ {brk} }}}}{{% endif %}}"
+                f"{{{{ '{PHI_ASSISTANT}' + {brk} }}}}{{% endif %}}")
+
+    return chat_template
+
+
+def _gemma_chat_template(system_prompt: str) -> str:
+    # Gemma's turns: no system role (a system message's text, else the run's system prompt, and "\n\n" go in front
+    # of the first user turn's trimmed text), user and model turns alternating, as its own template demands
+    return ("{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+            f"{{% else %}}{{% set system = {_jinja_string(system_prompt)} %}}{{% set turns = messages %}}{{% endif %}}"
+            "{% for message in turns %}"
+            "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) or message['role'] not in ['user', "
+            "'assistant'] %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/..."
+            " after one system message at most') }}{% endif %}"
+            "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+            f"{{{{ '{START_OF_TURN}' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' + "
+            "(system + '\\n\\n' if loop.first and system else '') + message['content'] | trim + "
+            f"'{END_OF_TURN}' }}}}"
+            "{% endfor %}"
+            f"{{% if add_generation_prompt %}}{{% if turns %}}{{{{ '\\n' }}}}{{% endif %}}"
+            f"{{{{ '{START_OF_TURN}model\\n' }}}}{{% endif %}}")
+
+
+def render_chat_template(chat_template: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                         **variables: Any) -> str:
+    """A chat template's text for messages, rendered as transformers' apply_chat_template renders it: a sandbox
+    that allows no changes to the messages, trim_blocks and lstrip_blocks, the raise_exception, tojson and
+    strftime_now helpers, loop controls and a {% generation %} block; variables are the tokenizer's special tokens
+    (bos_token, eos_token, ...). A jinja2.TemplateError (from raise_exception too) where it cannot."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it; its text."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' own: Jinja's escapes HTML characters
+        import json
+
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(chat_template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                 **variables)
+
+
 @dataclass(frozen=True)
 class Template:
     """A named prompt template: build(instruction, input, system_prompt) -> the prompt's pieces (ordinary text
-    and Markers); response_end is the marker that closes a response (before end-of-text), "" for none;
+    and Markers); chat_template(system_prompt) -> the same format as a Jinja chat template of messages, the
+    system prompt its default system turn (see "chat templates" above); response_end is the marker that closes a response (before end-of-text), "" for none;
     strips_turns: each turn's text (the response too) is stripped of surrounding whitespace, as the model
     family's own chat template does, so that fine-tuning sees what the model's users will send it."""
 
     name: str
     build: Callable[[str, str, str], Pieces]
+    chat_template: Callable[[str], str]
     response_end: str = ""
     takes_system_prompt: bool = False
     strips_turns: bool = False
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    Template("alpaca", _alpaca_prompt),
-    Template("chatml", _chatml_prompt, response_end=IM_END, takes_system_prompt=True),
-    Template("plain", _plain_prompt),
-    Template("llama3", _llama3_prompt, response_end=EOT_ID, takes_system_prompt=True, strips_turns=True),
-    Template("phi3", _phi_prompt("\n"), response_end=PHI_END, takes_system_prompt=True),
-    Template("phi4-mini", _phi_prompt(""), response_end=PHI_END, takes_system_prompt=True),
-    Template("gemma", _gemma_prompt, response_end=END_OF_TURN, takes_system_prompt=True, strips_turns=True),
+    Template("alpaca", _alpaca_prompt, _alpaca_chat_template),
+    Template("chatml", _chatml_prompt, _chatml_chat_template, response_end=IM_END, takes_system_prompt=True),
+    Template("plain", _plain_prompt, _plain_chat_template),
+    Template("llama3", _llama3_prompt, _llama3_chat_template, response_end=EOT_ID, takes_system_prompt=True,
+             strips_turns=True),
+    Template("phi3", _phi_prompt("\n"), _phi_chat_template("\n"), response_end=PHI_END, takes_system_prompt=True),
+    Template("phi4-mini", _phi_prompt(""), _phi_chat_template(""), response_end=PHI_END, takes_system_prompt=True),
+    Template("gemma", _gemma_prompt, _gemma_chat_template, response_end=END_OF_TURN, takes_system_prompt=True,
+             strips_turns=True),
 )}
 
 
@@ -193,6 +354,15 @@ class PromptFormat:
         end = template.response_end
         return TemplateText([output, Marker(end)] if end else [output])
 
+    def chat_template(self, bos_token: bool) -> str:
+        """The format as a Jinja chat template (tokenizer_config.json's "chat_template"), the system prompt its
+        default system turn. bos_token: whether the tokenizer's begin-of-sequence token starts every sequence
+        (llmkern.data.sequences.sequence_start): then the template starts with {{ bos_token }}, as the families'
+        own do, since Hugging Face's apply_chat_template and vLLM encode the rendered text without adding
+        special tokens."""
+        body = get_template(self.template).chat_template(self.system_prompt)
+        return "{{ bos_token }}" + body if bos_token else body
+
     @property
     def stop_texts(self) -> tuple[str, ...]:
         """Texts that end a generated response, besides end-of-text."""
@@ -240,6 +410,12 @@ def saved_prompt_format(meta: dict[str, Any]) -> PromptFormat:
         return PromptFormat(template, system_prompt)
     except ValueError as err:
         raise ValueError(f"the checkpoint's saved prompt template is not usable: {err}") from err
+
+
+def trained_prompt_format(meta: dict[str, Any]) -> PromptFormat | None:
+    """The prompt format a fine-tuned run (its checkpoint meta records a "finetune" section) was trained with;
+    None for a run that was not fine-tuned (pretraining), which knows no prompt format."""
+    return saved_prompt_format(meta) if isinstance(meta.get("finetune"), dict) else None
 
 
 def resolve_prompt_format(meta: dict[str, Any], template: str | None = None,

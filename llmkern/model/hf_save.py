@@ -2,7 +2,9 @@
 config.json, generation_config.json, the weights as save_pretrained names them (model.safetensors, or
 model-00001-of-0000N.safetensors shards and model.safetensors.index.json past max_shard_bytes), and the
 tokenizer's files: a Hugging Face tokenizer.json's copied, a tiktoken or byte tokenizer's written as one
-(llmkern.data.hf_tokenizer_export).
+(llmkern.data.hf_tokenizer_export). A fine-tuned run's folder prompts as the run was trained: tokenizer_config.json
+has its prompt format's chat template (or the tokenizer's own, where that one prompts alike), and
+generation_config.json's eos_token_id lists the format's end marker beside end-of-text.
 
 The weights and config.json come from the exporters (to_hf_gpt2, to_hf_llama, to_hf_phi3, to_hf_gemma3,
 to_hf_gemma2), each of which refuses a model its format cannot express, saying why. The folder is written under a
@@ -218,45 +220,158 @@ def write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard_bytes
     return names + [INDEX_NAME]
 
 
-def generation_ids(tokenizer_spec: str | None) -> dict[str, int | None]:
-    """{"bos_token_id", "eos_token_id"} of a tokenizer spec; {} for no spec. bos_token_id is None (null) for a
-    tokenizer without one: left out, transformers would take its config class's default (Llama's 1, GPT-2's
-    50256), an id the model never saw as a start, or past a small vocabulary."""
+def generation_ids(tokenizer_spec: str | None, prompt_format=None) -> dict[str, int | list[int] | None]:
+    """{"bos_token_id", "eos_token_id"} of a tokenizer spec for generation_config.json; {} for no spec. bos_token_id
+    is None (null) for a tokenizer without one: left out, transformers would take its config class's default
+    (Llama's 1, GPT-2's 50256), an id the model never saw as a start, or past a small vocabulary. eos_token_id is
+    end-of-text's id, or [end-of-text's, the end marker's] where the run's prompt format (a
+    llmkern.finetune.templates.PromptFormat; None for a run not fine-tuned) ends a response with a marker that is
+    another special token of the tokenizer (<|im_end|>, <|eot_id|>, ...): generate() and vLLM stop at any id of
+    the list, as Llama 3's generation_config.json lists <|eot_id|>. config.json keeps end-of-text's id alone
+    (model_ids)."""
     if tokenizer_spec is None:
         return {}
     from ..data.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(tokenizer_spec)
-    return {"eos_token_id": tokenizer.eot_token, "bos_token_id": tokenizer.bos_token}
+    markers = () if prompt_format is None else prompt_format.stop_token_ids(tokenizer)
+    eos = [tokenizer.eot_token, *(i for i in markers if i != tokenizer.eot_token)]
+    return {"eos_token_id": eos if len(eos) > 1 else eos[0], "bos_token_id": tokenizer.bos_token}
 
 
-def write_tokenizer(folder: str, tokenizer_spec: str | None, model_max_length: int | None = None) -> list[str]:
+def model_ids(ids: dict[str, int | list[int] | None]) -> dict[str, int | None]:
+    """generation_ids as config.json takes them: the first end-of-sequence id alone (end-of-text's). transformers
+    takes a list there too (Llama 3.1's config.json has one), but generation reads generation_config.json's, which
+    has the list, and code that reads config.eos_token_id as one id keeps working."""
+    eos = ids.get("eos_token_id")
+    return {**ids, "eos_token_id": eos[0]} if isinstance(eos, list) else dict(ids)
+
+
+# A user turn to tell what prompts a tokenizer's own chat template writes (words no template has)
+_PROBE_INSTRUCTION = "Name three primes."
+
+
+def own_chat_template(tokenizer_spec: str) -> str | None:
+    """The chat template of a Hugging Face tokenizer.json spec's tokenizer_config.json (its "default" one where it
+    names several); None where it has none, or the spec is no tokenizer.json."""
+    from ..data.tokenizer import hf_config_path, is_hf_tokenizer_json
+
+    config = _read_json_object(hf_config_path(tokenizer_spec)) if is_hf_tokenizer_json(tokenizer_spec) else None
+    template = None if config is None else config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]: apply_chat_template's default is "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def prompts_as_trained(chat_template: str, prompt_format, special_tokens: dict[str, str],
+                       starts_with_bos: bool) -> bool:
+    """Whether a chat template prompts a model as it was fine-tuned in prompt_format: rendered for one user turn
+    with the generation prompt (special_tokens: its variables, bos_token, eos_token, ...), it ends with that turn in
+    the format, and, where the run had a system prompt, is the format's prompt, that system prompt in (after the
+    begin-of-sequence text); it starts with special_tokens["bos_token"] where every sequence does
+    (starts_with_bos). A template that fails to render does not."""
+    import jinja2
+
+    from ..finetune.templates import PromptFormat, render_chat_template
+
+    probe = {"instruction": _PROBE_INSTRUCTION}
+    try:
+        rendered = render_chat_template(chat_template, [{"role": "user", "content": _PROBE_INSTRUCTION}], True,
+                                        **special_tokens)
+    except (jinja2.TemplateError, TypeError, ValueError):
+        return False
+    bos = special_tokens.get("bos_token")
+    if starts_with_bos and not (bos and rendered.startswith(bos)):
+        return False
+    if prompt_format.system_prompt:
+        return rendered.removeprefix(special_tokens.get("bos_token") or "") == str(prompt_format.prompt(probe))
+    return rendered.endswith(str(PromptFormat(prompt_format.template).prompt(probe)))
+
+
+def chat_template_choice(tokenizer_spec: str | None, prompt_format) -> tuple[str | None, str]:
+    """(the "chat_template" to write into tokenizer_config.json, or None to leave the tokenizer's files as they
+    are; a line saying which chat template the folder has). A run fine-tuned in prompt_format (a PromptFormat)
+    gets the format's own (PromptFormat.chat_template), unless its tokenizer's tokenizer_config.json has a chat
+    template that prompts as the run was trained (prompts_as_trained): that one is kept (it may know more: tools,
+    other roles). A run not fine-tuned (prompt_format None) gets none of its own."""
+    from ..data.tokenizer import get_tokenizer
+
+    if tokenizer_spec is None or prompt_format is None:
+        return None, ""
+    tokenizer = get_tokenizer(tokenizer_spec)
+    ours = prompt_format.chat_template(tokenizer.bos_token is not None)
+    label = f"llmkern's {prompt_format.template!r} template"
+    own = own_chat_template(tokenizer_spec)
+    if own is None:
+        return ours, f"chat template: {label}, the run's prompt format"
+    if prompts_as_trained(own, prompt_format, _config_special_tokens(tokenizer_spec), tokenizer.bos_token is not None):
+        return None, f"chat template: the tokenizer's own, which prompts as the run was fine-tuned ({label})"
+    return ours, (f"chat template: {label}, the run's prompt format, in place of the tokenizer's own, which prompts "
+                  f"otherwise")
+
+
+def _config_special_tokens(tokenizer_spec: str) -> dict[str, str]:
+    """The special tokens a chat template reads (bos_token, eos_token, ...), as transformers passes them: the names
+    tokenizer_config.json gives (a string, or an AddedToken's {"content": ...}); the ones it leaves out, out."""
+    from ..data.tokenizer import hf_config_path
+
+    config = _read_json_object(hf_config_path(tokenizer_spec)) or {}
+    names = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            names[key] = value
+    return names
+
+
+def _read_json_object(path: str) -> dict | None:
+    """The JSON object in a file; None where there is no such file, or it holds no JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def write_tokenizer(folder: str, tokenizer_spec: str | None, model_max_length: int | None = None,
+                    prompt_format=None) -> list[str]:
     """The tokenizer's files in folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json); the names
     written. A Hugging Face tokenizer.json spec's are copied (a tokenizer_config.json naming its end-of-text and
     begin-of-sequence tokens where there is none); a tiktoken or "bytes" spec's are written from its ranks
     (llmkern.data.hf_tokenizer_export), with model_max_length (the model's block_size) in tokenizer_config.json, or
-    none, with a warning saying why, where no tokenizer.json can give tiktoken's ids."""
+    none, with a warning saying why, where no tokenizer.json can give tiktoken's ids. prompt_format: the prompt
+    format (a llmkern.finetune.templates.PromptFormat) the run was fine-tuned in, None for none: tokenizer_config.json
+    gets its chat template where chat_template_choice says so."""
     from ..data.tokenizer import get_tokenizer, hf_config_path, is_hf_tokenizer_json
 
     if tokenizer_spec is None:
         return []
+    chat_template, _ = chat_template_choice(tokenizer_spec, prompt_format)
     if not is_hf_tokenizer_json(tokenizer_spec):
         try:
-            return _write_tiktoken_as_hf(folder, get_tokenizer(tokenizer_spec), model_max_length)
+            return _write_tiktoken_as_hf(folder, get_tokenizer(tokenizer_spec), model_max_length, chat_template)
         except ValueError as err:  # a split pattern that `tokenizers` reads otherwise: the model is still of use
             warnings.warn(f"no tokenizer files written: {err}", stacklevel=3)
             return []
     written = ["tokenizer.json"]
     shutil.copyfile(tokenizer_spec, os.path.join(folder, "tokenizer.json"))
     config_path = hf_config_path(tokenizer_spec)
-    if os.path.isfile(config_path):
+    tokenizer = get_tokenizer(tokenizer_spec)
+    if os.path.isfile(config_path) and chat_template is None:
         shutil.copyfile(config_path, os.path.join(folder, "tokenizer_config.json"))
-    else:  # AutoTokenizer reads the tokens that end and begin a text from here
-        tokenizer = get_tokenizer(tokenizer_spec)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "eos_token": tokenizer.backend.id_to_token(tokenizer.eot_token)}
-        if tokenizer.bos_token is not None:
+    else:
+        config = _read_json_object(config_path) if os.path.isfile(config_path) else None
+        if config is None:  # AutoTokenizer reads the tokens that end and begin a text from here
+            config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "eos_token": tokenizer.backend.id_to_token(tokenizer.eot_token)}
+        if tokenizer.bos_token is not None and config.get("bos_token") is None:
+            # the chat template starts with {{ bos_token }}: the token llmkern starts every sequence with
             config["bos_token"] = tokenizer.backend.id_to_token(tokenizer.bos_token)
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         _write_json(os.path.join(folder, "tokenizer_config.json"), config)
     written.append("tokenizer_config.json")
     special_map = os.path.join(os.path.dirname(tokenizer_spec), "special_tokens_map.json")
@@ -266,8 +381,10 @@ def write_tokenizer(folder: str, tokenizer_spec: str | None, model_max_length: i
     return written
 
 
-def _write_tiktoken_as_hf(folder: str, tokenizer, model_max_length: int | None) -> list[str]:
-    """A tiktoken or byte tokenizer as tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+def _write_tiktoken_as_hf(folder: str, tokenizer, model_max_length: int | None,
+                          chat_template: str | None = None) -> list[str]:
+    """A tiktoken or byte tokenizer as tokenizer.json, tokenizer_config.json (with chat_template where given) and
+    special_tokens_map.json."""
     from ..data.hf_tokenizer_export import (
         special_token_names,
         tiktoken_to_hf_tokenizer_json,
@@ -280,6 +397,8 @@ def _write_tiktoken_as_hf(folder: str, tokenizer, model_max_length: int | None) 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False}
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     # compact: a vocab of 200k tokens indented one a line is a file of many MB more
     with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False)
@@ -301,7 +420,7 @@ def check_out_dir(out_dir: str, force: bool = False) -> None:
 
 def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: str | torch.dtype | None = None,
                    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, tokenizer_spec: str | None = None,
-                   force: bool = False) -> list[str]:
+                   force: bool = False, prompt_format=None) -> list[str]:
     """Write `model` to out_dir as a Hugging Face model folder; the paths of the files written, in out_dir.
 
     family: one of FAMILIES, or None for family_of_config's. dtype: the weights' ("float32", "bfloat16",
@@ -309,6 +428,9 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
     into shards with an index, as save_pretrained's max_shard_size (an int, or a string such as "5GB").
     tokenizer_spec: the model's tokenizer (llmkern.data.tokenizer's specs): its end-of-text and begin-of-sequence
     ids go into config.json and generation_config.json, and its files are written beside (write_tokenizer).
+    prompt_format: the llmkern.finetune.templates.PromptFormat the model was fine-tuned in (None: not fine-tuned):
+    its chat template goes into tokenizer_config.json (chat_template_choice), and its end marker, where it is a
+    special token of the tokenizer, into generation_config.json's eos_token_id beside end-of-text.
     An out_dir with files in it is refused unless force, and then replaced whole. The folder is written under a
     temporary name beside out_dir and renamed: a failure leaves out_dir as it was."""
     if not isinstance(model, GPT):
@@ -317,10 +439,10 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
     dtype = resolve_dtype(dtype, model)
     check_out_dir(out_dir, force)
     state, hf_config = hf_state_and_config(model, family or family_of_config(model.config))
-    ids = generation_ids(tokenizer_spec)
+    ids = generation_ids(tokenizer_spec, prompt_format)
     dtype_name = str(dtype).removeprefix("torch.")
     # transformers before 4.56 reads "torch_dtype", later ones "dtype" (and write it so)
-    hf_config = {**hf_config, **ids, "torch_dtype": dtype_name, "dtype": dtype_name}
+    hf_config = {**hf_config, **model_ids(ids), "torch_dtype": dtype_name, "dtype": dtype_name}
     weights = hf_weights(state, hf_config, dtype)
     del state
 
@@ -329,7 +451,7 @@ def save_hf_folder(model: GPT, out_dir: str, family: str | None = None, dtype: s
         _write_json(os.path.join(tmp, "config.json"), hf_config)
         _write_json(os.path.join(tmp, "generation_config.json"), ids)
         names += ["config.json", "generation_config.json"] + write_tokenizer(tmp, tokenizer_spec,
-                                                                               model.config.block_size)
+                                                                               model.config.block_size, prompt_format)
     out_dir = os.path.abspath(out_dir)
     return [os.path.join(out_dir, name) for name in names]
 
