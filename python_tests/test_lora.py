@@ -279,3 +279,37 @@ def test_a_moe_models_default_targets_leave_the_router_and_the_experts_frozen():
     # the router is still a target by name
     routed = tiny_gpt("tiny-moe", n_kv_head=1)
     assert sorted(apply_lora(routed, rank=2, targets="router")) == ["blocks.0.mlp.router", "blocks.1.mlp.router"]
+
+
+def _lora_a(device: str, dtype: torch.dtype, seed: int = 7) -> torch.Tensor:
+    base = nn.Linear(24, 16, device=device, dtype=dtype)
+    torch.manual_seed(seed)
+    return LoRALinear(base, rank=4).lora_A.detach()
+
+
+def test_lora_a_is_drawn_in_fp32_on_the_cpu_whatever_the_base(monkeypatch):
+    """A is drawn in fp32 on the CPU, then copied: a bf16 base's A is the fp32 base's rounded, and a seed gives on a
+    GPU (and on an FSDP run's rank-0 CPU copy) the adapters it gives on the CPU; a meta base's is drawn nowhere."""
+    drawn_on = []
+    kaiming = nn.init.kaiming_uniform_
+
+    def recording(tensor, *args, **kwargs):
+        drawn_on.append((tensor.device.type, tensor.dtype))
+        return kaiming(tensor, *args, **kwargs)
+
+    base = nn.Linear(24, 16, dtype=torch.bfloat16)
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", recording)
+    LoRALinear(base, rank=4)
+    assert drawn_on == [("cpu", torch.float32)]
+    monkeypatch.undo()
+    full = _lora_a("cpu", torch.float32)
+    assert torch.equal(_lora_a("cpu", torch.bfloat16), full.to(torch.bfloat16))
+    assert not torch.equal(_lora_a("cpu", torch.float32, seed=8), full)
+    assert _lora_a("meta", torch.float32).device.type == "meta"
+
+
+@pytest.mark.cuda
+def test_lora_a_on_a_gpu_is_the_cpu_s():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    assert torch.equal(_lora_a("cuda", torch.float32).cpu(), _lora_a("cpu", torch.float32))

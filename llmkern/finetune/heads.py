@@ -26,9 +26,12 @@ class LastTokenHead(nn.Module):
         if not isinstance(body, GPT):
             raise TypeError(f"body must be a llmkern.model.GPT, got {type(body).__name__}")
         self.body = body
-        self.head = nn.Linear(body.config.n_embd, out_features, device=body.device)
-        nn.init.normal_(self.head.weight, std=init_std)
-        nn.init.zeros_(self.head.bias)
+        # Drawn on the CPU, then moved: one seed gives the same head on a GPU, on the CPU and under FSDP (whose
+        # rank 0 holds the body on its CPU)
+        head = nn.Linear(body.config.n_embd, out_features)
+        nn.init.normal_(head.weight, std=init_std)
+        nn.init.zeros_(head.bias)
+        self.head = head.to(body.device)
 
     def head_outputs(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) right-padded token ids, lengths (B,) real tokens per row (None: all T) -> (B, out).

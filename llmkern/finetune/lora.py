@@ -82,7 +82,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r)
         # A like nn.Linear's default init (kaiming-uniform); B = 0 keeps the layer equal to the base at start.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Drawn in fp32 on the CPU whatever the base's device and dtype, so that one seed gives the same adapters
+        # on a GPU, on the CPU and under FSDP (whose rank 0 holds the base on its CPU); none on the meta device.
+        if self.lora_A.device.type != "meta":
+            with torch.no_grad():
+                self.lora_A.copy_(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
