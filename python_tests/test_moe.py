@@ -15,6 +15,7 @@ from llmkern.model.config import identity_dict
 from llmkern.model.generate import generate
 from llmkern.model.kv_cache import KVCache
 from llmkern.nn import GatedMLP, MoEMLP, load_balancing_loss
+from llmkern.nn import moe as moe_module
 
 VOCAB = 97
 
@@ -94,9 +95,11 @@ def capture_router_logits(model: GPT) -> list[torch.Tensor]:
 # --- the module against the reference ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("experts_path", ["loop", "grouped"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_moe_mlp_matches_the_per_token_reference(k, norm_topk_prob):
+def test_moe_mlp_matches_the_per_token_reference(k, norm_topk_prob, experts_path, monkeypatch):
+    monkeypatch.setenv(moe_module.EXPERTS_ENV, experts_path)
     moe = random_moe(k=k, norm_topk_prob=norm_topk_prob, seed=k)
     x = torch.randn(3, 7, 16, requires_grad=True)  # 21 tokens: an odd count, split unevenly over the experts
     out, stats = moe(x)
@@ -129,8 +132,10 @@ def test_each_expert_is_the_gated_mlp_of_its_slices():
         torch.testing.assert_close(moe(x[i : i + 1])[0], mlp(x[i : i + 1]), rtol=1e-5, atol=1e-6)
 
 
-def test_an_expert_without_tokens_gets_a_zero_gradient_not_none():
+@pytest.mark.parametrize("experts_path", ["loop", "grouped"])
+def test_an_expert_without_tokens_gets_a_zero_gradient_not_none(experts_path, monkeypatch):
     """DDP takes a parameter without a gradient for an unused one and fails: every expert must stay in the graph."""
+    monkeypatch.setenv(moe_module.EXPERTS_ENV, experts_path)
     moe = random_moe(n_experts=4, k=2)
     with torch.no_grad():  # positive inputs: expert 3's logit is the lowest for every token, never in the top 2
         moe.router.weight.uniform_(0.5, 1.0)
@@ -143,6 +148,146 @@ def test_an_expert_without_tokens_gets_a_zero_gradient_not_none():
         assert p.grad is not None, name
     assert torch.count_nonzero(moe.gate_up.grad[3]) == 0 and torch.count_nonzero(moe.proj.grad[3]) == 0
     assert torch.count_nonzero(moe.gate_up.grad[0]) > 0
+
+
+# --- the experts by grouped GEMM ------------------------------------------------------------------------
+
+
+def moe_outputs_and_grads(moe: MoEMLP, x: torch.Tensor, experts_path: str, monkeypatch) -> dict[str, torch.Tensor]:
+    """The MoE's output on x and the gradients of a fixed random projection of it for x and every parameter
+    (router.weight, gate_up, proj), by name, with the experts run by experts_path."""
+    monkeypatch.setenv(moe_module.EXPERTS_ENV, experts_path)
+    x = x.detach().requires_grad_()
+    out = moe(x)[0]
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    names, params = zip(*moe.named_parameters())
+    grads = torch.autograd.grad((out * probe).sum(), [x, *params])
+    return {"output": out.detach(), **dict(zip(["x", *names], grads))}
+
+
+@pytest.mark.parametrize("k,norm_topk_prob,n_experts,n_tokens", [
+    (1, True, 8, 5),  # 5 tokens for 8 experts: at least 3 idle
+    (2, True, 5, 21),
+    (2, False, 7, 3),  # 6 assignments for 7 experts
+    (3, False, 4, 17),
+])
+def test_grouped_experts_match_the_loop_in_fp32(k, norm_topk_prob, n_experts, n_tokens, monkeypatch):
+    """The same matmuls on the same rows, grouped or one expert at a time: equal but for the order of the sums
+    inside a matmul, which another kernel may change (the CPU's grouped_mm runs each group's mm, bit for bit the
+    loop's here): rtol 1e-5 and an atol of 1e-6 times each tensor's scale."""
+    moe = random_moe(n_embd=16, hidden=12, n_experts=n_experts, k=k, norm_topk_prob=norm_topk_prob, seed=k)
+    assert moe_module._experts_path(torch.empty(1, 16), moe.hidden) == "grouped"  # auto picks it here
+    x = torch.randn(n_tokens, 16)
+    grouped = moe_outputs_and_grads(moe, x, "grouped", monkeypatch)
+    looped = moe_outputs_and_grads(moe, x, "loop", monkeypatch)
+    assert list(grouped) == ["output", "x", "gate_up", "proj", "router.weight"]
+    for name, e in looped.items():
+        torch.testing.assert_close(grouped[name], e, rtol=1e-5, atol=1e-6 * e.abs().max().item(), msg=name)
+    idle = torch.ones(n_experts, dtype=torch.bool)
+    idle[moe(x)[1].experts.unique()] = False  # some, by the pigeonhole principle, in the 1st and 3rd cases
+    for name in ("gate_up", "proj"):
+        assert torch.count_nonzero(grouped[name][idle]) == 0, name  # zero, where the experts had no token
+        assert torch.count_nonzero(grouped[name][~idle]) > 0, name
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_experts_in_bf16_are_within_twice_the_loops_error(k, monkeypatch):
+    """bf16 against the float64 module (the loop: grouped_mm has no float64): the grouped path's error, output
+    and every gradient, at most twice the loop's own plus a small atol."""
+    moe = random_moe(n_embd=16, hidden=24, n_experts=6, k=k, seed=k)  # widths of 16 bytes' multiples in bf16
+    x = torch.randn(19, 16)
+    expected = moe_outputs_and_grads(moe.double(), x.double(), "loop", monkeypatch)
+    bf16 = moe.bfloat16()
+    grouped = moe_outputs_and_grads(bf16, x.bfloat16(), "grouped", monkeypatch)
+    looped = moe_outputs_and_grads(bf16, x.bfloat16(), "loop", monkeypatch)
+    for name, e in expected.items():
+        grouped_error = (grouped[name].double() - e).abs().max().item()
+        loop_error = (looped[name].double() - e).abs().max().item()
+        assert grouped_error <= 2 * loop_error + 1e-3 * e.abs().max().item(), name
+
+
+def test_grouped_experts_multiply_in_autocasts_dtype_as_the_loop_does(monkeypatch):
+    """grouped_mm has no autocast kernel: the path casts its operands itself, so that under autocast its output
+    and gradients are those of the loop's autocast F.linear, in bf16."""
+    moe = random_moe(n_embd=16, hidden=24, n_experts=4, k=2)
+    x = torch.randn(13, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped = moe_outputs_and_grads(moe, x, "grouped", monkeypatch)
+        looped = moe_outputs_and_grads(moe, x, "loop", monkeypatch)
+    assert grouped["output"].dtype == looped["output"].dtype == torch.bfloat16
+    for name, e in looped.items():
+        torch.testing.assert_close(grouped[name], e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("device,dtype,widths,capability,expected", [
+    ("cpu", torch.float32, (16, 12), None, True),  # 48-byte rows
+    ("cpu", torch.bfloat16, (16, 24), None, True),
+    ("cpu", torch.float16, (16, 24), None, True),
+    ("cpu", torch.float64, (16, 12), None, False),  # no float64 kernel
+    ("cpu", torch.float32, (16, 13), None, False),  # 52-byte rows
+    ("cpu", torch.bfloat16, (16, 12), None, False),  # 24-byte rows
+    ("cpu", torch.float32, (18, 12), None, False),
+    ("cuda", torch.bfloat16, (16, 24), (9, 0), True),  # Hopper's grouped kernel
+    ("cuda", torch.bfloat16, (16, 24), (8, 0), False),  # a loop with a host sync there
+    ("cuda", torch.bfloat16, (16, 24), (10, 0), False),  # pytorch/pytorch#172439
+    ("cuda", torch.float32, (16, 24), (9, 0), False),
+    ("cuda", torch.bfloat16, (16, 12), (9, 0), False),
+    ("meta", torch.float32, (16, 12), None, False),
+])
+def test_grouped_mm_is_chosen_only_where_it_runs_well(device, dtype, widths, capability, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert moe_module._grouped_mm_runs_well(torch.device(device), dtype, *widths) is expected
+
+
+def test_grouped_mm_is_not_chosen_on_rocm_nor_without_the_function(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not moe_module._grouped_mm_runs_well(torch.device("cuda"), torch.bfloat16, 16, 24)
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", None)
+    assert not moe_module._grouped_mm_runs_well(torch.device("cpu"), torch.float32, 16, 12)
+    assert moe_module._experts_path(torch.empty(3, 16), 12) == "loop"
+
+
+def test_the_experts_switch_forces_a_path_and_refuses_a_bad_value(monkeypatch):
+    calls = []
+
+    def counted_grouped_mm(*args, **kwargs):
+        calls.append(1)
+        return torch._grouped_mm(*args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", counted_grouped_mm)
+    moe, x = random_moe(), torch.randn(7, 16)
+    for mode, grouped_calls in [("auto", 2), ("grouped", 2), ("loop", 0)]:
+        calls.clear()
+        monkeypatch.setenv(moe_module.EXPERTS_ENV, mode)
+        moe(x)
+        assert len(calls) == grouped_calls, mode
+    monkeypatch.setenv(moe_module.EXPERTS_ENV, "cutlass")
+    with pytest.raises(ValueError, match="LLMKERN_MOE_EXPERTS must be one of auto, loop, grouped; got 'cutlass'"):
+        moe(x)
+    monkeypatch.setenv(moe_module.EXPERTS_ENV, "grouped")
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", None)
+    with pytest.raises(RuntimeError, match="LLMKERN_MOE_EXPERTS=grouped, but this torch"):
+        moe(x)
+
+
+def test_a_bf16_moe_gpt_compiles_whole_with_the_grouped_experts():
+    """No host sync and no graph break: torch.compile(fullgraph=True) takes the whole model, its loss and
+    gradients those of eager mode. bf16: torch.compile traces grouped_mm with a meta function that takes only
+    that (the loop's counts.tolist() breaks the graph). aot_eager: dynamo and AOT autograd as inductor sees them,
+    in seconds rather than a minute of C++ compilation."""
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_experts=6, experts_per_token=2, router_aux_loss_coef=0.1)).bfloat16()
+    idx = torch.randint(0, VOCAB, (2, 11))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        _, loss = run(idx, idx)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
+    for name, c, e in zip(["loss", *dict(model.named_parameters())], *results):
+        torch.testing.assert_close(c, e, rtol=2e-2, atol=1e-2 * e.abs().max().item(), msg=name)
 
 
 def test_every_parameter_of_a_moe_gpt_has_a_gradient_after_a_step_with_idle_experts():

@@ -5,10 +5,15 @@ Routing, as transformers computes it: a softmax over the experts in float32, the
 sum to 1, the weights cast to the activations' dtype. The module also returns the routing of each of its tokens
 (RouterStats), from which the model computes the load-balancing loss over all its MoE layers (load_balancing_loss),
 over every token or only the real ones of a padded batch (its token_mask).
+
+The experts run on their sorted assignments in one grouped GEMM per matmul (torch's grouped_mm: offsets on the
+device, no host sync, no graph break) where it runs well, else one matmul pair per expert in a loop; EXPERTS_ENV
+forces either (see _experts_path).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -17,6 +22,15 @@ from torch import nn
 
 from ..ops.swiglu import swiglu
 from ._dispatch import module_backend, op_backend
+
+# "auto" (the default): grouped_mm where _grouped_mm_runs_well says so, else the loop; "loop" or "grouped" forces
+# that path (for tests and benchmarks; "grouped" where grouped_mm cannot take the inputs raises torch's error).
+EXPERTS_ENV = "LLMKERN_MOE_EXPERTS"
+_EXPERT_PATHS = ("auto", "loop", "grouped")
+
+# torch.nn.functional.grouped_mm is the public name (pytorch#168298, Nov 2025: torch 2.10 or 2.11); torch._grouped_mm,
+# what it calls, is older (2.8; a CPU kernel from 2.9). Neither: the loop only.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class RouterStats(NamedTuple):
@@ -76,19 +90,38 @@ class MoEMLP(nn.Module):
     ) -> torch.Tensor:
         """Each (token, slot) assignment run through its expert, weighted, and summed per token: (N, C).
 
-        The assignments are sorted by expert so that each expert runs once on its tokens, one matmul pair per
-        expert in a Python loop. That is where speed would come from: a grouped-GEMM kernel over the sorted
-        assignments (and no host sync for the counts)."""
+        The assignments are sorted by expert so that each expert's rows are one block: one grouped GEMM per matmul
+        over the blocks, or one matmul pair per expert in a loop (_experts_path chooses)."""
         k = self.experts_per_token
         order = experts.reshape(-1).argsort(stable=True)  # assignments (token * k + slot) grouped by expert
+        if _experts_path(tokens, self.hidden) == "grouped":
+            expert_out = self._grouped_experts(tokens[order // k], counts)
+        else:
+            expert_out = self._looped_experts(tokens, order, counts)  # (N * k, C), in `order`
+        # The weights in the activations' dtype, as transformers casts them.
+        weighted = expert_out * weights.reshape(-1)[order].to(expert_out.dtype).unsqueeze(-1)
+        return expert_out.new_zeros(tokens.shape).index_add(0, order // k, weighted)
+
+    def _looped_experts(self, tokens: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts one after another on their rows of `order`: (N * k, C). counts.tolist() syncs with the
+        device, and torch.compile breaks the graph there."""
+        k = self.experts_per_token
         outputs = []
         for e, rows in enumerate(order.split(counts.tolist())):
             if rows.numel():  # an idle expert still gets its zero gradient: its weights are slices of the stack
                 outputs.append(self._expert(e, tokens[rows // k]))
-        expert_out = torch.cat(outputs)  # (N * k, C), in `order`
-        # The weights in the activations' dtype, as transformers casts them.
-        weighted = expert_out * weights.reshape(-1)[order].to(expert_out.dtype).unsqueeze(-1)
-        return expert_out.new_zeros(tokens.shape).index_add(0, order // k, weighted)
+        return torch.cat(outputs)
+
+    def _grouped_experts(self, sorted_tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert on its block of sorted_tokens (N * k, C), the rows of expert e after those of the experts
+        before it, by one grouped_mm per matmul: (N * k, C). An idle expert has an empty block, and its weights
+        get a zero gradient from the stacked parameters' backward."""
+        ends = counts.cumsum(0).to(torch.int32)  # each block's end row, as grouped_mm's offs: no host sync
+        x, gate_up, proj = _in_matmul_dtype(sorted_tokens, self.gate_up, self.proj)
+        # mat_b (E, K, N): the stacks transposed, column-major views of the (E, N, K) weights, as grouped_mm wants
+        gate, up = _GROUPED_MM(x, gate_up.transpose(1, 2), offs=ends).split(self.hidden, dim=-1)
+        y = swiglu(gate, up, backend=op_backend("swiglu", self.backend, x.device))
+        return _GROUPED_MM(y, proj.transpose(1, 2), offs=ends)
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU MLP on x (n, C), through llmkern.ops.swiglu as GatedMLP's."""
@@ -99,6 +132,61 @@ class MoEMLP(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, experts_per_token={self.experts_per_token}, hidden={self.hidden}, "
                 f"norm_topk_prob={self.norm_topk_prob}")
+
+
+def _experts_path(tokens: torch.Tensor, hidden: int) -> str:
+    """"grouped" or "loop": how MoEMLP runs its experts on tokens (N, C) with width `hidden`. EXPERTS_ENV's
+    choice, or for "auto" the grouped GEMM where _grouped_mm_runs_well says so for the matmuls' dtype."""
+    mode = os.environ.get(EXPERTS_ENV, "auto")
+    if mode not in _EXPERT_PATHS:
+        raise ValueError(f"{EXPERTS_ENV} must be one of {', '.join(_EXPERT_PATHS)}; got {mode!r}")
+    if mode == "grouped" and _GROUPED_MM is None:
+        raise RuntimeError(f"{EXPERTS_ENV}=grouped, but this torch ({torch.__version__}) has no grouped_mm")
+    if mode != "auto":
+        return mode
+    dtype = _matmul_dtype(tokens)
+    runs_well = _grouped_mm_runs_well(tokens.device, dtype, tokens.size(-1), hidden)
+    return "grouped" if runs_well else "loop"
+
+
+def _grouped_mm_runs_well(device: torch.device, dtype: torch.dtype, n_embd: int, hidden: int) -> bool:
+    """Whether grouped_mm is there and, for matmuls of this dtype on this device with widths n_embd and hidden,
+    computes what the loop does, without a host sync, at least as fast. Conservative where it could not be tested.
+
+    Every operand's rows (n_embd or hidden elements, both matmuls and their backward) must be a multiple of 16
+    bytes: grouped_mm refuses other strides, on the CPU too.
+    - CPU (torch 2.9+): a kernel for float32, float16 and bfloat16, as fast as the loop or faster (a tiny MoE:
+      0.7x the loop's time per forward and backward). torch.compile traces it through a meta function that
+      accepts bfloat16 only (torch 2.13), so under compilation bfloat16 only.
+    - CUDA: bfloat16 on compute capability 9.x (Hopper) only, the CUTLASS kernel: elsewhere it is a loop of mm
+      with a host sync (sm80-89, other dtypes), or on sm100 has given nonzero gradients to experts without tokens
+      (pytorch/pytorch#172439). ROCm: not tried, so not taken. Not tested on a GPU here.
+    - Anything else: the loop.
+    """
+    if _GROUPED_MM is None or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    row_align = 16 // dtype.itemsize
+    if n_embd % row_align or hidden % row_align:
+        return False
+    if device.type == "cpu":
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if device.type == "cuda" and torch.version.hip is None:
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+    return False
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear layer's matmul on x runs in: autocast's where it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _in_matmul_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """tensors cast to the first one's _matmul_dtype: what autocast does to F.linear's operands, which it does not
+    do for grouped_mm (no autocast kernel), so that both paths multiply in the same dtype."""
+    dtype = _matmul_dtype(tensors[0])
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def load_balancing_loss(stats: list[RouterStats], token_mask: torch.Tensor | None = None) -> torch.Tensor:
