@@ -220,7 +220,7 @@ def test_a_tokenizer_json_with_special_markers_gets_the_template(tmp_path):
 
 
 @pytest.mark.parametrize("template,system,kept", [
-    ("chatml", "", True),  # the tokenizer's own writes the run's turns: kept
+    ("chatml", "", False),  # it would put its own default system turn in, which the run never saw
     ("chatml", "Be brief.", False),  # it would put its own system prompt in, not the run's
     ("chatml", "You are Qwen.", True),
     ("alpaca", "", False),  # another format
@@ -249,8 +249,9 @@ def test_an_own_template_without_the_begin_of_sequence_token_is_replaced(writes_
     source = {"eos_token": ENDOFTEXT, "add_bos_token": True, "bos_token": BOS_TEXT, "chat_template": own}
     spec = chatml_tokenizer_json(tmp_path / "tok", source, extra_specials=[BOS_TEXT])
     assert get_tokenizer(spec).bos_token is not None
-    chat_template, _ = hf_save.chat_template_choice(spec, PromptFormat("chatml"))
-    assert chat_template == (None if writes_bos else PromptFormat("chatml").chat_template(bos_token=True))
+    fmt = PromptFormat("chatml", "You are Qwen.")  # the own template's system turn: only the BOS can differ
+    chat_template, _ = hf_save.chat_template_choice(spec, fmt)
+    assert chat_template == (None if writes_bos else fmt.chat_template(bos_token=True))
 
 
 def test_a_template_that_fails_to_render_is_replaced(tmp_path):

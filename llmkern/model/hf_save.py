@@ -267,13 +267,14 @@ def own_chat_template(tokenizer_spec: str) -> str | None:
 def prompts_as_trained(chat_template: str, prompt_format, special_tokens: dict[str, str],
                        starts_with_bos: bool) -> bool:
     """Whether a chat template prompts a model as it was fine-tuned in prompt_format: rendered for one user turn
-    with the generation prompt (special_tokens: its variables, bos_token, eos_token, ...), it ends with that turn in
-    the format, and, where the run had a system prompt, is the format's prompt, that system prompt in (after the
-    begin-of-sequence text); it starts with special_tokens["bos_token"] where every sequence does
-    (starts_with_bos). A template that fails to render does not."""
+    with the generation prompt (special_tokens: its variables, bos_token, eos_token, ...), it is the format's prompt
+    exactly, after special_tokens["bos_token"] where every sequence starts with it (starts_with_bos) and with none
+    where none does. Exactly: a family template that adds a default system turn (Qwen2.5's "You are Qwen...", Llama
+    3.1's date) would prompt a run fine-tuned without one otherwise than it learned. A template that fails to render
+    does not."""
     import jinja2
 
-    from ..finetune.templates import PromptFormat, render_chat_template
+    from ..finetune.templates import render_chat_template
 
     probe = {"instruction": _PROBE_INSTRUCTION}
     try:
@@ -282,11 +283,11 @@ def prompts_as_trained(chat_template: str, prompt_format, special_tokens: dict[s
     except (jinja2.TemplateError, TypeError, ValueError):
         return False
     bos = special_tokens.get("bos_token")
-    if starts_with_bos and not (bos and rendered.startswith(bos)):
-        return False
-    if prompt_format.system_prompt:
-        return rendered.removeprefix(special_tokens.get("bos_token") or "") == str(prompt_format.prompt(probe))
-    return rendered.endswith(str(PromptFormat(prompt_format.template).prompt(probe)))
+    if starts_with_bos:
+        if not (bos and rendered.startswith(bos)):
+            return False
+        rendered = rendered[len(bos):]
+    return rendered == str(prompt_format.prompt(probe))
 
 
 def chat_template_choice(tokenizer_spec: str | None, prompt_format) -> tuple[str | None, str]:
