@@ -3,6 +3,7 @@ each rank with its own RNG states."""
 
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -42,6 +43,18 @@ def _worker(rank, port, out_dir, data_dir, parallel, resume):
 def run_two_processes(out_dir, data_dir, parallel, resume):
     mp.start_processes(_worker, args=(spawned.free_port(), str(out_dir), data_dir, parallel, resume), nprocs=WORLD,
                        join=True, start_method="spawn")
+
+
+def _recording_worker(rank, port, out_dir, data_dir, parallel, resume):
+    """_worker, writing down the checkpoint reads this rank made (spawned.record_checkpoint_reads) as
+    out_dir/reads.rank<rank>.json."""
+    spawned.enter(rank, port)
+    reads = []
+    spawned.record_checkpoint_reads(reads)
+    Trainer(config(out_dir, data_dir, parallel)).fit(resume=resume)
+    with open(os.path.join(out_dir, f"reads.rank{rank}.json"), "w") as f:
+        json.dump(reads, f)
+    spawned.leave()
 
 
 def _dropout_worker(rank, port, tmp, data_dir, parallel):
@@ -100,8 +113,12 @@ def test_a_one_process_run_resumes_in_two_fsdp_processes(tmp_path):
     Trainer(config(tmp_path / "run", data_dir, "fsdp")).fit()
     shutil.copytree(tmp_path / "run", tmp_path / "single")  # the uninterrupted run, its log and final step
     shutil.rmtree(ckpt.step_dir(str(tmp_path / "run"), 5))
-    run_two_processes(tmp_path / "run", data_dir, "fsdp", resume=True)
+    mp.start_processes(_recording_worker, args=(spawned.free_port(), str(tmp_path / "run"), data_dir, "fsdp", True),
+                       nprocs=WORLD, join=True, start_method="spawn")
     spawned.assert_same_run(tmp_path / "single", tmp_path / "run")
+    # rank 0 alone read the weights and the optimizer's state (and broadcast them), the other its RNG states
+    reads = [json.loads((tmp_path / "run" / f"reads.rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert reads == [["load_checkpoint", "load_file", "load_file"], ["load_checkpoint_without_weights"]]
 
 
 def test_a_two_fsdp_process_run_resumes_in_one_process(tmp_path):

@@ -161,10 +161,15 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     assert not torch.equal(two.model["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # it learned
     assert os.path.isfile(tmp_path / "fsdp" / "lora.safetensors") == bool(lora_rank)
 
-    # the stopped run (its step-3 state left, the log lost) resumes to the same numbers and weights, bitwise
+    # the stopped run (its step-3 state left, the log lost) resumes to the same numbers and weights, bitwise;
+    # rank 0 alone reads the training state's weights and optimizer, the other rank its meta.json and RNG states
     finished = ckpt.latest_checkpoint(str(tmp_path / "fsdp"))
     os.remove(tmp_path / "fsdp" / "metrics.jsonl")
-    run_two_processes(tmp_path, resume=True, out="fsdp", parallel="fsdp", lora_rank=lora_rank)
+    mp.start_processes(_recording_worker, args=(spawned.free_port(), tmp_path, {"resume": True, "lora_rank": lora_rank}),
+                       nprocs=WORLD, join=True, start_method="spawn")
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert records[0]["reads"] == ["load_gpt", *BASE_READ, *BASE_READ]  # the base, then the training state
+    assert records[1]["reads"] == ["load_checkpoint_without_weights"]
     resumed = numbers(tmp_path / "fsdp")
     later = [r for r in sharded if r["kind"] == "train" and r["step"] > 3]
     assert [r for r in resumed if r["kind"] == "train"] == later
@@ -194,24 +199,27 @@ def test_meta_copy_has_the_models_shapes_and_no_weights(preset):
         assert torch.equal(tensor, before[name]), name
 
 
+BASE_READ = ["load_checkpoint", "load_file", "load_file"]  # a whole checkpoint: its weights, then its state file
+
+
 def _recording_worker(rank, port, tmp_path, overrides):
-    """run_sft under fsdp, writing down (as tmp_path/rank<rank>.json) which whole-model reads this rank made and
-    whether the model load_base gave it, and the one it holds after the run, were on the meta device."""
+    """run_sft under fsdp, writing down (as tmp_path/rank<rank>.json) which reads of a model or checkpoint this rank
+    made (spawned.record_checkpoint_reads, and load_gpt) and whether the model load_base gave it, and the one it
+    holds after the run, were on the meta device."""
     spawned.enter(rank, port)
     import llmkern.finetune.base
     import llmkern.finetune.sft
     from llmkern.finetune.loop import is_on_meta
 
     reads, held = [], {}
+    load_gpt = llmkern.finetune.base.load_gpt
 
-    def recording(name, function):
-        def record(*args, **kwargs):
-            reads.append(name)
-            return function(*args, **kwargs)
-        return record
+    def recording_load_gpt(*args, **kwargs):
+        reads.append("load_gpt")
+        return load_gpt(*args, **kwargs)
 
-    llmkern.finetune.base.load_gpt = recording("load_gpt", llmkern.finetune.base.load_gpt)
-    ckpt.load_checkpoint = recording("load_checkpoint", ckpt.load_checkpoint)
+    llmkern.finetune.base.load_gpt = recording_load_gpt
+    spawned.record_checkpoint_reads(reads)
     load_base = llmkern.finetune.sft.load_base
 
     def keeping_load_base(*args, **kwargs):
@@ -238,7 +246,7 @@ def test_fsdp_reads_the_base_on_rank_0_alone(tmp_path):
 
     spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
-    assert records[0] == {"reads": ["load_gpt", "load_checkpoint"], "loaded_on_meta": False, "ends_on_meta": False}
+    assert records[0] == {"reads": ["load_gpt", *BASE_READ], "loaded_on_meta": False, "ends_on_meta": False}
     for record in records[1:]:
         assert record == {"reads": [], "loaded_on_meta": True, "ends_on_meta": True}
 
@@ -282,6 +290,29 @@ def test_fsdp_base_that_rank_0_cannot_read_stops_every_rank(tmp_path):
     assert "nothing" in errors[0] and not errors[0].startswith("RuntimeError"), errors[0]
     assert errors[1] == (f"RuntimeError: loading the base model {str(tmp_path / 'nothing')!r} failed on rank 0 "
                          f"(its log has the error): rank 1 stops too")
+    assert exitcodes == [1, 1]
+
+
+def _damaged_state_worker(rank, port, folder):
+    spawned.enter(rank, port)
+    config = sft_config(Path(folder), "multi", grad_accum=1, parallel="fsdp", resume=True)
+    spawned.record_and_exit(folder, rank, lambda: run_sft(config))
+
+
+def test_fsdp_training_state_that_rank_0_cannot_read_stops_every_rank(tmp_path):
+    # Rank 0 alone reads (and checks) the weights of the training state; the other ranks wait for its broadcast,
+    # so not forever when its read failed
+    make_run(tmp_path)
+    run_sft(sft_config(tmp_path, "multi", grad_accum=2, max_steps=1, keep_train_state=True))
+    state = ckpt.latest_checkpoint(train_state_dir(sft_config(tmp_path, "multi", grad_accum=2)))
+    weights = os.path.join(state, "model.safetensors")
+    data = bytearray(Path(weights).read_bytes())
+    data[-20] ^= 0x01  # among the tensors' bytes: only the file's hash tells
+    Path(weights).write_bytes(bytes(data))
+    errors, exitcodes = spawned.run_failing_pair(_damaged_state_worker, str(tmp_path))
+    assert errors[0].startswith("ValueError") and "model.safetensors differs" in errors[0], errors[0]
+    assert errors[1] == (f"RuntimeError: reading the checkpoint {state} failed on rank 0 (its log has the error): "
+                         f"rank 1 stops too")
     assert exitcodes == [1, 1]
 
 

@@ -982,6 +982,73 @@ def test_one_process_checkpoints_and_old_unranked_ones_restore_rng_states(tmp_pa
         ckpt.restore_rng_states(rng, rank=0, world_size=2)
 
 
+def test_a_checkpoint_without_weights_holds_meta_and_the_ranks_own_rng_states(tmp_path, monkeypatch):
+    # What a rank other than 0 reads under FSDP2: never the weights nor the optimizer's tensors (84 GB for a
+    # 7B model, on every rank), only meta.json and the RNG states it restores
+    per_rank, expected = [], []
+    for rank in range(3):
+        seed_everything(20 + rank)
+        per_rank.append(ckpt.capture_rng_states())
+        expected.append(random_draws())
+    model = {"w": torch.randn(16, 8)}
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(16, 8)}},
+                 "param_groups": [{"lr": 0.1, "params": [0]}]}
+    path = ckpt.save_checkpoint(str(tmp_path), 4, model, optimizer, {"extra": [1, 2]},
+                                rng=ckpt.ranked_rng_states(per_rank))
+    whole = ckpt.load_checkpoint(path)
+    monkeypatch.setattr(ckpt, "load_file", lambda *a, **k: pytest.fail("a whole tensor file was read"))
+    for rank, restores in ((1, 1), (2, 2), (4, 0)):  # a rank the checkpoint lacks restores rank 0's states
+        state = ckpt.load_checkpoint_without_weights(str(tmp_path), rank)  # a run folder: its latest checkpoint
+        assert (state.path, state.step, state.model, state.optimizer) == (path, 4, {}, {})
+        assert state.meta == whole.meta and state.rng["meta"] == whole.rng["meta"]
+        prefix = f"rng.rank{restores}."
+        assert set(state.rng["tensors"]) == {k for k in whole.rng["tensors"] if k.startswith(prefix)}
+        for key, tensor in state.rng["tensors"].items():
+            assert torch.equal(tensor, whole.rng["tensors"][key]), key
+        seed_everything(99)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 5 ranks resuming 3 ranks' states: rank 0 alone warns
+            ckpt.restore_rng_states(state.rng, rank=rank, world_size=5 if rank == 4 else 3)
+        assert random_draws() == expected[restores]
+
+    with pytest.raises(TypeError, match="rank must be an int"):
+        ckpt.load_checkpoint_without_weights(path, True)
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        ckpt.load_checkpoint_without_weights(path, -1)
+
+
+def test_a_checkpoint_without_weights_of_the_old_layout_or_damaged(tmp_path):
+    seed_everything(5)
+    empty = {"state": {}, "param_groups": []}
+    path = ckpt.save_checkpoint(str(tmp_path), 1, {"w": torch.zeros(2)}, empty, {})
+    expected = random_draws()
+    rewrite_as_unranked(path)  # one process's states, unranked: every rank restores those
+    state = ckpt.load_checkpoint_without_weights(path, 1)
+    assert sorted(state.rng["tensors"]) == sorted(k for k in ckpt.load_checkpoint(path).rng["tensors"])
+    seed_everything(99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt.restore_rng_states(state.rng, rank=1, world_size=2)
+    assert random_draws() == expected
+
+    state_file = os.path.join(path, "state.safetensors")
+    with open(state_file, "rb") as f:
+        data = f.read()
+    with open(state_file, "wb") as f:
+        f.write(data[:20])  # the header cut short
+    with pytest.raises(ValueError, match="damaged: cannot read state.safetensors"):
+        ckpt.load_checkpoint_without_weights(path, 1)
+    os.remove(state_file)
+    with pytest.raises(FileNotFoundError, match="incomplete: state.safetensors is missing"):
+        ckpt.load_checkpoint_without_weights(path, 1)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        ckpt.load_checkpoint_without_weights(path, 1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint_without_weights(str(tmp_path / "nothing"), 1)
+
+
 def test_skipped_steps_count_in_tokens_per_second(tmp_path, data_dir, monkeypatch):
     import llmkern.train.trainer as trainer_module
 

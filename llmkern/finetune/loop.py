@@ -437,12 +437,13 @@ FINGERPRINT_HINTS = {
 
 def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any]) -> dict[str, int]:
     """Load the newest training state of a run into model and optimizer and restore this rank's RNG
-    states; the saved counters. A run whose data or batch settings changed since cannot continue."""
+    states; the saved counters. A run whose data or batch settings changed since cannot continue.
+    Under FSDP2 rank 0 alone reads the weights and the optimizer's state, and broadcasts them."""
     latest = ckpt.latest_checkpoint(state_dir)
     if latest is None:
         raise FileNotFoundError(f"cannot resume: no training state in {ckpt.checkpoints_dir(state_dir)} "
                                 f"(it is written every ckpt_interval steps)")
-    state = ckpt.load_checkpoint(latest)
+    state = distributed.load_checkpoint_for(latest, model, distributed.detect(), None)
     saved = state.meta.get("finetune_state", {})
     # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
     # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings, the
@@ -454,7 +455,7 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
         hint = "".join(f"; {key}: {why}" for key, why in FINGERPRINT_HINTS.items() if key in changed)
         raise ValueError(f"cannot resume from {latest}: these differ from the saved run (saved, now): {changed}"
                          f"{hint}")
-    distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: each rank its shard
+    distributed.load_full_state_dicts(model, optimizer, state.model, state.optimizer)  # FSDP2: rank 0's, sharded
     ckpt.restore_rng_states(state.rng)
     return saved["counters"]
 

@@ -15,7 +15,8 @@ When meta's "tokenizer" names a tokenizer file, the run folder keeps a copy of i
 run folder moved to another place or machine loads with its own tokenizer, and a tokenizer file
 retrained since is noticed.
 It is written under a temporary name and renamed into place, so a checkpoint folder either is
-complete or does not exist. Loading reads only safetensors and JSON.
+complete or does not exist. Loading reads only safetensors and JSON; a rank that gets the weights and the
+optimizer's state from rank 0 (FSDP2) reads meta.json and its own RNG states alone (load_checkpoint_without_weights).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._atomic import fsync_dir
@@ -362,12 +363,23 @@ def _states_of_rank(rng: dict[str, Any], rank: int, world_size: int
         warnings.warn(f"the checkpoint holds the RNG states of {saved} processes, this run has {world_size}: "
                       f"ranks without their own take rank 0's, so random draws will not continue exactly as "
                       f"they would have", stacklevel=3)
-    source = rank if rank < saved else 0
-    prefix = f"rng.rank{source}."  # the dot keeps rank 1's keys apart from rank 10's
+    source = _rank_restored_by(rank, saved)
+    prefix = _rank_prefix(source)
     own = {"rng." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if "rng.torch" not in own or "rng.numpy" not in own:
         raise ValueError(f"the checkpoint's RNG states of rank {source} are incomplete (it has {sorted(own)})")
     return own, meta["ranks"][source]
+
+
+def _rank_restored_by(rank: int, saved: int) -> int:
+    """The rank whose saved RNG states `rank` restores, of a checkpoint that holds `saved` ranks' states: its
+    own, or rank 0's when it has none."""
+    return rank if rank < saved else 0
+
+
+def _rank_prefix(rank: int) -> str:
+    """The prefix of rank `rank`'s RNG tensors in state.safetensors; the dot keeps rank 1's apart from rank 10's."""
+    return f"rng.rank{rank}."
 
 
 def _restore_process_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -389,17 +401,8 @@ def _restore_process_states(tensors: dict[str, torch.Tensor], meta: dict[str, An
 def load_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint folder (or a run folder: its latest checkpoint). Clear errors when it is
     missing or damaged; only safetensors and JSON are read, nothing is unpickled."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")) and not _STEP_DIR.match(
-            os.path.basename(os.path.normpath(path))):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path!r} (no {checkpoints_dir(path)}/step_* folder)")
-        path = latest
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    meta = _read_meta(path)
-    if "tokenizer" in meta:
-        meta["tokenizer"] = _tokenizer_to_load(meta, path)
+    path = _checkpoint_folder(path)
+    meta = _read_checkpoint_meta(path)
     model = _read_tensors(path, "model.safetensors", meta)
     for alias, name in meta["aliases"].items():
         if name not in model:
@@ -409,6 +412,70 @@ def load_checkpoint(path: str) -> Checkpoint:
     optimizer = _unflatten_optimizer(state, meta["optimizer"])
     rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": meta["rng"]}
     return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer=optimizer, meta=meta, rng=rng)
+
+
+def load_checkpoint_without_weights(path: str, rank: int) -> Checkpoint:
+    """A checkpoint folder (or a run folder: its latest checkpoint) without its weights and optimizer state
+    (`model` and `optimizer` are {}): its meta.json and the RNG states that rank `rank` restores
+    (restore_rng_states: its own, or rank 0's when the checkpoint has none of its own; every "rng." tensor of
+    a checkpoint from before the per-rank states).
+
+    What a rank other than 0 reads under FSDP2, where rank 0 alone reads the whole checkpoint (load_checkpoint:
+    ~12 bytes a parameter, 84 GB for a 7B model) and broadcasts it (distributed.load_full_state_dicts): the
+    RNG tensors are read alone from state.safetensors (its header, then their few bytes), never the others.
+    The files' sha256 are not checked here: hashing reads a file whole (state.safetensors is most of the
+    checkpoint), on every rank at once, and rank 0's load_checkpoint of the same folder checks them, which the
+    caller makes every rank's error (distributed.load_checkpoint_for)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    path = _checkpoint_folder(path)
+    meta = _read_checkpoint_meta(path)
+    rng = {"tensors": _read_rng_tensors_of_rank(path, meta["rng"], rank), "meta": meta["rng"]}
+    return Checkpoint(path=path, step=int(meta["step"]), model={}, optimizer={}, meta=meta, rng=rng)
+
+
+def _checkpoint_folder(path: str) -> str:
+    """The checkpoint folder `path` names: itself, or a run folder's latest checkpoint."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")) and not _STEP_DIR.match(
+            os.path.basename(os.path.normpath(path))):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {path!r} (no {checkpoints_dir(path)}/step_* folder)")
+        path = latest
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    return path
+
+
+def _read_checkpoint_meta(path: str) -> dict[str, Any]:
+    """meta.json of checkpoint folder `path`, checked, its tokenizer the one to load the checkpoint with."""
+    meta = _read_meta(path)
+    if "tokenizer" in meta:
+        meta["tokenizer"] = _tokenizer_to_load(meta, path)
+    return meta
+
+
+def _read_rng_tensors_of_rank(path: str, rng_meta: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
+    """The RNG tensors of state.safetensors that rank `rank` restores, read alone (safe_open reads a tensor's
+    bytes when asked for it, and only those)."""
+    name = "state.safetensors"
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
+    ranks = rng_meta.get("ranks")
+    if ranks is None:  # the old layout: one process's states, unranked, which every rank restores
+        prefix = "rng."
+    elif isinstance(ranks, list):
+        prefix = _rank_prefix(_rank_restored_by(rank, len(ranks)))
+    else:
+        raise ValueError(f"checkpoint {path!r} is damaged: meta.json's rng 'ranks' is not a JSON array ({ranks!r:.80})")
+    try:
+        with safe_open(file, framework="pt") as f:  # it has keys(), but cannot be iterated itself
+            return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e
 
 
 def _tokenizer_to_load(meta: dict[str, Any], path: str) -> Any:

@@ -190,20 +190,52 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
     return get_state_dict(model, optimizer, options=options)
 
 
+def load_checkpoint_for(path: str, model: nn.Module, info: DistInfo, device: torch.device | None):
+    """The checkpoint at `path` (a checkpoint.Checkpoint) as this rank needs it to resume `model`, for
+    load_full_state_dicts: whole, on every rank; but when `model` is FSDP2-sharded, whole on rank 0 alone and
+    without weights or optimizer state elsewhere (their meta.json and own RNG states: one copy of the
+    training state in the job's host memory, not one per rank). Then a collective: when rank 0 cannot read it
+    (missing, damaged: rank 0 alone checks the files' hashes), every rank stops (fail_together), rather than
+    the others waiting for its broadcast. device: fail_together's."""
+    from . import checkpoint as ckpt
+
+    if not is_sharded(model):
+        return ckpt.load_checkpoint(path)
+    state = None
+    with fail_together(info, device, f"reading the checkpoint {path}"):
+        state = ckpt.load_checkpoint(path) if info.is_main else ckpt.load_checkpoint_without_weights(path, info.rank)
+    return state
+
+
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                           optimizer_state: dict) -> None:
-    """Load whole state dicts (full_state_dicts', read by every rank) into a model and its optimizer;
-    an FSDP2-sharded model keeps its own shard of each tensor. The checkpoint may come from another
-    number of processes or another `parallel` (one process's, DDP's or FSDP2's state dicts)."""
+    """Load whole state dicts (full_state_dicts') into a model and its optimizer. The checkpoint may come
+    from another number of processes or another `parallel` (one process's, DDP's or FSDP2's state dicts).
+
+    An FSDP2-sharded model: a collective. Rank 0 passes the whole state dicts and the other ranks empty ones
+    ({}, as load_checkpoint_for gives them; theirs are not read): rank 0 broadcasts each tensor in turn and
+    every rank keeps its shard of it. When rank 0's optimizer state does not fit the model, every rank stops."""
     if not is_sharded(model):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    set_state_dict(model, optimizer, model_state_dict=model_state,
-                   optim_state_dict=_keyed_by_name(model, optimizer, optimizer_state),
-                   options=StateDictOptions(full_state_dict=True))
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    keyed = {}
+    # rank 0's alone, before its first broadcast: the other ranks must not wait there for it
+    with fail_together(info, None, "matching the checkpoint's optimizer state to the model's parameters"):
+        if info.is_main:
+            keyed = _keyed_by_name(model, optimizer, optimizer_state)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    # Two calls, not set_state_dict: it takes an empty model state (the other ranks') for "the optimizer
+    # alone", so they would skip the model's broadcasts that rank 0 makes
+    set_optimizer_state_dict(model, optimizer, keyed, options=options)
+    set_model_state_dict(model, model_state, options=options)
 
 
 def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> dict:

@@ -591,7 +591,8 @@ class Trainer:
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)  # there is one: check_run_folder
-        state = ckpt.load_checkpoint(latest)
+        # under FSDP2 the weights and the optimizer's state are read by rank 0 alone, and broadcast
+        state = distributed.load_checkpoint_for(latest, self.raw_model, self.dist, self.device)
         # identity_dict: a checkpoint saved before a config field existed lacks it, which is no difference
         saved_model, model = identity_dict(state.meta["model_config"]), identity_dict(self.raw_model.config.to_dict())
         # How the model runs is not what it computes: a run moved to another GPU may resume on another
