@@ -46,6 +46,7 @@ CASES = {
                                                                         "67", "--dtype", "float16"],
                                    {"forward+backward"}),
     "adamw": ("bench_adamw", ["--models", "tiny"], None),  # its providers name their mode
+    "moe": ("bench_moe", ["--shapes", "16x24x4x2", "--tokens", "33", "--dtype", "float32"], TIME_MODES),
 }
 # providers with no CPU implementation (FlexAttention has a CPU forward but no backward; its forward
 # is checked against the reference in test_attention.py)
@@ -103,8 +104,10 @@ def test_benchmark_runs_every_provider_on_the_cpu(case, bench_modules, tmp_path,
         names = bench.autocast_providers(device, torch.bfloat16) if "--autocast" in argv else bench.providers(device)
         expected = {(name, mode) for name in names if name not in GPU_ONLY for mode in modes}
     assert got == expected, err
-    # both kernel backends were among them (the emulator's cuda, the interpreter's triton); cuda has no soft cap
+    # both kernel backends were among them (the emulator's cuda, the interpreter's triton); cuda has no soft cap;
+    # the MoE layer's providers are its expert paths, not backends
     kernels = {"llmkern triton"} if "--softcap" in argv else {"llmkern cuda", "llmkern triton"}
+    kernels = set() if module_name == "bench_moe" else kernels
     assert kernels <= {provider for provider, _ in got}
     assert all(float(r["ms"]) > 0 and float(r["value"]) > 0 for r in rows)
 
@@ -144,6 +147,7 @@ FAILING = {
     "fused_linear_cross_entropy": ("bench_fused_linear_cross_entropy", ["--rows", "7", "--hidden", "32", "--vocab",
                                                                         "67"], "torch eager"),
     "adamw": ("bench_adamw", ["--models", "tiny", "--modes", "step"], "torch foreach"),
+    "moe": ("bench_moe", ["--shapes", "16x24x4x2", "--tokens", "33", "--dtype", "float32"], "llmkern loop"),
 }
 
 
@@ -162,6 +166,28 @@ def test_a_failing_provider_loses_no_other_rows(case, bench_modules, tmp_path, m
     rows = _rows(tmp_path)
     assert rows and {r["provider"] for r in rows} == {good}
     assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_bench_moe_refuses_a_provider_whose_numbers_differ(bench_modules, tmp_path, monkeypatch, capsys):
+    """Each provider's output is checked against the first's before it is timed: off by 0.1%, or NaN in one row,
+    it is skipped, saying so, and has no rows; the providers that agree have theirs."""
+    bench = bench_modules("bench_moe")
+    real = bench.providers(torch.device("cpu"))
+
+    def scaled(moe, plain, x):
+        return moe(x)[0] * 1.001
+
+    def one_nan_row(moe, plain, x):
+        return moe(x)[0].index_fill(0, torch.tensor([5]), float("nan"))
+
+    monkeypatch.setattr(bench, "providers", lambda device: {
+        "torch eager": real["torch eager"], "scaled": scaled, "one NaN row": one_nan_row,
+        "llmkern loop": real["llmkern loop"]})
+    assert bench.main(["--shapes", "16x24x4x2", "--tokens", "33", "--dtype", "float32", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    for name in ("scaled", "one NaN row"):
+        assert f"skipped {name} at 33x16x24 E4 k2: ValueError: its output differs from torch eager's" in err, err
+    assert {r["provider"] for r in _rows(tmp_path)} == {"torch eager", "llmkern loop"}
 
 
 def test_bench_train_reports_a_failure_without_a_message(bench_modules, tmp_path, monkeypatch, capsys):

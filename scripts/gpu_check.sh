@@ -179,6 +179,10 @@ part_bench() {
     bench bench_rope 45 $PY benchmarks/bench_rope.py
     bench bench_swiglu 45 $PY benchmarks/bench_swiglu.py
     bench bench_geglu 45 $PY benchmarks/bench_swiglu.py --activation gelu_tanh
+    # Mixtral's and Qwen3-MoE's layers at 16k tokens, grouped_mm against the loops; not the compiled provider (a
+    # compile a shape: `gpu_check.sh bench moe` runs every provider at both token counts)
+    bench bench_moe 60 $PY benchmarks/bench_moe.py --tokens 16384 --providers "torch eager" "llmkern loop" \
+      "llmkern grouped"
     # the compiled providers last (each compiles for a minute or more); each provider's line is
     # printed as it ends, so a cut still leaves those before it in the figures
     bench bench_train 240 $PY benchmarks/bench_train.py --device cuda --steps 10 --warmup 3 \
