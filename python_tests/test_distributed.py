@@ -190,7 +190,7 @@ def test_a_failure_of_rank_0_alone_stops_every_rank_with_its_cause(tmp_path, whe
     errors, exitcodes = spawned.run_failing_pair(_failing_worker, str(tmp_path), data_dir, where)
     assert errors[0].startswith("IsADirectoryError" if where == "log" else "OSError"), errors[0]
     what = {"save": "saving the checkpoint of step 3", "corpus": "preparing the corpus shards",
-            "log": "clearing the old run's log", "plot": "plotting the metrics",
+            "log": "clearing the old run", "plot": "plotting the metrics",
             "resume": "truncating the metrics log", "metrics": "writing the metrics log",
             "run_dir": "making the run folder"}[where]
     assert errors[1] == f"RuntimeError: {what} failed on rank 0 (its log has the error): rank 1 stops too"

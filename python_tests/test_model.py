@@ -775,7 +775,8 @@ def test_a_config_saved_before_head_dim_and_qk_norm_keeps_its_identity(preset, t
     now = GPTConfig.from_preset(preset).to_dict()
     assert (now["head_dim"], now["qk_norm"]) == (64, False)
     later = ("head_dim", "qk_norm", "qkv_bias", "rope_scaling", "rope_dim", "sliding_window", "layer_types",
-             "rope_local_theta", "post_norms", "embed_scale", "attn_scale", "n_experts", "experts_per_token",
+             "rope_local_theta", "post_norms", "embed_scale", "attn_scale", "attn_softcap", "logit_softcap",
+             "n_experts", "experts_per_token",
              "expert_hidden", "norm_topk_prob", "router_aux_loss_coef", "moe_layers")
     older = {k: v for k, v in now.items() if k not in later}
     assert GPTConfig.from_dict(older) == GPTConfig.from_preset(preset)
