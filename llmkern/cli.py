@@ -10,7 +10,7 @@ import sys
 from .eval.cli import add_eval_parser
 from .finetune.cli import add_finetune_parser
 
-DESCRIPTION = ("Pretrain, fine-tune, evaluate and sample GPT-style language models on fused CUDA and Triton "
+DESCRIPTION = ("Pretrain, fine-tune, evaluate, sample and export GPT-style language models on fused CUDA and Triton "
                "kernels. `llmkern train` with no arguments runs the main job; `llmkern COMMAND --help` tells "
                "more of each command.")
 
@@ -365,10 +365,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained run's model as a Hugging Face model folder (transformers, "
-                                      "vLLM)")
+                                      "vLLM), or with --peft its LoRA adapters as a PEFT adapter folder")
     p.add_argument("--run", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--out", required=True, help="the folder to write (refused when it holds files, unless --force)")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="the weights' dtype (default: the run's)")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="the weights' dtype (default: the run's; "
+                                                                         "with --peft, the adapters')")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="split the weights into shards with an index past this size, as save_pretrained does "
                         "(5GB = 5*10^9 bytes; KB, MB, GB, KiB, MiB, GiB; default 5GB)")

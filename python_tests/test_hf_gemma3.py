@@ -279,9 +279,10 @@ def test_a_model_of_another_shape_is_refused():
         to_hf_llama(gemma)
     # a Llama-shaped model with one Gemma part: Llama's weights would leave it as it is
     llama_sd = to_hf_llama(llama)[0]
-    for change in ({"post_norms": True}, {"embed_scale": 2.0}, {"attn_scale": 0.1}):
+    for change in ({"post_norms": True}, {"embed_scale": 2.0}, {"attn_scale": 0.1}, {"attn_softcap": 50.0},
+                   {"logit_softcap": 30.0}):
         other = GPT(GPTConfig.from_preset("tiny-llama", vocab_size=VOCAB, **change))
-        with pytest.raises(ValueError, match="Gemma 3's"):
+        with pytest.raises(ValueError, match="Gemma's"):
             load_hf_llama(other, llama_sd)
 
 

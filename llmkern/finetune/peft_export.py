@@ -218,15 +218,11 @@ def _check_adapter_shapes(model: GPT, adapters: Adapters) -> None:
                              f"the model's layer takes A {wanted[0]}, B {wanted[1]} (adapters of another model?)")
 
 
-def destinations(config: GPTConfig, family: str, modules: list[str]) -> dict[str, list[Destination]]:
-    """{our linear module: its Destinations in the HF model of `family`'s exporter}, by exporting a model (on the
-    meta device, but for the one probed weight) whose probed weight holds the labels 1..numel: one linear at a
-    time, so that a large model's probe costs a few copies of its largest linear weight in float64, no more."""
-    return _destinations(_meta_model(config), family, modules)
-
-
 def _destinations(model: GPT, family: str, modules: list[str]) -> dict[str, list[Destination]]:
-    """destinations() on `model`, a meta-device GPT (its probed weight is put back after each probe)."""
+    """{our linear module: its Destinations in the HF model of `family`'s exporter}, by exporting `model` (a
+    meta-device GPT, but for the one probed weight) whose probed weight holds the labels 1..numel: one linear at a
+    time, so that a large model's probe costs a few copies of its largest linear weight in float64, no more (the
+    probed weight is put back after each probe)."""
     out = {}
     for name in modules:
         linear = _linear(model, name)

@@ -97,9 +97,11 @@ class GPTConfig:
     # OLMoE does not).
     norm_topk_prob: bool = True
     # The weight of the load-balancing loss (Switch Transformer's, as transformers' load_balancing_loss_func computes
-    # it) added to forward's loss in training mode; see GPT.forward. So pretraining and SFT add it; the recipes that
-    # score through hidden_states (DPO, PPO, the reward model, classifiers) do not. Every position of a batch counts
-    # in its statistics, a padding one too (transformers leaves out the ones its attention_mask masks).
+    # it) added to forward's loss in training mode; see GPT.forward. Pretraining and SFT add it through forward; the
+    # recipes that score through the hidden states (DPO, PPO, the reward model, classifiers) take it from
+    # GPT.hidden_states_with_aux_loss and add it themselves (llmkern.finetune.aux_loss). Every position counts in its
+    # statistics unless a token_mask leaves the padding out, as transformers' attention_mask does (the recipes give
+    # one).
     router_aux_loss_coef: float = 0.0
     # Which layers are MoE (sorted, unique indices); None: all. A list of every layer is set to None on construction.
     moe_layers: list[int] | None = None

@@ -2,10 +2,11 @@
 
 One class covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings, biases),
 Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied, no biases) and
-Gemma 3's features (sliding and full layers with their own RoPE bases, sandwich norms, GeGLU,
-scaled embeddings, its attention scale), with sparse mixture-of-experts MLPs in some or all layers (Mixtral's,
-Qwen3-MoE's); the GPTConfig says which. Every kernel-backed piece
-(RMSNorm, attention, RoPE, SwiGLU) goes through llmkern.ops with config.backend, so one model runs on each backend.
+Gemma 2's and 3's features (sliding and full layers, Gemma 3's with their own RoPE bases, sandwich norms,
+GeGLU, scaled embeddings, an attention scale, Gemma 2's soft caps of attention scores and logits), with sparse
+mixture-of-experts MLPs in some or all layers (Mixtral's, Qwen3-MoE's); the GPTConfig says which. Every
+kernel-backed piece (RMSNorm, attention, RoPE, SwiGLU) goes through llmkern.ops with config.backend, so one model
+runs on each backend.
 """
 
 from __future__ import annotations

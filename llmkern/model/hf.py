@@ -10,6 +10,8 @@ The pieces, one job each:
     hf_gemma3_config a Gemma 3 text config.json (Gemma3ForCausalLM's, or a multimodal one's text_config), or a Gemma 2
                      one (Gemma2ForCausalLM's) <-> GPTConfig
     hf_gemma3        Gemma 3's text weights (the multimodal checkpoints' text part too) and Gemma 2's, in and out
+    hf_save          a GPT written out as a whole Hugging Face model folder by the exporters above (`llmkern export`;
+                     save_hf_folder, in llmkern.model)
 """
 
 from __future__ import annotations

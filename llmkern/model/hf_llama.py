@@ -133,11 +133,11 @@ def check_llama_shaped(config: GPTConfig, experts: bool = False) -> None:
     wrong = {k: getattr(config, k) for k, v in wanted.items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"Llama weights need a Llama-shaped model ({wanted}); this one has {wrong}")
-    # Gemma 3's parts (sandwich norms, scales, a local RoPE base) are no Llama weight: loaded, they would stay as
+    # Gemma 2's and 3's parts (sandwich norms, scales, soft caps, a local RoPE base) are no Llama weight: loaded, they would stay as
     # they are. layer_types is not among them: which layers slide is Qwen's too, and holds no weight.
     gemma = gemma_features(config, layer_types=False)
     if gemma:
-        raise ValueError(f"Llama weights need a Llama-shaped model; this one has Gemma 3's {gemma}")
+        raise ValueError(f"Llama weights need a Llama-shaped model; this one has Gemma's {gemma}")
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process joins a process group: nccl on
 GPUs, gloo on CPUs. Without those variables everything runs in one process, unwrapped.
+Checkpoints go through whole (unsharded) state dicts: gathered to be saved, and on resuming an FSDP2 model read
+by rank 0 alone and broadcast into the shards (load_checkpoint_for, load_full_state_dicts).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def hf_source(model_type: str) -> str:
     """The "source" label of a model imported from a Hugging Face file of this model_type: "hf-" and its family,
     "hf-gpt2", "hf-llama" (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts Mixtral and Qwen3-MoE: Llama's
-    model), "hf-phi3" or "hf-gemma3" (Gemma 3, text or multimodal). Whatever the family, it starts with "hf-"
-    (is_hf_source), as every label did."""
+    model), "hf-phi3", "hf-gemma3" (Gemma 3, text or multimodal) or "hf-gemma2" (Gemma 2, whose model_type is its
+    family's name, as GPT-2's is). Whatever the family, it starts with "hf-" (is_hf_source), as every label did."""
     from ..model.hf_gemma3_config import GEMMA3_TYPES
     from ..model.hf_llama_config import LLAMA_TYPES, MOE_TYPES, PHI3_TYPE
 
@@ -32,12 +32,12 @@ def hf_source(model_type: str) -> str:
         return "hf-phi3"
     if model_type in GEMMA3_TYPES:
         return "hf-gemma3"
-    return f"hf-{model_type}"  # gpt2
+    return f"hf-{model_type}"  # gpt2, gemma2
 
 
 def is_hf_source(meta: dict) -> bool:
     """Whether load_gpt's meta is a Hugging Face file's (which records no tokenizer), by any label it has given:
-    "hf-gpt2" and "hf-llama" from older llmkern, "hf-phi3" and "hf-gemma3" too since."""
+    "hf-gpt2" and "hf-llama" from older llmkern, "hf-phi3", "hf-gemma3" and "hf-gemma2" too since."""
     return str(meta.get("source", "")).startswith("hf-")
 
 
@@ -45,7 +45,7 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
     """(GPT on the CPU, its tokenizer spec, meta) from the weights at `path`: a run folder (its newest
     checkpoint) or a checkpoint folder that llmkern wrote (pretraining or fine-tuning; a classifier's or
     reward model's "head.*" weights are left out), or a Hugging Face model.safetensors (or shard) of GPT-2,
-    a Llama-family model, Phi-3 or Gemma 3 (by the model_type of the config.json beside it), whose tokenizer is
+    a Llama-family model, Phi-3, Gemma 2 or Gemma 3 (by the model_type of the config.json beside it), whose tokenizer is
     hf_tokenizer (a tokenizer spec: a tiktoken name, a .tiktoken file or a tokenizer.json). backend, when given,
     replaces the model's kernel backend. meta is the checkpoint's ({"source": hf_source(model_type), "path": ...}
     for a HF file)."""

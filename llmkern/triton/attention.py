@@ -1,4 +1,5 @@
-"""FlashAttention-2 in Triton: forward and backward, causal, sliding window, GQA, document masking, any S.
+"""FlashAttention-2 in Triton: forward and backward, causal, sliding window, GQA, document masking, soft-capped
+scores, any S.
 
 Forward: one program per (BLOCK_M query rows, batch, query head). It walks the K/V blocks,
 keeps a running row max m and row sum l of exp(scores - m) in fp32 (online softmax), and
