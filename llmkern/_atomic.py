@@ -1,10 +1,11 @@
 """Writing a file so that a crash never leaves it half-written: the text goes to `<path>.tmp`, is
 flushed to disk, and the temporary file is renamed over `path` (atomic on POSIX). A reader sees the
-old file or the new one, never a mix."""
+old file or the new one, never a mix. Also a file's sha256, by which readers tell a damaged file."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -82,3 +83,12 @@ def _publish_folder(tmp: str, out_dir: str) -> None:
     fsync_dir(os.path.dirname(out_dir))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a large file is never held whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

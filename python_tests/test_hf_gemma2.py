@@ -51,27 +51,9 @@ def gemma2_config_json(style: str = "old", **changes) -> dict:
 
 
 def gemma2_state_dict(tied: bool = True) -> dict[str, torch.Tensor]:
-    """Random weights under Gemma2ForCausalLM's names, bf16 values (held in float32); the norm weights w (the norms
-    scale by 1 + w) far from 0, so that a missing + 1 shows."""
-    def norm(n):
-        return 0.5 + 0.3 * torch.randn(n)
-
-    sd = {"model.embed_tokens.weight": torch.randn(VOCAB, EMBD) * 0.3, "model.norm.weight": norm(EMBD)}
-    for i in range(LAYERS):
-        shapes = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, EMBD),
-                  "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, EMBD),
-                  "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, EMBD),
-                  "self_attn.o_proj.weight": (EMBD, HEADS * HEAD_DIM),
-                  "mlp.gate_proj.weight": (HIDDEN, EMBD), "mlp.up_proj.weight": (HIDDEN, EMBD),
-                  "mlp.down_proj.weight": (EMBD, HIDDEN)}
-        for name, shape in shapes.items():
-            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * 0.25
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            sd[f"model.layers.{i}.{name}.weight"] = norm(EMBD)
-    if not tied:
-        sd["lm_head.weight"] = torch.randn(VOCAB, EMBD) * 0.3
-    return {k: v.to(torch.bfloat16).float() for k, v in sd.items()}
+    """Random weights under Gemma2ForCausalLM's names: Gemma 3's without QK-norm (see gemma3_state_dict), of this
+    file's layer count; the projections a little wider spread, so that the caps bite."""
+    return gemma3_state_dict(tied, layers=LAYERS, qk_norm=False, spread=0.25)
 
 
 def gemma2_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict) -> torch.Tensor:

@@ -50,14 +50,16 @@ def gemma3_config_json(style: str = "types", **changes) -> dict:
     return config
 
 
-def gemma3_state_dict(tied: bool = True) -> dict[str, torch.Tensor]:
+def gemma3_state_dict(tied: bool = True, layers: int = LAYERS, qk_norm: bool = True,
+                      spread: float = 0.2) -> dict[str, torch.Tensor]:
     """Random weights under Gemma3ForCausalLM's names, bf16 values (held in float32); the norm weights w (the
-    norms scale by 1 + w) far from 0, so that a missing + 1 shows."""
+    norms scale by 1 + w) far from 0, so that a missing + 1 shows. Without qk_norm, Gemma2ForCausalLM's (its
+    layers have no q_norm, k_norm); spread: the projections' standard deviation."""
     def norm(n):
         return 0.5 + 0.3 * torch.randn(n)
 
     sd = {"model.embed_tokens.weight": torch.randn(VOCAB, EMBD) * 0.3, "model.norm.weight": norm(EMBD)}
-    for i in range(LAYERS):
+    for i in range(layers):
         shapes = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, EMBD),
                   "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, EMBD),
                   "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, EMBD),
@@ -65,11 +67,11 @@ def gemma3_state_dict(tied: bool = True) -> dict[str, torch.Tensor]:
                   "mlp.gate_proj.weight": (HIDDEN, EMBD), "mlp.up_proj.weight": (HIDDEN, EMBD),
                   "mlp.down_proj.weight": (EMBD, HIDDEN)}
         for name, shape in shapes.items():
-            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * 0.2
+            sd[f"model.layers.{i}.{name}"] = torch.randn(shape) * spread
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             sd[f"model.layers.{i}.{name}.weight"] = norm(EMBD)
-        for name in ("self_attn.q_norm", "self_attn.k_norm"):
+        for name in ("self_attn.q_norm", "self_attn.k_norm") if qk_norm else ():
             sd[f"model.layers.{i}.{name}.weight"] = norm(HEAD_DIM)
     if not tied:
         sd["lm_head.weight"] = torch.randn(VOCAB, EMBD) * 0.3

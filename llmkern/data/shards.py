@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .._atomic import write_json_atomic
+from .._atomic import file_sha256, write_json_atomic
 FORMAT = "llmkern-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -262,12 +262,6 @@ def open_split(directory: str, split: str) -> list[np.memmap]:
     return maps
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(directory: str) -> dict[str, int]:
@@ -288,7 +282,7 @@ def verify(directory: str) -> dict[str, int]:
             elif os.path.getsize(path) != entry["tokens"] * itemsize:
                 size, expected = os.path.getsize(path), entry["tokens"] * itemsize
                 problems.append(f"{entry['file']}: {size} bytes, expected {expected}")
-            elif _sha256_file(path) != entry["sha256"]:
+            elif file_sha256(path) != entry["sha256"]:
                 problems.append(f"{entry['file']}: sha256 differs from the manifest")
             totals[split] += entry["tokens"]
     if problems:

@@ -21,7 +21,6 @@ optimizer's state from rank 0 (FSDP2) reads meta.json and its own RNG states alo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .._atomic import fsync_dir
+from .._atomic import file_sha256, fsync_dir
 
 FORMAT = "llmkern-checkpoint"
 VERSION = 1
@@ -126,7 +125,7 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
     save_file({**state_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
     full_meta = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases,
                  "optimizer": optimizer_meta, "rng": rng_meta, **meta,
-                 "sha256": {name: _file_sha256(os.path.join(tmp, name)) for name in TENSOR_FILES}}
+                 "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in TENSOR_FILES}}
     tokenizer_hash = _keep_tokenizer_copy(meta.get("tokenizer"), run_dir)  # before the checkpoint that needs it
     if tokenizer_hash is not None:
         full_meta["tokenizer_sha256"] = tokenizer_hash
@@ -234,14 +233,6 @@ def _keep_tokenizer_copy(spec: Any, run_dir: str) -> str | None:
         for tmp, target in pending:
             os.replace(tmp, target)
     return wanted
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -537,7 +528,7 @@ def _read_tensors(path: str, name: str, meta: dict[str, Any]) -> dict[str, torch
     # Hashed after the load (streamed: the tensors are not read into memory twice), so the file may have gone
     # in between (a save pruning the folder): the same error as a file missing before
     try:
-        digest = _file_sha256(file)
+        digest = file_sha256(file)
     except OSError as e:
         raise ValueError(f"checkpoint {path!r} is damaged: cannot read {name} ({e})") from e
     if digest != recorded:
