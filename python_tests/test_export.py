@@ -6,6 +6,7 @@ one written as one); the folder written atomically."""
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -273,6 +274,11 @@ def test_a_run_exports_as_the_hugging_face_family_it_started_from(tmp_path):
     for run, model_type in (("first", "phi3"), ("second", "phi3"), ("scratch", "llama")):
         assert cli.main(["export", "--run", str(tmp_path / run), "--out", str(tmp_path / f"{run}-hf")]) == 0
         assert read_json(tmp_path / f"{run}-hf" / "config.json")["model_type"] == model_type
+    # each run recorded the family when it saved, so it still exports as Phi-3 once the file has moved away
+    shutil.move(phi3, tmp_path / "moved")
+    for run in ("first", "second"):
+        assert cli.main(["export", "--run", str(tmp_path / run), "--out", str(tmp_path / f"{run}-moved")]) == 0
+        assert read_json(tmp_path / f"{run}-moved" / "config.json")["model_type"] == "phi3"
     # --format overrides it
     assert cli.main(["export", "--run", str(tmp_path / "first"), "--out", str(tmp_path / "forced"),
                      "--format", "llama"]) == 0
@@ -309,7 +315,12 @@ def test_the_cli_exports_a_lora_fine_tuned_run_s_merged_weights(shared_data, tmp
     assert "PEFT LoRA adapter" in capsys.readouterr().out
     settings = read_json(adapter / "adapter_config.json")
     assert (settings["peft_type"], settings["r"], settings["base_model_name_or_path"]) == ("LORA", 4, "hf/base")
-    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # beside the adapter, the run's tokenizer with its chat template, as the merged folder has them
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors",
+                                           "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert "chat_template" in read_json(adapter / "tokenizer_config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert read_json(adapter / name) == read_json(out / name)
     for extra in (["--max-shard-size", "1GB"], ["--force", "--out", str(tmp_path)]):
         args = ["export", "--run", str(run), "--out", str(tmp_path / "adapter2"), "--peft", *extra]
         assert cli.main(args) == 2

@@ -1498,6 +1498,11 @@ def test_init_from_a_hugging_face_llama_file(tmp_path, data_dir):
     trainer = Trainer(config)
     assert trainer.raw_model.config.n_embd == 32 and trainer.raw_model.config.pos == "rope"
     torch.testing.assert_close(trainer.raw_model.wte.weight[:257], llama.wte.weight[:257])  # padding rows: zeros
+    # the run records the family it came from (for `llmkern export` once the file has moved), not as "source",
+    # which would mark it a Hugging Face file with no tokenizer of its own
+    trainer.fit()
+    meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "run"))).meta
+    assert meta["hf_source"] == "hf-llama" and "source" not in meta
 
 
 def test_a_moved_run_loads_with_its_own_copy_of_the_tokenizer_file(tmp_path):

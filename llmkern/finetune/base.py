@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..model.config import identity_dict
+from ..model.hf_save import with_hf_source
 from ..train import checkpoint as ckpt
 from ..train import distributed
 from ..train.inference import load_gpt
@@ -167,5 +168,6 @@ def save_finetuned(out_dir: str, step: int, model_state: dict[str, torch.Tensor]
     # rank 0 writes: when it cannot (disk full, no permission), the other ranks must not wait for it
     with distributed.fail_together(info, None, f"saving the model of step {step}"):
         if info.is_main:  # under torchrun every process holds the same model: rank 0 writes it
-            ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []}, meta, keep=keep)
+            ckpt.save_checkpoint(out_dir, step, model_state, {"state": {}, "param_groups": []},
+                                 with_hf_source(meta), keep=keep)
     return ckpt.step_dir(out_dir, step)

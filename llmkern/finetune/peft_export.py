@@ -93,8 +93,12 @@ def save_peft_adapter_from_run(run: str, out_dir: str, family: str | None = None
                                force: bool = False) -> list[str]:
     """save_peft_adapter of a LoRA fine-tuning run (its folder, or a checkpoint folder in it): the adapters of its
     lora.safetensors on the model its checkpoint's model_config describes. family None: the Hugging Face family
-    the run started from (its recorded source), else the one its config reads as."""
+    the run started from (its recorded source), else the one its config reads as. The run's tokenizer files go
+    beside the adapter, with the chat template of the prompt format it was fine-tuned in (as `llmkern export`
+    writes them into a model folder): a server that loads an adapter with its own tokenizer (vLLM's LoRA
+    requests) then prompts as the run was trained."""
     from ..model.hf_save import checkpoint_meta, family_of_source, recorded_hf_source
+    from .templates import trained_prompt_format
 
     meta = checkpoint_meta(run)
     if meta is None or not isinstance(meta.get("model_config"), dict):
@@ -103,7 +107,8 @@ def save_peft_adapter_from_run(run: str, out_dir: str, family: str | None = None
     _refuse_scoring_run(run, meta)
     adapters = read_run_adapters(_run_lora_file(run), GPTConfig.from_dict(meta["model_config"]))
     family = family or family_of_source(recorded_hf_source(meta))
-    return write_peft_folder(adapters, out_dir, family, base_model_name_or_path, dtype, force)
+    tokenizer = RunTokenizer(meta.get("tokenizer"), trained_prompt_format(meta), adapters.config.block_size)
+    return write_peft_folder(adapters, out_dir, family, base_model_name_or_path, dtype, force, tokenizer)
 
 
 def adapters_of_model(model: GPT) -> Adapters:
@@ -339,10 +344,20 @@ def adapter_config(adapters: Adapters, targets: list[str], fan_in_fan_out: bool,
     }
 
 
+@dataclass
+class RunTokenizer:
+    """What a run's tokenizer files need: its spec (llmkern.data.tokenizer's; None: no files), the prompt format it
+    was fine-tuned in (None: none), and the model's context length."""
+
+    spec: str | None
+    prompt_format: object | None
+    model_max_length: int | None
+
+
 def write_peft_folder(adapters: Adapters, out_dir: str, family: str | None, base_model_name_or_path: str | None,
-                      dtype: str | torch.dtype | None, force: bool) -> list[str]:
+                      dtype: str | torch.dtype | None, force: bool, tokenizer: RunTokenizer | None = None) -> list[str]:
     """Write `adapters` to out_dir as a PEFT adapter folder for `family`'s HF model (None: the config's family),
-    atomically; the paths written."""
+    with `tokenizer`'s files where given (llmkern.model.hf_save.write_tokenizer), atomically; the paths written."""
     from ..model.hf_save import FAMILIES, check_out_dir, family_of_config
 
     if family is not None and family not in FAMILIES:
@@ -354,7 +369,7 @@ def write_peft_folder(adapters: Adapters, out_dir: str, family: str | None, base
     tensors, targets, fan_in_fan_out = peft_weights(adapters, family or family_of_config(adapters.config))
     tensors = {k: v.detach().to("cpu", out_dtype or v.dtype).contiguous() for k, v in tensors.items()}
     config = adapter_config(adapters, targets, fan_in_fan_out, base_model_name_or_path)
-    return _write_atomically(out_dir, tensors, config)
+    return _write_atomically(out_dir, tensors, config, tokenizer)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -367,15 +382,20 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of {list(DTYPES)} or None, got {dtype!r}")
 
 
-def _write_atomically(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> list[str]:
-    """The two files, written as a whole folder or not at all (llmkern._atomic.write_folder_atomic): a failure
-    leaves out_dir as it was."""
+def _write_atomically(out_dir: str, tensors: dict[str, torch.Tensor], config: dict,
+                      tokenizer: RunTokenizer | None) -> list[str]:
+    """The adapter's two files and the tokenizer's, written as a whole folder or not at all
+    (llmkern._atomic.write_folder_atomic): a failure leaves out_dir as it was."""
     from .._atomic import write_folder_atomic
+    from ..model.hf_save import write_tokenizer
 
+    names = [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
     with write_folder_atomic(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        if tokenizer is not None:
+            names += write_tokenizer(tmp, tokenizer.spec, tokenizer.model_max_length, tokenizer.prompt_format)
     out_dir = os.path.abspath(out_dir)
-    return [os.path.join(out_dir, name) for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]
+    return [os.path.join(out_dir, name) for name in names]

@@ -90,6 +90,8 @@ def recorded_hf_source(meta: dict) -> str | None:
     for _ in range(_MAX_ORIGINS):
         if is_hf_source(meta):
             return meta["source"]
+        if family_of_source(meta.get("hf_source")) is not None:  # recorded at save (with_hf_source)
+            return meta["hf_source"]
         origin = _origin(meta)
         if origin is None:
             return None
@@ -105,6 +107,15 @@ def recorded_hf_source(meta: dict) -> str | None:
         if meta is None:
             return None
     return None
+
+
+def with_hf_source(meta: dict) -> dict:
+    """meta, plus "hf_source": recorded_hf_source(meta) where the run descends from a Hugging Face model. A run
+    records it when it saves, while the file it started from is still where its meta says, so that an export
+    later finds the family even after that file has moved. The key is not "source": that one marks a model
+    read from a Hugging Face file itself (llmkern.train.inference.load_gpt), whose tokenizer no meta names."""
+    source = recorded_hf_source(meta)
+    return meta if source is None else {**meta, "hf_source": source}
 
 
 def _origin(meta: dict) -> str | None:

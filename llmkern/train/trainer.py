@@ -48,6 +48,7 @@ from .._modes import eval_mode
 from ..data.loader import TokenLoader
 from ..data.shards import load_manifest
 from ..model.config import identity_dict
+from ..model.hf_save import with_hf_source
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -586,7 +587,7 @@ class Trainer:
                         "last_val_loss": self.last_val_loss, "last_eval_step": self.last_eval_step,
                         "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None},
         }
-        return ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, meta,
+        return ckpt.save_checkpoint(self.run_dir, self.step, model_state, optim_state, with_hf_source(meta),
                                     keep=self.config.keep_checkpoints, rng=rng)
 
     def _resume(self) -> None:
