@@ -234,7 +234,8 @@ def test_winogrande_scores_the_continuation_after_each_completed_context(tmp_pat
     path = write_jsonl(tmp_path / "winogrande.jsonl", [SURGEON, TROPHY, {**TROPHY, "answer": "2"}])
     model, tokenizer = tiny_gpt(), get_tokenizer("bytes")
     result = evaluate_choices(model, tokenizer, str(path), return_predictions=True, fewshot=1, seed=3)
-    assert set(result) == {"accuracy", "examples", "fewshot", "predictions"}  # no acc_norm: the harness's acc only
+    # no acc_norm: the harness's acc only (and its standard error)
+    assert set(result) == {"accuracy", "accuracy_stderr", "examples", "fewshot", "predictions"}
     tasks = load_choice_tasks(str(path))
     shot_texts = with_fewshot(tasks, tasks, 1, seed=3)  # the shots evaluate_choices draws, never the example itself
     for ex, prediction in zip(shot_texts, result["predictions"]):
@@ -442,7 +443,8 @@ def test_truthfulqa_mc2_is_the_true_choices_share_of_the_probability(tmp_path):
     assert second.true_choices == (0,)
     model, tokenizer = tiny_gpt(block_size=1024), get_tokenizer("bytes")
     result = evaluate_choices(model, tokenizer, path, return_predictions=True)
-    assert set(result) == {"mc2", "examples", "fewshot", "predictions"}  # accuracy would be of one right answer
+    # accuracy would be of one right answer
+    assert set(result) == {"mc2", "mc2_stderr", "examples", "fewshot", "predictions"}
     preamble = TRUTHFULQA_PROMPT[: TRUTHFULQA_PROMPT.rindex("Q: ")]  # the six questions and answers
     expected = []
     for row, prediction in zip(rows, result["predictions"]):
@@ -468,11 +470,14 @@ def test_truthfulqa_export_rows_report_mc1_accuracy_and_mc2_together(tmp_path):
     mc2 = write_jsonl(tmp_path / "mc2.jsonl", [without(r, "mc1_targets") for r in rows])
     model, tokenizer = tiny_gpt(block_size=1024), get_tokenizer("bytes")
     result = evaluate_choices(model, tokenizer, both, return_predictions=True)
-    assert set(result) == {"accuracy", "acc_norm", "mc2", "examples", "fewshot", "predictions", "mc2_predictions"}
+    # truthfulqa_mc1.yaml and truthfulqa_mc2.yaml list acc alone: no acc_norm
+    assert set(result) == {"accuracy", "accuracy_stderr", "mc2", "mc2_stderr", "examples", "fewshot", "predictions",
+                           "mc2_predictions"}
     alone1 = evaluate_choices(model, tokenizer, mc1, return_predictions=True)
     alone2 = evaluate_choices(model, tokenizer, mc2, return_predictions=True)
-    assert (result["accuracy"], result["acc_norm"], result["examples"]) == (
-        alone1["accuracy"], alone1["acc_norm"], alone1["examples"])
+    assert (result["accuracy"], result["accuracy_stderr"], result["examples"]) == (
+        alone1["accuracy"], alone1["accuracy_stderr"], alone1["examples"])
+    assert result["mc2_stderr"] == pytest.approx(alone2["mc2_stderr"], rel=1e-6)
     assert [p["logprobs"] for p in result["predictions"]] == [pytest.approx(p["logprobs"], rel=1e-6)
                                                                for p in alone1["predictions"]]
     assert result["mc2"] == pytest.approx(alone2["mc2"], rel=1e-6)

@@ -278,8 +278,10 @@ def test_lambada_accuracy_needs_every_target_token_greedy_and_perplexity_is_per_
     for batch_size in (1, 3):
         result = evaluate_lambada(model, BYTES, passages, batch_size=batch_size)
         assert result["accuracy"] == pytest.approx(2 / 3) and result["examples"] == 3
+        assert result["accuracy_stderr"] == pytest.approx(1 / 3)  # sample variance of 1, 0, 1 is 1/3; over 3, root
         assert result["perplexity"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
-    assert evaluate_lambada(model, BYTES, passages, limit=2)["accuracy"] == 0.5
+    limited = evaluate_lambada(model, BYTES, passages, limit=2)
+    assert (limited["accuracy"], limited["accuracy_stderr"]) == (0.5, pytest.approx(0.5))
     with pytest.raises(ValueError, match="limit must be a positive int"):
         evaluate_lambada(model, BYTES, passages, limit=0)
 
@@ -321,7 +323,8 @@ def test_a_model_made_to_prefer_a_choice_picks_it(tmp_path):
             {"context": "And now", "choices": ["Y", "N", "M"], "answer": 0}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     result = evaluate_choices(model, BYTES, str(path))
-    assert result == {"accuracy": 1.0, "acc_norm": 1.0, "examples": 2, "fewshot": 0}
+    assert result == {"accuracy": 1.0, "accuracy_stderr": 0.0, "acc_norm": 1.0, "acc_norm_stderr": 0.0, "examples": 2,
+                      "fewshot": 0}
     assert evaluate_choices(model, BYTES, str(path), limit=1)["examples"] == 1
     as_list = tmp_path / "task.json"
     as_list.write_text(json.dumps(rows))
@@ -977,13 +980,15 @@ def test_eval_command_scores_the_truthfulqa_export_by_accuracy_and_mc2(tmp_path,
         assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
                      "--device", "cpu", "--quiet"]) == 0
         saved[name] = json.loads(out.read_text())
-    lines = capsys.readouterr().out.splitlines()[:4]  # the first run's
-    assert [line.split()[0] for line in lines] == ["accuracy", "acc_norm", "mc2", "examples"]
-    assert {"accuracy", "acc_norm", "mc2", "examples", "fewshot"} <= set(saved["both"])
-    assert (saved["both"]["accuracy"], saved["both"]["acc_norm"]) == (saved["mc1"]["accuracy"],
-                                                                      saved["mc1"]["acc_norm"])
+    lines = capsys.readouterr().out.splitlines()[:3]  # the first run's
+    # truthfulqa_mc1.yaml lists acc alone; one example has no standard error (the harness's "N/A")
+    assert [line.split()[0] for line in lines] == ["accuracy", "mc2", "examples"]
+    assert lines[0].endswith("± N/A") and lines[1].endswith("± N/A")
+    assert {"accuracy", "accuracy_stderr", "mc2", "mc2_stderr", "examples", "fewshot"} <= set(saved["both"])
+    assert "acc_norm" not in saved["both"] and saved["both"]["accuracy_stderr"] is None
+    assert saved["both"]["accuracy"] == saved["mc1"]["accuracy"]
     assert saved["both"]["mc2"] == pytest.approx(saved["mc2"]["mc2"], rel=1e-6)
-    assert float(lines[2].split()[1]) == pytest.approx(saved["both"]["mc2"], abs=1e-4)
+    assert float(lines[1].split()[1]) == pytest.approx(saved["both"]["mc2"], abs=1e-4)
 
 
 def test_choices_made_in_code_must_not_be_empty():

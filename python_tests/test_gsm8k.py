@@ -7,6 +7,7 @@ sides, then lower-casing.
 """
 
 import json
+import math
 import random
 
 import pytest
@@ -223,6 +224,9 @@ def test_generation_stops_at_the_harness_stop_texts_and_is_scored(monkeypatch):
         assert (prediction["strict_correct"], prediction["flexible_correct"]) == (strict_right, flexible_right)
     assert result["exact_match_strict"] == pytest.approx(3 / 5)
     assert result["exact_match_flexible"] == pytest.approx(4 / 5)
+    # the harness's mean_stderr: sample variance (n - 1) over n, root; 3 of 5: 0.3 / 5, 4 of 5: 0.2 / 5
+    assert result["exact_match_strict_stderr"] == pytest.approx(math.sqrt(0.3 / 5))
+    assert result["exact_match_flexible_stderr"] == pytest.approx(0.2)
     assert result["examples"] == 5 and result["fewshot"] == 0 and result["cut_prompts"] == 0
 
 
@@ -263,6 +267,8 @@ def test_eval_command_gsm8k(tmp_path, capsys):
     assert [line.split()[0] for line in lines] == ["exact_match_strict", "exact_match_flexible", "examples",
                                                    "cut_prompts"]
     saved = json.loads(out.read_text())
+    for line, name in zip(lines, ("exact_match_strict", "exact_match_flexible")):  # "0.3333 ± 0.3333"
+        assert line.split()[1:] == [f"{saved[name]:.4f}", "±", f"{saved[name + '_stderr']:.4f}"]
     direct = evaluate_gsm8k(model, BYTES, test, fewshot=2, fewshot_data=train, limit=3, max_new_tokens=5,
                             return_predictions=True)
     assert saved["task"] == "gsm8k" and saved["examples"] == 3 and saved["fewshot"] == 2

@@ -51,8 +51,10 @@ after the harness's target delimiter " ".
   published labels are all 1s, then all 0s). Scored by mc2 (multiple_choice), not accuracy.
   The export's rows carry both targets: each is read as its MC1 example with its MC2 example attached
   (mc2_example), so that one file is scored by both; a row with only one of them is read as that one alone.
-The harness reports only acc for BoolQ, COPA and TruthfulQA; the acc_norm llmkern reports for them has no
-published counterpart.
+Each format carries its task's HarnessRules, read from the task's yaml in lm-evaluation-harness v0.4: the
+metrics it reports (acc and acc_norm for HellaSwag, ARC, PIQA, OpenBookQA and SciQ; acc alone for MMLU,
+WinoGrande, BoolQ, COPA and TruthfulQA MC1), and how its few-shot examples are drawn from a separate file
+(multiple_choice). llmkern's own format reports both and takes the first k shots of the example's description.
 """
 
 from __future__ import annotations
@@ -62,10 +64,23 @@ import io
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 MMLU_SPLITS = ("_test", "_dev", "_val")
+
+
+@dataclass(frozen=True)
+class HarnessRules:
+    """What lm-evaluation-harness's yaml for a task says beyond its prompt."""
+    # Its metric_list holds acc_norm (else acc alone).
+    acc_norm: bool = True
+    # Shots from a separate file (fewshot_data) are its first k with the example's description, as the harness's
+    # first_n sampler takes MMLU's from dev; else they are drawn at random (harness.harness_shots).
+    first_n: bool = True
+    # Drawn at random, k + 1 are drawn and the example dropped: the harness's `fewshot_split == test_split`, true
+    # where the yaml names neither (None == None), false where it names a test split the shots do not come from.
+    one_more: bool = True
 
 
 @dataclass
@@ -84,6 +99,8 @@ class ChoiceExample:
     # Set where the row is also scored as another example (TruthfulQA's export: its MC2 example beside the MC1
     # one), which multiple_choice scores apart and reports under its own key (mc2).
     mc2_example: ChoiceExample | None = None
+    # The task's rules (its format's); not compared: the harness compares its rows, which do not hold them.
+    harness: HarnessRules = field(default=HarnessRules(), compare=False)
 
 
 # --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
@@ -383,11 +400,23 @@ def truthfulqa_mc2_example(row: dict, where: str) -> ChoiceExample:
     return replace(example, true_choices=tuple(range(n_true)))
 
 
+# Each task's yaml in lm-evaluation-harness v0.4 (lm_eval/tasks/...): its metric_list, its sampler, its test_split.
+TWO_METRICS_NO_TEST_SPLIT = HarnessRules(first_n=False)  # hellaswag.yaml, piqa.yaml: acc, acc_norm; test_split null
+TWO_METRICS_TEST_SPLIT = HarnessRules(first_n=False, one_more=False)  # arc_easy.yaml, arc_challenge.yaml,
+# openbookqa.yaml, sciq.yaml: acc, acc_norm; test_split test, shots from the training split
+ACC_NO_TEST_SPLIT = HarnessRules(acc_norm=False, first_n=False)  # winogrande/default.yaml,
+# super_glue/boolq/default.yaml, super_glue/copa/default.yaml: acc; no test_split. truthfulqa_mc1.yaml (and mc2,
+# which includes it): acc; neither training_split nor test_split, so the shots come from the validation split scored
+MMLU_RULES = HarnessRules(acc_norm=False, one_more=False)  # mmlu/default/_default_template_yaml: acc;
+# fewshot_config sampler first_n on fewshot_split dev, test_split test
+
+
 @dataclass(frozen=True)
 class ChoiceFormat:
     name: str
     matches: Callable[[dict], bool]  # whether a row has this format's keys
     convert: Callable[[dict, str], ChoiceExample]
+    rules: HarnessRules = HarnessRules()
 
 
 def _is_arc(row: dict) -> bool:
@@ -398,21 +427,25 @@ LLMKERN = ChoiceFormat("llmkern", lambda r: ("context" in r or "question" in r) 
                        and "subject" not in r, parse_choice_example)
 # No row has the keys of two formats (test_choice_formats checks one row of each), so their order does not matter.
 FORMATS = (
-    ChoiceFormat("HellaSwag", lambda r: "ctx_a" in r and "endings" in r, hellaswag_example),
+    ChoiceFormat("HellaSwag", lambda r: "ctx_a" in r and "endings" in r, hellaswag_example, TWO_METRICS_NO_TEST_SPLIT),
     # OpenBookQA's export has ARC's choices and answerKey, but "question_stem" for ARC's "question".
-    ChoiceFormat("ARC (original)", lambda r: _is_arc(r) and isinstance(r.get("question"), dict), arc_example),
+    ChoiceFormat("ARC (original)", lambda r: _is_arc(r) and isinstance(r.get("question"), dict), arc_example,
+                 TWO_METRICS_TEST_SPLIT),
     ChoiceFormat("ARC (Hugging Face)", lambda r: _is_arc(r) and not isinstance(r.get("question"), dict),
-                 arc_hf_example),
-    ChoiceFormat("OpenBookQA", lambda r: "answerKey" in r and "question_stem" in r, openbookqa_example),
-    ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example),
-    ChoiceFormat("WinoGrande", lambda r: "sentence" in r and "option1" in r, winogrande_example),
+                 arc_hf_example, TWO_METRICS_TEST_SPLIT),
+    ChoiceFormat("OpenBookQA", lambda r: "answerKey" in r and "question_stem" in r, openbookqa_example,
+                 TWO_METRICS_TEST_SPLIT),
+    ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example, TWO_METRICS_NO_TEST_SPLIT),
+    ChoiceFormat("WinoGrande", lambda r: "sentence" in r and "option1" in r, winogrande_example, ACC_NO_TEST_SPLIT),
     ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
-                 mmlu_example),
-    ChoiceFormat("BoolQ", lambda r: "passage" in r and "question" in r, boolq_example),
-    ChoiceFormat("SciQ", lambda r: "correct_answer" in r and "distractor1" in r, sciq_example),
-    ChoiceFormat("COPA", lambda r: "premise" in r and "choice1" in r, copa_example),
-    ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example),
-    ChoiceFormat("TruthfulQA MC2", lambda r: "mc2_targets" in r and "mc1_targets" not in r, truthfulqa_mc2_example),
+                 mmlu_example, MMLU_RULES),
+    ChoiceFormat("BoolQ", lambda r: "passage" in r and "question" in r, boolq_example, ACC_NO_TEST_SPLIT),
+    ChoiceFormat("SciQ", lambda r: "correct_answer" in r and "distractor1" in r, sciq_example,
+                 TWO_METRICS_TEST_SPLIT),
+    ChoiceFormat("COPA", lambda r: "premise" in r and "choice1" in r, copa_example, ACC_NO_TEST_SPLIT),
+    ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example, ACC_NO_TEST_SPLIT),
+    ChoiceFormat("TruthfulQA MC2", lambda r: "mc2_targets" in r and "mc1_targets" not in r, truthfulqa_mc2_example,
+                 ACC_NO_TEST_SPLIT),
     LLMKERN,
 )
 
@@ -437,8 +470,16 @@ def examples_from_rows(rows: Iterable[tuple[str, object]]) -> list[ChoiceExample
         elif found is not None and found is not chosen:
             raise ValueError(f"{where}: the row is in the {found.name} format, the file's first row in the "
                              f"{chosen.name} format (the first row decides the file's format)")
-        examples.append(chosen.convert(row, where))
+        examples.append(with_rules(chosen.convert(row, where), chosen.rules))
     return examples
+
+
+def with_rules(example: ChoiceExample, rules: HarnessRules) -> ChoiceExample:
+    """The example (and its attached MC2 example) marked with its task's HarnessRules."""
+    attached = example.mc2_example
+    if attached is not None:
+        attached = replace(attached, harness=rules)
+    return replace(example, harness=rules, mc2_example=attached)
 
 
 def mmlu_subject_of(path: str) -> str | None:
@@ -469,5 +510,6 @@ def mmlu_csv_examples(text: str, path: str) -> list[ChoiceExample]:
         where = f"{path} line {first_line}"
         if len(fields) != 6:
             raise ValueError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(fields)}")
-        examples.append(_mmlu(fields[0], fields[1:5], fields[5].strip(), where, "column 6 (answer)", description))
+        example = _mmlu(fields[0], fields[1:5], fields[5].strip(), where, "column 6 (answer)", description)
+        examples.append(with_rules(example, MMLU_RULES))
     return examples

@@ -2,12 +2,12 @@
 
     llmkern eval --run R --data SHARDS [--split val] [--max-batches 100]    loss and perplexity on token shards
     llmkern eval --run R --text FILE [--context N] [--stride N]             perplexity of a text file (sliding window)
-    llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K [--fewshot-data DEV]]
+    llmkern eval --run R --task choice --data TASK.jsonl [--limit N] [--fewshot K [--fewshot-data TRAIN_OR_DEV]]
                  [--predictions --json OUT]
-                                                                            multiple-choice accuracy and acc_norm
-                                                                            (WinoGrande: accuracy only;
-                                                                            TruthfulQA MC2: mc2; its export,
-                                                                            MC1 and MC2: both)
+                                                                            multiple-choice accuracy, and acc_norm
+                                                                            where the harness reports it
+                                                                            (TruthfulQA MC2: mc2; its export,
+                                                                            MC1 and MC2: accuracy and mc2)
     llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
                                                                             LAMBADA: last-word accuracy, perplexity
     llmkern eval --run R --task gsm8k --data test.jsonl --fewshot-data train.jsonl [--fewshot 5] [--limit N]
@@ -20,8 +20,9 @@
                  [--judge-kind lm]     (--judge is a language model asked "A or B?"; default: a reward model)
                  [--max-new-tokens N] [--tie-margin X] [--interval wilson|bootstrap]
 
-Each prints one line per metric; --json OUT also writes the result as JSON. An option given to a task
-that does not read it is an error, not silently ignored.
+Each prints one line per metric, with its standard error after "±" where lm-evaluation-harness reports one
+(computed as it does; "N/A" for one example); --json OUT also writes the result as JSON, the standard errors
+as "<metric>_stderr". An option given to a task that does not read it is an error, not silently ignored.
 """
 
 from __future__ import annotations
@@ -197,11 +198,19 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
 
 def _format(value: object) -> str:
+    if value is None:  # a standard error of one example: the harness writes "N/A"
+        return "N/A"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4f}"
+
+
+def _shown(result: dict, name: str) -> str:
+    """A metric's value, with its standard error after it where there is one (as the harness's table writes it)."""
+    stderr = f"{name}_stderr"
+    return _format(result[name]) + (f" ± {_format(result[stderr])}" if stderr in result else "")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -215,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     width = max(len(name) for name in shown)
     for name in shown:
-        print(f"{name:<{width}}  {_format(result[name])}")
+        print(f"{name:<{width}}  {_shown(result, name)}")
     return 0
 
 
@@ -241,10 +250,11 @@ def add_eval_parser(sub) -> None:
                                                            "examples only")
     e.add_argument("--fewshot", type=int, default=None, help="choice, gsm8k: solved examples of the task before "
                                                              "each one (default: 0; gsm8k: 5)")
-    e.add_argument("--fewshot-data", default=None, help="choice, with --fewshot: take the shots from this file "
-                                                        "(MMLU's dev split: its first K of each subject, as "
-                                                        "lm-evaluation-harness does), not from the task; gsm8k: "
-                                                        "the train split, sampled as the harness does (seed 1234)")
+    e.add_argument("--fewshot-data", default=None, help="choice, with --fewshot: take the shots from this file, "
+                                                        "not from the task, as lm-evaluation-harness does (MMLU's "
+                                                        "dev split: its first K of each subject; the other tasks' "
+                                                        "train split: sampled, seed 1234); gsm8k: the train split, "
+                                                        "sampled as the harness does")
     e.add_argument("--predictions", action="store_true", default=None, help="choice, gsm8k: per-example "
                                                                             "predictions in --json")
     e.add_argument("--baseline", default=None, help="win-rate: the run compared against")

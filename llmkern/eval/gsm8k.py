@@ -17,10 +17,13 @@ alike to the extracted answer and to the whole reference solution).
 
 Shots: the harness draws them from the train split (its default sampler): one random.Random(1234), and for
 each test question in file order k rows sampled from the train split (minus the question itself should it be
-among them). fewshot_data is that split's file, in its order; the draw below repeats it, so the prompts are the
-harness's own for a one-process run (with --limit N, of the first N questions). A harness run on several
-processes draws each process's questions from its own stream, and so gets other shots. fewshot_data must be the
-train split: given the test split itself, the harness would draw k + 1 and keep k, which this draw does not repeat.
+among them: harness.harness_shots). fewshot_data is that split's file, in its order; the draw repeats it, so the
+prompts are the harness's own for a one-process run (with --limit N, of the first N questions). A harness run on
+several processes draws each process's questions from its own stream, and so gets other shots. fewshot_data must
+be the train split (gsm8k.yaml's fewshot_split): the harness downloads it, llmkern reads the file given, and
+cannot tell another split from it.
+
+Each exact_match comes with its standard error as the harness computes it (harness.mean_stderr).
 
 One difference: a prompt longer than block_size - max_new_tokens loses its beginning, as in the harness, but
 keeps its begin-of-sequence token where the tokenizer has one (the harness cuts that too).
@@ -29,11 +32,11 @@ keeps its begin-of-sequence token where the tokenizer has one (the harness cuts 
 from __future__ import annotations
 
 import os
-import random
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from .harness import harness_shots, mean_stderr
 from .multiple_choice import check_scoring_vocab, json_rows, read_task_text
 
 # The harness's gsm8k.yaml, field by field.
@@ -43,7 +46,6 @@ FEWSHOT_DELIMITER = "\n\n"  # after each shot
 STOP_TEXTS = ("Question:", "</s>", "<|im_end|>")  # generation_kwargs.until, in its order
 MAX_NEW_TOKENS = 256  # the harness's max_gen_toks
 FEWSHOT = 5  # num_fewshot
-FEWSHOT_SEED = 1234  # the harness's fewshot_random_seed
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")  # then take the first match
 FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # group_select -1: the last match
 IGNORED_PATTERNS = (",", r"\$", r"(?s).*#### ", r"\.$")  # regexes_to_ignore, applied in this order
@@ -74,22 +76,6 @@ def _gsm8k_row(row: object, where: str) -> dict[str, str]:
 
 
 # --- the prompts ---------------------------------------------------------------------------------------
-
-def harness_shots(examples: Sequence[dict[str, str]], pool: Sequence[dict[str, str]], k: int,
-                  seed: int = FEWSHOT_SEED) -> list[list[dict[str, str]]]:
-    """The solved examples before each of `examples`, drawn as the harness draws them from another split:
-    one random.Random(seed), k rows of `pool` sampled for each example in turn, less the example itself
-    (so it then gets k - 1)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"fewshot must be an int >= 0, got {k!r}")
-    if k == 0:
-        return [[] for _ in examples]  # the harness draws nothing then: no random number is used
-    if len(pool) < k:
-        raise ValueError(f"fewshot={k} needs {k} solved examples; the few-shot data has {len(pool)}")
-    rng = random.Random(seed)
-    pool = list(pool)
-    return [[shot for shot in rng.sample(pool, k) if shot != ex] for ex in examples]
-
 
 def gsm8k_prompt(question: str, shots: Sequence[dict[str, str]] = ()) -> str:
     """The harness's prompt: each shot's question and solution, then the question, to be answered."""
@@ -171,7 +157,8 @@ def evaluate_gsm8k(model, tokenizer, examples: Sequence[dict[str, str]] | str, f
     filters, with `fewshot` shots drawn from fewshot_data (the train split: a path or rows) as the harness
     draws them.
 
-    Returns {"exact_match_strict", "exact_match_flexible", "examples", "fewshot", "cut_prompts"} and, with
+    Returns {"exact_match_strict", "exact_match_flexible", their "..._stderr" (the harness's standard error of
+    a mean; None for one example, the harness's "N/A"), "examples", "fewshot", "cut_prompts"} and, with
     return_predictions, "predictions": one {"question", "response", "strict", "flexible", "strict_correct",
     "flexible_correct", "target"} per example (target: the reference's final number, normalized).
     """
@@ -190,9 +177,11 @@ def evaluate_gsm8k(model, tokenizer, examples: Sequence[dict[str, str]] | str, f
                                                                                                    fewshot))]
     responses, cut = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     predictions = [_prediction(ex, response) for ex, response in zip(examples, responses)]
+    strict = [float(p["strict_correct"]) for p in predictions]
+    flexible = [float(p["flexible_correct"]) for p in predictions]
     result: dict[str, Any] = {
-        "exact_match_strict": sum(p["strict_correct"] for p in predictions) / len(examples),
-        "exact_match_flexible": sum(p["flexible_correct"] for p in predictions) / len(examples),
+        "exact_match_strict": sum(strict) / len(examples), "exact_match_strict_stderr": mean_stderr(strict),
+        "exact_match_flexible": sum(flexible) / len(examples), "exact_match_flexible_stderr": mean_stderr(flexible),
         "examples": len(examples), "fewshot": fewshot, "cut_prompts": cut}
     if return_predictions:
         result["predictions"] = predictions

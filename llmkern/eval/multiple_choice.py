@@ -9,21 +9,35 @@ phrases it. Each choice is scored by the summed log-probability of its tokens af
 other way round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
 its few-shot shots are written as its context, right choice, separator and continuation, and acc_norm, which would
 divide every choice's score by the same length, is left out where every example is so.
-Two accuracies are reported, as the harness does:
-- accuracy: the choice with the highest summed log-prob. Long choices lose probability with
+The metrics are those the task's harness yaml lists (its HarnessRules, choice_formats):
+- accuracy (the harness's acc): the choice with the highest summed log-prob. Long choices lose probability with
   every token, so this favours short ones;
-- acc_norm: the highest log-prob per UTF-8 byte of the choice, which removes that length bias
-  (bytes, not tokens, so that it does not depend on the tokenizer).
+- acc_norm, for HellaSwag, ARC, PIQA, OpenBookQA, SciQ and llmkern's own format: the highest log-prob per UTF-8
+  byte of the choice, which removes that length bias (bytes, not tokens, so that it does not depend on the
+  tokenizer; the harness divides by characters, the same for ASCII choices).
 A task whose examples have several right choices (`true_choices`: TruthfulQA MC2) reports neither, but the
 harness's mc2: the probability of the true choices over that of all choices, exp(log-prob) of each summed,
 averaged over the examples. TruthfulQA's export, whose rows carry both MC1 and MC2, reports both: the MC1
-examples' accuracy (and acc_norm, which the harness does not report for it) and their attached MC2 examples' mc2.
-With fewshot = k, each context is preceded by k other examples of the task, drawn by a seeded
-shuffle, each written as its context, the separator and its right answer, then a blank line; an example's
-description (MMLU's "The following are ... about {subject}.") comes once, before them. With a separate
-file of solved examples (fewshot_data: MMLU's dev split), the shots are instead its first k with the
-example's own description, as lm-evaluation-harness takes MMLU's (its "first_n" sampler on the dev split):
-MMLU scored so is phrased and shot exactly as the harness does it.
+examples' accuracy and their attached MC2 examples' mc2.
+Each metric comes with its standard error "<metric>_stderr", as the harness computes it for a mean (harness.py
+mean_stderr; None, the harness's "N/A", for a single example).
+With fewshot = k, each context is preceded by k solved examples, each written as its context, the separator and
+its right answer, then a blank line; an example's description (MMLU's "The following are ... about {subject}.")
+comes once, before them. Without fewshot_data they are other examples of the task, drawn as the harness draws from
+the split it scores (k + 1 sampled by one random.Random(1234), the example dropped: harness.harness_shots; the
+harness's own rule for TruthfulQA, which has no other split). With fewshot_data (the split the harness takes the
+shots from, which llmkern reads from a file where the harness downloads it) they are drawn as the task's yaml says:
+- HellaSwag, PIQA, BoolQ, COPA, WinoGrande: k + 1 sampled from the training split, the first k kept (their yaml
+  names no test split, and the harness draws one more whenever fewshot_split == test_split, None == None here);
+- ARC, OpenBookQA, SciQ: k sampled from the training split (a test split is named);
+- MMLU (and llmkern's own format): the first k with the example's own description, as the harness takes MMLU's
+  (its "first_n" sampler on the dev split).
+So phrased and drawn, a one-process harness run's prompts are repeated exactly (with a limit, of the first
+examples); a run on several processes draws each process's examples from its own stream, and gets other shots.
+Two differences remain: the harness drops a drawn row equal to the example as a dict of the dataset's fields,
+llmkern as a ChoiceExample (two rows that differ only in an id count as equal here); and TruthfulQA's doc_to_text
+holds its six-question preamble, so the harness's shots (TruthfulQA is zero-shot by default) repeat it before
+each, where llmkern writes it once, as the description.
 """
 
 from __future__ import annotations
@@ -31,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -40,7 +53,13 @@ import torch
 from .._modes import eval_mode
 from ..data.model_vocab import check_vocab_fits
 from ..data.sequences import cut_left, encode_continuation, encode_prompt
-from .choice_formats import ChoiceExample, examples_from_rows, mmlu_csv_examples
+from .choice_formats import (
+    ChoiceExample,
+    HarnessRules,
+    examples_from_rows,
+    mmlu_csv_examples,
+)
+from .harness import FEWSHOT_SEED, harness_shots, mean_stderr
 from .logprobs import sequence_logprobs
 
 
@@ -228,25 +247,31 @@ def mc2(logps: Sequence[float], true_choices: Sequence[int]) -> float:
 
 
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
-                 seed: int = 0, first: bool = False) -> list[ChoiceExample]:
-    """Each example with k solved examples of `pool` (never itself) written before its context (after its
-    description, which the shots' are not: the harness writes a task's description once, then the shots).
-    The shots are drawn by a seeded shuffle; with `first`, they are the first k of the pool that have the
-    example's description (a dev split's, in its order)."""
+                 seed: int = FEWSHOT_SEED, first: bool = False, one_more: bool = True) -> list[ChoiceExample]:
+    """Each example with k solved examples of `pool` (never one equal to it) written before its context (after
+    its description, which the shots' are not: the harness writes a task's description once, then the shots),
+    each as its context, the separator, its right answer and a blank line (the harness's target_delimiter and
+    fewshot_delimiter, samplers.py get_context).
+    The shots are drawn as the harness's default sampler draws them (harness.harness_shots: one
+    random.Random(seed); k + 1 drawn for each example in turn with one_more, as where the pool is the split
+    scored, else k); with `first`, they are the first k of the pool that have the example's description (a dev
+    split's, in its order: the harness's first_n sampler)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"fewshot must be an int >= 0, got {k!r}")
     if k == 0:
         return list(examples)
-    if not first and len(pool) <= k:  # k others than the example itself
+    if not first and one_more and len(pool) <= k:  # k others than the example itself
         raise ValueError(f"fewshot={k} needs more than {k} examples in the task, it has {len(pool)}")
     # The shots write out their right answers, so the whole pool is checked, not only the examples scored
     # (a limit leaves the rest unchecked): answer -1 wrote the last choice as the answer, silently.
     for i, s in enumerate(pool):
         _check_example(s, i, answer=True)
-    rng = random.Random(seed)
+    if first:
+        drawn = [_first_shots(ex, pool, k) for ex in examples]
+    else:
+        drawn = harness_shots(examples, pool, k, seed, one_more)
     out = []
-    for ex in examples:
-        shots = _first_shots(ex, pool, k) if first else [s for s in rng.sample(list(pool), k + 1) if s is not ex][:k]
+    for ex, shots in zip(examples, drawn):
         prefix = "".join("".join(_scored_pair(s, s.choices[s.answer], separator)) + "\n\n" for s in shots)
         out.append(replace(ex, context=prefix + ex.context))
     return out
@@ -262,18 +287,20 @@ def _first_shots(ex: ChoiceExample, pool: Sequence[ChoiceExample], k: int) -> li
 
 def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, separator: str = " ",
                      batch_size: int = 16, limit: int | None = None, return_predictions: bool = False,
-                     progress: bool = False, fewshot: int = 0, seed: int = 0,
+                     progress: bool = False, fewshot: int = 0, seed: int = FEWSHOT_SEED,
                      fewshot_data: Sequence[ChoiceExample] | str | None = None) -> dict[str, Any]:
-    """accuracy and acc_norm of `model` on a multiple-choice task (a path or a list of ChoiceExample),
-    zero-shot or with `fewshot` solved examples before each context: of the task itself (a seeded draw), or,
-    given fewshot_data (a path or a list: MMLU's dev split), its first `fewshot` with the example's description.
+    """accuracy (and acc_norm where the harness reports it) of `model` on a multiple-choice task (a path or a
+    list of ChoiceExample), zero-shot or with `fewshot` solved examples before each context: of the task itself,
+    or of fewshot_data (a path or a list: the training split, MMLU's dev split), drawn as the harness draws them
+    with its fewshot seed `seed` (the module's docstring says how, task by task).
 
-    Returns {"accuracy", "acc_norm", "examples", "fewshot"} (no "acc_norm" where every example has a shared
-    continuation: it would be the accuracy) and, with return_predictions, "predictions": one {"answer", "pred",
-    "pred_norm", "logprobs"} per example. Examples with true_choices (TruthfulQA MC2; all of them or none) get
-    {"mc2", "examples", "fewshot"} instead, and predictions {"true_choices", "mc2", "logprobs"}. Examples with an
-    mc2_example (TruthfulQA's export, MC1 and MC2 in one row; all of them or none) get both: their accuracy and
-    acc_norm, and the mc2 of their mc2_examples, scored the same way (its predictions are "mc2_predictions").
+    Returns {"accuracy", "accuracy_stderr", "acc_norm", "acc_norm_stderr", "examples", "fewshot"} (no acc_norm
+    where no example's task reports it: MMLU, WinoGrande, BoolQ, COPA, TruthfulQA) and, with return_predictions,
+    "predictions": one {"answer", "pred", "pred_norm", "logprobs"} per example. Examples with true_choices
+    (TruthfulQA MC2; all of them or none) get {"mc2", "mc2_stderr", "examples", "fewshot"} instead, and
+    predictions {"true_choices", "mc2", "logprobs"}. Examples with an mc2_example (TruthfulQA's export, MC1 and
+    MC2 in one row; all of them or none) get both: their accuracy, and the mc2 of their mc2_examples, scored the
+    same way (its predictions are "mc2_predictions").
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
@@ -300,7 +327,7 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         shots_from = None if fewshot_data is None else _mc2_examples(fewshot_data)
         shot = _shot(_mc2_examples(examples), _mc2_examples(pool), fewshot, separator, seed, shots_from)
         scored = _evaluate_shot(model, tokenizer, shot, fewshot, separator, batch_size, return_predictions, progress)
-        result["mc2"] = scored["mc2"]
+        result.update(mc2=scored["mc2"], mc2_stderr=scored["mc2_stderr"])
         if return_predictions:
             result["mc2_predictions"] = scored["predictions"]
     return result
@@ -308,10 +335,22 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
 
 def _shot(examples: list[ChoiceExample], pool: list[ChoiceExample], fewshot: int, separator: str, seed: int,
           fewshot_data: Sequence[ChoiceExample] | None) -> list[ChoiceExample]:
-    """The examples with their few-shot shots: drawn from the pool, or the first of fewshot_data."""
+    """The examples with their few-shot shots: drawn from the pool (the task itself: k + 1 drawn, the example
+    dropped), or taken from fewshot_data as the task's harness rules say."""
     if fewshot_data is None:
         return with_fewshot(examples, pool, fewshot, separator, seed)
-    return with_fewshot(examples, list(fewshot_data), fewshot, separator, first=True)
+    rules = _rules_of(examples)
+    return with_fewshot(examples, list(fewshot_data), fewshot, separator, seed, first=rules.first_n,
+                        one_more=rules.one_more)
+
+
+def _rules_of(examples: Sequence[ChoiceExample]) -> HarnessRules:
+    """The HarnessRules the examples share (one task's); a ValueError where they mix tasks drawn otherwise."""
+    rules = {ex.harness for ex in examples}
+    if len(rules) > 1:
+        raise ValueError("examples mix tasks whose shots lm-evaluation-harness draws otherwise (their HarnessRules "
+                         f"differ: {sorted(map(repr, rules))}): evaluate them apart")
+    return rules.pop()
 
 
 def _evaluate_shot(model, tokenizer, examples: list[ChoiceExample], fewshot: int, separator: str, batch_size: int,
@@ -321,20 +360,26 @@ def _evaluate_shot(model, tokenizer, examples: list[ChoiceExample], fewshot: int
     scores = score_choices(model, tokenizer, examples, separator, batch_size, progress)
     if several_right:
         return _mc2_result(examples, scores, fewshot, return_predictions)
-    correct = correct_norm = 0
+    correct, correct_norm = [], []  # 1.0 or 0.0 per example, as the harness's acc and acc_norm
     predictions = []
     for ex, logps in zip(examples, scores):
         pred, pred_norm = _argmax(logps), _per_byte_argmax(ex, logps)
-        correct += pred == ex.answer
-        correct_norm += pred_norm == ex.answer
+        correct.append(float(pred == ex.answer))
+        correct_norm.append(float(pred_norm == ex.answer))
         predictions.append({"answer": ex.answer, "pred": pred, "pred_norm": pred_norm, "logprobs": logps})
-    result: dict[str, Any] = {"accuracy": correct / len(examples), "acc_norm": correct_norm / len(examples),
-                              "examples": len(examples), "fewshot": fewshot}
-    if all(ex.continuation is not None for ex in examples):  # as the harness, which reports only acc for them
-        del result["acc_norm"]
+    result: dict[str, Any] = {"accuracy": sum(correct) / len(examples), "accuracy_stderr": mean_stderr(correct)}
+    if any(_reports_acc_norm(ex) for ex in examples):  # the task's harness metric_list (HarnessRules)
+        result.update(acc_norm=sum(correct_norm) / len(examples), acc_norm_stderr=mean_stderr(correct_norm))
+    result.update(examples=len(examples), fewshot=fewshot)
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _reports_acc_norm(ex: ChoiceExample) -> bool:
+    """Whether the example's task reports acc_norm: its harness yaml lists it, and the choices are not all scored
+    through the same continuation (dividing by its length would change nothing)."""
+    return ex.harness.acc_norm and ex.continuation is None
 
 
 def _has_mc2_examples(examples: Sequence[ChoiceExample], name: str) -> bool:
@@ -368,7 +413,8 @@ def _several_right(examples: Sequence[ChoiceExample]) -> bool:
 def _mc2_result(examples: Sequence[ChoiceExample], scores: list[list[float]], fewshot: int,
                 return_predictions: bool) -> dict[str, Any]:
     per_example = [mc2(logps, ex.true_choices) for ex, logps in zip(examples, scores)]
-    result: dict[str, Any] = {"mc2": sum(per_example) / len(examples), "examples": len(examples), "fewshot": fewshot}
+    result: dict[str, Any] = {"mc2": sum(per_example) / len(examples), "mc2_stderr": mean_stderr(per_example),
+                              "examples": len(examples), "fewshot": fewshot}
     if return_predictions:
         result["predictions"] = [{"true_choices": list(ex.true_choices), "mc2": value, "logprobs": logps}
                                  for ex, value, logps in zip(examples, per_example, scores)]
