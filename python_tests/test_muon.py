@@ -8,9 +8,11 @@ import shutil
 import pytest
 import torch
 from test_train import TINY_MODEL, data_dir, tiny_config, train_losses  # noqa: F401 (data_dir: a fixture)
+from torch import nn
 
 from llmkern.model import GPT, GPTConfig
-from llmkern.optim import AdamW, MuonWithAdamW, muon_parameters
+from llmkern.optim import AdamW, Muon, MuonParameter, MuonWithAdamW, muon_parameters
+from llmkern.optim import muon as muon_module
 from llmkern.optim.muon import split_groups
 from llmkern.train import TrainConfig, Trainer
 from llmkern.train import checkpoint as ckpt
@@ -21,45 +23,149 @@ def tiny_model(preset, seed=0, **overrides):
     return GPT(GPTConfig.from_preset(preset, vocab_size=61, n_layer=2, n_embd=32, block_size=16, **overrides))
 
 
-def muon_names(model):
-    ids = {id(p) for p in muon_parameters(model)}
-    return [name for name, p in model.named_parameters() if id(p) in ids]
-
-
-@pytest.mark.parametrize("preset, expected", [
-    ("tiny", ["attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"]),  # GPT-2: biases to AdamW
-    ("tiny-llama", ["attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.proj.weight"]),
-    # the stacked (E, out, in) experts to AdamW: torch's Muon takes 2-D parameters only
-    ("tiny-moe", ["attn.qkv.weight", "attn.proj.weight", "mlp.router.weight"]),
-])
-def test_muon_steps_exactly_the_2d_matrices_of_the_blocks(preset, expected):
-    model = tiny_model(preset)
-    assert muon_names(model) == [f"blocks.{i}.{name}" for i in range(2) for name in expected]
-    # every other parameter goes to AdamW, once, in the model's groups (decay on matrices, none on vectors)
-    matrices = muon_parameters(model)
-    groups = split_groups(model.optimizer_groups(0.1), matrices)
-    rest = [p for g in groups for p in g["params"]]
-    assert len({id(p) for p in rest + matrices}) == len(rest) + len(matrices) == len(list(model.parameters()))
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in groups[0]["params"]} >= {"wte.weight"} and groups[0]["weight_decay"] == 0.1
-    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
-
-
-def random_gradients(model, seed):
+def random_gradients(model_or_params, seed):
+    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
     generator = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
+    for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
 
 
-def test_a_step_equals_torch_muon_and_llmkern_adamw_applied_by_hand():
+def random_matrices(shapes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+
+
+def clones(params):
+    return [nn.Parameter(p.detach().clone()) for p in params]
+
+
+@pytest.mark.parametrize("preset, overrides, expected", [
+    ("tiny", {}, [("attn.qkv.weight", (32, 32, 32)), ("attn.proj.weight", (32,)),  # GPT-2: biases to AdamW
+                  ("mlp.fc.weight", (128,)), ("mlp.proj.weight", (32,))]),
+    # GQA, heads of head_dim 8 (not n_embd / n_head): the blocks are the module's, not a guess from the shape
+    ("tiny-llama", {"n_kv_head": 1, "head_dim": 8}, [
+        ("attn.qkv.weight", (16, 8, 8)), ("attn.proj.weight", (32,)), ("mlp.gate_up.weight", (128, 128)),
+        ("mlp.proj.weight", (32,))]),
+    # the stacked (E, rows, cols) experts: each expert's gate_up as gate and up, its proj whole
+    ("tiny-moe", {}, [("attn.qkv.weight", (32, 16, 16)), ("attn.proj.weight", (32,)), ("mlp.gate_up", (128, 128)),
+                      ("mlp.proj", (32,)), ("mlp.router.weight", (4,))]),
+])
+def test_muon_parameters_are_the_blocks_matrices_each_with_its_projections(preset, overrides, expected):
+    model = tiny_model(preset, **overrides)
+    chosen = muon_parameters(model)
+    assert [(entry.name, entry.row_blocks) for entry in chosen] == [
+        (f"blocks.{i}.{name}", blocks) for i in range(2) for name, blocks in expected]
+    names = dict(model.named_parameters())
+    assert all(entry.param is names[entry.name] for entry in chosen)
+    # every other parameter goes to AdamW, once, in the model's groups (decay on matrices, none on vectors)
+    groups = split_groups(model.optimizer_groups(0.1), chosen)
+    rest = [p for g in groups for p in g["params"]]
+    matrices = [entry.param for entry in chosen]
+    assert len({id(p) for p in rest + matrices}) == len(rest) + len(matrices) == len(list(model.parameters()))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert {by_id[id(p)] for p in groups[0]["params"]} >= {"wte.weight"} and groups[0]["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+def test_a_step_of_plain_matrices_equals_torch_muons(adjust_lr_fn, nesterov):
+    # tall, wide and square; two of one shape share a batched Newton-Schulz stack
+    ours = random_matrices([(48, 17), (17, 48), (33, 33), (48, 17)], seed=0)
+    theirs = clones(ours)
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": nesterov, "adjust_lr_fn": adjust_lr_fn}
+    muon, reference = Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    for step in range(4):  # momentum carried over steps; the lr halved at the third
+        random_gradients(ours, step)
+        random_gradients(theirs, step)
+        if step == 2:
+            for group in muon.param_groups + reference.param_groups:
+                group["lr"] /= 2
+        muon.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)  # bitwise on the CPU: the same bfloat16 products, batched
+        assert torch.equal(muon.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
+
+
+def block_views(tensor, row_blocks):
+    """tensor's row blocks, each expert's in turn for a 3-D stack: the matrices Muon steps apart."""
+    matrices = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
+    return [block for matrix in matrices for block in matrix.split(row_blocks)]
+
+
+def steps_of_both(fused, steps=3):
+    """Our Muon over the fused parameters (MuonParameters), torch's over each of their blocks as a parameter of its
+    own, the same gradients: after each step, every block of ours equals torch's."""
+    separate = [clones(block_views(entry.param, entry.row_blocks)) for entry in fused]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "adjust_lr_fn": "match_rms_adamw"}
+    muon = Muon(fused, **settings)
+    reference = torch.optim.Muon([p for blocks in separate for p in blocks], **settings)
+    for step in range(steps):
+        random_gradients([entry.param for entry in fused], step)
+        for entry, blocks in zip(fused, separate):
+            for block, grad in zip(blocks, block_views(entry.param.grad, entry.row_blocks)):
+                block.grad = grad.clone()
+        muon.step()
+        reference.step()
+        for entry, blocks in zip(fused, separate):
+            assert all(torch.equal(ours, theirs) for ours, theirs in zip(block_views(entry.param, entry.row_blocks),
+                                                                         blocks)), (entry.name, step)
+
+
+def test_a_fused_matrix_steps_as_its_projections_apart():
+    # GQA attention's qkv (q: 4 heads of 8, k and v: 1 head each) and a SwiGLU gate_up (gate, up: 40 rows each)
+    qkv, gate_up = random_matrices([(48, 24), (80, 24)], seed=1)
+    whole = clones([qkv, gate_up])
+    steps_of_both([MuonParameter("qkv", qkv, (32, 8, 8)), MuonParameter("gate_up", gate_up, (40, 40))])
+    # the test can fail: orthogonalized whole (torch's Muon, llmkern's before), the fused matrices step otherwise
+    wholly = torch.optim.Muon(whole, lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        random_gradients(whole, step)
+        wholly.step()
+    assert not any(torch.allclose(p, q, atol=1e-4) for p, q in zip(whole, (qkv, gate_up)))
+
+
+# by default the 3 experts' gate and up blocks (40 x 24) are one stack of 6; under 1000 elements a stack holds the
+# blocks of one parameter's split alone (the 3 gates, then the 3 ups)
+@pytest.mark.parametrize("max_stack", [None, 1000])
+def test_each_expert_steps_as_a_matrix_of_its_own(monkeypatch, max_stack):
+    if max_stack is not None:
+        monkeypatch.setattr(muon_module, "_MAX_STACK_ELEMENTS", max_stack)
+    # 3 experts: gate_up (E, 2 * 40, 24), [gate | up] fused in each, and proj (E, 24, 40)
+    gate_up, proj = random_matrices([(3, 80, 24), (3, 24, 40)], seed=2)
+    steps_of_both([MuonParameter("gate_up", gate_up, (40, 40)), MuonParameter("proj", proj, (24,))])
+    # a plain 3-D tensor is one block per matrix of the stack
+    plain = Muon([proj])
+    assert plain.param_groups[0]["row_blocks"] == ((24,),)
+
+
+@pytest.mark.parametrize("row_blocks, message", [
+    ((32, 8), "row_blocks must be positive ints summing to the parameter's 48 rows, got"),
+    ((48, 0), "row_blocks must be positive ints"),
+])
+def test_row_blocks_that_do_not_split_the_rows_are_refused(row_blocks, message):
+    (qkv,) = random_matrices([(48, 24)], seed=0)
+    with pytest.raises(ValueError, match=message):
+        Muon([MuonParameter("qkv", qkv, row_blocks)])
+    with pytest.raises(ValueError, match=r"matrices \(2-D\) and stacks of them \(3-D\), got .* shape \(24,\)"):
+        Muon([nn.Parameter(torch.zeros(24))])
+
+
+def combined_optimizer(model, lr=1e-3, muon_lr=1e-3, weight_decay=0.1, **kwargs):
+    chosen = muon_parameters(model)
+    return MuonWithAdamW(chosen, split_groups(model.optimizer_groups(weight_decay), chosen), lr=lr, muon_lr=muon_lr,
+                         weight_decay=weight_decay, **kwargs)
+
+
+def test_a_step_equals_llmkern_muon_and_adamw_applied_by_hand():
     model = tiny_model("tiny-moe")
     by_hand = copy.deepcopy(model)
     lr, muon_lr, wd = 3e-3, 6e-3, 0.05
-    combined = MuonWithAdamW(muon_parameters(model), split_groups(model.optimizer_groups(wd), muon_parameters(model)),
-                             lr=lr, muon_lr=muon_lr, weight_decay=wd, momentum=0.9, betas=(0.9, 0.95))
-    matrices = muon_parameters(by_hand)
-    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=wd, momentum=0.9, adjust_lr_fn="match_rms_adamw")
-    adamw = AdamW(split_groups(by_hand.optimizer_groups(wd), matrices), lr=lr, betas=(0.9, 0.95))
+    combined = combined_optimizer(model, lr, muon_lr, wd, momentum=0.9, betas=(0.9, 0.95))
+    chosen = muon_parameters(by_hand)
+    muon = Muon(chosen, lr=muon_lr, weight_decay=wd, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    adamw = AdamW(split_groups(by_hand.optimizer_groups(wd), chosen), lr=lr, betas=(0.9, 0.95))
     for step in range(3):  # momentum and moments carried over steps; the schedule halves both lrs at the last
         random_gradients(model, step)
         random_gradients(by_hand, step)
@@ -78,16 +184,13 @@ def test_a_step_equals_torch_muon_and_llmkern_adamw_applied_by_hand():
         assert torch.equal(p, q), name
         moved += not torch.equal(p, first)
     assert moved == len(list(model.parameters()))  # every parameter stepped
+    experts = {id(entry.param) for entry in muon_parameters(model) if entry.param.dim() == 3}
+    assert len(experts) == 4 and all(id(p) not in experts for g in combined.adamw.param_groups for p in g["params"])
 
 
 def test_the_state_dict_round_trips_and_refuses_another_optimizers():
     model = tiny_model("tiny-llama")
-
-    def make(m):
-        return MuonWithAdamW(muon_parameters(m), split_groups(m.optimizer_groups(0.1), muon_parameters(m)),
-                             lr=1e-3, muon_lr=1e-3, weight_decay=0.1)
-
-    optimizer = make(model)
+    optimizer = combined_optimizer(model)
     random_gradients(model, 0)
     optimizer.step()
     saved = optimizer.state_dict()
@@ -95,9 +198,13 @@ def test_the_state_dict_round_trips_and_refuses_another_optimizers():
     assert sorted(saved["state"]) == list(range(n_params))  # numbered across both parts, as one optimizer's
     assert [sorted(saved["state"][i]) for i in (0, n_params - 1)] == [["momentum_buffer"],
                                                                        ["exp_avg", "exp_avg_sq", "step"]]
+    assert saved["param_groups"][0]["row_blocks"] == ((32, 16, 16), (32,), (128, 128), (32,)) * 2  # says the split
     other = copy.deepcopy(model)
-    restored = make(other)
-    restored.load_state_dict(copy.deepcopy(saved))  # load_state_dict keeps the tensors it is given
+    restored = combined_optimizer(other)
+    # as read back from a checkpoint's JSON: the row blocks lists
+    as_json = {**saved, "param_groups": [{**saved["param_groups"][0], "row_blocks": [
+        list(blocks) for blocks in saved["param_groups"][0]["row_blocks"]]}, *saved["param_groups"][1:]]}
+    restored.load_state_dict(copy.deepcopy(as_json))  # load_state_dict keeps the tensors it is given
     random_gradients(model, 1)
     random_gradients(other, 1)
     optimizer.step()
@@ -109,6 +216,61 @@ def test_the_state_dict_round_trips_and_refuses_another_optimizers():
     swapped = {**saved, "param_groups": saved["param_groups"][::-1]}
     with pytest.raises(ValueError, match="param group 0 of the state_dict lacks momentum"):
         restored.load_state_dict(swapped)
+    split_otherwise = {**saved, "param_groups": [{**saved["param_groups"][0], "row_blocks": (
+        (64,), (32,), (128, 128), (32,)) * 2}, *saved["param_groups"][1:]]}
+    with pytest.raises(ValueError, match=r"splits its matrices into the row blocks \(\(64,\), .*saved for another"):
+        restored.load_state_dict(split_otherwise)
+
+
+def old_state_dict(model, seed=0):
+    """What llmkern's MuonWithAdamW before its own Muon saved after a step: torch.optim.Muon over the blocks' 2-D
+    matrices (its group with lr_scale), llmkern's AdamW over the rest, MoE experts included, numbered across both."""
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": 1.0}], lr=1e-3, weight_decay=0.1,
+                            adjust_lr_fn="match_rms_adamw")
+    adamw = AdamW(split_groups(model.optimizer_groups(0.1), matrices), lr=1e-3)
+    random_gradients(model, seed)
+    muon.step()
+    adamw.step()
+    muon_state, adamw_state = muon.state_dict(), adamw.state_dict()
+    offset = len(matrices)
+    return {"state": {**muon_state["state"], **{i + offset: v for i, v in adamw_state["state"].items()}},
+            "param_groups": muon_state["param_groups"] + [{**g, "params": [i + offset for i in g["params"]]}
+                                                          for g in adamw_state["param_groups"]]}
+
+
+def test_an_old_dense_state_dict_loads_as_the_same_momentum_and_moments():
+    old_model, model = tiny_model("tiny-llama"), tiny_model("tiny-llama")
+    old = old_state_dict(old_model)  # the same gradients as ours' first step below: the same momentum and moments
+    optimizer = combined_optimizer(model)
+    random_gradients(model, 0)
+    optimizer.step()
+    resumed = copy.deepcopy(model)  # our weights (torch's Muon orthogonalized the fused matrices whole)
+    from_old = combined_optimizer(resumed)
+    from_old.load_state_dict(old)
+    assert from_old.param_groups[0]["row_blocks"] == optimizer.param_groups[0]["row_blocks"]
+    for name, p, q in zip([n for n, _ in model.named_parameters()], model.parameters(), resumed.parameters()):
+        ours, theirs = optimizer_state_of(optimizer, p), optimizer_state_of(from_old, q)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    random_gradients(model, 1)
+    random_gradients(resumed, 1)
+    optimizer.step()
+    from_old.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+def optimizer_state_of(optimizer, p):
+    return optimizer.muon.state[p] if p in optimizer.muon.state else optimizer.adamw.state[p]
+
+
+def test_an_old_state_dict_with_experts_in_adamw_is_refused_with_its_cause():
+    old = old_state_dict(tiny_model("tiny-moe"))
+    model = tiny_model("tiny-moe")
+    optimizer = combined_optimizer(model)
+    with pytest.raises(ValueError, match=r"saved by an earlier llmkern MuonWithAdamW \(torch.optim.Muon\), which "
+                                         r"stepped the MoE experts with AdamW.*--init_from"):
+        optimizer.load_state_dict(old)
+    assert not optimizer.muon.state and not optimizer.adamw.state  # nothing half-loaded
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -170,6 +332,7 @@ def test_a_muon_run_resumes_bitwise(tmp_path, data_dir):  # noqa: F811
                          max_steps=6, ckpt_interval=3, optimizer="muon")
     Trainer(config).fit()
     uninterrupted = train_losses(tmp_path / "run")
+    assert uninterrupted[6] < uninterrupted[1] - 0.3, uninterrupted  # learns with the experts in Muon too
     final = ckpt.load_checkpoint(str(tmp_path / "run"))
     assert any(name.endswith("momentum_buffer") for entry in final.optimizer["state"].values() for name in entry)
     shutil.rmtree(ckpt.step_dir(str(tmp_path / "run"), 6))  # "crashed" after step 3's checkpoint

@@ -1,6 +1,7 @@
-"""Optimizers over llmkern's fused multi-tensor kernels, and Muon beside AdamW for the hidden matrices."""
+"""Optimizers over llmkern's fused multi-tensor kernels, and Muon (per projection, per expert) beside AdamW for the
+hidden matrices."""
 
 from .adamw import AdamW
-from .muon import MuonWithAdamW, muon_parameters
+from .muon import Muon, MuonParameter, MuonWithAdamW, muon_parameters
 
-__all__ = ["AdamW", "MuonWithAdamW", "muon_parameters"]
+__all__ = ["AdamW", "Muon", "MuonParameter", "MuonWithAdamW", "muon_parameters"]

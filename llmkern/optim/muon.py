@@ -1,71 +1,332 @@
 """Muon for a transformer's hidden matrices, llmkern's AdamW for everything else, as one optimizer.
 
-Muon (Keller Jordan's; torch.optim.Muon) steps a 2-D weight with the momentum of its gradient made nearly
-orthogonal by a Newton-Schulz iteration. It suits the matrices inside the transformer blocks; the embeddings,
-the LM head, norm scales and biases step with AdamW, as the Muon authors advise. With adjust_lr_fn=
-"match_rms_adamw" (Moonshot's "Muon is Scalable for LLM Training") each matrix's update is scaled by
-0.2 * sqrt(max(rows, cols)) to the RMS of an AdamW update, so the AdamW learning rate and weight decay carry
-over unchanged.
+Muon (Keller Jordan's) steps a weight matrix with the momentum of its gradient made nearly orthogonal by a
+Newton-Schulz iteration. It suits the matrices inside the transformer blocks; the embeddings, the LM head, norm
+scales and biases step with AdamW, as the Muon authors advise. With adjust_lr_fn="match_rms_adamw" (Moonshot's
+"Muon is Scalable for LLM Training") each matrix's update is scaled by 0.2 * sqrt(max(rows, cols)) to the RMS of
+an AdamW update, so the AdamW learning rate and weight decay carry over unchanged.
 
-MuonWithAdamW holds a torch.optim.Muon and an llmkern.optim.AdamW and shows them as one optimizer:
-param_groups (Muon's first), step, zero_grad, state_dict and load_state_dict, so a trainer, gradient
-clipping, loss scaling and checkpoints see one optimizer. Its state_dict is the one a single torch optimizer
-over those groups would have (parameters numbered across both), so checkpoints store it as any other.
+Muon here is llmkern's own: torch.optim.Muon's step (momentum, Nesterov, decoupled weight decay, lr adjustment and
+Newton-Schulz iteration, the same numbers for a plain matrix) on the row blocks of each parameter, the projections
+a fused matrix holds, rather than on the parameter whole:
+- attention's fused qkv (n_head * head_dim rows of q, then n_kv_head * head_dim of k and of v) steps as q, k and v
+  apart, as a model with separate projections (transformers' Llama, Moonshot's Moonlight) does;
+- a gated MLP's fused gate_up (SwiGLU's, GeGLU's) as gate and up apart;
+- an MoE layer's stacked expert weights (E, rows, cols) as E matrices, each expert's gate_up again as gate and up;
+and each block's update has the RMS scale of the block's own shape. Blocks of one shape, across parameters and
+experts, run through one batched Newton-Schulz chain (bmm/baddbmm over their stack).
 
-What steps with Muon (muon_parameters): every 2-D parameter of the model's transformer blocks (model.blocks):
-attention's fused qkv and output projections, the MLP's matrices (SwiGLU's fused gate_up is one matrix), and
-an MoE layer's router. An MoE layer's stacked 3-D expert weights step with AdamW: torch's Muon takes 2-D
-parameters only. A fused matrix is orthogonalized whole: q, k and v (and gate and up) together, where a model
-with separate projections (transformers' Llama, Moonlight's recipe) orthogonalizes each; the update differs, and
-its RMS scale follows the fused shape.
+What steps with Muon (muon_parameters, which says each parameter's blocks): every 2-D trainable parameter of the
+model's transformer blocks (model.blocks) and the expert stacks of their MoE layers (llmkern.nn.MoEMLP). The blocks
+come from the modules that own the matrices (llmkern.nn's CausalSelfAttention, GatedMLP and MoEMLP), not from
+their shapes; any other matrix is one block.
+
+MuonWithAdamW holds a Muon and an llmkern.optim.AdamW and shows them as one optimizer: param_groups (Muon's first),
+step, zero_grad, state_dict and load_state_dict, so a trainer, gradient clipping, loss scaling and checkpoints see
+one optimizer. Its state_dict is the one a single torch optimizer over those groups would have (parameters
+numbered across both), so checkpoints store it as any other.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..nn import CausalSelfAttention, GatedMLP, MoEMLP
 from .adamw import AdamW
 
 # Keys a group of each part has: a state_dict whose groups lack them was saved by another optimizer
 _MUON_GROUP_KEYS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")
 _ADAMW_GROUP_KEYS = ("betas", "eps")
+# The key of a Muon group that a torch.optim.Muon's (the Muon part of llmkern's versions before this one) lacks
+_ROW_BLOCKS = "row_blocks"
+
+# torch.optim.Muon's defaults (Keller Jordan's quintic Newton-Schulz coefficients and steps)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+_ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+# The most elements one batched Newton-Schulz chain takes (each of its few temporaries is as large): a stack of the
+# blocks of one shape over a big model's layers would otherwise hold gigabytes at once
+_MAX_STACK_ELEMENTS = 1 << 28
 
 
-def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters Muon steps: the 2-D trainable parameters of the model's transformer blocks (model.blocks),
-    in the model's order."""
+class MuonParameter(NamedTuple):
+    """A parameter Muon steps, and how: each block of row_blocks is orthogonalized apart.
+
+    row_blocks: the rows of each projection the matrix holds, top to bottom (their sum: its rows); for a stack of
+    expert matrices (E, rows, cols), those of each expert's matrix. (rows,): the matrix is one block.
+    """
+
+    name: str
+    param: nn.Parameter
+    row_blocks: tuple[int, ...]
+
+
+def muon_parameters(model: nn.Module) -> list[MuonParameter]:
+    """The parameters Muon steps, in the model's order, each with its row blocks: the 2-D trainable parameters of
+    the model's transformer blocks (model.blocks), and the stacked expert weights of their MoE layers.
+
+    The blocks come from the modules that own the matrices: CausalSelfAttention's qkv.weight is (q, k, v), of
+    n_head, n_kv_head and n_kv_head heads of head_dim rows; GatedMLP's gate_up.weight (gate, up), of hidden rows
+    each; MoEMLP's gate_up (E, 2 * hidden, n_embd) the same in each expert, its proj (E, n_embd, hidden) one block
+    per expert. Every other matrix is one block."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"model must have its transformer blocks in a ModuleList `blocks` (as llmkern's GPT), got "
                         f"{type(model).__name__} without one")
-    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+    known = _known_row_blocks(blocks)
+    chosen = []
+    for name, p in blocks.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in known:
+            chosen.append(MuonParameter(f"blocks.{name}", p, known[id(p)]))
+        elif p.dim() == 2:
+            chosen.append(MuonParameter(f"blocks.{name}", p, (p.size(0),)))
+    return chosen
 
 
-def split_groups(groups: list[dict], muon_params: list[nn.Parameter]) -> list[dict]:
+def _known_row_blocks(blocks: nn.Module) -> dict[int, tuple[int, ...]]:
+    """The row blocks of the fused matrices and expert stacks of llmkern.nn's modules in `blocks`, by id of the
+    parameter (an expert stack in it steps with Muon; any other 3-D parameter with AdamW)."""
+    known = {}
+    for module in blocks.modules():
+        if isinstance(module, CausalSelfAttention):
+            q_rows, kv_rows = module.n_head * module.head_dim, module.n_kv_head * module.head_dim
+            known[id(module.qkv.weight)] = (q_rows, kv_rows, kv_rows)
+        elif isinstance(module, GatedMLP):
+            known[id(module.gate_up.weight)] = (module.hidden, module.hidden)
+        elif isinstance(module, MoEMLP):
+            known[id(module.gate_up)] = (module.hidden, module.hidden)
+            known[id(module.proj)] = (module.proj.size(-2),)
+    return known
+
+
+def split_groups(groups: list[dict], muon_params: Iterable[MuonParameter | nn.Parameter]) -> list[dict]:
     """AdamW parameter groups (a model's optimizer_groups) less the parameters in muon_params; a group left
     empty goes."""
-    taken = {id(p) for p in muon_params}
+    taken = {id(_unwrapped(p)) for p in muon_params}
     rest = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in groups]
     return [group for group in rest if group["params"]]
 
 
+def _unwrapped(entry: MuonParameter | nn.Parameter) -> torch.Tensor:
+    return entry.param if isinstance(entry, MuonParameter) else entry
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's step on each row block of each parameter, the blocks of one shape batched.
+
+    params: MuonParameters (muon_parameters(model)), whose row blocks step apart, or tensors, each one block (a
+    3-D one: one per matrix of the stack), or param groups (dicts) of either. For a plain matrix the step is
+    torch.optim.Muon's, the same numbers: the momentum buffer lerps to the gradient by 1 - momentum, the update
+    is the gradient lerped to it by momentum (nesterov) or the buffer, the weight decays by lr * weight_decay,
+    and each block moves by its Newton-Schulz orthogonalized update times lr adjusted to the block's shape
+    (adjust_lr_fn "original" or None: sqrt(max(1, rows / cols)); "match_rms_adamw": 0.2 * sqrt(max(rows, cols))).
+
+    Each group holds "row_blocks", a tuple of each of its parameters' blocks, so that a state_dict says how it
+    stepped. A DTensor (an FSDP2 shard) is refused: orthogonalizing a shard is not orthogonalizing the matrix.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = NS_EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: str | None = None) -> None:
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
+        _check_settings(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, with each parameter's row blocks taken from its MuonParameter (a tensor: one block) into the
+        group's "row_blocks"."""
+        entries = param_group["params"]
+        entries = [entries] if isinstance(entries, (torch.Tensor, MuonParameter)) else list(entries)
+        params = [_unwrapped(entry) for entry in entries]
+        row_blocks = tuple(_row_blocks_of(entry) for entry in entries)
+        for p, blocks in zip(params, row_blocks):
+            _check_parameter(p, blocks)
+        _check_settings(param_group)
+        super().add_param_group({**param_group, "params": params, _ROW_BLOCKS: row_blocks})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every parameter that has a gradient; returns closure()'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Momentum and weight decay per parameter, then the orthogonalized update per block, the blocks gathered
+        by shape for the batched Newton-Schulz iteration."""
+        lr = group["lr"]
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p, row_blocks in zip(group["params"], group[_ROW_BLOCKS]):
+            if p.grad is None:
+                continue
+            update = self._momentum_update(p, group).bfloat16()  # the iteration's dtype (torch's: bfloat16)
+            p.mul_(1 - lr * group["weight_decay"])
+            for block_update, block in zip(_row_split(update, row_blocks), _row_split(p, row_blocks)):
+                by_shape.setdefault(tuple(block.shape[1:]), []).append((block_update, block))
+        for (rows, cols), pairs in by_shape.items():
+            block_lr = adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
+            for chunk in _chunks(pairs, _MAX_STACK_ELEMENTS // (rows * cols)):
+                stack = torch.cat([block_update for block_update, _ in chunk])
+                ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for (_, block), block_ortho in zip(chunk, ortho.split([block.size(0) for _, block in chunk])):
+                    block.add_(block_ortho, alpha=-block_lr)
+
+    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The update before orthogonalization: torch.optim.Muon's momentum, Nesterov's or plain."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, after checking that the state_dict's groups hold this optimizer's parameters (their count, and
+        each momentum buffer's shape) split into the same blocks. A torch.optim.Muon's state_dict (its groups have
+        no row_blocks) loads: its momentum buffers are per parameter, whatever the blocks."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state_dict has {len(saved_groups)} Muon param groups, this Muon "
+                             f"{len(self.param_groups)}")
+        for i, (saved, ours) in enumerate(zip(saved_groups, self.param_groups)):
+            _check_saved_group(i, saved, ours, state_dict["state"])
+        super().load_state_dict({**state_dict, "param_groups": [
+            {**saved, _ROW_BLOCKS: ours[_ROW_BLOCKS]} for saved, ours in zip(saved_groups, self.param_groups)]})
+
+
+def _row_blocks_of(entry: MuonParameter | torch.Tensor) -> tuple[int, ...]:
+    if isinstance(entry, MuonParameter):
+        return tuple(entry.row_blocks)
+    if not isinstance(entry, torch.Tensor):
+        raise TypeError(f"Muon's params must be MuonParameters or tensors, got {type(entry).__name__}")
+    return (entry.size(-2),) if entry.dim() >= 2 else ()
+
+
+def _check_parameter(p: torch.Tensor, row_blocks: tuple[int, ...]) -> None:
+    """A 2-D matrix or a 3-D stack of them, a plain tensor, whose rows row_blocks splits."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"Muon's params must be tensors, got {type(p).__name__}")
+    if p.dim() not in (2, 3):
+        raise ValueError(f"Muon steps matrices (2-D) and stacks of them (3-D), got a parameter of shape "
+                         f"{tuple(p.shape)}")
+    if torch.is_complex(p):
+        raise ValueError("Muon does not support complex parameters")
+    if hasattr(p, "full_tensor"):  # a DTensor
+        raise ValueError("Muon cannot step a DTensor (an FSDP2 shard): it orthogonalizes whole matrices, and a "
+                         "rank holds a shard of each")
+    if (not row_blocks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in row_blocks)
+            or sum(row_blocks) != p.size(-2)):
+        raise ValueError(f"row_blocks must be positive ints summing to the parameter's {p.size(-2)} rows, got "
+                         f"{row_blocks} for a parameter of shape {tuple(p.shape)}")
+
+
+def _check_settings(group: dict[str, Any]) -> None:
+    """torch.optim.Muon's checks of a group's settings (those it sets)."""
+    for name in ("lr", "weight_decay", "momentum"):
+        if name in group and not 0.0 <= group[name]:
+            raise ValueError(f"{name} must be >= 0, got {group[name]}")
+    if group.get("adjust_lr_fn") not in _ADJUST_LR_FNS:
+        raise ValueError(f"adjust_lr_fn must be one of {_ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+    if "ns_steps" in group and not 0 <= group["ns_steps"] < 100:
+        raise ValueError(f"ns_steps must be in [0, 100), got {group['ns_steps']}")
+    if "ns_coefficients" in group and len(group["ns_coefficients"]) != 3:
+        raise ValueError(f"ns_coefficients must be 3 floats (a, b, c), got {group['ns_coefficients']!r}")
+
+
+def _check_saved_group(index: int, saved: dict[str, Any], ours: dict[str, Any], state: dict) -> None:
+    """That saved group `index` of a state_dict holds our group's parameters: as many, each momentum buffer of its
+    parameter's shape, in the same row blocks (where it says)."""
+    if len(saved["params"]) != len(ours["params"]):
+        raise ValueError(f"Muon param group {index} of the state_dict has {len(saved['params'])} parameters, this "
+                         f"optimizer's {len(ours['params'])}: saved for another model")
+    for position, (key, p) in enumerate(zip(saved["params"], ours["params"])):
+        buf = state.get(key, {}).get("momentum_buffer")
+        if buf is not None and tuple(buf.shape) != tuple(p.shape):
+            raise ValueError(f"the state_dict's momentum buffer of Muon parameter {position} is "
+                             f"{tuple(buf.shape)}, the parameter {tuple(p.shape)}: saved for another model")
+    if _ROW_BLOCKS in saved:
+        blocks = tuple(tuple(b) for b in saved[_ROW_BLOCKS])  # lists when read back from JSON
+        if blocks != ours[_ROW_BLOCKS]:
+            raise ValueError(f"Muon param group {index} of the state_dict splits its matrices into the row blocks "
+                             f"{blocks}, this optimizer into {ours[_ROW_BLOCKS]}: saved for another model")
+
+
+def _row_split(tensor: torch.Tensor, row_blocks: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Views (E, rows_i, cols) of each row block of a matrix (E = 1) or of each matrix of a stack (E, rows, cols)."""
+    stack = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
+    return stack.split(row_blocks, dim=1)
+
+
+def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], max_matrices: int) -> Iterable[list]:
+    """pairs (update, block) in consecutive runs of at most max_matrices matrices (a block (E, rows, cols) holds E),
+    at least one pair a run."""
+    chunk, count = [], 0
+    for pair in pairs:
+        if chunk and count + pair[1].size(0) > max_matrices:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(pair)
+        count += pair[1].size(0)
+    if chunk:
+        yield chunk
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """The learning rate of a (rows, cols) block's orthogonalized update: torch.optim.Muon's adjustment."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * (0.2 * math.sqrt(max(rows, cols)))
+    raise ValueError(f"adjust_lr_fn must be one of {_ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+def newton_schulz(stack: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Each matrix of stack (n, rows, cols) made nearly orthogonal (U S' V^T, S' near 1), in bfloat16: torch.optim.
+    Muon's quintic iteration over the whole stack at once, one bmm and two baddbmm a step.
+
+    As torch's: a tall matrix is iterated transposed (the Gram matrix is the smaller side's), and each is first
+    divided by its Frobenius norm (at least eps), which bounds its spectral norm by 1."""
+    a, b, c = coefficients
+    x = stack.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if tall else x
+
+
 class MuonWithAdamW:
-    """torch.optim.Muon over muon_params, llmkern's AdamW over adamw_groups, stepped together.
+    """llmkern's Muon over muon_params, llmkern's AdamW over adamw_groups, stepped together.
 
     Args:
-        muon_params: the 2-D parameters for Muon (muon_parameters(model)).
+        muon_params: the parameters for Muon, each with its row blocks (muon_parameters(model)); a plain tensor
+            is one block.
         adamw_groups: parameter groups for AdamW (split_groups(model.optimizer_groups(wd), muon_params)).
         lr: AdamW's learning rate (each group's, unless it sets its own).
         muon_lr: Muon's learning rate; with adjust_lr_fn="match_rms_adamw" AdamW's lr suits it.
         weight_decay: Muon's decoupled weight decay (AdamW's groups carry their own).
-        momentum: Muon's momentum.
+        momentum: Muon's momentum (Nesterov).
         betas, eps, backend: AdamW's.
-        adjust_lr_fn: torch.optim.Muon's: "match_rms_adamw", "original" or None.
+        adjust_lr_fn: Muon's (torch.optim.Muon's): "match_rms_adamw", "original" or None.
 
     Muon's group holds "lr_scale" = muon_lr / lr: a schedule that sets every group's lr to its lr of the step
     times the group's lr_scale (1 where there is none) moves both parts alike.
@@ -84,12 +345,12 @@ class MuonWithAdamW:
                 raise ValueError(f"{name} must be > 0 and finite, got {value}")
         muon_params = list(muon_params)
         if not muon_params:
-            raise ValueError("muon_params is empty: the model has no 2-D block matrices for Muon")
-        taken = {id(p) for p in muon_params}
+            raise ValueError("muon_params is empty: the model has no block matrices for Muon")
+        taken = {id(_unwrapped(p)) for p in muon_params}
         if any(id(p) in taken for group in adamw_groups for p in group["params"]):
             raise ValueError("a parameter is in both muon_params and adamw_groups: each must step once")
-        self.muon = torch.optim.Muon([{"params": muon_params, "lr_scale": muon_lr / lr}], lr=muon_lr,
-                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=adjust_lr_fn)
+        self.muon = Muon([{"params": muon_params, "lr_scale": muon_lr / lr}], lr=muon_lr, weight_decay=weight_decay,
+                         momentum=momentum, adjust_lr_fn=adjust_lr_fn)
         self.adamw = AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, backend=backend)
         self.max_grad_norm = None  # the trainer clips and decides on the host (see the class docstring)
 
@@ -125,7 +386,11 @@ class MuonWithAdamW:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of state_dict()'s layout (also one read back from a checkpoint, keys as saved)."""
+        """Load a state_dict of state_dict()'s layout (also one read back from a checkpoint, keys as saved).
+
+        One saved by llmkern's versions before this one (torch.optim.Muon: its Muon group has no row_blocks)
+        loads where it holds the same parameters, a model without MoE layers: the momentum of a matrix is the same
+        whatever its blocks. With MoE layers it is refused: those versions stepped the experts with AdamW."""
         groups = state_dict["param_groups"]
         n_muon = len(self.muon.param_groups)
         if len(groups) != n_muon + len(self.adamw.param_groups):
@@ -140,6 +405,7 @@ class MuonWithAdamW:
                 raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}: not a {kind} group "
                                  f"(the state_dict was saved by another optimizer)")
         muon_groups, adamw_groups = groups[:n_muon], groups[n_muon:]
+        self._refuse_experts_stepped_with_adamw(muon_groups)
         muon_keys = {key for group in muon_groups for key in group["params"]}
         state = state_dict["state"]
         self.muon.load_state_dict({"state": {k: v for k, v in state.items() if k in muon_keys},
@@ -150,6 +416,17 @@ class MuonWithAdamW:
             "param_groups": [{**group, "params": [_shifted(k, offset) for k in group["params"]]}
                              for group in adamw_groups],
         })
+
+    def _refuse_experts_stepped_with_adamw(self, muon_groups: list[dict]) -> None:
+        """A state_dict of torch.optim.Muon's groups (no row_blocks), where this Muon steps expert stacks: the
+        versions that saved it stepped the experts with AdamW, and their moments are no Muon momentum."""
+        if all(_ROW_BLOCKS in group for group in muon_groups):
+            return
+        if any(p.dim() == 3 for group in self.muon.param_groups for p in group["params"]):
+            raise ValueError("the state_dict was saved by an earlier llmkern MuonWithAdamW (torch.optim.Muon), which "
+                             "stepped the MoE experts with AdamW; this one steps them with Muon, and their AdamW "
+                             "moments are no Muon momentum. Start a fresh optimizer from the checkpoint's weights "
+                             "(llmkern train --init_from=CHECKPOINT) instead of resuming")
 
     def _muon_param_count(self) -> int:
         return sum(len(group["params"]) for group in self.muon.param_groups)

@@ -63,7 +63,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     optimizer: str = "llmkern"  # "llmkern" (llmkern.optim.AdamW) | "torch" (torch.optim.AdamW, fused on GPU) |
-    #                             "muon" (torch.optim.Muon for the blocks' 2-D matrices, llmkern's AdamW for the rest)
+    #                             "muon" (llmkern.optim.Muon for the blocks' matrices, each projection and expert
+    #                             apart; llmkern's AdamW for the rest)
     muon_lr: float = 0.0  # optimizer=muon: Muon's peak lr, scheduled as lr is; 0 = lr (Muon's update is scaled to
     #                       AdamW's RMS, adjust_lr_fn="match_rms_adamw", so AdamW's lr suits it)
     muon_momentum: float = 0.95  # optimizer=muon: Muon's momentum (Nesterov)
@@ -143,7 +144,7 @@ class TrainConfig:
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer == "muon" and self.parallel == "fsdp":
-            # torch's Muon would orthogonalize each rank's DTensor shard of a matrix, not the matrix
+            # Muon would orthogonalize each rank's DTensor shard of a matrix, not the matrix (it refuses DTensors)
             raise ValueError("optimizer='muon' does not run with parallel='fsdp': Muon orthogonalizes whole "
                              "matrices, and FSDP2 gives each rank a shard of each; use parallel='ddp' or an AdamW "
                              "optimizer ('llmkern', 'torch')")

@@ -260,9 +260,10 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
     def _make_muon(self, model: nn.Module, groups: list[dict]):
-        """Muon for the blocks' 2-D matrices, llmkern's AdamW for the rest (its groups' weight decay as an
-        AdamW run's); both at the schedule's lr, Muon's scaled by muon_lr / lr. No fused clip: the host clips
-        all the gradients and skips a non-finite step (_step_on_host), since Muon cannot skip on the device."""
+        """Muon for the blocks' matrices (each projection of a fused one, each expert, apart: muon_parameters),
+        llmkern's AdamW for the rest (its groups' weight decay as an AdamW run's); both at the schedule's lr,
+        Muon's scaled by muon_lr / lr. No fused clip: the host clips all the gradients and skips a non-finite step
+        (_step_on_host), since Muon cannot skip on the device."""
         from ..optim import MuonWithAdamW, muon_parameters
         from ..optim.muon import split_groups
 
