@@ -117,6 +117,28 @@ def test_chosen_rejected_logps_sum_each_response_alone_and_the_reference_stores_
             assert enc[f"ref_{side}"] == pytest.approx(expected_ref, rel=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_the_reference_without_a_reference_folder_shares_the_policys_weights(preset):
+    # It was a deepcopy: a second whole model on the device (under fsdp, on rank 0's host). The view scores as
+    # the policy does, and freezing it or putting it in eval mode leaves the policy training.
+    from llmkern.finetune.dpo import frozen_view
+
+    torch.manual_seed(3)  # "tiny": GPT-2's blocks, its LM head tied; "tiny-llama": RoPE's tables, an untied head
+    policy = GPT(GPTConfig.from_preset(preset, vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32,
+                                       backend="torch")).train()
+    view = frozen_view(policy)
+    assert view is not policy and not view.training and policy.training
+    for (name, param), (view_name, view_param) in zip(policy.named_parameters(), view.named_parameters(),
+                                                      strict=True):
+        assert view_name == name and view_param.data_ptr() == param.data_ptr(), name
+        assert param.requires_grad and not view_param.requires_grad, name
+    assert (view.lm_head.weight is view.wte.weight) == (policy.lm_head.weight is policy.wte.weight)
+    ids = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        expected = policy.eval()(ids)[0]
+        torch.testing.assert_close(view(ids)[0], expected, rtol=0, atol=0)
+
+
 def test_dpo_config_validation(tmp_path):
     with pytest.raises(ValueError, match="beta"):
         DPOConfig(data="x.json", beta=-1.0).validate()

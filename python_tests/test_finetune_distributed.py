@@ -28,14 +28,18 @@ from spawned import WORLD
 
 
 
-def make_run(tmp_path, preset="tiny"):
-    """A tiny byte-level base (GPT-2's blocks, or with "tiny-llama" RoPE, RMSNorm, SwiGLU and an untied head) and
-    12 short instruction examples."""
-    torch.manual_seed(0)
+def save_tiny_model(folder, preset="tiny", seed=0):
+    """A tiny byte-level GPT (GPT-2's blocks, or with "tiny-llama" RoPE, RMSNorm, SwiGLU and an untied head) of
+    random weights drawn from `seed`, saved as a checkpoint in `folder`."""
+    torch.manual_seed(seed)
     config = GPTConfig.from_preset(preset, vocab_size=257, block_size=256, n_layer=1, n_head=2, n_embd=32,
                                    backend="torch")
-    save_finetuned(str(tmp_path / "base"), 0, GPT(config).state_dict(),
-                   {"model_config": config.to_dict(), "tokenizer": "bytes"})
+    save_finetuned(str(folder), 0, GPT(config).state_dict(), {"model_config": config.to_dict(), "tokenizer": "bytes"})
+
+
+def make_run(tmp_path, preset="tiny"):
+    """A tiny base (save_tiny_model) and 12 short instruction examples."""
+    save_tiny_model(tmp_path / "base", preset)
     examples = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(12)]
     (tmp_path / "data.json").write_text(json.dumps(examples))
 
@@ -329,32 +333,138 @@ def test_fsdp_needs_torchrun_and_is_not_for_ppo(tmp_path):
         sft_config(tmp_path, "zero", grad_accum=1, parallel="zero3").validate()
 
 
-def _dpo_worker(rank, port, tmp_path, settings):
-    spawned.enter(rank, port)
-    from llmkern.finetune.dpo import DPOConfig, run_dpo
-
-    run_dpo(DPOConfig(**settings))
-    spawned.leave()
-
-
-def test_fsdp_dpo_like_one_process(tmp_path):
-    # DPO's log-probs come from GPT.hidden_states and GPT.head, not forward: the sharded root's weights
-    # (the embedding, tied to the LM head) must be gathered for them and their gradients reduced.
-    from llmkern.finetune.dpo import DPOConfig, run_dpo
-
-    make_run(tmp_path)
+def preference_settings(tmp_path):
+    """The settings of a DPO or reward-model run on 10 preference pairs (8 train, in 4 batches of 2; 2 held out)
+    from the base of make_run; the caller adds out_dir, grad_accum and parallel."""
     pairs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "chosen": str(2 * i + 1), "rejected": str(2 * i)}
              for i in range(10)]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    settings = dict(base=str(tmp_path / "base"), data=str(tmp_path / "pairs.json"), max_steps=3, batch_size=2,
-                    lr=3e-3, min_lr=3e-4, warmup_steps=1, val_fraction=0.2, eval_interval=0, ckpt_interval=0,
-                    device="cpu", progress=False, seed=5)
-    run_dpo(DPOConfig(out_dir=str(tmp_path / "single"), grad_accum=2, **settings))
+    return {"base": str(tmp_path / "base"), "data": str(tmp_path / "pairs.json"), "max_steps": 3, "batch_size": 2,
+            "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "val_fraction": 0.2, "eval_interval": 0,
+            "ckpt_interval": 0, "device": "cpu", "progress": False, "seed": 5}
+
+
+def _fit_keeping_reference_logps(reference_logps: list[float]):
+    """loop.fit, which first appends to reference_logps the reference log-probs (chosen, rejected) that its
+    training examples carry (DPO's; none for the reward model's)."""
+    from llmkern.finetune import loop
+
+    real_fit = loop.fit
+
+    def fit_keeping(model, loss_fn, train_examples, *args, **kwargs):
+        for example in train_examples:
+            if isinstance(example, dict):
+                reference_logps.extend((example["ref_chosen"], example["ref_rejected"]))
+        return real_fit(model, loss_fn, train_examples, *args, **kwargs)
+
+    return fit_keeping
+
+
+def _preference_worker(rank, port, tmp_path, method, settings):
+    """run_dpo or run_reward (`method`) under fsdp, writing down (as tmp_path/rank<rank>.json) which reads of a
+    model or checkpoint this rank made (spawned.record_checkpoint_reads, and load_gpt), whether each model that
+    load_base gave it was on the meta device, whether the first (the policy, the reward model's body) is there
+    after the run, the reference log-probs its training examples carried and the run's train_eval."""
+    spawned.enter(rank, port)
+    import llmkern.finetune.base
+    import llmkern.finetune.loop
+    from llmkern.finetune import get_method
+    from llmkern.finetune.loop import is_on_meta
+
+    reads, loaded, reference_logps = [], [], []
+    load_gpt, load_base = llmkern.finetune.base.load_gpt, llmkern.finetune.base.load_base
+
+    def recording_load_gpt(*args, **kwargs):
+        reads.append("load_gpt")
+        return load_gpt(*args, **kwargs)
+
+    def keeping_load_base(*args, **kwargs):
+        model, tokenizer, meta = load_base(*args, **kwargs)
+        loaded.append((model, is_on_meta(model)))
+        return model, tokenizer, meta
+
+    # the recipes import load_base and fit from their modules as they run
+    llmkern.finetune.base.load_gpt, llmkern.finetune.base.load_base = recording_load_gpt, keeping_load_base
+    llmkern.finetune.loop.fit = _fit_keeping_reference_logps(reference_logps)
+    spawned.record_checkpoint_reads(reads)
+    config_cls, run = get_method(method)
+    summary = run(config_cls(**settings))
+    record = {"reads": reads, "loaded_on_meta": [on_meta for _, on_meta in loaded],
+              "ends_on_meta": is_on_meta(loaded[0][0]), "reference_logps": reference_logps,
+              "train_eval": summary["train_eval"]}
+    (tmp_path / f"rank{rank}.json").write_text(json.dumps(record))
+    spawned.leave()
+
+
+def assert_same_run_but(single_dir, other_dir, left_out):
+    """spawned.assert_same_run, with the weights named in `left_out` not compared."""
+    single, other = (read_metrics(os.path.join(str(d), "metrics.jsonl")) for d in (single_dir, other_dir))
+    assert [(r["kind"], r["step"]) for r in other] == [(r["kind"], r["step"]) for r in single]
+    for a, b in zip(single, other):
+        for key in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one, two = ckpt.load_checkpoint(str(single_dir)).model, ckpt.load_checkpoint(str(other_dir)).model
+    assert set(two) == set(one)
+    for name in set(one) - set(left_out):
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def check_fsdp_preference_run(tmp_path, monkeypatch, method, settings, models, left_out=()):
+    """A run of `method` ("dpo" or "reward") under fsdp in two processes computes what one process computes at
+    the same global batch (the metrics, the saved model but for the weights in left_out, the reference log-probs
+    every rank holds, the closing train evaluation every rank reports), and only rank 0 reads the `models` models
+    (the base, DPO's reference) or holds them whole: the other ranks get them on the meta device, and keep the
+    policy there."""
+    from llmkern.finetune import get_method, loop
+
+    config_cls, run = get_method(method)
+    reference_logps = []
+    monkeypatch.setattr(loop, "fit", _fit_keeping_reference_logps(reference_logps))
+    single = run(config_cls(out_dir=str(tmp_path / "single"), grad_accum=2, **settings))
+    assert len(reference_logps) == (2 * single["train_examples"] if method == "dpo" else 0)
     multi = dict(settings, out_dir=str(tmp_path / "fsdp"), grad_accum=1, parallel="fsdp")
-    mp.start_processes(_dpo_worker, args=(spawned.free_port(), tmp_path, multi), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_preference_worker, args=(spawned.free_port(), tmp_path, method, multi), nprocs=WORLD,
+                       join=True, start_method="spawn")
 
     assert [r["step"] for r in numbers(tmp_path / "single") if r["kind"] == "train"] == [1, 2, 3]
-    spawned.assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+    assert_same_run_but(tmp_path / "single", tmp_path / "fsdp", left_out)
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert records[0]["reads"] == ["load_gpt", *BASE_READ] * models
+    assert records[0]["loaded_on_meta"] == [False] * models and not records[0]["ends_on_meta"]
+    for record in records[1:]:
+        assert record["reads"] == [] and record["loaded_on_meta"] == [True] * models and record["ends_on_meta"]
+    for record in records:
+        assert record["reference_logps"] == pytest.approx(reference_logps, rel=1e-5, abs=1e-6)
+        assert record["train_eval"].keys() == single["train_eval"].keys()
+        assert record["train_eval"] == pytest.approx(single["train_eval"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("preset,reference", [("tiny", False), ("tiny-llama", True)])
+def test_fsdp_dpo_like_one_process(tmp_path, monkeypatch, preset, reference):
+    # DPO's log-probs come from GPT.hidden_states and GPT.head, not forward: the sharded root's weights
+    # (the embedding, tied to the LM head in "tiny") must be gathered for them and their gradients reduced.
+    # The reference (the base itself, or a model of other weights) is sharded like the policy to score the
+    # pairs, each rank its share (4 batches of training pairs and 1 held out: one rank scores a batch more),
+    # every rank getting all the log-probs; a whole model per rank once filled the host and each GPU.
+    make_run(tmp_path, preset)
+    settings = preference_settings(tmp_path)
+    if reference:
+        save_tiny_model(tmp_path / "reference", preset, seed=1)
+        settings["reference"] = str(tmp_path / "reference")
+    check_fsdp_preference_run(tmp_path, monkeypatch, "dpo", settings, models=2 if reference else 1)
+
+
+def test_fsdp_reward_model_like_one_process(tmp_path, monkeypatch):
+    # The head is made after loading, on rank 0's CPU and as shapes elsewhere: every rank trains rank 0's draw,
+    # and rank 0 alone holds and saves the whole reward model (body and head). A pair's loss does not change
+    # with a bias that moves both its scores alike (the head's; on GPT-2's blocks the final norm's and the keys'
+    # too, hence RMSNorm and no biases here): that gradient is zero up to rounding, which AdamW's first steps
+    # turn into steps of about lr whose sign the summation order decides, so the head's bias is not compared.
+    make_run(tmp_path, preset="tiny-llama")
+    check_fsdp_preference_run(tmp_path, monkeypatch, "reward", preference_settings(tmp_path), models=1,
+                              left_out=("head.bias",))
+    assert any(name.startswith("head.") for name in ckpt.load_checkpoint(str(tmp_path / "fsdp")).model)
 
 
 # what rank 0 fails in, by the test's `where` ("log": a folder where rank 0 removes an old run's log)

@@ -2,24 +2,31 @@
 rejected) triples so that it prefers the chosen response more than a frozen reference model does,
 with no reward model and no sampling.
 
-The policy starts from config.base (usually an SFT run); the reference is config.reference, or a frozen
-copy of the base. Each response's log-probability is summed over its own tokens (and its end-of-text)
+The policy starts from config.base (usually an SFT run); the reference is config.reference, or the base
+itself, frozen. Each response's log-probability is summed over its own tokens (and its end-of-text)
 only, never the prompt's. The reference's log-probs are computed once, before training, since the
 reference never changes. Logged per step and on the held-out pairs: the loss, the reward accuracy (how
 often the chosen response's implicit reward beta * log(pi / pi_ref) beats the rejected one's) and the
 mean reward margin.
+
+Under parallel="fsdp" no rank holds a whole model on its GPU: rank 0 alone reads the policy and the
+reference (onto its CPU), the reference is sharded like the policy to score the examples (each rank its
+share of them, which every rank then gathers), and the closing evaluation on the training pairs runs on
+the sharded policy.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import FinetuneConfig
 
@@ -34,7 +41,7 @@ class DPOConfig(FinetuneConfig):
 
     EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
 
-    def validate(self) -> "DPOConfig":
+    def validate(self) -> DPOConfig:
         super().validate()
         check_beta(self.beta)
         check_label_smoothing(self.label_smoothing)
@@ -162,52 +169,123 @@ def dpo_batch_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1, lab
 
 
 @torch.no_grad()
-def add_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, config, device) -> None:
+def add_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, config, device,
+                        sharded: bool = False) -> None:
     """Store each example's reference log-probs ("ref_chosen", "ref_rejected"): computed once, since the
-    reference is frozen."""
+    reference is frozen, in batches of config.batch_size examples.
+
+    reference: on `device`. sharded (parallel="fsdp", under torchrun): `reference` as
+    load_base(whole_on_rank_0=True) gives a model there (whole on rank 0's CPU, on the meta device elsewhere);
+    it is sharded as fit shards the policy, and each rank scores its share of the batches, which every rank
+    then gathers: every rank ends with every example's log-probs, computed in the same batches as one process
+    computes them, and none held the whole reference on its device."""
+    if sharded:
+        logps = _sharded_reference_logps(reference, examples, pad_id, config, device)
+    else:
+        logps = _reference_logps(reference.eval(), _batches(examples, config.batch_size), pad_id, config, device)
+    for ex, (chosen, rejected) in zip(examples, logps):
+        ex["ref_chosen"], ex["ref_rejected"] = chosen, rejected
+
+
+def _batches(examples: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+    return [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
+
+
+def _reference_logps(reference, batches: list[list[dict[str, Any]]], pad_id: int, config, device,
+                     show: bool = True) -> list[tuple[float, float]]:
+    """(chosen, rejected) log-probs of every example of `batches`, in order (the reference in eval mode)."""
     from tqdm import tqdm
 
     from .loop import autocast_context, to_device
 
-    reference.eval()
-    step = config.batch_size
-    for start in tqdm(range(0, len(examples), step), desc="reference log-probs", unit="batch",
-                      disable=not config.progress, dynamic_ncols=True):
-        chunk = examples[start : start + step]
+    logps: list[tuple[float, float]] = []
+    for chunk in tqdm(batches, desc="reference log-probs", unit="batch", disable=not (config.progress and show),
+                      dynamic_ncols=True):
         batch = to_device(collate_pairs(chunk, pad_id), device)
         with autocast_context(config, device):
             chosen, rejected = chosen_rejected_logps(reference, batch)
-        for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            ex["ref_chosen"], ex["ref_rejected"] = c, r
+        logps += zip(chosen.tolist(), rejected.tolist())
+    return logps
+
+
+def _sharded_reference_logps(reference, examples: list[dict[str, Any]], pad_id: int, config, device
+                             ) -> list[tuple[float, float]]:
+    """_reference_logps of every example under parallel="fsdp": the reference sharded (shard_copy: rank 0's
+    weights), rank r scoring the r-th of world_size runs of consecutive batches, all gathered on every rank."""
+    import torch.distributed as dist
+
+    from .loop import data_parallel_setup, shard_copy
+
+    info = data_parallel_setup(device)
+    scorer = shard_copy(reference, info, device).requires_grad_(False).eval()
+    batches = _batches(examples, config.batch_size)
+    per_rank = math.ceil(len(batches) / info.world_size)
+    mine = batches[info.rank * per_rank : (info.rank + 1) * per_rank]
+    # every rank runs as many forward passes, since each gathers the shards of all ranks: one with fewer
+    # batches scores the first batch again for nothing
+    fillers = [batches[0]] * (per_rank - len(mine))
+    scored = _reference_logps(scorer, mine + fillers, pad_id, config, device, show=info.is_main)
+    # FSDP2's hooks hold the sharded copy in reference cycles: collected now, so that its shards (and its
+    # root's gathered weights) leave the device before fit shards the policy
+    del scorer
+    gc.collect()
+    shares: list[Any] = [None] * info.world_size
+    dist.all_gather_object(shares, scored[: sum(len(chunk) for chunk in mine)])
+    return [pair for share in shares for pair in share]
 
 
 # --- the run --------------------------------------------------------------------------------------
 
 def load_reference(config: DPOConfig, policy, tokenizer, base_sha256: str) -> tuple[Any, str]:
-    """(the frozen reference, its fingerprint): config.reference's model, or a copy of the policy (before any
-    LoRA), which is the base, of fingerprint base_sha256. The fingerprint is load_base's (by content: a moved
-    copy of the reference is the same one), which a resumed run must share."""
+    """(the frozen reference in eval mode, its fingerprint): config.reference's model, loaded as the policy is
+    (under parallel="fsdp" whole on rank 0's CPU alone), or the policy itself (before any LoRA), which is the
+    base, of fingerprint base_sha256, seen through frozen_view: no second copy of its weights. The fingerprint
+    is load_base's (by content: a moved copy of the reference is the same one), which a resumed run must share."""
     from ..data.tokenizer import same_tokenizer
     from .base import load_base
 
-    if config.reference:
-        reference, ref_tokenizer, ref_meta = load_base(dataclasses.replace(config, base=config.reference))
-        if not same_tokenizer(ref_tokenizer.spec, tokenizer.spec):
-            raise ValueError(f"reference {config.reference!r} uses tokenizer {ref_tokenizer.spec!r}, the base "
-                             f"{tokenizer.spec!r}: they must match")
-        reference_sha256 = ref_meta["base_sha256"]
-    else:
-        reference, reference_sha256 = copy.deepcopy(policy), base_sha256
+    if not config.reference:
+        return frozen_view(policy), base_sha256
+    reference, ref_tokenizer, ref_meta = load_base(dataclasses.replace(config, base=config.reference),
+                                                   whole_on_rank_0=True)
+    if not same_tokenizer(ref_tokenizer.spec, tokenizer.spec):
+        raise ValueError(f"reference {config.reference!r} uses tokenizer {ref_tokenizer.spec!r}, the base "
+                         f"{tokenizer.spec!r}: they must match")
     reference.requires_grad_(False)
-    return reference.eval(), reference_sha256
+    return reference.eval(), ref_meta["base_sha256"]
+
+
+def frozen_view(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode whose parameters share its weights (no tensor is copied, on whatever
+    device, the meta device too) and do not train; its buffers are the model's own. The reference of a run
+    without config.reference: its log-probs are computed before the policy trains, so the shared weights
+    are still the base's, and a whole second model (a deepcopy) is never made."""
+    memo: dict[int, Any] = {}
+    for tensor in model.parameters():
+        memo[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=False)
+    for tensor in model.buffers():
+        memo[id(tensor)] = tensor
+    return copy.deepcopy(model, memo).eval()  # the memo stands in for every tensor: none is copied
 
 
 def run_dpo(config: DPOConfig) -> dict[str, Any]:
     """Fine-tune config.base with DPO on config.data; save the policy to config.out_dir; the summary."""
-    from .base import check_exists, effective_max_len, load_base, require_base, save_finetuned
+    from .base import (
+        check_exists,
+        effective_max_len,
+        load_base,
+        require_base,
+        save_finetuned,
+    )
     from .data import load_preference_data, split_examples, warn_dropped
+    from .loop import (
+        batched_evaluation,
+        check_run_folder,
+        drop_train_state,
+        fit,
+        training_device,
+    )
     from .lora import apply_lora_from_config, check_lora_targets, save_and_merge_lora
-    from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, DPOConfig):
@@ -219,12 +297,12 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     check_run_folder(config)
     check_exists("reference", config.reference)
     torch.manual_seed(config.seed)
-    policy, tokenizer, base_meta = load_base(config)
+    # under fsdp only rank 0 holds the whole policy (and reference): after fit it alone saves the policy
+    policy, tokenizer, base_meta = load_base(config, whole_on_rank_0=True)
     check_lora_targets(policy, config)  # before the reference's log-probs; the adapters come after
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
-    device = policy.device
+    device = training_device(policy, config)
     reference, reference_sha256 = load_reference(config, policy, tokenizer, base_meta["base_sha256"])
-    reference = reference.to(device)
 
     # The reference scores the same rows: a reference of a shorter context than the policy's bounds them too
     # (its log-probs of a longer row failed).
@@ -237,10 +315,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
                  f"their chosen and rejected responses read the same within it")
     train, val = split_examples(encoded, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
-    add_reference_logps(reference, train + val, pad_id, config, device)
-    # Only its log-probs are needed from here on. Not sharded under parallel="fsdp": it is used (every rank
-    # computing all examples' log-probs) and freed before the policy is sharded and its optimizer made.
-    del reference
+    add_reference_logps(reference, train + val, pad_id, config, device, sharded=config.parallel == "fsdp")
+    del reference  # only its log-probs are needed from here on: freed before fit shards the policy
 
     wrapped = apply_lora_from_config(policy, config)
 
@@ -259,9 +335,11 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     # reference's log-probs are not compared: recomputed on resume, they need not come out bitwise the same)
     settings = {"beta": beta, "label_smoothing": smoothing, "reference_sha256": reference_sha256,
                 "base_sha256": base_meta["base_sha256"]}
+    # the closing evaluation on the training pairs inside fit: under fsdp on the sharded policy, on every rank
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
-                  charts=("reward_accuracy", "reward_margin"), settings=settings)
-    train_eval = run_evaluation(policy, evaluate_on(train, "train"), config, device)
+                  charts=("reward_accuracy", "reward_margin"), settings=settings,
+                  final_evaluate=evaluate_on(train, "train"))
+    train_eval = summary.pop("final_eval")
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,

@@ -707,12 +707,15 @@ class _FitRun:
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = (),
-        settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        settings: dict[str, Any] | None = None,
+        final_evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, Any]:
     """Train `model` in place; returns {"steps", "skipped_steps", "train": last logged means,
-    "first_eval", "last_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and charts:
-    loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>").
+    "first_eval", "last_eval", "final_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and
+    charts: loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>").
     settings: the recipe's own settings that shape its loss beyond the examples (DPO's beta, ...), plain
-    JSON values; a resumed run must share them, as it must the examples and the batch settings."""
+    JSON values; a resumed run must share them, as it must the examples and the batch settings.
+    final_evaluate: run once on the trained model as `evaluate` is (not logged), its result "final_eval" (None
+    without it): under parallel="fsdp" on the sharded model, before rank 0 alone gets the whole one."""
     if not train_examples:
         raise ValueError("there are no training examples")
     from tqdm import tqdm
@@ -733,6 +736,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
                 if show:
                     tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             save_or_stop(stop, step + 1, done, config, run.save, run.log.plain, charts)
+    final_eval = None if final_evaluate is None else run_evaluation(run.model, final_evaluate, config, run.device)
     run.finish(charts)
     return {"steps": run.steps, "skipped_steps": run.skipped, "train": run.last_train, "first_eval": run.first_eval,
-            "last_eval": run.last_eval, "seconds": time.perf_counter() - start, "metrics": run.log.path}
+            "last_eval": run.last_eval, "final_eval": final_eval, "seconds": time.perf_counter() - start,
+            "metrics": run.log.path}

@@ -8,6 +8,10 @@ The saved run is a llmkern checkpoint whose weights are the body's GPT weights p
 "head.bias", and whose meta says {"kind": "reward_model"}; load_reward_model reads it back, and
 load_base can start a policy from its body.
 
+Under parallel="fsdp" no rank holds the whole model on its GPU: rank 0 alone reads the base (onto its CPU)
+and, after training, holds the whole reward model and saves it; the closing evaluation on the training pairs
+runs on the sharded model.
+
 The scoring interface (what PPO calls, and what a hand-made reward model must offer):
     rm(ids, lengths) -> (B,) float scores, ids (B, T) right-padded token ids, lengths (B,) real tokens per row.
 """
@@ -154,7 +158,7 @@ class RewardConfig(FinetuneConfig):
 
     EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
 
-    def validate(self) -> "RewardConfig":
+    def validate(self) -> RewardConfig:
         super().validate()
         if not self.data:
             raise ValueError("data must name a preference file (.json or .jsonl with instruction, input, "
@@ -185,8 +189,14 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a reward model from config.base on config.data; save it to config.out_dir; the summary."""
     from .base import effective_max_len, load_base, require_base
     from .data import load_preference_data, split_examples, warn_dropped
+    from .loop import (
+        batched_evaluation,
+        check_run_folder,
+        drop_train_state,
+        fit,
+        training_device,
+    )
     from .lora import apply_lora_from_config, save_and_merge_lora
-    from .loop import batched_evaluation, check_run_folder, drop_train_state, fit, run_evaluation
     from .templates import settle_template
 
     if not isinstance(config, RewardConfig):
@@ -196,10 +206,11 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     raw = load_preference_data(config.data)
     check_run_folder(config)
     torch.manual_seed(config.seed)
-    body, tokenizer, base_meta = load_base(config, language_model=False)
+    # under fsdp only rank 0 holds the whole model: after fit it alone saves the reward model
+    body, tokenizer, base_meta = load_base(config, language_model=False, whole_on_rank_0=True)
     config, fmt = settle_template(config, base_meta)  # saved with the run: a judge formats prompts the same way
-    rm = RewardModel(body)
-    device = rm.device
+    rm = RewardModel(body)  # the head, drawn on every rank, trains as rank 0 drew it (fit's sharding)
+    device = training_device(rm, config)
     wrapped = apply_lora_from_config(rm.body, config)  # adapters on the body; the new head trains in full
 
     max_len = effective_max_len(config, body)
@@ -223,10 +234,12 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     def evaluate_on(examples, prefix):
         return batched_evaluation(pair_loss_and_metrics, collate, examples, prefix, config, device)
 
+    # the closing evaluation on the training pairs inside fit: under fsdp on the sharded model, on every rank
     summary = fit(rm, pair_loss_and_metrics, train, collate, config,
                   evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",),
-                  settings={"base_sha256": base_meta["base_sha256"]})  # a resumed run must start from the same base
-    train_eval = run_evaluation(rm, evaluate_on(train, "train"), config, device)
+                  settings={"base_sha256": base_meta["base_sha256"]},  # a resumed run must start from the same base
+                  final_evaluate=evaluate_on(train, "train"))
+    train_eval = summary.pop("final_eval")
 
     # The whole reward model, not its body alone: the head trained in full beside the adapters, and the file
     # must hold it to rebuild the trained model from the base.
