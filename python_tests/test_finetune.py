@@ -100,13 +100,13 @@ def test_a_setting_of_another_recipe_names_the_recipes_that_read_it(tmp_path):
     with pytest.raises(ValueError, match=r"'beta' in command line is read only by `llmkern finetune dpo`, "
                                          r"not by sft"):
         load_finetune_config(SFTConfig, None, ["--beta=0.2"])
-    with pytest.raises(ValueError, match=r"'reward_model' .* `llmkern finetune ppo`, not by dpo"):
+    with pytest.raises(ValueError, match=r"'reward_model' .* `llmkern finetune ppo\|grpo`, not by dpo"):
         load_finetune_config(DPOConfig, None, ["--data=x.json", "--reward_model=runs/rm"])
     with pytest.raises(ValueError, match=r"'num_samples' .* `llmkern finetune sft`, not by dpo"):
         load_finetune_config(DPOConfig, None, ["--data=x.json", "--num_samples=2"])
     path = tmp_path / "ppo.json"
     path.write_text(json.dumps({"kl_coef": 0.1}))
-    with pytest.raises(ValueError, match=rf"'kl_coef' in {path} .* `llmkern finetune ppo`, not by sft"):
+    with pytest.raises(ValueError, match=rf"'kl_coef' in {path} .* `llmkern finetune ppo\|grpo`, not by sft"):
         load_finetune_config(SFTConfig, str(path))
     with pytest.raises(ValueError, match="unknown setting 'nope'"):  # the others as before
         load_finetune_config(SFTConfig, None, ["--nope=1"])

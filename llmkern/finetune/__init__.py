@@ -1,4 +1,4 @@
-"""Fine-tuning recipes: instruction SFT, classification, DPO, a reward model and PPO, each with or
+"""Fine-tuning recipes: instruction SFT, classification, DPO, a reward model, PPO and GRPO, each with or
 without LoRA adapters. Every recipe is a settings dataclass (a FinetuneConfig) and a run function:
 
     from llmkern.finetune import load_finetune_config, get_method
@@ -21,6 +21,7 @@ METHODS = {
     "dpo": ("dpo", "DPOConfig", "run_dpo"),
     "reward": ("reward", "RewardConfig", "run_reward"),
     "ppo": ("ppo", "PPOConfig", "run_ppo"),
+    "grpo": ("grpo", "GRPOConfig", "run_grpo"),
 }
 
 

@@ -182,15 +182,24 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     averaged over the masked tokens (the pessimistic bound of Schulman et al., 2017).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range)
+    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask).detach()
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float, clip_range_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (the loss max(-A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range_high)), where the clip
+    was active (bool)), ratio = exp(logprobs - old_logprobs); clip_range_high None: clip_range (DAPO's
+    "clip-higher" sets it larger). Unreduced, for ppo_policy_loss and GRPO's aggregations."""
+    high = clip_range if clip_range_high is None else clip_range_high
     # c <= 0 (or NaN) clamps every ratio into an empty range: a wrong loss, no error
-    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-        raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
+    for name, c in (("clip_range", clip_range), ("clip_range_high", high)):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+            raise ValueError(f"{name} must be a number > 0, got {c!r}")
     ratio = torch.exp(logprobs - old_logprobs.detach())
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask).detach()
-    return loss, clip_fraction
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -232,6 +241,11 @@ class PolicyWithValue(nn.Module):
         self.value_head = nn.Linear(policy.config.n_embd, 1).to(policy.device)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the returns
         nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        """The policy's device (a GPT's, which the value head shares)."""
+        return self.policy.device
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(targets) (B, T), values (B, T)), both fp32; log-probs are 0 where targets is -1."""
@@ -292,7 +306,6 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
     responses (each at least one token long). bos_token: the tokenizer's begin-of-sequence token, which
     starts every prompt and stays first in what the reward model reads (None: the tokenizer has none)."""
     from ..eval.logprobs import token_logprobs
-    from .reward import make_score_batch
 
     device = next(model.parameters()).device
     ids, targets = rollout_rows(prompts, responses, pad_id)
@@ -301,12 +314,7 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
     logprobs, values = model(ids, targets)
     ref_logprobs = token_logprobs(reference, ids, targets).float()
 
-    # The reward model reads the whole text; a llmkern RewardModel only its last block_size tokens.
-    limit = reward_model.body.config.block_size if hasattr(reward_model, "body") else None
-    keep_first = 0 if bos_token is None else 1
-    texts = [keep_last(p + r, limit, keep_first) if limit else p + r for p, r in zip(prompts, responses)]
-    score_ids, lengths = make_score_batch(texts, pad_id)
-    scores = reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)  # (B,)
+    scores = reward_model_scores(reward_model, prompts, responses, pad_id, device, bos_token)
 
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask
     last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
@@ -316,9 +324,26 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
                    token_mask=token_mask)
 
 
-def sample_responses(policy: nn.Module, prompts: list[list[int]], config: PPOConfig, eot: int, seed: int
+@torch.no_grad()
+def reward_model_scores(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                        device: torch.device, bos_token: int | None = None) -> torch.Tensor:
+    """(B,) fp32 the reward model's score of each prompt + response text (its ids on `device`). bos_token: as
+    score_rollout's."""
+    from .reward import make_score_batch
+
+    # The reward model reads the whole text; a llmkern RewardModel only its last block_size tokens.
+    limit = reward_model.body.config.block_size if hasattr(reward_model, "body") else None
+    keep_first = 0 if bos_token is None else 1
+    texts = [keep_last(p + r, limit, keep_first) if limit else p + r for p, r in zip(prompts, responses)]
+    score_ids, lengths = make_score_batch(texts, pad_id)
+    return reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)
+
+
+def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int
                      ) -> list[list[int]]:
-    """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt."""
+    """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt; config gives
+    max_new_tokens, temperature and top_k (a PPOConfig's or GRPOConfig's). Rows of one prompt repeated draw
+    different responses (each row its own stream of `seed`)."""
     from ..model import generate
 
     out = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
@@ -515,13 +540,7 @@ def _check_before_loading(config: PPOConfig, reward_model: nn.Module | None) -> 
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     config.validate()
-    if config.parallel != "ddp":
-        raise ValueError(f"PPO runs in one process or data-parallel under torchrun (parallel='ddp') and takes no "
-                         f"parallel={config.parallel!r}; only the supervised recipes (sft, classify, reward, dpo) "
-                         f"shard with parallel='fsdp'")
-    if config.dtype == "float16":  # its updates do not scale the loss (yet): fp16 gradients would underflow
-        raise ValueError("PPO takes dtype 'auto', 'bfloat16' or 'float32', not 'float16'; only the supervised "
-                         "recipes (sft, classify, reward, dpo) train in float16 with loss scaling")
+    refuse_sharding_and_float16(config, "PPO")
     if reward_model is None and not config.reward_model:
         raise ValueError("reward_model must name a reward model's run folder (train one with "
                          "`llmkern finetune reward`)")
@@ -531,6 +550,18 @@ def _check_before_loading(config: PPOConfig, reward_model: nn.Module | None) -> 
     if reward_model is None:
         check_exists("reward_model", config.reward_model)
     return prompt_rows
+
+
+def refuse_sharding_and_float16(config, method: str) -> None:
+    """The settings an on-policy recipe (`method`: "PPO", "GRPO") cannot run: parallel='fsdp' (every rank samples
+    with the whole policy) and dtype='float16' (its updates do not scale the loss)."""
+    if config.parallel != "ddp":
+        raise ValueError(f"{method} runs in one process or data-parallel under torchrun (parallel='ddp') and takes "
+                         f"no parallel={config.parallel!r}; only the supervised recipes (sft, classify, reward, dpo) "
+                         f"shard with parallel='fsdp'")
+    if config.dtype == "float16":  # its updates do not scale the loss (yet): fp16 gradients would underflow
+        raise ValueError(f"{method} takes dtype 'auto', 'bfloat16' or 'float32', not 'float16'; only the supervised "
+                         f"recipes (sft, classify, reward, dpo) train in float16 with loss scaling")
 
 
 def _max_prompt_len(config: PPOConfig, policy: nn.Module) -> int:
@@ -585,9 +616,15 @@ def _train_and_val_prompts(prompt_rows: list[dict[str, Any]], tokenizer, max_pro
                            info) -> tuple[list[list[int]], list[list[int]]]:
     """The prompts as tokens, split into training prompts (at least one per rank) and at most MAX_EVAL_PROMPTS
     held-out ones."""
+    return split_prompts(encode_prompts(prompt_rows, tokenizer, max_prompt_len, fmt), config, info)
+
+
+def split_prompts(prompts: list, config, info) -> tuple[list, list]:
+    """(training prompts, held-out prompts): config.val_fraction of `prompts` (any items: token lists, or GRPO's
+    prompts with their answers) held out by a seeded shuffle and cut to MAX_EVAL_PROMPTS; a ValueError when
+    fewer training prompts than ranks are left (each needs at least one)."""
     from .data import split_examples
 
-    prompts = encode_prompts(prompt_rows, tokenizer, max_prompt_len, fmt)
     train, val = split_examples(prompts, config.val_fraction, config.seed)
     val = val[:MAX_EVAL_PROMPTS]
     if len(train) < info.world_size:
@@ -597,16 +634,16 @@ def _train_and_val_prompts(prompt_rows: list[dict[str, Any]], tokenizer, max_pro
 
 
 def _ppo_position(train: list[list[int]], config: PPOConfig, iterations: int, world_size: int,
-                  fingerprints: dict[str, str | None]) -> dict[str, Any]:
+                  fingerprints: dict[str, str | None], objective: tuple[str, ...] = PPO_OBJECTIVE) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: the number of iterations, the prompts, the batch
-    and seed settings, the template, LoRA's settings, PPO's objective, and the base and reward model
-    (fingerprints: base_sha256 and reward_model_sha256)."""
+    and seed settings, the template, LoRA's settings, the objective's settings (`objective`: their names; GRPO
+    passes its own), and the base and reward model (fingerprints: base_sha256 and reward_model_sha256)."""
     from .loop import examples_fingerprint, lora_position, template_position
 
     return {"iterations": iterations, "prompts": len(train), "rollout_batch": config.rollout_batch,
             "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
             "world_size": world_size, **template_position(config), **lora_position(config),
-            **{name: getattr(config, name) for name in PPO_OBJECTIVE},
+            **{name: getattr(config, name) for name in objective},
             "examples_sha256": examples_fingerprint(train), **fingerprints}
 
 
@@ -614,7 +651,11 @@ class _PPORun:
     """run_ppo's training: the policy with its value head, the frozen reference and reward model, the optimizer,
     schedule and metrics log, and the counters an iteration hands to the next (PPO iterations done, optimizer
     steps taken), which the training state saves and a resumed run restores. run_ppo calls its methods in the
-    algorithm's order."""
+    algorithm's order. Another on-policy recipe (GRPO) subclasses it: METHOD, CHARTS, updates_per_iteration,
+    run_position, learn and evaluate_prompts are what differ."""
+
+    METHOD: ClassVar[str] = "ppo"  # in the progress bar and the messages
+    CHARTS: ClassVar[tuple[str, ...]] = PPO_CHARTS
 
     def __init__(self, model: PolicyWithValue, reference: nn.Module, reward_model, train: list[list[int]],
                  val: list[list[int]], config: PPOConfig, info, eot: int, fingerprints: dict[str, str | None],
@@ -628,15 +669,13 @@ class _PPORun:
         self.model, self.reference, self.reward_model = model, reference, reward_model
         self.train_prompts, self.val, self.config, self.info, self.eot = train, val, config, info, eot
         self.bos_token = bos_token
-        self.device = model.policy.device
+        self.device = model.device
         self.global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
         self.iterations = config.max_steps or config.epochs * math.ceil(len(train) / self.global_batch)
-        updates_per_iteration = config.ppo_epochs * math.ceil(
-            math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
-        self.total_updates = self.iterations * updates_per_iteration
+        self.total_updates = self.iterations * self.updates_per_iteration()
         self.optimizer = make_optimizer(list(model.parameters()), config)
         self.state_dir = train_state_dir(config)
-        self.position = _ppo_position(train, config, self.iterations, info.world_size, fingerprints)
+        self.position = self.run_position(fingerprints)
         log, self.counters, evals = open_run(config, model, self.optimizer, self.position)
         # every rank calls its writes and plots alike; rank 0's evaluation alone writes log.plain (evaluate_on_rank_0)
         self.log = CollectiveMetricsLog(log, info, self.device)
@@ -645,6 +684,27 @@ class _PPORun:
         self.start_it = self.step = 0  # PPO iterations done, optimizer steps taken
         self.evaluates = bool(val) and info.is_main  # the ranks hold the same policy: one evaluation tells all
         self.started = math.nan  # when the iterations began (train)
+
+    def updates_per_iteration(self) -> int:
+        """Optimizer steps per iteration: ppo_epochs passes over rollout_batch rows, batch_size rows a minibatch,
+        grad_accum minibatches a step."""
+        config = self.config
+        return config.ppo_epochs * math.ceil(math.ceil(config.rollout_batch / config.batch_size) / config.grad_accum)
+
+    def run_position(self, fingerprints: dict[str, str | None]) -> dict[str, Any]:
+        """What a resumed run must share with this one (_ppo_position)."""
+        return _ppo_position(self.train_prompts, self.config, self.iterations, self.info.world_size, fingerprints)
+
+    def learn(self, it: int, prompts: list) -> tuple[int, dict[str, float]]:
+        """Iteration `it` on this rank's prompts: (the next optimizer step, the metrics)."""
+        return ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts, self.config,
+                             self.eot, seed=sampling_seed(self.config.seed, it, self.info), lr_at=self.lr_at,
+                             step=self.step, autocast=self.autocast, info=self.info, bos_token=self.bos_token)
+
+    def evaluate_prompts(self) -> dict[str, float]:
+        """The held-out prompts' metrics (evaluate_prompts)."""
+        return evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config, self.eot,
+                                self.autocast, self.bos_token)
 
     def lr_at(self, step: int) -> float:
         from ..train.schedules import cosine_lr
@@ -689,29 +749,27 @@ class _PPORun:
         self.started = time.perf_counter()
         stop = StopOnSignal(enabled=not self.info.is_distributed)
         with stop:
-            for it in tqdm(range(self.start_it, self.iterations), desc="ppo", unit="iter",
+            for it in tqdm(range(self.start_it, self.iterations), desc=self.METHOD, unit="iter",
                            disable=not (self.config.progress and self.info.is_main), dynamic_ncols=True):
                 self.iteration(it, rank_prompts(next(batches), self.info))
                 done = it + 1 == self.iterations
                 if self.val and evaluation_due(it + 1, done, self.config):
                     self.evaluate_on_rank_0(it + 1)
-                save_or_stop(stop, it + 1, done, self.config, self.save, self.log.plain, PPO_CHARTS)
-        self.log.plot(self.config.out_dir, PPO_CHARTS)
+                save_or_stop(stop, it + 1, done, self.config, self.save, self.log.plain, self.CHARTS)
+        self.log.plot(self.config.out_dir, self.CHARTS)
 
-    def iteration(self, it: int, prompts: list[list[int]]) -> None:
-        """PPO iteration `it` (0-based) on this rank's prompts, logged; FinetuneDiverged when a metric is not
+    def iteration(self, it: int, prompts: list) -> None:
+        """Iteration `it` (0-based) on this rank's prompts, logged; FinetuneDiverged when a metric is not
         finite."""
         lr = self.lr_at(self.step)
-        self.step, metrics = ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts,
-                                           self.config, self.eot, seed=sampling_seed(self.config.seed, it, self.info),
-                                           lr_at=self.lr_at, step=self.step, autocast=self.autocast, info=self.info,
-                                           bos_token=self.bos_token)
+        self.step, metrics = self.learn(it, prompts)
         self.log.write("train", step=it + 1, lr=lr, **metrics)
         self.last_metrics = metrics
         if not all(math.isfinite(v) for v in metrics.values()):
             from .loop import FinetuneDiverged
 
-            raise FinetuneDiverged(f"PPO iteration {it + 1} gave non-finite metrics {metrics}; try a lower lr")
+            raise FinetuneDiverged(f"{self.METHOD.upper()} iteration {it + 1} gave non-finite metrics {metrics}; "
+                                   f"try a lower lr")
 
     def evaluate_on_rank_0(self, at: int) -> dict[str, float] | None:
         """evaluate(at) on rank 0 (None on the others); every rank calls this. An evaluation or log write that
@@ -723,8 +781,7 @@ class _PPORun:
 
     def evaluate(self, at: int) -> dict[str, float]:
         """The held-out prompts' mean reward and KL after `at` iterations, logged; now last_eval."""
-        self.last_eval = evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config,
-                                          self.eot, self.autocast, self.bos_token)
+        self.last_eval = self.evaluate_prompts()
         self.log.plain.write("eval", step=at, **self.last_eval)  # rank 0 alone: inside evaluate_on_rank_0's check
         return self.last_eval
 
@@ -737,16 +794,17 @@ class _PPORun:
         return save_train_state(self.state_dir, self.model, self.optimizer, self.position, counters)
 
 
-def _save_policy(policy: nn.Module, wrapped, tokenizer, config: PPOConfig, iterations: int) -> tuple[str, str | None]:
-    """(the checkpoint, LoRA's adapters or None): the trained policy (LoRA merged) saved to config.out_dir, and the
-    training state dropped."""
+def _save_policy(policy: nn.Module, wrapped, tokenizer, config: PPOConfig, iterations: int, method: str = "ppo"
+                 ) -> tuple[str, str | None]:
+    """(the checkpoint, LoRA's adapters or None): the trained policy (LoRA merged) saved to config.out_dir with
+    `method` and config in its meta's "finetune", and the training state dropped."""
     from .base import save_finetuned
     from .lora import save_and_merge_lora
     from .loop import drop_train_state
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
-            "finetune": {"method": "ppo", **config.to_dict()}}
+            "finetune": {"method": method, **config.to_dict()}}
     path = save_finetuned(config.out_dir, iterations, policy.state_dict(), meta)
     drop_train_state(config)
     return path, lora_path
