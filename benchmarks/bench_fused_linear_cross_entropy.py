@@ -2,13 +2,16 @@
 
     python benchmarks/bench_fused_linear_cross_entropy.py            # bf16, N 8192/16384 x H 768/1024/2048, V 50304
     python benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 --hidden 768 --vocab 50257
+    python benchmarks/bench_fused_linear_cross_entropy.py --softcap 30 --hidden 2304 --vocab 256000   # Gemma 2 2B
 
 The work is three matmuls of N x H x V (logits, grad of x, grad of the weight): TFLOP/s counts
 6 N H V FLOPs. Peak memory ("peak_mib" in the CSV's extra column) is what the step allocates on
 top of its inputs, the gradients included; the unfused providers hold the N x V logits and
 their gradient. Providers: eager PyTorch (matmul, then F.cross_entropy in fp32, as the model's
 plain path does), torch.compile of it, llmkern triton and cuda, and Liger-Kernel's fused linear
-cross-entropy when it is importable.
+cross-entropy when it is importable. With --softcap C every provider takes the loss of the capped
+logits C * tanh(logits / C) (Gemma 2's final_logit_softcapping), the eager one as the model's plain
+path does; Liger is left out then (its cap argument moved between versions).
 """
 
 from __future__ import annotations
@@ -31,19 +34,25 @@ BASELINES = ("torch eager", "torch.compile", "liger")
 MODE = "forward+backward"
 
 
-def eager_loss(x, w, t):
-    return F.cross_entropy((x @ w.T).float(), t)
+def eager_loss(x, w, t, softcap=None):
+    logits = (x @ w.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, t)
 
 
-def providers(device: torch.device) -> dict:
-    """name -> fn(x, w, target) -> loss, for every provider that can run here."""
-    out = {"torch eager": eager_loss, "torch.compile": compiled(eager_loss)}
+def providers(device: torch.device, softcap: float | None = None) -> dict:
+    """name -> fn(x, w, target) -> loss, for every provider that can run here (of logits capped at softcap)."""
+    def eager(x, w, t):
+        return eager_loss(x, w, t, softcap)
+
+    out = {"torch eager": eager, "torch.compile": compiled(eager)}
     for backend in ("triton", "cuda"):
         if _backend.can_run(backend, "fused_linear_cross_entropy", device):
-            out[f"llmkern {backend}"] = (
-                lambda x, w, t, backend=backend: llmkern.ops.fused_linear_cross_entropy(x, w, t, backend=backend))
+            out[f"llmkern {backend}"] = (lambda x, w, t, backend=backend: llmkern.ops.fused_linear_cross_entropy(
+                x, w, t, backend=backend, softcap=softcap))
     liger = optional("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-    if liger is not None:
+    if liger is not None and softcap is None:
         out["liger"] = lambda x, w, t: _loss_of(liger.apply(x, w, t))
     return out
 
@@ -69,7 +78,7 @@ def peak_mib(step, tensors, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
+def bench_one(name, fn, rows, hidden, vocab, dtype, device, softcap=None) -> Result | None:
     x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device) * 0.02).to(dtype).requires_grad_(True)
     target = torch.randint(0, vocab, (rows,), device=device)
@@ -89,7 +98,7 @@ def bench_one(name, fn, rows, hidden, vocab, dtype, device) -> Result | None:
     peak, ms = timed[0]
     tflops = 6 * rows * hidden * vocab / ms / 1e9
     return Result("fused_linear_cross_entropy", MODE, shape, name, ms, tflops, "TFLOP/s",
-                  {"peak_mib": round(peak, 1), "dtype": str(dtype).replace("torch.", "")})
+                  {"peak_mib": round(peak, 1), "dtype": str(dtype).replace("torch.", ""), "softcap": softcap})
 
 
 def main(argv=None) -> int:
@@ -97,20 +106,25 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--hidden", type=int, nargs="+", default=[768, 1024, 2048])
     parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="the loss of logits capped at C * tanh(logits / C) (Gemma 2: 30); default: no cap")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.softcap is not None and not 0 < args.softcap < float("inf"):
+        parser.error(f"--softcap must be a finite number > 0, got {args.softcap}")
     device = bench_device("bench_fused_linear_cross_entropy", args.device)
     if device is None:
         return 1
     dtype = getattr(torch, args.dtype)
     results: list[Result] = []
-    with saving(results, f"Fused linear + cross-entropy {args.dtype}", BASELINES):
-        each = selected(providers(device), args.providers)
+    capped = "" if args.softcap is None else f", logits soft-capped at {args.softcap:g}"
+    with saving(results, f"Fused linear + cross-entropy {args.dtype}{capped}", BASELINES):
+        each = selected(providers(device, args.softcap), args.providers)
         # every provider at a shape before the next shape: a run cut short keeps whole comparisons
         for rows in args.rows:
             for hidden in args.hidden:
                 for name, fn in each.items():
-                    result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device)
+                    result = bench_one(name, fn, rows, hidden, args.vocab, dtype, device, args.softcap)
                     if result is not None:
                         results.append(result)
                         print(f"{name:>16} {result.shape:>18} {result.ms:8.2f} ms {result.value:6.1f} TFLOP/s "

@@ -382,22 +382,24 @@ def test_cross_entropy_rows_launcher_reaches_the_device(dtype):
 @pytest.mark.parametrize(
     "change",
     [dict(n_classes=0), dict(stride=4), dict(rows=-1), dict(logits=0), dict(target=0), dict(loss=0),
-     dict(scale=0), dict(smoothing=1.5), dict(smoothing=float("nan")), dict(dtype=7)],
+     dict(scale=0), dict(smoothing=1.5), dict(smoothing=float("nan")), dict(softcap=-1.0),
+     dict(softcap=float("inf")), dict(softcap=float("nan")), dict(dtype=7)],
     ids=["no-classes", "stride-below-classes", "negative-rows", "null-logits", "null-target", "null-loss",
-         "null-scale", "smoothing-over-1", "smoothing-nan", "unknown-dtype"],
+         "null-scale", "smoothing-over-1", "smoothing-nan", "negative-softcap", "infinite-softcap", "softcap-nan",
+         "unknown-dtype"],
 )
 def test_cross_entropy_rows_launcher_refuses_bad_sizes(change):
     a = dict(rows=4, n_classes=8, stride=8, logits=FAKE, target=FAKE, loss=FAKE, scale=FAKE, smoothing=0.0,
-             dtype=BF16)
+             softcap=0.0, dtype=BF16)
     a.update(change)
     with pytest.raises(RuntimeError, match=f"fused_linear_cross_entropy_rows.*{INVALID}"):
         _backend.cuda_module().fused_linear_cross_entropy_rows(
             a["logits"], a["target"], a["loss"], a["scale"], a["rows"], a["n_classes"], a["stride"], -100,
-            a["smoothing"], True, a["dtype"], 0)
+            a["smoothing"], a["softcap"], True, a["dtype"], 0)
 
 
 def test_cross_entropy_rows_launcher_does_nothing_for_no_rows():
-    _backend.cuda_module().fused_linear_cross_entropy_rows(0, 0, 0, 0, 0, 8, 8, -100, 0.0, True, BF16, 0)
+    _backend.cuda_module().fused_linear_cross_entropy_rows(0, 0, 0, 0, 0, 8, 8, -100, 0.0, 0.0, True, BF16, 0)
 
 
 # --- the 16-byte paths really compile to 16-byte accesses --------------------------------------

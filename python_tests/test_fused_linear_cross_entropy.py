@@ -1,6 +1,6 @@
 """Fused linear + cross-entropy: the loss and the gradients of x, weight and bias against the
-float64 reference, odd shapes, ignored rows, both reductions, label smoothing, the model's fused
-loss path, torch.library checks, torch.compile, and bad input.
+float64 reference, odd shapes, ignored rows, both reductions, label smoothing, Gemma 2's soft cap,
+the model's fused loss path, torch.library checks, torch.compile, and bad input.
 
 The kernel backends (triton, cuda) share the chunk loop and differ in the row kernel; each test of
 the op runs on both. Without a GPU the Triton kernel runs in the interpreter (conftest sets
@@ -59,16 +59,27 @@ def _loss_and_grads(fn, x, weight, target, bias):
     return loss.detach(), [t.grad for t in leaves]
 
 
+def _capped_reference(x, weight, target, bias, softcap, **kwargs):
+    """The loss of the soft-capped logits, written out here: the logits in x's dtype (as
+    reference.fused_linear_cross_entropy makes them), softcap * tanh(logits / softcap) and the loss in
+    fp32 (float64 for float64 inputs). kwargs: F.cross_entropy's."""
+    logits = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    logits = logits.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return F.cross_entropy(softcap * torch.tanh(logits / softcap), target, **kwargs)
+
+
 def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=None, device=DEVICE, backend="triton",
-           **kwargs):
+           softcap=None, **kwargs):
     """`backend` vs the float64 truth, allowing twice the error of torch's own computation in `dtype`."""
     x, weight, target, bias = _make(n, vocab, hidden, dtype, with_bias, n_ignored, kwargs.get("ignore_index", -100),
                                     device)
 
     def ours(x, w, t, b):
-        return flce(x, w, t, bias=b, backend=backend, chunk_rows=chunk_rows, **kwargs)
+        return flce(x, w, t, bias=b, backend=backend, chunk_rows=chunk_rows, softcap=softcap, **kwargs)
 
     def ref(x, w, t, b):
+        if softcap:
+            return _capped_reference(x, w, t, b, softcap, **kwargs)
         return reference.fused_linear_cross_entropy(x, w, t, b, **kwargs)
 
     loss, grads = _loss_and_grads(ours, x, weight, target, bias)
@@ -76,7 +87,7 @@ def _check(n, vocab, hidden, dtype, with_bias=False, n_ignored=0, chunk_rows=Non
     loss64, grads64 = _loss_and_grads(ref, d64(x), d64(weight), target, d64(bias))
     loss_lp, grads_lp = _loss_and_grads(ref, x, weight, target, bias)
 
-    name = f"{backend} {dtype} N={n} V={vocab} H={hidden} chunk={chunk_rows}"
+    name = f"{backend} {dtype} N={n} V={vocab} H={hidden} chunk={chunk_rows} softcap={softcap}"
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close_to_ref(loss, loss64, loss_lp, f"{name} loss", atol=1e-5)
     for gname, a, b, c in zip(["dx", "dweight", "dbias"], grads, grads64, grads_lp):
@@ -109,9 +120,48 @@ def test_sum_reduction_and_label_smoothing(dtype, backend, device):
     _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0, **on)
 
 
+# Gemma 2's final cap is 30; 2.5 puts most of these logits (bias ~2, spread ~2) where tanh bends, so a
+# missing cap, or a gradient not taken through it, is far outside the tolerances.
+SOFTCAP = 2.5
+
+
 @pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_padding_rows_past_num_classes(label_smoothing, backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("n,vocab,hidden", [(1, 1, 16), (17, 1001, 16), (5, 4097, 16), (123, 5, 64)])
+def test_softcap_matches_reference(n, vocab, hidden, dtype, backend, device):
+    """The loss of the capped logits and the x, weight and bias gradients through the cap: odd vocabularies
+    (a tail block alone, whole blocks and a tail), ignored rows, several chunks."""
+    _check(n, vocab, hidden, dtype, with_bias=True, n_ignored=n // 5, chunk_rows=max(1, n // 3), device=device,
+           backend=backend, softcap=SOFTCAP)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_softcap_with_label_smoothing_and_sum(dtype, backend, device):
+    on = {"device": device, "backend": backend, "softcap": SOFTCAP}
+    _check(33, 301, 32, dtype, with_bias=True, n_ignored=4, chunk_rows=10, label_smoothing=0.1, **on)
+    _check(33, 301, 32, dtype, n_ignored=4, chunk_rows=10, reduction="sum", label_smoothing=1.0, ignore_index=-1,
+           **on)
+
+
+def test_softcap_in_bfloat16_on_triton():
+    """The row kernel has no tl.dot, so the interpreter runs it in bf16 too."""
+    _check(17, 1001, 32, torch.bfloat16, with_bias=True, n_ignored=3, chunk_rows=6, softcap=SOFTCAP)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+def test_softcap_of_zero_or_none_is_no_cap(backend, device):
+    """0 and None both mean no cap (the kernels' constexpr off), and a cap changes the loss."""
+    x, weight, target, bias = _make(9, 40, 16, torch.float32, with_bias=True, device=device)
+    plain = flce(x, weight, target, bias=bias, backend=backend)
+    assert torch.equal(flce(x, weight, target, bias=bias, backend=backend, softcap=0), plain)
+    assert torch.equal(flce(x, weight, target, bias=bias, backend=backend, softcap=None), plain)
+    assert not torch.allclose(flce(x, weight, target, bias=bias, backend=backend, softcap=SOFTCAP), plain, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("torch", DEVICE, id="torch")])
+@pytest.mark.parametrize("label_smoothing,softcap", [(0.0, None), (0.1, None), (0.1, 3.0)])
+def test_padding_rows_past_num_classes(label_smoothing, softcap, backend, device):
     """num_classes = 45 of weight's 64 rows: the loss and gradients of the 45-row head, and exact
     zeros for the padding rows' gradients, even where the padding weights are huge."""
     x, weight, target, bias = _make(21, 64, 16, torch.float32, with_bias=True, n_ignored=3, device=device)
@@ -120,12 +170,17 @@ def test_padding_rows_past_num_classes(label_smoothing, backend, device):
     target = torch.where(target == -100, target, target % 45)
     kwargs = dict(label_smoothing=label_smoothing)
     loss, (dx, dw, db) = _loss_and_grads(
-        lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=8, num_classes=45, **kwargs),
+        lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=8, num_classes=45, softcap=softcap,
+                                **kwargs),
         x, weight, target, bias,
     )
-    ref_loss, (ref_dx, ref_dw, ref_db) = _loss_and_grads(
-        lambda x, w, t, b: reference.fused_linear_cross_entropy(x, w, t, b, **kwargs), x, weight[:45], target, bias[:45]
-    )
+
+    def ref(x, w, t, b):
+        if softcap:  # the padding would be capped to +softcap: it must stay out of the softmax
+            return _capped_reference(x, w, t, b, softcap, **kwargs)
+        return reference.fused_linear_cross_entropy(x, w, t, b, **kwargs)
+
+    ref_loss, (ref_dx, ref_dw, ref_db) = _loss_and_grads(ref, x, weight[:45], target, bias[:45])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
     assert dw.shape == weight.shape and db.shape == bias.shape
@@ -303,21 +358,38 @@ def test_float16_gradients_survive_until_the_loss_scale(backend, device):
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("vocab", [3, 4096, 4097])  # a tail block only, whole blocks only, both
-def test_kernel_writes_every_element(dtype, vocab, backend, device):
-    """The per-row kernel alone: a NaN-filled loss and every logit must be overwritten."""
-    logits = torch.randn(7, vocab, device=device).to(dtype)
+@pytest.mark.parametrize("softcap", [0.0, 1.5], ids=["no-cap", "cap"])
+def test_kernel_writes_every_element(dtype, vocab, softcap, backend, device):
+    """The per-row kernel alone: a NaN-filled loss and every logit must be overwritten; with a cap, the loss
+    of the capped logits and the raw logits' gradient (the capped ones' times the slope 1 - tanh^2)."""
+    logits = (torch.randn(7, vocab, device=device) * 2).to(dtype)
     target = torch.randint(0, vocab, (7,), device=device)
     target[3] = -100
     loss = torch.full((7,), float("nan"), device=device)
     grad = logits.clone()
-    _row_kernels(backend).cross_entropy_rows(grad, target, loss, torch.tensor([0.5], device=device), -100, 0.0, True)
-    z = logits.double()
+    _row_kernels(backend).cross_entropy_rows(grad, target, loss, torch.tensor([0.5], device=device), -100, 0.0, True,
+                                             softcap)
+    z, slope = logits.double(), 1.0
+    if softcap:
+        z, slope = softcap * torch.tanh(z / softcap), 1 - torch.tanh(z / softcap) ** 2
     expected_loss = F.cross_entropy(z, target, reduction="none")
-    expected_grad = (z.softmax(-1) - F.one_hot(target.clamp(min=0), vocab)) * 0.5
+    expected_grad = (z.softmax(-1) - F.one_hot(target.clamp(min=0), vocab)) * 0.5 * slope
     expected_grad[3] = 0
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.simt
+@pytest.mark.parametrize("softcap", [-1.0, math.inf, math.nan])
+def test_cuda_row_kernel_refuses_a_bad_softcap(softcap):
+    """The C++ launcher checks the cap again (0 is none): a bad one is an error naming the kernel."""
+    from llmkern.cuda import fused_linear_cross_entropy as kernels
+
+    logits, loss = torch.randn(2, 9), torch.empty(2)
+    with pytest.raises(RuntimeError, match="fused_linear_cross_entropy_rows"):
+        kernels.cross_entropy_rows(logits, torch.zeros(2, dtype=torch.long), loss, torch.ones(1), -100, 0.0, True,
+                                   softcap)
 
 
 @pytest.mark.simt
@@ -379,19 +451,20 @@ def test_opcheck(with_bias, backend, device):
     for t in (x, weight, bias):
         if t is not None:
             t.requires_grad_(True)
-    for num_classes in (24, 19):  # all rows are classes; five padding rows
+    for num_classes, softcap in ((24, 0.0), (19, 2.0)):  # all rows are classes; five padding rows and a cap
         target = target.clamp(max=num_classes - 1)
-        args = (x, weight, target, bias, -100, "mean", 0.0, True, True, with_bias, 4, num_classes, backend)
+        args = (x, weight, target, bias, -100, "mean", 0.0, softcap, True, True, with_bias, 4, num_classes, backend)
         torch.library.opcheck(torch.ops.llmkern.fused_linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
-def test_compile_fullgraph_has_no_graph_break(backend, device):
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-cap", "cap"])
+def test_compile_fullgraph_has_no_graph_break(backend, device, softcap):
     """The fake kernel lets torch.compile trace the op (aot_eager on a CPU, inductor on a GPU)."""
     compiler = "inductor" if device == "cuda" else "aot_eager"
 
     def head_loss(x, w, t):
-        return flce(torch.tanh(x), w, t, backend=backend, chunk_rows=5) * 2
+        return flce(torch.tanh(x), w, t, backend=backend, chunk_rows=5, softcap=softcap) * 2
 
     x, weight, target, _ = _make(12, 40, 16, torch.float32, device=device)
     x.requires_grad_(True)
@@ -400,7 +473,10 @@ def test_compile_fullgraph_has_no_graph_break(backend, device):
     loss = compiled(x, weight, target)
     loss.backward()
     x_ref, w_ref = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
-    expected = F.cross_entropy(torch.tanh(x_ref) @ w_ref.T, target) * 2
+    logits = torch.tanh(x_ref) @ w_ref.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = F.cross_entropy(logits, target) * 2
     expected.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
@@ -442,6 +518,41 @@ def test_model_fused_loss_matches_the_plain_loss():
     assert fused(idx)[0].shape == (2, 16, 300)
 
 
+def _tiny_gemma2(fused_loss):
+    """Gemma 2's head and loss in small: tied embeddings, scaled embeddings, sandwich norms, GeGLU, both soft
+    caps. Vocab 300 is padded to 320. The embedding (the head) is sharpened so that the logits, ~4, pass
+    the cap of 2 and the cap changes the loss."""
+    config = GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=64, norm="rmsnorm",
+                       pos="rope", mlp="geglu", bias=False, tie_embeddings=True, post_norms=True, embed_scale=8.0,
+                       attn_softcap=50.0, logit_softcap=2.0, backend="triton", fused_loss=fused_loss)
+    model = GPT(config).to(DEVICE)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    return model
+
+
+def test_model_fused_loss_with_a_logit_softcap_matches_the_plain_loss():
+    """A capped model takes the fused path (it used to fall back to the full logits) with the same loss and
+    gradients as the plain path, which caps the full logits."""
+    fused = _tiny_gemma2(True)
+    plain = _tiny_gemma2(False)
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    targets = torch.randint(0, 300, (2, 16), device=DEVICE)
+    targets[1, -4:] = -1
+    logits, loss = fused(idx, targets)
+    ref_logits, ref_loss = plain(idx, targets)
+    assert logits is None and ref_logits is not None  # the fused path ran, and the plain one
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    uncapped_loss = F.cross_entropy(fused.lm_head(fused.hidden_states(idx)).flatten(0, 1)[:, :300].float(),
+                                    targets.flatten(), ignore_index=-1)
+    assert abs(uncapped_loss.item() - loss.item()) > 0.1  # the cap matters here
+
+
 def test_model_unfused_when_asked_or_on_the_torch_backend():
     idx = torch.randint(0, 300, (1, 8), device=DEVICE)
     for backend, fused_loss in (("triton", False), ("torch", True)):
@@ -481,6 +592,11 @@ def _good():
         (dict(num_classes=11), ValueError, r"num_classes must be in \[1, 10\]"),
         (dict(num_classes=0), ValueError, "num_classes must be in"),
         (dict(num_classes=5.0), TypeError, "num_classes must be an int"),
+        ({"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
+        ({"softcap": math.inf}, ValueError, "softcap must be a finite number > 0"),
+        ({"softcap": math.nan}, ValueError, "softcap must be a finite number > 0"),
+        ({"softcap": "30"}, TypeError, "softcap must be a float"),
+        ({"softcap": True}, TypeError, "softcap must be a float"),
         (dict(backend="cuda"), ValueError, "backend='cuda' cannot run"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],
@@ -532,6 +648,16 @@ def test_gpu_matches_reference(n, vocab, hidden, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bfloat16", "float16", "float32"])
+def test_gpu_softcap_matches_reference(dtype, backend):
+    """Gemma 2's cap (30) and a tight one on a GPT-2-sized head: the GPU's exp and tanh, and whole blocks."""
+    _check(123, 50257, 128, dtype, with_bias=True, n_ignored=17, backend=backend, softcap=30.0)
+    _check(123, 50257, 128, dtype, n_ignored=17, chunk_rows=41, label_smoothing=0.1, backend=backend, softcap=SOFTCAP)
+
+
+@pytest.mark.cuda
 def test_gpu_peak_memory_stays_below_the_logits():
     """GPT-2's head at 8192 rows: the bf16 logits alone would be 824 MB; the fused op never holds them."""
     n, vocab, hidden = 8192, 50304, 768
@@ -577,15 +703,17 @@ def test_triton_kernel_builds_for_sm80_and_sm90():
     from llmkern.triton import fused_linear_cross_entropy as k
     for arch in (80, 90):
         for grad in (True, False):
-            ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
-                                                       "GRAD_SCALE": "*fp32", "logits_stride": "i32", "n_classes": "i32",
-                                                       "ignore_index": "i32", "label_smoothing": "fp32"},
-                        {"COMPUTE_GRAD": grad, "BLOCK": 4096}, arch, ["LOGITS", "LOSS", "GRAD_SCALE", "logits_stride"],
-                        num_warps=8)
-            print(arch, grad, ptx.count("ld.global.v4.b32"), ptx.count("st.global.v4.b32"))
+            for cap in (False, True):
+                ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
+                                                           "GRAD_SCALE": "*fp32", "logits_stride": "i32",
+                                                           "n_classes": "i32", "ignore_index": "i32",
+                                                           "label_smoothing": "fp32", "softcap": "fp32"},
+                            {"COMPUTE_GRAD": grad, "HAS_SOFTCAP": cap, "BLOCK": 4096}, arch,
+                            ["LOGITS", "LOSS", "GRAD_SCALE", "logits_stride"], num_warps=8)
+                print(arch, grad, ptx.count("ld.global.v4.b32"), ptx.count("st.global.v4.b32"))
     ''')
     counts = [line.split() for line in out.splitlines()]
-    assert len(counts) == 4, out
+    assert len(counts) == 8, out  # the capped kernels move the logits as the plain ones do
     for arch, grad, loads, stores in counts:
         # 4096 columns over 256 threads: 16 bf16 a thread, two 16-byte packs, in each pass over whole blocks.
         assert int(loads) == (4 if grad == "True" else 2), (arch, grad, loads)
@@ -606,8 +734,8 @@ def test_triton_kernel_reads_the_target_logit_before_overwriting_the_row():
     for arch in (80, 90):
         ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
                                                    "GRAD_SCALE": "*fp32", "logits_stride": "i32", "n_classes": "i32",
-                                                   "ignore_index": "i32", "label_smoothing": "fp32"},
-                    {"COMPUTE_GRAD": True, "BLOCK": 4096}, arch, num_warps=8)
+                                                   "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32"},
+                    {"COMPUTE_GRAD": True, "HAS_SOFTCAP": False, "BLOCK": 4096}, arch, num_warps=8)
         after_loss = ptx[ptx.index("st.global.b32"):]
         print(arch, "bar.sync" in after_loss[:after_loss.index("st.global.b16")])
     ''')
@@ -622,7 +750,7 @@ def test_fake_kernel_strides_match_for_a_transposed_weight():
     x, weight, target, bias = _make(5, 9, 4, torch.float32, with_bias=True)
     weight = weight.T.contiguous().T.requires_grad_(True)  # (V, H) with strides (1, V)
     bias = bias[::1].requires_grad_(True)
-    args = (x.requires_grad_(True), weight, target, bias, -100, "mean", 0.0, True, True, True, 0, 9, "triton")
+    args = (x.requires_grad_(True), weight, target, bias, -100, "mean", 0.0, 0.0, True, True, True, 0, 9, "triton")
     torch.library.opcheck(op.op, args)
 
 

@@ -176,6 +176,9 @@ part_bench() {
       --seqlens 1024 4096 8192 --providers "SDPA flash" "llmkern triton" "llmkern triton atomic-dq"
     bench bench_fused_linear_cross_entropy 60 $PY benchmarks/bench_fused_linear_cross_entropy.py --rows 16384 \
       --hidden 768 2048
+    # Gemma 2 2B's capped head (final cap 30, hidden 2304, vocabulary 256000): not torch.compile (a compile a shape)
+    bench bench_fused_linear_cross_entropy_softcap 90 $PY benchmarks/bench_fused_linear_cross_entropy.py --softcap 30 \
+      --rows 8192 --hidden 2304 --vocab 256000 --providers "torch eager" "llmkern triton" "llmkern cuda"
     bench bench_rope 45 $PY benchmarks/bench_rope.py
     bench bench_swiglu 45 $PY benchmarks/bench_swiglu.py
     bench bench_geglu 45 $PY benchmarks/bench_swiglu.py --activation gelu_tanh

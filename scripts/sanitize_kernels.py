@@ -212,7 +212,8 @@ def geglu(backend: str, device: torch.device) -> None:
 
 
 def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
-    for dtype in (torch.float32, torch.bfloat16):
+    # softcap 2: small enough to bend these logits (|z| ~ 1), so the capped kernels' slope is exercised
+    for dtype, softcap in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 2.0)):
         n, hidden, vocab = 37, 64, 1003
         x, x_ref = _leaves(torch.randn(n, hidden, dtype=dtype), device)
         w, w_ref = _leaves((0.1 * torch.randn(vocab, hidden)).to(dtype), device)
@@ -220,12 +221,13 @@ def fused_linear_cross_entropy(backend: str, device: torch.device) -> None:
         target = torch.randint(0, classes, (n,))
         target[::5] = -100  # ignored rows
         loss = llmkern.ops.fused_linear_cross_entropy(x, w, target.to(device), label_smoothing=0.1,
-                                                      backend=backend, chunk_rows=16, num_classes=classes)
+                                                      backend=backend, chunk_rows=16, num_classes=classes,
+                                                      softcap=softcap)
         loss_ref = reference.fused_linear_cross_entropy(x_ref, w_ref, target, label_smoothing=0.1,
-                                                        num_classes=classes)
+                                                        num_classes=classes, softcap=softcap)
         loss.backward()
         loss_ref.backward()
-        name = f"fused_linear_cross_entropy {n}x{hidden} V{vocab} {dtype}"
+        name = f"fused_linear_cross_entropy {n}x{hidden} V{vocab} {dtype} softcap {softcap}"
         _check(name, loss, loss_ref, dtype)
         _check(name + " dx", x.grad, x_ref.grad, dtype)
         _check(name + " dweight", w.grad, w_ref.grad, dtype)

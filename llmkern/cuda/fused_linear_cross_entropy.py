@@ -17,10 +17,13 @@ def cross_entropy_rows(
     ignore_index: int,
     label_smoothing: float,
     compute_grad: bool,
+    softcap: float = 0.0,
 ) -> None:
     """Per-row loss into `loss` (fp32) and, when compute_grad, d loss / d logits over `logits`.
 
     logits (rows, V) with a unit column stride; target (rows,) int32 or int64; grad_scale (1,) fp32.
+    softcap > 0: the loss of the capped logits softcap * tanh(logits / softcap), and the gradient of the
+    raw logits through the cap; 0: no cap.
     """
     rows, n_classes = logits.shape
     if rows == 0:
@@ -29,6 +32,7 @@ def cross_entropy_rows(
     with on_device(logits.device):
         _backend.cuda_module().fused_linear_cross_entropy_rows(
             ptr(logits), ptr(target), ptr(loss), ptr(grad_scale),
-            rows, n_classes, logits.stride(0), int(ignore_index), float(label_smoothing), bool(compute_grad),
+            rows, n_classes, logits.stride(0), int(ignore_index), float(label_smoothing),
+            float(softcap), bool(compute_grad),
             dtype_code(logits.dtype), stream(logits.device),
         )

@@ -76,8 +76,8 @@ class GPTConfig:
     # Gemma 2's soft caps, each x -> cap * tanh(x / cap): attn_softcap on attention's scaled scores before the mask
     # (its attn_logit_softcapping, 50), logit_softcap on the LM head's logits, the loss's too (its
     # final_logit_softcapping, 30); None: no cap. Training's attention caps its scores in the Triton kernels (the CUDA
-    # ones have no cap; on a CPU, and in generation, the plain-PyTorch reference), and the loss takes its unfused path
-    # with logit_softcap.
+    # ones have no cap; on a CPU, and in generation, the plain-PyTorch reference), and the fused loss caps its logits
+    # in its row kernels (fused_linear_cross_entropy's softcap).
     attn_softcap: float | None = None
     logit_softcap: float | None = None
     dropout: float = 0.0  # on the embeddings and on each residual branch

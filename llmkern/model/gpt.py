@@ -231,7 +231,8 @@ class GPT(nn.Module):
             # takes the whole weight and writes their (zero) gradient itself: slicing the weight here
             # would make autograd zero-fill and copy another weight-sized gradient each step.
             loss = fused_linear_cross_entropy(
-                hidden, self.lm_head.weight, targets, ignore_index=-1, backend=loss_backend, num_classes=vocab
+                hidden, self.lm_head.weight, targets, ignore_index=-1, backend=loss_backend, num_classes=vocab,
+                softcap=self.config.logit_softcap,
             )
             return None, loss
         logits = self.lm_head(hidden)  # (B, T, padded_vocab_size)
@@ -248,9 +249,9 @@ class GPT(nn.Module):
 
     def _fused_loss_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """The kernel backend ("cuda" or "triton") of the fused LM head + cross-entropy of hidden states
-        of `dtype` on `device`, or None for the plain loss (fused_loss off, the torch backend, no
-        kernels that run here, or config.logit_softcap: the fused op does not cap its logits)."""
-        if not self.config.fused_loss or self.config.logit_softcap is not None:
+        of `dtype` on `device`, or None for the plain loss (fused_loss off, the torch backend, or no
+        kernels that run here). A config.logit_softcap is the op's softcap."""
+        if not self.config.fused_loss:
             return None
         backend = self.config.backend or _backend.get_backend()
         if backend == "auto":

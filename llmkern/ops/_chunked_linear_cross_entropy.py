@@ -10,6 +10,10 @@ The rows of x are walked in chunks. For each chunk:
 So only one chunk of logits exists at a time (CHUNK_BYTES), and the gradients are ready when the
 forward returns: the backward only scales them by the incoming gradient of the loss.
 
+With a soft cap (Gemma 2's final logits, softcap * tanh(z / softcap)) only the row kernel changes: it
+caps each logit as it reads it and writes the gradient of the raw logits (through the cap's slope), so
+the logits and the matmuls stay those of the plain linear layer.
+
 Why, in float16, dlogits is the gradient of the sum of the row losses, not of their mean: its
 entries are then in [-1, 1], where "mean"'s 1 / n_valid would bring a small probability of a large
 batch (2e-5 / 16384) below float16's smallest number before the backward's loss scale (65536, say)
@@ -107,6 +111,7 @@ def forward(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    softcap: float,
     need_grad_x: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
@@ -114,7 +119,8 @@ def forward(
     num_classes: int,
     cross_entropy_rows: Callable[..., None],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(loss, grad_x, grad_weight, grad_bias) of the reduced cross-entropy of x @ weight^T + bias.
+    """(loss, grad_x, grad_weight, grad_bias) of the reduced cross-entropy of x @ weight^T + bias, capped
+    to softcap * tanh(logits / softcap) first when softcap > 0 (0: no cap).
 
     x (N, H); weight (V, H) of x's dtype, or fp32 with a 16-bit x (cast once to x's dtype, as
     autocast would); target (N,) contiguous; bias (V,) or None. The classes are the first
@@ -122,7 +128,8 @@ def forward(
     those of the loss itself (d loss = 1), in the dtypes of x, weight and bias; None where not
     asked for. A float16 grad_x is that of the sum of the row losses (defers_row_scale).
     chunk_rows <= 0 picks the rows per chunk from CHUNK_BYTES. cross_entropy_rows: the backend's row
-    kernel, cross_entropy_rows(logits, target, loss, grad_scale, ignore_index, label_smoothing, compute_grad).
+    kernel, cross_entropy_rows(logits, target, loss, grad_scale, ignore_index, label_smoothing, compute_grad,
+    softcap), which caps the logits itself and writes the raw logits' gradient.
     """
     n_rows, _ = x.shape
     n_classes = num_classes
@@ -158,7 +165,7 @@ def forward(
                 torch.addmm(b, x_c, w.t(), out=logits)
             cross_entropy_rows(
                 logits, target[start:end], row_loss[start:end], grad_scale, ignore_index, label_smoothing,
-                compute_grad,
+                compute_grad, softcap,
             )
             # `logits` now holds d loss / d logits of these rows (of their summed losses when deferred).
             if need_grad_x:

@@ -2,6 +2,8 @@
 
     loss = cross_entropy(x @ weight^T + bias, target)    reduced by "mean" over non-ignored rows, or "sum"
 
+or, with Gemma 2's soft cap C (softcap=), the cross-entropy of the capped logits C * tanh(logits / C).
+
 For GPT-2 at batch 16 x 1024 the logits alone are 16384 x 50304 (1.6 GB in bf16, plus their
 gradient); the triton and cuda backends walk the rows in chunks so that only one chunk of logits
 exists, and compute the gradients of x, weight and bias during the forward (see
@@ -16,6 +18,10 @@ A vocabulary padded for speed (GPT-2's 50257 to 50304) passes the whole padded w
 num_classes = the real vocabulary: the padding rows take no part in the loss, and their gradient
 is written as zeros by the op itself, where slicing the weight outside would make autograd
 zero-fill and copy a second weight-sized gradient.
+
+The soft cap is applied by the row kernels (in fp32, as they read each logit), which also take the
+logits' gradient through it, so a capped head costs no more memory than a plain one; the torch
+backend (the reference) caps the full logits in fp32 before F.cross_entropy.
 
 Targets out of range (neither in [0, num_classes) nor ignore_index) are not checked on the host, which
 would wait for the GPU: the triton backend gives such a row a NaN loss and NaN gradients, so the
@@ -51,8 +57,10 @@ def fused_linear_cross_entropy(
     backend: str | None = None,
     chunk_rows: int | None = None,
     num_classes: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The cross-entropy loss of the logits x @ weight^T + bias against target, as a 0-d fp32 tensor.
+    """The cross-entropy loss of the logits x @ weight^T + bias (soft-capped with softcap) against target,
+    as a 0-d fp32 tensor.
 
     Args:
         x: (N, H) or (..., H) float32, float16 or bfloat16 (float64 on the torch backend). Under
@@ -70,12 +78,15 @@ def fused_linear_cross_entropy(
             chunk of about 256 MB of logits.
         num_classes: the classes are the first num_classes rows of weight (and entries of bias);
             the rest, padding, get no probability and a zero gradient. None means all V.
+        softcap: Gemma 2's final_logit_softcapping C: the loss is that of C * tanh(logits / C), and
+            every gradient goes through the cap. None or 0 means no cap; else a finite number > 0.
     """
     _checks.check_tensor("x", x)
     # Before the checks, which then see the x the matmuls take (a weight in the autocast dtype fits it).
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes)
+    cap = _checked_softcap(softcap)
     # NumPy scalars (checked above) as Python numbers, which the custom op's schema and F.cross_entropy take
     ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
     n_classes = weight.size(0) if num_classes is None else int(num_classes)
@@ -87,18 +98,32 @@ def fused_linear_cross_entropy(
     target1 = target.reshape(-1)
     if chosen == "torch":
         return reference.fused_linear_cross_entropy(
-            x2, weight, target1, bias, ignore_index, reduction, label_smoothing, n_classes
+            x2, weight, target1, bias, ignore_index, reduction, label_smoothing, n_classes, cap
         )
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 for the {chosen} backend; got {x.dtype}")
     grad_on = torch.is_grad_enabled()
     loss, _, _, _ = _fused_linear_cross_entropy_op(
-        x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing),
+        x2, weight, target1.contiguous(), bias, int(ignore_index), reduction, float(label_smoothing), cap,
         grad_on and x2.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, 0 if chunk_rows is None else int(chunk_rows),
         n_classes, chosen,
     )
     return loss
+
+
+def _checked_softcap(softcap) -> float:
+    """The cap as the kernels take it: a float > 0, or 0.0 for none (softcap None or 0)."""
+    if softcap is None:
+        return 0.0
+    # numbers.Real, not float: an int cap (30) and a NumPy scalar from a config are taken
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if softcap == 0:
+        return 0.0
+    if not 0 < softcap < math.inf:  # NaN fails this too
+        raise ValueError(f"softcap must be a finite number > 0 (or None or 0 for no cap), got {softcap}")
+    return float(softcap)
 
 
 def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes) -> None:
@@ -159,6 +184,7 @@ def _fused_linear_cross_entropy(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    softcap: float,
     need_grad_x: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
@@ -168,14 +194,15 @@ def _fused_linear_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_x, grad_weight, grad_bias) for d loss = 1 (a float16 grad_x for the sum of the row
     losses: _chunked_linear_cross_entropy.defers_row_scale); an unneeded gradient is an empty tensor.
-    The classes are weight's first num_classes rows. backend: whose row kernel runs, "cuda" or "triton"."""
+    The classes are weight's first num_classes rows; softcap > 0 caps their logits (0: no cap).
+    backend: whose row kernel runs, "cuda" or "triton"."""
     if backend == "cuda":
         from ..cuda import fused_linear_cross_entropy as kernels
     else:
         from ..triton import fused_linear_cross_entropy as kernels
 
     loss, grad_x, grad_w, grad_b = _chunked_linear_cross_entropy.forward(
-        x, weight, target, bias, ignore_index, reduction, label_smoothing,
+        x, weight, target, bias, ignore_index, reduction, label_smoothing, softcap,
         need_grad_x, need_grad_weight, need_grad_bias, chunk_rows, num_classes, kernels.cross_entropy_rows,
     )
     return loss, _or_empty(grad_x, x), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
@@ -185,8 +212,8 @@ def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if grad is None else grad
 
 
-def _fused_linear_cross_entropy_fake(x, weight, target, bias, ignore_index, reduction, label_smoothing, need_grad_x,
-                                     need_grad_weight, need_grad_bias, chunk_rows, num_classes, backend):
+def _fused_linear_cross_entropy_fake(x, weight, target, bias, ignore_index, reduction, label_smoothing, softcap,
+                                     need_grad_x, need_grad_weight, need_grad_bias, chunk_rows, num_classes, backend):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
     # contiguous whatever weight's and bias's strides: the real ones are fresh fp32 buffers cast back
@@ -200,7 +227,7 @@ def _setup_context(ctx, inputs, output):
     _, grad_x, grad_w, grad_b = output
     ctx.save_for_backward(grad_x, grad_w, grad_b, target)
     ctx.ignore_index, ctx.reduction = ignore_index, reduction
-    ctx.needs = inputs[7:10]  # need_grad_x, need_grad_weight, need_grad_bias
+    ctx.needs = inputs[8:11]  # need_grad_x, need_grad_weight, need_grad_bias
 
 
 def _scale(
@@ -232,7 +259,7 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
         grad_w if need_w else None,
         None,  # target
         grad_b if need_b else None,
-        None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None, None,  # ignore_index ... backend
     )
 
 

@@ -243,11 +243,14 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     num_classes: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """F.cross_entropy(x @ weight^T + bias, target) with the full logits: the matmul in x's dtype
     (an fp32 weight is cast to a 16-bit x's dtype, as autocast does), the cross-entropy in fp32
     (float64 for float64 inputs). x (N, H), target (N,); the classes are weight's first
-    num_classes rows (None: all). Returns the 0-d loss in that precision."""
+    num_classes rows (None: all). softcap (None or 0: none): the logits capped to
+    softcap * tanh(logits / softcap) in that precision first (Gemma 2's). Returns the 0-d loss in
+    that precision."""
     if num_classes is not None:
         weight = weight[:num_classes]
         bias = None if bias is None else bias[:num_classes]
@@ -255,7 +258,9 @@ def fused_linear_cross_entropy(
     # already; a 16-bit x of the other type would otherwise be rounded to autocast's).
     with torch.autocast(x.device.type, enabled=False):
         logits = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    logits = logits.to(_compute_dtype(x.dtype))
+    if softcap:
+        logits = soft_cap(logits, softcap)
     return torch.nn.functional.cross_entropy(
-        logits.to(_compute_dtype(x.dtype)), target.long(), ignore_index=ignore_index,
-        reduction=reduction, label_smoothing=label_smoothing,
+        logits, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
     )
