@@ -20,6 +20,8 @@ change only where its logits do (batching may change them by rounding).
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from collections.abc import Callable
 
@@ -69,6 +71,7 @@ def generate(
         raise TypeError(f"model must be a llmkern.model.GPT, got {type(model).__name__}")
     rows = _prompt_rows(prompts, model.config.vocab_size)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
+    max_new_tokens = int(max_new_tokens)  # a NumPy int as Python's: sizes the buffers and the KV cache
     if eos_token is not None and not 0 <= eos_token < model.config.vocab_size:
         # The model never emits such an id (nor a padding row's): the rows would never stop, silently.
         raise ValueError(f"eos_token must be a token id in [0, {model.config.vocab_size}), got {eos_token}")
@@ -165,14 +168,18 @@ class _CachedDecoder:
     def __init__(self, model: GPT, max_new_tokens: int):
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # None before the prefill, and again once it is full
+        self.prefilled = False
         self.start = 0  # the column of the first cached token
         self.next_pos: torch.Tensor | None = None  # (B,) the position of each row's next token
 
     def next_logits(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
+        if not self.prefilled:
             return self._prefill(tokens, valid)
-        if self.cache.full:
+        if self.cache is None or self.cache.full:
+            # From here on each step reruns the window: the cache, every layer's keys and values of the whole
+            # context (GBs at 7B scale), is let go rather than held beside the window's activations.
+            self.cache = None
             return _window_logits(self.model, tokens, valid)
         window_valid = valid[:, self.start :]
         attn_mask = window_valid[:, None, None, :]  # (B, 1, 1, Tk): the new token sees every real token
@@ -190,6 +197,7 @@ class _CachedDecoder:
         config = self.model.config
         windows = [config.layer_window(i) for i in range(config.n_layer)]  # the sliding layers' caches are rings
         self.cache = KVCache(config.n_layer, capacity, windows)
+        self.prefilled = True
         positions, attn_mask = _positions_and_mask(window_valid)
         hidden = self.model.hidden_states(window, positions, attn_mask, self.cache)
         self.next_pos = window_valid.sum(dim=1)
@@ -237,7 +245,7 @@ def _sample(
     # limit), where dividing the logits themselves overflows to inf and the softmax gives NaN.
     # A temperature below float32's smallest value would round to 0 in the division (0 / 0 = NaN for the
     # largest logit): it is clamped to the smallest normal one, where any gap gives a token no probability.
-    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    temperature = max(_as_float(temperature), torch.finfo(logits.dtype).tiny)
     # Tokens are ranked by the logits themselves: a huge temperature (inf, or past float32's range) makes
     # every scaled logit 0, a tie that would let top-k keep all tokens and top-p the first ids.
     raw = logits
@@ -269,6 +277,15 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+def _as_float(temperature: float) -> float:
+    """A temperature as a float: an int past float's range (10**400) is inf, the same limit (uniform), where
+    torch's division refused an int past int64's ("int too big to convert")."""
+    try:
+        return float(temperature)
+    except OverflowError:
+        return math.inf
+
+
 def _prompt_rows(prompts: object, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.dtype.is_floating_point or prompts.dtype == torch.bool:
@@ -281,27 +298,34 @@ def _prompt_rows(prompts: object, vocab_size: int) -> list[list[int]]:
         if not isinstance(row, (list, tuple)) or not row:
             raise ValueError(f"prompts[{i}] must be a non-empty list of token ids; got {row!r:.60}")
         for tok in row:
-            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+            if not _is_int(tok) or not 0 <= tok < vocab_size:
                 raise ValueError(f"prompts[{i}] holds {tok!r}; token ids are ints in [0, {vocab_size})")
-        rows.append(list(row))
+        rows.append([int(tok) for tok in row])  # NumPy ints as Python's: the output rows hold one kind
     return rows
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache) -> None:
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+# numbers.Integral and numbers.Real, not int and float, as llmkern's ops take them: a NumPy scalar (a token id of
+# list(array), an np.float32 temperature of a sweep) is a number too. A bool is not, NumPy's neither.
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not _is_real(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if eos_token is not None and not is_int(eos_token):
+    if eos_token is not None and not _is_int(eos_token):
         raise TypeError(f"eos_token must be None or an int, got {eos_token!r}")
-    if seed is not None and not is_int(seed):
+    if seed is not None and not _is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")

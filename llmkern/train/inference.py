@@ -109,6 +109,9 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200,
     from ..data.sequences import encode_prompt, sequence_start
     from ..model import generate
 
+    # A str is a sequence of texts too: each of its characters would be sampled as a prompt, silently.
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompts must be a non-empty list of texts, got {prompts!r:.60}")
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_token=tokenizer.eot_token, seed=seed)
@@ -124,7 +127,8 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200,
 
 def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, max_batches: int = 100,
                  device: str | torch.device = "auto", seq_len: int | None = None) -> dict[str, float]:
-    """Loss and perplexity of a run's model on a split of token shards (sequential windows from the start)."""
+    """Loss and perplexity of a run's model on a split of token shards (sequential windows from the start), with
+    document masking where the run was trained with it (TrainConfig.document_masking), as its trainer validated."""
     from ..data.loader import TokenLoader
     from ..data.shards import load_manifest
     from .trainer import evaluate_loss
@@ -135,7 +139,11 @@ def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: in
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
         raise ValueError(f"seq_len must be an int >= 1 or None, got {seq_len!r}")
     device = resolve_device(device)
-    model, tokenizer, _ = load_trained_model(run_dir, device)
+    model, tokenizer, state = load_trained_model(run_dir, device)
+    # Scored without it, a document-masked run's tokens would see the documents before them, at positions that do
+    # not restart: another loss than its trainer's validation of the same windows. (A fine-tuning run's config
+    # has no such setting.)
+    document_ids = bool(state.meta.get("config", {}).get("document_masking", False))
     from ..data.tokenizer import same_tokenizer
 
     manifest = load_manifest(data_dir)
@@ -144,10 +152,12 @@ def evaluate_run(run_dir: str, data_dir: str, split: str = "val", batch_size: in
         raise ValueError(f"the data in {data_dir!r} was tokenized with {data_tokenizer!r}, the model with "
                          f"{tokenizer.spec!r}")
     seq_len = seq_len or model.config.block_size
-    loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device)
+    loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device,
+                         document_ids=document_ids)
     if 0 < loader.windows_per_epoch < batch_size:  # one batch would wrap around and score windows twice
         batch_size = loader.windows_per_epoch
-        loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device)
+        loader = TokenLoader(data_dir, split, batch_size, seq_len, mode="sequential", device=device,
+                             document_ids=document_ids)
     batches = max(1, min(max_batches, loader.batches_per_epoch))
     loss = evaluate_loss(model, loader, batches)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
