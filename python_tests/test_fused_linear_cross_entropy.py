@@ -595,6 +595,10 @@ def _good():
         ({"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
         ({"softcap": math.inf}, ValueError, "softcap must be a finite number > 0"),
         ({"softcap": math.nan}, ValueError, "softcap must be a finite number > 0"),
+        # the kernels take the cap in fp32: past its range the triton and torch losses were NaN, and a cap that
+        # rounds to 0 there was silently no cap on cuda
+        ({"softcap": 1e39}, ValueError, "softcap must be finite in float32"),
+        ({"softcap": 1e-46}, ValueError, "softcap must be finite in float32"),
         ({"softcap": "30"}, TypeError, "softcap must be a float"),
         ({"softcap": True}, TypeError, "softcap must be a float"),
         (dict(backend="cuda"), ValueError, "backend='cuda' cannot run"),
@@ -732,14 +736,16 @@ def test_triton_kernel_reads_the_target_logit_before_overwriting_the_row():
     out = run_build('''
     from llmkern.triton import fused_linear_cross_entropy as k
     for arch in (80, 90):
-        ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
-                                                   "GRAD_SCALE": "*fp32", "logits_stride": "i32", "n_classes": "i32",
-                                                   "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32"},
-                    {"COMPUTE_GRAD": True, "HAS_SOFTCAP": False, "BLOCK": 4096}, arch, num_warps=8)
-        after_loss = ptx[ptx.index("st.global.b32"):]
-        print(arch, "bar.sync" in after_loss[:after_loss.index("st.global.b16")])
+        for cap in (False, True):  # the capped kernel reads the target's logit and caps it before the barrier too
+            ptx = build(k._cross_entropy_rows_kernel, {"LOGITS": "*bf16", "TARGET": "*i64", "LOSS": "*fp32",
+                                                       "GRAD_SCALE": "*fp32", "logits_stride": "i32",
+                                                       "n_classes": "i32", "ignore_index": "i32",
+                                                       "label_smoothing": "fp32", "softcap": "fp32"},
+                        {"COMPUTE_GRAD": True, "HAS_SOFTCAP": cap, "BLOCK": 4096}, arch, num_warps=8)
+            after_loss = ptx[ptx.index("st.global.b32"):]
+            print(arch, cap, "bar.sync" in after_loss[:after_loss.index("st.global.b16")])
     ''')
-    assert out.split() == ["80", "True", "90", "True"], out
+    assert out.split() == ["80", "False", "True", "80", "True", "True", "90", "False", "True", "90", "True", "True"], out
 
 
 def test_fake_kernel_strides_match_for_a_transposed_weight():
@@ -780,16 +786,19 @@ def test_autocast_casts_x_before_checking_the_weight_dtype(backend):
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("vocab,banned", [(9, [5]), (4100, list(range(4096)))], ids=["one", "a-whole-block"])
-def test_classes_banned_with_a_bias_of_minus_inf(backend, device, vocab, banned):
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-cap", "cap"])
+def test_classes_banned_with_a_bias_of_minus_inf(backend, device, vocab, banned, softcap):
     """A bias of -inf bans classes (their logits are -inf): the loss and gradients stay finite, as
-    F.cross_entropy's (0 * inf in the smoothing term, and exp(-inf - -inf) in the running max, were NaN)."""
+    F.cross_entropy's (0 * inf in the smoothing term, and exp(-inf - -inf) in the running max, were NaN).
+    With a cap a banned logit is worth -softcap, as in the reference, which caps before the softmax, and its
+    gradient is 0 (the cap's slope there)."""
     x, weight, _, _ = _make(6, vocab, 16, torch.float32, device=device)
     bias = torch.zeros(vocab, device=device)
     bias[banned] = -math.inf
     allowed = [c for c in range(vocab) if c not in set(banned)]
     target = torch.tensor([allowed[i % len(allowed)] for i in range(6)], device=device)
-    ours = lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=4)  # noqa: E731
-    ref = lambda x, w, t, b: reference.fused_linear_cross_entropy(x, w, t, b)  # noqa: E731
+    ours = lambda x, w, t, b: flce(x, w, t, bias=b, backend=backend, chunk_rows=4, softcap=softcap)  # noqa: E731
+    ref = lambda x, w, t, b: reference.fused_linear_cross_entropy(x, w, t, b, softcap=softcap)  # noqa: E731
     loss, grads = _loss_and_grads(ours, x, weight, target, bias)
     loss64, grads64 = _loss_and_grads(ref, x.double(), weight.double(), target, bias.double())
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads[:2])

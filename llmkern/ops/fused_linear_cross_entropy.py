@@ -79,7 +79,8 @@ def fused_linear_cross_entropy(
         num_classes: the classes are the first num_classes rows of weight (and entries of bias);
             the rest, padding, get no probability and a zero gradient. None means all V.
         softcap: Gemma 2's final_logit_softcapping C: the loss is that of C * tanh(logits / C), and
-            every gradient goes through the cap. None or 0 means no cap; else a finite number > 0.
+            every gradient goes through the cap. None or 0 means no cap; else a number > 0, finite in
+            float32 (the kernels take it in fp32).
     """
     _checks.check_tensor("x", x)
     # Before the checks, which then see the x the matmuls take (a weight in the autocast dtype fits it).
@@ -113,7 +114,7 @@ def fused_linear_cross_entropy(
 
 
 def _checked_softcap(softcap) -> float:
-    """The cap as the kernels take it: a float > 0, or 0.0 for none (softcap None or 0)."""
+    """The cap as the kernels take it: a float > 0 within float32's range, or 0.0 for none (softcap None or 0)."""
     if softcap is None:
         return 0.0
     # numbers.Real, not float: an int cap (30) and a NumPy scalar from a config are taken
@@ -123,7 +124,9 @@ def _checked_softcap(softcap) -> float:
         return 0.0
     if not 0 < softcap < math.inf:  # NaN fails this too
         raise ValueError(f"softcap must be a finite number > 0 (or None or 0 for no cap), got {softcap}")
-    return float(softcap)
+    # The kernels take it in fp32: a cap that rounds to inf there makes NaN losses, one that rounds to 0
+    # is no cap at all in the cuda kernel.
+    return _checks.check_positive_float("softcap", softcap)
 
 
 def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_rows, num_classes) -> None:
