@@ -1161,4 +1161,8 @@ def test_eval_command_fewshot_data_needs_fewshot_and_a_file(tmp_path, tiny_run, 
     assert "--fewshot-data needs --fewshot K" in capsys.readouterr().err
     assert main(base + ["--fewshot", "1", "--fewshot-data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl' is not a file" in capsys.readouterr().err
-    assert main(base + ["--fewshot", "1", "--fewshot-data", str(task)]) == 0
+    shots = tmp_path / "shots.jsonl"  # another example: the task's own would be its shot (and answer)
+    shots.write_text(json.dumps({"context": "other question?", "choices": ["yes", "no"], "answer": 1}))
+    assert main(base + ["--fewshot", "1", "--fewshot-data", str(shots)]) == 0
+    assert main(base + ["--fewshot", "1", "--fewshot-data", str(task)]) == 2
+    assert "fewshot=1 needs 1 solved examples; the few-shot data has 0" in capsys.readouterr().err

@@ -176,3 +176,21 @@ def test_accuracy_stderr_is_reported_on_fresh_outcomes():
     p, n = sum(right) / len(right), len(right)
     assert result["accuracy"] == pytest.approx(p)
     assert result["accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) * n / (n - 1) / n))
+
+
+def test_first_shots_from_a_file_holding_the_example_leave_it_out(tmp_path):
+    # The harness drops a shot equal to the doc (`x != doc`); the few-shot file is read apart from the task, so
+    # its copy of an example is another object, equal to it: it must not be the example's own shot (its answer).
+    rows = [{"context": f"Question {i}?\nAnswer:", "choices": [f"yes {i}", f"no {i}"], "answer": i % 2}
+            for i in range(4)]
+    path = write_jsonl(tmp_path / "task.jsonl", rows)
+    model = tiny_gpt()
+    shot = evaluate_choices(model, BYTES, path, fewshot=2, fewshot_data=path, return_predictions=True)
+    tests = load_choice_tasks(path)
+    by_hand = []
+    for ex in tests:
+        others = [s for s in tests if s.context != ex.context][:2]
+        prefix = "".join(f"{s.context} {s.choices[s.answer]}\n\n" for s in others)
+        by_hand.append(ChoiceExample(prefix + ex.context, ex.choices, ex.answer))
+    assert shot["predictions"] == evaluate_choices(model, BYTES, by_hand, return_predictions=True)["predictions"]
+    assert with_fewshot(tests, load_choice_tasks(path), 2, first=True)[0].context == by_hand[0].context

@@ -305,3 +305,32 @@ def test_rows_and_columns_permuted_by_the_exporter_are_followed(tmp_path, monkey
     got = apply_peft_by_its_rule(base, str(tmp_path / "a"))
     for key in merged:
         torch.testing.assert_close(got[key], merged[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_a_run_s_adapter_folder_carries_the_tokenizer_it_was_trained_with(tmp_path):
+    """The tokenizer files beside the adapter are the run's own, as `llmkern export` loads it: after the tokenizer
+    file the run names was retrained the run folder's copy is written (not the new file), and with it gone the
+    export still succeeds with that copy."""
+    import shutil
+
+    from llmkern.data.bpe import train_bpe
+
+    _, config, _ = MODELS["llama-gqa"]
+    model = lora_model(config)
+    bpe = tmp_path / "data" / "bpe.tiktoken"
+    bpe.parent.mkdir()
+    train_bpe(["the cat sees the moon and the sun. " * 20], 280, str(bpe), num_workers=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_lora_adapters(str(run / "lora.safetensors"), model, {"rank": RANK, "alpha": ALPHA, "dropout": 0.0})
+    save_finetuned(str(run), 1, merge_lora(model).state_dict(), {"model_config": config.to_dict(),
+                                                                 "tokenizer": str(bpe)})
+    save_peft_adapter_from_run(str(run), str(tmp_path / "trained"))
+    trained = (tmp_path / "trained" / "tokenizer.json").read_text(encoding="utf-8")
+
+    train_bpe(["something else entirely, " * 50], 290, str(bpe), num_workers=1)  # the file retrained
+    save_peft_adapter_from_run(str(run), str(tmp_path / "retrained"))
+    assert (tmp_path / "retrained" / "tokenizer.json").read_text(encoding="utf-8") == trained
+    shutil.rmtree(tmp_path / "data")  # the file gone
+    save_peft_adapter_from_run(str(run), str(tmp_path / "gone"))
+    assert (tmp_path / "gone" / "tokenizer.json").read_text(encoding="utf-8") == trained

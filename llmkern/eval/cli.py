@@ -193,7 +193,7 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
                               return_predictions=args.predictions, progress=progress, fewshot=args.fewshot,
                               fewshot_data=args.fewshot_data)
     result["data"] = os.path.abspath(args.data)
-    # WinoGrande: no acc_norm; TruthfulQA MC2: mc2 alone; TruthfulQA's export (MC1 and MC2): all three
+    # acc_norm where the task's harness yaml lists it; TruthfulQA MC2: mc2; its export (MC1 and MC2): both
     return result, [name for name in ("accuracy", "acc_norm", "mc2", "examples") if name in result]
 
 

@@ -46,6 +46,7 @@ import json
 import math
 import os
 from dataclasses import replace
+from itertools import islice
 from typing import Any, Sequence
 
 import torch
@@ -278,7 +279,10 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
 
 
 def _first_shots(ex: ChoiceExample, pool: Sequence[ChoiceExample], k: int) -> list[ChoiceExample]:
-    shots = [s for s in pool if s.description == ex.description and s is not ex][:k]
+    # != as the harness's `x != doc`, not `is not`: a few-shot file is read apart from the task, so the copy it
+    # holds of the example is another object, and it wrote the example's own answer before it. The scan stops at
+    # the k-th shot, not comparing whole examples across all the pool for each example scored.
+    shots = list(islice((s for s in pool if s.description == ex.description and s != ex), k))
     if len(shots) < k:
         about = f" with the description {ex.description.strip()!r}" if ex.description else ""
         raise ValueError(f"fewshot={k} needs {k} solved examples{about}; the few-shot data has {len(shots)}")

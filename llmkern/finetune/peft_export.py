@@ -107,8 +107,17 @@ def save_peft_adapter_from_run(run: str, out_dir: str, family: str | None = None
     _refuse_scoring_run(run, meta)
     adapters = read_run_adapters(_run_lora_file(run), GPTConfig.from_dict(meta["model_config"]))
     family = family or family_of_source(recorded_hf_source(meta))
-    tokenizer = RunTokenizer(meta.get("tokenizer"), trained_prompt_format(meta), adapters.config.block_size)
+    tokenizer = RunTokenizer(_run_tokenizer_spec(run), trained_prompt_format(meta), adapters.config.block_size)
     return write_peft_folder(adapters, out_dir, family, base_model_name_or_path, dtype, force, tokenizer)
+
+
+def _run_tokenizer_spec(run: str) -> str | None:
+    """The tokenizer spec the run loads with, as `llmkern export` reads it for the merged folder: meta.json's
+    names a file that may have been retrained or moved since, in which case the run folder's copy stands in
+    (llmkern.train.checkpoint), so that both folders carry the tokenizer the run was trained with."""
+    from ..train import checkpoint as ckpt
+
+    return ckpt.load_checkpoint_without_weights(run, rank=0).meta.get("tokenizer")
 
 
 def adapters_of_model(model: GPT) -> Adapters:
