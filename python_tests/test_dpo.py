@@ -80,6 +80,187 @@ def test_dpo_loss_bad_arguments():
         dpo_loss(x2, x2, x2, x2)
 
 
+def random_logps(seed, n=9):
+    """Four (n,) float64 log-prob vectors (policy chosen, policy rejected, reference chosen, reference rejected),
+    spread so that beta * h lands on both sides of the hinge's kink."""
+    generator = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=generator, dtype=torch.float64) * 8) for _ in range(4)]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_each_loss_type_against_its_formula_in_float64(loss_type):
+    # TRL's DPOTrainer definitions, h = (pc - rc) - (pr - rr): sigmoid -log sigmoid(beta h), IPO
+    # (h - 1 / (2 beta))^2, SLiC's hinge relu(1 - beta h); the gradient of each written out by hand.
+    pc, pr, rc, rr = random_logps(seed=11)
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    beta, n = 0.7, pc.numel()
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type)
+    h = ((pc - rc) - (pr - rr)).detach()
+    if loss_type == "sigmoid":
+        expected = torch.log1p(torch.exp(-beta * h)).mean()
+        slope = -beta * torch.sigmoid(-beta * h)  # d loss_i / d h_i
+    elif loss_type == "ipo":
+        expected = ((h - 1 / (2 * beta)) ** 2).mean()
+        slope = 2 * (h - 1 / (2 * beta))
+    else:
+        assert 0 < int((beta * h < 1).sum()) < n  # both sides of the kink
+        expected = torch.clamp(1 - beta * h, min=0).mean()
+        slope = torch.where(beta * h < 1, torch.full_like(h, -beta), torch.zeros_like(h))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chosen, beta * (pc - rc).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(rejected, beta * (pr - rr).detach(), rtol=1e-12, atol=0)
+    loss.backward()
+    torch.testing.assert_close(pc.grad, slope / n, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(pr.grad, -slope / n, rtol=1e-10, atol=1e-14)
+
+
+def test_simpo_loss_against_its_formula_in_float64():
+    # SimPO: -log sigmoid(beta (c - r) - gamma) on the mean per-token log-probs, no reference; rewards beta * c.
+    from llmkern.finetune.dpo import simpo_loss
+
+    c, r, _, _ = random_logps(seed=12)
+    c = (c / 4).requires_grad_(True)
+    beta, gamma = 2.5, 0.8
+    loss, chosen, rejected = simpo_loss(c, r / 4, beta=beta, gamma=gamma)
+    margin = beta * (c.detach() - r / 4) - gamma
+    torch.testing.assert_close(loss, torch.log1p(torch.exp(-margin)).mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(chosen, beta * c.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(rejected, beta * r / 4, rtol=1e-12, atol=0)
+    loss.backward()
+    torch.testing.assert_close(c.grad, -beta * torch.sigmoid(-margin) / c.numel(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
+def test_dpo_batch_loss_scores_ipo_and_simpo_by_the_mean_log_prob_per_response_token(loss_type):
+    # IPO (as TRL's DPOTrainer does) and SimPO divide each response's summed log-prob, the policy's and the
+    # reference's, by its length (its tokens and end-of-text); the others keep the sums. Responses of
+    # different lengths, so that a sum passed for a mean (or the chosen length for the rejected) shows.
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.dpo import (
+        chosen_rejected_logps,
+        collate_pairs,
+        dpo_batch_loss,
+        encode_preference,
+        simpo_loss,
+    )
+
+    tokenizer = get_tokenizer("bytes")
+    examples = [{"instruction": "Say hi.", "input": "", "chosen": "Hello there, friend!", "rejected": "No."},
+                {"instruction": "Name a colour.", "input": "", "chosen": "Red.", "rejected": "A big wooden table."}]
+    encoded = [encode_preference(tokenizer, ex, 256) for ex in examples]
+    for enc, ref in zip(encoded, ([-31.5, -12.25], [-9.0, -40.75])):
+        enc["ref_chosen"], enc["ref_rejected"] = ref
+    batch = collate_pairs(encoded, tokenizer.eot_token)
+    policy = make_base_model(seed=4).eval()
+    beta = 0.3
+    with torch.no_grad():
+        loss, metrics = dpo_batch_loss(policy, batch, beta=beta, loss_type=loss_type)
+        chosen, rejected = (t.double() for t in chosen_rejected_logps(policy, batch))
+    lengths = {side: torch.tensor([len(ex["chosen" if side == "chosen" else "rejected"].encode()) + 1
+                                   for ex in examples], dtype=torch.float64) for side in ("chosen", "rejected")}
+    ref_chosen = torch.tensor([enc["ref_chosen"] for enc in encoded], dtype=torch.float64)
+    ref_rejected = torch.tensor([enc["ref_rejected"] for enc in encoded], dtype=torch.float64)
+    if loss_type in ("ipo", "simpo"):
+        chosen, rejected = chosen / lengths["chosen"], rejected / lengths["rejected"]
+        ref_chosen, ref_rejected = ref_chosen / lengths["chosen"], ref_rejected / lengths["rejected"]
+    if loss_type == "simpo":
+        expected, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, beta=beta)
+    else:
+        expected, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
+                                                              loss_type=loss_type)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["reward_margin"].item() == pytest.approx((chosen_rewards - rejected_rewards).mean().item(),
+                                                            rel=1e-5, abs=1e-6)
+    assert metrics["reward_accuracy"].item() == (chosen_rewards > rejected_rewards).double().mean().item()
+
+
+def test_the_loss_types_refuse_settings_they_do_not_read():
+    from llmkern.finetune.dpo import simpo_loss
+
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing=0.1 is defined for loss_type='sigmoid' alone"):
+        dpo_loss(x, x, x, x, label_smoothing=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="simpo_loss"):  # SimPO has no reference log-probs to compare with
+        dpo_loss(x, x, x, x, loss_type="simpo")
+    with pytest.raises(ValueError, match="simpo_gamma"):
+        simpo_loss(x, x, gamma=-0.1)
+    with pytest.raises(ValueError, match="rejected"):
+        simpo_loss(x, torch.zeros(4))
+    base = {"data": "x.json"}
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        DPOConfig(**base, loss_type="IPO").validate()
+    for loss_type in ("ipo", "hinge", "simpo"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            DPOConfig(**base, loss_type=loss_type, label_smoothing=0.1).validate()
+    with pytest.raises(ValueError, match="simpo_gamma"):  # SimPO's margin, read by no other loss
+        DPOConfig(**base, loss_type="ipo", simpo_gamma=1.0).validate()
+    for gamma in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="simpo_gamma"):
+            DPOConfig(**base, loss_type="simpo", simpo_gamma=gamma).validate()
+    with pytest.raises(ValueError, match="reference='ref'"):  # SimPO is reference-free: a reference is never read
+        DPOConfig(**base, loss_type="simpo", reference="ref").validate()
+    DPOConfig(**base, loss_type="simpo", simpo_gamma=1.5).validate()
+    DPOConfig(**base, label_smoothing=0.1).validate()
+
+
+def test_simpo_loads_and_scores_no_reference(tmp_path, monkeypatch):
+    # The base alone is read (counted at load_base), and the reference is neither loaded nor scored; the same
+    # count with the sigmoid loss and a reference folder reads two models.
+    import llmkern.finetune.base
+    from llmkern.finetune import dpo
+
+    loads = []
+    load_base = llmkern.finetune.base.load_base
+
+    def counting_load_base(config, *args, **kwargs):
+        loads.append(config.base)
+        return load_base(config, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("SimPO loaded or scored a reference")
+
+    monkeypatch.setattr(llmkern.finetune.base, "load_base", counting_load_base)
+    make_base(tmp_path / "base")
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "chosen": str(i), "rejected": "No."}
+                                for i in range(4)]))
+    settings = {"base": str(tmp_path / "base"), "data": str(data), "max_steps": 1, "batch_size": 2, "max_len": 256,
+                "val_fraction": 0.0, "device": "cpu", "progress": False}
+    run_dpo(DPOConfig(**settings, out_dir=str(tmp_path / "dpo"), reference=str(tmp_path / "base")))
+    assert loads == [str(tmp_path / "base")] * 2
+    loads.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo, "load_reference", never)
+        patch.setattr(dpo, "add_reference_logps", never)
+        summary = run_dpo(DPOConfig(**settings, out_dir=str(tmp_path / "simpo"), loss_type="simpo", beta=2.0))
+    assert loads == [str(tmp_path / "base")] and summary["steps"] == 1
+
+
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5), ("hinge", 0.1), ("simpo", 2.0)])
+def test_each_loss_type_trains_down_its_loss_and_up_its_reward_margin(tmp_path, loss_type, beta):
+    # One batch of all the pairs, so that step 1's logged loss is the untrained policy's on the pairs that the
+    # closing evaluation scores after training.
+    from llmkern.train.metrics import read_metrics
+
+    make_base(tmp_path / "base")
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "chosen": f"Yes {i}.", "rejected": "No!"}
+                                for i in range(4)]))
+    config = DPOConfig(base=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "dpo"), max_steps=8,
+                       batch_size=4, max_len=256, lr=1e-2, min_lr=1e-3, warmup_steps=1, val_fraction=0.0,
+                       device="cpu", progress=False, loss_type=loss_type, beta=beta)
+    summary = run_dpo(config)
+    first = next(r for r in read_metrics(summary["metrics"]) if r["kind"] == "train" and r["step"] == 1)
+    final = summary["train_eval"]
+    assert final["train_loss"] < 0.8 * first["loss"], (first, final)
+    assert final["train_reward_margin"] > first["reward_margin"] + 0.1, (first, final)
+    assert final["train_reward_accuracy"] == 1.0
+
+
 def test_chosen_rejected_logps_sum_each_response_alone_and_the_reference_stores_its_own():
     """The log-prob of a response is the sum over its tokens and its end-of-text, never the prompt's, read
     from the chosen half and the rejected half of the batch in that order; add_reference_logps stores the
@@ -246,9 +427,9 @@ def test_dpo_skips_pairs_that_read_the_same(tmp_path):
         run_dpo(DPOConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "dpo2")}))
 
 
-def test_a_dpo_resume_with_another_beta_or_label_smoothing_is_refused(tmp_path):
-    # The examples and batch settings alone let a resume continue under another loss: beta and
-    # label_smoothing are recorded with the training state and compared too.
+def test_a_dpo_resume_with_another_beta_label_smoothing_or_loss_type_is_refused(tmp_path):
+    # The examples and batch settings alone let a resume continue under another loss: beta,
+    # label_smoothing and loss_type are recorded with the training state and compared too.
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "chosen": str(i), "rejected": "No."}
                                 for i in range(6)]))
@@ -258,7 +439,8 @@ def test_a_dpo_resume_with_another_beta_or_label_smoothing_is_refused(tmp_path):
                        device="cpu", progress=False)
     run_dpo(config)  # its state at step 1 is kept
     for change, message in (({"beta": 0.5}, r"'beta': \(0.1, 0.5\)"),
-                            ({"label_smoothing": 0.2}, r"'label_smoothing': \(0.0, 0.2\)")):
+                            ({"label_smoothing": 0.2}, r"'label_smoothing': \(0.0, 0.2\)"),
+                            ({"loss_type": "hinge"}, r"'loss_type': \('sigmoid', 'hinge'\)")):
         with pytest.raises(ValueError, match=message):
             run_dpo(DPOConfig(**{**config.to_dict(), "resume": True, **change}))
     assert run_dpo(DPOConfig(**{**config.to_dict(), "resume": True}))["steps"] == 2

@@ -9,6 +9,11 @@ reference never changes. Logged per step and on the held-out pairs: the loss, th
 often the chosen response's implicit reward beta * log(pi / pi_ref) beats the rejected one's) and the
 mean reward margin.
 
+config.loss_type picks the loss, as TRL's DPOTrainer names them: "sigmoid" (DPO, with label_smoothing
+conservative DPO), "ipo" (Azar et al., 2023), "hinge" (SLiC) and "simpo" (Meng et al., 2024). IPO and SimPO
+score a response by its mean log-prob per token instead of the sum (their rewards too); SimPO has no
+reference at all (none is loaded or scored), its implicit reward being beta * that mean.
+
 Under parallel="fsdp" no rank holds a whole model on its GPU: rank 0 alone reads the policy and the
 reference (onto its CPU), the reference is sharded like the policy to score the examples (each rank its
 share of them, which every rank then gathers), and the closing evaluation on the training pairs runs on
@@ -30,21 +35,34 @@ from torch import nn
 
 from .config import FinetuneConfig
 
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+REFERENCE_FREE_LOSSES = ("simpo",)  # no reference model is loaded or scored for these
+# these score a response by its mean log-prob per token (the sum's scale grows with the length, and IPO's
+# squared loss and SimPO's fixed margin gamma would then weigh long responses more), policy and reference alike
+PER_TOKEN_LOSSES = ("ipo", "simpo")
+DEFAULT_SIMPO_GAMMA = 0.5  # TRL's default (its CPOConfig's simpo_gamma)
+
 
 @dataclass
 class DPOConfig(FinetuneConfig):
-    """FinetuneConfig plus DPO's temperature, label smoothing and the reference model."""
+    """FinetuneConfig plus DPO's loss (its type, temperature, label smoothing, SimPO's margin) and the reference
+    model."""
 
-    beta: float = 0.1  # how far the policy may move from the reference: larger = closer
-    label_smoothing: float = 0.0  # the assumed fraction of flipped labels (conservative DPO); in [0, 0.5)
+    beta: float = 0.1  # how far the policy may move from the reference: larger = closer (SimPO: its reward scale)
+    label_smoothing: float = 0.0  # the assumed fraction of flipped labels (conservative DPO); in [0, 0.5); sigmoid only
     reference: str = ""  # the reference model: a run or checkpoint folder; "" = the base itself, frozen
+    loss_type: str = "sigmoid"  # one of LOSS_TYPES: "sigmoid" (DPO), "ipo", "hinge" (SLiC), "simpo" (no reference)
+    simpo_gamma: float = DEFAULT_SIMPO_GAMMA  # SimPO's target reward margin, >= 0; loss_type="simpo" only
 
     EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
 
     def validate(self) -> DPOConfig:
         super().validate()
         check_beta(self.beta)
-        check_label_smoothing(self.label_smoothing)
+        check_loss_settings(self.loss_type, self.label_smoothing, self.simpo_gamma)
+        if self.reference and self.loss_type in REFERENCE_FREE_LOSSES:
+            raise ValueError(f"reference={self.reference!r}: loss_type={self.loss_type!r} uses no reference model "
+                             f"(leave reference empty, or pick a loss_type that has one)")
         if not self.data:
             raise ValueError("data must name a preference file (.json or .jsonl with instruction, input, "
                              "chosen, rejected)")
@@ -53,32 +71,68 @@ class DPOConfig(FinetuneConfig):
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sigmoid DPO loss of Rafailov et al. (2023) and the implicit rewards; each input is (B,).
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A DPO-family loss of the policy against the reference and the implicit rewards; each input is (B,).
 
     With the log-ratios r_c = policy_chosen - ref_chosen and r_r = policy_rejected - ref_rejected and
-    z = beta * (r_c - r_r), the loss is the mean over the batch of
-        -(1 - label_smoothing) * log sigmoid(z) - label_smoothing * log sigmoid(-z)
-    (label_smoothing > 0 is conservative DPO: it assumes that fraction of the labels is flipped).
+    h = r_c - r_r, the loss is the mean over the batch of, by loss_type (TRL's DPOTrainer's definitions):
+        "sigmoid": -(1 - label_smoothing) * log sigmoid(beta h) - label_smoothing * log sigmoid(-beta h)
+                   (Rafailov et al., 2023; label_smoothing > 0 is conservative DPO: it assumes that fraction
+                   of the labels is flipped)
+        "ipo":     (h - 1 / (2 beta))^2 (Azar et al., 2023, eq. 17, with beta as its tau)
+        "hinge":   relu(1 - beta h) (SLiC-HF, Zhao et al., 2023)
+    label_smoothing is defined for "sigmoid" alone. The log-probs are what the loss scores a response by: for
+    "ipo" the mean per token of the response (PER_TOKEN_LOSSES; dpo_batch_loss divides), else the sum. SimPO
+    has no reference: simpo_loss.
     Returns (loss, chosen_rewards, rejected_rewards) with rewards beta * r_c and beta * r_r, detached.
     """
-    inputs = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    _check_logps({"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+                  "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps})
+    check_beta(beta)
+    check_loss_settings(loss_type, label_smoothing, DEFAULT_SIMPO_GAMMA)
+    if loss_type in REFERENCE_FREE_LOSSES:
+        raise ValueError(f"loss_type={loss_type!r} has no reference log-probs to compare with: use simpo_loss")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio  # (B,)
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, beta: float = 2.0,
+               gamma: float = DEFAULT_SIMPO_GAMMA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO's loss (Meng et al., 2024), reference-free and length-normalized, and its implicit rewards; each
+    input is (B,): a response's mean log-prob per token under the policy.
+
+    The loss is the mean over the batch of -log sigmoid(beta * (chosen - rejected) - gamma): the chosen
+    response's reward beta * chosen must beat the rejected one's by the margin gamma (>= 0). Returns (loss,
+    chosen_rewards, rejected_rewards) with rewards beta * chosen and beta * rejected, detached.
+    """
+    _check_logps({"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps})
+    check_beta(beta)
+    check_simpo_gamma(gamma)
+    chosen_rewards, rejected_rewards = beta * policy_chosen_logps, beta * policy_rejected_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _check_logps(inputs: dict[str, Any]) -> None:
+    """TypeError or ValueError unless every input is a 1-D tensor, all of one shape (the first's)."""
+    first_name, first = next(iter(inputs.items()))
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 1:
             raise ValueError(f"the log-probs must be 1-D (B,); {name} has shape {tuple(t.shape)}")
-        if t.shape != policy_chosen_logps.shape:
+        if t.shape != first.shape:
             raise ValueError(f"the log-probs must all have one shape; {name} has {tuple(t.shape)}, "
-                             f"policy_chosen_logps has {tuple(policy_chosen_logps.shape)}")
-    check_beta(beta)
-    check_label_smoothing(label_smoothing)
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    z = beta * (chosen_ratio - rejected_ratio)  # (B,)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    return losses.mean(), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+                             f"{first_name} has {tuple(first.shape)}")
 
 
 def check_beta(beta: object) -> None:
@@ -91,6 +145,26 @@ def check_label_smoothing(label_smoothing: object) -> None:
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
             or not 0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
+
+
+def check_simpo_gamma(gamma: object) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
+        raise ValueError(f"simpo_gamma must be a finite number >= 0, got {gamma!r}")
+
+
+def check_loss_settings(loss_type: object, label_smoothing: object, simpo_gamma: object) -> None:
+    """ValueError unless loss_type is one of LOSS_TYPES and the settings it reads are valid, and a setting it
+    does not read is left at its default (set, it would be silently ignored)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_label_smoothing(label_smoothing)
+    check_simpo_gamma(simpo_gamma)
+    if label_smoothing != 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing} is defined for loss_type='sigmoid' alone "
+                         f"(conservative DPO), not {loss_type!r}; leave it at 0")
+    if simpo_gamma != DEFAULT_SIMPO_GAMMA and loss_type != "simpo":
+        raise ValueError(f"simpo_gamma={simpo_gamma} is SimPO's margin: it needs loss_type='simpo', not "
+                         f"{loss_type!r}")
 
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,15 +229,42 @@ def chosen_rejected_logps_and_aux_loss(model, batch: dict[str, torch.Tensor]
     return logps[:half], logps[half:], aux
 
 
-def dpo_batch_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1, label_smoothing: float = 0.0
+def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) float counts of the scored tokens (the response's and its end-of-text) of the chosen and of the
+    rejected rows of a collate_pairs batch: what a per-token mean divides the summed log-probs by."""
+    from .data import IGNORE
+
+    counts = (batch["targets"] != IGNORE).sum(dim=1).float()  # (2B,); encode_preference keeps no row without one
+    half = counts.size(0) // 2
+    return counts[:half], counts[half:]
+
+
+def dpo_batch_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1, label_smoothing: float = 0.0,
+                   loss_type: str = "sigmoid", simpo_gamma: float = DEFAULT_SIMPO_GAMMA
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy's DPO loss on a collate_pairs batch that carries the reference log-probs, and its pair_metrics;
-    a mixture-of-experts policy in training mode adds its load-balancing loss (finetune.aux_loss)."""
+    """The policy's loss of `loss_type` on a collate_pairs batch (carrying the reference's summed log-probs
+    unless the loss is reference-free), and its pair_metrics; a mixture-of-experts policy in training mode adds
+    its load-balancing loss (finetune.aux_loss). For PER_TOKEN_LOSSES the policy's and the reference's sums are
+    divided by each response's length, as TRL's DPOTrainer does for IPO (and SimPO defines)."""
     from .aux_loss import with_aux_loss
 
+    check_loss_settings(loss_type, label_smoothing, simpo_gamma)
+    reference_free = loss_type in REFERENCE_FREE_LOSSES
+    if not reference_free and "ref_chosen" not in batch:
+        raise ValueError(f"loss_type={loss_type!r} compares with the reference: the batch must carry its log-probs "
+                         f"(add_reference_logps)")
     chosen, rejected, aux = chosen_rejected_logps_and_aux_loss(model, batch)
-    loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
-                                                      beta, label_smoothing)
+    ref_chosen, ref_rejected = (None, None) if reference_free else (batch["ref_chosen"], batch["ref_rejected"])
+    if loss_type in PER_TOKEN_LOSSES:
+        chosen_len, rejected_len = response_lengths(batch)
+        chosen, rejected = chosen / chosen_len, rejected / rejected_len
+        if not reference_free:
+            ref_chosen, ref_rejected = ref_chosen / chosen_len, ref_rejected / rejected_len
+    if reference_free:
+        loss, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, beta, simpo_gamma)
+    else:
+        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
+                                                          label_smoothing, loss_type)
     loss, aux_metrics = with_aux_loss(loss, aux, model.config)
     return loss, {**pair_metrics(chosen_rewards, rejected_rewards), **aux_metrics}
 
@@ -302,11 +403,16 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     check_lora_targets(policy, config)  # before the reference's log-probs; the adapters come after
     config, fmt = settle_template(config, base_meta)  # the SFT run's template, unless config names one
     device = training_device(policy, config)
-    reference, reference_sha256 = load_reference(config, policy, tokenizer, base_meta["base_sha256"])
+    # SimPO has no reference: none is loaded (nor, below, scored)
+    with_reference = config.loss_type not in REFERENCE_FREE_LOSSES
+    reference, reference_sha256 = (load_reference(config, policy, tokenizer, base_meta["base_sha256"])
+                                   if with_reference else (None, None))
 
     # The reference scores the same rows: a reference of a shorter context than the policy's bounds them too
     # (its log-probs of a longer row failed).
-    max_len = min(effective_max_len(config, policy), reference.config.block_size)
+    max_len = effective_max_len(config, policy)
+    if reference is not None:
+        max_len = min(max_len, reference.config.block_size)
     encoded = [e for e in (encode_preference(tokenizer, ex, max_len, fmt) for ex in raw) if e is not None]
     if not encoded:
         raise ValueError(f"no example of {config.data!r} has a response token within max_len={max_len} "
@@ -315,15 +421,16 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
                  f"their chosen and rejected responses read the same within it")
     train, val = split_examples(encoded, config.val_fraction, config.seed)
     pad_id = tokenizer.eot_token
-    add_reference_logps(reference, train + val, pad_id, config, device, sharded=config.parallel == "fsdp")
+    if reference is not None:
+        add_reference_logps(reference, train + val, pad_id, config, device, sharded=config.parallel == "fsdp")
     del reference  # only its log-probs are needed from here on: freed before fit shards the policy
 
     wrapped = apply_lora_from_config(policy, config)
 
-    beta, smoothing = config.beta, config.label_smoothing
+    beta, smoothing, loss_type, gamma = config.beta, config.label_smoothing, config.loss_type, config.simpo_gamma
 
     def loss_fn(model, batch):
-        return dpo_batch_loss(model, batch, beta, smoothing)
+        return dpo_batch_loss(model, batch, beta, smoothing, loss_type, gamma)
 
     def collate(examples):
         return collate_pairs(examples, pad_id)
@@ -333,8 +440,10 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
 
     # the loss's settings, which a resumed run must share; the reference by content, not by path (the
     # reference's log-probs are not compared: recomputed on resume, they need not come out bitwise the same)
-    settings = {"beta": beta, "label_smoothing": smoothing, "reference_sha256": reference_sha256,
+    # (states saved before loss_type was recorded resume as they did: their loss was the sigmoid one)
+    settings = {"loss_type": loss_type, "beta": beta, "label_smoothing": smoothing,
                 "base_sha256": base_meta["base_sha256"]}
+    settings.update({"reference_sha256": reference_sha256} if with_reference else {"simpo_gamma": gamma})
     # the closing evaluation on the training pairs inside fit: under fsdp on the sharded policy, on every rank
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
                   charts=("reward_accuracy", "reward_margin"), settings=settings,
