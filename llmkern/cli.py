@@ -205,6 +205,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("llmkern generate: error: --input goes with --instruction (a task's input); put it in --prompt",
               file=sys.stderr)
         return 2
+    from .model.generate import NonFiniteLogitsError, check_sampling_args
+
+    try:  # before the model loads (minutes for a large one), not after
+        check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed)
+    except (ValueError, TypeError) as err:
+        print(f"llmkern generate: error: {err}", file=sys.stderr)
+        return 2
     try:
         model, tokenizer, state = load_trained_model(args.run, args.device)
         if args.instruction is None:
@@ -222,6 +229,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"llmkern generate: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLogitsError as err:  # the run's weights, not the command line: exit status 1, as a diverged train
+        print(f"llmkern generate: error: {err}", file=sys.stderr)
+        return 1
     print("\n\n".join(texts))
     return 0
 

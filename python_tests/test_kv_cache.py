@@ -96,3 +96,19 @@ def test_keys_of_another_layer_dtype_or_device_are_refused():
     got_k, got_v = cache.update(0, k[:, :, :1], k[:, :, 1:2])
     torch.testing.assert_close(got_k, torch.cat([k, k[:, :, :1]], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(got_v, torch.cat([k, k[:, :, 1:2]], dim=2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t, error, match", [(-1, ValueError, "t must be >= 0"), (1.0, TypeError, "t must be an int"),
+                                             (True, TypeError, "t must be an int"),
+                                             (3, ValueError, "holds 8 tokens; 6 \\+ 3 do not fit")])
+def test_advance_refuses_a_step_it_cannot_take(t, error, match):
+    # A negative step moved length back: the next update overwrote cached keys, and returned too few of them.
+    cache = KVCache(1, capacity=8)
+    cache.update(0, torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16))
+    cache.advance(6)
+    with pytest.raises(error, match=match):
+        cache.advance(t)
+    assert cache.length == 6
+    cache.advance(0)
+    cache.advance(2)
+    assert cache.full

@@ -7,11 +7,15 @@ a row's real tokens, so a padded row gives the same tokens as that prompt alone.
 With the cache the prompt is run once (prefill) and each later step feeds one token. A
 sequence never exceeds block_size: the prompt is cropped to its last block_size tokens, and
 once the cache is full each step reruns the model on the last block_size tokens (a sliding
-window, as generation without the cache always does). A model's own sliding window (GPTConfig.sliding_window)
-is another thing: each sliding layer's attention (GPTConfig.layer_window) masks the keys past it, in the masks made
-here too, and its cache keeps only the last `window` tokens (a ring buffer, see KVCache): O(window) memory per
-sliding layer rather than O(capacity). The masks here stay over every column since the first cached one; the
-attention layer picks the columns each ring slot holds.
+window, as generation without the cache always does). keep_first keeps each row's first tokens in front of
+that window: a begin-of-sequence token (Llama 3's, Gemma's) is an attention sink the model always read in
+training, and llmkern.data.sequences.cut_left keeps it so when it cuts a prompt.
+
+A model's own sliding window (GPTConfig.sliding_window) is another thing: each sliding layer's attention
+(GPTConfig.layer_window) masks the keys past it, in the masks made here too, and its cache keeps only the last
+`window` tokens (a ring buffer, see KVCache): O(window) memory per sliding layer rather than O(capacity). The
+masks here stay over every column since the first cached one; the attention layer picks the columns each ring
+slot holds.
 
 A seed fixes each prompt's sample whatever else is in the batch: row i draws its numbers from a
 private stream keyed by (seed, i), so prompts[0] samples as it would alone, and a row's tokens
@@ -44,6 +48,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     stop: Callable[[list[int]], bool] | None = None,
+    keep_first: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens.
 
@@ -63,6 +68,10 @@ def generate(
         use_cache: keep keys and values across steps (fast); False reruns the whole sequence.
         stop: a function of a row's new tokens (a list, after each token); the row stops once it
             returns true. How a caller stops at a text that spans several tokens (ChatML's <|im_end|>).
+        keep_first: where a row (prompt and new tokens) is longer than block_size, the model reads its first
+            keep_first tokens, then its last block_size - keep_first (else its last block_size). 1 for a
+            tokenizer with a begin-of-sequence token (len(llmkern.data.sequences.sequence_start(tokenizer))),
+            which each prompt starts with; an int in [0, block_size).
 
     Returns:
         One list per prompt: the prompt followed by its new tokens.
@@ -70,26 +79,29 @@ def generate(
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a llmkern.model.GPT, got {type(model).__name__}")
     rows = _prompt_rows(prompts, model.config.vocab_size)
-    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache)
     max_new_tokens = int(max_new_tokens)  # a NumPy int as Python's: sizes the buffers and the KV cache
     if eos_token is not None and not 0 <= eos_token < model.config.vocab_size:
         # The model never emits such an id (nor a padding row's): the rows would never stop, silently.
         raise ValueError(f"eos_token must be a token id in [0, {model.config.vocab_size}), got {eos_token}")
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be None or a function of a row's new tokens, got {stop!r}")
+    _check_keep_first(keep_first, model.config.block_size)
+    keep_first = int(keep_first)  # a NumPy int as Python's, for the slices
     device = model.device
-    tokens, valid = _left_pad(rows, max_new_tokens, device)
+    length = max(len(r) for r in rows)  # the columns filled so far: the longest prompt's, then one a step
+    most_columns = length + max_new_tokens
+    tokens, valid = _left_pad(rows, min(max_new_tokens, _FIRST_ROOM), device)
     draw_uniforms = _uniform_draws(seed, len(rows), device)
     outputs = [list(r) for r in rows]
     finished = [False] * len(rows)
-    length = tokens.size(1) - max_new_tokens
-    decoder = _CachedDecoder(model, max_new_tokens) if use_cache else None
+    decoder = _CachedDecoder(model, max_new_tokens, keep_first) if use_cache else None
     with eval_mode(model):
         for _ in range(max_new_tokens):
             if decoder is not None:
                 logits = decoder.next_logits(tokens[:, :length], valid[:, :length])
             else:
-                logits = _window_logits(model, tokens[:, :length], valid[:, :length])
+                logits = _window_logits(model, tokens[:, :length], valid[:, :length], keep_first)
             _refuse_nan(logits, finished, outputs, rows)
             uniforms = draw_uniforms() if temperature > 0 else None  # greedy draws nothing
             next_tokens = _sample(logits.float(), temperature, top_k, top_p, uniforms)
@@ -102,6 +114,8 @@ def generate(
             if any(finished):
                 done = torch.tensor(finished, device=device)
                 next_tokens = next_tokens.masked_fill(done, _PAD_ID)
+            if length == tokens.size(1):
+                tokens, valid = _grown(tokens, valid, most_columns)
             tokens[:, length] = next_tokens
             valid[:, length] = True
             length += 1
@@ -119,15 +133,34 @@ def generate(
 _PAD_ID = 0
 
 
-def _left_pad(rows: list[list[int]], max_new_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts left-padded into one (B, P + max_new_tokens) buffer, and `valid`, marking real tokens."""
+# Columns for new tokens that the buffer has at first; it doubles as they come (_grown). Allocated up front for
+# max_new_tokens, a huge limit (10**9 "until eos") cost memory in proportion before the first token, or failed.
+_FIRST_ROOM = 64
+
+
+def _left_pad(rows: list[list[int]], room: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts left-padded into one (B, P + room) buffer, and `valid`, marking real tokens."""
     batch, longest = len(rows), max(len(r) for r in rows)
-    tokens = torch.full((batch, longest + max_new_tokens), _PAD_ID, dtype=torch.long, device=device)
+    tokens = torch.full((batch, longest + room), _PAD_ID, dtype=torch.long, device=device)
     valid = torch.zeros_like(tokens, dtype=torch.bool)
     for i, row in enumerate(rows):
         tokens[i, longest - len(row) : longest] = torch.tensor(row, dtype=torch.long)
         valid[i, longest - len(row) : longest] = True
     return tokens, valid
+
+
+def _grown(tokens: torch.Tensor, valid: torch.Tensor, most_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers with twice the columns, or most_columns if fewer: the new ones padding, not valid. Doubling
+    copies each token O(1) times over a generation, and leaves at most as much room unused as it has filled."""
+    batch, width = tokens.shape
+    extra = min(width, most_columns - width)
+    tokens = torch.cat([tokens, tokens.new_full((batch, extra), _PAD_ID)], dim=1)
+    valid = torch.cat([valid, valid.new_zeros(batch, extra)], dim=1)
+    return tokens, valid
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model gave NaN or inf logits for a running row: its weights or activations are not finite."""
 
 
 def _refuse_nan(logits: torch.Tensor, finished: list[bool], outputs: list[list[int]], rows: list[list[int]]) -> None:
@@ -138,8 +171,9 @@ def _refuse_nan(logits: torch.Tensor, finished: list[bool], outputs: list[list[i
     nan, inf = torch.stack((logits.isnan().any(dim=-1), logits.isinf().any(dim=-1))).tolist()  # one wait
     for i in range(len(finished)):
         if (nan[i] or inf[i]) and not finished[i]:
-            raise RuntimeError(f"the model's logits hold {'NaN' if nan[i] else 'inf'} for prompts[{i}] at new token "
-                               f"{len(outputs[i]) - len(rows[i])}: its weights or activations are not finite")
+            raise NonFiniteLogitsError(f"the model's logits hold {'NaN' if nan[i] else 'inf'} for prompts[{i}] at "
+                                       f"new token {len(outputs[i]) - len(rows[i])}: its weights or activations "
+                                       f"are not finite")
 
 
 def _uniform_draws(seed: int | None, batch: int, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -165,9 +199,10 @@ def _uniform_draws(seed: int | None, batch: int, device: torch.device) -> Callab
 class _CachedDecoder:
     """Prefill once, then one token a step against the KV cache; a sliding window once it is full."""
 
-    def __init__(self, model: GPT, max_new_tokens: int):
+    def __init__(self, model: GPT, max_new_tokens: int, keep_first: int):
         self.model = model
         self.max_new_tokens = max_new_tokens
+        self.keep_first = keep_first  # as generate's
         self.cache: KVCache | None = None  # None before the prefill, and again once it is full
         self.prefilled = False
         self.start = 0  # the column of the first cached token
@@ -180,7 +215,7 @@ class _CachedDecoder:
             # From here on each step reruns the window: the cache, every layer's keys and values of the whole
             # context (GBs at 7B scale), is let go rather than held beside the window's activations.
             self.cache = None
-            return _window_logits(self.model, tokens, valid)
+            return _window_logits(self.model, tokens, valid, self.keep_first)
         window_valid = valid[:, self.start :]
         attn_mask = window_valid[:, None, None, :]  # (B, 1, 1, Tk): the new token sees every real token
         positions = self.next_pos[:, None]
@@ -190,8 +225,10 @@ class _CachedDecoder:
 
     def _prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         block = self.model.config.block_size
+        # A prompt past block_size fills the cache at once (its capacity is block_size), so the decode steps, which
+        # read columns start.. of `valid`, never follow a prompt that _model_window rearranged.
         self.start = max(0, tokens.size(1) - block)
-        window, window_valid = tokens[:, self.start :], valid[:, self.start :]
+        window, window_valid = _model_window(tokens, valid, block, self.keep_first)
         # The last new token is never fed back, so the cache needs room for max_new_tokens - 1 more.
         capacity = min(block, window.size(1) + self.max_new_tokens - 1)
         config = self.model.config
@@ -204,16 +241,34 @@ class _CachedDecoder:
         return self.model.head(hidden[:, -1])
 
 
-def _window_logits(model: GPT, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Logits of the next token from the last block_size columns, without a cache."""
-    block = model.config.block_size
-    window, window_valid = tokens[:, -block:], valid[:, -block:]
+def _window_logits(model: GPT, tokens: torch.Tensor, valid: torch.Tensor, keep_first: int) -> torch.Tensor:
+    """Logits of the next token from the last block_size columns (and each long row's first keep_first tokens),
+    without a cache."""
+    window, window_valid = _model_window(tokens, valid, model.config.block_size, keep_first)
     if bool(window_valid.all()):  # no padding: the model's ordinary causal forward
         hidden = model.hidden_states(window)
     else:
         positions, attn_mask = _positions_and_mask(window_valid)
         hidden = model.hidden_states(window, positions, attn_mask)
     return model.head(hidden[:, -1])
+
+
+def _model_window(tokens: torch.Tensor, valid: torch.Tensor, block: int, keep_first: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model reads of left-padded rows (B, T) and their `valid`: the last block columns, where a row of
+    more than block real tokens has its first keep_first tokens in front of its last block - keep_first."""
+    if tokens.size(1) <= block:
+        return tokens, valid
+    window, window_valid = tokens[:, -block:], valid[:, -block:]
+    if keep_first == 0:
+        return window, window_valid
+    t = tokens.size(1)
+    lengths = valid.sum(dim=1)  # (B,) each row's real tokens, the last `lengths` columns
+    cut = lengths > block  # such a row fills the window with real tokens: its valid stays all true
+    # the columns of each row's first tokens (clamped for a short row, whose columns are not used)
+    first = ((t - lengths)[:, None] + torch.arange(keep_first, device=tokens.device)).clamp(max=t - 1)
+    head = torch.where(cut[:, None], tokens.gather(1, first), window[:, :keep_first])
+    return torch.cat([head, window[:, keep_first:]], dim=1), window_valid
 
 
 def _positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +369,11 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, seed, use_cache) -> None:
+def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None, eos_token=None, seed=None,
+                        use_cache=True) -> None:
+    """Raise ValueError or TypeError, naming the argument, for one that generate() refuses (whatever the model:
+    eos_token's range is checked against its vocabulary there). For a caller that would rather know before it
+    loads a model."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not _is_real(temperature) or not temperature >= 0:
@@ -329,3 +388,10 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_token, s
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+
+
+def _check_keep_first(keep_first, block_size: int) -> None:
+    if not _is_int(keep_first):
+        raise TypeError(f"keep_first must be an int in [0, block_size={block_size}), got {keep_first!r}")
+    if not 0 <= keep_first < block_size:  # the window needs room for at least the last token
+        raise ValueError(f"keep_first must be an int in [0, block_size={block_size}), got {keep_first}")

@@ -68,6 +68,14 @@ class KVCache:
         return torch.cat([_slot_columns(self.length, window, device), new_columns])
 
     def advance(self, t: int) -> None:
+        """Count the step's t new tokens as stored, once every layer has update()d them."""
+        # checked: a negative t moved length back, and the next update overwrote cached keys and returned too few
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"t must be an int (the step's new tokens), got {type(t).__name__}")
+        if t < 0:
+            raise ValueError(f"t must be >= 0 (the step's new tokens), got {t}")
+        if self.length + t > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.length} + {t} do not fit")
         self.length += t
 
     @property

@@ -105,7 +105,7 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200,
                 top_k: int | None = 50, top_p: float | None = None, seed: int | None = 0) -> list[str]:
     """Each prompt followed by its generated continuation, decoded (generation stops at end-of-text). The
     model reads each prompt after the tokenizer's begin-of-sequence token where it has one, which the text
-    leaves out."""
+    leaves out, and keeps reading it where a sequence outgrows block_size."""
     from ..data.sequences import encode_prompt, sequence_start
     from ..model import generate
 
@@ -113,9 +113,9 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 200,
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of texts, got {prompts!r:.60}")
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_token=tokenizer.eot_token, seed=seed)
     start = len(sequence_start(tokenizer))
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token=tokenizer.eot_token, seed=seed, keep_first=start)
     texts = []
     for row in out:
         row = row[start:]  # decoded, the begin-of-sequence token is the text "<|begin_of_text|>"
