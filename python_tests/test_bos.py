@@ -146,10 +146,13 @@ def test_ppo_reward_model_reads_the_bos_when_the_text_is_cut():
     assert without.rows == [[7, 8, 9, eot]]  # the last block_size tokens, as before
 
 
-def fake_generate(calls, new_tokens):
-    """A stand-in for llmkern.model.generate: records the prompts, appends new_tokens to each."""
+def fake_generate(calls, new_tokens, keep_firsts=None):
+    """A stand-in for llmkern.model.generate: records the prompts (and keep_first in keep_firsts), appends
+    new_tokens to each."""
     def generate(model, prompts, max_new_tokens, **kwargs):
         calls.append([list(p) for p in prompts])
+        if keep_firsts is not None:
+            keep_firsts.append(kwargs.get("keep_first", 0))
         return [list(p) + list(new_tokens) for p in prompts]
 
     return generate
@@ -161,12 +164,13 @@ def test_respond_prompts_start_with_the_bos(monkeypatch, plain_tok, bos_tok):
 
     new = bos_tok.encode(" a cat") + [bos_tok.eot_token]
     for tok, start in ((bos_tok, [bos_tok.bos_token]), (plain_tok, [])):
-        calls = []
-        monkeypatch.setattr(llmkern.model, "generate", fake_generate(calls, new))
+        calls, keep_firsts = [], []
+        monkeypatch.setattr(llmkern.model, "generate", fake_generate(calls, new, keep_firsts))
         out = respond(None, tok, ["name a pet", ""], PromptFormat(), max_new_tokens=4)
         assert out == [" a cat", " a cat"]
         empty = start or [tok.eot_token]  # an empty prompt without a BOS: <|endoftext|>, as before
         assert calls == [[start + tok.encode("name a pet"), empty]]
+        assert keep_firsts == [len(start)]  # a sequence past block_size keeps reading its BOS
 
 
 def test_sample_text_prompts_start_with_the_bos_and_the_text_leaves_it_out(monkeypatch, plain_tok, bos_tok):

@@ -490,14 +490,16 @@ def respond(model, tokenizer, prompts: Sequence[str], prompt_format: PromptForma
     """The model's response to each prompt (one batch): the decoded new text up to end-of-text or the
     template's end marker (its special token where the tokenizer has one, else its text), both left out. Each
     prompt (a PromptFormat.prompt, whose markers become special tokens where the tokenizer has them) starts with
-    the tokenizer's begin-of-sequence token where it has one."""
-    from ..data.sequences import encode_prompt
+    the tokenizer's begin-of-sequence token where it has one, which the model keeps reading where a prompt and
+    its response outgrow block_size."""
+    from ..data.sequences import encode_prompt, sequence_start
     from ..model import generate
 
     ends = (tokenizer.eot_token, *prompt_format.stop_token_ids(tokenizer))
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_token=tokenizer.eot_token, seed=seed, stop=response_stop(tokenizer, prompt_format))
+                   eos_token=tokenizer.eot_token, seed=seed, stop=response_stop(tokenizer, prompt_format),
+                   keep_first=len(sequence_start(tokenizer)))
     responses = []
     for prompt_ids, row in zip(ids, out):
         new = cut_at_tokens(row[len(prompt_ids):], ends)
