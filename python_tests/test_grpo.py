@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -429,6 +430,155 @@ def test_grpo_is_a_finetune_method():
     assert config_cls is GRPOConfig and run is run_grpo
 
 
+def test_grpo_responses_end_at_the_templates_end_marker(tmp_path, monkeypatch):
+    """A chat-tuned policy that goes on past its turn's end marker (ChatML's <|im_end|>, ordinary text to the bytes
+    tokenizer) into a made-up next turn: sampling stops at the marker, so neither the loss nor the answer reward
+    sees the made-up turn, whose last number (8) would otherwise be read as the answer."""
+    import llmkern.model
+    from llmkern.data.tokenizer import ENDOFTEXT
+
+    script = list(b"It is 7.<|im_end|>\n<|im_start|>user\nNo, 8")
+
+    def scripted_generate(model, prompts, max_new_tokens, eos_token=None, stop=None, **kwargs):
+        """generate's contract (a row stops after eos_token, or once stop(new tokens) is true) over `script`."""
+        rows = []
+        for prompt in prompts:
+            new = []
+            for token in script[:max_new_tokens]:
+                new.append(token)
+                if token == eos_token or (stop is not None and stop(new)):
+                    break
+            rows.append(list(prompt) + new)
+        return rows
+
+    monkeypatch.setattr(llmkern.model, "generate", scripted_generate)
+    config = make_grpo_run(tmp_path, template="chatml", max_steps=1, max_len=64, max_new_tokens=len(script))
+    summary = run_grpo(config)
+    [train] = [r for r in read_metrics(summary["metrics"]) if r["kind"] == "train"]
+    assert train["response_length"] == len(b"It is 7.<|im_end|>")
+    assert train["reward"] == 1.0 and summary["last_eval"]["val_reward"] == 1.0
+
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.grpo import AnswerReward
+
+    # the eot's text written as ordinary bytes, and the marker, each end the text the answer is read from
+    reward = AnswerReward(get_tokenizer("bytes"), ("<|im_end|>",))
+    responses = [list(f"It is 7.{ENDOFTEXT} So 8".encode()), list(b"7<|im_end|>8"), list(b"8<|im_end|>7"), [55, 256]]
+    assert reward([[1]] * 4, responses, ["7"] * 4, torch.device("cpu")).tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_a_reward_model_reads_a_response_ended_at_its_marker_with_end_of_text_as_it_was_trained():
+    """Sampling stops at the template's end marker; a reward model reads its score at end-of-text (reward.
+    encode_pair_text: prompt + output + marker + end-of-text), so that is what it is given. A response cut at
+    max_new_tokens stays as it is."""
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.grpo import ModelReward
+    from llmkern.finetune.templates import PromptFormat, response_stop
+
+    tokenizer = get_tokenizer("bytes")
+    seen = []
+
+    def reward_model(ids, lengths):
+        seen.extend(row[:n].tolist() for row, n in zip(ids, lengths))
+        return lengths.float()
+
+    reward = ModelReward(reward_model, tokenizer.eot_token, None, response_stop(tokenizer, PromptFormat("chatml")))
+    prompt, marker = [65, 66], list(b"<|im_end|>")
+    responses = [[55] + marker, [55] + marker + [256], [55, 55, 55], [55, 256]]
+    scores = reward([prompt] * 4, responses, [None] * 4, torch.device("cpu"))
+    assert seen == [prompt + [55] + marker + [256], prompt + [55] + marker + [256], prompt + [55, 55, 55],
+                    prompt + [55, 256]]
+    assert scores.tolist() == [float(len(s)) for s in seen]
+
+
+REWARD_MODULE = '''
+import math
+
+CALLS = []
+
+
+def odd_length(prompt, response, answer):
+    """1.0 for a response of an odd number of characters: something an untrained policy's groups differ in."""
+    CALLS.append((prompt, response, answer))
+    return float(len(response) % 2)
+
+
+NOT_A_FUNCTION = 3
+
+
+def returns(value):
+    return lambda prompt, response, answer: value
+'''
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """An importable module of reward functions (a fresh import for each test)."""
+    import importlib
+    import sys
+
+    name = f"grpo_rewards_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
+def test_grpo_with_a_reward_function_of_the_prompt_response_and_answer(tmp_path, reward_module):
+    name, module = reward_module
+    write_grpo_data(tmp_path)
+    rows = json.loads((tmp_path / "prompts.json").read_text())
+    for row in rows[::2]:
+        row.pop("answer")  # optional: the function gets None
+    (tmp_path / "prompts.json").write_text(json.dumps(rows))
+    config = grpo_config(tmp_path, reward="function", reward_function=f"{name}:odd_length", max_steps=2,
+                         val_fraction=0.0, template="chatml", ckpt_interval=1, keep_train_state=True)
+    summary = run_grpo(config)
+    train = [r for r in read_metrics(summary["metrics"]) if r["kind"] == "train"]
+    rows_per_iteration = config.rollout_batch * config.group_size
+    assert len(module.CALLS) == 2 * rows_per_iteration
+    for it, record in enumerate(train):
+        calls = module.CALLS[it * rows_per_iteration : (it + 1) * rows_per_iteration]
+        assert record["reward"] == pytest.approx(sum(len(r) % 2 for _, r, _ in calls) / rows_per_iteration)
+    for prompt, response, answer in module.CALLS:  # the prompt's text as the model read it (cut to max_len)
+        question = int(re.search(r"(\d+)\?<\|im_end\|>\n<\|im_start\|>assistant\n$", prompt).group(1))
+        assert answer == rows[question].get("answer")
+        assert "<|endoftext|>" not in response and "<|im_end|>" not in response
+    assert {answer for _, _, answer in module.CALLS} == {None, "7"}
+    with pytest.raises(ValueError, match="reward_function"):  # part of the run's position
+        run_grpo(dataclasses.replace(config, resume=True, reward_function=f"{name}:returns"))
+
+
+def test_reward_function_refusals(tmp_path, reward_module):
+    from llmkern.data.tokenizer import get_tokenizer
+    from llmkern.finetune.grpo import FunctionReward, load_reward_function
+
+    name, module = reward_module
+    for spec in ("", "nocolon", ":f", f"{name}:"):
+        with pytest.raises(ValueError, match="reward_function='module:function'"):
+            grpo_config(tmp_path, reward="function", reward_function=spec).validate()
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'"):
+        load_reward_function("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="has no 'missing'"):
+        load_reward_function(f"{name}:missing")
+    with pytest.raises(TypeError, match="names a int, not a function"):
+        load_reward_function(f"{name}:NOT_A_FUNCTION")
+    assert load_reward_function(f" {name} : odd_length ") is module.odd_length
+    tokenizer = get_tokenizer("bytes")
+    for bad in (math.nan, "1.0", None, math.inf):
+        reward = FunctionReward(tokenizer, module.returns(bad), "f")
+        with pytest.raises(ValueError, match="reward_function 'f' returned .*; it must return a finite float"):
+            reward([[65]], [[66]], [None], torch.device("cpu"))
+    for good, value in ((True, 1.0), (0, 0.0), (-2.5, -2.5)):
+        reward = FunctionReward(tokenizer, module.returns(good), "f")
+        assert reward([[65]], [[66]], [None], torch.device("cpu")).tolist() == [value]
+    write_grpo_data(tmp_path, with_answers=False)  # answers are optional; a missing module is told before loading
+    with pytest.raises(ValueError, match="cannot import"):
+        run_grpo(grpo_config(tmp_path, reward="function", reward_function="no_such_module_xyz:f"))
+    with pytest.warns(UserWarning, match="reward_function=.* has no effect: reward='answer' calls no function"):
+        grpo_config(tmp_path, reward_function=f"{name}:odd_length").validate()
+
+
 # --- data-parallel (torchrun) ------------------------------------------------------------------------------------
 
 class HighByteReward(torch.nn.Module):
@@ -448,8 +598,8 @@ def _grpo_worker(rank, port, tmp_path):
     sampled = []
     real_sample, real_save = ppo.sample_responses, base.save_finetuned
 
-    def sample(policy, prompts, config, eot, seed):
-        responses = real_sample(policy, prompts, config, eot, seed)
+    def sample(policy, prompts, config, eot, seed, stop=None):
+        responses = real_sample(policy, prompts, config, eot, seed, stop)
         sampled.append({"seed": seed, "prompts": prompts, "responses": responses})
         return responses
 

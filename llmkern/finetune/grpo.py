@@ -2,9 +2,13 @@
 objective without a value model. The baseline of a response is the other responses to its prompt.
 
 Each iteration:
-  1. rollout: sample group_size responses to each of rollout_batch prompts (stop at end-of-text);
-  2. reward each response: a reward model's score (reward="model"), or 1.0 when its final answer matches the
-     prompt's "answer" field, else 0.0 (reward="answer", see answer_reward);
+  1. rollout: sample group_size responses to each of rollout_batch prompts (stop at end-of-text or at the
+     template's end marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn);
+  2. reward each response: a reward model's score (reward="model"), 1.0 when its final answer matches the
+     prompt's "answer" field, else 0.0 (reward="answer", see answer_reward), or a Python function's value of the
+     prompt's and response's texts and the row's answer (reward="function": format, code or other custom
+     verifiable rewards); the response text read ends before the first end marker or end-of-text's text, and a
+     reward model reads a response ended at its marker with end-of-text after it, as it was trained (ModelReward);
   3. advantages: each response's reward minus its group's mean, divided by the group's std (scale_rewards; Dr. GRPO
      leaves the std out), the same for every token of the response; a group whose rewards are all equal ("flat")
      has advantage 0 and teaches nothing;
@@ -31,7 +35,9 @@ on all ranks. Rank 0 logs the metrics averaged over the ranks, evaluates and wri
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,21 +48,28 @@ from torch import nn
 from .config import FinetuneConfig
 from .ppo import _check_same_shape, _PPORun
 
-REWARDS = ("model", "answer")
+REWARDS = ("model", "answer", "function")
 AGGREGATIONS = ("token", "sequence")
 
 
 @dataclass
 class GRPOConfig(FinetuneConfig):
     """FinetuneConfig plus GRPO's settings. data: prompts (instruction and optional input, and "answer" for
-    reward="answer"), put in config.template. max_steps > 0: that many GRPO iterations; else epochs passes over the
-    prompts, rollout_batch at a time. batch_size is the minibatch in responses (rows per forward/backward): each
-    pass over a rollout takes ceil(rollout_batch * group_size / (batch_size * grad_accum)) optimizer steps."""
+    reward="answer", optional for reward="function"), put in config.template. max_steps > 0: that many GRPO
+    iterations; else epochs passes over the prompts, rollout_batch at a time. batch_size is the minibatch in
+    responses (rows per forward/backward): each pass over a rollout takes ceil(rollout_batch * group_size /
+    (batch_size * grad_accum)) optimizer steps."""
 
     # "model": reward_model's score of each prompt + response; "answer": 1.0 when the response's final answer (GSM8K's
-    #   rules: the number after "#### ", else the last number) matches the prompt's "answer" field, else 0.0
+    #   rules: the number after "#### ", else the last number) matches the prompt's "answer" field, else 0.0;
+    #   "function": reward_function's value
     reward: str = "model"
     reward_model: str = ""  # the reward model's run folder (llmkern finetune reward), for reward="model"
+    # for reward="function": "module:function" (importable, e.g. on PYTHONPATH), called for each response as
+    #   function(prompt, response, answer) -> a finite float: the prompt's text as the model read it (template
+    #   included), the response's (up to its end marker or end-of-text), the row's "answer" (None without one).
+    #   A resumed run must name the same one (its code is not compared)
+    reward_function: str = ""
     group_size: int = 8  # responses sampled per prompt (G); each is judged against the others of its group
     rollout_batch: int = 16  # prompts per iteration (on each rank): rollout_batch * group_size responses
     max_new_tokens: int = 256  # the longest response
@@ -84,6 +97,8 @@ class GRPOConfig(FinetuneConfig):
                              "answer for reward='answer')")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.reward == "function":
+            split_reward_function(self.reward_function)  # its form; run_grpo imports it
         if self.loss_aggregation not in AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {self.loss_aggregation!r}")
         if not 0 <= self.kl_coef < math.inf:  # inf: the loss NaN
@@ -114,7 +129,8 @@ class GRPOConfig(FinetuneConfig):
         """FinetuneConfig's, and GRPO's settings that another one turns off."""
         unread = super().unread_settings()
         default = type(self)()
-        off = {"reward_model": (self.reward == "answer", "reward='answer' compares final answers, no model scores"),
+        off = {"reward_model": (self.reward != "model", f"reward={self.reward!r} uses no reward model"),
+               "reward_function": (self.reward != "function", f"reward={self.reward!r} calls no function"),
                "std_eps": (not self.scale_rewards, "scale_rewards=false divides by no std"),
                "clip_range": (self.grpo_epochs == 1, "grpo_epochs=1 makes every ratio 1, which no clip changes"),
                "clip_range_high": (self.grpo_epochs == 1, "grpo_epochs=1 makes every ratio 1, which no clip changes")}
@@ -246,34 +262,110 @@ def prompt_answers(rows: list[dict[str, Any]], path: str) -> list[str]:
     return answers
 
 
-class AnswerReward:
-    """reward="answer": answer_reward of each response's text (end-of-text left out) against its prompt's answer."""
+def row_answers(rows: list[dict[str, Any]], config: GRPOConfig) -> list[Any]:
+    """Each row's answer as config.reward reads it (part of the prompts' fingerprint): "answer": prompt_answers;
+    "function": the row's "answer" as it is, None without one; "model": None (a reward model reads none)."""
+    if config.reward == "answer":
+        return prompt_answers(rows, config.data)
+    if config.reward == "function":
+        return [row.get("answer") for row in rows]
+    return [None] * len(rows)
 
-    def __init__(self, tokenizer):
+
+class AnswerReward:
+    """reward="answer": answer_reward of each response's text against its prompt's answer; the text ends before
+    the first of stop_texts (the template's end marker, PromptFormat.stop_texts) or end-of-text (its token, or
+    its text written out in ordinary tokens): what follows is no part of the answer."""
+
+    def __init__(self, tokenizer, stop_texts: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stop_texts = (*stop_texts, tokenizer.decode([tokenizer.eot_token]))
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[str | None],
                  device: torch.device) -> torch.Tensor:
         """(B,) fp32 rewards on `device`."""
+        return torch.tensor([answer_reward(text, answer) for text, answer in zip(self.response_texts(responses),
+                                                                                 answers)],
+                            dtype=torch.float32, device=device)
+
+    def response_texts(self, responses: list[list[int]]) -> list[str]:
+        """Each response's text, end-of-text left out and cut before the first stop text."""
+        from .templates import cut_at_texts
+
         tok = self.tokenizer
         # ids past the tokenizer's (a model's padded vocabulary) have no text
-        texts = [tok.decode([t for t in r if t != tok.eot_token and t < tok.n_vocab]) for r in responses]
-        return torch.tensor([answer_reward(text, answer) for text, answer in zip(texts, answers)],
-                            dtype=torch.float32, device=device)
+        return [cut_at_texts(tok.decode([t for t in r if t != tok.eot_token and t < tok.n_vocab]), self.stop_texts)
+                for r in responses]
+
+
+def split_reward_function(spec: str) -> tuple[str, str]:
+    """(module, attribute path) of a reward_function "module:function" (the function may be dotted:
+    "module:Class.method"); a ValueError for any other form."""
+    module, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not (sep and module.strip() and attr.strip()):
+        raise ValueError(f"reward='function' needs reward_function='module:function' (a Python function of the "
+                         f"prompt's and response's texts and the row's answer, returning a float), got {spec!r}")
+    return module.strip(), attr.strip()
+
+
+def load_reward_function(spec: str):
+    """The callable that reward_function `spec` ("module:function") names, imported; a ValueError naming it when
+    its module cannot be imported or has no such attribute, a TypeError when that is not callable."""
+    module_name, attr = split_reward_function(spec)
+    try:
+        found = importlib.import_module(module_name)
+    except ImportError as e:  # the user's module: its folder must be importable
+        raise ValueError(f"reward_function={spec!r}: cannot import {module_name!r} ({e}); put its folder on "
+                         f"PYTHONPATH") from e
+    for name in attr.split("."):
+        if not hasattr(found, name):
+            raise ValueError(f"reward_function={spec!r}: {module_name!r} has no {attr!r}")
+        found = getattr(found, name)
+    if not callable(found):
+        raise TypeError(f"reward_function={spec!r} names a {type(found).__name__}, not a function")
+    return found
+
+
+class FunctionReward(AnswerReward):
+    """reward="function": a Python function's value of each response, function(prompt text, response text,
+    answer) -> float; the response's text as AnswerReward reads it (up to the first end marker or end-of-text)."""
+
+    def __init__(self, tokenizer, function, name: str, stop_texts: tuple[str, ...] = ()):
+        super().__init__(tokenizer, stop_texts)
+        self.function, self.name = function, name
+
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[Any],
+                 device: torch.device) -> torch.Tensor:
+        """(B,) fp32 rewards on `device`; a ValueError naming the function when a value is no finite number."""
+        prompt_texts = [self.tokenizer.decode(p) for p in prompts]
+        values = [self.function(p, r, a) for p, r, a in zip(prompt_texts, self.response_texts(responses), answers)]
+        # a bool counts as 0 or 1, a NumPy float as the float it is; a NaN would make its group's advantages NaN
+        for value in values:
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise ValueError(f"reward_function {self.name!r} returned {value!r}; it must return a finite float")
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 class ModelReward:
-    """reward="model": a reward model's score of each prompt + response (ppo.reward_model_scores)."""
+    """reward="model": a reward model's score of each prompt + response (ppo.reward_model_scores). A response that
+    sampling ended at the template's end marker (`stop`, templates.response_stop) is read with end-of-text (`eot`,
+    also the padding) after it: a reward model is trained on prompt + output + end marker + end-of-text and reads
+    its score there (reward.encode_pair_text); one cut at max_new_tokens is read as it is."""
 
-    def __init__(self, reward_model, pad_id: int, bos_token: int | None):
-        self.reward_model, self.pad_id, self.bos_token = reward_model, pad_id, bos_token
+    def __init__(self, reward_model, eot: int, bos_token: int | None, stop=None):
+        self.reward_model, self.eot, self.bos_token, self.stop = reward_model, eot, bos_token, stop
 
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[str | None],
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[Any],
                  device: torch.device) -> torch.Tensor:
         """(B,) fp32 scores on `device`."""
         from .ppo import reward_model_scores
 
-        return reward_model_scores(self.reward_model, prompts, responses, self.pad_id, device, self.bos_token)
+        ended = [r + [self.eot] if self.ended_at_marker(r) else r for r in responses]
+        return reward_model_scores(self.reward_model, prompts, ended, self.eot, device, self.bos_token)
+
+    def ended_at_marker(self, response: list[int]) -> bool:
+        """Whether `response` ends with the template's end marker, not end-of-text."""
+        return self.stop is not None and response[-1:] != [self.eot] and bool(self.stop(response))
 
 
 # --- rollouts ------------------------------------------------------------------------------------------------------
@@ -410,11 +502,11 @@ def grpo_update(policy: nn.Module, optimizer, rollout: GroupRollout, config: GRP
 
 
 def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optimizer, prompts: list[tuple],
-                   config: GRPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None
+                   config: GRPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None, stop=None
                    ) -> tuple[int, dict[str, float]]:
     """Sample group_size responses to each of `prompts` ((tokens, answer or None) pairs), reward them and learn;
     (next optimizer step, metrics). Under torchrun `prompts` is this rank's share (as many on every rank) and `seed`
-    its own; the metrics are the means over the ranks (tokens_per_s their sum)."""
+    its own; the metrics are the means over the ranks (tokens_per_s their sum). stop: sample_responses's."""
     from ..train import distributed
     from .ppo import sample_responses
 
@@ -424,7 +516,7 @@ def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optim
     answers = repeat_groups([answer for _, answer in prompts], config.group_size)
     policy.eval()
     with autocast():
-        responses = sample_responses(policy, rows, config, eot, seed)
+        responses = sample_responses(policy, rows, config, eot, seed, stop)
         rollout = score_groups(policy, reference, reward, rows, answers, responses, config, eot)
     step, losses = grpo_update(policy, optimizer, rollout, config, lr_at, step, autocast, info)
 
@@ -447,9 +539,9 @@ def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optim
 
 @torch.no_grad()
 def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prompts: list[tuple], config: GRPOConfig,
-                    eot: int, autocast) -> dict[str, float]:
+                    eot: int, autocast, stop=None) -> dict[str, float]:
     """The mean reward of one sampled response per held-out prompt (a fixed seed), and with a reference the k3 KL
-    per response token."""
+    per response token. stop: sample_responses's."""
     from .ppo import rollout_rows, sample_responses
 
     policy.eval()
@@ -458,7 +550,7 @@ def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prom
         chunk = prompts[start : start + config.rollout_batch]
         rows, answers = [tokens for tokens, _ in chunk], [answer for _, answer in chunk]
         with autocast():
-            responses = sample_responses(policy, rows, config, eot, seed=config.seed + 1)
+            responses = sample_responses(policy, rows, config, eot, seed=config.seed + 1, stop=stop)
             rewards += reward(rows, responses, answers, policy.device).tolist()
             if reference is not None:
                 ids, targets = (t.to(policy.device) for t in rollout_rows(rows, responses, eot))
@@ -475,9 +567,11 @@ def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prom
 # --- the run -------------------------------------------------------------------------------------------------------
 
 # The settings that make GRPO's objective, its rollouts and its rewards: a resumed run must share them. The reward
-# model is compared by content (reward_model_sha256), the answers are part of the prompts' fingerprint.
-GRPO_OBJECTIVE = ("reward", "group_size", "kl_coef", "clip_range", "clip_range_high", "scale_rewards", "std_eps",
-                  "loss_aggregation", "grpo_epochs", "max_new_tokens", "temperature", "top_k")
+# model is compared by content (reward_model_sha256), a reward function by its name; the answers are part of the
+# prompts' fingerprint.
+GRPO_OBJECTIVE = ("reward", "reward_function", "group_size", "kl_coef", "clip_range", "clip_range_high",
+                  "scale_rewards", "std_eps", "loss_aggregation", "grpo_epochs", "max_new_tokens", "temperature",
+                  "top_k")
 
 
 class _GRPORun(_PPORun):
@@ -486,6 +580,11 @@ class _GRPORun(_PPORun):
 
     METHOD: ClassVar[str] = "grpo"
     CHARTS: ClassVar[tuple[str, ...]] = ("reward", "flat_groups", "response_length")
+
+    def __init__(self, *args, stop=None, **kwargs):
+        """_PPORun's; stop: what ends a sampled response besides eot (templates.response_stop)."""
+        super().__init__(*args, **kwargs)
+        self.stop = stop
 
     def updates_per_iteration(self) -> int:
         config = self.config
@@ -503,16 +602,16 @@ class _GRPORun(_PPORun):
 
         return grpo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts, self.config,
                               self.eot, seed=sampling_seed(self.config.seed, it, self.info), lr_at=self.lr_at,
-                              step=self.step, autocast=self.autocast, info=self.info)
+                              step=self.step, autocast=self.autocast, info=self.info, stop=self.stop)
 
     def evaluate_prompts(self) -> dict[str, float]:
         return evaluate_groups(self.model, self.reference, self.reward_model, self.val, self.config, self.eot,
-                               self.autocast)
+                               self.autocast, self.stop)
 
 
 def _check_before_loading(config: GRPOConfig, reward_model) -> list[dict[str, Any]]:
     """What can be told wrong before any model is loaded: the settings, the base, the prompt file (and its answers),
-    the run folder and the reward model's folder; the prompt file's rows."""
+    the run folder, the reward model's folder and the reward function; the prompt file's rows."""
     from .base import check_exists, require_base
     from .data import load_prompt_data
     from .loop import check_run_folder
@@ -527,23 +626,27 @@ def _check_before_loading(config: GRPOConfig, reward_model) -> list[dict[str, An
         raise ValueError("reward='model' needs reward_model: a reward model's run folder (train one with `llmkern "
                          "finetune reward`); or reward='answer' with an 'answer' in every prompt")
     if not by_model and reward_model is not None:
-        raise ValueError("a reward_model was passed to run_grpo, but reward='answer' compares final answers")
+        uses = {"answer": "compares final answers", "function": "calls reward_function"}[config.reward]
+        raise ValueError(f"a reward_model was passed to run_grpo, but reward={config.reward!r} {uses}")
     require_base(config)
     rows = load_prompt_data(config.data)
-    if not by_model:
+    if config.reward == "answer":
         prompt_answers(rows, config.data)
     check_run_folder(config)
     if by_model and reward_model is None:
         check_exists("reward_model", config.reward_model)
+    if config.reward == "function":
+        load_reward_function(config.reward_function)
     return rows
 
 
 def run_grpo(config: GRPOConfig, reward_model: nn.Module | None = None) -> dict[str, Any]:
     """GRPO on config.data's prompts from config.base, rewarded by config.reward: config.reward_model's scores (or
     `reward_model`'s, any module with the RewardModel scoring interface rm(ids, lengths) -> (B,), using the policy's
-    tokenizer), or the prompts' answers; saves the policy to config.out_dir (LoRA merged; its adapters kept beside);
-    the summary. Under torchrun: data-parallel (see the module's docstring); every rank calls it, rank 0 writes
-    (and alone evaluates: first_eval and last_eval are None on the other ranks)."""
+    tokenizer), the prompts' answers, or config.reward_function's values; saves the policy to config.out_dir (LoRA
+    merged; its adapters kept beside); the summary. Under torchrun: data-parallel (see the module's docstring);
+    every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval are None on the other
+    ranks)."""
     from .base import load_base
     from .loop import data_parallel_setup
     from .lora import apply_lora_from_config, check_lora_targets
@@ -554,7 +657,7 @@ def run_grpo(config: GRPOConfig, reward_model: nn.Module | None = None) -> dict[
         encode_prompts,
         split_prompts,
     )
-    from .templates import settle_template
+    from .templates import response_stop, settle_template
 
     rows = _check_before_loading(config, reward_model)
     torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
@@ -564,21 +667,24 @@ def run_grpo(config: GRPOConfig, reward_model: nn.Module | None = None) -> dict[
     device = policy.device
     info = data_parallel_setup(device)
     max_prompt_len = _max_prompt_len(config, policy)
+    stop = response_stop(tokenizer, fmt)  # a response ends at end-of-text or the template's end marker
     if config.reward == "model":
         scorer, reward_sha256 = _frozen_reward_model(config, reward_model, device, tokenizer, fmt)
-        reward = ModelReward(scorer, tokenizer.eot_token, tokenizer.bos_token)
+        reward = ModelReward(scorer, tokenizer.eot_token, tokenizer.bos_token, stop)
+    elif config.reward == "answer":
+        reward, reward_sha256 = AnswerReward(tokenizer, fmt.stop_texts), None
     else:
-        reward, reward_sha256 = AnswerReward(tokenizer), None
+        function = load_reward_function(config.reward_function)
+        reward, reward_sha256 = FunctionReward(tokenizer, function, config.reward_function, fmt.stop_texts), None
     # kl_coef = 0 (the default) needs no reference: no copy of the model is held
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if config.kl_coef > 0 else None
     wrapped = apply_lora_from_config(policy, config)
-    answers = prompt_answers(rows, config.data) if config.reward == "answer" else [None] * len(rows)
-    prompts = list(zip(encode_prompts(rows, tokenizer, max_prompt_len, fmt), answers))
+    prompts = list(zip(encode_prompts(rows, tokenizer, max_prompt_len, fmt), row_answers(rows, config)))
     train, val = split_prompts(prompts, config, info)
 
     run = _GRPORun(policy, reference, reward, train, val, config, info, tokenizer.eot_token,
                    {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256},
-                   tokenizer.bos_token)
+                   tokenizer.bos_token, stop=stop)
     run.start()
     run.train()
     path, lora_path = _save_policy(policy, wrapped, tokenizer, config, run.iterations, method="grpo")

@@ -339,15 +339,16 @@ def reward_model_scores(reward_model, prompts: list[list[int]], responses: list[
     return reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)
 
 
-def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int
+def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int, stop=None
                      ) -> list[list[int]]:
     """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt; config gives
     max_new_tokens, temperature and top_k (a PPOConfig's or GRPOConfig's). Rows of one prompt repeated draw
-    different responses (each row its own stream of `seed`)."""
+    different responses (each row its own stream of `seed`). stop: generate's (templates.response_stop: a
+    response also ends with the template's end marker); None: at eot alone."""
     from ..model import generate
 
     out = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
-                   top_k=config.top_k or None, eos_token=eot, seed=seed)
+                   top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop)
     return [row[len(prompt):] for prompt, row in zip(prompts, out)]
 
 
