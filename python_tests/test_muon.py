@@ -152,6 +152,88 @@ def test_row_blocks_that_do_not_split_the_rows_are_refused(row_blocks, message):
         Muon([nn.Parameter(torch.zeros(24))])
 
 
+# global shapes and row blocks, split by rows (a stack: by matrix) as FSDP2 shards them, over 2 processes: 24 | 24
+# rows of a qkv cut inside q; 13 | 12 rows of an odd 25 cut inside q; 2 | 1 rows; 1 | none; 2 | 1 experts of 3.
+# Over 3: 16 | 16 | 16 rows of the qkv, the last two cut at k; 9 | 9 | 7; 1 | 1 | 1; 1 | none | none; 2 | 2 | none
+SHARDED_SHAPES = [((48, 24), (32, 8, 8)), ((25, 12), (15, 5, 5)), ((3, 24), (3,)), ((1, 24), (1,)),
+                  ((3, 80, 24), (40, 40)), ((3, 24, 40), (24,)), ((4, 24), (4,))]
+
+
+def _dtensor_step_worker(rank, world, port, out_dir):
+    """Each of `world` processes: 3 Muon steps of the SHARDED_SHAPES parameters as DTensors sharded on dim 0, and
+    of the same whole tensors plain, in two param groups (the second of one parameter: the other processes own
+    none of it); writes out_dir/rank<rank>.json: which parameters or momentum buffers differ (gathered whole),
+    and the errors of parameters sharded otherwise. Checked by the parent (an assert here would leave the other
+    processes waiting at a collective)."""
+    import json
+
+    import spawned
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    plain = random_matrices([shape for shape, _ in SHARDED_SHAPES], seed=3)  # the same on every process
+    sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "adjust_lr_fn": "match_rms_adamw"}
+
+    def two_groups(params):
+        entries = [MuonParameter(str(i), p, blocks) for i, (p, (_, blocks)) in enumerate(zip(params, SHARDED_SHAPES))]
+        return [{"params": entries[:-1]}, {"params": entries[-1:], "lr": 0.03}]
+
+    muon, reference = Muon(two_groups(sharded), **settings), Muon(two_groups(plain), **settings)
+    for step in range(3):
+        random_gradients(plain, step)
+        for p, q in zip(sharded, plain):
+            p.grad = distribute_tensor(q.grad.clone(), mesh, [Shard(0)])
+        muon.step()
+        reference.step()
+    first = random_matrices([shape for shape, _ in SHARDED_SHAPES], seed=3)
+    report = {"params": [i for i, (p, q) in enumerate(zip(sharded, plain)) if not torch.equal(p.full_tensor(), q)],
+              "buffers": [i for i, (p, q) in enumerate(zip(sharded, plain))
+                          if not torch.equal(muon.state[p]["momentum_buffer"].full_tensor(),
+                                             reference.state[q]["momentum_buffer"])],
+              "unmoved": [i for i, (p, q) in enumerate(zip(plain, first)) if torch.equal(p, q)],
+              "refused": []}
+    for placement in (Shard(1), Replicate()):
+        try:
+            Muon([nn.Parameter(distribute_tensor(torch.zeros(4, 6), mesh, [placement]))])
+        except ValueError as err:
+            report["refused"].append(str(err))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    spawned.leave()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_step_of_fsdp_shards_equals_the_step_of_the_whole_matrices(tmp_path, world):
+    # Under FSDP2 a process holds a dim-0 slice of each parameter (uneven: torch.chunk's split). Each parameter's
+    # owner gathers its whole update and orthogonalizes it, and sends each process its rows back: every slice
+    # steps as one process steps the whole parameter, bitwise (the same bfloat16 products), wherever the slices
+    # cut the projections
+    import json
+
+    import spawned
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_dtensor_step_worker, args=(world, spawned.free_port(), str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    for rank in range(world):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["params"] == [] and report["buffers"] == [] and report["unmoved"] == [], (rank, report)
+        assert len(report["refused"]) == 2 and all("sharded on dim 0 over a 1-D device mesh" in message
+                                                   for message in report["refused"]), report["refused"]
+        assert "Shard(dim=1)" in report["refused"][0] and "Replicate()" in report["refused"][1]
+
+
+def test_the_matrices_are_shared_out_largest_first_to_the_least_loaded_process():
+    # 40 to 0, 30 to 1, 20 to 1 (30 < 40), 10 to 0 (40 < 50), 5 to 0 (50 = 50: the lower rank): 55 | 50
+    assert muon_module._owners([10, 40, 30, 20, 5], world=2) == [0, 0, 1, 1, 0]
+    assert muon_module._owners([7], world=3) == [0]  # the other processes own none
+
+
 def combined_optimizer(model, lr=1e-3, muon_lr=1e-3, weight_decay=0.1, **kwargs):
     chosen = muon_parameters(model)
     return MuonWithAdamW(chosen, split_groups(model.optimizer_groups(weight_decay), chosen), lr=lr, muon_lr=muon_lr,
@@ -296,7 +378,6 @@ def test_a_parameter_in_both_parts_is_refused():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"optimizer": "muon", "parallel": "fsdp"}, "optimizer='muon' does not run with parallel='fsdp'"),
     ({"optimizer": "muon", "muon_lr": -1.0}, "muon_lr must be >= 0 and finite"),
     ({"optimizer": "muon", "muon_lr": math.inf}, "muon_lr must be >= 0 and finite"),
     ({"optimizer": "muon", "muon_momentum": 1.0}, r"muon_momentum must be in \[0, 1\)"),
@@ -305,6 +386,11 @@ def test_a_parameter_in_both_parts_is_refused():
 def test_muon_settings_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields).validate()
+
+
+def test_muon_runs_under_fsdp():
+    # refused before Muon gathered the sharded matrices' updates (test_distributed.py trains with it)
+    assert TrainConfig(optimizer="muon", parallel="fsdp").validate().parallel == "fsdp"
 
 
 def test_muon_settings_without_muon_are_warned_about():

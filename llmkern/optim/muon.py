@@ -25,13 +25,23 @@ MuonWithAdamW holds a Muon and an llmkern.optim.AdamW and shows them as one opti
 step, zero_grad, state_dict and load_state_dict, so a trainer, gradient clipping, loss scaling and checkpoints see
 one optimizer. Its state_dict is the one a single torch optimizer over those groups would have (parameters
 numbered across both), so checkpoints store it as any other.
+
+Under FSDP2 (fully_shard) each parameter is a DTensor sharded on dim 0, and a process holds a slice of the rows of
+each matrix (of the experts of an expert stack), torch.chunk's split, the last processes' slices shorter or empty.
+Muon then keeps the momentum of the local slice (elementwise, as the weight decay), and splits the Newton-Schulz
+work: each parameter has an owner process (the largest parameters first, each to the least loaded), which gathers
+its whole bfloat16 update from the slices, orthogonalizes its blocks whole (batched by shape with its other
+parameters') and sends each process the rows it holds, to add to its slice: the same numbers as one process's step
+on the same gradients. Two all_to_all exchanges a step; each process orthogonalizes 1 / world of the matrices and
+holds the whole updates of those alone (an all-gather of every update to every process would move world / 2 times
+the bytes, and hold and orthogonalize all of them on each).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -131,7 +141,9 @@ class Muon(torch.optim.Optimizer):
     (adjust_lr_fn "original" or None: sqrt(max(1, rows / cols)); "match_rms_adamw": 0.2 * sqrt(max(rows, cols))).
 
     Each group holds "row_blocks", a tuple of each of its parameters' blocks, so that a state_dict says how it
-    stepped. A DTensor (an FSDP2 shard) is refused: orthogonalizing a shard is not orthogonalizing the matrix.
+    stepped. A parameter may be a DTensor sharded on dim 0 over a 1-D mesh (FSDP2's): its owner process gathers
+    its whole update for the iteration (_step_sharded), and its momentum buffer is a DTensor sharded as it is (see
+    the module's docstring). Every process of the mesh must call step() with the same parameters holding gradients.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -166,33 +178,37 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        """Momentum and weight decay per parameter, then the orthogonalized update per block, the blocks gathered
-        by shape for the batched Newton-Schulz iteration."""
-        lr = group["lr"]
-        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        """Momentum and weight decay per parameter (on the rows this process holds), then the orthogonalized
+        update per block, the blocks of one shape batched for the Newton-Schulz iteration: here for plain
+        tensors, by their owners for DTensors (_step_sharded)."""
+        plain, sharded = [], []
         for p, row_blocks in zip(group["params"], group[_ROW_BLOCKS]):
             if p.grad is None:
                 continue
             update = self._momentum_update(p, group).bfloat16()  # the iteration's dtype (torch's: bfloat16)
-            p.mul_(1 - lr * group["weight_decay"])
-            for block_update, block in zip(_row_split(update, row_blocks), _row_split(p, row_blocks)):
-                by_shape.setdefault(tuple(block.shape[1:]), []).append((block_update, block))
-        for (rows, cols), pairs in by_shape.items():
-            block_lr = adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
-            for chunk in _chunks(pairs, _MAX_STACK_ELEMENTS // (rows * cols)):
-                stack = torch.cat([block_update for block_update, _ in chunk])
-                ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                for (_, block), block_ortho in zip(chunk, ortho.split([block.size(0) for _, block in chunk])):
-                    block.add_(block_ortho, alpha=-block_lr)
+            _local(p).mul_(1 - group["lr"] * group["weight_decay"])
+            (sharded if _is_dtensor(p) else plain).append(_Update(p, update, row_blocks))
+        pairs = [pair for u in plain
+                 for pair in zip(_row_split(u.update, u.row_blocks), _row_split(u.param, u.row_blocks))]
+        for index, ortho in _orthogonalized([block_update for block_update, _ in pairs], group):
+            pairs[index][1].add_(ortho, alpha=-_block_lr(group, ortho))
+        if sharded:
+            _step_sharded(sharded, group)
 
     def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """The update before orthogonalization: torch.optim.Muon's momentum, Nesterov's or plain."""
+        """The update before orthogonalization, of the rows this process holds (a DTensor's local shard):
+        torch.optim.Muon's momentum, Nesterov's or plain. The buffer is p's kind (a DTensor sharded as p is, so a
+        state_dict gathers it)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        buf, grad = _local(state["momentum_buffer"]), _local(p.grad)
+        if buf.shape != grad.shape:  # a whole buffer loaded into a sharded parameter, not through a DTensor
+            raise ValueError(f"the momentum buffer of a Muon parameter holds {tuple(buf.shape)} elements here, its "
+                             f"gradient {tuple(grad.shape)}: load a sharded model's state_dict through torch."
+                             f"distributed.checkpoint.state_dict (llmkern.train.distributed.load_full_state_dicts)")
+        buf.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, after checking that the state_dict's groups hold this optimizer's parameters (their count, and
@@ -225,9 +241,8 @@ def _check_parameter(p: torch.Tensor, row_blocks: tuple[int, ...]) -> None:
                          f"{tuple(p.shape)}")
     if torch.is_complex(p):
         raise ValueError("Muon does not support complex parameters")
-    if hasattr(p, "full_tensor"):  # a DTensor
-        raise ValueError("Muon cannot step a DTensor (an FSDP2 shard): it orthogonalizes whole matrices, and a "
-                         "rank holds a shard of each")
+    if _is_dtensor(p):
+        _check_sharding(p)
     if (not row_blocks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in row_blocks)
             or sum(row_blocks) != p.size(-2)):
         raise ValueError(f"row_blocks must be positive ints summing to the parameter's {p.size(-2)} rows, got "
@@ -265,22 +280,183 @@ def _check_saved_group(index: int, saved: dict[str, Any], ours: dict[str, Any], 
                              f"{blocks}, this optimizer into {ours[_ROW_BLOCKS]}: saved for another model")
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "full_tensor")  # without importing torch.distributed, which a build may lack
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writing it writes the DTensor), or the tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _check_sharding(p: torch.Tensor) -> None:
+    """A DTensor parameter must be sharded as FSDP2's fully_shard shards it: on dim 0, over a 1-D mesh. Other
+    layouts (tensor parallel, HSDP's 2-D mesh) would need another gather, and are refused rather than stepped
+    wrongly."""
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ValueError(f"Muon steps a DTensor parameter sharded on dim 0 over a 1-D device mesh (FSDP2's "
+                         f"fully_shard), got placements {tuple(p.placements)} over a {p.device_mesh.ndim}-D mesh")
+
+
+def _held_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The part of p this process holds (and steps), and the index of its first row along p's dim 0: p itself and
+    0 for a plain tensor; for a DTensor sharded on dim 0, its local shard, this process's chunk of torch.chunk's
+    split (ceil(rows / processes) rows each, the last processes' fewer or none)."""
+    if not _is_dtensor(p):
+        return p, 0
+    held = p.to_local()
+    chunk = -(-p.size(0) // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * chunk, p.size(0))
+    if held.size(0) != min(chunk, p.size(0) - start):
+        raise RuntimeError(f"a DTensor of {p.size(0)} rows over {p.device_mesh.size()} processes holds "
+                           f"{held.size(0)} here, not torch.chunk's share from row {start}: an unknown sharding")
+    return held, start
+
+
+class _Update(NamedTuple):
+    """A parameter's update before orthogonalization: of the rows this process holds (a DTensor's local ones)."""
+
+    param: torch.Tensor
+    update: torch.Tensor
+    row_blocks: tuple[int, ...]
+
+
+def _block_lr(group: dict[str, Any], ortho: torch.Tensor) -> float:
+    """The learning rate of a block's orthogonalized update ortho (E, rows, cols), adjusted to its shape."""
+    return adjusted_lr(group["lr"], group["adjust_lr_fn"], ortho.size(-2), ortho.size(-1))
+
+
+def _orthogonalized(updates: list[torch.Tensor], group: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, its orthogonalized update) of each block update (E, rows, cols) of `updates`, in bfloat16: the blocks
+    of one shape in batched stacks of at most _MAX_STACK_ELEMENTS elements (one Newton-Schulz chain each)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, update in enumerate(updates):
+        by_shape.setdefault(tuple(update.shape[1:]), []).append(index)
+    for (rows, cols), indices in by_shape.items():
+        for chunk in _chunks(indices, [updates[i].size(0) for i in indices], _MAX_STACK_ELEMENTS // (rows * cols)):
+            stack = torch.cat([updates[i] for i in chunk])
+            ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            yield from zip(chunk, ortho.split([updates[i].size(0) for i in chunk]))
+
+
+class _ShardLayout(NamedTuple):
+    """How dim 0 of a DTensor parameter is split over the processes: chunks of `rows` rows (torch.chunk's), each
+    `numel` elements when padded to that size (the last processes' hold fewer rows, or none)."""
+
+    rows: int
+    numel: int
+
+
+def _shard_layout(p: torch.Tensor, world: int) -> _ShardLayout:
+    rows = -(-p.size(0) // world)
+    return _ShardLayout(rows, rows * (p.numel() // p.size(0)))
+
+
+def _owners(sizes: list[int], world: int) -> list[int]:
+    """The process that orthogonalizes each parameter, of sizes[i] elements: the largest first, each to the
+    process with the fewest elements so far (the lowest rank on a tie); the same on every process."""
+    loads, owners = [0] * world, [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner = min(range(world), key=lambda rank: loads[rank])
+        owners[index] = owner
+        loads[owner] += sizes[index]
+    return owners
+
+
+def _padded(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """rows (n, ...) with zero rows below to count rows."""
+    if rows.size(0) == count:
+        return rows
+    return torch.cat([rows, rows.new_zeros(count - rows.size(0), *rows.shape[1:])])
+
+
+def _step_sharded(updates: list[_Update], group: dict[str, Any]) -> None:
+    """The orthogonalized step of DTensor parameters sharded on dim 0 (FSDP2's), the work split: each parameter has
+    an owner (_owners, balanced by size), which gathers its whole update, orthogonalizes its blocks (with those of
+    its other parameters, batched by shape) and sends each process back the rows it holds, which it adds to its
+    shard. Two all_to_all exchanges a step, of the bfloat16 updates (padded to torch.chunk's chunks): each process
+    sends, and receives, about 2 * 2 * (world - 1) / world**2 bytes a parameter, where an all-gather of every
+    update to every process would have it receive 2 * (world - 1) / world; and it orthogonalizes 1 / world of the
+    matrices.
+    """
+    import torch.distributed as dist
+
+    mesh = updates[0].param.device_mesh
+    if any(u.param.device_mesh != mesh for u in updates):
+        raise ValueError("Muon's DTensor parameters of one param group must share one device mesh")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    layouts = [_shard_layout(u.param, world) for u in updates]
+    owners = _owners([u.param.numel() for u in updates], world)
+    order = sorted(range(len(updates)), key=lambda i: owners[i])  # by owner, in the group's order for each
+    send = torch.cat([_padded(updates[i].update, layouts[i].rows).flatten() for i in order])
+    sent_to = [sum(layouts[i].numel for i in order if owners[i] == owner) for owner in range(world)]
+    mine = [i for i in order if owners[i] == rank]
+    # from each process, its chunk of each of my parameters in turn: a (world, my chunks) table
+    received = send.new_empty(world * sent_to[rank])
+    dist.all_to_all_single(received, send, [sent_to[rank]] * world, sent_to, group=mesh.get_group())
+    _orthogonalize_owned([updates[i] for i in mine], [layouts[i] for i in mine], received.view(world, sent_to[rank]),
+                         group)
+    returned = torch.empty_like(send)
+    dist.all_to_all_single(returned, received, sent_to, [sent_to[rank]] * world, group=mesh.get_group())
+    for i, ortho_rows in zip(order, returned.split([layouts[i].numel for i in order])):
+        held, start = _held_rows(updates[i].param)
+        ortho_rows = ortho_rows.view(layouts[i].rows, *held.shape[1:])[:held.size(0)]
+        for index, (rows, cols) in _held_blocks(updates[i].param, start, held.size(0), updates[i].row_blocks):
+            held[index].add_(ortho_rows[index], alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], rows, cols))
+
+
+def _orthogonalize_owned(updates: list[_Update], layouts: list[_ShardLayout], table: torch.Tensor,
+                         group: dict[str, Any]) -> None:
+    """Replace each whole update in table (world, the chunks of updates' parameters in turn: each process's
+    rows of them) by its orthogonalized update, block by block."""
+    world, wholes, offset = table.size(0), [], 0
+    for u, layout in zip(updates, layouts):
+        chunks = table[:, offset:offset + layout.numel]
+        # the rows in order (a copy, but a view of table when it holds one parameter: then written in place)
+        wholes.append((chunks, chunks.reshape(world * layout.rows, *u.param.shape[1:])))
+        offset += layout.numel
+    blocks = [block for u, (_, whole) in zip(updates, wholes)
+              for block in _row_split(whole[:u.param.size(0)], u.row_blocks)]
+    for index, ortho in _orthogonalized(blocks, group):
+        blocks[index].copy_(ortho)  # its input was copied into the iteration's stack: the other blocks' stay
+    for chunks, whole in wholes:
+        chunks.copy_(whole.view(world, -1))
+
+
+def _held_blocks(p: torch.Tensor, start: int, held_rows: int,
+                 row_blocks: tuple[int, ...]) -> list[tuple[tuple[slice, ...], tuple[int, int]]]:
+    """Where each row block of p lies in the held_rows of p's dim 0 from `start` that a process holds: (the index
+    of its part in them, the block's (rows, cols)). A stack's held matrices hold every block whole; a matrix's
+    rows may cut a block, or miss it (an empty index)."""
+    cols, tops = p.size(-1), [sum(row_blocks[:i]) for i in range(len(row_blocks))]
+    if p.dim() == 3:
+        return [((slice(None), slice(top, top + rows)), (rows, cols)) for top, rows in zip(tops, row_blocks)]
+    held = []
+    for top, rows in zip(tops, row_blocks):
+        first = max(top, start)
+        last = max(first, min(top + rows, start + held_rows))
+        held.append(((slice(first - start, last - start),), (rows, cols)))
+    return held
+
+
 def _row_split(tensor: torch.Tensor, row_blocks: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     """Views (E, rows_i, cols) of each row block of a matrix (E = 1) or of each matrix of a stack (E, rows, cols)."""
     stack = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
     return stack.split(row_blocks, dim=1)
 
 
-def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], max_matrices: int) -> Iterable[list]:
-    """pairs (update, block) in consecutive runs of at most max_matrices matrices (a block (E, rows, cols) holds E),
-    at least one pair a run."""
+def _chunks(indices: list[int], matrices: list[int], max_matrices: int) -> Iterable[list[int]]:
+    """indices in consecutive runs of at most max_matrices matrices (matrices[k]: those of the block indices[k],
+    E for a stack of E), at least one index a run."""
     chunk, count = [], 0
-    for pair in pairs:
-        if chunk and count + pair[1].size(0) > max_matrices:
+    for index, size in zip(indices, matrices):
+        if chunk and count + size > max_matrices:
             yield chunk
             chunk, count = [], 0
-        chunk.append(pair)
-        count += pair[1].size(0)
+        chunk.append(index)
+        count += size
     if chunk:
         yield chunk
 
@@ -328,6 +504,12 @@ class MuonWithAdamW:
         betas, eps, backend: AdamW's.
         adjust_lr_fn: Muon's (torch.optim.Muon's): "match_rms_adamw", "original" or None.
 
+    Under FSDP2 (DTensor parameters) the AdamW part is torch.optim.AdamW (fused on GPUs), as the trainer's AdamW
+    is there: llmkern's AdamW kernels take plain tensors. Its state_dict is llmkern's AdamW's (the same keys).
+    Iterating a MuonWithAdamW yields its two torch optimizers: torch.distributed.checkpoint.state_dict's
+    get_state_dict and set_optimizer_state_dict take an iterable of optimizers, so an FSDP2 checkpoint gathers
+    and scatters both (its state_dict keyed by parameter name, Muon's groups first, as load_state_dict reads it).
+
     Muon's group holds "lr_scale" = muon_lr / lr: a schedule that sets every group's lr to its lr of the step
     times the group's lr_scale (1 where there is none) moves both parts alike.
 
@@ -351,8 +533,12 @@ class MuonWithAdamW:
             raise ValueError("a parameter is in both muon_params and adamw_groups: each must step once")
         self.muon = Muon([{"params": muon_params, "lr_scale": muon_lr / lr}], lr=muon_lr, weight_decay=weight_decay,
                          momentum=momentum, adjust_lr_fn=adjust_lr_fn)
-        self.adamw = AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, backend=backend)
+        self.adamw = _adamw(adamw_groups, lr=lr, betas=betas, eps=eps, backend=backend)
         self.max_grad_norm = None  # the trainer clips and decides on the host (see the class docstring)
+
+    def __iter__(self):
+        """Muon, then the AdamW: the optimizers torch.distributed.checkpoint.state_dict gathers and loads."""
+        return iter((self.muon, self.adamw))
 
     @property
     def param_groups(self) -> list[dict]:
@@ -432,9 +618,22 @@ class MuonWithAdamW:
         return sum(len(group["params"]) for group in self.muon.param_groups)
 
 
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+           backend: str | None) -> torch.optim.Optimizer:
+    """llmkern's AdamW over plain tensors; torch's over DTensors (FSDP2's shards), fused on a GPU."""
+    params = [p for group in groups for p in group["params"]]
+    if any(_is_dtensor(p) for p in params):
+        fused = all(p.device.type == "cuda" for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, backend=backend)
+
+
 def _shifted(key: Any, offset: int) -> Any:
     """An AdamW parameter's key in AdamW's own state_dict: its index less the Muon parameters before it
-    (state_dict() numbers them after Muon's)."""
+    (state_dict() numbers them after Muon's); a name (a sharded model's state_dict is keyed by parameter name,
+    torch.distributed.checkpoint.state_dict's layout) as it is."""
+    if isinstance(key, str):
+        return key
     if isinstance(key, bool) or not isinstance(key, int):
-        raise TypeError(f"the state_dict's parameters must be numbered (ints), got key {key!r}")
+        raise TypeError(f"the state_dict's parameters must be numbered (ints) or named (strs), got key {key!r}")
     return key - offset

@@ -143,11 +143,8 @@ class TrainConfig:
             raise ValueError(f"muon_lr must be >= 0 and finite (0: the same as lr), got {self.muon_lr}")
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        if self.optimizer == "muon" and self.parallel == "fsdp":
-            # Muon would orthogonalize each rank's DTensor shard of a matrix, not the matrix (it refuses DTensors)
-            raise ValueError("optimizer='muon' does not run with parallel='fsdp': Muon orthogonalizes whole "
-                             "matrices, and FSDP2 gives each rank a shard of each; use parallel='ddp' or an AdamW "
-                             "optimizer ('llmkern', 'torch')")
+        # parallel="fsdp" runs: Muon gathers each matrix's update from the ranks' shards to orthogonalize it whole
+        # (llmkern.optim.muon), and refuses a DTensor sharded otherwise than FSDP2 shards it
 
     def effective_muon_lr(self) -> float:
         """Muon's peak learning rate: muon_lr, or lr when muon_lr is 0."""

@@ -245,7 +245,7 @@ class Trainer:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
         groups = model.optimizer_groups(cfg.weight_decay)
-        if cfg.optimizer == "muon":  # refused with FSDP2 (TrainConfig.validate)
+        if cfg.optimizer == "muon":  # also under FSDP2: Muon gathers each matrix's update (llmkern.optim.muon)
             return self._make_muon(model, groups)
         # llmkern's AdamW kernels take plain tensors; FSDP2's parameters are DTensor shards
         sharded = cfg.parallel == "fsdp" and self.dist.is_distributed
@@ -261,9 +261,9 @@ class Trainer:
 
     def _make_muon(self, model: nn.Module, groups: list[dict]):
         """Muon for the blocks' matrices (each projection of a fused one, each expert, apart: muon_parameters),
-        llmkern's AdamW for the rest (its groups' weight decay as an AdamW run's); both at the schedule's lr,
-        Muon's scaled by muon_lr / lr. No fused clip: the host clips all the gradients and skips a non-finite step
-        (_step_on_host), since Muon cannot skip on the device."""
+        llmkern's AdamW for the rest (its groups' weight decay as an AdamW run's; torch's over FSDP2's DTensors, as
+        _make_optimizer's); both at the schedule's lr, Muon's scaled by muon_lr / lr. No fused clip: the host clips
+        all the gradients and skips a non-finite step (_step_on_host), since Muon cannot skip on the device."""
         from ..optim import MuonWithAdamW, muon_parameters
         from ..optim.muon import split_groups
 
