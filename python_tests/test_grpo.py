@@ -210,6 +210,68 @@ def test_score_groups_against_each_row_scored_alone():
     assert rollout.old_logprobs is None and rollout.ref_logprobs is None
 
 
+def k3_tokens_at(policy, reference, prompt, response, temperature):
+    """Per response token the k3 estimate exp(d) - d - 1, d = log pi_ref - log pi, both of softmax(logits /
+    temperature), in float64 (a list)."""
+    row = torch.tensor([prompt + response])
+    start, end = len(prompt) - 1, len(prompt) + len(response) - 1  # the positions that predict the response
+    targets = row[0, start + 1 : end + 1]
+    with torch.no_grad():
+        policy_lp, ref_lp = (torch.log_softmax(model(row[:, :-1])[0][0].double() / temperature, -1)
+                             [torch.arange(start, end), targets] for model in (policy, reference))
+    d = ref_lp - policy_lp
+    return (torch.exp(d) - d - 1).tolist()
+
+
+def test_grpo_takes_its_log_probs_kl_and_loss_at_the_sampling_temperature(monkeypatch):
+    """temperature=0.5 samples from softmax(logits / 0.5): the logged KL and loss (training) and the evaluation's
+    KL are of that distribution, against float64 from logits / 0.5. Every reward equal: the advantages are 0 and
+    the loss is kl_coef times the mean k3 over the response tokens."""
+    import contextlib
+    import copy
+
+    from llmkern.finetune import grpo, ppo
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                         backend="torch")).eval()
+
+    policy, reference = tiny(0), tiny(1)
+    before = copy.deepcopy(policy)
+    sampled = []
+    real_sample = ppo.sample_responses
+
+    def sample(*args, **kwargs):
+        sampled.append(real_sample(*args, **kwargs))
+        return sampled[-1]
+
+    def flat_reward(prompts, responses, answers, device):
+        return torch.ones(len(responses), device=device)
+
+    monkeypatch.setattr(ppo, "sample_responses", sample)
+    config = GRPOConfig(temperature=0.5, group_size=2, rollout_batch=2, batch_size=4, max_new_tokens=6, kl_coef=0.1,
+                        max_len=32)
+    prompts = [([5, 6, 7], None), ([8, 9, 10, 11, 12], None)]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    _, metrics = grpo.grpo_iteration(policy, reference, flat_reward, optimizer, prompts, config, eot=256, seed=3,
+                                     lr_at=lambda step: 1e-2, step=0, autocast=contextlib.nullcontext, info=ONE_PROCESS)
+
+    def mean_k3(model, rows, responses, temperature):
+        tokens = [k for p, r in zip(rows, responses) for k in k3_tokens_at(model, reference, p, r, temperature)]
+        return sum(tokens) / len(tokens)
+
+    rows = grpo.repeat_groups([tokens for tokens, _ in prompts], config.group_size)
+    kl = mean_k3(before, rows, sampled[0], 0.5)
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert metrics["loss"] == pytest.approx(config.kl_coef * kl, rel=1e-4, abs=1e-8)
+    assert abs(mean_k3(before, rows, sampled[0], 1.0) - kl) > 0.1 * kl  # the temperature tells: the check can fail
+
+    evaluation = grpo.evaluate_groups(policy, reference, flat_reward, prompts, config, 256, contextlib.nullcontext)
+    rows = [tokens for tokens, _ in prompts]  # one response per held-out prompt
+    assert evaluation["val_kl"] == pytest.approx(mean_k3(policy, rows, sampled[1], 0.5), rel=1e-4, abs=1e-7)
+
+
 # --- answer rewards --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("response,answer,reward", [

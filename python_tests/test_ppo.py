@@ -2,6 +2,7 @@
 a short end-to-end run whose mean reward rises under a toy reward model, resume, and two gloo processes
 (data-parallel: their own samples, the same weights, advantages whitened over both, exact resume)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -399,6 +400,108 @@ def test_ppo_refuses_float16(tmp_path):
         run_ppo(make_ppo_run(tmp_path, dtype="float16"), reward_model=HighByteReward())
 
 
+class RecordingReward(nn.Module):
+    """A reward model that keeps every text it is given (ids up to its length) and scores each by its length."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, ids, lengths):
+        self.seen.extend(row[:n].tolist() for row, n in zip(ids, lengths))
+        return lengths.float() / 100
+
+
+def test_ppo_responses_end_at_the_templates_end_marker_and_are_scored_with_end_of_text(tmp_path, monkeypatch):
+    """A chat-tuned policy that goes on past its turn's end marker (ChatML's <|im_end|>, ordinary text to the bytes
+    tokenizer) into a made-up next turn: sampling stops at the marker, so PPO neither trains on the made-up turn nor
+    has it scored, and the reward model reads the response with end-of-text after its marker, as it was trained
+    (reward.encode_pair_text), in training and in evaluation."""
+    import llmkern.model
+
+    script = list(b"It is 7.<|im_end|>\n<|im_start|>user\nNo, 8")
+    answer = list(b"It is 7.<|im_end|>")
+
+    def scripted_generate(model, prompts, max_new_tokens, eos_token=None, stop=None, **kwargs):
+        """generate's contract (a row stops after eos_token, or once stop(new tokens) is true) over `script`."""
+        rows = []
+        for prompt in prompts:
+            new = []
+            for token in script[:max_new_tokens]:
+                new.append(token)
+                if token == eos_token or (stop is not None and stop(new)):
+                    break
+            rows.append(list(prompt) + new)
+        return rows
+
+    monkeypatch.setattr(llmkern.model, "generate", scripted_generate)
+    reward = RecordingReward()
+    config = make_ppo_run(tmp_path, template="chatml", max_steps=1, max_len=64, max_new_tokens=len(script),
+                          rollout_batch=4)
+    summary = run_ppo(config, reward_model=reward)
+    [train] = [r for r in read_metrics(summary["metrics"]) if r["kind"] == "train"]
+    assert train["response_length"] == len(answer)
+    # the iteration's responses, and those of the evaluations before and after it
+    assert len(reward.seen) == config.rollout_batch + 2 * summary["val_prompts"] > config.rollout_batch
+    for text in reward.seen:
+        assert text[-len(answer) - 1 :] == answer + [256], bytes(t for t in text if t < 256)
+
+
+def tiny_gpt(seed):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                     backend="torch")).eval()
+
+
+def kl_sum_at(policy, reference, prompt, response, temperature):
+    """Sum over the response's tokens of log pi - log pi_ref, both of softmax(logits / temperature), in float64."""
+    row = torch.tensor([prompt + response])
+    start, end = len(prompt) - 1, len(prompt) + len(response) - 1  # the positions that predict the response
+    targets = row[0, start + 1 : end + 1]
+    total = 0.0
+    with torch.no_grad():
+        for model, sign in ((policy, 1.0), (reference, -1.0)):
+            logp = torch.log_softmax(model(row[:, :-1])[0][0].double() / temperature, -1)
+            total += sign * float(logp[torch.arange(start, end), targets].sum())
+    return total
+
+
+def test_ppo_takes_its_log_probs_and_kl_at_the_sampling_temperature(monkeypatch):
+    """temperature=0.5 samples from softmax(logits / 0.5): the logged KL (training and evaluation) is of that
+    distribution, against float64 from logits / 0.5, and the update's first ratios (the same weights, at the same
+    temperature) are all 1, so nothing is clipped."""
+    import contextlib
+
+    from llmkern.finetune import ppo
+
+    model, reference = ppo.PolicyWithValue(tiny_gpt(0)), tiny_gpt(1)
+    before = copy.deepcopy(model.policy)
+    sampled = []
+    real_sample = ppo.sample_responses
+
+    def sample(*args, **kwargs):
+        sampled.append(real_sample(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(ppo, "sample_responses", sample)
+    config = PPOConfig(temperature=0.5, max_new_tokens=6, rollout_batch=4, batch_size=4, ppo_epochs=1, kl_coef=0.1,
+                       max_len=32, lr=1e-2)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [40, 41], [70, 71, 72, 73]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, metrics = ppo.ppo_iteration(model, reference, HighByteReward(), optimizer, prompts, config, eot=256, seed=3,
+                                   lr_at=lambda step: 1e-2, step=0, autocast=contextlib.nullcontext)
+    kls = [kl_sum_at(before, reference, p, r, 0.5) for p, r in zip(prompts, sampled[0])]
+    assert metrics["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-6)
+    untempered = [kl_sum_at(before, reference, p, r, 1.0) for p, r in zip(prompts, sampled[0])]
+    assert abs(sum(untempered) - sum(kls)) / len(kls) > 1e-2  # the temperature tells: the check can fail
+    assert metrics["clip_fraction"] == 0.0
+
+    evaluation = ppo.evaluate_prompts(model, reference, HighByteReward(), prompts, config, 256,
+                                      contextlib.nullcontext)
+    kls = [kl_sum_at(model.policy, reference, p, r, 0.5) for p, r in zip(prompts, sampled[1])]
+    assert evaluation["val_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-6)
+
+
 # --- data-parallel (torchrun) ------------------------------------------------------------------------------
 
 
@@ -466,8 +569,8 @@ def _ppo_worker(rank, port, tmp_path):
     real_sample, real_score, real_save, real_iteration = (ppo.sample_responses, ppo.score_rollout,
                                                           base.save_finetuned, ppo.ppo_iteration)
 
-    def sample(policy, prompts, config, eot, seed):
-        responses = real_sample(policy, prompts, config, eot, seed)
+    def sample(policy, prompts, config, eot, seed, stop=None):
+        responses = real_sample(policy, prompts, config, eot, seed, stop)
         events.append({"run": name["run"], "seed": seed, "responses": responses})
         return responses
 
@@ -574,8 +677,10 @@ class _Lookup(nn.Module):
     def forward(self, ids, targets):
         return self.w[ids], self.w[targets.clamp(min=0)]
 
-    def outputs_with_aux_loss(self, ids, targets, token_mask=None):
-        """PolicyWithValue's training pass: forward's outputs, and no load-balancing loss (no experts)."""
+    def outputs_with_aux_loss(self, ids, targets, token_mask=None, temperature=1.0):
+        """PolicyWithValue's training pass: forward's outputs, and no load-balancing loss (no experts); a
+        temperature of 1 (the test's config names none) leaves them as they are."""
+        assert temperature == 1.0
         return (*self(ids, targets), None)
 
 
@@ -631,3 +736,12 @@ def test_ppo_update_gives_a_short_last_group_of_minibatches_its_mean_gradient(ro
     for got, group in zip(recorder.grads, groups):
         expected = torch.stack([gradient_of(row) for row in group]).mean(0)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan, True, "0.5"])
+def test_token_logprobs_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
+    from llmkern.eval.logprobs import token_logprobs
+
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        token_logprobs(tiny_gpt(0), ids, ids, temperature=temperature)

@@ -8,7 +8,8 @@ Each iteration:
      prompt's "answer" field, else 0.0 (reward="answer", see answer_reward), or a Python function's value of the
      prompt's and response's texts and the row's answer (reward="function": format, code or other custom
      verifiable rewards); the response text read ends before the first end marker or end-of-text's text, and a
-     reward model reads a response ended at its marker with end-of-text after it, as it was trained (ModelReward);
+     reward model reads a response ended at its marker with end-of-text after it, as it was trained (ModelReward,
+     ppo.with_end_of_text);
   3. advantages: each response's reward minus its group's mean, divided by the group's std (scale_rewards; Dr. GRPO
      leaves the std out), the same for every token of the response; a group whose rewards are all equal ("flat")
      has advantage 0 and teaches nothing;
@@ -20,6 +21,9 @@ With grpo_epochs=1 the log-probs of the policy being trained stand in for pi_old
 the clip never triggers, and no extra forward pass is spent on the rollout. When an iteration takes several
 optimizer steps (rollout_batch * group_size > batch_size * grad_accum), its later minibatches are then a little
 off-policy, uncorrected; grpo_epochs > 1 takes pi_old once, after sampling, and the clip bounds every pass.
+Every log-prob (pi, pi_old, pi_ref; in training and in evaluation's KL) is of the distribution the responses are
+sampled from, softmax(logits / temperature) (as TRL's GRPO trainer takes them), so that the ratio and the KL are
+those of the sampling policy; top_k's truncation is not part of it.
 
 Metrics per iteration in metrics.jsonl: reward (the mean over the responses), reward_std (the mean over the groups
 of their std), flat_groups (the fraction of groups of equal rewards), response_length, loss, clip_fraction, kl (the
@@ -46,7 +50,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .ppo import _check_same_shape, _PPORun
+from .ppo import _check_same_shape, _PPORun, logprob_temperature
 
 REWARDS = ("model", "answer", "function")
 AGGREGATIONS = ("token", "sequence")
@@ -350,7 +354,8 @@ class ModelReward:
     """reward="model": a reward model's score of each prompt + response (ppo.reward_model_scores). A response that
     sampling ended at the template's end marker (`stop`, templates.response_stop) is read with end-of-text (`eot`,
     also the padding) after it: a reward model is trained on prompt + output + end marker + end-of-text and reads
-    its score there (reward.encode_pair_text); one cut at max_new_tokens is read as it is."""
+    its score there (reward.encode_pair_text, ppo.with_end_of_text, as PPO's); one cut at max_new_tokens is read as
+    it is."""
 
     def __init__(self, reward_model, eot: int, bos_token: int | None, stop=None):
         self.reward_model, self.eot, self.bos_token, self.stop = reward_model, eot, bos_token, stop
@@ -358,14 +363,10 @@ class ModelReward:
     def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[Any],
                  device: torch.device) -> torch.Tensor:
         """(B,) fp32 scores on `device`."""
-        from .ppo import reward_model_scores
+        from .ppo import reward_model_scores, with_end_of_text
 
-        ended = [r + [self.eot] if self.ended_at_marker(r) else r for r in responses]
-        return reward_model_scores(self.reward_model, prompts, ended, self.eot, device, self.bos_token)
-
-    def ended_at_marker(self, response: list[int]) -> bool:
-        """Whether `response` ends with the template's end marker, not end-of-text."""
-        return self.stop is not None and response[-1:] != [self.eot] and bool(self.stop(response))
+        return reward_model_scores(self.reward_model, prompts, with_end_of_text(responses, self.eot, self.stop),
+                                   self.eot, device, self.bos_token)
 
 
 # --- rollouts ------------------------------------------------------------------------------------------------------
@@ -388,22 +389,25 @@ class GroupRollout:
 
 
 def policy_logprobs(policy: nn.Module, ids: torch.Tensor, targets: torch.Tensor,
-                    token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log p(targets) (B, T) fp32, 0 where targets is -1; the load-balancing loss of a mixture-of-experts policy
-    in training mode, else None: see finetune.aux_loss)."""
+                    token_mask: torch.Tensor | None = None, temperature: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(targets) (B, T) fp32 under softmax(logits / temperature), 0 where targets is -1; the load-balancing
+    loss of a mixture-of-experts policy in training mode, else None: see finetune.aux_loss)."""
     from ..eval.logprobs import logprobs_from_hidden
 
     hidden, aux = policy.hidden_states_with_aux_loss(ids, token_mask)
-    return logprobs_from_hidden(policy, hidden, targets).float(), aux
+    return logprobs_from_hidden(policy, hidden, targets, temperature).float(), aux
 
 
 @torch.no_grad()
-def frozen_logprobs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, rows_per_pass: int) -> torch.Tensor:
-    """token_logprobs of `model` (B, T) fp32, rows_per_pass rows a forward pass (a rollout's logits at once could
-    outgrow the memory that its minibatches fit in)."""
+def frozen_logprobs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, rows_per_pass: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs of `model` (B, T) fp32 at `temperature`, rows_per_pass rows a forward pass (a rollout's
+    logits at once could outgrow the memory that its minibatches fit in)."""
     from ..eval.logprobs import token_logprobs
 
-    return torch.cat([token_logprobs(model, ids[i : i + rows_per_pass], targets[i : i + rows_per_pass]).float()
+    return torch.cat([token_logprobs(model, ids[i : i + rows_per_pass], targets[i : i + rows_per_pass],
+                                     temperature).float()
                       for i in range(0, ids.size(0), rows_per_pass)])
 
 
@@ -416,7 +420,8 @@ def score_groups(policy: nn.Module, reference: nn.Module | None, reward, prompts
                  answers: list[str | None], responses: list[list[int]], config: GRPOConfig, pad_id: int
                  ) -> GroupRollout:
     """The rollout of sampled responses (each at least one token long; prompts, answers and responses one per row,
-    groups of config.group_size consecutive rows): rewards, group advantages, and the log-probs the loss needs."""
+    groups of config.group_size consecutive rows): rewards, group advantages, and the log-probs the loss needs (at
+    config.temperature, the sampling's)."""
     from .ppo import rollout_rows
 
     device = policy.device
@@ -427,8 +432,9 @@ def score_groups(policy: nn.Module, reference: nn.Module | None, reward, prompts
     token_mask = torch.arange(ids.size(1), device=device) <= last.unsqueeze(-1)  # a row's ids end at `last`
     rewards = reward(prompts, responses, answers, device).float().reshape(-1)
     advantages, std, flat = group_advantages(rewards, config.group_size, config.scale_rewards, config.std_eps)
-    old = frozen_logprobs(policy, ids, targets, config.batch_size) if config.grpo_epochs > 1 else None
-    ref = None if reference is None else frozen_logprobs(reference, ids, targets, config.batch_size)
+    rows_per_pass, temperature = config.batch_size, logprob_temperature(config)
+    old = frozen_logprobs(policy, ids, targets, rows_per_pass, temperature) if config.grpo_epochs > 1 else None
+    ref = None if reference is None else frozen_logprobs(reference, ids, targets, rows_per_pass, temperature)
     return GroupRollout(ids, targets, mask, token_mask, rewards, advantages, std, flat, old, ref)
 
 
@@ -476,7 +482,7 @@ def grpo_update(policy: nn.Module, optimizer, rollout: GroupRollout, config: GRP
             for mb in minibatches_of_step:
                 with autocast():
                     logprobs, aux = policy_logprobs(policy, rollout.ids[mb], rollout.targets[mb],
-                                                    rollout.token_mask[mb])
+                                                    rollout.token_mask[mb], logprob_temperature(config))
                 old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[mb]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[mb]
                 loss, stats = grpo_loss(logprobs, old, rollout.advantages[mb], rollout.mask[mb], config.clip_range,
@@ -541,7 +547,7 @@ def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optim
 def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prompts: list[tuple], config: GRPOConfig,
                     eot: int, autocast, stop=None) -> dict[str, float]:
     """The mean reward of one sampled response per held-out prompt (a fixed seed), and with a reference the k3 KL
-    per response token. stop: sample_responses's."""
+    per response token (at the sampling temperature, as in training). stop: sample_responses's."""
     from .ppo import rollout_rows, sample_responses
 
     policy.eval()
@@ -555,8 +561,9 @@ def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prom
             if reference is not None:
                 ids, targets = (t.to(policy.device) for t in rollout_rows(rows, responses, eot))
                 mask = targets != -1
-                kl = kl_k3(frozen_logprobs(policy, ids, targets, config.batch_size),
-                           frozen_logprobs(reference, ids, targets, config.batch_size))
+                temperature = logprob_temperature(config)
+                kl = kl_k3(frozen_logprobs(policy, ids, targets, config.batch_size, temperature),
+                           frozen_logprobs(reference, ids, targets, config.batch_size, temperature))
                 kl_sum, kl_tokens = kl_sum + float((kl * mask).sum()), kl_tokens + int(mask.sum())
     out = {"val_reward": sum(rewards) / len(rewards)}
     if reference is not None:
@@ -580,11 +587,6 @@ class _GRPORun(_PPORun):
 
     METHOD: ClassVar[str] = "grpo"
     CHARTS: ClassVar[tuple[str, ...]] = ("reward", "flat_groups", "response_length")
-
-    def __init__(self, *args, stop=None, **kwargs):
-        """_PPORun's; stop: what ends a sampled response besides eot (templates.response_stop)."""
-        super().__init__(*args, **kwargs)
-        self.stop = stop
 
     def updates_per_iteration(self) -> int:
         config = self.config

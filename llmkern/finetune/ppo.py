@@ -2,15 +2,21 @@
 prompts under a reward model, kept close to a frozen reference by a per-token KL penalty.
 
 Each iteration:
-  1. rollout: sample a response to each of rollout_batch prompts (stop at end-of-text);
+  1. rollout: sample a response to each of rollout_batch prompts (stop at end-of-text or at the template's end
+     marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn);
   2. score: per-token log-probs of the policy and the reference, the policy's value estimates, and
      per-token rewards  r_t = -kl_coef * (logp_t - ref_logp_t),  plus the reward model's score of the
-     whole text on the last response token;
+     whole text on the last response token (a response ended at its marker read with end-of-text after it,
+     as the reward model was trained: with_end_of_text);
   3. advantages by GAE over each response (gae below; padding handled by a mask);
   4. ppo_epochs passes over the rollout in minibatches of batch_size: the clipped policy loss plus
      vf_coef times the clipped value loss, one AdamW step per grad_accum minibatches.
 The value head is a linear layer on the policy's last hidden states (one value per token); it is a
 training aid and is not saved. Mean reward, KL, clip fraction and value loss go to metrics.jsonl.
+
+Every log-prob (the policy's at sampling and in the updates, the reference's, in training and in evaluation) is
+of the distribution the responses are sampled from, softmax(logits / temperature) (as TRL's trainers take them):
+the ratio and the KL are then those of the sampling policy. top_k's truncation is not part of it.
 
 Under torchrun (parallel="ddp") every rank holds the whole policy, value head, reference and optimizer
 state, identical on all ranks. Each iteration draws world_size * rollout_batch prompts and every rank
@@ -67,7 +73,7 @@ class PPOConfig(FinetuneConfig):
 
     EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = True  # val_fraction=0: no evaluation
 
-    def validate(self) -> "PPOConfig":
+    def validate(self) -> PPOConfig:
         """The common checks and PPO's; the reward model is checked by run_ppo (it may be passed in)."""
         super().validate()
         if not self.data:
@@ -247,20 +253,22 @@ class PolicyWithValue(nn.Module):
         """The policy's device (a GPT's, which the value head shares)."""
         return self.policy.device
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(targets) (B, T), values (B, T)), both fp32; log-probs are 0 where targets is -1."""
-        logprobs, values, _ = self.outputs_with_aux_loss(ids, targets)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(targets) (B, T), values (B, T)), both fp32; log-probs are 0 where targets is -1, of
+        softmax(logits / temperature)."""
+        logprobs, values, _ = self.outputs_with_aux_loss(ids, targets, temperature=temperature)
         return logprobs, values
 
-    def outputs_with_aux_loss(self, ids: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def outputs_with_aux_loss(self, ids: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None,
+                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """forward's (log-probs, values), and the policy's load-balancing loss over the real tokens (token_mask
         (B, T) bool; None: all), None for a dense policy or in eval mode (see finetune.aux_loss)."""
         from ..eval.logprobs import logprobs_from_hidden
 
         # (B, T, C): one forward pass for both outputs
         hidden, aux = self.policy.hidden_states_with_aux_loss(ids, token_mask)
-        logprobs = logprobs_from_hidden(self.policy, hidden, targets)  # (B, T)
+        logprobs = logprobs_from_hidden(self.policy, hidden, targets, temperature)  # (B, T)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
         return logprobs.float(), values.float(), aux
 
@@ -301,20 +309,25 @@ def rollout_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: i
 
 @torch.no_grad()
 def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
-                  responses: list[list[int]], pad_id: int, kl_coef: float, bos_token: int | None = None) -> Rollout:
+                  responses: list[list[int]], pad_id: int, kl_coef: float, bos_token: int | None = None,
+                  temperature: float = 1.0, stop=None) -> Rollout:
     """Log-probs, reference log-probs, values, reward-model scores and per-token rewards of sampled
-    responses (each at least one token long). bos_token: the tokenizer's begin-of-sequence token, which
-    starts every prompt and stays first in what the reward model reads (None: the tokenizer has none)."""
+    responses (each at least one token long). pad_id: end-of-text, which also pads. bos_token: the tokenizer's
+    begin-of-sequence token, which starts every prompt and stays first in what the reward model reads (None: the
+    tokenizer has none). temperature: the sampling temperature, which the log-probs are taken at. stop: the
+    sampling's (templates.response_stop): a response ended at the template's end marker is scored with
+    end-of-text after it (with_end_of_text)."""
     from ..eval.logprobs import token_logprobs
 
     device = next(model.parameters()).device
     ids, targets = rollout_rows(prompts, responses, pad_id)
     ids, targets = ids.to(device), targets.to(device)
     mask = targets != -1
-    logprobs, values = model(ids, targets)
-    ref_logprobs = token_logprobs(reference, ids, targets).float()
+    logprobs, values = model(ids, targets, temperature)
+    ref_logprobs = token_logprobs(reference, ids, targets, temperature).float()
 
-    scores = reward_model_scores(reward_model, prompts, responses, pad_id, device, bos_token)
+    scores = reward_model_scores(reward_model, prompts, with_end_of_text(responses, pad_id, stop), pad_id, device,
+                                 bos_token)
 
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask
     last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
@@ -339,6 +352,20 @@ def reward_model_scores(reward_model, prompts: list[list[int]], responses: list[
     return reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)
 
 
+def with_end_of_text(responses: list[list[int]], eot: int, stop=None) -> list[list[int]]:
+    """The responses as a reward model is to read them: one that sampling ended at the template's end marker
+    (`stop`, templates.response_stop) with `eot` after it, since a reward model is trained on prompt + output +
+    end marker + end-of-text and reads its score there (reward.encode_pair_text); the others (ended at eot, or cut
+    at max_new_tokens) as they are."""
+    return [response + [eot] if ended_at_marker(response, eot, stop) else response for response in responses]
+
+
+def ended_at_marker(response: list[int], eot: int, stop=None) -> bool:
+    """Whether `response` ends with the template's end marker (`stop` true of it), not with end-of-text; never
+    without a stop."""
+    return stop is not None and response[-1:] != [eot] and bool(stop(response))
+
+
 def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int, stop=None
                      ) -> list[list[int]]:
     """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt; config gives
@@ -350,6 +377,13 @@ def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: i
     out = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
                    top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop)
     return [row[len(prompt):] for prompt, row in zip(prompts, out)]
+
+
+def logprob_temperature(config) -> float:
+    """The temperature every log-prob of a recipe's rollout is taken at: config's sampling temperature (a
+    PPOConfig's or GRPOConfig's), so that the ratios and the KL are of the distribution sampled; 1 (the policy's
+    own) for a config that names none (a caller's own minibatch settings for ppo_update or grpo_update)."""
+    return getattr(config, "temperature", 1.0)
 
 
 # --- one PPO update --------------------------------------------------------------------------------------
@@ -383,7 +417,8 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
             mb = order[start : start + config.batch_size]
             token_mask = None if rollout.token_mask is None else rollout.token_mask[mb]
             with autocast():
-                logprobs, values, aux = model.outputs_with_aux_loss(rollout.ids[mb], rollout.targets[mb], token_mask)
+                logprobs, values, aux = model.outputs_with_aux_loss(rollout.ids[mb], rollout.targets[mb], token_mask,
+                                                                    temperature=logprob_temperature(config))
             mask = rollout.mask[mb]
             policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.logprobs[mb], rollout.advantages[mb],
                                                          mask, config.clip_range)
@@ -413,18 +448,19 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
 
 def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, optimizer, prompts: list[list[int]],
                   config: PPOConfig, eot: int, seed: int, lr_at, step: int, autocast, info=None,
-                  bos_token: int | None = None) -> tuple[int, dict[str, float]]:
+                  bos_token: int | None = None, stop=None) -> tuple[int, dict[str, float]]:
     """Sample, score and learn from one batch of prompts; (next optimizer step, metrics). Under torchrun
     (`info`) `prompts` is this rank's share (as many on every rank) and `seed` its own; the metrics are
-    the means over the ranks (tokens_per_s their sum). bos_token: as score_rollout's."""
+    the means over the ranks (tokens_per_s their sum). bos_token: as score_rollout's; stop: sample_responses's."""
     from ..train import distributed
 
     info = info or distributed.detect()
     started = time.perf_counter()
     model.eval()
     with autocast():
-        responses = sample_responses(model.policy, prompts, config, eot, seed)
-        rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef, bos_token)
+        responses = sample_responses(model.policy, prompts, config, eot, seed, stop)
+        rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef, bos_token,
+                                logprob_temperature(config), stop)
     advantages, returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.returns = returns
     if config.whiten_advantages:
@@ -452,16 +488,18 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
 
 @torch.no_grad()
 def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
-                     config: PPOConfig, eot: int, autocast, bos_token: int | None = None) -> dict[str, float]:
-    """Mean reward-model score and KL of the policy's samples on held-out prompts (a fixed seed). bos_token: as
-    score_rollout's."""
+                     config: PPOConfig, eot: int, autocast, bos_token: int | None = None, stop=None
+                     ) -> dict[str, float]:
+    """Mean reward-model score and KL of the policy's samples on held-out prompts (a fixed seed), the KL at the
+    sampling temperature as in training. bos_token: as score_rollout's; stop: sample_responses's."""
     model.eval()
     scores, kls = [], []
     for start in range(0, len(prompts), config.rollout_batch):
         chunk = prompts[start : start + config.rollout_batch]
         with autocast():
-            responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1)
-            rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef, bos_token)
+            responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1, stop=stop)
+            rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef, bos_token,
+                                    logprob_temperature(config), stop)
         scores += rollout.scores.tolist()
         kls += (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).tolist()
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls)}
@@ -660,16 +698,17 @@ class _PPORun:
 
     def __init__(self, model: PolicyWithValue, reference: nn.Module, reward_model, train: list[list[int]],
                  val: list[list[int]], config: PPOConfig, info, eot: int, fingerprints: dict[str, str | None],
-                 bos_token: int | None = None):
+                 bos_token: int | None = None, stop=None):
         """Count the iterations and optimizer steps, make the optimizer and open the run folder: a fresh log, or
         on resume the training state restored (weights, optimizer, RNG states) and the counters. bos_token: the
-        tokenizer's begin-of-sequence token, which starts every prompt (None: it has none)."""
+        tokenizer's begin-of-sequence token, which starts every prompt (None: it has none); stop: what ends a
+        sampled response besides eot (templates.response_stop; None: eot alone)."""
         from ..train.metrics import CollectiveMetricsLog
         from .loop import make_optimizer, open_run, train_state_dir
 
         self.model, self.reference, self.reward_model = model, reference, reward_model
         self.train_prompts, self.val, self.config, self.info, self.eot = train, val, config, info, eot
-        self.bos_token = bos_token
+        self.bos_token, self.stop = bos_token, stop
         self.device = model.device
         self.global_batch = config.rollout_batch * info.world_size  # prompts per iteration, over all ranks
         self.iterations = config.max_steps or config.epochs * math.ceil(len(train) / self.global_batch)
@@ -700,12 +739,13 @@ class _PPORun:
         """Iteration `it` on this rank's prompts: (the next optimizer step, the metrics)."""
         return ppo_iteration(self.model, self.reference, self.reward_model, self.optimizer, prompts, self.config,
                              self.eot, seed=sampling_seed(self.config.seed, it, self.info), lr_at=self.lr_at,
-                             step=self.step, autocast=self.autocast, info=self.info, bos_token=self.bos_token)
+                             step=self.step, autocast=self.autocast, info=self.info, bos_token=self.bos_token,
+                             stop=self.stop)
 
     def evaluate_prompts(self) -> dict[str, float]:
         """The held-out prompts' metrics (evaluate_prompts)."""
         return evaluate_prompts(self.model, self.reference, self.reward_model, self.val, self.config, self.eot,
-                                self.autocast, self.bos_token)
+                                self.autocast, self.bos_token, self.stop)
 
     def lr_at(self, step: int) -> float:
         from ..train.schedules import cosine_lr
@@ -800,8 +840,8 @@ def _save_policy(policy: nn.Module, wrapped, tokenizer, config: PPOConfig, itera
     """(the checkpoint, LoRA's adapters or None): the trained policy (LoRA merged) saved to config.out_dir with
     `method` and config in its meta's "finetune", and the training state dropped."""
     from .base import save_finetuned
-    from .lora import save_and_merge_lora
     from .loop import drop_train_state
+    from .lora import save_and_merge_lora
 
     lora_path = save_and_merge_lora(policy, config, wrapped)
     meta = {"model_config": policy.config.to_dict(), "tokenizer": tokenizer.spec,
@@ -818,9 +858,9 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     module's docstring); every rank calls it, rank 0 writes (and alone evaluates: first_eval and last_eval
     are None on the other ranks)."""
     from .base import load_base
-    from .lora import apply_lora_from_config, check_lora_targets
     from .loop import data_parallel_setup
-    from .templates import settle_template
+    from .lora import apply_lora_from_config, check_lora_targets
+    from .templates import response_stop, settle_template
 
     prompt_rows = _check_before_loading(config, reward_model)
     torch.manual_seed(config.seed)  # the same on every rank: the same LoRA init; sampling seeds are per rank
@@ -836,8 +876,10 @@ def run_ppo(config: PPOConfig, reward_model: nn.Module | None = None) -> dict[st
     model = PolicyWithValue(policy)
     train, val = _train_and_val_prompts(prompt_rows, tokenizer, max_prompt_len, fmt, config, info)
 
+    stop = response_stop(tokenizer, fmt)  # a response ends at end-of-text or the template's end marker
     run = _PPORun(model, reference, reward_model, train, val, config, info, tokenizer.eot_token,
-                  {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256}, tokenizer.bos_token)
+                  {"base_sha256": base_meta["base_sha256"], "reward_model_sha256": reward_sha256}, tokenizer.bos_token,
+                  stop=stop)
     run.start()
     run.train()
     path, lora_path = _save_policy(policy, wrapped, tokenizer, config, run.iterations)
