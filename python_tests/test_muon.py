@@ -126,15 +126,24 @@ def test_a_fused_matrix_steps_as_its_projections_apart():
     assert not any(torch.allclose(p, q, atol=1e-4) for p, q in zip(whole, (qkv, gate_up)))
 
 
-# by default the 3 experts' gate and up blocks (40 x 24) are one stack of 6; under 1000 elements a stack holds the
-# blocks of one parameter's split alone (the 3 gates, then the 3 ups)
-@pytest.mark.parametrize("max_stack", [None, 1000])
+# by default the 3 experts' gate and up blocks (40 x 24) are one stack of 6; under 2000 elements a stack holds 2
+# of them (a block's 3 experts cut 2 | 1), under 1000 one: a big model's expert stack of one block is cut too
+@pytest.mark.parametrize("max_stack", [None, 2000, 1000])
 def test_each_expert_steps_as_a_matrix_of_its_own(monkeypatch, max_stack):
+    stack_sizes = []
+
+    def recording(stack, *args):
+        stack_sizes.append(stack.numel())
+        return newton_schulz(stack, *args)
+
+    newton_schulz = muon_module.newton_schulz
+    monkeypatch.setattr(muon_module, "newton_schulz", recording)
     if max_stack is not None:
         monkeypatch.setattr(muon_module, "_MAX_STACK_ELEMENTS", max_stack)
     # 3 experts: gate_up (E, 2 * 40, 24), [gate | up] fused in each, and proj (E, 24, 40)
     gate_up, proj = random_matrices([(3, 80, 24), (3, 24, 40)], seed=2)
     steps_of_both([MuonParameter("gate_up", gate_up, (40, 40)), MuonParameter("proj", proj, (24,))])
+    assert max(stack_sizes) == (6 * 960 if max_stack is None else max_stack // 960 * 960), stack_sizes
     # a plain 3-D tensor is one block per matrix of the stack
     plain = Muon([proj])
     assert plain.param_groups[0]["row_blocks"] == ((24,),)

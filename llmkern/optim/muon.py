@@ -190,8 +190,8 @@ class Muon(torch.optim.Optimizer):
             (sharded if _is_dtensor(p) else plain).append(_Update(p, update, row_blocks))
         pairs = [pair for u in plain
                  for pair in zip(_row_split(u.update, u.row_blocks), _row_split(u.param, u.row_blocks))]
-        for index, ortho in _orthogonalized([block_update for block_update, _ in pairs], group):
-            pairs[index][1].add_(ortho, alpha=-_block_lr(group, ortho))
+        for index, matrices, ortho in _orthogonalized([block_update for block_update, _ in pairs], group):
+            pairs[index][1][matrices].add_(ortho, alpha=-_block_lr(group, ortho))
         if sharded:
             _step_sharded(sharded, group)
 
@@ -328,17 +328,32 @@ def _block_lr(group: dict[str, Any], ortho: torch.Tensor) -> float:
     return adjusted_lr(group["lr"], group["adjust_lr_fn"], ortho.size(-2), ortho.size(-1))
 
 
-def _orthogonalized(updates: list[torch.Tensor], group: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, its orthogonalized update) of each block update (E, rows, cols) of `updates`, in bfloat16: the blocks
-    of one shape in batched stacks of at most _MAX_STACK_ELEMENTS elements (one Newton-Schulz chain each)."""
+def _orthogonalized(updates: list[torch.Tensor],
+                    group: dict[str, Any]) -> Iterator[tuple[int, slice, torch.Tensor]]:
+    """(index, matrices, their orthogonalized update) for the matrices of each block update (E, rows, cols) of
+    `updates`, in bfloat16: the blocks of one shape in batched stacks of at most _MAX_STACK_ELEMENTS elements (one
+    Newton-Schulz chain each; a matrix larger alone is a stack of one), a block of many experts cut across stacks
+    where it alone is larger."""
     by_shape: dict[tuple[int, int], list[int]] = {}
     for index, update in enumerate(updates):
         by_shape.setdefault(tuple(update.shape[1:]), []).append(index)
     for (rows, cols), indices in by_shape.items():
-        for chunk in _chunks(indices, [updates[i].size(0) for i in indices], _MAX_STACK_ELEMENTS // (rows * cols)):
-            stack = torch.cat([updates[i] for i in chunk])
+        max_matrices = max(1, _MAX_STACK_ELEMENTS // (rows * cols))
+        pieces = [(i, matrices) for i in indices for matrices in _runs(updates[i].size(0), max_matrices)]
+        for chunk in _chunks(pieces, [_length(matrices) for _, matrices in pieces], max_matrices):
+            stack = torch.cat([updates[i][matrices] for i, matrices in chunk])
             ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            yield from zip(chunk, ortho.split([updates[i].size(0) for i in chunk]))
+            parts = ortho.split([_length(matrices) for _, matrices in chunk])
+            yield from ((i, matrices, part) for (i, matrices), part in zip(chunk, parts))
+
+
+def _runs(count: int, most: int) -> list[slice]:
+    """range(count) in consecutive slices of at most `most`."""
+    return [slice(start, min(start + most, count)) for start in range(0, count, most)]
+
+
+def _length(run: slice) -> int:
+    return run.stop - run.start
 
 
 class _ShardLayout(NamedTuple):
@@ -419,8 +434,8 @@ def _orthogonalize_owned(updates: list[_Update], layouts: list[_ShardLayout], ta
         offset += layout.numel
     blocks = [block for u, (_, whole) in zip(updates, wholes)
               for block in _row_split(whole[:u.param.size(0)], u.row_blocks)]
-    for index, ortho in _orthogonalized(blocks, group):
-        blocks[index].copy_(ortho)  # its input was copied into the iteration's stack: the other blocks' stay
+    for index, matrices, ortho in _orthogonalized(blocks, group):
+        blocks[index][matrices].copy_(ortho)  # its input was copied into the iteration's stack: the others' stay
     for chunks, whole in wholes:
         chunks.copy_(whole.view(world, -1))
 
@@ -447,15 +462,15 @@ def _row_split(tensor: torch.Tensor, row_blocks: tuple[int, ...]) -> tuple[torch
     return stack.split(row_blocks, dim=1)
 
 
-def _chunks(indices: list[int], matrices: list[int], max_matrices: int) -> Iterable[list[int]]:
-    """indices in consecutive runs of at most max_matrices matrices (matrices[k]: those of the block indices[k],
-    E for a stack of E), at least one index a run."""
+def _chunks(pieces: list[Any], matrices: list[int], max_matrices: int) -> Iterable[list[Any]]:
+    """pieces in consecutive runs of at most max_matrices matrices (matrices[k]: those of pieces[k]), at least one
+    piece a run."""
     chunk, count = [], 0
-    for index, size in zip(indices, matrices):
+    for piece, size in zip(pieces, matrices):
         if chunk and count + size > max_matrices:
             yield chunk
             chunk, count = [], 0
-        chunk.append(index)
+        chunk.append(piece)
         count += size
     if chunk:
         yield chunk
