@@ -364,6 +364,43 @@ def test_an_old_state_dict_with_experts_in_adamw_is_refused_with_its_cause():
     assert not optimizer.muon.state and not optimizer.adamw.state  # nothing half-loaded
 
 
+def _old_state_under_fsdp_worker(rank, port, out_dir):
+    """Each of 2 processes: a tiny MoE model sharded by FSDP2 resumes, through the checkpoint code's loader, the old
+    optimizer state that rank 0 read; writes out_dir/rank<rank>.txt: the error, or "loaded"."""
+    import spawned
+
+    from llmkern.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    model = tiny_model("tiny-moe")
+    saved_model, old = (tiny_model("tiny-moe").state_dict(), old_state_dict(tiny_model("tiny-moe"))) if rank == 0 \
+        else ({}, {})
+    distributed.wrap(model, distributed.DistInfo(rank=rank, world_size=2), torch.device("cpu"), "fsdp")
+    try:
+        distributed.load_full_state_dicts(model, combined_optimizer(model), saved_model, old)
+        outcome = "loaded"
+    except Exception as err:  # noqa: BLE001 (written for the parent to check: an assert here would hang the other)
+        outcome = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    spawned.leave()
+
+
+def test_an_old_state_dict_with_experts_in_adamw_is_refused_under_fsdp_too(tmp_path):
+    # FSDP2's loader hands each of MuonWithAdamW's optimizers its part itself: the refusal must come first there too
+    # (it failed with "The size of tensor a (256) must match the size of tensor b (2)")
+    import spawned
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_old_state_under_fsdp_worker, args=(spawned.free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    cause, other = ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(2))
+    assert cause.startswith("ValueError: the state_dict was saved by an earlier llmkern MuonWithAdamW"), cause
+    assert "failed on rank 0" in other and "rank 1 stops too" in other, other  # rank 0 read it: the others stop
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"muon_lr": 0.0}, ValueError, "muon_lr must be > 0"),
     ({"lr": math.nan}, ValueError, "lr must be > 0"),

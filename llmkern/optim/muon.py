@@ -587,11 +587,29 @@ class MuonWithAdamW:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of state_dict()'s layout (also one read back from a checkpoint, keys as saved).
+        """Load a state_dict of state_dict()'s layout (also one read back from a checkpoint, keys as saved), after
+        check_state_dict."""
+        self.check_state_dict(state_dict)
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        n_muon = len(self.muon.param_groups)
+        muon_groups, adamw_groups = groups[:n_muon], groups[n_muon:]
+        muon_keys = {key for group in muon_groups for key in group["params"]}
+        self.muon.load_state_dict({"state": {k: v for k, v in state.items() if k in muon_keys},
+                                   "param_groups": muon_groups})
+        offset = self._muon_param_count()
+        self.adamw.load_state_dict({
+            "state": {_shifted(k, offset): v for k, v in state.items() if k not in muon_keys},
+            "param_groups": [{**group, "params": [_shifted(k, offset) for k in group["params"]]}
+                             for group in adamw_groups],
+        })
 
-        One saved by llmkern's versions before this one (torch.optim.Muon: its Muon group has no row_blocks)
-        loads where it holds the same parameters, a model without MoE layers: the momentum of a matrix is the same
-        whatever its blocks. With MoE layers it is refused: those versions stepped the experts with AdamW."""
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """ValueError unless state_dict is a MuonWithAdamW's for this optimizer's groups: as many, Muon's first,
+        each with its kind's keys. One saved by llmkern's versions before this one (torch.optim.Muon: its Muon
+        group has no row_blocks) passes where it holds the same parameters, a model without MoE layers: the
+        momentum of a matrix is the same whatever its blocks. With MoE layers it is refused: those versions
+        stepped the experts with AdamW. (FSDP2's checkpoint loading, which loads the two optimizers itself,
+        calls this first: llmkern.train.distributed.load_full_state_dicts.)"""
         groups = state_dict["param_groups"]
         n_muon = len(self.muon.param_groups)
         if len(groups) != n_muon + len(self.adamw.param_groups):
@@ -605,18 +623,7 @@ class MuonWithAdamW:
                 kind = "Muon" if i < n_muon else "AdamW"
                 raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}: not a {kind} group "
                                  f"(the state_dict was saved by another optimizer)")
-        muon_groups, adamw_groups = groups[:n_muon], groups[n_muon:]
-        self._refuse_experts_stepped_with_adamw(muon_groups)
-        muon_keys = {key for group in muon_groups for key in group["params"]}
-        state = state_dict["state"]
-        self.muon.load_state_dict({"state": {k: v for k, v in state.items() if k in muon_keys},
-                                   "param_groups": muon_groups})
-        offset = self._muon_param_count()
-        self.adamw.load_state_dict({
-            "state": {_shifted(k, offset): v for k, v in state.items() if k not in muon_keys},
-            "param_groups": [{**group, "params": [_shifted(k, offset) for k in group["params"]]}
-                             for group in adamw_groups],
-        })
+        self._refuse_experts_stepped_with_adamw(groups[:n_muon])
 
     def _refuse_experts_stepped_with_adamw(self, muon_groups: list[dict]) -> None:
         """A state_dict of torch.optim.Muon's groups (no row_blocks), where this Muon steps expert stacks: the

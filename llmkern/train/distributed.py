@@ -232,6 +232,9 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
     # rank 0's alone, before its first broadcast: the other ranks must not wait there for it
     with fail_together(info, None, "matching the checkpoint's optimizer state to the model's parameters"):
         if info.is_main:
+            check = getattr(optimizer, "check_state_dict", None)  # MuonWithAdamW's: set_optimizer_state_dict
+            if check is not None:  # loads its two optimizers itself, past its own checks
+                check(optimizer_state)
             keyed = _keyed_by_name(model, optimizer, optimizer_state)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     # Two calls, not set_state_dict: it takes an empty model state (the other ranks') for "the optimizer
