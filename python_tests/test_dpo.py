@@ -240,6 +240,50 @@ def test_simpo_loads_and_scores_no_reference(tmp_path, monkeypatch):
     assert loads == [str(tmp_path / "base")] and summary["steps"] == 1
 
 
+def _simpo_two_process_worker(rank, port, settings, record_dir):
+    """run_dpo as one of two gloo processes (spawned), with the reference's loading and scoring made to fail;
+    writes this rank's closing train evaluation to record_dir/rank<rank>.json."""
+    import spawned
+
+    from llmkern.finetune import dpo
+
+    spawned.enter(rank, port)
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"rank {rank}: SimPO loaded or scored a reference")
+
+    dpo.load_reference, dpo.add_reference_logps = never, never
+    summary = dpo.run_dpo(DPOConfig(**settings))
+    with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(summary["train_eval"], f)
+    spawned.leave()
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_simpo_in_two_processes_scores_no_reference_and_learns_like_one(tmp_path, parallel):
+    # SimPO skips the reference on every rank: under fsdp a rank that went into the sharded scoring alone would
+    # wait there for the others. Two gloo processes of one micro-batch each compute what one process computes
+    # with two accumulated.
+    import spawned
+    import torch.multiprocessing as mp
+
+    make_base(tmp_path / "base")
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and {i + 1}.", "input": "", "chosen": str(2 * i + 1),
+                                 "rejected": str(2 * i)} for i in range(10)]))
+    settings = {"base": str(tmp_path / "base"), "data": str(data), "max_steps": 3, "batch_size": 2, "lr": 3e-3,
+                "min_lr": 3e-4, "warmup_steps": 1, "val_fraction": 0.2, "eval_interval": 0, "ckpt_interval": 0,
+                "device": "cpu", "progress": False, "seed": 5, "loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.8}
+    single = run_dpo(DPOConfig(**settings, out_dir=str(tmp_path / "single"), grad_accum=2))
+    multi = dict(settings, out_dir=str(tmp_path / "multi"), grad_accum=1, parallel=parallel)
+    mp.start_processes(_simpo_two_process_worker, args=(spawned.free_port(), multi, str(tmp_path)),
+                       nprocs=spawned.WORLD, join=True, start_method="spawn")
+    spawned.assert_same_run(tmp_path / "single", tmp_path / "multi")
+    for rank in range(spawned.WORLD):
+        train_eval = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert train_eval == pytest.approx(single["train_eval"], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5), ("hinge", 0.1), ("simpo", 2.0)])
 def test_each_loss_type_trains_down_its_loss_and_up_its_reward_margin(tmp_path, loss_type, beta):
     # One batch of all the pairs, so that step 1's logged loss is the untrained policy's on the pairs that the
