@@ -339,7 +339,7 @@ def _export_model(args: argparse.Namespace):
     method = meta.get("finetune", {}).get("method") if isinstance(meta.get("finetune"), dict) else None
     if method in SCORING_METHODS:
         raise ValueError(f"{args.run!r} is a {method!r} run: a GPT body under a scoring head, which no Hugging Face "
-                         f"causal-LM folder holds; export a pretraining or SFT/DPO/PPO run (a language model)")
+                         f"causal-LM folder holds; export a pretraining or SFT/DPO/PPO/GRPO run (a language model)")
     model, tokenizer, state = load_trained_model(args.run, "cpu")
     family = None if args.format == "auto" else args.format
     return (model, tokenizer, family or family_of_source(recorded_hf_source(state.meta)),
@@ -387,7 +387,8 @@ def _add_export_parser(sub) -> None:
                    help="the Hugging Face family (auto: the one the run started from, else the model's shape tells)")
     p.add_argument("--force", action="store_true", help="replace --out when it holds files")
     p.add_argument("--peft", action="store_true", help="write a LoRA run's adapters as a PEFT adapter folder "
-                                                      "(adapter_config.json, adapter_model.safetensors) for the "
+                                                      "(adapter_config.json, adapter_model.safetensors, and the "
+                                                      "run's tokenizer files with its chat template) for the "
                                                       "Hugging Face base model, not the merged model")
     p.add_argument("--base-model", default=None, help="with --peft: the adapter's base_model_name_or_path (a hub "
                                                       "name or a folder)")

@@ -400,7 +400,7 @@ def test_the_cli_refuses_a_scoring_run_and_an_out_folder_holding_the_run(tmp_pat
     run = save_finetuned(str(tmp_path / "runs" / "classify"), 1, state, {
         "model_config": model.config.to_dict(), "tokenizer": "bytes", "finetune": {"method": "classify"}})
     assert cli.main(["export", "--run", run, "--out", str(tmp_path / "hf")]) == 2
-    assert "export a pretraining or SFT/DPO/PPO run" in capsys.readouterr().err
+    assert "export a pretraining or SFT/DPO/PPO/GRPO run" in capsys.readouterr().err
     assert cli.main(["export", "--run", run, "--out", str(tmp_path / "runs"), "--force"]) == 2
     assert "holds the run" in capsys.readouterr().err
     assert os.path.isdir(run)

@@ -270,8 +270,11 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--interval", choices=("wilson", "bootstrap"), default=None,
                    help="win-rate: the 95%% interval (default: wilson)")
     e.add_argument("--template", default=None, help="win-rate: prompt both runs in this template (alpaca, chatml, "
-                                                    "plain); default: each run's own (the judge always reads its own)")
-    e.add_argument("--system-prompt", default=None, help="win-rate, chatml: the system turn (default: the run's)")
+                                                    "plain, llama3, phi3, phi4-mini, gemma); default: each run's own "
+                                                    "(the judge always reads its own)")
+    e.add_argument("--system-prompt", default=None, help="win-rate, a template with a system turn (chatml, llama3, "
+                                                         "phi3, phi4-mini, gemma): the system turn (default: the "
+                                                         "run's)")
     e.add_argument("--json", default=None, metavar="OUT", help="also write the result to this JSON file")
     e.add_argument("--device", default="auto", help="auto: the GPU when there is one")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,5 +1,5 @@
 """Log-probabilities of given tokens under a GPT: the scoring primitive of multiple-choice
-evaluation, DPO, PPO and win rates.
+evaluation, DPO, PPO, GRPO and win rates.
 
 Rows are right-padded: with causal attention a real token never sees the padding after it, so
 padding needs no attention mask; its targets are -1 and score 0.

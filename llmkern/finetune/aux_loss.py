@@ -8,14 +8,15 @@ router_aux_loss_coef times that load-balancing loss to the recipe's loss. That h
 classifier and the reward model), where transformers' *ForSequenceClassification add no aux loss: their routers
 train on the head's loss just the same, and the coefficient is the model's own setting, one switch for every
 recipe (0 turns it off; a Hugging Face import sets it only where config.json has output_router_logits true, as
-transformers' causal LM reads it). A frozen model (DPO's and PPO's
-reference, PPO's reward model) runs in eval mode and adds nothing.
+transformers' causal LM reads it). A frozen model (DPO's, PPO's and GRPO's
+reference, PPO's and GRPO's reward model) runs in eval mode and adds nothing.
 
 The recipes log the load-balancing loss as "aux_loss" beside their "loss", which is the recipe's own loss, not the
 objective trained on (that adds router_aux_loss_coef * aux_loss): comparable with the validation loss, which eval
 mode leaves without it, and with a dense model's, as the pretraining trainer logs the cross-entropy alone. The
 metrics carry it as "loss", which finetune.loop logs in place of the objective. finetune.loop draws aux_loss.png
-from aux_loss. (PPO's "loss" is its whole objective, with the aux term: it has no validation loss to match.)
+from aux_loss. (PPO's and GRPO's "loss" is the whole objective, with the aux term: they have no validation loss to
+match.)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def load_base(config, language_model: bool = True, whole_on_rank_0: bool = False
     from config.base: a run folder (its newest checkpoint) or a checkpoint folder written by llmkern (pretraining
     or a fine-tuning recipe), or the model.safetensors of a Hugging Face GPT-2 (with config.base_tokenizer).
     config.backend, when set, replaces the model's kernel backend. language_model: the recipe writes
-    text (SFT, DPO, PPO), so a reward model or classifier (a body trained to score) is refused; the
+    text (SFT, DPO, PPO, GRPO), so a reward model or classifier (a body trained to score) is refused; the
     scoring recipes pass False and put a fresh head on any body. The meta returned has one key more,
     "base_sha256": base_fingerprint of what was loaded, which a resumed run must share.
 
@@ -111,8 +111,8 @@ def require_base(config) -> None:
 
 
 def check_exists(setting: str, path: str) -> None:
-    """A FileNotFoundError naming the setting when `path` is not there: DPO's reference and PPO's reward model,
-    loaded after the base, are checked so before the base is loaded."""
+    """A FileNotFoundError naming the setting when `path` is not there: DPO's reference and PPO's and GRPO's
+    reward model, loaded after the base, are checked so before the base is loaded."""
     if path and not os.path.exists(path):
         raise FileNotFoundError(f"{setting} {path!r} does not exist")
 
@@ -133,7 +133,7 @@ def base_fingerprint(source: str, model_config: dict[str, Any]) -> str:
     weights under another config, e.g. a Hugging Face config.json's head count, are another model). A
     resume compares it rather than the path: a moved or renamed copy of the base is the same model, while
     the same path may hold another one (a base run that trained on since). The other models a run reads,
-    DPO's reference and PPO's reward model, are identified the same way. It reads the weights file once
+    DPO's reference and PPO's and GRPO's reward model, are identified the same way. It reads the weights file once
     more, at about 1 GB/s, mostly from the page cache the load just filled."""
     # --backend picks kernels, not the model; identity_dict: a field added since an older run was fingerprinted
     # changes nothing where it holds what its absence meant, so that run still resumes

@@ -56,7 +56,8 @@ def add_finetune_parser(sub) -> None:
                "each method's own "
                "in llmkern/finetune/<method>.py. Example: llmkern finetune sft --base=runs/main "
                "--data=instruction-data.json --lora_rank=8. Prompt templates (--template=): alpaca (default), "
-               "chatml and llama3 (with --system_prompt=...), plain; a run started from a fine-tuned one keeps "
+               "chatml, llama3, phi3, phi4-mini and gemma (with --system_prompt=...), plain; a run started from a "
+               "fine-tuned one keeps "
                "its template. "
                "`llmkern finetune METHOD --settings` lists every setting.",
     )

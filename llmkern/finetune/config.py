@@ -1,5 +1,5 @@
 """FinetuneConfig: the settings every fine-tuning recipe shares (SFT, classification, DPO, reward model,
-PPO add their own fields in subclasses), from a TOML/JSON file plus `--key=value` overrides.
+PPO and GRPO add their own fields in subclasses), from a TOML/JSON file plus `--key=value` overrides.
 
     cfg = load_finetune_config(SFTConfig, "sft.toml", ["--base=runs/main", "--lora_rank=8"])
 
@@ -33,7 +33,8 @@ class FinetuneConfig:
     """What to start from, what to learn from, where to write, and how to optimize."""
 
     base: str = ""  # the model to start from: a run or checkpoint folder, or a Hugging Face GPT-2, Llama-family
-    #                 (Llama, Mistral, Qwen2, Qwen3) or Phi-3 model.safetensors (its config.json beside it)
+    #                 (Llama, Mistral, Qwen2, Qwen3), Phi-3/Phi-4-mini, Gemma 2/3, Mixtral or Qwen3-MoE
+    #                 model.safetensors (its config.json beside it)
     base_tokenizer: str = "gpt2"  # the tokenizer of a .safetensors base: a tiktoken name, a .tiktoken file, or
     #                               the model's tokenizer.json (its tokenizer_config.json beside it)
     data: str = ""  # the examples: a .json list or .jsonl file (each recipe says which keys)
@@ -52,7 +53,7 @@ class FinetuneConfig:
     # "" = the base run's own (alpaca when it has none). The resolved template is saved with the run.
     template: str = ""
     system_prompt: str = ""  # the template's system turn (not alpaca's nor plain's); "" = the base run's when its
-    # template is kept, else none
+    #                          template is kept, else none
 
     # optimization: AdamW on the trainable parameters, linear warmup then cosine decay to min_lr
     lr: float = 5e-5
@@ -81,13 +82,13 @@ class FinetuneConfig:
 
     # under torchrun: "ddp" = every rank holds the whole model and optimizer state, gradients averaged;
     # "fsdp" = FSDP2 shards the weights, gradients and optimizer state over the ranks (a model that does not
-    # fit one GPU with its AdamW state). PPO takes "ddp" only.
+    # fit one GPU with its AdamW state). PPO and GRPO take "ddp" only.
     parallel: str = "ddp"
 
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
     dtype: str = "auto"  # autocast: "auto" = bf16 on a GPU, fp32 on a CPU; "float16" = fp16 with dynamic loss
-    #                      scaling (GPUs without bf16), not for PPO
+    #                      scaling (GPUs without bf16), not for PPO or GRPO
     backend: str = ""  # kernel backend for the model; "" keeps the base model's
     # A mixture-of-experts model's load-balancing loss weight (GPTConfig.router_aux_loss_coef, added to every
     # recipe's loss; see finetune.aux_loss); -1 keeps the base model's (a Hugging Face import's: its config.json's
@@ -101,7 +102,8 @@ class FinetuneConfig:
     UNREAD: ClassVar[dict[str, str]] = {}
     # The shortest max_len the recipe can use: a prompt + response row needs a token and one to predict.
     MIN_MAX_LEN: ClassVar[int] = 2
-    # The recipe evaluates on held-out examples only (DPO, reward, PPO): val_fraction=0 leaves eval_interval unread.
+    # The recipe evaluates on held-out examples only (DPO, reward, PPO, GRPO): val_fraction=0 leaves eval_interval
+    # unread.
     EVALUATES_HELD_OUT_ONLY: ClassVar[bool] = False
 
     def validate(self: C) -> C:

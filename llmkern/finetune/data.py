@@ -76,7 +76,7 @@ def load_instruction_data(path: str) -> list[dict[str, Any]]:
 
 
 def load_prompt_data(path: str) -> list[dict[str, Any]]:
-    """Instructions alone (input optional; any response is ignored): the prompts of PPO and win rates."""
+    """Instructions alone (input optional; any response is ignored): the prompts of PPO, GRPO and win rates."""
     return _check_keys(read_examples(path), os.fspath(path), ("instruction",))
 
 

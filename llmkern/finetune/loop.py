@@ -421,7 +421,7 @@ LENGTH_HINT = ("the run's length (epochs or max_steps, over the examples) sets i
                "resume cannot stretch: to train on from a finished run, start a new run with --base=its out_dir")
 FINGERPRINT_HINTS = {
     "steps": LENGTH_HINT,
-    "iterations": LENGTH_HINT,  # PPO's
+    "iterations": LENGTH_HINT,  # PPO's and GRPO's
     "examples_sha256": ("the training examples are not the same tokens (another data file or content, or another "
                         "max_len, mask_prompt, pack, val_fraction, ... encodes them otherwise)"),
     "base_sha256": ("--base is not the model the run started from (other weights or model config, compared by "

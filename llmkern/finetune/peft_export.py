@@ -6,8 +6,9 @@
 The folder holds adapter_config.json (peft_type "LORA", r, lora_alpha, target_modules, ...) and
 adapter_model.safetensors, whose keys are "base_model.model.<HF module>.lora_A.weight" (r, in) and
 ".lora_B.weight" (out, r): what `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` and
-vLLM's LoRA loading read. PEFT adds lora_alpha / r * B @ A to each target module's weight, as llmkern's LoRALinear
-does.
+vLLM's LoRA loading read. Written from a run (save_peft_adapter_from_run, `llmkern export --peft`), it holds the
+run's tokenizer files too, with its chat template, as the merged model's folder does. PEFT adds lora_alpha / r * B @ A
+to each target module's weight, as llmkern's LoRALinear does.
 
 llmkern's linear layers are not HF's modules: our attn.qkv is HF's q_proj, k_proj and v_proj stacked by rows, our
 mlp.gate_up is gate_proj and up_proj, GPT-2's Conv1D layers hold their weight transposed, and Phi-3 keeps both
@@ -184,7 +185,7 @@ def _refuse_scoring_run(run: str, meta: dict) -> None:
     method = finetune.get("method") if isinstance(finetune, dict) else None
     if method in SCORING_METHODS:
         raise ValueError(f"{run!r} is a {method!r} run: a GPT body under a scoring head, which no Hugging Face "
-                         f"causal-LM adapter holds; export an SFT/DPO/PPO run's adapters")
+                         f"causal-LM adapter holds; export an SFT/DPO/PPO/GRPO run's adapters")
 
 
 def _refuse_other_trained(names: set[str]) -> None:

@@ -12,7 +12,7 @@ Under parallel="fsdp" no rank holds the whole model on its GPU: rank 0 alone rea
 and, after training, holds the whole reward model and saves it; the closing evaluation on the training pairs
 runs on the sharded model.
 
-The scoring interface (what PPO calls, and what a hand-made reward model must offer):
+The scoring interface (what PPO and GRPO call, and what a hand-made reward model must offer):
     rm(ids, lengths) -> (B,) float scores, ids (B, T) right-padded token ids, lengths (B,) real tokens per row.
 """
 

@@ -393,7 +393,7 @@ def cut_at_texts(text: str, texts: Sequence[str]) -> str:
 
 def saved_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuning settings a checkpoint's meta records ({} when none): SFT and classification keep
-    them under meta["finetune"]["settings"], DPO, reward and PPO in meta["finetune"] itself."""
+    them under meta["finetune"]["settings"], DPO, reward, PPO and GRPO in meta["finetune"] itself."""
     finetune = meta.get("finetune") if isinstance(meta, dict) else None
     if not isinstance(finetune, dict):
         return {}

@@ -98,7 +98,7 @@ class GPTConfig:
     norm_topk_prob: bool = True
     # The weight of the load-balancing loss (Switch Transformer's, as transformers' load_balancing_loss_func computes
     # it) added to forward's loss in training mode; see GPT.forward. Pretraining and SFT add it through forward; the
-    # recipes that score through the hidden states (DPO, PPO, the reward model, classifiers) take it from
+    # recipes that score through the hidden states (DPO, PPO, GRPO, the reward model, classifiers) take it from
     # GPT.hidden_states_with_aux_loss and add it themselves (llmkern.finetune.aux_loss). Every position counts in its
     # statistics unless a token_mask leaves the padding out, as transformers' attention_mask does (the recipes give
     # one).

@@ -198,10 +198,10 @@ class GPT(nn.Module):
         """(the final-normed hidden states (B, T, n_embd) of idx (B, T), the load-balancing loss or None).
 
         The training forward pass of a caller that makes its own loss from the hidden states (DPO's log-probs,
-        a classifier's or reward model's head, PPO's policy and values), as forward's is for the LM loss: the
-        load-balancing loss of the MoE layers over the real tokens (token_mask, see forward), kept detached in
-        self.aux_loss, in training mode; None in eval mode or without MoE layers. Unweighted: the caller adds
-        config.router_aux_loss_coef times it to its loss, as forward does. doc_ids as forward's.
+        a classifier's or reward model's head, PPO's policy and values, GRPO's policy), as forward's is for the LM
+        loss: the load-balancing loss of the MoE layers over the real tokens (token_mask, see forward), kept
+        detached in self.aux_loss, in training mode; None in eval mode or without MoE layers. Unweighted: the
+        caller adds config.router_aux_loss_coef times it to its loss, as forward does. doc_ids as forward's.
         """
         _check_forward_args(idx, None, doc_ids, self.config.block_size, self.config.vocab_size, token_mask)
         return self._hidden_states_and_aux_loss(idx, token_mask, doc_ids)

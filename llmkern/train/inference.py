@@ -92,7 +92,7 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
     if any(k.startswith("head.") for k in state.model):  # a GPT body under a scoring head of its own
         method = state.meta.get("finetune", {}).get("method", "classify or reward")
         raise ValueError(f"{state.path!r} is not a language model: it holds a {method!r} run's weights (a GPT body "
-                         f"under a scoring head); generate and score text with a pretraining or SFT/DPO/PPO run "
+                         f"under a scoring head); generate and score text with a pretraining or SFT/DPO/PPO/GRPO run "
                          f"(a reward model judges win rates with --judge-kind reward)")
     model.load_state_dict(state.model)
     model.to(resolve_device(device)).eval()
