@@ -738,6 +738,24 @@ def test_ppo_update_gives_a_short_last_group_of_minibatches_its_mean_gradient(ro
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_token_logprobs_at_a_tiny_temperature_are_the_greedy_limit_not_nan():
+    # logits / 1e-42 overflowed to +-inf, and the log-softmax of infs is NaN: the limit is 0 for the likeliest token
+    # and -inf (or past -1e30) for the others
+    from llmkern.eval.logprobs import token_logprobs
+
+    model = tiny_gpt(0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        likeliest = model(ids)[0].argmax(dim=-1)  # (1, 4)
+        others = (likeliest + 1) % model.config.vocab_size
+        top, rest = (token_logprobs(model, ids, targets, temperature=1e-42) for targets in (likeliest, others))
+    assert torch.equal(top, torch.zeros_like(top)) and bool((rest < -1e30).all()), (top, rest)
+    # and at an ordinary temperature the shift changes nothing: the log-softmax of logits / t
+    with torch.no_grad():
+        direct = torch.log_softmax(model(ids)[0].float() / 0.7, dim=-1).gather(-1, others[..., None])[..., 0]
+        torch.testing.assert_close(token_logprobs(model, ids, others, temperature=0.7), direct)
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan, True, "0.5"])
 def test_token_logprobs_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
     from llmkern.eval.logprobs import token_logprobs

@@ -48,7 +48,9 @@ def logprobs_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, tem
         raise ValueError(f"targets must be token ids in [0, {vocab}) or -1")
     flat_logits = logits.reshape(-1, vocab).float()
     if temperature != 1:  # divided in fp32, as generate's sampler does; 1 leaves the logits as they are
-        flat_logits = flat_logits / temperature
+        # less the row's largest first (the log-softmax is the same): a tiny temperature would overflow the
+        # logits themselves to inf (inf - inf: NaN), where the shifted ones go to -inf, or stay 0 for the largest
+        flat_logits = (flat_logits - flat_logits.amax(dim=-1, keepdim=True)) / temperature
     nll = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="none")
     return -nll.view_as(targets)
 
