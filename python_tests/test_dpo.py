@@ -487,6 +487,13 @@ def test_a_dpo_resume_with_another_beta_label_smoothing_or_loss_type_is_refused(
                             ({"loss_type": "hinge"}, r"'loss_type': \('sigmoid', 'hinge'\)")):
         with pytest.raises(ValueError, match=message):
             run_dpo(DPOConfig(**{**config.to_dict(), "resume": True, **change}))
+    # a state saved before loss_type was recorded trained the sigmoid loss, the only one there was: not another
+    state_meta = next((tmp_path / "dpo" / "train_state").rglob("meta.json"))
+    meta = json.loads(state_meta.read_text())
+    assert meta["finetune_state"]["position"].pop("loss_type") == "sigmoid"
+    state_meta.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"'loss_type': \('sigmoid', 'ipo'\)"):
+        run_dpo(DPOConfig(**{**config.to_dict(), "resume": True, "loss_type": "ipo"}))
     assert run_dpo(DPOConfig(**{**config.to_dict(), "resume": True}))["steps"] == 2
 
 

@@ -445,11 +445,12 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
                                 f"(it is written every ckpt_interval steps)")
     state = distributed.load_checkpoint_for(latest, model, distributed.detect(), None)
     saved = state.meta.get("finetune_state", {})
-    # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1; the
-    # others recorded since (the template, the examples' fingerprint, LoRA's and the recipe's settings, the
-    # fingerprints of the base, DPO's reference and PPO's reward model) are not known there, so not compared:
-    # such a run resumes on any --base, --reference or --reward_model
-    saved_position = {"parallel": "ddp", "world_size": 1, **saved.get("position", {})}
+    # states from before these settings were recorded: "parallel" was ddp, PPO's world_size was 1, DPO's
+    # loss_type was sigmoid (the only loss there was); the others recorded since (the template, the examples'
+    # fingerprint, LoRA's and the recipe's settings, the fingerprints of the base, DPO's reference and PPO's
+    # reward model) are not known there, so not compared: such a run resumes on any --base, --reference or
+    # --reward_model
+    saved_position = {"parallel": "ddp", "world_size": 1, "loss_type": "sigmoid", **saved.get("position", {})}
     changed = {k: (saved_position[k], v) for k, v in position.items() if k in saved_position and saved_position[k] != v}
     if changed:
         hint = "".join(f"; {key}: {why}" for key, why in FINGERPRINT_HINTS.items() if key in changed)
