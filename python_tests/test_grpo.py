@@ -31,6 +31,7 @@ from llmkern.model import GPT, GPTConfig
 from llmkern.train.checkpoint import load_checkpoint
 from llmkern.train.inference import load_trained_model
 from llmkern.train.metrics import read_metrics
+from test_ppo import scripted_generate
 
 import spawned
 from spawned import WORLD
@@ -501,19 +502,7 @@ def test_grpo_responses_end_at_the_templates_end_marker(tmp_path, monkeypatch):
 
     script = list(b"It is 7.<|im_end|>\n<|im_start|>user\nNo, 8")
 
-    def scripted_generate(model, prompts, max_new_tokens, eos_token=None, stop=None, **kwargs):
-        """generate's contract (a row stops after eos_token, or once stop(new tokens) is true) over `script`."""
-        rows = []
-        for prompt in prompts:
-            new = []
-            for token in script[:max_new_tokens]:
-                new.append(token)
-                if token == eos_token or (stop is not None and stop(new)):
-                    break
-            rows.append(list(prompt) + new)
-        return rows
-
-    monkeypatch.setattr(llmkern.model, "generate", scripted_generate)
+    monkeypatch.setattr(llmkern.model, "generate", scripted_generate(script))
     config = make_grpo_run(tmp_path, template="chatml", max_steps=1, max_len=64, max_new_tokens=len(script))
     summary = run_grpo(config)
     [train] = [r for r in read_metrics(summary["metrics"]) if r["kind"] == "train"]

@@ -412,18 +412,10 @@ class RecordingReward(nn.Module):
         return lengths.float() / 100
 
 
-def test_ppo_responses_end_at_the_templates_end_marker_and_are_scored_with_end_of_text(tmp_path, monkeypatch):
-    """A chat-tuned policy that goes on past its turn's end marker (ChatML's <|im_end|>, ordinary text to the bytes
-    tokenizer) into a made-up next turn: sampling stops at the marker, so PPO neither trains on the made-up turn nor
-    has it scored, and the reward model reads the response with end-of-text after its marker, as it was trained
-    (reward.encode_pair_text), in training and in evaluation."""
-    import llmkern.model
-
-    script = list(b"It is 7.<|im_end|>\n<|im_start|>user\nNo, 8")
-    answer = list(b"It is 7.<|im_end|>")
-
-    def scripted_generate(model, prompts, max_new_tokens, eos_token=None, stop=None, **kwargs):
-        """generate's contract (a row stops after eos_token, or once stop(new tokens) is true) over `script`."""
+def scripted_generate(script: list[int]):
+    """A stand-in for llmkern.model.generate that writes `script` after every prompt, keeping generate's contract:
+    a row stops after eos_token, or once stop(its new tokens) is true."""
+    def generate(model, prompts, max_new_tokens, eos_token=None, stop=None, **kwargs):
         rows = []
         for prompt in prompts:
             new = []
@@ -434,7 +426,20 @@ def test_ppo_responses_end_at_the_templates_end_marker_and_are_scored_with_end_o
             rows.append(list(prompt) + new)
         return rows
 
-    monkeypatch.setattr(llmkern.model, "generate", scripted_generate)
+    return generate
+
+
+def test_ppo_responses_end_at_the_templates_end_marker_and_are_scored_with_end_of_text(tmp_path, monkeypatch):
+    """A chat-tuned policy that goes on past its turn's end marker (ChatML's <|im_end|>, ordinary text to the bytes
+    tokenizer) into a made-up next turn: sampling stops at the marker, so PPO neither trains on the made-up turn nor
+    has it scored, and the reward model reads the response with end-of-text after its marker, as it was trained
+    (reward.encode_pair_text), in training and in evaluation."""
+    import llmkern.model
+
+    script = list(b"It is 7.<|im_end|>\n<|im_start|>user\nNo, 8")
+    answer = list(b"It is 7.<|im_end|>")
+
+    monkeypatch.setattr(llmkern.model, "generate", scripted_generate(script))
     reward = RecordingReward()
     config = make_ppo_run(tmp_path, template="chatml", max_steps=1, max_len=64, max_new_tokens=len(script),
                           rollout_batch=4)

@@ -462,7 +462,7 @@ def grpo_update(policy: nn.Module, optimizer, rollout: GroupRollout, config: GRP
     rank must hold as many rows, so that all take the same steps; the gradients are averaged over the ranks."""
     from ..train import distributed
     from .aux_loss import with_aux_loss
-    from .loop import average_gradients
+    from .ppo import optimizer_step
 
     info = info or distributed.detect()
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -495,11 +495,7 @@ def grpo_update(policy: nn.Module, optimizer, rollout: GroupRollout, config: GRP
                 for name, value in stats.items():
                     totals[name] = totals.get(name, 0.0) + float(value)
                 minibatches_seen += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            average_gradients(trainable, info)  # the same averaged norm everywhere: all clip or skip alike
-            optimizer.step()  # skips itself on a non-finite gradient norm
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, trainable, lr_at(step), info)
             step, steps_taken = step + 1, steps_taken + 1
             totals["loss"] += step_loss
     # the loss and the load-balancing loss are sums over a step's minibatches; the statistics means over them
@@ -514,7 +510,7 @@ def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optim
     (next optimizer step, metrics). Under torchrun `prompts` is this rank's share (as many on every rank) and `seed`
     its own; the metrics are the means over the ranks (tokens_per_s their sum). stop: sample_responses's."""
     from ..train import distributed
-    from .ppo import sample_responses
+    from .ppo import mean_over_ranks, sample_responses
 
     info = info or distributed.detect()
     started = time.perf_counter()
@@ -535,12 +531,7 @@ def grpo_iteration(policy: nn.Module, reference: nn.Module | None, reward, optim
         **losses,
         "tokens_per_s": new_tokens / max(time.perf_counter() - started, 1e-9),
     }
-    if info.is_distributed:  # every rank sampled as many groups: the mean of the ranks' means is the whole mean
-        means = distributed.all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64,
-                                                         device=rollout.ids.device), info).tolist()
-        metrics = dict(zip(metrics, means))
-        metrics["tokens_per_s"] *= info.world_size  # the job's throughput
-    return step, metrics
+    return step, mean_over_ranks(metrics, info, rollout.ids.device)  # every rank sampled as many groups
 
 
 @torch.no_grad()

@@ -398,7 +398,6 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
     the ranks before each one."""
     from ..train import distributed
     from .aux_loss import with_aux_loss
-    from .loop import average_gradients
 
     info = info or distributed.detect()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -430,11 +429,7 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
             pending += 1
             last_minibatch = start + config.batch_size >= rows
             if pending == config.grad_accum or last_minibatch:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
-                average_gradients(trainable, info)  # the same averaged norm everywhere: all clip or skip alike
-                optimizer.step()  # skips itself on a non-finite gradient norm
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, trainable, lr_at(step), info)
                 step, pending = step + 1, 0
             totals["loss"] += float(loss.detach())
             totals["policy_loss"] += float(policy_loss.detach())
@@ -444,6 +439,32 @@ def ppo_update(model: PolicyWithValue, optimizer, rollout: Rollout, config: PPOC
                 totals["aux_loss"] = totals.get("aux_loss", 0.0) + float(aux_metrics["aux_loss"])
             count += 1
     return step, {k: v / count for k, v in totals.items()}
+
+
+def optimizer_step(optimizer, trainable: list[nn.Parameter], lr: float, info) -> None:
+    """One step of an on-policy recipe's update (PPO's, GRPO's) at learning rate lr, its gradients first averaged
+    over the ranks (the same averaged norm everywhere: all clip or skip alike), then cleared."""
+    from .loop import average_gradients
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    average_gradients(trainable, info)
+    optimizer.step()  # skips itself on a non-finite gradient norm
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mean_over_ranks(metrics: dict[str, float], info, device: torch.device) -> dict[str, float]:
+    """An iteration's metrics averaged over the ranks (each rank's from as many responses: the mean of the ranks'
+    means is the whole mean), tokens_per_s summed (the job's throughput); as they are in one process."""
+    from ..train import distributed
+
+    if not info.is_distributed:
+        return metrics
+    means = distributed.all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64, device=device),
+                                        info).tolist()
+    metrics = dict(zip(metrics, means))
+    metrics["tokens_per_s"] *= info.world_size
+    return metrics
 
 
 def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, optimizer, prompts: list[list[int]],
@@ -478,12 +499,7 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
         **losses,  # "loss" first: the objective trained on (with a MoE policy's load balancing, finetune.aux_loss)
         "tokens_per_s": new_tokens / max(time.perf_counter() - started, 1e-9),
     }
-    if info.is_distributed:  # every rank scored as many responses: the mean of the ranks' means is the whole mean
-        means = distributed.all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64,
-                                                         device=rollout.ids.device), info).tolist()
-        metrics = dict(zip(metrics, means))
-        metrics["tokens_per_s"] *= info.world_size  # the job's throughput
-    return step, metrics
+    return step, mean_over_ranks(metrics, info, rollout.ids.device)
 
 
 @torch.no_grad()
