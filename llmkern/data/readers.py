@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Optional
@@ -39,6 +40,9 @@ _CHUNK = 1 << 20  # bytes per read
 _BUFFER = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools write at the start of a file
+# Compressed bytes per zstd decompress call: a block of a few bytes may give 128 KiB, so this bounds what one
+# call holds (32 MiB at worst, some 20 KiB for text).
+_ZSTD_INPUT = 1 << 10
 
 
 class BadInputError(ValueError):
@@ -141,8 +145,10 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     unique = []
     for f in files:
-        if f not in seen:
-            seen.add(f)
+        # by the absolute path, not the spelling: "corpus" and "./corpus/a.jsonl" name one file, read once
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
             unique.append(f)
     return unique
 
@@ -167,11 +173,53 @@ def open_binary(path: str) -> BinaryIO:
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     if path.lower().endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path), _BUFFER)
+    return open(path, "rb", buffering=_BUFFER)
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame; EOFError (as gzip raises) when the file
+    ends inside a frame. zstandard's stream_reader ends quietly there, so a .zst file cut short (an
+    interrupted download) read as a shorter or an empty file, with no bad input reported."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), _BUFFER)
-    return open(path, "rb", buffering=_BUFFER)
+        self._file = open(path, "rb", buffering=_BUFFER)  # noqa: SIM115 (open while the reader is: close())
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompression object of the frame being read; None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._file.read(_ZSTD_INPUT)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the .zst file ends inside a frame (cut short?)")
+                return 0
+            self._out = memoryview(self._decompress(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # the bytes after a frame's end start the next frame
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _skip_bom(f: BinaryIO, report: ReadReport) -> None:
@@ -183,7 +231,7 @@ def _skip_bom(f: BinaryIO, report: ReadReport) -> None:
 
 def read_errors(fmt: str) -> tuple[type, ...]:
     """Exceptions that mean "this file cannot be read" (as opposed to a bug)."""
-    errors: tuple[type, ...] = (OSError, EOFError)
+    errors: tuple[type, ...] = (OSError, EOFError, zlib.error)  # zlib.error: a .gz file's corrupt deflate data
     try:
         import zstandard
 
