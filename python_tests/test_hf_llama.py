@@ -457,6 +457,22 @@ def test_a_window_not_slid_on_every_layer_makes_the_context_that_long(change):
         from_hf_llama(sd, cfg, block_size=32)  # a longer context asked for: refused, not computed otherwise
 
 
+def test_an_import_warning_names_the_users_call(tmp_path):
+    """An import's warning (a Llama window that cuts the context) is the user's call's (its file and line),
+    however many llmkern functions lie between that call and the warning (it named one of them, in llmkern)."""
+    from llmkern.train.inference import load_gpt
+
+    sd, cfg = llama_state_dict(), llama_config_json(model_type="llama", sliding_window=16)
+    (path,) = _save(tmp_path, sd, cfg)
+    loads = [lambda: config_from_hf_llama(cfg), lambda: from_hf_llama(sd, cfg, backend="torch"),
+             lambda: load_hf_file(str(path), backend="torch"),
+             lambda: load_gpt(str(path), backend="torch", hf_tokenizer="bytes")]
+    for load in loads:
+        with pytest.warns(UserWarning, match="loaded with block_size=16") as record:
+            load()
+        assert [w.filename for w in record if "block_size=16" in str(w.message)] == [__file__]
+
+
 def test_configs_that_compute_the_same_model_are_accepted():
     sd, idx = llama_state_dict(), torch.randint(0, VOCAB, (1, 8))
     expected = llama_logits(sd, idx, llama_config_json())

@@ -250,23 +250,6 @@ def test_phi3_weights_that_do_not_fit_are_refused():
         to_hf_phi3(GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB)))
 
 
-def test_an_import_warning_names_the_users_call(tmp_path):
-    """An import's warning (longrope's, with a context past the original one) is the user's call's (its file and
-    line), however many llmkern functions lie between that call and the warning (it named one of them, in
-    llmkern)."""
-    from llmkern.train.inference import load_gpt
-
-    sd, cfg = phi3_state_dict(), phi3_longrope_json()
-    (path,) = _save(tmp_path, sd, cfg)
-    loads = [lambda: config_from_hf_phi3(cfg), lambda: from_hf_phi3(sd, cfg, backend="torch"),
-             lambda: load_hf_file(str(path), backend="torch"),
-             lambda: load_gpt(str(path), backend="torch", hf_tokenizer="bytes")]
-    for load in loads:
-        with pytest.warns(UserWarning, match="longrope") as record:
-            load()
-        assert [w.filename for w in record if "longrope" in str(w.message)] == [__file__]
-
-
 # LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): a context of CTX positions stretched 4 times past an original one
 ORIGINAL = CTX // 4
 
@@ -308,24 +291,22 @@ def phi3_longrope_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: di
         return llama_logits(weights, idx, cfg)
 
 
-def test_a_longrope_context_past_the_original_one_warns_at_the_users_call():
-    """Loaded with a block_size past the original context, every position takes long_factor, so short sequences
-    get other logits than transformers': said at import, at the user's call; at the original context, nothing."""
+def test_a_longrope_context_past_the_original_one_loads_without_a_warning():
+    """Each forward pass picks short_factor or long_factor by its sequence's length, as transformers does, so a
+    block_size past the original context computes transformers' logits on every sequence: nothing to warn of."""
     cfg = phi3_longrope_json()
-    with pytest.warns(UserWarning, match=f"load it with block_size={ORIGINAL} to compute") as record:
-        config_from_hf_phi3(cfg)
-    assert [w.filename for w in record if "longrope" in str(w.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert config_from_hf_phi3(cfg).block_size == CTX
         assert config_from_hf_phi3(cfg, block_size=ORIGINAL).block_size == ORIGINAL
 
 
-@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (None, ORIGINAL + 1), (ORIGINAL, ORIGINAL),
-                                                 (ORIGINAL, 3)])
+@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (None, ORIGINAL + 1), (None, ORIGINAL), (None, 3),
+                                                 (ORIGINAL, ORIGINAL), (ORIGINAL, 3)])
 def test_longrope_import_gives_the_reference_logits(tmp_path, block_size, seq_len):
-    """A longrope Phi-3 read from its folder (config.json, bf16 safetensors) gives transformers' logits: with its
-    max_position_embeddings as block_size, on sequences longer than the original context (long_factor); with
-    block_size cut to the original context, on every sequence it takes (short_factor)."""
+    """A longrope Phi-3 read from its folder (config.json, bf16 safetensors) gives transformers' logits on every
+    sequence it takes: long_factor on one longer than the original context, short_factor on one no longer than it,
+    whether block_size is max_positions_embeddings or the original context."""
     sd, cfg = phi3_state_dict(), phi3_longrope_json()
     (path,) = _save(tmp_path, sd, cfg, dtype=torch.bfloat16)
     model, _ = load_hf_file(str(path), backend="torch", **({} if block_size is None else {"block_size": block_size}))
@@ -341,9 +322,9 @@ def test_longrope_import_gives_the_reference_logits(tmp_path, block_size, seq_le
 
 
 def test_longrope_reference_sees_what_the_import_could_get_wrong():
-    """Short and long factors swapped, or the attention factor left out: the logits move past the tolerance.
-    And the one place the model differs from transformers, by design: a block_size longer than the original
-    context takes long_factor on a sequence no longer than it too, where transformers takes short_factor."""
+    """Short and long factors swapped, or the attention factor left out: the logits move past the tolerance. And
+    a sequence no longer than the original context takes short_factor whatever block_size is: the logits of a
+    model cut to that context, not the start of a long sequence's (long_factor at every position)."""
     sd, cfg = phi3_state_dict(), phi3_longrope_json()
     idx = torch.randint(0, VOCAB, (1, CTX))
     right = phi3_longrope_logits(sd, idx, cfg)
@@ -354,8 +335,9 @@ def test_longrope_reference_sees_what_the_import_could_get_wrong():
     assert not torch.allclose(phi3_longrope_logits(sd, idx, cfg, attention_factor=1.0), right, atol=1e-3)
     short = idx[:, :ORIGINAL]
     model = from_hf_phi3(sd, cfg, backend="torch")
-    assert not torch.allclose(logits_of(model, short), phi3_longrope_logits(sd, short, cfg), atol=1e-3)
-    torch.testing.assert_close(logits_of(model, short), right[:, :ORIGINAL])  # it is the long sequence's start
+    cut = from_hf_phi3(sd, cfg, backend="torch", block_size=ORIGINAL)
+    torch.testing.assert_close(logits_of(model, short), logits_of(cut, short), rtol=0, atol=0)
+    assert not torch.allclose(logits_of(model, short), right[:, :ORIGINAL], atol=1e-3)
 
 
 def test_longrope_config_json_is_read_as_transformers_reads_it():
@@ -461,14 +443,15 @@ def phi4_mini_json(**changes) -> dict:
     return phi3_config_json(**{**phi4, **changes})
 
 
-def partial_rotary_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, long: bool | None = None,
-                          scale_kept: bool = False) -> torch.Tensor:
+def partial_rotary_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict,
+                          long: bool | list[bool] | None = None, scale_kept: bool = False) -> torch.Tensor:
     """Phi-3's forward in float64, written here from transformers' definition with partial_rotary_factor p and
     longrope: RoPE on each head's first r = int(D * p) dims of q and k only, pair (x[j], x[j + r/2]) turning by
     position * theta^(-2j/r) / factor_j (long_factor's on a sequence longer than original_max_position_embeddings,
-    short_factor's otherwise, unless `long` says which), cos and sin multiplied by the attention factor; the other
-    D - r dims pass as they are. scale_kept: multiply those by the attention factor too (a wrong model, for the
-    tests to see)."""
+    short_factor's otherwise, unless `long` says which: for all tokens, or one flag per token, as transformers'
+    KV cache holds each token's q and k turned with the factors of the forward pass that computed it), cos and
+    sin multiplied by the attention factor; the other D - r dims pass as they are. scale_kept: multiply those by
+    the attention factor too (a wrong model, for the tests to see)."""
     w = {k.removeprefix("model."): v.double() for k, v in split_as_transformers(sd, cfg).items()}
     heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     b, t = idx.shape
@@ -476,10 +459,12 @@ def partial_rotary_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: d
     scaling = cfg["rope_scaling"]
     if long is None:
         long = t > cfg["original_max_position_embeddings"]
-    factors = scaling["long_factor" if long else "short_factor"]
-    inv_freq = torch.tensor([1 / (f * cfg["rope_theta"] ** (2 * j / r)) for j, f in enumerate(factors)],
-                            dtype=torch.float64)
-    angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, r/2)
+    if isinstance(long, bool):
+        long = [long] * t
+    inv_freq = torch.tensor([[1 / (f * cfg["rope_theta"] ** (2 * j / r))
+                              for j, f in enumerate(scaling["long_factor" if token_long else "short_factor"])]
+                             for token_long in long], dtype=torch.float64)  # (T, r/2): each token's factors
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq  # (T, r/2)
     a = hf_attention_factor(cfg)
     cos, sin = torch.cat([angle.cos()] * 2, -1) * a, torch.cat([angle.sin()] * 2, -1) * a  # (T, r)
 
@@ -510,11 +495,12 @@ def partial_rotary_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: d
     return (rms_norm(x, w["norm.weight"]) @ w["lm_head.weight"].t()).float()  # float32, as the model's
 
 
-@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (ORIGINAL, ORIGINAL), (ORIGINAL, 3)])
+@pytest.mark.parametrize("block_size, seq_len", [(None, CTX), (None, 3), (ORIGINAL, ORIGINAL), (ORIGINAL, 3)])
 def test_phi4_mini_import_gives_the_reference_logits(tmp_path, block_size, seq_len):
     """A tiny Phi-4-mini read from its folder (config.json, bf16 safetensors without lm_head: tied) gives the
-    reference's logits, RoPE on the first 12 of each head's 16 dims, with long_factor (its max_position_embeddings
-    as block_size, on a sequence past the original context) and with short_factor (block_size cut to it)."""
+    reference's logits, RoPE on the first 12 of each head's 16 dims, with long_factor (on a sequence past the
+    original context) and with short_factor (on a shorter one, whether block_size is cut to the original context
+    or not)."""
     sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
     (path,) = _save(tmp_path, sd, cfg, dtype=torch.bfloat16)
     overrides = {} if block_size is None else {"block_size": block_size}
@@ -549,21 +535,74 @@ def test_the_partial_rotary_reference_agrees_with_the_longrope_one_and_sees_a_wr
 
 
 @torch.no_grad()
-def test_phi4_mini_generates_the_same_with_and_without_the_kv_cache():
+@pytest.mark.parametrize("prompts, max_new_tokens", [
+    ([[5, 17, 3], [11, 2, 2, 9, 44], [60]], 4),  # at most 8 tokens fed: short_factor throughout
+    ([[5, 17, 3, 8, 1, 9, 20, 4, 6], [11, 2, 2, 9, 44, 80, 7, 60, 1, 3, 5], [60] * 10], 12),  # past 8: long_factor
+])
+def test_phi4_mini_generates_the_same_with_and_without_the_kv_cache(prompts, max_new_tokens):
+    """Generation that stays on one side of the original context (8 tokens) gives the same tokens with the KV
+    cache and without, and each row is greedy decoding by the reference (transformers' choice of factors by the
+    sequence's length), alone."""
     from llmkern.model import generate
 
     sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
     model = from_hf_phi3(sd, cfg, backend="torch").eval()
-    prompts = [[5, 17, 3], [11, 2, 2, 9, 44, 80, 7, 60, 1], [60]]  # left-padded: positions per row
-    cached = generate(model, prompts, max_new_tokens=12, temperature=0)
-    assert cached == generate(model, prompts, max_new_tokens=12, temperature=0, use_cache=False)
-    for prompt, row in zip(prompts, cached):  # and each row is greedy decoding by the reference, alone
+    for p in model.parameters():
+        p.mul_(2.0)  # sharper attention (weights of 0.4): a wrong angle changes the tokens
+    sd = {k: 2.0 * v for k, v in sd.items()}
+    cached = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0)  # left-padded
+    assert cached == generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0, use_cache=False)
+    for prompt, row in zip(prompts, cached):
         seq = list(prompt)
-        for _ in range(12):
-            # long_factor at every length, as the model takes it (block_size 32, past the original context of 8)
-            logits = partial_rotary_logits(sd, torch.tensor([seq]), cfg, long=True)
-            seq.append(int(logits[0, -1].argmax()))
+        for _ in range(max_new_tokens):
+            seq.append(int(partial_rotary_logits(sd, torch.tensor([seq]), cfg)[0, -1].argmax()))
         assert row == seq
+
+
+@torch.no_grad()
+def test_longrope_kv_cache_keeps_the_factors_each_token_was_cached_with():
+    """Decoding with the KV cache past the original context (8 tokens) from a prompt of 5, as transformers does:
+    each step takes the factors of a sequence of every token so far (position + 1), and the keys cached before
+    keep the short_factor turn they were cached with. So the logits are those of the reference with each token
+    turned as the forward pass that computed it turned it, not the uncached sequence's (long_factor at every
+    position, once past 8)."""
+    from llmkern.model.kv_cache import KVCache
+
+    sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
+    model = from_hf_phi3(sd, cfg, backend="torch").eval()
+    prompt, total = 5, 12
+    idx = torch.randint(0, VOCAB, (1, total))
+    cache = KVCache(model.config.n_layer, capacity=total)
+    steps = [model.hidden_states(idx[:, :prompt], cache=cache)]
+    steps += [model.hidden_states(idx[:, j : j + 1], cache=cache) for j in range(prompt, total)]
+    cached = model.head(torch.cat(steps, dim=1))
+    # each token's forward pass: the prefill's 5 tokens, then position j's j + 1
+    long = [(prompt if j < prompt else j + 1) > ORIGINAL for j in range(total)]
+    assert long == [False] * 8 + [True] * 4
+    torch.testing.assert_close(cached, partial_rotary_logits(sd, idx, cfg, long=long), rtol=1e-5, atol=1e-5)
+    uncached = partial_rotary_logits(sd, idx, cfg)  # long_factor at every position
+    assert not torch.allclose(cached[:, ORIGINAL:], uncached[:, ORIGINAL:], atol=1e-3)
+    torch.testing.assert_close(logits_of(model, idx), uncached, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len", [ORIGINAL, ORIGINAL + 1])
+def test_longrope_factors_are_chosen_under_a_fullgraph_compile(seq_len):
+    """The choice of factors compiles without a graph break: by the sequence's length (an int), or by the
+    largest of explicit positions (a tensor, which a Python comparison would break the graph on), and the compiled
+    logits are the reference's."""
+    sd, cfg = phi3_state_dict(tied=True), phi4_mini_json()
+    model = from_hf_phi3(sd, cfg, backend="torch").eval()
+    idx = torch.randint(0, VOCAB, (2, seq_len))
+    right = partial_rotary_logits(sd, idx, cfg)
+    positions = torch.arange(seq_len).expand(2, seq_len)
+
+    def logits(idx, positions):
+        return model.head(model.hidden_states(idx)), model.head(model.hidden_states(idx, positions))
+
+    with torch.no_grad():  # dynamo's trace is what breaks on a graph break: no need for a compiler behind it
+        by_length, by_positions = torch.compile(logits, fullgraph=True, backend="eager")(idx, positions)
+    torch.testing.assert_close(by_length, right, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_positions, right, rtol=1e-5, atol=1e-5)
 
 
 def test_phi4_mini_export_round_trips():

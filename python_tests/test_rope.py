@@ -97,37 +97,92 @@ def longrope_scaling(half: int, original: int, attention_factor: float) -> dict:
             "original_max_position_embeddings": original, "attention_factor": attention_factor}
 
 
-def longrope_reference(head_dim: int, max_positions: int, theta: float, scaling: dict) -> tuple[list, list]:
-    """LongRoPE's cos and sin, from its definition in float64 Python: pair i turns by position / (factor_i *
-    theta^(2i / D)), the factors long_factor's when the context reaches past original_max_position_embeddings
-    (short_factor's otherwise), and both tables are scaled by attention_factor."""
-    long = max_positions > scaling["original_max_position_embeddings"]
+def longrope_reference(head_dim: int, seq_len: int, theta: float, scaling: dict) -> tuple[list, list]:
+    """LongRoPE's cos and sin for positions 0 .. seq_len - 1 as Hugging Face computes them in a forward pass over
+    seq_len tokens, from its definition in float64 Python: pair i turns by position / (factor_i * theta^(2i / D)),
+    the factors long_factor's when seq_len is past original_max_position_embeddings (short_factor's otherwise),
+    and both tables are scaled by attention_factor."""
+    long = seq_len > scaling["original_max_position_embeddings"]
     factors = scaling["long_factor" if long else "short_factor"]
     scale = scaling["attention_factor"]
-    angles = [[p / (f * theta ** (2 * i / head_dim)) for i, f in enumerate(factors)] for p in range(max_positions)]
+    angles = [[p / (f * theta ** (2 * i / head_dim)) for i, f in enumerate(factors)] for p in range(seq_len)]
     return ([[scale * math.cos(a) for a in row] for row in angles],
             [[scale * math.sin(a) for a in row] for row in angles])
+
+
+def as_tables(reference: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.tensor(table, dtype=torch.float32) for table in reference)
 
 
 @pytest.mark.parametrize("max_positions, takes", [(24, "short_factor"), (64, "short_factor"), (65, "long_factor"),
                                                   (300, "long_factor")])
 def test_rotary_cache_longrope_tables(max_positions, takes):
-    """Tables for a context up to the original 64 positions take short_factor, longer ones long_factor; both
-    scaled by attention_factor (here not 1, so a table left unscaled is seen)."""
+    """cos and sin are the tables of a sequence of max_positions tokens: short_factor up to the original 64
+    positions, long_factor past them; both scaled by attention_factor (here not 1, so a table left unscaled is
+    seen). Past 64, short_cos and short_sin hold the short_factor tables of the first 64 positions."""
     scaling = longrope_scaling(8, 64, attention_factor=1.19)
     cache = RotaryCache(head_dim=16, max_positions=max_positions, theta=500.0, scaling=scaling)
-    cos, sin = longrope_reference(16, max_positions, 500.0, scaling)
-    torch.testing.assert_close(cache.cos, torch.tensor(cos, dtype=torch.float32), rtol=0, atol=1e-6)
-    torch.testing.assert_close(cache.sin, torch.tensor(sin, dtype=torch.float32), rtol=0, atol=1e-6)
+    cos, sin = as_tables(longrope_reference(16, max_positions, 500.0, scaling))
+    torch.testing.assert_close(cache.cos, cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache.sin, sin, rtol=0, atol=1e-6)
     other = "long_factor" if takes == "short_factor" else "short_factor"
-    wrong = longrope_reference(16, max_positions, 500.0, {**scaling, takes: scaling[other]})
-    assert not torch.allclose(cache.cos, torch.tensor(wrong[0], dtype=torch.float32), atol=1e-3)
-    assert takes in repr(cache)
-    # a bf16 cast or a move from the meta device rebuilds the same scaled tables
-    assert torch.equal(cache.to(torch.bfloat16).cos, torch.tensor(cos, dtype=torch.float32))
+    wrong = as_tables(longrope_reference(16, max_positions, 500.0, {**scaling, takes: scaling[other]}))
+    assert not torch.allclose(cache.cos, wrong[0], atol=1e-3)
+    if takes == "short_factor":
+        assert cache.short_cos is None and cache.short_sin is None and "long_factor" not in repr(cache)
+    else:
+        short = as_tables(longrope_reference(16, 64, 500.0, scaling))
+        torch.testing.assert_close((cache.short_cos, cache.short_sin), short, rtol=0, atol=1e-6)
+        assert "short_factor up to it, long_factor past it: original_max_position_embeddings=64" in repr(cache)
+    assert "short_factor" in repr(cache)
+    # a bf16 cast or a move from the meta device rebuilds the same scaled tables, the short ones too
+    cast = cache.to(torch.bfloat16)
+    assert torch.equal(cast.cos, cos) and cast.cos.dtype == torch.float32
     with torch.device("meta"):
         empty = RotaryCache(head_dim=16, max_positions=max_positions, theta=500.0, scaling=scaling)
-    assert torch.equal(empty.to_empty(device="cpu").sin, cache.sin)
+    empty.to_empty(device="cpu")
+    assert torch.equal(empty.sin, cache.sin)
+    if cache.short_sin is not None:
+        assert torch.equal(empty.short_sin, cache.short_sin) and cast.short_cos.dtype == torch.float32
+
+
+@pytest.mark.parametrize("seq_len", [1, 40, 64, 65, 100])
+def test_rotary_cache_longrope_picks_the_factors_by_the_sequence_length(seq_len):
+    """A context of 100 positions past the original 64: each call takes the tables of Hugging Face's forward
+    pass over its sequence, short_factor up to 64 tokens and long_factor past them. The sequence's length is
+    seq_len without positions, max(positions) + 1 over the whole batch with them (a decode step at position 70
+    is a sequence of 71 tokens), compiled as eager."""
+    scaling = longrope_scaling(8, 64, attention_factor=1.19)
+    cache = RotaryCache(head_dim=16, max_positions=100, theta=500.0, scaling=scaling)
+    cos, sin = as_tables(longrope_reference(16, seq_len, 500.0, scaling))
+    got = cache(None, seq_len)
+    torch.testing.assert_close(got, (cos, sin), rtol=0, atol=1e-6)
+    # rows 0 .. seq_len - 1 at random, the last position in one row only
+    positions = torch.randint(0, seq_len, (2, 5))
+    positions[1, 3] = seq_len - 1
+    compiled = torch.compile(cache, fullgraph=True, backend="eager")
+    for tables in (cache(positions, 5), compiled(positions, 5)):
+        torch.testing.assert_close(tables, (cos[positions], sin[positions]), rtol=0, atol=1e-6)
+    # a decode step's position alone: a sequence of position + 1 tokens
+    step = torch.tensor([[seq_len - 1]])
+    torch.testing.assert_close(cache(step, 1), (cos[step], sin[step]), rtol=0, atol=1e-6)
+    other = "long_factor" if seq_len <= 64 else "short_factor"
+    wrong = as_tables(longrope_reference(16, seq_len, 500.0, {**scaling, "short_factor": scaling[other],
+                                                              "long_factor": scaling[other]}))
+    assert seq_len == 1 or not torch.allclose(got[1], wrong[1], atol=1e-3)  # position 0's sin is 0 either way
+
+
+def test_rotary_cache_longrope_refuses_positions_outside_its_tables(monkeypatch):
+    """With short tables too, a position past the context (or, on a GPU, a negative one) fails the lookup, and is
+    never clamped into the short tables."""
+    cache = RotaryCache(head_dim=16, max_positions=100, theta=500.0, scaling=longrope_scaling(8, 64, 1.19))
+    with pytest.raises(ValueError, match=r"positions holds 100; positions are in \[0, 100\)"):
+        cache(torch.tensor([[0, 100]]), 2)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for bad in (-1, 100):
+        with pytest.raises(IndexError):
+            cache(torch.tensor([[0, bad]]), 2)
+    assert cache(torch.tensor([[0, 1]])[:, :0], 0)[0].shape == (1, 0, 8)
 
 
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],

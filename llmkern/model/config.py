@@ -32,7 +32,8 @@ class GPTConfig:
     pos: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
     # None, or a RoPE scaling as HF's config.json has it: Llama 3.1's "llama3", Phi-3's "longrope" or "linear"
-    # (llmkern.nn.rotary.check_rope_scaling, which says how longrope's short and long factors are chosen)
+    # (llmkern.nn.rotary.check_rope_scaling; longrope takes its short or long factors per forward pass, by the
+    # sequence's length, as Hugging Face does)
     rope_scaling: dict | None = None
     mlp: str = "gelu"  # "gelu" | "swiglu" | "geglu" (Gemma's: gelu_tanh(gate(x)) * up(x))
     mlp_hidden: int | None = None  # None: 4 * n_embd (gelu), or Llama's 8/3 * n_embd rounded up to 64 (gated)

@@ -203,14 +203,9 @@ def config_from_hf_phi3(hf_config: dict, **overrides) -> GPTConfig:
     an even number; a longrope scaling's factors are then one per frequency of those dims (48).
 
     The "longrope" RoPE scaling of Phi-3-mini-128k and Phi-3.5-mini (or its older names "su" and "yarn", as
-    Phi3Config reads them) is read as transformers computes it, except for one choice: transformers rescales the
-    frequencies by long_factor on a sequence longer than original_max_position_embeddings (4096) and by
-    short_factor otherwise, at each forward pass, while the model here has one context, block_size, and takes
-    long_factor when block_size is longer than original_max_position_embeddings, short_factor otherwise, at
-    every position. So a model loaded with block_size=4096 or less computes Hugging Face's logits on every
-    sequence it takes; one loaded with its max_position_embeddings (131072) as its block_size computes them on
-    sequences longer than 4096, and on shorter ones differs from Hugging Face (which uses short_factor there; a
-    warning says so at import). The
+    Phi3Config reads them) is read as transformers computes it: each forward pass rescales the frequencies by
+    long_factor on a sequence longer than original_max_position_embeddings (4096), by short_factor otherwise
+    (llmkern.nn.rotary.RotaryCache.forward), whatever block_size is. The
     attention factor is config.json's, or worked out from max_position_embeddings, whatever block_size is."""
     if not isinstance(hf_config, dict):
         raise TypeError(f"hf_config must be a dict (a config.json), got {type(hf_config).__name__}")
@@ -302,13 +297,6 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     if window is not None and window < config.block_size:
         raise ValueError(f"config.json has sliding_window={window}, shorter than block_size={config.block_size}: "
                          f"the model attends to the whole context (give block_size={window} or less to load it)")
-    if scaling is not None and scaling["rope_type"] == "longrope" and config.block_size > scaling[_ORIGINAL_CONTEXT]:
-        original = scaling[_ORIGINAL_CONTEXT]  # the choice config_from_hf_phi3 explains, made visible
-        warnings.warn(f"config.json's longrope RoPE scaling with block_size={config.block_size}, longer than the "
-                      f"original context of {original}: every position takes long_factor, so a sequence of at most "
-                      f"{original} tokens gets other logits than Hugging Face's (which takes short_factor for it); "
-                      f"load it with block_size={original} to compute Hugging Face's on those",
-                      stacklevel=_stacklevel_of_caller())
     return config
 
 

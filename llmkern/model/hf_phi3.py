@@ -8,8 +8,8 @@ gate_up.chunk(2)`, then `up * silu(gate)`), the [gate | up] of our mlp.gate_up. 
 rest has Llama's names. No layer has a bias.
 
 The "longrope" RoPE scaling of Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini is read (and written back) with the
-config.json; the model takes its long_factor when block_size is longer than original_max_position_embeddings (4096),
-its short_factor otherwise (config_from_hf_phi3 says why, and where that differs from transformers). Phi-4-mini's
+config.json; as in transformers, each forward pass takes its long_factor on a sequence longer than
+original_max_position_embeddings (4096), its short_factor otherwise (see config_from_hf_phi3). Phi-4-mini's
 partial_rotary_factor (0.75: RoPE on 96 of each head's 128 dims) is read and written back as GPTConfig.rope_dim;
 its weights are laid out as any Phi-3's.
 """
@@ -43,8 +43,7 @@ _PHI3_BLOCK_NAMES = {
 def from_hf_phi3(state_dict: dict[str, torch.Tensor], hf_config: dict, **overrides) -> GPT:
     """A GPT holding the weights of a HF Phi3ForCausalLM (or Phi3Model) state dict, shaped by hf_config (the
     model's config.json, as a dict); overrides replace GPTConfig fields (backend, block_size, ...). A longrope
-    model given block_size=4096 or less (its original_max_position_embeddings) computes transformers' logits on
-    every sequence; with a longer one, on sequences longer than 4096 only (see config_from_hf_phi3)."""
+    model computes transformers' logits whatever its block_size (see config_from_hf_phi3)."""
     config = config_from_hf_phi3(hf_config, **overrides)
     model = GPT(config)
     load_hf_phi3(model, state_dict)

@@ -21,11 +21,10 @@ def check_rope_scaling(scaling: object, head_dim: int, rope_dim: int | None = No
       "original_max_position_embeddings"} (see llama3_inv_freq);
     - Phi-3's LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) {"rope_type": "longrope", "short_factor", "long_factor"
       (rotary width / 2 numbers each: one per frequency), "original_max_position_embeddings", "attention_factor"}.
-      Hugging Face picks long_factor for each forward pass over a sequence longer than
-      original_max_position_embeddings, short_factor otherwise; the tables here are built once for a fixed
-      context, so they take long_factor when that context (max_positions, the model's block_size) is longer,
-      short_factor otherwise, at every position (see longrope_factors). A model whose block_size is at most
-      original_max_position_embeddings computes what Hugging Face's does on every sequence it takes;
+      As Hugging Face does, each forward pass takes long_factor for a sequence longer than
+      original_max_position_embeddings, short_factor otherwise, its length being the last position + 1 (over
+      the whole batch; in a cached decode step, every token so far): see RotaryCache.forward. A model whose
+      block_size is at most original_max_position_embeddings only ever takes short_factor;
     - {"rope_type": "linear", "factor"} (Gemma 3's global layers' 8): positions divided by factor, every
       frequency slowed alike. Any finite factor > 0: transformers only warns below 1, and computes it.
     """
@@ -100,16 +99,15 @@ def longrope_attention_factor(factor: float, original_context: int) -> float:
     return math.sqrt(1 + math.log(factor) / math.log(original_context))
 
 
-def longrope_factors(scaling: dict, max_positions: int) -> list[float]:
-    """The per-frequency factors of a longrope scaling that tables for positions 0 .. max_positions - 1 take:
-    long_factor when they reach past original_max_position_embeddings, short_factor otherwise. Hugging Face
-    chooses per forward pass, by the sequence's length; one choice for the whole context is what a fixed
-    table can hold, and the same as Hugging Face's on sequences of max_positions tokens."""
-    return scaling["long_factor" if _takes_long_factor(scaling, max_positions) else "short_factor"]
+def longrope_factors(scaling: dict, seq_len: int) -> list[float]:
+    """The per-frequency factors of a longrope scaling that Hugging Face takes in a forward pass over a
+    sequence of seq_len tokens (its last position + 1): long_factor past original_max_position_embeddings,
+    short_factor up to it."""
+    return scaling["long_factor" if _takes_long_factor(scaling, seq_len) else "short_factor"]
 
 
-def _takes_long_factor(scaling: dict, max_positions: int) -> bool:
-    return max_positions > scaling["original_max_position_embeddings"]
+def _takes_long_factor(scaling: dict, seq_len: int) -> bool:
+    return seq_len > scaling["original_max_position_embeddings"]
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -133,6 +131,12 @@ class RotaryCache(nn.Module):
     the one factor. The tables are fp32
     non-persistent buffers: rebuilt, not saved in checkpoints, and kept in fp32 when the model is cast to bf16
     (see _apply).
+
+    A longrope scaling with max_positions past original_max_position_embeddings (O) keeps two pairs of tables,
+    as Hugging Face keeps two sets of frequencies: cos and sin with long_factor, for all max_positions rows,
+    and short_cos and short_sin with short_factor, for the O positions a sequence that takes them can reach
+    (both scaled by attention_factor). forward picks one pair per call (see there). Otherwise short_cos and
+    short_sin are None and cos and sin serve every call (with short_factor, for longrope).
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None,
@@ -148,31 +152,48 @@ class RotaryCache(nn.Module):
         check_rope_scaling(scaling, head_dim, rope_dim)
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self.rope_dim = rope_dim
-        cos, sin = self._tables(None)  # on the default device (meta under `with torch.device("meta")`)
+        cos, sin = self._tables(self.max_positions, None)  # on the default device (meta under torch.device("meta"))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        short = self._short_context
+        short_cos, short_sin = (None, None) if short is None else self._tables(short, None)
+        self.register_buffer("short_cos", short_cos, persistent=False)
+        self.register_buffer("short_sin", short_sin, persistent=False)
 
     @property
     def rotary_dim(self) -> int:
         """The dims of each head RoPE turns: rope_dim, or all head_dim."""
         return self.head_dim if self.rope_dim is None else self.rope_dim
 
-    def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _short_context(self) -> int | None:
+        """original_max_position_embeddings, the rows of the short_factor tables, for a longrope scaling whose
+        long_factor some sequence up to max_positions takes; None when there are no such tables."""
+        if self.scaling is None or self.scaling["rope_type"] != "longrope":
+            return None
+        original = self.scaling["original_max_position_embeddings"]
+        return original if _takes_long_factor(self.scaling, self.max_positions) else None
+
+    def _tables(self, seq_len: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (seq_len, rotary_dim / 2) of positions 0 .. seq_len - 1, as a forward pass over seq_len
+        tokens takes them (longrope's factors depend on it)."""
         # Angles in float64 so that large positions keep their precision, then stored in fp32.
         width = self.rotary_dim
         inv_freq = self.theta ** (-torch.arange(0, width, 2, dtype=torch.float64, device=device) / width)
-        inv_freq, magnitude = self._scaled(inv_freq)
-        positions = torch.arange(self.max_positions, dtype=torch.float64, device=device)
-        angles = torch.outer(positions, inv_freq)  # (max_positions, rotary_dim / 2)
+        inv_freq, magnitude = self._scaled(inv_freq, seq_len)
+        positions = torch.arange(seq_len, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, inv_freq)  # (seq_len, rotary_dim / 2)
         return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
-    def _scaled(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The frequencies as the scaling changes them, and the factor the tables are multiplied by."""
+    def _scaled(self, inv_freq: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, float]:
+        """The frequencies as the scaling changes them for a sequence of seq_len tokens, and the factor the tables
+        are multiplied by."""
         kind = None if self.scaling is None else self.scaling["rope_type"]
         if kind == "llama3":
             return llama3_inv_freq(inv_freq, self.scaling), 1.0
         if kind == "longrope":
-            factors = torch.tensor(longrope_factors(self.scaling, self.max_positions), dtype=torch.float64,
+            # attention_factor scales the short tables too: Hugging Face works it out once, from the context
+            factors = torch.tensor(longrope_factors(self.scaling, seq_len), dtype=torch.float64,
                                    device=inv_freq.device)
             return inv_freq / factors, self.scaling["attention_factor"]
         if kind == "linear":  # position p turns as p / factor did
@@ -181,7 +202,9 @@ class RotaryCache(nn.Module):
 
     def reset_tables(self) -> None:
         """Recompute the tables on their device (after to_empty() from the meta device, say)."""
-        self.cos, self.sin = self._tables(self.cos.device)
+        self.cos, self.sin = self._tables(self.max_positions, self.cos.device)
+        if self.short_cos is not None:
+            self.short_cos, self.short_sin = self._tables(self.short_cos.size(0), self.cos.device)
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) or .half() would round the tables, and to_empty() (from the meta device) leaves
@@ -193,13 +216,38 @@ class RotaryCache(nn.Module):
 
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for positions 0 .. seq_len - 1, (S, R/2); or for explicit positions (B, S) -> (B, S, R/2),
-        each in [0, max_positions) (see check_positions). R is rotary_dim."""
+        each in [0, max_positions) (see check_positions). R is rotary_dim.
+
+        With short tables (a longrope context past original_max_position_embeddings, O), the call takes the long
+        ones when its sequence is longer than O, the short ones otherwise, as Hugging Face's forward pass does:
+        the sequence's length is seq_len without positions, max(positions) + 1 over the whole batch with them
+        (so a cached decode step counts every token so far). Keys cached before a generation grows past O keep
+        the short_factor rotation they were cached with, as in Hugging Face's cache; rerun without a cache, the
+        whole sequence takes long_factor. Cached and uncached agree while a sequence stays on one side of O.
+        """
         if positions is None:
             if not 0 <= seq_len <= self.max_positions:  # a slice would silently stop at the table's end
                 raise ValueError(f"seq_len must be in [0, max_positions={self.max_positions}], got {seq_len}")
+            if self.short_cos is not None and seq_len <= self.short_cos.size(0):
+                return self.short_cos[:seq_len], self.short_sin[:seq_len]
             return self.cos[:seq_len], self.sin[:seq_len]
         positions = check_positions(positions, self.max_positions)
-        return self.cos[positions], self.sin[positions]
+        if self.short_cos is None or positions.numel() == 0:
+            return self.cos[positions], self.sin[positions]
+        return self._longrope_rows(positions)
+
+    def _longrope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the long or the short tables at checked positions, by max(positions) + 1. The choice is a
+        tensor, not a Python bool: no wait for the device, and no graph break under torch.compile. Both tables
+        are read (a few rows each) and one kept."""
+        original = self.short_cos.size(0)
+        takes_long = positions.amax() >= original  # max(positions) + 1 > original
+        # Clamped into the short tables, whose rows are read, and then dropped, when the long ones are taken.
+        # (A position past max_positions stays in the long lookup, which fails on it as check_positions wants.)
+        short = positions.clamp(max=original - 1)
+        cos = torch.where(takes_long, self.cos[positions], self.short_cos[short])
+        sin = torch.where(takes_long, self.sin[positions], self.short_sin[short])
+        return cos, sin
 
     def extra_repr(self) -> str:
         scaling = "" if self.scaling is None else f", scaling={_scaling_repr(self.scaling, self.max_positions)}"
@@ -208,12 +256,15 @@ class RotaryCache(nn.Module):
 
 
 def _scaling_repr(scaling: dict, max_positions: int) -> str:
-    """The scaling, its longrope factors (two lists of rotary_dim / 2 numbers) shortened to the one the tables take."""
+    """The scaling, its longrope factors (two lists of rotary_dim / 2 numbers) shortened to the names of those
+    some sequence up to max_positions takes."""
     if scaling["rope_type"] != "longrope":
         return str(scaling)
-    which = "long" if _takes_long_factor(scaling, max_positions) else "short"
-    return (f"longrope ({which}_factor, original_max_position_embeddings="
-            f"{scaling['original_max_position_embeddings']}, attention_factor={scaling['attention_factor']})")
+    original = scaling["original_max_position_embeddings"]
+    which = ("short_factor up to it, long_factor past it" if _takes_long_factor(scaling, max_positions)
+             else "short_factor")
+    return (f"longrope ({which}: original_max_position_embeddings={original}, "
+            f"attention_factor={scaling['attention_factor']})")
 
 
 def check_positions(positions: object, max_positions: int) -> torch.Tensor:
