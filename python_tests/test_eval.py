@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import statistics
 
 import pytest
 import torch
@@ -284,6 +285,30 @@ def test_lambada_accuracy_needs_every_target_token_greedy_and_perplexity_is_per_
     assert (limited["accuracy"], limited["accuracy_stderr"]) == (0.5, pytest.approx(0.5))
     with pytest.raises(ValueError, match="limit must be a positive int"):
         evaluate_lambada(model, BYTES, passages, limit=0)
+
+
+def test_lambada_perplexity_stderr_is_the_harness_bootstrap_of_the_passages_logprobs():
+    from llmkern.eval.lambada import evaluate_lambada
+
+    # Fresh passages on a random table; the harness's bootstrap_stderr over the per-passage log-likelihoods:
+    # chunk i of 1000 resamples drawn by random.Random(i).choices, exp(-mean) of each, their sample deviation.
+    generator = torch.Generator().manual_seed(11)
+    model = BigramModel(torch.randn(257, 257, generator=generator) * 3)
+    rng = random.Random(11)
+    passages = [("".join(rng.choice("abc ") for _ in range(5)), " " + rng.choice(["a", "bb", "cab"]))
+                for _ in range(9)]
+    logprobs = [sum(model.table[ord(c), ord(n)].item() for c, n in zip(ctx[-1] + target, target))
+                for ctx, target in passages]
+    replicates = []
+    for i in range(2):
+        rnd = random.Random(i)
+        replicates += [math.exp(-sum(s) / len(s)) for s in (rnd.choices(logprobs, k=9) for _ in range(1000))]
+    result = evaluate_lambada(model, BYTES, passages, bootstrap_iters=2000)
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(logprobs) / 9), rel=1e-5)
+    assert result["perplexity_stderr"] == pytest.approx(statistics.stdev(replicates), rel=1e-4)
+    assert evaluate_lambada(model, BYTES, passages, limit=1)["perplexity_stderr"] is None  # the harness's "N/A"
+    with pytest.raises(ValueError, match="bootstrap_iters must be an int >= 2"):
+        evaluate_lambada(model, BYTES, passages, bootstrap_iters=0)
 
 
 def test_choices_with_a_tokenizer_larger_than_the_model_are_a_clear_error(shared_data):
@@ -685,6 +710,8 @@ def test_eval_command_lambada_reads_limit(tmp_path, tiny_run, capsys):
     saved = json.loads(out.read_text())
     direct = evaluate_lambada(ckpt_model(tiny_run), BYTES, str(task), limit=3)
     assert saved["examples"] == 3 and saved["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert saved["perplexity_stderr"] == pytest.approx(direct["perplexity_stderr"], rel=1e-6)
+    assert lines[1].endswith(f"± {saved['perplexity_stderr']:.4f}")
     assert main(["eval", "--run", tiny_run, "--task", "lambada", "--device", "cpu"]) == 2
     assert "--task lambada needs --data" in capsys.readouterr().err
 
@@ -1166,3 +1193,26 @@ def test_eval_command_fewshot_data_needs_fewshot_and_a_file(tmp_path, tiny_run, 
     assert main(base + ["--fewshot", "1", "--fewshot-data", str(shots)]) == 0
     assert main(base + ["--fewshot", "1", "--fewshot-data", str(task)]) == 2
     assert "fewshot=1 needs 1 solved examples; the few-shot data has 0" in capsys.readouterr().err
+    boolq = tmp_path / "boolq_train.jsonl"  # another task's training split
+    boolq.write_text(json.dumps({"passage": "Water is wet.", "question": "is water wet", "idx": 0, "label": 1}))
+    assert main(base + ["--fewshot", "1", "--fewshot-data", str(boolq)]) == 2
+    assert "fewshot_data (--fewshot-data) holds BoolQ rows, the task llmkern rows" in capsys.readouterr().err
+
+
+def test_eval_command_prints_mmlu_categories_after_the_group(tmp_path, tiny_run, capsys):
+    from llmkern.cli import main
+
+    rows = [{"question": f"{subject} question {i}?", "subject": subject, "choices": ["1", "2", "3", "4"],
+             "answer": i % 4} for subject in ("anatomy", "virology", "sociology") for i in range(3)]
+    task = tmp_path / "mmlu_test.jsonl"
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "result.json"
+    assert main(["eval", "--run", tiny_run, "--task", "choice", "--data", str(task), "--json", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    saved = json.loads(out.read_text())
+    assert list(saved["categories"]) == ["other", "social_sciences", "stem"]  # the harness table's order
+    assert [line.split("  ")[0].strip() for line in lines] == [
+        "accuracy", "examples", "accuracy (other)", "accuracy (social sciences)", "accuracy (stem)"]
+    stem = saved["categories"]["stem"]
+    assert lines[-1].endswith(f"{stem['accuracy']:.4f} ± {stem['accuracy_stderr']:.4f}")

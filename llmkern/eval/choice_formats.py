@@ -43,7 +43,8 @@ after the harness's target delimiter " ".
   choice " " + itself with its first letter lowercased, as the harness's doc_to_choice writes it (scored after
   the delimiter, so after two spaces).
 - TruthfulQA MC1 (truthful_qa "multiple_choice": question, mc1_targets {choices, labels}): context
-  "Q: {question}\\nA:" after the harness's fixed six questions and answers (the description), choices
+  "Q: {question}\\nA:" after the harness's fixed six questions and answers (the description, which each
+  few-shot shot repeats, as the harness's doc_to_text holds it: TRUTHFULQA_RULES), choices
   mc1_targets' choices, the answer the one labelled 1 (always the first in the published data, which the harness
   takes as gold).
 - TruthfulQA MC2 (rows with mc2_targets {choices, labels}): the same prompt, choices mc2_targets' choices, the
@@ -81,6 +82,9 @@ class HarnessRules:
     # Drawn at random, k + 1 are drawn and the example dropped: the harness's `fewshot_split == test_split`, true
     # where the yaml names neither (None == None), false where it names a test split the shots do not come from.
     one_more: bool = True
+    # The description is part of the yaml's doc_to_text (TruthfulQA's preamble), so every shot repeats it; else it
+    # is the yaml's description, written once before the shots (MMLU's subject line).
+    description_per_shot: bool = False
 
 
 @dataclass
@@ -88,7 +92,8 @@ class ChoiceExample:
     context: str
     choices: list[str]
     answer: int
-    # Written once before the context and before any few-shot examples (MMLU's subject line), not in the shots.
+    # Written once before the context and before any few-shot examples (MMLU's subject line), not in the shots;
+    # where the rules' description_per_shot says (TruthfulQA's preamble), also after each shot.
     description: str = ""
     # Set where the choices complete the context and this text, the same for every choice, is what is scored
     # after each (WinoGrande); None where each choice is scored after the context.
@@ -101,6 +106,12 @@ class ChoiceExample:
     mc2_example: ChoiceExample | None = None
     # The task's rules (its format's); not compared: the harness compares its rows, which do not hold them.
     harness: HarnessRules = field(default=HarnessRules(), compare=False)
+    # The benchmark the row is of (its format's task, "" for an example made in code): shots of another task's
+    # file are refused. Not compared, as the rules.
+    task: str = field(default="", compare=False)
+    # MMLU's subject (None elsewhere, and for a CSV file not named after one): the harness scores each subject as
+    # a subtask, and pools their standard errors in its mmlu group. Its description names it, and is compared.
+    subject: str | None = field(default=None, compare=False)
 
 
 # --- checks shared by the formats: each names the row (`where`) and the key --------------------------------------
@@ -215,12 +226,37 @@ def arc_hf_example(row: dict, where: str) -> ChoiceExample:
     return _arc_example(_string(row, "question", where), texts, labels, row, where)
 
 
+# lm-evaluation-harness's mmlu group: its four categories (groups mmlu_stem, mmlu_humanities, ...), each the
+# subjects whose yaml is tagged with it (mmlu/default/mmlu_<subject>.yaml).
+MMLU_CATEGORIES = {
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
+        "philosophy", "prehistory", "professional_law", "world_religions"),
+    "other": (
+        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging", "management",
+        "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+        "professional_medicine", "virology"),
+    "social_sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
+        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy"),
+    "stem": (
+        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning"),
+}
+MMLU_CATEGORY_OF = {subject: category for category, subjects in MMLU_CATEGORIES.items() for subject in subjects}
+
+
 def mmlu_description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
 def _mmlu(question: str, choices: list[str], answer: object, where: str, answer_key: str,
-          description: str) -> ChoiceExample:
+          subject: str | None) -> ChoiceExample:
     """The harness's MMLU prompt: the question, its lettered choices, "Answer:"; the letters are the choices."""
     if len(choices) != 4:
         raise ValueError(f"{where}: MMLU has 4 choices, got {len(choices)}")
@@ -229,14 +265,14 @@ def _mmlu(question: str, choices: list[str], answer: object, where: str, answer_
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
         raise ValueError(f"{where}: {answer_key!r} must be 0..3 or a letter A..D, got {answer!r}")
     lines = [question.strip()] + [f"{letter}. {c}" for letter, c in zip(MMLU_LETTERS, choices)] + ["Answer:"]
-    return ChoiceExample("\n".join(lines), list(MMLU_LETTERS), answer, description)
+    description = "" if subject is None else mmlu_description(subject)
+    return ChoiceExample("\n".join(lines), list(MMLU_LETTERS), answer, description, subject=subject)
 
 
 def mmlu_example(row: dict, where: str) -> ChoiceExample:
     """The Hugging Face export of cais/mmlu: question, subject, choices, answer."""
-    description = mmlu_description(_string(row, "subject", where))
     return _mmlu(_string(row, "question", where), _strings(row, "choices", where), _value(row, "answer", where),
-                 where, "answer", description)
+                 where, "answer", _string(row, "subject", where))
 
 
 def piqa_example(row: dict, where: str) -> ChoiceExample:
@@ -363,9 +399,10 @@ def _truthfulqa_question(row: dict, where: str) -> str:
 
 
 def truthfulqa_mc1_example(row: dict, where: str) -> ChoiceExample:
-    """truthful_qa "multiple_choice": "Q: {question}\\nA:" after the fixed preamble (a description, so that
-    shots would not repeat it); the choices mc1_targets' choices, the answer the one labelled 1. A row that also
-    has mc2_targets (the export's) carries its MC2 example as mc2_example."""
+    """truthful_qa "multiple_choice": "Q: {question}\\nA:" after the fixed preamble (its description, which its
+    TRUTHFULQA_RULES repeat before each shot, as the harness's doc_to_text holds it); the choices mc1_targets'
+    choices, the answer the one labelled 1. A row that also has mc2_targets (the export's) carries its MC2 example
+    as mc2_example."""
     targets = _object(row, "mc1_targets", where)
     choices = _strings(targets, "choices", f"{where}: 'mc1_targets'")
     labels = _value(targets, "labels", f"{where}: 'mc1_targets'")
@@ -405,8 +442,10 @@ TWO_METRICS_NO_TEST_SPLIT = HarnessRules(first_n=False)  # hellaswag.yaml, piqa.
 TWO_METRICS_TEST_SPLIT = HarnessRules(first_n=False, one_more=False)  # arc_easy.yaml, arc_challenge.yaml,
 # openbookqa.yaml, sciq.yaml: acc, acc_norm; test_split test, shots from the training split
 ACC_NO_TEST_SPLIT = HarnessRules(acc_norm=False, first_n=False)  # winogrande/default.yaml,
-# super_glue/boolq/default.yaml, super_glue/copa/default.yaml: acc; no test_split. truthfulqa_mc1.yaml (and mc2,
-# which includes it): acc; neither training_split nor test_split, so the shots come from the validation split scored
+# super_glue/boolq/default.yaml, super_glue/copa/default.yaml: acc; no test_split
+TRUTHFULQA_RULES = replace(ACC_NO_TEST_SPLIT, description_per_shot=True)  # truthfulqa_mc1.yaml (and mc2, which
+# includes it): acc; neither training_split nor test_split, so the shots come from the validation split scored;
+# the preamble is in doc_to_text, so each shot is written after it
 MMLU_RULES = HarnessRules(acc_norm=False, one_more=False)  # mmlu/default/_default_template_yaml: acc;
 # fewshot_config sampler first_n on fewshot_split dev, test_split test
 
@@ -417,12 +456,20 @@ class ChoiceFormat:
     matches: Callable[[dict], bool]  # whether a row has this format's keys
     convert: Callable[[dict, str], ChoiceExample]
     rules: HarnessRules = HarnessRules()
+    benchmark: str | None = None  # the task, where two formats are exports of one (ARC's), phrased alike
+
+    @property
+    def task(self) -> str:
+        """The benchmark its rows are of: its examples' task."""
+        return self.benchmark or self.name
 
 
 def _is_arc(row: dict) -> bool:
     return "answerKey" in row and "question_stem" not in row
 
 
+MMLU = ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
+                   mmlu_example, MMLU_RULES)  # also the task of MMLU's CSV files
 LLMKERN = ChoiceFormat("llmkern", lambda r: ("context" in r or "question" in r) and "choices" in r and "answer" in r
                        and "subject" not in r, parse_choice_example)
 # No row has the keys of two formats (test_choice_formats checks one row of each), so their order does not matter.
@@ -430,22 +477,21 @@ FORMATS = (
     ChoiceFormat("HellaSwag", lambda r: "ctx_a" in r and "endings" in r, hellaswag_example, TWO_METRICS_NO_TEST_SPLIT),
     # OpenBookQA's export has ARC's choices and answerKey, but "question_stem" for ARC's "question".
     ChoiceFormat("ARC (original)", lambda r: _is_arc(r) and isinstance(r.get("question"), dict), arc_example,
-                 TWO_METRICS_TEST_SPLIT),
+                 TWO_METRICS_TEST_SPLIT, "ARC"),
     ChoiceFormat("ARC (Hugging Face)", lambda r: _is_arc(r) and not isinstance(r.get("question"), dict),
-                 arc_hf_example, TWO_METRICS_TEST_SPLIT),
+                 arc_hf_example, TWO_METRICS_TEST_SPLIT, "ARC"),
     ChoiceFormat("OpenBookQA", lambda r: "answerKey" in r and "question_stem" in r, openbookqa_example,
                  TWO_METRICS_TEST_SPLIT),
     ChoiceFormat("PIQA", lambda r: "goal" in r and "sol1" in r, piqa_example, TWO_METRICS_NO_TEST_SPLIT),
     ChoiceFormat("WinoGrande", lambda r: "sentence" in r and "option1" in r, winogrande_example, ACC_NO_TEST_SPLIT),
-    ChoiceFormat("MMLU", lambda r: "subject" in r and "question" in r and "choices" in r and "answer" in r,
-                 mmlu_example, MMLU_RULES),
+    MMLU,
     ChoiceFormat("BoolQ", lambda r: "passage" in r and "question" in r, boolq_example, ACC_NO_TEST_SPLIT),
     ChoiceFormat("SciQ", lambda r: "correct_answer" in r and "distractor1" in r, sciq_example,
                  TWO_METRICS_TEST_SPLIT),
     ChoiceFormat("COPA", lambda r: "premise" in r and "choice1" in r, copa_example, ACC_NO_TEST_SPLIT),
-    ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example, ACC_NO_TEST_SPLIT),
+    ChoiceFormat("TruthfulQA MC1", lambda r: "mc1_targets" in r, truthfulqa_mc1_example, TRUTHFULQA_RULES),
     ChoiceFormat("TruthfulQA MC2", lambda r: "mc2_targets" in r and "mc1_targets" not in r, truthfulqa_mc2_example,
-                 ACC_NO_TEST_SPLIT),
+                 TRUTHFULQA_RULES),
     LLMKERN,
 )
 
@@ -470,16 +516,16 @@ def examples_from_rows(rows: Iterable[tuple[str, object]]) -> list[ChoiceExample
         elif found is not None and found is not chosen:
             raise ValueError(f"{where}: the row is in the {found.name} format, the file's first row in the "
                              f"{chosen.name} format (the first row decides the file's format)")
-        examples.append(with_rules(chosen.convert(row, where), chosen.rules))
+        examples.append(with_rules(chosen.convert(row, where), chosen.rules, chosen.task))
     return examples
 
 
-def with_rules(example: ChoiceExample, rules: HarnessRules) -> ChoiceExample:
-    """The example (and its attached MC2 example) marked with its task's HarnessRules."""
+def with_rules(example: ChoiceExample, rules: HarnessRules, task: str) -> ChoiceExample:
+    """The example (and its attached MC2 example) marked with its task and the task's HarnessRules."""
     attached = example.mc2_example
     if attached is not None:
-        attached = replace(attached, harness=rules)
-    return replace(example, harness=rules, mc2_example=attached)
+        attached = replace(attached, harness=rules, task=task)
+    return replace(example, harness=rules, task=task, mc2_example=attached)
 
 
 def mmlu_subject_of(path: str) -> str | None:
@@ -494,7 +540,6 @@ def mmlu_subject_of(path: str) -> str | None:
 def mmlu_csv_examples(text: str, path: str) -> list[ChoiceExample]:
     """The rows of one of MMLU's original CSV files (no header): question, A, B, C, D, answer letter."""
     subject = mmlu_subject_of(path)
-    description = mmlu_description(subject) if subject else ""
     reader = csv.reader(io.StringIO(text))
     examples = []
     while True:
@@ -510,6 +555,6 @@ def mmlu_csv_examples(text: str, path: str) -> list[ChoiceExample]:
         where = f"{path} line {first_line}"
         if len(fields) != 6:
             raise ValueError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(fields)}")
-        example = _mmlu(fields[0], fields[1:5], fields[5].strip(), where, "column 6 (answer)", description)
-        examples.append(with_rules(example, MMLU_RULES))
+        example = _mmlu(fields[0], fields[1:5], fields[5].strip(), where, "column 6 (answer)", subject)
+        examples.append(with_rules(example, MMLU_RULES, MMLU.task))
     return examples

@@ -10,6 +10,8 @@
                                                                             MC1 and MC2: accuracy and mc2)
     llmkern eval --run R --task lambada --data lambada_test.jsonl [--limit N]
                                                                             LAMBADA: last-word accuracy, perplexity
+                                                                            (its stderr the harness's bootstrap,
+                                                                            10,000 resamples)
     llmkern eval --run R --task gsm8k --data test.jsonl --fewshot-data train.jsonl [--fewshot 5] [--limit N]
                  [--max-new-tokens 256] [--predictions --json OUT]
                                                                             GSM8K, generated greedily: exact_match
@@ -21,8 +23,10 @@
                  [--max-new-tokens N] [--tie-margin X] [--interval wilson|bootstrap]
 
 Each prints one line per metric, with its standard error after "±" where lm-evaluation-harness reports one
-(computed as it does; "N/A" for one example); --json OUT also writes the result as JSON, the standard errors
-as "<metric>_stderr". An option given to a task that does not read it is an error, not silently ignored.
+(computed as it does; "N/A" for one example; MMLU's subjects pooled as its mmlu group pools them, with a line for
+each of its categories); --json OUT also writes the result as JSON, the standard errors as "<metric>_stderr"
+(MMLU's categories under "categories"). An option given to a task that does not read it is an error, not silently
+ignored. --fewshot-data must be of the task scored (its train or dev split): another task's file is refused.
 """
 
 from __future__ import annotations
@@ -213,6 +217,13 @@ def _shown(result: dict, name: str) -> str:
     return _format(result[name]) + (f" ± {_format(result[stderr])}" if stderr in result else "")
 
 
+def _category_lines(result: dict) -> list[tuple[str, str]]:
+    """(name, value) of each of MMLU's categories, where the result has them, as the harness's group table lists
+    them under mmlu."""
+    return [(f"accuracy ({category.replace('_', ' ')})", _shown(figures, "accuracy"))
+            for category, figures in result.get("categories", {}).items()]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
@@ -222,9 +233,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, ImportError) as err:
         print(f"llmkern eval: error: {err}", file=sys.stderr)
         return 2
-    width = max(len(name) for name in shown)
-    for name in shown:
-        print(f"{name:<{width}}  {_shown(result, name)}")
+    lines = [(name, _shown(result, name)) for name in shown] + _category_lines(result)
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name:<{width}}  {value}")
     return 0
 
 

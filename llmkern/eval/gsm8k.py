@@ -165,7 +165,7 @@ def evaluate_gsm8k(model, tokenizer, examples: Sequence[dict[str, str]] | str, f
     if isinstance(examples, (str, os.PathLike)):
         examples = load_gsm8k(os.fspath(examples))
     if isinstance(fewshot_data, (str, os.PathLike)):
-        fewshot_data = load_gsm8k(os.fspath(fewshot_data))
+        fewshot_data = _load_fewshot_data(os.fspath(fewshot_data))
     _check_options(fewshot, fewshot_data, limit, max_new_tokens, batch_size)
     examples = list(examples)[:limit]
     if not examples:
@@ -186,6 +186,15 @@ def evaluate_gsm8k(model, tokenizer, examples: Sequence[dict[str, str]] | str, f
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _load_fewshot_data(path: str) -> list[dict[str, str]]:
+    """The shots' file: GSM8K rows, each with its "#### <number>" solution; another task's file (its rows lack
+    them) is an error naming the option."""
+    try:
+        return load_gsm8k(path)
+    except ValueError as err:
+        raise ValueError(f"fewshot_data (--fewshot-data) must be GSM8K's train split: {err}") from err
 
 
 def _check_options(fewshot, fewshot_data, limit, max_new_tokens, batch_size) -> None:

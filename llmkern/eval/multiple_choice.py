@@ -20,24 +20,30 @@ harness's mc2: the probability of the true choices over that of all choices, exp
 averaged over the examples. TruthfulQA's export, whose rows carry both MC1 and MC2, reports both: the MC1
 examples' accuracy and their attached MC2 examples' mc2.
 Each metric comes with its standard error "<metric>_stderr", as the harness computes it for a mean (harness.py
-mean_stderr; None, the harness's "N/A", for a single example).
+mean_stderr; None, the harness's "N/A", for a single example). MMLU's examples of several subjects are the
+harness's mmlu group: each subject a subtask, the accuracy their size-weighted mean (the plain mean) and its
+standard error their stderrs pooled (harness.pooled_stderr: None where a subject has one example, as with a
+--limit that cuts one short); "categories" then holds the same for each of the group's categories (stem,
+humanities, social_sciences, other) that the subjects fall in, where all of them are MMLU's 57.
 With fewshot = k, each context is preceded by k solved examples, each written as its context, the separator and
 its right answer, then a blank line; an example's description (MMLU's "The following are ... about {subject}.")
-comes once, before them. Without fewshot_data they are other examples of the task, drawn as the harness draws from
-the split it scores (k + 1 sampled by one random.Random(1234), the example dropped: harness.harness_shots; the
-harness's own rule for TruthfulQA, which has no other split). With fewshot_data (the split the harness takes the
-shots from, which llmkern reads from a file where the harness downloads it) they are drawn as the task's yaml says:
+comes once, before them, but TruthfulQA's six-question preamble, which the harness's doc_to_text holds, comes
+after each of them as well (HarnessRules.description_per_shot). Without fewshot_data they are other examples of
+the task, drawn as the harness draws from the split it scores (k + 1 sampled by one random.Random(1234), the
+example dropped: harness.harness_shots; the harness's own rule for TruthfulQA, which has no other split). With
+fewshot_data (the split the harness takes the shots from, which llmkern reads from a file where the harness
+downloads it) they are drawn as the task's yaml says:
 - HellaSwag, PIQA, BoolQ, COPA, WinoGrande: k + 1 sampled from the training split, the first k kept (their yaml
   names no test split, and the harness draws one more whenever fewshot_split == test_split, None == None here);
 - ARC, OpenBookQA, SciQ: k sampled from the training split (a test split is named);
 - MMLU (and llmkern's own format): the first k with the example's own description, as the harness takes MMLU's
   (its "first_n" sampler on the dev split).
+The few-shot data must be of the task scored (its train or dev split): a file of another format's task is refused
+(ARC's two exports are one task).
 So phrased and drawn, a one-process harness run's prompts are repeated exactly (with a limit, of the first
 examples); a run on several processes draws each process's examples from its own stream, and gets other shots.
-Two differences remain: the harness drops a drawn row equal to the example as a dict of the dataset's fields,
-llmkern as a ChoiceExample (two rows that differ only in an id count as equal here); and TruthfulQA's doc_to_text
-holds its six-question preamble, so the harness's shots (TruthfulQA is zero-shot by default) repeat it before
-each, where llmkern writes it once, as the description.
+One difference remains: the harness drops a drawn row equal to the example as a dict of the dataset's fields,
+llmkern as a ChoiceExample (two rows that differ only in an id count as equal here).
 """
 
 from __future__ import annotations
@@ -55,12 +61,13 @@ from .._modes import eval_mode
 from ..data.model_vocab import check_vocab_fits
 from ..data.sequences import cut_left, encode_continuation, encode_prompt
 from .choice_formats import (
+    MMLU_CATEGORY_OF,
     ChoiceExample,
     HarnessRules,
     examples_from_rows,
     mmlu_csv_examples,
 )
-from .harness import FEWSHOT_SEED, harness_shots, mean_stderr
+from .harness import FEWSHOT_SEED, harness_shots, mean_stderr, pooled_stderr
 from .logprobs import sequence_logprobs
 
 
@@ -250,7 +257,8 @@ def mc2(logps: Sequence[float], true_choices: Sequence[int]) -> float:
 def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample], k: int, separator: str = " ",
                  seed: int = FEWSHOT_SEED, first: bool = False, one_more: bool = True) -> list[ChoiceExample]:
     """Each example with k solved examples of `pool` (never one equal to it) written before its context (after
-    its description, which the shots' are not: the harness writes a task's description once, then the shots),
+    its description, which the shots' are not: the harness writes a task's description once, then the shots; but
+    where it is part of the harness's doc_to_text, HarnessRules.description_per_shot, it follows each shot too),
     each as its context, the separator, its right answer and a blank line (the harness's target_delimiter and
     fewshot_delimiter, samplers.py get_context).
     The shots are drawn as the harness's default sampler draws them (harness.harness_shots: one
@@ -273,7 +281,10 @@ def with_fewshot(examples: Sequence[ChoiceExample], pool: Sequence[ChoiceExample
         drawn = harness_shots(examples, pool, k, seed, one_more)
     out = []
     for ex, shots in zip(examples, drawn):
-        prefix = "".join("".join(_scored_pair(s, s.choices[s.answer], separator)) + "\n\n" for s in shots)
+        # The example's description comes first; where the harness's doc_to_text holds it, it comes again after
+        # each shot, before the next one (or the example).
+        again = ex.description if ex.harness.description_per_shot else ""
+        prefix = "".join("".join(_scored_pair(s, s.choices[s.answer], separator)) + "\n\n" + again for s in shots)
         out.append(replace(ex, context=prefix + ex.context))
     return out
 
@@ -285,7 +296,8 @@ def _first_shots(ex: ChoiceExample, pool: Sequence[ChoiceExample], k: int) -> li
     shots = list(islice((s for s in pool if s.description == ex.description and s != ex), k))
     if len(shots) < k:
         about = f" with the description {ex.description.strip()!r}" if ex.description else ""
-        raise ValueError(f"fewshot={k} needs {k} solved examples{about}; the few-shot data has {len(shots)}")
+        raise ValueError(f"fewshot={k} needs {k} solved examples{about}; the few-shot data has {len(shots)} "
+                         f"(fewshot_data, --fewshot-data)")
     return shots
 
 
@@ -304,7 +316,10 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     (TruthfulQA MC2; all of them or none) get {"mc2", "mc2_stderr", "examples", "fewshot"} instead, and
     predictions {"true_choices", "mc2", "logprobs"}. Examples with an mc2_example (TruthfulQA's export, MC1 and
     MC2 in one row; all of them or none) get both: their accuracy, and the mc2 of their mc2_examples, scored the
-    same way (its predictions are "mc2_predictions").
+    same way (its predictions are "mc2_predictions"). MMLU's examples of several subjects: accuracy_stderr is the
+    harness's mmlu group's (the subjects' pooled), and "categories" holds {category: {"accuracy",
+    "accuracy_stderr", "examples"}} (the module's docstring says when). fewshot_data of another task than the
+    examples' is refused.
     """
     if isinstance(examples, (str, os.PathLike)):
         examples = load_choice_tasks(os.fspath(examples))
@@ -312,7 +327,10 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
     if fewshot_data is not None and not fewshot:
         raise ValueError("fewshot_data has no effect with fewshot=0: give the number of shots too")
     if isinstance(fewshot_data, (str, os.PathLike)):
-        fewshot_data = load_choice_tasks(os.fspath(fewshot_data))
+        fewshot_data = _load_fewshot_data(os.fspath(fewshot_data))
+    if fewshot_data is not None:
+        fewshot_data = list(fewshot_data)  # read twice: checked here, drawn from later
+        _check_same_task(pool, fewshot_data)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
@@ -335,6 +353,26 @@ def evaluate_choices(model, tokenizer, examples: Sequence[ChoiceExample] | str, 
         if return_predictions:
             result["mc2_predictions"] = scored["predictions"]
     return result
+
+
+def _load_fewshot_data(path: str) -> list[ChoiceExample]:
+    """The few-shot file's examples; an error that cannot be read names the option too."""
+    try:
+        return load_choice_tasks(path)
+    except ValueError as err:
+        raise ValueError(f"fewshot_data (--fewshot-data): {err}") from err
+
+
+def _check_same_task(examples: Sequence[ChoiceExample], fewshot_data: Sequence[ChoiceExample]) -> None:
+    """A ValueError where the few-shot examples are of another task than the examples: another file's rows load
+    in their own format, and their shots, phrased as their task's, silently change the accuracy. Examples made in
+    code (no task) are not checked."""
+    tasks = {ex.task for ex in examples} - {""}
+    shot_tasks = {ex.task for ex in fewshot_data} - {""}
+    if tasks and shot_tasks and tasks != shot_tasks:
+        raise ValueError(f"fewshot_data (--fewshot-data) holds {' and '.join(sorted(shot_tasks))} rows, the task "
+                         f"{' and '.join(sorted(tasks))} rows: shots of another task would change what is measured; "
+                         f"give the task's own train (MMLU: dev) split, in the same export")
 
 
 def _shot(examples: list[ChoiceExample], pool: list[ChoiceExample], fewshot: int, separator: str, seed: int,
@@ -371,13 +409,51 @@ def _evaluate_shot(model, tokenizer, examples: list[ChoiceExample], fewshot: int
         correct.append(float(pred == ex.answer))
         correct_norm.append(float(pred_norm == ex.answer))
         predictions.append({"answer": ex.answer, "pred": pred, "pred_norm": pred_norm, "logprobs": logps})
-    result: dict[str, Any] = {"accuracy": sum(correct) / len(examples), "accuracy_stderr": mean_stderr(correct)}
+    result: dict[str, Any] = {"accuracy": sum(correct) / len(examples),
+                              "accuracy_stderr": _stderr(examples, correct)}
     if any(_reports_acc_norm(ex) for ex in examples):  # the task's harness metric_list (HarnessRules)
-        result.update(acc_norm=sum(correct_norm) / len(examples), acc_norm_stderr=mean_stderr(correct_norm))
+        result.update(acc_norm=sum(correct_norm) / len(examples), acc_norm_stderr=_stderr(examples, correct_norm))
     result.update(examples=len(examples), fewshot=fewshot)
+    categories = _mmlu_categories(examples, correct)
+    if categories is not None:
+        result["categories"] = categories
     if return_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _stderr(examples: Sequence[ChoiceExample], scores: list[float]) -> float | None:
+    """The standard error the harness reports for the mean of the scores: of one task, its mean_stderr; of MMLU's
+    examples of several subjects, its mmlu group's, the subjects' stderrs pooled."""
+    subjects = _by_subject(examples, scores)
+    if subjects is None or len(subjects) < 2:
+        return mean_stderr(scores)
+    return pooled_stderr(list(subjects.values()))
+
+
+def _by_subject(examples: Sequence[ChoiceExample], scores: list[float]) -> dict[str, list[float]] | None:
+    """The scores of each MMLU subject, in the order they come; None unless every example has a subject."""
+    subjects: dict[str, list[float]] = {}
+    for ex, score in zip(examples, scores):
+        if ex.subject is None:
+            return None
+        subjects.setdefault(ex.subject, []).append(score)
+    return subjects
+
+
+def _mmlu_categories(examples: Sequence[ChoiceExample], correct: list[float]) -> dict[str, dict] | None:
+    """{category: {"accuracy", "accuracy_stderr", "examples"}} of the harness's mmlu group (its groups mmlu_stem,
+    ...: size-weighted accuracy, pooled stderr), in its table's order; None unless the examples are of several of
+    MMLU's 57 subjects."""
+    subjects = _by_subject(examples, correct)
+    if subjects is None or len(subjects) < 2 or not set(subjects) <= set(MMLU_CATEGORY_OF):
+        return None
+    groups: dict[str, list[list[float]]] = {}
+    for subject, scores in subjects.items():
+        groups.setdefault(MMLU_CATEGORY_OF[subject], []).append(scores)
+    return {category: {"accuracy": sum(map(sum, groups[category])) / sum(map(len, groups[category])),
+                       "accuracy_stderr": pooled_stderr(groups[category]),
+                       "examples": sum(map(len, groups[category]))} for category in sorted(groups)}
 
 
 def _reports_acc_norm(ex: ChoiceExample) -> bool:
