@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -203,8 +204,34 @@ def test_the_loss_types_refuse_settings_they_do_not_read():
             DPOConfig(**base, loss_type="simpo", simpo_gamma=gamma).validate()
     with pytest.raises(ValueError, match="reference='ref'"):  # SimPO is reference-free: a reference is never read
         DPOConfig(**base, loss_type="simpo", reference="ref").validate()
-    DPOConfig(**base, loss_type="simpo", simpo_gamma=1.5).validate()
+    DPOConfig(**base, loss_type="simpo", beta=2.0, simpo_gamma=1.5).validate()
     DPOConfig(**base, label_smoothing=0.1).validate()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.99])
+def test_simpo_with_a_beta_below_1_warns_with_the_papers_range(beta):
+    with pytest.warns(UserWarning, match=rf"loss_type='simpo' with beta={beta}: SimPO's paper uses beta 2-10"):
+        DPOConfig(data="x.json", loss_type="simpo", beta=beta).validate()
+
+
+@pytest.mark.parametrize("loss_type,beta", [("simpo", 1.0), ("simpo", 2.5), ("sigmoid", 0.1), ("ipo", 0.1),
+                                            ("hinge", 0.1)])
+def test_simpo_from_beta_1_and_the_other_loss_types_at_any_beta_do_not_warn(loss_type, beta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DPOConfig(data="x.json", loss_type=loss_type, beta=beta).validate()
+
+
+def test_the_simpo_beta_warning_comes_once_though_the_command_line_validates_twice():
+    from llmkern.finetune.config import load_finetune_config
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own: once per place a warning comes from
+        config = load_finetune_config(DPOConfig, None, ["--data=x.json", "--loss_type=simpo"])
+        config.validate()  # as run_dpo does again
+    expected = ("loss_type='simpo' with beta=0.1: SimPO's paper uses beta 2-10 (e.g. --beta=2 --simpo_gamma=1); a "
+                "beta below 1 (DPO's default 0.1) makes its rewards and gradients small, and training weak")
+    assert [str(w.message) for w in seen if "SimPO's paper" in str(w.message)] == [expected]
 
 
 def test_simpo_loads_and_scores_no_reference(tmp_path, monkeypatch):

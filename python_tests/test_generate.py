@@ -217,6 +217,24 @@ def test_identical_prompts_in_one_batch_get_different_samples():
     assert out[0] == generate(model, [[1, 2]], 8, temperature=1.0, seed=3)[0]
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_batch_sampled_a_part_at_a_time_with_first_row_draws_what_one_call_draws(use_cache):
+    """Row i of a call with first_row=s draws from row s + i's stream: the parts of a batch of identical prompts
+    (whose rows differ only by their streams) give the whole call's samples; without first_row they repeat."""
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every token equally likely: rows can agree only if their draws do
+    sample = dict(temperature=1.0, seed=3, use_cache=use_cache)
+    whole = generate(model, [[1, 2]] * 5, 8, **sample)
+    parts = [generate(model, [[1, 2]] * len(rows), 8, first_row=start, **sample)
+             for start, rows in ((0, range(2)), (2, range(2)), (4, range(1)))]
+    assert [row for part in parts for row in part] == whole
+    assert generate(model, [[1, 2]] * 2, 8, **sample) != whole[2:4]
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="first_row must be an int >= 0"):
+            generate(model, [[1, 2]], 2, first_row=bad)
+
+
 def test_without_a_seed_sampling_follows_torchs_global_rng():
     model = make_model()
     torch.manual_seed(5)

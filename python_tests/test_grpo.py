@@ -361,6 +361,30 @@ def test_grpo_end_to_end_learns_to_answer_7_without_loading_a_reference(tmp_path
     assert os.path.isfile(tmp_path / "grpo" / "flat_groups.png")
 
 
+def test_grpo_samples_generation_batch_rows_a_generate_call(tmp_path, monkeypatch):
+    """32 rows an iteration, 5 a call: 6 calls of 5 and one of 2, each group's rows in order; the 4 held-out prompts
+    (one response each) fit one call."""
+    import llmkern.model
+
+    real_generate, calls = llmkern.model.generate, []
+
+    def counting_generate(model, prompts, *args, **kwargs):
+        calls.append([tuple(p) for p in prompts])
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(llmkern.model, "generate", counting_generate)
+    config = make_grpo_run(tmp_path, max_steps=2, generation_batch=5)
+    summary = run_grpo(config)
+    assert summary["iterations"] == 2 and summary["optimizer_steps"] == 4
+    assert [len(c) for c in calls] == [4] + [5] * 6 + [2] + [5] * 6 + [2] + [4]
+    for first in (1, 8):  # an iteration's rows: group_size copies of each of its 4 prompts, in turn
+        rows = [row for call in calls[first : first + 7] for row in call]
+        assert rows == [prompt for prompt in dict.fromkeys(rows) for _ in range(8)] and len(set(rows)) == 4
+    train = [r for r in read_metrics(summary["metrics"]) if r["kind"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in ("reward", "loss", "reward_std"))
+    assert train[0]["response_length"] > 0
+
+
 def test_grpo_with_a_saved_reward_model_lora_kl_and_several_epochs(tmp_path):
     from llmkern.data.tokenizer import get_tokenizer
     from llmkern.finetune.reward import RewardModel, save_reward_model
@@ -389,12 +413,12 @@ def test_grpo_with_a_saved_reward_model_lora_kl_and_several_epochs(tmp_path):
 
 def test_a_stopped_grpo_run_resumes_to_the_same_policy(tmp_path, monkeypatch):
     """5 iterations, the state saved every 2 (with several minibatches and two epochs, so that the restored RNG
-    orders them alike): stopping in iteration 4 and resuming from 2 ends with the uninterrupted run's policy, bit
-    for bit (CPU), and its log."""
+    orders them alike, and 16 rows sampled 5 a call): stopping in iteration 4 and resuming from 2 ends with the
+    uninterrupted run's policy, bit for bit (CPU), and its log."""
     from llmkern.finetune import grpo
 
     settings = {"max_steps": 5, "ckpt_interval": 2, "grpo_epochs": 2, "group_size": 4, "batch_size": 4,
-                "grad_accum": 2, "kl_coef": 0.05, "val_fraction": 0.0}
+                "grad_accum": 2, "kl_coef": 0.05, "val_fraction": 0.0, "generation_batch": 5}
     whole = run_grpo(make_grpo_run(tmp_path / "a", **settings))
     real_iteration, calls = grpo.grpo_iteration, {"n": 0}
 
@@ -444,6 +468,7 @@ def test_a_grpo_resume_with_other_objective_settings_or_answers_is_refused(tmp_p
     ({"rollout_batch": 0}, "rollout_batch"),
     ({"temperature": 0.0}, "temperature"),
     ({"top_k": -1}, "top_k"),
+    ({"generation_batch": -1}, "generation_batch must be >= 1"),
     ({"max_new_tokens": 40}, "max_new_tokens"),
 ])
 def test_grpo_bad_settings(tmp_path, overrides, match):

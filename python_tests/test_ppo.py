@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -384,7 +385,9 @@ def test_a_ppo_resume_with_other_prompts_or_objective_settings_is_refused(tmp_pa
                 reward_model=HighByteReward())
     with pytest.raises(ValueError, match=r"'kl_coef': \(0.01, 0.5\)"):
         run_ppo(dataclasses.replace(config, resume=True, kl_coef=0.5), reward_model=HighByteReward())
-    assert run_ppo(dataclasses.replace(config, resume=True), reward_model=HighByteReward())["iterations"] == 2
+    # 5 rows per generate call sample what one call of 16 does: a run out of memory resumes with fewer
+    resumed = run_ppo(dataclasses.replace(config, resume=True, generation_batch=5), reward_model=HighByteReward())
+    assert resumed["iterations"] == 2
 
 
 def test_ppo_refuses_fsdp_under_torchrun(tmp_path, monkeypatch):
@@ -456,6 +459,67 @@ def tiny_gpt(seed):
     torch.manual_seed(seed)
     return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16,
                                      backend="torch")).eval()
+
+
+# --- sampling in chunks (generation_batch) ----------------------------------------------------------------
+
+def sampling_settings(generation_batch, temperature=1.0):
+    return SimpleNamespace(max_new_tokens=6, temperature=temperature, top_k=0, generation_batch=generation_batch)
+
+
+def ragged_prompts(count, seed):
+    """`count` prompts of 1 to 5 random bytes: the chunks left-pad differently from the whole batch."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def test_sampling_in_one_call_whatever_generation_batch_covers_every_row_is_generates_sample():
+    """0, exactly the rows, or more: one generate call of every row with the iteration's seed, as before chunking."""
+    from llmkern.finetune.ppo import sample_responses
+    from llmkern.model import generate
+
+    policy, prompts = tiny_gpt(3), ragged_prompts(7, seed=4)
+    whole = [row[len(p):] for p, row in zip(prompts, generate(policy, prompts, 6, eos_token=256, seed=11))]
+    for generation_batch in (0, 7, 100):
+        assert sample_responses(policy, prompts, sampling_settings(generation_batch), 256, seed=11) == whole
+
+
+@pytest.mark.parametrize("generation_batch", [1, 3, 4])
+def test_chunked_greedy_sampling_gives_every_row_its_own_prompts_response_in_order(generation_batch):
+    """Greedy decoding draws no random numbers: chunked or not, row i must be prompt i's continuation, so any
+    mix-up of the chunks' order, a dropped or repeated row shows."""
+    from llmkern.finetune.ppo import sample_responses
+
+    policy, prompts = tiny_gpt(3), ragged_prompts(10, seed=5)
+    alone = [sample_responses(policy, [p], sampling_settings(0, temperature=0.0), 256, seed=1)[0] for p in prompts]
+    assert len(set(map(tuple, alone))) > 1  # distinct responses, or the order would not show
+    chunked = sample_responses(policy, prompts, sampling_settings(generation_batch, temperature=0.0), 256, seed=1)
+    assert chunked == alone
+
+
+@pytest.mark.parametrize("generation_batch", [1, 3, 5])
+def test_chunked_sampling_draws_what_one_call_of_every_row_draws(generation_batch):
+    """Each chunk tells generate where its rows start, so every row keeps its stream: a group of one prompt
+    repeated and ragged prompts, sampled at temperature 1 a few rows a call, get one call's responses."""
+    from llmkern.finetune.ppo import sample_responses
+
+    policy = tiny_gpt(3)
+    prompts = [[72, 105, 33]] * 4 + ragged_prompts(6, seed=6)  # a group of 4 (GRPO's rows), then others
+    whole = sample_responses(policy, prompts, sampling_settings(0), 256, seed=11)
+    assert len(set(map(tuple, whole[:4]))) == 4  # the group's rows differ: a reused stream would repeat one
+    assert sample_responses(policy, prompts, sampling_settings(generation_batch), 256, seed=11) == whole
+
+
+def test_generation_batch_is_checked_and_read_from_the_command_line(tmp_path):
+    from llmkern.finetune.config import load_finetune_config
+
+    config = load_finetune_config(PPOConfig, None, ["--data=x.json", "--generation_batch=4"])
+    assert config.generation_batch == 4 and PPOConfig().generation_batch == 0
+    with pytest.raises(ValueError, match="generation_batch must be >= 1 .* or 0 .* got -2"):
+        load_finetune_config(PPOConfig, None, ["--data=x.json", "--generation_batch=-2"])
+    with pytest.raises(ValueError, match="generation_batch"):
+        load_finetune_config(PPOConfig, None, ["--data=x.json", "--generation_batch=2.5"])
 
 
 def kl_sum_at(policy, reference, prompt, response, temperature):

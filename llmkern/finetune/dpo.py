@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import gc
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,6 +42,9 @@ REFERENCE_FREE_LOSSES = ("simpo",)  # no reference model is loaded or scored for
 # squared loss and SimPO's fixed margin gamma would then weigh long responses more), policy and reference alike
 PER_TOKEN_LOSSES = ("ipo", "simpo")
 DEFAULT_SIMPO_GAMMA = 0.5  # TRL's default (its CPOConfig's simpo_gamma)
+# SimPO's paper tunes beta in 2-10; a beta below this one scales its rewards, and so the loss's gradient, down to where
+# training barely moves (a warning says so; TRL's CPOConfig, like DPO here, defaults to 0.1)
+SIMPO_SMALLEST_USUAL_BETA = 1.0
 
 
 @dataclass
@@ -48,7 +52,7 @@ class DPOConfig(FinetuneConfig):
     """FinetuneConfig plus DPO's loss (its type, temperature, label smoothing, SimPO's margin) and the reference
     model."""
 
-    beta: float = 0.1  # how far the policy may move from the reference: larger = closer (SimPO: its reward scale)
+    beta: float = 0.1  # how far the policy may move from the reference: larger = closer (SimPO: its reward scale, 2-10)
     label_smoothing: float = 0.0  # the assumed fraction of flipped labels (conservative DPO); in [0, 0.5); sigmoid only
     reference: str = ""  # the reference model: a run or checkpoint folder; "" = the base itself, frozen
     loss_type: str = "sigmoid"  # one of LOSS_TYPES: "sigmoid" (DPO), "ipo", "hinge" (SLiC), "simpo" (no reference)
@@ -66,6 +70,12 @@ class DPOConfig(FinetuneConfig):
         if not self.data:
             raise ValueError("data must name a preference file (.json or .jsonl with instruction, input, "
                              "chosen, rejected)")
+        if self.loss_type == "simpo" and self.beta < SIMPO_SMALLEST_USUAL_BETA:
+            # warned from this line, not the caller's: the command line validates twice (load_finetune_config, then
+            # run_dpo), and Python shows a warning once per line it comes from
+            warnings.warn(f"loss_type='simpo' with beta={self.beta}: SimPO's paper uses beta 2-10 (e.g. --beta=2 "
+                          f"--simpo_gamma=1); a beta below {SIMPO_SMALLEST_USUAL_BETA:g} (DPO's default 0.1) makes "
+                          f"its rewards and gradients small, and training weak")
         return self
 
 

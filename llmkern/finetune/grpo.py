@@ -3,7 +3,9 @@ objective without a value model. The baseline of a response is the other respons
 
 Each iteration:
   1. rollout: sample group_size responses to each of rollout_batch prompts (stop at end-of-text or at the
-     template's end marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn);
+     template's end marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn),
+     generation_batch rows per generate call (0: all rollout_batch * group_size at once; fewer bound the KV cache's
+     memory and sample the same responses, see ppo.sample_responses);
   2. reward each response: a reward model's score (reward="model"), 1.0 when its final answer matches the
      prompt's "answer" field, else 0.0 (reward="answer", see answer_reward), or a Python function's value of the
      prompt's and response's texts and the row's answer (reward="function": format, code or other custom
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .ppo import _check_same_shape, _PPORun, logprob_temperature
+from .ppo import _check_same_shape, _PPORun, check_generation_batch, logprob_temperature
 
 REWARDS = ("model", "answer", "function")
 AGGREGATIONS = ("token", "sequence")
@@ -76,6 +78,9 @@ class GRPOConfig(FinetuneConfig):
     reward_function: str = ""
     group_size: int = 8  # responses sampled per prompt (G); each is judged against the others of its group
     rollout_batch: int = 16  # prompts per iteration (on each rank): rollout_batch * group_size responses
+    # rows (responses) sampled per generate call (its KV cache holds that many); 0 = all rollout_batch * group_size
+    #   at once. Any value samples the same responses (see ppo.sample_responses)
+    generation_batch: int = 0
     max_new_tokens: int = 256  # the longest response
     temperature: float = 1.0  # sampling temperature (> 0: the group must differ to be compared)
     top_k: int = 0  # sample among the k likeliest tokens; 0 = all
@@ -122,6 +127,7 @@ class GRPOConfig(FinetuneConfig):
                              f"{self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        check_generation_batch(self.generation_batch)
         if not 0 < self.std_eps < math.inf:  # 0: a flat group's 0 / 0
             raise ValueError(f"std_eps must be a finite number > 0, got {self.std_eps}")
         if self.max_new_tokens >= self.max_len:  # the model's block_size may cut max_len further: run_grpo checks

@@ -3,7 +3,8 @@ prompts under a reward model, kept close to a frozen reference by a per-token KL
 
 Each iteration:
   1. rollout: sample a response to each of rollout_batch prompts (stop at end-of-text or at the template's end
-     marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn);
+     marker, as chat does: a chat-tuned policy may go on past it into a made-up next turn), generation_batch rows
+     per generate call (0: all at once; fewer bound the KV cache's memory and sample the same responses);
   2. score: per-token log-probs of the policy and the reference, the policy's value estimates, and
      per-token rewards  r_t = -kl_coef * (logp_t - ref_logp_t),  plus the reward model's score of the
      whole text on the last response token (a response ended at its marker read with end-of-text after it,
@@ -63,6 +64,9 @@ class PPOConfig(FinetuneConfig):
     lam: float = 0.95  # GAE's lambda: 0 = one-step TD errors, 1 = Monte Carlo returns
     ppo_epochs: int = 2  # passes over each rollout
     rollout_batch: int = 16  # prompts sampled per iteration
+    # rows sampled per generate call (its KV cache holds that many); 0 = all of an iteration's at once. Any value
+    #   samples the same responses (see sample_responses), so a resumed run may take another
+    generation_batch: int = 0
     max_new_tokens: int = 64  # the longest response
     temperature: float = 1.0  # sampling temperature (> 0: PPO needs a stochastic policy)
     top_k: int = 0  # sample among the k likeliest tokens; 0 = all
@@ -96,10 +100,20 @@ class PPOConfig(FinetuneConfig):
                              f"{self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        check_generation_batch(self.generation_batch)
         if self.max_new_tokens >= self.max_len:  # the model's block_size may cut max_len further: run_ppo checks
             raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in max_len="
                              f"{self.max_len} tokens")
         return self
+
+
+
+def check_generation_batch(generation_batch: int) -> None:
+    """A ValueError unless generation_batch (a PPOConfig's or GRPOConfig's) is 0 (every row in one generate call)
+    or a number of rows >= 1."""
+    if generation_batch < 0:
+        raise ValueError(f"generation_batch must be >= 1 (rows per generate call) or 0 (all of an iteration's rows "
+                         f"in one call), got {generation_batch}")
 
 
 # --- the losses and advantages ----------------------------------------------------------------------
@@ -368,15 +382,26 @@ def ended_at_marker(response: list[int], eot: int, stop=None) -> bool:
 
 def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int, stop=None
                      ) -> list[list[int]]:
-    """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt; config gives
-    max_new_tokens, temperature and top_k (a PPOConfig's or GRPOConfig's). Rows of one prompt repeated draw
-    different responses (each row its own stream of `seed`). stop: generate's (templates.response_stop: a
-    response also ends with the template's end marker); None: at eot alone."""
+    """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt, in the prompts'
+    order; config gives max_new_tokens, temperature, top_k and generation_batch (a PPOConfig's or GRPOConfig's).
+    Rows of one prompt repeated draw different responses (each row its own stream of `seed`). stop:
+    generate's (templates.response_stop: a response also ends with the template's end marker); None: at eot
+    alone.
+
+    The rows go to generate generation_batch at a time (0: all in one call), so that its KV cache holds no more;
+    each call is told where its rows start (generate's first_row), so that every row draws from the stream it
+    would in one call of all the rows: the responses are the same whatever generation_batch (up to generate's
+    batching rounding)."""
     from ..model import generate
 
-    out = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
-                   top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop)
-    return [row[len(prompt):] for prompt, row in zip(prompts, out)]
+    per_call = config.generation_batch or max(len(prompts), 1)
+    responses = []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start : start + per_call]
+        out = generate(policy, chunk, config.max_new_tokens, temperature=config.temperature,
+                       top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop, first_row=start)
+        responses += [row[len(prompt):] for prompt, row in zip(chunk, out)]
+    return responses
 
 
 def logprob_temperature(config) -> float:

@@ -49,6 +49,7 @@ def generate(
     use_cache: bool = True,
     stop: Callable[[list[int]], bool] | None = None,
     keep_first: int = 0,
+    first_row: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens.
 
@@ -61,7 +62,7 @@ def generate(
         top_p: sample only among the most likely tokens whose probabilities add up to top_p (nucleus).
         eos_token: a row stops after emitting it (it is kept in the output).
         seed: makes sampling reproducible, prompt by prompt: row i draws from its own stream, keyed by
-            (seed, i), so its tokens depend on its prompt, the seed and i, not on the other prompts
+            (seed, first_row + i), so its tokens depend on its prompt, the seed and i, not on the other prompts
             (prompts[0] samples as it would alone), and identical prompts get different samples.
             Only where batching changes a row's logits by rounding may a draw differ. None uses
             torch's global RNG.
@@ -72,6 +73,9 @@ def generate(
             keep_first tokens, then its last block_size - keep_first (else its last block_size). 1 for a
             tokenizer with a begin-of-sequence token (len(llmkern.data.sequences.sequence_start(tokenizer))),
             which each prompt starts with; an int in [0, block_size).
+        first_row: the index of prompts[0] in a larger batch sampled a part at a time: row i draws from the
+            stream keyed by (seed, first_row + i), so the parts draw what one call of the whole batch would
+            (llmkern.finetune.ppo.sample_responses samples its rollouts so). An int >= 0.
 
     Returns:
         One list per prompt: the prompt followed by its new tokens.
@@ -87,12 +91,14 @@ def generate(
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be None or a function of a row's new tokens, got {stop!r}")
     _check_keep_first(keep_first, model.config.block_size)
+    if not _is_int(first_row) or first_row < 0:
+        raise ValueError(f"first_row must be an int >= 0, got {first_row!r}")
     keep_first = int(keep_first)  # a NumPy int as Python's, for the slices
     device = model.device
     length = max(len(r) for r in rows)  # the columns filled so far: the longest prompt's, then one a step
     most_columns = length + max_new_tokens
     tokens, valid = _left_pad(rows, min(max_new_tokens, _FIRST_ROOM), device)
-    draw_uniforms = _uniform_draws(seed, len(rows), device)
+    draw_uniforms = _uniform_draws(seed, range(first_row, first_row + len(rows)), device)
     outputs = [list(r) for r in rows]
     finished = [False] * len(rows)
     decoder = _CachedDecoder(model, max_new_tokens, keep_first) if use_cache else None
@@ -176,12 +182,13 @@ def _refuse_nan(logits: torch.Tensor, finished: list[bool], outputs: list[list[i
                                        f"are not finite")
 
 
-def _uniform_draws(seed: int | None, batch: int, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A function giving the next step's uniforms in [0, 1), (B,) float64 on `device`, for _sample.
+def _uniform_draws(seed: int | None, row_ids: range, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A function giving the next step's uniforms in [0, 1), (B,) float64 on `device`, for _sample; row_ids are
+    the B rows' indices in their whole batch (generate's first_row onwards).
 
     seed None: torch's global RNG. Otherwise row i has a private stream (Python's Mersenne Twister keyed
-    by (seed, i)) and its k-th token uses the stream's k-th number, so a row's draws depend on the seed and
-    its index alone: never on the batch's size, its other prompts, or when the other rows stop.
+    by (seed, row_ids[i])) and its k-th token uses the stream's k-th number, so a row's draws depend on the seed
+    and its index alone: never on the batch's size, its other prompts, or when the other rows stop.
 
     Why one number per row on the host rather than a torch.Generator per row: per-row generators would
     cost B tiny launches every decode step on a GPU (a multinomial or exponential_ per row). Here a step is
@@ -191,8 +198,8 @@ def _uniform_draws(seed: int | None, batch: int, device: torch.device) -> Callab
     its tokens on the host. The numbers are also the same on every device.
     """
     if seed is None:
-        return lambda: torch.rand(batch, dtype=torch.float64, device=device)
-    streams = [random.Random(f"llmkern.generate:{seed}:{i}") for i in range(batch)]
+        return lambda: torch.rand(len(row_ids), dtype=torch.float64, device=device)
+    streams = [random.Random(f"llmkern.generate:{seed}:{i}") for i in row_ids]
     return lambda: torch.tensor([s.random() for s in streams], dtype=torch.float64, device=device)
 
 
