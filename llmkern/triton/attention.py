@@ -31,7 +31,8 @@ Scores are kept in log2 units (scaled by scale * log2(e)) so the exponentials ar
 
 Soft cap (Gemma 2's attn_logit_softcapping): with HAS_SOFTCAP each scaled score s becomes
 softcap * tanh(s / softcap), in fp32 and natural units (then log2 units: capping the log2-unit
-score would cap at softcap * log2(e)), before the masks. The backward recomputes the capped scores
+score would cap at softcap * log2(e)), before the masks. tl has no tanh; llmkern/triton/_math.py's keeps
+the relative precision of scores far below the cap. The backward recomputes the capped scores
 and p from the saved lse, and takes dS through the cap: dS_raw = p (dp - delta) (1 - tanh^2).
 A constexpr switch, like the window's: without a cap the kernels are those without the feature.
 
@@ -52,6 +53,7 @@ import triton.language as tl
 
 from .. import _backend
 from .._cuda_bridge import on_device
+from ._math import tanh_and_slope
 
 LOG2E = math.log2(math.e)
 # Doc ids a block reads at a time when it looks for the positions its documents cover (4 KB of int32).
@@ -144,13 +146,10 @@ _TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "HAS_S
 def _soft_cap(s, scale, softcap):
     """Gemma 2's cap of the raw products s = q . k: softcap * tanh(s * scale / softcap), in fp32 and natural
     units, and the cap's slope there, 1 - tanh^2 (its derivative, for the backward's chain rule).
-    tl has no tanh (libdevice's is per GPU vendor, not in every Triton's interpreter), so tanh(x) is
-    1 - 2 / (exp(2x) + 1): finite for every x, NaN for none: exp overflows to inf past x ~ 44 (tanh = 1)
-    and underflows to 0 below -44 (tanh = -1). Near 0 it loses relative precision: the capped score's error is
-    about softcap * 1e-7, the fp32 rounding of a score as large as the cap."""
-    x = s * (scale / softcap)
-    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-    return softcap * t, 1.0 - t * t
+    tl has no tanh: _math.tanh_and_slope's keeps its relative precision near 0 (a small score stays accurate
+    to its own rounding, not the cap's) and the slope's where tanh saturates; finite for every finite s."""
+    t, slope = tanh_and_slope(s * (scale / softcap))
+    return softcap * t, slope
 
 
 @triton.jit

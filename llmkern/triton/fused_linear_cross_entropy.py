@@ -3,8 +3,9 @@ d loss / d logits written over them. The chunk loop around it (the matmuls, the 
 llmkern/ops/_chunked_linear_cross_entropy.py.
 
 With a soft cap C (Gemma 2's final_logit_softcapping) the loss is that of the capped logits
-C * tanh(z / C): both passes cap each logit as they load it (in fp32, with attention's _soft_cap),
-and pass 2 multiplies the capped logits' gradient by the cap's slope 1 - tanh^2, so what is written
+C * tanh(z / C): both passes cap each logit as they load it (in fp32, with attention's _soft_cap, whose
+tanh, from llmkern/triton/_math.py, keeps the relative precision of logits far below the cap), and pass 2
+multiplies the capped logits' gradient by the cap's slope 1 - tanh^2, so what is written
 over the logits is the gradient of the raw ones, which the chunk loop's matmuls need. HAS_SOFTCAP is
 a constexpr: without a cap the kernel is the one without the feature.
 """

@@ -1,5 +1,6 @@
 """Gated activations in Triton: y = act(gate) * up, and its gradients, for SwiGLU (act = silu) and
-GeGLU (act = gelu with the tanh approximation); llmkern/triton/swiglu.py and geglu.py name them.
+GeGLU (act = gelu with the tanh approximation; tl has no tanh, llmkern/triton/_math.py has one);
+llmkern/triton/swiglu.py and geglu.py name them.
 
     dup   = dy * act(g)
     dgate = dy * up * act'(g)
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._cuda_bridge import on_device
+from ._math import tanh_and_slope
 
 MAX_BLOCK = 2048
 # Blocks on grid axis 1 (column blocks) per launch: CUDA's limit for grid axes 1 and 2.
@@ -29,12 +31,6 @@ MAX_GRID_Y = 65535
 # The activations (the kernels' ACTIVATION constexpr).
 SILU = tl.constexpr(0)
 GELU_TANH = tl.constexpr(1)
-
-
-@triton.jit
-def _tanh(z):
-    """tanh(z) = 2 sigmoid(2z) - 1 (Triton has no tanh of its own): exactly +-1 where tanh saturates."""
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
 
 
 @triton.jit
@@ -48,7 +44,7 @@ def _activation(g, ACTIVATION: tl.constexpr):
     if ACTIVATION == SILU:
         a = g * tl.sigmoid(g)
     else:  # GELU_TANH, as PyTorch's F.gelu(approximate="tanh")
-        a = 0.5 * g * (1.0 + _tanh(_gelu_tanh_inner(g)))
+        a = 0.5 * g * (1.0 + tanh_and_slope(_gelu_tanh_inner(g))[0])
     return a
 
 
@@ -59,9 +55,9 @@ def _activation_derivative(g, ACTIVATION: tl.constexpr):
         s = tl.sigmoid(g)
         da = s * (1.0 + g * (1.0 - s))
     else:
-        t = _tanh(_gelu_tanh_inner(g))
+        t, tanh_slope = tanh_and_slope(_gelu_tanh_inner(g))  # the slope 1 - t^2 without its cancellation
         inner_derivative = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * inner_derivative
+        da = 0.5 * (1.0 + t) + 0.5 * g * tanh_slope * inner_derivative
     return da
 
 
