@@ -53,7 +53,7 @@ RESERVE=15  # seconds kept for packing the results
 # marked `cuda` run first, from every file (test_large_offsets, test_loader too).
 KERNEL_TESTS=(test_rms_norm test_layer_norm test_attention test_adamw test_rope test_swiglu test_fused_linear_cross_entropy
               test_custom_op test_model test_generate test_train test_backend test_build test_cuda_launchers
-              test_large_offsets)
+              test_large_offsets test_triton_math)
 
 # pytest on the GPU machine (each step adds its -m: never the emulator's `simt` tests, which CI
 # runs); a line per test (-v), so a part cut short still tells what passed; parallel workers and a
