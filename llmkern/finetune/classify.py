@@ -54,6 +54,11 @@ class GPTClassifier(LastTokenHead):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"labels must name the {num_classes} classes, got {len(labels)} names")
+        # a max_len below 1 would cut texts to ids[:max_len]: 0 to nothing, -3 to all but their last 3 tokens
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+            raise TypeError(f"max_len must be None (the model's block_size) or an int, got {max_len!r}")
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len must be None (the model's block_size) or >= 1, got {max_len}")
         super().__init__(gpt, num_classes, init_std=0.02)
         self.num_classes = num_classes
         self.labels = list(labels) if labels is not None else None
@@ -252,9 +257,12 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             metrics.update({f"val_{k}": v for k, v in evaluate_rows(model, val, pad_id, config.batch_size).items()})
         return metrics
 
+    # each micro-batch weighs its rows: an epoch's short last batch counts each of its rows once in a step, as
+    # the full batches do
     result = fit(clf, classification_loss, train, lambda rows: collate_rows(rows, pad_id), config, evaluate=evaluate,
                  charts=("accuracy",), settings={"freeze_body": config.freeze_body,  # it decides what trains
-                                              "base_sha256": base_meta["base_sha256"]})
+                                              "base_sha256": base_meta["base_sha256"]},
+                 weigh=lambda batch: batch["labels"].numel())
 
     # The whole classifier, not its body alone: beside the adapters, the head (and under freeze_body the last
     # block and final norm) trained too, and the file must hold them all to rebuild the trained model.
@@ -304,6 +312,11 @@ def classify_texts(clf: GPTClassifier, tokenizer, texts: Sequence[str], batch_si
     """The predicted label of each text: its class name when the classifier has names, else the class id."""
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of strings")
+    # a batch_size below 1 would take no batch at all (range(0, n, -1) is empty): no prediction, silently
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not texts:
         return []
     encoded = encode_texts(tokenizer, texts, clf.max_len)

@@ -2,7 +2,8 @@
 
 A recipe supplies what differs: the examples, a collate function that turns a list of them into a
 batch of tensors, a loss function, and an optional evaluation. The loop supplies what is the same:
-seeded shuffled epochs, gradient accumulation, llmkern's AdamW over the trainable parameters (so
+seeded shuffled epochs, gradient accumulation (fit's weigh: micro-batches weighed by what their loss is the mean
+of, so that uneven ones step as one batch of them all), llmkern's AdamW over the trainable parameters (so
 LoRA's frozen base is left alone) with the global-norm clip fused into the update, warmup + cosine
 learning rate, autocast (bf16, or fp16 with dynamic loss scaling: an overflow halves the scale and skips
 the step), skipping non-finite steps, JSONL metrics, charts and a progress bar, and
@@ -46,7 +47,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -304,24 +305,49 @@ def optimizer_step(optimizer, trainable: Sequence[nn.Parameter], config, sharded
 
 
 def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, device: torch.device,
-                          loss_scale: float = 1.0) -> tuple[float, dict[str, float]]:
-    """Backward over config.grad_accum micro-batches (of the loss times loss_scale); the step's mean loss
-    and metrics, averaged over the micro-batches and (under torchrun) the processes."""
+                          loss_scale: float = 1.0, weigh: Callable[[Any], Any] | None = None
+                          ) -> tuple[float, dict[str, float]]:
+    """Backward over config.grad_accum micro-batches (of the loss times loss_scale and the micro-batch's share of
+    the step: micro_batch_weights); the step's mean loss and metrics, weighed so over the micro-batches and (under
+    torchrun) the processes."""
     info = distributed.detect()
+    micro = (to_device(collate(next(batches)), device) for _ in range(config.grad_accum))
+    per_rank, weighed = micro_batch_weights(micro, weigh, config.grad_accum, info, device)
     totals: dict[str, torch.Tensor] = {}  # float64 sums on the device: the step reads them once, at the end
     loss_sum = torch.zeros((), device=device)
-    for _ in range(config.grad_accum):
-        batch = to_device(collate(next(batches)), device)
+    for batch, weight in weighed:
         with autocast_context(config, device):
             loss, metrics = loss_fn(model, batch)
-        (loss * (loss_scale / config.grad_accum)).backward()
+        (loss * (loss_scale * weight / per_rank)).backward()
         # the recipe's own loss where the one trained on adds more (a MoE model's aux term, finetune.aux_loss)
-        loss_sum += torch.as_tensor(metrics.pop("loss", loss)).detach().float()
+        loss_sum += torch.as_tensor(metrics.pop("loss", loss)).detach().float() * weight
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+            totals[k] = totals.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach() * weight
     sums = torch.stack([loss_sum.double(), *totals.values()])
-    means = (distributed.all_reduce_mean(sums, info) / config.grad_accum).tolist()
+    means = (distributed.all_reduce_mean(sums, info) / per_rank).tolist()
     return means[0], dict(zip(totals, means[1:]))
+
+
+def micro_batch_weights(micro: Iterable[Any], weigh: Callable[[Any], Any] | None, grad_accum: int,
+                        info: distributed.DistInfo, device: torch.device) -> tuple[float, Iterable[tuple[Any, float]]]:
+    """(per_rank, (batch, weight) of each of a step's micro-batches): a micro-batch's loss counts weight / per_rank
+    in the step's gradient (before the average over the ranks) and logged means. Without weigh every micro-batch
+    weighs 1 and per_rank is grad_accum: a mean of the micro-batches' mean losses, collated one at a time. With
+    weigh (what a micro-batch's loss is the mean of: SFT's scored tokens, classification's rows) all are collated
+    first, and per_rank is the step's total weight over the ranks divided by their number: the step's loss is the
+    mean over every token (or row) of it, as one batch of them all gives it, whatever the micro-batches hold (rows
+    of other lengths, an epoch's short last batch)."""
+    if weigh is None:
+        return grad_accum, ((batch, 1.0) for batch in micro)
+    batches = list(micro)
+    weights = [float(weigh(batch)) for batch in batches]
+    if not all(0 <= w < math.inf for w in weights):
+        raise ValueError(f"weigh must give each micro-batch a finite weight >= 0, got {weights}")
+    total = distributed.all_reduce_mean(torch.tensor(sum(weights), dtype=torch.float64, device=device), info)
+    per_rank = float(total)
+    if per_rank <= 0:
+        raise ValueError(f"a step's micro-batches weigh nothing on every rank (weights {weights}): nothing to learn")
+    return per_rank, list(zip(batches, weights))
 
 
 def batched_evaluation(loss_fn, collate, examples: Sequence[Any], prefix: str, config, device: torch.device
@@ -630,14 +656,15 @@ class _FitRun:
             next(batches)
         return rank_share(batches, self.info)
 
-    def train_step(self, step: int, loss_fn, batches, collate, bar) -> None:
-        """Optimizer step `step` (0-based) over grad_accum micro-batches per rank, logged and counted."""
+    def train_step(self, step: int, loss_fn, batches, collate, bar, weigh: Callable[[Any], Any] | None = None) -> None:
+        """Optimizer step `step` (0-based) over grad_accum micro-batches per rank (weighed as fit's weigh says),
+        logged and counted."""
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         mean_loss, metrics = _accumulate_gradients(self.model, loss_fn, batches, collate, self.config, self.device,
-                                                   scale)
+                                                   scale, weigh)
         grad_norm = self._apply_gradients(mean_loss, scale)
         self._record(step, lr, scale, mean_loss, metrics, grad_norm, bar)
         bar.update(1)
@@ -709,14 +736,19 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
         train_examples: Sequence[Any], collate: Callable[[list[Any]], Any], config,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None, charts: Sequence[str] = (),
         settings: dict[str, Any] | None = None,
-        final_evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, Any]:
+        final_evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        weigh: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Train `model` in place; returns {"steps", "skipped_steps", "train": last logged means,
     "first_eval", "last_eval", "final_eval", "seconds", "metrics": path}. Writes config.out_dir/metrics.jsonl and
     charts: loss.png, lr.png and <name>.png for each metric name in `charts` (train "<name>", eval "val_<name>").
     settings: the recipe's own settings that shape its loss beyond the examples (DPO's beta, ...), plain
     JSON values; a resumed run must share them, as it must the examples and the batch settings.
     final_evaluate: run once on the trained model as `evaluate` is (not logged), its result "final_eval" (None
-    without it): under parallel="fsdp" on the sharded model, before rank 0 alone gets the whole one."""
+    without it): under parallel="fsdp" on the sharded model, before rank 0 alone gets the whole one.
+    weigh(batch) -> how many terms loss_fn's loss of that collated micro-batch is the mean of (SFT: its scored
+    tokens; classification: its rows): a step's micro-batches then count by it, on every rank, so that its gradient
+    and logged means are those of one batch of them all (micro_batch_weights). None: each micro-batch counts alike,
+    a mean of the micro-batches' means."""
     if not train_examples:
         raise ValueError("there are no training examples")
     from tqdm import tqdm
@@ -730,7 +762,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     stop = StopOnSignal(enabled=not run.info.is_distributed)
     with tqdm(total=run.steps, initial=run.start_step, unit="step", dynamic_ncols=True, disable=not show) as bar, stop:
         for step in range(run.start_step, run.steps):
-            run.train_step(step, loss_fn, batches, collate, bar)
+            run.train_step(step, loss_fn, batches, collate, bar, weigh)
             done = step + 1 == run.steps
             if evaluate is not None and evaluation_due(step + 1, done, config):
                 last_eval = run.evaluate(evaluate, step + 1)

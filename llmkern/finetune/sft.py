@@ -5,7 +5,8 @@
 
 Each example becomes its prompt in config.template (Alpaca by default; llmkern/finetune/templates.py)
 followed by its response, the template's end marker and end-of-text; the loss is the
-model's own next-token cross-entropy, on the response tokens only (mask_prompt) or on all of them.
+model's own next-token cross-entropy, on the response tokens only (mask_prompt) or on all of them, its mean over
+the scored tokens of a whole optimizer step however grad_accum (and torchrun) split it into micro-batches.
 The result is a plain GPT checkpoint in out_dir (LoRA merged into the weights, the adapters also
 kept in out_dir/lora.safetensors), so `llmkern generate --run OUT` and the other recipes start from
 it; out_dir/responses.json holds greedy answers to a few held-out instructions.
@@ -92,6 +93,12 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
     return loss, {"loss": cross_entropy, "aux_loss": aux}
 
 
+def scored_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many targets of a make_lm_batch (or make_packed_batch) batch are scored: what lm_loss is the mean of,
+    so what its micro-batch weighs in an accumulated step (fit's weigh), whatever its rows' lengths."""
+    return (batch["targets"] != IGNORE).sum()
+
+
 @torch.no_grad()
 def mean_token_loss(model, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
     """Cross-entropy per scored token over all of `encoded` (a token-weighted mean, not a mean of batch means)."""
@@ -159,10 +166,10 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     settings = {"base_sha256": base_meta["base_sha256"]}  # a resumed run must start from the same base
     if packed_rows is not None:
         result = fit(model, lm_loss, packed_rows, lambda rows: make_packed_batch(rows, pad_id), config,
-                     evaluate=evaluate, settings=settings)
+                     evaluate=evaluate, settings=settings, weigh=scored_targets)
     else:
         result = fit(model, lm_loss, train, lambda rows: make_lm_batch(rows, pad_id), config, evaluate=evaluate,
-                     settings=settings)
+                     settings=settings, weigh=scored_targets)
 
     # Save: the adapters on their own, then the merged plain GPT that every other command reads.
     lora_path = save_and_merge_lora(model, config, wrapped)

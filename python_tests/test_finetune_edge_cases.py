@@ -1,0 +1,105 @@
+"""Edge cases of instruction SFT and classification: gradient accumulation over micro-batches of uneven size
+(rows of other lengths, an epoch's short last batch) steps as one batch of them all would, and the classifier's
+arguments are checked."""
+
+import json
+
+import pytest
+import torch
+
+from llmkern.finetune.base import save_finetuned
+from llmkern.finetune.classify import (
+    ClassifyConfig,
+    GPTClassifier,
+    classify_texts,
+    run_classify,
+)
+from llmkern.finetune.sft import SFTConfig, run_sft
+from llmkern.model import GPT, GPTConfig
+from llmkern.train.metrics import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def no_charts(monkeypatch):
+    """The PNG charts each run draws take most of these tiny runs' time and are not what is tested here."""
+    from llmkern.finetune import loop
+    from llmkern.train import metrics
+
+    for module in (loop, metrics):
+        monkeypatch.setattr(module, "plot_metrics", lambda *args, **kwargs: None)
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(7)
+    return GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=96, n_layer=1, n_head=2, n_embd=32,
+                                     backend="torch"))
+
+
+def make_base(path) -> str:
+    model = tiny_gpt()
+    save_finetuned(str(path), 0, model.state_dict(), {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+    return str(path)
+
+
+def train_records(out_dir) -> list[tuple[float, float]]:
+    """(loss, grad_norm) of each logged training step."""
+    return [(r["loss"], r["grad_norm"]) for r in read_metrics(f"{out_dir}/metrics.jsonl") if r["kind"] == "train"]
+
+
+def assert_same_steps(one, accumulated) -> None:
+    assert len(one) == len(accumulated) > 0
+    for (loss_one, norm_one), (loss_acc, norm_acc) in zip(one, accumulated):
+        assert loss_acc == pytest.approx(loss_one, rel=1e-5)
+        assert norm_acc == pytest.approx(norm_one, rel=1e-4)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_accumulation_over_responses_of_other_lengths_steps_like_one_batch(tmp_path, pack):
+    # Responses of 1 to 40 bytes: the micro-batches hold very different numbers of scored tokens. The loss is
+    # the mean over the scored tokens of the step, as one batch of both micro-batches gives it: a mean of the
+    # micro-batches' means would weigh each token of a short response many times more.
+    examples = [{"instruction": f"Repeat {i}.", "output": "x" * (1 + 13 * (i % 4))} for i in range(8)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(examples), encoding="utf-8")
+    base = make_base(tmp_path / "base")
+    logged = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        out = tmp_path / f"accum{grad_accum}"
+        run_sft(SFTConfig(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
+                          grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0, eval_interval=0,
+                          max_len=96, pack=pack, template="plain", num_samples=0, device="cpu", progress=False))
+        logged[grad_accum] = train_records(out)
+    assert_same_steps(logged[1], logged[2])
+
+
+def test_classify_accumulation_with_an_epochs_short_last_batch_steps_like_one_batch(tmp_path):
+    # 6 examples in micro-batches of 4: each epoch is a batch of 4 and one of 2, accumulated into one step. Each
+    # example counts once in the step's mean, as in one batch of all 6; not the 2 of the short batch twice as much.
+    rows = [{"text": "abc" * (i + 1), "label": i % 2} for i in range(6)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = make_base(tmp_path / "base")
+    logged = {}
+    for batch_size, grad_accum in ((6, 1), (4, 2)):
+        out = tmp_path / f"accum{grad_accum}"
+        run_classify(ClassifyConfig(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
+                                    grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0,
+                                    eval_interval=0, max_len=32, device="cpu", progress=False))
+        logged[grad_accum] = train_records(out)
+    assert_same_steps(logged[1], logged[2])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_classify_texts_refuses_a_batch_size_that_is_no_positive_int(batch_size):
+    from llmkern.data.tokenizer import get_tokenizer
+
+    clf = GPTClassifier(tiny_gpt(), num_classes=2)
+    with pytest.raises((TypeError, ValueError), match="batch_size"):
+        classify_texts(clf, get_tokenizer("bytes"), ["abc", "de"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_len", [0, -3, 2.5])
+def test_a_classifier_refuses_a_max_len_that_is_no_positive_int(max_len):
+    # max_len=-3 would cut every text's last 3 tokens off (ids[:-3]), silently
+    with pytest.raises((TypeError, ValueError), match="max_len"):
+        GPTClassifier(tiny_gpt(), num_classes=2, max_len=max_len)
