@@ -103,3 +103,26 @@ def test_a_classifier_refuses_a_max_len_that_is_no_positive_int(max_len):
     # max_len=-3 would cut every text's last 3 tokens off (ids[:-3]), silently
     with pytest.raises((TypeError, ValueError), match="max_len"):
         GPTClassifier(tiny_gpt(), num_classes=2, max_len=max_len)
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward"])
+def test_pair_recipes_accumulate_an_epochs_short_last_batch_like_one_batch(tmp_path, recipe):
+    # 6 pairs in micro-batches of 4: a batch of 4 and one of 2 accumulated into a step count each pair once, as
+    # one batch of all 6 does (the short batch's 2 pairs counted twice as much before).
+    from llmkern.finetune.dpo import DPOConfig, run_dpo
+    from llmkern.finetune.reward import RewardConfig, run_reward
+
+    pairs = [{"instruction": f"Say {i}.", "input": "", "chosen": "yes" * (i + 1), "rejected": "no" * (2 * i + 1)}
+             for i in range(6)]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs), encoding="utf-8")
+    base = make_base(tmp_path / "base")
+    logged = {}
+    for batch_size, grad_accum in ((6, 1), (4, 2)):
+        out = tmp_path / f"accum{grad_accum}"
+        settings = dict(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
+                        grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0, eval_interval=0,
+                        template="plain", device="cpu", progress=False)
+        run_dpo(DPOConfig(**settings)) if recipe == "dpo" else run_reward(RewardConfig(**settings))
+        logged[grad_accum] = train_records(out)
+    assert_same_steps(logged[1], logged[2])

@@ -457,7 +457,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     # the closing evaluation on the training pairs inside fit: under fsdp on the sharded policy, on every rank
     summary = fit(policy, loss_fn, train, collate, config, evaluate=evaluate_on(val, "val") if val else None,
                   charts=("reward_accuracy", "reward_margin"), settings=settings,
-                  final_evaluate=evaluate_on(train, "train"))
+                  final_evaluate=evaluate_on(train, "train"),
+                  weigh=lambda batch: batch["idx"].size(0) // 2)  # its pairs, what the loss is the mean of
     train_eval = summary.pop("final_eval")
 
     lora_path = save_and_merge_lora(policy, config, wrapped)

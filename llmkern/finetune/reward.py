@@ -238,7 +238,8 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     summary = fit(rm, pair_loss_and_metrics, train, collate, config,
                   evaluate=evaluate_on(val, "val") if val else None, charts=("accuracy",),
                   settings={"base_sha256": base_meta["base_sha256"]},  # a resumed run must start from the same base
-                  final_evaluate=evaluate_on(train, "train"))
+                  final_evaluate=evaluate_on(train, "train"),
+                  weigh=lambda batch: batch["ids"].size(0) // 2)  # its pairs, what the loss is the mean of
     train_eval = summary.pop("final_eval")
 
     # The whole reward model, not its body alone: the head trained in full beside the adapters, and the file
