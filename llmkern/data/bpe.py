@@ -152,14 +152,27 @@ def _corpus_texts(files: list[str], pattern: str) -> Iterator[str]:
                       f"{first}", stacklevel=2)
 
 
+def _as_the_tokenizer_reads(text: str) -> str:
+    """`text` as tiktoken encodes it: a Python str may hold surrogates (no UTF-8 text can), which tiktoken
+    reads through UTF-16, so a pair becomes its character and a lone one U+FFFD. Counted as they are,
+    training learned merges of bytes the tokenizer never sees."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _corpus_jobs(corpus, pattern: str = GPT2_PATTERN) -> Iterator[list[str]]:
     """Lists of texts of about _CHUNK_CHARS characters in all (files cut where `pattern` ends a piece)."""
     if isinstance(corpus, (str, os.PathLike)) or (
         isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, os.PathLike) for p in corpus)
     ):
         texts: Iterable[str] = _corpus_texts(_corpus_files(corpus), pattern)
-    else:
-        texts = corpus
+    else:  # only texts given as str may hold surrogates: the readers make bad UTF-8 and JSON's "\ud800" U+FFFD
+        texts = (_as_the_tokenizer_reads(text) if isinstance(text, str) else text for text in corpus)
     job: list[str] = []
     size = 0
     for text in texts:
@@ -372,7 +385,7 @@ def train_bpe(
         raise ValueError("corpus: holds no text to learn merges from (empty files, an empty folder or no texts)")
     if progress:
         print(f"learning {vocab_size - 256 - len(special_tokens)} merges from {len(counts)} distinct words")
-    words = [w.encode("utf-8", errors="replace") for w in counts]
+    words = [w.encode("utf-8") for w in counts]  # no surrogates: _corpus_jobs read them as tiktoken does
     merges = _cpu.bpe_train(words, list(counts.values()), vocab_size - 256 - len(special_tokens), min_frequency)
 
     # ids from bpe_train: 0..255 are bytes, new tokens count up from 256 in the order learned.

@@ -9,8 +9,10 @@ GPT-3). Eval items shorter than n words contribute nothing and are counted.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import pathlib
 import re
 import unicodedata
 import warnings
@@ -53,6 +55,20 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     return h
 
 
+def _eval_set_names(files: list[str]) -> list[str]:
+    """A distinct name for each of `files` (distinct files): the shortest end of its path that ends no
+    other file's path, so the file name alone unless another eval file has the same one."""
+    parts = [pathlib.PurePath(os.path.abspath(f)).parts for f in files]
+    names: list[str | None] = [None] * len(files)
+    # Ends of k path parts, k = 1, 2, ...: the whole absolute path (its root a part) ends no other file's.
+    for k in range(1, max(map(len, parts), default=0) + 1):
+        ends = collections.Counter(p[-k:] for p in parts)
+        for i, p in enumerate(parts):
+            if names[i] is None and ends[p[-k:]] == 1:
+                names[i] = os.path.join(*p[-k:])
+    return [name or os.path.abspath(f) for name, f in zip(names, files)]  # (None: one file listed twice)
+
+
 class Decontaminator:
     """The n-grams of the eval sets; `matches(text)` names the eval sets a text overlaps."""
 
@@ -66,7 +82,9 @@ class Decontaminator:
         self._owner = np.empty(0, dtype=np.int32)
 
     def add(self, name: str, texts: Iterable[str]) -> None:
-        """Add an eval set (its items' texts) under `name`."""
+        """Add an eval set (its items' texts) under `name`, which no other set may have."""
+        if name in self.set_names:  # else the report could not tell the two apart, nor count each
+            raise ValueError(f"eval set name: {name!r} is taken by another eval set; give each set its own")
         index = len(self.set_names)
         self.set_names.append(name)
         new = []
@@ -108,12 +126,14 @@ class Decontaminator:
     @classmethod
     def from_files(cls, paths: Iterable[str], ngram: int = 13,
                    reader: Optional[ReaderConfig] = None) -> "Decontaminator":
-        """Every file of `paths` (files, directories, globs) is one eval set, named by its path."""
+        """Every file of `paths` (files, directories, globs) is one eval set, named by its file name, or by
+        as much of its path as tells it from the other eval files (mmlu/test.jsonl, gsm8k/test.jsonl)."""
         decontam = cls(ngram)
         reader = reader or ReaderConfig()
-        for path in expand_inputs(paths):
+        files = expand_inputs(paths)
+        for path, name in zip(files, _eval_set_names(files)):
             report = ReadReport(strict=True)  # a broken eval set must not pass silently
-            decontam.add(os.path.basename(path), (doc.text for doc in read_file(path, reader, report)))
+            decontam.add(name, (doc.text for doc in read_file(path, reader, report)))
         return decontam
 
 

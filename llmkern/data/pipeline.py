@@ -105,11 +105,27 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.jsonl"
 
 
+def _part_index(name: str) -> int | None:
+    """The input index of the part file called `name` (see part_name); None when it is no part file."""
+    digits = name.removeprefix("part-").removesuffix(".jsonl")
+    if not (name.startswith("part-") and name.endswith(".jsonl") and digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)
+
+
+def _part_names_in_input_order(doc_dir: str) -> list[str]:
+    """The part files in `doc_dir`, in the order of their inputs: by index, not as text, since past
+    99,999 inputs the names grow a digit and part-100000 would sort before part-99999."""
+    names = [name for name in os.listdir(doc_dir) if _part_index(name) is not None]
+    return sorted(names, key=_part_index)
+
+
 def read_parts(out_dir: str, indices: Optional[Iterable[int]] = None) -> Iterator[Document]:
-    """The documents kept so far in `out_dir` (all parts, or those of the given input indices)."""
+    """The documents kept so far in `out_dir` (all parts in input order, or those of the given input
+    indices, in the order given)."""
     doc_dir = os.path.join(out_dir, DOCUMENTS_DIR)
     if indices is None:
-        names = sorted(n for n in os.listdir(doc_dir) if n.startswith("part-") and n.endswith(".jsonl"))
+        names = _part_names_in_input_order(doc_dir)
     else:
         names = [part_name(i) for i in indices]
     for name in names:
