@@ -567,6 +567,40 @@ def test_a_reward_model_reads_a_response_ended_at_its_marker_with_end_of_text_as
     assert scores.tolist() == [float(len(s)) for s in seen]
 
 
+def test_a_reward_models_scores_in_chunks_are_one_passs_and_no_pass_reads_more_rows():
+    """7 texts of ragged lengths, 3 a pass (the last chunk short): one pass's scores, each text read once, every
+    chunk padded as in one pass."""
+    from test_ppo import CountingReward, ragged_prompts, tiny_reward_model
+
+    from llmkern.finetune.grpo import ModelReward
+
+    scorer = CountingReward(tiny_reward_model(4))
+    prompts = ragged_prompts(7, seed=9)
+    responses = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (3, 1, 5, 2, 6, 4, 1)]
+    cpu = torch.device("cpu")
+    whole = ModelReward(scorer, 256, None)(prompts, responses, [None] * 7, cpu)
+    assert scorer.rows == [7] and whole.unique().numel() == 7
+    chunked = ModelReward(scorer, 256, None, rows_per_pass=3)(prompts, responses, [None] * 7, cpu)
+    assert scorer.rows[1:] == [3, 3, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_a_grpo_run_reads_no_more_than_batch_size_rows_in_any_forward_pass(tmp_path, monkeypatch):
+    """8 rows an iteration and 4 held-out prompts, batch_size=3 and generation_batch=3, a reward model, a reference
+    and pi_old (grpo_epochs=2): sampling, rewards, log-probs, evaluation and the updates each read at most 3 rows a
+    pass."""
+    from test_ppo import CountingReward, RowCounter
+
+    counter = RowCounter(monkeypatch)
+    reward = CountingReward(HighByteReward())
+    config = make_grpo_run(tmp_path, reward="model", max_steps=1, rollout_batch=2, group_size=4, batch_size=3,
+                           generation_batch=3, kl_coef=0.1, grpo_epochs=2, val_fraction=0.25)
+    summary = run_grpo(config, reward_model=reward)
+    assert summary["val_prompts"] == 4
+    assert max(counter.rows) == max(reward.rows) == 3
+    assert sum(reward.rows) == 8 + 2 * 4  # the iteration's rows, and the two evaluations'
+
+
 REWARD_MODULE = '''
 import math
 

@@ -522,6 +522,113 @@ def test_generation_batch_is_checked_and_read_from_the_command_line(tmp_path):
         load_finetune_config(PPOConfig, None, ["--data=x.json", "--generation_batch=2.5"])
 
 
+# --- scoring in chunks (batch_size rows a forward pass) ---------------------------------------------------
+
+class RowCounter:
+    """Records the rows of every forward pass of every GPT (generate's, training's, scoring's: all go through
+    _hidden_states_and_routing) while installed with monkeypatch."""
+
+    def __init__(self, monkeypatch):
+        real = GPT._hidden_states_and_routing
+        self.rows = []
+
+        def counted(model, idx, *args, **kwargs):
+            self.rows.append(idx.size(0))
+            return real(model, idx, *args, **kwargs)
+
+        monkeypatch.setattr(GPT, "_hidden_states_and_routing", counted)
+
+
+class CountingReward(nn.Module):
+    """Wraps a reward model, recording the rows of each forward pass."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, ids, lengths):
+        self.rows.append(ids.size(0))
+        return self.inner(ids, lengths)
+
+
+def tiny_reward_model(seed):
+    from llmkern.finetune.reward import RewardModel
+
+    return RewardModel(tiny_gpt(seed)).eval()
+
+
+def test_in_row_chunks_puts_tensor_and_tuple_outputs_back_in_row_order():
+    from llmkern.finetune.ppo import in_row_chunks
+
+    x, y = torch.randn(7, 3), torch.randn(7)
+    seen = []
+
+    def forward(a, b):
+        seen.append(a.size(0))
+        return a * b[:, None], b.sum().expand(a.size(0))  # the second: a per-pass value, to show the chunks
+
+    whole = in_row_chunks(forward, None, x, y)
+    assert seen == [7]
+    torch.testing.assert_close(whole[0], x * y[:, None])
+    chunked = in_row_chunks(forward, 3, x, y)
+    assert seen[1:] == [3, 3, 1]
+    torch.testing.assert_close(chunked[0], x * y[:, None])
+    expected = torch.cat([y[s : s + 3].sum().expand(len(y[s : s + 3])) for s in (0, 3, 6)])
+    torch.testing.assert_close(chunked[1], expected)
+    torch.testing.assert_close(in_row_chunks(lambda a: a + 1, 2, x), x + 1)
+    assert in_row_chunks(lambda a: a + 1, 4, x[:0]).shape == (0, 3)  # no rows: one pass of none
+
+
+@pytest.mark.parametrize("rows_per_pass", [0, -1, True, 2.5, "3"])
+def test_in_row_chunks_refuses_rows_per_pass_that_is_no_positive_int(rows_per_pass):
+    from llmkern.finetune.grpo import ModelReward
+    from llmkern.finetune.ppo import in_row_chunks
+
+    with pytest.raises(ValueError, match="rows_per_pass must be an int >= 1"):
+        in_row_chunks(lambda a: a, rows_per_pass, torch.zeros(3))
+    with pytest.raises(ValueError, match="rows_per_pass must be an int >= 1"):
+        ModelReward(HighByteReward(), 256, None, rows_per_pass=rows_per_pass)
+
+
+@pytest.mark.parametrize("rows_per_pass", [1, 3, 4])
+def test_score_rollout_in_chunks_gives_one_passs_scores_and_no_pass_reads_more_rows(rows_per_pass, monkeypatch):
+    """7 ragged rows (not a multiple of the chunk): every field of the rollout equals one pass's, to fp32
+    rounding; the policy, the reference and the reward model each read every row once, at most rows_per_pass a
+    pass."""
+    from llmkern.finetune.ppo import PolicyWithValue, score_rollout
+
+    model, reference = PolicyWithValue(tiny_gpt(0)), tiny_gpt(1)
+    torch.nn.init.normal_(model.value_head.weight)  # non-zero values, so that a misplaced one shows
+    reward = CountingReward(tiny_reward_model(2))
+    prompts = ragged_prompts(7, seed=8)
+    responses = [[int(t) for t in torch.randint(0, 257, (n,))] for n in (4, 1, 6, 2, 5, 3, 1)]
+    args = (model, reference, reward, prompts, responses, 256, 0.3)
+    whole = score_rollout(*args, temperature=0.7)
+    counter = RowCounter(monkeypatch)
+    reward.rows.clear()
+    chunked = score_rollout(*args, temperature=0.7, rows_per_pass=rows_per_pass)
+    for field in ("ids", "targets", "mask", "token_mask"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field)), field
+    for field in ("logprobs", "ref_logprobs", "values", "rewards", "scores"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=1e-6, atol=1e-6)
+    assert whole.scores.unique().numel() == 7  # a real reward model: every row its own score
+    assert max(counter.rows) == max(reward.rows) == min(rows_per_pass, 7)
+    assert sum(counter.rows) == 3 * 7 and sum(reward.rows) == 7  # GPTs: the policy, the reference, the RM's body
+
+
+def test_a_ppo_run_reads_no_more_than_batch_size_rows_in_any_forward_pass(tmp_path, monkeypatch):
+    """rollout_batch=6 and 6 held-out prompts, batch_size=4 and generation_batch=4: sampling, scoring (policy,
+    values, reference, reward model), evaluation and the updates each read at most 4 rows a pass."""
+    counter = RowCounter(monkeypatch)
+    reward = CountingReward(HighByteReward())
+    config = make_ppo_run(tmp_path, max_steps=1, rollout_batch=6, batch_size=4, generation_batch=4,
+                          val_fraction=0.5, ppo_epochs=1)
+    summary = run_ppo(config, reward_model=reward)
+    assert summary["val_prompts"] == 6
+    assert max(counter.rows) == max(reward.rows) == 4
+    assert sum(reward.rows) == 6 + 2 * 6  # the iteration's rows, and the two evaluations'
+
+
 def kl_sum_at(policy, reference, prompt, response, temperature):
     """Sum over the response's tokens of log pi - log pi_ref, both of softmax(logits / temperature), in float64."""
     row = torch.tensor([prompt + response])

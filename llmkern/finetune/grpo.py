@@ -11,7 +11,8 @@ Each iteration:
      prompt's and response's texts and the row's answer (reward="function": format, code or other custom
      verifiable rewards); the response text read ends before the first end marker or end-of-text's text, and a
      reward model reads a response ended at its marker with end-of-text after it, as it was trained (ModelReward,
-     ppo.with_end_of_text);
+     ppo.with_end_of_text), batch_size texts a forward pass (as every scoring pass: pi_old's, pi_ref's, the
+     evaluation's), so that none outgrows a training minibatch's memory;
   3. advantages: each response's reward minus its group's mean, divided by the group's std (scale_rewards; Dr. GRPO
      leaves the std out), the same for every token of the response; a group whose rewards are all equal ("flat")
      has advantage 0 and teaches nothing;
@@ -52,7 +53,13 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .ppo import _check_same_shape, _PPORun, check_generation_batch, logprob_temperature
+from .ppo import (
+    _check_same_shape,
+    _PPORun,
+    check_generation_batch,
+    frozen_logprobs,
+    logprob_temperature,
+)
 
 REWARDS = ("model", "answer", "function")
 AGGREGATIONS = ("token", "sequence")
@@ -64,7 +71,8 @@ class GRPOConfig(FinetuneConfig):
     reward="answer", optional for reward="function"), put in config.template. max_steps > 0: that many GRPO
     iterations; else epochs passes over the prompts, rollout_batch at a time. batch_size is the minibatch in
     responses (rows per forward/backward): each pass over a rollout takes ceil(rollout_batch * group_size /
-    (batch_size * grad_accum)) optimizer steps."""
+    (batch_size * grad_accum)) optimizer steps. It is also the most rows any scoring pass (the log-probs of pi_old
+    and pi_ref, a reward model's scores, the evaluation's) reads at once: one sized to train fits them."""
 
     # "model": reward_model's score of each prompt + response; "answer": 1.0 when the response's final answer (GSM8K's
     #   rules: the number after "#### ", else the last number) matches the prompt's "answer" field, else 0.0;
@@ -363,8 +371,13 @@ class ModelReward:
     its score there (reward.encode_pair_text, ppo.with_end_of_text, as PPO's); one cut at max_new_tokens is read as
     it is."""
 
-    def __init__(self, reward_model, eot: int, bos_token: int | None, stop=None):
+    def __init__(self, reward_model, eot: int, bos_token: int | None, stop=None, rows_per_pass: int | None = None):
+        """rows_per_pass: the most texts the reward model reads in one forward pass (None: all of a call's)."""
+        from .ppo import check_rows_per_pass
+
+        check_rows_per_pass(rows_per_pass)
         self.reward_model, self.eot, self.bos_token, self.stop = reward_model, eot, bos_token, stop
+        self.rows_per_pass = rows_per_pass
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]], answers: list[Any],
                  device: torch.device) -> torch.Tensor:
@@ -372,7 +385,7 @@ class ModelReward:
         from .ppo import reward_model_scores, with_end_of_text
 
         return reward_model_scores(self.reward_model, prompts, with_end_of_text(responses, self.eot, self.stop),
-                                   self.eot, device, self.bos_token)
+                                   self.eot, device, self.bos_token, self.rows_per_pass)
 
 
 # --- rollouts ------------------------------------------------------------------------------------------------------
@@ -403,18 +416,6 @@ def policy_logprobs(policy: nn.Module, ids: torch.Tensor, targets: torch.Tensor,
 
     hidden, aux = policy.hidden_states_with_aux_loss(ids, token_mask)
     return logprobs_from_hidden(policy, hidden, targets, temperature).float(), aux
-
-
-@torch.no_grad()
-def frozen_logprobs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, rows_per_pass: int,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """token_logprobs of `model` (B, T) fp32 at `temperature`, rows_per_pass rows a forward pass (a rollout's
-    logits at once could outgrow the memory that its minibatches fit in)."""
-    from ..eval.logprobs import token_logprobs
-
-    return torch.cat([token_logprobs(model, ids[i : i + rows_per_pass], targets[i : i + rows_per_pass],
-                                     temperature).float()
-                      for i in range(0, ids.size(0), rows_per_pass)])
 
 
 def repeat_groups(items: list, group_size: int) -> list:
@@ -669,7 +670,7 @@ def run_grpo(config: GRPOConfig, reward_model: nn.Module | None = None) -> dict[
     stop = response_stop(tokenizer, fmt)  # a response ends at end-of-text or the template's end marker
     if config.reward == "model":
         scorer, reward_sha256 = _frozen_reward_model(config, reward_model, device, tokenizer, fmt)
-        reward = ModelReward(scorer, tokenizer.eot_token, tokenizer.bos_token, stop)
+        reward = ModelReward(scorer, tokenizer.eot_token, tokenizer.bos_token, stop, rows_per_pass=config.batch_size)
     elif config.reward == "answer":
         reward, reward_sha256 = AnswerReward(tokenizer, fmt.stop_texts), None
     else:

@@ -8,7 +8,8 @@ Each iteration:
   2. score: per-token log-probs of the policy and the reference, the policy's value estimates, and
      per-token rewards  r_t = -kl_coef * (logp_t - ref_logp_t),  plus the reward model's score of the
      whole text on the last response token (a response ended at its marker read with end-of-text after it,
-     as the reward model was trained: with_end_of_text);
+     as the reward model was trained: with_end_of_text); each model reads batch_size rows a forward pass (as
+     the evaluation's scoring does), so that no pass outgrows a training minibatch's memory;
   3. advantages by GAE over each response (gae below; padding handled by a mask);
   4. ppo_epochs passes over the rollout in minibatches of batch_size: the clipped policy loss plus
      vf_coef times the clipped value loss, one AdamW step per grad_accum minibatches.
@@ -54,7 +55,8 @@ from .config import FinetuneConfig
 class PPOConfig(FinetuneConfig):
     """FinetuneConfig plus PPO's settings. data: prompts (instruction and optional input), put in config.template.
     max_steps > 0: that many PPO iterations; else epochs passes over the prompts, rollout_batch at a time.
-    batch_size is the PPO minibatch (rows per forward/backward)."""
+    batch_size is the PPO minibatch (rows per forward/backward), and the most rows any scoring pass (the log-probs,
+    values and reward-model scores of a rollout or an evaluation) reads at once: one sized to train fits them."""
 
     reward_model: str = ""  # the reward model's run folder (llmkern finetune reward); required
     kl_coef: float = 0.05  # weight of the per-token KL penalty against the reference
@@ -321,27 +323,60 @@ def rollout_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: i
     return ids, pad_batch(target_rows, IGNORE, ids.size(1))
 
 
+def check_rows_per_pass(rows_per_pass: int | None) -> None:
+    """A ValueError unless rows_per_pass is None (every row in one pass) or an int >= 1."""
+    if rows_per_pass is not None and (isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int)
+                                      or rows_per_pass < 1):
+        raise ValueError(f"rows_per_pass must be an int >= 1 (rows per forward pass) or None (all in one), got "
+                         f"{rows_per_pass!r}")
+
+
+def in_row_chunks(forward, rows_per_pass: int | None, *batch: torch.Tensor):
+    """forward(*batch) run on rows_per_pass rows of the batch's tensors (each (B, ...)) at a time (None: all B
+    in one pass), its outputs (a tensor, or a tuple of them, each (rows, ...)) put back together along the rows.
+
+    A forward pass's memory grows with its rows (the logits alone are (rows, T, V)), so the scoring passes over a
+    whole rollout take no more rows than a training minibatch, which fits. Each row is computed from its own
+    inputs, as in one pass, so the outputs are one pass's up to the rounding of another batch size."""
+    check_rows_per_pass(rows_per_pass)
+    rows = batch[0].size(0)
+    per_pass = rows_per_pass or max(rows, 1)
+    outputs = [forward(*(t[start : start + per_pass] for t in batch)) for start in range(0, max(rows, 1), per_pass)]
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def frozen_logprobs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, rows_per_pass: int | None,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs of `model` (B, T) fp32 at `temperature`, without gradients, rows_per_pass rows a forward
+    pass (in_row_chunks; None: all at once)."""
+    from ..eval.logprobs import token_logprobs
+
+    return in_row_chunks(lambda i, t: token_logprobs(model, i, t, temperature).float(), rows_per_pass, ids, targets)
+
+
 @torch.no_grad()
 def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, prompts: list[list[int]],
                   responses: list[list[int]], pad_id: int, kl_coef: float, bos_token: int | None = None,
-                  temperature: float = 1.0, stop=None) -> Rollout:
+                  temperature: float = 1.0, stop=None, rows_per_pass: int | None = None) -> Rollout:
     """Log-probs, reference log-probs, values, reward-model scores and per-token rewards of sampled
     responses (each at least one token long). pad_id: end-of-text, which also pads. bos_token: the tokenizer's
     begin-of-sequence token, which starts every prompt and stays first in what the reward model reads (None: the
     tokenizer has none). temperature: the sampling temperature, which the log-probs are taken at. stop: the
     sampling's (templates.response_stop): a response ended at the template's end marker is scored with
-    end-of-text after it (with_end_of_text)."""
-    from ..eval.logprobs import token_logprobs
-
+    end-of-text after it (with_end_of_text). rows_per_pass: the most rows each model (policy, reference, reward
+    model) reads in one forward pass (in_row_chunks; None: all at once)."""
     device = next(model.parameters()).device
     ids, targets = rollout_rows(prompts, responses, pad_id)
     ids, targets = ids.to(device), targets.to(device)
     mask = targets != -1
-    logprobs, values = model(ids, targets, temperature)
-    ref_logprobs = token_logprobs(reference, ids, targets, temperature).float()
+    logprobs, values = in_row_chunks(lambda i, t: model(i, t, temperature), rows_per_pass, ids, targets)
+    ref_logprobs = frozen_logprobs(reference, ids, targets, rows_per_pass, temperature)
 
     scores = reward_model_scores(reward_model, prompts, with_end_of_text(responses, pad_id, stop), pad_id, device,
-                                 bos_token)
+                                 bos_token, rows_per_pass)
 
     rewards = -kl_coef * (logprobs - ref_logprobs) * mask
     last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
@@ -353,9 +388,11 @@ def score_rollout(model: PolicyWithValue, reference: nn.Module, reward_model, pr
 
 @torch.no_grad()
 def reward_model_scores(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                        device: torch.device, bos_token: int | None = None) -> torch.Tensor:
+                        device: torch.device, bos_token: int | None = None, rows_per_pass: int | None = None
+                        ) -> torch.Tensor:
     """(B,) fp32 the reward model's score of each prompt + response text (its ids on `device`). bos_token: as
-    score_rollout's."""
+    score_rollout's; rows_per_pass: the most texts it reads in one forward pass (None: all at once), each padded as
+    in one pass of all of them."""
     from .reward import make_score_batch
 
     # The reward model reads the whole text; a llmkern RewardModel only its last block_size tokens.
@@ -363,7 +400,8 @@ def reward_model_scores(reward_model, prompts: list[list[int]], responses: list[
     keep_first = 0 if bos_token is None else 1
     texts = [keep_last(p + r, limit, keep_first) if limit else p + r for p, r in zip(prompts, responses)]
     score_ids, lengths = make_score_batch(texts, pad_id)
-    return reward_model(score_ids.to(device), lengths.to(device)).float().reshape(-1)
+    return in_row_chunks(lambda i, n: reward_model(i, n).float().reshape(-1), rows_per_pass, score_ids.to(device),
+                         lengths.to(device))
 
 
 def with_end_of_text(responses: list[list[int]], eot: int, stop=None) -> list[list[int]]:
@@ -506,7 +544,7 @@ def ppo_iteration(model: PolicyWithValue, reference: nn.Module, reward_model, op
     with autocast():
         responses = sample_responses(model.policy, prompts, config, eot, seed, stop)
         rollout = score_rollout(model, reference, reward_model, prompts, responses, eot, config.kl_coef, bos_token,
-                                logprob_temperature(config), stop)
+                                logprob_temperature(config), stop, rows_per_pass=config.batch_size)
     advantages, returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.returns = returns
     if config.whiten_advantages:
@@ -540,7 +578,7 @@ def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model,
         with autocast():
             responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1, stop=stop)
             rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef, bos_token,
-                                    logprob_temperature(config), stop)
+                                    logprob_temperature(config), stop, rows_per_pass=config.batch_size)
         scores += rollout.scores.tolist()
         kls += (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).tolist()
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls)}
