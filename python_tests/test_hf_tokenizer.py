@@ -206,12 +206,20 @@ def test_ignore_merges_with_every_split_listed(tmp_path, trained):
     tok = import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")
     for text in TEXTS + random_texts(5):
         assert tok.encode(text) == original.encode(text), text
-    # with one split missing (of a token that other splits still make) it is refused
+    # with one split missing (of a token that other splits still make) that its own BPE takes, it is refused:
+    # Hugging Face's BPE stops at that split where tiktoken goes on to the token
     made = [m[0] + m[1] for m in full]
-    dropped = next(m for m in full if made.count(m[0] + m[1]) > 1)
+    taken = hf_json(original)["model"]["merges"]  # each token's split by its own BPE
+    dropped = next(m for m in full if made.count(m[0] + m[1]) > 1 and m in taken)
     data["model"]["merges"] = [m for m in full if m != dropped]
     with pytest.raises(ValueError, match="ignore_merges but no merge"):
         import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")
+    # one that no token's BPE takes changes nothing: the merges still rebuild every token
+    data["model"]["merges"] = [m for m in full if m in taken or made.count(m[0] + m[1]) == 1]
+    assert len(data["model"]["merges"]) < len(full)
+    tok = import_hf_tokenizer(write(tmp_path, data), tmp_path / "out.tiktoken")
+    for text in TEXTS + random_texts(6):
+        assert tok.encode(text) == original.encode(text) == hf_encode(data, text, HF_GPT2_REGEX), text
 
 
 def _swap_ids_of_two_merges(data):

@@ -14,7 +14,7 @@ tiktoken merges the adjacent pair whose concatenation has the lowest rank; Huggi
 the merges list. For them to agree the merges must give ids in their own order (ties only where several
 merges give one token, as in Llama 3's file), every longer token must be some merge's result, and a token's
 own bytes must merge into that token (with ignore_merges, tiktoken's way of taking a whole token as it is,
-every split of a token into two tokens must be a merge instead, as in files converted from tiktoken): all
+that or else every split of a token into two tokens being a merge, as in files converted from tiktoken): all
 checked. A BPE trained as usual (by `tokenizers`, or converted from tiktoken) meets them. Refused, saying
 what was found: Unigram, WordPiece, SentencePiece-style BPE (a Metaspace pre-tokenizer, byte_fallback:
 Llama 2, TinyLlama), normalizers that change text (NFKC, lowercase; NFC is kept with a warning, as it
@@ -246,6 +246,30 @@ def _hf_bpe(chars: list[str], merge_rank: dict[tuple[str, str], int]) -> list[st
     return chars
 
 
+def _token_not_rebuilt(merged: set[str], merge_rank: dict[tuple[str, str], int]) -> str | None:
+    """What is wrong where some token's characters do not merge into that token (Hugging Face's BPE without
+    ignore_merges), else None."""
+    for token in merged:
+        got = _hf_bpe(list(token), merge_rank)
+        if got != [token]:
+            return (f"merges the characters of its token {token!r} into {got}, not that token (and has no "
+                    f"ignore_merges): tiktoken would give the token")
+    return None
+
+
+def _split_not_merged(merged: set[str], vocab_ids: dict[str, int], merge_rank: dict[tuple[str, str], int]) -> str | None:
+    """What is wrong where some split of a token into two tokens is no merge, else None. A file converted from
+    tiktoken (Llama 3's) lists every such split: then merging a pair and ranking its concatenation are one thing.
+    Without that they part (a pair that is no merge still makes a token for tiktoken)."""
+    for token in merged:
+        for k in range(1, len(token)):
+            if token[:k] in vocab_ids and token[k:] in vocab_ids and (token[:k], token[k:]) not in merge_rank:
+                return (f"has ignore_merges but no merge {token[:k]!r} + {token[k:]!r} for its token {token!r}, and "
+                        f"its merges do not rebuild every token either: tiktoken would merge those two, Hugging Face "
+                        f"not")
+    return None
+
+
 def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None, bos_token=FROM_POST_PROCESSOR):
     """Write the byte-level BPE of a Hugging Face tokenizer.json as `out_path` (.tiktoken) and its sidecar.
 
@@ -341,22 +365,16 @@ def import_hf_tokenizer(tokenizer_json, out_path, eot_token: str | None = None, 
     for i, pair in enumerate(pairs):
         merge_rank.setdefault(pair, i)
     if model.get("ignore_merges"):
-        # A file converted from tiktoken (Llama 3's) lists every split of a token into two tokens as a merge:
-        # then merging a pair and ranking its concatenation are one thing. Without that they part (a pair
-        # that is no merge still makes a token for tiktoken).
-        for token in merged:
-            for k in range(1, len(token)):
-                if token[:k] in vocab_ids and token[k:] in vocab_ids and (token[:k], token[k:]) not in merge_rank:
-                    raise ValueError(
-                        f"tokenizer_json: {path!r} has ignore_merges but no merge {token[:k]!r} + {token[k:]!r} for "
-                        f"its token {token!r}: tiktoken would merge those two, Hugging Face not")
+        # Either check will do: a file whose merges rebuild every token (llmkern's export, which lists one merge a
+        # token) gives the same ids with or without ignore_merges. The cheaper one first (Llama 3's 128k tokens).
+        problem = _split_not_merged(merged, vocab_ids, merge_rank)
+        if problem is not None and _token_not_rebuilt(merged, merge_rank) is None:
+            problem = None
     else:
         # tiktoken takes a piece that is a whole token as that token; Hugging Face merges it unless ignore_merges
-        for token in merged:
-            got = _hf_bpe(list(token), merge_rank)
-            if got != [token]:
-                raise ValueError(f"tokenizer_json: {path!r} merges the characters of its token {token!r} into "
-                                 f"{got}, not that token (and has no ignore_merges): tiktoken would give the token")
+        problem = _token_not_rebuilt(merged, merge_rank)
+    if problem is not None:
+        raise ValueError(f"tokenizer_json: {path!r} {problem}")
 
     ids = set(ranks.values()) | set(special.values())
     n_vocab = max(ids) + 1

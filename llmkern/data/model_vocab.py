@@ -25,10 +25,20 @@ def is_ordinary_id(tokenizer, token_id: int) -> bool:
     if not _has_token(tokenizer, token_id):
         return False
     try:
-        text = tokenizer.decode([token_id])
+        text = _token_name(tokenizer, token_id)
     except (KeyError, ValueError):  # a hole that the tokenizer could not be asked about directly
         return False
     return tokenizer.special_token(text) != token_id
+
+
+def _token_name(tokenizer, token_id: int) -> str:
+    """The text of token_id as special_token names it. A tokenizer.json's decoder runs over a special token's text
+    too (ByteLevel reads "ü" as the byte it stands for, Metaspace makes "▁" a space), so `tokenizers` is asked for
+    the token itself where it is there; tiktoken decodes a special token to its name."""
+    backend = getattr(tokenizer, "backend", None)  # Hugging Face tokenizers'
+    if backend is not None and hasattr(backend, "id_to_token"):
+        return backend.id_to_token(token_id)
+    return tokenizer.decode([token_id])
 
 
 def _has_token(tokenizer, token_id: int) -> bool:

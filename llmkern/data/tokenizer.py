@@ -4,8 +4,8 @@ Specs:
 - "bytes": byte-level, ids 0..255 are the UTF-8 bytes, 256 is <|endoftext|> (n_vocab 257).
 - a tiktoken encoding name ("gpt2", "cl100k_base", ...), when tiktoken has its file (cached
   or downloadable); otherwise TokenizerUnavailableError (an OSError) saying to pass a path.
-- a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern
-  and <|endoftext|> = len(ranks), unless a sidecar "<file>.json" written by
+- a path to a .tiktoken file (base64 token + rank per line). It is split with GPT-2's pattern and
+  <|endoftext|> = the id after the highest rank (len(ranks): GPT-2's 50256), unless a sidecar "<file>.json" written by
   llmkern.data.bpe.train_bpe gives the pattern and special tokens it was trained with (one written by
   llmkern.data.hf_tokenizer also names the special token that ends documents, "eot_token", and the one
   that begins every sequence, "bos_token", where the model was trained with one: Llama 3's).
@@ -227,7 +227,18 @@ class TiktokenTokenizer:
         if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
             bad = next(i for i in ids if not 0 <= i < self.n_vocab)
             raise ValueError(f"ids: expected token ids in [0, {self.n_vocab}), got {bad}")
-        return self.encoding.decode(ids)
+        try:
+            return self.encoding.decode(ids)
+        except KeyError:  # an id in range that no token has (cl100k_base's 100256)
+            bad = next(i for i in ids if not self._has_token(i))
+            raise ValueError(f"ids: {bad} is the id of no token of {self.spec!r}") from None
+
+    def _has_token(self, token_id: int) -> bool:
+        try:
+            self.encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            return False
+        return True
 
     def special_token(self, name: str) -> int | None:
         """The id of the special token called `name` exactly (a .tiktoken file's come from its sidecar), else None."""
@@ -267,7 +278,9 @@ def _load_tiktoken_file(path: str) -> TiktokenTokenizer:
     if not ranks:
         raise ValueError(f"spec: {path!r} is an empty .tiktoken file")
     pattern = GPT2_PATTERN
-    special = {ENDOFTEXT: len(ranks)}
+    # the id after the highest rank: len(ranks) where the ranks leave no id out (GPT-2's 50256), which with a hole
+    # would be an ordinary token's
+    special = {ENDOFTEXT: max(ranks.values()) + 1}
     eot_name = ENDOFTEXT
     bos_name = None
     side = sidecar_path(path)
