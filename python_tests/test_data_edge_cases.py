@@ -78,6 +78,23 @@ def test_zstd_files_of_several_frames_and_complete_ones_read_whole(tmp_path):
     assert docs == [] and dict(report.counts) == {"empty_file": 1}
 
 
+def test_zstd_skippable_frames_and_frames_of_unknown_size_read_whole(tmp_path):
+    # What zstd's streaming tools write: frames without their content size (zstd -c from a pipe) and skippable
+    # frames (pzstd's and seekable indexes' metadata), which carry no text and must not end the file.
+    zstandard = pytest.importorskip("zstandard")
+    texts = _documents(random.Random(5), 300)
+    body = "\n\n".join(texts).encode()
+    streamed = zstandard.ZstdCompressor().compressobj()
+    unknown_size = streamed.compress(body[:5000]) + streamed.flush()
+    assert zstandard.frame_content_size(unknown_size) == -1  # -1: unknown
+    skippable = (0x184D2A5B).to_bytes(4, "little") + (7).to_bytes(4, "little") + b"\xff" * 7
+    path = tmp_path / "mixed.txt.zst"
+    path.write_bytes(skippable + unknown_size + skippable + zstandard.ZstdCompressor().compress(body[5000:])
+                     + skippable)
+    docs, report = _read(path, separator="\n\n")
+    assert [d.text for d in docs] == texts and not report.counts
+
+
 def test_a_file_named_twice_in_different_spellings_is_read_once(tmp_path, monkeypatch):
     # Identity was the path string: "corpus" and "./corpus/a.jsonl" listed a.jsonl twice, and every
     # document of it was read (and, without exact dedup, kept) twice.
@@ -89,6 +106,22 @@ def test_a_file_named_twice_in_different_spellings_is_read_once(tmp_path, monkey
                  "corpus/*.jsonl"]
     assert expand_inputs(spellings) == [os.path.join("corpus", "a.jsonl")]
     assert [d.text for d in read_documents(spellings)] == ["one", "two"]
+
+
+def test_files_are_told_apart_by_where_they_are_not_how_their_path_reads(tmp_path, monkeypatch):
+    # Keyed by os.path.abspath, "link/../a.jsonl" (link a symlink to another directory) read as "a.jsonl" and
+    # the other directory's a.jsonl was dropped unread; and a symlink to a file named too was read twice.
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "a.jsonl").write_text('{"text": "elsewhere"}\n', encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.jsonl").write_text('{"text": "here"}\n', encoding="utf-8")
+    (work / "link").symlink_to(tmp_path / "elsewhere" / "sub", target_is_directory=True)
+    (work / "alias.jsonl").symlink_to(work / "a.jsonl")
+    monkeypatch.chdir(work)
+    assert expand_inputs(["a.jsonl", "link/../a.jsonl"]) == ["a.jsonl", "link/../a.jsonl"]
+    assert [d.text for d in read_documents(["a.jsonl", "link/../a.jsonl"])] == ["here", "elsewhere"]
+    assert expand_inputs(["a.jsonl", "alias.jsonl"]) == ["a.jsonl"]
 
 
 def test_parts_are_read_in_input_order_past_99999_inputs(tmp_path):

@@ -145,8 +145,10 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     unique = []
     for f in files:
-        # by the absolute path, not the spelling: "corpus" and "./corpus/a.jsonl" name one file, read once
-        key = os.path.abspath(f)
+        # by the file the path reaches, not its spelling: "corpus" and "./corpus/a.jsonl" name one file, read
+        # once, as do a symlink and its target; realpath, not abspath, which folds "link/../a" lexically into
+        # "a" and dropped another directory's a.jsonl
+        key = os.path.realpath(f)
         if key not in seen:
             seen.add(key)
             unique.append(f)
