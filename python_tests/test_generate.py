@@ -73,6 +73,21 @@ def test_generation_past_block_size_slides_the_window(layout):
         assert row == greedy_by_hand(model, prompt, 20)
 
 
+def test_a_longrope_generation_that_grows_past_the_original_context_recomputes_its_cache():
+    """A longrope model takes short_factor up to original_max_position_embeddings (12 here) tokens, long_factor past
+    them. The keys cached with short_factor are recomputed with long_factor at the first step past 12, as
+    transformers' Phi3ForCausalLM.generate does (its "enforce re-compute cache"): the cached generation is the
+    uncached one and the definition's. Kept, they gave other tokens. (In a batch the longest row's length
+    decides for every row, as in transformers: the definition is checked prompt by prompt.)"""
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0 ** i for i in range(8)],
+               "original_max_position_embeddings": 12, "attention_factor": 1.0}
+    model = make_model("rope", rope_scaling=scaling)
+    cached = generate(model, PROMPTS, max_new_tokens=16, temperature=0)
+    assert cached == generate(model, PROMPTS, max_new_tokens=16, temperature=0, use_cache=False)
+    for prompt in PROMPTS:
+        assert generate(model, [prompt], max_new_tokens=16, temperature=0) == [greedy_by_hand(model, prompt, 16)]
+
+
 @pytest.mark.parametrize("layout", ["rope-window", "learned-window"])
 def test_the_sliding_window_changes_what_is_generated(layout):
     """The windowed layouts above would pass with a window that every path ignored: here it is seen to matter."""

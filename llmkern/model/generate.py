@@ -17,6 +17,11 @@ A model's own sliding window (GPTConfig.sliding_window) is another thing: each s
 masks here stay over every column since the first cached one; the attention layer picks the columns each ring
 slot holds.
 
+A longrope model (Phi-3's) whose block_size is past its original context takes long_factor once the sequence
+(the batch's longest row) is past it, as transformers does: the step that first goes past recomputes the
+cache, whose keys took short_factor, as transformers' Phi3ForCausalLM.generate does. So there a row's tokens
+may depend on the longest row in its batch.
+
 A seed fixes each prompt's sample whatever else is in the batch: row i draws its numbers from a
 private stream keyed by (seed, i), so prompts[0] samples as it would alone, and a row's tokens
 change only where its logits do (batching may change them by rounding).
@@ -204,7 +209,8 @@ def _uniform_draws(seed: int | None, row_ids: range, device: torch.device) -> Ca
 
 
 class _CachedDecoder:
-    """Prefill once, then one token a step against the KV cache; a sliding window once it is full."""
+    """Prefill once (once more where a longrope model's tables switch, see _longrope_switches), then one token a
+    step against the KV cache; a sliding window once it is full."""
 
     def __init__(self, model: GPT, max_new_tokens: int, keep_first: int):
         self.model = model
@@ -214,9 +220,13 @@ class _CachedDecoder:
         self.prefilled = False
         self.start = 0  # the column of the first cached token
         self.next_pos: torch.Tensor | None = None  # (B,) the position of each row's next token
+        self.steps = 0  # the tokens sampled so far
+        self.short_context = _longrope_short_context(model)
+        self.cached_short = False  # the cached keys took longrope's short_factor
 
     def next_logits(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if not self.prefilled:
+        self.steps += 1
+        if not self.prefilled or self._longrope_switches():
             return self._prefill(tokens, valid)
         if self.cache is None or self.cache.full:
             # From here on each step reruns the window: the cache, every layer's keys and values of the whole
@@ -236,8 +246,8 @@ class _CachedDecoder:
         # read columns start.. of `valid`, never follow a prompt that _model_window rearranged.
         self.start = max(0, tokens.size(1) - block)
         window, window_valid = _model_window(tokens, valid, block, self.keep_first)
-        # The last new token is never fed back, so the cache needs room for max_new_tokens - 1 more.
-        capacity = min(block, window.size(1) + self.max_new_tokens - 1)
+        # The tokens still to sample, all but the last fed back, need room in the cache.
+        capacity = min(block, window.size(1) + self.max_new_tokens - self.steps)
         config = self.model.config
         windows = [config.layer_window(i) for i in range(config.n_layer)]  # the sliding layers' caches are rings
         self.cache = KVCache(config.n_layer, capacity, windows)
@@ -245,7 +255,26 @@ class _CachedDecoder:
         positions, attn_mask = _positions_and_mask(window_valid)
         hidden = self.model.hidden_states(window, positions, attn_mask, self.cache)
         self.next_pos = window_valid.sum(dim=1)
+        # the prefill's sequence (its longest row) takes the short tables up to short_context tokens
+        self.cached_short = self.short_context is not None and int(self.next_pos.max()) <= self.short_context
         return self.model.head(hidden[:, -1])
+
+    def _longrope_switches(self) -> bool:
+        """Whether this step is the first whose sequence (the longest row's tokens, this one too) is past longrope's
+        original context while the cached keys took short_factor: transformers' Phi3ForCausalLM.generate then
+        recomputes the cache ("enforce re-compute cache"), all keys taking long_factor, as a rerun without a cache
+        does. Kept, the keys would mix short_factor and long_factor rotations."""
+        if not self.cached_short or self.cache is None or self.cache.full:  # a full cache: the window is rerun
+            return False
+        return int(self.next_pos.max()) >= self.short_context  # this step's sequence: max(next_pos) + 1 tokens
+
+
+def _longrope_short_context(model: GPT) -> int | None:
+    """The original context of a model whose RoPE tables switch from longrope's short_factor to its long_factor
+    within block_size (llmkern.nn.rotary.RotaryCache's short tables); None for any other model."""
+    rotary = getattr(model, "rotary", None)
+    short_cos = getattr(rotary, "short_cos", None)
+    return None if short_cos is None else short_cos.size(0)
 
 
 def _window_logits(model: GPT, tokens: torch.Tensor, valid: torch.Tensor, keep_first: int) -> torch.Tensor:

@@ -221,9 +221,9 @@ class RotaryCache(nn.Module):
         With short tables (a longrope context past original_max_position_embeddings, O), the call takes the long
         ones when its sequence is longer than O, the short ones otherwise, as Hugging Face's forward pass does:
         the sequence's length is seq_len without positions, max(positions) + 1 over the whole batch with them
-        (so a cached decode step counts every token so far). Keys cached before a generation grows past O keep
-        the short_factor rotation they were cached with, as in Hugging Face's cache; rerun without a cache, the
-        whole sequence takes long_factor. Cached and uncached agree while a sequence stays on one side of O.
+        (so a cached decode step counts every token so far). Keys cached before a sequence grows past O keep the
+        short_factor rotation they were cached with: llmkern.model.generate recomputes them at that step, as
+        transformers' Phi3ForCausalLM.generate does, so that cached and uncached generation agree.
         """
         if positions is None:
             if not 0 <= seq_len <= self.max_positions:  # a slice would silently stop at the table's end
