@@ -708,8 +708,8 @@ def _grpo_worker(rank, port, tmp_path):
     sampled = []
     real_sample, real_save = ppo.sample_responses, base.save_finetuned
 
-    def sample(policy, prompts, config, eot, seed, stop=None):
-        responses = real_sample(policy, prompts, config, eot, seed, stop)
+    def sample(policy, prompts, config, eot, seed, stop=None, first_row=0):
+        responses = real_sample(policy, prompts, config, eot, seed, stop, first_row)
         sampled.append({"seed": seed, "prompts": prompts, "responses": responses})
         return responses
 

@@ -511,6 +511,19 @@ def test_chunked_sampling_draws_what_one_call_of_every_row_draws(generation_batc
     assert sample_responses(policy, prompts, sampling_settings(generation_batch), 256, seed=11) == whole
 
 
+def test_a_part_sampled_with_its_first_row_draws_what_the_whole_call_draws():
+    """The evaluation samples its prompts rollout_batch at a time, each part told its first row: its responses
+    are then those of one call, whatever rollout_batch (each part drew from rows 0.. before)."""
+    from llmkern.finetune.ppo import sample_responses
+
+    policy = tiny_gpt(3)
+    prompts = [[72, 105, 33]] * 6
+    whole = sample_responses(policy, prompts, sampling_settings(0), 256, seed=11)
+    parts = [sample_responses(policy, prompts[start : start + 4], sampling_settings(0), 256, seed=11, first_row=start)
+             for start in (0, 4)]
+    assert parts[0] + parts[1] == whole and parts[1] != whole[:2]
+
+
 def test_generation_batch_is_checked_and_read_from_the_command_line(tmp_path):
     from llmkern.finetune.config import load_finetune_config
 
@@ -745,8 +758,8 @@ def _ppo_worker(rank, port, tmp_path):
     real_sample, real_score, real_save, real_iteration = (ppo.sample_responses, ppo.score_rollout,
                                                           base.save_finetuned, ppo.ppo_iteration)
 
-    def sample(policy, prompts, config, eot, seed, stop=None):
-        responses = real_sample(policy, prompts, config, eot, seed, stop)
+    def sample(policy, prompts, config, eot, seed, stop=None, first_row=0):
+        responses = real_sample(policy, prompts, config, eot, seed, stop, first_row)
         events.append({"run": name["run"], "seed": seed, "responses": responses})
         return responses
 

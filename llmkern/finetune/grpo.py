@@ -554,7 +554,7 @@ def evaluate_groups(policy: nn.Module, reference: nn.Module | None, reward, prom
         chunk = prompts[start : start + config.rollout_batch]
         rows, answers = [tokens for tokens, _ in chunk], [answer for _, answer in chunk]
         with autocast():
-            responses = sample_responses(policy, rows, config, eot, seed=config.seed + 1, stop=stop)
+            responses = sample_responses(policy, rows, config, eot, seed=config.seed + 1, stop=stop, first_row=start)
             rewards += reward(rows, responses, answers, policy.device).tolist()
             if reference is not None:
                 ids, targets = (t.to(policy.device) for t in rollout_rows(rows, responses, eot))

@@ -418,8 +418,8 @@ def ended_at_marker(response: list[int], eot: int, stop=None) -> bool:
     return stop is not None and response[-1:] != [eot] and bool(stop(response))
 
 
-def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int, stop=None
-                     ) -> list[list[int]]:
+def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: int, seed: int, stop=None,
+                     first_row: int = 0) -> list[list[int]]:
     """A sampled response (new tokens, ending with eot unless cut at max_new_tokens) per prompt, in the prompts'
     order; config gives max_new_tokens, temperature, top_k and generation_batch (a PPOConfig's or GRPOConfig's).
     Rows of one prompt repeated draw different responses (each row its own stream of `seed`). stop:
@@ -429,7 +429,9 @@ def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: i
     The rows go to generate generation_batch at a time (0: all in one call), so that its KV cache holds no more;
     each call is told where its rows start (generate's first_row), so that every row draws from the stream it
     would in one call of all the rows: the responses are the same whatever generation_batch (up to generate's
-    batching rounding)."""
+    batching rounding; and for a longrope model, whose tables a call picks by its longest row, but where a call's
+    rows cross the original context). first_row: the index of prompts[0] among a larger batch sampled a part at a
+    time (the evaluation's, rollout_batch prompts a part), whose rows then draw as in one call of it all."""
     from ..model import generate
 
     per_call = config.generation_batch or max(len(prompts), 1)
@@ -437,7 +439,7 @@ def sample_responses(policy: nn.Module, prompts: list[list[int]], config, eot: i
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
         out = generate(policy, chunk, config.max_new_tokens, temperature=config.temperature,
-                       top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop, first_row=start)
+                       top_k=config.top_k or None, eos_token=eot, seed=seed, stop=stop, first_row=first_row + start)
         responses += [row[len(prompt):] for prompt, row in zip(chunk, out)]
     return responses
 
@@ -576,7 +578,8 @@ def evaluate_prompts(model: PolicyWithValue, reference: nn.Module, reward_model,
     for start in range(0, len(prompts), config.rollout_batch):
         chunk = prompts[start : start + config.rollout_batch]
         with autocast():
-            responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1, stop=stop)
+            responses = sample_responses(model.policy, chunk, config, eot, seed=config.seed + 1, stop=stop,
+                                         first_row=start)
             rollout = score_rollout(model, reference, reward_model, chunk, responses, eot, config.kl_coef, bos_token,
                                     logprob_temperature(config), stop, rows_per_pass=config.batch_size)
         scores += rollout.scores.tolist()

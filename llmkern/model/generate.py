@@ -79,8 +79,9 @@ def generate(
             tokenizer with a begin-of-sequence token (len(llmkern.data.sequences.sequence_start(tokenizer))),
             which each prompt starts with; an int in [0, block_size).
         first_row: the index of prompts[0] in a larger batch sampled a part at a time: row i draws from the
-            stream keyed by (seed, first_row + i), so the parts draw what one call of the whole batch would
-            (llmkern.finetune.ppo.sample_responses samples its rollouts so). An int >= 0.
+            stream keyed by (seed, first_row + i), so the parts draw what one call of the whole batch would (up to
+            batching's rounding, and a longrope model's tables, which a call picks by its longest row;
+            llmkern.finetune.ppo.sample_responses samples its rollouts so). An int >= 0.
 
     Returns:
         One list per prompt: the prompt followed by its new tokens.
