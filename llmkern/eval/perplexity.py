@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .._modes import eval_mode
-from .logprobs import token_logprobs
+from .logprobs import logprobs_from_hidden
 
 
 def sliding_windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -81,7 +81,7 @@ def perplexity(
          "context", "stride", "windows"} and "bits_per_byte" when num_bytes is given.
     """
     streams = _as_streams(tokens)
-    # Token 0 of a stream is read but never a target, so token_logprobs' check of the targets misses it:
+    # Token 0 of a stream is read but never a target, so the check of the targets (logprobs_from_hidden) misses it:
     # an id past the vocabulary (another tokenizer's) would be embedded by a padding row, or crash.
     vocab = model.config.vocab_size
     for s in streams:
@@ -117,9 +117,9 @@ def perplexity(
     with eval_mode(model):
         for b in batches:
             ids, targets = _window_batch([(streams[i], w) for i, w in jobs[b : b + batch_size]])
-            logp = token_logprobs(model, ids.to(device), targets.to(device))  # (B, T), 0 where target == -1
+            logp = _scored_logprobs(model, ids.to(device), targets.to(device))
             total_nll -= float(logp.double().sum())
-            total_tokens += int((targets != -1).sum())
+            total_tokens += logp.numel()
 
     loss = total_nll / total_tokens
     result = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": total_tokens,
@@ -148,6 +148,17 @@ def perplexity_of_text(model, tokenizer, text: str, stride: int | None = None, c
     history = sequence_start(tokenizer) or [tokenizer.eot_token]
     return perplexity(model, history + ids, context=context, stride=stride, batch_size=batch_size,
                       num_bytes=len(text.encode("utf-8", errors="replace")), progress=progress)
+
+
+def _scored_logprobs(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(1, N) log p of the N scored targets (those that are not -1) of a batch of windows, row by row.
+
+    The logits are made at those positions only: a window's history (context - stride of its tokens: half of
+    them at the default stride) and its padding need none, and their (B, T, V) logits, made in the model's dtype
+    and copied to fp32, were most of the memory at a large vocabulary (and the LM head's matmul, of the time)."""
+    hidden = model.hidden_states(ids)  # (B, T, C)
+    scored = targets != -1
+    return logprobs_from_hidden(model, hidden[scored].unsqueeze(0), targets[scored].unsqueeze(0))
 
 
 def _as_streams(tokens: object) -> list[list[int]]:

@@ -25,7 +25,8 @@ import numbers
 import os
 import random
 import statistics
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -256,8 +257,8 @@ def bootstrap_interval(outcomes: Sequence[float], confidence: float = 0.95, samp
     n = len(outcomes)
     means = sorted(sum(rng.choices(outcomes, k=n)) / n for _ in range(samples))
     tail = (1 - confidence) / 2
-    lo = means[min(samples - 1, int(math.floor(tail * samples)))]
-    hi = means[min(samples - 1, int(math.ceil((1 - tail) * samples)) - 1)]
+    lo = means[min(samples - 1, math.floor(tail * samples))]
+    hi = means[min(samples - 1, math.ceil((1 - tail) * samples) - 1)]
     return lo, hi
 
 
@@ -459,7 +460,9 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
         answers.append(generate_responses(model, tokenizer, examples, max_new_tokens, batch_size=batch_size,
                                           progress=progress, prompt_format=fmt))
         templates.append(fmt.template)
-        del model  # one model in memory at a time
+        # One run in memory at a time: the checkpoint too holds the weights and the optimizer state on the host
+        # (~12 bytes a parameter), kept alive while the next run (and then the judge) loaded.
+        del model, state
     judge_run = os.path.abspath(judge) if judge_is_run else None
     if judge_is_run:
         judge = load_judge(os.fspath(judge), judge_kind, device, batch_size)
