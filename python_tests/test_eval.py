@@ -489,6 +489,17 @@ def test_generated_responses_are_greedy_continuations_of_the_alpaca_prompt():
         generate_responses(model, BYTES, [{"input": "no instruction"}], max_new_tokens=2)
 
 
+def test_sampled_responses_are_the_same_whatever_the_batch_size():
+    # Each batch tells generate where its rows start: with batch_size 1 every prompt drew from row 0's stream.
+    model = tiny_gpt(block_size=128)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every byte equally likely: rows agree only where their draws do
+    instructions = ["Say it."] * 4  # one prompt: the rows differ only by their streams
+    sampled = [generate_responses(model, BYTES, instructions, max_new_tokens=8, temperature=1.0, seed=5,
+                                  batch_size=batch_size) for batch_size in (1, 3, 4)]
+    assert sampled[0] == sampled[1] == sampled[2] and len(set(sampled[0])) == 4, sampled
+
+
 def test_compare_runs_generates_with_each_run_and_asks_the_judge(tmp_path):
     run_a = save_run(tmp_path / "a", tiny_gpt(block_size=128, seed=1))
     run_b = save_run(tmp_path / "b", tiny_gpt(block_size=128, seed=2))

@@ -398,7 +398,7 @@ def generate_responses(model, tokenizer, instructions: Sequence[str | dict[str, 
         starts = tqdm(starts, unit="batch", desc="generate", dynamic_ncols=True)
     for b in starts:
         batch = respond(model, tokenizer, prompts[b : b + batch_size], fmt, max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed)
+                        top_k=top_k, top_p=top_p, seed=seed, first_row=b)  # each row its own stream, any batch_size
         responses += [r.strip() for r in batch]
     return responses
 

@@ -486,8 +486,9 @@ def cut_at_tokens(ids: Sequence[int], token_ids: Sequence[int]) -> list[int]:
 
 def respond(model, tokenizer, prompts: Sequence[str], prompt_format: PromptFormat, max_new_tokens: int,
             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-            seed: int | None = 0) -> list[str]:
-    """The model's response to each prompt (one batch): the decoded new text up to end-of-text or the
+            seed: int | None = 0, first_row: int = 0) -> list[str]:
+    """The model's response to each prompt (one batch; first_row: its first prompt's index among a larger set
+    sampled a batch at a time, as generate's): the decoded new text up to end-of-text or the
     template's end marker (its special token where the tokenizer has one, else its text), both left out. Each
     prompt (a PromptFormat.prompt, whose markers become special tokens where the tokenizer has them) starts with
     the tokenizer's begin-of-sequence token where it has one, which the model keeps reading where a prompt and
@@ -499,7 +500,7 @@ def respond(model, tokenizer, prompts: Sequence[str], prompt_format: PromptForma
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_token=tokenizer.eot_token, seed=seed, stop=response_stop(tokenizer, prompt_format),
-                   keep_first=len(sequence_start(tokenizer)))
+                   keep_first=len(sequence_start(tokenizer)), first_row=first_row)
     responses = []
     for prompt_ids, row in zip(ids, out):
         new = cut_at_tokens(row[len(prompt_ids):], ends)
