@@ -124,12 +124,13 @@ def llama_logits(sd: dict[str, torch.Tensor], idx: torch.Tensor, cfg: dict, qk_n
 
     x = w["embed_tokens.weight"][idx]
     causal_future = torch.ones(t, t, dtype=torch.bool).triu(1)
-    window = cfg.get("sliding_window") if cfg.get("model_type") in ("mistral", "phi3") else None
+    default_window = 4096 if cfg.get("model_type") in ("mistral", "qwen2", "qwen3") else None  # a key left out
+    window = cfg.get("sliding_window", default_window) if cfg.get("model_type") in ("mistral", "phi3") else None
     qwen_window = cfg.get("model_type") in ("qwen2", "qwen3") and cfg.get("use_sliding_window")
     for i in range(LAYERS):
         future = causal_future
         if qwen_window:
-            window = cfg["sliding_window"] if i >= cfg["max_window_layers"] else None
+            window = cfg.get("sliding_window", default_window) if i >= cfg["max_window_layers"] else None
         if window is not None:
             future = future | torch.ones(t, t, dtype=torch.bool).tril(-window)  # kv <= q - W: out of the window
         p = lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
@@ -366,6 +367,11 @@ def test_load_gpt_routes_by_model_type(tmp_path):
     ({"num_key_value_heads": 2.0}, "num_key_value_heads must be an int >= 1, got 2.0"),
     ({"rms_norm_eps": 0}, "rms_norm_eps must be a number > 0"),
     ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false"),
+    # RoPE on part of each head: transformers' Llama-family rotary tables would be that narrow; the model here turns
+    # all of each head (a partial turn is Phi-3's)
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
 ])
 def test_a_config_the_model_would_misread_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
@@ -488,6 +494,35 @@ def test_configs_that_compute_the_same_model_are_accepted():
     # a mistral window no shorter than the context given masks nothing, and is kept
     mistral = config_from_hf_llama(llama_config_json(model_type="mistral", sliding_window=16), block_size=16)
     assert (mistral.block_size, mistral.sliding_window) == (16, 16)
+
+
+def test_a_window_left_out_is_the_config_class_default():
+    """A config.json without sliding_window: MistralConfig, Qwen2Config and Qwen3Config fill in 4096 (Qwen's only
+    on with use_sliding_window), MixtralConfig none; null is none. Read as none, a Mistral past 4096 tokens (or a
+    Qwen with its window on) would attend to the whole context where transformers slides."""
+    def without_window(cfg):
+        return {k: v for k, v in cfg.items() if k != "sliding_window"}
+
+    mistral = without_window(llama_config_json(model_type="mistral", max_position_embeddings=8192))
+    assert config_from_hf_llama(mistral).sliding_window == 4096
+    assert config_from_hf_llama({**mistral, "sliding_window": None}).sliding_window is None
+    qwen = without_window(qwen2_config_json(use_sliding_window=True, max_window_layers=1, max_position_embeddings=8192))
+    for model_type in ("qwen2", "qwen3"):
+        c = config_from_hf_llama({**qwen, "model_type": model_type})
+        assert (c.sliding_window, c.layer_types) == (4096, ["full_attention", "sliding_attention"])
+    off = config_from_hf_llama(without_window(qwen2_config_json(max_position_embeddings=8192)))
+    assert (off.sliding_window, off.layer_types) == (None, None)
+
+
+def test_kv_heads_left_out_are_the_config_class_default():
+    """A config.json without num_key_value_heads: LlamaConfig makes it num_attention_heads, MistralConfig 8,
+    Qwen2Config and Qwen3Config 32; null is num_attention_heads for each. A Mistral of 32 heads on 8 kv heads
+    loads, rather than being refused for k_proj's shape."""
+    heads = {"num_attention_heads": 32, "hidden_size": 32 * 16}
+    for model_type, kv_heads in (("llama", 32), ("mistral", 8), ("qwen2", 32), ("qwen3", 32)):
+        cfg = {k: v for k, v in llama_config_json(model_type=model_type, **heads).items() if k != "num_key_value_heads"}
+        assert config_from_hf_llama(cfg).n_kv_head == kv_heads, model_type
+        assert config_from_hf_llama({**cfg, "num_key_value_heads": None}).n_kv_head == 32, model_type
 
 
 def test_weights_that_do_not_fit_are_refused():

@@ -6,9 +6,11 @@ logits (another RoPE scaling, biases, another activation) is refused, not ignore
 v0.1's 4096 of 32768 positions) is GPTConfig.sliding_window, and the model loads with its whole context. Qwen's
 window (on with use_sliding_window) slides on the layers layer_types names, or else on those from max_window_layers
 on, as transformers' Qwen2Config and Qwen3Config work them out: GPTConfig.layer_types, and the model loads with its
-whole context too. A sliding_window in a Llama config.json, which transformers' Llama does not read, makes the
-context that long, with a warning, unless block_size is given: within it the window masks nothing, so the model
-computes Hugging Face's logits whichever way it is read.
+whole context too. A Mistral or Qwen config.json without a sliding_window key has its config class's 4096 (null is
+no window), as it has the class's num_key_value_heads without that key. A sliding_window in a Llama config.json,
+which transformers' Llama does not read, makes the context that long, with a warning, unless block_size is given:
+within it the window masks nothing, so the model computes Hugging Face's logits whichever way it is read. A
+partial_rotary_factor other than 1 is refused for these types (RoPE on part of each head is Phi-3's, below).
 
 Qwen2 (and Qwen2.5: the same model_type "qwen2") is that model with biases on q_proj, k_proj and v_proj and on
 no other layer (GPTConfig.qkv_bias). Qwen3 ("qwen3") has no biases but Qwen3's QK-norm (GPTConfig.qk_norm), and
@@ -75,6 +77,12 @@ _SLIDING_TYPES = ("mistral", "mixtral", PHI3_TYPE)
 _DEFAULT_EPS = {PHI3_TYPE: 1e-5, "mixtral": 1e-5}
 # The RoPE base a config.json without rope_theta has (transformers' config classes' defaults); 10000.0 for the others
 _DEFAULT_THETA = {"mixtral": 1e6}
+# The sliding_window a config.json without the key has (MistralConfig's, Qwen2Config's, Qwen3Config's and
+# Qwen3MoeConfig's 4096; Qwen's only on with use_sliding_window); none for the others. A null is no window.
+_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen3_moe": 4096}
+# The num_key_value_heads a config.json without the key has (the config classes' defaults); LlamaConfig's, and a
+# null's in every class, is num_attention_heads
+_DEFAULT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32, "qwen3_moe": 4}
 # transformers' router_aux_loss_coef default (MixtralConfig's and Qwen3MoeConfig's), written when the model here has
 # none in use: off, by output_router_logits false, and ready for a fine-tuning that turns it on
 _HF_AUX_LOSS_COEF = 0.001
@@ -226,6 +234,16 @@ def _phi3_rope_dim(hf_config: dict, head_dim: int) -> int | None:
     return None if rope_dim == head_dim else rope_dim
 
 
+def _check_whole_head_rope(hf_config: dict, model_type: str) -> None:
+    """An error for a partial_rotary_factor other than 1 in a Llama-family config.json: transformers builds its RoPE
+    tables int(head_dim * factor) wide for any config that names one, while the model here turns all of each head
+    for these types (a partial turn is Phi-3's); ignored, it would compute other logits."""
+    factor = _partial_rotary_factor(hf_config)
+    if factor != 1:
+        raise ValueError(f"config.json has partial_rotary_factor={factor!r}: RoPE on part of each head, which a "
+                         f"{model_type} model here does not compute (it turns all of each head; Phi-3's turns part)")
+
+
 def _partial_rotary_factor(hf_config: dict) -> float:
     """config.json's partial_rotary_factor, a number in (0, 1]; 1 (Phi3Config's) when it has none. transformers 5
     moves it into rope_parameters (and reads rope_scaling as those): it may be in any of the three."""
@@ -245,7 +263,9 @@ def _partial_rotary_factor(hf_config: dict) -> float:
 
 def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     n_embd, n_head = hf_int(hf_config, "hidden_size"), hf_int(hf_config, "num_attention_heads")
-    n_kv_head = hf_int(hf_config, "num_key_value_heads", n_head)  # None there (old configs): n_head
+    # null (old configs): n_head; absent: the config class's default
+    kv_default = _DEFAULT_KV_HEADS.get(model_type, n_head) if "num_key_value_heads" not in hf_config else n_head
+    n_kv_head = hf_int(hf_config, "num_key_value_heads", kv_default)
     # HF's ACT2FN: "silu" and "swish" are both SiLU, the gate of our SwiGLU
     activation = hf_config.get("hidden_act", "silu")
     if activation not in ("silu", "swish"):
@@ -257,7 +277,11 @@ def _gpt_config(hf_config: dict, model_type: str, overrides: dict) -> GPTConfig:
     if not isinstance(tie, bool):
         raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
     head_dim = _head_dim(hf_config, model_type, n_embd, n_head)
-    rope_dim = _phi3_rope_dim(hf_config, head_dim) if model_type == PHI3_TYPE else None
+    if model_type == PHI3_TYPE:
+        rope_dim = _phi3_rope_dim(hf_config, head_dim)
+    else:
+        _check_whole_head_rope(hf_config, model_type)
+        rope_dim = None
     theta, scaling = _rope(hf_config, model_type, head_dim, rope_dim)
     eps = hf_number(hf_config, "rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6))
     values = dict(
@@ -324,8 +348,8 @@ def _head_dim(hf_config: dict, model_type: str, n_embd: int, n_head: int) -> int
 
 def _active_window(hf_config: dict, model_type: str) -> int | None:
     """The sliding window a model's attention has, or None: each query sees the last `window` keys, its own
-    included (see _SLIDING_TYPES)."""
-    window = hf_config.get("sliding_window")
+    included (see _SLIDING_TYPES). A config.json without the key has its config class's (_DEFAULT_WINDOW)."""
+    window = hf_config.get("sliding_window", _DEFAULT_WINDOW.get(model_type))
     if model_type in _QWEN_TYPES + ("qwen3_moe",):
         # Qwen's configs name a window (32768, 131072, ...) that only use_sliding_window=true turns on (false
         # in the released models); then layer_types or max_window_layers says which layers slide
