@@ -73,6 +73,9 @@ def _publish_folder(tmp: str, out_dir: str) -> None:
     old = None
     if os.path.isdir(out_dir):
         old = f"{tmp}.old"
+        # left by a publish of the same pid killed while deleting it: the rename onto it would fail, and out_dir
+        # is in place whole, so it is not needed
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)

@@ -133,9 +133,13 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
         json.dump(full_meta, f, indent=1)
     for name in os.listdir(tmp):
         _fsync(os.path.join(tmp, name))
+    fsync_dir(tmp)  # the files' names too: else a power loss could leave the renamed folder without one of them
 
     if os.path.exists(final):  # the same step saved again (e.g. the final save): swap it out
         old = final + f".old_{os.getpid()}"
+        # a writer of the same pid (a container's entrypoint), killed while deleting its swapped-out copy, left it
+        # there: the rename onto it would fail; step `final` is in place whole, so the leftover is not needed
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old)

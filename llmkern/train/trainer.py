@@ -284,7 +284,8 @@ class Trainer:
         """Train to max_steps (or early stop); returns a summary. resume=True continues from the newest
         checkpoint of the run folder (an error when there is none). A fresh start in a folder that holds
         a run is an error unless config.overwrite. Ctrl-C or SIGTERM (one process) stops after the step,
-        saves, and raises TrainingInterrupted."""
+        saves, and raises TrainingInterrupted; after the last step it lets the final evaluation and save end,
+        and the run ends as finished."""
         cfg = self.config
         check_run_folder(self.run_dir, resume, cfg.overwrite, cfg.max_steps)
         if resume:
@@ -315,20 +316,26 @@ class Trainer:
                 # A resumed run that had stopped early stays stopped (unless its patience was raised): it
                 # must not train past where it ended, as an uninterrupted run would not have.
                 stop_reason = "early_stopping" if resume and self._patience_ran_out() else self._train_steps(bar, stop)
-            if stop.requested:
+                trained_to_the_end = not stop.requested
+                if trained_to_the_end:  # under the handlers: a signal now lets the final evaluation and save end
+                    self._evaluate_and_save_the_end(stop_reason)
+            if not trained_to_the_end:
                 # a signal during the checkpoint of this very step: that one holds this state already (a second
                 # save would double the time a scheduler's grace period must cover, and swap the folder out)
                 path = self._saved[1] if self._saved[0] == self.step else self.save()
                 self.log.plot(self.run_dir)
                 raise TrainingInterrupted(f"{stop.requested} at step {self.step}: the run is saved ({path}); "
                                           f"continue it with the same command and --resume", stop.requested)
-            if stop_reason == "max_steps" and self.last_eval_step != self.step:  # not twice (a resumed finished run)
-                self._evaluate_and_check_patience()
-            self.save()
         finally:
             bar.close()
         self.log.plot(self.run_dir)
         return self._summary(stop_reason)
+
+    def _evaluate_and_save_the_end(self, stop_reason: str) -> None:
+        """The final evaluation (at max_steps, once) and the final checkpoint of a run that trained to its end."""
+        if stop_reason == "max_steps" and self.last_eval_step != self.step:  # not twice (a resumed finished run)
+            self._evaluate_and_check_patience()
+        self.save()
 
     def _clear_old_run(self) -> None:
         """Rank 0 deletes the checkpoints and log of the run a fresh start replaces (overwrite). The checkpoints
@@ -652,7 +659,8 @@ def _readback(mean_loss: torch.Tensor, grad_norm: torch.Tensor, mean_aux: torch.
 
 
 def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
+    """exp(loss); inf past exp's range (an OverflowError), and NaN for a NaN loss (`nan < 700` is False)."""
+    return math.inf if loss >= 700 else math.exp(loss)
 
 
 def _finite_or_none(x: float) -> float | None:
