@@ -184,6 +184,7 @@ def test_a_wrong_out_dir_data_file_or_model_path_is_told_before_any_model_loads(
 
     monkeypatch.setattr("llmkern.finetune.base.load_gpt", no_loading)
     monkeypatch.setattr("llmkern.train.checkpoint.load_checkpoint", no_loading)
+    monkeypatch.setattr("llmkern.train.checkpoint.load_model_checkpoint", no_loading)
     config_cls, run = get_method(method)
     settings = recipe_inputs(tmp_path)[method]
     model = tiny_gpt()

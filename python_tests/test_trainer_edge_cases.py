@@ -134,3 +134,29 @@ def test_a_checkpoints_files_are_made_durable_in_its_folder_before_it_is_renamed
     ckpt.save_checkpoint(str(tmp_path), 2, {"w": torch.randn(3)}, empty, {}, keep=1)
     assert flushed == [(f".tmp_step_0000002_{os.getpid()}", ["meta.json", *ckpt.TENSOR_FILES]),
                        ("checkpoints", ["step_0000001", "step_0000002"])]
+
+
+def test_a_trained_model_loads_without_reading_the_optimizer_state(tmp_path):
+    """Generation, evaluation and a fine-tuning's start read meta.json and the weights alone: state.safetensors
+    (AdamW's moments, twice a bf16 model's size and more) is neither read nor hashed; resuming reads it all."""
+    from llmkern.model import GPT, GPTConfig
+    from llmkern.train.inference import load_trained_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=257, block_size=16, backend="torch"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 257, (1, 8)))[0].sum().backward()
+    optimizer.step()
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(str(run), 1, model.state_dict(), optimizer.state_dict(),
+                         {"model_config": model.config.to_dict(), "tokenizer": "bytes"})
+    state_file = os.path.join(ckpt.latest_checkpoint(str(run)), "state.safetensors")
+    with open(state_file, "r+b") as f:  # damaged: a read (or its hash) would fail
+        f.seek(os.path.getsize(state_file) // 2)
+        f.write(b"\xff" * 8)
+    loaded, _, state = load_trained_model(str(run), "cpu")
+    assert state.optimizer == {} and state.rng == {}
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sha256"):
+        ckpt.load_checkpoint(str(run))

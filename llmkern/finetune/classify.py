@@ -295,7 +295,7 @@ def load_classifier(run_dir: str, device: str | torch.device = "auto"):
     """(GPTClassifier in eval mode, tokenizer, meta) from a run folder (or checkpoint folder) of run_classify."""
     from ..data.tokenizer import get_tokenizer
 
-    state = ckpt.load_checkpoint(run_dir)
+    state = ckpt.load_model_checkpoint(run_dir)
     info = state.meta.get("classifier")
     if not isinstance(info, dict) or "model_config" not in state.meta:
         raise ValueError(f"checkpoint {state.path!r} is not a classifier (no 'classifier' meta): "

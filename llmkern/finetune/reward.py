@@ -140,7 +140,7 @@ def load_reward_run(run_dir: str, device: str | torch.device = "auto") -> tuple[
     """load_reward_model, plus the checkpoint's meta (its fine-tuning settings name its prompt template)."""
     from ..data.tokenizer import get_tokenizer
 
-    state = ckpt.load_checkpoint(run_dir)
+    state = ckpt.load_model_checkpoint(run_dir)
     if state.meta.get("kind") != KIND:
         raise ValueError(f"checkpoint {state.path!r} is not a reward model (its meta has kind="
                          f"{state.meta.get('kind')!r}); train one with `llmkern finetune reward`")

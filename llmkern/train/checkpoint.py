@@ -21,6 +21,7 @@ optimizer's state from rank 0 (FSDP2) reads meta.json and its own RNG states alo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -396,6 +397,17 @@ def _restore_process_states(tensors: dict[str, torch.Tensor], meta: dict[str, An
 def load_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint folder (or a run folder: its latest checkpoint). Clear errors when it is
     missing or damaged; only safetensors and JSON are read, nothing is unpickled."""
+    weights = load_model_checkpoint(path)
+    state = _read_tensors(weights.path, "state.safetensors", weights.meta)
+    optimizer = _unflatten_optimizer(state, weights.meta["optimizer"])
+    rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": weights.meta["rng"]}
+    return dataclasses.replace(weights, optimizer=optimizer, rng=rng)
+
+
+def load_model_checkpoint(path: str) -> Checkpoint:
+    """load_checkpoint without the optimizer state and RNG states (`optimizer` and `rng` are {}): its meta.json and
+    weights, what generation, evaluation, export and a fine-tuning's start need. state.safetensors, AdamW's two
+    fp32 moments (8 bytes a parameter, twice a bf16 model's weights and more), is not read."""
     path = _checkpoint_folder(path)
     meta = _read_checkpoint_meta(path)
     model = _read_tensors(path, "model.safetensors", meta)
@@ -403,10 +415,7 @@ def load_checkpoint(path: str) -> Checkpoint:
         if name not in model:
             raise ValueError(f"checkpoint {path!r} is damaged: alias {alias!r} points to missing {name!r}")
         model[alias] = model[name]
-    state = _read_tensors(path, "state.safetensors", meta)
-    optimizer = _unflatten_optimizer(state, meta["optimizer"])
-    rng = {"tensors": {k: v for k, v in state.items() if k.startswith("rng.")}, "meta": meta["rng"]}
-    return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer=optimizer, meta=meta, rng=rng)
+    return Checkpoint(path=path, step=int(meta["step"]), model=model, optimizer={}, meta=meta, rng={})
 
 
 def load_checkpoint_without_weights(path: str, rank: int) -> Checkpoint:

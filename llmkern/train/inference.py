@@ -62,7 +62,7 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
 
         model, model_type = load_hf_file(path, **overrides)
         return model, hf_tokenizer, {"source": hf_source(model_type), "path": os.path.abspath(path)}
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_model_checkpoint(path)
     for key in ("model_config", "tokenizer"):
         if key not in state.meta:
             raise ValueError(f"checkpoint {state.path!r} lacks {key!r}: it was not written by llmkern")
@@ -84,7 +84,7 @@ def load_trained_model(run_dir: str, device: str | torch.device = "auto"):
                 "a run folder or a checkpoint folder (a Hugging Face GPT-2 or Llama-family model.safetensors is a "
                 "start for `llmkern train --init_from=FILE` or `llmkern finetune ... --base=FILE`)")
         raise ValueError(f"{run_dir!r} is a file; give {hint}")
-    state = ckpt.load_checkpoint(run_dir)
+    state = ckpt.load_model_checkpoint(run_dir)
     for key in ("model_config", "tokenizer"):
         if key not in state.meta:
             raise ValueError(f"checkpoint {state.path!r} lacks {key!r}: it was not written by llmkern's Trainer")
