@@ -385,6 +385,29 @@ def test_grpo_samples_generation_batch_rows_a_generate_call(tmp_path, monkeypatc
     assert train[0]["response_length"] > 0
 
 
+def test_grpo_reads_gsm8k_rows_question_and_solution_as_they_come(tmp_path, monkeypatch):
+    """GSM8K's own rows ({"question", "answer": "... #### N"}) train as written: the question is the prompt, the
+    solution's final number the answer; TRL's {"prompt"} rows read too. Both used to need an "instruction"."""
+    from llmkern.finetune import ppo
+    from llmkern.finetune.data import load_prompt_data
+
+    write_grpo_data(tmp_path)
+    gsm8k = [{"question": f"Question {i}?", "answer": f"3 + 4 = <<3+4=7>>7\n#### 7"} for i in range(16)]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k))
+    (tmp_path / "trl.json").write_text(json.dumps([{"prompt": "Say 7."}]))
+    assert load_prompt_data(str(tmp_path / "trl.json"))[0]["instruction"] == "Say 7."
+    sampled, real_sample = [], ppo.sample_responses
+
+    def sample(policy, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real_sample(policy, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "sample_responses", sample)
+    summary = run_grpo(grpo_config(tmp_path, data=str(tmp_path / "gsm8k.jsonl"), max_steps=1))
+    assert summary["iterations"] == 1
+    assert sampled and all(b"Question" in bytes(t for t in p if t < 256) for p in sampled)  # the questions
+
+
 def test_grpo_with_a_saved_reward_model_lora_kl_and_several_epochs(tmp_path):
     from llmkern.data.tokenizer import get_tokenizer
     from llmkern.finetune.reward import RewardModel, save_reward_model

@@ -75,9 +75,25 @@ def load_instruction_data(path: str) -> list[dict[str, Any]]:
     return _check_keys(read_examples(path), os.fspath(path), ("instruction", "output"))
 
 
+# Where a prompt file's row has no "instruction", the key that holds it: GSM8K's and most QA sets' "question", TRL's
+# prompt-only datasets' "prompt" (a string; a conversational list is not read)
+PROMPT_KEYS = ("question", "prompt")
+
+
 def load_prompt_data(path: str) -> list[dict[str, Any]]:
-    """Instructions alone (input optional; any response is ignored): the prompts of PPO, GRPO and win rates."""
-    return _check_keys(read_examples(path), os.fspath(path), ("instruction",))
+    """Instructions alone (input optional; any response is ignored): the prompts of PPO, GRPO and win rates. A row
+    without "instruction" takes its "question" (GSM8K's rows, with their "answer", as GRPO's reward="answer" reads
+    them) or its "prompt" as the instruction."""
+    rows = [_with_instruction(row) for row in read_examples(path)]
+    return _check_keys(rows, os.fspath(path), ("instruction",))
+
+
+def _with_instruction(row: Any) -> Any:
+    """The row, with "instruction" taken from the first of PROMPT_KEYS it has where it has none."""
+    if not isinstance(row, dict) or "instruction" in row:
+        return row
+    key = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
+    return row if key is None else {**row, "instruction": row[key]}
 
 
 def load_preference_data(path: str) -> list[dict[str, Any]]:
