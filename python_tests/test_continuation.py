@@ -1,12 +1,15 @@
 """A text that continues another (a fine-tuning response after its prompt, a multiple-choice continuation after its
 context) is encoded as the joint text encodes it: with a SentencePiece-style tokenizer.json, which puts "▁" in front
 of every text it encodes, the continuation gets no "▁" of its own; where the tokenizer merges across the boundary
-(byte-level BPE), the prompt keeps the ids it has alone and the continuation is encoded apart, as before."""
+(byte-level BPE), a fine-tuning prompt keeps the ids it has alone and the response is encoded apart, while a scored
+text is split as lm-evaluation-harness's _encode_pair splits it (harness_pair, written out here from its rule)."""
 
 import json
+import math
 import os
 
 import pytest
+import torch
 from bos_tokenizer import train_plain
 
 from llmkern.data.sequences import (
@@ -14,14 +17,17 @@ from llmkern.data.sequences import (
     TemplateText,
     encode_continuation,
     encode_prompt,
+    encode_scored_pair,
     encode_sequence,
     join_texts,
 )
 from llmkern.data.tokenizer import get_tokenizer
-from llmkern.eval.multiple_choice import encode_pair
+from llmkern.eval.lambada import evaluate_lambada
+from llmkern.eval.multiple_choice import ChoiceExample, encode_pair, score_choices
 from llmkern.eval.win_rate import LMJudge
 from llmkern.finetune.data import IGNORE, encode_prompt_response
 from llmkern.finetune.templates import PromptFormat
+from llmkern.model import GPT, GPTConfig
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -113,8 +119,9 @@ def test_choice_is_scored_on_the_joint_encodings_tokens(sentencepiece, context, 
     ids, n_continuation = encode_pair(tok, context, continuation, block_size=64, where="examples[0]")
     joint = joint_ids(tok, reference, context + continuation)
     assert ids == joint
-    assert n_continuation == len(joint) - len(encode_sequence(tok, context))
-    assert "".join(reference.id_to_token(i) for i in ids[-n_continuation:]) in ("▁Paris", "Paris")
+    assert n_continuation == len(joint) - len(encode_sequence(tok, context.rstrip()))  # the "\n" is scored too
+    scored = "".join(reference.id_to_token(i) for i in ids[-n_continuation:])
+    assert scored in ("▁Paris", "<0x0A>Paris"), scored
     # an empty context is still the sequence's start (<s>), or <|endoftext|> without one, then the continuation
     ids, n_continuation = encode_pair(tok, "", continuation, block_size=64, where="examples[0]")
     assert ids == encode_prompt(tok, "") + tok.encode(continuation)
@@ -138,8 +145,9 @@ def test_a_merge_across_the_boundary_keeps_the_prompts_own_ids(name, prompt, con
     tokens, labels = encode_prompt_response(tok, prompt, continuation, max_len=1000)
     assert tokens == prompt_ids + tok.encode(continuation) + [tok.eot_token]
     assert labels == [IGNORE] * len(prompt_ids) + tokens[len(prompt_ids):]
+    # scored, the prompt's trailing space moves to the continuation: " moon", " Paris", one token after the prompt's
     ids, n_continuation = encode_pair(tok, prompt, continuation, block_size=64, where="examples[0]")
-    assert ids == tokens[:-1] and n_continuation == len(tok.encode(continuation))
+    assert ids == encode_sequence(tok, prompt + continuation) and n_continuation == 1
 
 
 def test_join_texts_keeps_both_sides_pieces():
@@ -221,3 +229,133 @@ def test_a_choice_with_no_tokens_of_its_own_is_a_clear_error(tmp_path):
     assert encode_pair(tok, "The capital of France is", " Paris", block_size=64, where="examples[3]")[1] > 0
     with pytest.raises(ValueError, match=r"examples\[3\]: the scored text '  ' .*no tokens"):
         encode_pair(tok, "The capital of France is", "  ", block_size=64, where="examples[3]")
+
+
+# --- scored pairs, as lm-evaluation-harness splits them -------------------------------------------------------
+
+def harness_pair(encode, context: str, continuation: str, prefix: int, bos: int | None = None):
+    """(context ids, continuation ids) of a loglikelihood request as lm-evaluation-harness makes them for a causal
+    model (TemplateLM.loglikelihood, _encode_pair), from `encode`, the tokenizer's text-only encoding: an empty
+    context is [prefix] and the continuation alone; otherwise the context's trailing whitespace (str.rstrip's)
+    goes to the continuation's front, and the continuation's ids are those of the joint text past as many as the
+    context has. `bos` (where the tokenizer has one) starts both encodings, as the harness's add_bos_token=True."""
+    if not context:
+        return [prefix], encode(continuation)
+    start = [] if bos is None else [bos]
+    kept = context.rstrip()
+    whole = start + encode(context + continuation)  # the same text as kept + moved whitespace + continuation
+    context_ids = start + encode(kept)
+    return context_ids, whole[len(context_ids):]
+
+
+def harness_inputs(context_ids, continuation_ids, max_length: int):
+    """The harness's model input for a pair: the joint ids cut to the last max_length + 1, less the last."""
+    return (context_ids + continuation_ids)[-(max_length + 1):][:-1]
+
+
+def byte_level_json(corpus: list[str] = CORPUS) -> dict:
+    """A small byte-level BPE tokenizer.json (GPT-2's pre-tokenizer and decoder), </s> its end-of-text token."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus + ["The answer is 1234. 12 34 123"] * 20, trainer)
+    return json.loads(tok.to_str())
+
+
+def tokenizer_and_encode(name: str, request, tmp_path):
+    """(llmkern tokenizer, the reference text-only encode the harness's tokenizer does) of one tokenizer kind."""
+    if name in ("gpt2", "plain"):
+        tok = byte_level(name, request, tmp_path)
+        return tok, tok.encode
+    data = byte_level_json() if name == "bytelevel" else sentencepiece_style(name)
+    tok, reference = load_both(tmp_path, name, data)
+    return tok, lambda text: reference.encode(text, add_special_tokens=False).ids
+
+
+SCORED_PAIRS = [
+    ("The answer is", " 1234"),
+    ("The answer is 12", "34"),  # GPT-2: " 12", "34" either way
+    ("The answer is 1", "234"),  # GPT-2: " 1" alone, " 12", "34" joint: the context's ids are no prefix
+    ("Answer: ", "Paris"),  # the space moves: " Paris"
+    ("the cat sees the ", "moon"),
+    ("the cat s", "ees the moon"),  # llmkern's plain BPE: no prefix either
+    ("Question: The capital of France?\nAnswer:", "\nParis"),  # a continuation starting with a newline
+    ("Question: The capital of France?\nAnswer:\n\n", "Paris"),  # two newlines move
+    ("the cat sees the \t ", " moon"),
+    ("", " Paris"),  # the prefix token, then the continuation alone
+    ("  ", "Paris"),  # only whitespace: the harness fails (no context ids), llmkern conditions on the prefix
+]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "plain", "bytelevel", "llama2", "metaspace"])
+def test_scored_pairs_are_the_harness_encode_pair_ids(name, request, tmp_path):
+    tok, encode = tokenizer_and_encode(name, request, tmp_path)
+    prefix = tok.eot_token if tok.bos_token is None else tok.bos_token
+    differs = 0
+    for context, continuation in SCORED_PAIRS:
+        context_ids, continuation_ids = harness_pair(encode, context, continuation, prefix, tok.bos_token)
+        context_ids = context_ids or [prefix]  # "  ": where the harness fails
+        pair = (context_ids, continuation_ids)
+        assert encode_scored_pair(tok, context, continuation) == pair, (context, continuation)
+        if not continuation_ids:  # merged into the context: the harness fails too
+            with pytest.raises(ValueError, match="no tokens of its own"):
+                encode_pair(tok, context, continuation, block_size=64, where="examples[0]")
+            continue
+        ids, n_continuation = encode_pair(tok, context, continuation, block_size=64, where="examples[0]")
+        assert (ids, n_continuation) == (context_ids + continuation_ids, len(continuation_ids))
+        differs += encode_continuation(tok, context, continuation)[1] != continuation_ids
+        # cut to block_size as the harness cuts, a BOS kept in front (the harness's cut drops it)
+        block = len(continuation_ids) + 1
+        ids, n_continuation = encode_pair(tok, context, continuation, block_size=block, where="examples[0]")
+        cut = harness_inputs(context_ids, continuation_ids, block) + continuation_ids[-1:]
+        if tok.bos_token is not None and len(context_ids + continuation_ids) > block + 1:
+            cut = [tok.bos_token] + cut[-block:]
+        assert (ids, n_continuation) == (cut, len(continuation_ids)), (context, continuation)
+    assert differs > 0  # the pairs tell the harness's rule from encode_continuation's
+
+
+def tiny_gpt(vocab_size: int, block_size: int):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2,
+                                   n_embd=32, backend="torch")
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger logits than the init's, so that other ids score clearly otherwise
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def harness_scores(model, encode, prefix: int, pairs):
+    """(summed log-prob of the continuation's ids, whether each is the argmax) of each (context, continuation),
+    as the harness computes them from its ids and input."""
+    out = []
+    for context, continuation in pairs:
+        context_ids, continuation_ids = harness_pair(encode, context, continuation, prefix)
+        inputs = harness_inputs(context_ids, continuation_ids, model.config.block_size)
+        with torch.no_grad():
+            logits = model(torch.tensor([inputs]))[0][0, -len(continuation_ids):].double()  # (n, vocab)
+        target = torch.tensor(continuation_ids)
+        logprob = logits.log_softmax(-1).gather(1, target[:, None]).sum().item()
+        out.append((logprob, bool((logits.argmax(-1) == target).all())))
+    return out
+
+
+def test_choice_and_lambada_scores_sum_the_harness_continuation_ids(tmp_path):
+    """Short blocks cut the longer contexts; the trailing spaces and the merge across "the cat s|ees" split the
+    pairs otherwise than encode_continuation."""
+    tok = get_tokenizer(train_plain(tmp_path))
+    model = tiny_gpt(tok.n_vocab, block_size=6)
+    examples = [ChoiceExample(context="the cat sees the ", choices=["moon", "bread", "hill and the river"], answer=0),
+                ChoiceExample(context="the cat s", choices=["ees the moon", "ings over the hill"], answer=0)]
+    pairs = [(ex.context, choice) for ex in examples for choice in ex.choices]
+    expected = [logprob for logprob, _ in harness_scores(model, tok.encode, tok.eot_token, pairs)]
+    scores = score_choices(model, tok, examples, separator="")
+    assert [s for row in scores for s in row] == pytest.approx(expected, abs=1e-4)
+    # LAMBADA's (context, " " + last word) pairs, one cut at the block, one with an empty context
+    passages = [("the dog eats bread; a bird sings over the hill and the", " river."), ("the cat s", "ees"),
+                ("", " the")]
+    expected = harness_scores(model, tok.encode, tok.eot_token, passages)
+    result = evaluate_lambada(model, tok, passages, bootstrap_iters=10)
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(lp for lp, _ in expected) / 3), rel=1e-5)
+    assert result["accuracy"] == sum(greedy for _, greedy in expected) / 3

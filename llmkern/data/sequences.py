@@ -9,6 +9,8 @@ that name where it has one, the text after each special token encoded as Hugging
 
 A text that continues another in one sequence (a response after its prompt, a choice after its context) is
 encoded by encode_continuation: its tokens are the ones that follow the prompt's in the joint text's tokens.
+A text scored after a context (a choice, LAMBADA's last word) is encoded by encode_scored_pair, as
+lm-evaluation-harness encodes it: the context's trailing whitespace moved into the scored text first.
 """
 
 from __future__ import annotations
@@ -129,12 +131,13 @@ def encode_sequence(tokenizer, text: str) -> list[int]:
 
 
 def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, continuation ids) of `continuation` following `prompt` in one sequence, as lm-evaluation-harness
-    and TRL split them. The prompt's ids are encode_sequence(prompt): what the model reads at inference before it
-    generates or scores. The continuation's ids are the ones after them in encode_sequence of the joined text
-    (join_texts), not the continuation encoded apart: a SentencePiece-style tokenizer.json (Llama 2, Mistral)
-    puts "▁" in front of every text it encodes, so apart, a response "Paris" would be learned as "▁Paris" and a
-    choice " Paris" scored as "▁", "▁Paris", a token that the joint text never has.
+    """(prompt ids, continuation ids) of `continuation` following `prompt` in one sequence, as TRL splits them (a
+    scored text follows lm-evaluation-harness's rule instead: encode_scored_pair). The prompt's ids are
+    encode_sequence(prompt): what the model reads at inference before it generates or scores. The continuation's
+    ids are the ones after them in encode_sequence of the joined text (join_texts), not the continuation encoded
+    apart: a SentencePiece-style tokenizer.json (Llama 2, Mistral) puts "▁" in front of every text it encodes, so
+    apart, a response "Paris" would be learned as "▁Paris" and a choice " Paris" scored as "▁", "▁Paris", a token
+    that the joint text never has.
 
     Where the joint ids do not start with the prompt's (the tokenizer merged across the boundary: GPT-2's
     "Answer: " + "Paris" gives "Answer", ":", " Paris"), the continuation is encoded apart (encode_text), so that
@@ -144,6 +147,27 @@ def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list
     if joint_ids[:len(prompt_ids)] == prompt_ids:
         return prompt_ids, joint_ids[len(prompt_ids):]
     return prompt_ids, encode_text(tokenizer, continuation)
+
+
+def encode_scored_pair(tokenizer, context: str, scored: str) -> tuple[list[int], list[int]]:
+    """(context ids, scored ids) of the plain text `scored` read after `context`, as lm-evaluation-harness's
+    _encode_pair splits them for a causal model: the context's trailing whitespace moves to the front of the
+    scored text (so "Answer: " + "Paris" is scored as " Paris", the one token the joint text has), the context and
+    the joint text are each encoded as a sequence of their own (encode_sequence), and the scored ids are the joint
+    ids past as many as the context has. Where a merge across the boundary makes the context's ids no prefix of
+    the joint ones (GPT-2's "is 1" + "234": " 12", "34" joint), those are still the ids scored, as the harness
+    scores them: the context's ids, then the joint's tail ("34"), which may be empty.
+
+    The context's ids are never empty: a context with no tokens is encode_prompt's, the BOS, or <|endoftext|>
+    without one, as the harness conditions an empty context on its prefix token (then the scored text alone); on
+    a context of only whitespace, which the harness fails on (no context ids), the same. A tokenizer with a BOS
+    starts both sequences with it, as the harness does with add_bos_token=True (its default for Gemma only,
+    otherwise none)."""
+    kept = context.rstrip()  # str.rstrip's whitespace, the harness's
+    scored = context[len(kept):] + scored
+    context_ids = encode_sequence(tokenizer, kept)
+    scored_ids = encode_sequence(tokenizer, kept + scored)[len(context_ids):]
+    return context_ids or encode_prompt(tokenizer, kept), scored_ids
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

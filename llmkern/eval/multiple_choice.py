@@ -5,7 +5,8 @@ A task is a JSON Lines file (or a JSON list) of examples
 ("question" may stand for "context"), or a public benchmark's file as it is published (HellaSwag, ARC, MMLU, PIQA,
 WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, TruthfulQA MC1 and MC2: choice_formats), phrased as lm-evaluation-harness
 phrases it. Each choice is scored by the summed log-probability of its tokens after the context and a separator
-(" " by default, as lm-evaluation-harness does). An example with a shared `continuation` (WinoGrande) is scored the
+(" " by default, as lm-evaluation-harness does), its tokens those the harness scores (encode_pair: the joint
+text's past the context's). An example with a shared `continuation` (WinoGrande) is scored the
 other way round: each choice completes the context, and the continuation's tokens, after the separator, are scored;
 its few-shot shots are written as its context, right choice, separator and continuation, and acc_norm, which would
 divide every choice's score by the same length, is left out where every example is so.
@@ -59,7 +60,7 @@ import torch
 
 from .._modes import eval_mode
 from ..data.model_vocab import check_vocab_fits
-from ..data.sequences import cut_left, encode_continuation, encode_prompt
+from ..data.sequences import cut_left, encode_scored_pair
 from .choice_formats import (
     MMLU_CATEGORY_OF,
     ChoiceExample,
@@ -131,13 +132,13 @@ def json_lines_rows(text: str, path: str):
 
 
 def encode_pair(tokenizer, context: str, continuation: str, block_size: int, where: str) -> tuple[list[int], int]:
-    """(context + continuation token ids, length of the continuation), the context left-cut so
-    that the inputs (all but the last token) fit in block_size. The context starts with the tokenizer's
-    begin-of-sequence token where it has one, kept by the cut. The continuation's tokens are the ones that follow
-    the context's in the joint text (encode_continuation), so that a SentencePiece tokenizer scores " Paris" as the
-    "▁Paris" the joint text has, not as "▁", "▁Paris"."""
-    ctx, cont = encode_continuation(tokenizer, context, continuation)
-    ctx = ctx or encode_prompt(tokenizer, context)  # an empty context without a BOS: condition on <|endoftext|>
+    """(context + continuation token ids, length of the continuation), split as lm-evaluation-harness's
+    _encode_pair splits them (encode_scored_pair: the context's trailing whitespace moved into the continuation,
+    whose tokens are the joint text's past the context's, so that a SentencePiece tokenizer scores " Paris" as the
+    "▁Paris" the joint text has, not as "▁", "▁Paris"), then left-cut so that the inputs (all but the last token)
+    fit in block_size, as the harness cuts them: (context + continuation)[-(block_size + 1):]. The context starts
+    with the tokenizer's begin-of-sequence token where it has one, which the cut keeps (the harness's drops it)."""
+    ctx, cont = encode_scored_pair(tokenizer, context, continuation)
     if not cont:  # scoring ids[-0:] would score the whole row, and acc_norm divides by the choice's length
         raise ValueError(f"{where}: the scored text {continuation!r} (with its separator) has no tokens of its own "
                          f"after the context: the tokenizer drops it or merges it into the context, so it has "
