@@ -64,8 +64,8 @@ def leave() -> None:
 
 def record_checkpoint_reads(reads: list[str]) -> None:
     """Append to `reads`, in this process, the name of each checkpoint read made from here on: a whole
-    checkpoint (load_checkpoint), a whole tensor file (safetensors' load_file, as llmkern.train.checkpoint
-    calls it), or one without weights (load_checkpoint_without_weights)."""
+    checkpoint (load_checkpoint), its weights alone (load_model_checkpoint), a whole tensor file (safetensors'
+    load_file, as llmkern.train.checkpoint calls it), or one without weights (load_checkpoint_without_weights)."""
     from llmkern.train import checkpoint as ckpt
 
     def recording(name, function):
@@ -74,7 +74,7 @@ def record_checkpoint_reads(reads: list[str]) -> None:
             return function(*args, **kwargs)
         return record
 
-    for name in ("load_checkpoint", "load_file", "load_checkpoint_without_weights"):
+    for name in ("load_checkpoint", "load_model_checkpoint", "load_file", "load_checkpoint_without_weights"):
         if hasattr(ckpt, name):  # an llmkern from before the reads without weights lacks it
             setattr(ckpt, name, recording(name, getattr(ckpt, name)))
 

@@ -172,7 +172,7 @@ def test_fsdp_fine_tunes_like_one_process_and_resumes(tmp_path, lora_rank):
     mp.start_processes(_recording_worker, args=(spawned.free_port(), tmp_path, {"resume": True, "lora_rank": lora_rank}),
                        nprocs=WORLD, join=True, start_method="spawn")
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
-    assert records[0]["reads"] == ["load_gpt", *BASE_READ, *BASE_READ]  # the base, then the training state
+    assert records[0]["reads"] == ["load_gpt", *BASE_READ, *STATE_READ]  # the base, then the training state
     assert records[1]["reads"] == ["load_checkpoint_without_weights"]
     resumed = numbers(tmp_path / "fsdp")
     later = [r for r in sharded if r["kind"] == "train" and r["step"] > 3]
@@ -203,7 +203,9 @@ def test_meta_copy_has_the_models_shapes_and_no_weights(preset):
         assert torch.equal(tensor, before[name]), name
 
 
-BASE_READ = ["load_checkpoint", "load_file", "load_file"]  # a whole checkpoint: its weights, then its state file
+BASE_READ = ["load_model_checkpoint", "load_file"]  # a base: its weights alone, never its state file
+# a training state: the whole checkpoint, its weights, then its state file
+STATE_READ = ["load_checkpoint", "load_model_checkpoint", "load_file", "load_file"]
 
 
 def _recording_worker(rank, port, tmp_path, overrides):
