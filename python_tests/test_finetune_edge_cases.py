@@ -120,9 +120,48 @@ def test_pair_recipes_accumulate_an_epochs_short_last_batch_like_one_batch(tmp_p
     logged = {}
     for batch_size, grad_accum in ((6, 1), (4, 2)):
         out = tmp_path / f"accum{grad_accum}"
-        settings = dict(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
-                        grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0, eval_interval=0,
-                        template="plain", device="cpu", progress=False)
+        settings = {"base": base, "data": str(data), "out_dir": str(out), "max_steps": 2, "batch_size": batch_size,
+                    "grad_accum": grad_accum, "lr": 1e-2, "warmup_steps": 1, "val_fraction": 0.0,
+                    "eval_interval": 0, "template": "plain", "device": "cpu", "progress": False}
         run_dpo(DPOConfig(**settings)) if recipe == "dpo" else run_reward(RewardConfig(**settings))
         logged[grad_accum] = train_records(out)
     assert_same_steps(logged[1], logged[2])
+
+
+def test_weighed_micro_batches_are_weighed_on_the_host_and_moved_to_the_device_one_at_a_time(monkeypatch):
+    # All of a step's micro-batches must be weighed before the first trains (per_rank needs them all); weighed on
+    # the device, each weight was a wait on it, and every micro-batch of the step sat there at once.
+    from llmkern.data.tokenizer import ByteTokenizer
+    from llmkern.finetune import FinetuneConfig, loop
+    from llmkern.finetune.data import encode_prompt_response, make_lm_batch
+    from llmkern.finetune.sft import lm_loss, scored_targets
+
+    events = []
+    real_to_device = loop.to_device
+
+    def to_device(batch, device):
+        if isinstance(batch, dict):  # a whole micro-batch (to_device calls itself on each tensor in it)
+            events.append("to_device")
+        return real_to_device(batch, device)
+
+    monkeypatch.setattr(loop, "to_device", to_device)
+
+    def weigh(batch):
+        events.append("weigh")
+        return scored_targets(batch)
+
+    def loss_fn(model, batch):
+        events.append("loss")
+        return lm_loss(model, batch)
+
+    tok = ByteTokenizer()
+    rows = [encode_prompt_response(tok, f"{i} + 1 = ", "x" * (1 + 5 * i), 48) for i in range(4)]
+    batches = iter([rows[:2], rows[2:]])
+    config = FinetuneConfig(out_dir="unused", grad_accum=2, device="cpu")
+    model = tiny_gpt().train()
+    loss, _ = loop._accumulate_gradients(model, loss_fn, batches, lambda r: make_lm_batch(r, 0), config,
+                                         torch.device("cpu"), weigh=weigh)
+    assert events == ["weigh", "weigh", "to_device", "loss", "to_device", "loss"]
+    with torch.no_grad():  # and the step's loss is still the mean over all its scored tokens
+        whole = make_lm_batch(rows, 0)
+        assert loss == pytest.approx(float(model(whole["idx"], whole["targets"])[1]), rel=1e-5)

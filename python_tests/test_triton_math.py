@@ -26,6 +26,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ULPS = {torch.float32: 4.0 if DEVICE == "cpu" else 16.0, torch.float64: 8.0}
 
 
+def exp_rounding_ulps(x: torch.Tensor) -> torch.Tensor:
+    """The ulps of relative error that the slope may have at each x beyond its own roundings. A GPU's fp32 tl.exp is
+    ex2.approx of -2|x| log2(e) rounded to fp32 first: that rounding (up to half an ulp of ~2.9|x|), and fp32
+    log2(e)'s own, are an absolute error of the exponent, so a relative one of e = exp(-2|x|) and of the slope
+    4e/(1+e)^2 past the series: up to ~1.22 |x| ulps (~33 at |x| = 44, where the slope turns subnormal, on the grid
+    below). tanh, (1-e)/(1+e) there, hardly feels it. The interpreter's exp (numpy's) and a GPU's fp64 exp
+    (libdevice's) round correctly: 0 there."""
+    if DEVICE == "cuda" and x.dtype == torch.float32:
+        return 1.25 * x.double().abs()
+    return torch.zeros(x.shape, dtype=torch.float64)
+
+
 @triton.jit
 def _tanh_and_slope_kernel(X, T, SLOPE, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -70,12 +82,13 @@ def test_tanh_and_slope_keep_their_relative_precision(dtype):
     eps = torch.finfo(dtype).eps
     normal = want_slope >= torch.finfo(dtype).smallest_normal  # a subnormal result has no relative precision
     t_err = relative_error(t, want_t).max().item()
-    slope_err = relative_error(slope[normal], want_slope[normal]).max().item()
+    slope_ulps = relative_error(slope[normal], want_slope[normal]) / eps - exp_rounding_ulps(x)[normal]
     assert t_err <= ULPS[dtype] * eps, f"tanh: max relative error {t_err:.3e}"
-    assert slope_err <= ULPS[dtype] * eps, f"slope: max relative error {slope_err:.3e}"
+    assert slope_ulps.max().item() <= ULPS[dtype], f"slope: {slope_ulps.max().item():.1f} ulps of relative error"
     # Where the slope is subnormal (|x| past ~44 in fp32; none in fp64), it is within a few of the smallest steps.
     subnormal_step = torch.finfo(dtype).smallest_normal * eps
-    assert (slope[~normal].double() - want_slope[~normal]).abs().le(4 * subnormal_step).all()
+    exp_error = exp_rounding_ulps(x)[~normal] * eps * want_slope[~normal]
+    assert (slope[~normal].double() - want_slope[~normal]).abs().le(4 * subnormal_step + exp_error).all()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's x * x of the largest x

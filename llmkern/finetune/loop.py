@@ -311,11 +311,12 @@ def _accumulate_gradients(model: nn.Module, loss_fn, batches, collate, config, d
     the step: micro_batch_weights); the step's mean loss and metrics, weighed so over the micro-batches and (under
     torchrun) the processes."""
     info = distributed.detect()
-    micro = (to_device(collate(next(batches)), device) for _ in range(config.grad_accum))
+    micro = (collate(next(batches)) for _ in range(config.grad_accum))
     per_rank, weighed = micro_batch_weights(micro, weigh, config.grad_accum, info, device)
     totals: dict[str, torch.Tensor] = {}  # float64 sums on the device: the step reads them once, at the end
     loss_sum = torch.zeros((), device=device)
     for batch, weight in weighed:
+        batch = to_device(batch, device)  # one micro-batch at a time on the device
         with autocast_context(config, device):
             loss, metrics = loss_fn(model, batch)
         (loss * (loss_scale * weight / per_rank)).backward()
@@ -334,9 +335,10 @@ def micro_batch_weights(micro: Iterable[Any], weigh: Callable[[Any], Any] | None
     in the step's gradient (before the average over the ranks) and logged means. Without weigh every micro-batch
     weighs 1 and per_rank is grad_accum: a mean of the micro-batches' mean losses, collated one at a time. With
     weigh (what a micro-batch's loss is the mean of: SFT's scored tokens, classification's rows) all are collated
-    first, and per_rank is the step's total weight over the ranks divided by their number: the step's loss is the
-    mean over every token (or row) of it, as one batch of them all gives it, whatever the micro-batches hold (rows
-    of other lengths, an epoch's short last batch)."""
+    and weighed first, on the host (no wait on the device for each weight), and per_rank is the step's total weight
+    over the ranks divided by their number: the step's loss is the mean over every token (or row) of it, as one
+    batch of them all gives it, whatever the micro-batches hold (rows of other lengths, an epoch's short last
+    batch)."""
     if weigh is None:
         return grad_accum, ((batch, 1.0) for batch in micro)
     batches = list(micro)
@@ -374,9 +376,8 @@ def batched_evaluation(loss_fn, collate, examples: Sequence[Any], prefix: str, c
 @torch.no_grad()
 def run_evaluation(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], config,
                    device: torch.device) -> dict[str, float]:
-    with eval_mode(model):
-        with autocast_context(config, device):
-            return {k: float(v) for k, v in evaluate(model).items()}
+    with eval_mode(model), autocast_context(config, device):
+        return {k: float(v) for k, v in evaluate(model).items()}
 
 
 def save_train_state(state_dir: str, model: nn.Module, optimizer, position: dict[str, Any],
@@ -745,10 +746,10 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor
     JSON values; a resumed run must share them, as it must the examples and the batch settings.
     final_evaluate: run once on the trained model as `evaluate` is (not logged), its result "final_eval" (None
     without it): under parallel="fsdp" on the sharded model, before rank 0 alone gets the whole one.
-    weigh(batch) -> how many terms loss_fn's loss of that collated micro-batch is the mean of (SFT: its scored
-    tokens; classification: its rows): a step's micro-batches then count by it, on every rank, so that its gradient
-    and logged means are those of one batch of them all (micro_batch_weights). None: each micro-batch counts alike,
-    a mean of the micro-batches' means."""
+    weigh(batch) -> how many terms loss_fn's loss of that collated micro-batch (still on the host) is the mean of
+    (SFT: its scored tokens; classification: its rows): a step's micro-batches then count by it, on every rank, so
+    that its gradient and logged means are those of one batch of them all (micro_batch_weights). None: each
+    micro-batch counts alike, a mean of the micro-batches' means."""
     if not train_examples:
         raise ValueError("there are no training examples")
     from tqdm import tqdm

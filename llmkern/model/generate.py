@@ -221,7 +221,7 @@ class _CachedDecoder:
         self.prefilled = False
         self.start = 0  # the column of the first cached token
         self.next_pos: torch.Tensor | None = None  # (B,) the position of each row's next token
-        self.steps = 0  # the tokens sampled so far
+        self.steps = 0  # next_logits calls so far, the current one counted: the tokens sampled, with the next
         self.short_context = _longrope_short_context(model)
         self.cached_short = False  # the cached keys took longrope's short_factor
 

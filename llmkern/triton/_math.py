@@ -12,7 +12,8 @@ from exp, in the input's precision (fp32 or fp64):
   near 0, 0 for |x| < ~3e-8), so tanh is its odd Taylor series about 0, x - x^3/3 + 2x^5/15 - ...,
   to the term past which the rest is below the precision's rounding. It is x itself for tiny and subnormal x.
 - the slope is 4e / (1 + e)^2 past SERIES_END: positive terms only, so it keeps its relative precision
-  where tanh -> +-1 (1 - t*t cancels to 0 there) and is exactly 0 only where e underflows; below it,
+  where tanh -> +-1 (1 - t*t cancels to 0 there; a GPU's fp32 exp, ex2.approx of -2|x| log2(e) rounded to fp32,
+  costs it about |x| ulps more) and is exactly 0 only where e underflows; below it,
   1 - t*t (at least 0.94 there, so nothing cancels, and a rounding or two closer than 4e / (1 + e)^2).
 NaN gives NaN (both), +-inf gives +-1 and slope 0, and every finite x a finite result.
 """
