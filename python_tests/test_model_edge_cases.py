@@ -101,3 +101,16 @@ def test_a_skipped_first_step_leaves_no_trace(backend):
         opt.step()
         ref_opt.step()
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_moe_layer_used_on_its_own_starts_from_gpt2s_init():
+    """MoEMLP is public: built alone (not by GPT, whose init_weights sets its experts), its expert weights are
+    N(0, 0.02), not torch.empty's memory; reset_parameters takes proj's std, as GPT passes its residual one."""
+    from llmkern.nn.moe import MoEMLP
+
+    torch.manual_seed(0)
+    moe = MoEMLP(n_embd=64, hidden=96, n_experts=4, experts_per_token=2, backend="torch")
+    for weight in (moe.gate_up, moe.proj):
+        assert torch.isfinite(weight).all() and abs(weight.std().item() - 0.02) < 0.002
+    moe.reset_parameters(proj_std=0.005)
+    assert abs(moe.proj.std().item() - 0.005) < 0.0005 and abs(moe.gate_up.std().item() - 0.02) < 0.002

@@ -147,7 +147,8 @@ def test_an_expert_without_tokens_gets_a_zero_gradient_not_none(experts_path, mo
     for name, p in moe.named_parameters():
         assert p.grad is not None, name
     assert torch.count_nonzero(moe.gate_up.grad[3]) == 0 and torch.count_nonzero(moe.proj.grad[3]) == 0
-    assert torch.count_nonzero(moe.gate_up.grad[0]) > 0
+    for used in stats.experts.unique().tolist():  # those the router picked (which, the random draw decides)
+        assert torch.count_nonzero(moe.gate_up.grad[used]) > 0, used
 
 
 # --- the experts by grouped GEMM ------------------------------------------------------------------------

@@ -162,8 +162,7 @@ class GPT(nn.Module):
             elif isinstance(module, RotaryCache):
                 module.reset_tables()
             if isinstance(module, MoEMLP):  # its router is an nn.Linear, initialised above
-                nn.init.normal_(module.gate_up, mean=0.0, std=INIT_STD)
-                nn.init.normal_(module.proj, mean=0.0, std=residual_std)
+                module.reset_parameters(proj_std=residual_std)
 
     # --- forward ------------------------------------------------------------------------------
 

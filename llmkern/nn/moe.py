@@ -70,10 +70,16 @@ class MoEMLP(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.backend = module_backend(backend)
         self.router = nn.Linear(n_embd, n_experts, bias=False)
-        # Initialised by GPT.init_weights (N(0, 0.02), proj with the residual std); empty until then.
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden, n_embd))
         self.proj = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
+        self.reset_parameters()  # a module used on its own must not compute with torch.empty's memory
         self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self, proj_std: float = 0.02) -> None:
+        """The experts' weights N(0, 0.02) (GPT-2's init), proj's N(0, proj_std): GPT.init_weights passes its
+        residual projections' std."""
+        nn.init.normal_(self.gate_up, mean=0.0, std=0.02)
+        nn.init.normal_(self.proj, mean=0.0, std=proj_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         tokens = x.reshape(-1, x.size(-1))  # (N, C)
