@@ -183,7 +183,8 @@ def test_a_one_process_run_resumes_in_two_fsdp_processes(tmp_path):
     spawned.assert_same_run(tmp_path / "single", tmp_path / "run")
     # rank 0 alone read the weights and the optimizer's state (and broadcast them), the other its RNG states
     reads = [json.loads((tmp_path / "run" / f"reads.rank{rank}.json").read_text()) for rank in range(WORLD)]
-    assert reads == [["load_checkpoint", "load_file", "load_file"], ["load_checkpoint_without_weights"]]
+    assert reads == [["load_checkpoint", "load_model_checkpoint", "load_file", "load_file"],
+                     ["load_checkpoint_without_weights"]]
 
 
 def test_a_two_fsdp_process_run_resumes_in_one_process(tmp_path):
