@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkern.model import GPT, GPTConfig
-from llmkern.model.hf import (config_from_hf_gpt2, from_hf_gpt2, hf_gpt2_config, load_hf_gpt2, load_hf_gpt2_file,
-                              to_hf_gpt2)
+from llmkern.model.hf import (config_from_hf_gpt2, from_hf_gpt2, hf_gpt2_config, load_hf_file, load_hf_gpt2,
+                              load_hf_gpt2_file, to_hf_gpt2)
 
 VOCAB, CTX, EMBD, LAYERS, HEADS = 100, 24, 64, 2, 4
 
@@ -258,6 +258,10 @@ def test_a_sharded_checkpoint_is_read_whole(tmp_path):
     for name in shards:
         model = load_hf_gpt2_file(str(tmp_path / name)).eval()
         torch.testing.assert_close(model(idx)[0], expected, rtol=1e-4, atol=1e-4)
+    # the index names its model too: it was "not a readable safetensors file"
+    by_index, model_type = load_hf_file(str(tmp_path / "model.safetensors.index.json"))
+    assert model_type == "gpt2"
+    torch.testing.assert_close(by_index.eval()(idx)[0], expected, rtol=1e-4, atol=1e-4)
     out = to_hf_gpt2(model)
     assert all(torch.equal(out[k].to(torch.bfloat16), v) for k, v in sd.items() if not k.endswith("attn.bias"))
     # A tensor the index names but no shard holds, a shard that is not there, a folder: each said clearly.

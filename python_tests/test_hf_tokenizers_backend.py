@@ -174,6 +174,26 @@ def test_encode_batch_and_decode_checks(llama2_path):
             tok.decode(bad)
 
 
+def test_decode_refuses_an_id_in_range_that_no_token_has(tmp_path):
+    data = llama2_style()
+    vocab = data["model"]["vocab"]
+    top = max(vocab.values())
+    # the last 10 tokens moved up by 4: ids top-9 .. top-6 are holes, inside [0, n_vocab)
+    data["model"]["vocab"] = {t: i + 4 if i >= top - 9 else i for t, i in vocab.items()}
+    path = write(tmp_path, data, LLAMA2_CONFIG)
+    tok, ref = get_tokenizer(path), reference(path)
+    assert tok.n_vocab == top + 5
+    holes = range(top - 9, top - 5)
+    for hole in holes:
+        with pytest.raises(ValueError, match=rf"ids: {hole} is the id of no token of"):
+            tok.decode([5, hole, 300])
+    rng = random.Random(0)
+    ids = [i for i in range(tok.n_vocab) if i not in holes]
+    for _ in range(5):
+        some = rng.choices(ids, k=20)
+        assert tok.decode(some) == ref.decode(some, skip_special_tokens=False)
+
+
 def test_lone_surrogates_encode_as_the_replacement_character(llama2_path):
     tok = get_tokenizer(llama2_path)
     assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")

@@ -408,6 +408,28 @@ def test_nan_loss_skips_the_step_and_is_logged(tmp_path, data_dir, optimizer, fi
     assert not all(torch.equal(before[n], after[n]) for n in before)  # the next one trains again
 
 
+def test_an_eval_and_checkpoint_due_at_a_skipped_step_come_at_the_next_step_that_trains(tmp_path, data_dir):
+    # they were dropped: the next checkpoint came two intervals later, doubling the work a crash loses
+    def config():
+        return tiny_config(tmp_path / "run", data_dir, max_steps=8, batch_tokens=128, eval_interval=3,
+                           ckpt_interval=3, keep_checkpoints=10)
+
+    trainer = Trainer(config())
+    trainer.model = NaNLossAt(trainer.model, lambda call: trainer.step == 2)  # step 3 (trainer.step counts after)
+    trainer.fit()
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["kind"] == "skip"] == [3]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4, 6, 8]
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "run"))] == [4, 6, 8]
+    uninterrupted = train_losses(tmp_path / "run")
+    # "crash" after step 5: the checkpoint of step 4 resumes bit for bit
+    for step, path in ckpt.step_dirs(str(tmp_path / "run")):
+        if step > 4:
+            os.rename(path, str(tmp_path / f"later_step{step}"))
+    Trainer(config()).fit(resume=True)
+    assert train_losses(tmp_path / "run") == uninterrupted
+
+
 def test_repeated_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, data_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, batch_tokens=128, ckpt_interval=3,
                                   max_bad_steps=3))

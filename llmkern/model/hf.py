@@ -73,10 +73,10 @@ _OTHER_GEMMAS = {
 
 
 def load_hf_file(path: str, **overrides) -> tuple[GPT, str]:
-    """(GPT, model_type) of a Hugging Face model.safetensors file (or shard): by the model_type of the
-    config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file), Llama's (Mixtral's and
-    Qwen3-MoE's too), Phi-3's, Gemma 2's or Gemma 3's (text). Another mixture-of-experts model is refused, saying
-    why."""
+    """(GPT, model_type) of a Hugging Face model.safetensors file (or shard, or model.safetensors.index.json): by the
+    model_type of the config.json beside it, GPT-2's (also when there is no config.json: see load_hf_gpt2_file),
+    Llama's (Mixtral's and Qwen3-MoE's too), Phi-3's, Gemma 2's or Gemma 3's (text). Another mixture-of-experts model
+    is refused, saying why."""
     check_model_file(path)
     hf_config = read_hf_config(path)
     model_type = "gpt2" if hf_config is None else hf_config.get("model_type", "gpt2")

@@ -14,14 +14,19 @@ from .config import LAYER_TYPES, GPTConfig
 from .gpt import GPT
 
 
+# What a Hugging Face model's weights file is called: model.safetensors (or a shard), or a sharded model's index
+HF_WEIGHTS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
 def check_model_file(path: str) -> None:
     """An error when path is not a weights file (a folder, or nothing: then say if the folder holds shards)."""
     if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a folder; give the model.safetensors file in it (or one of its shards)")
+        raise ValueError(f"{path!r} is a folder; give the model.safetensors file in it (or one of its shards, or "
+                         f"its model.safetensors.index.json)")
     if not os.path.isfile(path):
         index_path = os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors.index.json")
-        sharded = "; the checkpoint there is sharded: give one of the files its index lists" if os.path.isfile(
-            index_path) else ""
+        sharded = ("; the checkpoint there is sharded: give its model.safetensors.index.json or one of the files "
+                   "it lists") if os.path.isfile(index_path) else ""
         raise FileNotFoundError(f"{path!r} does not exist{sharded}")
 
 
@@ -42,9 +47,9 @@ def read_hf_config(path: str) -> dict | None:
 
 def load_model_file(path: str, family: str, config_from_hf: Callable[..., GPTConfig],
                     load_weights: Callable[[GPT, dict[str, torch.Tensor]], None], **overrides) -> GPT:
-    """The GPT of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint) whose config.json
-    beside it is read by config_from_hf(hf_config, **overrides) and whose weights load_weights(model, state_dict)
-    copies in. The config is read once (its warnings said once) and before the (slow) weights, so that a config
+    """The GPT of a Hugging Face model.safetensors file (or any shard of a sharded checkpoint, or its index) whose
+    config.json beside it is read by config_from_hf(hf_config, **overrides) and whose weights
+    load_weights(model, state_dict) copies in. The config is read once (its warnings said once) and before the (slow) weights, so that a config
     the model cannot compute is said first."""
     check_model_file(path)
     hf_config = read_hf_config(path)
@@ -57,9 +62,9 @@ def load_model_file(path: str, family: str, config_from_hf: Callable[..., GPTCon
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or of every shard when it is one of a sharded checkpoint's files
-    (save_pretrained shards past max_shard_size: gpt2-xl in float32, say). One shard alone lacked some
-    layers, and the error blamed the config.json ("another model's") or said it was not GPT-2's."""
+    """The tensors of a safetensors file, or of every shard when it is one of a sharded checkpoint's files or its
+    model.safetensors.index.json (save_pretrained shards past max_shard_size: gpt2-xl in float32, say). One shard
+    alone lacked some layers, and the error blamed the config.json ("another model's") or said it was not GPT-2's."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -76,7 +81,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to shard file names")
         shards = sorted(set(weight_map.values()))
-        if os.path.basename(path) in shards:
+        # a shard, or the index itself, names the whole model
+        if os.path.basename(path) in shards or os.path.abspath(path) == index_path:
             files = [os.path.join(folder, shard) for shard in shards]
         else:  # a model.safetensors of its own beside the shards: read as it is
             weight_map = None

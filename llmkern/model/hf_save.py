@@ -85,7 +85,7 @@ def recorded_hf_source(meta: dict) -> str | None:
     a .safetensors file whose config.json is still beside it. None where the run started from no Hugging Face model,
     or its start can no longer be read."""
     from ..train.inference import hf_source, is_hf_source
-    from .hf_common import read_hf_config
+    from .hf_common import HF_WEIGHTS_SUFFIXES, read_hf_config
 
     for _ in range(_MAX_ORIGINS):
         if is_hf_source(meta):
@@ -95,7 +95,7 @@ def recorded_hf_source(meta: dict) -> str | None:
         origin = _origin(meta)
         if origin is None:
             return None
-        if origin.endswith(".safetensors"):
+        if origin.endswith(HF_WEIGHTS_SUFFIXES):
             if not os.path.isfile(origin):
                 return None
             try:

@@ -56,8 +56,10 @@ def load_gpt(path: str, backend: str | None = None, hf_tokenizer: str = "gpt2"):
     if not isinstance(path, str) or not path:
         raise ValueError(f"path must name a run folder, a checkpoint folder or a Hugging Face .safetensors file; "
                          f"got {path!r}")
+    from ..model.hf_common import HF_WEIGHTS_SUFFIXES
+
     overrides = {"backend": backend} if backend else {}
-    if path.endswith(".safetensors"):
+    if path.endswith(HF_WEIGHTS_SUFFIXES):
         from ..model.hf import load_hf_file
 
         model, model_type = load_hf_file(path, **overrides)

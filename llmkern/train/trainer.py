@@ -5,7 +5,8 @@ loss averaged over them (and over the ranks by DDP/FSDP), the gradients clipped 
 then AdamW at the schedule's learning rate (optimizer="muon": Muon for the blocks' matrices beside it,
 llmkern/optim/muon.py). Every eval_interval steps the validation loss and
 perplexity are measured on the same eval_steps held-out batches; every ckpt_interval steps and
-at the end a checkpoint is written. fit(resume=True) continues from the newest checkpoint with
+at the end a checkpoint is written (one due at a skipped step, below, at the next step that trains, so never a
+checkpoint at a skipped step). fit(resume=True) continues from the newest checkpoint with
 the model, optimizer, RNG states (each rank its own), data position and counters restored, so on a
 CPU the losses after resuming equal, bit for bit, those of a run that never stopped.
 
@@ -372,6 +373,7 @@ class Trainer:
         cfg = self.config
         window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
         unread: _StepRecord | None = None  # the previous step, when it was not read yet
+        overdue_eval = overdue_save = False  # due at a skipped step: done at the next step that trains
         while self.step < cfg.max_steps and not stop.requested:
             start = time.perf_counter()
             record = self._train_step()
@@ -379,13 +381,17 @@ class Trainer:
             if unread is not None:
                 self._read(unread, bar)  # waits for that step only: this one is queued behind it
             unread, result = record, None
-            logs, evaluates, saves = self._due(self.step)
+            logs, evaluates, saves = self._due(self.step, overdue_eval, overdue_save)
             if logs or evaluates or saves:
                 unread, result = None, self._read(record, bar)
             window_seconds += time.perf_counter() - start
             bar.update(self.step - bar.n)
             window_steps += 1  # a skipped step read its tokens too, and its time is in window_seconds
-            if result is None:  # not read yet (nothing to do at this step), or skipped: no eval or checkpoint
+            # not read yet (nothing to do at this step), or skipped: its eval and checkpoint wait for a step that
+            # trains. Not saved at the skipped step itself: in a run of them that ends in TrainingDiverged, those
+            # checkpoints would rotate out the ones from before it
+            overdue_eval, overdue_save = (evaluates, saves) if result is None else (False, False)
+            if result is None:
                 continue
             if logs:
                 tokens_per_s = window_steps * cfg.batch_tokens / max(window_seconds, 1e-9)
@@ -399,14 +405,14 @@ class Trainer:
             self._read(unread, bar)
         return "max_steps"
 
-    def _due(self, step: int) -> tuple[bool, bool, bool]:
-        """Whether the loop logs, evaluates and saves after this step. The last step logs; fit evaluates
-        and saves after the loop."""
+    def _due(self, step: int, overdue_eval: bool = False, overdue_save: bool = False) -> tuple[bool, bool, bool]:
+        """Whether the loop logs, evaluates and saves after this step: at their intervals, and an evaluation or save
+        that is overdue (due at a skipped step). The last step logs; fit evaluates and saves after the loop."""
         cfg = self.config
         last = step == cfg.max_steps
         return (step % cfg.log_interval == 0 or last,
-                bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not last,
-                bool(cfg.ckpt_interval) and step % cfg.ckpt_interval == 0 and not last)
+                (overdue_eval or bool(cfg.eval_interval) and step % cfg.eval_interval == 0) and not last,
+                (overdue_save or bool(cfg.ckpt_interval) and step % cfg.ckpt_interval == 0) and not last)
 
     def _train_step(self) -> _StepRecord:
         """Queue one optimizer step; its record, to read later."""
