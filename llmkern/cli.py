@@ -5,6 +5,7 @@ them so that `llmkern info` answers fast."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .eval.cli import add_eval_parser
@@ -481,7 +482,14 @@ def main(argv: list[str] | None = None) -> int:
               f"(`llmkern {args.command} --help` lists the options)", file=sys.stderr)
         return 2
     args.overrides = rest
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and stops by itself): no traceback
+        print(f"llmkern {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+    except BrokenPipeError:  # `llmkern train --settings | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

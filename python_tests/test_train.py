@@ -1232,17 +1232,18 @@ def test_settings_lists_every_setting_with_its_default_and_documentation(capsys)
 
     from llmkern.cli import main
     from llmkern.finetune import get_method
+    from llmkern.train.config import toml_value
 
     assert main(["train", "--settings"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert any(line.startswith(f"  {f.name} = {default!r}") for line in lines), f.name
+        assert any(line.startswith(f"  {f.name} = {toml_value(default)}") for line in lines), f.name
     assert "  keep_checkpoints = 2    # the newest N step folders are kept" in lines
     init_from = next(line for line in lines if line.startswith("  init_from = "))
     assert "Llama-family model.safetensors (continued pretraining; data in its tokenizer)" in init_from
     assert "  max_steps = 200" in lines  # not "# optimization", the title of its section
-    assert any(line.startswith("  document_masking = False    # Packed rows hold several documents") for line in lines)
+    assert any(line.startswith("  document_masking = false    # Packed rows hold several documents") for line in lines)
     assert "main job's defaults" in lines[-1]
 
     assert main(["finetune", "sft", "--settings"]) == 0
@@ -1250,7 +1251,7 @@ def test_settings_lists_every_setting_with_its_default_and_documentation(capsys)
     sft, _ = get_method("sft")
     assert len([line for line in lines if line.startswith("  ")]) == len(dataclasses.fields(sft))
     # SFT's own default, with the documentation of the field it overrides
-    assert "  out_dir = 'runs/sft'    # the run folder: checkpoints/, metrics.jsonl, charts" in lines
+    assert '  out_dir = "runs/sft"    # the run folder: checkpoints/, metrics.jsonl, charts' in lines
 
 
 def test_train_generate_eval_commands(tmp_path, data_dir, capsys):

@@ -19,6 +19,7 @@ key, what was expected and what came. `--section.key=value` overrides use the sa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -28,6 +29,11 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass
@@ -198,7 +204,9 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ValueError(f"config: unknown key {path!r}; {where or 'the top level'} accepts {sorted(names)}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"config: unknown key {path!r}; {hint}{where or 'the top level'} accepts {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)
 
@@ -218,16 +226,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     data: dict = {}
     if path is not None:
         path = os.fspath(path)
-        if path.endswith(".toml"):
-            import tomllib
-
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        elif path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        else:
+        if not path.endswith((".toml", ".json")):
             raise ValueError(f"config file must end in .toml or .json, got {path!r}")
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:  # the parsers' messages name a line and column, not the file
+            data = tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else json.loads(raw)
+        except ValueError as err:  # TOMLDecodeError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"cannot parse config file {path!r}: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a table of sections, got {type(data).__name__}")
     for item in overrides or []:

@@ -137,6 +137,8 @@ class FinetuneConfig:
         if self.lora_targets.strip() and not any(t.strip() for t in self.lora_targets.split(",")):
             raise ValueError(f"lora_targets must name module endings (comma-separated, e.g. 'qkv,fc') or be '' "
                              f"for every attention and MLP projection; got {self.lora_targets!r}, which names none")
+        # one spelling of the same targets: "qkv, fc" and "qkv,fc" are one run's setting, which a resume compares
+        self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.parallel not in PARALLEL:
@@ -175,8 +177,10 @@ class FinetuneConfig:
             unread["overwrite"] = "resume=true continues the run in out_dir"
         if self.EVALUATES_HELD_OUT_ONLY and self.val_fraction == 0:
             unread["eval_interval"] = "val_fraction=0 holds out no example to evaluate on"
+        from ..model.hf_common import HF_WEIGHTS_SUFFIXES
+
         models = [getattr(self, name, "") for name in ("base", "reference")]
-        if not any(path.endswith(".safetensors") for path in models if isinstance(path, str)):
+        if not any(path.endswith(HF_WEIGHTS_SUFFIXES) for path in models if isinstance(path, str)):
             unread["base_tokenizer"] = "only a Hugging Face .safetensors base takes its tokenizer from it"
         return {name: why for name, why in unread.items() if name in changed}
 

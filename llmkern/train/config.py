@@ -102,6 +102,10 @@ class TrainConfig:
         return self.batch_tokens // per_micro
 
     def validate(self) -> "TrainConfig":
+        """Check the settings that no type can; returns self. Values that passed already are not checked again:
+        load_config validates, then the Trainer does, and each warning would be said twice."""
+        if getattr(self, "_validated", None) == dataclasses.asdict(self):
+            return self
         _check_field_types(self)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("dtype", self.dtype, DTYPES)
@@ -136,6 +140,7 @@ class TrainConfig:
         self._check_model()
         self._warn_unused()
         self.grad_accum_steps(1)
+        self._validated = dataclasses.asdict(self)  # not a field: to_dict, ==, replace() leave it out
         return self
 
     def _check_muon(self) -> None:
@@ -342,7 +347,9 @@ def _coerce(key: str, value: Any, hint: Any, source: str, from_text: bool) -> An
             return value
         raise wrong("a string")
     if typing.get_origin(hint) is tuple:  # betas: tuple[float, float]
-        items = value.split(",") if from_text and isinstance(value, str) else value
+        # "0.9,0.95", or "[0.9, 0.95]" as --settings lists it
+        items = value.strip().removeprefix("[").removesuffix("]").split(",") if from_text and isinstance(
+            value, str) else value
         if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(hint)):
             raise wrong(f"{len(typing.get_args(hint))} numbers (a list, or comma-separated)")
         return tuple(_coerce(key, v, t, source, from_text) for v, t in zip(items, typing.get_args(hint)))
@@ -357,8 +364,10 @@ def _typed_model_overrides(values: dict[str, Any], source: str, from_text: bool)
     typed = {}
     for key, value in values.items():
         if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f"did you mean 'model.{close[0]}'? " if close else ""
             raise ValueError(
-                f"unknown model setting 'model.{key}' in {source}; GPTConfig fields: {', '.join(sorted(hints))}"
+                f"unknown model setting 'model.{key}' in {source}; {hint}GPTConfig fields: {', '.join(sorted(hints))}"
             )
         hint = hints[key]
         if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
@@ -367,8 +376,30 @@ def _typed_model_overrides(values: dict[str, Any], source: str, from_text: bool)
                 typed[key] = None
                 continue
             hint = options[0] if len(options) == 1 else hint
+        if from_text and isinstance(value, str) and (hint is dict or typing.get_origin(hint) in (list, dict)):
+            value = _parsed_container(f"model.{key}", value, hint, source)
         typed[key] = _coerce(f"model.{key}", value, hint, source, from_text) if hint in (bool, int, float, str) else value
     return typed
+
+
+def _parsed_container(key: str, text: str, hint: Any, source: str) -> Any:
+    """A list or table model setting given on the command line, which a file gives as a TOML array or table:
+    a list as "1,3" or JSON "[1, 3]" (its items typed as the hint says), a table as a JSON object."""
+    try:
+        value = json.loads(text) if text.strip().startswith(("[", "{")) else None
+    except json.JSONDecodeError:
+        value = None
+    if typing.get_origin(hint) is not list:
+        if not isinstance(value, dict):
+            raise ValueError(f"setting {key!r} in {source} must be a JSON object, such as "
+                             f"'{{\"rope_type\": \"linear\", \"factor\": 2.0}}', got {text!r}")
+        return value
+    if value is None:
+        value = [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(value, list):
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(key, item, item_hint, source, from_text=True) for item in value]
+    raise ValueError(f"setting {key!r} in {source} must be a list (comma-separated, or JSON), got {text!r}")
 
 
 def _check_field_types(config: TrainConfig) -> None:
@@ -437,5 +468,25 @@ def describe_settings(config_cls: type, overrides: dict[str, Any] | None = None)
             default = f.default
         else:
             default = f.default_factory()  # type: ignore[misc]
-        out.append(f"  {f.name} = {default!r}" + (f"    # {comments[f.name]}" if comments.get(f.name) else ""))
+        comment = f"    # {comments[f.name]}" if comments.get(f.name) else ""
+        # TOML, so that the listing (or a part of it) is a config file again; None has no TOML spelling
+        setting = f"# {f.name} = none" if default is None else f"{f.name} = {toml_value(default)}"
+        out.append(f"  {setting}{comment}")
     return "\n".join(out)
+
+
+def toml_value(value: Any) -> str:
+    """`value` (a bool, number, string, or a list, tuple or dict of them) spelled as TOML reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string (\uXXXX escapes included)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML spelling for {type(value).__name__} {value!r}")
