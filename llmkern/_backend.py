@@ -110,6 +110,47 @@ def kernels(op: str, backend: str):
     return _memo(f"kernels:{backend}.{op}", lambda: importlib.import_module(f"llmkern.{backend}.{op}"))
 
 
+def _arch_runs_on(arch: str, capability: int) -> bool:
+    """Whether code built for one of CMake's CUDA architectures ("80", "80-real", "90-virtual", "90a") loads
+    on a GPU of compute capability `capability` (major * 10 + minor). A plain or -virtual arch carries PTX,
+    which the driver compiles for any GPU at least that new; -real is SASS alone, which runs on that major
+    version from its minor up; an arch-specific one ("90a") runs on that GPU only."""
+    name, _, kind = arch.strip().partition("-")
+    digits = name.rstrip("a")
+    if not digits.isdigit():
+        return True  # a keyword ("native", "all"): nothing to tell from it, so assume it does
+    built = int(digits)
+    if name.endswith("a"):
+        return capability == built
+    if kind == "real":
+        return capability // 10 == built // 10 and capability >= built
+    return capability >= built
+
+
+def _capability(device: torch.device) -> int:
+    """The GPU's compute capability as major * 10 + minor."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@torch.compiler.assume_constant_result
+def _cuda_module_runs_on(device: torch.device) -> bool:
+    """cuda_runs_on's answer, which cannot change within a process. torch.compile may be tracing the
+    caller: Dynamo runs this eagerly and keeps the answer (as for _module_exists)."""
+    if not torch.cuda.is_available():
+        return True  # no GPU to ask (a resolution checked on a CPU machine): a launch would say
+    archs = str(getattr(cuda_module(), "compiled_archs", "")).split(",")
+    capability = _capability(device)
+    return any(_arch_runs_on(arch, capability) for arch in archs)
+
+
+def cuda_runs_on(device: torch.device) -> bool:
+    """Whether llmkern._cuda holds code the GPU `device` can load: its compiled_archs (CMake's list, as
+    built) include one for it. A module built for sm_90 alone fails every launch on an A100 or a T4
+    (cudaErrorNoKernelImageForDevice), where "auto" should take Triton instead."""
+    return _memo(f"cuda_arch:{device.index}", lambda: _cuda_module_runs_on(device))
+
+
 def cuda_emulated() -> bool:
     """True when llmkern._cuda is the tests' CPU emulator of the kernels (python_tests/simt): its
     kernels then run on CPU tensors, as Triton's do under TRITON_INTERPRET=1."""
@@ -146,7 +187,9 @@ def can_run(backend: str, op: str, device: torch.device) -> bool:
     if backend == "torch":
         return True
     if backend == "cuda":
-        return cuda_has(op) and (device.type == "cuda" or (device.type == "cpu" and cuda_emulated()))
+        if device.type == "cpu":
+            return cuda_has(op) and cuda_emulated()
+        return cuda_has(op) and device.type == "cuda" and cuda_runs_on(device)
     if backend == "triton":
         on_gpu = device.type == "cuda"
         return triton_has(op) and (on_gpu or (device.type == "cpu" and triton_interpreted()))
@@ -159,6 +202,10 @@ def _why_not(backend: str, op: str, device: torch.device) -> str:
             return f"the tensors are on {device}, and the cuda backend needs them on a GPU"
         if cuda_module() is None:
             return "llmkern._cuda was not built (no nvcc at install time, or LLMKERN_SKIP_CUDA=1)"
+        if not cuda_runs_on(device):
+            major, minor = divmod(_capability(device), 10)
+            return (f"llmkern._cuda was built for compute capabilities {cuda_module().compiled_archs}, and this "
+                    f"GPU ({device}) is {major}.{minor}: reinstall with LLMKERN_CUDA_ARCHS={major}{minor}")
         return f"llmkern._cuda has no kernels for {op}"
     if not triton_available():
         return "Triton is not installed"

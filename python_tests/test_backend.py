@@ -253,3 +253,46 @@ def test_triton_kernels_launch_on_their_tensors_gpu(op, monkeypatch):
             with pytest.raises(Launched):
                 call()
     assert launched_on == [torch.device("cuda", 1)] * len(launches), launched_on
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("80,90", (7, 5), False),  # a T4 under a module built for sm_80 and sm_90: nothing it can load
+    ("80,90", (8, 0), True),
+    ("80,90", (8, 6), True),
+    ("80,90", (12, 0), True),  # the PTX of compute_90, compiled when loaded
+    ("90", (8, 0), False),  # built on an H100, run on an A100
+    ("90", (10, 0), True),
+    ("80-real", (8, 6), True),  # SASS alone: that major version only
+    ("80-real", (9, 0), False),
+    ("90a", (9, 0), True),  # arch-specific: that GPU only
+    ("90a", (10, 0), False),
+    ("native", (7, 5), True),  # a CMake keyword: no way to tell, so as before
+])
+def test_auto_skips_a_cuda_module_without_code_for_this_gpu(monkeypatch, archs, capability, runs):
+    """"auto" takes the cuda backend only when llmkern._cuda holds code the GPU can load (compiled_archs, as
+    CMake's CUDA_ARCHITECTURES); otherwise its first launch failed (cudaErrorNoKernelImageForDevice) where
+    Triton would have run. backend="cuda" then says why."""
+    import types
+
+    module = types.SimpleNamespace(compiled_archs=archs, rms_norm_forward=None)
+    monkeypatch.setattr(_backend, "_probed", {"cuda_module": module, "triton": True, "triton:rms_norm": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    assert _backend.can_run("cuda", "rms_norm", gpu) is runs
+    assert _backend.resolve("rms_norm", "auto", gpu) == ("cuda" if runs else "triton")
+    if not runs:
+        with pytest.raises(ValueError, match=f"built for compute capabilities {archs}.*{capability[0]}.{capability[1]}"):
+            _backend.resolve("rms_norm", "cuda", gpu)
+
+
+def test_the_gpu_code_probe_traces_under_a_fullgraph_compile(monkeypatch):
+    """A model's first op call may be inside a fullgraph compile: the probe of the GPU's compute
+    capability runs there without a graph break (eagerly, its answer kept as a constant)."""
+    monkeypatch.setattr(_backend, "_probed", {"cuda_module": _backend.cuda_module()})
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def probe(x):
+        return x + int(_backend.cuda_runs_on(torch.device("cuda", 0)))
+
+    assert probe(torch.ones(())).item() == 1 + int(_backend.cuda_runs_on(torch.device("cuda", 0)))

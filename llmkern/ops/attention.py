@@ -382,11 +382,15 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.causal, ctx.scale, ctx.backend, ctx.window, ctx.softcap = causal, scale, backend, window, softcap
     ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+    # lse, internal, never gets a gradient: without this autograd would zero-fill one for it in every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dlse):
     # lse is an internal output (the public op returns o only), so dlse is ignored.
     q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    if do is None:  # only lse was differentiated (torch.ops.llmkern.attention_fwd): no gradient of q, k, v
+        return None, None, None, None, None, None, None, None, None
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = _attention_bwd_op(

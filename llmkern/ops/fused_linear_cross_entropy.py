@@ -231,6 +231,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_x, grad_w, grad_b, target)
     ctx.ignore_index, ctx.reduction = ignore_index, reduction
     ctx.needs = inputs[8:11]  # need_grad_x, need_grad_weight, need_grad_bias
+    # The gradient outputs never get a gradient (the public op returns the loss alone): without this, autograd
+    # would zero-fill one of x's and one of weight's size for them, in every backward, for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _scale(
@@ -252,6 +255,8 @@ def _backward(ctx, d_loss, _d_grad_x, _d_grad_w, _d_grad_b):
     scale lifts it before it is rounded to float16."""
     grad_x, grad_w, grad_b, target = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs
+    if d_loss is None:  # only the gradient outputs were differentiated (torch.ops.llmkern...): they have no graph
+        return (None,) * 14
     d_x = d_loss
     if _chunked_linear_cross_entropy.defers_row_scale(grad_x.dtype):
         n_valid = (target != ctx.ignore_index).sum()

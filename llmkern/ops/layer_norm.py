@@ -109,10 +109,15 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.backend = backend
     ctx.save_for_backward(h if ctx.has_residual else x, weight)
+    # An output without a gradient (y, or h, unused) comes to the backward as None, not as zeros of x's size.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dh_out):
     h, weight = ctx.saved_tensors
+    if dy is None:  # y unused: only h = x + residual carries a gradient, straight through; weight gets none
+        dh = dh_out if ctx.has_residual else None
+        return (None if dh is None else dh.to(ctx.x_dtype)), None, None, dh, None, None, None
     dh_extra = dh_out.contiguous() if ctx.has_residual and dh_out is not None else None
     dh, dweight, dbias = _layer_norm_backward_op(
         dy.contiguous(), h, weight, ctx.has_bias, dh_extra, ctx.eps, ctx.backend
