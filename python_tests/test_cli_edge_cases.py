@@ -148,3 +148,17 @@ def test_betas_as_the_settings_listing_spells_them_are_read_on_the_command_line(
     b2 = round(random.uniform(0.9, 0.999), 3)
     for text in (f"[0.9, {b2}]", f"0.9,{b2}", f" 0.9 , {b2} "):
         assert load_config(None, [f"--betas={text}"]).betas == (0.9, b2)
+
+
+def test_llmkern_backend_reaches_a_training_runs_model_and_optimizer(monkeypatch):
+    """TrainConfig's backend "auto" is llmkern's default, which LLMKERN_BACKEND sets (it was passed on as "auto",
+    and the variable never reached `llmkern train`); a bad value is an error naming the variable."""
+    from llmkern.train.config import TrainConfig
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "torch")
+    assert TrainConfig().op_backend == "torch" and TrainConfig(backend="triton").op_backend == "triton"
+    monkeypatch.setenv("LLMKERN_BACKEND", "trition")
+    with pytest.raises(ValueError, match="LLMKERN_BACKEND"):
+        TrainConfig().op_backend
+    monkeypatch.delenv("LLMKERN_BACKEND")
+    assert TrainConfig().op_backend == "auto"

@@ -85,7 +85,9 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; "float16": fp16 autocast with dynamic
     #                      loss scaling (GPUs without bf16: V100, T4); "bfloat16", "float32"
     compile: bool = False
-    backend: str = "auto"  # llmkern op backend: "auto" | "cuda" | "triton" | "torch"
+    # llmkern op backend: "auto" (llmkern's default: set_backend or LLMKERN_BACKEND, else the fastest here) | "cuda" |
+    #   "triton" | "torch"
+    backend: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     seed: int = 1337
     log_interval: int = 10
@@ -100,6 +102,15 @@ class TrainConfig:
                 f"{self.micro_batch} * {self.seq_len} * {world_size} = {per_micro}; got {self.batch_tokens}"
             )
         return self.batch_tokens // per_micro
+
+    @property
+    def op_backend(self) -> str:
+        """The backend the model and optimizer are given: for "auto", llmkern's default (set_backend, else
+        LLMKERN_BACKEND, checked; else "auto"), so that the variable reaches a training run as it reaches every op
+        called without a backend."""
+        from .._backend import get_backend
+
+        return get_backend() if self.backend == "auto" else self.backend
 
     def validate(self) -> "TrainConfig":
         """Check the settings that no type can; returns self. Values that passed already are not checked again:
@@ -187,7 +198,7 @@ class TrainConfig:
             return
         from ..model import GPTConfig
 
-        model = GPTConfig.from_preset(self.preset, **{"block_size": self.seq_len, "backend": self.backend,
+        model = GPTConfig.from_preset(self.preset, **{"block_size": self.seq_len, "backend": self.op_backend,
                                                       **self.model})
         if model.block_size < self.seq_len:
             raise ValueError(f"seq_len={self.seq_len} is longer than model.block_size={model.block_size}")

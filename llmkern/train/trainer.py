@@ -103,7 +103,7 @@ def build_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | None = 
     if config.init_from:
         return _load_init_model(config, n_vocab, tokenizer_spec, tokenizer_sha256)
 
-    settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.backend}
+    settings: dict[str, Any] = {"vocab_size": n_vocab, "block_size": config.seq_len, "backend": config.op_backend}
     settings.update(config.model)
     model_config = GPTConfig.from_preset(config.preset, **settings)
     check_data_vocab(model_config.vocab_size, n_vocab, tokenizer_spec, "the model (model.vocab_size)")
@@ -130,7 +130,7 @@ def _load_init_model(config: TrainConfig, n_vocab: int, tokenizer_spec: str | No
     from ..data.tokenizer import same_tokenizer
     from .inference import is_hf_source, load_gpt
 
-    model, spec, meta = load_gpt(config.init_from, config.backend)
+    model, spec, meta = load_gpt(config.init_from, config.op_backend)
     # a Hugging Face file ("hf-gpt2", "hf-llama", "hf-gemma3", ...) records no tokenizer: the data's is trusted
     # to be its own
     from_llmkern = not is_hf_source(meta)
@@ -190,7 +190,7 @@ class Trainer:
             from .. import _backend
 
             # llmkern's AdamW refuses a backend that cannot run here at its first step: say so before the data
-            _backend.resolve("adamw", config.backend, self.device)
+            _backend.resolve("adamw", config.op_backend, self.device)
         self.data_dir = config.data_dir or self._prepare_builtin_corpus()
         self.autocast_dtype = self._autocast_dtype()
         self.loss_scale = DynamicLossScale() if self.autocast_dtype == torch.float16 else None
@@ -256,7 +256,7 @@ class Trainer:
             # The clip fused into the step, which also skips a non-finite step on the device. Float16 loss
             # scaling must see an overflow on the host to back off, so there the host clips and decides.
             max_norm = None if self.loss_scale else (cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            return AdamW(groups, lr=cfg.lr, betas=cfg.betas, max_grad_norm=max_norm, backend=cfg.backend)
+            return AdamW(groups, lr=cfg.lr, betas=cfg.betas, max_grad_norm=max_norm, backend=cfg.op_backend)
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
@@ -272,7 +272,7 @@ class Trainer:
         matrices = muon_parameters(model)
         return MuonWithAdamW(matrices, split_groups(groups, matrices), lr=cfg.lr, muon_lr=cfg.effective_muon_lr(),
                              weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, betas=cfg.betas,
-                             backend=cfg.backend)
+                             backend=cfg.op_backend)
 
     def _autocast(self):
         if self.autocast_dtype is None:
