@@ -46,6 +46,24 @@ def train_records(out_dir) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in read_metrics(f"{out_dir}/metrics.jsonl") if r["kind"] == "train"]
 
 
+def accumulated_like_one_batch(tmp_path, rows: list[dict], splits, run) -> None:
+    """Train on `rows` (written as data.json beside a tiny base) once per (batch_size, grad_accum) of `splits`, by
+    run(settings) (settings: the base, data, out_dir and batch settings every recipe reads), and assert that each
+    split logs the same steps as the first."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    base = make_base(tmp_path / "base")
+    logged = []
+    for batch_size, grad_accum in splits:
+        out = tmp_path / f"split{batch_size}x{grad_accum}"
+        run({"base": base, "data": str(data), "out_dir": str(out), "max_steps": 2, "batch_size": batch_size,
+             "grad_accum": grad_accum, "lr": 1e-2, "warmup_steps": 1, "val_fraction": 0.0, "eval_interval": 0,
+             "device": "cpu", "progress": False})
+        logged.append(train_records(out))
+    for accumulated in logged[1:]:
+        assert_same_steps(logged[0], accumulated)
+
+
 def assert_same_steps(one, accumulated) -> None:
     assert len(one) == len(accumulated) > 0
     for (loss_one, norm_one), (loss_acc, norm_acc) in zip(one, accumulated):
@@ -59,34 +77,16 @@ def test_sft_accumulation_over_responses_of_other_lengths_steps_like_one_batch(t
     # the mean over the scored tokens of the step, as one batch of both micro-batches gives it: a mean of the
     # micro-batches' means would weigh each token of a short response many times more.
     examples = [{"instruction": f"Repeat {i}.", "output": "x" * (1 + 13 * (i % 4))} for i in range(8)]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(examples), encoding="utf-8")
-    base = make_base(tmp_path / "base")
-    logged = {}
-    for batch_size, grad_accum in ((4, 1), (2, 2)):
-        out = tmp_path / f"accum{grad_accum}"
-        run_sft(SFTConfig(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
-                          grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0, eval_interval=0,
-                          max_len=96, pack=pack, template="plain", num_samples=0, device="cpu", progress=False))
-        logged[grad_accum] = train_records(out)
-    assert_same_steps(logged[1], logged[2])
+    accumulated_like_one_batch(tmp_path, examples, ((4, 1), (2, 2)), lambda settings: run_sft(SFTConfig(
+        **settings, max_len=96, pack=pack, template="plain", num_samples=0)))
 
 
 def test_classify_accumulation_with_an_epochs_short_last_batch_steps_like_one_batch(tmp_path):
     # 6 examples in micro-batches of 4: each epoch is a batch of 4 and one of 2, accumulated into one step. Each
     # example counts once in the step's mean, as in one batch of all 6; not the 2 of the short batch twice as much.
     rows = [{"text": "abc" * (i + 1), "label": i % 2} for i in range(6)]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    base = make_base(tmp_path / "base")
-    logged = {}
-    for batch_size, grad_accum in ((6, 1), (4, 2)):
-        out = tmp_path / f"accum{grad_accum}"
-        run_classify(ClassifyConfig(base=base, data=str(data), out_dir=str(out), max_steps=2, batch_size=batch_size,
-                                    grad_accum=grad_accum, lr=1e-2, warmup_steps=1, val_fraction=0.0,
-                                    eval_interval=0, max_len=32, device="cpu", progress=False))
-        logged[grad_accum] = train_records(out)
-    assert_same_steps(logged[1], logged[2])
+    accumulated_like_one_batch(tmp_path, rows, ((6, 1), (4, 2)),
+                               lambda settings: run_classify(ClassifyConfig(**settings, max_len=32)))
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
@@ -114,18 +114,9 @@ def test_pair_recipes_accumulate_an_epochs_short_last_batch_like_one_batch(tmp_p
 
     pairs = [{"instruction": f"Say {i}.", "input": "", "chosen": "yes" * (i + 1), "rejected": "no" * (2 * i + 1)}
              for i in range(6)]
-    data = tmp_path / "pairs.json"
-    data.write_text(json.dumps(pairs), encoding="utf-8")
-    base = make_base(tmp_path / "base")
-    logged = {}
-    for batch_size, grad_accum in ((6, 1), (4, 2)):
-        out = tmp_path / f"accum{grad_accum}"
-        settings = {"base": base, "data": str(data), "out_dir": str(out), "max_steps": 2, "batch_size": batch_size,
-                    "grad_accum": grad_accum, "lr": 1e-2, "warmup_steps": 1, "val_fraction": 0.0,
-                    "eval_interval": 0, "template": "plain", "device": "cpu", "progress": False}
-        run_dpo(DPOConfig(**settings)) if recipe == "dpo" else run_reward(RewardConfig(**settings))
-        logged[grad_accum] = train_records(out)
-    assert_same_steps(logged[1], logged[2])
+    config, run = (DPOConfig, run_dpo) if recipe == "dpo" else (RewardConfig, run_reward)
+    accumulated_like_one_batch(tmp_path, pairs, ((6, 1), (4, 2)),
+                               lambda settings: run(config(**settings, template="plain")))
 
 
 def test_weighed_micro_batches_are_weighed_on_the_host_and_moved_to_the_device_one_at_a_time(monkeypatch):
