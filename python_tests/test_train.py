@@ -430,6 +430,35 @@ def test_an_eval_and_checkpoint_due_at_a_skipped_step_come_at_the_next_step_that
     assert train_losses(tmp_path / "run") == uninterrupted
 
 
+def test_an_eval_due_at_a_skipped_step_that_a_signal_stopped_comes_after_resuming(tmp_path, data_dir):
+    # a SIGTERM in step 3, skipped, when its eval was due: the run saved step 3 and the resumed run left the
+    # overdue eval out (evals at 0, 6, 8, where the run that went on had 0, 4, 6, 8: patience counted otherwise)
+    import signal
+
+    from llmkern.train import TrainingInterrupted
+
+    def config(run):
+        return tiny_config(tmp_path / run, data_dir, max_steps=8, batch_tokens=128, eval_interval=3)
+
+    def nan_at_step_3(trainer, kill):
+        def bad(call):
+            if trainer.step == 2 and kill:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return trainer.step == 2
+        trainer.model = NaNLossAt(trainer.model, bad)
+        return trainer
+
+    nan_at_step_3(Trainer(config("whole")), kill=False).fit()
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 3"):
+        nan_at_step_3(Trainer(config("stopped")), kill=True).fit()
+    Trainer(config("stopped")).fit(resume=True)
+    evals = {run: [(r["step"], r["val_loss"]) for r in read_metrics(str(tmp_path / run / "metrics.jsonl"))
+                   if r["kind"] == "eval"] for run in ("whole", "stopped")}
+    assert [step for step, _ in evals["whole"]] == [0, 4, 6, 8]
+    assert evals["stopped"] == evals["whole"]
+    assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "whole")
+
+
 def test_repeated_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, data_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", data_dir, max_steps=20, batch_tokens=128, ckpt_interval=3,
                                   max_bad_steps=3))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..model.config import identity_dict
+from ..model.hf_common import HF_INDEX_SUFFIX, weights_files
 from ..model.hf_save import with_hf_source
 from ..train import checkpoint as ckpt
 from ..train import distributed
@@ -129,21 +130,34 @@ def checkpoint_of(path: str) -> str:
 
 def base_fingerprint(source: str, model_config: dict[str, Any]) -> str:
     """A sha256 of a base model by content (source: a checkpoint folder, as checkpoint_of gives it, or a
-    .safetensors file): its weights file and the config it was loaded with (the same
+    Hugging Face .safetensors file, a shard or model.safetensors.index.json): its weights file (every shard an
+    index lists) and the config it was loaded with (the same
     weights under another config, e.g. a Hugging Face config.json's head count, are another model). A
     resume compares it rather than the path: a moved or renamed copy of the base is the same model, while
     the same path may hold another one (a base run that trained on since). The other models a run reads,
-    DPO's reference and PPO's and GRPO's reward model, are identified the same way. It reads the weights file once
+    DPO's reference and PPO's and GRPO's reward model, are identified the same way. It reads the weights once
     more, at about 1 GB/s, mostly from the page cache the load just filled."""
     # --backend picks kernels, not the model; identity_dict: a field added since an older run was fingerprinted
     # changes nothing where it holds what its absence meant, so that run still resumes
     config = {k: v for k, v in identity_dict(model_config).items() if k != "backend"}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
-    weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
-    with open(weights, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+    for file in _fingerprinted_files(source):
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def _fingerprinted_files(source: str) -> list[str]:
+    """The files base_fingerprint hashes: a checkpoint folder's model.safetensors; a model.safetensors.index.json's
+    shards, every one (the index holds their names alone, the same for another model of that layout); any other
+    file itself (a shard alone, as before: each shard of another model differs, and older runs keep their
+    fingerprints)."""
+    if os.path.isdir(source):
+        return [os.path.join(source, "model.safetensors")]
+    if source.endswith(HF_INDEX_SUFFIX):
+        return weights_files(source)
+    return [source]
 
 
 def effective_max_len(config, model) -> int:

@@ -15,7 +15,8 @@ from .gpt import GPT
 
 
 # What a Hugging Face model's weights file is called: model.safetensors (or a shard), or a sharded model's index
-HF_WEIGHTS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+HF_INDEX_SUFFIX = ".safetensors.index.json"
+HF_WEIGHTS_SUFFIXES = (".safetensors", HF_INDEX_SUFFIX)
 
 
 def check_model_file(path: str) -> None:
@@ -68,6 +69,29 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    files, weight_map, index_path = _weights_files_and_map(path)
+    state_dict = {}
+    for file in files:
+        try:
+            state_dict.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file!r} is not a readable safetensors file: {err}") from err
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state_dict))
+        if absent:
+            raise ValueError(f"{index_path!r} lists tensors that its shards lack: {first_names(absent)}")
+    return state_dict
+
+
+def weights_files(path: str) -> list[str]:
+    """The files read_safetensors(path) reads: path itself, or every shard its folder's index lists when it is a
+    shard or that index (what a fingerprint of the loaded weights must hash: the index holds only names)."""
+    return _weights_files_and_map(path)[0]
+
+
+def _weights_files_and_map(path: str) -> tuple[list[str], dict[str, str] | None, str]:
+    """(files read_safetensors reads, the index's weight_map where they are its shards, the index's path); an
+    error naming the index when it is unreadable or lists a shard that is not there."""
     folder = os.path.dirname(os.path.abspath(path))
     index_path = os.path.join(folder, "model.safetensors.index.json")
     files, weight_map = [path], None
@@ -86,19 +110,10 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
             files = [os.path.join(folder, shard) for shard in shards]
         else:  # a model.safetensors of its own beside the shards: read as it is
             weight_map = None
-    state_dict = {}
     for file in files:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file!r}, a shard that {index_path!r} lists, does not exist")
-        try:
-            state_dict.update(load_file(file))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{file!r} is not a readable safetensors file: {err}") from err
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(state_dict))
-        if absent:
-            raise ValueError(f"{index_path!r} lists tensors that its shards lack: {first_names(absent)}")
-    return state_dict
+    return files, weight_map, index_path
 
 
 def first_names(names: list[str]) -> str:

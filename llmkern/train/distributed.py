@@ -50,11 +50,12 @@ def detect() -> DistInfo:
 
 def pick_device(requested: str, info: DistInfo) -> torch.device:
     """"auto": this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU. Under torchrun "cuda" is
-    cuda:LOCAL_RANK too, and "cuda:N" is refused: it would put every rank on GPU N."""
+    cuda:LOCAL_RANK too, and "cuda:N" is refused where the process sees more than one GPU: it would put every
+    rank on GPU N. (A rank shown its own GPU alone, by a CUDA_VISIBLE_DEVICES of its own, names it "cuda:0".)"""
     if requested == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     device = parse_device("cuda" if requested == "auto" else requested)
-    if device.type == "cuda" and device.index is not None and info.is_distributed:
+    if device.type == "cuda" and device.index is not None and info.is_distributed and torch.cuda.device_count() > 1:
         raise ValueError(f"device={requested!r} names one GPU, but under torchrun (WORLD_SIZE={info.world_size}) "
                          f"each process's LOCAL_RANK picks its own GPU: give device='cuda' or 'auto' (and "
                          f"CUDA_VISIBLE_DEVICES to choose which GPUs the run uses)")

@@ -5,8 +5,9 @@ loss averaged over them (and over the ranks by DDP/FSDP), the gradients clipped 
 then AdamW at the schedule's learning rate (optimizer="muon": Muon for the blocks' matrices beside it,
 llmkern/optim/muon.py). Every eval_interval steps the validation loss and
 perplexity are measured on the same eval_steps held-out batches; every ckpt_interval steps and
-at the end a checkpoint is written (one due at a skipped step, below, at the next step that trains, so never a
-checkpoint at a skipped step). fit(resume=True) continues from the newest checkpoint with
+at the end a checkpoint is written (one due at a skipped step, below, at the next step that trains, as is an
+evaluation: an interval's checkpoint is never one of a skipped step, though a signal's may be).
+fit(resume=True) continues from the newest checkpoint with
 the model, optimizer, RNG states (each rank its own), data position and counters restored, so on a
 CPU the losses after resuming equal, bit for bit, those of a run that never stopped.
 
@@ -373,7 +374,8 @@ class Trainer:
         cfg = self.config
         window_seconds, window_steps = 0.0, 0  # training time since the last log line (no evals, no saves)
         unread: _StepRecord | None = None  # the previous step, when it was not read yet
-        overdue_eval = overdue_save = False  # due at a skipped step: done at the next step that trains
+        # due at a skipped step: done at the next step that trains (an eval owed by a run that a signal stopped there)
+        overdue_eval, overdue_save = self._eval_overdue(), False
         while self.step < cfg.max_steps and not stop.requested:
             start = time.perf_counter()
             record = self._train_step()
@@ -404,6 +406,14 @@ class Trainer:
         if unread is not None:  # stopped by a signal
             self._read(unread, bar)
         return "max_steps"
+
+    def _eval_overdue(self) -> bool:
+        """Whether an evaluation came due at a skipped step and was not done: a signal stopped the run there, and
+        it saved that step. The run that went on evaluated at the next step that trained; the resumed one must."""
+        interval = self.config.eval_interval
+        if not interval or self.last_eval_step is None:  # None: a checkpoint from before it was recorded
+            return False
+        return self.step // interval * interval > self.last_eval_step
 
     def _due(self, step: int, overdue_eval: bool = False, overdue_save: bool = False) -> tuple[bool, bool, bool]:
         """Whether the loop logs, evaluates and saves after this step: at their intervals, and an evaluation or save
