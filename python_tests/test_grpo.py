@@ -395,7 +395,9 @@ def test_grpo_reads_gsm8k_rows_question_and_solution_as_they_come(tmp_path, monk
     gsm8k = [{"question": f"Question {i}?", "answer": f"3 + 4 = <<3+4=7>>7\n#### 7"} for i in range(16)]
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k))
     (tmp_path / "trl.json").write_text(json.dumps([{"prompt": "Say 7."}]))
+    (tmp_path / "mixed.json").write_text(json.dumps([{"instruction": None, "question": "Q?"}]))
     assert load_prompt_data(str(tmp_path / "trl.json"))[0]["instruction"] == "Say 7."
+    assert load_prompt_data(str(tmp_path / "mixed.json"))[0]["instruction"] == "Q?"
     sampled, real_sample = [], ppo.sample_responses
 
     def sample(policy, prompts, *args, **kwargs):

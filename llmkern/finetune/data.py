@@ -89,8 +89,9 @@ def load_prompt_data(path: str) -> list[dict[str, Any]]:
 
 
 def _with_instruction(row: Any) -> Any:
-    """The row, with "instruction" taken from the first of PROMPT_KEYS it has where it has none."""
-    if not isinstance(row, dict) or "instruction" in row:
+    """The row, with "instruction" taken from the first of PROMPT_KEYS it has where it has none (or a null one, as
+    a concatenation of exports with other columns writes it)."""
+    if not isinstance(row, dict) or row.get("instruction") is not None:
         return row
     key = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
     return row if key is None else {**row, "instruction": row[key]}
