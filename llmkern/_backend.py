@@ -111,18 +111,19 @@ def kernels(op: str, backend: str):
 
 
 def _arch_runs_on(arch: str, capability: int) -> bool:
-    """Whether code built for one of CMake's CUDA architectures ("80", "80-real", "90-virtual", "90a") loads
-    on a GPU of compute capability `capability` (major * 10 + minor). A plain or -virtual arch carries PTX,
+    """Whether code built for one of CMake's CUDA architectures ("80", "80-real", "90-virtual", "90a", "100f")
+    loads on a GPU of compute capability `capability` (major * 10 + minor). A plain or -virtual arch carries PTX,
     which the driver compiles for any GPU at least that new; -real is SASS alone, which runs on that major
-    version from its minor up; an arch-specific one ("90a") runs on that GPU only."""
+    version from its minor up, as does a family-specific one ("100f"); an arch-specific one ("90a") runs on
+    that GPU only."""
     name, _, kind = arch.strip().partition("-")
-    digits = name.rstrip("a")
+    digits = name.rstrip("af")
     if not digits.isdigit():
         return True  # a keyword ("native", "all"): nothing to tell from it, so assume it does
     built = int(digits)
     if name.endswith("a"):
         return capability == built
-    if kind == "real":
+    if kind == "real" or name.endswith("f"):
         return capability // 10 == built // 10 and capability >= built
     return capability >= built
 
@@ -139,7 +140,11 @@ def _cuda_module_runs_on(device: torch.device) -> bool:
     caller: Dynamo runs this eagerly and keeps the answer (as for _module_exists)."""
     if not torch.cuda.is_available():
         return True  # no GPU to ask (a resolution checked on a CPU machine): a launch would say
-    archs = str(getattr(cuda_module(), "compiled_archs", "")).split(",")
+    # without the empty entries of a list given as "80, 90" (setup.py makes it "80;;90", which CMake reads as
+    # 80 and 90): an empty one, like a keyword, would say that any GPU runs the module
+    archs = [arch for arch in str(getattr(cuda_module(), "compiled_archs", "")).split(",") if arch.strip()]
+    if not archs:
+        return True  # no list to tell from
     capability = _capability(device)
     return any(_arch_runs_on(arch, capability) for arch in archs)
 

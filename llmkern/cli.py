@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 from .eval.cli import add_eval_parser
@@ -488,8 +489,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmkern {args.command}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
     except BrokenPipeError:  # `llmkern train --settings | head`: the reader has gone, which is no error of ours
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker process's, say): an error to show, not output cut short
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
         return 141  # 128 + SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone, as poll tells: POLLERR on Linux, POLLHUP
+    elsewhere. Without poll (Windows) it is taken to be; a stdout that is no file (a StringIO) never is."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # None, closed, or no file (io.UnsupportedOperation)
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -267,6 +267,10 @@ def test_triton_kernels_launch_on_their_tensors_gpu(op, monkeypatch):
     ("90a", (9, 0), True),  # arch-specific: that GPU only
     ("90a", (10, 0), False),
     ("native", (7, 5), True),  # a CMake keyword: no way to tell, so as before
+    ("80,,90", (7, 5), False),  # LLMKERN_CUDA_ARCHS="80, 90": setup.py's "80;;90", an empty entry CMake skips
+    ("", (7, 5), True),  # no list at all: no way to tell
+    ("100f", (10, 3), True),  # family-specific: that major version from its minor up
+    ("100f", (12, 0), False),
 ])
 def test_auto_skips_a_cuda_module_without_code_for_this_gpu(monkeypatch, archs, capability, runs):
     """"auto" takes the cuda backend only when llmkern._cuda holds code the GPU can load (compiled_archs, as

@@ -134,6 +134,30 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(monkeypatch, capsys)
     assert err == "llmkern info: interrupted\n"
 
 
+def test_a_closed_stdout_exits_141_and_another_broken_pipe_is_an_error(monkeypatch, capsys):
+    """`llmkern train --settings | head`: the reader of stdout has gone, status 141 and no traceback. A broken
+    pipe of anything else (a worker process's, say) while stdout is open is an error to show: it exited 141
+    silently, as if the output had merely been cut short."""
+    def worker_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_info", worker_gone)
+    with pytest.raises(BrokenPipeError):  # stdout no file (pytest's capture): not the pipe that broke
+        cli.main(["info"])
+    capsys.readouterr()
+    code = ("import sys; from llmkern import cli\n"
+            "def worker_gone(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli._cmd_info = worker_gone; sys.exit(cli.main(['info']))")
+    stdout_open = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert stdout_open.returncode == 1 and "BrokenPipeError" in stdout_open.stderr
+
+    with subprocess.Popen([sys.executable, "-m", "llmkern", "train", "--settings"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader_gone:
+        reader_gone.stdout.close()  # before it writes: its print finds the reader gone
+        assert reader_gone.wait(timeout=120) == 141
+        assert reader_gone.stderr.read() == b""
+
+
 def test_python_dash_m_and_the_entry_point_agree():
     args = ["train", "--max_stepz=3"]
     by_module = subprocess.run([sys.executable, "-m", "llmkern", *args], capture_output=True, text=True, check=False)
@@ -159,6 +183,6 @@ def test_llmkern_backend_reaches_a_training_runs_model_and_optimizer(monkeypatch
     assert TrainConfig().op_backend == "torch" and TrainConfig(backend="triton").op_backend == "triton"
     monkeypatch.setenv("LLMKERN_BACKEND", "trition")
     with pytest.raises(ValueError, match="LLMKERN_BACKEND"):
-        TrainConfig().op_backend
+        _ = TrainConfig().op_backend
     monkeypatch.delenv("LLMKERN_BACKEND")
     assert TrainConfig().op_backend == "auto"

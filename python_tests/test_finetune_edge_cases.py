@@ -156,3 +156,16 @@ def test_weighed_micro_batches_are_weighed_on_the_host_and_moved_to_the_device_o
     with torch.no_grad():  # and the step's loss is still the mean over all its scored tokens
         whole = make_lm_batch(rows, 0)
         assert loss == pytest.approx(float(model(whole["idx"], whole["targets"])[1]), rel=1e-5)
+
+
+def test_a_state_saved_with_lora_targets_as_typed_resumes_under_their_one_spelling(tmp_path):
+    # validate spells "qkv, fc" as "qkv,fc" now; a state saved before recorded it as typed, and was refused.
+    from llmkern.finetune import FinetuneConfig, loop
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "qkv, fc"}
+    loop.save_train_state(str(tmp_path), model, optimizer, saved, {"step": 1})
+    config = FinetuneConfig(lora_rank=8, lora_alpha=16.0, lora_targets="qkv, fc", out_dir=str(tmp_path)).validate()
+    assert config.lora_targets == "qkv,fc"
+    loop.restore_train_state(str(tmp_path), model, optimizer, loop.lora_position(config))

@@ -138,7 +138,7 @@ class FinetuneConfig:
             raise ValueError(f"lora_targets must name module endings (comma-separated, e.g. 'qkv,fc') or be '' "
                              f"for every attention and MLP projection; got {self.lora_targets!r}, which names none")
         # one spelling of the same targets: "qkv, fc" and "qkv,fc" are one run's setting, which a resume compares
-        self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        self.lora_targets = canonical_lora_targets(self.lora_targets)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.parallel not in PARALLEL:
@@ -190,6 +190,12 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def canonical_lora_targets(targets: str) -> str:
+    """lora_targets in the one spelling FinetuneConfig.validate gives it ("qkv, fc," is "qkv,fc"), which a resume
+    compares: a run saved before that recorded them as typed."""
+    return ",".join(t.strip() for t in targets.split(",") if t.strip())
 
 
 def _check_field_types(config: FinetuneConfig) -> None:

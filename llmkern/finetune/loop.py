@@ -60,6 +60,7 @@ from ..train.interrupt import StopOnSignal, TrainingInterrupted
 from ..train.loss_scale import DynamicLossScale, unscale_
 from ..train.metrics import CollectiveMetricsLog, MetricsLog, plot_metrics, read_metrics
 from ..train.schedules import cosine_lr, warn_if_schedule_changed
+from .config import canonical_lora_targets
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 # The methods besides forward by which the recipes run a model they train (GPT's, LastTokenHead's,
@@ -478,6 +479,8 @@ def restore_train_state(state_dir: str, model: nn.Module, optimizer, position: d
     # reward model) are not known there, so not compared: such a run resumes on any --base, --reference or
     # --reward_model
     saved_position = {"parallel": "ddp", "world_size": 1, "loss_type": "sigmoid", **saved.get("position", {})}
+    if isinstance(saved_position.get("lora_targets"), str):  # saved as typed, before validate gave one spelling
+        saved_position["lora_targets"] = canonical_lora_targets(saved_position["lora_targets"])
     changed = {k: (saved_position[k], v) for k, v in position.items() if k in saved_position and saved_position[k] != v}
     if changed:
         hint = "".join(f"; {key}: {why}" for key, why in FINGERPRINT_HINTS.items() if key in changed)
