@@ -30,7 +30,8 @@ class CMakeExtension(Extension):
 def _detect_cuda_archs() -> str:
     archs = os.environ.get("LLMKERN_CUDA_ARCHS", "").strip()
     if archs:
-        return archs.replace(",", ";").replace(" ", ";")
+        # "80;90", "80,90" or "80, 90": one ";" list without empty items (which llmkern._cuda would report)
+        return ";".join(arch for arch in archs.replace(",", " ").replace(";", " ").split())
     try:  # the GPU present, if nvidia-smi can tell
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
