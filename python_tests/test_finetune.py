@@ -669,7 +669,7 @@ def _cli_errors():
     return [(ValueError("bad setting"), 2), (OSError(28, "No space left on device"), 2),
             (FinetuneDiverged("the loss was NaN"), 1), (TrainingInterrupted("saved", "SIGTERM"), 128 + 15),
             (RuntimeError("saving the model failed on rank 0"), None), (KeyError("loss"), None),
-            (KeyboardInterrupt(), None)]
+            (KeyboardInterrupt(), 130)]  # main says "interrupted" and exits as a shell reports Ctrl-C
 
 
 @pytest.mark.parametrize("error,code", _cli_errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException)
