@@ -109,11 +109,10 @@ class PPOConfig(FinetuneConfig):
         return self
 
 
-
 def check_generation_batch(generation_batch: int) -> None:
     """A ValueError unless generation_batch (a PPOConfig's or GRPOConfig's) is 0 (every row in one generate call)
     or a number of rows >= 1."""
-    if generation_batch < 0:
+    if generation_batch < 0:  # its type: the config's field check
         raise ValueError(f"generation_batch must be >= 1 (rows per generate call) or 0 (all of an iteration's rows "
                          f"in one call), got {generation_batch}")
 
