@@ -160,8 +160,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
     from ..train.inference import load_trained_model
 
-    # The checkpoint is dropped at once: it holds the weights and the optimizer state on the host (~12 bytes a
-    # parameter), which a `_` kept alive for the whole evaluation.
+    # The checkpoint is dropped at once: it holds a host copy of the weights, which a `_` kept alive for the whole
+    # evaluation.
     model, tokenizer = load_trained_model(args.run, args.device)[:2]
     if args.task == "perplexity":
         from .perplexity import perplexity_of_text

@@ -460,8 +460,8 @@ def compare_runs(run_dir: str, baseline_dir: str, judge: Judge | PairJudge | str
         answers.append(generate_responses(model, tokenizer, examples, max_new_tokens, batch_size=batch_size,
                                           progress=progress, prompt_format=fmt))
         templates.append(fmt.template)
-        # One run in memory at a time: the checkpoint too holds the weights and the optimizer state on the host
-        # (~12 bytes a parameter), kept alive while the next run (and then the judge) loaded.
+        # One run in memory at a time: the checkpoint too holds a host copy of the weights, which was kept alive
+        # while the next run (and then the judge) loaded.
         del model, state
     judge_run = os.path.abspath(judge) if judge_is_run else None
     if judge_is_run:
