@@ -120,6 +120,10 @@ class HFTokenizersTokenizer:
             raise ValueError(f"ids: {bad} is the id of no token of {self.spec!r}")
         return self.backend.decode(ids, skip_special_tokens=False)
 
+    def has_token(self, token_id: int) -> bool:
+        """Whether some token has token_id: a vocabulary may leave ids out."""
+        return 0 <= token_id < self.n_vocab and token_id not in self._holes
+
     def special_token(self, name: str) -> int | None:
         """The id of the special added token called `name` exactly, else None (a non-special added token too)."""
         _check_token_name(name)

@@ -42,19 +42,11 @@ def _token_name(tokenizer, token_id: int) -> str:
 
 
 def _has_token(tokenizer, token_id: int) -> bool:
-    """Whether some token of `tokenizer` has token_id, asked of the library under it where it can say: a token may
-    decode to "" (SentencePiece's lone "▁" does), so decoding cannot tell a hole from a token."""
-    encoding = getattr(tokenizer, "encoding", None)  # tiktoken's
-    if encoding is not None and hasattr(encoding, "decode_single_token_bytes"):
-        try:
-            encoding.decode_single_token_bytes(token_id)
-        except KeyError:
-            return False
-        return True
-    backend = getattr(tokenizer, "backend", None)  # Hugging Face tokenizers'
-    if backend is not None and hasattr(backend, "id_to_token"):
-        return backend.id_to_token(token_id) is not None
-    return True
+    """Whether some token of `tokenizer` has token_id, as the tokenizer says where it can (its has_token: tiktoken's
+    and tokenizer.json's leave ids out): a token may decode to "" (SentencePiece's lone "▁" does), so decoding
+    cannot tell a hole from a token."""
+    has_token = getattr(tokenizer, "has_token", None)
+    return True if has_token is None else has_token(token_id)
 
 
 def ordinary_ids_past(tokenizer, vocab_size: int) -> list[int]:

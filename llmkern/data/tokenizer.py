@@ -230,10 +230,11 @@ class TiktokenTokenizer:
         try:
             return self.encoding.decode(ids)
         except KeyError:  # an id in range that no token has (cl100k_base's 100256)
-            bad = next(i for i in ids if not self._has_token(i))
+            bad = next(i for i in ids if not self.has_token(i))
             raise ValueError(f"ids: {bad} is the id of no token of {self.spec!r}") from None
 
-    def _has_token(self, token_id: int) -> bool:
+    def has_token(self, token_id: int) -> bool:
+        """Whether some token has token_id (cl100k_base leaves 100256 out)."""
         try:
             self.encoding.decode_single_token_bytes(token_id)
         except KeyError:
